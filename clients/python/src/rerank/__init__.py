@@ -1,0 +1,1 @@
+"""Protobuf packages of rerank-service; the import path mirrors the proto path."""
