@@ -1,0 +1,70 @@
+# rerank-service: the two commands (`make serve`, `make test`) and the pieces they use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BUF := .ci/tools/node_modules/.bin/buf
+PROTO_FILES := $(shell find proto -name '*.proto' | sort)
+PY_STUBS := clients/python/src
+
+.PHONY: install install-dev serve test lint typecheck generate check-generated buf-lint buf-breaking tools clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+## install: the server with its generated stubs (no dev tools)
+install: $(VENV)/bin/python
+	$(PY) -m pip install --quiet ./clients/python -e .
+
+## install-dev: the server, stubs (editable) and every test and lint tool
+install-dev: $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e ./clients/python -e '.[dev]'
+
+## serve: install and start the server on its defaults
+serve: install
+	$(VENV)/bin/rerank-service serve
+
+## tools: pinned CLI tools used by the contract checks (buf)
+tools: $(BUF)
+$(BUF): .ci/tools/package.json .ci/tools/package-lock.json
+	npm ci --prefix .ci/tools --no-audit --no-fund --loglevel=error
+	touch $(BUF)
+
+## generate: regenerate every checked-in stub from proto/
+generate: install-dev
+	rm -f $(PY_STUBS)/rerank/v1/*_pb2*.py $(PY_STUBS)/rerank/v1/*_pb2*.pyi $(PY_STUBS)/rerank/v1/*.binpb
+	$(PY) -m grpc_tools.protoc -Iproto \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+		--python_out=$(PY_STUBS) --grpc_python_out=$(PY_STUBS) \
+		--mypy_out=$(PY_STUBS) --mypy_grpc_out=$(PY_STUBS) \
+		--include_source_info --descriptor_set_out=$(PY_STUBS)/rerank/v1/rerank_descriptor_set.binpb \
+		$(PROTO_FILES)
+
+## check-generated: fail when the checked-in stubs differ from what proto/ generates
+check-generated: generate
+	@git add --intent-to-add --all -- $(PY_STUBS) >/dev/null 2>&1 || true
+	@git diff --exit-code --stat -- $(PY_STUBS) \
+		|| { echo "generated code drifted from proto/: run 'make generate' and commit"; exit 1; }
+
+buf-lint: tools
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+
+buf-breaking: tools
+	bash .ci/buf-breaking.sh $(BUF)
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install-dev
+	$(VENV)/bin/mypy
+
+## test: install everything and run every check and test
+test: install-dev buf-lint buf-breaking check-generated lint typecheck
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) .ci/tools/node_modules .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,37 @@
+"""The one interface every backend implements."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from rerank_service.domain import BackendRequest, BackendResult, CallContext, ModelInfo
+
+
+class Backend(Protocol):
+    """Scores a query against documents.
+
+    The engine validates requests before a backend sees them: the model is one of
+    `models()`, the query and documents are not blank, and there are no more
+    documents than the model's `max_documents`.
+    """
+
+    @property
+    def ready(self) -> bool:
+        """Whether the backend can answer now (health follows this)."""
+        ...
+
+    def models(self) -> list[ModelInfo]:
+        """The models this backend serves, with their limits."""
+        ...
+
+    async def start(self) -> None:
+        """Acquire what the backend needs (clients, models); after it, `ready` is True."""
+        ...
+
+    async def close(self) -> None:
+        """Release everything `start` acquired."""
+        ...
+
+    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        """Score `request.documents`; raise ServiceError with the right code on failure."""
+        ...

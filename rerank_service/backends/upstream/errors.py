@@ -1,0 +1,164 @@
+"""The one place where upstream failures become gRPC status codes.
+
+HTTP statuses, transport errors and malformed bodies all land here, so a reader can
+check every mapping the README's error table promises against a single file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import math
+import time
+
+import grpc
+import httpx
+
+from rerank_service.backends.upstream.dialect import UpstreamErrorBody
+from rerank_service.domain import ServiceError
+from rerank_service.secret import Secret, redact
+
+# Upstream text passed on to callers is cut to this many characters.
+MAX_UPSTREAM_TEXT = 300
+# A Retry-After beyond this is treated as this: callers should not wait for days.
+MAX_RETRY_AFTER = 3600.0
+
+
+def from_http_status(
+    status: int,
+    body: UpstreamErrorBody,
+    retry_after_header: str | None,
+    pass_through: bool,
+    secrets: list[Secret],
+) -> ServiceError:
+    """Map a non-2xx upstream answer to the status the caller should see."""
+    detail = _describe(status, body, secrets)
+    metadata = {"upstream_status": str(status)}
+    if body.code:
+        metadata["upstream_code"] = _clean(body.code, secrets)
+    if body.request_id:
+        metadata["upstream_request_id"] = _clean(body.request_id, secrets)
+
+    def error(code: grpc.StatusCode, reason: str, retry_after: float | None = None) -> ServiceError:
+        return ServiceError(
+            code,
+            detail,
+            reason=reason,
+            retry_after=retry_after,
+            metadata=metadata,
+            request_id=metadata.get("upstream_request_id"),
+        )
+
+    if status in (400, 413, 422):
+        return error(grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST")
+    if status in (401, 403):
+        if not pass_through:
+            # The service's own key failed: the caller can do nothing about it.
+            return error(grpc.StatusCode.INTERNAL, "UPSTREAM_AUTH_FAILED")
+        code = grpc.StatusCode.UNAUTHENTICATED if status == 401 else grpc.StatusCode.PERMISSION_DENIED
+        return error(code, "UPSTREAM_AUTH_FAILED")
+    if status == 404:
+        return error(grpc.StatusCode.NOT_FOUND, "UPSTREAM_NOT_FOUND")
+    if status == 408:
+        return error(grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT")
+    if status == 429:
+        return error(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", parse_retry_after(retry_after_header)
+        )
+    if status >= 500:
+        return error(
+            grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", parse_retry_after(retry_after_header)
+        )
+    return error(grpc.StatusCode.INTERNAL, "UPSTREAM_UNEXPECTED_STATUS")
+
+
+def from_transport(exc: httpx.HTTPError, upstream_timed_out_by_caller: bool) -> ServiceError:
+    """Map an httpx transport failure (no HTTP status) to a status."""
+    if isinstance(exc, httpx.PoolTimeout):
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            "no free upstream connection in time (connection pool exhausted)",
+            reason="UPSTREAM_POOL_EXHAUSTED",
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return timed_out(upstream_timed_out_by_caller)
+    # Connect errors, resets, protocol errors: the upstream is not reachable right now.
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"upstream unreachable: {type(exc).__name__}",
+        reason="UPSTREAM_UNAVAILABLE",
+    )
+
+
+def timed_out(by_caller_deadline: bool) -> ServiceError:
+    why = "the call's deadline" if by_caller_deadline else "the upstream timeout"
+    return ServiceError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"upstream did not answer within {why}",
+        reason="UPSTREAM_TIMEOUT",
+    )
+
+
+def not_json(status: int, content_type: str | None) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"upstream answered {status} with a body that is not JSON (content-type {content_type or 'none'})",
+        reason="UPSTREAM_BAD_RESPONSE",
+    )
+
+
+def malformed(reason_text: str, request_id: str | None) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.INTERNAL,
+        f"upstream response is malformed: {reason_text}",
+        reason="UPSTREAM_BAD_RESPONSE",
+        metadata={"upstream_request_id": request_id} if request_id else {},
+        request_id=request_id,
+    )
+
+
+def too_large(limit: int) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"upstream response is larger than {limit} bytes",
+        reason="UPSTREAM_BAD_RESPONSE",
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """`Retry-After` as seconds (delta-seconds or an HTTP date), within [0, MAX_RETRY_AFTER]."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # "-0000" parses as naive; HTTP dates are always GMT
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = when.timestamp() - time.time()
+    if math.isnan(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
+
+
+def _describe(status: int, body: UpstreamErrorBody, secrets: list[Secret]) -> str:
+    parts = [f"upstream answered HTTP {status}"]
+    if body.code:
+        parts.append(body.code)
+    text = ": ".join(parts)
+    if body.message:
+        text += f": {body.message}"
+    if body.request_id:
+        text += f" (upstream request_id {body.request_id})"
+    return _clean(text, secrets)
+
+
+def _clean(text: str, secrets: list[Secret]) -> str:
+    text = redact(text, secrets)
+    if len(text) > MAX_UPSTREAM_TEXT:
+        text = text[: MAX_UPSTREAM_TEXT - 1] + "…"
+    return text

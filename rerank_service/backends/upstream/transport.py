@@ -1,0 +1,97 @@
+"""The process's one httpx client: pooling, timeouts and the caller's deadline.
+
+Every upstream call goes through `UpstreamTransport.post_json`, so the rules for
+time (never outlive the caller's deadline) and size (never buffer an unbounded
+body) live in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from rerank_service.backends.upstream import errors
+from rerank_service.secret import Secret
+
+# A rerank response is a few bytes per document; anything near this is broken.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReply:
+    status: int
+    headers: httpx.Headers
+    content: bytes
+
+
+class UpstreamTransport:
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float,
+        max_connections: int,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._timeout = timeout
+        self._client = client or httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=30.0,
+            ),
+            headers={"content-type": "application/json", "accept": "application/json"},
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def post_json(
+        self, path: str, body: dict[str, Any], token: Secret | None, deadline: float | None
+    ) -> UpstreamReply:
+        """POST `body` as JSON; bounded by the upstream timeout and the caller's deadline."""
+        budget, cut_by_caller = self._budget(deadline)
+        if budget <= 0:
+            raise errors.timed_out(by_caller_deadline=True)
+        headers = {"authorization": f"Bearer {token.reveal()}"} if token is not None else {}
+        content = json.dumps(body, ensure_ascii=False).encode()
+        try:
+            # httpx timeouts apply per phase (connect, each read); asyncio.timeout
+            # bounds the whole exchange, so a trickling body cannot outlive it.
+            async with asyncio.timeout(budget):
+                return await self._send(path, content, headers, budget)
+        except TimeoutError:
+            raise errors.timed_out(cut_by_caller) from None
+        except httpx.HTTPError as exc:
+            raise errors.from_transport(exc, cut_by_caller) from None
+
+    def _budget(self, deadline: float | None) -> tuple[float, bool]:
+        if deadline is None:
+            return self._timeout, False
+        remaining = deadline - time.monotonic()
+        return (remaining, True) if remaining < self._timeout else (self._timeout, False)
+
+    async def _send(self, path: str, content: bytes, headers: dict[str, str], budget: float) -> UpstreamReply:
+        request = self._client.build_request(
+            "POST", path, content=content, headers=headers, timeout=httpx.Timeout(budget)
+        )
+        response = await self._client.send(request, stream=True)
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_raw():
+                size += len(chunk)
+                if size > MAX_RESPONSE_BYTES:
+                    raise errors.too_large(MAX_RESPONSE_BYTES)
+                chunks.append(chunk)
+        finally:
+            await response.aclose()
+        return UpstreamReply(response.status_code, response.headers, b"".join(chunks))

@@ -1,0 +1,166 @@
+"""`rerank-service serve | rerank | health | models`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+
+from rerank_service import __version__
+from rerank_service.config import ConfigError, add_serve_arguments, load_settings
+from rerank_service.logging import configure_logging
+
+EXIT_CONFIG_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG_ERROR
+    handler = {"serve": _serve, "rerank": _rerank, "health": _health, "models": _models}[args.command]
+    return handler(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rerank-service", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    add_serve_arguments(serve)
+
+    rerank = commands.add_parser("rerank", help="rank documents through a running server")
+    _add_client_arguments(rerank)
+    rerank.add_argument("--model", default="qwen3-rerank", help="model name (default qwen3-rerank)")
+    rerank.add_argument("--query", required=True, help="the query")
+    rerank.add_argument(
+        "--document", "-d", action="append", required=True, dest="documents", help="a document (repeat)"
+    )
+    rerank.add_argument("--top-n", type=int, default=None, help="return only the best N")
+    rerank.add_argument("--instruct", default=None, help="task instruction")
+    rerank.add_argument("--return-documents", action="store_true", help="print the document texts")
+    rerank.add_argument("--json", action="store_true", help="print the response as JSON")
+
+    health = commands.add_parser("health", help="ask a running server's health service")
+    _add_client_arguments(health)
+    health.add_argument("--service", default="", help="service name ('' = whole server)")
+
+    models = commands.add_parser("models", help="list the models a running server serves")
+    _add_client_arguments(models)
+    return parser
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target", default="localhost:50051", help="server address (default localhost:50051)"
+    )
+    parser.add_argument("--api-key", default=None, help="bearer key to send (default: env RERANK_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(vars(args))
+    except ConfigError as exc:
+        print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    configure_logging(settings.log_format, settings.log_level, settings.secrets())
+    from rerank_service.server import serve  # imported late: `rerank --help` stays fast
+
+    try:
+        return asyncio.run(serve(settings))
+    except RuntimeError as exc:  # for example: the port is taken
+        print(f"rerank-service: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str | bytes], ...]:
+    import os
+
+    key = args.api_key or os.environ.get("RERANK_API_KEY")
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+def _rerank(args: argparse.Namespace) -> int:
+    request = rerank_pb2.RerankRequest(
+        model=args.model,
+        query=args.query,
+        documents=args.documents,
+        return_documents=args.return_documents,
+    )
+    if args.top_n is not None:
+        request.top_n = args.top_n
+    if args.instruct is not None:
+        request.instruct = args.instruct
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            response = rerank_pb2_grpc.RerankServiceStub(channel).Rerank(
+                request, metadata=_metadata(args), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            return _print_rpc_error(exc)
+    if args.json:
+        from google.protobuf import json_format
+
+        print(
+            json.dumps(
+                json_format.MessageToDict(
+                    response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                ),
+                indent=2,
+            )
+        )
+        return 0
+    print(f"request_id: {response.request_id}   total_tokens: {response.usage.total_tokens}")
+    for rank, result in enumerate(response.output.results, start=1):
+        line = f"{rank:>3}. [{result.index}] {result.relevance_score:.4f}"
+        if result.HasField("document"):
+            line += f"  {result.document.text}"
+        print(line)
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            return _print_rpc_error(exc)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _models(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            response = rerank_pb2_grpc.RerankServiceStub(channel).ListModels(
+                rerank_pb2.ListModelsRequest(), metadata=_metadata(args), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            return _print_rpc_error(exc)
+    for model in response.models:
+        instruct = "honours instruct" if model.supports_instruct else "ignores instruct"
+        print(
+            f"{model.name}  backend={model.backend}  max_documents={model.max_documents}  "
+            f"max_query_tokens={model.max_query_tokens}  {instruct}"
+        )
+    return 0
+
+
+def _print_rpc_error(exc: grpc.RpcError) -> int:
+    # Errors raised by a call are also grpc.Call objects, with a code and details.
+    code = getattr(exc, "code", lambda: None)()
+    details = getattr(exc, "details", lambda: str(exc))()
+    print(f"error: {code.name if code else 'UNKNOWN'}: {details}", file=sys.stderr)
+    return 1

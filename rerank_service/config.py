@@ -1,0 +1,347 @@
+"""Every setting in one typed place, read from flags and `RERANK_*` environment variables.
+
+Precedence: command-line flag, then environment variable, then the default. Each
+setting is declared once (`_OPTIONS`); the argparse flags, the environment names
+and the README's configuration table all follow from that one declaration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from rerank_service.secret import Secret
+
+UPSTREAM_DIALECTS = ("dashscope", "compatible")
+BACKENDS = ("upstream",)
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_UPSTREAM_URL = "https://dashscope-intl.aliyuncs.com"
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names it and says what is expected."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's configuration. Build it with `load_settings`."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - a service in a mesh listens on every interface
+    port: int = 50051
+    backend: str = "upstream"
+    upstream_url: str = DEFAULT_UPSTREAM_URL
+    upstream_dialect: str = "dashscope"
+    upstream_models: tuple[str, ...] = ("qwen3-rerank",)
+    upstream_timeout: float = 30.0
+    upstream_max_connections: int = 256
+    upstream_api_key: Secret | None = None
+    api_keys: tuple[Secret, ...] = ()
+    max_documents: int = 500
+    max_query_tokens: int = 4000
+    log_format: str = "auto"
+    log_level: str = "info"
+    shutdown_grace: float = 30.0
+    # Where each value came from, for the start-up log line (never the values of secrets).
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def pass_through(self) -> bool:
+        """No caller keys and no upstream key: callers' bearer tokens go upstream."""
+        return not self.api_keys and self.upstream_api_key is None
+
+    def secrets(self) -> list[Secret]:
+        """Every secret this configuration holds, for log redaction."""
+        found = list(self.api_keys)
+        if self.upstream_api_key is not None:
+            found.append(self.upstream_api_key)
+        return found
+
+
+@dataclass(frozen=True)
+class _Option:
+    name: str  # Settings attribute
+    flag: str
+    env: tuple[str, ...]
+    help: str
+    parse: Callable[[str], Any]
+
+
+def _positive_int(name: str) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+        return value
+
+    return parse
+
+
+def _port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"port must be an integer, got {raw!r}") from None
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"port must be between 0 and 65535, got {value}")
+    return value
+
+
+def _positive_float(name: str) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{name} must be a finite number greater than 0, got {raw}")
+        return value
+
+    return parse
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
+        return value
+
+    return parse
+
+
+def _url(raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"upstream-url must be an http(s) URL such as {DEFAULT_UPSTREAM_URL}")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ConfigError("upstream-url has an invalid port") from None
+    return raw.strip().rstrip("/")
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
+    if not names:
+        raise ConfigError("upstream-models must name at least one model")
+    return names
+
+
+def _keys(raw: str) -> tuple[Secret, ...]:
+    return tuple(Secret(key.strip()) for key in raw.split(",") if key.strip())
+
+
+def _keys_file(raw: str) -> tuple[Secret, ...]:
+    path = Path(raw)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"api-keys-file {raw}: {exc.strerror or exc}") from None
+    keys = [line.strip() for line in text.splitlines()]
+    return tuple(Secret(key) for key in keys if key and not key.startswith("#"))
+
+
+def _secret(raw: str) -> Secret | None:
+    return Secret(raw.strip()) if raw.strip() else None
+
+
+def _secret_file(raw: str) -> Secret | None:
+    try:
+        return _secret(Path(raw).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"upstream-api-key-file {raw}: {exc.strerror or exc}") from None
+
+
+def _host(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ConfigError("host must not be empty")
+    return value
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option("host", "--host", ("RERANK_HOST",), "address to listen on", _host),
+    _Option("port", "--port", ("RERANK_PORT",), "gRPC port (0 picks a free one)", _port),
+    _Option(
+        "backend", "--backend", ("RERANK_BACKEND",), "which backend answers", _choice("backend", BACKENDS)
+    ),
+    _Option(
+        "upstream_url", "--upstream-url", ("RERANK_UPSTREAM_URL",), "base URL of the rerank HTTP API", _url
+    ),
+    _Option(
+        "upstream_dialect",
+        "--upstream-dialect",
+        ("RERANK_UPSTREAM_DIALECT",),
+        "wire format: dashscope (native) or compatible (OpenAI-compatible)",
+        _choice("upstream-dialect", UPSTREAM_DIALECTS),
+    ),
+    _Option(
+        "upstream_models",
+        "--upstream-models",
+        ("RERANK_UPSTREAM_MODELS",),
+        "comma-separated model names served through the upstream",
+        _names,
+    ),
+    _Option(
+        "upstream_timeout",
+        "--upstream-timeout",
+        ("RERANK_UPSTREAM_TIMEOUT",),
+        "seconds an upstream call may take (the caller's deadline cuts it shorter)",
+        _positive_float("upstream-timeout"),
+    ),
+    _Option(
+        "upstream_max_connections",
+        "--upstream-max-connections",
+        ("RERANK_UPSTREAM_MAX_CONNECTIONS",),
+        "size of the upstream connection pool",
+        _positive_int("upstream-max-connections"),
+    ),
+    _Option(
+        "max_documents",
+        "--max-documents",
+        ("RERANK_MAX_DOCUMENTS",),
+        "most documents one call may carry",
+        _positive_int("max-documents"),
+    ),
+    _Option(
+        "max_query_tokens",
+        "--max-query-tokens",
+        ("RERANK_MAX_QUERY_TOKENS",),
+        "query token limit advertised by ListModels",
+        _positive_int("max-query-tokens"),
+    ),
+    _Option(
+        "log_format",
+        "--log-format",
+        ("RERANK_LOG_FORMAT",),
+        "auto (console on a terminal, else json), json or console",
+        _choice("log-format", LOG_FORMATS),
+    ),
+    _Option(
+        "log_level",
+        "--log-level",
+        ("RERANK_LOG_LEVEL",),
+        "minimum log level",
+        _choice("log-level", LOG_LEVELS),
+    ),
+    _Option(
+        "shutdown_grace",
+        "--shutdown-grace",
+        ("RERANK_SHUTDOWN_GRACE",),
+        "seconds calls in flight may take to finish after SIGTERM",
+        _positive_float("shutdown-grace"),
+    ),
+)
+
+# Secrets are read from the environment or files only: a flag would show in `ps`.
+_SECRET_ENV: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
+    ("api_keys", "RERANK_API_KEYS", _keys),
+    ("api_keys", "RERANK_API_KEYS_FILE", _keys_file),
+    ("upstream_api_key", "RERANK_UPSTREAM_API_KEY", _secret),
+    ("upstream_api_key", "RERANK_UPSTREAM_API_KEY_FILE", _secret_file),
+    ("upstream_api_key", "DASHSCOPE_API_KEY", _secret),
+)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; unset flags stay None so env and defaults apply."""
+    for option in _OPTIONS:
+        env = ", ".join(option.env)
+        parser.add_argument(
+            option.flag,
+            dest=option.name,
+            default=None,
+            metavar=option.name.split("_")[-1].upper(),
+            help=f"{option.help} (env {env}; default {getattr(Settings(), option.name)!s})",
+        )
+    parser.add_argument(
+        "--api-keys-file",
+        dest="api_keys_file",
+        default=None,
+        metavar="PATH",
+        help="file of accepted caller keys, one a line (env RERANK_API_KEYS_FILE)",
+    )
+    parser.add_argument(
+        "--upstream-api-key-file",
+        dest="upstream_api_key_file",
+        default=None,
+        metavar="PATH",
+        help="file holding the upstream API key (env RERANK_UPSTREAM_API_KEY_FILE)",
+    )
+
+
+def load_settings(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from parsed flags and the environment; raise ConfigError if wrong."""
+    args = args or {}
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for option in _OPTIONS:
+        raw, source = args.get(option.name), option.flag
+        if raw is None:
+            # An empty variable counts as unset, as shells and container specs write them.
+            source, raw = next(
+                ((name, env[name]) for name in option.env if env.get(name, "").strip()), ("", None)
+            )
+        if raw is not None:
+            values[option.name] = option.parse(str(raw))
+            sources[option.name] = source
+    secret_sources: list[tuple[str, str, str, Callable[[str], Any]]] = [
+        ("api_keys", "--api-keys-file", str(args.get("api_keys_file") or ""), _keys_file),
+        (
+            "upstream_api_key",
+            "--upstream-api-key-file",
+            str(args.get("upstream_api_key_file") or ""),
+            _secret_file,
+        ),
+    ]
+    secret_sources += [(attribute, name, env.get(name, ""), parse) for attribute, name, parse in _SECRET_ENV]
+    for attribute, source, raw, parse in secret_sources:
+        if attribute in values or not raw.strip():
+            continue
+        value = parse(raw)
+        if not value:
+            # A key source that holds no key must not silently switch auth off.
+            raise ConfigError(f"{source} is set but holds no key")
+        values[attribute] = value
+        sources[attribute] = source
+    settings = Settings(**values, sources=sources)
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    if settings.backend == "upstream" and settings.api_keys and settings.upstream_api_key is None:
+        raise ConfigError(
+            "RERANK_API_KEYS is set but the upstream has no key: set RERANK_UPSTREAM_API_KEY "
+            "(or DASHSCOPE_API_KEY), or unset RERANK_API_KEYS to pass callers' tokens through"
+        )
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from the declarations above."""
+    rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    defaults = Settings()
+    for option in _OPTIONS:
+        default = getattr(defaults, option.name)
+        shown = ",".join(default) if isinstance(default, tuple) else str(default)
+        rows.append(f"| `{option.flag}` | `{'`, `'.join(option.env)}` | `{shown}` | {option.help} |")
+    rows.append(
+        "| `--api-keys-file` | `RERANK_API_KEYS`, `RERANK_API_KEYS_FILE` | none | "
+        "accepted caller keys (comma-separated in the variable, one a line in the file) |"
+    )
+    rows.append(
+        "| `--upstream-api-key-file` | `RERANK_UPSTREAM_API_KEY`, `RERANK_UPSTREAM_API_KEY_FILE`, "
+        "`DASHSCOPE_API_KEY` | none | the service's own key for the upstream |"
+    )
+    return "\n".join(rows)

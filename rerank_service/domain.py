@@ -1,0 +1,140 @@
+"""The vocabulary every module speaks: requests, scores, outcomes and errors.
+
+Plain dataclasses, no protobuf: the servicer translates proto to these and back,
+and backends only ever see these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+from rerank_service.secret import Secret
+
+# The hosted API's default task, used when a request carries no instruct.
+DEFAULT_INSTRUCT = "Given a web search query, retrieve relevant passages that answer the query."
+
+
+@dataclass(frozen=True, slots=True)
+class RerankRequest:
+    """One call's input, as the caller sent it (validated by the engine)."""
+
+    model: str
+    query: str
+    documents: list[str]
+    top_n: int | None = None
+    instruct: str | None = None
+    return_documents: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """What the caller brings besides the request: deadline and credentials."""
+
+    # Absolute deadline on the time.monotonic() clock, or None for no deadline.
+    deadline: float | None = None
+    # The caller's bearer token; forwarded upstream only in pass-through mode.
+    bearer_token: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRequest:
+    """What a backend is asked to score: one model, one query, some documents."""
+
+    model: str
+    query: str
+    documents: list[str]
+    instruct: str | None
+    # A hint: the backend may return only the best `top_n` scores.
+    top_n: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredDocument:
+    """A document's index into the backend request, and its score in [0, 1]."""
+
+    index: int
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class BackendResult:
+    """A backend's answer: scores (any order), tokens used, its request id if any."""
+
+    scores: list[ScoredDocument]
+    total_tokens: int
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RankedDocument:
+    """One entry of the final ranking."""
+
+    index: int
+    score: float
+    text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RerankOutcome:
+    """The final answer to a RerankRequest."""
+
+    request_id: str
+    results: list[RankedDocument]
+    total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A served model and the limits a request must respect."""
+
+    name: str
+    max_documents: int
+    max_query_tokens: int
+    supports_instruct: bool
+    backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One invalid request field and why."""
+
+    field: str
+    description: str
+
+
+@dataclass(slots=True)
+class ServiceError(Exception):
+    """An error with the gRPC status a caller should see.
+
+    `reason` becomes a google.rpc.ErrorInfo, `violations` a google.rpc.BadRequest,
+    `retry_after` a google.rpc.RetryInfo; `metadata` goes into ErrorInfo too.
+    """
+
+    code: grpc.StatusCode
+    message: str
+    reason: str | None = None
+    violations: list[FieldViolation] = field(default_factory=list)
+    retry_after: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    request_id: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
+    summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {summary}", violations=violations
+    )
+
+
+def model_not_found(model: str, served: list[str]) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        f"model {model!r} is not served here; served models: {', '.join(served)}",
+        reason="MODEL_NOT_FOUND",
+        metadata={"model": model, "served_models": ",".join(served)},
+    )

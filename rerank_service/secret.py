@@ -1,0 +1,45 @@
+"""Secret values (API keys) that never show themselves in logs, reprs or errors."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Final
+
+_MASK: Final = "**********"
+
+
+class Secret:
+    """A string that only `reveal()` gives back; str() and repr() print a mask."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def matches(self, candidate: str) -> bool:
+        """Constant-time comparison, so response timing does not leak the key."""
+        return hmac.compare_digest(self._value.encode(), candidate.encode())
+
+    def __repr__(self) -> str:
+        return f"Secret({_MASK})"
+
+    def __str__(self) -> str:
+        return _MASK
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and self.matches(other._value)
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def redact(text: str, secrets: list[Secret]) -> str:
+    """Replace every occurrence of any secret in `text` with a mask."""
+    for secret in secrets:
+        value = secret.reveal()
+        if value:
+            text = text.replace(value, _MASK)
+    return text

@@ -1,0 +1,44 @@
+"""ServiceError → gRPC status with google.rpc error details, in one place."""
+
+from __future__ import annotations
+
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+
+from rerank_service.domain import ServiceError
+
+ERROR_DOMAIN = "rerank-service"
+REQUEST_ID_KEY = "x-request-id"
+
+
+def trailing_metadata(error: ServiceError, request_id: str) -> tuple[tuple[str, str | bytes], ...]:
+    """The status details (`grpc-status-details-bin`) and the request id, as trailing metadata."""
+    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    for detail in _details(error):
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return (("grpc-status-details-bin", status.SerializeToString()), (REQUEST_ID_KEY, request_id))
+
+
+def _details(error: ServiceError) -> list[Message]:
+    details: list[Message] = []
+    if error.violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in error.violations
+                ]
+            )
+        )
+    if error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(round(error.retry_after * 1000))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    if error.reason:
+        details.append(
+            error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+        )
+    return details

@@ -1,0 +1,264 @@
+"""A real HTTP server that speaks the hosted rerank API's wire formats, with faults.
+
+Tests, benchmarks and people trying the service without an API key point the
+upstream backend at it. It answers both DashScope dialects (native and
+OpenAI-compatible) with deterministic lexical-overlap scores, checks the bearer
+key if told to, records every request, and injects faults on demand: any status
+and body, delays, malformed or non-JSON bodies, connection resets.
+
+    python -m rerank_service.testing.fake_upstream --port 8080 --latency 0.02
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import select
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+NATIVE_PATH = "/api/v1/services/rerank/text-rerank/text-rerank"
+COMPATIBLE_PATH = "/compatible-api/v1/reranks"
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def count_tokens(text: str) -> int:
+    """The fake's token count: one token per word, at least one per text."""
+    return max(1, len(words(text)))
+
+
+def fake_score(query: str, document: str) -> float:
+    """Share of the query's distinct words found in the document, in [0, 1]."""
+    query_words = set(words(query))
+    if not query_words:
+        return 0.0
+    return round(len(query_words & set(words(document))) / len(query_words), 6)
+
+
+def expected_ranking(query: str, documents: list[str]) -> list[tuple[int, float]]:
+    """(index, score) best first, ties in input order: what the service must return."""
+    scored = [(index, fake_score(query, document)) for index, document in enumerate(documents)]
+    return sorted(scored, key=lambda pair: (-pair[1], pair[0]))
+
+
+def total_tokens(query: str, documents: list[str]) -> int:
+    """The fake's usage: the query counted once per document, plus every document."""
+    return sum(count_tokens(query) + count_tokens(document) for document in documents)
+
+
+@dataclass
+class Fault:
+    """How to answer one request instead of (or on top of) the normal answer."""
+
+    status: int = 200
+    # A dict is sent as JSON, bytes as they are; None sends the normal answer.
+    body: dict[str, Any] | bytes | None = None
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds before answering
+    reset: bool = False  # close the connection abruptly instead of answering
+    # Edit the normal JSON answer before it is sent (wrong indexes, scores...).
+    mutate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+
+@dataclass
+class RecordedRequest:
+    path: str
+    headers: dict[str, str]
+    body: Any
+    received_at: float
+
+
+class FakeUpstream:
+    """Run with `with FakeUpstream() as upstream:`; `upstream.url` is its base URL."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+        models: tuple[str, ...] = ("qwen3-rerank",),
+        latency: float = 0.0,
+    ) -> None:
+        self.api_key = api_key
+        self.models = models
+        self.latency = latency
+        self.requests: list[RecordedRequest] = []
+        # Callers that hung up while the fake was still delaying its answer.
+        self.abandoned: list[RecordedRequest] = []
+        self._faults: deque[Fault] = deque()
+        self._always: Fault | None = None
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-upstream", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> FakeUpstream:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def inject(self, fault: Fault, times: int = 1) -> None:
+        """Answer the next `times` requests with `fault`."""
+        with self._lock:
+            self._faults.extend([fault] * times)
+
+    def always(self, fault: Fault | None) -> None:
+        """Answer every request with `fault` (None: back to normal)."""
+        with self._lock:
+            self._always = fault
+
+    def reset(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self._always = None
+            self.requests.clear()
+            self.abandoned.clear()
+
+    def _next_fault(self) -> Fault | None:
+        with self._lock:
+            return self._faults.popleft() if self._faults else self._always
+
+    def _record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def answer(self, path: str, headers: dict[str, str], body: Any) -> tuple[int, dict[str, Any]]:
+        """The normal answer (status, JSON) of the hosted API to one request."""
+        request_id = str(uuid.uuid4())
+        if path not in (NATIVE_PATH, COMPATIBLE_PATH):
+            return 404, _error("NotFound", f"no route {path}", request_id)
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            return 401, _error("InvalidApiKey", "Invalid API-key provided.", request_id)
+        if not isinstance(body, dict):
+            return 400, _error("InvalidParameter", "body must be a JSON object", request_id)
+        native = path == NATIVE_PATH
+        source = body.get("input", {}) if native else body
+        parameters = body.get("parameters", {}) if native else body
+        model, query, documents = body.get("model"), source.get("query"), source.get("documents")
+        if not isinstance(query, str) or not isinstance(documents, list) or not documents:
+            return 400, _error("InvalidParameter", "query and documents are required", request_id)
+        if model not in self.models:
+            return 404, _error("ModelNotFound", f"Model not exist: {model}", request_id)
+        top_n = parameters.get("top_n")
+        ranking = expected_ranking(query, documents)
+        if isinstance(top_n, int):
+            ranking = ranking[:top_n]
+        results = [{"index": index, "relevance_score": score} for index, score in ranking]
+        usage = {"total_tokens": total_tokens(query, documents)}
+        if native:
+            return 200, {"output": {"results": results}, "usage": usage, "request_id": request_id}
+        return 200, {"id": request_id, "object": "list", "results": results, "usage": usage}
+
+
+def _error(code: str, message: str, request_id: str) -> dict[str, Any]:
+    return {"code": code, "message": message, "request_id": request_id}
+
+
+def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet
+            pass
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            raw = self.rfile.read(length)
+            try:
+                body: Any = json.loads(raw)
+            except ValueError:
+                body = None
+            headers = {key.lower(): value for key, value in self.headers.items()}
+            recorded = RecordedRequest(self.path, headers, body, time.monotonic())
+            fake._record(recorded)
+            fault = fake._next_fault() or Fault()
+            if not self._wait(fake.latency + fault.delay):
+                fake.abandoned.append(recorded)
+                self.close_connection = True
+                return
+            if fault.reset:
+                self._reset()
+                return
+            status, normal = fake.answer(self.path, headers, body)
+            if fault.mutate is not None and status == 200:
+                normal = fault.mutate(normal)
+            payload: dict[str, Any] | bytes = normal
+            if fault.body is not None or fault.status != 200:
+                status = fault.status
+                payload = fault.body if fault.body is not None else normal
+            content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("content-type", fault.content_type)
+            self.send_header("content-length", str(len(content)))
+            for key, value in fault.headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(content)
+
+        def _wait(self, seconds: float) -> bool:
+            """Sleep, but notice a caller that hangs up meanwhile (False then)."""
+            end = time.monotonic() + seconds
+            while (left := end - time.monotonic()) > 0:
+                readable, _, _ = select.select([self.connection], [], [], min(left, 0.02))
+                if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                    return False
+            return True
+
+        def _reset(self) -> None:
+            # SO_LINGER 0 makes close() send a TCP RST rather than a clean FIN.
+            self.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            self.close_connection = True
+            self.connection.close()
+
+    return Handler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--api-key", default=None, help="require this bearer key")
+    parser.add_argument("--models", default="qwen3-rerank", help="comma-separated model names")
+    args = parser.parse_args()
+    fake = FakeUpstream(args.host, args.port, args.api_key, tuple(args.models.split(",")), args.latency)
+    print(f"fake upstream listening on {fake.url}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        fake._server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
