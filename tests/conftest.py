@@ -1,0 +1,71 @@
+"""Shared fixtures: a fake upstream HTTP server, a log capture, and started services."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any, TextIO, cast
+
+import pytest
+
+from rerank_service.config import Settings
+from rerank_service.logging import configure_logging
+from rerank_service.secret import Secret
+from rerank_service.testing.fake_upstream import FakeUpstream
+from tests.support.logs import LogCapture
+from tests.support.server import ServerThread
+
+UPSTREAM_KEY = "sk-upstream-test-key-0123456789"
+CALLER_KEY = "caller-key-abcdef"
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream(api_key=UPSTREAM_KEY, models=("qwen3-rerank", "gte-rerank-v2")) as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def upstream(fake_upstream: FakeUpstream) -> Iterator[FakeUpstream]:
+    """The session's fake upstream, with faults and recordings cleared for this test."""
+    fake_upstream.reset()
+    fake_upstream.api_key = UPSTREAM_KEY
+    yield fake_upstream
+    fake_upstream.reset()
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    capture = LogCapture()
+    configure_logging(
+        "json", "debug", [Secret(UPSTREAM_KEY), Secret(CALLER_KEY)], stream=cast(TextIO, capture)
+    )
+    yield capture
+    configure_logging("json", "warning")
+
+
+def upstream_settings(upstream: FakeUpstream, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "upstream_url": upstream.url,
+        "upstream_models": ("qwen3-rerank", "gte-rerank-v2"),
+        "upstream_api_key": Secret(UPSTREAM_KEY),
+        "upstream_timeout": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+ServerFactory = Callable[..., AbstractContextManager[ServerThread]]
+
+
+@pytest.fixture
+def serve(upstream: FakeUpstream, logs: LogCapture) -> ServerFactory:
+    """`with serve(**settings) as server:` a live server in front of the fake upstream."""
+    return lambda **overrides: ServerThread(upstream_settings(upstream, **overrides))
+
+
+@pytest.fixture
+def server(serve: ServerFactory) -> Iterator[ServerThread]:
+    """A live server with the default settings, holding the service's own upstream key."""
+    with serve() as running:
+        yield running

@@ -1,0 +1,108 @@
+"""Bearer-key auth with configured keys, and pass-through of callers' tokens."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from rerank.v1 import rerank_pb2
+
+from rerank_service.secret import Secret
+from rerank_service.testing.fake_upstream import FakeUpstream
+from tests.conftest import CALLER_KEY, UPSTREAM_KEY, ServerFactory
+from tests.support.logs import LogCapture
+from tests.support.rpc import code_of, details_of, expect_error, request
+
+OTHER_KEY = "second-caller-key"
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [(), bearer("wrong-key"), (("authorization", CALLER_KEY),), (("authorization", f"Basic {CALLER_KEY}"),)],
+    ids=["none", "wrong-key", "no-scheme", "basic-scheme"],
+)
+def test_a_call_without_an_accepted_key_is_unauthenticated(
+    serve: ServerFactory, upstream: FakeUpstream, metadata: tuple[tuple[str, str], ...]
+) -> None:
+    with serve(api_keys=(Secret(CALLER_KEY),)) as server:
+        error = expect_error(lambda: server.stub.Rerank(request(), metadata=metadata, timeout=5))
+
+    assert code_of(error) == grpc.StatusCode.UNAUTHENTICATED
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("key", [CALLER_KEY, OTHER_KEY])
+def test_any_configured_key_is_accepted_and_the_service_key_goes_upstream(
+    serve: ServerFactory, upstream: FakeUpstream, key: str
+) -> None:
+    with serve(api_keys=(Secret(CALLER_KEY), Secret(OTHER_KEY))) as server:
+        response = server.stub.Rerank(request(), metadata=bearer(key), timeout=5)
+
+    assert len(response.output.results) == 2
+    assert upstream.requests[0].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+def test_list_models_needs_a_key_too(serve: ServerFactory) -> None:
+    with serve(api_keys=(Secret(CALLER_KEY),)) as server:
+        error = expect_error(lambda: server.stub.ListModels(rerank_pb2.ListModelsRequest(), timeout=5))
+        allowed = server.stub.ListModels(
+            rerank_pb2.ListModelsRequest(), metadata=bearer(CALLER_KEY), timeout=5
+        )
+
+    assert code_of(error) == grpc.StatusCode.UNAUTHENTICATED
+    assert allowed.models[0].name == "qwen3-rerank"
+
+
+def test_health_and_reflection_stay_open_without_a_key(serve: ServerFactory) -> None:
+    with serve(api_keys=(Secret(CALLER_KEY),)) as server:
+        assert server.channel is not None
+        health = health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        services = ProtoReflectionDescriptorDatabase(server.channel).get_services()
+
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert "rerank.v1.RerankService" in services
+
+
+def test_pass_through_sends_the_callers_token_upstream(serve: ServerFactory, upstream: FakeUpstream) -> None:
+    with serve(upstream_api_key=None) as server:
+        response = server.stub.Rerank(request(), metadata=bearer(UPSTREAM_KEY), timeout=5)
+
+    assert len(response.output.results) == 2
+    assert upstream.requests[0].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+def test_pass_through_without_a_token_is_unauthenticated_before_any_upstream_call(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    with serve(upstream_api_key=None) as server:
+        error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+    assert code_of(error) == grpc.StatusCode.UNAUTHENTICATED
+    assert "Bearer" in details_of(error)
+    assert upstream.requests == []
+
+
+def test_pass_through_with_a_token_the_upstream_refuses_is_unauthenticated(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    with serve(upstream_api_key=None) as server:
+        error = expect_error(lambda: server.stub.Rerank(request(), metadata=bearer("not-the-key"), timeout=5))
+
+    assert code_of(error) == grpc.StatusCode.UNAUTHENTICATED
+    assert len(upstream.requests) == 1
+
+
+def test_keys_never_appear_in_logs(serve: ServerFactory, upstream: FakeUpstream, logs: LogCapture) -> None:
+    with serve(api_keys=(Secret(CALLER_KEY),)) as server:
+        server.stub.Rerank(request(), metadata=bearer(CALLER_KEY), timeout=5)
+        expect_error(lambda: server.stub.Rerank(request(), metadata=bearer("wrong-key"), timeout=5))
+
+    assert len(logs.calls()) == 2
+    assert CALLER_KEY not in logs.text
+    assert UPSTREAM_KEY not in logs.text
+    assert "wrong-key" not in logs.text

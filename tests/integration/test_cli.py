@@ -1,0 +1,113 @@
+"""The `rerank-service` command as a person runs it: serve, rerank, models, health, bad settings."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from rerank_service.testing.fake_upstream import FakeUpstream, expected_ranking
+from tests.conftest import CALLER_KEY, UPSTREAM_KEY
+from tests.support.process import ServiceProcess, run_cli
+
+DOCUMENTS = ["apple pie recipe", "a red apple on a red table", "car engines"]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "mentions"),
+    [
+        (["--upstream-dialect", "soap"], {}, "upstream-dialect"),
+        (["--port", "70000"], {}, "port"),
+        (["--port", "http"], {}, "port"),
+        (["--upstream-url", "not a url"], {}, "upstream-url"),
+        (["--upstream-url", "ftp://example.com"], {}, "upstream-url"),
+        (["--upstream-timeout", "-1"], {}, "upstream-timeout"),
+        (["--max-documents", "0"], {}, "max-documents"),
+        ([], {"RERANK_BACKEND": "quantum"}, "backend"),
+        (
+            [],
+            {"RERANK_API_KEYS": "k1,k2", "RERANK_UPSTREAM_API_KEY": "", "DASHSCOPE_API_KEY": ""},
+            "upstream",
+        ),
+        (["--api-keys-file", "/nonexistent/keys.txt"], {}, "api-keys-file"),
+    ],
+)
+def test_a_bad_setting_stops_start_up_with_one_clear_line_and_exit_code_2(
+    args: list[str], env: dict[str, str], mentions: str
+) -> None:
+    result = run_cli("serve", "--port", "0", *args, env=env)
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("rerank-service: configuration error:")
+    assert mentions in lines[0]
+
+
+def test_serve_then_rerank_models_and_health_from_the_command_line(upstream: FakeUpstream) -> None:
+    with ServiceProcess(
+        ["--upstream-url", upstream.url],
+        env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY, "RERANK_API_KEYS": CALLER_KEY},
+    ) as service:
+        key = {"RERANK_API_KEY": CALLER_KEY}
+        ranked = run_cli(
+            "rerank", "--target", service.target, "--query", "red apple", *[f"-d{d}" for d in DOCUMENTS],
+            "--top-n", "2", "--return-documents", env=key,
+        )  # fmt: skip
+        as_json = run_cli(
+            "rerank", "--target", service.target, "--query", "red apple", *[f"-d{d}" for d in DOCUMENTS],
+            "--json", env=key,
+        )  # fmt: skip
+        refused = run_cli(
+            "rerank", "--target", service.target, "--query", "q", "-d", "x", env={"RERANK_API_KEY": ""}
+        )
+        models = run_cli("models", "--target", service.target, env=key)
+        health = run_cli("health", "--target", service.target)
+        exit_code = service.terminate(signal.SIGTERM)
+
+    assert ranked.returncode == 0, ranked.stderr
+    best, second = expected_ranking("red apple", DOCUMENTS)[:2]
+    lines = ranked.stdout.splitlines()
+    assert lines[0].startswith("request_id: ")
+    assert lines[1].split() == ["1.", f"[{best[0]}]", f"{best[1]:.4f}", *DOCUMENTS[best[0]].split()]
+    assert lines[2].split()[:3] == ["2.", f"[{second[0]}]", f"{second[1]:.4f}"]
+    assert len(lines) == 3
+
+    payload = json.loads(as_json.stdout)
+    assert [r["index"] for r in payload["output"]["results"]] == [
+        i for i, _ in expected_ranking("red apple", DOCUMENTS)
+    ]
+
+    assert refused.returncode == 1
+    assert "UNAUTHENTICATED" in refused.stderr
+
+    assert models.returncode == 0
+    assert "qwen3-rerank" in models.stdout
+    assert "max_documents=500" in models.stdout
+
+    assert health.returncode == 0
+    assert health.stdout.strip() == "SERVING"
+
+    # SIGTERM drains and exits 0; keys never reach the log.
+    assert exit_code == 0
+    events = [event["event"] for event in service.events()]
+    assert events[:2] == ["listening", "serving"]
+    assert events[-2:] == ["draining", "stopped"]
+    calls = [event for event in service.events() if event["event"] == "call"]
+    assert [call["code"] for call in calls] == ["OK", "OK", "UNAUTHENTICATED", "OK"]
+    assert UPSTREAM_KEY not in service.output
+    assert CALLER_KEY not in service.output
+
+
+def test_health_command_fails_when_nothing_serves() -> None:
+    result = run_cli("health", "--target", "127.0.0.1:1", "--timeout", "1")
+
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr or "DEADLINE_EXCEEDED" in result.stderr
+
+
+def test_sigint_also_drains_and_exits_zero(upstream: FakeUpstream) -> None:
+    with ServiceProcess(["--upstream-url", upstream.url]) as service:
+        assert service.terminate(signal.SIGINT) == 0
+    assert service.events()[-1]["event"] == "stopped"

@@ -1,0 +1,78 @@
+"""The caller's deadline bounds the upstream call; the upstream timeout bounds it too."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from rerank_service.testing.fake_upstream import FakeUpstream, Fault
+from tests.conftest import ServerFactory
+from tests.support.logs import LogCapture
+from tests.support.rpc import code_of, details_of, expect_error, request
+from tests.support.server import ServerThread
+
+
+def wait_for(condition: object, timeout: float = 3.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if callable(condition) and condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_caller_deadline_cuts_the_upstream_call_short(
+    server: ServerThread, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    upstream.inject(Fault(delay=10))
+
+    started = time.monotonic()
+    error = expect_error(lambda: server.stub.Rerank(request(), timeout=0.5))
+    elapsed = time.monotonic() - started
+
+    assert code_of(error) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 2.0
+    # The service hung up on the upstream instead of waiting out its 10 s answer.
+    assert wait_for(lambda: len(upstream.abandoned) == 1)
+    assert upstream.abandoned[0].received_at - started < 1.0
+    [call] = logs.wait_for_calls(1)
+    assert call["code"] in {"DEADLINE_EXCEEDED", "CANCELLED"}
+    assert call["latency_ms"] < 2000
+
+
+def test_upstream_timeout_applies_when_the_caller_sets_no_deadline(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    upstream.inject(Fault(delay=10))
+    with serve(upstream_timeout=0.5) as server:
+        started = time.monotonic()
+        error = expect_error(lambda: server.stub.Rerank(request()))
+        elapsed = time.monotonic() - started
+
+    assert code_of(error) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "upstream timeout" in details_of(error)
+    assert 0.4 < elapsed < 2.0
+    assert wait_for(lambda: len(upstream.abandoned) == 1)
+
+
+def test_a_generous_deadline_does_not_extend_the_upstream_timeout(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    upstream.inject(Fault(delay=10))
+    with serve(upstream_timeout=0.5) as server:
+        started = time.monotonic()
+        error = expect_error(lambda: server.stub.Rerank(request(), timeout=30))
+        elapsed = time.monotonic() - started
+
+    assert code_of(error) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 2.0
+
+
+def test_a_slow_upstream_within_the_deadline_succeeds(server: ServerThread, upstream: FakeUpstream) -> None:
+    upstream.inject(Fault(delay=0.3))
+
+    response = server.stub.Rerank(request(), timeout=5)
+
+    assert len(response.output.results) == 2
+    assert upstream.abandoned == []

@@ -1,0 +1,247 @@
+"""Every upstream failure reaches the caller as the right gRPC status, with the upstream's words."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import grpc
+import pytest
+
+from rerank_service.testing.fake_upstream import FakeUpstream, Fault
+from tests.conftest import UPSTREAM_KEY, ServerFactory
+from tests.support.logs import LogCapture
+from tests.support.rpc import code_of, details_of, error_info, expect_error, request, retry_delay, trailing
+from tests.support.server import ServerThread
+
+Code = grpc.StatusCode
+
+
+def upstream_error(code: str, message: str = "something went wrong") -> dict[str, Any]:
+    return {"code": code, "message": message, "request_id": "req-upstream-42"}
+
+
+@pytest.mark.parametrize(
+    ("status", "expected", "reason"),
+    [
+        (400, Code.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST"),
+        (422, Code.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST"),
+        (401, Code.INTERNAL, "UPSTREAM_AUTH_FAILED"),
+        (403, Code.INTERNAL, "UPSTREAM_AUTH_FAILED"),
+        (404, Code.NOT_FOUND, "UPSTREAM_NOT_FOUND"),
+        (429, Code.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED"),
+        (500, Code.UNAVAILABLE, "UPSTREAM_UNAVAILABLE"),
+        (502, Code.UNAVAILABLE, "UPSTREAM_UNAVAILABLE"),
+        (503, Code.UNAVAILABLE, "UPSTREAM_UNAVAILABLE"),
+        (504, Code.UNAVAILABLE, "UPSTREAM_UNAVAILABLE"),
+    ],
+)
+def test_upstream_http_status_maps_to_grpc_code_with_upstream_details(
+    server: ServerThread, upstream: FakeUpstream, status: int, expected: grpc.StatusCode, reason: str
+) -> None:
+    upstream.inject(Fault(status=status, body=upstream_error("SomeUpstreamCode", "the upstream says no")))
+
+    error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+    assert code_of(error) == expected
+    assert "SomeUpstreamCode" in details_of(error)
+    assert "the upstream says no" in details_of(error)
+    assert "req-upstream-42" in details_of(error)
+    info = error_info(error)
+    assert info is not None
+    assert info.reason == reason
+    assert info.metadata["upstream_status"] == str(status)
+    assert info.metadata["upstream_request_id"] == "req-upstream-42"
+    assert trailing(error)["x-request-id"] == "req-upstream-42"
+
+
+def test_rate_limit_carries_retry_info_from_retry_after(server: ServerThread, upstream: FakeUpstream) -> None:
+    upstream.inject(Fault(status=429, body=upstream_error("Throttling"), headers={"Retry-After": "7"}))
+
+    error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+    assert code_of(error) == Code.RESOURCE_EXHAUSTED
+    assert retry_delay(error) == 7.0
+
+
+@pytest.mark.parametrize(("status", "expected"), [(401, Code.UNAUTHENTICATED), (403, Code.PERMISSION_DENIED)])
+def test_upstream_auth_failure_is_the_callers_in_pass_through_mode(
+    serve: ServerFactory, upstream: FakeUpstream, status: int, expected: grpc.StatusCode
+) -> None:
+    upstream.inject(Fault(status=status, body=upstream_error("InvalidApiKey")))
+    with serve(upstream_api_key=None) as server:
+        error = expect_error(
+            lambda: server.stub.Rerank(
+                request(), metadata=(("authorization", "Bearer caller-token"),), timeout=5
+            )
+        )
+
+    assert code_of(error) == expected
+
+
+def test_upstream_rejecting_the_services_own_key_is_internal(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    upstream.api_key = "a-different-key"  # the real 401 path of the fake, not an injected one
+    with serve() as server:
+        error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+    assert code_of(error) == Code.INTERNAL
+    info = error_info(error)
+    assert info is not None
+    assert info.reason == "UPSTREAM_AUTH_FAILED"
+    assert "InvalidApiKey" in details_of(error)
+
+
+def test_model_unknown_to_the_upstream_is_not_found(serve: ServerFactory, upstream: FakeUpstream) -> None:
+    # The service is configured to serve a name the upstream does not know.
+    with serve(upstream_models=("qwen3-rerank", "retired-model")) as server:
+        error = expect_error(lambda: server.stub.Rerank(request(model="retired-model"), timeout=5))
+
+    assert code_of(error) == Code.NOT_FOUND
+    assert "ModelNotFound" in details_of(error)
+
+
+def test_connection_reset_is_unavailable(server: ServerThread, upstream: FakeUpstream) -> None:
+    upstream.inject(Fault(reset=True))
+
+    error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+    assert code_of(error) == Code.UNAVAILABLE
+
+
+def test_nothing_listening_upstream_is_unavailable(serve: ServerFactory) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    with serve(upstream_url=f"http://127.0.0.1:{closed_port}") as server:
+        error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+    assert code_of(error) == Code.UNAVAILABLE
+    assert "unreachable" in details_of(error)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type"),
+    [
+        (200, b"<html>bad gateway page</html>", "text/html"),
+        (200, b'{"output": {"results": [', "application/json"),
+        (502, b"<html>502 Bad Gateway</html>", "text/html"),
+    ],
+    ids=["html-200", "truncated-json", "html-502"],
+)
+def test_a_body_that_is_not_json_is_unavailable(
+    server: ServerThread, upstream: FakeUpstream, status: int, body: bytes, content_type: str
+) -> None:
+    upstream.inject(Fault(status=status, body=body, content_type=content_type))
+
+    error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+    assert code_of(error) == Code.UNAVAILABLE
+
+
+def _set_first(field: str, value: Any) -> Any:
+    def mutate(body: dict[str, Any]) -> dict[str, Any]:
+        body["output"]["results"][0][field] = value
+        return body
+
+    return mutate
+
+
+def _drop(path: tuple[str, ...]) -> Any:
+    def mutate(body: dict[str, Any]) -> dict[str, Any]:
+        target = body
+        for key in path[:-1]:
+            target = target[key]
+        del target[path[-1]]
+        return body
+
+    return mutate
+
+
+def _truncate_results(body: dict[str, Any]) -> dict[str, Any]:
+    body["output"]["results"] = body["output"]["results"][:1]
+    return body
+
+
+def _duplicate_index(body: dict[str, Any]) -> dict[str, Any]:
+    body["output"]["results"][1]["index"] = body["output"]["results"][0]["index"]
+    return body
+
+
+@pytest.mark.parametrize(
+    ("mutate", "words"),
+    [
+        (_set_first("index", 2), "out of range"),
+        (_set_first("index", -1), "out of range"),
+        (_set_first("index", "0"), "not an integer"),
+        (_set_first("relevance_score", 1.5), "outside [0, 1]"),
+        (_set_first("relevance_score", -0.1), "outside [0, 1]"),
+        (_set_first("relevance_score", None), "not a number"),
+        (_duplicate_index, "appears twice"),
+        (_truncate_results, "expected 2 results"),
+        (_drop(("output",)), "'output'"),
+        (_drop(("output", "results")), "'results'"),
+        (_drop(("usage",)), "usage.total_tokens"),
+    ],
+    ids=[
+        "index-too-big",
+        "index-negative",
+        "index-string",
+        "score-above-1",
+        "score-below-0",
+        "score-missing",
+        "duplicate-index",
+        "missing-result",
+        "no-output",
+        "no-results",
+        "no-usage",
+    ],
+)
+def test_a_malformed_upstream_answer_is_internal_never_a_wrong_ranking(
+    server: ServerThread, upstream: FakeUpstream, mutate: Any, words: str
+) -> None:
+    upstream.inject(Fault(mutate=mutate))
+
+    error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+    assert code_of(error) == Code.INTERNAL
+    assert "malformed" in details_of(error)
+    assert words in details_of(error)
+    info = error_info(error)
+    assert info is not None
+    assert info.reason == "UPSTREAM_BAD_RESPONSE"
+
+
+def test_an_upstream_error_echoing_the_key_does_not_leak_it(
+    server: ServerThread, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    upstream.inject(Fault(status=400, body=upstream_error("BadKey", f"key {UPSTREAM_KEY} is malformed")))
+
+    error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+    assert code_of(error) == Code.INVALID_ARGUMENT
+    assert UPSTREAM_KEY not in details_of(error)
+    assert "is malformed" in details_of(error)
+    assert UPSTREAM_KEY not in str(trailing(error))
+    [call] = logs.wait_for_calls(1)
+    assert call["code"] == "INVALID_ARGUMENT"
+    assert "is malformed" in call["details"]
+    assert UPSTREAM_KEY not in logs.text
+
+
+def test_a_long_upstream_message_is_truncated(server: ServerThread, upstream: FakeUpstream) -> None:
+    upstream.inject(Fault(status=400, body=upstream_error("TooLong", "x" * 5000)))
+
+    error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+    assert len(details_of(error)) <= 300
+
+
+def test_the_service_recovers_after_upstream_failures(server: ServerThread, upstream: FakeUpstream) -> None:
+    upstream.inject(Fault(status=503, body=upstream_error("Overloaded")), times=2)
+    for _ in range(2):
+        expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+    response = server.stub.Rerank(request(), timeout=5)
+    assert [r.index for r in response.output.results] == [0, 1]

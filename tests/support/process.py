@@ -1,0 +1,97 @@
+"""The real `rerank-service serve` process, with its JSON log lines collected."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+CLI = [sys.executable, "-m", "rerank_service"]
+
+
+class ServiceProcess:
+    """`with ServiceProcess(args, env) as process:` waits until the server is serving."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._serving = threading.Event()
+        self.process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> ServiceProcess:
+        self.process = subprocess.Popen(
+            [*CLI, "serve", "--host", "127.0.0.1", "--port", "0", "--log-format", "json", *self.args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._serving.wait(timeout=30):
+            self.terminate()
+            raise RuntimeError("server did not start:\n" + self.output)
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            event = _parse(line)
+            if event.get("event") == "listening":
+                self.port = int(event["port"])
+            if event.get("event") == "serving":
+                self._serving.set()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [event for event in map(_parse, self.lines) if event]
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout=timeout)
+        time.sleep(0.05)  # let the reader thread take the last lines
+        return code
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _parse(line: str) -> dict[str, Any]:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return {}
+    return event if isinstance(event, dict) else {}
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run `rerank-service ARGS` to completion."""
+    return subprocess.run(
+        [*CLI, *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

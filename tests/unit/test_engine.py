@@ -1,0 +1,325 @@
+"""RerankEngine: validation, model resolution, readiness and the final ranking."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from rerank_service.backends.base import Backend
+from rerank_service.domain import (
+    BackendRequest,
+    BackendResult,
+    CallContext,
+    FieldViolation,
+    ModelInfo,
+    RankedDocument,
+    RerankRequest,
+    ScoredDocument,
+    ServiceError,
+)
+from rerank_service.engine import RerankEngine, rank
+from rerank_service.secret import Secret
+
+MODELS = [
+    ModelInfo("qwen3-rerank", max_documents=5, max_query_tokens=4000, supports_instruct=True, backend="fake"),
+    ModelInfo(
+        "gte-rerank-v2", max_documents=2, max_query_tokens=4000, supports_instruct=False, backend="fake"
+    ),
+]
+
+
+class FakeBackend:
+    """Scores documents with a fixed list (or a function of the request) and records calls."""
+
+    def __init__(
+        self,
+        scores: list[float] | None = None,
+        request_id: str | None = "backend-req-1",
+        ready: bool = True,
+        total_tokens: int = 11,
+    ) -> None:
+        self.scores = scores
+        self.request_id = request_id
+        self._ready = ready
+        self.total_tokens = total_tokens
+        self.calls: list[tuple[BackendRequest, CallContext]] = []
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def models(self) -> list[ModelInfo]:
+        return list(MODELS)
+
+    async def start(self) -> None:
+        self._ready = True
+
+    async def close(self) -> None:
+        self._ready = False
+
+    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        self.calls.append((request, context))
+        scores = self.scores if self.scores is not None else [0.5] * len(request.documents)
+        return BackendResult(
+            scores=[ScoredDocument(index=i, score=s) for i, s in enumerate(scores)],
+            total_tokens=self.total_tokens,
+            request_id=self.request_id,
+        )
+
+
+def as_backend(fake: FakeBackend) -> Backend:
+    return fake  # type-checks FakeBackend against the Protocol
+
+
+def make_request(
+    documents: list[str] | None = None,
+    model: str = "qwen3-rerank",
+    query: str = "what is reranking?",
+    top_n: int | None = None,
+    instruct: str | None = None,
+    return_documents: bool = False,
+) -> RerankRequest:
+    return RerankRequest(
+        model=model,
+        query=query,
+        documents=["d0", "d1", "d2"] if documents is None else documents,
+        top_n=top_n,
+        instruct=instruct,
+        return_documents=return_documents,
+    )
+
+
+async def rerank_error(engine: RerankEngine, request: RerankRequest) -> ServiceError:
+    with pytest.raises(ServiceError) as caught:
+        await engine.rerank(request, CallContext())
+    return caught.value
+
+
+def fields(error: ServiceError) -> list[str]:
+    return [violation.field for violation in error.violations]
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+async def test_every_violation_is_reported_at_once() -> None:
+    backend = FakeBackend()
+    engine = RerankEngine(as_backend(backend))
+    error = await rerank_error(
+        engine, make_request(model="", query="", documents=["ok", "", "ok", " "], top_n=0)
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields(error) == ["model", "query", "documents[1]", "documents[3]", "top_n"]
+    for name in ("model", "query", "documents[1]", "documents[3]", "top_n"):
+        assert f"{name}:" in error.message
+    assert backend.calls == []
+
+
+async def test_empty_document_list_names_documents() -> None:
+    backend = FakeBackend()
+    error = await rerank_error(RerankEngine(as_backend(backend)), make_request(documents=[]))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields(error) == ["documents"]
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize("blank", [" ", "\t\n", "   \u3000"])
+async def test_whitespace_only_query_counts_as_empty(blank: str) -> None:
+    backend = FakeBackend()
+    error = await rerank_error(RerankEngine(as_backend(backend)), make_request(query=blank))
+    assert fields(error) == ["query"]
+    assert backend.calls == []
+
+
+async def test_whitespace_only_model_counts_as_empty() -> None:
+    error = await rerank_error(RerankEngine(as_backend(FakeBackend())), make_request(model="  "))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields(error) == ["model"]
+
+
+async def test_whitespace_only_document_counts_as_empty() -> None:
+    error = await rerank_error(
+        RerankEngine(as_backend(FakeBackend())), make_request(documents=["a", "\n\t "])
+    )
+    assert error.violations == [FieldViolation("documents[1]", "must not be empty or only whitespace")]
+
+
+@pytest.mark.parametrize("top_n", [0, -1, -100])
+async def test_top_n_below_one_is_invalid(top_n: int) -> None:
+    error = await rerank_error(RerankEngine(as_backend(FakeBackend())), make_request(top_n=top_n))
+    assert fields(error) == ["top_n"]
+    assert str(top_n) in error.violations[0].description
+
+
+async def test_too_many_documents_names_documents_and_the_limit() -> None:
+    backend = FakeBackend()
+    engine = RerankEngine(as_backend(backend))
+    error = await rerank_error(engine, make_request(model="gte-rerank-v2", documents=["a", "b", "c"]))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields(error) == ["documents"]
+    assert "3" in error.violations[0].description
+    assert "at most 2" in error.violations[0].description
+    assert backend.calls == []
+
+
+async def test_document_count_at_the_model_limit_is_accepted() -> None:
+    backend = FakeBackend()
+    outcome = await RerankEngine(as_backend(backend)).rerank(
+        make_request(model="gte-rerank-v2", documents=["a", "b"]), CallContext()
+    )
+    assert len(outcome.results) == 2
+    assert len(backend.calls) == 1
+
+
+async def test_too_many_documents_is_reported_with_other_violations() -> None:
+    error = await rerank_error(
+        RerankEngine(as_backend(FakeBackend())),
+        make_request(model="gte-rerank-v2", query="", documents=["a", "", "c"]),
+    )
+    assert fields(error) == ["query", "documents[1]", "documents"]
+
+
+async def test_unknown_model_is_not_found_listing_served_models() -> None:
+    backend = FakeBackend()
+    error = await rerank_error(RerankEngine(as_backend(backend)), make_request(model="gpt-rerank"))
+    assert error.code == grpc.StatusCode.NOT_FOUND
+    assert error.reason == "MODEL_NOT_FOUND"
+    assert "gpt-rerank" in error.message
+    assert "qwen3-rerank" in error.message
+    assert "gte-rerank-v2" in error.message
+    assert error.metadata == {"model": "gpt-rerank", "served_models": "qwen3-rerank,gte-rerank-v2"}
+    assert backend.calls == []
+
+
+async def test_invalid_fields_win_over_unknown_model() -> None:
+    error = await rerank_error(RerankEngine(as_backend(FakeBackend())), make_request(model="nope", query=""))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields(error) == ["query"]
+
+
+async def test_backend_not_ready_is_unavailable_and_not_called() -> None:
+    backend = FakeBackend(ready=False)
+    engine = RerankEngine(as_backend(backend))
+    assert not engine.ready
+    error = await rerank_error(engine, make_request())
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.reason == "BACKEND_NOT_READY"
+    assert backend.calls == []
+
+
+async def test_invalid_request_is_reported_before_readiness() -> None:
+    error = await rerank_error(RerankEngine(as_backend(FakeBackend(ready=False))), make_request(query=""))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_engine_lists_the_backend_models() -> None:
+    engine = RerankEngine(as_backend(FakeBackend()))
+    assert engine.models() == MODELS
+    assert engine.ready
+
+
+# --- what the backend is asked ------------------------------------------------------------------
+
+
+async def test_backend_receives_the_request_fields_and_the_call_context() -> None:
+    backend = FakeBackend(scores=[0.1, 0.2, 0.3])
+    context = CallContext(deadline=123.0, bearer_token=Secret("caller"))
+    await RerankEngine(as_backend(backend)).rerank(
+        make_request(top_n=2, instruct="find answers", return_documents=True), context
+    )
+    assert backend.calls == [
+        (
+            BackendRequest(
+                model="qwen3-rerank",
+                query="what is reranking?",
+                documents=["d0", "d1", "d2"],
+                instruct="find answers",
+                top_n=2,
+            ),
+            context,
+        )
+    ]
+
+
+# --- ranking ------------------------------------------------------------------------------------
+
+
+async def test_results_are_sorted_by_score_descending() -> None:
+    backend = FakeBackend(scores=[0.2, 0.9, 0.5])
+    outcome = await RerankEngine(as_backend(backend)).rerank(make_request(), CallContext())
+    assert [(r.index, r.score) for r in outcome.results] == [(1, 0.9), (2, 0.5), (0, 0.2)]
+    assert outcome.total_tokens == 11
+
+
+async def test_ties_keep_input_order() -> None:
+    backend = FakeBackend(scores=[0.5, 0.7, 0.5, 0.7, 0.5])
+    outcome = await RerankEngine(as_backend(backend)).rerank(
+        make_request(documents=["a", "b", "c", "d", "e"]), CallContext()
+    )
+    assert [r.index for r in outcome.results] == [1, 3, 0, 2, 4]
+
+
+def test_ties_keep_input_order_even_when_the_backend_lists_them_out_of_order() -> None:
+    result = BackendResult(
+        scores=[ScoredDocument(2, 0.5), ScoredDocument(0, 0.5), ScoredDocument(1, 0.5)], total_tokens=0
+    )
+    assert [r.index for r in rank(result, make_request())] == [0, 1, 2]
+
+
+async def test_top_n_cuts_after_sorting() -> None:
+    backend = FakeBackend(scores=[0.1, 0.4, 0.9, 0.3])
+    outcome = await RerankEngine(as_backend(backend)).rerank(
+        make_request(documents=["a", "b", "c", "d"], top_n=2), CallContext()
+    )
+    assert [(r.index, r.score) for r in outcome.results] == [(2, 0.9), (1, 0.4)]
+
+
+async def test_top_n_larger_than_document_count_returns_all() -> None:
+    backend = FakeBackend(scores=[0.1, 0.4, 0.9])
+    outcome = await RerankEngine(as_backend(backend)).rerank(make_request(top_n=50), CallContext())
+    assert [r.index for r in outcome.results] == [2, 1, 0]
+
+
+async def test_return_documents_attaches_texts() -> None:
+    backend = FakeBackend(scores=[0.1, 0.9, 0.5])
+    outcome = await RerankEngine(as_backend(backend)).rerank(
+        make_request(documents=["zero", "one", "two"], return_documents=True), CallContext()
+    )
+    assert outcome.results == [
+        RankedDocument(1, 0.9, "one"),
+        RankedDocument(2, 0.5, "two"),
+        RankedDocument(0, 0.1, "zero"),
+    ]
+
+
+async def test_without_return_documents_text_is_none() -> None:
+    backend = FakeBackend(scores=[0.1, 0.9, 0.5])
+    outcome = await RerankEngine(as_backend(backend)).rerank(make_request(), CallContext())
+    assert [r.text for r in outcome.results] == [None, None, None]
+
+
+def test_rank_attaches_texts_by_index_for_a_partial_backend_answer() -> None:
+    # A backend may answer only the best top_n; texts follow the returned indexes.
+    result = BackendResult(scores=[ScoredDocument(2, 0.8), ScoredDocument(0, 0.6)], total_tokens=3)
+    ranked = rank(result, make_request(documents=["a", "b", "c"], top_n=2, return_documents=True))
+    assert ranked == [RankedDocument(2, 0.8, "c"), RankedDocument(0, 0.6, "a")]
+
+
+# --- request id ---------------------------------------------------------------------------------
+
+
+async def test_request_id_comes_from_the_backend_result() -> None:
+    outcome = await RerankEngine(as_backend(FakeBackend(request_id="upstream-42"))).rerank(
+        make_request(), CallContext()
+    )
+    assert outcome.request_id == "upstream-42"
+
+
+@pytest.mark.parametrize("missing", [None, ""])
+async def test_request_id_is_generated_when_the_backend_has_none(missing: str | None) -> None:
+    engine = RerankEngine(as_backend(FakeBackend(request_id=missing)))
+    first = await engine.rerank(make_request(), CallContext())
+    second = await engine.rerank(make_request(), CallContext())
+    assert len(first.request_id) == 32
+    assert set(first.request_id) <= set("0123456789abcdef")  # a hex uuid
+    assert first.request_id != second.request_id
