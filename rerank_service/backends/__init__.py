@@ -8,6 +8,10 @@ from rerank_service.config import Settings
 
 def build_backend(settings: Settings) -> Backend:
     """The backend named by `settings.backend`."""
+    if settings.backend == "local":
+        from rerank_service.backends.local import LocalBackend
+
+        return LocalBackend.from_settings(settings)
     if settings.backend == "upstream":
         from rerank_service.backends.upstream import UpstreamBackend
 

@@ -8,8 +8,8 @@ import signal
 import pytest
 
 from rerank_service.testing.fake_upstream import FakeUpstream, expected_ranking
+from rerank_service.testing.process import ServiceProcess, run_cli
 from tests.conftest import CALLER_KEY, UPSTREAM_KEY
-from tests.support.process import ServiceProcess, run_cli
 
 DOCUMENTS = ["apple pie recipe", "a red apple on a red table", "car engines"]
 
@@ -26,7 +26,7 @@ DOCUMENTS = ["apple pie recipe", "a red apple on a red table", "car engines"]
         (["--max-documents", "0"], {}, "max-documents"),
         ([], {"RERANK_BACKEND": "quantum"}, "backend"),
         (
-            [],
+            ["--backend", "upstream"],
             {"RERANK_API_KEYS": "k1,k2", "RERANK_UPSTREAM_API_KEY": "", "DASHSCOPE_API_KEY": ""},
             "upstream",
         ),
@@ -47,13 +47,13 @@ def test_a_bad_setting_stops_start_up_with_one_clear_line_and_exit_code_2(
 
 def test_serve_then_rerank_models_and_health_from_the_command_line(upstream: FakeUpstream) -> None:
     with ServiceProcess(
-        ["--upstream-url", upstream.url],
+        ["--backend", "upstream", "--upstream-url", upstream.url],
         env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY, "RERANK_API_KEYS": CALLER_KEY},
     ) as service:
         key = {"RERANK_API_KEY": CALLER_KEY}
         ranked = run_cli(
-            "rerank", "--target", service.target, "--query", "red apple", *[f"-d{d}" for d in DOCUMENTS],
-            "--top-n", "2", "--return-documents", env=key,
+            "rerank", "--target", service.target, "--model", "qwen3-rerank", "--query", "red apple",
+            *[f"-d{d}" for d in DOCUMENTS], "--top-n", "2", "--return-documents", env=key,
         )  # fmt: skip
         as_json = run_cli(
             "rerank", "--target", service.target, "--query", "red apple", *[f"-d{d}" for d in DOCUMENTS],
@@ -95,7 +95,13 @@ def test_serve_then_rerank_models_and_health_from_the_command_line(upstream: Fak
     assert events[:2] == ["listening", "serving"]
     assert events[-2:] == ["draining", "stopped"]
     calls = [event for event in service.events() if event["event"] == "call"]
-    assert [call["code"] for call in calls] == ["OK", "OK", "UNAUTHENTICATED", "OK"]
+    assert [(call["method"].rsplit("/", 1)[1], call["code"]) for call in calls] == [
+        ("Rerank", "OK"),
+        ("ListModels", "OK"),  # `rerank` without --model asks for the server's first model
+        ("Rerank", "OK"),
+        ("ListModels", "UNAUTHENTICATED"),
+        ("ListModels", "OK"),
+    ]
     assert UPSTREAM_KEY not in service.output
     assert CALLER_KEY not in service.output
 
@@ -108,6 +114,6 @@ def test_health_command_fails_when_nothing_serves() -> None:
 
 
 def test_sigint_also_drains_and_exits_zero(upstream: FakeUpstream) -> None:
-    with ServiceProcess(["--upstream-url", upstream.url]) as service:
+    with ServiceProcess(["--backend", "upstream", "--upstream-url", upstream.url]) as service:
         assert service.terminate(signal.SIGINT) == 0
     assert service.events()[-1]["event"] == "stopped"

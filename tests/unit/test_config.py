@@ -113,7 +113,7 @@ def test_upstream_url_trailing_slash_is_removed() -> None:
     ("env", "needle"),
     [
         ({"RERANK_UPSTREAM_DIALECT": "openai"}, "upstream-dialect"),
-        ({"RERANK_BACKEND": "local"}, "backend"),
+        ({"RERANK_BACKEND": "quantum"}, "backend"),
         ({"RERANK_PORT": "65536"}, "port"),
         ({"RERANK_PORT": "-1"}, "port"),
         ({"RERANK_PORT": "http"}, "port must be an integer"),
@@ -260,9 +260,35 @@ def test_missing_upstream_key_file_raises_config_error(tmp_path: Path) -> None:
 # --- consistency and pass-through ---------------------------------------------------------------
 
 
-def test_api_keys_without_upstream_key_is_a_config_error() -> None:
+def test_api_keys_without_upstream_key_is_a_config_error_for_the_upstream_backend() -> None:
     with pytest.raises(ConfigError, match="RERANK_UPSTREAM_API_KEY"):
-        load(RERANK_API_KEYS="caller-key")
+        load(RERANK_API_KEYS="caller-key", RERANK_BACKEND="upstream")
+
+
+def test_api_keys_without_upstream_key_are_fine_for_the_local_backend() -> None:
+    settings = load(RERANK_API_KEYS="caller-key")
+
+    assert settings.backend == "local"
+    assert revealed(settings.api_keys) == ["caller-key"]
+
+
+def test_local_models_parse_as_name_source_pairs() -> None:
+    settings = load(RERANK_LOCAL_MODELS=" qwen3-rerank=/models/Qwen3-Reranker-0.6B , mini=bundled ,")
+
+    assert settings.local_models == (("qwen3-rerank", "/models/Qwen3-Reranker-0.6B"), ("mini", "bundled"))
+
+
+@pytest.mark.parametrize("raw", ["no-equals-sign", "=bundled", "name=", "a=bundled,a=/x", " , "])
+def test_malformed_local_models_are_refused(raw: str) -> None:
+    with pytest.raises(ConfigError, match="local-models"):
+        load(RERANK_LOCAL_MODELS=raw)
+
+
+def test_the_default_backend_is_local_with_the_bundled_model() -> None:
+    settings = load()
+
+    assert settings.backend == "local"
+    assert settings.local_models == (("all-minilm-l6-v2", "bundled"),)
 
 
 def test_api_keys_with_dashscope_key_is_consistent() -> None:

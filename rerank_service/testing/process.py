@@ -1,4 +1,7 @@
-"""The real `rerank-service serve` process, with its JSON log lines collected."""
+"""The real `rerank-service serve` process, with its JSON log lines collected.
+
+Used by the tests and the benchmarks to run the service exactly as an operator does.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,10 @@ CLI = [sys.executable, "-m", "rerank_service"]
 class ServiceProcess:
     """`with ServiceProcess(args, env) as process:` waits until the server is serving."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, start_timeout: float = 120
+    ) -> None:
+        self.start_timeout = start_timeout
         self.args = args
         self.env = {**os.environ, **(env or {})}
         self.lines: list[str] = []
@@ -33,10 +39,17 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._serving.wait(timeout=30):
-            self.terminate()
-            raise RuntimeError("server did not start:\n" + self.output)
+        reader = threading.Thread(target=self._read, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self._serving.wait(timeout=0.05):
+            code = self.process.poll()
+            if code is not None:
+                reader.join(timeout=5)
+                raise RuntimeError(f"server exited with code {code}:\n{self.output}")
+            if time.monotonic() > deadline:
+                self.terminate()
+                raise RuntimeError("server did not start in time:\n" + self.output)
         return self
 
     def _read(self) -> None:

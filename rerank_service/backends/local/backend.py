@@ -1,0 +1,167 @@
+"""The local backend: reranking models run in this process, behind a micro-batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from rerank_service.backends.local.batcher import BatchLimits, MicroBatcher
+from rerank_service.backends.local.scorer import Scorer
+from rerank_service.config import ConfigError, Settings
+from rerank_service.domain import (
+    BackendRequest,
+    BackendResult,
+    CallContext,
+    FieldViolation,
+    ModelInfo,
+    ScoredDocument,
+    ServiceError,
+    invalid_argument,
+)
+from rerank_service.logging import get_logger
+
+_log = get_logger("rerank_service.local")
+
+ScorerLoader = Callable[[str, str, str], Scorer]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModelSpec:
+    name: str
+    # A local directory, a Hugging Face hub id (from the local cache), or "bundled".
+    source: str
+
+
+class LocalBackend:
+    """Serves each configured model from memory; loading happens in `start`."""
+
+    def __init__(
+        self,
+        specs: list[LocalModelSpec],
+        device: str,
+        dtype: str,
+        limits: BatchLimits,
+        max_documents: int,
+        max_query_tokens: int,
+        loader: ScorerLoader | None = None,
+        merge_batches: bool = True,
+    ) -> None:
+        self._specs = specs
+        self._device = device
+        self._dtype = dtype
+        self._limits = limits
+        self._max_documents = max_documents
+        self._max_query_tokens = max_query_tokens
+        self._loader = loader
+        self._merge = merge_batches
+        self._scorers: dict[str, Scorer] = {}
+        self._batchers: dict[str, MicroBatcher] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalBackend:
+        missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(
+                f"the local backend needs {' and '.join(missing)}: install it with "
+                "pip install 'rerank-service[local]', or run with --backend upstream"
+            )
+        return cls(
+            specs=[LocalModelSpec(name, source) for name, source in settings.local_models],
+            device=settings.device,
+            dtype=settings.dtype,
+            limits=BatchLimits(
+                max_batch_size=settings.max_batch_size,
+                max_batch_tokens=settings.max_batch_tokens,
+                max_wait=settings.batch_wait_ms / 1000,
+            ),
+            max_documents=settings.max_documents,
+            max_query_tokens=settings.max_query_tokens,
+            merge_batches=settings.micro_batching,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return len(self._batchers) == len(self._specs)
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                name=spec.name,
+                max_documents=self._max_documents,
+                max_query_tokens=self._max_query_tokens,
+                # Known once the model is loaded; until then nothing is promised.
+                supports_instruct=spec.name in self._scorers and self._scorers[spec.name].supports_instruct,
+                backend="local",
+            )
+            for spec in self._specs
+        ]
+
+    def batcher(self, model: str) -> MicroBatcher:
+        return self._batchers[model]
+
+    async def start(self) -> None:
+        loader = self._loader or _default_loader()
+        for spec in self._specs:
+            started = time.perf_counter()
+            # Loading reads weights from disk and may take seconds: keep the loop free
+            # so health checks are answered (NOT_SERVING) meanwhile.
+            scorer = await asyncio.to_thread(loader, spec.source, self._device, self._dtype)
+            self._scorers[spec.name] = scorer
+            _log.info(
+                "model loaded",
+                model=spec.name,
+                source=spec.source,
+                kind=scorer.kind,
+                device=scorer.device,
+                max_length=scorer.max_length,
+                seconds=round(time.perf_counter() - started, 2),
+            )
+        for name, scorer in self._scorers.items():
+            batcher = MicroBatcher(scorer, self._limits, merge=self._merge)
+            batcher.start()
+            self._batchers[name] = batcher
+
+    async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()
+        self._batchers.clear()
+
+    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        scorer, batcher = self._scorers[request.model], self._batchers[request.model]
+        query_tokens = scorer.count_tokens(request.query)
+        if query_tokens > self._max_query_tokens:
+            raise invalid_argument(
+                [
+                    FieldViolation(
+                        "query", f"has {query_tokens} tokens; at most {self._max_query_tokens} are allowed"
+                    )
+                ]
+            )
+        instruct = request.instruct if scorer.supports_instruct else None
+        try:
+            async with asyncio.timeout(_time_left(context)):
+                encoded = await asyncio.to_thread(scorer.encode, request.query, request.documents, instruct)
+                scores = await batcher.score(encoded)
+        except TimeoutError:
+            raise ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the model did not finish within the call's deadline"
+            ) from None
+        return BackendResult(
+            scores=[ScoredDocument(index, score) for index, score in enumerate(scores)],
+            total_tokens=sum(item.tokens for item in encoded),
+        )
+
+
+def _time_left(context: CallContext) -> float | None:
+    return None if context.deadline is None else max(0.0, context.deadline - time.monotonic())
+
+
+def _default_loader() -> ScorerLoader:
+    from rerank_service.backends.local.models import load_scorer  # imports torch: only when used
+
+    return load_scorer

@@ -1,0 +1,189 @@
+"""A micro-batcher: merges the pairs of concurrent requests into model batches.
+
+Requests put their encoded pairs on one queue. A single worker takes everything
+queued (after waiting `max_wait` for company when the queue is short), sorts it by
+length so similar lengths share a batch (less padding), cuts it into batches bounded
+by a pair count and a padded-token budget, and runs each batch on one inference
+thread, off the event loop, so the server keeps answering while the model works.
+
+With `merge=False` every request is batched on its own (still sorted and bounded):
+the one-request-at-a-time baseline the benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from rerank_service.backends.local.scorer import Encoded, Scorer
+from rerank_service.domain import ServiceError
+from rerank_service.logging import get_logger
+
+_log = get_logger("rerank_service.batcher")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    max_batch_size: int = 32
+    # Padded tokens per batch: pairs x longest pair. Bounds activation memory.
+    max_batch_tokens: int = 16384
+    # How long the worker waits for more requests when the queue is short.
+    max_wait: float = 0.002
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request's pairs and where their scores go."""
+
+    items: Sequence[Encoded]
+    future: asyncio.Future[list[float]]
+    scores: list[float] = field(default_factory=list)
+    remaining: int = 0
+    enqueued_at: float = 0.0
+    started: bool = False
+
+    def __post_init__(self) -> None:
+        self.scores = [0.0] * len(self.items)
+        self.remaining = len(self.items)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pair:
+    job: _Job
+    index: int
+
+    @property
+    def item(self) -> Encoded:
+        return self.job.items[self.index]
+
+
+@dataclass
+class BatchStats:
+    """Counters for tests, benchmarks and (later) metrics."""
+
+    batches: int = 0
+    pairs: int = 0
+    largest_batch: int = 0
+    queue_seconds: float = 0.0
+    inference_seconds: float = 0.0
+
+
+class MicroBatcher:
+    def __init__(self, scorer: Scorer, limits: BatchLimits | None = None, merge: bool = True) -> None:
+        self._scorer = scorer
+        self._limits = limits or BatchLimits()
+        self._merge = merge
+        self._queue: list[_Job] = []
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        # One inference thread: the model is not re-entrant, and torch parallelises inside.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-model")
+        self.stats = BatchStats()
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        for job in self._queue:
+            if not job.future.done():
+                job.future.cancel()
+        self._queue.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def score(self, items: Sequence[Encoded]) -> list[float]:
+        """Scores for `items`, in order, computed in batches shared with other requests."""
+        if not items:
+            return []
+        job = _Job(items, asyncio.get_running_loop().create_future(), enqueued_at=time.perf_counter())
+        self._queue.append(job)
+        self._wake.set()
+        return await job.future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._merge and self._queued_pairs() < self._limits.max_batch_size:
+                await asyncio.sleep(self._limits.max_wait)  # let concurrent requests join
+            while self._queue:
+                jobs = self._take()
+                for batch in self._plan(jobs):
+                    await self._run_batch(batch)
+
+    def _queued_pairs(self) -> int:
+        return sum(len(job.items) for job in self._queue)
+
+    def _take(self) -> list[_Job]:
+        """The jobs of the next window: all queued ones, or the oldest alone without merging."""
+        if self._merge:
+            jobs, self._queue = self._queue, []
+        else:
+            jobs = [self._queue.pop(0)]
+        return [job for job in jobs if not job.future.done()]  # skip callers that left
+
+    def _plan(self, jobs: list[_Job]) -> list[list[_Pair]]:
+        """Sort the window's pairs by length and cut them into bounded batches."""
+        pairs = sorted(
+            (_Pair(job, index) for job in jobs for index in range(len(job.items))),
+            key=lambda pair: pair.item.length,
+        )
+        batches: list[list[_Pair]] = []
+        current: list[_Pair] = []
+        for pair in pairs:
+            # Sorted ascending, so the newcomer is the longest: the padded cost is count x its length.
+            padded = (len(current) + 1) * pair.item.length
+            if current and (
+                len(current) >= self._limits.max_batch_size or padded > self._limits.max_batch_tokens
+            ):
+                batches.append(current)
+                current = []
+            current.append(pair)
+        if current:
+            batches.append(current)
+        return batches
+
+    async def _run_batch(self, batch: list[_Pair]) -> None:
+        batch = [pair for pair in batch if not pair.job.future.done()]
+        if not batch:
+            return
+        started = time.perf_counter()
+        for job in {pair.job for pair in batch}:
+            if not job.started:  # queue time: from arrival to the first batch that serves it
+                job.started = True
+                self.stats.queue_seconds += started - job.enqueued_at
+        loop = asyncio.get_running_loop()
+        try:
+            scores = await loop.run_in_executor(self._executor, self._scorer.score, [p.item for p in batch])
+        except Exception as exc:  # the model failed: fail every request in the batch
+            _log.exception("batch failed", pairs=len(batch))
+            error = ServiceError(
+                grpc.StatusCode.INTERNAL,
+                f"the model failed on a batch: {type(exc).__name__}",
+                reason="MODEL_FAILED",
+            )
+            for job in {pair.job for pair in batch}:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return
+        self.stats.inference_seconds += time.perf_counter() - started
+        self.stats.batches += 1
+        self.stats.pairs += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        for pair, score in zip(batch, scores, strict=True):
+            job = pair.job
+            job.scores[pair.index] = score
+            job.remaining -= 1
+            if job.remaining == 0 and not job.future.done():
+                job.future.set_result(job.scores)

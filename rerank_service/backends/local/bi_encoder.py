@@ -1,0 +1,132 @@
+"""Bi-encoders: query and document are embedded apart; score = their cosine, mapped to [0, 1].
+
+Mean pooling over real tokens and L2 normalisation, as sentence-transformers models such
+as all-MiniLM-L6-v2 are trained; (cosine + 1) / 2 keeps the score in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rerank_service.backends.local.common import (
+    GuardedTokenizer,
+    for_inference,
+    load_error,
+    max_positions,
+    model_device,
+    pad_batch,
+)
+from rerank_service.backends.local.scorer import Encoded
+
+# Embedding models are trained on short passages; BERT-style models cannot go further anyway.
+WINDOW_CAP = 512
+
+
+class BiEncoderScorer:
+    """Scores pairs with a sentence-embedding model (an AutoModel's mean-pooled output)."""
+
+    kind: str = "bi-encoder"
+    supports_instruct: bool = False
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_length: int | None = None
+    ) -> None:
+        self._model = for_inference(model)
+        self._tokenizer = GuardedTokenizer(tokenizer)
+        self.device = model_device(model)
+        limits = [WINDOW_CAP, tokenizer.model_max_length]
+        if (positions := max_positions(model.config)) is not None:
+            limits.append(positions)
+        if max_length is not None:
+            limits.append(max_length)
+        self.max_length = int(min(limits))
+        self._pad = self._tokenizer.pad_token_id
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_length: int | None = None,
+    ) -> BiEncoderScorer:
+        """Load an embedding-model directory (never from the network)."""
+        path = Path(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+        except Exception as exc:
+            raise load_error("bi-encoder", path, exc) from exc
+        # A sentence-transformers directory says how long the model was meant to read
+        # (all-MiniLM-L6-v2: 256 tokens); honour it as sentence-transformers does.
+        trained = _sentence_transformers_max_length(path)
+        if trained is not None:
+            max_length = trained if max_length is None else min(max_length, trained)
+        return cls(for_inference(model, device), tokenizer, max_length=max_length)
+
+    def count_tokens(self, text: str) -> int:
+        return self._tokenizer.count(text)
+
+    def encode(self, query: str, documents: Sequence[str], instruct: str | None) -> list[Encoded]:
+        # `instruct` is ignored: the embeddings were not trained with one.
+        if not documents:
+            return []
+
+        def tokenize(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[list[int]]]:
+            options = {"truncation": True, "max_length": self.max_length, "return_attention_mask": False}
+            query_ids: list[int] = tokenizer(query, **options)["input_ids"]
+            document_ids: list[list[int]] = tokenizer(list(documents), **options)["input_ids"]
+            return query_ids, document_ids
+
+        query_ids, document_ids = self._tokenizer.run(tokenize)
+        query_key = tuple(query_ids)
+        return [
+            # The query is embedded once per request, so its tokens count once: on the first pair.
+            Encoded(
+                input_ids=tuple(ids),
+                query_ids=query_key,
+                tokens=len(ids) + (len(query_key) if i == 0 else 0),
+            )
+            for i, ids in enumerate(document_ids)
+        ]
+
+    def score(self, batch: Sequence[Encoded]) -> list[float]:
+        if not batch:
+            return []
+        # A batch may mix requests: embed each distinct query once.
+        queries: dict[tuple[int, ...], int] = {}
+        for item in batch:
+            if item.query_ids is None:
+                raise ValueError("a bi-encoder pair needs query_ids; encode it with this scorer")
+            queries.setdefault(item.query_ids, len(queries))
+        with torch.inference_mode():
+            query_vectors = self._embed(list(queries))
+            document_vectors = self._embed([item.input_ids for item in batch])
+            rows = torch.tensor([queries[item.query_ids] for item in batch if item.query_ids is not None])
+            cosine = (document_vectors * query_vectors[rows.to(query_vectors.device)]).sum(dim=-1)
+            scores = ((cosine + 1) / 2).clamp(0.0, 1.0)
+        result: list[float] = scores.cpu().tolist()
+        return result
+
+    def _embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Unit-length mean-pooled embeddings (float32) of tokenized texts."""
+        input_ids, mask = pad_batch(rows, self._pad, left=False, device=torch.device(self.device))
+        hidden = self._model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+
+
+def _sentence_transformers_max_length(path: Path) -> int | None:
+    """max_seq_length from sentence_bert_config.json, when the directory has a valid one."""
+    try:
+        value = json.loads((path / "sentence_bert_config.json").read_text(encoding="utf-8"))["max_seq_length"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None

@@ -1,0 +1,96 @@
+"""What the three scorers share: the load error, batch padding, a guarded tokenizer.
+
+Everything here imports torch; load it only when the local backend is used.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+T = TypeVar("T")
+
+
+class ModelLoadError(ValueError):
+    """A model source that cannot be loaded; the message says what, where and why."""
+
+
+class GuardedTokenizer:
+    """A tokenizer that one thread at a time may call.
+
+    A fast tokenizer sets truncation and padding on its shared Rust object for every
+    call, so two threads tokenizing at once can fail ("Already borrowed") or see each
+    other's settings. Tokenizing is cheap next to the model, so a lock costs little.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()
+
+    def run(self, work: Callable[[PreTrainedTokenizerBase], T]) -> T:
+        with self._lock:
+            return work(self.tokenizer)
+
+    def count(self, text: str) -> int:
+        """Tokens of `text` alone, without special tokens and without truncation."""
+        return self.run(lambda tok: len(tok(text, add_special_tokens=False, truncation=False)["input_ids"]))
+
+    @property
+    def pad_token_id(self) -> int:
+        # Some tokenizers have no pad token; any id works under a zero attention mask.
+        pad = self.tokenizer.pad_token_id
+        return pad if isinstance(pad, int) else 0
+
+
+def pad_batch(
+    rows: Sequence[Sequence[int]], pad_value: int, *, left: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad `rows` into one (batch, longest) tensor and its attention mask."""
+    width = max((len(row) for row in rows), default=0)
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if not row:
+            continue
+        start = width - len(row) if left else 0
+        ids[i, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, start : start + len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def for_inference(model: PreTrainedModel, device: str | torch.device | None = None) -> PreTrainedModel:
+    """The model in eval mode (no dropout), moved to `device` when one is given."""
+    # transformers wraps to() and eval() in ways mypy cannot follow: Any at this boundary.
+    boundary: Any = model
+    if device is not None:
+        boundary = boundary.to(device)
+    ready: PreTrainedModel = boundary.eval()
+    return ready
+
+
+def accepts_argument(model: torch.nn.Module, name: str) -> bool:
+    """Whether the model's forward() takes `name` (optional kwargs differ across architectures)."""
+    return name in inspect.signature(model.forward).parameters
+
+
+def max_positions(config: Any) -> int | None:
+    """The model's position window from its config, when it declares one."""
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def model_device(model: torch.nn.Module) -> str:
+    """The device of the model's weights, spelled as torch does ("cpu", "cuda:0")."""
+    return str(next(model.parameters()).device)
+
+
+def load_error(what: str, path: Path, exc: BaseException) -> ModelLoadError:
+    """One sentence for a failed from_pretrained(): what, where, and the cause's first line."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelLoadError(f"cannot load the {what} from {path}: {reason.rstrip('.')}")

