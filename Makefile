@@ -7,7 +7,7 @@ BUF := .ci/tools/node_modules/.bin/buf
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 PY_STUBS := clients/python/src
 
-.PHONY: install install-upstream install-dev bench bench-local serve test lint typecheck generate check-generated buf-lint buf-breaking tools clean
+.PHONY: install install-upstream install-dev bench bench-local bench-streaming serve test lint typecheck generate check-generated buf-lint buf-breaking tools clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -74,8 +74,12 @@ test: install-dev buf-lint buf-breaking check-generated lint typecheck
 bench-local: install-dev
 	HF_HUB_OFFLINE=1 $(PY) -m bench.local_backend
 
+## bench-streaming: one RerankStream against sequential and concurrent unary calls
+bench-streaming: install-dev
+	$(PY) -m bench.streaming
+
 ## bench: every benchmark
-bench: bench-local
+bench: bench-local bench-streaming
 
 clean:
 	rm -rf $(VENV) .ci/tools/node_modules .mypy_cache .pytest_cache .ruff_cache

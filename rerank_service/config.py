@@ -54,7 +54,11 @@ class Settings:
     upstream_max_connections: int = 256
     upstream_api_key: Secret | None = None
     api_keys: tuple[Secret, ...] = ()
-    max_documents: int = 500
+    max_documents: int = 10_000
+    upstream_documents_per_call: int = 500
+    upstream_tokens_per_call: int = 120_000
+    chunk_concurrency: int = 8
+    stream_concurrency: int = 32
     max_query_tokens: int = 4000
     log_format: str = "auto"
     log_level: str = "info"
@@ -313,8 +317,36 @@ _OPTIONS: tuple[_Option, ...] = (
         "max_documents",
         "--max-documents",
         ("RERANK_MAX_DOCUMENTS",),
-        "most documents one call may carry",
+        "most documents one call may carry (larger upstream calls are split into chunks)",
         _positive_int("max-documents"),
+    ),
+    _Option(
+        "upstream_documents_per_call",
+        "--upstream-documents-per-call",
+        ("RERANK_UPSTREAM_DOCUMENTS_PER_CALL",),
+        "most documents in one upstream call (known models: the hosted API's own limit, if lower)",
+        _positive_int("upstream-documents-per-call"),
+    ),
+    _Option(
+        "upstream_tokens_per_call",
+        "--upstream-tokens-per-call",
+        ("RERANK_UPSTREAM_TOKENS_PER_CALL",),
+        "most estimated tokens in one upstream call (query x documents + documents)",
+        _positive_int("upstream-tokens-per-call"),
+    ),
+    _Option(
+        "chunk_concurrency",
+        "--chunk-concurrency",
+        ("RERANK_CHUNK_CONCURRENCY",),
+        "chunks of one split call sent upstream at once",
+        _positive_int("chunk-concurrency"),
+    ),
+    _Option(
+        "stream_concurrency",
+        "--stream-concurrency",
+        ("RERANK_STREAM_CONCURRENCY",),
+        "items of one RerankStream processed at once; reading pauses while the window is full",
+        _positive_int("stream-concurrency"),
     ),
     _Option(
         "max_query_tokens",

@@ -83,6 +83,8 @@ class RerankOutcome:
     request_id: str
     results: list[RankedDocument]
     total_tokens: int
+    # The upstream's request id of every backend call made (one per chunk).
+    upstream_request_ids: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

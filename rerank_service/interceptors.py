@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
@@ -33,6 +33,7 @@ class CallRecord:
     total_tokens: int | None = None
     request_id: str | None = None
     model: str | None = None
+    items: int | None = None  # responses sent on a stream
 
 
 _current_call: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
@@ -46,20 +47,31 @@ def current_call() -> CallRecord:
 
 
 Behavior = Callable[[Any, ServicerContext[Any, Any]], Awaitable[Any]]
+StreamBehavior = Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]]
 # Strings: grpc's runtime classes are not generic, only its type stubs are.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
 
-def _rewrap(handler: Handler, wrap: Callable[[Behavior], Behavior]) -> Handler:
-    """The same handler with its unary-unary behaviour wrapped."""
-    if handler.unary_unary is None:
-        return handler  # streaming kinds are wrapped when the contract has them
-    return grpc.unary_unary_rpc_method_handler(
-        wrap(cast(Behavior, handler.unary_unary)),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+def _rewrap(
+    handler: Handler,
+    wrap: Callable[[Behavior], Behavior],
+    wrap_stream: Callable[[StreamBehavior], StreamBehavior],
+) -> Handler:
+    """The same handler with its behaviour wrapped (the contract has unary and bidi RPCs)."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap(cast(Behavior, handler.unary_unary)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            wrap_stream(cast(StreamBehavior, handler.stream_stream)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
 
 
 class AccessLogInterceptor(grpc.aio.ServerInterceptor):
@@ -95,7 +107,28 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
 
             return logged
 
-        return _rewrap(handler, wrap)
+        def wrap_stream(behavior: StreamBehavior) -> StreamBehavior:
+            async def logged_stream(requests: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                record = CallRecord(method=method, peer=context.peer(), items=0)
+                # Not reset afterwards: the stream's task ends with the call, and a
+                # generator may be finalised from another context, where reset() fails.
+                _current_call.set(record)
+                started = time.perf_counter()
+                code: grpc.StatusCode | int = grpc.StatusCode.UNKNOWN
+                try:
+                    async for response in behavior(requests, context):
+                        yield response
+                    code = _final_code(context, grpc.StatusCode.OK)
+                except BaseException:
+                    code = _final_code(context, grpc.StatusCode.CANCELLED)
+                    raise
+                finally:
+                    details = None if code in (grpc.StatusCode.OK, 0) else context.details()
+                    _log_call(record, code, time.perf_counter() - started, details, event="stream")
+
+            return logged_stream
+
+        return _rewrap(handler, wrap, wrap_stream)
 
 
 def _final_code(context: ServicerContext[Any, Any], default: grpc.StatusCode) -> grpc.StatusCode | int:
@@ -104,11 +137,17 @@ def _final_code(context: ServicerContext[Any, Any], default: grpc.StatusCode) ->
     return default if code is None else code
 
 
-def _log_call(record: CallRecord, code: grpc.StatusCode | int, seconds: float, details: Any) -> None:
+def _log_call(
+    record: CallRecord, code: grpc.StatusCode | int, seconds: float, details: Any, event: str = "call"
+) -> None:
     name = code.name if isinstance(code, grpc.StatusCode) else _code_name(code)
-    extra = {"details": details.decode() if isinstance(details, bytes) else details} if details else {}
+    extra: dict[str, Any] = (
+        {"details": details.decode() if isinstance(details, bytes) else details} if details else {}
+    )
+    if record.items is not None:
+        extra["items"] = record.items
     _log.info(
-        "call",
+        event,
         method=record.method,
         peer=record.peer,
         code=name,
@@ -118,6 +157,30 @@ def _log_call(record: CallRecord, code: grpc.StatusCode | int, seconds: float, d
         request_id=record.request_id,
         model=record.model,
         **extra,
+    )
+
+
+def log_stream_item(
+    stream: CallRecord, item_id: str, documents: int, model: str, outcome: Any, seconds: float
+) -> None:
+    """One access-log line per stream item, as a unary call gets (`outcome` is the servicer's result)."""
+    error = getattr(outcome, "error", None)
+    record = CallRecord(
+        method=stream.method,
+        peer=stream.peer,
+        documents=documents,
+        total_tokens=None if error is not None else outcome.total_tokens,
+        request_id=outcome.request_id,
+        model=model,
+    )
+    code = error.code if error is not None else grpc.StatusCode.OK
+    _log.info(
+        "call",
+        item_id=item_id,
+        **{key: value for key, value in vars(record).items() if key != "items"},
+        code=code.name,
+        latency_ms=round(seconds * 1000, 3),
+        **({"details": error.message} if error is not None else {}),
     )
 
 
@@ -151,10 +214,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             else "the bearer key is not accepted"
         )
 
-        def wrap(_: Behavior) -> Behavior:
-            async def deny(request: Any, context: ServicerContext[Any, Any]) -> Any:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        async def deny(request: Any, context: ServicerContext[Any, Any]) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-            return deny
+        async def deny_stream(requests: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # type: ignore[unreachable]  # abort raises; the yield gives a streaming handler's shape
 
-        return _rewrap(handler, wrap)
+        return _rewrap(handler, lambda _: deny, lambda _: deny_stream)

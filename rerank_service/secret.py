@@ -36,10 +36,15 @@ class Secret:
         return hash(self._value)
 
 
+# Shorter values are not masked: masking a 1-letter test key would mangle every log
+# line, and masking is a second line of defence (keys are never put in logs at all).
+MIN_REDACTED_LENGTH = 8
+
+
 def redact(text: str, secrets: list[Secret]) -> str:
-    """Replace every occurrence of any secret in `text` with a mask."""
+    """Replace every occurrence of any secret (of at least 8 characters) in `text` with a mask."""
     for secret in secrets:
         value = secret.reveal()
-        if value:
+        if len(value) >= MIN_REDACTED_LENGTH:
             text = text.replace(value, _MASK)
     return text

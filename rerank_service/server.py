@@ -39,7 +39,7 @@ class RerankServer:
     def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         self.settings = settings
         self.backend = backend or build_backend(settings)
-        self.engine = RerankEngine(self.backend)
+        self.engine = RerankEngine(self.backend, chunk_concurrency=settings.chunk_concurrency)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor()]
@@ -47,7 +47,9 @@ class RerankServer:
         if checker.enabled:
             interceptors.append(AuthInterceptor(checker))
         self._server = grpc.aio.server(interceptors=interceptors)
-        rerank_pb2_grpc.add_RerankServiceServicer_to_server(RerankServicer(self.engine), self._server)
+        rerank_pb2_grpc.add_RerankServiceServicer_to_server(
+            RerankServicer(self.engine, stream_concurrency=settings.stream_concurrency), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         enable_reflection(
             self._server, (RERANK_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)

@@ -10,6 +10,8 @@ from rerank_service.domain import ServiceError
 
 ERROR_DOMAIN = "rerank-service"
 REQUEST_ID_KEY = "x-request-id"
+# Every upstream request id of a call split into chunks, comma-separated.
+UPSTREAM_IDS_KEY = "x-upstream-request-ids"
 
 
 def trailing_metadata(error: ServiceError, request_id: str) -> tuple[tuple[str, str | bytes], ...]:

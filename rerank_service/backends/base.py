@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from rerank_service.chunking import CallLimits
 from rerank_service.domain import BackendRequest, BackendResult, CallContext, ModelInfo
 
 
@@ -12,7 +13,7 @@ class Backend(Protocol):
 
     The engine validates requests before a backend sees them: the model is one of
     `models()`, the query and documents are not blank, and there are no more
-    documents than the model's `max_documents`.
+    documents than the model's `max_documents` nor than `call_limits` allows.
     """
 
     @property
@@ -22,6 +23,10 @@ class Backend(Protocol):
 
     def models(self) -> list[ModelInfo]:
         """The models this backend serves, with their limits."""
+        ...
+
+    def call_limits(self, model: str) -> CallLimits:
+        """What one `rerank` call may carry; the engine splits larger requests."""
         ...
 
     async def start(self) -> None:

@@ -92,13 +92,19 @@ class FakeUpstream:
         api_key: str | None = None,
         models: tuple[str, ...] = ("qwen3-rerank",),
         latency: float = 0.0,
+        record: bool = True,
     ) -> None:
         self.api_key = api_key
+        # Tests read `requests`; a long benchmark run must not keep every body.
+        self.record = record
         self.models = models
         self.latency = latency
         self.requests: list[RecordedRequest] = []
         # Callers that hung up while the fake was still delaying its answer.
         self.abandoned: list[RecordedRequest] = []
+        # Requests being answered right now, and the most there ever were at once.
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._faults: deque[Fault] = deque()
         self._always: Fault | None = None
         self._lock = threading.Lock()
@@ -142,6 +148,7 @@ class FakeUpstream:
             self._always = None
             self.requests.clear()
             self.abandoned.clear()
+            self.in_flight = self.max_in_flight = 0
 
     def _next_fault(self) -> Fault | None:
         with self._lock:
@@ -149,7 +156,14 @@ class FakeUpstream:
 
     def _record(self, request: RecordedRequest) -> None:
         with self._lock:
-            self.requests.append(request)
+            if self.record:
+                self.requests.append(request)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _finished(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def answer(self, path: str, headers: dict[str, str], body: Any) -> tuple[int, dict[str, Any]]:
         """The normal answer (status, JSON) of the hosted API to one request."""
@@ -186,6 +200,9 @@ def _error(code: str, message: str, request_id: str) -> dict[str, Any]:
 def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes; with Nagle's algorithm the second
+        # waits for the client's delayed ACK (40 ms), which no real API server adds.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet
             pass
@@ -200,6 +217,12 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             headers = {key.lower(): value for key, value in self.headers.items()}
             recorded = RecordedRequest(self.path, headers, body, time.monotonic())
             fake._record(recorded)
+            try:
+                self._answer(recorded, headers, body)
+            finally:
+                fake._finished()
+
+        def _answer(self, recorded: RecordedRequest, headers: dict[str, str], body: Any) -> None:
             fault = fake._next_fault() or Fault()
             if not self._wait(fake.latency + fault.delay):
                 fake.abandoned.append(recorded)
@@ -254,7 +277,9 @@ def main() -> None:
     parser.add_argument("--api-key", default=None, help="require this bearer key")
     parser.add_argument("--models", default="qwen3-rerank", help="comma-separated model names")
     args = parser.parse_args()
-    fake = FakeUpstream(args.host, args.port, args.api_key, tuple(args.models.split(",")), args.latency)
+    fake = FakeUpstream(
+        args.host, args.port, args.api_key, tuple(args.models.split(",")), args.latency, record=False
+    )
     print(f"fake upstream listening on {fake.url}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         fake._server.serve_forever()

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from rerank_service.backends.upstream import UpstreamBackend
+from rerank_service.chunking import CallLimits
 from rerank_service.domain import BackendRequest, BackendResult, CallContext, ModelInfo
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import upstream_settings
@@ -40,6 +41,9 @@ class GatedBackend:
 
     def models(self) -> list[ModelInfo]:
         return self.inner.models()
+
+    def call_limits(self, model: str) -> CallLimits:
+        return self.inner.call_limits(model)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.gate.wait, 10)
@@ -128,7 +132,7 @@ def test_reflection_serves_the_contract_with_its_comments(server: ServerThread) 
     file: descriptor_pb2.FileDescriptorProto = database.FindFileContainingSymbol(SERVICE)
 
     assert file.name == "rerank/v1/rerank.proto"
-    assert [method.name for method in file.service[0].method] == ["Rerank", "ListModels"]
+    assert [method.name for method in file.service[0].method] == ["Rerank", "RerankStream", "ListModels"]
     comments = "".join(location.leading_comments for location in file.source_code_info.location)
     assert "RerankService ranks candidate documents" in comments
     assert "How many of the best documents to return" in comments

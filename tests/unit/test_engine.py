@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from rerank_service.backends.base import Backend
+from rerank_service.chunking import CallLimits
 from rerank_service.domain import (
     BackendRequest,
     BackendResult,
@@ -50,6 +51,9 @@ class FakeBackend:
 
     def models(self) -> list[ModelInfo]:
         return list(MODELS)
+
+    def call_limits(self, model: str) -> CallLimits:
+        return CallLimits()
 
     async def start(self) -> None:
         self._ready = True

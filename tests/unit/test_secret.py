@@ -58,8 +58,8 @@ def test_redact_replaces_every_occurrence() -> None:
 
 
 def test_redact_replaces_every_secret_in_the_list() -> None:
-    text = "first=aaa-key second=bbb-key"
-    assert redact(text, [Secret("aaa-key"), Secret("bbb-key")]) == f"first={MASK} second={MASK}"
+    text = "first=aaaa-key second=bbbb-key"
+    assert redact(text, [Secret("aaaa-key"), Secret("bbbb-key")]) == f"first={MASK} second={MASK}"
 
 
 def test_redact_leaves_text_without_secrets_unchanged() -> None:
@@ -70,3 +70,8 @@ def test_redact_leaves_text_without_secrets_unchanged() -> None:
 def test_redact_ignores_an_empty_secret() -> None:
     # An empty value would otherwise match between every character.
     assert redact("abc", [Secret("")]) == "abc"
+
+
+def test_redact_leaves_values_too_short_to_be_keys() -> None:
+    # A one-letter test key must not turn every "k" of every log line into a mask.
+    assert redact("rerank kind", [Secret("k"), Secret("1234567")]) == "rerank kind"

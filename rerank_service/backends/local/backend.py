@@ -12,6 +12,7 @@ import grpc
 
 from rerank_service.backends.local.batcher import BatchLimits, MicroBatcher
 from rerank_service.backends.local.scorer import Scorer
+from rerank_service.chunking import CallLimits
 from rerank_service.config import ConfigError, Settings
 from rerank_service.domain import (
     BackendRequest,
@@ -100,6 +101,10 @@ class LocalBackend:
             )
             for spec in self._specs
         ]
+
+    def call_limits(self, model: str) -> CallLimits:
+        # No split: the micro-batcher already cuts a large request into model batches.
+        return CallLimits()
 
     def batcher(self, model: str) -> MicroBatcher:
         return self._batchers[model]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -13,6 +14,7 @@ from rerank_service.backends.upstream.compatible import DashScopeCompatible
 from rerank_service.backends.upstream.dashscope import DashScopeNative
 from rerank_service.backends.upstream.dialect import Dialect, MalformedResponse, parse_error_body
 from rerank_service.backends.upstream.transport import UpstreamReply, UpstreamTransport
+from rerank_service.chunking import CallLimits
 from rerank_service.config import Settings
 from rerank_service.domain import (
     BackendRequest,
@@ -28,12 +30,20 @@ DIALECTS: dict[str, type[DashScopeNative] | type[DashScopeCompatible]] = {
     "compatible": DashScopeCompatible,
 }
 
+
+@dataclass(frozen=True, slots=True)
+class _UpstreamModel:
+    documents_per_call: int
+    tokens_per_call: int
+    max_query_tokens: int
+    honours_instruct: bool
+
+
 # What the hosted API documents for its models; other names get the configured limits.
-_KNOWN_MODELS: dict[str, tuple[int, int, bool]] = {
-    # name: (max documents, max query tokens, honours instruct)
-    "qwen3-rerank": (500, 4000, True),
-    "qwen3-vl-rerank": (100, 8000, True),
-    "gte-rerank-v2": (500, 4000, False),
+_KNOWN_MODELS: dict[str, _UpstreamModel] = {
+    "qwen3-rerank": _UpstreamModel(500, 120_000, 4000, True),
+    "qwen3-vl-rerank": _UpstreamModel(100, 120_000, 8000, True),
+    "gte-rerank-v2": _UpstreamModel(500, 30_000, 4000, False),
 }
 
 
@@ -45,6 +55,7 @@ class UpstreamBackend:
         dialect: Dialect,
         transport_factory: Callable[[], UpstreamTransport],
         models: list[ModelInfo],
+        call_limits: dict[str, CallLimits],
         api_key: Secret | None,
         pass_through: bool,
         secrets: list[Secret],
@@ -53,25 +64,35 @@ class UpstreamBackend:
         self._transport_factory = transport_factory
         self._transport: UpstreamTransport | None = None
         self._models = models
+        self._call_limits = call_limits
         self._api_key = api_key
         self._pass_through = pass_through
         self._secrets = secrets
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UpstreamBackend:
-        models = []
+        models, call_limits = [], {}
+        configured = _UpstreamModel(
+            settings.upstream_documents_per_call,
+            settings.upstream_tokens_per_call,
+            settings.max_query_tokens,
+            True,
+        )
         for name in settings.upstream_models:
-            max_docs, max_query_tokens, instruct = _KNOWN_MODELS.get(
-                name, (settings.max_documents, settings.max_query_tokens, True)
-            )
+            known = _KNOWN_MODELS.get(name, configured)
             models.append(
                 ModelInfo(
                     name=name,
-                    max_documents=min(max_docs, settings.max_documents),
-                    max_query_tokens=min(max_query_tokens, settings.max_query_tokens),
-                    supports_instruct=instruct,
+                    # The service splits larger calls into chunks, so its own limit applies.
+                    max_documents=settings.max_documents,
+                    max_query_tokens=min(known.max_query_tokens, settings.max_query_tokens),
+                    supports_instruct=known.honours_instruct,
                     backend="upstream",
                 )
+            )
+            call_limits[name] = CallLimits(
+                max_documents=min(known.documents_per_call, settings.upstream_documents_per_call),
+                max_tokens=min(known.tokens_per_call, settings.upstream_tokens_per_call),
             )
 
         def transport_factory() -> UpstreamTransport:
@@ -83,6 +104,7 @@ class UpstreamBackend:
             dialect=DIALECTS[settings.upstream_dialect](),
             transport_factory=transport_factory,
             models=models,
+            call_limits=call_limits,
             api_key=settings.upstream_api_key,
             pass_through=settings.pass_through,
             secrets=settings.secrets(),
@@ -94,6 +116,9 @@ class UpstreamBackend:
 
     def models(self) -> list[ModelInfo]:
         return list(self._models)
+
+    def call_limits(self, model: str) -> CallLimits:
+        return self._call_limits[model]
 
     async def start(self) -> None:
         if self._transport is None:

@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import httpcore
 import httpx
 
 from rerank_service.backends.upstream import errors
+from rerank_service.backends.upstream.network import ProbedBackend
 from rerank_service.secret import Secret
 
 # A rerank response is a few bytes per document; anything near this is broken.
@@ -27,6 +29,21 @@ class UpstreamReply:
     status: int
     headers: httpx.Headers
     content: bytes
+
+
+def pooled_transport(max_connections: int) -> httpx.AsyncHTTPTransport:
+    """httpx's transport with every connection kept alive, and a cheap liveness probe."""
+    transport = httpx.AsyncHTTPTransport(trust_env=False)
+    # httpx takes no network backend, so the pool it built is swapped for one with ours
+    # (same settings); tests/unit/test_transport.py fails if httpx renames the attribute.
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=httpx.create_ssl_context(trust_env=False),
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
+        keepalive_expiry=30.0,
+        network_backend=ProbedBackend(),
+    )
+    return transport
 
 
 class UpstreamTransport:
@@ -41,11 +58,7 @@ class UpstreamTransport:
         self._client = client or httpx.AsyncClient(
             base_url=base_url,
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=max_connections,
-                keepalive_expiry=30.0,
-            ),
+            transport=pooled_transport(max_connections),
             headers={"content-type": "application/json", "accept": "application/json"},
             follow_redirects=False,
             trust_env=False,

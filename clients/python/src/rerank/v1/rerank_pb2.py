@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\"\x9c\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x12\n\x05top_n\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08instruct\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x42\x08\n\x06_top_nB\x0b\n\t_instruct\"t\n\x0eRerankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06output\x18\x02 \x01(\x0b\x32\x17.rerank.v1.RerankOutput\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.rerank.v1.RerankUsage\"8\n\x0cRerankOutput\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.rerank.v1.RerankResult\"c\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x17\n\x0frelevance_score\x18\x02 \x01(\x01\x12+\n\x08\x64ocument\x18\x03 \x01(\x0b\x32\x19.rerank.v1.RerankDocument\"\x1e\n\x0eRerankDocument\x12\x0c\n\x04text\x18\x01 \x01(\t\"#\n\x0bRerankUsage\x12\x14\n\x0ctotal_tokens\x18\x01 \x01(\x05\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.rerank.v1.ModelInfo\"v\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_documents\x18\x02 \x01(\x05\x12\x18\n\x10max_query_tokens\x18\x03 \x01(\x05\x12\x19\n\x11supports_instruct\x18\x04 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t2\x99\x01\n\rRerankService\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12I\n\nListModels\x12\x1c.rerank.v1.ListModelsRequest\x1a\x1d.rerank.v1.ListModelsResponseBs\n\x1aio.rerankservice.rerank.v1B\x0bRerankProtoP\x01ZFgithub.com/rerank-service/rerank-service/clients/go/rerank/v1;rerankv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\x1a\x1egoogle/protobuf/duration.proto\"\x9c\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x12\n\x05top_n\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08instruct\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x42\x08\n\x06_top_nB\x0b\n\t_instruct\"t\n\x0eRerankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06output\x18\x02 \x01(\x0b\x32\x17.rerank.v1.RerankOutput\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.rerank.v1.RerankUsage\"8\n\x0cRerankOutput\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.rerank.v1.RerankResult\"c\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x17\n\x0frelevance_score\x18\x02 \x01(\x01\x12+\n\x08\x64ocument\x18\x03 \x01(\x0b\x32\x19.rerank.v1.RerankDocument\"\x1e\n\x0eRerankDocument\x12\x0c\n\x04text\x18\x01 \x01(\t\"#\n\x0bRerankUsage\x12\x14\n\x0ctotal_tokens\x18\x01 \x01(\x05\"L\n\x13RerankStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.rerank.v1.RerankRequest\"\x84\x01\n\x14RerankStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.rerank.v1.RerankResponseH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.rerank.v1.RerankErrorH\x00\x42\x08\n\x06result\"\xe0\x02\n\x0bRerankError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12?\n\x10\x66ield_violations\x18\x03 \x03(\x0b\x32%.rerank.v1.RerankError.FieldViolation\x12.\n\x0bretry_delay\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x36\n\x08metadata\x18\x06 \x03(\x0b\x32$.rerank.v1.RerankError.MetadataEntry\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x1a\x34\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.rerank.v1.ModelInfo\"v\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_documents\x18\x02 \x01(\x05\x12\x18\n\x10max_query_tokens\x18\x03 \x01(\x05\x12\x19\n\x11supports_instruct\x18\x04 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t2\xee\x01\n\rRerankService\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12S\n\x0cRerankStream\x12\x1e.rerank.v1.RerankStreamRequest\x1a\x1f.rerank.v1.RerankStreamResponse(\x01\x30\x01\x12I\n\nListModels\x12\x1c.rerank.v1.ListModelsRequest\x1a\x1d.rerank.v1.ListModelsResponseBs\n\x1aio.rerankservice.rerank.v1B\x0bRerankProtoP\x01ZFgithub.com/rerank-service/rerank-service/clients/go/rerank/v1;rerankv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,24 +33,36 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rerank.v1.rerank_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\032io.rerankservice.rerank.v1B\013RerankProtoP\001ZFgithub.com/rerank-service/rerank-service/clients/go/rerank/v1;rerankv1'
-  _globals['_RERANKREQUEST']._serialized_start=38
-  _globals['_RERANKREQUEST']._serialized_end=194
-  _globals['_RERANKRESPONSE']._serialized_start=196
-  _globals['_RERANKRESPONSE']._serialized_end=312
-  _globals['_RERANKOUTPUT']._serialized_start=314
-  _globals['_RERANKOUTPUT']._serialized_end=370
-  _globals['_RERANKRESULT']._serialized_start=372
-  _globals['_RERANKRESULT']._serialized_end=471
-  _globals['_RERANKDOCUMENT']._serialized_start=473
-  _globals['_RERANKDOCUMENT']._serialized_end=503
-  _globals['_RERANKUSAGE']._serialized_start=505
-  _globals['_RERANKUSAGE']._serialized_end=540
-  _globals['_LISTMODELSREQUEST']._serialized_start=542
-  _globals['_LISTMODELSREQUEST']._serialized_end=561
-  _globals['_LISTMODELSRESPONSE']._serialized_start=563
-  _globals['_LISTMODELSRESPONSE']._serialized_end=621
-  _globals['_MODELINFO']._serialized_start=623
-  _globals['_MODELINFO']._serialized_end=741
-  _globals['_RERANKSERVICE']._serialized_start=744
-  _globals['_RERANKSERVICE']._serialized_end=897
+  _globals['_RERANKERROR_METADATAENTRY']._loaded_options = None
+  _globals['_RERANKERROR_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_RERANKREQUEST']._serialized_start=70
+  _globals['_RERANKREQUEST']._serialized_end=226
+  _globals['_RERANKRESPONSE']._serialized_start=228
+  _globals['_RERANKRESPONSE']._serialized_end=344
+  _globals['_RERANKOUTPUT']._serialized_start=346
+  _globals['_RERANKOUTPUT']._serialized_end=402
+  _globals['_RERANKRESULT']._serialized_start=404
+  _globals['_RERANKRESULT']._serialized_end=503
+  _globals['_RERANKDOCUMENT']._serialized_start=505
+  _globals['_RERANKDOCUMENT']._serialized_end=535
+  _globals['_RERANKUSAGE']._serialized_start=537
+  _globals['_RERANKUSAGE']._serialized_end=572
+  _globals['_RERANKSTREAMREQUEST']._serialized_start=574
+  _globals['_RERANKSTREAMREQUEST']._serialized_end=650
+  _globals['_RERANKSTREAMRESPONSE']._serialized_start=653
+  _globals['_RERANKSTREAMRESPONSE']._serialized_end=785
+  _globals['_RERANKERROR']._serialized_start=788
+  _globals['_RERANKERROR']._serialized_end=1140
+  _globals['_RERANKERROR_FIELDVIOLATION']._serialized_start=1039
+  _globals['_RERANKERROR_FIELDVIOLATION']._serialized_end=1091
+  _globals['_RERANKERROR_METADATAENTRY']._serialized_start=1093
+  _globals['_RERANKERROR_METADATAENTRY']._serialized_end=1140
+  _globals['_LISTMODELSREQUEST']._serialized_start=1142
+  _globals['_LISTMODELSREQUEST']._serialized_end=1161
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1163
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1221
+  _globals['_MODELINFO']._serialized_start=1223
+  _globals['_MODELINFO']._serialized_end=1341
+  _globals['_RERANKSERVICE']._serialized_start=1344
+  _globals['_RERANKSERVICE']._serialized_end=1582
 # @@protoc_insertion_point(module_scope)

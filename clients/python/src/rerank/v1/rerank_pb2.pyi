@@ -10,6 +10,7 @@ caller who knows one knows the other.
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
@@ -25,7 +26,15 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class RerankRequest(_message.Message):
-    """RerankRequest asks for the documents to be ranked against the query."""
+    """RerankRequest asks for the documents to be ranked against the query.
+
+    A request may carry more documents than one upstream call takes (the hosted API
+    takes 500): the service splits it into chunks, ranks them concurrently and merges
+    the results. Scores from different chunks are merged as the upstream returned
+    them. The hosted API calls its scores relative within one request; qwen3-rerank
+    is a pointwise model (each pair is scored on its own), so a chunked ranking
+    equals an unchunked one unless the upstream normalises scores per request.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -232,6 +241,176 @@ class RerankUsage(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RerankUsage: _TypeAlias = RerankUsage  # noqa: Y015
+
+@_typing.final
+class RerankStreamRequest(_message.Message):
+    """RerankStreamRequest is one item of a RerankStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """A client-chosen id, echoed on this item's response. It must differ from the
+    ids of the other items in flight on the stream.
+    """
+    @_builtins.property
+    def request(self) -> Global___RerankRequest:
+        """The request, as for Rerank."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        request: Global___RerankRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerankStreamRequest: _TypeAlias = RerankStreamRequest  # noqa: Y015
+
+@_typing.final
+class RerankStreamResponse(_message.Message):
+    """RerankStreamResponse answers one RerankStreamRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id of the request this answers."""
+    @_builtins.property
+    def response(self) -> Global___RerankResponse:
+        """The ranking, exactly as Rerank would return it."""
+
+    @_builtins.property
+    def error(self) -> Global___RerankError:
+        """Why this item failed: what Rerank would have returned as its status."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        response: Global___RerankResponse | None = ...,
+        error: Global___RerankError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "response", b"response", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___RerankStreamResponse: _TypeAlias = RerankStreamResponse  # noqa: Y015
+
+@_typing.final
+class RerankError(_message.Message):
+    """RerankError is a failed stream item: a gRPC status and its details."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FieldViolation(_message.Message):
+        """FieldViolation names one invalid request field."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        FIELD_FIELD_NUMBER: _builtins.int
+        DESCRIPTION_FIELD_NUMBER: _builtins.int
+        field: _builtins.str
+        """The field, for example "documents[3]" or "top_n"."""
+        description: _builtins.str
+        """Why it is invalid."""
+        def __init__(
+            self,
+            *,
+            field: _builtins.str = ...,
+            description: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "field", b"field"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    FIELD_VIOLATIONS_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code (google.rpc.Code numbering: 3 INVALID_ARGUMENT, 5
+    NOT_FOUND, 8 RESOURCE_EXHAUSTED, 14 UNAVAILABLE, ...).
+    """
+    message: _builtins.str
+    """What went wrong, for people."""
+    reason: _builtins.str
+    """A machine-readable reason, as google.rpc.ErrorInfo.reason (for example
+    UPSTREAM_RATE_LIMITED).
+    """
+    request_id: _builtins.str
+    """The request id of this item, as x-request-id carries for Rerank."""
+    @_builtins.property
+    def field_violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___RerankError.FieldViolation]:
+        """The invalid fields, when code is INVALID_ARGUMENT."""
+
+    @_builtins.property
+    def retry_delay(self) -> _duration_pb2.Duration:
+        """How long to wait before retrying this item, when the failure is transient and
+        the upstream said so (Retry-After). Zero or unset: no advice.
+        """
+
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Context for the reason, as google.rpc.ErrorInfo.metadata (for example
+        upstream_status, upstream_request_id).
+        """
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        field_violations: _abc.Iterable[Global___RerankError.FieldViolation] | None = ...,
+        retry_delay: _duration_pb2.Duration | None = ...,
+        reason: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_delay", b"retry_delay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field_violations", b"field_violations", "message", b"message", "metadata", b"metadata", "reason", b"reason", "request_id", b"request_id", "retry_delay", b"retry_delay"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerankError: _TypeAlias = RerankError  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):

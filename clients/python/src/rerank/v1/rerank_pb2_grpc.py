@@ -46,6 +46,11 @@ class RerankServiceStub:
                 request_serializer=rerank_dot_v1_dot_rerank__pb2.RerankRequest.SerializeToString,
                 response_deserializer=rerank_dot_v1_dot_rerank__pb2.RerankResponse.FromString,
                 _registered_method=True)
+        self.RerankStream = channel.stream_stream(
+                '/rerank.v1.RerankService/RerankStream',
+                request_serializer=rerank_dot_v1_dot_rerank__pb2.RerankStreamRequest.SerializeToString,
+                response_deserializer=rerank_dot_v1_dot_rerank__pb2.RerankStreamResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/rerank.v1.RerankService/ListModels',
                 request_serializer=rerank_dot_v1_dot_rerank__pb2.ListModelsRequest.SerializeToString,
@@ -71,6 +76,19 @@ class RerankServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RerankStream(self, request_iterator, context):
+        """RerankStream ranks many requests over one stream, for offline jobs. Items are
+        processed concurrently (up to the server's stream window) and answered as
+        they finish, so out of order: match responses to requests by `id`. A failing
+        item is answered with its error and the stream goes on; only stream-level
+        problems (authentication, cancellation, the stream's deadline) end it. When
+        the client half-closes, the items in flight are finished and sent, then the
+        server closes the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """ListModels lists the model names this deployment serves, with their limits,
         so a client can discover what to send.
@@ -86,6 +104,11 @@ def add_RerankServiceServicer_to_server(servicer, server):
                     servicer.Rerank,
                     request_deserializer=rerank_dot_v1_dot_rerank__pb2.RerankRequest.FromString,
                     response_serializer=rerank_dot_v1_dot_rerank__pb2.RerankResponse.SerializeToString,
+            ),
+            'RerankStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RerankStream,
+                    request_deserializer=rerank_dot_v1_dot_rerank__pb2.RerankStreamRequest.FromString,
+                    response_serializer=rerank_dot_v1_dot_rerank__pb2.RerankStreamResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -127,6 +150,33 @@ class RerankService:
             '/rerank.v1.RerankService/Rerank',
             rerank_dot_v1_dot_rerank__pb2.RerankRequest.SerializeToString,
             rerank_dot_v1_dot_rerank__pb2.RerankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerankStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rerank.v1.RerankService/RerankStream',
+            rerank_dot_v1_dot_rerank__pb2.RerankStreamRequest.SerializeToString,
+            rerank_dot_v1_dot_rerank__pb2.RerankStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,15 @@ class RerankServiceStub:
     """Rerank scores every document against the query and returns them ordered by
     relevance_score, highest first (ties keep input order).
     """
+    RerankStream: _grpc.StreamStreamMultiCallable[_rerank_pb2.RerankStreamRequest, _rerank_pb2.RerankStreamResponse]
+    """RerankStream ranks many requests over one stream, for offline jobs. Items are
+    processed concurrently (up to the server's stream window) and answered as
+    they finish, so out of order: match responses to requests by `id`. A failing
+    item is answered with its error and the stream goes on; only stream-level
+    problems (authentication, cancellation, the stream's deadline) end it. When
+    the client half-closes, the items in flight are finished and sent, then the
+    server closes the stream.
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_rerank_pb2.ListModelsRequest, _rerank_pb2.ListModelsResponse]
     """ListModels lists the model names this deployment serves, with their limits,
     so a client can discover what to send.
@@ -69,6 +78,15 @@ class RerankServiceAsyncStub(RerankServiceStub):
     Rerank: _aio.UnaryUnaryMultiCallable[_rerank_pb2.RerankRequest, _rerank_pb2.RerankResponse]  # type: ignore[assignment]
     """Rerank scores every document against the query and returns them ordered by
     relevance_score, highest first (ties keep input order).
+    """
+    RerankStream: _aio.StreamStreamMultiCallable[_rerank_pb2.RerankStreamRequest, _rerank_pb2.RerankStreamResponse]  # type: ignore[assignment]
+    """RerankStream ranks many requests over one stream, for offline jobs. Items are
+    processed concurrently (up to the server's stream window) and answered as
+    they finish, so out of order: match responses to requests by `id`. A failing
+    item is answered with its error and the stream goes on; only stream-level
+    problems (authentication, cancellation, the stream's deadline) end it. When
+    the client half-closes, the items in flight are finished and sent, then the
+    server closes the stream.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_rerank_pb2.ListModelsRequest, _rerank_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists the model names this deployment serves, with their limits,
@@ -93,6 +111,21 @@ class RerankServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_rerank_pb2.RerankResponse, _abc.Awaitable[_rerank_pb2.RerankResponse]]:
         """Rerank scores every document against the query and returns them ordered by
         relevance_score, highest first (ties keep input order).
+        """
+
+    @_abc_1.abstractmethod
+    def RerankStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_rerank_pb2.RerankStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rerank_pb2.RerankStreamResponse], _abc.AsyncIterator[_rerank_pb2.RerankStreamResponse]]:
+        """RerankStream ranks many requests over one stream, for offline jobs. Items are
+        processed concurrently (up to the server's stream window) and answered as
+        they finish, so out of order: match responses to requests by `id`. A failing
+        item is answered with its error and the stream goes on; only stream-level
+        problems (authentication, cancellation, the stream's deadline) end it. When
+        the client half-closes, the items in flight are finished and sent, then the
+        server closes the stream.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,106 @@
+"""A Rerank with more documents than one upstream call takes: split, fanned out, merged."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from rerank_service.testing.fake_upstream import FakeUpstream, Fault, expected_ranking, total_tokens
+from tests.conftest import ServerFactory
+from tests.support.rpc import code_of, details_of, expect_error, request, trailing
+from tests.support.server import ServerThread
+
+WORDS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum"]
+QUERY = "apple cherry mango plum"
+
+
+def corpus(count: int) -> list[str]:
+    """Documents with many distinct scores and many ties across chunk borders."""
+    return [" ".join(WORDS[(i * 7 + k) % 10] for k in range(1 + i % 4)) + f" doc{i}" for i in range(count)]
+
+
+def test_1234_documents_are_split_into_3_chunks_and_merged_exactly(
+    server: ServerThread, upstream: FakeUpstream
+) -> None:
+    documents = corpus(1234)
+    response, call = server.stub.Rerank.with_call(
+        request(query=QUERY, documents=documents, return_documents=True), timeout=30
+    )
+
+    sent = sorted(len(r.body["input"]["documents"]) for r in upstream.requests)
+    assert sent == [410, 412, 412]
+    got = [(r.index, r.relevance_score) for r in response.output.results]
+    assert got == expected_ranking(QUERY, documents)  # indexes refer to the caller's list
+    assert all(r.document.text == documents[r.index] for r in response.output.results)
+    assert response.usage.total_tokens == total_tokens(QUERY, documents)
+    upstream_ids = str(dict(call.trailing_metadata())["x-upstream-request-ids"]).split(",")
+    assert len(upstream_ids) == 3
+    assert len(set(upstream_ids)) == 3
+    assert response.request_id not in upstream_ids  # the service names a split call itself
+
+
+def test_top_n_is_applied_after_the_merge(server: ServerThread, upstream: FakeUpstream) -> None:
+    documents = corpus(1234)
+    response = server.stub.Rerank(request(query=QUERY, documents=documents, top_n=25), timeout=30)
+
+    assert [(r.index, r.relevance_score) for r in response.output.results] == expected_ranking(
+        QUERY, documents
+    )[:25]
+    assert all(r.body["parameters"]["top_n"] == 25 for r in upstream.requests)
+
+
+def test_a_call_within_one_upstream_request_is_not_split(
+    server: ServerThread, upstream: FakeUpstream
+) -> None:
+    response, call = server.stub.Rerank.with_call(request(documents=corpus(500)), timeout=30)
+
+    assert len(upstream.requests) == 1
+    assert dict(call.trailing_metadata())["x-upstream-request-ids"] == response.request_id
+
+
+def test_a_failing_chunk_fails_the_call_with_its_status(serve: ServerFactory, upstream: FakeUpstream) -> None:
+    upstream.inject(Fault(delay=0.05))
+    upstream.inject(
+        Fault(status=429, body={"code": "Throttling", "message": "slow down"}, headers={"Retry-After": "3"})
+    )
+    with serve(chunk_concurrency=1) as server:  # one at a time: the second chunk fails
+        error = expect_error(lambda: server.stub.Rerank(request(documents=corpus(1500)), timeout=30))
+
+    assert code_of(error) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "slow down" in details_of(error)
+    assert len(upstream.requests) == 2  # the third chunk was never sent
+    assert trailing(error)["x-request-id"]
+
+
+def test_other_chunks_are_cancelled_when_one_fails(serve: ServerFactory, upstream: FakeUpstream) -> None:
+    upstream.inject(Fault(status=500, body={"code": "InternalError", "message": "boom"}))
+    upstream.always(Fault(delay=5))
+    with serve(chunk_concurrency=4) as server:
+        error = expect_error(lambda: server.stub.Rerank(request(documents=corpus(2000)), timeout=30))
+        assert code_of(error) == grpc.StatusCode.UNAVAILABLE
+        end = time.monotonic() + 3.0
+        while len(upstream.abandoned) < 3 and time.monotonic() < end:
+            time.sleep(0.02)
+
+    assert len(upstream.abandoned) == 3  # the service hung up on the chunks still waiting
+
+
+def test_chunks_in_flight_are_bounded(serve: ServerFactory, upstream: FakeUpstream) -> None:
+    upstream.always(Fault(delay=0.1))
+    with serve(chunk_concurrency=3) as server:
+        response = server.stub.Rerank(request(query=QUERY, documents=corpus(5000)), timeout=30)
+
+    assert len(upstream.requests) == 10
+    assert upstream.max_in_flight == 3
+    assert len(response.output.results) == 5000
+
+
+def test_more_documents_than_the_service_allows_is_invalid_argument(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    with serve(max_documents=2000) as server:
+        error = expect_error(lambda: server.stub.Rerank(request(documents=corpus(2001)), timeout=30))
+
+    assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT
+    assert upstream.requests == []

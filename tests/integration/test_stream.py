@@ -1,0 +1,244 @@
+"""RerankStream against a live server: ids, concurrency window, per-item errors, close and cancel."""
+
+from __future__ import annotations
+
+import queue
+import random
+import time
+from collections.abc import Iterator
+
+import grpc
+from rerank.v1 import rerank_pb2
+
+from rerank_service.secret import Secret
+from rerank_service.testing.fake_upstream import FakeUpstream, Fault, expected_ranking, total_tokens
+from tests.conftest import CALLER_KEY, ServerFactory
+from tests.support.logs import LogCapture
+from tests.support.rpc import code_of, expect_error, request
+from tests.support.server import ServerThread
+
+Code = grpc.StatusCode
+
+
+def item(item_id: str, **fields: object) -> rerank_pb2.RerankStreamRequest:
+    return rerank_pb2.RerankStreamRequest(id=item_id, request=request(**fields))
+
+
+def by_id(responses: list[rerank_pb2.RerankStreamResponse]) -> dict[str, rerank_pb2.RerankStreamResponse]:
+    answered = {response.id: response for response in responses}
+    assert len(answered) == len(responses)  # no id answered twice
+    return answered
+
+
+def test_every_item_is_answered_under_its_own_id_whatever_the_completion_order(
+    server: ServerThread, upstream: FakeUpstream
+) -> None:
+    rng = random.Random(5)
+    for _ in range(30):
+        upstream.inject(Fault(delay=rng.uniform(0, 0.1)))
+    queries = {f"item-{i}": f"apple {'cherry ' * (i % 3)}doc{i}" for i in range(30)}
+    documents = ["apple pie", "cherry cake doc3", "doc7 apple cherry", "plain bread"]
+
+    responses = list(
+        server.stub.RerankStream(
+            iter([item(key, query=query, documents=documents) for key, query in queries.items()]), timeout=30
+        )
+    )
+
+    answered = by_id(responses)
+    assert set(answered) == set(queries)
+    for key, query in queries.items():
+        response = answered[key].response
+        assert [(r.index, r.relevance_score) for r in response.output.results] == expected_ranking(
+            query, documents
+        )
+        assert response.usage.total_tokens == total_tokens(query, documents)
+        assert response.request_id  # each item has the upstream's request id
+    assert [r.id for r in responses] != list(queries)  # answered as they finished, not in order
+
+
+def test_bad_items_get_their_error_and_good_items_still_succeed(
+    server: ServerThread, upstream: FakeUpstream
+) -> None:
+    upstream.always(None)
+    items = [
+        item("good-1"),
+        item("empty-query", query=""),
+        item("unknown-model", model="nope"),
+        item("good-2", top_n=1),
+        item("negative-top-n", top_n=-1),
+    ]
+
+    answered = by_id(list(server.stub.RerankStream(iter(items), timeout=30)))
+
+    assert answered["good-1"].WhichOneof("result") == "response"
+    assert len(answered["good-2"].response.output.results) == 1
+    empty = answered["empty-query"].error
+    assert empty.code == Code.INVALID_ARGUMENT.value[0]
+    assert [v.field for v in empty.field_violations] == ["query"]
+    assert empty.request_id
+    assert answered["unknown-model"].error.code == Code.NOT_FOUND.value[0]
+    assert answered["negative-top-n"].error.field_violations[0].field == "top_n"
+
+
+def test_an_upstream_failure_answers_that_item_with_code_and_retry_delay(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    upstream.inject(
+        Fault(status=429, body={"code": "Throttling", "message": "slow"}, headers={"Retry-After": "2"})
+    )
+    with serve(stream_concurrency=1) as server:
+        answered = by_id(list(server.stub.RerankStream(iter([item("a"), item("b")]), timeout=30)))
+
+    error = answered["a"].error
+    assert error.code == Code.RESOURCE_EXHAUSTED.value[0]
+    assert error.retry_delay.seconds == 2
+    assert error.reason == "UPSTREAM_RATE_LIMITED"
+    assert error.metadata["upstream_status"] == "429"
+    assert answered["b"].WhichOneof("result") == "response"
+
+
+def test_a_duplicate_id_in_flight_is_an_error_for_that_item(
+    server: ServerThread, upstream: FakeUpstream
+) -> None:
+    upstream.inject(Fault(delay=0.3))
+    answered = list(server.stub.RerankStream(iter([item("same"), item("same"), item("other")]), timeout=30))
+
+    errors = [r for r in answered if r.WhichOneof("result") == "error"]
+    assert len(answered) == 3
+    assert [(r.id, r.error.field_violations[0].field) for r in errors] == [("same", "id")]
+
+
+def test_the_window_bounds_upstream_calls_in_flight_against_a_fast_client(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(delay=0.05))
+    sent = 0
+
+    def generate() -> Iterator[rerank_pb2.RerankStreamRequest]:
+        nonlocal sent
+        for i in range(60):
+            sent += 1
+            yield item(f"i{i}")
+
+    with serve(stream_concurrency=4) as server:
+        responses = list(server.stub.RerankStream(generate(), timeout=60))
+
+    assert sent == 60
+    assert len(by_id(responses)) == 60
+    assert upstream.max_in_flight == 4
+
+
+def test_a_fast_client_is_held_back_by_flow_control_while_the_window_is_full(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(delay=0.5))
+    big_document = "apple " * 40_000  # 240 kB an item: gRPC's buffers hold only a few
+    pulled = 0
+
+    def generate() -> Iterator[rerank_pb2.RerankStreamRequest]:
+        nonlocal pulled
+        for i in range(1000):
+            pulled += 1
+            yield item(f"i{i}", documents=[big_document])
+
+    with serve(stream_concurrency=2) as server:
+        stream = server.stub.RerankStream(generate(), timeout=60)
+        time.sleep(1.2)  # two batches of two items at most can finish meanwhile
+        pulled_meanwhile = pulled
+        stream.cancel()
+
+    # Without back-pressure the client would have pushed 1,000 items (240 MB) by now.
+    assert pulled_meanwhile < 60
+    assert upstream.max_in_flight <= 2
+
+
+def test_after_the_client_half_closes_the_items_in_flight_are_finished(
+    server: ServerThread, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(delay=0.3))
+    outgoing: queue.Queue[rerank_pb2.RerankStreamRequest | None] = queue.Queue()
+
+    def generate() -> Iterator[rerank_pb2.RerankStreamRequest]:
+        while (next_item := outgoing.get()) is not None:
+            yield next_item
+
+    for i in range(5):
+        outgoing.put(item(f"i{i}"))
+    outgoing.put(None)  # half-close at once, while all five wait on the upstream
+    stream = server.stub.RerankStream(generate(), timeout=30)
+    responses = list(stream)
+
+    assert sorted(r.id for r in responses) == [f"i{i}" for i in range(5)]
+    assert all(r.WhichOneof("result") == "response" for r in responses)
+    assert stream.code() == Code.OK
+
+
+def test_cancelling_the_stream_cancels_the_upstream_calls_in_flight(
+    server: ServerThread, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    upstream.always(Fault(delay=10))
+    outgoing: queue.Queue[rerank_pb2.RerankStreamRequest | None] = queue.Queue()
+
+    def generate() -> Iterator[rerank_pb2.RerankStreamRequest]:
+        while (next_item := outgoing.get()) is not None:
+            yield next_item
+
+    for i in range(3):
+        outgoing.put(item(f"i{i}"))
+    stream = server.stub.RerankStream(generate(), timeout=30)
+    end = time.monotonic() + 5
+    while len(upstream.requests) < 3 and time.monotonic() < end:
+        time.sleep(0.01)
+    stream.cancel()
+    outgoing.put(None)
+    end = time.monotonic() + 5
+    while len(upstream.abandoned) < 3 and time.monotonic() < end:
+        time.sleep(0.02)
+
+    assert len(upstream.abandoned) == 3  # no work left running upstream
+    streams = [e for e in logs.events() if e["event"] == "stream"]
+    assert streams
+    assert streams[-1]["code"] == "CANCELLED"
+
+
+def test_the_streams_deadline_ends_the_whole_stream(server: ServerThread, upstream: FakeUpstream) -> None:
+    upstream.always(Fault(delay=10))
+
+    error = expect_error(lambda: list(server.stub.RerankStream(iter([item("a"), item("b")]), timeout=0.5)))
+
+    assert code_of(error) == Code.DEADLINE_EXCEEDED
+
+
+def test_a_stream_without_an_accepted_key_is_unauthenticated(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    with serve(api_keys=(Secret(CALLER_KEY),)) as server:
+        error = expect_error(lambda: list(server.stub.RerankStream(iter([item("a")]), timeout=10)))
+        accepted = list(
+            server.stub.RerankStream(
+                iter([item("a")]), metadata=(("authorization", f"Bearer {CALLER_KEY}"),), timeout=10
+            )
+        )
+
+    assert code_of(error) == Code.UNAUTHENTICATED
+    assert accepted[0].WhichOneof("result") == "response"
+    assert len(upstream.requests) == 1
+
+
+def test_each_item_and_the_stream_are_logged(
+    server: ServerThread, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    list(server.stub.RerankStream(iter([item("a"), item("b", query="")]), timeout=10))
+
+    deadline = time.monotonic() + 5
+    while not any(e["event"] == "stream" for e in logs.events()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    items = {e["item_id"]: e for e in logs.events() if e["event"] == "call"}
+    [stream] = [e for e in logs.events() if e["event"] == "stream"]
+    assert items["a"]["code"] == "OK"
+    assert items["a"]["total_tokens"] > 0
+    assert items["b"]["code"] == "INVALID_ARGUMENT"
+    assert stream["code"] == "OK"
+    assert stream["items"] == 2
+    assert stream["method"] == "/rerank.v1.RerankService/RerankStream"
