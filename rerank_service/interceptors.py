@@ -58,20 +58,28 @@ def _rewrap(
     wrap: Callable[[Behavior], Behavior],
     wrap_stream: Callable[[StreamBehavior], StreamBehavior],
 ) -> Handler:
-    """The same handler with its behaviour wrapped (the contract has unary and bidi RPCs)."""
+    """The same handler with its behaviour wrapped: `wrap` for the kinds that answer once
+    (a coroutine), `wrap_stream` for those that answer with a stream (a generator).
+
+    Every kind is covered, so a new RPC of any shape can never skip auth or the log.
+    """
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
     if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            wrap(cast(Behavior, handler.unary_unary)),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        return grpc.unary_unary_rpc_method_handler(wrap(cast(Behavior, handler.unary_unary)), **serializers)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(wrap(cast(Behavior, handler.stream_unary)), **serializers)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap_stream(cast(StreamBehavior, handler.unary_stream)), **serializers
         )
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(
-            wrap_stream(cast(StreamBehavior, handler.stream_stream)),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            wrap_stream(cast(StreamBehavior, handler.stream_stream)), **serializers
         )
-    return handler
+    raise ValueError(f"a method handler with no behaviour: {handler!r}")
 
 
 class AccessLogInterceptor(grpc.aio.ServerInterceptor):

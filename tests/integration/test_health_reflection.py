@@ -74,16 +74,10 @@ def gated(upstream: FakeUpstream, logs: LogCapture) -> Iterator[tuple[ServerThre
 
 def test_health_is_not_serving_until_the_backend_is_ready(gated: tuple[ServerThread, GatedBackend]) -> None:
     harness, backend = gated
-    assert harness.server is not None
-    starting = harness.begin(harness.server.start())
-    deadline = time.monotonic() + 5
-    while harness.server.port is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    harness.connect()
+    starting = harness.start_until_listening()
     assert harness.channel is not None
 
     # The port is open, the backend is not ready: probes see NOT_SERVING, calls UNAVAILABLE.
-    time.sleep(0.1)
     assert health_status(harness.channel, "") == NOT_SERVING
     assert health_status(harness.channel, SERVICE) == NOT_SERVING
     error = expect_error(lambda: harness.stub.Rerank(request(), timeout=5))

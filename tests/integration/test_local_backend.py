@@ -192,14 +192,8 @@ def test_the_deadline_bounds_a_call_waiting_on_the_model(logs: LogCapture) -> No
 def test_health_is_not_serving_while_the_model_loads(word_scorer: WordScorer, logs: LogCapture) -> None:
     gate = threading.Event()
     with local_server(word_scorer, gate=gate, start=False) as harness:
-        assert harness.server is not None
-        starting = harness.begin(harness.server.start())
-        deadline = time.monotonic() + 5
-        while harness.server.port is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        harness.connect()
+        starting = harness.start_until_listening()
         assert harness.channel is not None
-        time.sleep(0.1)
         health = health_pb2_grpc.HealthStub(harness.channel)
 
         loading = health.Check(health_pb2.HealthCheckRequest(service="rerank.v1.RerankService"), timeout=5)

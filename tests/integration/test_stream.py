@@ -24,6 +24,20 @@ def item(item_id: str, **fields: object) -> rerank_pb2.RerankStreamRequest:
     return rerank_pb2.RerankStreamRequest(id=item_id, request=request(**fields))
 
 
+class Outbox:
+    """Items the test hands to a stream one by one; None half-closes it."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[rerank_pb2.RerankStreamRequest | None] = queue.Queue()
+
+    def put(self, next_item: rerank_pb2.RerankStreamRequest | None) -> None:
+        self._queue.put(next_item)
+
+    def items(self) -> Iterator[rerank_pb2.RerankStreamRequest]:
+        while (next_item := self._queue.get()) is not None:
+            yield next_item
+
+
 def by_id(responses: list[rerank_pb2.RerankStreamResponse]) -> dict[str, rerank_pb2.RerankStreamResponse]:
     answered = {response.id: response for response in responses}
     assert len(answered) == len(responses)  # no id answered twice
@@ -157,16 +171,12 @@ def test_after_the_client_half_closes_the_items_in_flight_are_finished(
     server: ServerThread, upstream: FakeUpstream
 ) -> None:
     upstream.always(Fault(delay=0.3))
-    outgoing: queue.Queue[rerank_pb2.RerankStreamRequest | None] = queue.Queue()
-
-    def generate() -> Iterator[rerank_pb2.RerankStreamRequest]:
-        while (next_item := outgoing.get()) is not None:
-            yield next_item
+    outgoing = Outbox()
 
     for i in range(5):
         outgoing.put(item(f"i{i}"))
     outgoing.put(None)  # half-close at once, while all five wait on the upstream
-    stream = server.stub.RerankStream(generate(), timeout=30)
+    stream = server.stub.RerankStream(outgoing.items(), timeout=30)
     responses = list(stream)
 
     assert sorted(r.id for r in responses) == [f"i{i}" for i in range(5)]
@@ -178,15 +188,11 @@ def test_cancelling_the_stream_cancels_the_upstream_calls_in_flight(
     server: ServerThread, upstream: FakeUpstream, logs: LogCapture
 ) -> None:
     upstream.always(Fault(delay=10))
-    outgoing: queue.Queue[rerank_pb2.RerankStreamRequest | None] = queue.Queue()
-
-    def generate() -> Iterator[rerank_pb2.RerankStreamRequest]:
-        while (next_item := outgoing.get()) is not None:
-            yield next_item
+    outgoing = Outbox()
 
     for i in range(3):
         outgoing.put(item(f"i{i}"))
-    stream = server.stub.RerankStream(generate(), timeout=30)
+    stream = server.stub.RerankStream(outgoing.items(), timeout=30)
     end = time.monotonic() + 5
     while len(upstream.requests) < 3 and time.monotonic() < end:
         time.sleep(0.01)

@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -60,6 +61,20 @@ class ServerThread:
             self.run(self.server.start())
             self.connect()
         return self
+
+    def start_until_listening(self) -> concurrent.futures.Future[int]:
+        """Start the server by hand and return once its port is open, start() still running.
+
+        For looking at the server while its backend starts (health, refused calls).
+        """
+        assert self.server is not None
+        starting = self.begin(self.server.start())
+        deadline = time.monotonic() + 5
+        while self.server.port is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.connect()
+        time.sleep(0.1)  # the port is bound a moment before the server answers on it
+        return starting
 
     def connect(self) -> None:
         """Open the test's client channel (once the port is known)."""

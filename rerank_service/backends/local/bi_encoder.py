@@ -15,16 +15,13 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from rerank_service.backends.local.common import (
     GuardedTokenizer,
+    encoder_window,
     for_inference,
     load_error,
-    max_positions,
     model_device,
     pad_batch,
 )
 from rerank_service.backends.local.scorer import Encoded
-
-# Embedding models are trained on short passages; BERT-style models cannot go further anyway.
-WINDOW_CAP = 512
 
 
 class BiEncoderScorer:
@@ -39,12 +36,7 @@ class BiEncoderScorer:
         self._model = for_inference(model)
         self._tokenizer = GuardedTokenizer(tokenizer)
         self.device = model_device(model)
-        limits = [WINDOW_CAP, tokenizer.model_max_length]
-        if (positions := max_positions(model.config)) is not None:
-            limits.append(positions)
-        if max_length is not None:
-            limits.append(max_length)
-        self.max_length = int(min(limits))
+        self.max_length = encoder_window(model, tokenizer, max_length)
         self._pad = self._tokenizer.pad_token_id
 
     @classmethod

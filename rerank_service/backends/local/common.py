@@ -85,6 +85,21 @@ def max_positions(config: Any) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+# Encoder models (cross- and bi-encoders) are trained on short passages, and BERT-style
+# models cannot read further anyway.
+ENCODER_WINDOW_CAP = 512
+
+
+def encoder_window(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> int:
+    """An encoder's window: the smallest of the cap, the tokenizer's, the positions' and the asked."""
+    limits = [ENCODER_WINDOW_CAP, tokenizer.model_max_length]
+    if (positions := max_positions(model.config)) is not None:
+        limits.append(positions)
+    if max_length is not None:
+        limits.append(max_length)
+    return int(min(limits))
+
+
 def model_device(model: torch.nn.Module) -> str:
     """The device of the model's weights, spelled as torch does ("cpu", "cuda:0")."""
     return str(next(model.parameters()).device)

@@ -22,16 +22,13 @@ from rerank_service.backends.local.common import (
     GuardedTokenizer,
     ModelLoadError,
     accepts_argument,
+    encoder_window,
     for_inference,
     load_error,
-    max_positions,
     model_device,
     pad_batch,
 )
 from rerank_service.backends.local.scorer import Encoded
-
-# Cross-encoders are trained on short passages; BERT-style models cannot go further anyway.
-WINDOW_CAP = 512
 
 
 class CrossEncoderScorer:
@@ -53,12 +50,7 @@ class CrossEncoderScorer:
                 f"the classifier has {self._num_labels} labels; a cross-encoder needs 1 (a relevance "
                 "logit) or 2 (irrelevant, relevant)"
             )
-        limits = [WINDOW_CAP, tokenizer.model_max_length]
-        if (positions := max_positions(model.config)) is not None:
-            limits.append(positions)
-        if max_length is not None:
-            limits.append(max_length)
-        self.max_length = int(min(limits))
+        self.max_length = encoder_window(model, tokenizer, max_length)
         # Segment ids only for models that have them (BERT yes, RoBERTa/XLM-R no).
         self._token_types = "token_type_ids" in tokenizer.model_input_names and accepts_argument(
             model, "token_type_ids"

@@ -1,0 +1,48 @@
+"""Interceptors wrap every kind of RPC handler, so no RPC shape can skip auth or the log."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from rerank_service.interceptors import _rewrap
+
+
+async def answer_once(request: Any, context: Any) -> Any:
+    return "original"
+
+
+async def answer_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+    yield "original"
+
+
+async def wrapped_once(request: Any, context: Any) -> Any:
+    return "wrapped"
+
+
+async def wrapped_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+    yield "wrapped"
+
+
+@pytest.mark.parametrize(
+    ("factory", "attribute", "behavior", "expected"),
+    [
+        (grpc.unary_unary_rpc_method_handler, "unary_unary", answer_once, wrapped_once),
+        (grpc.stream_unary_rpc_method_handler, "stream_unary", answer_once, wrapped_once),
+        (grpc.unary_stream_rpc_method_handler, "unary_stream", answer_stream, wrapped_stream),
+        (grpc.stream_stream_rpc_method_handler, "stream_stream", answer_stream, wrapped_stream),
+    ],
+)
+def test_every_handler_kind_gets_the_wrapped_behaviour(
+    factory: Any, attribute: str, behavior: Any, expected: Any
+) -> None:
+    handler = factory(behavior, request_deserializer=bytes, response_serializer=bytes)
+
+    rewrapped = _rewrap(handler, lambda _: wrapped_once, lambda _: wrapped_stream)
+
+    assert getattr(rewrapped, attribute) is expected
+    assert rewrapped.request_deserializer is bytes
+    assert rewrapped.response_serializer is bytes
