@@ -193,6 +193,20 @@ class FakeUpstream:
         return 200, {"id": request_id, "object": "list", "results": results, "usage": usage}
 
 
+# A query holding "[[delay=1.5]]" is answered 1.5 s late: how clients in other languages,
+# which cannot reach into this process to inject a fault, test their deadlines.
+_DELAY_MARKER = re.compile(r"\[\[delay=([0-9]+(?:\.[0-9]+)?)\]\]")
+
+
+def _asked_delay(body: Any) -> float:
+    if not isinstance(body, dict):
+        return 0.0
+    source = body.get("input", body)
+    query = source.get("query") if isinstance(source, dict) else None
+    match = _DELAY_MARKER.search(query) if isinstance(query, str) else None
+    return min(float(match.group(1)), 30.0) if match else 0.0
+
+
 def _error(code: str, message: str, request_id: str) -> dict[str, Any]:
     return {"code": code, "message": message, "request_id": request_id}
 
@@ -224,7 +238,7 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
 
         def _answer(self, recorded: RecordedRequest, headers: dict[str, str], body: Any) -> None:
             fault = fake._next_fault() or Fault()
-            if not self._wait(fake.latency + fault.delay):
+            if not self._wait(fake.latency + fault.delay + _asked_delay(body)):
                 fake.abandoned.append(recorded)
                 self.close_connection = True
                 return

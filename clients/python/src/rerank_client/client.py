@@ -1,0 +1,277 @@
+"""`RerankClient` (blocking) and `AsyncRerankClient` (asyncio) for rerank.v1.RerankService.
+
+Retries of UNAVAILABLE are left to gRPC itself, through the channel's service config
+(exponential backoff, at most 4 attempts, only while the call's deadline allows), so
+no call is ever retried by hand here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+
+DEFAULT_MODEL = "qwen3-rerank"
+
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "rerank.v1.RerankService"}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+CHANNEL_OPTIONS = (("grpc.service_config", RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1))
+
+
+@dataclass(frozen=True, slots=True)
+class RankedDocument:
+    index: int
+    relevance_score: float
+    text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RerankResult:
+    request_id: str
+    results: list[RankedDocument]
+    total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RerankItemError:
+    """A failed RerankStream item: what Rerank would have raised."""
+
+    code: grpc.StatusCode
+    message: str
+    field_violations: dict[str, str] = field(default_factory=dict)
+    retry_delay: float | None = None
+    reason: str = ""
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAnswer:
+    """One RerankStream answer: `result` or `error`, under the id the caller chose."""
+
+    id: str
+    result: RerankResult | None = None
+    error: RerankItemError | None = None
+
+
+def build_request(
+    query: str,
+    documents: Sequence[str],
+    model: str,
+    top_n: int | None = None,
+    instruct: str | None = None,
+    return_documents: bool = False,
+) -> rerank_pb2.RerankRequest:
+    request = rerank_pb2.RerankRequest(
+        model=model, query=query, documents=list(documents), return_documents=return_documents
+    )
+    if top_n is not None:
+        request.top_n = top_n
+    if instruct is not None:
+        request.instruct = instruct
+    return request
+
+
+def to_result(response: rerank_pb2.RerankResponse) -> RerankResult:
+    return RerankResult(
+        request_id=response.request_id,
+        results=[
+            RankedDocument(
+                index=result.index,
+                relevance_score=result.relevance_score,
+                text=result.document.text if result.HasField("document") else None,
+            )
+            for result in response.output.results
+        ],
+        total_tokens=response.usage.total_tokens,
+    )
+
+
+def to_answer(response: rerank_pb2.RerankStreamResponse) -> StreamAnswer:
+    if response.WhichOneof("result") == "response":
+        return StreamAnswer(id=response.id, result=to_result(response.response))
+    error = response.error
+    return StreamAnswer(
+        id=response.id,
+        error=RerankItemError(
+            code=_status_code(error.code),
+            message=error.message,
+            field_violations={v.field: v.description for v in error.field_violations},
+            retry_delay=error.retry_delay.ToMilliseconds() / 1000 if error.HasField("retry_delay") else None,
+            reason=error.reason,
+            request_id=error.request_id,
+        ),
+    )
+
+
+def field_violations(error: grpc.RpcError) -> dict[str, str]:
+    """field → description from the google.rpc.BadRequest detail of a failed call.
+
+    Needs googleapis-common-protos (`pip install rerank-service-client[details]`).
+    """
+    try:
+        from google.rpc import error_details_pb2, status_pb2
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError("field_violations needs: pip install 'rerank-service-client[details]'") from exc
+    # Blocking calls give (key, value) named tuples, asyncio calls a Metadata of pairs.
+    pairs: Iterable[Any] = error.trailing_metadata() or ()
+    for key, value in (tuple(pair) for pair in pairs):
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            violations: dict[str, str] = {}
+            for detail in status.details:
+                bad_request = error_details_pb2.BadRequest()
+                if detail.Unpack(bad_request):
+                    violations.update({v.field: v.description for v in bad_request.field_violations})
+            return violations
+    return {}
+
+
+def _status_code(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+class RerankClient:
+    """Blocking client. `with RerankClient("host:50051", api_key=...) as client: ...`"""
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None = None,
+        timeout: float | None = 30.0,
+        model: str = DEFAULT_MODEL,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self._channel = (
+            grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            if credentials is not None
+            else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        )
+        self._stub = rerank_pb2_grpc.RerankServiceStub(self._channel)
+        self._metadata = _metadata(api_key)
+        self._timeout = timeout
+        self._model = model
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        model: str | None = None,
+        top_n: int | None = None,
+        instruct: str | None = None,
+        return_documents: bool = False,
+        timeout: float | None = None,
+    ) -> RerankResult:
+        request = build_request(query, documents, model or self._model, top_n, instruct, return_documents)
+        response = self._stub.Rerank(request, metadata=self._metadata, timeout=timeout or self._timeout)
+        return to_result(response)
+
+    def rerank_stream(
+        self, requests: Iterable[tuple[str, rerank_pb2.RerankRequest]], timeout: float | None = None
+    ) -> Iterator[StreamAnswer]:
+        """Answers to (id, request) pairs, in completion order; see `build_request`."""
+        items = (rerank_pb2.RerankStreamRequest(id=item_id, request=request) for item_id, request in requests)
+        for response in self._stub.RerankStream(items, metadata=self._metadata, timeout=timeout):
+            yield to_answer(response)
+
+    def list_models(self) -> list[rerank_pb2.ModelInfo]:
+        response = self._stub.ListModels(
+            rerank_pb2.ListModelsRequest(), metadata=self._metadata, timeout=self._timeout
+        )
+        return list(response.models)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RerankClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncRerankClient:
+    """asyncio client. `async with AsyncRerankClient("host:50051", api_key=...) as client: ...`"""
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None = None,
+        timeout: float | None = 30.0,
+        model: str = DEFAULT_MODEL,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            if credentials is not None
+            else grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        )
+        self._stub: Any = rerank_pb2_grpc.RerankServiceStub(self._channel)
+        self._metadata = _metadata(api_key)
+        self._timeout = timeout
+        self._model = model
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        model: str | None = None,
+        top_n: int | None = None,
+        instruct: str | None = None,
+        return_documents: bool = False,
+        timeout: float | None = None,
+    ) -> RerankResult:
+        request = build_request(query, documents, model or self._model, top_n, instruct, return_documents)
+        response = await self._stub.Rerank(request, metadata=self._metadata, timeout=timeout or self._timeout)
+        return to_result(response)
+
+    async def rerank_stream(
+        self, requests: AsyncIterable[tuple[str, rerank_pb2.RerankRequest]], timeout: float | None = None
+    ) -> AsyncIterator[StreamAnswer]:
+        async def items() -> AsyncIterator[rerank_pb2.RerankStreamRequest]:
+            async for item_id, request in requests:
+                yield rerank_pb2.RerankStreamRequest(id=item_id, request=request)
+
+        async for response in self._stub.RerankStream(items(), metadata=self._metadata, timeout=timeout):
+            yield to_answer(response)
+
+    async def list_models(self) -> list[rerank_pb2.ModelInfo]:
+        response = await self._stub.ListModels(
+            rerank_pb2.ListModelsRequest(), metadata=self._metadata, timeout=self._timeout
+        )
+        return list(response.models)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncRerankClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

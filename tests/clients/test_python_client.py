@@ -1,0 +1,143 @@
+"""The Python client package (rerank_client) against the live server, blocking and asyncio."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from concurrent import futures
+
+import grpc
+import pytest
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from rerank_client import AsyncRerankClient, RerankClient, field_violations
+from rerank_client.client import build_request
+
+from tests.clients.conftest import LiveServer
+
+DOCUMENTS = ["a red apple", "a car", "apple pie"]
+
+
+def test_rerank_with_top_n_and_documents(live_server: LiveServer) -> None:
+    with RerankClient(live_server.target, api_key=live_server.api_key) as client:
+        result = client.rerank("red apple", DOCUMENTS, top_n=2, return_documents=True)
+
+    assert [(r.index, r.relevance_score, r.text) for r in result.results] == [
+        (0, 1.0, "a red apple"),
+        (2, 0.5, "apple pie"),
+    ]
+    assert result.total_tokens > 0
+    assert result.request_id
+
+
+def test_invalid_argument_names_the_field(live_server: LiveServer) -> None:
+    with (
+        RerankClient(live_server.target, api_key=live_server.api_key) as client,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        client.rerank("", DOCUMENTS)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "query" in field_violations(caught.value)
+
+
+def test_the_bearer_token_is_required(live_server: LiveServer) -> None:
+    with RerankClient(live_server.target) as client, pytest.raises(grpc.RpcError) as caught:
+        client.rerank("red apple", DOCUMENTS)
+
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_deadline_is_honoured(live_server: LiveServer) -> None:
+    started = time.monotonic()
+    with (
+        RerankClient(live_server.target, api_key=live_server.api_key) as client,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        client.rerank("[[delay=2]] red apple", DOCUMENTS, timeout=0.3)
+
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 1.5
+
+
+def test_stream_answers_every_item_by_id(live_server: LiveServer) -> None:
+    requests = [
+        ("a", build_request("red apple", DOCUMENTS, "qwen3-rerank")),
+        ("b", build_request("", DOCUMENTS, "qwen3-rerank")),
+        ("c", build_request("apple", DOCUMENTS, "qwen3-rerank")),
+    ]
+    with RerankClient(live_server.target, api_key=live_server.api_key) as client:
+        answers = {answer.id: answer for answer in client.rerank_stream(requests, timeout=30)}
+
+    assert sorted(answers) == ["a", "b", "c"]
+    error = answers["b"].error
+    assert error is not None
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "query" in error.field_violations
+    for key in ("a", "c"):
+        result = answers[key].result
+        assert result is not None
+        assert len(result.results) == 3
+
+
+def test_list_models(live_server: LiveServer) -> None:
+    with RerankClient(live_server.target, api_key=live_server.api_key) as client:
+        assert "qwen3-rerank" in [model.name for model in client.list_models()]
+
+
+async def test_asyncio_client_reranks_streams_and_reports_errors(live_server: LiveServer) -> None:
+    async def requests() -> AsyncIterator[tuple[str, object]]:
+        yield "x", build_request("red apple", DOCUMENTS, "qwen3-rerank")
+        yield "y", build_request("red apple", [], "qwen3-rerank")
+
+    async with AsyncRerankClient(live_server.target, api_key=live_server.api_key) as client:
+        result = await client.rerank("red apple", DOCUMENTS, top_n=1)
+        answers = {answer.id: answer async for answer in client.rerank_stream(requests(), timeout=30)}  # type: ignore[arg-type]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.rerank("red apple", [""])
+
+    assert [r.index for r in result.results] == [0]
+    assert answers["x"].result is not None
+    assert answers["y"].error is not None
+    assert "documents" in answers["y"].error.field_violations
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "documents[0]" in field_violations(caught.value)
+
+
+class FlakyServicer(rerank_pb2_grpc.RerankServiceServicer):
+    """Answers UNAVAILABLE to the first `failures` calls, then a one-result ranking."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def Rerank(
+        self, request: rerank_pb2.RerankRequest, context: grpc.ServicerContext
+    ) -> rerank_pb2.RerankResponse:
+        self.calls += 1
+        if self.calls <= self.failures:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        return rerank_pb2.RerankResponse(
+            request_id="r",
+            output=rerank_pb2.RerankOutput(results=[rerank_pb2.RerankResult(index=0, relevance_score=1)]),
+        )
+
+
+@pytest.mark.parametrize(("failures", "succeeds"), [(2, True), (4, False)])
+def test_unavailable_is_retried_by_the_channel_not_by_hand(failures: int, succeeds: bool) -> None:
+    servicer = FlakyServicer(failures)  # type: ignore[abstract]  # only Rerank is called
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    rerank_pb2_grpc.add_RerankServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with RerankClient(f"127.0.0.1:{port}") as client:
+            if succeeds:
+                assert client.rerank("q", ["d"]).results[0].index == 0
+            else:
+                with pytest.raises(grpc.RpcError) as caught:
+                    client.rerank("q", ["d"])
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0)
+
+    assert servicer.calls == min(failures + 1, 4)  # the service config allows 4 attempts
