@@ -1,0 +1,264 @@
+// Package rerank is a small, idiomatic client for the rerank-service gRPC API
+// (rerank.v1.RerankService). The generated stubs live in the subpackage
+// github.com/rerank-service/rerank-service/clients/go/rerank/v1 (rerankv1);
+// Client.Raw gives direct access to them.
+//
+//	c, err := rerank.Dial("localhost:50051", rerank.WithAPIKey(key), rerank.WithInsecure())
+//	if err != nil { ... }
+//	defer c.Close()
+//	resp, err := c.Rerank(ctx, "red apple", []string{"a red apple", "a car"}, rerank.WithTopN(1))
+package rerank
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	rerankv1 "github.com/rerank-service/rerank-service/clients/go/rerank/v1"
+)
+
+// DefaultModel is the model used when neither WithDefaultModel nor WithModel is given.
+const DefaultModel = "qwen3-rerank"
+
+// Client is a connection to a rerank-service. It is safe for concurrent use.
+type Client struct {
+	conn  *grpc.ClientConn
+	rpc   rerankv1.RerankServiceClient
+	model string
+}
+
+type config struct {
+	apiKey   string
+	insecure bool
+	creds    credentials.TransportCredentials
+	model    string
+	dialOpts []grpc.DialOption
+}
+
+// Option configures Dial.
+type Option func(*config)
+
+// WithAPIKey sends key as `authorization: Bearer <key>` on every call.
+func WithAPIKey(key string) Option { return func(c *config) { c.apiKey = key } }
+
+// WithInsecure uses plaintext instead of TLS (for local or in-cluster servers).
+// The API key, if any, is then sent in clear text.
+func WithInsecure() Option { return func(c *config) { c.insecure = true } }
+
+// WithTransportCredentials sets the TLS credentials (default: TLS with the system roots).
+func WithTransportCredentials(creds credentials.TransportCredentials) Option {
+	return func(c *config) { c.creds = creds }
+}
+
+// WithDefaultModel sets the model Rerank uses when the call gives no WithModel.
+func WithDefaultModel(model string) Option { return func(c *config) { c.model = model } }
+
+// WithDialOptions appends raw gRPC dial options (interceptors, keepalive, ...).
+func WithDialOptions(opts ...grpc.DialOption) Option {
+	return func(c *config) { c.dialOpts = append(c.dialOpts, opts...) }
+}
+
+// Dial creates a client for target (for example "localhost:50051" or
+// "dns:///rerank.internal:443"). Like grpc.NewClient it connects lazily, on the
+// first call.
+func Dial(target string, opts ...Option) (*Client, error) {
+	cfg := config{model: DefaultModel}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	var dialOpts []grpc.DialOption
+	switch {
+	case cfg.insecure:
+		dialOpts = append(dialOpts, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	case cfg.creds != nil:
+		dialOpts = append(dialOpts, grpc.WithTransportCredentials(cfg.creds))
+	default:
+		dialOpts = append(dialOpts, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS12})))
+	}
+	if cfg.apiKey != "" {
+		dialOpts = append(dialOpts, grpc.WithPerRPCCredentials(bearer{token: cfg.apiKey, secure: !cfg.insecure}))
+	}
+	dialOpts = append(dialOpts, cfg.dialOpts...)
+	conn, err := grpc.NewClient(target, dialOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return &Client{conn: conn, rpc: rerankv1.NewRerankServiceClient(conn), model: cfg.model}, nil
+}
+
+// Close closes the underlying connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Raw returns the generated stub, for anything this wrapper does not cover.
+func (c *Client) Raw() rerankv1.RerankServiceClient { return c.rpc }
+
+// bearer is the per-RPC credential that adds the API key.
+type bearer struct {
+	token  string
+	secure bool
+}
+
+func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + b.token}, nil
+}
+
+func (b bearer) RequireTransportSecurity() bool { return b.secure }
+
+// RerankOption adjusts one rerank request.
+type RerankOption func(*rerankv1.RerankRequest)
+
+// WithModel overrides the client's default model for this request.
+func WithModel(model string) RerankOption {
+	return func(r *rerankv1.RerankRequest) { r.Model = model }
+}
+
+// WithTopN returns only the n best documents.
+func WithTopN(n int) RerankOption {
+	return func(r *rerankv1.RerankRequest) { v := int32(n); r.TopN = &v }
+}
+
+// WithInstruct sets the task instruction that steers the ranking.
+func WithInstruct(instruct string) RerankOption {
+	return func(r *rerankv1.RerankRequest) { r.Instruct = &instruct }
+}
+
+// WithReturnDocuments echoes each document's text in its result.
+func WithReturnDocuments() RerankOption {
+	return func(r *rerankv1.RerankRequest) { r.ReturnDocuments = true }
+}
+
+// Result is one ranked document.
+type Result struct {
+	Index          int     // position in the documents passed to Rerank
+	RelevanceScore float64 // 0.0 to 1.0, higher is more relevant
+	Document       string  // the text; set only with WithReturnDocuments
+}
+
+// Response is a ranking, best first.
+type Response struct {
+	RequestID   string
+	Results     []Result
+	TotalTokens int
+}
+
+// NewRequest builds the protobuf request that Rerank would send.
+func (c *Client) NewRequest(query string, documents []string, opts ...RerankOption) *rerankv1.RerankRequest {
+	req := &rerankv1.RerankRequest{Model: c.model, Query: query, Documents: documents}
+	for _, o := range opts {
+		o(req)
+	}
+	return req
+}
+
+// Rerank ranks documents against query. Errors are gRPC statuses: use
+// status.Code(err), and FieldViolations(err) for INVALID_ARGUMENT.
+func (c *Client) Rerank(ctx context.Context, query string, documents []string, opts ...RerankOption) (*Response, error) {
+	resp, err := c.rpc.Rerank(ctx, c.NewRequest(query, documents, opts...))
+	if err != nil {
+		return nil, err
+	}
+	return fromProto(resp), nil
+}
+
+// Model describes one served model.
+type Model struct {
+	Name             string
+	MaxDocuments     int
+	MaxQueryTokens   int
+	SupportsInstruct bool
+	Backend          string // "upstream" or "local"
+}
+
+// ListModels lists the models the server serves.
+func (c *Client) ListModels(ctx context.Context) ([]Model, error) {
+	resp, err := c.rpc.ListModels(ctx, &rerankv1.ListModelsRequest{})
+	if err != nil {
+		return nil, err
+	}
+	models := make([]Model, 0, len(resp.GetModels()))
+	for _, m := range resp.GetModels() {
+		models = append(models, Model{
+			Name:             m.GetName(),
+			MaxDocuments:     int(m.GetMaxDocuments()),
+			MaxQueryTokens:   int(m.GetMaxQueryTokens()),
+			SupportsInstruct: m.GetSupportsInstruct(),
+			Backend:          m.GetBackend(),
+		})
+	}
+	return models, nil
+}
+
+func fromProto(resp *rerankv1.RerankResponse) *Response {
+	out := &Response{
+		RequestID:   resp.GetRequestId(),
+		TotalTokens: int(resp.GetUsage().GetTotalTokens()),
+		Results:     make([]Result, 0, len(resp.GetOutput().GetResults())),
+	}
+	for _, r := range resp.GetOutput().GetResults() {
+		out.Results = append(out.Results, Result{
+			Index:          int(r.GetIndex()),
+			RelevanceScore: r.GetRelevanceScore(),
+			Document:       r.GetDocument().GetText(),
+		})
+	}
+	return out
+}
+
+// FieldViolation names one invalid request field.
+type FieldViolation struct {
+	Field       string // for example "query" or "documents[3]"
+	Description string
+}
+
+// FieldViolations returns the invalid fields an error names: the
+// google.rpc.BadRequest details of a gRPC status, or the field violations of a
+// stream *ItemError. It returns nil when there are none.
+func FieldViolations(err error) []FieldViolation {
+	if err == nil {
+		return nil
+	}
+	var item *ItemError
+	if errors.As(err, &item) {
+		return item.FieldViolations
+	}
+	st, ok := status.FromError(err)
+	if !ok {
+		return nil
+	}
+	var out []FieldViolation
+	for _, d := range st.Details() {
+		if br, ok := d.(*errdetails.BadRequest); ok {
+			for _, v := range br.GetFieldViolations() {
+				out = append(out, FieldViolation{Field: v.GetField(), Description: v.GetDescription()})
+			}
+		}
+	}
+	return out
+}
+
+// ItemError is why one RerankStream item failed: the status Rerank would have
+// returned for it. The stream itself goes on.
+type ItemError struct {
+	Code            codes.Code
+	Message         string
+	FieldViolations []FieldViolation
+	RetryDelay      time.Duration // zero: no advice
+	Reason          string
+	Metadata        map[string]string
+	RequestID       string
+}
+
+func (e *ItemError) Error() string {
+	return "rerank: " + e.Code.String() + ": " + e.Message
+}
+
+// GRPCStatus lets status.Code and status.FromError see the item's code.
+func (e *ItemError) GRPCStatus() *status.Status { return status.New(e.Code, e.Message) }
