@@ -1,0 +1,229 @@
+// A small, typed wrapper over the generated rerank.v1 stubs (Connect-ES v2 over gRPC/HTTP2).
+import { create } from "@bufbuild/protobuf";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import type { CallOptions, Client, Interceptor } from "@connectrpc/connect";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+
+import { BadRequestSchema } from "./gen/google/rpc/error_details_pb.js";
+import {
+  RerankErrorSchema,
+  RerankRequestSchema,
+  RerankService,
+} from "./gen/rerank/v1/rerank_pb.js";
+import type {
+  ModelInfo,
+  RerankError,
+  RerankResponse,
+  RerankStreamRequestSchema,
+  RerankStreamResponse,
+} from "./gen/rerank/v1/rerank_pb.js";
+
+/** The metadata key every response (success or error) carries the request id under. */
+export const REQUEST_ID_KEY = "x-request-id";
+
+export interface RerankClientOptions {
+  /** Sent as `authorization: Bearer <apiKey>` on every call. Omit for a server without keys. */
+  apiKey?: string;
+  /**
+   * Default deadline of each unary call (Rerank, ListModels), in milliseconds.
+   * Unset: no deadline. RerankStream does not use it (streams are long); pass
+   * `timeoutMs` to rerankStream() to bound a stream.
+   */
+  timeoutMs?: number;
+  /**
+   * Use TLS. Default: false for a bare `host:port` target (plaintext HTTP/2, h2c);
+   * a target starting with `https://` or `http://` decides by itself.
+   */
+  tls?: boolean;
+}
+
+/** Per-call options of rerank(). */
+export interface RerankOptions {
+  /** The model, one of the names listModels() returns. Default "qwen3-rerank". */
+  model?: string;
+  /** How many of the best documents to return. Unset returns all of them. */
+  topN?: number;
+  /** A task instruction that steers the ranking. */
+  instruct?: string;
+  /** Whether each result carries the document text. Default false. */
+  returnDocuments?: boolean;
+}
+
+/** Deadline and cancellation of one call. */
+export interface CallControl {
+  /** Overrides the client's default deadline for this call, in milliseconds. */
+  timeoutMs?: number;
+  /** Cancels the call when aborted. */
+  signal?: AbortSignal;
+}
+
+/** One item of a RerankStream: a client-chosen id plus the request. */
+export interface RerankStreamItem extends RerankOptions {
+  /** Echoed on this item's response; unique among the items in flight. */
+  id: string;
+  query: string;
+  documents: string[];
+}
+
+/** A google.rpc.BadRequest field violation, or a RerankError one. */
+export interface FieldViolation {
+  field: string;
+  description: string;
+}
+
+export interface RerankClient {
+  /** Ranks `documents` against `query`; results are ordered by relevanceScore, highest first. */
+  rerank(
+    query: string,
+    documents: string[],
+    options?: RerankOptions & CallControl,
+  ): Promise<RerankResponse>;
+  /**
+   * Ranks many requests over one bidirectional stream. Responses arrive as items
+   * finish (out of order): match them by `id`. A failing item is answered with
+   * `result.case === "error"` and the stream goes on. The stream ends after the
+   * input is exhausted and every item has been answered.
+   */
+  rerankStream(
+    items: Iterable<RerankStreamItem> | AsyncIterable<RerankStreamItem>,
+    options?: CallControl,
+  ): AsyncIterable<RerankStreamResponse>;
+  /** The models the deployment serves, with their limits. */
+  listModels(options?: CallControl): Promise<ModelInfo[]>;
+  /** The generated Connect client, for anything the wrapper does not cover. */
+  readonly raw: Client<typeof RerankService>;
+  /** Closes the HTTP/2 connection. Calls made afterwards open a new one. */
+  close(): void;
+}
+
+export const DEFAULT_MODEL = "qwen3-rerank";
+
+/** `host:port` (plaintext h2c by default) or a full `http://` / `https://` URL. */
+function baseUrlOf(target: string, tls: boolean | undefined): string {
+  if (/^https?:\/\//i.test(target)) {
+    return target;
+  }
+  return `${tls ? "https" : "http"}://${target}`;
+}
+
+function requestInit(
+  query: string,
+  documents: string[],
+  options: RerankOptions,
+): MessageInitShape<typeof RerankRequestSchema> {
+  return {
+    model: options.model ?? DEFAULT_MODEL,
+    query,
+    documents,
+    topN: options.topN,
+    instruct: options.instruct,
+    returnDocuments: options.returnDocuments ?? false,
+  };
+}
+
+/** Creates a client for the RerankService at `target` (for example "127.0.0.1:50051"). */
+export function createRerankClient(
+  target: string,
+  options: RerankClientOptions = {},
+): RerankClient {
+  const baseUrl = baseUrlOf(target, options.tls);
+  const interceptors: Interceptor[] = [];
+  if (options.apiKey) {
+    const authorization = `Bearer ${options.apiKey}`;
+    interceptors.push((next) => (req) => {
+      req.header.set("authorization", authorization);
+      return next(req);
+    });
+  }
+  const sessionManager = new Http2SessionManager(baseUrl);
+  // gRPC over HTTP/2. (Connect-ES v2's createGrpcTransport always uses HTTP/2 —
+  // it sets httpVersion "2" itself and no longer accepts the option.)
+  const transport = createGrpcTransport({
+    baseUrl,
+    sessionManager,
+    interceptors,
+  });
+  const raw = createClient(RerankService, transport);
+
+  const unary = (control: CallControl | undefined): CallOptions => ({
+    timeoutMs: control?.timeoutMs ?? options.timeoutMs,
+    signal: control?.signal,
+  });
+
+  return {
+    raw,
+    rerank(query, documents, callOptions = {}) {
+      return raw.rerank(requestInit(query, documents, callOptions), unary(callOptions));
+    },
+    rerankStream(items, control) {
+      async function* requests(): AsyncIterable<MessageInitShape<typeof RerankStreamRequestSchema>> {
+        for await (const item of items) {
+          yield { id: item.id, request: requestInit(item.query, item.documents, item) };
+        }
+      }
+      return raw.rerankStream(requests(), {
+        timeoutMs: control?.timeoutMs,
+        signal: control?.signal,
+      });
+    },
+    async listModels(control) {
+      const response = await raw.listModels({}, unary(control));
+      return response.models;
+    },
+    close() {
+      sessionManager.abort();
+    },
+  };
+}
+
+/**
+ * The field violations of an error: the google.rpc.BadRequest details of a
+ * ConnectError (INVALID_ARGUMENT), or the field_violations of a RerankStream
+ * item's RerankError. Empty when there are none.
+ */
+export function fieldViolations(err: unknown): FieldViolation[] {
+  if (isRerankError(err)) {
+    return err.fieldViolations.map(({ field, description }) => ({ field, description }));
+  }
+  if (err instanceof ConnectError || err instanceof Error) {
+    const connectErr = ConnectError.from(err);
+    return connectErr
+      .findDetails(BadRequestSchema)
+      .flatMap((badRequest) => badRequest.fieldViolations)
+      .map(({ field, description }) => ({ field, description }));
+  }
+  return [];
+}
+
+/** The request id (`x-request-id` trailer) an error carries, if any. */
+export function requestIdOf(err: unknown): string | undefined {
+  if (isRerankError(err)) {
+    return err.requestId || undefined;
+  }
+  if (err instanceof ConnectError) {
+    return err.metadata.get(REQUEST_ID_KEY) ?? undefined;
+  }
+  return undefined;
+}
+
+/** The gRPC status code of an error (Code.Unknown for non-Connect errors). */
+export function codeOf(err: unknown): Code {
+  if (isRerankError(err)) {
+    return err.code as Code;
+  }
+  return ConnectError.from(err).code;
+}
+
+function isRerankError(err: unknown): err is RerankError {
+  return (
+    typeof err === "object" &&
+    err !== null &&
+    (err as { $typeName?: unknown }).$typeName === RerankErrorSchema.typeName
+  );
+}
+
+/** Builds a RerankRequest message (for use with the raw client). */
+export function rerankRequest(query: string, documents: string[], options: RerankOptions = {}) {
+  return create(RerankRequestSchema, requestInit(query, documents, options));
+}

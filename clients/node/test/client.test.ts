@@ -1,0 +1,141 @@
+// Integration tests against a LIVE rerank-service.
+//   RERANK_TARGET   host:port of the server (plaintext HTTP/2, h2c). Required: the
+//                   tests FAIL (never skip) when it is unset.
+//   RERANK_API_KEY  a key the server accepts.
+// The server must use the test upstream (rerank_service.testing.fake_upstream), which
+// scores documents deterministically and delays queries tagged "[[delay=N]]".
+import assert from "node:assert/strict";
+import { after, describe, test } from "node:test";
+
+import {
+  Code,
+  ConnectError,
+  createRerankClient,
+  fieldViolations,
+  type RerankClient,
+  type RerankStreamItem,
+  type RerankStreamResponse,
+} from "../src/index.js";
+
+const target = process.env.RERANK_TARGET ?? "";
+const apiKey = process.env.RERANK_API_KEY ?? "";
+const MODEL = "qwen3-rerank";
+const DOCS = ["a red apple", "a car", "apple pie"];
+
+function requireTarget(): void {
+  assert.ok(
+    target !== "",
+    "RERANK_TARGET is not set: these tests need a live rerank-service " +
+      "(set RERANK_TARGET=host:port and RERANK_API_KEY=<key>)",
+  );
+}
+
+async function rejectsWithCode(promise: Promise<unknown>, code: Code): Promise<ConnectError> {
+  try {
+    await promise;
+  } catch (err) {
+    assert.ok(err instanceof ConnectError, `expected a ConnectError, got ${String(err)}`);
+    assert.equal(err.code, code, `expected ${Code[code]}, got ${Code[err.code]}: ${err.message}`);
+    return err;
+  }
+  assert.fail(`expected the call to fail with ${Code[code]}, it succeeded`);
+}
+
+describe("rerank-service client (live server)", () => {
+  // Created on first use, so that every test fails with the clear message (rather
+  // than being cancelled by a failed hook) when RERANK_TARGET is unset.
+  let shared: RerankClient | undefined;
+  function client(): RerankClient {
+    requireTarget();
+    shared ??= createRerankClient(target, { apiKey, timeoutMs: 10_000 });
+    return shared;
+  }
+
+  after(() => {
+    shared?.close();
+  });
+
+  test("Rerank returns the top documents with scores, texts, usage and request id", async () => {
+    const response = await client().rerank("red apple", DOCS, {
+      model: MODEL,
+      topN: 2,
+      returnDocuments: true,
+    });
+    const results = response.output?.results ?? [];
+    assert.deepEqual(
+      results.map((r) => r.index),
+      [0, 2],
+    );
+    assert.deepEqual(
+      results.map((r) => r.relevanceScore),
+      [1.0, 0.5],
+    );
+    assert.deepEqual(
+      results.map((r) => r.document?.text),
+      ["a red apple", "apple pie"],
+    );
+    assert.ok((response.usage?.totalTokens ?? 0) > 0, "usage.totalTokens should be > 0");
+    assert.ok(response.requestId.length > 0, "requestId should be non-empty");
+  });
+
+  test("an empty query is INVALID_ARGUMENT with a BadRequest violation on 'query'", async () => {
+    const err = await rejectsWithCode(client().rerank("", DOCS, { model: MODEL }), Code.InvalidArgument);
+    const fields = fieldViolations(err).map((v) => v.field);
+    assert.ok(fields.includes("query"), `expected a field violation on "query", got ${JSON.stringify(fields)}`);
+  });
+
+  test("a call without the API key is UNAUTHENTICATED", async () => {
+    requireTarget();
+    const anonymous = createRerankClient(target, { timeoutMs: 10_000 });
+    try {
+      await rejectsWithCode(anonymous.rerank("red apple", DOCS, { model: MODEL }), Code.Unauthenticated);
+    } finally {
+      anonymous.close();
+    }
+  });
+
+  test("a call past its deadline is DEADLINE_EXCEEDED", async () => {
+    await rejectsWithCode(
+      client().rerank("[[delay=2]] red apple", DOCS, { model: MODEL, timeoutMs: 300 }),
+      Code.DeadlineExceeded,
+    );
+  });
+
+  test("RerankStream answers every item by id, failing items with their error", async () => {
+    const items: RerankStreamItem[] = [
+      { id: "a", query: "red apple", documents: DOCS, model: MODEL },
+      { id: "b", query: "", documents: DOCS, model: MODEL },
+      { id: "c", query: "apple pie", documents: DOCS, model: MODEL },
+    ];
+    const received: RerankStreamResponse[] = [];
+    for await (const response of client().rerankStream(items, { timeoutMs: 10_000 })) {
+      received.push(response);
+    }
+    assert.equal(received.length, 3, `expected 3 responses, got ${received.length}`);
+    const byId = new Map(received.map((r) => [r.id, r]));
+    assert.deepEqual([...byId.keys()].sort(), ["a", "b", "c"]);
+
+    const b = byId.get("b")!;
+    assert.equal(b.result.case, "error", "item b should carry an error");
+    if (b.result.case === "error") {
+      assert.equal(b.result.value.code, 3);
+      assert.equal(b.result.value.fieldViolations[0]?.field, "query");
+      assert.equal(fieldViolations(b.result.value)[0]?.field, "query");
+    }
+    for (const id of ["a", "c"]) {
+      const r = byId.get(id)!;
+      assert.equal(r.result.case, "response", `item ${id} should carry a response`);
+      if (r.result.case === "response") {
+        assert.equal(r.result.value.output?.results.length, 3);
+      }
+    }
+  });
+
+  test("ListModels includes qwen3-rerank", async () => {
+    const models = await client().listModels();
+    assert.ok(
+      models.some((m) => m.name === MODEL),
+      `expected ${MODEL} among ${JSON.stringify(models.map((m) => m.name))}`,
+    );
+  });
+});
