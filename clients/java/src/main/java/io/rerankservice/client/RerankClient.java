@@ -1,0 +1,347 @@
+package io.rerankservice.client;
+
+import com.google.protobuf.InvalidProtocolBufferException;
+import com.google.rpc.BadRequest;
+import io.grpc.CallOptions;
+import io.grpc.Channel;
+import io.grpc.ClientCall;
+import io.grpc.ClientInterceptor;
+import io.grpc.ForwardingClientCall;
+import io.grpc.ManagedChannel;
+import io.grpc.ManagedChannelBuilder;
+import io.grpc.Metadata;
+import io.grpc.MethodDescriptor;
+import io.grpc.StatusRuntimeException;
+import io.grpc.protobuf.StatusProto;
+import io.grpc.stub.StreamObserver;
+import io.rerankservice.rerank.v1.ListModelsRequest;
+import io.rerankservice.rerank.v1.ListModelsResponse;
+import io.rerankservice.rerank.v1.RerankRequest;
+import io.rerankservice.rerank.v1.RerankResponse;
+import io.rerankservice.rerank.v1.RerankServiceGrpc;
+import io.rerankservice.rerank.v1.RerankStreamRequest;
+import io.rerankservice.rerank.v1.RerankStreamResponse;
+import java.time.Duration;
+import java.util.ArrayList;
+import java.util.Collections;
+import java.util.List;
+import java.util.Objects;
+import java.util.concurrent.TimeUnit;
+
+/**
+ * A small client for rerank.v1.RerankService.
+ *
+ * <pre>{@code
+ * try (RerankClient client = RerankClient.builder("localhost:50051")
+ *     .apiKey(System.getenv("RERANK_API_KEY")).plaintext(true).build()) {
+ *   RerankResponse r = client.rerank("red apple", List.of("a red apple", "a car"),
+ *       RerankClient.Options.defaults().topN(1));
+ * }
+ * }</pre>
+ *
+ * <p>Errors surface as {@link StatusRuntimeException}; for INVALID_ARGUMENT use
+ * {@link #fieldViolations(StatusRuntimeException)} to read the google.rpc.BadRequest.
+ */
+public final class RerankClient implements AutoCloseable {
+
+  /** The model used when {@link Options#model(String)} is not set. */
+  public static final String DEFAULT_MODEL = "qwen3-rerank";
+
+  static final Metadata.Key<String> AUTHORIZATION =
+      Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER);
+
+  private final ManagedChannel channel;
+  private final boolean ownsChannel;
+  private final Duration deadline;
+  private final RerankServiceGrpc.RerankServiceBlockingStub blocking;
+  private final RerankServiceGrpc.RerankServiceStub async;
+
+  private RerankClient(Builder b) {
+    if (b.channel != null) {
+      this.channel = b.channel;
+      this.ownsChannel = false;
+    } else {
+      ManagedChannelBuilder<?> cb = ManagedChannelBuilder.forTarget(b.target);
+      if (b.plaintext) {
+        cb.usePlaintext();
+      } else {
+        cb.useTransportSecurity();
+      }
+      this.channel = cb.build();
+      this.ownsChannel = true;
+    }
+    this.deadline = b.deadline;
+    Channel ch = channel;
+    if (b.apiKey != null && !b.apiKey.isEmpty()) {
+      ch = io.grpc.ClientInterceptors.intercept(ch, new BearerInterceptor(b.apiKey));
+    }
+    this.blocking = RerankServiceGrpc.newBlockingStub(ch);
+    this.async = RerankServiceGrpc.newStub(ch);
+  }
+
+  /** Starts a builder for the given target ("host:port" or any gRPC target URI). */
+  public static Builder builder(String target) {
+    return new Builder().target(target);
+  }
+
+  /** Ranks {@code documents} against {@code query}; returns the response as the service sends it. */
+  public RerankResponse rerank(String query, List<String> documents, Options options) {
+    return rerank(buildRequest(query, documents, options), options);
+  }
+
+  /** Sends a prepared request, honouring {@code options.deadline} if set. */
+  public RerankResponse rerank(RerankRequest request, Options options) {
+    Duration d = options != null && options.deadline != null ? options.deadline : deadline;
+    RerankServiceGrpc.RerankServiceBlockingStub stub = blocking;
+    if (d != null) {
+      stub = stub.withDeadlineAfter(d.toNanos(), TimeUnit.NANOSECONDS);
+    }
+    return stub.rerank(request);
+  }
+
+  /**
+   * Opens a RerankStream. Send {@link RerankStreamRequest}s on the returned observer,
+   * then call {@code onCompleted()}; responses arrive out of order on
+   * {@code responses}, to be matched by id. The client's default deadline, if any,
+   * bounds the whole stream.
+   */
+  public StreamObserver<RerankStreamRequest> rerankStream(
+      StreamObserver<RerankStreamResponse> responses) {
+    RerankServiceGrpc.RerankServiceStub stub = async;
+    if (deadline != null) {
+      stub = stub.withDeadlineAfter(deadline.toNanos(), TimeUnit.NANOSECONDS);
+    }
+    return stub.rerankStream(responses);
+  }
+
+  /**
+   * Sends all {@code items} over one RerankStream, half-closes, and blocks until the
+   * server closes the stream; returns the responses in arrival order.
+   *
+   * @throws StatusRuntimeException if the stream itself fails
+   */
+  public List<RerankStreamResponse> rerankStream(List<RerankStreamRequest> items) {
+    List<RerankStreamResponse> out = Collections.synchronizedList(new ArrayList<>());
+    java.util.concurrent.CompletableFuture<Void> done = new java.util.concurrent.CompletableFuture<>();
+    StreamObserver<RerankStreamRequest> requests =
+        rerankStream(
+            new StreamObserver<>() {
+              @Override
+              public void onNext(RerankStreamResponse value) {
+                out.add(value);
+              }
+
+              @Override
+              public void onError(Throwable t) {
+                done.completeExceptionally(t);
+              }
+
+              @Override
+              public void onCompleted() {
+                done.complete(null);
+              }
+            });
+    try {
+      for (RerankStreamRequest item : items) {
+        requests.onNext(item);
+      }
+      requests.onCompleted();
+    } catch (RuntimeException e) {
+      requests.onError(e);
+      throw e;
+    }
+    try {
+      done.get();
+    } catch (InterruptedException e) {
+      Thread.currentThread().interrupt();
+      throw io.grpc.Status.CANCELLED.withCause(e).asRuntimeException();
+    } catch (java.util.concurrent.ExecutionException e) {
+      Throwable c = e.getCause();
+      if (c instanceof StatusRuntimeException sre) {
+        throw sre;
+      }
+      throw io.grpc.Status.fromThrowable(c).asRuntimeException();
+    }
+    synchronized (out) {
+      return new ArrayList<>(out);
+    }
+  }
+
+  /** Lists the models this deployment serves. */
+  public ListModelsResponse listModels() {
+    RerankServiceGrpc.RerankServiceBlockingStub stub = blocking;
+    if (deadline != null) {
+      stub = stub.withDeadlineAfter(deadline.toNanos(), TimeUnit.NANOSECONDS);
+    }
+    return stub.listModels(ListModelsRequest.getDefaultInstance());
+  }
+
+  /** Builds a RerankRequest from the convenience arguments (useful for stream items). */
+  public static RerankRequest buildRequest(String query, List<String> documents, Options options) {
+    Options o = options != null ? options : Options.defaults();
+    RerankRequest.Builder r =
+        RerankRequest.newBuilder()
+            .setModel(o.model)
+            .setQuery(Objects.requireNonNull(query, "query"))
+            .addAllDocuments(Objects.requireNonNull(documents, "documents"))
+            .setReturnDocuments(o.returnDocuments);
+    if (o.topN != null) {
+      r.setTopN(o.topN);
+    }
+    if (o.instruct != null) {
+      r.setInstruct(o.instruct);
+    }
+    return r.build();
+  }
+
+  /**
+   * The google.rpc.BadRequest field violations carried by an INVALID_ARGUMENT status
+   * (empty when the status has none).
+   */
+  public static List<BadRequest.FieldViolation> fieldViolations(StatusRuntimeException e) {
+    com.google.rpc.Status status = StatusProto.fromThrowable(e);
+    if (status == null) {
+      return List.of();
+    }
+    List<BadRequest.FieldViolation> out = new ArrayList<>();
+    for (com.google.protobuf.Any detail : status.getDetailsList()) {
+      if (detail.is(BadRequest.class)) {
+        try {
+          out.addAll(detail.unpack(BadRequest.class).getFieldViolationsList());
+        } catch (InvalidProtocolBufferException ignored) {
+          // A malformed detail carries no usable violations.
+        }
+      }
+    }
+    return out;
+  }
+
+  /** The underlying channel, for callers who need the generated stubs directly. */
+  public ManagedChannel channel() {
+    return channel;
+  }
+
+  @Override
+  public void close() {
+    if (!ownsChannel) {
+      return;
+    }
+    channel.shutdown();
+    try {
+      if (!channel.awaitTermination(5, TimeUnit.SECONDS)) {
+        channel.shutdownNow();
+      }
+    } catch (InterruptedException e) {
+      channel.shutdownNow();
+      Thread.currentThread().interrupt();
+    }
+  }
+
+  /** Per-call options of {@link #rerank(String, List, Options)}; mutable, chainable. */
+  public static final class Options {
+    private String model = DEFAULT_MODEL;
+    private Integer topN;
+    private String instruct;
+    private boolean returnDocuments;
+    private Duration deadline;
+
+    public static Options defaults() {
+      return new Options();
+    }
+
+    public Options model(String model) {
+      this.model = Objects.requireNonNull(model, "model");
+      return this;
+    }
+
+    public Options topN(int topN) {
+      this.topN = topN;
+      return this;
+    }
+
+    public Options instruct(String instruct) {
+      this.instruct = instruct;
+      return this;
+    }
+
+    public Options returnDocuments(boolean returnDocuments) {
+      this.returnDocuments = returnDocuments;
+      return this;
+    }
+
+    /** Overrides the client's default deadline for this call. */
+    public Options deadline(Duration deadline) {
+      this.deadline = deadline;
+      return this;
+    }
+  }
+
+  /** Builds a {@link RerankClient}. */
+  public static final class Builder {
+    private String target;
+    private String apiKey;
+    private boolean plaintext;
+    private Duration deadline = Duration.ofSeconds(30);
+    private ManagedChannel channel;
+
+    private Builder() {}
+
+    public Builder target(String target) {
+      this.target = target;
+      return this;
+    }
+
+    /** Sent on every call as {@code authorization: Bearer <apiKey>}; null or empty sends none. */
+    public Builder apiKey(String apiKey) {
+      this.apiKey = apiKey;
+      return this;
+    }
+
+    /** Plaintext (no TLS); default false, i.e. TLS. */
+    public Builder plaintext(boolean plaintext) {
+      this.plaintext = plaintext;
+      return this;
+    }
+
+    /** Default deadline for each call (a stream's whole life); null for none. Default 30 s. */
+    public Builder deadline(Duration deadline) {
+      this.deadline = deadline;
+      return this;
+    }
+
+    /** Uses an existing channel (not closed by {@link RerankClient#close()}) instead of target. */
+    public Builder channel(ManagedChannel channel) {
+      this.channel = channel;
+      return this;
+    }
+
+    public RerankClient build() {
+      if (channel == null && (target == null || target.isEmpty())) {
+        throw new IllegalArgumentException("target is required");
+      }
+      return new RerankClient(this);
+    }
+  }
+
+  /** Adds {@code authorization: Bearer <key>} to every call. */
+  static final class BearerInterceptor implements ClientInterceptor {
+    private final String value;
+
+    BearerInterceptor(String apiKey) {
+      this.value = "Bearer " + apiKey;
+    }
+
+    @Override
+    public <ReqT, RespT> ClientCall<ReqT, RespT> interceptCall(
+        MethodDescriptor<ReqT, RespT> method, CallOptions callOptions, Channel next) {
+      return new ForwardingClientCall.SimpleForwardingClientCall<>(
+          next.newCall(method, callOptions)) {
+        @Override
+        public void start(Listener<RespT> listener, Metadata headers) {
+          headers.put(AUTHORIZATION, value);
+          super.start(listener, headers);
+        }
+      };
+    }
+  }
+}

@@ -1,0 +1,143 @@
+package io.rerankservice.client;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertNotNull;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+import static org.junit.jupiter.api.Assertions.fail;
+
+import com.google.rpc.BadRequest;
+import io.grpc.Status;
+import io.grpc.StatusRuntimeException;
+import io.rerankservice.rerank.v1.ModelInfo;
+import io.rerankservice.rerank.v1.RerankError;
+import io.rerankservice.rerank.v1.RerankResponse;
+import io.rerankservice.rerank.v1.RerankResult;
+import io.rerankservice.rerank.v1.RerankStreamRequest;
+import io.rerankservice.rerank.v1.RerankStreamResponse;
+import java.time.Duration;
+import java.util.HashMap;
+import java.util.List;
+import java.util.Map;
+import org.junit.jupiter.api.AfterAll;
+import org.junit.jupiter.api.BeforeAll;
+import org.junit.jupiter.api.Test;
+
+/**
+ * Runs against a LIVE rerank-service: RERANK_TARGET (host:port, plaintext) and
+ * RERANK_API_KEY. Fails (never skips) when RERANK_TARGET is not set.
+ */
+class RerankClientTest {
+  private static final String MODEL = "qwen3-rerank";
+  private static final List<String> DOCS = List.of("a red apple", "a car", "apple pie");
+
+  private static String target;
+  private static RerankClient client;
+
+  @BeforeAll
+  static void connect() {
+    target = System.getenv("RERANK_TARGET");
+    if (target == null || target.isBlank()) {
+      fail("RERANK_TARGET is not set: these tests need a live rerank-service; "
+          + "set RERANK_TARGET=host:port (plaintext) and RERANK_API_KEY=<key>");
+    }
+    String apiKey = System.getenv("RERANK_API_KEY");
+    if (apiKey == null || apiKey.isBlank()) {
+      fail("RERANK_API_KEY is not set: set it to a key the server at " + target + " accepts");
+    }
+    client = RerankClient.builder(target).apiKey(apiKey).plaintext(true)
+        .deadline(Duration.ofSeconds(10)).build();
+  }
+
+  @AfterAll
+  static void close() {
+    if (client != null) {
+      client.close();
+    }
+  }
+
+  @Test
+  void rerankRanksTopTwoWithDocuments() {
+    RerankResponse resp = client.rerank("red apple", DOCS,
+        RerankClient.Options.defaults().model(MODEL).topN(2).returnDocuments(true));
+    List<RerankResult> results = resp.getOutput().getResultsList();
+    assertEquals(2, results.size(), "results: " + results);
+    assertEquals(0, results.get(0).getIndex());
+    assertEquals(2, results.get(1).getIndex());
+    assertEquals(1.0, results.get(0).getRelevanceScore(), 1e-9);
+    assertEquals(0.5, results.get(1).getRelevanceScore(), 1e-9);
+    assertEquals("a red apple", results.get(0).getDocument().getText());
+    assertEquals("apple pie", results.get(1).getDocument().getText());
+    assertTrue(resp.getUsage().getTotalTokens() > 0, "usage.total_tokens > 0");
+    assertFalse(resp.getRequestId().isEmpty(), "request_id is empty");
+  }
+
+  @Test
+  void emptyQueryIsInvalidArgumentWithBadRequest() {
+    StatusRuntimeException e = assertThrows(StatusRuntimeException.class,
+        () -> client.rerank("", DOCS, RerankClient.Options.defaults().model(MODEL)));
+    assertEquals(Status.Code.INVALID_ARGUMENT, e.getStatus().getCode());
+    List<BadRequest.FieldViolation> violations = RerankClient.fieldViolations(e);
+    assertTrue(violations.stream().anyMatch(v -> v.getField().equals("query")),
+        "expected a field violation on \"query\", got " + violations);
+  }
+
+  @Test
+  void missingApiKeyIsUnauthenticated() {
+    try (RerankClient anonymous = RerankClient.builder(target).plaintext(true)
+        .deadline(Duration.ofSeconds(10)).build()) {
+      StatusRuntimeException e = assertThrows(StatusRuntimeException.class,
+          () -> anonymous.rerank("red apple", DOCS, RerankClient.Options.defaults().model(MODEL)));
+      assertEquals(Status.Code.UNAUTHENTICATED, e.getStatus().getCode());
+    }
+  }
+
+  @Test
+  void shortDeadlineIsDeadlineExceeded() {
+    StatusRuntimeException e = assertThrows(StatusRuntimeException.class,
+        () -> client.rerank("[[delay=2]] red apple", DOCS,
+            RerankClient.Options.defaults().model(MODEL).deadline(Duration.ofMillis(300))));
+    assertEquals(Status.Code.DEADLINE_EXCEEDED, e.getStatus().getCode());
+  }
+
+  @Test
+  void rerankStreamAnswersEachItemById() {
+    RerankClient.Options opts = RerankClient.Options.defaults().model(MODEL);
+    List<RerankStreamRequest> items = List.of(
+        RerankStreamRequest.newBuilder().setId("a")
+            .setRequest(RerankClient.buildRequest("red apple", DOCS, opts)).build(),
+        RerankStreamRequest.newBuilder().setId("b")
+            .setRequest(RerankClient.buildRequest("", DOCS, opts)).build(),
+        RerankStreamRequest.newBuilder().setId("c")
+            .setRequest(RerankClient.buildRequest("car", DOCS, opts)).build());
+    List<RerankStreamResponse> responses = client.rerankStream(items);
+    assertEquals(3, responses.size(), "responses: " + responses);
+    Map<String, RerankStreamResponse> byId = new HashMap<>();
+    for (RerankStreamResponse r : responses) {
+      assertTrue(byId.put(r.getId(), r) == null, "duplicate id " + r.getId());
+    }
+    assertEquals(java.util.Set.of("a", "b", "c"), byId.keySet());
+
+    RerankStreamResponse b = byId.get("b");
+    assertEquals(RerankStreamResponse.ResultCase.ERROR, b.getResultCase(), "b: " + b);
+    RerankError err = b.getError();
+    assertEquals(3, err.getCode());
+    assertFalse(err.getFieldViolationsList().isEmpty(), "b has no field violations: " + err);
+    assertEquals("query", err.getFieldViolations(0).getField());
+
+    for (String id : List.of("a", "c")) {
+      RerankStreamResponse r = byId.get(id);
+      assertEquals(RerankStreamResponse.ResultCase.RESPONSE, r.getResultCase(), id + ": " + r);
+      assertEquals(3, r.getResponse().getOutput().getResultsCount(), id + ": " + r);
+    }
+  }
+
+  @Test
+  void listModelsIncludesQwen3Rerank() {
+    List<ModelInfo> models = client.listModels().getModelsList();
+    assertNotNull(models);
+    assertTrue(models.stream().anyMatch(m -> m.getName().equals(MODEL)),
+        "models: " + models);
+  }
+}
