@@ -29,14 +29,15 @@ install-dev: $(VENV)/bin/python
 serve: install
 	$(VENV)/bin/rerank-service serve
 
-## tools: pinned CLI tools used by the contract checks (buf)
+## tools: pinned CLI tools: buf (npm), grpcurl and grpc_health_probe (Go module proxy)
 tools: $(BUF)
+	bash .ci/tools/install-go-tools.sh
 $(BUF): .ci/tools/package.json .ci/tools/package-lock.json
 	npm ci --prefix .ci/tools --no-audit --no-fund --loglevel=error
 	touch $(BUF)
 
-## generate: regenerate every checked-in stub from proto/
-generate: install-dev
+## generate: regenerate every checked-in stub from proto/ (Python here, other languages by their generate.sh)
+generate: install-dev tools
 	rm -f $(PY_STUBS)/rerank/v1/*_pb2*.py $(PY_STUBS)/rerank/v1/*_pb2*.pyi $(PY_STUBS)/rerank/v1/*.binpb
 	$(PY) -m grpc_tools.protoc -Iproto \
 		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
@@ -45,11 +46,12 @@ generate: install-dev
 		--mypy_out=$(PY_STUBS) --mypy_grpc_out=$(PY_STUBS) \
 		--include_source_info --descriptor_set_out=$(PY_STUBS)/rerank/v1/rerank_descriptor_set.binpb \
 		$(PROTO_FILES)
+	@for script in $(wildcard clients/*/generate.sh); do echo "== $$script"; bash "$$script" || exit 1; done
 
-## check-generated: fail when the checked-in stubs differ from what proto/ generates
+## check-generated: fail when the checked-in code under clients/ differs from what proto/ generates
 check-generated: generate
-	@git add --intent-to-add --all -- $(PY_STUBS) >/dev/null 2>&1 || true
-	@git diff --exit-code --stat -- $(PY_STUBS) \
+	@git add --intent-to-add --all -- clients >/dev/null 2>&1 || true
+	@git diff --exit-code --stat -- clients \
 		|| { echo "generated code drifted from proto/: run 'make generate' and commit"; exit 1; }
 
 buf-lint: tools

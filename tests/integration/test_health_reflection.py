@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from rerank_service.backends.upstream import UpstreamBackend
-from rerank_service.chunking import CallLimits
-from rerank_service.domain import BackendRequest, BackendResult, CallContext, ModelInfo
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import upstream_settings
+from tests.support.backends import GatedBackend
 from tests.support.logs import LogCapture
 from tests.support.rpc import code_of, expect_error, request
 from tests.support.server import ServerThread
@@ -26,34 +23,6 @@ from tests.support.server import ServerThread
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE = "rerank.v1.RerankService"
-
-
-class GatedBackend:
-    """An upstream backend whose start() waits until the test opens the gate."""
-
-    def __init__(self, inner: UpstreamBackend) -> None:
-        self.inner = inner
-        self.gate = threading.Event()
-
-    @property
-    def ready(self) -> bool:
-        return self.inner.ready
-
-    def models(self) -> list[ModelInfo]:
-        return self.inner.models()
-
-    def call_limits(self, model: str) -> CallLimits:
-        return self.inner.call_limits(model)
-
-    async def start(self) -> None:
-        await asyncio.to_thread(self.gate.wait, 10)
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
-        return await self.inner.rerank(request, context)
 
 
 def health_status(channel: grpc.Channel, service: str) -> int:
