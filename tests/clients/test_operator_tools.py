@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rerank_service.config import Settings
+from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.clients.conftest import ROOT, LiveServer
+from tests.conftest import ServerFactory
 from tests.support.backends import GatedBackend
+from tests.support.rpc import request
 from tests.support.server import ServerThread
 
 TOOLS = ROOT / ".ci" / "tools" / "go" / "bin"
@@ -109,3 +114,20 @@ def test_health_probe_fails_while_the_backend_is_not_ready(tmp_path: Path) -> No
 
 def test_health_probe_fails_when_nothing_listens() -> None:
     assert probe("127.0.0.1:9").returncode != 0
+
+
+def test_health_probe_fails_while_the_server_drains(serve: ServerFactory, upstream: FakeUpstream) -> None:
+    upstream.inject(Fault(delay=1.5))
+    with serve() as server, ThreadPoolExecutor(1) as pool:
+        assert server.server is not None
+        in_flight = pool.submit(server.stub.Rerank, request(), timeout=10)
+        time.sleep(0.3)  # the call now waits on the upstream
+        stopping = server.begin(server.server.stop(grace=5))
+        time.sleep(0.2)
+        draining = probe(server.target)
+        response = in_flight.result(timeout=10)
+        stopping.result(timeout=10)
+        server.server.port = None  # stopped already
+
+    assert draining.returncode != 0
+    assert len(response.output.results) == 2  # the call in flight still finished
