@@ -34,6 +34,7 @@ class CallRecord:
     request_id: str | None = None
     model: str | None = None
     items: int | None = None  # responses sent on a stream
+    item_id: str | None = None  # the RerankStream item this line is about
 
 
 _current_call: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
@@ -111,7 +112,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     _current_call.reset(token)
                     details = None if code in (grpc.StatusCode.OK, 0) else context.details()
-                    _log_call(record, code, time.perf_counter() - started, details)
+                    log_call(record, code, time.perf_counter() - started, details)
 
             return logged
 
@@ -132,7 +133,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     details = None if code in (grpc.StatusCode.OK, 0) else context.details()
-                    _log_call(record, code, time.perf_counter() - started, details, event="stream")
+                    log_call(record, code, time.perf_counter() - started, details, event="stream")
 
             return logged_stream
 
@@ -145,7 +146,7 @@ def _final_code(context: ServicerContext[Any, Any], default: grpc.StatusCode) ->
     return default if code is None else code
 
 
-def _log_call(
+def log_call(
     record: CallRecord, code: grpc.StatusCode | int, seconds: float, details: Any, event: str = "call"
 ) -> None:
     name = code.name if isinstance(code, grpc.StatusCode) else _code_name(code)
@@ -154,6 +155,8 @@ def _log_call(
     )
     if record.items is not None:
         extra["items"] = record.items
+    if record.item_id is not None:
+        extra["item_id"] = record.item_id
     _log.info(
         event,
         method=record.method,
@@ -165,30 +168,6 @@ def _log_call(
         request_id=record.request_id,
         model=record.model,
         **extra,
-    )
-
-
-def log_stream_item(
-    stream: CallRecord, item_id: str, documents: int, model: str, outcome: Any, seconds: float
-) -> None:
-    """One access-log line per stream item, as a unary call gets (`outcome` is the servicer's result)."""
-    error = getattr(outcome, "error", None)
-    record = CallRecord(
-        method=stream.method,
-        peer=stream.peer,
-        documents=documents,
-        total_tokens=None if error is not None else outcome.total_tokens,
-        request_id=outcome.request_id,
-        model=model,
-    )
-    code = error.code if error is not None else grpc.StatusCode.OK
-    _log.info(
-        "call",
-        item_id=item_id,
-        **{key: value for key, value in vars(record).items() if key != "items"},
-        code=code.name,
-        latency_ms=round(seconds * 1000, 3),
-        **({"details": error.message} if error is not None else {}),
     )
 
 

@@ -22,7 +22,7 @@ from rerank_service.domain import (
     invalid_argument,
 )
 from rerank_service.engine import RerankEngine
-from rerank_service.interceptors import current_call, log_stream_item
+from rerank_service.interceptors import CallRecord, current_call, log_call
 from rerank_service.logging import get_logger
 from rerank_service.status import REQUEST_ID_KEY, UPSTREAM_IDS_KEY, trailing_metadata
 from rerank_service.stream import answer_concurrently
@@ -65,18 +65,23 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
         async def handle(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
             started = time.perf_counter()
             result = await self._rerank(item.request, call_context)
-            log_stream_item(
-                stream_call,
-                item.id,
-                len(item.request.documents),
-                item.request.model,
-                result,
-                time.perf_counter() - started,
+            # Each item gets the access-log line a unary call gets, tagged with its id.
+            record = CallRecord(
+                method=stream_call.method,
+                peer=stream_call.peer,
+                item_id=item.id,
+                documents=len(item.request.documents),
+                model=item.request.model,
+                request_id=result.request_id,
             )
+            seconds = time.perf_counter() - started
             if isinstance(result, _Failure):
+                log_call(record, result.error.code, seconds, result.error.message)
                 return rerank_pb2.RerankStreamResponse(
                     id=item.id, error=to_error_proto(result.error, result.request_id)
                 )
+            record.total_tokens = result.total_tokens
+            log_call(record, grpc.StatusCode.OK, seconds, None)
             return rerank_pb2.RerankStreamResponse(id=item.id, response=to_proto(result))
 
         def duplicate(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
