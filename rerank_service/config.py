@@ -51,7 +51,12 @@ class Settings:
     upstream_dialect: str = "dashscope"
     upstream_models: tuple[str, ...] = ("qwen3-rerank",)
     upstream_timeout: float = 30.0
-    upstream_max_connections: int = 256
+    upstream_max_connections: int = 1024
+    upstream_max_attempts: int = 3
+    upstream_retry_backoff: float = 0.1
+    upstream_retry_max_backoff: float = 2.0
+    upstream_breaker_failures: int = 5
+    upstream_breaker_cooldown: float = 5.0
     upstream_api_key: Secret | None = None
     api_keys: tuple[Secret, ...] = ()
     max_documents: int = 10_000
@@ -63,6 +68,16 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     shutdown_grace: float = 30.0
+    max_concurrent_requests: int = 2048
+    max_message_bytes: int = 16 * 1024 * 1024
+    keepalive_time: float = 60.0
+    keepalive_timeout: float = 20.0
+    max_connection_age: float = 300.0
+    max_connection_age_grace: float = 30.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    metrics_port: int | None = None
     # Where each value came from, for the start-up log line (never the values of secrets).
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -220,6 +235,43 @@ def _secret_file(raw: str) -> Secret | None:
         raise ConfigError(f"upstream-api-key-file {raw}: {exc.strerror or exc}") from None
 
 
+def _non_negative_int(name: str) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if value < 0:
+            raise ConfigError(f"{name} must be 0 or more, got {value}")
+        return value
+
+    return parse
+
+
+def _path(name: str) -> Callable[[str], Path | None]:
+    """A file path; checked for readability when the server starts (tls.py)."""
+
+    def parse(raw: str) -> Path | None:
+        return Path(raw.strip()) if raw.strip() else None
+
+    return parse
+
+
+def _optional_port(name: str) -> Callable[[str], int | None]:
+    def parse(raw: str) -> int | None:
+        if raw.strip().lower() in ("", "off"):
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a port number or off, got {raw!r}") from None
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"{name} must be between 0 and 65535, got {value}")
+        return value
+
+    return parse
+
+
 def _host(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -310,8 +362,44 @@ _OPTIONS: tuple[_Option, ...] = (
         "upstream_max_connections",
         "--upstream-max-connections",
         ("RERANK_UPSTREAM_MAX_CONNECTIONS",),
-        "size of the upstream connection pool",
+        "size of the upstream connection pool (HTTP/1.1: one call in flight per connection)",
         _positive_int("upstream-max-connections"),
+    ),
+    _Option(
+        "upstream_max_attempts",
+        "--upstream-max-attempts",
+        ("RERANK_UPSTREAM_MAX_ATTEMPTS",),
+        "attempts per upstream call, the first included; only connect errors, resets, 429 and "
+        "502/503/504 are retried (1: no retries)",
+        _positive_int("upstream-max-attempts"),
+    ),
+    _Option(
+        "upstream_retry_backoff",
+        "--upstream-retry-backoff",
+        ("RERANK_UPSTREAM_RETRY_BACKOFF",),
+        "seconds: the first retry waits up to this (full jitter), doubling each retry",
+        _positive_float("upstream-retry-backoff"),
+    ),
+    _Option(
+        "upstream_retry_max_backoff",
+        "--upstream-retry-max-backoff",
+        ("RERANK_UPSTREAM_RETRY_MAX_BACKOFF",),
+        "seconds: the longest wait between attempts, Retry-After aside",
+        _positive_float("upstream-retry-max-backoff"),
+    ),
+    _Option(
+        "upstream_breaker_failures",
+        "--upstream-breaker-failures",
+        ("RERANK_UPSTREAM_BREAKER_FAILURES",),
+        "consecutive failed upstream attempts that open the circuit (0: never open it)",
+        _non_negative_int("upstream-breaker-failures"),
+    ),
+    _Option(
+        "upstream_breaker_cooldown",
+        "--upstream-breaker-cooldown",
+        ("RERANK_UPSTREAM_BREAKER_COOLDOWN",),
+        "seconds an open circuit refuses calls before one probe call is let through",
+        _positive_float("upstream-breaker-cooldown"),
     ),
     _Option(
         "max_documents",
@@ -375,6 +463,70 @@ _OPTIONS: tuple[_Option, ...] = (
         ("RERANK_SHUTDOWN_GRACE",),
         "seconds calls in flight may take to finish after SIGTERM",
         _positive_float("shutdown-grace"),
+    ),
+    _Option(
+        "max_concurrent_requests",
+        "--max-concurrent-requests",
+        ("RERANK_MAX_CONCURRENT_REQUESTS",),
+        "RerankService calls in flight at once (a stream counts as one); past it RESOURCE_EXHAUSTED",
+        _positive_int("max-concurrent-requests"),
+    ),
+    _Option(
+        "max_message_bytes",
+        "--max-message-bytes",
+        ("RERANK_MAX_MESSAGE_BYTES",),
+        "largest request or response message; larger ones get RESOURCE_EXHAUSTED",
+        _positive_int("max-message-bytes"),
+    ),
+    _Option(
+        "keepalive_time",
+        "--keepalive-time",
+        ("RERANK_KEEPALIVE_TIME",),
+        "seconds between the server's HTTP/2 pings on an idle connection",
+        _positive_float("keepalive-time"),
+    ),
+    _Option(
+        "keepalive_timeout",
+        "--keepalive-timeout",
+        ("RERANK_KEEPALIVE_TIMEOUT",),
+        "seconds to wait for a ping's answer before closing the connection",
+        _positive_float("keepalive-timeout"),
+    ),
+    _Option(
+        "max_connection_age",
+        "--max-connection-age",
+        ("RERANK_MAX_CONNECTION_AGE",),
+        "seconds before a client connection is asked to reconnect, so load balancers rebalance (0: never)",
+        _non_negative_float("max-connection-age"),
+    ),
+    _Option(
+        "max_connection_age_grace",
+        "--max-connection-age-grace",
+        ("RERANK_MAX_CONNECTION_AGE_GRACE",),
+        "seconds calls on an aged-out connection may take to finish",
+        _non_negative_float("max-connection-age-grace"),
+    ),
+    _Option(
+        "tls_cert",
+        "--tls-cert",
+        ("RERANK_TLS_CERT",),
+        "PEM certificate chain: serve TLS (with --tls-key)",
+        _path("tls-cert"),
+    ),
+    _Option("tls_key", "--tls-key", ("RERANK_TLS_KEY",), "PEM private key of --tls-cert", _path("tls-key")),
+    _Option(
+        "tls_client_ca",
+        "--tls-client-ca",
+        ("RERANK_TLS_CLIENT_CA",),
+        "PEM CA bundle: require client certificates signed by it (mTLS)",
+        _path("tls-client-ca"),
+    ),
+    _Option(
+        "metrics_port",
+        "--metrics-port",
+        ("RERANK_METRICS_PORT",),
+        "port of the Prometheus /metrics endpoint (off: no endpoint; 0 picks a free port)",
+        _optional_port("metrics-port"),
     ),
 )
 
@@ -456,6 +608,10 @@ def load_settings(args: Mapping[str, Any] | None = None, env: Mapping[str, str] 
 
 
 def _check_consistency(settings: Settings) -> None:
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("tls-cert and tls-key go together: set both to serve TLS, or neither")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ConfigError("tls-client-ca requires tls-cert and tls-key: mTLS is TLS with client certificates")
     if settings.backend == "upstream" and settings.api_keys and settings.upstream_api_key is None:
         raise ConfigError(
             "RERANK_API_KEYS is set but the upstream has no key: set RERANK_UPSTREAM_API_KEY "
@@ -464,6 +620,8 @@ def _check_consistency(settings: Settings) -> None:
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "off"
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, tuple):
