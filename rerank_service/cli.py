@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,7 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_CONFIG_ERROR
     handler = {"serve": _serve, "rerank": _rerank, "health": _health, "models": _models}[args.command]
-    return handler(args)
+    try:
+        return handler(args)
+    except ConfigError as exc:  # a client command's bad TLS files (serve reports its own)
+        print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +69,34 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--api-key", default=None, help="bearer key to send (default: env RERANK_API_KEY)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
+    tls = parser.add_argument_group("TLS (default: plaintext)")
+    tls.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA certificates")
+    tls.add_argument("--tls-ca", type=Path, default=None, help="PEM CA bundle to trust (turns TLS on)")
+    tls.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate, for mTLS")
+    tls.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to the server: plaintext, or TLS when any TLS flag is given."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("tls-cert and tls-key go together: set both to send a client certificate")
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return grpc.insecure_channel(args.target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read_pem("tls-ca", args.tls_ca),  # None: the system's CAs
+        private_key=_read_pem("tls-key", args.tls_key),
+        certificate_chain=_read_pem("tls-cert", args.tls_cert),
+    )
+    return grpc.secure_channel(args.target, credentials)
+
+
+def _read_pem(name: str, path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{name} {path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -100,7 +133,7 @@ def _rerank(args: argparse.Namespace) -> int:
         request.top_n = args.top_n
     if args.instruct is not None:
         request.instruct = args.instruct
-    with grpc.insecure_channel(args.target) as channel:
+    with _channel(args) as channel:
         stub = rerank_pb2_grpc.RerankServiceStub(channel)
         try:
             if args.model is None:  # the server knows what it serves: take its first model
@@ -134,7 +167,7 @@ def _rerank(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
+    with _channel(args) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -147,7 +180,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
+    with _channel(args) as channel:
         try:
             response = rerank_pb2_grpc.RerankServiceStub(channel).ListModels(
                 rerank_pb2.ListModelsRequest(), metadata=_metadata(args), timeout=args.timeout

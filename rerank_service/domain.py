@@ -36,6 +36,11 @@ class CallContext:
     deadline: float | None = None
     # The caller's bearer token; forwarded upstream only in pass-through mode.
     bearer_token: Secret | None = None
+    # The id the service gave this call; the call's request id unless an upstream names it.
+    request_id: str | None = None
+    # The caller's W3C trace context, already validated: passed on to the upstream.
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,17 +131,36 @@ class ServiceError(Exception):
         return f"{self.code.name}: {self.message}"
 
 
+# Errors travel in HTTP/2 trailers, which gRPC caps at a few KiB: an error must never
+# echo unbounded caller input (thousands of violations, a megabyte model name).
+MAX_ECHOED_CHARS = 64
+MAX_VIOLATIONS_IN_MESSAGE = 5
+
+
+def echo(text: str) -> str:
+    """Caller input quoted in an error, cut to a bounded length."""
+    return text if len(text) <= MAX_ECHOED_CHARS else text[: MAX_ECHOED_CHARS - 1] + "…"
+
+
 def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
-    summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+    shown = violations[:MAX_VIOLATIONS_IN_MESSAGE]
+    summary = "; ".join(f"{v.field}: {v.description}" for v in shown)
+    if len(violations) > len(shown):
+        summary += f"; and {len(violations) - len(shown)} more"
     return ServiceError(
         grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {summary}", violations=violations
     )
 
 
+def not_ready(why: str) -> ServiceError:
+    """A backend that cannot take calls yet (loading a model, not started)."""
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, why, reason="BACKEND_NOT_READY")
+
+
 def model_not_found(model: str, served: list[str]) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.NOT_FOUND,
-        f"model {model!r} is not served here; served models: {', '.join(served)}",
+        f"model {echo(model)!r} is not served here; served models: {', '.join(served)}",
         reason="MODEL_NOT_FOUND",
-        metadata={"model": model, "served_models": ",".join(served)},
+        metadata={"model": echo(model), "served_models": ",".join(served)},
     )

@@ -8,10 +8,9 @@ engine never sees protobuf or HTTP.
 from __future__ import annotations
 
 import asyncio
-import uuid
+import time
 
-import grpc
-
+from rerank_service import metrics
 from rerank_service.backends.base import Backend
 from rerank_service.chunking import split
 from rerank_service.domain import (
@@ -24,7 +23,6 @@ from rerank_service.domain import (
     RerankOutcome,
     RerankRequest,
     ScoredDocument,
-    ServiceError,
     invalid_argument,
     model_not_found,
 )
@@ -49,10 +47,6 @@ class RerankEngine:
 
     async def rerank(self, request: RerankRequest, context: CallContext) -> RerankOutcome:
         model = self._validate(request)
-        if not self._backend.ready:
-            raise ServiceError(
-                grpc.StatusCode.UNAVAILABLE, "the backend is not ready yet", reason="BACKEND_NOT_READY"
-            )
         chunks = split(request.query, request.documents, self._backend.call_limits(model.name))
         if len(chunks) == 1:
             results = [await self._backend.rerank(_backend_request(model, request, chunks[0]), context)]
@@ -62,7 +56,11 @@ class RerankEngine:
         upstream_ids = [result.request_id for result in results if result.request_id]
         # One upstream call: its id is the request id. Several: the service names the
         # call, and every upstream id travels in x-upstream-request-ids.
-        request_id = upstream_ids[0] if len(results) == 1 and upstream_ids else uuid.uuid4().hex
+        request_id = (
+            upstream_ids[0]
+            if len(results) == 1 and upstream_ids
+            else context.request_id or metrics.new_request_id()
+        )
         return RerankOutcome(
             request_id=request_id,
             results=rank(merged, request),
@@ -75,9 +73,13 @@ class RerankEngine:
     ) -> list[BackendResult]:
         """Run every chunk, at most `chunk_concurrency` at once; the first failure fails the call."""
         gate = asyncio.Semaphore(self._chunk_concurrency)
+        call = metrics.active_call()
 
         async def run(chunk: range) -> BackendResult:
+            waiting_since = time.perf_counter()
             async with gate:
+                if call is not None:  # the call's queue time: waiting for a chunk slot
+                    call.waited_for_slot(time.perf_counter() - waiting_since)
                 return await self._backend.rerank(_backend_request(model, request, chunk), context)
 
         try:
@@ -97,11 +99,7 @@ class RerankEngine:
             violations.append(FieldViolation("query", "must not be empty or only whitespace"))
         if not request.documents:
             violations.append(FieldViolation("documents", "must hold at least one document"))
-        violations.extend(
-            FieldViolation(f"documents[{i}]", "must not be empty or only whitespace")
-            for i, document in enumerate(request.documents)
-            if not document.strip()
-        )
+        violations.extend(_blank_documents(request.documents))
         if request.top_n is not None and request.top_n < 1:
             violations.append(FieldViolation("top_n", f"must be at least 1 when set, got {request.top_n}"))
         served = {model.name: model for model in self._backend.models()}
@@ -119,6 +117,26 @@ class RerankEngine:
         if model is None:
             raise model_not_found(request.model, list(served))
         return model
+
+
+# Each blank document is named, up to this many; the rest are counted in one violation.
+MAX_DOCUMENT_VIOLATIONS = 20
+
+
+def _blank_documents(documents: list[str]) -> list[FieldViolation]:
+    blank = [index for index, document in enumerate(documents) if not document.strip()]
+    violations = [
+        FieldViolation(f"documents[{index}]", "must not be empty or only whitespace")
+        for index in blank[:MAX_DOCUMENT_VIOLATIONS]
+    ]
+    if len(blank) > MAX_DOCUMENT_VIOLATIONS:
+        violations.append(
+            FieldViolation(
+                "documents",
+                f"{len(blank) - MAX_DOCUMENT_VIOLATIONS} more documents are empty or only whitespace",
+            )
+        )
+    return violations
 
 
 def _backend_request(model: ModelInfo, request: RerankRequest, chunk: range) -> BackendRequest:

@@ -1,22 +1,24 @@
-"""Server interceptors: one access-log line per call, and bearer-key auth.
+"""Server interceptors: one access-log line and the call metrics per call, and bearer-key auth.
 
-The access log keeps a `CallRecord` in a context variable for the duration of the
-call; the servicer fills in what only it knows (documents, tokens, request id).
+The access log makes each call's `CallRecord` (metrics.py) and keeps it in a context
+variable for the duration of the call: it carries the call's request id (made here,
+at the start, so every log line of the call can carry it) and the servicer and the
+backends fill in what only they know (documents, tokens, time queued or upstream).
 """
 
 from __future__ import annotations
 
-import contextvars
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
 import grpc
 from grpc.aio import ServicerContext
 
+from rerank_service import metrics
 from rerank_service.auth import KeyChecker, bearer_token
 from rerank_service.logging import get_logger
+from rerank_service.metrics import CallRecord, current_call, enter_call, leave_call, new_request_id
 
 # Services anyone may call: probes and tooling must work without a key.
 OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -24,27 +26,7 @@ LOGGED_SERVICE_PREFIX = "/rerank.v1."
 
 _log = get_logger("rerank_service.access")
 
-
-@dataclass
-class CallRecord:
-    method: str
-    peer: str
-    documents: int | None = None
-    total_tokens: int | None = None
-    request_id: str | None = None
-    model: str | None = None
-    items: int | None = None  # responses sent on a stream
-    item_id: str | None = None  # the RerankStream item this line is about
-
-
-_current_call: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
-    "rerank_current_call", default=None
-)
-
-
-def current_call() -> CallRecord:
-    """The record of the call being served (a throwaway one outside a logged call)."""
-    return _current_call.get() or CallRecord(method="", peer="")
+__all__ = ["AccessLogInterceptor", "AuthInterceptor", "CallRecord", "current_call", "log_call"]
 
 
 Behavior = Callable[[Any, ServicerContext[Any, Any]], Awaitable[Any]]
@@ -84,7 +66,8 @@ def _rewrap(
 
 
 class AccessLogInterceptor(grpc.aio.ServerInterceptor):
-    """Logs every RerankService call once: method, peer, code, latency, documents, tokens, id."""
+    """Logs and counts every RerankService call once: method, peer, code, latency, documents,
+    tokens, request id; the one place where call metrics are recorded."""
 
     async def intercept_service(
         self,
@@ -95,12 +78,13 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith(LOGGED_SERVICE_PREFIX):
             return handler
+        measured = metrics.for_method(method)
 
         def wrap(behavior: Behavior) -> Behavior:
             async def logged(request: Any, context: ServicerContext[Any, Any]) -> Any:
-                record = CallRecord(method=method, peer=context.peer())
-                token = _current_call.set(record)
-                started = time.perf_counter()
+                record = CallRecord(method, context.peer(), new_request_id(), time.perf_counter())
+                token = enter_call(record)
+                measured.started()
                 code: grpc.StatusCode | int = grpc.StatusCode.UNKNOWN
                 try:
                     response = await behavior(request, context)
@@ -110,19 +94,21 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     code = _final_code(context, grpc.StatusCode.CANCELLED)
                     raise
                 finally:
-                    _current_call.reset(token)
+                    leave_call(token)
+                    seconds = time.perf_counter() - record.started
+                    measured.finished(code, seconds, record.documents, record.total_tokens)
                     details = None if code in (grpc.StatusCode.OK, 0) else context.details()
-                    log_call(record, code, time.perf_counter() - started, details)
+                    log_call(record, code, seconds, details)
 
             return logged
 
         def wrap_stream(behavior: StreamBehavior) -> StreamBehavior:
             async def logged_stream(requests: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                record = CallRecord(method=method, peer=context.peer(), items=0)
+                record = CallRecord(method, context.peer(), new_request_id(), time.perf_counter(), items=0)
                 # Not reset afterwards: the stream's task ends with the call, and a
                 # generator may be finalised from another context, where reset() fails.
-                _current_call.set(record)
-                started = time.perf_counter()
+                enter_call(record)
+                measured.started()
                 code: grpc.StatusCode | int = grpc.StatusCode.UNKNOWN
                 try:
                     async for response in behavior(requests, context):
@@ -132,8 +118,10 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     code = _final_code(context, grpc.StatusCode.CANCELLED)
                     raise
                 finally:
+                    seconds = time.perf_counter() - record.started
+                    measured.finished(code, seconds, None, None)
                     details = None if code in (grpc.StatusCode.OK, 0) else context.details()
-                    log_call(record, code, time.perf_counter() - started, details, event="stream")
+                    log_call(record, code, seconds, details, event="stream")
 
             return logged_stream
 
@@ -149,7 +137,6 @@ def _final_code(context: ServicerContext[Any, Any], default: grpc.StatusCode) ->
 def log_call(
     record: CallRecord, code: grpc.StatusCode | int, seconds: float, details: Any, event: str = "call"
 ) -> None:
-    name = code.name if isinstance(code, grpc.StatusCode) else _code_name(code)
     extra: dict[str, Any] = (
         {"details": details.decode() if isinstance(details, bytes) else details} if details else {}
     )
@@ -157,11 +144,20 @@ def log_call(
         extra["items"] = record.items
     if record.item_id is not None:
         extra["item_id"] = record.item_id
+    # Where the time went; the same numbers a unary answer carries as x-*-time metadata.
+    if record.queue_seconds:
+        extra["queue_ms"] = round(record.queue_seconds * 1000, 3)
+    if record.upstream_seconds:
+        extra["upstream_ms"] = round(record.upstream_seconds * 1000, 3)
+    if record.inference_seconds:
+        extra["inference_ms"] = round(record.inference_seconds * 1000, 3)
+    if record.upstream_request_ids:
+        extra["upstream_request_ids"] = record.upstream_request_ids
     _log.info(
         event,
         method=record.method,
         peer=record.peer,
-        code=name,
+        code=metrics.code_name(code),
         latency_ms=round(seconds * 1000, 3),
         documents=record.documents,
         total_tokens=record.total_tokens,
@@ -169,13 +165,6 @@ def log_call(
         model=record.model,
         **extra,
     )
-
-
-def _code_name(value: int) -> str:
-    for status in grpc.StatusCode:
-        if status.value[0] == value:
-            return str(status.name)
-    return str(value)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

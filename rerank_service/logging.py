@@ -2,6 +2,10 @@
 
 Every event passes through a redaction step that masks the configured secrets, a
 second line of defence behind never putting them into events at all.
+
+Every line logged while a call is served carries that call's `request_id`, read from
+the call's record (metrics.py) when the line is written: nothing is bound or unbound
+per call, so a call that logs nothing pays nothing for it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,16 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from rerank_service.metrics import active_call
 from rerank_service.secret import Secret, redact
+
+
+def _add_request_id(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """The request id of the call being served, unless the line names one itself."""
+    call = active_call()
+    if call is not None and call.request_id is not None:
+        event.setdefault("request_id", call.request_id)
+    return event
 
 
 class _RedactSecrets:
@@ -47,6 +60,7 @@ def configure_logging(
     )
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
+        _add_request_id,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,

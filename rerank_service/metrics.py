@@ -1,15 +1,102 @@
-"""Prometheus metrics: declared once here, recorded where things happen.
+"""Observability: Prometheus metrics, and the record of the call being served.
 
-Every metric lives in the module-level REGISTRY (not prometheus-client's global one),
-so tests and several servers in one process do not collide.
+Metrics are declared once here and recorded where things happen: the access-log
+interceptor (calls), the upstream transport (HTTP attempts), the micro-batcher (model
+batches). Every metric lives in the module-level REGISTRY (not prometheus-client's
+global one), so tests and several servers in one process do not collide.
+
+The service is a hop on every search request, so recording stays cheap: label
+children are bound once per method, code or status and cached (`.labels()` hashes
+and locks on every call), and nothing here awaits.
+
+`CallRecord` is what one call has measured so far (its request id, and the time it
+spent queued, upstream or in the model). It sits in a context variable for the call,
+so code anywhere below the servicer adds to it without taking it as an argument;
+fan-out chunks run in child tasks that copy the context, so they all add to the same
+(mutable) record.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+import contextvars
+import os
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# The process's CPU, memory and file descriptors, the Python version and GC: scraped,
+# never recorded on the hot path.
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
 
+# Seconds: from a 1 ms cached answer to a stream that runs for minutes.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+# The hosted API takes up to 500 documents a call; the service splits up to --max-documents.
+DOCUMENT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000)
+TOKEN_BUCKETS = (
+    100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 120_000, 250_000, 500_000, 1_000_000,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Waiting in the micro-batcher is usually about --batch-wait-ms (2 ms); seconds mean overload.
+QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# --- calls (recorded by the access-log interceptor, stream items by the servicer) ---
+CALLS = Counter(
+    "rerank_calls",
+    "RerankService calls answered, by method and gRPC status code "
+    "(method RerankStream/item: one stream item).",
+    ["method", "code"],
+    registry=REGISTRY,
+)
+CALL_LATENCY = Histogram(
+    "rerank_call_latency_seconds",
+    "Time from a call's arrival to its answer, by method (RerankStream: the whole stream).",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+CALLS_IN_FLIGHT = Gauge(
+    "rerank_calls_in_flight",
+    "RerankService calls being served now, by method (RerankStream: open streams).",
+    ["method"],
+    registry=REGISTRY,
+)
+DOCUMENTS = Histogram(
+    "rerank_documents_per_call",
+    "Documents in one Rerank call or stream item.",
+    buckets=DOCUMENT_BUCKETS,
+    registry=REGISTRY,
+)
+TOKENS = Histogram(
+    "rerank_tokens_per_call",
+    "usage.total_tokens of one successful Rerank call or stream item.",
+    buckets=TOKEN_BUCKETS,
+    registry=REGISTRY,
+)
+
+# --- upstream backend (recorded by UpstreamTransport.post_json, once per HTTP attempt) ---
+UPSTREAM_REQUESTS = Counter(
+    "rerank_upstream_requests",
+    "HTTP requests to the upstream, by outcome: the HTTP status, or connect_error, timeout, "
+    "pool_timeout, reset, protocol_error, transport_error, too_large, cancelled.",
+    ["status"],
+    registry=REGISTRY,
+)
+UPSTREAM_LATENCY = Histogram(
+    "rerank_upstream_latency_seconds",
+    "Time of one HTTP request to the upstream, whatever its outcome.",
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 UPSTREAM_RETRIES = Counter(
     "rerank_upstream_retries",
     "Upstream attempts repeated after a retryable failure, by the failure's reason.",
@@ -23,6 +110,29 @@ CIRCUIT_STATE = Gauge(
 )
 _CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
+# --- local backend (recorded by the micro-batcher) ---
+BATCH_SIZE = Histogram(
+    "rerank_local_batch_size",
+    "Query-document pairs in one model batch.",
+    buckets=BATCH_BUCKETS,
+    registry=REGISTRY,
+)
+QUEUE_TIME = Histogram(
+    "rerank_local_queue_seconds",
+    "Time a request waited in the micro-batcher before its first batch started.",
+    buckets=QUEUE_BUCKETS,
+    registry=REGISTRY,
+)
+INFERENCE_TIME = Histogram(
+    "rerank_local_inference_seconds",
+    "Time one model batch ran.",
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+
+# The `method` label of stream items: each item is a rerank of its own, counted as a call.
+STREAM_ITEM_METHOD = "RerankStream/item"
+
 
 def count_upstream_retry(reason: str) -> None:
     UPSTREAM_RETRIES.labels(reason=reason).inc()
@@ -30,3 +140,172 @@ def count_upstream_retry(reason: str) -> None:
 
 def set_circuit_state(state: str) -> None:
     CIRCUIT_STATE.set(_CIRCUIT_STATES[state])
+
+
+class MethodMetrics:
+    """One method's metric children, bound once: recording a call is then a few locked adds.
+
+    Calls in flight are a plain count read when /metrics is scraped (Gauge.set_function):
+    two adds without a lock instead of two locked gauge updates per call. Only the event
+    loop's thread writes it; the scrape thread only reads.
+    """
+
+    __slots__ = ("_calls", "in_flight", "latency", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.in_flight = 0
+        self.latency = CALL_LATENCY.labels(name)
+        self._calls: dict[grpc.StatusCode | int, Counter] = {}
+        CALLS_IN_FLIGHT.labels(name).set_function(lambda: self.in_flight)
+
+    def started(self) -> None:
+        self.in_flight += 1
+
+    def finished(
+        self, code: grpc.StatusCode | int, seconds: float, documents: int | None, tokens: int | None
+    ) -> None:
+        """Count a call that ended (and was counted by `started`)."""
+        self.in_flight -= 1
+        calls = self._calls.get(code)
+        if calls is None:
+            calls = self._calls[code] = CALLS.labels(self.name, code_name(code))
+        calls.inc()
+        self.latency.observe(seconds)
+        if documents is not None:
+            DOCUMENTS.observe(documents)
+        if tokens is not None:
+            TOKENS.observe(tokens)
+
+
+_methods: dict[str, MethodMetrics] = {}
+
+
+def for_method(method: str) -> MethodMetrics:
+    """The metrics of a gRPC method path (`/rerank.v1.RerankService/Rerank` → label `Rerank`)."""
+    found = _methods.get(method)
+    if found is None:
+        found = _methods[method] = MethodMetrics(method.rsplit("/", 1)[-1])
+    return found
+
+
+STREAM_ITEMS = MethodMetrics(STREAM_ITEM_METHOD)
+
+
+def code_name(code: grpc.StatusCode | int) -> str:
+    """`OK`, `INVALID_ARGUMENT`…: context.code() may give the enum or its number."""
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return str(status.name)
+    return str(code)
+
+
+_upstream_statuses: dict[int | str, Counter] = {}
+
+
+def observe_upstream(status: int | str, seconds: float) -> None:
+    """One HTTP attempt: its HTTP status (or transport failure kind) and its duration."""
+    requests = _upstream_statuses.get(status)
+    if requests is None:
+        requests = _upstream_statuses[status] = UPSTREAM_REQUESTS.labels(str(status))
+    requests.inc()
+    UPSTREAM_LATENCY.observe(seconds)
+
+
+def observe_batch(pairs: int, seconds: float) -> None:
+    BATCH_SIZE.observe(pairs)
+    INFERENCE_TIME.observe(seconds)
+
+
+def observe_queue(seconds: float) -> None:
+    QUEUE_TIME.observe(seconds)
+
+
+# --- the call being served ---
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """What one call (or stream item) has measured; filled in as the call goes."""
+
+    method: str
+    peer: str
+    request_id: str | None = None  # made by the service at the start; on every log line of the call
+    started: float = 0.0  # time.perf_counter() at arrival
+    documents: int | None = None
+    total_tokens: int | None = None
+    model: str | None = None
+    items: int | None = None  # responses sent on a stream
+    item_id: str | None = None  # the RerankStream item this record is about
+    upstream_request_ids: list[str] | None = None
+    # Seconds waiting for a chunk slot (upstream; the longest wait of a split call) or
+    # in the micro-batcher before the first batch (local).
+    queue_seconds: float = 0.0
+    # Wall time with at least one upstream HTTP request of this call in flight: parallel
+    # chunks count once, waits between retries not at all.
+    upstream_seconds: float = 0.0
+    # Time the model batches that held this call's pairs ran.
+    inference_seconds: float = 0.0
+    _upstream_active: int = 0
+    _upstream_since: float = 0.0
+
+    def upstream_began(self, now: float) -> None:
+        if self._upstream_active == 0:
+            self._upstream_since = now
+        self._upstream_active += 1
+
+    def upstream_ended(self, now: float) -> None:
+        self._upstream_active -= 1
+        if self._upstream_active == 0:
+            self.upstream_seconds += now - self._upstream_since
+
+    def waited_for_slot(self, seconds: float) -> None:
+        # Chunks wait side by side: the call was held back by the longest wait, not their sum.
+        if seconds > self.queue_seconds:
+            self.queue_seconds = seconds
+
+
+_current_call: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
+    "rerank_current_call", default=None
+)
+
+
+def active_call() -> CallRecord | None:
+    """The record of the call being served, or None outside one (start-up, the batch worker)."""
+    return _current_call.get()
+
+
+def current_call() -> CallRecord:
+    """The record of the call being served (a throwaway one outside a logged call)."""
+    return _current_call.get() or CallRecord(method="", peer="")
+
+
+def enter_call(record: CallRecord) -> contextvars.Token[CallRecord | None]:
+    """Make `record` the current call for this task (and the tasks it starts)."""
+    return _current_call.set(record)
+
+
+def leave_call(token: contextvars.Token[CallRecord | None]) -> None:
+    _current_call.reset(token)
+
+
+def new_request_id() -> str:
+    """32 random hex digits, the shape of uuid4().hex, at a third of its cost."""
+    return os.urandom(16).hex()
+
+
+# --- the /metrics endpoint ---
+
+
+def start_metrics_server(host: str, port: int) -> tuple[WSGIServer, int]:
+    """Serve REGISTRY at http://host:port/metrics on a daemon thread; port 0 picks a free one."""
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    return server, server.server_port
+
+
+def stop_metrics_server(server: WSGIServer) -> None:
+    """Stop serving and close the port (blocks up to half a second: the serve loop's poll)."""
+    server.shutdown()
+    server.server_close()

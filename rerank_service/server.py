@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
+from rerank_service import metrics
+from rerank_service.admission import AdmissionInterceptor
 from rerank_service.auth import KeyChecker
 from rerank_service.backends import build_backend
 from rerank_service.backends.base import Backend
@@ -19,12 +22,17 @@ from rerank_service.interceptors import AccessLogInterceptor, AuthInterceptor
 from rerank_service.logging import get_logger
 from rerank_service.reflection import enable_reflection
 from rerank_service.servicer import RerankServicer
+from rerank_service.tls import server_credentials, tls_mode
 
 RERANK_SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_name
 # "" is the whole server's status, as probes ask for it by default.
 HEALTH_SERVICES = ("", RERANK_SERVICE)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# How often health re-reads the backend's readiness (a circuit breaker opening and
+# closing, for instance): cheap, and quick enough for probes that run every few seconds.
+HEALTH_POLL_INTERVAL = 0.1
 
 _log = get_logger("rerank_service.server")
 
@@ -36,17 +44,28 @@ class BackendStartError(RuntimeError):
 class RerankServer:
     """One gRPC server: RerankService, health and reflection on one port."""
 
+    # The Prometheus endpoint (--metrics-port), and its port once started.
+    metrics_port: int | None = None
+    _metrics: WSGIServer | None = None
+
     def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         self.settings = settings
+        # Before anything else: a bad certificate or key stops start-up with a ConfigError.
+        self._credentials = server_credentials(settings)
         self.backend = backend or build_backend(settings)
         self.engine = RerankEngine(self.backend, chunk_concurrency=settings.chunk_concurrency)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
-        interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor()]
+        self.admission = AdmissionInterceptor(settings.max_concurrent_requests)
+        # Outermost first: every call is logged, refused ones included.
+        interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor(), self.admission]
         checker = KeyChecker(settings.api_keys)
         if checker.enabled:
             interceptors.append(AuthInterceptor(checker))
-        self._server = grpc.aio.server(interceptors=interceptors)
+        self._server = grpc.aio.server(interceptors=interceptors, options=channel_options(settings))
+        self._health_watch: asyncio.Task[None] | None = None
+        self._draining = False
+        self._serving = False
         rerank_pb2_grpc.add_RerankServiceServicer_to_server(
             RerankServicer(self.engine, stream_concurrency=settings.stream_concurrency), self._server
         )
@@ -60,9 +79,16 @@ class RerankServer:
         address = f"{self.settings.host}:{self.settings.port}"
         if ":" in self.settings.host and not self.settings.host.startswith("["):
             address = f"[{self.settings.host}]:{self.settings.port}"
-        self.port = self._server.add_insecure_port(address)
+        if self._credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, self._credentials)
         for service in HEALTH_SERVICES:
             await self.health.set(service, _NOT_SERVING)
+        if self.settings.metrics_port is not None:
+            self._metrics, self.metrics_port = metrics.start_metrics_server(
+                self.settings.host, self.settings.metrics_port
+            )
         await self._server.start()
         _log.info(
             "listening",
@@ -70,6 +96,7 @@ class RerankServer:
             port=self.port,
             backend=self.settings.backend,
             auth=_auth_mode(self.settings),
+            tls=tls_mode(self.settings),
             models=[model.name for model in self.engine.models()],
         )
         try:
@@ -77,20 +104,68 @@ class RerankServer:
         except Exception as exc:
             await self._server.stop(0)
             raise BackendStartError(f"the {self.settings.backend} backend failed to start: {exc}") from exc
-        if self.backend.ready:
-            for service in HEALTH_SERVICES:
-                await self.health.set(service, _SERVING)
-        _log.info("serving", port=self.port)
+        # "" is the process's liveness: up, started, not draining. The service's own
+        # status also follows the backend (an open upstream circuit), so readiness probes
+        # move traffic away while restarting the process would not help.
+        await self.health.set("", _SERVING)
+        await self._sync_health()
+        self._health_watch = asyncio.create_task(self._follow_backend_readiness(), name="health-watch")
+        _log.info("serving", port=self.port, metrics_port=self.metrics_port)
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, let calls in flight finish within `grace`."""
         grace = self.settings.shutdown_grace if grace is None else grace
         _log.info("draining", grace_s=grace)
+        self._draining = True
+        if self._health_watch is not None:
+            self._health_watch.cancel()
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await self.backend.close()
+        if self._metrics is not None:  # last: scrapes still answer while calls drain
+            await asyncio.to_thread(metrics.stop_metrics_server, self._metrics)
+            self._metrics = None
         _log.info("stopped")
+
+    async def _follow_backend_readiness(self) -> None:
+        """Keep health equal to the backend's readiness until the server drains."""
+        while not self._draining:
+            await asyncio.sleep(HEALTH_POLL_INTERVAL)
+            await self._sync_health()
+
+    async def _sync_health(self) -> None:
+        ready = self.backend.ready
+        if ready == self._serving or self._draining:
+            return
+        self._serving = ready
+        await self.health.set(RERANK_SERVICE, _SERVING if ready else _NOT_SERVING)
+        if ready is False:
+            _log.warning("health", status="NOT_SERVING", why="the backend is not ready")
+
+
+def channel_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC core settings: message size bounds, and keepalive suited to a mesh.
+
+    The server pings idle connections (dead peers behind a load balancer are noticed),
+    accepts clients' keepalive pings down to 10 s, and asks clients to reconnect after
+    `max_connection_age`, so a load balancer gets to spread long-lived connections anew.
+    """
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", round(settings.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", round(settings.keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+    if settings.max_connection_age > 0:
+        options += [
+            ("grpc.max_connection_age_ms", round(settings.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace * 1000)),
+        ]
+    return options
 
 
 def _auth_mode(settings: Settings) -> str:

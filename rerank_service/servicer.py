@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import re
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +21,23 @@ from rerank_service.domain import (
     RerankOutcome,
     RerankRequest,
     ServiceError,
+    echo,
     invalid_argument,
 )
 from rerank_service.engine import RerankEngine
-from rerank_service.interceptors import CallRecord, current_call, log_call
+from rerank_service.interceptors import log_call
 from rerank_service.logging import get_logger
-from rerank_service.status import REQUEST_ID_KEY, UPSTREAM_IDS_KEY, trailing_metadata
+from rerank_service.metrics import STREAM_ITEMS, CallRecord, current_call, enter_call, new_request_id
+from rerank_service.status import (
+    INFERENCE_TIME_KEY,
+    QUEUE_TIME_KEY,
+    REQUEST_ID_KEY,
+    TOTAL_TIME_KEY,
+    UPSTREAM_IDS_KEY,
+    UPSTREAM_TIME_KEY,
+    Metadata,
+    trailing_metadata,
+)
 from rerank_service.stream import answer_concurrently
 
 _log = get_logger("rerank_service.servicer")
@@ -34,6 +47,8 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
     def __init__(self, engine: RerankEngine, stream_concurrency: int = 32) -> None:
         self._engine = engine
         self._stream_concurrency = stream_concurrency
+        # A local backend's time is the model's; any other backend's is the upstream's.
+        self._local = all(model.backend == "local" for model in engine.models())
 
     async def Rerank(
         self,
@@ -42,15 +57,17 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
     ) -> rerank_pb2.RerankResponse:
         call = current_call()
         call.documents, call.model = len(request.documents), request.model
-        result = await self._rerank(request, _call_context(context))
+        result = await self._rerank(request, _call_context(context, call.request_id))
         if isinstance(result, _Failure):
-            call.request_id = result.request_id
+            call.upstream_request_ids = [result.request_id] if result.request_id != call.request_id else None
             await context.abort(
-                result.error.code, result.error.message, trailing_metadata(result.error, result.request_id)
+                result.error.code,
+                result.error.message,
+                trailing_metadata(result.error, result.request_id) + self._timing(call),
             )
             raise AssertionError("unreachable: abort raises")
-        call.request_id, call.total_tokens = result.request_id, result.total_tokens
-        context.set_trailing_metadata(_outcome_metadata(result))
+        call.total_tokens, call.upstream_request_ids = result.total_tokens, result.upstream_request_ids
+        context.set_trailing_metadata(_outcome_metadata(result) + self._timing(call))
         return to_proto(result)
 
     async def RerankStream(
@@ -58,40 +75,61 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
         request_iterator: AsyncIterator[rerank_pb2.RerankStreamRequest],
         context: ServicerContext[rerank_pb2.RerankStreamRequest, rerank_pb2.RerankStreamResponse],
     ) -> AsyncIterator[rerank_pb2.RerankStreamResponse]:
-        # One deadline and one set of credentials for the whole stream.
-        call_context = _call_context(context)
+        # One deadline, one set of credentials and one trace context for the whole stream.
+        call_context = _call_context(context, None)
         stream_call = current_call()
 
         async def handle(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
-            started = time.perf_counter()
-            result = await self._rerank(item.request, call_context)
-            # Each item gets the access-log line a unary call gets, tagged with its id.
+            # Each item is a call of its own: its request id, its access-log line (tagged
+            # with its id, carrying its timing: a stream item has no metadata), its metrics.
+            # It runs in a task of its own, so the record set here is this item's only.
             record = CallRecord(
-                method=stream_call.method,
-                peer=stream_call.peer,
-                item_id=item.id,
+                stream_call.method,
+                stream_call.peer,
+                new_request_id(),
+                time.perf_counter(),
                 documents=len(item.request.documents),
                 model=item.request.model,
-                request_id=result.request_id,
+                item_id=item.id,
             )
-            seconds = time.perf_counter() - started
-            if isinstance(result, _Failure):
-                log_call(record, result.error.code, seconds, result.error.message)
-                return rerank_pb2.RerankStreamResponse(
-                    id=item.id, error=to_error_proto(result.error, result.request_id)
+            enter_call(record)
+            STREAM_ITEMS.started()
+            code = grpc.StatusCode.INTERNAL  # unless it gets to the end
+            try:
+                result = await self._rerank(
+                    item.request, dataclasses.replace(call_context, request_id=record.request_id)
                 )
-            record.total_tokens = result.total_tokens
-            log_call(record, grpc.StatusCode.OK, seconds, None)
-            return rerank_pb2.RerankStreamResponse(id=item.id, response=to_proto(result))
+                if isinstance(result, _Failure):
+                    code = result.error.code
+                    log_call(record, code, time.perf_counter() - record.started, result.error.message)
+                    return rerank_pb2.RerankStreamResponse(
+                        id=item.id, error=to_error_proto(result.error, result.request_id)
+                    )
+                code = grpc.StatusCode.OK
+                record.total_tokens, record.upstream_request_ids = (
+                    result.total_tokens,
+                    result.upstream_request_ids,
+                )
+                log_call(record, code, time.perf_counter() - record.started, None)
+                return rerank_pb2.RerankStreamResponse(id=item.id, response=to_proto(result))
+            except asyncio.CancelledError:  # the stream ended first (the client cancelled)
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                STREAM_ITEMS.finished(
+                    code, time.perf_counter() - record.started, record.documents, record.total_tokens
+                )
 
         def duplicate(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
             error = invalid_argument(
-                [FieldViolation("id", f"id {item.id!r} is already in flight on this stream")]
+                [FieldViolation("id", f"id {echo(item.id)!r} is already in flight on this stream")]
             )
-            return rerank_pb2.RerankStreamResponse(id=item.id, error=to_error_proto(error, uuid.uuid4().hex))
+            STREAM_ITEMS.started()  # answered at once, but an item answered all the same
+            STREAM_ITEMS.finished(error.code, 0.0, len(item.request.documents), None)
+            return rerank_pb2.RerankStreamResponse(id=item.id, error=to_error_proto(error, new_request_id()))
 
         def failed(item: rerank_pb2.RerankStreamRequest, exc: Exception) -> rerank_pb2.RerankStreamResponse:
-            request_id = uuid.uuid4().hex
+            request_id = new_request_id()
             _log.error("unexpected error", request_id=request_id, error=type(exc).__name__)
             return rerank_pb2.RerankStreamResponse(
                 id=item.id, error=to_error_proto(_internal(request_id), request_id)
@@ -111,17 +149,31 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
         try:
             return await self._engine.rerank(to_domain(request), call_context)
         except ServiceError as error:
-            return _Failure(error, error.request_id or uuid.uuid4().hex)
+            return _Failure(error, error.request_id or call_context.request_id or new_request_id())
         except Exception:
-            request_id = uuid.uuid4().hex
+            request_id = call_context.request_id or new_request_id()
             _log.exception("unexpected error", request_id=request_id)
             return _Failure(_internal(request_id), request_id)
+
+    def _timing(self, call: CallRecord) -> Metadata:
+        """Where the call's time went, in milliseconds: total, queued, upstream or in the model."""
+        backend = (
+            (INFERENCE_TIME_KEY, _ms(call.inference_seconds))
+            if self._local
+            else (UPSTREAM_TIME_KEY, _ms(call.upstream_seconds))
+        )
+        return (
+            (TOTAL_TIME_KEY, _ms(time.perf_counter() - call.started)),
+            (QUEUE_TIME_KEY, _ms(call.queue_seconds)),
+            backend,
+        )
 
     async def ListModels(
         self,
         request: rerank_pb2.ListModelsRequest,
         context: ServicerContext[rerank_pb2.ListModelsRequest, rerank_pb2.ListModelsResponse],
     ) -> rerank_pb2.ListModelsResponse:
+        context.set_trailing_metadata(self._timing(current_call()))
         return rerank_pb2.ListModelsResponse(
             models=[
                 rerank_pb2.ModelInfo(
@@ -192,16 +244,78 @@ def _internal(request_id: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
 
-def _call_context(context: ServicerContext[Any, Any]) -> CallContext:
+def _call_context(context: ServicerContext[Any, Any], request_id: str | None) -> CallContext:
     remaining = context.time_remaining()
+    metadata = context.invocation_metadata()
+    traceparent, tracestate = trace_context(metadata)
     return CallContext(
         deadline=None if remaining is None else time.monotonic() + remaining,
-        bearer_token=bearer_token(context.invocation_metadata()),
+        bearer_token=bearer_token(metadata),
+        request_id=request_id,
+        traceparent=traceparent,
+        tracestate=tracestate,
     )
 
 
-def _outcome_metadata(outcome: RerankOutcome) -> tuple[tuple[str, str | bytes], ...]:
-    metadata: list[tuple[str, str | bytes]] = [(REQUEST_ID_KEY, outcome.request_id)]
+def _outcome_metadata(outcome: RerankOutcome) -> Metadata:
     if outcome.upstream_request_ids:
-        metadata.append((UPSTREAM_IDS_KEY, ",".join(outcome.upstream_request_ids)))
-    return tuple(metadata)
+        return (
+            (REQUEST_ID_KEY, outcome.request_id),
+            (UPSTREAM_IDS_KEY, ",".join(outcome.upstream_request_ids)),
+        )
+    return ((REQUEST_ID_KEY, outcome.request_id),)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f}"
+
+
+# W3C Trace Context, version 00: version-traceid-parentid-flags, lowercase hex only.
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_ZERO_TRACE_ID, _ZERO_PARENT_ID = "0" * 32, "0" * 16
+# A tracestate list member: key=value, the key simple or tenant@system, the value
+# printable ASCII without ',' or '=' and not ending in a space.
+_TRACESTATE_MEMBER = re.compile(
+    r"(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+)
+MAX_TRACESTATE_MEMBERS = 32
+MAX_TRACESTATE_CHARS = 512
+
+
+def trace_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str | None, str | None]:
+    """The caller's (traceparent, tracestate), each None unless it is well-formed.
+
+    They are copied into upstream HTTP headers, so anything malformed is dropped
+    silently rather than forwarded: a stray CR/LF would be a header-injection vector.
+    Two traceparents are malformed; several tracestates are one list, as in HTTP.
+    """
+    traceparent: str | bytes | None = None
+    states: list[str] = []
+    for key, value in metadata or ():
+        if key == "traceparent":
+            if traceparent is not None:
+                return None, None
+            traceparent = value
+        elif key == "tracestate" and isinstance(value, str):
+            states.append(value)
+    if not isinstance(traceparent, str) or not valid_traceparent(traceparent):
+        return None, None
+    return traceparent, valid_tracestate(",".join(states)) if states else None
+
+
+def valid_traceparent(value: str) -> bool:
+    match = _TRACEPARENT.fullmatch(value)
+    return match is not None and match[1] != _ZERO_TRACE_ID and match[2] != _ZERO_PARENT_ID
+
+
+def valid_tracestate(value: str) -> str | None:
+    """The tracestate with empty members and optional spaces dropped, or None if malformed."""
+    if len(value) > MAX_TRACESTATE_CHARS:
+        return None
+    members = [member for member in (part.strip(" \t") for part in value.split(",")) if member]
+    if not members or len(members) > MAX_TRACESTATE_MEMBERS:
+        return None
+    if not all(_TRACESTATE_MEMBER.fullmatch(member) for member in members):
+        return None
+    return ",".join(members)

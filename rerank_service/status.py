@@ -12,9 +12,16 @@ ERROR_DOMAIN = "rerank-service"
 REQUEST_ID_KEY = "x-request-id"
 # Every upstream request id of a call split into chunks, comma-separated.
 UPSTREAM_IDS_KEY = "x-upstream-request-ids"
+# Where a unary call's time went, in milliseconds (decimal strings), as peers (TEI) report it.
+TOTAL_TIME_KEY = "x-total-time"
+QUEUE_TIME_KEY = "x-queue-time"
+UPSTREAM_TIME_KEY = "x-upstream-time"  # the upstream backend
+INFERENCE_TIME_KEY = "x-inference-time"  # the local backend
+
+Metadata = tuple[tuple[str, str | bytes], ...]
 
 
-def trailing_metadata(error: ServiceError, request_id: str) -> tuple[tuple[str, str | bytes], ...]:
+def trailing_metadata(error: ServiceError, request_id: str) -> Metadata:
     """The status details (`grpc-status-details-bin`) and the request id, as trailing metadata."""
     status = status_pb2.Status(code=error.code.value[0], message=error.message)
     for detail in _details(error):

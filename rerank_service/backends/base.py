@@ -18,7 +18,11 @@ class Backend(Protocol):
 
     @property
     def ready(self) -> bool:
-        """Whether the backend can answer now (health follows this)."""
+        """Whether the backend can answer now (health follows this).
+
+        `rerank` itself refuses while not ready, with the reason only the backend knows
+        (a model still loading, an open circuit breaker and when to retry).
+        """
         ...
 
     def models(self) -> list[ModelInfo]:

@@ -64,7 +64,8 @@ def test_a_failing_chunk_fails_the_call_with_its_status(serve: ServerFactory, up
     upstream.inject(
         Fault(status=429, body={"code": "Throttling", "message": "slow down"}, headers={"Retry-After": "3"})
     )
-    with serve(chunk_concurrency=1) as server:  # one at a time: the second chunk fails
+    # One chunk at a time, and no retry: the second chunk fails.
+    with serve(chunk_concurrency=1, upstream_max_attempts=1) as server:
         error = expect_error(lambda: server.stub.Rerank(request(documents=corpus(1500)), timeout=30))
 
     assert code_of(error) == grpc.StatusCode.RESOURCE_EXHAUSTED

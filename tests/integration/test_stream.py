@@ -101,7 +101,7 @@ def test_an_upstream_failure_answers_that_item_with_code_and_retry_delay(
     upstream.inject(
         Fault(status=429, body={"code": "Throttling", "message": "slow"}, headers={"Retry-After": "2"})
     )
-    with serve(stream_concurrency=1) as server:
+    with serve(stream_concurrency=1, upstream_max_attempts=1) as server:
         answered = by_id(list(server.stub.RerankStream(iter([item("a"), item("b")]), timeout=30)))
 
     error = answered["a"].error

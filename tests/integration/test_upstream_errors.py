@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import grpc
@@ -39,11 +40,13 @@ def upstream_error(code: str, message: str = "something went wrong") -> dict[str
 def test_upstream_http_status_maps_to_grpc_code_with_upstream_details(
     server: ServerThread, upstream: FakeUpstream, status: int, expected: grpc.StatusCode, reason: str
 ) -> None:
-    upstream.inject(Fault(status=status, body=upstream_error("SomeUpstreamCode", "the upstream says no")))
+    upstream.always(Fault(status=status, body=upstream_error("SomeUpstreamCode", "the upstream says no")))
 
     error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
 
     assert code_of(error) == expected
+    # 429 and 502/503/504 are retried (3 attempts by default); the rest fail at once.
+    assert len(upstream.requests) == (3 if status in (429, 502, 503, 504) else 1)
     assert "SomeUpstreamCode" in details_of(error)
     assert "the upstream says no" in details_of(error)
     assert "req-upstream-42" in details_of(error)
@@ -102,12 +105,13 @@ def test_model_unknown_to_the_upstream_is_not_found(serve: ServerFactory, upstre
     assert "ModelNotFound" in details_of(error)
 
 
-def test_connection_reset_is_unavailable(server: ServerThread, upstream: FakeUpstream) -> None:
-    upstream.inject(Fault(reset=True))
+def test_connection_reset_is_unavailable_after_retries(server: ServerThread, upstream: FakeUpstream) -> None:
+    upstream.always(Fault(reset=True))
 
     error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
 
     assert code_of(error) == Code.UNAVAILABLE
+    assert len(upstream.requests) == 3
 
 
 def test_nothing_listening_upstream_is_unavailable(serve: ServerFactory) -> None:
@@ -133,11 +137,13 @@ def test_nothing_listening_upstream_is_unavailable(serve: ServerFactory) -> None
 def test_a_body_that_is_not_json_is_unavailable(
     server: ServerThread, upstream: FakeUpstream, status: int, body: bytes, content_type: str
 ) -> None:
-    upstream.inject(Fault(status=status, body=body, content_type=content_type))
+    upstream.always(Fault(status=status, body=body, content_type=content_type))
 
     error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
 
     assert code_of(error) == Code.UNAVAILABLE
+    # A gateway's 502 page is retried; a broken 200 body would only break again.
+    assert len(upstream.requests) == (3 if status == 502 else 1)
 
 
 def _set_first(field: str, value: Any) -> Any:
@@ -238,10 +244,17 @@ def test_a_long_upstream_message_is_truncated(server: ServerThread, upstream: Fa
     assert len(details_of(error)) <= 300
 
 
-def test_the_service_recovers_after_upstream_failures(server: ServerThread, upstream: FakeUpstream) -> None:
-    upstream.inject(Fault(status=503, body=upstream_error("Overloaded")), times=2)
-    for _ in range(2):
-        expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+def test_the_service_recovers_after_upstream_failures(serve: ServerFactory, upstream: FakeUpstream) -> None:
+    upstream.always(Fault(status=503, body=upstream_error("Overloaded")))
+    with serve(upstream_breaker_cooldown=0.3) as server:
+        for _ in range(2):  # the fifth failed attempt opens the circuit; the sixth is never sent
+            expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+        upstream.always(None)
+        refused = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+        time.sleep(0.35)  # the cool-down (no event to wait for: it is a span of time)
+        response = server.stub.Rerank(request(), timeout=5)
 
-    response = server.stub.Rerank(request(), timeout=5)
+    assert error_info(refused) is not None
+    assert error_info(refused).reason == "UPSTREAM_CIRCUIT_OPEN"  # type: ignore[union-attr]
     assert [r.index for r in response.output.results] == [0, 1]
+    assert len(upstream.requests) == 6  # nothing was sent while the circuit was open

@@ -9,6 +9,7 @@ import pytest
 
 from rerank_service.config import DEFAULT_UPSTREAM_URL, ConfigError, Settings, load_settings
 from rerank_service.secret import Secret
+from rerank_service.server import channel_options
 
 UPSTREAM_KEY = "sk-upstream-0123456789"
 
@@ -374,3 +375,34 @@ def test_an_empty_upstream_key_file_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="--upstream-api-key-file is set but holds no key"):
         load({"upstream_api_key_file": str(key)})
+
+
+def test_grpc_options_bound_messages_and_keep_connections_alive() -> None:
+    options = dict(
+        channel_options(Settings(max_message_bytes=1234, keepalive_time=60, max_connection_age=300))
+    )
+    assert options["grpc.max_receive_message_length"] == 1234
+    assert options["grpc.max_send_message_length"] == 1234
+    assert options["grpc.keepalive_time_ms"] == 60_000
+    assert options["grpc.max_connection_age_ms"] == 300_000
+    assert "grpc.max_connection_age_ms" not in dict(channel_options(Settings(max_connection_age=0)))
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RERANK_TLS_CERT": "cert.pem"}, "tls-cert and tls-key go together"),
+        ({"RERANK_TLS_CLIENT_CA": "ca.pem"}, "tls-client-ca requires tls-cert"),
+        ({"RERANK_METRICS_PORT": "web"}, "metrics-port must be a port number or off"),
+        ({"RERANK_UPSTREAM_BREAKER_FAILURES": "-1"}, "upstream-breaker-failures must be 0 or more"),
+    ],
+)
+def test_new_settings_refuse_bad_values_with_the_setting_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings({}, env)
+
+
+def test_metrics_endpoint_is_off_unless_a_port_is_given() -> None:
+    assert load_settings({}, {}).metrics_port is None
+    assert load_settings({}, {"RERANK_METRICS_PORT": "off"}).metrics_port is None
+    assert load_settings({}, {"RERANK_METRICS_PORT": "9100"}).metrics_port == 9100

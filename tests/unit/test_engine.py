@@ -17,6 +17,7 @@ from rerank_service.domain import (
     RerankRequest,
     ScoredDocument,
     ServiceError,
+    not_ready,
 )
 from rerank_service.engine import RerankEngine, rank
 from rerank_service.secret import Secret
@@ -62,6 +63,8 @@ class FakeBackend:
         self._ready = False
 
     async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        if not self._ready:
+            raise not_ready("not started")  # as real backends refuse
         self.calls.append((request, context))
         scores = self.scores if self.scores is not None else [0.5] * len(request.documents)
         return BackendResult(
@@ -201,7 +204,7 @@ async def test_invalid_fields_win_over_unknown_model() -> None:
     assert fields(error) == ["query"]
 
 
-async def test_backend_not_ready_is_unavailable_and_not_called() -> None:
+async def test_a_not_ready_backends_refusal_reaches_the_caller() -> None:
     backend = FakeBackend(ready=False)
     engine = RerankEngine(as_backend(backend))
     assert not engine.ready
@@ -327,3 +330,21 @@ async def test_request_id_is_generated_when_the_backend_has_none(missing: str | 
     assert len(first.request_id) == 32
     assert set(first.request_id) <= set("0123456789abcdef")  # a hex uuid
     assert first.request_id != second.request_id
+
+
+async def test_thousands_of_blank_documents_give_a_bounded_error() -> None:
+    error = await rerank_error(RerankEngine(as_backend(FakeBackend())), make_request(documents=[" "] * 5000))
+
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    # 20 named, the rest counted in one, and the count over the model's maximum.
+    assert len(error.violations) == 22
+    assert "4980 more documents are empty" in error.violations[20].description
+    assert len(error.message) < 500
+
+
+async def test_a_huge_unknown_model_name_is_not_echoed_whole() -> None:
+    error = await rerank_error(RerankEngine(as_backend(FakeBackend())), make_request(model="m" * 1_000_000))
+
+    assert error.code == grpc.StatusCode.NOT_FOUND
+    assert len(error.message) < 300
+    assert len(error.metadata["model"]) <= 64

@@ -10,6 +10,7 @@ import httpcore
 import pytest
 
 from rerank_service.backends.upstream.network import ProbedBackend, _ProbedStream
+from rerank_service.backends.upstream.pool import LeanConnectionPool
 from rerank_service.backends.upstream.transport import pooled_transport
 
 
@@ -34,11 +35,10 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 def test_the_transport_pools_connections_through_the_probed_backend() -> None:
     transport = pooled_transport(max_connections=7)
 
-    pool = transport._pool
-    assert isinstance(pool, httpcore.AsyncConnectionPool)
+    pool: object = transport._pool  # httpx annotates it as httpcore's own pool
+    assert isinstance(pool, LeanConnectionPool)
     assert isinstance(pool._network_backend, ProbedBackend)
-    assert pool._max_connections == 7
-    assert pool._max_keepalive_connections == 7
+    assert pool._slots._value == 7
 
 
 def test_an_idle_open_connection_is_not_readable(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -23,6 +23,7 @@ from rerank_service.domain import (
     ScoredDocument,
     ServiceError,
     invalid_argument,
+    not_ready,
 )
 from rerank_service.logging import get_logger
 
@@ -137,6 +138,8 @@ class LocalBackend:
         self._batchers.clear()
 
     async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        if not self.ready:
+            raise not_ready("the model is still loading")
         scorer, batcher = self._scorers[request.model], self._batchers[request.model]
         query_tokens = scorer.count_tokens(request.query)
         if query_tokens > self._max_query_tokens:

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from rerank_service import metrics
 from rerank_service.backends.local.scorer import Encoded, Scorer
 from rerank_service.domain import ServiceError
 from rerank_service.logging import get_logger
+from rerank_service.metrics import CallRecord
 
 _log = get_logger("rerank_service.batcher")
 
@@ -47,6 +49,9 @@ class _Job:
     remaining: int = 0
     enqueued_at: float = 0.0
     started: bool = False
+    # The call waiting on it: the worker runs in its own task, outside the call's context,
+    # so queue and inference time are added to the record it was handed.
+    call: CallRecord | None = None
 
     def __post_init__(self) -> None:
         self.scores = [0.0] * len(self.items)
@@ -65,7 +70,7 @@ class _Pair:
 
 @dataclass
 class BatchStats:
-    """Counters for tests, benchmarks and (later) metrics."""
+    """Counters for tests and benchmarks (the Prometheus metrics are in metrics.py)."""
 
     batches: int = 0
     pairs: int = 0
@@ -106,7 +111,12 @@ class MicroBatcher:
         """Scores for `items`, in order, computed in batches shared with other requests."""
         if not items:
             return []
-        job = _Job(items, asyncio.get_running_loop().create_future(), enqueued_at=time.perf_counter())
+        job = _Job(
+            items,
+            asyncio.get_running_loop().create_future(),
+            enqueued_at=time.perf_counter(),
+            call=metrics.active_call(),
+        )
         self._queue.append(job)
         self._wake.set()
         return await job.future
@@ -158,26 +168,34 @@ class MicroBatcher:
         batch = [pair for pair in batch if not pair.job.future.done()]
         if not batch:
             return
+        jobs = {pair.job for pair in batch}
         started = time.perf_counter()
-        for job in {pair.job for pair in batch}:
+        for job in jobs:
             if not job.started:  # queue time: from arrival to the first batch that serves it
                 job.started = True
-                self.stats.queue_seconds += started - job.enqueued_at
+                waited = started - job.enqueued_at
+                self.stats.queue_seconds += waited
+                metrics.observe_queue(waited)
+                if job.call is not None:
+                    job.call.queue_seconds += waited
         loop = asyncio.get_running_loop()
         try:
             scores = await loop.run_in_executor(self._executor, self._scorer.score, [p.item for p in batch])
         except Exception as exc:  # the model failed: fail every request in the batch
+            self._ran(jobs, len(batch), time.perf_counter() - started)
             _log.exception("batch failed", pairs=len(batch))
             error = ServiceError(
                 grpc.StatusCode.INTERNAL,
                 f"the model failed on a batch: {type(exc).__name__}",
                 reason="MODEL_FAILED",
             )
-            for job in {pair.job for pair in batch}:
+            for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(error)
             return
-        self.stats.inference_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self._ran(jobs, len(batch), seconds)
+        self.stats.inference_seconds += seconds
         self.stats.batches += 1
         self.stats.pairs += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
@@ -187,3 +205,11 @@ class MicroBatcher:
             job.remaining -= 1
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(job.scores)
+
+    @staticmethod
+    def _ran(jobs: set[_Job], pairs: int, seconds: float) -> None:
+        """Record a batch that ran (failed or not): the model was busy for every call in it."""
+        metrics.observe_batch(pairs, seconds)
+        for job in jobs:
+            if job.call is not None:
+                job.call.inference_seconds += seconds

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from rerank_service import metrics
 from rerank_service.backends.upstream import errors
+from rerank_service.backends.upstream.breaker import CircuitBreaker, Outcome
 from rerank_service.backends.upstream.compatible import DashScopeCompatible
 from rerank_service.backends.upstream.dashscope import DashScopeNative
 from rerank_service.backends.upstream.dialect import Dialect, MalformedResponse, parse_error_body
+from rerank_service.backends.upstream.retry import RetryPolicy, judge
 from rerank_service.backends.upstream.transport import UpstreamReply, UpstreamTransport
 from rerank_service.chunking import CallLimits
 from rerank_service.config import Settings
@@ -22,8 +28,12 @@ from rerank_service.domain import (
     CallContext,
     ModelInfo,
     ServiceError,
+    not_ready,
 )
+from rerank_service.logging import get_logger
 from rerank_service.secret import Secret
+
+_log = get_logger("rerank_service.upstream")
 
 DIALECTS: dict[str, type[DashScopeNative] | type[DashScopeCompatible]] = {
     "dashscope": DashScopeNative,
@@ -59,6 +69,9 @@ class UpstreamBackend:
         api_key: Secret | None,
         pass_through: bool,
         secrets: list[Secret],
+        retry_policy: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
+        timeout: float = 30.0,
     ) -> None:
         self._dialect = dialect
         self._transport_factory = transport_factory
@@ -68,6 +81,11 @@ class UpstreamBackend:
         self._api_key = api_key
         self._pass_through = pass_through
         self._secrets = secrets
+        self._retry_policy = retry_policy or RetryPolicy(max_attempts=1, backoff=0.1, max_backoff=1.0)
+        self._breaker = breaker or CircuitBreaker(failure_threshold=0, cooldown=1.0)
+        # Without a caller deadline, attempts and the waits between them fit in this.
+        self._timeout = timeout
+        self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UpstreamBackend:
@@ -108,11 +126,23 @@ class UpstreamBackend:
             api_key=settings.upstream_api_key,
             pass_through=settings.pass_through,
             secrets=settings.secrets(),
+            retry_policy=RetryPolicy(
+                settings.upstream_max_attempts,
+                settings.upstream_retry_backoff,
+                settings.upstream_retry_max_backoff,
+            ),
+            breaker=CircuitBreaker(settings.upstream_breaker_failures, settings.upstream_breaker_cooldown),
+            timeout=settings.upstream_timeout,
         )
 
     @property
     def ready(self) -> bool:
-        return self._transport is not None
+        """Started, and the circuit is not open (health is NOT_SERVING while it is)."""
+        return self._transport is not None and not self._breaker.open
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self._breaker
 
     def models(self) -> list[ModelInfo]:
         return list(self._models)
@@ -130,27 +160,66 @@ class UpstreamBackend:
             self._transport = None
 
     async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        """One upstream call, repeated while the failure is retryable and time is left."""
         if self._transport is None:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "upstream backend is not started")
+            raise not_ready("the upstream backend is not started")
         token = self._credentials(context)
+        body = self._dialect.build_body(request)
+        # The waits between attempts must end before the caller's deadline (or, with
+        # none, within the upstream timeout), leaving the next attempt some time.
+        give_up_at = context.deadline if context.deadline is not None else time.monotonic() + self._timeout
+        attempt = 1
+        while True:
+            probe = self._breaker.admit()
+            outcome = Outcome.NEUTRAL  # if cancelled mid-attempt: says nothing about the upstream
+            try:
+                result = await self._attempt(request, body, token, context)
+                outcome = Outcome.SUCCESS
+                return result
+            except ServiceError as error:
+                verdict = judge(error, context.deadline is not None and time.monotonic() >= context.deadline)
+                outcome = verdict.outcome
+                if not verdict.retryable or attempt >= self._retry_policy.max_attempts:
+                    raise
+                wait = self._retry_policy.wait_before(attempt, error.retry_after, self._rng)
+                if time.monotonic() + wait >= give_up_at:
+                    raise
+                _log.warning(
+                    "upstream retry",
+                    attempt=attempt,
+                    failure=verdict.label,
+                    wait_ms=round(wait * 1000, 1),
+                    upstream_request_id=error.request_id,
+                )
+                metrics.count_upstream_retry(verdict.label)
+            finally:
+                self._breaker.record(outcome, probe)
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    async def _attempt(
+        self, request: BackendRequest, body: dict[str, Any], token: Secret | None, context: CallContext
+    ) -> BackendResult:
+        assert self._transport is not None
         reply = await self._transport.post_json(
-            self._dialect.path, self._dialect.build_body(request), token, context.deadline
-        )
-        body = _decode_json(reply)
+            self._dialect.path, body, token, context.deadline,
+            traceparent=context.traceparent, tracestate=context.tracestate,
+        )  # fmt: skip
+        decoded = _decode_json(reply)
         if not 200 <= reply.status < 300:
             raise errors.from_http_status(
                 reply.status,
-                parse_error_body(body),
+                parse_error_body(decoded),
                 reply.headers.get("retry-after"),
                 self._pass_through,
                 self._secrets + ([token] if token is not None else []),
             )
-        if body is _NOT_JSON:
+        if decoded is _NOT_JSON:
             raise errors.not_json(reply.status, reply.headers.get("content-type"))
         try:
-            return self._dialect.parse_result(body, request)
+            return self._dialect.parse_result(decoded, request)
         except MalformedResponse as exc:
-            request_id = parse_error_body(body).request_id
+            request_id = parse_error_body(decoded).request_id
             raise errors.malformed(str(exc), request_id) from None
 
     def _credentials(self, context: CallContext) -> Secret | None:

@@ -2,7 +2,8 @@
 
 Every upstream call goes through `UpstreamTransport.post_json`, so the rules for
 time (never outlive the caller's deadline) and size (never buffer an unbounded
-body) live in one place.
+body) live in one place, and so does measuring it: each HTTP attempt is counted by
+outcome and timed (metrics.py), and its time is added to the call's record.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpcore
 import httpx
 
+from rerank_service import metrics
 from rerank_service.backends.upstream import errors
 from rerank_service.backends.upstream.network import ProbedBackend
+from rerank_service.backends.upstream.pool import LeanConnectionPool
+from rerank_service.domain import ServiceError
 from rerank_service.secret import Secret
 
 # A rerank response is a few bytes per document; anything near this is broken.
@@ -32,15 +35,15 @@ class UpstreamReply:
 
 
 def pooled_transport(max_connections: int) -> httpx.AsyncHTTPTransport:
-    """httpx's transport with every connection kept alive, and a cheap liveness probe."""
+    """httpx's transport on a pool that costs O(1) a call, with a cheap liveness probe."""
     transport = httpx.AsyncHTTPTransport(trust_env=False)
-    # httpx takes no network backend, so the pool it built is swapped for one with ours
-    # (same settings); tests/unit/test_transport.py fails if httpx renames the attribute.
-    transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=httpx.create_ssl_context(trust_env=False),
+    # httpx takes no pool or network backend, so the pool it built is swapped for ours
+    # (pool.py says why); tests/unit/test_transport.py fails if httpx renames the attribute.
+    # httpx annotates the attribute as httpcore's pool; it only calls the interface both speak.
+    transport._pool = LeanConnectionPool(  # type: ignore[assignment]
         max_connections=max_connections,
-        max_keepalive_connections=max_connections,
         keepalive_expiry=30.0,
+        ssl_context=httpx.create_ssl_context(trust_env=False),
         network_backend=ProbedBackend(),
     )
     return transport
@@ -68,23 +71,57 @@ class UpstreamTransport:
         await self._client.aclose()
 
     async def post_json(
-        self, path: str, body: dict[str, Any], token: Secret | None, deadline: float | None
+        self,
+        path: str,
+        body: dict[str, Any],
+        token: Secret | None,
+        deadline: float | None,
+        *,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> UpstreamReply:
-        """POST `body` as JSON; bounded by the upstream timeout and the caller's deadline."""
+        """POST `body` as JSON; bounded by the upstream timeout and the caller's deadline.
+
+        `traceparent`/`tracestate` (already validated) go along as W3C trace headers.
+        """
         budget, cut_by_caller = self._budget(deadline)
         if budget <= 0:
             raise errors.timed_out(by_caller_deadline=True)
         headers = {"authorization": f"Bearer {token.reveal()}"} if token is not None else {}
+        if traceparent is not None:
+            headers["traceparent"] = traceparent
+            if tracestate is not None:
+                headers["tracestate"] = tracestate
         content = json.dumps(body, ensure_ascii=False).encode()
+        call = metrics.active_call()
+        started = time.perf_counter()
+        if call is not None:
+            call.upstream_began(started)
+        outcome: int | str = "cancelled"
         try:
             # httpx timeouts apply per phase (connect, each read); asyncio.timeout
             # bounds the whole exchange, so a trickling body cannot outlive it.
             async with asyncio.timeout(budget):
-                return await self._send(path, content, headers, budget)
+                reply = await self._send(path, content, headers, budget)
+            outcome = reply.status
+            return reply
         except TimeoutError:
+            outcome = "timeout"
             raise errors.timed_out(cut_by_caller) from None
         except httpx.HTTPError as exc:
+            outcome = transport_failure(exc)
             raise errors.from_transport(exc, cut_by_caller) from None
+        except ServiceError:
+            outcome = "too_large"  # the only ServiceError _send raises
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            ended = time.perf_counter()
+            if call is not None:
+                call.upstream_ended(ended)
+            metrics.observe_upstream(outcome, ended - started)
 
     def _budget(self, deadline: float | None) -> tuple[float, bool]:
         if deadline is None:
@@ -108,3 +145,18 @@ class UpstreamTransport:
         finally:
             await response.aclose()
         return UpstreamReply(response.status_code, response.headers, b"".join(chunks))
+
+
+def transport_failure(exc: httpx.HTTPError) -> str:
+    """The metrics label of an attempt that got no HTTP status."""
+    if isinstance(exc, httpx.PoolTimeout):
+        return "pool_timeout"  # our own connection pool was full: the upstream never saw it
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpx.ConnectError):
+        return "connect_error"
+    if isinstance(exc, httpx.ReadError | httpx.WriteError):
+        return "reset"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "protocol_error"  # includes a connection closed before any answer
+    return "transport_error"

@@ -1,0 +1,68 @@
+"""Which upstream failures are worth another attempt, and how long to wait first.
+
+Reranking is a pure function of its input, so repeating a call is always safe; what
+decides a retry is whether it is *likely to pass*: the upstream was unreachable, reset
+the connection, was briefly overloaded (502/503/504) or rate-limited us (429). A
+request it rejected (4xx), an internal error (500), a timeout (the time is spent) or a
+broken body would only fail again.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from rerank_service.backends.upstream.breaker import Outcome
+from rerank_service.domain import ServiceError
+
+RETRYABLE_HTTP_STATUSES = frozenset({429, 502, 503, 504})
+# Transport failures (no HTTP status) that happen before any answer: connect errors,
+# resets, protocol errors. errors.from_transport gives them this reason.
+_UNREACHABLE = "UPSTREAM_UNAVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    retryable: bool
+    outcome: Outcome  # for the circuit breaker
+    label: str  # for logs and the retries metric: an HTTP status or a failure kind
+
+
+def judge(error: ServiceError, caller_deadline_passed: bool) -> Verdict:
+    """Classify a failed attempt (the ServiceError that errors.py mapped it to)."""
+    status = error.metadata.get("upstream_status")
+    if status is not None:
+        code = int(status)
+        if code >= 500:
+            return Verdict(code in RETRYABLE_HTTP_STATUSES, Outcome.FAILURE, status)
+        if code == 429:
+            return Verdict(True, Outcome.NEUTRAL, status)
+        # Any other answer proves the upstream is up and talking.
+        return Verdict(False, Outcome.SUCCESS, status)
+    reason = error.reason or "unknown"
+    if reason == _UNREACHABLE:
+        return Verdict(True, Outcome.FAILURE, "unreachable")
+    if reason == "UPSTREAM_TIMEOUT":
+        # Cut short by the caller's own deadline, a timeout says nothing about the upstream.
+        return Verdict(False, Outcome.NEUTRAL if caller_deadline_passed else Outcome.FAILURE, "timeout")
+    if reason == "UPSTREAM_BAD_RESPONSE":
+        return Verdict(False, Outcome.FAILURE, "bad_response")
+    # Our own pool was full, or an error that is not the upstream's.
+    return Verdict(False, Outcome.NEUTRAL, reason.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int
+    backoff: float  # upper bound of the first wait
+    max_backoff: float
+
+    def wait_before(self, retry: int, retry_after: float | None, rng: random.Random) -> float:
+        """Seconds to wait before retry number `retry` (1 = the second attempt).
+
+        Full jitter (a uniform draw below an exponentially growing cap) spreads the
+        retries of many callers that failed together; the upstream's Retry-After is a floor.
+        """
+        cap = min(self.max_backoff, self.backoff * 2 ** (retry - 1))
+        wait = rng.uniform(0.0, cap)
+        return max(wait, retry_after) if retry_after is not None else wait

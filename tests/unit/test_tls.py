@@ -1,0 +1,137 @@
+"""TLS start-up checks: every bad certificate, key or CA file is one clear ConfigError naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import grpc
+import pytest
+
+from rerank_service.config import ConfigError, Settings
+from rerank_service.testing.process import run_cli
+from rerank_service.tls import server_credentials, tls_mode
+from tests.support.certs import CertificateAuthority
+
+
+@dataclasses.dataclass(frozen=True)
+class Files:
+    ca: Path
+    cert: Path
+    key: Path
+    other_key: Path  # a valid key that belongs to another certificate
+    garbage: Path
+    encrypted_key: Path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
+    directory = tmp_path_factory.mktemp("tls")
+    ca = CertificateAuthority()
+    cert, key = ca.issue_server().write(directory, "server")
+    _, other_key = ca.issue_client().write(directory, "other")
+    garbage = directory / "garbage.pem"
+    garbage.write_text("this is not PEM\n")
+    encrypted_key = directory / "encrypted-key.pem"
+    encrypted_key.write_text(
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0wSjApBgkqhkiG\n"
+        "-----END ENCRYPTED PRIVATE KEY-----\n"
+    )
+    return Files(ca.write(directory), cert, key, other_key, garbage, encrypted_key)
+
+
+def tls_settings(cert: Path, key: Path, client_ca: Path | None = None) -> Settings:
+    return Settings(tls_cert=cert, tls_key=key, tls_client_ca=client_ca)
+
+
+def test_no_tls_settings_means_plaintext() -> None:
+    assert server_credentials(Settings()) is None
+    assert tls_mode(Settings()) == "off"
+
+
+def test_a_good_certificate_and_key_give_server_credentials_for_tls_and_mtls(files: Files) -> None:
+    tls = tls_settings(files.cert, files.key)
+    mtls = tls_settings(files.cert, files.key, files.ca)
+
+    assert isinstance(server_credentials(tls), grpc.ServerCredentials)
+    assert isinstance(server_credentials(mtls), grpc.ServerCredentials)
+    assert (tls_mode(tls), tls_mode(mtls)) == ("tls", "mtls")
+
+
+@pytest.mark.parametrize(
+    ("which", "flag", "problem"),
+    [
+        ("missing cert", "tls-cert", "cannot read it (No such file or directory)"),
+        ("missing key", "tls-key", "cannot read it (No such file or directory)"),
+        ("missing ca", "tls-client-ca", "cannot read it (No such file or directory)"),
+        ("directory as cert", "tls-cert", "cannot read it (Is a directory)"),
+        ("garbage cert", "tls-cert", "holds no valid PEM certificate"),
+        ("key as cert", "tls-cert", "holds no valid PEM certificate"),
+        ("garbage key", "tls-key", "holds no valid PEM private key"),
+        ("cert as key", "tls-key", "holds no valid PEM private key"),
+        ("encrypted key", "tls-key", "the key is encrypted"),
+        ("mismatched key", "tls-key", "does not match the certificate in tls-cert"),
+        ("garbage ca", "tls-client-ca", "holds no valid PEM certificate"),
+        ("key as ca", "tls-client-ca", "holds no valid PEM certificate"),
+    ],
+)
+def test_a_bad_tls_file_is_a_config_error_naming_the_setting_and_file(
+    files: Files, which: str, flag: str, problem: str
+) -> None:
+    missing = files.ca.parent / "missing.pem"
+    cert, key, ca = {
+        "missing cert": (missing, files.key, None),
+        "missing key": (files.cert, missing, None),
+        "missing ca": (files.cert, files.key, missing),
+        "directory as cert": (files.ca.parent, files.key, None),
+        "garbage cert": (files.garbage, files.key, None),
+        "key as cert": (files.key, files.key, None),
+        "garbage key": (files.cert, files.garbage, None),
+        "cert as key": (files.cert, files.cert, None),
+        "encrypted key": (files.cert, files.encrypted_key, None),
+        "mismatched key": (files.cert, files.other_key, None),
+        "garbage ca": (files.cert, files.key, files.garbage),
+        "key as ca": (files.cert, files.key, files.key),
+    }[which]
+    named = {"tls-cert": cert, "tls-key": key, "tls-client-ca": ca}[flag]
+
+    with pytest.raises(ConfigError) as raised:
+        server_credentials(tls_settings(cert, key, ca))
+
+    message = str(raised.value)
+    assert message.startswith(f"{flag} {named}")
+    assert problem in message
+    assert "\n" not in message
+    assert "BEGIN" not in message  # never file contents, keys least of all
+
+
+def test_serve_with_a_mismatched_key_exits_2_with_one_clear_line(files: Files) -> None:
+    result = run_cli(
+        "serve", "--backend", "upstream", "--port", "0",
+        "--tls-cert", str(files.cert), "--tls-key", str(files.other_key),
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"rerank-service: configuration error: tls-key {files.other_key} "
+        f"does not match the certificate in tls-cert {files.cert}"
+    ]
+
+
+def test_a_client_command_with_an_unreadable_ca_file_exits_2_with_one_clear_line(tmp_path: Path) -> None:
+    missing = tmp_path / "ca.pem"
+
+    result = run_cli("health", "--target", "127.0.0.1:1", "--tls-ca", str(missing), "--timeout", "1")
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"rerank-service: configuration error: tls-ca {missing}: cannot read it (No such file or directory)"
+    ]
+
+
+def test_a_client_certificate_without_its_key_exits_2(files: Files) -> None:
+    result = run_cli("health", "--target", "127.0.0.1:1", "--tls-cert", str(files.cert), "--timeout", "1")
+
+    assert result.returncode == 2
+    assert "tls-cert and tls-key go together" in result.stderr
