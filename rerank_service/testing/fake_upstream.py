@@ -4,7 +4,10 @@ Tests, benchmarks and people trying the service without an API key point the
 upstream backend at it. It answers both DashScope dialects (native and
 OpenAI-compatible) with deterministic lexical-overlap scores, checks the bearer
 key if told to, records every request, and injects faults on demand: any status
-and body, delays, malformed or non-JSON bodies, connection resets.
+and body, delays, malformed or non-JSON bodies, connection resets (before the answer
+or mid-body), bodies that trickle, huge bodies, a flapping upstream (`cycle`), and an
+upstream that is down altogether (`go_down`: connections refused). It counts the
+connections it holds open, so tests can check that none is left behind.
 
     python -m rerank_service.testing.fake_upstream --port 8080 --latency 0.02
 """
@@ -17,11 +20,12 @@ import json
 import re
 import select
 import socket
+import sys
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -72,6 +76,14 @@ class Fault:
     reset: bool = False  # close the connection abruptly instead of answering
     # Edit the normal JSON answer before it is sent (wrong indexes, scores...).
     mutate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # (bytes, seconds): send the body this many bytes at a time, pausing between writes.
+    trickle: tuple[int, float] | None = None
+    # Send the status line, the headers (announcing the full length) and this many
+    # bytes of the body, then reset the connection: a reset mid-body.
+    reset_after_bytes: int | None = None
+    # Pad the body with trailing whitespace (still valid JSON) to this many bytes,
+    # streamed in chunks: a huge body without a huge string per request.
+    pad_to: int | None = None
 
 
 @dataclass
@@ -80,6 +92,15 @@ class RecordedRequest:
     headers: dict[str, str]
     body: Any
     received_at: float
+    # Body bytes written so far, and whether the whole answer went out.
+    body_bytes_sent: int = 0
+    answered: bool = False
+
+
+# Padding for `Fault.pad_to`, written again and again: one 64 KiB string per process.
+_PADDING = b" " * 65536
+# A delay of this long stands for "never answers" (the caller gives up first).
+NEVER = 3600.0
 
 
 class FakeUpstream:
@@ -105,26 +126,72 @@ class FakeUpstream:
         # Requests being answered right now, and the most there ever were at once.
         self.in_flight = 0
         self.max_in_flight = 0
+        # Connections accepted in all, and those still open (accepted minus closed).
+        self.connections_accepted = 0
+        self.open_connections = 0
+        self._sockets: set[socket.socket] = set()
         self._faults: deque[Fault] = deque()
         self._always: Fault | None = None
+        self._cycle: tuple[Fault, ...] = ()
+        self._cycle_position = 0
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-upstream", daemon=True)
+        # Notified whenever a request or a connection starts or ends (see `wait_for`).
+        self._changed = threading.Condition(self._lock)
+        self._server = _Server((host, port), _handler_for(self), self)
+        self._address: tuple[str, int] = (str(self._server.server_address[0]), self._server.server_address[1])
+        self._thread = self._serving_thread()
+        self._down = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) it listens on (the same after `go_down` and `come_back`)."""
+        return self._address
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        host, port = self._address
+        return f"http://{host}:{port}"
+
+    def _serving_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._server.serve_forever, name="fake-upstream", daemon=True)
 
     def start(self) -> FakeUpstream:
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        if not self._down:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=5)
+        self._drop_connections()
+
+    def go_down(self) -> None:
+        """Act like a crashed upstream: close every connection and stop listening, so
+        new connections are refused, until `come_back`."""
+        if self._down:
+            return
+        self._down = True
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+        self._drop_connections()
+
+    def come_back(self) -> None:
+        """Listen again on the same port after `go_down`."""
+        if not self._down:
+            return
+        self._server = _Server(self._address, _handler_for(self), self)
+        self._thread = self._serving_thread()
+        self._thread.start()
+        self._down = False
+
+    def _drop_connections(self) -> None:
+        with self._lock:
+            live = list(self._sockets)
+        for sock in live:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> FakeUpstream:
         return self.start()
@@ -142,28 +209,73 @@ class FakeUpstream:
         with self._lock:
             self._always = fault
 
+    def cycle(self, faults: Sequence[Fault]) -> None:
+        """Answer requests with `faults` in turn, over and over: a flapping upstream.
+
+        `Fault()` in the sequence is a normal answer; an empty sequence ends the cycle.
+        Faults queued by `inject` come first; the cycle takes precedence over `always`.
+        """
+        with self._lock:
+            self._cycle = tuple(faults)
+            self._cycle_position = 0
+
     def reset(self) -> None:
+        """Back to normal answers: clears faults, the cycle and the recordings (not
+        the connection counts, which describe connections, not requests)."""
         with self._lock:
             self._faults.clear()
             self._always = None
+            self._cycle = ()
+            self._cycle_position = 0
             self.requests.clear()
             self.abandoned.clear()
             self.in_flight = self.max_in_flight = 0
 
+    def wait_for(self, condition: Callable[[FakeUpstream], bool], timeout: float = 5.0) -> bool:
+        """Block until `condition(self)` holds (checked whenever a request or connection
+        starts or ends); False if it still does not after `timeout` seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: condition(self), timeout)
+
     def _next_fault(self) -> Fault | None:
         with self._lock:
-            return self._faults.popleft() if self._faults else self._always
+            if self._faults:
+                return self._faults.popleft()
+            if self._cycle:
+                fault = self._cycle[self._cycle_position % len(self._cycle)]
+                self._cycle_position += 1
+                return fault
+            return self._always
 
     def _record(self, request: RecordedRequest) -> None:
-        with self._lock:
+        with self._changed:
             if self.record:
                 self.requests.append(request)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self._changed.notify_all()
 
     def _finished(self) -> None:
-        with self._lock:
+        with self._changed:
             self.in_flight -= 1
+            self._changed.notify_all()
+
+    def _abandon(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self.abandoned.append(request)
+
+    def _connection_opened(self, sock: socket.socket) -> None:
+        with self._changed:
+            self.connections_accepted += 1
+            self.open_connections += 1
+            self._sockets.add(sock)
+            self._changed.notify_all()
+
+    def _connection_closed(self, sock: socket.socket) -> None:
+        with self._changed:
+            self.open_connections -= 1
+            self._sockets.discard(sock)
+            self._changed.notify_all()
 
     def answer(self, path: str, headers: dict[str, str], body: Any) -> tuple[int, dict[str, Any]]:
         """The normal answer (status, JSON) of the hosted API to one request."""
@@ -211,6 +323,37 @@ def _error(code: str, message: str, request_id: str) -> dict[str, Any]:
     return {"code": code, "message": message, "request_id": request_id}
 
 
+class _Server(ThreadingHTTPServer):
+    """One thread per connection; tells the fake when connections open and close."""
+
+    daemon_threads = True
+    # socketserver's default backlog is 5: a burst of new connections (50 calls at once)
+    # would see SYNs dropped and retried a second later, which no real API server does.
+    request_queue_size = 1024
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], fake: FakeUpstream
+    ) -> None:
+        self.fake = fake
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.fake._connection_opened(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        try:
+            super().shutdown_request(request)
+        finally:
+            self.fake._connection_closed(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A caller hanging up mid-answer is what faults provoke: not worth a traceback.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -233,13 +376,17 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             fake._record(recorded)
             try:
                 self._answer(recorded, headers, body)
+            except ConnectionError:
+                # The caller hung up while the answer was being written.
+                fake._abandon(recorded)
+                self.close_connection = True
             finally:
                 fake._finished()
 
         def _answer(self, recorded: RecordedRequest, headers: dict[str, str], body: Any) -> None:
             fault = fake._next_fault() or Fault()
             if not self._wait(fake.latency + fault.delay + _asked_delay(body)):
-                fake.abandoned.append(recorded)
+                fake._abandon(recorded)
                 self.close_connection = True
                 return
             if fault.reset:
@@ -253,21 +400,48 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 status = fault.status
                 payload = fault.body if fault.body is not None else normal
             content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            padding = max(0, fault.pad_to - len(content)) if fault.pad_to is not None else 0
             self.send_response(status)
             self.send_header("content-type", fault.content_type)
-            self.send_header("content-length", str(len(content)))
+            self.send_header("content-length", str(len(content) + padding))
             for key, value in fault.headers.items():
                 self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(content)
+            if self._write_body(_chunks(content, padding), fault, recorded):
+                recorded.answered = True
+
+        def _write_body(self, chunks: Iterator[bytes], fault: Fault, recorded: RecordedRequest) -> bool:
+            """Write the body as the fault says; True if all of it went out."""
+            limit = fault.reset_after_bytes
+            step, pause = fault.trickle if fault.trickle is not None else (0, 0.0)
+            for chunk in chunks:
+                if limit is not None:
+                    chunk = chunk[: limit - recorded.body_bytes_sent]
+                for piece in _pieces(chunk, step):
+                    if pause and recorded.body_bytes_sent and not self._wait(pause):
+                        fake._abandon(recorded)
+                        self.close_connection = True
+                        return False
+                    self.wfile.write(piece)
+                    recorded.body_bytes_sent += len(piece)
+                if limit is not None and recorded.body_bytes_sent >= limit:
+                    break
+            if limit is not None:
+                self._reset()
+                return False
+            return True
 
         def _wait(self, seconds: float) -> bool:
             """Sleep, but notice a caller that hangs up meanwhile (False then)."""
             end = time.monotonic() + seconds
             while (left := end - time.monotonic()) > 0:
                 readable, _, _ = select.select([self.connection], [], [], min(left, 0.02))
-                if readable and not self.connection.recv(1, socket.MSG_PEEK):
-                    return False
+                if readable:
+                    try:
+                        if not self.connection.recv(1, socket.MSG_PEEK):
+                            return False
+                    except OSError:  # reset by the caller
+                        return False
             return True
 
         def _reset(self) -> None:
@@ -279,6 +453,24 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             self.connection.close()
 
     return Handler
+
+
+def _chunks(content: bytes, padding: int) -> Iterator[bytes]:
+    """The body, then `padding` bytes of whitespace in 64 KiB pieces of one shared string."""
+    yield content
+    while padding > 0:
+        piece = _PADDING if padding >= len(_PADDING) else _PADDING[:padding]
+        yield piece
+        padding -= len(piece)
+
+
+def _pieces(chunk: bytes, step: int) -> Iterator[bytes]:
+    if not step:
+        if chunk:
+            yield chunk
+        return
+    for start in range(0, len(chunk), step):
+        yield chunk[start : start + step]
 
 
 def main() -> None:

@@ -1,0 +1,69 @@
+"""SIGTERM while 50 calls and a stream are in flight: every one completes, exit 0.
+
+A real `rerank-service serve` process in front of a fake upstream that takes 1 s a
+call. 50 unary calls and a RerankStream of 5 items are all waiting on the upstream
+when SIGTERM arrives; the stream is half-closed only after it. Every call and item
+must succeed (none cut, on either side), the stream must end OK, the server must
+stop taking new calls, and the process must exit 0 once the calls are done, well
+within the grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from rerank_service.testing.fake_upstream import FakeUpstream
+from rerank_service.testing.fault_scenarios import SHUTDOWN_GRACE, SHUTDOWN_LATENCY, sigterm_in_flight
+from rerank_service.testing.process import ServiceProcess
+from tests.conftest import UPSTREAM_KEY
+
+CALLS = 50
+ITEMS = 5
+
+
+@pytest.fixture
+def slow_upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream(api_key=UPSTREAM_KEY, latency=SHUTDOWN_LATENCY) as upstream:
+        yield upstream
+
+
+def test_sigterm_lets_50_calls_and_a_stream_in_flight_finish_then_exits_zero(
+    slow_upstream: FakeUpstream,
+) -> None:
+    args = [
+        "--backend",
+        "upstream",
+        "--upstream-url",
+        slow_upstream.url,
+        "--shutdown-grace",
+        str(SHUTDOWN_GRACE),
+    ]
+    with ServiceProcess(args, env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}) as service:
+        result = asyncio.run(sigterm_in_flight(service, slow_upstream, CALLS, ITEMS))
+
+    assert result.in_flight_at_signal == CALLS + ITEMS
+    assert result.unary == {"OK": CALLS}
+    assert result.stream_answers == {"OK": ITEMS}
+    assert result.stream_code == "OK"
+    assert result.upstream_abandoned == 0
+    assert len(slow_upstream.requests) == CALLS + ITEMS
+    assert all(request.answered for request in slow_upstream.requests)
+    # New calls, health checks included, are turned away once the drain starts.
+    assert result.health_after_signal[-1] in {"UNAVAILABLE", "CANCELLED"}
+    assert result.late_call == "UNAVAILABLE"
+    assert result.exit_code == 0
+    # It exits when the calls are done (about one upstream latency), not at the grace.
+    assert result.exit_seconds < SHUTDOWN_LATENCY + 2.0 < SHUTDOWN_GRACE
+    events = service.events()
+    assert [event["event"] for event in events][-1] == "stopped"
+    drained = [
+        event
+        for event in events[[e["event"] for e in events].index("draining") :]
+        if event["event"] == "call"
+    ]
+    # Every call finished during the drain was logged as a success.
+    assert len(drained) >= CALLS
+    assert {event["code"] for event in drained} == {"OK"}

@@ -1,0 +1,118 @@
+"""The upstream connection pool against a real HTTP server: reuse, bounds, release."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from rerank_service.backends.upstream.pool import LeanConnectionPool as LeanPool
+from rerank_service.backends.upstream.transport import pooled_transport
+from rerank_service.testing.fake_upstream import NATIVE_PATH, FakeUpstream, Fault
+
+BODY = {"model": "qwen3-rerank", "input": {"query": "a b", "documents": ["a b c", "d"]}}
+
+
+@pytest.fixture
+async def client(upstream: FakeUpstream) -> AsyncIterator[httpx.AsyncClient]:
+    upstream.api_key = None
+    async with httpx.AsyncClient(base_url=upstream.url, transport=pooled_transport(3), timeout=5) as http:
+        yield http
+
+
+def pool_of(client: httpx.AsyncClient) -> LeanPool:
+    transport = client._transport
+    assert isinstance(transport, httpx.AsyncHTTPTransport)
+    pool: object = transport._pool  # httpx annotates it as httpcore's own pool
+    assert isinstance(pool, LeanPool)
+    return pool
+
+
+async def post(client: httpx.AsyncClient) -> int:
+    response = await client.post(NATIVE_PATH, json=BODY)
+    return response.status_code
+
+
+async def test_sequential_calls_reuse_one_connection(
+    client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    before = upstream.connections_accepted
+    statuses = [await post(client) for _ in range(5)]
+
+    assert statuses == [200] * 5
+    assert pool_of(client).connections == 1
+    assert upstream.connections_accepted - before == 1
+
+
+async def test_concurrent_calls_never_open_more_connections_than_allowed(
+    client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(delay=0.05))
+    before = upstream.connections_accepted
+
+    statuses = await asyncio.gather(*(post(client) for _ in range(12)))
+
+    assert statuses == [200] * 12
+    assert upstream.max_in_flight == 3
+    assert pool_of(client).connections == 3
+    assert upstream.connections_accepted - before == 3
+
+
+async def test_a_caller_waiting_longer_than_the_pool_timeout_gets_a_pool_timeout(
+    upstream: FakeUpstream,
+) -> None:
+    upstream.api_key = None
+    upstream.always(Fault(delay=0.5))
+    async with httpx.AsyncClient(base_url=upstream.url, transport=pooled_transport(1)) as client:
+        busy = asyncio.create_task(client.post(NATIVE_PATH, json=BODY, timeout=5))
+        await asyncio.sleep(0.1)
+        with pytest.raises(httpx.PoolTimeout):
+            await client.post(NATIVE_PATH, json=BODY, timeout=httpx.Timeout(5, pool=0.1))
+        assert (await busy).status_code == 200
+
+
+async def test_a_response_left_unread_frees_its_slot_and_drops_its_connection(
+    upstream: FakeUpstream,
+) -> None:
+    upstream.api_key = None
+    before = upstream.connections_accepted
+    async with httpx.AsyncClient(base_url=upstream.url, transport=pooled_transport(1), timeout=5) as client:
+        async with client.stream("POST", NATIVE_PATH, json=BODY) as response:
+            assert response.status_code == 200  # closed without reading the body
+        assert await post(client) == 200  # the only slot came back
+        assert pool_of(client).connections == 1
+    assert upstream.connections_accepted - before == 2  # the unread one could not be reused
+
+
+async def test_a_cancelled_call_frees_its_slot(upstream: FakeUpstream) -> None:
+    upstream.api_key = None
+    upstream.inject(Fault(delay=5))
+    async with httpx.AsyncClient(base_url=upstream.url, transport=pooled_transport(1), timeout=10) as client:
+        slow = asyncio.create_task(post(client))
+        await asyncio.sleep(0.1)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert await asyncio.wait_for(post(client), 2) == 200
+
+
+async def test_a_connection_the_server_closed_is_not_reused(
+    client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    upstream.inject(Fault(headers={"connection": "close"}))
+    before = upstream.connections_accepted
+
+    assert [await post(client) for _ in range(3)] == [200, 200, 200]
+    assert upstream.connections_accepted - before == 2
+
+
+async def test_closing_the_client_closes_every_connection(upstream: FakeUpstream) -> None:
+    upstream.api_key = None
+    upstream.always(Fault(delay=0.05))
+    async with httpx.AsyncClient(base_url=upstream.url, transport=pooled_transport(4), timeout=5) as client:
+        await asyncio.gather(*(post(client) for _ in range(4)))
+        pool = pool_of(client)
+        assert pool.connections == 4
+    assert pool.connections == 0
