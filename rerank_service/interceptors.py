@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc.aio import ServicerContext
 
 from rerank_service import metrics
@@ -36,6 +37,27 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
 
+# What a request message that does not parse (bad protobuf, invalid UTF-8 in a string)
+# is handed on as: grpc would answer UNKNOWN; the access log answers INVALID_ARGUMENT.
+UNDECODABLE: Any = object()
+_UNDECODABLE_MESSAGE = (
+    "the request is not a valid protobuf message (bad encoding or invalid UTF-8 in a string)"
+)
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return UNDECODABLE
+
+    return parse
+
+
 def _rewrap(
     handler: Handler,
     wrap: Callable[[Behavior], Behavior],
@@ -47,7 +69,7 @@ def _rewrap(
     Every kind is covered, so a new RPC of any shape can never skip auth or the log.
     """
     serializers = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
@@ -87,6 +109,8 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                 measured.started()
                 code: grpc.StatusCode | int = grpc.StatusCode.UNKNOWN
                 try:
+                    if request is UNDECODABLE:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE_MESSAGE)
                     response = await behavior(request, context)
                     code = _final_code(context, grpc.StatusCode.OK)
                     return response
@@ -111,7 +135,7 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                 measured.started()
                 code: grpc.StatusCode | int = grpc.StatusCode.UNKNOWN
                 try:
-                    async for response in behavior(requests, context):
+                    async for response in behavior(_refuse_undecodable(requests, context), context):
                         yield response
                     code = _final_code(context, grpc.StatusCode.OK)
                 except BaseException:
@@ -126,6 +150,14 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
             return logged_stream
 
         return _rewrap(handler, wrap, wrap_stream)
+
+
+async def _refuse_undecodable(requests: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    """The stream's requests; one that does not parse ends the call with INVALID_ARGUMENT."""
+    async for request in requests:
+        if request is UNDECODABLE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE_MESSAGE)
+        yield request
 
 
 def _final_code(context: ServicerContext[Any, Any], default: grpc.StatusCode) -> grpc.StatusCode | int:

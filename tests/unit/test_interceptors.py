@@ -7,8 +7,9 @@ from typing import Any
 
 import grpc
 import pytest
+from rerank.v1 import rerank_pb2
 
-from rerank_service.interceptors import _rewrap
+from rerank_service.interceptors import UNDECODABLE, _rewrap
 
 
 async def answer_once(request: Any, context: Any) -> Any:
@@ -44,5 +45,18 @@ def test_every_handler_kind_gets_the_wrapped_behaviour(
     rewrapped = _rewrap(handler, lambda _: wrapped_once, lambda _: wrapped_stream)
 
     assert getattr(rewrapped, attribute) is expected
-    assert rewrapped.request_deserializer is bytes
+    assert rewrapped.request_deserializer is not None
+    assert rewrapped.request_deserializer(b"ab") == b"ab"  # the same parser, made tolerant
     assert rewrapped.response_serializer is bytes
+
+
+def test_a_message_that_does_not_parse_becomes_the_undecodable_marker() -> None:
+    handler: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(
+        wrapped_once, request_deserializer=rerank_pb2.RerankRequest.FromString
+    )
+
+    parse = _rewrap(handler, lambda b: b, lambda b: b).request_deserializer
+
+    assert parse is not None
+    assert parse(b"\x0a\x02\xff\xfe") is UNDECODABLE  # field 1 (model): invalid UTF-8
+    assert parse(rerank_pb2.RerankRequest(model="m").SerializeToString()).model == "m"
