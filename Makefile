@@ -7,7 +7,7 @@ BUF := .ci/tools/node_modules/.bin/buf
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 PY_STUBS := clients/python/src
 
-.PHONY: install install-upstream install-dev bench bench-local bench-streaming serve test lint typecheck generate check-generated buf-lint buf-breaking tools clean
+.PHONY: install install-upstream install-dev bench bench-local bench-streaming bench-reliability bench-perf serve test lint typecheck generate check-generated buf-lint buf-breaking tools clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -80,8 +80,20 @@ bench-local: install-dev
 bench-streaming: install-dev
 	$(PY) -m bench.streaming
 
+## bench-reliability: every fault, overload and shutdown scenario against a live server; rewrites docs/RELIABILITY.md
+bench-reliability: install-dev
+	$(PY) -m bench.reliability
+
+## bench-perf: the upstream service against canned, minimal-proxy and direct baselines
+## (ghz, nginx, py-spy; writes docs/PERFORMANCE.md; BENCH_QUICK=1 for a short smoke run)
+bench-perf: install-dev
+	bash bench/install-ghz.sh
+	bash bench/install-nginx.sh
+	$(PY) -m pip install --quiet py-spy==0.4.3
+	$(PY) -m bench.perf
+
 ## bench: every benchmark
-bench: bench-local bench-streaming
+bench: bench-local bench-streaming bench-reliability bench-perf
 
 clean:
 	rm -rf $(VENV) .ci/tools/node_modules .mypy_cache .pytest_cache .ruff_cache
