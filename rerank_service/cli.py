@@ -105,7 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    configure_logging(settings.log_format, settings.log_level, settings.secrets())
+    configure_logging(settings.log_format, settings.log_level, settings.secrets(), cache_loggers=True)
     from rerank_service.server import serve  # imported late: `rerank --help` stays fast
 
     try:

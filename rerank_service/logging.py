@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Any, TextIO
 
+import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -30,17 +31,23 @@ def _add_request_id(logger: WrappedLogger, method: str, event: EventDict) -> Eve
 
 
 class _RedactSecrets:
-    """Mask any configured secret found in an event's string values."""
+    """Mask any configured secret found in the rendered line.
+
+    It runs once on the finished line rather than on each field: one substring test
+    per secret, which on a line with no secret (every line, if the code is right)
+    is all it costs.
+    """
 
     def __init__(self, secrets: list[Secret]) -> None:
         self._secrets = [s for s in secrets if s.reveal()]
 
-    def __call__(self, logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
-        if self._secrets:
-            for key, value in event.items():
-                if isinstance(value, str):
-                    event[key] = redact(value, self._secrets)
-        return event
+    def __call__(self, logger: WrappedLogger, method: str, line: Any) -> Any:
+        return redact(line, self._secrets) if self._secrets and isinstance(line, str) else line
+
+
+def _json_line(event: EventDict, **_: Any) -> str:
+    # orjson: several times faster than json.dumps; default=str as JSONRenderer does.
+    return orjson.dumps(event, default=str).decode()
 
 
 def configure_logging(
@@ -48,15 +55,20 @@ def configure_logging(
     level: str = "info",
     secrets: list[Secret] | None = None,
     stream: TextIO | None = None,
+    cache_loggers: bool = False,
 ) -> None:
-    """Configure structlog for the process. `log_format` is auto, json or console."""
+    """Configure structlog for the process. `log_format` is auto, json or console.
+
+    `cache_loggers` binds each module's logger once (saves ~10 µs a line); a process
+    that configures logging once (the server) wants it, tests that reconfigure do not.
+    """
     stream = stream or sys.stderr
     if log_format == "auto":
         log_format = "console" if stream.isatty() else "json"
     renderer: Processor = (
         structlog.dev.ConsoleRenderer(colors=stream.isatty())
         if log_format == "console"
-        else structlog.processors.JSONRenderer()
+        else structlog.processors.JSONRenderer(serializer=_json_line)
     )
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -64,14 +76,14 @@ def configure_logging(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
-        _RedactSecrets(secrets or []),
         renderer,
+        _RedactSecrets(secrets or []),
     ]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
-        cache_logger_on_first_use=False,
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=cache_loggers,
     )
 
 

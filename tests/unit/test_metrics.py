@@ -196,8 +196,7 @@ async def test_the_transport_times_each_attempt_and_sends_the_trace_headers(call
         await asyncio.sleep(0.02)
         return httpx.Response(503 if len(seen) == 1 else 200, stream=_Body(b"{}"))
 
-    client = httpx.AsyncClient(base_url="http://upstream.test", transport=httpx.MockTransport(answer))
-    transport = UpstreamTransport("http://upstream.test", 5.0, 4, client=client)
+    transport = UpstreamTransport("http://upstream.test", 5.0, 4, transport=httpx.MockTransport(answer))
     before_503 = value("rerank_upstream_requests_total", status="503")
     before_200 = value("rerank_upstream_requests_total", status="200")
 
@@ -218,8 +217,7 @@ async def test_a_transport_failure_is_counted_by_its_kind(call: CallRecord) -> N
     async def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused")
 
-    client = httpx.AsyncClient(base_url="http://upstream.test", transport=httpx.MockTransport(refuse))
-    transport = UpstreamTransport("http://upstream.test", 5.0, 4, client=client)
+    transport = UpstreamTransport("http://upstream.test", 5.0, 4, transport=httpx.MockTransport(refuse))
     before = value("rerank_upstream_requests_total", status="connect_error")
 
     with pytest.raises(Exception, match="unreachable"):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import orjson
 
 from rerank_service import metrics
 from rerank_service.backends.upstream import errors
@@ -240,6 +241,12 @@ _NOT_JSON: Any = object()
 
 def _decode_json(reply: UpstreamReply) -> Any:
     try:
+        return orjson.loads(reply.content)  # several times faster than json on large answers
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        # What orjson refuses but Python's json reads (NaN, Infinity): the dialect then
+        # rejects such a score as a broken contract rather than as a body that is not JSON.
         return json.loads(reply.content)
     except (ValueError, UnicodeDecodeError):
         return _NOT_JSON

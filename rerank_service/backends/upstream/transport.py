@@ -9,12 +9,12 @@ outcome and timed (metrics.py), and its time is added to the call's record.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
 
 from rerank_service import metrics
 from rerank_service.backends.upstream import errors
@@ -32,6 +32,13 @@ class UpstreamReply:
     status: int
     headers: httpx.Headers
     content: bytes
+
+
+_FIXED_HEADERS = {
+    "content-type": "application/json",
+    "accept": "application/json",
+    "user-agent": "rerank-service",
+}
 
 
 def pooled_transport(max_connections: int) -> httpx.AsyncHTTPTransport:
@@ -55,20 +62,17 @@ class UpstreamTransport:
         base_url: str,
         timeout: float,
         max_connections: int,
-        client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._timeout = timeout
-        self._client = client or httpx.AsyncClient(
-            base_url=base_url,
-            timeout=httpx.Timeout(timeout),
-            transport=pooled_transport(max_connections),
-            headers={"content-type": "application/json", "accept": "application/json"},
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self._base_url = base_url.rstrip("/")
+        # httpx's transport, driven directly: the client layer above it (URL merging,
+        # auth, redirects, cookies, event hooks) is per-call work this service never uses.
+        self._transport = transport or pooled_transport(max_connections)
+        self._urls: dict[str, httpx.URL] = {}
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()
 
     async def post_json(
         self,
@@ -92,7 +96,7 @@ class UpstreamTransport:
             headers["traceparent"] = traceparent
             if tracestate is not None:
                 headers["tracestate"] = tracestate
-        content = json.dumps(body, ensure_ascii=False).encode()
+        content = orjson.dumps(body)
         call = metrics.active_call()
         started = time.perf_counter()
         if call is not None:
@@ -129,15 +133,27 @@ class UpstreamTransport:
         remaining = deadline - time.monotonic()
         return (remaining, True) if remaining < self._timeout else (self._timeout, False)
 
+    def _url(self, path: str) -> httpx.URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self._base_url + path)
+        return url
+
     async def _send(self, path: str, content: bytes, headers: dict[str, str], budget: float) -> UpstreamReply:
-        request = self._client.build_request(
-            "POST", path, content=content, headers=headers, timeout=httpx.Timeout(budget)
+        headers.update(_FIXED_HEADERS)
+        request = httpx.Request(
+            "POST",
+            self._url(path),
+            content=content,
+            headers=headers,
+            extensions={"timeout": {"connect": budget, "read": budget, "write": budget, "pool": budget}},
         )
-        response = await self._client.send(request, stream=True)
+        response = await self._transport.handle_async_request(request)
         try:
             chunks: list[bytes] = []
             size = 0
-            async for chunk in response.aiter_raw():
+            # No accept-encoding is sent, so the body arrives as it is: nothing to decode.
+            async for chunk in response.stream:  # type: ignore[union-attr]  # always async here
                 size += len(chunk)
                 if size > MAX_RESPONSE_BYTES:
                     raise errors.too_large(MAX_RESPONSE_BYTES)
