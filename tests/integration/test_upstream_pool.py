@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from rerank_service.backends.upstream.pool import LeanConnectionPool as LeanPool
 from rerank_service.backends.upstream.transport import pooled_transport
 from rerank_service.testing.fake_upstream import NATIVE_PATH, FakeUpstream, Fault
+from tests.support.certs import CertificateAuthority
 
 BODY = {"model": "qwen3-rerank", "input": {"query": "a b", "documents": ["a b c", "d"]}}
 
@@ -25,6 +28,10 @@ async def client(upstream: FakeUpstream) -> AsyncIterator[httpx.AsyncClient]:
 def pool_of(client: httpx.AsyncClient) -> LeanPool:
     transport = client._transport
     assert isinstance(transport, httpx.AsyncHTTPTransport)
+    return pool_of_transport(transport)
+
+
+def pool_of_transport(transport: httpx.AsyncHTTPTransport) -> LeanPool:
     pool: object = transport._pool  # httpx annotates it as httpcore's own pool
     assert isinstance(pool, LeanPool)
     return pool
@@ -116,3 +123,43 @@ async def test_closing_the_client_closes_every_connection(upstream: FakeUpstream
         pool = pool_of(client)
         assert pool.connections == 4
     assert pool.connections == 0
+
+
+async def test_an_https_upstream_is_reached_through_the_tls_handshake(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """The hosted API is HTTPS: the pool's asyncio network layer upgrades the connection."""
+    ca = CertificateAuthority()
+    cert, key = ca.issue_server().write(tmp_path, "upstream")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(ca.write(tmp_path)))
+    upstream.api_key = None
+    host, port = upstream.url.removeprefix("http://").split(":")
+    # A TLS terminator in front of the fake: decrypts and relays bytes both ways.
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        inner_reader, inner_writer = await asyncio.open_connection(host, int(port))
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pump(reader, inner_writer), pump(inner_reader, writer), return_exceptions=True)
+
+    terminator = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=server_context)
+    tls_port = terminator.sockets[0].getsockname()[1]
+    transport = pooled_transport(2)
+    pool = pool_of_transport(transport)
+    pool._ssl_context = client_context
+    try:
+        async with httpx.AsyncClient(base_url=f"https://localhost:{tls_port}", transport=transport) as client:
+            answers = [await client.post(NATIVE_PATH, json=BODY, timeout=5) for _ in range(3)]
+    finally:
+        terminator.close()
+
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    assert answers[0].json()["output"]["results"][0]["index"] == 0
+    assert answers[0].extensions["network_stream"].get_extra_info("ssl_object") is not None

@@ -18,7 +18,7 @@ import orjson
 
 from rerank_service import metrics
 from rerank_service.backends.upstream import errors
-from rerank_service.backends.upstream.network import ProbedBackend
+from rerank_service.backends.upstream.network import AsyncioBackend
 from rerank_service.backends.upstream.pool import LeanConnectionPool
 from rerank_service.domain import ServiceError
 from rerank_service.secret import Secret
@@ -51,7 +51,7 @@ def pooled_transport(max_connections: int) -> httpx.AsyncHTTPTransport:
         max_connections=max_connections,
         keepalive_expiry=30.0,
         ssl_context=httpx.create_ssl_context(trust_env=False),
-        network_backend=ProbedBackend(),
+        network_backend=AsyncioBackend(),
     )
     return transport
 
