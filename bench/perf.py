@@ -1034,9 +1034,7 @@ def main() -> None:
     plan = QUICK if os.environ.get("BENCH_QUICK", "") not in ("", "0") else FULL
     doc = args.doc or (RESULTS / "PERFORMANCE-quick.md" if plan.quick else DOC)
     if not GHZ.exists():
-        raise SystemExit(
-            f"ghz is missing at {GHZ}: run bash bench/install-ghz.sh (make bench-perf does)"
-        )
+        raise SystemExit(f"ghz is missing at {GHZ}: run bash bench/install-ghz.sh (make bench-perf does)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     ports = Ports(args.base_port)
     results = Results(plan)
