@@ -8,7 +8,8 @@ This pool keeps idle connections on a stack and bounds the connections in use wi
 semaphore: taking and returning one is a pop and a push.
 
 It speaks httpcore's request interface, so httpx's transport drives it as it drives
-its own pool (same connections, same HTTP/1.1 code, same timeouts).
+its own pool, and its connections are httpcore's HTTP/1.1 connections (same protocol
+code, same timeouts), opened by the pool itself on the asyncio network layer.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
 import httpcore
+from httpcore._async.http11 import AsyncHTTP11Connection
 from httpcore._async.interfaces import AsyncRequestInterface
 
 
@@ -32,10 +34,12 @@ class LeanConnectionPool(AsyncRequestInterface):
         self._slots = asyncio.Semaphore(max_connections)
         self._keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context
+        if ssl_context is not None:
+            ssl_context.set_alpn_protocols(["http/1.1"])
         self._network_backend = network_backend
         # Most recently used last: reuse the warmest connection, let the rest expire.
-        self._idle: list[httpcore.AsyncHTTPConnection] = []
-        self._in_use: set[httpcore.AsyncHTTPConnection] = set()
+        self._idle: list[AsyncHTTP11Connection] = []
+        self._in_use: set[AsyncHTTP11Connection] = set()
         self._closed = False
 
     @property
@@ -44,8 +48,15 @@ class LeanConnectionPool(AsyncRequestInterface):
         return len(self._idle) + len(self._in_use)
 
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
-        pool_timeout = request.extensions.get("timeout", {}).get("pool")
-        connection = await self._acquire(request.url.origin, wait_at_most=pool_timeout)
+        if self._closed:
+            raise RuntimeError("the upstream connection pool is closed")
+        await self._take_slot(request.extensions.get("timeout", {}).get("pool"))
+        try:
+            connection = await self._idle_connection(request.url.origin) or await self._connect(request)
+        except BaseException:
+            self._slots.release()
+            raise
+        self._in_use.add(connection)
         try:
             response = await connection.handle_async_request(request)
         except BaseException:
@@ -58,42 +69,45 @@ class LeanConnectionPool(AsyncRequestInterface):
             extensions=response.extensions,
         )
 
-    async def _acquire(
-        self, origin: httpcore.Origin, wait_at_most: float | None
-    ) -> httpcore.AsyncHTTPConnection:
-        if self._closed:
-            raise RuntimeError("the upstream connection pool is closed")
+    async def _take_slot(self, wait_at_most: float | None) -> None:
         try:
             async with asyncio.timeout(wait_at_most):
                 await self._slots.acquire()
         except TimeoutError:
             raise httpcore.PoolTimeout("no upstream connection became free in time") from None
+
+    async def _idle_connection(self, origin: httpcore.Origin) -> AsyncHTTP11Connection | None:
         while self._idle:
             connection = self._idle.pop()
             # has_expired: past keep-alive, or the server closed it (a readable idle socket).
-            if (
-                connection.is_idle()
-                and not connection.has_expired()
-                and connection.can_handle_request(origin)
-            ):
-                self._in_use.add(connection)
+            reusable = connection.is_idle() and not connection.has_expired()
+            if reusable and connection.can_handle_request(origin):
                 return connection
             await connection.aclose()
-        connection = httpcore.AsyncHTTPConnection(
-            origin,
-            ssl_context=self._ssl_context,
-            keepalive_expiry=self._keepalive_expiry,
-            network_backend=self._network_backend,
-        )
-        self._in_use.add(connection)
+        return None
+
+    async def _connect(self, request: httpcore.Request) -> AsyncHTTP11Connection:
+        """A new HTTP/1.1 connection (TLS for https), within the request's connect timeout."""
+        origin = request.url.origin
+        timeout = request.extensions.get("timeout", {}).get("connect")
+        host = origin.host.decode("ascii")
+        stream = await self._network_backend.connect_tcp(host, origin.port, timeout=timeout)
+        if origin.scheme == b"https":
+            context = self._ssl_context or ssl.create_default_context()
+            server_hostname = request.extensions.get("sni_hostname") or host
+            stream = await stream.start_tls(context, server_hostname=server_hostname, timeout=timeout)
+        connection = AsyncHTTP11Connection(origin, stream, keepalive_expiry=self._keepalive_expiry)
+        # httpcore's own lock is anyio's, whose every acquire costs an extra turn of the
+        # event loop; this pool only ever runs on asyncio, where asyncio's lock is exact.
+        connection._state_lock = asyncio.Lock()  # type: ignore[assignment]
         return connection
 
-    async def _release(self, connection: httpcore.AsyncHTTPConnection) -> None:
+    async def _release(self, connection: AsyncHTTP11Connection) -> None:
         if connection not in self._in_use:
             return  # already released (a stream closed twice)
         self._in_use.discard(connection)
         try:
-            if connection.is_idle() and not connection.is_closed() and not self._closed:
+            if connection.is_idle() and not self._closed:
                 self._idle.append(connection)
             else:  # a response not read to its end, or a broken connection: not reusable
                 await connection.aclose()
