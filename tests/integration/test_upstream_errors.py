@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.request
 from typing import Any
 
 import grpc
@@ -258,3 +259,25 @@ def test_the_service_recovers_after_upstream_failures(serve: ServerFactory, upst
     assert error_info(refused).reason == "UPSTREAM_CIRCUIT_OPEN"  # type: ignore[union-attr]
     assert [r.index for r in response.output.results] == [0, 1]
     assert len(upstream.requests) == 6  # nothing was sent while the circuit was open
+
+
+def test_retried_failures_echoing_the_key_leak_it_nowhere(
+    serve: ServerFactory, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    """The key in an upstream's 503 body, retried: not in the error, a log line or a metric."""
+    upstream.always(Fault(status=503, body=upstream_error("Down", f"key {UPSTREAM_KEY} is overloaded")))
+    with serve(metrics_port=0) as server:
+        error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+        assert server.server is not None and server.server.metrics_port is not None
+        url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            exposition = response.read().decode()
+
+    assert code_of(error) == Code.UNAVAILABLE
+    assert len(upstream.requests) == 3
+    assert "is overloaded" in details_of(error)
+    assert UPSTREAM_KEY not in details_of(error) + str(trailing(error))
+    assert [line["event"] for line in logs.events()].count("upstream retry") == 2
+    assert UPSTREAM_KEY not in logs.text
+    assert 'rerank_upstream_retries_total{reason="503"} ' in exposition
+    assert UPSTREAM_KEY not in exposition
