@@ -5,6 +5,10 @@ a call costs query tokens x documents + document tokens, each item truncated at
 4,000 tokens. Without the upstream's tokenizer, tokens are estimated from UTF-8
 bytes / 3: about one token per CJK character (3 bytes) and an over-estimate for
 English (about 4 characters a token), so chunks err on the small side.
+
+Counting bytes is cheap: an ASCII string's UTF-8 size is its length (and
+`str.isascii` is O(1) in CPython), so only other strings are encoded; and a call that
+provably fits in one chunk is not counted document by document at all.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import filterfalse
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +30,30 @@ class CallLimits:
 
 
 def estimate_tokens(text: str) -> int:
-    return math.ceil(len(text.encode("utf-8")) / 3)
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    return -(-size // 3)  # ceil(size / 3), in integers
+
+
+def _item_tokens(text: str, cap: int) -> int:
+    """min(estimate_tokens(text), cap); a text of 3 x cap characters or more is over it
+    whatever its bytes (UTF-8 takes at least one byte a character)."""
+    return cap if len(text) >= 3 * cap else min(estimate_tokens(text), cap)
+
+
+def _fits_one_call(query_tokens: int, documents: Sequence[str], max_tokens: int) -> bool:
+    """Whether every document together provably fits in `max_tokens`, from an upper bound.
+
+    Each document costs query_tokens + min(ceil(bytes / 3), cap) <= query_tokens +
+    (bytes + 2) / 3, so the call costs at most n x query_tokens + (B + 2n) / 3, with B
+    the documents' UTF-8 bytes or more: an ASCII string's bytes are its length, any
+    other's at most 4 a character. Only when this bound is over the budget are the
+    documents counted one by one (which may still find that they fit).
+    """
+    count = len(documents)
+    characters = sum(map(len, documents))
+    wide = sum(map(len, filterfalse(str.isascii, documents)))  # characters of non-ASCII texts
+    upper_bytes = characters + 3 * wide
+    return count * query_tokens + (upper_bytes + 2 * count) // 3 <= max_tokens
 
 
 def split(query: str, documents: Sequence[str], limits: CallLimits) -> list[range]:
@@ -36,14 +64,21 @@ def split(query: str, documents: Sequence[str], limits: CallLimits) -> list[rang
     """
     count = len(documents)
     max_docs = limits.max_documents or count
-    if limits.max_tokens is None and count <= max_docs:
+    if count <= max_docs and limits.max_tokens is None:
         return [range(count)]
+    query_cost = _item_tokens(query, limits.max_item_tokens)
+    if (
+        count <= max_docs
+        and limits.max_tokens is not None
+        and _fits_one_call(query_cost, documents, limits.max_tokens)
+    ):
+        return [range(count)]  # what the loop below finds, without counting each document
     target = math.ceil(count / math.ceil(count / max_docs)) if count else 0
-    query_cost = min(estimate_tokens(query), limits.max_item_tokens)
+    cap = limits.max_item_tokens
     chunks: list[range] = []
     start, tokens = 0, 0
     for index, document in enumerate(documents):
-        cost = query_cost + min(estimate_tokens(document), limits.max_item_tokens)
+        cost = query_cost + _item_tokens(document, cap)
         size = index - start
         over_tokens = limits.max_tokens is not None and tokens + cost > limits.max_tokens
         if size and (size >= target or over_tokens):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from itertools import repeat
+from operator import attrgetter
 
 from rerank_service import metrics
 from rerank_service.backends.base import Backend
@@ -75,12 +77,23 @@ class RerankEngine:
         gate = asyncio.Semaphore(self._chunk_concurrency)
         call = metrics.active_call()
 
+        doomed = False
+
         async def run(chunk: range) -> BackendResult:
+            nonlocal doomed
             waiting_since = time.perf_counter()
             async with gate:
+                # A chunk that failed has doomed the call: a chunk let through by the slot
+                # it freed must not reach the upstream before the TaskGroup cancels it.
+                if doomed:
+                    raise asyncio.CancelledError
                 if call is not None:  # the call's queue time: waiting for a chunk slot
                     call.waited_for_slot(time.perf_counter() - waiting_since)
-                return await self._backend.rerank(_backend_request(model, request, chunk), context)
+                try:
+                    return await self._backend.rerank(_backend_request(model, request, chunk), context)
+                except BaseException:
+                    doomed = True
+                    raise
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -124,6 +137,8 @@ MAX_DOCUMENT_VIOLATIONS = 20
 
 
 def _blank_documents(documents: list[str]) -> list[FieldViolation]:
+    if all(map(str.strip, documents)):  # the usual case, in one pass in C
+        return []
     blank = [index for index, document in enumerate(documents) if not document.strip()]
     violations = [
         FieldViolation(f"documents[{index}]", "must not be empty or only whitespace")
@@ -157,28 +172,35 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return first
 
 
+_INDEX_OF, _SCORE_OF = attrgetter("index"), attrgetter("score")
+
+
 def merge(results: list[BackendResult], chunks: list[range]) -> BackendResult:
     """One result from per-chunk results: indexes back into the caller's list, tokens summed."""
     if len(results) == 1 and chunks[0].start == 0:
         return results[0]
-    scores = [
-        ScoredDocument(index=chunk.start + scored.index, score=scored.score)
-        for result, chunk in zip(results, chunks, strict=True)
-        for scored in result.scores
-    ]
+    scores: list[ScoredDocument] = []
+    for result, chunk in zip(results, chunks, strict=True):
+        if chunk.start == 0:
+            scores.extend(result.scores)
+        else:
+            offset = chunk.start
+            scores.extend(ScoredDocument(offset + scored.index, scored.score) for scored in result.scores)
     return BackendResult(scores=scores, total_tokens=sum(result.total_tokens for result in results))
 
 
 def rank(result: BackendResult, request: RerankRequest) -> list[RankedDocument]:
     """Sort by score (highest first, ties in input order), apply top_n, attach texts."""
-    ordered = sorted(result.scores, key=lambda scored: (-scored.score, scored.index))
+    scores = result.scores
+    # Two stable sorts on C keys give the order of the key (-score, index) without a
+    # tuple and a Python call per document; the sort by index only matters for ties.
+    if len(set(map(_SCORE_OF, scores))) == len(scores):
+        ordered = sorted(scores, key=_SCORE_OF, reverse=True)
+    else:
+        ordered = sorted(scores, key=_INDEX_OF)
+        ordered.sort(key=_SCORE_OF, reverse=True)
     if request.top_n is not None:
-        ordered = ordered[: request.top_n]
-    return [
-        RankedDocument(
-            index=scored.index,
-            score=scored.score,
-            text=request.documents[scored.index] if request.return_documents else None,
-        )
-        for scored in ordered
-    ]
+        del ordered[request.top_n :]
+    indexes = list(map(_INDEX_OF, ordered))
+    texts = map(request.documents.__getitem__, indexes) if request.return_documents else repeat(None)
+    return list(map(RankedDocument, indexes, map(_SCORE_OF, ordered), texts))

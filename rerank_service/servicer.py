@@ -200,20 +200,21 @@ def to_domain(request: rerank_pb2.RerankRequest) -> RerankRequest:
 
 
 def to_proto(outcome: RerankOutcome) -> rerank_pb2.RerankResponse:
-    return rerank_pb2.RerankResponse(
-        request_id=outcome.request_id,
-        output=rerank_pb2.RerankOutput(
-            results=[
-                rerank_pb2.RerankResult(
-                    index=ranked.index,
-                    relevance_score=ranked.score,
-                    document=rerank_pb2.RerankDocument(text=ranked.text) if ranked.text is not None else None,
-                )
-                for ranked in outcome.results
-            ]
-        ),
-        usage=rerank_pb2.RerankUsage(total_tokens=outcome.total_tokens),
-    )
+    response = rerank_pb2.RerankResponse(request_id=outcome.request_id)
+    response.output.SetInParent()  # present even when empty, as before
+    response.usage.SetInParent()
+    response.usage.total_tokens = outcome.total_tokens
+    results = outcome.results
+    if not results:
+        return response
+    add = response.output.results.add
+    for ranked in results:
+        result = add()
+        result.index = ranked.index
+        result.relevance_score = ranked.score
+        if ranked.text is not None:
+            result.document.text = ranked.text
+    return response
 
 
 def to_error_proto(error: ServiceError, request_id: str) -> rerank_pb2.RerankError:

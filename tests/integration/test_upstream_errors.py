@@ -268,7 +268,8 @@ def test_retried_failures_echoing_the_key_leak_it_nowhere(
     upstream.always(Fault(status=503, body=upstream_error("Down", f"key {UPSTREAM_KEY} is overloaded")))
     with serve(metrics_port=0) as server:
         error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
-        assert server.server is not None and server.server.metrics_port is not None
+        assert server.server is not None
+        assert server.server.metrics_port is not None
         url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             exposition = response.read().decode()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Protocol
 
 from rerank_service.domain import BackendRequest, BackendResult, ScoredDocument
@@ -38,15 +39,52 @@ class Dialect(Protocol):
         ...
 
 
+_INDEX, _SCORE = itemgetter("index"), itemgetter("relevance_score")
+_INT: frozenset[type] = frozenset({int})
+_FLOAT: frozenset[type] = frozenset({float})
+_NUMBER: frozenset[type] = frozenset({int, float})
+
+
 def parse_results(items: Any, request: BackendRequest) -> list[ScoredDocument]:
     """Check and convert a `results` array: indexes in range and unique, scores in [0, 1],
-    one result per document (or per top_n when the request asked for fewer)."""
+    one result per document (or per top_n when the request asked for fewer).
+
+    The checks run over whole columns in C (types, min and max, a set for duplicates, a
+    sum that is NaN if any score is); only an answer that fails one is walked item by
+    item, to say what is wrong with which result.
+    """
     document_count = len(request.documents)
     expected = document_count if request.top_n is None else min(request.top_n, document_count)
     if not isinstance(items, list):
         raise MalformedResponse("'results' is missing or not a list")
     if len(items) != expected:
         raise MalformedResponse(f"expected {expected} results, got {len(items)}")
+    if not items:
+        return []
+    try:
+        indexes = list(map(_INDEX, items))
+        scores = list(map(_SCORE, items))
+    except (KeyError, TypeError):  # an item that is not an object, or lacks a field
+        return _check_each(items, document_count)
+    score_types = set(map(type, scores))
+    if not (
+        set(map(type, indexes)) == _INT  # not bool, not float
+        and min(indexes) >= 0
+        and max(indexes) < document_count
+        and len(set(indexes)) == len(indexes)
+        and score_types <= _NUMBER
+        and min(scores) >= 0.0
+        and max(scores) <= 1.0
+        and not math.isnan(sum(scores))  # min and max can step over a NaN
+    ):
+        return _check_each(items, document_count)
+    if score_types != _FLOAT:
+        scores = list(map(float, scores))
+    return list(map(ScoredDocument, indexes, scores))
+
+
+def _check_each(items: list[Any], document_count: int) -> list[ScoredDocument]:
+    """The item-by-item check: raises MalformedResponse naming the first wrong result."""
     seen: set[int] = set()
     scores: list[ScoredDocument] = []
     for position, item in enumerate(items):

@@ -1,0 +1,158 @@
+"""Micro-benchmark of the service's own per-call Python work, with no network.
+
+    .venv/bin/python -m bench.hot_path [--iterations N] [--counts 20 500]
+
+One call's path through the service, minus gRPC, HTTP and JSON: `servicer.to_domain`,
+`RerankEngine.rerank` (validate, split, the backend call, merge, rank) with an
+in-memory backend whose `rerank` is the DashScope-native dialect's `parse_result` over
+an already decoded upstream answer, and `servicer.to_proto`. The request and the
+answer are `bench.perf`'s (`bench/perf_payloads.py`): corpus documents of 20-40 words,
+every document scored, indexes shuffled, the call limits of `qwen3-rerank` (500
+documents, 120,000 tokens per upstream call).
+
+Prints CPU µs per call (process time: what the service pays, and steadier than wall
+time on a shared machine) for the whole path and for each part, the best of several
+rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from rerank.v1 import rerank_pb2
+
+from bench.perf_payloads import request as perf_request
+from bench.perf_payloads import upstream_answer
+from rerank_service.backends.upstream.dashscope import DashScopeNative
+from rerank_service.chunking import CallLimits
+from rerank_service.domain import BackendRequest, BackendResult, CallContext, ModelInfo, RerankOutcome
+from rerank_service.engine import RerankEngine
+from rerank_service.servicer import to_domain, to_proto
+
+MODEL = ModelInfo(
+    "qwen3-rerank", max_documents=10_000, max_query_tokens=4000, supports_instruct=True, backend="bench"
+)
+# What the upstream backend gives qwen3-rerank (backends/upstream/backend.py).
+LIMITS = CallLimits(max_documents=500, max_tokens=120_000)
+
+
+class AnswerBackend:
+    """Answers every call with the same decoded upstream body, checked by the dialect."""
+
+    def __init__(self, body: Any) -> None:
+        self._body = body
+        self._dialect = DashScopeNative()
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def models(self) -> list[ModelInfo]:
+        return [MODEL]
+
+    def call_limits(self, model: str) -> CallLimits:
+        return LIMITS
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        return self._dialect.parse_result(self._body, request)
+
+
+def measure(step: Callable[[], Awaitable[object]], iterations: int, rounds: int) -> float:
+    """CPU µs per call of `step`: the best round's mean."""
+
+    async def run() -> float:
+        for _ in range(max(1, iterations // 10)):  # warm up
+            await step()
+        best = float("inf")
+        for _ in range(rounds):
+            started = time.process_time_ns()
+            for _ in range(iterations):
+                await step()
+            best = min(best, (time.process_time_ns() - started) / iterations / 1000)
+        return best
+
+    return asyncio.run(run())
+
+
+def bench(count: int, iterations: int, rounds: int) -> dict[str, float]:
+    message = perf_request(count)
+    body = orjson.loads(upstream_answer(count))
+    backend = AnswerBackend(body)
+    engine = RerankEngine(backend)
+    context = CallContext(request_id="bench")
+    request = to_domain(message)
+    backend_request = BackendRequest(
+        model=request.model, query=request.query, documents=request.documents, instruct=None, top_n=None
+    )
+    outcome = asyncio.run(engine.rerank(request, context))
+    check(message, to_proto(outcome), body)
+
+    async def whole() -> rerank_pb2.RerankResponse:
+        return to_proto(await engine.rerank(to_domain(message), context))
+
+    async def domain() -> object:
+        return to_domain(message)
+
+    async def engine_only() -> RerankOutcome:
+        return await engine.rerank(request, context)
+
+    async def parse() -> BackendResult:
+        return await backend.rerank(backend_request, context)
+
+    async def proto() -> rerank_pb2.RerankResponse:
+        return to_proto(outcome)
+
+    return {
+        "whole path": measure(whole, iterations, rounds),
+        "to_domain": measure(domain, iterations, rounds),
+        "engine.rerank (with parse_result)": measure(engine_only, iterations, rounds),
+        "  of which parse_result": measure(parse, iterations, rounds),
+        "to_proto": measure(proto, iterations, rounds),
+    }
+
+
+def check(message: rerank_pb2.RerankRequest, response: rerank_pb2.RerankResponse, body: Any) -> None:
+    """The path under test gives the right answer: every document, best first."""
+    results = body["output"]["results"]
+    expected = sorted((-r["relevance_score"], r["index"]) for r in results)
+    got = [(-r.relevance_score, r.index) for r in response.output.results]
+    if got != expected or len(got) != len(message.documents):
+        raise SystemExit("the hot path gave a wrong ranking")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--counts", type=int, nargs="+", default=[20, 500], help="documents per call")
+    parser.add_argument("--iterations", type=int, default=0, help="calls per round (default: by size)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds; the best one counts")
+    args = parser.parse_args()
+    table: dict[int, dict[str, float]] = {}
+    for count in args.counts:
+        iterations = args.iterations or max(200, 200_000 // count)
+        table[count] = bench(count, iterations, args.rounds)
+    names = list(next(iter(table.values())))
+    width = max(map(len, names))
+    print(f"{'µs per call':<{width}}" + "".join(f"{f'{count} docs':>12}" for count in table))
+    for name in names:
+        print(f"{name:<{width}}" + "".join(f"{table[count][name]:>12.1f}" for count in table))
+    if len(table) > 1:
+        (low, few), (high, many) = min(table.items()), max(table.items())
+        per_document = (many["whole path"] - few["whole path"]) / (high - low)
+        print(f"{'per extra document':<{width}}{per_document:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
