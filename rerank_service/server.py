@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from wsgiref.simple_server import WSGIServer
 
@@ -176,6 +177,15 @@ def _auth_mode(settings: Settings) -> str:
     return "open"
 
 
+def _tune_garbage_collector() -> None:
+    """Each call allocates many short-lived objects that reference counting frees; the
+    cycle collector, run every 700 allocations by default, mostly rescans what start-up
+    built (modules, a model). Freeze that and run it less often: ~7% less CPU per call
+    at 500 documents (docs/PERFORMANCE.md)."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT, then drain; the process's exit code."""
     server = RerankServer(settings)
@@ -188,6 +198,7 @@ async def serve(settings: Settings) -> int:
     except BackendStartError as exc:
         _log.error("start failed", error=str(exc))
         return 1
+    _tune_garbage_collector()
     await stop.wait()
     await server.stop()
     return 0
