@@ -153,6 +153,17 @@ def port_is_free(port: int) -> bool:
         return True
 
 
+def port_frees_up(port: int, timeout: float = 60) -> bool:
+    """Whether `port` is free, or frees up within `timeout`: after a run with a thousand
+    failed calls, the sockets of the server just stopped can take a while to go."""
+    deadline = time.monotonic() + timeout
+    while not port_is_free(port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -168,7 +179,7 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeou
 @contextlib.contextmanager
 def background(command: list[str], port: int, what: str) -> Iterator[subprocess.Popen[bytes]]:
     """Run `command` until the block ends; wait until it accepts connections on `port`."""
-    if not port_is_free(port):
+    if not port_frees_up(port):
         raise RuntimeError(f"port {port} ({what}) is taken: pass another --base-port")
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
@@ -282,7 +293,7 @@ def baseline(kind: str, port: int, documents: int, upstream_url: str, delay: flo
 @contextlib.contextmanager
 def service(port: int, upstream_url: str) -> Iterator[int]:
     """`rerank-service serve --backend upstream` with its defaults, an upstream key, no caller keys."""
-    if not port_is_free(port):
+    if not port_frees_up(port):
         raise RuntimeError(f"port {port} (service) is taken: pass another --base-port")
     args = [
         "--backend",

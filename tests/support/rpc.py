@@ -11,16 +11,12 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rerank.v1 import rerank_pb2
 
+from rerank_service.testing.fault_scenarios import rerank_request
+
 
 def request(**fields: Any) -> rerank_pb2.RerankRequest:
-    """A valid RerankRequest, with `fields` replaced."""
-    values: dict[str, Any] = {
-        "model": "qwen3-rerank",
-        "query": "red apple",
-        "documents": ["a red apple", "a car"],
-    }
-    values.update(fields)
-    return rerank_pb2.RerankRequest(**values)
+    """A valid RerankRequest, with `fields` replaced (the fault scenarios' own)."""
+    return rerank_request(**fields)
 
 
 def expect_error(call: Callable[[], Any]) -> grpc.RpcError:
