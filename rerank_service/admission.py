@@ -8,7 +8,6 @@ reflection are never counted or refused, so probes keep working under overload.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from rerank_service.interceptors import (
     StreamBehavior,
     _rewrap,
 )
+from rerank_service.metrics import current_call, new_request_id
 from rerank_service.status import trailing_metadata
 
 # What refused callers are told to wait before trying again (a hint, as RetryInfo).
@@ -78,4 +78,6 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             reason="OVERLOADED",
             retry_after=OVERLOAD_RETRY_AFTER,
         )
-        await context.abort(error.code, error.message, trailing_metadata(error, uuid.uuid4().hex))
+        # The call's own id (made by the access log, outermost), so the refusal and its log line match.
+        request_id = current_call().request_id or new_request_id()
+        await context.abort(error.code, error.message, trailing_metadata(error, request_id))

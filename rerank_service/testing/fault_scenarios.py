@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
+from rerank_service.metrics import code_name
 from rerank_service.testing.fake_upstream import NEVER, FakeUpstream, Fault, RecordedRequest
 from rerank_service.testing.process import ServiceProcess
 
@@ -48,7 +49,6 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # upstream refuses connections, so the fake sees nothing).
 RETRY_EVENT = "upstream retry"
 FIFTY_MB = 50 * 1024 * 1024
-_CODE_NAMES = {code.value[0]: code.name for code in Code}
 
 
 def rerank_request(**fields: Any) -> rerank_pb2.RerankRequest:
@@ -676,7 +676,7 @@ async def sigterm_in_flight(
             try:
                 async for answer in stream:
                     kind = answer.WhichOneof("result")
-                    result.stream_answers["OK" if kind == "response" else _CODE_NAMES[answer.error.code]] += 1
+                    result.stream_answers["OK" if kind == "response" else code_name(answer.error.code)] += 1
                 result.stream_code = "OK"
             except grpc.RpcError as error:
                 result.stream_code = error.code().name

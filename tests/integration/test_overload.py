@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
-from rerank_service.testing.fake_upstream import FakeUpstream
+from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from rerank_service.testing.fault_scenarios import (
     OVERLOAD_FLAGS,
     OVERLOAD_LATENCY,
@@ -23,7 +24,9 @@ from rerank_service.testing.fault_scenarios import (
     oversized_message_code,
 )
 from rerank_service.testing.process import ServiceProcess
-from tests.conftest import UPSTREAM_KEY
+from tests.conftest import UPSTREAM_KEY, ServerFactory
+from tests.support.logs import LogCapture
+from tests.support.rpc import code_of, expect_error, request, trailing
 
 CAPACITY = 8 / OVERLOAD_LATENCY  # calls a second
 SECONDS = 3.0
@@ -77,3 +80,18 @@ def test_a_message_over_max_message_bytes_is_resource_exhausted_and_the_server_g
 
     assert refused == "RESOURCE_EXHAUSTED"
     assert next_call == "OK"
+
+
+def test_a_refused_call_carries_the_request_id_of_its_log_line(
+    serve: ServerFactory, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    upstream.always(Fault(delay=0.5))
+    with serve(max_concurrent_requests=1) as server:
+        held = server.stub.Rerank.future(request(), timeout=5)
+        upstream.wait_for(lambda fake: fake.in_flight == 1, timeout=5)
+        refused = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+        held.result()
+
+    assert code_of(refused) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    [line] = [call for call in logs.wait_for_calls(2) if call["code"] == "RESOURCE_EXHAUSTED"]
+    assert trailing(refused)["x-request-id"] == line["request_id"]

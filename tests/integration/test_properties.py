@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from rerank.v1 import rerank_pb2
 
+from rerank_service.metrics import code_name
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.conftest import upstream_settings
 from tests.support.rpc import expect_error, request
@@ -275,14 +276,10 @@ def test_a_stream_of_any_items_answers_each_and_ends_ok(
     assert len(answers) == len(items)
     for answer in answers:
         if answer.WhichOneof("result") == "error":
-            code = Code.__members__[_name(answer.error.code)]
+            code = Code.__members__[code_name(answer.error.code)]
             assert code not in NEVER, answer.error.message
             assert code in {Code.INVALID_ARGUMENT, Code.NOT_FOUND}, answer.error.message
     assert_still_serving(live)
-
-
-def _name(number: int) -> str:
-    return next(code.name for code in Code if code.value[0] == number)
 
 
 # --- bytes that are not a valid RerankRequest --------------------------------------
