@@ -27,7 +27,7 @@ import grpc
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from bench.corpus import documents, queries
-from rerank_service.testing.process import ServiceProcess
+from tests.support.process import ServiceProcess
 
 MODEL = "all-minilm-l6-v2"
 

@@ -52,7 +52,7 @@ import grpc
 from rerank.v1 import rerank_pb2_grpc
 
 from bench.perf_payloads import RERANK_PATH, UPSTREAM_KEY, request, upstream_answer
-from rerank_service.testing.process import ServiceProcess
+from tests.support.process import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "perf"
@@ -640,9 +640,9 @@ def memory_scenario(results: Results, ports: Ports) -> None:
 BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "access log (structlog: render JSON, write the line)",
-        ("structlog/", "rerank_service/logging.py", "log_call ("),
+        ("structlog/", "rerank_service/observability/logging.py", "log_call ("),
     ),
-    ("metrics (prometheus_client)", ("prometheus_client/", "rerank_service/metrics.py")),
+    ("metrics (prometheus_client)", ("prometheus_client/", "rerank_service/observability/metrics.py")),
     ("upstream body: json.dumps / json.loads", ("json/",)),
     (
         "upstream HTTP client (httpx, httpcore, h11, anyio)",
@@ -653,7 +653,7 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "anyio/",
             "sniffio/",
             "urllib/",
-            "rerank_service/backends/upstream/network.py",
+            "rerank_service/backends/upstream/http/network.py",
         ),
     ),
     (
@@ -663,12 +663,15 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("upstream backend (deadline, retries, breaker, errors)", ("rerank_service/backends/upstream/",)),
     (
         "engine: validate, split, merge, rank",
-        ("rerank_service/engine.py", "rerank_service/chunking.py", "rerank_service/domain.py", "uuid.py"),
+        ("rerank_service/core/", "uuid.py"),
     ),
-    ("servicer: proto ⇄ domain, metadata", ("rerank_service/servicer.py", "rerank_service/status.py")),
+    (
+        "servicer: proto ⇄ domain, metadata",
+        ("rerank_service/grpc/servicer.py", "rerank_service/grpc/status.py"),
+    ),
     (
         "interceptors (log wrapper, admission, auth)",
-        ("rerank_service/interceptors.py", "rerank_service/admission.py", "rerank_service/auth.py"),
+        ("rerank_service/grpc/",),
     ),
     ("grpc.aio (Python parts of the server)", ("grpc/",)),
 )

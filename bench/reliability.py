@@ -2,7 +2,7 @@
 
     make bench-reliability          # or: .venv/bin/python -m bench.reliability
 
-Runs the scenarios of rerank_service/testing/fault_scenarios.py (the same ones
+Runs the scenarios of tests/support/fault_scenarios.py (the same ones
 tests/integration/test_fault_suite.py asserts) against a real `rerank-service serve
 --backend upstream` process in front of the fake upstream (in this process), each
 `--runs` times, then the circuit breaker, overload and shutdown sequences. Prints
@@ -29,7 +29,7 @@ import grpc
 from rerank.v1 import rerank_pb2_grpc
 
 from rerank_service.testing.fake_upstream import FakeUpstream
-from rerank_service.testing.fault_scenarios import (
+from tests.support.fault_scenarios import (
     BREAKER_SETTINGS,
     OVERLOAD_FLAGS,
     OVERLOAD_LATENCY,
@@ -50,7 +50,7 @@ from rerank_service.testing.fault_scenarios import (
     run_round,
     sigterm_in_flight,
 )
-from rerank_service.testing.process import ServiceProcess
+from tests.support.process import ServiceProcess
 
 KEY = "bench-upstream-key"
 DOC = Path(__file__).resolve().parent.parent / "docs" / "RELIABILITY.md"

@@ -29,7 +29,7 @@ import grpc
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from bench.corpus import documents, queries
-from rerank_service.testing.process import ServiceProcess
+from tests.support.process import ServiceProcess
 
 KEY = "bench-upstream-key"
 

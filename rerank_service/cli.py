@@ -15,7 +15,7 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service import __version__
 from rerank_service.config import ConfigError, add_serve_arguments, load_settings
-from rerank_service.logging import configure_logging
+from rerank_service.observability.logging import configure_logging
 
 EXIT_CONFIG_ERROR = 2
 
@@ -106,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     configure_logging(settings.log_format, settings.log_level, settings.secrets(), cache_loggers=True)
-    from rerank_service.server import serve  # imported late: `rerank --help` stays fast
+    from rerank_service.grpc.server import serve  # imported late: `rerank --help` stays fast
 
     try:
         return asyncio.run(serve(settings))

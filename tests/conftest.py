@@ -9,8 +9,8 @@ from typing import Any, TextIO, cast
 import pytest
 
 from rerank_service.config import Settings
-from rerank_service.logging import configure_logging
-from rerank_service.secret import Secret
+from rerank_service.config.secret import Secret
+from rerank_service.observability.logging import configure_logging
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.support.logs import LogCapture
 from tests.support.server import ServerThread

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rerank_service.backends.base import Backend
 from rerank_service.config import Settings
+from rerank_service.core.backend import Backend
 
 
 def build_backend(settings: Settings) -> Backend:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rerank_service.testing.fake_upstream import FakeUpstream
-from rerank_service.testing.process import ServiceProcess
+from tests.support.process import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_KEY = "client-suite-key-0123456789"

@@ -8,7 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from rerank.v1 import rerank_pb2
 
-from rerank_service.secret import Secret
+from rerank_service.config.secret import Secret
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.conftest import CALLER_KEY, UPSTREAM_KEY, ServerFactory
 from tests.support.logs import LogCapture

@@ -8,8 +8,8 @@ import signal
 import pytest
 
 from rerank_service.testing.fake_upstream import FakeUpstream, expected_ranking
-from rerank_service.testing.process import ServiceProcess, run_cli
 from tests.conftest import CALLER_KEY, UPSTREAM_KEY
+from tests.support.process import ServiceProcess, run_cli
 
 DOCUMENTS = ["apple pie recipe", "a red apple on a red table", "car engines"]
 

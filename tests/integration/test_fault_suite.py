@@ -1,6 +1,6 @@
 """The fault suite: every way the upstream can fail, and what the caller sees.
 
-Each scenario of rerank_service/testing/fault_scenarios.py runs against a live
+Each scenario of tests/support/fault_scenarios.py runs against a live
 server in front of the fake upstream: the exact status code and reason, the number
 of upstream attempts, the time taken (bounded by the deadline), a valid call
 answered right after, and no task, file descriptor or connection left behind after
@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from rerank_service.testing.fake_upstream import NATIVE_PATH, FakeUpstream, Fault
-from rerank_service.testing.fault_scenarios import (
+from tests.conftest import UPSTREAM_KEY, ServerFactory
+from tests.support.fault_scenarios import (
     BREAKER_SETTINGS,
     RETRY_EVENT,
     SCENARIOS,
@@ -32,7 +33,6 @@ from rerank_service.testing.fault_scenarios import (
     run_breaker,
     run_round,
 )
-from tests.conftest import UPSTREAM_KEY, ServerFactory
 from tests.support.leaks import LeakChecker
 from tests.support.logs import LogCapture
 

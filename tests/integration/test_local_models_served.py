@@ -17,8 +17,8 @@ from rerank.v1 import rerank_pb2
 
 from rerank_service.backends.local.models import load_scorer
 from rerank_service.config import load_settings
-from rerank_service.testing.process import ServiceProcess, run_cli
 from tests.support.logs import LogCapture
+from tests.support.process import ServiceProcess, run_cli
 from tests.support.rpc import code_of, expect_error, request
 from tests.support.server import ServerThread
 from tests.support.tiny_models import build_tiny_cross_encoder, build_tiny_qwen3_reranker

@@ -19,10 +19,10 @@ from rerank_service.backends.local.batcher import BatchLimits
 from rerank_service.backends.local.scorer import Scorer
 from rerank_service.config import Settings
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
-from rerank_service.testing.process import ServiceProcess
 from tests.conftest import UPSTREAM_KEY, ServerFactory
 from tests.integration.test_local_backend import WordScorer
 from tests.support.logs import LogCapture
+from tests.support.process import ServiceProcess
 from tests.support.rpc import code_of, expect_error, request, trailing
 from tests.support.server import ServerThread
 

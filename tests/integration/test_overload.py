@@ -17,15 +17,15 @@ import grpc
 import pytest
 
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
-from rerank_service.testing.fault_scenarios import (
+from tests.conftest import UPSTREAM_KEY, ServerFactory
+from tests.support.fault_scenarios import (
     OVERLOAD_FLAGS,
     OVERLOAD_LATENCY,
     drive_overload,
     oversized_message_code,
 )
-from rerank_service.testing.process import ServiceProcess
-from tests.conftest import UPSTREAM_KEY, ServerFactory
 from tests.support.logs import LogCapture
+from tests.support.process import ServiceProcess
 from tests.support.rpc import code_of, expect_error, request, trailing
 
 CAPACITY = 8 / OVERLOAD_LATENCY  # calls a second

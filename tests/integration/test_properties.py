@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from rerank.v1 import rerank_pb2
 
-from rerank_service.metrics import code_name
+from rerank_service.observability.metrics import code_name
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.conftest import upstream_settings
 from tests.support.rpc import expect_error, request

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import pytest
 
 from rerank_service.testing.fake_upstream import FakeUpstream
-from rerank_service.testing.fault_scenarios import SHUTDOWN_GRACE, SHUTDOWN_LATENCY, sigterm_in_flight
-from rerank_service.testing.process import ServiceProcess
 from tests.conftest import UPSTREAM_KEY
+from tests.support.fault_scenarios import SHUTDOWN_GRACE, SHUTDOWN_LATENCY, sigterm_in_flight
+from tests.support.process import ServiceProcess
 
 CALLS = 50
 ITEMS = 5

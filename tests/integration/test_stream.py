@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import grpc
 from rerank.v1 import rerank_pb2
 
-from rerank_service.secret import Secret
+from rerank_service.config.secret import Secret
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault, expected_ranking, total_tokens
 from tests.conftest import CALLER_KEY, ServerFactory
 from tests.support.logs import LogCapture

@@ -16,10 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service.testing.fake_upstream import expected_ranking
-from rerank_service.testing.process import run_cli
 from tests.conftest import ServerFactory
 from tests.support.certs import CertificateAuthority, Issued
 from tests.support.logs import LogCapture
+from tests.support.process import run_cli
 from tests.support.rpc import code_of, expect_error, request
 from tests.support.server import ServerThread
 

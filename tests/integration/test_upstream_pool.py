@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rerank_service.backends.upstream.pool import LeanConnectionPool as LeanPool
-from rerank_service.backends.upstream.transport import pooled_transport
+from rerank_service.backends.upstream.http.pool import LeanConnectionPool as LeanPool
+from rerank_service.backends.upstream.http.transport import pooled_transport
 from rerank_service.testing.fake_upstream import NATIVE_PATH, FakeUpstream, Fault
 from tests.support.certs import CertificateAuthority
 

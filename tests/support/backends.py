@@ -6,8 +6,8 @@ import asyncio
 import threading
 
 from rerank_service.backends.upstream import UpstreamBackend
-from rerank_service.chunking import CallLimits
-from rerank_service.domain import BackendRequest, BackendResult, CallContext, ModelInfo
+from rerank_service.core.chunking import CallLimits
+from rerank_service.core.domain import BackendRequest, BackendResult, CallContext, ModelInfo
 
 
 class GatedBackend:

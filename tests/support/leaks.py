@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from rerank_service.testing.fake_upstream import FakeUpstream
-from rerank_service.testing.fault_scenarios import open_fds
+from tests.support.fault_scenarios import open_fds
 from tests.support.server import ServerThread
 
 

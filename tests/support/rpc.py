@@ -11,7 +11,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rerank.v1 import rerank_pb2
 
-from rerank_service.testing.fault_scenarios import rerank_request
+from tests.support.fault_scenarios import rerank_request
 
 
 def request(**fields: Any) -> rerank_pb2.RerankRequest:

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 import grpc
 from rerank.v1 import rerank_pb2_grpc
 
-from rerank_service.backends.base import Backend
 from rerank_service.config import Settings
-from rerank_service.server import RerankServer
+from rerank_service.core.backend import Backend
+from rerank_service.grpc.server import RerankServer
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from rerank_service.domain import DEFAULT_INSTRUCT
+from rerank_service.core.domain import DEFAULT_INSTRUCT
 
 SEED = 1234
 

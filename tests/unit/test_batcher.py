@@ -12,7 +12,7 @@ import pytest
 
 from rerank_service.backends.local.batcher import BatchLimits, MicroBatcher
 from rerank_service.backends.local.scorer import Encoded
-from rerank_service.domain import ServiceError
+from rerank_service.core.domain import ServiceError
 
 
 class RecordingScorer:

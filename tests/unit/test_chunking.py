@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rerank_service.chunking import CallLimits, estimate_tokens, split
+from rerank_service.core.chunking import CallLimits, estimate_tokens, split
 
 
 def sizes(chunks: list[range]) -> list[int]:

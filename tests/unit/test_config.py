@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from rerank_service.config import DEFAULT_UPSTREAM_URL, ConfigError, Settings, load_settings
-from rerank_service.secret import Secret
-from rerank_service.server import channel_options
+from rerank_service.config.secret import Secret
+from rerank_service.config.settings import DEFAULT_UPSTREAM_URL, ConfigError, Settings, load_settings
+from rerank_service.grpc.server import channel_options
 
 UPSTREAM_KEY = "sk-upstream-0123456789"
 

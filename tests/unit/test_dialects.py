@@ -14,7 +14,7 @@ from rerank_service.backends.upstream.dialect import (
     UpstreamErrorBody,
     parse_error_body,
 )
-from rerank_service.domain import BackendRequest, BackendResult, ScoredDocument
+from rerank_service.core.domain import BackendRequest, BackendResult, ScoredDocument
 
 DOCUMENTS = ["alpha", "beta", "gamma"]
 

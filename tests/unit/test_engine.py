@@ -5,9 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from rerank_service.backends.base import Backend
-from rerank_service.chunking import CallLimits
-from rerank_service.domain import (
+from rerank_service.config.secret import Secret
+from rerank_service.core.backend import Backend
+from rerank_service.core.chunking import CallLimits
+from rerank_service.core.domain import (
     BackendRequest,
     BackendResult,
     CallContext,
@@ -19,8 +20,7 @@ from rerank_service.domain import (
     ServiceError,
     not_ready,
 )
-from rerank_service.engine import RerankEngine, rank
-from rerank_service.secret import Secret
+from rerank_service.core.engine import RerankEngine, rank
 
 MODELS = [
     ModelInfo("qwen3-rerank", max_documents=5, max_query_tokens=4000, supports_instruct=True, backend="fake"),

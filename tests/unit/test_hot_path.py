@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from rerank.v1 import rerank_pb2
 
 from rerank_service.backends.upstream.dialect import MalformedResponse, parse_results
-from rerank_service.chunking import CallLimits, split
-from rerank_service.domain import (
+from rerank_service.core.chunking import CallLimits, split
+from rerank_service.core.domain import (
     BackendRequest,
     BackendResult,
     RankedDocument,
@@ -25,8 +25,8 @@ from rerank_service.domain import (
     RerankRequest,
     ScoredDocument,
 )
-from rerank_service.engine import merge, rank
-from rerank_service.servicer import to_proto
+from rerank_service.core.engine import merge, rank
+from rerank_service.grpc.servicer import to_proto
 
 _REPRODUCIBLE = settings(
     derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]

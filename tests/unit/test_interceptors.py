@@ -9,7 +9,7 @@ import grpc
 import pytest
 from rerank.v1 import rerank_pb2
 
-from rerank_service.interceptors import UNDECODABLE, _rewrap
+from rerank_service.grpc.interceptors import UNDECODABLE, _rewrap
 
 
 async def answer_once(request: Any, context: Any) -> Any:

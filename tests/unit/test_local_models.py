@@ -36,7 +36,7 @@ from rerank_service.backends.local.models import (
     select_dtype,
 )
 from rerank_service.backends.local.scorer import Encoded, Scorer
-from rerank_service.domain import DEFAULT_INSTRUCT
+from rerank_service.core.domain import DEFAULT_INSTRUCT
 from tests.support.tiny_models import (
     build_tiny_bi_encoder,
     build_tiny_cross_encoder,

@@ -14,12 +14,12 @@ import grpc
 import httpx
 import pytest
 
-from rerank_service import metrics
 from rerank_service.backends.local.batcher import MicroBatcher
-from rerank_service.backends.upstream.transport import UpstreamTransport, transport_failure
-from rerank_service.logging import configure_logging, get_logger
-from rerank_service.metrics import REGISTRY, CallRecord
-from rerank_service.servicer import trace_context, valid_tracestate
+from rerank_service.backends.upstream.http.transport import UpstreamTransport, transport_failure
+from rerank_service.grpc.servicer import trace_context, valid_tracestate
+from rerank_service.observability import metrics
+from rerank_service.observability.logging import configure_logging, get_logger
+from rerank_service.observability.metrics import REGISTRY, CallRecord
 from tests.support.logs import LogCapture
 from tests.unit.test_batcher import RecordingScorer, pair
 

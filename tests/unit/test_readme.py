@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rerank_service.config import markdown_table
+from rerank_service.config.settings import markdown_table
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -9,7 +9,7 @@ import pytest
 
 from rerank_service.backends.upstream.breaker import CircuitBreaker, CircuitState, Outcome
 from rerank_service.backends.upstream.retry import RetryPolicy, judge
-from rerank_service.domain import ServiceError
+from rerank_service.core.domain import ServiceError
 
 
 def upstream_status(status: int) -> ServiceError:

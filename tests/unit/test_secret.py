@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rerank_service.secret import Secret, redact
+from rerank_service.config.secret import Secret, redact
 
 VALUE = "sk-very-secret-0123456789"
 MASK = "**********"

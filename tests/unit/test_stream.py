@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
-from rerank_service.stream import answer_concurrently
+from rerank_service.core.stream_window import answer_concurrently
 
 Item = tuple[str, float]  # (id, seconds the work takes)
 

@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from rerank_service.config import ConfigError, Settings
-from rerank_service.testing.process import run_cli
-from rerank_service.tls import server_credentials, tls_mode
+from rerank_service.grpc.tls import server_credentials, tls_mode
 from tests.support.certs import CertificateAuthority
+from tests.support.process import run_cli
 
 
 @dataclasses.dataclass(frozen=True)

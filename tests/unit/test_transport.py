@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import httpcore
 import pytest
 
-from rerank_service.backends.upstream.network import AsyncioBackend
-from rerank_service.backends.upstream.pool import LeanConnectionPool
-from rerank_service.backends.upstream.transport import pooled_transport
+from rerank_service.backends.upstream.http.network import AsyncioBackend
+from rerank_service.backends.upstream.http.pool import LeanConnectionPool
+from rerank_service.backends.upstream.http.transport import pooled_transport
 
 
 def test_the_transport_pools_connections_through_the_asyncio_backend() -> None:

@@ -18,8 +18,8 @@ from rerank_service.backends.upstream.errors import (
     from_transport,
     parse_retry_after,
 )
-from rerank_service.domain import ServiceError
-from rerank_service.secret import Secret
+from rerank_service.config.secret import Secret
+from rerank_service.core.domain import ServiceError
 
 SECRET = "sk-upstream-echoed-0123456789"
 MASK = "**********"
@@ -302,7 +302,7 @@ def test_a_nan_retry_after_is_ignored() -> None:
 def test_a_capped_retry_after_still_becomes_a_status_with_retry_info() -> None:
     from google.rpc import error_details_pb2, status_pb2
 
-    from rerank_service.status import trailing_metadata
+    from rerank_service.grpc.status import trailing_metadata
 
     error = errors.from_http_status(429, UpstreamErrorBody(), "inf", pass_through=False, secrets=[])
     status = status_pb2.Status.FromString(dict(trailing_metadata(error, "rid"))["grpc-status-details-bin"])

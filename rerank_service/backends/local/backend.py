@@ -12,9 +12,9 @@ import grpc
 
 from rerank_service.backends.local.batcher import BatchLimits, MicroBatcher
 from rerank_service.backends.local.scorer import Scorer
-from rerank_service.chunking import CallLimits
 from rerank_service.config import ConfigError, Settings
-from rerank_service.domain import (
+from rerank_service.core.chunking import CallLimits
+from rerank_service.core.domain import (
     BackendRequest,
     BackendResult,
     CallContext,
@@ -25,7 +25,7 @@ from rerank_service.domain import (
     invalid_argument,
     not_ready,
 )
-from rerank_service.logging import get_logger
+from rerank_service.observability.logging import get_logger
 
 _log = get_logger("rerank_service.local")
 

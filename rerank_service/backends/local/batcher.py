@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from rerank_service import metrics
 from rerank_service.backends.local.scorer import Encoded, Scorer
-from rerank_service.domain import ServiceError
-from rerank_service.logging import get_logger
-from rerank_service.metrics import CallRecord
+from rerank_service.core.domain import ServiceError
+from rerank_service.observability import metrics
+from rerank_service.observability.logging import get_logger
+from rerank_service.observability.metrics import CallRecord
 
 _log = get_logger("rerank_service.batcher")
 

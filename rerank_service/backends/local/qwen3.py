@@ -24,7 +24,7 @@ from rerank_service.backends.local.common import (
     pad_batch,
 )
 from rerank_service.backends.local.scorer import Encoded
-from rerank_service.domain import DEFAULT_INSTRUCT
+from rerank_service.core.domain import DEFAULT_INSTRUCT
 
 # The model card's chat template around each pair, verbatim.
 PREFIX = (

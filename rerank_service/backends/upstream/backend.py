@@ -13,17 +13,17 @@ from typing import Any
 import grpc
 import orjson
 
-from rerank_service import metrics
 from rerank_service.backends.upstream import errors
 from rerank_service.backends.upstream.breaker import CircuitBreaker, Outcome
 from rerank_service.backends.upstream.compatible import DashScopeCompatible
 from rerank_service.backends.upstream.dashscope import DashScopeNative
 from rerank_service.backends.upstream.dialect import Dialect, MalformedResponse, parse_error_body
+from rerank_service.backends.upstream.http.transport import UpstreamReply, UpstreamTransport
 from rerank_service.backends.upstream.retry import RetryPolicy, judge
-from rerank_service.backends.upstream.transport import UpstreamReply, UpstreamTransport
-from rerank_service.chunking import CallLimits
 from rerank_service.config import Settings
-from rerank_service.domain import (
+from rerank_service.config.secret import Secret
+from rerank_service.core.chunking import CallLimits
+from rerank_service.core.domain import (
     BackendRequest,
     BackendResult,
     CallContext,
@@ -31,8 +31,8 @@ from rerank_service.domain import (
     ServiceError,
     not_ready,
 )
-from rerank_service.logging import get_logger
-from rerank_service.secret import Secret
+from rerank_service.observability import metrics
+from rerank_service.observability.logging import get_logger
 
 _log = get_logger("rerank_service.upstream")
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import grpc
 
-from rerank_service import metrics
-from rerank_service.domain import ServiceError
-from rerank_service.logging import get_logger
+from rerank_service.core.domain import ServiceError
+from rerank_service.observability import metrics
+from rerank_service.observability.logging import get_logger
 
 _log = get_logger("rerank_service.upstream")
 

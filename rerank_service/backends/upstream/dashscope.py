@@ -15,7 +15,7 @@ from rerank_service.backends.upstream.dialect import (
     parse_results,
     parse_total_tokens,
 )
-from rerank_service.domain import BackendRequest, BackendResult
+from rerank_service.core.domain import BackendRequest, BackendResult
 
 
 class DashScopeNative:

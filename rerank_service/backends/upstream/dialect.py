@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Protocol
 
-from rerank_service.domain import BackendRequest, BackendResult, ScoredDocument
+from rerank_service.core.domain import BackendRequest, BackendResult, ScoredDocument
 
 
 class MalformedResponse(Exception):

@@ -15,8 +15,8 @@ import grpc
 import httpx
 
 from rerank_service.backends.upstream.dialect import UpstreamErrorBody
-from rerank_service.domain import ServiceError
-from rerank_service.secret import Secret, redact
+from rerank_service.config.secret import Secret, redact
+from rerank_service.core.domain import ServiceError
 
 # Upstream text passed on to callers is cut to this many characters.
 MAX_UPSTREAM_TEXT = 300

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 
 from rerank_service.backends.upstream.breaker import Outcome
-from rerank_service.domain import ServiceError
+from rerank_service.core.domain import ServiceError
 
 RETRYABLE_HTTP_STATUSES = frozenset({429, 502, 503, 504})
 # Transport failures (no HTTP status) that happen before any answer: connect errors,

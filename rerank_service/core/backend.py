@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from rerank_service.chunking import CallLimits
-from rerank_service.domain import BackendRequest, BackendResult, CallContext, ModelInfo
+from rerank_service.core.chunking import CallLimits
+from rerank_service.core.domain import BackendRequest, BackendResult, CallContext, ModelInfo
 
 
 class Backend(Protocol):

@@ -12,10 +12,9 @@ import time
 from itertools import repeat
 from operator import attrgetter
 
-from rerank_service import metrics
-from rerank_service.backends.base import Backend
-from rerank_service.chunking import split
-from rerank_service.domain import (
+from rerank_service.core.backend import Backend
+from rerank_service.core.chunking import split
+from rerank_service.core.domain import (
     BackendRequest,
     BackendResult,
     CallContext,
@@ -28,6 +27,7 @@ from rerank_service.domain import (
     invalid_argument,
     model_not_found,
 )
+from rerank_service.observability import metrics
 
 # Chunks of one call in flight at once: enough to hide upstream latency for a
 # 10,000-document call (20 chunks), few enough not to hog the upstream's rate limit.

@@ -14,8 +14,7 @@ import grpc
 from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
-from rerank_service.auth import bearer_token
-from rerank_service.domain import (
+from rerank_service.core.domain import (
     CallContext,
     FieldViolation,
     RerankOutcome,
@@ -24,11 +23,11 @@ from rerank_service.domain import (
     echo,
     invalid_argument,
 )
-from rerank_service.engine import RerankEngine
-from rerank_service.interceptors import log_call
-from rerank_service.logging import get_logger
-from rerank_service.metrics import STREAM_ITEMS, CallRecord, current_call, enter_call, new_request_id
-from rerank_service.status import (
+from rerank_service.core.engine import RerankEngine
+from rerank_service.core.stream_window import answer_concurrently
+from rerank_service.grpc.auth import bearer_token
+from rerank_service.grpc.interceptors import log_call
+from rerank_service.grpc.status import (
     INFERENCE_TIME_KEY,
     QUEUE_TIME_KEY,
     REQUEST_ID_KEY,
@@ -38,9 +37,16 @@ from rerank_service.status import (
     Metadata,
     trailing_metadata,
 )
-from rerank_service.stream import answer_concurrently
+from rerank_service.observability.logging import get_logger
+from rerank_service.observability.metrics import (
+    STREAM_ITEMS,
+    CallRecord,
+    current_call,
+    enter_call,
+    new_request_id,
+)
 
-_log = get_logger("rerank_service.servicer")
+_log = get_logger("rerank_service.grpc.servicer")
 
 
 class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):

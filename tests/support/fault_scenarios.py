@@ -33,9 +33,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
-from rerank_service.metrics import code_name
+from rerank_service.observability.metrics import code_name
 from rerank_service.testing.fake_upstream import NEVER, FakeUpstream, Fault, RecordedRequest
-from rerank_service.testing.process import ServiceProcess
+from tests.support.process import ServiceProcess
 
 Code = grpc.StatusCode
 

@@ -18,8 +18,8 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from rerank_service.metrics import active_call
-from rerank_service.secret import Secret, redact
+from rerank_service.config.secret import Secret, redact
+from rerank_service.observability.metrics import active_call
 
 
 def _add_request_id(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from rerank_service.secret import Secret
+from rerank_service.config.secret import Secret
 
 Metadata = Iterable[tuple[str, str | bytes]]
 

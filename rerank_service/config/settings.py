@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from rerank_service.secret import Secret
+from rerank_service.config.secret import Secret
 
 UPSTREAM_DIALECTS = ("dashscope", "compatible")
 BACKENDS = ("local", "upstream")

@@ -6,7 +6,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from rerank_service.domain import ServiceError
+from rerank_service.core.domain import ServiceError
 
 ERROR_DOMAIN = "rerank-service"
 REQUEST_ID_KEY = "x-request-id"

@@ -16,12 +16,12 @@ from typing import Any
 import httpx
 import orjson
 
-from rerank_service import metrics
 from rerank_service.backends.upstream import errors
-from rerank_service.backends.upstream.network import AsyncioBackend
-from rerank_service.backends.upstream.pool import LeanConnectionPool
-from rerank_service.domain import ServiceError
-from rerank_service.secret import Secret
+from rerank_service.backends.upstream.http.network import AsyncioBackend
+from rerank_service.backends.upstream.http.pool import LeanConnectionPool
+from rerank_service.config.secret import Secret
+from rerank_service.core.domain import ServiceError
+from rerank_service.observability import metrics
 
 # A rerank response is a few bytes per document; anything near this is broken.
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024

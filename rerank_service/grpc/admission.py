@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 from grpc.aio import ServicerContext
 
-from rerank_service.domain import ServiceError
-from rerank_service.interceptors import (
+from rerank_service.core.domain import ServiceError
+from rerank_service.grpc.interceptors import (
     LOGGED_SERVICE_PREFIX,
     Behavior,
     Continuation,
@@ -23,8 +23,8 @@ from rerank_service.interceptors import (
     StreamBehavior,
     _rewrap,
 )
-from rerank_service.metrics import current_call, new_request_id
-from rerank_service.status import trailing_metadata
+from rerank_service.grpc.status import trailing_metadata
+from rerank_service.observability.metrics import current_call, new_request_id
 
 # What refused callers are told to wait before trying again (a hint, as RetryInfo).
 OVERLOAD_RETRY_AFTER = 0.05

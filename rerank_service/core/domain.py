@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from rerank_service.secret import Secret
+from rerank_service.config.secret import Secret
 
 # The hosted API's default task, used when a request carries no instruct.
 DEFAULT_INSTRUCT = "Given a web search query, retrieve relevant passages that answer the query."

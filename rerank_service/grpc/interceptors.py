@@ -16,10 +16,16 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc.aio import ServicerContext
 
-from rerank_service import metrics
-from rerank_service.auth import KeyChecker, bearer_token
-from rerank_service.logging import get_logger
-from rerank_service.metrics import CallRecord, current_call, enter_call, leave_call, new_request_id
+from rerank_service.grpc.auth import KeyChecker, bearer_token
+from rerank_service.observability import metrics
+from rerank_service.observability.logging import get_logger
+from rerank_service.observability.metrics import (
+    CallRecord,
+    current_call,
+    enter_call,
+    leave_call,
+    new_request_id,
+)
 
 # Services anyone may call: probes and tooling must work without a key.
 OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")

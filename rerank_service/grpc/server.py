@@ -12,18 +12,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
-from rerank_service import metrics
-from rerank_service.admission import AdmissionInterceptor
-from rerank_service.auth import KeyChecker
 from rerank_service.backends import build_backend
-from rerank_service.backends.base import Backend
 from rerank_service.config import Settings
-from rerank_service.engine import RerankEngine
-from rerank_service.interceptors import AccessLogInterceptor, AuthInterceptor
-from rerank_service.logging import get_logger
-from rerank_service.reflection import enable_reflection
-from rerank_service.servicer import RerankServicer
-from rerank_service.tls import server_credentials, tls_mode
+from rerank_service.core.backend import Backend
+from rerank_service.core.engine import RerankEngine
+from rerank_service.grpc.admission import AdmissionInterceptor
+from rerank_service.grpc.auth import KeyChecker
+from rerank_service.grpc.interceptors import AccessLogInterceptor, AuthInterceptor
+from rerank_service.grpc.reflection import enable_reflection
+from rerank_service.grpc.servicer import RerankServicer
+from rerank_service.grpc.tls import server_credentials, tls_mode
+from rerank_service.observability import metrics
+from rerank_service.observability.logging import get_logger
 
 RERANK_SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_name
 # "" is the whole server's status, as probes ask for it by default.
@@ -35,7 +35,7 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # closing, for instance): cheap, and quick enough for probes that run every few seconds.
 HEALTH_POLL_INTERVAL = 0.1
 
-_log = get_logger("rerank_service.server")
+_log = get_logger("rerank_service.grpc.server")
 
 
 class BackendStartError(RuntimeError):

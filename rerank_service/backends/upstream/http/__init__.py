@@ -1,0 +1,1 @@
+"""The upstream HTTP layer: one connection pool, one network layer, one transport."""

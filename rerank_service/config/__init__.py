@@ -1,0 +1,5 @@
+"""Every setting declared once; read from flags, environment variables and a YAML file."""
+
+from rerank_service.config.settings import ConfigError, Settings, add_serve_arguments, load_settings
+
+__all__ = ["ConfigError", "Settings", "add_serve_arguments", "load_settings"]

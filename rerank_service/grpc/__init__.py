@@ -1,0 +1,1 @@
+"""gRPC front door: server, servicer (proto ⇄ domain), interceptors, status mapping, reflection, TLS."""
