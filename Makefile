@@ -7,7 +7,7 @@ BUF := .ci/tools/node_modules/.bin/buf
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 PY_STUBS := clients/python/src
 
-.PHONY: install install-upstream install-dev bench bench-local bench-streaming bench-reliability bench-perf serve test lint typecheck generate check-generated buf-lint buf-breaking tools clean
+.PHONY: install install-upstream install-dev bench bench-local bench-streaming bench-reliability bench-perf serve test lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ lint: install-dev
 
 typecheck: install-dev
 	$(VENV)/bin/mypy
+
+## docs: regenerate docs/CONFIGURATION.md from the settings' declarations (rerank_service/config)
+docs: install-dev
+	$(PY) -m rerank_service.config.reference > docs/CONFIGURATION.md
 
 ## test: install everything and run every check and test
 test: install-dev buf-lint buf-breaking check-generated lint typecheck

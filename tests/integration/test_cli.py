@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,16 @@ def test_sigint_also_drains_and_exits_zero(upstream: FakeUpstream) -> None:
     with ServiceProcess(["--backend", "upstream", "--upstream-url", upstream.url]) as service:
         assert service.terminate(signal.SIGINT) == 0
     assert service.events()[-1]["event"] == "stopped"
+
+
+def test_serve_with_an_unknown_key_in_its_config_file_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("upstream_timeout: 10\nupstrem_url: http://127.0.0.1:9\n", encoding="utf-8")
+
+    result = run_cli("serve", "--port", "0", "--config", str(config))
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"rerank-service: configuration error: config {config}: unknown setting 'upstrem_url' "
+        "(did you mean 'upstream_url'?)"
+    ]

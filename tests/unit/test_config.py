@@ -1,380 +1,551 @@
-"""load_settings: precedence, validation, key parsing and secrecy of Settings."""
+"""load_settings and Settings: precedence, parsing, one-line errors, the config file, secrecy."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
 
+from rerank_service.config import ConfigError, Settings, load_settings
 from rerank_service.config.secret import Secret
-from rerank_service.config.settings import DEFAULT_UPSTREAM_URL, ConfigError, Settings, load_settings
+from rerank_service.config.sources import build, file_layer
 from rerank_service.grpc.server import channel_options
 
 UPSTREAM_KEY = "sk-upstream-0123456789"
+CALLER_KEY = "caller-key-abcdefgh"
 
 
-def load(args: dict[str, Any] | None = None, **env: str) -> Settings:
+def load(args: dict[str, Any] | None = None, /, **env: str) -> Settings:
     """load_settings with an explicit environment, never the process's own."""
     return load_settings(args or {}, env)
+
+
+def refusal(args: dict[str, Any] | None = None, /, **env: str) -> str:
+    with pytest.raises(ConfigError) as raised:
+        load(args, **env)
+    message = str(raised.value)
+    assert "\n" not in message, "a configuration error is one line"
+    return message
+
+
+def config_file(tmp_path: Path, text: str, name: str = "rerank.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
 
 
 def revealed(secrets: tuple[Secret, ...]) -> list[str]:
     return [secret.reveal() for secret in secrets]
 
 
-# --- precedence ---------------------------------------------------------------------------------
+# --- precedence: flag > environment > file > default --------------------------------------------
 
 
-def test_defaults_apply_when_nothing_is_set() -> None:
-    settings = load()
-    assert settings == Settings()
-    assert settings.port == 50051
-    assert settings.upstream_url == DEFAULT_UPSTREAM_URL
-    assert settings.upstream_dialect == "dashscope"
-    assert settings.upstream_models == ("qwen3-rerank",)
-    assert settings.api_keys == ()
-    assert settings.upstream_api_key is None
-    assert dict(settings.sources) == {}
+def test_a_flag_beats_a_variable_which_beats_the_file_which_beats_the_default(tmp_path: Path) -> None:
+    path = config_file(tmp_path, "port: 1111\nupstream_timeout: 11\nmax_documents: 111\n")
+
+    settings = load({"config": path, "port": "3333"}, RERANK_PORT="2222", RERANK_UPSTREAM_TIMEOUT="22")
+
+    assert (settings.port, settings.upstream_timeout, settings.max_documents) == (3333, 22.0, 111)
+    assert settings.max_query_tokens == Settings().max_query_tokens  # nothing set it
+    assert dict(settings.sources) == {
+        "port": "--port",
+        "upstream_timeout": "RERANK_UPSTREAM_TIMEOUT",
+        "max_documents": f"max_documents in {path}",
+    }
 
 
-def test_env_overrides_default() -> None:
-    settings = load(RERANK_PORT="6000", RERANK_UPSTREAM_DIALECT="compatible")
-    assert settings.port == 6000
-    assert settings.upstream_dialect == "compatible"
-    assert settings.sources["port"] == "RERANK_PORT"
-
-
-def test_flag_overrides_env() -> None:
-    settings = load({"port": "7000"}, RERANK_PORT="6000")
-    assert settings.port == 7000
-    assert settings.sources["port"] == "--port"
-
-
-def test_flag_set_to_none_falls_back_to_env() -> None:
-    # argparse leaves unset flags as None.
+def test_an_unset_flag_is_none_and_lets_the_variable_apply() -> None:
     settings = load({"port": None, "upstream_timeout": None}, RERANK_PORT="6000")
-    assert settings.port == 6000
-    assert settings.upstream_timeout == 30.0
+
+    assert (settings.port, settings.upstream_timeout) == (6000, 30.0)
+
+
+def test_the_config_file_can_be_named_by_a_variable_and_the_flag_wins(tmp_path: Path) -> None:
+    by_env = config_file(tmp_path, "port: 1000\n", "env.yaml")
+    by_flag = config_file(tmp_path, "port: 2000\n", "flag.yaml")
+
+    assert load(RERANK_CONFIG=by_env).port == 1000
+    assert load({"config": by_flag}, RERANK_CONFIG=by_env).port == 2000
+
+
+def test_an_empty_variable_counts_as_unset(tmp_path: Path) -> None:
+    path = config_file(tmp_path, "port: 1000\n")
+
+    settings = load({"config": path}, RERANK_PORT="", RERANK_HOST="  ", RERANK_UPSTREAM_DIALECT="")
+
+    assert (settings.port, settings.host, settings.upstream_dialect) == (1000, "0.0.0.0", "dashscope")
+
+
+def test_a_given_env_replaces_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RERANK_PORT", "6000")
+
+    assert load_settings({}, {}).port == 50051
+    assert load_settings({}).port == 6000
+
+
+def test_settings_built_directly_never_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RERANK_PORT", "6000")
+
+    assert Settings().port == 50051
+    assert Settings(backend="upstream").backend == "upstream"
+
+
+def test_an_invalid_variable_is_not_checked_when_a_flag_overrides_it() -> None:
+    assert load({"port": "1"}, RERANK_PORT="nonsense").port == 1
+
+
+# --- how values are read --------------------------------------------------------------------------
 
 
 def test_flag_values_that_are_not_strings_are_accepted() -> None:
     settings = load({"port": 8080, "upstream_timeout": 2.5})
-    assert settings.port == 8080
-    assert settings.upstream_timeout == 2.5
 
-
-def test_every_plain_setting_is_read_from_its_env_variable() -> None:
-    settings = load(
-        RERANK_HOST="127.0.0.1",
-        RERANK_PORT="1234",
-        RERANK_BACKEND="upstream",
-        RERANK_UPSTREAM_URL="http://localhost:8080/",
-        RERANK_UPSTREAM_DIALECT="compatible",
-        RERANK_UPSTREAM_MODELS="a,b",
-        RERANK_UPSTREAM_TIMEOUT="1.5",
-        RERANK_UPSTREAM_MAX_CONNECTIONS="8",
-        RERANK_MAX_DOCUMENTS="10",
-        RERANK_MAX_QUERY_TOKENS="100",
-        RERANK_LOG_FORMAT="json",
-        RERANK_LOG_LEVEL="debug",
-        RERANK_SHUTDOWN_GRACE="2",
-    )
-    assert settings == Settings(
-        host="127.0.0.1",
-        port=1234,
-        backend="upstream",
-        upstream_url="http://localhost:8080",
-        upstream_dialect="compatible",
-        upstream_models=("a", "b"),
-        upstream_timeout=1.5,
-        upstream_max_connections=8,
-        max_documents=10,
-        max_query_tokens=100,
-        log_format="json",
-        log_level="debug",
-        shutdown_grace=2.0,
-    )
+    assert (settings.port, settings.upstream_timeout) == (8080, 2.5)
 
 
 def test_choices_are_case_insensitive_and_trimmed() -> None:
     settings = load(RERANK_UPSTREAM_DIALECT=" Compatible ", RERANK_LOG_LEVEL="WARNING")
-    assert settings.upstream_dialect == "compatible"
-    assert settings.log_level == "warning"
+
+    assert (settings.upstream_dialect, settings.log_level) == ("compatible", "warning")
 
 
-def test_upstream_url_trailing_slash_is_removed() -> None:
+def test_an_upstream_url_loses_its_trailing_slash() -> None:
     assert load(RERANK_UPSTREAM_URL="https://example.com/base/").upstream_url == "https://example.com/base"
-
-
-# --- ConfigError cases --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("env", "needle"),
-    [
-        ({"RERANK_UPSTREAM_DIALECT": "openai"}, "upstream-dialect"),
-        ({"RERANK_BACKEND": "quantum"}, "backend"),
-        ({"RERANK_PORT": "65536"}, "port"),
-        ({"RERANK_PORT": "-1"}, "port"),
-        ({"RERANK_PORT": "http"}, "port must be an integer"),
-        ({"RERANK_PORT": "80.5"}, "port must be an integer"),
-        ({"RERANK_UPSTREAM_URL": "ftp://x"}, "upstream-url"),
-        ({"RERANK_UPSTREAM_URL": "not a url"}, "upstream-url"),
-        ({"RERANK_UPSTREAM_URL": "https://"}, "upstream-url"),
-        ({"RERANK_UPSTREAM_URL": "http://host:99999"}, "upstream-url has an invalid port"),
-        ({"RERANK_UPSTREAM_TIMEOUT": "0"}, "upstream-timeout"),
-        ({"RERANK_UPSTREAM_TIMEOUT": "-3"}, "upstream-timeout"),
-        ({"RERANK_UPSTREAM_TIMEOUT": "soon"}, "upstream-timeout"),
-        ({"RERANK_UPSTREAM_TIMEOUT": "nan"}, "upstream-timeout"),
-        ({"RERANK_SHUTDOWN_GRACE": "0"}, "shutdown-grace"),
-        ({"RERANK_MAX_DOCUMENTS": "0"}, "max-documents"),
-        ({"RERANK_MAX_DOCUMENTS": "many"}, "max-documents must be an integer"),
-        ({"RERANK_MAX_QUERY_TOKENS": "-5"}, "max-query-tokens"),
-        ({"RERANK_UPSTREAM_MAX_CONNECTIONS": "0"}, "upstream-max-connections"),
-        ({"RERANK_LOG_FORMAT": "xml"}, "log-format"),
-        ({"RERANK_LOG_LEVEL": "trace"}, "log-level"),
-        ({"RERANK_UPSTREAM_MODELS": " , ,"}, "upstream-models"),
-    ],
-)
-def test_invalid_value_raises_config_error_naming_the_setting(env: dict[str, str], needle: str) -> None:
-    with pytest.raises(ConfigError, match=needle):
-        load_settings({}, env)
-
-
-def test_invalid_flag_raises_config_error_too() -> None:
-    with pytest.raises(ConfigError, match="port"):
-        load({"port": "seventy"})
-
-
-def test_an_invalid_env_value_is_not_checked_when_a_flag_overrides_it() -> None:
-    assert load({"port": "1"}, RERANK_PORT="nonsense").port == 1
-
-
-@pytest.mark.parametrize("port", ["0", "65535"])
-def test_port_bounds_are_inclusive(port: str) -> None:
-    assert load(RERANK_PORT=port).port == int(port)
-
-
-def test_config_error_is_a_value_error() -> None:
-    assert issubclass(ConfigError, ValueError)
-
-
-# --- upstream models ----------------------------------------------------------------------------
 
 
 def test_upstream_models_are_split_trimmed_and_deduplicated_in_order() -> None:
     settings = load(RERANK_UPSTREAM_MODELS=" qwen3-rerank, ,gte-rerank-v2,,qwen3-rerank , extra ")
+
     assert settings.upstream_models == ("qwen3-rerank", "gte-rerank-v2", "extra")
 
 
-def test_a_single_upstream_model_is_accepted() -> None:
-    assert load({"upstream_models": "gte-rerank-v2"}).upstream_models == ("gte-rerank-v2",)
+def test_local_models_read_the_same_from_a_flag_string_and_a_file_mapping(tmp_path: Path) -> None:
+    expected = (("qwen3-rerank", "/models/Qwen3-Reranker-0.6B"), ("mini", "bundled"))
+    path = config_file(
+        tmp_path, "local_models:\n  qwen3-rerank: /models/Qwen3-Reranker-0.6B\n  mini: bundled\n"
+    )
+
+    from_flag = load({"local_models": " qwen3-rerank=/models/Qwen3-Reranker-0.6B , mini=bundled ,"})
+
+    assert from_flag.local_models == expected
+    assert load({"config": path}).local_models == expected
 
 
-# --- caller keys --------------------------------------------------------------------------------
+def test_lists_in_the_file_may_also_be_written_as_the_flag_would(tmp_path: Path) -> None:
+    as_list = config_file(tmp_path, "upstream_models: [a, b]\n", "list.yaml")
+    as_string = config_file(tmp_path, "upstream_models: 'a, b'\n", "string.yaml")
+
+    assert (
+        load({"config": as_list}).upstream_models == load({"config": as_string}).upstream_models == ("a", "b")
+    )
 
 
-def test_api_keys_are_split_on_commas_and_blanks_dropped() -> None:
+@pytest.mark.parametrize(("raw", "expected"), [("off", None), ("", None), ("9100", 9100), ("0", 0)])
+def test_the_metrics_port_is_a_port_or_off(raw: str, expected: int | None) -> None:
+    assert load(RERANK_METRICS_PORT=raw).metrics_port == expected
+
+
+def test_yaml_off_means_off_for_switches_and_the_metrics_port(tmp_path: Path) -> None:
+    path = config_file(tmp_path, "micro_batching: off\nmetrics_port: off\n")
+
+    settings = load({"config": path})
+
+    assert (settings.micro_batching, settings.metrics_port) == (False, None)
+    assert load({"micro_batching": "OFF"}).micro_batching is False
+
+
+def test_the_upstream_proxy_and_ca_file_are_read_and_unset_by_default() -> None:
+    settings = load(RERANK_UPSTREAM_PROXY="http://proxy.internal:3128/", RERANK_UPSTREAM_CA_FILE="ca.pem")
+
+    assert (settings.upstream_proxy, settings.upstream_ca_file) == (
+        "http://proxy.internal:3128",
+        Path("ca.pem"),
+    )
+    assert (Settings().upstream_proxy, Settings().upstream_ca_file) == (None, None)
+
+
+# --- bad values: one line naming the setting and where the value came from -----------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"RERANK_UPSTREAM_DIALECT": "openai"},
+            "upstream-dialect must be one of dashscope, compatible, got 'openai'",
+        ),
+        ({"RERANK_BACKEND": "quantum"}, "backend must be one of local, upstream"),
+        ({"RERANK_PORT": "65536"}, "port must be a port number from 0 to 65535, got '65536'"),
+        ({"RERANK_PORT": "-1"}, "port must be a port number from 0 to 65535"),
+        ({"RERANK_PORT": "80.5"}, "port must be a port number from 0 to 65535, got '80.5'"),
+        ({"RERANK_UPSTREAM_URL": "ftp://x"}, "upstream-url must be an http(s) URL"),
+        ({"RERANK_UPSTREAM_URL": "https://"}, "upstream-url must be an http(s) URL"),
+        ({"RERANK_UPSTREAM_URL": "http://host:99999"}, "upstream-url has an invalid port"),
+        ({"RERANK_UPSTREAM_PROXY": "socks5://proxy:1080"}, "upstream-proxy must be an http(s) URL"),
+        ({"RERANK_UPSTREAM_PROXY": "proxy.internal:3128"}, "upstream-proxy must be an http(s) URL"),
+        ({"RERANK_UPSTREAM_TIMEOUT": "0"}, "upstream-timeout must be a finite number of seconds > 0"),
+        ({"RERANK_UPSTREAM_TIMEOUT": "soon"}, "upstream-timeout must be a finite number of seconds > 0"),
+        ({"RERANK_UPSTREAM_TIMEOUT": "inf"}, "upstream-timeout must be a finite number"),
+        ({"RERANK_UPSTREAM_TIMEOUT": "nan"}, "upstream-timeout must be a finite number"),
+        ({"RERANK_UPSTREAM_TIMEOUT": "1e400"}, "upstream-timeout must be a finite number"),
+        ({"RERANK_MAX_DOCUMENTS": "0"}, "max-documents must be an integer >= 1, got '0'"),
+        ({"RERANK_UPSTREAM_BREAKER_FAILURES": "-1"}, "upstream-breaker-failures must be an integer >= 0"),
+        ({"RERANK_MAX_CONNECTION_AGE": "-1"}, "max-connection-age must be a finite number of seconds >= 0"),
+        ({"RERANK_MICRO_BATCHING": "maybe"}, "micro-batching must be on or off"),
+        ({"RERANK_METRICS_PORT": "web"}, "metrics-port must be a port number from 0 to 65535, or off"),
+        ({"RERANK_UPSTREAM_MODELS": " , ,"}, "upstream-models must name at least one model"),
+        ({"RERANK_LOCAL_MODELS": "no-equals-sign"}, "local-models entries are NAME=SOURCE"),
+        ({"RERANK_LOCAL_MODELS": "=bundled"}, "local-models entries are NAME=SOURCE"),
+        ({"RERANK_LOCAL_MODELS": "name="}, "local-models entries are NAME=SOURCE"),
+        ({"RERANK_LOCAL_MODELS": "a=bundled,a=/x"}, "local-models names 'a' twice"),
+        ({"RERANK_LOCAL_MODELS": " , "}, "local-models must name at least one model"),
+    ],
+)
+def test_a_bad_variable_is_refused_naming_the_setting_and_the_variable(
+    env: dict[str, str], expected: str
+) -> None:
+    message = refusal(**env)
+
+    assert message.startswith(expected)
+    assert message.endswith(f"(from {next(iter(env))})")
+
+
+def test_a_bad_proxy_url_is_refused_without_repeating_its_password() -> None:
+    message = refusal(RERANK_UPSTREAM_PROXY="http://user:hunter2-password@proxy.internal:99999")
+
+    assert message.startswith(
+        "upstream-proxy has an invalid port, got 'http://user:***@proxy.internal:99999'"
+    )
+    assert "hunter2-password" not in message
+
+
+def test_a_bad_flag_is_refused_naming_the_flag() -> None:
+    assert (
+        refusal({"port": "seventy"})
+        == "port must be a port number from 0 to 65535, got 'seventy' (from --port)"
+    )
+
+
+def test_every_bad_setting_is_named_on_the_one_line() -> None:
+    message = refusal(RERANK_PORT="x", RERANK_BACKEND="y")
+
+    assert "port must be" in message
+    assert "backend must be" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("port: [1, 2]\n", "port must be a port number from 0 to 65535, got [1, 2]"),
+        ("port: 80.5\n", "port must be a port number from 0 to 65535, got 80.5"),
+        ("upstream_timeout: soon\n", "upstream-timeout must be a finite number of seconds > 0, got 'soon'"),
+        ("upstream_models: 5\n", "upstream-models must be comma-separated names (a list in the file), got 5"),
+        ("backend: {name: upstream}\n", "backend must be one of local, upstream"),
+    ],
+)
+def test_a_value_of_the_wrong_type_in_the_file_names_the_setting_and_the_file_key(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = config_file(tmp_path, text)
+    key = text.split(":")[0]
+
+    message = refusal({"config": path})
+
+    assert message.startswith(expected)
+    assert message.endswith(f"(from {key} in {path})")
+
+
+def test_an_unknown_key_in_the_file_is_refused_with_the_closest_setting(tmp_path: Path) -> None:
+    path = config_file(tmp_path, "upstream_timeout: 10\nupstrem_url: http://x\n")
+
+    message = refusal({"config": path})
+
+    assert message == f"config {path}: unknown setting 'upstrem_url' (did you mean 'upstream_url'?)"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("port: [1\n", "not valid YAML: expected ',' or ']'"),
+        ("- port\n- 1\n", "must be a mapping of setting names to values"),
+        ("just words\n", "must be a mapping of setting names to values"),
+    ],
+)
+def test_a_config_file_that_is_not_a_yaml_mapping_is_refused(tmp_path: Path, text: str, problem: str) -> None:
+    path = config_file(tmp_path, text)
+
+    assert refusal({"config": path}).startswith(f"config {path}: {problem}")
+
+
+def test_a_missing_config_file_is_refused(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.yaml"
+
+    assert (
+        refusal(RERANK_CONFIG=str(missing)) == f"config {missing}: cannot read it (No such file or directory)"
+    )
+
+
+def test_an_empty_config_file_sets_nothing(tmp_path: Path) -> None:
+    assert load({"config": config_file(tmp_path, "# nothing yet\n")}) == Settings()
+
+
+@pytest.mark.parametrize("key", ["api_keys", "upstream_api_key"])
+def test_a_key_written_into_the_config_file_is_refused(tmp_path: Path, key: str) -> None:
+    path = config_file(tmp_path, f"{key}: {UPSTREAM_KEY}\n")
+
+    message = refusal({"config": path})
+
+    assert message.startswith(f"config {path}: {key} is a secret: name a key file ({key}")
+    assert UPSTREAM_KEY not in message
+
+
+def test_settings_built_directly_validate_too() -> None:
+    with pytest.raises(ValidationError):
+        Settings(port=70000)
+    with pytest.raises(ValidationError):
+        Settings(backend="quantum")  # type: ignore[arg-type]
+
+
+def test_settings_are_frozen_and_replace_validates() -> None:
+    settings = Settings()
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.port = 1  # type: ignore[misc]
+    assert dataclasses.replace(settings, port=0).port == 0
+    with pytest.raises(ValidationError):
+        dataclasses.replace(settings, port=-1)
+
+
+# --- a nested section: how the coming `models:` routes will validate ------------------------------
+
+
+class Deployment(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    url: str
+    weight: int = Field(1, ge=1)
+
+
+class Route(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    deployments: tuple[Deployment, ...]
+
+
+@dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class Routed:
+    port: int = 0
+    models: tuple[Route, ...] = ()
+
+
+ROUTES = """\
+models:
+  - name: qwen3-rerank
+    deployments:
+      - url: https://a.example
+      - url: https://b.example
+        weight: {weight}
+"""
+
+
+def test_a_nested_section_in_the_file_validates_into_its_models(tmp_path: Path) -> None:
+    path = Path(config_file(tmp_path, ROUTES.format(weight=3)))
+
+    routed = build(Routed, file_layer(path, ["port", "models"]))
+
+    assert routed.models[0].name == "qwen3-rerank"
+    assert [(d.url, d.weight) for d in routed.models[0].deployments] == [
+        ("https://a.example", 1),
+        ("https://b.example", 3),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            ROUTES.format(weight=0),
+            "models[0].deployments[1].weight must be greater than or equal to 1, got 0",
+        ),
+        (
+            ROUTES.format(weight="1\n        region: eu"),
+            "models[0].deployments[1].region is not a known setting",
+        ),
+        ("models:\n  - deployments: []\n", "models[0].name is required"),
+    ],
+)
+def test_a_bad_value_deep_in_a_nested_section_is_named_by_its_path(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = Path(config_file(tmp_path, text))
+
+    with pytest.raises(ConfigError) as raised:
+        build(Routed, file_layer(path, ["port", "models"]))
+
+    assert str(raised.value) == f"{expected} (from models in {path})"
+
+
+# --- secrets: from variables and key files only ------------------------------------------------
+
+
+def test_caller_keys_are_split_on_commas_with_blanks_dropped() -> None:
     settings = load(RERANK_API_KEYS=" k1 ,, k2,  ,k3", RERANK_UPSTREAM_API_KEY=UPSTREAM_KEY)
+
     assert revealed(settings.api_keys) == ["k1", "k2", "k3"]
     assert settings.sources["api_keys"] == "RERANK_API_KEYS"
 
 
-def test_api_keys_file_ignores_comments_and_blank_lines(tmp_path: Path) -> None:
+def test_a_keys_file_holds_one_key_a_line_with_comments(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys"
     keys_file.write_text(
         "# callers\n\nkey-a\n   \n  key-b  \n  # key-c is retired\nkey-d\n", encoding="utf-8"
     )
+
     settings = load(RERANK_API_KEYS_FILE=str(keys_file), RERANK_UPSTREAM_API_KEY=UPSTREAM_KEY)
+
     assert revealed(settings.api_keys) == ["key-a", "key-b", "key-d"]
     assert settings.sources["api_keys"] == "RERANK_API_KEYS_FILE"
 
 
-def test_api_keys_file_flag_wins_over_env(tmp_path: Path) -> None:
-    keys_file = tmp_path / "keys"
-    keys_file.write_text("from-file\n", encoding="utf-8")
-    settings = load(
-        {"api_keys_file": str(keys_file)}, RERANK_API_KEYS="from-env", RERANK_UPSTREAM_API_KEY=UPSTREAM_KEY
-    )
-    assert revealed(settings.api_keys) == ["from-file"]
-    assert settings.sources["api_keys"] == "--api-keys-file"
+def test_caller_keys_come_from_the_file_flag_then_the_variables_then_the_config_file(tmp_path: Path) -> None:
+    for name in ("flag", "env-file", "config"):
+        (tmp_path / name).write_text(f"from-{name}\n", encoding="utf-8")
+    path = config_file(tmp_path, f"api_keys_file: {tmp_path / 'config'}\n")
+    up = {"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}
+
+    def keys(args: dict[str, Any], /, **env: str) -> list[str]:
+        return revealed(load({"config": path, **args}, **up, **env).api_keys)
+
+    everything = {"RERANK_API_KEYS": "from-env", "RERANK_API_KEYS_FILE": str(tmp_path / "env-file")}
+    assert keys({"api_keys_file": str(tmp_path / "flag")}, **everything) == ["from-flag"]
+    assert keys({}, **everything) == ["from-env"]
+    assert keys({}, RERANK_API_KEYS=" ", RERANK_API_KEYS_FILE=str(tmp_path / "env-file")) == ["from-env-file"]
+    assert keys({}) == ["from-config"]
+    assert load({"config": path}, **up).sources["api_keys"] == f"api_keys_file in {path}"
 
 
-def test_api_keys_env_wins_over_api_keys_file_env(tmp_path: Path) -> None:
-    keys_file = tmp_path / "keys"
-    keys_file.write_text("from-file\n", encoding="utf-8")
-    settings = load(
-        RERANK_API_KEYS="from-env", RERANK_API_KEYS_FILE=str(keys_file), RERANK_UPSTREAM_API_KEY=UPSTREAM_KEY
-    )
-    assert revealed(settings.api_keys) == ["from-env"]
-
-
-def test_missing_api_keys_file_raises_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="api-keys-file"):
-        load(RERANK_API_KEYS_FILE=str(tmp_path / "absent"), RERANK_UPSTREAM_API_KEY=UPSTREAM_KEY)
-
-
-def test_empty_api_keys_env_counts_as_unset() -> None:
-    settings = load(RERANK_API_KEYS="")
-    assert settings.api_keys == ()
-    assert settings.pass_through
-
-
-# --- upstream key -------------------------------------------------------------------------------
-
-
-def test_upstream_key_is_read_and_trimmed() -> None:
-    settings = load(RERANK_UPSTREAM_API_KEY=f"  {UPSTREAM_KEY}\n")
-    assert settings.upstream_api_key is not None
-    assert settings.upstream_api_key.reveal() == UPSTREAM_KEY
-    assert settings.sources["upstream_api_key"] == "RERANK_UPSTREAM_API_KEY"
-
-
-def test_upstream_key_falls_back_to_dashscope_api_key() -> None:
-    settings = load(DASHSCOPE_API_KEY="sk-dashscope")
-    assert settings.upstream_api_key is not None
-    assert settings.upstream_api_key.reveal() == "sk-dashscope"
-    assert settings.sources["upstream_api_key"] == "DASHSCOPE_API_KEY"
-
-
-def test_rerank_upstream_api_key_wins_over_dashscope_api_key() -> None:
-    settings = load(RERANK_UPSTREAM_API_KEY="sk-rerank", DASHSCOPE_API_KEY="sk-dashscope")
-    assert settings.upstream_api_key is not None
-    assert settings.upstream_api_key.reveal() == "sk-rerank"
-
-
-def test_upstream_key_file_is_read_and_trimmed(tmp_path: Path) -> None:
+def test_the_upstream_key_comes_from_its_variable_then_its_file_then_dashscope_api_key(
+    tmp_path: Path,
+) -> None:
     key_file = tmp_path / "upstream-key"
     key_file.write_text(f"{UPSTREAM_KEY}\n", encoding="utf-8")
-    settings = load({"upstream_api_key_file": str(key_file)}, DASHSCOPE_API_KEY="sk-dashscope")
-    assert settings.upstream_api_key is not None
-    assert settings.upstream_api_key.reveal() == UPSTREAM_KEY
-    assert settings.sources["upstream_api_key"] == "--upstream-api-key-file"
+
+    def key(args: dict[str, Any] | None = None, /, **env: str) -> tuple[str, str]:
+        settings = load(args, **env)
+        assert settings.upstream_api_key is not None
+        return settings.upstream_api_key.reveal(), settings.sources["upstream_api_key"]
+
+    assert key({"upstream_api_key_file": str(key_file)}, RERANK_UPSTREAM_API_KEY="sk-env") == (
+        UPSTREAM_KEY,
+        "--upstream-api-key-file",
+    )
+    assert key(RERANK_UPSTREAM_API_KEY=" sk-env\n", DASHSCOPE_API_KEY="sk-ds") == (
+        "sk-env",
+        "RERANK_UPSTREAM_API_KEY",
+    )
+    assert key(RERANK_UPSTREAM_API_KEY_FILE=str(key_file), DASHSCOPE_API_KEY="sk-ds") == (
+        UPSTREAM_KEY,
+        "RERANK_UPSTREAM_API_KEY_FILE",
+    )
+    assert key(RERANK_UPSTREAM_API_KEY="  ", DASHSCOPE_API_KEY="sk-ds") == ("sk-ds", "DASHSCOPE_API_KEY")
 
 
-def test_missing_upstream_key_file_raises_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="upstream-api-key-file"):
-        load(RERANK_UPSTREAM_API_KEY_FILE=str(tmp_path / "absent"))
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ({}, {"RERANK_API_KEYS": " , ,"}, "RERANK_API_KEYS is set but holds no key"),
+        ({}, {"RERANK_API_KEYS_FILE": "{comments}"}, "RERANK_API_KEYS_FILE is set but holds no key"),
+        ({"upstream_api_key_file": "{empty}"}, {}, "--upstream-api-key-file is set but holds no key"),
+        (
+            {},
+            {"RERANK_UPSTREAM_API_KEY_FILE": "{empty}"},
+            "RERANK_UPSTREAM_API_KEY_FILE is set but holds no key",
+        ),
+        ({}, {"RERANK_API_KEYS_FILE": "{absent}"}, "api-keys-file {absent}: No such file or directory"),
+        ({"api_keys_file": "{absent}"}, {}, "api-keys-file {absent}: No such file or directory"),
+        ({}, {"RERANK_UPSTREAM_API_KEY_FILE": "{absent}"}, "upstream-api-key-file {absent}: No such file"),
+    ],
+)
+def test_a_key_source_that_is_set_but_gives_no_key_is_refused_rather_than_switching_auth_off(
+    tmp_path: Path, args: dict[str, str], env: dict[str, str], message: str
+) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("\n\n", encoding="utf-8")
+    comments = tmp_path / "comments"
+    comments.write_text("# nobody yet\n\n", encoding="utf-8")
+    paths = {"empty": str(empty), "comments": str(comments), "absent": str(tmp_path / "absent")}
+    args = {name: value.format(**paths) for name, value in args.items()}
+    env = {name: value.format(**paths) for name, value in env.items()}
+
+    assert refusal(args, **env).startswith(message.format(**paths))
 
 
-# --- consistency and pass-through ---------------------------------------------------------------
+def test_no_keys_anywhere_means_callers_tokens_pass_through() -> None:
+    assert load().pass_through
+    assert load(RERANK_API_KEYS="").pass_through
+    assert not load(DASHSCOPE_API_KEY=UPSTREAM_KEY).pass_through
+    assert not load(RERANK_API_KEYS=CALLER_KEY).pass_through
 
 
-def test_api_keys_without_upstream_key_is_a_config_error_for_the_upstream_backend() -> None:
-    with pytest.raises(ConfigError, match="RERANK_UPSTREAM_API_KEY"):
-        load(RERANK_API_KEYS="caller-key", RERANK_BACKEND="upstream")
+def test_secrets_lists_the_caller_keys_then_the_upstream_key() -> None:
+    settings = load(RERANK_API_KEYS="c1,c2", RERANK_UPSTREAM_API_KEY=UPSTREAM_KEY)
 
-
-def test_api_keys_without_upstream_key_are_fine_for_the_local_backend() -> None:
-    settings = load(RERANK_API_KEYS="caller-key")
-
-    assert settings.backend == "local"
-    assert revealed(settings.api_keys) == ["caller-key"]
-
-
-def test_local_models_parse_as_name_source_pairs() -> None:
-    settings = load(RERANK_LOCAL_MODELS=" qwen3-rerank=/models/Qwen3-Reranker-0.6B , mini=bundled ,")
-
-    assert settings.local_models == (("qwen3-rerank", "/models/Qwen3-Reranker-0.6B"), ("mini", "bundled"))
-
-
-@pytest.mark.parametrize("raw", ["no-equals-sign", "=bundled", "name=", "a=bundled,a=/x", " , "])
-def test_malformed_local_models_are_refused(raw: str) -> None:
-    with pytest.raises(ConfigError, match="local-models"):
-        load(RERANK_LOCAL_MODELS=raw)
-
-
-def test_the_default_backend_is_local_with_the_bundled_model() -> None:
-    settings = load()
-
-    assert settings.backend == "local"
-    assert settings.local_models == (("all-minilm-l6-v2", "bundled"),)
-
-
-def test_api_keys_with_dashscope_key_is_consistent() -> None:
-    settings = load(RERANK_API_KEYS="caller-key", DASHSCOPE_API_KEY="sk-dashscope")
-    assert revealed(settings.api_keys) == ["caller-key"]
-    assert not settings.pass_through
-
-
-def test_pass_through_only_without_any_key() -> None:
-    assert Settings().pass_through
-    assert not Settings(upstream_api_key=Secret(UPSTREAM_KEY)).pass_through
-    assert not Settings(api_keys=(Secret("c"),), upstream_api_key=Secret(UPSTREAM_KEY)).pass_through
-    assert not Settings(api_keys=(Secret("c"),)).pass_through
-
-
-def test_secrets_lists_caller_keys_and_upstream_key() -> None:
-    settings = Settings(api_keys=(Secret("c1"), Secret("c2")), upstream_api_key=Secret(UPSTREAM_KEY))
     assert [secret.reveal() for secret in settings.secrets()] == ["c1", "c2", UPSTREAM_KEY]
-    assert Settings().secrets() == []
 
 
-# --- secrecy ------------------------------------------------------------------------------------
-
-
-def test_str_and_repr_of_settings_never_contain_key_values(tmp_path: Path) -> None:
+def test_str_and_repr_of_settings_never_contain_a_key(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys"
     keys_file.write_text("file-caller-key-xyz\n", encoding="utf-8")
-    from_env = load(RERANK_API_KEYS="env-caller-key-abc,env-caller-key-def", DASHSCOPE_API_KEY=UPSTREAM_KEY)
+    from_env = load(RERANK_API_KEYS=f"{CALLER_KEY},env-caller-key-def", DASHSCOPE_API_KEY=UPSTREAM_KEY)
     from_file = load({"api_keys_file": str(keys_file)}, RERANK_UPSTREAM_API_KEY=UPSTREAM_KEY)
+
     for settings in (from_env, from_file):
         for rendered in (str(settings), repr(settings), f"{settings}", f"{settings!r}"):
-            for value in (UPSTREAM_KEY, "env-caller-key-abc", "env-caller-key-def", "file-caller-key-xyz"):
+            for value in (UPSTREAM_KEY, CALLER_KEY, "env-caller-key-def", "file-caller-key-xyz"):
                 assert value not in rendered
             assert "**********" in rendered
 
 
-@pytest.mark.parametrize("value", ["inf", "-inf", "1e400"])
-def test_an_infinite_timeout_is_refused(value: str) -> None:
-    with pytest.raises(ConfigError, match="finite"):
-        load(RERANK_UPSTREAM_TIMEOUT=value)
+def test_no_configuration_error_ever_shows_a_key(tmp_path: Path) -> None:
+    keys = {"RERANK_API_KEYS": CALLER_KEY, "DASHSCOPE_API_KEY": UPSTREAM_KEY}
+    messages = [
+        refusal(RERANK_PORT="x", **keys),
+        refusal({"config": config_file(tmp_path, f"upstream_api_key: {UPSTREAM_KEY}\n")}, **keys),
+        refusal(RERANK_API_KEYS=CALLER_KEY, RERANK_BACKEND="upstream"),
+    ]
+    with pytest.raises(ValidationError) as direct:
+        Settings(upstream_api_key=UPSTREAM_KEY)  # type: ignore[arg-type]
+    messages.append(str(direct.value))
+
+    for message in messages:
+        assert UPSTREAM_KEY not in message
+        assert CALLER_KEY not in message
 
 
-def test_an_empty_plain_variable_counts_as_unset() -> None:
-    settings = load(RERANK_PORT="", RERANK_HOST="  ", RERANK_UPSTREAM_DIALECT="")
-
-    assert (settings.port, settings.host, settings.upstream_dialect) == (50051, "0.0.0.0", "dashscope")
+# --- settings that are each fine but wrong together ---------------------------------------------
 
 
-def test_api_keys_that_hold_no_key_are_refused_rather_than_switching_auth_off() -> None:
-    with pytest.raises(ConfigError, match="RERANK_API_KEYS is set but holds no key"):
-        load(RERANK_API_KEYS=" , ,", RERANK_UPSTREAM_API_KEY="up")
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RERANK_TLS_CERT": "cert.pem"}, "tls-cert and tls-key go together"),
+        ({"RERANK_TLS_KEY": "key.pem"}, "tls-cert and tls-key go together"),
+        ({"RERANK_TLS_CLIENT_CA": "ca.pem"}, "tls-client-ca requires tls-cert"),
+        ({"RERANK_API_KEYS": CALLER_KEY, "RERANK_BACKEND": "upstream"}, "set RERANK_UPSTREAM_API_KEY"),
+    ],
+)
+def test_inconsistent_settings_are_refused(env: dict[str, str], message: str) -> None:
+    assert message in refusal(**env)
 
 
-def test_an_api_keys_file_of_comments_only_is_refused(tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    keys.write_text("# nobody yet\n\n")
+def test_caller_keys_without_an_upstream_key_are_fine_for_the_local_backend() -> None:
+    settings = load(RERANK_API_KEYS=CALLER_KEY)
 
-    with pytest.raises(ConfigError, match="RERANK_API_KEYS_FILE is set but holds no key"):
-        load(RERANK_API_KEYS_FILE=str(keys), RERANK_UPSTREAM_API_KEY="up")
-
-
-def test_a_blank_api_keys_variable_does_not_hide_the_keys_file(tmp_path: Path) -> None:
-    keys = tmp_path / "keys"
-    keys.write_text("from-file\n")
-
-    settings = load(RERANK_API_KEYS=" ", RERANK_API_KEYS_FILE=str(keys), RERANK_UPSTREAM_API_KEY="up")
-
-    assert revealed(settings.api_keys) == ["from-file"]
-    assert settings.sources["api_keys"] == "RERANK_API_KEYS_FILE"
-
-
-def test_a_blank_upstream_key_falls_back_to_dashscope_api_key() -> None:
-    settings = load(RERANK_UPSTREAM_API_KEY="  ", DASHSCOPE_API_KEY="ds-key")
-
-    assert settings.upstream_api_key is not None
-    assert settings.upstream_api_key.reveal() == "ds-key"
-    assert settings.sources["upstream_api_key"] == "DASHSCOPE_API_KEY"
-
-
-def test_an_empty_upstream_key_file_is_refused(tmp_path: Path) -> None:
-    key = tmp_path / "key"
-    key.write_text("\n")
-
-    with pytest.raises(ConfigError, match="--upstream-api-key-file is set but holds no key"):
-        load({"upstream_api_key_file": str(key)})
+    assert (settings.backend, revealed(settings.api_keys)) == ("local", [CALLER_KEY])
 
 
 def test_grpc_options_bound_messages_and_keep_connections_alive() -> None:
@@ -386,23 +557,3 @@ def test_grpc_options_bound_messages_and_keep_connections_alive() -> None:
     assert options["grpc.keepalive_time_ms"] == 60_000
     assert options["grpc.max_connection_age_ms"] == 300_000
     assert "grpc.max_connection_age_ms" not in dict(channel_options(Settings(max_connection_age=0)))
-
-
-@pytest.mark.parametrize(
-    ("env", "message"),
-    [
-        ({"RERANK_TLS_CERT": "cert.pem"}, "tls-cert and tls-key go together"),
-        ({"RERANK_TLS_CLIENT_CA": "ca.pem"}, "tls-client-ca requires tls-cert"),
-        ({"RERANK_METRICS_PORT": "web"}, "metrics-port must be a port number or off"),
-        ({"RERANK_UPSTREAM_BREAKER_FAILURES": "-1"}, "upstream-breaker-failures must be 0 or more"),
-    ],
-)
-def test_new_settings_refuse_bad_values_with_the_setting_named(env: dict[str, str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        load_settings({}, env)
-
-
-def test_metrics_endpoint_is_off_unless_a_port_is_given() -> None:
-    assert load_settings({}, {}).metrics_port is None
-    assert load_settings({}, {"RERANK_METRICS_PORT": "off"}).metrics_port is None
-    assert load_settings({}, {"RERANK_METRICS_PORT": "9100"}).metrics_port == 9100

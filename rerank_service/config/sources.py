@@ -1,0 +1,264 @@
+"""Flags, environment variables and a YAML file, merged by precedence into one Settings.
+
+Precedence: a flag, then an environment variable, then the `--config` file, then the
+default. An empty variable counts as unset, as shells and container specs write them.
+Every problem becomes one ConfigError line naming the setting and where its value came
+from; `rerank-service serve` prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from rerank_service.config.secret import Secret
+from rerank_service.config.settings import (
+    ConfigError,
+    KeySources,
+    Option,
+    Settings,
+    check_consistency,
+    expectation,
+    options,
+)
+
+T = TypeVar("T")
+
+CONFIG_FLAG = "--config"
+CONFIG_ENV = "RERANK_CONFIG"
+
+
+class Layer(NamedTuple):
+    """The values one source sets, and where each came from (a flag, a variable, a file key)."""
+
+    values: dict[str, Any]
+    origins: dict[str, str]
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; an unset flag stays None so the environment, file and default apply."""
+    parser.add_argument(
+        CONFIG_FLAG,
+        dest="config",
+        default=None,
+        metavar="FILE",
+        help=f"YAML file of settings, keyed by setting name (env {CONFIG_ENV}); flags and variables win",
+    )
+    for option in _plain():
+        parser.add_argument(
+            option.flag,
+            dest=option.name,
+            default=None,
+            metavar=option.name.split("_")[-1].upper(),
+            help=f"{option.help} (env {option.env}; default {option.shown_default})",
+        )
+    for option in _secret():
+        keys = _keys(option)
+        parser.add_argument(
+            keys.file_flag,
+            dest=keys.file_key,
+            default=None,
+            metavar="PATH",
+            help=f"a file holding {option.help} (env {', '.join(keys.env)})",
+        )
+
+
+def load_settings(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from parsed flags (argparse's `vars()`), the environment and the --config file.
+
+    `env` replaces os.environ (tests pass their own); no .env file is ever read.
+    """
+    args = args or {}
+    env = os.environ if env is None else env
+    file = _config_file(args, env)
+    plain = {option.name for option in _plain()}
+    from_file = Layer(
+        {key: value for key, value in file.values.items() if key in plain},
+        {key: origin for key, origin in file.origins.items() if key in plain},
+    )
+    merged = _merge(_flags(args), _environment(env), from_file)
+    secrets = _secrets(args, env, file)
+    origins = {**merged.origins, **secrets.origins}
+    settings = build(Settings, Layer({**merged.values, **secrets.values}, origins), sources=origins)
+    check_consistency(settings)
+    return settings
+
+
+def build(cls: type[T], layer: Layer, **extra: Any) -> T:
+    """Validate the layer's values into `cls`; any error becomes one ConfigError line."""
+    try:
+        return cls(**layer.values, **extra)
+    except ValidationError as exc:
+        fields = getattr(cls, "__pydantic_fields__", {})
+        problems = (_describe(error, fields, layer.origins) for error in exc.errors())
+        raise ConfigError("; ".join(problems)) from None
+
+
+def file_layer(path: Path, known: Collection[str]) -> Layer:
+    """A YAML file's settings: a mapping of setting names (snake_case) to values.
+
+    Values stay as YAML gives them (numbers, lists, mappings), so a nested section reaches
+    its pydantic model whole and is validated there.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path}: is not UTF-8 text") from None
+    import yaml  # only when a file is given: `rerank-service rerank --help` stays fast
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"config {path}: not valid YAML: {problem}{where}") from None
+    if data is None:
+        data = {}  # an empty file sets nothing
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: must be a mapping of setting names to values")
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), [str(name) for name in known], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config {path}: unknown setting {key!r}{hint}")
+    return Layer(dict(data), {key: f"{key} in {path}" for key in data})
+
+
+# --- the sources -----------------------------------------------------------------------------
+
+
+def _plain() -> tuple[Option, ...]:
+    return tuple(option for option in options() if option.keys is None)
+
+
+def _secret() -> tuple[Option, ...]:
+    return tuple(option for option in options() if option.keys is not None)
+
+
+def _keys(option: Option) -> KeySources:
+    assert option.keys is not None
+    return option.keys
+
+
+def _flags(args: Mapping[str, Any]) -> Layer:
+    values, origins = {}, {}
+    for option in _plain():
+        raw = args.get(option.name)
+        if raw is not None:
+            values[option.name] = raw.strip() if isinstance(raw, str) else raw
+            origins[option.name] = option.flag
+    return Layer(values, origins)
+
+
+def _environment(env: Mapping[str, str]) -> Layer:
+    values, origins = {}, {}
+    for option in _plain():
+        raw = env.get(option.env, "").strip()
+        if raw:  # empty counts as unset
+            values[option.name] = raw
+            origins[option.name] = option.env
+    return Layer(values, origins)
+
+
+def _config_file(args: Mapping[str, Any], env: Mapping[str, str]) -> Layer:
+    path = args.get("config") or env.get(CONFIG_ENV, "").strip()
+    if not path:
+        return Layer({}, {})
+    secrets = {option.name: _keys(option) for option in _secret()}
+    known = [option.name for option in _plain()] + [keys.file_key for keys in secrets.values()]
+    layer = file_layer(Path(path), [*known, *secrets])
+    for name, keys in secrets.items():
+        if name in layer.values:  # a config file is often committed: keys never go in one
+            raise ConfigError(
+                f"config {path}: {name} is a secret: name a key file ({keys.file_key}) "
+                f"or set {' or '.join(keys.env)} instead"
+            )
+    return layer
+
+
+def _merge(*layers: Layer) -> Layer:
+    """Earlier layers win."""
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for layer in reversed(layers):
+        values.update(layer.values)
+        origins.update(layer.origins)
+    return Layer(values, origins)
+
+
+def _secrets(args: Mapping[str, Any], env: Mapping[str, str], file: Layer) -> Layer:
+    """Each secret from its first source that is set: the file flag, the variables, the file."""
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for option in _secret():
+        keys = _keys(option)
+        candidates = [(keys.file_flag, args.get(keys.file_key), True)]
+        candidates += [(name, env.get(name), name.endswith("_FILE")) for name in keys.env]
+        candidates.append((file.origins.get(keys.file_key, ""), file.values.get(keys.file_key), True))
+        for origin, raw, is_file in candidates:
+            if raw is None or not str(raw).strip():
+                continue
+            found = _read_keys(keys, str(raw).strip(), is_file)
+            if not found:  # a key source that holds no key must not silently switch auth off
+                raise ConfigError(f"{origin} is set but holds no key")
+            values[option.name] = tuple(found) if keys.several else found[0]
+            origins[option.name] = origin
+            break
+    return Layer(values, origins)
+
+
+def _read_keys(keys: KeySources, raw: str, is_file: bool) -> list[Secret]:
+    if not is_file:
+        found = raw.split(",") if keys.several else [raw]
+        return [Secret(key.strip()) for key in found if key.strip()]
+    try:
+        text = Path(raw).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(f"{keys.file_flag.removeprefix('--')} {raw}: {reason}") from None
+    if not keys.several:
+        return [Secret(text.strip())] if text.strip() else []
+    lines = (line.strip() for line in text.splitlines())
+    return [Secret(line) for line in lines if line and not line.startswith("#")]
+
+
+# --- one line per problem ----------------------------------------------------------------------
+
+
+def _describe(error: ErrorDetails, fields: Mapping[str, Any], origins: Mapping[str, str]) -> str:
+    """`upstream-timeout must be ..., got '-3' (from RERANK_UPSTREAM_TIMEOUT)`."""
+    top, *inner = [str(part) if isinstance(part, str) else part for part in error["loc"]] or ["settings"]
+    # The flag's spelling, then the place inside a nested section as the file writes it.
+    name = str(top).replace("_", "-") + "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" for part in inner
+    )
+    info = fields.get(str(top))
+    secret = info is not None and any(isinstance(item, KeySources) for item in info.metadata)
+    kind = error["type"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        problem = "is not a known setting"
+    elif kind == "missing":
+        problem = "is required"
+    elif kind in ("value_error", "assertion_error"):
+        problem = str(error.get("ctx", {}).get("error", error["msg"]))
+    else:
+        declared = expectation(info) if info is not None and not inner else None
+        expected = declared or error["msg"].removeprefix("Input should be ")
+        problem = f"must be {expected}" + ("" if secret else f", got {_brief(error['input'])}")
+    origin = origins.get(str(top))
+    return f"{name} {problem}" + (f" (from {origin})" if origin else "")
+
+
+def _brief(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
