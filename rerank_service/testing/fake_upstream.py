@@ -6,10 +6,13 @@ OpenAI-compatible) with deterministic lexical-overlap scores, checks the bearer
 key if told to, records every request, and injects faults on demand: any status
 and body, delays, malformed or non-JSON bodies, connection resets (before the answer
 or mid-body), bodies that trickle, huge bodies, a flapping upstream (`cycle`), and an
-upstream that is down altogether (`go_down`: connections refused). It counts the
-connections it holds open, so tests can check that none is left behind.
+upstream that is down altogether (`go_down`: connections refused). Answers can be
+gzip-encoded and sent with chunked transfer encoding, as hosted APIs often send them
+(`Fault(gzip=True, chunked=True)`), and it can serve HTTPS (`tls=` an SSL context). It
+counts the connections it holds open, so tests can check that none is left behind.
 
     python -m rerank_service.testing.fake_upstream --port 8080 --latency 0.02
+    python -m rerank_service.testing.fake_upstream --gzip --chunked --tls-cert cert.pem --tls-key key.pem
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import json
 import re
 import select
 import socket
+import ssl
 import sys
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -82,8 +87,14 @@ class Fault:
     # bytes of the body, then reset the connection: a reset mid-body.
     reset_after_bytes: int | None = None
     # Pad the body with trailing whitespace (still valid JSON) to this many bytes,
-    # streamed in chunks: a huge body without a huge string per request.
+    # streamed in chunks: a huge body without a huge string per request. With `gzip`
+    # it is the decoded size: `Fault(gzip=True, pad_to=1 << 30)` is a small gzip bomb.
     pad_to: int | None = None
+    # Send the body gzip-encoded (`content-encoding: gzip`), whatever the request accepts.
+    gzip: bool = False
+    # Send the body with `transfer-encoding: chunked` (one chunk per write) instead of a
+    # content-length. With `reset_after_bytes` the reset comes mid-chunk.
+    chunked: bool = False
 
 
 @dataclass
@@ -92,7 +103,8 @@ class RecordedRequest:
     headers: dict[str, str]
     body: Any
     received_at: float
-    # Body bytes written so far, and whether the whole answer went out.
+    # Body bytes written so far (gzip-encoded if so sent, chunk framing not counted),
+    # and whether the whole answer went out.
     body_bytes_sent: int = 0
     answered: bool = False
 
@@ -114,7 +126,9 @@ class FakeUpstream:
         models: tuple[str, ...] = ("qwen3-rerank",),
         latency: float = 0.0,
         record: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls`: serve HTTPS with this server-side context (its certificate and key)."""
         self.api_key = api_key
         # Tests read `requests`; a long benchmark run must not keep every body.
         self.record = record
@@ -137,6 +151,7 @@ class FakeUpstream:
         self._lock = threading.Lock()
         # Notified whenever a request or a connection starts or ends (see `wait_for`).
         self._changed = threading.Condition(self._lock)
+        self._tls = tls
         self._server = _Server((host, port), _handler_for(self), self)
         self._address: tuple[str, int] = (str(self._server.server_address[0]), self._server.server_address[1])
         self._thread = self._serving_thread()
@@ -150,7 +165,7 @@ class FakeUpstream:
     @property
     def url(self) -> str:
         host, port = self._address
-        return f"http://{host}:{port}"
+        return f"{'https' if self._tls is not None else 'http'}://{host}:{port}"
 
     def _serving_thread(self) -> threading.Thread:
         return threading.Thread(target=self._server.serve_forever, name="fake-upstream", daemon=True)
@@ -337,6 +352,14 @@ class _Server(ThreadingHTTPServer):
         self.fake = fake
         super().__init__(address, handler)
 
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = super().get_request()
+        if self.fake._tls is not None:
+            # The handshake waits for the connection's own thread (Handler.setup): a client
+            # that connects and stays silent must not hold up the accepting thread.
+            sock = self.fake._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
     def process_request(self, request: Any, client_address: Any) -> None:
         self.fake._connection_opened(request)
         super().process_request(request, client_address)
@@ -348,8 +371,9 @@ class _Server(ThreadingHTTPServer):
             self.fake._connection_closed(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # A caller hanging up mid-answer is what faults provoke: not worth a traceback.
-        if isinstance(sys.exc_info()[1], ConnectionError):
+        # A caller hanging up mid-answer is what faults provoke, and a client refusing the
+        # certificate is what TLS tests provoke: neither is worth a traceback.
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError | ssl.SSLError):
             return
         super().handle_error(request, client_address)
 
@@ -363,6 +387,13 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet
             pass
+
+        def setup(self) -> None:
+            if isinstance(self.request, ssl.SSLSocket):
+                self.request.settimeout(10)  # a handshake that never completes ends
+                self.request.do_handshake()
+                self.request.settimeout(None)
+            super().setup()
 
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length") or 0)
@@ -401,13 +432,25 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 payload = fault.body if fault.body is not None else normal
             content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             padding = max(0, fault.pad_to - len(content)) if fault.pad_to is not None else 0
+            chunks = _chunks(content, padding)
+            length = len(content) + padding
+            if fault.gzip:
+                # Compressed whole before the headers, to announce its length; even a
+                # gzip bomb is small once compressed.
+                compressed = _gzip(chunks)
+                chunks, length = iter((compressed,)), len(compressed)
             self.send_response(status)
             self.send_header("content-type", fault.content_type)
-            self.send_header("content-length", str(len(content) + padding))
+            if fault.gzip:
+                self.send_header("content-encoding", "gzip")
+            if fault.chunked:
+                self.send_header("transfer-encoding", "chunked")
+            else:
+                self.send_header("content-length", str(length))
             for key, value in fault.headers.items():
                 self.send_header(key, value)
             self.end_headers()
-            if self._write_body(_chunks(content, padding), fault, recorded):
+            if self._write_body(chunks, fault, recorded):
                 recorded.answered = True
 
         def _write_body(self, chunks: Iterator[bytes], fault: Fault, recorded: RecordedRequest) -> bool:
@@ -415,20 +458,25 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             limit = fault.reset_after_bytes
             step, pause = fault.trickle if fault.trickle is not None else (0, 0.0)
             for chunk in chunks:
-                if limit is not None:
-                    chunk = chunk[: limit - recorded.body_bytes_sent]
                 for piece in _pieces(chunk, step):
                     if pause and recorded.body_bytes_sent and not self._wait(pause):
                         fake._abandon(recorded)
                         self.close_connection = True
                         return False
-                    self.wfile.write(piece)
-                    recorded.body_bytes_sent += len(piece)
-                if limit is not None and recorded.body_bytes_sent >= limit:
-                    break
+                    # A chunk's size line announces the whole piece, even if the reset cuts it.
+                    sent = piece if limit is None else piece[: limit - recorded.body_bytes_sent]
+                    self.wfile.write(b"%x\r\n%s" % (len(piece), sent) if fault.chunked else sent)
+                    recorded.body_bytes_sent += len(sent)
+                    if limit is not None and recorded.body_bytes_sent >= limit:
+                        self._reset()
+                        return False
+                    if fault.chunked:
+                        self.wfile.write(b"\r\n")
             if limit is not None:
                 self._reset()
                 return False
+            if fault.chunked:
+                self.wfile.write(b"0\r\n\r\n")  # the last chunk: the body is complete
             return True
 
         def _wait(self, seconds: float) -> bool:
@@ -438,7 +486,9 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 readable, _, _ = select.select([self.connection], [], [], min(left, 0.02))
                 if readable:
                     try:
-                        if not self.connection.recv(1, socket.MSG_PEEK):
+                        # The raw socket's peek: an SSLSocket takes no flags (and for
+                        # noticing a hang-up, raw bytes tell as much as decrypted ones).
+                        if not socket.socket.recv(self.connection, 1, socket.MSG_PEEK):
                             return False
                     except OSError:  # reset by the caller
                         return False
@@ -464,6 +514,14 @@ def _chunks(content: bytes, padding: int) -> Iterator[bytes]:
         padding -= len(piece)
 
 
+def _gzip(chunks: Iterator[bytes]) -> bytes:
+    """The chunks gzip-compressed, fed through one compressor (no whole decoded body in memory)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [compressor.compress(chunk) for chunk in chunks]
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
 def _pieces(chunk: bytes, step: int) -> Iterator[bytes]:
     if not step:
         if chunk:
@@ -482,10 +540,22 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--api-key", default=None, help="require this bearer key")
     parser.add_argument("--models", default="qwen3-rerank", help="comma-separated model names")
+    parser.add_argument("--gzip", action="store_true", help="gzip-encode every answer")
+    parser.add_argument("--chunked", action="store_true", help="send every answer chunked")
+    parser.add_argument("--tls-cert", default=None, help="serve HTTPS with this PEM certificate (chain)")
+    parser.add_argument("--tls-key", default=None, help="the PEM private key of --tls-cert")
     args = parser.parse_args()
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_cert is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
     fake = FakeUpstream(
-        args.host, args.port, args.api_key, tuple(args.models.split(",")), args.latency, record=False
+        args.host, args.port, args.api_key, tuple(args.models.split(",")), args.latency, record=False, tls=tls
     )
+    if args.gzip or args.chunked:
+        fake.always(Fault(gzip=args.gzip, chunked=args.chunked))
     print(f"fake upstream listening on {fake.url}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         fake._server.serve_forever()

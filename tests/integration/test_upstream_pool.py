@@ -151,9 +151,7 @@ async def test_an_https_upstream_is_reached_through_the_tls_handshake(
 
     terminator = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=server_context)
     tls_port = terminator.sockets[0].getsockname()[1]
-    transport = pooled_transport(2)
-    pool = pool_of_transport(transport)
-    pool._ssl_context = client_context
+    transport = pooled_transport(2, ssl_context=client_context)
     try:
         async with httpx.AsyncClient(base_url=f"https://localhost:{tls_port}", transport=transport) as client:
             answers = [await client.post(NATIVE_PATH, json=BODY, timeout=5) for _ in range(3)]

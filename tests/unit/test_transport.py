@@ -1,26 +1,304 @@
-"""The upstream transport's pool and its asyncio network layer, on real loopback sockets."""
+"""The upstream transport through its public interface, against the real fake upstream;
+and its asyncio network layer on real loopback sockets."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
+import grpc
 import httpcore
 import pytest
 
 from rerank_service.backends.upstream.http.network import AsyncioBackend
-from rerank_service.backends.upstream.http.pool import LeanConnectionPool
-from rerank_service.backends.upstream.http.transport import pooled_transport
+from rerank_service.backends.upstream.http.transport import MAX_RESPONSE_BYTES, UpstreamTransport
+from rerank_service.config.secret import Secret
+from rerank_service.core.domain import ServiceError
+from rerank_service.observability.metrics import REGISTRY
+from rerank_service.testing.fake_upstream import NATIVE_PATH, NEVER, FakeUpstream, Fault
+from tests.conftest import UPSTREAM_KEY
+
+BODY = {"model": "qwen3-rerank", "input": {"query": "a b", "documents": ["a b c", "d"]}}
+KEY = Secret(UPSTREAM_KEY)
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+Transports = Callable[..., UpstreamTransport]
 
 
-def test_the_transport_pools_connections_through_the_asyncio_backend() -> None:
-    transport = pooled_transport(max_connections=7)
+@pytest.fixture(autouse=True)
+def no_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests talk to loopback directly, whatever proxy the machine running them names."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
 
-    pool: object = transport._pool  # httpx annotates it as httpcore's own pool
-    assert isinstance(pool, LeanConnectionPool)
-    assert isinstance(pool._network_backend, AsyncioBackend)
-    assert pool._slots._value == 7
+
+@pytest.fixture
+async def transports(upstream: FakeUpstream) -> AsyncIterator[Transports]:
+    """`transports(timeout=5.0, url=upstream.url)`: a transport, closed after the test."""
+    made: list[UpstreamTransport] = []
+
+    def make(timeout: float = 5.0, url: str | None = None) -> UpstreamTransport:
+        made.append(UpstreamTransport(url or upstream.url, timeout, 4))
+        return made[-1]
+
+    yield make
+    for transport in made:
+        await transport.close()
+
+
+async def failure_of(transport: UpstreamTransport, deadline: float | None = None) -> ServiceError:
+    with pytest.raises(ServiceError) as caught:
+        await transport.post_json(NATIVE_PATH, BODY, KEY, deadline)
+    return caught.value
+
+
+def attempts(outcome: str) -> float:
+    return REGISTRY.get_sample_value("rerank_upstream_requests_total", {"status": outcome}) or 0.0
+
+
+# --- time: the caller's deadline and the upstream timeout ---------------------------------------
+
+
+async def test_a_call_is_cut_to_the_time_the_caller_has_left(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(delay=NEVER))
+    started = time.monotonic()
+
+    error = await failure_of(transports(timeout=5.0), deadline=started + 0.3)
+
+    assert 0.25 <= time.monotonic() - started < 1.5
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert error.reason == "UPSTREAM_TIMEOUT"
+    assert "the call's deadline" in error.message
+
+
+@pytest.mark.parametrize("deadline_in", [None, 10.0], ids=["no deadline", "a later deadline"])
+async def test_the_upstream_timeout_bounds_a_call_whose_caller_gives_it_longer(
+    transports: Transports, upstream: FakeUpstream, deadline_in: float | None
+) -> None:
+    upstream.always(Fault(delay=NEVER))
+    started = time.monotonic()
+    deadline = None if deadline_in is None else started + deadline_in
+
+    error = await failure_of(transports(timeout=0.3), deadline)
+
+    assert 0.25 <= time.monotonic() - started < 1.5
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "the upstream timeout" in error.message
+
+
+async def test_a_deadline_already_passed_sends_nothing(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    error = await failure_of(transports(), deadline=time.monotonic() - 0.01)
+
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert upstream.requests == []
+
+
+async def test_a_body_that_trickles_past_the_timeout_times_out_though_each_read_is_quick(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(trickle=(1, 0.05)))  # a byte every 50 ms: no single read waits long
+    started = time.monotonic()
+
+    error = await failure_of(transports(timeout=0.4))
+
+    assert time.monotonic() - started < 1.5
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# --- size ---------------------------------------------------------------------------------------
+
+
+async def test_a_body_of_exactly_the_bound_is_read_whole(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(pad_to=MAX_RESPONSE_BYTES))
+
+    reply = await transports().post_json(NATIVE_PATH, BODY, KEY, None)
+
+    assert reply.status == 200
+    assert len(reply.content) == MAX_RESPONSE_BYTES
+
+
+async def test_a_body_over_the_bound_is_refused(transports: Transports, upstream: FakeUpstream) -> None:
+    upstream.always(Fault(pad_to=MAX_RESPONSE_BYTES + 1))
+
+    error = await failure_of(transports())
+
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.reason == "UPSTREAM_BAD_RESPONSE"
+    assert f"larger than {MAX_RESPONSE_BYTES} bytes" in error.message
+
+
+# --- what is sent -------------------------------------------------------------------------------
+
+
+async def test_the_body_goes_as_json_and_any_status_comes_back_as_a_reply(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    upstream.inject(Fault(status=503, body={"code": "Busy"}, headers={"retry-after": "3"}))
+    transport = transports()
+
+    busy = await transport.post_json(NATIVE_PATH, BODY, KEY, None)
+    served = await transport.post_json(NATIVE_PATH, BODY, KEY, None)
+
+    assert (busy.status, busy.content, busy.headers["retry-after"]) == (503, b'{"code": "Busy"}', "3")
+    assert served.status == 200
+    assert [request.body for request in upstream.requests] == [BODY, BODY]
+    assert upstream.requests[0].headers["content-type"] == "application/json"
+
+
+async def test_the_bearer_key_is_sent_only_when_a_token_is_given(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    transport = transports()
+
+    await transport.post_json(NATIVE_PATH, BODY, KEY, None)
+    await transport.post_json(NATIVE_PATH, BODY, None, None)
+
+    with_key, without = (request.headers for request in upstream.requests)
+    assert with_key["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert "authorization" not in without
+
+
+async def test_trace_context_is_forwarded_and_tracestate_only_with_a_traceparent(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    transport = transports()
+
+    await transport.post_json(NATIVE_PATH, BODY, KEY, None, traceparent=TRACEPARENT, tracestate="a=1")
+    await transport.post_json(NATIVE_PATH, BODY, KEY, None, tracestate="a=1")
+    await transport.post_json(NATIVE_PATH, BODY, KEY, None)
+
+    traced, state_alone, untraced = (request.headers for request in upstream.requests)
+    assert (traced["traceparent"], traced["tracestate"]) == (TRACEPARENT, "a=1")
+    assert "traceparent" not in state_alone
+    assert "tracestate" not in state_alone
+    assert "traceparent" not in untraced
+
+
+async def test_the_request_asks_for_json_and_accepts_gzip(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    await transports().post_json(NATIVE_PATH, BODY, KEY, None)
+
+    headers = upstream.requests[0].headers
+    assert headers["accept"] == "application/json"
+    assert headers["accept-encoding"] == "gzip"
+
+
+# --- failures without a status ------------------------------------------------------------------
+
+
+def nothing_listening() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+async def test_an_upstream_that_refuses_connections_is_unavailable(transports: Transports) -> None:
+    error = await failure_of(transports(url=nothing_listening()))
+
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.reason == "UPSTREAM_UNAVAILABLE"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault(reset=True), Fault(reset_after_bytes=10), Fault(reset_after_bytes=10, chunked=True)],
+    ids=["reset before the answer", "reset mid-body", "reset mid-chunk"],
+)
+async def test_a_connection_reset_is_unavailable(
+    transports: Transports, upstream: FakeUpstream, fault: Fault
+) -> None:
+    upstream.always(fault)
+
+    error = await failure_of(transports())
+
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.reason == "UPSTREAM_UNAVAILABLE"  # retryable: the next attempt may well pass
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(reset=True),
+        Fault(reset_after_bytes=10),
+        Fault(delay=NEVER),
+        Fault(pad_to=MAX_RESPONSE_BYTES + 1),
+        Fault(body=b"\x1f\x8b not really gzip", headers={"content-encoding": "gzip"}),
+    ],
+    ids=["reset", "reset mid-body", "timeout", "too large", "corrupt gzip"],
+)
+async def test_no_error_ever_carries_the_key(
+    transports: Transports, upstream: FakeUpstream, fault: Fault
+) -> None:
+    upstream.always(fault)
+
+    error = await failure_of(transports(timeout=0.3))
+
+    assert UPSTREAM_KEY not in str(error)
+    assert UPSTREAM_KEY not in error.message
+    assert all(UPSTREAM_KEY not in value for value in error.metadata.values())
+
+
+async def test_no_error_carries_the_key_when_the_upstream_is_unreachable(transports: Transports) -> None:
+    error = await failure_of(transports(url=nothing_listening()))
+
+    assert UPSTREAM_KEY not in str(error)
+
+
+# --- the per-attempt metric ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "outcome"),
+    [
+        (Fault(), "200"),
+        (Fault(status=503), "503"),
+        (Fault(reset=True), "reset"),
+        (Fault(delay=NEVER), "timeout"),
+        (Fault(pad_to=MAX_RESPONSE_BYTES + 1), "too_large"),
+        (Fault(body=b"\x1f\x8b not really gzip", headers={"content-encoding": "gzip"}), "protocol_error"),
+    ],
+)
+async def test_each_attempt_is_counted_by_its_outcome(
+    transports: Transports, upstream: FakeUpstream, fault: Fault, outcome: str
+) -> None:
+    upstream.always(fault)
+    before = attempts(outcome)
+    timed_before = REGISTRY.get_sample_value("rerank_upstream_latency_seconds_count") or 0.0
+
+    with contextlib.suppress(ServiceError):  # the failures are what is counted here
+        await transports(timeout=0.3).post_json(NATIVE_PATH, BODY, KEY, None)
+
+    assert attempts(outcome) == before + 1
+    assert REGISTRY.get_sample_value("rerank_upstream_latency_seconds_count") == timed_before + 1
+
+
+async def test_a_call_cancelled_mid_attempt_is_counted_as_cancelled(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(delay=NEVER))
+    before = attempts("cancelled")
+    call = asyncio.create_task(transports().post_json(NATIVE_PATH, BODY, KEY, None))
+    await asyncio.sleep(0.1)
+
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    assert attempts("cancelled") == before + 1
+
+
+# --- the asyncio network layer ------------------------------------------------------------------
 
 
 class Peer:

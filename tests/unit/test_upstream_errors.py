@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import email.utils
+import ssl
 import time
 from datetime import UTC, datetime
 
 import grpc
+import httpcore
 import httpx
 import pytest
 
@@ -151,13 +153,13 @@ def test_metadata_and_request_id_carry_upstream_details() -> None:
         "upstream_code": "Throttling",
         "upstream_request_id": "req-9",
     }
-    assert error.request_id == "req-9"
+    assert error.upstream_request_id == "req-9"
 
 
 def test_metadata_without_code_or_request_id_has_only_the_status() -> None:
     error = map_status(500)
     assert error.metadata == {"upstream_status": "500"}
-    assert error.request_id is None
+    assert error.upstream_request_id is None
 
 
 def test_long_upstream_message_is_truncated() -> None:
@@ -190,8 +192,8 @@ def test_secret_echoed_by_the_upstream_is_masked_everywhere() -> None:
     assert SECRET not in error.message
     assert error.message.count(MASK) == 4
     assert all(SECRET not in value for value in error.metadata.values())
-    assert error.request_id is not None
-    assert SECRET not in error.request_id
+    assert error.upstream_request_id is not None
+    assert SECRET not in error.upstream_request_id
     assert SECRET not in str(error)
 
 
@@ -263,6 +265,29 @@ def test_pool_timeout_is_unavailable_not_deadline_exceeded() -> None:
     assert error.reason == "UPSTREAM_POOL_EXHAUSTED"
 
 
+def test_a_rejected_tls_certificate_is_unavailable_and_says_why() -> None:
+    # As httpx raises it: its ConnectError from httpcore's, from the ssl module's error.
+    rejected = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    rejected.verify_message = "unable to get local issuer certificate"
+    inner = httpcore.ConnectError("TLS handshake failed")
+    inner.__cause__ = rejected
+    outer = httpx.ConnectError("TLS handshake failed")
+    outer.__cause__ = inner
+
+    error = from_transport(outer, upstream_timed_out_by_caller=False)
+
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.reason == "UPSTREAM_UNAVAILABLE"
+    assert error.message == "upstream TLS certificate rejected: unable to get local issuer certificate"
+
+
+def test_a_body_that_cannot_be_decoded_is_a_bad_response_saying_why() -> None:
+    error = errors.undecodable("the gzip body is corrupt")
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.reason == "UPSTREAM_BAD_RESPONSE"
+    assert error.message.endswith("the gzip body is corrupt")
+
+
 # --- other helpers ------------------------------------------------------------------------------
 
 
@@ -280,7 +305,7 @@ def test_malformed_is_internal_and_keeps_the_request_id() -> None:
     assert error.reason == "UPSTREAM_BAD_RESPONSE"
     assert "expected 3 results, got 2" in error.message
     assert error.metadata == {"upstream_request_id": "req-5"}
-    assert error.request_id == "req-5"
+    assert error.upstream_request_id == "req-5"
     assert errors.malformed("x", None).metadata == {}
 
 
@@ -302,10 +327,10 @@ def test_a_nan_retry_after_is_ignored() -> None:
 def test_a_capped_retry_after_still_becomes_a_status_with_retry_info() -> None:
     from google.rpc import error_details_pb2, status_pb2
 
-    from rerank_service.grpc.status import trailing_metadata
+    from rerank_service.grpc.status import error_metadata
 
     error = errors.from_http_status(429, UpstreamErrorBody(), "inf", pass_through=False, secrets=[])
-    status = status_pb2.Status.FromString(dict(trailing_metadata(error, "rid"))["grpc-status-details-bin"])
+    status = status_pb2.Status.FromString(dict(error_metadata(error, "rid"))["grpc-status-details-bin"])
     retry = error_details_pb2.RetryInfo()
     assert any(detail.Unpack(retry) for detail in status.details)
     assert retry.retry_delay.seconds == int(errors.MAX_RETRY_AFTER)

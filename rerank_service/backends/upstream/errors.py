@@ -1,7 +1,7 @@
 """The one place where upstream failures become gRPC status codes.
 
 HTTP statuses, transport errors and malformed bodies all land here, so a reader can
-check every mapping the README's error table promises against a single file.
+check every mapping docs/ERRORS.md promises against a single file.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import math
+import ssl
 import time
 
 import grpc
@@ -46,7 +47,7 @@ def from_http_status(
             reason=reason,
             retry_after=retry_after,
             metadata=metadata,
-            request_id=metadata.get("upstream_request_id"),
+            upstream_request_id=metadata.get("upstream_request_id"),
         )
 
     if status in (400, 413, 422):
@@ -82,12 +83,36 @@ def from_transport(exc: httpx.HTTPError, upstream_timed_out_by_caller: bool) -> 
         )
     if isinstance(exc, httpx.TimeoutException):
         return timed_out(upstream_timed_out_by_caller)
+    rejected = _rejected_certificate(exc)
+    if rejected is not None:
+        # The upstream (or something posing as it) is not who it says: say so, as an
+        # operator must fix the trust (upstream-ca-file) or the upstream's certificate.
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"upstream TLS certificate rejected: {rejected}",
+            reason="UPSTREAM_UNAVAILABLE",
+        )
     # Connect errors, resets, protocol errors: the upstream is not reachable right now.
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
         f"upstream unreachable: {type(exc).__name__}",
         reason="UPSTREAM_UNAVAILABLE",
     )
+
+
+def _rejected_certificate(exc: BaseException) -> str | None:
+    """Why the TLS handshake refused the upstream's certificate, if that is what `exc` is.
+
+    httpx and httpcore chain their errors to the ssl error underneath (`raise ... from`).
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is two or three deep; never walk a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or "certificate verify failed")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def timed_out(by_caller_deadline: bool) -> ServiceError:
@@ -113,7 +138,16 @@ def malformed(reason_text: str, request_id: str | None) -> ServiceError:
         f"upstream response is malformed: {reason_text}",
         reason="UPSTREAM_BAD_RESPONSE",
         metadata={"upstream_request_id": request_id} if request_id else {},
-        request_id=request_id,
+        upstream_request_id=request_id,
+    )
+
+
+def undecodable(why: str) -> ServiceError:
+    """A body its own headers misdescribe: corrupt or cut-short gzip, a coding not asked for."""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"upstream response body cannot be decoded: {why}",
+        reason="UPSTREAM_BAD_RESPONSE",
     )
 
 

@@ -133,7 +133,8 @@ class _Stream(httpcore.AsyncNetworkStream):
             raise httpcore.ConnectTimeout("timed out in the TLS handshake") from None
         except (OSError, ssl.SSLError) as exc:
             transport.close()
-            raise httpcore.ConnectError(f"TLS handshake failed: {exc}") from None
+            # Chained: errors.py reads a rejected certificate's reason from the ssl error.
+            raise httpcore.ConnectError(f"TLS handshake failed: {exc}") from exc
         assert tls is not None
         self._connection.transport = tls
         return self

@@ -1,3 +1,13 @@
+# WHEN THIS CAN GO: once httpcore's own AsyncConnectionPool costs O(1) per request and
+# probes idle connections cheaply. httpcore's pool already takes a network backend (so
+# network.py could ride on it), but httpx's transport takes neither a pool nor a backend:
+# connections.py swaps `transport._pool`; a public hook on httpx's AsyncHTTPTransport
+# (a pool or network_backend argument) would end that too.
+# Upstream: encode/httpx#3215 (AsyncClient far slower than aiohttp under concurrency);
+# encode/httpcore#1035 (O(N+M) request assignment, open); encode/httpcore#924, split into
+# #928 (the is_readable socket polling fix) and #929 (the pool's loops, closed wontfix).
+# Until then httpcore is pinned to a minor version (pyproject.toml) and
+# tests/unit/test_httpcore_private_api.py checks every private piece used here.
 """A connection pool for one upstream origin whose every step costs O(1).
 
 httpcore's own pool re-examines every connection for every queued request each time a
