@@ -32,6 +32,7 @@ from rerank_service.backends.upstream.dashscope import DashScopeNative
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import BackendRequest, BackendResult, CallContext, ModelInfo, RerankOutcome
 from rerank_service.core.engine import RerankEngine
+from rerank_service.core.readiness import Readiness
 from rerank_service.grpc.servicer import to_domain, to_proto
 
 MODEL = ModelInfo(
@@ -49,8 +50,8 @@ class AnswerBackend:
         self._dialect = DashScopeNative()
 
     @property
-    def ready(self) -> bool:
-        return True
+    def readiness(self) -> Readiness:
+        return Readiness(True)
 
     def models(self) -> list[ModelInfo]:
         return [MODEL]
@@ -90,16 +91,16 @@ def bench(count: int, iterations: int, rounds: int) -> dict[str, float]:
     body = orjson.loads(upstream_answer(count))
     backend = AnswerBackend(body)
     engine = RerankEngine(backend)
-    context = CallContext(request_id="bench")
+    context = CallContext()
     request = to_domain(message)
     backend_request = BackendRequest(
         model=request.model, query=request.query, documents=request.documents, instruct=None, top_n=None
     )
     outcome = asyncio.run(engine.rerank(request, context))
-    check(message, to_proto(outcome), body)
+    check(message, to_proto(outcome, "bench"), body)
 
     async def whole() -> rerank_pb2.RerankResponse:
-        return to_proto(await engine.rerank(to_domain(message), context))
+        return to_proto(await engine.rerank(to_domain(message), context), "bench")
 
     async def domain() -> object:
         return to_domain(message)
@@ -111,7 +112,7 @@ def bench(count: int, iterations: int, rounds: int) -> dict[str, float]:
         return await backend.rerank(backend_request, context)
 
     async def proto() -> rerank_pb2.RerankResponse:
-        return to_proto(outcome)
+        return to_proto(outcome, "bench")
 
     return {
         "whole path": measure(whole, iterations, rounds),

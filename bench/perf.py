@@ -670,7 +670,7 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("rerank_service/grpc/servicer.py", "rerank_service/grpc/status.py"),
     ),
     (
-        "interceptors (log wrapper, admission, auth)",
+        "edge (request id, admission, auth, log, metrics)",
         ("rerank_service/grpc/",),
     ),
     ("grpc.aio (Python parts of the server)", ("grpc/",)),

@@ -6,6 +6,7 @@ from typing import Protocol
 
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import BackendRequest, BackendResult, CallContext, ModelInfo
+from rerank_service.core.readiness import Readiness
 
 
 class Backend(Protocol):
@@ -17,8 +18,8 @@ class Backend(Protocol):
     """
 
     @property
-    def ready(self) -> bool:
-        """Whether the backend can answer now (health follows this).
+    def readiness(self) -> Readiness:
+        """Whether the backend can answer now; health follows its changes.
 
         `rerank` itself refuses while not ready, with the reason only the backend knows
         (a model still loading, an open circuit breaker and when to retry).
@@ -34,7 +35,7 @@ class Backend(Protocol):
         ...
 
     async def start(self) -> None:
-        """Acquire what the backend needs (clients, models); after it, `ready` is True."""
+        """Acquire what the backend needs (clients, models); after it, the backend is ready."""
         ...
 
     async def close(self) -> None:

@@ -36,8 +36,6 @@ class CallContext:
     deadline: float | None = None
     # The caller's bearer token; forwarded upstream only in pass-through mode.
     bearer_token: Secret | None = None
-    # The id the service gave this call; the call's request id unless an upstream names it.
-    request_id: str | None = None
     # The caller's W3C trace context, already validated: passed on to the upstream.
     traceparent: str | None = None
     tracestate: str | None = None
@@ -68,12 +66,61 @@ class ScoredDocument:
 
 
 @dataclass(frozen=True, slots=True)
+class Timings:
+    """Where a call's time went below the edge; travels up with its answer or its error.
+
+    `upstream_spans` are the (start, end) `time.perf_counter()` instants of each upstream
+    HTTP attempt: chunks of a split call run side by side, so their upstream time is
+    the length of the spans' union, not their sum, and waits between retries are in no span.
+    """
+
+    # Waiting for a chunk slot (upstream) or in the micro-batcher before the first batch (local).
+    queue_seconds: float = 0.0
+    # Time the model batches that held this call's pairs ran.
+    inference_seconds: float = 0.0
+    upstream_spans: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def upstream_seconds(self) -> float:
+        """Wall time with at least one upstream attempt of the call in flight."""
+        total, reached = 0.0, float("-inf")
+        for start, end in sorted(self.upstream_spans):
+            if end > reached:
+                total += end - max(start, reached)
+                reached = end
+        return total
+
+    def waited(self, seconds: float) -> Timings:
+        """The same timings after a further wait before the work began."""
+        return Timings(self.queue_seconds + seconds, self.inference_seconds, self.upstream_spans)
+
+
+NO_TIMINGS = Timings()
+
+
+def combined(timings: list[Timings]) -> Timings:
+    """The timings of one call from those of its chunks (run side by side).
+
+    Queue: the longest wait, the one that held the call back. Inference: the model
+    time of every chunk (one model runs them one after another). Upstream: all spans.
+    """
+    if len(timings) == 1:
+        return timings[0]
+    return Timings(
+        queue_seconds=max((t.queue_seconds for t in timings), default=0.0),
+        inference_seconds=sum(t.inference_seconds for t in timings),
+        upstream_spans=tuple(span for t in timings for span in t.upstream_spans),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class BackendResult:
-    """A backend's answer: scores (any order), tokens used, its request id if any."""
+    """A backend's answer: scores (any order), tokens used, the upstream's id if any."""
 
     scores: list[ScoredDocument]
     total_tokens: int
-    request_id: str | None = None
+    upstream_request_id: str | None = None
+    timings: Timings = NO_TIMINGS
 
 
 @dataclass(slots=True)  # not frozen: see ScoredDocument
@@ -87,13 +134,16 @@ class RankedDocument:
 
 @dataclass(frozen=True, slots=True)
 class RerankOutcome:
-    """The final answer to a RerankRequest."""
+    """The final answer to a RerankRequest, with what the edge records about it."""
 
-    request_id: str
     results: list[RankedDocument]
     total_tokens: int
     # The upstream's request id of every backend call made (one per chunk).
     upstream_request_ids: list[str] = field(default_factory=list)
+    # The upstream's id when one upstream call answered the whole request: callers then
+    # get it as the request id, so they can quote it to the upstream's operator.
+    upstream_request_id: str | None = None
+    timings: Timings = NO_TIMINGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +169,8 @@ class FieldViolation:
 class ServiceError(Exception):
     """An error with the gRPC status a caller should see.
 
+    The status code is gRPC's vocabulary, used here as a plain enumeration: every
+    front door maps it (grpc/status.py for gRPC).
     `reason` becomes a google.rpc.ErrorInfo, `violations` a google.rpc.BadRequest,
     `retry_after` a google.rpc.RetryInfo; `metadata` goes into ErrorInfo too.
     """
@@ -129,7 +181,10 @@ class ServiceError(Exception):
     violations: list[FieldViolation] = field(default_factory=list)
     retry_after: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-    request_id: str | None = None
+    # The upstream's id of the failed call, when it named one.
+    upstream_request_id: str | None = None
+    # Where the time went before the call failed (upstream attempts, waits).
+    timings: Timings = NO_TIMINGS
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"

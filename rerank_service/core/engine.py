@@ -8,6 +8,7 @@ engine never sees protobuf or HTTP.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from itertools import repeat
 from operator import attrgetter
@@ -24,10 +25,10 @@ from rerank_service.core.domain import (
     RerankOutcome,
     RerankRequest,
     ScoredDocument,
+    combined,
     invalid_argument,
     model_not_found,
 )
-from rerank_service.observability import metrics
 
 # Chunks of one call in flight at once: enough to hide upstream latency for a
 # 10,000-document call (20 chunks), few enough not to hog the upstream's rate limit.
@@ -38,10 +39,6 @@ class RerankEngine:
     def __init__(self, backend: Backend, chunk_concurrency: int = DEFAULT_CHUNK_CONCURRENCY) -> None:
         self._backend = backend
         self._chunk_concurrency = chunk_concurrency
-
-    @property
-    def ready(self) -> bool:
-        return self._backend.ready
 
     def models(self) -> list[ModelInfo]:
         # Asked each time: a local backend learns what its models can do when it loads them.
@@ -55,19 +52,15 @@ class RerankEngine:
         else:
             results = await self._fan_out(model, request, chunks, context)
         merged = merge(results, chunks)
-        upstream_ids = [result.request_id for result in results if result.request_id]
-        # One upstream call: its id is the request id. Several: the service names the
-        # call, and every upstream id travels in x-upstream-request-ids.
-        request_id = (
-            upstream_ids[0]
-            if len(results) == 1 and upstream_ids
-            else context.request_id or metrics.new_request_id()
-        )
+        upstream_ids = [result.upstream_request_id for result in results if result.upstream_request_id]
         return RerankOutcome(
-            request_id=request_id,
             results=rank(merged, request),
             total_tokens=merged.total_tokens,
             upstream_request_ids=upstream_ids,
+            # One upstream call: its id names the answer. Several: the edge names the call,
+            # and every upstream id travels in x-upstream-request-ids.
+            upstream_request_id=upstream_ids[0] if len(results) == 1 and upstream_ids else None,
+            timings=combined([result.timings for result in results]),
         )
 
     async def _fan_out(
@@ -75,8 +68,6 @@ class RerankEngine:
     ) -> list[BackendResult]:
         """Run every chunk, at most `chunk_concurrency` at once; the first failure fails the call."""
         gate = asyncio.Semaphore(self._chunk_concurrency)
-        call = metrics.active_call()
-
         doomed = False
 
         async def run(chunk: range) -> BackendResult:
@@ -87,13 +78,13 @@ class RerankEngine:
                 # it freed must not reach the upstream before the TaskGroup cancels it.
                 if doomed:
                     raise asyncio.CancelledError
-                if call is not None:  # the call's queue time: waiting for a chunk slot
-                    call.waited_for_slot(time.perf_counter() - waiting_since)
+                waited = time.perf_counter() - waiting_since  # the chunk's queue time: a slot
                 try:
-                    return await self._backend.rerank(_backend_request(model, request, chunk), context)
+                    result = await self._backend.rerank(_backend_request(model, request, chunk), context)
                 except BaseException:
                     doomed = True
                     raise
+                return dataclasses.replace(result, timings=result.timings.waited(waited))
 
         try:
             async with asyncio.TaskGroup() as group:

@@ -1,1 +1,2 @@
-"""gRPC front door: server, servicer (proto ⇄ domain), interceptors, status mapping, reflection, TLS."""
+"""gRPC front door: the edge (request id, admission, auth, status, access log), the servicer
+(proto ⇄ domain), the server with health, reflection and TLS."""

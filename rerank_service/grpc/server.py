@@ -10,17 +10,18 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from rerank.v1 import rerank_pb2
 
 from rerank_service.backends import build_backend
 from rerank_service.config import Settings
 from rerank_service.core.backend import Backend
 from rerank_service.core.engine import RerankEngine
-from rerank_service.grpc.admission import AdmissionInterceptor
+from rerank_service.grpc.admission import Admission
 from rerank_service.grpc.auth import KeyChecker
-from rerank_service.grpc.interceptors import AccessLogInterceptor, AuthInterceptor
+from rerank_service.grpc.edge import RerankServiceEdge
 from rerank_service.grpc.reflection import enable_reflection
 from rerank_service.grpc.servicer import RerankServicer
+from rerank_service.grpc.status import INFERENCE_TIME_KEY, UPSTREAM_TIME_KEY
 from rerank_service.grpc.tls import server_credentials, tls_mode
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
@@ -30,10 +31,6 @@ RERANK_SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_na
 HEALTH_SERVICES = ("", RERANK_SERVICE)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-# How often health re-reads the backend's readiness (a circuit breaker opening and
-# closing, for instance): cheap, and quick enough for probes that run every few seconds.
-HEALTH_POLL_INTERVAL = 0.1
 
 _log = get_logger("rerank_service.grpc.server")
 
@@ -57,18 +54,20 @@ class RerankServer:
         self.engine = RerankEngine(self.backend, chunk_concurrency=settings.chunk_concurrency)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
-        self.admission = AdmissionInterceptor(settings.max_concurrent_requests)
-        # Outermost first: every call is logged, refused ones included.
-        interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor(), self.admission]
-        checker = KeyChecker(settings.api_keys)
-        if checker.enabled:
-            interceptors.append(AuthInterceptor(checker))
-        self._server = grpc.aio.server(interceptors=interceptors, options=channel_options(settings))
+        self.admission = Admission(settings.max_concurrent_requests)
+        local = all(model.backend == "local" for model in self.engine.models())
+        edge = RerankServiceEdge(
+            self.admission,
+            KeyChecker(settings.api_keys),
+            # A local backend's time is the model's; any other backend's is the upstream's.
+            INFERENCE_TIME_KEY if local else UPSTREAM_TIME_KEY,
+        )
+        self._server = grpc.aio.server(options=channel_options(settings))
         self._health_watch: asyncio.Task[None] | None = None
         self._draining = False
         self._serving = False
-        rerank_pb2_grpc.add_RerankServiceServicer_to_server(
-            RerankServicer(self.engine, stream_concurrency=settings.stream_concurrency), self._server
+        self._server.add_generic_rpc_handlers(
+            (edge.handler(RerankServicer(self.engine, stream_concurrency=settings.stream_concurrency)),)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         enable_reflection(
@@ -132,11 +131,11 @@ class RerankServer:
     async def _follow_backend_readiness(self) -> None:
         """Keep health equal to the backend's readiness until the server drains."""
         while not self._draining:
-            await asyncio.sleep(HEALTH_POLL_INTERVAL)
+            await self.backend.readiness.changed()
             await self._sync_health()
 
     async def _sync_health(self) -> None:
-        ready = self.backend.ready
+        ready = self.backend.readiness.ready
         if ready == self._serving or self._draining:
             return
         self._serving = ready

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from rerank_service.core.domain import ServiceError
 
@@ -21,14 +23,19 @@ INFERENCE_TIME_KEY = "x-inference-time"  # the local backend
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
-def trailing_metadata(error: ServiceError, request_id: str) -> Metadata:
+def error_metadata(error: ServiceError, request_id: str) -> Metadata:
     """The status details (`grpc-status-details-bin`) and the request id, as trailing metadata."""
     status = status_pb2.Status(code=error.code.value[0], message=error.message)
     for detail in _details(error):
         packed = any_pb2.Any()
         packed.Pack(detail)
         status.details.append(packed)
-    return (("grpc-status-details-bin", status.SerializeToString()), (REQUEST_ID_KEY, request_id))
+    return (*rpc_status.to_status(status).trailing_metadata, (REQUEST_ID_KEY, request_id))
+
+
+def internal_error(request_id: str) -> ServiceError:
+    """What a caller is told of a bug: nothing but the id to quote (the log has the stack)."""
+    return ServiceError(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
 
 def _details(error: ServiceError) -> list[Message]:

@@ -4,8 +4,8 @@ Every event passes through a redaction step that masks the configured secrets, a
 second line of defence behind never putting them into events at all.
 
 Every line logged while a call is served carries that call's `request_id`, read from
-the call's record (metrics.py) when the line is written: nothing is bound or unbound
-per call, so a call that logs nothing pays nothing for it.
+request_id.py when the line is written: nothing is bound into the logger per call,
+so a call that logs nothing pays nothing for it.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from rerank_service.config.secret import Secret, redact
-from rerank_service.observability.metrics import active_call
+from rerank_service.observability.request_id import current_request_id
 
 
 def _add_request_id(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
     """The request id of the call being served, unless the line names one itself."""
-    call = active_call()
-    if call is not None and call.request_id is not None:
-        event.setdefault("request_id", call.request_id)
+    request_id = current_request_id()
+    if request_id is not None:
+        event.setdefault("request_id", request_id)
     return event
 
 

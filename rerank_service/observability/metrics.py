@@ -1,26 +1,17 @@
-"""Observability: Prometheus metrics, and the record of the call being served.
+"""Prometheus metrics.
 
-Metrics are declared once here and recorded where things happen: the access-log
-interceptor (calls), the upstream transport (HTTP attempts), the micro-batcher (model
-batches). Every metric lives in the module-level REGISTRY (not prometheus-client's
+Metrics are declared once here and recorded where things happen: the gRPC edge
+(calls, from the outcome each call returns), the upstream transport (HTTP attempts),
+the micro-batcher (model batches). Every metric lives in the module-level REGISTRY (not prometheus-client's
 global one), so tests and several servers in one process do not collide.
 
 The service is a hop on every search request, so recording stays cheap: label
 children are bound once per method, code or status and cached (`.labels()` hashes
 and locks on every call), and nothing here awaits.
-
-`CallRecord` is what one call has measured so far (its request id, and the time it
-spent queued, upstream or in the model). It sits in a context variable for the call,
-so code anywhere below the servicer adds to it without taking it as an argument;
-fan-out chunks run in child tasks that copy the context, so they all add to the same
-(mutable) record.
 """
 
 from __future__ import annotations
 
-import contextvars
-import os
-from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -49,7 +40,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Waiting in the micro-batcher is usually about --batch-wait-ms (2 ms); seconds mean overload.
 QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# --- calls (recorded by the access-log interceptor, stream items by the servicer) ---
+# --- calls (recorded by the gRPC edge: grpc/edge.py) ---
 CALLS = Counter(
     "rerank_calls",
     "RerankService calls answered, by method and gRPC status code "
@@ -221,79 +212,6 @@ def observe_batch(pairs: int, seconds: float) -> None:
 
 def observe_queue(seconds: float) -> None:
     QUEUE_TIME.observe(seconds)
-
-
-# --- the call being served ---
-
-
-@dataclass(slots=True)
-class CallRecord:
-    """What one call (or stream item) has measured; filled in as the call goes."""
-
-    method: str
-    peer: str
-    request_id: str | None = None  # made by the service at the start; on every log line of the call
-    started: float = 0.0  # time.perf_counter() at arrival
-    documents: int | None = None
-    total_tokens: int | None = None
-    model: str | None = None
-    items: int | None = None  # responses sent on a stream
-    item_id: str | None = None  # the RerankStream item this record is about
-    upstream_request_ids: list[str] | None = None
-    # Seconds waiting for a chunk slot (upstream; the longest wait of a split call) or
-    # in the micro-batcher before the first batch (local).
-    queue_seconds: float = 0.0
-    # Wall time with at least one upstream HTTP request of this call in flight: parallel
-    # chunks count once, waits between retries not at all.
-    upstream_seconds: float = 0.0
-    # Time the model batches that held this call's pairs ran.
-    inference_seconds: float = 0.0
-    _upstream_active: int = 0
-    _upstream_since: float = 0.0
-
-    def upstream_began(self, now: float) -> None:
-        if self._upstream_active == 0:
-            self._upstream_since = now
-        self._upstream_active += 1
-
-    def upstream_ended(self, now: float) -> None:
-        self._upstream_active -= 1
-        if self._upstream_active == 0:
-            self.upstream_seconds += now - self._upstream_since
-
-    def waited_for_slot(self, seconds: float) -> None:
-        # Chunks wait side by side: the call was held back by the longest wait, not their sum.
-        if seconds > self.queue_seconds:
-            self.queue_seconds = seconds
-
-
-_current_call: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
-    "rerank_current_call", default=None
-)
-
-
-def active_call() -> CallRecord | None:
-    """The record of the call being served, or None outside one (start-up, the batch worker)."""
-    return _current_call.get()
-
-
-def current_call() -> CallRecord:
-    """The record of the call being served (a throwaway one outside a logged call)."""
-    return _current_call.get() or CallRecord(method="", peer="")
-
-
-def enter_call(record: CallRecord) -> contextvars.Token[CallRecord | None]:
-    """Make `record` the current call for this task (and the tasks it starts)."""
-    return _current_call.set(record)
-
-
-def leave_call(token: contextvars.Token[CallRecord | None]) -> None:
-    _current_call.reset(token)
-
-
-def new_request_id() -> str:
-    """32 random hex digits, the shape of uuid4().hex, at a third of its cost."""
-    return os.urandom(16).hex()
 
 
 # --- the /metrics endpoint ---

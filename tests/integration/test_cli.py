@@ -131,3 +131,18 @@ def test_serve_with_an_unknown_key_in_its_config_file_exits_2_naming_the_key(tmp
         f"rerank-service: configuration error: config {config}: unknown setting 'upstrem_url' "
         "(did you mean 'upstream_url'?)"
     ]
+
+
+def test_serve_with_an_unreadable_upstream_ca_file_exits_2_before_listening(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-ca.pem"
+
+    result = run_cli(
+        "serve", "--port", "0", "--backend", "upstream", "--upstream-url", "https://127.0.0.1:9",
+        "--upstream-ca-file", str(missing),
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("rerank-service: configuration error: upstream-ca-file")
+    assert str(missing) in line
+    assert "listening" not in result.stderr

@@ -8,6 +8,7 @@ import threading
 from rerank_service.backends.upstream import UpstreamBackend
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import BackendRequest, BackendResult, CallContext, ModelInfo
+from rerank_service.core.readiness import Readiness
 
 
 class GatedBackend:
@@ -18,8 +19,8 @@ class GatedBackend:
         self.gate = threading.Event()
 
     @property
-    def ready(self) -> bool:
-        return self.inner.ready
+    def readiness(self) -> Readiness:
+        return self.inner.readiness
 
     def models(self) -> list[ModelInfo]:
         return self.inner.models()

@@ -125,7 +125,7 @@ def test_native_parse_result_reads_scores_tokens_and_request_id() -> None:
     assert result == BackendResult(
         scores=[ScoredDocument(1, 0.9), ScoredDocument(0, 0.5), ScoredDocument(2, 0.1)],
         total_tokens=42,
-        request_id="req-native",
+        upstream_request_id="req-native",
     )
 
 
@@ -134,14 +134,14 @@ def test_compatible_parse_result_reads_scores_tokens_and_id() -> None:
     assert result == BackendResult(
         scores=[ScoredDocument(1, 0.9), ScoredDocument(0, 0.5), ScoredDocument(2, 0.1)],
         total_tokens=42,
-        request_id="req-compat",
+        upstream_request_id="req-compat",
     )
 
 
 def test_compatible_parse_result_falls_back_to_request_id() -> None:
     body = compatible_body(GOOD_RESULTS, response_id=None)
     body["request_id"] = "req-fallback"
-    assert DashScopeCompatible().parse_result(body, backend_request()).request_id == "req-fallback"
+    assert DashScopeCompatible().parse_result(body, backend_request()).upstream_request_id == "req-fallback"
 
 
 @pytest.mark.parametrize("missing_id", [None, "", 17])
@@ -149,13 +149,13 @@ def test_missing_or_non_string_request_id_gives_none(missing_id: Any) -> None:
     assert (
         DashScopeNative()
         .parse_result(native_body(GOOD_RESULTS, request_id=missing_id), backend_request())
-        .request_id
+        .upstream_request_id
         is None
     )
     assert (
         DashScopeCompatible()
         .parse_result(compatible_body(GOOD_RESULTS, response_id=missing_id), backend_request())
-        .request_id
+        .upstream_request_id
         is None
     )
 

@@ -21,6 +21,7 @@ from rerank_service.core.domain import (
     not_ready,
 )
 from rerank_service.core.engine import RerankEngine, rank
+from rerank_service.core.readiness import Readiness
 
 MODELS = [
     ModelInfo("qwen3-rerank", max_documents=5, max_query_tokens=4000, supports_instruct=True, backend="fake"),
@@ -47,8 +48,8 @@ class FakeBackend:
         self.calls: list[tuple[BackendRequest, CallContext]] = []
 
     @property
-    def ready(self) -> bool:
-        return self._ready
+    def readiness(self) -> Readiness:
+        return Readiness(self._ready)
 
     def models(self) -> list[ModelInfo]:
         return list(MODELS)
@@ -70,7 +71,7 @@ class FakeBackend:
         return BackendResult(
             scores=[ScoredDocument(index=i, score=s) for i, s in enumerate(scores)],
             total_tokens=self.total_tokens,
-            request_id=self.request_id,
+            upstream_request_id=self.request_id,
         )
 
 
@@ -207,7 +208,6 @@ async def test_invalid_fields_win_over_unknown_model() -> None:
 async def test_a_not_ready_backends_refusal_reaches_the_caller() -> None:
     backend = FakeBackend(ready=False)
     engine = RerankEngine(as_backend(backend))
-    assert not engine.ready
     error = await rerank_error(engine, make_request())
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert error.reason == "BACKEND_NOT_READY"
@@ -222,7 +222,6 @@ async def test_invalid_request_is_reported_before_readiness() -> None:
 async def test_engine_lists_the_backend_models() -> None:
     engine = RerankEngine(as_backend(FakeBackend()))
     assert engine.models() == MODELS
-    assert engine.ready
 
 
 # --- what the backend is asked ------------------------------------------------------------------
@@ -315,21 +314,21 @@ def test_rank_attaches_texts_by_index_for_a_partial_backend_answer() -> None:
 # --- request id ---------------------------------------------------------------------------------
 
 
-async def test_request_id_comes_from_the_backend_result() -> None:
+async def test_one_upstream_call_names_the_outcome_with_its_request_id() -> None:
     outcome = await RerankEngine(as_backend(FakeBackend(request_id="upstream-42"))).rerank(
         make_request(), CallContext()
     )
-    assert outcome.request_id == "upstream-42"
+    assert outcome.upstream_request_id == "upstream-42"
+    assert outcome.upstream_request_ids == ["upstream-42"]
 
 
 @pytest.mark.parametrize("missing", [None, ""])
-async def test_request_id_is_generated_when_the_backend_has_none(missing: str | None) -> None:
-    engine = RerankEngine(as_backend(FakeBackend(request_id=missing)))
-    first = await engine.rerank(make_request(), CallContext())
-    second = await engine.rerank(make_request(), CallContext())
-    assert len(first.request_id) == 32
-    assert set(first.request_id) <= set("0123456789abcdef")  # a hex uuid
-    assert first.request_id != second.request_id
+async def test_an_outcome_without_an_upstream_id_leaves_the_naming_to_the_edge(missing: str | None) -> None:
+    outcome = await RerankEngine(as_backend(FakeBackend(request_id=missing))).rerank(
+        make_request(), CallContext()
+    )
+    assert outcome.upstream_request_id is None
+    assert outcome.upstream_request_ids == []
 
 
 async def test_thousands_of_blank_documents_give_a_bounded_error() -> None:

@@ -99,9 +99,9 @@ def reference_rank(result: BackendResult, request: RerankRequest) -> list[Ranked
     ]
 
 
-def reference_to_proto(outcome: RerankOutcome) -> rerank_pb2.RerankResponse:
+def reference_to_proto(outcome: RerankOutcome, request_id: str) -> rerank_pb2.RerankResponse:
     return rerank_pb2.RerankResponse(
-        request_id=outcome.request_id,
+        request_id=request_id,
         output=rerank_pb2.RerankOutput(
             results=[
                 rerank_pb2.RerankResult(
@@ -268,8 +268,8 @@ def test_to_proto_gives_the_message_and_bytes_of_building_each_result(
 ) -> None:
     if texts is not None:
         results = [RankedDocument(r.index, r.score, texts) for r in results]
-    outcome = RerankOutcome("req-1", results, total_tokens)
-    got, expected = to_proto(outcome), reference_to_proto(outcome)
+    outcome = RerankOutcome(results, total_tokens)
+    got, expected = to_proto(outcome, "req-1"), reference_to_proto(outcome, "req-1")
     assert got == expected
     assert got.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
     assert got.HasField("output")
@@ -280,9 +280,9 @@ def test_to_proto_gives_the_message_and_bytes_of_building_each_result(
 @pytest.mark.parametrize("index", BOUNDARY_INDEXES)
 def test_to_proto_keeps_every_index_and_score(index: int, count: int) -> None:
     ranked = [RankedDocument(index, 0.25)] + [RankedDocument(i, i / count) for i in range(1, count)]
-    response = to_proto(RerankOutcome("r", ranked, 7))
+    response = to_proto(RerankOutcome(ranked, 7), "r")
     assert [(r.index, r.relevance_score) for r in response.output.results] == [
         (r.index, r.score) for r in ranked
     ]
     assert not any(r.HasField("document") for r in response.output.results)
-    assert response == reference_to_proto(RerankOutcome("r", ranked, 7))
+    assert response == reference_to_proto(RerankOutcome(ranked, 7), "r")

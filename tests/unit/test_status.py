@@ -7,7 +7,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from rerank_service.core.domain import FieldViolation, ServiceError, invalid_argument, model_not_found
-from rerank_service.grpc.status import ERROR_DOMAIN, REQUEST_ID_KEY, trailing_metadata
+from rerank_service.grpc.status import ERROR_DOMAIN, REQUEST_ID_KEY, error_metadata
 
 
 def decode(metadata: tuple[tuple[str, str | bytes], ...]) -> status_pb2.Status:
@@ -38,20 +38,20 @@ def unpack_error_info(detail: any_pb2.Any) -> error_details_pb2.ErrorInfo:
 
 
 def test_metadata_holds_status_details_then_request_id() -> None:
-    metadata = trailing_metadata(ServiceError(grpc.StatusCode.INTERNAL, "boom"), "req-123")
+    metadata = error_metadata(ServiceError(grpc.StatusCode.INTERNAL, "boom"), "req-123")
     assert [key for key, _ in metadata] == ["grpc-status-details-bin", REQUEST_ID_KEY]
     assert dict(metadata)[REQUEST_ID_KEY] == "req-123"
     assert REQUEST_ID_KEY == "x-request-id"
 
 
 def test_status_carries_code_number_and_message() -> None:
-    status = decode(trailing_metadata(ServiceError(grpc.StatusCode.NOT_FOUND, "no such model"), "r"))
+    status = decode(error_metadata(ServiceError(grpc.StatusCode.NOT_FOUND, "no such model"), "r"))
     assert status.code == 5
     assert status.message == "no such model"
 
 
 def test_plain_error_has_no_details() -> None:
-    status = decode(trailing_metadata(ServiceError(grpc.StatusCode.INTERNAL, "boom"), "r"))
+    status = decode(error_metadata(ServiceError(grpc.StatusCode.INTERNAL, "boom"), "r"))
     assert status.code == grpc.StatusCode.INTERNAL.value[0]
     assert list(status.details) == []
 
@@ -60,7 +60,7 @@ def test_violations_become_a_bad_request() -> None:
     error = invalid_argument(
         [FieldViolation("query", "must not be empty"), FieldViolation("documents[2]", "is blank")]
     )
-    status = decode(trailing_metadata(error, "req-1"))
+    status = decode(error_metadata(error, "req-1"))
     assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert len(status.details) == 1
     assert status.details[0].Is(error_details_pb2.BadRequest.DESCRIPTOR)
@@ -73,7 +73,7 @@ def test_violations_become_a_bad_request() -> None:
 
 def test_retry_after_becomes_retry_info_in_milliseconds() -> None:
     error = ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", retry_after=2.5)
-    status = decode(trailing_metadata(error, "r"))
+    status = decode(error_metadata(error, "r"))
     assert len(status.details) == 1
     retry_info = unpack_retry_info(status.details[0])
     assert retry_info.retry_delay.ToMilliseconds() == 2500
@@ -83,14 +83,14 @@ def test_retry_after_becomes_retry_info_in_milliseconds() -> None:
 
 def test_zero_retry_after_still_produces_retry_info() -> None:
     error = ServiceError(grpc.StatusCode.UNAVAILABLE, "down", retry_after=0.0)
-    status = decode(trailing_metadata(error, "r"))
+    status = decode(error_metadata(error, "r"))
     assert len(status.details) == 1
     assert unpack_retry_info(status.details[0]).retry_delay.ToMilliseconds() == 0
 
 
 def test_reason_becomes_error_info_with_domain_and_metadata() -> None:
     error = model_not_found("gpt-rerank", ["qwen3-rerank", "gte-rerank-v2"])
-    status = decode(trailing_metadata(error, "r"))
+    status = decode(error_metadata(error, "r"))
     assert len(status.details) == 1
     info = unpack_error_info(status.details[0])
     assert info.reason == "MODEL_NOT_FOUND"
@@ -107,7 +107,7 @@ def test_all_three_details_are_packed_in_order() -> None:
         retry_after=1.0,
         metadata={"upstream_status": "429"},
     )
-    status = decode(trailing_metadata(error, "req-xyz"))
+    status = decode(error_metadata(error, "req-xyz"))
     assert [detail.type_url for detail in status.details] == [
         "type.googleapis.com/google.rpc.BadRequest",
         "type.googleapis.com/google.rpc.RetryInfo",

@@ -22,9 +22,11 @@ from rerank_service.core.domain import (
     ModelInfo,
     ScoredDocument,
     ServiceError,
+    Timings,
     invalid_argument,
     not_ready,
 )
+from rerank_service.core.readiness import Readiness
 from rerank_service.observability.logging import get_logger
 
 _log = get_logger("rerank_service.local")
@@ -63,6 +65,7 @@ class LocalBackend:
         self._merge = merge_batches
         self._scorers: dict[str, Scorer] = {}
         self._batchers: dict[str, MicroBatcher] = {}
+        self._readiness = Readiness()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalBackend:
@@ -87,8 +90,8 @@ class LocalBackend:
         )
 
     @property
-    def ready(self) -> bool:
-        return len(self._batchers) == len(self._specs)
+    def readiness(self) -> Readiness:
+        return self._readiness
 
     def models(self) -> list[ModelInfo]:
         return [
@@ -131,14 +134,16 @@ class LocalBackend:
             batcher = MicroBatcher(scorer, self._limits, merge=self._merge)
             batcher.start()
             self._batchers[name] = batcher
+        self._readiness.set(True)
 
     async def close(self) -> None:
+        self._readiness.set(False)
         for batcher in self._batchers.values():
             await batcher.close()
         self._batchers.clear()
 
     async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
-        if not self.ready:
+        if not self._readiness.ready:
             raise not_ready("the model is still loading")
         scorer, batcher = self._scorers[request.model], self._batchers[request.model]
         query_tokens = scorer.count_tokens(request.query)
@@ -154,14 +159,15 @@ class LocalBackend:
         try:
             async with asyncio.timeout(_time_left(context)):
                 encoded = await asyncio.to_thread(scorer.encode, request.query, request.documents, instruct)
-                scores = await batcher.score(encoded)
+                scored = await batcher.score_timed(encoded)
         except TimeoutError:
             raise ServiceError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "the model did not finish within the call's deadline"
             ) from None
         return BackendResult(
-            scores=[ScoredDocument(index, score) for index, score in enumerate(scores)],
+            scores=[ScoredDocument(index, score) for index, score in enumerate(scored.scores)],
             total_tokens=sum(item.tokens for item in encoded),
+            timings=Timings(queue_seconds=scored.queue_seconds, inference_seconds=scored.inference_seconds),
         )
 
 

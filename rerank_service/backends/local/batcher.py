@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import grpc
 
@@ -25,7 +26,6 @@ from rerank_service.backends.local.scorer import Encoded, Scorer
 from rerank_service.core.domain import ServiceError
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
-from rerank_service.observability.metrics import CallRecord
 
 _log = get_logger("rerank_service.batcher")
 
@@ -49,9 +49,9 @@ class _Job:
     remaining: int = 0
     enqueued_at: float = 0.0
     started: bool = False
-    # The call waiting on it: the worker runs in its own task, outside the call's context,
-    # so queue and inference time are added to the record it was handed.
-    call: CallRecord | None = None
+    # This request's own timing, handed back with its scores.
+    queue_seconds: float = 0.0
+    inference_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         self.scores = [0.0] * len(self.items)
@@ -66,6 +66,14 @@ class _Pair:
     @property
     def item(self) -> Encoded:
         return self.job.items[self.index]
+
+
+class TimedScores(NamedTuple):
+    """One request's scores, in order, and where its time went."""
+
+    scores: list[float]
+    queue_seconds: float  # from arrival to its first batch
+    inference_seconds: float  # the batches that held its pairs ran this long
 
 
 @dataclass
@@ -109,17 +117,17 @@ class MicroBatcher:
 
     async def score(self, items: Sequence[Encoded]) -> list[float]:
         """Scores for `items`, in order, computed in batches shared with other requests."""
+        return (await self.score_timed(items)).scores
+
+    async def score_timed(self, items: Sequence[Encoded]) -> TimedScores:
+        """`score`, with the time the request waited and the time its batches ran."""
         if not items:
-            return []
-        job = _Job(
-            items,
-            asyncio.get_running_loop().create_future(),
-            enqueued_at=time.perf_counter(),
-            call=metrics.active_call(),
-        )
+            return TimedScores([], 0.0, 0.0)
+        job = _Job(items, asyncio.get_running_loop().create_future(), enqueued_at=time.perf_counter())
         self._queue.append(job)
         self._wake.set()
-        return await job.future
+        scores = await job.future
+        return TimedScores(scores, job.queue_seconds, job.inference_seconds)
 
     async def _run(self) -> None:
         while True:
@@ -176,8 +184,7 @@ class MicroBatcher:
                 waited = started - job.enqueued_at
                 self.stats.queue_seconds += waited
                 metrics.observe_queue(waited)
-                if job.call is not None:
-                    job.call.queue_seconds += waited
+                job.queue_seconds = waited
         loop = asyncio.get_running_loop()
         try:
             scores = await loop.run_in_executor(self._executor, self._scorer.score, [p.item for p in batch])
@@ -211,5 +218,4 @@ class MicroBatcher:
         """Record a batch that ran (failed or not): the model was busy for every call in it."""
         metrics.observe_batch(pairs, seconds)
         for job in jobs:
-            if job.call is not None:
-                job.call.inference_seconds += seconds
+            job.inference_seconds += seconds

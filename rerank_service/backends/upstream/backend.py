@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import time
@@ -18,6 +19,7 @@ from rerank_service.backends.upstream.breaker import CircuitBreaker, Outcome
 from rerank_service.backends.upstream.compatible import DashScopeCompatible
 from rerank_service.backends.upstream.dashscope import DashScopeNative
 from rerank_service.backends.upstream.dialect import Dialect, MalformedResponse, parse_error_body
+from rerank_service.backends.upstream.http.connections import check_connection_settings
 from rerank_service.backends.upstream.http.transport import UpstreamReply, UpstreamTransport
 from rerank_service.backends.upstream.retry import RetryPolicy, judge
 from rerank_service.config import Settings
@@ -29,8 +31,10 @@ from rerank_service.core.domain import (
     CallContext,
     ModelInfo,
     ServiceError,
+    Timings,
     not_ready,
 )
+from rerank_service.core.readiness import Readiness
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
 
@@ -84,6 +88,8 @@ class UpstreamBackend:
         self._secrets = secrets
         self._retry_policy = retry_policy or RetryPolicy(max_attempts=1, backoff=0.1, max_backoff=1.0)
         self._breaker = breaker or CircuitBreaker(failure_threshold=0, cooldown=1.0)
+        self._breaker.on_change(self._update_readiness)
+        self._readiness = Readiness()
         # Without a caller deadline, attempts and the waits between them fit in this.
         self._timeout = timeout
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
@@ -116,8 +122,16 @@ class UpstreamBackend:
 
         def transport_factory() -> UpstreamTransport:
             return UpstreamTransport(
-                settings.upstream_url, settings.upstream_timeout, settings.upstream_max_connections
+                settings.upstream_url,
+                settings.upstream_timeout,
+                settings.upstream_max_connections,
+                proxy=settings.upstream_proxy,
+                ca_file=settings.upstream_ca_file,
             )
+
+        # Checked now: a bad CA file or proxy stops start-up as a configuration error
+        # (exit 2) before the port opens, not when the backend starts.
+        check_connection_settings(settings.upstream_url, settings.upstream_proxy, settings.upstream_ca_file)
 
         return cls(
             dialect=DIALECTS[settings.upstream_dialect](),
@@ -137,9 +151,12 @@ class UpstreamBackend:
         )
 
     @property
-    def ready(self) -> bool:
+    def readiness(self) -> Readiness:
         """Started, and the circuit is not open (health is NOT_SERVING while it is)."""
-        return self._transport is not None and not self._breaker.open
+        return self._readiness
+
+    def _update_readiness(self) -> None:
+        self._readiness.set(self._transport is not None and not self._breaker.open)
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -154,11 +171,13 @@ class UpstreamBackend:
     async def start(self) -> None:
         if self._transport is None:
             self._transport = self._transport_factory()
+        self._update_readiness()
 
     async def close(self) -> None:
         if self._transport is not None:
             await self._transport.close()
             self._transport = None
+        self._update_readiness()
 
     async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
         """One upstream call, repeated while the failure is retryable and time is left."""
@@ -169,15 +188,20 @@ class UpstreamBackend:
         # The waits between attempts must end before the caller's deadline (or, with
         # none, within the upstream timeout), leaving the next attempt some time.
         give_up_at = context.deadline if context.deadline is not None else time.monotonic() + self._timeout
+        spans: list[tuple[float, float]] = []  # each attempt's time on the wire, for the edge
         attempt = 1
         while True:
             probe = self._breaker.admit()
             outcome = Outcome.NEUTRAL  # if cancelled mid-attempt: says nothing about the upstream
+            started = time.perf_counter()
             try:
                 result = await self._attempt(request, body, token, context)
                 outcome = Outcome.SUCCESS
-                return result
+                spans.append((started, time.perf_counter()))
+                return dataclasses.replace(result, timings=Timings(upstream_spans=tuple(spans)))
             except ServiceError as error:
+                spans.append((started, time.perf_counter()))
+                error.timings = Timings(upstream_spans=tuple(spans))
                 verdict = judge(error, context.deadline is not None and time.monotonic() >= context.deadline)
                 outcome = verdict.outcome
                 if not verdict.retryable or attempt >= self._retry_policy.max_attempts:
@@ -190,7 +214,7 @@ class UpstreamBackend:
                     attempt=attempt,
                     failure=verdict.label,
                     wait_ms=round(wait * 1000, 1),
-                    upstream_request_id=error.request_id,
+                    upstream_request_id=error.upstream_request_id,
                 )
                 metrics.count_upstream_retry(verdict.label)
             finally:

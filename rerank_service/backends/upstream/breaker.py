@@ -9,6 +9,7 @@ probe; success closes the circuit, failure opens it for another cool-down.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from collections.abc import Callable
@@ -47,10 +48,16 @@ class CircuitBreaker:
         self._threshold = failure_threshold
         self._cooldown = cooldown
         self._clock = clock
+        self._on_change: Callable[[], None] | None = None
         self._failures = 0
         self._opened_at: float | None = None
         self._probe_in_flight = False
         metrics.set_circuit_state(CircuitState.CLOSED.value)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever `open` may have changed: on opening, on closing, and
+        when a cool-down ends (the circuit turns half-open by time alone)."""
+        self._on_change = listener
 
     @property
     def state(self) -> CircuitState:
@@ -83,11 +90,13 @@ class CircuitBreaker:
         if probe:
             self._probe_in_flight = False
         if outcome is Outcome.SUCCESS:
-            if self._opened_at is not None:
-                _log.info("upstream circuit closed")
+            was_open = self._opened_at is not None
             self._failures = 0
             self._opened_at = None
             metrics.set_circuit_state(CircuitState.CLOSED.value)
+            if was_open:
+                _log.info("upstream circuit closed")
+                self._changed()
         elif outcome is Outcome.FAILURE:
             self._failures += 1
             tripped = probe or self._failures >= self._threshold
@@ -96,6 +105,22 @@ class CircuitBreaker:
                 _log.warning("upstream circuit opened", failures=self._failures, cooldown_s=self._cooldown)
                 self._opened_at = self._clock()
                 metrics.set_circuit_state(CircuitState.OPEN.value)
+                self._changed()
+                self._when_cooled_down()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    def _when_cooled_down(self) -> None:
+        """Tell the listener when the cool-down ends (the circuit turns half-open by time alone)."""
+        if self._on_change is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # used outside an event loop (a unit test with its own clock)
+            return
+        loop.call_later(self._cooldown, self._on_change)
 
     def _refusal(self) -> ServiceError:
         assert self._opened_at is not None

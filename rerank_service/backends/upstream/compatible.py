@@ -41,5 +41,5 @@ class DashScopeCompatible:
         return BackendResult(
             scores=parse_results(body.get("results"), request),
             total_tokens=parse_total_tokens(body.get("usage")),
-            request_id=optional_str(body.get("id")) or optional_str(body.get("request_id")),
+            upstream_request_id=optional_str(body.get("id")) or optional_str(body.get("request_id")),
         )

@@ -45,5 +45,5 @@ class DashScopeNative:
         return BackendResult(
             scores=scores,
             total_tokens=parse_total_tokens(body.get("usage")),
-            request_id=optional_str(body.get("request_id")),
+            upstream_request_id=optional_str(body.get("request_id")),
         )

@@ -1,0 +1,400 @@
+"""The edge of every RerankService call: where it is named, admitted, authenticated,
+answered or refused with a status, and recorded once.
+
+`RerankServiceEdge.handler` registers the service's methods with grpc, each wrapped
+in the same steps, in this order:
+
+1. make the call's request id and bind it (observability/request_id.py): every log
+   line of the call carries it;
+2. admission (admission.py): past the bound, RESOURCE_EXHAUSTED at once;
+3. authentication (auth.py): UNAUTHENTICATED without an accepted key;
+4. the servicer's method, which returns an `Answer`: the message and the domain
+   outcome it came from (tokens, upstream ids, timings), or raises a ServiceError
+   that carries the same facts;
+5. the status and trailing metadata (status.py), then one log line and the call's
+   metrics, from those values alone.
+
+The methods are read from the contract's descriptor, so a new RPC of any shape is
+wrapped the same way (and start-up fails if the servicer lacks it). RerankStream items
+are calls of their own: `ItemEdge` names, times and records each one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from grpc.aio import ServicerContext
+from rerank.v1 import rerank_pb2
+
+from rerank_service.core.domain import NO_TIMINGS, RerankOutcome, ServiceError, Timings
+from rerank_service.grpc.admission import Admission
+from rerank_service.grpc.auth import KeyChecker, bearer_token
+from rerank_service.grpc.status import (
+    INFERENCE_TIME_KEY,
+    QUEUE_TIME_KEY,
+    REQUEST_ID_KEY,
+    TOTAL_TIME_KEY,
+    UPSTREAM_IDS_KEY,
+    Metadata,
+    error_metadata,
+    internal_error,
+)
+from rerank_service.observability import metrics
+from rerank_service.observability.logging import get_logger
+from rerank_service.observability.request_id import bind_request_id, new_request_id, unbind_request_id
+
+_log = get_logger("rerank_service.access")
+
+Response = TypeVar("Response")
+SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"]
+
+UNDECODABLE_MESSAGE = (
+    "the request is not a valid protobuf message (bad encoding or invalid UTF-8 in a string)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(Generic[Response]):
+    """What a servicer method returns: the response, and the outcome it was built from."""
+
+    message: Response
+    outcome: RerankOutcome | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallFacts:
+    """What one call's log line and metrics say, gathered at the edge."""
+
+    method: str
+    peer: str
+    request_id: str
+    started: float
+    documents: int | None = None
+    model: str | None = None
+    total_tokens: int | None = None
+    upstream_request_ids: tuple[str, ...] = ()
+    timings: Timings = NO_TIMINGS
+    items: int | None = None  # responses sent on a stream
+    item_id: str | None = None  # the RerankStream item this is about
+
+
+class _Undecodable:
+    """What a request message that does not parse is handed on as: grpc would answer
+    UNKNOWN; the edge answers INVALID_ARGUMENT."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def tolerant(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return _UNDECODABLE
+
+    return tolerant
+
+
+def _undecodable() -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
+
+
+# (client streaming, server streaming) → grpc's handler for that shape.
+_HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+class RerankServiceEdge:
+    def __init__(self, admission: Admission, checker: KeyChecker, backend_time_key: str) -> None:
+        self._admission = admission
+        self._checker = checker
+        # x-inference-time for a local backend, x-upstream-time for an upstream one.
+        self._backend_time_key = backend_time_key
+
+    def handler(self, servicer: object) -> grpc.GenericRpcHandler:
+        """grpc's handler for every RerankService method of `servicer`, each behind the edge."""
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        messages = rerank_pb2.DESCRIPTOR.message_types_by_name
+        for method in SERVICE.methods:
+            behavior = getattr(servicer, method.name)
+            path = f"/{SERVICE.full_name}/{method.name}"
+            parse = _tolerant(_message_class(messages, method.input_type.name).FromString)
+            serialize = _message_class(messages, method.output_type.name).SerializeToString
+            wrapped = self._stream(path, behavior) if method.server_streaming else self._unary(path, behavior)
+            factory = _HANDLER_FACTORIES[method.client_streaming, method.server_streaming]
+            handlers[method.name] = factory(
+                wrapped, request_deserializer=parse, response_serializer=serialize
+            )
+        return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
+
+    def _authenticate(self, context: ServicerContext[Any, Any]) -> None:
+        if self._checker.enabled:
+            token = bearer_token(context.invocation_metadata())
+            if not self._checker.accepts(token):
+                raise ServiceError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing 'authorization: Bearer <key>' metadata"
+                    if token is None
+                    else "the bearer key is not accepted",
+                )
+
+    def _unary(
+        self, path: str, behavior: Callable[[Any, ServicerContext[Any, Any]], Awaitable[Answer[Any]]]
+    ) -> Callable[[Any, ServicerContext[Any, Any]], Awaitable[Any]]:
+        measured = metrics.for_method(path)
+
+        async def call(request: Any, context: ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            request_id = new_request_id()
+            token = bind_request_id(request_id)
+            measured.started()
+            documents, model = _request_facts(request)
+            facts = CallFacts(path, context.peer(), request_id, started, documents, model)
+            code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # unless it gets further
+            details: str | None = None
+            try:
+                admitted = False
+                try:
+                    # Admission first: cheap, and it bounds floods of bad keys too.
+                    self._admission.enter()
+                    admitted = True
+                    self._authenticate(context)
+                    if request is _UNDECODABLE:
+                        raise _undecodable()
+                    answer = await behavior(request, context)
+                except ServiceError as error:
+                    facts = _with_error(facts, error)
+                    code, details = error.code, error.message
+                    metadata = error_metadata(error, error.upstream_request_id or request_id)
+                    if admitted:
+                        metadata += self._timing(facts)
+                    await context.abort(error.code, error.message, metadata)
+                except Exception:
+                    # A bug: logged with its stack, answered INTERNAL naming the request id.
+                    _log.exception("unexpected error")
+                    bug = internal_error(request_id)
+                    code, details = bug.code, bug.message
+                    await context.abort(bug.code, bug.message, error_metadata(bug, request_id))
+                facts = _with_outcome(facts, answer.outcome)
+                context.set_trailing_metadata(
+                    _outcome_metadata(answer.outcome, request_id) + self._timing(facts)
+                )
+                code = grpc.StatusCode.OK
+                return answer.message
+            finally:
+                if admitted:
+                    self._admission.release()
+                unbind_request_id(token)
+                seconds = time.perf_counter() - started
+                measured.finished(code, seconds, facts.documents, facts.total_tokens)
+                log_call(facts, code, seconds, details)
+
+        return call
+
+    def _stream(
+        self, path: str, behavior: Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]]
+    ) -> Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]]:
+        measured = metrics.for_method(path)
+
+        async def stream(requests: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            request_id = new_request_id()
+            # Not unbound afterwards: the stream's task ends with the call, and a generator
+            # may be finalised from another context, where reset() fails.
+            bind_request_id(request_id)
+            # Read now: after the call has ended (a deadline, a cancel) grpc's context is gone.
+            peer = context.peer()
+            measured.started()
+            items = 0
+            code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # unless it gets further
+            details: str | None = None
+            admitted = False
+            try:
+                try:
+                    self._admission.enter()
+                    admitted = True
+                    self._authenticate(context)
+                    async for response in behavior(_refuse_undecodable(requests), context):
+                        yield response
+                        items += 1
+                except ServiceError as error:
+                    code, details = error.code, error.message
+                    await context.abort(error.code, error.message, error_metadata(error, request_id))
+                except Exception:
+                    _log.exception("unexpected error")
+                    bug = internal_error(request_id)
+                    code, details = bug.code, bug.message
+                    await context.abort(bug.code, bug.message, error_metadata(bug, request_id))
+                code = grpc.StatusCode.OK
+            finally:
+                if admitted:
+                    self._admission.release()
+                seconds = time.perf_counter() - started
+                measured.finished(code, seconds, None, None)
+                facts = CallFacts(path, peer, request_id, started, items=items)
+                log_call(facts, code, seconds, details, event="stream")
+
+        return stream
+
+    def _timing(self, facts: CallFacts) -> Metadata:
+        """Where the call's time went, in milliseconds: total, queued, upstream or in the model."""
+        timings = facts.timings
+        backend = (
+            timings.upstream_seconds
+            if self._backend_time_key != INFERENCE_TIME_KEY
+            else timings.inference_seconds
+        )
+        return (
+            (TOTAL_TIME_KEY, _ms(time.perf_counter() - facts.started)),
+            (QUEUE_TIME_KEY, _ms(timings.queue_seconds)),
+            (self._backend_time_key, _ms(backend)),
+        )
+
+
+class ItemEdge:
+    """Each RerankStream item is a call of its own: its request id, its log line (tagged
+    with its id, carrying its timing: an item has no metadata of its own), its metrics."""
+
+    def __init__(self, path: str, peer: str) -> None:
+        self._path = path
+        self._peer = peer
+
+    async def serve(
+        self,
+        item_id: str,
+        documents: int,
+        model: str,
+        run: Callable[[], Awaitable[RerankOutcome]],
+        answer: Callable[[RerankOutcome, str], Response],
+        refuse: Callable[[ServiceError, str], Response],
+    ) -> Response:
+        """`answer(outcome, request_id)` the item, or `refuse(error, request_id)` it."""
+        started = time.perf_counter()
+        request_id = new_request_id()
+        bind_request_id(request_id)  # the item runs in a task of its own: its id only
+        facts = CallFacts(self._path, self._peer, request_id, started, documents, model, item_id=item_id)
+        metrics.STREAM_ITEMS.started()
+        code = grpc.StatusCode.CANCELLED  # the stream ended first (the client cancelled)
+        details: str | None = None
+        try:
+            try:
+                outcome = await run()
+            except ServiceError as error:
+                facts = _with_error(facts, error)
+                code, details = error.code, error.message
+                return refuse(error, error.upstream_request_id or request_id)
+            except Exception:
+                _log.exception("unexpected error")
+                bug = internal_error(request_id)
+                code, details = bug.code, bug.message
+                return refuse(bug, request_id)
+            facts = _with_outcome(facts, outcome)
+            code = grpc.StatusCode.OK
+            return answer(outcome, outcome.upstream_request_id or request_id)
+        finally:
+            seconds = time.perf_counter() - started
+            metrics.STREAM_ITEMS.finished(code, seconds, documents, facts.total_tokens)
+            log_call(facts, code, seconds, details)
+
+    @staticmethod
+    def refused_at_once(documents: int) -> str:
+        """An item refused before it ran (a duplicate id): counted, and given a request id."""
+        metrics.STREAM_ITEMS.started()
+        metrics.STREAM_ITEMS.finished(grpc.StatusCode.INVALID_ARGUMENT, 0.0, documents, None)
+        return new_request_id()
+
+
+async def _refuse_undecodable(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The stream's requests; one that does not parse ends the call with INVALID_ARGUMENT."""
+    async for request in requests:
+        if request is _UNDECODABLE:
+            raise _undecodable()
+        yield request
+
+
+def _message_class(messages: Any, name: str) -> type[Message]:
+    cls: type[Message] = getattr(rerank_pb2, name)
+    assert name in messages, name
+    return cls
+
+
+def _request_facts(request: Any) -> tuple[int | None, str | None]:
+    if isinstance(request, rerank_pb2.RerankRequest):
+        return len(request.documents), request.model
+    return None, None
+
+
+def _with_outcome(facts: CallFacts, outcome: RerankOutcome | None) -> CallFacts:
+    if outcome is None:
+        return facts
+    return CallFacts(
+        facts.method, facts.peer, facts.request_id, facts.started, facts.documents, facts.model,
+        total_tokens=outcome.total_tokens,
+        upstream_request_ids=tuple(outcome.upstream_request_ids),
+        timings=outcome.timings,
+        item_id=facts.item_id,
+    )  # fmt: skip
+
+
+def _with_error(facts: CallFacts, error: ServiceError) -> CallFacts:
+    return CallFacts(
+        facts.method, facts.peer, facts.request_id, facts.started, facts.documents, facts.model,
+        upstream_request_ids=(error.upstream_request_id,) if error.upstream_request_id else (),
+        timings=error.timings,
+        item_id=facts.item_id,
+    )  # fmt: skip
+
+
+def _outcome_metadata(outcome: RerankOutcome | None, request_id: str) -> Metadata:
+    if outcome is None:
+        return ()
+    reported = outcome.upstream_request_id or request_id
+    if outcome.upstream_request_ids:
+        return ((REQUEST_ID_KEY, reported), (UPSTREAM_IDS_KEY, ",".join(outcome.upstream_request_ids)))
+    return ((REQUEST_ID_KEY, reported),)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f}"
+
+
+def log_call(
+    facts: CallFacts, code: grpc.StatusCode, seconds: float, details: str | None, event: str = "call"
+) -> None:
+    extra: dict[str, Any] = {"details": details} if details else {}
+    if facts.items is not None:
+        extra["items"] = facts.items
+    if facts.item_id is not None:
+        extra["item_id"] = facts.item_id
+    # Where the time went; the same numbers a unary answer carries as x-*-time metadata.
+    timings = facts.timings
+    if timings.queue_seconds:
+        extra["queue_ms"] = round(timings.queue_seconds * 1000, 3)
+    if timings.upstream_spans:
+        extra["upstream_ms"] = round(timings.upstream_seconds * 1000, 3)
+    if timings.inference_seconds:
+        extra["inference_ms"] = round(timings.inference_seconds * 1000, 3)
+    if facts.upstream_request_ids:
+        extra["upstream_request_ids"] = list(facts.upstream_request_ids)
+    _log.info(
+        event,
+        method=facts.method,
+        peer=facts.peer,
+        code=metrics.code_name(code),
+        latency_ms=round(seconds * 1000, 3),
+        documents=facts.documents,
+        total_tokens=facts.total_tokens,
+        request_id=facts.request_id,
+        model=facts.model,
+        **extra,
+    )

@@ -1,0 +1,79 @@
+"""The edge wraps every RerankService method of the contract, whatever its shape, so
+no RPC can skip admission, auth or the access log."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from rerank.v1 import rerank_pb2
+
+from rerank_service.grpc.admission import Admission
+from rerank_service.grpc.auth import KeyChecker
+from rerank_service.grpc.edge import SERVICE, RerankServiceEdge
+from rerank_service.grpc.status import UPSTREAM_TIME_KEY
+
+
+class _Details(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata: tuple[tuple[str, str | bytes], ...] = ()
+
+
+class _EveryMethod:
+    """A servicer with every method of the contract."""
+
+    async def Rerank(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
+
+    async def ListModels(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
+
+    async def RerankStream(self, requests: Any, context: Any) -> AsyncIterator[Any]:
+        responses: tuple[Any, ...] = ()
+        for response in responses:
+            yield response
+
+
+def _edge() -> RerankServiceEdge:
+    return RerankServiceEdge(Admission(4), KeyChecker([]), UPSTREAM_TIME_KEY)
+
+
+def _handler_for(method: str) -> Any:
+    return _edge().handler(_EveryMethod()).service(_Details(f"/{SERVICE.full_name}/{method}"))
+
+
+@pytest.mark.parametrize("method", [method.name for method in SERVICE.methods])
+def test_every_method_of_the_contract_is_served_with_its_shape(method: str) -> None:
+    descriptor = SERVICE.methods_by_name[method]
+
+    handler = _handler_for(method)
+
+    assert handler is not None
+    assert handler.request_streaming == descriptor.client_streaming
+    assert handler.response_streaming == descriptor.server_streaming
+
+
+def test_a_servicer_missing_a_method_of_the_contract_fails_at_start_up() -> None:
+    class Partial:
+        async def Rerank(self, request: Any, context: Any) -> Any:
+            raise NotImplementedError
+
+    with pytest.raises(AttributeError, match=r"RerankStream|ListModels"):
+        _edge().handler(Partial())
+
+
+def test_a_message_that_does_not_parse_is_handed_on_as_undecodable_not_raised() -> None:
+    parse = _handler_for("Rerank").request_deserializer
+
+    good = parse(rerank_pb2.RerankRequest(model="m", query="q").SerializeToString())
+    broken = parse(b"\x0a\xff\xff")  # a string field whose length runs past the end
+
+    assert good == rerank_pb2.RerankRequest(model="m", query="q")
+    assert not isinstance(broken, rerank_pb2.RerankRequest)
+
+
+def test_methods_outside_the_contract_are_left_to_grpc() -> None:
+    assert _edge().handler(_EveryMethod()).service(_Details("/rerank.v1.RerankService/Nope")) is None
