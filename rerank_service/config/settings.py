@@ -252,8 +252,8 @@ class Settings:
     )
     upstream_ca_file: FilePath = Field(
         default=None,
-        description="PEM CA bundle that verifies the upstream's certificate (unset: SSL_CERT_FILE or "
-        "the system's CAs)",
+        description="PEM CA bundle that verifies the upstream's certificate (unset: SSL_CERT_FILE, "
+        "SSL_CERT_DIR, else certifi's bundle)",
     )
     upstream_max_attempts: Count = Field(
         default=3,

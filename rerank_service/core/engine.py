@@ -25,6 +25,7 @@ from rerank_service.core.domain import (
     RerankOutcome,
     RerankRequest,
     ScoredDocument,
+    ServiceError,
     combined,
     invalid_argument,
     model_not_found,
@@ -81,6 +82,10 @@ class RerankEngine:
                 waited = time.perf_counter() - waiting_since  # the chunk's queue time: a slot
                 try:
                     result = await self._backend.rerank(_backend_request(model, request, chunk), context)
+                except ServiceError as error:
+                    doomed = True
+                    error.timings = error.timings.waited(waited)
+                    raise
                 except BaseException:
                     doomed = True
                     raise

@@ -130,9 +130,12 @@ class RerankServer:
 
     async def _follow_backend_readiness(self) -> None:
         """Keep health equal to the backend's readiness until the server drains."""
+        readiness = self.backend.readiness
         while not self._draining:
-            await self.backend.readiness.changed()
             await self._sync_health()
+            # Re-read after the await above: a change during it must not be waited past.
+            if readiness.ready == self._serving:
+                await readiness.changed()
 
     async def _sync_health(self) -> None:
         ready = self.backend.readiness.ready

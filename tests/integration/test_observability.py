@@ -18,8 +18,9 @@ from rerank_service.backends.local import LocalBackend, LocalModelSpec
 from rerank_service.backends.local.batcher import BatchLimits
 from rerank_service.backends.local.scorer import Scorer
 from rerank_service.config import Settings
+from rerank_service.config.secret import Secret
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
-from tests.conftest import UPSTREAM_KEY, ServerFactory
+from tests.conftest import CALLER_KEY, UPSTREAM_KEY, ServerFactory
 from tests.integration.test_local_backend import WordScorer
 from tests.support.logs import LogCapture
 from tests.support.process import ServiceProcess
@@ -250,6 +251,34 @@ def test_an_error_answer_carries_its_timing_too(server: ServerThread) -> None:
     assert milliseconds(metadata, "x-total-time") > 0
     assert milliseconds(metadata, "x-upstream-time") == 0  # refused before any upstream call
     assert metadata["x-request-id"]
+
+
+def test_a_call_refused_for_its_key_names_its_request_id_but_carries_no_timing(
+    serve: ServerFactory, logs: LogCapture
+) -> None:
+    with serve(api_keys=(Secret(CALLER_KEY),)) as server:
+        error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+    metadata = trailing(error)
+    assert code_of(error) == grpc.StatusCode.UNAUTHENTICATED
+    assert metadata["x-request-id"]
+    assert not set(TIMING_KEYS) & set(metadata)
+    [line] = [event for event in logs.events() if event.get("event") == "call"]
+    assert line["request_id"] == metadata["x-request-id"]
+    assert line["documents"] is None  # what was never served is not counted
+
+
+def test_a_call_that_failed_after_retries_reports_the_time_its_attempts_took(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(status=503, delay=0.05))
+    with serve(upstream_max_attempts=3, upstream_retry_backoff=0.01) as server:
+        error = expect_error(lambda: server.stub.Rerank(request(), timeout=10))
+
+    metadata = trailing(error)
+    assert code_of(error) == grpc.StatusCode.UNAVAILABLE
+    assert len(upstream.requests) == 3
+    assert milliseconds(metadata, "x-upstream-time") >= 150  # three 50 ms attempts
 
 
 def test_list_models_carries_timing(server: ServerThread) -> None:

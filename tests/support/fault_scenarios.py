@@ -478,7 +478,7 @@ def run_breaker(channel: grpc.Channel, upstream: FakeUpstream) -> list[BreakerSt
             found.append(f"{name}: expected {expected}, got {seen.seen}: {message}")
         if seen.attempts != attempts:
             found.append(f"{name}: expected {attempts} upstream attempts, saw {seen.attempts}")
-        # Health follows the circuit by polling it: allow it a moment.
+        # Health follows the circuit's readiness events: allow the probe a moment to see it.
         readiness = wait_for_health(channel, health, health_timeout)
         if readiness != health:
             found.append(f"{name}: {RERANK_SERVICE} health expected {health}, got {readiness}")

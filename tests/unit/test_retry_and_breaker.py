@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import grpc
@@ -161,3 +162,50 @@ def test_threshold_zero_never_opens() -> None:
     for _ in range(100):
         breaker.record(Outcome.FAILURE, probe=breaker.admit())
     assert state(breaker) is CircuitState.CLOSED
+
+
+# --- telling health when the circuit opens, closes and cools down ---
+
+
+async def test_the_listener_hears_the_circuit_open_and_then_cool_down() -> None:
+    breaker = CircuitBreaker(failure_threshold=1, cooldown=0.05)
+    heard: list[bool] = []
+    breaker.on_change(lambda: heard.append(breaker.open))
+
+    breaker.record(Outcome.FAILURE, probe=False)
+    await asyncio.sleep(0.2)
+
+    assert heard == [True, False]  # opened, then half-open by time alone (a probe may go)
+
+
+async def test_a_cool_down_timer_that_runs_ahead_of_the_breaker_s_clock_waits_the_rest() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=1, cooldown=0.05, clock=lambda: now[0])
+    heard: list[bool] = []
+    breaker.on_change(lambda: heard.append(breaker.open))
+    breaker.record(Outcome.FAILURE, probe=False)
+
+    await asyncio.sleep(0.15)  # the loop's timer fired, but the breaker's clock stood still
+    assert heard == [True]
+    now[0] = 0.04  # 10 ms of the cool-down left on the breaker's own clock
+    await asyncio.sleep(0.1)
+    assert heard == [True]
+    now[0] = 1.0
+    await asyncio.sleep(0.1)
+
+    assert heard == [True, False]
+
+
+def test_a_success_after_the_circuit_opened_tells_the_listener_it_closed() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=1, cooldown=1.0, clock=lambda: now[0])
+    heard: list[bool] = []
+    breaker.on_change(lambda: heard.append(breaker.open))
+    breaker.record(Outcome.FAILURE, probe=False)
+    now[0] = 2.0
+    probe = breaker.admit()
+
+    breaker.record(Outcome.SUCCESS, probe)
+
+    assert heard == [True, False]
+    assert breaker.state is CircuitState.CLOSED

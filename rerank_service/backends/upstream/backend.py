@@ -191,16 +191,17 @@ class UpstreamBackend:
         spans: list[tuple[float, float]] = []  # each attempt's time on the wire, for the edge
         attempt = 1
         while True:
-            probe = self._breaker.admit()
-            outcome = Outcome.NEUTRAL  # if cancelled mid-attempt: says nothing about the upstream
-            started = time.perf_counter()
             try:
-                result = await self._attempt(request, body, token, context)
+                probe = self._breaker.admit()
+            except ServiceError as refused:  # opened while this call waited to retry
+                refused.timings = Timings(upstream_spans=tuple(spans))
+                raise
+            outcome = Outcome.NEUTRAL  # if cancelled mid-attempt: says nothing about the upstream
+            try:
+                result = await self._attempt(request, body, token, context, spans)
                 outcome = Outcome.SUCCESS
-                spans.append((started, time.perf_counter()))
                 return dataclasses.replace(result, timings=Timings(upstream_spans=tuple(spans)))
             except ServiceError as error:
-                spans.append((started, time.perf_counter()))
                 error.timings = Timings(upstream_spans=tuple(spans))
                 verdict = judge(error, context.deadline is not None and time.monotonic() >= context.deadline)
                 outcome = verdict.outcome
@@ -223,13 +224,23 @@ class UpstreamBackend:
             attempt += 1
 
     async def _attempt(
-        self, request: BackendRequest, body: dict[str, Any], token: Secret | None, context: CallContext
+        self,
+        request: BackendRequest,
+        body: dict[str, Any],
+        token: Secret | None,
+        context: CallContext,
+        spans: list[tuple[float, float]],
     ) -> BackendResult:
+        """One HTTP exchange and its answer read; its time on the wire goes into `spans`."""
         assert self._transport is not None
-        reply = await self._transport.post_json(
-            self._dialect.path, body, token, context.deadline,
-            traceparent=context.traceparent, tracestate=context.tracestate,
-        )  # fmt: skip
+        started = time.perf_counter()
+        try:
+            reply = await self._transport.post_json(
+                self._dialect.path, body, token, context.deadline,
+                traceparent=context.traceparent, tracestate=context.tracestate,
+            )  # fmt: skip
+        finally:
+            spans.append((started, time.perf_counter()))
         decoded = _decode_json(reply)
         if not 200 <= reply.status < 300:
             raise errors.from_http_status(

@@ -114,13 +114,20 @@ class CircuitBreaker:
 
     def _when_cooled_down(self) -> None:
         """Tell the listener when the cool-down ends (the circuit turns half-open by time alone)."""
-        if self._on_change is None:
+        if self._on_change is None or self._opened_at is None:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # used outside an event loop (a unit test with its own clock)
             return
-        loop.call_later(self._cooldown, self._on_change)
+        left = self._cooldown - (self._clock() - self._opened_at)
+        loop.call_later(max(left, 0.0), self._cooled_down)
+
+    def _cooled_down(self) -> None:
+        if self.open:  # the loop's timer ran ahead of the breaker's clock: wait the rest
+            self._when_cooled_down()
+        else:
+            self._changed()
 
     def _refusal(self) -> ServiceError:
         assert self._opened_at is not None
