@@ -22,7 +22,6 @@ are calls of their own: `ItemEdge` names, times and records each one.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -75,7 +74,6 @@ class CallFacts:
     method: str
     peer: str
     request_id: str
-    started: float
     documents: int | None = None
     model: str | None = None
     total_tokens: int | None = None
@@ -162,10 +160,16 @@ class RerankServiceEdge:
             started = time.perf_counter()
             request_id = new_request_id()
             token = bind_request_id(request_id)
+            peer = context.peer()  # read now: once a deadline has cancelled the call it is gone
             measured.started()
-            facts = CallFacts(path, context.peer(), request_id, started)
+            # What the log line and metrics will say, gathered as the call goes (locals,
+            # not a record: CallFacts is built once, at the end).
             code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # unless it gets further
             details: str | None = None
+            documents: int | None = None
+            model: str | None = None
+            outcome: RerankOutcome | None = None
+            failure: ServiceError | None = None
             admitted = ran = False
             try:
                 try:
@@ -177,24 +181,28 @@ class RerankServiceEdge:
                         raise _undecodable()
                     # Only calls let through say what they asked for (a refusal's log line
                     # and the documents histogram do not count what was never served).
-                    facts = _with_request(facts, request)
+                    if isinstance(request, rerank_pb2.RerankRequest):
+                        documents, model = len(request.documents), request.model
                     ran = True
                     answer = await behavior(request, context)
-                    facts = _with_outcome(facts, answer.outcome)
-                    metadata = _outcome_metadata(answer.outcome, request_id) + self._timing(facts)
                 except ServiceError as error:
-                    facts = _with_error(facts, error)
-                    code, details = error.code, error.message
+                    failure, code, details = error, error.code, error.message
                     metadata = error_metadata(error, error.upstream_request_id or request_id)
                     # Timing only for a call that ran: a refusal spent nothing worth naming.
-                    await context.abort(code, details, metadata + self._timing(facts) if ran else metadata)
+                    if ran:
+                        metadata += self._timing(started, error.timings)
+                    await context.abort(code, details, metadata)
                 except Exception:
                     # A bug: logged with its stack, answered INTERNAL naming the request id.
                     _log.exception("unexpected error")
                     bug = internal_error(request_id)
                     code, details = bug.code, bug.message
-                    await context.abort(code, details, error_metadata(bug, request_id) + self._timing(facts))
-                context.set_trailing_metadata(metadata)
+                    await context.abort(code, details, error_metadata(bug, request_id))
+                outcome = answer.outcome
+                timings = NO_TIMINGS if outcome is None else outcome.timings
+                context.set_trailing_metadata(
+                    _outcome_metadata(outcome, request_id) + self._timing(started, timings)
+                )
                 code = grpc.StatusCode.OK
                 return answer.message
             finally:
@@ -202,7 +210,8 @@ class RerankServiceEdge:
                     self._admission.release()
                 unbind_request_id(token)
                 seconds = time.perf_counter() - started
-                measured.finished(code, seconds, facts.documents, facts.total_tokens)
+                facts = _facts(path, peer, request_id, documents, model, outcome, failure)
+                measured.finished(code, seconds, documents, facts.total_tokens)
                 log_call(facts, code, seconds, details)
 
         return call
@@ -247,21 +256,20 @@ class RerankServiceEdge:
                     self._admission.release()
                 seconds = time.perf_counter() - started
                 measured.finished(code, seconds, None, None)
-                facts = CallFacts(path, peer, request_id, started, items=items)
+                facts = CallFacts(path, peer, request_id, items=items)
                 log_call(facts, code, seconds, details, event="stream")
 
         return stream
 
-    def _timing(self, facts: CallFacts) -> Metadata:
+    def _timing(self, started: float, timings: Timings) -> Metadata:
         """Where the call's time went, in milliseconds: total, queued, upstream or in the model."""
-        timings = facts.timings
         backend = (
             timings.upstream_seconds
             if self._backend_time_key != INFERENCE_TIME_KEY
             else timings.inference_seconds
         )
         return (
-            (TOTAL_TIME_KEY, _ms(time.perf_counter() - facts.started)),
+            (TOTAL_TIME_KEY, _ms(time.perf_counter() - started)),
             (QUEUE_TIME_KEY, _ms(timings.queue_seconds)),
             (self._backend_time_key, _ms(backend)),
         )
@@ -288,15 +296,16 @@ class ItemEdge:
         started = time.perf_counter()
         request_id = new_request_id()
         bind_request_id(request_id)  # the item runs in a task of its own: its id only
-        facts = CallFacts(self._path, self._peer, request_id, started, documents, model, item_id=item_id)
         metrics.STREAM_ITEMS.started()
         code = grpc.StatusCode.CANCELLED  # the stream ended first (the client cancelled)
         details: str | None = None
+        outcome: RerankOutcome | None = None
+        failure: ServiceError | None = None
         try:
             try:
                 outcome = await run()
             except ServiceError as error:
-                facts = _with_error(facts, error)
+                failure = error
                 refused = refuse(error, error.upstream_request_id or request_id)
                 code, details = error.code, error.message
                 return refused
@@ -306,12 +315,12 @@ class ItemEdge:
                 refused = refuse(bug, request_id)
                 code, details = bug.code, bug.message
                 return refused
-            facts = _with_outcome(facts, outcome)
             response = answer(outcome, outcome.upstream_request_id or request_id)
             code = grpc.StatusCode.OK
             return response
         finally:
             seconds = time.perf_counter() - started
+            facts = _facts(self._path, self._peer, request_id, documents, model, outcome, failure, item_id)
             metrics.STREAM_ITEMS.finished(code, seconds, documents, facts.total_tokens)
             log_call(facts, code, seconds, details)
 
@@ -337,29 +346,28 @@ def _message_class(messages: Any, name: str) -> type[Message]:
     return cls
 
 
-def _with_request(facts: CallFacts, request: Any) -> CallFacts:
-    if isinstance(request, rerank_pb2.RerankRequest):
-        return dataclasses.replace(facts, documents=len(request.documents), model=request.model)
-    return facts
-
-
-def _with_outcome(facts: CallFacts, outcome: RerankOutcome | None) -> CallFacts:
-    if outcome is None:
-        return facts
-    return dataclasses.replace(
-        facts,
-        total_tokens=outcome.total_tokens,
-        upstream_request_ids=tuple(outcome.upstream_request_ids),
-        timings=outcome.timings,
-    )
-
-
-def _with_error(facts: CallFacts, error: ServiceError) -> CallFacts:
-    return dataclasses.replace(
-        facts,
-        upstream_request_ids=(error.upstream_request_id,) if error.upstream_request_id else (),
-        timings=error.timings,
-    )
+def _facts(
+    method: str,
+    peer: str,
+    request_id: str,
+    documents: int | None,
+    model: str | None,
+    outcome: RerankOutcome | None,
+    failure: ServiceError | None,
+    item_id: str | None = None,
+) -> CallFacts:
+    """One call's facts, from what it asked and what came back up: an outcome or an error."""
+    if outcome is not None:
+        return CallFacts(
+            method, peer, request_id, documents, model, outcome.total_tokens,
+            tuple(outcome.upstream_request_ids), outcome.timings, item_id=item_id,
+        )  # fmt: skip
+    if failure is not None:
+        upstream_ids = (failure.upstream_request_id,) if failure.upstream_request_id else ()
+        return CallFacts(
+            method, peer, request_id, documents, model, None, upstream_ids, failure.timings, item_id=item_id
+        )
+    return CallFacts(method, peer, request_id, documents, model, item_id=item_id)
 
 
 def _outcome_metadata(outcome: RerankOutcome | None, request_id: str) -> Metadata:
