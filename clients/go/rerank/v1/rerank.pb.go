@@ -761,7 +761,13 @@ type ModelInfo struct {
 	SupportsInstruct bool `protobuf:"varint,4,opt,name=supports_instruct,json=supportsInstruct,proto3" json:"supports_instruct,omitempty"`
 	// Which kind of backend serves the model: "upstream" (a hosted rerank HTTP
 	// API) or "local" (a model run inside this service).
-	Backend       string `protobuf:"bytes,5,opt,name=backend,proto3" json:"backend,omitempty"`
+	Backend string `protobuf:"bytes,5,opt,name=backend,proto3" json:"backend,omitempty"`
+	// The wire format of the upstream that serves the model: "dashscope",
+	// "compatible", "cohere", "tei" or "voyage"; empty for a local model.
+	Format string `protobuf:"bytes,6,opt,name=format,proto3" json:"format,omitempty"`
+	// The base URL of the upstream that serves the model, without credentials;
+	// empty for a local model.
+	UpstreamUrl   string `protobuf:"bytes,7,opt,name=upstream_url,json=upstreamUrl,proto3" json:"upstream_url,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -827,6 +833,20 @@ func (x *ModelInfo) GetSupportsInstruct() bool {
 func (x *ModelInfo) GetBackend() string {
 	if x != nil {
 		return x.Backend
+	}
+	return ""
+}
+
+func (x *ModelInfo) GetFormat() string {
+	if x != nil {
+		return x.Format
+	}
+	return ""
+}
+
+func (x *ModelInfo) GetUpstreamUrl() string {
+	if x != nil {
+		return x.UpstreamUrl
 	}
 	return ""
 }
@@ -941,13 +961,15 @@ const file_rerank_v1_rerank_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x13\n" +
 	"\x11ListModelsRequest\"B\n" +
 	"\x12ListModelsResponse\x12,\n" +
-	"\x06models\x18\x01 \x03(\v2\x14.rerank.v1.ModelInfoR\x06models\"\xb5\x01\n" +
+	"\x06models\x18\x01 \x03(\v2\x14.rerank.v1.ModelInfoR\x06models\"\xf0\x01\n" +
 	"\tModelInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12#\n" +
 	"\rmax_documents\x18\x02 \x01(\x05R\fmaxDocuments\x12(\n" +
 	"\x10max_query_tokens\x18\x03 \x01(\x05R\x0emaxQueryTokens\x12+\n" +
 	"\x11supports_instruct\x18\x04 \x01(\bR\x10supportsInstruct\x12\x18\n" +
-	"\abackend\x18\x05 \x01(\tR\abackend2\xee\x01\n" +
+	"\abackend\x18\x05 \x01(\tR\abackend\x12\x16\n" +
+	"\x06format\x18\x06 \x01(\tR\x06format\x12!\n" +
+	"\fupstream_url\x18\a \x01(\tR\vupstreamUrl2\xee\x01\n" +
 	"\rRerankService\x12=\n" +
 	"\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12S\n" +
 	"\fRerankStream\x12\x1e.rerank.v1.RerankStreamRequest\x1a\x1f.rerank.v1.RerankStreamResponse(\x010\x01\x12I\n" +

@@ -466,6 +466,8 @@ class ModelInfo(_message.Message):
     MAX_QUERY_TOKENS_FIELD_NUMBER: _builtins.int
     SUPPORTS_INSTRUCT_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    UPSTREAM_URL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name to put in RerankRequest.model."""
     max_documents: _builtins.int
@@ -480,6 +482,14 @@ class ModelInfo(_message.Message):
     """Which kind of backend serves the model: "upstream" (a hosted rerank HTTP
     API) or "local" (a model run inside this service).
     """
+    format: _builtins.str
+    """The wire format of the upstream that serves the model: "dashscope",
+    "compatible", "cohere", "tei" or "voyage"; empty for a local model.
+    """
+    upstream_url: _builtins.str
+    """The base URL of the upstream that serves the model, without credentials;
+    empty for a local model.
+    """
     def __init__(
         self,
         *,
@@ -488,10 +498,12 @@ class ModelInfo(_message.Message):
         max_query_tokens: _builtins.int = ...,
         supports_instruct: _builtins.bool = ...,
         backend: _builtins.str = ...,
+        format: _builtins.str = ...,
+        upstream_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "max_documents", b"max_documents", "max_query_tokens", b"max_query_tokens", "name", b"name", "supports_instruct", b"supports_instruct"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "format", b"format", "max_documents", b"max_documents", "max_query_tokens", b"max_query_tokens", "name", b"name", "supports_instruct", b"supports_instruct", "upstream_url", b"upstream_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

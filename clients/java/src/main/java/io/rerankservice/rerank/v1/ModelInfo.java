@@ -23,6 +23,8 @@ private static final long serialVersionUID = 0L;
   private ModelInfo() {
     name_ = "";
     backend_ = "";
+    format_ = "";
+    upstreamUrl_ = "";
   }
 
   @java.lang.Override
@@ -187,6 +189,104 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int FORMAT_FIELD_NUMBER = 6;
+  @SuppressWarnings("serial")
+  private volatile java.lang.Object format_ = "";
+  /**
+   * <pre>
+   * The wire format of the upstream that serves the model: "dashscope",
+   * "compatible", "cohere", "tei" or "voyage"; empty for a local model.
+   * </pre>
+   *
+   * <code>string format = 6 [json_name = "format"];</code>
+   * @return The format.
+   */
+  @java.lang.Override
+  public java.lang.String getFormat() {
+    java.lang.Object ref = format_;
+    if (ref instanceof java.lang.String) {
+      return (java.lang.String) ref;
+    } else {
+      com.google.protobuf.ByteString bs = 
+          (com.google.protobuf.ByteString) ref;
+      java.lang.String s = bs.toStringUtf8();
+      format_ = s;
+      return s;
+    }
+  }
+  /**
+   * <pre>
+   * The wire format of the upstream that serves the model: "dashscope",
+   * "compatible", "cohere", "tei" or "voyage"; empty for a local model.
+   * </pre>
+   *
+   * <code>string format = 6 [json_name = "format"];</code>
+   * @return The bytes for format.
+   */
+  @java.lang.Override
+  public com.google.protobuf.ByteString
+      getFormatBytes() {
+    java.lang.Object ref = format_;
+    if (ref instanceof java.lang.String) {
+      com.google.protobuf.ByteString b = 
+          com.google.protobuf.ByteString.copyFromUtf8(
+              (java.lang.String) ref);
+      format_ = b;
+      return b;
+    } else {
+      return (com.google.protobuf.ByteString) ref;
+    }
+  }
+
+  public static final int UPSTREAM_URL_FIELD_NUMBER = 7;
+  @SuppressWarnings("serial")
+  private volatile java.lang.Object upstreamUrl_ = "";
+  /**
+   * <pre>
+   * The base URL of the upstream that serves the model, without credentials;
+   * empty for a local model.
+   * </pre>
+   *
+   * <code>string upstream_url = 7 [json_name = "upstreamUrl"];</code>
+   * @return The upstreamUrl.
+   */
+  @java.lang.Override
+  public java.lang.String getUpstreamUrl() {
+    java.lang.Object ref = upstreamUrl_;
+    if (ref instanceof java.lang.String) {
+      return (java.lang.String) ref;
+    } else {
+      com.google.protobuf.ByteString bs = 
+          (com.google.protobuf.ByteString) ref;
+      java.lang.String s = bs.toStringUtf8();
+      upstreamUrl_ = s;
+      return s;
+    }
+  }
+  /**
+   * <pre>
+   * The base URL of the upstream that serves the model, without credentials;
+   * empty for a local model.
+   * </pre>
+   *
+   * <code>string upstream_url = 7 [json_name = "upstreamUrl"];</code>
+   * @return The bytes for upstreamUrl.
+   */
+  @java.lang.Override
+  public com.google.protobuf.ByteString
+      getUpstreamUrlBytes() {
+    java.lang.Object ref = upstreamUrl_;
+    if (ref instanceof java.lang.String) {
+      com.google.protobuf.ByteString b = 
+          com.google.protobuf.ByteString.copyFromUtf8(
+              (java.lang.String) ref);
+      upstreamUrl_ = b;
+      return b;
+    } else {
+      return (com.google.protobuf.ByteString) ref;
+    }
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -216,6 +316,12 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(backend_)) {
       com.google.protobuf.GeneratedMessageV3.writeString(output, 5, backend_);
     }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(format_)) {
+      com.google.protobuf.GeneratedMessageV3.writeString(output, 6, format_);
+    }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(upstreamUrl_)) {
+      com.google.protobuf.GeneratedMessageV3.writeString(output, 7, upstreamUrl_);
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -243,6 +349,12 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(backend_)) {
       size += com.google.protobuf.GeneratedMessageV3.computeStringSize(5, backend_);
     }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(format_)) {
+      size += com.google.protobuf.GeneratedMessageV3.computeStringSize(6, format_);
+    }
+    if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(upstreamUrl_)) {
+      size += com.google.protobuf.GeneratedMessageV3.computeStringSize(7, upstreamUrl_);
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -268,6 +380,10 @@ private static final long serialVersionUID = 0L;
         != other.getSupportsInstruct()) return false;
     if (!getBackend()
         .equals(other.getBackend())) return false;
+    if (!getFormat()
+        .equals(other.getFormat())) return false;
+    if (!getUpstreamUrl()
+        .equals(other.getUpstreamUrl())) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -290,6 +406,10 @@ private static final long serialVersionUID = 0L;
         getSupportsInstruct());
     hash = (37 * hash) + BACKEND_FIELD_NUMBER;
     hash = (53 * hash) + getBackend().hashCode();
+    hash = (37 * hash) + FORMAT_FIELD_NUMBER;
+    hash = (53 * hash) + getFormat().hashCode();
+    hash = (37 * hash) + UPSTREAM_URL_FIELD_NUMBER;
+    hash = (53 * hash) + getUpstreamUrl().hashCode();
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -430,6 +550,8 @@ private static final long serialVersionUID = 0L;
       maxQueryTokens_ = 0;
       supportsInstruct_ = false;
       backend_ = "";
+      format_ = "";
+      upstreamUrl_ = "";
       return this;
     }
 
@@ -477,6 +599,12 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000010) != 0)) {
         result.backend_ = backend_;
+      }
+      if (((from_bitField0_ & 0x00000020) != 0)) {
+        result.format_ = format_;
+      }
+      if (((from_bitField0_ & 0x00000040) != 0)) {
+        result.upstreamUrl_ = upstreamUrl_;
       }
     }
 
@@ -543,6 +671,16 @@ private static final long serialVersionUID = 0L;
         bitField0_ |= 0x00000010;
         onChanged();
       }
+      if (!other.getFormat().isEmpty()) {
+        format_ = other.format_;
+        bitField0_ |= 0x00000020;
+        onChanged();
+      }
+      if (!other.getUpstreamUrl().isEmpty()) {
+        upstreamUrl_ = other.upstreamUrl_;
+        bitField0_ |= 0x00000040;
+        onChanged();
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -594,6 +732,16 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000010;
               break;
             } // case 42
+            case 50: {
+              format_ = input.readStringRequireUtf8();
+              bitField0_ |= 0x00000020;
+              break;
+            } // case 50
+            case 58: {
+              upstreamUrl_ = input.readStringRequireUtf8();
+              bitField0_ |= 0x00000040;
+              break;
+            } // case 58
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -931,6 +1079,200 @@ private static final long serialVersionUID = 0L;
       checkByteStringIsUtf8(value);
       backend_ = value;
       bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+
+    private java.lang.Object format_ = "";
+    /**
+     * <pre>
+     * The wire format of the upstream that serves the model: "dashscope",
+     * "compatible", "cohere", "tei" or "voyage"; empty for a local model.
+     * </pre>
+     *
+     * <code>string format = 6 [json_name = "format"];</code>
+     * @return The format.
+     */
+    public java.lang.String getFormat() {
+      java.lang.Object ref = format_;
+      if (!(ref instanceof java.lang.String)) {
+        com.google.protobuf.ByteString bs =
+            (com.google.protobuf.ByteString) ref;
+        java.lang.String s = bs.toStringUtf8();
+        format_ = s;
+        return s;
+      } else {
+        return (java.lang.String) ref;
+      }
+    }
+    /**
+     * <pre>
+     * The wire format of the upstream that serves the model: "dashscope",
+     * "compatible", "cohere", "tei" or "voyage"; empty for a local model.
+     * </pre>
+     *
+     * <code>string format = 6 [json_name = "format"];</code>
+     * @return The bytes for format.
+     */
+    public com.google.protobuf.ByteString
+        getFormatBytes() {
+      java.lang.Object ref = format_;
+      if (ref instanceof String) {
+        com.google.protobuf.ByteString b = 
+            com.google.protobuf.ByteString.copyFromUtf8(
+                (java.lang.String) ref);
+        format_ = b;
+        return b;
+      } else {
+        return (com.google.protobuf.ByteString) ref;
+      }
+    }
+    /**
+     * <pre>
+     * The wire format of the upstream that serves the model: "dashscope",
+     * "compatible", "cohere", "tei" or "voyage"; empty for a local model.
+     * </pre>
+     *
+     * <code>string format = 6 [json_name = "format"];</code>
+     * @param value The format to set.
+     * @return This builder for chaining.
+     */
+    public Builder setFormat(
+        java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      format_ = value;
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The wire format of the upstream that serves the model: "dashscope",
+     * "compatible", "cohere", "tei" or "voyage"; empty for a local model.
+     * </pre>
+     *
+     * <code>string format = 6 [json_name = "format"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearFormat() {
+      format_ = getDefaultInstance().getFormat();
+      bitField0_ = (bitField0_ & ~0x00000020);
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The wire format of the upstream that serves the model: "dashscope",
+     * "compatible", "cohere", "tei" or "voyage"; empty for a local model.
+     * </pre>
+     *
+     * <code>string format = 6 [json_name = "format"];</code>
+     * @param value The bytes for format to set.
+     * @return This builder for chaining.
+     */
+    public Builder setFormatBytes(
+        com.google.protobuf.ByteString value) {
+      if (value == null) { throw new NullPointerException(); }
+      checkByteStringIsUtf8(value);
+      format_ = value;
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+
+    private java.lang.Object upstreamUrl_ = "";
+    /**
+     * <pre>
+     * The base URL of the upstream that serves the model, without credentials;
+     * empty for a local model.
+     * </pre>
+     *
+     * <code>string upstream_url = 7 [json_name = "upstreamUrl"];</code>
+     * @return The upstreamUrl.
+     */
+    public java.lang.String getUpstreamUrl() {
+      java.lang.Object ref = upstreamUrl_;
+      if (!(ref instanceof java.lang.String)) {
+        com.google.protobuf.ByteString bs =
+            (com.google.protobuf.ByteString) ref;
+        java.lang.String s = bs.toStringUtf8();
+        upstreamUrl_ = s;
+        return s;
+      } else {
+        return (java.lang.String) ref;
+      }
+    }
+    /**
+     * <pre>
+     * The base URL of the upstream that serves the model, without credentials;
+     * empty for a local model.
+     * </pre>
+     *
+     * <code>string upstream_url = 7 [json_name = "upstreamUrl"];</code>
+     * @return The bytes for upstreamUrl.
+     */
+    public com.google.protobuf.ByteString
+        getUpstreamUrlBytes() {
+      java.lang.Object ref = upstreamUrl_;
+      if (ref instanceof String) {
+        com.google.protobuf.ByteString b = 
+            com.google.protobuf.ByteString.copyFromUtf8(
+                (java.lang.String) ref);
+        upstreamUrl_ = b;
+        return b;
+      } else {
+        return (com.google.protobuf.ByteString) ref;
+      }
+    }
+    /**
+     * <pre>
+     * The base URL of the upstream that serves the model, without credentials;
+     * empty for a local model.
+     * </pre>
+     *
+     * <code>string upstream_url = 7 [json_name = "upstreamUrl"];</code>
+     * @param value The upstreamUrl to set.
+     * @return This builder for chaining.
+     */
+    public Builder setUpstreamUrl(
+        java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      upstreamUrl_ = value;
+      bitField0_ |= 0x00000040;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The base URL of the upstream that serves the model, without credentials;
+     * empty for a local model.
+     * </pre>
+     *
+     * <code>string upstream_url = 7 [json_name = "upstreamUrl"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearUpstreamUrl() {
+      upstreamUrl_ = getDefaultInstance().getUpstreamUrl();
+      bitField0_ = (bitField0_ & ~0x00000040);
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The base URL of the upstream that serves the model, without credentials;
+     * empty for a local model.
+     * </pre>
+     *
+     * <code>string upstream_url = 7 [json_name = "upstreamUrl"];</code>
+     * @param value The bytes for upstreamUrl to set.
+     * @return This builder for chaining.
+     */
+    public Builder setUpstreamUrlBytes(
+        com.google.protobuf.ByteString value) {
+      if (value == null) { throw new NullPointerException(); }
+      checkByteStringIsUtf8(value);
+      upstreamUrl_ = value;
+      bitField0_ |= 0x00000040;
       onChanged();
       return this;
     }

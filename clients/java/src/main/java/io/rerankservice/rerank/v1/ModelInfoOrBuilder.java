@@ -80,4 +80,48 @@ public interface ModelInfoOrBuilder extends
    */
   com.google.protobuf.ByteString
       getBackendBytes();
+
+  /**
+   * <pre>
+   * The wire format of the upstream that serves the model: "dashscope",
+   * "compatible", "cohere", "tei" or "voyage"; empty for a local model.
+   * </pre>
+   *
+   * <code>string format = 6 [json_name = "format"];</code>
+   * @return The format.
+   */
+  java.lang.String getFormat();
+  /**
+   * <pre>
+   * The wire format of the upstream that serves the model: "dashscope",
+   * "compatible", "cohere", "tei" or "voyage"; empty for a local model.
+   * </pre>
+   *
+   * <code>string format = 6 [json_name = "format"];</code>
+   * @return The bytes for format.
+   */
+  com.google.protobuf.ByteString
+      getFormatBytes();
+
+  /**
+   * <pre>
+   * The base URL of the upstream that serves the model, without credentials;
+   * empty for a local model.
+   * </pre>
+   *
+   * <code>string upstream_url = 7 [json_name = "upstreamUrl"];</code>
+   * @return The upstreamUrl.
+   */
+  java.lang.String getUpstreamUrl();
+  /**
+   * <pre>
+   * The base URL of the upstream that serves the model, without credentials;
+   * empty for a local model.
+   * </pre>
+   *
+   * <code>string upstream_url = 7 [json_name = "upstreamUrl"];</code>
+   * @return The bytes for upstreamUrl.
+   */
+  com.google.protobuf.ByteString
+      getUpstreamUrlBytes();
 }
