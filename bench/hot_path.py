@@ -4,7 +4,7 @@
 
 One call's path through the service, minus gRPC, HTTP and JSON: `servicer.to_domain`,
 `RerankEngine.rerank` (validate, split, the backend call, merge, rank) with an
-in-memory backend whose `rerank` is the DashScope-native dialect's `parse_result` over
+in-memory backend whose `rerank` is the DashScope-native dialect's `parse_answer` over
 an already decoded upstream answer, and `servicer.to_proto`. The request and the
 answer are `bench.perf`'s (`bench/perf_payloads.py`): corpus documents of 20-40 words,
 every document scored, indexes shuffled, the call limits of `qwen3-rerank` (500
@@ -66,7 +66,9 @@ class AnswerBackend:
         pass
 
     async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
-        return self._dialect.parse_result(self._body, request)
+        answer = self._dialect.parse_answer(self._body, request)
+        assert answer.total_tokens is not None  # the benchmark's answer reports usage
+        return BackendResult(answer.scores, answer.total_tokens, answer.request_id)
 
 
 def measure(step: Callable[[], Awaitable[object]], iterations: int, rounds: int) -> float:
@@ -117,8 +119,8 @@ def bench(count: int, iterations: int, rounds: int) -> dict[str, float]:
     return {
         "whole path": measure(whole, iterations, rounds),
         "to_domain": measure(domain, iterations, rounds),
-        "engine.rerank (with parse_result)": measure(engine_only, iterations, rounds),
-        "  of which parse_result": measure(parse, iterations, rounds),
+        "engine.rerank (with parse_answer)": measure(engine_only, iterations, rounds),
+        "  of which parse_answer": measure(parse, iterations, rounds),
         "to_proto": measure(proto, iterations, rounds),
     }
 

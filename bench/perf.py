@@ -51,7 +51,14 @@ from typing import Any
 import grpc
 from rerank.v1 import rerank_pb2_grpc
 
-from bench.perf_payloads import RERANK_PATH, UPSTREAM_KEY, request, upstream_answer
+from bench.perf_payloads import (
+    COHERE_PATH,
+    RERANK_PATH,
+    UPSTREAM_KEY,
+    cohere_answer,
+    request,
+    upstream_answer,
+)
 from tests.support.process import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +74,8 @@ DIRECT, CANNED, PROXY, SERVICE = "direct (httpx → upstream)", "canned", "minim
 SLEEPER = "canned, 2 s asyncio.sleep"
 FAST_DOCUMENTS = (20, 500)
 FAST_CONCURRENCY = (1, 16, 64)
+# Upstream wire formats compared in the formats scenario; the first is the reference.
+FORMATS = ("dashscope", "cohere")
 SLOW_CONCURRENCY = (256, 1024)
 SLOW_LATENCY = 2.0
 SLOW_DOCUMENTS = 20
@@ -214,25 +223,33 @@ def nginx_config(workdir: Path, ports: dict[int, int]) -> str:
     constants and `return` concatenates them (no file read, no upstream, no scripting).
     """
     maps, servers = [], []
+    nl = "\n"
     for documents, port in ports.items():
-        answer = upstream_answer(documents).decode()
-        parts = [answer[i : i + 3000] for i in range(0, len(answer), 3000)]
-        names = []
-        for number, part in enumerate(parts):
-            name = f"$answer_{documents}_{number}"
-            names.append(name)
-            maps.append(f'    map "" {name} {{ default {_nginx_literal(part)}; }}')
+        locations = []
+        # The same results in each format the benchmark calls: DashScope native, Cohere.
+        for format_name, path, answer in (
+            ("native", RERANK_PATH, upstream_answer(documents).decode()),
+            ("cohere", COHERE_PATH, cohere_answer(documents).decode()),
+        ):
+            parts = [answer[i : i + 3000] for i in range(0, len(answer), 3000)]
+            names = []
+            for number, part in enumerate(parts):
+                name = f"$answer_{format_name}_{documents}_{number}"
+                names.append(name)
+                maps.append(f'    map "" {name} {{ default {_nginx_literal(part)}; }}')
+            locations.append(
+                f"""        location = {path} {{
+            default_type application/json;
+            return 200 "{"".join(names)}";
+        }}"""
+            )
         servers.append(
             f"""    server {{
         listen 127.0.0.1:{port} backlog=4096;
-        location = {RERANK_PATH} {{
-            default_type application/json;
-            return 200 "{"".join(names)}";
-        }}
+{nl.join(locations)}
     }}"""
         )
     temp = {name: workdir / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
-    nl = "\n"
     return f"""daemon off;
 master_process on;
 worker_processes 1;
@@ -291,7 +308,7 @@ def baseline(kind: str, port: int, documents: int, upstream_url: str, delay: flo
 
 
 @contextlib.contextmanager
-def service(port: int, upstream_url: str) -> Iterator[int]:
+def service(port: int, upstream_url: str, dialect: str = "dashscope") -> Iterator[int]:
     """`rerank-service serve --backend upstream` with its defaults, an upstream key, no caller keys."""
     if not port_frees_up(port):
         raise RuntimeError(f"port {port} (service) is taken: pass another --base-port")
@@ -301,7 +318,7 @@ def service(port: int, upstream_url: str) -> Iterator[int]:
         "--upstream-url",
         upstream_url,
         "--upstream-dialect",
-        "dashscope",
+        dialect,
         "--port",
         str(port),
     ]
@@ -565,6 +582,42 @@ def _target(run: str, port: int, documents: int, url: str) -> Iterator[int]:
     else:
         with baseline("canned" if run == CANNED else "proxy", port, documents, url) as pid:
             yield pid
+
+
+def formats_scenario(results: Results, ports: Ports) -> None:
+    """The service in front of the same answers in the DashScope and the Cohere format, c=64."""
+    plan = results.plan
+    upstream_ports = {documents: ports.upstream(documents) for documents in FAST_DOCUMENTS}
+    with nginx(upstream_ports):
+        for documents in FAST_DOCUMENTS:
+            url = f"http://127.0.0.1:{upstream_ports[documents]}"
+            say(f"upstream formats, {documents} documents")
+            for dialect in FORMATS:
+                with service(ports.service, url, dialect) as pid:
+                    check_answer(ports.service, documents)
+                    run = f"service ({dialect})"
+                    point = measure_grpc("formats", run, pid, ports.service, documents, 64, plan, slow=False)
+                    results.points.append(point)
+                    show(point)
+
+
+def formats_table(results: Results) -> list[str]:
+    rows = [
+        "| documents | format | requests/s | p50 ms | p99 ms | server CPU µs/call | CPU vs dashscope |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for documents in FAST_DOCUMENTS:
+        base = results.get("formats", documents, 64, f"service ({FORMATS[0]})")
+        for dialect in FORMATS:
+            point = results.get("formats", documents, 64, f"service ({dialect})")
+            if point is None:
+                continue
+            versus = f"{point.cpu_us / base.cpu_us:.2f}x" if base and base.cpu_us and point.cpu_us else "-"
+            rows.append(
+                f"| {documents} | {dialect} | {point.rps:,.0f} | {_ms(point.p50)} | {_ms(point.p99)} | "
+                f"{_cpu(point)} | {versus} |"
+            )
+    return rows
 
 
 def slow_scenario(results: Results, ports: Ports) -> None:
@@ -947,6 +1000,16 @@ def report(results: Results) -> str:
     ]
     for documents in FAST_DOCUMENTS:
         lines += [*fast_table(results, documents), ""]
+    if any(point.scenario == "formats" for point in results.points):
+        lines += [
+            "### Upstream formats",
+            "",
+            "The service at c=64 in front of nginx answering the same results in each wire format "
+            "(the Cohere answer as vLLM sends it, with usage).",
+            "",
+            *formats_table(results),
+            "",
+        ]
     lines += ["### Slow upstream, many callers", "", *slow_table(results), ""]
     if results.memory:
         memory = results.memory
@@ -1042,7 +1105,10 @@ def main() -> None:
     parser.add_argument("--base-port", type=int, default=47100, help="first of the loopback ports used")
     parser.add_argument("--doc", type=Path, default=None, help="the document to write the tables into")
     parser.add_argument(
-        "--only", choices=("fast", "slow", "memory"), action="append", help="run only these scenarios"
+        "--only",
+        choices=("fast", "formats", "slow", "memory"),
+        action="append",
+        help="run only these scenarios",
     )
     args = parser.parse_args()
     plan = QUICK if os.environ.get("BENCH_QUICK", "") not in ("", "0") else FULL
@@ -1053,9 +1119,11 @@ def main() -> None:
     ports = Ports(args.base_port)
     results = Results(plan)
     started = time.monotonic()
-    scenarios = args.only or ["fast", "slow", "memory"]
+    scenarios = args.only or ["fast", "formats", "slow", "memory"]
     if "fast" in scenarios:
         fast_scenario(results, ports)
+    if "formats" in scenarios:
+        formats_scenario(results, ports)
     if "slow" in scenarios:
         slow_scenario(results, ports)
     if "memory" in scenarios:

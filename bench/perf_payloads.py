@@ -19,6 +19,7 @@ from bench.corpus import documents, queries
 
 MODEL = "qwen3-rerank"
 RERANK_PATH = "/api/v1/services/rerank/text-rerank/text-rerank"
+COHERE_PATH = "/v1/rerank"
 UPSTREAM_KEY = "bench-upstream-key"
 
 
@@ -56,6 +57,17 @@ def upstream_answer(count: int) -> bytes:
         "output": {"results": [{"index": i, "relevance_score": s} for i, s in _scores(count)]},
         "usage": {"total_tokens": 40 * count},
         "request_id": f"bench-{count}-0000-0000-000000000000",
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def cohere_answer(count: int) -> bytes:
+    """The same answer in the Cohere-compatible format, as vLLM sends it (with usage)."""
+    body: dict[str, Any] = {
+        "id": f"bench-{count}-0000-0000-000000000000",
+        "model": MODEL,
+        "usage": {"total_tokens": 40 * count},
+        "results": [{"index": i, "relevance_score": s} for i, s in _scores(count)],
     }
     return json.dumps(body, separators=(",", ":")).encode()
 

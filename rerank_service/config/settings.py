@@ -178,7 +178,21 @@ FilePath = Annotated[Path | None, BeforeValidator(_blank_is_none), Expect("a fil
 Backend = Annotated[Literal["local", "upstream"], BeforeValidator(_trimmed_lower)]
 Device = Annotated[Literal["auto", "cpu", "cuda"], BeforeValidator(_trimmed_lower)]
 Dtype = Annotated[Literal["auto", "float32", "float16", "bfloat16"], BeforeValidator(_trimmed_lower)]
-Dialect = Annotated[Literal["dashscope", "compatible"], BeforeValidator(_trimmed_lower)]
+Dialect = Annotated[
+    Literal["dashscope", "compatible", "cohere", "tei", "voyage"], BeforeValidator(_trimmed_lower)
+]
+ScoreTransform = Annotated[Literal["none", "sigmoid"], BeforeValidator(_trimmed_lower)]
+PromptTemplate = Annotated[Literal["none", "qwen3"], BeforeValidator(_trimmed_lower)]
+UrlPath = Annotated[
+    Annotated[str, Field(pattern=r"^/[^\s?#]*$")] | None,
+    BeforeValidator(_blank_is_none),
+    Expect("a path starting with /, such as /v2/rerank"),
+]
+OptionalCount = Annotated[
+    Annotated[int, Field(ge=1)] | None,
+    BeforeValidator(_blank_is_none),
+    Expect("an integer >= 1", unset="the format's own limit"),
+]
 LogFormat = Annotated[Literal["auto", "json", "console"], BeforeValidator(_trimmed_lower)]
 LogLevel = Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_trimmed_lower)]
 
@@ -233,7 +247,25 @@ class Settings:
         default=DEFAULT_UPSTREAM_URL, description="base URL of the rerank HTTP API"
     )
     upstream_dialect: Dialect = Field(
-        default="dashscope", description="wire format: dashscope (native) or compatible (OpenAI-compatible)"
+        default="dashscope",
+        description="wire format: dashscope (native), compatible (DashScope's OpenAI-compatible), cohere "
+        "(Cohere, vLLM, Jina, Infinity, OpenVINO Model Server), tei (text-embeddings-inference) or voyage",
+    )
+    upstream_path: UrlPath = Field(
+        default=None,
+        description="path of the rerank endpoint under --upstream-url (unset: the format's own, such as "
+        "/v1/rerank for cohere)",
+    )
+    upstream_score_transform: ScoreTransform = Field(
+        default="none",
+        description="sigmoid turns an upstream's raw logits into scores in [0, 1]; none takes its scores "
+        "as they are",
+    )
+    upstream_prompt_template: PromptTemplate = Field(
+        default="none",
+        description="qwen3: the upstream serves Qwen3-Reranker behind a format without an instruction "
+        "(vLLM's cohere API): the service writes the model's prompt around query and documents, so "
+        "instruct works",
     )
     upstream_models: ModelNames = Field(
         default=("qwen3-rerank",), description="comma-separated model names served through the upstream"
@@ -284,10 +316,11 @@ class Settings:
         default=10_000,
         description="most documents one call may carry (larger upstream calls are split into chunks)",
     )
-    upstream_documents_per_call: Count = Field(
-        default=500,
-        description="most documents in one upstream call (known models: the hosted API's own limit, "
-        "if lower)",
+    upstream_documents_per_call: OptionalCount = Field(
+        default=None,
+        description="most documents in one upstream call (unset: the format's own limit: 500 for "
+        "dashscope and compatible, 1000 for cohere and voyage, 32 for tei; known hosted models: their "
+        "limit, if lower)",
     )
     upstream_tokens_per_call: Count = Field(
         default=120_000,

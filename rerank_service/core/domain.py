@@ -121,6 +121,9 @@ class BackendResult:
     total_tokens: int
     upstream_request_id: str | None = None
     timings: Timings = NO_TIMINGS
+    # "upstream" when the upstream reported its token count, "estimate" when the service
+    # counted (an upstream format without usage), "model" for a local model's tokenizer.
+    usage_source: str = "upstream"
 
 
 @dataclass(slots=True)  # not frozen: see ScoredDocument
@@ -144,6 +147,10 @@ class RerankOutcome:
     # get it as the request id, so they can quote it to the upstream's operator.
     upstream_request_id: str | None = None
     timings: Timings = NO_TIMINGS
+    # Where usage.total_tokens came from: see BackendResult.usage_source.
+    usage_source: str = "upstream"
+    # The request carried an instruct that the model does not take: it was not used.
+    instruct_ignored: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +162,9 @@ class ModelInfo:
     max_query_tokens: int
     supports_instruct: bool
     backend: str
+    # The upstream's wire format and base URL (no credentials); empty for a local model.
+    format: str = ""
+    upstream_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)

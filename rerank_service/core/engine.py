@@ -62,6 +62,8 @@ class RerankEngine:
             # and every upstream id travels in x-upstream-request-ids.
             upstream_request_id=upstream_ids[0] if len(results) == 1 and upstream_ids else None,
             timings=combined([result.timings for result in results]),
+            usage_source=usage_source(results),
+            instruct_ignored=request.instruct is not None and not model.supports_instruct,
         )
 
     async def _fan_out(
@@ -159,6 +161,12 @@ def _backend_request(model: ModelInfo, request: RerankRequest, chunk: range) -> 
         # Each chunk's own best top_n are enough: the global top_n is among them.
         top_n=request.top_n,
     )
+
+
+def usage_source(results: list[BackendResult]) -> str:
+    """One answer's usage source: an estimate if any chunk's count was estimated."""
+    sources = {result.usage_source for result in results}
+    return "estimate" if "estimate" in sources else results[0].usage_source
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -41,6 +41,7 @@ from rerank_service.grpc.status import (
     REQUEST_ID_KEY,
     TOTAL_TIME_KEY,
     UPSTREAM_IDS_KEY,
+    USAGE_SOURCE_KEY,
     Metadata,
     error_metadata,
     internal_error,
@@ -81,6 +82,8 @@ class CallFacts:
     timings: Timings = NO_TIMINGS
     items: int | None = None  # responses sent on a stream
     item_id: str | None = None  # the RerankStream item this is about
+    usage_source: str | None = None  # where total_tokens came from, when not the upstream
+    instruct_ignored: bool = False  # the model does not take the instruct the caller sent
 
 
 class _Undecodable:
@@ -361,6 +364,8 @@ def _facts(
         return CallFacts(
             method, peer, request_id, documents, model, outcome.total_tokens,
             tuple(outcome.upstream_request_ids), outcome.timings, item_id=item_id,
+            usage_source=None if outcome.usage_source == "upstream" else outcome.usage_source,
+            instruct_ignored=outcome.instruct_ignored,
         )  # fmt: skip
     if failure is not None:
         upstream_ids = (failure.upstream_request_id,) if failure.upstream_request_id else ()
@@ -374,9 +379,11 @@ def _outcome_metadata(outcome: RerankOutcome | None, request_id: str) -> Metadat
     if outcome is None:
         return ()
     reported = outcome.upstream_request_id or request_id
+    usage = (USAGE_SOURCE_KEY, outcome.usage_source)
     if outcome.upstream_request_ids:
-        return ((REQUEST_ID_KEY, reported), (UPSTREAM_IDS_KEY, ",".join(outcome.upstream_request_ids)))
-    return ((REQUEST_ID_KEY, reported),)
+        ids = ",".join(outcome.upstream_request_ids)
+        return ((REQUEST_ID_KEY, reported), (UPSTREAM_IDS_KEY, ids), usage)
+    return ((REQUEST_ID_KEY, reported), usage)
 
 
 def _ms(seconds: float) -> str:
@@ -401,6 +408,10 @@ def log_call(
         extra["inference_ms"] = round(timings.inference_seconds * 1000, 3)
     if facts.upstream_request_ids:
         extra["upstream_request_ids"] = list(facts.upstream_request_ids)
+    if facts.usage_source is not None:
+        extra["usage_source"] = facts.usage_source
+    if facts.instruct_ignored:
+        extra["instruct_ignored"] = True
     _log.info(
         event,
         method=facts.method,

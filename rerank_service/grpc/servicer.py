@@ -110,6 +110,8 @@ class RerankServicer:
                         max_query_tokens=model.max_query_tokens,
                         supports_instruct=model.supports_instruct,
                         backend=model.backend,
+                        format=model.format,
+                        upstream_url=model.upstream_url,
                     )
                     for model in self._engine.models()
                 ]

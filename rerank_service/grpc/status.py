@@ -19,6 +19,9 @@ TOTAL_TIME_KEY = "x-total-time"
 QUEUE_TIME_KEY = "x-queue-time"
 UPSTREAM_TIME_KEY = "x-upstream-time"  # the upstream backend
 INFERENCE_TIME_KEY = "x-inference-time"  # the local backend
+# Where usage.total_tokens came from: upstream (its own count), estimate (the service's),
+# model (a local model's tokenizer).
+USAGE_SOURCE_KEY = "x-usage-source"
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 

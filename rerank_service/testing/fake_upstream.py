@@ -1,17 +1,32 @@
 """A real HTTP server that speaks the hosted rerank API's wire formats, with faults.
 
 Tests, benchmarks and people trying the service without an API key point the
-upstream backend at it. It answers both DashScope dialects (native and
-OpenAI-compatible) with deterministic lexical-overlap scores, checks the bearer
-key if told to, records every request, and injects faults on demand: any status
-and body, delays, malformed or non-JSON bodies, connection resets (before the answer
-or mid-body), bodies that trickle, huge bodies, a flapping upstream (`cycle`), and an
-upstream that is down altogether (`go_down`: connections refused). Answers can be
-gzip-encoded and sent with chunked transfer encoding, as hosted APIs often send them
-(`Fault(gzip=True, chunked=True)`), and it can serve HTTPS (`tls=` an SSL context). It
-counts the connections it holds open, so tests can check that none is left behind.
+upstream backend at it. It speaks one wire format, chosen when it starts
+(`FakeUpstream(format=...)`, `--format`), at that format's paths:
+
+    dashscope (default)  DashScope native (NATIVE_PATH) and OpenAI-compatible (COMPATIBLE_PATH)
+    cohere               COHERE_PATHS: Cohere /v1|v2/rerank, vLLM and Jina /v1/rerank,
+                         Infinity /rerank, OpenVINO Model Server /v3/rerank
+    tei                  TEI_PATH: Hugging Face text-embeddings-inference
+    voyage               VOYAGE_PATH: Voyage AI
+
+(`aliases=` adds paths, as a gateway in front of the server would.) It checks each
+request as strictly as that server (a missing or ill-typed field gets the server's own
+4xx and error body; TEI refuses more than `max_batch` texts with its 413), answers with
+deterministic lexical-overlap scores (of the texts inside Qwen3-Reranker's prompt
+template, when the strings carry it; `logits=True`: as raw logits, `fake_logit`),
+reports usage where the format has it (`usage=False`: Cohere's billed search units, no
+token count), checks the bearer key if told to, records every request, and injects
+faults on demand, in every format: any status and body, delays, malformed or non-JSON
+bodies, connection resets (before the answer or mid-body), bodies that trickle, huge
+bodies, a flapping upstream (`cycle`), and an upstream that is down altogether
+(`go_down`: connections refused). Answers can be gzip-encoded and sent with chunked
+transfer encoding, as hosted APIs often send them (`Fault(gzip=True, chunked=True)`),
+and it can serve HTTPS (`tls=` an SSL context). It counts the connections it holds
+open, so tests can check that none is left behind.
 
     python -m rerank_service.testing.fake_upstream --port 8080 --latency 0.02
+    python -m rerank_service.testing.fake_upstream --format tei --max-batch-size 32 --logits
     python -m rerank_service.testing.fake_upstream --gzip --chunked --tls-cert cert.pem --tls-key key.pem
 """
 
@@ -20,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import re
 import select
 import socket
@@ -37,6 +53,19 @@ from typing import Any
 
 NATIVE_PATH = "/api/v1/services/rerank/text-rerank/text-rerank"
 COMPATIBLE_PATH = "/compatible-api/v1/reranks"
+COHERE_PATHS = ("/v1/rerank", "/v2/rerank", "/rerank", "/v3/rerank")
+TEI_PATH = "/rerank"
+VOYAGE_PATH = "/v1/rerank"
+# The wire formats the fake speaks ("compatible" is the dashscope fake: it serves both paths).
+FORMATS = ("dashscope", "compatible", "cohere", "tei", "voyage")
+# TEI's default --max-client-batch-size, and Voyage's documents per request.
+TEI_MAX_BATCH = 32
+VOYAGE_MAX_DOCUMENTS = 1000
+# Qwen3-Reranker's template around a pair, as an upstream is sent it (the service's
+# core/qwen3_prompt.py; repeated here, as this module imports only the standard library).
+_QWEN3_QUERY = re.compile(r"<\|im_start\|>system\n.*?<Instruct>: .*?\n<Query>: (.*)\n", re.DOTALL)
+_QWEN3_DOCUMENT_HEAD = "<Document>: "
+_QWEN3_DOCUMENT_TAIL = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -55,6 +84,29 @@ def fake_score(query: str, document: str) -> float:
     if not query_words:
         return 0.0
     return round(len(query_words & set(words(document))) / len(query_words), 6)
+
+
+def fake_logit(query: str, document: str) -> float:
+    """The score as a raw logit (what `logits=True` answers): log(p / (1 - p)) of
+    `fake_score`, kept within [0.001, 0.999] so it is finite; sigmoid gives the score back
+    (but for those bounds), and the order is the same."""
+    p = min(max(fake_score(query, document), 0.001), 0.999)
+    return math.log(p / (1.0 - p))
+
+
+def untemplated(query: str, documents: list[str]) -> tuple[str, list[str]]:
+    """The texts inside Qwen3-Reranker's prompt template, where the strings carry it
+    (as the model reads them): what the fake scores."""
+    match = _QWEN3_QUERY.fullmatch(query)
+    if match is None:
+        return query, documents
+    head, tail = len(_QWEN3_DOCUMENT_HEAD), len(_QWEN3_DOCUMENT_TAIL)
+    return match.group(1), [
+        document[head:-tail]
+        if document.startswith(_QWEN3_DOCUMENT_HEAD) and document.endswith(_QWEN3_DOCUMENT_TAIL)
+        else document
+        for document in documents
+    ]
 
 
 def expected_ranking(query: str, documents: list[str]) -> list[tuple[int, float]]:
@@ -79,8 +131,9 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before answering
     reset: bool = False  # close the connection abruptly instead of answering
-    # Edit the normal JSON answer before it is sent (wrong indexes, scores...).
-    mutate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # Edit the normal JSON answer before it is sent (wrong indexes, scores...): a dict,
+    # or for TEI a list.
+    mutate: Callable[[Any], Any] | None = None
     # (bytes, seconds): send the body this many bytes at a time, pausing between writes.
     trickle: tuple[int, float] | None = None
     # Send the status line, the headers (announcing the full length) and this many
@@ -127,8 +180,27 @@ class FakeUpstream:
         latency: float = 0.0,
         record: bool = True,
         tls: ssl.SSLContext | None = None,
+        *,
+        format: str = "dashscope",
+        logits: bool = False,
+        usage: bool = True,
+        max_batch: int = TEI_MAX_BATCH,
+        aliases: dict[str, str] | None = None,
     ) -> None:
-        """`tls`: serve HTTPS with this server-side context (its certificate and key)."""
+        """`tls`: serve HTTPS with this server-side context (its certificate and key).
+        `format`: the wire format spoken (FORMATS). `logits`: answer raw logits
+        (`fake_logit`) instead of scores in [0, 1], as some servers do. `usage`: False
+        answers cohere without a token count (Cohere bills search units) and voyage
+        without usage. `max_batch`: TEI's --max-client-batch-size (more texts: 413).
+        `aliases`: more paths, each answered as the format's path it names (an upstream
+        behind a gateway: `{"/gateway/rerank": TEI_PATH}`); `requests` keep the path called."""
+        if format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}; known: {', '.join(FORMATS)}")
+        self.format = "dashscope" if format == "compatible" else format
+        self.logits = logits
+        self.usage = usage
+        self.max_batch = max_batch
+        self.aliases = dict(aliases or {})
         self.api_key = api_key
         # Tests read `requests`; a long benchmark run must not keep every body.
         self.record = record
@@ -292,12 +364,35 @@ class FakeUpstream:
             self._sockets.discard(sock)
             self._changed.notify_all()
 
-    def answer(self, path: str, headers: dict[str, str], body: Any) -> tuple[int, dict[str, Any]]:
-        """The normal answer (status, JSON) of the hosted API to one request."""
+    def answer(self, path: str, headers: dict[str, str], body: Any) -> tuple[int, Any]:
+        """The normal answer (status, JSON) of the upstream to one request."""
         request_id = str(uuid.uuid4())
+        path = self.aliases.get(path, path)
+        if self.format == "cohere":
+            return self._cohere(path, headers, body, request_id)
+        if self.format == "tei":
+            return self._tei(path, headers, body)
+        if self.format == "voyage":
+            return self._voyage(path, headers, body)
+        return self._dashscope(path, headers, body, request_id)
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        return self.api_key is None or headers.get("authorization") == f"Bearer {self.api_key}"
+
+    def _ranking(self, query: str, documents: list[str]) -> list[tuple[int, float]]:
+        """(index, score or logit) best first, scored on the texts inside any Qwen3 template."""
+        query, documents = untemplated(query, documents)
+        ranking = expected_ranking(query, documents)
+        if self.logits:
+            return [(index, fake_logit(query, documents[index])) for index, _ in ranking]
+        return ranking
+
+    def _dashscope(
+        self, path: str, headers: dict[str, str], body: Any, request_id: str
+    ) -> tuple[int, dict[str, Any]]:
         if path not in (NATIVE_PATH, COMPATIBLE_PATH):
             return 404, _error("NotFound", f"no route {path}", request_id)
-        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+        if not self._authorized(headers):
             return 401, _error("InvalidApiKey", "Invalid API-key provided.", request_id)
         if not isinstance(body, dict):
             return 400, _error("InvalidParameter", "body must be a JSON object", request_id)
@@ -310,7 +405,7 @@ class FakeUpstream:
         if model not in self.models:
             return 404, _error("ModelNotFound", f"Model not exist: {model}", request_id)
         top_n = parameters.get("top_n")
-        ranking = expected_ranking(query, documents)
+        ranking = self._ranking(query, documents)
         if isinstance(top_n, int):
             ranking = ranking[:top_n]
         results = [{"index": index, "relevance_score": score} for index, score in ranking]
@@ -318,6 +413,169 @@ class FakeUpstream:
         if native:
             return 200, {"output": {"results": results}, "usage": usage, "request_id": request_id}
         return 200, {"id": request_id, "object": "list", "results": results, "usage": usage}
+
+    def _cohere(
+        self, path: str, headers: dict[str, str], body: Any, request_id: str
+    ) -> tuple[int, dict[str, Any]]:
+        """Cohere's checks and answer; with `usage` (the default) the token count of vLLM,
+        Jina and Infinity, without it Cohere's own billed search units."""
+
+        def error(status: int, message: str) -> tuple[int, dict[str, Any]]:
+            return status, {"id": request_id, "message": message}
+
+        if path not in COHERE_PATHS:
+            return error(404, f"no route {path}")
+        if not self._authorized(headers):
+            return error(401, "invalid api token")
+        if not isinstance(body, dict):
+            return error(400, "invalid request: the body must be a JSON object")
+        model, query, documents = body.get("model"), body.get("query"), body.get("documents")
+        top_n, return_documents = body.get("top_n"), body.get("return_documents")
+        if not isinstance(model, str):
+            return error(400, "invalid request: model is required and must be a string")
+        if not isinstance(query, str):
+            return error(400, "invalid request: query is required and must be a string")
+        if not isinstance(documents, list):
+            return error(400, "invalid request: documents is required and must be a list")
+        texts: list[str] = []
+        for position, document in enumerate(documents):
+            text = document.get("text") if isinstance(document, dict) else document
+            if not isinstance(text, str):
+                return error(
+                    400, f"invalid request: documents[{position}] must be a string or an object with 'text'"
+                )
+            texts.append(text)
+        if top_n is not None and not _is_int(top_n):
+            return error(400, "invalid request: top_n must be an integer")
+        if return_documents is not None and not isinstance(return_documents, bool):
+            return error(400, "invalid request: return_documents must be a boolean")
+        if not query.strip():
+            return error(422, "invalid request: query must not be empty")
+        if not texts:
+            return error(422, "invalid request: list of documents must not be empty")
+        if top_n is not None and top_n < 1:
+            return error(422, f"invalid request: top_n must be at least 1, got {top_n}")
+        if model not in self.models:
+            return error(
+                404,
+                f"model '{model}' not found, make sure the correct model ID was used and that you have "
+                "access to the model.",
+            )
+        ranking = self._ranking(query, texts)
+        if top_n is not None:
+            ranking = ranking[:top_n]
+        results: list[dict[str, Any]] = [
+            {"index": index, "relevance_score": score} for index, score in ranking
+        ]
+        if return_documents:
+            for result in results:
+                result["document"] = {"text": texts[result["index"]]}
+        answer: dict[str, Any] = {"id": request_id, "results": results}
+        if self.usage:
+            answer["model"] = model
+            answer["usage"] = {"total_tokens": total_tokens(query, texts)}
+        else:
+            answer["meta"] = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}
+        return 200, answer
+
+    def _tei(self, path: str, headers: dict[str, str], body: Any) -> tuple[int, Any]:
+        """TEI's checks and answer: every text, best first, no usage; 413 beyond `max_batch`."""
+
+        def error(status: int, message: str, kind: str = "Validation") -> tuple[int, dict[str, Any]]:
+            return status, {"error": message, "error_type": kind}
+
+        def undeserializable(why: str) -> tuple[int, dict[str, Any]]:
+            return error(422, f"Failed to deserialize the JSON body into the target type: {why}")
+
+        if path != TEI_PATH:
+            return error(404, f"no route {path}", "NotFound")
+        if not self._authorized(headers):
+            return error(401, "Unauthorized", "Unauthorized")
+        if not isinstance(body, dict):
+            return undeserializable("invalid type: expected struct RerankRequest")
+        query, texts = body.get("query"), body.get("texts")
+        if query is None or texts is None:
+            return undeserializable(f"missing field `{'query' if query is None else 'texts'}`")
+        if not isinstance(query, str):
+            return undeserializable("query: invalid type: expected a string")
+        if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+            return undeserializable("texts: invalid type: expected a sequence of strings")
+        for flag in ("raw_scores", "return_text"):
+            if flag in body and not isinstance(body[flag], bool):
+                return undeserializable(f"{flag}: invalid type: expected a boolean")
+        if body.get("truncate") is not None and not isinstance(body["truncate"], bool):
+            return undeserializable("truncate: invalid type: expected a boolean")
+        if body.get("truncation_direction", "Right") not in ("Left", "Right"):
+            return undeserializable("truncation_direction: unknown variant, expected `Left` or `Right`")
+        if not texts:
+            return error(422, "`texts` cannot be empty")
+        if len(texts) > self.max_batch:
+            return error(413, f"batch size {len(texts)} > maximum allowed batch size {self.max_batch}")
+        query_text, documents = untemplated(query, texts)
+        ranking = expected_ranking(query_text, documents)
+        logits = self.logits or body.get("raw_scores") is True
+        answer: list[dict[str, Any]] = [
+            {"index": index, "score": fake_logit(query_text, documents[index]) if logits else score}
+            for index, score in ranking
+        ]
+        if body.get("return_text"):
+            for item in answer:
+                item["text"] = texts[item["index"]]
+        return 200, answer
+
+    def _voyage(self, path: str, headers: dict[str, str], body: Any) -> tuple[int, dict[str, Any]]:
+        """Voyage's checks and answer; top_k cuts it."""
+
+        def error(status: int, detail: str) -> tuple[int, dict[str, Any]]:
+            return status, {"detail": detail}
+
+        if path != VOYAGE_PATH:
+            return error(404, "Not Found")
+        if not self._authorized(headers):
+            return error(401, "Provided API key is invalid.")
+        if not isinstance(body, dict):
+            return error(400, "Request body must be a JSON object.")
+        model, query, documents, top_k = (
+            body.get("model"),
+            body.get("query"),
+            body.get("documents"),
+            body.get("top_k"),
+        )
+        if not isinstance(model, str):
+            return error(400, "Field 'model' is required and must be a string.")
+        if not isinstance(query, str):
+            return error(400, "Field 'query' is required and must be a string.")
+        if not isinstance(documents, list) or not all(isinstance(document, str) for document in documents):
+            return error(400, "Field 'documents' is required and must be a list of strings.")
+        if not documents:
+            return error(400, "Field 'documents' must not be empty.")
+        if len(documents) > VOYAGE_MAX_DOCUMENTS:
+            return error(
+                400,
+                f"The number of documents ({len(documents)}) exceeds the limit of {VOYAGE_MAX_DOCUMENTS}.",
+            )
+        if top_k is not None and (not _is_int(top_k) or top_k < 1):
+            return error(400, "Field 'top_k' must be a positive integer.")
+        for flag in ("truncation", "return_documents"):
+            if body.get(flag) is not None and not isinstance(body[flag], bool):
+                return error(400, f"Field '{flag}' must be a boolean.")
+        if model not in self.models:
+            return error(400, f"Model {model} is not supported. Supported models are {list(self.models)}.")
+        ranking = self._ranking(query, documents)
+        if top_k is not None:
+            ranking = ranking[:top_k]
+        data: list[dict[str, Any]] = [{"index": index, "relevance_score": score} for index, score in ranking]
+        if body.get("return_documents"):
+            for item in data:
+                item["document"] = documents[item["index"]]
+        answer: dict[str, Any] = {"object": "list", "data": data, "model": model}
+        if self.usage:
+            answer["usage"] = {"total_tokens": total_tokens(query, documents)}
+        return 200, answer
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # A query holding "[[delay=1.5]]" is answered 1.5 s late: how clients in other languages,
@@ -426,7 +684,7 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             status, normal = fake.answer(self.path, headers, body)
             if fault.mutate is not None and status == 200:
                 normal = fault.mutate(normal)
-            payload: dict[str, Any] | bytes = normal
+            payload: Any = normal
             if fault.body is not None or fault.status != 200:
                 status = fault.status
                 payload = fault.body if fault.body is not None else normal
@@ -540,6 +798,18 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--api-key", default=None, help="require this bearer key")
     parser.add_argument("--models", default="qwen3-rerank", help="comma-separated model names")
+    parser.add_argument(
+        "--format", default="dashscope", choices=FORMATS, help="the wire format spoken (see above)"
+    )
+    parser.add_argument(
+        "--logits", "--raw-scores", action="store_true", help="answer raw logits instead of scores in [0, 1]"
+    )
+    parser.add_argument(
+        "--no-usage", action="store_true", help="cohere and voyage: answer without a token count"
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=TEI_MAX_BATCH, help="tei: most texts a call (more: 413)"
+    )
     parser.add_argument("--gzip", action="store_true", help="gzip-encode every answer")
     parser.add_argument("--chunked", action="store_true", help="send every answer chunked")
     parser.add_argument("--tls-cert", default=None, help="serve HTTPS with this PEM certificate (chain)")
@@ -552,11 +822,21 @@ def main() -> None:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(args.tls_cert, args.tls_key)
     fake = FakeUpstream(
-        args.host, args.port, args.api_key, tuple(args.models.split(",")), args.latency, record=False, tls=tls
+        args.host,
+        args.port,
+        args.api_key,
+        tuple(args.models.split(",")),
+        args.latency,
+        record=False,
+        tls=tls,
+        format=args.format,
+        logits=args.logits,
+        usage=not args.no_usage,
+        max_batch=args.max_batch_size,
     )
     if args.gzip or args.chunked:
         fake.always(Fault(gzip=args.gzip, chunked=args.chunked))
-    print(f"fake upstream listening on {fake.url}", flush=True)
+    print(f"fake upstream ({fake.format}) listening on {fake.url}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         fake._server.serve_forever()
 

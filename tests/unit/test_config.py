@@ -177,7 +177,7 @@ def test_the_upstream_proxy_and_ca_file_are_read_and_unset_by_default() -> None:
     [
         (
             {"RERANK_UPSTREAM_DIALECT": "openai"},
-            "upstream-dialect must be one of dashscope, compatible, got 'openai'",
+            "upstream-dialect must be one of dashscope, compatible, cohere, tei, voyage, got 'openai'",
         ),
         ({"RERANK_BACKEND": "quantum"}, "backend must be one of local, upstream"),
         ({"RERANK_PORT": "65536"}, "port must be a port number from 0 to 65535, got '65536'"),

@@ -168,6 +168,8 @@ def answers(draw: st.DrawFn) -> tuple[list[Any], int]:
     for _ in range(draw(st.integers(0, 2))):  # break a few
         position = draw(st.integers(0, count - 1))
         fault = draw(st.sampled_from(["index", "score", "drop index", "drop score", "item"]))
+        if not isinstance(items[position], dict):  # already replaced by a non-object: leave it
+            continue
         if fault == "index":
             items[position]["index"] = draw(INDEXES)
         elif fault == "score":

@@ -168,6 +168,7 @@ class LocalBackend:
             scores=[ScoredDocument(index, score) for index, score in enumerate(scored.scores)],
             total_tokens=sum(item.tokens for item in encoded),
             timings=Timings(queue_seconds=scored.queue_seconds, inference_seconds=scored.inference_seconds),
+            usage_source="model",
         )
 
 

@@ -25,20 +25,10 @@ from rerank_service.backends.local.common import (
 )
 from rerank_service.backends.local.scorer import Encoded
 from rerank_service.core.domain import DEFAULT_INSTRUCT
+from rerank_service.core.qwen3_prompt import PREFIX, SUFFIX, format_pair
 
-# The model card's chat template around each pair, verbatim.
-PREFIX = (
-    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
-    'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
-)
-SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 # The model card's window.
 DEFAULT_MAX_LENGTH = 8192
-
-
-def format_pair(instruction: str, query: str, document: str) -> str:
-    """The model card's user message for one pair."""
-    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
 
 
 class Qwen3Scorer:

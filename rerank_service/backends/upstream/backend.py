@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import random
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,15 +16,19 @@ import orjson
 
 from rerank_service.backends.upstream import errors
 from rerank_service.backends.upstream.breaker import CircuitBreaker, Outcome
-from rerank_service.backends.upstream.compatible import DashScopeCompatible
-from rerank_service.backends.upstream.dashscope import DashScopeNative
-from rerank_service.backends.upstream.dialect import Dialect, MalformedResponse, parse_error_body
+from rerank_service.backends.upstream.dialect import (
+    Dialect,
+    DialectOptions,
+    MalformedResponse,
+    UpstreamAnswer,
+    build_dialect,
+)
 from rerank_service.backends.upstream.http.connections import check_connection_settings
 from rerank_service.backends.upstream.http.transport import UpstreamReply, UpstreamTransport
 from rerank_service.backends.upstream.retry import RetryPolicy, judge
 from rerank_service.config import Settings
 from rerank_service.config.secret import Secret
-from rerank_service.core.chunking import CallLimits
+from rerank_service.core.chunking import CallLimits, estimate_tokens
 from rerank_service.core.domain import (
     BackendRequest,
     BackendResult,
@@ -40,11 +44,6 @@ from rerank_service.observability.logging import get_logger
 
 _log = get_logger("rerank_service.upstream")
 
-DIALECTS: dict[str, type[DashScopeNative] | type[DashScopeCompatible]] = {
-    "dashscope": DashScopeNative,
-    "compatible": DashScopeCompatible,
-}
-
 
 @dataclass(frozen=True, slots=True)
 class _UpstreamModel:
@@ -54,7 +53,9 @@ class _UpstreamModel:
     honours_instruct: bool
 
 
-# What the hosted API documents for its models; other names get the configured limits.
+# What DashScope documents for its hosted models (its two formats only); other names, and
+# every other format, get the configured limits.
+_DASHSCOPE_FORMATS = frozenset({"dashscope", "compatible"})
 _KNOWN_MODELS: dict[str, _UpstreamModel] = {
     "qwen3-rerank": _UpstreamModel(500, 120_000, 4000, True),
     "qwen3-vl-rerank": _UpstreamModel(100, 120_000, 8000, True),
@@ -68,6 +69,7 @@ class UpstreamBackend:
     def __init__(
         self,
         dialect: Dialect,
+        path: str | None,
         transport_factory: Callable[[], UpstreamTransport],
         models: list[ModelInfo],
         call_limits: dict[str, CallLimits],
@@ -79,6 +81,7 @@ class UpstreamBackend:
         timeout: float = 30.0,
     ) -> None:
         self._dialect = dialect
+        self._path = path or dialect.path
         self._transport_factory = transport_factory
         self._transport: UpstreamTransport | None = None
         self._models = models
@@ -96,15 +99,22 @@ class UpstreamBackend:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UpstreamBackend:
-        models, call_limits = [], {}
+        dialect = build_dialect(
+            settings.upstream_dialect,
+            DialectOptions(settings.upstream_score_transform, settings.upstream_prompt_template),
+        )
+        documents_per_call = settings.upstream_documents_per_call or dialect.documents_per_call
         configured = _UpstreamModel(
-            settings.upstream_documents_per_call,
+            documents_per_call,
             settings.upstream_tokens_per_call,
             settings.max_query_tokens,
-            True,
+            dialect.honours_instruct,
         )
+        known_models = _KNOWN_MODELS if dialect.name in _DASHSCOPE_FORMATS else {}
+        upstream_url = without_credentials(settings.upstream_url)
+        models, call_limits = [], {}
         for name in settings.upstream_models:
-            known = _KNOWN_MODELS.get(name, configured)
+            known = known_models.get(name, configured)
             models.append(
                 ModelInfo(
                     name=name,
@@ -113,10 +123,12 @@ class UpstreamBackend:
                     max_query_tokens=min(known.max_query_tokens, settings.max_query_tokens),
                     supports_instruct=known.honours_instruct,
                     backend="upstream",
+                    format=dialect.name,
+                    upstream_url=upstream_url,
                 )
             )
             call_limits[name] = CallLimits(
-                max_documents=min(known.documents_per_call, settings.upstream_documents_per_call),
+                max_documents=min(known.documents_per_call, documents_per_call),
                 max_tokens=min(known.tokens_per_call, settings.upstream_tokens_per_call),
             )
 
@@ -134,7 +146,8 @@ class UpstreamBackend:
         check_connection_settings(settings.upstream_url, settings.upstream_proxy, settings.upstream_ca_file)
 
         return cls(
-            dialect=DIALECTS[settings.upstream_dialect](),
+            dialect=dialect,
+            path=settings.upstream_path,
             transport_factory=transport_factory,
             models=models,
             call_limits=call_limits,
@@ -198,9 +211,14 @@ class UpstreamBackend:
                 raise
             outcome = Outcome.NEUTRAL  # if cancelled mid-attempt: says nothing about the upstream
             try:
-                result = await self._attempt(request, body, token, context, spans)
+                answer = await self._attempt(request, body, token, context, spans)
                 outcome = Outcome.SUCCESS
-                return dataclasses.replace(result, timings=Timings(upstream_spans=tuple(spans)))
+                timings = Timings(upstream_spans=tuple(spans))
+                if answer.total_tokens is None:  # a format without usage: the service counts
+                    return BackendResult(
+                        answer.scores, _estimated_tokens(request), answer.request_id, timings, "estimate"
+                    )
+                return BackendResult(answer.scores, answer.total_tokens, answer.request_id, timings)
             except ServiceError as error:
                 error.timings = Timings(upstream_spans=tuple(spans))
                 verdict = judge(error, context.deadline is not None and time.monotonic() >= context.deadline)
@@ -230,13 +248,13 @@ class UpstreamBackend:
         token: Secret | None,
         context: CallContext,
         spans: list[tuple[float, float]],
-    ) -> BackendResult:
+    ) -> UpstreamAnswer:
         """One HTTP exchange and its answer read; its time on the wire goes into `spans`."""
         assert self._transport is not None
         started = time.perf_counter()
         try:
             reply = await self._transport.post_json(
-                self._dialect.path, body, token, context.deadline,
+                self._path, body, token, context.deadline,
                 traceparent=context.traceparent, tracestate=context.tracestate,
             )  # fmt: skip
         finally:
@@ -245,7 +263,7 @@ class UpstreamBackend:
         if not 200 <= reply.status < 300:
             raise errors.from_http_status(
                 reply.status,
-                parse_error_body(decoded),
+                self._dialect.parse_error(decoded),
                 reply.headers.get("retry-after"),
                 self._pass_through,
                 self._secrets + ([token] if token is not None else []),
@@ -253,9 +271,9 @@ class UpstreamBackend:
         if decoded is _NOT_JSON:
             raise errors.not_json(reply.status, reply.headers.get("content-type"))
         try:
-            return self._dialect.parse_result(decoded, request)
+            return self._dialect.parse_answer(decoded, request)
         except MalformedResponse as exc:
-            request_id = parse_error_body(decoded).request_id
+            request_id = self._dialect.parse_error(decoded).request_id
             raise errors.malformed(str(exc), request_id) from None
 
     def _credentials(self, context: CallContext) -> Secret | None:
@@ -269,6 +287,21 @@ class UpstreamBackend:
                 reason="MISSING_CREDENTIALS",
             )
         return context.bearer_token
+
+
+def _estimated_tokens(request: BackendRequest) -> int:
+    """The chunker's estimate of what the call costs: the query once per document, plus
+    every document."""
+    documents = request.documents
+    return len(documents) * estimate_tokens(request.query) + sum(map(estimate_tokens, documents))
+
+
+def without_credentials(url: str) -> str:
+    """`url` without any `user:password@` (what ListModels may show of the upstream)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 _NOT_JSON: Any = object()

@@ -10,17 +10,27 @@ from __future__ import annotations
 from typing import Any
 
 from rerank_service.backends.upstream.dialect import (
+    DialectOptions,
     MalformedResponse,
+    UpstreamAnswer,
+    UpstreamErrorBody,
     optional_str,
+    parse_error_body,
     parse_results,
     parse_total_tokens,
+    score_shape,
 )
-from rerank_service.core.domain import BackendRequest, BackendResult
+from rerank_service.core.domain import BackendRequest
 
 
 class DashScopeNative:
     name = "dashscope"
     path = "/api/v1/services/rerank/text-rerank/text-rerank"
+    documents_per_call = 500
+    honours_instruct = True  # a parameter of its own
+
+    def __init__(self, options: DialectOptions | None = None) -> None:
+        self._shape = score_shape(options or DialectOptions(), "results", "relevance_score")
 
     def build_body(self, request: BackendRequest) -> dict[str, Any]:
         # Documents are never asked back: the engine already holds their text.
@@ -35,15 +45,18 @@ class DashScopeNative:
             "parameters": parameters,
         }
 
-    def parse_result(self, body: Any, request: BackendRequest) -> BackendResult:
+    def parse_answer(self, body: Any, request: BackendRequest) -> UpstreamAnswer:
         if not isinstance(body, dict):
             raise MalformedResponse("the body is not a JSON object")
         output = body.get("output")
         if not isinstance(output, dict):
             raise MalformedResponse("'output' is missing or not an object")
-        scores = parse_results(output.get("results"), request)
-        return BackendResult(
+        scores = parse_results(output.get("results"), request, self._shape)
+        return UpstreamAnswer(
             scores=scores,
             total_tokens=parse_total_tokens(body.get("usage")),
-            upstream_request_id=optional_str(body.get("request_id")),
+            request_id=optional_str(body.get("request_id")),
         )
+
+    def parse_error(self, body: Any) -> UpstreamErrorBody:
+        return parse_error_body(body)

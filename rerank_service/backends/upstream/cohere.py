@@ -1,0 +1,86 @@
+"""The cohere-style rerank API: Cohere /v1|v2/rerank, vLLM /v1/rerank, Jina, Infinity
+/rerank, OpenVINO Model Server /v3/rerank.
+
+Request:  {model, query, documents: [str], top_n?, return_documents: false}
+Response: {id?, results: [{index, relevance_score, document?}], usage?: {total_tokens},
+           meta?: {billed_units: {search_units?, input_tokens?}}}
+Errors:   {message} (Cohere), {error: {message, type, code}} or {object: "error", message,
+          type, code} (vLLM), {detail} (FastAPI servers)
+
+No instruction field: with `prompt_template="qwen3"` (vLLM serving Qwen3-Reranker) the
+instruction is written into the query and documents as the model's chat template.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rerank_service.backends.upstream.dialect import (
+    DialectOptions,
+    MalformedResponse,
+    UpstreamAnswer,
+    UpstreamErrorBody,
+    non_negative_int,
+    optional_str,
+    optional_total_tokens,
+    parse_message_error,
+    parse_results,
+    score_shape,
+)
+from rerank_service.core.domain import BackendRequest
+from rerank_service.core.qwen3_prompt import upstream_documents, upstream_query
+
+
+class Cohere:
+    name = "cohere"
+    path = "/v1/rerank"
+    documents_per_call = 1000
+
+    def __init__(self, options: DialectOptions | None = None) -> None:
+        options = options or DialectOptions()
+        self._template = options.prompt_template == "qwen3"
+        self.honours_instruct = self._template
+        self._shape = score_shape(options, "results", "relevance_score")
+
+    def build_body(self, request: BackendRequest) -> dict[str, Any]:
+        if self._template:
+            query, documents = (
+                upstream_query(request.query, request.instruct),
+                upstream_documents(request.documents),
+            )
+        else:
+            query, documents = request.query, request.documents
+        body: dict[str, Any] = {
+            "model": request.model,
+            "query": query,
+            "documents": documents,
+            "return_documents": False,
+        }
+        if request.top_n is not None:
+            body["top_n"] = request.top_n
+        return body
+
+    def parse_answer(self, body: Any, request: BackendRequest) -> UpstreamAnswer:
+        if not isinstance(body, dict):
+            raise MalformedResponse("the body is not a JSON object")
+        return UpstreamAnswer(
+            scores=parse_results(body.get("results"), request, self._shape),
+            total_tokens=_total_tokens(body),
+            request_id=optional_str(body.get("id")),
+        )
+
+    def parse_error(self, body: Any) -> UpstreamErrorBody:
+        return parse_message_error(body)
+
+
+def _total_tokens(body: dict[str, Any]) -> int | None:
+    """`usage.total_tokens` (vLLM, Jina, Infinity), else Cohere's billed input tokens, else none."""
+    tokens = optional_total_tokens(body.get("usage"))
+    if tokens is not None:
+        return tokens
+    meta = body.get("meta")
+    billed = meta.get("billed_units") if isinstance(meta, dict) else None
+    billed_tokens = billed.get("input_tokens") if isinstance(billed, dict) else None
+    if billed_tokens is None:
+        return None  # Cohere bills search units, not tokens
+    return non_negative_int(billed_tokens, "meta.billed_units.input_tokens")
