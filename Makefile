@@ -7,7 +7,7 @@ BUF := .ci/tools/node_modules/.bin/buf
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 PY_STUBS := clients/python/src
 
-.PHONY: install install-upstream install-dev bench bench-local bench-streaming bench-reliability bench-perf serve test lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
+.PHONY: install install-upstream install-dev infinity bench bench-local bench-streaming bench-reliability bench-perf serve test lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,16 @@ install-upstream: $(VENV)/bin/python
 ## install-dev: the server, stubs (editable), the local backend and every test and lint tool
 install-dev: $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e ./clients/python -e '.[dev,local]'
+
+## infinity: a real Infinity server (infinity-emb, its own PyTorch) in .venv-infinity, apart from the
+## service's pins, for tests/integration/test_real_upstreams.py; installed once (a stamp), again when its pins change
+INFINITY_VENV := .venv-infinity
+INFINITY_REQUIREMENTS := tests/support/infinity/requirements.txt
+infinity: $(INFINITY_VENV)/.installed
+$(INFINITY_VENV)/.installed: $(INFINITY_REQUIREMENTS)
+	$(PYTHON) -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/python -m pip install --quiet -r $(INFINITY_REQUIREMENTS)
+	touch $@
 
 ## serve: install and start the server on its defaults
 serve: install
@@ -73,7 +83,7 @@ docs: install-dev
 	$(PY) -m rerank_service.config.reference > docs/CONFIGURATION.md
 
 ## test: install everything and run every check and test
-test: install-dev buf-lint buf-breaking check-generated lint typecheck
+test: install-dev infinity buf-lint buf-breaking check-generated lint typecheck
 	$(VENV)/bin/pytest
 
 ## bench-local: the local backend against the direct model, micro-batching on against off
@@ -100,4 +110,4 @@ bench-perf: install-dev
 bench: bench-local bench-streaming bench-reliability bench-perf
 
 clean:
-	rm -rf $(VENV) .ci/tools/node_modules .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(INFINITY_VENV) .ci/tools/node_modules .mypy_cache .pytest_cache .ruff_cache
