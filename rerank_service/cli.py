@@ -189,8 +189,9 @@ def _models(args: argparse.Namespace) -> int:
             return _print_rpc_error(exc)
     for model in response.models:
         instruct = "honours instruct" if model.supports_instruct else "ignores instruct"
+        upstream = f"  format={model.format}  upstream={model.upstream_url}" if model.format else ""
         print(
-            f"{model.name}  backend={model.backend}  max_documents={model.max_documents}  "
+            f"{model.name}  backend={model.backend}{upstream}  max_documents={model.max_documents}  "
             f"max_query_tokens={model.max_query_tokens}  {instruct}"
         )
     return 0

@@ -86,6 +86,7 @@ def test_serve_then_rerank_models_and_health_from_the_command_line(upstream: Fak
     assert models.returncode == 0
     assert "qwen3-rerank" in models.stdout
     assert "max_documents=10000" in models.stdout
+    assert f"format=dashscope  upstream={upstream.url}" in models.stdout
 
     assert health.returncode == 0
     assert health.stdout.strip() == "SERVING"
