@@ -12,6 +12,10 @@ import grpc
 
 from rerank_service.config.secret import Secret
 
+# The contract's usage.total_tokens is an int32: counts are checked (upstream) or capped
+# (a sum over chunks) to it.
+MAX_TOKENS = 2**31 - 1
+
 # The hosted API's default task, used when a request carries no instruct.
 DEFAULT_INSTRUCT = "Given a web search query, retrieve relevant passages that answer the query."
 

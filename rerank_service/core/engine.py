@@ -16,6 +16,7 @@ from operator import attrgetter
 from rerank_service.core.backend import Backend
 from rerank_service.core.chunking import split
 from rerank_service.core.domain import (
+    MAX_TOKENS,
     BackendRequest,
     BackendResult,
     CallContext,
@@ -190,7 +191,8 @@ def merge(results: list[BackendResult], chunks: list[range]) -> BackendResult:
         else:
             offset = chunk.start
             scores.extend(ScoredDocument(offset + scored.index, scored.score) for scored in result.scores)
-    return BackendResult(scores=scores, total_tokens=sum(result.total_tokens for result in results))
+    total = sum(result.total_tokens for result in results)
+    return BackendResult(scores=scores, total_tokens=min(total, MAX_TOKENS))
 
 
 def rank(result: BackendResult, request: RerankRequest) -> list[RankedDocument]:

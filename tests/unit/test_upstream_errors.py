@@ -292,11 +292,11 @@ def test_a_body_that_cannot_be_decoded_is_a_bad_response_saying_why() -> None:
 
 
 def test_not_json_is_unavailable_and_names_the_content_type() -> None:
-    error = errors.not_json(200, "text/html")
+    error = errors.not_json(200, "text/html", [])
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert error.reason == "UPSTREAM_BAD_RESPONSE"
     assert "text/html" in error.message
-    assert "none" in errors.not_json(200, None).message
+    assert "none" in errors.not_json(200, None, []).message
 
 
 def test_malformed_is_internal_and_keeps_the_request_id() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import time
@@ -25,9 +26,10 @@ from rerank_service.backends.upstream.dialect import (
 )
 from rerank_service.backends.upstream.http.connections import check_connection_settings
 from rerank_service.backends.upstream.http.transport import UpstreamReply, UpstreamTransport
+from rerank_service.backends.upstream.request_ids import checked_request_id
 from rerank_service.backends.upstream.retry import RetryPolicy, judge
 from rerank_service.config import Settings
-from rerank_service.config.secret import Secret
+from rerank_service.config.secret import Secret, redact
 from rerank_service.core.chunking import CallLimits, estimate_tokens
 from rerank_service.core.domain import (
     BackendRequest,
@@ -214,11 +216,12 @@ class UpstreamBackend:
                 answer = await self._attempt(request, body, token, context, spans)
                 outcome = Outcome.SUCCESS
                 timings = Timings(upstream_spans=tuple(spans))
+                request_id = checked_request_id(answer.request_id, self._secrets_of(token))
                 if answer.total_tokens is None:  # a format without usage: the service counts
                     return BackendResult(
-                        answer.scores, _estimated_tokens(request), answer.request_id, timings, "estimate"
+                        answer.scores, _estimated_tokens(request), request_id, timings, "estimate"
                     )
-                return BackendResult(answer.scores, answer.total_tokens, answer.request_id, timings)
+                return BackendResult(answer.scores, answer.total_tokens, request_id, timings)
             except ServiceError as error:
                 error.timings = Timings(upstream_spans=tuple(spans))
                 verdict = judge(error, context.deadline is not None and time.monotonic() >= context.deadline)
@@ -260,21 +263,28 @@ class UpstreamBackend:
         finally:
             spans.append((started, time.perf_counter()))
         decoded = _decode_json(reply)
+        secrets = self._secrets_of(token)
         if not 200 <= reply.status < 300:
+            said = self._dialect.parse_error(decoded)
             raise errors.from_http_status(
                 reply.status,
-                self._dialect.parse_error(decoded),
+                dataclasses.replace(said, request_id=checked_request_id(said.request_id, secrets)),
                 reply.headers.get("retry-after"),
                 self._pass_through,
-                self._secrets + ([token] if token is not None else []),
+                secrets,
             )
         if decoded is _NOT_JSON:
-            raise errors.not_json(reply.status, reply.headers.get("content-type"))
+            raise errors.not_json(reply.status, reply.headers.get("content-type"), secrets)
         try:
             return self._dialect.parse_answer(decoded, request)
         except MalformedResponse as exc:
-            request_id = self._dialect.parse_error(decoded).request_id
-            raise errors.malformed(str(exc), request_id) from None
+            request_id = checked_request_id(self._dialect.parse_error(decoded).request_id, secrets)
+            raise errors.malformed(redact(str(exc), secrets), request_id) from None
+
+    def _secrets_of(self, token: Secret | None) -> list[Secret]:
+        """What must never reach a caller from an upstream's answer: every configured key
+        and this call's own credential (a caller's pass-through token included)."""
+        return self._secrets if token is None or token in self._secrets else [*self._secrets, token]
 
     def _credentials(self, context: CallContext) -> Secret | None:
         if not self._pass_through:

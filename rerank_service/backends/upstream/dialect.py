@@ -9,7 +9,7 @@ from itertools import repeat
 from operator import add, itemgetter, neg, truediv
 from typing import Any, Literal, Protocol
 
-from rerank_service.core.domain import BackendRequest, ScoredDocument
+from rerank_service.core.domain import MAX_TOKENS, BackendRequest, ScoredDocument
 
 
 class MalformedResponse(Exception):
@@ -208,11 +208,11 @@ def _sigmoid(x: float) -> float:
 
 
 def parse_total_tokens(usage: Any) -> int:
-    """`usage.total_tokens` as a non-negative int."""
+    """`usage.total_tokens` as a non-negative int32."""
     tokens = usage.get("total_tokens") if isinstance(usage, dict) else None
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+    if tokens is None:
         raise MalformedResponse("'usage.total_tokens' is missing or not a non-negative integer")
-    return tokens
+    return non_negative_int(tokens, "usage.total_tokens")
 
 
 def optional_str(value: Any) -> str | None:
@@ -236,12 +236,14 @@ def parse_error_body(body: Any) -> UpstreamErrorBody:
 
 
 def non_negative_int(value: Any, where: str) -> int:
-    """A token count: a non-negative integer (a float with an integral value, as some
-    servers send counts, is taken as that integer)."""
+    """A token count: a non-negative integer that fits the contract's int32 (a float with an
+    integral value, as some servers send counts, is taken as that integer)."""
     if isinstance(value, float) and value.is_integer() and value >= 0:
-        return int(value)
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise MalformedResponse(f"'{where}' is not a non-negative integer")
+    if value > MAX_TOKENS:
+        raise MalformedResponse(f"'{where}' is {value}, more than the contract's int32 holds")
     return value
 
 

@@ -124,10 +124,12 @@ def timed_out(by_caller_deadline: bool) -> ServiceError:
     )
 
 
-def not_json(status: int, content_type: str | None) -> ServiceError:
+def not_json(status: int, content_type: str | None, secrets: list[Secret]) -> ServiceError:
+    # The content type is the upstream's text too: a reflecting proxy may put a key in it.
+    shown = _clean(content_type, secrets) if content_type else "none"
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
-        f"upstream answered {status} with a body that is not JSON (content-type {content_type or 'none'})",
+        f"upstream answered {status} with a body that is not JSON (content-type {shown})",
         reason="UPSTREAM_BAD_RESPONSE",
     )
 
