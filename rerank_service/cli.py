@@ -67,7 +67,18 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", default="localhost:50051", help="server address (default localhost:50051)"
     )
-    parser.add_argument("--api-key", default=None, help="bearer key to send (default: env RERANK_API_KEY)")
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help="file holding the bearer key to send (default: env RERANK_API_KEY)",
+    )
+    keys.add_argument(
+        "--api-key",
+        default=None,
+        help="bearer key to send; it shows in `ps`: prefer RERANK_API_KEY or --api-key-file",
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
     tls = parser.add_argument_group("TLS (default: plaintext)")
     tls.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA certificates")
@@ -121,8 +132,24 @@ def _serve(args: argparse.Namespace) -> int:
 def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str | bytes], ...]:
     import os
 
-    key = args.api_key or os.environ.get("RERANK_API_KEY")
+    if args.api_key:
+        # Every user of the machine can read a process's arguments.
+        print("rerank-service: warning: --api-key shows the key in `ps`; use RERANK_API_KEY "
+              "or --api-key-file", file=sys.stderr)  # fmt: skip
+    key = args.api_key or _read_key_file(args.api_key_file) or os.environ.get("RERANK_API_KEY")
     return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+def _read_key_file(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"api-key-file {path}: cannot read it ({exc.strerror or exc})") from None
+    if not key:
+        raise ConfigError(f"api-key-file {path} holds no key")
+    return key
 
 
 def _rerank(args: argparse.Namespace) -> int:
@@ -133,16 +160,17 @@ def _rerank(args: argparse.Namespace) -> int:
         request.top_n = args.top_n
     if args.instruct is not None:
         request.instruct = args.instruct
+    metadata = _metadata(args)
     with _channel(args) as channel:
         stub = rerank_pb2_grpc.RerankServiceStub(channel)
         try:
             if args.model is None:  # the server knows what it serves: take its first model
                 listed = stub.ListModels(
-                    rerank_pb2.ListModelsRequest(), metadata=_metadata(args), timeout=args.timeout
+                    rerank_pb2.ListModelsRequest(), metadata=metadata, timeout=args.timeout
                 )
                 args.model = listed.models[0].name if listed.models else ""
             request.model = args.model
-            response = stub.Rerank(request, metadata=_metadata(args), timeout=args.timeout)
+            response = stub.Rerank(request, metadata=metadata, timeout=args.timeout)
         except grpc.RpcError as exc:
             return _print_rpc_error(exc)
     if args.json:

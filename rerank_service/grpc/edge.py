@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2
 
-from rerank_service.core.domain import NO_TIMINGS, RerankOutcome, ServiceError, Timings
+from rerank_service.core.domain import NO_TIMINGS, RerankOutcome, ServiceError, Timings, echo
 from rerank_service.grpc.admission import Admission
 from rerank_service.grpc.auth import KeyChecker, bearer_token
 from rerank_service.grpc.status import (
@@ -397,7 +397,7 @@ def log_call(
     if facts.items is not None:
         extra["items"] = facts.items
     if facts.item_id is not None:
-        extra["item_id"] = facts.item_id
+        extra["item_id"] = echo(facts.item_id)
     # Where the time went; the same numbers a unary answer carries as x-*-time metadata.
     timings = facts.timings
     if timings.queue_seconds:
@@ -421,6 +421,8 @@ def log_call(
         documents=facts.documents,
         total_tokens=facts.total_tokens,
         request_id=facts.request_id,
-        model=facts.model,
+        # Caller-controlled strings are cut (core/domain.py's echo): an 8 MB model name
+        # must not become an 8 MB log line.
+        model=None if facts.model is None else echo(facts.model),
         **extra,
     )

@@ -147,3 +147,21 @@ def test_serve_with_an_unreadable_upstream_ca_file_exits_2_before_listening(tmp_
     assert line.startswith("rerank-service: configuration error: upstream-ca-file")
     assert str(missing) in line
     assert "listening" not in result.stderr
+
+
+def test_a_key_from_a_file_is_sent_and_a_key_flag_is_warned_about(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(f"{CALLER_KEY}\n", encoding="utf-8")
+    with ServiceProcess(
+        ["--backend", "upstream", "--upstream-url", upstream.url],
+        env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY, "RERANK_API_KEYS": CALLER_KEY},
+    ) as service:
+        from_file = run_cli("models", "--target", service.target, "--api-key-file", str(key_file))
+        from_flag = run_cli("models", "--target", service.target, "--api-key", CALLER_KEY)
+
+    assert from_file.returncode == 0, from_file.stderr
+    assert "warning" not in from_file.stderr
+    assert from_flag.returncode == 0
+    assert "--api-key shows the key in `ps`" in from_flag.stderr

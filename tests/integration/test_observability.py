@@ -450,3 +450,17 @@ def test_the_local_backend_reports_inference_and_queue_time(local: ServerThread,
             },
         )
     )
+
+
+def test_caller_controlled_strings_are_cut_in_the_access_log(server: ServerThread, logs: LogCapture) -> None:
+    huge = "m" * 1_000_000
+    expect_error(lambda: server.stub.Rerank(request(model=huge), timeout=10))
+    item = rerank_pb2.RerankStreamRequest(id="i" * 1_000_000, request=request())
+    list(server.stub.RerankStream(iter([item]), timeout=10))
+
+    lines = [event for event in logs.events() if event.get("event") == "call"]
+    assert len(lines) == 2
+    assert all(len(str(line)) < 2_000 for line in lines)
+    assert lines[0]["model"].startswith("mmmm")
+    assert len(lines[0]["model"]) <= 64
+    assert len(lines[1]["item_id"]) <= 64

@@ -35,10 +35,12 @@ class Issued:
     key_pem: bytes
 
     def write(self, directory: Path, name: str) -> tuple[Path, Path]:
-        """Write `NAME.pem` and `NAME-key.pem`; return their paths (certificate, key)."""
+        """Write `NAME.pem` and `NAME-key.pem` (readable by its owner only, as a key should
+        be); return their paths (certificate, key)."""
         cert_path, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
         cert_path.write_bytes(self.cert_pem)
         key_path.write_bytes(self.key_pem)
+        key_path.chmod(0o600)
         return cert_path, key_path
 
 

@@ -11,6 +11,7 @@ import pytest
 from rerank_service.config import ConfigError, Settings
 from rerank_service.grpc.tls import server_credentials, tls_mode
 from tests.support.certs import CertificateAuthority
+from tests.support.logs import LogCapture
 from tests.support.process import run_cli
 
 
@@ -135,3 +136,24 @@ def test_a_client_certificate_without_its_key_exits_2(files: Files) -> None:
 
     assert result.returncode == 2
     assert "tls-cert and tls-key go together" in result.stderr
+
+
+def test_a_private_key_others_can_read_is_warned_about_at_start(tmp_path: Path, logs: LogCapture) -> None:
+    cert, key = CertificateAuthority().issue_server().write(tmp_path, "server")
+    key.chmod(0o644)
+
+    server_credentials(tls_settings(cert, key))
+
+    [warning] = [event for event in logs.events() if event.get("event") == "tls key readable by others"]
+    assert warning["level"] == "warning"
+    assert warning["mode"] == "0o644"
+    assert warning["fix"] == f"chmod 600 {key}"
+
+
+def test_a_private_key_only_its_owner_reads_starts_without_a_word(tmp_path: Path, logs: LogCapture) -> None:
+    cert, key = CertificateAuthority().issue_server().write(tmp_path, "server")
+    key.chmod(0o600)
+
+    server_credentials(tls_settings(cert, key))
+
+    assert not [event for event in logs.events() if event.get("event") == "tls key readable by others"]
