@@ -327,6 +327,11 @@ class Settings:
         description="most estimated tokens in one upstream call (query x documents + documents)",
     )
     chunk_concurrency: Count = Field(default=8, description="chunks of one split call sent upstream at once")
+    stream_idle_timeout: Seconds = Field(
+        default=60.0,
+        description="seconds a RerankStream may go without sending an item while none of its items "
+        "is in flight; then it ends with DEADLINE_EXCEEDED (STREAM_IDLE)",
+    )
     stream_concurrency: Count = Field(
         default=32,
         description="items of one RerankStream processed at once; reading pauses while the window is full",

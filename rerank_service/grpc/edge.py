@@ -22,8 +22,9 @@ are calls of their own: `ItemEdge` names, times and records each one.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -118,9 +119,16 @@ _HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[
 
 
 class RerankServiceEdge:
-    def __init__(self, admission: Admission, checker: KeyChecker, backend_time_key: str) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        checker: KeyChecker,
+        backend_time_key: str,
+        stream_idle_timeout: float = 60.0,
+    ) -> None:
         self._admission = admission
         self._checker = checker
+        self._stream_idle_timeout = stream_idle_timeout
         # x-inference-time for a local backend, x-upstream-time for an upstream one.
         self._backend_time_key = backend_time_key
 
@@ -233,17 +241,16 @@ class RerankServiceEdge:
             # Read now: after the call has ended (a deadline, a cancel) grpc's context is gone.
             peer = context.peer()
             measured.started()
-            items = 0
             code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # unless it gets further
             details: str | None = None
-            admitted = False
+            # A stream takes its admission slot with its first item, not when it opens: a
+            # stream that sends nothing holds nothing (the idle timeout ends it meanwhile).
+            items = _StreamItems(requests, self._admission, self._stream_idle_timeout)
             try:
                 try:
-                    self._admission.enter()
-                    admitted = True
-                    self._authenticate(context)
-                    async for response in behavior(_refuse_undecodable(requests), context):
-                        items += 1
+                    self._authenticate(context)  # before reading anything the caller sent
+                    async for response in behavior(items, context):
+                        items.answered()
                         yield response
                 except ServiceError as error:
                     code, details = error.code, error.message
@@ -255,11 +262,10 @@ class RerankServiceEdge:
                     await context.abort(bug.code, bug.message, error_metadata(bug, request_id))
                 code = grpc.StatusCode.OK
             finally:
-                if admitted:
-                    self._admission.release()
+                items.close()
                 seconds = time.perf_counter() - started
                 measured.finished(code, seconds, None, None)
-                facts = CallFacts(path, peer, request_id, items=items)
+                facts = CallFacts(path, peer, request_id, items=items.sent)
                 log_call(facts, code, seconds, details, event="stream")
 
         return stream
@@ -335,12 +341,75 @@ class ItemEdge:
         return new_request_id()
 
 
-async def _refuse_undecodable(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """The stream's requests; one that does not parse ends the call with INVALID_ARGUMENT."""
-    async for request in requests:
+class _StreamItems:
+    """A RerankStream's requests as the servicer reads them, with the edge's rules:
+
+    - the stream's admission slot is taken with its first item (and given back at the end);
+    - a request that does not parse ends the stream with INVALID_ARGUMENT;
+    - while none of its items is in flight (every item read has been answered), the
+      stream must send its next item within the idle timeout, or it ends with
+      DEADLINE_EXCEEDED `STREAM_IDLE`: an idle stream holds no slot and no task for long.
+    """
+
+    def __init__(self, requests: AsyncIterable[Any], admission: Admission, idle_timeout: float) -> None:
+        # Iterated only when the servicer first reads: grpc makes its receiver coroutine
+        # then, and a stream refused before any read must not leave one unawaited.
+        self._source = requests
+        self._requests: AsyncIterator[Any] | None = None
+        self._admission = admission
+        self._idle_timeout = idle_timeout
+        self._admitted = False
+        self.received = 0
+        self.sent = 0
+        self._last_activity = time.monotonic()
+
+    def answered(self) -> None:
+        self.sent += 1
+        self._last_activity = time.monotonic()
+
+    def close(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self._admission.release()
+
+    def __aiter__(self) -> _StreamItems:
+        return self
+
+    async def __anext__(self) -> Any:
+        request = await self._next_or_idle()
         if request is _UNDECODABLE:
             raise _undecodable()
-        yield request
+        if not self._admitted:
+            self._admission.enter()
+            self._admitted = True
+        self.received += 1
+        self._last_activity = time.monotonic()
+        return request
+
+    async def _next_or_idle(self) -> Any:
+        if self._requests is None:
+            self._requests = self._source.__aiter__()
+        read: asyncio.Future[Any] = asyncio.ensure_future(anext(self._requests))
+        try:
+            while True:
+                # Items in flight will be answered: wait a whole timeout, then look again.
+                # None in flight: what is left of the timeout since the last item or answer.
+                idle_for = time.monotonic() - self._last_activity
+                busy = self.received > self.sent
+                wait = self._idle_timeout if busy else self._idle_timeout - idle_for
+                if wait <= 0:
+                    raise ServiceError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"the stream sent no item for {self._idle_timeout:g} s with none in flight "
+                        "(--stream-idle-timeout)",
+                        reason="STREAM_IDLE",
+                    )
+                done, _ = await asyncio.wait({read}, timeout=wait)
+                if done:
+                    return read.result()  # StopAsyncIteration ends the iteration
+        finally:
+            if not read.done():
+                read.cancel()
 
 
 def _message_class(messages: Any, name: str) -> type[Message]:

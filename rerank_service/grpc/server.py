@@ -61,6 +61,7 @@ class RerankServer:
             KeyChecker(settings.api_keys),
             # A local backend's time is the model's; any other backend's is the upstream's.
             INFERENCE_TIME_KEY if local else UPSTREAM_TIME_KEY,
+            stream_idle_timeout=settings.stream_idle_timeout,
         )
         self._server = grpc.aio.server(options=channel_options(settings))
         self._health_watch: asyncio.Task[None] | None = None

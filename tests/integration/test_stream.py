@@ -6,6 +6,7 @@ import queue
 import random
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 from rerank.v1 import rerank_pb2
@@ -248,3 +249,53 @@ def test_each_item_and_the_stream_are_logged(
     assert stream["code"] == "OK"
     assert stream["items"] == 2
     assert stream["method"] == "/rerank.v1.RerankService/RerankStream"
+
+
+# --- streams that send nothing ---
+
+
+def _open_silent_streams(server: ServerThread, count: int) -> list[Any]:
+    """`count` RerankStreams that are opened and then send nothing (until cancelled)."""
+    silence: queue.Queue[rerank_pb2.RerankStreamRequest] = queue.Queue()
+
+    def never() -> Iterator[rerank_pb2.RerankStreamRequest]:
+        yield silence.get()  # blocks: the stream stays open without an item
+
+    # Each is a grpc.Call as well as an iterator of answers.
+    return [server.stub.RerankStream(never(), timeout=30) for _ in range(count)]
+
+
+def test_streams_that_send_nothing_hold_no_admission_slot(serve: ServerFactory) -> None:
+    with serve(max_concurrent_requests=2) as server:
+        silent = _open_silent_streams(server, 3)
+        time.sleep(0.3)  # the streams are open on the server
+        try:
+            answer = server.stub.Rerank(request(), timeout=10)
+        finally:
+            for call in silent:
+                call.cancel()
+
+    assert len(answer.output.results) == len(request().documents)
+
+
+def test_a_stream_idle_past_the_timeout_ends_with_stream_idle(serve: ServerFactory) -> None:
+    with serve(stream_idle_timeout=0.5) as server:
+        started = time.monotonic()
+        [stream] = _open_silent_streams(server, 1)
+        error = expect_error(lambda: list(stream))
+        waited = time.monotonic() - started
+
+    assert code_of(error) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "stream-idle-timeout" in (error.details() or "")
+    assert 0.4 < waited < 5
+
+
+def test_a_stream_whose_item_runs_longer_than_the_idle_timeout_is_not_idle(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    upstream.inject(Fault(delay=1.2))
+    with serve(stream_idle_timeout=0.5) as server:
+        answers = list(server.stub.RerankStream(iter([item("slow")]), timeout=10))
+
+    assert [answer.id for answer in answers] == ["slow"]
+    assert answers[0].WhichOneof("result") == "response"
