@@ -351,6 +351,12 @@ class Settings:
         description="RerankService calls in flight at once (a stream counts as one); past it "
         "RESOURCE_EXHAUSTED",
     )
+    max_streams_per_connection: Count = Field(
+        default=256,
+        description="calls one client connection may have in flight at once (HTTP/2 "
+        "MAX_CONCURRENT_STREAMS); a client queues the rest. Bounds what one connection can "
+        "make the server hold",
+    )
     max_message_bytes: Count = Field(
         default=16 * 1024 * 1024,
         description="largest request or response message; larger ones get RESOURCE_EXHAUSTED",

@@ -109,6 +109,39 @@ def _undecodable() -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
 
 
+class _Routes(grpc.GenericRpcHandler):
+    """RerankService's methods by path; a call without an accepted key gets the refusal
+    handler of its method instead, chosen from the metadata alone."""
+
+    def __init__(
+        self,
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]],
+        refusals: dict[tuple[str, bool], grpc.RpcMethodHandler[Any, Any]],
+        checker: KeyChecker,
+    ) -> None:
+        self._handlers = handlers
+        self._refusals = refusals
+        self._checker = checker
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self._handlers.get(handler_call_details.method)
+        if handler is None or not self._checker.enabled:
+            return handler
+        token = bearer_token(handler_call_details.invocation_metadata)
+        if self._checker.accepts(token):
+            return handler
+        return self._refusals[handler_call_details.method, token is None]
+
+
+def _unauthenticated(missing: bool) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "missing 'authorization: Bearer <key>' metadata" if missing else "the bearer key is not accepted",
+    )
+
+
 # (client streaming, server streaming) → grpc's handler for that shape.
 _HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -135,6 +168,7 @@ class RerankServiceEdge:
     def handler(self, servicer: object) -> grpc.GenericRpcHandler:
         """grpc's handler for every RerankService method of `servicer`, each behind the edge."""
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        refusals: dict[tuple[str, bool], grpc.RpcMethodHandler[Any, Any]] = {}
         messages = rerank_pb2.DESCRIPTOR.message_types_by_name
         for method in SERVICE.methods:
             if method.client_streaming and not method.server_streaming:
@@ -146,25 +180,32 @@ class RerankServiceEdge:
             serialize = _message_class(messages, method.output_type.name).SerializeToString
             wrapped = self._stream(path, behavior) if method.server_streaming else self._unary(path, behavior)
             factory = _HANDLER_FACTORIES[method.client_streaming, method.server_streaming]
-            handlers[method.name] = factory(
-                wrapped, request_deserializer=parse, response_serializer=serialize
-            )
-        return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
-
-    def _authenticate(self, context: ServicerContext[Any, Any]) -> None:
-        if self._checker.enabled:
-            token = bearer_token(context.invocation_metadata())
-            if not self._checker.accepts(token):
-                raise ServiceError(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "missing 'authorization: Bearer <key>' metadata"
-                    if token is None
-                    else "the bearer key is not accepted",
+            handlers[path] = factory(wrapped, request_deserializer=parse, response_serializer=serialize)
+            # A call without an accepted key is refused before its message is read: as a
+            # client-streaming handler that never reads, grpc neither buffers nor parses
+            # the body (a 15 MB request without a key costs nothing). Logged and counted
+            # like any call.
+            for missing in (True, False):
+                refusal = _unauthenticated(missing)
+                refusing = (
+                    self._stream(path, behavior, refusal)
+                    if method.server_streaming
+                    else self._unary(path, behavior, refusal)
                 )
+                factory = _HANDLER_FACTORIES[True, method.server_streaming]
+                refusals[path, missing] = factory(
+                    refusing, request_deserializer=parse, response_serializer=serialize
+                )
+        return _Routes(handlers, refusals, self._checker)
 
     def _unary(
-        self, path: str, behavior: Callable[[Any, ServicerContext[Any, Any]], Awaitable[Answer[Any]]]
+        self,
+        path: str,
+        behavior: Callable[[Any, ServicerContext[Any, Any]], Awaitable[Answer[Any]]],
+        refusal: ServiceError | None = None,
     ) -> Callable[[Any, ServicerContext[Any, Any]], Awaitable[Any]]:
+        """The edge around one unary method; with `refusal`, every call is refused with it,
+        logged and counted, without running the method or reading the request."""
         measured = metrics.for_method(path)
 
         async def call(request: Any, context: ServicerContext[Any, Any]) -> Any:
@@ -184,10 +225,10 @@ class RerankServiceEdge:
             admitted = ran = False
             try:
                 try:
-                    # Admission first: cheap, and it bounds floods of bad keys too.
+                    if refusal is not None:  # the key, checked before routing (_Routes)
+                        raise refusal
                     self._admission.enter()
                     admitted = True
-                    self._authenticate(context)
                     if request is _UNDECODABLE:
                         raise _undecodable()
                     # Only calls let through say what they asked for (a refusal's log line
@@ -228,8 +269,12 @@ class RerankServiceEdge:
         return call
 
     def _stream(
-        self, path: str, behavior: Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]]
+        self,
+        path: str,
+        behavior: Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]],
+        refusal: ServiceError | None = None,
     ) -> Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]]:
+        """The edge around one streaming method; `refusal` as for `_unary`."""
         measured = metrics.for_method(path)
 
         async def stream(requests: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
@@ -248,7 +293,8 @@ class RerankServiceEdge:
             items = _StreamItems(requests, self._admission, self._stream_idle_timeout)
             try:
                 try:
-                    self._authenticate(context)  # before reading anything the caller sent
+                    if refusal is not None:  # the key, checked before routing (_Routes)
+                        raise refusal
                     async for response in behavior(items, context):
                         items.answered()
                         yield response

@@ -158,6 +158,9 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # grpc advertises ~2^32 streams per connection by default: one connection could
+        # open tens of thousands of calls, each holding memory before it is authenticated.
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
         ("grpc.keepalive_time_ms", round(settings.keepalive_time * 1000)),
         ("grpc.keepalive_timeout_ms", round(settings.keepalive_timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),

@@ -11,13 +11,15 @@ answering SERVING, memory must stay flat, and the next call must succeed at once
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
+from rerank_service.config.secret import Secret
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
-from tests.conftest import UPSTREAM_KEY, ServerFactory
+from tests.conftest import CALLER_KEY, UPSTREAM_KEY, ServerFactory
 from tests.support.fault_scenarios import (
     OVERLOAD_FLAGS,
     OVERLOAD_LATENCY,
@@ -95,3 +97,31 @@ def test_a_refused_call_carries_the_request_id_of_its_log_line(
     assert code_of(refused) == grpc.StatusCode.RESOURCE_EXHAUSTED
     [line] = [call for call in logs.wait_for_calls(2) if call["code"] == "RESOURCE_EXHAUSTED"]
     assert trailing(refused)["x-request-id"] == line["request_id"]
+
+
+def test_one_connection_has_at_most_max_streams_per_connection_calls_in_flight(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    with serve(max_streams_per_connection=2) as server:
+        server.stub.Rerank(request(), timeout=10)  # the client has the server's HTTP/2 settings now
+        upstream.always(Fault(delay=0.4))
+        started = time.monotonic()
+        calls = [server.stub.Rerank.future(request(), timeout=10) for _ in range(4)]
+        answers = [call.result() for call in calls]
+        elapsed = time.monotonic() - started
+
+    assert all(len(answer.output.results) == len(request().documents) for answer in answers)
+    # Two at a time on the one connection: two rounds of 0.4 s, not one.
+    assert elapsed >= 0.75
+
+
+def test_a_large_call_without_a_key_is_refused_unauthenticated(serve: ServerFactory) -> None:
+    huge = request(documents=["x" * 1000] * 10_000)  # about 10 MB
+    with serve(api_keys=(Secret(CALLER_KEY),), max_message_bytes=32 * 1024 * 1024) as server:
+        error = expect_error(lambda: server.stub.Rerank(huge, timeout=10))
+        answer = server.stub.Rerank(
+            request(), metadata=(("authorization", f"Bearer {CALLER_KEY}"),), timeout=10
+        )
+
+    assert code_of(error) == grpc.StatusCode.UNAUTHENTICATED
+    assert len(answer.output.results) == len(request().documents)

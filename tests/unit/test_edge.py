@@ -10,6 +10,7 @@ import grpc
 import pytest
 from rerank.v1 import rerank_pb2
 
+from rerank_service.config.secret import Secret
 from rerank_service.grpc.admission import Admission
 from rerank_service.grpc.auth import KeyChecker
 from rerank_service.grpc.edge import SERVICE, RerankServiceEdge
@@ -17,9 +18,9 @@ from rerank_service.grpc.status import UPSTREAM_TIME_KEY
 
 
 class _Details(grpc.HandlerCallDetails):
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
         self.method = method
-        self.invocation_metadata: tuple[tuple[str, str | bytes], ...] = ()
+        self.invocation_metadata = metadata
 
 
 class _EveryMethod:
@@ -77,3 +78,22 @@ def test_a_message_that_does_not_parse_is_handed_on_as_undecodable_not_raised() 
 
 def test_methods_outside_the_contract_are_left_to_grpc() -> None:
     assert _edge().handler(_EveryMethod()).service(_Details("/rerank.v1.RerankService/Nope")) is None
+
+
+def test_a_call_without_an_accepted_key_is_routed_to_a_refusal_that_reads_nothing() -> None:
+    edge = RerankServiceEdge(Admission(4), KeyChecker([Secret("caller-key-abcdef")]), UPSTREAM_TIME_KEY)
+    routes = edge.handler(_EveryMethod())
+    rerank = f"/{SERVICE.full_name}/Rerank"
+
+    keyless = routes.service(_Details(rerank))
+    wrong = routes.service(_Details(rerank, (("authorization", "Bearer nope"),)))
+    accepted = routes.service(_Details(rerank, (("authorization", "Bearer caller-key-abcdef"),)))
+
+    assert keyless is not None
+    assert wrong is not None
+    assert accepted is not None
+    # Client streaming: grpc hands the refusal an iterator it never reads, so the request
+    # body is neither buffered whole nor parsed.
+    assert keyless.request_streaming
+    assert wrong.request_streaming
+    assert not accepted.request_streaming
