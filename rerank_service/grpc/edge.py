@@ -1,13 +1,16 @@
 """The edge of every RerankService call: where it is named, admitted, authenticated,
 answered or refused with a status, and recorded once.
 
-`RerankServiceEdge.handler` registers the service's methods with grpc, each wrapped
-in the same steps, in this order:
+`RerankServiceEdge.handler` registers the service's methods with grpc. Authentication
+(auth.py) comes first, from the metadata alone, when grpc routes the call: a call
+without an accepted key goes to a refusal that never reads its request. Every call
+then goes through the same steps, in this order:
 
 1. make the call's request id and bind it (observability/request_id.py): every log
    line of the call carries it;
-2. admission (admission.py): past the bound, RESOURCE_EXHAUSTED at once;
-3. authentication (auth.py): UNAUTHENTICATED without an accepted key;
+2. the refusal, for a call without an accepted key: UNAUTHENTICATED;
+3. admission (admission.py): past the bound, RESOURCE_EXHAUSTED at once (a stream
+   takes its slot with its first item, and ends when idle: `_StreamItems`);
 4. the servicer's method, which returns an `Answer`: the message and the domain
    outcome it came from (tokens, upstream ids, timings), or raises a ServiceError
    that carries the same facts;
