@@ -49,3 +49,9 @@ def upstream_document(document: str) -> str:
 def upstream_documents(documents: Sequence[str]) -> list[str]:
     """`upstream_document` of each document, in order."""
     return list(map(_DOCUMENT, documents))
+
+
+def upstream_strings(query: str, documents: Sequence[str], instruct: str | None) -> tuple[str, list[str]]:
+    """The query and document strings an upstream serving Qwen3-Reranker without a
+    template of its own (vLLM's rerank API) must be sent."""
+    return upstream_query(query, instruct), upstream_documents(documents)

@@ -28,7 +28,7 @@ from rerank_service.backends.upstream.dialect import (
     score_shape,
 )
 from rerank_service.core.domain import BackendRequest
-from rerank_service.core.qwen3_prompt import upstream_documents, upstream_query
+from rerank_service.core.qwen3_prompt import upstream_strings
 
 
 class Cohere:
@@ -43,13 +43,11 @@ class Cohere:
         self._shape = score_shape(options, "results", "relevance_score")
 
     def build_body(self, request: BackendRequest) -> dict[str, Any]:
-        if self._template:
-            query, documents = (
-                upstream_query(request.query, request.instruct),
-                upstream_documents(request.documents),
-            )
-        else:
-            query, documents = request.query, request.documents
+        query, documents = (
+            upstream_strings(request.query, request.documents, request.instruct)
+            if self._template
+            else (request.query, request.documents)
+        )
         body: dict[str, Any] = {
             "model": request.model,
             "query": query,

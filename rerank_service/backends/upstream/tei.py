@@ -22,7 +22,7 @@ from rerank_service.backends.upstream.dialect import (
     score_shape,
 )
 from rerank_service.core.domain import BackendRequest
-from rerank_service.core.qwen3_prompt import upstream_documents, upstream_query
+from rerank_service.core.qwen3_prompt import upstream_strings
 
 
 class TextEmbeddingsInference:
@@ -37,13 +37,11 @@ class TextEmbeddingsInference:
         self._shape = score_shape(options, "answer", "score", honours_top_n=False)
 
     def build_body(self, request: BackendRequest) -> dict[str, Any]:
-        if self._template:
-            query, texts = (
-                upstream_query(request.query, request.instruct),
-                upstream_documents(request.documents),
-            )
-        else:
-            query, texts = request.query, request.documents
+        query, texts = (
+            upstream_strings(request.query, request.documents, request.instruct)
+            if self._template
+            else (request.query, request.documents)
+        )
         # raw_scores false: TEI applies the model's activation, so scores are in [0, 1].
         return {"query": query, "texts": texts, "truncate": True, "raw_scores": False, "return_text": False}
 
