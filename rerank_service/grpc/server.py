@@ -32,7 +32,7 @@ HEALTH_SERVICES = ("", RERANK_SERVICE)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-_log = get_logger("rerank_service.grpc.server")
+_log = get_logger("rerank_service.server")
 
 
 class BackendStartError(RuntimeError):
