@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2
 
@@ -108,6 +109,13 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return tolerant
 
 
+def _reported_bug(request_id: str) -> ServiceError:
+    """A bug (call inside `except`): logged with its stack, answered INTERNAL naming only
+    the request id to quote."""
+    _log.exception("unexpected error")
+    return internal_error(request_id)
+
+
 def _undecodable() -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
 
@@ -172,15 +180,14 @@ class RerankServiceEdge:
         """grpc's handler for every RerankService method of `servicer`, each behind the edge."""
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         refusals: dict[tuple[str, bool], grpc.RpcMethodHandler[Any, Any]] = {}
-        messages = rerank_pb2.DESCRIPTOR.message_types_by_name
         for method in SERVICE.methods:
             if method.client_streaming and not method.server_streaming:
                 # _unary reads one request; such a method needs the stream's checks first.
                 raise NotImplementedError(f"the edge does not serve client-streaming {method.name} yet")
             behavior = getattr(servicer, method.name)
             path = f"/{SERVICE.full_name}/{method.name}"
-            parse = _tolerant(_message_class(messages, method.input_type.name).FromString)
-            serialize = _message_class(messages, method.output_type.name).SerializeToString
+            parse = _tolerant(message_factory.GetMessageClass(method.input_type).FromString)
+            serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
             wrapped = self._stream(path, behavior) if method.server_streaming else self._unary(path, behavior)
             factory = _HANDLER_FACTORIES[method.client_streaming, method.server_streaming]
             handlers[path] = factory(wrapped, request_deserializer=parse, response_serializer=serialize)
@@ -248,9 +255,7 @@ class RerankServiceEdge:
                         metadata += self._timing(started, error.timings)
                     await context.abort(code, details, metadata)
                 except Exception:
-                    # A bug: logged with its stack, answered INTERNAL naming the request id.
-                    _log.exception("unexpected error")
-                    bug = internal_error(request_id)
+                    bug = _reported_bug(request_id)
                     code, details = bug.code, bug.message
                     await context.abort(code, details, error_metadata(bug, request_id))
                 outcome = answer.outcome
@@ -305,10 +310,9 @@ class RerankServiceEdge:
                     code, details = error.code, error.message
                     await context.abort(error.code, error.message, error_metadata(error, request_id))
                 except Exception:
-                    _log.exception("unexpected error")
-                    bug = internal_error(request_id)
+                    bug = _reported_bug(request_id)
                     code, details = bug.code, bug.message
-                    await context.abort(bug.code, bug.message, error_metadata(bug, request_id))
+                    await context.abort(code, details, error_metadata(bug, request_id))
                 code = grpc.StatusCode.OK
             finally:
                 items.close()
@@ -368,8 +372,7 @@ class ItemEdge:
                 code, details = error.code, error.message
                 return refused
             except Exception:
-                _log.exception("unexpected error")
-                bug = internal_error(request_id)
+                bug = _reported_bug(request_id)
                 refused = refuse(bug, request_id)
                 code, details = bug.code, bug.message
                 return refused
@@ -459,12 +462,6 @@ class _StreamItems:
         finally:
             if not read.done():
                 read.cancel()
-
-
-def _message_class(messages: Any, name: str) -> type[Message]:
-    cls: type[Message] = getattr(rerank_pb2, name)
-    assert name in messages, name
-    return cls
 
 
 def _facts(

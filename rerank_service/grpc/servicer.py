@@ -22,13 +22,13 @@ from rerank_service.core.domain import (
 from rerank_service.core.engine import RerankEngine
 from rerank_service.core.stream_window import answer_concurrently
 from rerank_service.grpc.auth import bearer_token
-from rerank_service.grpc.edge import Answer, ItemEdge
+from rerank_service.grpc.edge import SERVICE, Answer, ItemEdge
 from rerank_service.grpc.status import internal_error
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.request_id import current_request_id, new_request_id
 from rerank_service.observability.trace_context import trace_context
 
-STREAM_ITEM_PATH = "/rerank.v1.RerankService/RerankStream"
+STREAM_ITEM_PATH = f"/{SERVICE.full_name}/RerankStream"
 
 _log = get_logger("rerank_service.servicer")
 
