@@ -85,12 +85,10 @@ class RerankEngine:
                 waited = time.perf_counter() - waiting_since  # the chunk's queue time: a slot
                 try:
                     result = await self._backend.rerank(_backend_request(model, request, chunk), context)
-                except ServiceError as error:
+                except BaseException as error:
                     doomed = True
-                    error.timings = error.timings.waited(waited)
-                    raise
-                except BaseException:
-                    doomed = True
+                    if isinstance(error, ServiceError):  # its time so far goes up with it
+                        error.timings = error.timings.waited(waited)
                     raise
                 return dataclasses.replace(result, timings=result.timings.waited(waited))
 
