@@ -1,4 +1,4 @@
-"""`rerank-service serve | rerank | health | models`: the command line."""
+"""`rerank-service serve | check-config | rerank | health | models`: the command line."""
 
 from __future__ import annotations
 
@@ -26,7 +26,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_CONFIG_ERROR
-    handler = {"serve": _serve, "rerank": _rerank, "health": _health, "models": _models}[args.command]
+    handler = {
+        "serve": _serve,
+        "check-config": _check_config,
+        "rerank": _rerank,
+        "health": _health,
+        "models": _models,
+    }[args.command]
     try:
         return handler(args)
     except ConfigError as exc:  # a client command's bad TLS files (serve reports its own)
@@ -41,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gRPC server")
     add_serve_arguments(serve)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a configuration file (and the environment) as serve would, without serving",
+    )
+    check.add_argument("file", type=Path, help="the YAML file serve would take with --config")
 
     rerank = commands.add_parser("rerank", help="rank documents through a running server")
     _add_client_arguments(rerank)
@@ -120,7 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
     from rerank_service.grpc.server import serve  # imported late: `rerank --help` stays fast
 
     try:
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, reload=lambda: load_settings(vars(args))))
     except ConfigError as exc:  # found while building the backend (a missing extra, say)
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -222,6 +234,22 @@ def _models(args: argparse.Namespace) -> int:
             f"{model.name}  backend={model.backend}{upstream}  max_documents={model.max_documents}  "
             f"max_query_tokens={model.max_query_tokens}  {instruct}"
         )
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    """Load the file and build every route as `serve --config FILE` would; 0 when it would start."""
+    settings = load_settings({"config": str(args.file)})
+    from rerank_service.routing.build import build_routes  # imported late, as serve does
+
+    routes = build_routes(settings)
+    deployments = {id(member.deployment) for route in routes for member in route.members}
+    print(f"{args.file}: ok: {len(routes)} routes, {len(deployments)} deployments")
+    for route in routes:
+        members = ", ".join(
+            f"{m.deployment.name} (priority {m.priority}, weight {m.weight})" for m in route.members
+        )
+        print(f"  {route.name}: {members}")
     return 0
 
 

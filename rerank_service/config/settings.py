@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Instanc
 from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 
+from rerank_service.config.routes import FileOnly, RouteConfig, distinct_routes
 from rerank_service.config.secret import Secret
 
 DEFAULT_UPSTREAM_URL = "https://dashscope-intl.aliyuncs.com"
@@ -300,10 +301,27 @@ class Settings:
         default=2.0, description="seconds: the longest wait between attempts, Retry-After aside"
     )
     upstream_breaker_failures: CountOrZero = Field(
-        default=5, description="consecutive failed upstream attempts that open the circuit (0: never open it)"
+        default=5,
+        description="failed upstream attempts in a row (its fault: unreachable, 5xx, timeout, garbage) "
+        "that eject a deployment when more than half of its attempts in the window failed too: it "
+        "is then tried last; unreachable this many times in a row, it is down: refused at once but "
+        "for probes (0: never)",
     )
     upstream_breaker_cooldown: Seconds = Field(
-        default=5.0, description="seconds an open circuit refuses calls before one probe call is let through"
+        default=5.0,
+        description="seconds an ejection lasts, and a down deployment refuses calls before probes go "
+        "through (one a second at most)",
+    )
+    upstream_breaker_window: Seconds = Field(
+        default=10.0, description="seconds of attempts that judge whether a deployment is failing"
+    )
+    upstream_breaker_probe_timeout: Seconds = Field(
+        default=2.0, description="seconds a probe of a down deployment may take"
+    )
+    retry_budget: Annotated[float, Field(ge=0, le=1), Expect("a share from 0 to 1")] = Field(
+        default=0.2,
+        description="retries and fallbacks of a route, as a share of its calls over the last 10 s "
+        "(always at least 10)",
     )
     upstream_api_key: Annotated[InstanceOf[Secret] | None, UPSTREAM_KEY] = Field(
         default=None, description="the service's own key for the upstream"
@@ -385,6 +403,12 @@ class Settings:
         default=None,
         description="port of the Prometheus /metrics endpoint (off: no endpoint; 0 picks a free port)",
     )
+    models: Annotated[tuple[RouteConfig, ...], AfterValidator(distinct_routes), FileOnly()] = Field(
+        default=(),
+        description="routes: the model names callers send, each served by one or more deployments "
+        "(the configuration file only; docs/ROUTING.md). Unset: the upstream_* or local settings "
+        "describe one deployment serving every model",
+    )
     # Not a setting: where each value came from, for the start-up log (never a secret's value).
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
@@ -398,6 +422,7 @@ class Settings:
         found = list(self.api_keys)
         if self.upstream_api_key is not None:
             found.append(self.upstream_api_key)
+        found += [d.api_key for route in self.models for d in route.deployments if d.api_key is not None]
         return found
 
 
@@ -412,6 +437,14 @@ def check_consistency(settings: Settings) -> None:
             "RERANK_API_KEYS is set but the upstream has no key: set RERANK_UPSTREAM_API_KEY "
             "(or DASHSCOPE_API_KEY), or unset RERANK_API_KEYS to pass callers' tokens through"
         )
+    if settings.api_keys and settings.upstream_api_key is None:
+        for r, route in enumerate(settings.models):
+            for d, deployment in enumerate(route.deployments):
+                if deployment.format != "local" and deployment.api_key is None:
+                    raise ConfigError(
+                        f"models[{r}].deployments[{d}] has no key while RERANK_API_KEYS is set: name "
+                        "one with api_key_env or api_key_file, or set RERANK_UPSTREAM_API_KEY for all"
+                    )
 
 
 # --- the declarations as the sources and the reference read them ------------------------------
@@ -455,7 +488,7 @@ def options() -> tuple[Option, ...]:
     found = []
     declared: dict[str, FieldInfo] = Settings.__pydantic_fields__  # type: ignore[attr-defined]
     for name, info in declared.items():
-        if name == "sources":
+        if name == "sources" or any(isinstance(item, FileOnly) for item in info.metadata):
             continue
         keys = next((item for item in info.metadata if isinstance(item, KeySources)), None)
         expect = next((item for item in info.metadata if isinstance(item, Expect)), None)

@@ -9,6 +9,7 @@ from; `rerank-service serve` prints it and exits 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import os
 from collections.abc import Collection, Mapping
@@ -18,6 +19,7 @@ from typing import Any, NamedTuple, TypeVar
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from rerank_service.config.routes import KeyError_, with_keys
 from rerank_service.config.secret import Secret
 from rerank_service.config.settings import (
     ConfigError,
@@ -31,6 +33,8 @@ from rerank_service.config.settings import (
 
 T = TypeVar("T")
 
+# Sections only the file can hold (no flag, no variable).
+FILE_ONLY = ("models",)
 CONFIG_FLAG = "--config"
 CONFIG_ENV = "RERANK_CONFIG"
 
@@ -78,7 +82,7 @@ def load_settings(args: Mapping[str, Any] | None = None, env: Mapping[str, str] 
     args = args or {}
     env = os.environ if env is None else env
     file = _config_file(args, env)
-    plain = {option.name for option in _plain()}
+    plain = {option.name for option in _plain()} | set(FILE_ONLY)
     from_file = Layer(
         {key: value for key, value in file.values.items() if key in plain},
         {key: origin for key, origin in file.origins.items() if key in plain},
@@ -87,6 +91,14 @@ def load_settings(args: Mapping[str, Any] | None = None, env: Mapping[str, str] 
     secrets = _secrets(args, env, file)
     origins = {**merged.origins, **secrets.origins}
     settings = build(Settings, Layer({**merged.values, **secrets.values}, origins), sources=origins)
+    if settings.models:
+        try:
+            settings = dataclasses.replace(settings, models=with_keys(settings.models, env))
+        except KeyError_ as exc:
+            raise ConfigError(f"{exc} (from {origins['models']})") from None
+        from rerank_service.config.deployments import deployment_specs  # imports settings
+
+        deployment_specs(settings)  # every deployment's own settings are valid
     check_consistency(settings)
     return settings
 
@@ -175,7 +187,9 @@ def _config_file(args: Mapping[str, Any], env: Mapping[str, str]) -> Layer:
     if not path:
         return Layer({}, {})
     secrets = {option.name: _keys(option) for option in _secret()}
-    known = [option.name for option in _plain()] + [keys.file_key for keys in secrets.values()]
+    known = (
+        [option.name for option in _plain()] + [keys.file_key for keys in secrets.values()] + list(FILE_ONLY)
+    )
     layer = file_layer(Path(path), [*known, *secrets])
     for name, keys in secrets.items():
         if name in layer.values:  # a config file is often committed: keys never go in one

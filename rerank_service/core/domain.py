@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from rerank_service.config.secret import Secret
+from rerank_service.core.retry_budget import RetryBudget
 
 # The contract's usage.total_tokens is an int32: counts are checked (upstream) or capped
 # (a sum over chunks) to it.
@@ -43,6 +44,8 @@ class CallContext:
     # The caller's W3C trace context, already validated: passed on to the upstream.
     traceparent: str | None = None
     tracestate: str | None = None
+    # Set by the router for the deployment it calls: what retries may spend.
+    retry_budget: RetryBudget | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,8 @@ class BackendResult:
     # "upstream" when the upstream reported its token count, "estimate" when the service
     # counted (an upstream format without usage), "model" for a local model's tokenizer.
     usage_source: str = "upstream"
+    # The deployment that answered (set by the router).
+    deployment: str | None = None
 
 
 @dataclass(slots=True)  # not frozen: see ScoredDocument
@@ -155,11 +160,26 @@ class RerankOutcome:
     usage_source: str = "upstream"
     # The request carried an instruct that the model does not take: it was not used.
     instruct_ignored: bool = False
+    # The deployments that answered (several when chunks went to different ones).
+    deployments: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentInfo:
+    """One deployment of a route, as ListModels shows it."""
+
+    name: str
+    backend: str  # "upstream" or "local"
+    format: str  # the upstream's wire format; empty for a local model
+    upstream_url: str  # without credentials; empty for a local model
+    priority: int
+    weight: int
+    state: str  # "healthy", "ejected" or "down"
 
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """A served model and the limits a request must respect."""
+    """A served model (a route) and the limits a request must respect."""
 
     name: str
     max_documents: int
@@ -167,8 +187,10 @@ class ModelInfo:
     supports_instruct: bool
     backend: str
     # The upstream's wire format and base URL (no credentials); empty for a local model.
+    # With several deployments: those of the first one.
     format: str = ""
     upstream_url: str = ""
+    deployments: tuple[DeploymentInfo, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +221,10 @@ class ServiceError(Exception):
     upstream_request_id: str | None = None
     # Where the time went before the call failed (upstream attempts, waits).
     timings: Timings = NO_TIMINGS
+    # No connection could be made at all: no request's content causes that.
+    unreachable: bool = False
+    # The deployment that failed last (set by the router).
+    deployment: str | None = None
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"

@@ -65,6 +65,7 @@ class RerankEngine:
             timings=combined([result.timings for result in results]),
             usage_source=usage_source(results),
             instruct_ignored=request.instruct is not None and not model.supports_instruct,
+            deployments=list(dict.fromkeys(result.deployment for result in results if result.deployment)),
         )
 
     async def _fan_out(

@@ -41,6 +41,7 @@ from rerank_service.core.domain import NO_TIMINGS, RerankOutcome, ServiceError, 
 from rerank_service.grpc.admission import Admission
 from rerank_service.grpc.auth import KeyChecker, bearer_token
 from rerank_service.grpc.status import (
+    DEPLOYMENT_KEY,
     INFERENCE_TIME_KEY,
     QUEUE_TIME_KEY,
     REQUEST_ID_KEY,
@@ -89,6 +90,7 @@ class CallFacts:
     item_id: str | None = None  # the RerankStream item this is about
     usage_source: str | None = None  # where total_tokens came from, when not the upstream
     instruct_ignored: bool = False  # the model does not take the instruct the caller sent
+    deployments: tuple[str, ...] = ()  # that answered, or the last that failed
 
 
 class _Undecodable:
@@ -480,13 +482,14 @@ def _facts(
             method, peer, request_id, documents, model, outcome.total_tokens,
             tuple(outcome.upstream_request_ids), outcome.timings, item_id=item_id,
             usage_source=None if outcome.usage_source == "upstream" else outcome.usage_source,
-            instruct_ignored=outcome.instruct_ignored,
+            instruct_ignored=outcome.instruct_ignored, deployments=tuple(outcome.deployments),
         )  # fmt: skip
     if failure is not None:
         upstream_ids = (failure.upstream_request_id,) if failure.upstream_request_id else ()
         return CallFacts(
-            method, peer, request_id, documents, model, None, upstream_ids, failure.timings, item_id=item_id
-        )
+            method, peer, request_id, documents, model, None, upstream_ids, failure.timings, item_id=item_id,
+            deployments=(failure.deployment,) if failure.deployment else (),
+        )  # fmt: skip
     return CallFacts(method, peer, request_id, documents, model, item_id=item_id)
 
 
@@ -494,11 +497,12 @@ def _outcome_metadata(outcome: RerankOutcome | None, request_id: str) -> Metadat
     if outcome is None:
         return ()
     reported = outcome.upstream_request_id or request_id
-    usage = (USAGE_SOURCE_KEY, outcome.usage_source)
+    metadata: Metadata = ((REQUEST_ID_KEY, reported), (USAGE_SOURCE_KEY, outcome.usage_source))
     if outcome.upstream_request_ids:
-        ids = ",".join(outcome.upstream_request_ids)
-        return ((REQUEST_ID_KEY, reported), (UPSTREAM_IDS_KEY, ids), usage)
-    return ((REQUEST_ID_KEY, reported), usage)
+        metadata += ((UPSTREAM_IDS_KEY, ",".join(outcome.upstream_request_ids)),)
+    if outcome.deployments:
+        metadata += ((DEPLOYMENT_KEY, ",".join(outcome.deployments)),)
+    return metadata
 
 
 def _ms(seconds: float) -> str:
@@ -527,6 +531,8 @@ def log_call(
         extra["usage_source"] = facts.usage_source
     if facts.instruct_ignored:
         extra["instruct_ignored"] = True
+    if facts.deployments:
+        extra["deployment"] = ",".join(facts.deployments)
     _log.info(
         event,
         method=facts.method,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -12,8 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from rerank.v1 import rerank_pb2
 
-from rerank_service.backends import build_backend
-from rerank_service.config import Settings
+from rerank_service.config import ConfigError, Settings
 from rerank_service.core.backend import Backend
 from rerank_service.core.engine import RerankEngine
 from rerank_service.grpc.admission import Admission
@@ -25,6 +25,8 @@ from rerank_service.grpc.status import INFERENCE_TIME_KEY, UPSTREAM_TIME_KEY
 from rerank_service.grpc.tls import server_credentials, tls_mode
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
+from rerank_service.routing import Router
+from rerank_service.routing.build import build_router, build_routes
 
 RERANK_SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_name
 # "" is the whole server's status, as probes ask for it by default.
@@ -50,7 +52,7 @@ class RerankServer:
         self.settings = settings
         # Before anything else: a bad certificate or key stops start-up with a ConfigError.
         self._credentials = server_credentials(settings)
-        self.backend = backend or build_backend(settings)
+        self.backend = backend or build_router(settings)
         self.engine = RerankEngine(self.backend, chunk_concurrency=settings.chunk_concurrency)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
@@ -129,6 +131,25 @@ class RerankServer:
             self._metrics = None
         _log.info("stopped")
 
+    async def reload(self, load: Callable[[], Settings]) -> bool:
+        """Serve the routes of freshly loaded settings (SIGHUP); False, and the old routes
+        stay, when they are invalid. Calls in flight finish where they started."""
+        if not isinstance(self.backend, Router):
+            _log.warning("reload ignored", why="this server's backend was given, not built from settings")
+            return False
+        try:
+            settings = load()
+            routes = build_routes(settings, reuse=self.backend.deployments)
+        except ConfigError as exc:
+            _log.error("reload refused", error=str(exc), why="the configuration stays as it was")
+            return False
+        _log.info(
+            "reloaded",
+            routes={route.name: [member.deployment.name for member in route.members] for route in routes},
+        )
+        await self.backend.replace(routes, grace=self.settings.shutdown_grace)
+        return True
+
     async def _follow_backend_readiness(self) -> None:
         """Keep health equal to the backend's readiness until the server drains."""
         readiness = self.backend.readiness
@@ -192,13 +213,25 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT, then drain; the process's exit code."""
+async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then drain; the process's exit code.
+
+    SIGHUP loads the settings again with `reload` and serves their routes.
+    """
     server = RerankServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+    if reload is not None:
+
+        def on_hangup() -> None:
+            task = loop.create_task(server.reload(reload), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await server.start()
     except BackendStartError as exc:

@@ -22,6 +22,8 @@ INFERENCE_TIME_KEY = "x-inference-time"  # the local backend
 # Where usage.total_tokens came from: upstream (its own count), estimate (the service's),
 # model (a local model's tokenizer).
 USAGE_SOURCE_KEY = "x-usage-source"
+# The deployment(s) of the route that answered, or the last one that failed.
+DEPLOYMENT_KEY = "x-deployment"
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
@@ -33,7 +35,10 @@ def error_metadata(error: ServiceError, request_id: str) -> Metadata:
         packed = any_pb2.Any()
         packed.Pack(detail)
         status.details.append(packed)
-    return (*rpc_status.to_status(status).trailing_metadata, (REQUEST_ID_KEY, request_id))
+    metadata: Metadata = (*rpc_status.to_status(status).trailing_metadata, (REQUEST_ID_KEY, request_id))
+    if error.deployment:
+        metadata += ((DEPLOYMENT_KEY, error.deployment),)
+    return metadata
 
 
 def internal_error(request_id: str) -> ServiceError:

@@ -12,6 +12,7 @@ and locks on every call), and nothing here awaits.
 
 from __future__ import annotations
 
+from enum import Enum
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -94,12 +95,52 @@ UPSTREAM_RETRIES = Counter(
     ["reason"],
     registry=REGISTRY,
 )
-CIRCUIT_STATE = Gauge(
-    "rerank_upstream_circuit_state",
-    "The upstream circuit breaker's state: 0 closed, 1 half-open, 2 open.",
+UPSTREAM_RETRIES_REFUSED = Counter(
+    "rerank_upstream_retries_refused",
+    "Upstream retries not made because the route's retry budget was spent.",
     registry=REGISTRY,
 )
-_CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+# --- routes and deployments (recorded by routing/) ---
+DEPLOYMENT_CALLS = Counter(
+    "rerank_deployment_calls",
+    "Backend calls (one per chunk) a deployment answered, by route, deployment and outcome "
+    "(OK or the gRPC code of the failure).",
+    ["route", "deployment", "code"],
+    registry=REGISTRY,
+)
+DEPLOYMENT_LATENCY = Histogram(
+    "rerank_deployment_latency_seconds",
+    "Time a deployment took for one backend call, retries included, whatever its outcome.",
+    ["route", "deployment"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+DEPLOYMENT_STATE = Gauge(
+    "rerank_deployment_state",
+    "A deployment's health: 0 healthy, 1 ejected (tried last), 2 down (refused but for probes).",
+    ["deployment"],
+    registry=REGISTRY,
+)
+DEPLOYMENT_EJECTIONS = Counter(
+    "rerank_deployment_ejections",
+    "Times a deployment was ejected or went down.",
+    ["deployment", "state"],
+    registry=REGISTRY,
+)
+ROUTE_FALLBACKS = Counter(
+    "rerank_route_fallbacks",
+    "Calls moved to another deployment of their route after a failure.",
+    ["route"],
+    registry=REGISTRY,
+)
+ROUTE_BUDGET_EXHAUSTED = Counter(
+    "rerank_route_retry_budget_exhausted",
+    "Fallbacks not made because the route's retry budget was spent.",
+    ["route"],
+    registry=REGISTRY,
+)
+_DEPLOYMENT_STATES = {"healthy": 0, "ejected": 1, "down": 2}
 
 # --- local backend (recorded by the micro-batcher) ---
 BATCH_SIZE = Histogram(
@@ -129,8 +170,49 @@ def count_upstream_retry(reason: str) -> None:
     UPSTREAM_RETRIES.labels(reason=reason).inc()
 
 
-def set_circuit_state(state: str) -> None:
-    CIRCUIT_STATE.set(_CIRCUIT_STATES[state])
+def count_upstream_retry_refused() -> None:
+    UPSTREAM_RETRIES_REFUSED.inc()
+
+
+def count_fallback(route: str) -> None:
+    ROUTE_FALLBACKS.labels(route=route).inc()
+
+
+def count_retry_budget_exhausted(route: str) -> None:
+    ROUTE_BUDGET_EXHAUSTED.labels(route=route).inc()
+
+
+class DeploymentMetrics:
+    """One deployment's metric children, bound once per route and outcome."""
+
+    __slots__ = ("_calls", "_latency", "_state", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._state: str | None = None
+        self._calls: dict[tuple[str, grpc.StatusCode | None], Counter] = {}
+        self._latency: dict[str, Histogram] = {}
+
+    def finished(self, route: str, code: grpc.StatusCode | None, seconds: float) -> None:
+        """One backend call ended: `code` None for a success."""
+        calls = self._calls.get((route, code))
+        if calls is None:
+            label = "OK" if code is None else code_name(code)
+            calls = self._calls[(route, code)] = DEPLOYMENT_CALLS.labels(route, self.name, label)
+        calls.inc()
+        latency = self._latency.get(route)
+        if latency is None:
+            latency = self._latency[route] = DEPLOYMENT_LATENCY.labels(route, self.name)
+        latency.observe(seconds)
+
+    def set_state(self, state: Enum) -> None:
+        value = str(state.value)
+        if value == self._state:
+            return
+        if value != "healthy":
+            DEPLOYMENT_EJECTIONS.labels(self.name, value).inc()
+        self._state = value
+        DEPLOYMENT_STATE.labels(self.name).set(_DEPLOYMENT_STATES[value])
 
 
 class MethodMetrics:

@@ -219,6 +219,7 @@ class FakeUpstream:
         self._faults: deque[Fault] = deque()
         self._always: Fault | None = None
         self._cycle: tuple[Fault, ...] = ()
+        self._poisons: dict[str, Fault] = {}  # query marker -> the fault such a request gets
         self._cycle_position = 0
         self._lock = threading.Lock()
         # Notified whenever a request or a connection starts or ends (see `wait_for`).
@@ -306,6 +307,16 @@ class FakeUpstream:
             self._cycle = tuple(faults)
             self._cycle_position = 0
 
+    def poison(self, marker: str, fault: Fault | None) -> None:
+        """Answer every request whose query contains `marker` with `fault` (None: stop),
+        whatever else is going on: a request that makes the upstream fail, as a hostile
+        or unlucky caller's does, while other requests are answered as usual."""
+        with self._lock:
+            if fault is None:
+                self._poisons.pop(marker, None)
+            else:
+                self._poisons[marker] = fault
+
     def reset(self) -> None:
         """Back to normal answers: clears faults, the cycle and the recordings (not
         the connection counts, which describe connections, not requests)."""
@@ -314,6 +325,7 @@ class FakeUpstream:
             self._always = None
             self._cycle = ()
             self._cycle_position = 0
+            self._poisons.clear()
             self.requests.clear()
             self.abandoned.clear()
             self.in_flight = self.max_in_flight = 0
@@ -324,8 +336,13 @@ class FakeUpstream:
         with self._changed:
             return self._changed.wait_for(lambda: condition(self), timeout)
 
-    def _next_fault(self) -> Fault | None:
+    def _next_fault(self, body: Any) -> Fault | None:
         with self._lock:
+            if self._poisons:
+                query = _query_of(body)
+                for marker, fault in self._poisons.items():
+                    if marker in query:
+                        return fault
             if self._faults:
                 return self._faults.popleft()
             if self._cycle:
@@ -583,12 +600,17 @@ def _is_int(value: Any) -> bool:
 _DELAY_MARKER = re.compile(r"\[\[delay=([0-9]+(?:\.[0-9]+)?)\]\]")
 
 
-def _asked_delay(body: Any) -> float:
+def _query_of(body: Any) -> str:
+    """The query of a request in any format ('' when there is none)."""
     if not isinstance(body, dict):
-        return 0.0
+        return ""
     source = body.get("input", body)
     query = source.get("query") if isinstance(source, dict) else None
-    match = _DELAY_MARKER.search(query) if isinstance(query, str) else None
+    return query if isinstance(query, str) else ""
+
+
+def _asked_delay(body: Any) -> float:
+    match = _DELAY_MARKER.search(_query_of(body))
     return min(float(match.group(1)), 30.0) if match else 0.0
 
 
@@ -673,7 +695,7 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 fake._finished()
 
         def _answer(self, recorded: RecordedRequest, headers: dict[str, str], body: Any) -> None:
-            fault = fake._next_fault() or Fault()
+            fault = fake._next_fault(body) or Fault()
             if not self._wait(fake.latency + fault.delay + _asked_delay(body)):
                 fake._abandon(recorded)
                 self.close_connection = True

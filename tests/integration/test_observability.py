@@ -224,7 +224,7 @@ def test_the_command_line_flag_serves_metrics(upstream: FakeUpstream) -> None:
         samples = scrape(int(serving["metrics_port"]))
         service.terminate()
 
-    assert key("rerank_upstream_circuit_state") in samples
+    assert samples[key("rerank_deployment_state", deployment=upstream.url.split("://")[1])] == 0  # healthy
     assert any(name == "process_resident_memory_bytes" for name, _ in samples)
 
 

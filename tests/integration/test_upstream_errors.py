@@ -245,20 +245,40 @@ def test_a_long_upstream_message_is_truncated(server: ServerThread, upstream: Fa
     assert len(details_of(error)) <= 300
 
 
-def test_the_service_recovers_after_upstream_failures(serve: ServerFactory, upstream: FakeUpstream) -> None:
+def test_failing_answers_never_refuse_the_next_good_call(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
     upstream.always(Fault(status=503, body=upstream_error("Overloaded")))
-    with serve(upstream_breaker_cooldown=0.3) as server:
-        for _ in range(2):  # the fifth failed attempt opens the circuit; the sixth is never sent
+    with serve(upstream_breaker_cooldown=30) as server:
+        for _ in range(3):  # 9 failed attempts: an answering upstream is ejected, never refused
             expect_error(lambda: server.stub.Rerank(request(), timeout=5))
         upstream.always(None)
+        response = server.stub.Rerank(request(), timeout=5)
+
+    assert [r.index for r in response.output.results] == [0, 1]
+    assert len(upstream.requests) == 10
+
+
+def test_an_unreachable_upstream_is_refused_at_once_then_probed_back(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    with serve(upstream_breaker_cooldown=0.3, upstream_retry_backoff=0.01) as server:
+        upstream.go_down()
+        for _ in range(2):  # the fifth refused connection makes it down
+            expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+        upstream.come_back()
+        started = time.monotonic()
         refused = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+        refused_in = time.monotonic() - started
         time.sleep(0.35)  # the cool-down (no event to wait for: it is a span of time)
         response = server.stub.Rerank(request(), timeout=5)
 
     assert error_info(refused) is not None
     assert error_info(refused).reason == "UPSTREAM_CIRCUIT_OPEN"  # type: ignore[union-attr]
+    assert retry_delay(refused) is not None
+    assert refused_in < 0.25  # at once, without reaching the upstream
     assert [r.index for r in response.output.results] == [0, 1]
-    assert len(upstream.requests) == 6  # nothing was sent while the circuit was open
+    assert len(upstream.requests) == 1  # only the probe reached it
 
 
 def test_retried_failures_echoing_the_key_leak_it_nowhere(

@@ -277,18 +277,33 @@ def test_a_503_is_retried_and_the_next_answer_used(fmt: str, fake: FakeUpstream,
     assert {r.path for r in fake.requests} == {DEFAULT_PATH[fmt]}
 
 
-def test_repeated_failures_open_the_breaker(fmt: str, fake: FakeUpstream, serve: Serve) -> None:
-    fake.always(Fault(status=503, body=server_error(fmt, "overloaded")))
+def test_an_unreachable_upstream_goes_down_and_is_refused_at_once(
+    fmt: str, fake: FakeUpstream, serve: Serve
+) -> None:
     with serve(upstream_max_attempts=1, upstream_breaker_failures=2, upstream_breaker_cooldown=30) as server:
+        fake.go_down()
         for _ in range(2):
             expect_error(lambda: server.stub.Rerank(request(), timeout=10))
+        fake.come_back()
         refused = expect_error(lambda: server.stub.Rerank(request(), timeout=10))
 
     assert code_of(refused) == Code.UNAVAILABLE
     info = error_info(refused)
     assert info is not None
     assert info.reason == "UPSTREAM_CIRCUIT_OPEN"
-    assert len(fake.requests) == 2  # nothing was sent while the circuit was open
+    assert len(fake.requests) == 0  # nothing was sent while it was down
+
+
+def test_an_upstream_answering_errors_is_still_called(fmt: str, fake: FakeUpstream, serve: Serve) -> None:
+    fake.always(Fault(status=503, body=server_error(fmt, "overloaded")))
+    with serve(upstream_max_attempts=1, upstream_breaker_failures=2, upstream_breaker_cooldown=30) as server:
+        for _ in range(3):
+            expect_error(lambda: server.stub.Rerank(request(), timeout=10))
+        fake.always(None)
+        response = server.stub.Rerank(request(), timeout=10)
+
+    assert len(response.output.results) == len(request().documents)
+    assert len(fake.requests) == 4  # ejected, it is still the route's only deployment: tried
 
 
 @pytest.mark.parametrize("fmt", [name for name in FORMATS if name != "tei"])  # TEI never reads a name

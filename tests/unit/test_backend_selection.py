@@ -1,4 +1,4 @@
-"""The backend setting picks the backend; the local one names its extra when it is missing."""
+"""The backend setting picks the backend behind the routes; the local one names its missing extra."""
 
 from __future__ import annotations
 
@@ -7,10 +7,17 @@ from typing import Any
 
 import pytest
 
-from rerank_service.backends import build_backend
 from rerank_service.backends.local import LocalBackend
 from rerank_service.backends.upstream import UpstreamBackend
 from rerank_service.config import ConfigError, Settings
+from rerank_service.core.backend import Backend
+from rerank_service.routing.build import build_router
+
+
+def build_backend(settings: Settings) -> Backend:
+    """The one deployment the flags describe, behind its routes."""
+    [deployment] = build_router(settings).deployments
+    return deployment.backend
 
 
 def test_the_default_backend_is_the_local_one_with_the_bundled_model() -> None:

@@ -16,7 +16,6 @@ import grpc
 import orjson
 
 from rerank_service.backends.upstream import errors
-from rerank_service.backends.upstream.breaker import CircuitBreaker, Outcome
 from rerank_service.backends.upstream.dialect import (
     Dialect,
     DialectOptions,
@@ -40,6 +39,7 @@ from rerank_service.core.domain import (
     Timings,
     not_ready,
 )
+from rerank_service.core.health import DeploymentHealth, Outcome
 from rerank_service.core.readiness import Readiness
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
@@ -79,7 +79,7 @@ class UpstreamBackend:
         pass_through: bool,
         secrets: list[Secret],
         retry_policy: RetryPolicy | None = None,
-        breaker: CircuitBreaker | None = None,
+        health: DeploymentHealth | None = None,
         timeout: float = 30.0,
     ) -> None:
         self._dialect = dialect
@@ -92,8 +92,8 @@ class UpstreamBackend:
         self._pass_through = pass_through
         self._secrets = secrets
         self._retry_policy = retry_policy or RetryPolicy(max_attempts=1, backoff=0.1, max_backoff=1.0)
-        self._breaker = breaker or CircuitBreaker(failure_threshold=0, cooldown=1.0)
-        self._breaker.on_change(self._update_readiness)
+        self._health = health or DeploymentHealth(min_failures=0, cooldown=1.0)
+        self._health.on_change(self._update_readiness)
         self._readiness = Readiness()
         # Without a caller deadline, attempts and the waits between them fit in this.
         self._timeout = timeout
@@ -161,21 +161,26 @@ class UpstreamBackend:
                 settings.upstream_retry_backoff,
                 settings.upstream_retry_max_backoff,
             ),
-            breaker=CircuitBreaker(settings.upstream_breaker_failures, settings.upstream_breaker_cooldown),
+            health=DeploymentHealth(
+                settings.upstream_breaker_failures,
+                settings.upstream_breaker_cooldown,
+                window=settings.upstream_breaker_window,
+                probe_timeout=settings.upstream_breaker_probe_timeout,
+            ),
             timeout=settings.upstream_timeout,
         )
 
     @property
     def readiness(self) -> Readiness:
-        """Started, and the circuit is not open (health is NOT_SERVING while it is)."""
+        """Started (whether it is down is `health`'s to say: the router asks it)."""
         return self._readiness
 
     def _update_readiness(self) -> None:
-        self._readiness.set(self._transport is not None and not self._breaker.open)
+        self._readiness.set(self._transport is not None)
 
     @property
-    def breaker(self) -> CircuitBreaker:
-        return self._breaker
+    def health(self) -> DeploymentHealth:
+        return self._health
 
     def models(self) -> list[ModelInfo]:
         return list(self._models)
@@ -207,13 +212,19 @@ class UpstreamBackend:
         attempt = 1
         while True:
             try:
-                probe = self._breaker.admit()
-            except ServiceError as refused:  # opened while this call waited to retry
+                probe = self._health.admit()
+            except ServiceError as refused:  # down, or went down while this call waited to retry
                 refused.timings = Timings(upstream_spans=tuple(spans))
                 raise
             outcome = Outcome.NEUTRAL  # if cancelled mid-attempt: says nothing about the upstream
+            unreachable = False
+            # A probe of a down upstream gets a short time: a hanging probe holds no caller long.
+            deadline = context.deadline
+            if probe:
+                probe_deadline = time.monotonic() + self._health.probe_timeout
+                deadline = probe_deadline if deadline is None else min(deadline, probe_deadline)
             try:
-                answer = await self._attempt(request, body, token, context, spans)
+                answer = await self._attempt(request, body, token, context, deadline, spans)
                 outcome = Outcome.SUCCESS
                 timings = Timings(upstream_spans=tuple(spans))
                 request_id = checked_request_id(answer.request_id, self._secrets_of(token))
@@ -225,11 +236,14 @@ class UpstreamBackend:
             except ServiceError as error:
                 error.timings = Timings(upstream_spans=tuple(spans))
                 verdict = judge(error, context.deadline is not None and time.monotonic() >= context.deadline)
-                outcome = verdict.outcome
+                outcome, unreachable = verdict.outcome, error.unreachable
                 if not verdict.retryable or attempt >= self._retry_policy.max_attempts:
                     raise
                 wait = self._retry_policy.wait_before(attempt, error.retry_after, self._rng)
                 if time.monotonic() + wait >= give_up_at:
+                    raise
+                if context.retry_budget is not None and not context.retry_budget.try_spend():
+                    metrics.count_upstream_retry_refused()
                     raise
                 _log.warning(
                     "upstream retry",
@@ -240,7 +254,7 @@ class UpstreamBackend:
                 )
                 metrics.count_upstream_retry(verdict.label)
             finally:
-                self._breaker.record(outcome, probe)
+                self._health.record(outcome, probe, unreachable)
             await asyncio.sleep(wait)
             attempt += 1
 
@@ -250,6 +264,7 @@ class UpstreamBackend:
         body: dict[str, Any],
         token: Secret | None,
         context: CallContext,
+        deadline: float | None,
         spans: list[tuple[float, float]],
     ) -> UpstreamAnswer:
         """One HTTP exchange and its answer read; its time on the wire goes into `spans`."""
@@ -257,7 +272,7 @@ class UpstreamBackend:
         started = time.perf_counter()
         try:
             reply = await self._transport.post_json(
-                self._path, body, token, context.deadline,
+                self._path, body, token, deadline,
                 traceparent=context.traceparent, tracestate=context.tracestate,
             )  # fmt: skip
         finally:

@@ -82,7 +82,9 @@ def from_transport(exc: httpx.HTTPError, upstream_timed_out_by_caller: bool) -> 
             reason="UPSTREAM_POOL_EXHAUSTED",
         )
     if isinstance(exc, httpx.TimeoutException):
-        return timed_out(upstream_timed_out_by_caller)
+        error = timed_out(upstream_timed_out_by_caller)
+        error.unreachable = isinstance(exc, httpx.ConnectTimeout)  # no connection in time
+        return error
     rejected = _rejected_certificate(exc)
     if rejected is not None:
         # The upstream (or something posing as it) is not who it says: say so, as an
@@ -91,12 +93,16 @@ def from_transport(exc: httpx.HTTPError, upstream_timed_out_by_caller: bool) -> 
             grpc.StatusCode.UNAVAILABLE,
             f"upstream TLS certificate rejected: {rejected}",
             reason="UPSTREAM_UNAVAILABLE",
+            unreachable=True,
         )
     # Connect errors, resets, protocol errors: the upstream is not reachable right now.
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
         f"upstream unreachable: {type(exc).__name__}",
         reason="UPSTREAM_UNAVAILABLE",
+        # No connection at all (refused, unroutable, a failed handshake), as opposed to
+        # one that broke while a request was on it.
+        unreachable=isinstance(exc, httpx.ConnectError),
     )
 
 

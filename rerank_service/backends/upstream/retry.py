@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from rerank_service.backends.upstream.breaker import Outcome
 from rerank_service.core.domain import ServiceError
+from rerank_service.core.health import Outcome
 
 RETRYABLE_HTTP_STATUSES = frozenset({429, 502, 503, 504})
 # Transport failures (no HTTP status) that happen before any answer: connect errors,
@@ -24,7 +24,7 @@ _UNREACHABLE = "UPSTREAM_UNAVAILABLE"
 @dataclass(frozen=True, slots=True)
 class Verdict:
     retryable: bool
-    outcome: Outcome  # for the circuit breaker
+    outcome: Outcome  # for the deployment's health
     label: str  # for logs and the retries metric: an HTTP status or a failure kind
 
 

@@ -1,0 +1,195 @@
+"""The `models:` section of the configuration file: routes of deployments.
+
+A route is the model name callers send; its deployments are where it is served. Every
+per-upstream setting may be set per deployment under its name without the `upstream_`
+prefix (`timeout` for `upstream_timeout`); what a deployment leaves out comes from the
+global setting. Keys are never written inline: `api_key_env` names a variable,
+`api_key_file` a file, and both are read when the file is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, InstanceOf, model_validator
+
+from rerank_service.config.secret import Secret
+
+# The formats of backends/upstream, and the in-process model.
+Format = Annotated[
+    Literal["dashscope", "compatible", "cohere", "tei", "voyage", "local"],
+    BeforeValidator(lambda value: value.strip().lower() if isinstance(value, str) else value),
+]
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\s,]+$")]
+
+# Per-deployment overrides: the global setting is `upstream_<key>` (the types are checked
+# when the deployment's settings are made from the global ones: settings.Settings).
+OVERRIDES = (
+    "path",
+    "timeout",
+    "max_connections",
+    "max_attempts",
+    "retry_backoff",
+    "retry_max_backoff",
+    "breaker_failures",
+    "breaker_cooldown",
+    "breaker_window",
+    "breaker_probe_timeout",
+    "score_transform",
+    "prompt_template",
+    "documents_per_call",
+    "tokens_per_call",
+    "proxy",
+    "ca_file",
+)
+
+
+class DeploymentConfig(BaseModel):
+    """One place a route is served: an upstream HTTP API or a model run in-process."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    format: Format
+    url: str | None = None  # an upstream's base URL; required unless format is local
+    source: str | None = None  # format local: a model directory, a cached hub id or 'bundled'
+    name: Name | None = None  # in x-deployment, logs and metrics (default: the URL's host)
+    model: Name | None = None  # the name sent upstream (default: the route's name)
+    api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    api_key_file: Path | None = None
+    priority: Annotated[int, Field(ge=0)] = 0  # lowest first; higher numbers are fallbacks
+    weight: Annotated[int, Field(ge=1)] = 1  # share among deployments of the same priority
+    path: str | None = None
+    timeout: float | None = None
+    max_connections: int | None = None
+    max_attempts: int | None = None
+    retry_backoff: float | None = None
+    retry_max_backoff: float | None = None
+    breaker_failures: int | None = None
+    breaker_cooldown: float | None = None
+    breaker_window: float | None = None
+    breaker_probe_timeout: float | None = None
+    score_transform: str | None = None
+    prompt_template: str | None = None
+    documents_per_call: int | None = None
+    tokens_per_call: int | None = None
+    proxy: str | None = None
+    ca_file: Path | None = None
+    # Not from the file: the key read from api_key_env or api_key_file by `with_keys`.
+    api_key: InstanceOf[Secret] | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_key(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "api_key" in data and not isinstance(data["api_key"], Secret):
+            raise ValueError("a key is never written in the file: name it with api_key_env or api_key_file")
+        return data
+
+    @model_validator(mode="after")
+    def _fits_its_format(self) -> DeploymentConfig:
+        if self.format == "local":
+            if self.source is None:
+                raise ValueError("format local needs source (a model directory, a hub id or 'bundled')")
+            upstream_only = [
+                key for key in ("url", "api_key_env", "api_key_file", *OVERRIDES) if getattr(self, key)
+            ]
+            if upstream_only:
+                raise ValueError(f"format local takes no {', '.join(upstream_only)}")
+        else:
+            if self.url is None:
+                raise ValueError(f"format {self.format} needs url")
+            if self.source is not None:
+                raise ValueError("source is for format local only")
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("api_key_env and api_key_file are exclusive: name one")
+        return self
+
+    def label(self) -> str:
+        """The deployment's name, or one made from where it is."""
+        if self.name:
+            return self.name
+        if self.format == "local":
+            return f"local:{Path(str(self.source)).name or self.source}"
+        parts = urlsplit(str(self.url))
+        return parts.netloc.rpartition("@")[2] + parts.path.rstrip("/")
+
+    def overrides(self) -> dict[str, Any]:
+        """The global settings this deployment replaces, by their global names."""
+        return {f"upstream_{key}": getattr(self, key) for key in OVERRIDES if getattr(self, key) is not None}
+
+
+class RouteConfig(BaseModel):
+    """A model name callers send, and the deployments that serve it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    name: Name
+    deployments: tuple[DeploymentConfig, ...]
+
+    @model_validator(mode="after")
+    def _distinct_deployment_names(self) -> RouteConfig:
+        if not self.deployments:
+            raise ValueError("has no deployments: a route needs at least one")
+        labels = [deployment.label() for deployment in self.deployments]
+        for label in labels:
+            if labels.count(label) > 1:
+                raise ValueError(f"two deployments are named {label!r}: give each its own name")
+        return self
+
+
+def distinct_routes(routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
+    """Route names are unique: the model a caller names must mean one route."""
+    names = [route.name for route in routes]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ValueError(f"names two routes {name!r} (models[{names.index(name)}] and models[{index}])")
+    return routes
+
+
+class KeyError_(ValueError):
+    """A deployment's key source is unusable; `place` says where in the file."""
+
+    def __init__(self, place: str, problem: str) -> None:
+        super().__init__(f"{place} {problem}")
+
+
+def with_keys(
+    routes: tuple[RouteConfig, ...], env: Mapping[str, str] | None = None
+) -> tuple[RouteConfig, ...]:
+    """The routes with each deployment's key read from its variable or file."""
+    env = os.environ if env is None else env
+    resolved = []
+    for r, route in enumerate(routes):
+        deployments = []
+        for d, deployment in enumerate(route.deployments):
+            key = _read_key(deployment, env, f"models[{r}].deployments[{d}]")
+            deployments.append(deployment.model_copy(update={"api_key": key}) if key else deployment)
+        resolved.append(route.model_copy(update={"deployments": tuple(deployments)}))
+    return tuple(resolved)
+
+
+def _read_key(deployment: DeploymentConfig, env: Mapping[str, str], place: str) -> Secret | None:
+    if deployment.api_key_env:
+        value = env.get(deployment.api_key_env, "").strip()
+        if not value:
+            raise KeyError_(f"{place}.api_key_env", f"names {deployment.api_key_env}, which is not set")
+        return Secret(value)
+    if deployment.api_key_file:
+        try:
+            value = deployment.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            raise KeyError_(f"{place}.api_key_file", f"{deployment.api_key_file}: {reason}") from None
+        if not value:
+            raise KeyError_(f"{place}.api_key_file", f"{deployment.api_key_file} holds no key")
+        return Secret(value)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FileOnly:
+    """Marks a setting read only from the configuration file (a nested section)."""

@@ -1,0 +1,186 @@
+"""Is a deployment worth calling? Judged from its own failures, so no caller decides for others.
+
+Two questions, answered separately from the attempts a deployment made:
+
+- **Ejected** (`--upstream-breaker-failures` failed attempts in a row, and more than half of
+  its attempts in the last `window` seconds failed): the router prefers its other
+  deployments. It is never refused for that alone: when every deployment of a route is
+  ejected the router still tries them (panic mode), so a caller whose own requests make an
+  upstream answer 500 or garbage cannot, by that, deny service to anyone else. Any success
+  ends the ejection.
+- **Down** (unreachable that many times in a row: refused, unroutable, a failed TLS
+  handshake; no request's content causes that): calls are refused at once for `cooldown`
+  seconds, then let through as probes, one every `probe_interval` (a probe that hangs does
+  not hold the next one back), each bounded by `probe_timeout`. A success ends it; an
+  answer of any kind (even a 500) proves the deployment reachable and ends it too.
+
+A failure is the deployment's fault only when `retry.judge` says so: a 4xx, a 429, our own
+full pool or the caller's own deadline are neutral.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable
+
+import grpc
+
+from rerank_service.core.domain import ServiceError
+from rerank_service.core.window import SlidingCounts
+
+_SUCCESSES, _FAILURES = 0, 1
+
+
+class Outcome(enum.Enum):
+    """What an attempt says about the deployment's health."""
+
+    SUCCESS = "success"  # it answered (a 4xx counts: it is up and talking)
+    FAILURE = "failure"  # unreachable, 5xx, timed out, garbage
+    NEUTRAL = "neutral"  # says nothing: rate limited, cancelled, our own pool full
+
+
+class State(enum.Enum):
+    HEALTHY = "healthy"
+    EJECTED = "ejected"  # preferred last; still tried when nothing else is left
+    DOWN = "down"  # unreachable: refused at once, but for probes
+
+
+# The share of failed attempts in the window above which a deployment may be ejected.
+EJECTION_FAILURE_SHARE = 0.5
+# Waiting longer than this between probes of a down deployment leaves callers refused for
+# no reason once it is back.
+MAX_PROBE_INTERVAL = 1.0
+
+
+class DeploymentHealth:
+    def __init__(
+        self,
+        min_failures: int,
+        cooldown: float,
+        window: float = 10.0,
+        probe_timeout: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # 0 turns the judgement off: never ejected, never down.
+        self._min_failures = min_failures
+        self._cooldown = cooldown
+        self._probe_interval = min(cooldown, MAX_PROBE_INTERVAL)
+        self.probe_timeout = probe_timeout
+        self._clock = clock
+        self._listeners: list[Callable[[], None]] = []
+        self._attempts = SlidingCounts(2, window, clock)
+        self._failures_in_a_row = 0
+        self._unreachable_in_a_row = 0
+        self._down_until: float | None = None  # set while down, until a success
+        self._next_probe_at = 0.0
+        self._ejected_until = 0.0  # ejected while the clock is before this
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever `state` or `refusing` may have changed, including when a
+        cool-down or an ejection ends by time alone."""
+        self._listeners.append(listener)
+
+    @property
+    def state(self) -> State:
+        if self._down_until is not None:
+            return State.DOWN
+        return State.EJECTED if self._clock() < self._ejected_until else State.HEALTHY
+
+    @property
+    def refusing(self) -> bool:
+        """True while calls are refused outright (down, within its cool-down)."""
+        return self._down_until is not None and self._clock() < self._down_until
+
+    @property
+    def probe_due(self) -> bool:
+        """Down, past its cool-down, and the next probe may go now."""
+        now = self._clock()
+        return self._down_until is not None and now >= self._down_until and now >= self._next_probe_at
+
+    def admit(self) -> bool:
+        """Let one attempt through, or raise UNAVAILABLE at once.
+
+        Returns True when the attempt is a probe of a down deployment: bound it by
+        `probe_timeout` and pass True to `record`.
+        """
+        if self._down_until is None:
+            return False
+        if self.probe_due:
+            self._next_probe_at = self._clock() + self._probe_interval
+            return True
+        raise self._refusal(max(self._down_until, self._next_probe_at) - self._clock())
+
+    def record(self, outcome: Outcome, probe: bool = False, unreachable: bool = False) -> None:
+        """What one attempt showed; `unreachable`: it never got a connection."""
+        if outcome is Outcome.NEUTRAL:
+            return
+        before = self.state, self.refusing
+        now = self._clock()
+        if outcome is Outcome.SUCCESS:
+            self._attempts.add(_SUCCESSES)
+            self._failures_in_a_row = self._unreachable_in_a_row = 0
+            self._ejected_until = 0.0
+            self._down_until = None
+        else:
+            self._attempts.add(_FAILURES)
+            self._failures_in_a_row += 1
+            self._unreachable_in_a_row = self._unreachable_in_a_row + 1 if unreachable else 0
+            if not unreachable:
+                self._down_until = None  # it answered: reachable, whatever it said
+            elif self._goes_down(probe):
+                self._down_until = self._next_probe_at = now + self._cooldown
+                self._notify_at(self._down_until)
+            if self._min_failures and now >= self._ejected_until and self._failing():
+                self._ejected_until = now + self._cooldown
+                self._notify_at(self._ejected_until)
+        if (self.state, self.refusing) != before:
+            self._changed()
+
+    def failure_summary(self) -> str:
+        """The recent record in words, for logs."""
+        successes, failures = self._attempts.totals()
+        return f"{failures} of {successes + failures} attempts in the last {self._attempts.seconds} s failed"
+
+    def _goes_down(self, probe: bool) -> bool:
+        """After an unreachable attempt: down now? A failed probe is down again at once; a
+        straggler failing while already down does not extend the cool-down."""
+        if not self._min_failures:
+            return False
+        return probe or (self._down_until is None and self._unreachable_in_a_row >= self._min_failures)
+
+    def _failing(self) -> bool:
+        if self._failures_in_a_row < self._min_failures:
+            return False
+        successes, failures = self._attempts.totals()
+        return failures > EJECTION_FAILURE_SHARE * (successes + failures)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def _notify_at(self, instant: float) -> None:
+        """Tell the listeners when `instant` is reached (a cool-down or an ejection ends)."""
+        if not self._listeners:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # used outside an event loop (a unit test with its own clock)
+            return
+        loop.call_later(max(instant - self._clock(), 0.0), self._reached, instant)
+
+    def _reached(self, instant: float) -> None:
+        if self._clock() < instant:  # the loop's timer ran ahead of this clock: wait the rest
+            self._notify_at(instant)
+        else:
+            self._changed()
+
+    def _refusal(self, left: float) -> ServiceError:
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the upstream could not be reached {self._unreachable_in_a_row} times in a row; "
+            f"not calling it for another {max(left, 0.0):.1f} s",
+            reason="UPSTREAM_CIRCUIT_OPEN",
+            retry_after=max(left, 0.05),
+        )

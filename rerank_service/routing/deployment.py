@@ -1,0 +1,79 @@
+"""One deployment: a backend that serves a route, with its own health and load."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from rerank_service.core.backend import Backend
+from rerank_service.core.domain import BackendRequest, BackendResult, CallContext, ServiceError
+from rerank_service.core.health import DeploymentHealth, State
+from rerank_service.observability import metrics
+
+
+@dataclass(eq=False)
+class Deployment:
+    """A backend, and what the router needs to choose it: health, weight, calls in flight.
+
+    One backend (its connection pool, its health) may serve several routes: without a
+    `models:` section one upstream serves every configured model name.
+    """
+
+    name: str
+    backend: Backend
+    health: DeploymentHealth | None  # None: a local model, healthy whenever it is ready
+    key: object = None  # what it was built from: a reload keeps a deployment whose key is equal
+    in_flight: int = 0
+    _metrics: metrics.DeploymentMetrics = field(init=False)
+    _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._metrics = metrics.DeploymentMetrics(self.name)
+        if self.health is not None:
+            self.health.on_change(self._state_changed)
+        self._metrics.set_state(self.state)
+
+    @property
+    def state(self) -> State:
+        return State.HEALTHY if self.health is None else self.health.state
+
+    @property
+    def usable(self) -> bool:
+        """Ready, and not ejected: a first choice."""
+        return self.backend.readiness.ready and self.state is State.HEALTHY
+
+    @property
+    def refusing(self) -> bool:
+        """A call would be refused at once (not started, or down within its cool-down)."""
+        return not self.backend.readiness.ready or (self.health is not None and self.health.refusing)
+
+    @property
+    def probe_due(self) -> bool:
+        """Down, and a probe may go through now: the way a down deployment comes back."""
+        return self.health is not None and self.health.probe_due
+
+    async def rerank(self, route: str, request: BackendRequest, context: CallContext) -> BackendResult:
+        self.in_flight += 1
+        started = time.perf_counter()
+        try:
+            result = await self.backend.rerank(request, context)
+        except ServiceError as error:
+            error.deployment = self.name
+            self._metrics.finished(route, error.code, time.perf_counter() - started)
+            raise
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
+        self._metrics.finished(route, None, time.perf_counter() - started)
+        return result
+
+    async def idle(self) -> None:
+        """Return once no call is in flight."""
+        while self.in_flight:
+            self._idle.clear()
+            await self._idle.wait()
+
+    def _state_changed(self) -> None:
+        self._metrics.set_state(self.state)

@@ -1,0 +1,105 @@
+"""A route: the model name a caller sends, and the deployments that serve it, in order of choice."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from rerank_service.core.chunking import CallLimits
+from rerank_service.core.domain import DeploymentInfo, ModelInfo
+from rerank_service.core.retry_budget import RetryBudget
+from rerank_service.routing.deployment import Deployment
+
+
+@dataclass(eq=False)
+class Member:
+    """A deployment's place in one route."""
+
+    deployment: Deployment
+    model: str  # the name the deployment knows the model by
+    priority: int = 0  # lowest first; higher numbers are fallbacks
+    weight: int = 1  # share among members of the same priority
+
+    @property
+    def load(self) -> float:
+        return self.deployment.in_flight / self.weight
+
+
+@dataclass(eq=False)
+class Route:
+    name: str
+    members: list[Member]
+    budget: RetryBudget = field(default_factory=RetryBudget)
+    _rng: random.Random = field(default_factory=random.Random)
+
+    def pick(self, tried: set[Deployment]) -> Member | None:
+        """The next member to call, or None when every one was tried.
+
+        A down deployment whose probe is due goes first (that is how it comes back); then
+        the healthy members of the lowest priority that has any; then, when every one is
+        ejected, the ejected ones (panic mode: trying beats refusing); then one that will
+        refuse at once, whose refusal tells the caller when to come back.
+        """
+        left = [member for member in self.members if member.deployment not in tried]
+        if not left:
+            return None
+        for member in left:
+            if member.deployment.probe_due:
+                return member
+        healthy = [member for member in left if member.deployment.usable]
+        candidates = healthy or [member for member in left if not member.deployment.refusing] or left
+        top = min(member.priority for member in candidates)
+        tier = [member for member in candidates if member.priority == top]
+        if len(tier) == 1:
+            return tier[0]
+        # Power of two choices over the weights: two draws by weight, the less loaded wins.
+        first, second = self._rng.choices(tier, weights=[member.weight for member in tier], k=2)
+        return second if second.load < first.load else first
+
+    def model_info(self) -> ModelInfo:
+        """What ListModels says of the route: the limits every member can honour."""
+        infos = [_info_of(member) for member in self.members]
+        first = infos[0]
+        return ModelInfo(
+            name=self.name,
+            max_documents=min(info.max_documents for info in infos),
+            max_query_tokens=min(info.max_query_tokens for info in infos),
+            supports_instruct=all(info.supports_instruct for info in infos),
+            backend=first.backend,
+            format=first.format,
+            upstream_url=first.upstream_url,
+            deployments=tuple(
+                DeploymentInfo(
+                    name=member.deployment.name,
+                    backend=info.backend,
+                    format=info.format,
+                    upstream_url=info.upstream_url,
+                    priority=member.priority,
+                    weight=member.weight,
+                    state=member.deployment.state.value,
+                )
+                for member, info in zip(self.members, infos, strict=True)
+            ),
+        )
+
+    def call_limits(self) -> CallLimits:
+        """A chunk may go to any member: the smallest limits of all."""
+        limits = [member.deployment.backend.call_limits(member.model) for member in self.members]
+        return CallLimits(
+            max_documents=_smallest(limit.max_documents for limit in limits),
+            max_tokens=_smallest(limit.max_tokens for limit in limits),
+            max_item_tokens=min(limit.max_item_tokens for limit in limits),
+        )
+
+
+def _smallest(values: Iterable[int | None]) -> int | None:
+    """The tightest limit; None (no limit) only when no member has one."""
+    return min((value for value in values if value is not None), default=None)
+
+
+def _info_of(member: Member) -> ModelInfo:
+    for info in member.deployment.backend.models():
+        if info.name == member.model:
+            return info
+    raise LookupError(f"deployment {member.deployment.name} does not serve {member.model}")

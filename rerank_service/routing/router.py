@@ -1,0 +1,184 @@
+"""The router: the backend the engine sees, which hands each call to a route's deployments.
+
+A call goes to the deployment its route picks (route.py). When that deployment fails in
+a way that says it cannot answer now (unreachable, timed out, 5xx, 429, a malformed
+answer, down), the call moves to the next one, same priority first, while the caller's
+deadline and the route's retry budget allow. A failure that says the request itself is
+wrong (a 4xx other than 429, a validation error) is returned at once: another deployment
+would only say it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Iterable
+
+from rerank_service.core.chunking import CallLimits
+from rerank_service.core.domain import (
+    BackendRequest,
+    BackendResult,
+    CallContext,
+    ModelInfo,
+    ServiceError,
+    combined,
+    model_not_found,
+)
+from rerank_service.core.readiness import Readiness
+from rerank_service.observability import metrics
+from rerank_service.observability.logging import get_logger
+from rerank_service.routing.deployment import Deployment
+from rerank_service.routing.route import Route
+
+_log = get_logger("rerank_service.routing")
+
+# Failures that say the deployment cannot answer now (see backends/upstream/errors.py and
+# the local backend): worth another deployment. Any other reason is the request's fault.
+FAILOVER_REASONS = frozenset(
+    {
+        "UPSTREAM_UNAVAILABLE",  # unreachable, reset, 5xx
+        "UPSTREAM_CIRCUIT_OPEN",  # down
+        "UPSTREAM_POOL_EXHAUSTED",  # our connections to it are all busy
+        "UPSTREAM_RATE_LIMITED",  # 429
+        "UPSTREAM_TIMEOUT",  # it took too long (the caller's deadline is checked apart)
+        "UPSTREAM_BAD_RESPONSE",  # garbage
+        "UPSTREAM_UNEXPECTED_STATUS",  # a 1xx/3xx: not a rerank API now
+        "BACKEND_NOT_READY",  # a local model still loading, or closed by a reload
+        "MODEL_FAILED",  # a local model raised
+    }
+)
+
+
+def fails_over(error: ServiceError) -> bool:
+    return error.reason in FAILOVER_REASONS
+
+
+class Router:
+    """Routes by model name; implements the Backend protocol for the engine."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        self._routes = {route.name: route for route in routes}
+        self._deployments = _distinct(routes)
+        self._readiness = Readiness()
+        self._started = False
+        self._watches: list[asyncio.Task[None]] = []
+
+    @property
+    def readiness(self) -> Readiness:
+        """Ready while every route has a deployment it can call now."""
+        return self._readiness
+
+    @property
+    def deployments(self) -> list[Deployment]:
+        return list(self._deployments)
+
+    def models(self) -> list[ModelInfo]:
+        return [route.model_info() for route in self._routes.values()]
+
+    def call_limits(self, model: str) -> CallLimits:
+        return self._routes[model].call_limits()
+
+    async def start(self) -> None:
+        await asyncio.gather(*(deployment.backend.start() for deployment in self._deployments))
+        self._started = True
+        self._follow(self._deployments)
+        self._update_readiness()
+
+    async def close(self) -> None:
+        self._started = False
+        for watch in self._watches:
+            watch.cancel()
+        await asyncio.gather(*(deployment.backend.close() for deployment in self._deployments))
+        self._update_readiness()
+
+    async def replace(self, routes: list[Route], grace: float) -> None:
+        """Serve `routes` from now on (a reload); calls in flight finish where they started.
+
+        New deployments are started before the switch; deployments no route uses any more
+        are closed once their calls end (or after `grace` seconds).
+        """
+        kept = _distinct(routes)
+        added = [deployment for deployment in kept if deployment not in self._deployments]
+        await asyncio.gather(*(deployment.backend.start() for deployment in added))
+        dropped = [deployment for deployment in self._deployments if deployment not in kept]
+        self._routes = {route.name: route for route in routes}
+        self._deployments = kept
+        self._follow(added)
+        self._update_readiness()
+        await asyncio.gather(*(_close_when_idle(deployment, grace) for deployment in dropped))
+
+    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        route = self._routes.get(request.model)
+        if route is None:  # a reload removed it after the engine validated the call
+            raise model_not_found(request.model, list(self._routes))
+        route.budget.called()
+        context = dataclasses.replace(context, retry_budget=route.budget)
+        tried: set[Deployment] = set()
+        failures: list[ServiceError] = []
+        while (member := route.pick(tried)) is not None:
+            if failures and not self._may_fall_back(route, failures[-1], context):
+                break
+            tried.add(member.deployment)
+            try:
+                result = await member.deployment.rerank(
+                    route.name, dataclasses.replace(request, model=member.model), context
+                )
+            except ServiceError as error:
+                failures.append(error)
+                if not fails_over(error):
+                    break
+                continue
+            timings = combined([*(failure.timings for failure in failures), result.timings])
+            return dataclasses.replace(result, deployment=member.deployment.name, timings=timings)
+        last = failures[-1]
+        last.timings = combined([failure.timings for failure in failures])
+        raise last
+
+    def _may_fall_back(self, route: Route, failure: ServiceError, context: CallContext) -> bool:
+        if context.deadline is not None and time.monotonic() >= context.deadline:
+            return False
+        if not route.budget.try_spend():
+            metrics.count_retry_budget_exhausted(route.name)
+            return False
+        metrics.count_fallback(route.name)
+        _log.warning("fallback", route=route.name, failed=failure.deployment, reason=failure.reason)
+        return True
+
+    def _follow(self, deployments: Iterable[Deployment]) -> None:
+        """Recompute readiness whenever a deployment's readiness or health changes."""
+        for deployment in deployments:
+            if deployment.health is not None:
+                deployment.health.on_change(self._update_readiness)
+            self._watches.append(asyncio.create_task(self._watch(deployment)))
+
+    async def _watch(self, deployment: Deployment) -> None:
+        while deployment in self._deployments:
+            await deployment.backend.readiness.changed()
+            self._update_readiness()
+
+    def _update_readiness(self) -> None:
+        self._readiness.set(
+            self._started
+            and all(
+                any(not member.deployment.refusing for member in route.members)
+                for route in self._routes.values()
+            )
+        )
+
+
+def _distinct(routes: Iterable[Route]) -> list[Deployment]:
+    found: list[Deployment] = []
+    for route in routes:
+        for member in route.members:
+            if member.deployment not in found:
+                found.append(member.deployment)
+    return found
+
+
+async def _close_when_idle(deployment: Deployment, grace: float) -> None:
+    try:
+        await asyncio.wait_for(deployment.idle(), grace)
+    except TimeoutError:
+        _log.warning("closing a deployment with calls in flight", deployment=deployment.name, grace_s=grace)
+    await deployment.backend.close()

@@ -1,0 +1,67 @@
+"""Which upstream failures are retried, and how long between attempts."""
+
+from __future__ import annotations
+
+import random
+
+import grpc
+import pytest
+
+from rerank_service.backends.upstream.retry import RetryPolicy, judge
+from rerank_service.core.domain import ServiceError
+from rerank_service.core.health import Outcome
+
+
+def upstream_status(status: int) -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "x", metadata={"upstream_status": str(status)})
+
+
+def reason(name: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "x", reason=name)
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable", "outcome"),
+    [
+        (upstream_status(429), True, Outcome.NEUTRAL),
+        (upstream_status(502), True, Outcome.FAILURE),
+        (upstream_status(503), True, Outcome.FAILURE),
+        (upstream_status(504), True, Outcome.FAILURE),
+        (upstream_status(500), False, Outcome.FAILURE),
+        (upstream_status(400), False, Outcome.SUCCESS),
+        (upstream_status(401), False, Outcome.SUCCESS),
+        (upstream_status(403), False, Outcome.SUCCESS),
+        (upstream_status(404), False, Outcome.SUCCESS),
+        (upstream_status(408), False, Outcome.SUCCESS),
+        (upstream_status(422), False, Outcome.SUCCESS),
+        (reason("UPSTREAM_UNAVAILABLE"), True, Outcome.FAILURE),  # connect error, reset
+        (reason("UPSTREAM_BAD_RESPONSE"), False, Outcome.FAILURE),
+        (reason("UPSTREAM_POOL_EXHAUSTED"), False, Outcome.NEUTRAL),
+    ],
+)
+def test_only_failures_likely_to_pass_are_retried(
+    error: ServiceError, retryable: bool, outcome: Outcome
+) -> None:
+    verdict = judge(error, caller_deadline_passed=False)
+    assert (verdict.retryable, verdict.outcome) == (retryable, outcome)
+
+
+def test_a_timeout_is_never_retried_and_counts_against_the_upstream_only_if_it_was_its_own() -> None:
+    timeout = reason("UPSTREAM_TIMEOUT")
+    assert judge(timeout, caller_deadline_passed=False).outcome is Outcome.FAILURE
+    assert judge(timeout, caller_deadline_passed=True).outcome is Outcome.NEUTRAL
+    assert not judge(timeout, caller_deadline_passed=False).retryable
+
+
+def test_backoff_is_full_jitter_under_a_doubling_cap() -> None:
+    policy = RetryPolicy(max_attempts=6, backoff=0.1, max_backoff=0.35)
+    rng = random.Random(7)
+    for retry, cap in [(1, 0.1), (2, 0.2), (3, 0.35), (5, 0.35)]:
+        waits = [policy.wait_before(retry, None, rng) for _ in range(300)]
+        assert 0 <= min(waits) < cap * 0.1  # the draw reaches down to zero...
+        assert cap * 0.9 < max(waits) <= cap  # ...and up to the cap, never past it
+
+
+def test_retry_after_is_a_floor_on_the_wait() -> None:
+    policy = RetryPolicy(max_attempts=3, backoff=0.1, max_backoff=2.0)
+    assert policy.wait_before(1, 1.5, random.Random(1)) == 1.5
