@@ -234,7 +234,19 @@ def _models(args: argparse.Namespace) -> int:
             f"{model.name}  backend={model.backend}{upstream}  max_documents={model.max_documents}  "
             f"max_query_tokens={model.max_query_tokens}  {instruct}"
         )
+        if len(model.deployments) > 1:
+            for deployment in model.deployments:
+                print("  - " + _deployment_line(deployment))
     return 0
+
+
+def _deployment_line(deployment: rerank_pb2.DeploymentInfo) -> str:
+    state = rerank_pb2.DeploymentState.Name(deployment.state).removeprefix("DEPLOYMENT_STATE_").lower()
+    where = f"  format={deployment.format}  upstream={deployment.upstream_url}" if deployment.format else ""
+    return (
+        f"{deployment.name}  backend={deployment.backend}{where}  priority={deployment.priority}  "
+        f"weight={deployment.weight}  {state}"
+    )
 
 
 def _check_config(args: argparse.Namespace) -> int:

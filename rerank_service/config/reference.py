@@ -26,6 +26,19 @@ local_models:                                    # or "all-minilm-l6-v2=bundled"
   all-minilm-l6-v2: bundled
 """
 
+# The file-only `models:` section, in short; docs/ROUTING.md has every key.
+ROUTES_EXAMPLE = """\
+models:
+  - name: qwen3-rerank                           # the model name callers send
+    deployments:
+      - format: dashscope
+        url: https://dashscope-intl.aliyuncs.com
+        api_key_env: DASHSCOPE_API_KEY
+      - format: local                            # called when the hosted API cannot answer
+        source: bundled
+        priority: 1
+"""
+
 
 def render() -> str:
     plain = [option for option in options() if option.keys is None]
@@ -72,6 +85,21 @@ def render() -> str:
         "",
         "```yaml",
         *EXAMPLE.splitlines(),
+        "```",
+        "",
+        "One key is read only from the file: `models`, the routes. Each is a model name",
+        "callers send, served by one or more deployments (hosted APIs, self-hosted servers,",
+        "models run in the service), each with its own format, URL, key, priority, weight",
+        "and value of any `upstream_*` setting, which it names without the prefix",
+        "(`timeout` for `upstream_timeout`). Without `models`, the settings below describe",
+        "one deployment that serves every model they name, and with it `backend`,",
+        "`upstream_url`, `upstream_dialect`, `upstream_models` and `local_models` are not",
+        "used. Every key, how calls are balanced and fall back, and reloading the file with",
+        "SIGHUP: [ROUTING.md](ROUTING.md#the-models-section). `rerank-service check-config",
+        "FILE` checks a file without serving.",
+        "",
+        "```yaml",
+        *ROUTES_EXAMPLE.splitlines(),
         "```",
         "",
         "## Settings",

@@ -176,7 +176,9 @@ def _read_key(deployment: DeploymentConfig, env: Mapping[str, str], place: str) 
     if deployment.api_key_env:
         value = env.get(deployment.api_key_env, "").strip()
         if not value:
-            raise KeyError_(f"{place}.api_key_env", f"names {deployment.api_key_env}, which is not set")
+            # Named only when it looks like a variable's name: a key pasted here is not repeated.
+            name = deployment.api_key_env if deployment.api_key_env.isupper() else "a variable"
+            raise KeyError_(f"{place}.api_key_env", f"names {name}, which is not set")
         return Secret(value)
     if deployment.api_key_file:
         try:

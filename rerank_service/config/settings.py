@@ -369,6 +369,22 @@ class Settings:
         description="RerankService calls in flight at once (a stream counts as one); past it "
         "RESOURCE_EXHAUSTED",
     )
+    max_inflight_bytes: Count = Field(
+        default=256 * 1024 * 1024,
+        description="bytes of request messages being worked on at once (a stream item counts like a "
+        "call); past it a call gets RESOURCE_EXHAUSTED and a stream's next item waits. The process "
+        "holds about 5x this at most for the work itself",
+    )
+    max_open_calls: Count = Field(
+        default=4096,
+        description="calls of any kind open at once, health checks and calls not yet authenticated "
+        "included; past it grpc answers RESOURCE_EXHAUSTED before the call is read. Bounds the memory "
+        "of calls that hold a stream open without sending; above --max-concurrent-requests",
+    )
+    max_connections: Count = Field(
+        default=4096,
+        description="client connections open at once; past it new connections are closed",
+    )
     max_streams_per_connection: Count = Field(
         default=256,
         description="calls one client connection may have in flight at once (HTTP/2 "
@@ -432,7 +448,22 @@ def check_consistency(settings: Settings) -> None:
         raise ConfigError("tls-cert and tls-key go together: set both to serve TLS, or neither")
     if settings.tls_client_ca is not None and settings.tls_cert is None:
         raise ConfigError("tls-client-ca requires tls-cert and tls-key: mTLS is TLS with client certificates")
-    if settings.backend == "upstream" and settings.api_keys and settings.upstream_api_key is None:
+    if settings.max_open_calls <= settings.max_concurrent_requests:
+        raise ConfigError(
+            f"max-open-calls ({settings.max_open_calls}) must be above max-concurrent-requests "
+            f"({settings.max_concurrent_requests}): health checks and refusals need room too"
+        )
+    if settings.max_inflight_bytes < settings.max_message_bytes:
+        raise ConfigError(
+            f"max-inflight-bytes ({settings.max_inflight_bytes}) must be at least max-message-bytes "
+            f"({settings.max_message_bytes}): the largest request must fit"
+        )
+    if (
+        settings.backend == "upstream"
+        and not settings.models  # deployments of routes name their own keys (checked below)
+        and settings.api_keys
+        and settings.upstream_api_key is None
+    ):
         raise ConfigError(
             "RERANK_API_KEYS is set but the upstream has no key: set RERANK_UPSTREAM_API_KEY "
             "(or DASHSCOPE_API_KEY), or unset RERANK_API_KEYS to pass callers' tokens through"
@@ -441,9 +472,11 @@ def check_consistency(settings: Settings) -> None:
         for r, route in enumerate(settings.models):
             for d, deployment in enumerate(route.deployments):
                 if deployment.format != "local" and deployment.api_key is None:
+                    origin = settings.sources.get("models")
                     raise ConfigError(
                         f"models[{r}].deployments[{d}] has no key while RERANK_API_KEYS is set: name "
                         "one with api_key_env or api_key_file, or set RERANK_UPSTREAM_API_KEY for all"
+                        + (f" (from {origin})" if origin else "")
                     )
 
 

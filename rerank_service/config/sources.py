@@ -109,7 +109,7 @@ def build(cls: type[T], layer: Layer, **extra: Any) -> T:
         return cls(**layer.values, **extra)
     except ValidationError as exc:
         fields = getattr(cls, "__pydantic_fields__", {})
-        problems = (_describe(error, fields, layer.origins) for error in exc.errors())
+        problems = (describe(error, fields, layer.origins) for error in exc.errors())
         raise ConfigError("; ".join(problems)) from None
 
 
@@ -249,7 +249,7 @@ def _read_keys(keys: KeySources, raw: str, is_file: bool) -> list[Secret]:
 # --- one line per problem ----------------------------------------------------------------------
 
 
-def _describe(error: ErrorDetails, fields: Mapping[str, Any], origins: Mapping[str, str]) -> str:
+def describe(error: ErrorDetails, fields: Mapping[str, Any], origins: Mapping[str, str]) -> str:
     """`upstream-timeout must be ..., got '-3' (from RERANK_UPSTREAM_TIMEOUT)`."""
     top, *inner = [str(part) if isinstance(part, str) else part for part in error["loc"]] or ["settings"]
     # The flag's spelling, then the place inside a nested section as the file writes it.
@@ -257,7 +257,10 @@ def _describe(error: ErrorDetails, fields: Mapping[str, Any], origins: Mapping[s
         f"[{part}]" if isinstance(part, int) else f".{part}" for part in inner
     )
     info = fields.get(str(top))
-    secret = info is not None and any(isinstance(item, KeySources) for item in info.metadata)
+    # A key pasted where its variable or file is named must not be repeated.
+    secret = (info is not None and any(isinstance(item, KeySources) for item in info.metadata)) or any(
+        part in ("api_key_env", "api_key_file") for part in inner
+    )
     kind = error["type"]
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
         problem = "is not a known setting"
@@ -265,6 +268,8 @@ def _describe(error: ErrorDetails, fields: Mapping[str, Any], origins: Mapping[s
         problem = "is required"
     elif kind in ("value_error", "assertion_error"):
         problem = str(error.get("ctx", {}).get("error", error["msg"]))
+    elif inner and inner[-1] == "api_key_env":
+        problem = "must name an environment variable (letters, digits and _), not hold the key"
     else:
         declared = expectation(info) if info is not None and not inner else None
         expected = declared or error["msg"].removeprefix("Input should be ")

@@ -112,9 +112,18 @@ class DeploymentHealth:
             return True
         raise self._refusal(max(self._down_until, self._next_probe_at) - self._clock())
 
-    def record(self, outcome: Outcome, probe: bool = False, unreachable: bool = False) -> None:
-        """What one attempt showed; `unreachable`: it never got a connection."""
+    def record(
+        self, outcome: Outcome, probe: bool = False, unreachable: bool = False, answered: bool = False
+    ) -> None:
+        """What one attempt showed; `unreachable`: it never got a connection; `answered`: an
+        HTTP answer came back (a neutral 429 too: reachable, so no longer down)."""
         if outcome is Outcome.NEUTRAL:
+            if answered and self._down_until is not None:
+                before = self.state, self.refusing
+                self._down_until = None
+                self._unreachable_in_a_row = 0
+                if (self.state, self.refusing) != before:
+                    self._changed()
             return
         before = self.state, self.refusing
         now = self._clock()

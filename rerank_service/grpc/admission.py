@@ -1,13 +1,20 @@
-"""Admission control: a hard bound on RerankService calls in flight.
+"""Admission control: hard bounds on the RerankService work in flight, in calls and in bytes.
 
-Past the bound a call is refused at once with RESOURCE_EXHAUSTED instead of joining
-an unbounded queue: under overload the caller learns immediately (and can try
-another replica), and the server's memory stays bounded. Only RerankService calls
-pass the edge (edge.py), so health checks and reflection are never counted or
-refused, and probes keep working under overload.
+Past a bound a call is refused at once with RESOURCE_EXHAUSTED instead of joining an
+unbounded queue: under overload the caller learns immediately (and can try another
+replica), and the server's memory stays bounded. Calls are counted (a stream is one
+call), and so are the bytes of the request messages being worked on (a stream item
+counts like a call): ten 15 MB calls hold far more than ten 1 KB ones, and the process
+holds about five times a request's bytes while it works on it (docs/RELIABILITY.md).
+A unary call past the byte budget is refused; a stream stops reading its next item
+until the budget has room (its client then waits under HTTP/2 flow control).
+Only RerankService calls pass the edge (edge.py), so health checks and reflection are
+never counted or refused, and probes keep working under overload.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import grpc
 
@@ -18,21 +25,60 @@ OVERLOAD_RETRY_AFTER = 0.05
 
 
 class Admission:
-    def __init__(self, max_in_flight: int) -> None:
+    def __init__(self, max_in_flight: int, max_bytes: int | None = None) -> None:
         self.max_in_flight = max_in_flight
+        self.max_bytes = max_bytes
         self.in_flight = 0
+        self.bytes_in_flight = 0
+        self._freed: asyncio.Event | None = None  # set when bytes are given back
 
-    def enter(self) -> None:
-        """Take a slot, or raise RESOURCE_EXHAUSTED; every `enter` is paired with a `release`."""
+    def enter(self, size: int = 0) -> None:
+        """Take a call slot and `size` bytes, or raise RESOURCE_EXHAUSTED; every `enter`
+        is paired with a `release` of the same size."""
         if self.in_flight >= self.max_in_flight:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"overloaded: {self.max_in_flight} calls in flight (--max-concurrent-requests); "
-                "retry shortly",
-                reason="OVERLOADED",
-                retry_after=OVERLOAD_RETRY_AFTER,
+            raise _overloaded(f"{self.max_in_flight} calls in flight (--max-concurrent-requests)")
+        if not self._fits(size):
+            raise _overloaded(
+                f"{self.bytes_in_flight} bytes of requests in flight, {size} more would pass "
+                f"{self.max_bytes} (--max-inflight-bytes)"
             )
         self.in_flight += 1
+        self.bytes_in_flight += size
 
-    def release(self) -> None:
+    def release(self, size: int = 0) -> None:
         self.in_flight -= 1
+        self.give_bytes(size)
+
+    async def take_bytes(self, size: int) -> None:
+        """Take `size` bytes, waiting while the budget has no room for them."""
+        while not self._fits(size):
+            if self._freed is None:
+                self._freed = asyncio.Event()
+            await self._freed.wait()
+        self.bytes_in_flight += size
+
+    def give_bytes(self, size: int) -> None:
+        if not size:
+            return
+        self.bytes_in_flight -= size
+        freed, self._freed = self._freed, None
+        if freed is not None:
+            freed.set()  # every waiter looks again; those that still do not fit wait anew
+
+    def _fits(self, size: int) -> bool:
+        # A request alone is always let in when nothing else holds bytes: the message
+        # size bound (--max-message-bytes) already limits it.
+        return (
+            self.max_bytes is None
+            or not self.bytes_in_flight
+            or self.bytes_in_flight + size <= self.max_bytes
+        )
+
+
+def _overloaded(why: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"overloaded: {why}; retry shortly",
+        reason="OVERLOADED",
+        retry_after=OVERLOAD_RETRY_AFTER,
+    )

@@ -47,6 +47,7 @@ from rerank_service.grpc.status import (
     REQUEST_ID_KEY,
     TOTAL_TIME_KEY,
     UPSTREAM_IDS_KEY,
+    UPSTREAM_TIME_KEY,
     USAGE_SOURCE_KEY,
     Metadata,
     error_metadata,
@@ -101,10 +102,18 @@ class _Undecodable:
 _UNDECODABLE = _Undecodable()
 
 
-def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def tolerant(data: bytes) -> Any:
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """A request message, and how many bytes it came in (admission counts them)."""
+
+    message: Any
+    size: int
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], _Received | _Undecodable]:
+    def tolerant(data: bytes) -> _Received | _Undecodable:
         try:
-            return parse(data)
+            return _Received(parse(data), len(data))
         except DecodeError:
             return _UNDECODABLE
 
@@ -220,7 +229,7 @@ class RerankServiceEdge:
         logged and counted, without running the method or reading the request."""
         measured = metrics.for_method(path)
 
-        async def call(request: Any, context: ServicerContext[Any, Any]) -> Any:
+        async def call(received: _Received | _Undecodable, context: ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             request_id = new_request_id()
             token = bind_request_id(request_id)
@@ -235,14 +244,16 @@ class RerankServiceEdge:
             outcome: RerankOutcome | None = None
             failure: ServiceError | None = None
             admitted = ran = False
+            size = received.size if isinstance(received, _Received) else 0
             try:
                 try:
                     if refusal is not None:  # the key, checked before routing (_Routes)
                         raise refusal
-                    self._admission.enter()
+                    self._admission.enter(size)
                     admitted = True
-                    if request is _UNDECODABLE:
+                    if not isinstance(received, _Received):
                         raise _undecodable()
+                    request = received.message
                     # Only calls let through say what they asked for (a refusal's log line
                     # and the documents histogram do not count what was never served).
                     if isinstance(request, rerank_pb2.RerankRequest):
@@ -269,7 +280,7 @@ class RerankServiceEdge:
                 return answer.message
             finally:
                 if admitted:
-                    self._admission.release()
+                    self._admission.release(size)
                 unbind_request_id(token)
                 seconds = time.perf_counter() - started
                 facts = _facts(path, peer, request_id, documents, model, outcome, failure)
@@ -306,7 +317,7 @@ class RerankServiceEdge:
                     if refusal is not None:  # the key, checked before routing (_Routes)
                         raise refusal
                     async for response in behavior(items, context):
-                        items.answered()
+                        items.answered(response)
                         yield response
                 except ServiceError as error:
                     code, details = error.code, error.message
@@ -326,17 +337,20 @@ class RerankServiceEdge:
         return stream
 
     def _timing(self, started: float, timings: Timings) -> Metadata:
-        """Where the call's time went, in milliseconds: total, queued, upstream or in the model."""
-        backend = (
-            timings.upstream_seconds
-            if self._backend_time_key != INFERENCE_TIME_KEY
-            else timings.inference_seconds
-        )
-        return (
+        """Where the call's time went, in milliseconds: total, queued, upstream and/or in the model.
+
+        The server's own kind of backend is always named; the other kind too when a route's
+        deployment of that kind served the call (a local fallback of an upstream route).
+        """
+        timing: Metadata = (
             (TOTAL_TIME_KEY, _ms(time.perf_counter() - started)),
             (QUEUE_TIME_KEY, _ms(timings.queue_seconds)),
-            (self._backend_time_key, _ms(backend)),
         )
+        if self._backend_time_key != INFERENCE_TIME_KEY or timings.upstream_spans:
+            timing += ((UPSTREAM_TIME_KEY, _ms(timings.upstream_seconds)),)
+        if self._backend_time_key == INFERENCE_TIME_KEY or timings.inference_seconds:
+            timing += ((INFERENCE_TIME_KEY, _ms(timings.inference_seconds)),)
+        return timing
 
 
 class ItemEdge:
@@ -399,6 +413,8 @@ class _StreamItems:
     """A RerankStream's requests as the servicer reads them, with the edge's rules:
 
     - the stream's admission slot is taken with its first item (and given back at the end);
+    - each item's bytes are taken from the byte budget until it is answered: while the
+      budget has no room the next item is not read (the client waits, flow-controlled);
     - a request that does not parse ends the stream with INVALID_ARGUMENT;
     - while none of its items is in flight (every item read has been answered), the
       stream must send its next item within the idle timeout, or it ends with
@@ -416,12 +432,20 @@ class _StreamItems:
         self.received = 0
         self.sent = 0
         self._last_activity = time.monotonic()
+        # The bytes each item in flight holds, by item id (a duplicate id: a list).
+        self._held: dict[str, list[int]] = {}
 
-    def answered(self) -> None:
+    def answered(self, response: Any) -> None:
         self.sent += 1
         self._last_activity = time.monotonic()
+        sizes = self._held.get(getattr(response, "id", ""))
+        if sizes:
+            self._admission.give_bytes(sizes.pop())
 
     def close(self) -> None:
+        held = sum(size for sizes in self._held.values() for size in sizes)
+        self._held.clear()
+        self._admission.give_bytes(held)
         if self._admitted:
             self._admitted = False
             self._admission.release()
@@ -430,15 +454,17 @@ class _StreamItems:
         return self
 
     async def __anext__(self) -> Any:
-        request = await self._next_or_idle()
-        if request is _UNDECODABLE:
+        received = await self._next_or_idle()
+        if not isinstance(received, _Received):
             raise _undecodable()
         if not self._admitted:
             self._admission.enter()
             self._admitted = True
+        await self._admission.take_bytes(received.size)
+        self._held.setdefault(getattr(received.message, "id", ""), []).append(received.size)
         self.received += 1
         self._last_activity = time.monotonic()
-        return request
+        return received.message
 
     async def _next_or_idle(self) -> Any:
         if self._requests is None:

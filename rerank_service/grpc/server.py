@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from rerank.v1 import rerank_pb2
 
-from rerank_service.config import ConfigError, Settings
+from rerank_service.config import Settings
 from rerank_service.core.backend import Backend
 from rerank_service.core.engine import RerankEngine
 from rerank_service.grpc.admission import Admission
@@ -56,7 +56,7 @@ class RerankServer:
         self.engine = RerankEngine(self.backend, chunk_concurrency=settings.chunk_concurrency)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
-        self.admission = Admission(settings.max_concurrent_requests)
+        self.admission = Admission(settings.max_concurrent_requests, settings.max_inflight_bytes)
         local = all(model.backend == "local" for model in self.engine.models())
         edge = RerankServiceEdge(
             self.admission,
@@ -65,7 +65,9 @@ class RerankServer:
             INFERENCE_TIME_KEY if local else UPSTREAM_TIME_KEY,
             stream_idle_timeout=settings.stream_idle_timeout,
         )
-        self._server = grpc.aio.server(options=channel_options(settings))
+        self._server = grpc.aio.server(
+            options=channel_options(settings), maximum_concurrent_rpcs=settings.max_open_calls
+        )
         self._health_watch: asyncio.Task[None] | None = None
         self._draining = False
         self._serving = False
@@ -97,7 +99,7 @@ class RerankServer:
             "listening",
             host=self.settings.host,
             port=self.port,
-            backend=self.settings.backend,
+            backend="+".join(sorted({model.backend for model in self.engine.models()})),
             auth=_auth_mode(self.settings),
             tls=tls_mode(self.settings),
             models=[model.name for model in self.engine.models()],
@@ -106,7 +108,7 @@ class RerankServer:
             await self.backend.start()
         except Exception as exc:
             await self._server.stop(0)
-            raise BackendStartError(f"the {self.settings.backend} backend failed to start: {exc}") from exc
+            raise BackendStartError(f"a backend failed to start: {exc}") from exc
         # "" is the process's liveness: up, started, not draining. The service's own
         # status also follows the backend (an open upstream circuit), so readiness probes
         # move traffic away while restarting the process would not help.
@@ -140,14 +142,15 @@ class RerankServer:
         try:
             settings = load()
             routes = build_routes(settings, reuse=self.backend.deployments)
-        except ConfigError as exc:
+            await self.backend.replace(routes, grace=self.settings.shutdown_grace)
+        except Exception as exc:  # a bad file, or a new deployment that does not start
             _log.error("reload refused", error=str(exc), why="the configuration stays as it was")
             return False
+        # Only the routes change: listening, keys, limits and logging stay as started.
         _log.info(
             "reloaded",
             routes={route.name: [member.deployment.name for member in route.members] for route in routes},
         )
-        await self.backend.replace(routes, grace=self.settings.shutdown_grace)
         return True
 
     async def _follow_backend_readiness(self) -> None:
@@ -182,6 +185,7 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
         # grpc advertises ~2^32 streams per connection by default: one connection could
         # open tens of thousands of calls, each holding memory before it is authenticated.
         ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
         ("grpc.keepalive_time_ms", round(settings.keepalive_time * 1000)),
         ("grpc.keepalive_timeout_ms", round(settings.keepalive_timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),

@@ -12,6 +12,7 @@ from rerank.v1 import rerank_pb2
 
 from rerank_service.core.domain import (
     CallContext,
+    DeploymentInfo,
     FieldViolation,
     RerankOutcome,
     RerankRequest,
@@ -112,11 +113,31 @@ class RerankServicer:
                         backend=model.backend,
                         format=model.format,
                         upstream_url=model.upstream_url,
+                        deployments=[deployment_proto(deployment) for deployment in model.deployments],
                     )
                     for model in self._engine.models()
                 ]
             )
         )
+
+
+_DEPLOYMENT_STATES = {
+    "healthy": rerank_pb2.DEPLOYMENT_STATE_HEALTHY,
+    "ejected": rerank_pb2.DEPLOYMENT_STATE_EJECTED,
+    "down": rerank_pb2.DEPLOYMENT_STATE_DOWN,
+}
+
+
+def deployment_proto(deployment: DeploymentInfo) -> rerank_pb2.DeploymentInfo:
+    return rerank_pb2.DeploymentInfo(
+        name=deployment.name,
+        backend=deployment.backend,
+        format=deployment.format,
+        upstream_url=deployment.upstream_url,
+        priority=deployment.priority,
+        weight=deployment.weight,
+        state=_DEPLOYMENT_STATES.get(deployment.state, rerank_pb2.DEPLOYMENT_STATE_UNSPECIFIED),
+    )
 
 
 def to_domain(request: rerank_pb2.RerankRequest) -> RerankRequest:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
-from rerank_service.config import Settings
-from rerank_service.config.deployments import deployment_specs
+from rerank_service.config import ConfigError, Settings
+from rerank_service.config.deployments import deployment_specs, origin_of
 from rerank_service.core.backend import Backend
 from rerank_service.core.retry_budget import RetryBudget
 from rerank_service.routing.deployment import Deployment
@@ -23,11 +24,16 @@ def build_routes(settings: Settings, reuse: Iterable[Deployment] = ()) -> list[R
     """
     existing = {deployment.key: deployment for deployment in reuse}
 
-    def deployment(name: str, own: Settings) -> Deployment:
-        key = (name, own)
+    def deployment(name: str, own: Settings, place: str | None = None) -> Deployment:
+        key = (name, _backend_view(own))
         found = existing.get(key)
         if found is None:
-            backend = _backend(own)
+            try:
+                backend = _backend(own)
+            except ConfigError as exc:  # a CA file or proxy of the deployment's own
+                if place is None:
+                    raise
+                raise ConfigError(f"{_placed(str(exc), place)}{origin_of(settings)}") from None
             found = existing[key] = Deployment(name, backend, getattr(backend, "health", None), key=key)
         return found
 
@@ -45,8 +51,34 @@ def build_routes(settings: Settings, reuse: Iterable[Deployment] = ()) -> list[R
             if spec.settings.backend == "local"
             else spec.settings.upstream_models[0]
         )
-        route.members.append(Member(deployment(spec.name, spec.settings), model, spec.priority, spec.weight))
+        member = Member(deployment(spec.name, spec.settings, spec.place), model, spec.priority, spec.weight)
+        route.members.append(member)
     return list(routes.values())
+
+
+# Settings of the front door (listening, callers, limits, logging, routes): a backend never
+# reads them, so a reload that changes only these keeps every deployment as it is.
+_FRONT_DOOR = (
+    "host", "port", "log_format", "log_level", "shutdown_grace", "max_concurrent_requests",
+    "max_inflight_bytes", "max_open_calls", "max_connections", "max_streams_per_connection",
+    "max_message_bytes", "keepalive_time", "keepalive_timeout", "max_connection_age",
+    "max_connection_age_grace", "tls_cert", "tls_key", "tls_client_ca", "metrics_port",
+    "stream_idle_timeout", "stream_concurrency", "chunk_concurrency", "retry_budget", "models",
+)  # fmt: skip
+
+
+def _backend_view(settings: Settings) -> Settings:
+    """`settings` with the front door's settings at their defaults: what a backend is built from."""
+    defaults = Settings()
+    return dataclasses.replace(settings, **{name: getattr(defaults, name) for name in _FRONT_DOOR})
+
+
+def _placed(message: str, place: str) -> str:
+    """`upstream-ca-file X: ...` of a deployment as `models[0].deployments[1].ca_file X: ...`."""
+    setting, _, rest = message.partition(" ")
+    if setting.startswith("upstream-"):
+        return f"{place}.{setting.removeprefix('upstream-').replace('-', '_')} {rest}"
+    return f"{place}: {message}"
 
 
 def _backend(settings: Settings) -> Backend:

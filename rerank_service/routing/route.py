@@ -59,7 +59,8 @@ class Route:
 
     def model_info(self) -> ModelInfo:
         """What ListModels says of the route: the limits every member can honour."""
-        infos = [_info_of(member) for member in self.members]
+        members = sorted(self.members, key=lambda member: member.priority)
+        infos = [_info_of(member) for member in members]
         first = infos[0]
         return ModelInfo(
             name=self.name,
@@ -79,7 +80,7 @@ class Route:
                     weight=member.weight,
                     state=member.deployment.state.value,
                 )
-                for member, info in zip(self.members, infos, strict=True)
+                for member, info in zip(members, infos, strict=True)
             ),
         )
 

@@ -63,6 +63,7 @@ class Router:
         self._readiness = Readiness()
         self._started = False
         self._watches: list[asyncio.Task[None]] = []
+        self._retiring: set[asyncio.Task[None]] = set()  # dropped by a reload, closing when idle
 
     @property
     def readiness(self) -> Readiness:
@@ -90,23 +91,39 @@ class Router:
         for watch in self._watches:
             watch.cancel()
         await asyncio.gather(*(deployment.backend.close() for deployment in self._deployments))
+        await asyncio.gather(*self._retiring)
         self._update_readiness()
 
     async def replace(self, routes: list[Route], grace: float) -> None:
         """Serve `routes` from now on (a reload); calls in flight finish where they started.
 
-        New deployments are started before the switch; deployments no route uses any more
-        are closed once their calls end (or after `grace` seconds).
+        New deployments are started before the switch (if one fails to start, those
+        started are closed, the error is raised and nothing changes); deployments no
+        route uses any more are closed in the background once their calls end (or after
+        `grace` seconds).
         """
         kept = _distinct(routes)
         added = [deployment for deployment in kept if deployment not in self._deployments]
-        await asyncio.gather(*(deployment.backend.start() for deployment in added))
+        started = await asyncio.gather(
+            *(deployment.backend.start() for deployment in added), return_exceptions=True
+        )
+        failed = [outcome for outcome in started if isinstance(outcome, BaseException)]
+        if failed:
+            await asyncio.gather(
+                *(deployment.backend.close() for deployment in added), return_exceptions=True
+            )
+            raise failed[0]
         dropped = [deployment for deployment in self._deployments if deployment not in kept]
         self._routes = {route.name: route for route in routes}
         self._deployments = kept
         self._follow(added)
         self._update_readiness()
-        await asyncio.gather(*(_close_when_idle(deployment, grace) for deployment in dropped))
+        for deployment in dropped:
+            retiring = asyncio.create_task(
+                _close_when_idle(deployment, grace), name=f"retire {deployment.name}"
+            )
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
 
     async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
         route = self._routes.get(request.model)
@@ -153,6 +170,8 @@ class Router:
             self._watches.append(asyncio.create_task(self._watch(deployment)))
 
     async def _watch(self, deployment: Deployment) -> None:
+        # Looked at first: a change between this task's creation and its first await counts.
+        self._update_readiness()
         while deployment in self._deployments:
             await deployment.backend.readiness.changed()
             self._update_readiness()

@@ -153,7 +153,7 @@ def test_fault_scenario_gives_the_promised_status_attempts_and_time_and_leaves_n
         assert left is None, f"left behind after {REPEATS} calls: {left} (baseline {baseline})"
 
 
-def test_circuit_breaker_opens_fails_fast_then_closes_after_the_cooldown(
+def test_an_answering_upstream_is_never_refused_an_unreachable_one_fails_fast_then_comes_back(
     serve: ServerFactory, healed: FakeUpstream
 ) -> None:
     with serve(**{**SERVICE_SETTINGS, **BREAKER_SETTINGS}) as server:
@@ -161,11 +161,11 @@ def test_circuit_breaker_opens_fails_fast_then_closes_after_the_cooldown(
         steps = run_breaker(server.channel, healed)
 
     assert [problem for step in steps for problem in step.problems] == []
-    assert [step.seen.attempts for step in steps] == [3, 2, 0, 1, 1]
-    assert [step.health for step in steps] == ["SERVING", "NOT_SERVING", "NOT_SERVING", "SERVING", "SERVING"]
-    assert [step.liveness for step in steps] == ["SERVING"] * 5
-    assert [step.seen.code for step in steps] == [grpc.StatusCode.UNAVAILABLE] * 3 + [grpc.StatusCode.OK] * 2
-    assert steps[2].seen.reason == "UPSTREAM_CIRCUIT_OPEN"
+    assert [step.seen.attempts for step in steps] == [3, 3, 0, 0, 0, 1, 1]
+    assert [step.health for step in steps] == ["SERVING"] * 3 + ["NOT_SERVING"] * 2 + ["SERVING"] * 2
+    assert [step.liveness for step in steps] == ["SERVING"] * 7
+    assert [step.seen.code for step in steps] == [grpc.StatusCode.UNAVAILABLE] * 5 + [grpc.StatusCode.OK] * 2
+    assert steps[4].seen.reason == "UPSTREAM_CIRCUIT_OPEN"
 
 
 def test_leak_checker_notices_a_task_a_descriptor_and_a_connection_left_behind(

@@ -447,14 +447,16 @@ def wait_for_health(channel: grpc.Channel, wanted: str, timeout: float, service:
 
 
 def run_breaker(channel: grpc.Channel, upstream: FakeUpstream) -> list[BreakerStep]:
-    """The upstream fails on every attempt until the circuit opens, then recovers.
+    """An upstream that answers errors is still called; one that cannot be reached goes down.
 
-    With 3 attempts a call and 5 failures to open: the first call fails after 3
-    attempts, the second opens the circuit on its 2nd attempt (the 5th failure) and
-    fails; then calls are refused at once, without an attempt, and the service's
-    health (readiness) is NOT_SERVING while the server's ("", liveness) stays
-    SERVING; after the cool-down one probe call goes through, succeeds, closes the
-    circuit, and health is SERVING again.
+    With 3 attempts a call and 5 failures: two calls answered 503 fail after 3 attempts
+    each and leave health SERVING (an upstream that answers is ejected, never refused: a
+    caller whose requests make it fail must not refuse everyone else). Then the upstream
+    stops listening: the 3rd call fails after 3 refused connections, the 4th goes down
+    on its 2nd (the 5th in a row), and calls are refused at once while the service's
+    health (readiness) is NOT_SERVING and the server's ("", liveness) stays SERVING;
+    after the cool-down one probe goes through to the recovered upstream, succeeds,
+    and health is SERVING again.
     """
     stub = rerank_pb2_grpc.RerankServiceStub(channel)
     steps: list[BreakerStep] = []
@@ -493,27 +495,26 @@ def run_breaker(channel: grpc.Channel, upstream: FakeUpstream) -> list[BreakerSt
     upstream.reset()
     upstream.always(Fault(status=503))
     step("1st call", "503 to everything", Code.UNAVAILABLE, ("UPSTREAM_UNAVAILABLE",), 3, "SERVING", 0)
+    step("2nd call", "503 to everything", Code.UNAVAILABLE, ("UPSTREAM_UNAVAILABLE",), 3, "SERVING", 0)
+    upstream.always(None)
+    upstream.go_down()
+    step("3rd call", "connections refused", Code.UNAVAILABLE, ("UPSTREAM_UNAVAILABLE",), 0, "SERVING", 0)
     step(
-        "2nd call: the 5th failure opens the circuit",
-        "503 to everything",
+        "4th call: the 5th refused connection in a row: down",
+        "connections refused",
         Code.UNAVAILABLE,
         ("UPSTREAM_CIRCUIT_OPEN", "UPSTREAM_UNAVAILABLE"),
-        2,
-        "NOT_SERVING",
-    )
-    refused = step(
-        "3rd call, circuit open",
-        "503 to everything",
-        Code.UNAVAILABLE,
-        ("UPSTREAM_CIRCUIT_OPEN",),
         0,
         "NOT_SERVING",
     )
+    upstream.come_back()
+    refused = step(
+        "5th call, down", "recovered", Code.UNAVAILABLE, ("UPSTREAM_CIRCUIT_OPEN",), 0, "NOT_SERVING"
+    )
     if refused.seconds > 0.1:
-        steps[-1].problems.append(f"3rd call: refused after {refused.seconds:.3f} s, not at once")
+        steps[-1].problems.append(f"5th call: refused after {refused.seconds:.3f} s, not at once")
     if refused.retry_delay is None:
-        steps[-1].problems.append("3rd call: no RetryInfo saying when the circuit closes")
-    upstream.always(None)
+        steps[-1].problems.append("5th call: no RetryInfo saying when to come back")
     # The cool-down is the behaviour under test: wait as long as the service said to.
     time.sleep((refused.retry_delay or BREAKER_SETTINGS["upstream_breaker_cooldown"]) + 0.05)
     step("probe call after the cool-down", "recovered", Code.OK, (None,), 1, "SERVING", 1.0)

@@ -66,14 +66,16 @@ def test_a_servicer_missing_a_method_of_the_contract_fails_at_start_up() -> None
         _edge().handler(Partial())
 
 
-def test_a_message_that_does_not_parse_is_handed_on_as_undecodable_not_raised() -> None:
+def test_a_message_is_handed_on_with_its_size_and_one_that_does_not_parse_as_undecodable() -> None:
     parse = _handler_for("Rerank").request_deserializer
 
-    good = parse(rerank_pb2.RerankRequest(model="m", query="q").SerializeToString())
+    data = rerank_pb2.RerankRequest(model="m", query="q").SerializeToString()
+    good = parse(data)
     broken = parse(b"\x0a\xff\xff")  # a string field whose length runs past the end
 
-    assert good == rerank_pb2.RerankRequest(model="m", query="q")
-    assert not isinstance(broken, rerank_pb2.RerankRequest)
+    # The message, with the bytes it came in (admission counts them).
+    assert (good.message, good.size) == (rerank_pb2.RerankRequest(model="m", query="q"), len(data))
+    assert not hasattr(broken, "message")
 
 
 def test_methods_outside_the_contract_are_left_to_grpc() -> None:

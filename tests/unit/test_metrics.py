@@ -16,6 +16,7 @@ import pytest
 
 from rerank_service.backends.local.batcher import MicroBatcher
 from rerank_service.backends.upstream.http.transport import UpstreamTransport, transport_failure
+from rerank_service.core.health import State
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import configure_logging, get_logger
 from rerank_service.observability.metrics import REGISTRY
@@ -83,13 +84,28 @@ def test_upstream_attempts_are_counted_by_status_and_timed() -> None:
     assert value("rerank_upstream_latency_seconds_count") == before_count + 2
 
 
-def test_retries_are_counted_by_reason_and_the_circuit_state_is_a_number() -> None:
+def test_retries_are_counted_by_reason_and_a_deployment_s_state_is_a_number() -> None:
     before = value("rerank_upstream_retries_total", reason="503")
     metrics.count_upstream_retry("503")
     assert value("rerank_upstream_retries_total", reason="503") == before + 1
-    for state, number in (("open", 2), ("half_open", 1), ("closed", 0)):
-        metrics.set_circuit_state(state)
-        assert value("rerank_upstream_circuit_state") == number
+    deployment = metrics.DeploymentMetrics("state-test")
+    ejections = value("rerank_deployment_ejections_total", deployment="state-test", state="down")
+    for state, number in ((State.DOWN, 2), (State.EJECTED, 1), (State.HEALTHY, 0)):
+        deployment.set_state(state)
+        assert value("rerank_deployment_state", deployment="state-test") == number
+    assert value("rerank_deployment_ejections_total", deployment="state-test", state="down") == ejections + 1
+
+
+def test_a_deployment_s_calls_are_counted_by_route_and_outcome() -> None:
+    deployment = metrics.DeploymentMetrics("calls-test")
+    deployment.finished("route-a", None, 0.01)
+    deployment.finished("route-a", grpc.StatusCode.UNAVAILABLE, 0.02)
+    deployment.finished("route-a", grpc.StatusCode.UNAVAILABLE, 0.02)
+
+    labels = {"route": "route-a", "deployment": "calls-test"}
+    assert value("rerank_deployment_calls_total", **labels, code="OK") == 1
+    assert value("rerank_deployment_calls_total", **labels, code="UNAVAILABLE") == 2
+    assert value("rerank_deployment_latency_seconds_count", **labels) == 3
 
 
 @pytest.mark.parametrize(
@@ -231,7 +247,7 @@ def test_the_endpoint_serves_the_registry_on_a_free_port_and_stops() -> None:
 
     assert port > 0
     assert "# TYPE rerank_calls_total counter" in text
-    assert "# TYPE rerank_upstream_circuit_state gauge" in text
+    assert "# TYPE rerank_deployment_state gauge" in text
     assert "process_resident_memory_bytes" in text
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)

@@ -217,7 +217,7 @@ class UpstreamBackend:
                 refused.timings = Timings(upstream_spans=tuple(spans))
                 raise
             outcome = Outcome.NEUTRAL  # if cancelled mid-attempt: says nothing about the upstream
-            unreachable = False
+            unreachable = answered = False
             # A probe of a down upstream gets a short time: a hanging probe holds no caller long.
             deadline = context.deadline
             if probe:
@@ -237,6 +237,7 @@ class UpstreamBackend:
                 error.timings = Timings(upstream_spans=tuple(spans))
                 verdict = judge(error, context.deadline is not None and time.monotonic() >= context.deadline)
                 outcome, unreachable = verdict.outcome, error.unreachable
+                answered = "upstream_status" in error.metadata
                 if not verdict.retryable or attempt >= self._retry_policy.max_attempts:
                     raise
                 wait = self._retry_policy.wait_before(attempt, error.retry_after, self._rng)
@@ -254,7 +255,7 @@ class UpstreamBackend:
                 )
                 metrics.count_upstream_retry(verdict.label)
             finally:
-                self._health.record(outcome, probe, unreachable)
+                self._health.record(outcome, probe, unreachable, answered)
             await asyncio.sleep(wait)
             attempt += 1
 

@@ -28,6 +28,63 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// A deployment's health.
+type DeploymentState int32
+
+const (
+	DeploymentState_DEPLOYMENT_STATE_UNSPECIFIED DeploymentState = 0
+	// Called as usual.
+	DeploymentState_DEPLOYMENT_STATE_HEALTHY DeploymentState = 1
+	// Failing: tried after the healthy deployments of its route, still tried
+	// when none is left.
+	DeploymentState_DEPLOYMENT_STATE_EJECTED DeploymentState = 2
+	// Unreachable: calls are refused at once but for probes.
+	DeploymentState_DEPLOYMENT_STATE_DOWN DeploymentState = 3
+)
+
+// Enum value maps for DeploymentState.
+var (
+	DeploymentState_name = map[int32]string{
+		0: "DEPLOYMENT_STATE_UNSPECIFIED",
+		1: "DEPLOYMENT_STATE_HEALTHY",
+		2: "DEPLOYMENT_STATE_EJECTED",
+		3: "DEPLOYMENT_STATE_DOWN",
+	}
+	DeploymentState_value = map[string]int32{
+		"DEPLOYMENT_STATE_UNSPECIFIED": 0,
+		"DEPLOYMENT_STATE_HEALTHY":     1,
+		"DEPLOYMENT_STATE_EJECTED":     2,
+		"DEPLOYMENT_STATE_DOWN":        3,
+	}
+)
+
+func (x DeploymentState) Enum() *DeploymentState {
+	p := new(DeploymentState)
+	*p = x
+	return p
+}
+
+func (x DeploymentState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (DeploymentState) Descriptor() protoreflect.EnumDescriptor {
+	return file_rerank_v1_rerank_proto_enumTypes[0].Descriptor()
+}
+
+func (DeploymentState) Type() protoreflect.EnumType {
+	return &file_rerank_v1_rerank_proto_enumTypes[0]
+}
+
+func (x DeploymentState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use DeploymentState.Descriptor instead.
+func (DeploymentState) EnumDescriptor() ([]byte, []int) {
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{0}
+}
+
 // RerankRequest asks for the documents to be ranked against the query.
 //
 // A request may carry more documents than one upstream call takes (the hosted API
@@ -767,7 +824,11 @@ type ModelInfo struct {
 	Format string `protobuf:"bytes,6,opt,name=format,proto3" json:"format,omitempty"`
 	// The base URL of the upstream that serves the model, without credentials;
 	// empty for a local model.
-	UpstreamUrl   string `protobuf:"bytes,7,opt,name=upstream_url,json=upstreamUrl,proto3" json:"upstream_url,omitempty"`
+	UpstreamUrl string `protobuf:"bytes,7,opt,name=upstream_url,json=upstreamUrl,proto3" json:"upstream_url,omitempty"`
+	// The deployments that serve this model (its route), in the order of their
+	// priority. `backend`, `format` and `upstream_url` above are those of the
+	// first one.
+	Deployments   []*DeploymentInfo `protobuf:"bytes,8,rep,name=deployments,proto3" json:"deployments,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -851,6 +912,113 @@ func (x *ModelInfo) GetUpstreamUrl() string {
 	return ""
 }
 
+func (x *ModelInfo) GetDeployments() []*DeploymentInfo {
+	if x != nil {
+		return x.Deployments
+	}
+	return nil
+}
+
+// One deployment of a route: a place where a model is served.
+type DeploymentInfo struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Its name, as trailing metadata `x-deployment`, logs and metrics give it.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// "upstream" (a rerank HTTP API) or "local" (a model run inside this service).
+	Backend string `protobuf:"bytes,2,opt,name=backend,proto3" json:"backend,omitempty"`
+	// The upstream's wire format; empty for a local model.
+	Format string `protobuf:"bytes,3,opt,name=format,proto3" json:"format,omitempty"`
+	// The upstream's base URL without credentials; empty for a local model.
+	UpstreamUrl string `protobuf:"bytes,4,opt,name=upstream_url,json=upstreamUrl,proto3" json:"upstream_url,omitempty"`
+	// Lowest first: deployments of a higher number are fallbacks.
+	Priority int32 `protobuf:"varint,5,opt,name=priority,proto3" json:"priority,omitempty"`
+	// Its share of the calls among the deployments of the same priority.
+	Weight int32 `protobuf:"varint,6,opt,name=weight,proto3" json:"weight,omitempty"`
+	// Its health now.
+	State         DeploymentState `protobuf:"varint,7,opt,name=state,proto3,enum=rerank.v1.DeploymentState" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeploymentInfo) Reset() {
+	*x = DeploymentInfo{}
+	mi := &file_rerank_v1_rerank_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeploymentInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeploymentInfo) ProtoMessage() {}
+
+func (x *DeploymentInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_rerank_v1_rerank_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeploymentInfo.ProtoReflect.Descriptor instead.
+func (*DeploymentInfo) Descriptor() ([]byte, []int) {
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *DeploymentInfo) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *DeploymentInfo) GetBackend() string {
+	if x != nil {
+		return x.Backend
+	}
+	return ""
+}
+
+func (x *DeploymentInfo) GetFormat() string {
+	if x != nil {
+		return x.Format
+	}
+	return ""
+}
+
+func (x *DeploymentInfo) GetUpstreamUrl() string {
+	if x != nil {
+		return x.UpstreamUrl
+	}
+	return ""
+}
+
+func (x *DeploymentInfo) GetPriority() int32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
+func (x *DeploymentInfo) GetWeight() int32 {
+	if x != nil {
+		return x.Weight
+	}
+	return 0
+}
+
+func (x *DeploymentInfo) GetState() DeploymentState {
+	if x != nil {
+		return x.State
+	}
+	return DeploymentState_DEPLOYMENT_STATE_UNSPECIFIED
+}
+
 // FieldViolation names one invalid request field.
 type RerankError_FieldViolation struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -864,7 +1032,7 @@ type RerankError_FieldViolation struct {
 
 func (x *RerankError_FieldViolation) Reset() {
 	*x = RerankError_FieldViolation{}
-	mi := &file_rerank_v1_rerank_proto_msgTypes[12]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -876,7 +1044,7 @@ func (x *RerankError_FieldViolation) String() string {
 func (*RerankError_FieldViolation) ProtoMessage() {}
 
 func (x *RerankError_FieldViolation) ProtoReflect() protoreflect.Message {
-	mi := &file_rerank_v1_rerank_proto_msgTypes[12]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -961,7 +1129,7 @@ const file_rerank_v1_rerank_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x13\n" +
 	"\x11ListModelsRequest\"B\n" +
 	"\x12ListModelsResponse\x12,\n" +
-	"\x06models\x18\x01 \x03(\v2\x14.rerank.v1.ModelInfoR\x06models\"\xf0\x01\n" +
+	"\x06models\x18\x01 \x03(\v2\x14.rerank.v1.ModelInfoR\x06models\"\xad\x02\n" +
 	"\tModelInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12#\n" +
 	"\rmax_documents\x18\x02 \x01(\x05R\fmaxDocuments\x12(\n" +
@@ -969,7 +1137,21 @@ const file_rerank_v1_rerank_proto_rawDesc = "" +
 	"\x11supports_instruct\x18\x04 \x01(\bR\x10supportsInstruct\x12\x18\n" +
 	"\abackend\x18\x05 \x01(\tR\abackend\x12\x16\n" +
 	"\x06format\x18\x06 \x01(\tR\x06format\x12!\n" +
-	"\fupstream_url\x18\a \x01(\tR\vupstreamUrl2\xee\x01\n" +
+	"\fupstream_url\x18\a \x01(\tR\vupstreamUrl\x12;\n" +
+	"\vdeployments\x18\b \x03(\v2\x19.rerank.v1.DeploymentInfoR\vdeployments\"\xdf\x01\n" +
+	"\x0eDeploymentInfo\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\abackend\x18\x02 \x01(\tR\abackend\x12\x16\n" +
+	"\x06format\x18\x03 \x01(\tR\x06format\x12!\n" +
+	"\fupstream_url\x18\x04 \x01(\tR\vupstreamUrl\x12\x1a\n" +
+	"\bpriority\x18\x05 \x01(\x05R\bpriority\x12\x16\n" +
+	"\x06weight\x18\x06 \x01(\x05R\x06weight\x120\n" +
+	"\x05state\x18\a \x01(\x0e2\x1a.rerank.v1.DeploymentStateR\x05state*\x8a\x01\n" +
+	"\x0fDeploymentState\x12 \n" +
+	"\x1cDEPLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n" +
+	"\x18DEPLOYMENT_STATE_HEALTHY\x10\x01\x12\x1c\n" +
+	"\x18DEPLOYMENT_STATE_EJECTED\x10\x02\x12\x19\n" +
+	"\x15DEPLOYMENT_STATE_DOWN\x10\x032\xee\x01\n" +
 	"\rRerankService\x12=\n" +
 	"\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12S\n" +
 	"\fRerankStream\x12\x1e.rerank.v1.RerankStreamRequest\x1a\x1f.rerank.v1.RerankStreamResponse(\x010\x01\x12I\n" +
@@ -989,47 +1171,52 @@ func file_rerank_v1_rerank_proto_rawDescGZIP() []byte {
 	return file_rerank_v1_rerank_proto_rawDescData
 }
 
-var file_rerank_v1_rerank_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_rerank_v1_rerank_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_rerank_v1_rerank_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_rerank_v1_rerank_proto_goTypes = []any{
-	(*RerankRequest)(nil),              // 0: rerank.v1.RerankRequest
-	(*RerankResponse)(nil),             // 1: rerank.v1.RerankResponse
-	(*RerankOutput)(nil),               // 2: rerank.v1.RerankOutput
-	(*RerankResult)(nil),               // 3: rerank.v1.RerankResult
-	(*RerankDocument)(nil),             // 4: rerank.v1.RerankDocument
-	(*RerankUsage)(nil),                // 5: rerank.v1.RerankUsage
-	(*RerankStreamRequest)(nil),        // 6: rerank.v1.RerankStreamRequest
-	(*RerankStreamResponse)(nil),       // 7: rerank.v1.RerankStreamResponse
-	(*RerankError)(nil),                // 8: rerank.v1.RerankError
-	(*ListModelsRequest)(nil),          // 9: rerank.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),         // 10: rerank.v1.ListModelsResponse
-	(*ModelInfo)(nil),                  // 11: rerank.v1.ModelInfo
-	(*RerankError_FieldViolation)(nil), // 12: rerank.v1.RerankError.FieldViolation
-	nil,                                // 13: rerank.v1.RerankError.MetadataEntry
-	(*durationpb.Duration)(nil),        // 14: google.protobuf.Duration
+	(DeploymentState)(0),               // 0: rerank.v1.DeploymentState
+	(*RerankRequest)(nil),              // 1: rerank.v1.RerankRequest
+	(*RerankResponse)(nil),             // 2: rerank.v1.RerankResponse
+	(*RerankOutput)(nil),               // 3: rerank.v1.RerankOutput
+	(*RerankResult)(nil),               // 4: rerank.v1.RerankResult
+	(*RerankDocument)(nil),             // 5: rerank.v1.RerankDocument
+	(*RerankUsage)(nil),                // 6: rerank.v1.RerankUsage
+	(*RerankStreamRequest)(nil),        // 7: rerank.v1.RerankStreamRequest
+	(*RerankStreamResponse)(nil),       // 8: rerank.v1.RerankStreamResponse
+	(*RerankError)(nil),                // 9: rerank.v1.RerankError
+	(*ListModelsRequest)(nil),          // 10: rerank.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),         // 11: rerank.v1.ListModelsResponse
+	(*ModelInfo)(nil),                  // 12: rerank.v1.ModelInfo
+	(*DeploymentInfo)(nil),             // 13: rerank.v1.DeploymentInfo
+	(*RerankError_FieldViolation)(nil), // 14: rerank.v1.RerankError.FieldViolation
+	nil,                                // 15: rerank.v1.RerankError.MetadataEntry
+	(*durationpb.Duration)(nil),        // 16: google.protobuf.Duration
 }
 var file_rerank_v1_rerank_proto_depIdxs = []int32{
-	2,  // 0: rerank.v1.RerankResponse.output:type_name -> rerank.v1.RerankOutput
-	5,  // 1: rerank.v1.RerankResponse.usage:type_name -> rerank.v1.RerankUsage
-	3,  // 2: rerank.v1.RerankOutput.results:type_name -> rerank.v1.RerankResult
-	4,  // 3: rerank.v1.RerankResult.document:type_name -> rerank.v1.RerankDocument
-	0,  // 4: rerank.v1.RerankStreamRequest.request:type_name -> rerank.v1.RerankRequest
-	1,  // 5: rerank.v1.RerankStreamResponse.response:type_name -> rerank.v1.RerankResponse
-	8,  // 6: rerank.v1.RerankStreamResponse.error:type_name -> rerank.v1.RerankError
-	12, // 7: rerank.v1.RerankError.field_violations:type_name -> rerank.v1.RerankError.FieldViolation
-	14, // 8: rerank.v1.RerankError.retry_delay:type_name -> google.protobuf.Duration
-	13, // 9: rerank.v1.RerankError.metadata:type_name -> rerank.v1.RerankError.MetadataEntry
-	11, // 10: rerank.v1.ListModelsResponse.models:type_name -> rerank.v1.ModelInfo
-	0,  // 11: rerank.v1.RerankService.Rerank:input_type -> rerank.v1.RerankRequest
-	6,  // 12: rerank.v1.RerankService.RerankStream:input_type -> rerank.v1.RerankStreamRequest
-	9,  // 13: rerank.v1.RerankService.ListModels:input_type -> rerank.v1.ListModelsRequest
-	1,  // 14: rerank.v1.RerankService.Rerank:output_type -> rerank.v1.RerankResponse
-	7,  // 15: rerank.v1.RerankService.RerankStream:output_type -> rerank.v1.RerankStreamResponse
-	10, // 16: rerank.v1.RerankService.ListModels:output_type -> rerank.v1.ListModelsResponse
-	14, // [14:17] is the sub-list for method output_type
-	11, // [11:14] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	3,  // 0: rerank.v1.RerankResponse.output:type_name -> rerank.v1.RerankOutput
+	6,  // 1: rerank.v1.RerankResponse.usage:type_name -> rerank.v1.RerankUsage
+	4,  // 2: rerank.v1.RerankOutput.results:type_name -> rerank.v1.RerankResult
+	5,  // 3: rerank.v1.RerankResult.document:type_name -> rerank.v1.RerankDocument
+	1,  // 4: rerank.v1.RerankStreamRequest.request:type_name -> rerank.v1.RerankRequest
+	2,  // 5: rerank.v1.RerankStreamResponse.response:type_name -> rerank.v1.RerankResponse
+	9,  // 6: rerank.v1.RerankStreamResponse.error:type_name -> rerank.v1.RerankError
+	14, // 7: rerank.v1.RerankError.field_violations:type_name -> rerank.v1.RerankError.FieldViolation
+	16, // 8: rerank.v1.RerankError.retry_delay:type_name -> google.protobuf.Duration
+	15, // 9: rerank.v1.RerankError.metadata:type_name -> rerank.v1.RerankError.MetadataEntry
+	12, // 10: rerank.v1.ListModelsResponse.models:type_name -> rerank.v1.ModelInfo
+	13, // 11: rerank.v1.ModelInfo.deployments:type_name -> rerank.v1.DeploymentInfo
+	0,  // 12: rerank.v1.DeploymentInfo.state:type_name -> rerank.v1.DeploymentState
+	1,  // 13: rerank.v1.RerankService.Rerank:input_type -> rerank.v1.RerankRequest
+	7,  // 14: rerank.v1.RerankService.RerankStream:input_type -> rerank.v1.RerankStreamRequest
+	10, // 15: rerank.v1.RerankService.ListModels:input_type -> rerank.v1.ListModelsRequest
+	2,  // 16: rerank.v1.RerankService.Rerank:output_type -> rerank.v1.RerankResponse
+	8,  // 17: rerank.v1.RerankService.RerankStream:output_type -> rerank.v1.RerankStreamResponse
+	11, // 18: rerank.v1.RerankService.ListModels:output_type -> rerank.v1.ListModelsResponse
+	16, // [16:19] is the sub-list for method output_type
+	13, // [13:16] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_rerank_v1_rerank_proto_init() }
@@ -1047,13 +1234,14 @@ func file_rerank_v1_rerank_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rerank_v1_rerank_proto_rawDesc), len(file_rerank_v1_rerank_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   14,
+			NumEnums:      1,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_rerank_v1_rerank_proto_goTypes,
 		DependencyIndexes: file_rerank_v1_rerank_proto_depIdxs,
+		EnumInfos:         file_rerank_v1_rerank_proto_enumTypes,
 		MessageInfos:      file_rerank_v1_rerank_proto_msgTypes,
 	}.Build()
 	File_rerank_v1_rerank_proto = out.File

@@ -13,6 +13,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -23,6 +24,36 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _DeploymentState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeploymentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeploymentState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEPLOYMENT_STATE_UNSPECIFIED: _DeploymentState.ValueType  # 0
+    DEPLOYMENT_STATE_HEALTHY: _DeploymentState.ValueType  # 1
+    """Called as usual."""
+    DEPLOYMENT_STATE_EJECTED: _DeploymentState.ValueType  # 2
+    """Failing: tried after the healthy deployments of its route, still tried
+    when none is left.
+    """
+    DEPLOYMENT_STATE_DOWN: _DeploymentState.ValueType  # 3
+    """Unreachable: calls are refused at once but for probes."""
+
+class DeploymentState(_DeploymentState, metaclass=_DeploymentStateEnumTypeWrapper):
+    """A deployment's health."""
+
+DEPLOYMENT_STATE_UNSPECIFIED: DeploymentState.ValueType  # 0
+DEPLOYMENT_STATE_HEALTHY: DeploymentState.ValueType  # 1
+"""Called as usual."""
+DEPLOYMENT_STATE_EJECTED: DeploymentState.ValueType  # 2
+"""Failing: tried after the healthy deployments of its route, still tried
+when none is left.
+"""
+DEPLOYMENT_STATE_DOWN: DeploymentState.ValueType  # 3
+"""Unreachable: calls are refused at once but for probes."""
+Global___DeploymentState: _TypeAlias = DeploymentState  # noqa: Y015
 
 @_typing.final
 class RerankRequest(_message.Message):
@@ -468,6 +499,7 @@ class ModelInfo(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     UPSTREAM_URL_FIELD_NUMBER: _builtins.int
+    DEPLOYMENTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name to put in RerankRequest.model."""
     max_documents: _builtins.int
@@ -490,6 +522,13 @@ class ModelInfo(_message.Message):
     """The base URL of the upstream that serves the model, without credentials;
     empty for a local model.
     """
+    @_builtins.property
+    def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeploymentInfo]:
+        """The deployments that serve this model (its route), in the order of their
+        priority. `backend`, `format` and `upstream_url` above are those of the
+        first one.
+        """
+
     def __init__(
         self,
         *,
@@ -500,11 +539,58 @@ class ModelInfo(_message.Message):
         backend: _builtins.str = ...,
         format: _builtins.str = ...,
         upstream_url: _builtins.str = ...,
+        deployments: _abc.Iterable[Global___DeploymentInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "format", b"format", "max_documents", b"max_documents", "max_query_tokens", b"max_query_tokens", "name", b"name", "supports_instruct", b"supports_instruct", "upstream_url", b"upstream_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "deployments", b"deployments", "format", b"format", "max_documents", b"max_documents", "max_query_tokens", b"max_query_tokens", "name", b"name", "supports_instruct", b"supports_instruct", "upstream_url", b"upstream_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class DeploymentInfo(_message.Message):
+    """One deployment of a route: a place where a model is served."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    UPSTREAM_URL_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its name, as trailing metadata `x-deployment`, logs and metrics give it."""
+    backend: _builtins.str
+    """"upstream" (a rerank HTTP API) or "local" (a model run inside this service)."""
+    format: _builtins.str
+    """The upstream's wire format; empty for a local model."""
+    upstream_url: _builtins.str
+    """The upstream's base URL without credentials; empty for a local model."""
+    priority: _builtins.int
+    """Lowest first: deployments of a higher number are fallbacks."""
+    weight: _builtins.int
+    """Its share of the calls among the deployments of the same priority."""
+    state: Global___DeploymentState.ValueType
+    """Its health now."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        format: _builtins.str = ...,
+        upstream_url: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        weight: _builtins.int = ...,
+        state: Global___DeploymentState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "format", b"format", "name", b"name", "priority", b"priority", "state", b"state", "upstream_url", b"upstream_url", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeploymentInfo: _TypeAlias = DeploymentInfo  # noqa: Y015

@@ -8,8 +8,8 @@
 // @generated from file rerank/v1/rerank.proto (package rerank.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Duration } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rerank/v1/rerank.proto.
  */
 export const file_rerank_v1_rerank: GenFile = /*@__PURE__*/
-  fileDesc("ChZyZXJhbmsvdjEvcmVyYW5rLnByb3RvEglyZXJhbmsudjEinAEKDVJlcmFua1JlcXVlc3QSDQoFbW9kZWwYASABKAkSDQoFcXVlcnkYAiABKAkSEQoJZG9jdW1lbnRzGAMgAygJEhIKBXRvcF9uGAQgASgFSACIAQESFQoIaW5zdHJ1Y3QYBSABKAlIAYgBARIYChByZXR1cm5fZG9jdW1lbnRzGAYgASgIQggKBl90b3BfbkILCglfaW5zdHJ1Y3QidAoOUmVyYW5rUmVzcG9uc2USEgoKcmVxdWVzdF9pZBgBIAEoCRInCgZvdXRwdXQYAiABKAsyFy5yZXJhbmsudjEuUmVyYW5rT3V0cHV0EiUKBXVzYWdlGAMgASgLMhYucmVyYW5rLnYxLlJlcmFua1VzYWdlIjgKDFJlcmFua091dHB1dBIoCgdyZXN1bHRzGAEgAygLMhcucmVyYW5rLnYxLlJlcmFua1Jlc3VsdCJjCgxSZXJhbmtSZXN1bHQSDQoFaW5kZXgYASABKAUSFwoPcmVsZXZhbmNlX3Njb3JlGAIgASgBEisKCGRvY3VtZW50GAMgASgLMhkucmVyYW5rLnYxLlJlcmFua0RvY3VtZW50Ih4KDlJlcmFua0RvY3VtZW50EgwKBHRleHQYASABKAkiIwoLUmVyYW5rVXNhZ2USFAoMdG90YWxfdG9rZW5zGAEgASgFIkwKE1JlcmFua1N0cmVhbVJlcXVlc3QSCgoCaWQYASABKAkSKQoHcmVxdWVzdBgCIAEoCzIYLnJlcmFuay52MS5SZXJhbmtSZXF1ZXN0IoQBChRSZXJhbmtTdHJlYW1SZXNwb25zZRIKCgJpZBgBIAEoCRItCghyZXNwb25zZRgCIAEoCzIZLnJlcmFuay52MS5SZXJhbmtSZXNwb25zZUgAEicKBWVycm9yGAMgASgLMhYucmVyYW5rLnYxLlJlcmFua0Vycm9ySABCCAoGcmVzdWx0IuACCgtSZXJhbmtFcnJvchIMCgRjb2RlGAEgASgFEg8KB21lc3NhZ2UYAiABKAkSPwoQZmllbGRfdmlvbGF0aW9ucxgDIAMoCzIlLnJlcmFuay52MS5SZXJhbmtFcnJvci5GaWVsZFZpb2xhdGlvbhIuCgtyZXRyeV9kZWxheRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZyZWFzb24YBSABKAkSNgoIbWV0YWRhdGEYBiADKAsyJC5yZXJhbmsudjEuUmVyYW5rRXJyb3IuTWV0YWRhdGFFbnRyeRISCgpyZXF1ZXN0X2lkGAcgASgJGjQKDkZpZWxkVmlvbGF0aW9uEg0KBWZpZWxkGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASITChFMaXN0TW9kZWxzUmVxdWVzdCI6ChJMaXN0TW9kZWxzUmVzcG9uc2USJAoGbW9kZWxzGAEgAygLMhQucmVyYW5rLnYxLk1vZGVsSW5mbyKcAQoJTW9kZWxJbmZvEgwKBG5hbWUYASABKAkSFQoNbWF4X2RvY3VtZW50cxgCIAEoBRIYChBtYXhfcXVlcnlfdG9rZW5zGAMgASgFEhkKEXN1cHBvcnRzX2luc3RydWN0GAQgASgIEg8KB2JhY2tlbmQYBSABKAkSDgoGZm9ybWF0GAYgASgJEhQKDHVwc3RyZWFtX3VybBgHIAEoCTLuAQoNUmVyYW5rU2VydmljZRI9CgZSZXJhbmsSGC5yZXJhbmsudjEuUmVyYW5rUmVxdWVzdBoZLnJlcmFuay52MS5SZXJhbmtSZXNwb25zZRJTCgxSZXJhbmtTdHJlYW0SHi5yZXJhbmsudjEuUmVyYW5rU3RyZWFtUmVxdWVzdBofLnJlcmFuay52MS5SZXJhbmtTdHJlYW1SZXNwb25zZSgBMAESSQoKTGlzdE1vZGVscxIcLnJlcmFuay52MS5MaXN0TW9kZWxzUmVxdWVzdBodLnJlcmFuay52MS5MaXN0TW9kZWxzUmVzcG9uc2VCcwoaaW8ucmVyYW5rc2VydmljZS5yZXJhbmsudjFCC1JlcmFua1Byb3RvUAFaRmdpdGh1Yi5jb20vcmVyYW5rLXNlcnZpY2UvcmVyYW5rLXNlcnZpY2UvY2xpZW50cy9nby9yZXJhbmsvdjE7cmVyYW5rdjFiBnByb3RvMw", [file_google_protobuf_duration]);
+  fileDesc("ChZyZXJhbmsvdjEvcmVyYW5rLnByb3RvEglyZXJhbmsudjEinAEKDVJlcmFua1JlcXVlc3QSDQoFbW9kZWwYASABKAkSDQoFcXVlcnkYAiABKAkSEQoJZG9jdW1lbnRzGAMgAygJEhIKBXRvcF9uGAQgASgFSACIAQESFQoIaW5zdHJ1Y3QYBSABKAlIAYgBARIYChByZXR1cm5fZG9jdW1lbnRzGAYgASgIQggKBl90b3BfbkILCglfaW5zdHJ1Y3QidAoOUmVyYW5rUmVzcG9uc2USEgoKcmVxdWVzdF9pZBgBIAEoCRInCgZvdXRwdXQYAiABKAsyFy5yZXJhbmsudjEuUmVyYW5rT3V0cHV0EiUKBXVzYWdlGAMgASgLMhYucmVyYW5rLnYxLlJlcmFua1VzYWdlIjgKDFJlcmFua091dHB1dBIoCgdyZXN1bHRzGAEgAygLMhcucmVyYW5rLnYxLlJlcmFua1Jlc3VsdCJjCgxSZXJhbmtSZXN1bHQSDQoFaW5kZXgYASABKAUSFwoPcmVsZXZhbmNlX3Njb3JlGAIgASgBEisKCGRvY3VtZW50GAMgASgLMhkucmVyYW5rLnYxLlJlcmFua0RvY3VtZW50Ih4KDlJlcmFua0RvY3VtZW50EgwKBHRleHQYASABKAkiIwoLUmVyYW5rVXNhZ2USFAoMdG90YWxfdG9rZW5zGAEgASgFIkwKE1JlcmFua1N0cmVhbVJlcXVlc3QSCgoCaWQYASABKAkSKQoHcmVxdWVzdBgCIAEoCzIYLnJlcmFuay52MS5SZXJhbmtSZXF1ZXN0IoQBChRSZXJhbmtTdHJlYW1SZXNwb25zZRIKCgJpZBgBIAEoCRItCghyZXNwb25zZRgCIAEoCzIZLnJlcmFuay52MS5SZXJhbmtSZXNwb25zZUgAEicKBWVycm9yGAMgASgLMhYucmVyYW5rLnYxLlJlcmFua0Vycm9ySABCCAoGcmVzdWx0IuACCgtSZXJhbmtFcnJvchIMCgRjb2RlGAEgASgFEg8KB21lc3NhZ2UYAiABKAkSPwoQZmllbGRfdmlvbGF0aW9ucxgDIAMoCzIlLnJlcmFuay52MS5SZXJhbmtFcnJvci5GaWVsZFZpb2xhdGlvbhIuCgtyZXRyeV9kZWxheRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZyZWFzb24YBSABKAkSNgoIbWV0YWRhdGEYBiADKAsyJC5yZXJhbmsudjEuUmVyYW5rRXJyb3IuTWV0YWRhdGFFbnRyeRISCgpyZXF1ZXN0X2lkGAcgASgJGjQKDkZpZWxkVmlvbGF0aW9uEg0KBWZpZWxkGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASITChFMaXN0TW9kZWxzUmVxdWVzdCI6ChJMaXN0TW9kZWxzUmVzcG9uc2USJAoGbW9kZWxzGAEgAygLMhQucmVyYW5rLnYxLk1vZGVsSW5mbyLMAQoJTW9kZWxJbmZvEgwKBG5hbWUYASABKAkSFQoNbWF4X2RvY3VtZW50cxgCIAEoBRIYChBtYXhfcXVlcnlfdG9rZW5zGAMgASgFEhkKEXN1cHBvcnRzX2luc3RydWN0GAQgASgIEg8KB2JhY2tlbmQYBSABKAkSDgoGZm9ybWF0GAYgASgJEhQKDHVwc3RyZWFtX3VybBgHIAEoCRIuCgtkZXBsb3ltZW50cxgIIAMoCzIZLnJlcmFuay52MS5EZXBsb3ltZW50SW5mbyKiAQoORGVwbG95bWVudEluZm8SDAoEbmFtZRgBIAEoCRIPCgdiYWNrZW5kGAIgASgJEg4KBmZvcm1hdBgDIAEoCRIUCgx1cHN0cmVhbV91cmwYBCABKAkSEAoIcHJpb3JpdHkYBSABKAUSDgoGd2VpZ2h0GAYgASgFEikKBXN0YXRlGAcgASgOMhoucmVyYW5rLnYxLkRlcGxveW1lbnRTdGF0ZSqKAQoPRGVwbG95bWVudFN0YXRlEiAKHERFUExPWU1FTlRfU1RBVEVfVU5TUEVDSUZJRUQQABIcChhERVBMT1lNRU5UX1NUQVRFX0hFQUxUSFkQARIcChhERVBMT1lNRU5UX1NUQVRFX0VKRUNURUQQAhIZChVERVBMT1lNRU5UX1NUQVRFX0RPV04QAzLuAQoNUmVyYW5rU2VydmljZRI9CgZSZXJhbmsSGC5yZXJhbmsudjEuUmVyYW5rUmVxdWVzdBoZLnJlcmFuay52MS5SZXJhbmtSZXNwb25zZRJTCgxSZXJhbmtTdHJlYW0SHi5yZXJhbmsudjEuUmVyYW5rU3RyZWFtUmVxdWVzdBofLnJlcmFuay52MS5SZXJhbmtTdHJlYW1SZXNwb25zZSgBMAESSQoKTGlzdE1vZGVscxIcLnJlcmFuay52MS5MaXN0TW9kZWxzUmVxdWVzdBodLnJlcmFuay52MS5MaXN0TW9kZWxzUmVzcG9uc2VCcwoaaW8ucmVyYW5rc2VydmljZS5yZXJhbmsudjFCC1JlcmFua1Byb3RvUAFaRmdpdGh1Yi5jb20vcmVyYW5rLXNlcnZpY2UvcmVyYW5rLXNlcnZpY2UvY2xpZW50cy9nby9yZXJhbmsvdjE7cmVyYW5rdjFiBnByb3RvMw", [file_google_protobuf_duration]);
 
 /**
  * RerankRequest asks for the documents to be ranked against the query.
@@ -494,6 +494,15 @@ export type ModelInfo = Message<"rerank.v1.ModelInfo"> & {
    * @generated from field: string upstream_url = 7;
    */
   upstreamUrl: string;
+
+  /**
+   * The deployments that serve this model (its route), in the order of their
+   * priority. `backend`, `format` and `upstream_url` above are those of the
+   * first one.
+   *
+   * @generated from field: repeated rerank.v1.DeploymentInfo deployments = 8;
+   */
+  deployments: DeploymentInfo[];
 };
 
 /**
@@ -502,6 +511,109 @@ export type ModelInfo = Message<"rerank.v1.ModelInfo"> & {
  */
 export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
   messageDesc(file_rerank_v1_rerank, 11);
+
+/**
+ * One deployment of a route: a place where a model is served.
+ *
+ * @generated from message rerank.v1.DeploymentInfo
+ */
+export type DeploymentInfo = Message<"rerank.v1.DeploymentInfo"> & {
+  /**
+   * Its name, as trailing metadata `x-deployment`, logs and metrics give it.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * "upstream" (a rerank HTTP API) or "local" (a model run inside this service).
+   *
+   * @generated from field: string backend = 2;
+   */
+  backend: string;
+
+  /**
+   * The upstream's wire format; empty for a local model.
+   *
+   * @generated from field: string format = 3;
+   */
+  format: string;
+
+  /**
+   * The upstream's base URL without credentials; empty for a local model.
+   *
+   * @generated from field: string upstream_url = 4;
+   */
+  upstreamUrl: string;
+
+  /**
+   * Lowest first: deployments of a higher number are fallbacks.
+   *
+   * @generated from field: int32 priority = 5;
+   */
+  priority: number;
+
+  /**
+   * Its share of the calls among the deployments of the same priority.
+   *
+   * @generated from field: int32 weight = 6;
+   */
+  weight: number;
+
+  /**
+   * Its health now.
+   *
+   * @generated from field: rerank.v1.DeploymentState state = 7;
+   */
+  state: DeploymentState;
+};
+
+/**
+ * Describes the message rerank.v1.DeploymentInfo.
+ * Use `create(DeploymentInfoSchema)` to create a new message.
+ */
+export const DeploymentInfoSchema: GenMessage<DeploymentInfo> = /*@__PURE__*/
+  messageDesc(file_rerank_v1_rerank, 12);
+
+/**
+ * A deployment's health.
+ *
+ * @generated from enum rerank.v1.DeploymentState
+ */
+export enum DeploymentState {
+  /**
+   * @generated from enum value: DEPLOYMENT_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Called as usual.
+   *
+   * @generated from enum value: DEPLOYMENT_STATE_HEALTHY = 1;
+   */
+  HEALTHY = 1,
+
+  /**
+   * Failing: tried after the healthy deployments of its route, still tried
+   * when none is left.
+   *
+   * @generated from enum value: DEPLOYMENT_STATE_EJECTED = 2;
+   */
+  EJECTED = 2,
+
+  /**
+   * Unreachable: calls are refused at once but for probes.
+   *
+   * @generated from enum value: DEPLOYMENT_STATE_DOWN = 3;
+   */
+  DOWN = 3,
+}
+
+/**
+ * Describes the enum rerank.v1.DeploymentState.
+ */
+export const DeploymentStateSchema: GenEnum<DeploymentState> = /*@__PURE__*/
+  enumDesc(file_rerank_v1_rerank, 0);
 
 /**
  * RerankService ranks candidate documents by their relevance to a query.

@@ -25,6 +25,7 @@ private static final long serialVersionUID = 0L;
     backend_ = "";
     format_ = "";
     upstreamUrl_ = "";
+    deployments_ = java.util.Collections.emptyList();
   }
 
   @java.lang.Override
@@ -287,6 +288,77 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int DEPLOYMENTS_FIELD_NUMBER = 8;
+  @SuppressWarnings("serial")
+  private java.util.List<io.rerankservice.rerank.v1.DeploymentInfo> deployments_;
+  /**
+   * <pre>
+   * The deployments that serve this model (its route), in the order of their
+   * priority. `backend`, `format` and `upstream_url` above are those of the
+   * first one.
+   * </pre>
+   *
+   * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<io.rerankservice.rerank.v1.DeploymentInfo> getDeploymentsList() {
+    return deployments_;
+  }
+  /**
+   * <pre>
+   * The deployments that serve this model (its route), in the order of their
+   * priority. `backend`, `format` and `upstream_url` above are those of the
+   * first one.
+   * </pre>
+   *
+   * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<? extends io.rerankservice.rerank.v1.DeploymentInfoOrBuilder> 
+      getDeploymentsOrBuilderList() {
+    return deployments_;
+  }
+  /**
+   * <pre>
+   * The deployments that serve this model (its route), in the order of their
+   * priority. `backend`, `format` and `upstream_url` above are those of the
+   * first one.
+   * </pre>
+   *
+   * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+   */
+  @java.lang.Override
+  public int getDeploymentsCount() {
+    return deployments_.size();
+  }
+  /**
+   * <pre>
+   * The deployments that serve this model (its route), in the order of their
+   * priority. `backend`, `format` and `upstream_url` above are those of the
+   * first one.
+   * </pre>
+   *
+   * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+   */
+  @java.lang.Override
+  public io.rerankservice.rerank.v1.DeploymentInfo getDeployments(int index) {
+    return deployments_.get(index);
+  }
+  /**
+   * <pre>
+   * The deployments that serve this model (its route), in the order of their
+   * priority. `backend`, `format` and `upstream_url` above are those of the
+   * first one.
+   * </pre>
+   *
+   * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+   */
+  @java.lang.Override
+  public io.rerankservice.rerank.v1.DeploymentInfoOrBuilder getDeploymentsOrBuilder(
+      int index) {
+    return deployments_.get(index);
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -322,6 +394,9 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(upstreamUrl_)) {
       com.google.protobuf.GeneratedMessageV3.writeString(output, 7, upstreamUrl_);
     }
+    for (int i = 0; i < deployments_.size(); i++) {
+      output.writeMessage(8, deployments_.get(i));
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -355,6 +430,10 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessageV3.isStringEmpty(upstreamUrl_)) {
       size += com.google.protobuf.GeneratedMessageV3.computeStringSize(7, upstreamUrl_);
     }
+    for (int i = 0; i < deployments_.size(); i++) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(8, deployments_.get(i));
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -384,6 +463,8 @@ private static final long serialVersionUID = 0L;
         .equals(other.getFormat())) return false;
     if (!getUpstreamUrl()
         .equals(other.getUpstreamUrl())) return false;
+    if (!getDeploymentsList()
+        .equals(other.getDeploymentsList())) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -410,6 +491,10 @@ private static final long serialVersionUID = 0L;
     hash = (53 * hash) + getFormat().hashCode();
     hash = (37 * hash) + UPSTREAM_URL_FIELD_NUMBER;
     hash = (53 * hash) + getUpstreamUrl().hashCode();
+    if (getDeploymentsCount() > 0) {
+      hash = (37 * hash) + DEPLOYMENTS_FIELD_NUMBER;
+      hash = (53 * hash) + getDeploymentsList().hashCode();
+    }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -552,6 +637,13 @@ private static final long serialVersionUID = 0L;
       backend_ = "";
       format_ = "";
       upstreamUrl_ = "";
+      if (deploymentsBuilder_ == null) {
+        deployments_ = java.util.Collections.emptyList();
+      } else {
+        deployments_ = null;
+        deploymentsBuilder_.clear();
+      }
+      bitField0_ = (bitField0_ & ~0x00000080);
       return this;
     }
 
@@ -578,9 +670,22 @@ private static final long serialVersionUID = 0L;
     @java.lang.Override
     public io.rerankservice.rerank.v1.ModelInfo buildPartial() {
       io.rerankservice.rerank.v1.ModelInfo result = new io.rerankservice.rerank.v1.ModelInfo(this);
+      buildPartialRepeatedFields(result);
       if (bitField0_ != 0) { buildPartial0(result); }
       onBuilt();
       return result;
+    }
+
+    private void buildPartialRepeatedFields(io.rerankservice.rerank.v1.ModelInfo result) {
+      if (deploymentsBuilder_ == null) {
+        if (((bitField0_ & 0x00000080) != 0)) {
+          deployments_ = java.util.Collections.unmodifiableList(deployments_);
+          bitField0_ = (bitField0_ & ~0x00000080);
+        }
+        result.deployments_ = deployments_;
+      } else {
+        result.deployments_ = deploymentsBuilder_.build();
+      }
     }
 
     private void buildPartial0(io.rerankservice.rerank.v1.ModelInfo result) {
@@ -681,6 +786,32 @@ private static final long serialVersionUID = 0L;
         bitField0_ |= 0x00000040;
         onChanged();
       }
+      if (deploymentsBuilder_ == null) {
+        if (!other.deployments_.isEmpty()) {
+          if (deployments_.isEmpty()) {
+            deployments_ = other.deployments_;
+            bitField0_ = (bitField0_ & ~0x00000080);
+          } else {
+            ensureDeploymentsIsMutable();
+            deployments_.addAll(other.deployments_);
+          }
+          onChanged();
+        }
+      } else {
+        if (!other.deployments_.isEmpty()) {
+          if (deploymentsBuilder_.isEmpty()) {
+            deploymentsBuilder_.dispose();
+            deploymentsBuilder_ = null;
+            deployments_ = other.deployments_;
+            bitField0_ = (bitField0_ & ~0x00000080);
+            deploymentsBuilder_ = 
+              com.google.protobuf.GeneratedMessageV3.alwaysUseFieldBuilders ?
+                 getDeploymentsFieldBuilder() : null;
+          } else {
+            deploymentsBuilder_.addAllMessages(other.deployments_);
+          }
+        }
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -742,6 +873,19 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000040;
               break;
             } // case 58
+            case 66: {
+              io.rerankservice.rerank.v1.DeploymentInfo m =
+                  input.readMessage(
+                      io.rerankservice.rerank.v1.DeploymentInfo.parser(),
+                      extensionRegistry);
+              if (deploymentsBuilder_ == null) {
+                ensureDeploymentsIsMutable();
+                deployments_.add(m);
+              } else {
+                deploymentsBuilder_.addMessage(m);
+              }
+              break;
+            } // case 66
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1275,6 +1419,354 @@ private static final long serialVersionUID = 0L;
       bitField0_ |= 0x00000040;
       onChanged();
       return this;
+    }
+
+    private java.util.List<io.rerankservice.rerank.v1.DeploymentInfo> deployments_ =
+      java.util.Collections.emptyList();
+    private void ensureDeploymentsIsMutable() {
+      if (!((bitField0_ & 0x00000080) != 0)) {
+        deployments_ = new java.util.ArrayList<io.rerankservice.rerank.v1.DeploymentInfo>(deployments_);
+        bitField0_ |= 0x00000080;
+       }
+    }
+
+    private com.google.protobuf.RepeatedFieldBuilderV3<
+        io.rerankservice.rerank.v1.DeploymentInfo, io.rerankservice.rerank.v1.DeploymentInfo.Builder, io.rerankservice.rerank.v1.DeploymentInfoOrBuilder> deploymentsBuilder_;
+
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public java.util.List<io.rerankservice.rerank.v1.DeploymentInfo> getDeploymentsList() {
+      if (deploymentsBuilder_ == null) {
+        return java.util.Collections.unmodifiableList(deployments_);
+      } else {
+        return deploymentsBuilder_.getMessageList();
+      }
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public int getDeploymentsCount() {
+      if (deploymentsBuilder_ == null) {
+        return deployments_.size();
+      } else {
+        return deploymentsBuilder_.getCount();
+      }
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public io.rerankservice.rerank.v1.DeploymentInfo getDeployments(int index) {
+      if (deploymentsBuilder_ == null) {
+        return deployments_.get(index);
+      } else {
+        return deploymentsBuilder_.getMessage(index);
+      }
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public Builder setDeployments(
+        int index, io.rerankservice.rerank.v1.DeploymentInfo value) {
+      if (deploymentsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureDeploymentsIsMutable();
+        deployments_.set(index, value);
+        onChanged();
+      } else {
+        deploymentsBuilder_.setMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public Builder setDeployments(
+        int index, io.rerankservice.rerank.v1.DeploymentInfo.Builder builderForValue) {
+      if (deploymentsBuilder_ == null) {
+        ensureDeploymentsIsMutable();
+        deployments_.set(index, builderForValue.build());
+        onChanged();
+      } else {
+        deploymentsBuilder_.setMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public Builder addDeployments(io.rerankservice.rerank.v1.DeploymentInfo value) {
+      if (deploymentsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureDeploymentsIsMutable();
+        deployments_.add(value);
+        onChanged();
+      } else {
+        deploymentsBuilder_.addMessage(value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public Builder addDeployments(
+        int index, io.rerankservice.rerank.v1.DeploymentInfo value) {
+      if (deploymentsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureDeploymentsIsMutable();
+        deployments_.add(index, value);
+        onChanged();
+      } else {
+        deploymentsBuilder_.addMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public Builder addDeployments(
+        io.rerankservice.rerank.v1.DeploymentInfo.Builder builderForValue) {
+      if (deploymentsBuilder_ == null) {
+        ensureDeploymentsIsMutable();
+        deployments_.add(builderForValue.build());
+        onChanged();
+      } else {
+        deploymentsBuilder_.addMessage(builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public Builder addDeployments(
+        int index, io.rerankservice.rerank.v1.DeploymentInfo.Builder builderForValue) {
+      if (deploymentsBuilder_ == null) {
+        ensureDeploymentsIsMutable();
+        deployments_.add(index, builderForValue.build());
+        onChanged();
+      } else {
+        deploymentsBuilder_.addMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public Builder addAllDeployments(
+        java.lang.Iterable<? extends io.rerankservice.rerank.v1.DeploymentInfo> values) {
+      if (deploymentsBuilder_ == null) {
+        ensureDeploymentsIsMutable();
+        com.google.protobuf.AbstractMessageLite.Builder.addAll(
+            values, deployments_);
+        onChanged();
+      } else {
+        deploymentsBuilder_.addAllMessages(values);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public Builder clearDeployments() {
+      if (deploymentsBuilder_ == null) {
+        deployments_ = java.util.Collections.emptyList();
+        bitField0_ = (bitField0_ & ~0x00000080);
+        onChanged();
+      } else {
+        deploymentsBuilder_.clear();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public Builder removeDeployments(int index) {
+      if (deploymentsBuilder_ == null) {
+        ensureDeploymentsIsMutable();
+        deployments_.remove(index);
+        onChanged();
+      } else {
+        deploymentsBuilder_.remove(index);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public io.rerankservice.rerank.v1.DeploymentInfo.Builder getDeploymentsBuilder(
+        int index) {
+      return getDeploymentsFieldBuilder().getBuilder(index);
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public io.rerankservice.rerank.v1.DeploymentInfoOrBuilder getDeploymentsOrBuilder(
+        int index) {
+      if (deploymentsBuilder_ == null) {
+        return deployments_.get(index);  } else {
+        return deploymentsBuilder_.getMessageOrBuilder(index);
+      }
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public java.util.List<? extends io.rerankservice.rerank.v1.DeploymentInfoOrBuilder> 
+         getDeploymentsOrBuilderList() {
+      if (deploymentsBuilder_ != null) {
+        return deploymentsBuilder_.getMessageOrBuilderList();
+      } else {
+        return java.util.Collections.unmodifiableList(deployments_);
+      }
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public io.rerankservice.rerank.v1.DeploymentInfo.Builder addDeploymentsBuilder() {
+      return getDeploymentsFieldBuilder().addBuilder(
+          io.rerankservice.rerank.v1.DeploymentInfo.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public io.rerankservice.rerank.v1.DeploymentInfo.Builder addDeploymentsBuilder(
+        int index) {
+      return getDeploymentsFieldBuilder().addBuilder(
+          index, io.rerankservice.rerank.v1.DeploymentInfo.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The deployments that serve this model (its route), in the order of their
+     * priority. `backend`, `format` and `upstream_url` above are those of the
+     * first one.
+     * </pre>
+     *
+     * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+     */
+    public java.util.List<io.rerankservice.rerank.v1.DeploymentInfo.Builder> 
+         getDeploymentsBuilderList() {
+      return getDeploymentsFieldBuilder().getBuilderList();
+    }
+    private com.google.protobuf.RepeatedFieldBuilderV3<
+        io.rerankservice.rerank.v1.DeploymentInfo, io.rerankservice.rerank.v1.DeploymentInfo.Builder, io.rerankservice.rerank.v1.DeploymentInfoOrBuilder> 
+        getDeploymentsFieldBuilder() {
+      if (deploymentsBuilder_ == null) {
+        deploymentsBuilder_ = new com.google.protobuf.RepeatedFieldBuilderV3<
+            io.rerankservice.rerank.v1.DeploymentInfo, io.rerankservice.rerank.v1.DeploymentInfo.Builder, io.rerankservice.rerank.v1.DeploymentInfoOrBuilder>(
+                deployments_,
+                ((bitField0_ & 0x00000080) != 0),
+                getParentForChildren(),
+                isClean());
+        deployments_ = null;
+      }
+      return deploymentsBuilder_;
     }
     @java.lang.Override
     public final Builder setUnknownFields(

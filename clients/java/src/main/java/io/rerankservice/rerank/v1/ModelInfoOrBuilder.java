@@ -124,4 +124,58 @@ public interface ModelInfoOrBuilder extends
    */
   com.google.protobuf.ByteString
       getUpstreamUrlBytes();
+
+  /**
+   * <pre>
+   * The deployments that serve this model (its route), in the order of their
+   * priority. `backend`, `format` and `upstream_url` above are those of the
+   * first one.
+   * </pre>
+   *
+   * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+   */
+  java.util.List<io.rerankservice.rerank.v1.DeploymentInfo> 
+      getDeploymentsList();
+  /**
+   * <pre>
+   * The deployments that serve this model (its route), in the order of their
+   * priority. `backend`, `format` and `upstream_url` above are those of the
+   * first one.
+   * </pre>
+   *
+   * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+   */
+  io.rerankservice.rerank.v1.DeploymentInfo getDeployments(int index);
+  /**
+   * <pre>
+   * The deployments that serve this model (its route), in the order of their
+   * priority. `backend`, `format` and `upstream_url` above are those of the
+   * first one.
+   * </pre>
+   *
+   * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+   */
+  int getDeploymentsCount();
+  /**
+   * <pre>
+   * The deployments that serve this model (its route), in the order of their
+   * priority. `backend`, `format` and `upstream_url` above are those of the
+   * first one.
+   * </pre>
+   *
+   * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+   */
+  java.util.List<? extends io.rerankservice.rerank.v1.DeploymentInfoOrBuilder> 
+      getDeploymentsOrBuilderList();
+  /**
+   * <pre>
+   * The deployments that serve this model (its route), in the order of their
+   * priority. `backend`, `format` and `upstream_url` above are those of the
+   * first one.
+   * </pre>
+   *
+   * <code>repeated .rerank.v1.DeploymentInfo deployments = 8 [json_name = "deployments"];</code>
+   */
+  io.rerankservice.rerank.v1.DeploymentInfoOrBuilder getDeploymentsOrBuilder(
+      int index);
 }

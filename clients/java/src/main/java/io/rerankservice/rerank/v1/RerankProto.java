@@ -85,6 +85,11 @@ public final class RerankProto {
   static final 
     com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
       internal_static_rerank_v1_ModelInfo_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_rerank_v1_DeploymentInfo_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_rerank_v1_DeploymentInfo_fieldAccessorTable;
 
   public static com.google.protobuf.Descriptors.FileDescriptor
       getDescriptor() {
@@ -131,23 +136,33 @@ public final class RerankProto {
       "ption\032;\n\rMetadataEntry\022\020\n\003key\030\001 \001(\tR\003key" +
       "\022\024\n\005value\030\002 \001(\tR\005value:\0028\001\"\023\n\021ListModels" +
       "Request\"B\n\022ListModelsResponse\022,\n\006models\030" +
-      "\001 \003(\0132\024.rerank.v1.ModelInfoR\006models\"\360\001\n\t" +
+      "\001 \003(\0132\024.rerank.v1.ModelInfoR\006models\"\255\002\n\t" +
       "ModelInfo\022\022\n\004name\030\001 \001(\tR\004name\022#\n\rmax_doc" +
       "uments\030\002 \001(\005R\014maxDocuments\022(\n\020max_query_" +
       "tokens\030\003 \001(\005R\016maxQueryTokens\022+\n\021supports" +
       "_instruct\030\004 \001(\010R\020supportsInstruct\022\030\n\007bac" +
       "kend\030\005 \001(\tR\007backend\022\026\n\006format\030\006 \001(\tR\006for" +
-      "mat\022!\n\014upstream_url\030\007 \001(\tR\013upstreamUrl2\356" +
-      "\001\n\rRerankService\022=\n\006Rerank\022\030.rerank.v1.R" +
-      "erankRequest\032\031.rerank.v1.RerankResponse\022" +
-      "S\n\014RerankStream\022\036.rerank.v1.RerankStream" +
-      "Request\032\037.rerank.v1.RerankStreamResponse" +
-      "(\0010\001\022I\n\nListModels\022\034.rerank.v1.ListModel" +
-      "sRequest\032\035.rerank.v1.ListModelsResponseB" +
-      "s\n\032io.rerankservice.rerank.v1B\013RerankPro" +
-      "toP\001ZFgithub.com/rerank-service/rerank-s" +
-      "ervice/clients/go/rerank/v1;rerankv1b\006pr" +
-      "oto3"
+      "mat\022!\n\014upstream_url\030\007 \001(\tR\013upstreamUrl\022;" +
+      "\n\013deployments\030\010 \003(\0132\031.rerank.v1.Deployme" +
+      "ntInfoR\013deployments\"\337\001\n\016DeploymentInfo\022\022" +
+      "\n\004name\030\001 \001(\tR\004name\022\030\n\007backend\030\002 \001(\tR\007bac" +
+      "kend\022\026\n\006format\030\003 \001(\tR\006format\022!\n\014upstream" +
+      "_url\030\004 \001(\tR\013upstreamUrl\022\032\n\010priority\030\005 \001(" +
+      "\005R\010priority\022\026\n\006weight\030\006 \001(\005R\006weight\0220\n\005s" +
+      "tate\030\007 \001(\0162\032.rerank.v1.DeploymentStateR\005" +
+      "state*\212\001\n\017DeploymentState\022 \n\034DEPLOYMENT_" +
+      "STATE_UNSPECIFIED\020\000\022\034\n\030DEPLOYMENT_STATE_" +
+      "HEALTHY\020\001\022\034\n\030DEPLOYMENT_STATE_EJECTED\020\002\022" +
+      "\031\n\025DEPLOYMENT_STATE_DOWN\020\0032\356\001\n\rRerankSer" +
+      "vice\022=\n\006Rerank\022\030.rerank.v1.RerankRequest" +
+      "\032\031.rerank.v1.RerankResponse\022S\n\014RerankStr" +
+      "eam\022\036.rerank.v1.RerankStreamRequest\032\037.re" +
+      "rank.v1.RerankStreamResponse(\0010\001\022I\n\nList" +
+      "Models\022\034.rerank.v1.ListModelsRequest\032\035.r" +
+      "erank.v1.ListModelsResponseBs\n\032io.rerank" +
+      "service.rerank.v1B\013RerankProtoP\001ZFgithub" +
+      ".com/rerank-service/rerank-service/clien" +
+      "ts/go/rerank/v1;rerankv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -237,7 +252,13 @@ public final class RerankProto {
     internal_static_rerank_v1_ModelInfo_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_rerank_v1_ModelInfo_descriptor,
-        new java.lang.String[] { "Name", "MaxDocuments", "MaxQueryTokens", "SupportsInstruct", "Backend", "Format", "UpstreamUrl", });
+        new java.lang.String[] { "Name", "MaxDocuments", "MaxQueryTokens", "SupportsInstruct", "Backend", "Format", "UpstreamUrl", "Deployments", });
+    internal_static_rerank_v1_DeploymentInfo_descriptor =
+      getDescriptor().getMessageTypes().get(12);
+    internal_static_rerank_v1_DeploymentInfo_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_rerank_v1_DeploymentInfo_descriptor,
+        new java.lang.String[] { "Name", "Backend", "Format", "UpstreamUrl", "Priority", "Weight", "State", });
     com.google.protobuf.DurationProto.getDescriptor();
   }
 

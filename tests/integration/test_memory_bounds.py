@@ -1,0 +1,131 @@
+"""What bounds the server's memory: bytes of work in flight, open calls, connections."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+
+from rerank_service.testing.fake_upstream import FakeUpstream, Fault
+from tests.conftest import ServerFactory
+from tests.support.rpc import code_of, expect_error, request
+from tests.support.server import ServerThread
+
+Code = grpc.StatusCode
+BIG_DOCUMENT = "apple " * 40_000  # 240 kB
+BUDGET = 600_000  # room for two such calls, not three
+
+
+def big_request() -> rerank_pb2.RerankRequest:
+    return request(documents=[BIG_DOCUMENT])
+
+
+def outcome(call: Any) -> str:
+    try:
+        call.result()
+    except grpc.RpcError as error:
+        return f"{error.code().name}: {error.details()}"
+    return "OK"
+
+
+def test_unary_calls_past_the_byte_budget_are_refused_and_the_next_one_is_served(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(delay=0.5))
+    with serve(max_inflight_bytes=BUDGET) as server:
+        calls = [server.stub.Rerank.future(big_request(), timeout=10) for _ in range(4)]
+        outcomes = [outcome(call) for call in calls]
+        upstream.always(None)
+        after = server.stub.Rerank(big_request(), timeout=10)
+
+    assert outcomes.count("OK") == 2
+    refused = [text for text in outcomes if text != "OK"]
+    assert len(refused) == 2
+    assert all(text.startswith("RESOURCE_EXHAUSTED") and "--max-inflight-bytes" in text for text in refused)
+    assert len(after.output.results) == 1
+    assert upstream.max_in_flight == 2
+
+
+def test_a_stream_past_the_byte_budget_waits_for_room_and_every_item_is_answered(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(delay=0.2))
+    items = [rerank_pb2.RerankStreamRequest(id=f"i{i}", request=big_request()) for i in range(8)]
+    with serve(max_inflight_bytes=BUDGET, stream_concurrency=32) as server:
+        answers = list(server.stub.RerankStream(iter(items), timeout=30))
+
+    assert sorted(answer.id for answer in answers) == sorted(item.id for item in items)
+    assert all(answer.WhichOneof("result") == "response" for answer in answers)
+    # The window would let 8 run at once; the budget lets two.
+    assert upstream.max_in_flight == 2
+
+
+def open_silent_streams(server: ServerThread, count: int) -> list[Any]:
+    """`count` RerankStreams that are opened and then send nothing (until cancelled)."""
+    silence: queue.Queue[rerank_pb2.RerankStreamRequest] = queue.Queue()
+
+    def never() -> Iterator[rerank_pb2.RerankStreamRequest]:
+        yield silence.get()  # blocks: the stream stays open without an item
+
+    return [server.stub.RerankStream(never(), timeout=30) for _ in range(count)]
+
+
+def health(channel: grpc.Channel) -> str:
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    except grpc.RpcError as error:
+        return str(error.code().name)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def test_calls_past_max_open_calls_are_refused_before_they_are_read(serve: ServerFactory) -> None:
+    with serve(max_open_calls=4, max_concurrent_requests=2) as server:
+        assert server.channel is not None
+        silent = open_silent_streams(server, 4)
+        try:
+            time.sleep(0.3)  # the streams are open on the server
+            refused = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+            health_while_full = health(server.channel)
+        finally:
+            for call in silent:
+                call.cancel()
+        time.sleep(0.3)  # the cancellations reach the server
+        health_after = health(server.channel)
+        answer = server.stub.Rerank(request(), timeout=5)
+
+    assert code_of(refused) == Code.RESOURCE_EXHAUSTED
+    assert health_while_full == "RESOURCE_EXHAUSTED"
+    assert health_after == "SERVING"
+    assert len(answer.output.results) == len(request().documents)
+
+
+def test_connections_past_max_connections_are_closed(serve: ServerFactory) -> None:
+    def call_on_a_new_connection(target: str) -> tuple[grpc.Channel, str]:
+        # A channel of its own (no subchannel sharing): one more TCP connection.
+        channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        try:
+            rerank_pb2_grpc.RerankServiceStub(channel).Rerank(request(), timeout=3)
+        except grpc.RpcError as error:
+            return channel, str(error.code().name)
+        return channel, "OK"
+
+    with serve(max_connections=2) as server, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first, first_code = call_on_a_new_connection(server.target)
+        second, second_code = call_on_a_new_connection(server.target)
+        third, third_code = pool.submit(call_on_a_new_connection, server.target).result()
+        third.close()
+        first.close()
+        time.sleep(0.3)  # the server sees the connection close
+        fourth, fourth_code = call_on_a_new_connection(server.target)
+        second.close()
+        fourth.close()
+
+    assert (first_code, second_code) == ("OK", "OK")
+    assert third_code == "UNAVAILABLE"
+    assert fourth_code == "OK"

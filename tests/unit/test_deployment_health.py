@@ -1,0 +1,464 @@
+"""DeploymentHealth: ejected (tried last, never refused) and down (unreachable: refused but for probes)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import grpc
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rerank_service.core.domain import ServiceError
+from rerank_service.core.health import DeploymentHealth, Outcome, State
+
+FAILURES = 3
+COOLDOWN = 5.0
+PROBE_INTERVAL = 1.0  # min(cooldown, 1 s)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def health_on(clock: Clock, min_failures: int = FAILURES, cooldown: float = COOLDOWN) -> DeploymentHealth:
+    return DeploymentHealth(min_failures=min_failures, cooldown=cooldown, window=10.0, clock=clock)
+
+
+def state_of(health: DeploymentHealth) -> State:
+    """Read afresh each time (mypy would narrow a property across the clock's moves)."""
+    return health.state
+
+
+def refusing_of(health: DeploymentHealth) -> bool:
+    return health.refusing
+
+
+def probe_due_of(health: DeploymentHealth) -> bool:
+    return health.probe_due
+
+
+def fail(health: DeploymentHealth, times: int = 1, unreachable: bool = False, probe: bool = False) -> None:
+    for _ in range(times):
+        health.record(Outcome.FAILURE, probe=probe, unreachable=unreachable)
+
+
+def succeed(health: DeploymentHealth, times: int = 1) -> None:
+    for _ in range(times):
+        health.record(Outcome.SUCCESS)
+
+
+def refusal(health: DeploymentHealth) -> ServiceError:
+    with pytest.raises(ServiceError) as raised:
+        health.admit()
+    return raised.value
+
+
+def down(clock: Clock) -> DeploymentHealth:
+    """A deployment that was just found unreachable FAILURES times in a row."""
+    health = health_on(clock)
+    fail(health, FAILURES, unreachable=True)
+    assert state_of(health) is State.DOWN
+    return health
+
+
+# --- ejection: failing answers ------------------------------------------------------------------
+
+
+def test_a_new_deployment_is_healthy_and_admits_calls_that_are_not_probes() -> None:
+    health = health_on(Clock())
+
+    assert state_of(health) is State.HEALTHY
+    assert not refusing_of(health)
+    assert not probe_due_of(health)
+    assert health.admit() is False
+
+
+def test_failures_in_a_row_with_most_of_the_window_failing_eject_but_never_refuse() -> None:
+    health = health_on(Clock())
+
+    fail(health, FAILURES - 1)
+    assert state_of(health) is State.HEALTHY  # one short of the count in a row
+
+    fail(health)
+    assert state_of(health) is State.EJECTED
+    assert not refusing_of(health)
+    assert health.admit() is False  # still let through: ejection only orders the choice
+    fail(health, 20)
+    assert state_of(health) is State.EJECTED
+    assert health.admit() is False
+
+
+def test_failures_in_a_row_do_not_eject_while_most_of_the_window_succeeded() -> None:
+    health = health_on(Clock())
+    succeed(health, 10)
+
+    fail(health, 9)  # 9 of 19 failed: not more than half
+
+    assert state_of(health) is State.HEALTHY
+    fail(health, 2)  # 11 of 21
+    assert state_of(health) is State.EJECTED
+
+
+def test_a_failing_share_without_enough_failures_in_a_row_does_not_eject() -> None:
+    health = health_on(Clock())
+
+    for _ in range(10):
+        fail(health, FAILURES - 1)
+        succeed(health)  # two thirds failed, but never three in a row
+
+    assert state_of(health) is State.HEALTHY
+
+
+def test_a_success_ends_an_ejection_at_once() -> None:
+    health = health_on(Clock())
+    fail(health, FAILURES)
+    assert state_of(health) is State.EJECTED
+
+    succeed(health)
+
+    assert state_of(health) is State.HEALTHY
+    fail(health, FAILURES - 1)  # the count in a row starts over
+    assert state_of(health) is State.HEALTHY
+
+
+def test_an_ejection_ends_after_the_cooldown_and_one_more_failure_ejects_again() -> None:
+    clock = Clock()
+    health = health_on(clock)
+    fail(health, FAILURES)
+
+    clock.now += COOLDOWN - 0.1
+    assert state_of(health) is State.EJECTED
+    clock.now += 0.1
+    assert state_of(health) is State.HEALTHY
+
+    fail(health)  # still failing in a row, and the window still mostly failures
+    assert state_of(health) is State.EJECTED
+    clock.now += COOLDOWN - 0.1
+    assert state_of(health) is State.EJECTED  # a full cool-down from the new ejection
+
+
+def test_failures_while_ejected_do_not_extend_the_ejection() -> None:
+    clock = Clock()
+    health = health_on(clock)
+    fail(health, FAILURES)
+
+    clock.now += COOLDOWN - 1
+    fail(health, 5)
+    clock.now += 1
+
+    assert state_of(health) is State.HEALTHY
+
+
+def test_neutral_outcomes_neither_count_as_attempts_nor_reset_the_failures_in_a_row() -> None:
+    health = health_on(Clock())
+    fail(health, FAILURES - 1)
+    for _ in range(50):
+        health.record(Outcome.NEUTRAL)
+    assert state_of(health) is State.HEALTHY
+    assert health.failure_summary() == "2 of 2 attempts in the last 10 s failed"
+
+    fail(health)  # the third in a row, and 3 of 3: neutrals did not dilute the window
+
+    assert state_of(health) is State.EJECTED
+
+
+def test_neutral_outcomes_do_not_end_an_ejection_or_a_down_state() -> None:
+    clock = Clock()
+    ejected = health_on(clock)
+    fail(ejected, FAILURES)
+    unreachable = down(clock)
+
+    for health in (ejected, unreachable):
+        health.record(Outcome.NEUTRAL)
+        health.record(Outcome.NEUTRAL, probe=True)
+
+    assert (state_of(ejected), state_of(unreachable)) == (State.EJECTED, State.DOWN)
+
+
+# --- down: unreachable ----------------------------------------------------------------------------
+
+
+def test_unreachable_in_a_row_makes_it_down_and_refused_at_once_with_the_time_left() -> None:
+    clock = Clock()
+    health = health_on(clock)
+    fail(health, FAILURES - 1, unreachable=True)
+    assert state_of(health) is not State.DOWN
+    assert health.admit() is False
+
+    fail(health, unreachable=True)
+
+    assert state_of(health) is State.DOWN
+    assert refusing_of(health)
+    error = refusal(health)
+    assert error.code is grpc.StatusCode.UNAVAILABLE
+    assert error.reason == "UPSTREAM_CIRCUIT_OPEN"
+    assert error.retry_after == pytest.approx(COOLDOWN)
+
+    clock.now += 2.0
+    assert refusal(health).retry_after == pytest.approx(COOLDOWN - 2.0)
+
+
+def test_an_answered_failure_between_unreachable_ones_restarts_the_count() -> None:
+    health = health_on(Clock())
+
+    fail(health, FAILURES - 1, unreachable=True)
+    fail(health)  # a 500: it was reached
+    fail(health, FAILURES - 1, unreachable=True)
+
+    assert state_of(health) is not State.DOWN
+    assert health.admit() is False
+
+
+def test_after_the_cooldown_one_probe_goes_and_a_second_caller_within_the_interval_is_refused() -> None:
+    clock = Clock()
+    health = down(clock)
+
+    clock.now += COOLDOWN
+    assert probe_due_of(health)
+    assert not refusing_of(health)
+
+    assert health.admit() is True  # the probe
+    assert not probe_due_of(health)
+    clock.now += 0.25
+    error = refusal(health)  # another caller while the probe is out
+    assert error.reason == "UPSTREAM_CIRCUIT_OPEN"
+    assert error.retry_after == pytest.approx(PROBE_INTERVAL - 0.25)
+    assert state_of(health) is State.DOWN
+
+
+def test_a_probe_that_hangs_does_not_hold_back_the_next_one() -> None:
+    clock = Clock()
+    health = down(clock)
+    clock.now += COOLDOWN
+    assert health.admit() is True  # a probe that never comes back
+
+    clock.now += PROBE_INTERVAL
+
+    assert probe_due_of(health)
+    assert health.admit() is True  # the next probe, the first still unrecorded
+    assert state_of(health) is State.DOWN
+
+
+def test_a_successful_probe_ends_down() -> None:
+    clock = Clock()
+    health = down(clock)
+    clock.now += COOLDOWN
+    assert health.admit() is True
+
+    health.record(Outcome.SUCCESS, probe=True)
+
+    assert state_of(health) is State.HEALTHY
+    assert health.admit() is False
+    fail(health, FAILURES - 1, unreachable=True)  # the count in a row starts over
+    assert health.admit() is False
+
+
+def test_an_unreachable_probe_is_down_again_for_a_full_cooldown() -> None:
+    clock = Clock()
+    health = down(clock)
+    clock.now += COOLDOWN
+    assert health.admit() is True
+
+    fail(health, unreachable=True, probe=True)
+
+    assert state_of(health) is State.DOWN
+    assert refusing_of(health)
+    assert refusal(health).retry_after == pytest.approx(COOLDOWN)
+    clock.now += COOLDOWN - 0.1
+    assert not probe_due_of(health)
+    clock.now += 0.1
+    assert health.admit() is True
+
+
+def test_an_answered_failure_ends_down_because_it_proves_the_deployment_reachable() -> None:
+    clock = Clock()
+    health = down(clock)
+    clock.now += COOLDOWN
+    assert health.admit() is True
+
+    fail(health, probe=True)  # a 500: an answer, whatever it says
+
+    assert state_of(health) is not State.DOWN
+    assert not refusing_of(health)
+    assert health.admit() is False  # not a probe: calls go through again
+
+
+def test_an_answer_from_a_call_in_flight_ends_down_even_within_the_cooldown() -> None:
+    clock = Clock()
+    health = down(clock)
+    clock.now += 1.0
+
+    fail(health)  # a straggler started before it went down, answered 500
+
+    assert state_of(health) is not State.DOWN
+    assert health.admit() is False
+
+
+def test_a_straggling_unreachable_failure_does_not_extend_the_cooldown() -> None:
+    clock = Clock()
+    health = down(clock)
+
+    clock.now += 2.0
+    fail(health, 3, unreachable=True)  # calls started before it went down, failing late
+
+    assert refusal(health).retry_after == pytest.approx(COOLDOWN - 2.0)
+    clock.now += COOLDOWN - 2.0
+    assert probe_due_of(health)
+    assert health.admit() is True
+
+
+def test_min_failures_zero_never_ejects_nor_goes_down() -> None:
+    clock = Clock()
+    health = health_on(clock, min_failures=0)
+
+    fail(health, 100, unreachable=True)
+    fail(health, 100)
+    fail(health, 10, unreachable=True, probe=True)
+
+    assert state_of(health) is State.HEALTHY
+    assert not refusing_of(health)
+    assert not probe_due_of(health)
+    assert health.admit() is False
+
+
+def test_the_probe_interval_is_never_longer_than_the_cooldown() -> None:
+    clock = Clock()
+    health = health_on(clock, cooldown=0.3)
+    fail(health, FAILURES, unreachable=True)
+    clock.now += 0.3
+    assert health.admit() is True
+
+    clock.now += 0.3
+
+    assert health.admit() is True
+
+
+# --- listeners --------------------------------------------------------------------------------------
+
+
+def test_listeners_hear_each_change_of_state_and_not_the_records_that_change_nothing() -> None:
+    clock = Clock()
+    health = health_on(clock)
+    heard: list[tuple[State, bool]] = []
+    health.on_change(lambda: heard.append((state_of(health), refusing_of(health))))
+
+    fail(health, FAILURES - 1)
+    assert heard == []
+    fail(health)
+    fail(health, 5)  # still ejected: nothing new
+    succeed(health)
+    fail(health, FAILURES, unreachable=True)
+    succeed(health)
+
+    assert heard == [
+        (State.EJECTED, False),
+        (State.HEALTHY, False),
+        (State.DOWN, True),
+        (State.HEALTHY, False),
+    ]
+
+
+async def test_listeners_hear_the_end_of_a_cooldown_by_time_alone() -> None:
+    cooldown = 0.05
+    health = DeploymentHealth(min_failures=FAILURES, cooldown=cooldown)  # the real clock
+    heard: list[tuple[State, bool]] = []
+    cooled = asyncio.Event()
+
+    def listener() -> None:
+        heard.append((state_of(health), refusing_of(health)))
+        if not refusing_of(health) and state_of(health) is State.DOWN:
+            cooled.set()
+
+    health.on_change(listener)
+
+    fail(health, FAILURES, unreachable=True)
+    assert heard == [(State.DOWN, True)]
+
+    await asyncio.wait_for(cooled.wait(), 2.0)  # no record in between: the cool-down's end alone
+    assert heard[-1] == (State.DOWN, False)
+    assert probe_due_of(health)
+
+
+async def test_listeners_hear_the_end_of_an_ejection_by_time_alone() -> None:
+    health = DeploymentHealth(min_failures=FAILURES, cooldown=0.05)
+    heard: list[State] = []
+    healthy = asyncio.Event()
+
+    def listener() -> None:
+        heard.append(state_of(health))
+        if state_of(health) is State.HEALTHY:
+            healthy.set()
+
+    health.on_change(listener)
+    fail(health, FAILURES)
+
+    await asyncio.wait_for(healthy.wait(), 2.0)
+    assert heard == [State.EJECTED, State.HEALTHY]
+
+
+# --- fairness: one caller's bad requests cannot deny service to others ------------------------------
+
+
+@pytest.mark.parametrize(("poison", "victim"), [(1, 10), (10, 1), (1, 1), (50, 1)])
+def test_a_caller_whose_requests_fail_never_gets_anyone_else_refused(poison: int, victim: int) -> None:
+    clock = Clock()
+    health = health_on(clock)
+    states: set[State] = set()
+
+    for _ in range(200):
+        for _ in range(poison):
+            assert health.admit() is False  # never a refusal, never a probe
+            fail(health)  # its request makes the upstream answer 500 or garbage
+            states.add(state_of(health))
+        for _ in range(victim):
+            assert health.admit() is False
+            succeed(health)
+            states.add(state_of(health))
+        clock.now += 0.1
+
+    assert State.DOWN not in states
+    assert not refusing_of(health)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([Outcome.SUCCESS, Outcome.FAILURE, Outcome.NEUTRAL]), st.floats(0, 3)),
+        max_size=200,
+    )
+)
+def test_answered_attempts_of_any_mix_and_pace_never_get_a_call_refused(
+    attempts: list[tuple[Outcome, float]],
+) -> None:
+    clock = Clock()
+    health = health_on(clock, min_failures=2, cooldown=1.0)
+
+    for outcome, pause in attempts:
+        assert health.admit() is False
+        health.record(outcome)
+        clock.now += pause
+
+    assert state_of(health) is not State.DOWN
+    assert not refusing_of(health)
+
+
+def test_only_unreachable_attempts_turn_a_deployment_down_among_mixed_ones() -> None:
+    clock = Clock()
+    health = health_on(clock)
+    pattern = itertools.cycle([True, True, False])  # never FAILURES unreachable in a row
+
+    for unreachable in itertools.islice(pattern, 300):
+        assert health.admit() is False
+        fail(health, unreachable=unreachable)
+        clock.now += 0.05
+
+    assert state_of(health) is State.EJECTED  # failing, so tried last; but not down
+    assert not refusing_of(health)

@@ -1,0 +1,468 @@
+"""The `models:` section: routes of deployments, their keys, overrides, one-line errors, check-config."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from rerank_service.cli import main
+from rerank_service.config import ConfigError, Settings
+from rerank_service.config.deployments import deployment_specs
+from rerank_service.config.sources import load_settings
+
+EU_KEY = "sk-eu-0123456789abcdef"
+CN_KEY = "sk-cn-fedcba9876543210"
+VOYAGE_KEY = "pa-voyage-0123456789"
+GLOBAL_KEY = "sk-global-5555555555"
+INLINE_KEY = "sk-inline-0a1b2c3d4e5f"
+
+FULL = """\
+upstream_timeout: 12
+upstream_max_attempts: 4
+retry_budget: 0.3
+models:
+  - name: qwen3-rerank
+    deployments:
+      - format: dashscope
+        url: https://dashscope-intl.aliyuncs.com
+        api_key_env: EU_KEY
+        weight: 3
+        timeout: 7.5
+        max_attempts: 2
+      - format: compatible
+        url: https://dashscope.aliyuncs.com/compatible-api
+        name: dashscope-cn
+        api_key_file: {key_file}
+      - format: cohere
+        url: http://vllm.internal:8000
+        model: Qwen/Qwen3-Reranker-0.6B
+        prompt_template: qwen3
+        score_transform: sigmoid
+        priority: 1
+      - format: local
+        source: bundled
+        priority: 2
+  - name: bge-reranker
+    deployments:
+      - format: tei
+        url: http://tei.internal:8080/
+        documents_per_call: 16
+      - format: VOYAGE
+        url: https://api.voyageai.com
+        model: rerank-2
+        api_key_env: VOYAGE_KEY
+        path: /v1/rerank
+        priority: 1
+        weight: 2
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "rerank.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def full_file(tmp_path: Path) -> str:
+    key_file = tmp_path / "cn.key"
+    key_file.write_text(f"{CN_KEY}\n", encoding="utf-8")
+    return write(tmp_path, FULL.format(key_file=key_file))
+
+
+def load(path: str, **env: str) -> Settings:
+    return load_settings({"config": path}, env)
+
+
+def refusal(path: str, **env: str) -> str:
+    with pytest.raises(ConfigError) as raised:
+        load(path, **env)
+    message = str(raised.value)
+    assert "\n" not in message, "a configuration error is one line"
+    return message
+
+
+def routes(*deployments: str, name: str = "qwen3-rerank") -> str:
+    """A models section of one route whose deployments are the given YAML mappings."""
+    items = "".join(
+        "      - " + textwrap.indent(textwrap.dedent(item).strip(), "        ")[8:] + "\n"
+        for item in deployments
+    )
+    return f"models:\n  - name: {name}\n    deployments:\n{items}"
+
+
+# --- a full section loads ------------------------------------------------------------------------
+
+
+def test_a_full_models_section_loads_with_every_format_priority_weight_and_override(tmp_path: Path) -> None:
+    settings = load(full_file(tmp_path), EU_KEY=EU_KEY, VOYAGE_KEY=VOYAGE_KEY)
+
+    qwen, bge = settings.models
+    assert (qwen.name, bge.name) == ("qwen3-rerank", "bge-reranker")
+    assert [(d.format, d.priority, d.weight) for d in qwen.deployments] == [
+        ("dashscope", 0, 3),
+        ("compatible", 0, 1),
+        ("cohere", 1, 1),
+        ("local", 2, 1),
+    ]
+    assert [(d.format, d.priority, d.weight) for d in bge.deployments] == [("tei", 0, 1), ("voyage", 1, 2)]
+    assert qwen.deployments[0].timeout == 7.5
+    assert [d.label() for d in qwen.deployments + bge.deployments] == [
+        "dashscope-intl.aliyuncs.com",
+        "dashscope-cn",
+        "vllm.internal:8000",
+        "local:bundled",
+        "tei.internal:8080",
+        "api.voyageai.com",
+    ]
+
+
+def test_keys_are_read_from_their_variable_or_file_and_listed_among_the_secrets(tmp_path: Path) -> None:
+    settings = load(
+        full_file(tmp_path), EU_KEY=f" {EU_KEY} ", VOYAGE_KEY=VOYAGE_KEY, RERANK_UPSTREAM_API_KEY=GLOBAL_KEY
+    )
+
+    keys = [d.api_key.reveal() if d.api_key else None for r in settings.models for d in r.deployments]
+    assert keys == [EU_KEY, CN_KEY, None, None, None, VOYAGE_KEY]
+    assert sorted(secret.reveal() for secret in settings.secrets()) == sorted(
+        [GLOBAL_KEY, EU_KEY, CN_KEY, VOYAGE_KEY]
+    )
+    for rendered in (str(settings), repr(settings)):
+        for key in (EU_KEY, CN_KEY, VOYAGE_KEY, GLOBAL_KEY):
+            assert key not in rendered
+
+
+def test_each_deployment_gets_its_own_settings_with_overrides_and_the_global_ones_otherwise(
+    tmp_path: Path,
+) -> None:
+    settings = load(
+        full_file(tmp_path), EU_KEY=EU_KEY, VOYAGE_KEY=VOYAGE_KEY, RERANK_UPSTREAM_API_KEY=GLOBAL_KEY
+    )
+
+    specs = {spec.name: spec for spec in deployment_specs(settings)}
+
+    assert [(spec.route, spec.name, spec.priority, spec.weight) for spec in specs.values()] == [
+        ("qwen3-rerank", "dashscope-intl.aliyuncs.com", 0, 3),
+        ("qwen3-rerank", "dashscope-cn", 0, 1),
+        ("qwen3-rerank", "vllm.internal:8000", 1, 1),
+        ("qwen3-rerank", "local:bundled", 2, 1),
+        ("bge-reranker", "tei.internal:8080", 0, 1),
+        ("bge-reranker", "api.voyageai.com", 1, 2),
+    ]
+    eu = specs["dashscope-intl.aliyuncs.com"].settings
+    assert (eu.backend, eu.upstream_url, eu.upstream_dialect) == (
+        "upstream",
+        "https://dashscope-intl.aliyuncs.com",
+        "dashscope",
+    )
+    assert (eu.upstream_timeout, eu.upstream_max_attempts) == (7.5, 2)  # its overrides
+    assert eu.upstream_models == ("qwen3-rerank",)  # the route's name when it names no model
+    assert eu.upstream_api_key is not None
+    assert eu.upstream_api_key.reveal() == EU_KEY
+
+    vllm = specs["vllm.internal:8000"].settings
+    assert (vllm.upstream_timeout, vllm.upstream_max_attempts) == (12.0, 4)  # the file's globals
+    assert vllm.upstream_models == ("Qwen/Qwen3-Reranker-0.6B",)
+    assert (vllm.upstream_prompt_template, vllm.upstream_score_transform) == ("qwen3", "sigmoid")
+    assert vllm.upstream_api_key is not None
+    assert vllm.upstream_api_key.reveal() == GLOBAL_KEY
+
+    tei = specs["tei.internal:8080"].settings
+    assert (tei.upstream_url, tei.upstream_dialect, tei.upstream_documents_per_call) == (
+        "http://tei.internal:8080",
+        "tei",
+        16,
+    )
+    assert tei.upstream_prompt_template == Settings().upstream_prompt_template  # the default
+    voyage = specs["api.voyageai.com"].settings
+    assert (voyage.upstream_dialect, voyage.upstream_path, voyage.upstream_models) == (
+        "voyage",
+        "/v1/rerank",
+        ("rerank-2",),
+    )
+
+    local = specs["local:bundled"].settings
+    assert (local.backend, local.local_models) == ("local", (("qwen3-rerank", "bundled"),))
+    for spec in specs.values():
+        assert spec.settings.models == ()  # a deployment's settings describe it alone
+        assert spec.settings.retry_budget == 0.3
+
+
+def test_without_a_models_section_there_are_no_routes_and_no_deployment_specs(tmp_path: Path) -> None:
+    settings = load(write(tmp_path, "upstream_timeout: 3\n"))
+
+    assert settings.models == ()
+    assert deployment_specs(settings) == []
+
+
+# --- one-line errors that name their place ------------------------------------------------------------
+
+GOOD = "format: cohere\nurl: http://a.example"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            routes(f"{GOOD}\nregion: eu"),
+            "models[0].deployments[0].region is not a known setting",
+        ),
+        (
+            "models:\n  - name: x\n    weight: 2\n    deployments:\n      - {format: tei, url: http://a.example}\n",
+            "models[0].weight is not a known setting",
+        ),
+        (routes("format: cohere"), "models[0].deployments[0] format cohere needs url"),
+        (
+            routes(GOOD, "format: grpc\nurl: http://b.example"),
+            "models[0].deployments[1].format must be 'dashscope', 'compatible', 'cohere', 'tei', 'voyage' "
+            "or 'local', got 'grpc'",
+        ),
+        (
+            routes(GOOD, "format: tei\nurl: ftp://b.example"),
+            "models[0].deployments[1].url must be an http(s) URL such as "
+            "https://dashscope-intl.aliyuncs.com, got 'ftp://b.example'",
+        ),
+        (
+            routes(f"{GOOD}\ntimeout: -1"),
+            "models[0].deployments[0].timeout must be a finite number of seconds > 0, got -1",
+        ),
+        (
+            routes(f"{GOOD}\nmax_connections: 0"),
+            "models[0].deployments[0].max_connections must be an integer >= 1, got 0",
+        ),
+        (
+            routes(f"{GOOD}\nweight: 0"),
+            "models[0].deployments[0].weight must be greater than or equal to 1, got 0",
+        ),
+        (
+            routes("format: local\nsource: bundled\nurl: http://a.example"),
+            "models[0].deployments[0] format local takes no url",
+        ),
+        (
+            routes("format: local\nsource: bundled\ntimeout: 3"),
+            "models[0].deployments[0] format local takes no timeout",
+        ),
+        (
+            routes("format: local"),
+            "models[0].deployments[0] format local needs source (a model directory, a hub id or 'bundled')",
+        ),
+        (
+            routes(f"{GOOD}\nsource: bundled"),
+            "models[0].deployments[0] source is for format local only",
+        ),
+        (
+            routes(f"{GOOD}\napi_key_env: A_KEY\napi_key_file: /a.key"),
+            "models[0].deployments[0] api_key_env and api_key_file are exclusive: name one",
+        ),
+        (
+            routes(GOOD, "format: tei\nurl: http://a.example/"),
+            "models[0] two deployments are named 'a.example': give each its own name",
+        ),
+        (
+            routes(f"{GOOD}\nname: same", "format: tei\nurl: http://b.example\nname: same"),
+            "models[0] two deployments are named 'same': give each its own name",
+        ),
+        (
+            routes(GOOD) + routes("format: tei\nurl: http://b.example").removeprefix("models:\n"),
+            "models names two routes 'qwen3-rerank' (models[0] and models[1])",
+        ),
+        ("models:\n  - name: empty\n    deployments: []\n", "models[0] has no deployments"),
+    ],
+)
+def test_a_bad_models_section_is_refused_on_one_line_naming_the_place(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = write(tmp_path, text)
+
+    message = refusal(path)
+
+    assert message.startswith(expected)
+    assert message.endswith(f"(from models in {path})")
+
+
+def test_a_key_written_inline_is_refused_without_repeating_it(tmp_path: Path) -> None:
+    path = write(tmp_path, routes(GOOD, f"format: tei\nurl: http://b.example\napi_key: {INLINE_KEY}"))
+
+    message = refusal(path)
+
+    assert message.startswith("models[0].deployments[1] a key is never written in the file")
+    assert INLINE_KEY not in message
+
+
+def test_a_key_pasted_where_a_variable_is_named_is_refused_without_repeating_it(tmp_path: Path) -> None:
+    """api_key_env: the key itself instead of its variable's name, an easy slip."""
+    path = write(tmp_path, routes(f"{GOOD}\napi_key_env: {INLINE_KEY}"))
+
+    message = refusal(path)
+
+    assert message.startswith("models[0].deployments[0].api_key_env")
+    assert INLINE_KEY not in message
+
+
+def test_a_key_variable_that_is_not_set_or_blank_is_refused_naming_it(tmp_path: Path) -> None:
+    path = write(tmp_path, routes(GOOD, "format: tei\nurl: http://b.example\napi_key_env: TEI_KEY"))
+
+    for env in ({}, {"TEI_KEY": "  "}):
+        message = refusal(path, **env)
+
+        assert message == (
+            f"models[0].deployments[1].api_key_env names TEI_KEY, which is not set (from models in {path})"
+        )
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda directory: directory / "missing.key", "No such file or directory"),
+        (lambda directory: directory, "Is a directory"),
+    ],
+)
+def test_an_unreadable_key_file_is_refused_naming_it(
+    tmp_path: Path, make: Callable[[Path], Path], problem: str
+) -> None:
+    key_file = make(tmp_path)
+    path = write(tmp_path, routes(GOOD, f"format: tei\nurl: http://b.example\napi_key_file: {key_file}"))
+
+    message = refusal(path)
+
+    assert message == f"models[0].deployments[1].api_key_file {key_file}: {problem} (from models in {path})"
+
+
+def test_an_empty_key_file_is_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "empty.key"
+    key_file.write_text("\n  \n", encoding="utf-8")
+    path = write(tmp_path, routes(f"{GOOD}\napi_key_file: {key_file}"))
+
+    assert refusal(path) == (
+        f"models[0].deployments[0].api_key_file {key_file} holds no key (from models in {path})"
+    )
+
+
+def test_caller_keys_need_a_key_for_every_upstream_deployment(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        routes(
+            f"{GOOD}\napi_key_env: A_KEY",
+            "format: local\nsource: bundled",  # a local model needs no key
+            "format: tei\nurl: http://b.example",
+        ),
+    )
+
+    message = refusal(path, RERANK_API_KEYS="caller-key", A_KEY=EU_KEY)
+
+    assert message.startswith("models[0].deployments[2] has no key while RERANK_API_KEYS is set")
+    assert EU_KEY not in message
+
+
+def test_caller_keys_are_fine_once_every_upstream_deployment_has_a_key(tmp_path: Path) -> None:
+    path = write(tmp_path, routes(f"{GOOD}\napi_key_env: A_KEY", "format: local\nsource: bundled"))
+    with_global = write(tmp_path, routes(GOOD), "global.yaml")
+
+    assert load(path, RERANK_API_KEYS="caller-key", A_KEY=EU_KEY).models
+    assert load(with_global, RERANK_API_KEYS="caller-key", RERANK_UPSTREAM_API_KEY=GLOBAL_KEY).models
+
+
+# --- check-config -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """check-config reads the process's environment: none of the service's variables are set."""
+    for name in list(os.environ):
+        if name.startswith("RERANK_") or name == "DASHSCOPE_API_KEY":
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_check_config_accepts_a_good_file_and_prints_its_routes(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_environment.setenv("EU_KEY", EU_KEY)
+    path = write(
+        tmp_path,
+        routes(
+            "format: dashscope\nurl: https://dashscope-intl.aliyuncs.com\napi_key_env: EU_KEY\nweight: 3",
+            "format: cohere\nurl: http://vllm.internal:8000\nname: vllm\npriority: 1",
+        )
+        + routes("format: tei\nurl: http://tei.internal:8080", name="bge").removeprefix("models:\n"),
+    )
+
+    assert main(["check-config", path]) == 0
+
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        f"{path}: ok: 2 routes, 3 deployments",
+        "  qwen3-rerank: dashscope-intl.aliyuncs.com (priority 0, weight 3), vllm (priority 1, weight 1)",
+        "  bge: tei.internal:8080 (priority 0, weight 1)",
+    ]
+    assert EU_KEY not in out + err
+
+
+def test_check_config_refuses_a_bad_file_with_exit_2_naming_the_place(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, routes(GOOD, "format: cohere\nurl: b.example"))
+
+    assert main(["check-config", path]) == 2
+
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(
+        "rerank-service: configuration error: models[0].deployments[1].url must be an http(s)"
+    )
+    assert err.count("\n") == 1
+
+
+def test_check_config_refuses_a_deployment_whose_key_variable_is_unset(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, routes(f"{GOOD}\napi_key_env: UNSET_KEY_FOR_THIS_TEST"))
+
+    assert main(["check-config", path]) == 2
+
+    assert "models[0].deployments[0].api_key_env names UNSET_KEY_FOR_THIS_TEST" in capsys.readouterr().err
+
+
+def test_check_config_names_the_deployment_whose_ca_file_cannot_be_read(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The file sets no upstream_ca_file: an error naming it would send the reader looking for it."""
+    missing = tmp_path / "missing-ca.pem"
+    path = write(tmp_path, routes(GOOD, f"format: tei\nurl: https://b.example\nca_file: {missing}"))
+
+    assert main(["check-config", path]) == 2
+
+    err = capsys.readouterr().err
+    assert "models[0].deployments[1].ca_file" in err
+    assert str(missing) in err
+
+
+def test_a_url_two_routes_share_gets_a_name_per_route(tmp_path: Path) -> None:
+    text = (
+        "models:\n"
+        "  - name: first\n    deployments:\n      - {format: cohere, url: http://vllm.internal:8000}\n"
+        "  - name: second\n    deployments:\n      - {format: cohere, url: http://vllm.internal:8000}\n"
+        "      - {format: tei, url: http://tei.internal:8080}\n"
+    )
+    specs = deployment_specs(load(write(tmp_path, text)))
+
+    assert [spec.name for spec in specs] == [
+        "first/vllm.internal:8000",
+        "second/vllm.internal:8000",
+        "tei.internal:8080",
+    ]
+
+
+def test_a_name_given_in_two_routes_is_refused(tmp_path: Path) -> None:
+    text = (
+        "models:\n"
+        "  - name: first\n    deployments:\n      - {format: cohere, url: http://a.internal, name: fleet}\n"
+        "  - name: second\n    deployments:\n      - {format: cohere, url: http://b.internal, name: fleet}\n"
+    )
+
+    assert refusal(write(tmp_path, text)).startswith(
+        "models[1].deployments[0].name 'fleet' is also a deployment of models[0]"
+    )

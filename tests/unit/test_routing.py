@@ -1,0 +1,637 @@
+"""Route.pick and Router: weighted choice, priorities, panic mode, probes, fallback, readiness, reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import grpc
+import pytest
+
+from rerank_service.core.chunking import CallLimits
+from rerank_service.core.domain import (
+    BackendRequest,
+    BackendResult,
+    CallContext,
+    DeploymentInfo,
+    ModelInfo,
+    ScoredDocument,
+    ServiceError,
+    Timings,
+)
+from rerank_service.core.health import DeploymentHealth, Outcome, State
+from rerank_service.core.readiness import Readiness
+from rerank_service.core.retry_budget import RetryBudget
+from rerank_service.routing.deployment import Deployment
+from rerank_service.routing.route import Member, Route
+from rerank_service.routing.router import Router
+
+ROUTE = "qwen3-rerank"
+FAILURES = 3
+COOLDOWN = 5.0
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeBackend:
+    """Answers each call (or fails it with `reason`) and records what it was asked."""
+
+    def __init__(
+        self,
+        name: str,
+        model: str = ROUTE,
+        *,
+        reason: str | None = None,
+        code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+        ready: bool = True,
+        limits: CallLimits | None = None,
+        max_documents: int = 100,
+        supports_instruct: bool = True,
+        span: tuple[float, float] = (1.0, 2.0),
+        delay: float = 0.0,
+        log: list[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.reason = reason
+        self.code = code
+        self.limits = limits or CallLimits()
+        self.max_documents = max_documents
+        self.supports_instruct = supports_instruct
+        self.span = span
+        self.delay = delay
+        self.log = log if log is not None else []
+        self.gate: asyncio.Event | None = None  # set: each call waits for it
+        self.calls: list[tuple[BackendRequest, CallContext]] = []
+        self.started = 0
+        self.closed = 0
+        self._readiness = Readiness(ready)
+
+    @property
+    def readiness(self) -> Readiness:
+        return self._readiness
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                self.model,
+                max_documents=self.max_documents,
+                max_query_tokens=4000,
+                supports_instruct=self.supports_instruct,
+                backend="upstream",
+                format="cohere",
+                upstream_url=f"http://{self.name}.example",
+            )
+        ]
+
+    def call_limits(self, model: str) -> CallLimits:
+        assert model == self.model
+        return self.limits
+
+    async def start(self) -> None:
+        self.started += 1
+        self._readiness.set(True)
+
+    async def close(self) -> None:
+        self.closed += 1
+        self._readiness.set(False)
+
+    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        self.calls.append((request, context))
+        self.log.append(self.name)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        timings = Timings(upstream_spans=(self.span,))
+        if self.reason is not None or self.code is not grpc.StatusCode.UNAVAILABLE:
+            raise ServiceError(self.code, f"{self.name} failed", reason=self.reason, timings=timings)
+        scores = [ScoredDocument(index, 0.5) for index in range(len(request.documents))]
+        return BackendResult(scores, total_tokens=7, timings=timings)
+
+
+def deployment(backend: FakeBackend, health: DeploymentHealth | None = None) -> Deployment:
+    return Deployment(backend.name, backend, health)
+
+
+def health_on(clock: Clock | None = None, cooldown: float = COOLDOWN) -> DeploymentHealth:
+    if clock is None:
+        return DeploymentHealth(min_failures=FAILURES, cooldown=cooldown)
+    return DeploymentHealth(min_failures=FAILURES, cooldown=cooldown, clock=clock)
+
+
+def eject(health: DeploymentHealth) -> None:
+    for _ in range(FAILURES):
+        health.record(Outcome.FAILURE)
+    assert health.state is State.EJECTED
+
+
+def take_down(health: DeploymentHealth) -> None:
+    for _ in range(FAILURES):
+        health.record(Outcome.FAILURE, unreachable=True)
+    assert health.state is State.DOWN
+
+
+def route_of(*members: Member, budget: RetryBudget | None = None, seed: int = 1) -> Route:
+    return Route(ROUTE, list(members), budget or RetryBudget(), _rng=random.Random(seed))
+
+
+def request(model: str = ROUTE) -> BackendRequest:
+    return BackendRequest(model=model, query="q", documents=["a", "b"], instruct=None, top_n=None)
+
+
+def picked(route: Route, tried: set[Deployment] | None = None) -> str:
+    member = route.pick(tried or set())
+    assert member is not None
+    return member.deployment.name
+
+
+def shares(route: Route, picks: int = 10_000) -> dict[str, float]:
+    counts = Counter(picked(route) for _ in range(picks))
+    return {name: count / picks for name, count in counts.items()}
+
+
+def ready(router: Router) -> bool:
+    """Read afresh each time (mypy would narrow a property across awaits)."""
+    return router.readiness.ready
+
+
+def refusing(health: DeploymentHealth) -> bool:
+    return health.refusing
+
+
+async def call_error(router: Router, context: CallContext | None = None) -> ServiceError:
+    with pytest.raises(ServiceError) as raised:
+        await router.rerank(request(), context or CallContext())
+    return raised.value
+
+
+async def eventually(condition: Callable[[], bool], within: float = 2.0) -> None:
+    give_up = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < give_up, "the condition never came true"
+        await asyncio.sleep(0.001)
+
+
+@asynccontextmanager
+async def running(router: Router) -> AsyncIterator[Router]:
+    await router.start()
+    await asyncio.sleep(0)  # the router's watches of each backend's readiness begin
+    try:
+        yield router
+    finally:
+        await router.close()
+
+
+# --- Route.pick ---------------------------------------------------------------------------------------
+
+
+def test_picks_follow_the_weights_of_one_priority() -> None:
+    a, b, c = (deployment(FakeBackend(name)) for name in "abc")
+    route = route_of(Member(a, ROUTE, weight=1), Member(b, ROUTE, weight=3), Member(c, ROUTE, weight=6))
+
+    found = shares(route)
+
+    assert found["a"] == pytest.approx(0.1, abs=0.02)
+    assert found["b"] == pytest.approx(0.3, abs=0.02)
+    assert found["c"] == pytest.approx(0.6, abs=0.02)
+
+
+def test_of_two_drawn_the_less_loaded_one_is_picked() -> None:
+    busy, idle = deployment(FakeBackend("busy")), deployment(FakeBackend("idle"))
+    busy.in_flight = 4
+    route = route_of(Member(busy, ROUTE), Member(idle, ROUTE))
+
+    found = shares(route)
+
+    assert found["busy"] == pytest.approx(0.25, abs=0.02)  # only when both draws were it
+
+
+def test_the_lowest_priority_number_is_always_picked_while_it_is_healthy() -> None:
+    primary, fallback = deployment(FakeBackend("primary")), deployment(FakeBackend("fallback"))
+    route = route_of(Member(fallback, ROUTE, priority=1, weight=100), Member(primary, ROUTE, priority=0))
+
+    assert set(shares(route, 1000)) == {"primary"}
+    assert picked(route, {primary}) == "fallback"
+    assert route.pick({primary, fallback}) is None
+
+
+def test_the_fallback_tier_is_picked_only_when_the_whole_first_tier_is_ejected_or_unusable() -> None:
+    clock = Clock()
+    first, second = health_on(clock), health_on(clock)
+    not_ready = FakeBackend("not-ready", ready=False)
+    route = route_of(
+        Member(deployment(FakeBackend("first"), first), ROUTE),
+        Member(deployment(FakeBackend("second"), second), ROUTE),
+        Member(deployment(not_ready), ROUTE),
+        Member(deployment(FakeBackend("fallback")), ROUTE, priority=1),
+    )
+
+    eject(first)
+    assert set(shares(route, 1000)) == {"second"}  # one of the first tier is still healthy
+
+    eject(second)
+    assert set(shares(route, 1000)) == {"fallback"}
+
+    not_ready.readiness.set(True)
+    assert set(shares(route, 1000)) == {"not-ready"}
+
+
+def test_when_every_deployment_is_ejected_they_are_still_picked_in_priority_order() -> None:
+    clock = Clock()
+    healths = [health_on(clock) for _ in range(3)]
+    route = route_of(
+        Member(deployment(FakeBackend("a"), healths[0]), ROUTE),
+        Member(deployment(FakeBackend("b"), healths[1]), ROUTE),
+        Member(deployment(FakeBackend("c"), healths[2]), ROUTE, priority=1),
+    )
+    for health in healths:
+        eject(health)
+
+    found = shares(route, 1000)
+
+    assert set(found) == {"a", "b"}  # panic mode: trying beats refusing
+    assert picked(route, {member.deployment for member in route.members[:2]}) == "c"
+
+
+def test_panic_mode_prefers_an_ejected_deployment_to_one_that_would_refuse() -> None:
+    clock = Clock()
+    down_health, ejected_health = health_on(clock), health_on(clock)
+    take_down(down_health)
+    eject(ejected_health)
+    route = route_of(
+        Member(deployment(FakeBackend("down"), down_health), ROUTE, priority=0),
+        Member(deployment(FakeBackend("ejected"), ejected_health), ROUTE, priority=1),
+    )
+
+    assert set(shares(route, 1000)) == {"ejected"}
+
+
+def test_when_every_deployment_would_refuse_one_is_still_picked_to_say_when_to_come_back() -> None:
+    clock = Clock()
+    health = health_on(clock)
+    take_down(health)
+    down = deployment(FakeBackend("down"), health)
+    route = route_of(Member(down, ROUTE), Member(deployment(FakeBackend("off", ready=False)), ROUTE))
+
+    assert route.pick(set()) is not None
+    assert picked(route, {down}) == "off"
+
+
+def test_a_down_deployment_whose_probe_is_due_is_picked_first_whatever_its_priority() -> None:
+    clock = Clock()
+    health = health_on(clock)
+    take_down(health)
+    route = route_of(
+        Member(deployment(FakeBackend("healthy")), ROUTE, priority=0, weight=10),
+        Member(deployment(FakeBackend("down"), health), ROUTE, priority=2),
+    )
+    assert picked(route) == "healthy"  # within its cool-down: never a first choice
+
+    clock.now += COOLDOWN
+
+    assert picked(route) == "down"
+    assert health.admit() is True  # the probe went
+    assert picked(route) == "healthy"  # the next probe is not due yet
+
+
+# --- Router: fallback -----------------------------------------------------------------------------------
+
+
+async def test_a_call_falls_over_to_the_next_deployment_and_names_the_one_that_answered() -> None:
+    failing = FakeBackend("a", reason="UPSTREAM_UNAVAILABLE", span=(1.0, 2.0))
+    answering = FakeBackend("b", model="b-model", span=(2.5, 3.0))
+    route = route_of(Member(deployment(failing), ROUTE), Member(deployment(answering), "b-model", priority=1))
+    router = Router([route])
+
+    result = await router.rerank(request(), CallContext())
+
+    assert result.deployment == "b"
+    assert [score.index for score in result.scores] == [0, 1]
+    assert result.timings.upstream_spans == ((1.0, 2.0), (2.5, 3.0))  # both attempts' time
+    assert [sent.model for sent, _ in failing.calls] == [ROUTE]
+    assert [sent.model for sent, _ in answering.calls] == ["b-model"]  # the name it knows the model by
+    assert answering.calls[0][1].retry_budget is route.budget
+
+
+async def test_a_fallback_tries_the_same_priority_before_the_next() -> None:
+    log: list[str] = []
+    route = route_of(
+        Member(deployment(FakeBackend("a", reason="UPSTREAM_TIMEOUT", log=log)), ROUTE),
+        Member(deployment(FakeBackend("b", reason="UPSTREAM_BAD_RESPONSE", log=log)), ROUTE),
+        Member(deployment(FakeBackend("c", log=log)), ROUTE, priority=1),
+    )
+
+    result = await Router([route]).rerank(request(), CallContext())
+
+    assert result.deployment == "c"
+    assert sorted(log[:2]) == ["a", "b"]
+    assert log[2:] == ["c"]
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "UPSTREAM_UNAVAILABLE",
+        "UPSTREAM_CIRCUIT_OPEN",
+        "UPSTREAM_POOL_EXHAUSTED",
+        "UPSTREAM_RATE_LIMITED",
+        "UPSTREAM_TIMEOUT",
+        "UPSTREAM_BAD_RESPONSE",
+        "UPSTREAM_UNEXPECTED_STATUS",
+        "BACKEND_NOT_READY",
+        "MODEL_FAILED",
+    ],
+)
+async def test_failures_that_say_the_deployment_cannot_answer_now_fall_over(reason: str) -> None:
+    route = route_of(
+        Member(deployment(FakeBackend("a", reason=reason)), ROUTE),
+        Member(deployment(FakeBackend("b")), ROUTE, priority=1),
+    )
+
+    assert (await Router([route]).rerank(request(), CallContext())).deployment == "b"
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, None),
+        (grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST"),
+        (grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_REJECTED_REQUEST"),
+        (grpc.StatusCode.PERMISSION_DENIED, "UPSTREAM_AUTH_FAILED"),
+    ],
+)
+async def test_a_failure_that_is_the_requests_own_fault_never_falls_over(
+    code: grpc.StatusCode, reason: str | None
+) -> None:
+    other = FakeBackend("b")
+    route = route_of(
+        Member(deployment(FakeBackend("a", code=code, reason=reason)), ROUTE),
+        Member(deployment(other), ROUTE, priority=1),
+    )
+
+    error = await call_error(Router([route]))
+
+    assert (error.code, error.reason, error.deployment) == (code, reason, "a")
+    assert other.calls == []
+
+
+async def test_when_every_deployment_fails_the_last_failure_is_raised_with_all_their_timings() -> None:
+    route = route_of(
+        Member(deployment(FakeBackend("a", reason="UPSTREAM_UNAVAILABLE", span=(1.0, 2.0))), ROUTE),
+        Member(deployment(FakeBackend("b", reason="UPSTREAM_TIMEOUT", span=(3.0, 4.0))), ROUTE, priority=1),
+    )
+
+    error = await call_error(Router([route]))
+
+    assert (error.reason, error.deployment) == ("UPSTREAM_TIMEOUT", "b")
+    assert error.timings.upstream_spans == ((1.0, 2.0), (3.0, 4.0))
+
+
+async def test_no_fallback_once_the_routes_retry_budget_is_spent() -> None:
+    other = FakeBackend("b")
+    route = route_of(
+        Member(deployment(FakeBackend("a", reason="UPSTREAM_UNAVAILABLE")), ROUTE),
+        Member(deployment(other), ROUTE, priority=1),
+        budget=RetryBudget(share=0, floor=0),
+    )
+
+    error = await call_error(Router([route]))
+
+    assert (error.reason, error.deployment) == ("UPSTREAM_UNAVAILABLE", "a")
+    assert other.calls == []
+
+
+async def test_each_fallback_spends_the_routes_retry_budget() -> None:
+    route = route_of(
+        Member(deployment(FakeBackend("a", reason="UPSTREAM_UNAVAILABLE")), ROUTE),
+        Member(deployment(FakeBackend("b")), ROUTE, priority=1),
+        budget=RetryBudget(share=0, floor=1),
+    )
+    router = Router([route])
+
+    assert (await router.rerank(request(), CallContext())).deployment == "b"
+    assert (await call_error(router)).deployment == "a"  # the one extra attempt was spent
+
+
+async def test_no_fallback_once_the_callers_deadline_has_passed() -> None:
+    other = FakeBackend("b")
+    route = route_of(
+        Member(deployment(FakeBackend("a", reason="UPSTREAM_UNAVAILABLE", delay=0.05)), ROUTE),
+        Member(deployment(other), ROUTE, priority=1),
+    )
+
+    error = await call_error(Router([route]), CallContext(deadline=time.monotonic() + 0.02))
+
+    assert (error.reason, error.deployment) == ("UPSTREAM_UNAVAILABLE", "a")
+    assert other.calls == []
+
+
+async def test_a_call_for_a_model_no_route_serves_is_not_found() -> None:
+    route = route_of(Member(deployment(FakeBackend("a")), ROUTE))
+
+    with pytest.raises(ServiceError) as raised:
+        await Router([route]).rerank(request("other"), CallContext())
+
+    assert (raised.value.code, raised.value.reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+
+
+# --- Router: readiness --------------------------------------------------------------------------------
+
+
+async def test_ready_only_once_started_and_no_longer_once_closed() -> None:
+    backend = FakeBackend("a", ready=False)
+    router = Router([route_of(Member(deployment(backend), ROUTE))])
+    assert not ready(router)
+
+    await router.start()
+    assert ready(router)
+    assert backend.started == 1
+
+    await router.close()
+    assert not ready(router)
+    assert backend.closed == 1
+
+
+async def test_not_ready_while_a_route_has_only_deployments_that_are_down() -> None:
+    health = health_on(cooldown=0.05)  # the real clock: the cool-down ends by itself
+    route = route_of(Member(deployment(FakeBackend("a"), health), ROUTE))
+    other = route_of(Member(deployment(FakeBackend("b")), ROUTE))
+    other.name = "other"
+
+    async with running(Router([route, other])) as router:
+        assert ready(router)
+
+        take_down(health)
+        assert not ready(router)  # at once, not at the next call
+
+        assert await asyncio.wait_for(router.readiness.changed(), 2.0) is True
+        assert not refusing(health)  # past the cool-down: probes may go
+
+
+async def test_one_deployment_that_is_down_or_not_ready_leaves_the_route_ready() -> None:
+    clock = Clock()
+    health = health_on(clock)
+    spare = FakeBackend("spare")
+    route = route_of(
+        Member(deployment(FakeBackend("a"), health), ROUTE),
+        Member(deployment(spare), ROUTE, priority=1),
+    )
+
+    async with running(Router([route])) as router:
+        take_down(health)
+        assert ready(router)  # the spare can still answer
+
+        spare.readiness.set(False)
+        await eventually(lambda: not ready(router))
+
+        spare.readiness.set(True)
+        await eventually(lambda: ready(router))
+
+
+async def test_an_ejected_deployment_still_counts_for_readiness() -> None:
+    health = health_on(Clock())
+    route = route_of(Member(deployment(FakeBackend("a"), health), ROUTE))
+
+    async with running(Router([route])) as router:
+        eject(health)
+
+        assert ready(router)
+
+
+# --- Router: limits and what ListModels shows -------------------------------------------------------------
+
+
+def test_call_limits_are_the_smallest_of_every_member_and_none_only_when_none_has_one() -> None:
+    route = route_of(
+        Member(deployment(FakeBackend("a", limits=CallLimits(100, None, 4000))), ROUTE),
+        Member(deployment(FakeBackend("b", limits=CallLimits(None, 5000, 2000))), ROUTE),
+        Member(deployment(FakeBackend("c", limits=CallLimits(300, 9000, 8000))), ROUTE, priority=1),
+    )
+    unlimited = route_of(
+        Member(deployment(FakeBackend("d", limits=CallLimits(None, None))), ROUTE),
+        Member(deployment(FakeBackend("e", limits=CallLimits(None, None))), ROUTE),
+    )
+    unlimited.name = "unlimited"
+    router = Router([route, unlimited])
+
+    assert router.call_limits(ROUTE) == CallLimits(max_documents=100, max_tokens=5000, max_item_tokens=2000)
+    assert router.call_limits("unlimited") == CallLimits(max_documents=None, max_tokens=None)
+
+
+def test_model_info_lists_every_deployment_with_its_state_and_the_limits_all_can_honour() -> None:
+    clock = Clock()
+    ejected, down = health_on(clock), health_on(clock)
+    eject(ejected)
+    take_down(down)
+    route = route_of(
+        Member(deployment(FakeBackend("a", max_documents=500)), ROUTE, weight=2),
+        Member(deployment(FakeBackend("b", max_documents=100), ejected), ROUTE, weight=1),
+        Member(
+            deployment(FakeBackend("c", model="c-model", supports_instruct=False), down),
+            "c-model",
+            priority=1,
+        ),
+    )
+
+    [info] = Router([route]).models()
+
+    assert (info.name, info.max_documents, info.supports_instruct) == (ROUTE, 100, False)
+    assert (info.format, info.upstream_url) == ("cohere", "http://a.example")  # the first deployment's
+    assert info.deployments == (
+        DeploymentInfo("a", "upstream", "cohere", "http://a.example", priority=0, weight=2, state="healthy"),
+        DeploymentInfo("b", "upstream", "cohere", "http://b.example", priority=0, weight=1, state="ejected"),
+        DeploymentInfo("c", "upstream", "cohere", "http://c.example", priority=1, weight=1, state="down"),
+    )
+
+
+# --- Router.replace: a reload ---------------------------------------------------------------------------
+
+
+async def test_replace_starts_added_deployments_and_closes_dropped_ones_after_their_calls_finish() -> None:
+    old, kept, new = FakeBackend("old"), FakeBackend("kept"), FakeBackend("new")
+    old_deployment, kept_deployment, new_deployment = deployment(old), deployment(kept), deployment(new)
+    before = route_of(Member(old_deployment, ROUTE), Member(kept_deployment, ROUTE, priority=1))
+    after = route_of(Member(kept_deployment, ROUTE), Member(new_deployment, ROUTE, priority=1))
+
+    async with running(Router([before])) as router:
+        old.gate = asyncio.Event()
+        in_flight = asyncio.create_task(router.rerank(request(), CallContext()))
+        await eventually(lambda: len(old.calls) == 1)
+
+        await asyncio.wait_for(router.replace([after], grace=10.0), 2.0)  # returns once switched
+        await asyncio.sleep(0.01)
+
+        assert new.started == 1
+        assert old.closed == 0  # its call is still in flight
+        assert (await router.rerank(request(), CallContext())).deployment == "kept"  # new calls: new routes
+        assert router.deployments == [kept_deployment, new_deployment]
+
+        old.gate.set()
+        assert (await in_flight).deployment == "old"  # finished where it started
+        await eventually(lambda: old.closed == 1)
+
+        assert (old.closed, kept.closed, new.closed) == (1, 0, 0)
+        assert (old.started, kept.started, new.started) == (1, 1, 1)  # a kept one is not restarted
+        assert ready(router)
+
+
+async def test_replace_closes_a_dropped_deployment_after_the_grace_even_with_a_call_in_flight() -> None:
+    stuck, other = FakeBackend("stuck"), FakeBackend("other")
+    stuck.gate = asyncio.Event()
+
+    async with running(Router([route_of(Member(deployment(stuck), ROUTE))])) as router:
+        in_flight = asyncio.create_task(router.rerank(request(), CallContext()))
+        await eventually(lambda: len(stuck.calls) == 1)
+
+        await asyncio.wait_for(router.replace([route_of(Member(deployment(other), ROUTE))], grace=0.05), 2.0)
+        await eventually(lambda: stuck.closed == 1)
+        assert other.started == 1
+        stuck.gate.set()
+        await in_flight
+
+
+async def test_replace_can_drop_a_route_and_add_another() -> None:
+    first = route_of(Member(deployment(FakeBackend("a")), ROUTE))
+    second = route_of(Member(deployment(FakeBackend("b", model="bge")), "bge"))
+    second.name = "bge"
+
+    async with running(Router([first])) as router:
+        await router.replace([second], grace=1.0)
+
+        assert [info.name for info in router.models()] == ["bge"]
+        assert (await router.rerank(request("bge"), CallContext())).deployment == "b"
+        assert (await call_error(router)).reason == "MODEL_NOT_FOUND"
+        assert ready(router)
+
+
+class UnstartableBackend(FakeBackend):
+    async def start(self) -> None:
+        raise RuntimeError("no such model directory")
+
+
+async def test_a_reload_whose_new_deployment_fails_to_start_changes_nothing() -> None:
+    old, fresh, broken = FakeBackend("old"), FakeBackend("fresh"), UnstartableBackend("broken")
+    before = route_of(Member(deployment(old), ROUTE))
+    after = route_of(Member(deployment(fresh), ROUTE), Member(deployment(broken), ROUTE, priority=1))
+
+    async with running(Router([before])) as router:
+        with pytest.raises(RuntimeError, match="no such model directory"):
+            await router.replace([after], grace=1.0)
+        answered = await router.rerank(request(), CallContext())
+
+    assert answered.deployment == "old"  # the old routes still serve
+    assert fresh.closed == 1  # what the failed reload started is closed again
+    assert old.closed == 1  # by the router's own close, not by the reload
