@@ -7,7 +7,7 @@ BUF := .ci/tools/node_modules/.bin/buf
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 PY_STUBS := clients/python/src
 
-.PHONY: install install-upstream install-dev infinity bench bench-local bench-streaming bench-reliability bench-perf serve test lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
+.PHONY: install install-upstream install-dev infinity bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf serve test lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -98,6 +98,16 @@ bench-streaming: install-dev
 bench-reliability: install-dev
 	$(PY) -m bench.reliability
 
+## bench-routes: a hostile caller beside a victim, failover to a fallback deployment and a down upstream,
+## against live routed servers; rewrites docs/RELIABILITY.md
+bench-routes: install-dev
+	$(PY) -m bench.routes
+
+## bench-abuse: what a hostile caller can make the server hold (big calls, big streams, silent
+## streams) and what a victim sees meanwhile; rewrites docs/RELIABILITY.md
+bench-abuse: install-dev
+	$(PY) -m bench.abuse
+
 ## bench-perf: the upstream service against canned, minimal-proxy and direct baselines
 ## (ghz, nginx, py-spy; writes docs/PERFORMANCE.md; BENCH_QUICK=1 for a short smoke run)
 bench-perf: install-dev
@@ -107,7 +117,7 @@ bench-perf: install-dev
 	$(PY) -m bench.perf
 
 ## bench: every benchmark
-bench: bench-local bench-streaming bench-reliability bench-perf
+bench: bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf
 
 clean:
 	rm -rf $(VENV) $(INFINITY_VENV) .ci/tools/node_modules .mypy_cache .pytest_cache .ruff_cache

@@ -5,9 +5,11 @@
 Runs the scenarios of tests/support/fault_scenarios.py (the same ones
 tests/integration/test_fault_suite.py asserts) against a real `rerank-service serve
 --backend upstream` process in front of the fake upstream (in this process), each
-`--runs` times, then the circuit breaker, overload and shutdown sequences. Prints
-the tables and rewrites them in docs/RELIABILITY.md between its markers; exits 1
-if any scenario broke its promise.
+`--runs` times, then the deployment health (ejected, down, probed back), overload and
+shutdown sequences. Prints the tables and rewrites them in docs/RELIABILITY.md between
+its markers; exits 1 if any scenario broke its promise. `--only breaker` (repeatable)
+runs some parts alone and rewrites only their tables (the "Last run" line describes a
+full run, so it is kept).
 """
 
 from __future__ import annotations
@@ -234,36 +236,49 @@ def replace_block(text: str, name: str, content: str) -> str:
     return pattern.sub(lambda match: match.group(1) + content + match.group(2), text)
 
 
+PARTS = ("scenarios", "breaker", "overload", "shutdown")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=5, help="calls per scenario (at least 2)")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
-    args = parser.parse_args()
-
-    with FakeUpstream(api_key=KEY, models=("qwen3-rerank",)) as upstream:
-        scenarios, failures = scenario_table(upstream, max(2, args.runs))
-        breaker, found = breaker_table(upstream)
-        failures += found
-    overload, found = overload_table()
-    failures += found
-    shutdown, found = shutdown_table()
-    failures += found
-
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    machine = (
-        f"Last run: {when}; {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"grpcio {grpc.__version__}; loopback, a real `rerank-service serve` process, the fake upstream "
-        f"and the client in the benchmark's process; {max(2, args.runs)} calls per scenario."
+    parser.add_argument(
+        "--only", choices=PARTS, action="append", help="run only these parts (repeatable); default: all"
     )
-    blocks = {
-        "machine": machine,
-        "scenarios": scenarios,
-        "breaker": breaker,
-        "overload": overload,
-        "shutdown": shutdown,
-    }
+    args = parser.parse_args()
+    parts = args.only or list(PARTS)
+
+    blocks: dict[str, str] = {}
+    failures: list[str] = []
+    if "scenarios" in parts or "breaker" in parts:
+        with FakeUpstream(api_key=KEY, models=("qwen3-rerank",)) as upstream:
+            if "scenarios" in parts:
+                blocks["scenarios"], found = scenario_table(upstream, max(2, args.runs))
+                failures += found
+            if "breaker" in parts:
+                blocks["breaker"], found = breaker_table(upstream)
+                failures += found
+    if "overload" in parts:
+        blocks["overload"], found = overload_table()
+        failures += found
+    if "shutdown" in parts:
+        blocks["shutdown"], found = shutdown_table()
+        failures += found
+
+    if set(parts) == set(PARTS):
+        when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        blocks = {
+            "machine": (
+                f"Last run: {when}; {platform.machine()}, {os.cpu_count()} CPUs, Python "
+                f"{platform.python_version()}, grpcio {grpc.__version__}; loopback, a real `rerank-service "
+                f"serve` process, the fake upstream and the client in the benchmark's process; "
+                f"{max(2, args.runs)} calls per scenario."
+            ),
+            **blocks,
+        }
     for name, block in blocks.items():
         print(f"\n## {name}\n\n{block}")
     if not args.no_write:

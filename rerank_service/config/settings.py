@@ -370,10 +370,10 @@ class Settings:
         "RESOURCE_EXHAUSTED",
     )
     max_inflight_bytes: Count = Field(
-        default=256 * 1024 * 1024,
+        default=128 * 1024 * 1024,
         description="bytes of request messages being worked on at once (a stream item counts like a "
         "call); past it a call gets RESOURCE_EXHAUSTED and a stream's next item waits. The process "
-        "holds about 5x this at most for the work itself",
+        "holds about 5x this at most for the work itself (docs/RELIABILITY.md)",
     )
     max_open_calls: Count = Field(
         default=4096,

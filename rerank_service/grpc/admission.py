@@ -45,6 +45,10 @@ class Admission:
         self.in_flight += 1
         self.bytes_in_flight += size
 
+    def has_room(self, size: int) -> bool:
+        """Whether `enter(size)` would let a call in now."""
+        return self.in_flight < self.max_in_flight and self._fits(size)
+
     def release(self, size: int = 0) -> None:
         self.in_flight -= 1
         self.give_bytes(size)

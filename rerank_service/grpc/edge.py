@@ -110,14 +110,38 @@ class _Received:
     size: int
 
 
-def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], _Received | _Undecodable]:
+@dataclass(frozen=True, slots=True)
+class _Unparsed:
+    """A unary request that arrived while admission had no room for it: not parsed (a
+    refusal then costs no parsing), unless there is room by the time its call starts."""
+
+    data: bytes
+    parse: Callable[[bytes], _Received | _Undecodable]
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+def _tolerant(
+    parse: Callable[[bytes], Any], admission: Admission | None = None
+) -> Callable[[bytes], _Received | _Unparsed | _Undecodable]:
+    """The method's deserializer: a message that does not parse is handed on, not raised;
+    with `admission` (unary methods), one that would be refused is not parsed at all."""
+
     def tolerant(data: bytes) -> _Received | _Undecodable:
         try:
             return _Received(parse(data), len(data))
         except DecodeError:
             return _UNDECODABLE
 
-    return tolerant
+    if admission is None:
+        return tolerant
+
+    def deferring(data: bytes) -> _Received | _Unparsed | _Undecodable:
+        return tolerant(data) if admission.has_room(len(data)) else _Unparsed(data, tolerant)
+
+    return deferring
 
 
 def _reported_bug(request_id: str) -> ServiceError:
@@ -197,7 +221,8 @@ class RerankServiceEdge:
                 raise NotImplementedError(f"the edge does not serve client-streaming {method.name} yet")
             behavior = getattr(servicer, method.name)
             path = f"/{SERVICE.full_name}/{method.name}"
-            parse = _tolerant(message_factory.GetMessageClass(method.input_type).FromString)
+            message_class = message_factory.GetMessageClass(method.input_type)
+            parse = _tolerant(message_class.FromString, None if method.client_streaming else self._admission)
             serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
             wrapped = self._stream(path, behavior) if method.server_streaming else self._unary(path, behavior)
             factory = _HANDLER_FACTORIES[method.client_streaming, method.server_streaming]
@@ -229,7 +254,9 @@ class RerankServiceEdge:
         logged and counted, without running the method or reading the request."""
         measured = metrics.for_method(path)
 
-        async def call(received: _Received | _Undecodable, context: ServicerContext[Any, Any]) -> Any:
+        async def call(
+            received: _Received | _Unparsed | _Undecodable, context: ServicerContext[Any, Any]
+        ) -> Any:
             started = time.perf_counter()
             request_id = new_request_id()
             token = bind_request_id(request_id)
@@ -244,13 +271,15 @@ class RerankServiceEdge:
             outcome: RerankOutcome | None = None
             failure: ServiceError | None = None
             admitted = ran = False
-            size = received.size if isinstance(received, _Received) else 0
+            size = 0 if isinstance(received, _Undecodable) else received.size
             try:
                 try:
                     if refusal is not None:  # the key, checked before routing (_Routes)
                         raise refusal
                     self._admission.enter(size)
                     admitted = True
+                    if isinstance(received, _Unparsed):  # room was made meanwhile
+                        received = received.parse(received.data)
                     if not isinstance(received, _Received):
                         raise _undecodable()
                     request = received.message
@@ -286,6 +315,10 @@ class RerankServiceEdge:
                 facts = _facts(path, peer, request_id, documents, model, outcome, failure)
                 measured.finished(code, seconds, documents, facts.total_tokens)
                 log_call(facts, code, seconds, details)
+                # The error's traceback holds this frame, which holds the error: a cycle
+                # that would keep the request (megabytes) alive until the cycle collector
+                # runs, which the server tunes to run rarely. Broken here, it goes at once.
+                failure = received = request = None  # type: ignore[assignment]
 
         return call
 
@@ -400,6 +433,7 @@ class ItemEdge:
             facts = _facts(self._path, self._peer, request_id, documents, model, outcome, failure, item_id)
             metrics.STREAM_ITEMS.finished(code, seconds, documents, facts.total_tokens)
             log_call(facts, code, seconds, details)
+            failure = None  # the error <-> frame cycle would keep the item alive: see _unary
 
     @staticmethod
     def refused_at_once(documents: int) -> str:

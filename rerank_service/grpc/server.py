@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import signal
 from collections.abc import Callable
@@ -140,7 +141,9 @@ class RerankServer:
             _log.warning("reload ignored", why="this server's backend was given, not built from settings")
             return False
         try:
-            settings = load()
+            # Caller keys stay as started (the edge checks them): deployments must agree on
+            # whether callers' tokens pass through.
+            settings = dataclasses.replace(load(), api_keys=self.settings.api_keys)
             routes = build_routes(settings, reuse=self.backend.deployments)
             await self.backend.replace(routes, grace=self.settings.shutdown_grace)
         except Exception as exc:  # a bad file, or a new deployment that does not start

@@ -5,7 +5,9 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import time
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,13 +15,30 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
-from tests.conftest import ServerFactory
+from tests.conftest import UPSTREAM_KEY, ServerFactory
+from tests.support.process import ServiceProcess
 from tests.support.rpc import code_of, expect_error, request
 from tests.support.server import ServerThread
 
 Code = grpc.StatusCode
 BIG_DOCUMENT = "apple " * 40_000  # 240 kB
 BUDGET = 600_000  # room for two such calls, not three
+MIB = 1024 * 1024
+
+
+def _status_field(pid: int, name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {name} in /proc/{pid}/status")
+
+
+def resident(pid: int) -> int:
+    return _status_field(pid, "VmRSS")
+
+
+def peak_resident(pid: int) -> int:
+    return _status_field(pid, "VmHWM")
 
 
 def big_request() -> rerank_pb2.RerankRequest:
@@ -129,3 +148,42 @@ def test_connections_past_max_connections_are_closed(serve: ServerFactory) -> No
     assert (first_code, second_code) == ("OK", "OK")
     assert third_code == "UNAVAILABLE"
     assert fourth_code == "OK"
+
+
+def test_refused_large_calls_give_their_memory_back_at_once() -> None:
+    """A refused call's request is freed when it is answered, not when the cycle collector
+    (tuned by `serve` to run rarely) gets to it: big calls refused over and over must not
+    pile up in the server's memory."""
+    document = "x" * 10_000
+    big = request(query="HOSTILE query", documents=[document] * 400)  # 4 MB
+    flags = ["--max-inflight-bytes", str(8 * MIB), "--max-message-bytes", str(8 * MIB)]
+    with FakeUpstream(api_key=UPSTREAM_KEY, record=False) as upstream:
+        upstream.poison("HOSTILE", Fault(delay=1.0))  # admitted calls hold their bytes a second
+        args = ["--backend", "upstream", "--upstream-url", upstream.url, *flags]
+        with ServiceProcess(args, env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}) as service:
+            assert service.process is not None
+            before = resident(service.process.pid)
+            codes: Counter[str] = Counter()
+            stop = time.monotonic() + 3
+
+            def caller() -> None:
+                options = [("grpc.max_send_message_length", 16 * MIB), ("grpc.use_local_subchannel_pool", 1)]
+                with grpc.insecure_channel(service.target, options=options) as channel:
+                    stub = rerank_pb2_grpc.RerankServiceStub(channel)
+                    while time.monotonic() < stop:
+                        try:
+                            stub.Rerank(big, timeout=10)
+                            codes["OK"] += 1
+                        except grpc.RpcError as error:
+                            codes[error.code().name] += 1
+
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                for running in [pool.submit(caller) for _ in range(6)]:
+                    running.result()
+            peak = peak_resident(service.process.pid)
+
+    assert codes["RESOURCE_EXHAUSTED"] >= 50  # the refusals really happened, again and again
+    assert codes["OK"] >= 2
+    # Two admitted calls hold 8 MB (about 40 MiB with what the work makes of them);
+    # refused ones kept alive would add 4 MB each, hundreds of MiB over 3 s.
+    assert peak - before < 160 * MIB, f"grew by {(peak - before) / MIB:.0f} MiB"

@@ -217,7 +217,7 @@ class UpstreamBackend:
                 refused.timings = Timings(upstream_spans=tuple(spans))
                 raise
             outcome = Outcome.NEUTRAL  # if cancelled mid-attempt: says nothing about the upstream
-            unreachable = answered = False
+            unreachable = answered = recorded = False
             # A probe of a down upstream gets a short time: a hanging probe holds no caller long.
             deadline = context.deadline
             if probe:
@@ -238,7 +238,14 @@ class UpstreamBackend:
                 verdict = judge(error, context.deadline is not None and time.monotonic() >= context.deadline)
                 outcome, unreachable = verdict.outcome, error.unreachable
                 answered = "upstream_status" in error.metadata
-                if not verdict.retryable or attempt >= self._retry_policy.max_attempts:
+                self._health.record(outcome, probe, unreachable, answered)
+                recorded = True
+                # Down now (this failure may have made it so): a retry would only be refused.
+                if (
+                    not verdict.retryable
+                    or attempt >= self._retry_policy.max_attempts
+                    or self._health.refusing
+                ):
                     raise
                 wait = self._retry_policy.wait_before(attempt, error.retry_after, self._rng)
                 if time.monotonic() + wait >= give_up_at:
@@ -255,7 +262,8 @@ class UpstreamBackend:
                 )
                 metrics.count_upstream_retry(verdict.label)
             finally:
-                self._health.record(outcome, probe, unreachable, answered)
+                if not recorded:  # a success, or cancelled mid-attempt
+                    self._health.record(outcome, probe, unreachable, answered)
             await asyncio.sleep(wait)
             attempt += 1
 
