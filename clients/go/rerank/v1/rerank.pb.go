@@ -32,6 +32,7 @@ const (
 type DeploymentState int32
 
 const (
+	// Not set (a server older than this field).
 	DeploymentState_DEPLOYMENT_STATE_UNSPECIFIED DeploymentState = 0
 	// Called as usual.
 	DeploymentState_DEPLOYMENT_STATE_HEALTHY DeploymentState = 1

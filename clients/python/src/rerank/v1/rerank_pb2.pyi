@@ -32,6 +32,7 @@ class _DeploymentState:
 class _DeploymentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeploymentState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DEPLOYMENT_STATE_UNSPECIFIED: _DeploymentState.ValueType  # 0
+    """Not set (a server older than this field)."""
     DEPLOYMENT_STATE_HEALTHY: _DeploymentState.ValueType  # 1
     """Called as usual."""
     DEPLOYMENT_STATE_EJECTED: _DeploymentState.ValueType  # 2
@@ -45,6 +46,7 @@ class DeploymentState(_DeploymentState, metaclass=_DeploymentStateEnumTypeWrappe
     """A deployment's health."""
 
 DEPLOYMENT_STATE_UNSPECIFIED: DeploymentState.ValueType  # 0
+"""Not set (a server older than this field)."""
 DEPLOYMENT_STATE_HEALTHY: DeploymentState.ValueType  # 1
 """Called as usual."""
 DEPLOYMENT_STATE_EJECTED: DeploymentState.ValueType  # 2

@@ -582,6 +582,8 @@ export const DeploymentInfoSchema: GenMessage<DeploymentInfo> = /*@__PURE__*/
  */
 export enum DeploymentState {
   /**
+   * Not set (a server older than this field).
+   *
    * @generated from enum value: DEPLOYMENT_STATE_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,

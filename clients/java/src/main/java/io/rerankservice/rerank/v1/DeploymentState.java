@@ -14,6 +14,10 @@ package io.rerankservice.rerank.v1;
 public enum DeploymentState
     implements com.google.protobuf.ProtocolMessageEnum {
   /**
+   * <pre>
+   * Not set (a server older than this field).
+   * </pre>
+   *
    * <code>DEPLOYMENT_STATE_UNSPECIFIED = 0;</code>
    */
   DEPLOYMENT_STATE_UNSPECIFIED(0),
@@ -46,6 +50,10 @@ public enum DeploymentState
   ;
 
   /**
+   * <pre>
+   * Not set (a server older than this field).
+   * </pre>
+   *
    * <code>DEPLOYMENT_STATE_UNSPECIFIED = 0;</code>
    */
   public static final int DEPLOYMENT_STATE_UNSPECIFIED_VALUE = 0;
