@@ -47,11 +47,11 @@ def deployment_settings(settings: Settings, route: RouteConfig, deployment: Depl
 
 
 def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
-    """Every deployment of every route, checked; a bad override is a ConfigError naming its place."""
+    """Every deployment of every route, checked, and named (see `_named`); a bad override
+    is a ConfigError naming its place."""
     from rerank_service.config.sources import describe  # sources imports this module lazily
 
     fields = Settings.__pydantic_fields__  # type: ignore[attr-defined]
-    names = _unique_names(settings)
     specs = []
     for r, route in enumerate(settings.models):
         for d, deployment in enumerate(route.deployments):
@@ -65,38 +65,52 @@ def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
                 key = str(error["loc"][0]).removeprefix("upstream_") if error["loc"] else "settings"
                 raise ConfigError(f"{place}.{key} {problem}{origin_of(settings)}") from None
             specs.append(
-                DeploymentSpec(route.name, names[r, d], deployment.priority, deployment.weight, own, place)
+                DeploymentSpec(
+                    route.name, deployment.label(), deployment.priority, deployment.weight, own, place
+                )
             )
-    return specs
+    return _named(settings, specs)
 
 
-def _unique_names(settings: Settings) -> dict[tuple[int, int], str]:
-    """Each deployment's name, unique across routes (metrics and logs tell them apart by it).
+def shape(own: Settings) -> Settings:
+    """A deployment's settings but for the models it serves: two routes' entries of one
+    shape are one deployment (one connection pool, one health) serving both models."""
+    sources = tuple(("-", source) for _, source in own.local_models)  # a local model is its source
+    return dataclasses.replace(own, upstream_models=("-",), local_models=sources)
 
-    A name made from the URL that two routes share becomes `ROUTE/HOST`; a name given
-    twice is an error.
+
+def _named(settings: Settings, specs: list[DeploymentSpec]) -> list[DeploymentSpec]:
+    """Names unique to what they name, so metrics and logs never mix two deployments.
+
+    Entries of several routes with one name (given, or made from the URL) and one shape
+    are one deployment shared by those routes. Made-from-the-URL names of entries that
+    differ become `ROUTE/NAME`; a given name on entries that differ is an error.
     """
-    labels = {
-        (r, d): deployment.label()
+    shapes: dict[str, list[Settings]] = {}
+    for spec in specs:
+        kinds = shapes.setdefault(spec.name, [])
+        if shape(spec.settings) not in kinds:
+            kinds.append(shape(spec.settings))
+    named = []
+    for (r, route), (d, deployment) in _entries(settings):
+        spec = next(spec for spec in specs if spec.place == f"models[{r}].deployments[{d}]")
+        if len(shapes[spec.name]) > 1:
+            if deployment.name:
+                raise ConfigError(
+                    f"{spec.place}.name {spec.name!r} names deployments of different settings: give "
+                    f"each its own name (one name is one deployment, shared by routes){origin_of(settings)}"
+                )
+            spec = spec._replace(name=f"{route.name}/{spec.name}")
+        named.append(spec)
+    return named
+
+
+def _entries(settings: Settings) -> list[tuple[tuple[int, RouteConfig], tuple[int, DeploymentConfig]]]:
+    return [
+        ((r, route), (d, deployment))
         for r, route in enumerate(settings.models)
         for d, deployment in enumerate(route.deployments)
-    }
-    routes_of: dict[str, set[int]] = {}
-    for (r, _), label in labels.items():
-        routes_of.setdefault(label, set()).add(r)
-    names = {}
-    for (r, d), label in labels.items():
-        first = min(routes_of[label])
-        if len(routes_of[label]) == 1 or (r == first and settings.models[r].deployments[d].name):
-            names[r, d] = label
-        elif settings.models[r].deployments[d].name:
-            raise ConfigError(
-                f"models[{r}].deployments[{d}].name {label!r} is also a deployment of models[{first}]: "
-                f"deployment names are unique across routes{origin_of(settings)}"
-            )
-        else:
-            names[r, d] = f"{settings.models[r].name}/{label}"
-    return names
+    ]
 
 
 def origin_of(settings: Settings) -> str:

@@ -271,7 +271,7 @@ class RerankServiceEdge:
             outcome: RerankOutcome | None = None
             failure: ServiceError | None = None
             admitted = ran = False
-            size = 0 if isinstance(received, _Undecodable) else received.size
+            size = received.size if isinstance(received, _Received | _Unparsed) else 0  # a refusal: unread
             try:
                 try:
                     if refusal is not None:  # the key, checked before routing (_Routes)

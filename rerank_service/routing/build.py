@@ -43,15 +43,19 @@ def build_routes(settings: Settings, reuse: Iterable[Deployment] = ()) -> list[R
             Route(model.name, [Member(single, model.name)], RetryBudget(settings.retry_budget))
             for model in single.backend.models()
         ]
+    specs = deployment_specs(settings)
+    # A deployment shared by routes serves every model they send it (see deployments.py).
+    served: dict[str, Settings] = {}
+    for spec in specs:
+        own = served.get(spec.name)
+        served[spec.name] = spec.settings if own is None else _serving_too(own, spec.settings)
     routes: dict[str, Route] = {}
-    for spec in deployment_specs(settings):
+    for spec in specs:
         route = routes.setdefault(spec.route, Route(spec.route, [], RetryBudget(settings.retry_budget)))
-        model = (
-            spec.settings.local_models[0][0]
-            if spec.settings.backend == "local"
-            else spec.settings.upstream_models[0]
+        model = _model_of(spec.settings)
+        member = Member(
+            deployment(spec.name, served[spec.name], spec.place), model, spec.priority, spec.weight
         )
-        member = Member(deployment(spec.name, spec.settings, spec.place), model, spec.priority, spec.weight)
         route.members.append(member)
     return list(routes.values())
 
@@ -79,6 +83,21 @@ def _placed(message: str, place: str) -> str:
     if setting.startswith("upstream-"):
         return f"{place}.{setting.removeprefix('upstream-').replace('-', '_')} {rest}"
     return f"{place}: {message}"
+
+
+def _model_of(own: Settings) -> str:
+    return own.local_models[0][0] if own.backend == "local" else own.upstream_models[0]
+
+
+def _serving_too(own: Settings, other: Settings) -> Settings:
+    """`own`, serving `other`'s model as well."""
+    if own.backend == "local":
+        return dataclasses.replace(
+            own, local_models=tuple(dict.fromkeys(own.local_models + other.local_models))
+        )
+    return dataclasses.replace(
+        own, upstream_models=tuple(dict.fromkeys(own.upstream_models + other.upstream_models))
+    )
 
 
 def _backend(settings: Settings) -> Backend:

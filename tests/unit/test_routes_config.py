@@ -440,23 +440,25 @@ def test_check_config_names_the_deployment_whose_ca_file_cannot_be_read(
     assert str(missing) in err
 
 
-def test_a_url_two_routes_share_gets_a_name_per_route(tmp_path: Path) -> None:
+def test_one_url_in_two_routes_is_one_deployment_unless_their_settings_differ(tmp_path: Path) -> None:
     text = (
         "models:\n"
         "  - name: first\n    deployments:\n      - {format: cohere, url: http://vllm.internal:8000}\n"
-        "  - name: second\n    deployments:\n      - {format: cohere, url: http://vllm.internal:8000}\n"
         "      - {format: tei, url: http://tei.internal:8080}\n"
+        "  - name: second\n    deployments:\n      - {format: cohere, url: http://vllm.internal:8000}\n"
+        "      - {format: tei, url: http://tei.internal:8080, timeout: 3}\n"
     )
     specs = deployment_specs(load(write(tmp_path, text)))
 
     assert [spec.name for spec in specs] == [
-        "first/vllm.internal:8000",
-        "second/vllm.internal:8000",
-        "tei.internal:8080",
+        "vllm.internal:8000",  # the same settings in both routes: one deployment, shared
+        "first/tei.internal:8080",  # different settings: two deployments, named apart
+        "vllm.internal:8000",
+        "second/tei.internal:8080",
     ]
 
 
-def test_a_name_given_in_two_routes_is_refused(tmp_path: Path) -> None:
+def test_a_name_given_to_deployments_that_differ_is_refused(tmp_path: Path) -> None:
     text = (
         "models:\n"
         "  - name: first\n    deployments:\n      - {format: cohere, url: http://a.internal, name: fleet}\n"
@@ -464,5 +466,5 @@ def test_a_name_given_in_two_routes_is_refused(tmp_path: Path) -> None:
     )
 
     assert refusal(write(tmp_path, text)).startswith(
-        "models[1].deployments[0].name 'fleet' is also a deployment of models[0]"
+        "models[0].deployments[0].name 'fleet' names deployments of different settings"
     )
