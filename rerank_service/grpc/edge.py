@@ -37,9 +37,10 @@ from google.protobuf.message import DecodeError
 from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2
 
-from rerank_service.core.domain import NO_TIMINGS, RerankOutcome, ServiceError, Timings, echo
-from rerank_service.grpc.admission import Admission
-from rerank_service.grpc.auth import KeyChecker, bearer_token
+from rerank_service.core.domain import NO_TIMINGS, RerankOutcome, ServiceError, Timings
+from rerank_service.frontdoor.admission import Admission
+from rerank_service.frontdoor.auth import KeyChecker, bearer_token
+from rerank_service.frontdoor.calls import CallFacts, call_facts, log_call
 from rerank_service.grpc.status import (
     DEPLOYMENT_KEY,
     INFERENCE_TIME_KEY,
@@ -73,25 +74,6 @@ class Answer(Generic[Response]):
 
     message: Response
     outcome: RerankOutcome | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CallFacts:
-    """What one call's log line and metrics say, gathered at the edge."""
-
-    method: str
-    peer: str
-    request_id: str
-    documents: int | None = None
-    model: str | None = None
-    total_tokens: int | None = None
-    upstream_request_ids: tuple[str, ...] = ()
-    timings: Timings = NO_TIMINGS
-    items: int | None = None  # responses sent on a stream
-    item_id: str | None = None  # the RerankStream item this is about
-    usage_source: str | None = None  # where total_tokens came from, when not the upstream
-    instruct_ignored: bool = False  # the model does not take the instruct the caller sent
-    deployments: tuple[str, ...] = ()  # that answered, or the last that failed
 
 
 class _Undecodable:
@@ -312,7 +294,7 @@ class RerankServiceEdge:
                     self._admission.release(size)
                 unbind_request_id(token)
                 seconds = time.perf_counter() - started
-                facts = _facts(path, peer, request_id, documents, model, outcome, failure)
+                facts = call_facts(path, peer, request_id, documents, model, outcome, failure)
                 measured.finished(code, seconds, documents, facts.total_tokens)
                 log_call(facts, code, seconds, details)
                 # The error's traceback holds this frame, which holds the error: a cycle
@@ -430,7 +412,9 @@ class ItemEdge:
             return response
         finally:
             seconds = time.perf_counter() - started
-            facts = _facts(self._path, self._peer, request_id, documents, model, outcome, failure, item_id)
+            facts = call_facts(
+                self._path, self._peer, request_id, documents, model, outcome, failure, item_id
+            )
             metrics.STREAM_ITEMS.finished(code, seconds, documents, facts.total_tokens)
             log_call(facts, code, seconds, details)
             failure = None  # the error <-> frame cycle would keep the item alive: see _unary
@@ -526,33 +510,6 @@ class _StreamItems:
                 read.cancel()
 
 
-def _facts(
-    method: str,
-    peer: str,
-    request_id: str,
-    documents: int | None,
-    model: str | None,
-    outcome: RerankOutcome | None,
-    failure: ServiceError | None,
-    item_id: str | None = None,
-) -> CallFacts:
-    """One call's facts, from what it asked and what came back up: an outcome or an error."""
-    if outcome is not None:
-        return CallFacts(
-            method, peer, request_id, documents, model, outcome.total_tokens,
-            tuple(outcome.upstream_request_ids), outcome.timings, item_id=item_id,
-            usage_source=None if outcome.usage_source == "upstream" else outcome.usage_source,
-            instruct_ignored=outcome.instruct_ignored, deployments=tuple(outcome.deployments),
-        )  # fmt: skip
-    if failure is not None:
-        upstream_ids = (failure.upstream_request_id,) if failure.upstream_request_id else ()
-        return CallFacts(
-            method, peer, request_id, documents, model, None, upstream_ids, failure.timings, item_id=item_id,
-            deployments=(failure.deployment,) if failure.deployment else (),
-        )  # fmt: skip
-    return CallFacts(method, peer, request_id, documents, model, item_id=item_id)
-
-
 def _outcome_metadata(outcome: RerankOutcome | None, request_id: str) -> Metadata:
     if outcome is None:
         return ()
@@ -567,43 +524,3 @@ def _outcome_metadata(outcome: RerankOutcome | None, request_id: str) -> Metadat
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3f}"
-
-
-def log_call(
-    facts: CallFacts, code: grpc.StatusCode, seconds: float, details: str | None, event: str = "call"
-) -> None:
-    extra: dict[str, Any] = {"details": details} if details else {}
-    if facts.items is not None:
-        extra["items"] = facts.items
-    if facts.item_id is not None:
-        extra["item_id"] = echo(facts.item_id)
-    # Where the time went; the same numbers a unary answer carries as x-*-time metadata.
-    timings = facts.timings
-    if timings.queue_seconds:
-        extra["queue_ms"] = round(timings.queue_seconds * 1000, 3)
-    if timings.upstream_spans and (upstream := timings.upstream_seconds):
-        extra["upstream_ms"] = round(upstream * 1000, 3)
-    if timings.inference_seconds:
-        extra["inference_ms"] = round(timings.inference_seconds * 1000, 3)
-    if facts.upstream_request_ids:
-        extra["upstream_request_ids"] = list(facts.upstream_request_ids)
-    if facts.usage_source is not None:
-        extra["usage_source"] = facts.usage_source
-    if facts.instruct_ignored:
-        extra["instruct_ignored"] = True
-    if facts.deployments:
-        extra["deployment"] = ",".join(facts.deployments)
-    _log.info(
-        event,
-        method=facts.method,
-        peer=facts.peer,
-        code=metrics.code_name(code),
-        latency_ms=round(seconds * 1000, 3),
-        documents=facts.documents,
-        total_tokens=facts.total_tokens,
-        request_id=facts.request_id,
-        # Caller-controlled strings are cut (core/domain.py's echo): an 8 MB model name
-        # must not become an 8 MB log line.
-        model=None if facts.model is None else echo(facts.model),
-        **extra,
-    )

@@ -17,8 +17,8 @@ from rerank.v1 import rerank_pb2
 from rerank_service.config import Settings
 from rerank_service.core.backend import Backend
 from rerank_service.core.engine import RerankEngine
-from rerank_service.grpc.admission import Admission
-from rerank_service.grpc.auth import KeyChecker
+from rerank_service.frontdoor.admission import Admission
+from rerank_service.frontdoor.auth import KeyChecker
 from rerank_service.grpc.edge import RerankServiceEdge
 from rerank_service.grpc.reflection import enable_reflection
 from rerank_service.grpc.servicer import RerankServicer

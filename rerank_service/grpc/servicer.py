@@ -22,7 +22,7 @@ from rerank_service.core.domain import (
 )
 from rerank_service.core.engine import RerankEngine
 from rerank_service.core.stream_window import answer_concurrently
-from rerank_service.grpc.auth import bearer_token
+from rerank_service.frontdoor.auth import bearer_token
 from rerank_service.grpc.edge import SERVICE, Answer, ItemEdge
 from rerank_service.grpc.status import internal_error
 from rerank_service.observability.logging import get_logger

@@ -11,8 +11,8 @@ import pytest
 from rerank.v1 import rerank_pb2
 
 from rerank_service.config.secret import Secret
-from rerank_service.grpc.admission import Admission
-from rerank_service.grpc.auth import KeyChecker
+from rerank_service.frontdoor.admission import Admission
+from rerank_service.frontdoor.auth import KeyChecker
 from rerank_service.grpc.edge import SERVICE, RerankServiceEdge
 from rerank_service.grpc.status import UPSTREAM_TIME_KEY
 

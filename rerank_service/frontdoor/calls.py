@@ -1,0 +1,104 @@
+"""A call's facts, gathered by a front door, and the one access-log line they make.
+
+Every front door (grpc/edge.py, http/app.py) records each call the same way: one log
+line on the `rerank_service.access` logger and the call's metrics, from these values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from rerank_service.core.domain import NO_TIMINGS, RerankOutcome, ServiceError, Timings, echo
+from rerank_service.observability import metrics
+from rerank_service.observability.logging import get_logger
+
+_log = get_logger("rerank_service.access")
+
+
+@dataclass(frozen=True, slots=True)
+class CallFacts:
+    """What one call's log line and metrics say, gathered at the edge."""
+
+    method: str
+    peer: str
+    request_id: str
+    documents: int | None = None
+    model: str | None = None
+    total_tokens: int | None = None
+    upstream_request_ids: tuple[str, ...] = ()
+    timings: Timings = NO_TIMINGS
+    items: int | None = None  # responses sent on a stream
+    item_id: str | None = None  # the RerankStream item this is about
+    usage_source: str | None = None  # where total_tokens came from, when not the upstream
+    instruct_ignored: bool = False  # the model does not take the instruct the caller sent
+    deployments: tuple[str, ...] = ()  # that answered, or the last that failed
+
+
+def call_facts(
+    method: str,
+    peer: str,
+    request_id: str,
+    documents: int | None,
+    model: str | None,
+    outcome: RerankOutcome | None,
+    failure: ServiceError | None,
+    item_id: str | None = None,
+) -> CallFacts:
+    """One call's facts, from what it asked and what came back up: an outcome or an error."""
+    if outcome is not None:
+        return CallFacts(
+            method, peer, request_id, documents, model, outcome.total_tokens,
+            tuple(outcome.upstream_request_ids), outcome.timings, item_id=item_id,
+            usage_source=None if outcome.usage_source == "upstream" else outcome.usage_source,
+            instruct_ignored=outcome.instruct_ignored, deployments=tuple(outcome.deployments),
+        )  # fmt: skip
+    if failure is not None:
+        upstream_ids = (failure.upstream_request_id,) if failure.upstream_request_id else ()
+        return CallFacts(
+            method, peer, request_id, documents, model, None, upstream_ids, failure.timings, item_id=item_id,
+            deployments=(failure.deployment,) if failure.deployment else (),
+        )  # fmt: skip
+    return CallFacts(method, peer, request_id, documents, model, item_id=item_id)
+
+
+def log_call(
+    facts: CallFacts, code: grpc.StatusCode, seconds: float, details: str | None, event: str = "call"
+) -> None:
+    extra: dict[str, Any] = {"details": details} if details else {}
+    if facts.items is not None:
+        extra["items"] = facts.items
+    if facts.item_id is not None:
+        extra["item_id"] = echo(facts.item_id)
+    # Where the time went; the same numbers a unary answer carries as x-*-time metadata.
+    timings = facts.timings
+    if timings.queue_seconds:
+        extra["queue_ms"] = round(timings.queue_seconds * 1000, 3)
+    if timings.upstream_spans and (upstream := timings.upstream_seconds):
+        extra["upstream_ms"] = round(upstream * 1000, 3)
+    if timings.inference_seconds:
+        extra["inference_ms"] = round(timings.inference_seconds * 1000, 3)
+    if facts.upstream_request_ids:
+        extra["upstream_request_ids"] = list(facts.upstream_request_ids)
+    if facts.usage_source is not None:
+        extra["usage_source"] = facts.usage_source
+    if facts.instruct_ignored:
+        extra["instruct_ignored"] = True
+    if facts.deployments:
+        extra["deployment"] = ",".join(facts.deployments)
+    _log.info(
+        event,
+        method=facts.method,
+        peer=facts.peer,
+        code=metrics.code_name(code),
+        latency_ms=round(seconds * 1000, 3),
+        documents=facts.documents,
+        total_tokens=facts.total_tokens,
+        request_id=facts.request_id,
+        # Caller-controlled strings are cut (core/domain.py's echo): an 8 MB model name
+        # must not become an 8 MB log line.
+        model=None if facts.model is None else echo(facts.model),
+        **extra,
+    )
