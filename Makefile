@@ -81,6 +81,7 @@ typecheck: install-dev
 ## docs: regenerate docs/CONFIGURATION.md from the settings' declarations (rerank_service/config)
 docs: install-dev
 	$(PY) -m rerank_service.config.reference > docs/CONFIGURATION.md
+	$(PY) -m rerank_service.http.openapi > docs/openapi.json
 
 ## test: install everything and run every check and test
 test: install-dev infinity buf-lint buf-breaking check-generated lint typecheck

@@ -415,6 +415,12 @@ class Settings:
     tls_client_ca: FilePath = Field(
         default=None, description="PEM CA bundle: require client certificates signed by it (mTLS)"
     )
+    http_port: OptionalPort = Field(
+        default=None,
+        description="port of the HTTP front door: the DashScope, OpenAI-compatible and Cohere rerank "
+        "APIs over HTTP/1.1, with the same keys, limits and TLS as gRPC (off: none; 0 picks a free "
+        "port; docs/HTTP.md)",
+    )
     metrics_port: OptionalPort = Field(
         default=None,
         description="port of the Prometheus /metrics endpoint (off: no endpoint; 0 picks a free port)",

@@ -24,6 +24,8 @@ from rerank_service.grpc.reflection import enable_reflection
 from rerank_service.grpc.servicer import RerankServicer
 from rerank_service.grpc.status import INFERENCE_TIME_KEY, UPSTREAM_TIME_KEY
 from rerank_service.grpc.tls import server_credentials, tls_mode
+from rerank_service.http.app import FrontDoor
+from rerank_service.http.server import BODY_TIMEOUT, HttpServer
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
 from rerank_service.routing import Router
@@ -66,6 +68,18 @@ class RerankServer:
             INFERENCE_TIME_KEY if local else UPSTREAM_TIME_KEY,
             stream_idle_timeout=settings.stream_idle_timeout,
         )
+        self.http: HttpServer | None = None
+        if settings.http_port is not None:  # the HTTP front door: same engine, limits and keys
+            front_door = FrontDoor(
+                self.engine,
+                self.admission,
+                KeyChecker(settings.api_keys),
+                ready=lambda: self._serving and not self._draining,
+                live=lambda: not self._draining,
+                max_body_bytes=settings.max_message_bytes,
+                body_timeout=BODY_TIMEOUT,
+            )
+            self.http = HttpServer(front_door, settings)
         self._server = grpc.aio.server(
             options=channel_options(settings), maximum_concurrent_rpcs=settings.max_open_calls
         )
@@ -96,6 +110,8 @@ class RerankServer:
                 self.settings.host, self.settings.metrics_port
             )
         await self._server.start()
+        if self.http is not None:
+            await self.http.start()
         _log.info(
             "listening",
             host=self.settings.host,
@@ -109,6 +125,8 @@ class RerankServer:
             await self.backend.start()
         except Exception as exc:
             await self._server.stop(0)
+            if self.http is not None:
+                await self.http.stop()
             raise BackendStartError(f"a backend failed to start: {exc}") from exc
         # "" is the process's liveness: up, started, not draining. The service's own
         # status also follows the backend (an open upstream circuit), so readiness probes
@@ -116,7 +134,8 @@ class RerankServer:
         await self.health.set("", _SERVING)
         await self._sync_health()
         self._health_watch = asyncio.create_task(self._follow_backend_readiness(), name="health-watch")
-        _log.info("serving", port=self.port, metrics_port=self.metrics_port)
+        http_port = None if self.http is None else self.http.port
+        _log.info("serving", port=self.port, http_port=http_port, metrics_port=self.metrics_port)
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -127,7 +146,9 @@ class RerankServer:
         if self._health_watch is not None:
             self._health_watch.cancel()
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        await asyncio.gather(
+            self._server.stop(grace), self.http.stop() if self.http is not None else _nothing()
+        )
         await self.backend.close()
         if self._metrics is not None:  # last: scrapes still answer while calls drain
             await asyncio.to_thread(metrics.stop_metrics_server, self._metrics)
@@ -173,6 +194,10 @@ class RerankServer:
         await self.health.set(RERANK_SERVICE, _SERVING if ready else _NOT_SERVING)
         if ready is False:
             _log.warning("health", status="NOT_SERVING", why="the backend is not ready")
+
+
+async def _nothing() -> None:
+    return None
 
 
 def channel_options(settings: Settings) -> list[tuple[str, int]]:

@@ -1,0 +1,278 @@
+"""The HTTP front door's routes: the rerank APIs existing SDKs speak, on the gRPC server's engine.
+
+Every rerank route goes through the same steps as a gRPC call (grpc/edge.py), in this
+order: a request id; the caller's key (from the headers alone, before the body is
+read); admission (calls and bytes: a body that would not be admitted is not read);
+the body, bounded in size and time, then JSON, then the wire format's fields; the
+engine; the answer or the error in the route's format, its status mapped once
+(statuses.py); one access-log line and the call's metrics (frontdoor/calls.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import orjson
+from aiohttp import web
+
+from rerank_service.core.domain import (
+    CallContext,
+    RerankOutcome,
+    RerankRequest,
+    ServiceError,
+    invalid_argument,
+)
+from rerank_service.core.engine import RerankEngine
+from rerank_service.frontdoor.admission import Admission
+from rerank_service.frontdoor.auth import KeyChecker, bearer_token
+from rerank_service.frontdoor.calls import call_facts, log_call
+from rerank_service.http import openapi
+from rerank_service.http.formats import COHERE, COMPATIBLE, NATIVE, BadRequest, Json, WireFormat
+from rerank_service.http.statuses import dashscope_code, http_status, retry_after_header
+from rerank_service.observability import metrics
+from rerank_service.observability.logging import get_logger
+from rerank_service.observability.request_id import bind_request_id, new_request_id, unbind_request_id
+from rerank_service.observability.trace_context import trace_context
+
+_log = get_logger("rerank_service.http")
+
+NATIVE_PATH = "/api/v1/services/rerank/text-rerank/text-rerank"
+COMPATIBLE_PATH = "/compatible-api/v1/reranks"
+RERANK_ROUTES: dict[str, WireFormat] = {
+    NATIVE_PATH: NATIVE,
+    COMPATIBLE_PATH: COMPATIBLE,
+    "/v1/rerank": COHERE,
+    "/v2/rerank": COHERE,
+}
+JSON_TYPE = "application/json"
+
+
+class FrontDoor:
+    """The routes, bound to the engine and the limits the gRPC server uses too."""
+
+    def __init__(
+        self,
+        engine: RerankEngine,
+        admission: Admission,
+        checker: KeyChecker,
+        ready: Callable[[], bool],
+        live: Callable[[], bool],
+        max_body_bytes: int,
+        body_timeout: float,
+    ) -> None:
+        self._engine = engine
+        self._admission = admission
+        self._checker = checker
+        self._ready = ready
+        self._live = live
+        self._max_body_bytes = max_body_bytes
+        self._body_timeout = body_timeout
+
+    def application(self) -> web.Application:
+        # client_max_size: aiohttp's own bound on a body read (a larger one is 413).
+        app = web.Application(client_max_size=self._max_body_bytes, handler_args={"max_field_size": 16384})
+        for path, wire in RERANK_ROUTES.items():
+            app.router.add_post(path, self._rerank_route(path, wire))
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/openapi.json", self._openapi)
+        app.on_response_prepare.append(_name_the_server)
+        return app
+
+    def _rerank_route(self, path: str, wire: WireFormat) -> Callable[[web.Request], Awaitable[web.Response]]:
+        measured = metrics.for_method(f"HTTP {path}")  # the metrics' method label: HTTP /v1/rerank
+
+        async def handle(http: web.Request) -> web.Response:
+            started = time.perf_counter()
+            request_id = new_request_id()
+            token = bind_request_id(request_id)
+            measured.started()
+            status, failure, outcome = 499, None, None  # unless it gets further: the client left
+            documents: int | None = None
+            model: str | None = None
+            size = http.content_length or 0
+            admitted = False
+            try:
+                try:
+                    context = self._authenticate(http)
+                    if http.content_length is None:  # the bytes to admit must be known first
+                        raise _HttpError(411, "a Content-Length header is required")
+                    self._admission.enter(size)
+                    admitted = True
+                    request = wire.parse(await self._json(http))
+                    documents, model = len(request.documents), request.model
+                    outcome = await self._engine.rerank(request, context)
+                    status = 200
+                    return self._answer(wire, outcome, request, request_id)
+                except BadRequest as bad:
+                    raise invalid_argument(bad.violations) from None
+            except ServiceError as error:
+                failure = error
+                status = http_status(error)
+                return self._refuse(wire, status, error, error.upstream_request_id or request_id)
+            except _HttpError as error:
+                status = error.status
+                return self._json_response(
+                    wire.error(dashscope_code(status), error.message, request_id), status, request_id
+                )
+            except Exception:
+                _log.exception("unexpected error")
+                status = 500
+                message = f"internal error (request id {request_id})"
+                return self._json_response(
+                    wire.error("InternalError", message, request_id), status, request_id
+                )
+            finally:
+                if admitted:
+                    self._admission.release(size)
+                unbind_request_id(token)
+                seconds = time.perf_counter() - started
+                facts = call_facts(
+                    f"HTTP POST {path}", http.remote or "", request_id, documents, model, outcome, failure
+                )
+                code = _grpc_code(status, failure)
+                measured.finished(code, seconds, documents, facts.total_tokens)
+                log_call(facts, code, seconds, None if failure is None else failure.message)
+                failure = None  # the error <-> frame cycle would keep the body alive: see grpc/edge.py
+
+        return handle
+
+    def _authenticate(self, http: web.Request) -> CallContext:
+        headers = list(http.headers.items())
+        token = bearer_token(headers)
+        if self._checker.enabled and not self._checker.accepts(token):
+            raise ServiceError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing 'Authorization: Bearer <key>' header"
+                if token is None
+                else "the bearer key is not accepted",
+            )
+        traceparent, tracestate = trace_context(headers)
+        return CallContext(bearer_token=token, traceparent=traceparent, tracestate=tracestate)
+
+    async def _json(self, http: web.Request) -> Any:
+        if http.content_type != JSON_TYPE:
+            raise _HttpError(415, f"Content-Type must be {JSON_TYPE}, got {http.content_type or 'none'!r}")
+        try:
+            # A client that sends its body a byte a second must not hold a slot for ever.
+            async with asyncio.timeout(self._body_timeout):
+                raw = await http.read()
+        except TimeoutError:
+            raise _HttpError(408, f"the body did not arrive within {self._body_timeout:g} s") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise _HttpError(
+                413, f"the body is larger than {self._max_body_bytes} bytes (--max-message-bytes)"
+            ) from None
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise _HttpError(400, f"the body is not valid JSON: {exc}") from None
+
+    def _answer(
+        self, wire: WireFormat, outcome: RerankOutcome, request: RerankRequest, request_id: str
+    ) -> web.Response:
+        reported = outcome.upstream_request_id or request_id
+        response = self._json_response(wire.render(outcome, request, reported), 200, reported)
+        response.headers["x-usage-source"] = outcome.usage_source
+        if outcome.deployments:
+            response.headers["x-deployment"] = ",".join(outcome.deployments)
+        if outcome.upstream_request_ids:
+            response.headers["x-upstream-request-ids"] = ",".join(outcome.upstream_request_ids)
+        return response
+
+    def _refuse(self, wire: WireFormat, status: int, error: ServiceError, request_id: str) -> web.Response:
+        response = self._json_response(
+            wire.error(dashscope_code(status, error), error.message, request_id), status, request_id
+        )
+        retry_after = retry_after_header(error)
+        if retry_after is not None:
+            response.headers["Retry-After"] = retry_after
+        if error.deployment:
+            response.headers["x-deployment"] = error.deployment
+        return response
+
+    @staticmethod
+    def _json_response(body: Json, status: int, request_id: str) -> web.Response:
+        return web.Response(
+            body=orjson.dumps(body),
+            status=status,
+            content_type=JSON_TYPE,
+            headers={"x-request-id": request_id},
+        )
+
+    async def _models(self, http: web.Request) -> web.Response:
+        request_id = new_request_id()
+        try:
+            self._authenticate(http)
+        except ServiceError as error:
+            return self._json_response({"message": error.message, "request_id": request_id}, 401, request_id)
+        data = [
+            {
+                "id": model.name,
+                "object": "model",
+                "owned_by": "rerank-service",
+                "max_documents": model.max_documents,
+                "max_query_tokens": model.max_query_tokens,
+                "supports_instruct": model.supports_instruct,
+                "backend": model.backend,
+                "deployments": [
+                    {
+                        "name": deployment.name,
+                        "backend": deployment.backend,
+                        "format": deployment.format,
+                        "upstream_url": deployment.upstream_url,
+                        "priority": deployment.priority,
+                        "weight": deployment.weight,
+                        "state": deployment.state,
+                    }
+                    for deployment in model.deployments
+                ],
+            }
+            for model in self._engine.models()
+        ]
+        return self._json_response({"object": "list", "data": data}, 200, request_id)
+
+    async def _healthz(self, http: web.Request) -> web.Response:
+        live = self._live()
+        return web.json_response({"status": "ok" if live else "draining"}, status=200 if live else 503)
+
+    async def _readyz(self, http: web.Request) -> web.Response:
+        ready = self._ready()
+        return web.json_response({"status": "ready" if ready else "not ready"}, status=200 if ready else 503)
+
+    async def _openapi(self, http: web.Request) -> web.Response:
+        return web.json_response(openapi.document())
+
+
+async def _name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    # Not aiohttp's default, which tells every caller the exact Python and aiohttp versions.
+    response.headers["Server"] = "rerank-service"
+
+
+class _HttpError(Exception):
+    """A request the HTTP layer refuses before the engine sees it (media type, size, time, JSON)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _grpc_code(status: int, failure: ServiceError | None) -> grpc.StatusCode:
+    """The call's outcome in the metrics' and log's vocabulary (gRPC code names)."""
+    if failure is not None:
+        return failure.code
+    return {
+        200: grpc.StatusCode.OK,
+        400: grpc.StatusCode.INVALID_ARGUMENT,
+        408: grpc.StatusCode.DEADLINE_EXCEEDED,
+        411: grpc.StatusCode.INVALID_ARGUMENT,
+        413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        415: grpc.StatusCode.INVALID_ARGUMENT,
+        499: grpc.StatusCode.CANCELLED,
+    }.get(status, grpc.StatusCode.INTERNAL)

@@ -1,0 +1,189 @@
+"""The rerank HTTP APIs the front door speaks: requests read into the domain, answers written back.
+
+Three wire formats, each as its clients expect it:
+
+- `native`: DashScope's own (`{model, input: {query, documents}, parameters: {top_n,
+  return_documents, instruct}}` in; `{output: {results}, usage, request_id}` out; errors
+  `{code, message, request_id}`), what the `dashscope` SDK sends;
+- `compatible`: DashScope's OpenAI-compatible one (the same fields flat; `{id, object,
+  results, usage}` out);
+- `cohere`: Cohere's v1/v2 rerank (`{model, query, documents, top_n, return_documents}`
+  in, documents as strings or `{text}`; `{id, results, meta}` out; errors `{message}`),
+  also what vLLM, Jina and Infinity clients send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rerank_service.core.domain import FieldViolation, RerankOutcome, RerankRequest
+
+Json = dict[str, Any]
+
+
+class BadRequest(ValueError):
+    """The body does not fit the format; `violations` name the fields."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+        self.violations = violations
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    name: str
+    parse: Callable[[Any], RerankRequest]
+    render: Callable[[RerankOutcome, RerankRequest, str], Json]
+    error: Callable[[str, str, str], Json]  # (code, message, request id) -> body
+
+
+class _Fields:
+    """Reads typed fields from a JSON object, collecting every violation before raising."""
+
+    def __init__(self, body: Any, prefix: str = "") -> None:
+        self.violations: list[FieldViolation] = []
+        self._prefix = prefix
+        if not isinstance(body, dict):
+            self.violations.append(FieldViolation(prefix.rstrip(".") or "body", "must be a JSON object"))
+            body = {}
+        self.body: Json = body
+
+    def string(self, name: str, required: bool = True) -> str | None:
+        value = self.body.get(name)
+        if value is None:
+            if required:
+                self.violations.append(FieldViolation(self._prefix + name, "is required"))
+            return None
+        if not isinstance(value, str):
+            self.violations.append(FieldViolation(self._prefix + name, "must be a string"))
+            return None
+        return value
+
+    def integer(self, name: str) -> int | None:
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            self.violations.append(FieldViolation(self._prefix + name, "must be an integer"))
+            return None
+        number = int(value)
+        if not -(2**31) <= number < 2**31:
+            self.violations.append(FieldViolation(self._prefix + name, "is out of range"))
+            return None
+        return number
+
+    def boolean(self, name: str) -> bool | None:
+        value = self.body.get(name)
+        if value is None or isinstance(value, bool):
+            return value
+        self.violations.append(FieldViolation(self._prefix + name, "must be true or false"))
+        return None
+
+    def documents(self, name: str, objects: bool) -> list[str]:
+        """A list of strings (or, with `objects`, of `{"text": ...}` too)."""
+        value = self.body.get(name)
+        field = self._prefix + name
+        if value is None:
+            self.violations.append(FieldViolation(field, "is required"))
+            return []
+        if not isinstance(value, list):
+            self.violations.append(FieldViolation(field, "must be a list of strings"))
+            return []
+        texts: list[str] = []
+        for index, item in enumerate(value):
+            text = item.get("text") if objects and isinstance(item, dict) else item
+            if not isinstance(text, str):
+                expected = "a string or an object with a string 'text'" if objects else "a string"
+                self.violations.append(FieldViolation(f"{field}[{index}]", f"must be {expected}"))
+                if len(self.violations) > 20:  # enough to say what is wrong
+                    break
+                continue
+            texts.append(text)
+        return texts
+
+    def check(self) -> None:
+        if self.violations:
+            raise BadRequest(self.violations)
+
+
+def _parse_native(body: Any) -> RerankRequest:
+    top = _Fields(body)
+    source = _Fields(top.body.get("input"), "input.")
+    parameters = _Fields(top.body.get("parameters") or {}, "parameters.")
+    model = top.string("model")
+    query = source.string("query")
+    documents = source.documents("documents", objects=False)
+    top_n = parameters.integer("top_n")
+    return_documents = parameters.boolean("return_documents")
+    instruct = parameters.string("instruct", required=False)
+    violations = top.violations + source.violations + parameters.violations
+    if violations:
+        raise BadRequest(violations)
+    return RerankRequest(model or "", query or "", documents, top_n, instruct, bool(return_documents))
+
+
+def _parse_flat(body: Any, objects: bool) -> RerankRequest:
+    fields = _Fields(body)
+    model = fields.string("model")
+    query = fields.string("query")
+    documents = fields.documents("documents", objects=objects)
+    top_n = fields.integer("top_n")
+    return_documents = fields.boolean("return_documents")
+    instruct = fields.string("instruct", required=False)
+    fields.check()
+    return RerankRequest(model or "", query or "", documents, top_n, instruct, bool(return_documents))
+
+
+def _results(outcome: RerankOutcome) -> list[Json]:
+    results: list[Json] = []
+    for ranked in outcome.results:
+        result: Json = {"index": ranked.index, "relevance_score": ranked.score}
+        if ranked.text is not None:
+            result["document"] = {"text": ranked.text}
+        results.append(result)
+    return results
+
+
+def _render_native(outcome: RerankOutcome, request: RerankRequest, request_id: str) -> Json:
+    return {
+        "output": {"results": _results(outcome)},
+        "usage": {"total_tokens": outcome.total_tokens},
+        "request_id": request_id,
+    }
+
+
+def _render_compatible(outcome: RerankOutcome, request: RerankRequest, request_id: str) -> Json:
+    return {
+        "id": request_id,
+        "object": "list",
+        "model": request.model,
+        "results": _results(outcome),
+        "usage": {"total_tokens": outcome.total_tokens},
+    }
+
+
+def _render_cohere(outcome: RerankOutcome, request: RerankRequest, request_id: str) -> Json:
+    # Cohere's SDKs read `meta`; vLLM, Jina and Infinity clients read `usage`.
+    return {
+        "id": request_id,
+        "results": _results(outcome),
+        "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+        "usage": {"total_tokens": outcome.total_tokens},
+    }
+
+
+def _dashscope_error(code: str, message: str, request_id: str) -> Json:
+    return {"code": code, "message": message, "request_id": request_id}
+
+
+def _cohere_error(code: str, message: str, request_id: str) -> Json:
+    return {"id": request_id, "message": message}
+
+
+NATIVE = WireFormat("native", _parse_native, _render_native, _dashscope_error)
+COMPATIBLE = WireFormat(
+    "compatible", lambda body: _parse_flat(body, objects=False), _render_compatible, _dashscope_error
+)
+COHERE = WireFormat("cohere", lambda body: _parse_flat(body, objects=True), _render_cohere, _cohere_error)

@@ -1,0 +1,283 @@
+"""The OpenAPI 3.1 document of the HTTP front door (`GET /openapi.json`, docs/openapi.json).
+
+Written by hand to say what the routes accept and answer; tests/integration/
+test_http_openapi.py checks real requests and answers against it.
+
+    python -m rerank_service.http.openapi > docs/openapi.json    # what `make docs` does
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rerank_service import __version__
+
+Json = dict[str, Any]
+
+
+def _ref(name: str) -> Json:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_DOCUMENTS = {"type": "array", "minItems": 1, "items": {"type": "string"}}
+_RESULT: Json = {
+    "type": "object",
+    "required": ["index", "relevance_score"],
+    "properties": {
+        "index": {"type": "integer", "minimum": 0, "description": "the document's position in the request"},
+        "relevance_score": {"type": "number", "minimum": 0, "maximum": 1},
+        "document": {
+            "type": "object",
+            "required": ["text"],
+            "properties": {"text": {"type": "string"}},
+            "description": "only with return_documents",
+        },
+    },
+}
+_USAGE: Json = {
+    "type": "object",
+    "required": ["total_tokens"],
+    "properties": {"total_tokens": {"type": "integer", "minimum": 0}},
+}
+_TOP_N = {"type": "integer", "minimum": 1, "description": "how many results to return (all by default)"}
+_INSTRUCT = {"type": "string", "description": "the ranking task, for models that take one"}
+_RETURN_DOCUMENTS = {"type": "boolean", "default": False, "description": "return each document's text"}
+
+SCHEMAS: Json = {
+    "NativeRequest": {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {
+            "model": {"type": "string"},
+            "input": {
+                "type": "object",
+                "required": ["query", "documents"],
+                "properties": {"query": {"type": "string"}, "documents": _DOCUMENTS},
+            },
+            "parameters": {
+                "type": "object",
+                "properties": {"top_n": _TOP_N, "return_documents": _RETURN_DOCUMENTS, "instruct": _INSTRUCT},
+            },
+        },
+    },
+    "NativeResponse": {
+        "type": "object",
+        "required": ["output", "usage", "request_id"],
+        "properties": {
+            "output": {
+                "type": "object",
+                "required": ["results"],
+                "properties": {"results": {"type": "array", "items": _ref("Result")}},
+            },
+            "usage": _ref("Usage"),
+            "request_id": {"type": "string"},
+        },
+    },
+    "CompatibleRequest": {
+        "type": "object",
+        "required": ["model", "query", "documents"],
+        "properties": {
+            "model": {"type": "string"},
+            "query": {"type": "string"},
+            "documents": _DOCUMENTS,
+            "top_n": _TOP_N,
+            "return_documents": _RETURN_DOCUMENTS,
+            "instruct": _INSTRUCT,
+        },
+    },
+    "CompatibleResponse": {
+        "type": "object",
+        "required": ["id", "object", "results", "usage"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "list"},
+            "model": {"type": "string"},
+            "results": {"type": "array", "items": _ref("Result")},
+            "usage": _ref("Usage"),
+        },
+    },
+    "CohereRequest": {
+        "type": "object",
+        "required": ["model", "query", "documents"],
+        "properties": {
+            "model": {"type": "string"},
+            "query": {"type": "string"},
+            "documents": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "oneOf": [
+                        {"type": "string"},
+                        {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}},
+                    ]
+                },
+            },
+            "top_n": _TOP_N,
+            "return_documents": _RETURN_DOCUMENTS,
+            "instruct": _INSTRUCT,
+        },
+    },
+    "CohereResponse": {
+        "type": "object",
+        "required": ["id", "results"],
+        "properties": {
+            "id": {"type": "string"},
+            "results": {"type": "array", "items": _ref("Result")},
+            "meta": {"type": "object"},
+            "usage": _ref("Usage"),
+        },
+    },
+    "Result": _RESULT,
+    "Usage": _USAGE,
+    "DashScopeError": {
+        "type": "object",
+        "required": ["code", "message", "request_id"],
+        "properties": {
+            "code": {"type": "string"},
+            "message": {"type": "string"},
+            "request_id": {"type": "string"},
+        },
+    },
+    "CohereError": {
+        "type": "object",
+        "required": ["message"],
+        "properties": {"id": {"type": "string"}, "message": {"type": "string"}},
+    },
+    "Models": {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "object", "max_documents", "max_query_tokens", "supports_instruct"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "object": {"const": "model"},
+                        "owned_by": {"type": "string"},
+                        "max_documents": {"type": "integer"},
+                        "max_query_tokens": {"type": "integer"},
+                        "supports_instruct": {"type": "boolean"},
+                        "backend": {"type": "string"},
+                        "deployments": {"type": "array", "items": {"type": "object"}},
+                    },
+                },
+            },
+        },
+    },
+    "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+}
+
+# What every rerank route may answer besides 200, and when.
+_ERRORS = {
+    "400": "a field is missing or of the wrong type, the body is not JSON, or a request rule is broken",
+    "401": "no accepted `Authorization: Bearer` key",
+    "404": "the model is not served here",
+    "408": "the body did not arrive in time",
+    "411": "no Content-Length header",
+    "413": "the body is larger than the message size limit",
+    "415": "the Content-Type is not application/json",
+    "429": "overloaded, or the upstream's rate limit: see Retry-After",
+    "500": "a bug: the message names the request id to quote",
+    "503": "no deployment of the model can answer now",
+    "504": "the upstream took too long",
+}
+
+
+def _rerank_operation(summary: str, request: str, response: str, error: str) -> Json:
+    headers = {
+        "x-request-id": {
+            "schema": {"type": "string"},
+            "description": "the id to quote (the upstream's, when one call answered)",
+        },
+        "x-deployment": {"schema": {"type": "string"}, "description": "the deployment(s) that answered"},
+    }
+    responses: Json = {
+        "200": {
+            "description": "the ranking, best first",
+            "headers": headers,
+            "content": {"application/json": {"schema": _ref(response)}},
+        }
+    }
+    for status, why in _ERRORS.items():
+        responses[status] = {"description": why, "content": {"application/json": {"schema": _ref(error)}}}
+    return {
+        "post": {
+            "summary": summary,
+            "security": [{"bearer": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+            "responses": responses,
+        }
+    }
+
+
+def _status_operation(summary: str) -> Json:
+    return {
+        "get": {
+            "summary": summary,
+            "responses": {
+                "200": {"description": "yes", "content": {"application/json": {"schema": _ref("Status")}}},
+                "503": {"description": "no", "content": {"application/json": {"schema": _ref("Status")}}},
+            },
+        }
+    }
+
+
+def document() -> Json:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "rerank-service HTTP front door",
+            "version": __version__,
+            "description": "The rerank APIs of DashScope (native and OpenAI-compatible) and Cohere, "
+            "served by rerank-service with the same routes, keys and limits as its gRPC API.",
+        },
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "paths": {
+            "/api/v1/services/rerank/text-rerank/text-rerank": _rerank_operation(
+                "Rerank, DashScope's native format", "NativeRequest", "NativeResponse", "DashScopeError"
+            ),
+            "/compatible-api/v1/reranks": _rerank_operation(
+                "Rerank, DashScope's OpenAI-compatible format",
+                "CompatibleRequest",
+                "CompatibleResponse",
+                "DashScopeError",
+            ),
+            "/v1/rerank": _rerank_operation(
+                "Rerank, Cohere's format (v1)", "CohereRequest", "CohereResponse", "CohereError"
+            ),
+            "/v2/rerank": _rerank_operation(
+                "Rerank, Cohere's format (v2)", "CohereRequest", "CohereResponse", "CohereError"
+            ),
+            "/v1/models": {
+                "get": {
+                    "summary": "The served models (routes) and their deployments",
+                    "security": [{"bearer": []}],
+                    "responses": {
+                        "200": {
+                            "description": "the models",
+                            "content": {"application/json": {"schema": _ref("Models")}},
+                        },
+                        "401": {"description": "no accepted key"},
+                    },
+                }
+            },
+            "/healthz": _status_operation("Live: the process is up and not draining"),
+            "/readyz": _status_operation(
+                "Ready: every model has a deployment that can answer (gRPC health SERVING)"
+            ),
+            "/openapi.json": {
+                "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}
+            },
+        },
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(document(), indent=2))
