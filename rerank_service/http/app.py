@@ -85,7 +85,7 @@ class FrontDoor:
         return app
 
     def _rerank_route(self, path: str, wire: WireFormat) -> Callable[[web.Request], Awaitable[web.Response]]:
-        measured = metrics.for_method(f"HTTP {path}")  # the metrics' method label: HTTP /v1/rerank
+        measured = metrics.for_http_route(path)
 
         async def handle(http: web.Request) -> web.Response:
             started = time.perf_counter()

@@ -262,6 +262,15 @@ def for_method(method: str) -> MethodMetrics:
     return found
 
 
+def for_http_route(path: str) -> MethodMetrics:
+    """The metrics of an HTTP front-door route (`/v1/rerank` → label `HTTP /v1/rerank`)."""
+    label = f"HTTP {path}"
+    found = _methods.get(label)
+    if found is None:
+        found = _methods[label] = MethodMetrics(label)
+    return found
+
+
 STREAM_ITEMS = MethodMetrics(STREAM_ITEM_METHOD)
 
 
