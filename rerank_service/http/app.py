@@ -74,7 +74,11 @@ class FrontDoor:
 
     def application(self) -> web.Application:
         # client_max_size: aiohttp's own bound on a body read (a larger one is 413).
-        app = web.Application(client_max_size=self._max_body_bytes, handler_args={"max_field_size": 16384})
+        app = web.Application(
+            middlewares=[_json_for_unrouted],
+            client_max_size=self._max_body_bytes,
+            handler_args={"max_field_size": 16384},
+        )
         for path, wire in RERANK_ROUTES.items():
             app.router.add_post(path, self._rerank_route(path, wire))
         app.router.add_get("/v1/models", self._models)
@@ -247,6 +251,23 @@ class FrontDoor:
 
     async def _openapi(self, http: web.Request) -> web.Response:
         return web.json_response(openapi.document())
+
+
+@web.middleware
+async def _json_for_unrouted(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A path or a method no route has: JSON like every other answer, not aiohttp's text."""
+    try:
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as refused:
+        if refused.status == 404:
+            message = f"no route {request.method} {request.path}"
+        else:
+            message = f"{request.method} is not allowed on {request.path}"
+        headers = {"Allow": refused.headers["Allow"]} if "Allow" in refused.headers else None
+        body = {"code": dashscope_code(refused.status), "message": message}
+        return web.json_response(body, status=refused.status, headers=headers)
 
 
 async def _name_the_server(request: web.Request, response: web.StreamResponse) -> None:

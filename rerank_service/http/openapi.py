@@ -20,7 +20,9 @@ def _ref(name: str) -> Json:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-_DOCUMENTS = {"type": "array", "minItems": 1, "items": {"type": "string"}}
+# What the engine refuses as blank: a string with no character but whitespace.
+_TEXT = {"type": "string", "pattern": "\\S"}
+_DOCUMENTS = {"type": "array", "minItems": 1, "items": _TEXT}
 _RESULT: Json = {
     "type": "object",
     "required": ["index", "relevance_score"],
@@ -40,7 +42,12 @@ _USAGE: Json = {
     "required": ["total_tokens"],
     "properties": {"total_tokens": {"type": "integer", "minimum": 0}},
 }
-_TOP_N = {"type": "integer", "minimum": 1, "description": "how many results to return (all by default)"}
+_TOP_N = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": 2**31 - 1,
+    "description": "how many results to return (all by default)",
+}
 _INSTRUCT = {"type": "string", "description": "the ranking task, for models that take one"}
 _RETURN_DOCUMENTS = {"type": "boolean", "default": False, "description": "return each document's text"}
 
@@ -49,11 +56,11 @@ SCHEMAS: Json = {
         "type": "object",
         "required": ["model", "input"],
         "properties": {
-            "model": {"type": "string"},
+            "model": _TEXT,
             "input": {
                 "type": "object",
                 "required": ["query", "documents"],
-                "properties": {"query": {"type": "string"}, "documents": _DOCUMENTS},
+                "properties": {"query": _TEXT, "documents": _DOCUMENTS},
             },
             "parameters": {
                 "type": "object",
@@ -78,8 +85,8 @@ SCHEMAS: Json = {
         "type": "object",
         "required": ["model", "query", "documents"],
         "properties": {
-            "model": {"type": "string"},
-            "query": {"type": "string"},
+            "model": _TEXT,
+            "query": _TEXT,
             "documents": _DOCUMENTS,
             "top_n": _TOP_N,
             "return_documents": _RETURN_DOCUMENTS,
@@ -92,7 +99,7 @@ SCHEMAS: Json = {
         "properties": {
             "id": {"type": "string"},
             "object": {"const": "list"},
-            "model": {"type": "string"},
+            "model": _TEXT,
             "results": {"type": "array", "items": _ref("Result")},
             "usage": _ref("Usage"),
         },
@@ -101,15 +108,15 @@ SCHEMAS: Json = {
         "type": "object",
         "required": ["model", "query", "documents"],
         "properties": {
-            "model": {"type": "string"},
-            "query": {"type": "string"},
+            "model": _TEXT,
+            "query": _TEXT,
             "documents": {
                 "type": "array",
                 "minItems": 1,
                 "items": {
                     "oneOf": [
-                        {"type": "string"},
-                        {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}},
+                        _TEXT,
+                        {"type": "object", "required": ["text"], "properties": {"text": _TEXT}},
                     ]
                 },
             },
@@ -169,6 +176,11 @@ SCHEMAS: Json = {
         },
     },
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    "Refusal": {
+        "type": "object",
+        "required": ["message", "request_id"],
+        "properties": {"message": {"type": "string"}, "request_id": {"type": "string"}},
+    },
 }
 
 # What every rerank route may answer besides 200, and when.
@@ -187,13 +199,25 @@ _ERRORS = {
 }
 
 
+_REQUEST_ID = {
+    "schema": {"type": "string"},
+    "description": "the id to quote (the upstream's, when one upstream call answered)",
+}
+_RETRY_AFTER = {"schema": {"type": "string"}, "description": "seconds to wait before trying again"}
+
+
 def _rerank_operation(summary: str, request: str, response: str, error: str) -> Json:
     headers = {
-        "x-request-id": {
-            "schema": {"type": "string"},
-            "description": "the id to quote (the upstream's, when one call answered)",
-        },
+        "x-request-id": _REQUEST_ID,
         "x-deployment": {"schema": {"type": "string"}, "description": "the deployment(s) that answered"},
+        "x-usage-source": {
+            "schema": {"enum": ["upstream", "estimate", "model"]},
+            "description": "where usage.total_tokens came from",
+        },
+        "x-upstream-request-ids": {
+            "schema": {"type": "string"},
+            "description": "every upstream call's id, comma-separated, for a call split into several",
+        },
     }
     responses: Json = {
         "200": {
@@ -203,7 +227,14 @@ def _rerank_operation(summary: str, request: str, response: str, error: str) -> 
         }
     }
     for status, why in _ERRORS.items():
-        responses[status] = {"description": why, "content": {"application/json": {"schema": _ref(error)}}}
+        error_headers: Json = {"x-request-id": _REQUEST_ID}
+        if status in ("429", "503"):
+            error_headers["Retry-After"] = _RETRY_AFTER
+        responses[status] = {
+            "description": why,
+            "headers": error_headers,
+            "content": {"application/json": {"schema": _ref(error)}},
+        }
     return {
         "post": {
             "summary": summary,
@@ -264,7 +295,10 @@ def document() -> Json:
                             "description": "the models",
                             "content": {"application/json": {"schema": _ref("Models")}},
                         },
-                        "401": {"description": "no accepted key"},
+                        "401": {
+                            "description": "no accepted key",
+                            "content": {"application/json": {"schema": _ref("Refusal")}},
+                        },
                     },
                 }
             },

@@ -28,7 +28,7 @@ _HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
-# DashScope's error codes (its documentation's names) by HTTP status.
+# DashScope's error codes (those its SDK names, `dashscope.v2.errors.ErrorCode`) by HTTP status.
 _DASHSCOPE_CODE = {
     400: "InvalidParameter",
     401: "InvalidApiKey",
@@ -44,7 +44,7 @@ _DASHSCOPE_CODE = {
     499: "RequestCancelled",
     501: "NotImplemented",
     503: "ServiceUnavailable",
-    504: "RequestTimeOut",
+    504: "GatewayTimeout",
 }
 
 
@@ -54,7 +54,7 @@ def http_status(error: ServiceError) -> int:
 
 def dashscope_code(status: int, error: ServiceError | None = None) -> str:
     if error is not None and error.reason == "MODEL_NOT_FOUND":
-        return "ModelNotFound"
+        return "Model.NotExist"
     return _DASHSCOPE_CODE.get(status, "InternalError")
 
 
