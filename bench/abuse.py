@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import threading
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import grpc
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
+from bench.reliability import machine, publish
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.support.process import ServiceProcess
 
@@ -238,16 +238,6 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
-def write(text: str) -> None:
-    start, end = "<!-- abuse:start -->", "<!-- abuse:end -->"
-    page = DOC.read_text(encoding="utf-8")
-    if start not in page or end not in page:
-        raise SystemExit(f"{DOC} has no {start} ... {end} markers")
-    before, rest = page.split(start, 1)
-    after = rest.split(end, 1)[1]
-    DOC.write_text(f"{before}{start}\n{text}\n{end}{after}", encoding="utf-8")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="how long each attack runs")
@@ -255,11 +245,11 @@ def main() -> int:
     args = parser.parse_args()
     results = [run_attack(name, args.seconds) for name in ATTACKS]
     results.append(run_attack("silent-keyless", args.seconds, open_mode=True))
-    text = table(results)
-    print(text)
-    print(f"machine: {os.cpu_count()} cores")
-    if not args.no_write:
-        write(text)
+    setup = (
+        "loopback, a real `rerank-service serve` process with its defaults, the fake upstream, the "
+        f"victim and the attacker in the benchmark's process; {args.seconds:g} s per attack."
+    )
+    publish({"abuse": f"{machine(setup)}\n\n{table(results)}"}, not args.no_write, [])
     return 0
 
 

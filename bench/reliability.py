@@ -236,6 +236,30 @@ def replace_block(text: str, name: str, content: str) -> str:
     return pattern.sub(lambda match: match.group(1) + content + match.group(2), text)
 
 
+def machine(setup: str) -> str:
+    """The "Last run" line of a report: when, on what, and how it was set up."""
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"Last run: {when}; {platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, grpcio {grpc.__version__}; {setup}"
+    )
+
+
+def publish(blocks: dict[str, str], write: bool, failures: list[str]) -> None:
+    """Print the tables, rewrite them in docs/RELIABILITY.md, exit 1 on a broken promise."""
+    for name, block in blocks.items():
+        print(f"\n## {name}\n\n{block}")
+    if write:
+        text = DOC.read_text(encoding="utf-8")
+        for name, block in blocks.items():
+            text = replace_block(text, name, block)
+        DOC.write_text(text, encoding="utf-8")
+        print(f"\nwrote {DOC}")
+    if failures:
+        print("\nbroken promises:\n" + "\n".join(f"- {failure}" for failure in failures), file=sys.stderr)
+        raise SystemExit(1)
+
+
 PARTS = ("scenarios", "breaker", "overload", "shutdown")
 
 
@@ -269,27 +293,12 @@ def main() -> None:
         failures += found
 
     if set(parts) == set(PARTS):
-        when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        blocks = {
-            "machine": (
-                f"Last run: {when}; {platform.machine()}, {os.cpu_count()} CPUs, Python "
-                f"{platform.python_version()}, grpcio {grpc.__version__}; loopback, a real `rerank-service "
-                f"serve` process, the fake upstream and the client in the benchmark's process; "
-                f"{max(2, args.runs)} calls per scenario."
-            ),
-            **blocks,
-        }
-    for name, block in blocks.items():
-        print(f"\n## {name}\n\n{block}")
-    if not args.no_write:
-        text = DOC.read_text(encoding="utf-8")
-        for name, block in blocks.items():
-            text = replace_block(text, name, block)
-        DOC.write_text(text, encoding="utf-8")
-        print(f"\nwrote {DOC}")
-    if failures:
-        print("\nbroken promises:\n" + "\n".join(f"- {failure}" for failure in failures), file=sys.stderr)
-        raise SystemExit(1)
+        setup = (
+            "loopback, a real `rerank-service serve` process, the fake upstream and the client in the "
+            f"benchmark's process; {max(2, args.runs)} calls per scenario."
+        )
+        blocks = {"machine": machine(setup), **blocks}
+    publish(blocks, not args.no_write, failures)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import math
-import os
-import platform
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -43,7 +39,7 @@ import grpc
 import yaml
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
-from bench.reliability import DOC, counts, replace_block, seconds
+from bench.reliability import counts, machine, publish, seconds
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.support.fault_scenarios import error_reason, error_retry_delay, rerank_request
 from tests.support.process import ServiceProcess
@@ -502,27 +498,12 @@ def main() -> None:
         print("upstream down", flush=True)
         blocks["routes-down"], found = upstream_down(directory)
         failures += found
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    blocks = {
-        "routes-machine": (
-            f"Last run: {when}; {platform.machine()}, {os.cpu_count()} CPUs, Python "
-            f"{platform.python_version()}, grpcio {grpc.__version__}; loopback, real `rerank-service serve "
-            f"--config` processes, the fake upstreams (answering after {ms(LATENCY)}) and the callers in the "
-            f"benchmark's process; {args.seconds:g} s per attack and for the failover."
-        ),
-        **blocks,
-    }
-    for name, block in blocks.items():
-        print(f"\n## {name}\n\n{block}")
-    if not args.no_write:
-        text = DOC.read_text(encoding="utf-8")
-        for name, block in blocks.items():
-            text = replace_block(text, name, block)
-        DOC.write_text(text, encoding="utf-8")
-        print(f"\nwrote {DOC}")
-    if failures:
-        print("\nbroken promises:\n" + "\n".join(f"- {failure}" for failure in failures), file=sys.stderr)
-        raise SystemExit(1)
+    setup = (
+        "loopback, real `rerank-service serve --config` processes, the fake upstreams (answering after "
+        f"{ms(LATENCY)}) and the callers in the benchmark's process; {args.seconds:g} s per attack and for "
+        "the failover."
+    )
+    publish({"routes-machine": machine(setup), **blocks}, not args.no_write, failures)
 
 
 if __name__ == "__main__":

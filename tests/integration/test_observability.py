@@ -6,12 +6,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from rerank.v1 import rerank_pb2
 
 from rerank_service.backends.local import LocalBackend, LocalModelSpec
@@ -25,25 +23,11 @@ from tests.integration.test_local_backend import WordScorer
 from tests.support.logs import LogCapture
 from tests.support.process import ServiceProcess
 from tests.support.rpc import code_of, expect_error, request, trailing
+from tests.support.scrape import Samples, scrape, value
 from tests.support.server import ServerThread
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TIMING_KEYS = ("x-total-time", "x-queue-time", "x-upstream-time")
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def metrics_port(server: ServerThread) -> int:

@@ -14,7 +14,6 @@ import signal
 import statistics
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service.grpc.status import DEPLOYMENT_KEY
@@ -31,13 +29,13 @@ from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY
 from tests.support.process import ServiceProcess, run_cli
 from tests.support.rpc import code_of, error_info, expect_error, request, retry_delay, trailing
+from tests.support.scrape import scrape, value
 
 Code = grpc.StatusCode
 # The model name the fake upstreams know; routes have names of their own and send this one.
 UPSTREAM_MODEL = "qwen3-rerank"
 # Each deployment's key comes from this variable (api_key_env), set for the server only.
 KEY_ENV = "ROUTES_TEST_UPSTREAM_KEY"
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -115,20 +113,6 @@ def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "the
     while not check():
         assert time.monotonic() < deadline, f"{what} never held"
         time.sleep(0.02)
-
-
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def metrics_port(process: ServiceProcess) -> int:
