@@ -421,6 +421,14 @@ class Settings:
         "APIs over HTTP/1.1, with the same keys, limits and TLS as gRPC (off: none; 0 picks a free "
         "port; docs/HTTP.md)",
     )
+    http_body_timeout: Seconds = Field(
+        default=30.0,
+        description="HTTP front door: seconds a request body may take to arrive once its headers have "
+        "(then 408); a client sending a byte a second holds no call slot for long",
+    )
+    http_keepalive_timeout: Seconds = Field(
+        default=15.0, description="HTTP front door: seconds an idle keep-alive connection stays open"
+    )
     metrics_port: OptionalPort = Field(
         default=None,
         description="port of the Prometheus /metrics endpoint (off: no endpoint; 0 picks a free port)",

@@ -25,7 +25,7 @@ from rerank_service.grpc.servicer import RerankServicer
 from rerank_service.grpc.status import INFERENCE_TIME_KEY, UPSTREAM_TIME_KEY
 from rerank_service.grpc.tls import server_credentials, tls_mode
 from rerank_service.http.app import FrontDoor
-from rerank_service.http.server import BODY_TIMEOUT, HttpServer
+from rerank_service.http.server import HttpServer
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
 from rerank_service.routing import Router
@@ -77,7 +77,7 @@ class RerankServer:
                 ready=lambda: self._serving and not self._draining,
                 live=lambda: not self._draining,
                 max_body_bytes=settings.max_message_bytes,
-                body_timeout=BODY_TIMEOUT,
+                body_timeout=settings.http_body_timeout,
             )
             self.http = HttpServer(front_door, settings)
         self._server = grpc.aio.server(

@@ -80,7 +80,8 @@ class FrontDoor:
             handler_args={"max_field_size": 16384},
         )
         for path, wire in RERANK_ROUTES.items():
-            app.router.add_post(path, self._rerank_route(path, wire))
+            handle = self._rerank_route(path, wire)
+            app.router.add_post(path, handle, expect_handler=self._expect(handle))
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -104,8 +105,7 @@ class FrontDoor:
             try:
                 try:
                     context = self._authenticate(http)
-                    if http.content_length is None:  # the bytes to admit must be known first
-                        raise _HttpError(411, "a Content-Length header is required")
+                    self._check_length(http)
                     self._admission.enter(size)
                     admitted = True
                     request = wire.parse(await self._json(http))
@@ -145,6 +145,38 @@ class FrontDoor:
                 failure = None  # the error <-> frame cycle would keep the body alive: see grpc/edge.py
 
         return handle
+
+    def _expect(
+        self, handle: Callable[[web.Request], Awaitable[web.Response]]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+        """`Expect: 100-continue`: the client waits to send its body until told to. A call
+        that will be refused from its headers alone (its key, its length, admission) is
+        answered at once, so the body is never sent; the others are told to continue."""
+
+        async def expect(http: web.Request) -> web.StreamResponse | None:
+            if http.headers.get("Expect", "").lower() != "100-continue":
+                return None
+            try:
+                self._authenticate(http)
+                self._check_length(http)
+                refused = not self._admission.has_room(http.content_length or 0)
+            except (ServiceError, _HttpError):
+                refused = True
+            if refused:
+                return await handle(http)  # refuses from the headers, and logs it, as any call
+            await http.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return None
+
+        return expect
+
+    def _check_length(self, http: web.Request) -> None:
+        """The declared length, before anything is read or admitted for it."""
+        if http.content_length is None:  # the bytes to admit must be known first
+            raise _HttpError(411, "a Content-Length header is required")
+        if http.content_length > self._max_body_bytes:
+            raise _HttpError(
+                413, f"the body is larger than {self._max_body_bytes} bytes (--max-message-bytes)"
+            )
 
     def _authenticate(self, http: web.Request) -> CallContext:
         headers = list(http.headers.items())

@@ -12,12 +12,6 @@ from rerank_service.observability.logging import get_logger
 
 _log = get_logger("rerank_service.http")
 
-# Seconds a request body may take to arrive once its headers have: a client sending a
-# byte a second must not hold a call slot and a task for long.
-BODY_TIMEOUT = 30.0
-# Seconds an idle keep-alive connection stays open.
-KEEPALIVE_TIMEOUT = 15.0
-
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """The same TLS as the gRPC port: its certificate and key, and mTLS with its client CA."""
@@ -47,7 +41,7 @@ class HttpServer:
             handle_signals=False,  # the gRPC server's loop owns SIGTERM and SIGINT
             access_log=None,  # the front door logs each call itself, once
             shutdown_timeout=self._settings.shutdown_grace,
-            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            keepalive_timeout=self._settings.http_keepalive_timeout,
         )
         await self._runner.setup()
         site = web.TCPSite(
