@@ -7,7 +7,7 @@ BUF := .ci/tools/node_modules/.bin/buf
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 PY_STUBS := clients/python/src
 
-.PHONY: install install-upstream install-dev infinity bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf serve test lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
+.PHONY: install install-upstream install-dev infinity bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http litellm serve test lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ infinity: $(INFINITY_VENV)/.installed
 $(INFINITY_VENV)/.installed: $(INFINITY_REQUIREMENTS)
 	$(PYTHON) -m venv $(INFINITY_VENV)
 	$(INFINITY_VENV)/bin/python -m pip install --quiet -r $(INFINITY_REQUIREMENTS)
+	touch $@
+
+## litellm: LiteLLM's proxy, uvicorn and Starlette in .venv-litellm, apart from the service's pins, for
+## bench-http; installed once (a stamp), again when its pins change
+LITELLM_VENV := .venv-litellm
+LITELLM_REQUIREMENTS := bench/litellm/requirements.txt
+litellm: $(LITELLM_VENV)/.installed
+$(LITELLM_VENV)/.installed: $(LITELLM_REQUIREMENTS)
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install --quiet -r $(LITELLM_REQUIREMENTS)
 	touch $@
 
 ## serve: install and start the server on its defaults
@@ -117,8 +127,16 @@ bench-perf: install-dev
 	$(PY) -m pip install --quiet py-spy==0.4.3
 	$(PY) -m bench.perf
 
+## bench-http: the HTTP front door against gRPC in one process, aiohttp against uvicorn + Starlette,
+## LiteLLM's proxy against the front door (hey, ghz, nginx; writes docs/PERFORMANCE.md; BENCH_QUICK=1 for a smoke run)
+bench-http: install-dev litellm
+	bash bench/install-ghz.sh
+	bash bench/install-hey.sh
+	bash bench/install-nginx.sh
+	$(PY) -m bench.http
+
 ## bench: every benchmark
-bench: bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf
+bench: bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http
 
 clean:
-	rm -rf $(VENV) $(INFINITY_VENV) .ci/tools/node_modules .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(INFINITY_VENV) .venv-litellm .ci/tools/node_modules .mypy_cache .pytest_cache .ruff_cache

@@ -44,11 +44,12 @@ class HttpServer:
             keepalive_timeout=self._settings.http_keepalive_timeout,
         )
         await self._runner.setup()
+        tls = ssl_context(self._settings)
         site = web.TCPSite(
             self._runner,
             self._settings.host,
             self._settings.http_port,
-            ssl_context=ssl_context(self._settings),
+            ssl_context=tls,
             backlog=1024,
         )
         await site.start()
@@ -56,7 +57,7 @@ class HttpServer:
         server = site._server
         sockets = getattr(server, "sockets", None) or ()
         self.port = sockets[0].getsockname()[1] if sockets else self._settings.http_port
-        _log.info("http listening", port=self.port, tls=ssl_context(self._settings) is not None)
+        _log.info("http listening", port=self.port, tls=tls is not None)
         return self.port
 
     async def stop(self) -> None:
