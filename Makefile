@@ -7,7 +7,7 @@ BUF := .ci/tools/node_modules/.bin/buf
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 PY_STUBS := clients/python/src
 
-.PHONY: install install-upstream install-dev infinity bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http litellm serve test lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
+.PHONY: install install-upstream install-dev infinity chart-tools bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers litellm serve test lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ $(INFINITY_VENV)/.installed: $(INFINITY_REQUIREMENTS)
 	$(PYTHON) -m venv $(INFINITY_VENV)
 	$(INFINITY_VENV)/bin/python -m pip install --quiet -r $(INFINITY_REQUIREMENTS)
 	touch $@
+
+## chart-tools: helm and kubeconform (Go module proxy) and the Kubernetes JSON schemas (the
+## kubernetes-validate wheel from PyPI, hash-pinned) into .ci/tools, for tests/deploy; pinned, idempotent
+chart-tools: $(VENV)/bin/python
+	bash deploy/install-chart-tools.sh
 
 ## litellm: LiteLLM's proxy, uvicorn and Starlette in .venv-litellm, apart from the service's pins, for
 ## bench-http; installed once (a stamp), again when its pins change
@@ -94,7 +99,7 @@ docs: install-dev
 	$(PY) -m rerank_service.http.openapi > docs/openapi.json
 
 ## test: install everything and run every check and test
-test: install-dev infinity buf-lint buf-breaking check-generated lint typecheck
+test: install-dev infinity chart-tools buf-lint buf-breaking check-generated lint typecheck
 	$(VENV)/bin/pytest
 
 ## bench-local: the local backend against the direct model, micro-batching on against off
@@ -135,8 +140,16 @@ bench-http: install-dev litellm
 	bash bench/install-nginx.sh
 	$(PY) -m bench.http
 
+## bench-workers: `serve --workers 2` against one process, interleaved: a 2 s upstream at 256 and 1,024
+## callers against Little's law, nginx at c=64 with CPU per call (ghz, nginx; writes docs/PERFORMANCE.md;
+## BENCH_QUICK=1 for a smoke run)
+bench-workers: install-dev
+	bash bench/install-ghz.sh
+	bash bench/install-nginx.sh
+	$(PY) -m bench.workers
+
 ## bench: every benchmark
-bench: bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http
+bench: bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers
 
 clean:
-	rm -rf $(VENV) $(INFINITY_VENV) .venv-litellm .ci/tools/node_modules .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(INFINITY_VENV) .venv-litellm .ci/tools/node_modules .ci/tools/kubernetes-json-schema .mypy_cache .pytest_cache .ruff_cache

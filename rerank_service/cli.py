@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service import __version__
-from rerank_service.config import ConfigError, add_serve_arguments, load_settings
+from rerank_service.config import ConfigError, Settings, add_serve_arguments, load_settings
 from rerank_service.observability.logging import configure_logging
 
 EXIT_CONFIG_ERROR = 2
@@ -129,6 +129,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     configure_logging(settings.log_format, settings.log_level, settings.secrets(), cache_loggers=True)
+    if settings.workers > 1:  # a supervisor and its workers (docs/OPERATIONS.md#workers)
+        return _supervise(settings, args)
     from rerank_service.grpc.server import serve  # imported late: `rerank --help` stays fast
 
     try:
@@ -137,6 +139,19 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except RuntimeError as exc:  # for example: the port is taken
+        print(f"rerank-service: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def _supervise(settings: Settings, args: argparse.Namespace) -> int:
+    from rerank_service.workers import supervise  # imported late, as serve is
+
+    try:
+        return supervise(settings, vars(args))
+    except ConfigError as exc:  # workers that make no sense with this backend
+        print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except OSError as exc:  # for example: the port is taken
         print(f"rerank-service: cannot start: {exc}", file=sys.stderr)
         return 1
 

@@ -81,6 +81,16 @@ def _off_is_none(value: object) -> object:
     return value
 
 
+def _auto_workers(value: object) -> object:
+    """`auto`: one worker per core this process may run on."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        import os
+
+        affinity = getattr(os, "sched_getaffinity", None)
+        return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    return value
+
+
 def _http_url(example: str) -> Callable[[str | None], str | None]:
     def check(value: str | None) -> str | None:
         if value is None:
@@ -152,6 +162,7 @@ OptionalPort = Annotated[
     Expect("a port number from 0 to 65535, or off", unset="off"),
 ]
 Count = Annotated[int, Field(ge=1), Expect("an integer >= 1")]
+Workers = Annotated[int, BeforeValidator(_auto_workers), Field(ge=1), Expect("an integer >= 1, or auto")]
 CountOrZero = Annotated[int, Field(ge=0), Expect("an integer >= 0")]
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False), Expect("a finite number of seconds > 0")]
 SecondsOrZero = Annotated[float, Field(ge=0, allow_inf_nan=False), Expect("a finite number of seconds >= 0")]
@@ -432,6 +443,12 @@ class Settings:
     metrics_port: OptionalPort = Field(
         default=None,
         description="port of the Prometheus /metrics endpoint (off: no endpoint; 0 picks a free port)",
+    )
+    workers: Workers = Field(
+        default=1,
+        description="server processes sharing the gRPC and HTTP ports (SO_REUSEPORT), watched by one "
+        "supervisor that also serves --metrics-port (auto: one per usable core; 1: no supervisor; "
+        "docs/OPERATIONS.md#workers)",
     )
     models: Annotated[tuple[RouteConfig, ...], AfterValidator(distinct_routes), FileOnly()] = Field(
         default=(),

@@ -51,8 +51,13 @@ class RerankServer:
     metrics_port: int | None = None
     _metrics: WSGIServer | None = None
 
-    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+    def __init__(
+        self, settings: Settings, backend: Backend | None = None, *, worker: int | None = None
+    ) -> None:
         self.settings = settings
+        # One of `serve --workers N`'s processes (workers.py): the ports are shared
+        # (SO_REUSEPORT) and the supervisor logs the one `serving` line.
+        self.worker = worker
         # Before anything else: a bad certificate or key stops start-up with a ConfigError.
         self._credentials = server_credentials(settings)
         self.backend = backend or build_router(settings)
@@ -79,10 +84,11 @@ class RerankServer:
                 max_body_bytes=settings.max_message_bytes,
                 body_timeout=settings.http_body_timeout,
             )
-            self.http = HttpServer(front_door, settings)
-        self._server = grpc.aio.server(
-            options=channel_options(settings), maximum_concurrent_rpcs=settings.max_open_calls
-        )
+            self.http = HttpServer(front_door, settings, reuse_port=worker is not None)
+        options: list[tuple[str, int]] = channel_options(settings)
+        if worker is not None:  # grpc's default on Linux; said here because the workers rely on it
+            options.append(("grpc.so_reuseport", 1))
+        self._server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_open_calls)
         self._health_watch: asyncio.Task[None] | None = None
         self._draining = False
         self._serving = False
@@ -135,7 +141,12 @@ class RerankServer:
         await self._sync_health()
         self._health_watch = asyncio.create_task(self._follow_backend_readiness(), name="health-watch")
         http_port = None if self.http is None else self.http.port
-        _log.info("serving", port=self.port, http_port=http_port, metrics_port=self.metrics_port)
+        _log.info(
+            "serving" if self.worker is None else "worker serving",
+            port=self.port,
+            http_port=http_port,
+            metrics_port=self.metrics_port,
+        )
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -245,12 +256,20 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+async def serve(
+    settings: Settings,
+    reload: Callable[[], Settings] | None = None,
+    *,
+    worker: int | None = None,
+    on_serving: Callable[[int], None] | None = None,
+) -> int:
     """Run until SIGTERM or SIGINT, then drain; the process's exit code.
 
-    SIGHUP loads the settings again with `reload` and serves their routes.
+    SIGHUP loads the settings again with `reload` and serves their routes. `worker`: this
+    process is that worker of a supervisor (workers.py); `on_serving(port)` is called once
+    the server is serving.
     """
-    server = RerankServer(settings)
+    server = RerankServer(settings, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -270,6 +289,8 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
         _log.error("start failed", error=str(exc))
         return 1
     _tune_garbage_collector()
+    if on_serving is not None:
+        on_serving(server.port or 0)
     await stop.wait()
     await server.stop()
     return 0

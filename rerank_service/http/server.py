@@ -28,8 +28,9 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 class HttpServer:
     """`start` listens on `--http-port`; `stop` drains like the gRPC server does."""
 
-    def __init__(self, front_door: FrontDoor, settings: Settings) -> None:
+    def __init__(self, front_door: FrontDoor, settings: Settings, *, reuse_port: bool = False) -> None:
         self._front_door = front_door
+        self._reuse_port = reuse_port  # a worker: the port is shared with the others (SO_REUSEPORT)
         self._settings = settings
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -51,6 +52,7 @@ class HttpServer:
             self._settings.http_port,
             ssl_context=tls,
             backlog=1024,
+            reuse_port=self._reuse_port or None,
         )
         await site.start()
         # aiohttp says where it listens only through its server's sockets (port 0 picks one).

@@ -5,6 +5,11 @@ Metrics are declared once here and recorded where things happen: the gRPC edge
 the micro-batcher (model batches). Every metric lives in the module-level REGISTRY (not prometheus-client's
 global one), so tests and several servers in one process do not collide.
 
+With `serve --workers N` each worker process records into files under
+PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode, chosen when this module
+is first imported) and the supervisor serves their sum (`multiprocess_registry`).
+Every gauge therefore names how workers' values combine (`multiprocess_mode`).
+
 The service is a hop on every search request, so recording stays cheap: label
 children are bound once per method, code or status and cached (`.labels()` hashes
 and locks on every call), and nothing here awaits.
@@ -12,14 +17,18 @@ and locks on every call), and nothing here awaits.
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+
+# prometheus-client reads the same variable once, when it is imported: values go to files.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 # The process's CPU, memory and file descriptors, the Python version and GC: scraped,
@@ -61,6 +70,7 @@ CALLS_IN_FLIGHT = Gauge(
     "RerankService calls being served now, by method (RerankStream: open streams).",
     ["method"],
     registry=REGISTRY,
+    multiprocess_mode="livesum",  # workers: the sum over live workers; a dead one's calls ended
 )
 DOCUMENTS = Histogram(
     "rerank_documents_per_call",
@@ -121,6 +131,7 @@ DEPLOYMENT_STATE = Gauge(
     "A deployment's health: 0 healthy, 1 ejected (tried last), 2 down (refused but for probes).",
     ["deployment"],
     registry=REGISTRY,
+    multiprocess_mode="livemax",  # workers: the worst state any live worker sees
 )
 DEPLOYMENT_EJECTIONS = Counter(
     "rerank_deployment_ejections",
@@ -218,28 +229,37 @@ class DeploymentMetrics:
 class MethodMetrics:
     """One method's metric children, bound once: recording a call is then a few locked adds.
 
-    Calls in flight are a plain count read when /metrics is scraped (Gauge.set_function):
-    two adds without a lock instead of two locked gauge updates per call. Only the event
-    loop's thread writes it; the scrape thread only reads.
+    Calls in flight are a plain count. In one process it is read when /metrics is scraped
+    (Gauge.set_function): two adds without a lock instead of two locked gauge updates per
+    call; only the event loop's thread writes it, the scrape thread only reads. With
+    workers the scrape happens in the supervisor, which reads only the workers' files
+    (set_function cannot reach them): the gauge is then also updated per call (`_gauge`).
     """
 
-    __slots__ = ("_calls", "in_flight", "latency", "name")
+    __slots__ = ("_calls", "_gauge", "in_flight", "latency", "name")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, multiprocess_mode: bool = MULTIPROCESS) -> None:
         self.name = name
         self.in_flight = 0
         self.latency = CALL_LATENCY.labels(name)
         self._calls: dict[grpc.StatusCode | int, Counter] = {}
-        CALLS_IN_FLIGHT.labels(name).set_function(lambda: self.in_flight)
+        gauge = CALLS_IN_FLIGHT.labels(name)
+        self._gauge: Gauge | None = gauge if multiprocess_mode else None
+        if not multiprocess_mode:
+            gauge.set_function(lambda: self.in_flight)
 
     def started(self) -> None:
         self.in_flight += 1
+        if self._gauge is not None:
+            self._gauge.inc()
 
     def finished(
         self, code: grpc.StatusCode | int, seconds: float, documents: int | None, tokens: int | None
     ) -> None:
         """Count a call that ended (and was counted by `started`)."""
         self.in_flight -= 1
+        if self._gauge is not None:
+            self._gauge.dec()
         calls = self._calls.get(code)
         if calls is None:
             calls = self._calls[code] = CALLS.labels(self.name, code_name(code))
@@ -308,10 +328,27 @@ def observe_queue(seconds: float) -> None:
 # --- the /metrics endpoint ---
 
 
-def start_metrics_server(host: str, port: int) -> tuple[WSGIServer, int]:
-    """Serve REGISTRY at http://host:port/metrics on a daemon thread; port 0 picks a free one."""
-    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+def start_metrics_server(
+    host: str, port: int, registry: CollectorRegistry = REGISTRY
+) -> tuple[WSGIServer, int]:
+    """Serve `registry` at http://host:port/metrics on a daemon thread; port 0 picks a free one."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
     return server, server.server_port
+
+
+def multiprocess_registry(directory: str) -> CollectorRegistry:
+    """The workers' metrics summed from their files in `directory` (the supervisor's /metrics).
+
+    Counters and histograms keep a dead worker's counts (its files stay); gauges count
+    only live workers once `worker_exited` has been told."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def worker_exited(pid: int, directory: str) -> None:
+    """A worker process is gone: drop its live gauges (calls in flight, deployment state)."""
+    multiprocess.mark_process_dead(pid, path=directory)  # type: ignore[no-untyped-call]
 
 
 def stop_metrics_server(server: WSGIServer) -> None:

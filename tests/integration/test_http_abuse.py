@@ -389,7 +389,9 @@ def _is_open(sock: socket.socket) -> bool:
 def test_a_flood_past_the_admission_limit_is_429_and_health_stays_200(
     serve: ServerFactory, upstream: FakeUpstream
 ) -> None:
-    upstream.always(Fault(delay=0.5))
+    # Long enough that the four admitted calls still hold their slots while the health
+    # checks and the gRPC call below run, on a slow machine too.
+    upstream.always(Fault(delay=3.0))
     with serve(http_port=0, max_concurrent_requests=4) as server, ThreadPoolExecutor(64) as pool:
         port = http_port(server)
         flood = [

@@ -386,7 +386,7 @@ def test_length_size_and_media_type_are_411_413_415(serve: ServerFactory, route:
 def test_a_full_server_is_429_with_retry_after(
     serve: ServerFactory, upstream: FakeUpstream, route: str
 ) -> None:
-    upstream.always(Fault(delay=1.0))
+    upstream.always(Fault(delay=2.5))  # holds the one slot while the refusals below run, slow machine too
     with serve(http_port=0, max_concurrent_requests=1) as server, ThreadPoolExecutor(1) as pool:
         url = http_url(server)
         slow = pool.submit(post, url, route, body_for(route))

@@ -56,7 +56,7 @@ def outcome(call: Any) -> str:
 def test_unary_calls_past_the_byte_budget_are_refused_and_the_next_one_is_served(
     serve: ServerFactory, upstream: FakeUpstream
 ) -> None:
-    upstream.always(Fault(delay=0.5))
+    upstream.always(Fault(delay=2.0))  # the first two still hold their bytes when the others arrive
     with serve(max_inflight_bytes=BUDGET) as server:
         calls = [server.stub.Rerank.future(big_request(), timeout=10) for _ in range(4)]
         outcomes = [outcome(call) for call in calls]

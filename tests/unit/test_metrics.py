@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TextIO, cast
 
 import grpc
@@ -251,3 +255,78 @@ def test_the_endpoint_serves_the_registry_on_a_free_port_and_stops() -> None:
     assert "process_resident_memory_bytes" in text
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+# --- workers: prometheus-client's multiprocess mode (serve --workers N) ---
+
+# One worker's life: two calls start, one ends, the process exits with the other in flight.
+_WORKER = """
+import os, sys
+from rerank_service.observability import metrics
+assert metrics.MULTIPROCESS
+calls = metrics.for_method("/rerank.v1.RerankService/Rerank")
+calls.started()
+calls.started()
+calls.finished(0, 0.01, documents=2, tokens=9)
+from rerank_service.core.health import State
+metrics.DeploymentMetrics("d").set_state(State.EJECTED)
+print(os.getpid())
+"""
+
+
+def _run_worker(directory: Path) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", _WORKER],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return int(done.stdout.strip())
+
+
+def _summed(directory: Path, name: str, **labels: str) -> float:
+    return metrics.multiprocess_registry(str(directory)).get_sample_value(name, labels) or 0.0
+
+
+def test_workers_metrics_are_summed_and_a_dead_workers_counts_stay(tmp_path: Path) -> None:
+    first = _run_worker(tmp_path)
+    assert _summed(tmp_path, "rerank_calls_total", method="Rerank", code="OK") == 1
+    assert _summed(tmp_path, "rerank_calls_in_flight", method="Rerank") == 1
+    assert _summed(tmp_path, "rerank_deployment_state", deployment="d") == 1
+
+    metrics.worker_exited(first, str(tmp_path))  # the supervisor saw it exit
+    assert _summed(tmp_path, "rerank_calls_total", method="Rerank", code="OK") == 1  # kept
+    assert _summed(tmp_path, "rerank_calls_in_flight", method="Rerank") == 0  # its calls ended
+    assert _summed(tmp_path, "rerank_deployment_state", deployment="d") == 0
+
+    second = _run_worker(tmp_path)  # the restarted worker: a new process, its own files
+    assert second != first
+    assert _summed(tmp_path, "rerank_calls_total", method="Rerank", code="OK") == 2  # none twice
+    assert _summed(tmp_path, "rerank_call_latency_seconds_count", method="Rerank") == 2
+    assert _summed(tmp_path, "rerank_calls_in_flight", method="Rerank") == 1
+
+
+def test_in_flight_is_a_gauge_updated_per_call_in_multiprocess_mode() -> None:
+    assert metrics.MULTIPROCESS is False  # tests run as one process
+    measured = metrics.MethodMetrics("multiprocess-test", multiprocess_mode=True)
+    measured.started()
+    measured.started()
+    assert value("rerank_calls_in_flight", method="multiprocess-test") == 2
+    measured.finished(grpc.StatusCode.OK, 0.001, documents=None, tokens=None)
+    assert value("rerank_calls_in_flight", method="multiprocess-test") == 1
+    assert measured.in_flight == 1
+
+
+def test_the_endpoint_serves_another_registry(tmp_path: Path) -> None:
+    _run_worker(tmp_path)
+    server, port = metrics.start_metrics_server(
+        "127.0.0.1", 0, registry=metrics.multiprocess_registry(str(tmp_path))
+    )
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    finally:
+        metrics.stop_metrics_server(server)
+    assert 'rerank_calls_total{code="OK",method="Rerank"} 1.0' in text

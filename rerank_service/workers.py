@@ -1,0 +1,374 @@
+"""`serve --workers N`: N server processes sharing the ports, started and watched by one supervisor.
+
+Each worker is a whole server (grpc/server.py `serve`): its own event loop, router, health
+service, admission limits and drain. They listen on the same gRPC port (and HTTP port)
+with SO_REUSEPORT, so the kernel spreads new connections over them, as grpc's own
+multiprocessing example does. The supervisor
+
+- binds each port once itself (SO_REUSEPORT, never listening), so `--port 0` is chosen
+  once and shared, and a taken port stops start-up before any worker starts;
+- starts the workers (spawned: a fresh interpreter, no grpc state forked), logs one
+  `serving` line once the first is serving, and restarts one that dies, with backoff;
+- forwards SIGTERM and SIGINT (every worker drains as one server does) and SIGHUP
+  (every worker reloads), and exits 0 only when every worker drained and exited 0;
+- serves --metrics-port: the sum of the workers' metrics, which each records into files
+  in a directory the supervisor creates and removes (prometheus-client's multiprocess
+  mode; observability/metrics.py).
+
+Nothing here runs on a call's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from types import FrameType
+from typing import Any
+
+from rerank_service.config import ConfigError, Settings, load_settings
+
+# Imported before the supervisor sets PROMETHEUS_MULTIPROC_DIR: its own metrics stay in
+# memory; only the workers, spawned after, record into the directory.
+from rerank_service.observability import metrics
+from rerank_service.observability.logging import configure_logging, get_logger
+
+_log = get_logger("rerank_service.workers")
+
+FIRST_BACKOFF = 0.5  # seconds before the first restart of a worker that died
+MAX_BACKOFF = 30.0  # the longest wait between restarts of a worker that keeps dying
+STEADY_AFTER = 60.0  # a worker that ran this long before dying restarts after FIRST_BACKOFF
+KILL_AFTER = 10.0  # seconds past --shutdown-grace before a worker still draining is killed
+_POLL = 0.1  # seconds: how often the loop looks at signals and due restarts
+
+
+def check_workers(settings: Settings) -> None:
+    """Refuse workers that would each hold a copy of a local model on one device."""
+    if settings.workers <= 1:
+        return
+    local = (
+        settings.backend == "local"
+        if not settings.models
+        else any(
+            deployment.format == "local" for route in settings.models for deployment in route.deployments
+        )
+    )
+    if not local or settings.device == "cpu":
+        return
+    where = "onto the GPU" if settings.device == "cuda" else "(device auto may pick the GPU)"
+    raise ConfigError(
+        f"workers {settings.workers} with the local backend on device {settings.device}: each worker "
+        f"would load its own copy of every model {where}; run one worker per device (--workers 1), "
+        "or set --device cpu"
+    )
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port with SO_REUSEPORT, not listening: the port is this
+    process's until it closes it, and the workers' listeners (SO_REUSEPORT too) share it.
+    Port 0 picks a free one: read it with `getsockname()`."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclasses.dataclass
+class _Worker:
+    index: int
+    process: BaseProcess | None = None
+    ready: Connection | None = None  # the supervisor's end: the worker says when it serves
+    pid: int | None = None
+    started_at: float = 0.0
+    serving: bool = False
+    served_once: bool = False
+    backoff: float = FIRST_BACKOFF
+    restart_at: float | None = None
+    restarts: int = 0
+
+
+class Supervisor:
+    """Runs `settings.workers` workers until SIGTERM or SIGINT; `run` is the exit code."""
+
+    def __init__(self, settings: Settings, args: Mapping[str, Any]) -> None:
+        self.settings = settings
+        self.args = dict(args)  # what each worker loads its settings from, as serve does
+        self.port = 0
+        self.http_port: int | None = None
+        self.metrics_port: int | None = None
+        self._context = multiprocessing.get_context("spawn")
+        self._workers = [_Worker(index) for index in range(settings.workers)]
+        self._signals: list[int] = []
+        self._stopping = False
+        self._stop_deadline = 0.0
+        self._exit_code: int | None = None  # set when start-up failed
+        self._failed_drain = False
+        self._announced = False
+        self._directory = ""
+
+    def run(self) -> int:
+        check_workers(self.settings)
+        reserved = [reserve_port(self.settings.host, self.settings.port)]
+        try:
+            self.port = reserved[0].getsockname()[1]
+            if self.settings.http_port is not None:
+                reserved.append(reserve_port(self.settings.host, self.settings.http_port))
+                self.http_port = reserved[-1].getsockname()[1]
+            self._directory = tempfile.mkdtemp(prefix="rerank-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._directory  # the workers inherit it
+            server = None
+            if self.settings.metrics_port is not None:
+                server, self.metrics_port = metrics.start_metrics_server(
+                    self.settings.host,
+                    self.settings.metrics_port,
+                    registry=metrics.multiprocess_registry(self._directory),
+                )
+            try:
+                return self._run()
+            finally:
+                if server is not None:
+                    metrics.stop_metrics_server(server)
+        finally:
+            for sock in reserved:
+                sock.close()
+            if self._directory:
+                os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+                shutil.rmtree(self._directory, ignore_errors=True)
+
+    # --- the loop ---
+
+    def _run(self) -> int:
+        previous = {
+            signum: signal.signal(signum, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
+        try:
+            _log.info(
+                "supervisor starting",
+                workers=len(self._workers),
+                port=self.port,
+                http_port=self.http_port,
+                metrics_port=self.metrics_port,
+                pid=os.getpid(),
+            )
+            for worker in self._workers:
+                self._start(worker)
+            while True:
+                self._handle_signals()
+                now = time.monotonic()
+                if not self._stopping:
+                    for worker in self._workers:
+                        if worker.restart_at is not None and worker.restart_at <= now:
+                            self._start(worker)
+                alive = [w for w in self._workers if w.process is not None]
+                if self._stopping and not alive:
+                    break
+                if self._stopping and now > self._stop_deadline:
+                    for worker in alive:
+                        _log.error("worker killed", worker=worker.index, pid=worker.pid, why="drain too long")
+                        self._signal(worker, signal.SIGKILL)
+                    self._failed_drain = True
+                    self._stop_deadline = now + KILL_AFTER
+                waitables: list[Any] = [w.process.sentinel for w in alive if w.process is not None]
+                waitables += [w.ready for w in alive if w.ready is not None]
+                for ready in wait(waitables, timeout=_POLL):
+                    self._on_ready(ready)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        if self._exit_code is not None:
+            return self._exit_code
+        code = 1 if self._failed_drain else 0
+        _log.info("supervisor stopped", exit_code=code)
+        return code
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals.append(signum)  # handled by the loop, never inside a handler
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            alive = [w for w in self._workers if w.process is not None]
+            if signum == signal.SIGHUP:
+                _log.info("reload", workers=[w.index for w in alive], why="SIGHUP, forwarded to every worker")
+            elif not self._stopping:
+                self._stopping = True
+                self._stop_deadline = time.monotonic() + self.settings.shutdown_grace + KILL_AFTER
+                _log.info(
+                    "draining",
+                    workers=[w.index for w in alive],
+                    signal=signal.Signals(signum).name,
+                    grace_s=self.settings.shutdown_grace,
+                )
+            for worker in alive:
+                self._signal(worker, signum)
+
+    def _on_ready(self, ready: Any) -> None:
+        for worker in self._workers:
+            if worker.ready is ready:
+                self._on_message(worker)
+                return
+            if worker.process is not None and worker.process.sentinel == ready:
+                self._on_exit(worker)
+                return
+
+    def _on_message(self, worker: _Worker) -> None:
+        assert worker.ready is not None
+        try:
+            worker.ready.recv()
+        except (EOFError, OSError):  # the worker exited; its sentinel says how
+            worker.ready.close()
+            worker.ready = None
+            return
+        worker.serving = worker.served_once = True
+        _log.info("worker ready", worker=worker.index, pid=worker.pid, restarts=worker.restarts)
+        if not self._announced:
+            self._announced = True
+            _log.info(
+                "serving",
+                port=self.port,
+                http_port=self.http_port,
+                metrics_port=self.metrics_port,
+                workers=len(self._workers),
+            )
+
+    def _on_exit(self, worker: _Worker) -> None:
+        assert worker.process is not None
+        worker.process.join(timeout=1)
+        code = worker.process.exitcode
+        pid = worker.pid
+        if worker.ready is not None:
+            worker.ready.close()
+        worker.process.close()
+        worker.process, worker.ready = None, None
+        if pid is not None:
+            metrics.worker_exited(pid, self._directory)  # its calls in flight are over
+        served, worker.serving = worker.serving, False
+        how = {"exit_code": code} if code is None or code >= 0 else {"signal": signal.Signals(-code).name}
+        if self._stopping:
+            # Stopped while still starting (before its handlers were set): it held no calls.
+            unstarted = not served and code in (-signal.SIGTERM, -signal.SIGINT)
+            if code != 0 and not unstarted:
+                self._failed_drain = True
+            (_log.info if code == 0 else _log.error)("worker stopped", worker=worker.index, pid=pid, **how)
+            return
+        if not worker.served_once:  # it never started: the others would fail alike
+            _log.error("worker start failed", worker=worker.index, pid=pid, **how)
+            self._exit_code = code if code is not None and code > 0 else 1
+            self._stopping = True
+            self._stop_deadline = time.monotonic() + self.settings.shutdown_grace + KILL_AFTER
+            for other in self._workers:
+                if other.process is not None:
+                    self._signal(other, signal.SIGTERM)
+            return
+        ran = time.monotonic() - worker.started_at
+        if served and ran >= STEADY_AFTER:
+            worker.backoff = FIRST_BACKOFF
+        delay = worker.backoff
+        worker.backoff = min(worker.backoff * 2, MAX_BACKOFF)
+        worker.restart_at = time.monotonic() + delay
+        _log.error(
+            "worker died",
+            worker=worker.index,
+            pid=pid,
+            ran_s=round(ran, 3),
+            restart_in_s=delay,
+            **how,
+        )
+
+    # --- one worker ---
+
+    def _start(self, worker: _Worker) -> None:
+        theirs, ours = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=_worker_main,
+            args=(worker.index, self.args, self.port, self.http_port, ours, os.getpid()),
+            name=f"rerank-worker-{worker.index}",
+        )
+        process.start()
+        ours.close()
+        if worker.restart_at is not None:
+            worker.restarts += 1
+        worker.process, worker.ready, worker.pid = process, theirs, process.pid
+        worker.started_at, worker.restart_at = time.monotonic(), None
+        _log.info("worker started", worker=worker.index, pid=process.pid, restarts=worker.restarts)
+
+    def _signal(self, worker: _Worker, signum: int) -> None:
+        if worker.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):  # it just exited; its sentinel says so
+            os.kill(worker.pid, signum)
+
+
+def supervise(settings: Settings, args: Mapping[str, Any]) -> int:
+    """Run `serve --workers N` (N >= 2); the supervisor's exit code."""
+    return Supervisor(settings, args).run()
+
+
+# --- in the worker process ---
+
+
+def _worker_main(
+    index: int, args: dict[str, Any], port: int, http_port: int | None, ready: Connection, parent: int
+) -> None:
+    """One worker: the settings loaded as serve loads them, on the supervisor's ports."""
+    _die_with_parent(parent)
+    import asyncio
+
+    import structlog
+
+    try:
+        settings = dataclasses.replace(load_settings(args), port=port, http_port=http_port, metrics_port=None)
+    except ConfigError as exc:
+        print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(settings.log_format, settings.log_level, settings.secrets(), cache_loggers=True)
+    # Every line this worker logs says which worker, and which process, wrote it.
+    structlog.contextvars.bind_contextvars(worker=index, pid=os.getpid())
+    from rerank_service.grpc.server import serve
+
+    def serving(port: int) -> None:
+        ready.send(("serving", port))
+
+    def reload() -> Settings:
+        return load_settings(args)
+
+    try:
+        code = asyncio.run(serve(settings, reload=reload, worker=index, on_serving=serving))
+    except ConfigError as exc:
+        print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
+        code = 2
+    except RuntimeError as exc:
+        print(f"rerank-service: cannot start: {exc}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGTERM (a drain) this worker when the supervisor dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)

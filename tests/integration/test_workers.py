@@ -1,0 +1,228 @@
+"""`serve --workers 2`: a supervisor and two real worker processes on one port.
+
+Real processes (ServiceProcess) with `--backend upstream` in front of a FakeUpstream.
+Calls go over distinct connections (a local subchannel pool per channel), so the
+kernel's SO_REUSEPORT spreads them over the workers; each worker's log lines name it
+(`worker`, `pid`), and a call's request id finds the worker that answered it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from rerank.v1 import rerank_pb2_grpc
+
+from rerank_service.testing.fake_upstream import FakeUpstream
+from tests.conftest import UPSTREAM_KEY
+from tests.support.process import ServiceProcess, run_cli
+from tests.support.rpc import request
+from tests.support.scrape import scrape, value
+
+ENV = {"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream(api_key=UPSTREAM_KEY) as fake:
+        yield fake
+
+
+def _args(upstream: FakeUpstream, *more: str) -> list[str]:
+    return ["--backend", "upstream", "--upstream-url", upstream.url, "--workers", "2", *more]
+
+
+def _channel(target: str) -> grpc.Channel:
+    # Its own connection: channels would otherwise share one subchannel (one worker).
+    return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _all_serving(service: ServiceProcess, workers: int = 2) -> bool:
+    return len({e["worker"] for e in service.events() if e.get("event") == "worker ready"}) >= workers
+
+
+def _worker_of_calls(service: ServiceProcess) -> dict[str, int]:
+    """A response's request id (the upstream's, passed through) → the worker whose
+    access-log line says it answered the call."""
+    return {
+        upstream_id: e["worker"]
+        for e in service.events()
+        if e.get("event") == "call" and "worker" in e
+        for upstream_id in e.get("upstream_request_ids", ())
+    }
+
+
+def _pids(service: ServiceProcess) -> dict[int, int]:
+    """worker → its current pid (the latest `worker started`)."""
+    return {e["worker"]: e["pid"] for e in service.events() if e.get("event") == "worker started"}
+
+
+def test_two_workers_answer_on_one_port_metrics_sum_both_and_sighup_reaches_each(
+    upstream: FakeUpstream,
+) -> None:
+    with ServiceProcess(_args(upstream, "--http-port", "0", "--metrics-port", "0"), env=ENV) as service:
+        serving = [e for e in service.events() if e.get("event") == "serving"]
+        assert len(serving) == 1  # the supervisor's, not one per worker
+        assert serving[0]["workers"] == 2
+        assert serving[0]["port"] == service.port
+        _eventually(lambda: _all_serving(service))
+        # Port 0 was chosen once: both workers listen on the same gRPC and HTTP ports.
+        listening = {e["port"] for e in service.events() if e.get("event") == "listening"}
+        http = {e["port"] for e in service.events() if e.get("event") == "http listening"}
+        assert listening == {service.port}
+        assert http == {serving[0]["http_port"]}
+
+        answered: dict[str, Any] = {}
+        for _ in range(24):
+            with _channel(service.target) as channel:
+                response = rerank_pb2_grpc.RerankServiceStub(channel).Rerank(request(), timeout=10)
+                answered[response.request_id] = response
+        body = json.dumps({"model": "qwen3-rerank", "query": "q", "documents": ["a", "b"]}).encode()
+        http_call = urllib.request.Request(
+            f"http://127.0.0.1:{serving[0]['http_port']}/v1/rerank",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(http_call, timeout=10) as reply:  # noqa: S310 - http:// only
+            assert reply.status == 200
+
+        _eventually(lambda: set(answered) <= set(_worker_of_calls(service)))
+        by_worker = Counter(_worker_of_calls(service)[rid] for rid in answered)
+        assert set(by_worker) == {0, 1}, by_worker  # 24 connections: both workers took some
+
+        samples = scrape(serving[0]["metrics_port"])
+        assert value(samples, "rerank_calls_total", method="Rerank", code="OK") == 24
+        assert value(samples, "rerank_calls_total", method="HTTP /v1/rerank", code="OK") == 1
+        assert value(samples, "rerank_calls_in_flight", method="Rerank") == 0
+
+        service.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        reloads = ("reloaded", "reload refused")
+        _eventually(
+            lambda: {e.get("worker") for e in service.events() if e.get("event") in reloads} == {0, 1}
+        )
+        assert service.terminate() == 0
+
+
+def _load(target: str, stop: threading.Event, outcomes: list[tuple[float, str]]) -> None:
+    with _channel(target) as channel:
+        stub = rerank_pb2_grpc.RerankServiceStub(channel)
+        while not stop.is_set():
+            try:
+                # A call made while its connection is being re-made waits for it (as a
+                # client that retries would) rather than failing fast: what fails is only
+                # what was in flight on the dead worker.
+                stub.Rerank(request(), timeout=10, wait_for_ready=True)
+                outcomes.append((time.monotonic(), "OK"))
+            except grpc.RpcError as exc:
+                outcomes.append((time.monotonic(), exc.code().name))
+
+
+def test_a_worker_killed_under_load_is_restarted_and_its_counts_survive() -> None:
+    clients = 8
+    with (
+        FakeUpstream(api_key=UPSTREAM_KEY, latency=0.05) as upstream,
+        ServiceProcess(_args(upstream, "--metrics-port", "0"), env=ENV) as service,
+    ):
+        _eventually(lambda: _all_serving(service))
+        metrics_port = next(e for e in service.events() if e.get("event") == "serving")["metrics_port"]
+        stop = threading.Event()
+        outcomes: list[tuple[float, str]] = []
+        threads = [
+            threading.Thread(target=_load, args=(service.target, stop, outcomes)) for _ in range(clients)
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        victim = _pids(service)[0]
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        _eventually(lambda: _pids(service)[0] != victim)  # restarted, as a new process
+        _eventually(
+            lambda: any(
+                e.get("event") == "worker ready" and e["worker"] == 0 and e["restarts"] == 1
+                for e in service.events()
+            )
+        )
+        time.sleep(1.0)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+
+        died = [e for e in service.events() if e.get("event") == "worker died"]
+        assert [(e["worker"], e["pid"], e["signal"]) for e in died] == [(0, victim, "SIGKILL")]
+        assert died[0]["restart_in_s"] > 0
+        codes = Counter(code for _, code in outcomes)
+        failed = codes.total() - codes["OK"]
+        # Only calls in flight on the dead worker fail: at most one per client.
+        assert failed <= clients, codes
+        assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+        assert sum(1 for at, code in outcomes if at > killed_at + 0.5 and code == "OK") > 10
+        # The dead worker's counts stay in the sum; nothing is counted twice. A call it
+        # counted as answered just before SIGKILL may not have reached its client: at
+        # most the failed ones are counted on top.
+        samples = scrape(metrics_port)
+        counted = value(samples, "rerank_calls_total", method="Rerank", code="OK")
+        assert codes["OK"] <= counted <= codes["OK"] + failed, (counted, codes)
+        assert value(samples, "rerank_calls_in_flight", method="Rerank") == 0
+        assert service.terminate() == 0, service.output[-5000:]
+
+
+def test_sigterm_with_calls_in_flight_on_both_workers_lets_them_finish_then_exits_zero() -> None:
+    calls = 16
+    with (
+        FakeUpstream(api_key=UPSTREAM_KEY, latency=1.5) as upstream,
+        ServiceProcess(_args(upstream, "--shutdown-grace", "20"), env=ENV) as service,
+    ):
+        _eventually(lambda: _all_serving(service))
+        results: list[str] = []
+
+        def call() -> None:
+            with _channel(service.target) as channel:
+                try:
+                    response = rerank_pb2_grpc.RerankServiceStub(channel).Rerank(request(), timeout=15)
+                    results.append(response.request_id)
+                except grpc.RpcError as exc:
+                    results.append(f"failed: {exc.code().name}")
+
+        threads = [threading.Thread(target=call) for _ in range(calls)]
+        for thread in threads:
+            thread.start()
+        _eventually(lambda: upstream.in_flight == calls)
+        code = service.terminate()
+        for thread in threads:
+            thread.join(timeout=15)
+
+        assert not [r for r in results if r.startswith("failed")], results
+        assert len(results) == calls
+        workers = _worker_of_calls(service)
+        assert {workers[rid] for rid in results} == {0, 1}  # in flight on both
+        assert code == 0
+        stopped = [e for e in service.events() if e.get("event") == "worker stopped"]
+        assert sorted((e["worker"], e["exit_code"]) for e in stopped) == [(0, 0), (1, 0)]
+
+
+def test_workers_with_the_local_backend_on_cuda_are_refused_with_one_line() -> None:
+    result = run_cli("serve", "--workers", "2", "--device", "cuda", "--port", "0")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "configuration error" in lines[0]
+    assert "workers 2" in lines[0]
+    assert "cuda" in lines[0]
+    assert "--workers 1" in lines[0]
