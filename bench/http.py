@@ -55,6 +55,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from bench import perf
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "http"
 DOC = ROOT / "docs" / "PERFORMANCE.md"
@@ -251,39 +253,11 @@ def serve_starlette(host: str, port: int, upstream_url: str, upstream_path: str)
 # --- processes ---------------------------------------------------------------------------
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and every process under it (a server may fork workers)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(stat.parent.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    return found
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime so far of `pid` and the processes under it (bench.perf's, summed)."""
-    from bench import perf
-
-    total = 0.0
-    for member in process_tree(pid):
-        with contextlib.suppress(OSError):
-            total += perf.cpu_seconds(member)
-    return total
-
-
 @contextlib.contextmanager
 def front_door(
     port: int, upstream_url: str, dialect: str, caller_key: str | None
 ) -> Iterator[tuple[int, int]]:
     """`rerank-service serve --backend upstream --http-port 0`: (pid, the HTTP port it took)."""
-    from bench import perf
     from bench.perf_payloads import UPSTREAM_KEY
     from tests.support.process import ServiceProcess
 
@@ -309,7 +283,6 @@ def front_door(
 
 @contextlib.contextmanager
 def minimal_server(run: str, port: int, upstream_url: str) -> Iterator[int]:
-    from bench import perf
     from bench.perf_payloads import COHERE_PATH
 
     python = str(LITELLM_VENV / "bin" / "python") if run != AIOHTTP else sys.executable
@@ -322,7 +295,6 @@ def minimal_server(run: str, port: int, upstream_url: str) -> Iterator[int]:
 @contextlib.contextmanager
 def litellm_proxy(port: int, upstream_url: str, master_key: str) -> Iterator[int]:
     """LiteLLM's proxy, one worker, its output to bench/results/http/litellm-PORT.log."""
-    from bench import perf
     from bench.perf_payloads import COHERE_PATH, UPSTREAM_KEY
 
     if not perf.port_frees_up(port):
@@ -438,11 +410,10 @@ def measure(
     target: Target, comparison: str, documents: int, seconds: float, number: int, *, warmup: bool = False
 ) -> Measured:
     """One run of `seconds` against `target`, with the server's CPU time around it."""
-    from bench import perf
 
     tag = f"{comparison}-{documents}-{re.sub(r'[^a-z0-9]+', '-', target.run.lower()).strip('-')}"
     tag += "-warmup" if warmup else f"-round{number}"
-    before = cpu_seconds(target.pid)
+    before = perf.tree_cpu_seconds(target.pid)
     if target.url:
         report = hey(target.url, documents, seconds, RESULTS / f"{tag}.txt", target.headers)
         answered = sum(n for code, n in report["statuses"].items() if 200 <= code < 300)
@@ -459,7 +430,7 @@ def measure(
             perf.ghz(target.port, documents, CONCURRENCY, RESULTS / f"{tag}.json", seconds=seconds),
         )
         rps, count, errors, p50, p99 = point.rps, point.count, point.errors, point.p50, point.p99
-    used = cpu_seconds(target.pid) - before
+    used = perf.tree_cpu_seconds(target.pid) - before
     if count == 0:
         raise RuntimeError(f"{target.run}: no call answered ({errors} errors); see {RESULTS / tag}.*")
     return Measured(
@@ -479,13 +450,9 @@ def interleave(results: Results, comparison: str, documents: int, targets: list[
             show(item)
 
 
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def show(item: Measured) -> None:
     errors = f", {item.errors} ERRORS" if item.errors else ""
-    say(
+    perf.say(
         f"  round {item.round} {item.run:<32} {item.rps:9.1f} req/s  p50 {item.p50 * 1e3:8.2f} ms  "
         f"p99 {item.p99 * 1e3:8.2f} ms  {item.cpu_us:7.0f} CPU-µs/call{errors}"
     )
@@ -514,10 +481,9 @@ class Ports:
 
 
 def grpc_http(results: Results, ports: Ports) -> None:
-    from bench import perf
 
     for documents in DOCUMENTS:
-        say(f"{GRPC_HTTP}: one service, gRPC against HTTP, {documents} documents, c={CONCURRENCY}")
+        perf.say(f"{GRPC_HTTP}: one service, gRPC against HTTP, {documents} documents, c={CONCURRENCY}")
         upstream = f"http://127.0.0.1:{ports.upstream(documents)}"
         with front_door(ports.service, upstream, "dashscope", None) as (pid, http_port):
             url = f"http://127.0.0.1:{http_port}{FRONT_DOOR_PATH}"
@@ -538,7 +504,7 @@ def library(results: Results, ports: Ports) -> None:
                 (LIBRARY_CANNED, CANNED_PATH, "the upstream's answer canned"),
                 (LIBRARY, FRONT_DOOR_PATH, "one httpx POST upstream"),
             ):
-                say(f"{comparison}: a minimal handler, {what}, {documents} documents, c={CONCURRENCY}")
+                perf.say(f"{comparison}: a minimal handler, {what}, {documents} documents, c={CONCURRENCY}")
                 targets = []
                 for run in RUNS[comparison]:
                     url = f"http://127.0.0.1:{ports.minimal(run)}{path}"
@@ -551,7 +517,7 @@ def litellm(results: Results, ports: Ports) -> None:
     key = "sk-bench-" + secrets.token_hex(24)  # LiteLLM refuses weak master keys
     headers = {"authorization": f"Bearer {key}"}
     for documents in DOCUMENTS:
-        say(f"{LITELLM}: LiteLLM's proxy against the front door, {documents} documents, c={CONCURRENCY}")
+        perf.say(f"{LITELLM}: LiteLLM's proxy against the front door, {documents} documents, c={CONCURRENCY}")
         upstream = f"http://127.0.0.1:{ports.upstream(documents)}"
         with (
             front_door(ports.service, upstream, "cohere", key) as (pid, http_port),
@@ -709,7 +675,6 @@ def prose_litellm(results: Results) -> str:
 
 
 def machine() -> str:
-    from bench import perf
 
     hey_pin = re.search(r"hey@(v[\d.]+)", (ROOT / "bench" / "install-hey.sh").read_text())
     names = ("litellm", "uvicorn", "starlette", "httptools", "uvloop", "httpx")
@@ -783,19 +748,6 @@ def report(results: Results) -> str:
     return "\n".join(lines)
 
 
-def write_doc(path: Path, block: str) -> None:
-    """Replace the block between the markers, or append it at the end of the document."""
-    text = path.read_text() if path.exists() else "# Performance\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # --- main --------------------------------------------------------------------------------
 
 COMPARISONS: dict[str, Callable[[Results, Ports], None]] = {
@@ -806,7 +758,6 @@ COMPARISONS: dict[str, Callable[[Results, Ports], None]] = {
 
 
 def run(args: argparse.Namespace) -> None:
-    from bench import perf
 
     plan = QUICK if os.environ.get("BENCH_QUICK", "") not in ("", "0") else FULL
     doc = args.doc or (RESULTS / "PERFORMANCE-quick.md" if plan.quick else DOC)
@@ -831,10 +782,10 @@ def run(args: argparse.Namespace) -> None:
             COMPARISONS[name](results, ports)
     results.seconds = time.monotonic() - started
     block = report(results)
-    write_doc(doc, block)
+    perf.write_section(doc, BEGIN, END, block)
     (RESULTS / "runs.json").write_text(json.dumps([asdict(item) for item in results.runs], indent=1))
     print("\n" + block)
-    say(f"wrote {doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc}")
+    perf.say(f"wrote {doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc}")
 
 
 def main() -> None:

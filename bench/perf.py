@@ -340,6 +340,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (a server's workers, nginx's worker)."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                children = Path(f"/proc/{current}/task/{task}/children").read_text().split()
+                queue.extend(int(child) for child in children)
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime so far of every process in `pid`'s tree (those alive now)."""
+    total = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(member)
+    return total
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -1127,6 +1149,20 @@ How the upstream service compares with what its parts can do. Run it with `make 
 {BEGIN}
 {END}
 """
+
+
+def write_section(path: Path, begin: str, end: str, block: str) -> None:
+    """Replace the block between `begin` and `end` in a document, or append it at its end
+    (the sections other benchmarks write into docs/PERFORMANCE.md)."""
+    text = path.read_text() if path.exists() else "# Performance\n"
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def write_doc(path: Path, block: str) -> None:

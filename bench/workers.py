@@ -101,28 +101,6 @@ _perf_connections = perf.connections
 # --- processes -----------------------------------------------------------------------------
 
 
-def tree(pid: int) -> list[int]:
-    """`pid` and every process below it."""
-    found, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        found.append(current)
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{current}/task"):
-                children = Path(f"/proc/{current}/task/{task}/children").read_text().split()
-                queue.extend(int(child) for child in children)
-    return found
-
-
-def tree_cpu(pid: int) -> float:
-    """utime + stime so far of every process in `pid`'s tree (workers alive now)."""
-    total = 0.0
-    for member in tree(pid):
-        with contextlib.suppress(OSError):
-            total += perf.cpu_seconds(member)
-    return total
-
-
 def children_cpu() -> float:
     """CPU seconds of this process's children waited for so far: the ghz runs."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -166,8 +144,8 @@ def measure(run: Run, pid: int, port: int, tag: str, *, plan: Plan, nginx_pid: i
         perf.ghz(port, DOCUMENTS, c, RESULTS / f"{tag}-warmup.json", requests=c, timeout=perf.SLOW_TIMEOUT)
     else:
         perf.ghz(port, DOCUMENTS, c, RESULTS / f"{tag}-warmup.json", seconds=plan.warmup)
-    cpu, ghz_cpu = tree_cpu(pid), children_cpu()
-    nginx_cpu = tree_cpu(nginx_pid) if nginx_pid is not None else 0.0  # master and worker
+    cpu, ghz_cpu = perf.tree_cpu_seconds(pid), children_cpu()
+    nginx_cpu = perf.tree_cpu_seconds(nginx_pid) if nginx_pid is not None else 0.0  # master and worker
     if slow:
         report = perf.ghz(
             port,
@@ -179,10 +157,10 @@ def measure(run: Run, pid: int, port: int, tag: str, *, plan: Plan, nginx_pid: i
         )
     else:
         report = perf.ghz(port, DOCUMENTS, c, RESULTS / f"{tag}.json", seconds=plan.seconds)
-    run.cpu += tree_cpu(pid) - cpu
+    run.cpu += perf.tree_cpu_seconds(pid) - cpu
     run.ghz_cpu += children_cpu() - ghz_cpu
     if nginx_pid is not None:
-        run.nginx_cpu += tree_cpu(nginx_pid) - nginx_cpu
+        run.nginx_cpu += perf.tree_cpu_seconds(nginx_pid) - nginx_cpu
     point = perf.from_ghz(run.scenario, DOCUMENTS, c, f"workers {run.workers}", report)
     run.rps.append(point.rps)
     run.p50.append(point.p50)
@@ -391,18 +369,6 @@ def summary(
     return text
 
 
-def write_doc(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else "# Performance\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -426,7 +392,7 @@ def main() -> None:
     if "fast" in scenarios:
         fast_scenario(runs, plan, args.base_port)
     block = report(runs, plan, time.monotonic() - started)
-    write_doc(doc, block)
+    perf.write_section(doc, BEGIN, END, block)
     (RESULTS / "runs.json").write_text(json.dumps([asdict(run) for run in runs], indent=1))
     print("\n" + block)
     say(f"wrote {doc.relative_to(perf.ROOT) if doc.is_relative_to(perf.ROOT) else doc}")
