@@ -28,6 +28,7 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from bench.reliability import machine, publish
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
+from tests.support.fault_scenarios import memory_bytes
 from tests.support.process import ServiceProcess
 
 UPSTREAM_KEY = "bench-upstream-key"
@@ -68,14 +69,6 @@ class Result:
     @property
     def victim_p50(self) -> float:
         return statistics.median(self.victim_latencies) if self.victim_latencies else float("nan")
-
-
-def peak_rss(pid: int) -> int:
-    """The process's peak resident set (VmHWM), in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc status")
 
 
 def code_of(call: Callable[[], object]) -> str:
@@ -212,7 +205,7 @@ def run_attack(name: str, seconds: float, open_mode: bool = False) -> Result:
             stop.set()
             for thread in threads:
                 thread.join(timeout=60)
-            result.peak_rss = peak_rss(service.process.pid)
+            result.peak_rss = memory_bytes(service.process.pid, "VmHWM")
     return result
 
 

@@ -41,7 +41,7 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from bench.reliability import counts, machine, publish, seconds
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
-from tests.support.fault_scenarios import error_reason, error_retry_delay, rerank_request
+from tests.support.fault_scenarios import error_reason, error_retry_delay, memory_bytes, rerank_request
 from tests.support.process import ServiceProcess
 
 KEY = "bench-upstream-key"
@@ -129,15 +129,6 @@ def percentile(values: Sequence[float], share: float) -> float:
 
 def ms(value: float) -> str:
     return f"{value * 1000:.0f} ms"
-
-
-def vm_kib(pid: int, field_name: str) -> int:
-    """A memory figure of /proc/PID/status (VmHWM: the peak resident set), in bytes."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(f"{field_name}:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field_name} for process {pid}")
 
 
 def deployment(upstream: FakeUpstream, name: str, priority: int = 0, **overrides: Any) -> dict[str, Any]:
@@ -292,7 +283,7 @@ def fairness(directory: Path, duration: float) -> tuple[str, list[str]]:
                 upstream.poison(POISON, attack.fault)
             with serve(directory, [deployment(upstream, "only", breaker_cooldown=COOLDOWN)]) as service:
                 result = asyncio.run(drive_fairness(service.target, attack, duration))
-                result.peak_rss = vm_kib(pid_of(service), "VmHWM")
+                result.peak_rss = memory_bytes(pid_of(service), "VmHWM")
         results.append(result)
         print(
             f"  {attack.name}: victim {tally(result.victim)}, p50 {ms(result.p50)}, p99 {ms(result.p99)}; "

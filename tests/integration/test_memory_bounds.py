@@ -7,7 +7,6 @@ import queue
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,6 +15,7 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY, ServerFactory
+from tests.support.fault_scenarios import memory_bytes, rss_bytes
 from tests.support.process import ServiceProcess
 from tests.support.rpc import code_of, expect_error, request
 from tests.support.server import ServerThread
@@ -24,21 +24,6 @@ Code = grpc.StatusCode
 BIG_DOCUMENT = "apple " * 40_000  # 240 kB
 BUDGET = 600_000  # room for two such calls, not three
 MIB = 1024 * 1024
-
-
-def _status_field(pid: int, name: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(name + ":"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {name} in /proc/{pid}/status")
-
-
-def resident(pid: int) -> int:
-    return _status_field(pid, "VmRSS")
-
-
-def peak_resident(pid: int) -> int:
-    return _status_field(pid, "VmHWM")
 
 
 def big_request() -> rerank_pb2.RerankRequest:
@@ -162,7 +147,7 @@ def test_refused_large_calls_give_their_memory_back_at_once() -> None:
         args = ["--backend", "upstream", "--upstream-url", upstream.url, *flags]
         with ServiceProcess(args, env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}) as service:
             assert service.process is not None
-            before = resident(service.process.pid)
+            before = rss_bytes(service.process.pid)
             codes: Counter[str] = Counter()
             stop = time.monotonic() + 3
 
@@ -180,7 +165,7 @@ def test_refused_large_calls_give_their_memory_back_at_once() -> None:
             with concurrent.futures.ThreadPoolExecutor(6) as pool:
                 for running in [pool.submit(caller) for _ in range(6)]:
                     running.result()
-            peak = peak_resident(service.process.pid)
+            peak = memory_bytes(service.process.pid, "VmHWM")
 
     assert codes["RESOURCE_EXHAUSTED"] >= 50  # the refusals really happened, again and again
     assert codes["OK"] >= 2

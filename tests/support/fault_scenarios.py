@@ -547,13 +547,18 @@ class OverloadResult:
         return sum(self.codes.values())
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (VmRSS), in bytes."""
+def memory_bytes(pid: int, field_name: str) -> int:
+    """A memory figure of /proc/PID/status, in bytes: VmRSS (resident now), VmHWM (its peak)."""
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field_name}:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    raise RuntimeError(f"no {field_name} for process {pid}")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (VmRSS), in bytes."""
+    return memory_bytes(pid, "VmRSS")
 
 
 def open_fds(pid: int) -> int:
