@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, InstanceOf, model_validator
 
-from rerank_service.config.secret import Secret
+from rerank_service.config.secret import Secret, UnreadableKeyFile, read_key_file
 
 # The formats of backends/upstream, and the in-process model.
 Format = Annotated[
@@ -150,7 +150,7 @@ def distinct_routes(routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
     return routes
 
 
-class KeyError_(ValueError):
+class KeySourceError(ValueError):
     """A deployment's key source is unusable; `place` says where in the file."""
 
     def __init__(self, place: str, problem: str) -> None:
@@ -178,16 +178,15 @@ def _read_key(deployment: DeploymentConfig, env: Mapping[str, str], place: str) 
         if not value:
             # Named only when it looks like a variable's name: a key pasted here is not repeated.
             name = deployment.api_key_env if deployment.api_key_env.isupper() else "a variable"
-            raise KeyError_(f"{place}.api_key_env", f"names {name}, which is not set")
+            raise KeySourceError(f"{place}.api_key_env", f"names {name}, which is not set")
         return Secret(value)
     if deployment.api_key_file:
         try:
-            value = deployment.api_key_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
-            raise KeyError_(f"{place}.api_key_file", f"{deployment.api_key_file}: {reason}") from None
+            value = read_key_file(deployment.api_key_file).strip()
+        except UnreadableKeyFile as exc:
+            raise KeySourceError(f"{place}.api_key_file", str(exc)) from None
         if not value:
-            raise KeyError_(f"{place}.api_key_file", f"{deployment.api_key_file} holds no key")
+            raise KeySourceError(f"{place}.api_key_file", f"{deployment.api_key_file} holds no key")
         return Secret(value)
     return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from pathlib import Path
 from typing import Final
 
 _MASK: Final = "**********"
@@ -48,3 +49,16 @@ def redact(text: str, secrets: list[Secret]) -> str:
         if len(value) >= MIN_REDACTED_LENGTH:
             text = text.replace(value, _MASK)
     return text
+
+
+class UnreadableKeyFile(ValueError):
+    """A key file that cannot be read; the message is `PATH: why` (never its content)."""
+
+
+def read_key_file(path: Path) -> str:
+    """The text of a file holding keys, or UnreadableKeyFile saying why not."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise UnreadableKeyFile(f"{path}: {reason}") from None

@@ -19,8 +19,8 @@ from typing import Any, NamedTuple, TypeVar
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from rerank_service.config.routes import KeyError_, with_keys
-from rerank_service.config.secret import Secret
+from rerank_service.config.routes import KeySourceError, with_keys
+from rerank_service.config.secret import Secret, UnreadableKeyFile, read_key_file
 from rerank_service.config.settings import (
     ConfigError,
     KeySources,
@@ -94,7 +94,7 @@ def load_settings(args: Mapping[str, Any] | None = None, env: Mapping[str, str] 
     if settings.models:
         try:
             settings = dataclasses.replace(settings, models=with_keys(settings.models, env))
-        except KeyError_ as exc:
+        except KeySourceError as exc:
             raise ConfigError(f"{exc} (from {origins['models']})") from None
         from rerank_service.config.deployments import deployment_specs  # imports settings
 
@@ -236,10 +236,9 @@ def _read_keys(keys: KeySources, raw: str, is_file: bool) -> list[Secret]:
         found = raw.split(",") if keys.several else [raw]
         return [Secret(key.strip()) for key in found if key.strip()]
     try:
-        text = Path(raw).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
-        raise ConfigError(f"{keys.file_flag.removeprefix('--')} {raw}: {reason}") from None
+        text = read_key_file(Path(raw))
+    except UnreadableKeyFile as exc:
+        raise ConfigError(f"{keys.file_flag.removeprefix('--')} {exc}") from None
     if not keys.several:
         return [Secret(text.strip())] if text.strip() else []
     lines = (line.strip() for line in text.splitlines())
