@@ -98,6 +98,7 @@ class FrontDoor:
             token = bind_request_id(request_id)
             measured.started()
             status, failure, outcome = 499, None, None  # unless it gets further: the client left
+            code = grpc.StatusCode.CANCELLED
             documents: int | None = None
             model: str | None = None
             size = http.content_length or 0
@@ -111,22 +112,22 @@ class FrontDoor:
                     request = wire.parse(await self._json(http))
                     documents, model = len(request.documents), request.model
                     outcome = await self._engine.rerank(request, context)
-                    status = 200
+                    status, code = 200, grpc.StatusCode.OK
                     return self._answer(wire, outcome, request, request_id)
                 except BadRequest as bad:
                     raise invalid_argument(bad.violations) from None
             except ServiceError as error:
-                failure = error
+                failure, code = error, error.code
                 status = http_status(error)
                 return self._refuse(wire, status, error, error.upstream_request_id or request_id)
             except _HttpError as error:
-                status = error.status
+                status, code = error.status, error.code
                 return self._json_response(
                     wire.error(dashscope_code(status), error.message, request_id), status, request_id
                 )
             except Exception:
                 _log.exception("unexpected error")
-                status = 500
+                status, code = 500, grpc.StatusCode.INTERNAL
                 message = f"internal error (request id {request_id})"
                 return self._json_response(
                     wire.error("InternalError", message, request_id), status, request_id
@@ -139,7 +140,6 @@ class FrontDoor:
                 facts = call_facts(
                     f"HTTP POST {path}", http.remote or "", request_id, documents, model, outcome, failure
                 )
-                code = _grpc_code(status, failure)
                 measured.finished(code, seconds, documents, facts.total_tokens)
                 log_call(facts, code, seconds, None if failure is None else failure.message)
                 failure = None  # the error <-> frame cycle would keep the body alive: see grpc/edge.py
@@ -172,11 +172,13 @@ class FrontDoor:
     def _check_length(self, http: web.Request) -> None:
         """The declared length, before anything is read or admitted for it."""
         if http.content_length is None:  # the bytes to admit must be known first
-            raise _HttpError(411, "a Content-Length header is required")
+            raise _HttpError(411, grpc.StatusCode.INVALID_ARGUMENT, "a Content-Length header is required")
         if http.content_length > self._max_body_bytes:
-            raise _HttpError(
-                413, f"the body is larger than {self._max_body_bytes} bytes (--max-message-bytes)"
-            )
+            raise self._too_large()
+
+    def _too_large(self) -> _HttpError:
+        message = f"the body is larger than {self._max_body_bytes} bytes (--max-message-bytes)"
+        return _HttpError(413, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
     def _authenticate(self, http: web.Request) -> CallContext:
         headers = list(http.headers.items())
@@ -193,21 +195,25 @@ class FrontDoor:
 
     async def _json(self, http: web.Request) -> Any:
         if http.content_type != JSON_TYPE:
-            raise _HttpError(415, f"Content-Type must be {JSON_TYPE}, got {http.content_type or 'none'!r}")
+            got = http.content_type or "none"
+            raise _HttpError(
+                415, grpc.StatusCode.INVALID_ARGUMENT, f"Content-Type must be {JSON_TYPE}, got {got!r}"
+            )
         try:
             # A client that sends its body a byte a second must not hold a slot for ever.
             async with asyncio.timeout(self._body_timeout):
                 raw = await http.read()
         except TimeoutError:
-            raise _HttpError(408, f"the body did not arrive within {self._body_timeout:g} s") from None
+            message = f"the body did not arrive within {self._body_timeout:g} s"
+            raise _HttpError(408, grpc.StatusCode.DEADLINE_EXCEEDED, message) from None
         except web.HTTPRequestEntityTooLarge:
-            raise _HttpError(
-                413, f"the body is larger than {self._max_body_bytes} bytes (--max-message-bytes)"
-            ) from None
+            raise self._too_large() from None
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise _HttpError(400, f"the body is not valid JSON: {exc}") from None
+            raise _HttpError(
+                400, grpc.StatusCode.INVALID_ARGUMENT, f"the body is not valid JSON: {exc}"
+            ) from None
 
     def _answer(
         self, wire: WireFormat, outcome: RerankOutcome, request: RerankRequest, request_id: str
@@ -308,24 +314,11 @@ async def _name_the_server(request: web.Request, response: web.StreamResponse) -
 
 
 class _HttpError(Exception):
-    """A request the HTTP layer refuses before the engine sees it (media type, size, time, JSON)."""
+    """A request the HTTP layer refuses before the engine sees it (media type, size, time, JSON):
+    its HTTP status, and the code the access log and metrics name it by."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
         self.message = message
-
-
-def _grpc_code(status: int, failure: ServiceError | None) -> grpc.StatusCode:
-    """The call's outcome in the metrics' and log's vocabulary (gRPC code names)."""
-    if failure is not None:
-        return failure.code
-    return {
-        200: grpc.StatusCode.OK,
-        400: grpc.StatusCode.INVALID_ARGUMENT,
-        408: grpc.StatusCode.DEADLINE_EXCEEDED,
-        411: grpc.StatusCode.INVALID_ARGUMENT,
-        413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-        415: grpc.StatusCode.INVALID_ARGUMENT,
-        499: grpc.StatusCode.CANCELLED,
-    }.get(status, grpc.StatusCode.INTERNAL)
