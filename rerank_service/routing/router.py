@@ -64,6 +64,11 @@ class Router:
         self._started = False
         self._watches: list[asyncio.Task[None]] = []
         self._retiring: set[asyncio.Task[None]] = set()  # dropped by a reload, closing when idle
+        # What the engine asks on every call, made once per change: a route's ListModels entry
+        # (limits, its deployments' states) and its per-call limits change only when a
+        # deployment's readiness or health does, or a reload does (`_changed` is told of each).
+        self._models: list[ModelInfo] | None = None
+        self._limits: dict[str, CallLimits] = {}
 
     @property
     def readiness(self) -> Readiness:
@@ -75,10 +80,15 @@ class Router:
         return list(self._deployments)
 
     def models(self) -> list[ModelInfo]:
-        return [route.model_info() for route in self._routes.values()]
+        if self._models is None:
+            self._models = [route.model_info() for route in self._routes.values()]
+        return list(self._models)
 
     def call_limits(self, model: str) -> CallLimits:
-        return self._routes[model].call_limits()
+        limits = self._limits.get(model)
+        if limits is None:
+            limits = self._limits[model] = self._routes[model].call_limits()
+        return limits
 
     async def start(self) -> None:
         await asyncio.gather(*(deployment.backend.start() for deployment in self._deployments))
@@ -116,6 +126,7 @@ class Router:
         dropped = [deployment for deployment in self._deployments if deployment not in kept]
         self._routes = {route.name: route for route in routes}
         self._deployments = kept
+        self._models, self._limits = None, {}
         self._follow(added)
         self._update_readiness()
         for deployment in dropped:
@@ -177,6 +188,9 @@ class Router:
             self._update_readiness()
 
     def _update_readiness(self) -> None:
+        """A deployment's readiness or health changed (or the routes did): what the routes say
+        of themselves is made anew on next asking, and readiness is recomputed."""
+        self._models, self._limits = None, {}
         self._readiness.set(
             self._started
             and all(
