@@ -470,7 +470,9 @@ def test_request_id_and_deployment_headers_and_the_access_log_line(
 def test_readyz_follows_an_upstream_that_goes_down_and_comes_back(
     serve: ServerFactory, upstream: FakeUpstream
 ) -> None:
-    with serve(http_port=0, upstream_retry_backoff=0.01, upstream_breaker_cooldown=0.5) as server:
+    # The cool-down must outlast the four calls made while down, on a loaded machine too:
+    # once it is over the next call is a probe that tries the upstream (no Retry-After).
+    with serve(http_port=0, upstream_retry_backoff=0.01, upstream_breaker_cooldown=3.0) as server:
         url = http_url(server)
         before = httpx.get(url + "/readyz", timeout=5)
         upstream.go_down()
@@ -484,7 +486,7 @@ def test_readyz_follows_an_upstream_that_goes_down_and_comes_back(
             circuit_open_grpc = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
         finally:
             upstream.come_back()
-        eventually(lambda: httpx.get(url + "/readyz", timeout=5).status_code == 200)
+        eventually(lambda: httpx.get(url + "/readyz", timeout=5).status_code == 200, timeout=10)
         after = post(url, "native", body_for("native"))
 
     assert before.status_code == 200
