@@ -22,6 +22,7 @@ class RecordingScorer:
     supports_instruct = False
     max_length = 512
     device = "cpu"
+    engine = "torch"
 
     def __init__(self, delay: float = 0.0, fail_on: int | None = None) -> None:
         self.delay = delay
@@ -51,6 +52,57 @@ def pair(length: int, first: int = 1) -> Encoded:
 
 def expected(item: Encoded) -> float:
     return sum(item.input_ids) / 1000
+
+
+class GatedScorer(RecordingScorer):
+    """A RecordingScorer that holds each batch until the test lets it through.
+
+    So the test, not the clock, decides what is queued while the model is busy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = threading.Condition()
+        self._allowed = 0  # batches the test has let through
+        self._open = False
+
+    def score(self, batch: Sequence[Encoded]) -> list[float]:
+        with self._changed:
+            self.batches.append(list(batch))
+            number = len(self.batches)
+            self._changed.notify_all()
+            if not self._changed.wait_for(lambda: self._open or self._allowed >= number, timeout=5):
+                raise TimeoutError(f"batch {number} was never let through")
+        return [expected(item) for item in batch]
+
+    async def holding(self, count: int) -> None:
+        """Wait until the model has been handed `count` batches (the last one is held)."""
+
+        def wait() -> bool:
+            with self._changed:
+                return self._changed.wait_for(lambda: len(self.batches) >= count, timeout=5)
+
+        assert await asyncio.to_thread(wait), f"the model never got batch {count}"
+
+    def let_through(self) -> None:
+        with self._changed:
+            self._allowed += 1
+            self._changed.notify_all()
+
+    def open(self) -> None:
+        """Let every batch through from now on."""
+        with self._changed:
+            self._open = True
+            self._changed.notify_all()
+
+
+def firsts(scorer: RecordingScorer) -> list[list[int]]:
+    """Each batch the model got, as the first id of its pairs (the tests' request tags)."""
+    return [[item.input_ids[0] for item in batch] for batch in scorer.batches]
+
+
+def lengths(scorer: RecordingScorer) -> list[list[int]]:
+    return [[item.length for item in batch] for batch in scorer.batches]
 
 
 async def started(scorer: RecordingScorer, **kwargs: object) -> MicroBatcher:
@@ -179,3 +231,141 @@ async def test_an_empty_request_needs_no_batch() -> None:
     assert await batcher.score([]) == []
     assert scorer.batches == []
     await batcher.close()
+
+
+# --- fairness: pairs are sorted by length only within a window taken in arrival order ---
+
+
+async def test_a_long_request_is_not_overtaken_indefinitely_by_later_short_ones() -> None:
+    # Windows of W = 2 batches x 2 pairs = 4 pairs. Twenty short pairs (tag 7) are
+    # queued first and the model holds their first batch; then the long request L
+    # (two pairs of 50 tokens, tag 5) arrives, and for every batch the model runs two
+    # more short requests (2 pairs each, tag 3) arrive: the queue keeps growing.
+    # Bound: later pairs run before L only inside L's window, so at most W - 2 = 2
+    # short pairs. Sorting everything queued (the old batcher) ran the 20 short
+    # requests that arrived during the first round, 40 pairs, ahead of L, and that
+    # number grows with the load: L was overtaken without bound.
+    scorer = GatedScorer()
+    batcher = await started(scorer, limits=BatchLimits(max_batch_size=2, window_batches=2, max_wait=0))
+    window = 4
+    earlier = asyncio.ensure_future(batcher.score([pair(1, first=7) for _ in range(20)]))  # noqa: RUF006 - kept, awaited below
+    await scorer.holding(1)
+    long = [pair(50, first=5), pair(50, first=5)]
+    long_request = asyncio.ensure_future(batcher.score(long))
+    shorts: list[asyncio.Future[list[float]]] = []
+    for number in range(1, 80):
+        shorts += [asyncio.ensure_future(batcher.score([pair(1, first=3)] * 2)) for _ in range(2)]
+        await asyncio.sleep(0)  # they are queued
+        scorer.let_through()
+        await scorer.holding(number + 1)  # batch `number` is done and its scores were handed out
+        if long_request.done():
+            break
+
+    assert long_request.done(), f"the long request was still waiting after {len(scorer.batches)} batches"
+    assert long_request.result() == [expected(item) for item in long]
+    done_at = max(index for index, batch in enumerate(firsts(scorer)) if 5 in batch)
+    overtaking = sum(batch.count(3) for batch in firsts(scorer)[: done_at + 1])
+    assert overtaking <= window - len(long)
+    # What arrived before L still ran first: all 20 earlier pairs, in 10 batches.
+    assert sum(batch.count(7) for batch in firsts(scorer)[:done_at]) == 20
+    scorer.open()
+    assert await earlier == [expected(pair(1, first=7))] * 20
+    for short in shorts:
+        short.cancel()
+    await asyncio.gather(*shorts, return_exceptions=True)
+    await batcher.close()
+
+
+async def test_within_a_window_pairs_are_sorted_by_length_and_not_across_windows() -> None:
+    scorer = GatedScorer()
+    batcher = await started(scorer, limits=BatchLimits(max_batch_size=3, window_batches=2, max_wait=0))
+    busy = asyncio.ensure_future(batcher.score([pair(9)]))
+    await scorer.holding(1)
+    # Three requests fill one window of 6 pairs; their pairs share batches by length,
+    # so padding stays low. The fourth arrived last: it waits for the next window,
+    # although its pairs are the shortest.
+    requests = [[pair(50), pair(2)], [pair(49), pair(3)], [pair(48), pair(1)], [pair(1), pair(1)]]
+    calls = [asyncio.ensure_future(batcher.score(items)) for items in requests]
+    await asyncio.sleep(0)
+    scorer.open()
+
+    assert await asyncio.gather(*calls) == [[expected(item) for item in items] for items in requests]
+    assert lengths(scorer) == [[9], [1, 2, 3], [48, 49, 50], [1, 1]]
+    await busy
+    await batcher.close()
+
+
+async def test_a_request_larger_than_the_window_is_split_over_windows_in_order() -> None:
+    scorer = RecordingScorer()
+    batcher = await started(scorer, limits=BatchLimits(max_batch_size=2, window_batches=2, max_wait=0))
+    items = [pair(n) for n in range(10, 0, -1)]
+
+    scores = await batcher.score(items)
+
+    assert scores == [expected(item) for item in items]
+    # Windows of 4 pairs in request order, each sorted by length: 10..7, 6..3, 2..1.
+    assert lengths(scorer) == [[7, 8], [9, 10], [3, 4], [5, 6], [1, 2]]
+    assert batcher.stats.pairs == 10
+    await batcher.close()
+
+
+async def test_windows_follow_arrival_order_across_requests() -> None:
+    scorer = GatedScorer()
+    batcher = await started(scorer, limits=BatchLimits(max_batch_size=2, window_batches=1, max_wait=0))
+    busy = asyncio.ensure_future(batcher.score([pair(5, first=9)]))
+    await scorer.holding(1)
+    # Queued while the model is busy, longest first: sorting everything queued would
+    # run C (shortest) first and A last.
+    a = asyncio.ensure_future(batcher.score([pair(30, first=1)] * 2))
+    b = asyncio.ensure_future(batcher.score([pair(20, first=2)] * 2))
+    c = asyncio.ensure_future(batcher.score([pair(10, first=3)] * 2))
+    await asyncio.sleep(0)
+    scorer.open()
+
+    await asyncio.gather(busy, a, b, c)
+    assert firsts(scorer) == [[9], [1, 1], [2, 2], [3, 3]]
+    await batcher.close()
+
+
+async def test_a_cancelled_callers_pairs_not_yet_run_are_never_scored() -> None:
+    scorer = GatedScorer()
+    batcher = await started(scorer, limits=BatchLimits(max_batch_size=2, window_batches=2, max_wait=0))
+    # Eight pairs: two windows of 4. The model holds the first batch when the caller leaves:
+    # the rest of its window (planned already) and its next window are dropped.
+    doomed = asyncio.ensure_future(batcher.score([pair(3, first=99) for _ in range(8)]))  # noqa: RUF006 - kept, cancelled below
+    await scorer.holding(1)
+    after = asyncio.ensure_future(batcher.score([pair(4), pair(2)]))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    await asyncio.sleep(0)
+    scorer.open()
+
+    assert await after == [expected(pair(4)), expected(pair(2))]
+    assert doomed.cancelled()
+    assert firsts(scorer) == [[99, 99], [1, 1]]
+    assert batcher.stats.pairs == 4
+    await batcher.close()
+
+
+async def test_a_failed_request_split_over_windows_is_not_scored_further() -> None:
+    scorer = RecordingScorer(fail_on=42)
+    batcher = await started(scorer, limits=BatchLimits(max_batch_size=2, window_batches=1, max_wait=0))
+
+    with pytest.raises(ServiceError):
+        await batcher.score([pair(1, first=42), *(pair(2) for _ in range(5))])
+    assert await batcher.score([pair(3)]) == [expected(pair(3))]
+    assert firsts(scorer) == [[42, 1], [1]]  # the failed request's next two windows were dropped
+    await batcher.close()
+
+
+async def test_close_ends_the_callers_of_the_window_being_run() -> None:
+    scorer = GatedScorer()
+    batcher = await started(scorer, limits=BatchLimits(max_batch_size=1, window_batches=4, max_wait=0))
+    # The whole request is in the running window (taken off the queue) when the batcher closes.
+    call = asyncio.ensure_future(batcher.score([pair(3), pair(4)]))
+    await scorer.holding(1)
+
+    await batcher.close()
+    scorer.open()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, timeout=2)
