@@ -13,7 +13,7 @@ from typing import NamedTuple
 from pydantic import ValidationError
 
 from rerank_service.config.routes import DeploymentConfig, RouteConfig
-from rerank_service.config.settings import ConfigError, Settings
+from rerank_service.config.settings import ConfigError, Settings, check_local_engine
 
 
 class DeploymentSpec(NamedTuple):
@@ -31,7 +31,12 @@ def deployment_settings(settings: Settings, route: RouteConfig, deployment: Depl
     if deployment.format == "local":
         assert deployment.source is not None  # DeploymentConfig checks it
         return dataclasses.replace(
-            settings, backend="local", local_models=((model, deployment.source),), models=()
+            settings,
+            backend="local",
+            local_models=((model, deployment.source),),
+            local_engine=deployment.engine or settings.local_engine,
+            local_quantize=deployment.quantize or settings.local_quantize,
+            models=(),
         )
     assert deployment.url is not None  # DeploymentConfig checks it
     return dataclasses.replace(
@@ -64,6 +69,11 @@ def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
                 problem = describe(error, fields, {}).split(" ", 1)[1]
                 key = str(error["loc"][0]).removeprefix("upstream_") if error["loc"] else "settings"
                 raise ConfigError(f"{place}.{key} {problem}{origin_of(settings)}") from None
+            if deployment.format == "local":
+                try:
+                    check_local_engine(own, place=f"{place}: ")
+                except ConfigError as exc:
+                    raise ConfigError(f"{exc}{origin_of(settings)}") from None
             specs.append(
                 DeploymentSpec(
                     route.name, deployment.label(), deployment.priority, deployment.weight, own, place

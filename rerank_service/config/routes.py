@@ -57,6 +57,8 @@ class DeploymentConfig(BaseModel):
     format: Format
     url: str | None = None  # an upstream's base URL; required unless format is local
     source: str | None = None  # format local: a model directory, a cached hub id or 'bundled'
+    engine: Literal["torch", "onnx"] | None = None  # format local: --local-engine for this model
+    quantize: Literal["none", "int8"] | None = None  # format local: --local-quantize for this model
     name: Name | None = None  # in x-deployment, logs and metrics (default: the URL's host)
     model: Name | None = None  # the name sent upstream (default: the route's name)
     api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
@@ -102,8 +104,10 @@ class DeploymentConfig(BaseModel):
         else:
             if self.url is None:
                 raise ValueError(f"format {self.format} needs url")
-            if self.source is not None:
-                raise ValueError("source is for format local only")
+            local_only = [key for key in ("source", "engine", "quantize") if getattr(self, key) is not None]
+            if local_only:
+                verb = "is" if len(local_only) == 1 else "are"
+                raise ValueError(f"{' and '.join(local_only)} {verb} for format local only")
         if self.api_key_env and self.api_key_file:
             raise ValueError("api_key_env and api_key_file are exclusive: name one")
         return self

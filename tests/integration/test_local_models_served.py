@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from rerank.v1 import rerank_pb2
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service.backends.local.models import load_scorer
 from rerank_service.config import load_settings
@@ -121,3 +121,32 @@ def test_a_model_that_fails_to_load_stops_the_server_with_a_clear_message(tmp_pa
     [failure] = [e for e in process.events() if e["event"] == "start failed"]
     assert "nowhere" in failure["error"]
     assert "does not exist" in failure["error"]
+
+
+def test_the_onnx_engine_serves_as_torch_does_and_a_restart_reuses_its_graph(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    cache = tmp_path / "onnx-cache"
+    model = tiny_models["tiny-cross"]
+    args = ["--local-models", f"tiny-cross={model}", "--device", "cpu"]
+    args += ["--local-engine", "onnx", "--local-onnx-cache", str(cache)]
+    runs = []
+    for _ in range(2):
+        with ServiceProcess(args, env=OFFLINE) as service:
+            stub = rerank_pb2_grpc.RerankServiceStub(grpc.insecure_channel(service.target))
+            call = request(model="tiny-cross", query="what is a rerank model", documents=DOCUMENTS)
+            response = stub.Rerank(call, timeout=60)
+            assert service.terminate() == 0
+        runs.append((service, {r.index: r.relevance_score for r in response.output.results}))
+
+    scorer = load_scorer(str(model), "cpu", "float32")
+    direct = scorer.score(scorer.encode("what is a rerank model", DOCUMENTS, None))
+    for service, scores in runs:
+        assert scores == pytest.approx(dict(enumerate(direct)), abs=1e-4)
+        [loaded] = [e for e in service.events() if e["event"] == "model loaded"]
+        assert (loaded["engine"], loaded["kind"]) == ("onnx", "cross-encoder")
+        # The exporter's progress and warnings stay in its own process, out of the log.
+        assert not [line for line in service.lines if "torch.onnx" in line or "onnxscript" in line]
+    built = [[e for e in service.events() if e["event"] == "onnx graph built"] for service, _ in runs]
+    assert [len(events) for events in built] == [1, 0]  # the restart loaded the cached graph
+    assert Path(built[0][0]["cache"]).parent == cache

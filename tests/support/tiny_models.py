@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 
 from rerank_service.core.domain import DEFAULT_INSTRUCT
@@ -154,4 +156,32 @@ def build_tiny_bi_encoder(path: Path) -> Path:
     tokenizer = _write_bert_tokenizer(path)
     torch.manual_seed(SEED)
     BertModel(_tiny_bert_config(len(tokenizer))).save_pretrained(path)
+    return path
+
+
+def build_tiny_roberta_cross_encoder(path: Path) -> Path:
+    """A 2-layer RobertaForSequenceClassification whose tokenizer makes no segment ids (as
+    XLM-R rerankers such as bge-reranker): the model then reads none, or zeros."""
+    path.mkdir(parents=True, exist_ok=True)
+    _write_bert_tokenizer(path)
+    tokenizer = BertTokenizer(
+        vocab=str(path / "vocab.txt"), model_input_names=["input_ids", "attention_mask"], model_max_length=64
+    )
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(SEED)
+    bert = _tiny_bert_config(len(tokenizer), num_labels=1)
+    config = RobertaConfig(
+        vocab_size=bert.vocab_size,
+        hidden_size=bert.hidden_size,
+        intermediate_size=bert.intermediate_size,
+        num_hidden_layers=bert.num_hidden_layers,
+        num_attention_heads=bert.num_attention_heads,
+        # RoBERTa counts positions from pad id + 1: room for the same 64-token window.
+        max_position_embeddings=64 + tokenizer.pad_token_id + 1,
+        pad_token_id=tokenizer.pad_token_id,
+        type_vocab_size=1,
+        initializer_range=0.2,
+        id2label={0: "LABEL_0"},
+    )
+    RobertaForSequenceClassification(config).save_pretrained(path)
     return path

@@ -536,6 +536,12 @@ def test_no_configuration_error_ever_shows_a_key(tmp_path: Path) -> None:
         ({"RERANK_TLS_KEY": "key.pem"}, "tls-cert and tls-key go together"),
         ({"RERANK_TLS_CLIENT_CA": "ca.pem"}, "tls-client-ca requires tls-cert"),
         ({"RERANK_API_KEYS": CALLER_KEY, "RERANK_BACKEND": "upstream"}, "set RERANK_UPSTREAM_API_KEY"),
+        ({"RERANK_LOCAL_QUANTIZE": "int8"}, "local-quantize int8 needs local-engine onnx"),
+        ({"RERANK_LOCAL_ENGINE": "onnx", "RERANK_DEVICE": "cuda"}, "local-engine onnx runs on the CPU"),
+        (
+            {"RERANK_LOCAL_ENGINE": "onnx", "RERANK_DTYPE": "bfloat16"},
+            "dtype bfloat16 needs local-engine torch",
+        ),
     ],
 )
 def test_inconsistent_settings_are_refused(env: dict[str, str], message: str) -> None:

@@ -191,6 +191,17 @@ def test_each_deployment_gets_its_own_settings_with_overrides_and_the_global_one
         assert spec.settings.retry_budget == 0.3
 
 
+def test_a_local_deployment_chooses_its_own_engine(tmp_path: Path) -> None:
+    text = routes(
+        "format: local\nsource: bundled\nname: fast\nengine: onnx\nquantize: int8",
+        "format: local\nsource: bundled\nname: plain",
+    )
+    specs = {spec.name: spec.settings for spec in deployment_specs(load(write(tmp_path, text)))}
+
+    assert (specs["fast"].local_engine, specs["fast"].local_quantize) == ("onnx", "int8")
+    assert (specs["plain"].local_engine, specs["plain"].local_quantize) == ("torch", "none")  # the global
+
+
 def test_without_a_models_section_there_are_no_routes_and_no_deployment_specs(tmp_path: Path) -> None:
     settings = load(write(tmp_path, "upstream_timeout: 3\n"))
 
@@ -252,6 +263,18 @@ GOOD = "format: cohere\nurl: http://a.example"
         (
             routes(f"{GOOD}\nsource: bundled"),
             "models[0].deployments[0] source is for format local only",
+        ),
+        (
+            routes(f"{GOOD}\nengine: onnx\nquantize: int8"),
+            "models[0].deployments[0] engine and quantize are for format local only",
+        ),
+        (
+            routes("format: local\nsource: bundled\nengine: tensorrt"),
+            "models[0].deployments[0].engine must be 'torch' or 'onnx', got 'tensorrt'",
+        ),
+        (
+            routes("format: local\nsource: bundled\nquantize: int8"),
+            "models[0].deployments[0]: local-quantize int8 needs local-engine onnx",
         ),
         (
             routes(f"{GOOD}\napi_key_env: A_KEY\napi_key_file: /a.key"),

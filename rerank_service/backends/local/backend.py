@@ -7,6 +7,8 @@ import importlib.util
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import grpc
 
@@ -35,6 +37,16 @@ ScorerLoader = Callable[[str, str, str], Scorer]
 
 
 @dataclass(frozen=True, slots=True)
+class EngineChoice:
+    """What runs the models (see forward.py): --local-engine, --local-quantize, --local-threads."""
+
+    engine: Literal["torch", "onnx"] = "torch"
+    quantize: Literal["none", "int8"] = "none"
+    threads: int = 0  # 0: torch's default
+    onnx_cache: Path | None = None  # None: the user's cache directory
+
+
+@dataclass(frozen=True, slots=True)
 class LocalModelSpec:
     name: str
     # A local directory, a Hugging Face hub id (from the local cache), or "bundled".
@@ -54,6 +66,7 @@ class LocalBackend:
         max_query_tokens: int,
         loader: ScorerLoader | None = None,
         merge_batches: bool = True,
+        engine: EngineChoice | None = None,
     ) -> None:
         self._specs = specs
         self._device = device
@@ -63,6 +76,7 @@ class LocalBackend:
         self._max_query_tokens = max_query_tokens
         self._loader = loader
         self._merge = merge_batches
+        self._engine = engine or EngineChoice()
         self._scorers: dict[str, Scorer] = {}
         self._batchers: dict[str, MicroBatcher] = {}
         self._readiness = Readiness()
@@ -87,6 +101,12 @@ class LocalBackend:
             max_documents=settings.max_documents,
             max_query_tokens=settings.max_query_tokens,
             merge_batches=settings.micro_batching,
+            engine=EngineChoice(
+                engine=settings.local_engine,
+                quantize=settings.local_quantize,
+                threads=settings.local_threads,
+                onnx_cache=settings.local_onnx_cache,
+            ),
         )
 
     @property
@@ -114,7 +134,7 @@ class LocalBackend:
         return self._batchers[model]
 
     async def start(self) -> None:
-        loader = self._loader or _default_loader()
+        loader = self._loader or _default_loader(self._engine)
         for spec in self._specs:
             started = time.perf_counter()
             # Loading reads weights from disk and may take seconds: keep the loop free
@@ -126,6 +146,7 @@ class LocalBackend:
                 model=spec.name,
                 source=spec.source,
                 kind=scorer.kind,
+                engine=scorer.engine,
                 device=scorer.device,
                 max_length=scorer.max_length,
                 seconds=round(time.perf_counter() - started, 2),
@@ -176,7 +197,15 @@ def _time_left(context: CallContext) -> float | None:
     return None if context.deadline is None else max(0.0, context.deadline - time.monotonic())
 
 
-def _default_loader() -> ScorerLoader:
-    from rerank_service.backends.local.models import load_scorer  # imports torch: only when used
+def _default_loader(choice: EngineChoice) -> ScorerLoader:
+    # Imports torch: only when real models are loaded.
+    from rerank_service.backends.local.models import OnnxOptions, load_scorer, set_threads
+    from rerank_service.backends.local.onnx_engine import default_cache_dir
 
-    return load_scorer
+    threads = set_threads(choice.threads)
+    onnx = OnnxOptions(choice.quantize, threads, choice.onnx_cache or default_cache_dir())
+
+    def load(source: str, device: str, dtype: str) -> Scorer:
+        return load_scorer(source, device, dtype, engine=choice.engine, onnx=onnx)
+
+    return load

@@ -11,16 +11,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from rerank_service.backends.local.common import (
     GuardedTokenizer,
+    ModelLoadError,
     encoder_window,
-    for_inference,
     load_error,
-    model_device,
     pad_batch,
 )
+from rerank_service.backends.local.forward import Forward, TorchForward
+from rerank_service.backends.local.onnx_engine import OnnxOptions, onnx_forward
 from rerank_service.backends.local.scorer import Encoded
 
 
@@ -31,12 +32,18 @@ class BiEncoderScorer:
     supports_instruct: bool = False
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_length: int | None = None
+        self,
+        forward: Forward,
+        config: PretrainedConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_length: int | None = None,
     ) -> None:
-        self._model = for_inference(model)
+        self._forward = forward
         self._tokenizer = GuardedTokenizer(tokenizer)
-        self.device = model_device(model)
-        self.max_length = encoder_window(model, tokenizer, max_length)
+        self.device = forward.device
+        self.engine = forward.engine
+        self.max_length = encoder_window(config, tokenizer, max_length)
         self._pad = self._tokenizer.pad_token_id
 
     @classmethod
@@ -47,12 +54,22 @@ class BiEncoderScorer:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         max_length: int | None = None,
+        onnx: OnnxOptions | None = None,
     ) -> BiEncoderScorer:
-        """Load an embedding-model directory (never from the network)."""
+        """Load an embedding-model directory (never from the network); `onnx` runs it on ONNX Runtime."""
         path = Path(path)
+
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+            if onnx is None:
+                model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+                forward: Forward = TorchForward(model, "last_hidden_state", device)
+                config = model.config
+            else:
+                config = AutoConfig.from_pretrained(path, local_files_only=True)
+                forward = onnx_forward(path, "last_hidden_state", onnx)
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise load_error("bi-encoder", path, exc) from exc
         # A sentence-transformers directory says how long the model was meant to read
@@ -60,7 +77,7 @@ class BiEncoderScorer:
         trained = _sentence_transformers_max_length(path)
         if trained is not None:
             max_length = trained if max_length is None else min(max_length, trained)
-        return cls(for_inference(model, device), tokenizer, max_length=max_length)
+        return cls(forward, config, tokenizer, max_length=max_length)
 
     def count_tokens(self, text: str) -> int:
         return self._tokenizer.count(text)
@@ -100,16 +117,16 @@ class BiEncoderScorer:
         with torch.inference_mode():
             query_vectors = self._embed(list(queries))
             document_vectors = self._embed([item.input_ids for item in batch])
-            rows = torch.tensor([queries[item.query_ids] for item in batch if item.query_ids is not None])
-            cosine = (document_vectors * query_vectors[rows.to(query_vectors.device)]).sum(dim=-1)
-            scores = ((cosine + 1) / 2).clamp(0.0, 1.0)
+        rows = torch.tensor([queries[item.query_ids] for item in batch if item.query_ids is not None])
+        cosine = (document_vectors * query_vectors[rows.to(query_vectors.device)]).sum(dim=-1)
+        scores = ((cosine + 1) / 2).clamp(0.0, 1.0)
         result: list[float] = scores.cpu().tolist()
         return result
 
     def _embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         """Unit-length mean-pooled embeddings (float32) of tokenized texts."""
         input_ids, mask = pad_batch(rows, self._pad, left=False, device=torch.device(self.device))
-        hidden = self._model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+        hidden = self._forward({"input_ids": input_ids, "attention_mask": mask}).float()
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)

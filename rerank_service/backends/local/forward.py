@@ -1,0 +1,55 @@
+"""The engine that runs an encoder's forward pass: PyTorch eager or ONNX Runtime.
+
+A cross- or bi-encoder scorer tokenizes, pads and turns the model's output into scores;
+a `Forward` runs the model on the padded batch (input_ids, attention_mask and, where the
+model reads them, token_type_ids) and returns one tensor: the logits of a cross-encoder,
+the last hidden state of a bi-encoder. Swapping the Forward swaps the engine and nothing
+else, so tokenization, truncation and the score formula are the same for every engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal, Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+from rerank_service.backends.local.common import accepts_argument, for_inference, model_device
+
+# What a Forward returns: a cross-encoder's logits or a bi-encoder's token embeddings.
+Output = Literal["logits", "last_hidden_state"]
+
+
+class Forward(Protocol):
+    """One encoder forward pass, on whatever runs it."""
+
+    # "torch", "onnx" or "onnx-int8": in the load log line and the benchmarks.
+    engine: str
+    # Where the inputs go, spelled as torch does ("cpu", "cuda:0").
+    device: str
+    # Whether the model takes segment ids (BERT yes, RoBERTa/XLM-R no).
+    reads_token_type_ids: bool
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The output for a padded batch; blocking, one batch at a time."""
+        ...
+
+
+class TorchForward:
+    """A transformers model run by PyTorch eager."""
+
+    engine = "torch"
+
+    def __init__(
+        self, model: PreTrainedModel, output: Output, device: str | torch.device | None = None
+    ) -> None:
+        self._model = for_inference(model, device)
+        self._output = output
+        self.device = model_device(self._model)
+        self.reads_token_type_ids = accepts_argument(model, "token_type_ids")
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode():
+            result: torch.Tensor = getattr(self._model(**inputs), self._output)
+        return result

@@ -1,0 +1,102 @@
+"""Build ONNX graphs for onnx_engine.py, run as a child process of the server.
+
+    python -m rerank_service.backends.local.onnx_build export MODEL_DIR OUTPUT TARGET
+    python -m rerank_service.backends.local.onnx_build quantize SOURCE TARGET
+
+`export` writes the float32 graph of a cross-encoder (OUTPUT `logits`) or a bi-encoder
+(`last_hidden_state`) with a dynamic batch and length; `quantize` writes the int8 graph
+of a float32 one. On failure the last line on stderr says why, and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
+
+from rerank_service.backends.local.common import accepts_argument, for_inference
+from rerank_service.backends.local.forward import Output
+from rerank_service.backends.local.onnx_engine import INPUTS
+
+
+def export(path: Path, output: Output, target: Path) -> None:
+    model_class = AutoModelForSequenceClassification if output == "logits" else AutoModel
+    model = for_inference(
+        model_class.from_pretrained(path, dtype=torch.float32, local_files_only=True), "cpu"
+    )
+    token_types = accepts_argument(model, "token_type_ids")
+    names = list(INPUTS if token_types else INPUTS[:2])
+    # Padding in the example keeps the mask an input of the graph, never a constant; the
+    # ids are small enough for any vocabulary.
+    ids = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 2, 0, 0, 0]], dtype=torch.long)
+    example = (ids, (ids != 0).long(), torch.zeros_like(ids))[: len(names)]
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
+    # The torch.export-based exporter: the TorchScript one bakes the attention mask of its
+    # example batch into the graph (scores off by up to 1.6 on padded batches).
+    program = torch.onnx.export(
+        _Graph(model, output),
+        example,
+        dynamo=True,
+        input_names=names,
+        output_names=[output],
+        dynamic_shapes=tuple({0: batch, 1: length} for _ in names),
+        verbose=False,
+    )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    program.save(str(target))
+
+
+class _Graph(torch.nn.Module):
+    """The model with positional inputs and the one output the scorer reads."""
+
+    def __init__(self, model: PreTrainedModel, output: Output) -> None:
+        super().__init__()
+        self.model = model
+        self.output = output
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        result: torch.Tensor = getattr(self.model(**inputs), self.output)
+        return result
+
+
+def quantize(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Dynamic int8: weights of MatMul and friends quantized ahead, activations on the fly.
+    # Per channel (one scale per output row) keeps the ranking: Spearman 0.99 against
+    # float32 on the bundled model, where one scale per tensor gave 0.98.
+    quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
+
+
+def main(arguments: list[str]) -> int:
+    warnings.simplefilter("ignore")
+    try:
+        if arguments[:1] == ["export"] and len(arguments) == 4:
+            output: Output = "logits" if arguments[2] == "logits" else "last_hidden_state"
+            export(Path(arguments[1]), output, Path(arguments[3]))
+        elif arguments[:1] == ["quantize"] and len(arguments) == 3:
+            quantize(Path(arguments[1]), Path(arguments[2]))
+        else:
+            print(__doc__, file=sys.stderr)
+            return 2
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{type(exc).__name__}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

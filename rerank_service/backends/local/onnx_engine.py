@@ -1,0 +1,298 @@
+"""The ONNX Runtime engine for cross- and bi-encoders.
+
+A model directory is served by ONNX Runtime on the CPU in one of two ways:
+- it holds a ready `model.onnx` (or `onnx/model.onnx`, as Hugging Face repositories lay it
+  out): that graph is used as it is (quantized first when int8 is asked for);
+- otherwise the transformers model is exported at its first load with torch.onnx, in a
+  child process (onnx_build.py).
+
+Whatever is built (export, int8 quantization) is cached on disk under a directory named by
+a hash of the source's files, the versions of the tools that built it and the options, with
+`source.json` beside the graph saying what it was built from: a restart, another worker or
+another replica on the same volume loads it instead of building it again. A changed model,
+tool or option is a new hash, so a stale graph is never used.
+
+ONNX Runtime applies its graph optimizations for the machine it runs on (the transformer
+fusions of attention, GELU and layer norms among them) when the session is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from rerank_service.backends.local.common import ModelLoadError
+from rerank_service.backends.local.forward import Output
+from rerank_service.observability.logging import get_logger
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+_log = get_logger("rerank_service.onnx")
+
+Quantize = Literal["none", "int8"]
+
+# Bumped whenever what this module writes changes, so older cache entries are not reused.
+CACHE_FORMAT = 1
+# Where a model directory may hold a graph of its own.
+READY_GRAPHS = ("model.onnx", "onnx/model.onnx")
+_GRAPH = "model.onnx"
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True, slots=True)
+class OnnxOptions:
+    quantize: Quantize = "none"
+    # ONNX Runtime's intra-op threads: the same number torch uses in this process.
+    threads: int = 1
+    # Where exported and quantized graphs are kept between starts.
+    cache_dir: Path = Path(tempfile.gettempdir()) / "rerank-service-onnx"
+
+
+class OnnxForward:
+    """A graph run by ONNX Runtime on the CPU; called as torch's models are (see forward.py)."""
+
+    device = "cpu"
+
+    def __init__(self, session: onnxruntime.InferenceSession, output: str, engine: str) -> None:
+        self._session = session
+        self._output = output
+        self.engine = engine
+        self._inputs = tuple(item.name for item in session.get_inputs())
+        self.reads_token_type_ids = "token_type_ids" in self._inputs
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        # A graph exported with segment ids gets zeros when the tokenizer makes none
+        # (RoBERTa, XLM-R): what the model itself assumes when they are not given.
+        zeros = torch.zeros_like(inputs["input_ids"])
+        feed = {name: inputs.get(name, zeros).numpy() for name in self._inputs}
+        [result] = self._session.run([self._output], feed)
+        return torch.from_numpy(result)
+
+
+def onnx_forward(path: Path, output: Output, options: OnnxOptions) -> OnnxForward:
+    """The ONNX engine for the model in `path`, building (and caching) its graph if needed.
+
+    Raises ModelLoadError with one sentence saying why it cannot.
+    """
+    ort = _onnxruntime()
+    ready = next((path / name for name in READY_GRAPHS if (path / name).is_file()), None)
+    if ready is not None and options.quantize == "none":
+        graph = ready
+    else:
+        graph = _cached_graph(path, ready, output, options)
+    session = _session(ort, graph, options.threads)
+    engine = "onnx-int8" if options.quantize == "int8" else "onnx"
+    forward = OnnxForward(session, _output_name(session, output, graph), engine)
+    _check_runs(forward, output, graph)
+    return forward
+
+
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ModelLoadError(
+            "the onnx engine needs onnxruntime: install it with pip install 'rerank-service[local]'"
+        ) from exc
+    return onnxruntime
+
+
+def _cached_graph(path: Path, ready: Path | None, output: Output, options: OnnxOptions) -> Path:
+    """The graph for these options from the cache, built into it first when missing.
+
+    float32 is the export (or the ready graph); int8 is built from the float32 graph, which
+    is cached on the way, so switching between the two never exports twice.
+    """
+    key, description = _cache_key(path, ready, output, options.quantize)
+    entry = options.cache_dir / key
+    if (entry / _GRAPH).is_file():
+        return entry / _GRAPH
+    source = ready
+    if options.quantize == "int8" and source is None:
+        source = _cached_graph(path, None, output, dataclasses.replace(options, quantize="none"))
+    try:
+        options.cache_dir.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=".building-", dir=options.cache_dir))
+    except OSError as exc:
+        raise ModelLoadError(f"cannot write the onnx cache {options.cache_dir}: {exc.strerror}") from exc
+    try:
+        started = time.perf_counter()
+        if options.quantize == "int8":
+            assert source is not None
+            _quantize_int8(source, building / _GRAPH)
+        else:
+            _export(path, output, building / _GRAPH)
+        (building / "source.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+        building.chmod(0o755)  # mkdtemp's 0700: other users sharing the cache may read it
+        _publish(building, entry)
+        _log.info(
+            "onnx graph built",
+            source=str(path),
+            cache=str(entry),
+            quantize=options.quantize,
+            seconds=round(time.perf_counter() - started, 2),
+        )
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot build an onnx graph of the model in {path}: {reason}") from exc
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return entry / _GRAPH
+
+
+def _cache_key(
+    path: Path, ready: Path | None, output: Output, quantize: Quantize
+) -> tuple[str, dict[str, Any]]:
+    """A hash of what the graph is built from and how, and the same in words for source.json."""
+    import onnxruntime
+    import transformers
+
+    digest = hashlib.sha256()
+    files = []
+    for file in _source_files(path, ready):
+        file_digest = _file_sha256(file)
+        files.append({"file": str(file.relative_to(path)), "sha256": file_digest})
+        digest.update(f"{file.relative_to(path)}\0{file_digest}\0".encode())
+    versions = {
+        "cache_format": CACHE_FORMAT,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    built = {"output": output, "quantize": quantize, "from": "model.onnx" if ready else "export"}
+    digest.update(json.dumps([versions, built], sort_keys=True).encode())
+    key = digest.hexdigest()[:40]
+    return key, {"source": str(path), "sha256": key, "files": files, "versions": versions, **built}
+
+
+def _source_files(path: Path, ready: Path | None) -> list[Path]:
+    """What the graph is made from: the ready graph and its external data, or the config and weights."""
+    if ready is not None:
+        patterns, folder = (ready.name, f"{ready.name}_data", f"{ready.name}.data"), ready.parent
+    else:
+        patterns, folder = ("config.json", "*.safetensors", "*.bin"), path
+    return sorted({file for pattern in patterns for file in folder.glob(pattern) if file.is_file()})
+
+
+def _file_sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _publish(building: Path, entry: Path) -> None:
+    """Move a finished build into place; another process may have published it first."""
+    try:
+        building.rename(entry)
+    except OSError:
+        if not (entry / _GRAPH).is_file():
+            raise
+
+
+def _export(path: Path, output: Output, target: Path) -> None:
+    """Export the model in `path` to `target` (float32) with the torch.export-based exporter."""
+    _build("export", str(path), output, str(target))
+
+
+def _quantize_int8(source: Path, target: Path) -> None:
+    """Quantize the float32 graph `source` to int8 weights in `target`."""
+    _build("quantize", str(source), str(target))
+    if not target.is_file():
+        raise RuntimeError(f"the int8 quantizer wrote no graph from {source}")
+
+
+def _build(*arguments: str) -> None:
+    """Run onnx_build.py in a child process.
+
+    The exporter pulls in torch.export, dynamo and onnxscript (hundreds of MB the server
+    never needs again), the exporter and the quantizer print progress and warnings, and
+    either may crash on an operator it cannot convert: a child keeps all of that out of
+    the serving process and its one-JSON-object-a-line log.
+    """
+    command = [sys.executable, "-m", "rerank_service.backends.local.onnx_build", *arguments]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run(  # noqa: S603 - our own module, with paths we chose
+        command, capture_output=True, text=True, env=environment, check=False
+    )
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        raise RuntimeError(lines[-1] if lines else f"{arguments[0]} exited with code {done.returncode}")
+
+
+def _session(ort: Any, graph: Path, threads: int) -> Any:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1  # one batch at a time: parallelism is inside operators
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT writes its own lines to stderr
+    # Idle threads must not spin: the event loop and the gRPC threads share these cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"onnxruntime cannot load {graph}: {reason}") from exc
+
+
+def _output_name(session: Any, output: Output, graph: Path) -> str:
+    """The graph's output the scorer reads: by name, else the first one of the right rank."""
+    outputs = session.get_outputs()
+    names = [item.name for item in outputs]
+    wanted = {"logits": ("logits",), "last_hidden_state": ("last_hidden_state", "token_embeddings")}[output]
+    for name in wanted:
+        if name in names:
+            return name
+    rank = 2 if output == "logits" else 3
+    for item in outputs:
+        if len(item.shape) == rank:
+            return str(item.name)
+    raise ModelLoadError(f"{graph} has no {output} output (its outputs: {', '.join(names)})")
+
+
+def _check_runs(forward: OnnxForward, output: Output, graph: Path) -> None:
+    """Run one tiny batch so a graph that cannot serve fails at load, not on a caller's request."""
+    missing = [name for name in INPUTS[:2] if name not in forward._inputs]
+    unknown = [name for name in forward._inputs if name not in INPUTS]
+    if missing or unknown:
+        raise ModelLoadError(
+            f"{graph} takes inputs {', '.join(forward._inputs)}; the service feeds input_ids, "
+            "attention_mask and token_type_ids"
+        )
+    ids = torch.tensor([[1, 5, 2], [1, 2, 0]], dtype=torch.long)
+    sample = {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": torch.zeros_like(ids)}
+    try:
+        result = forward(sample)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{graph} fails on a sample batch: {reason}") from exc
+    rank = 2 if output == "logits" else 3
+    if result.dim() != rank or result.shape[0] != 2:
+        raise ModelLoadError(
+            f"{graph} answers a batch of 2 with shape {tuple(result.shape)}; a "
+            f"{'cross-encoder' if output == 'logits' else 'bi-encoder'} needs {rank} dimensions"
+        )
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/rerank-service/onnx, else ~/.cache/rerank-service/onnx."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "rerank-service" / "onnx"

