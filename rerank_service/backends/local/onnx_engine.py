@@ -46,7 +46,7 @@ _log = get_logger("rerank_service.onnx")
 Quantize = Literal["none", "int8"]
 
 # Bumped whenever what this module writes changes, so older cache entries are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Where a model directory may hold a graph of its own.
 READY_GRAPHS = ("model.onnx", "onnx/model.onnx")
 _GRAPH = "model.onnx"
