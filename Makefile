@@ -7,7 +7,7 @@ BUF := .ci/tools/node_modules/.bin/buf
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 PY_STUBS := clients/python/src
 
-.PHONY: install install-upstream install-dev infinity chart-tools bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers litellm serve test lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
+.PHONY: install install-upstream install-dev infinity infinity-optimum chart-tools bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers litellm serve test lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ infinity: $(INFINITY_VENV)/.installed
 $(INFINITY_VENV)/.installed: $(INFINITY_REQUIREMENTS)
 	$(PYTHON) -m venv $(INFINITY_VENV)
 	$(INFINITY_VENV)/bin/python -m pip install --quiet -r $(INFINITY_REQUIREMENTS)
+	touch $@
+
+## infinity-optimum: Infinity's optimum (ONNX Runtime) engine in .venv-infinity, for make bench-local only
+## (bench/local_engines.py): its packages go on top with --no-deps, so the tests' pins stay as they are;
+## installed once (a stamp), again when its pins or Infinity's change
+INFINITY_OPTIMUM_REQUIREMENTS := bench/infinity_optimum/requirements.txt
+infinity-optimum: $(INFINITY_VENV)/.optimum-installed
+$(INFINITY_VENV)/.optimum-installed: $(INFINITY_VENV)/.installed $(INFINITY_OPTIMUM_REQUIREMENTS)
+	$(INFINITY_VENV)/bin/python -m pip install --quiet --no-deps -r $(INFINITY_OPTIMUM_REQUIREMENTS)
+	$(INFINITY_VENV)/bin/python -m pip check
 	touch $@
 
 ## chart-tools: helm and kubeconform (Go module proxy) and the Kubernetes JSON schemas (the
@@ -102,9 +112,11 @@ docs: install-dev
 test: install-dev infinity chart-tools buf-lint buf-breaking check-generated lint typecheck
 	$(VENV)/bin/pytest
 
-## bench-local: the local backend against the direct model, micro-batching on against off
-bench-local: install-dev
+## bench-local: the local backend against the direct model, micro-batching on against off; its engines
+## (torch, onnx, onnx int8) against Infinity's (torch, optimum) and transformers called directly
+bench-local: install-dev infinity-optimum
 	HF_HUB_OFFLINE=1 $(PY) -m bench.local_backend
+	HF_HUB_OFFLINE=1 $(PY) -m bench.local_engines
 
 ## bench-streaming: one RerankStream against sequential and concurrent unary calls
 bench-streaming: install-dev
