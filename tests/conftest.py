@@ -19,6 +19,14 @@ UPSTREAM_KEY = "sk-upstream-test-key-0123456789"
 CALLER_KEY = "caller-key-abcdef"
 
 
+@pytest.fixture(scope="module")
+def offline() -> Iterator[None]:
+    """The Hugging Face hub switched off, as in production: models load from disk only."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
 @pytest.fixture(scope="session")
 def fake_upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream(api_key=UPSTREAM_KEY, models=("qwen3-rerank", "gte-rerank-v2")) as upstream:
