@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -31,6 +31,10 @@ from rerank_service.core.domain import (
 from rerank_service.core.readiness import Readiness
 from rerank_service.observability.logging import get_logger
 
+if TYPE_CHECKING:  # both import torch, which this module must not
+    from rerank_service.backends.local.models import Engine
+    from rerank_service.backends.local.onnx_engine import Quantize
+
 _log = get_logger("rerank_service.local")
 
 ScorerLoader = Callable[[str, str, str], Scorer]
@@ -40,8 +44,8 @@ ScorerLoader = Callable[[str, str, str], Scorer]
 class EngineChoice:
     """What runs the models (see forward.py): --local-engine, --local-quantize, --local-threads."""
 
-    engine: Literal["torch", "onnx"] = "torch"
-    quantize: Literal["none", "int8"] = "none"
+    engine: Engine = "torch"
+    quantize: Quantize = "none"
     threads: int = 0  # 0: torch's default
     onnx_cache: Path | None = None  # None: the user's cache directory
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from rerank_service.backends.local.common import (
     GuardedTokenizer,
@@ -20,8 +20,8 @@ from rerank_service.backends.local.common import (
     load_error,
     pad_batch,
 )
-from rerank_service.backends.local.forward import Forward, TorchForward
-from rerank_service.backends.local.onnx_engine import OnnxOptions, onnx_forward
+from rerank_service.backends.local.forward import Forward, load_forward
+from rerank_service.backends.local.onnx_engine import OnnxOptions
 from rerank_service.backends.local.scorer import Encoded
 
 
@@ -58,16 +58,9 @@ class BiEncoderScorer:
     ) -> BiEncoderScorer:
         """Load an embedding-model directory (never from the network); `onnx` runs it on ONNX Runtime."""
         path = Path(path)
-
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            if onnx is None:
-                model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
-                forward: Forward = TorchForward(model, "last_hidden_state", device)
-                config = model.config
-            else:
-                config = AutoConfig.from_pretrained(path, local_files_only=True)
-                forward = onnx_forward(path, "last_hidden_state", onnx)
+            forward, config = load_forward(path, "last_hidden_state", device=device, dtype=dtype, onnx=onnx)
         except ModelLoadError:
             raise
         except Exception as exc:

@@ -12,8 +12,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedTokenizerBase,
@@ -26,8 +24,8 @@ from rerank_service.backends.local.common import (
     load_error,
     pad_batch,
 )
-from rerank_service.backends.local.forward import Forward, TorchForward
-from rerank_service.backends.local.onnx_engine import OnnxOptions, onnx_forward
+from rerank_service.backends.local.forward import Forward, load_forward
+from rerank_service.backends.local.onnx_engine import OnnxOptions
 from rerank_service.backends.local.scorer import Encoded
 
 
@@ -74,18 +72,9 @@ class CrossEncoderScorer:
     ) -> CrossEncoderScorer:
         """Load a cross-encoder directory (never from the network); `onnx` runs it on ONNX Runtime."""
         path = Path(path)
-
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            if onnx is None:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    path, dtype=dtype, local_files_only=True
-                )
-                forward: Forward = TorchForward(model, "logits", device)
-                config = model.config
-            else:
-                config = AutoConfig.from_pretrained(path, local_files_only=True)
-                forward = onnx_forward(path, "logits", onnx)
+            forward, config = load_forward(path, "logits", device=device, dtype=dtype, onnx=onnx)
         except ModelLoadError:
             raise
         except Exception as exc:

@@ -10,12 +10,22 @@ else, so tokenization, truncation and the score formula are the same for every e
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
-from transformers import PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from rerank_service.backends.local.common import accepts_argument, for_inference, model_device
+
+if TYPE_CHECKING:
+    from rerank_service.backends.local.onnx_engine import OnnxOptions
 
 # What a Forward returns: a cross-encoder's logits or a bi-encoder's token embeddings.
 Output = Literal["logits", "last_hidden_state"]
@@ -53,3 +63,21 @@ class TorchForward:
         with torch.inference_mode():
             result: torch.Tensor = getattr(self._model(**inputs), self._output)
         return result
+
+
+def model_class(output: Output) -> type[AutoModelForSequenceClassification] | type[AutoModel]:
+    """The transformers class whose forward pass gives `output`."""
+    return AutoModelForSequenceClassification if output == "logits" else AutoModel
+
+
+def load_forward(
+    path: Path, output: Output, *, device: str | torch.device, dtype: torch.dtype, onnx: OnnxOptions | None
+) -> tuple[Forward, PretrainedConfig]:
+    """The engine for the model in `path` and the model's config: torch, or ONNX Runtime with `onnx`."""
+    if onnx is None:
+        model = model_class(output).from_pretrained(path, dtype=dtype, local_files_only=True)
+        return TorchForward(model, output, device), model.config
+    # onnx_engine imports this module (Output): import it when it is asked for.
+    from rerank_service.backends.local.onnx_engine import onnx_forward
+
+    return onnx_forward(path, output, onnx), AutoConfig.from_pretrained(path, local_files_only=True)

@@ -15,20 +15,19 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import PreTrainedModel
 
 from rerank_service.backends.local.common import accepts_argument, for_inference
-from rerank_service.backends.local.forward import Output
+from rerank_service.backends.local.forward import Output, model_class
 from rerank_service.backends.local.onnx_engine import INPUTS
 
 
 def export(path: Path, output: Output, target: Path) -> None:
-    model_class = AutoModelForSequenceClassification if output == "logits" else AutoModel
     model = for_inference(
         # Eager attention (matmul, softmax, matmul): ONNX Runtime fuses and quantizes it; the
         # SDPA path exports with NaN guards (IsNaN, Where) on every attention matrix that
         # cost about a tenth of an int8 forward pass.
-        model_class.from_pretrained(
+        model_class(output).from_pretrained(
             path, dtype=torch.float32, local_files_only=True, attn_implementation="eager"
         ),
         "cpu",

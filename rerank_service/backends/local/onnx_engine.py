@@ -77,8 +77,9 @@ class OnnxForward:
     def __call__(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         # A graph exported with segment ids gets zeros when the tokenizer makes none
         # (RoBERTa, XLM-R): what the model itself assumes when they are not given.
-        zeros = torch.zeros_like(inputs["input_ids"])
-        feed = {name: inputs.get(name, zeros).numpy() for name in self._inputs}
+        feed = {name: inputs[name].numpy() for name in self._inputs if name in inputs}
+        if len(feed) < len(self._inputs):
+            feed["token_type_ids"] = torch.zeros_like(inputs["input_ids"]).numpy()
         [result] = self._session.run([self._output], feed)
         return torch.from_numpy(result)
 
