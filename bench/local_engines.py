@@ -43,6 +43,12 @@ a figure above a few percent means something else ran and the numbers are not cl
 Goals (issue 17): ONNX fp32 >= 1.3x the service's torch engine in pairs/s, int8 >= 2x, the
 service's best engine ahead of Infinity's best; at 32 callers the service's p99 <= 1.3x its
 p50 and no worse than Infinity's. Results: a table here and bench/results/local_engines.json.
+
+On a GPU (`--device cuda --dtypes float32,float16,bfloat16`): the service's torch engine
+(`--device cuda --dtype D`) and transformers called directly, once per dtype; the ONNX
+engine is CPU-only and Infinity's venv is a CPU build, so both are left out. The CPU goals
+above do not apply there. `--tokenizer DIR` takes the tokenizer files from DIR instead of
+the bundled model's package (a machine without the `local` extra's model package).
 """
 
 from __future__ import annotations
@@ -62,8 +68,8 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
+from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,8 +91,9 @@ OPTIMUM_CLI = INFINITY_VENV / "bin" / "optimum-cli"
 
 MODEL = "minilm-l6-cross-encoder"
 SEED = 1234
-THREADS = 2
+THREADS = 2  # --threads
 DOCUMENTS_PER_REQUEST = 32
+MAX_BATCH_SIZE = DOCUMENTS_PER_REQUEST  # --max-batch-size: the service's
 WORDS_PER_DOCUMENT = 60
 WARMUP_REQUESTS = 4
 REQUEST_TIMEOUT = 300.0
@@ -114,6 +121,15 @@ class Contender:
     # infinity: --engine, and which model directory it serves
     infinity_engine: str = ""
     model: ModelKind = "torch"
+    dtype: str = "float32"  # service-torch and transformers on a GPU: one contender per dtype
+
+    @property
+    def engine(self) -> str:
+        """The engine the service's "model loaded" line must name."""
+        return "onnx" if "onnx" in self.engine_args else "torch"
+
+    def with_dtype(self, dtype: str) -> Contender:
+        return replace(self, key=f"{self.key}-{dtype}", label=f"{self.label} {dtype}", dtype=dtype)
 
 
 CONTENDERS = (
@@ -195,14 +211,15 @@ def cached(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def write_cross_encoder(directory: Path) -> None:
-    """The MiniLM-L6-shaped cross-encoder, random (seeded) weights, the bundled tokenizer's files."""
+def write_cross_encoder(directory: Path, tokenizer: Path | None = None) -> None:
+    """The MiniLM-L6-shaped cross-encoder, random (seeded) weights, the bundled tokenizer's files
+    (or those in `tokenizer`)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     from rerank_service.backends.local.models import bundled_model_path
 
-    bundled = bundled_model_path()
+    bundled = tokenizer or bundled_model_path()
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(bundled / name, directory / name)
     config = BertConfig(
@@ -244,9 +261,12 @@ def quantize_onnx(onnx_dir: Path, directory: Path) -> None:
     _run_tool([*command, "-o", str(directory)], directory.parent / "optimum-home")
 
 
+TOKENIZER: Path | None = None  # --tokenizer: where write_cross_encoder takes the tokenizer from
+
+
 def model_directory(kind: ModelKind) -> Path:
     """The model directory a contender serves, built (and cached) on first use."""
-    torch_dir = cached(CACHE / "model", write_cross_encoder)
+    torch_dir = cached(CACHE / "model", lambda d: write_cross_encoder(d, TOKENIZER))
     if kind == "torch":
         return torch_dir
     onnx_dir = cached(CACHE / "infinity-onnx", lambda d: export_onnx(torch_dir, d))
@@ -320,8 +340,9 @@ class Plan:
     workload: Workload
     callers: int
     latency_callers: int
-    reference: list[float]  # transformers' scores of workload[0]
+    reference: list[float]  # transformers' float32 scores of workload[0], on the device
     reference_no_token_types: list[float]
+    device: str = "cpu"
 
 
 async def measure(score: Score, plan: Plan, result: Result, concurrent: bool) -> None:
@@ -361,7 +382,7 @@ def serve_flags() -> set[str]:
     return set(re.findall(r"--[a-z][a-z0-9-]*", done.stdout))
 
 
-def service_args(contender: Contender, flags: set[str]) -> list[str] | None:
+def service_args(contender: Contender, flags: set[str], device: str = "cpu") -> list[str] | None:
     """The engine's serve flags, or None when this serve cannot run that engine."""
     wanted = [arg for arg in contender.engine_args if arg.startswith("--")]
     if all(flag in flags for flag in wanted):
@@ -372,6 +393,8 @@ def service_args(contender: Contender, flags: set[str]) -> list[str] | None:
         return None
     if "--local-threads" in flags:
         args += ["--local-threads", str(THREADS)]
+    if device != "cpu":
+        args += ["--device", device, "--dtype", contender.dtype]
     if "--local-onnx-cache" in flags and "onnx" in contender.engine_args:
         # Its exported and quantized graphs beside our model, not in ~/.cache.
         args += ["--local-onnx-cache", str(CACHE / "service-onnx")]
@@ -381,10 +404,10 @@ def service_args(contender: Contender, flags: set[str]) -> list[str] | None:
 def check_service_engine(contender: Contender, events: list[dict[str, Any]]) -> str:
     """The "model loaded" log line, checked: the engine asked for is the engine that runs."""
     loaded = next(event for event in events if event.get("event") == "model loaded")
-    expected = contender.key.removeprefix("service-")
+    expected = contender.engine
     if loaded.get("engine", "torch") != expected:
         raise RuntimeError(f"{contender.key}: the service loaded engine {loaded.get('engine')!r}")
-    fields = ("engine", "device", "max_length", "seconds")
+    fields = ("engine", "device", "dtype", "max_length", "seconds")
     return "model loaded: " + ", ".join(f"{name}={loaded[name]}" for name in fields if name in loaded)
 
 
@@ -406,7 +429,7 @@ def run_service(contender: Contender, args: list[str], plan: Plan, result: Resul
     model_dir = model_directory("torch")  # the service exports its own ONNX graph from it
     serve = [
         *("--backend", "local", "--local-models", f"{MODEL}={model_dir}"),
-        *("--max-batch-size", str(DOCUMENTS_PER_REQUEST), *args),
+        *("--max-batch-size", str(MAX_BATCH_SIZE), *args),
     ]
     env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     result.notes.append(f"serve flags: {' '.join(args) or '(defaults)'}")
@@ -534,17 +557,21 @@ def run_infinity(contender: Contender, plan: Plan, result: Result, workdir: Path
 class DirectModel:
     """The cross-encoder called in this process: tokenize, forward, sigmoid of the logit."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32") -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         torch.set_num_threads(THREADS)
         self._torch = torch
+        self._device = device
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self._model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        self._model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
     def describe(self) -> str:
-        return f"torch {self._torch.__version__}, {self._torch.get_num_threads()} threads"
+        where = self._device if self._device == "cpu" else self._torch.cuda.get_device_name(self._device)
+        dtype = str(self._model.dtype).removeprefix("torch.")
+        return f"torch {self._torch.__version__}, {self._torch.get_num_threads()} threads, {where}, {dtype}"
 
     def score(self, query: str, docs: list[str], token_types: bool = True) -> list[float]:
         inputs = self._tokenizer(
@@ -552,8 +579,9 @@ class DirectModel:
         )
         if not token_types:  # what Infinity's optimum cross-encoder feeds the graph
             inputs["token_type_ids"] = self._torch.zeros_like(inputs["input_ids"])
+        inputs = inputs.to(self._device)
         with self._torch.inference_mode():
-            logits = self._model(**inputs).logits[:, 0]
+            logits = self._model(**inputs).logits[:, 0].float()
         scores: list[float] = self._torch.sigmoid(logits).tolist()
         return scores
 
@@ -569,7 +597,11 @@ def run_direct(direct: DirectModel, plan: Plan, result: Result) -> None:
 # --- running and reporting --------------------------------------------------------------------
 
 
-def skip_reason(contender: Contender, flags: set[str]) -> str | None:
+def skip_reason(contender: Contender, flags: set[str], device: str) -> str | None:
+    if device != "cpu" and contender.engine == "onnx":
+        return "the ONNX engine runs on the CPU only (onnxruntime's CPU build)"
+    if device != "cpu" and contender.kind == "infinity":
+        return "Infinity's venv (.venv-infinity) is a CPU build"
     if contender.kind == "service" and service_args(contender, flags) is None:
         return "serve has no " + " / ".join(a for a in contender.engine_args if a.startswith("--"))
     if contender.kind == "infinity" and not INFINITY_CLI.exists():
@@ -583,13 +615,15 @@ def run_one(contender: Contender, plan: Plan, direct: DirectModel, flags: set[st
     result = Result(contender.key, contender.label, 0, math.nan, plan.callers, load_before=os.getloadavg())
     result.pairs = sum(len(docs) for _, docs in plan.workload)
     if contender.kind == "service":
-        args = service_args(contender, flags)
+        args = service_args(contender, flags, plan.device)
         assert args is not None
         run_service(contender, args, plan, result)
     elif contender.kind == "infinity":
         run_infinity(contender, plan, result, workdir)
-    else:
+    elif contender.dtype == "float32":
         run_direct(direct, plan, result)
+    else:
+        run_direct(DirectModel(model_directory("torch"), plan.device, contender.dtype), plan, result)
     result.notes += score_notes(result)
     return result
 
@@ -610,7 +644,7 @@ def _ms(value: float | None) -> str:
 
 
 def print_table(results: list[Result], plan: Plan) -> None:
-    base = next((r for r in results if r.key == "service-torch"), None)
+    base = next((r for r in results if r.key.startswith("service-torch")), None)
     print(
         f"\n| contender | pairs/s ({plan.callers} callers) | vs service torch | p50 ms "
         f"({plan.latency_callers} callers) | p99 ms | p99/p50 | max diff | other CPU | load before |"
@@ -688,7 +722,22 @@ def infinity_versions() -> dict[str, str]:
     return found
 
 
-def machine() -> dict[str, Any]:
+def installed(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def gpu_name(device: str) -> str | None:
+    if device == "cpu":
+        return None
+    import torch
+
+    return str(torch.cuda.get_device_name(device))
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
     cpu = "unknown CPU"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
@@ -700,21 +749,24 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "service": {name: version(name) for name in ("torch", "transformers", "onnxruntime", "grpcio")},
+        "gpu": gpu_name(device),
+        "service": {name: installed(name) for name in ("torch", "transformers", "onnxruntime", "grpcio")},
         "infinity": infinity_versions(),
     }
 
 
 def write_results(path: Path, plan: Plan, results: list[Result], skipped: dict[str, str]) -> None:
     report = {
-        "machine": machine(),
+        "machine": machine(plan.device),
         "workload": {
+            "device": plan.device,
             "requests": len(plan.workload),
             "documents_per_request": DOCUMENTS_PER_REQUEST,
             "words_per_document": WORDS_PER_DOCUMENT,
             "throughput_callers": plan.callers,
             "latency_callers": plan.latency_callers,
             "threads": THREADS,
+            "service_max_batch_size": MAX_BATCH_SIZE,
             "model": "random BertForSequenceClassification, hidden 384, 6 layers, 12 heads, "
             f"intermediate 1536, 1 label, seed {SEED}, bundled all-MiniLM-L6-v2 tokenizer",
         },
@@ -749,7 +801,37 @@ def parse_args() -> argparse.Namespace:
         f"under {QUIET_SHARE * 100:.0f}%% of the CPUs (default 600; 0: do not wait)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default) or a CUDA device: cuda, cuda:1 (the GPU figures)"
+    )
+    parser.add_argument(
+        "--dtypes",
+        default="float32",
+        help="comma-separated torch dtypes of the service's torch engine and transformers, one "
+        "contender each (default float32; on a GPU e.g. float32,float16,bfloat16)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a directory with vocab.txt and tokenizer.json (default: the bundled model's)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=THREADS, help=f"every contender's threads (default {THREADS})"
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=MAX_BATCH_SIZE,
+        help=f"the service's --max-batch-size (default {MAX_BATCH_SIZE}, a request's documents)",
+    )
     args = parser.parse_args()
+    args.dtypes = args.dtypes.split(",")
+    wrong = [d for d in args.dtypes if d not in ("float32", "float16", "bfloat16")]
+    if wrong:
+        parser.error(f"unknown dtypes {wrong}; known: float32, float16, bfloat16")
+    if args.device == "cpu" and args.dtypes != ["float32"]:
+        parser.error("--dtypes other than float32 need --device cuda")
     unknown = [key for key in args.engines.split(",") if key not in BY_KEY]
     if unknown:
         parser.error(f"unknown engines {unknown}; known: {', '.join(BY_KEY)}")
@@ -758,19 +840,37 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def contenders(keys: list[str], device: str, dtypes: list[str]) -> list[Contender]:
+    """The contenders asked for: on a GPU the torch ones once per dtype."""
+    chosen = [BY_KEY[key] for key in keys]
+    if device == "cpu":
+        return chosen
+    return [
+        variant
+        for contender in chosen
+        for variant in (
+            [contender.with_dtype(dtype) for dtype in dtypes]
+            if contender.kind in ("service", "transformers") and contender.engine == "torch"
+            else [contender]
+        )
+    ]
+
+
 def main() -> None:
+    global TOKENIZER, THREADS, MAX_BATCH_SIZE
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    chosen = [BY_KEY[key] for key in args.engines.split(",")]
+    TOKENIZER, THREADS, MAX_BATCH_SIZE = args.tokenizer, args.threads, args.max_batch_size
+    chosen = contenders(args.engines.split(","), args.device, args.dtypes)
     if args.skip_infinity:
         chosen = [c for c in chosen if c.kind != "infinity"]
     flags = serve_flags()
-    skipped = {c.key: reason for c in chosen if (reason := skip_reason(c, flags)) is not None}
+    skipped = {c.key: reason for c in chosen if (reason := skip_reason(c, flags, args.device)) is not None}
     for key, reason in skipped.items():
         print(f"skipping {key}: {reason}", flush=True)
 
     workload = build_workload(args.requests)
-    direct = DirectModel(model_directory("torch"))
+    direct = DirectModel(model_directory("torch"), args.device)
     query, docs = workload[0]
     plan = Plan(
         workload,
@@ -778,6 +878,7 @@ def main() -> None:
         args.latency_concurrency,
         direct.score(query, docs),
         direct.score(query, docs, False),
+        args.device,
     )
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bench-local-engines-") as tmp:
@@ -793,9 +894,11 @@ def main() -> None:
             print(f"   {rate:.0f} pairs/s, p50 {p50} ms, p99 {p99} ms", flush=True)
             results.append(result)
 
+    where = machine(args.device)
     print(
         f"\nLocal engines: {len(workload)} requests x {DOCUMENTS_PER_REQUEST} documents of "
-        f"{WORDS_PER_DOCUMENT} words, {THREADS} threads, {machine()['cpu']}, {os.cpu_count()} CPUs"
+        f"{WORDS_PER_DOCUMENT} words, {THREADS} threads, {where['cpu']}, {os.cpu_count()} CPUs"
+        + (f", {where['gpu']}" if where["gpu"] else "")
     )
     print_table(results, plan)
     for goal in goals(results):

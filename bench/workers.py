@@ -39,7 +39,7 @@ from tests.support.process import ServiceProcess
 
 RESULTS = perf.ROOT / "bench" / "results" / "workers"
 BEGIN, END = "<!-- bench-workers:start -->", "<!-- bench-workers:end -->"
-WORKERS = (1, 2)
+WORKERS: tuple[int, ...] = (1, 2)  # --workers: the processes of each service compared
 SLOW_CONCURRENCY = perf.SLOW_CONCURRENCY  # (256, 1024)
 SLOW_LATENCY = perf.SLOW_LATENCY  # 2 s
 DOCUMENTS = perf.SLOW_DOCUMENTS  # 20, in both scenarios
@@ -191,12 +191,11 @@ def slow_scenario(runs: list[Run], plan: Plan, base: int) -> None:
     ]
     url = f"http://127.0.0.1:{upstream_port}"
     say(f"slow upstream ({SLOW_LATENCY:g} s), {DOCUMENTS} documents, workers {WORKERS} interleaved")
-    with (
-        perf.background(command, upstream_port, "slow upstream"),
-        service(base + 1, url, 1) as one,
-        service(base + 2, url, 2) as two,
-    ):
-        targets = {1: (one, base + 1), 2: (two, base + 2)}
+    with perf.background(command, upstream_port, "slow upstream"), contextlib.ExitStack() as stack:
+        targets = {
+            workers: (stack.enter_context(service(base + 10 + i, url, workers)), base + 10 + i)
+            for i, workers in enumerate(WORKERS)
+        }
         for _, port in targets.values():
             perf.check_answer(port, DOCUMENTS)
         for concurrency in SLOW_CONCURRENCY:
@@ -211,15 +210,14 @@ def slow_scenario(runs: list[Run], plan: Plan, base: int) -> None:
 
 
 def fast_scenario(runs: list[Run], plan: Plan, base: int) -> None:
-    upstream_port = base + 3
+    upstream_port = base + 1
     url = f"http://127.0.0.1:{upstream_port}"
     say(f"fast upstream (nginx), {DOCUMENTS} documents, c={FAST_CONCURRENCY}, workers {WORKERS} interleaved")
-    with (
-        perf.nginx({DOCUMENTS: upstream_port}) as nginx,
-        service(base + 4, url, 1) as one,
-        service(base + 5, url, 2) as two,
-    ):
-        targets = {1: (one, base + 4), 2: (two, base + 5)}
+    with perf.nginx({DOCUMENTS: upstream_port}) as nginx, contextlib.ExitStack() as stack:
+        targets = {
+            workers: (stack.enter_context(service(base + 20 + i, url, workers)), base + 20 + i)
+            for i, workers in enumerate(WORKERS)
+        }
         for _, port in targets.values():
             perf.check_answer(port, DOCUMENTS)
         points = {workers: Run("fast", FAST_CONCURRENCY, workers) for workers in WORKERS}
@@ -248,6 +246,13 @@ def _spread(values: list[float]) -> str:
     return f" ({min(values):,.0f} to {max(values):,.0f})"
 
 
+def queueing_model(concurrency: int, workers: int, run: Run) -> float:
+    """Little's-law ratio when a round's CPU (callers x CPU per call) queues on `workers` loops,
+    each on a free core, and an average call waits half of it on top of the upstream's latency."""
+    wait = concurrency * run.per_call(run.cpu) / 1e6 / (2 * workers)
+    return SLOW_LATENCY / (SLOW_LATENCY + wait)
+
+
 def report(runs: list[Run], plan: Plan, seconds: float) -> str:
     lines = [
         BEGIN,
@@ -259,9 +264,10 @@ def report(runs: list[Run], plan: Plan, seconds: float) -> str:
         + (" — **BENCH_QUICK=1 smoke run, not a record**" if plan.quick else "")
         + f". Machine: {perf.machine()}.",
         "",
-        "`rerank-service serve --backend upstream --workers 1` and `--workers 2` (a supervisor and two "
-        "worker processes sharing the port with SO_REUSEPORT), both running, their measured runs "
-        "alternating (interleaved rounds, the order flipped each round); ghz (`--cpus 1`) opens one "
+        f"`rerank-service serve --backend upstream --workers N` for N in {', '.join(map(str, WORKERS))} "
+        "(a supervisor and N worker processes sharing the port with SO_REUSEPORT), all running, their "
+        "measured runs alternating (interleaved rounds, the order flipped each round); "
+        f"ghz (`--cpus {perf.GHZ_CPUS}`) opens one "
         f"HTTP/2 connection per 64 callers but at least {CONNECTIONS}, for both runs, so the kernel has "
         "connections to spread over the workers. "
         "Requests/s are the mean of the measured runs (range in brackets).",
@@ -272,8 +278,9 @@ def report(runs: list[Run], plan: Plan, seconds: float) -> str:
         f"per measured run one warm-up round, then {plan.slow_rounds} rounds of `callers` calls "
         f"({perf.SLOW_TIMEOUT:g} s deadline), {plan.slow_repeats} measured runs each**",
         "",
-        "| callers | workers | requests/s | Little's-law limit | ratio | goal | p50 ms | p99 ms | errors |",
-        "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| callers | workers | requests/s | Little's-law limit | ratio | goal | model | p50 ms | p99 ms "
+        "| service CPU-µs/call | errors |",
+        "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     verdicts = []
     for concurrency in SLOW_CONCURRENCY:
@@ -290,8 +297,9 @@ def report(runs: list[Run], plan: Plan, seconds: float) -> str:
                 verdicts.append((concurrency, ratio, met))
             slow_rows.append(
                 f"| {concurrency:,} | {workers} | {run.mean_rps:,.1f}{_spread(run.rps)} | {limit:,.0f} | "
-                f"**{ratio:.3f}x** | {goal} | {statistics.fmean(run.p50) * 1e3:,.0f} | "
-                f"{max(run.p99) * 1e3:,.0f} | {run.errors} |"
+                f"**{ratio:.3f}x** | {goal} | {queueing_model(concurrency, workers, run):.2f}x | "
+                f"{statistics.fmean(run.p50) * 1e3:,.0f} | "
+                f"{max(run.p99) * 1e3:,.0f} | {run.per_call(run.cpu):,.0f} | {run.errors} |"
             )
     if verdicts:
         lines += [*slow_rows, ""]
@@ -308,7 +316,7 @@ def report(runs: list[Run], plan: Plan, seconds: float) -> str:
             "| nginx CPU-µs/call | all three | errors |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for workers, run in ((1, one), (2, two)):
+        for workers, run in ((w, r) for w, r in fast.items() if r is not None):
             total = run.per_call(run.cpu + run.ghz_cpu + run.nginx_cpu)
             lines.append(
                 f"| {workers} | {run.mean_rps:,.0f}{_spread(run.rps)} | "
@@ -340,32 +348,46 @@ def summary(
         text.append(
             f"**Slow upstream.** With `--workers 2` the service reaches {'; '.join(said)} of Little's-law "
             f"limit (one process in the bench-perf run above: {before}). Against a 2 s upstream a call "
-            "costs the server a little CPU at its start and its end and nothing while it waits; one "
-            "process falls short of the limit because the event loop, busy with a burst of calls "
-            "arriving or answering, starts or finishes calls late, and the delay adds to every call's "
-            "2 s. Two event loops on two cores shorten each one's bursts, but only where a core is free: "
-            "here the two cores also run ghz, the slow upstream (one Python process parsing every "
-            "request) and the harness reading the access log, and the canned server with the same 2 s "
-            "sleep reaches only 0.94x at 1,024 callers in the bench-perf run; the goals need a "
-            "machine with cores to spare for the second worker."
+            "costs the server CPU only at its start and its end, but the callers of a round arrive "
+            "together, so their calls queue on the event loops: a round of c calls costs c x t of CPU "
+            "(t, the service's CPU per call, measured above), shared by W event loops, and an average "
+            "call waits about half of it, c·t/(2W), on top of the 2 s. The column `model` is "
+            "2 s / (2 s + c·t/(2W)) with each run's own t: what the service reaches when each worker has "
+            "a core of its own. Here the two cores also run ghz, the slow upstream and the harness, so "
+            "the runs fall below it. With t about 1.5 ms, 0.9x at 1,024 callers takes W ≥ 4 free cores "
+            "(or t under 0.9 ms with two); 0.95x at 256 takes two."
         )
     if one is not None and two is not None:
         cores = os.cpu_count() or 1
-        ratio = two.mean_rps / one.mean_rps
+        fast = [r for w in WORKERS if w > 1 and (r := get(runs, "fast", FAST_CONCURRENCY, w)) is not None]
+        scaling = "; ".join(
+            f"`--workers {r.workers}` {r.mean_rps / one.mean_rps:.2f}x at "
+            f"{r.per_call(r.cpu) / one.per_call(one.cpu):.2f}x its CPU per call "
+            f"({r.per_call(r.cpu):.0f} µs)"
+            for r in fast
+        )
         service_share = two.per_call(two.cpu) / two.per_call(two.cpu + two.ghz_cpu + two.nginx_cpu)
-        text += [
-            "",
-            f"**Fast upstream.** `--workers 2` serves {ratio:.2f}x the requests/s of one process at "
-            f"{two.per_call(two.cpu) / one.per_call(one.cpu):.2f}x its CPU per call "
-            f"({two.per_call(two.cpu):.0f} against {one.per_call(one.cpu):.0f} µs, whole process tree). "
-            f"On this {cores}-core machine the gain is bounded by the machine, not the service: ghz and "
-            f"nginx run on the same {cores} cores and take {1 - service_share:.0%} of all the CPU a call "
-            "costs, so once one worker is busy there is little core left for a second. On a machine with "
-            "more cores than workers, and the load generated elsewhere, each worker is one event loop "
-            "on its own core: requests/s should scale nearly linearly with the workers, up to the cores "
-            "(CPU per call stays about the same, the workers share nothing on a call's path), until the "
-            "upstream or the network is the limit.",
-        ]
+        head = (
+            f"**Fast upstream.** Against one process ({one.per_call(one.cpu):.0f} CPU-µs per call, whole "
+            f"process tree): {scaling}."
+        )
+        if cores < 2 * max(WORKERS) + 2:
+            text += [
+                "",
+                head + f" On this {cores}-core machine the gain is bounded by the machine, not the "
+                f"service: ghz and nginx run on the same {cores} cores and take {1 - service_share:.0%} of "
+                "all the CPU a call costs, so once one worker is busy there is little core left for "
+                "another. With cores to spare each worker is one event loop on its own core and the "
+                "workers share nothing on a call's path, so requests/s grow with the workers until the "
+                "upstream, the load generator or the network is the limit.",
+            ]
+        else:
+            text += [
+                "",
+                head + f" With cores to spare ({cores} here), requests/s grow with the workers. Less "
+                "than linearly: the same callers spread over more event loops, so each loop turn "
+                "serves fewer calls and its fixed cost is shared by fewer, and the CPU per call rises.",
+            ]
     return text
 
 
@@ -376,7 +398,16 @@ def main() -> None:
     parser.add_argument("--base-port", type=int, default=47200, help="first of the loopback ports used")
     parser.add_argument("--doc", type=Path, default=None, help="the document to write the tables into")
     parser.add_argument("--only", choices=("slow", "fast"), action="append", help="run only these")
+    parser.add_argument(
+        "--workers",
+        default="1,2",
+        help="comma-separated --workers of the services compared, 1 and 2 among them (default 1,2)",
+    )
     args = parser.parse_args()
+    global WORKERS
+    WORKERS = tuple(int(n) for n in args.workers.split(","))
+    if not {1, 2} <= set(WORKERS):
+        parser.error("--workers must include 1 and 2 (the goals compare them)")
     plan = QUICK if os.environ.get("BENCH_QUICK", "") not in ("", "0") else FULL
     doc = args.doc or (RESULTS / "PERFORMANCE-quick.md" if plan.quick else perf.DOC)
     if not perf.GHZ.exists():
