@@ -50,6 +50,13 @@ $(INFINITY_VENV)/.optimum-installed: $(INFINITY_VENV)/.installed $(INFINITY_OPTI
 chart-tools: $(VENV)/bin/python
 	bash deploy/install-chart-tools.sh
 
+## image: the upstream-only image (deploy/Dockerfile) as localhost/rerank-service:VERSION without a registry
+## or a daemon: buildah on a Debian base made by mmdebstrap, wheels from the host's pip (deploy/build-image.sh;
+## root; installs buildah and mmdebstrap with apt-get if missing); reused while its inputs are unchanged
+.PHONY: image
+image: $(VENV)/bin/python
+	HOST_PYTHON=$(PY) bash deploy/build-image.sh
+
 ## litellm: LiteLLM's proxy, uvicorn and Starlette in .venv-litellm, apart from the service's pins, for
 ## bench-http; installed once (a stamp), again when its pins change
 LITELLM_VENV := .venv-litellm
@@ -164,4 +171,4 @@ bench-workers: install-dev
 bench: bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers
 
 clean:
-	rm -rf $(VENV) $(INFINITY_VENV) .venv-litellm .ci/tools/node_modules .ci/tools/kubernetes-json-schema .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(INFINITY_VENV) .venv-litellm .ci/tools/node_modules .ci/tools/kubernetes-json-schema .ci/tools/images .mypy_cache .pytest_cache .ruff_cache
