@@ -13,7 +13,8 @@ multiprocessing example does. The supervisor
   (every worker reloads), and exits 0 only when every worker drained and exited 0;
 - serves --metrics-port: the sum of the workers' metrics, which each records into files
   in a directory the supervisor creates and removes (prometheus-client's multiprocess
-  mode; observability/metrics.py).
+  mode; observability/metrics.py), and the `process_*` of all of them together
+  (observability/process_tree.py).
 
 Nothing here runs on a call's path.
 """
@@ -42,6 +43,7 @@ from rerank_service.config import ConfigError, Settings, load_settings
 # memory; only the workers, spawned after, record into the directory.
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import configure_logging, get_logger
+from rerank_service.observability.process_tree import WorkerProcess
 
 _log = get_logger("rerank_service.workers")
 
@@ -138,7 +140,7 @@ class Supervisor:
                 server, self.metrics_port = metrics.start_metrics_server(
                     self.settings.host,
                     self.settings.metrics_port,
-                    registry=metrics.multiprocess_registry(self._directory),
+                    registry=metrics.multiprocess_registry(self._directory, self._worker_processes),
                 )
             try:
                 return self._run()
@@ -151,6 +153,13 @@ class Supervisor:
             if self._directory:
                 os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
                 shutil.rmtree(self._directory, ignore_errors=True)
+
+    def _worker_processes(self) -> list[WorkerProcess]:
+        """The workers now, for /metrics (read from the metrics server's thread)."""
+        return [
+            WorkerProcess(w.index, w.pid if w.process is not None else None, w.restarts)
+            for w in self._workers
+        ]
 
     # --- the loop ---
 

@@ -18,6 +18,7 @@ and locks on every call), and nothing here awaits.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from enum import Enum
 from wsgiref.simple_server import WSGIServer
 
@@ -26,6 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+
+from rerank_service.observability.process_tree import ProcessTreeCollector, WorkerProcess
 
 # prometheus-client reads the same variable once, when it is imported: values go to files.
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -336,13 +339,18 @@ def start_metrics_server(
     return server, server.server_port
 
 
-def multiprocess_registry(directory: str) -> CollectorRegistry:
-    """The workers' metrics summed from their files in `directory` (the supervisor's /metrics).
+def multiprocess_registry(
+    directory: str, workers: Callable[[], Sequence[WorkerProcess]] = tuple
+) -> CollectorRegistry:
+    """The workers' metrics summed from their files in `directory` (the supervisor's /metrics),
+    with the `process_*` of the supervisor and its `workers` together and `python_info`.
 
     Counters and histograms keep a dead worker's counts (its files stay); gauges count
     only live workers once `worker_exited` has been told."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    registry.register(ProcessTreeCollector(workers))
+    PlatformCollector(registry=registry)
     return registry
 
 

@@ -149,6 +149,7 @@ def test_a_worker_killed_under_load_is_restarted_and_its_counts_survive() -> Non
         for thread in threads:
             thread.start()
         time.sleep(1.0)
+        cpu_before = value(scrape(metrics_port), "process_cpu_seconds_total")
         victim = _pids(service)[0]
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
@@ -180,6 +181,13 @@ def test_a_worker_killed_under_load_is_restarted_and_its_counts_survive() -> Non
         counted = value(samples, "rerank_calls_total", method="Rerank", code="OK")
         assert codes["OK"] <= counted <= codes["OK"] + failed, (counted, codes)
         assert value(samples, "rerank_calls_in_flight", method="Rerank") == 0
+        # The process tree's CPU keeps the dead worker's (the supervisor reaped it) and
+        # adds its successor's; each worker slot shows its restarts and its memory.
+        assert value(samples, "process_cpu_seconds_total") > cpu_before > 0
+        assert value(samples, "rerank_worker_restarts_total", worker="0") == 1
+        assert value(samples, "rerank_worker_restarts_total", worker="1") == 0
+        for worker in ("0", "1"):
+            assert value(samples, "rerank_worker_resident_memory_bytes", worker=worker) > 10 << 20
         assert service.terminate() == 0, service.output[-5000:]
 
 
