@@ -50,7 +50,7 @@ _log = get_logger("rerank_service.workers")
 FIRST_BACKOFF = 0.5  # seconds before the first restart of a worker that died
 MAX_BACKOFF = 30.0  # the longest wait between restarts of a worker that keeps dying
 STEADY_AFTER = 60.0  # a worker that ran this long before dying restarts after FIRST_BACKOFF
-KILL_AFTER = 10.0  # seconds past --shutdown-grace before a worker still draining is killed
+KILL_AFTER = 10.0  # seconds past --drain-delay + --shutdown-grace before a worker still draining is killed
 _POLL = 0.1  # seconds: how often the loop looks at signals and due restarts
 
 
@@ -154,6 +154,10 @@ class Supervisor:
                 os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
                 shutil.rmtree(self._directory, ignore_errors=True)
 
+    def _drain_seconds(self) -> float:
+        """How long workers may drain before they are killed."""
+        return self.settings.drain_delay + self.settings.shutdown_grace + KILL_AFTER
+
     def _worker_processes(self) -> list[WorkerProcess]:
         """The workers now, for /metrics (read from the metrics server's thread)."""
         return [
@@ -219,7 +223,7 @@ class Supervisor:
                 _log.info("reload", workers=[w.index for w in alive], why="SIGHUP, forwarded to every worker")
             elif not self._stopping:
                 self._stopping = True
-                self._stop_deadline = time.monotonic() + self.settings.shutdown_grace + KILL_AFTER
+                self._stop_deadline = time.monotonic() + self._drain_seconds()
                 _log.info(
                     "draining",
                     workers=[w.index for w in alive],
@@ -282,7 +286,7 @@ class Supervisor:
             _log.error("worker start failed", worker=worker.index, pid=pid, **how)
             self._exit_code = code if code is not None and code > 0 else 1
             self._stopping = True
-            self._stop_deadline = time.monotonic() + self.settings.shutdown_grace + KILL_AFTER
+            self._stop_deadline = time.monotonic() + self._drain_seconds()
             for other in self._workers:
                 if other.process is not None:
                     self._signal(other, signal.SIGTERM)

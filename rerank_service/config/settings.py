@@ -398,6 +398,12 @@ class Settings:
     shutdown_grace: Seconds = Field(
         default=30.0, description="seconds calls in flight may take to finish after SIGTERM"
     )
+    drain_delay: SecondsOrZero = Field(
+        default=0.0,
+        description="seconds to go on serving after SIGTERM, health already NOT_SERVING, before new "
+        "calls are refused: time for health-checking clients and load balancers to move away (on "
+        "Kubernetes the chart's preStop sleep does this instead)",
+    )
     max_concurrent_requests: Count = Field(
         default=2048,
         description="RerankService calls in flight at once (a stream counts as one); past it "

@@ -150,13 +150,18 @@ class RerankServer:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, refuse new calls, let calls in flight finish within `grace`."""
+        """Report NOT_SERVING, go on taking calls for --drain-delay, then refuse new calls and
+        let calls in flight finish within `grace`."""
         grace = self.settings.shutdown_grace if grace is None else grace
         _log.info("draining", grace_s=grace)
         self._draining = True
         if self._health_watch is not None:
             self._health_watch.cancel()
         await self.health.enter_graceful_shutdown()
+        if self.settings.drain_delay > 0:
+            # Health says NOT_SERVING already; calls are still taken while clients move away.
+            _log.info("drain delay", delay_s=self.settings.drain_delay)
+            await asyncio.sleep(self.settings.drain_delay)
         await asyncio.gather(
             self._server.stop(grace), self.http.stop() if self.http is not None else _nothing()
         )

@@ -63,7 +63,7 @@ def build_routes(settings: Settings, reuse: Iterable[Deployment] = ()) -> list[R
 # Settings of the front door (listening, callers, limits, logging, routes): a backend never
 # reads them, so a reload that changes only these keeps every deployment as it is.
 _FRONT_DOOR = (
-    "host", "port", "log_format", "log_level", "shutdown_grace", "max_concurrent_requests",
+    "host", "port", "log_format", "log_level", "shutdown_grace", "drain_delay", "max_concurrent_requests",
     "max_inflight_bytes", "max_open_calls", "max_connections", "max_streams_per_connection",
     "max_message_bytes", "keepalive_time", "keepalive_timeout", "max_connection_age",
     "max_connection_age_grace", "tls_cert", "tls_key", "tls_client_ca", "metrics_port",
