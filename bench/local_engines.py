@@ -125,8 +125,10 @@ class Contender:
 
     @property
     def engine(self) -> str:
-        """The engine the service's "model loaded" line must name."""
-        return "onnx" if "onnx" in self.engine_args else "torch"
+        """The engine the service's "model loaded" line must name: torch, onnx or onnx-int8."""
+        if "onnx" not in self.engine_args:
+            return "torch"
+        return "onnx-int8" if "int8" in self.engine_args else "onnx"
 
     def with_dtype(self, dtype: str) -> Contender:
         return replace(self, key=f"{self.key}-{dtype}", label=f"{self.label} {dtype}", dtype=dtype)
@@ -407,7 +409,7 @@ def check_service_engine(contender: Contender, events: list[dict[str, Any]]) -> 
     expected = contender.engine
     if loaded.get("engine", "torch") != expected:
         raise RuntimeError(f"{contender.key}: the service loaded engine {loaded.get('engine')!r}")
-    fields = ("engine", "device", "dtype", "max_length", "seconds")
+    fields = ("engine", "device", "max_length", "seconds")
     return "model loaded: " + ", ".join(f"{name}={loaded[name]}" for name in fields if name in loaded)
 
 
@@ -598,7 +600,7 @@ def run_direct(direct: DirectModel, plan: Plan, result: Result) -> None:
 
 
 def skip_reason(contender: Contender, flags: set[str], device: str) -> str | None:
-    if device != "cpu" and contender.engine == "onnx":
+    if device != "cpu" and contender.engine != "torch" and contender.kind == "service":
         return "the ONNX engine runs on the CPU only (onnxruntime's CPU build)"
     if device != "cpu" and contender.kind == "infinity":
         return "Infinity's venv (.venv-infinity) is a CPU build"

@@ -207,8 +207,12 @@ def background(command: list[str], port: int, what: str) -> Iterator[subprocess.
             process.wait()
 
 
+def find_nginx() -> str | None:
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+
 def nginx_binary() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    found = find_nginx()
     if found is None:
         raise RuntimeError("nginx is missing: run bench/install-nginx.sh (make bench-perf does)")
     return found
@@ -1022,7 +1026,7 @@ def machine() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    nginx = find_nginx()
     nginx_version = subprocess.run(
         [nginx, "-v"] if nginx else ["true"], capture_output=True, text=True, check=False
     )

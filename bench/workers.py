@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -253,6 +254,25 @@ def queueing_model(concurrency: int, workers: int, run: Run) -> float:
     return SLOW_LATENCY / (SLOW_LATENCY + wait)
 
 
+def needs(runs: list[Run]) -> str:
+    """What each goal takes by the queueing estimate, with this run's CPU per call: the free
+    cores (workers) at that CPU, or the CPU per call with two workers."""
+    slow = [run for run in runs if run.scenario == "slow" and run.calls]
+    if not slow:
+        return ""
+    t = statistics.fmean(run.per_call(run.cpu) for run in slow) / 1e6  # seconds of CPU a call
+    said = []
+    for concurrency, goal in GOALS.items():
+        wait = SLOW_LATENCY / goal - SLOW_LATENCY  # the longest average wait the goal allows
+        workers = math.ceil(concurrency * t / (2 * wait))
+        most = 2 * wait * 2 / concurrency  # CPU per call two workers may spend
+        said.append(
+            f"{goal:.2f}x at {concurrency:,} callers takes {workers} worker{'s' * (workers > 1)} on free "
+            f"cores, or two at under {most * 1e6:,.0f} µs a call"
+        )
+    return f"With this run's {t * 1e6:,.0f} CPU-µs a call, " + "; ".join(said) + "."
+
+
 def report(runs: list[Run], plan: Plan, seconds: float) -> str:
     lines = [
         BEGIN,
@@ -354,8 +374,7 @@ def summary(
             "call waits about half of it, c·t/(2W), on top of the 2 s. The column `model` is "
             "2 s / (2 s + c·t/(2W)) with each run's own t: what the service reaches when each worker has "
             "a core of its own. Here the two cores also run ghz, the slow upstream and the harness, so "
-            "the runs fall below it. With t about 1.5 ms, 0.9x at 1,024 callers takes W ≥ 4 free cores "
-            "(or t under 0.9 ms with two); 0.95x at 256 takes two."
+            f"the runs fall below it. {needs(runs)}"
         )
     if one is not None and two is not None:
         cores = os.cpu_count() or 1
