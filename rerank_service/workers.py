@@ -319,7 +319,9 @@ class Supervisor:
         ours.close()
         if worker.restart_at is not None:
             worker.restarts += 1
-        worker.process, worker.ready, worker.pid = process, theirs, process.pid
+        # pid before process: /metrics (another thread) reads a worker's pid once it has a process.
+        worker.pid = process.pid
+        worker.process, worker.ready = process, theirs
         worker.started_at, worker.restart_at = time.monotonic(), None
         _log.info("worker started", worker=worker.index, pid=process.pid, restarts=worker.restarts)
 

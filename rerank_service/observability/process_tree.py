@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,11 @@ class ProcessTreeCollector(Collector):
         self._workers = workers
         self._proc = proc
         self._pid = os.getpid()
+        # A worker reaped between reading RUSAGE_CHILDREN and its /proc is in neither: that
+        # scrape would undercount, and a counter that goes back reads as a reset. So the
+        # total never goes below the last one given (scrapes may run on several threads).
+        self._cpu_given = 0.0
+        self._lock = threading.Lock()
 
     def collect(self) -> Iterable[Metric]:
         own = resource.getrusage(resource.RUSAGE_SELF)
@@ -114,6 +120,8 @@ class ProcessTreeCollector(Collector):
             worker_cpu.add_metric([str(worker.index)], stat.cpu_seconds)
             worker_memory.add_metric([str(worker.index)], stat.resident_bytes)
 
+        with self._lock:
+            cpu = self._cpu_given = max(cpu, self._cpu_given)
         yield CounterMetricFamily(
             "process_cpu_seconds", "CPU seconds of the supervisor and every worker, live or exited", value=cpu
         )
