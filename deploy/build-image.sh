@@ -66,6 +66,12 @@ STORAGE_DRIVER=${STORAGE_DRIVER:-vfs}
 CACHE=$ROOT/.ci/tools/images
 LABEL=rerank-service.build-inputs
 
+# One build (and one apt-get) at a time.
+mkdir -p "$CACHE"
+[ -e "$CACHE/.gitignore" ] || printf '# made by deploy/build-image.sh: nothing here is committed\n*\n' >"$CACHE/.gitignore"
+exec 9>"$CACHE/.lock"
+flock -w 900 9 || die "another build has held $CACHE/.lock for 15 minutes" # one build at a time
+
 # --- tools -------------------------------------------------------------------------------
 
 missing=()
@@ -97,10 +103,6 @@ image_id() { bah inspect --type image --format '{{.FromImageID}}' "$1" 2>/dev/nu
 
 bah images >/dev/null 2>&1 || die "buildah cannot open its storage with the $STORAGE_DRIVER driver (set STORAGE_DRIVER)"
 
-mkdir -p "$CACHE"
-[ -e "$CACHE/.gitignore" ] || printf '# made by deploy/build-image.sh: nothing here is committed\n*\n' >"$CACHE/.gitignore"
-exec 9>"$CACHE/.lock"
-flock 9 # one build at a time
 
 key() { sha256sum | cut -c1-12; }
 
@@ -185,7 +187,7 @@ if [ "$REBUILD" = 0 ] && [ -n "$previous" ] \
 else
     step "image: buildah build -f deploy/Dockerfile -> $IMAGE"
     t=$(date +%s)
-    bah build --isolation chroot --pull-never --layers=false \
+    bah build --isolation chroot --pull-never --layers=false --force-rm \
         --build-arg PYTHON_IMAGE="$BASE_IMAGE" --build-context wheelhouse="$WHEELHOUSE" \
         --label "$LABEL=$inputs" --tag "$IMAGE" -f deploy/Dockerfile . \
         || die "buildah build failed"

@@ -63,15 +63,26 @@ def _buildah(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
 @pytest.fixture(scope="session")
 def image() -> str:
     """The image, built by deploy/build-image.sh (or found up to date)."""
+    # Its own process group: on a timeout mmdebstrap and buildah go too, and with them the
+    # script's build lock (they inherit it), so a later build does not wait on it.
+    build = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        result = subprocess.run(
-            ["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, timeout=BUILD_TIMEOUT
-        )
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"deploy/build-image.sh took over {BUILD_TIMEOUT}s:\n{error.stdout!r}", pytrace=False)
-    if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).splitlines()[-60:])
-        pytest.fail(f"deploy/build-image.sh failed ({result.returncode}):\n{tail}", pytrace=False)
+        output, _ = build.communicate(timeout=BUILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(build.pid, signal.SIGKILL)
+        output, _ = build.communicate()
+        pytest.fail(f"deploy/build-image.sh took over {BUILD_TIMEOUT}s:\n{output[-4000:]}", pytrace=False)
+    if build.returncode != 0:
+        tail = "\n".join(output.splitlines()[-60:])
+        pytest.fail(f"deploy/build-image.sh failed ({build.returncode}):\n{tail}", pytrace=False)
     return IMAGE
 
 
