@@ -121,9 +121,10 @@ test: install-dev infinity chart-tools buf-lint buf-breaking check-generated lin
 
 ## bench-local: the local backend against the direct model, micro-batching on against off; its engines
 ## (torch, onnx, onnx int8) against Infinity's (torch, optimum) and transformers called directly
+## (BENCH_LOCAL_ARGS: more flags of bench.local_engines, e.g. "--device cuda --dtypes float32,bfloat16")
 bench-local: install-dev infinity-optimum
 	HF_HUB_OFFLINE=1 $(PY) -m bench.local_backend
-	HF_HUB_OFFLINE=1 $(PY) -m bench.local_engines
+	HF_HUB_OFFLINE=1 $(PY) -m bench.local_engines $(BENCH_LOCAL_ARGS)
 
 ## bench-streaming: one RerankStream against sequential and concurrent unary calls
 bench-streaming: install-dev
