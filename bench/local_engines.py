@@ -409,7 +409,9 @@ def check_service_engine(contender: Contender, events: list[dict[str, Any]]) -> 
     expected = contender.engine
     if loaded.get("engine", "torch") != expected:
         raise RuntimeError(f"{contender.key}: the service loaded engine {loaded.get('engine')!r}")
-    fields = ("engine", "device", "max_length", "seconds")
+    if loaded.get("dtype", contender.dtype) != contender.dtype:  # older services do not log it
+        raise RuntimeError(f"{contender.key}: the service loaded dtype {loaded.get('dtype')!r}")
+    fields = ("engine", "device", "dtype", "max_length", "seconds")
     return "model loaded: " + ", ".join(f"{name}={loaded[name]}" for name in fields if name in loaded)
 
 

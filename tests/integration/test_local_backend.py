@@ -31,6 +31,7 @@ class WordScorer:
     kind = "cross-encoder"
     max_length = 16
     device = "cpu"
+    dtype = "float32"
     engine = "torch"
 
     def __init__(self, supports_instruct: bool = False, delay: float = 0.0) -> None:

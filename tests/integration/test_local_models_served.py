@@ -110,7 +110,7 @@ def test_serve_with_no_settings_answers_offline_with_the_bundled_model() -> None
     assert "ignores instruct" in models.stdout
     assert exit_code == 0
     loaded = [e for e in service.events() if e["event"] == "model loaded"]
-    assert loaded[0]["kind"] == "bi-encoder"
+    assert (loaded[0]["kind"], loaded[0]["device"], loaded[0]["dtype"]) == ("bi-encoder", "cpu", "float32")
 
 
 def test_a_model_that_fails_to_load_stops_the_server_with_a_clear_message(tmp_path: Path) -> None:
@@ -144,7 +144,7 @@ def test_the_onnx_engine_serves_as_torch_does_and_a_restart_reuses_its_graph(
     for service, scores in runs:
         assert scores == pytest.approx(dict(enumerate(direct)), abs=1e-4)
         [loaded] = [e for e in service.events() if e["event"] == "model loaded"]
-        assert (loaded["engine"], loaded["kind"]) == ("onnx", "cross-encoder")
+        assert (loaded["engine"], loaded["kind"], loaded["dtype"]) == ("onnx", "cross-encoder", "float32")
         # The exporter's progress and warnings stay in its own process, out of the log.
         assert not [line for line in service.lines if "torch.onnx" in line or "onnxscript" in line]
     built = [[e for e in service.events() if e["event"] == "onnx graph built"] for service, _ in runs]

@@ -22,6 +22,7 @@ class RecordingScorer:
     supports_instruct = False
     max_length = 512
     device = "cpu"
+    dtype = "float32"
     engine = "torch"
 
     def __init__(self, delay: float = 0.0, fail_on: int | None = None) -> None:

@@ -524,6 +524,12 @@ def test_auto_dtype_is_float32_on_cpu_and_explicit_dtypes_are_honoured() -> None
     assert select_dtype("float16", cpu) == torch.float16
 
 
+def test_every_scorer_says_the_dtype_it_computes_in(qwen3_dir: Path, cross_dir: Path, bi_dir: Path) -> None:
+    for directory in (qwen3_dir, cross_dir, bi_dir):
+        assert load_scorer(str(directory), "cpu", "auto").dtype == "float32"
+        assert load_scorer(str(directory), "cpu", "bfloat16").dtype == "bfloat16"
+
+
 def test_an_empty_document_list_encodes_and_scores_to_nothing(
     qwen3: Scorer, cross: Scorer, bi: Scorer
 ) -> None:

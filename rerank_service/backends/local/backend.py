@@ -152,6 +152,7 @@ class LocalBackend:
                 kind=scorer.kind,
                 engine=scorer.engine,
                 device=scorer.device,
+                dtype=scorer.dtype,
                 max_length=scorer.max_length,
                 seconds=round(time.perf_counter() - started, 2),
             )

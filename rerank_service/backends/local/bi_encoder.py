@@ -42,6 +42,7 @@ class BiEncoderScorer:
         self._forward = forward
         self._tokenizer = GuardedTokenizer(tokenizer)
         self.device = forward.device
+        self.dtype = forward.dtype
         self.engine = forward.engine
         self.max_length = encoder_window(config, tokenizer, max_length)
         self._pad = self._tokenizer.pad_token_id

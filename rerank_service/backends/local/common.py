@@ -105,6 +105,11 @@ def model_device(model: torch.nn.Module) -> str:
     return str(next(model.parameters()).device)
 
 
+def model_dtype(model: torch.nn.Module) -> str:
+    """The dtype of the model's weights: "float32", "bfloat16", "float16"."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def load_error(what: str, path: Path, exc: BaseException) -> ModelLoadError:
     """One sentence for a failed from_pretrained(): what, where, and the cause's first line."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

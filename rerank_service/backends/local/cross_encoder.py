@@ -46,6 +46,7 @@ class CrossEncoderScorer:
         self._forward = forward
         self._tokenizer = GuardedTokenizer(tokenizer)
         self.device = forward.device
+        self.dtype = forward.dtype
         self.engine = forward.engine
         labels = config.num_labels
         self._num_labels = labels if labels is not None else 2

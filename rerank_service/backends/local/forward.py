@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from rerank_service.backends.local.common import accepts_argument, for_inference, model_device
+from rerank_service.backends.local.common import accepts_argument, for_inference, model_device, model_dtype
 
 if TYPE_CHECKING:
     from rerank_service.backends.local.onnx_engine import OnnxOptions
@@ -38,6 +38,9 @@ class Forward(Protocol):
     engine: str
     # Where the inputs go, spelled as torch does ("cpu", "cuda:0").
     device: str
+    # What the forward pass computes in: "float32", "bfloat16", "float16" (int8 graphs: float32
+    # activations).
+    dtype: str
     # Whether the model takes segment ids (BERT yes, RoBERTa/XLM-R no).
     reads_token_type_ids: bool
 
@@ -57,6 +60,7 @@ class TorchForward:
         self._model = for_inference(model, device)
         self._output = output
         self.device = model_device(self._model)
+        self.dtype = model_dtype(self._model)
         self.reads_token_type_ids = accepts_argument(model, "token_type_ids")
 
     def __call__(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:

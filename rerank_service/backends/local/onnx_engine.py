@@ -66,6 +66,7 @@ class OnnxForward:
     """A graph run by ONNX Runtime on the CPU; called as torch's models are (see forward.py)."""
 
     device = "cpu"
+    dtype = "float32"  # the CPU build: float32 activations (int8 weights for onnx-int8)
 
     def __init__(self, session: onnxruntime.InferenceSession, output: str, engine: str) -> None:
         self._session = session

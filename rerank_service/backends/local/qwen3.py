@@ -21,6 +21,7 @@ from rerank_service.backends.local.common import (
     load_error,
     max_positions,
     model_device,
+    model_dtype,
     pad_batch,
 )
 from rerank_service.backends.local.scorer import Encoded
@@ -45,6 +46,7 @@ class Qwen3Scorer:
         self._model = for_inference(model)
         self._tokenizer = GuardedTokenizer(tokenizer)
         self.device = model_device(model)
+        self.dtype = model_dtype(model)
         limit = max_length if max_length is not None else DEFAULT_MAX_LENGTH
         positions = max_positions(model.config)
         self.max_length = min(limit, positions) if positions is not None else limit

@@ -43,6 +43,8 @@ class Scorer(Protocol):
     max_length: int
     # The torch device the model runs on ("cpu", "cuda:0", ...).
     device: str
+    # What it computes in: "float32", "bfloat16" or "float16".
+    dtype: str
     # What runs the model: "torch", "onnx" or "onnx-int8" (forward.py).
     engine: str
 
