@@ -80,7 +80,7 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from bench.corpus import documents, queries
 from bench.direct_client import percentile
 from bench.perf import CLK_TCK, tree_cpu_seconds
-from tests.support.infinity import INFINITY_CLI, INFINITY_VENV, _environment, _stop, _tail, free_port
+from tests.support.infinity import INFINITY_CLI, INFINITY_VENV, _environment, free_port, infinity_process
 from tests.support.process import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -470,41 +470,16 @@ def infinity_command(engine: str, port: int) -> list[str]:
     ]
 
 
-def wait_for_infinity(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + INFINITY_START_TIMEOUT
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"Infinity exited with code {process.returncode}:\n{_tail(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"Infinity did not serve within {INFINITY_START_TIMEOUT:.0f} s:\n{_tail(log)}")
-        time.sleep(0.2)
-
-
 @contextlib.contextmanager
 def infinity_server(engine: str, model_dir: Path, workdir: Path) -> Iterator[tuple[str, Path]]:
     """Infinity on a free loopback port: (its URL, its log); stopped on the way out."""
     port, log = free_port(), workdir / f"infinity-{engine}.log"
     home = workdir / "home"  # a fresh one: Infinity keeps optimized graphs under it
     shutil.rmtree(home, ignore_errors=True)
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            infinity_command(engine, port),
-            cwd=model_dir,
-            env=infinity_env(home),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stopping it reaches all of it
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_infinity(process, url, log)
+    command, env = infinity_command(engine, port), infinity_env(home)
+    timeout = INFINITY_START_TIMEOUT
+    with infinity_process(command, cwd=model_dir, env=env, port=port, log=log, timeout=timeout) as url:
         yield url, log
-    finally:
-        _stop(process)
 
 
 @contextlib.asynccontextmanager

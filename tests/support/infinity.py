@@ -22,7 +22,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,20 +150,55 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=STOP_TIMEOUT)
 
 
-def _wait_until_serving(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
+class InfinityStartError(RuntimeError):
+    """Infinity exited or did not answer before it served; the message ends with its log's tail."""
+
+
+def _wait_until_serving(process: subprocess.Popen[bytes], url: str, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
     while True:
         code = process.poll()
         if code is not None:
-            pytest.fail(f"Infinity exited with code {code} before serving:\n{_tail(log)}", pytrace=False)
+            raise InfinityStartError(f"Infinity exited with code {code} before serving:\n{_tail(log)}")
         with suppress(httpx.HTTPError):
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         if time.monotonic() > deadline:
-            pytest.fail(
-                f"Infinity did not answer at {url} within {START_TIMEOUT:.0f} s:\n{_tail(log)}", pytrace=False
+            raise InfinityStartError(
+                f"Infinity did not answer at {url} within {timeout:.0f} s:\n{_tail(log)}"
             )
         time.sleep(0.2)
+
+
+@contextmanager
+def infinity_process(
+    command: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    port: int,
+    log: Path,
+    timeout: float = START_TIMEOUT,
+) -> Iterator[str]:
+    """Run `command` (an Infinity server on `port`, its output to `log`) until it answers
+    /health; its URL. Stopped, its whole process group, on the way out; InfinityStartError
+    when it does not start."""
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so stopping it reaches all of it
+        )
+    try:
+        _wait_until_serving(process, url, log, timeout)
+        yield url
+    finally:
+        _stop(process)
 
 
 @contextmanager
@@ -177,23 +212,17 @@ def running_infinity(directory: Path) -> Iterator[Infinity]:
         )
     model_dir = build_model(directory / "model")
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = directory / "infinity.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            _command(model_dir, port),
-            cwd=directory,
-            env=_environment(directory),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so stopping it reaches all of it
-        )
-    try:
-        _wait_until_serving(process, url, log)
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(
+                infinity_process(
+                    _command(model_dir, port), cwd=directory, env=_environment(directory), port=port, log=log
+                )
+            )
+        except InfinityStartError as exc:
+            pytest.fail(str(exc), pytrace=False)
         yield Infinity(url=url, model=MODEL, models=(MODEL, OTHER_MODEL), log=log)
-    finally:
-        _stop(process)
 
 
 @pytest.fixture(scope="module")
