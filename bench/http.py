@@ -799,7 +799,12 @@ def main() -> None:
     serve.add_argument("--port", type=int, required=True)
     serve.add_argument("--upstream-url", required=True)
     serve.add_argument("--upstream-path", default="/v1/rerank")
-    parser.add_argument("--base-port", type=int, default=47400, help="first of the loopback ports used")
+    parser.add_argument(
+        "--base-port",
+        type=int,
+        default=27400,
+        help="first of the loopback ports used (below the ephemeral range)",
+    )
     parser.add_argument("--doc", type=Path, default=None, help="the document to write the tables into")
     parser.add_argument(
         "--only", choices=list(COMPARISONS), action="append", help="run only these comparisons"

@@ -1189,7 +1189,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--base-port", type=int, default=47100, help="first of the loopback ports used")
+    parser.add_argument(
+        "--base-port",
+        type=int,
+        default=27100,
+        help="first of the loopback ports used (below the ephemeral range)",
+    )
     parser.add_argument("--doc", type=Path, default=None, help="the document to write the tables into")
     parser.add_argument(
         "--only",

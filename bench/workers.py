@@ -78,7 +78,7 @@ class Run:
     calls: int = 0
     cpu: float = 0.0  # CPU seconds of the service's whole process tree over the measured runs
     ghz_cpu: float = 0.0
-    nginx_cpu: float = 0.0
+    upstream_cpu: float = 0.0  # nginx (fast) or bench/slow_upstream.py (slow)
 
     @property
     def mean_rps(self) -> float:
@@ -137,7 +137,7 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def measure(run: Run, pid: int, port: int, tag: str, *, plan: Plan, nginx_pid: int | None = None) -> None:
+def measure(run: Run, pid: int, port: int, tag: str, *, plan: Plan, upstream_pid: int) -> None:
     """One warm-up, then one measured ghz run, added to `run`."""
     slow = run.scenario == "slow"
     c = run.concurrency
@@ -146,7 +146,7 @@ def measure(run: Run, pid: int, port: int, tag: str, *, plan: Plan, nginx_pid: i
     else:
         perf.ghz(port, DOCUMENTS, c, RESULTS / f"{tag}-warmup.json", seconds=plan.warmup)
     cpu, ghz_cpu = perf.tree_cpu_seconds(pid), children_cpu()
-    nginx_cpu = perf.tree_cpu_seconds(nginx_pid) if nginx_pid is not None else 0.0  # master and worker
+    upstream_cpu = perf.tree_cpu_seconds(upstream_pid)  # nginx: master and worker
     if slow:
         report = perf.ghz(
             port,
@@ -160,8 +160,7 @@ def measure(run: Run, pid: int, port: int, tag: str, *, plan: Plan, nginx_pid: i
         report = perf.ghz(port, DOCUMENTS, c, RESULTS / f"{tag}.json", seconds=plan.seconds)
     run.cpu += perf.tree_cpu_seconds(pid) - cpu
     run.ghz_cpu += children_cpu() - ghz_cpu
-    if nginx_pid is not None:
-        run.nginx_cpu += perf.tree_cpu_seconds(nginx_pid) - nginx_cpu
+    run.upstream_cpu += perf.tree_cpu_seconds(upstream_pid) - upstream_cpu
     point = perf.from_ghz(run.scenario, DOCUMENTS, c, f"workers {run.workers}", report)
     run.rps.append(point.rps)
     run.p50.append(point.p50)
@@ -192,7 +191,8 @@ def slow_scenario(runs: list[Run], plan: Plan, base: int) -> None:
     ]
     url = f"http://127.0.0.1:{upstream_port}"
     say(f"slow upstream ({SLOW_LATENCY:g} s), {DOCUMENTS} documents, workers {WORKERS} interleaved")
-    with perf.background(command, upstream_port, "slow upstream"), contextlib.ExitStack() as stack:
+    slow_upstream = perf.background(command, upstream_port, "slow upstream")
+    with slow_upstream as upstream, contextlib.ExitStack() as stack:
         targets = {
             workers: (stack.enter_context(service(base + 10 + i, url, workers)), base + 10 + i)
             for i, workers in enumerate(WORKERS)
@@ -207,7 +207,7 @@ def slow_scenario(runs: list[Run], plan: Plan, base: int) -> None:
                 for workers in order:
                     pid, port = targets[workers]
                     tag = f"slow-c{concurrency}-w{workers}-{repeat}"
-                    measure(points[workers], pid, port, tag, plan=plan)
+                    measure(points[workers], pid, port, tag, plan=plan, upstream_pid=upstream.pid)
 
 
 def fast_scenario(runs: list[Run], plan: Plan, base: int) -> None:
@@ -228,7 +228,7 @@ def fast_scenario(runs: list[Run], plan: Plan, base: int) -> None:
             for workers in order:
                 pid, port = targets[workers]
                 tag = f"fast-c{FAST_CONCURRENCY}-w{workers}-{repeat}"
-                measure(points[workers], pid, port, tag, plan=plan, nginx_pid=nginx.pid)
+                measure(points[workers], pid, port, tag, plan=plan, upstream_pid=nginx.pid)
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -247,21 +247,32 @@ def _spread(values: list[float]) -> str:
     return f" ({min(values):,.0f} to {max(values):,.0f})"
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
 def queueing_model(concurrency: int, workers: int, run: Run) -> float:
-    """Little's-law ratio when a round's CPU (callers x CPU per call) queues on `workers` loops,
-    each on a free core, and an average call waits half of it on top of the upstream's latency."""
-    wait = concurrency * run.per_call(run.cpu) / 1e6 / (2 * workers)
-    return SLOW_LATENCY / (SLOW_LATENCY + wait)
+    """Little's-law ratio when a round's CPU queues and an average call waits half of it on top of
+    the upstream's latency. Two limits, the longer wait wins: the service's CPU (callers x its CPU
+    per call) on `workers` event loops, and everything's CPU (the service's, ghz's and the
+    upstream's) on the machine's cores, which they share."""
+    on_loops = concurrency * run.per_call(run.cpu) / 1e6 / (2 * workers)
+    everything = run.per_call(run.cpu + run.ghz_cpu + run.upstream_cpu)
+    on_cores = concurrency * everything / 1e6 / (2 * usable_cores())
+    return SLOW_LATENCY / (SLOW_LATENCY + max(on_loops, on_cores))
 
 
 def needs(runs: list[Run]) -> str:
     """What each goal takes by the queueing estimate, with this run's CPU per call: the free
-    cores (workers) at that CPU, or the CPU per call with two workers."""
+    cores (workers) at that CPU, or the CPU per call with two workers; and what the machine's
+    own cores leave the service once ghz and the upstream have had theirs."""
     slow = [run for run in runs if run.scenario == "slow" and run.calls]
     if not slow:
         return ""
     t = statistics.fmean(run.per_call(run.cpu) for run in slow) / 1e6  # seconds of CPU a call
-    said = []
+    others = statistics.fmean(run.per_call(run.ghz_cpu + run.upstream_cpu) for run in slow) / 1e6
+    cores = usable_cores()
+    said, budgets = [], []
     for concurrency, goal in GOALS.items():
         wait = SLOW_LATENCY / goal - SLOW_LATENCY  # the longest average wait the goal allows
         workers = math.ceil(concurrency * t / (2 * wait))
@@ -270,7 +281,20 @@ def needs(runs: list[Run]) -> str:
             f"{goal:.2f}x at {concurrency:,} callers takes {workers} worker{'s' * (workers > 1)} on free "
             f"cores, or two at under {most * 1e6:,.0f} µs a call"
         )
-    return f"With this run's {t * 1e6:,.0f} CPU-µs a call, " + "; ".join(said) + "."
+        everything = 2 * wait * cores / concurrency  # CPU per call all processes may spend
+        left = everything - others
+        share = f"the service {left * 1e6:,.0f} µs" if left > 0 else "nothing for the service"
+        budgets.append(
+            f"{goal:.2f}x at {concurrency:,} callers allows the three {everything * 1e6:,.0f} µs a call, "
+            f"which leaves {share}"
+        )
+    return (
+        f"With this run's {t * 1e6:,.0f} CPU-µs a call, " + "; ".join(said) + ". "
+        f"On these {cores} cores the service shares the CPUs with ghz and the slow upstream, which took "
+        f"{others * 1e6:,.0f} µs a call between them: by the same estimate over all three, "
+        + "; ".join(budgets)
+        + "."
+    )
 
 
 def report(runs: list[Run], plan: Plan, seconds: float) -> str:
@@ -299,8 +323,8 @@ def report(runs: list[Run], plan: Plan, seconds: float) -> str:
         f"({perf.SLOW_TIMEOUT:g} s deadline), {plan.slow_repeats} measured runs each**",
         "",
         "| callers | workers | requests/s | Little's-law limit | ratio | goal | model | p50 ms | p99 ms "
-        "| service CPU-µs/call | errors |",
-        "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| service CPU-µs/call | ghz CPU-µs/call | upstream CPU-µs/call | errors |",
+        "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     verdicts = []
     for concurrency in SLOW_CONCURRENCY:
@@ -319,7 +343,8 @@ def report(runs: list[Run], plan: Plan, seconds: float) -> str:
                 f"| {concurrency:,} | {workers} | {run.mean_rps:,.1f}{_spread(run.rps)} | {limit:,.0f} | "
                 f"**{ratio:.3f}x** | {goal} | {queueing_model(concurrency, workers, run):.2f}x | "
                 f"{statistics.fmean(run.p50) * 1e3:,.0f} | "
-                f"{max(run.p99) * 1e3:,.0f} | {run.per_call(run.cpu):,.0f} | {run.errors} |"
+                f"{max(run.p99) * 1e3:,.0f} | {run.per_call(run.cpu):,.0f} | "
+                f"{run.per_call(run.ghz_cpu):,.0f} | {run.per_call(run.upstream_cpu):,.0f} | {run.errors} |"
             )
     if verdicts:
         lines += [*slow_rows, ""]
@@ -337,12 +362,12 @@ def report(runs: list[Run], plan: Plan, seconds: float) -> str:
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for workers, run in ((w, r) for w, r in fast.items() if r is not None):
-            total = run.per_call(run.cpu + run.ghz_cpu + run.nginx_cpu)
+            total = run.per_call(run.cpu + run.ghz_cpu + run.upstream_cpu)
             lines.append(
                 f"| {workers} | {run.mean_rps:,.0f}{_spread(run.rps)} | "
                 f"{statistics.fmean(run.p50) * 1e3:.2f} | {max(run.p99) * 1e3:.2f} | "
                 f"**{run.per_call(run.cpu):.0f}** | {run.per_call(run.ghz_cpu):.0f} | "
-                f"{run.per_call(run.nginx_cpu):.0f} | {total:.0f} | {run.errors} |"
+                f"{run.per_call(run.upstream_cpu):.0f} | {total:.0f} | {run.errors} |"
             )
         lines.append("")
     lines += [*summary(runs, verdicts, one, two), "", END]
@@ -369,12 +394,12 @@ def summary(
             f"**Slow upstream.** With `--workers 2` the service reaches {'; '.join(said)} of Little's-law "
             f"limit (one process in the bench-perf run above: {before}). Against a 2 s upstream a call "
             "costs the server CPU only at its start and its end, but the callers of a round arrive "
-            "together, so their calls queue on the event loops: a round of c calls costs c x t of CPU "
-            "(t, the service's CPU per call, measured above), shared by W event loops, and an average "
-            "call waits about half of it, c·t/(2W), on top of the 2 s. The column `model` is "
-            "2 s / (2 s + c·t/(2W)) with each run's own t: what the service reaches when each worker has "
-            "a core of its own. Here the two cores also run ghz, the slow upstream and the harness, so "
-            f"the runs fall below it. {needs(runs)}"
+            "together, so their calls queue: a round of c calls costs c x t of the service's CPU "
+            "(t, its CPU per call, in the table) on W event loops, and an average call waits about half "
+            "of it, c·t/(2W), on top of the 2 s. The cores are a second limit: the same round also costs "
+            "ghz and the slow upstream their CPU per call, and all three share the machine's N cores, "
+            "a wait of c·(t + ghz + upstream)/(2N). The column `model` is 2 s / (2 s + the longer of "
+            f"the two waits) with each run's own figures. {needs(runs)}"
         )
     if one is not None and two is not None:
         cores = os.cpu_count() or 1
@@ -385,7 +410,7 @@ def summary(
             f"({r.per_call(r.cpu):.0f} µs)"
             for r in fast
         )
-        service_share = two.per_call(two.cpu) / two.per_call(two.cpu + two.ghz_cpu + two.nginx_cpu)
+        service_share = two.per_call(two.cpu) / two.per_call(two.cpu + two.ghz_cpu + two.upstream_cpu)
         head = (
             f"**Fast upstream.** Against one process ({one.per_call(one.cpu):.0f} CPU-µs per call, whole "
             f"process tree): {scaling}."
@@ -414,7 +439,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--base-port", type=int, default=47200, help="first of the loopback ports used")
+    parser.add_argument(
+        "--base-port",
+        type=int,
+        default=27200,
+        help="first of the loopback ports used (below the ephemeral range)",
+    )
     parser.add_argument("--doc", type=Path, default=None, help="the document to write the tables into")
     parser.add_argument("--only", choices=("slow", "fast"), action="append", help="run only these")
     parser.add_argument(
