@@ -294,8 +294,14 @@ async def serve(
         _log.error("start failed", error=str(exc))
         return 1
     _tune_garbage_collector()
-    if on_serving is not None:
-        on_serving(server.port or 0)
-    await stop.wait()
-    await server.stop()
+    try:
+        if on_serving is not None:
+            on_serving(server.port or 0)
+        await stop.wait()
+        await server.stop()
+    finally:
+        # Hand start-up's objects back to the collector, so that interpreter exit frees
+        # them: extensions that count their live objects at exit (triton's, under
+        # transformers) would otherwise report every frozen one as leaked on stderr.
+        gc.unfreeze()
     return 0
