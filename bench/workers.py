@@ -36,6 +36,7 @@ from pathlib import Path
 
 from bench import perf
 from bench.perf_payloads import UPSTREAM_KEY
+from rerank_service.config.settings import usable_cores
 from tests.support.process import ServiceProcess
 
 RESULTS = perf.ROOT / "bench" / "results" / "workers"
@@ -247,10 +248,6 @@ def _spread(values: list[float]) -> str:
     return f" ({min(values):,.0f} to {max(values):,.0f})"
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def queueing_model(concurrency: int, workers: int, run: Run) -> float:
     """Little's-law ratio when a round's CPU queues and an average call waits half of it on top of
     the upstream's latency. Two limits, the longer wait wins: the service's CPU (callers x its CPU
@@ -402,7 +399,7 @@ def summary(
             f"the two waits) with each run's own figures. {needs(runs)}"
         )
     if one is not None and two is not None:
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         fast = [r for w in WORKERS if w > 1 and (r := get(runs, "fast", FAST_CONCURRENCY, w)) is not None]
         scaling = "; ".join(
             f"`--workers {r.workers}` {r.mean_rps / one.mean_rps:.2f}x at "

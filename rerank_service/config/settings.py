@@ -81,13 +81,18 @@ def _off_is_none(value: object) -> object:
     return value
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    import os
+
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
 def _auto_workers(value: object) -> object:
     """`auto`: one worker per core this process may run on."""
     if isinstance(value, str) and value.strip().lower() == "auto":
-        import os
-
-        affinity = getattr(os, "sched_getaffinity", None)
-        return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+        return usable_cores()
     return value
 
 
