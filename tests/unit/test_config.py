@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -563,3 +564,14 @@ def test_grpc_options_bound_messages_and_keep_connections_alive() -> None:
     assert options["grpc.keepalive_time_ms"] == 60_000
     assert options["grpc.max_connection_age_ms"] == 300_000
     assert "grpc.max_connection_age_ms" not in dict(channel_options(Settings(max_connection_age=0)))
+
+
+def test_workers_auto_is_one_per_usable_core_and_a_number_is_taken_as_is() -> None:
+    assert load({"workers": "auto"}).workers == len(os.sched_getaffinity(0))
+    assert load(RERANK_WORKERS="AUTO").workers == len(os.sched_getaffinity(0))
+    assert load(RERANK_WORKERS="3").workers == 3
+    assert load().workers == 1
+    for bad in ("0", "many"):
+        assert refusal(RERANK_WORKERS=bad) == (
+            f"workers must be an integer >= 1, or auto, got '{bad}' (from RERANK_WORKERS)"
+        )
