@@ -114,6 +114,25 @@ def _http_url(example: str) -> Callable[[str | None], str | None]:
     return check
 
 
+def _base_url(value: str) -> str:
+    """An upstream's base URL: ListModels shows it and the endpoint's path goes after it, so
+    a query, a fragment or credentials in it would leak or break the calls. The error never
+    repeats the URL: what is wrong with it is often a key."""
+    if "?" in value:
+        raise ValueError(
+            "must have no query (?...): ListModels shows the URL and the endpoint's path goes after "
+            "it; a key goes in a key file or variable"
+        )
+    if "#" in value:
+        raise ValueError("must have no fragment (#...): the endpoint's path goes after the URL")
+    if "@" in urlsplit(value.strip()).netloc:
+        raise ValueError(
+            "must have no user or password (...@): ListModels shows the URL; a key goes in a key "
+            "file or variable"
+        )
+    return value
+
+
 def _names(value: object) -> object:
     """`a, b,a` or a list: trimmed, blanks dropped, duplicates dropped in order."""
     items = value.split(",") if isinstance(value, str) else value
@@ -175,7 +194,12 @@ Milliseconds = Annotated[
     float, Field(ge=0, allow_inf_nan=False), Expect("a finite number of milliseconds >= 0")
 ]
 Switch = Annotated[bool, Expect("on or off")]
-UpstreamUrl = Annotated[str, AfterValidator(_http_url(DEFAULT_UPSTREAM_URL)), Expect("an http(s) URL")]
+UpstreamUrl = Annotated[
+    str,
+    AfterValidator(_base_url),  # first: the check below repeats the URL it refuses
+    AfterValidator(_http_url(DEFAULT_UPSTREAM_URL)),
+    Expect("an http(s) URL without a query, fragment or user:password@"),
+]
 ProxyUrl = Annotated[
     str | None,
     BeforeValidator(_blank_is_none),
@@ -384,6 +408,12 @@ class Settings:
         description="most estimated tokens in one upstream call (query x documents + documents)",
     )
     chunk_concurrency: Count = Field(default=8, description="chunks of one split call sent upstream at once")
+    max_fanout_factor: Count = Field(
+        default=10,
+        description="a call split into several upstream requests may send at most this many times its "
+        "own text (each request carries the whole query and instruct): past it the call is refused "
+        "with INVALID_ARGUMENT before any request goes out. A call sent in one request is never refused",
+    )
     stream_idle_timeout: Seconds = Field(
         default=60.0,
         description="seconds a RerankStream may go without sending an item while none of its items "
@@ -394,7 +424,9 @@ class Settings:
         description="items of one RerankStream processed at once; reading pauses while the window is full",
     )
     max_query_tokens: Count = Field(
-        default=4000, description="most query tokens: enforced by the local backend, advertised by ListModels"
+        default=4000,
+        description="most query tokens, advertised by ListModels: counted by a local model's tokenizer; "
+        "for an upstream model estimated at one token per 3 bytes of UTF-8 (12,000 bytes for 4000)",
     )
     log_format: LogFormat = Field(
         default="auto", description="auto (console on a terminal, else json), json or console"
@@ -422,19 +454,58 @@ class Settings:
     )
     max_open_calls: Count = Field(
         default=4096,
-        description="calls of any kind open at once, health checks and calls not yet authenticated "
-        "included; past it grpc answers RESOURCE_EXHAUSTED before the call is read. Bounds the memory "
-        "of calls that hold a stream open without sending; above --max-concurrent-requests",
+        description="RerankService calls open at once, calls not yet authenticated included; past it "
+        "grpc answers RESOURCE_EXHAUSTED before the call is read. Bounds the memory of calls that hold "
+        "a stream open without sending; above --max-concurrent-requests. Health and reflection calls "
+        "have bounds of their own (--max-health-checks, --max-watch-streams)",
     )
     max_connections: Count = Field(
         default=4096,
         description="client connections open at once; past it new connections are closed",
+    )
+    max_connections_per_peer: Count = Field(
+        default=64,
+        description="client connections one peer address may hold open at once, on each port: on the "
+        "HTTP port past it that address's new connections are closed at once, before anything is "
+        "read; on the gRPC port its newest ones are closed within a second. Behind a proxy or mesh "
+        "sidecar every caller shares its address: raise it there",
+    )
+    http_max_connections: Count = Field(
+        default=1024,
+        description="HTTP front door: client connections open at once (its own bound, apart from "
+        "--max-connections); past it new connections are closed at once. Lowered at start to half "
+        "the process's open-file limit, so HTTP connections alone can never use up the file descriptors",
     )
     max_streams_per_connection: Count = Field(
         default=256,
         description="calls one client connection may have in flight at once (HTTP/2 "
         "MAX_CONCURRENT_STREAMS); a client queues the rest. Bounds what one connection can "
         "make the server hold",
+    )
+    handshake_timeout: Seconds = Field(
+        default=5.0,
+        description="seconds a new gRPC connection has to finish its TLS and HTTP/2 handshake (the "
+        "client's preface and SETTINGS); a connection that sends nothing is closed then",
+    )
+    max_health_checks: Count = Field(
+        default=1024,
+        description="health Check and List calls open at once, apart from --max-open-calls; each must "
+        "send its request within --side-call-timeout. Past it RESOURCE_EXHAUSTED",
+    )
+    max_watch_streams: Count = Field(
+        default=128,
+        description="health Watch and reflection streams open at once (they take no key), apart from "
+        "--max-open-calls, so they never take a slot a rerank call needs; past it RESOURCE_EXHAUSTED",
+    )
+    watch_stream_max_age: Seconds = Field(
+        default=300.0,
+        description="seconds a health Watch or reflection stream may stay open; then it ends with "
+        "UNAVAILABLE and the client watches again",
+    )
+    side_call_timeout: Seconds = Field(
+        default=10.0,
+        description="seconds a health or reflection call may wait for its request (a reflection "
+        "stream: its next request) before it ends with DEADLINE_EXCEEDED",
     )
     max_message_bytes: Count = Field(
         default=16 * 1024 * 1024,
@@ -490,6 +561,12 @@ class Settings:
         "(the configuration file only; docs/ROUTING.md). Unset: the upstream_* or local settings "
         "describe one deployment serving every model",
     )
+    allow_backend_change: Annotated[bool, FileOnly()] = Field(
+        default=False,
+        description="true lets a reload (SIGHUP) change the kind of backend that serves (upstream, "
+        "local) or drop the models section, which is otherwise refused (the configuration file only; "
+        "docs/ROUTING.md#reloading-with-sighup)",
+    )
     # Not a setting: where each value came from, for the start-up log (never a secret's value).
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
@@ -516,7 +593,7 @@ def check_consistency(settings: Settings) -> None:
     if settings.max_open_calls <= settings.max_concurrent_requests:
         raise ConfigError(
             f"max-open-calls ({settings.max_open_calls}) must be above max-concurrent-requests "
-            f"({settings.max_concurrent_requests}): health checks and refusals need room too"
+            f"({settings.max_concurrent_requests}): refusals need room too"
         )
     if settings.max_inflight_bytes < settings.max_message_bytes:
         raise ConfigError(

@@ -8,8 +8,8 @@ counts like a call): ten 15 MB calls hold far more than ten 1 KB ones, and the p
 holds about five times a request's bytes while it works on it (docs/RELIABILITY.md).
 A unary call past the byte budget is refused; a stream stops reading its next item
 until the budget has room (its client then waits under HTTP/2 flow control).
-Only RerankService calls pass the edge (edge.py), so health checks and reflection are
-never counted or refused, and probes keep working under overload.
+Only RerankService calls pass the edge (edge.py): health checks and reflection have bounds
+of their own (grpc/side_calls.py), so probes keep working under overload.
 """
 
 from __future__ import annotations
@@ -25,12 +25,25 @@ OVERLOAD_RETRY_AFTER = 0.05
 
 
 class Admission:
-    def __init__(self, max_in_flight: int, max_bytes: int | None = None) -> None:
+    def __init__(self, max_in_flight: int, max_bytes: int | None = None, max_open: int | None = None) -> None:
         self.max_in_flight = max_in_flight
         self.max_bytes = max_bytes
+        # Calls open, working or not (a stream that has sent nothing yet included): grpc's own
+        # limit also counts health and reflection calls, which have bounds of their own.
+        self.max_open = max_open
         self.in_flight = 0
         self.bytes_in_flight = 0
+        self.open = 0
         self._freed: asyncio.Event | None = None  # set when bytes are given back
+
+    def open_call(self) -> None:
+        """Count a call open, or raise RESOURCE_EXHAUSTED; paired with `close_call`."""
+        if self.max_open is not None and self.open >= self.max_open:
+            raise _overloaded(f"{self.max_open} calls open (--max-open-calls)")
+        self.open += 1
+
+    def close_call(self) -> None:
+        self.open -= 1
 
     def enter(self, size: int = 0) -> None:
         """Take a call slot and `size` bytes, or raise RESOURCE_EXHAUSTED; every `enter`
@@ -48,6 +61,16 @@ class Admission:
     def has_room(self, size: int) -> bool:
         """Whether `enter(size)` would let a call in now."""
         return self.in_flight < self.max_in_flight and self._fits(size)
+
+    def enter_bytes(self, size: int) -> None:
+        """Take `size` bytes and no call slot, or raise RESOURCE_EXHAUSTED: an HTTP body holds
+        its bytes while it arrives, and takes its slot (`enter(0)`) only once it has."""
+        if not self._fits(size):
+            raise _overloaded(
+                f"{self.bytes_in_flight} bytes of requests in flight, {size} more would pass "
+                f"{self.max_bytes} (--max-inflight-bytes)"
+            )
+        self.bytes_in_flight += size
 
     def release(self, size: int = 0) -> None:
         self.in_flight -= 1

@@ -10,7 +10,7 @@ then goes through the same steps, in this order:
    line of the call carries it;
 2. the refusal, for a call without an accepted key: UNAUTHENTICATED;
 3. admission (admission.py): past the bound, RESOURCE_EXHAUSTED at once (a stream
-   takes its slot with its first item, and ends when idle: `_StreamItems`);
+   holds a slot only while items are in flight, and ends when idle: `_StreamItems`);
 4. the servicer's method, which returns an `Answer`: the message and the domain
    outcome it came from (tokens, upstream ids, timings), or raises a ServiceError
    that carries the same facts;
@@ -254,10 +254,13 @@ class RerankServiceEdge:
             failure: ServiceError | None = None
             admitted = ran = False
             size = received.size if isinstance(received, _Received | _Unparsed) else 0  # a refusal: unread
+            opened = False
             try:
                 try:
                     if refusal is not None:  # the key, checked before routing (_Routes)
                         raise refusal
+                    self._admission.open_call()
+                    opened = True
                     self._admission.enter(size)
                     admitted = True
                     if isinstance(received, _Unparsed):  # room was made meanwhile
@@ -292,6 +295,8 @@ class RerankServiceEdge:
             finally:
                 if admitted:
                     self._admission.release(size)
+                if opened:
+                    self._admission.close_call()
                 unbind_request_id(token)
                 seconds = time.perf_counter() - started
                 facts = call_facts(path, peer, request_id, documents, model, outcome, failure)
@@ -324,13 +329,16 @@ class RerankServiceEdge:
             measured.started()
             code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # unless it gets further
             details: str | None = None
-            # A stream takes its admission slot with its first item, not when it opens: a
-            # stream that sends nothing holds nothing (the idle timeout ends it meanwhile).
+            # A stream holds an admission slot only while items are in flight, not while it is
+            # open: a stream that sends nothing holds nothing (the idle timeout ends it meanwhile).
             items = _StreamItems(requests, self._admission, self._stream_idle_timeout)
+            opened = False
             try:
                 try:
                     if refusal is not None:  # the key, checked before routing (_Routes)
                         raise refusal
+                    self._admission.open_call()
+                    opened = True
                     async for response in behavior(items, context):
                         items.answered(response)
                         yield response
@@ -344,6 +352,8 @@ class RerankServiceEdge:
                 code = grpc.StatusCode.OK
             finally:
                 items.close()
+                if opened:
+                    self._admission.close_call()
                 seconds = time.perf_counter() - started
                 measured.finished(code, seconds, None, None)
                 facts = CallFacts(path, peer, request_id, items=items.sent)
@@ -430,7 +440,8 @@ class ItemEdge:
 class _StreamItems:
     """A RerankStream's requests as the servicer reads them, with the edge's rules:
 
-    - the stream's admission slot is taken with its first item (and given back at the end);
+    - the stream holds an admission slot while any of its items is in flight: taken with the
+      item that finds none in flight, given back when the last one in flight is answered;
     - each item's bytes are taken from the byte budget until it is answered: while the
       budget has no room the next item is not read (the client waits, flow-controlled);
     - a request that does not parse ends the stream with INVALID_ARGUMENT;
@@ -459,6 +470,11 @@ class _StreamItems:
         sizes = self._held.get(getattr(response, "id", ""))
         if sizes:
             self._admission.give_bytes(sizes.pop())
+        if self._admitted and self.sent >= self.received:
+            # Nothing in flight: a stream that is not working holds no slot (its next item
+            # takes one again).
+            self._admitted = False
+            self._admission.release()
 
     def close(self) -> None:
         held = sum(size for sizes in self._held.values() for size in sizes)
@@ -508,6 +524,10 @@ class _StreamItems:
         finally:
             if not read.done():
                 read.cancel()
+            elif not read.cancelled():
+                # Ended while nobody waited (the call was cancelled meanwhile): its outcome,
+                # often the stream's end, is read here so asyncio does not report it as lost.
+                read.exception()
 
 
 def _outcome_metadata(outcome: RerankOutcome | None, request_id: str) -> Metadata:

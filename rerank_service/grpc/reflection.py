@@ -12,9 +12,8 @@ from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
-import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 DESCRIPTOR_SET = "rerank_descriptor_set.binpb"
 
@@ -66,8 +65,11 @@ class _CommentedPool:
         return getattr(self._pool, attribute)
 
 
-def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
-    """Register the reflection service for `service_names` (and itself)."""
+def add_reflection(server: Any, service_names: Iterable[str]) -> None:
+    """Add the reflection service for `service_names` (and itself) to `server`: a grpc.aio
+    server, or what stands in for one (side_calls.py)."""
     pool = _CommentedPool(descriptor_pool.Default(), load_commented_files())
     names = (*service_names, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server, pool=pool)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(names, pool=pool), server
+    )

@@ -11,24 +11,28 @@ from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from rerank.v1 import rerank_pb2
 
-from rerank_service.config import Settings
+from rerank_service.config import ConfigError, Settings
+from rerank_service.config.deployments import reload_refusal
 from rerank_service.core.backend import Backend
 from rerank_service.core.engine import RerankEngine
 from rerank_service.frontdoor.admission import Admission
 from rerank_service.frontdoor.auth import KeyChecker
 from rerank_service.grpc.edge import RerankServiceEdge
-from rerank_service.grpc.reflection import enable_reflection
+from rerank_service.grpc.peer_guard import PeerGuard
+from rerank_service.grpc.reflection import add_reflection
 from rerank_service.grpc.servicer import RerankServicer
+from rerank_service.grpc.side_calls import SideCallLimits, SideCalls
 from rerank_service.grpc.status import INFERENCE_TIME_KEY, UPSTREAM_TIME_KEY
 from rerank_service.grpc.tls import server_credentials, tls_mode
 from rerank_service.http.app import FrontDoor
 from rerank_service.http.server import HttpServer
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
+from rerank_service.observability.process_limits import FileLimit, raise_file_limit
 from rerank_service.routing import Router
 from rerank_service.routing.build import build_router, build_routes
 
@@ -51,6 +55,10 @@ class RerankServer:
     # The Prometheus endpoint (--metrics-port), and its port once started.
     metrics_port: int | None = None
     _metrics: WSGIServer | None = None
+    # Connections per peer address on the gRPC port, once started (peer_guard.py).
+    _peer_guard: PeerGuard | None = None
+    # The open-file limit `serve` raised, for the `listening` line.
+    file_limit: FileLimit | None = None
 
     def __init__(
         self, settings: Settings, backend: Backend | None = None, *, worker: int | None = None
@@ -62,10 +70,16 @@ class RerankServer:
         # Before anything else: a bad certificate or key stops start-up with a ConfigError.
         self._credentials = server_credentials(settings)
         self.backend = backend or build_router(settings)
-        self.engine = RerankEngine(self.backend, chunk_concurrency=settings.chunk_concurrency)
+        self.engine = RerankEngine(
+            self.backend,
+            chunk_concurrency=settings.chunk_concurrency,
+            max_fanout_factor=settings.max_fanout_factor,
+        )
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
-        self.admission = Admission(settings.max_concurrent_requests, settings.max_inflight_bytes)
+        self.admission = Admission(
+            settings.max_concurrent_requests, settings.max_inflight_bytes, settings.max_open_calls
+        )
         local = all(model.backend == "local" for model in self.engine.models())
         edge = RerankServiceEdge(
             self.admission,
@@ -89,16 +103,26 @@ class RerankServer:
         options: list[tuple[str, int]] = channel_options(settings)
         if worker is not None:  # grpc's default on Linux; said here because the workers rely on it
             options.append(("grpc.so_reuseport", 1))
-        self._server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_open_calls)
+        # Health and reflection have bounds of their own (side_calls.py), added to grpc's
+        # limit on open calls: a flood of them never takes a slot a rerank call needs.
+        self.side_calls = SideCalls(SideCallLimits.from_settings(settings))
+        self.side_calls.add_health(self.health)
+        self.side_calls.add_registered(
+            lambda target: add_reflection(
+                target, (RERANK_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+            )
+        )
+        self._server = grpc.aio.server(
+            options=options, maximum_concurrent_rpcs=settings.max_open_calls + self.side_calls.limits.total
+        )
         self._health_watch: asyncio.Task[None] | None = None
         self._draining = False
         self._serving = False
         self._server.add_generic_rpc_handlers(
-            (edge.handler(RerankServicer(self.engine, stream_concurrency=settings.stream_concurrency)),)
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        enable_reflection(
-            self._server, (RERANK_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+            (
+                edge.handler(RerankServicer(self.engine, stream_concurrency=settings.stream_concurrency)),
+                self.side_calls,
+            )
         )
 
     async def start(self) -> int:
@@ -117,6 +141,8 @@ class RerankServer:
                 self.settings.host, self.settings.metrics_port
             )
         await self._server.start()
+        self._peer_guard = PeerGuard(self.port, self.settings.max_connections_per_peer)
+        self._peer_guard.start()
         if self.http is not None:
             await self.http.start()
         _log.info(
@@ -127,10 +153,12 @@ class RerankServer:
             auth=_auth_mode(self.settings),
             tls=tls_mode(self.settings),
             models=[model.name for model in self.engine.models()],
+            **({} if self.file_limit is None else {"file_limit": self.file_limit.fields()}),
         )
         try:
             await self.backend.start()
         except Exception as exc:
+            self._peer_guard.stop()
             await self._server.stop(0)
             if self.http is not None:
                 await self.http.stop()
@@ -166,11 +194,16 @@ class RerankServer:
         await asyncio.gather(
             self._server.stop(grace), self.http.stop() if self.http is not None else _nothing()
         )
+        if self._peer_guard is not None:
+            self._peer_guard.stop()
         await self.backend.close()
         if self._metrics is not None:  # last: scrapes still answer while calls drain
             await asyncio.to_thread(metrics.stop_metrics_server, self._metrics)
             self._metrics = None
         _log.info("stopped")
+
+    # The settings the routes were last loaded from (None: as started), for `reload`.
+    _routes_from: Settings | None = None
 
     async def reload(self, load: Callable[[], Settings]) -> bool:
         """Serve the routes of freshly loaded settings (SIGHUP); False, and the old routes
@@ -182,11 +215,16 @@ class RerankServer:
             # Caller keys stay as started (the edge checks them): deployments must agree on
             # whether callers' tokens pass through.
             settings = dataclasses.replace(load(), api_keys=self.settings.api_keys)
+            # A file truncated or caught mid-write must not swap every route for the demo model.
+            refusal = reload_refusal(self._routes_from or self.settings, settings)
+            if refusal is not None:
+                raise ConfigError(refusal)
             routes = build_routes(settings, reuse=self.backend.deployments)
             await self.backend.replace(routes, grace=self.settings.shutdown_grace)
         except Exception as exc:  # a bad file, or a new deployment that does not start
             _log.error("reload refused", error=str(exc), why="the configuration stays as it was")
             return False
+        self._routes_from = settings  # what the next reload is compared with
         # Only the routes change: listening, keys, limits and logging stay as started.
         _log.info(
             "reloaded",
@@ -230,6 +268,15 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
         # grpc advertises ~2^32 streams per connection by default: one connection could
         # open tens of thousands of calls, each holding memory before it is authenticated.
         ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        # With grpc's default "overload protection" a stream counts against the limit until the
+        # server has freed it, after the client has seen its answer: a client at or below the
+        # advertised limit then gets REFUSED_STREAM for calls the protocol allows. Off, the limit
+        # is HTTP/2's (streams open on the connection); what calls can hold stays bounded by
+        # --max-open-calls, and the streams of one connection by the limit above.
+        ("grpc.http.overload_protection", 0),
+        # A connection that has not sent its HTTP/2 preface and SETTINGS by then is closed:
+        # silent connections cannot hold --max-connections for long.
+        ("grpc.server_handshake_timeout_ms", round(settings.handshake_timeout * 1000)),
         ("grpc.max_allowed_incoming_connections", settings.max_connections),
         ("grpc.keepalive_time_ms", round(settings.keepalive_time * 1000)),
         ("grpc.keepalive_timeout_ms", round(settings.keepalive_timeout * 1000)),
@@ -283,7 +330,10 @@ async def serve(
     process is that worker of a supervisor (workers.py); `on_serving(port)` is called once
     the server is serving.
     """
+    # Every connection holds a file descriptor: systemd's default soft limit is 1024.
+    file_limit = raise_file_limit()
     server = RerankServer(settings, worker=worker)
+    server.file_limit = file_limit
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

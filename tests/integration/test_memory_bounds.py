@@ -7,6 +7,7 @@ import queue
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,8 +18,9 @@ from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY, ServerFactory
 from tests.support.fault_scenarios import memory_bytes, rss_bytes
 from tests.support.process import ServiceProcess
-from tests.support.rpc import code_of, expect_error, request
+from tests.support.rpc import code_of, details_of, expect_error, request
 from tests.support.server import ServerThread
+from tests.support.waiting import wait_until
 
 Code = grpc.StatusCode
 BIG_DOCUMENT = "apple " * 40_000  # 240 kB
@@ -88,25 +90,47 @@ def health(channel: grpc.Channel) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
-def test_calls_past_max_open_calls_are_refused_before_they_are_read(serve: ServerFactory) -> None:
+def test_calls_past_max_open_calls_are_refused_while_health_checks_still_answer(
+    serve: ServerFactory,
+) -> None:
     with serve(max_open_calls=4, max_concurrent_requests=2) as server:
         assert server.channel is not None
+        assert server.server is not None
+        admission = server.server.admission
         silent = open_silent_streams(server, 4)
         try:
-            time.sleep(0.3)  # the streams are open on the server
+            wait_until(lambda: admission.open == 4, what="4 silent streams open on the server")
             refused = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
             health_while_full = health(server.channel)
         finally:
             for call in silent:
                 call.cancel()
-        time.sleep(0.3)  # the cancellations reach the server
+        wait_until(lambda: admission.open == 0, what="the cancellations reaching the server")
         health_after = health(server.channel)
         answer = server.stub.Rerank(request(), timeout=5)
 
     assert code_of(refused) == Code.RESOURCE_EXHAUSTED
-    assert health_while_full == "RESOURCE_EXHAUSTED"
+    assert "--max-open-calls" in details_of(refused)
+    # Health checks have a bound of their own (--max-health-checks): probes still answer.
+    assert health_while_full == "SERVING"
     assert health_after == "SERVING"
     assert len(answer.output.results) == len(request().documents)
+
+
+def server_ends_open(target: str) -> int:
+    """Connections to `target` whose server end is open (established, or closed by the client
+    only), from the kernel's TCP tables: grpc closes its end once it has seen the client's."""
+    port = int(target.rpartition(":")[2])
+    still_open = {"01", "08"}  # ESTABLISHED, CLOSE_WAIT
+    count = 0
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        if not table.exists():  # no IPv6
+            continue
+        for line in table.read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rpartition(":")[2], 16) == port and fields[3] in still_open:
+                count += 1
+    return count
 
 
 def test_connections_past_max_connections_are_closed(serve: ServerFactory) -> None:
@@ -125,7 +149,9 @@ def test_connections_past_max_connections_are_closed(serve: ServerFactory) -> No
         third, third_code = pool.submit(call_on_a_new_connection, server.target).result()
         third.close()
         first.close()
-        time.sleep(0.3)  # the server sees the connection close
+        wait_until(
+            lambda: server_ends_open(server.target) == 1, what="the server closing its end of the first"
+        )
         fourth, fourth_code = call_on_a_new_connection(server.target)
         second.close()
         fourth.close()

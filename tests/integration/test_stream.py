@@ -17,6 +17,7 @@ from tests.conftest import CALLER_KEY, ServerFactory
 from tests.support.logs import LogCapture
 from tests.support.rpc import code_of, expect_error, request
 from tests.support.server import ServerThread
+from tests.support.waiting import wait_until
 
 Code = grpc.StatusCode
 
@@ -159,17 +160,24 @@ def test_a_fast_client_is_held_back_by_flow_control_while_the_window_is_full(
 
     with serve(stream_concurrency=2) as server:
         stream = server.stub.RerankStream(generate(), timeout=60)
-        time.sleep(1.5)  # long enough for the transport's windows to fill
+        # Counted in items the server takes, not in seconds: six taken (three rounds of two,
+        # 0.5 s each) leave the transport's windows ample time to fill...
+        wait_until(lambda: len(upstream.requests) >= 6, what="six items reaching the upstream")
         pulled_when_full = pulled
-        time.sleep(1.0)  # two items at a time, 0.5 s each: about four finish meanwhile
-        pulled_a_second_later = pulled
+        taken_when_full = len(upstream.requests)
+        # ...then four more taken free room for about four: that is all the client may pull.
+        wait_until(
+            lambda: len(upstream.requests) >= taken_when_full + 4,
+            what="four more items reaching the upstream",
+        )
+        pulled_after_four_more = pulled
         stream.cancel()
 
     # How much the windows hold depends on grpc's flow-control estimate (it grows them on a
     # fast link), so the proof is that pulling stops: without back-pressure the client
     # pushes hundreds of items a second until all 1,000 (240 MB) are gone.
-    assert pulled_a_second_later < 1000
-    assert pulled_a_second_later - pulled_when_full <= 20
+    assert pulled_after_four_more < 1000
+    assert pulled_after_four_more - pulled_when_full <= 20
     assert pulled_when_full * len(big_document) < 100_000_000
     assert upstream.max_in_flight <= 2
 
@@ -200,14 +208,10 @@ def test_cancelling_the_stream_cancels_the_upstream_calls_in_flight(
     for i in range(3):
         outgoing.put(item(f"i{i}"))
     stream = server.stub.RerankStream(outgoing.items(), timeout=30)
-    end = time.monotonic() + 5
-    while len(upstream.requests) < 3 and time.monotonic() < end:
-        time.sleep(0.01)
+    wait_until(lambda: len(upstream.requests) == 3, what="the three items reaching the upstream")
     stream.cancel()
     outgoing.put(None)
-    end = time.monotonic() + 5
-    while len(upstream.abandoned) < 3 and time.monotonic() < end:
-        time.sleep(0.02)
+    wait_until(lambda: len(upstream.abandoned) == 3, what="the upstream calls abandoned")
 
     assert len(upstream.abandoned) == 3  # no work left running upstream
     streams = [e for e in logs.events() if e["event"] == "stream"]
@@ -244,9 +248,7 @@ def test_each_item_and_the_stream_are_logged(
 ) -> None:
     list(server.stub.RerankStream(iter([item("a"), item("b", query="")]), timeout=10))
 
-    deadline = time.monotonic() + 5
-    while not any(e["event"] == "stream" for e in logs.events()) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: any(e["event"] == "stream" for e in logs.events()), what="the stream's log line")
     items = {e["item_id"]: e for e in logs.events() if e["event"] == "call"}
     [stream] = [e for e in logs.events() if e["event"] == "stream"]
     assert items["a"]["code"] == "OK"
@@ -273,8 +275,10 @@ def _open_silent_streams(server: ServerThread, count: int) -> list[Any]:
 
 def test_streams_that_send_nothing_hold_no_admission_slot(serve: ServerFactory) -> None:
     with serve(max_concurrent_requests=2) as server:
+        assert server.server is not None
+        admission = server.server.admission
         silent = _open_silent_streams(server, 3)
-        time.sleep(0.3)  # the streams are open on the server
+        wait_until(lambda: admission.open == 3, what="the streams open on the server")
         try:
             answer = server.stub.Rerank(request(), timeout=10)
         finally:
@@ -282,6 +286,34 @@ def test_streams_that_send_nothing_hold_no_admission_slot(serve: ServerFactory) 
                 call.cancel()
 
     assert len(answer.output.results) == len(request().documents)
+
+
+def test_streams_whose_items_are_answered_give_their_slot_back_until_their_next_item(
+    serve: ServerFactory,
+) -> None:
+    # Two streams that each had an item answered and stay open, sending nothing more, at
+    # --max-concurrent-requests 2: another caller is still let in (before, each held its
+    # slot until --stream-idle-timeout, renewed by every item).
+    with serve(max_concurrent_requests=2) as server:
+        assert server.server is not None
+        admission = server.server.admission
+        outboxes = [Outbox(), Outbox()]
+        streams = [server.stub.RerankStream(outbox.items(), timeout=30) for outbox in outboxes]
+        for number, (outbox, stream) in enumerate(zip(outboxes, streams, strict=True)):
+            outbox.put(item(f"first-{number}"))
+            assert next(stream).id == f"first-{number}"
+        wait_until(lambda: admission.in_flight == 0, what="the answered streams giving their slots back")
+        answer = server.stub.Rerank(request(), timeout=10)
+        # The next item takes a slot again, and is answered.
+        outboxes[0].put(item("second"))
+        second = next(streams[0])
+        for outbox in outboxes:
+            outbox.put(None)
+        rest = [list(stream) for stream in streams]
+
+    assert len(answer.output.results) == len(request().documents)
+    assert second.id == "second"
+    assert rest == [[], []]
 
 
 def test_a_stream_idle_past_the_timeout_ends_with_stream_idle(serve: ServerFactory) -> None:

@@ -1,0 +1,215 @@
+"""Health and reflection calls, bounded apart from RerankService's calls.
+
+Probes and grpcurl call health and reflection without a key, so anyone can open them.
+grpc's own limit on open calls (--max-open-calls) counts a call from the moment it
+arrives, whatever its method: left there, a flood of keyless Watch or reflection streams
+would take every slot and refuse the calls of callers who hold a key. Here each kind has
+a bound of its own, and the server adds those bounds to grpc's limit, so side calls never
+take a slot a rerank call needs:
+
+- Health Check and List: at most --max-health-checks open; each must send its request
+  within --side-call-timeout;
+- Health Watch and reflection streams: at most --max-watch-streams open; each must send its
+  request (a reflection stream: its next request) within --side-call-timeout, and ends
+  after --watch-stream-max-age (UNAVAILABLE: the client watches again).
+
+Every method is registered as request-streaming, whatever its shape in the contract: grpc
+then hands the call over at once instead of first waiting for its request, so a call is
+counted from its first moment and one that never sends is ended by the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import grpc
+from grpc.aio import ServicerContext
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from rerank_service.config import Settings
+from rerank_service.observability.logging import get_logger
+
+_log = get_logger("rerank_service.side_calls")
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
+
+
+@dataclass(frozen=True, slots=True)
+class SideCallLimits:
+    checks: int
+    streams: int
+    stream_max_age: float
+    request_timeout: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SideCallLimits:
+        return cls(
+            checks=settings.max_health_checks,
+            streams=settings.max_watch_streams,
+            stream_max_age=settings.watch_stream_max_age,
+            request_timeout=settings.side_call_timeout,
+        )
+
+    @property
+    def total(self) -> int:
+        """The most side calls open at once: what the server adds to grpc's limit."""
+        return self.checks + self.streams
+
+
+class _Slots:
+    """Calls of one kind open at once, up to a bound."""
+
+    def __init__(self, kind: str, setting: str, capacity: int) -> None:
+        self.kind = kind
+        self.setting = setting
+        self.capacity = capacity
+        self.open = 0
+
+    def take(self) -> bool:
+        if self.open >= self.capacity:
+            return False
+        self.open += 1
+        return True
+
+    def give(self) -> None:
+        self.open -= 1
+
+
+class _Captured:
+    """Stands in for a server to the generated `add_*Servicer_to_server` functions, keeping
+    the method handlers they would register."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same methods come again, by name, below
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Handler]) -> None:
+        self.handlers.update({f"/{service}/{name}": handler for name, handler in handlers.items()})
+
+
+class _Expired(Exception):
+    """A side call waited too long for a request."""
+
+
+class SideCalls(grpc.GenericRpcHandler):
+    """The health and reflection services, each call within its kind's bound."""
+
+    def __init__(self, limits: SideCallLimits) -> None:
+        self.limits = limits
+        self.checks = _Slots("health checks", "--max-health-checks", limits.checks)
+        self.streams = _Slots("watch and reflection streams", "--max-watch-streams", limits.streams)
+        self._handlers: dict[str, Handler] = {}
+        self._refusals_logged: set[str] = set()
+
+    def add_health(self, servicer: health_aio.HealthServicer) -> None:
+        captured = _Captured()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, captured)
+        self._wrap(captured.handlers)
+
+    def add_registered(self, register: Callable[[Any], None]) -> None:
+        """Serve what `register(server)` would add to a server (reflection's helper)."""
+        captured = _Captured()
+        register(captured)
+        self._wrap(captured.handlers)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        return self._handlers.get(handler_call_details.method)
+
+    def _wrap(self, handlers: dict[str, Handler]) -> None:
+        for path, handler in handlers.items():
+            if handler.response_streaming:
+                self._handlers[path] = grpc.stream_stream_rpc_method_handler(
+                    self._streaming(path, handler),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+            else:
+                self._handlers[path] = grpc.stream_unary_rpc_method_handler(
+                    self._unary(path, handler),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+
+    def _unary(self, path: str, handler: Handler) -> Callable[..., Any]:
+        behavior: Any = handler.unary_unary  # grpc's stubs type handlers as synchronous
+
+        async def call(requests: AsyncIterator[Any], context: ServicerContext[Any, Any]) -> Any:
+            await self._take(self.checks, path, context)
+            try:
+                request = await self._first(requests, context)
+                return await behavior(request, context)
+            finally:
+                self.checks.give()
+
+        return call
+
+    def _streaming(self, path: str, handler: Handler) -> Callable[..., Any]:
+        request_streaming = handler.request_streaming
+        behavior: Any = handler.stream_stream if request_streaming else handler.unary_stream
+
+        async def call(requests: AsyncIterator[Any], context: ServicerContext[Any, Any]) -> None:
+            await self._take(self.streams, path, context)
+            try:
+                if request_streaming:
+                    argument: Any = self._each_in_time(requests)
+                else:
+                    argument = await self._first(requests, context)
+                async with asyncio.timeout(self.limits.stream_max_age):
+                    answers = behavior(argument, context)
+                    if inspect.isasyncgen(answers):  # else it writes through the context itself
+                        async for answer in answers:
+                            await context.write(answer)
+                    else:
+                        await answers
+            except TimeoutError:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the stream reached its maximum age of {self.limits.stream_max_age:g} s "
+                    "(--watch-stream-max-age); open it again",
+                )
+            except _Expired:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._expired_message())
+            finally:
+                self.streams.give()
+
+        return call
+
+    async def _take(self, slots: _Slots, path: str, context: ServicerContext[Any, Any]) -> None:
+        if slots.take():
+            return
+        if path not in self._refusals_logged:  # a caller can cause these: once per method
+            self._refusals_logged.add(path)
+            _log.warning("side call refused", method=path, limit=slots.capacity, setting=slots.setting)
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{slots.capacity} {slots.kind} open ({slots.setting}); retry shortly",
+        )
+
+    async def _first(self, requests: AsyncIterator[Any], context: ServicerContext[Any, Any]) -> Any:
+        try:
+            async with asyncio.timeout(self.limits.request_timeout):
+                return await anext(requests)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._expired_message())
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request")
+
+    async def _each_in_time(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        while True:
+            try:
+                async with asyncio.timeout(self.limits.request_timeout):
+                    request = await anext(requests)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise _Expired from None
+            yield request
+
+    def _expired_message(self) -> str:
+        return f"no request within {self.limits.request_timeout:g} s (--side-call-timeout)"
