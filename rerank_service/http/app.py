@@ -2,10 +2,13 @@
 
 Every rerank route goes through the same steps as a gRPC call (grpc/edge.py), in this
 order: a request id; the caller's key (from the headers alone, before the body is
-read); admission (calls and bytes: a body that would not be admitted is not read);
-the body, bounded in size and time, then JSON, then the wire format's fields; the
-engine; the answer or the error in the route's format, its status mapped once
-(statuses.py); one access-log line and the call's metrics (frontdoor/calls.py).
+read); the body's headers (its length, and no compression: a gzip body is refused,
+never inflated past what admission charged); admission of its bytes (a body that
+would not be admitted is not read); the body, bounded in size and time; the call's
+admission slot, taken only now, so a body trickling in holds bytes but never a slot a
+working call needs; JSON, then the wire format's fields; the engine; the answer or
+the error in the route's format, its status mapped once (statuses.py); one access-log
+line and the call's metrics (frontdoor/calls.py).
 """
 
 from __future__ import annotations
@@ -102,14 +105,17 @@ class FrontDoor:
             documents: int | None = None
             model: str | None = None
             size = http.content_length or 0
-            admitted = False
+            charged = admitted = False
             try:
                 try:
                     context = self._authenticate(http)
-                    self._check_length(http)
-                    self._admission.enter(size)
+                    self._check_body_headers(http)
+                    self._admission.enter_bytes(size)
+                    charged = True
+                    raw = await self._body(http)
+                    self._admission.enter(0)  # the slot, now that the body is here (its bytes are charged)
                     admitted = True
-                    request = wire.parse(await self._json(http))
+                    request = wire.parse(_json(raw))
                     documents, model = len(request.documents), request.model
                     outcome = await self._engine.rerank(request, context)
                     status, code = 200, grpc.StatusCode.OK
@@ -134,7 +140,9 @@ class FrontDoor:
                 )
             finally:
                 if admitted:
-                    self._admission.release(size)
+                    self._admission.release(0)
+                if charged:
+                    self._admission.give_bytes(size)
                 unbind_request_id(token)
                 seconds = time.perf_counter() - started
                 facts = call_facts(
@@ -158,7 +166,7 @@ class FrontDoor:
                 return None
             try:
                 self._authenticate(http)
-                self._check_length(http)
+                self._check_body_headers(http)
                 refused = not self._admission.has_room(http.content_length or 0)
             except (ServiceError, _HttpError):
                 refused = True
@@ -169,8 +177,13 @@ class FrontDoor:
 
         return expect
 
-    def _check_length(self, http: web.Request) -> None:
-        """The declared length, before anything is read or admitted for it."""
+    def _check_body_headers(self, http: web.Request) -> None:
+        """The body's encoding and declared length, before anything is read or admitted for it."""
+        encoding = http.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # Admission charges the bytes sent; inflating them could hold hundreds of times more.
+            message = f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed"
+            raise _HttpError(415, grpc.StatusCode.INVALID_ARGUMENT, message)
         if http.content_length is None:  # the bytes to admit must be known first
             raise _HttpError(411, grpc.StatusCode.INVALID_ARGUMENT, "a Content-Length header is required")
         if http.content_length > self._max_body_bytes:
@@ -193,7 +206,7 @@ class FrontDoor:
         traceparent, tracestate = trace_context(headers)
         return CallContext(bearer_token=token, traceparent=traceparent, tracestate=tracestate)
 
-    async def _json(self, http: web.Request) -> Any:
+    async def _body(self, http: web.Request) -> bytes:
         if http.content_type != JSON_TYPE:
             got = http.content_type or "none"
             raise _HttpError(
@@ -208,12 +221,7 @@ class FrontDoor:
             raise _HttpError(408, grpc.StatusCode.DEADLINE_EXCEEDED, message) from None
         except web.HTTPRequestEntityTooLarge:
             raise self._too_large() from None
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise _HttpError(
-                400, grpc.StatusCode.INVALID_ARGUMENT, f"the body is not valid JSON: {exc}"
-            ) from None
+        return raw
 
     def _answer(
         self, wire: WireFormat, outcome: RerankOutcome, request: RerankRequest, request_id: str
@@ -289,6 +297,15 @@ class FrontDoor:
 
     async def _openapi(self, http: web.Request) -> web.Response:
         return web.json_response(openapi.document())
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _HttpError(
+            400, grpc.StatusCode.INVALID_ARGUMENT, f"the body is not valid JSON: {exc}"
+        ) from None
 
 
 @web.middleware

@@ -1,16 +1,30 @@
-"""The HTTP listener: aiohttp on the gRPC server's event loop, with the same TLS and drain."""
+"""The HTTP listener: aiohttp on the gRPC server's event loop, with the same TLS and drain.
+
+Every connection holds a file descriptor until it closes (an idle keep-alive one for
+--http-keepalive-timeout), so the listener caps them, in all and per peer address, and
+closes a connection over a cap as soon as it is accepted, before anything is read.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+from collections.abc import Callable
+from typing import cast
 
 from aiohttp import web
 
 from rerank_service.config import Settings
 from rerank_service.http.app import FrontDoor
-from rerank_service.observability.logging import get_logger
+from rerank_service.observability.logging import RateLimit, get_logger
+from rerank_service.observability.process_limits import file_limit, log_accept_errors_sparingly
 
 _log = get_logger("rerank_service.http")
+
+REFUSAL_LOG_INTERVAL = 10.0  # seconds: one line per kind of refusal in each
+# The listen queue's length, and so the connections asyncio accepts per wake-up before any
+# of them reaches the gate: it bounds the descriptors a burst of connections holds at once.
+ACCEPT_BATCH = 128
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -25,6 +39,136 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+class ConnectionGate:
+    """The HTTP port's connection caps: in all, and per peer address."""
+
+    def __init__(self, max_open: int, max_per_peer: int) -> None:
+        self.max_open = max_open
+        self.max_per_peer = max_per_peer
+        self.open = 0
+        self._by_peer: dict[str, int] = {}
+        self._refusals = RateLimit(REFUSAL_LOG_INTERVAL)
+
+    def admit(self, peer: str) -> bool:
+        """Count a new connection from `peer` in, or say no (and log it, sparingly)."""
+        held = self._by_peer.get(peer, 0)
+        if self.open >= self.max_open:
+            self._refused(peer, f"{self.max_open} connections open (--http-max-connections)")
+            return False
+        if held >= self.max_per_peer:
+            self._refused(peer, f"{held} connections open from it (--max-connections-per-peer)")
+            return False
+        self._by_peer[peer] = held + 1
+        self.open += 1
+        return True
+
+    def leave(self, peer: str) -> None:
+        held = self._by_peer[peer] - 1
+        if held:
+            self._by_peer[peer] = held
+        else:
+            del self._by_peer[peer]
+        self.open -= 1
+
+    def protocol_factory(self, handlers: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        """What the listener calls per accepted connection: a gate in front of aiohttp's handler."""
+        return lambda: _GatedConnection(self, handlers)
+
+    def _refused(self, peer: str, why: str) -> None:
+        left_out = self._refusals.allow(why.partition(" ")[2])
+        if left_out is not None:
+            _log.warning("http connection refused", peer=peer, why=why, left_out=left_out)
+
+
+class _GatedConnection(asyncio.Protocol):
+    """One accepted connection: closed at once over a cap, else aiohttp's handler (made only
+    then) takes it, and the transport's every event goes to it."""
+
+    __slots__ = ("_gate", "_handler", "_handlers", "_peer")
+
+    def __init__(self, gate: ConnectionGate, handlers: Callable[[], asyncio.Protocol]) -> None:
+        self._gate = gate
+        self._handlers = handlers
+        self._handler: asyncio.Protocol | None = None
+        self._peer: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peername = transport.get_extra_info("peername")
+        peer = str(peername[0]) if isinstance(peername, tuple) and peername else str(peername)
+        if not self._gate.admit(peer):
+            cast(asyncio.Transport, transport).abort()  # at once, unread: its descriptor is free now
+            return
+        self._peer = peer
+        self._handler = self._handlers()
+        self._handler.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._peer is None or self._handler is None:
+            return
+        self._gate.leave(self._peer)
+        self._peer = None
+        self._handler.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._handler is not None:
+            self._handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None if self._handler is None else self._handler.eof_received()
+
+    def pause_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.resume_writing()
+
+
+class _GatedSite(web.BaseSite):
+    """aiohttp's TCPSite, with the connection gate in front of its handlers."""
+
+    __slots__ = ("_gate", "_handshake_timeout", "_host", "_port", "_reuse_port")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        gate: ConnectionGate,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        handshake_timeout: float,
+        reuse_port: bool,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=ACCEPT_BATCH)
+        self._host = host
+        self._port = port
+        self._gate = gate
+        self._handshake_timeout = handshake_timeout
+        self._reuse_port = reuse_port
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        handlers = self._runner.server
+        assert handlers is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._gate.protocol_factory(handlers),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_port=self._reuse_port or None,
+            # The caps apply once a TLS connection is up: its handshake must not take longer
+            # than an idle connection may stay (asyncio's default is 60 s).
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
+        )
+
+
 class HttpServer:
     """`start` listens on `--http-port`; `stop` drains like the gRPC server does."""
 
@@ -34,6 +178,7 @@ class HttpServer:
         self._settings = settings
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self.gate: ConnectionGate | None = None
 
     async def start(self) -> int:
         assert self._settings.http_port is not None
@@ -43,23 +188,35 @@ class HttpServer:
             access_log=None,  # the front door logs each call itself, once
             shutdown_timeout=self._settings.shutdown_grace,
             keepalive_timeout=self._settings.http_keepalive_timeout,
+            # Bodies are read as sent: a compressed one is refused (415), never inflated.
+            auto_decompress=False,
         )
         await self._runner.setup()
+        log_accept_errors_sparingly(asyncio.get_running_loop())
         tls = ssl_context(self._settings)
-        site = web.TCPSite(
+        gate = ConnectionGate(connection_cap(self._settings), self._settings.max_connections_per_peer)
+        self.gate = gate
+        site = _GatedSite(
             self._runner,
             self._settings.host,
             self._settings.http_port,
+            gate,
             ssl_context=tls,
-            backlog=1024,
-            reuse_port=self._reuse_port or None,
+            handshake_timeout=self._settings.http_keepalive_timeout,
+            reuse_port=self._reuse_port,
         )
         await site.start()
         # aiohttp says where it listens only through its server's sockets (port 0 picks one).
         server = site._server
         sockets = getattr(server, "sockets", None) or ()
         self.port = sockets[0].getsockname()[1] if sockets else self._settings.http_port
-        _log.info("http listening", port=self.port, tls=tls is not None)
+        _log.info(
+            "http listening",
+            port=self.port,
+            tls=tls is not None,
+            max_connections=gate.max_open,
+            max_connections_per_peer=gate.max_per_peer,
+        )
         return self.port
 
     async def stop(self) -> None:
@@ -67,3 +224,20 @@ class HttpServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def connection_cap(settings: Settings) -> int:
+    """--http-max-connections, lowered to half the open-file limit: HTTP connections alone
+    then never take the descriptors gRPC, upstream calls and the process itself need."""
+    limit = file_limit()
+    if limit is None or settings.http_max_connections <= limit // 2:
+        return settings.http_max_connections
+    lowered = max(1, limit // 2)
+    _log.warning(
+        "http connection cap lowered",
+        http_max_connections=settings.http_max_connections,
+        to=lowered,
+        file_limit=limit,
+        why="at most half the open-file limit",
+    )
+    return lowered

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+import traceback
+from collections.abc import Callable, Hashable
+from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
@@ -85,8 +89,90 @@ def configure_logging(
         logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=cache_loggers,
     )
+    route_library_logs()
 
 
 def get_logger(name: str) -> Any:
     """A structlog logger tagged with the module name."""
     return structlog.get_logger(logger_name=name)
+
+
+# The libraries whose own lines a caller can cause: aiohttp's on each malformed HTTP
+# request, asyncio's on each failed accept or lost task. Left alone they write multi-line
+# tracebacks as text to stderr (Python's last-resort handler), one per request.
+LIBRARY_LOGGERS = ("aiohttp", "asyncio")
+LIBRARY_LOG_INTERVAL = 10.0  # seconds: at most one line per kind of message in each
+
+
+class RateLimit:
+    """At most one line per key in each interval; the line let through next says how many
+    were left out meanwhile."""
+
+    _MAX_KEYS = 1024  # keys come from library code, but a bound costs nothing
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._next: dict[Hashable, float] = {}
+        self._left_out: dict[Hashable, int] = {}
+
+    def allow(self, key: Hashable) -> int | None:
+        """None: leave this line out; otherwise the lines of `key` left out since the last one."""
+        now = self._clock()
+        if now < self._next.get(key, now):
+            self._left_out[key] = self._left_out.get(key, 0) + 1
+            return None
+        if len(self._next) >= self._MAX_KEYS and key not in self._next:
+            self._next.clear()
+        self._next[key] = now + self._interval
+        return self._left_out.pop(key, 0)
+
+
+class _IntoStructlog(logging.Handler):
+    """A library's stdlib log record as one short structlog line: its message's first line,
+    the exception's type and message and where it was raised (no traceback), rate-limited
+    per kind of message."""
+
+    def __init__(self, limit: RateLimit) -> None:
+        super().__init__()
+        self._limit = limit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            template = str(record.msg).partition("\n")[0][:200]
+            left_out = self._limit.allow((record.name, template))
+            if left_out is None:
+                return
+            fields: dict[str, Any] = _exception_fields(record.exc_info)
+            if left_out:
+                fields["left_out"] = left_out
+            level = "error" if record.levelno >= logging.ERROR else "warning"
+            if record.levelno < logging.WARNING:
+                level = "info" if record.levelno >= logging.INFO else "debug"
+            message = record.getMessage().partition("\n")[0][:300]
+            getattr(get_logger(record.name), level)(message, **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def _exception_fields(exc_info: Any) -> dict[str, Any]:
+    if not exc_info or exc_info[1] is None:
+        return {}
+    _, error, trace = exc_info
+    fields: dict[str, Any] = {"error": f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"}
+    frames = traceback.extract_tb(trace) if trace is not None else []
+    if frames:
+        fields["at"] = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}"
+    return fields
+
+
+def route_library_logs(interval: float = LIBRARY_LOG_INTERVAL) -> None:
+    """Send aiohttp's and asyncio's log records through structlog (the chosen format,
+    redaction), one short line each and at most one per kind of message per interval."""
+    handler = _IntoStructlog(RateLimit(interval))
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        for old in [each for each in library.handlers if isinstance(each, _IntoStructlog)]:
+            library.removeHandler(old)
+        library.addHandler(handler)
+        library.propagate = False  # not also as text through the root or last-resort handler

@@ -8,6 +8,7 @@ Content-Length that never comes, a thousand connections that say nothing.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from tests.support.fault_scenarios import rss_bytes
 from tests.support.process import ServiceProcess
 from tests.support.rpc import code_of, expect_error, request
 from tests.support.server import ServerThread
+from tests.support.waiting import wait_until
 
 NATIVE = "/api/v1/services/rerank/text-rerank/text-rerank"
 COHERE = "/v1/rerank"
@@ -88,8 +90,15 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
     return int(lines[0].split()[1]), body
 
 
-def connect(port: int, timeout: float = 10) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def answered(sock: socket.socket) -> bool:
+    """Whether the server has written to (or closed) `sock`: it can be read without waiting."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+def connect(port: int, timeout: float = 10, source: str | None = None) -> socket.socket:
+    bind = None if source is None else (source, 0)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=bind)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -129,7 +138,8 @@ def test_a_content_length_past_the_limit_is_413_at_once_and_blocks_nobody(
     with serve(http_port=0, max_message_bytes=MIB) as server, closing(connect(http_port(server))) as liar:
         port = http_port(server)
         liar.sendall(request_head(port, COHERE, 10**12))
-        time.sleep(0.2)  # the server has its headers
+        # The server has read its headers once it answers them: the others come after that.
+        wait_until(lambda: answered(liar), timeout=3, what="an answer to the liar's headers alone")
         others = [post(port, COHERE, timeout=5).status_code for _ in range(3)]
         try:  # one admission for both doors
             server.stub.Rerank(request(), timeout=5)
@@ -319,7 +329,7 @@ def test_a_body_sent_a_byte_a_second_is_408_within_the_body_timeout(serve: Serve
             try:
                 answer = slow.recv(65536)
             except TimeoutError:
-                time.sleep(0.95)
+                time.sleep(0.95)  # the slow caller's pace, not synchronisation
                 if time.monotonic() - started > 5:
                     break
                 continue
@@ -361,7 +371,11 @@ def test_1000_idle_connections_leave_a_caller_served_and_memory_bounded(upstream
             for _ in range(20):  # warm: the first calls allocate what every call reuses
                 client.post(COHERE, json=GOOD)
             before = rss_bytes(pid)
-            idle = [stack.enter_context(closing(connect(port))) for _ in range(1000)]
+            # From 16 addresses: one address may hold only --max-connections-per-peer (64).
+            idle = [
+                stack.enter_context(closing(connect(port, source=f"127.0.0.{2 + i % 16}")))
+                for i in range(1000)
+            ]
             statuses = Counter(client.post(COHERE, json=GOOD).status_code for _ in range(200))
             health = client.get("/healthz").status_code
             during = rss_bytes(pid)
