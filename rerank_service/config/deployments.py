@@ -127,3 +127,61 @@ def origin_of(settings: Settings) -> str:
     """` (from models in FILE)`, for errors about the models section."""
     origin = settings.sources.get("models")
     return f" (from {origin})" if origin else ""
+
+
+def backend_kinds(settings: Settings) -> frozenset[str]:
+    """The kinds of backend that serve: `upstream`, `local`, or both."""
+    if not settings.models:
+        return frozenset({settings.backend})
+    return frozenset(
+        "local" if deployment.format == "local" else "upstream"
+        for route in settings.models
+        for deployment in route.deployments
+    )
+
+
+def reload_refusal(old: Settings, new: Settings) -> str | None:
+    """Why a reload from `old` to `new` must not happen, or None.
+
+    A file truncated or caught mid-write can still be valid YAML: without its `models:`
+    section it would put the flags' one deployment (the local demo model, by default) in
+    place of every route. Such a change is taken only when the new file says so with
+    `allow_backend_change: true`.
+    """
+    if new.allow_backend_change:
+        return None
+    if old.models and not new.models:
+        names = ", ".join(_flag_models(new))
+        problem = (
+            f"has no models: section any more: its routes would give way to the {new.backend} "
+            f"backend's {names}"
+        )
+    elif backend_kinds(old) != backend_kinds(new):
+        problem = (
+            f"would change the backends that serve from {_kinds(backend_kinds(old))} "
+            f"to {_kinds(backend_kinds(new))}"
+        )
+    else:
+        return None
+    return (
+        f"the configuration {problem}; set allow_backend_change: true in {_config_file(new)} if that is meant"
+    )
+
+
+def _flag_models(settings: Settings) -> tuple[str, ...]:
+    if settings.backend == "local":
+        return tuple(name for name, _ in settings.local_models)
+    return settings.upstream_models
+
+
+def _kinds(kinds: frozenset[str]) -> str:
+    return " and ".join(sorted(kinds, key=("upstream", "local").index))
+
+
+def _config_file(settings: Settings) -> str:
+    """The file the settings were read from, as their origins name it (`KEY in FILE`)."""
+    for origin in settings.sources.values():
+        key, found, path = origin.partition(" in ")
+        if found and key.isidentifier():
+            return path
+    return "the configuration file"

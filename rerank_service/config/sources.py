@@ -33,8 +33,8 @@ from rerank_service.config.settings import (
 
 T = TypeVar("T")
 
-# Sections only the file can hold (no flag, no variable).
-FILE_ONLY = ("models",)
+# Keys only the file can hold (no flag, no variable).
+FILE_ONLY = ("models", "allow_backend_change")
 CONFIG_FLAG = "--config"
 CONFIG_ENV = "RERANK_CONFIG"
 
@@ -135,7 +135,9 @@ def file_layer(path: Path, known: Collection[str]) -> Layer:
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError(f"config {path}: not valid YAML: {problem}{where}") from None
     if data is None:
-        data = {}  # an empty file sets nothing
+        # A truncated file, or one read mid-write, must not mean "every default" (the demo
+        # model in place of the routes it held); `{}` says "no settings" on purpose.
+        raise ConfigError(f"config {path}: is empty (blank or comments only); write {{}} to set nothing")
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: must be a mapping of setting names to values")
     for key in data:

@@ -60,6 +60,36 @@ def build_routes(settings: Settings, reuse: Iterable[Deployment] = ()) -> list[R
     return list(routes.values())
 
 
+def check_local_sources(settings: Settings) -> None:
+    """Every local model's files are found (a directory, the local hub cache, the bundled
+    model), none is loaded: `check-config` fails on a source that `serve` would fail on."""
+    from rerank_service.backends.local.model_files import ModelLoadError, resolve_source  # no torch
+
+    for place, source, origin in _local_sources(settings):
+        try:
+            resolve_source(source)
+        except ModelLoadError as exc:
+            raise ConfigError(f"{place}: {exc}{origin}") from None
+
+
+def _local_sources(settings: Settings) -> list[tuple[str, str, str]]:
+    """(place, source, ` (from ...)`) of each local model the settings would load."""
+    if settings.models:
+        return [
+            (f"models[{r}].deployments[{d}].source", deployment.source, origin_of(settings))
+            for r, route in enumerate(settings.models)
+            for d, deployment in enumerate(route.deployments)
+            if deployment.format == "local" and deployment.source is not None
+        ]
+    if settings.backend != "local":
+        return []
+    origin = settings.sources.get("local_models")
+    return [
+        (f"local-models.{name}", source, f" (from {origin})" if origin else "")
+        for name, source in settings.local_models
+    ]
+
+
 # Settings of the front door (listening, callers, limits, logging, routes): a backend never
 # reads them, so a reload that changes only these keeps every deployment as it is.
 _FRONT_DOOR = (
@@ -68,6 +98,7 @@ _FRONT_DOOR = (
     "max_message_bytes", "keepalive_time", "keepalive_timeout", "max_connection_age",
     "max_connection_age_grace", "tls_cert", "tls_key", "tls_client_ca", "metrics_port",
     "stream_idle_timeout", "stream_concurrency", "chunk_concurrency", "retry_budget", "models",
+    "allow_backend_change",
 )  # fmt: skip
 
 

@@ -473,6 +473,68 @@ def test_sighup_reloads_the_routes_under_load_and_refuses_a_bad_file(
     assert set(load.answered) == {"east", "west"}
 
 
+def rss_mib(process: ServiceProcess) -> float:
+    """The server process's resident memory, from /proc."""
+    assert process.process is not None
+    status = Path(f"/proc/{process.process.pid}/status").read_text(encoding="utf-8")
+    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+    return int(kib) / 1024
+
+
+def test_sighup_refuses_an_empty_file_a_dropped_models_section_or_a_backend_change_and_keeps_serving(
+    tmp_path: Path, east: FakeUpstream
+) -> None:
+    path = tmp_path / "routes.yaml"
+    write_config(path, {"search": [deployment(east, "east")]})
+    to_local = {"search": [{"format": "local", "source": "bundled"}]}
+    refused_files = [
+        ("", "is empty"),  # truncated, or caught mid-write
+        ("# being rewritten\n", "is empty"),
+        ("log_level: info\n", "has no models: section any more"),
+        (yaml.safe_dump({"models": [{"name": "search", "deployments": to_local["search"]}]}), "to local"),
+    ]
+    with service(path) as process, grpc.insecure_channel(process.target) as channel:
+        assert process.process is not None
+        stub = stub_of(channel)
+        assert call(stub, "search")[1] == "east"
+        rss_before = rss_mib(process)
+
+        for text, why in refused_files:
+            path.write_text(text, encoding="utf-8")
+            seen = len(process.events())
+            process.process.send_signal(signal.SIGHUP)
+            refused = wait_for_event(process, "reload refused", after=seen)
+            assert why in refused["error"], refused
+            assert call(stub, "search")[1] == "east"  # the old routes serve on
+        # Nothing was built for the refused files: no model loaded, no torch.
+        assert rss_mib(process) < rss_before + 64
+        assert not [event for event in process.events() if event.get("event") == "reloaded"]
+
+        # The file says it means it: the same upstream, now from the flags' settings.
+        key_file = tmp_path / "upstream.key"
+        key_file.write_text(UPSTREAM_KEY, encoding="utf-8")
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "allow_backend_change": True,
+                    "backend": "upstream",
+                    "upstream_url": east.url,
+                    "upstream_models": [UPSTREAM_MODEL],
+                    "upstream_api_key_file": str(key_file),
+                }
+            ),
+            encoding="utf-8",
+        )
+        seen = len(process.events())
+        process.process.send_signal(signal.SIGHUP)
+        reloaded = wait_for_event(process, "reloaded", after=seen)
+        host = east.url.removeprefix("http://")
+        assert reloaded["routes"] == {UPSTREAM_MODEL: [host]}
+        assert call(stub, UPSTREAM_MODEL)[1] == host
+        error = expect_error(lambda: stub.Rerank(request(model="search"), timeout=10))
+        assert code_of(error) == Code.NOT_FOUND
+
+
 # --- 8. a bad file at start -------------------------------------------------------------------
 
 

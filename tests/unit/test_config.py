@@ -225,6 +225,35 @@ def test_a_bad_proxy_url_is_refused_without_repeating_its_password() -> None:
     assert "hunter2-password" not in message
 
 
+QUERY_SECRET = "sk-query-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("url", "part"),
+    [
+        (f"https://api.example/v1?key={QUERY_SECRET}", "no query"),
+        ("https://api.example/v1?", "no query"),
+        (f"https://api.example/v1#{QUERY_SECRET}", "no fragment"),
+        (f"https://user:{QUERY_SECRET}@api.example", "no user or password"),
+        (f"https://{QUERY_SECRET}@api.example", "no user or password"),
+    ],
+    ids=["query", "bare-question-mark", "fragment", "user-password", "user"],
+)
+def test_an_upstream_url_with_a_query_fragment_or_credentials_is_refused_without_repeating_it(
+    tmp_path: Path, url: str, part: str
+) -> None:
+    """ListModels shows the URL and the endpoint's path is appended to it: only a base URL fits."""
+    path = config_file(tmp_path, f"upstream_url: '{url}'\n")
+    for message, origin in [
+        (refusal({"upstream_url": url}), "--upstream-url"),
+        (refusal(RERANK_UPSTREAM_URL=url), "RERANK_UPSTREAM_URL"),
+        (refusal({"config": path}), f"upstream_url in {path}"),
+    ]:
+        assert message.startswith(f"upstream-url must have {part}"), message
+        assert message.endswith(f"(from {origin})")
+        assert QUERY_SECRET not in message
+
+
 def test_a_bad_flag_is_refused_naming_the_flag() -> None:
     assert (
         refusal({"port": "seventy"})
@@ -291,8 +320,21 @@ def test_a_missing_config_file_is_refused(tmp_path: Path) -> None:
     )
 
 
-def test_an_empty_config_file_sets_nothing(tmp_path: Path) -> None:
-    assert load({"config": config_file(tmp_path, "# nothing yet\n")}) == Settings()
+@pytest.mark.parametrize(
+    "text", ["", "  \n\n", "# nothing yet\n", "---\n"], ids=["empty", "blank", "comments", "null"]
+)
+def test_an_empty_config_file_is_refused_naming_it(tmp_path: Path, text: str) -> None:
+    """A truncated file (or one caught mid-write) must not silently mean "every default"."""
+    path = config_file(tmp_path, text)
+
+    message = refusal({"config": path})
+
+    assert message.startswith(f"config {path}: is empty")
+    assert refusal(RERANK_CONFIG=path) == message
+
+
+def test_a_config_file_of_an_empty_mapping_sets_nothing(tmp_path: Path) -> None:
+    assert load({"config": config_file(tmp_path, "{}\n")}) == Settings()
 
 
 @pytest.mark.parametrize("key", ["api_keys", "upstream_api_key"])

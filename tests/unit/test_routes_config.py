@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +13,8 @@ import pytest
 
 from rerank_service.cli import main
 from rerank_service.config import ConfigError, Settings
-from rerank_service.config.deployments import deployment_specs
+from rerank_service.config.deployments import deployment_specs, reload_refusal
+from rerank_service.config.settings import options
 from rerank_service.config.sources import load_settings
 
 EU_KEY = "sk-eu-0123456789abcdef"
@@ -491,3 +494,163 @@ def test_a_name_given_to_deployments_that_differ_is_refused(tmp_path: Path) -> N
     assert refusal(write(tmp_path, text)).startswith(
         "models[0].deployments[0].name 'fleet' names deployments of different settings"
     )
+
+
+# --- a reload that would change what serves ---------------------------------------------------------
+
+LOCAL = "format: local\nsource: bundled"
+OTHER_ROUTE = routes("format: tei\nurl: http://b.example", name="other").removeprefix("models:\n")
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (routes(GOOD), routes(GOOD, "format: tei\nurl: http://b.example") + OTHER_ROUTE),
+        (routes(GOOD), "upstream_timeout: 3\n" + routes("format: tei\nurl: http://b.example")),
+        (routes(LOCAL), routes(LOCAL, name="minilm")),
+        ("upstream_timeout: 3\n", routes(LOCAL)),  # flags alone serve the local demo model too
+        ("backend: upstream\n", routes(GOOD)),  # a models section may be added
+    ],
+    ids=["more-upstreams", "other-upstream", "local-renamed", "local-to-local-routes", "models-added"],
+)
+def test_a_reload_that_keeps_the_backend_kind_and_the_models_section_is_taken(
+    tmp_path: Path, before: str, after: str
+) -> None:
+    old = load(write(tmp_path, before, "old.yaml"))
+
+    assert reload_refusal(old, load(write(tmp_path, after, "new.yaml"))) is None
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "why"),
+    [
+        (routes(GOOD), routes(LOCAL), "would change the backends that serve from upstream to local"),
+        (
+            routes(GOOD),
+            routes(GOOD, f"{LOCAL}\npriority: 1"),
+            "would change the backends that serve from upstream to upstream and local",
+        ),
+        (
+            routes(GOOD),
+            "upstream_timeout: 3\n",
+            "has no models: section any more: its routes would give way to the local backend's "
+            "all-minilm-l6-v2",
+        ),
+        (
+            routes(GOOD),
+            "backend: upstream\n",
+            "has no models: section any more: its routes would give way to the upstream backend's "
+            "qwen3-rerank",
+        ),
+        ("backend: upstream\n", "backend: local\n", "from upstream to local"),
+    ],
+    ids=["upstream-to-local", "local-added", "models-dropped", "models-dropped-for-upstream", "flags"],
+)
+def test_a_reload_that_changes_the_backend_kind_or_drops_the_models_section_needs_the_file_to_say_so(
+    tmp_path: Path, before: str, after: str, why: str
+) -> None:
+    old = load(write(tmp_path, before, "old.yaml"))
+    new = write(tmp_path, after, "new.yaml")
+
+    refused = reload_refusal(old, load(new))
+
+    assert refused is not None
+    assert why in refused
+    assert refused.endswith(f"set allow_backend_change: true in {new} if that is meant")
+    allowed = write(tmp_path, f"allow_backend_change: true\n{after}", "allowed.yaml")
+    assert reload_refusal(old, load(allowed)) is None
+
+
+def test_allow_backend_change_is_read_from_the_file_only(tmp_path: Path) -> None:
+    """A flag or variable would allow every later reload too: only the file being loaded says so."""
+    assert load(write(tmp_path, "allow_backend_change: true\n")).allow_backend_change
+    unset = write(tmp_path, "upstream_timeout: 3\n", "unset.yaml")
+    assert not load(unset, RERANK_ALLOW_BACKEND_CHANGE="true").allow_backend_change
+    assert "allow_backend_change" not in {option.name for option in options()}
+
+
+# --- check-config resolves every local source ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "problem"),
+    [
+        ("{tmp}/no-such-model", "model directory '{tmp}/no-such-model' does not exist"),
+        ("{tmp}/rerank.yaml", "model source '{tmp}/rerank.yaml' is a file; it must be a model directory"),
+    ],
+    ids=["missing-directory", "a-file"],
+)
+def test_check_config_refuses_a_local_source_that_does_not_resolve_naming_its_place(
+    tmp_path: Path,
+    clean_environment: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    source: str,
+    problem: str,
+) -> None:
+    source, problem = source.format(tmp=tmp_path), problem.format(tmp=tmp_path)
+    path = write(tmp_path, routes(GOOD, f"format: local\nsource: {source}\npriority: 1"))
+
+    assert main(["check-config", path]) == 2
+
+    assert capsys.readouterr().err == (
+        f"rerank-service: configuration error: models[0].deployments[1].source: {problem} "
+        f"(from models in {path})\n"
+    )
+
+
+def test_check_config_refuses_a_local_model_of_the_flags_that_does_not_resolve(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, f"local_models:\n  minilm: bundled\n  mine: {tmp_path}/absent\n")
+
+    assert main(["check-config", path]) == 2
+
+    assert capsys.readouterr().err == (
+        f"rerank-service: configuration error: local-models.mine: model directory '{tmp_path}/absent' "
+        f"does not exist (from local_models in {path})\n"
+    )
+
+
+def test_check_config_resolves_a_missing_directory_without_importing_torch(tmp_path: Path) -> None:
+    """The check finds the files only: nothing of torch or transformers is loaded for it."""
+    path = write(tmp_path, routes(f"format: local\nsource: {tmp_path}/absent"))
+    script = (
+        "import sys\n"
+        "from rerank_service.cli import main\n"
+        f"code = main(['check-config', {path!r}])\n"
+        "print(code, sorted(name for name in ('torch', 'transformers') if name in sys.modules))\n"
+    )
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RERANK_")}
+
+    ran = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+
+    assert ran.stdout.strip() == "2 []", ran.stderr
+    assert "models[0].deployments[0].source" in ran.stderr
+
+
+def test_check_config_refuses_an_empty_file(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "# models: to come\n")
+
+    assert main(["check-config", path]) == 2
+
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"rerank-service: configuration error: config {path}: is empty")
+
+
+def test_a_deployment_url_with_a_query_is_refused_naming_its_place_without_repeating_it(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, routes(GOOD, f"format: cohere\nurl: https://b.example/v1?key={INLINE_KEY}"))
+
+    assert main(["check-config", path]) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "rerank-service: configuration error: models[0].deployments[1].url must have no query"
+    )
+    assert INLINE_KEY not in err

@@ -14,11 +14,10 @@ from typing import Any, TypeVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+# Defined with the source resolution, which imports no torch; re-exported for the scorers.
+from rerank_service.backends.local.model_files import ModelLoadError as ModelLoadError
+
 T = TypeVar("T")
-
-
-class ModelLoadError(ValueError):
-    """A model source that cannot be loaded; the message says what, where and why."""
 
 
 class GuardedTokenizer:

