@@ -15,6 +15,7 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service import __version__
 from rerank_service.config import ConfigError, Settings, add_serve_arguments, load_settings
+from rerank_service.config.file_trust import flush_held_warnings
 from rerank_service.observability.logging import configure_logging
 
 EXIT_CONFIG_ERROR = 2
@@ -129,6 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     configure_logging(settings.log_format, settings.log_level, settings.secrets(), cache_loggers=True)
+    flush_held_warnings()  # a key file's, found while the settings loaded
     if settings.workers > 1:  # a supervisor and its workers (docs/OPERATIONS.md#workers)
         return _supervise(settings, args)
     from rerank_service.grpc.server import serve  # imported late: `rerank --help` stays fast
@@ -265,11 +267,13 @@ def _deployment_line(deployment: rerank_pb2.DeploymentInfo) -> str:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    """Load the file and build every route as `serve --config FILE` would; 0 when it would start."""
+    """Load the file, build every route and find every local model's files as `serve --config
+    FILE` would (loading no model); 0 when it would start."""
     settings = load_settings({"config": str(args.file)})
-    from rerank_service.routing.build import build_routes  # imported late, as serve does
+    from rerank_service.routing.build import build_routes, check_local_sources  # late, as serve
 
     routes = build_routes(settings)
+    check_local_sources(settings)
     deployments = {id(member.deployment) for route in routes for member in route.members}
     print(f"{args.file}: ok: {len(routes)} routes, {len(deployments)} deployments")
     for route in routes:

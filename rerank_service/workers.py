@@ -13,7 +13,8 @@ multiprocessing example does. The supervisor
   (every worker reloads), and exits 0 only when every worker drained and exited 0;
 - serves --metrics-port: the sum of the workers' metrics, which each records into files
   in a directory the supervisor creates and removes (prometheus-client's multiprocess
-  mode; observability/metrics.py), and the `process_*` of all of them together
+  mode; observability/metrics.py; a supervisor killed with SIGKILL cannot remove its own:
+  the next one to start does), and the `process_*` of all of them together
   (observability/process_tree.py).
 
 Nothing here runs on a call's path.
@@ -23,11 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -38,6 +42,7 @@ from types import FrameType
 from typing import Any
 
 from rerank_service.config import ConfigError, Settings, load_settings
+from rerank_service.config.file_trust import flush_held_warnings
 
 # Imported before the supervisor sets PROMETHEUS_MULTIPROC_DIR: its own metrics stay in
 # memory; only the workers, spawned after, record into the directory.
@@ -92,6 +97,90 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+# --- the metrics directory ---
+
+METRICS_PREFIX = "rerank-metrics-"
+# A directory a supervisor made: rerank-metrics-<its pid>-<random>.
+_METRICS_NAME = re.compile(rf"{METRICS_PREFIX}(\d+)-[a-z0-9_]+")
+
+
+def make_metrics_directory(root: str | None = None) -> tuple[str, int]:
+    """A new directory for the workers' metrics files (in `root`, else the temporary
+    directory), named after this process's pid, and an open descriptor that holds its lock
+    (flock) while this process lives: a later supervisor takes a directory whose lock is
+    free for one a killed supervisor left behind (remove_stale_metrics_directories).
+
+    It is made under a name that no scan looks at and locked before it gets its own, so
+    no scan ever sees it unlocked.
+    """
+    building = tempfile.mkdtemp(prefix=f".{METRICS_PREFIX}", dir=root)
+    lock = os.open(building, os.O_RDONLY | os.O_DIRECTORY)  # not inherited: O_CLOEXEC
+    with contextlib.suppress(OSError):  # a file system without locks: scans judge by the pid
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    suffix = os.path.basename(building).removeprefix(f".{METRICS_PREFIX}")
+    directory = os.path.join(os.path.dirname(building), f"{METRICS_PREFIX}{os.getpid()}-{suffix}")
+    os.rename(building, directory)
+    return directory, lock
+
+
+def remove_stale_metrics_directories(root: str | None = None) -> list[str]:
+    """Remove the metrics directories of supervisors that are gone (a SIGKILL leaves its
+    directory behind); the paths removed.
+
+    Only this user's directories named as make_metrics_directory names them, never a
+    symlink, and only one whose lock nobody holds: a live supervisor holds its own.
+    """
+    root = root or tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        match = _METRICS_NAME.fullmatch(name)
+        path = os.path.join(root, name)
+        if match is not None and _is_own_directory(path) and _abandoned(path, int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _is_own_directory(path: str) -> bool:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+
+
+def _abandoned(path: str, pid: int) -> bool:
+    """Whether no supervisor holds the directory: its lock is free (the kernel releases
+    it when the holder dies, whatever its pid now names)."""
+    try:
+        lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # its supervisor holds it
+    except OSError:  # no locks on this file system: the pid in its name says
+        return pid == os.getpid() or not _alive(pid)  # our own pid: a previous life (pid 1 in a container)
+    finally:
+        os.close(lock)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 @dataclasses.dataclass
 class _Worker:
     index: int
@@ -124,6 +213,7 @@ class Supervisor:
         self._failed_drain = False
         self._announced = False
         self._directory = ""
+        self._directory_lock = -1  # held (flock) while this supervisor lives
 
     def run(self) -> int:
         check_workers(self.settings)
@@ -133,7 +223,9 @@ class Supervisor:
             if self.settings.http_port is not None:
                 reserved.append(reserve_port(self.settings.host, self.settings.http_port))
                 self.http_port = reserved[-1].getsockname()[1]
-            self._directory = tempfile.mkdtemp(prefix="rerank-metrics-")
+            for stale in remove_stale_metrics_directories():
+                _log.info("stale metrics directory removed", path=stale, why="its supervisor is gone")
+            self._directory, self._directory_lock = make_metrics_directory()
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._directory  # the workers inherit it
             server = None
             if self.settings.metrics_port is not None:
@@ -153,6 +245,7 @@ class Supervisor:
             if self._directory:
                 os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
                 shutil.rmtree(self._directory, ignore_errors=True)
+                os.close(self._directory_lock)
 
     def _drain_seconds(self) -> float:
         """How long workers may drain before they are killed."""
@@ -357,6 +450,7 @@ def _worker_main(
     configure_logging(settings.log_format, settings.log_level, settings.secrets(), cache_loggers=True)
     # Every line this worker logs says which worker, and which process, wrote it.
     structlog.contextvars.bind_contextvars(worker=index, pid=os.getpid())
+    flush_held_warnings()  # a key file's, found while the settings loaded
     from rerank_service.grpc.server import serve
 
     def serving(port: int) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
+import re
 from pathlib import Path
 from typing import Final
+
+from rerank_service.config.file_trust import warn_if_key_exposed
 
 _MASK: Final = "**********"
 
@@ -37,18 +41,33 @@ class Secret:
         return hash(self._value)
 
 
-# Shorter values are not masked: masking a 1-letter test key would mangle every log
-# line, and masking is a second line of defence (keys are never put in logs at all).
-MIN_REDACTED_LENGTH = 8
+# A secret of this length or more is masked wherever it occurs, inside a word too; a
+# shorter one (a test key, a caller's short pass-through token) only where it stands as a
+# token of its own, not next to a letter or digit. Masking every occurrence of a short
+# value would destroy the messages it must keep readable (a 1-letter key would mask every
+# "k" of every line), while an upstream or an error that echoes a credential puts it
+# between quotes, spaces, "=" or ":", which a whole-token match catches at any length.
+WHOLE_WORD_BELOW = 8
 
 
 def redact(text: str, secrets: list[Secret]) -> str:
-    """Replace every occurrence of any secret (of at least 8 characters) in `text` with a mask."""
+    """Replace each secret in `text` with a mask: any occurrence of a long one, every
+    stand-alone occurrence of a short one (see WHOLE_WORD_BELOW)."""
     for secret in secrets:
         value = secret.reveal()
-        if len(value) >= MIN_REDACTED_LENGTH:
+        if not value or value not in text:  # the usual case: one substring test
+            continue
+        if len(value) >= WHOLE_WORD_BELOW:
             text = text.replace(value, _MASK)
+        else:
+            text = _standing_alone(value).sub(_MASK, text)
     return text
+
+
+@functools.lru_cache(maxsize=256)
+def _standing_alone(value: str) -> re.Pattern[str]:
+    """`value` not preceded or followed by a letter or digit ([^\\W_]: a word character but `_`)."""
+    return re.compile(rf"(?<![^\W_]){re.escape(value)}(?![^\W_])")
 
 
 class UnreadableKeyFile(ValueError):
@@ -56,9 +75,12 @@ class UnreadableKeyFile(ValueError):
 
 
 def read_key_file(path: Path) -> str:
-    """The text of a file holding keys, or UnreadableKeyFile saying why not."""
+    """The text of a file holding keys, or UnreadableKeyFile saying why not; a file others
+    may read, or reached through a symlink, is used with a warning (config/file_trust.py)."""
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
         raise UnreadableKeyFile(f"{path}: {reason}") from None
+    warn_if_key_exposed(path, "key file")
+    return text

@@ -9,13 +9,12 @@ Messages never quote file contents: a key must not reach a log.
 from __future__ import annotations
 
 import ssl
-import stat
 from pathlib import Path
 
 import grpc
 
 from rerank_service.config import ConfigError, Settings
-from rerank_service.observability.logging import get_logger
+from rerank_service.config.file_trust import warn_if_key_exposed
 
 
 def tls_mode(settings: Settings) -> str:
@@ -25,16 +24,15 @@ def tls_mode(settings: Settings) -> str:
     return "mtls" if settings.tls_client_ca is not None else "tls"
 
 
-_log = get_logger("rerank_service.server")
-
-
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """The server's TLS credentials, or None to serve plaintext; ConfigError on a bad file."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None  # config.py already refuses one without the other
     cert = _read("tls-cert", settings.tls_cert)
     key = _read("tls-key", settings.tls_key)
-    _warn_if_others_can_read(settings.tls_key)
+    # OpenSSH refuses a key others may read; a container's mounted secret is often 0644,
+    # so the service warns instead of refusing.
+    warn_if_key_exposed(settings.tls_key, "tls key")
     _check_certificates("tls-cert", settings.tls_cert)
     _check_key_pair(settings.tls_cert, settings.tls_key, key)
     ca = None
@@ -44,20 +42,6 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )
-
-
-def _warn_if_others_can_read(path: Path) -> None:
-    """A private key that its group or others may read is a leak waiting to happen: say so
-    at start (OpenSSH refuses such keys; a container's mounted secret is often 0644, so
-    the service warns instead of refusing)."""
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        _log.warning(
-            "tls key readable by others",
-            path=str(path),
-            mode=oct(stat.S_IMODE(mode)),
-            fix=f"chmod 600 {path}",
-        )
 
 
 def _read(name: str, path: Path) -> bytes:

@@ -134,6 +134,56 @@ def test_serve_with_an_unknown_key_in_its_config_file_exits_2_naming_the_key(tmp
     ]
 
 
+@pytest.mark.parametrize("text", ["", "# to be written\n"], ids=["empty", "comments-only"])
+def test_serve_and_check_config_with_an_empty_config_file_exit_2_naming_it(tmp_path: Path, text: str) -> None:
+    """A truncated file must not start the demo model in place of the routes it held."""
+    config = tmp_path / "rerank.yaml"
+    config.write_text(text, encoding="utf-8")
+
+    served = run_cli("serve", "--port", "0", "--config", str(config))
+    checked = run_cli("check-config", str(config))
+
+    for result in (served, checked):
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"rerank-service: configuration error: config {config}: is empty")
+    assert "listening" not in served.stderr + served.stdout
+
+
+SECRET_IN_URL = "sk-in-a-url-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://127.0.0.1:9/v1?api_key={SECRET_IN_URL}",
+        f"http://127.0.0.1:9/#{SECRET_IN_URL}",
+        f"http://me:{SECRET_IN_URL}@127.0.0.1:9",
+    ],
+    ids=["query", "fragment", "userinfo"],
+)
+def test_an_upstream_url_carrying_a_secret_stops_serve_and_check_config_without_showing_it(
+    tmp_path: Path, url: str
+) -> None:
+    config = tmp_path / "rerank.yaml"
+    config.write_text(
+        f"models:\n  - name: search\n    deployments:\n      - format: cohere\n        url: '{url}'\n",
+        encoding="utf-8",
+    )
+
+    results = {
+        "upstream-url": run_cli("serve", "--port", "0", "--backend", "upstream", "--upstream-url", url),
+        "models[0].deployments[0].url": run_cli("check-config", str(config)),
+        "models[0].deployments[0].url ": run_cli("serve", "--port", "0", "--config", str(config)),
+    }
+
+    for place, result in results.items():
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"rerank-service: configuration error: {place.strip()} must have no "), line
+        assert SECRET_IN_URL not in result.stderr + result.stdout
+
+
 def test_serve_with_an_unreadable_upstream_ca_file_exits_2_before_listening(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-ca.pem"
 

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
+from rerank_service.config.secret import Secret
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY, ServerFactory
 from tests.support.logs import LogCapture
@@ -235,6 +236,41 @@ def test_an_upstream_error_echoing_the_key_does_not_leak_it(
     assert call["code"] == "INVALID_ARGUMENT"
     assert "is malformed" in call["details"]
     assert UPSTREAM_KEY not in logs.text
+
+
+def test_a_five_character_pass_through_token_echoed_in_an_error_reaches_neither_caller_nor_log(
+    serve: ServerFactory, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    token = "pt-05"
+    upstream.api_key = token
+    upstream.inject(Fault(status=400, body=upstream_error("BadToken", f"token {token} is not allowed")))
+    with serve(upstream_api_key=None) as server:  # no keys at all: callers' tokens go upstream
+        error = expect_error(
+            lambda: server.stub.Rerank(request(), metadata=(("authorization", f"Bearer {token}"),), timeout=5)
+        )
+        [call] = logs.wait_for_calls(1)
+
+    assert code_of(error) == Code.INVALID_ARGUMENT
+    assert "is not allowed" in details_of(error)
+    assert token not in details_of(error) + str(trailing(error))
+    assert "is not allowed" in call["details"]
+    assert token not in logs.text
+
+
+def test_a_six_character_upstream_key_reflected_by_the_upstream_never_reaches_the_caller(
+    serve: ServerFactory, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    key = "k6-abc"
+    upstream.api_key = key
+    upstream.inject(Fault(status=503, body=upstream_error("Down", f"key {key} is overloaded")), times=3)
+    with serve(upstream_api_key=Secret(key)) as server:
+        error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+        logs.wait_for_calls(1)
+
+    assert code_of(error) == Code.UNAVAILABLE
+    assert "is overloaded" in details_of(error)
+    assert key not in details_of(error) + str(trailing(error))
+    assert key not in logs.text
 
 
 def test_a_long_upstream_message_is_truncated(server: ServerThread, upstream: FakeUpstream) -> None:

@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,6 +28,7 @@ from tests.conftest import UPSTREAM_KEY
 from tests.support.process import ServiceProcess, run_cli
 from tests.support.rpc import request
 from tests.support.scrape import scrape, value
+from tests.support.waiting import wait_until
 
 ENV = {"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}
 
@@ -46,11 +48,8 @@ def _channel(target: str) -> grpc.Channel:
     return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
-def _eventually(check: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+def _eventually(check: Callable[[], bool], timeout: float = 15.0, what: str = "the condition") -> None:
+    wait_until(check, timeout, interval=0.05, what=what)
 
 
 def _all_serving(service: ServiceProcess, workers: int = 2) -> bool:
@@ -148,7 +147,7 @@ def test_a_worker_killed_under_load_is_restarted_and_its_counts_survive() -> Non
         ]
         for thread in threads:
             thread.start()
-        time.sleep(1.0)
+        _eventually(lambda: len(outcomes) >= 2 * clients, what="the load's calls answered")
         cpu_before = value(scrape(metrics_port), "process_cpu_seconds_total")
         victim = _pids(service)[0]
         killed_at = time.monotonic()
@@ -160,7 +159,11 @@ def test_a_worker_killed_under_load_is_restarted_and_its_counts_survive() -> Non
                 for e in service.events()
             )
         )
-        time.sleep(1.0)
+        # The load goes on until the calls answered after the restart are the ones counted below.
+        _eventually(
+            lambda: sum(1 for at, code in outcomes if at > killed_at + 0.5 and code == "OK") > 10,
+            what="calls answered after the restart",
+        )
         stop.set()
         for thread in threads:
             thread.join(timeout=15)
@@ -234,3 +237,34 @@ def test_workers_with_the_local_backend_on_cuda_are_refused_with_one_line() -> N
     assert "workers 2" in lines[0]
     assert "cuda" in lines[0]
     assert "--workers 1" in lines[0]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_the_metrics_directory_of_a_supervisor_killed_with_sigkill_is_removed_at_the_next_start(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    env = {**ENV, "TMPDIR": str(tmp_path)}  # where the supervisor makes its directory
+    with ServiceProcess(_args(upstream), env=env) as first:
+        _eventually(lambda: _all_serving(first))
+        [left] = tmp_path.glob("rerank-metrics-*")
+        first.terminate(signal.SIGKILL)  # no clean-up runs
+        workers = _pids(first).values()
+        _eventually(lambda: all(_gone(pid) for pid in workers))  # they drain and exit with it
+    assert left.is_dir()
+
+    with ServiceProcess(_args(upstream), env=env) as second:
+        [removed] = [e for e in second.events() if e.get("event") == "stale metrics directory removed"]
+        [own] = tmp_path.glob("rerank-metrics-*")
+        assert second.terminate() == 0
+
+    assert removed["path"] == str(left)
+    assert not left.exists()
+    assert own.name.startswith(f"rerank-metrics-{second.process.pid}-")  # type: ignore[union-attr]
+    assert list(tmp_path.glob("rerank-metrics-*")) == []  # the clean stop removed its own

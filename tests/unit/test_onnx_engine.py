@@ -7,10 +7,13 @@ export, the on-disk cache, int8 quantization and ONNX Runtime's session.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from rerank_service.backends.local import onnx_engine
 from rerank_service.backends.local.forward import Output
 from rerank_service.backends.local.models import ModelLoadError, OnnxOptions, load_scorer
 from rerank_service.backends.local.scorer import Encoded, Scorer
+from rerank_service.config.file_trust import untrusted
+from tests.support.logs import LogCapture
 from tests.support.ranking_corpus import ranking_corpus
 from tests.support.tiny_models import (
     build_tiny_bi_encoder,
@@ -206,6 +211,8 @@ def test_the_graph_is_built_once_and_a_restart_loads_it(
     assert len(count_exports) == 1
     [entry] = entries(tmp_path)
     assert (entry / "model.onnx").is_file()
+    graph_sha256 = hashlib.sha256((entry / "model.onnx").read_bytes()).hexdigest()
+    assert (entry / "model.onnx.sha256").read_text() == f"{graph_sha256}  model.onnx\n"
     built_from = description(entry)
     assert built_from["sha256"] == entry.name
     assert {item["file"] for item in built_from["files"]} == {"config.json", "model.safetensors"}
@@ -272,13 +279,250 @@ def test_a_ready_model_onnx_in_the_model_directory_is_used_as_it_is(
 
 def test_a_build_that_lost_the_race_uses_the_winners_graph(tmp_path: Path) -> None:
     winner, loser = tmp_path / "entry", tmp_path / ".building-x"
-    for directory in (winner, loser):
+    for directory, graph in ((winner, b"winner's graph"), (loser, b"loser's graph")):
         directory.mkdir()
-        (directory / "model.onnx").write_bytes(b"graph")
+        (directory / "model.onnx").write_bytes(graph)
+        onnx_engine._seal(directory)
 
     onnx_engine._publish(loser, winner)  # another process published first: no error
 
-    assert (winner / "model.onnx").read_bytes() == b"graph"
+    assert (winner / "model.onnx").read_bytes() == b"winner's graph"
+
+
+def test_a_build_that_finds_a_refused_entry_in_its_place_replaces_it(tmp_path: Path) -> None:
+    planted, built = tmp_path / "entry", tmp_path / ".building-x"
+    planted.mkdir()
+    (planted / "model.onnx").write_bytes(b"planted graph")  # no digest
+    built.mkdir()
+    (built / "model.onnx").write_bytes(b"built graph")
+    onnx_engine._seal(built)
+
+    onnx_engine._publish(built, planted)
+
+    assert (planted / "model.onnx").read_bytes() == b"built graph"
+    assert not built.exists()
+
+
+# --- a cache nobody else may write ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def genuine(models: dict[str, Path], shared_cache: Path) -> Path:
+    """The cache entry of the tiny cross-encoder, exported once for the module."""
+    onnx(models["cross"], shared_cache)
+    [entry] = [
+        e
+        for e in entries(shared_cache)
+        if description(e)["source"] == str(models["cross"]) and description(e)["quantize"] == "none"
+    ]
+    return entry
+
+
+@pytest.fixture
+def genuine_scores(models: dict[str, Path], genuine: Path) -> list[float]:
+    scorer = onnx(models["cross"], genuine.parent)
+    return scorer.score(mixed_batch(scorer))
+
+
+@pytest.fixture
+def rebuilds(monkeypatch: pytest.MonkeyPatch, genuine: Path) -> list[Path]:
+    """Every export this test asks for, each answered with the module's one real export
+    (an export takes seconds; what these tests check is what gets loaded, not the exporter)."""
+    made: list[Path] = []
+
+    def reuse(path: Path, output: Output, target: Path) -> None:
+        made.append(target)
+        shutil.copyfile(genuine / "model.onnx", target)
+
+    monkeypatch.setattr(onnx_engine, "_export", reuse)
+    return made
+
+
+def cache_holding(genuine: Path, cache: Path) -> Path:
+    """A private cache directory holding a copy of the genuine entry; the copy."""
+    cache.mkdir(mode=0o755)
+    return Path(shutil.copytree(genuine, cache / genuine.name))
+
+
+def constant_graph(score: float) -> bytes:
+    """A graph that serves as a cross-encoder and gives every pair the same logit."""
+    from onnx import TensorProto, helper
+
+    dims = ["batch", "length"]
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, dims) for n in ("input_ids", "attention_mask")
+    ]
+    nodes = [
+        helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["mask", "axes"], ["length_sum"], keepdims=1),
+        helper.make_node("Mul", ["length_sum", "zero"], ["nothing"]),
+        helper.make_node("Add", ["nothing", "score"], ["logits"]),
+    ]
+    constants = [
+        helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+        helper.make_tensor("score", TensorProto.FLOAT, [], [score]),
+    ]
+    output = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1])
+    graph = helper.make_graph(nodes, "planted", inputs, [output], initializer=constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def refusals(logs: LogCapture) -> list[dict[str, Any]]:
+    return [e for e in logs.events() if e.get("event") == "onnx cache entry refused"]
+
+
+def test_a_planted_graph_is_rebuilt_not_loaded(
+    models: dict[str, Path],
+    genuine: Path,
+    genuine_scores: list[float],
+    rebuilds: list[Path],
+    tmp_path: Path,
+    logs: LogCapture,
+) -> None:
+    planted = constant_graph(9.0)
+    # The planted graph serves (as a model's own graph it would): every pair scores alike.
+    model_dir = Path(shutil.copytree(models["cross"], tmp_path / "model"))
+    (model_dir / "model.onnx").write_bytes(planted)
+    own = onnx(model_dir, tmp_path / "unused")
+    assert len(set(own.score(mixed_batch(own)))) == 1
+    entry = cache_holding(genuine, tmp_path / "cache")
+    (entry / "model.onnx").write_bytes(planted)  # the digest beside it is the genuine graph's
+
+    scorer = onnx(models["cross"], tmp_path / "cache")
+
+    assert scorer.score(mixed_batch(scorer)) == genuine_scores
+    assert len(rebuilds) == 1
+    assert (entry / "model.onnx").read_bytes() == (genuine / "model.onnx").read_bytes()
+    [refused] = refusals(logs)
+    assert refused["level"] == "warning"
+    assert refused["entry"] == str(entry)
+    assert refused["why"] == "the SHA-256 of model.onnx is not the one in model.onnx.sha256"
+    assert entries(tmp_path / "cache") == [entry]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [entry.name]  # nothing left aside
+
+
+def test_an_entry_without_its_digest_is_rebuilt(
+    models: dict[str, Path], genuine: Path, rebuilds: list[Path], tmp_path: Path, logs: LogCapture
+) -> None:
+    entry = cache_holding(genuine, tmp_path / "cache")
+    (entry / "model.onnx.sha256").unlink()
+
+    onnx(models["cross"], tmp_path / "cache")
+
+    assert len(rebuilds) == 1
+    assert [r["why"] for r in refusals(logs)] == ["it has no model.onnx.sha256"]
+    assert (entry / "model.onnx.sha256").is_file()
+
+
+def test_a_sealed_entry_of_this_user_is_loaded_without_a_word(
+    models: dict[str, Path], genuine: Path, rebuilds: list[Path], tmp_path: Path, logs: LogCapture
+) -> None:
+    cache_holding(genuine, tmp_path / "cache")
+
+    onnx(models["cross"], tmp_path / "cache")
+
+    assert rebuilds == []
+    assert [e for e in logs.events() if e.get("level") == "warning"] == []
+
+
+def group_writable(entry: Path) -> None:
+    entry.chmod(0o775)
+
+
+def graph_writable_by_all(entry: Path) -> None:
+    (entry / "model.onnx").chmod(0o666)
+
+
+def another_users(entry: Path) -> None:
+    os.chown(entry, 4242, 4242)
+
+
+def symlinked(entry: Path) -> None:
+    elsewhere = entry.parent.parent / "elsewhere"
+    entry.rename(elsewhere)
+    entry.symlink_to(elsewhere)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "why"),
+    [
+        (group_writable, "the entry is writable by its group or others (mode 0o775)"),
+        (graph_writable_by_all, "model.onnx is writable by its group or others (mode 0o666)"),
+        (another_users, "the entry is owned by uid 4242, not this user (uid 0)"),
+        (symlinked, "the entry is a symlink"),
+    ],
+    ids=["group-writable entry", "world-writable graph", "another user's entry", "symlinked entry"],
+)
+def test_an_entry_others_could_have_written_is_refused_and_built_again(
+    models: dict[str, Path],
+    genuine: Path,
+    genuine_scores: list[float],
+    rebuilds: list[Path],
+    tmp_path: Path,
+    logs: LogCapture,
+    tamper: Callable[[Path], None],
+    why: str,
+) -> None:
+    entry = cache_holding(genuine, tmp_path / "cache")
+    tamper(entry)
+
+    scorer = onnx(models["cross"], tmp_path / "cache")
+
+    [refused] = refusals(logs)
+    assert (refused["entry"], refused["why"]) == (str(entry), why.replace("uid 0", f"uid {os.getuid()}"))
+    assert len(rebuilds) == 1
+    assert scorer.score(mixed_batch(scorer)) == genuine_scores
+    assert untrusted(entry) is None  # a fresh entry of this user's in its place
+    if tamper is symlinked:  # the link was removed, never what it pointed to
+        assert (tmp_path / "elsewhere" / "model.onnx").read_bytes() == (genuine / "model.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("tamper", ["group-writable", "symlink"])
+def test_a_cache_directory_others_could_write_is_not_used(
+    models: dict[str, Path],
+    genuine: Path,
+    rebuilds: list[Path],
+    tmp_path: Path,
+    logs: LogCapture,
+    monkeypatch: pytest.MonkeyPatch,
+    tamper: str,
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "private"))
+    (tmp_path / "private").mkdir()
+    cache = tmp_path / "cache"
+    entry = cache_holding(genuine, tmp_path / "shared")
+    if tamper == "symlink":
+        cache.symlink_to(tmp_path / "shared")
+    else:
+        (tmp_path / "shared").rename(cache)
+        cache.chmod(0o775)
+    before = sorted(p.name for p in cache.iterdir())
+
+    onnx(models["cross"], cache)
+
+    [refused] = [e for e in logs.events() if e.get("event") == "onnx cache refused"]
+    assert refused["cache"] == str(cache)
+    assert refused["why"].startswith("the directory is ")
+    assert len(rebuilds) == 1  # built privately: the entry there is not trusted either
+    assert sorted(p.name for p in cache.iterdir()) == before  # nothing written into it
+    assert list((tmp_path / "private").iterdir()) == []  # the private build is gone
+    assert entry.name in before
+
+
+def test_the_default_cache_is_the_users_cache_directory_never_a_temporary_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert OnnxOptions().cache_dir == tmp_path / "home" / ".cache" / "rerank-service" / "onnx"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert OnnxOptions().cache_dir == tmp_path / "xdg" / "rerank-service" / "onnx"
+    monkeypatch.setenv("HOME", "/root")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert not OnnxOptions().cache_dir.is_relative_to(tempfile.gettempdir())
 
 
 # --- what is refused, and why -------------------------------------------------------------

@@ -72,6 +72,18 @@ def test_redact_ignores_an_empty_secret() -> None:
     assert redact("abc", [Secret("")]) == "abc"
 
 
-def test_redact_leaves_values_too_short_to_be_keys() -> None:
+def test_redact_masks_a_short_secret_wherever_it_stands_alone() -> None:
+    text = 'invalid token pt-05: "pt-05", Bearer pt-05, key=k, [k]'
+    assert redact(text, [Secret("pt-05"), Secret("k")]) == (
+        f'invalid token {MASK}: "{MASK}", Bearer {MASK}, key={MASK}, [{MASK}]'
+    )
+
+
+def test_redact_leaves_a_short_secret_inside_a_longer_word() -> None:
     # A one-letter test key must not turn every "k" of every log line into a mask.
     assert redact("rerank kind", [Secret("k"), Secret("1234567")]) == "rerank kind"
+    assert redact("abc123 xabc abcx", [Secret("abc")]) == "abc123 xabc abcx"
+
+
+def test_redact_masks_a_long_secret_even_inside_a_word() -> None:
+    assert redact(f"x{VALUE}y", [Secret(VALUE)]) == f"x{MASK}y"

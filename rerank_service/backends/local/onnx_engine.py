@@ -12,12 +12,20 @@ a hash of the source's files, the versions of the tools that built it and the op
 another replica on the same volume loads it instead of building it again. A changed model,
 tool or option is a new hash, so a stale graph is never used.
 
+A graph is code the service runs on every document, so the cache is trusted no further
+than it must be: `model.onnx.sha256` beside the graph holds its SHA-256, written after
+it, and an entry is loaded only if the digest matches and neither the entry nor its files
+are symlinks, writable by others or another user's (config/file_trust.py); anything else
+is refused with a warning naming the entry, and built again. A cache directory that fails
+the same test is not used at all: the graph is built in a private temporary directory.
+
 ONNX Runtime applies its graph optimizations for the machine it runs on (the transformer
 fusions of attention, GELU and layer norms among them) when the session is created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,6 +44,7 @@ import torch
 
 from rerank_service.backends.local.common import ModelLoadError
 from rerank_service.backends.local.forward import Output
+from rerank_service.config.file_trust import untrusted
 from rerank_service.observability.logging import get_logger
 
 if TYPE_CHECKING:
@@ -50,6 +59,7 @@ CACHE_FORMAT = 2
 # Where a model directory may hold a graph of its own.
 READY_GRAPHS = ("model.onnx", "onnx/model.onnx")
 _GRAPH = "model.onnx"
+_DIGEST = "model.onnx.sha256"  # the SHA-256 of each file of the graph, as sha256sum writes them
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -58,8 +68,9 @@ class OnnxOptions:
     quantize: Quantize = "none"
     # ONNX Runtime's intra-op threads: the same number torch uses in this process.
     threads: int = 1
-    # Where exported and quantized graphs are kept between starts.
-    cache_dir: Path = Path(tempfile.gettempdir()) / "rerank-service-onnx"
+    # Where exported and quantized graphs are kept between starts: the user's cache
+    # directory, never a shared temporary one where anyone may plant a graph.
+    cache_dir: Path = dataclasses.field(default_factory=lambda: default_cache_dir())
 
 
 class OnnxForward:
@@ -92,11 +103,8 @@ def onnx_forward(path: Path, output: Output, options: OnnxOptions) -> OnnxForwar
     """
     ort = _onnxruntime()
     ready = next((path / name for name in READY_GRAPHS if (path / name).is_file()), None)
-    if ready is not None and options.quantize == "none":
-        graph = ready
-    else:
-        graph = _cached_graph(path, ready, output, options)
-    session = _session(ort, graph, options.threads)
+    with _graph(path, ready, output, options) as graph:
+        session = _session(ort, graph, options.threads)  # reads the whole graph: it may go after
     engine = "onnx-int8" if options.quantize == "int8" else "onnx"
     forward = OnnxForward(session, _output_name(session, output, graph), engine)
     _check_runs(forward, output, graph)
@@ -113,21 +121,52 @@ def _onnxruntime() -> Any:
     return onnxruntime
 
 
+@contextlib.contextmanager
+def _graph(path: Path, ready: Path | None, output: Output, options: OnnxOptions) -> Iterator[Path]:
+    """The graph to load, for as long as the session is being made.
+
+    The model's own ready graph is the model's file, used as it is. What is built comes
+    from the cache, unless the cache directory itself is one this process must not trust
+    (a symlink, writable by others, another user's): then it is built in a private
+    temporary directory, loaded from there and removed, and the warning says so.
+    """
+    if ready is not None and options.quantize == "none":
+        yield ready
+        return
+    try:
+        options.cache_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot write the onnx cache {options.cache_dir}: {exc.strerror}") from exc
+    problem = untrusted(options.cache_dir)
+    if problem is None:
+        yield _cached_graph(path, ready, output, options)
+        return
+    _log.warning(
+        "onnx cache refused",
+        cache=str(options.cache_dir),
+        why=f"the directory {problem}",
+        instead="built in a private temporary directory at each start",
+        fix="give --local-onnx-cache a directory of this user's that only it may write",
+    )
+    with tempfile.TemporaryDirectory(prefix="rerank-onnx-") as private:
+        yield _cached_graph(path, ready, output, dataclasses.replace(options, cache_dir=Path(private)))
+
+
 def _cached_graph(path: Path, ready: Path | None, output: Output, options: OnnxOptions) -> Path:
     """The graph for these options from the cache, built into it first when missing.
 
     float32 is the export (or the ready graph); int8 is built from the float32 graph, which
-    is cached on the way, so switching between the two never exports twice.
+    is cached on the way, so switching between the two never exports twice. An entry is
+    loaded only if it passes _check_entry; one that does not is replaced.
     """
     key, description = _cache_key(path, ready, output, options.quantize)
     entry = options.cache_dir / key
-    if (entry / _GRAPH).is_file():
+    if _check_entry(entry):
         return entry / _GRAPH
     source = ready
     if options.quantize == "int8" and source is None:
         source = _cached_graph(path, None, output, dataclasses.replace(options, quantize="none"))
     try:
-        options.cache_dir.mkdir(parents=True, exist_ok=True)
         building = Path(tempfile.mkdtemp(prefix=".building-", dir=options.cache_dir))
     except OSError as exc:
         raise ModelLoadError(f"cannot write the onnx cache {options.cache_dir}: {exc.strerror}") from exc
@@ -139,6 +178,7 @@ def _cached_graph(path: Path, ready: Path | None, output: Output, options: OnnxO
         else:
             _export(path, output, building / _GRAPH)
         (building / "source.json").write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+        _seal(building)
         building.chmod(0o755)  # mkdtemp's 0700: other users sharing the cache may read it
         _publish(building, entry)
         _log.info(
@@ -200,13 +240,106 @@ def _file_sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
-def _publish(building: Path, entry: Path) -> None:
-    """Move a finished build into place; another process may have published it first."""
+def _seal(building: Path) -> None:
+    """Make the built files read-only to others and write their SHA-256s beside them
+    (`model.onnx.sha256`, as sha256sum writes them), last and atomically: a digest file
+    only ever describes a finished graph."""
+    lines = []
+    for file in sorted(building.iterdir()):
+        file.chmod(0o644)  # whatever the umask: a file others may write is refused at load
+        if file.name not in (_DIGEST, "source.json"):
+            lines.append(f"{_file_sha256(file)}  {file.name}\n")
+    partial = building / f".{_DIGEST}.partial"
+    partial.write_text("".join(lines), encoding="utf-8")
+    partial.chmod(0o644)
+    partial.replace(building / _DIGEST)
+
+
+def _check_entry(entry: Path) -> bool:
+    """Whether the cache entry may be loaded: False if there is none, or if it is refused
+    (a warning names the entry and why; it is moved out of the way to be built again)."""
+    if not os.path.lexists(entry):
+        return False
+    problem = _entry_problem(entry)
+    if problem is None:
+        return True
+    _log.warning("onnx cache entry refused", entry=str(entry), why=problem, instead="built again")
+    _discard(entry)
+    return False
+
+
+def _entry_problem(entry: Path) -> str | None:
+    """Why the entry must not be loaded, or None: the entry, its graph and its digest file
+    must each pass untrusted() (no symlink, no one else may write, this user's or root's),
+    and every file the digest file names must have its SHA-256."""
+    problem = untrusted(entry)
+    if problem is not None:
+        return f"the entry {problem}"
+    digests = entry / _DIGEST
+    if not os.path.lexists(digests):
+        return f"it has no {_DIGEST}"
+    listed = _listed_digests(digests)
+    if listed is None or _GRAPH not in listed:
+        return f"{_DIGEST} does not name {_GRAPH}"
+    for name in (_DIGEST, *listed):
+        problem = untrusted(entry / name)
+        if problem is not None:
+            return f"{name} {problem}"
+        if not (entry / name).is_file():  # no link by now: the entry's own file, or not one
+            return f"{name} is not a file"
+    for name, expected in listed.items():
+        try:
+            if _file_sha256(entry / name) != expected:
+                return f"the SHA-256 of {name} is not the one in {_DIGEST}"
+        except OSError as exc:
+            return f"{name} cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def _listed_digests(digests: Path) -> dict[str, str] | None:
+    """file name → SHA-256 from a digest file, or None if it is not one this module wrote."""
+    listed: dict[str, str] = {}
     try:
-        building.rename(entry)
-    except OSError:
-        if not (entry / _GRAPH).is_file():
-            raise
+        text = digests.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in text.splitlines():
+        digest, _, name = line.partition("  ")
+        # A plain file name of the entry: never a path that leads out of it.
+        if len(digest) != 64 or not name or name != Path(name).name or name in (".", ".."):
+            return None
+        listed[name] = digest
+    return listed
+
+
+def _discard(entry: Path) -> None:
+    """Move a refused entry out of the way (a hidden name in the cache, then removed):
+    what cannot be removed (another user's files) stays there, never loaded."""
+    aside = entry.with_name(f".refused-{entry.name}-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        entry.rename(aside)  # the link itself, if it is one: never what it points to
+    except FileNotFoundError:
+        return  # another process moved it first
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ModelLoadError(f"cannot move the refused onnx cache entry {entry} aside: {why}") from exc
+    if aside.is_symlink():
+        aside.unlink()
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _publish(building: Path, entry: Path) -> None:
+    """Move a finished build into place; another process may have published it first
+    (then its entry is checked as any other, and replaced by this one if refused)."""
+    for _ in range(2):
+        try:
+            building.rename(entry)
+            return
+        except OSError:
+            if _check_entry(entry):
+                return
+    building.rename(entry)
 
 
 def _export(path: Path, output: Output, target: Path) -> None:
