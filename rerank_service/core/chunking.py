@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import filterfalse
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +28,34 @@ class CallLimits:
     max_tokens: int | None = None
     # The upstream truncates each query and document at this many tokens.
     max_item_tokens: int = 4000
+    # Most query tokens, estimated (`estimate_tokens`): for a backend without the model's
+    # tokenizer (an upstream). None: not estimated (a local model counts with its own).
+    max_query_tokens: int | None = None
+
+
+def text_bytes(text: str) -> int:
+    """A text's UTF-8 size; an ASCII string's is its length, with nothing encoded."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def estimate_tokens(text: str) -> int:
-    size = len(text) if text.isascii() else len(text.encode("utf-8"))
-    return -(-size // 3)  # ceil(size / 3), in integers
+    """Tokens where no tokenizer is known: one per 3 bytes of UTF-8, rounded up."""
+    return -(-text_bytes(text) // 3)  # ceil(size / 3), in integers
+
+
+class FanOut(NamedTuple):
+    """The text bytes a call carries, and those its upstream requests carry together."""
+
+    call_bytes: int
+    upstream_bytes: int
+
+
+def fan_out(query: str, instruct: str | None, documents: Sequence[str], requests: int) -> FanOut:
+    """What a call split into `requests` sends: the query and instruct go with every
+    request, each document with one."""
+    shared = text_bytes(query) + (text_bytes(instruct) if instruct else 0)
+    documents_bytes = sum(map(text_bytes, documents))
+    return FanOut(shared + documents_bytes, requests * shared + documents_bytes)
 
 
 def _item_tokens(text: str, cap: int) -> int:

@@ -14,7 +14,7 @@ from itertools import repeat
 from operator import attrgetter
 
 from rerank_service.core.backend import Backend
-from rerank_service.core.chunking import split
+from rerank_service.core.chunking import CallLimits, estimate_tokens, fan_out, split
 from rerank_service.core.domain import (
     MAX_TOKENS,
     BackendRequest,
@@ -35,20 +35,30 @@ from rerank_service.core.domain import (
 # Chunks of one call in flight at once: enough to hide upstream latency for a
 # 10,000-document call (20 chunks), few enough not to hog the upstream's rate limit.
 DEFAULT_CHUNK_CONCURRENCY = 8
+# A split call sends upstream at most this many times its own text (--max-fanout-factor).
+DEFAULT_MAX_FANOUT_FACTOR = 10
 
 
 class RerankEngine:
-    def __init__(self, backend: Backend, chunk_concurrency: int = DEFAULT_CHUNK_CONCURRENCY) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        chunk_concurrency: int = DEFAULT_CHUNK_CONCURRENCY,
+        max_fanout_factor: int = DEFAULT_MAX_FANOUT_FACTOR,
+    ) -> None:
         self._backend = backend
         self._chunk_concurrency = chunk_concurrency
+        self._max_fanout_factor = max_fanout_factor
 
     def models(self) -> list[ModelInfo]:
         # Asked each time: a local backend learns what its models can do when it loads them.
         return self._backend.models()
 
     async def rerank(self, request: RerankRequest, context: CallContext) -> RerankOutcome:
-        model = self._validate(request)
-        chunks = split(request.query, request.documents, self._backend.call_limits(model.name))
+        model, limits = self._validate(request)
+        chunks = split(request.query, request.documents, limits)
+        if len(chunks) > 1:  # before any chunk goes out
+            self._check_fan_out(request, len(chunks))
         if len(chunks) == 1:
             results = [await self._backend.rerank(_backend_request(model, request, chunks[0]), context)]
         else:
@@ -101,7 +111,28 @@ class RerankEngine:
             raise _first_error(failed) from None
         return [task.result() for task in tasks]
 
-    def _validate(self, request: RerankRequest) -> ModelInfo:
+    def _check_fan_out(self, request: RerankRequest, requests: int) -> None:
+        """Refuse a split whose requests would carry more than the factor times the call's text.
+
+        Every chunk carries the whole query: a long query with many short documents would
+        turn a small call into many large upstream requests.
+        """
+        sent = fan_out(request.query, request.instruct, request.documents, requests)
+        factor = self._max_fanout_factor
+        if sent.upstream_bytes > factor * sent.call_bytes:
+            raise invalid_argument(
+                [
+                    FieldViolation(
+                        "query",
+                        f"goes with each of the {requests} upstream requests this call is split into: "
+                        f"{sent.upstream_bytes:,} bytes of text in all, over {factor}x the call's "
+                        f"{sent.call_bytes:,} (--max-fanout-factor {factor}); send a shorter query or "
+                        "fewer documents per call",
+                    )
+                ]
+            )
+
+    def _validate(self, request: RerankRequest) -> tuple[ModelInfo, CallLimits]:
         """Check every field, report all violations at once, then resolve the model."""
         violations: list[FieldViolation] = []
         if not request.model.strip():
@@ -123,11 +154,14 @@ class RerankEngine:
                     f"{model.max_documents}",
                 )
             )
+        limits = self._backend.call_limits(model.name) if model is not None else CallLimits()
+        if limits.max_query_tokens is not None:
+            violations.extend(_long_query(request.query, limits.max_query_tokens))
         if violations:
             raise invalid_argument(violations)
         if model is None:
             raise model_not_found(request.model, list(served))
-        return model
+        return model, limits
 
 
 # Each blank document is named, up to this many; the rest are counted in one violation.
@@ -150,6 +184,18 @@ def _blank_documents(documents: list[str]) -> list[FieldViolation]:
             )
         )
     return violations
+
+
+def _long_query(query: str, max_tokens: int) -> list[FieldViolation]:
+    """The query over the route's limit, its tokens estimated (no tokenizer: an upstream's)."""
+    tokens = estimate_tokens(query)
+    if tokens <= max_tokens:
+        return []
+    return [
+        FieldViolation(
+            "query", f"has about {tokens} tokens (one per 3 bytes); at most {max_tokens} are allowed"
+        )
+    ]
 
 
 def _backend_request(model: ModelInfo, request: RerankRequest, chunk: range) -> BackendRequest:

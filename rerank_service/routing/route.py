@@ -91,6 +91,7 @@ class Route:
             max_documents=_smallest(limit.max_documents for limit in limits),
             max_tokens=_smallest(limit.max_tokens for limit in limits),
             max_item_tokens=min(limit.max_item_tokens for limit in limits),
+            max_query_tokens=_smallest(limit.max_query_tokens for limit in limits),
         )
 
 

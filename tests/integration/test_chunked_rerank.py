@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
+import httpx
 
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault, expected_ranking, total_tokens
 from tests.conftest import ServerFactory
-from tests.support.rpc import code_of, details_of, expect_error, request, trailing
+from tests.support.rpc import code_of, details_of, expect_error, field_violations, request, trailing
 from tests.support.server import ServerThread
+from tests.support.waiting import wait_until
 
 WORDS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum"]
 QUERY = "apple cherry mango plum"
+# A 100 KB query with 2,000 one-letter documents: a 106 KB call. Every chunk carries the
+# whole query, so split it would be 69 upstream requests carrying 6.9 MB.
+LONG_QUERY = " ".join(WORDS[i % 10] for i in range(20_000))[:100_000]
+ONE_LETTER_DOCUMENTS = [WORDS[i % 10][0] for i in range(2000)]
+NATIVE = "/api/v1/services/rerank/text-rerank/text-rerank"
 
 
 def corpus(count: int) -> list[str]:
@@ -80,9 +85,7 @@ def test_other_chunks_are_cancelled_when_one_fails(serve: ServerFactory, upstrea
     with serve(chunk_concurrency=4) as server:
         error = expect_error(lambda: server.stub.Rerank(request(documents=corpus(2000)), timeout=30))
         assert code_of(error) == grpc.StatusCode.UNAVAILABLE
-        end = time.monotonic() + 3.0
-        while len(upstream.abandoned) < 3 and time.monotonic() < end:
-            time.sleep(0.02)
+        wait_until(lambda: len(upstream.abandoned) == 3, timeout=3.0, what="the other chunks abandoned")
 
     assert len(upstream.abandoned) == 3  # the service hung up on the chunks still waiting
 
@@ -105,3 +108,48 @@ def test_more_documents_than_the_service_allows_is_invalid_argument(
 
     assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT
     assert upstream.requests == []
+
+
+def test_a_query_over_max_query_tokens_is_refused_before_any_upstream_request(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    with serve(http_port=0) as server:
+        error = expect_error(
+            lambda: server.stub.Rerank(request(query=LONG_QUERY, documents=ONE_LETTER_DOCUMENTS), timeout=30)
+        )
+        assert server.server is not None
+        assert server.server.http is not None
+        answer = httpx.post(
+            f"http://127.0.0.1:{server.server.http.port}{NATIVE}",
+            json={"model": "qwen3-rerank", "input": {"query": LONG_QUERY, "documents": ONE_LETTER_DOCUMENTS}},
+            timeout=30,
+        )
+
+    assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT
+    # No tokenizer for an upstream model: estimated at one token per 3 bytes.
+    refusal = "has about 33334 tokens (one per 3 bytes); at most 4000 are allowed"
+    assert field_violations(error)["query"] == refusal
+    assert answer.status_code == 400
+    assert f"query: {refusal}" in answer.json()["message"]
+    assert upstream.requests == []
+
+
+def test_a_call_that_would_send_upstream_over_10x_its_text_is_refused_before_any_upstream_request(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    query = LONG_QUERY[:11_000]  # about 3,667 tokens: within max_query_tokens
+    documents = [WORDS[i % 10][0] for i in range(3000)]  # 32 a chunk: 94 chunks, 1 MB upstream
+    refused = request(query=query, documents=documents)
+    with serve() as server:
+        error = expect_error(lambda: server.stub.Rerank(refused, timeout=30))
+
+    assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "94 upstream requests" in field_violations(error)["query"]
+    assert "--max-fanout-factor 10" in details_of(error)
+    assert upstream.requests == []
+
+    with serve(max_fanout_factor=100) as server:
+        response = server.stub.Rerank(refused, timeout=30)
+
+    assert len(response.output.results) == 3000
+    assert len(upstream.requests) == 94

@@ -28,6 +28,9 @@ from tests.support.server import ServerThread
 Code = grpc.StatusCode
 SERVED = ("qwen3-rerank", "gte-rerank-v2")
 MAX_DOCUMENTS = 10_000  # the service's default --max-documents
+# The default --max-query-tokens (4,000), estimated for an upstream model at one token per
+# 3 bytes of UTF-8: a longer query is refused.
+MAX_QUERY_BYTES = 3 * 4000
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 NEVER = {Code.INTERNAL, Code.UNKNOWN}
 
@@ -55,6 +58,13 @@ LONG = st.builds(
 )
 STRINGS = st.one_of(TEXT, ASTRAL, BLANKS, LONG)
 NON_BLANK = st.one_of(st.text(ANY_CHAR, min_size=1, max_size=40), ASTRAL, LONG).filter(
+    lambda text: bool(text.strip())
+)
+# Long, but within the query limit: at most 3 characters of 4 bytes, 1,000 times.
+LONG_QUERY = st.builds(
+    lambda piece, times: piece * times, st.text(ANY_CHAR, min_size=1, max_size=3), st.integers(300, 1000)
+)
+VALID_QUERY = st.one_of(st.text(ANY_CHAR, min_size=1, max_size=40), ASTRAL, LONG_QUERY).filter(
     lambda text: bool(text.strip())
 )
 TOP_N = st.one_of(
@@ -86,6 +96,7 @@ def expected_code(fields: dict[str, Any]) -> grpc.StatusCode:
         or any(blank(document) for document in documents)
         or (top_n is not None and top_n < 1)
         or (fields["model"] in SERVED and len(documents) > MAX_DOCUMENTS)
+        or (fields["model"] in SERVED and len(fields["query"].encode()) > MAX_QUERY_BYTES)
     )
     if invalid:
         return Code.INVALID_ARGUMENT
@@ -189,7 +200,7 @@ def test_any_request_gets_its_validation_status_or_a_well_formed_ranking(
 @examples(80)
 @given(
     model=st.sampled_from(SERVED),
-    query=NON_BLANK,
+    query=VALID_QUERY,
     documents=st.lists(NON_BLANK, min_size=1, max_size=6),
     top_n=st.one_of(st.none(), st.integers(1, INT32_MAX)),
     instruct=st.one_of(st.none(), STRINGS),

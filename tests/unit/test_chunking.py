@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rerank_service.core.chunking import CallLimits, estimate_tokens, split
+from rerank_service.core.chunking import CallLimits, FanOut, estimate_tokens, fan_out, split
 
 
 def sizes(chunks: list[range]) -> list[int]:
@@ -67,3 +67,18 @@ def test_a_single_document_over_the_budget_still_gets_a_chunk() -> None:
 def test_tokens_are_estimated_from_utf8_bytes() -> None:
     assert estimate_tokens("abc") == 1
     assert estimate_tokens("文本排序") == 4  # one token per CJK character
+
+
+def test_the_estimate_is_one_token_per_3_bytes_rounded_up() -> None:
+    # What max_query_tokens means where no tokenizer is known: 4,000 tokens are 12,000 bytes.
+    assert estimate_tokens("a" * 12_000) == 4000
+    assert estimate_tokens("a" * 12_001) == 4001
+    assert estimate_tokens("é" * 6000) == 4000  # two bytes a character
+
+
+def test_fan_out_counts_the_query_and_instruct_once_per_request_and_each_document_once() -> None:
+    documents = ["ab", "文本", "c"]  # 2 + 6 + 1 bytes
+
+    assert fan_out("q" * 100, None, documents, requests=1) == FanOut(call_bytes=109, upstream_bytes=109)
+    assert fan_out("q" * 100, None, documents, requests=3) == FanOut(call_bytes=109, upstream_bytes=309)
+    assert fan_out("q" * 100, "i" * 20, documents, requests=3) == FanOut(call_bytes=129, upstream_bytes=369)

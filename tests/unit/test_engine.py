@@ -40,7 +40,9 @@ class FakeBackend:
         request_id: str | None = "backend-req-1",
         ready: bool = True,
         total_tokens: int = 11,
+        limits: CallLimits | None = None,
     ) -> None:
+        self.limits = limits or CallLimits()
         self.scores = scores
         self.request_id = request_id
         self._ready = ready
@@ -55,7 +57,7 @@ class FakeBackend:
         return list(MODELS)
 
     def call_limits(self, model: str) -> CallLimits:
-        return CallLimits()
+        return self.limits
 
     async def start(self) -> None:
         self._ready = True
@@ -121,6 +123,51 @@ async def test_every_violation_is_reported_at_once() -> None:
     for name in ("model", "query", "documents[1]", "documents[3]", "top_n"):
         assert f"{name}:" in error.message
     assert backend.calls == []
+
+
+async def test_a_query_over_the_estimated_token_limit_is_refused_naming_the_query() -> None:
+    backend = FakeBackend(limits=CallLimits(max_query_tokens=10))  # no tokenizer: estimated
+    engine = RerankEngine(as_backend(backend))
+
+    error = await rerank_error(engine, make_request(query="q" * 31))  # 11 tokens at 3 bytes each
+    await engine.rerank(make_request(query="q" * 30), CallContext())
+
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields(error) == ["query"]
+    assert "at most 10" in error.violations[0].description
+    assert len(backend.calls) == 1  # only the call within the limit
+
+
+async def test_a_backend_that_counts_with_its_tokenizer_gets_any_query() -> None:
+    backend = FakeBackend()  # a local model: its tokenizer counts, the engine does not estimate
+    await RerankEngine(as_backend(backend)).rerank(make_request(query="q" * 100_000), CallContext())
+
+    assert len(backend.calls) == 1
+
+
+async def test_a_split_sending_over_the_fan_out_factor_upstream_is_refused_before_any_call() -> None:
+    # 5 chunks of one document, each with the 100-byte query: 510 bytes for the call's 110.
+    request = make_request(query="q" * 100, documents=["d0", "d1", "d2", "d3", "d4"])
+    refusing = FakeBackend(limits=CallLimits(max_documents=1))
+    allowing = FakeBackend(limits=CallLimits(max_documents=1))
+
+    error = await rerank_error(RerankEngine(as_backend(refusing), max_fanout_factor=4), request)
+    await RerankEngine(as_backend(allowing), max_fanout_factor=5).rerank(request, CallContext())
+
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields(error) == ["query"]
+    assert "5 upstream requests" in error.message
+    assert "--max-fanout-factor 4" in error.message
+    assert refusing.calls == []
+    assert len(allowing.calls) == 5
+
+
+async def test_an_unsplit_call_is_never_refused_for_its_fan_out() -> None:
+    backend = FakeBackend(limits=CallLimits(max_documents=5))
+    engine = RerankEngine(as_backend(backend), max_fanout_factor=1)
+    await engine.rerank(make_request(query="q" * 10_000), CallContext())
+
+    assert len(backend.calls) == 1
 
 
 async def test_empty_document_list_names_documents() -> None:

@@ -114,7 +114,7 @@ class FakeBackend:
         if self.gate is not None:
             await self.gate.wait()
         if self.delay:
-            await asyncio.sleep(self.delay)
+            await asyncio.sleep(self.delay)  # the backend's work, not synchronisation
         timings = Timings(upstream_spans=(self.span,))
         if self.reason is not None or self.code is not grpc.StatusCode.UNAVAILABLE:
             raise ServiceError(self.code, f"{self.name} failed", reason=self.reason, timings=timings)
@@ -531,6 +531,21 @@ def test_call_limits_are_the_smallest_of_every_member_and_none_only_when_none_ha
     assert router.call_limits("unlimited") == CallLimits(max_documents=None, max_tokens=None)
 
 
+def test_the_estimated_query_limit_is_the_smallest_of_the_members_that_estimate() -> None:
+    # A local member (None) counts with its tokenizer; a chunk may go to any member.
+    mixed = route_of(
+        Member(deployment(FakeBackend("a", limits=CallLimits(max_query_tokens=4000))), ROUTE),
+        Member(deployment(FakeBackend("b", limits=CallLimits(max_query_tokens=2000))), ROUTE),
+        Member(deployment(FakeBackend("c", limits=CallLimits())), ROUTE, priority=1),
+    )
+    local = route_of(Member(deployment(FakeBackend("d", limits=CallLimits())), ROUTE))
+    local.name = "local"
+    router = Router([mixed, local])
+
+    assert router.call_limits(ROUTE).max_query_tokens == 2000
+    assert router.call_limits("local").max_query_tokens is None
+
+
 def test_model_info_lists_every_deployment_with_its_state_and_the_limits_all_can_honour() -> None:
     clock = Clock()
     ejected, down = health_on(clock), health_on(clock)
@@ -572,7 +587,7 @@ async def test_replace_starts_added_deployments_and_closes_dropped_ones_after_th
         await eventually(lambda: len(old.calls) == 1)
 
         await asyncio.wait_for(router.replace([after], grace=10.0), 2.0)  # returns once switched
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # a moment in which a wrong close would happen: nothing to wait for
 
         assert new.started == 1
         assert old.closed == 0  # its call is still in flight

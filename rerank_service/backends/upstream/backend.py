@@ -117,12 +117,13 @@ class UpstreamBackend:
         models, call_limits = [], {}
         for name in settings.upstream_models:
             known = known_models.get(name, configured)
+            max_query_tokens = min(known.max_query_tokens, settings.max_query_tokens)
             models.append(
                 ModelInfo(
                     name=name,
                     # The service splits larger calls into chunks, so its own limit applies.
                     max_documents=settings.max_documents,
-                    max_query_tokens=min(known.max_query_tokens, settings.max_query_tokens),
+                    max_query_tokens=max_query_tokens,
                     supports_instruct=known.honours_instruct,
                     backend="upstream",
                     format=dialect.name,
@@ -132,6 +133,8 @@ class UpstreamBackend:
             call_limits[name] = CallLimits(
                 max_documents=min(known.documents_per_call, documents_per_call),
                 max_tokens=min(known.tokens_per_call, settings.upstream_tokens_per_call),
+                # No tokenizer here: the engine checks the query's estimated tokens.
+                max_query_tokens=max_query_tokens,
             )
 
         def transport_factory() -> UpstreamTransport:
