@@ -264,7 +264,8 @@ def front_door(
     if not perf.port_frees_up(port):
         raise RuntimeError(f"port {port} (service) is taken: pass another --base-port")
     args = ["--backend", "upstream", "--upstream-url", upstream_url, "--upstream-dialect", dialect]
-    args += ["--port", str(port), "--http-port", "0"]
+    # hey's 64 connections all come from 127.0.0.1: above the cap per address they would be refused.
+    args += ["--port", str(port), "--http-port", "0", "--max-connections-per-peer", "1024"]
     env = {"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}
     if caller_key is not None:
         env["RERANK_API_KEYS"] = caller_key
