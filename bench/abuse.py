@@ -382,11 +382,16 @@ def slow_bodies(
         while not stop.wait(1.0):
             for connection in list(connections):
                 try:
+                    if not _still_open(connection):
+                        raise ConnectionResetError
                     connection.sendall(b" ")
                 except OSError:
                     connections.remove(connection)
+                    connection.close()
                     result.attacker_codes["closed by the server"] += 1
-        result.attacker_codes["held open"] += len(connections)
+        held = [connection for connection in connections if _still_open(connection)]
+        result.attacker_codes["closed by the server"] += len(connections) - len(held)
+        result.attacker_codes["held open"] += len(held)
     finally:
         for connection in connections:
             connection.close()

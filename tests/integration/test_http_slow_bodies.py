@@ -13,6 +13,7 @@ import httpx
 
 from tests.conftest import ServerFactory
 from tests.integration.test_http_abuse import COHERE, GOOD, connect, http_port, read_response, request_head
+from tests.support.logs import LogCapture
 from tests.support.waiting import wait_until
 
 SLOTS = 4
@@ -49,3 +50,22 @@ def test_bodies_trickling_in_hold_no_call_slot_and_each_is_answered_once_complet
     assert polite == Counter({200: 20})
     assert finished == [200] * SLOW
     assert drained
+
+
+def test_a_client_gone_before_its_body_arrived_is_a_cancelled_call_not_an_internal_error(
+    serve: ServerFactory, logs: LogCapture
+) -> None:
+    body = json.dumps(GOOD).encode()
+    with serve(http_port=0) as server:
+        port = http_port(server)
+        assert server.server is not None
+        admission = server.server.admission
+        sock = connect(port)
+        sock.sendall(request_head(port, COHERE, len(body)) + body[:-1])
+        wait_until(lambda: admission.bytes_in_flight == len(body), what="the headers read")
+        sock.close()
+        [line] = logs.wait_for_calls(1)
+        wait_until(lambda: admission.bytes_in_flight == 0, what="the body's bytes given back")
+
+    assert line["code"] == "CANCELLED"
+    assert not [event for event in logs.events() if event.get("event") == "unexpected error"]
