@@ -7,7 +7,7 @@ BUF := .ci/tools/node_modules/.bin/buf
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 PY_STUBS := clients/python/src
 
-.PHONY: install install-upstream install-dev infinity infinity-optimum chart-tools bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers litellm serve test lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
+.PHONY: install install-upstream install-dev infinity infinity-optimum chart-tools bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers litellm serve test test-python lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -118,6 +118,16 @@ docs: install-dev
 ## test: install everything and run every check and test
 test: install-dev infinity chart-tools buf-lint buf-breaking check-generated lint typecheck
 	$(VENV)/bin/pytest
+
+## test-python: the Python part of `make test`, for a machine without Go, Node.js or Java: ruff, mypy and
+## every test except those that need other toolchains or root, which are not collected (so none is skipped):
+## the buf checks (tests/contract), the chart and the image (tests/deploy), the Go, Node and Java client
+## suites and grpcurl/grpc_health_probe (tests/clients/test_other_languages.py, test_operator_tools.py);
+## PYTEST_ARGS: more pytest arguments, e.g. PYTEST_ARGS="tests/unit -x"
+NEEDS_OTHER_TOOLCHAINS := tests/contract tests/deploy tests/clients/test_other_languages.py \
+	tests/clients/test_operator_tools.py
+test-python: install-dev infinity lint typecheck
+	$(VENV)/bin/pytest $(addprefix --ignore=,$(NEEDS_OTHER_TOOLCHAINS)) $(PYTEST_ARGS)
 
 ## bench-local: the local backend against the direct model, micro-batching on against off; its engines
 ## (torch, onnx, onnx int8) against Infinity's (torch, optimum) and transformers called directly

@@ -305,7 +305,7 @@ def _start_up_frozen() -> Iterator[None]:
     """Each call allocates many short-lived objects that reference counting frees; the
     cycle collector, run every 700 allocations by default, mostly rescans what start-up
     built (modules, a model). Freeze that and run it less often: ~7% less CPU per call
-    at 500 documents (docs/PERFORMANCE.md). On the way out start-up's objects go back to
+    at 500 documents (docs/perf-history.md). On the way out start-up's objects go back to
     the collector, so that interpreter exit frees them: extensions that count their live
     objects at exit (triton's, under transformers) would otherwise report every frozen
     one as leaked on stderr."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,8 +12,10 @@ from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.clients.conftest import ROOT, LiveServer
 from tests.conftest import ServerFactory
 from tests.support.backends import GatedBackend
+from tests.support.fault_scenarios import health_of
 from tests.support.rpc import request
 from tests.support.server import ServerThread
+from tests.support.waiting import wait_until
 
 TOOLS = ROOT / ".ci" / "tools" / "go" / "bin"
 
@@ -120,10 +121,12 @@ def test_health_probe_fails_while_the_server_drains(serve: ServerFactory, upstre
     upstream.inject(Fault(delay=1.5))
     with serve() as server, ThreadPoolExecutor(1) as pool:
         assert server.server is not None
+        channel = server.channel
+        assert channel is not None
         in_flight = pool.submit(server.stub.Rerank, request(), timeout=10)
-        time.sleep(0.3)  # the call now waits on the upstream
+        wait_until(lambda: len(upstream.requests) == 1, what="the call waiting on the upstream")
         stopping = server.begin(server.server.stop(grace=5))
-        time.sleep(0.2)
+        wait_until(lambda: health_of(channel, "") != "SERVING", what="the server draining")
         draining = probe(server.target)
         response = in_flight.result(timeout=10)
         stopping.result(timeout=10)

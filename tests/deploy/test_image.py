@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,7 +205,7 @@ def test_the_image_serves_and_exits_0_on_sigterm(
             assert len(upstream.requests) == 1
             os.kill(pid, signal.SIGTERM)
             code = service.process.wait(timeout=40)
-            time.sleep(0.05)  # the reader thread takes the last lines
+            service.read_to_end()
             assert code == 0, service.output
             assert "stopped" in [e.get("event") for e in service.events()], service.output
         finally:  # nothing of the container left running, whatever failed

@@ -11,15 +11,7 @@ from tests.conftest import ServerFactory
 from tests.support.logs import LogCapture
 from tests.support.rpc import code_of, details_of, expect_error, request
 from tests.support.server import ServerThread
-
-
-def wait_for(condition: object, timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if callable(condition) and condition():
-            return True
-        time.sleep(0.02)
-    return False
+from tests.support.waiting import wait_until
 
 
 def test_caller_deadline_cuts_the_upstream_call_short(
@@ -34,7 +26,7 @@ def test_caller_deadline_cuts_the_upstream_call_short(
     assert code_of(error) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert elapsed < 2.0
     # The service hung up on the upstream instead of waiting out its 10 s answer.
-    assert wait_for(lambda: len(upstream.abandoned) == 1)
+    wait_until(lambda: len(upstream.abandoned) == 1, timeout=3.0, what="the upstream call abandoned")
     assert upstream.abandoned[0].received_at - started < 1.0
     [call] = logs.wait_for_calls(1)
     assert call["code"] in {"DEADLINE_EXCEEDED", "CANCELLED"}
@@ -53,7 +45,7 @@ def test_upstream_timeout_applies_when_the_caller_sets_no_deadline(
     assert code_of(error) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "upstream timeout" in details_of(error)
     assert 0.4 < elapsed < 2.0
-    assert wait_for(lambda: len(upstream.abandoned) == 1)
+    wait_until(lambda: len(upstream.abandoned) == 1, timeout=3.0, what="the upstream call abandoned")
 
 
 def test_a_generous_deadline_does_not_extend_the_upstream_timeout(

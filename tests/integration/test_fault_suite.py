@@ -174,7 +174,7 @@ def test_leak_checker_notices_a_task_a_descriptor_and_a_connection_left_behind(
     with serve() as server:
         checker = LeakChecker(server, healed)
         baseline = checker.baseline()
-        forgotten = server.begin(asyncio.sleep(30))
+        forgotten = server.begin(asyncio.sleep(30))  # a task left running: the leak to notice
         held = socket.create_connection(healed.address)
         try:
             assert healed.wait_for(lambda fake: fake.open_connections > baseline.connections)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +18,7 @@ from tests.support.backends import GatedBackend
 from tests.support.logs import LogCapture
 from tests.support.rpc import code_of, expect_error, request
 from tests.support.server import ServerThread
+from tests.support.waiting import wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -71,7 +71,7 @@ def test_draining_reports_not_serving_and_finishes_calls_in_flight(
     upstream.inject(Fault(delay=0.8))
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(server.stub.Rerank, request(), timeout=10)
-        time.sleep(0.3)  # the call is now waiting on the upstream
+        wait_until(lambda: len(upstream.requests) == 1, what="the call waiting on the upstream")
         stopping = server.begin(server.server.stop(grace=5))
 
         assert next(watch).status == NOT_SERVING

@@ -37,6 +37,7 @@ from tests.support.process import ServiceProcess
 from tests.support.rpc import code_of, details_of, expect_error, request, retry_delay
 from tests.support.server import ServerThread
 from tests.support.tiny_models import build_tiny_cross_encoder, build_tiny_qwen3_reranker
+from tests.support.waiting import wait_until
 
 NATIVE = "/api/v1/services/rerank/text-rerank/text-rerank"
 COMPATIBLE = "/compatible-api/v1/reranks"
@@ -135,6 +136,15 @@ def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "the condition never held"
         time.sleep(0.02)
+
+
+def refuses_connections(port: int) -> bool:
+    """Whether nothing listens on `port` (any connection made to find out is closed at once)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 @pytest.fixture
@@ -600,7 +610,8 @@ def test_sigterm_lets_http_calls_in_flight_finish_refuses_new_ones_and_exits_zer
             signalled = time.monotonic()
             service.process.send_signal(signal.SIGTERM)
             eventually(lambda: any(e["event"] == "draining" for e in service.events()))
-            time.sleep(0.2)  # the listener closes as the drain starts
+            port = int(serving["http_port"])
+            wait_until(lambda: refuses_connections(port), what="the HTTP listener closed as the drain starts")
             late: list[int | str] = []
             for route in ("native", "cohere-v1"):
                 try:

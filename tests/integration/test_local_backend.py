@@ -23,6 +23,7 @@ from rerank_service.config import Settings
 from tests.support.logs import LogCapture
 from tests.support.rpc import code_of, details_of, expect_error, field_violations, request
 from tests.support.server import ServerThread
+from tests.support.waiting import wait_until
 
 
 class WordScorer:
@@ -57,7 +58,7 @@ class WordScorer:
     def score(self, batch: Sequence[Encoded]) -> list[float]:
         self.batch_sizes.append(len(batch))
         if self.delay:
-            time.sleep(self.delay)
+            time.sleep(self.delay)  # the model's work, not synchronisation
         return [item.input_ids[0] / max(1, item.input_ids[1]) for item in batch]
 
 
@@ -168,7 +169,7 @@ def test_health_answers_while_a_batch_runs(logs: LogCapture) -> None:
     with local_server(scorer) as server, ThreadPoolExecutor(1) as pool:
         assert server.channel is not None
         slow = pool.submit(rerank, server)
-        time.sleep(0.2)
+        wait_until(lambda: bool(scorer.batch_sizes), what="the slow call's batch running")
         started = time.perf_counter()
         health = health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         models = server.stub.ListModels(rerank_pb2.ListModelsRequest(), timeout=5)

@@ -180,6 +180,7 @@ def test_a_rolling_restart_under_load_fails_no_call(upstream: FakeUpstream, work
                 services[index] = _start(upstream, port, workers)
                 # Serving again, and reached by the client, before the next one goes.
                 _eventually(_answering(services[index]), what=f"calls on restarted {port}")
+            # The rest of the load's span: part of the scenario, not synchronisation.
             time.sleep(max(0.0, LOAD_SECONDS - (time.monotonic() - started)))
         elapsed = time.monotonic() - started
     finally:

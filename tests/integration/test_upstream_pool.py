@@ -14,6 +14,7 @@ from rerank_service.backends.upstream.http.pool import LeanConnectionPool as Lea
 from rerank_service.backends.upstream.http.transport import pooled_transport
 from rerank_service.testing.fake_upstream import NATIVE_PATH, FakeUpstream, Fault
 from tests.support.certs import CertificateAuthority
+from tests.support.waiting import wait_until_async
 
 BODY = {"model": "qwen3-rerank", "input": {"query": "a b", "documents": ["a b c", "d"]}}
 
@@ -74,7 +75,9 @@ async def test_a_caller_waiting_longer_than_the_pool_timeout_gets_a_pool_timeout
     upstream.always(Fault(delay=0.5))
     async with httpx.AsyncClient(base_url=upstream.url, transport=pooled_transport(1)) as client:
         busy = asyncio.create_task(client.post(NATIVE_PATH, json=BODY, timeout=5))
-        await asyncio.sleep(0.1)
+        await wait_until_async(
+            lambda: len(upstream.requests) == 1, what="the busy call holding the connection"
+        )
         with pytest.raises(httpx.PoolTimeout):
             await client.post(NATIVE_PATH, json=BODY, timeout=httpx.Timeout(5, pool=0.1))
         assert (await busy).status_code == 200
@@ -98,7 +101,7 @@ async def test_a_cancelled_call_frees_its_slot(upstream: FakeUpstream) -> None:
     upstream.inject(Fault(delay=5))
     async with httpx.AsyncClient(base_url=upstream.url, transport=pooled_transport(1), timeout=10) as client:
         slow = asyncio.create_task(post(client))
-        await asyncio.sleep(0.1)
+        await wait_until_async(lambda: len(upstream.requests) == 1, what="the slow call holding the slot")
         slow.cancel()
         with pytest.raises(asyncio.CancelledError):
             await slow

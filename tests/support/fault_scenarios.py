@@ -599,7 +599,7 @@ async def drive_overload(target: str, pid: int, rate: float, seconds: float) -> 
                     result.health[health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)] += 1
                 except grpc.RpcError as error:
                     result.health[error.code().name] += 1
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # the watcher's pace, not synchronisation
 
         watcher = asyncio.create_task(watch())
         calls = []

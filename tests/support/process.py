@@ -29,6 +29,7 @@ class ServiceProcess:
         self.lines: list[str] = []
         self.port: int | None = None
         self._serving = threading.Event()
+        self._reader: threading.Thread | None = None
         self.process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> ServiceProcess:
@@ -39,7 +40,7 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        reader = threading.Thread(target=self._read, daemon=True)
+        reader = self._reader = threading.Thread(target=self._read, daemon=True)
         reader.start()
         deadline = time.monotonic() + self.start_timeout
         while not self._serving.wait(timeout=0.05):
@@ -79,8 +80,13 @@ class ServiceProcess:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         code = self.process.wait(timeout=timeout)
-        time.sleep(0.05)  # let the reader thread take the last lines
+        self.read_to_end()
         return code
+
+    def read_to_end(self, timeout: float = 5.0) -> None:
+        """Wait until every line of an exited process is read (its output has closed)."""
+        if self._reader is not None:
+            self._reader.join(timeout=timeout)
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:

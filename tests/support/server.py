@@ -9,7 +9,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import threading
-import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -19,6 +18,7 @@ from rerank.v1 import rerank_pb2_grpc
 from rerank_service.config import Settings
 from rerank_service.core.backend import Backend
 from rerank_service.grpc.server import RerankServer
+from tests.support.waiting import wait_until
 
 T = TypeVar("T")
 
@@ -69,11 +69,12 @@ class ServerThread:
         """
         assert self.server is not None
         starting = self.begin(self.server.start())
-        deadline = time.monotonic() + 5
-        while self.server.port is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        server = self.server
+        wait_until(lambda: server.port is not None, timeout=5, what="the server's port open")
         self.connect()
-        time.sleep(0.1)  # the port is bound a moment before the server answers on it
+        assert self.channel is not None
+        # The port is bound a moment before the server answers on it.
+        grpc.channel_ready_future(self.channel).result(timeout=5)
         return starting
 
     def connect(self) -> None:

@@ -50,7 +50,7 @@ async def test_stream_items_wait_for_bytes_then_go_in_order_of_room() -> None:
     admission = Admission(max_in_flight=10, max_bytes=100)
     await admission.take_bytes(80)
     waiting = asyncio.create_task(admission.take_bytes(50))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # a moment in which a wrong grant would happen: nothing to wait for
     assert not waiting.done()
 
     admission.give_bytes(80)

@@ -13,6 +13,7 @@ import pytest
 from rerank_service.backends.local.batcher import BatchLimits, MicroBatcher
 from rerank_service.backends.local.scorer import Encoded
 from rerank_service.core.domain import ServiceError
+from tests.support.waiting import wait_until_async
 
 
 class RecordingScorer:
@@ -41,7 +42,7 @@ class RecordingScorer:
         self.threads.add(threading.current_thread().name)
         self.batches.append(list(batch))
         if self.delay:
-            time.sleep(self.delay)
+            time.sleep(self.delay)  # the model's work, not synchronisation
         if self.fail_on is not None and any(item.input_ids[0] == self.fail_on for item in batch):
             raise RuntimeError("CUDA out of memory (pretend)")
         return [expected(item) for item in batch]
@@ -179,13 +180,15 @@ async def test_a_cancelled_request_is_dropped_from_the_queue() -> None:
     scorer = RecordingScorer(delay=0.2)
     batcher = await started(scorer, limits=BatchLimits(max_batch_size=2, max_wait=0))
     first = asyncio.ensure_future(batcher.score([pair(5)]))
-    await asyncio.sleep(0.05)  # the first batch is now running
+    await wait_until_async(lambda: bool(scorer.batches), what="the first batch running")
     doomed = asyncio.create_task(batcher.score([pair(7, first=99) for _ in range(6)]))  # noqa: RUF006 - kept, and cancelled below
     await asyncio.sleep(0)
     doomed.cancel()
 
     assert await first == [expected(pair(5))]
-    await asyncio.sleep(0.3)
+    # Queued after the doomed pairs and longer, so scored after any of them that were kept:
+    # once it is answered, every pair that would have been scored has been.
+    assert await batcher.score([pair(50)]) == [expected(pair(50))]
     assert doomed.cancelled()
     assert all(item.input_ids[0] != 99 for batch in scorer.batches for item in batch)
     await batcher.close()
@@ -213,7 +216,7 @@ async def test_the_model_runs_off_the_event_loop() -> None:
     async def tick() -> None:
         nonlocal ticks
         while True:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the ticker's pace, not synchronisation
             ticks += 1
 
     ticker = asyncio.ensure_future(tick())

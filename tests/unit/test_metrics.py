@@ -153,7 +153,7 @@ async def test_the_transport_counts_each_attempt_and_sends_the_trace_headers() -
 
     async def answer(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # the upstream's latency, to be timed: not synchronisation
         return httpx.Response(503 if len(seen) == 1 else 200, stream=_Body(b"{}"))
 
     transport = UpstreamTransport("http://upstream.test", 5.0, 4, transport=httpx.MockTransport(answer))

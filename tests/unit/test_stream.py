@@ -26,7 +26,7 @@ class Tracker:
         self.most = max(self.most, self.running)
         self.started.append(key)
         try:
-            await asyncio.sleep(seconds)
+            await asyncio.sleep(seconds)  # the item's work, not synchronisation
             if key.startswith("boom"):
                 raise RuntimeError("handler failed")
             return f"answer:{key}"
@@ -80,7 +80,7 @@ async def test_no_more_than_the_window_runs_at_once_and_reading_waits() -> None:
     stream = answers(tracker, items_of(items, pulled), window=4)
 
     first = await stream.__anext__()
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # a moment in which a wrong read-ahead would happen: nothing to wait for
     read_before_consuming_more = len(pulled)
     rest = [answer async for answer in stream]
 

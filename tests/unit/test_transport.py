@@ -20,6 +20,7 @@ from rerank_service.core.domain import ServiceError
 from rerank_service.observability.metrics import REGISTRY
 from rerank_service.testing.fake_upstream import NATIVE_PATH, NEVER, FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY
+from tests.support.waiting import wait_until_async
 
 BODY = {"model": "qwen3-rerank", "input": {"query": "a b", "documents": ["a b c", "d"]}}
 KEY = Secret(UPSTREAM_KEY)
@@ -289,7 +290,7 @@ async def test_a_call_cancelled_mid_attempt_is_counted_as_cancelled(
     upstream.always(Fault(delay=NEVER))
     before = attempts("cancelled")
     call = asyncio.create_task(transports().post_json(NATIVE_PATH, BODY, KEY, None))
-    await asyncio.sleep(0.1)
+    await wait_until_async(lambda: len(upstream.requests) == 1, what="the attempt reaching the upstream")
 
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -344,7 +345,7 @@ async def test_bytes_go_both_ways(connected: Connected) -> None:
 
 async def test_an_idle_open_connection_is_not_readable(connected: Connected) -> None:
     stream, _, _ = connected
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # a moment for stray bytes to arrive: there is no event to wait for
 
     assert stream.get_extra_info("is_readable") is False
 
@@ -352,18 +353,15 @@ async def test_an_idle_open_connection_is_not_readable(connected: Connected) -> 
 async def test_a_connection_the_server_closed_is_readable_and_reads_empty(connected: Connected) -> None:
     stream, _, writer = connected
     writer.close()
-    await asyncio.sleep(0.05)
+    await wait_until_async(lambda: stream.get_extra_info("is_readable") is True, what="the close arriving")
 
-    assert stream.get_extra_info("is_readable") is True
     assert await stream.read(100, timeout=2) == b""
 
 
 async def test_unasked_for_bytes_make_a_connection_readable(connected: Connected) -> None:
     stream, _, writer = connected
     writer.write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
-    await asyncio.sleep(0.05)
-
-    assert stream.get_extra_info("is_readable") is True
+    await wait_until_async(lambda: stream.get_extra_info("is_readable") is True, what="the bytes arriving")
 
 
 async def test_a_read_with_nothing_coming_times_out_as_httpcore_expects(connected: Connected) -> None:

@@ -388,7 +388,7 @@ def _session(ort: Any, graph: Path, threads: int) -> Any:
             providers=["CPUExecutionProvider"],
             # ORT's fused SkipLayerNormalization runs slower on the CPU than the Add and
             # LayerNormalization it replaces: without it a batch of 32 BERT pairs took 15%
-            # less time in int8 and 7% less in float32 (docs/PERFORMANCE.md).
+            # less time in int8 and 7% less in float32 (docs/perf-history.md).
             disabled_optimizers=["SkipLayerNormFusion"],
         )
     except Exception as exc:
