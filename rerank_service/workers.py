@@ -1,6 +1,6 @@
 """`serve --workers N`: N server processes sharing the ports, started and watched by one supervisor.
 
-Each worker is a whole server (grpc/server.py `serve`): its own event loop, router, health
+Each worker is a whole server (server.py `serve`): its own event loop, router, health
 service, admission limits and drain. They listen on the same gRPC port (and HTTP port)
 with SO_REUSEPORT, so the kernel spreads new connections over them, as grpc's own
 multiprocessing example does. The supervisor
@@ -451,7 +451,7 @@ def _worker_main(
     # Every line this worker logs says which worker, and which process, wrote it.
     structlog.contextvars.bind_contextvars(worker=index, pid=os.getpid())
     flush_held_warnings()  # a key file's, found while the settings loaded
-    from rerank_service.grpc.server import serve
+    from rerank_service.server import serve  # only a worker serves: the supervisor never loads it
 
     def serving(port: int) -> None:
         ready.send(("serving", port))

@@ -1,26 +1,19 @@
-"""The edge of every RerankService call: where it is named, admitted, authenticated,
-answered or refused with a status, and recorded once.
+"""The gRPC adapter of every RerankService call: it registers the contract's methods with
+grpc and takes each call through the pipeline (pipeline/call.py), translating its steps'
+results to gRPC: a status with `google.rpc` details (status.py), trailing metadata.
 
-`RerankServiceEdge.handler` registers the service's methods with grpc. Authentication
-(auth.py) comes first, from the metadata alone, when grpc routes the call: a call
-without an accepted key goes to a refusal that never reads its request. Every call
-then goes through the same steps, in this order:
-
-1. make the call's request id and bind it (observability/request_id.py): every log
-   line of the call carries it;
-2. the refusal, for a call without an accepted key: UNAUTHENTICATED;
-3. admission (admission.py): past the bound, RESOURCE_EXHAUSTED at once (a stream
-   holds a slot only while items are in flight, and ends when idle: `_StreamItems`);
-4. the servicer's method, which returns an `Answer`: the message and the domain
-   outcome it came from (tokens, upstream ids, timings), or raises a ServiceError
-   that carries the same facts;
-5. the status and trailing metadata (status.py), then one log line and the call's
-   metrics, from those values alone.
+Authentication comes first, from the metadata alone, when grpc routes the call: a call
+without an accepted key goes to a refusal that never reads its request. A unary call
+then opens its pipeline call, is admitted (a request that would be refused is not even
+parsed), runs the servicer's method, which hands the engine's work to the pipeline and
+returns an `Answer`, and is answered with its status and trailing metadata; the
+pipeline records it once. A stream is one call in the pipeline (counted open; its items
+take slots and bytes while in flight: `_StreamItems`), and each of its items is a call
+of its own, opened by the servicer.
 
 The methods are read from the contract's descriptor, so a new RPC is wrapped the same
 way (and start-up fails if the servicer lacks it, or if it has a shape the edge does
-not serve yet: client streaming with one answer). RerankStream items
-are calls of their own: `ItemEdge` names, times and records each one.
+not serve yet: client streaming with one answer).
 """
 
 from __future__ import annotations
@@ -38,10 +31,12 @@ from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2
 
 from rerank_service.core.domain import NO_TIMINGS, RerankOutcome, ServiceError, Timings
-from rerank_service.frontdoor.admission import Admission
-from rerank_service.frontdoor.auth import KeyChecker, bearer_token
-from rerank_service.frontdoor.calls import CallFacts, call_facts, log_call
-from rerank_service.grpc.status import (
+from rerank_service.grpc.status import Metadata, error_metadata
+from rerank_service.observability import metrics
+from rerank_service.pipeline.admission import Admission
+from rerank_service.pipeline.auth import KeyChecker, bearer_token
+from rerank_service.pipeline.call import Call, Pipeline, unauthenticated
+from rerank_service.pipeline.record import (
     DEPLOYMENT_KEY,
     INFERENCE_TIME_KEY,
     QUEUE_TIME_KEY,
@@ -50,15 +45,7 @@ from rerank_service.grpc.status import (
     UPSTREAM_IDS_KEY,
     UPSTREAM_TIME_KEY,
     USAGE_SOURCE_KEY,
-    Metadata,
-    error_metadata,
-    internal_error,
 )
-from rerank_service.observability import metrics
-from rerank_service.observability.logging import get_logger
-from rerank_service.observability.request_id import bind_request_id, new_request_id, unbind_request_id
-
-_log = get_logger("rerank_service.access")
 
 Response = TypeVar("Response")
 SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"]
@@ -126,11 +113,8 @@ def _tolerant(
     return deferring
 
 
-def _reported_bug(request_id: str) -> ServiceError:
-    """A bug (call inside `except`): logged with its stack, answered INTERNAL naming only
-    the request id to quote."""
-    _log.exception("unexpected error")
-    return internal_error(request_id)
+# Where a gRPC caller's key goes, as a refusal names it.
+KEY_CARRIER = "'authorization: Bearer <key>' metadata"
 
 
 def _undecodable() -> ServiceError:
@@ -163,13 +147,6 @@ class _Routes(grpc.GenericRpcHandler):
         return self._refusals[handler_call_details.method, token is None]
 
 
-def _unauthenticated(missing: bool) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.UNAUTHENTICATED,
-        "missing 'authorization: Bearer <key>' metadata" if missing else "the bearer key is not accepted",
-    )
-
-
 # (client streaming, server streaming) → grpc's handler for that shape.
 _HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -180,15 +157,10 @@ _HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[
 
 
 class RerankServiceEdge:
-    def __init__(
-        self,
-        admission: Admission,
-        checker: KeyChecker,
-        backend_time_key: str,
-        stream_idle_timeout: float = 60.0,
-    ) -> None:
-        self._admission = admission
-        self._checker = checker
+    def __init__(self, pipeline: Pipeline, backend_time_key: str, stream_idle_timeout: float) -> None:
+        self._pipeline = pipeline
+        self._admission = pipeline.admission
+        self._checker = pipeline.checker
         self._stream_idle_timeout = stream_idle_timeout
         # x-inference-time for a local backend, x-upstream-time for an upstream one.
         self._backend_time_key = backend_time_key
@@ -214,7 +186,7 @@ class RerankServiceEdge:
             # the body (a 15 MB request without a key costs nothing). Logged and counted
             # like any call.
             for missing in (True, False):
-                refusal = _unauthenticated(missing)
+                refusal = unauthenticated(missing, KEY_CARRIER)
                 refusing = (
                     self._stream(path, behavior, refusal)
                     if method.server_streaming
@@ -229,135 +201,90 @@ class RerankServiceEdge:
     def _unary(
         self,
         path: str,
-        behavior: Callable[[Any, ServicerContext[Any, Any]], Awaitable[Answer[Any]]],
+        behavior: Callable[[Any, ServicerContext[Any, Any], Call], Awaitable[Answer[Any]]],
         refusal: ServiceError | None = None,
     ) -> Callable[[Any, ServicerContext[Any, Any]], Awaitable[Any]]:
         """The edge around one unary method; with `refusal`, every call is refused with it,
         logged and counted, without running the method or reading the request."""
         measured = metrics.for_method(path)
+        pipeline = self._pipeline
 
-        async def call(
+        async def unary(
             received: _Received | _Unparsed | _Undecodable, context: ServicerContext[Any, Any]
         ) -> Any:
-            started = time.perf_counter()
-            request_id = new_request_id()
-            token = bind_request_id(request_id)
-            peer = context.peer()  # read now: once a deadline has cancelled the call it is gone
-            measured.started()
-            # What the log line and metrics will say, gathered as the call goes (locals,
-            # not a record: CallFacts is built once, at the end).
-            code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # unless it gets further
-            details: str | None = None
-            documents: int | None = None
-            model: str | None = None
-            outcome: RerankOutcome | None = None
-            failure: ServiceError | None = None
-            admitted = ran = False
-            size = received.size if isinstance(received, _Received | _Unparsed) else 0  # a refusal: unread
-            opened = False
+            # The peer is read now: once a deadline has cancelled the call it is gone.
+            call = pipeline.open(path, context.peer(), measured)
+            ran = False
             try:
                 try:
                     if refusal is not None:  # the key, checked before routing (_Routes)
                         raise refusal
-                    self._admission.open_call()
-                    opened = True
-                    self._admission.enter(size)
-                    admitted = True
+                    call.admit(received.size if isinstance(received, _Received | _Unparsed) else 0)
                     if isinstance(received, _Unparsed):  # room was made meanwhile
                         received = received.parse(received.data)
                     if not isinstance(received, _Received):
                         raise _undecodable()
-                    request = received.message
-                    # Only calls let through say what they asked for (a refusal's log line
-                    # and the documents histogram do not count what was never served).
-                    if isinstance(request, rerank_pb2.RerankRequest):
-                        documents, model = len(request.documents), request.model
                     ran = True
-                    answer = await behavior(request, context)
+                    answer = await behavior(received.message, context, call)
                 except ServiceError as error:
-                    failure, code, details = error, error.code, error.message
-                    metadata = error_metadata(error, error.upstream_request_id or request_id)
+                    call.failed(error)
+                    metadata = error_metadata(error, error.upstream_request_id or call.request_id)
                     # Timing only for a call that ran: a refusal spent nothing worth naming.
                     if ran:
-                        metadata += self._timing(started, error.timings)
-                    await context.abort(code, details, metadata)
+                        metadata += self._timing(call.started, error.timings)
+                    await context.abort(error.code, error.message, metadata)
                 except Exception:
-                    bug = _reported_bug(request_id)
-                    code, details = bug.code, bug.message
-                    await context.abort(code, details, error_metadata(bug, request_id))
+                    bug = call.bug()
+                    await context.abort(bug.code, bug.message, error_metadata(bug, call.request_id))
                 outcome = answer.outcome
                 timings = NO_TIMINGS if outcome is None else outcome.timings
                 context.set_trailing_metadata(
-                    _outcome_metadata(outcome, request_id) + self._timing(started, timings)
+                    _outcome_metadata(outcome, call.request_id) + self._timing(call.started, timings)
                 )
-                code = grpc.StatusCode.OK
+                call.succeeded()
                 return answer.message
             finally:
-                if admitted:
-                    self._admission.release(size)
-                if opened:
-                    self._admission.close_call()
-                unbind_request_id(token)
-                seconds = time.perf_counter() - started
-                facts = call_facts(path, peer, request_id, documents, model, outcome, failure)
-                measured.finished(code, seconds, documents, facts.total_tokens)
-                log_call(facts, code, seconds, details)
-                # The error's traceback holds this frame, which holds the error: a cycle
-                # that would keep the request (megabytes) alive until the cycle collector
-                # runs, which the server tunes to run rarely. Broken here, it goes at once.
-                failure = received = request = None  # type: ignore[assignment]
+                call.finish()
+                # The error's traceback holds this frame, which holds the request: see Call.finish.
+                received = None  # type: ignore[assignment]
 
-        return call
+        return unary
 
     def _stream(
         self,
         path: str,
-        behavior: Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]],
+        behavior: Callable[[Any, ServicerContext[Any, Any], Call], AsyncIterator[Any]],
         refusal: ServiceError | None = None,
     ) -> Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]]:
         """The edge around one streaming method; `refusal` as for `_unary`."""
         measured = metrics.for_method(path)
+        pipeline = self._pipeline
 
         async def stream(requests: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            request_id = new_request_id()
-            # Not unbound afterwards: the stream's task ends with the call, and a generator
-            # may be finalised from another context, where reset() fails.
-            bind_request_id(request_id)
-            # Read now: after the call has ended (a deadline, a cancel) grpc's context is gone.
-            peer = context.peer()
-            measured.started()
-            code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # unless it gets further
-            details: str | None = None
+            # Not unbound afterwards (scoped=False): the stream's task ends with the call, and
+            # a generator may be finalised from another context, where reset() fails.
+            call = pipeline.open(path, context.peer(), measured, scoped=False)
             # A stream holds an admission slot only while items are in flight, not while it is
             # open: a stream that sends nothing holds nothing (the idle timeout ends it meanwhile).
             items = _StreamItems(requests, self._admission, self._stream_idle_timeout)
-            opened = False
             try:
                 try:
                     if refusal is not None:  # the key, checked before routing (_Routes)
                         raise refusal
-                    self._admission.open_call()
-                    opened = True
-                    async for response in behavior(items, context):
+                    call.admit_stream()
+                    async for response in behavior(items, context, call):
                         items.answered(response)
                         yield response
                 except ServiceError as error:
-                    code, details = error.code, error.message
-                    await context.abort(error.code, error.message, error_metadata(error, request_id))
+                    call.failed(error)
+                    await context.abort(error.code, error.message, error_metadata(error, call.request_id))
                 except Exception:
-                    bug = _reported_bug(request_id)
-                    code, details = bug.code, bug.message
-                    await context.abort(code, details, error_metadata(bug, request_id))
-                code = grpc.StatusCode.OK
+                    bug = call.bug()
+                    await context.abort(bug.code, bug.message, error_metadata(bug, call.request_id))
+                call.succeeded()
             finally:
                 items.close()
-                if opened:
-                    self._admission.close_call()
-                seconds = time.perf_counter() - started
-                measured.finished(code, seconds, None, None)
-                facts = CallFacts(path, peer, request_id, items=items.sent)
-                log_call(facts, code, seconds, details, event="stream")
+                call.finish(items=items.sent, event="stream")
 
         return stream
 
@@ -376,65 +303,6 @@ class RerankServiceEdge:
         if self._backend_time_key == INFERENCE_TIME_KEY or timings.inference_seconds:
             timing += ((INFERENCE_TIME_KEY, _ms(timings.inference_seconds)),)
         return timing
-
-
-class ItemEdge:
-    """Each RerankStream item is a call of its own: its request id, its log line (tagged
-    with its id, carrying its timing: an item has no metadata of its own), its metrics."""
-
-    def __init__(self, path: str, peer: str) -> None:
-        self._path = path
-        self._peer = peer
-
-    async def serve(
-        self,
-        item_id: str,
-        documents: int,
-        model: str,
-        run: Callable[[], Awaitable[RerankOutcome]],
-        answer: Callable[[RerankOutcome, str], Response],
-        refuse: Callable[[ServiceError, str], Response],
-    ) -> Response:
-        """`answer(outcome, request_id)` the item, or `refuse(error, request_id)` it."""
-        started = time.perf_counter()
-        request_id = new_request_id()
-        bind_request_id(request_id)  # the item runs in a task of its own: its id only
-        metrics.STREAM_ITEMS.started()
-        code = grpc.StatusCode.CANCELLED  # the stream ended first (the client cancelled)
-        details: str | None = None
-        outcome: RerankOutcome | None = None
-        failure: ServiceError | None = None
-        try:
-            try:
-                outcome = await run()
-            except ServiceError as error:
-                failure = error
-                refused = refuse(error, error.upstream_request_id or request_id)
-                code, details = error.code, error.message
-                return refused
-            except Exception:
-                bug = _reported_bug(request_id)
-                refused = refuse(bug, request_id)
-                code, details = bug.code, bug.message
-                return refused
-            response = answer(outcome, outcome.upstream_request_id or request_id)
-            code = grpc.StatusCode.OK
-            return response
-        finally:
-            seconds = time.perf_counter() - started
-            facts = call_facts(
-                self._path, self._peer, request_id, documents, model, outcome, failure, item_id
-            )
-            metrics.STREAM_ITEMS.finished(code, seconds, documents, facts.total_tokens)
-            log_call(facts, code, seconds, details)
-            failure = None  # the error <-> frame cycle would keep the item alive: see _unary
-
-    @staticmethod
-    def refused_at_once(documents: int) -> str:
-        """An item refused before it ran (a duplicate id): counted, and given a request id."""
-        metrics.STREAM_ITEMS.started()
-        metrics.STREAM_ITEMS.finished(grpc.StatusCode.INVALID_ARGUMENT, 0.0, documents, None)
-        return new_request_id()
 
 
 class _StreamItems:

@@ -1,5 +1,6 @@
-"""gRPC adaptation: proto ⇄ domain. Naming, admitting, refusing and recording calls is
-the edge's (edge.py); the ranking is the engine's."""
+"""gRPC translation: proto ⇄ domain, for each RerankService method. Naming, admitting,
+refusing and recording calls is the pipeline's (pipeline/call.py), driven by the edge
+(edge.py); the ranking is the engine's."""
 
 from __future__ import annotations
 
@@ -7,27 +8,30 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2
 
 from rerank_service.core.domain import (
     CallContext,
     DeploymentInfo,
+    DeploymentState,
     FieldViolation,
     RerankOutcome,
     RerankRequest,
     ServiceError,
     echo,
+    every_state,
     invalid_argument,
 )
-from rerank_service.core.engine import RerankEngine
 from rerank_service.core.stream_window import answer_concurrently
-from rerank_service.frontdoor.auth import bearer_token
-from rerank_service.grpc.edge import SERVICE, Answer, ItemEdge
-from rerank_service.grpc.status import internal_error
+from rerank_service.grpc.edge import SERVICE, Answer
+from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
-from rerank_service.observability.request_id import current_request_id, new_request_id
+from rerank_service.observability.request_id import new_request_id
 from rerank_service.observability.trace_context import trace_context
+from rerank_service.pipeline.auth import bearer_token
+from rerank_service.pipeline.call import Call, Pipeline, internal_error
 
 STREAM_ITEM_PATH = f"/{SERVICE.full_name}/RerankStream"
 
@@ -37,54 +41,64 @@ _log = get_logger("rerank_service.servicer")
 class RerankServicer:
     """RerankService's methods, registered through `RerankServiceEdge.handler`."""
 
-    def __init__(self, engine: RerankEngine, stream_concurrency: int = 32) -> None:
-        self._engine = engine
+    def __init__(self, pipeline: Pipeline, stream_concurrency: int) -> None:
+        self._pipeline = pipeline
         self._stream_concurrency = stream_concurrency
 
     async def Rerank(
         self,
         request: rerank_pb2.RerankRequest,
         context: ServicerContext[rerank_pb2.RerankRequest, rerank_pb2.RerankResponse],
+        call: Call,
     ) -> Answer[rerank_pb2.RerankResponse]:
-        outcome = await self._engine.rerank(to_domain(request), call_context(context))
-        request_id = outcome.upstream_request_id or current_request_id() or new_request_id()
-        return Answer(to_proto(outcome, request_id), outcome)
+        outcome = await call.rerank(to_domain(request), call_context(context))
+        return Answer(to_proto(outcome, outcome.upstream_request_id or call.request_id), outcome)
 
     async def RerankStream(
         self,
         request_iterator: AsyncIterator[rerank_pb2.RerankStreamRequest],
         context: ServicerContext[rerank_pb2.RerankStreamRequest, rerank_pb2.RerankStreamResponse],
+        call: Call,
     ) -> AsyncIterator[rerank_pb2.RerankStreamResponse]:
         # One deadline, one set of credentials and one trace context for the whole stream.
         shared = call_context(context)
-        items = ItemEdge(STREAM_ITEM_PATH, context.peer())
+        peer = call.peer
+        pipeline = self._pipeline
 
         async def handle(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
-            # Runs in a task of its own, so the request id the item edge binds is this item's only.
-            def answer(outcome: RerankOutcome, request_id: str) -> rerank_pb2.RerankStreamResponse:
-                return rerank_pb2.RerankStreamResponse(id=item.id, response=to_proto(outcome, request_id))
-
-            def refuse(error: ServiceError, request_id: str) -> rerank_pb2.RerankStreamResponse:
-                return rerank_pb2.RerankStreamResponse(id=item.id, error=to_error_proto(error, request_id))
-
-            return await items.serve(
-                item.id,
-                len(item.request.documents),
-                item.request.model,
-                lambda: self._engine.rerank(to_domain(item.request), shared),
-                answer,
-                refuse,
+            # Each item is a call of its own in the pipeline; it runs in a task of its own,
+            # so the request id bound is this item's only.
+            item_call = pipeline.open(
+                STREAM_ITEM_PATH, peer, metrics.STREAM_ITEMS, item_id=item.id, scoped=False
             )
+            try:
+                outcome = await item_call.rerank(to_domain(item.request), shared)
+                item_call.succeeded()
+                reported = outcome.upstream_request_id or item_call.request_id
+                return rerank_pb2.RerankStreamResponse(id=item.id, response=to_proto(outcome, reported))
+            except ServiceError as error:
+                item_call.failed(error)
+                reported = error.upstream_request_id or item_call.request_id
+                return rerank_pb2.RerankStreamResponse(id=item.id, error=to_error_proto(error, reported))
+            except Exception:
+                bug = item_call.bug()
+                return rerank_pb2.RerankStreamResponse(
+                    id=item.id, error=to_error_proto(bug, item_call.request_id)
+                )
+            finally:
+                item_call.finish()
 
         def duplicate(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
             error = invalid_argument(
                 [FieldViolation("id", f"id {echo(item.id)!r} is already in flight on this stream")]
             )
-            request_id = items.refused_at_once(len(item.request.documents))
+            request_id = Pipeline.refused_at_once(
+                metrics.STREAM_ITEMS, grpc.StatusCode.INVALID_ARGUMENT, len(item.request.documents)
+            )
             return rerank_pb2.RerankStreamResponse(id=item.id, error=to_error_proto(error, request_id))
 
         def failed(item: rerank_pb2.RerankStreamRequest, exc: Exception) -> rerank_pb2.RerankStreamResponse:
-            # The item edge answers every failure of the work; this is a bug in answering it.
+            # The pipeline answers every failure of the work; this is a bug in answering it.
             request_id = new_request_id()
             _log.error("unexpected error", request_id=request_id, error=type(exc).__name__)
             return rerank_pb2.RerankStreamResponse(
@@ -101,6 +115,7 @@ class RerankServicer:
         self,
         request: rerank_pb2.ListModelsRequest,
         context: ServicerContext[rerank_pb2.ListModelsRequest, rerank_pb2.ListModelsResponse],
+        call: Call,
     ) -> Answer[rerank_pb2.ListModelsResponse]:
         return Answer(
             rerank_pb2.ListModelsResponse(
@@ -115,17 +130,19 @@ class RerankServicer:
                         upstream_url=model.upstream_url,
                         deployments=[deployment_proto(deployment) for deployment in model.deployments],
                     )
-                    for model in self._engine.models()
+                    for model in self._pipeline.engine.models()
                 ]
             )
         )
 
 
-_DEPLOYMENT_STATES = {
-    "healthy": rerank_pb2.DEPLOYMENT_STATE_HEALTHY,
-    "ejected": rerank_pb2.DEPLOYMENT_STATE_EJECTED,
-    "down": rerank_pb2.DEPLOYMENT_STATE_DOWN,
-}
+_DEPLOYMENT_STATES = every_state(
+    {
+        DeploymentState.HEALTHY: rerank_pb2.DEPLOYMENT_STATE_HEALTHY,
+        DeploymentState.EJECTED: rerank_pb2.DEPLOYMENT_STATE_EJECTED,
+        DeploymentState.DOWN: rerank_pb2.DEPLOYMENT_STATE_DOWN,
+    }
+)
 
 
 def deployment_proto(deployment: DeploymentInfo) -> rerank_pb2.DeploymentInfo:
@@ -136,7 +153,7 @@ def deployment_proto(deployment: DeploymentInfo) -> rerank_pb2.DeploymentInfo:
         upstream_url=deployment.upstream_url,
         priority=deployment.priority,
         weight=deployment.weight,
-        state=_DEPLOYMENT_STATES.get(deployment.state, rerank_pb2.DEPLOYMENT_STATE_UNSPECIFIED),
+        state=_DEPLOYMENT_STATES[deployment.state],
     )
 
 

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from rerank_service.core.domain import ServiceError
+from rerank_service.pipeline.record import DEPLOYMENT_KEY, REQUEST_ID_KEY
 
 ERROR_DOMAIN = "rerank-service"
-REQUEST_ID_KEY = "x-request-id"
-# Every upstream request id of a call split into chunks, comma-separated.
-UPSTREAM_IDS_KEY = "x-upstream-request-ids"
-# Where a unary call's time went, in milliseconds (decimal strings), as peers (TEI) report it.
-TOTAL_TIME_KEY = "x-total-time"
-QUEUE_TIME_KEY = "x-queue-time"
-UPSTREAM_TIME_KEY = "x-upstream-time"  # the upstream backend
-INFERENCE_TIME_KEY = "x-inference-time"  # the local backend
-# Where usage.total_tokens came from: upstream (its own count), estimate (the service's),
-# model (a local model's tokenizer).
-USAGE_SOURCE_KEY = "x-usage-source"
-# The deployment(s) of the route that answered, or the last one that failed.
-DEPLOYMENT_KEY = "x-deployment"
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
@@ -39,11 +26,6 @@ def error_metadata(error: ServiceError, request_id: str) -> Metadata:
     if error.deployment:
         metadata += ((DEPLOYMENT_KEY, error.deployment),)
     return metadata
-
-
-def internal_error(request_id: str) -> ServiceError:
-    """What a caller is told of a bug: nothing but the id to quote (the log has the stack)."""
-    return ServiceError(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
 
 def _details(error: ServiceError) -> list[Message]:

@@ -1,20 +1,19 @@
-"""The HTTP front door's routes: the rerank APIs existing SDKs speak, on the gRPC server's engine.
+"""The HTTP front door's routes: the rerank APIs existing SDKs speak, translated to and
+from the call pipeline (pipeline/call.py) that gRPC calls go through too.
 
-Every rerank route goes through the same steps as a gRPC call (grpc/edge.py), in this
-order: a request id; the caller's key (from the headers alone, before the body is
-read); the body's headers (its length, and no compression: a gzip body is refused,
-never inflated past what admission charged); admission of its bytes (a body that
-would not be admitted is not read); the body, bounded in size and time; the call's
-admission slot, taken only now, so a body trickling in holds bytes but never a slot a
-working call needs; JSON, then the wire format's fields; the engine; the answer or
-the error in the route's format, its status mapped once (statuses.py); one access-log
-line and the call's metrics (frontdoor/calls.py).
+A rerank route takes the pipeline's steps in this order: the call opened (its request
+id); the caller's key (from the headers alone, before the body is read); the body's
+headers (its length, and no compression: a gzip body is refused, never inflated past
+what admission charged); admission of its bytes (a body that would not be admitted is
+not read); the body, bounded in size and time; the call's admission slot, taken only
+now, so a body trickling in holds bytes but never a slot a working call needs; JSON,
+then the wire format's fields; the engine; the answer or the error in the route's
+format, its status mapped once (statuses.py); the pipeline records the call once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,19 +28,15 @@ from rerank_service.core.domain import (
     ServiceError,
     invalid_argument,
 )
-from rerank_service.core.engine import RerankEngine
-from rerank_service.frontdoor.admission import Admission
-from rerank_service.frontdoor.auth import KeyChecker, bearer_token
-from rerank_service.frontdoor.calls import call_facts, log_call
 from rerank_service.http import openapi
 from rerank_service.http.formats import COHERE, COMPATIBLE, NATIVE, BadRequest, Json, WireFormat
 from rerank_service.http.statuses import dashscope_code, http_status, retry_after_header
 from rerank_service.observability import metrics
-from rerank_service.observability.logging import get_logger
-from rerank_service.observability.request_id import bind_request_id, new_request_id, unbind_request_id
+from rerank_service.observability.request_id import new_request_id
 from rerank_service.observability.trace_context import trace_context
-
-_log = get_logger("rerank_service.http")
+from rerank_service.pipeline.auth import bearer_token
+from rerank_service.pipeline.call import Pipeline
+from rerank_service.pipeline.record import DEPLOYMENT_KEY, REQUEST_ID_KEY, UPSTREAM_IDS_KEY, USAGE_SOURCE_KEY
 
 NATIVE_PATH = "/api/v1/services/rerank/text-rerank/text-rerank"
 COMPATIBLE_PATH = "/compatible-api/v1/reranks"
@@ -52,6 +47,8 @@ RERANK_ROUTES: dict[str, WireFormat] = {
     "/v2/rerank": COHERE,
 }
 JSON_TYPE = "application/json"
+# Where an HTTP caller's key goes, as a refusal names it.
+KEY_CARRIER = "'Authorization: Bearer <key>' header"
 
 
 class FrontDoor:
@@ -59,17 +56,14 @@ class FrontDoor:
 
     def __init__(
         self,
-        engine: RerankEngine,
-        admission: Admission,
-        checker: KeyChecker,
+        pipeline: Pipeline,
         ready: Callable[[], bool],
         live: Callable[[], bool],
         max_body_bytes: int,
         body_timeout: float,
     ) -> None:
-        self._engine = engine
-        self._admission = admission
-        self._checker = checker
+        self._pipeline = pipeline
+        self._admission = pipeline.admission
         self._ready = ready
         self._live = live
         self._max_body_bytes = max_body_bytes
@@ -96,61 +90,38 @@ class FrontDoor:
         measured = metrics.for_http_route(path)
 
         async def handle(http: web.Request) -> web.Response:
-            started = time.perf_counter()
-            request_id = new_request_id()
-            token = bind_request_id(request_id)
-            measured.started()
-            status, failure, outcome = 499, None, None  # unless it gets further: the client left
-            code = grpc.StatusCode.CANCELLED
-            documents: int | None = None
-            model: str | None = None
-            size = http.content_length or 0
-            charged = admitted = False
+            call = self._pipeline.open(f"HTTP POST {path}", http.remote or "", measured)
             try:
                 try:
                     context = self._authenticate(http)
                     self._check_body_headers(http)
-                    self._admission.enter_bytes(size)
-                    charged = True
+                    call.admit_bytes(http.content_length or 0)
                     raw = await self._body(http)
-                    self._admission.enter(0)  # the slot, now that the body is here (its bytes are charged)
-                    admitted = True
+                    call.admit_call()  # the slot, now that the body is here (its bytes are charged)
                     request = wire.parse(_json(raw))
-                    documents, model = len(request.documents), request.model
-                    outcome = await self._engine.rerank(request, context)
-                    status, code = 200, grpc.StatusCode.OK
-                    return self._answer(wire, outcome, request, request_id)
+                    outcome = await call.rerank(request, context)
+                    call.succeeded()
+                    return self._answer(wire, outcome, request, call.request_id)
                 except BadRequest as bad:
                     raise invalid_argument(bad.violations) from None
             except ServiceError as error:
-                failure, code = error, error.code
-                status = http_status(error)
-                return self._refuse(wire, status, error, error.upstream_request_id or request_id)
+                call.failed(error)
+                reported = error.upstream_request_id or call.request_id
+                return self._refuse(wire, http_status(error), error, reported)
             except _HttpError as error:
-                status, code = error.status, error.code
+                call.failed_with(error.code, error.message)
                 return self._json_response(
-                    wire.error(dashscope_code(status), error.message, request_id), status, request_id
+                    wire.error(dashscope_code(error.status), error.message, call.request_id),
+                    error.status,
+                    call.request_id,
                 )
             except Exception:
-                _log.exception("unexpected error")
-                status, code = 500, grpc.StatusCode.INTERNAL
-                message = f"internal error (request id {request_id})"
+                bug = call.bug()
                 return self._json_response(
-                    wire.error("InternalError", message, request_id), status, request_id
+                    wire.error("InternalError", bug.message, call.request_id), 500, call.request_id
                 )
             finally:
-                if admitted:
-                    self._admission.release(0)
-                if charged:
-                    self._admission.give_bytes(size)
-                unbind_request_id(token)
-                seconds = time.perf_counter() - started
-                facts = call_facts(
-                    f"HTTP POST {path}", http.remote or "", request_id, documents, model, outcome, failure
-                )
-                measured.finished(code, seconds, documents, facts.total_tokens)
-                log_call(facts, code, seconds, None if failure is None else failure.message)
-                failure = None  # the error <-> frame cycle would keep the body alive: see grpc/edge.py
+                call.finish()
 
         return handle
 
@@ -196,13 +167,7 @@ class FrontDoor:
     def _authenticate(self, http: web.Request) -> CallContext:
         headers = list(http.headers.items())
         token = bearer_token(headers)
-        if self._checker.enabled and not self._checker.accepts(token):
-            raise ServiceError(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing 'Authorization: Bearer <key>' header"
-                if token is None
-                else "the bearer key is not accepted",
-            )
+        self._pipeline.authenticate(token, KEY_CARRIER)
         traceparent, tracestate = trace_context(headers)
         return CallContext(bearer_token=token, traceparent=traceparent, tracestate=tracestate)
 
@@ -233,11 +198,11 @@ class FrontDoor:
     ) -> web.Response:
         reported = outcome.upstream_request_id or request_id
         response = self._json_response(wire.render(outcome, request, reported), 200, reported)
-        response.headers["x-usage-source"] = outcome.usage_source
+        response.headers[USAGE_SOURCE_KEY] = outcome.usage_source
         if outcome.deployments:
-            response.headers["x-deployment"] = ",".join(outcome.deployments)
+            response.headers[DEPLOYMENT_KEY] = ",".join(outcome.deployments)
         if outcome.upstream_request_ids:
-            response.headers["x-upstream-request-ids"] = ",".join(outcome.upstream_request_ids)
+            response.headers[UPSTREAM_IDS_KEY] = ",".join(outcome.upstream_request_ids)
         return response
 
     def _refuse(self, wire: WireFormat, status: int, error: ServiceError, request_id: str) -> web.Response:
@@ -248,7 +213,7 @@ class FrontDoor:
         if retry_after is not None:
             response.headers["Retry-After"] = retry_after
         if error.deployment:
-            response.headers["x-deployment"] = error.deployment
+            response.headers[DEPLOYMENT_KEY] = error.deployment
         return response
 
     @staticmethod
@@ -257,7 +222,7 @@ class FrontDoor:
             body=orjson.dumps(body),
             status=status,
             content_type=JSON_TYPE,
-            headers={"x-request-id": request_id},
+            headers={REQUEST_ID_KEY: request_id},
         )
 
     async def _models(self, http: web.Request) -> web.Response:
@@ -283,12 +248,12 @@ class FrontDoor:
                         "upstream_url": deployment.upstream_url,
                         "priority": deployment.priority,
                         "weight": deployment.weight,
-                        "state": deployment.state,
+                        "state": deployment.state.value,
                     }
                     for deployment in model.deployments
                 ],
             }
-            for model in self._engine.models()
+            for model in self._pipeline.engine.models()
         ]
         return self._json_response({"object": "list", "data": data}, 200, request_id)
 

@@ -33,7 +33,7 @@ import httpx
 import pytest
 from rerank.v1 import rerank_pb2
 
-from rerank_service.grpc.status import USAGE_SOURCE_KEY
+from rerank_service.pipeline.record import USAGE_SOURCE_KEY
 from tests.conftest import ServerFactory
 from tests.support.infinity import Infinity
 from tests.support.infinity import infinity as infinity  # the module-scoped fixture

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
-from rerank_service.grpc.status import DEPLOYMENT_KEY
+from rerank_service.pipeline.record import DEPLOYMENT_KEY
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY
 from tests.support.process import ServiceProcess, run_cli

@@ -17,7 +17,7 @@ from rerank.v1 import rerank_pb2_grpc
 
 from rerank_service.config import Settings
 from rerank_service.core.backend import Backend
-from rerank_service.grpc.server import RerankServer
+from rerank_service.server import RerankServer
 from tests.support.waiting import wait_until
 
 T = TypeVar("T")

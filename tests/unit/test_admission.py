@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from rerank_service.core.domain import ServiceError
-from rerank_service.frontdoor.admission import Admission
+from rerank_service.pipeline.admission import Admission
 
 
 def test_a_call_past_the_call_bound_is_refused_overloaded() -> None:

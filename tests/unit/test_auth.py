@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rerank_service.config.secret import Secret
-from rerank_service.frontdoor.auth import KeyChecker, Metadata, bearer_token
+from rerank_service.pipeline.auth import KeyChecker, Metadata, bearer_token
 
 
 def token_of(metadata: Metadata | None) -> str | None:

@@ -4,17 +4,19 @@ no RPC can skip admission, auth or the access log."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 from rerank.v1 import rerank_pb2
 
 from rerank_service.config.secret import Secret
-from rerank_service.frontdoor.admission import Admission
-from rerank_service.frontdoor.auth import KeyChecker
+from rerank_service.core.engine import RerankEngine
 from rerank_service.grpc.edge import SERVICE, RerankServiceEdge
-from rerank_service.grpc.status import UPSTREAM_TIME_KEY
+from rerank_service.pipeline.admission import Admission
+from rerank_service.pipeline.auth import KeyChecker
+from rerank_service.pipeline.call import Pipeline
+from rerank_service.pipeline.record import UPSTREAM_TIME_KEY
 
 
 class _Details(grpc.HandlerCallDetails):
@@ -26,20 +28,22 @@ class _Details(grpc.HandlerCallDetails):
 class _EveryMethod:
     """A servicer with every method of the contract."""
 
-    async def Rerank(self, request: Any, context: Any) -> Any:
+    async def Rerank(self, request: Any, context: Any, call: Any) -> Any:
         raise NotImplementedError
 
-    async def ListModels(self, request: Any, context: Any) -> Any:
+    async def ListModels(self, request: Any, context: Any, call: Any) -> Any:
         raise NotImplementedError
 
-    async def RerankStream(self, requests: Any, context: Any) -> AsyncIterator[Any]:
+    async def RerankStream(self, requests: Any, context: Any, call: Any) -> AsyncIterator[Any]:
         responses: tuple[Any, ...] = ()
         for response in responses:
             yield response
 
 
-def _edge() -> RerankServiceEdge:
-    return RerankServiceEdge(Admission(4), KeyChecker([]), UPSTREAM_TIME_KEY)
+def _edge(keys: list[Secret] | None = None) -> RerankServiceEdge:
+    # No call runs here: the engine is never reached.
+    pipeline = Pipeline(cast(RerankEngine, None), Admission(4), KeyChecker(keys or []))
+    return RerankServiceEdge(pipeline, UPSTREAM_TIME_KEY, stream_idle_timeout=60.0)
 
 
 def _handler_for(method: str) -> Any:
@@ -59,7 +63,7 @@ def test_every_method_of_the_contract_is_served_with_its_shape(method: str) -> N
 
 def test_a_servicer_missing_a_method_of_the_contract_fails_at_start_up() -> None:
     class Partial:
-        async def Rerank(self, request: Any, context: Any) -> Any:
+        async def Rerank(self, request: Any, context: Any, call: Any) -> Any:
             raise NotImplementedError
 
     with pytest.raises(AttributeError, match=r"RerankStream|ListModels"):
@@ -83,7 +87,7 @@ def test_methods_outside_the_contract_are_left_to_grpc() -> None:
 
 
 def test_a_call_without_an_accepted_key_is_routed_to_a_refusal_that_reads_nothing() -> None:
-    edge = RerankServiceEdge(Admission(4), KeyChecker([Secret("caller-key-abcdef")]), UPSTREAM_TIME_KEY)
+    edge = _edge([Secret("caller-key-abcdef")])
     routes = edge.handler(_EveryMethod())
     rerank = f"/{SERVICE.full_name}/Rerank"
 

@@ -1,7 +1,6 @@
-"""A call's facts, gathered by a front door, and the one access-log line they make.
-
-Every front door (grpc/edge.py, http/app.py) records each call the same way: one log
-line on the `rerank_service.access` logger and the call's metrics, from these values.
+"""A call's facts, gathered by the pipeline (call.py), the one access-log line they make,
+and the names under which a call reports them to its caller (gRPC trailing metadata, HTTP
+headers: the same names on both).
 """
 
 from __future__ import annotations
@@ -16,6 +15,20 @@ from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
 
 _log = get_logger("rerank_service.access")
+
+REQUEST_ID_KEY = "x-request-id"
+# Every upstream request id of a call split into chunks, comma-separated.
+UPSTREAM_IDS_KEY = "x-upstream-request-ids"
+# Where a call's time went, in milliseconds (decimal strings), as peers (TEI) report it.
+TOTAL_TIME_KEY = "x-total-time"
+QUEUE_TIME_KEY = "x-queue-time"
+UPSTREAM_TIME_KEY = "x-upstream-time"  # the upstream backend
+INFERENCE_TIME_KEY = "x-inference-time"  # the local backend
+# Where usage.total_tokens came from: upstream (its own count), estimate (the service's),
+# model (a local model's tokenizer).
+USAGE_SOURCE_KEY = "x-usage-source"
+# The deployment(s) of the route that answered, or the last one that failed.
+DEPLOYMENT_KEY = "x-deployment"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,22 +59,23 @@ def call_facts(
     outcome: RerankOutcome | None,
     failure: ServiceError | None,
     item_id: str | None = None,
+    items: int | None = None,
 ) -> CallFacts:
     """One call's facts, from what it asked and what came back up: an outcome or an error."""
     if outcome is not None:
         return CallFacts(
             method, peer, request_id, documents, model, outcome.total_tokens,
-            tuple(outcome.upstream_request_ids), outcome.timings, item_id=item_id,
+            tuple(outcome.upstream_request_ids), outcome.timings, items, item_id,
             usage_source=None if outcome.usage_source == "upstream" else outcome.usage_source,
             instruct_ignored=outcome.instruct_ignored, deployments=tuple(outcome.deployments),
         )  # fmt: skip
     if failure is not None:
         upstream_ids = (failure.upstream_request_id,) if failure.upstream_request_id else ()
         return CallFacts(
-            method, peer, request_id, documents, model, None, upstream_ids, failure.timings, item_id=item_id,
+            method, peer, request_id, documents, model, None, upstream_ids, failure.timings, items, item_id,
             deployments=(failure.deployment,) if failure.deployment else (),
         )  # fmt: skip
-    return CallFacts(method, peer, request_id, documents, model, item_id=item_id)
+    return CallFacts(method, peer, request_id, documents, model, items=items, item_id=item_id)
 
 
 def log_call(

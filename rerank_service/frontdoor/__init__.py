@@ -1,1 +1,0 @@
-"""What every front door (gRPC, HTTP) shares: admission, caller keys, the access-log line."""

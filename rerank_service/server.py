@@ -1,0 +1,283 @@
+"""The process: one server built from the settings (engine, router, call pipeline, the gRPC
+port, the HTTP front door, metrics), started, kept healthy while the backend is, reloaded on
+SIGHUP and drained on SIGTERM. It sits above both front doors, which never build each
+other."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import signal
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+
+from rerank_service.config import ConfigError, Settings
+from rerank_service.config.deployments import reload_refusal
+from rerank_service.core.backend import Backend
+from rerank_service.core.engine import RerankEngine
+from rerank_service.grpc.server import RERANK_SERVICE, GrpcServer
+from rerank_service.grpc.tls import server_credentials, tls_mode
+from rerank_service.http.app import FrontDoor
+from rerank_service.http.server import HttpServer
+from rerank_service.observability import metrics
+from rerank_service.observability.logging import get_logger
+from rerank_service.observability.process_limits import FileLimit, raise_file_limit
+from rerank_service.pipeline.admission import Admission
+from rerank_service.pipeline.auth import KeyChecker
+from rerank_service.pipeline.call import Pipeline
+from rerank_service.pipeline.record import INFERENCE_TIME_KEY, UPSTREAM_TIME_KEY
+from rerank_service.routing import Router
+from rerank_service.routing.build import build_router, build_routes
+
+# "" is the whole server's status, as probes ask for it by default.
+HEALTH_SERVICES = ("", RERANK_SERVICE)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+_log = get_logger("rerank_service.server")
+
+
+class BackendStartError(RuntimeError):
+    """The backend could not be started; the message says why."""
+
+
+class RerankServer:
+    """The whole server: the gRPC port and, with --http-port, the HTTP front door, over one
+    engine and call pipeline."""
+
+    # The Prometheus endpoint (--metrics-port), and its port once started.
+    metrics_port: int | None = None
+    _metrics: WSGIServer | None = None
+    # The open-file limit `serve` raised, for the `listening` line.
+    file_limit: FileLimit | None = None
+
+    def __init__(
+        self, settings: Settings, backend: Backend | None = None, *, worker: int | None = None
+    ) -> None:
+        self.settings = settings
+        # One of `serve --workers N`'s processes (workers.py): the ports are shared
+        # (SO_REUSEPORT) and the supervisor logs the one `serving` line.
+        self.worker = worker
+        # Before anything else: a bad certificate or key stops start-up with a ConfigError.
+        self._credentials = server_credentials(settings)
+        self.backend = backend or build_router(settings)
+        self.engine = RerankEngine.from_settings(self.backend, settings)
+        self.health = health_aio.HealthServicer()
+        self.port: int | None = None
+        self.admission = Admission(
+            settings.max_concurrent_requests, settings.max_inflight_bytes, settings.max_open_calls
+        )
+        local = all(model.backend == "local" for model in self.engine.models())
+        # The one pipeline every call of both front doors goes through: same engine, limits, keys.
+        self.pipeline = Pipeline(self.engine, self.admission, KeyChecker(settings.api_keys))
+        self.grpc = GrpcServer(
+            settings,
+            self.pipeline,
+            self.health,
+            self._credentials,
+            # A local backend's time is the model's; any other backend's is the upstream's.
+            INFERENCE_TIME_KEY if local else UPSTREAM_TIME_KEY,
+            reuse_port=worker is not None,
+        )
+        self.side_calls = self.grpc.side_calls
+        self.http: HttpServer | None = None
+        if settings.http_port is not None:  # the HTTP front door
+            front_door = FrontDoor(
+                self.pipeline,
+                ready=lambda: self._serving and not self._draining,
+                live=lambda: not self._draining,
+                max_body_bytes=settings.max_message_bytes,
+                body_timeout=settings.http_body_timeout,
+            )
+            self.http = HttpServer(front_door, settings, reuse_port=worker is not None)
+        self._health_watch: asyncio.Task[None] | None = None
+        self._draining = False
+        self._serving = False
+
+    async def start(self) -> int:
+        """Open the ports (health NOT_SERVING), start the backend, then report SERVING."""
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, _NOT_SERVING)
+        if self.settings.metrics_port is not None:
+            self._metrics, self.metrics_port = metrics.start_metrics_server(
+                self.settings.host, self.settings.metrics_port
+            )
+        self.port = await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
+        _log.info(
+            "listening",
+            host=self.settings.host,
+            port=self.port,
+            backend="+".join(sorted({model.backend for model in self.engine.models()})),
+            auth=_auth_mode(self.settings),
+            tls=tls_mode(self.settings),
+            models=[model.name for model in self.engine.models()],
+            **({} if self.file_limit is None else {"file_limit": self.file_limit.fields()}),
+        )
+        try:
+            await self.backend.start()
+        except Exception as exc:
+            await self.grpc.stop(0)
+            if self.http is not None:
+                await self.http.stop()
+            raise BackendStartError(f"a backend failed to start: {exc}") from exc
+        # "" is the process's liveness: up, started, not draining. The service's own
+        # status also follows the backend (an open upstream circuit), so readiness probes
+        # move traffic away while restarting the process would not help.
+        await self.health.set("", _SERVING)
+        await self._sync_health()
+        self._health_watch = asyncio.create_task(self._follow_backend_readiness(), name="health-watch")
+        http_port = None if self.http is None else self.http.port
+        _log.info(
+            "serving" if self.worker is None else "worker serving",
+            port=self.port,
+            http_port=http_port,
+            metrics_port=self.metrics_port,
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, go on taking calls for --drain-delay, then refuse new calls and
+        let calls in flight finish within `grace`."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        _log.info("draining", grace_s=grace)
+        self._draining = True
+        if self._health_watch is not None:
+            self._health_watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        if self.settings.drain_delay > 0:
+            # Health says NOT_SERVING already; calls are still taken while clients move away.
+            _log.info("drain delay", delay_s=self.settings.drain_delay)
+            await asyncio.sleep(self.settings.drain_delay)
+        await asyncio.gather(self.grpc.stop(grace), self.http.stop() if self.http is not None else _nothing())
+        await self.backend.close()
+        if self._metrics is not None:  # last: scrapes still answer while calls drain
+            await asyncio.to_thread(metrics.stop_metrics_server, self._metrics)
+            self._metrics = None
+        _log.info("stopped")
+
+    # The settings the routes were last loaded from (None: as started), for `reload`.
+    _routes_from: Settings | None = None
+
+    async def reload(self, load: Callable[[], Settings]) -> bool:
+        """Serve the routes of freshly loaded settings (SIGHUP); False, and the old routes
+        stay, when they are invalid. Calls in flight finish where they started."""
+        if not isinstance(self.backend, Router):
+            _log.warning("reload ignored", why="this server's backend was given, not built from settings")
+            return False
+        try:
+            # Caller keys stay as started (the edge checks them): deployments must agree on
+            # whether callers' tokens pass through.
+            settings = dataclasses.replace(load(), api_keys=self.settings.api_keys)
+            # A file truncated or caught mid-write must not swap every route for the demo model.
+            refusal = reload_refusal(self._routes_from or self.settings, settings)
+            if refusal is not None:
+                raise ConfigError(refusal)
+            routes = build_routes(settings, reuse=self.backend.deployments)
+            await self.backend.replace(routes, grace=self.settings.shutdown_grace)
+        except Exception as exc:  # a bad file, or a new deployment that does not start
+            _log.error("reload refused", error=str(exc), why="the configuration stays as it was")
+            return False
+        self._routes_from = settings  # what the next reload is compared with
+        # Only the routes change: listening, keys, limits and logging stay as started.
+        _log.info(
+            "reloaded",
+            routes={route.name: [member.deployment.name for member in route.members] for route in routes},
+        )
+        return True
+
+    async def _follow_backend_readiness(self) -> None:
+        """Keep health equal to the backend's readiness until the server drains."""
+        readiness = self.backend.readiness
+        while not self._draining:
+            await self._sync_health()
+            # Re-read after the await above: a change during it must not be waited past.
+            if readiness.ready == self._serving:
+                await readiness.changed()
+
+    async def _sync_health(self) -> None:
+        ready = self.backend.readiness.ready
+        if ready == self._serving or self._draining:
+            return
+        self._serving = ready
+        await self.health.set(RERANK_SERVICE, _SERVING if ready else _NOT_SERVING)
+        if ready is False:
+            _log.warning("health", status="NOT_SERVING", why="the backend is not ready")
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _auth_mode(settings: Settings) -> str:
+    if settings.api_keys:
+        return "api-keys"
+    if settings.pass_through:
+        return "pass-through"
+    return "open"
+
+
+@contextlib.contextmanager
+def _start_up_frozen() -> Iterator[None]:
+    """Each call allocates many short-lived objects that reference counting frees; the
+    cycle collector, run every 700 allocations by default, mostly rescans what start-up
+    built (modules, a model). Freeze that and run it less often: ~7% less CPU per call
+    at 500 documents (docs/perf-history.md). On the way out start-up's objects go back to
+    the collector, so that interpreter exit frees them: extensions that count their live
+    objects at exit (triton's, under transformers) would otherwise report every frozen
+    one as leaked on stderr."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+async def serve(
+    settings: Settings,
+    reload: Callable[[], Settings] | None = None,
+    *,
+    worker: int | None = None,
+    on_serving: Callable[[int], None] | None = None,
+) -> int:
+    """Run until SIGTERM or SIGINT, then drain; the process's exit code.
+
+    SIGHUP loads the settings again with `reload` and serves their routes. `worker`: this
+    process is that worker of a supervisor (workers.py); `on_serving(port)` is called once
+    the server is serving.
+    """
+    # Every connection holds a file descriptor: systemd's default soft limit is 1024.
+    file_limit = raise_file_limit()
+    server = RerankServer(settings, worker=worker)
+    server.file_limit = file_limit
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+    if reload is not None:
+
+        def on_hangup() -> None:
+            task = loop.create_task(server.reload(reload), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    try:
+        await server.start()
+    except BackendStartError as exc:
+        _log.error("start failed", error=str(exc))
+        return 1
+    with _start_up_frozen():
+        if on_serving is not None:
+            on_serving(server.port or 0)
+        await stop.wait()
+        await server.stop()
+    return 0
