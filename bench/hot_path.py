@@ -29,6 +29,7 @@ from rerank.v1 import rerank_pb2
 from bench.perf_payloads import request as perf_request
 from bench.perf_payloads import upstream_answer
 from rerank_service.backends.upstream.dashscope import DashScopeNative
+from rerank_service.config import Settings
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import BackendRequest, BackendResult, CallContext, ModelInfo, RerankOutcome
 from rerank_service.core.engine import RerankEngine
@@ -92,7 +93,7 @@ def bench(count: int, iterations: int, rounds: int) -> dict[str, float]:
     message = perf_request(count)
     body = orjson.loads(upstream_answer(count))
     backend = AnswerBackend(body)
-    engine = RerankEngine(backend)
+    engine = RerankEngine.from_settings(backend, Settings())
     context = CallContext()
     request = to_domain(message)
     backend_request = BackendRequest(

@@ -13,6 +13,7 @@ import time
 from itertools import repeat
 from operator import attrgetter
 
+from rerank_service.config import Settings
 from rerank_service.core.backend import Backend
 from rerank_service.core.chunking import CallLimits, estimate_tokens, fan_out, split
 from rerank_service.core.domain import (
@@ -32,23 +33,18 @@ from rerank_service.core.domain import (
     model_not_found,
 )
 
-# Chunks of one call in flight at once: enough to hide upstream latency for a
-# 10,000-document call (20 chunks), few enough not to hog the upstream's rate limit.
-DEFAULT_CHUNK_CONCURRENCY = 8
-# A split call sends upstream at most this many times its own text (--max-fanout-factor).
-DEFAULT_MAX_FANOUT_FACTOR = 10
-
 
 class RerankEngine:
-    def __init__(
-        self,
-        backend: Backend,
-        chunk_concurrency: int = DEFAULT_CHUNK_CONCURRENCY,
-        max_fanout_factor: int = DEFAULT_MAX_FANOUT_FACTOR,
-    ) -> None:
+    def __init__(self, backend: Backend, chunk_concurrency: int, max_fanout_factor: int) -> None:
         self._backend = backend
+        # Chunks of one split call in flight at once (--chunk-concurrency).
         self._chunk_concurrency = chunk_concurrency
+        # A split call sends upstream at most this many times its own text (--max-fanout-factor).
         self._max_fanout_factor = max_fanout_factor
+
+    @classmethod
+    def from_settings(cls, backend: Backend, settings: Settings) -> RerankEngine:
+        return cls(backend, settings.chunk_concurrency, settings.max_fanout_factor)
 
     def models(self) -> list[ModelInfo]:
         # Asked each time: a local backend learns what its models can do when it loads them.
@@ -96,10 +92,12 @@ class RerankEngine:
                 waited = time.perf_counter() - waiting_since  # the chunk's queue time: a slot
                 try:
                     result = await self._backend.rerank(_backend_request(model, request, chunk), context)
-                except BaseException as error:
+                except ServiceError as error:
                     doomed = True
-                    if isinstance(error, ServiceError):  # its time so far goes up with it
-                        error.timings = error.timings.waited(waited)
+                    # Its time so far, this wait included, goes up with it.
+                    raise error.with_timings(error.timings.waited(waited)) from error
+                except BaseException:
+                    doomed = True
                     raise
                 return dataclasses.replace(result, timings=result.timings.waited(waited))
 

@@ -90,22 +90,26 @@ def _local_sources(settings: Settings) -> list[tuple[str, str, str]]:
     ]
 
 
-# Settings of the front door (listening, callers, limits, logging, routes): a backend never
-# reads them, so a reload that changes only these keeps every deployment as it is.
-_FRONT_DOOR = (
-    "host", "port", "log_format", "log_level", "shutdown_grace", "drain_delay", "max_concurrent_requests",
-    "max_inflight_bytes", "max_open_calls", "max_connections", "max_streams_per_connection",
-    "max_message_bytes", "keepalive_time", "keepalive_timeout", "max_connection_age",
-    "max_connection_age_grace", "tls_cert", "tls_key", "tls_client_ca", "metrics_port",
-    "stream_idle_timeout", "stream_concurrency", "chunk_concurrency", "retry_budget", "models",
-    "allow_backend_change",
+# What a backend is built from: the only settings backends read (tests/unit/
+# test_backend_settings.py checks this list against their code). A deployment is kept on
+# a reload unless one of these changed for it, so a change to a front-door key (listening,
+# callers, limits, logging, HTTP) touches no deployment.
+BACKEND_SETTINGS = (
+    "backend", "pass_through", "max_documents", "max_query_tokens",
+    "device", "dtype", "local_engine", "local_models", "local_onnx_cache", "local_quantize",
+    "local_threads", "batch_wait_ms", "max_batch_size", "max_batch_tokens", "micro_batching",
+    "upstream_api_key", "upstream_url", "upstream_models", "upstream_dialect", "upstream_path",
+    "upstream_prompt_template", "upstream_score_transform", "upstream_documents_per_call",
+    "upstream_tokens_per_call", "upstream_timeout", "upstream_max_attempts", "upstream_max_connections",
+    "upstream_retry_backoff", "upstream_retry_max_backoff", "upstream_breaker_cooldown",
+    "upstream_breaker_failures", "upstream_breaker_window", "upstream_breaker_probe_timeout",
+    "upstream_ca_file", "upstream_proxy",
 )  # fmt: skip
 
 
-def _backend_view(settings: Settings) -> Settings:
-    """`settings` with the front door's settings at their defaults: what a backend is built from."""
-    defaults = Settings()
-    return dataclasses.replace(settings, **{name: getattr(defaults, name) for name in _FRONT_DOOR})
+def _backend_view(settings: Settings) -> tuple[object, ...]:
+    """What a backend is built from, as a value a reload compares."""
+    return tuple(getattr(settings, name) for name in BACKEND_SETTINGS)
 
 
 def _placed(message: str, place: str) -> str:

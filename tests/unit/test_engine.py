@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 
+from rerank_service.config import Settings
 from rerank_service.config.secret import Secret
 from rerank_service.core.backend import Backend
 from rerank_service.core.chunking import CallLimits
@@ -81,6 +84,11 @@ def as_backend(fake: FakeBackend) -> Backend:
     return fake  # type-checks FakeBackend against the Protocol
 
 
+def make_engine(backend: FakeBackend, **settings: Any) -> RerankEngine:
+    """The engine over `backend`, with the settings' defaults but `settings`."""
+    return RerankEngine.from_settings(as_backend(backend), Settings(**settings))
+
+
 def make_request(
     documents: list[str] | None = None,
     model: str = "qwen3-rerank",
@@ -114,7 +122,7 @@ def fields(error: ServiceError) -> list[str]:
 
 async def test_every_violation_is_reported_at_once() -> None:
     backend = FakeBackend()
-    engine = RerankEngine(as_backend(backend))
+    engine = make_engine(backend)
     error = await rerank_error(
         engine, make_request(model="", query="", documents=["ok", "", "ok", " "], top_n=0)
     )
@@ -127,7 +135,7 @@ async def test_every_violation_is_reported_at_once() -> None:
 
 async def test_a_query_over_the_estimated_token_limit_is_refused_naming_the_query() -> None:
     backend = FakeBackend(limits=CallLimits(max_query_tokens=10))  # no tokenizer: estimated
-    engine = RerankEngine(as_backend(backend))
+    engine = make_engine(backend)
 
     error = await rerank_error(engine, make_request(query="q" * 31))  # 11 tokens at 3 bytes each
     await engine.rerank(make_request(query="q" * 30), CallContext())
@@ -140,7 +148,7 @@ async def test_a_query_over_the_estimated_token_limit_is_refused_naming_the_quer
 
 async def test_a_backend_that_counts_with_its_tokenizer_gets_any_query() -> None:
     backend = FakeBackend()  # a local model: its tokenizer counts, the engine does not estimate
-    await RerankEngine(as_backend(backend)).rerank(make_request(query="q" * 100_000), CallContext())
+    await make_engine(backend).rerank(make_request(query="q" * 100_000), CallContext())
 
     assert len(backend.calls) == 1
 
@@ -151,8 +159,8 @@ async def test_a_split_sending_over_the_fan_out_factor_upstream_is_refused_befor
     refusing = FakeBackend(limits=CallLimits(max_documents=1))
     allowing = FakeBackend(limits=CallLimits(max_documents=1))
 
-    error = await rerank_error(RerankEngine(as_backend(refusing), max_fanout_factor=4), request)
-    await RerankEngine(as_backend(allowing), max_fanout_factor=5).rerank(request, CallContext())
+    error = await rerank_error(make_engine(refusing, max_fanout_factor=4), request)
+    await make_engine(allowing, max_fanout_factor=5).rerank(request, CallContext())
 
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert fields(error) == ["query"]
@@ -164,7 +172,7 @@ async def test_a_split_sending_over_the_fan_out_factor_upstream_is_refused_befor
 
 async def test_an_unsplit_call_is_never_refused_for_its_fan_out() -> None:
     backend = FakeBackend(limits=CallLimits(max_documents=5))
-    engine = RerankEngine(as_backend(backend), max_fanout_factor=1)
+    engine = make_engine(backend, max_fanout_factor=1)
     await engine.rerank(make_request(query="q" * 10_000), CallContext())
 
     assert len(backend.calls) == 1
@@ -172,7 +180,7 @@ async def test_an_unsplit_call_is_never_refused_for_its_fan_out() -> None:
 
 async def test_empty_document_list_names_documents() -> None:
     backend = FakeBackend()
-    error = await rerank_error(RerankEngine(as_backend(backend)), make_request(documents=[]))
+    error = await rerank_error(make_engine(backend), make_request(documents=[]))
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert fields(error) == ["documents"]
     assert backend.calls == []
@@ -181,34 +189,35 @@ async def test_empty_document_list_names_documents() -> None:
 @pytest.mark.parametrize("blank", [" ", "\t\n", "   \u3000"])
 async def test_whitespace_only_query_counts_as_empty(blank: str) -> None:
     backend = FakeBackend()
-    error = await rerank_error(RerankEngine(as_backend(backend)), make_request(query=blank))
+    error = await rerank_error(make_engine(backend), make_request(query=blank))
     assert fields(error) == ["query"]
     assert backend.calls == []
 
 
 async def test_whitespace_only_model_counts_as_empty() -> None:
-    error = await rerank_error(RerankEngine(as_backend(FakeBackend())), make_request(model="  "))
+    error = await rerank_error(make_engine(FakeBackend()), make_request(model="  "))
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert fields(error) == ["model"]
 
 
 async def test_whitespace_only_document_counts_as_empty() -> None:
     error = await rerank_error(
-        RerankEngine(as_backend(FakeBackend())), make_request(documents=["a", "\n\t "])
+        make_engine(FakeBackend()),
+        make_request(documents=["a", "\n\t "]),
     )
     assert error.violations == [FieldViolation("documents[1]", "must not be empty or only whitespace")]
 
 
 @pytest.mark.parametrize("top_n", [0, -1, -100])
 async def test_top_n_below_one_is_invalid(top_n: int) -> None:
-    error = await rerank_error(RerankEngine(as_backend(FakeBackend())), make_request(top_n=top_n))
+    error = await rerank_error(make_engine(FakeBackend()), make_request(top_n=top_n))
     assert fields(error) == ["top_n"]
     assert str(top_n) in error.violations[0].description
 
 
 async def test_too_many_documents_names_documents_and_the_limit() -> None:
     backend = FakeBackend()
-    engine = RerankEngine(as_backend(backend))
+    engine = make_engine(backend)
     error = await rerank_error(engine, make_request(model="gte-rerank-v2", documents=["a", "b", "c"]))
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert fields(error) == ["documents"]
@@ -219,7 +228,7 @@ async def test_too_many_documents_names_documents_and_the_limit() -> None:
 
 async def test_document_count_at_the_model_limit_is_accepted() -> None:
     backend = FakeBackend()
-    outcome = await RerankEngine(as_backend(backend)).rerank(
+    outcome = await make_engine(backend).rerank(
         make_request(model="gte-rerank-v2", documents=["a", "b"]), CallContext()
     )
     assert len(outcome.results) == 2
@@ -228,7 +237,7 @@ async def test_document_count_at_the_model_limit_is_accepted() -> None:
 
 async def test_too_many_documents_is_reported_with_other_violations() -> None:
     error = await rerank_error(
-        RerankEngine(as_backend(FakeBackend())),
+        make_engine(FakeBackend()),
         make_request(model="gte-rerank-v2", query="", documents=["a", "", "c"]),
     )
     assert fields(error) == ["query", "documents[1]", "documents"]
@@ -236,7 +245,7 @@ async def test_too_many_documents_is_reported_with_other_violations() -> None:
 
 async def test_unknown_model_is_not_found_listing_served_models() -> None:
     backend = FakeBackend()
-    error = await rerank_error(RerankEngine(as_backend(backend)), make_request(model="gpt-rerank"))
+    error = await rerank_error(make_engine(backend), make_request(model="gpt-rerank"))
     assert error.code == grpc.StatusCode.NOT_FOUND
     assert error.reason == "MODEL_NOT_FOUND"
     assert "gpt-rerank" in error.message
@@ -247,14 +256,17 @@ async def test_unknown_model_is_not_found_listing_served_models() -> None:
 
 
 async def test_invalid_fields_win_over_unknown_model() -> None:
-    error = await rerank_error(RerankEngine(as_backend(FakeBackend())), make_request(model="nope", query=""))
+    error = await rerank_error(
+        make_engine(FakeBackend()),
+        make_request(model="nope", query=""),
+    )
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert fields(error) == ["query"]
 
 
 async def test_a_not_ready_backends_refusal_reaches_the_caller() -> None:
     backend = FakeBackend(ready=False)
-    engine = RerankEngine(as_backend(backend))
+    engine = make_engine(backend)
     error = await rerank_error(engine, make_request())
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert error.reason == "BACKEND_NOT_READY"
@@ -262,12 +274,12 @@ async def test_a_not_ready_backends_refusal_reaches_the_caller() -> None:
 
 
 async def test_invalid_request_is_reported_before_readiness() -> None:
-    error = await rerank_error(RerankEngine(as_backend(FakeBackend(ready=False))), make_request(query=""))
+    error = await rerank_error(make_engine(FakeBackend(ready=False)), make_request(query=""))
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_engine_lists_the_backend_models() -> None:
-    engine = RerankEngine(as_backend(FakeBackend()))
+    engine = make_engine(FakeBackend())
     assert engine.models() == MODELS
 
 
@@ -277,7 +289,7 @@ async def test_engine_lists_the_backend_models() -> None:
 async def test_backend_receives_the_request_fields_and_the_call_context() -> None:
     backend = FakeBackend(scores=[0.1, 0.2, 0.3])
     context = CallContext(deadline=123.0, bearer_token=Secret("caller"))
-    await RerankEngine(as_backend(backend)).rerank(
+    await make_engine(backend).rerank(
         make_request(top_n=2, instruct="find answers", return_documents=True), context
     )
     assert backend.calls == [
@@ -299,14 +311,14 @@ async def test_backend_receives_the_request_fields_and_the_call_context() -> Non
 
 async def test_results_are_sorted_by_score_descending() -> None:
     backend = FakeBackend(scores=[0.2, 0.9, 0.5])
-    outcome = await RerankEngine(as_backend(backend)).rerank(make_request(), CallContext())
+    outcome = await make_engine(backend).rerank(make_request(), CallContext())
     assert [(r.index, r.score) for r in outcome.results] == [(1, 0.9), (2, 0.5), (0, 0.2)]
     assert outcome.total_tokens == 11
 
 
 async def test_ties_keep_input_order() -> None:
     backend = FakeBackend(scores=[0.5, 0.7, 0.5, 0.7, 0.5])
-    outcome = await RerankEngine(as_backend(backend)).rerank(
+    outcome = await make_engine(backend).rerank(
         make_request(documents=["a", "b", "c", "d", "e"]), CallContext()
     )
     assert [r.index for r in outcome.results] == [1, 3, 0, 2, 4]
@@ -321,7 +333,7 @@ def test_ties_keep_input_order_even_when_the_backend_lists_them_out_of_order() -
 
 async def test_top_n_cuts_after_sorting() -> None:
     backend = FakeBackend(scores=[0.1, 0.4, 0.9, 0.3])
-    outcome = await RerankEngine(as_backend(backend)).rerank(
+    outcome = await make_engine(backend).rerank(
         make_request(documents=["a", "b", "c", "d"], top_n=2), CallContext()
     )
     assert [(r.index, r.score) for r in outcome.results] == [(2, 0.9), (1, 0.4)]
@@ -329,13 +341,13 @@ async def test_top_n_cuts_after_sorting() -> None:
 
 async def test_top_n_larger_than_document_count_returns_all() -> None:
     backend = FakeBackend(scores=[0.1, 0.4, 0.9])
-    outcome = await RerankEngine(as_backend(backend)).rerank(make_request(top_n=50), CallContext())
+    outcome = await make_engine(backend).rerank(make_request(top_n=50), CallContext())
     assert [r.index for r in outcome.results] == [2, 1, 0]
 
 
 async def test_return_documents_attaches_texts() -> None:
     backend = FakeBackend(scores=[0.1, 0.9, 0.5])
-    outcome = await RerankEngine(as_backend(backend)).rerank(
+    outcome = await make_engine(backend).rerank(
         make_request(documents=["zero", "one", "two"], return_documents=True), CallContext()
     )
     assert outcome.results == [
@@ -347,7 +359,7 @@ async def test_return_documents_attaches_texts() -> None:
 
 async def test_without_return_documents_text_is_none() -> None:
     backend = FakeBackend(scores=[0.1, 0.9, 0.5])
-    outcome = await RerankEngine(as_backend(backend)).rerank(make_request(), CallContext())
+    outcome = await make_engine(backend).rerank(make_request(), CallContext())
     assert [r.text for r in outcome.results] == [None, None, None]
 
 
@@ -362,24 +374,27 @@ def test_rank_attaches_texts_by_index_for_a_partial_backend_answer() -> None:
 
 
 async def test_one_upstream_call_names_the_outcome_with_its_request_id() -> None:
-    outcome = await RerankEngine(as_backend(FakeBackend(request_id="upstream-42"))).rerank(
-        make_request(), CallContext()
-    )
+    outcome = await RerankEngine.from_settings(
+        as_backend(FakeBackend(request_id="upstream-42")), Settings()
+    ).rerank(make_request(), CallContext())
     assert outcome.upstream_request_id == "upstream-42"
     assert outcome.upstream_request_ids == ["upstream-42"]
 
 
 @pytest.mark.parametrize("missing", [None, ""])
 async def test_an_outcome_without_an_upstream_id_leaves_the_naming_to_the_edge(missing: str | None) -> None:
-    outcome = await RerankEngine(as_backend(FakeBackend(request_id=missing))).rerank(
-        make_request(), CallContext()
-    )
+    outcome = await RerankEngine.from_settings(
+        as_backend(FakeBackend(request_id=missing)), Settings()
+    ).rerank(make_request(), CallContext())
     assert outcome.upstream_request_id is None
     assert outcome.upstream_request_ids == []
 
 
 async def test_thousands_of_blank_documents_give_a_bounded_error() -> None:
-    error = await rerank_error(RerankEngine(as_backend(FakeBackend())), make_request(documents=[" "] * 5000))
+    error = await rerank_error(
+        make_engine(FakeBackend()),
+        make_request(documents=[" "] * 5000),
+    )
 
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     # 20 named, the rest counted in one, and the count over the model's maximum.
@@ -389,7 +404,7 @@ async def test_thousands_of_blank_documents_give_a_bounded_error() -> None:
 
 
 async def test_a_huge_unknown_model_name_is_not_echoed_whole() -> None:
-    error = await rerank_error(RerankEngine(as_backend(FakeBackend())), make_request(model="m" * 1_000_000))
+    error = await rerank_error(make_engine(FakeBackend()), make_request(model="m" * 1_000_000))
 
     assert error.code == grpc.StatusCode.NOT_FOUND
     assert len(error.message) < 300
