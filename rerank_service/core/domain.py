@@ -6,7 +6,11 @@ and backends only ever see these.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
@@ -164,6 +168,26 @@ class RerankOutcome:
     deployments: list[str] = field(default_factory=list)
 
 
+class DeploymentState(enum.Enum):
+    """A deployment's health, as the router, the metrics and ListModels see it."""
+
+    HEALTHY = "healthy"
+    EJECTED = "ejected"  # preferred last; still tried when nothing else is left
+    DOWN = "down"  # unreachable: refused at once, but for probes
+
+
+_Shown = TypeVar("_Shown")
+
+
+def every_state(shown: Mapping[DeploymentState, _Shown]) -> dict[DeploymentState, _Shown]:
+    """`shown` (how one output shows each state), checked to cover every state when it is
+    made: a state added later cannot go unshown."""
+    missing = [state.name for state in DeploymentState if state not in shown]
+    if missing:
+        raise ValueError(f"no entry for deployment state {', '.join(missing)}")
+    return dict(shown)
+
+
 @dataclass(frozen=True, slots=True)
 class DeploymentInfo:
     """One deployment of a route, as ListModels shows it."""
@@ -174,7 +198,7 @@ class DeploymentInfo:
     upstream_url: str  # without credentials; empty for a local model
     priority: int
     weight: int
-    state: str  # "healthy", "ejected" or "down"
+    state: DeploymentState
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +225,49 @@ class FieldViolation:
     description: str
 
 
-@dataclass(slots=True)
+class FailureKind(enum.Enum):
+    """Whether another deployment could answer where this one failed: what decides failover.
+
+    Set where the error is made, by the layer that knows; the router only reads it.
+    """
+
+    # Another deployment would fail the same way: the request is wrong, the caller may not
+    # make it, or its deadline is spent.
+    REQUEST = "request"
+    # This deployment cannot answer now (unreachable, down, overloaded, rate-limited, timed
+    # out, answering garbage, still loading, its model failed): another one may.
+    DEPLOYMENT = "deployment"
+
+
+_Error = TypeVar("_Error", bound=BaseException)
+
+
+def _fields_frozen_only(cls: type[_Error]) -> type[_Error]:
+    """Refuse assignments to `cls`'s fields only, not to every attribute.
+
+    A frozen dataclass refuses every assignment, but Python still sets an exception's own
+    attributes after it is made (a @contextmanager its `__traceback__`, `add_note` its
+    `__notes__`): refused, those would replace the error being raised with another.
+    """
+    fields = frozenset(declared.name for declared in dataclasses.fields(cls))  # type: ignore[arg-type]
+
+    def set_attribute(error: BaseException, name: str, value: object) -> None:
+        if name in fields:
+            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+        Exception.__setattr__(error, name, value)
+
+    def delete_attribute(error: BaseException, name: str) -> None:
+        if name in fields:
+            raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+        Exception.__delattr__(error, name)
+
+    setattr(cls, "__setattr__", set_attribute)  # noqa: B010 - mypy refuses assigning a method
+    setattr(cls, "__delattr__", delete_attribute)  # noqa: B010
+    return cls
+
+
+@_fields_frozen_only
+@dataclass(frozen=True, slots=True)
 class ServiceError(Exception):
     """An error with the gRPC status a caller should see.
 
@@ -209,6 +275,9 @@ class ServiceError(Exception):
     front door maps it (grpc/status.py for gRPC).
     `reason` becomes a google.rpc.ErrorInfo, `violations` a google.rpc.BadRequest,
     `retry_after` a google.rpc.RetryInfo; `metadata` goes into ErrorInfo too.
+
+    Immutable: a layer that adds what it knows (its timings, the deployment) raises a copy
+    (`with_timings`, `at_deployment`).
     """
 
     code: grpc.StatusCode
@@ -225,9 +294,19 @@ class ServiceError(Exception):
     unreachable: bool = False
     # The deployment that failed last (set by the router).
     deployment: str | None = None
+    # Whether another deployment may answer instead (the safe default: no).
+    kind: FailureKind = FailureKind.REQUEST
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
+
+    def with_timings(self, timings: Timings) -> ServiceError:
+        """The same error, saying where the call's time went."""
+        return dataclasses.replace(self, timings=timings)
+
+    def at_deployment(self, name: str) -> ServiceError:
+        """The same error, naming the deployment that failed."""
+        return dataclasses.replace(self, deployment=name)
 
 
 # Errors travel in HTTP/2 trailers, which gRPC caps at a few KiB: an error must never
@@ -253,7 +332,9 @@ def invalid_argument(violations: list[FieldViolation]) -> ServiceError:
 
 def not_ready(why: str) -> ServiceError:
     """A backend that cannot take calls yet (loading a model, not started)."""
-    return ServiceError(grpc.StatusCode.UNAVAILABLE, why, reason="BACKEND_NOT_READY")
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE, why, reason="BACKEND_NOT_READY", kind=FailureKind.DEPLOYMENT
+    )
 
 
 def model_not_found(model: str, served: list[str]) -> ServiceError:

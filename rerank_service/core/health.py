@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import grpc
 
-from rerank_service.core.domain import ServiceError
+from rerank_service.core.domain import DeploymentState, FailureKind, ServiceError
 from rerank_service.core.window import SlidingCounts
 
 _SUCCESSES, _FAILURES = 0, 1
@@ -39,12 +39,6 @@ class Outcome(enum.Enum):
     SUCCESS = "success"  # it answered (a 4xx counts: it is up and talking)
     FAILURE = "failure"  # unreachable, 5xx, timed out, garbage
     NEUTRAL = "neutral"  # says nothing: rate limited, cancelled, our own pool full
-
-
-class State(enum.Enum):
-    HEALTHY = "healthy"
-    EJECTED = "ejected"  # preferred last; still tried when nothing else is left
-    DOWN = "down"  # unreachable: refused at once, but for probes
 
 
 # The share of failed attempts in the window above which a deployment may be ejected.
@@ -83,10 +77,10 @@ class DeploymentHealth:
         self._listeners.append(listener)
 
     @property
-    def state(self) -> State:
+    def state(self) -> DeploymentState:
         if self._down_until is not None:
-            return State.DOWN
-        return State.EJECTED if self._clock() < self._ejected_until else State.HEALTHY
+            return DeploymentState.DOWN
+        return DeploymentState.EJECTED if self._clock() < self._ejected_until else DeploymentState.HEALTHY
 
     @property
     def refusing(self) -> bool:
@@ -192,4 +186,5 @@ class DeploymentHealth:
             f"not calling it for another {max(left, 0.0):.1f} s",
             reason="UPSTREAM_CIRCUIT_OPEN",
             retry_after=max(left, 0.05),
+            kind=FailureKind.DEPLOYMENT,
         )

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from enum import Enum
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -154,7 +153,6 @@ ROUTE_BUDGET_EXHAUSTED = Counter(
     ["route"],
     registry=REGISTRY,
 )
-_DEPLOYMENT_STATES = {"healthy": 0, "ejected": 1, "down": 2}
 
 # --- local backend (recorded by the micro-batcher) ---
 BATCH_SIZE = Histogram(
@@ -219,14 +217,14 @@ class DeploymentMetrics:
             latency = self._latency[route] = DEPLOYMENT_LATENCY.labels(route, self.name)
         latency.observe(seconds)
 
-    def set_state(self, state: Enum) -> None:
-        value = str(state.value)
-        if value == self._state:
+    def set_state(self, state: str, level: int) -> None:
+        """The deployment is now in `state`, whose gauge value is `level` (0: healthy)."""
+        if state == self._state:
             return
-        if value != "healthy":
-            DEPLOYMENT_EJECTIONS.labels(self.name, value).inc()
-        self._state = value
-        DEPLOYMENT_STATE.labels(self.name).set(_DEPLOYMENT_STATES[value])
+        if level:
+            DEPLOYMENT_EJECTIONS.labels(self.name, state).inc()
+        self._state = state
+        DEPLOYMENT_STATE.labels(self.name).set(level)
 
 
 class MethodMetrics:

@@ -7,9 +7,20 @@ import time
 from dataclasses import dataclass, field
 
 from rerank_service.core.backend import Backend
-from rerank_service.core.domain import BackendRequest, BackendResult, CallContext, ServiceError
-from rerank_service.core.health import DeploymentHealth, State
+from rerank_service.core.domain import (
+    BackendRequest,
+    BackendResult,
+    CallContext,
+    DeploymentState,
+    ServiceError,
+    every_state,
+)
+from rerank_service.core.health import DeploymentHealth
 from rerank_service.observability import metrics
+
+# rerank_deployment_state's value for each state: the higher, the worse (workers report the
+# worst any of them sees).
+_STATE_LEVELS = every_state({DeploymentState.HEALTHY: 0, DeploymentState.EJECTED: 1, DeploymentState.DOWN: 2})
 
 
 @dataclass(eq=False)
@@ -32,16 +43,16 @@ class Deployment:
         self._metrics = metrics.DeploymentMetrics(self.name)
         if self.health is not None:
             self.health.on_change(self._state_changed)
-        self._metrics.set_state(self.state)
+        self._state_changed()
 
     @property
-    def state(self) -> State:
-        return State.HEALTHY if self.health is None else self.health.state
+    def state(self) -> DeploymentState:
+        return DeploymentState.HEALTHY if self.health is None else self.health.state
 
     @property
     def usable(self) -> bool:
         """Ready, and not ejected: a first choice."""
-        return self.backend.readiness.ready and self.state is State.HEALTHY
+        return self.backend.readiness.ready and self.state is DeploymentState.HEALTHY
 
     @property
     def refusing(self) -> bool:
@@ -59,9 +70,8 @@ class Deployment:
         try:
             result = await self.backend.rerank(request, context)
         except ServiceError as error:
-            error.deployment = self.name
             self._metrics.finished(route, error.code, time.perf_counter() - started)
-            raise
+            raise error.at_deployment(self.name) from error
         finally:
             self.in_flight -= 1
             if not self.in_flight:
@@ -76,4 +86,5 @@ class Deployment:
             await self._idle.wait()
 
     def _state_changed(self) -> None:
-        self._metrics.set_state(self.state)
+        state = self.state
+        self._metrics.set_state(state.value, _STATE_LEVELS[state])

@@ -78,7 +78,7 @@ class Route:
                     upstream_url=info.upstream_url,
                     priority=member.priority,
                     weight=member.weight,
-                    state=member.deployment.state.value,
+                    state=member.deployment.state,
                 )
                 for member, info in zip(members, infos, strict=True)
             ),

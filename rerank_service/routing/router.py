@@ -20,6 +20,7 @@ from rerank_service.core.domain import (
     BackendRequest,
     BackendResult,
     CallContext,
+    FailureKind,
     ModelInfo,
     ServiceError,
     combined,
@@ -33,25 +34,10 @@ from rerank_service.routing.route import Route
 
 _log = get_logger("rerank_service.routing")
 
-# Failures that say the deployment cannot answer now (see backends/upstream/errors.py and
-# the local backend): worth another deployment. Any other reason is the request's fault.
-FAILOVER_REASONS = frozenset(
-    {
-        "UPSTREAM_UNAVAILABLE",  # unreachable, reset, 5xx
-        "UPSTREAM_CIRCUIT_OPEN",  # down
-        "UPSTREAM_POOL_EXHAUSTED",  # our connections to it are all busy
-        "UPSTREAM_RATE_LIMITED",  # 429
-        "UPSTREAM_TIMEOUT",  # it took too long (the caller's deadline is checked apart)
-        "UPSTREAM_BAD_RESPONSE",  # garbage
-        "UPSTREAM_UNEXPECTED_STATUS",  # a 1xx/3xx: not a rerank API now
-        "BACKEND_NOT_READY",  # a local model still loading, or closed by a reload
-        "MODEL_FAILED",  # a local model raised
-    }
-)
-
 
 def fails_over(error: ServiceError) -> bool:
-    return error.reason in FAILOVER_REASONS
+    """The deployment cannot answer now (the backend said so where it made the error)."""
+    return error.kind is FailureKind.DEPLOYMENT
 
 
 class Router:
@@ -160,8 +146,7 @@ class Router:
             timings = combined([*(failure.timings for failure in failures), result.timings])
             return dataclasses.replace(result, deployment=member.deployment.name, timings=timings)
         last = failures[-1]
-        last.timings = combined([failure.timings for failure in failures])
-        raise last
+        raise last.with_timings(combined([failure.timings for failure in failures])) from last
 
     def _may_fall_back(self, route: Route, failure: ServiceError, context: CallContext) -> bool:
         if context.deadline is not None and time.monotonic() >= context.deadline:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rerank_service.core.domain import ServiceError
-from rerank_service.core.health import DeploymentHealth, Outcome, State
+from rerank_service.core.domain import DeploymentState, FailureKind, ServiceError
+from rerank_service.core.health import DeploymentHealth, Outcome
 
 FAILURES = 3
 COOLDOWN = 5.0
@@ -32,7 +32,7 @@ def health_on(clock: Clock, min_failures: int = FAILURES, cooldown: float = COOL
     return DeploymentHealth(min_failures=min_failures, cooldown=cooldown, window=10.0, clock=clock)
 
 
-def state_of(health: DeploymentHealth) -> State:
+def state_of(health: DeploymentHealth) -> DeploymentState:
     """Read afresh each time (mypy would narrow a property across the clock's moves)."""
     return health.state
 
@@ -65,7 +65,7 @@ def down(clock: Clock) -> DeploymentHealth:
     """A deployment that was just found unreachable FAILURES times in a row."""
     health = health_on(clock)
     fail(health, FAILURES, unreachable=True)
-    assert state_of(health) is State.DOWN
+    assert state_of(health) is DeploymentState.DOWN
     return health
 
 
@@ -75,7 +75,7 @@ def down(clock: Clock) -> DeploymentHealth:
 def test_a_new_deployment_is_healthy_and_admits_calls_that_are_not_probes() -> None:
     health = health_on(Clock())
 
-    assert state_of(health) is State.HEALTHY
+    assert state_of(health) is DeploymentState.HEALTHY
     assert not refusing_of(health)
     assert not probe_due_of(health)
     assert health.admit() is False
@@ -85,14 +85,14 @@ def test_failures_in_a_row_with_most_of_the_window_failing_eject_but_never_refus
     health = health_on(Clock())
 
     fail(health, FAILURES - 1)
-    assert state_of(health) is State.HEALTHY  # one short of the count in a row
+    assert state_of(health) is DeploymentState.HEALTHY  # one short of the count in a row
 
     fail(health)
-    assert state_of(health) is State.EJECTED
+    assert state_of(health) is DeploymentState.EJECTED
     assert not refusing_of(health)
     assert health.admit() is False  # still let through: ejection only orders the choice
     fail(health, 20)
-    assert state_of(health) is State.EJECTED
+    assert state_of(health) is DeploymentState.EJECTED
     assert health.admit() is False
 
 
@@ -102,9 +102,9 @@ def test_failures_in_a_row_do_not_eject_while_most_of_the_window_succeeded() -> 
 
     fail(health, 9)  # 9 of 19 failed: not more than half
 
-    assert state_of(health) is State.HEALTHY
+    assert state_of(health) is DeploymentState.HEALTHY
     fail(health, 2)  # 11 of 21
-    assert state_of(health) is State.EJECTED
+    assert state_of(health) is DeploymentState.EJECTED
 
 
 def test_a_failing_share_without_enough_failures_in_a_row_does_not_eject() -> None:
@@ -114,19 +114,19 @@ def test_a_failing_share_without_enough_failures_in_a_row_does_not_eject() -> No
         fail(health, FAILURES - 1)
         succeed(health)  # two thirds failed, but never three in a row
 
-    assert state_of(health) is State.HEALTHY
+    assert state_of(health) is DeploymentState.HEALTHY
 
 
 def test_a_success_ends_an_ejection_at_once() -> None:
     health = health_on(Clock())
     fail(health, FAILURES)
-    assert state_of(health) is State.EJECTED
+    assert state_of(health) is DeploymentState.EJECTED
 
     succeed(health)
 
-    assert state_of(health) is State.HEALTHY
+    assert state_of(health) is DeploymentState.HEALTHY
     fail(health, FAILURES - 1)  # the count in a row starts over
-    assert state_of(health) is State.HEALTHY
+    assert state_of(health) is DeploymentState.HEALTHY
 
 
 def test_an_ejection_ends_after_the_cooldown_and_one_more_failure_ejects_again() -> None:
@@ -135,14 +135,14 @@ def test_an_ejection_ends_after_the_cooldown_and_one_more_failure_ejects_again()
     fail(health, FAILURES)
 
     clock.now += COOLDOWN - 0.1
-    assert state_of(health) is State.EJECTED
+    assert state_of(health) is DeploymentState.EJECTED
     clock.now += 0.1
-    assert state_of(health) is State.HEALTHY
+    assert state_of(health) is DeploymentState.HEALTHY
 
     fail(health)  # still failing in a row, and the window still mostly failures
-    assert state_of(health) is State.EJECTED
+    assert state_of(health) is DeploymentState.EJECTED
     clock.now += COOLDOWN - 0.1
-    assert state_of(health) is State.EJECTED  # a full cool-down from the new ejection
+    assert state_of(health) is DeploymentState.EJECTED  # a full cool-down from the new ejection
 
 
 def test_failures_while_ejected_do_not_extend_the_ejection() -> None:
@@ -154,7 +154,7 @@ def test_failures_while_ejected_do_not_extend_the_ejection() -> None:
     fail(health, 5)
     clock.now += 1
 
-    assert state_of(health) is State.HEALTHY
+    assert state_of(health) is DeploymentState.HEALTHY
 
 
 def test_neutral_outcomes_neither_count_as_attempts_nor_reset_the_failures_in_a_row() -> None:
@@ -162,12 +162,12 @@ def test_neutral_outcomes_neither_count_as_attempts_nor_reset_the_failures_in_a_
     fail(health, FAILURES - 1)
     for _ in range(50):
         health.record(Outcome.NEUTRAL)
-    assert state_of(health) is State.HEALTHY
+    assert state_of(health) is DeploymentState.HEALTHY
     assert health.failure_summary() == "2 of 2 attempts in the last 10 s failed"
 
     fail(health)  # the third in a row, and 3 of 3: neutrals did not dilute the window
 
-    assert state_of(health) is State.EJECTED
+    assert state_of(health) is DeploymentState.EJECTED
 
 
 def test_neutral_outcomes_do_not_end_an_ejection_or_a_down_state() -> None:
@@ -180,7 +180,7 @@ def test_neutral_outcomes_do_not_end_an_ejection_or_a_down_state() -> None:
         health.record(Outcome.NEUTRAL)
         health.record(Outcome.NEUTRAL, probe=True)
 
-    assert (state_of(ejected), state_of(unreachable)) == (State.EJECTED, State.DOWN)
+    assert (state_of(ejected), state_of(unreachable)) == (DeploymentState.EJECTED, DeploymentState.DOWN)
 
 
 # --- down: unreachable ----------------------------------------------------------------------------
@@ -190,16 +190,17 @@ def test_unreachable_in_a_row_makes_it_down_and_refused_at_once_with_the_time_le
     clock = Clock()
     health = health_on(clock)
     fail(health, FAILURES - 1, unreachable=True)
-    assert state_of(health) is not State.DOWN
+    assert state_of(health) is not DeploymentState.DOWN
     assert health.admit() is False
 
     fail(health, unreachable=True)
 
-    assert state_of(health) is State.DOWN
+    assert state_of(health) is DeploymentState.DOWN
     assert refusing_of(health)
     error = refusal(health)
     assert error.code is grpc.StatusCode.UNAVAILABLE
     assert error.reason == "UPSTREAM_CIRCUIT_OPEN"
+    assert error.kind is FailureKind.DEPLOYMENT  # another deployment may answer
     assert error.retry_after == pytest.approx(COOLDOWN)
 
     clock.now += 2.0
@@ -213,7 +214,7 @@ def test_an_answered_failure_between_unreachable_ones_restarts_the_count() -> No
     fail(health)  # a 500: it was reached
     fail(health, FAILURES - 1, unreachable=True)
 
-    assert state_of(health) is not State.DOWN
+    assert state_of(health) is not DeploymentState.DOWN
     assert health.admit() is False
 
 
@@ -231,7 +232,7 @@ def test_after_the_cooldown_one_probe_goes_and_a_second_caller_within_the_interv
     error = refusal(health)  # another caller while the probe is out
     assert error.reason == "UPSTREAM_CIRCUIT_OPEN"
     assert error.retry_after == pytest.approx(PROBE_INTERVAL - 0.25)
-    assert state_of(health) is State.DOWN
+    assert state_of(health) is DeploymentState.DOWN
 
 
 def test_a_probe_that_hangs_does_not_hold_back_the_next_one() -> None:
@@ -244,7 +245,7 @@ def test_a_probe_that_hangs_does_not_hold_back_the_next_one() -> None:
 
     assert probe_due_of(health)
     assert health.admit() is True  # the next probe, the first still unrecorded
-    assert state_of(health) is State.DOWN
+    assert state_of(health) is DeploymentState.DOWN
 
 
 def test_a_successful_probe_ends_down() -> None:
@@ -255,7 +256,7 @@ def test_a_successful_probe_ends_down() -> None:
 
     health.record(Outcome.SUCCESS, probe=True)
 
-    assert state_of(health) is State.HEALTHY
+    assert state_of(health) is DeploymentState.HEALTHY
     assert health.admit() is False
     fail(health, FAILURES - 1, unreachable=True)  # the count in a row starts over
     assert health.admit() is False
@@ -269,7 +270,7 @@ def test_an_unreachable_probe_is_down_again_for_a_full_cooldown() -> None:
 
     fail(health, unreachable=True, probe=True)
 
-    assert state_of(health) is State.DOWN
+    assert state_of(health) is DeploymentState.DOWN
     assert refusing_of(health)
     assert refusal(health).retry_after == pytest.approx(COOLDOWN)
     clock.now += COOLDOWN - 0.1
@@ -286,7 +287,7 @@ def test_an_answered_failure_ends_down_because_it_proves_the_deployment_reachabl
 
     fail(health, probe=True)  # a 500: an answer, whatever it says
 
-    assert state_of(health) is not State.DOWN
+    assert state_of(health) is not DeploymentState.DOWN
     assert not refusing_of(health)
     assert health.admit() is False  # not a probe: calls go through again
 
@@ -298,7 +299,7 @@ def test_an_answer_from_a_call_in_flight_ends_down_even_within_the_cooldown() ->
 
     fail(health)  # a straggler started before it went down, answered 500
 
-    assert state_of(health) is not State.DOWN
+    assert state_of(health) is not DeploymentState.DOWN
     assert health.admit() is False
 
 
@@ -323,7 +324,7 @@ def test_min_failures_zero_never_ejects_nor_goes_down() -> None:
     fail(health, 100)
     fail(health, 10, unreachable=True, probe=True)
 
-    assert state_of(health) is State.HEALTHY
+    assert state_of(health) is DeploymentState.HEALTHY
     assert not refusing_of(health)
     assert not probe_due_of(health)
     assert health.admit() is False
@@ -347,7 +348,7 @@ def test_the_probe_interval_is_never_longer_than_the_cooldown() -> None:
 def test_listeners_hear_each_change_of_state_and_not_the_records_that_change_nothing() -> None:
     clock = Clock()
     health = health_on(clock)
-    heard: list[tuple[State, bool]] = []
+    heard: list[tuple[DeploymentState, bool]] = []
     health.on_change(lambda: heard.append((state_of(health), refusing_of(health))))
 
     fail(health, FAILURES - 1)
@@ -359,49 +360,49 @@ def test_listeners_hear_each_change_of_state_and_not_the_records_that_change_not
     succeed(health)
 
     assert heard == [
-        (State.EJECTED, False),
-        (State.HEALTHY, False),
-        (State.DOWN, True),
-        (State.HEALTHY, False),
+        (DeploymentState.EJECTED, False),
+        (DeploymentState.HEALTHY, False),
+        (DeploymentState.DOWN, True),
+        (DeploymentState.HEALTHY, False),
     ]
 
 
 async def test_listeners_hear_the_end_of_a_cooldown_by_time_alone() -> None:
     cooldown = 0.05
     health = DeploymentHealth(min_failures=FAILURES, cooldown=cooldown)  # the real clock
-    heard: list[tuple[State, bool]] = []
+    heard: list[tuple[DeploymentState, bool]] = []
     cooled = asyncio.Event()
 
     def listener() -> None:
         heard.append((state_of(health), refusing_of(health)))
-        if not refusing_of(health) and state_of(health) is State.DOWN:
+        if not refusing_of(health) and state_of(health) is DeploymentState.DOWN:
             cooled.set()
 
     health.on_change(listener)
 
     fail(health, FAILURES, unreachable=True)
-    assert heard == [(State.DOWN, True)]
+    assert heard == [(DeploymentState.DOWN, True)]
 
     await asyncio.wait_for(cooled.wait(), 2.0)  # no record in between: the cool-down's end alone
-    assert heard[-1] == (State.DOWN, False)
+    assert heard[-1] == (DeploymentState.DOWN, False)
     assert probe_due_of(health)
 
 
 async def test_listeners_hear_the_end_of_an_ejection_by_time_alone() -> None:
     health = DeploymentHealth(min_failures=FAILURES, cooldown=0.05)
-    heard: list[State] = []
+    heard: list[DeploymentState] = []
     healthy = asyncio.Event()
 
     def listener() -> None:
         heard.append(state_of(health))
-        if state_of(health) is State.HEALTHY:
+        if state_of(health) is DeploymentState.HEALTHY:
             healthy.set()
 
     health.on_change(listener)
     fail(health, FAILURES)
 
     await asyncio.wait_for(healthy.wait(), 2.0)
-    assert heard == [State.EJECTED, State.HEALTHY]
+    assert heard == [DeploymentState.EJECTED, DeploymentState.HEALTHY]
 
 
 # --- fairness: one caller's bad requests cannot deny service to others ------------------------------
@@ -411,7 +412,7 @@ async def test_listeners_hear_the_end_of_an_ejection_by_time_alone() -> None:
 def test_a_caller_whose_requests_fail_never_gets_anyone_else_refused(poison: int, victim: int) -> None:
     clock = Clock()
     health = health_on(clock)
-    states: set[State] = set()
+    states: set[DeploymentState] = set()
 
     for _ in range(200):
         for _ in range(poison):
@@ -424,7 +425,7 @@ def test_a_caller_whose_requests_fail_never_gets_anyone_else_refused(poison: int
             states.add(state_of(health))
         clock.now += 0.1
 
-    assert State.DOWN not in states
+    assert DeploymentState.DOWN not in states
     assert not refusing_of(health)
 
 
@@ -446,7 +447,7 @@ def test_answered_attempts_of_any_mix_and_pace_never_get_a_call_refused(
         health.record(outcome)
         clock.now += pause
 
-    assert state_of(health) is not State.DOWN
+    assert state_of(health) is not DeploymentState.DOWN
     assert not refusing_of(health)
 
 
@@ -460,5 +461,5 @@ def test_only_unreachable_attempts_turn_a_deployment_down_among_mixed_ones() -> 
         fail(health, unreachable=unreachable)
         clock.now += 0.05
 
-    assert state_of(health) is State.EJECTED  # failing, so tried last; but not down
+    assert state_of(health) is DeploymentState.EJECTED  # failing, so tried last; but not down
     assert not refusing_of(health)

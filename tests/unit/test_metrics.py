@@ -20,7 +20,6 @@ import pytest
 
 from rerank_service.backends.local.batcher import MicroBatcher
 from rerank_service.backends.upstream.http.transport import UpstreamTransport, transport_failure
-from rerank_service.core.health import State
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import configure_logging, get_logger
 from rerank_service.observability.metrics import REGISTRY
@@ -94,8 +93,8 @@ def test_retries_are_counted_by_reason_and_a_deployment_s_state_is_a_number() ->
     assert value("rerank_upstream_retries_total", reason="503") == before + 1
     deployment = metrics.DeploymentMetrics("state-test")
     ejections = value("rerank_deployment_ejections_total", deployment="state-test", state="down")
-    for state, number in ((State.DOWN, 2), (State.EJECTED, 1), (State.HEALTHY, 0)):
-        deployment.set_state(state)
+    for state, number in (("down", 2), ("ejected", 1), ("healthy", 0)):
+        deployment.set_state(state, number)
         assert value("rerank_deployment_state", deployment="state-test") == number
     assert value("rerank_deployment_ejections_total", deployment="state-test", state="down") == ejections + 1
 
@@ -268,8 +267,7 @@ calls = metrics.for_method("/rerank.v1.RerankService/Rerank")
 calls.started()
 calls.started()
 calls.finished(0, 0.01, documents=2, tokens=9)
-from rerank_service.core.health import State
-metrics.DeploymentMetrics("d").set_state(State.EJECTED)
+metrics.DeploymentMetrics("d").set_state("ejected", 1)
 print(os.getpid())
 """
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Iterator
 
+import grpc
 import pytest
 
-from rerank_service.core.domain import Timings, combined
+from rerank_service.core.domain import NO_TIMINGS, FailureKind, ServiceError, Timings, combined
 from rerank_service.core.readiness import Readiness
 
 
@@ -34,6 +38,37 @@ def test_the_queue_time_of_a_split_call_is_its_longest_wait_and_model_time_adds_
 def test_one_chunk_keeps_its_timings() -> None:
     only = Timings(0.1, 0.2, ((1.0, 2.0),))
     assert combined([only]) is only
+
+
+def test_an_error_is_immutable_and_a_layer_adds_its_timings_and_deployment_to_a_copy() -> None:
+    original = ServiceError(grpc.StatusCode.UNAVAILABLE, "down", reason="R", kind=FailureKind.DEPLOYMENT)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        original.timings = Timings(1.0)  # type: ignore[misc]
+
+    copy = original.with_timings(Timings(1.0)).at_deployment("a")
+
+    assert (copy.timings, copy.deployment) == (Timings(1.0), "a")
+    assert (copy.code, copy.message, copy.reason, copy.kind) == (
+        original.code,
+        original.message,
+        original.reason,
+        original.kind,
+    )
+    assert (original.timings, original.deployment) == (NO_TIMINGS, None)
+
+
+def test_an_error_passes_through_what_sets_an_exceptions_own_attributes() -> None:
+    @contextlib.contextmanager
+    def around() -> Iterator[None]:
+        yield  # its __exit__ sets the __traceback__ of an exception passing through
+
+    error = ServiceError(grpc.StatusCode.INTERNAL, "boom")
+    with pytest.raises(ServiceError) as raised, around():
+        raise error
+    assert raised.value is error
+
+    error.add_note("noted")
+    assert error.__notes__ == ["noted"]
 
 
 async def test_readiness_wakes_waiters_on_a_change_only() -> None:

@@ -21,7 +21,8 @@ from rerank_service.backends.upstream.errors import (
     parse_retry_after,
 )
 from rerank_service.config.secret import Secret
-from rerank_service.core.domain import ServiceError
+from rerank_service.core.domain import FailureKind, ServiceError, not_ready
+from rerank_service.core.health import DeploymentHealth, Outcome
 
 SECRET = "sk-upstream-echoed-0123456789"
 MASK = "**********"
@@ -334,6 +335,67 @@ def test_a_capped_retry_after_still_becomes_a_status_with_retry_info() -> None:
     retry = error_details_pb2.RetryInfo()
     assert any(detail.Unpack(retry) for detail in status.details)
     assert retry.retry_delay.seconds == int(errors.MAX_RETRY_AFTER)
+
+
+# --- which failures may another deployment answer ----------------------------------------------
+
+# Every reason an upstream or local deployment fails with, and whether it says the deployment
+# cannot answer now (the router then tries another) or that the request itself is wrong.
+_DEPLOYMENT_REASONS = frozenset(
+    {
+        "UPSTREAM_UNAVAILABLE",  # unreachable, reset, 5xx
+        "UPSTREAM_CIRCUIT_OPEN",  # down
+        "UPSTREAM_POOL_EXHAUSTED",  # our connections to it are all busy
+        "UPSTREAM_RATE_LIMITED",  # 429
+        "UPSTREAM_TIMEOUT",  # it took too long (the caller's deadline is checked apart)
+        "UPSTREAM_BAD_RESPONSE",  # garbage
+        "UPSTREAM_UNEXPECTED_STATUS",  # a 1xx/3xx: not a rerank API now
+        "BACKEND_NOT_READY",  # a local model still loading, or closed by a reload
+        "MODEL_FAILED",  # a local model raised (test_batcher.py)
+    }
+)
+
+
+def _refused_by_a_down_deployment() -> ServiceError:
+    health = DeploymentHealth(min_failures=1, cooldown=60.0)
+    health.record(Outcome.FAILURE, unreachable=True)
+    with pytest.raises(ServiceError) as refused:
+        health.admit()
+    return refused.value
+
+
+def _every_failure() -> list[ServiceError]:
+    statuses = [
+        map_status(status, pass_through=through) for status in range(100, 600) for through in (False, True)
+    ]
+    transport = [
+        from_transport(failure, upstream_timed_out_by_caller=by_caller)
+        for failure in (
+            httpx.ConnectError("refused"),
+            httpx.ReadError("reset"),
+            httpx.RemoteProtocolError("closed"),
+            httpx.ConnectTimeout("slow"),
+            httpx.ReadTimeout("slow"),
+            httpx.PoolTimeout("full"),
+        )
+        for by_caller in (False, True)
+    ]
+    helpers = [
+        errors.timed_out(by_caller_deadline=False),
+        errors.not_json(200, None, []),
+        errors.malformed("x", None),
+        errors.undecodable("x"),
+        errors.too_large(1),
+    ]
+    return [*statuses, *transport, *helpers, _refused_by_a_down_deployment(), not_ready("loading")]
+
+
+def test_a_failure_is_the_deployments_exactly_when_its_reason_says_it_cannot_answer_now() -> None:
+    failures = _every_failure()
+    for error in failures:
+        expected = FailureKind.DEPLOYMENT if error.reason in _DEPLOYMENT_REASONS else FailureKind.REQUEST
+        assert error.kind is expected, (error.reason, error.metadata)
+    assert {error.reason for error in failures} >= _DEPLOYMENT_REASONS - {"MODEL_FAILED"}
 
 
 def test_an_http_date_with_minus_zero_zone_is_read_as_gmt(frozen_clock: float) -> None:

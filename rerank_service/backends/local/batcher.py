@@ -37,7 +37,7 @@ from typing import NamedTuple
 import grpc
 
 from rerank_service.backends.local.scorer import Encoded, Scorer
-from rerank_service.core.domain import ServiceError
+from rerank_service.core.domain import FailureKind, ServiceError
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
 
@@ -237,6 +237,7 @@ class MicroBatcher:
                 grpc.StatusCode.INTERNAL,
                 f"the model failed on a batch: {type(exc).__name__}",
                 reason="MODEL_FAILED",
+                kind=FailureKind.DEPLOYMENT,  # another deployment's model may well answer
             )
             for job in jobs:
                 if not job.future.done():

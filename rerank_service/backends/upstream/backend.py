@@ -21,12 +21,12 @@ from rerank_service.backends.upstream.dialect import (
     DialectOptions,
     MalformedResponse,
     UpstreamAnswer,
-    build_dialect,
 )
+from rerank_service.backends.upstream.dialects import build_dialect
 from rerank_service.backends.upstream.http.connections import check_connection_settings
 from rerank_service.backends.upstream.http.transport import UpstreamReply, UpstreamTransport
 from rerank_service.backends.upstream.request_ids import checked_request_id
-from rerank_service.backends.upstream.retry import RetryPolicy, judge
+from rerank_service.backends.upstream.retry import RetryPolicy, Verdict, judge
 from rerank_service.config import Settings
 from rerank_service.config.secret import Secret, redact
 from rerank_service.core.chunking import CallLimits, estimate_tokens
@@ -78,9 +78,9 @@ class UpstreamBackend:
         api_key: Secret | None,
         pass_through: bool,
         secrets: list[Secret],
-        retry_policy: RetryPolicy | None = None,
-        health: DeploymentHealth | None = None,
-        timeout: float = 30.0,
+        retry_policy: RetryPolicy,
+        health: DeploymentHealth,
+        timeout: float,
     ) -> None:
         self._dialect = dialect
         self._path = path or dialect.path
@@ -91,8 +91,8 @@ class UpstreamBackend:
         self._api_key = api_key
         self._pass_through = pass_through
         self._secrets = secrets
-        self._retry_policy = retry_policy or RetryPolicy(max_attempts=1, backoff=0.1, max_backoff=1.0)
-        self._health = health or DeploymentHealth(min_failures=0, cooldown=1.0)
+        self._retry_policy = retry_policy
+        self._health = health
         self._health.on_change(self._update_readiness)
         self._readiness = Readiness()
         # Without a caller deadline, attempts and the waits between them fit in this.
@@ -217,8 +217,7 @@ class UpstreamBackend:
             try:
                 probe = self._health.admit()
             except ServiceError as refused:  # down, or went down while this call waited to retry
-                refused.timings = Timings(upstream_spans=tuple(spans))
-                raise
+                raise refused.with_timings(Timings(upstream_spans=tuple(spans))) from None
             outcome = Outcome.NEUTRAL  # if cancelled mid-attempt: says nothing about the upstream
             unreachable = answered = recorded = False
             # A probe of a down upstream gets a short time: a hanging probe holds no caller long.
@@ -237,38 +236,42 @@ class UpstreamBackend:
                     )
                 return BackendResult(answer.scores, answer.total_tokens, request_id, timings)
             except ServiceError as error:
-                error.timings = Timings(upstream_spans=tuple(spans))
                 verdict = judge(error, context.deadline is not None and time.monotonic() >= context.deadline)
                 outcome, unreachable = verdict.outcome, error.unreachable
                 answered = "upstream_status" in error.metadata
                 self._health.record(outcome, probe, unreachable, answered)
                 recorded = True
-                # Down now (this failure may have made it so): a retry would only be refused.
-                if (
-                    not verdict.retryable
-                    or attempt >= self._retry_policy.max_attempts
-                    or self._health.refusing
-                ):
-                    raise
-                wait = self._retry_policy.wait_before(attempt, error.retry_after, self._rng)
-                if time.monotonic() + wait >= give_up_at:
-                    raise
-                if context.retry_budget is not None and not context.retry_budget.try_spend():
-                    metrics.count_upstream_retry_refused()
-                    raise
-                _log.warning(
-                    "upstream retry",
-                    attempt=attempt,
-                    failure=verdict.label,
-                    wait_ms=round(wait * 1000, 1),
-                    upstream_request_id=error.upstream_request_id,
-                )
-                metrics.count_upstream_retry(verdict.label)
+                wait = self._wait_before_retry(error, verdict, attempt, give_up_at, context)
+                if wait is None:  # the time of every attempt goes up with the error
+                    raise error.with_timings(Timings(upstream_spans=tuple(spans))) from error
             finally:
                 if not recorded:  # a success, or cancelled mid-attempt
                     self._health.record(outcome, probe, unreachable, answered)
             await asyncio.sleep(wait)
             attempt += 1
+
+    def _wait_before_retry(
+        self, error: ServiceError, verdict: Verdict, attempt: int, give_up_at: float, context: CallContext
+    ) -> float | None:
+        """How long to wait before retrying a failed attempt, or None: give up now."""
+        # Down now (this failure may have made it so): a retry would only be refused.
+        if not verdict.retryable or attempt >= self._retry_policy.max_attempts or self._health.refusing:
+            return None
+        wait = self._retry_policy.wait_before(attempt, error.retry_after, self._rng)
+        if time.monotonic() + wait >= give_up_at:
+            return None
+        if context.retry_budget is not None and not context.retry_budget.try_spend():
+            metrics.count_upstream_retry_refused()
+            return None
+        _log.warning(
+            "upstream retry",
+            attempt=attempt,
+            failure=verdict.label,
+            wait_ms=round(wait * 1000, 1),
+            upstream_request_id=error.upstream_request_id,
+        )
+        metrics.count_upstream_retry(verdict.label)
+        return wait
 
     async def _attempt(
         self,

@@ -17,7 +17,12 @@ import httpx
 
 from rerank_service.backends.upstream.dialect import UpstreamErrorBody
 from rerank_service.config.secret import Secret, redact
-from rerank_service.core.domain import ServiceError
+from rerank_service.core.domain import FailureKind, ServiceError
+
+# ErrorInfo reasons (docs/ERRORS.md) that retry.py tells apart.
+UNAVAILABLE = "UPSTREAM_UNAVAILABLE"  # unreachable, reset, a 5xx
+TIMEOUT = "UPSTREAM_TIMEOUT"
+BAD_RESPONSE = "UPSTREAM_BAD_RESPONSE"
 
 # Upstream text passed on to callers is cut to this many characters.
 MAX_UPSTREAM_TEXT = 300
@@ -40,7 +45,12 @@ def from_http_status(
     if body.request_id:
         metadata["upstream_request_id"] = _clean(body.request_id, secrets)
 
-    def error(code: grpc.StatusCode, reason: str, retry_after: float | None = None) -> ServiceError:
+    def error(
+        code: grpc.StatusCode,
+        reason: str,
+        kind: FailureKind = FailureKind.REQUEST,
+        retry_after: float | None = None,
+    ) -> ServiceError:
         return ServiceError(
             code,
             detail,
@@ -48,8 +58,10 @@ def from_http_status(
             retry_after=retry_after,
             metadata=metadata,
             upstream_request_id=metadata.get("upstream_request_id"),
+            kind=kind,
         )
 
+    # The request's (or its credentials') fault: another deployment would refuse it too.
     if status in (400, 413, 422):
         return error(grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST")
     if status in (401, 403):
@@ -61,16 +73,23 @@ def from_http_status(
     if status == 404:
         return error(grpc.StatusCode.NOT_FOUND, "UPSTREAM_NOT_FOUND")
     if status == 408:
-        return error(grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT")
+        return error(grpc.StatusCode.DEADLINE_EXCEEDED, TIMEOUT, FailureKind.DEPLOYMENT)
     if status == 429:
         return error(
-            grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", parse_retry_after(retry_after_header)
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "UPSTREAM_RATE_LIMITED",
+            FailureKind.DEPLOYMENT,
+            parse_retry_after(retry_after_header),
         )
     if status >= 500:
         return error(
-            grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", parse_retry_after(retry_after_header)
+            grpc.StatusCode.UNAVAILABLE,
+            UNAVAILABLE,
+            FailureKind.DEPLOYMENT,
+            parse_retry_after(retry_after_header),
         )
-    return error(grpc.StatusCode.INTERNAL, "UPSTREAM_UNEXPECTED_STATUS")
+    # Any other status (a 1xx, a 3xx, an unexpected 4xx): not the rerank API it should be, now.
+    return error(grpc.StatusCode.INTERNAL, "UPSTREAM_UNEXPECTED_STATUS", FailureKind.DEPLOYMENT)
 
 
 def from_transport(exc: httpx.HTTPError, upstream_timed_out_by_caller: bool) -> ServiceError:
@@ -80,11 +99,11 @@ def from_transport(exc: httpx.HTTPError, upstream_timed_out_by_caller: bool) -> 
             grpc.StatusCode.UNAVAILABLE,
             "no free upstream connection in time (connection pool exhausted)",
             reason="UPSTREAM_POOL_EXHAUSTED",
+            kind=FailureKind.DEPLOYMENT,
         )
     if isinstance(exc, httpx.TimeoutException):
-        error = timed_out(upstream_timed_out_by_caller)
-        error.unreachable = isinstance(exc, httpx.ConnectTimeout)  # no connection in time
-        return error
+        # A connect timeout: no connection in time.
+        return timed_out(upstream_timed_out_by_caller, unreachable=isinstance(exc, httpx.ConnectTimeout))
     rejected = _rejected_certificate(exc)
     if rejected is not None:
         # The upstream (or something posing as it) is not who it says: say so, as an
@@ -92,17 +111,19 @@ def from_transport(exc: httpx.HTTPError, upstream_timed_out_by_caller: bool) -> 
         return ServiceError(
             grpc.StatusCode.UNAVAILABLE,
             f"upstream TLS certificate rejected: {rejected}",
-            reason="UPSTREAM_UNAVAILABLE",
+            reason=UNAVAILABLE,
             unreachable=True,
+            kind=FailureKind.DEPLOYMENT,
         )
     # Connect errors, resets, protocol errors: the upstream is not reachable right now.
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
         f"upstream unreachable: {type(exc).__name__}",
-        reason="UPSTREAM_UNAVAILABLE",
+        reason=UNAVAILABLE,
         # No connection at all (refused, unroutable, a failed handshake), as opposed to
         # one that broke while a request was on it.
         unreachable=isinstance(exc, httpx.ConnectError),
+        kind=FailureKind.DEPLOYMENT,
     )
 
 
@@ -121,12 +142,15 @@ def _rejected_certificate(exc: BaseException) -> str | None:
     return None
 
 
-def timed_out(by_caller_deadline: bool) -> ServiceError:
+def timed_out(by_caller_deadline: bool, unreachable: bool = False) -> ServiceError:
     why = "the call's deadline" if by_caller_deadline else "the upstream timeout"
     return ServiceError(
         grpc.StatusCode.DEADLINE_EXCEEDED,
         f"upstream did not answer within {why}",
-        reason="UPSTREAM_TIMEOUT",
+        reason=TIMEOUT,
+        unreachable=unreachable,
+        # The router checks the caller's deadline itself before it tries another deployment.
+        kind=FailureKind.DEPLOYMENT,
     )
 
 
@@ -136,7 +160,8 @@ def not_json(status: int, content_type: str | None, secrets: list[Secret]) -> Se
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
         f"upstream answered {status} with a body that is not JSON (content-type {shown})",
-        reason="UPSTREAM_BAD_RESPONSE",
+        reason=BAD_RESPONSE,
+        kind=FailureKind.DEPLOYMENT,
     )
 
 
@@ -144,7 +169,8 @@ def malformed(reason_text: str, request_id: str | None) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.INTERNAL,
         f"upstream response is malformed: {reason_text}",
-        reason="UPSTREAM_BAD_RESPONSE",
+        reason=BAD_RESPONSE,
+        kind=FailureKind.DEPLOYMENT,
         metadata={"upstream_request_id": request_id} if request_id else {},
         upstream_request_id=request_id,
     )
@@ -155,7 +181,8 @@ def undecodable(why: str) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
         f"upstream response body cannot be decoded: {why}",
-        reason="UPSTREAM_BAD_RESPONSE",
+        reason=BAD_RESPONSE,
+        kind=FailureKind.DEPLOYMENT,
     )
 
 
@@ -163,7 +190,8 @@ def too_large(limit: int) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
         f"upstream response is larger than {limit} bytes",
-        reason="UPSTREAM_BAD_RESPONSE",
+        reason=BAD_RESPONSE,
+        kind=FailureKind.DEPLOYMENT,
     )
 
 

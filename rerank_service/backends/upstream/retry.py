@@ -12,13 +12,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from rerank_service.backends.upstream import errors
 from rerank_service.core.domain import ServiceError
 from rerank_service.core.health import Outcome
 
 RETRYABLE_HTTP_STATUSES = frozenset({429, 502, 503, 504})
-# Transport failures (no HTTP status) that happen before any answer: connect errors,
-# resets, protocol errors. errors.from_transport gives them this reason.
-_UNREACHABLE = "UPSTREAM_UNAVAILABLE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +38,14 @@ def judge(error: ServiceError, caller_deadline_passed: bool) -> Verdict:
         # Any other answer proves the upstream is up and talking.
         return Verdict(False, Outcome.SUCCESS, status)
     reason = error.reason or "unknown"
-    if reason == _UNREACHABLE:
+    # Without an HTTP status, this reason is a transport failure before any answer:
+    # a connect error, a reset, a protocol error (errors.from_transport).
+    if reason == errors.UNAVAILABLE:
         return Verdict(True, Outcome.FAILURE, "unreachable")
-    if reason == "UPSTREAM_TIMEOUT":
+    if reason == errors.TIMEOUT:
         # Cut short by the caller's own deadline, a timeout says nothing about the upstream.
         return Verdict(False, Outcome.NEUTRAL if caller_deadline_passed else Outcome.FAILURE, "timeout")
-    if reason == "UPSTREAM_BAD_RESPONSE":
+    if reason == errors.BAD_RESPONSE:
         return Verdict(False, Outcome.FAILURE, "bad_response")
     # Our own pool was full, or an error that is not the upstream's.
     return Verdict(False, Outcome.NEUTRAL, reason.lower())
