@@ -133,7 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
     flush_held_warnings()  # a key file's, found while the settings loaded
     if settings.workers > 1:  # a supervisor and its workers (docs/OPERATIONS.md#workers)
         return _supervise(settings, args)
-    from rerank_service.grpc.server import serve  # imported late: `rerank --help` stays fast
+    from rerank_service.server import serve  # imported late: `rerank --help` stays fast
 
     try:
         return asyncio.run(serve(settings, reload=lambda: load_settings(vars(args))))

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from pydantic import ValidationError
 
+from rerank_service.config.problems import describe
 from rerank_service.config.routes import DeploymentConfig, RouteConfig
 from rerank_service.config.settings import ConfigError, Settings, check_local_engine
 
@@ -54,8 +55,6 @@ def deployment_settings(settings: Settings, route: RouteConfig, deployment: Depl
 def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
     """Every deployment of every route, checked, and named (see `_named`); a bad override
     is a ConfigError naming its place."""
-    from rerank_service.config.sources import describe  # sources imports this module lazily
-
     fields = Settings.__pydantic_fields__  # type: ignore[attr-defined]
     specs = []
     for r, route in enumerate(settings.models):

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from pydantic import ValidationError
-from pydantic_core import ErrorDetails
 
+from rerank_service.config.deployments import deployment_specs
+from rerank_service.config.problems import describe
 from rerank_service.config.routes import KeySourceError, with_keys
 from rerank_service.config.secret import Secret, UnreadableKeyFile, read_key_file
 from rerank_service.config.settings import (
@@ -27,7 +28,6 @@ from rerank_service.config.settings import (
     Option,
     Settings,
     check_consistency,
-    expectation,
     options,
 )
 
@@ -96,8 +96,6 @@ def load_settings(args: Mapping[str, Any] | None = None, env: Mapping[str, str] 
             settings = dataclasses.replace(settings, models=with_keys(settings.models, env))
         except KeySourceError as exc:
             raise ConfigError(f"{exc} (from {origins['models']})") from None
-        from rerank_service.config.deployments import deployment_specs  # imports settings
-
         deployment_specs(settings)  # every deployment's own settings are valid
     check_consistency(settings)
     return settings
@@ -245,40 +243,3 @@ def _read_keys(keys: KeySources, raw: str, is_file: bool) -> list[Secret]:
         return [Secret(text.strip())] if text.strip() else []
     lines = (line.strip() for line in text.splitlines())
     return [Secret(line) for line in lines if line and not line.startswith("#")]
-
-
-# --- one line per problem ----------------------------------------------------------------------
-
-
-def describe(error: ErrorDetails, fields: Mapping[str, Any], origins: Mapping[str, str]) -> str:
-    """`upstream-timeout must be ..., got '-3' (from RERANK_UPSTREAM_TIMEOUT)`."""
-    top, *inner = [str(part) if isinstance(part, str) else part for part in error["loc"]] or ["settings"]
-    # The flag's spelling, then the place inside a nested section as the file writes it.
-    name = str(top).replace("_", "-") + "".join(
-        f"[{part}]" if isinstance(part, int) else f".{part}" for part in inner
-    )
-    info = fields.get(str(top))
-    # A key pasted where its variable or file is named must not be repeated.
-    secret = (info is not None and any(isinstance(item, KeySources) for item in info.metadata)) or any(
-        part in ("api_key_env", "api_key_file") for part in inner
-    )
-    kind = error["type"]
-    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
-        problem = "is not a known setting"
-    elif kind == "missing":
-        problem = "is required"
-    elif kind in ("value_error", "assertion_error"):
-        problem = str(error.get("ctx", {}).get("error", error["msg"]))
-    elif inner and inner[-1] == "api_key_env":
-        problem = "must name an environment variable (letters, digits and _), not hold the key"
-    else:
-        declared = expectation(info) if info is not None and not inner else None
-        expected = declared or error["msg"].removeprefix("Input should be ")
-        problem = f"must be {expected}" + ("" if secret else f", got {_brief(error['input'])}")
-    origin = origins.get(str(top))
-    return f"{name} {problem}" + (f" (from {origin})" if origin else "")
-
-
-def _brief(value: Any) -> str:
-    shown = repr(value)
-    return shown if len(shown) <= 60 else shown[:57] + "..."

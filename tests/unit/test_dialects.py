@@ -19,10 +19,10 @@ from rerank_service.backends.upstream.dialect import (
     MalformedResponse,
     UpstreamAnswer,
     UpstreamErrorBody,
-    build_dialect,
     parse_error_body,
     parse_message_error,
 )
+from rerank_service.backends.upstream.dialects import build_dialect
 from rerank_service.backends.upstream.tei import TextEmbeddingsInference
 from rerank_service.backends.upstream.voyage import Voyage
 from rerank_service.core.domain import DEFAULT_INSTRUCT, BackendRequest, ScoredDocument

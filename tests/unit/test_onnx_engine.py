@@ -23,7 +23,7 @@ import torch
 from transformers import BertForSequenceClassification
 
 from rerank_service.backends.local import onnx_engine
-from rerank_service.backends.local.forward import Output
+from rerank_service.backends.local.common import Output
 from rerank_service.backends.local.models import ModelLoadError, OnnxOptions, load_scorer
 from rerank_service.backends.local.scorer import Encoded, Scorer
 from rerank_service.config.file_trust import untrusted

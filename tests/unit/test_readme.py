@@ -188,6 +188,9 @@ def errorinfo_reasons() -> set[str]:
         text = source.read_text(encoding="utf-8")
         reasons |= set(re.findall(r'reason="([A-Z][A-Z_]+)"', text))
         reasons |= set(re.findall(r'error\(\s*grpc\.StatusCode\.\w+,\s*"([A-Z][A-Z_]+)"', text))
+    # Reasons named once as constants (backends/upstream/errors.py) and used by name.
+    errors = (ROOT / "rerank_service" / "backends" / "upstream" / "errors.py").read_text(encoding="utf-8")
+    reasons |= set(re.findall(r'^[A-Z_]+ = "(UPSTREAM_[A-Z_]+)"', errors, flags=re.MULTILINE))
     return reasons
 
 

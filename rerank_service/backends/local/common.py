@@ -9,7 +9,7 @@ import inspect
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -18,6 +18,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rerank_service.backends.local.model_files import ModelLoadError as ModelLoadError
 
 T = TypeVar("T")
+
+# What an engine's forward pass returns: a cross-encoder's logits or a bi-encoder's token embeddings.
+Output = Literal["logits", "last_hidden_state"]
 
 
 class GuardedTokenizer:

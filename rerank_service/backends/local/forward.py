@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Protocol
 
 import torch
 from transformers import (
@@ -22,13 +22,14 @@ from transformers import (
     PreTrainedModel,
 )
 
-from rerank_service.backends.local.common import accepts_argument, for_inference, model_device, model_dtype
-
-if TYPE_CHECKING:
-    from rerank_service.backends.local.onnx_engine import OnnxOptions
-
-# What a Forward returns: a cross-encoder's logits or a bi-encoder's token embeddings.
-Output = Literal["logits", "last_hidden_state"]
+from rerank_service.backends.local.common import (
+    Output,
+    accepts_argument,
+    for_inference,
+    model_device,
+    model_dtype,
+)
+from rerank_service.backends.local.onnx_engine import OnnxOptions, onnx_forward
 
 
 class Forward(Protocol):
@@ -81,7 +82,4 @@ def load_forward(
     if onnx is None:
         model = model_class(output).from_pretrained(path, dtype=dtype, local_files_only=True)
         return TorchForward(model, output, device), model.config
-    # onnx_engine imports this module (Output): import it when it is asked for.
-    from rerank_service.backends.local.onnx_engine import onnx_forward
-
     return onnx_forward(path, output, onnx), AutoConfig.from_pretrained(path, local_files_only=True)

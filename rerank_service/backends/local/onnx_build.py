@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from rerank_service.backends.local.common import accepts_argument, for_inference
-from rerank_service.backends.local.forward import Output, model_class
+from rerank_service.backends.local.common import Output, accepts_argument, for_inference
+from rerank_service.backends.local.forward import model_class
 from rerank_service.backends.local.onnx_engine import INPUTS
 
 

@@ -42,8 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from rerank_service.backends.local.common import ModelLoadError
-from rerank_service.backends.local.forward import Output
+from rerank_service.backends.local.common import ModelLoadError, Output
 from rerank_service.config.file_trust import untrusted
 from rerank_service.observability.logging import get_logger
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import repeat
 from operator import add, itemgetter, neg, truediv
@@ -307,26 +306,3 @@ def parse_message_error(body: Any) -> UpstreamErrorBody:
         message=message,
         request_id=optional_str(body.get("id")) or optional_str(body.get("request_id")),
     )
-
-
-def build_dialect(name: str, options: DialectOptions) -> Dialect:
-    """The dialect called `name` (the --upstream-dialect values), with the options."""
-    # Imported here: each format's module imports this one.
-    from rerank_service.backends.upstream.cohere import Cohere
-    from rerank_service.backends.upstream.compatible import DashScopeCompatible
-    from rerank_service.backends.upstream.dashscope import DashScopeNative
-    from rerank_service.backends.upstream.tei import TextEmbeddingsInference
-    from rerank_service.backends.upstream.voyage import Voyage
-
-    formats: dict[str, Callable[[DialectOptions], Dialect]] = {
-        DashScopeNative.name: DashScopeNative,
-        DashScopeCompatible.name: DashScopeCompatible,
-        Cohere.name: Cohere,
-        TextEmbeddingsInference.name: TextEmbeddingsInference,
-        Voyage.name: Voyage,
-    }
-    try:
-        make = formats[name]
-    except KeyError:
-        raise ValueError(f"unknown upstream dialect {name!r}; known: {', '.join(formats)}") from None
-    return make(options)

@@ -1,0 +1,45 @@
+"""One line per configuration problem: the setting as its flag spells it, what is wrong,
+and where the value came from."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic_core import ErrorDetails
+
+from rerank_service.config.settings import KeySources, expectation
+
+
+def describe(error: ErrorDetails, fields: Mapping[str, Any], origins: Mapping[str, str]) -> str:
+    """`upstream-timeout must be ..., got '-3' (from RERANK_UPSTREAM_TIMEOUT)`."""
+    top, *inner = [str(part) if isinstance(part, str) else part for part in error["loc"]] or ["settings"]
+    # The flag's spelling, then the place inside a nested section as the file writes it.
+    name = str(top).replace("_", "-") + "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" for part in inner
+    )
+    info = fields.get(str(top))
+    # A key pasted where its variable or file is named must not be repeated.
+    secret = (info is not None and any(isinstance(item, KeySources) for item in info.metadata)) or any(
+        part in ("api_key_env", "api_key_file") for part in inner
+    )
+    kind = error["type"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        problem = "is not a known setting"
+    elif kind == "missing":
+        problem = "is required"
+    elif kind in ("value_error", "assertion_error"):
+        problem = str(error.get("ctx", {}).get("error", error["msg"]))
+    elif inner and inner[-1] == "api_key_env":
+        problem = "must name an environment variable (letters, digits and _), not hold the key"
+    else:
+        declared = expectation(info) if info is not None and not inner else None
+        expected = declared or error["msg"].removeprefix("Input should be ")
+        problem = f"must be {expected}" + ("" if secret else f", got {_brief(error['input'])}")
+    origin = origins.get(str(top))
+    return f"{name} {problem}" + (f" (from {origin})" if origin else "")
+
+
+def _brief(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
