@@ -113,7 +113,7 @@ typecheck: install-dev
 ## docs: regenerate docs/CONFIGURATION.md from the settings' declarations (rerank_service/config)
 docs: install-dev
 	$(PY) -m rerank_service.config.reference > docs/CONFIGURATION.md
-	$(PY) -m rerank_service.http.openapi > docs/openapi.json
+	$(PY) -m rerank_service.api.http.openapi > docs/openapi.json
 
 ## test: install everything and run every check and test
 test: install-dev infinity chart-tools buf-lint buf-breaking check-generated lint typecheck

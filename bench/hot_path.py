@@ -28,13 +28,13 @@ from rerank.v1 import rerank_pb2
 
 from bench.perf_payloads import request as perf_request
 from bench.perf_payloads import upstream_answer
+from rerank_service.api.grpc.servicer import to_domain, to_proto
 from rerank_service.backends.upstream.dashscope import DashScopeNative
 from rerank_service.config import Settings
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import BackendRequest, BackendResult, CallContext, ModelInfo, RerankOutcome
 from rerank_service.core.engine import RerankEngine
 from rerank_service.core.readiness import Readiness
-from rerank_service.grpc.servicer import to_domain, to_proto
 
 MODEL = ModelInfo(
     "qwen3-rerank", max_documents=10_000, max_query_tokens=4000, supports_instruct=True, backend="bench"

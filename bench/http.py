@@ -173,7 +173,7 @@ def _client(upstream_url: str) -> Any:
 
 
 def serve_aiohttp(host: str, port: int, upstream_url: str, upstream_path: str) -> None:
-    """aiohttp's server, configured as the front door's (rerank_service/http/server.py)."""
+    """aiohttp's server, configured as the front door's (rerank_service/api/http/server.py)."""
     from collections.abc import AsyncIterator
 
     from aiohttp import web
@@ -656,7 +656,7 @@ def prose_library(results: Results) -> str:
             "one every connection again, each time a request starts or an answer ends), so its cost grows "
             "with the square of the connections the pool happens to hold, whichever server is in front. The "
             "service keeps httpx but replaces that pool for this reason "
-            "(`rerank_service/backends/upstream/http/pool.py`)."
+            "(`rerank_service/backends/upstream/client/pool.py`)."
         )
     return text
 

@@ -775,7 +775,7 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "anyio/",
             "sniffio/",
             "urllib/",
-            "rerank_service/backends/upstream/http/network.py",
+            "rerank_service/backends/upstream/client/network.py",
         ),
     ),
     (
@@ -789,11 +789,11 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     (
         "servicer: proto ⇄ domain, metadata",
-        ("rerank_service/grpc/servicer.py", "rerank_service/grpc/status.py"),
+        ("rerank_service/api/grpc/servicer.py", "rerank_service/api/grpc/status.py"),
     ),
     (
         "edge (request id, admission, auth, log, metrics)",
-        ("rerank_service/grpc/",),
+        ("rerank_service/api/grpc/",),
     ),
     ("grpc.aio (Python parts of the server)", ("grpc/",)),
 )

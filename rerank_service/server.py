@@ -16,14 +16,14 @@ from wsgiref.simple_server import WSGIServer
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
+from rerank_service.api.grpc.server import RERANK_SERVICE, GrpcServer
+from rerank_service.api.grpc.tls import server_credentials, tls_mode
+from rerank_service.api.http.app import FrontDoor
+from rerank_service.api.http.server import HttpServer
 from rerank_service.config import ConfigError, Settings
 from rerank_service.config.deployments import reload_refusal
 from rerank_service.core.backend import Backend
 from rerank_service.core.engine import RerankEngine
-from rerank_service.grpc.server import RERANK_SERVICE, GrpcServer
-from rerank_service.grpc.tls import server_credentials, tls_mode
-from rerank_service.http.app import FrontDoor
-from rerank_service.http.server import HttpServer
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.process_limits import FileLimit, raise_file_limit

@@ -525,7 +525,7 @@ class Settings:
     max_connection_age_grace: SecondsOrZero = Field(
         default=30.0, description="seconds calls on an aged-out connection may take to finish"
     )
-    # Paths are checked for readability when the server starts (grpc/tls.py), not here.
+    # Paths are checked for readability when the server starts (api/grpc/tls.py), not here.
     tls_cert: FilePath = Field(default=None, description="PEM certificate chain: serve TLS (with --tls-key)")
     tls_key: FilePath = Field(default=None, description="PEM private key of --tls-cert")
     tls_client_ca: FilePath = Field(

@@ -272,7 +272,7 @@ class ServiceError(Exception):
     """An error with the gRPC status a caller should see.
 
     The status code is gRPC's vocabulary, used here as a plain enumeration: every
-    front door maps it (grpc/status.py for gRPC).
+    front door maps it (api/grpc/status.py for gRPC).
     `reason` becomes a google.rpc.ErrorInfo, `violations` a google.rpc.BadRequest,
     `retry_after` a google.rpc.RetryInfo; `metadata` goes into ErrorInfo too.
 

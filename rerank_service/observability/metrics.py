@@ -52,7 +52,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Waiting in the micro-batcher is usually about --batch-wait-ms (2 ms); seconds mean overload.
 QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# --- calls (recorded by the gRPC edge: grpc/edge.py) ---
+# --- calls (recorded by the call pipeline: pipeline/call.py) ---
 CALLS = Counter(
     "rerank_calls",
     "RerankService calls answered, by method and gRPC status code "

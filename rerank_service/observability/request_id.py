@@ -1,8 +1,8 @@
 """The request id of the call being served.
 
-The edge that receives a call (grpc/edge.py, for a call and for each RerankStream
-item) makes its id and binds it here for the call's task and the tasks it starts; it is the only
-writer. Everything else only reads it: log lines carry it, refusals name it.
+The call pipeline (pipeline/call.py, for every call and each RerankStream item) makes its
+id and binds it here for the call's task and the tasks it starts; it is the only writer.
+Everything else only reads it: log lines carry it, refusals name it.
 """
 
 from __future__ import annotations

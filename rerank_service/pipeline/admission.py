@@ -9,7 +9,7 @@ holds about five times a request's bytes while it works on it (docs/RELIABILITY.
 A unary call past the byte budget is refused; a stream stops reading its next item
 until the budget has room (its client then waits under HTTP/2 flow control).
 Only RerankService calls pass the edge (edge.py): health checks and reflection have bounds
-of their own (grpc/side_calls.py), so probes keep working under overload.
+of their own (api/grpc/side_calls.py), so probes keep working under overload.
 """
 
 from __future__ import annotations

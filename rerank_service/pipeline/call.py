@@ -1,5 +1,5 @@
 """One call's steps, the same for every entry point: a gRPC unary call, each RerankStream
-item, an HTTP call. The front doors (grpc/, http/) translate their wire format to and
+item, an HTTP call. The front doors (api/grpc/, api/http/) translate their wire format to and
 from these steps and decide nothing else; each step is written once, here:
 
 1. `Pipeline.open`: the call's request id (bound, so every log line below carries it)
@@ -140,7 +140,7 @@ class Call:
 
     def admit_stream(self) -> None:
         """Count a stream open, or RESOURCE_EXHAUSTED; its items take slots and bytes as
-        they come (grpc/edge.py's _StreamItems)."""
+        they come (api/grpc/edge.py's _StreamItems)."""
         self._pipeline.admission.open_call()
         self._opened = True
 

@@ -3,7 +3,7 @@ answering exactly what gRPC answers for the same content, with the same keys, li
 status mapping, headers, access log, readiness and drain.
 
 Routes: DashScope native, DashScope OpenAI-compatible, Cohere v1 and v2
-(rerank_service/http/app.py). The server runs in process (ServerThread, `http_port=0`)
+(rerank_service/api/http/app.py). The server runs in process (ServerThread, `http_port=0`)
 in front of the fake upstream, or on tiny local models, or as a real process for SIGTERM.
 """
 
@@ -26,10 +26,10 @@ import httpx
 import pytest
 from rerank.v1 import rerank_pb2
 
+from rerank_service.api.http.statuses import dashscope_code
 from rerank_service.config import load_settings
 from rerank_service.config.secret import Secret
 from rerank_service.core.domain import model_not_found
-from rerank_service.http.statuses import dashscope_code
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import CALLER_KEY, UPSTREAM_KEY, ServerFactory
 from tests.support.logs import LogCapture

@@ -1,6 +1,6 @@
 """The OpenAPI document of the HTTP front door against what the server really accepts and answers.
 
-- the served /openapi.json is rerank_service.http.openapi.document() and docs/openapi.json;
+- the served /openapi.json is rerank_service.api.http.openapi.document() and docs/openapi.json;
 - the document is valid OpenAPI 3.1 (openapi-spec-validator);
 - for each rerank route, requests built from the document's request schema are answered
   200, and the answers fit the declared 200 schema and headers;
@@ -28,9 +28,9 @@ from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from rerank_service.api.http import openapi
+from rerank_service.api.http.app import RERANK_ROUTES
 from rerank_service.config.secret import Secret
-from rerank_service.http import openapi
-from rerank_service.http.app import RERANK_ROUTES
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault, expected_ranking, total_tokens
 from tests.conftest import CALLER_KEY, ServerFactory, upstream_settings
 from tests.support.server import ServerThread

@@ -17,7 +17,7 @@ import grpc
 import orjson
 import pytest
 
-from rerank_service.backends.upstream.http.transport import (
+from rerank_service.backends.upstream.client.transport import (
     MAX_RESPONSE_BYTES,
     UpstreamReply,
     UpstreamTransport,

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rerank_service.backends.upstream.http.pool import LeanConnectionPool as LeanPool
-from rerank_service.backends.upstream.http.transport import pooled_transport
+from rerank_service.backends.upstream.client.pool import LeanConnectionPool as LeanPool
+from rerank_service.backends.upstream.client.transport import pooled_transport
 from rerank_service.testing.fake_upstream import NATIVE_PATH, FakeUpstream, Fault
 from tests.support.certs import CertificateAuthority
 from tests.support.waiting import wait_until_async

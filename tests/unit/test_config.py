@@ -11,10 +11,10 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
+from rerank_service.api.grpc.server import channel_options
 from rerank_service.config import ConfigError, Settings, load_settings
 from rerank_service.config.secret import Secret
 from rerank_service.config.sources import build, file_layer
-from rerank_service.grpc.server import channel_options
 
 UPSTREAM_KEY = "sk-upstream-0123456789"
 CALLER_KEY = "caller-key-abcdefgh"

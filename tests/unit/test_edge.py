@@ -10,9 +10,9 @@ import grpc
 import pytest
 from rerank.v1 import rerank_pb2
 
+from rerank_service.api.grpc.edge import SERVICE, RerankServiceEdge
 from rerank_service.config.secret import Secret
 from rerank_service.core.engine import RerankEngine
-from rerank_service.grpc.edge import SERVICE, RerankServiceEdge
 from rerank_service.pipeline.admission import Admission
 from rerank_service.pipeline.auth import KeyChecker
 from rerank_service.pipeline.call import Pipeline

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rerank.v1 import rerank_pb2
 
+from rerank_service.api.grpc.servicer import to_proto
 from rerank_service.backends.upstream.dialect import MalformedResponse, parse_results
 from rerank_service.core.chunking import CallLimits, split
 from rerank_service.core.domain import (
@@ -26,7 +27,6 @@ from rerank_service.core.domain import (
     ScoredDocument,
 )
 from rerank_service.core.engine import merge, rank
-from rerank_service.grpc.servicer import to_proto
 
 _REPRODUCIBLE = settings(
     derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -1,6 +1,6 @@
 """Every private piece of httpcore (and httpx) that the upstream HTTP layer relies on.
 
-rerank_service/backends/upstream/http/pool.py and network.py replace httpcore's pool
+rerank_service/backends/upstream/client/pool.py and network.py replace httpcore's pool
 and network backend (pool.py says why), which httpx offers no public way to do, and
 proxies.py reads the environment with httpx's own helpers. pyproject.toml pins
 httpcore to a minor version; when a new httpcore (or httpx) is tried, these tests say
@@ -23,7 +23,7 @@ import pytest
 # and a piece that is gone must fail one test with a message, not the whole collection.
 
 _FIX = (
-    "rerank_service/backends/upstream/http/pool.py and network.py rely on it: adapt them to "
+    "rerank_service/backends/upstream/client/pool.py and network.py rely on it: adapt them to "
     "this version (or, if its own pool is now O(1) per call, drop them: see the comment atop "
     "pool.py), or keep httpcore's (or httpx's) pin in pyproject.toml below this version"
 )
@@ -49,8 +49,8 @@ def relied_on(piece: str) -> Iterator[None]:
 
 def the_layer() -> tuple[Any, Any]:
     """The service's pool and network modules (importing them imports the private pieces)."""
-    with relied_on("importing rerank_service.backends.upstream.http (pool.py, network.py, proxies.py)"):
-        from rerank_service.backends.upstream.http import network, pool
+    with relied_on("importing rerank_service.backends.upstream.client (pool.py, network.py, proxies.py)"):
+        from rerank_service.backends.upstream.client import network, pool
     return pool, network
 
 

@@ -39,8 +39,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
         {
             "workers",
             "server",
-            "grpc",
-            "http",
+            "api",
             "pipeline",
             "routing",
             "core",
@@ -51,15 +50,16 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     ),
     "__main__": frozenset({"cli"}),
     "workers": frozenset({"config", "observability", "server"}),
-    "server": frozenset({"grpc", "http", "pipeline", "routing", "core", "config", "observability"}),
-    "grpc": frozenset({"pipeline", "core", "config", "observability"}),
-    "http": frozenset({"pipeline", "core", "config", "observability"}),
+    "server": frozenset({"api", "pipeline", "routing", "core", "config", "observability"}),
+    "api": frozenset(),  # the package's docstring; each front door is a layer of its own
+    "api.grpc": frozenset({"pipeline", "core", "config", "observability"}),
+    "api.http": frozenset({"pipeline", "core", "config", "observability"}),
     "pipeline": frozenset({"core", "config", "observability"}),
     "routing": frozenset({"core", "config", "observability"}),
     "core": frozenset({"config", "observability"}),
     "backends": frozenset(),  # the package's docstring; each backend is a layer of its own
-    "backends.upstream": frozenset({"backends.upstream.http", "core", "config", "observability"}),
-    "backends.upstream.http": frozenset(
+    "backends.upstream": frozenset({"backends.upstream.client", "core", "config", "observability"}),
+    "backends.upstream.client": frozenset(
         {"backends.upstream.errors", "core.domain", "config", "observability"}
     ),
     "backends.local": frozenset({"core", "config", "observability"}),
@@ -77,7 +77,7 @@ ALSO_MAY_IMPORT: dict[str, frozenset[str]] = {
 # "module": "the other front door"; there is none: server.py, above both, assembles the
 # process.
 FRONT_DOOR_CROSSINGS: dict[str, str] = {}
-FRONT_DOORS = ("grpc", "http")
+FRONT_DOORS = ("api.grpc", "api.http")
 
 # The third-party packages the table keeps out of layers. A name holds the layers below it.
 PROTOBUF = frozenset({"google", "rerank", "grpc_health", "grpc_reflection", "grpc_status"})
@@ -85,8 +85,8 @@ HTTP_CLIENTS = frozenset({"httpx", "httpcore"})
 TORCH = frozenset({"torch", "transformers", "onnxruntime", "huggingface_hub"})
 NEVER_IMPORTS: dict[str, frozenset[str]] = {
     "core": PROTOBUF | HTTP_CLIENTS | {"aiohttp"},  # never protobuf or HTTP
-    "grpc": HTTP_CLIENTS,  # a front door never talks to httpx
-    "http": PROTOBUF | HTTP_CLIENTS,
+    "api.grpc": HTTP_CLIENTS,  # a front door never talks to httpx
+    "api.http": PROTOBUF | HTTP_CLIENTS,
     "backends": PROTOBUF,  # a backend never sees protobuf
 }
 TORCH_ONLY_IN = "backends.local"
@@ -98,7 +98,7 @@ TESTING_THIRD_PARTY: frozenset[str] = frozenset()
 
 @dataclass(frozen=True, slots=True)
 class Module:
-    name: str  # below rerank_service: "grpc.server"; the package itself is VERSION
+    name: str  # below rerank_service: "api.grpc.server"; the package itself is VERSION
     path: Path
 
     @property
@@ -230,7 +230,7 @@ def test_the_architecture_page_lists_every_layer() -> None:
     rows = set(re.findall(r"^\| `rerank_service/([\w/]+?)(?:/|\.py)`", ARCHITECTURE.read_text(), re.M))
     documented = {row.replace("/", ".") for row in rows}
     # The package's version and `python -m` need no row of their own.
-    missing = sorted(set(MAY_IMPORT) - documented - {VERSION, "__main__", "backends"})
+    missing = sorted(set(MAY_IMPORT) - documented - {VERSION, "__main__", "backends", "api"})
     assert not missing, f"docs/ARCHITECTURE.md's Folders table has no row for: {', '.join(missing)}"
 
 
@@ -385,14 +385,14 @@ def describe_cycle(component: list[str]) -> str:
 @pytest.mark.parametrize(
     ("source", "target", "allowed"),
     [
-        ("grpc.edge", "core.engine", True),
-        ("core.engine", "grpc.status", False),
-        ("backends.upstream.http.transport", "core.domain", True),
-        ("backends.upstream.http.transport", "core.engine", False),
-        ("server", "http.server", True),
-        ("grpc.server", "http.server", False),
-        ("grpc.edge", "http.server", False),
-        ("http.app", "grpc.status", False),
+        ("api.grpc.edge", "core.engine", True),
+        ("core.engine", "api.grpc.status", False),
+        ("backends.upstream.client.transport", "core.domain", True),
+        ("backends.upstream.client.transport", "core.engine", False),
+        ("server", "api.http.server", True),
+        ("api.grpc.server", "api.http.server", False),
+        ("api.grpc.edge", "api.http.server", False),
+        ("api.http.app", "api.grpc.status", False),
         ("observability.logging", "config.secret", True),
         ("observability.logging", "config.settings", False),
         ("cli", VERSION, True),

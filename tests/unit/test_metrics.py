@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from rerank_service.backends.local.batcher import MicroBatcher
-from rerank_service.backends.upstream.http.transport import UpstreamTransport, transport_failure
+from rerank_service.backends.upstream.client.transport import UpstreamTransport, transport_failure
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import configure_logging, get_logger
 from rerank_service.observability.metrics import REGISTRY

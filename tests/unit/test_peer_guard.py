@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from rerank_service.grpc.peer_guard import Connection, established_connections, excess
+from rerank_service.api.grpc.peer_guard import Connection, established_connections, excess
 
 HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
 

@@ -6,8 +6,8 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from rerank_service.api.grpc.status import ERROR_DOMAIN, error_metadata
 from rerank_service.core.domain import FieldViolation, ServiceError, invalid_argument, model_not_found
-from rerank_service.grpc.status import ERROR_DOMAIN, error_metadata
 from rerank_service.pipeline.record import REQUEST_ID_KEY
 
 

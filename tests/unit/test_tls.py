@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from rerank_service.api.grpc.tls import server_credentials, tls_mode
 from rerank_service.config import ConfigError, Settings
-from rerank_service.grpc.tls import server_credentials, tls_mode
 from tests.support.certs import CertificateAuthority
 from tests.support.logs import LogCapture
 from tests.support.process import run_cli

@@ -13,8 +13,8 @@ import grpc
 import httpcore
 import pytest
 
-from rerank_service.backends.upstream.http.network import AsyncioBackend
-from rerank_service.backends.upstream.http.transport import MAX_RESPONSE_BYTES, UpstreamTransport
+from rerank_service.backends.upstream.client.network import AsyncioBackend
+from rerank_service.backends.upstream.client.transport import MAX_RESPONSE_BYTES, UpstreamTransport
 from rerank_service.config.secret import Secret
 from rerank_service.core.domain import ServiceError
 from rerank_service.observability.metrics import REGISTRY

@@ -328,7 +328,7 @@ def test_a_nan_retry_after_is_ignored() -> None:
 def test_a_capped_retry_after_still_becomes_a_status_with_retry_info() -> None:
     from google.rpc import error_details_pb2, status_pb2
 
-    from rerank_service.grpc.status import error_metadata
+    from rerank_service.api.grpc.status import error_metadata
 
     error = errors.from_http_status(429, UpstreamErrorBody(), "inf", pass_through=False, secrets=[])
     status = status_pb2.Status.FromString(dict(error_metadata(error, "rid"))["grpc-status-details-bin"])

@@ -16,6 +16,8 @@ import grpc
 import orjson
 
 from rerank_service.backends.upstream import errors
+from rerank_service.backends.upstream.client.connections import check_connection_settings
+from rerank_service.backends.upstream.client.transport import UpstreamReply, UpstreamTransport
 from rerank_service.backends.upstream.dialect import (
     Dialect,
     DialectOptions,
@@ -23,8 +25,6 @@ from rerank_service.backends.upstream.dialect import (
     UpstreamAnswer,
 )
 from rerank_service.backends.upstream.dialects import build_dialect
-from rerank_service.backends.upstream.http.connections import check_connection_settings
-from rerank_service.backends.upstream.http.transport import UpstreamReply, UpstreamTransport
 from rerank_service.backends.upstream.request_ids import checked_request_id
 from rerank_service.backends.upstream.retry import RetryPolicy, Verdict, judge
 from rerank_service.config import Settings

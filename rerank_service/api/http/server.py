@@ -14,12 +14,12 @@ from typing import cast
 
 from aiohttp import web
 
+from rerank_service.api.http.app import FrontDoor
 from rerank_service.config import Settings
-from rerank_service.http.app import FrontDoor
 from rerank_service.observability.logging import RateLimit, get_logger
 from rerank_service.observability.process_limits import file_limit, log_accept_errors_sparingly
 
-_log = get_logger("rerank_service.http")
+_log = get_logger("rerank_service.api.http")
 
 REFUSAL_LOG_INTERVAL = 10.0  # seconds: one line per kind of refusal in each
 # The listen queue's length, and so the connections asyncio accepts per wake-up before any

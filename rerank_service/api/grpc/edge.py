@@ -30,8 +30,8 @@ from google.protobuf.message import DecodeError
 from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2
 
+from rerank_service.api.grpc.status import Metadata, error_metadata
 from rerank_service.core.domain import NO_TIMINGS, RerankOutcome, ServiceError, Timings
-from rerank_service.grpc.status import Metadata, error_metadata
 from rerank_service.observability import metrics
 from rerank_service.pipeline.admission import Admission
 from rerank_service.pipeline.auth import KeyChecker, bearer_token

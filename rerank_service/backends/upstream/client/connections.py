@@ -16,10 +16,10 @@ from pathlib import Path
 
 import httpx
 
-from rerank_service.backends.upstream.http.network import AsyncioBackend
-from rerank_service.backends.upstream.http.pool import LeanConnectionPool
-from rerank_service.backends.upstream.http.proxies import proxy_for
-from rerank_service.backends.upstream.http.tls import upstream_ssl_context
+from rerank_service.backends.upstream.client.network import AsyncioBackend
+from rerank_service.backends.upstream.client.pool import LeanConnectionPool
+from rerank_service.backends.upstream.client.proxies import proxy_for
+from rerank_service.backends.upstream.client.tls import upstream_ssl_context
 
 # Seconds an idle connection is kept for reuse.
 KEEPALIVE_EXPIRY = 30.0

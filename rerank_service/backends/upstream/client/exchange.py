@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from rerank_service.backends.upstream.http.body import content_coding, read_body
+from rerank_service.backends.upstream.client.body import content_coding, read_body
 from rerank_service.config.secret import Secret
 
 

@@ -21,6 +21,9 @@ import grpc
 import orjson
 from aiohttp import web
 
+from rerank_service.api.http import openapi
+from rerank_service.api.http.formats import COHERE, COMPATIBLE, NATIVE, BadRequest, Json, WireFormat
+from rerank_service.api.http.statuses import dashscope_code, http_status, retry_after_header
 from rerank_service.core.domain import (
     CallContext,
     RerankOutcome,
@@ -28,9 +31,6 @@ from rerank_service.core.domain import (
     ServiceError,
     invalid_argument,
 )
-from rerank_service.http import openapi
-from rerank_service.http.formats import COHERE, COMPATIBLE, NATIVE, BadRequest, Json, WireFormat
-from rerank_service.http.statuses import dashscope_code, http_status, retry_after_header
 from rerank_service.observability import metrics
 from rerank_service.observability.request_id import new_request_id
 from rerank_service.observability.trace_context import trace_context

@@ -17,17 +17,17 @@ import httpx
 import orjson
 
 from rerank_service.backends.upstream import errors
-from rerank_service.backends.upstream.http.attempt import AttemptMetric
-from rerank_service.backends.upstream.http.body import MAX_RESPONSE_BYTES
-from rerank_service.backends.upstream.http.budget import attempt_budget
-from rerank_service.backends.upstream.http.connections import open_transport, pooled_transport
-from rerank_service.backends.upstream.http.exchange import (
+from rerank_service.backends.upstream.client.attempt import AttemptMetric
+from rerank_service.backends.upstream.client.body import MAX_RESPONSE_BYTES
+from rerank_service.backends.upstream.client.budget import attempt_budget
+from rerank_service.backends.upstream.client.connections import open_transport, pooled_transport
+from rerank_service.backends.upstream.client.exchange import (
     UpstreamReply,
     build_request,
     call_headers,
     exchange,
 )
-from rerank_service.backends.upstream.http.failures import classify, transport_failure
+from rerank_service.backends.upstream.client.failures import classify, transport_failure
 from rerank_service.config.secret import Secret
 
 __all__ = [

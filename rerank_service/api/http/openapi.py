@@ -3,7 +3,7 @@
 Written by hand to say what the routes accept and answer; tests/integration/
 test_http_openapi.py checks real requests and answers against it.
 
-    python -m rerank_service.http.openapi > docs/openapi.json    # what `make docs` does
+    python -m rerank_service.api.http.openapi > docs/openapi.json    # what `make docs` does
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import httpx
 
 from rerank_service.backends.upstream import errors
-from rerank_service.backends.upstream.http.body import ResponseTooLarge, UndecodableBody
+from rerank_service.backends.upstream.client.body import ResponseTooLarge, UndecodableBody
 from rerank_service.core.domain import ServiceError
 
 

@@ -12,6 +12,7 @@ import grpc
 from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2
 
+from rerank_service.api.grpc.edge import SERVICE, Answer
 from rerank_service.core.domain import (
     CallContext,
     DeploymentInfo,
@@ -25,7 +26,6 @@ from rerank_service.core.domain import (
     invalid_argument,
 )
 from rerank_service.core.stream_window import answer_concurrently
-from rerank_service.grpc.edge import SERVICE, Answer
 from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.request_id import new_request_id

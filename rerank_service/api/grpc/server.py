@@ -10,12 +10,12 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from rerank.v1 import rerank_pb2
 
+from rerank_service.api.grpc.edge import RerankServiceEdge
+from rerank_service.api.grpc.peer_guard import PeerGuard
+from rerank_service.api.grpc.reflection import add_reflection
+from rerank_service.api.grpc.servicer import RerankServicer
+from rerank_service.api.grpc.side_calls import SideCallLimits, SideCalls
 from rerank_service.config import Settings
-from rerank_service.grpc.edge import RerankServiceEdge
-from rerank_service.grpc.peer_guard import PeerGuard
-from rerank_service.grpc.reflection import add_reflection
-from rerank_service.grpc.servicer import RerankServicer
-from rerank_service.grpc.side_calls import SideCallLimits, SideCalls
 from rerank_service.pipeline.call import Pipeline
 
 RERANK_SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_name
