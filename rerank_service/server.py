@@ -93,6 +93,7 @@ class RerankServer:
                 live=lambda: not self._draining,
                 max_body_bytes=settings.max_message_bytes,
                 body_timeout=settings.http_body_timeout,
+                call_timeout=settings.http_call_timeout,
             )
             self.http = HttpServer(front_door, settings, reuse_port=worker is not None)
         self._health_watch: asyncio.Task[None] | None = None

@@ -542,6 +542,11 @@ class Settings:
         description="HTTP front door: seconds a request body may take to arrive once its headers have "
         "(then 408); a client sending a byte a second holds no call slot for long",
     )
+    http_call_timeout: Seconds = Field(
+        default=60.0,
+        description="HTTP front door: seconds a call may take from its arrival to its answer, upstream "
+        "attempts and retries included (a gRPC caller sets its own deadline); then 504",
+    )
     http_keepalive_timeout: Seconds = Field(
         default=15.0, description="HTTP front door: seconds an idle keep-alive connection stays open"
     )

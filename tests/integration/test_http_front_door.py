@@ -433,14 +433,32 @@ def test_an_upstream_that_is_down_is_503(serve: ServerFactory, upstream: FakeUps
 def test_an_upstream_slower_than_the_timeout_is_504(
     serve: ServerFactory, upstream: FakeUpstream, route: str
 ) -> None:
-    upstream.always(Fault(delay=1.0))
+    upstream.always(Fault(delay=10.0))
     with serve(http_port=0, upstream_timeout=0.2, upstream_max_attempts=1) as server:
         started = time.monotonic()
-        late = post(http_url(server), route, body_for(route))
+        late = post(http_url(server), route, body_for(route), timeout=25)
         took = time.monotonic() - started
 
     assert_error_body(route, late, 504)
-    assert took < 1.0
+    assert took < 5  # the upstream's 10 s were not waited for (a bound, not a timing)
+
+
+@pytest.mark.parametrize("route", ["native", "cohere-v1"])
+def test_an_http_call_has_a_deadline_that_bounds_its_upstream_attempts_and_retries(
+    serve: ServerFactory, upstream: FakeUpstream, logs: LogCapture, route: str
+) -> None:
+    # Each attempt within its own timeout, but the retries together past the call's deadline.
+    upstream.always(Fault(delay=10.0))
+    settings = {"upstream_timeout": 8.0, "upstream_max_attempts": 5, "http_call_timeout": 0.5}
+    with serve(http_port=0, **settings) as server:
+        started = time.monotonic()
+        late = post(http_url(server), route, body_for(route), timeout=25)
+        took = time.monotonic() - started
+        [line] = logs.wait_for_calls(1)
+
+    assert_error_body(route, late, 504)
+    assert line["code"] == "DEADLINE_EXCEEDED"
+    assert took < 5  # the 8 s attempt was cut to the call's deadline (a bound, not a timing)
 
 
 # --- headers and the access log -------------------------------------------------------------------

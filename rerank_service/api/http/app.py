@@ -14,6 +14,7 @@ format, its status mapped once (statuses.py); the pipeline records the call once
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -61,6 +62,7 @@ class FrontDoor:
         live: Callable[[], bool],
         max_body_bytes: int,
         body_timeout: float,
+        call_timeout: float,
     ) -> None:
         self._pipeline = pipeline
         self._admission = pipeline.admission
@@ -68,6 +70,9 @@ class FrontDoor:
         self._live = live
         self._max_body_bytes = max_body_bytes
         self._body_timeout = body_timeout
+        # The deadline of every call (an HTTP caller sends none): the engine, the router and the
+        # upstream client cut their work to it, as they do for a gRPC caller's deadline.
+        self._call_timeout = call_timeout
 
     def application(self) -> web.Application:
         # client_max_size: aiohttp's own bound on a body read (a larger one is 413).
@@ -93,7 +98,7 @@ class FrontDoor:
             call = self._pipeline.open(f"HTTP POST {path}", http.remote or "", measured)
             try:
                 try:
-                    context = self._authenticate(http)
+                    context = self._authenticate(http, time.monotonic() + self._call_timeout)
                     self._check_body_headers(http)
                     call.admit_bytes(http.content_length or 0)
                     raw = await self._body(http)
@@ -164,12 +169,14 @@ class FrontDoor:
         message = f"the body is larger than {self._max_body_bytes} bytes (--max-message-bytes)"
         return _HttpError(413, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
-    def _authenticate(self, http: web.Request) -> CallContext:
+    def _authenticate(self, http: web.Request, deadline: float | None = None) -> CallContext:
         headers = list(http.headers.items())
         token = bearer_token(headers)
         self._pipeline.authenticate(token, KEY_CARRIER)
         traceparent, tracestate = trace_context(headers)
-        return CallContext(bearer_token=token, traceparent=traceparent, tracestate=tracestate)
+        return CallContext(
+            deadline=deadline, bearer_token=token, traceparent=traceparent, tracestate=tracestate
+        )
 
     async def _body(self, http: web.Request) -> bytes:
         if http.content_type != JSON_TYPE:
