@@ -49,7 +49,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -255,31 +255,32 @@ def serve_starlette(host: str, port: int, upstream_url: str, upstream_path: str)
 
 @contextlib.contextmanager
 def front_door(
-    port: int, upstream_url: str, dialect: str, caller_key: str | None
+    port: int,
+    upstream_url: str,
+    dialect: str,
+    caller_key: str | None,
+    *,
+    http_port: int = 0,
+    peer_cap_flag: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[int, int]]:
-    """`rerank-service serve --backend upstream --http-port 0`: (pid, the HTTP port it took)."""
-    from bench.perf_payloads import UPSTREAM_KEY
-    from tests.support.process import ServiceProcess
-
-    if not perf.port_frees_up(port):
-        raise RuntimeError(f"port {port} (service) is taken: pass another --base-port")
-    args = ["--backend", "upstream", "--upstream-url", upstream_url, "--upstream-dialect", dialect]
-    # hey's 64 connections all come from 127.0.0.1: above the cap per address they would be refused.
-    args += ["--port", str(port), "--http-port", "0", "--max-connections-per-peer", "1024"]
-    env = {"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}
+    """`rerank-service serve --backend upstream --http-port HTTP_PORT` (0: any free one): (pid, the
+    HTTP port it took). `peer_cap_flag` False leaves out --max-connections-per-peer, for a revision
+    older than the flag; `env` is added to the service's environment."""
+    flags = ["--http-port", str(http_port)]
+    if peer_cap_flag:
+        # hey's 64 connections all come from 127.0.0.1: above the cap per address they would be refused.
+        flags += ["--max-connections-per-peer", "1024"]
+    environment = dict(env or {})
     if caller_key is not None:
-        env["RERANK_API_KEYS"] = caller_key
-    with ServiceProcess(args, env=env) as process:
+        environment["RERANK_API_KEYS"] = caller_key
+    with perf.service_process(port, upstream_url, dialect, flags=flags, env=environment) as process:
         assert process.process is not None
         serving = [event for event in process.events() if event.get("event") == "serving"]
-        http_port = serving[-1].get("http_port") if serving else None
-        if not isinstance(http_port, int) or http_port <= 0:
-            process.terminate()
+        taken = serving[-1].get("http_port") if serving else None
+        if not isinstance(taken, int) or taken <= 0:
             raise RuntimeError(f"the serving line names no HTTP port: {serving}")
-        try:
-            yield process.process.pid, http_port
-        finally:
-            process.terminate()
+        yield process.process.pid, taken
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -316,8 +316,16 @@ def baseline(kind: str, port: int, documents: int, upstream_url: str, delay: flo
 
 
 @contextlib.contextmanager
-def service(port: int, upstream_url: str, dialect: str = "dashscope") -> Iterator[int]:
-    """`rerank-service serve --backend upstream` with its defaults, an upstream key, no caller keys."""
+def service_process(
+    port: int,
+    upstream_url: str,
+    dialect: str = "dashscope",
+    *,
+    flags: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Iterator[ServiceProcess]:
+    """`rerank-service serve --backend upstream` with its defaults, an upstream key, no caller keys;
+    `flags` added to its command line, `env` to its environment."""
     if not port_frees_up(port):
         raise RuntimeError(f"port {port} (service) is taken: pass another --base-port")
     args = [
@@ -329,13 +337,23 @@ def service(port: int, upstream_url: str, dialect: str = "dashscope") -> Iterato
         dialect,
         "--port",
         str(port),
+        *flags,
     ]
-    with ServiceProcess(args, env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}) as process:
-        assert process.process is not None
+    with ServiceProcess(args, env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY, **(env or {})}) as process:
         try:
-            yield process.process.pid
+            yield process
         finally:
             process.terminate()
+
+
+@contextlib.contextmanager
+def service(
+    port: int, upstream_url: str, dialect: str = "dashscope", *, env: Mapping[str, str] | None = None
+) -> Iterator[int]:
+    """service_process, as its pid."""
+    with service_process(port, upstream_url, dialect, env=env) as process:
+        assert process.process is not None
+        yield process.process.pid
 
 
 # --- measuring --------------------------------------------------------------------------

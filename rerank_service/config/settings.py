@@ -36,6 +36,31 @@ class ConfigError(ValueError):
     """A setting is wrong; the one-line message names it and says what is expected."""
 
 
+class SettingError(ConfigError):
+    """A ConfigError about one setting's value, found past validation (a file it names, say).
+
+    The setting is kept as a value, not as words: the message names it as its flag
+    (`upstream-ca-file X: ...`), `at(place)` as the key of a deployment of the models section
+    (`models[0].deployments[1].ca_file X: ...`), where the `upstream_` prefix is dropped.
+    """
+
+    def __init__(self, setting: str, problem: str, value: object = None) -> None:
+        self.setting, self.problem, self.value = setting, problem, value
+        super().__init__(self._worded(setting.replace("_", "-")))
+
+    def at(self, place: str) -> str:
+        """The message for the deployment at `place` (`models[0].deployments[1]`)."""
+        return self._worded(f"{place}.{self.setting.removeprefix('upstream_')}")
+
+    def _worded(self, name: str) -> str:
+        shown = "" if self.value is None else f" {self.value}"
+        return f"{name}{shown}: {self.problem}"
+
+    def __reduce__(self) -> tuple[type[SettingError], tuple[str, str, object]]:
+        # Rebuilt from its parts (the default rebuilds from the message alone).
+        return type(self), (self.setting, self.problem, self.value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Expect:
     """What a value must be, in words: error messages and the reference both say it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from rerank_service.config import ConfigError, Settings
+from rerank_service.config import ConfigError, SettingError, Settings
 from rerank_service.config.deployments import deployment_specs, origin_of
 from rerank_service.core.backend import Backend
 from rerank_service.core.retry_budget import RetryBudget
@@ -33,7 +33,7 @@ def build_routes(settings: Settings, reuse: Iterable[Deployment] = ()) -> list[R
             except ConfigError as exc:  # a CA file or proxy of the deployment's own
                 if place is None:
                     raise
-                raise ConfigError(f"{_placed(str(exc), place)}{origin_of(settings)}") from None
+                raise ConfigError(f"{_placed(exc, place)}{origin_of(settings)}") from None
             found = existing[key] = Deployment(name, backend, getattr(backend, "health", None), key=key)
         return found
 
@@ -112,12 +112,13 @@ def _backend_view(settings: Settings) -> tuple[object, ...]:
     return tuple(getattr(settings, name) for name in BACKEND_SETTINGS)
 
 
-def _placed(message: str, place: str) -> str:
-    """`upstream-ca-file X: ...` of a deployment as `models[0].deployments[1].ca_file X: ...`."""
-    setting, _, rest = message.partition(" ")
-    if setting.startswith("upstream-"):
-        return f"{place}.{setting.removeprefix('upstream-').replace('-', '_')} {rest}"
-    return f"{place}: {message}"
+def _placed(error: ConfigError, place: str) -> str:
+    """`error` of the deployment at `place`: a setting named as the deployment's key
+    (`models[0].deployments[1].ca_file X: ...`), anything else (the environment's proxy or
+    CA bundle) after the place."""
+    if isinstance(error, SettingError):
+        return error.at(place)
+    return f"{place}: {error}"
 
 
 def _model_of(own: Settings) -> str:

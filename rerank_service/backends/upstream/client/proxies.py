@@ -15,7 +15,7 @@ import httpx
 # checked by tests/unit/test_httpcore_private_api.py.
 from httpx._utils import URLPattern, get_environment_proxies
 
-from rerank_service.config import ConfigError
+from rerank_service.config import ConfigError, SettingError
 
 # get_environment_proxies' keys, by the variable they come from (for error messages).
 _VARIABLES = {"http://": "HTTP_PROXY", "https://": "HTTPS_PROXY", "all://": "ALL_PROXY"}
@@ -24,7 +24,7 @@ _VARIABLES = {"http://": "HTTP_PROXY", "https://": "HTTPS_PROXY", "all://": "ALL
 def proxy_for(url: httpx.URL, proxy: str | None) -> httpx.Proxy | None:
     """The proxy for calls to `url`: `proxy` if given, else the environment's; None: go direct."""
     if proxy is not None:
-        return _usable(proxy, "upstream-proxy")
+        return _usable(proxy)
     rules = sorted(get_environment_proxies().items(), key=lambda rule: URLPattern(rule[0]))
     for pattern, target in rules:
         if URLPattern(pattern).matches(url):
@@ -32,16 +32,21 @@ def proxy_for(url: httpx.URL, proxy: str | None) -> httpx.Proxy | None:
     return None
 
 
-def _usable(proxy: str, name: str) -> httpx.Proxy:
-    """The proxy, or a ConfigError naming `name` (never echoing the URL: it may hold a password)."""
+def _usable(proxy: str, variable: str | None = None) -> httpx.Proxy:
+    """The proxy, or a ConfigError naming where it came from: the environment `variable`, else
+    the upstream_proxy setting (never echoing the URL: it may hold a password)."""
     try:
         parsed = httpx.Proxy(proxy)
     except (ValueError, httpx.InvalidURL):
-        raise ConfigError(f"{name}: not a proxy URL (expected http://host:port)") from None
+        raise _refused("not a proxy URL (expected http://host:port)", variable) from None
     if parsed.url.scheme not in ("http", "https"):
-        raise ConfigError(
-            f"{name}: {parsed.url.scheme} proxies are not supported (expected http://host:port)"
-        )
+        raise _refused(f"{parsed.url.scheme} proxies are not supported (expected http://host:port)", variable)
     if not parsed.url.host:
-        raise ConfigError(f"{name}: the proxy URL names no host (expected http://host:port)")
+        raise _refused("the proxy URL names no host (expected http://host:port)", variable)
     return parsed
+
+
+def _refused(problem: str, variable: str | None) -> ConfigError:
+    if variable is None:
+        return SettingError("upstream_proxy", problem)
+    return ConfigError(f"{variable}: {problem}")

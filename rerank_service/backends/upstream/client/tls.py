@@ -14,12 +14,12 @@ from pathlib import Path
 
 import httpx
 
-from rerank_service.config import ConfigError
+from rerank_service.config import ConfigError, SettingError
 
 
 def upstream_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
     if ca_file is not None:
-        return _trusting("upstream-ca-file", ca_file)
+        return _trusting(ca_file)
     try:
         return httpx.create_ssl_context(trust_env=True)
     except (OSError, ssl.SSLError):  # only the environment's files can be wrong here
@@ -30,10 +30,10 @@ def upstream_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
         ) from None
 
 
-def _trusting(name: str, path: Path) -> ssl.SSLContext:
+def _trusting(path: Path) -> ssl.SSLContext:
     try:
         return ssl.create_default_context(cafile=os.fspath(path))
     except ssl.SSLError:  # before OSError: SSLError is one
-        raise ConfigError(f"{name} {path}: holds no valid PEM certificate") from None
+        raise SettingError("upstream_ca_file", "holds no valid PEM certificate", path) from None
     except OSError as exc:
-        raise ConfigError(f"{name} {path}: cannot read it ({exc.strerror or exc})") from None
+        raise SettingError("upstream_ca_file", f"cannot read it ({exc.strerror or exc})", path) from None
