@@ -27,7 +27,7 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,15 @@ def run_victim(
                 result.victim_latencies.append(time.perf_counter() - started)
 
 
+def _run_together(caller: Callable[[], None], count: int) -> None:
+    """`count` threads each running `caller`, until all of them return."""
+    threads = [threading.Thread(target=caller) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def big_unary_calls(
     target: str, metadata: tuple[tuple[str, str], ...], stop: threading.Event, result: Result
 ) -> None:
@@ -128,11 +137,7 @@ def big_unary_calls(
                     code_of(lambda: stub.Rerank(request, metadata=metadata, timeout=10))
                 ] += 1
 
-    callers = [threading.Thread(target=one_caller) for _ in range(10)]
-    for caller in callers:
-        caller.start()
-    for caller in callers:
-        caller.join()
+    _run_together(one_caller, 10)
 
 
 def big_stream(
@@ -158,23 +163,24 @@ def big_stream(
                 result.attacker_codes[f"stream {error.code().name}"] += 1
 
 
-def silent_streams(
-    target: str, metadata: tuple[tuple[str, str], ...], stop: threading.Event, result: Result
+def _hold_calls(
+    target: str,
+    connections: int,
+    open_calls: Callable[[list[grpc.aio.Channel], list[Any]], Awaitable[None]],
+    stop: threading.Event,
+    result: Result,
 ) -> None:
-    """As many RerankStreams as the server takes, on 64 connections, each sending nothing."""
+    """Open calls on `connections` channels (`open_calls` appends each to the list), hold
+    them until `stop`, then count how the server ended each one (or that it is still open)."""
 
     async def flood() -> None:
         channels = [
             grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-            for _ in range(64)
+            for _ in range(connections)
         ]
-        calls = []
+        calls: list[Any] = []
         try:
-            for index in range(64 * 256):
-                stub = rerank_pb2_grpc.RerankServiceStub(channels[index % len(channels)])
-                calls.append(stub.RerankStream(metadata=metadata, timeout=60))
-                if index % 256 == 255:
-                    await asyncio.sleep(0.05)  # let them open
+            await open_calls(channels, calls)
             await asyncio.to_thread(stop.wait)
             done = [call for call in calls if call.done()]
             for call in done:
@@ -187,6 +193,21 @@ def silent_streams(
                 await channel.close()
 
     asyncio.run(flood())
+
+
+def silent_streams(
+    target: str, metadata: tuple[tuple[str, str], ...], stop: threading.Event, result: Result
+) -> None:
+    """As many RerankStreams as the server takes, on 64 connections, each sending nothing."""
+
+    async def open_streams(channels: list[grpc.aio.Channel], calls: list[Any]) -> None:
+        for index in range(64 * 256):
+            stub = rerank_pb2_grpc.RerankServiceStub(channels[index % len(channels)])
+            calls.append(stub.RerankStream(metadata=metadata, timeout=60))
+            if index % 256 == 255:
+                await asyncio.sleep(0.05)  # let them open
+
+    _hold_calls(target, 64, open_streams, stop, result)
 
 
 def run_http_victim(http_port: int, key: str | None, stop: threading.Event, result: Result) -> None:
@@ -206,39 +227,23 @@ def side_flood(
 ) -> None:
     """4,096 health Watch and 400 reflection streams without a key, on 16 connections."""
 
-    async def flood() -> None:
-        channels = [
-            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-            for _ in range(16)
-        ]
-        calls: list[Any] = []
-        try:
-            for index in range(4096):
-                watch: Any = channels[index % 16].unary_stream(
-                    "/grpc.health.v1.Health/Watch", health_pb2.HealthCheckRequest.SerializeToString
-                )
-                calls.append(watch(health_pb2.HealthCheckRequest(), metadata=metadata, timeout=60))
-            for index in range(400):
-                reflection: Any = channels[index % 16].stream_stream(
-                    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-                    reflection_pb2.ServerReflectionRequest.SerializeToString,
-                )
-                call = reflection(metadata=metadata, timeout=60)
-                calls.append(call)
-                with contextlib.suppress(grpc.aio.AioRpcError):  # refused already: counted below
-                    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
-            await asyncio.to_thread(stop.wait)
-            done = [call for call in calls if call.done()]
-            for call in done:
-                result.attacker_codes[(await call.code()).name] += 1
-            result.attacker_codes["held open"] += len(calls) - len(done)
-        finally:
-            for call in calls:
-                call.cancel()
-            for channel in channels:
-                await channel.close()
+    async def open_side_calls(channels: list[grpc.aio.Channel], calls: list[Any]) -> None:
+        for index in range(4096):
+            watch: Any = channels[index % 16].unary_stream(
+                "/grpc.health.v1.Health/Watch", health_pb2.HealthCheckRequest.SerializeToString
+            )
+            calls.append(watch(health_pb2.HealthCheckRequest(), metadata=metadata, timeout=60))
+        for index in range(400):
+            reflection: Any = channels[index % 16].stream_stream(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                reflection_pb2.ServerReflectionRequest.SerializeToString,
+            )
+            call = reflection(metadata=metadata, timeout=60)
+            calls.append(call)
+            with contextlib.suppress(grpc.aio.AioRpcError):  # refused already: counted below
+                await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
 
-    asyncio.run(flood())
+    _hold_calls(target, 16, open_side_calls, stop, result)
 
 
 def _silent_connections(port: int, count: int, stop: threading.Event, result: Result) -> None:
@@ -318,11 +323,7 @@ def gzip_bombs(
                 except httpx.HTTPError as error:
                     result.attacker_codes[type(error).__name__] += 1
 
-    callers = [threading.Thread(target=one_caller) for _ in range(4)]
-    for caller in callers:
-        caller.start()
-    for caller in callers:
-        caller.join()
+    _run_together(one_caller, 4)
 
 
 def trickling_streams(

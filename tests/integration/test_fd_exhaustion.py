@@ -8,7 +8,6 @@ soon as they are accepted, so its descriptors stay for everyone else.
 
 from __future__ import annotations
 
-import json
 import resource
 import socket
 import ssl
@@ -17,7 +16,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
@@ -26,11 +24,11 @@ from rerank.v1 import rerank_pb2_grpc
 
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.conftest import UPSTREAM_KEY, ServerFactory
-from tests.integration.test_http_abuse import COHERE, GOOD, connect, http_port, read_response
+from tests.integration.test_http_abuse import COHERE, GOOD, connect, http_port, is_open, read_response
 from tests.support import process
 from tests.support.certs import CertificateAuthority
 from tests.support.fault_scenarios import open_fds
-from tests.support.process import ServiceProcess
+from tests.support.process import ServiceProcess, json_object
 from tests.support.rpc import request
 from tests.support.waiting import wait_until
 
@@ -57,19 +55,6 @@ def start_connecting(source: str, port: int) -> socket.socket:
     sock.setblocking(False)
     sock.connect_ex(("127.0.0.1", port))
     return sock
-
-
-def is_open(sock: socket.socket) -> bool:
-    """Still connected: nothing to read yet (a closed one reads b'' or fails)."""
-    sock.setblocking(False)
-    try:
-        return sock.recv(1, socket.MSG_PEEK) != b""
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.setblocking(True)
 
 
 def closed_within(sock: socket.socket, seconds: float) -> bool:
@@ -156,14 +141,14 @@ def test_1100_idle_connections_under_1024_descriptors_leave_polite_callers_serve
         code = service.terminate()
 
     lines = service.lines
-    parsed = [_json_or_none(line) for line in lines]
+    parsed = [json_object(line) for line in lines]
     not_calls = [event for event in parsed if event is None or event.get("event") != "call"]
     assert (limit["soft"], limit["hard"]) == (1024, 1024)
     assert connects_during > 100, connects_during  # the flood went on meanwhile
     assert http_ok >= 99, http_ok
     assert grpc_ok >= 99, grpc_ok
     assert peak_fds < 512, peak_fds  # the attacker held at most its 64
-    assert all(event is not None for event in parsed), [line for line in lines if not _json_or_none(line)][:5]
+    assert all(event is not None for event in parsed), [line for line in lines if not json_object(line)][:5]
     assert len(not_calls) < 100, len(not_calls)
     refusals = [event for event in not_calls if event and event["event"] == "http connection refused"]
     assert refusals
@@ -185,14 +170,6 @@ def _polite_grpc(stub: rerank_pb2_grpc.RerankServiceStub) -> bool:
     except grpc.RpcError:
         return False
     return True
-
-
-def _json_or_none(line: str) -> dict[str, Any] | None:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) else None
 
 
 def test_the_65th_connection_from_one_address_is_closed_at_once_while_another_address_connects(
@@ -262,11 +239,11 @@ def test_accept_failures_when_descriptors_run_out_are_one_json_line_and_the_serv
     after = httpx.post(f"http://127.0.0.1:{port}{COHERE}", json=GOOD, timeout=30)
     service.terminate()
 
-    parsed = [_json_or_none(line) for line in service.lines]
+    parsed = [json_object(line) for line in service.lines]
     accept_failed = [event for event in parsed if event and event["event"] == "accept failed"]
     assert failed
     assert all(event is not None for event in parsed), [
-        line for line in service.lines if not _json_or_none(line)
+        line for line in service.lines if not json_object(line)
     ][:5]
     assert len(accept_failed) == 1, accept_failed  # one per 10 s, however many attempts failed
     assert "Too many open files" in accept_failed[0]["error"]

@@ -379,7 +379,7 @@ def test_1000_idle_connections_leave_a_caller_served_and_memory_bounded(upstream
             statuses = Counter(client.post(COHERE, json=GOOD).status_code for _ in range(200))
             health = client.get("/healthz").status_code
             during = rss_bytes(pid)
-        still_open = sum(1 for sock in idle if _is_open(sock))
+        still_open = sum(1 for sock in idle if is_open(sock))
 
     assert statuses == Counter({200: 200})
     assert health == 200
@@ -387,7 +387,8 @@ def test_1000_idle_connections_leave_a_caller_served_and_memory_bounded(upstream
     assert during - before < 100 * MIB, f"RSS grew {(during - before) / MIB:.1f} MiB"
 
 
-def _is_open(sock: socket.socket) -> bool:
+def is_open(sock: socket.socket) -> bool:
+    """Still connected: nothing to read yet (a closed one reads b'' or fails)."""
     sock.setblocking(False)
     try:
         return sock.recv(1, socket.MSG_PEEK) != b""
@@ -395,6 +396,8 @@ def _is_open(sock: socket.socket) -> bool:
         return True
     except OSError:
         return False
+    finally:
+        sock.setblocking(True)
 
 
 # --- overload ------------------------------------------------------------------------------------

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import socket
 from contextlib import closing
-from typing import Any
 
 import httpx
 
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.conftest import UPSTREAM_KEY
 from tests.integration.test_http_abuse import COHERE, GOOD
-from tests.support.process import ServiceProcess
+from tests.support.process import ServiceProcess, json_object
 
 MALFORMED = [
     b"GARBAGE\r\n\r\n",
@@ -49,10 +48,10 @@ def test_300_malformed_requests_write_a_few_json_lines(upstream: FakeUpstream) -
         after = httpx.post(f"http://127.0.0.1:{port}{COHERE}", json=GOOD, timeout=10)
         service.terminate()
 
-    not_json = [line for line in service.lines if _json_or_none(line) is None]
+    not_json = [line for line in service.lines if json_object(line) is None]
     library = [
         event
-        for event in map(_json_or_none, service.lines)
+        for event in map(json_object, service.lines)
         if event is not None and str(event.get("logger_name", "")).startswith("aiohttp")
     ]
     assert not_json == [], not_json[:10]
@@ -60,11 +59,3 @@ def test_300_malformed_requests_write_a_few_json_lines(upstream: FakeUpstream) -
     assert library  # what aiohttp says of them is kept, as JSON
     assert all("\n" not in json.dumps(event["event"]) for event in library)
     assert after.status_code == 200
-
-
-def _json_or_none(line: str) -> dict[str, Any] | None:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) else None

@@ -94,12 +94,17 @@ class ServiceProcess:
             self.process.wait()
 
 
-def _parse(line: str) -> dict[str, Any]:
+def json_object(line: str) -> dict[str, Any] | None:
+    """The JSON object a log line holds; None when the line is not one."""
     try:
         event = json.loads(line)
     except ValueError:
-        return {}
-    return event if isinstance(event, dict) else {}
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _parse(line: str) -> dict[str, Any]:
+    return json_object(line) or {}
 
 
 def run_cli(

@@ -103,36 +103,32 @@ class _Fields:
             texts.append(text)
         return texts
 
-    def check(self) -> None:
-        if self.violations:
-            raise BadRequest(self.violations)
-
 
 def _parse_native(body: Any) -> RerankRequest:
     top = _Fields(body)
     source = _Fields(top.body.get("input"), "input.")
     parameters = _Fields(top.body.get("parameters") or {}, "parameters.")
-    model = top.string("model")
-    query = source.string("query")
-    documents = source.documents("documents", objects=False)
-    top_n = parameters.integer("top_n")
-    return_documents = parameters.boolean("return_documents")
-    instruct = parameters.string("instruct", required=False)
-    violations = top.violations + source.violations + parameters.violations
-    if violations:
-        raise BadRequest(violations)
-    return RerankRequest(model or "", query or "", documents, top_n, instruct, bool(return_documents))
+    return _read_request(top, source, parameters, objects=False)
 
 
 def _parse_flat(body: Any, objects: bool) -> RerankRequest:
     fields = _Fields(body)
-    model = fields.string("model")
-    query = fields.string("query")
-    documents = fields.documents("documents", objects=objects)
-    top_n = fields.integer("top_n")
-    return_documents = fields.boolean("return_documents")
-    instruct = fields.string("instruct", required=False)
-    fields.check()
+    return _read_request(fields, fields, fields, objects=objects)
+
+
+def _read_request(top: _Fields, source: _Fields, parameters: _Fields, *, objects: bool) -> RerankRequest:
+    """The request, read where a format keeps each part: the model in `top`, query and
+    documents in `source`, the options in `parameters` (one object for the flat formats)."""
+    model = top.string("model")
+    query = source.string("query")
+    documents = source.documents("documents", objects=objects)
+    top_n = parameters.integer("top_n")
+    return_documents = parameters.boolean("return_documents")
+    instruct = parameters.string("instruct", required=False)
+    # dict.fromkeys: each object's violations once, in order, however many parts it holds.
+    violations = [v for fields in dict.fromkeys((top, source, parameters)) for v in fields.violations]
+    if violations:
+        raise BadRequest(violations)
     return RerankRequest(model or "", query or "", documents, top_n, instruct, bool(return_documents))
 
 

@@ -9,72 +9,30 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from rerank_service.backends.local.common import (
-    GuardedTokenizer,
-    ModelLoadError,
-    encoder_window,
-    load_error,
-    pad_batch,
-)
-from rerank_service.backends.local.forward import Forward, load_forward
-from rerank_service.backends.local.onnx_engine import OnnxOptions
+from rerank_service.backends.local.common import Output, pad_batch
+from rerank_service.backends.local.encoder import EncoderScorer
 from rerank_service.backends.local.scorer import Encoded
 
 
-class BiEncoderScorer:
+class BiEncoderScorer(EncoderScorer):
     """Scores pairs with a sentence-embedding model (an AutoModel's mean-pooled output)."""
 
     kind: str = "bi-encoder"
-    supports_instruct: bool = False
-
-    def __init__(
-        self,
-        forward: Forward,
-        config: PretrainedConfig,
-        tokenizer: PreTrainedTokenizerBase,
-        *,
-        max_length: int | None = None,
-    ) -> None:
-        self._forward = forward
-        self._tokenizer = GuardedTokenizer(tokenizer)
-        self.device = forward.device
-        self.dtype = forward.dtype
-        self.engine = forward.engine
-        self.max_length = encoder_window(config, tokenizer, max_length)
-        self._pad = self._tokenizer.pad_token_id
+    output: ClassVar[Output] = "last_hidden_state"
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        max_length: int | None = None,
-        onnx: OnnxOptions | None = None,
-    ) -> BiEncoderScorer:
-        """Load an embedding-model directory (never from the network); `onnx` runs it on ONNX Runtime."""
-        path = Path(path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            forward, config = load_forward(path, "last_hidden_state", device=device, dtype=dtype, onnx=onnx)
-        except ModelLoadError:
-            raise
-        except Exception as exc:
-            raise load_error("bi-encoder", path, exc) from exc
+    def window_asked(cls, path: Path, max_length: int | None) -> int | None:
         # A sentence-transformers directory says how long the model was meant to read
         # (all-MiniLM-L6-v2: 256 tokens); honour it as sentence-transformers does.
         trained = _sentence_transformers_max_length(path)
-        if trained is not None:
-            max_length = trained if max_length is None else min(max_length, trained)
-        return cls(forward, config, tokenizer, max_length=max_length)
-
-    def count_tokens(self, text: str) -> int:
-        return self._tokenizer.count(text)
+        if trained is None:
+            return max_length
+        return trained if max_length is None else min(max_length, trained)
 
     def encode(self, query: str, documents: Sequence[str], instruct: str | None) -> list[Encoded]:
         # `instruct` is ignored: the embeddings were not trained with one.

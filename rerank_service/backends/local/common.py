@@ -1,4 +1,4 @@
-"""What the three scorers share: the load error, batch padding, a guarded tokenizer.
+"""What the three scorers share: the load errors, batch padding, a guarded tokenizer.
 
 Everything here imports torch; load it only when the local backend is used.
 """
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -48,6 +49,15 @@ class GuardedTokenizer:
         # Some tokenizers have no pad token; any id works under a zero attention mask.
         pad = self.tokenizer.pad_token_id
         return pad if isinstance(pad, int) else 0
+
+
+class CountsTokens:
+    """Scorer.count_tokens for a scorer that keeps its tokenizer guarded in `_tokenizer`."""
+
+    _tokenizer: GuardedTokenizer
+
+    def count_tokens(self, text: str) -> int:
+        return self._tokenizer.count(text)
 
 
 def pad_batch(
@@ -116,3 +126,23 @@ def load_error(what: str, path: Path, exc: BaseException) -> ModelLoadError:
     """One sentence for a failed from_pretrained(): what, where, and the cause's first line."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ModelLoadError(f"cannot load the {what} from {path}: {reason.rstrip('.')}")
+
+
+@contextmanager
+def loading(what: str, path: Path) -> Iterator[None]:
+    """Turn anything from_pretrained() raises into a load_error; a ModelLoadError passes as it is."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise load_error(what, path, exc) from exc
+
+
+@contextmanager
+def using_as(what: str, path: Path) -> Iterator[None]:
+    """Say which model a ModelLoadError from a scorer's constructor (the model does not fit) is about."""
+    try:
+        yield
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"cannot use the model in {path} as a {what}: {exc}") from exc

@@ -7,47 +7,23 @@ two logits are (irrelevant, relevant) classes, and the score is P(relevant).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from transformers import (
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedTokenizerBase,
-)
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from rerank_service.backends.local.common import (
-    GuardedTokenizer,
-    ModelLoadError,
-    encoder_window,
-    load_error,
-    pad_batch,
-)
-from rerank_service.backends.local.forward import Forward, load_forward
-from rerank_service.backends.local.onnx_engine import OnnxOptions
+from rerank_service.backends.local.common import ModelLoadError, Output, pad_batch
+from rerank_service.backends.local.encoder import EncoderScorer
 from rerank_service.backends.local.scorer import Encoded
 
 
-class CrossEncoderScorer:
+class CrossEncoderScorer(EncoderScorer):
     """Scores pairs with an ...ForSequenceClassification model."""
 
     kind: str = "cross-encoder"
-    supports_instruct: bool = False
+    output: ClassVar[Output] = "logits"
 
-    def __init__(
-        self,
-        forward: Forward,
-        config: PretrainedConfig,
-        tokenizer: PreTrainedTokenizerBase,
-        *,
-        max_length: int | None = None,
-    ) -> None:
-        self._forward = forward
-        self._tokenizer = GuardedTokenizer(tokenizer)
-        self.device = forward.device
-        self.dtype = forward.dtype
-        self.engine = forward.engine
+    def _fit(self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         labels = config.num_labels
         self._num_labels = labels if labels is not None else 2
         if self._num_labels not in (1, 2):
@@ -55,38 +31,11 @@ class CrossEncoderScorer:
                 f"the classifier has {self._num_labels} labels; a cross-encoder needs 1 (a relevance "
                 "logit) or 2 (irrelevant, relevant)"
             )
-        self.max_length = encoder_window(config, tokenizer, max_length)
         # Segment ids only for models that have them (BERT yes, RoBERTa/XLM-R no).
-        self._token_types = "token_type_ids" in tokenizer.model_input_names and forward.reads_token_type_ids
+        self._token_types = (
+            "token_type_ids" in tokenizer.model_input_names and self._forward.reads_token_type_ids
+        )
         self._pair_specials = tokenizer.num_special_tokens_to_add(pair=True)
-        self._pad = self._tokenizer.pad_token_id
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        max_length: int | None = None,
-        onnx: OnnxOptions | None = None,
-    ) -> CrossEncoderScorer:
-        """Load a cross-encoder directory (never from the network); `onnx` runs it on ONNX Runtime."""
-        path = Path(path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            forward, config = load_forward(path, "logits", device=device, dtype=dtype, onnx=onnx)
-        except ModelLoadError:
-            raise
-        except Exception as exc:
-            raise load_error("cross-encoder", path, exc) from exc
-        try:
-            return cls(forward, config, tokenizer, max_length=max_length)
-        except ModelLoadError as exc:
-            raise ModelLoadError(f"cannot use the model in {path} as a cross-encoder: {exc}") from exc
-
-    def count_tokens(self, text: str) -> int:
-        return self._tokenizer.count(text)
 
     def encode(self, query: str, documents: Sequence[str], instruct: str | None) -> list[Encoded]:
         # `instruct` is ignored: a cross-encoder has no place for it.

@@ -18,14 +18,17 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 from rerank_service.backends.local.common import (
     Output,
     accepts_argument,
     for_inference,
+    loading,
     model_device,
     model_dtype,
 )
@@ -83,3 +86,20 @@ def load_forward(
         model = model_class(output).from_pretrained(path, dtype=dtype, local_files_only=True)
         return TorchForward(model, output, device), model.config
     return onnx_forward(path, output, onnx), AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def load_encoder(
+    path: Path,
+    what: str,
+    output: Output,
+    *,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    onnx: OnnxOptions | None,
+) -> tuple[PreTrainedTokenizerBase, Forward, PretrainedConfig]:
+    """An encoder directory's tokenizer, engine and config (never from the network); a
+    failure is a ModelLoadError that names `what` and `path`."""
+    with loading(what, path):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        forward, config = load_forward(path, output, device=device, dtype=dtype, onnx=onnx)
+    return tokenizer, forward, config

@@ -14,15 +14,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rerank_service.backends.local.common import (
+    CountsTokens,
     GuardedTokenizer,
     ModelLoadError,
     accepts_argument,
     for_inference,
-    load_error,
+    loading,
     max_positions,
     model_device,
     model_dtype,
     pad_batch,
+    using_as,
 )
 from rerank_service.backends.local.scorer import Encoded
 from rerank_service.core.domain import DEFAULT_INSTRUCT
@@ -32,7 +34,7 @@ from rerank_service.core.qwen3_prompt import PREFIX, SUFFIX, format_pair
 DEFAULT_MAX_LENGTH = 8192
 
 
-class Qwen3Scorer:
+class Qwen3Scorer(CountsTokens):
     """Scores pairs with a Qwen3-Reranker (or any causal LM trained on the same prompt)."""
 
     kind: str = "qwen3"
@@ -77,19 +79,12 @@ class Qwen3Scorer:
     ) -> Qwen3Scorer:
         """Load a Qwen3-Reranker directory (never from the network)."""
         path = Path(path)
-        try:
+        with loading("qwen3 reranker", path):
             # Left padding keeps every pair's last token in the last column.
             tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        except Exception as exc:
-            raise load_error("qwen3 reranker", path, exc) from exc
-        try:
+        with using_as("qwen3 reranker", path):
             return cls(for_inference(model, device), tokenizer, max_length=max_length)
-        except ModelLoadError as exc:
-            raise ModelLoadError(f"cannot use the model in {path} as a qwen3 reranker: {exc}") from exc
-
-    def count_tokens(self, text: str) -> int:
-        return self._tokenizer.count(text)
 
     def encode(self, query: str, documents: Sequence[str], instruct: str | None) -> list[Encoded]:
         if not documents:

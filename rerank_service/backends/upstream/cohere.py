@@ -16,53 +16,32 @@ from __future__ import annotations
 from typing import Any
 
 from rerank_service.backends.upstream.dialect import (
-    DialectOptions,
-    MalformedResponse,
+    TemplatedDialect,
     UpstreamAnswer,
     UpstreamErrorBody,
+    flat_body,
+    json_object,
     non_negative_int,
     optional_str,
     optional_total_tokens,
     parse_message_error,
-    parse_results,
-    score_shape,
 )
 from rerank_service.core.domain import BackendRequest
-from rerank_service.core.qwen3_prompt import upstream_strings
 
 
-class Cohere:
+class Cohere(TemplatedDialect):
     name = "cohere"
     path = "/v1/rerank"
     documents_per_call = 1000
 
-    def __init__(self, options: DialectOptions | None = None) -> None:
-        options = options or DialectOptions()
-        self._template = options.prompt_template == "qwen3"
-        self.honours_instruct = self._template
-        self._shape = score_shape(options, "results", "relevance_score")
-
     def build_body(self, request: BackendRequest) -> dict[str, Any]:
-        query, documents = (
-            upstream_strings(request.query, request.documents, request.instruct)
-            if self._template
-            else (request.query, request.documents)
-        )
-        body: dict[str, Any] = {
-            "model": request.model,
-            "query": query,
-            "documents": documents,
-            "return_documents": False,
-        }
-        if request.top_n is not None:
-            body["top_n"] = request.top_n
-        return body
+        query, documents = self.strings(request)
+        return flat_body(request.model, query, documents, request.top_n)
 
     def parse_answer(self, body: Any, request: BackendRequest) -> UpstreamAnswer:
-        if not isinstance(body, dict):
-            raise MalformedResponse("the body is not a JSON object")
+        body = json_object(body)
         return UpstreamAnswer(
-            scores=parse_results(body.get("results"), request, self._shape),
+            scores=self.scores(body, request),
             total_tokens=_total_tokens(body),
             request_id=optional_str(body.get("id")),
         )

@@ -10,27 +10,32 @@ from __future__ import annotations
 from typing import Any
 
 from rerank_service.backends.upstream.dialect import (
-    DialectOptions,
+    DialectBase,
     MalformedResponse,
     UpstreamAnswer,
     UpstreamErrorBody,
+    json_object,
     optional_str,
     parse_error_body,
     parse_results,
     parse_total_tokens,
-    score_shape,
 )
 from rerank_service.core.domain import BackendRequest
 
 
-class DashScopeNative:
+class DashScope(DialectBase):
+    """What DashScope's two endpoints share: the limits, the instruction, the error body."""
+
+    documents_per_call = 500
+    honours_instruct = True  # a field (or parameter) of its own
+
+    def parse_error(self, body: Any) -> UpstreamErrorBody:
+        return parse_error_body(body)
+
+
+class DashScopeNative(DashScope):
     name = "dashscope"
     path = "/api/v1/services/rerank/text-rerank/text-rerank"
-    documents_per_call = 500
-    honours_instruct = True  # a parameter of its own
-
-    def __init__(self, options: DialectOptions | None = None) -> None:
-        self._shape = score_shape(options or DialectOptions(), "results", "relevance_score")
 
     def build_body(self, request: BackendRequest) -> dict[str, Any]:
         # Documents are never asked back: the engine already holds their text.
@@ -46,8 +51,7 @@ class DashScopeNative:
         }
 
     def parse_answer(self, body: Any, request: BackendRequest) -> UpstreamAnswer:
-        if not isinstance(body, dict):
-            raise MalformedResponse("the body is not a JSON object")
+        body = json_object(body)
         output = body.get("output")
         if not isinstance(output, dict):
             raise MalformedResponse("'output' is missing or not an object")
@@ -57,6 +61,3 @@ class DashScopeNative:
             total_tokens=parse_total_tokens(body.get("usage")),
             request_id=optional_str(body.get("request_id")),
         )
-
-    def parse_error(self, body: Any) -> UpstreamErrorBody:
-        return parse_error_body(body)

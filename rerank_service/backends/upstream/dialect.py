@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass
 from itertools import repeat
 from operator import add, itemgetter, neg, truediv
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from rerank_service.core.domain import MAX_TOKENS, BackendRequest, ScoredDocument
+from rerank_service.core.qwen3_prompt import upstream_strings
 
 
 class MalformedResponse(Exception):
@@ -306,3 +307,69 @@ def parse_message_error(body: Any) -> UpstreamErrorBody:
         message=message,
         request_id=optional_str(body.get("id")) or optional_str(body.get("request_id")),
     )
+
+
+class DialectBase:
+    """What the formats' classes share: the results shape, made once from the options."""
+
+    # Where a format's answer keeps its results, what it calls each result's score, and
+    # whether it scores only top_n documents when asked to.
+    list_name: ClassVar[str] = "results"
+    score_name: ClassVar[str] = "relevance_score"
+    honours_top_n: ClassVar[bool] = True
+
+    def __init__(self, options: DialectOptions | None = None) -> None:
+        self.options = options or DialectOptions()
+        self._shape = score_shape(
+            self.options, self.list_name, self.score_name, honours_top_n=self.honours_top_n
+        )
+
+    def scores(self, body: dict[str, Any], request: BackendRequest) -> list[ScoredDocument]:
+        """The checked results of a JSON-object answer that keeps them under `list_name`."""
+        return parse_results(body.get(self.list_name), request, self._shape)
+
+
+class TemplatedDialect(DialectBase):
+    """A format with no instruction field: with prompt_template "qwen3" (a server running
+    Qwen3-Reranker without its template) the instruction is written into the strings."""
+
+    def __init__(self, options: DialectOptions | None = None) -> None:
+        super().__init__(options)
+        self._template = self.options.prompt_template == "qwen3"
+        self.honours_instruct = self._template
+
+    def strings(self, request: BackendRequest) -> tuple[str, list[str]]:
+        """The query and documents to send."""
+        if self._template:
+            return upstream_strings(request.query, request.documents, request.instruct)
+        return request.query, request.documents
+
+
+def json_object(body: Any) -> dict[str, Any]:
+    """A 2xx body that must be a JSON object."""
+    if not isinstance(body, dict):
+        raise MalformedResponse("the body is not a JSON object")
+    return body
+
+
+def flat_body(
+    model: str,
+    query: str,
+    documents: list[str],
+    top_n: int | None,
+    *,
+    top_n_name: str = "top_n",
+    **fields: Any,
+) -> dict[str, Any]:
+    """The request body of the flat formats: {model, query, documents, **fields,
+    return_documents: false, top_n?}. Documents are never asked back: the engine holds their text."""
+    body: dict[str, Any] = {
+        "model": model,
+        "query": query,
+        "documents": documents,
+        **fields,
+        "return_documents": False,
+    }
+    if top_n is not None:
+        body[top_n_name] = top_n
+    return body

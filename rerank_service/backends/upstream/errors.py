@@ -157,12 +157,7 @@ def timed_out(by_caller_deadline: bool, unreachable: bool = False) -> ServiceErr
 def not_json(status: int, content_type: str | None, secrets: list[Secret]) -> ServiceError:
     # The content type is the upstream's text too: a reflecting proxy may put a key in it.
     shown = _clean(content_type, secrets) if content_type else "none"
-    return ServiceError(
-        grpc.StatusCode.UNAVAILABLE,
-        f"upstream answered {status} with a body that is not JSON (content-type {shown})",
-        reason=BAD_RESPONSE,
-        kind=FailureKind.DEPLOYMENT,
-    )
+    return _unusable_body(f"upstream answered {status} with a body that is not JSON (content-type {shown})")
 
 
 def malformed(reason_text: str, request_id: str | None) -> ServiceError:
@@ -178,20 +173,18 @@ def malformed(reason_text: str, request_id: str | None) -> ServiceError:
 
 def undecodable(why: str) -> ServiceError:
     """A body its own headers misdescribe: corrupt or cut-short gzip, a coding not asked for."""
-    return ServiceError(
-        grpc.StatusCode.UNAVAILABLE,
-        f"upstream response body cannot be decoded: {why}",
-        reason=BAD_RESPONSE,
-        kind=FailureKind.DEPLOYMENT,
-    )
+    return _unusable_body(f"upstream response body cannot be decoded: {why}")
 
 
 def too_large(limit: int) -> ServiceError:
+    return _unusable_body(f"upstream response is larger than {limit} bytes")
+
+
+def _unusable_body(message: str) -> ServiceError:
+    """A body the service cannot read at all (as opposed to a readable one that breaks the
+    format: `malformed`): this deployment's fault, UNAVAILABLE so the caller may retry."""
     return ServiceError(
-        grpc.StatusCode.UNAVAILABLE,
-        f"upstream response is larger than {limit} bytes",
-        reason=BAD_RESPONSE,
-        kind=FailureKind.DEPLOYMENT,
+        grpc.StatusCode.UNAVAILABLE, message, reason=BAD_RESPONSE, kind=FailureKind.DEPLOYMENT
     )
 
 

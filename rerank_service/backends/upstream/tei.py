@@ -13,35 +13,26 @@ from __future__ import annotations
 from typing import Any
 
 from rerank_service.backends.upstream.dialect import (
-    DialectOptions,
     MalformedResponse,
+    TemplatedDialect,
     UpstreamAnswer,
     UpstreamErrorBody,
     parse_message_error,
     parse_results,
-    score_shape,
 )
 from rerank_service.core.domain import BackendRequest
-from rerank_service.core.qwen3_prompt import upstream_strings
 
 
-class TextEmbeddingsInference:
+class TextEmbeddingsInference(TemplatedDialect):
     name = "tei"
     path = "/rerank"
     documents_per_call = 32  # TEI's default --max-client-batch-size
-
-    def __init__(self, options: DialectOptions | None = None) -> None:
-        options = options or DialectOptions()
-        self._template = options.prompt_template == "qwen3"
-        self.honours_instruct = self._template
-        self._shape = score_shape(options, "answer", "score", honours_top_n=False)
+    list_name = "answer"  # the body is the list: what error messages call it
+    score_name = "score"
+    honours_top_n = False
 
     def build_body(self, request: BackendRequest) -> dict[str, Any]:
-        query, texts = (
-            upstream_strings(request.query, request.documents, request.instruct)
-            if self._template
-            else (request.query, request.documents)
-        )
+        query, texts = self.strings(request)
         # raw_scores false: TEI applies the model's activation, so scores are in [0, 1].
         return {"query": query, "texts": texts, "truncate": True, "raw_scores": False, "return_text": False}
 

@@ -12,45 +12,39 @@ from __future__ import annotations
 from typing import Any
 
 from rerank_service.backends.upstream.dialect import (
-    DialectOptions,
-    MalformedResponse,
+    DialectBase,
     UpstreamAnswer,
     UpstreamErrorBody,
+    flat_body,
+    json_object,
     optional_str,
     optional_total_tokens,
     parse_message_error,
-    parse_results,
-    score_shape,
 )
 from rerank_service.core.domain import BackendRequest
 
 
-class Voyage:
+class Voyage(DialectBase):
     name = "voyage"
     path = "/v1/rerank"
     documents_per_call = 1000
     honours_instruct = False
-
-    def __init__(self, options: DialectOptions | None = None) -> None:
-        self._shape = score_shape(options or DialectOptions(), "data", "relevance_score")
+    list_name = "data"
 
     def build_body(self, request: BackendRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": request.model,
-            "query": request.query,
-            "documents": request.documents,
-            "truncation": True,
-            "return_documents": False,
-        }
-        if request.top_n is not None:
-            body["top_k"] = request.top_n
-        return body
+        return flat_body(
+            request.model,
+            request.query,
+            request.documents,
+            request.top_n,
+            top_n_name="top_k",
+            truncation=True,
+        )
 
     def parse_answer(self, body: Any, request: BackendRequest) -> UpstreamAnswer:
-        if not isinstance(body, dict):
-            raise MalformedResponse("the body is not a JSON object")
+        body = json_object(body)
         return UpstreamAnswer(
-            scores=parse_results(body.get("data"), request, self._shape),
+            scores=self.scores(body, request),
             total_tokens=optional_total_tokens(body.get("usage")),
             request_id=optional_str(body.get("id")),
         )
