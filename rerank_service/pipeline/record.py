@@ -5,6 +5,7 @@ headers: the same names on both).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,23 @@ INFERENCE_TIME_KEY = "x-inference-time"  # the local backend
 USAGE_SOURCE_KEY = "x-usage-source"
 # The deployment(s) of the route that answered, or the last one that failed.
 DEPLOYMENT_KEY = "x-deployment"
+# The upstream ids a caller is shown (UPSTREAM_IDS_KEY) take at most this many characters:
+# gRPC clients refuse more than 8 KiB of metadata by default, and a call split into
+# hundreds of requests has hundreds of ids. The access log keeps every one.
+MAX_REPORTED_IDS_CHARS = 2048
+
+
+def reported_ids(ids: Sequence[str]) -> str:
+    """`ids` comma-separated, as many as fit, then `,+N more` for the rest."""
+    shown = 0
+    size = 0
+    for upstream_id in ids:
+        size += len(upstream_id) + 1
+        if size > MAX_REPORTED_IDS_CHARS:
+            break
+        shown += 1
+    text = ",".join(ids[:shown])
+    return text if shown == len(ids) else f"{text},+{len(ids) - shown} more"
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ import httpx
 
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault, expected_ranking, total_tokens
 from tests.conftest import ServerFactory
+from tests.support.logs import LogCapture
 from tests.support.rpc import code_of, details_of, expect_error, field_violations, request, trailing
 from tests.support.server import ServerThread
 from tests.support.waiting import wait_until
@@ -153,3 +154,23 @@ def test_a_call_that_would_send_upstream_over_10x_its_text_is_refused_before_any
 
     assert len(response.output.results) == 3000
     assert len(upstream.requests) == 94
+
+
+def test_a_call_split_into_hundreds_of_requests_reaches_a_grpc_client_with_its_ids_bounded(
+    serve: ServerFactory, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    # 400 upstream requests: their ids, all in the trailer, came to about 15 KB, past the 8 KiB
+    # of metadata a gRPC client takes by default: the call succeeded and the client saw
+    # RESOURCE_EXHAUSTED.
+    documents = corpus(400)
+    with serve(upstream_documents_per_call=1, max_fanout_factor=1000) as server:
+        response, call = server.stub.Rerank.with_call(request(query="apple", documents=documents), timeout=60)
+        [line] = logs.wait_for_calls(1)
+
+    reported = str(dict(call.trailing_metadata())["x-upstream-request-ids"])
+    shown, _, more = reported.rpartition(",+")
+    assert len(response.output.results) == 400
+    assert len(reported) <= 2100
+    assert more.endswith(" more")
+    assert len(shown.split(",")) + int(more.split()[0]) == 400
+    assert len(line["upstream_request_ids"]) == 400  # the access log keeps every one

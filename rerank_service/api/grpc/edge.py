@@ -45,6 +45,7 @@ from rerank_service.pipeline.record import (
     UPSTREAM_IDS_KEY,
     UPSTREAM_TIME_KEY,
     USAGE_SOURCE_KEY,
+    reported_ids,
 )
 
 Response = TypeVar("Response")
@@ -404,7 +405,7 @@ def _outcome_metadata(outcome: RerankOutcome | None, request_id: str) -> Metadat
     reported = outcome.upstream_request_id or request_id
     metadata: Metadata = ((REQUEST_ID_KEY, reported), (USAGE_SOURCE_KEY, outcome.usage_source))
     if outcome.upstream_request_ids:
-        metadata += ((UPSTREAM_IDS_KEY, ",".join(outcome.upstream_request_ids)),)
+        metadata += ((UPSTREAM_IDS_KEY, reported_ids(outcome.upstream_request_ids)),)
     if outcome.deployments:
         metadata += ((DEPLOYMENT_KEY, ",".join(outcome.deployments)),)
     return metadata

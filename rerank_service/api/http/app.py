@@ -37,7 +37,13 @@ from rerank_service.observability.request_id import new_request_id
 from rerank_service.observability.trace_context import trace_context
 from rerank_service.pipeline.auth import bearer_token
 from rerank_service.pipeline.call import Pipeline
-from rerank_service.pipeline.record import DEPLOYMENT_KEY, REQUEST_ID_KEY, UPSTREAM_IDS_KEY, USAGE_SOURCE_KEY
+from rerank_service.pipeline.record import (
+    DEPLOYMENT_KEY,
+    REQUEST_ID_KEY,
+    UPSTREAM_IDS_KEY,
+    USAGE_SOURCE_KEY,
+    reported_ids,
+)
 
 NATIVE_PATH = "/api/v1/services/rerank/text-rerank/text-rerank"
 COMPATIBLE_PATH = "/compatible-api/v1/reranks"
@@ -209,7 +215,7 @@ class FrontDoor:
         if outcome.deployments:
             response.headers[DEPLOYMENT_KEY] = ",".join(outcome.deployments)
         if outcome.upstream_request_ids:
-            response.headers[UPSTREAM_IDS_KEY] = ",".join(outcome.upstream_request_ids)
+            response.headers[UPSTREAM_IDS_KEY] = reported_ids(outcome.upstream_request_ids)
         return response
 
     def _refuse(self, wire: WireFormat, status: int, error: ServiceError, request_id: str) -> web.Response:
