@@ -215,3 +215,23 @@ def test_every_cli_command_is_documented_in_operations() -> None:
     assert commands >= {"serve", "rerank", "models", "health"}
     documented = page("OPERATIONS.md")
     assert {name for name in commands if f"`rerank-service {name}" not in documented} == set()
+
+
+def test_the_upstream_formats_table_says_what_each_dialect_declares() -> None:
+    """Each format's default path and documents per call are declared once, in its module;
+    docs/UPSTREAMS.md's table must say the same."""
+    from rerank_service.backends.upstream.dialect import DialectOptions
+    from rerank_service.backends.upstream.dialects import DIALECTS, build_dialect
+
+    rows = {
+        match.group(1): (match.group(2), int(match.group(3)))
+        for match in re.finditer(
+            r"^\| `(\w+)` \| `(/[^`]*)` \|.*\| (\d+)[^|]*\|$", page("UPSTREAMS.md"), flags=re.MULTILINE
+        )
+    }
+    declared = {}
+    for name in DIALECTS:
+        dialect = build_dialect(name, DialectOptions())
+        declared[name] = (dialect.path, dialect.documents_per_call)
+
+    assert rows == declared
