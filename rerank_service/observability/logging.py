@@ -101,7 +101,9 @@ def get_logger(name: str) -> Any:
 # request, asyncio's on each failed accept or lost task. Left alone they write multi-line
 # tracebacks as text to stderr (Python's last-resort handler), one per request.
 LIBRARY_LOGGERS = ("aiohttp", "asyncio")
-LIBRARY_LOG_INTERVAL = 10.0  # seconds: at most one line per kind of message in each
+# Seconds: a line a caller can cause (a library's, a refusal) is written at most once per
+# kind in each interval, and the next one says how many were left out (RateLimit).
+CALLER_LOG_INTERVAL = 10.0
 
 
 class RateLimit:
@@ -166,7 +168,7 @@ def _exception_fields(exc_info: Any) -> dict[str, Any]:
     return fields
 
 
-def route_library_logs(interval: float = LIBRARY_LOG_INTERVAL) -> None:
+def route_library_logs(interval: float = CALLER_LOG_INTERVAL) -> None:
     """Send aiohttp's and asyncio's log records through structlog (the chosen format,
     redaction), one short line each and at most one per kind of message per interval."""
     handler = _IntoStructlog(RateLimit(interval))

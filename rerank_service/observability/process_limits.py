@@ -17,14 +17,13 @@ import resource
 from dataclasses import dataclass
 from typing import Any
 
-from rerank_service.observability.logging import RateLimit, get_logger
+from rerank_service.observability.logging import CALLER_LOG_INTERVAL, RateLimit, get_logger
 
 _log = get_logger("rerank_service.process_limits")
 
 # What asyncio's BaseSelectorEventLoop._accept_connection reports when accept() fails for
 # want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM); it retries a second later.
 ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"
-ACCEPT_LOG_INTERVAL = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +64,7 @@ def _shown(limit: int) -> int | str:
 
 
 def log_accept_errors_sparingly(
-    loop: asyncio.AbstractEventLoop, interval: float = ACCEPT_LOG_INTERVAL
+    loop: asyncio.AbstractEventLoop, interval: float = CALLER_LOG_INTERVAL
 ) -> None:
     """Make `loop` log failed accepts once per `interval` (with the count left out) instead
     of a traceback each; every other report goes to the handler it had."""

@@ -50,13 +50,8 @@ class Admission:
         is paired with a `release` of the same size."""
         if self.in_flight >= self.max_in_flight:
             raise _overloaded(f"{self.max_in_flight} calls in flight (--max-concurrent-requests)")
-        if not self._fits(size):
-            raise _overloaded(
-                f"{self.bytes_in_flight} bytes of requests in flight, {size} more would pass "
-                f"{self.max_bytes} (--max-inflight-bytes)"
-            )
+        self.enter_bytes(size)
         self.in_flight += 1
-        self.bytes_in_flight += size
 
     def has_room(self, size: int) -> bool:
         """Whether `enter(size)` would let a call in now."""

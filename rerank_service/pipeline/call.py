@@ -172,10 +172,9 @@ class Call:
     def succeeded(self) -> None:
         self.code = grpc.StatusCode.OK
 
-    def failed(self, error: ServiceError) -> ServiceError:
-        """Record the error the call ends with; returns it, for the front door to answer."""
+    def failed(self, error: ServiceError) -> None:
+        """Record the error the call ends with (the front door answers it)."""
         self.failure, self.code, self.details = error, error.code, error.message
-        return error
 
     def failed_with(self, code: grpc.StatusCode, details: str) -> None:
         """Record a failure the front door found itself (an HTTP media type, a body size)."""

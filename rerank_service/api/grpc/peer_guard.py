@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rerank_service.observability.logging import get_logger
+from rerank_service.observability.logging import CALLER_LOG_INTERVAL, RateLimit, get_logger
 
 _log = get_logger("rerank_service.peer_guard")
 ESTABLISHED = "01"
@@ -95,7 +95,7 @@ class PeerGuard:
         self.cap = cap
         self.shut = 0  # connections shut down so far
         self._task: asyncio.Task[None] | None = None
-        self._warned: set[str] = set()
+        self._warnings = RateLimit(CALLER_LOG_INTERVAL)  # bounded, whatever the addresses
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._watch(), name="peer-guard")
@@ -113,14 +113,15 @@ class PeerGuard:
         shut = shut_down({inode for inodes in over.values() for inode in inodes})
         self.shut += shut
         for peer, inodes in over.items():
-            if peer not in self._warned:  # a caller causes this: once per address
-                self._warned.add(peer)
+            left_out = self._warnings.allow(peer)
+            if left_out is not None:
                 _log.warning(
                     "connections over the cap closed",
                     peer=peer,
                     closed=len(inodes),
                     cap=self.cap,
                     setting="--max-connections-per-peer",
+                    left_out=left_out,
                 )
         return shut
 

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from rerank_service.config import Settings
-from rerank_service.observability.logging import get_logger
+from rerank_service.observability.logging import CALLER_LOG_INTERVAL, RateLimit, get_logger
 
 _log = get_logger("rerank_service.side_calls")
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
@@ -105,7 +105,7 @@ class SideCalls(grpc.GenericRpcHandler):
         self.checks = _Slots("health checks", "--max-health-checks", limits.checks)
         self.streams = _Slots("watch and reflection streams", "--max-watch-streams", limits.streams)
         self._handlers: dict[str, Handler] = {}
-        self._refusals_logged: set[str] = set()
+        self._refusals = RateLimit(CALLER_LOG_INTERVAL)
 
     def add_health(self, servicer: health_aio.HealthServicer) -> None:
         captured = _Captured()
@@ -183,19 +183,32 @@ class SideCalls(grpc.GenericRpcHandler):
     async def _take(self, slots: _Slots, path: str, context: ServicerContext[Any, Any]) -> None:
         if slots.take():
             return
-        if path not in self._refusals_logged:  # a caller can cause these: once per method
-            self._refusals_logged.add(path)
-            _log.warning("side call refused", method=path, limit=slots.capacity, setting=slots.setting)
+        left_out = self._refusals.allow(path)  # a caller can cause these
+        if left_out is not None:
+            _log.warning(
+                "side call refused",
+                method=path,
+                limit=slots.capacity,
+                setting=slots.setting,
+                left_out=left_out,
+            )
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"{slots.capacity} {slots.kind} open ({slots.setting}); retry shortly",
         )
 
-    async def _first(self, requests: AsyncIterator[Any], context: ServicerContext[Any, Any]) -> Any:
+    async def _next_in_time(self, requests: AsyncIterator[Any]) -> Any:
+        """The next request, or _Expired past --side-call-timeout (StopAsyncIteration at the end)."""
         try:
             async with asyncio.timeout(self.limits.request_timeout):
                 return await anext(requests)
         except TimeoutError:
+            raise _Expired from None
+
+    async def _first(self, requests: AsyncIterator[Any], context: ServicerContext[Any, Any]) -> Any:
+        try:
+            return await self._next_in_time(requests)
+        except _Expired:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._expired_message())
         except StopAsyncIteration:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request")
@@ -203,12 +216,9 @@ class SideCalls(grpc.GenericRpcHandler):
     async def _each_in_time(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         while True:
             try:
-                async with asyncio.timeout(self.limits.request_timeout):
-                    request = await anext(requests)
+                request = await self._next_in_time(requests)
             except StopAsyncIteration:
                 return
-            except TimeoutError:
-                raise _Expired from None
             yield request
 
     def _expired_message(self) -> str:

@@ -16,12 +16,11 @@ from aiohttp import web
 
 from rerank_service.api.http.app import FrontDoor
 from rerank_service.config import Settings
-from rerank_service.observability.logging import RateLimit, get_logger
+from rerank_service.observability.logging import CALLER_LOG_INTERVAL, RateLimit, get_logger
 from rerank_service.observability.process_limits import file_limit, log_accept_errors_sparingly
 
 _log = get_logger("rerank_service.api.http")
 
-REFUSAL_LOG_INTERVAL = 10.0  # seconds: one line per kind of refusal in each
 # The listen queue's length, and so the connections asyncio accepts per wake-up before any
 # of them reaches the gate: it bounds the descriptors a burst of connections holds at once.
 ACCEPT_BATCH = 128
@@ -47,7 +46,7 @@ class ConnectionGate:
         self.max_per_peer = max_per_peer
         self.open = 0
         self._by_peer: dict[str, int] = {}
-        self._refusals = RateLimit(REFUSAL_LOG_INTERVAL)
+        self._refusals = RateLimit(CALLER_LOG_INTERVAL)
 
     def admit(self, peer: str) -> bool:
         """Count a new connection from `peer` in, or say no (and log it, sparingly)."""
