@@ -31,6 +31,7 @@ from bench.perf_payloads import upstream_answer
 from rerank_service.api.grpc.servicer import to_domain, to_proto
 from rerank_service.backends.upstream.dashscope import DashScopeNative
 from rerank_service.config import Settings
+from rerank_service.config.server import ServerConfig
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import BackendRequest, BackendResult, CallContext, ModelInfo, RerankOutcome
 from rerank_service.core.engine import RerankEngine
@@ -93,7 +94,7 @@ def bench(count: int, iterations: int, rounds: int) -> dict[str, float]:
     message = perf_request(count)
     body = orjson.loads(upstream_answer(count))
     backend = AnswerBackend(body)
-    engine = RerankEngine.from_settings(backend, Settings())
+    engine = RerankEngine.from_config(backend, ServerConfig.from_settings(Settings()).calls)
     context = CallContext()
     request = to_domain(message)
     backend_request = BackendRequest(

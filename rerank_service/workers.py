@@ -12,10 +12,10 @@ multiprocessing example does. The supervisor
 - forwards SIGTERM and SIGINT (every worker drains as one server does) and SIGHUP
   (every worker reloads), and exits 0 only when every worker drained and exited 0;
 - serves --metrics-port: the sum of the workers' metrics, which each records into files
-  in a directory the supervisor creates and removes (prometheus-client's multiprocess
-  mode; observability/metrics.py; a supervisor killed with SIGKILL cannot remove its own:
-  the next one to start does), and the `process_*` of all of them together
-  (observability/process_tree.py).
+  in a directory the supervisor creates, hands to each worker (its `Metrics` is made for
+  it: prometheus-client's multiprocess mode, observability/metrics_multiprocess.py) and
+  removes (a supervisor killed with SIGKILL cannot remove its own: the next one to start
+  does), and the `process_*` of all of them together (observability/process_tree.py).
 
 Nothing here runs on a call's path.
 """
@@ -43,11 +43,9 @@ from typing import Any
 
 from rerank_service.config import ConfigError, Settings, load_settings
 from rerank_service.config.file_trust import flush_held_warnings
-
-# Imported before the supervisor sets PROMETHEUS_MULTIPROC_DIR: its own metrics stay in
-# memory; only the workers, spawned after, record into the directory.
-from rerank_service.observability import metrics
 from rerank_service.observability.logging import configure_logging, get_logger
+from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
+from rerank_service.observability.metrics_multiprocess import multiprocess_registry, worker_exited
 from rerank_service.observability.process_tree import WorkerProcess
 
 _log = get_logger("rerank_service.workers")
@@ -226,24 +224,22 @@ class Supervisor:
             for stale in remove_stale_metrics_directories():
                 _log.info("stale metrics directory removed", path=stale, why="its supervisor is gone")
             self._directory, self._directory_lock = make_metrics_directory()
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._directory  # the workers inherit it
             server = None
             if self.settings.metrics_port is not None:
-                server, self.metrics_port = metrics.start_metrics_server(
+                server, self.metrics_port = start_metrics_server(
                     self.settings.host,
                     self.settings.metrics_port,
-                    registry=metrics.multiprocess_registry(self._directory, self._worker_processes),
+                    multiprocess_registry(self._directory, self._worker_processes),
                 )
             try:
                 return self._run()
             finally:
                 if server is not None:
-                    metrics.stop_metrics_server(server)
+                    stop_metrics_server(server)
         finally:
             for sock in reserved:
                 sock.close()
             if self._directory:
-                os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
                 shutil.rmtree(self._directory, ignore_errors=True)
                 os.close(self._directory_lock)
 
@@ -365,7 +361,7 @@ class Supervisor:
         worker.process.close()
         worker.process, worker.ready = None, None
         if pid is not None:
-            metrics.worker_exited(pid, self._directory)  # its calls in flight are over
+            worker_exited(pid, self._directory)  # its calls in flight are over
         served, worker.serving = worker.serving, False
         how = {"exit_code": code} if code is None or code >= 0 else {"signal": signal.Signals(-code).name}
         if self._stopping:
@@ -405,7 +401,7 @@ class Supervisor:
         theirs, ours = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_worker_main,
-            args=(worker.index, self.args, self.port, self.http_port, ours, os.getpid()),
+            args=(worker.index, self.args, self.port, self.http_port, self._directory, ours, os.getpid()),
             name=f"rerank-worker-{worker.index}",
         )
         process.start()
@@ -434,9 +430,16 @@ def supervise(settings: Settings, args: Mapping[str, Any]) -> int:
 
 
 def _worker_main(
-    index: int, args: dict[str, Any], port: int, http_port: int | None, ready: Connection, parent: int
+    index: int,
+    args: dict[str, Any],
+    port: int,
+    http_port: int | None,
+    metrics_directory: str,
+    ready: Connection,
+    parent: int,
 ) -> None:
-    """One worker: the settings loaded as serve loads them, on the supervisor's ports."""
+    """One worker: the settings loaded as serve loads them, on the supervisor's ports,
+    recording its metrics into files in the supervisor's `metrics_directory`."""
     _die_with_parent(parent)
     import asyncio
 
@@ -460,7 +463,11 @@ def _worker_main(
         return load_settings(args)
 
     try:
-        code = asyncio.run(serve(settings, reload=reload, worker=index, on_serving=serving))
+        code = asyncio.run(
+            serve(
+                settings, reload=reload, worker=index, on_serving=serving, metrics_directory=metrics_directory
+            )
+        )
     except ConfigError as exc:
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         code = 2

@@ -1,8 +1,10 @@
-"""Each deployment's own settings: the global ones with the deployment's overrides.
+"""Each deployment's configuration: an upstream or a local one, with only its own fields.
 
-A backend is built from a `Settings`; a deployment's is the global `Settings` with its
-format, URL, model, key and overrides put in, so every per-upstream setting is checked
-by the one declaration in settings.py, and an error names its place in the file.
+A deployment of the `models:` section is the global settings with its format, URL, model,
+key and overrides put in, checked by the one declaration of each setting in settings.py
+(so an error names its place in the file), then read into its typed configuration
+(config/upstream.py, config/local.py). Without a `models:` section the flags describe one
+deployment, read into the same types.
 """
 
 from __future__ import annotations
@@ -12,9 +14,14 @@ from typing import NamedTuple
 
 from pydantic import ValidationError
 
+from rerank_service.config.local import LocalDeploymentConfig
 from rerank_service.config.problems import describe
-from rerank_service.config.routes import DeploymentConfig, RouteConfig
+from rerank_service.config.routes import DeploymentEntry, RouteEntry
 from rerank_service.config.settings import ConfigError, Settings, check_local_engine
+from rerank_service.config.upstream import UpstreamDeploymentConfig
+
+# What a backend is built from: a reload keeps a deployment whose config is equal.
+DeploymentConfig = UpstreamDeploymentConfig | LocalDeploymentConfig
 
 
 class DeploymentSpec(NamedTuple):
@@ -22,15 +29,23 @@ class DeploymentSpec(NamedTuple):
     name: str
     priority: int
     weight: int
-    settings: Settings  # what its backend is built from
+    config: DeploymentConfig  # what its backend is built from
     place: str  # where it is in the file: models[0].deployments[1]
 
 
-def deployment_settings(settings: Settings, route: RouteConfig, deployment: DeploymentConfig) -> Settings:
+def deployment_config(settings: Settings) -> DeploymentConfig:
+    """The one deployment the flags describe (no `models:` section), or a deployment's
+    own settings (`deployment_settings`) read into its type."""
+    if settings.backend == "local":
+        return LocalDeploymentConfig.from_settings(settings)
+    return UpstreamDeploymentConfig.from_settings(settings)
+
+
+def deployment_settings(settings: Settings, route: RouteEntry, deployment: DeploymentEntry) -> Settings:
     """The settings of `deployment` of `route`; raises pydantic's ValidationError."""
     model = deployment.model or route.name
     if deployment.format == "local":
-        assert deployment.source is not None  # DeploymentConfig checks it
+        assert deployment.source is not None  # DeploymentEntry checks it
         return dataclasses.replace(
             settings,
             backend="local",
@@ -39,7 +54,7 @@ def deployment_settings(settings: Settings, route: RouteConfig, deployment: Depl
             local_quantize=deployment.quantize or settings.local_quantize,
             models=(),
         )
-    assert deployment.url is not None  # DeploymentConfig checks it
+    assert deployment.url is not None  # DeploymentEntry checks it
     return dataclasses.replace(
         settings,
         backend="upstream",
@@ -75,17 +90,39 @@ def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
                     raise ConfigError(f"{exc}{origin_of(settings)}") from None
             specs.append(
                 DeploymentSpec(
-                    route.name, deployment.label(), deployment.priority, deployment.weight, own, place
+                    route.name,
+                    deployment.label(),
+                    deployment.priority,
+                    deployment.weight,
+                    deployment_config(own),
+                    place,
                 )
             )
     return _named(settings, specs)
 
 
-def shape(own: Settings) -> Settings:
-    """A deployment's settings but for the models it serves: two routes' entries of one
+def shape(config: DeploymentConfig) -> DeploymentConfig:
+    """A deployment's config but for the models it serves: two routes' entries of one
     shape are one deployment (one connection pool, one health) serving both models."""
-    sources = tuple(("-", source) for _, source in own.local_models)  # a local model is its source
-    return dataclasses.replace(own, upstream_models=("-",), local_models=sources)
+    if isinstance(config, LocalDeploymentConfig):
+        return config.serving(tuple(("-", source) for _, source in config.models))  # a model is its source
+    return config.serving(("-",))
+
+
+def serving_too(config: DeploymentConfig, other: DeploymentConfig) -> DeploymentConfig:
+    """`config`, serving `other`'s models as well (a deployment shared by routes)."""
+    if isinstance(config, LocalDeploymentConfig):
+        assert isinstance(other, LocalDeploymentConfig)  # one shape: `_named`
+        return config.serving(tuple(dict.fromkeys(config.models + other.models)))
+    assert isinstance(other, UpstreamDeploymentConfig)
+    return config.serving(tuple(dict.fromkeys(config.models + other.models)))
+
+
+def model_of(config: DeploymentConfig) -> str:
+    """The one model a deployment entry of a route serves (the name sent to it)."""
+    if isinstance(config, LocalDeploymentConfig):
+        return config.models[0][0]
+    return config.models[0]
 
 
 def _named(settings: Settings, specs: list[DeploymentSpec]) -> list[DeploymentSpec]:
@@ -95,11 +132,11 @@ def _named(settings: Settings, specs: list[DeploymentSpec]) -> list[DeploymentSp
     are one deployment shared by those routes. Made-from-the-URL names of entries that
     differ become `ROUTE/NAME`; a given name on entries that differ is an error.
     """
-    shapes: dict[str, list[Settings]] = {}
+    shapes: dict[str, list[DeploymentConfig]] = {}
     for spec in specs:
         kinds = shapes.setdefault(spec.name, [])
-        if shape(spec.settings) not in kinds:
-            kinds.append(shape(spec.settings))
+        if shape(spec.config) not in kinds:
+            kinds.append(shape(spec.config))
     named = []
     for (r, route), (d, deployment) in _entries(settings):
         spec = next(spec for spec in specs if spec.place == f"models[{r}].deployments[{d}]")
@@ -114,7 +151,7 @@ def _named(settings: Settings, specs: list[DeploymentSpec]) -> list[DeploymentSp
     return named
 
 
-def _entries(settings: Settings) -> list[tuple[tuple[int, RouteConfig], tuple[int, DeploymentConfig]]]:
+def _entries(settings: Settings) -> list[tuple[tuple[int, RouteEntry], tuple[int, DeploymentEntry]]]:
     return [
         ((r, route), (d, deployment))
         for r, route in enumerate(settings.models)

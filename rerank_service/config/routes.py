@@ -27,6 +27,14 @@ Format = Annotated[
 ]
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\s,]+$")]
 
+
+def _on_off(value: object) -> object:
+    """`on`/`off` as well as YAML's booleans."""
+    if isinstance(value, str) and value.strip().lower() in ("on", "off"):
+        return value.strip().lower() == "on"
+    return value
+
+
 # Per-deployment overrides: the global setting is `upstream_<key>` (the types are checked
 # when the deployment's settings are made from the global ones: settings.Settings).
 OVERRIDES = (
@@ -46,10 +54,11 @@ OVERRIDES = (
     "tokens_per_call",
     "proxy",
     "ca_file",
+    "tokenizer",
 )
 
 
-class DeploymentConfig(BaseModel):
+class DeploymentEntry(BaseModel):
     """One place a route is served: an upstream HTTP API or a model run in-process."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
@@ -81,6 +90,7 @@ class DeploymentConfig(BaseModel):
     tokens_per_call: int | None = None
     proxy: str | None = None
     ca_file: Path | None = None
+    tokenizer: str | None = None
     # Not from the file: the key read from api_key_env or api_key_file by `with_keys`.
     api_key: InstanceOf[Secret] | None = Field(default=None, exclude=True)
 
@@ -92,7 +102,7 @@ class DeploymentConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _fits_its_format(self) -> DeploymentConfig:
+    def _fits_its_format(self) -> DeploymentEntry:
         if self.format == "local":
             if self.source is None:
                 raise ValueError("format local needs source (a model directory, a hub id or 'bundled')")
@@ -126,16 +136,25 @@ class DeploymentConfig(BaseModel):
         return {f"upstream_{key}": getattr(self, key) for key in OVERRIDES if getattr(self, key) is not None}
 
 
-class RouteConfig(BaseModel):
+class RouteEntry(BaseModel):
     """A model name callers send, and the deployments that serve it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     name: Name
-    deployments: tuple[DeploymentConfig, ...]
+    deployments: tuple[DeploymentEntry, ...]
+    # off: the route's scores are never cached (an upstream whose scores vary from call to call).
+    cache: Annotated[bool, BeforeValidator(_on_off)] = True
+    # What a call that says nothing does with a document longer than the window
+    # (docs/LONG_DOCUMENTS.md), and the window it cuts or chunks to (unset: the deployment's).
+    long_documents: Annotated[
+        Literal["truncate", "chunk", "reject"],
+        BeforeValidator(lambda value: value.strip().lower() if isinstance(value, str) else value),
+    ] = "truncate"
+    max_tokens_per_doc: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
-    def _distinct_deployment_names(self) -> RouteConfig:
+    def _distinct_deployment_names(self) -> RouteEntry:
         if not self.deployments:
             raise ValueError("has no deployments: a route needs at least one")
         labels = [deployment.label() for deployment in self.deployments]
@@ -145,7 +164,7 @@ class RouteConfig(BaseModel):
         return self
 
 
-def distinct_routes(routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
+def distinct_routes(routes: tuple[RouteEntry, ...]) -> tuple[RouteEntry, ...]:
     """Route names are unique: the model a caller names must mean one route."""
     names = [route.name for route in routes]
     for index, name in enumerate(names):
@@ -161,9 +180,7 @@ class KeySourceError(ValueError):
         super().__init__(f"{place} {problem}")
 
 
-def with_keys(
-    routes: tuple[RouteConfig, ...], env: Mapping[str, str] | None = None
-) -> tuple[RouteConfig, ...]:
+def with_keys(routes: tuple[RouteEntry, ...], env: Mapping[str, str] | None = None) -> tuple[RouteEntry, ...]:
     """The routes with each deployment's key read from its variable or file."""
     env = os.environ if env is None else env
     resolved = []
@@ -176,7 +193,7 @@ def with_keys(
     return tuple(resolved)
 
 
-def _read_key(deployment: DeploymentConfig, env: Mapping[str, str], place: str) -> Secret | None:
+def _read_key(deployment: DeploymentEntry, env: Mapping[str, str], place: str) -> Secret | None:
     if deployment.api_key_env:
         value = env.get(deployment.api_key_env, "").strip()
         if not value:

@@ -1,43 +1,47 @@
-"""Prometheus metrics.
+"""Prometheus metrics: one `Metrics` per server process, made at start-up (server.py) and
+handed to what records.
 
-Metrics are declared once here and recorded where things happen: the gRPC edge
-(calls, from the outcome each call returns), the upstream transport (HTTP attempts),
-the micro-batcher (model batches). Every metric lives in the module-level REGISTRY (not prometheus-client's
-global one), so tests and several servers in one process do not collide.
+Who records what:
 
-With `serve --workers N` each worker process records into files under
-PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode, chosen when this module
-is first imported) and the supervisor serves their sum (`multiprocess_registry`).
-Every gauge therefore names how workers' values combine (`multiprocess_mode`).
+- the call pipeline (pipeline/call.py), for every call whichever door it came in by:
+  `rerank_calls`, `rerank_call_latency_seconds`, `rerank_calls_in_flight`,
+  `rerank_documents_per_call`, `rerank_tokens_per_call`, through the `MethodMetrics` the
+  front doors take from it (`for_method`: the gRPC edge, each method; `stream_items`: the
+  servicer, each RerankStream item; `for_http_route`: the HTTP front door, each route);
+- the upstream transport, once per HTTP attempt (backends/upstream/client/attempt.py):
+  `rerank_upstream_requests`, `rerank_upstream_latency_seconds`;
+- the upstream backend (backends/upstream/backend.py): `rerank_upstream_retries`,
+  `rerank_upstream_retries_refused`;
+- each deployment (routing/deployment.py, through `DeploymentMetrics`): its calls,
+  latency, state and ejections; the router (routing/router.py): fallbacks and retry
+  budgets spent;
+- the micro-batcher (backends/local/batcher.py): model batches, queue and inference time.
+- the call pipeline's usage meter (pipeline/usage.py), per caller: calls, documents,
+  tokens, refusals for a limit, and the limits store's failures (caller_metrics.py).
+
+Each `Metrics` owns its registry (never prometheus-client's global one), so tests and
+several servers in one process do not collide. With `serve --workers N` each worker's
+`Metrics` keeps its values in files in the supervisor's directory (prometheus-client's
+multiprocess mode, chosen by the argument: metrics_multiprocess.py) and the supervisor
+serves their sum. Every gauge therefore names how workers' values combine
+(`multiprocess_mode`).
 
 The service is a hop on every search request, so recording stays cheap: label
-children are bound once per method, code or status and cached (`.labels()` hashes
-and locks on every call), and nothing here awaits.
+children are bound once per method, code, status, route or reason and cached
+(`.labels()` hashes and locks on every call), and nothing here awaits.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
-from wsgiref.simple_server import WSGIServer
-
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from rerank_service.observability.process_tree import ProcessTreeCollector, WorkerProcess
-
-# prometheus-client reads the same variable once, when it is imported: values go to files.
-MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-
-REGISTRY = CollectorRegistry(auto_describe=True)
-# The process's CPU, memory and file descriptors, the Python version and GC: scraped,
-# never recorded on the hot path.
-ProcessCollector(registry=REGISTRY)
-PlatformCollector(registry=REGISTRY)
-GCCollector(registry=REGISTRY)
+from rerank_service.observability.cache_metrics import CacheMetrics
+from rerank_service.observability.caller_metrics import CallerMetrics
+from rerank_service.observability.metrics_multiprocess import use_value_storage
 
 # Seconds: from a 1 ms cached answer to a stream that runs for minutes.
 LATENCY_BUCKETS = (
@@ -52,155 +56,235 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Waiting in the micro-batcher is usually about --batch-wait-ms (2 ms); seconds mean overload.
 QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# --- calls (recorded by the call pipeline: pipeline/call.py) ---
-CALLS = Counter(
-    "rerank_calls",
-    "RerankService calls answered, by method and gRPC status code "
-    "(method RerankStream/item: one stream item).",
-    ["method", "code"],
-    registry=REGISTRY,
-)
-CALL_LATENCY = Histogram(
-    "rerank_call_latency_seconds",
-    "Time from a call's arrival to its answer, by method (RerankStream: the whole stream).",
-    ["method"],
-    buckets=LATENCY_BUCKETS,
-    registry=REGISTRY,
-)
-CALLS_IN_FLIGHT = Gauge(
-    "rerank_calls_in_flight",
-    "RerankService calls being served now, by method (RerankStream: open streams).",
-    ["method"],
-    registry=REGISTRY,
-    multiprocess_mode="livesum",  # workers: the sum over live workers; a dead one's calls ended
-)
-DOCUMENTS = Histogram(
-    "rerank_documents_per_call",
-    "Documents in one Rerank call or stream item.",
-    buckets=DOCUMENT_BUCKETS,
-    registry=REGISTRY,
-)
-TOKENS = Histogram(
-    "rerank_tokens_per_call",
-    "usage.total_tokens of one successful Rerank call or stream item.",
-    buckets=TOKEN_BUCKETS,
-    registry=REGISTRY,
-)
-
-# --- upstream backend (recorded by UpstreamTransport.post_json, once per HTTP attempt) ---
-UPSTREAM_REQUESTS = Counter(
-    "rerank_upstream_requests",
-    "HTTP requests to the upstream, by outcome: the HTTP status, or connect_error, timeout, "
-    "pool_timeout, reset, protocol_error, transport_error, too_large, cancelled.",
-    ["status"],
-    registry=REGISTRY,
-)
-UPSTREAM_LATENCY = Histogram(
-    "rerank_upstream_latency_seconds",
-    "Time of one HTTP request to the upstream, whatever its outcome.",
-    buckets=LATENCY_BUCKETS,
-    registry=REGISTRY,
-)
-UPSTREAM_RETRIES = Counter(
-    "rerank_upstream_retries",
-    "Upstream attempts repeated after a retryable failure, by the failure's reason.",
-    ["reason"],
-    registry=REGISTRY,
-)
-UPSTREAM_RETRIES_REFUSED = Counter(
-    "rerank_upstream_retries_refused",
-    "Upstream retries not made because the route's retry budget was spent.",
-    registry=REGISTRY,
-)
-
-# --- routes and deployments (recorded by routing/) ---
-DEPLOYMENT_CALLS = Counter(
-    "rerank_deployment_calls",
-    "Backend calls (one per chunk) a deployment answered, by route, deployment and outcome "
-    "(OK or the gRPC code of the failure).",
-    ["route", "deployment", "code"],
-    registry=REGISTRY,
-)
-DEPLOYMENT_LATENCY = Histogram(
-    "rerank_deployment_latency_seconds",
-    "Time a deployment took for one backend call, retries included, whatever its outcome.",
-    ["route", "deployment"],
-    buckets=LATENCY_BUCKETS,
-    registry=REGISTRY,
-)
-DEPLOYMENT_STATE = Gauge(
-    "rerank_deployment_state",
-    "A deployment's health: 0 healthy, 1 ejected (tried last), 2 down (refused but for probes).",
-    ["deployment"],
-    registry=REGISTRY,
-    multiprocess_mode="livemax",  # workers: the worst state any live worker sees
-)
-DEPLOYMENT_EJECTIONS = Counter(
-    "rerank_deployment_ejections",
-    "Times a deployment was ejected or went down.",
-    ["deployment", "state"],
-    registry=REGISTRY,
-)
-ROUTE_FALLBACKS = Counter(
-    "rerank_route_fallbacks",
-    "Calls moved to another deployment of their route after a failure.",
-    ["route"],
-    registry=REGISTRY,
-)
-ROUTE_BUDGET_EXHAUSTED = Counter(
-    "rerank_route_retry_budget_exhausted",
-    "Fallbacks not made because the route's retry budget was spent.",
-    ["route"],
-    registry=REGISTRY,
-)
-
-# --- local backend (recorded by the micro-batcher) ---
-BATCH_SIZE = Histogram(
-    "rerank_local_batch_size",
-    "Query-document pairs in one model batch.",
-    buckets=BATCH_BUCKETS,
-    registry=REGISTRY,
-)
-QUEUE_TIME = Histogram(
-    "rerank_local_queue_seconds",
-    "Time a request waited in the micro-batcher before its first batch started.",
-    buckets=QUEUE_BUCKETS,
-    registry=REGISTRY,
-)
-INFERENCE_TIME = Histogram(
-    "rerank_local_inference_seconds",
-    "Time one model batch ran.",
-    buckets=LATENCY_BUCKETS,
-    registry=REGISTRY,
-)
-
 # The `method` label of stream items: each item is a rerank of its own, counted as a call.
 STREAM_ITEM_METHOD = "RerankStream/item"
 
 
-def count_upstream_retry(reason: str) -> None:
-    UPSTREAM_RETRIES.labels(reason=reason).inc()
+class Metrics:
+    """Every metric family of one server process, in a registry of its own, and the
+    recording each part of the service does into them.
+
+    `multiprocess_directory`: a worker of `serve --workers N` keeps its values in files
+    there, for the supervisor to sum; None keeps them in memory, served from `registry`.
+    A process keeps them one way only (metrics_multiprocess.py says why).
+    """
+
+    def __init__(self, multiprocess_directory: str | None = None) -> None:
+        use_value_storage(multiprocess_directory)
+        self.multiprocess = multiprocess_directory is not None
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        # The process's CPU, memory and file descriptors, the Python version and GC:
+        # scraped, never recorded on the hot path.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+
+        # --- calls (the call pipeline) ---
+        self.calls = Counter(
+            "rerank_calls",
+            "RerankService calls answered, by method and gRPC status code "
+            "(method RerankStream/item: one stream item).",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.call_latency = Histogram(
+            "rerank_call_latency_seconds",
+            "Time from a call's arrival to its answer, by method (RerankStream: the whole stream).",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.calls_in_flight = Gauge(
+            "rerank_calls_in_flight",
+            "RerankService calls being served now, by method (RerankStream: open streams).",
+            ["method"],
+            registry=registry,
+            multiprocess_mode="livesum",  # workers: the sum over live workers; a dead one's calls ended
+        )
+        self.documents = Histogram(
+            "rerank_documents_per_call",
+            "Documents in one Rerank call or stream item.",
+            buckets=DOCUMENT_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Histogram(
+            "rerank_tokens_per_call",
+            "usage.total_tokens of one successful Rerank call or stream item.",
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
+        )
+
+        # --- upstream backend (the transport, once per HTTP attempt; the backend's retries) ---
+        self.upstream_requests = Counter(
+            "rerank_upstream_requests",
+            "HTTP requests to the upstream, by outcome: the HTTP status, or connect_error, timeout, "
+            "pool_timeout, reset, protocol_error, transport_error, too_large, cancelled.",
+            ["status"],
+            registry=registry,
+        )
+        self.upstream_latency = Histogram(
+            "rerank_upstream_latency_seconds",
+            "Time of one HTTP request to the upstream, whatever its outcome.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_retries = Counter(
+            "rerank_upstream_retries",
+            "Upstream attempts repeated after a retryable failure, by the failure's reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.upstream_retries_refused = Counter(
+            "rerank_upstream_retries_refused",
+            "Upstream retries not made because the route's retry budget was spent.",
+            registry=registry,
+        )
+
+        # --- routes and deployments (routing/) ---
+        self.deployment_calls = Counter(
+            "rerank_deployment_calls",
+            "Backend calls (one per chunk) a deployment answered, by route, deployment and outcome "
+            "(OK or the gRPC code of the failure).",
+            ["route", "deployment", "code"],
+            registry=registry,
+        )
+        self.deployment_latency = Histogram(
+            "rerank_deployment_latency_seconds",
+            "Time a deployment took for one backend call, retries included, whatever its outcome.",
+            ["route", "deployment"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.deployment_state = Gauge(
+            "rerank_deployment_state",
+            "A deployment's health: 0 healthy, 1 ejected (tried last), 2 down (refused but for probes).",
+            ["deployment"],
+            registry=registry,
+            multiprocess_mode="livemax",  # workers: the worst state any live worker sees
+        )
+        self.deployment_ejections = Counter(
+            "rerank_deployment_ejections",
+            "Times a deployment was ejected or went down.",
+            ["deployment", "state"],
+            registry=registry,
+        )
+        self.route_fallbacks = Counter(
+            "rerank_route_fallbacks",
+            "Calls moved to another deployment of their route after a failure.",
+            ["route"],
+            registry=registry,
+        )
+        self.route_budget_exhausted = Counter(
+            "rerank_route_retry_budget_exhausted",
+            "Fallbacks not made because the route's retry budget was spent.",
+            ["route"],
+            registry=registry,
+        )
+
+        # --- local backend (the micro-batcher) ---
+        self.batch_size = Histogram(
+            "rerank_local_batch_size",
+            "Query-document pairs in one model batch.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.queue_time = Histogram(
+            "rerank_local_queue_seconds",
+            "Time a request waited in the micro-batcher before its first batch started.",
+            buckets=QUEUE_BUCKETS,
+            registry=registry,
+        )
+        self.inference_time = Histogram(
+            "rerank_local_inference_seconds",
+            "Time one model batch ran.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+        # --- the score cache (routing/cached_scores.py) ---
+        self.cache = CacheMetrics(registry)
+
+        # --- callers: what each used and was refused (pipeline/usage.py) ---
+        self.callers = CallerMetrics(registry)
+
+        # Label children, bound on first use.
+        self._methods: dict[str, MethodMetrics] = {}
+        self._upstream_statuses: dict[int | str, Counter] = {}
+        self._retries: dict[str, Counter] = {}
+        self._fallbacks: dict[str, Counter] = {}
+        self._budgets_spent: dict[str, Counter] = {}
+        self.stream_items = MethodMetrics(self, STREAM_ITEM_METHOD)
+
+    # --- calls ---
+
+    def for_method(self, method: str) -> MethodMetrics:
+        """The metrics of a gRPC method path (`/rerank.v1.RerankService/Rerank` → label `Rerank`)."""
+        found = self._methods.get(method)
+        if found is None:
+            found = self._methods[method] = MethodMetrics(self, method.rsplit("/", 1)[-1])
+        return found
+
+    def for_http_route(self, path: str) -> MethodMetrics:
+        """The metrics of an HTTP front-door route (`/v1/rerank` → label `HTTP /v1/rerank`)."""
+        label = f"HTTP {path}"
+        found = self._methods.get(label)
+        if found is None:
+            found = self._methods[label] = MethodMetrics(self, label)
+        return found
+
+    # --- upstream ---
+
+    def observe_upstream(self, status: int | str, seconds: float) -> None:
+        """One HTTP attempt: its HTTP status (or transport failure kind) and its duration."""
+        requests = self._upstream_statuses.get(status)
+        if requests is None:
+            requests = self._upstream_statuses[status] = self.upstream_requests.labels(str(status))
+        requests.inc()
+        self.upstream_latency.observe(seconds)
+
+    def count_upstream_retry(self, reason: str) -> None:
+        _child(self._retries, self.upstream_retries, reason).inc()
+
+    def count_upstream_retry_refused(self) -> None:
+        self.upstream_retries_refused.inc()
+
+    # --- routes and deployments ---
+
+    def for_deployment(self, name: str) -> DeploymentMetrics:
+        return DeploymentMetrics(self, name)
+
+    def count_fallback(self, route: str) -> None:
+        _child(self._fallbacks, self.route_fallbacks, route).inc()
+
+    def count_retry_budget_exhausted(self, route: str) -> None:
+        _child(self._budgets_spent, self.route_budget_exhausted, route).inc()
+
+    # --- local backend ---
+
+    def observe_batch(self, pairs: int, seconds: float) -> None:
+        self.batch_size.observe(pairs)
+        self.inference_time.observe(seconds)
+
+    def observe_queue(self, seconds: float) -> None:
+        self.queue_time.observe(seconds)
 
 
-def count_upstream_retry_refused() -> None:
-    UPSTREAM_RETRIES_REFUSED.inc()
-
-
-def count_fallback(route: str) -> None:
-    ROUTE_FALLBACKS.labels(route=route).inc()
-
-
-def count_retry_budget_exhausted(route: str) -> None:
-    ROUTE_BUDGET_EXHAUSTED.labels(route=route).inc()
+def _child(children: dict[str, Counter], family: Counter, label: str) -> Counter:
+    """`family`'s child for the one label `label`, bound once into `children`."""
+    found = children.get(label)
+    if found is None:
+        found = children[label] = family.labels(label)
+    return found
 
 
 class DeploymentMetrics:
     """One deployment's metric children, bound once per route and outcome."""
 
-    __slots__ = ("_calls", "_latency", "_state", "name")
+    __slots__ = ("_calls", "_latency", "_metrics", "_state", "name")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, metrics: Metrics, name: str) -> None:
         self.name = name
+        self._metrics = metrics
         self._state: str | None = None
         self._calls: dict[tuple[str, grpc.StatusCode | None], Counter] = {}
         self._latency: dict[str, Histogram] = {}
@@ -210,11 +294,13 @@ class DeploymentMetrics:
         calls = self._calls.get((route, code))
         if calls is None:
             label = "OK" if code is None else code_name(code)
-            calls = self._calls[(route, code)] = DEPLOYMENT_CALLS.labels(route, self.name, label)
+            calls = self._calls[(route, code)] = self._metrics.deployment_calls.labels(
+                route, self.name, label
+            )
         calls.inc()
         latency = self._latency.get(route)
         if latency is None:
-            latency = self._latency[route] = DEPLOYMENT_LATENCY.labels(route, self.name)
+            latency = self._latency[route] = self._metrics.deployment_latency.labels(route, self.name)
         latency.observe(seconds)
 
     def set_state(self, state: str, level: int) -> None:
@@ -222,31 +308,34 @@ class DeploymentMetrics:
         if state == self._state:
             return
         if level:
-            DEPLOYMENT_EJECTIONS.labels(self.name, state).inc()
+            self._metrics.deployment_ejections.labels(self.name, state).inc()
         self._state = state
-        DEPLOYMENT_STATE.labels(self.name).set(level)
+        self._metrics.deployment_state.labels(self.name).set(level)
 
 
 class MethodMetrics:
     """One method's metric children, bound once: recording a call is then a few locked adds.
 
-    Calls in flight are a plain count. In one process it is read when /metrics is scraped
+    Calls in flight are a plain count. In memory it is read when /metrics is scraped
     (Gauge.set_function): two adds without a lock instead of two locked gauge updates per
     call; only the event loop's thread writes it, the scrape thread only reads. With
     workers the scrape happens in the supervisor, which reads only the workers' files
     (set_function cannot reach them): the gauge is then also updated per call (`_gauge`).
     """
 
-    __slots__ = ("_calls", "_gauge", "in_flight", "latency", "name")
+    __slots__ = ("_calls", "_calls_family", "_documents", "_gauge", "_tokens", "in_flight", "latency", "name")
 
-    def __init__(self, name: str, multiprocess_mode: bool = MULTIPROCESS) -> None:
+    def __init__(self, metrics: Metrics, name: str) -> None:
         self.name = name
         self.in_flight = 0
-        self.latency = CALL_LATENCY.labels(name)
+        self.latency = metrics.call_latency.labels(name)
+        self._calls_family = metrics.calls
+        self._documents = metrics.documents
+        self._tokens = metrics.tokens
         self._calls: dict[grpc.StatusCode | int, Counter] = {}
-        gauge = CALLS_IN_FLIGHT.labels(name)
-        self._gauge: Gauge | None = gauge if multiprocess_mode else None
-        if not multiprocess_mode:
+        gauge = metrics.calls_in_flight.labels(name)
+        self._gauge: Gauge | None = gauge if metrics.multiprocess else None
+        if not metrics.multiprocess:
             gauge.set_function(lambda: self.in_flight)
 
     def started(self) -> None:
@@ -263,36 +352,13 @@ class MethodMetrics:
             self._gauge.dec()
         calls = self._calls.get(code)
         if calls is None:
-            calls = self._calls[code] = CALLS.labels(self.name, code_name(code))
+            calls = self._calls[code] = self._calls_family.labels(self.name, code_name(code))
         calls.inc()
         self.latency.observe(seconds)
         if documents is not None:
-            DOCUMENTS.observe(documents)
+            self._documents.observe(documents)
         if tokens is not None:
-            TOKENS.observe(tokens)
-
-
-_methods: dict[str, MethodMetrics] = {}
-
-
-def for_method(method: str) -> MethodMetrics:
-    """The metrics of a gRPC method path (`/rerank.v1.RerankService/Rerank` → label `Rerank`)."""
-    found = _methods.get(method)
-    if found is None:
-        found = _methods[method] = MethodMetrics(method.rsplit("/", 1)[-1])
-    return found
-
-
-def for_http_route(path: str) -> MethodMetrics:
-    """The metrics of an HTTP front-door route (`/v1/rerank` → label `HTTP /v1/rerank`)."""
-    label = f"HTTP {path}"
-    found = _methods.get(label)
-    if found is None:
-        found = _methods[label] = MethodMetrics(label)
-    return found
-
-
-STREAM_ITEMS = MethodMetrics(STREAM_ITEM_METHOD)
+            self._tokens.observe(tokens)
 
 
 def code_name(code: grpc.StatusCode | int) -> str:
@@ -303,61 +369,3 @@ def code_name(code: grpc.StatusCode | int) -> str:
         if status.value[0] == code:
             return str(status.name)
     return str(code)
-
-
-_upstream_statuses: dict[int | str, Counter] = {}
-
-
-def observe_upstream(status: int | str, seconds: float) -> None:
-    """One HTTP attempt: its HTTP status (or transport failure kind) and its duration."""
-    requests = _upstream_statuses.get(status)
-    if requests is None:
-        requests = _upstream_statuses[status] = UPSTREAM_REQUESTS.labels(str(status))
-    requests.inc()
-    UPSTREAM_LATENCY.observe(seconds)
-
-
-def observe_batch(pairs: int, seconds: float) -> None:
-    BATCH_SIZE.observe(pairs)
-    INFERENCE_TIME.observe(seconds)
-
-
-def observe_queue(seconds: float) -> None:
-    QUEUE_TIME.observe(seconds)
-
-
-# --- the /metrics endpoint ---
-
-
-def start_metrics_server(
-    host: str, port: int, registry: CollectorRegistry = REGISTRY
-) -> tuple[WSGIServer, int]:
-    """Serve `registry` at http://host:port/metrics on a daemon thread; port 0 picks a free one."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server, server.server_port
-
-
-def multiprocess_registry(
-    directory: str, workers: Callable[[], Sequence[WorkerProcess]] = tuple
-) -> CollectorRegistry:
-    """The workers' metrics summed from their files in `directory` (the supervisor's /metrics),
-    with the `process_*` of the supervisor and its `workers` together and `python_info`.
-
-    Counters and histograms keep a dead worker's counts (its files stay); gauges count
-    only live workers once `worker_exited` has been told."""
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-    registry.register(ProcessTreeCollector(workers))
-    PlatformCollector(registry=registry)
-    return registry
-
-
-def worker_exited(pid: int, directory: str) -> None:
-    """A worker process is gone: drop its live gauges (calls in flight, deployment state)."""
-    multiprocess.mark_process_dead(pid, path=directory)  # type: ignore[no-untyped-call]
-
-
-def stop_metrics_server(server: WSGIServer) -> None:
-    """Stop serving and close the port (blocks up to half a second: the serve loop's poll)."""
-    server.shutdown()
-    server.server_close()

@@ -2,59 +2,98 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 
+from rerank_service.cache import ScoreCache
 from rerank_service.config import ConfigError, SettingError, Settings
-from rerank_service.config.deployments import deployment_specs, origin_of
+from rerank_service.config.deployments import (
+    DeploymentConfig,
+    deployment_config,
+    deployment_specs,
+    model_of,
+    origin_of,
+    serving_too,
+)
+from rerank_service.config.local import LocalDeploymentConfig
 from rerank_service.core.backend import Backend
+from rerank_service.core.domain import LongDocuments
 from rerank_service.core.retry_budget import RetryBudget
+from rerank_service.observability.metrics import Metrics
+from rerank_service.routing.cached_scores import CachedScores, score_identity
 from rerank_service.routing.deployment import Deployment
 from rerank_service.routing.route import Member, Route
 from rerank_service.routing.router import Router
 
 
-def build_routes(settings: Settings, reuse: Iterable[Deployment] = ()) -> list[Route]:
+def build_routes(
+    settings: Settings,
+    reuse: Iterable[Deployment] = (),
+    metrics: Metrics | None = None,
+    cache: ScoreCache | None = None,
+) -> list[Route]:
     """Every route the settings describe.
 
     Without a `models:` section, one deployment (the upstream, or the local models)
     serves every configured model name, each its own route, exactly as the flags say.
-    A deployment of `reuse` built from the same settings is kept as it is (a reload keeps
-    its connections, its health and its loaded model).
+    A deployment of `reuse` with the same name and an equal config is kept as it is (a
+    reload keeps its connections, its health and its loaded model). New deployments
+    record into `metrics` (None: a Metrics of their own, served nowhere: check-config),
+    and answer the pairs `cache` knows from it (None: no score cache).
     """
     existing = {deployment.key: deployment for deployment in reuse}
+    recorded = metrics if metrics is not None else Metrics()
 
-    def deployment(name: str, own: Settings, place: str | None = None) -> Deployment:
-        key = (name, _backend_view(own))
+    def deployment(name: str, config: DeploymentConfig, place: str | None = None) -> Deployment:
+        key = (name, config)
         found = existing.get(key)
         if found is None:
             try:
-                backend = _backend(own)
+                backend = _backend(config, recorded)
             except ConfigError as exc:  # a CA file or proxy of the deployment's own
                 if place is None:
                     raise
                 raise ConfigError(f"{_placed(exc, place)}{origin_of(settings)}") from None
-            found = existing[key] = Deployment(name, backend, getattr(backend, "health", None), key=key)
+            scores = (
+                None
+                if cache is None
+                else CachedScores(cache, score_identity(config, _revision), recorded.cache)
+            )
+            found = existing[key] = Deployment(
+                name, backend, getattr(backend, "health", None), key=key, metrics=recorded, scores=scores
+            )
         return found
 
     if not settings.models:
-        single = deployment(_single_name(settings), settings)
+        single = deployment(_single_name(settings), deployment_config(settings))
         return [
             Route(model.name, [Member(single, model.name)], RetryBudget(settings.retry_budget))
             for model in single.backend.models()
         ]
     specs = deployment_specs(settings)
     # A deployment shared by routes serves every model they send it (see deployments.py).
-    served: dict[str, Settings] = {}
+    served: dict[str, DeploymentConfig] = {}
     for spec in specs:
         own = served.get(spec.name)
-        served[spec.name] = spec.settings if own is None else _serving_too(own, spec.settings)
+        served[spec.name] = spec.config if own is None else serving_too(own, spec.config)
+    cached = {route.name: route.cache for route in settings.models}
+    entries = {route.name: route for route in settings.models}
     routes: dict[str, Route] = {}
     for spec in specs:
-        route = routes.setdefault(spec.route, Route(spec.route, [], RetryBudget(settings.retry_budget)))
-        model = _model_of(spec.settings)
+        route = routes.get(spec.route)
+        if route is None:
+            route = routes[spec.route] = Route(
+                spec.route,
+                [],
+                RetryBudget(settings.retry_budget),
+                cache=cached[spec.route],
+                long_documents=LongDocuments(entries[spec.route].long_documents),
+                max_tokens_per_doc=entries[spec.route].max_tokens_per_doc,
+            )
         member = Member(
-            deployment(spec.name, served[spec.name], spec.place), model, spec.priority, spec.weight
+            deployment(spec.name, served[spec.name], spec.place),
+            model_of(spec.config),
+            spec.priority,
+            spec.weight,
         )
         route.members.append(member)
     return list(routes.values())
@@ -90,28 +129,6 @@ def _local_sources(settings: Settings) -> list[tuple[str, str, str]]:
     ]
 
 
-# What a backend is built from: the only settings backends read (tests/unit/
-# test_backend_settings.py checks this list against their code). A deployment is kept on
-# a reload unless one of these changed for it, so a change to a front-door key (listening,
-# callers, limits, logging, HTTP) touches no deployment.
-BACKEND_SETTINGS = (
-    "backend", "pass_through", "max_documents", "max_query_tokens",
-    "device", "dtype", "local_engine", "local_models", "local_onnx_cache", "local_quantize",
-    "local_threads", "batch_wait_ms", "max_batch_size", "max_batch_tokens", "micro_batching",
-    "upstream_api_key", "upstream_url", "upstream_models", "upstream_dialect", "upstream_path",
-    "upstream_prompt_template", "upstream_score_transform", "upstream_documents_per_call",
-    "upstream_tokens_per_call", "upstream_timeout", "upstream_max_attempts", "upstream_max_connections",
-    "upstream_retry_backoff", "upstream_retry_max_backoff", "upstream_breaker_cooldown",
-    "upstream_breaker_failures", "upstream_breaker_window", "upstream_breaker_probe_timeout",
-    "upstream_ca_file", "upstream_proxy",
-)  # fmt: skip
-
-
-def _backend_view(settings: Settings) -> tuple[object, ...]:
-    """What a backend is built from, as a value a reload compares."""
-    return tuple(getattr(settings, name) for name in BACKEND_SETTINGS)
-
-
 def _placed(error: ConfigError, place: str) -> str:
     """`error` of the deployment at `place`: a setting named as the deployment's key
     (`models[0].deployments[1].ca_file X: ...`), anything else (the environment's proxy or
@@ -121,29 +138,14 @@ def _placed(error: ConfigError, place: str) -> str:
     return f"{place}: {error}"
 
 
-def _model_of(own: Settings) -> str:
-    return own.local_models[0][0] if own.backend == "local" else own.upstream_models[0]
-
-
-def _serving_too(own: Settings, other: Settings) -> Settings:
-    """`own`, serving `other`'s model as well."""
-    if own.backend == "local":
-        return dataclasses.replace(
-            own, local_models=tuple(dict.fromkeys(own.local_models + other.local_models))
-        )
-    return dataclasses.replace(
-        own, upstream_models=tuple(dict.fromkeys(own.upstream_models + other.upstream_models))
-    )
-
-
-def _backend(settings: Settings) -> Backend:
-    if settings.backend == "local":
+def _backend(config: DeploymentConfig, metrics: Metrics) -> Backend:
+    if isinstance(config, LocalDeploymentConfig):
         from rerank_service.backends.local import LocalBackend  # torch: only when a model is local
 
-        return LocalBackend.from_settings(settings)
+        return LocalBackend.from_config(config, metrics)
     from rerank_service.backends.upstream import UpstreamBackend
 
-    return UpstreamBackend.from_settings(settings)
+    return UpstreamBackend.from_config(config, metrics)
 
 
 def _single_name(settings: Settings) -> str:
@@ -154,5 +156,20 @@ def _single_name(settings: Settings) -> str:
     return without_credentials(settings.upstream_url).split("://", 1)[-1]
 
 
-def build_router(settings: Settings) -> Router:
-    return Router(build_routes(settings))
+def build_router(
+    settings: Settings, metrics: Metrics | None = None, cache: ScoreCache | None = None
+) -> Router:
+    """The router of the settings' routes, recording into `metrics` (None: a Metrics of its own),
+    with `cache` in front of every deployment (None: no score cache)."""
+    recorded = metrics if metrics is not None else Metrics()
+    return Router(build_routes(settings, metrics=recorded, cache=cache), recorded)
+
+
+def _revision(source: str) -> str:
+    """A local model's files, named for the score cache (see model_files.model_revision)."""
+    from rerank_service.backends.local.model_files import ModelLoadError, model_revision  # no torch
+
+    try:
+        return model_revision(source)
+    except ModelLoadError:  # not loadable: it serves nothing, so its name is never a key
+        return source

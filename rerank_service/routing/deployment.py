@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from rerank_service.core.backend import Backend
 from rerank_service.core.domain import (
@@ -16,7 +16,8 @@ from rerank_service.core.domain import (
     every_state,
 )
 from rerank_service.core.health import DeploymentHealth
-from rerank_service.observability import metrics
+from rerank_service.observability.metrics import DeploymentMetrics, Metrics
+from rerank_service.routing.cached_scores import CachedScores
 
 # rerank_deployment_state's value for each state: the higher, the worse (workers report the
 # worst any of them sees).
@@ -35,12 +36,16 @@ class Deployment:
     backend: Backend
     health: DeploymentHealth | None  # None: a local model, healthy whenever it is ready
     key: object = None  # what it was built from: a reload keeps a deployment whose key is equal
+    # The score cache in front of the backend (None: every pair goes to the backend).
+    scores: CachedScores | None = None
+    # Where its calls and state are recorded (None: a Metrics of its own, served nowhere: tests).
+    metrics: InitVar[Metrics | None] = None
     in_flight: int = 0
-    _metrics: metrics.DeploymentMetrics = field(init=False)
+    _metrics: DeploymentMetrics = field(init=False)
     _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
 
-    def __post_init__(self) -> None:
-        self._metrics = metrics.DeploymentMetrics(self.name)
+    def __post_init__(self, metrics: Metrics | None) -> None:
+        self._metrics = (metrics if metrics is not None else Metrics()).for_deployment(self.name)
         if self.health is not None:
             self.health.on_change(self._state_changed)
         self._state_changed()
@@ -68,7 +73,10 @@ class Deployment:
         self.in_flight += 1
         started = time.perf_counter()
         try:
-            result = await self.backend.rerank(request, context)
+            if self.scores is None:
+                result = await self.backend.rerank(request, context)
+            else:
+                result = await self.scores.rerank(route, request, context, self.backend.rerank)
         except ServiceError as error:
             self._metrics.finished(route, error.code, time.perf_counter() - started)
             raise error.at_deployment(self.name) from error

@@ -19,6 +19,7 @@ from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import (
     BackendRequest,
     BackendResult,
+    CacheMode,
     CallContext,
     FailureKind,
     ModelInfo,
@@ -27,8 +28,8 @@ from rerank_service.core.domain import (
     model_not_found,
 )
 from rerank_service.core.readiness import Readiness
-from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
+from rerank_service.observability.metrics import Metrics
 from rerank_service.routing.deployment import Deployment
 from rerank_service.routing.route import Route
 
@@ -43,7 +44,9 @@ def fails_over(error: ServiceError) -> bool:
 class Router:
     """Routes by model name; implements the Backend protocol for the engine."""
 
-    def __init__(self, routes: list[Route]) -> None:
+    def __init__(self, routes: list[Route], metrics: Metrics | None = None) -> None:
+        # Where fallbacks are counted (None: a Metrics of its own, served nowhere: tests).
+        self._metrics = metrics if metrics is not None else Metrics()
         self._routes = {route.name: route for route in routes}
         self._deployments = _distinct(routes)
         self._readiness = Readiness()
@@ -127,7 +130,10 @@ class Router:
         if route is None:  # a reload removed it after the engine validated the call
             raise model_not_found(request.model, list(self._routes))
         route.budget.called()
-        context = dataclasses.replace(context, retry_budget=route.budget)
+        if route.cache:
+            context = dataclasses.replace(context, retry_budget=route.budget)
+        else:
+            context = dataclasses.replace(context, retry_budget=route.budget, cache_mode=CacheMode.OFF)
         tried: set[Deployment] = set()
         failures: list[ServiceError] = []
         while (member := route.pick(tried)) is not None:
@@ -152,9 +158,9 @@ class Router:
         if context.deadline is not None and time.monotonic() >= context.deadline:
             return False
         if not route.budget.try_spend():
-            metrics.count_retry_budget_exhausted(route.name)
+            self._metrics.count_retry_budget_exhausted(route.name)
             return False
-        metrics.count_fallback(route.name)
+        self._metrics.count_fallback(route.name)
         _log.warning("fallback", route=route.name, failed=failure.deployment, reason=failure.reason)
         return True
 

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rerank_service.config import Settings
+from rerank_service.config.upstream import UpstreamDeploymentConfig
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.clients.conftest import ROOT, LiveServer
 from tests.conftest import ServerFactory
@@ -100,7 +101,7 @@ def test_health_probe_fails_while_the_backend_is_not_ready(tmp_path: Path) -> No
     from rerank_service.backends.upstream import UpstreamBackend
 
     settings = Settings(backend="upstream", upstream_url="http://127.0.0.1:9")
-    backend = GatedBackend(UpstreamBackend.from_settings(settings))
+    backend = GatedBackend(UpstreamBackend.from_config(UpstreamDeploymentConfig.from_settings(settings)))
     with ServerThread(settings, backend=backend, start=False) as harness:
         starting = harness.start_until_listening()
         not_ready = probe(harness.target)

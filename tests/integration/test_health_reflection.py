@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from rerank_service.backends.upstream import UpstreamBackend
+from rerank_service.config.upstream import UpstreamDeploymentConfig
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import upstream_settings
 from tests.support.backends import GatedBackend
@@ -35,7 +36,7 @@ def health_status(channel: grpc.Channel, service: str) -> int:
 @pytest.fixture
 def gated(upstream: FakeUpstream, logs: LogCapture) -> Iterator[tuple[ServerThread, GatedBackend]]:
     settings = upstream_settings(upstream)
-    backend = GatedBackend(UpstreamBackend.from_settings(settings))
+    backend = GatedBackend(UpstreamBackend.from_config(UpstreamDeploymentConfig.from_settings(settings)))
     with ServerThread(settings, backend=backend, start=False) as harness:
         yield harness, backend
         backend.gate.set()

@@ -17,6 +17,7 @@ from rerank_service.backends.local.batcher import BatchLimits
 from rerank_service.backends.local.scorer import Scorer
 from rerank_service.config import Settings
 from rerank_service.config.secret import Secret
+from rerank_service.observability.metrics import Metrics
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import CALLER_KEY, UPSTREAM_KEY, ServerFactory
 from tests.integration.test_local_backend import WordScorer
@@ -392,6 +393,7 @@ def local(logs: LogCapture) -> Iterator[ServerThread]:
     def loader(source: str, device: str, dtype: str) -> Scorer:
         return scorer
 
+    metrics = Metrics()  # the server's, which its backend records into too
     backend = LocalBackend(
         [LocalModelSpec("word-model", "fake")],
         device="cpu",
@@ -400,8 +402,9 @@ def local(logs: LogCapture) -> Iterator[ServerThread]:
         max_documents=100,
         max_query_tokens=20,
         loader=loader,
+        metrics=metrics,
     )
-    with ServerThread(Settings(backend="local", metrics_port=0), backend=backend) as running:
+    with ServerThread(Settings(backend="local", metrics_port=0), backend=backend, metrics=metrics) as running:
         yield running
 
 

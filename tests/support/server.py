@@ -17,6 +17,7 @@ from rerank.v1 import rerank_pb2_grpc
 
 from rerank_service.config import Settings
 from rerank_service.core.backend import Backend
+from rerank_service.observability.metrics import Metrics
 from rerank_service.server import RerankServer
 from tests.support.waiting import wait_until
 
@@ -24,11 +25,21 @@ T = TypeVar("T")
 
 
 class ServerThread:
-    """`with ServerThread(settings) as server:` gives a started server and a stub."""
+    """`with ServerThread(settings) as server:` gives a started server and a stub.
 
-    def __init__(self, settings: Settings, backend: Backend | None = None, start: bool = True) -> None:
+    `metrics`: where the server records (a given `backend` records where it was told);
+    None: a Metrics of the server's own."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend | None = None,
+        start: bool = True,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = dataclasses.replace(settings, host="127.0.0.1", port=0)
         self._backend = backend
+        self._metrics = metrics
         self._start = start
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rerank-server", daemon=True)
@@ -82,7 +93,7 @@ class ServerThread:
         self.channel = grpc.insecure_channel(self.target)
 
     async def _create(self) -> RerankServer:
-        return RerankServer(self.settings, self._backend)
+        return RerankServer(self.settings, self._backend, metrics=self._metrics)
 
     def __exit__(self, *exc: object) -> None:
         if self.channel is not None:

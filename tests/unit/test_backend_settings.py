@@ -1,50 +1,69 @@
-"""A reload rebuilds a deployment only when a setting its backend reads has changed:
-the list of those settings (routing/build.py) is checked against the backends' code."""
+"""A backend is built from its deployment's typed config alone, so a reload keeps every
+deployment whose config is equal: a change to a front-door setting touches none."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from rerank_service.config import Settings
-from rerank_service.routing.build import BACKEND_SETTINGS
+from rerank_service.config.deployments import deployment_config
+from rerank_service.config.local import LocalDeploymentConfig
+from rerank_service.config.upstream import UpstreamDeploymentConfig
 
 BACKENDS = Path(__file__).resolve().parents[2] / "rerank_service" / "backends"
-# Read by backends but not what they are built from: where each value came from (error
-# messages), and every configured secret (masking; each deployment's own key is listed).
-NOT_BUILT_FROM = {"sources", "secrets"}
+
+# Settings of the server, not of any deployment: listening, callers, limits, logging, HTTP,
+# workers, and the routes' own (the retry budget, how a call is split among chunks).
+FRONT_DOOR: dict[str, Any] = {
+    "host": "127.0.0.1", "port": 50999, "http_port": 8099, "http_body_timeout": 3.0,
+    "http_keepalive_timeout": 9.0, "http_call_timeout": 7.0, "workers": 3, "log_level": "debug",
+    "max_concurrent_requests": 10, "max_open_calls": 20, "max_connections": 30, "handshake_timeout": 2.0,
+    "shutdown_grace": 1.0, "metrics_port": 9999, "retry_budget": 0.5, "chunk_concurrency": 2,
+    "stream_idle_timeout": 5.0, "max_watch_streams": 3,
+}  # fmt: skip
 
 
-def _settings_read_by_backends() -> set[str]:
-    read: set[str] = set()
+def test_no_backend_reads_the_global_settings() -> None:
     for module in BACKENDS.rglob("*.py"):
-        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
-            if (
-                isinstance(node, ast.Attribute)
-                and isinstance(node.value, ast.Name)
-                and node.value.id == "settings"
-            ):
-                read.add(node.attr)
-    return read
+        tree = ast.parse(module.read_text(encoding="utf-8"))
+        imported = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rerank_service.config")
+            for alias in node.names
+        }
+        assert "Settings" not in imported, module
 
 
-def test_every_setting_a_backend_reads_is_one_a_deployment_is_built_from() -> None:
-    read = _settings_read_by_backends()
+@pytest.mark.parametrize("backend", ["upstream", "local"])
+def test_a_front_door_setting_leaves_the_deployment_config_equal(backend: Any) -> None:
+    before = deployment_config(Settings(backend=backend))
+    after = deployment_config(dataclasses.replace(Settings(backend=backend), **FRONT_DOOR))
 
-    assert read  # the scan found the backends' reads
-    assert read - NOT_BUILT_FROM <= set(BACKEND_SETTINGS), sorted(
-        read - NOT_BUILT_FROM - set(BACKEND_SETTINGS)
-    )
+    assert after == before
+    assert hash(after) == hash(before)  # the reload's key
 
 
-def test_the_list_names_settings_and_no_front_door_key() -> None:
-    settings = Settings()
-    front_door = {
-        "host", "port", "http_port", "http_body_timeout", "http_keepalive_timeout", "workers", "log_level",
-        "max_concurrent_requests", "max_open_calls", "max_connections", "handshake_timeout", "api_keys",
-        "shutdown_grace", "metrics_port", "tls_cert", "models", "retry_budget", "chunk_concurrency",
-    }  # fmt: skip
+@pytest.mark.parametrize(
+    ("backend", "change", "config_type"),
+    [
+        ("upstream", {"upstream_timeout": 3.0}, UpstreamDeploymentConfig),
+        ("upstream", {"upstream_breaker_failures": 9}, UpstreamDeploymentConfig),
+        ("upstream", {"max_documents": 50}, UpstreamDeploymentConfig),
+        ("local", {"max_batch_size": 4}, LocalDeploymentConfig),
+        ("local", {"dtype": "float16"}, LocalDeploymentConfig),
+    ],
+)
+def test_a_deployment_setting_changes_its_config(
+    backend: Any, change: dict[str, Any], config_type: type[object]
+) -> None:
+    before = deployment_config(Settings(backend=backend))
+    after = deployment_config(dataclasses.replace(Settings(backend=backend), **change))
 
-    assert all(hasattr(settings, name) for name in BACKEND_SETTINGS)
-    assert all(hasattr(settings, name) for name in front_door)
-    assert not front_door & set(BACKEND_SETTINGS)
+    assert isinstance(after, config_type)
+    assert after != before

@@ -14,6 +14,7 @@ from pydantic.dataclasses import dataclass
 from rerank_service.api.grpc.server import channel_options
 from rerank_service.config import ConfigError, Settings, load_settings
 from rerank_service.config.secret import Secret
+from rerank_service.config.server import GrpcConfig, ServerConfig
 from rerank_service.config.sources import build, file_layer
 
 UPSTREAM_KEY = "sk-upstream-0123456789"
@@ -597,15 +598,19 @@ def test_caller_keys_without_an_upstream_key_are_fine_for_the_local_backend() ->
     assert (settings.backend, revealed(settings.api_keys)) == ("local", [CALLER_KEY])
 
 
+def grpc_config(**settings: Any) -> GrpcConfig:
+    return ServerConfig.from_settings(Settings(**settings)).grpc
+
+
 def test_grpc_options_bound_messages_and_keep_connections_alive() -> None:
     options = dict(
-        channel_options(Settings(max_message_bytes=1234, keepalive_time=60, max_connection_age=300))
+        channel_options(grpc_config(max_message_bytes=1234, keepalive_time=60, max_connection_age=300))
     )
     assert options["grpc.max_receive_message_length"] == 1234
     assert options["grpc.max_send_message_length"] == 1234
     assert options["grpc.keepalive_time_ms"] == 60_000
     assert options["grpc.max_connection_age_ms"] == 300_000
-    assert "grpc.max_connection_age_ms" not in dict(channel_options(Settings(max_connection_age=0)))
+    assert "grpc.max_connection_age_ms" not in dict(channel_options(grpc_config(max_connection_age=0)))
 
 
 def test_workers_auto_is_one_per_usable_core_and_a_number_is_taken_as_is() -> None:

@@ -20,9 +20,10 @@ import pytest
 
 from rerank_service.backends.local.batcher import MicroBatcher
 from rerank_service.backends.upstream.client.transport import UpstreamTransport, transport_failure
-from rerank_service.observability import metrics
 from rerank_service.observability.logging import configure_logging, get_logger
-from rerank_service.observability.metrics import REGISTRY
+from rerank_service.observability.metrics import Metrics, code_name
+from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
+from rerank_service.observability.metrics_multiprocess import multiprocess_registry, worker_exited
 from rerank_service.observability.request_id import bind_request_id, new_request_id, unbind_request_id
 from tests.support.logs import LogCapture
 from tests.unit.test_batcher import RecordingScorer, pair
@@ -30,85 +31,99 @@ from tests.unit.test_batcher import RecordingScorer, pair
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-def value(name: str, **labels: str) -> float:
+@pytest.fixture
+def metrics() -> Metrics:
+    """What a server makes at start-up and hands to what records: each test its own."""
+    return Metrics()
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
     """A sample's current value (0 when the series does not exist yet)."""
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 # --- calls, upstream attempts, retries ---
 
 
-def test_a_finished_call_is_counted_by_short_method_name_and_code_name() -> None:
+def test_a_finished_call_is_counted_by_short_method_name_and_code_name(metrics: Metrics) -> None:
     measured = metrics.for_method("/rerank.v1.RerankService/Rerank")
-    before_ok = value("rerank_calls_total", method="Rerank", code="OK")
-    before_invalid = value("rerank_calls_total", method="Rerank", code="INVALID_ARGUMENT")
-    before_latency = value("rerank_call_latency_seconds_count", method="Rerank")
-    before_documents = value("rerank_documents_per_call_sum")
-    before_tokens = value("rerank_tokens_per_call_sum")
-    in_flight = value("rerank_calls_in_flight", method="Rerank")
 
     measured.started()
-    assert value("rerank_calls_in_flight", method="Rerank") == in_flight + 1
+    assert value(metrics, "rerank_calls_in_flight", method="Rerank") == 1
     measured.finished(grpc.StatusCode.OK, 0.012, documents=3, tokens=42)
     measured.started()
     measured.finished(3, 0.001, documents=0, tokens=None)  # context.code() may be a bare number
 
-    assert value("rerank_calls_total", method="Rerank", code="OK") == before_ok + 1
-    assert value("rerank_calls_total", method="Rerank", code="INVALID_ARGUMENT") == before_invalid + 1
-    assert value("rerank_call_latency_seconds_count", method="Rerank") == before_latency + 2
-    assert value("rerank_calls_in_flight", method="Rerank") == in_flight
-    assert value("rerank_documents_per_call_sum") == before_documents + 3
-    assert value("rerank_tokens_per_call_sum") == before_tokens + 42
+    assert value(metrics, "rerank_calls_total", method="Rerank", code="OK") == 1
+    assert value(metrics, "rerank_calls_total", method="Rerank", code="INVALID_ARGUMENT") == 1
+    assert value(metrics, "rerank_call_latency_seconds_count", method="Rerank") == 2
+    assert value(metrics, "rerank_calls_in_flight", method="Rerank") == 0
+    assert value(metrics, "rerank_documents_per_call_sum") == 3
+    assert value(metrics, "rerank_tokens_per_call_sum") == 42
 
 
-def test_label_children_are_bound_once_per_method() -> None:
+def test_label_children_are_bound_once_per_method(metrics: Metrics) -> None:
     first = metrics.for_method("/rerank.v1.RerankService/ListModels")
     assert metrics.for_method("/rerank.v1.RerankService/ListModels") is first
     assert first.name == "ListModels"
-    assert metrics.STREAM_ITEMS.name == "RerankStream/item"
+    assert metrics.for_http_route("/v1/rerank") is metrics.for_http_route("/v1/rerank")
+    assert metrics.for_http_route("/v1/rerank").name == "HTTP /v1/rerank"
+    assert metrics.stream_items.name == "RerankStream/item"
+
+
+def test_each_metrics_object_keeps_its_own_counts(metrics: Metrics) -> None:
+    other = Metrics()  # another server in the same process
+    metrics.observe_upstream(200, 0.01)
+    assert value(metrics, "rerank_upstream_requests_total", status="200") == 1
+    assert value(other, "rerank_upstream_requests_total", status="200") == 0
 
 
 def test_code_names_cover_enums_numbers_and_unknown_numbers() -> None:
-    assert metrics.code_name(grpc.StatusCode.DEADLINE_EXCEEDED) == "DEADLINE_EXCEEDED"
-    assert metrics.code_name(14) == "UNAVAILABLE"
-    assert metrics.code_name(99) == "99"
+    assert code_name(grpc.StatusCode.DEADLINE_EXCEEDED) == "DEADLINE_EXCEEDED"
+    assert code_name(14) == "UNAVAILABLE"
+    assert code_name(99) == "99"
 
 
-def test_upstream_attempts_are_counted_by_status_and_timed() -> None:
-    before_200 = value("rerank_upstream_requests_total", status="200")
-    before_reset = value("rerank_upstream_requests_total", status="reset")
-    before_count = value("rerank_upstream_latency_seconds_count")
-
+def test_upstream_attempts_are_counted_by_status_and_timed(metrics: Metrics) -> None:
     metrics.observe_upstream(200, 0.05)
     metrics.observe_upstream("reset", 0.001)
 
-    assert value("rerank_upstream_requests_total", status="200") == before_200 + 1
-    assert value("rerank_upstream_requests_total", status="reset") == before_reset + 1
-    assert value("rerank_upstream_latency_seconds_count") == before_count + 2
+    assert value(metrics, "rerank_upstream_requests_total", status="200") == 1
+    assert value(metrics, "rerank_upstream_requests_total", status="reset") == 1
+    assert value(metrics, "rerank_upstream_latency_seconds_count") == 2
 
 
-def test_retries_are_counted_by_reason_and_a_deployment_s_state_is_a_number() -> None:
-    before = value("rerank_upstream_retries_total", reason="503")
+def test_retries_are_counted_by_reason_and_a_deployment_s_state_is_a_number(metrics: Metrics) -> None:
     metrics.count_upstream_retry("503")
-    assert value("rerank_upstream_retries_total", reason="503") == before + 1
-    deployment = metrics.DeploymentMetrics("state-test")
-    ejections = value("rerank_deployment_ejections_total", deployment="state-test", state="down")
+    metrics.count_upstream_retry("503")
+    metrics.count_upstream_retry_refused()
+    assert value(metrics, "rerank_upstream_retries_total", reason="503") == 2
+    assert value(metrics, "rerank_upstream_retries_refused_total") == 1
+    deployment = metrics.for_deployment("state-test")
     for state, number in (("down", 2), ("ejected", 1), ("healthy", 0)):
         deployment.set_state(state, number)
-        assert value("rerank_deployment_state", deployment="state-test") == number
-    assert value("rerank_deployment_ejections_total", deployment="state-test", state="down") == ejections + 1
+        assert value(metrics, "rerank_deployment_state", deployment="state-test") == number
+    assert value(metrics, "rerank_deployment_ejections_total", deployment="state-test", state="down") == 1
 
 
-def test_a_deployment_s_calls_are_counted_by_route_and_outcome() -> None:
-    deployment = metrics.DeploymentMetrics("calls-test")
+def test_a_deployment_s_calls_are_counted_by_route_and_outcome(metrics: Metrics) -> None:
+    deployment = metrics.for_deployment("calls-test")
     deployment.finished("route-a", None, 0.01)
     deployment.finished("route-a", grpc.StatusCode.UNAVAILABLE, 0.02)
     deployment.finished("route-a", grpc.StatusCode.UNAVAILABLE, 0.02)
 
     labels = {"route": "route-a", "deployment": "calls-test"}
-    assert value("rerank_deployment_calls_total", **labels, code="OK") == 1
-    assert value("rerank_deployment_calls_total", **labels, code="UNAVAILABLE") == 2
-    assert value("rerank_deployment_latency_seconds_count", **labels) == 3
+    assert value(metrics, "rerank_deployment_calls_total", **labels, code="OK") == 1
+    assert value(metrics, "rerank_deployment_calls_total", **labels, code="UNAVAILABLE") == 2
+    assert value(metrics, "rerank_deployment_latency_seconds_count", **labels) == 3
+
+
+def test_fallbacks_and_spent_budgets_are_counted_by_route(metrics: Metrics) -> None:
+    metrics.count_fallback("route-a")
+    metrics.count_fallback("route-a")
+    metrics.count_retry_budget_exhausted("route-a")
+    assert value(metrics, "rerank_route_fallbacks_total", route="route-a") == 2
+    assert value(metrics, "rerank_route_retry_budget_exhausted_total", route="route-a") == 1
 
 
 @pytest.mark.parametrize(
@@ -147,7 +162,7 @@ def test_request_ids_are_32_hex_digits_and_unique() -> None:
 # --- hooks: the upstream transport and the micro-batcher ---
 
 
-async def test_the_transport_counts_each_attempt_and_sends_the_trace_headers() -> None:
+async def test_the_transport_counts_each_attempt_and_sends_the_trace_headers(metrics: Metrics) -> None:
     seen: list[httpx.Request] = []
 
     async def answer(request: httpx.Request) -> httpx.Response:
@@ -155,9 +170,9 @@ async def test_the_transport_counts_each_attempt_and_sends_the_trace_headers() -
         await asyncio.sleep(0.02)  # the upstream's latency, to be timed: not synchronisation
         return httpx.Response(503 if len(seen) == 1 else 200, stream=_Body(b"{}"))
 
-    transport = UpstreamTransport("http://upstream.test", 5.0, 4, transport=httpx.MockTransport(answer))
-    before_503 = value("rerank_upstream_requests_total", status="503")
-    before_200 = value("rerank_upstream_requests_total", status="200")
+    transport = UpstreamTransport(
+        "http://upstream.test", 5.0, 4, transport=httpx.MockTransport(answer), metrics=metrics
+    )
 
     first = await transport.post_json("/rerank", {}, None, None, traceparent=TRACEPARENT, tracestate="a=1")
     second = await transport.post_json("/rerank", {}, None, None)
@@ -167,40 +182,38 @@ async def test_the_transport_counts_each_attempt_and_sends_the_trace_headers() -
     assert seen[0].headers["traceparent"] == TRACEPARENT
     assert seen[0].headers["tracestate"] == "a=1"
     assert "traceparent" not in seen[1].headers
-    assert value("rerank_upstream_requests_total", status="503") == before_503 + 1
-    assert value("rerank_upstream_requests_total", status="200") == before_200 + 1
+    assert value(metrics, "rerank_upstream_requests_total", status="503") == 1
+    assert value(metrics, "rerank_upstream_requests_total", status="200") == 1
+    assert value(metrics, "rerank_upstream_latency_seconds_sum") >= 0.04
 
 
-async def test_a_transport_failure_is_counted_by_its_kind() -> None:
+async def test_a_transport_failure_is_counted_by_its_kind(metrics: Metrics) -> None:
     async def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused")
 
-    transport = UpstreamTransport("http://upstream.test", 5.0, 4, transport=httpx.MockTransport(refuse))
-    before = value("rerank_upstream_requests_total", status="connect_error")
+    transport = UpstreamTransport(
+        "http://upstream.test", 5.0, 4, transport=httpx.MockTransport(refuse), metrics=metrics
+    )
 
     with pytest.raises(Exception, match="unreachable"):
         await transport.post_json("/rerank", {}, None, None)
     await transport.close()
 
-    assert value("rerank_upstream_requests_total", status="connect_error") == before + 1
+    assert value(metrics, "rerank_upstream_requests_total", status="connect_error") == 1
 
 
-async def test_the_batcher_records_batch_size_queue_and_inference_time() -> None:
-    batcher = MicroBatcher(RecordingScorer(delay=0.03))
+async def test_the_batcher_records_batch_size_queue_and_inference_time(metrics: Metrics) -> None:
+    batcher = MicroBatcher(RecordingScorer(delay=0.03), metrics=metrics)
     batcher.start()
-    before_batches = value("rerank_local_batch_size_count")
-    before_pairs = value("rerank_local_batch_size_sum")
-    before_queue = value("rerank_local_queue_seconds_count")
-    before_inference = value("rerank_local_inference_seconds_count")
     try:
         timed = await batcher.score_timed([pair(3), pair(4), pair(5)])
     finally:
         await batcher.close()
 
-    assert value("rerank_local_batch_size_count") == before_batches + 1
-    assert value("rerank_local_batch_size_sum") == before_pairs + 3
-    assert value("rerank_local_queue_seconds_count") == before_queue + 1
-    assert value("rerank_local_inference_seconds_count") == before_inference + 1
+    assert value(metrics, "rerank_local_batch_size_count") == 1
+    assert value(metrics, "rerank_local_batch_size_sum") == 3
+    assert value(metrics, "rerank_local_queue_seconds_count") == 1
+    assert value(metrics, "rerank_local_inference_seconds_count") == 1
     # The request that waited gets the time back, although the batch ran in the worker's task.
     assert timed.inference_seconds >= 0.03
     assert timed.queue_seconds > 0
@@ -240,13 +253,13 @@ def test_a_line_logged_outside_a_call_has_no_request_id() -> None:
 # --- the /metrics endpoint ---
 
 
-def test_the_endpoint_serves_the_registry_on_a_free_port_and_stops() -> None:
-    server, port = metrics.start_metrics_server("127.0.0.1", 0)
+def test_the_endpoint_serves_the_registry_on_a_free_port_and_stops(metrics: Metrics) -> None:
+    server, port = start_metrics_server("127.0.0.1", 0, metrics.registry)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
     finally:
-        metrics.stop_metrics_server(server)
+        stop_metrics_server(server)
 
     assert port > 0
     assert "# TYPE rerank_calls_total counter" in text
@@ -259,72 +272,100 @@ def test_the_endpoint_serves_the_registry_on_a_free_port_and_stops() -> None:
 # --- workers: prometheus-client's multiprocess mode (serve --workers N) ---
 
 # One worker's life: two calls start, one ends, the process exits with the other in flight.
+# Its Metrics is told the directory (as serve is by the supervisor); nothing in its
+# environment says multiprocess before that.
 _WORKER = """
 import os, sys
-from rerank_service.observability import metrics
-assert metrics.MULTIPROCESS
+assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+from rerank_service.observability.metrics import Metrics
+metrics = Metrics(multiprocess_directory=sys.argv[1])
+assert metrics.multiprocess
 calls = metrics.for_method("/rerank.v1.RerankService/Rerank")
 calls.started()
 calls.started()
 calls.finished(0, 0.01, documents=2, tokens=9)
-metrics.DeploymentMetrics("d").set_state("ejected", 1)
+assert calls.in_flight == 1
+metrics.for_deployment("d").set_state("ejected", 1)
 print(os.getpid())
 """
 
 
-def _run_worker(directory: Path) -> int:
-    done = subprocess.run(
-        [sys.executable, "-c", _WORKER],
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)},
+def _run_worker(directory: Path, program: str = _WORKER) -> subprocess.CompletedProcess[str]:
+    environment = {name: value for name, value in os.environ.items() if name != "PROMETHEUS_MULTIPROC_DIR"}
+    return subprocess.run(
+        [sys.executable, "-c", program, str(directory)],
+        env=environment,
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
         timeout=60,
     )
+
+
+def _worker_pid(directory: Path) -> int:
+    done = _run_worker(directory)
+    assert done.returncode == 0, done.stderr
     return int(done.stdout.strip())
 
 
 def _summed(directory: Path, name: str, **labels: str) -> float:
-    return metrics.multiprocess_registry(str(directory)).get_sample_value(name, labels) or 0.0
+    return multiprocess_registry(str(directory)).get_sample_value(name, labels) or 0.0
 
 
 def test_workers_metrics_are_summed_and_a_dead_workers_counts_stay(tmp_path: Path) -> None:
-    first = _run_worker(tmp_path)
+    first = _worker_pid(tmp_path)
     assert _summed(tmp_path, "rerank_calls_total", method="Rerank", code="OK") == 1
+    # In files the gauge is updated per call: the supervisor cannot call set_function.
     assert _summed(tmp_path, "rerank_calls_in_flight", method="Rerank") == 1
     assert _summed(tmp_path, "rerank_deployment_state", deployment="d") == 1
 
-    metrics.worker_exited(first, str(tmp_path))  # the supervisor saw it exit
+    worker_exited(first, str(tmp_path))  # the supervisor saw it exit
     assert _summed(tmp_path, "rerank_calls_total", method="Rerank", code="OK") == 1  # kept
     assert _summed(tmp_path, "rerank_calls_in_flight", method="Rerank") == 0  # its calls ended
     assert _summed(tmp_path, "rerank_deployment_state", deployment="d") == 0
 
-    second = _run_worker(tmp_path)  # the restarted worker: a new process, its own files
+    second = _worker_pid(tmp_path)  # the restarted worker: a new process, its own files
     assert second != first
     assert _summed(tmp_path, "rerank_calls_total", method="Rerank", code="OK") == 2  # none twice
     assert _summed(tmp_path, "rerank_call_latency_seconds_count", method="Rerank") == 2
     assert _summed(tmp_path, "rerank_calls_in_flight", method="Rerank") == 1
 
 
-def test_in_flight_is_a_gauge_updated_per_call_in_multiprocess_mode() -> None:
-    assert metrics.MULTIPROCESS is False  # tests run as one process
-    measured = metrics.MethodMetrics("multiprocess-test", multiprocess_mode=True)
+def test_in_memory_the_in_flight_gauge_is_read_at_scrape(metrics: Metrics) -> None:
+    assert metrics.multiprocess is False  # tests run as one process
+    measured = metrics.for_method("/rerank.v1.RerankService/Rerank")
     measured.started()
     measured.started()
-    assert value("rerank_calls_in_flight", method="multiprocess-test") == 2
+    assert value(metrics, "rerank_calls_in_flight", method="Rerank") == 2
     measured.finished(grpc.StatusCode.OK, 0.001, documents=None, tokens=None)
-    assert value("rerank_calls_in_flight", method="multiprocess-test") == 1
+    assert value(metrics, "rerank_calls_in_flight", method="Rerank") == 1
     assert measured.in_flight == 1
 
 
-def test_the_endpoint_serves_another_registry(tmp_path: Path) -> None:
-    _run_worker(tmp_path)
-    server, port = metrics.start_metrics_server(
-        "127.0.0.1", 0, registry=metrics.multiprocess_registry(str(tmp_path))
+def test_a_process_keeps_its_values_one_way_only(tmp_path: Path) -> None:
+    # A second Metrics that says otherwise would lose its values or write the other's files.
+    in_files_then_in_memory = (
+        "import sys\n"
+        "from rerank_service.observability.metrics import Metrics\n"
+        "Metrics(multiprocess_directory=sys.argv[1])\n"
+        "Metrics(multiprocess_directory=sys.argv[1])  # the same again: fine\n"
+        "Metrics()\n"
     )
+    done = _run_worker(tmp_path, in_files_then_in_memory)
+    assert done.returncode == 1
+    assert f"keeps its metric values in files in {tmp_path} already" in done.stderr
+
+    Metrics()  # this test process keeps its values in memory (whichever test ran first)
+    with pytest.raises(RuntimeError, match="keeps its metric values in memory already"):
+        Metrics(multiprocess_directory=str(tmp_path))
+
+
+def test_the_endpoint_serves_another_registry(tmp_path: Path) -> None:
+    _worker_pid(tmp_path)
+    server, port = start_metrics_server("127.0.0.1", 0, multiprocess_registry(str(tmp_path)))
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
     finally:
-        metrics.stop_metrics_server(server)
+        stop_metrics_server(server)
     assert 'rerank_calls_total{code="OK",method="Rerank"} 1.0' in text

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rerank_service.observability.metrics import multiprocess_registry
+from rerank_service.observability.metrics_multiprocess import multiprocess_registry
 from rerank_service.observability.process_tree import (
     CLOCK_TICKS,
     PAGE_SIZE,

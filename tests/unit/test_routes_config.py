@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,8 +15,10 @@ import pytest
 from rerank_service.cli import main
 from rerank_service.config import ConfigError, Settings
 from rerank_service.config.deployments import deployment_specs, reload_refusal
+from rerank_service.config.local import LocalDeploymentConfig
 from rerank_service.config.settings import options
 from rerank_service.config.sources import load_settings
+from rerank_service.config.upstream import UpstreamDeploymentConfig
 
 EU_KEY = "sk-eu-0123456789abcdef"
 CN_KEY = "sk-cn-fedcba9876543210"
@@ -155,43 +158,45 @@ def test_each_deployment_gets_its_own_settings_with_overrides_and_the_global_one
         ("bge-reranker", "tei.internal:8080", 0, 1),
         ("bge-reranker", "api.voyageai.com", 1, 2),
     ]
-    eu = specs["dashscope-intl.aliyuncs.com"].settings
-    assert (eu.backend, eu.upstream_url, eu.upstream_dialect) == (
-        "upstream",
-        "https://dashscope-intl.aliyuncs.com",
-        "dashscope",
-    )
-    assert (eu.upstream_timeout, eu.upstream_max_attempts) == (7.5, 2)  # its overrides
-    assert eu.upstream_models == ("qwen3-rerank",)  # the route's name when it names no model
-    assert eu.upstream_api_key is not None
-    assert eu.upstream_api_key.reveal() == EU_KEY
+    eu = specs["dashscope-intl.aliyuncs.com"].config
+    assert isinstance(eu, UpstreamDeploymentConfig)
+    assert (eu.connection.url, eu.format) == ("https://dashscope-intl.aliyuncs.com", "dashscope")
+    assert (eu.connection.timeout, eu.retry.max_attempts) == (7.5, 2)  # its overrides
+    assert eu.models == ("qwen3-rerank",)  # the route's name when it names no model
+    assert eu.api_key is not None
+    assert eu.api_key.reveal() == EU_KEY
 
-    vllm = specs["vllm.internal:8000"].settings
-    assert (vllm.upstream_timeout, vllm.upstream_max_attempts) == (12.0, 4)  # the file's globals
-    assert vllm.upstream_models == ("Qwen/Qwen3-Reranker-0.6B",)
-    assert (vllm.upstream_prompt_template, vllm.upstream_score_transform) == ("qwen3", "sigmoid")
-    assert vllm.upstream_api_key is not None
-    assert vllm.upstream_api_key.reveal() == GLOBAL_KEY
+    vllm = specs["vllm.internal:8000"].config
+    assert isinstance(vllm, UpstreamDeploymentConfig)
+    assert (vllm.connection.timeout, vllm.retry.max_attempts) == (12.0, 4)  # the file's globals
+    assert vllm.models == ("Qwen/Qwen3-Reranker-0.6B",)
+    assert (vllm.prompt_template, vllm.score_transform) == ("qwen3", "sigmoid")
+    assert vllm.api_key is not None
+    assert vllm.api_key.reveal() == GLOBAL_KEY
 
-    tei = specs["tei.internal:8080"].settings
-    assert (tei.upstream_url, tei.upstream_dialect, tei.upstream_documents_per_call) == (
-        "http://tei.internal:8080",
-        "tei",
-        16,
-    )
-    assert tei.upstream_prompt_template == Settings().upstream_prompt_template  # the default
-    voyage = specs["api.voyageai.com"].settings
-    assert (voyage.upstream_dialect, voyage.upstream_path, voyage.upstream_models) == (
-        "voyage",
-        "/v1/rerank",
-        ("rerank-2",),
-    )
+    tei = specs["tei.internal:8080"].config
+    assert isinstance(tei, UpstreamDeploymentConfig)
+    assert (tei.connection.url, tei.format, tei.documents_per_call) == ("http://tei.internal:8080", "tei", 16)
+    assert tei.prompt_template == Settings().upstream_prompt_template  # the default
+    voyage = specs["api.voyageai.com"].config
+    assert isinstance(voyage, UpstreamDeploymentConfig)
+    assert (voyage.format, voyage.path, voyage.models) == ("voyage", "/v1/rerank", ("rerank-2",))
 
-    local = specs["local:bundled"].settings
-    assert (local.backend, local.local_models) == ("local", (("qwen3-rerank", "bundled"),))
+    local = specs["local:bundled"].config
+    assert isinstance(local, LocalDeploymentConfig)
+    assert local.models == (("qwen3-rerank", "bundled"),)
+    # A deployment's config holds its own fields only: no route, no front-door setting.
     for spec in specs.values():
-        assert spec.settings.models == ()  # a deployment's settings describe it alone
-        assert spec.settings.retry_budget == 0.3
+        fields = {field.name for field in dataclasses.fields(spec.config)}
+        assert not fields & {
+            "retry_budget",
+            "host",
+            "port",
+            "http_port",
+            "api_keys",
+            "chunk_concurrency",
+            "workers",
+        }
 
 
 def test_a_local_deployment_chooses_its_own_engine(tmp_path: Path) -> None:
@@ -199,10 +204,13 @@ def test_a_local_deployment_chooses_its_own_engine(tmp_path: Path) -> None:
         "format: local\nsource: bundled\nname: fast\nengine: onnx\nquantize: int8",
         "format: local\nsource: bundled\nname: plain",
     )
-    specs = {spec.name: spec.settings for spec in deployment_specs(load(write(tmp_path, text)))}
+    specs = {spec.name: spec.config for spec in deployment_specs(load(write(tmp_path, text)))}
+    fast, plain = specs["fast"], specs["plain"]
 
-    assert (specs["fast"].local_engine, specs["fast"].local_quantize) == ("onnx", "int8")
-    assert (specs["plain"].local_engine, specs["plain"].local_quantize) == ("torch", "none")  # the global
+    assert isinstance(fast, LocalDeploymentConfig)
+    assert isinstance(plain, LocalDeploymentConfig)
+    assert (fast.engine.engine, fast.engine.quantize) == ("onnx", "int8")
+    assert (plain.engine.engine, plain.engine.quantize) == ("torch", "none")  # the global
 
 
 def test_without_a_models_section_there_are_no_routes_and_no_deployment_specs(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from rerank_service.core.domain import (
 from rerank_service.core.health import DeploymentHealth, Outcome
 from rerank_service.core.readiness import Readiness
 from rerank_service.core.retry_budget import RetryBudget
-from rerank_service.observability.metrics import REGISTRY
+from rerank_service.observability.metrics import Metrics
 from rerank_service.routing.deployment import Deployment
 from rerank_service.routing.route import Member, Route
 from rerank_service.routing.router import Router
@@ -417,10 +417,14 @@ async def test_each_fallback_spends_the_routes_retry_budget() -> None:
         Member(deployment(FakeBackend("b")), ROUTE, priority=1),
         budget=RetryBudget(share=0, floor=1),
     )
-    router = Router([route])
+    metrics = Metrics()
+    router = Router([route], metrics)
 
     assert (await router.rerank(request(), CallContext())).deployment == "b"
     assert (await call_error(router)).deployment == "a"  # the one extra attempt was spent
+    counted = metrics.registry.get_sample_value
+    assert counted("rerank_route_fallbacks_total", {"route": ROUTE}) == 1
+    assert counted("rerank_route_retry_budget_exhausted_total", {"route": ROUTE}) == 1
 
 
 async def test_no_fallback_once_the_callers_deadline_has_passed() -> None:
@@ -577,12 +581,13 @@ def test_model_info_lists_every_deployment_with_its_state_and_the_limits_all_can
 
 
 def test_a_deployments_state_is_a_gauge_the_higher_the_worse_and_each_ejection_is_counted() -> None:
+    metrics = Metrics()
+
     def sample(name: str, **labels: str) -> float:
-        return REGISTRY.get_sample_value(name, {"deployment": "gauged", **labels}) or 0.0
+        return metrics.registry.get_sample_value(name, {"deployment": "gauged", **labels}) or 0.0
 
     health = health_on(Clock())
-    deployment(FakeBackend("gauged"), health)
-    ejections = sample("rerank_deployment_ejections_total", state="ejected")
+    Deployment("gauged", FakeBackend("gauged"), health, metrics=metrics)
     assert sample("rerank_deployment_state") == 0
 
     eject(health)
@@ -591,7 +596,7 @@ def test_a_deployments_state_is_a_gauge_the_higher_the_worse_and_each_ejection_i
     assert sample("rerank_deployment_state") == 2
     health.record(Outcome.SUCCESS)
     assert sample("rerank_deployment_state") == 0
-    assert sample("rerank_deployment_ejections_total", state="ejected") == ejections + 1
+    assert sample("rerank_deployment_ejections_total", state="ejected") == 1
 
 
 # --- Router.replace: a reload ---------------------------------------------------------------------------

@@ -8,8 +8,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from rerank_service.api.grpc.tls import server_credentials, tls_mode
+from rerank_service.api.grpc.tls import server_credentials
 from rerank_service.config import ConfigError, Settings
+from rerank_service.config.server import ServerConfig, TlsConfig
 from tests.support.certs import CertificateAuthority
 from tests.support.logs import LogCapture
 from tests.support.process import run_cli
@@ -41,13 +42,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     return Files(ca.write(directory), cert, key, other_key, garbage, encrypted_key)
 
 
-def tls_settings(cert: Path, key: Path, client_ca: Path | None = None) -> Settings:
-    return Settings(tls_cert=cert, tls_key=key, tls_client_ca=client_ca)
+def tls_settings(cert: Path, key: Path, client_ca: Path | None = None) -> TlsConfig:
+    return ServerConfig.from_settings(Settings(tls_cert=cert, tls_key=key, tls_client_ca=client_ca)).tls
 
 
 def test_no_tls_settings_means_plaintext() -> None:
-    assert server_credentials(Settings()) is None
-    assert tls_mode(Settings()) == "off"
+    assert server_credentials(TlsConfig(None, None, None)) is None
+    assert TlsConfig(None, None, None).mode == "off"
 
 
 def test_a_good_certificate_and_key_give_server_credentials_for_tls_and_mtls(files: Files) -> None:
@@ -56,7 +57,7 @@ def test_a_good_certificate_and_key_give_server_credentials_for_tls_and_mtls(fil
 
     assert isinstance(server_credentials(tls), grpc.ServerCredentials)
     assert isinstance(server_credentials(mtls), grpc.ServerCredentials)
-    assert (tls_mode(tls), tls_mode(mtls)) == ("tls", "mtls")
+    assert (tls.mode, mtls.mode) == ("tls", "mtls")
 
 
 @pytest.mark.parametrize(

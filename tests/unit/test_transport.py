@@ -17,7 +17,7 @@ from rerank_service.backends.upstream.client.network import AsyncioBackend
 from rerank_service.backends.upstream.client.transport import MAX_RESPONSE_BYTES, UpstreamTransport
 from rerank_service.config.secret import Secret
 from rerank_service.core.domain import ServiceError
-from rerank_service.observability.metrics import REGISTRY
+from rerank_service.observability.metrics import Metrics
 from rerank_service.testing.fake_upstream import NATIVE_PATH, NEVER, FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY
 from tests.support.waiting import wait_until_async
@@ -38,12 +38,18 @@ def no_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def transports(upstream: FakeUpstream) -> AsyncIterator[Transports]:
+def metrics() -> Metrics:
+    """Where the test's transports count their attempts."""
+    return Metrics()
+
+
+@pytest.fixture
+async def transports(upstream: FakeUpstream, metrics: Metrics) -> AsyncIterator[Transports]:
     """`transports(timeout=5.0, url=upstream.url)`: a transport, closed after the test."""
     made: list[UpstreamTransport] = []
 
     def make(timeout: float = 5.0, url: str | None = None) -> UpstreamTransport:
-        made.append(UpstreamTransport(url or upstream.url, timeout, 4))
+        made.append(UpstreamTransport(url or upstream.url, timeout, 4, metrics=metrics))
         return made[-1]
 
     yield make
@@ -57,8 +63,8 @@ async def failure_of(transport: UpstreamTransport, deadline: float | None = None
     return caught.value
 
 
-def attempts(outcome: str) -> float:
-    return REGISTRY.get_sample_value("rerank_upstream_requests_total", {"status": outcome}) or 0.0
+def attempts(metrics: Metrics, outcome: str) -> float:
+    return metrics.registry.get_sample_value("rerank_upstream_requests_total", {"status": outcome}) or 0.0
 
 
 # --- time: the caller's deadline and the upstream timeout ---------------------------------------
@@ -271,24 +277,21 @@ async def test_no_error_carries_the_key_when_the_upstream_is_unreachable(transpo
     ],
 )
 async def test_each_attempt_is_counted_by_its_outcome(
-    transports: Transports, upstream: FakeUpstream, fault: Fault, outcome: str
+    transports: Transports, upstream: FakeUpstream, metrics: Metrics, fault: Fault, outcome: str
 ) -> None:
     upstream.always(fault)
-    before = attempts(outcome)
-    timed_before = REGISTRY.get_sample_value("rerank_upstream_latency_seconds_count") or 0.0
 
     with contextlib.suppress(ServiceError):  # the failures are what is counted here
         await transports(timeout=0.3).post_json(NATIVE_PATH, BODY, KEY, None)
 
-    assert attempts(outcome) == before + 1
-    assert REGISTRY.get_sample_value("rerank_upstream_latency_seconds_count") == timed_before + 1
+    assert attempts(metrics, outcome) == 1
+    assert metrics.registry.get_sample_value("rerank_upstream_latency_seconds_count") == 1
 
 
 async def test_a_call_cancelled_mid_attempt_is_counted_as_cancelled(
-    transports: Transports, upstream: FakeUpstream
+    transports: Transports, upstream: FakeUpstream, metrics: Metrics
 ) -> None:
     upstream.always(Fault(delay=NEVER))
-    before = attempts("cancelled")
     call = asyncio.create_task(transports().post_json(NATIVE_PATH, BODY, KEY, None))
     await wait_until_async(lambda: len(upstream.requests) == 1, what="the attempt reaching the upstream")
 
@@ -296,7 +299,7 @@ async def test_a_call_cancelled_mid_attempt_is_counted_as_cancelled(
     with pytest.raises(asyncio.CancelledError):
         await call
 
-    assert attempts("cancelled") == before + 1
+    assert attempts(metrics, "cancelled") == 1
 
 
 # --- the asyncio network layer ------------------------------------------------------------------

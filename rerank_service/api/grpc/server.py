@@ -15,7 +15,7 @@ from rerank_service.api.grpc.peer_guard import PeerGuard
 from rerank_service.api.grpc.reflection import add_reflection
 from rerank_service.api.grpc.servicer import RerankServicer
 from rerank_service.api.grpc.side_calls import SideCallLimits, SideCalls
-from rerank_service.config import Settings
+from rerank_service.config.server import GrpcConfig
 from rerank_service.pipeline.call import Pipeline
 
 RERANK_SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_name
@@ -30,7 +30,7 @@ class GrpcServer:
 
     def __init__(
         self,
-        settings: Settings,
+        config: GrpcConfig,
         pipeline: Pipeline,
         health: health_aio.HealthServicer,
         credentials: grpc.ServerCredentials | None,
@@ -38,41 +38,40 @@ class GrpcServer:
         *,
         reuse_port: bool,
     ) -> None:
-        self.settings = settings
+        self.config = config
         self._credentials = credentials
         self.port: int | None = None
-        edge = RerankServiceEdge(pipeline, backend_time_key, stream_idle_timeout=settings.stream_idle_timeout)
-        options: list[tuple[str, int]] = channel_options(settings)
+        edge = RerankServiceEdge(pipeline, backend_time_key, stream_idle_timeout=config.stream_idle_timeout)
+        options: list[tuple[str, int]] = channel_options(config)
         if reuse_port:  # grpc's default on Linux; said here because the workers rely on it
             options.append(("grpc.so_reuseport", 1))
         # Health and reflection have bounds of their own (side_calls.py), added to grpc's
         # limit on open calls: a flood of them never takes a slot a rerank call needs.
-        self.side_calls = SideCalls(SideCallLimits.from_settings(settings))
+        self.side_calls = SideCalls(SideCallLimits.from_config(config.side_calls))
         self.side_calls.add_health(health)
         self.side_calls.add_registered(
             lambda target: add_reflection(target, (RERANK_SERVICE, HEALTH_SERVICE))
         )
         self._server = grpc.aio.server(
-            options=options, maximum_concurrent_rpcs=settings.max_open_calls + self.side_calls.limits.total
+            options=options, maximum_concurrent_rpcs=config.max_open_calls + self.side_calls.limits.total
         )
         self._server.add_generic_rpc_handlers(
             (
-                edge.handler(RerankServicer(pipeline, stream_concurrency=settings.stream_concurrency)),
+                edge.handler(RerankServicer(pipeline, stream_concurrency=config.stream_concurrency)),
                 self.side_calls,
             )
         )
 
     async def start(self) -> int:
         """Bind the port and start serving on it; the port."""
-        address = f"{self.settings.host}:{self.settings.port}"
-        if ":" in self.settings.host and not self.settings.host.startswith("["):
-            address = f"[{self.settings.host}]:{self.settings.port}"
+        host, port = self.config.host, self.config.port
+        address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         if self._credentials is None:
             self.port = self._server.add_insecure_port(address)
         else:
             self.port = self._server.add_secure_port(address, self._credentials)
         await self._server.start()
-        self._peer_guard = PeerGuard(self.port, self.settings.max_connections_per_peer)
+        self._peer_guard = PeerGuard(self.port, self.config.max_connections_per_peer)
         self._peer_guard.start()
         return self.port
 
@@ -84,7 +83,7 @@ class GrpcServer:
             self._peer_guard = None
 
 
-def channel_options(settings: Settings) -> list[tuple[str, int]]:
+def channel_options(config: GrpcConfig) -> list[tuple[str, int]]:
     """gRPC core settings: message size bounds, and keepalive suited to a mesh.
 
     The server pings idle connections (dead peers behind a load balancer are noticed),
@@ -92,11 +91,11 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
     `max_connection_age`, so a load balancer gets to spread long-lived connections anew.
     """
     options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
         # grpc advertises ~2^32 streams per connection by default: one connection could
         # open tens of thousands of calls, each holding memory before it is authenticated.
-        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
         # With grpc's default "overload protection" a stream counts against the limit until the
         # server has freed it, after the client has seen its answer: a client at or below the
         # advertised limit then gets REFUSED_STREAM for calls the protocol allows. Off, the limit
@@ -105,17 +104,17 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.http.overload_protection", 0),
         # A connection that has not sent its HTTP/2 preface and SETTINGS by then is closed:
         # silent connections cannot hold --max-connections for long.
-        ("grpc.server_handshake_timeout_ms", round(settings.handshake_timeout * 1000)),
-        ("grpc.max_allowed_incoming_connections", settings.max_connections),
-        ("grpc.keepalive_time_ms", round(settings.keepalive_time * 1000)),
-        ("grpc.keepalive_timeout_ms", round(settings.keepalive_timeout * 1000)),
+        ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout * 1000)),
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.keepalive_time_ms", round(config.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
-    if settings.max_connection_age > 0:
+    if config.max_connection_age > 0:
         options += [
-            ("grpc.max_connection_age_ms", round(settings.max_connection_age * 1000)),
-            ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace * 1000)),
+            ("grpc.max_connection_age_ms", round(config.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace * 1000)),
         ]
     return options

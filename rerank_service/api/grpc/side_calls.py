@@ -31,7 +31,7 @@ from grpc.aio import ServicerContext
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from rerank_service.config import Settings
+from rerank_service.config.server import SideCallConfig
 from rerank_service.observability.logging import CALLER_LOG_INTERVAL, RateLimit, get_logger
 
 _log = get_logger("rerank_service.side_calls")
@@ -46,12 +46,12 @@ class SideCallLimits:
     request_timeout: float
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SideCallLimits:
+    def from_config(cls, config: SideCallConfig) -> SideCallLimits:
         return cls(
-            checks=settings.max_health_checks,
-            streams=settings.max_watch_streams,
-            stream_max_age=settings.watch_stream_max_age,
-            request_timeout=settings.side_call_timeout,
+            checks=config.max_health_checks,
+            streams=config.max_watch_streams,
+            stream_max_age=config.watch_stream_max_age,
+            request_timeout=config.request_timeout,
         )
 
     @property

@@ -13,32 +13,26 @@ from pathlib import Path
 
 import grpc
 
-from rerank_service.config import ConfigError, Settings
+from rerank_service.config import ConfigError
 from rerank_service.config.file_trust import warn_if_key_exposed
+from rerank_service.config.server import TlsConfig
 
 
-def tls_mode(settings: Settings) -> str:
-    """The transport security served: off, tls, or mtls (client certificates required)."""
-    if settings.tls_cert is None:
-        return "off"
-    return "mtls" if settings.tls_client_ca is not None else "tls"
-
-
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials | None:
     """The server's TLS credentials, or None to serve plaintext; ConfigError on a bad file."""
-    if settings.tls_cert is None or settings.tls_key is None:
-        return None  # config.py already refuses one without the other
-    cert = _read("tls-cert", settings.tls_cert)
-    key = _read("tls-key", settings.tls_key)
+    if tls.cert is None or tls.key is None:
+        return None  # settings.py already refuses one without the other
+    cert = _read("tls-cert", tls.cert)
+    key = _read("tls-key", tls.key)
     # OpenSSH refuses a key others may read; a container's mounted secret is often 0644,
     # so the service warns instead of refusing.
-    warn_if_key_exposed(settings.tls_key, "tls key")
-    _check_certificates("tls-cert", settings.tls_cert)
-    _check_key_pair(settings.tls_cert, settings.tls_key, key)
+    warn_if_key_exposed(tls.key, "tls key")
+    _check_certificates("tls-cert", tls.cert)
+    _check_key_pair(tls.cert, tls.key, key)
     ca = None
-    if settings.tls_client_ca is not None:
-        ca = _read("tls-client-ca", settings.tls_client_ca)
-        _check_certificates("tls-client-ca", settings.tls_client_ca)
+    if tls.client_ca is not None:
+        ca = _read("tls-client-ca", tls.client_ca)
+        _check_certificates("tls-client-ca", tls.client_ca)
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )

@@ -15,7 +15,7 @@ from typing import cast
 from aiohttp import web
 
 from rerank_service.api.http.app import FrontDoor
-from rerank_service.config import Settings
+from rerank_service.config.server import HttpConfig, TlsConfig
 from rerank_service.observability.logging import CALLER_LOG_INTERVAL, RateLimit, get_logger
 from rerank_service.observability.process_limits import file_limit, log_accept_errors_sparingly
 
@@ -26,14 +26,14 @@ _log = get_logger("rerank_service.api.http")
 ACCEPT_BATCH = 128
 
 
-def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+def ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
     """The same TLS as the gRPC port: its certificate and key, and mTLS with its client CA."""
-    if settings.tls_cert is None or settings.tls_key is None:
+    if tls.cert is None or tls.key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    if settings.tls_client_ca is not None:
-        context.load_verify_locations(settings.tls_client_ca)
+    context.load_cert_chain(tls.cert, tls.key)
+    if tls.client_ca is not None:
+        context.load_verify_locations(tls.client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
@@ -171,44 +171,54 @@ class _GatedSite(web.BaseSite):
 class HttpServer:
     """`start` listens on `--http-port`; `stop` drains like the gRPC server does."""
 
-    def __init__(self, front_door: FrontDoor, settings: Settings, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        front_door: FrontDoor,
+        config: HttpConfig,
+        tls: TlsConfig,
+        *,
+        shutdown_grace: float,
+        reuse_port: bool = False,
+    ) -> None:
         self._front_door = front_door
         self._reuse_port = reuse_port  # a worker: the port is shared with the others (SO_REUSEPORT)
-        self._settings = settings
+        self._config = config
+        self._tls = tls
+        self._shutdown_grace = shutdown_grace
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self.gate: ConnectionGate | None = None
 
     async def start(self) -> int:
-        assert self._settings.http_port is not None
+        assert self._config.port is not None
         self._runner = web.AppRunner(
             self._front_door.application(),
             handle_signals=False,  # the gRPC server's loop owns SIGTERM and SIGINT
             access_log=None,  # the front door logs each call itself, once
-            shutdown_timeout=self._settings.shutdown_grace,
-            keepalive_timeout=self._settings.http_keepalive_timeout,
+            shutdown_timeout=self._shutdown_grace,
+            keepalive_timeout=self._config.keepalive_timeout,
             # Bodies are read as sent: a compressed one is refused (415), never inflated.
             auto_decompress=False,
         )
         await self._runner.setup()
         log_accept_errors_sparingly(asyncio.get_running_loop())
-        tls = ssl_context(self._settings)
-        gate = ConnectionGate(connection_cap(self._settings), self._settings.max_connections_per_peer)
+        tls = ssl_context(self._tls)
+        gate = ConnectionGate(connection_cap(self._config), self._config.max_connections_per_peer)
         self.gate = gate
         site = _GatedSite(
             self._runner,
-            self._settings.host,
-            self._settings.http_port,
+            self._config.host,
+            self._config.port,
             gate,
             ssl_context=tls,
-            handshake_timeout=self._settings.http_keepalive_timeout,
+            handshake_timeout=self._config.keepalive_timeout,
             reuse_port=self._reuse_port,
         )
         await site.start()
         # aiohttp says where it listens only through its server's sockets (port 0 picks one).
         server = site._server
         sockets = getattr(server, "sockets", None) or ()
-        self.port = sockets[0].getsockname()[1] if sockets else self._settings.http_port
+        self.port = sockets[0].getsockname()[1] if sockets else self._config.port
         _log.info(
             "http listening",
             port=self.port,
@@ -225,16 +235,16 @@ class HttpServer:
             self._runner = None
 
 
-def connection_cap(settings: Settings) -> int:
+def connection_cap(config: HttpConfig) -> int:
     """--http-max-connections, lowered to half the open-file limit: HTTP connections alone
     then never take the descriptors gRPC, upstream calls and the process itself need."""
     limit = file_limit()
-    if limit is None or settings.http_max_connections <= limit // 2:
-        return settings.http_max_connections
+    if limit is None or config.max_connections <= limit // 2:
+        return config.max_connections
     lowered = max(1, limit // 2)
     _log.warning(
         "http connection cap lowered",
-        http_max_connections=settings.http_max_connections,
+        http_max_connections=config.max_connections,
         to=lowered,
         file_limit=limit,
         why="at most half the open-file limit",

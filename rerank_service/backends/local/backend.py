@@ -14,7 +14,9 @@ import grpc
 
 from rerank_service.backends.local.batcher import BatchLimits, MicroBatcher
 from rerank_service.backends.local.scorer import Scorer
-from rerank_service.config import ConfigError, Settings
+from rerank_service.backends.local.window import ReadsDocuments, ScorerWindow
+from rerank_service.config import ConfigError
+from rerank_service.config.local import LocalDeploymentConfig
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import (
     BackendRequest,
@@ -30,6 +32,7 @@ from rerank_service.core.domain import (
 )
 from rerank_service.core.readiness import Readiness
 from rerank_service.observability.logging import get_logger
+from rerank_service.observability.metrics import Metrics
 
 if TYPE_CHECKING:  # both import torch, which this module must not
     from rerank_service.backends.local.models import Engine
@@ -71,6 +74,7 @@ class LocalBackend:
         loader: ScorerLoader | None = None,
         merge_batches: bool = True,
         engine: EngineChoice | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._specs = specs
         self._device = device
@@ -81,36 +85,40 @@ class LocalBackend:
         self._loader = loader
         self._merge = merge_batches
         self._engine = engine or EngineChoice()
+        # Where its batchers record (None: a Metrics of its own, served nowhere: tests).
+        self._metrics = metrics if metrics is not None else Metrics()
         self._scorers: dict[str, Scorer] = {}
         self._batchers: dict[str, MicroBatcher] = {}
         self._readiness = Readiness()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> LocalBackend:
+    def from_config(cls, config: LocalDeploymentConfig, metrics: Metrics | None = None) -> LocalBackend:
         missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
         if missing:
             raise ConfigError(
                 f"the local backend needs {' and '.join(missing)}: install it with "
                 "pip install 'rerank-service[local]', or run with --backend upstream"
             )
+        engine, batch = config.engine, config.batch
         return cls(
-            specs=[LocalModelSpec(name, source) for name, source in settings.local_models],
-            device=settings.device,
-            dtype=settings.dtype,
+            specs=[LocalModelSpec(name, source) for name, source in config.models],
+            device=engine.device,
+            dtype=engine.dtype,
             limits=BatchLimits(
-                max_batch_size=settings.max_batch_size,
-                max_batch_tokens=settings.max_batch_tokens,
-                max_wait=settings.batch_wait_ms / 1000,
+                max_batch_size=batch.max_size,
+                max_batch_tokens=batch.max_tokens,
+                max_wait=batch.wait_ms / 1000,
             ),
-            max_documents=settings.max_documents,
-            max_query_tokens=settings.max_query_tokens,
-            merge_batches=settings.micro_batching,
+            max_documents=config.max_documents,
+            max_query_tokens=config.max_query_tokens,
+            merge_batches=batch.merge,
             engine=EngineChoice(
-                engine=settings.local_engine,
-                quantize=settings.local_quantize,
-                threads=settings.local_threads,
-                onnx_cache=settings.local_onnx_cache,
+                engine=engine.engine,
+                quantize=engine.quantize,
+                threads=engine.threads,
+                onnx_cache=engine.onnx_cache,
             ),
+            metrics=metrics,
         )
 
     @property
@@ -132,6 +140,10 @@ class LocalBackend:
 
     def call_limits(self, model: str) -> CallLimits:
         # No split: the micro-batcher already cuts a large request into model batches.
+        # Long documents are cut and chunked by the model's own tokenizer, once it is loaded.
+        scorer: object = self._scorers.get(model)  # a test's scorer may not read documents
+        if isinstance(scorer, ReadsDocuments):
+            return CallLimits(window=ScorerWindow(scorer))
         return CallLimits()
 
     def batcher(self, model: str) -> MicroBatcher:
@@ -157,7 +169,7 @@ class LocalBackend:
                 seconds=round(time.perf_counter() - started, 2),
             )
         for name, scorer in self._scorers.items():
-            batcher = MicroBatcher(scorer, self._limits, merge=self._merge)
+            batcher = MicroBatcher(scorer, self._limits, merge=self._merge, metrics=self._metrics)
             batcher.start()
             self._batchers[name] = batcher
         self._readiness.set(True)

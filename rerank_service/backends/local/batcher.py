@@ -38,8 +38,8 @@ import grpc
 
 from rerank_service.backends.local.scorer import Encoded, Scorer
 from rerank_service.core.domain import FailureKind, ServiceError
-from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
+from rerank_service.observability.metrics import Metrics
 
 _log = get_logger("rerank_service.batcher")
 
@@ -100,7 +100,7 @@ class TimedScores(NamedTuple):
 
 @dataclass
 class BatchStats:
-    """Counters for tests and benchmarks (the Prometheus metrics are in metrics.py)."""
+    """Counters for tests and benchmarks (the Prometheus metrics are the `Metrics` given)."""
 
     batches: int = 0
     pairs: int = 0
@@ -110,8 +110,16 @@ class BatchStats:
 
 
 class MicroBatcher:
-    def __init__(self, scorer: Scorer, limits: BatchLimits | None = None, merge: bool = True) -> None:
+    def __init__(
+        self,
+        scorer: Scorer,
+        limits: BatchLimits | None = None,
+        merge: bool = True,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._scorer = scorer
+        # Batches and queue time (None: a Metrics of its own, served nowhere: tests).
+        self._metrics = metrics if metrics is not None else Metrics()
         self._limits = limits or BatchLimits()
         self._merge = merge
         self._queue: deque[_Job] = deque()
@@ -225,7 +233,7 @@ class MicroBatcher:
                 job.started = True
                 waited = started - job.enqueued_at
                 self.stats.queue_seconds += waited
-                metrics.observe_queue(waited)
+                self._metrics.observe_queue(waited)
                 job.queue_seconds = waited
         loop = asyncio.get_running_loop()
         try:
@@ -256,9 +264,8 @@ class MicroBatcher:
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(job.scores)
 
-    @staticmethod
-    def _ran(jobs: set[_Job], pairs: int, seconds: float) -> None:
+    def _ran(self, jobs: set[_Job], pairs: int, seconds: float) -> None:
         """Record a batch that ran (failed or not): the model was busy for every call in it."""
-        metrics.observe_batch(pairs, seconds)
+        self._metrics.observe_batch(pairs, seconds)
         for job in jobs:
             job.inference_seconds += seconds

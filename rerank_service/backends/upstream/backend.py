@@ -27,8 +27,9 @@ from rerank_service.backends.upstream.dialect import (
 from rerank_service.backends.upstream.dialects import build_dialect
 from rerank_service.backends.upstream.request_ids import checked_request_id
 from rerank_service.backends.upstream.retry import RetryPolicy, Verdict, judge
-from rerank_service.config import Settings
+from rerank_service.backends.upstream.tokenizer import TokenizerWindow, load_tokenizer
 from rerank_service.config.secret import Secret, redact
+from rerank_service.config.upstream import UpstreamDeploymentConfig
 from rerank_service.core.chunking import CallLimits, estimate_tokens
 from rerank_service.core.domain import (
     BackendRequest,
@@ -41,8 +42,9 @@ from rerank_service.core.domain import (
 )
 from rerank_service.core.health import DeploymentHealth, Outcome
 from rerank_service.core.readiness import Readiness
-from rerank_service.observability import metrics
+from rerank_service.core.token_window import EstimatedWindow
 from rerank_service.observability.logging import get_logger
+from rerank_service.observability.metrics import Metrics
 
 _log = get_logger("rerank_service.upstream")
 
@@ -81,6 +83,7 @@ class UpstreamBackend:
         retry_policy: RetryPolicy,
         health: DeploymentHealth,
         timeout: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self._dialect = dialect
         self._path = path or dialect.path
@@ -98,31 +101,29 @@ class UpstreamBackend:
         # Without a caller deadline, attempts and the waits between them fit in this.
         self._timeout = timeout
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
+        # Where retries are counted (None: a Metrics of its own, served nowhere: tests).
+        self._metrics = metrics if metrics is not None else Metrics()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> UpstreamBackend:
-        dialect = build_dialect(
-            settings.upstream_dialect,
-            DialectOptions(settings.upstream_score_transform, settings.upstream_prompt_template),
-        )
-        documents_per_call = settings.upstream_documents_per_call or dialect.documents_per_call
+    def from_config(cls, config: UpstreamDeploymentConfig, metrics: Metrics | None = None) -> UpstreamBackend:
+        dialect = build_dialect(config.format, DialectOptions(config.score_transform, config.prompt_template))
+        documents_per_call = config.documents_per_call or dialect.documents_per_call
         configured = _UpstreamModel(
-            documents_per_call,
-            settings.upstream_tokens_per_call,
-            settings.max_query_tokens,
-            dialect.honours_instruct,
+            documents_per_call, config.tokens_per_call, config.max_query_tokens, dialect.honours_instruct
         )
         known_models = _KNOWN_MODELS if dialect.name in _DASHSCOPE_FORMATS else {}
-        upstream_url = without_credentials(settings.upstream_url)
+        connection = config.connection
+        upstream_url = without_credentials(connection.url)
         models, call_limits = [], {}
-        for name in settings.upstream_models:
+        tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else None
+        for name in config.models:
             known = known_models.get(name, configured)
-            max_query_tokens = min(known.max_query_tokens, settings.max_query_tokens)
+            max_query_tokens = min(known.max_query_tokens, config.max_query_tokens)
             models.append(
                 ModelInfo(
                     name=name,
                     # The service splits larger calls into chunks, so its own limit applies.
-                    max_documents=settings.max_documents,
+                    max_documents=config.max_documents,
                     max_query_tokens=max_query_tokens,
                     supports_instruct=known.honours_instruct,
                     backend="upstream",
@@ -132,45 +133,53 @@ class UpstreamBackend:
             )
             call_limits[name] = CallLimits(
                 max_documents=min(known.documents_per_call, documents_per_call),
-                max_tokens=min(known.tokens_per_call, settings.upstream_tokens_per_call),
+                max_tokens=min(known.tokens_per_call, config.tokens_per_call),
                 # No tokenizer here: the engine checks the query's estimated tokens.
                 max_query_tokens=max_query_tokens,
+                # The upstream cuts each document at its item limit: long documents are cut
+                # or chunked to it, counted by the named tokenizer or estimated.
+                window=EstimatedWindow(known.max_query_tokens)
+                if tokenizer is None
+                else TokenizerWindow(tokenizer, known.max_query_tokens),
             )
+
+        recorded = metrics if metrics is not None else Metrics()  # the backend's and its transport's
 
         def transport_factory() -> UpstreamTransport:
             return UpstreamTransport(
-                settings.upstream_url,
-                settings.upstream_timeout,
-                settings.upstream_max_connections,
-                proxy=settings.upstream_proxy,
-                ca_file=settings.upstream_ca_file,
+                connection.url,
+                connection.timeout,
+                connection.max_connections,
+                proxy=connection.proxy,
+                ca_file=connection.ca_file,
+                metrics=recorded,
             )
 
         # Checked now: a bad CA file or proxy stops start-up as a configuration error
         # (exit 2) before the port opens, not when the backend starts.
-        check_connection_settings(settings.upstream_url, settings.upstream_proxy, settings.upstream_ca_file)
+        check_connection_settings(connection.url, connection.proxy, connection.ca_file)
 
         return cls(
             dialect=dialect,
-            path=settings.upstream_path,
+            path=config.path,
             transport_factory=transport_factory,
             models=models,
             call_limits=call_limits,
-            api_key=settings.upstream_api_key,
-            pass_through=settings.pass_through,
-            secrets=settings.secrets(),
+            api_key=config.api_key,
+            pass_through=config.pass_through,
+            # An upstream can only echo what it was sent: its key, or the caller's (added per call).
+            secrets=[config.api_key] if config.api_key is not None else [],
             retry_policy=RetryPolicy(
-                settings.upstream_max_attempts,
-                settings.upstream_retry_backoff,
-                settings.upstream_retry_max_backoff,
+                config.retry.max_attempts, config.retry.backoff, config.retry.max_backoff
             ),
             health=DeploymentHealth(
-                settings.upstream_breaker_failures,
-                settings.upstream_breaker_cooldown,
-                window=settings.upstream_breaker_window,
-                probe_timeout=settings.upstream_breaker_probe_timeout,
+                config.breaker.failures,
+                config.breaker.cooldown,
+                window=config.breaker.window,
+                probe_timeout=config.breaker.probe_timeout,
             ),
-            timeout=settings.upstream_timeout,
+            timeout=connection.timeout,
+            metrics=recorded,
         )
 
     @property
@@ -261,7 +270,7 @@ class UpstreamBackend:
         if time.monotonic() + wait >= give_up_at:
             return None
         if context.retry_budget is not None and not context.retry_budget.try_spend():
-            metrics.count_upstream_retry_refused()
+            self._metrics.count_upstream_retry_refused()
             return None
         _log.warning(
             "upstream retry",
@@ -270,7 +279,7 @@ class UpstreamBackend:
             wait_ms=round(wait * 1000, 1),
             upstream_request_id=error.upstream_request_id,
         )
-        metrics.count_upstream_retry(verdict.label)
+        self._metrics.count_upstream_retry(verdict.label)
         return wait
 
     async def _attempt(

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 
-from rerank_service.observability import metrics
+from rerank_service.observability.metrics import Metrics
 
 
 class AttemptMetric:
-    """`with AttemptMetric() as attempt:` ... `attempt.outcome = <status or failure label>`."""
+    """`with AttemptMetric(metrics) as attempt:` ... `attempt.outcome = <status or failure label>`."""
 
-    __slots__ = ("_started", "outcome")
+    __slots__ = ("_metrics", "_started", "outcome")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
 
     def __enter__(self) -> AttemptMetric:
         # Left as is when the attempt ends any other way: the call was cancelled under it.
@@ -19,4 +22,4 @@ class AttemptMetric:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        metrics.observe_upstream(self.outcome, time.perf_counter() - self._started)
+        self._metrics.observe_upstream(self.outcome, time.perf_counter() - self._started)

@@ -29,6 +29,7 @@ from rerank_service.backends.upstream.client.exchange import (
 )
 from rerank_service.backends.upstream.client.failures import classify, transport_failure
 from rerank_service.config.secret import Secret
+from rerank_service.observability.metrics import Metrics
 
 __all__ = [
     "MAX_RESPONSE_BYTES",
@@ -49,11 +50,14 @@ class UpstreamTransport:
         *,
         proxy: str | None = None,
         ca_file: Path | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """`proxy`: every call goes through this HTTP proxy (None: HTTPS_PROXY and the rest
         of the environment decide). `ca_file`: trust this PEM bundle for the upstream's
         certificate (None: SSL_CERT_FILE / SSL_CERT_DIR, else certifi). ConfigError if
-        either is unusable. `transport` (tests): use it instead, ignoring both."""
+        either is unusable. `transport` (tests): use it instead, ignoring both. `metrics`:
+        where each attempt is counted (None: a Metrics of its own, served nowhere: tests)."""
+        self._metrics = metrics if metrics is not None else Metrics()
         self._timeout = timeout
         self._base_url = base_url.rstrip("/")
         # httpx's transport, driven directly: the client layer above it (URL merging,
@@ -86,7 +90,7 @@ class UpstreamTransport:
             raise errors.timed_out(by_caller_deadline=True)
         headers = call_headers(token, traceparent, tracestate)
         request = build_request(self._url(path), orjson.dumps(body), headers, seconds)
-        with AttemptMetric() as attempt:
+        with AttemptMetric(self._metrics) as attempt:
             try:
                 # httpx timeouts apply per phase (connect, each read); asyncio.timeout
                 # bounds the whole exchange, so a trickling body cannot outlive it.
