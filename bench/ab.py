@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.ab --base REV            # e.g. --base main~5
     .venv/bin/python -m bench.ab --base REV --rounds 6 --documents 20 --concurrency 64
     .venv/bin/python -m bench.ab --base REV --door http    # the HTTP front door instead
+    .venv/bin/python -m bench.ab --base REV --env RERANK_CACHE_MEMORY_MB=0   # both services
 
 Both services run at once, `rerank-service serve --backend upstream` in front of the same
 nginx fast upstream (bench/perf.py's), the base one from a git worktree of REV (same
@@ -90,7 +91,10 @@ Rounds = dict[str, list[tuple[float, float]]]
 
 def compare_grpc(args: argparse.Namespace, env: dict[str, str], url: str, ports: dict[str, int]) -> Rounds:
     """ghz rounds, alternating between the services."""
-    with perf.service(ports[BASE], url, env=env) as base_pid, perf.service(ports[THIS], url) as this_pid:
+    with (
+        perf.service(ports[BASE], url, env={**args.env, **env}) as base_pid,
+        perf.service(ports[THIS], url, env=args.env) as this_pid,
+    ):
         pids = {BASE: base_pid, THIS: this_pid}
         for port in ports.values():
             perf.check_answer(port, args.documents)
@@ -118,9 +122,12 @@ def compare_http(
             http_port=http_ports[BASE],
             # A base older than the cap per peer has no cap to raise.
             peer_cap_flag=takes_flag(env, PEER_CAP_FLAG),
-            env=env,
+            env={**args.env, **env},
         ) as (base_pid, _),
-        http.front_door(ports[THIS], url, "dashscope", None, http_port=http_ports[THIS]) as (this_pid, _),
+        http.front_door(ports[THIS], url, "dashscope", None, http_port=http_ports[THIS], env=args.env) as (
+            this_pid,
+            _,
+        ),
     ):
         targets = []
         for name, pid in ((BASE, base_pid), (THIS, this_pid)):
@@ -144,7 +151,15 @@ def main() -> int:
     parser.add_argument("--documents", type=int, default=20, choices=perf.FAST_DOCUMENTS)
     parser.add_argument("--concurrency", type=int, default=64, help="calls in flight (gRPC; HTTP is c=64)")
     parser.add_argument("--base-port", type=int, default=27600)
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for both services (a setting the base lacks is ignored by it)",
+    )
     args = parser.parse_args()
+    args.env = dict(item.split("=", 1) for item in args.env)
     if args.door == "http" and args.concurrency != http.CONCURRENCY:
         parser.error(f"--door http runs hey at c={http.CONCURRENCY}, as `make bench-http` does")
     tools = {"grpc": perf.GHZ, "http": http.HEY}

@@ -13,6 +13,8 @@ from rerank_service.config.secret import Secret
 from rerank_service.observability.logging import configure_logging
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.support.logs import LogCapture
+from tests.support.redis_server import MISSING as REDIS_SERVER_MISSING
+from tests.support.redis_server import RedisServer, redis_server_binary
 from tests.support.server import ServerThread
 
 UPSTREAM_KEY = "sk-upstream-test-key-0123456789"
@@ -59,6 +61,9 @@ def upstream_settings(upstream: FakeUpstream, **overrides: Any) -> Settings:
         "upstream_models": ("qwen3-rerank", "gte-rerank-v2"),
         "upstream_api_key": Secret(UPSTREAM_KEY),
         "upstream_timeout": 5.0,
+        # Off unless a test turns it on (tests/integration/test_score_cache.py): the tests of
+        # faults, retries and fallback count on every call reaching the upstream.
+        "cache_memory_mb": 0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -78,3 +83,32 @@ def server(serve: ServerFactory) -> Iterator[ServerThread]:
     """A live server with the default settings, holding the service's own upstream key."""
     with serve() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real Redis server for the session, on a free loopback port; a machine without
+    redis-server fails here, loudly (`make redis` installs it)."""
+    require_redis_server()
+    with RedisServer() as started:
+        yield started
+
+
+def require_redis_server() -> None:
+    if redis_server_binary() is None:
+        pytest.fail(REDIS_SERVER_MISSING)
+
+
+@pytest.fixture
+def redis_empty(redis_server: RedisServer) -> RedisServer:
+    """The session's Redis server, emptied for this test."""
+    redis_server.flush()
+    return redis_server
+
+
+@pytest.fixture
+def redis_own() -> Iterator[RedisServer]:
+    """A Redis server of this test's own, to kill, pause and restart."""
+    require_redis_server()
+    with RedisServer() as started:
+        yield started

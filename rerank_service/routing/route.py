@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from rerank_service.core.chunking import CallLimits
-from rerank_service.core.domain import DeploymentInfo, ModelInfo
+from rerank_service.core.domain import DeploymentInfo, LongDocuments, ModelInfo
 from rerank_service.core.retry_budget import RetryBudget
 from rerank_service.routing.deployment import Deployment
 
@@ -31,6 +31,10 @@ class Route:
     name: str
     members: list[Member]
     budget: RetryBudget = field(default_factory=RetryBudget)
+    cache: bool = True  # False: the route's scores are never cached (its `cache: off`)
+    # Its long-document defaults (`long_documents:`, `max_tokens_per_doc:`), for a call that sets none.
+    long_documents: LongDocuments = LongDocuments.TRUNCATE
+    max_tokens_per_doc: int | None = None
     _rng: random.Random = field(default_factory=random.Random)
 
     def pick(self, tried: set[Deployment]) -> Member | None:
@@ -92,7 +96,14 @@ class Route:
             max_tokens=_smallest(limit.max_tokens for limit in limits),
             max_item_tokens=min(limit.max_item_tokens for limit in limits),
             max_query_tokens=_smallest(limit.max_query_tokens for limit in limits),
+            # Documents are cut and chunked for the first deployment by priority.
+            window=limits[self._first_index()].window,
+            long_documents=self.long_documents,
+            max_tokens_per_doc=self.max_tokens_per_doc,
         )
+
+    def _first_index(self) -> int:
+        return min(range(len(self.members)), key=lambda index: self.members[index].priority)
 
 
 def _smallest(values: Iterable[int | None]) -> int | None:

@@ -34,6 +34,7 @@ def live_server() -> Iterator[LiveServer]:
         ServiceProcess(
             ["--backend", "upstream", "--upstream-url", upstream.url],
             env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY, "RERANK_API_KEYS": CLIENT_KEY},
+            score_cache=True,  # as deployed: the clients' suites read usage.cached_tokens
         ) as service,
     ):
         yield LiveServer(service.target, CLIENT_KEY)

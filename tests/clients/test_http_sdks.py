@@ -87,7 +87,17 @@ def front_door() -> Iterator[FrontDoor]:
     with (
         FakeUpstream(api_key=UPSTREAM_KEY) as upstream,
         ServiceProcess(
-            ["--backend", "upstream", "--upstream-url", upstream.url, "--http-port", "0"],
+            # No score cache: each SDK's call must reach the upstream, whose requests these tests read.
+            [
+                "--backend",
+                "upstream",
+                "--upstream-url",
+                upstream.url,
+                "--http-port",
+                "0",
+                "--cache-memory-mb",
+                "0",
+            ],
             env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY, "RERANK_API_KEYS": CALLER_KEY},
         ) as service,
     ):

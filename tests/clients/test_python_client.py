@@ -20,13 +20,31 @@ DOCUMENTS = ["a red apple", "a car", "apple pie"]
 def test_rerank_with_top_n_and_documents(live_server: LiveServer) -> None:
     with RerankClient(live_server.target, api_key=live_server.api_key) as client:
         result = client.rerank("red apple", DOCUMENTS, top_n=2, return_documents=True)
+        again = client.rerank("red apple", DOCUMENTS, top_n=2, return_documents=True)
 
     assert [(r.index, r.relevance_score, r.text) for r in result.results] == [
         (0, 1.0, "a red apple"),
         (2, 0.5, "apple pie"),
     ]
-    assert result.total_tokens > 0
+    # Another suite may have scored these pairs already: the server's cache then answers them.
+    assert result.total_tokens + result.cached_tokens > 0
     assert result.request_id
+    assert again.results == result.results
+    assert (again.total_tokens, again.cached_tokens) == (0, result.total_tokens + result.cached_tokens)
+
+
+def test_a_long_document_is_chunked_and_its_best_chunk_located(live_server: LiveServer) -> None:
+    long = "pear plum grape " * 300 + "red apple"
+    with RerankClient(live_server.target, api_key=live_server.api_key) as client:
+        chunk = rerank_pb2.LONG_DOCUMENTS_CHUNK
+        result = client.rerank("red apple", [long, "a car"], long_documents=chunk, max_tokens_per_doc=200)
+
+    best, short = result.results
+    assert (best.index, best.truncated) == (0, False)
+    assert best.chunks > 1
+    assert best.best_chunk is not None
+    assert long[best.best_chunk.start : best.best_chunk.end].endswith("red apple")
+    assert (short.chunks, short.best_chunk) == (1, None)
 
 
 def test_invalid_argument_names_the_field(live_server: LiveServer) -> None:

@@ -580,7 +580,9 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def local_server(tiny_models: dict[str, Path]) -> Iterator[ServerThread]:
     spec = ",".join(f"{name}={path}" for name, path in tiny_models.items())
-    settings = load_settings({"backend": "local", "local_models": spec, "device": "cpu"}, env={})
+    # No score cache: both doors' answers, usage included, come from the model each time.
+    chosen = {"backend": "local", "local_models": spec, "device": "cpu", "cache_memory_mb": 0}
+    settings = load_settings(chosen, env={})
     with ServerThread(dataclasses.replace(settings, http_port=0)) as server:
         yield server
 
@@ -611,7 +613,8 @@ def test_sigterm_lets_http_calls_in_flight_finish_refuses_new_ones_and_exits_zer
 ) -> None:
     upstream.always(Fault(delay=1.5))
     args = ["--backend", "upstream", "--upstream-url", upstream.url, "--http-port", "0"]
-    args += ["--shutdown-grace", "10"]
+    # No score cache: the identical calls must each be in flight upstream, not coalesced.
+    args += ["--shutdown-grace", "10", "--cache-memory-mb", "0"]
     with ServiceProcess(args, env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}) as service:
         serving = next(event for event in service.events() if event["event"] == "serving")
         url = f"http://127.0.0.1:{serving['http_port']}"

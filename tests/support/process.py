@@ -15,17 +15,27 @@ import time
 from typing import Any
 
 CLI = [sys.executable, "-m", "rerank_service"]
+# The harness's servers run without the score cache unless a test asks for it: the tests
+# of faults, overload and shutdown count on every call reaching the upstream.
+NO_SCORE_CACHE = {"RERANK_CACHE_MEMORY_MB": "0"}
 
 
 class ServiceProcess:
     """`with ServiceProcess(args, env) as process:` waits until the server is serving."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str] | None = None, start_timeout: float = 120
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        start_timeout: float = 120,
+        *,
+        score_cache: bool = False,
     ) -> None:
+        """`score_cache`: as the product defaults it (on); otherwise off, as in the in-process
+        harness (tests/conftest.py), so identical calls each reach the upstream."""
         self.start_timeout = start_timeout
         self.args = args
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**os.environ, **({} if score_cache else NO_SCORE_CACHE), **(env or {})}
         self.lines: list[str] = []
         self.port: int | None = None
         self._serving = threading.Event()

@@ -6,6 +6,7 @@ local model's files without loading one (models.py loads them).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from pathlib import Path
 
@@ -61,3 +62,16 @@ def _cached_hub_snapshot(repo_id: str) -> Path:
             f"model {repo_id!r} is neither a local directory nor a Hugging Face model in the local "
             f"cache ({type(exc).__name__}); download it first, e.g. hf download {repo_id}"
         ) from exc
+
+
+def model_revision(source: str) -> str:
+    """A digest of `source`'s files as found now (names, sizes, modification times): the
+    score cache's name for the model's version, so new weights at the same place never
+    read the old ones' scores. Never loads or reads the weights."""
+    directory = resolve_source(source)
+    digest = hashlib.sha256(str(directory.resolve()).encode())
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(directory)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:32]

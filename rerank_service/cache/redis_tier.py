@@ -1,0 +1,130 @@
+"""The shared tier: pair keys to packed scores in Redis, so replicas and workers share hits.
+
+Redis is an optimisation here, never a dependency: every read and write is one round trip
+(MGET; SETs with an expiry, pipelined) cut at a short timeout, and any error or timeout is
+a miss (a lost write), counted, never a failed or slow call. After a failure the tier is
+skipped for `retry_after` seconds, so a Redis that is down or slow costs one call a timeout
+now and then instead of every call; the first call after that tries again, and the tier is
+back as soon as Redis answers. The outage is logged once when it starts and once when it
+ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from rerank_service.cache.entry import CachedScore, pack, unpack
+from rerank_service.observability.logging import get_logger
+from rerank_service.redis_client import DEFAULT_TIMEOUT
+from rerank_service.redis_client import redis_client as redis_client  # opened in one place
+
+_log = get_logger("rerank_service.cache")
+
+DEFAULT_RETRY_AFTER = 1.0  # seconds the tier is skipped after a failure
+KEY_PREFIX = b"rerank:score:"
+
+
+class RedisTier:
+    """`get_many` and `put_many` by pair key on `client`, entries expiring after `ttl` seconds."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        ttl: float,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry_after: float = DEFAULT_RETRY_AFTER,
+        key_prefix: bytes = KEY_PREFIX,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl <= 0 or timeout <= 0 or retry_after < 0:
+            raise ValueError("ttl and timeout must be > 0, retry_after >= 0")
+        self._client = client
+        self._ttl_ms = max(1, round(ttl * 1000))
+        self.timeout = timeout
+        self._retry_after = retry_after
+        self._prefix = key_prefix
+        self._clock = clock
+        self._retry_at: float | None = None  # set while Redis is taken for down
+        self.hits = 0
+        self.misses = 0
+        self.errors = 0  # failed round trips, timeouts included
+        self.timeouts = 0
+        self.skipped = 0  # round trips not tried while Redis was taken for down
+
+    @property
+    def up(self) -> bool:
+        return self._retry_at is None
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[CachedScore | None]:
+        """Each key's entry, None for a miss; all None when Redis fails or is skipped."""
+        if not keys or not self._may_try():
+            return [None] * len(keys)
+        prefix = self._prefix
+        try:
+            async with asyncio.timeout(self.timeout):
+                values = await self._client.mget([prefix + key for key in keys])
+        except Exception as error:  # any failure of the tier is a miss
+            self._failed("get", error)
+            return [None] * len(keys)
+        self._answered()
+        entries = [unpack(value) if isinstance(value, bytes) else None for value in values]
+        found = sum(entry is not None for entry in entries)
+        self.hits += found
+        self.misses += len(entries) - found
+        return entries
+
+    async def put_many(self, entries: Sequence[tuple[bytes, CachedScore]]) -> None:
+        """Store each entry with the tier's expiry; a failure loses the writes, nothing else."""
+        if not entries or not self._may_try():
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                pipe = self._client.pipeline(transaction=False)
+                for key, entry in entries:
+                    pipe.set(self._prefix + key, pack(entry), px=self._ttl_ms)
+                await pipe.execute()
+        except Exception as error:  # any failure of the tier is a lost write
+            self._failed("put", error)
+            return
+        self._answered()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _may_try(self) -> bool:
+        """Whether to try Redis now: it is up, or down and due for another try (which this
+        caller makes: the next try is pushed on, so callers meanwhile skip it)."""
+        if self._retry_at is None:
+            return True
+        now = self._clock()
+        if now < self._retry_at:
+            self.skipped += 1
+            return False
+        self._retry_at = now + self._retry_after
+        return True
+
+    def _failed(self, operation: str, error: Exception) -> None:
+        self.errors += 1
+        timed_out = isinstance(error, TimeoutError | RedisTimeoutError)
+        if timed_out:
+            self.timeouts += 1
+        was_up = self._retry_at is None
+        self._retry_at = self._clock() + self._retry_after
+        if was_up:
+            _log.warning(
+                "score cache: redis unreachable, reading it as misses until it answers",
+                operation=operation,
+                error=type(error).__name__,
+                detail=str(error)[:200] if not timed_out else f"no answer within {self.timeout:g} s",
+            )
+
+    def _answered(self) -> None:
+        if self._retry_at is not None:
+            self._retry_at = None
+            _log.warning("score cache: redis answers again")

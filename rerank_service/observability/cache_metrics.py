@@ -1,0 +1,113 @@
+"""The score cache's metrics: what it answered, per route, and what it holds.
+
+Per-route counts are recorded as each call's lookup ends; the cache's own counters (its
+size, evictions, Redis errors) are process-wide and copied in after each call that used it
+(`sync`), so in `serve --workers N` they are written to files like every other metric
+and the supervisor sums them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class CacheCounts(Protocol):
+    """The cache's own counters (cache.CacheStats), as read here."""
+
+    @property
+    def entries(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def evictions(self) -> int: ...
+    @property
+    def expirations(self) -> int: ...
+    @property
+    def redis_errors(self) -> int: ...
+    @property
+    def redis_up(self) -> bool | None: ...
+
+
+class CacheMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.pairs = Counter(
+            "rerank_cache_pairs",
+            "Query-document pairs looked up in the score cache, by route and result (hit: answered "
+            "from the cache, the backend spared; miss: sent to the backend).",
+            ["route", "result"],
+            registry=registry,
+        )
+        self.calls = Counter(
+            "rerank_cache_calls",
+            "Backend calls (one per chunk) through the score cache, by route and outcome: hit (every "
+            "pair cached: no backend call made), partial, miss.",
+            ["route", "outcome"],
+            registry=registry,
+        )
+        self.entries = Gauge(
+            "rerank_cache_entries",
+            "Scores held in the in-process tier.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.bytes = Gauge(
+            "rerank_cache_bytes",
+            "Bytes the in-process tier holds, as counted against --cache-memory-mb.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.evictions = Counter(
+            "rerank_cache_evictions",
+            "Scores dropped from the in-process tier: for room (reason size) or past --cache-ttl (expired).",
+            ["reason"],
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "rerank_cache_store_errors",
+            "Redis round trips of the score cache that failed or timed out (each a miss, never a "
+            "failed call).",
+            registry=registry,
+        )
+        self.store_up = Gauge(
+            "rerank_cache_store_up",
+            "1 while the score cache's Redis answers, 0 while it is skipped after a failure.",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self._pairs: dict[tuple[str, str], Counter] = {}
+        self._calls: dict[tuple[str, str], Counter] = {}
+        self._size_evictions = self.evictions.labels("size")
+        self._expirations = self.evictions.labels("expired")
+        self._seen = (0, 0, 0)  # evictions, expirations, store errors: copied in so far
+
+    def looked_up(self, route: str, outcome: str, hits: int, misses: int) -> None:
+        """One backend call's lookup: `outcome` hit, partial or miss."""
+        self._child(self._calls, self.calls, route, outcome).inc()
+        if hits:
+            self._child(self._pairs, self.pairs, route, "hit").inc(hits)
+        if misses:
+            self._child(self._pairs, self.pairs, route, "miss").inc(misses)
+
+    def sync(self, counts: CacheCounts) -> None:
+        """Copy the cache's own counters in (they only grow; the gauges are set)."""
+        self.entries.set(counts.entries)
+        self.bytes.set(counts.bytes)
+        evictions, expirations, errors = self._seen
+        if counts.evictions > evictions:
+            self._size_evictions.inc(counts.evictions - evictions)
+        if counts.expirations > expirations:
+            self._expirations.inc(counts.expirations - expirations)
+        if counts.redis_errors > errors:
+            self.store_errors.inc(counts.redis_errors - errors)
+        self._seen = (counts.evictions, counts.expirations, counts.redis_errors)
+        if counts.redis_up is not None:
+            self.store_up.set(1 if counts.redis_up else 0)
+
+    @staticmethod
+    def _child(children: dict[tuple[str, str], Counter], family: Counter, route: str, label: str) -> Counter:
+        found = children.get((route, label))
+        if found is None:
+            found = children[(route, label)] = family.labels(route, label)
+        return found

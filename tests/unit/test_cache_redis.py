@@ -1,0 +1,198 @@
+"""The shared tier against a real Redis server: exact scores shared between caches, entries
+that expire, and a Redis that dies, hangs or comes back read as misses, never as failures."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from rerank_service.cache import (
+    CachedScore,
+    CacheOutcome,
+    MemoryTier,
+    PairKeys,
+    RedisTier,
+    ScoreCache,
+    deployment_fingerprint,
+    redis_client,
+)
+from rerank_service.cache.redis_tier import KEY_PREFIX
+from tests.support.certs import CertificateAuthority
+from tests.support.logs import LogCapture
+from tests.support.redis_server import RedisServer, RedisTls
+
+KEYS = PairKeys(deployment_fingerprint({"model": "qwen3-rerank"}))
+DOCUMENTS = ["first document", "second document", "third document"]
+SCORES = [CachedScore(0.1 + 0.2, 11), CachedScore(1 / 3), CachedScore(5e-324, 2**33)]
+# Guards against a hang only: the tier's own timeout is what bounds each call.
+HANG = 10.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def keys() -> list[bytes]:
+    return KEYS.keys(None, "query", DOCUMENTS)
+
+
+def tier(url: str, clock: Callable[[], float] | None = None, **options: object) -> RedisTier:
+    ca_file = options.pop("ca_file", None)
+    assert ca_file is None or isinstance(ca_file, str)
+    client = redis_client(url, timeout=0.2, ca_file=ca_file)
+    return RedisTier(client, ttl=3600, timeout=0.2, retry_after=1.0, clock=clock or Clock())
+
+
+@pytest.fixture
+async def shared(redis_empty: RedisServer) -> AsyncIterator[RedisTier]:
+    redis = tier(redis_empty.url)
+    yield redis
+    await redis.aclose()
+
+
+async def store_all(cache: ScoreCache) -> None:
+    lookup = await cache.lookup(keys())
+    with lookup:
+        await lookup.store(dict(enumerate(SCORES)))
+
+
+def bits(entry: CachedScore) -> tuple[bytes, int | None]:
+    return struct.pack("<d", entry.score), entry.tokens
+
+
+async def test_a_score_round_trips_through_redis_to_the_last_bit(shared: RedisTier) -> None:
+    await shared.put_many(list(zip(keys(), SCORES, strict=True)))
+    found = await shared.get_many(keys())
+    assert [bits(entry) for entry in found if entry is not None] == [bits(entry) for entry in SCORES]
+    assert (shared.hits, shared.misses, shared.errors) == (3, 0, 0)
+
+
+async def test_entries_expire_in_redis_after_the_time_to_live(
+    shared: RedisTier, redis_empty: RedisServer
+) -> None:
+    await shared.put_many([(keys()[0], SCORES[0])])
+    with redis_empty.client() as client:
+        ttl_ms = client.pttl(KEY_PREFIX + keys()[0])
+        stored = client.get(KEY_PREFIX + keys()[0])
+    assert 0 < ttl_ms <= 3600 * 1000
+    assert isinstance(stored, bytes)
+    assert len(stored) == 12  # the packed score and tokens: no text
+
+
+async def test_two_caches_share_their_entries_through_redis(redis_empty: RedisServer) -> None:
+    """Two replicas: what one computed, the other's first call answers from Redis, and keeps
+    in its own memory."""
+    first = ScoreCache(MemoryTier(1 << 20, ttl=3600), tier(redis_empty.url))
+    second = ScoreCache(MemoryTier(1 << 20, ttl=3600), tier(redis_empty.url))
+    try:
+        await store_all(first)
+        lookup = await second.lookup(keys())
+        lookup.release()
+        assert lookup.outcome is CacheOutcome.HIT
+        assert [bits(lookup.hits[index]) for index in range(3)] == [bits(entry) for entry in SCORES]
+        stats = second.stats()
+        assert (stats.redis_hits, stats.entries) == (3, 3)
+        redis_empty.flush()
+        again = await second.lookup(keys())  # from its memory now
+        again.release()
+        assert again.outcome is CacheOutcome.HIT
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_a_killed_redis_reads_as_misses_and_the_tier_comes_back(
+    redis_own: RedisServer, logs: LogCapture
+) -> None:
+    clock = Clock()
+    cache = ScoreCache(None, tier(redis_own.url, clock))
+    try:
+        await store_all(cache)
+        redis_own.kill()
+        async with asyncio.timeout(HANG):
+            lookup = await cache.lookup(keys())
+        lookup.release()
+        assert lookup.outcome is CacheOutcome.MISS
+        assert lookup.missing == [0, 1, 2]
+        stats = cache.stats()
+        assert (stats.redis_errors, stats.redis_up) == (1, False)
+        # While it is taken for down, calls do not try it (no error, no wait) ...
+        for _ in range(3):
+            skipped = await cache.lookup(keys())
+            skipped.release()
+            assert skipped.outcome is CacheOutcome.MISS
+        assert cache.stats().redis_errors == 1
+        redis_own.start()  # empty: no persistence
+        # ... and the first call after `retry_after` tries it again.
+        clock.now += 1.0
+        await store_all(cache)
+        assert cache.stats().redis_up is True
+        back = await cache.lookup(keys())
+        back.release()
+        assert back.outcome is CacheOutcome.HIT
+    finally:
+        await cache.aclose()
+    lines = [event["event"] for event in logs.events() if "redis" in event["event"]]
+    assert lines == [
+        "score cache: redis unreachable, reading it as misses until it answers",
+        "score cache: redis answers again",
+    ]
+
+
+async def test_a_redis_that_does_not_answer_is_a_miss_at_the_timeout(redis_own: RedisServer) -> None:
+    """A hung Redis (SIGSTOP: connections accepted, nothing answered): the lookup ends at the
+    tier's timeout as a miss, counted as a timeout, and a store loses its writes quietly."""
+    clock = Clock()
+    cache = ScoreCache(None, tier(redis_own.url, clock))
+    try:
+        await store_all(cache)
+        redis_own.pause()
+        async with asyncio.timeout(HANG):
+            lookup = await cache.lookup(keys())
+        lookup.release()
+        assert lookup.outcome is CacheOutcome.MISS
+        stats = cache.stats()
+        assert (stats.redis_errors, stats.redis_timeouts) == (1, 1)
+        clock.now += 1.0
+        async with asyncio.timeout(HANG):
+            await store_all(cache)  # the lookup tries again and times out; the store skips it
+        assert cache.stats().redis_timeouts == 2
+        redis_own.resume()
+        clock.now += 1.0
+        back = await cache.lookup(keys())
+        back.release()
+        assert back.outcome is CacheOutcome.HIT
+    finally:
+        await cache.aclose()
+
+
+async def test_rediss_with_a_ca_file(tmp_path: Path) -> None:
+    authority = CertificateAuthority()
+    cert, key = authority.issue_server().write(tmp_path, "redis")
+    ca = authority.write(tmp_path)
+    with RedisServer(tls=RedisTls(cert, key, ca)) as server:
+        assert server.url.startswith("rediss://")
+        trusted = tier(server.url, ca_file=str(ca))
+        untrusted = tier(server.url)  # the system's CAs do not know the test CA
+        try:
+            await trusted.put_many([(keys()[0], SCORES[0])])
+            assert await trusted.get_many(keys()[:1]) == [SCORES[0]]
+            assert trusted.errors == 0
+            assert await untrusted.get_many(keys()[:1]) == [None]
+            assert untrusted.errors == 1
+        finally:
+            await trusted.aclose()
+            await untrusted.aclose()
+
+
+def test_a_ca_file_needs_a_tls_url() -> None:
+    with pytest.raises(ValueError, match="rediss://"):
+        redis_client("redis://127.0.0.1:6379/0", ca_file="/etc/ssl/certs/ca-certificates.crt")

@@ -1,0 +1,138 @@
+"""The score cache in front of a deployment: what its key holds, what a caller's
+cache-control asks, and how usage is shared out among the cached pairs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from rerank_service.cache import MemoryTier, ScoreCache
+from rerank_service.config import Settings
+from rerank_service.config.deployments import deployment_config
+from rerank_service.config.local import LocalDeploymentConfig
+from rerank_service.core.domain import (
+    BackendRequest,
+    BackendResult,
+    CacheMode,
+    CacheOutcome,
+    CallContext,
+    ScoredDocument,
+)
+from rerank_service.observability.metrics import Metrics
+from rerank_service.pipeline.cache_control import cache_mode
+from rerank_service.routing.cached_scores import CachedScores, score_identity
+
+DOCUMENTS = ["bread and flour", "cats sleep", "rye bread recipe", "stock market"]
+
+
+class CountingBackend:
+    """Scores each document by its length; remembers what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+
+    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        self.asked.append(request.documents)
+        return BackendResult(
+            [ScoredDocument(index, 1 / (1 + len(text))) for index, text in enumerate(request.documents)],
+            total_tokens=10 * len(request.documents) + 1,
+        )
+
+
+def identity_of(**settings: object) -> dict[str, object]:
+    config = deployment_config(Settings(backend="upstream", **settings))  # type: ignore[arg-type]
+    return dict(score_identity(config, lambda source: "-")("qwen3-rerank"))
+
+
+def test_deployments_of_one_model_share_a_key_whatever_their_url_or_limits() -> None:
+    one = identity_of(upstream_url="https://a.example", upstream_timeout=3.0)
+    other = identity_of(upstream_url="https://b.example", upstream_max_connections=7)
+
+    assert one == other
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"upstream_dialect": "cohere"},
+        {"upstream_score_transform": "sigmoid"},
+        {"upstream_prompt_template": "qwen3"},
+    ],
+)
+def test_what_changes_a_score_changes_the_key(change: dict[str, object]) -> None:
+    assert identity_of(**change) != identity_of()
+
+
+def test_a_local_models_key_holds_its_files_revision_and_how_it_runs() -> None:
+    config = LocalDeploymentConfig.from_settings(
+        Settings(backend="local", local_models=(("m", "/models/m"),))
+    )
+    revisions = {"/models/m": "r1"}
+    identity = score_identity(config, revisions.__getitem__)
+    first = dict(identity("m"))
+    revisions["/models/m"] = "r2"  # new files at the same place
+    half = dataclasses.replace(config, engine=dataclasses.replace(config.engine, dtype="float16"))
+
+    assert first["source"] == "/models/m"
+    assert dict(identity("m")) != first
+    assert dict(score_identity(half, revisions.__getitem__)("m")) != dict(identity("m"))
+
+
+@pytest.mark.parametrize(
+    ("header", "mode"),
+    [
+        (None, CacheMode.READ_WRITE),
+        ("max-age=60", CacheMode.READ_WRITE),
+        ("no-cache", CacheMode.NO_READ),
+        ("No-Cache, max-age=0", CacheMode.NO_READ),
+        ("no-store", CacheMode.OFF),
+        ("no-cache, no-store", CacheMode.OFF),
+    ],
+)
+def test_cache_control_says_what_the_cache_may_do(header: str | None, mode: CacheMode) -> None:
+    metadata = [("authorization", "Bearer x")] + ([("Cache-Control", header)] if header else [])
+    assert cache_mode(metadata) is mode
+
+
+async def test_shares_of_tokens_add_up_to_what_the_backend_reported() -> None:
+    backend = CountingBackend()
+    cached = CachedScores(
+        ScoreCache(MemoryTier(1 << 20, 60.0)), lambda model: {"model": model}, Metrics().cache
+    )
+    request = BackendRequest("m", "bread", DOCUMENTS, None, top_n=2)
+
+    first = await cached.rerank("route", request, CallContext(), backend.rerank)
+    again = await cached.rerank("route", request, CallContext(), backend.rerank)
+
+    assert backend.asked == [DOCUMENTS]  # top_n is not passed on: every score is kept
+    assert (first.cache, again.cache) == (CacheOutcome.MISS, CacheOutcome.HIT)
+    assert (again.total_tokens, again.cached_tokens) == (0, first.total_tokens)
+    assert sorted((s.index, s.score) for s in again.scores) == sorted(
+        (s.index, s.score) for s in first.scores
+    )
+
+
+async def test_a_partly_cached_request_asks_the_backend_for_the_rest_only() -> None:
+    backend = CountingBackend()
+    cached = CachedScores(
+        ScoreCache(MemoryTier(1 << 20, 60.0)), lambda model: {"model": model}, Metrics().cache
+    )
+    await cached.rerank(
+        "route", BackendRequest("m", "q", DOCUMENTS[:2], None, None), CallContext(), backend.rerank
+    )
+
+    mixed = await cached.rerank(
+        "route", BackendRequest("m", "q", DOCUMENTS, None, None), CallContext(), backend.rerank
+    )
+    off = await cached.rerank(
+        "route",
+        BackendRequest("m", "q", DOCUMENTS, None, None),
+        CallContext(cache_mode=CacheMode.OFF),
+        backend.rerank,
+    )
+
+    assert backend.asked == [DOCUMENTS[:2], DOCUMENTS[2:], DOCUMENTS]
+    assert mixed.cache is CacheOutcome.PARTIAL
+    assert off.cache is CacheOutcome.OFF
+    assert sorted((s.index, s.score) for s in mixed.scores) == sorted((s.index, s.score) for s in off.scores)
