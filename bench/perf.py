@@ -417,8 +417,10 @@ def ghz(
     seconds: float | None = None,
     requests: int | None = None,
     timeout: float = 20,
+    metadata: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One ghz run, for `seconds` or for `requests` calls; its JSON report (also kept in `out`)."""
+    """One ghz run, for `seconds` or for `requests` calls, sending `metadata` with each; its
+    JSON report (also kept in `out`)."""
     request_file = RESULTS / f"request-{documents}.bin"
     if not request_file.exists():
         request_file.write_bytes(request(documents).SerializeToString())
@@ -446,6 +448,8 @@ def ghz(
         "--output",
         str(out),
     ]
+    if metadata:
+        command += ["--metadata", json.dumps(dict(metadata))]
     if seconds is not None:
         command += ["--duration", f"{seconds:g}s", "--duration-stop", "ignore"]
     else:

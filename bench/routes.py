@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import multiprocessing
 import tempfile
 import time
 from collections import Counter
@@ -80,9 +81,13 @@ class Answer:
     upstream_ms: float = 0.0  # x-upstream-time: the call's time on the wire to upstreams
 
 
-async def rerank(stub: rerank_pb2_grpc.RerankServiceAsyncStub, request: rerank_pb2.RerankRequest) -> Answer:
+async def rerank(
+    stub: rerank_pb2_grpc.RerankServiceAsyncStub,
+    request: rerank_pb2.RerankRequest,
+    sent: tuple[tuple[str, str], ...] = (),
+) -> Answer:
     started = time.monotonic()
-    call = stub.Rerank(request, timeout=DEADLINE)
+    call = stub.Rerank(request, timeout=DEADLINE, metadata=sent)
     try:
         await call
     except grpc.aio.AioRpcError as error:
@@ -142,12 +147,21 @@ def deployment(upstream: FakeUpstream, name: str, priority: int = 0, **overrides
     }
 
 
-def serve(directory: Path, deployments: list[dict[str, Any]]) -> ServiceProcess:
-    """`rerank-service serve --config FILE`, FILE one route over `deployments` (enter it to start)."""
+def serve(
+    directory: Path,
+    deployments: list[dict[str, Any]],
+    *flags: str,
+    callers: list[dict[str, Any]] | None = None,
+    env: dict[str, str] | None = None,
+) -> ServiceProcess:
+    """`rerank-service serve --config FILE`, FILE one route over `deployments` (and
+    `callers`, with their keys in `env`); enter it to start."""
     config = directory / f"routes-{len(list(directory.iterdir()))}.yaml"
-    routes = {"models": [{"name": MODEL, "deployments": deployments}]}
+    routes: dict[str, Any] = {"models": [{"name": MODEL, "deployments": deployments}]}
+    if callers:
+        routes["callers"] = callers
     config.write_text(yaml.safe_dump(routes, sort_keys=False), encoding="utf-8")
-    return ServiceProcess(["--config", str(config)], env={KEY_ENV: KEY})
+    return ServiceProcess(["--config", str(config), *flags], env={KEY_ENV: KEY, **(env or {})})
 
 
 def pid_of(service: ServiceProcess) -> int:
@@ -218,9 +232,10 @@ async def closed_loop(
     request: rerank_pb2.RerankRequest,
     until: float,
     into: list[Answer],
+    sent: tuple[tuple[str, str], ...] = (),
 ) -> None:
     while time.monotonic() < until:
-        into.append(await rerank(stub, request))
+        into.append(await rerank(stub, request, sent))
 
 
 async def bursts(
@@ -310,6 +325,121 @@ def fairness(directory: Path, duration: float) -> tuple[str, list[str]]:
             failures.append(f"fairness, {result.attack.name}: the victim got {tally(result.victim)}")
         if ratio > MAX_P50_RATIO:
             failures.append(f"fairness, {result.attack.name}: victim p50 {ratio:.2f}x idle's")
+    return "\n".join(rows), failures
+
+
+# --- 1b. fairness between callers: one caller floods the admission slots -------------
+
+FLOOD_SLOTS = (
+    16  # --max-concurrent-requests of the flood runs: the flood's share is 8, as the poison attacker's 8
+)
+FLOODERS = 4 * FLOOD_SLOTS  # the flooding caller's calls in flight: four times every slot
+VICTIM_KEY, FLOOD_KEY = "bench-victim-key", "bench-flood-key"
+CALLER_KEYS = {"BENCH_VICTIM_KEY": VICTIM_KEY, "BENCH_FLOOD_KEY": FLOOD_KEY}
+FLOOD_CALLERS = [
+    {"name": "victim", "credentials": [{"key_env": "BENCH_VICTIM_KEY"}]},
+    {"name": "flood", "credentials": [{"key_env": "BENCH_FLOOD_KEY"}]},
+]
+
+
+@dataclass(frozen=True)
+class Flood:
+    name: str
+    what: str
+    share: float | None  # --caller-max-share; None: no flood
+    floods: bool = True
+
+
+FLOODS = (
+    Flood("idle", "no flood (the baseline)", 0.5, floods=False),
+    Flood("flood, no fair share", f"{FLOODERS} calls in flight, --caller-max-share 1", 1.0),
+    Flood("flood, fair share", f"{FLOODERS} calls in flight, --caller-max-share 0.5 (the default)", 0.5),
+)
+
+
+async def _flood(target: str, until: float) -> list[Answer]:
+    """The flooding caller's closed loops, until `until` (monotonic)."""
+    answers: list[Answer] = []
+    key = (("authorization", f"Bearer {FLOOD_KEY}"),)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = rerank_pb2_grpc.RerankServiceStub(channel)
+        await asyncio.gather(
+            *(closed_loop(stub, rerank_request(), until, answers, key) for _ in range(FLOODERS))
+        )
+    return answers
+
+
+def _flood_process(target: str, until: float, into: Any) -> None:
+    into.send(asyncio.run(_flood(target, until)))
+
+
+async def drive_flood(target: str, flood: Flood, duration: float) -> Fairness:
+    """The victim here; the flood in a process of its own, so the victim's own client is
+    not slowed by the flood's (only the server is shared)."""
+    result = Fairness(Attack(flood.name, flood.what, None))
+    victim_key = (("authorization", f"Bearer {VICTIM_KEY}"),)
+    async with grpc.aio.insecure_channel(target) as victim_channel:
+        victim = rerank_pb2_grpc.RerankServiceStub(victim_channel)
+        for _ in range(3):
+            await rerank(victim, rerank_request(), victim_key)
+        until = time.monotonic() + duration
+        flooder = None
+        if flood.floods:
+            context = multiprocessing.get_context("spawn")
+            receive, send = context.Pipe(duplex=False)
+            flooder = context.Process(target=_flood_process, args=(target, until, send))
+            flooder.start()
+        await asyncio.gather(
+            *(closed_loop(victim, rerank_request(), until, result.victim, victim_key) for _ in range(VICTIMS))
+        )
+        if flooder is not None:
+            result.attacker += await asyncio.to_thread(receive.recv)
+            flooder.join()
+    return result
+
+
+def flood_fairness(directory: Path, duration: float) -> tuple[str, list[str]]:
+    """A caller that floods the admission slots beside a polite one: the fair share keeps
+    the polite one served (docs/TENANTS.md)."""
+    results: list[Fairness] = []
+    for flood in FLOODS:
+        with FakeUpstream(api_key=KEY, models=(MODEL,), latency=LATENCY, record=False) as upstream:
+            flags = [
+                "--max-concurrent-requests", str(FLOOD_SLOTS),
+                "--max-open-calls", str(8 * FLOOD_SLOTS),
+                "--caller-max-share", f"{flood.share:g}",
+                "--cache-memory-mb", "0",
+            ]  # fmt: skip
+            with serve(
+                directory, [deployment(upstream, "only")], *flags, callers=FLOOD_CALLERS, env=CALLER_KEYS
+            ) as service:
+                result = asyncio.run(drive_flood(service.target, flood, duration))
+                result.peak_rss = memory_bytes(pid_of(service), "VmHWM")
+        results.append(result)
+        print(
+            f"  {flood.name}: victim {tally(result.victim)}, p50 {ms(result.p50)}, p99 {ms(result.p99)}; "
+            f"flood {tally(result.attacker)}",
+            flush=True,
+        )
+    idle = results[0].p50
+    rows = [
+        "| run | the flooding caller | its calls: what it got | victim calls | victim OK "
+        "| victim p50 / p99 | p50 vs idle | server peak RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    failures = []
+    for flood, result in zip(FLOODS, results, strict=True):
+        ratio = result.p50 / idle if idle else 0.0
+        rows.append(
+            f"| {flood.name} | {flood.what} | {tally(result.attacker)} | {len(result.victim)} "
+            f"| {result.success:.2%} | {ms(result.p50)} / {ms(result.p99)} | {ratio:.2f}x "
+            f"| {result.peak_rss / MIB:.1f} MiB |"
+        )
+        if flood.share is not None and flood.share < 1:
+            if result.success < MIN_VICTIM_SUCCESS:
+                failures.append(f"{flood.name}: the victim got {tally(result.victim)}")
+            if ratio > MAX_P50_RATIO:
+                failures.append(f"{flood.name}: victim p50 {ratio:.2f}x idle's")
     return "\n".join(rows), failures
 
 
@@ -482,6 +612,9 @@ def main() -> None:
         directory = Path(temporary)
         print("fairness", flush=True)
         blocks["routes-fairness"], found = fairness(directory, args.seconds)
+        failures += found
+        print("flood", flush=True)
+        blocks["routes-flood"], found = flood_fairness(directory, args.seconds)
         failures += found
         print("failover", flush=True)
         blocks["routes-failover"], found = failover(directory, args.seconds)

@@ -1,4 +1,4 @@
-"""`rerank-service serve | check-config | rerank | health | models`: the command line."""
+"""`rerank-service serve | check-config | rerank | health | models | usage`: the command line."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rerank": _rerank,
         "health": _health,
         "models": _models,
+        "usage": _usage,
     }[args.command]
     try:
         return handler(args)
@@ -73,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the models a running server serves")
     _add_client_arguments(models)
+
+    usage = commands.add_parser(
+        "usage", help="print each caller's usage as a table, from a running server's Prometheus endpoint"
+    )
+    usage.add_argument(
+        "--metrics", required=True, metavar="URL", help="the server's /metrics URL (http://HOST:PORT/metrics)"
+    )
     return parser
 
 
@@ -275,12 +283,28 @@ def _check_config(args: argparse.Namespace) -> int:
     routes = build_routes(settings)
     check_local_sources(settings)
     deployments = {id(member.deployment) for route in routes for member in route.members}
-    print(f"{args.file}: ok: {len(routes)} routes, {len(deployments)} deployments")
+    callers = f", {len(settings.callers)} callers" if settings.callers else ""
+    print(f"{args.file}: ok: {len(routes)} routes, {len(deployments)} deployments{callers}")
     for route in routes:
         members = ", ".join(
             f"{m.deployment.name} (priority {m.priority}, weight {m.weight})" for m in route.members
         )
         print(f"  {route.name}: {members}")
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from rerank_service.observability.usage_report import fetch_usage, table
+
+    try:
+        usage = fetch_usage(args.metrics)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {args.metrics}: {exc}", file=sys.stderr)
+        return 1
+    if not usage.by_model and not usage.limited:
+        print("no caller has called yet")
+        return 0
+    print(table(usage))
     return 0
 
 

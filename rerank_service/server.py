@@ -17,20 +17,25 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
 from rerank_service.api.grpc.server import RERANK_SERVICE, GrpcServer
-from rerank_service.api.grpc.tls import server_credentials, tls_mode
+from rerank_service.api.grpc.tls import server_credentials
 from rerank_service.api.http.app import FrontDoor
 from rerank_service.api.http.server import HttpServer
+from rerank_service.cache.build import build_score_cache
 from rerank_service.config import ConfigError, Settings
 from rerank_service.config.deployments import reload_refusal
+from rerank_service.config.server import CallersConfig, ServerConfig
 from rerank_service.core.backend import Backend
 from rerank_service.core.engine import RerankEngine
-from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
+from rerank_service.observability.metrics import Metrics
+from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
 from rerank_service.observability.process_limits import FileLimit, raise_file_limit
 from rerank_service.pipeline.admission import Admission
-from rerank_service.pipeline.auth import KeyChecker
 from rerank_service.pipeline.call import Pipeline
+from rerank_service.pipeline.callers import CallerDirectory
+from rerank_service.pipeline.limits import build_limiter
 from rerank_service.pipeline.record import INFERENCE_TIME_KEY, UPSTREAM_TIME_KEY
+from rerank_service.pipeline.usage import UsageMeter, open_usage_log
 from rerank_service.routing import Router
 from rerank_service.routing.build import build_router, build_routes
 
@@ -52,31 +57,52 @@ class RerankServer:
 
     # The Prometheus endpoint (--metrics-port), and its port once started.
     metrics_port: int | None = None
-    _metrics: WSGIServer | None = None
+    _metrics_server: WSGIServer | None = None
     # The open-file limit `serve` raised, for the `listening` line.
     file_limit: FileLimit | None = None
 
     def __init__(
-        self, settings: Settings, backend: Backend | None = None, *, worker: int | None = None
+        self,
+        settings: Settings,
+        backend: Backend | None = None,
+        *,
+        worker: int | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        # Where everything this server does is recorded (None: in memory, a Metrics of its own).
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.config = config = ServerConfig.from_settings(settings)
         # One of `serve --workers N`'s processes (workers.py): the ports are shared
         # (SO_REUSEPORT) and the supervisor logs the one `serving` line.
         self.worker = worker
         # Before anything else: a bad certificate or key stops start-up with a ConfigError.
-        self._credentials = server_credentials(settings)
-        self.backend = backend or build_router(settings)
-        self.engine = RerankEngine.from_settings(self.backend, settings)
+        self._credentials = server_credentials(config.tls)
+        # One score cache for the process, kept across reloads (a changed deployment's keys change).
+        self.cache = build_score_cache(config.cache)
+        self.backend = backend or build_router(settings, self.metrics, self.cache)
+        self.engine = RerankEngine.from_config(self.backend, config.calls)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
+        limits = config.admission
         self.admission = Admission(
-            settings.max_concurrent_requests, settings.max_inflight_bytes, settings.max_open_calls
+            limits.max_concurrent_requests,
+            limits.max_inflight_bytes,
+            limits.max_open_calls,
+            caller_max_share=config.callers.max_share,
         )
         local = all(model.backend == "local" for model in self.engine.models())
         # The one pipeline every call of both front doors goes through: same engine, limits, keys.
-        self.pipeline = Pipeline(self.engine, self.admission, KeyChecker(settings.api_keys))
+        self.pipeline = Pipeline(
+            self.engine,
+            self.admission,
+            CallerDirectory.from_config(config.callers),
+            self.metrics,
+            limiter=build_limiter(config.callers.limits_store, self.metrics.callers),
+            usage=UsageMeter(self.metrics.callers, open_usage_log(config.callers.usage_log)),
+        )
         self.grpc = GrpcServer(
-            settings,
+            config.grpc,
             self.pipeline,
             self.health,
             self._credentials,
@@ -86,16 +112,22 @@ class RerankServer:
         )
         self.side_calls = self.grpc.side_calls
         self.http: HttpServer | None = None
-        if settings.http_port is not None:  # the HTTP front door
+        if config.http.port is not None:  # the HTTP front door
             front_door = FrontDoor(
                 self.pipeline,
                 ready=lambda: self._serving and not self._draining,
                 live=lambda: not self._draining,
-                max_body_bytes=settings.max_message_bytes,
-                body_timeout=settings.http_body_timeout,
-                call_timeout=settings.http_call_timeout,
+                max_body_bytes=config.http.max_body_bytes,
+                body_timeout=config.http.body_timeout,
+                call_timeout=config.http.call_timeout,
             )
-            self.http = HttpServer(front_door, settings, reuse_port=worker is not None)
+            self.http = HttpServer(
+                front_door,
+                config.http,
+                config.tls,
+                shutdown_grace=config.process.shutdown_grace,
+                reuse_port=worker is not None,
+            )
         self._health_watch: asyncio.Task[None] | None = None
         self._draining = False
         self._serving = False
@@ -104,20 +136,20 @@ class RerankServer:
         """Open the ports (health NOT_SERVING), start the backend, then report SERVING."""
         for service in HEALTH_SERVICES:
             await self.health.set(service, _NOT_SERVING)
-        if self.settings.metrics_port is not None:
-            self._metrics, self.metrics_port = metrics.start_metrics_server(
-                self.settings.host, self.settings.metrics_port
+        if self.config.process.metrics_port is not None:
+            self._metrics_server, self.metrics_port = start_metrics_server(
+                self.config.grpc.host, self.config.process.metrics_port, self.metrics.registry
             )
         self.port = await self.grpc.start()
         if self.http is not None:
             await self.http.start()
         _log.info(
             "listening",
-            host=self.settings.host,
+            host=self.config.grpc.host,
             port=self.port,
             backend="+".join(sorted({model.backend for model in self.engine.models()})),
-            auth=_auth_mode(self.settings),
-            tls=tls_mode(self.settings),
+            auth=_auth_mode(self.config.callers),
+            tls=self.config.tls.mode,
             models=[model.name for model in self.engine.models()],
             **({} if self.file_limit is None else {"file_limit": self.file_limit.fields()}),
         )
@@ -146,21 +178,26 @@ class RerankServer:
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, go on taking calls for --drain-delay, then refuse new calls and
         let calls in flight finish within `grace`."""
-        grace = self.settings.shutdown_grace if grace is None else grace
+        process = self.config.process
+        grace = process.shutdown_grace if grace is None else grace
         _log.info("draining", grace_s=grace)
         self._draining = True
         if self._health_watch is not None:
             self._health_watch.cancel()
         await self.health.enter_graceful_shutdown()
-        if self.settings.drain_delay > 0:
+        if process.drain_delay > 0:
             # Health says NOT_SERVING already; calls are still taken while clients move away.
-            _log.info("drain delay", delay_s=self.settings.drain_delay)
-            await asyncio.sleep(self.settings.drain_delay)
+            _log.info("drain delay", delay_s=process.drain_delay)
+            await asyncio.sleep(process.drain_delay)
         await asyncio.gather(self.grpc.stop(grace), self.http.stop() if self.http is not None else _nothing())
         await self.backend.close()
-        if self._metrics is not None:  # last: scrapes still answer while calls drain
-            await asyncio.to_thread(metrics.stop_metrics_server, self._metrics)
-            self._metrics = None
+        await self.pipeline.limiter.close()
+        self.pipeline.usage.close()
+        if self.cache is not None:
+            await self.cache.aclose()
+        if self._metrics_server is not None:  # last: scrapes still answer while calls drain
+            await asyncio.to_thread(stop_metrics_server, self._metrics_server)
+            self._metrics_server = None
         _log.info("stopped")
 
     # The settings the routes were last loaded from (None: as started), for `reload`.
@@ -180,16 +217,29 @@ class RerankServer:
             refusal = reload_refusal(self._routes_from or self.settings, settings)
             if refusal is not None:
                 raise ConfigError(refusal)
-            routes = build_routes(settings, reuse=self.backend.deployments)
-            await self.backend.replace(routes, grace=self.settings.shutdown_grace)
+            # The callers: keys added or removed, limits changed; never authentication
+            # switched on or off (deployments pass callers' tokens upstream without it).
+            callers = CallersConfig.from_settings(settings)
+            if bool(callers.api_keys or callers.callers) != self.pipeline.callers.enabled:
+                raise ConfigError(
+                    "a reload cannot switch callers' authentication on or off (a callers section "
+                    "added to or emptied of a service without --api-keys): restart to"
+                )
+            routes = build_routes(
+                settings, reuse=self.backend.deployments, metrics=self.metrics, cache=self.cache
+            )
+            await self.backend.replace(routes, grace=self.config.process.shutdown_grace)
         except Exception as exc:  # a bad file, or a new deployment that does not start
             _log.error("reload refused", error=str(exc), why="the configuration stays as it was")
             return False
         self._routes_from = settings  # what the next reload is compared with
-        # Only the routes change: listening, keys, limits and logging stay as started.
+        self.pipeline.callers.update(callers.callers)  # from the next call on
+        # Only the routes and the callers change: listening, --api-keys, admission limits and
+        # logging stay as started.
         _log.info(
             "reloaded",
             routes={route.name: [member.deployment.name for member in route.members] for route in routes},
+            callers=[caller.name for caller in callers.callers],
         )
         return True
 
@@ -216,10 +266,12 @@ async def _nothing() -> None:
     return None
 
 
-def _auth_mode(settings: Settings) -> str:
-    if settings.api_keys:
+def _auth_mode(callers: CallersConfig) -> str:
+    if callers.callers:
+        return "callers+api-keys" if callers.api_keys else "callers"
+    if callers.api_keys:
         return "api-keys"
-    if settings.pass_through:
+    if callers.pass_through:
         return "pass-through"
     return "open"
 
@@ -247,16 +299,20 @@ async def serve(
     *,
     worker: int | None = None,
     on_serving: Callable[[int], None] | None = None,
+    metrics_directory: str | None = None,
 ) -> int:
     """Run until SIGTERM or SIGINT, then drain; the process's exit code.
 
     SIGHUP loads the settings again with `reload` and serves their routes. `worker`: this
-    process is that worker of a supervisor (workers.py); `on_serving(port)` is called once
-    the server is serving.
+    process is that worker of a supervisor (workers.py), which sums the metrics each
+    worker keeps in files in `metrics_directory` (None: in memory, served at
+    --metrics-port); `on_serving(port)` is called once the server is serving.
     """
     # Every connection holds a file descriptor: systemd's default soft limit is 1024.
     file_limit = raise_file_limit()
-    server = RerankServer(settings, worker=worker)
+    # The process's one Metrics, where it keeps its values chosen here (not at import).
+    metrics = Metrics(multiprocess_directory=metrics_directory)
+    server = RerankServer(settings, worker=worker, metrics=metrics)
     server.file_limit = file_limit
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -21,7 +21,7 @@ def describe(error: ErrorDetails, fields: Mapping[str, Any], origins: Mapping[st
     info = fields.get(str(top))
     # A key pasted where its variable or file is named must not be repeated.
     secret = (info is not None and any(isinstance(item, KeySources) for item in info.metadata)) or any(
-        part in ("api_key_env", "api_key_file") for part in inner
+        part in ("api_key_env", "api_key_file", "key_env", "key_file", "key_sha256") for part in inner
     )
     kind = error["type"]
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):

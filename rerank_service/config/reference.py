@@ -39,6 +39,16 @@ models:
         priority: 1
 """
 
+# The file-only `callers:` section, in short; docs/TENANTS.md has every key.
+CALLERS_EXAMPLE = """\
+callers:
+  - name: search                                 # in logs, metrics and usage
+    credentials:
+      - key_env: SEARCH_API_KEY
+    models: [qwen3-rerank]                       # default: every model ("*")
+    limits: {requests_per_minute: 600, tokens_per_minute: 2000000}
+"""
+
 
 def render() -> str:
     plain = [option for option in options() if option.keys is None]
@@ -100,6 +110,17 @@ def render() -> str:
         "",
         "```yaml",
         *ROUTES_EXAMPLE.splitlines(),
+        "```",
+        "",
+        "The file alone also holds `callers`: the service's tenants, each a name, its",
+        "credentials (a key named by `key_env` or `key_file`, the key's `key_sha256`, or an",
+        "mTLS client certificate's `tls_identity`), the `models` it may call and its `limits`",
+        "(requests, documents and tokens per minute, calls in flight). A key is never written",
+        "in the file. Every key, what each limit counts and how to read each caller's usage:",
+        "[TENANTS.md](TENANTS.md). SIGHUP reloads it with the routes.",
+        "",
+        "```yaml",
+        *CALLERS_EXAMPLE.splitlines(),
         "```",
         "",
         "One more key is read only from the file: `allow_backend_change` (default `false`).",

@@ -24,7 +24,8 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Instanc
 from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 
-from rerank_service.config.routes import FileOnly, RouteConfig, distinct_routes
+from rerank_service.config.callers import CallerEntry, caller_secrets, distinct_callers
+from rerank_service.config.routes import FileOnly, RouteEntry, distinct_routes
 from rerank_service.config.secret import Secret
 
 DEFAULT_UPSTREAM_URL = "https://dashscope-intl.aliyuncs.com"
@@ -139,6 +140,23 @@ def _http_url(example: str) -> Callable[[str | None], str | None]:
     return check
 
 
+def _redis_url(value: str | None) -> str | None:
+    """A Redis server's URL (redis:// or rediss://); an error never repeats its password."""
+    if value is None:
+        return None
+    parts = urlsplit(value.strip())
+    shown = value.replace(f":{parts.password}@", ":***@") if parts.password else value
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(
+            f"must be a redis:// or rediss:// URL such as redis://redis.internal:6379/0, got {shown!r}"
+        )
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError(f"has an invalid port, got {shown!r}") from None
+    return value.strip()
+
+
 def _base_url(value: str) -> str:
     """An upstream's base URL: ListModels shows it and the endpoint's path goes after it, so
     a query, a fragment or credentials in it would leak or break the calls. The error never
@@ -225,6 +243,17 @@ UpstreamUrl = Annotated[
     AfterValidator(_http_url(DEFAULT_UPSTREAM_URL)),
     Expect("an http(s) URL without a query, fragment or user:password@"),
 ]
+RedisUrl = Annotated[
+    str | None,
+    BeforeValidator(_blank_is_none),
+    AfterValidator(_redis_url),
+    Expect("a redis:// or rediss:// URL"),
+]
+Share = Annotated[float, Field(gt=0, le=1), Expect("a share above 0, at most 1")]
+LimitsStoreFailure = Annotated[Literal["open", "closed"], BeforeValidator(_trimmed_lower)]
+UsageLog = Annotated[
+    str | None, BeforeValidator(_blank_is_none), Expect("stdout, or a file path", unset="off")
+]
 ProxyUrl = Annotated[
     str | None,
     BeforeValidator(_blank_is_none),
@@ -242,6 +271,9 @@ LocalModels = Annotated[
 ]
 FilePath = Annotated[Path | None, BeforeValidator(_blank_is_none), Expect("a file path")]
 DirectoryPath = Annotated[Path | None, BeforeValidator(_blank_is_none), Expect("a directory path")]
+TokenizerSource = Annotated[
+    str | None, BeforeValidator(_blank_is_none), Expect("a directory, or a cached Hugging Face model id")
+]
 Backend = Annotated[Literal["local", "upstream"], BeforeValidator(_trimmed_lower)]
 Device = Annotated[Literal["auto", "cpu", "cuda"], BeforeValidator(_trimmed_lower)]
 Dtype = Annotated[Literal["auto", "float32", "float16", "bfloat16"], BeforeValidator(_trimmed_lower)]
@@ -376,6 +408,12 @@ class Settings:
         description="PEM CA bundle that verifies the upstream's certificate (unset: SSL_CERT_FILE, "
         "SSL_CERT_DIR, else certifi's bundle)",
     )
+    upstream_tokenizer: TokenizerSource = Field(
+        default=None,
+        description="the upstream model's tokenizer, so long documents are cut and chunked by its "
+        "tokens: a directory holding tokenizer.json, or a Hugging Face model id already in the local "
+        "cache (never downloaded); unset: one token per 3 bytes of UTF-8, estimated",
+    )
     upstream_max_attempts: Count = Field(
         default=3,
         description="attempts per upstream call, the first included; only connect errors, resets, 429 and "
@@ -433,6 +471,11 @@ class Settings:
         description="most estimated tokens in one upstream call (query x documents + documents)",
     )
     chunk_concurrency: Count = Field(default=8, description="chunks of one split call sent upstream at once")
+    max_chunks_per_call: Count = Field(
+        default=1000,
+        description="most document chunks one call may score (long_documents CHUNK; documents within "
+        "the window count one each): past it the call is refused with INVALID_ARGUMENT before any is scored",
+    )
     max_fanout_factor: Count = Field(
         default=10,
         description="a call split into several upstream requests may send at most this many times its "
@@ -585,7 +628,63 @@ class Settings:
         "supervisor that also serves --metrics-port (auto: one per usable core; 1: no supervisor; "
         "docs/OPERATIONS.md#workers)",
     )
-    models: Annotated[tuple[RouteConfig, ...], AfterValidator(distinct_routes), FileOnly()] = Field(
+    cache_memory_mb: CountOrZero = Field(
+        default=64,
+        description="score cache: megabytes of scores this process keeps, least recently used first "
+        "out (a score per (model, instruct, query, document) pair, hashed; docs/CACHE.md); 0 turns "
+        "the in-process tier off",
+    )
+    cache_ttl: Seconds = Field(default=3600.0, description="score cache: seconds a cached score is used")
+    cache_store: RedisUrl = Field(
+        default=None,
+        description="score cache: a shared tier in Redis (redis://HOST:PORT/DB, rediss:// for TLS), so "
+        "workers and replicas share their scores; unset: none",
+    )
+    cache_store_timeout: Seconds = Field(
+        default=0.05,
+        description="score cache: seconds a Redis round trip may take; a slower or failed one is a miss, "
+        "never a failed call",
+    )
+    cache_store_ca_file: FilePath = Field(
+        default=None, description="score cache: PEM CA bundle that signs a rediss:// store's certificate"
+    )
+    limits_store: RedisUrl = Field(
+        default=None,
+        description="callers' limits: the token buckets live in Redis (redis://HOST:PORT/DB, rediss:// for "
+        "TLS), so workers and replicas hold each limit together; unset: each process keeps its own "
+        "buckets, and N processes allow N times each limit (docs/TENANTS.md)",
+    )
+    limits_store_failure: LimitsStoreFailure = Field(
+        default="open",
+        description="callers' limits while the limits store does not answer: open serves calls against "
+        "this process's own buckets, closed refuses the calls of callers with limits (UNAVAILABLE)",
+    )
+    limits_store_timeout: Seconds = Field(
+        default=0.05,
+        description="callers' limits: seconds a Redis round trip may take; a slower or failed one falls "
+        "back (--limits-store-failure), never holds a call longer",
+    )
+    limits_store_ca_file: FilePath = Field(
+        default=None, description="callers' limits: PEM CA bundle that signs a rediss:// store's certificate"
+    )
+    caller_max_share: Share = Field(
+        default=0.5,
+        description="the share of --max-concurrent-requests one caller without its own concurrent limit "
+        "may hold while other callers are calling too (1: no cap); a flood from one caller then leaves "
+        "the rest of the slots to the others",
+    )
+    usage_log: UsageLog = Field(
+        default=None,
+        description="one JSON line per call of a caller (caller, model, deployment, request id, "
+        "documents, tokens, usage source, latency, code; nothing of the query or documents) appended "
+        "to this file, or written to stdout (off: none; docs/TENANTS.md#usage)",
+    )
+    callers: Annotated[tuple[CallerEntry, ...], AfterValidator(distinct_callers), FileOnly()] = Field(
+        default=(),
+        description="callers (tenants): each a name, its keys or mTLS identities, the models it may "
+        "call and its limits (the configuration file only; docs/TENANTS.md)",
+    )
+    models: Annotated[tuple[RouteEntry, ...], AfterValidator(distinct_routes), FileOnly()] = Field(
         default=(),
         description="routes: the model names callers send, each served by one or more deployments "
         "(the configuration file only; docs/ROUTING.md). Unset: the upstream_* or local settings "
@@ -603,7 +702,7 @@ class Settings:
     @property
     def pass_through(self) -> bool:
         """No caller keys and no upstream key: callers' bearer tokens go upstream."""
-        return not self.api_keys and self.upstream_api_key is None
+        return not self.api_keys and not self.callers and self.upstream_api_key is None
 
     def secrets(self) -> list[Secret]:
         """Every secret this configuration holds, for log redaction."""
@@ -611,6 +710,7 @@ class Settings:
         if self.upstream_api_key is not None:
             found.append(self.upstream_api_key)
         found += [d.api_key for route in self.models for d in route.deployments if d.api_key is not None]
+        found += caller_secrets(self.callers)
         return found
 
 
@@ -630,6 +730,9 @@ def check_consistency(settings: Settings) -> None:
             f"max-inflight-bytes ({settings.max_inflight_bytes}) must be at least max-message-bytes "
             f"({settings.max_message_bytes}): the largest request must fit"
         )
+    if settings.cache_store_ca_file is not None and not (settings.cache_store or "").startswith("rediss://"):
+        raise ConfigError("cache-store-ca-file applies to a rediss:// (TLS) cache-store only")
+    check_callers(settings)
     check_local_engine(settings)
     if (
         settings.backend == "upstream"
@@ -651,6 +754,44 @@ def check_consistency(settings: Settings) -> None:
                         "one with api_key_env or api_key_file, or set RERANK_UPSTREAM_API_KEY for all"
                         + (f" (from {origin})" if origin else "")
                     )
+
+
+def check_callers(settings: Settings) -> None:
+    """The callers' section against the rest: mTLS for certificate identities, an upstream key
+    (a caller's key never goes upstream), a TLS store for its CA file."""
+    tls_store = (settings.limits_store or "").startswith("rediss://")
+    if settings.limits_store_ca_file is not None and not tls_store:
+        raise ConfigError("limits-store-ca-file applies to a rediss:// (TLS) limits-store only")
+    origin = settings.sources.get("callers")
+    where = f" (from {origin})" if origin else ""
+    for c, caller in enumerate(settings.callers):
+        for k, credential in enumerate(caller.credentials):
+            if credential.tls_identity and settings.tls_client_ca is None:
+                raise ConfigError(
+                    f"callers[{c}].credentials[{k}].tls_identity needs client certificates: set "
+                    f"tls-client-ca (mTLS){where}"
+                )
+        served = {route.name for route in settings.models}
+        for m, model in enumerate(caller.models):
+            if served and model != "*" and model not in served:
+                raise ConfigError(
+                    f"callers[{c}].models[{m}] names {model!r}, which no route of the models section "
+                    f"serves{where}"
+                )
+    if not settings.callers or settings.upstream_api_key is not None:
+        return
+    if settings.backend == "upstream" and not settings.models:
+        raise ConfigError(
+            "callers are set but the upstream has no key: set RERANK_UPSTREAM_API_KEY (or "
+            f"DASHSCOPE_API_KEY); callers' keys never go upstream{where}"
+        )
+    for r, route in enumerate(settings.models):
+        for d, deployment in enumerate(route.deployments):
+            if deployment.format != "local" and deployment.api_key is None:
+                raise ConfigError(
+                    f"models[{r}].deployments[{d}] has no key while callers are set: name one with "
+                    "api_key_env or api_key_file, or set RERANK_UPSTREAM_API_KEY for all"
+                )
 
 
 def check_local_engine(settings: Settings, place: str = "") -> None:

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from pydantic import ValidationError
 
+from rerank_service.config.callers import CallerKeyError, check_distinct_keys, with_caller_keys
 from rerank_service.config.deployments import deployment_specs
 from rerank_service.config.problems import describe
 from rerank_service.config.routes import KeySourceError, with_keys
@@ -34,7 +35,7 @@ from rerank_service.config.settings import (
 T = TypeVar("T")
 
 # Keys only the file can hold (no flag, no variable).
-FILE_ONLY = ("models", "allow_backend_change")
+FILE_ONLY = ("models", "allow_backend_change", "callers")
 CONFIG_FLAG = "--config"
 CONFIG_ENV = "RERANK_CONFIG"
 
@@ -97,6 +98,13 @@ def load_settings(args: Mapping[str, Any] | None = None, env: Mapping[str, str] 
         except KeySourceError as exc:
             raise ConfigError(f"{exc} (from {origins['models']})") from None
         deployment_specs(settings)  # every deployment's own settings are valid
+    if settings.callers:
+        try:
+            callers = with_caller_keys(settings.callers, env)
+            check_distinct_keys(callers, settings.api_keys)
+        except CallerKeyError as exc:
+            raise ConfigError(f"{exc} (from {origins['callers']})") from None
+        settings = dataclasses.replace(settings, callers=callers)
     check_consistency(settings)
     return settings
 

@@ -6,6 +6,8 @@ replica), and the server's memory stays bounded. Calls are counted (a stream is 
 call), and so are the bytes of the request messages being worked on (a stream item
 counts like a call): ten 15 MB calls hold far more than ten 1 KB ones, and the process
 holds about five times a request's bytes while it works on it (docs/RELIABILITY.md).
+While several callers call, one without a concurrent limit of its own holds at most its
+share of the slots (--caller-max-share), so a caller that floods leaves the others room.
 A unary call past the byte budget is refused; a stream stops reading its next item
 until the budget has room (its client then waits under HTTP/2 flow control).
 Only RerankService calls pass the edge (edge.py): health checks and reflection have bounds
@@ -15,19 +17,47 @@ of their own (api/grpc/side_calls.py), so probes keep working under overload.
 from __future__ import annotations
 
 import asyncio
+import math
+import time
+from collections.abc import Callable
 
 import grpc
 
 from rerank_service.core.domain import ServiceError
+from rerank_service.pipeline.limits import fair_share_refusal
 
 # What refused callers are told to wait before trying again (a hint, as RetryInfo).
 OVERLOAD_RETRY_AFTER = 0.05
 
 
+# Seconds a caller counts as calling after its last call arrived (admitted or refused): a
+# caller past its share is refused while another one called within this.
+OTHERS_WINDOW = 1.0
+
+
 class Admission:
-    def __init__(self, max_in_flight: int, max_bytes: int | None = None, max_open: int | None = None) -> None:
+    def __init__(
+        self,
+        max_in_flight: int,
+        max_bytes: int | None = None,
+        max_open: int | None = None,
+        *,
+        caller_max_share: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_in_flight = max_in_flight
         self.max_bytes = max_bytes
+        # Fair share: the slots one caller may hold while others call (--caller-max-share).
+        self.caller_max_share = caller_max_share
+        self._share_cap = (
+            max(1, math.floor(caller_max_share * max_in_flight)) if caller_max_share < 1 else None
+        )
+        self._held: dict[str, int] = {}  # slots held, by caller
+        # The two callers seen last, each with when: enough to tell whether another than
+        # a given caller called within OTHERS_WINDOW.
+        self._last: tuple[str | None, float] = (None, float("-inf"))
+        self._before: tuple[str | None, float] = (None, float("-inf"))
+        self._clock = clock
         # Calls open, working or not (a stream that has sent nothing yet included): grpc's own
         # limit also counts health and reflection calls, which have bounds of their own.
         self.max_open = max_open
@@ -45,13 +75,22 @@ class Admission:
     def close_call(self) -> None:
         self.open -= 1
 
-    def enter(self, size: int = 0) -> None:
+    def enter(self, size: int = 0, caller: str | None = None) -> None:
         """Take a call slot and `size` bytes, or raise RESOURCE_EXHAUSTED; every `enter`
-        is paired with a `release` of the same size."""
+        is paired with a `release` of the same size and caller. `caller`: the slot counts
+        against that caller's share (a caller with a concurrent limit of its own: None)."""
+        if caller is not None:
+            self._seen(caller)
         if self.in_flight >= self.max_in_flight:
             raise _overloaded(f"{self.max_in_flight} calls in flight (--max-concurrent-requests)")
+        if caller is not None and self._share_cap is not None:
+            held = self._held.get(caller, 0)
+            if held >= self._share_cap and self._others_calling(caller):
+                raise fair_share_refusal(caller, held, self.max_in_flight, self.caller_max_share)
         self.enter_bytes(size)
         self.in_flight += 1
+        if caller is not None:
+            self._held[caller] = self._held.get(caller, 0) + 1
 
     def has_room(self, size: int) -> bool:
         """Whether `enter(size)` would let a call in now."""
@@ -67,9 +106,32 @@ class Admission:
             )
         self.bytes_in_flight += size
 
-    def release(self, size: int = 0) -> None:
+    def release(self, size: int = 0, caller: str | None = None) -> None:
         self.in_flight -= 1
         self.give_bytes(size)
+        if caller is not None:
+            held = self._held[caller] - 1
+            if held:
+                self._held[caller] = held
+            else:
+                del self._held[caller]  # the map holds callers with slots only
+
+    def held(self, caller: str) -> int:
+        """Slots `caller` holds now."""
+        return self._held.get(caller, 0)
+
+    def _seen(self, caller: str) -> None:
+        now = self._clock()
+        if self._last[0] != caller:
+            self._before = self._last
+        self._last = (caller, now)
+
+    def _others_calling(self, caller: str) -> bool:
+        """Whether a caller other than `caller` holds a slot or called within OTHERS_WINDOW."""
+        if len(self._held) > 1 or (self._held and caller not in self._held):
+            return True
+        other = self._before if self._last[0] == caller else self._last
+        return other[0] is not None and self._clock() - other[1] < OTHERS_WINDOW
 
     async def take_bytes(self, size: int) -> None:
         """Take `size` bytes, waiting while the budget has no room for them."""

@@ -4,15 +4,18 @@ from these steps and decide nothing else; each step is written once, here:
 
 1. `Pipeline.open`: the call's request id (bound, so every log line below carries it)
    and its in-flight metric;
-2. `Pipeline.authenticate`: the caller, from its bearer token (UNAUTHENTICATED), which
-   a front door checks as soon as it has the headers;
+2. `Pipeline.authenticate`: the caller, from its bearer token or its client certificate
+   (UNAUTHENTICATED), which a front door checks as soon as it has the headers
+   (pipeline/callers.py);
 3. `admit` (or `admit_bytes` then `admit_call`, for a front door that learns the size
    before it reads the body): a slot and the request's bytes (RESOURCE_EXHAUSTED past
    the bounds, admission.py);
-4. `rerank`: the caller's deadline (DEADLINE_EXCEEDED once passed), then the engine;
-   the outcome is kept as a value;
-5. `finish`: what was admitted given back, then one log line and the call's metrics,
-   from the values gathered (the outcome, or the error and its code).
+4. `rerank`: the model checked against the caller's (PERMISSION_DENIED), the caller's
+   deadline (DEADLINE_EXCEEDED once passed), the caller's limits (RESOURCE_EXHAUSTED,
+   limits.py), then the engine; the outcome is kept as a value;
+5. `finish`: what was admitted given back (the limits settled), then one log line, the
+   call's metrics and its caller's usage (usage.py), from the values gathered (the
+   outcome, or the error and its code).
 
 A step every call takes (per-caller limits, a score cache, a span) is added here, once.
 """
@@ -20,6 +23,7 @@ A step every call takes (per-caller limits, a score cache, a span) is added here
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextvars import Token
 
 import grpc
@@ -27,12 +31,14 @@ import grpc
 from rerank_service.config.secret import Secret
 from rerank_service.core.domain import CallContext, RerankOutcome, RerankRequest, ServiceError
 from rerank_service.core.engine import RerankEngine
-from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
+from rerank_service.observability.metrics import MethodMetrics, Metrics
 from rerank_service.observability.request_id import bind_request_id, new_request_id, unbind_request_id
 from rerank_service.pipeline.admission import Admission
-from rerank_service.pipeline.auth import KeyChecker
+from rerank_service.pipeline.callers import Caller, CallerDirectory
+from rerank_service.pipeline.limits import Grant, Limiter
 from rerank_service.pipeline.record import call_facts, log_call
+from rerank_service.pipeline.usage import MeteredCall, UsageMeter
 
 _log = get_logger("rerank_service.access")
 
@@ -51,33 +57,59 @@ def unauthenticated(missing: bool, carrier: str) -> ServiceError:
 
 
 class Pipeline:
-    """The steps every call takes, bound to the server's engine, limits and keys."""
+    """The steps every call takes, bound to the server's engine, limits, keys and metrics."""
 
-    def __init__(self, engine: RerankEngine, admission: Admission, checker: KeyChecker) -> None:
+    def __init__(
+        self,
+        engine: RerankEngine,
+        admission: Admission,
+        callers: CallerDirectory,
+        metrics: Metrics | None = None,
+        *,
+        limiter: Limiter | None = None,
+        usage: UsageMeter | None = None,
+    ) -> None:
         self.engine = engine
         self.admission = admission
-        self.checker = checker
+        self.callers = callers
+        # Where every call is counted; the front doors bind their methods' children from it
+        # (None: a Metrics of its own, served nowhere, for a pipeline built in a test).
+        self.metrics = metrics if metrics is not None else Metrics()
+        # The callers' limits (per process unless given a store), and what each used.
+        self.limiter = limiter if limiter is not None else Limiter()
+        self.usage = usage if usage is not None else UsageMeter(self.metrics.callers)
 
     def open(
         self,
         method: str,
         peer: str,
-        measured: metrics.MethodMetrics,
+        measured: MethodMetrics,
         *,
         item_id: str | None = None,
         scoped: bool = True,
+        caller: Caller | None = None,
     ) -> Call:
         """Start a call: its request id, bound (`scoped`: unbound again at `finish`; a
-        stream or a stream item runs in a task of its own, which ends with it)."""
-        return Call(self, method, peer, measured, item_id, scoped)
+        stream or a stream item runs in a task of its own, which ends with it). `caller`:
+        known already (a stream's item: the stream's)."""
+        call = Call(self, method, peer, measured, item_id, scoped)
+        call.caller = caller
+        return call
 
-    def authenticate(self, token: Secret | None, carrier: str) -> None:
-        """Refuse a call unless its bearer token is one of the keys (when keys are set)."""
-        if self.checker.enabled and not self.checker.accepts(token):
-            raise unauthenticated(token is None, carrier)
+    def authenticate(self, token: Secret | None, carrier: str, peer_identities: Sequence[str] = ()) -> Caller:
+        """The caller of a call with this bearer token and these client-certificate
+        identities; UNAUTHENTICATED when callers or keys are set and none is named."""
+        caller = self.callers.identify(token, peer_identities)
+        if caller is None:
+            raise unauthenticated(token is None and not peer_identities, carrier)
+        return caller
+
+    def serves(self, model: str) -> bool:
+        """Whether a route serves `model` (a name a caller sent may be anything)."""
+        return any(info.name == model for info in self.engine.models())
 
     @staticmethod
-    def refused_at_once(measured: metrics.MethodMetrics, code: grpc.StatusCode, documents: int) -> str:
+    def refused_at_once(measured: MethodMetrics, code: grpc.StatusCode, documents: int) -> str:
         """A call refused before it opened (a duplicate stream item id): counted, and its
         request id to answer with."""
         measured.started()
@@ -90,11 +122,14 @@ class Call:
 
     __slots__ = (
         "_bytes",
+        "_grant",
         "_measured",
         "_opened",
         "_pipeline",
+        "_share",
         "_slot",
         "_token",
+        "caller",
         "code",
         "details",
         "documents",
@@ -113,7 +148,7 @@ class Call:
         pipeline: Pipeline,
         method: str,
         peer: str,
-        measured: metrics.MethodMetrics,
+        measured: MethodMetrics,
         item_id: str | None,
         scoped: bool,
     ) -> None:
@@ -137,6 +172,20 @@ class Call:
         self.failure: ServiceError | None = None
         self._opened = self._slot = False
         self._bytes = 0
+        # Who calls (set once authenticated), what its limits granted, and the name its
+        # admission slot counts against (its share: None for a caller with its own
+        # concurrent limit, or none known).
+        self.caller: Caller | None = None
+        self._grant: Grant | None = None
+        self._share: str | None = None
+
+    @property
+    def share_key(self) -> str | None:
+        """The name this call's admission slots count against for the fair share."""
+        caller = self.caller
+        if caller is None or (caller.limits is not None and caller.limits.concurrent is not None):
+            return None
+        return caller.name
 
     def admit_stream(self) -> None:
         """Count a stream open, or RESOURCE_EXHAUSTED; its items take slots and bytes as
@@ -147,7 +196,8 @@ class Call:
     def admit(self, size: int) -> None:
         """Count the call open, then take a slot and `size` bytes; or RESOURCE_EXHAUSTED."""
         self.admit_stream()
-        self._pipeline.admission.enter(size)
+        self._share = self.share_key
+        self._pipeline.admission.enter(size, self._share)
         self._slot = True
         self._bytes = size
 
@@ -158,14 +208,25 @@ class Call:
 
     def admit_call(self) -> None:
         """Take the call's slot, its bytes taken already (`admit_bytes`)."""
-        self._pipeline.admission.enter(0)
+        self._share = self.share_key
+        self._pipeline.admission.enter(0, self._share)
         self._slot = True
 
     async def rerank(self, request: RerankRequest, context: CallContext) -> RerankOutcome:
-        """The caller's deadline, then the engine; the outcome is kept for `finish`."""
+        """The caller's model and deadline, its limits, then the engine; the outcome is kept
+        for `finish`."""
         self.documents, self.model = len(request.documents), request.model
+        caller = self.caller
+        if caller is not None and caller.models is not None:
+            caller.check_model(request.model)
         if context.deadline is not None and time.monotonic() >= context.deadline:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call ran")
+        if caller is not None and caller.limits is not None:
+            limiter = self._pipeline.limiter
+            if limiter.store is None:  # nothing to wait for: no coroutine either
+                self._grant = limiter.admit_here(caller, request)
+            else:
+                self._grant = await limiter.admit(caller, request, self.request_id, context.deadline)
         self.outcome = await self._pipeline.engine.rerank(request, context)
         return self.outcome
 
@@ -190,9 +251,10 @@ class Call:
 
     def finish(self, *, items: int | None = None, event: str = "call") -> None:
         """Give back what was admitted, then record the call once: metrics and log line."""
-        admission = self._pipeline.admission
+        pipeline = self._pipeline
+        admission = pipeline.admission
         if self._slot:
-            admission.release(self._bytes)
+            admission.release(self._bytes, self._share)
         elif self._bytes:
             admission.give_bytes(self._bytes)
         if self._opened:
@@ -202,10 +264,32 @@ class Call:
         seconds = time.perf_counter() - self.started
         facts = call_facts(
             self.method, self.peer, self.request_id, self.documents, self.model, self.outcome,
-            self.failure, self.item_id, items,
+            self.failure, self.item_id, items, None if self.caller is None else self.caller.name,
         )  # fmt: skip
         self._measured.finished(self.code, seconds, self.documents, facts.total_tokens)
         log_call(facts, self.code, seconds, self.details, event)
+        if self.caller is not None:
+            self._meter(seconds)
         # The error's traceback holds the front door's frame, which may hold the request
         # (megabytes): dropped here, it goes at once, not when the cycle collector runs.
         self.failure = None
+
+    def _meter(self, seconds: float) -> None:
+        """Settle the caller's limits and record what the call used (pipeline/usage.py)."""
+        caller, outcome, pipeline = self.caller, self.outcome, self._pipeline
+        assert caller is not None
+        answered = outcome is not None and self.code == grpc.StatusCode.OK
+        if self._grant is not None:
+            pipeline.limiter.settle(self._grant, outcome.total_tokens if answered and outcome else 0)
+            self._grant = None
+        model = self.model
+        known = model is not None and (
+            outcome is not None
+            or (caller.models is not None and model in caller.models)
+            or pipeline.serves(model)
+        )
+        metered = MeteredCall(
+            caller, model, known, self.code, self.documents, outcome, self.failure,
+            self.request_id, self.method, seconds,
+        )  # fmt: skip
+        pipeline.usage.record(metered)

@@ -11,9 +11,9 @@ from typing import Any
 
 import grpc
 
-from rerank_service.core.domain import NO_TIMINGS, RerankOutcome, ServiceError, Timings, echo
-from rerank_service.observability import metrics
+from rerank_service.core.domain import NO_TIMINGS, CacheOutcome, RerankOutcome, ServiceError, Timings, echo
 from rerank_service.observability.logging import get_logger
+from rerank_service.observability.metrics import code_name
 
 _log = get_logger("rerank_service.access")
 
@@ -26,10 +26,12 @@ QUEUE_TIME_KEY = "x-queue-time"
 UPSTREAM_TIME_KEY = "x-upstream-time"  # the upstream backend
 INFERENCE_TIME_KEY = "x-inference-time"  # the local backend
 # Where usage.total_tokens came from: upstream (its own count), estimate (the service's),
-# model (a local model's tokenizer).
+# model (a local model's tokenizer), cache (nothing was scored: every pair was cached).
 USAGE_SOURCE_KEY = "x-usage-source"
 # The deployment(s) of the route that answered, or the last one that failed.
 DEPLOYMENT_KEY = "x-deployment"
+# What the score cache answered of the call: hit (every pair), partial, miss.
+CACHE_KEY = "x-cache"
 # The upstream ids a caller is shown (UPSTREAM_IDS_KEY) take at most this many characters:
 # gRPC clients refuse more than 8 KiB of metadata by default, and a call split into
 # hundreds of requests has hundreds of ids. The access log keeps every one.
@@ -66,6 +68,9 @@ class CallFacts:
     usage_source: str | None = None  # where total_tokens came from, when not the upstream
     instruct_ignored: bool = False  # the model does not take the instruct the caller sent
     deployments: tuple[str, ...] = ()  # that answered, or the last that failed
+    caller: str | None = None  # who called (pipeline/callers.py), once known
+    cache: CacheOutcome = CacheOutcome.OFF  # what the score cache answered
+    cached_tokens: int = 0  # the tokens of the pairs it answered
 
 
 def call_facts(
@@ -78,6 +83,7 @@ def call_facts(
     failure: ServiceError | None,
     item_id: str | None = None,
     items: int | None = None,
+    caller: str | None = None,
 ) -> CallFacts:
     """One call's facts, from what it asked and what came back up: an outcome or an error."""
     if outcome is not None:
@@ -86,14 +92,15 @@ def call_facts(
             tuple(outcome.upstream_request_ids), outcome.timings, items, item_id,
             usage_source=None if outcome.usage_source == "upstream" else outcome.usage_source,
             instruct_ignored=outcome.instruct_ignored, deployments=tuple(outcome.deployments),
+            cache=outcome.cache, cached_tokens=outcome.cached_tokens, caller=caller,
         )  # fmt: skip
     if failure is not None:
         upstream_ids = (failure.upstream_request_id,) if failure.upstream_request_id else ()
         return CallFacts(
             method, peer, request_id, documents, model, None, upstream_ids, failure.timings, items, item_id,
-            deployments=(failure.deployment,) if failure.deployment else (),
+            deployments=(failure.deployment,) if failure.deployment else (), caller=caller,
         )  # fmt: skip
-    return CallFacts(method, peer, request_id, documents, model, items=items, item_id=item_id)
+    return CallFacts(method, peer, request_id, documents, model, items=items, item_id=item_id, caller=caller)
 
 
 def log_call(
@@ -120,11 +127,17 @@ def log_call(
         extra["instruct_ignored"] = True
     if facts.deployments:
         extra["deployment"] = ",".join(facts.deployments)
+    if facts.caller is not None:
+        extra["caller"] = facts.caller
+    if facts.cache is not CacheOutcome.OFF:
+        extra["cache"] = facts.cache.value
+        if facts.cached_tokens:
+            extra["cached_tokens"] = facts.cached_tokens
     _log.info(
         event,
         method=facts.method,
         peer=facts.peer,
-        code=metrics.code_name(code),
+        code=code_name(code),
         latency_ms=round(seconds * 1000, 3),
         documents=facts.documents,
         total_tokens=facts.total_tokens,

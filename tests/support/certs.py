@@ -96,9 +96,11 @@ class CertificateAuthority:
         names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
         return self._issue(dns_names[0] if dns_names else ips[0], names, ExtendedKeyUsageOID.SERVER_AUTH)
 
-    def issue_client(self, common_name: str = "test client") -> Issued:
-        """A client certificate, for mTLS."""
-        return self._issue(common_name, [], ExtendedKeyUsageOID.CLIENT_AUTH)
+    def issue_client(self, common_name: str = "test client", uris: Sequence[str] = ()) -> Issued:
+        """A client certificate, for mTLS; `uris`: URI subject alternative names (a SPIFFE
+        ID such as spiffe://mesh/ns/search/sa/indexer names a workload)."""
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri) for uri in uris]
+        return self._issue(common_name, names, ExtendedKeyUsageOID.CLIENT_AUTH)
 
     def _issue(self, common_name: str, names: list[x509.GeneralName], usage: x509.ObjectIdentifier) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())

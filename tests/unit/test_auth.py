@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rerank_service.config.secret import Secret
-from rerank_service.pipeline.auth import KeyChecker, Metadata, bearer_token
+from rerank_service.pipeline.auth import Metadata, bearer_token
+from rerank_service.pipeline.callers import CallerDirectory
 
 
 def token_of(metadata: Metadata | None) -> str | None:
@@ -60,29 +61,29 @@ def test_a_later_valid_entry_is_found_after_ignored_ones() -> None:
     assert token_of(metadata) == "tok-123"
 
 
-def test_key_checker_accepts_each_configured_key() -> None:
-    checker = KeyChecker([Secret("key-one"), Secret("key-two")])
+def test_caller_directory_accepts_each_configured_key() -> None:
+    checker = CallerDirectory(api_keys=[Secret("key-one"), Secret("key-two")])
     assert checker.accepts(Secret("key-one"))
     assert checker.accepts(Secret("key-two"))
 
 
 @pytest.mark.parametrize("candidate", ["key-three", "key-on", "key-one ", "KEY-ONE", ""])
-def test_key_checker_rejects_other_tokens(candidate: str) -> None:
-    checker = KeyChecker([Secret("key-one"), Secret("key-two")])
+def test_caller_directory_rejects_other_tokens(candidate: str) -> None:
+    checker = CallerDirectory(api_keys=[Secret("key-one"), Secret("key-two")])
     assert not checker.accepts(Secret(candidate))
 
 
-def test_key_checker_rejects_a_missing_token() -> None:
-    assert not KeyChecker([Secret("key-one")]).accepts(None)
+def test_caller_directory_rejects_a_missing_token() -> None:
+    assert not CallerDirectory(api_keys=[Secret("key-one")]).accepts(None)
 
 
-def test_key_checker_enabled_only_with_keys() -> None:
-    assert KeyChecker([Secret("key-one")]).enabled
-    assert not KeyChecker([]).enabled
+def test_caller_directory_enabled_only_with_keys() -> None:
+    assert CallerDirectory(api_keys=[Secret("key-one")]).enabled
+    assert not CallerDirectory(api_keys=[]).enabled
 
 
-def test_key_checker_without_keys_accepts_nothing() -> None:
-    assert not KeyChecker([]).accepts(Secret("anything"))
+def test_caller_directory_without_keys_accepts_nothing() -> None:
+    assert not CallerDirectory(api_keys=[]).accepts(Secret("anything"))
 
 
 def test_a_tab_after_the_scheme_is_accepted() -> None:

@@ -14,8 +14,8 @@ from rerank_service.api.grpc.edge import SERVICE, RerankServiceEdge
 from rerank_service.config.secret import Secret
 from rerank_service.core.engine import RerankEngine
 from rerank_service.pipeline.admission import Admission
-from rerank_service.pipeline.auth import KeyChecker
 from rerank_service.pipeline.call import Pipeline
+from rerank_service.pipeline.callers import CallerDirectory
 from rerank_service.pipeline.record import UPSTREAM_TIME_KEY
 
 
@@ -42,7 +42,7 @@ class _EveryMethod:
 
 def _edge(keys: list[Secret] | None = None) -> RerankServiceEdge:
     # No call runs here: the engine is never reached.
-    pipeline = Pipeline(cast(RerankEngine, None), Admission(4), KeyChecker(keys or []))
+    pipeline = Pipeline(cast(RerankEngine, None), Admission(4), CallerDirectory(api_keys=keys or []))
     return RerankServiceEdge(pipeline, UPSTREAM_TIME_KEY, stream_idle_timeout=60.0)
 
 

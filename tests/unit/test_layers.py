@@ -50,13 +50,15 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     ),
     "__main__": frozenset({"cli"}),
     "workers": frozenset({"config", "observability", "server"}),
-    "server": frozenset({"api", "pipeline", "routing", "core", "config", "observability"}),
+    "server": frozenset({"api", "pipeline", "routing", "cache", "core", "config", "observability"}),
     "api": frozenset(),  # the package's docstring; each front door is a layer of its own
     "api.grpc": frozenset({"pipeline", "core", "config", "observability"}),
     "api.http": frozenset({"pipeline", "core", "config", "observability"}),
-    "pipeline": frozenset({"core", "config", "observability"}),
-    "routing": frozenset({"core", "config", "observability"}),
+    "pipeline": frozenset({"core", "config", "observability", "redis_client"}),
+    "routing": frozenset({"cache", "core", "config", "observability"}),
     "core": frozenset({"config", "observability"}),
+    "cache": frozenset({"core", "config", "observability", "redis_client"}),
+    "redis_client": frozenset(),
     "backends": frozenset(),  # the package's docstring; each backend is a layer of its own
     "backends.upstream": frozenset({"backends.upstream.client", "core", "config", "observability"}),
     "backends.upstream.client": frozenset(
@@ -85,6 +87,7 @@ HTTP_CLIENTS = frozenset({"httpx", "httpcore"})
 TORCH = frozenset({"torch", "transformers", "onnxruntime", "huggingface_hub"})
 NEVER_IMPORTS: dict[str, frozenset[str]] = {
     "core": PROTOBUF | HTTP_CLIENTS | {"aiohttp"},  # never protobuf or HTTP
+    "cache": PROTOBUF | HTTP_CLIENTS | {"aiohttp"},  # scores by key: no wire format
     "api.grpc": HTTP_CLIENTS,  # a front door never talks to httpx
     "api.http": PROTOBUF | HTTP_CLIENTS,
     "backends": PROTOBUF,  # a backend never sees protobuf

@@ -31,12 +31,13 @@ from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2
 
 from rerank_service.api.grpc.status import Metadata, error_metadata
-from rerank_service.core.domain import NO_TIMINGS, RerankOutcome, ServiceError, Timings
-from rerank_service.observability import metrics
+from rerank_service.core.domain import NO_TIMINGS, CacheOutcome, RerankOutcome, ServiceError, Timings
 from rerank_service.pipeline.admission import Admission
-from rerank_service.pipeline.auth import KeyChecker, bearer_token
+from rerank_service.pipeline.auth import bearer_token
 from rerank_service.pipeline.call import Call, Pipeline, unauthenticated
+from rerank_service.pipeline.callers import Caller, CallerDirectory, certificate_identities
 from rerank_service.pipeline.record import (
+    CACHE_KEY,
     DEPLOYMENT_KEY,
     INFERENCE_TIME_KEY,
     QUEUE_TIME_KEY,
@@ -124,26 +125,30 @@ def _undecodable() -> ServiceError:
 
 class _Routes(grpc.GenericRpcHandler):
     """RerankService's methods by path; a call without an accepted key gets the refusal
-    handler of its method instead, chosen from the metadata alone."""
+    handler of its method instead, chosen from the metadata alone. Where callers are also
+    known by their client certificates, which the metadata does not show, a call without
+    an accepted key is let through to be identified by its certificate (or refused) when
+    it starts: mTLS has already let only clients of the configured CA connect."""
 
     def __init__(
         self,
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]],
         refusals: dict[tuple[str, bool], grpc.RpcMethodHandler[Any, Any]],
-        checker: KeyChecker,
+        callers: CallerDirectory,
     ) -> None:
         self._handlers = handlers
         self._refusals = refusals
-        self._checker = checker
+        self._callers = callers
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = self._handlers.get(handler_call_details.method)
-        if handler is None or not self._checker.enabled:
+        callers = self._callers
+        if handler is None or not callers.enabled or callers.identifies_peers:
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
-        if self._checker.accepts(token):
+        if callers.accepts(token):
             return handler
         return self._refusals[handler_call_details.method, token is None]
 
@@ -161,7 +166,7 @@ class RerankServiceEdge:
     def __init__(self, pipeline: Pipeline, backend_time_key: str, stream_idle_timeout: float) -> None:
         self._pipeline = pipeline
         self._admission = pipeline.admission
-        self._checker = pipeline.checker
+        self._callers = pipeline.callers
         self._stream_idle_timeout = stream_idle_timeout
         # x-inference-time for a local backend, x-upstream-time for an upstream one.
         self._backend_time_key = backend_time_key
@@ -197,7 +202,7 @@ class RerankServiceEdge:
                 refusals[path, missing] = factory(
                     refusing, request_deserializer=parse, response_serializer=serialize
                 )
-        return _Routes(handlers, refusals, self._checker)
+        return _Routes(handlers, refusals, self._callers)
 
     def _unary(
         self,
@@ -207,8 +212,8 @@ class RerankServiceEdge:
     ) -> Callable[[Any, ServicerContext[Any, Any]], Awaitable[Any]]:
         """The edge around one unary method; with `refusal`, every call is refused with it,
         logged and counted, without running the method or reading the request."""
-        measured = metrics.for_method(path)
         pipeline = self._pipeline
+        measured = pipeline.metrics.for_method(path)
 
         async def unary(
             received: _Received | _Unparsed | _Undecodable, context: ServicerContext[Any, Any]
@@ -220,6 +225,7 @@ class RerankServiceEdge:
                 try:
                     if refusal is not None:  # the key, checked before routing (_Routes)
                         raise refusal
+                    call.caller = self._identify(context)
                     call.admit(received.size if isinstance(received, _Received | _Unparsed) else 0)
                     if isinstance(received, _Unparsed):  # room was made meanwhile
                         received = received.parse(received.data)
@@ -258,8 +264,8 @@ class RerankServiceEdge:
         refusal: ServiceError | None = None,
     ) -> Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]]:
         """The edge around one streaming method; `refusal` as for `_unary`."""
-        measured = metrics.for_method(path)
         pipeline = self._pipeline
+        measured = pipeline.metrics.for_method(path)
 
         async def stream(requests: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             # Not unbound afterwards (scoped=False): the stream's task ends with the call, and
@@ -272,6 +278,8 @@ class RerankServiceEdge:
                 try:
                     if refusal is not None:  # the key, checked before routing (_Routes)
                         raise refusal
+                    call.caller = self._identify(context)
+                    items.share = call.share_key  # its items' slots count against the caller's share
                     call.admit_stream()
                     async for response in behavior(items, context, call):
                         items.answered(response)
@@ -288,6 +296,14 @@ class RerankServiceEdge:
                 call.finish(items=items.sent, event="stream")
 
         return stream
+
+    def _identify(self, context: ServicerContext[Any, Any]) -> Caller:
+        """The call's caller, from its bearer token and its client certificate (mTLS), or
+        UNAUTHENTICATED."""
+        callers = self._callers
+        token = bearer_token(context.invocation_metadata()) if callers.reads_tokens else None
+        identities = peer_identities(context) if callers.identifies_peers else ()
+        return self._pipeline.authenticate(token, KEY_CARRIER, identities)
 
     def _timing(self, started: float, timings: Timings) -> Metadata:
         """Where the call's time went, in milliseconds: total, queued, upstream and/or in the model.
@@ -327,6 +343,7 @@ class _StreamItems:
         self._admission = admission
         self._idle_timeout = idle_timeout
         self._admitted = False
+        self.share: str | None = None  # the caller whose share its slot counts against
         self.received = 0
         self.sent = 0
         self._last_activity = time.monotonic()
@@ -343,7 +360,7 @@ class _StreamItems:
             # Nothing in flight: a stream that is not working holds no slot (its next item
             # takes one again).
             self._admitted = False
-            self._admission.release()
+            self._admission.release(0, self.share)
 
     def close(self) -> None:
         held = sum(size for sizes in self._held.values() for size in sizes)
@@ -351,7 +368,7 @@ class _StreamItems:
         self._admission.give_bytes(held)
         if self._admitted:
             self._admitted = False
-            self._admission.release()
+            self._admission.release(0, self.share)
 
     def __aiter__(self) -> _StreamItems:
         return self
@@ -361,7 +378,7 @@ class _StreamItems:
         if not isinstance(received, _Received):
             raise _undecodable()
         if not self._admitted:
-            self._admission.enter()
+            self._admission.enter(0, self.share)
             self._admitted = True
         await self._admission.take_bytes(received.size)
         self._held.setdefault(getattr(received.message, "id", ""), []).append(received.size)
@@ -408,7 +425,17 @@ def _outcome_metadata(outcome: RerankOutcome | None, request_id: str) -> Metadat
         metadata += ((UPSTREAM_IDS_KEY, reported_ids(outcome.upstream_request_ids)),)
     if outcome.deployments:
         metadata += ((DEPLOYMENT_KEY, ",".join(outcome.deployments)),)
+    if outcome.cache is not CacheOutcome.OFF:
+        metadata += ((CACHE_KEY, outcome.cache.value),)
     return metadata
+
+
+def peer_identities(context: ServicerContext[Any, Any]) -> list[str]:
+    """The client certificate's identities (mTLS): its URI SANs, or its subject CN."""
+    auth = context.auth_context()
+    uris = [value.decode(errors="replace") for value in auth.get("peer_uri", ())]
+    name = next(iter(auth.get("x509_common_name", ())), None)
+    return certificate_identities(uris, name.decode(errors="replace") if name is not None else None)
 
 
 def _ms(seconds: float) -> str:

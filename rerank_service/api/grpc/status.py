@@ -39,6 +39,15 @@ def _details(error: ServiceError) -> list[Message]:
                 ]
             )
         )
+    if error.quota_violations:
+        details.append(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
+                    for v in error.quota_violations
+                ]
+            )
+        )
     if error.retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(round(error.retry_after * 1000))

@@ -26,18 +26,21 @@ from rerank_service.api.http import openapi
 from rerank_service.api.http.formats import COHERE, COMPATIBLE, NATIVE, BadRequest, Json, WireFormat
 from rerank_service.api.http.statuses import dashscope_code, http_status, retry_after_header
 from rerank_service.core.domain import (
+    CacheOutcome,
     CallContext,
     RerankOutcome,
     RerankRequest,
     ServiceError,
     invalid_argument,
 )
-from rerank_service.observability import metrics
 from rerank_service.observability.request_id import new_request_id
 from rerank_service.observability.trace_context import trace_context
 from rerank_service.pipeline.auth import bearer_token
+from rerank_service.pipeline.cache_control import cache_mode
 from rerank_service.pipeline.call import Pipeline
+from rerank_service.pipeline.callers import Caller, certificate_identities
 from rerank_service.pipeline.record import (
+    CACHE_KEY,
     DEPLOYMENT_KEY,
     REQUEST_ID_KEY,
     UPSTREAM_IDS_KEY,
@@ -56,6 +59,8 @@ RERANK_ROUTES: dict[str, WireFormat] = {
 JSON_TYPE = "application/json"
 # Where an HTTP caller's key goes, as a refusal names it.
 KEY_CARRIER = "'Authorization: Bearer <key>' header"
+# Where a request keeps the caller it was authenticated as.
+_CALLER = web.RequestKey("caller", Caller)
 
 
 class FrontDoor:
@@ -98,13 +103,14 @@ class FrontDoor:
         return app
 
     def _rerank_route(self, path: str, wire: WireFormat) -> Callable[[web.Request], Awaitable[web.Response]]:
-        measured = metrics.for_http_route(path)
+        measured = self._pipeline.metrics.for_http_route(path)
 
         async def handle(http: web.Request) -> web.Response:
             call = self._pipeline.open(f"HTTP POST {path}", http.remote or "", measured)
             try:
                 try:
                     context = self._authenticate(http, time.monotonic() + self._call_timeout)
+                    call.caller = http[_CALLER]
                     self._check_body_headers(http)
                     call.admit_bytes(http.content_length or 0)
                     raw = await self._body(http)
@@ -178,11 +184,26 @@ class FrontDoor:
     def _authenticate(self, http: web.Request, deadline: float | None = None) -> CallContext:
         headers = list(http.headers.items())
         token = bearer_token(headers)
-        self._pipeline.authenticate(token, KEY_CARRIER)
+        # The caller, kept with the request for its call (the rerank route reads it).
+        http[_CALLER] = self._pipeline.authenticate(token, KEY_CARRIER, self._peer_identities(http))
         traceparent, tracestate = trace_context(headers)
         return CallContext(
-            deadline=deadline, bearer_token=token, traceparent=traceparent, tracestate=tracestate
+            deadline=deadline,
+            bearer_token=token,
+            traceparent=traceparent,
+            tracestate=tracestate,
+            cache_mode=cache_mode(headers),
         )
+
+    def _peer_identities(self, http: web.Request) -> list[str]:
+        """The client certificate's identities (mTLS), where callers are known by them: its
+        URI SANs, or its subject CN."""
+        if not self._pipeline.callers.identifies_peers or http.transport is None:
+            return []
+        certificate = http.transport.get_extra_info("peercert") or {}
+        uris = [value for kind, value in certificate.get("subjectAltName", ()) if kind == "URI"]
+        names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
+        return certificate_identities(uris, names[0] if names else None)
 
     async def _body(self, http: web.Request) -> bytes:
         if http.content_type != JSON_TYPE:
@@ -216,15 +237,19 @@ class FrontDoor:
             response.headers[DEPLOYMENT_KEY] = ",".join(outcome.deployments)
         if outcome.upstream_request_ids:
             response.headers[UPSTREAM_IDS_KEY] = reported_ids(outcome.upstream_request_ids)
+        if outcome.cache is not CacheOutcome.OFF:
+            response.headers[CACHE_KEY] = outcome.cache.value
         return response
 
     def _refuse(self, wire: WireFormat, status: int, error: ServiceError, request_id: str) -> web.Response:
-        response = self._json_response(
-            wire.error(dashscope_code(status, error), error.message, request_id), status, request_id
-        )
+        body = wire.error(dashscope_code(status, error), error.message, request_id)
+        if error.quota_violations:  # a caller's limit: google.rpc's QuotaFailure and RetryInfo, as JSON
+            body.update(quota_fields(error))
+        response = self._json_response(body, status, request_id)
         retry_after = retry_after_header(error)
         if retry_after is not None:
             response.headers["Retry-After"] = retry_after
+
         if error.deployment:
             response.headers[DEPLOYMENT_KEY] = error.deployment
         return response
@@ -244,6 +269,7 @@ class FrontDoor:
             self._authenticate(http)
         except ServiceError as error:
             return self._json_response({"message": error.message, "request_id": request_id}, 401, request_id)
+        caller = http[_CALLER]
         data = [
             {
                 "id": model.name,
@@ -267,6 +293,7 @@ class FrontDoor:
                 ],
             }
             for model in self._pipeline.engine.models()
+            if caller.may_call(model.name)  # a caller sees only what it may call
         ]
         return self._json_response({"object": "list", "data": data}, 200, request_id)
 
@@ -280,6 +307,17 @@ class FrontDoor:
 
     async def _openapi(self, http: web.Request) -> web.Response:
         return web.json_response(openapi.document())
+
+
+def quota_fields(error: ServiceError) -> Json:
+    """A refusal for a caller's limit in JSON: which quota (google.rpc.QuotaFailure's
+    violations), whose and which limit, and when a retry can succeed (RetryInfo)."""
+    violations = [{"subject": v.subject, "description": v.description} for v in error.quota_violations]
+    fields: Json = {"quota_violations": violations}
+    fields.update({key: error.metadata[key] for key in ("caller", "limit") if key in error.metadata})
+    if error.retry_after is not None:
+        fields["retry_after_seconds"] = round(error.retry_after, 3)
+    return fields
 
 
 def _json(raw: bytes) -> Any:

@@ -1,0 +1,157 @@
+"""Who a call comes from: the caller its bearer key or its client certificate names.
+
+A key is looked up by its SHA-256 (the keys themselves are never kept here, and a
+`key_sha256` of the file is such a digest already); a client certificate by its URI SANs
+(a SPIFFE ID), or its subject CN when it has none. Keys of `--api-keys` are anonymous
+callers named `key-` and 8 hex digits of their SHA-256; without any key configured every
+call is `anonymous`, or, in pass-through mode, named after the token it brings so what
+each upstream key used is still told apart.
+
+The directory is one immutable snapshot swapped whole by `update` (a reload, SIGHUP), so
+a call in flight keeps the caller it was identified as.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from rerank_service.config.callers import ANONYMOUS, CallerConfig, CallerLimits, anonymous_name, key_digest
+from rerank_service.config.secret import Secret
+from rerank_service.config.server import CallersConfig
+from rerank_service.core.domain import ServiceError, echo
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """A caller as a call carries it: its name, the models it may call (None: every one)
+    and its limits (None: none)."""
+
+    name: str
+    models: frozenset[str] | None = None
+    limits: CallerLimits | None = None
+    # One of the callers: section (their names are a bounded set; others are made per key).
+    configured: bool = False
+
+    def check_model(self, model: str) -> None:
+        """PERMISSION_DENIED unless this caller may call `model`."""
+        if self.models is not None and model not in self.models:
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"caller {self.name!r} may not call model {echo(model)!r}; it may call: "
+                + _listed(sorted(self.models)),
+                reason="MODEL_NOT_ALLOWED",
+                metadata={"caller": self.name, "model": echo(model)},
+            )
+
+    def may_call(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    @property
+    def limited(self) -> bool:
+        return self.limits is not None
+
+
+def _listed(names: list[str], most: int = 10) -> str:
+    """Names for a message (which travels in a trailer: bounded)."""
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
+
+
+ANONYMOUS_CALLER = Caller(ANONYMOUS)
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    by_digest: dict[bytes, Caller]
+    by_identity: dict[str, Caller]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.by_digest or self.by_identity)
+
+
+class CallerDirectory:
+    """Identifies callers; refuses nobody itself (`Pipeline.authenticate` does)."""
+
+    def __init__(
+        self,
+        callers: Sequence[CallerConfig] = (),
+        api_keys: Sequence[Secret] = (),
+        *,
+        pass_through: bool = False,
+    ) -> None:
+        self._anonymous = {key_digest(key.reveal()): Caller(anonymous_name(key.reveal())) for key in api_keys}
+        self._pass_through = pass_through
+        self._snapshot = self._build(callers)
+
+    @classmethod
+    def from_config(cls, config: CallersConfig) -> CallerDirectory:
+        return cls(config.callers, config.api_keys, pass_through=config.pass_through)
+
+    def update(self, callers: Sequence[CallerConfig]) -> None:
+        """Serve these callers from the next call on (the `--api-keys` stay as started)."""
+        self._snapshot = self._build(callers)
+
+    def _build(self, callers: Iterable[CallerConfig]) -> _Snapshot:
+        by_digest = dict(self._anonymous)
+        by_identity: dict[str, Caller] = {}
+        for config in callers:
+            caller = Caller(config.name, config.models, config.limits, configured=True)
+            by_digest.update(dict.fromkeys(config.key_digests, caller))
+            by_identity.update(dict.fromkeys(config.tls_identities, caller))
+        return _Snapshot(by_digest, by_identity)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a call must name a known caller (any key or identity is configured)."""
+        return self._snapshot.enabled
+
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether a call's bearer token says who it is (keys configured, or pass-through)."""
+        return self._pass_through or bool(self._snapshot.by_digest)
+
+    @property
+    def identifies_peers(self) -> bool:
+        """Whether some caller is known by its client certificate."""
+        return bool(self._snapshot.by_identity)
+
+    @property
+    def callers(self) -> list[Caller]:
+        """The configured callers (each once)."""
+        snapshot = self._snapshot
+        found = {id(c): c for c in (*snapshot.by_digest.values(), *snapshot.by_identity.values())}
+        return [caller for caller in found.values() if caller.configured]
+
+    def accepts(self, token: Secret | None) -> bool:
+        """Whether `token` is a known key (the gRPC edge's check before a call is read)."""
+        return token is not None and key_digest(token.reveal()) in self._snapshot.by_digest
+
+    def identify(self, token: Secret | None, peer_identities: Sequence[str] = ()) -> Caller | None:
+        """The caller of a call with this bearer token and these certificate identities;
+        None when callers are configured and neither names one."""
+        snapshot = self._snapshot
+        if not snapshot.enabled:
+            if self._pass_through and token is not None:
+                return Caller(anonymous_name(token.reveal()))
+            return ANONYMOUS_CALLER
+        if token is not None:
+            found = snapshot.by_digest.get(key_digest(token.reveal()))
+            if found is not None:
+                return found
+        for identity in peer_identities:
+            found = snapshot.by_identity.get(identity)
+            if found is not None:
+                return found
+        return None
+
+
+def certificate_identities(uris: Sequence[str], common_name: str | None) -> list[str]:
+    """A client certificate's identities, in the order they are matched: its URI SANs (a
+    SPIFFE ID), or, failing those, its subject CN."""
+    if uris:
+        return list(uris)
+    return [common_name] if common_name else []

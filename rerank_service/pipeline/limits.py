@@ -1,0 +1,186 @@
+"""Each caller's limits, checked once a call's request is read and before any work: its
+requests, documents and input tokens per minute (token buckets, buckets.py) and its calls
+in flight.
+
+Tokens are estimated before the call as the upstream bills them (the query once per
+document, plus each document: one token per 3 bytes of UTF-8, as the chunker counts) and
+corrected when the call ends by what the answer says it used. The buckets live in Redis
+with `--limits-store` (limits_store.py), else in this process. While Redis does not
+answer, `--limits-store-failure open` (the default) checks this process's own buckets
+instead and `closed` refuses the calls of callers with limits.
+
+A refusal is RESOURCE_EXHAUSTED with a google.rpc QuotaFailure (which limit, which caller)
+and RetryInfo (when a retry can succeed); it costs no upstream call and no model time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from rerank_service.config.callers import CallerLimits
+from rerank_service.config.server import LimitsStoreConfig
+from rerank_service.core.chunking import estimate_tokens, text_bytes
+from rerank_service.core.domain import QuotaViolation, RerankRequest, ServiceError
+from rerank_service.observability.caller_metrics import CallerMetrics
+from rerank_service.pipeline.buckets import CONCURRENT, LocalBuckets, Refusal, costs_of
+from rerank_service.pipeline.callers import Caller
+from rerank_service.pipeline.limits_store import RedisLimits, StoreUnavailable
+from rerank_service.redis_client import redis_client
+
+# The ErrorInfo reason of every refusal for a caller's limit (its `limit` in the metadata).
+CALLER_LIMITED = "CALLER_LIMITED"
+FAIR_SHARE = "fair_share"
+# A lease among a caller's calls in flight (Redis) outlives a call without a deadline by
+# at most this: a worker that dies holding one frees it then.
+MAX_LEASE_SECONDS = 600.0
+STORE_RETRY_AFTER = 1.0  # what callers refused while the store is down are told to wait
+
+
+def estimated_tokens(request: RerankRequest) -> int:
+    """The input tokens the upstream will bill for `request`, estimated: the query once per
+    document, plus every document (their UTF-8 bytes / 3 together: the call's answer
+    corrects the estimate, so it is counted fast rather than document by document)."""
+    documents = request.documents
+    size = sum(map(len, documents)) if all(map(str.isascii, documents)) else sum(map(text_bytes, documents))
+    return len(documents) * estimate_tokens(request.query) + -(-size // 3)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a call admitted under its caller's limits took, to settle when it ends."""
+
+    caller: str
+    limits: CallerLimits
+    tokens_taken: int
+    lease: str | None  # its lease in Redis, or None: taken from this process's buckets
+
+
+class Limiter:
+    """Checks and settles callers' limits against Redis, or this process's buckets."""
+
+    def __init__(self, store: RedisLimits | None = None, *, fail_open: bool = True) -> None:
+        self.store = store
+        self.local = LocalBuckets()
+        self._fail_open = fail_open
+
+    async def admit(
+        self, caller: Caller, request: RerankRequest, lease: str, deadline: float | None
+    ) -> Grant | None:
+        """Take the call's costs from its caller's limits (None: the caller has none), or
+        raise RESOURCE_EXHAUSTED (UNAVAILABLE when the store is down and fails closed)."""
+        limits = caller.limits
+        if limits is None:
+            return None
+        store = self.store
+        if store is None:
+            return self.admit_here(caller, request)
+        tokens = estimated_tokens(request) if limits.tokens is not None else 0
+        costs = costs_of(limits, len(request.documents), tokens)
+        refusal: Refusal | None
+        if store is not None:
+            remaining = MAX_LEASE_SECONDS if deadline is None else deadline - time.monotonic()
+            try:
+                refusal = await store.take(
+                    caller.name, limits, costs, lease, min(MAX_LEASE_SECONDS, max(remaining, 1.0))
+                )
+            except StoreUnavailable:
+                if not self._fail_open:
+                    raise store_unavailable(caller.name) from None
+            else:
+                if refusal is not None:
+                    raise limited(caller.name, limits, refusal)
+                return Grant(caller.name, limits, tokens, lease)
+        refusal = self.local.take(caller.name, limits, costs)
+        if refusal is not None:
+            raise limited(caller.name, limits, refusal)
+        return Grant(caller.name, limits, tokens, None)
+
+    def admit_here(self, caller: Caller, request: RerankRequest) -> Grant:
+        """`admit` against this process's buckets: no store, nothing to wait for."""
+        limits = caller.limits
+        assert limits is not None
+        tokens = estimated_tokens(request) if limits.tokens is not None else 0
+        refusal = self.local.take(caller.name, limits, costs_of(limits, len(request.documents), tokens))
+        if refusal is not None:
+            raise limited(caller.name, limits, refusal)
+        return Grant(caller.name, limits, tokens, None)
+
+    def settle(self, grant: Grant, tokens_used: int) -> None:
+        """The call ended having used `tokens_used` input tokens: correct its tokens bucket
+        and give back its call in flight (in Redis: with the caller's next check, or soon)."""
+        correction = tokens_used - grant.tokens_taken if grant.limits.tokens is not None else 0
+        if grant.lease is None:
+            self.local.give_back(grant.caller, grant.limits, correction)
+        elif self.store is not None:
+            self.store.settle(grant.caller, grant.limits, correction, grant.lease)
+
+    async def close(self) -> None:
+        """Send the settlements still pending, then close the store's connections."""
+        if self.store is not None:
+            await self.store.aclose()
+
+
+def build_limiter(config: LimitsStoreConfig, metrics: CallerMetrics) -> Limiter:
+    """The limiter of `--limits-store` (Redis; the client connects on first use), or of this
+    process's buckets alone."""
+    if config.url is None:
+        return Limiter(fail_open=config.fail_open)
+    ca_file = None if config.ca_file is None else str(config.ca_file)
+    client = redis_client(config.url, timeout=config.timeout, ca_file=ca_file)
+    store = RedisLimits(
+        client, timeout=config.timeout, on_error=metrics.store_error, on_round_trip=metrics.store_round_trip
+    )
+    return Limiter(store, fail_open=config.fail_open)
+
+
+def limited(caller: str, limits: CallerLimits, refusal: Refusal) -> ServiceError:
+    """RESOURCE_EXHAUSTED for a call over its caller's limit, saying which and when to retry."""
+    what = _described(limits, refusal.limit)
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"caller {caller!r} is over its {refusal.limit} limit ({what}); retry in {refusal.retry_after:.2f} s",
+        reason=CALLER_LIMITED,
+        retry_after=refusal.retry_after,
+        metadata={"caller": caller, "limit": refusal.limit},
+        quota_violations=(QuotaViolation(f"caller:{caller}", f"{refusal.limit}: {what}"),),
+    )
+
+
+def fair_share_refusal(caller: str, held: int, slots: int, share: float) -> ServiceError:
+    """RESOURCE_EXHAUSTED for a caller holding its share of the admission slots while others call."""
+    what = f"{held} of {slots} call slots held, at most {share:g} of them while other callers call"
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"caller {caller!r} holds its share of the call slots ({what}; --caller-max-share); retry shortly",
+        reason=CALLER_LIMITED,
+        retry_after=0.05,
+        metadata={"caller": caller, "limit": FAIR_SHARE},
+        quota_violations=(QuotaViolation(f"caller:{caller}", f"{FAIR_SHARE}: {what}"),),
+    )
+
+
+def store_unavailable(caller: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"caller {caller!r} has limits and the limits store does not answer (--limits-store-failure "
+        "closed); retry shortly",
+        reason="LIMITS_STORE_UNAVAILABLE",
+        retry_after=STORE_RETRY_AFTER,
+        metadata={"caller": caller},
+    )
+
+
+def _described(limits: CallerLimits, limit: str) -> str:
+    if limit == CONCURRENT:
+        return f"{limits.concurrent} calls in flight"
+    bucket = next(bucket for bucket in limits.buckets if bucket.name == limit)
+    unit = limit.removesuffix("_per_minute")
+    return f"{_number(bucket.per_minute)} {unit} a minute, bursts of {_number(bucket.burst)}"
+
+
+def _number(value: float) -> str:
+    """3000000 as 3,000,000; 0.5 as 0.5."""
+    return f"{value:,.0f}" if value == int(value) else f"{value:,g}"

@@ -1,0 +1,358 @@
+"""The callers' buckets in Redis, so every worker and replica holds each limit together.
+
+A call's check is one round trip: one Lua script refills the caller's buckets from
+Redis's own clock, takes the call's costs from all of them or from none, and takes a
+lease among its calls in flight, atomically (no read-modify-write from Python, no clock
+of ours). What a call settles when it ends (its tokens bucket corrected by what it really
+used, its lease given back) rides on the same script of its caller's next check in this
+process, so a busy caller costs one script run a call; what no check takes within
+`flush_after` is sent for every caller at once. Runs asked for in the same turn of the
+event loop, or while MAX_PIPELINES round trips are in flight, go in one pipeline: under
+load many calls' checks share one round trip. Each caller's
+state is one hash (its buckets' levels and when they were set) and one sorted set (its
+leases, scored by their expiry), under the caller's hash tag (one Redis Cluster slot),
+each expiring once its bucket would be full again or its last lease over: a key that is
+gone is a full bucket.
+
+Redis that fails or does not answer within the timeout raises `StoreUnavailable` (the
+limiter falls back, limits.py); the store is then skipped for `retry_after` seconds, so
+an outage costs one call the timeout now and then, not every call. The outage is logged
+once when it starts and once when it ends. Settlements lost with a failed round trip are
+lost (the leases expire).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from rerank_service.config.callers import BucketLimit, CallerLimits
+from rerank_service.observability.logging import get_logger
+from rerank_service.pipeline.buckets import CONCURRENT, CONCURRENT_RETRY_AFTER, Refusal
+from rerank_service.redis_client import DEFAULT_TIMEOUT
+
+_log = get_logger("rerank_service.limits")
+
+KEY_PREFIX = "rerank:limits:"
+DEFAULT_RETRY_AFTER = 1.0  # seconds the store is skipped after a failure
+DEFAULT_FLUSH_AFTER = 0.05  # seconds a settlement waits for its caller's next check
+# Pipelines in flight at once: the runs asked for while they are collect into the next one,
+# so under load the round trips per call fall well below one.
+MAX_PIPELINES = 1
+
+# KEYS: the caller's buckets (a hash), its leases (a sorted set).
+# ARGV, first what earlier calls settle: the tokens bucket's name ('' for none), the
+# correction (used less taken), its rate per second, its burst, the number of leases to
+# give back, those leases; then what this call takes: n, per bucket its name, rate per
+# second, burst and cost; concurrent (0: none), the lease in milliseconds, the lease.
+# Returns {1} when taken (or nothing to take), else {0, limit, seconds to wait as a string}.
+_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+
+local settled = ARGV[1]
+if settled ~= '' then
+  local correction, rate, burst = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  local state = redis.call('HMGET', KEYS[1], settled .. ':level', settled .. ':at')
+  local level, at = tonumber(state[1]), tonumber(state[2])
+  if level == nil or at == nil then
+    level = burst
+  else
+    level = math.min(burst, level + math.max(0, now - at) * rate)
+  end
+  level = math.min(burst, level - correction)
+  redis.call('HSET', KEYS[1], settled .. ':level', tostring(level), settled .. ':at', tostring(now))
+  local keep = math.ceil((burst - level) / rate * 1000) + 1000
+  if keep > redis.call('PTTL', KEYS[1]) then
+    redis.call('PEXPIRE', KEYS[1], keep)
+  end
+end
+local leases = tonumber(ARGV[5])
+for i = 1, leases do
+  redis.call('ZREM', KEYS[2], ARGV[5 + i])
+end
+
+local o = 6 + leases
+local n = tonumber(ARGV[o])
+local left, refused, wait, keep = {}, false, 0, 0
+for i = 1, n do
+  local at = o + 4 * i - 3
+  local name, rate = ARGV[at], tonumber(ARGV[at + 1])
+  local burst, cost = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
+  local state = redis.call('HMGET', KEYS[1], name .. ':level', name .. ':at')
+  local level = tonumber(state[1])
+  if level == nil then
+    level = burst
+  else
+    level = math.min(burst, level + math.max(0, now - (tonumber(state[2]) or now)) * rate)
+  end
+  local need = math.min(cost, burst)
+  if level < need and (need - level) / rate > wait then
+    refused, wait = name, (need - level) / rate
+  end
+  left[i] = level - cost
+  keep = math.max(keep, (burst - left[i]) / rate)
+end
+local c = o + 4 * n + 1
+local concurrent = tonumber(ARGV[c])
+if not refused and concurrent > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZCARD', KEYS[2]) >= concurrent then
+    refused = 'concurrent'
+  end
+end
+if refused then
+  return {0, refused, tostring(wait)}
+end
+for i = 1, n do
+  local name = ARGV[o + 4 * i - 3]
+  redis.call('HSET', KEYS[1], name .. ':level', tostring(left[i]), name .. ':at', tostring(now))
+end
+if n > 0 and math.ceil(keep * 1000) + 1000 > redis.call('PTTL', KEYS[1]) then
+  redis.call('PEXPIRE', KEYS[1], math.ceil(keep * 1000) + 1000)
+end
+if concurrent > 0 then
+  local lease = tonumber(ARGV[c + 1]) / 1000
+  redis.call('ZADD', KEYS[2], now + lease, ARGV[c + 2])
+  if math.ceil(lease * 1000) + 1000 > redis.call('PTTL', KEYS[2]) then
+    redis.call('PEXPIRE', KEYS[2], math.ceil(lease * 1000) + 1000)
+  end
+end
+return {1}
+"""
+
+
+@dataclass
+class _Settlement:
+    """What a caller's ended calls give back, not sent yet."""
+
+    tokens: BucketLimit | None = None
+    correction: float = 0.0
+    leases: list[str] = field(default_factory=list)
+
+    def args(self) -> list[str | float]:
+        tokens = self.tokens
+        if tokens is None or not self.correction:
+            head: list[str | float] = ["", 0, 1, 1]
+        else:
+            head = [tokens.name, self.correction, tokens.per_second, tokens.burst]
+        return [*head, len(self.leases), *self.leases]
+
+
+_NOTHING = _Settlement()
+_NO_TAKE: list[str | float] = [0, 0, 0, ""]  # no bucket, no concurrent limit
+
+
+class StoreUnavailable(Exception):
+    """Redis failed, did not answer within the timeout, or is skipped after a failure."""
+
+
+class RedisLimits:
+    """`take` and `settle` of the callers' buckets on `client`."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry_after: float = DEFAULT_RETRY_AFTER,
+        flush_after: float = DEFAULT_FLUSH_AFTER,
+        key_prefix: str = KEY_PREFIX,
+        on_error: Callable[[], None] = lambda: None,
+        on_round_trip: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names a script by its SHA-1
+        self.timeout = timeout
+        self._retry_after = retry_after
+        self._flush_after = flush_after
+        self._prefix = key_prefix
+        self._on_error = on_error
+        self._on_round_trip = on_round_trip
+        self._clock = clock
+        self._retry_at: float | None = None  # set while Redis is taken for down
+        self._pending: dict[str, _Settlement] = {}  # by caller
+        self._flush: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
+        # Script runs asked for in this turn of the event loop, sent together (`_send`).
+        self._batch: list[tuple[str, list[str], list[str | float], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+        self.errors = 0
+        self.round_trips = 0
+
+    @property
+    def up(self) -> bool:
+        return self._retry_at is None
+
+    def keys(self, caller: str) -> list[str]:
+        """The caller's two keys, under one hash tag (one Redis Cluster slot)."""
+        bucket = f"{self._prefix}{{{caller}}}"
+        return [bucket, bucket + ":calls"]
+
+    async def take(
+        self, caller: str, limits: CallerLimits, costs: Sequence[float], lease: str, lease_seconds: float
+    ) -> Refusal | None:
+        """Take `costs` from the caller's buckets and a lease named `lease` among its calls
+        in flight (with a concurrent limit), or nothing: the refusal. What the caller's
+        ended calls settle goes first, in the same script. StoreUnavailable when Redis does
+        not answer."""
+        args = self._pending.pop(caller, _NOTHING).args()
+        args.append(len(limits.buckets))
+        for bucket, cost in zip(limits.buckets, costs, strict=True):
+            args += [bucket.name, bucket.per_second, bucket.burst, cost]
+        args += [limits.concurrent or 0, max(1, math.ceil(lease_seconds * 1000)), lease]
+        answer = await self._run("take", self.keys(caller), args)
+        if answer[0] == 1:
+            return None
+        limit = answer[1].decode() if isinstance(answer[1], bytes) else str(answer[1])
+        if limit == CONCURRENT:
+            return Refusal(CONCURRENT, CONCURRENT_RETRY_AFTER)
+        return Refusal(limit, float(answer[2]))
+
+    def settle(self, caller: str, limits: CallerLimits, token_correction: float, lease: str) -> None:
+        """A call admitted by `take` ended: its tokens bucket is to be corrected by
+        `token_correction` (used less taken) and its lease given back, with the caller's next
+        check or within `flush_after`."""
+        tokens = limits.tokens if token_correction else None
+        holds_lease = limits.concurrent is not None
+        if tokens is None and not holds_lease:
+            return
+        pending = self._pending.get(caller)
+        if pending is None:
+            pending = self._pending[caller] = _Settlement()
+        if tokens is not None:
+            pending.tokens = tokens
+            pending.correction += token_correction
+        if holds_lease:
+            pending.leases.append(lease)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(self._flush_after, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flush = None
+        task = asyncio.get_running_loop().create_task(self.flush())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def flush(self) -> None:
+        """Send every caller's pending settlement now, together (one round trip)."""
+        pending, self._pending = self._pending, {}
+        runs = [
+            self._run("settle", self.keys(caller), [*settlement.args(), *_NO_TAKE])
+            for caller, settlement in pending.items()
+        ]
+        # A failure loses them, as a failed take's would be lost: the leases expire.
+        await asyncio.gather(*runs, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Send what is pending, then close the connections."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        await asyncio.gather(*self._flushing, return_exceptions=True)
+        await self.flush()
+        await asyncio.gather(*self._sending, return_exceptions=True)
+        await self._client.aclose()
+
+    async def _run(self, operation: str, keys: list[str], args: list[str | float]) -> Any:
+        """One run of the script, sent with every other run asked for in the same turn of
+        the event loop: under load, many calls' checks share one round trip."""
+        if not self._may_try():
+            raise StoreUnavailable("skipped after a failure")
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._batch.append((operation, keys, args, answer))
+        if len(self._batch) == 1 and len(self._sending) < MAX_PIPELINES:
+            loop.call_soon(self._send)
+        return await answer
+
+    def _send(self) -> None:
+        """Send the runs asked for so far in one pipeline; with MAX_PIPELINES in flight, the
+        next one goes when one of them is answered, with every run asked for meanwhile."""
+        if not self._batch or len(self._sending) >= MAX_PIPELINES:
+            return
+        batch, self._batch = self._batch, []
+        task = asyncio.get_running_loop().create_task(self._send_batch(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if self._batch:
+            self._send()
+
+    async def _send_batch(
+        self, batch: list[tuple[str, list[str], list[str | float], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                answers = await self._pipelined([(keys, args) for _, keys, args, _ in batch])
+        except Exception as error:  # any failure of the store: each call falls back
+            self._failed(batch[0][0], error)
+            for *_, answer in batch:
+                if not answer.done():
+                    answer.set_exception(StoreUnavailable(type(error).__name__))
+            return
+        self._answered()
+        for (*_, answer), result in zip(batch, answers, strict=True):
+            if not answer.done():  # a call cancelled meanwhile has gone
+                answer.set_result(result)
+
+    async def _pipelined(self, runs: list[tuple[list[str], list[str | float]]]) -> list[Any]:
+        """The runs in one pipeline, by the script's SHA-1; the script is loaded first when
+        Redis does not have it (its first use, or after a restart)."""
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for keys, args in runs:
+                pipe.evalsha(self._sha, len(keys), *keys, *args)
+            self.round_trips += 1
+            self._on_round_trip()
+            answers: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(answer, NoScriptError) for answer in answers):
+                await self._client.script_load(_SCRIPT)  # the runs failed whole: none ran
+                continue
+            failed = next((answer for answer in answers if isinstance(answer, Exception)), None)
+            if failed is not None:
+                raise failed
+            return answers
+        raise NoScriptError("the script could not be loaded")
+
+    def _may_try(self) -> bool:
+        """Whether to try Redis now: it is up, or down and due for another try (which this
+        caller makes: the next try is pushed on, so callers meanwhile skip it)."""
+        if self._retry_at is None:
+            return True
+        now = self._clock()
+        if now < self._retry_at:
+            return False
+        self._retry_at = now + self._retry_after
+        return True
+
+    def _failed(self, operation: str, error: Exception) -> None:
+        self.errors += 1
+        self._on_error()
+        timed_out = isinstance(error, TimeoutError | RedisTimeoutError)
+        was_up = self._retry_at is None
+        self._retry_at = self._clock() + self._retry_after
+        if was_up:
+            _log.warning(
+                "limits store: redis unreachable; limits fall back (--limits-store-failure) until it answers",
+                operation=operation,
+                error=type(error).__name__,
+                detail=f"no answer within {self.timeout:g} s" if timed_out else str(error)[:200],
+            )
+
+    def _answered(self) -> None:
+        if self._retry_at is not None:
+            self._retry_at = None
+            _log.warning("limits store: redis answers again; limits are shared again")

@@ -1,0 +1,146 @@
+"""What each caller used, metered once per call from the values it was answered with.
+
+The pipeline (call.py) hands every finished call of a known caller here: its metrics
+(observability/caller_metrics.py) and, with `--usage-log`, one JSON line a call, what a
+platform team loads into its billing table: caller, model, deployment, request id,
+documents, tokens, where the token count came from, latency, code. Nothing of the query
+or the documents is ever written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import grpc
+import orjson
+
+from rerank_service.config import ConfigError
+from rerank_service.core.domain import RerankOutcome, ServiceError
+from rerank_service.observability.caller_metrics import CallerMetrics
+from rerank_service.observability.logging import get_logger
+from rerank_service.observability.metrics import code_name
+from rerank_service.pipeline.callers import Caller
+from rerank_service.pipeline.limits import CALLER_LIMITED
+
+_log = get_logger("rerank_service.usage")
+
+STDOUT = "stdout"
+# The label of a model a caller named that no route serves (it must not become a label).
+UNKNOWN_MODEL = "-"
+
+
+@dataclass(slots=True)  # not frozen: made once per call, and a frozen __init__ costs more
+class MeteredCall:
+    """One finished call of a caller, as it is metered (treat it as a value)."""
+
+    caller: Caller
+    model: str | None  # None: the request was never read
+    model_known: bool  # a model a route serves (else labelled UNKNOWN_MODEL)
+    code: grpc.StatusCode
+    documents: int | None
+    outcome: RerankOutcome | None
+    failure: ServiceError | None
+    request_id: str
+    method: str
+    seconds: float
+
+
+class UsageLog:
+    """One JSON line per call, appended to a file (one write each, O_APPEND: lines of
+    several workers never interleave) or written to stdout."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.lost = 0  # lines lost since the writes started failing
+        if target == STDOUT:
+            self._fd, self._owned = 1, False
+        else:
+            self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._owned = True
+
+    def write(self, record: dict[str, object]) -> None:
+        """Write one line; a failure (a full disk) loses it, never the call: logged when the
+        writes start failing and when they work again."""
+        try:
+            os.write(self._fd, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        except OSError as exc:
+            self.lost += 1
+            if self.lost == 1:
+                _log.error("usage log: cannot write, lines are lost", target=self.target, error=str(exc))
+            return
+        if self.lost:
+            _log.warning("usage log: writing again", target=self.target, lost=self.lost)
+            self.lost = 0
+
+    def close(self) -> None:
+        if self._owned:
+            os.close(self._fd)
+            self._owned = False
+
+
+def open_usage_log(target: str | None) -> UsageLog | None:
+    """`--usage-log`: None for off; a file that cannot be opened is a ConfigError."""
+    if target is None:
+        return None
+    try:
+        return UsageLog(target)
+    except OSError as exc:
+        raise ConfigError(f"usage-log {target}: cannot open it ({exc.strerror or exc})") from None
+
+
+class UsageMeter:
+    def __init__(self, metrics: CallerMetrics, log: UsageLog | None = None) -> None:
+        self.metrics = metrics
+        self.log = log
+
+    def record(self, call: MeteredCall) -> None:
+        caller = call.caller
+        metrics = self.metrics
+        label = metrics.label(caller.name, caller.configured)
+        failure = call.failure
+        if failure is not None and failure.reason == CALLER_LIMITED:
+            metrics.refused(label, failure.metadata.get("limit", ""))
+        if call.model is None:  # refused before its request was read: counted above only
+            return
+        model = call.model if call.model_known else UNKNOWN_MODEL
+        metrics.call(label, model, call.code)
+        outcome = call.outcome
+        if outcome is not None and call.code == grpc.StatusCode.OK:
+            metrics.answered(
+                label, model, call.documents or 0, outcome.total_tokens, outcome.usage_source,
+                outcome.cached_tokens, outcome.backend_calls,
+            )  # fmt: skip
+        if self.log is not None:
+            self.log.write(_record(call, model))
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+def _record(call: MeteredCall, model: str) -> dict[str, object]:
+    outcome, failure = call.outcome, call.failure
+    answered = outcome is not None and call.code == grpc.StatusCode.OK
+    deployment = None
+    if outcome is not None and outcome.deployments:
+        deployment = ",".join(outcome.deployments)
+    elif failure is not None:
+        deployment = failure.deployment
+    return {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        "caller": call.caller.name,
+        "model": model,
+        "deployment": deployment,
+        "request_id": call.request_id,
+        "upstream_request_ids": list(outcome.upstream_request_ids) if outcome is not None else [],
+        "method": call.method,
+        "code": code_name(call.code),
+        "documents": call.documents if answered else 0,
+        "tokens": outcome.total_tokens if answered and outcome is not None else 0,
+        "cached_tokens": outcome.cached_tokens if answered and outcome is not None else 0,
+        "usage_source": outcome.usage_source if answered and outcome is not None else None,
+        "backend_calls": outcome.backend_calls if answered and outcome is not None else 0,
+        "latency_ms": round(call.seconds * 1000, 3),
+    }

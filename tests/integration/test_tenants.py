@@ -1,0 +1,305 @@
+"""Tenants end to end, in real `serve` processes in front of a real HTTP upstream: who
+calls, what each may call, what each used, and its limits (per process here;
+test_tenant_limits_shared.py holds them across processes in Redis)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import ssl
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
+
+from rerank_service.testing.fake_upstream import FakeUpstream
+from tests.conftest import UPSTREAM_KEY
+from tests.support.certs import CertificateAuthority
+from tests.support.process import run_cli
+from tests.support.rpc import _unpacked, error_info, retry_delay
+from tests.support.scrape import scrape, value
+from tests.support.tenants import (
+    ADS_KEY,
+    SEARCH_KEY,
+    bearer,
+    call,
+    caller,
+    http_call,
+    rerank_request,
+    service,
+    serving,
+    write_config,
+)
+from tests.support.waiting import wait_until
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream(api_key=UPSTREAM_KEY, models=("qwen3-rerank", "gte-rerank-v2")) as fake:
+        yield fake
+
+
+def quota_failure(error: grpc.RpcError) -> error_details_pb2.QuotaFailure:
+    (found,) = _unpacked(error, error_details_pb2.QuotaFailure)
+    return found
+
+
+def test_a_caller_over_its_requests_per_minute_is_refused_with_details_while_another_is_untouched(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    config = write_config(
+        tmp_path / "rerank.yaml",
+        upstream,
+        [
+            caller("search", "SEARCH_KEY", limits={"requests_per_minute": 3}),
+            caller("ads", "ADS_KEY"),
+        ],
+    )
+    with service(config) as process:
+        served = [call(process.target, SEARCH_KEY) for _ in range(3)]
+        refused = call(process.target, SEARCH_KEY)
+        others = [call(process.target, ADS_KEY) for _ in range(5)]
+        over_http = http_call(serving(process)["http_port"], SEARCH_KEY)
+
+    assert all(isinstance(answer, rerank_pb2.RerankResponse) for answer in served + others)
+    assert isinstance(refused, grpc.RpcError)
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    (violation,) = quota_failure(refused).violations
+    assert violation.subject == "caller:search"
+    assert violation.description.startswith("requests_per_minute: 3 requests a minute")
+    delay = retry_delay(refused)
+    assert delay is not None
+    assert 15 < delay <= 20  # one request's worth of a 3-a-minute bucket
+    info = error_info(refused)
+    assert info is not None
+    assert info.reason == "CALLER_LIMITED"
+    assert dict(info.metadata) == {"caller": "search", "limit": "requests_per_minute"}
+    # HTTP: 429, Retry-After, and the same fields in the JSON error.
+    assert over_http.status == 429
+    assert 15 < int(over_http.headers["Retry-After"]) <= 20
+    assert over_http.body["caller"] == "search"
+    assert over_http.body["limit"] == "requests_per_minute"
+    assert over_http.body["quota_violations"][0]["subject"] == "caller:search"
+    assert 15 < over_http.body["retry_after_seconds"] <= 20
+    # Refusals cost no upstream call.
+    assert len(upstream.requests) == 3 + 5
+
+
+def test_a_model_outside_a_callers_list_is_permission_denied_and_not_listed(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    config = write_config(
+        tmp_path / "rerank.yaml",
+        upstream,
+        [caller("search", "SEARCH_KEY", models=["qwen3-rerank"]), caller("ads", "ADS_KEY")],
+    )
+    with service(config) as process:
+        http_port = serving(process)["http_port"]
+        denied = call(process.target, SEARCH_KEY, model="gte-rerank-v2")
+        denied_http = http_call(
+            http_port,
+            SEARCH_KEY,
+            body={"model": "gte-rerank-v2", "query": "q", "documents": ["a", "b"]},
+        )
+        with grpc.insecure_channel(process.target) as opened:
+            stub = rerank_pb2_grpc.RerankServiceStub(opened)
+            listed = stub.ListModels(rerank_pb2.ListModelsRequest(), metadata=bearer(SEARCH_KEY), timeout=5)
+            listed_all = stub.ListModels(rerank_pb2.ListModelsRequest(), metadata=bearer(ADS_KEY), timeout=5)
+        models_http = http_call(http_port, SEARCH_KEY, path="/v1/models", method="GET")
+        allowed = call(process.target, SEARCH_KEY, model="qwen3-rerank")
+
+    assert isinstance(denied, grpc.RpcError)
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = error_info(denied)
+    assert info is not None
+    assert info.reason == "MODEL_NOT_ALLOWED"
+    assert dict(info.metadata) == {"caller": "search", "model": "gte-rerank-v2"}
+    assert denied_http.status == 403
+    assert "may not call model 'gte-rerank-v2'" in denied_http.body["message"]
+    assert [model.name for model in listed.models] == ["qwen3-rerank"]
+    assert {model.name for model in listed_all.models} == {"qwen3-rerank", "gte-rerank-v2"}
+    assert [model["id"] for model in models_http.body["data"]] == ["qwen3-rerank"]
+    assert isinstance(allowed, rerank_pb2.RerankResponse)
+    assert len(upstream.requests) == 1  # the refusals reached no upstream
+
+
+def test_per_caller_metrics_and_the_usage_log_equal_the_usage_each_caller_was_told(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    config = write_config(
+        tmp_path / "rerank.yaml",
+        upstream,
+        [caller("search", "SEARCH_KEY", limits={"requests_per_minute": 1000}), caller("ads", "ADS_KEY")],
+    )
+    usage_log = tmp_path / "usage.jsonl"
+    told: Counter[tuple[str, str]] = Counter()  # (caller, what) → sum
+    with service(config, "--usage-log", str(usage_log)) as process:
+        ports = serving(process)
+        with grpc.insecure_channel(process.target) as opened:
+            stub = rerank_pb2_grpc.RerankServiceStub(opened)
+            for documents in (1, 4, 9):  # unary
+                response = stub.Rerank(rerank_request(documents=documents), metadata=bearer(SEARCH_KEY))
+                told["search", "tokens"] += response.usage.total_tokens
+                told["search", "documents"] += documents
+                told["search", "calls"] += 1
+            items = [
+                rerank_pb2.RerankStreamRequest(id=str(index), request=rerank_request(documents=index + 2))
+                for index in range(4)
+            ]
+            for item in stub.RerankStream(iter(items), metadata=bearer(ADS_KEY), timeout=10):
+                told["ads", "tokens"] += item.response.usage.total_tokens
+                told["ads", "documents"] += len(item.response.output.results)
+                told["ads", "calls"] += 1
+        for key in (SEARCH_KEY, ADS_KEY):  # HTTP
+            answer = http_call(ports["http_port"], key)
+            name = "search" if key == SEARCH_KEY else "ads"
+            told[name, "tokens"] += answer.body["usage"]["total_tokens"]
+            told[name, "documents"] += 2
+            told[name, "calls"] += 1
+        denied = call(process.target, "sk-not-a-key")
+        samples = scrape(ports["metrics_port"])
+        table = run_cli("usage", "--metrics", f"http://127.0.0.1:{ports['metrics_port']}/metrics")
+        wait_until(lambda: len(usage_log.read_text().splitlines()) >= 9, what="the usage lines")
+        lines = [json.loads(line) for line in usage_log.read_text().splitlines()]
+
+    assert isinstance(denied, grpc.RpcError)  # an unknown key is nobody's usage
+    for name in ("search", "ads"):
+        labels = {"caller": name, "model": "qwen3-rerank"}
+        assert value(samples, "rerank_caller_calls_total", code="OK", **labels) == told[name, "calls"]
+        assert value(samples, "rerank_caller_documents_total", **labels) == told[name, "documents"]
+        tokens = value(samples, "rerank_caller_tokens_total", source="upstream", **labels)
+        assert tokens == told[name, "tokens"] > 0
+        assert value(samples, "rerank_caller_backend_calls_total", **labels) == told[name, "calls"]
+        logged = [line for line in lines if line["caller"] == name]
+        assert len(logged) == told[name, "calls"]
+        assert sum(line["tokens"] for line in logged) == told[name, "tokens"]
+        assert sum(line["documents"] for line in logged) == told[name, "documents"]
+    assert {line["usage_source"] for line in lines} == {"upstream"}
+    assert {line["code"] for line in lines} == {"OK"}
+    assert all(line["deployment"] and line["request_id"] and line["latency_ms"] > 0 for line in lines)
+    assert not any("bucket" in json.dumps(line) for line in lines)  # nothing of the query or documents
+    assert table.returncode == 0, table.stderr
+    rows = {tuple(row.split()[:2]): row.split() for row in table.stdout.splitlines()[1:] if row.strip()}
+    assert rows["search", "qwen3-rerank"][2:6] == [
+        str(told["search", "calls"]),
+        str(told["search", "calls"]),
+        str(told["search", "documents"]),
+        str(told["search", "tokens"]),
+    ]
+
+
+def test_a_reload_lowers_a_limit_and_removes_a_key_without_a_restart(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    path = tmp_path / "rerank.yaml"
+    callers = [caller("search", "SEARCH_KEY", limits={"requests_per_minute": 100}), caller("ads", "ADS_KEY")]
+    config = write_config(path, upstream, callers)
+    with service(config) as process:
+        before = [call(process.target, SEARCH_KEY) for _ in range(5)]
+        write_config(path, upstream, [caller("search", "SEARCH_KEY", limits={"requests_per_minute": 2})])
+        assert process.process is not None
+        process.process.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: any(event.get("event") == "reloaded" for event in process.events()), what="the reload"
+        )
+        after = [call(process.target, SEARCH_KEY) for _ in range(3)]
+        removed = call(process.target, ADS_KEY)
+
+    assert all(isinstance(answer, rerank_pb2.RerankResponse) for answer in before)
+    # The bucket held 95; a burst of 2 now holds 2 at most.
+    assert [isinstance(answer, rerank_pb2.RerankResponse) for answer in after] == [True, True, False]
+    assert isinstance(after[2], grpc.RpcError)
+    assert after[2].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert isinstance(removed, grpc.RpcError)
+    assert removed.code() == grpc.StatusCode.UNAUTHENTICATED
+    reloaded = next(event for event in process.events() if event.get("event") == "reloaded")
+    assert reloaded["callers"] == ["search"]
+
+
+def test_an_mtls_client_is_the_caller_its_certificate_names(tmp_path: Path, upstream: FakeUpstream) -> None:
+    ca = CertificateAuthority()
+    ca_path = ca.write(tmp_path)
+    server_cert, server_key = ca.issue_server().write(tmp_path, "server")
+    indexer = ca.issue_client("indexer-cn", uris=["spiffe://mesh/ns/search/sa/indexer"])
+    stranger = ca.issue_client("stranger")
+    client_cert, client_key = indexer.write(tmp_path, "indexer")
+    config = write_config(
+        tmp_path / "rerank.yaml",
+        upstream,
+        [
+            {
+                "name": "indexer",
+                "credentials": [{"tls_identity": "spiffe://mesh/ns/search/sa/indexer"}],
+                "models": ["qwen3-rerank"],
+            },
+            caller("search", "SEARCH_KEY"),
+        ],
+        tls_cert=str(server_cert),
+        tls_key=str(server_key),
+        tls_client_ca=str(ca_path),
+    )
+
+    def channel_as(issued_cert: bytes, issued_key: bytes, target: str) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(ca.cert_pem, issued_key, issued_cert)
+        return grpc.secure_channel(target.replace("127.0.0.1", "localhost"), credentials)
+
+    with service(config) as process:
+        with channel_as(indexer.cert_pem, indexer.key_pem, process.target) as opened:
+            stub = rerank_pb2_grpc.RerankServiceStub(opened)
+            answered = stub.Rerank(rerank_request(), timeout=10)
+            listed = stub.ListModels(rerank_pb2.ListModelsRequest(), timeout=10)
+        with channel_as(stranger.cert_pem, stranger.key_pem, process.target) as opened:
+            stub = rerank_pb2_grpc.RerankServiceStub(opened)
+            with pytest.raises(grpc.RpcError) as unknown:
+                stub.Rerank(rerank_request(), timeout=10)
+            by_key = stub.Rerank(rerank_request(), metadata=bearer(SEARCH_KEY), timeout=10)
+        https = run_cli(
+            "rerank", "--target", process.target.replace("127.0.0.1", "localhost"), "--tls-ca", str(ca_path),
+            "--tls-cert", str(client_cert), "--tls-key", str(client_key), "--model", "qwen3-rerank",
+            "--query", "q", "-d", "a", "-d", "b",
+        )  # fmt: skip
+        http_port = serving(process)["http_port"]
+        context = ssl.create_default_context(cafile=str(ca_path))
+        context.load_cert_chain(client_cert, client_key)
+        models_request = urllib.request.Request(f"https://localhost:{http_port}/v1/models")
+        with urllib.request.urlopen(models_request, context=context, timeout=10) as reply:  # noqa: S310
+            models_http = json.loads(reply.read())
+        calls = [event for event in process.events() if event.get("event") == "call"]
+
+    assert len(answered.output.results) == 3
+    assert [model.name for model in listed.models] == ["qwen3-rerank"]
+    assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(by_key.output.results) == 3  # a key still works over mTLS
+    assert https.returncode == 0, https.stderr
+    assert [model["id"] for model in models_http["data"]] == ["qwen3-rerank"]
+    callers = Counter(event.get("caller") for event in calls if event.get("method", "").endswith("/Rerank"))
+    assert callers == {"indexer": 2, "search": 1, None: 1}
+
+
+def test_check_config_refuses_a_bad_callers_section_in_one_line_with_exit_2(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    config = write_config(
+        tmp_path / "rerank.yaml", upstream, [caller("search", "SEARCH_KEY"), caller("ads", "SEARCH_KEY")]
+    )
+
+    checked = run_cli(
+        "check-config", str(config), env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY, "SEARCH_KEY": SEARCH_KEY}
+    )
+    served = run_cli(
+        "serve",
+        "--config",
+        str(config),
+        env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY, "SEARCH_KEY": SEARCH_KEY},
+    )
+
+    for completed in (checked, served):
+        assert completed.returncode == 2
+        (line,) = completed.stderr.strip().splitlines()
+        assert "callers[1].credentials[0] holds the same key as callers[0].credentials[0]" in line
+        assert SEARCH_KEY not in line

@@ -1,0 +1,356 @@
+"""The callers section: what it accepts, the one-line errors it gives, and the callers the
+pipeline identifies from it (keys by SHA-256, certificate identities, anonymous keys)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import grpc
+import pytest
+
+from rerank_service.config import ConfigError, Settings, load_settings
+from rerank_service.config.callers import caller_configs, key_digest
+from rerank_service.config.reference import CALLERS_EXAMPLE
+from rerank_service.config.secret import Secret
+from rerank_service.core.domain import ServiceError
+from rerank_service.pipeline.admission import Admission
+from rerank_service.pipeline.callers import ANONYMOUS_CALLER, CallerDirectory, certificate_identities
+
+SEARCH_KEY = "sk-search-0123456789"
+ADS_KEY = "sk-ads-0123456789"
+SHA = hashlib.sha256(b"sk-hashed-key").hexdigest()
+
+
+def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> Settings:
+    path = tmp_path / "rerank.yaml"
+    path.write_text("backend: local\n" + text, encoding="utf-8")
+    return load_settings({"config": str(path)}, env or {})
+
+
+def refusal(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, text, env)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_the_documented_example_loads(tmp_path: Path) -> None:
+    settings = load(tmp_path, CALLERS_EXAMPLE, {"SEARCH_API_KEY": SEARCH_KEY})
+
+    (search,) = caller_configs(settings.callers)
+    assert search.name == "search"
+    assert search.key_digests == {key_digest(SEARCH_KEY)}
+    assert search.models == frozenset({"qwen3-rerank"})
+    assert search.limits is not None
+    assert search.limits.requests is not None
+    assert search.limits.requests.burst == 600  # one minute's worth by default
+    assert Secret(SEARCH_KEY) in settings.secrets()  # redacted from every log line
+
+
+def test_keys_from_variables_files_and_hashes_and_a_burst(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"# the ads team\n{ADS_KEY}\n", encoding="utf-8")
+    keys.chmod(0o600)
+    settings = load(
+        tmp_path,
+        f"""callers:
+  - name: ads
+    credentials: [{{key_file: {keys}}}, {{key_sha256: {SHA.upper()}}}]
+    limits: {{tokens_per_minute: 1000, burst: {{tokens: 5000}}, concurrent: 3}}
+""",
+    )
+
+    (ads,) = caller_configs(settings.callers)
+    assert ads.key_digests == {key_digest(ADS_KEY), key_digest("sk-hashed-key")}
+    assert ads.models is None  # every model
+    assert ads.limits is not None
+    assert ads.limits.tokens is not None
+    assert (ads.limits.tokens.per_minute, ads.limits.tokens.burst, ads.limits.concurrent) == (1000, 5000, 3)
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        (
+            "  - name: a\n    credentials: [{key_env: A}]\n  - name: b\n    credentials: [{key_env: B}]\n",
+            "callers[1].credentials[0] holds the same key as callers[0].credentials[0]",
+        ),
+        (
+            f"  - name: a\n    credentials: [{{key_sha256: {SHA}}}]\n"
+            f"  - name: b\n    credentials: [{{key_sha256: {SHA}}}]\n",
+            "callers give one key to two callers (callers[0].credentials[0].key_sha256 and "
+            "callers[1].credentials[0].key_sha256)",
+        ),
+        ("  - name: a\n", "callers[0] has no credential"),
+        (
+            "  - name: a\n    credentials: [{key_env: A}]\n    limits: {requests_per_minute: -5}\n",
+            "callers[0].limits.requests_per_minute must be greater than 0",
+        ),
+        (
+            "  - name: a\n    credentials: [{key_env: A}]\n    limits: {request_per_minute: 5}\n",
+            "callers[0].limits.request_per_minute is not a known setting",
+        ),
+        (
+            "  - name: a\n    credentials: [{key_sha256: abc123}]\n",
+            "callers[0].credentials[0].key_sha256 must be the key's SHA-256 as 64 hex digits",
+        ),
+        (
+            "  - name: a\n    credentials: [{key_env: A}]\n  - name: a\n    credentials: [{key_env: C}]\n",
+            "callers give one name to two callers (callers[0].name and callers[1].name)",
+        ),
+        (
+            "  - name: a\n    credentials: [{key_env: A, key_sha256: " + SHA + "}]\n",
+            "callers[0].credentials[0] must give exactly one of key_env, key_file, key_sha256 or "
+            "tls_identity",
+        ),
+        (
+            "  - name: a\n    credentials: [{key_env: A}]\n    limits: {burst: {tokens: 5}}\n",
+            "burst.tokens needs tokens_per_minute",
+        ),
+        (
+            "  - name: a\n    credentials: [{key_env: UNSET}]\n",
+            "callers[0].credentials[0].key_env names UNSET",
+        ),
+        (
+            "  - name: a\n    credentials: [{tls_identity: spiffe://mesh/ns/a/sa/b}]\n",
+            "callers[0].credentials[0].tls_identity needs client certificates: set tls-client-ca",
+        ),
+        ("  - name: key-1234\n    credentials: [{key_env: A}]\n", "callers[0].name 'key-1234' is reserved"),
+    ],
+    ids=[
+        "one-key-twice",
+        "one-hash-twice",
+        "no-credential",
+        "negative-limit",
+        "unknown-limit",
+        "bad-sha256",
+        "one-name-twice",
+        "two-in-one-credential",
+        "burst-without-its-limit",
+        "unset-variable",
+        "identity-without-mtls",
+        "reserved-name",
+    ],
+)
+def test_a_bad_callers_section_is_one_line_naming_its_place(
+    tmp_path: Path, section: str, expected: str
+) -> None:
+    message = refusal(tmp_path, "callers:\n" + section, {"A": SEARCH_KEY, "B": SEARCH_KEY, "C": ADS_KEY})
+
+    assert expected in message
+    assert "callers in" in message  # where it came from
+    assert SEARCH_KEY not in message
+    assert ADS_KEY not in message
+
+
+@pytest.mark.parametrize("field", ["key", "api_key"])
+def test_a_key_written_in_the_file_is_refused_without_repeating_it(tmp_path: Path, field: str) -> None:
+    message = refusal(tmp_path, f"callers:\n  - name: a\n    credentials: [{{{field}: {SEARCH_KEY}}}]\n")
+
+    assert "a key is never written in the file" in message
+    assert SEARCH_KEY not in message
+
+
+def test_a_key_pasted_as_a_variable_name_is_not_repeated(tmp_path: Path) -> None:
+    message = refusal(tmp_path, "callers:\n  - name: a\n    credentials: [{key_env: 'sk-live 0123'}]\n")
+
+    assert "must name an environment variable" in message
+    assert "sk-live" not in message
+
+
+def test_a_caller_key_also_given_in_api_keys_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "rerank.yaml"
+    path.write_text(
+        "backend: local\ncallers:\n  - name: a\n    credentials: [{key_env: A}]\n", encoding="utf-8"
+    )
+
+    with pytest.raises(ConfigError, match=r"callers\[0\]\.credentials\[0\] holds the same key as api-keys"):
+        load_settings({"config": str(path)}, {"A": SEARCH_KEY, "RERANK_API_KEYS": f"x,{SEARCH_KEY}"})
+
+
+def test_callers_need_an_upstream_key_their_keys_never_go_upstream(tmp_path: Path) -> None:
+    path = tmp_path / "rerank.yaml"
+    path.write_text(
+        "backend: upstream\ncallers:\n  - name: a\n    credentials: [{key_env: A}]\n", encoding="utf-8"
+    )
+
+    with pytest.raises(ConfigError, match="callers are set but the upstream has no key"):
+        load_settings({"config": str(path)}, {"A": SEARCH_KEY})
+    assert not load_settings(
+        {"config": str(path)}, {"A": SEARCH_KEY, "RERANK_UPSTREAM_API_KEY": "sk-up"}
+    ).pass_through
+
+
+def test_a_model_no_route_serves_is_refused(tmp_path: Path) -> None:
+    message = refusal(
+        tmp_path,
+        "models:\n  - name: m\n    deployments: [{format: local, source: bundled}]\n"
+        "callers:\n  - name: a\n    credentials: [{key_env: A}]\n    models: [m, typo]\n",
+        {"A": SEARCH_KEY},
+    )
+
+    assert "callers[0].models[1] names 'typo', which no route of the models section serves" in message
+
+
+# --- the directory --------------------------------------------------------------------------
+
+
+def directory(tmp_path: Path, **kwargs: object) -> CallerDirectory:
+    settings = load(
+        tmp_path,
+        f"""tls_cert: /dev/null
+tls_key: /dev/null
+tls_client_ca: /dev/null
+callers:
+  - name: search
+    credentials: [{{key_env: SEARCH}}, {{key_sha256: {SHA}}}]
+    models: [qwen3-rerank]
+  - name: indexer
+    credentials: [{{tls_identity: "spiffe://mesh/ns/search/sa/indexer"}}, {{tls_identity: batch-cn}}]
+""",
+        {"SEARCH": SEARCH_KEY},
+    )
+    return CallerDirectory(caller_configs(settings.callers), **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_key_or_its_hash_or_a_certificate_names_its_caller(tmp_path: Path) -> None:
+    callers = directory(tmp_path)
+
+    by_key = callers.identify(Secret(SEARCH_KEY))
+    by_hash = callers.identify(Secret("sk-hashed-key"))
+    by_uri = callers.identify(None, ["spiffe://mesh/ns/search/sa/indexer"])
+    by_cn = callers.identify(Secret("unknown"), ["batch-cn"])
+
+    assert by_key is not None
+    assert by_key is by_hash
+    assert by_key.name == "search"
+    assert by_uri is not None
+    assert by_uri is by_cn
+    assert by_uri.name == "indexer"
+    assert callers.identify(Secret("unknown")) is None
+    assert callers.identify(None, ["spiffe://mesh/ns/other"]) is None
+    assert callers.enabled
+    assert callers.identifies_peers
+
+
+def test_a_caller_may_call_only_its_models(tmp_path: Path) -> None:
+    search = directory(tmp_path).identify(Secret(SEARCH_KEY))
+    assert search is not None
+
+    search.check_model("qwen3-rerank")
+    with pytest.raises(ServiceError) as refused:
+        search.check_model("gte-rerank-v2")
+
+    assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert refused.value.metadata == {"caller": "search", "model": "gte-rerank-v2"}
+
+
+def test_api_keys_are_anonymous_callers_named_after_their_hash() -> None:
+    callers = CallerDirectory(api_keys=[Secret(SEARCH_KEY)])
+
+    found = callers.identify(Secret(SEARCH_KEY))
+
+    assert found is not None
+    assert found.name == "key-" + hashlib.sha256(SEARCH_KEY.encode()).hexdigest()[:8]
+    assert not found.configured
+    assert found.models is None
+    assert found.limits is None
+
+
+def test_without_keys_every_call_is_anonymous_or_named_after_the_token_it_passes_through() -> None:
+    open_service = CallerDirectory()
+    pass_through = CallerDirectory(pass_through=True)
+
+    assert open_service.identify(Secret("anything")) is ANONYMOUS_CALLER
+    passed = pass_through.identify(Secret(SEARCH_KEY))
+    assert passed is not None
+    assert passed.name == "key-" + hashlib.sha256(SEARCH_KEY.encode()).hexdigest()[:8]
+    assert pass_through.identify(None) is ANONYMOUS_CALLER
+    assert not open_service.enabled
+    assert not pass_through.enabled
+
+
+def test_a_reload_swaps_the_callers_and_keeps_the_api_keys(tmp_path: Path) -> None:
+    callers = directory(tmp_path, api_keys=[Secret(ADS_KEY)])
+
+    callers.update(())
+
+    assert callers.identify(Secret(SEARCH_KEY)) is None
+    assert callers.identify(Secret(ADS_KEY)) is not None
+
+
+def test_a_certificate_is_named_by_its_uri_sans_or_else_its_common_name() -> None:
+    assert certificate_identities(["spiffe://a", "spiffe://b"], "cn") == ["spiffe://a", "spiffe://b"]
+    assert certificate_identities([], "cn") == ["cn"]
+    assert certificate_identities([], None) == []
+
+
+# --- the fair share of admission ------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_caller_alone_may_take_every_slot() -> None:
+    admission = Admission(10, caller_max_share=0.5, clock=Clock())
+
+    for _ in range(10):
+        admission.enter(0, "flood")
+
+    assert admission.held("flood") == 10
+
+
+def test_a_caller_past_its_share_is_refused_while_another_calls() -> None:
+    clock = Clock()
+    admission = Admission(10, caller_max_share=0.5, clock=clock)
+    admission.enter(0, "polite")
+    admission.release(0, "polite")  # gone, but it called just now
+
+    for _ in range(5):
+        admission.enter(0, "flood")
+    with pytest.raises(ServiceError) as refused:
+        admission.enter(0, "flood")
+    admission.enter(0, "polite")  # the others' room is there
+
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.metadata == {"caller": "flood", "limit": "fair_share"}
+    assert refused.value.quota_violations[0].subject == "caller:flood"
+    clock.now += 2.0  # long after: polite still holds a slot, so flood is still held to its share
+    with pytest.raises(ServiceError):
+        admission.enter(0, "flood")
+    admission.release(0, "polite")
+    admission.enter(0, "flood")  # alone again, after the window
+
+
+def test_a_caller_refused_for_a_full_admission_counts_as_calling() -> None:
+    admission = Admission(4, caller_max_share=0.5, clock=Clock())
+    for _ in range(4):
+        admission.enter(0, "flood")
+    with pytest.raises(ServiceError):
+        admission.enter(0, "polite")  # overloaded: every slot is the flood's
+    for _ in range(3):
+        admission.release(0, "flood")  # the flood's calls end ...
+
+    admission.enter(0, "flood")  # 2 of 4: its share
+    with pytest.raises(ServiceError) as refused:
+        admission.enter(0, "flood")  # ... and it may not take them all again: polite is waiting
+
+    assert refused.value.metadata["limit"] == "fair_share"
+    admission.enter(0, "polite")
+
+
+def test_a_share_of_one_caps_nobody() -> None:
+    admission = Admission(3, clock=Clock())
+    admission.enter(0, "polite")
+
+    for _ in range(2):
+        admission.enter(0, "flood")
+
+    assert admission.held("flood") == 2

@@ -1,0 +1,299 @@
+"""The callers' buckets in a real Redis: one script a call, shared by every client, atomic
+under concurrent calls, settled afterwards; and what the limiter does while Redis is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from rerank_service.config.callers import BucketLimit, CallerLimits
+from rerank_service.core.domain import RerankRequest, ServiceError
+from rerank_service.pipeline.buckets import CONCURRENT
+from rerank_service.pipeline.callers import Caller
+from rerank_service.pipeline.limits import Limiter, estimated_tokens
+from rerank_service.pipeline.limits_store import KEY_PREFIX, RedisLimits, StoreUnavailable
+from rerank_service.redis_client import redis_client
+from tests.support.logs import LogCapture
+from tests.support.redis_server import RedisServer
+
+TIMEOUT = 0.2  # the store's, in these tests (a loaded test machine: generous)
+HANG = 10.0  # guards against a hang only
+RPM = "requests_per_minute"
+TPM = "tokens_per_minute"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def store(url: str, clock: Clock | None = None, errors: list[int] | None = None) -> RedisLimits:
+    return RedisLimits(
+        redis_client(url, timeout=TIMEOUT),
+        timeout=TIMEOUT,
+        retry_after=1.0,
+        clock=clock or Clock(),
+        on_error=(lambda: errors.append(1)) if errors is not None else (lambda: None),
+    )
+
+
+@pytest.fixture
+async def two(redis_empty: RedisServer) -> AsyncIterator[tuple[RedisLimits, RedisLimits]]:
+    """Two stores on one Redis, as two replicas have."""
+    first, second = store(redis_empty.url), store(redis_empty.url)
+    yield first, second
+    await first.aclose()
+    await second.aclose()
+
+
+def requests(per_minute: float, burst: float | None = None) -> CallerLimits:
+    return CallerLimits(requests=BucketLimit(RPM, per_minute, burst or per_minute))
+
+
+async def test_two_stores_hold_one_callers_limit_together(two: tuple[RedisLimits, RedisLimits]) -> None:
+    limits = requests(6)  # a burst of 6, one more every 10 s
+
+    answers = [await two[i % 2].take("search", limits, [1], f"call-{i}", 5) for i in range(8)]
+
+    assert answers[:6] == [None] * 6
+    refused = answers[6]
+    assert refused is not None
+    assert refused.limit == RPM
+    assert 0 < refused.retry_after <= 10.0
+
+
+async def test_concurrent_calls_from_two_stores_never_take_more_than_the_burst(
+    two: tuple[RedisLimits, RedisLimits],
+) -> None:
+    limits = requests(0.001, burst=20)  # no refill to speak of during the test
+
+    answers = await asyncio.gather(
+        *(two[i % 2].take("search", limits, [1], f"call-{i}", 5) for i in range(60))
+    )
+
+    assert sum(answer is None for answer in answers) == 20
+
+
+async def test_checks_asked_for_at_once_share_one_round_trip(two: tuple[RedisLimits, RedisLimits]) -> None:
+    first, _ = two
+    await first.take("warm-up", requests(1), [1], "w", 5)  # the script loaded into Redis
+    first.round_trips = 0
+
+    answers = await asyncio.gather(
+        *(first.take(f"team-{i % 5}", requests(6), [1], f"c{i}", 5) for i in range(50))
+    )
+
+    assert first.round_trips == 1
+    assert sum(answer is None for answer in answers) == 5 * 6  # each team's burst, no more
+
+
+async def test_callers_have_buckets_of_their_own(two: tuple[RedisLimits, RedisLimits]) -> None:
+    limits = requests(1)
+    first, _ = two
+
+    assert await first.take("search", limits, [1], "a", 5) is None
+    assert await first.take("search", limits, [1], "b", 5) is not None
+    assert await first.take("ads", limits, [1], "c", 5) is None
+
+
+async def test_a_correction_after_the_call_charges_what_it_used(
+    two: tuple[RedisLimits, RedisLimits], redis_empty: RedisServer
+) -> None:
+    limits = CallerLimits(tokens=BucketLimit(TPM, 0.001, 1000))
+    first, second = two
+    assert await first.take("search", limits, [100], "a", 5) is None
+
+    first.settle("search", limits, 850, "a")  # used 950: 50 left
+    await first.flush()
+
+    assert await second.take("search", limits, [60], "b", 5) is not None
+    assert await second.take("search", limits, [40], "c", 5) is None
+    with redis_empty.client() as client:
+        assert client.pttl(f"{KEY_PREFIX}{{search}}") > 0  # gone once full again
+
+
+async def test_calls_in_flight_are_leases_given_back_when_the_call_ends(
+    two: tuple[RedisLimits, RedisLimits],
+) -> None:
+    limits = CallerLimits(concurrent=2)
+    first, second = two
+
+    assert await first.take("search", limits, [], "a", 30) is None
+    assert await second.take("search", limits, [], "b", 30) is None
+    refused = await first.take("search", limits, [], "c", 30)
+    second.settle("search", limits, 0, "b")
+    await second.flush()
+    after = await first.take("search", limits, [], "d", 30)
+
+    assert refused is not None
+    assert refused.limit == CONCURRENT
+    assert after is None
+
+
+async def test_a_busy_callers_settlements_ride_on_its_next_check(
+    two: tuple[RedisLimits, RedisLimits],
+) -> None:
+    limits = CallerLimits(
+        tokens=BucketLimit(TPM, 0.001, 1000), concurrent=1
+    )  # one call at a time: each must give its lease back before the next
+    first, second = two
+    await first.take("warm-up", limits, [1], "w", 30)  # the script loaded into Redis
+    first.round_trips = 0
+
+    for index in range(20):
+        assert await first.take("search", limits, [10], f"call-{index}", 30) is None
+        first.settle("search", limits, 20, f"call-{index}")  # used 30 each
+
+    assert first.round_trips == 20  # one a call: no round trip of its own for a settlement
+    assert await second.take("search", limits, [1], "other", 30) is not None  # the 20th lease, held
+    await first.flush()
+    assert await second.take("search", limits, [1000 - 20 * 30 - 1], "other", 30) is None
+    assert await second.take("search", limits, [2], "more", 30) is not None
+
+
+async def test_a_settlement_no_check_takes_is_sent_soon_on_its_own(
+    two: tuple[RedisLimits, RedisLimits],
+) -> None:
+    limits = CallerLimits(concurrent=1)
+    first, second = two
+    assert await first.take("search", limits, [], "a", 30) is None
+
+    first.settle("search", limits, 0, "a")  # no flush, no further call from `first`
+
+    deadline = time.monotonic() + HANG
+    while await second.take("search", limits, [], "b", 30) is not None:
+        assert time.monotonic() < deadline, "the lease was never given back"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_lease_that_is_never_given_back_expires(two: tuple[RedisLimits, RedisLimits]) -> None:
+    limits = CallerLimits(concurrent=1)
+    first, _ = two
+    assert await first.take("search", limits, [], "crashed", 0.05) is None  # its worker died
+
+    # The lease's expiry is Redis's own clock: polled, never slept past.
+    deadline = time.monotonic() + HANG
+    while time.monotonic() < deadline:
+        if await first.take("search", limits, [], "next", 30) is None:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the lease did not expire within {HANG} s")
+
+
+async def test_a_redis_that_does_not_answer_fails_at_the_timeout_and_is_skipped_until_due(
+    redis_own: RedisServer, logs: LogCapture
+) -> None:
+    clock = Clock()
+    errors: list[int] = []
+    limits_store = store(redis_own.url, clock, errors)
+    limits = requests(100)
+    try:
+        assert await limits_store.take("search", limits, [1], "a", 5) is None
+        redis_own.pause()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await limits_store.take("search", limits, [1], "b", 5)
+        waited = time.monotonic() - started
+        # Skipped while down: no wait at all, no error counted.
+        started_skip = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await limits_store.take("search", limits, [1], "c", 5)
+        skipped = time.monotonic() - started_skip
+        redis_own.resume()
+        clock.now += 1.0
+        back = await limits_store.take("search", limits, [1], "d", 5)
+    finally:
+        await limits_store.aclose()
+
+    assert waited < TIMEOUT + 0.5  # the timeout bounds it (plus the event loop's slack)
+    assert skipped < TIMEOUT / 2
+    assert back is None
+    assert len(errors) == 1
+    lines = [event["event"] for event in logs.events() if "limits store" in event["event"]]
+    assert lines == [
+        "limits store: redis unreachable; limits fall back (--limits-store-failure) until it answers",
+        "limits store: redis answers again; limits are shared again",
+    ]
+
+
+def call(documents: int = 3) -> RerankRequest:
+    return RerankRequest("qwen3-rerank", "what is a bucket", ["a token bucket"] * documents)
+
+
+async def test_the_limiter_falls_back_to_this_process_while_redis_is_down(redis_own: RedisServer) -> None:
+    limiter = Limiter(store(redis_own.url), fail_open=True)
+    caller = Caller("search", limits=requests(2), configured=True)
+    redis_own.kill()
+    try:
+        async with asyncio.timeout(HANG):
+            first = await limiter.admit(caller, call(), "a", None)
+            second = await limiter.admit(caller, call(), "b", None)
+            with pytest.raises(ServiceError) as refused:
+                await limiter.admit(caller, call(), "c", None)
+    finally:
+        await limiter.close()
+
+    assert first is not None
+    assert first.lease is None
+    assert second is not None
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_failing_closed_refuses_callers_with_limits_while_redis_is_down(redis_own: RedisServer) -> None:
+    limiter = Limiter(store(redis_own.url), fail_open=False)
+    limited = Caller("search", limits=requests(100), configured=True)
+    redis_own.kill()
+    try:
+        with pytest.raises(ServiceError) as refused:
+            await limiter.admit(limited, call(), "a", None)
+        unlimited = await limiter.admit(Caller("ads", configured=True), call(), "b", None)
+    finally:
+        await limiter.close()
+
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.reason == "LIMITS_STORE_UNAVAILABLE"
+    assert unlimited is None  # a caller without limits needs no store
+
+
+async def test_the_limiter_corrects_the_token_estimate_when_the_call_ends(redis_empty: RedisServer) -> None:
+    limiter = Limiter(store(redis_empty.url))
+    caller = Caller("search", limits=CallerLimits(tokens=BucketLimit(TPM, 0.001, 1000)), configured=True)
+    request = call()
+    try:
+        grant = await limiter.admit(caller, request, "a", None)
+        assert grant is not None
+        assert grant.tokens_taken == estimated_tokens(request)
+        limiter.settle(grant, 1000)  # the answer said 1000: the bucket is now empty
+        await limiter.close()  # sends the settlement
+        limiter = Limiter(store(redis_empty.url))
+        with pytest.raises(ServiceError) as refused:
+            await limiter.admit(caller, request, "b", None)
+    finally:
+        await limiter.close()
+
+    assert refused.value.metadata == {"caller": "search", "limit": TPM}
+
+
+def test_the_token_estimate_is_the_query_once_per_document_and_every_document() -> None:
+    request = RerankRequest("m", "q" * 9, ["d" * 30, "é" * 3])  # 3 tokens; 10 and 2 (6 bytes)
+
+    assert estimated_tokens(request) == 2 * 3 + 10 + 2
+
+
+async def test_the_script_is_loaded_again_into_a_redis_that_lost_it(
+    two: tuple[RedisLimits, RedisLimits], redis_empty: RedisServer
+) -> None:
+    first, _ = two
+    assert await first.take("search", requests(5), [1], "a", 5) is None
+    with redis_empty.client() as client:
+        client.script_flush()  # as a restarted Redis has none
+
+    assert await first.take("search", requests(5), [1], "b", 5) is None
+    assert first.errors == 0

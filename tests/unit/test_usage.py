@@ -1,0 +1,90 @@
+"""What each caller used: metered from the values each call answered with, and the usage
+log's lines (one write each; a failing disk loses lines, never calls)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import generate_latest
+
+from rerank_service.config import ConfigError
+from rerank_service.core.domain import RerankOutcome, ServiceError
+from rerank_service.observability.metrics import Metrics
+from rerank_service.observability.usage_report import read_usage, table
+from rerank_service.pipeline.callers import Caller
+from rerank_service.pipeline.limits import FAIR_SHARE, fair_share_refusal
+from rerank_service.pipeline.usage import UNKNOWN_MODEL, MeteredCall, UsageLog, UsageMeter, open_usage_log
+from tests.support.logs import LogCapture
+
+SEARCH = Caller("search", configured=True)
+
+
+def answered(tokens: int, documents: int, source: str = "upstream") -> MeteredCall:
+    outcome = RerankOutcome([], tokens, ["up-1"], usage_source=source, deployments=["eu"], cached_tokens=7)
+    return MeteredCall(
+        SEARCH, "qwen3-rerank", True, grpc.StatusCode.OK, documents, outcome, None, "r1", "Rerank", 0.01
+    )
+
+
+def refused(error: ServiceError, model: str | None = "qwen3-rerank", known: bool = True) -> MeteredCall:
+    return MeteredCall(
+        SEARCH, model, known, error.code, 3 if model else None, None, error, "r2", "Rerank", 0.001
+    )
+
+
+def exposition(metrics: Metrics) -> str:
+    return generate_latest(metrics.registry).decode()
+
+
+def test_the_metrics_and_the_table_add_up_what_the_calls_were_told(tmp_path: Path) -> None:
+    metrics = Metrics()
+    meter = UsageMeter(metrics.callers, UsageLog(str(tmp_path / "usage.jsonl")))
+    limited = fair_share_refusal("search", 2, 4, 0.5)
+
+    meter.record(answered(100, 3))
+    meter.record(answered(250, 5, source="estimate"))
+    meter.record(refused(limited, model=None))  # refused at admission: only counted as refused
+    meter.record(refused(ServiceError(grpc.StatusCode.NOT_FOUND, "no"), model="typo", known=False))
+    meter.close()
+    usage = read_usage(exposition(metrics))
+    lines = [json.loads(line) for line in (tmp_path / "usage.jsonl").read_text().splitlines()]
+
+    totals = usage.by_model["search", "qwen3-rerank"]
+    assert (totals.calls, totals.ok, totals.documents) == (2, 2, 8)
+    assert totals.tokens == {"upstream": 100, "estimate": 250}
+    assert totals.cached_tokens == 14
+    assert usage.by_model["search", UNKNOWN_MODEL].calls == 1  # a model name a caller made up is no label
+    assert usage.limited == {"search": {FAIR_SHARE: 1}}
+    shown = table(usage)
+    assert "search  qwen3-rerank" in shown
+    assert f"search: {FAIR_SHARE} 1" in shown
+    assert [(line["tokens"], line["documents"], line["code"]) for line in lines] == [
+        (100, 3, "OK"),
+        (250, 5, "OK"),
+        (0, 0, "NOT_FOUND"),
+    ]
+    assert lines[0]["deployment"] == "eu"
+    assert lines[0]["upstream_request_ids"] == ["up-1"]
+    assert lines[2]["model"] == UNKNOWN_MODEL
+
+
+def test_a_usage_log_that_cannot_be_written_loses_lines_not_calls(logs: LogCapture) -> None:
+    log = UsageLog("/dev/full")  # every write: no space left on the device
+    meter = UsageMeter(Metrics().callers, log)
+
+    meter.record(answered(1, 1))
+    meter.record(answered(1, 1))
+    meter.close()
+
+    assert log.lost == 2
+    errors = [event for event in logs.events() if event["event"].startswith("usage log")]
+    assert len(errors) == 1  # logged once, not per line
+
+
+def test_a_usage_log_that_cannot_be_opened_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"usage-log .*: cannot open it"):
+        open_usage_log(str(tmp_path / "missing" / "usage.jsonl"))
+    assert open_usage_log(None) is None
