@@ -7,7 +7,7 @@ BUF := .ci/tools/node_modules/.bin/buf
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 PY_STUBS := clients/python/src
 
-.PHONY: install install-upstream install-dev infinity infinity-optimum chart-tools bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers litellm serve test test-python lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
+.PHONY: install install-upstream install-dev infinity infinity-optimum chart-tools bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers bench-cache bench-tenants litellm serve test test-python lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ $(INFINITY_VENV)/.optimum-installed: $(INFINITY_VENV)/.installed $(INFINITY_OPTI
 	$(INFINITY_VENV)/bin/python -m pip install --quiet --no-deps -r $(INFINITY_OPTIMUM_REQUIREMENTS)
 	$(INFINITY_VENV)/bin/python -m pip check
 	touch $@
+
+## redis: a real Redis server for the tests' shared state (the score cache, the callers' limits): Debian's
+## redis-server package (tests/support/install-redis.sh; idempotent, the system service kept from starting)
+.PHONY: redis
+redis:
+	bash tests/support/install-redis.sh
 
 ## chart-tools: helm and kubeconform (Go module proxy) and the Kubernetes JSON schemas (the
 ## kubernetes-validate wheel from PyPI, hash-pinned) into .ci/tools, for tests/deploy; pinned, idempotent
@@ -116,7 +122,7 @@ docs: install-dev
 	$(PY) -m rerank_service.api.http.openapi > docs/openapi.json
 
 ## test: install everything and run every check and test
-test: install-dev infinity chart-tools buf-lint buf-breaking check-generated lint typecheck
+test: install-dev infinity redis chart-tools buf-lint buf-breaking check-generated lint typecheck
 	$(VENV)/bin/pytest
 
 ## test-python: the Python part of `make test`, for a machine without Go, Node.js or Java: ruff, mypy and
@@ -126,7 +132,7 @@ test: install-dev infinity chart-tools buf-lint buf-breaking check-generated lin
 ## PYTEST_ARGS: more pytest arguments, e.g. PYTEST_ARGS="tests/unit -x"
 NEEDS_OTHER_TOOLCHAINS := tests/contract tests/deploy tests/clients/test_other_languages.py \
 	tests/clients/test_operator_tools.py
-test-python: install-dev infinity lint typecheck
+test-python: install-dev infinity redis lint typecheck
 	$(VENV)/bin/pytest $(addprefix --ignore=,$(NEEDS_OTHER_TOOLCHAINS)) $(PYTEST_ARGS)
 
 ## bench-local: the local backend against the direct model, micro-batching on against off; its engines
@@ -178,8 +184,31 @@ bench-workers: install-dev
 	bash bench/install-nginx.sh
 	$(PY) -m bench.workers
 
+## bench-cache: the score cache at c=64 on the fast upstream: a 100%-hit workload against the no-cache
+## service, a 0%-hit one with the cache on and off, both on the Redis tier too (interleaved rounds, CPU per
+## call); a 50%-hit workload's latency behind a 2 s upstream (ghz, nginx, redis-server; writes
+## docs/PERFORMANCE.md; BENCH_QUICK=1 for a smoke run)
+bench-cache: install-dev redis
+	bash bench/install-ghz.sh
+	bash bench/install-nginx.sh
+	$(PY) -m bench.cache
+
+## bench-long-documents: long_documents CHUNK against TRUNCATE with the bundled model on a generated corpus
+## of long documents (MRR, NDCG@10), and CHUNK's cost on short ones; writes docs/LOCAL_MODELS.md
+.PHONY: bench-long-documents
+bench-long-documents: install-dev
+	$(PY) -m bench.long_documents
+
+## bench-tenants: CPU per call with 100 callers and their limits against no callers, and with the limits in
+## Redis, at c=64 on the fast upstream (interleaved rounds; ghz, nginx, redis-server; writes docs/TENANTS.md;
+## BENCH_QUICK=1 for a smoke run)
+bench-tenants: install-dev redis
+	bash bench/install-ghz.sh
+	bash bench/install-nginx.sh
+	$(PY) -m bench.tenants
+
 ## bench: every benchmark
-bench: bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers
+bench: bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers bench-cache bench-tenants
 
 clean:
 	rm -rf $(VENV) $(INFINITY_VENV) .venv-litellm .ci/tools/node_modules .ci/tools/kubernetes-json-schema .ci/tools/images .mypy_cache .pytest_cache .ruff_cache

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from itertools import filterfalse
 from typing import NamedTuple
 
+from rerank_service.core.domain import LongDocuments
+from rerank_service.core.token_window import TokenWindow
+
 
 @dataclass(frozen=True, slots=True)
 class CallLimits:
@@ -31,6 +34,11 @@ class CallLimits:
     # Most query tokens, estimated (`estimate_tokens`): for a backend without the model's
     # tokenizer (an upstream). None: not estimated (a local model counts with its own).
     max_query_tokens: int | None = None
+    # Long documents (core/long_documents.py): the deployment's window for one document
+    # (None: unknown, documents are sent as they are), and the route's defaults.
+    window: TokenWindow | None = None
+    long_documents: LongDocuments = LongDocuments.TRUNCATE
+    max_tokens_per_doc: int | None = None
 
 
 def text_bytes(text: str) -> int:

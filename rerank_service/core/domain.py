@@ -25,6 +25,14 @@ MAX_TOKENS = 2**31 - 1
 DEFAULT_INSTRUCT = "Given a web search query, retrieve relevant passages that answer the query."
 
 
+class LongDocuments(enum.Enum):
+    """What the engine does with a document longer than the model's window (docs/LONG_DOCUMENTS.md)."""
+
+    TRUNCATE = "truncate"  # cut it to the window; the result says `truncated`
+    CHUNK = "chunk"  # score every part; the document's score is its best part's
+    REJECT = "reject"  # refuse the call with INVALID_ARGUMENT naming the document
+
+
 @dataclass(frozen=True, slots=True)
 class RerankRequest:
     """One call's input, as the caller sent it (validated by the engine)."""
@@ -35,6 +43,29 @@ class RerankRequest:
     top_n: int | None = None
     instruct: str | None = None
     return_documents: bool = False
+    # Long documents: None takes the route's default (TRUNCATE unless its config says).
+    long_documents: LongDocuments | None = None
+    # The window a document is cut or chunked to, in tokens (None: the deployment's).
+    max_tokens_per_doc: int | None = None
+    # Tokens two neighbouring chunks share (None: an eighth of the window).
+    chunk_overlap_tokens: int | None = None
+
+
+class CacheMode(enum.Enum):
+    """What a call lets the cache do (the caller's `cache-control`, the route's `cache:`)."""
+
+    READ_WRITE = "read-write"  # the default
+    NO_READ = "no-cache"  # compute everything, store the scores
+    OFF = "no-store"  # neither read nor store
+
+
+class CacheOutcome(enum.StrEnum):
+    """What the cache answered of a call (`x-cache`)."""
+
+    HIT = "hit"  # every pair
+    PARTIAL = "partial"  # some pairs
+    MISS = "miss"  # none
+    OFF = "off"  # the call did not use the cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +81,9 @@ class CallContext:
     tracestate: str | None = None
     # Set by the router for the deployment it calls: what retries may spend.
     retry_budget: RetryBudget | None = None
+    # What the score cache may do for this call: the caller's cache-control, then the
+    # route's `cache:` (the router turns it off for a route that says so).
+    cache_mode: CacheMode = CacheMode.READ_WRITE
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +143,18 @@ class Timings:
 NO_TIMINGS = Timings()
 
 
+def cache_outcome(outcomes: list[CacheOutcome]) -> CacheOutcome:
+    """One call's cache outcome from its chunks': all hit, none hit, or partly."""
+    kinds = set(outcomes)
+    if kinds <= {CacheOutcome.OFF}:
+        return CacheOutcome.OFF
+    if kinds == {CacheOutcome.HIT}:
+        return CacheOutcome.HIT
+    if kinds <= {CacheOutcome.MISS, CacheOutcome.OFF}:
+        return CacheOutcome.MISS
+    return CacheOutcome.PARTIAL
+
+
 def combined(timings: list[Timings]) -> Timings:
     """The timings of one call from those of its chunks (run side by side).
 
@@ -137,6 +183,10 @@ class BackendResult:
     usage_source: str = "upstream"
     # The deployment that answered (set by the router).
     deployment: str | None = None
+    # The score cache's part (routing/cached_scores.py): what it answered of these scores,
+    # and their tokens (counted when the backend scored them; not in total_tokens).
+    cache: CacheOutcome = CacheOutcome.OFF
+    cached_tokens: int = 0
 
 
 @dataclass(slots=True)  # not frozen: see ScoredDocument
@@ -146,6 +196,22 @@ class RankedDocument:
     index: int
     score: float
     text: str | None = None
+    # Long documents: the document was cut to fit the window (TRUNCATE).
+    truncated: bool = False
+    # How many chunks of it were scored: 1 for a document within the window.
+    chunks: int = 1
+    # CHUNK, for a document of several chunks: the best chunk, and its text as
+    # [start, end) offsets in characters (code points) into the document.
+    best_chunk: BestChunk | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BestChunk:
+    """The chunk a chunked document's score came from."""
+
+    index: int
+    start: int
+    end: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +232,13 @@ class RerankOutcome:
     instruct_ignored: bool = False
     # The deployments that answered (several when chunks went to different ones).
     deployments: list[str] = field(default_factory=list)
+    # What the score cache answered (x-cache), and the tokens of those scores
+    # (usage.cached_tokens; not in total_tokens, which the backends scored for this call).
+    cache: CacheOutcome = CacheOutcome.OFF
+    cached_tokens: int = 0
+    # Backend calls made (one per chunk the score cache did not answer whole): what a
+    # caller's usage counts as chunks sent.
+    backend_calls: int = 1
 
 
 class DeploymentState(enum.Enum):
@@ -225,6 +298,15 @@ class FieldViolation:
     description: str
 
 
+@dataclass(frozen=True, slots=True)
+class QuotaViolation:
+    """A quota a call was refused for (google.rpc.QuotaFailure): whose (`caller:NAME`) and
+    which limit, in words."""
+
+    subject: str
+    description: str
+
+
 class FailureKind(enum.Enum):
     """Whether another deployment could answer where this one failed: what decides failover.
 
@@ -274,7 +356,8 @@ class ServiceError(Exception):
     The status code is gRPC's vocabulary, used here as a plain enumeration: every
     front door maps it (api/grpc/status.py for gRPC).
     `reason` becomes a google.rpc.ErrorInfo, `violations` a google.rpc.BadRequest,
-    `retry_after` a google.rpc.RetryInfo; `metadata` goes into ErrorInfo too.
+    `retry_after` a google.rpc.RetryInfo, `quota_violations` a google.rpc.QuotaFailure;
+    `metadata` goes into ErrorInfo too.
 
     Immutable: a layer that adds what it knows (its timings, the deployment) raises a copy
     (`with_timings`, `at_deployment`).
@@ -296,6 +379,8 @@ class ServiceError(Exception):
     deployment: str | None = None
     # Whether another deployment may answer instead (the safe default: no).
     kind: FailureKind = FailureKind.REQUEST
+    # The quotas the call went over (a caller's limits): a google.rpc.QuotaFailure.
+    quota_violations: tuple[QuotaViolation, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"

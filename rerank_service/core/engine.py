@@ -13,13 +13,14 @@ import time
 from itertools import repeat
 from operator import attrgetter
 
-from rerank_service.config import Settings
+from rerank_service.config.server import CallConfig
 from rerank_service.core.backend import Backend
 from rerank_service.core.chunking import CallLimits, estimate_tokens, fan_out, split
 from rerank_service.core.domain import (
     MAX_TOKENS,
     BackendRequest,
     BackendResult,
+    CacheOutcome,
     CallContext,
     FieldViolation,
     ModelInfo,
@@ -28,23 +29,42 @@ from rerank_service.core.domain import (
     RerankRequest,
     ScoredDocument,
     ServiceError,
+    cache_outcome,
     combined,
     invalid_argument,
     model_not_found,
 )
+from rerank_service.core.long_documents import Plan, plan
+from rerank_service.core.long_documents import violations as long_document_violations
+
+# --max-chunks-per-call's default.
+DEFAULT_MAX_CHUNKS_PER_CALL = 1000
+# A call with more characters than this plans its documents in a thread (tokenizing).
+PLAN_IN_LOOP_CHARACTERS = 200_000
+# usage_source when the upstream counted the tokens and the service cut or chunked the
+# documents by its estimate (no tokenizer named for the deployment).
+USAGE_UPSTREAM_CHUNKS_ESTIMATED = "upstream-chunks-estimated"
 
 
 class RerankEngine:
-    def __init__(self, backend: Backend, chunk_concurrency: int, max_fanout_factor: int) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        chunk_concurrency: int,
+        max_fanout_factor: int,
+        max_chunks_per_call: int = DEFAULT_MAX_CHUNKS_PER_CALL,
+    ) -> None:
         self._backend = backend
+        # Parts of long documents one call may score (--max-chunks-per-call).
+        self._max_chunks_per_call = max_chunks_per_call
         # Chunks of one split call in flight at once (--chunk-concurrency).
         self._chunk_concurrency = chunk_concurrency
         # A split call sends upstream at most this many times its own text (--max-fanout-factor).
         self._max_fanout_factor = max_fanout_factor
 
     @classmethod
-    def from_settings(cls, backend: Backend, settings: Settings) -> RerankEngine:
-        return cls(backend, settings.chunk_concurrency, settings.max_fanout_factor)
+    def from_config(cls, backend: Backend, config: CallConfig) -> RerankEngine:
+        return cls(backend, config.chunk_concurrency, config.max_fanout_factor, config.max_chunks_per_call)
 
     def models(self) -> list[ModelInfo]:
         # Asked each time: a local backend learns what its models can do when it loads them.
@@ -52,26 +72,34 @@ class RerankEngine:
 
     async def rerank(self, request: RerankRequest, context: CallContext) -> RerankOutcome:
         model, limits = self._validate(request)
-        chunks = split(request.query, request.documents, limits)
+        parts = await self._plan(request, limits)
+        scored = request if parts is None else parts.scored_request(request, chunked=max(parts.chunks) > 1)
+        chunks = split(scored.query, scored.documents, limits)
         if len(chunks) > 1:  # before any chunk goes out
-            self._check_fan_out(request, len(chunks))
+            self._check_fan_out(scored, len(chunks))
         if len(chunks) == 1:
-            results = [await self._backend.rerank(_backend_request(model, request, chunks[0]), context)]
+            results = [await self._backend.rerank(_backend_request(model, scored, chunks[0]), context)]
         else:
-            results = await self._fan_out(model, request, chunks, context)
+            results = await self._fan_out(model, scored, chunks, context)
         merged = merge(results, chunks)
         upstream_ids = [result.upstream_request_id for result in results if result.upstream_request_id]
+        source = usage_source(results)
+        if parts is not None and parts.estimated and source == "upstream":
+            source = USAGE_UPSTREAM_CHUNKS_ESTIMATED
         return RerankOutcome(
-            results=rank(merged, request),
+            results=rank(merged, request) if parts is None else parts.rank(merged, request),
             total_tokens=merged.total_tokens,
             upstream_request_ids=upstream_ids,
             # One upstream call: its id names the answer. Several: the edge names the call,
             # and every upstream id travels in x-upstream-request-ids.
             upstream_request_id=upstream_ids[0] if len(results) == 1 and upstream_ids else None,
             timings=combined([result.timings for result in results]),
-            usage_source=usage_source(results),
+            usage_source=source,
             instruct_ignored=request.instruct is not None and not model.supports_instruct,
             deployments=list(dict.fromkeys(result.deployment for result in results if result.deployment)),
+            cache=cache_outcome([result.cache for result in results]),
+            cached_tokens=sum(result.cached_tokens for result in results),
+            backend_calls=sum(result.cache is not CacheOutcome.HIT for result in results),
         )
 
     async def _fan_out(
@@ -109,6 +137,14 @@ class RerankEngine:
             raise _first_error(failed) from None
         return [task.result() for task in tasks]
 
+    async def _plan(self, request: RerankRequest, limits: CallLimits) -> Plan | None:
+        """The documents as the backends will score them (long_documents), or None: as sent."""
+        size = sum(map(len, request.documents))
+        if limits.window is None or size <= PLAN_IN_LOOP_CHARACTERS:
+            return plan(request, limits, self._max_chunks_per_call)
+        # Tokenizing megabytes takes milliseconds to seconds: off the event loop.
+        return await asyncio.to_thread(plan, request, limits, self._max_chunks_per_call)
+
     def _check_fan_out(self, request: RerankRequest, requests: int) -> None:
         """Refuse a split whose requests would carry more than the factor times the call's text.
 
@@ -142,6 +178,7 @@ class RerankEngine:
         violations.extend(_blank_documents(request.documents))
         if request.top_n is not None and request.top_n < 1:
             violations.append(FieldViolation("top_n", f"must be at least 1 when set, got {request.top_n}"))
+        violations.extend(long_document_violations(request))
         served = {model.name: model for model in self._backend.models()}
         model = served.get(request.model)
         if model is not None and len(request.documents) > model.max_documents:
@@ -208,9 +245,15 @@ def _backend_request(model: ModelInfo, request: RerankRequest, chunk: range) -> 
 
 
 def usage_source(results: list[BackendResult]) -> str:
-    """One answer's usage source: an estimate if any chunk's count was estimated."""
+    """One answer's usage source: an estimate if any chunk's count was estimated; `cache`
+    only when every chunk was answered from the score cache (nothing was counted)."""
+    if len(results) == 1:
+        return results[0].usage_source
     sources = {result.usage_source for result in results}
-    return "estimate" if "estimate" in sources else results[0].usage_source
+    if "estimate" in sources:
+        return "estimate"
+    counted = sources - {"cache"}
+    return next(iter(counted)) if counted else "cache"
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

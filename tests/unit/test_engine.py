@@ -9,6 +9,7 @@ import pytest
 
 from rerank_service.config import Settings
 from rerank_service.config.secret import Secret
+from rerank_service.config.server import ServerConfig
 from rerank_service.core.backend import Backend
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import (
@@ -23,7 +24,7 @@ from rerank_service.core.domain import (
     ServiceError,
     not_ready,
 )
-from rerank_service.core.engine import RerankEngine, rank
+from rerank_service.core.engine import RerankEngine, rank, usage_source
 from rerank_service.core.readiness import Readiness
 
 MODELS = [
@@ -86,7 +87,9 @@ def as_backend(fake: FakeBackend) -> Backend:
 
 def make_engine(backend: FakeBackend, **settings: Any) -> RerankEngine:
     """The engine over `backend`, with the settings' defaults but `settings`."""
-    return RerankEngine.from_settings(as_backend(backend), Settings(**settings))
+    return RerankEngine.from_config(
+        as_backend(backend), ServerConfig.from_settings(Settings(**settings)).calls
+    )
 
 
 def make_request(
@@ -374,18 +377,14 @@ def test_rank_attaches_texts_by_index_for_a_partial_backend_answer() -> None:
 
 
 async def test_one_upstream_call_names_the_outcome_with_its_request_id() -> None:
-    outcome = await RerankEngine.from_settings(
-        as_backend(FakeBackend(request_id="upstream-42")), Settings()
-    ).rerank(make_request(), CallContext())
+    outcome = await make_engine(FakeBackend(request_id="upstream-42")).rerank(make_request(), CallContext())
     assert outcome.upstream_request_id == "upstream-42"
     assert outcome.upstream_request_ids == ["upstream-42"]
 
 
 @pytest.mark.parametrize("missing", [None, ""])
 async def test_an_outcome_without_an_upstream_id_leaves_the_naming_to_the_edge(missing: str | None) -> None:
-    outcome = await RerankEngine.from_settings(
-        as_backend(FakeBackend(request_id=missing)), Settings()
-    ).rerank(make_request(), CallContext())
+    outcome = await make_engine(FakeBackend(request_id=missing)).rerank(make_request(), CallContext())
     assert outcome.upstream_request_id is None
     assert outcome.upstream_request_ids == []
 
@@ -409,3 +408,21 @@ async def test_a_huge_unknown_model_name_is_not_echoed_whole() -> None:
     assert error.code == grpc.StatusCode.NOT_FOUND
     assert len(error.message) < 300
     assert len(error.metadata["model"]) <= 64
+
+
+# --- usage source of a split call -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sources", "said"),
+    [
+        (["cache"], "cache"),
+        (["cache", "cache"], "cache"),
+        (["cache", "upstream"], "upstream"),  # a chunk all cached counts nothing: the others say
+        (["upstream", "cache", "estimate"], "estimate"),
+        (["model", "model"], "model"),
+    ],
+)
+def test_a_split_calls_usage_source_comes_from_the_chunks_that_counted(sources: list[str], said: str) -> None:
+    results = [BackendResult([], total_tokens=0, usage_source=source) for source in sources]
+    assert usage_source(results) == said

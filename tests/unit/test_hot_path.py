@@ -108,6 +108,7 @@ def reference_to_proto(outcome: RerankOutcome, request_id: str) -> rerank_pb2.Re
                     index=ranked.index,
                     relevance_score=ranked.score,
                     document=rerank_pb2.RerankDocument(text=ranked.text) if ranked.text is not None else None,
+                    chunks=ranked.chunks,
                 )
                 for ranked in outcome.results
             ]

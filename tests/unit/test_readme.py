@@ -170,11 +170,11 @@ def test_readme_says_what_the_two_commands_do() -> None:
 
 
 def test_every_metric_the_service_registers_is_documented_in_observability() -> None:
-    from rerank_service.observability.metrics import REGISTRY
+    from rerank_service.observability.metrics import Metrics
 
     names = {
         family.name + ("_total" if family.type == "counter" else "")
-        for family in REGISTRY.collect()
+        for family in Metrics().registry.collect()
         if family.name.startswith("rerank_")
     }
     assert names, "no rerank_ metrics found: the registry moved?"

@@ -135,11 +135,37 @@ func WithReturnDocuments() RerankOption {
 	return func(r *rerankv1.RerankRequest) { r.ReturnDocuments = true }
 }
 
+// WithLongDocuments says what to do with a document longer than the model's window:
+// rerankv1.LongDocuments_LONG_DOCUMENTS_TRUNCATE, _CHUNK or _REJECT.
+func WithLongDocuments(mode rerankv1.LongDocuments) RerankOption {
+	return func(r *rerankv1.RerankRequest) { r.LongDocuments = mode }
+}
+
+// WithMaxTokensPerDoc sets the window a document is cut or chunked to, in tokens.
+func WithMaxTokensPerDoc(n int) RerankOption {
+	return func(r *rerankv1.RerankRequest) { v := int32(n); r.MaxTokensPerDoc = &v }
+}
+
+// WithChunkOverlapTokens sets the tokens neighbouring chunks share.
+func WithChunkOverlapTokens(n int) RerankOption {
+	return func(r *rerankv1.RerankRequest) { v := int32(n); r.ChunkOverlapTokens = &v }
+}
+
+// BestChunk is the chunk a chunked document's score came from.
+type BestChunk struct {
+	Index int // among the document's chunks
+	Start int // offsets in Unicode code points (runes, not bytes): document[Start:End]
+	End   int
+}
+
 // Result is one ranked document.
 type Result struct {
-	Index          int     // position in the documents passed to Rerank
-	RelevanceScore float64 // 0.0 to 1.0, higher is more relevant
-	Document       string  // the text; set only with WithReturnDocuments
+	Index          int        // position in the documents passed to Rerank
+	RelevanceScore float64    // 0.0 to 1.0, higher is more relevant
+	Document       string     // the text; set only with WithReturnDocuments
+	Truncated      bool       // the document was cut to fit the window
+	Chunks         int        // chunks of the document scored: 1 for one within the window
+	BestChunk      *BestChunk // long documents CHUNK, for a document of several chunks
 }
 
 // Response is a ranking, best first.
@@ -147,6 +173,9 @@ type Response struct {
 	RequestID   string
 	Results     []Result
 	TotalTokens int
+	// CachedTokens counts the tokens of pairs the service's score cache answered; they are
+	// not in TotalTokens, which counts what the backends scored for this call.
+	CachedTokens int
 }
 
 // NewRequest builds the protobuf request that Rerank would send.
@@ -198,18 +227,29 @@ func (c *Client) ListModels(ctx context.Context) ([]Model, error) {
 
 func fromProto(resp *rerankv1.RerankResponse) *Response {
 	out := &Response{
-		RequestID:   resp.GetRequestId(),
-		TotalTokens: int(resp.GetUsage().GetTotalTokens()),
-		Results:     make([]Result, 0, len(resp.GetOutput().GetResults())),
+		RequestID:    resp.GetRequestId(),
+		TotalTokens:  int(resp.GetUsage().GetTotalTokens()),
+		CachedTokens: int(resp.GetUsage().GetCachedTokens()),
+		Results:      make([]Result, 0, len(resp.GetOutput().GetResults())),
 	}
 	for _, r := range resp.GetOutput().GetResults() {
 		out.Results = append(out.Results, Result{
 			Index:          int(r.GetIndex()),
 			RelevanceScore: r.GetRelevanceScore(),
 			Document:       r.GetDocument().GetText(),
+			Truncated:      r.GetTruncated(),
+			Chunks:         max(int(r.GetChunks()), 1),
+			BestChunk:      bestChunk(r.GetBestChunk()),
 		})
 	}
 	return out
+}
+
+func bestChunk(b *rerankv1.BestChunk) *BestChunk {
+	if b == nil {
+		return nil
+	}
+	return &BestChunk{Index: int(b.GetIndex()), Start: int(b.GetStart()), End: int(b.GetEnd())}
 }
 
 // FieldViolation names one invalid request field.

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/rerank-service/rerank-service/clients/go/rerank"
+	rerankv1 "github.com/rerank-service/rerank-service/clients/go/rerank/v1"
 )
 
 // These tests run against a live rerank-service (plaintext) backed by the fake
@@ -48,6 +50,27 @@ func ctx(t *testing.T) context.Context {
 	return c
 }
 
+func TestLongDocumentsAreChunkedAndTheBestChunkLocated(t *testing.T) {
+	c := dial(t)
+	long := strings.Repeat("pear plum grape ", 300) + "red apple"
+	resp, err := c.Rerank(ctx(t), "red apple", []string{long, "a car"}, rerank.WithModel("qwen3-rerank"),
+		rerank.WithLongDocuments(rerankv1.LongDocuments_LONG_DOCUMENTS_CHUNK), rerank.WithMaxTokensPerDoc(200))
+	if err != nil {
+		t.Fatalf("Rerank: %v", err)
+	}
+	best := resp.Results[0]
+	if best.Index != 0 || best.Chunks < 2 || best.Truncated || best.BestChunk == nil {
+		t.Fatalf("best = %+v, want document 0 in several chunks", best)
+	}
+	runes := []rune(long)
+	if got := string(runes[best.BestChunk.Start:best.BestChunk.End]); !strings.HasSuffix(got, "red apple") {
+		t.Errorf("best chunk %q does not end with the answer", got)
+	}
+	if resp.Results[1].Chunks != 1 || resp.Results[1].BestChunk != nil {
+		t.Errorf("short document = %+v, want one chunk", resp.Results[1])
+	}
+}
+
 func TestRerank(t *testing.T) {
 	c := dial(t)
 	resp, err := c.Rerank(ctx(t), "red apple", []string{"a red apple", "a car", "apple pie"},
@@ -56,17 +79,26 @@ func TestRerank(t *testing.T) {
 		t.Fatalf("Rerank: %v", err)
 	}
 	want := []rerank.Result{
-		{Index: 0, RelevanceScore: 1.0, Document: "a red apple"},
-		{Index: 2, RelevanceScore: 0.5, Document: "apple pie"},
+		{Index: 0, RelevanceScore: 1.0, Document: "a red apple", Chunks: 1},
+		{Index: 2, RelevanceScore: 0.5, Document: "apple pie", Chunks: 1},
 	}
 	if !reflect.DeepEqual(resp.Results, want) {
 		t.Errorf("results = %+v, want %+v", resp.Results, want)
 	}
-	if resp.TotalTokens <= 0 {
-		t.Errorf("total_tokens = %d, want > 0", resp.TotalTokens)
+	// Another suite may have scored these pairs already: the server's cache then answers them.
+	if resp.TotalTokens+resp.CachedTokens <= 0 {
+		t.Errorf("total_tokens + cached_tokens = %d, want > 0", resp.TotalTokens+resp.CachedTokens)
 	}
 	if resp.RequestID == "" {
 		t.Error("request_id is empty")
+	}
+	again, err := c.Rerank(ctx(t), "red apple", []string{"a red apple", "a car", "apple pie"},
+		rerank.WithModel("qwen3-rerank"), rerank.WithTopN(2), rerank.WithReturnDocuments())
+	if err != nil {
+		t.Fatalf("Rerank again: %v", err)
+	}
+	if !reflect.DeepEqual(again.Results, want) || again.TotalTokens != 0 || again.CachedTokens <= 0 {
+		t.Errorf("repeated call = %+v, want the same results from the cache (0 total, > 0 cached tokens)", again)
 	}
 }
 

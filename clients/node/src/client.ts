@@ -12,6 +12,7 @@ import {
   RerankService,
 } from "./gen/rerank/v1/rerank_pb.js";
 import type {
+  LongDocuments,
   ModelInfo,
   RerankError,
   RerankResponse,
@@ -48,6 +49,15 @@ export interface RerankOptions {
   instruct?: string;
   /** Whether each result carries the document text. Default false. */
   returnDocuments?: boolean;
+  /**
+   * A document longer than the model's window: TRUNCATE, CHUNK (rank by the best
+   * chunk; results say bestChunk) or REJECT. Unset: the route's default.
+   */
+  longDocuments?: LongDocuments;
+  /** The window a document is cut or chunked to, in tokens. */
+  maxTokensPerDoc?: number;
+  /** Tokens neighbouring chunks share. */
+  chunkOverlapTokens?: number;
 }
 
 /** Deadline and cancellation of one call. */
@@ -119,6 +129,9 @@ function requestInit(
     topN: options.topN,
     instruct: options.instruct,
     returnDocuments: options.returnDocuments ?? false,
+    longDocuments: options.longDocuments,
+    maxTokensPerDoc: options.maxTokensPerDoc,
+    chunkOverlapTokens: options.chunkOverlapTokens,
   };
 }
 

@@ -12,6 +12,7 @@ import {
   ConnectError,
   createRerankClient,
   fieldViolations,
+  LongDocuments,
   type RerankClient,
   type RerankStreamItem,
   type RerankStreamResponse,
@@ -74,8 +75,34 @@ describe("rerank-service client (live server)", () => {
       results.map((r) => r.document?.text),
       ["a red apple", "apple pie"],
     );
-    assert.ok((response.usage?.totalTokens ?? 0) > 0, "usage.totalTokens should be > 0");
+    // Another suite may have scored these pairs already: the server's cache then answers them.
+    const used = (response.usage?.totalTokens ?? 0) + (response.usage?.cachedTokens ?? 0);
+    assert.ok(used > 0, "usage.totalTokens + usage.cachedTokens should be > 0");
     assert.ok(response.requestId.length > 0, "requestId should be non-empty");
+    const again = await client().rerank("red apple", DOCS, {
+      model: MODEL,
+      topN: 2,
+      returnDocuments: true,
+    });
+    assert.deepEqual(again.output?.results, response.output?.results);
+    assert.equal(again.usage?.totalTokens ?? 0, 0, "a repeated call is answered from the cache");
+    assert.ok((again.usage?.cachedTokens ?? 0) > 0, "usage.cachedTokens should be > 0");
+  });
+
+  test("a long document is chunked and its best chunk located in the document", async () => {
+    const long = "pear plum grape ".repeat(300) + "red apple";
+    const response = await client().rerank("red apple", [long, "a car"], {
+      model: MODEL,
+      longDocuments: LongDocuments.CHUNK,
+      maxTokensPerDoc: 200,
+    });
+    const best = response.output?.results[0];
+    assert.equal(best?.index, 0);
+    assert.ok((best?.chunks ?? 0) > 1, "the long document should be scored in several chunks");
+    assert.equal(best?.truncated, false);
+    const chunk = Array.from(long).slice(best?.bestChunk?.start, best?.bestChunk?.end).join("");
+    assert.ok(chunk.endsWith("red apple"), `best chunk ${chunk} should end with the answer`);
+    assert.equal(response.output?.results[1]?.chunks, 1);
   });
 
   test("an empty query is INVALID_ARGUMENT with a BadRequest violation on 'query'", async () => {

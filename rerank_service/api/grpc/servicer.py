@@ -18,6 +18,7 @@ from rerank_service.core.domain import (
     DeploymentInfo,
     DeploymentState,
     FieldViolation,
+    LongDocuments,
     RerankOutcome,
     RerankRequest,
     ServiceError,
@@ -26,11 +27,11 @@ from rerank_service.core.domain import (
     invalid_argument,
 )
 from rerank_service.core.stream_window import answer_concurrently
-from rerank_service.observability import metrics
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.request_id import new_request_id
 from rerank_service.observability.trace_context import trace_context
 from rerank_service.pipeline.auth import bearer_token
+from rerank_service.pipeline.cache_control import cache_mode
 from rerank_service.pipeline.call import Call, Pipeline, internal_error
 
 STREAM_ITEM_PATH = f"/{SERVICE.full_name}/RerankStream"
@@ -64,12 +65,13 @@ class RerankServicer:
         shared = call_context(context)
         peer = call.peer
         pipeline = self._pipeline
+        item_metrics = pipeline.metrics.stream_items
 
         async def handle(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
             # Each item is a call of its own in the pipeline; it runs in a task of its own,
             # so the request id bound is this item's only.
             item_call = pipeline.open(
-                STREAM_ITEM_PATH, peer, metrics.STREAM_ITEMS, item_id=item.id, scoped=False
+                STREAM_ITEM_PATH, peer, item_metrics, item_id=item.id, scoped=False, caller=call.caller
             )
             try:
                 outcome = await item_call.rerank(to_domain(item.request), shared)
@@ -93,7 +95,7 @@ class RerankServicer:
                 [FieldViolation("id", f"id {echo(item.id)!r} is already in flight on this stream")]
             )
             request_id = Pipeline.refused_at_once(
-                metrics.STREAM_ITEMS, grpc.StatusCode.INVALID_ARGUMENT, len(item.request.documents)
+                item_metrics, grpc.StatusCode.INVALID_ARGUMENT, len(item.request.documents)
             )
             return rerank_pb2.RerankStreamResponse(id=item.id, error=to_error_proto(error, request_id))
 
@@ -131,6 +133,7 @@ class RerankServicer:
                         deployments=[deployment_proto(deployment) for deployment in model.deployments],
                     )
                     for model in self._pipeline.engine.models()
+                    if call.caller is None or call.caller.may_call(model.name)  # what it may call
                 ]
             )
         )
@@ -165,7 +168,20 @@ def to_domain(request: rerank_pb2.RerankRequest) -> RerankRequest:
         top_n=request.top_n if request.HasField("top_n") else None,
         instruct=request.instruct if request.HasField("instruct") else None,
         return_documents=request.return_documents,
+        long_documents=_LONG_DOCUMENTS.get(request.long_documents),
+        max_tokens_per_doc=request.max_tokens_per_doc if request.HasField("max_tokens_per_doc") else None,
+        chunk_overlap_tokens=(
+            request.chunk_overlap_tokens if request.HasField("chunk_overlap_tokens") else None
+        ),
     )
+
+
+# LONG_DOCUMENTS_UNSPECIFIED (and a value from a newer client) is absent: the route's default.
+_LONG_DOCUMENTS = {
+    rerank_pb2.LONG_DOCUMENTS_TRUNCATE: LongDocuments.TRUNCATE,
+    rerank_pb2.LONG_DOCUMENTS_CHUNK: LongDocuments.CHUNK,
+    rerank_pb2.LONG_DOCUMENTS_REJECT: LongDocuments.REJECT,
+}
 
 
 def to_proto(outcome: RerankOutcome, request_id: str) -> rerank_pb2.RerankResponse:
@@ -173,6 +189,7 @@ def to_proto(outcome: RerankOutcome, request_id: str) -> rerank_pb2.RerankRespon
     response.output.SetInParent()  # present even when empty, as before
     response.usage.SetInParent()
     response.usage.total_tokens = outcome.total_tokens
+    response.usage.cached_tokens = outcome.cached_tokens
     results = outcome.results
     if not results:
         return response
@@ -181,8 +198,14 @@ def to_proto(outcome: RerankOutcome, request_id: str) -> rerank_pb2.RerankRespon
         result = add()
         result.index = ranked.index
         result.relevance_score = ranked.score
+        result.chunks = ranked.chunks
         if ranked.text is not None:
             result.document.text = ranked.text
+        if ranked.truncated:
+            result.truncated = True
+        if ranked.best_chunk is not None:
+            best = ranked.best_chunk
+            result.best_chunk.CopyFrom(rerank_pb2.BestChunk(index=best.index, start=best.start, end=best.end))
     return response
 
 
@@ -214,4 +237,5 @@ def call_context(context: ServicerContext[Any, Any]) -> CallContext:
         bearer_token=bearer_token(metadata),
         traceparent=traceparent,
         tracestate=tracestate,
+        cache_mode=cache_mode(metadata),
     )

@@ -3,12 +3,13 @@
 Three wire formats, each as its clients expect it:
 
 - `native`: DashScope's own (`{model, input: {query, documents}, parameters: {top_n,
-  return_documents, instruct}}` in; `{output: {results}, usage, request_id}` out; errors
-  `{code, message, request_id}`), what the `dashscope` SDK sends;
+  return_documents, instruct, long_documents, max_tokens_per_doc, chunk_overlap_tokens}}`
+  in; `{output: {results}, usage, request_id}` out; errors `{code, message, request_id}`),
+  what the `dashscope` SDK sends;
 - `compatible`: DashScope's OpenAI-compatible one (the same fields flat; `{id, object,
   results, usage}` out);
-- `cohere`: Cohere's v1/v2 rerank (`{model, query, documents, top_n, return_documents}`
-  in, documents as strings or `{text}`; `{id, results, meta}` out; errors `{message}`),
+- `cohere`: Cohere's v1/v2 rerank (`{model, query, documents, top_n, return_documents,
+  max_tokens_per_doc}` in, documents as strings or `{text}`; `{id, results, meta}` out; errors `{message}`),
   also what vLLM, Jina and Infinity clients send.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rerank_service.core.domain import FieldViolation, RerankOutcome, RerankRequest
+from rerank_service.core.domain import FieldViolation, LongDocuments, RerankOutcome, RerankRequest
 
 Json = dict[str, Any]
 
@@ -81,6 +82,17 @@ class _Fields:
         self.violations.append(FieldViolation(self._prefix + name, "must be true or false"))
         return None
 
+    def long_documents(self, name: str) -> LongDocuments | None:
+        """`truncate`, `chunk` or `reject` (any case)."""
+        value = self.string(name, required=False)
+        if value is None:
+            return None
+        try:
+            return LongDocuments(value.strip().lower())
+        except ValueError:
+            self.violations.append(FieldViolation(self._prefix + name, "must be truncate, chunk or reject"))
+            return None
+
     def documents(self, name: str, objects: bool) -> list[str]:
         """A list of strings (or, with `objects`, of `{"text": ...}` too)."""
         value = self.body.get(name)
@@ -125,11 +137,24 @@ def _read_request(top: _Fields, source: _Fields, parameters: _Fields, *, objects
     top_n = parameters.integer("top_n")
     return_documents = parameters.boolean("return_documents")
     instruct = parameters.string("instruct", required=False)
+    long_documents = parameters.long_documents("long_documents")
+    max_tokens_per_doc = parameters.integer("max_tokens_per_doc")
+    chunk_overlap_tokens = parameters.integer("chunk_overlap_tokens")
     # dict.fromkeys: each object's violations once, in order, however many parts it holds.
     violations = [v for fields in dict.fromkeys((top, source, parameters)) for v in fields.violations]
     if violations:
         raise BadRequest(violations)
-    return RerankRequest(model or "", query or "", documents, top_n, instruct, bool(return_documents))
+    return RerankRequest(
+        model or "",
+        query or "",
+        documents,
+        top_n,
+        instruct,
+        bool(return_documents),
+        long_documents=long_documents,
+        max_tokens_per_doc=max_tokens_per_doc,
+        chunk_overlap_tokens=chunk_overlap_tokens,
+    )
 
 
 def _results(outcome: RerankOutcome) -> list[Json]:
@@ -138,14 +163,26 @@ def _results(outcome: RerankOutcome) -> list[Json]:
         result: Json = {"index": ranked.index, "relevance_score": ranked.score}
         if ranked.text is not None:
             result["document"] = {"text": ranked.text}
+        if ranked.truncated or ranked.chunks > 1:  # a long document: what was done with it
+            result["truncated"] = ranked.truncated
+            result["chunks"] = ranked.chunks
+            if ranked.best_chunk is not None:
+                best = ranked.best_chunk
+                result["best_chunk"] = {"index": best.index, "start": best.start, "end": best.end}
         results.append(result)
     return results
+
+
+def _usage(outcome: RerankOutcome) -> Json:
+    if outcome.cached_tokens:
+        return {"total_tokens": outcome.total_tokens, "cached_tokens": outcome.cached_tokens}
+    return {"total_tokens": outcome.total_tokens}
 
 
 def _render_native(outcome: RerankOutcome, request: RerankRequest, request_id: str) -> Json:
     return {
         "output": {"results": _results(outcome)},
-        "usage": {"total_tokens": outcome.total_tokens},
+        "usage": _usage(outcome),
         "request_id": request_id,
     }
 
@@ -156,7 +193,7 @@ def _render_compatible(outcome: RerankOutcome, request: RerankRequest, request_i
         "object": "list",
         "model": request.model,
         "results": _results(outcome),
-        "usage": {"total_tokens": outcome.total_tokens},
+        "usage": _usage(outcome),
     }
 
 
@@ -166,7 +203,7 @@ def _render_cohere(outcome: RerankOutcome, request: RerankRequest, request_id: s
         "id": request_id,
         "results": _results(outcome),
         "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
-        "usage": {"total_tokens": outcome.total_tokens},
+        "usage": _usage(outcome),
     }
 
 

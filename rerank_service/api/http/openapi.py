@@ -35,12 +35,44 @@ _RESULT: Json = {
             "properties": {"text": {"type": "string"}},
             "description": "only with return_documents",
         },
+        "truncated": {
+            "type": "boolean",
+            "description": "the document was cut to fit the window (long_documents truncate); present, "
+            "with chunks, only for a document longer than the window",
+        },
+        "chunks": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "how many chunks of the document were scored (absent: 1, the document fit)",
+        },
+        "best_chunk": {
+            "type": "object",
+            "required": ["index", "start", "end"],
+            "properties": {
+                "index": {"type": "integer", "minimum": 0},
+                "start": {"type": "integer", "minimum": 0},
+                "end": {"type": "integer", "minimum": 0},
+            },
+            "description": "long_documents chunk: the chunk whose score is the document's; its text is "
+            "the document's characters (code points) [start, end)",
+        },
     },
 }
 _USAGE: Json = {
     "type": "object",
     "required": ["total_tokens"],
-    "properties": {"total_tokens": {"type": "integer", "minimum": 0}},
+    "properties": {
+        "total_tokens": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "tokens the backends scored for this call (the score cache's answers excluded)",
+        },
+        "cached_tokens": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "tokens of the pairs the score cache answered (as counted when they were scored)",
+        },
+    },
 }
 _TOP_N = {
     "type": "integer",
@@ -50,6 +82,30 @@ _TOP_N = {
 }
 _INSTRUCT = {"type": "string", "description": "the ranking task, for models that take one"}
 _RETURN_DOCUMENTS = {"type": "boolean", "default": False, "description": "return each document's text"}
+_LONG_DOCUMENTS = {
+    "type": "string",
+    "enum": ["truncate", "chunk", "reject"],
+    "description": "a document longer than the window: cut it (truncate), score every chunk and rank "
+    "it by the best (chunk), or refuse the call (reject); unset: the route's default, truncate "
+    "unless configured",
+}
+_MAX_TOKENS_PER_DOC = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": 2**31 - 1,
+    "description": "the window a document is cut or chunked to, in tokens (unset, or more: the deployment's)",
+}
+_CHUNK_OVERLAP_TOKENS = {
+    "type": "integer",
+    "minimum": 0,
+    "maximum": 2**31 - 1,
+    "description": "tokens neighbouring chunks share (unset: an eighth of the window; at most half)",
+}
+_LONG_DOCUMENT_OPTIONS = {
+    "long_documents": _LONG_DOCUMENTS,
+    "max_tokens_per_doc": _MAX_TOKENS_PER_DOC,
+    "chunk_overlap_tokens": _CHUNK_OVERLAP_TOKENS,
+}
 
 SCHEMAS: Json = {
     "NativeRequest": {
@@ -64,7 +120,12 @@ SCHEMAS: Json = {
             },
             "parameters": {
                 "type": "object",
-                "properties": {"top_n": _TOP_N, "return_documents": _RETURN_DOCUMENTS, "instruct": _INSTRUCT},
+                "properties": {
+                    "top_n": _TOP_N,
+                    "return_documents": _RETURN_DOCUMENTS,
+                    "instruct": _INSTRUCT,
+                    **_LONG_DOCUMENT_OPTIONS,
+                },
             },
         },
     },
@@ -91,6 +152,7 @@ SCHEMAS: Json = {
             "top_n": _TOP_N,
             "return_documents": _RETURN_DOCUMENTS,
             "instruct": _INSTRUCT,
+            **_LONG_DOCUMENT_OPTIONS,
         },
     },
     "CompatibleResponse": {
@@ -123,6 +185,7 @@ SCHEMAS: Json = {
             "top_n": _TOP_N,
             "return_documents": _RETURN_DOCUMENTS,
             "instruct": _INSTRUCT,
+            **_LONG_DOCUMENT_OPTIONS,
         },
     },
     "CohereResponse": {
@@ -208,15 +271,25 @@ _RETRY_AFTER = {"schema": {"type": "string"}, "description": "seconds to wait be
 
 def _rerank_operation(summary: str, request: str, response: str, error: str) -> Json:
     headers = {
-        "x-request-id": _REQUEST_ID,
-        "x-deployment": {"schema": {"type": "string"}, "description": "the deployment(s) that answered"},
+        "x-request-id": {**_REQUEST_ID, "required": True},
+        "x-deployment": {
+            "schema": {"type": "string"},
+            "description": "the deployment(s) that answered",
+            "required": True,
+        },
         "x-usage-source": {
-            "schema": {"enum": ["upstream", "estimate", "model"]},
-            "description": "where usage.total_tokens came from",
+            "required": True,
+            "schema": {"enum": ["upstream", "estimate", "model", "cache", "upstream-chunks-estimated"]},
+            "description": "where usage.total_tokens came from (upstream-chunks-estimated: the upstream's "
+            "count, of documents cut or chunked by the service's estimate of their tokens)",
         },
         "x-upstream-request-ids": {
             "schema": {"type": "string"},
-            "description": "every upstream call's id, comma-separated, for a call split into several",
+            "description": "every upstream call's id, comma-separated (an upstream answered)",
+        },
+        "x-cache": {
+            "schema": {"enum": ["hit", "partial", "miss"]},
+            "description": "what the score cache answered: every pair, some, or none (absent: not used)",
         },
     }
     responses: Json = {

@@ -44,6 +44,18 @@ class GuardedTokenizer:
         """Tokens of `text` alone, without special tokens and without truncation."""
         return self.run(lambda tok: len(tok(text, add_special_tokens=False, truncation=False)["input_ids"]))
 
+    def token_starts(self, text: str) -> list[int]:
+        """Where each token of `text` starts (characters), without special tokens or truncation."""
+
+        def starts(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+            backend = tokenizer.backend_tokenizer
+            # transformers sets truncation and padding again before each call of its own.
+            backend.no_truncation()
+            backend.no_padding()
+            return [start for start, _ in backend.encode(text, add_special_tokens=False).offsets]
+
+        return self.run(starts)
+
     @property
     def pad_token_id(self) -> int:
         # Some tokenizers have no pad token; any id works under a zero attention mask.
@@ -52,12 +64,15 @@ class GuardedTokenizer:
 
 
 class CountsTokens:
-    """Scorer.count_tokens for a scorer that keeps its tokenizer guarded in `_tokenizer`."""
+    """Scorer.count_tokens and token_starts for a scorer that keeps its tokenizer guarded in `_tokenizer`."""
 
     _tokenizer: GuardedTokenizer
 
     def count_tokens(self, text: str) -> int:
         return self._tokenizer.count(text)
+
+    def token_starts(self, text: str) -> list[int]:
+        return self._tokenizer.token_starts(text)
 
 
 def pad_batch(

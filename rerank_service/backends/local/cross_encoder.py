@@ -37,6 +37,10 @@ class CrossEncoderScorer(EncoderScorer):
         )
         self._pair_specials = tokenizer.num_special_tokens_to_add(pair=True)
 
+    def document_room(self, query: str, instruct: str | None) -> int:
+        """The window less the query's tokens and the pair's special tokens."""
+        return self.max_length - self.count_tokens(query) - self._pair_specials
+
     def encode(self, query: str, documents: Sequence[str], instruct: str | None) -> list[Encoded]:
         # `instruct` is ignored: a cross-encoder has no place for it.
         if not documents:

@@ -50,6 +50,10 @@ class EncoderScorer(CountsTokens):
     def _fit(self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         """Read what the subclass needs from the model; a ModelLoadError where the model does not fit."""
 
+    def document_room(self, query: str, instruct: str | None) -> int:
+        """Tokens a document may have: a bi-encoder reads it alone, with its special tokens."""
+        return self.max_length - self._tokenizer.tokenizer.num_special_tokens_to_add(pair=False)
+
     @classmethod
     def from_pretrained(
         cls,

@@ -86,6 +86,12 @@ class Qwen3Scorer(CountsTokens):
         with using_as("qwen3 reranker", path):
             return cls(for_inference(model, device), tokenizer, max_length=max_length)
 
+    def document_room(self, query: str, instruct: str | None) -> int:
+        """The window less the template, the instruction and the query (one token spare: the
+        document's first token may merge with the template's last)."""
+        empty = format_pair(instruct or DEFAULT_INSTRUCT, query, "")
+        return self._pair_budget - self.count_tokens(empty) - 1
+
     def encode(self, query: str, documents: Sequence[str], instruct: str | None) -> list[Encoded]:
         if not documents:
             return []

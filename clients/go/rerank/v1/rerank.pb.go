@@ -28,6 +28,66 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// What the service does with a document longer than the model's window.
+type LongDocuments int32
+
+const (
+	// Not set: the route's default (TRUNCATE unless configured otherwise).
+	LongDocuments_LONG_DOCUMENTS_UNSPECIFIED LongDocuments = 0
+	// Cut the document to the window at a sentence or word boundary and score
+	// what is left; the result says truncated.
+	LongDocuments_LONG_DOCUMENTS_TRUNCATE LongDocuments = 1
+	// Split the document into overlapping chunks that each fit, score every
+	// chunk, and rank the document by its best chunk's score.
+	LongDocuments_LONG_DOCUMENTS_CHUNK LongDocuments = 2
+	// Refuse the call with INVALID_ARGUMENT naming the first document over the
+	// window.
+	LongDocuments_LONG_DOCUMENTS_REJECT LongDocuments = 3
+)
+
+// Enum value maps for LongDocuments.
+var (
+	LongDocuments_name = map[int32]string{
+		0: "LONG_DOCUMENTS_UNSPECIFIED",
+		1: "LONG_DOCUMENTS_TRUNCATE",
+		2: "LONG_DOCUMENTS_CHUNK",
+		3: "LONG_DOCUMENTS_REJECT",
+	}
+	LongDocuments_value = map[string]int32{
+		"LONG_DOCUMENTS_UNSPECIFIED": 0,
+		"LONG_DOCUMENTS_TRUNCATE":    1,
+		"LONG_DOCUMENTS_CHUNK":       2,
+		"LONG_DOCUMENTS_REJECT":      3,
+	}
+)
+
+func (x LongDocuments) Enum() *LongDocuments {
+	p := new(LongDocuments)
+	*p = x
+	return p
+}
+
+func (x LongDocuments) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (LongDocuments) Descriptor() protoreflect.EnumDescriptor {
+	return file_rerank_v1_rerank_proto_enumTypes[0].Descriptor()
+}
+
+func (LongDocuments) Type() protoreflect.EnumType {
+	return &file_rerank_v1_rerank_proto_enumTypes[0]
+}
+
+func (x LongDocuments) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use LongDocuments.Descriptor instead.
+func (LongDocuments) EnumDescriptor() ([]byte, []int) {
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{0}
+}
+
 // A deployment's health.
 type DeploymentState int32
 
@@ -70,11 +130,11 @@ func (x DeploymentState) String() string {
 }
 
 func (DeploymentState) Descriptor() protoreflect.EnumDescriptor {
-	return file_rerank_v1_rerank_proto_enumTypes[0].Descriptor()
+	return file_rerank_v1_rerank_proto_enumTypes[1].Descriptor()
 }
 
 func (DeploymentState) Type() protoreflect.EnumType {
-	return &file_rerank_v1_rerank_proto_enumTypes[0]
+	return &file_rerank_v1_rerank_proto_enumTypes[1]
 }
 
 func (x DeploymentState) Number() protoreflect.EnumNumber {
@@ -83,7 +143,7 @@ func (x DeploymentState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use DeploymentState.Descriptor instead.
 func (DeploymentState) EnumDescriptor() ([]byte, []int) {
-	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{0}
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{1}
 }
 
 // RerankRequest asks for the documents to be ranked against the query.
@@ -118,8 +178,18 @@ type RerankRequest struct {
 	// Whether each result carries the document text. Default false, to keep
 	// responses small.
 	ReturnDocuments bool `protobuf:"varint,6,opt,name=return_documents,json=returnDocuments,proto3" json:"return_documents,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// What to do with a document longer than the model's window (the tokens a
+	// document may have beside this query). Unset: the route's default, TRUNCATE
+	// unless its configuration says otherwise.
+	LongDocuments LongDocuments `protobuf:"varint,7,opt,name=long_documents,json=longDocuments,proto3,enum=rerank.v1.LongDocuments" json:"long_documents,omitempty"`
+	// The window a document is cut or chunked to, in tokens. Unset: the
+	// deployment's window; a larger value is capped to it. Must be >= 1 when set.
+	MaxTokensPerDoc *int32 `protobuf:"varint,8,opt,name=max_tokens_per_doc,json=maxTokensPerDoc,proto3,oneof" json:"max_tokens_per_doc,omitempty"`
+	// CHUNK: tokens two neighbouring chunks share, so a passage across a cut is
+	// whole in one of them. Unset: an eighth of the window; at most half of it.
+	ChunkOverlapTokens *int32 `protobuf:"varint,9,opt,name=chunk_overlap_tokens,json=chunkOverlapTokens,proto3,oneof" json:"chunk_overlap_tokens,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *RerankRequest) Reset() {
@@ -192,6 +262,27 @@ func (x *RerankRequest) GetReturnDocuments() bool {
 		return x.ReturnDocuments
 	}
 	return false
+}
+
+func (x *RerankRequest) GetLongDocuments() LongDocuments {
+	if x != nil {
+		return x.LongDocuments
+	}
+	return LongDocuments_LONG_DOCUMENTS_UNSPECIFIED
+}
+
+func (x *RerankRequest) GetMaxTokensPerDoc() int32 {
+	if x != nil && x.MaxTokensPerDoc != nil {
+		return *x.MaxTokensPerDoc
+	}
+	return 0
+}
+
+func (x *RerankRequest) GetChunkOverlapTokens() int32 {
+	if x != nil && x.ChunkOverlapTokens != nil {
+		return *x.ChunkOverlapTokens
+	}
+	return 0
 }
 
 // RerankResponse is the ranking, mirroring the HTTP API's response body.
@@ -316,7 +407,15 @@ type RerankResult struct {
 	// documents of this request, not as absolute values across requests.
 	RelevanceScore float64 `protobuf:"fixed64,2,opt,name=relevance_score,json=relevanceScore,proto3" json:"relevance_score,omitempty"`
 	// The document itself; set only when RerankRequest.return_documents is true.
-	Document      *RerankDocument `protobuf:"bytes,3,opt,name=document,proto3" json:"document,omitempty"`
+	Document *RerankDocument `protobuf:"bytes,3,opt,name=document,proto3" json:"document,omitempty"`
+	// Whether the document was cut to fit the window (LONG_DOCUMENTS_TRUNCATE).
+	Truncated bool `protobuf:"varint,4,opt,name=truncated,proto3" json:"truncated,omitempty"`
+	// How many chunks of the document were scored: 1 for a document within the
+	// window (0 from a server older than this field).
+	Chunks int32 `protobuf:"varint,5,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	// LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+	// score is the document's.
+	BestChunk     *BestChunk `protobuf:"bytes,6,opt,name=best_chunk,json=bestChunk,proto3" json:"best_chunk,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -372,6 +471,93 @@ func (x *RerankResult) GetDocument() *RerankDocument {
 	return nil
 }
 
+func (x *RerankResult) GetTruncated() bool {
+	if x != nil {
+		return x.Truncated
+	}
+	return false
+}
+
+func (x *RerankResult) GetChunks() int32 {
+	if x != nil {
+		return x.Chunks
+	}
+	return 0
+}
+
+func (x *RerankResult) GetBestChunk() *BestChunk {
+	if x != nil {
+		return x.BestChunk
+	}
+	return nil
+}
+
+// BestChunk locates the best-scoring chunk of a chunked document.
+type BestChunk struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Its position among the document's chunks (0-based).
+	Index int32 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	// Where its text starts in the document: an offset in Unicode code points
+	// (not bytes, nor UTF-16 units) into the RerankRequest.documents entry.
+	Start int32 `protobuf:"varint,2,opt,name=start,proto3" json:"start,omitempty"`
+	// Where its text ends (exclusive, code points): the chunk is
+	// document[start:end].
+	End           int32 `protobuf:"varint,3,opt,name=end,proto3" json:"end,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BestChunk) Reset() {
+	*x = BestChunk{}
+	mi := &file_rerank_v1_rerank_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BestChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BestChunk) ProtoMessage() {}
+
+func (x *BestChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_rerank_v1_rerank_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BestChunk.ProtoReflect.Descriptor instead.
+func (*BestChunk) Descriptor() ([]byte, []int) {
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *BestChunk) GetIndex() int32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *BestChunk) GetStart() int32 {
+	if x != nil {
+		return x.Start
+	}
+	return 0
+}
+
+func (x *BestChunk) GetEnd() int32 {
+	if x != nil {
+		return x.End
+	}
+	return 0
+}
+
 // RerankDocument is the original document, echoed back.
 type RerankDocument struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -383,7 +569,7 @@ type RerankDocument struct {
 
 func (x *RerankDocument) Reset() {
 	*x = RerankDocument{}
-	mi := &file_rerank_v1_rerank_proto_msgTypes[4]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -395,7 +581,7 @@ func (x *RerankDocument) String() string {
 func (*RerankDocument) ProtoMessage() {}
 
 func (x *RerankDocument) ProtoReflect() protoreflect.Message {
-	mi := &file_rerank_v1_rerank_proto_msgTypes[4]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -408,7 +594,7 @@ func (x *RerankDocument) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RerankDocument.ProtoReflect.Descriptor instead.
 func (*RerankDocument) Descriptor() ([]byte, []int) {
-	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{4}
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RerankDocument) GetText() string {
@@ -423,14 +609,18 @@ type RerankUsage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Total number of tokens the backend processed for this request. (int32, like
 	// the HTTP API's integer, so JSON shows a number rather than a string.)
-	TotalTokens   int32 `protobuf:"varint,1,opt,name=total_tokens,json=totalTokens,proto3" json:"total_tokens,omitempty"`
+	TotalTokens int32 `protobuf:"varint,1,opt,name=total_tokens,json=totalTokens,proto3" json:"total_tokens,omitempty"`
+	// Tokens of the documents answered from the score cache for this request: not
+	// sent to the backend, so not billed by it for this call, and not counted in
+	// total_tokens. 0 when nothing came from the cache or the cache is off.
+	CachedTokens  int32 `protobuf:"varint,2,opt,name=cached_tokens,json=cachedTokens,proto3" json:"cached_tokens,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RerankUsage) Reset() {
 	*x = RerankUsage{}
-	mi := &file_rerank_v1_rerank_proto_msgTypes[5]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -442,7 +632,7 @@ func (x *RerankUsage) String() string {
 func (*RerankUsage) ProtoMessage() {}
 
 func (x *RerankUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_rerank_v1_rerank_proto_msgTypes[5]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -455,12 +645,19 @@ func (x *RerankUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RerankUsage.ProtoReflect.Descriptor instead.
 func (*RerankUsage) Descriptor() ([]byte, []int) {
-	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{5}
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RerankUsage) GetTotalTokens() int32 {
 	if x != nil {
 		return x.TotalTokens
+	}
+	return 0
+}
+
+func (x *RerankUsage) GetCachedTokens() int32 {
+	if x != nil {
+		return x.CachedTokens
 	}
 	return 0
 }
@@ -479,7 +676,7 @@ type RerankStreamRequest struct {
 
 func (x *RerankStreamRequest) Reset() {
 	*x = RerankStreamRequest{}
-	mi := &file_rerank_v1_rerank_proto_msgTypes[6]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -491,7 +688,7 @@ func (x *RerankStreamRequest) String() string {
 func (*RerankStreamRequest) ProtoMessage() {}
 
 func (x *RerankStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_rerank_v1_rerank_proto_msgTypes[6]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -504,7 +701,7 @@ func (x *RerankStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RerankStreamRequest.ProtoReflect.Descriptor instead.
 func (*RerankStreamRequest) Descriptor() ([]byte, []int) {
-	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{6}
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RerankStreamRequest) GetId() string {
@@ -539,7 +736,7 @@ type RerankStreamResponse struct {
 
 func (x *RerankStreamResponse) Reset() {
 	*x = RerankStreamResponse{}
-	mi := &file_rerank_v1_rerank_proto_msgTypes[7]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -551,7 +748,7 @@ func (x *RerankStreamResponse) String() string {
 func (*RerankStreamResponse) ProtoMessage() {}
 
 func (x *RerankStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_rerank_v1_rerank_proto_msgTypes[7]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -564,7 +761,7 @@ func (x *RerankStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RerankStreamResponse.ProtoReflect.Descriptor instead.
 func (*RerankStreamResponse) Descriptor() ([]byte, []int) {
-	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{7}
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RerankStreamResponse) GetId() string {
@@ -644,7 +841,7 @@ type RerankError struct {
 
 func (x *RerankError) Reset() {
 	*x = RerankError{}
-	mi := &file_rerank_v1_rerank_proto_msgTypes[8]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -656,7 +853,7 @@ func (x *RerankError) String() string {
 func (*RerankError) ProtoMessage() {}
 
 func (x *RerankError) ProtoReflect() protoreflect.Message {
-	mi := &file_rerank_v1_rerank_proto_msgTypes[8]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -669,7 +866,7 @@ func (x *RerankError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RerankError.ProtoReflect.Descriptor instead.
 func (*RerankError) Descriptor() ([]byte, []int) {
-	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{8}
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RerankError) GetCode() int32 {
@@ -731,7 +928,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_rerank_v1_rerank_proto_msgTypes[9]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -743,7 +940,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_rerank_v1_rerank_proto_msgTypes[9]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -756,7 +953,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{9}
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{10}
 }
 
 // ListModelsResponse lists the models this deployment serves.
@@ -770,7 +967,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_rerank_v1_rerank_proto_msgTypes[10]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -782,7 +979,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_rerank_v1_rerank_proto_msgTypes[10]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -795,7 +992,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{10}
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListModelsResponse) GetModels() []*ModelInfo {
@@ -836,7 +1033,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_rerank_v1_rerank_proto_msgTypes[11]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -848,7 +1045,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_rerank_v1_rerank_proto_msgTypes[11]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -861,7 +1058,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{11}
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ModelInfo) GetName() string {
@@ -943,7 +1140,7 @@ type DeploymentInfo struct {
 
 func (x *DeploymentInfo) Reset() {
 	*x = DeploymentInfo{}
-	mi := &file_rerank_v1_rerank_proto_msgTypes[12]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -955,7 +1152,7 @@ func (x *DeploymentInfo) String() string {
 func (*DeploymentInfo) ProtoMessage() {}
 
 func (x *DeploymentInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_rerank_v1_rerank_proto_msgTypes[12]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -968,7 +1165,7 @@ func (x *DeploymentInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeploymentInfo.ProtoReflect.Descriptor instead.
 func (*DeploymentInfo) Descriptor() ([]byte, []int) {
-	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{12}
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DeploymentInfo) GetName() string {
@@ -1033,7 +1230,7 @@ type RerankError_FieldViolation struct {
 
 func (x *RerankError_FieldViolation) Reset() {
 	*x = RerankError_FieldViolation{}
-	mi := &file_rerank_v1_rerank_proto_msgTypes[13]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1045,7 +1242,7 @@ func (x *RerankError_FieldViolation) String() string {
 func (*RerankError_FieldViolation) ProtoMessage() {}
 
 func (x *RerankError_FieldViolation) ProtoReflect() protoreflect.Message {
-	mi := &file_rerank_v1_rerank_proto_msgTypes[13]
+	mi := &file_rerank_v1_rerank_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1058,7 +1255,7 @@ func (x *RerankError_FieldViolation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RerankError_FieldViolation.ProtoReflect.Descriptor instead.
 func (*RerankError_FieldViolation) Descriptor() ([]byte, []int) {
-	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{8, 0}
+	return file_rerank_v1_rerank_proto_rawDescGZIP(), []int{9, 0}
 }
 
 func (x *RerankError_FieldViolation) GetField() string {
@@ -1079,31 +1276,45 @@ var File_rerank_v1_rerank_proto protoreflect.FileDescriptor
 
 const file_rerank_v1_rerank_proto_rawDesc = "" +
 	"\n" +
-	"\x16rerank/v1/rerank.proto\x12\trerank.v1\x1a\x1egoogle/protobuf/duration.proto\"\xd6\x01\n" +
+	"\x16rerank/v1/rerank.proto\x12\trerank.v1\x1a\x1egoogle/protobuf/duration.proto\"\xb0\x03\n" +
 	"\rRerankRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x14\n" +
 	"\x05query\x18\x02 \x01(\tR\x05query\x12\x1c\n" +
 	"\tdocuments\x18\x03 \x03(\tR\tdocuments\x12\x18\n" +
 	"\x05top_n\x18\x04 \x01(\x05H\x00R\x04topN\x88\x01\x01\x12\x1f\n" +
 	"\binstruct\x18\x05 \x01(\tH\x01R\binstruct\x88\x01\x01\x12)\n" +
-	"\x10return_documents\x18\x06 \x01(\bR\x0freturnDocumentsB\b\n" +
+	"\x10return_documents\x18\x06 \x01(\bR\x0freturnDocuments\x12?\n" +
+	"\x0elong_documents\x18\a \x01(\x0e2\x18.rerank.v1.LongDocumentsR\rlongDocuments\x120\n" +
+	"\x12max_tokens_per_doc\x18\b \x01(\x05H\x02R\x0fmaxTokensPerDoc\x88\x01\x01\x125\n" +
+	"\x14chunk_overlap_tokens\x18\t \x01(\x05H\x03R\x12chunkOverlapTokens\x88\x01\x01B\b\n" +
 	"\x06_top_nB\v\n" +
-	"\t_instruct\"\x8e\x01\n" +
+	"\t_instructB\x15\n" +
+	"\x13_max_tokens_per_docB\x17\n" +
+	"\x15_chunk_overlap_tokens\"\x8e\x01\n" +
 	"\x0eRerankResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12/\n" +
 	"\x06output\x18\x02 \x01(\v2\x17.rerank.v1.RerankOutputR\x06output\x12,\n" +
 	"\x05usage\x18\x03 \x01(\v2\x16.rerank.v1.RerankUsageR\x05usage\"A\n" +
 	"\fRerankOutput\x121\n" +
-	"\aresults\x18\x01 \x03(\v2\x17.rerank.v1.RerankResultR\aresults\"\x84\x01\n" +
+	"\aresults\x18\x01 \x03(\v2\x17.rerank.v1.RerankResultR\aresults\"\xef\x01\n" +
 	"\fRerankResult\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12'\n" +
 	"\x0frelevance_score\x18\x02 \x01(\x01R\x0erelevanceScore\x125\n" +
-	"\bdocument\x18\x03 \x01(\v2\x19.rerank.v1.RerankDocumentR\bdocument\"$\n" +
+	"\bdocument\x18\x03 \x01(\v2\x19.rerank.v1.RerankDocumentR\bdocument\x12\x1c\n" +
+	"\ttruncated\x18\x04 \x01(\bR\ttruncated\x12\x16\n" +
+	"\x06chunks\x18\x05 \x01(\x05R\x06chunks\x123\n" +
+	"\n" +
+	"best_chunk\x18\x06 \x01(\v2\x14.rerank.v1.BestChunkR\tbestChunk\"I\n" +
+	"\tBestChunk\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x14\n" +
+	"\x05start\x18\x02 \x01(\x05R\x05start\x12\x10\n" +
+	"\x03end\x18\x03 \x01(\x05R\x03end\"$\n" +
 	"\x0eRerankDocument\x12\x12\n" +
-	"\x04text\x18\x01 \x01(\tR\x04text\"0\n" +
+	"\x04text\x18\x01 \x01(\tR\x04text\"U\n" +
 	"\vRerankUsage\x12!\n" +
-	"\ftotal_tokens\x18\x01 \x01(\x05R\vtotalTokens\"Y\n" +
+	"\ftotal_tokens\x18\x01 \x01(\x05R\vtotalTokens\x12#\n" +
+	"\rcached_tokens\x18\x02 \x01(\x05R\fcachedTokens\"Y\n" +
 	"\x13RerankStreamRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x122\n" +
 	"\arequest\x18\x02 \x01(\v2\x18.rerank.v1.RerankRequestR\arequest\"\x99\x01\n" +
@@ -1147,7 +1358,12 @@ const file_rerank_v1_rerank_proto_rawDesc = "" +
 	"\fupstream_url\x18\x04 \x01(\tR\vupstreamUrl\x12\x1a\n" +
 	"\bpriority\x18\x05 \x01(\x05R\bpriority\x12\x16\n" +
 	"\x06weight\x18\x06 \x01(\x05R\x06weight\x120\n" +
-	"\x05state\x18\a \x01(\x0e2\x1a.rerank.v1.DeploymentStateR\x05state*\x8a\x01\n" +
+	"\x05state\x18\a \x01(\x0e2\x1a.rerank.v1.DeploymentStateR\x05state*\x81\x01\n" +
+	"\rLongDocuments\x12\x1e\n" +
+	"\x1aLONG_DOCUMENTS_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17LONG_DOCUMENTS_TRUNCATE\x10\x01\x12\x18\n" +
+	"\x14LONG_DOCUMENTS_CHUNK\x10\x02\x12\x19\n" +
+	"\x15LONG_DOCUMENTS_REJECT\x10\x03*\x8a\x01\n" +
 	"\x0fDeploymentState\x12 \n" +
 	"\x1cDEPLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18DEPLOYMENT_STATE_HEALTHY\x10\x01\x12\x1c\n" +
@@ -1172,52 +1388,56 @@ func file_rerank_v1_rerank_proto_rawDescGZIP() []byte {
 	return file_rerank_v1_rerank_proto_rawDescData
 }
 
-var file_rerank_v1_rerank_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_rerank_v1_rerank_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_rerank_v1_rerank_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_rerank_v1_rerank_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_rerank_v1_rerank_proto_goTypes = []any{
-	(DeploymentState)(0),               // 0: rerank.v1.DeploymentState
-	(*RerankRequest)(nil),              // 1: rerank.v1.RerankRequest
-	(*RerankResponse)(nil),             // 2: rerank.v1.RerankResponse
-	(*RerankOutput)(nil),               // 3: rerank.v1.RerankOutput
-	(*RerankResult)(nil),               // 4: rerank.v1.RerankResult
-	(*RerankDocument)(nil),             // 5: rerank.v1.RerankDocument
-	(*RerankUsage)(nil),                // 6: rerank.v1.RerankUsage
-	(*RerankStreamRequest)(nil),        // 7: rerank.v1.RerankStreamRequest
-	(*RerankStreamResponse)(nil),       // 8: rerank.v1.RerankStreamResponse
-	(*RerankError)(nil),                // 9: rerank.v1.RerankError
-	(*ListModelsRequest)(nil),          // 10: rerank.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),         // 11: rerank.v1.ListModelsResponse
-	(*ModelInfo)(nil),                  // 12: rerank.v1.ModelInfo
-	(*DeploymentInfo)(nil),             // 13: rerank.v1.DeploymentInfo
-	(*RerankError_FieldViolation)(nil), // 14: rerank.v1.RerankError.FieldViolation
-	nil,                                // 15: rerank.v1.RerankError.MetadataEntry
-	(*durationpb.Duration)(nil),        // 16: google.protobuf.Duration
+	(LongDocuments)(0),                 // 0: rerank.v1.LongDocuments
+	(DeploymentState)(0),               // 1: rerank.v1.DeploymentState
+	(*RerankRequest)(nil),              // 2: rerank.v1.RerankRequest
+	(*RerankResponse)(nil),             // 3: rerank.v1.RerankResponse
+	(*RerankOutput)(nil),               // 4: rerank.v1.RerankOutput
+	(*RerankResult)(nil),               // 5: rerank.v1.RerankResult
+	(*BestChunk)(nil),                  // 6: rerank.v1.BestChunk
+	(*RerankDocument)(nil),             // 7: rerank.v1.RerankDocument
+	(*RerankUsage)(nil),                // 8: rerank.v1.RerankUsage
+	(*RerankStreamRequest)(nil),        // 9: rerank.v1.RerankStreamRequest
+	(*RerankStreamResponse)(nil),       // 10: rerank.v1.RerankStreamResponse
+	(*RerankError)(nil),                // 11: rerank.v1.RerankError
+	(*ListModelsRequest)(nil),          // 12: rerank.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),         // 13: rerank.v1.ListModelsResponse
+	(*ModelInfo)(nil),                  // 14: rerank.v1.ModelInfo
+	(*DeploymentInfo)(nil),             // 15: rerank.v1.DeploymentInfo
+	(*RerankError_FieldViolation)(nil), // 16: rerank.v1.RerankError.FieldViolation
+	nil,                                // 17: rerank.v1.RerankError.MetadataEntry
+	(*durationpb.Duration)(nil),        // 18: google.protobuf.Duration
 }
 var file_rerank_v1_rerank_proto_depIdxs = []int32{
-	3,  // 0: rerank.v1.RerankResponse.output:type_name -> rerank.v1.RerankOutput
-	6,  // 1: rerank.v1.RerankResponse.usage:type_name -> rerank.v1.RerankUsage
-	4,  // 2: rerank.v1.RerankOutput.results:type_name -> rerank.v1.RerankResult
-	5,  // 3: rerank.v1.RerankResult.document:type_name -> rerank.v1.RerankDocument
-	1,  // 4: rerank.v1.RerankStreamRequest.request:type_name -> rerank.v1.RerankRequest
-	2,  // 5: rerank.v1.RerankStreamResponse.response:type_name -> rerank.v1.RerankResponse
-	9,  // 6: rerank.v1.RerankStreamResponse.error:type_name -> rerank.v1.RerankError
-	14, // 7: rerank.v1.RerankError.field_violations:type_name -> rerank.v1.RerankError.FieldViolation
-	16, // 8: rerank.v1.RerankError.retry_delay:type_name -> google.protobuf.Duration
-	15, // 9: rerank.v1.RerankError.metadata:type_name -> rerank.v1.RerankError.MetadataEntry
-	12, // 10: rerank.v1.ListModelsResponse.models:type_name -> rerank.v1.ModelInfo
-	13, // 11: rerank.v1.ModelInfo.deployments:type_name -> rerank.v1.DeploymentInfo
-	0,  // 12: rerank.v1.DeploymentInfo.state:type_name -> rerank.v1.DeploymentState
-	1,  // 13: rerank.v1.RerankService.Rerank:input_type -> rerank.v1.RerankRequest
-	7,  // 14: rerank.v1.RerankService.RerankStream:input_type -> rerank.v1.RerankStreamRequest
-	10, // 15: rerank.v1.RerankService.ListModels:input_type -> rerank.v1.ListModelsRequest
-	2,  // 16: rerank.v1.RerankService.Rerank:output_type -> rerank.v1.RerankResponse
-	8,  // 17: rerank.v1.RerankService.RerankStream:output_type -> rerank.v1.RerankStreamResponse
-	11, // 18: rerank.v1.RerankService.ListModels:output_type -> rerank.v1.ListModelsResponse
-	16, // [16:19] is the sub-list for method output_type
-	13, // [13:16] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	0,  // 0: rerank.v1.RerankRequest.long_documents:type_name -> rerank.v1.LongDocuments
+	4,  // 1: rerank.v1.RerankResponse.output:type_name -> rerank.v1.RerankOutput
+	8,  // 2: rerank.v1.RerankResponse.usage:type_name -> rerank.v1.RerankUsage
+	5,  // 3: rerank.v1.RerankOutput.results:type_name -> rerank.v1.RerankResult
+	7,  // 4: rerank.v1.RerankResult.document:type_name -> rerank.v1.RerankDocument
+	6,  // 5: rerank.v1.RerankResult.best_chunk:type_name -> rerank.v1.BestChunk
+	2,  // 6: rerank.v1.RerankStreamRequest.request:type_name -> rerank.v1.RerankRequest
+	3,  // 7: rerank.v1.RerankStreamResponse.response:type_name -> rerank.v1.RerankResponse
+	11, // 8: rerank.v1.RerankStreamResponse.error:type_name -> rerank.v1.RerankError
+	16, // 9: rerank.v1.RerankError.field_violations:type_name -> rerank.v1.RerankError.FieldViolation
+	18, // 10: rerank.v1.RerankError.retry_delay:type_name -> google.protobuf.Duration
+	17, // 11: rerank.v1.RerankError.metadata:type_name -> rerank.v1.RerankError.MetadataEntry
+	14, // 12: rerank.v1.ListModelsResponse.models:type_name -> rerank.v1.ModelInfo
+	15, // 13: rerank.v1.ModelInfo.deployments:type_name -> rerank.v1.DeploymentInfo
+	1,  // 14: rerank.v1.DeploymentInfo.state:type_name -> rerank.v1.DeploymentState
+	2,  // 15: rerank.v1.RerankService.Rerank:input_type -> rerank.v1.RerankRequest
+	9,  // 16: rerank.v1.RerankService.RerankStream:input_type -> rerank.v1.RerankStreamRequest
+	12, // 17: rerank.v1.RerankService.ListModels:input_type -> rerank.v1.ListModelsRequest
+	3,  // 18: rerank.v1.RerankService.Rerank:output_type -> rerank.v1.RerankResponse
+	10, // 19: rerank.v1.RerankService.RerankStream:output_type -> rerank.v1.RerankStreamResponse
+	13, // 20: rerank.v1.RerankService.ListModels:output_type -> rerank.v1.ListModelsResponse
+	18, // [18:21] is the sub-list for method output_type
+	15, // [15:18] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_rerank_v1_rerank_proto_init() }
@@ -1226,7 +1446,7 @@ func file_rerank_v1_rerank_proto_init() {
 		return
 	}
 	file_rerank_v1_rerank_proto_msgTypes[0].OneofWrappers = []any{}
-	file_rerank_v1_rerank_proto_msgTypes[7].OneofWrappers = []any{
+	file_rerank_v1_rerank_proto_msgTypes[8].OneofWrappers = []any{
 		(*RerankStreamResponse_Response)(nil),
 		(*RerankStreamResponse_Error)(nil),
 	}
@@ -1235,8 +1455,8 @@ func file_rerank_v1_rerank_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rerank_v1_rerank_proto_rawDesc), len(file_rerank_v1_rerank_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   15,
+			NumEnums:      2,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -37,10 +37,24 @@ CHANNEL_OPTIONS = (("grpc.service_config", RETRY_SERVICE_CONFIG), ("grpc.enable_
 
 
 @dataclass(frozen=True, slots=True)
+class BestChunk:
+    """A chunked document's best chunk: its index, and its text as document[start:end]."""
+
+    index: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
 class RankedDocument:
     index: int
     relevance_score: float
     text: str | None = None
+    # Long documents: whether it was cut to the window, how many chunks were scored, and
+    # (long_documents CHUNK) the chunk its score came from.
+    truncated: bool = False
+    chunks: int = 1
+    best_chunk: BestChunk | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +62,8 @@ class RerankResult:
     request_id: str
     results: list[RankedDocument]
     total_tokens: int
+    # Tokens of the pairs the service's score cache answered (not in total_tokens).
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +94,26 @@ def build_request(
     top_n: int | None = None,
     instruct: str | None = None,
     return_documents: bool = False,
+    long_documents: rerank_pb2.LongDocuments.ValueType = rerank_pb2.LONG_DOCUMENTS_UNSPECIFIED,
+    max_tokens_per_doc: int | None = None,
+    chunk_overlap_tokens: int | None = None,
 ) -> rerank_pb2.RerankRequest:
+    """`long_documents`: rerank_pb2.LONG_DOCUMENTS_TRUNCATE, _CHUNK or _REJECT (unset: the route's)."""
     request = rerank_pb2.RerankRequest(
-        model=model, query=query, documents=list(documents), return_documents=return_documents
+        model=model,
+        query=query,
+        documents=list(documents),
+        return_documents=return_documents,
+        long_documents=long_documents,
     )
     if top_n is not None:
         request.top_n = top_n
     if instruct is not None:
         request.instruct = instruct
+    if max_tokens_per_doc is not None:
+        request.max_tokens_per_doc = max_tokens_per_doc
+    if chunk_overlap_tokens is not None:
+        request.chunk_overlap_tokens = chunk_overlap_tokens
     return request
 
 
@@ -97,10 +125,16 @@ def to_result(response: rerank_pb2.RerankResponse) -> RerankResult:
                 index=result.index,
                 relevance_score=result.relevance_score,
                 text=result.document.text if result.HasField("document") else None,
+                truncated=result.truncated,
+                chunks=result.chunks or 1,
+                best_chunk=BestChunk(result.best_chunk.index, result.best_chunk.start, result.best_chunk.end)
+                if result.HasField("best_chunk")
+                else None,
             )
             for result in response.output.results
         ],
         total_tokens=response.usage.total_tokens,
+        cached_tokens=response.usage.cached_tokens,
     )
 
 
@@ -186,8 +220,21 @@ class RerankClient:
         instruct: str | None = None,
         return_documents: bool = False,
         timeout: float | None = None,
+        long_documents: rerank_pb2.LongDocuments.ValueType = rerank_pb2.LONG_DOCUMENTS_UNSPECIFIED,
+        max_tokens_per_doc: int | None = None,
+        chunk_overlap_tokens: int | None = None,
     ) -> RerankResult:
-        request = build_request(query, documents, model or self._model, top_n, instruct, return_documents)
+        request = build_request(
+            query,
+            documents,
+            model or self._model,
+            top_n,
+            instruct,
+            return_documents,
+            long_documents,
+            max_tokens_per_doc,
+            chunk_overlap_tokens,
+        )
         response = self._stub.Rerank(request, metadata=self._metadata, timeout=timeout or self._timeout)
         return to_result(response)
 
@@ -246,8 +293,21 @@ class AsyncRerankClient:
         instruct: str | None = None,
         return_documents: bool = False,
         timeout: float | None = None,
+        long_documents: rerank_pb2.LongDocuments.ValueType = rerank_pb2.LONG_DOCUMENTS_UNSPECIFIED,
+        max_tokens_per_doc: int | None = None,
+        chunk_overlap_tokens: int | None = None,
     ) -> RerankResult:
-        request = build_request(query, documents, model or self._model, top_n, instruct, return_documents)
+        request = build_request(
+            query,
+            documents,
+            model or self._model,
+            top_n,
+            instruct,
+            return_documents,
+            long_documents,
+            max_tokens_per_doc,
+            chunk_overlap_tokens,
+        )
         response = await self._stub.Rerank(request, metadata=self._metadata, timeout=timeout or self._timeout)
         return to_result(response)
 

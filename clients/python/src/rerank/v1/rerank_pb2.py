@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\x1a\x1egoogle/protobuf/duration.proto\"\x9c\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x12\n\x05top_n\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08instruct\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x42\x08\n\x06_top_nB\x0b\n\t_instruct\"t\n\x0eRerankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06output\x18\x02 \x01(\x0b\x32\x17.rerank.v1.RerankOutput\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.rerank.v1.RerankUsage\"8\n\x0cRerankOutput\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.rerank.v1.RerankResult\"c\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x17\n\x0frelevance_score\x18\x02 \x01(\x01\x12+\n\x08\x64ocument\x18\x03 \x01(\x0b\x32\x19.rerank.v1.RerankDocument\"\x1e\n\x0eRerankDocument\x12\x0c\n\x04text\x18\x01 \x01(\t\"#\n\x0bRerankUsage\x12\x14\n\x0ctotal_tokens\x18\x01 \x01(\x05\"L\n\x13RerankStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.rerank.v1.RerankRequest\"\x84\x01\n\x14RerankStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.rerank.v1.RerankResponseH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.rerank.v1.RerankErrorH\x00\x42\x08\n\x06result\"\xe0\x02\n\x0bRerankError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12?\n\x10\x66ield_violations\x18\x03 \x03(\x0b\x32%.rerank.v1.RerankError.FieldViolation\x12.\n\x0bretry_delay\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x36\n\x08metadata\x18\x06 \x03(\x0b\x32$.rerank.v1.RerankError.MetadataEntry\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x1a\x34\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.rerank.v1.ModelInfo\"\xcc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_documents\x18\x02 \x01(\x05\x12\x18\n\x10max_query_tokens\x18\x03 \x01(\x05\x12\x19\n\x11supports_instruct\x18\x04 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12\x14\n\x0cupstream_url\x18\x07 \x01(\t\x12.\n\x0b\x64\x65ployments\x18\x08 \x03(\x0b\x32\x19.rerank.v1.DeploymentInfo\"\xa2\x01\n\x0e\x44\x65ploymentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x14\n\x0cupstream_url\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06weight\x18\x06 \x01(\x05\x12)\n\x05state\x18\x07 \x01(\x0e\x32\x1a.rerank.v1.DeploymentState*\x8a\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_HEALTHY\x10\x01\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_EJECTED\x10\x02\x12\x19\n\x15\x44\x45PLOYMENT_STATE_DOWN\x10\x03\x32\xee\x01\n\rRerankService\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12S\n\x0cRerankStream\x12\x1e.rerank.v1.RerankStreamRequest\x1a\x1f.rerank.v1.RerankStreamResponse(\x01\x30\x01\x12I\n\nListModels\x12\x1c.rerank.v1.ListModelsRequest\x1a\x1d.rerank.v1.ListModelsResponseBs\n\x1aio.rerankservice.rerank.v1B\x0bRerankProtoP\x01ZFgithub.com/rerank-service/rerank-service/clients/go/rerank/v1;rerankv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\x1a\x1egoogle/protobuf/duration.proto\"\xc2\x02\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x12\n\x05top_n\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08instruct\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x12\x30\n\x0elong_documents\x18\x07 \x01(\x0e\x32\x18.rerank.v1.LongDocuments\x12\x1f\n\x12max_tokens_per_doc\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12!\n\x14\x63hunk_overlap_tokens\x18\t \x01(\x05H\x03\x88\x01\x01\x42\x08\n\x06_top_nB\x0b\n\t_instructB\x15\n\x13_max_tokens_per_docB\x17\n\x15_chunk_overlap_tokens\"t\n\x0eRerankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06output\x18\x02 \x01(\x0b\x32\x17.rerank.v1.RerankOutput\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.rerank.v1.RerankUsage\"8\n\x0cRerankOutput\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.rerank.v1.RerankResult\"\xb0\x01\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x17\n\x0frelevance_score\x18\x02 \x01(\x01\x12+\n\x08\x64ocument\x18\x03 \x01(\x0b\x32\x19.rerank.v1.RerankDocument\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x05\x12(\n\nbest_chunk\x18\x06 \x01(\x0b\x32\x14.rerank.v1.BestChunk\"6\n\tBestChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\"\x1e\n\x0eRerankDocument\x12\x0c\n\x04text\x18\x01 \x01(\t\":\n\x0bRerankUsage\x12\x14\n\x0ctotal_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\"L\n\x13RerankStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.rerank.v1.RerankRequest\"\x84\x01\n\x14RerankStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.rerank.v1.RerankResponseH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.rerank.v1.RerankErrorH\x00\x42\x08\n\x06result\"\xe0\x02\n\x0bRerankError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12?\n\x10\x66ield_violations\x18\x03 \x03(\x0b\x32%.rerank.v1.RerankError.FieldViolation\x12.\n\x0bretry_delay\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x36\n\x08metadata\x18\x06 \x03(\x0b\x32$.rerank.v1.RerankError.MetadataEntry\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x1a\x34\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.rerank.v1.ModelInfo\"\xcc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_documents\x18\x02 \x01(\x05\x12\x18\n\x10max_query_tokens\x18\x03 \x01(\x05\x12\x19\n\x11supports_instruct\x18\x04 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12\x14\n\x0cupstream_url\x18\x07 \x01(\t\x12.\n\x0b\x64\x65ployments\x18\x08 \x03(\x0b\x32\x19.rerank.v1.DeploymentInfo\"\xa2\x01\n\x0e\x44\x65ploymentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x14\n\x0cupstream_url\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06weight\x18\x06 \x01(\x05\x12)\n\x05state\x18\x07 \x01(\x0e\x32\x1a.rerank.v1.DeploymentState*\x81\x01\n\rLongDocuments\x12\x1e\n\x1aLONG_DOCUMENTS_UNSPECIFIED\x10\x00\x12\x1b\n\x17LONG_DOCUMENTS_TRUNCATE\x10\x01\x12\x18\n\x14LONG_DOCUMENTS_CHUNK\x10\x02\x12\x19\n\x15LONG_DOCUMENTS_REJECT\x10\x03*\x8a\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_HEALTHY\x10\x01\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_EJECTED\x10\x02\x12\x19\n\x15\x44\x45PLOYMENT_STATE_DOWN\x10\x03\x32\xee\x01\n\rRerankService\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12S\n\x0cRerankStream\x12\x1e.rerank.v1.RerankStreamRequest\x1a\x1f.rerank.v1.RerankStreamResponse(\x01\x30\x01\x12I\n\nListModels\x12\x1c.rerank.v1.ListModelsRequest\x1a\x1d.rerank.v1.ListModelsResponseBs\n\x1aio.rerankservice.rerank.v1B\x0bRerankProtoP\x01ZFgithub.com/rerank-service/rerank-service/clients/go/rerank/v1;rerankv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,38 +35,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\032io.rerankservice.rerank.v1B\013RerankProtoP\001ZFgithub.com/rerank-service/rerank-service/clients/go/rerank/v1;rerankv1'
   _globals['_RERANKERROR_METADATAENTRY']._loaded_options = None
   _globals['_RERANKERROR_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_DEPLOYMENTSTATE']._serialized_start=1596
-  _globals['_DEPLOYMENTSTATE']._serialized_end=1734
+  _globals['_LONGDOCUMENTS']._serialized_start=1919
+  _globals['_LONGDOCUMENTS']._serialized_end=2048
+  _globals['_DEPLOYMENTSTATE']._serialized_start=2051
+  _globals['_DEPLOYMENTSTATE']._serialized_end=2189
   _globals['_RERANKREQUEST']._serialized_start=70
-  _globals['_RERANKREQUEST']._serialized_end=226
-  _globals['_RERANKRESPONSE']._serialized_start=228
-  _globals['_RERANKRESPONSE']._serialized_end=344
-  _globals['_RERANKOUTPUT']._serialized_start=346
-  _globals['_RERANKOUTPUT']._serialized_end=402
-  _globals['_RERANKRESULT']._serialized_start=404
-  _globals['_RERANKRESULT']._serialized_end=503
-  _globals['_RERANKDOCUMENT']._serialized_start=505
-  _globals['_RERANKDOCUMENT']._serialized_end=535
-  _globals['_RERANKUSAGE']._serialized_start=537
-  _globals['_RERANKUSAGE']._serialized_end=572
-  _globals['_RERANKSTREAMREQUEST']._serialized_start=574
-  _globals['_RERANKSTREAMREQUEST']._serialized_end=650
-  _globals['_RERANKSTREAMRESPONSE']._serialized_start=653
-  _globals['_RERANKSTREAMRESPONSE']._serialized_end=785
-  _globals['_RERANKERROR']._serialized_start=788
-  _globals['_RERANKERROR']._serialized_end=1140
-  _globals['_RERANKERROR_FIELDVIOLATION']._serialized_start=1039
-  _globals['_RERANKERROR_FIELDVIOLATION']._serialized_end=1091
-  _globals['_RERANKERROR_METADATAENTRY']._serialized_start=1093
-  _globals['_RERANKERROR_METADATAENTRY']._serialized_end=1140
-  _globals['_LISTMODELSREQUEST']._serialized_start=1142
-  _globals['_LISTMODELSREQUEST']._serialized_end=1161
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1163
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1221
-  _globals['_MODELINFO']._serialized_start=1224
-  _globals['_MODELINFO']._serialized_end=1428
-  _globals['_DEPLOYMENTINFO']._serialized_start=1431
-  _globals['_DEPLOYMENTINFO']._serialized_end=1593
-  _globals['_RERANKSERVICE']._serialized_start=1737
-  _globals['_RERANKSERVICE']._serialized_end=1975
+  _globals['_RERANKREQUEST']._serialized_end=392
+  _globals['_RERANKRESPONSE']._serialized_start=394
+  _globals['_RERANKRESPONSE']._serialized_end=510
+  _globals['_RERANKOUTPUT']._serialized_start=512
+  _globals['_RERANKOUTPUT']._serialized_end=568
+  _globals['_RERANKRESULT']._serialized_start=571
+  _globals['_RERANKRESULT']._serialized_end=747
+  _globals['_BESTCHUNK']._serialized_start=749
+  _globals['_BESTCHUNK']._serialized_end=803
+  _globals['_RERANKDOCUMENT']._serialized_start=805
+  _globals['_RERANKDOCUMENT']._serialized_end=835
+  _globals['_RERANKUSAGE']._serialized_start=837
+  _globals['_RERANKUSAGE']._serialized_end=895
+  _globals['_RERANKSTREAMREQUEST']._serialized_start=897
+  _globals['_RERANKSTREAMREQUEST']._serialized_end=973
+  _globals['_RERANKSTREAMRESPONSE']._serialized_start=976
+  _globals['_RERANKSTREAMRESPONSE']._serialized_end=1108
+  _globals['_RERANKERROR']._serialized_start=1111
+  _globals['_RERANKERROR']._serialized_end=1463
+  _globals['_RERANKERROR_FIELDVIOLATION']._serialized_start=1362
+  _globals['_RERANKERROR_FIELDVIOLATION']._serialized_end=1414
+  _globals['_RERANKERROR_METADATAENTRY']._serialized_start=1416
+  _globals['_RERANKERROR_METADATAENTRY']._serialized_end=1463
+  _globals['_LISTMODELSREQUEST']._serialized_start=1465
+  _globals['_LISTMODELSREQUEST']._serialized_end=1484
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1486
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1544
+  _globals['_MODELINFO']._serialized_start=1547
+  _globals['_MODELINFO']._serialized_end=1751
+  _globals['_DEPLOYMENTINFO']._serialized_start=1754
+  _globals['_DEPLOYMENTINFO']._serialized_end=1916
+  _globals['_RERANKSERVICE']._serialized_start=2192
+  _globals['_RERANKSERVICE']._serialized_end=2430
 # @@protoc_insertion_point(module_scope)

@@ -25,6 +25,46 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _LongDocuments:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LongDocumentsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LongDocuments.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LONG_DOCUMENTS_UNSPECIFIED: _LongDocuments.ValueType  # 0
+    """Not set: the route's default (TRUNCATE unless configured otherwise)."""
+    LONG_DOCUMENTS_TRUNCATE: _LongDocuments.ValueType  # 1
+    """Cut the document to the window at a sentence or word boundary and score
+    what is left; the result says truncated.
+    """
+    LONG_DOCUMENTS_CHUNK: _LongDocuments.ValueType  # 2
+    """Split the document into overlapping chunks that each fit, score every
+    chunk, and rank the document by its best chunk's score.
+    """
+    LONG_DOCUMENTS_REJECT: _LongDocuments.ValueType  # 3
+    """Refuse the call with INVALID_ARGUMENT naming the first document over the
+    window.
+    """
+
+class LongDocuments(_LongDocuments, metaclass=_LongDocumentsEnumTypeWrapper):
+    """What the service does with a document longer than the model's window."""
+
+LONG_DOCUMENTS_UNSPECIFIED: LongDocuments.ValueType  # 0
+"""Not set: the route's default (TRUNCATE unless configured otherwise)."""
+LONG_DOCUMENTS_TRUNCATE: LongDocuments.ValueType  # 1
+"""Cut the document to the window at a sentence or word boundary and score
+what is left; the result says truncated.
+"""
+LONG_DOCUMENTS_CHUNK: LongDocuments.ValueType  # 2
+"""Split the document into overlapping chunks that each fit, score every
+chunk, and rank the document by its best chunk's score.
+"""
+LONG_DOCUMENTS_REJECT: LongDocuments.ValueType  # 3
+"""Refuse the call with INVALID_ARGUMENT naming the first document over the
+window.
+"""
+Global___LongDocuments: _TypeAlias = LongDocuments  # noqa: Y015
+
 class _DeploymentState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -77,6 +117,9 @@ class RerankRequest(_message.Message):
     TOP_N_FIELD_NUMBER: _builtins.int
     INSTRUCT_FIELD_NUMBER: _builtins.int
     RETURN_DOCUMENTS_FIELD_NUMBER: _builtins.int
+    LONG_DOCUMENTS_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_PER_DOC_FIELD_NUMBER: _builtins.int
+    CHUNK_OVERLAP_TOKENS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model to rank with, one of the names ListModels returns (for example
     "qwen3-rerank"). Required.
@@ -101,6 +144,19 @@ class RerankRequest(_message.Message):
     """Whether each result carries the document text. Default false, to keep
     responses small.
     """
+    long_documents: Global___LongDocuments.ValueType
+    """What to do with a document longer than the model's window (the tokens a
+    document may have beside this query). Unset: the route's default, TRUNCATE
+    unless its configuration says otherwise.
+    """
+    max_tokens_per_doc: _builtins.int
+    """The window a document is cut or chunked to, in tokens. Unset: the
+    deployment's window; a larger value is capped to it. Must be >= 1 when set.
+    """
+    chunk_overlap_tokens: _builtins.int
+    """CHUNK: tokens two neighbouring chunks share, so a passage across a cut is
+    whole in one of them. Unset: an eighth of the window; at most half of it.
+    """
     @_builtins.property
     def documents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The candidate documents, as plain text. Required: at least one, none blank,
@@ -116,17 +172,28 @@ class RerankRequest(_message.Message):
         top_n: _builtins.int | None = ...,
         instruct: _builtins.str | None = ...,
         return_documents: _builtins.bool = ...,
+        long_documents: Global___LongDocuments.ValueType = ...,
+        max_tokens_per_doc: _builtins.int | None = ...,
+        chunk_overlap_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_instruct", b"_instruct", "_top_n", b"_top_n", "instruct", b"instruct", "top_n", b"top_n"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_chunk_overlap_tokens", b"_chunk_overlap_tokens", "_instruct", b"_instruct", "_max_tokens_per_doc", b"_max_tokens_per_doc", "_top_n", b"_top_n", "chunk_overlap_tokens", b"chunk_overlap_tokens", "instruct", b"instruct", "max_tokens_per_doc", b"max_tokens_per_doc", "top_n", b"top_n"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instruct", b"_instruct", "_top_n", b"_top_n", "documents", b"documents", "instruct", b"instruct", "model", b"model", "query", b"query", "return_documents", b"return_documents", "top_n", b"top_n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_chunk_overlap_tokens", b"_chunk_overlap_tokens", "_instruct", b"_instruct", "_max_tokens_per_doc", b"_max_tokens_per_doc", "_top_n", b"_top_n", "chunk_overlap_tokens", b"chunk_overlap_tokens", "documents", b"documents", "instruct", b"instruct", "long_documents", b"long_documents", "max_tokens_per_doc", b"max_tokens_per_doc", "model", b"model", "query", b"query", "return_documents", b"return_documents", "top_n", b"top_n"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__chunk_overlap_tokens: _TypeAlias = _typing.Literal["chunk_overlap_tokens"]  # noqa: Y015
+    _WhichOneofArgType__chunk_overlap_tokens: _TypeAlias = _typing.Literal["_chunk_overlap_tokens", b"_chunk_overlap_tokens"]  # noqa: Y015
     _WhichOneofReturnType__instruct: _TypeAlias = _typing.Literal["instruct"]  # noqa: Y015
     _WhichOneofArgType__instruct: _TypeAlias = _typing.Literal["_instruct", b"_instruct"]  # noqa: Y015
+    _WhichOneofReturnType__max_tokens_per_doc: _TypeAlias = _typing.Literal["max_tokens_per_doc"]  # noqa: Y015
+    _WhichOneofArgType__max_tokens_per_doc: _TypeAlias = _typing.Literal["_max_tokens_per_doc", b"_max_tokens_per_doc"]  # noqa: Y015
     _WhichOneofReturnType__top_n: _TypeAlias = _typing.Literal["top_n"]  # noqa: Y015
     _WhichOneofArgType__top_n: _TypeAlias = _typing.Literal["_top_n", b"_top_n"]  # noqa: Y015
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__chunk_overlap_tokens) -> _WhichOneofReturnType__chunk_overlap_tokens | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__instruct) -> _WhichOneofReturnType__instruct | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens_per_doc) -> _WhichOneofReturnType__max_tokens_per_doc | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_n) -> _WhichOneofReturnType__top_n | None: ...
 
@@ -203,6 +270,9 @@ class RerankResult(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     RELEVANCE_SCORE_FIELD_NUMBER: _builtins.int
     DOCUMENT_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    BEST_CHUNK_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """The position of this document in RerankRequest.documents (0-based)."""
     relevance_score: _builtins.float
@@ -210,9 +280,21 @@ class RerankResult(_message.Message):
     relevant. Scores are relative within one request: use them to order the
     documents of this request, not as absolute values across requests.
     """
+    truncated: _builtins.bool
+    """Whether the document was cut to fit the window (LONG_DOCUMENTS_TRUNCATE)."""
+    chunks: _builtins.int
+    """How many chunks of the document were scored: 1 for a document within the
+    window (0 from a server older than this field).
+    """
     @_builtins.property
     def document(self) -> Global___RerankDocument:
         """The document itself; set only when RerankRequest.return_documents is true."""
+
+    @_builtins.property
+    def best_chunk(self) -> Global___BestChunk:
+        """LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+        score is the document's.
+        """
 
     def __init__(
         self,
@@ -220,14 +302,51 @@ class RerankResult(_message.Message):
         index: _builtins.int = ...,
         relevance_score: _builtins.float = ...,
         document: Global___RerankDocument | None = ...,
+        truncated: _builtins.bool = ...,
+        chunks: _builtins.int = ...,
+        best_chunk: Global___BestChunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["document", b"document"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["best_chunk", b"best_chunk", "document", b"document"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "index", b"index", "relevance_score", b"relevance_score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_chunk", b"best_chunk", "chunks", b"chunks", "document", b"document", "index", b"index", "relevance_score", b"relevance_score", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RerankResult: _TypeAlias = RerankResult  # noqa: Y015
+
+@_typing.final
+class BestChunk(_message.Message):
+    """BestChunk locates the best-scoring chunk of a chunked document."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Its position among the document's chunks (0-based)."""
+    start: _builtins.int
+    """Where its text starts in the document: an offset in Unicode code points
+    (not bytes, nor UTF-16 units) into the RerankRequest.documents entry.
+    """
+    end: _builtins.int
+    """Where its text ends (exclusive, code points): the chunk is
+    document[start:end].
+    """
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "index", b"index", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BestChunk: _TypeAlias = BestChunk  # noqa: Y015
 
 @_typing.final
 class RerankDocument(_message.Message):
@@ -258,18 +377,25 @@ class RerankUsage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     total_tokens: _builtins.int
     """Total number of tokens the backend processed for this request. (int32, like
     the HTTP API's integer, so JSON shows a number rather than a string.)
+    """
+    cached_tokens: _builtins.int
+    """Tokens of the documents answered from the score cache for this request: not
+    sent to the backend, so not billed by it for this call, and not counted in
+    total_tokens. 0 when nothing came from the cache or the cache is off.
     """
     def __init__(
         self,
         *,
         total_tokens: _builtins.int = ...,
+        cached_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

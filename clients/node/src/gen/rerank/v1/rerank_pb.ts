@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file rerank/v1/rerank.proto.
  */
 export const file_rerank_v1_rerank: GenFile = /*@__PURE__*/
-  fileDesc("ChZyZXJhbmsvdjEvcmVyYW5rLnByb3RvEglyZXJhbmsudjEinAEKDVJlcmFua1JlcXVlc3QSDQoFbW9kZWwYASABKAkSDQoFcXVlcnkYAiABKAkSEQoJZG9jdW1lbnRzGAMgAygJEhIKBXRvcF9uGAQgASgFSACIAQESFQoIaW5zdHJ1Y3QYBSABKAlIAYgBARIYChByZXR1cm5fZG9jdW1lbnRzGAYgASgIQggKBl90b3BfbkILCglfaW5zdHJ1Y3QidAoOUmVyYW5rUmVzcG9uc2USEgoKcmVxdWVzdF9pZBgBIAEoCRInCgZvdXRwdXQYAiABKAsyFy5yZXJhbmsudjEuUmVyYW5rT3V0cHV0EiUKBXVzYWdlGAMgASgLMhYucmVyYW5rLnYxLlJlcmFua1VzYWdlIjgKDFJlcmFua091dHB1dBIoCgdyZXN1bHRzGAEgAygLMhcucmVyYW5rLnYxLlJlcmFua1Jlc3VsdCJjCgxSZXJhbmtSZXN1bHQSDQoFaW5kZXgYASABKAUSFwoPcmVsZXZhbmNlX3Njb3JlGAIgASgBEisKCGRvY3VtZW50GAMgASgLMhkucmVyYW5rLnYxLlJlcmFua0RvY3VtZW50Ih4KDlJlcmFua0RvY3VtZW50EgwKBHRleHQYASABKAkiIwoLUmVyYW5rVXNhZ2USFAoMdG90YWxfdG9rZW5zGAEgASgFIkwKE1JlcmFua1N0cmVhbVJlcXVlc3QSCgoCaWQYASABKAkSKQoHcmVxdWVzdBgCIAEoCzIYLnJlcmFuay52MS5SZXJhbmtSZXF1ZXN0IoQBChRSZXJhbmtTdHJlYW1SZXNwb25zZRIKCgJpZBgBIAEoCRItCghyZXNwb25zZRgCIAEoCzIZLnJlcmFuay52MS5SZXJhbmtSZXNwb25zZUgAEicKBWVycm9yGAMgASgLMhYucmVyYW5rLnYxLlJlcmFua0Vycm9ySABCCAoGcmVzdWx0IuACCgtSZXJhbmtFcnJvchIMCgRjb2RlGAEgASgFEg8KB21lc3NhZ2UYAiABKAkSPwoQZmllbGRfdmlvbGF0aW9ucxgDIAMoCzIlLnJlcmFuay52MS5SZXJhbmtFcnJvci5GaWVsZFZpb2xhdGlvbhIuCgtyZXRyeV9kZWxheRgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZyZWFzb24YBSABKAkSNgoIbWV0YWRhdGEYBiADKAsyJC5yZXJhbmsudjEuUmVyYW5rRXJyb3IuTWV0YWRhdGFFbnRyeRISCgpyZXF1ZXN0X2lkGAcgASgJGjQKDkZpZWxkVmlvbGF0aW9uEg0KBWZpZWxkGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASITChFMaXN0TW9kZWxzUmVxdWVzdCI6ChJMaXN0TW9kZWxzUmVzcG9uc2USJAoGbW9kZWxzGAEgAygLMhQucmVyYW5rLnYxLk1vZGVsSW5mbyLMAQoJTW9kZWxJbmZvEgwKBG5hbWUYASABKAkSFQoNbWF4X2RvY3VtZW50cxgCIAEoBRIYChBtYXhfcXVlcnlfdG9rZW5zGAMgASgFEhkKEXN1cHBvcnRzX2luc3RydWN0GAQgASgIEg8KB2JhY2tlbmQYBSABKAkSDgoGZm9ybWF0GAYgASgJEhQKDHVwc3RyZWFtX3VybBgHIAEoCRIuCgtkZXBsb3ltZW50cxgIIAMoCzIZLnJlcmFuay52MS5EZXBsb3ltZW50SW5mbyKiAQoORGVwbG95bWVudEluZm8SDAoEbmFtZRgBIAEoCRIPCgdiYWNrZW5kGAIgASgJEg4KBmZvcm1hdBgDIAEoCRIUCgx1cHN0cmVhbV91cmwYBCABKAkSEAoIcHJpb3JpdHkYBSABKAUSDgoGd2VpZ2h0GAYgASgFEikKBXN0YXRlGAcgASgOMhoucmVyYW5rLnYxLkRlcGxveW1lbnRTdGF0ZSqKAQoPRGVwbG95bWVudFN0YXRlEiAKHERFUExPWU1FTlRfU1RBVEVfVU5TUEVDSUZJRUQQABIcChhERVBMT1lNRU5UX1NUQVRFX0hFQUxUSFkQARIcChhERVBMT1lNRU5UX1NUQVRFX0VKRUNURUQQAhIZChVERVBMT1lNRU5UX1NUQVRFX0RPV04QAzLuAQoNUmVyYW5rU2VydmljZRI9CgZSZXJhbmsSGC5yZXJhbmsudjEuUmVyYW5rUmVxdWVzdBoZLnJlcmFuay52MS5SZXJhbmtSZXNwb25zZRJTCgxSZXJhbmtTdHJlYW0SHi5yZXJhbmsudjEuUmVyYW5rU3RyZWFtUmVxdWVzdBofLnJlcmFuay52MS5SZXJhbmtTdHJlYW1SZXNwb25zZSgBMAESSQoKTGlzdE1vZGVscxIcLnJlcmFuay52MS5MaXN0TW9kZWxzUmVxdWVzdBodLnJlcmFuay52MS5MaXN0TW9kZWxzUmVzcG9uc2VCcwoaaW8ucmVyYW5rc2VydmljZS5yZXJhbmsudjFCC1JlcmFua1Byb3RvUAFaRmdpdGh1Yi5jb20vcmVyYW5rLXNlcnZpY2UvcmVyYW5rLXNlcnZpY2UvY2xpZW50cy9nby9yZXJhbmsvdjE7cmVyYW5rdjFiBnByb3RvMw", [file_google_protobuf_duration]);
+  fileDesc("ChZyZXJhbmsvdjEvcmVyYW5rLnByb3RvEglyZXJhbmsudjEiwgIKDVJlcmFua1JlcXVlc3QSDQoFbW9kZWwYASABKAkSDQoFcXVlcnkYAiABKAkSEQoJZG9jdW1lbnRzGAMgAygJEhIKBXRvcF9uGAQgASgFSACIAQESFQoIaW5zdHJ1Y3QYBSABKAlIAYgBARIYChByZXR1cm5fZG9jdW1lbnRzGAYgASgIEjAKDmxvbmdfZG9jdW1lbnRzGAcgASgOMhgucmVyYW5rLnYxLkxvbmdEb2N1bWVudHMSHwoSbWF4X3Rva2Vuc19wZXJfZG9jGAggASgFSAKIAQESIQoUY2h1bmtfb3ZlcmxhcF90b2tlbnMYCSABKAVIA4gBAUIICgZfdG9wX25CCwoJX2luc3RydWN0QhUKE19tYXhfdG9rZW5zX3Blcl9kb2NCFwoVX2NodW5rX292ZXJsYXBfdG9rZW5zInQKDlJlcmFua1Jlc3BvbnNlEhIKCnJlcXVlc3RfaWQYASABKAkSJwoGb3V0cHV0GAIgASgLMhcucmVyYW5rLnYxLlJlcmFua091dHB1dBIlCgV1c2FnZRgDIAEoCzIWLnJlcmFuay52MS5SZXJhbmtVc2FnZSI4CgxSZXJhbmtPdXRwdXQSKAoHcmVzdWx0cxgBIAMoCzIXLnJlcmFuay52MS5SZXJhbmtSZXN1bHQisAEKDFJlcmFua1Jlc3VsdBINCgVpbmRleBgBIAEoBRIXCg9yZWxldmFuY2Vfc2NvcmUYAiABKAESKwoIZG9jdW1lbnQYAyABKAsyGS5yZXJhbmsudjEuUmVyYW5rRG9jdW1lbnQSEQoJdHJ1bmNhdGVkGAQgASgIEg4KBmNodW5rcxgFIAEoBRIoCgpiZXN0X2NodW5rGAYgASgLMhQucmVyYW5rLnYxLkJlc3RDaHVuayI2CglCZXN0Q2h1bmsSDQoFaW5kZXgYASABKAUSDQoFc3RhcnQYAiABKAUSCwoDZW5kGAMgASgFIh4KDlJlcmFua0RvY3VtZW50EgwKBHRleHQYASABKAkiOgoLUmVyYW5rVXNhZ2USFAoMdG90YWxfdG9rZW5zGAEgASgFEhUKDWNhY2hlZF90b2tlbnMYAiABKAUiTAoTUmVyYW5rU3RyZWFtUmVxdWVzdBIKCgJpZBgBIAEoCRIpCgdyZXF1ZXN0GAIgASgLMhgucmVyYW5rLnYxLlJlcmFua1JlcXVlc3QihAEKFFJlcmFua1N0cmVhbVJlc3BvbnNlEgoKAmlkGAEgASgJEi0KCHJlc3BvbnNlGAIgASgLMhkucmVyYW5rLnYxLlJlcmFua1Jlc3BvbnNlSAASJwoFZXJyb3IYAyABKAsyFi5yZXJhbmsudjEuUmVyYW5rRXJyb3JIAEIICgZyZXN1bHQi4AIKC1JlcmFua0Vycm9yEgwKBGNvZGUYASABKAUSDwoHbWVzc2FnZRgCIAEoCRI/ChBmaWVsZF92aW9sYXRpb25zGAMgAygLMiUucmVyYW5rLnYxLlJlcmFua0Vycm9yLkZpZWxkVmlvbGF0aW9uEi4KC3JldHJ5X2RlbGF5GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg4KBnJlYXNvbhgFIAEoCRI2CghtZXRhZGF0YRgGIAMoCzIkLnJlcmFuay52MS5SZXJhbmtFcnJvci5NZXRhZGF0YUVudHJ5EhIKCnJlcXVlc3RfaWQYByABKAkaNAoORmllbGRWaW9sYXRpb24SDQoFZmllbGQYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIhMKEUxpc3RNb2RlbHNSZXF1ZXN0IjoKEkxpc3RNb2RlbHNSZXNwb25zZRIkCgZtb2RlbHMYASADKAsyFC5yZXJhbmsudjEuTW9kZWxJbmZvIswBCglNb2RlbEluZm8SDAoEbmFtZRgBIAEoCRIVCg1tYXhfZG9jdW1lbnRzGAIgASgFEhgKEG1heF9xdWVyeV90b2tlbnMYAyABKAUSGQoRc3VwcG9ydHNfaW5zdHJ1Y3QYBCABKAgSDwoHYmFja2VuZBgFIAEoCRIOCgZmb3JtYXQYBiABKAkSFAoMdXBzdHJlYW1fdXJsGAcgASgJEi4KC2RlcGxveW1lbnRzGAggAygLMhkucmVyYW5rLnYxLkRlcGxveW1lbnRJbmZvIqIBCg5EZXBsb3ltZW50SW5mbxIMCgRuYW1lGAEgASgJEg8KB2JhY2tlbmQYAiABKAkSDgoGZm9ybWF0GAMgASgJEhQKDHVwc3RyZWFtX3VybBgEIAEoCRIQCghwcmlvcml0eRgFIAEoBRIOCgZ3ZWlnaHQYBiABKAUSKQoFc3RhdGUYByABKA4yGi5yZXJhbmsudjEuRGVwbG95bWVudFN0YXRlKoEBCg1Mb25nRG9jdW1lbnRzEh4KGkxPTkdfRE9DVU1FTlRTX1VOU1BFQ0lGSUVEEAASGwoXTE9OR19ET0NVTUVOVFNfVFJVTkNBVEUQARIYChRMT05HX0RPQ1VNRU5UU19DSFVOSxACEhkKFUxPTkdfRE9DVU1FTlRTX1JFSkVDVBADKooBCg9EZXBsb3ltZW50U3RhdGUSIAocREVQTE9ZTUVOVF9TVEFURV9VTlNQRUNJRklFRBAAEhwKGERFUExPWU1FTlRfU1RBVEVfSEVBTFRIWRABEhwKGERFUExPWU1FTlRfU1RBVEVfRUpFQ1RFRBACEhkKFURFUExPWU1FTlRfU1RBVEVfRE9XThADMu4BCg1SZXJhbmtTZXJ2aWNlEj0KBlJlcmFuaxIYLnJlcmFuay52MS5SZXJhbmtSZXF1ZXN0GhkucmVyYW5rLnYxLlJlcmFua1Jlc3BvbnNlElMKDFJlcmFua1N0cmVhbRIeLnJlcmFuay52MS5SZXJhbmtTdHJlYW1SZXF1ZXN0Gh8ucmVyYW5rLnYxLlJlcmFua1N0cmVhbVJlc3BvbnNlKAEwARJJCgpMaXN0TW9kZWxzEhwucmVyYW5rLnYxLkxpc3RNb2RlbHNSZXF1ZXN0Gh0ucmVyYW5rLnYxLkxpc3RNb2RlbHNSZXNwb25zZUJzChppby5yZXJhbmtzZXJ2aWNlLnJlcmFuay52MUILUmVyYW5rUHJvdG9QAVpGZ2l0aHViLmNvbS9yZXJhbmstc2VydmljZS9yZXJhbmstc2VydmljZS9jbGllbnRzL2dvL3JlcmFuay92MTtyZXJhbmt2MWIGcHJvdG8z", [file_google_protobuf_duration]);
 
 /**
  * RerankRequest asks for the documents to be ranked against the query.
@@ -84,6 +84,31 @@ export type RerankRequest = Message<"rerank.v1.RerankRequest"> & {
    * @generated from field: bool return_documents = 6;
    */
   returnDocuments: boolean;
+
+  /**
+   * What to do with a document longer than the model's window (the tokens a
+   * document may have beside this query). Unset: the route's default, TRUNCATE
+   * unless its configuration says otherwise.
+   *
+   * @generated from field: rerank.v1.LongDocuments long_documents = 7;
+   */
+  longDocuments: LongDocuments;
+
+  /**
+   * The window a document is cut or chunked to, in tokens. Unset: the
+   * deployment's window; a larger value is capped to it. Must be >= 1 when set.
+   *
+   * @generated from field: optional int32 max_tokens_per_doc = 8;
+   */
+  maxTokensPerDoc?: number | undefined;
+
+  /**
+   * CHUNK: tokens two neighbouring chunks share, so a passage across a cut is
+   * whole in one of them. Unset: an eighth of the window; at most half of it.
+   *
+   * @generated from field: optional int32 chunk_overlap_tokens = 9;
+   */
+  chunkOverlapTokens?: number | undefined;
 };
 
 /**
@@ -179,6 +204,29 @@ export type RerankResult = Message<"rerank.v1.RerankResult"> & {
    * @generated from field: rerank.v1.RerankDocument document = 3;
    */
   document?: RerankDocument | undefined;
+
+  /**
+   * Whether the document was cut to fit the window (LONG_DOCUMENTS_TRUNCATE).
+   *
+   * @generated from field: bool truncated = 4;
+   */
+  truncated: boolean;
+
+  /**
+   * How many chunks of the document were scored: 1 for a document within the
+   * window (0 from a server older than this field).
+   *
+   * @generated from field: int32 chunks = 5;
+   */
+  chunks: number;
+
+  /**
+   * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+   * score is the document's.
+   *
+   * @generated from field: rerank.v1.BestChunk best_chunk = 6;
+   */
+  bestChunk?: BestChunk | undefined;
 };
 
 /**
@@ -187,6 +235,43 @@ export type RerankResult = Message<"rerank.v1.RerankResult"> & {
  */
 export const RerankResultSchema: GenMessage<RerankResult> = /*@__PURE__*/
   messageDesc(file_rerank_v1_rerank, 3);
+
+/**
+ * BestChunk locates the best-scoring chunk of a chunked document.
+ *
+ * @generated from message rerank.v1.BestChunk
+ */
+export type BestChunk = Message<"rerank.v1.BestChunk"> & {
+  /**
+   * Its position among the document's chunks (0-based).
+   *
+   * @generated from field: int32 index = 1;
+   */
+  index: number;
+
+  /**
+   * Where its text starts in the document: an offset in Unicode code points
+   * (not bytes, nor UTF-16 units) into the RerankRequest.documents entry.
+   *
+   * @generated from field: int32 start = 2;
+   */
+  start: number;
+
+  /**
+   * Where its text ends (exclusive, code points): the chunk is
+   * document[start:end].
+   *
+   * @generated from field: int32 end = 3;
+   */
+  end: number;
+};
+
+/**
+ * Describes the message rerank.v1.BestChunk.
+ * Use `create(BestChunkSchema)` to create a new message.
+ */
+export const BestChunkSchema: GenMessage<BestChunk> = /*@__PURE__*/
+  messageDesc(file_rerank_v1_rerank, 4);
 
 /**
  * RerankDocument is the original document, echoed back.
@@ -207,7 +292,7 @@ export type RerankDocument = Message<"rerank.v1.RerankDocument"> & {
  * Use `create(RerankDocumentSchema)` to create a new message.
  */
 export const RerankDocumentSchema: GenMessage<RerankDocument> = /*@__PURE__*/
-  messageDesc(file_rerank_v1_rerank, 4);
+  messageDesc(file_rerank_v1_rerank, 5);
 
 /**
  * RerankUsage reports what a request consumed.
@@ -222,6 +307,15 @@ export type RerankUsage = Message<"rerank.v1.RerankUsage"> & {
    * @generated from field: int32 total_tokens = 1;
    */
   totalTokens: number;
+
+  /**
+   * Tokens of the documents answered from the score cache for this request: not
+   * sent to the backend, so not billed by it for this call, and not counted in
+   * total_tokens. 0 when nothing came from the cache or the cache is off.
+   *
+   * @generated from field: int32 cached_tokens = 2;
+   */
+  cachedTokens: number;
 };
 
 /**
@@ -229,7 +323,7 @@ export type RerankUsage = Message<"rerank.v1.RerankUsage"> & {
  * Use `create(RerankUsageSchema)` to create a new message.
  */
 export const RerankUsageSchema: GenMessage<RerankUsage> = /*@__PURE__*/
-  messageDesc(file_rerank_v1_rerank, 5);
+  messageDesc(file_rerank_v1_rerank, 6);
 
 /**
  * RerankStreamRequest is one item of a RerankStream.
@@ -258,7 +352,7 @@ export type RerankStreamRequest = Message<"rerank.v1.RerankStreamRequest"> & {
  * Use `create(RerankStreamRequestSchema)` to create a new message.
  */
 export const RerankStreamRequestSchema: GenMessage<RerankStreamRequest> = /*@__PURE__*/
-  messageDesc(file_rerank_v1_rerank, 6);
+  messageDesc(file_rerank_v1_rerank, 7);
 
 /**
  * RerankStreamResponse answers one RerankStreamRequest.
@@ -302,7 +396,7 @@ export type RerankStreamResponse = Message<"rerank.v1.RerankStreamResponse"> & {
  * Use `create(RerankStreamResponseSchema)` to create a new message.
  */
 export const RerankStreamResponseSchema: GenMessage<RerankStreamResponse> = /*@__PURE__*/
-  messageDesc(file_rerank_v1_rerank, 7);
+  messageDesc(file_rerank_v1_rerank, 8);
 
 /**
  * RerankError is a failed stream item: a gRPC status and its details.
@@ -369,7 +463,7 @@ export type RerankError = Message<"rerank.v1.RerankError"> & {
  * Use `create(RerankErrorSchema)` to create a new message.
  */
 export const RerankErrorSchema: GenMessage<RerankError> = /*@__PURE__*/
-  messageDesc(file_rerank_v1_rerank, 8);
+  messageDesc(file_rerank_v1_rerank, 9);
 
 /**
  * FieldViolation names one invalid request field.
@@ -397,7 +491,7 @@ export type RerankError_FieldViolation = Message<"rerank.v1.RerankError.FieldVio
  * Use `create(RerankError_FieldViolationSchema)` to create a new message.
  */
 export const RerankError_FieldViolationSchema: GenMessage<RerankError_FieldViolation> = /*@__PURE__*/
-  messageDesc(file_rerank_v1_rerank, 8, 0);
+  messageDesc(file_rerank_v1_rerank, 9, 0);
 
 /**
  * ListModelsRequest asks for the models this deployment serves. It has no
@@ -413,7 +507,7 @@ export type ListModelsRequest = Message<"rerank.v1.ListModelsRequest"> & {
  * Use `create(ListModelsRequestSchema)` to create a new message.
  */
 export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
-  messageDesc(file_rerank_v1_rerank, 9);
+  messageDesc(file_rerank_v1_rerank, 10);
 
 /**
  * ListModelsResponse lists the models this deployment serves.
@@ -434,7 +528,7 @@ export type ListModelsResponse = Message<"rerank.v1.ListModelsResponse"> & {
  * Use `create(ListModelsResponseSchema)` to create a new message.
  */
 export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
-  messageDesc(file_rerank_v1_rerank, 10);
+  messageDesc(file_rerank_v1_rerank, 11);
 
 /**
  * ModelInfo describes one served model and the limits a request must respect.
@@ -510,7 +604,7 @@ export type ModelInfo = Message<"rerank.v1.ModelInfo"> & {
  * Use `create(ModelInfoSchema)` to create a new message.
  */
 export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
-  messageDesc(file_rerank_v1_rerank, 11);
+  messageDesc(file_rerank_v1_rerank, 12);
 
 /**
  * One deployment of a route: a place where a model is served.
@@ -573,7 +667,51 @@ export type DeploymentInfo = Message<"rerank.v1.DeploymentInfo"> & {
  * Use `create(DeploymentInfoSchema)` to create a new message.
  */
 export const DeploymentInfoSchema: GenMessage<DeploymentInfo> = /*@__PURE__*/
-  messageDesc(file_rerank_v1_rerank, 12);
+  messageDesc(file_rerank_v1_rerank, 13);
+
+/**
+ * What the service does with a document longer than the model's window.
+ *
+ * @generated from enum rerank.v1.LongDocuments
+ */
+export enum LongDocuments {
+  /**
+   * Not set: the route's default (TRUNCATE unless configured otherwise).
+   *
+   * @generated from enum value: LONG_DOCUMENTS_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Cut the document to the window at a sentence or word boundary and score
+   * what is left; the result says truncated.
+   *
+   * @generated from enum value: LONG_DOCUMENTS_TRUNCATE = 1;
+   */
+  TRUNCATE = 1,
+
+  /**
+   * Split the document into overlapping chunks that each fit, score every
+   * chunk, and rank the document by its best chunk's score.
+   *
+   * @generated from enum value: LONG_DOCUMENTS_CHUNK = 2;
+   */
+  CHUNK = 2,
+
+  /**
+   * Refuse the call with INVALID_ARGUMENT naming the first document over the
+   * window.
+   *
+   * @generated from enum value: LONG_DOCUMENTS_REJECT = 3;
+   */
+  REJECT = 3,
+}
+
+/**
+ * Describes the enum rerank.v1.LongDocuments.
+ */
+export const LongDocumentsSchema: GenEnum<LongDocuments> = /*@__PURE__*/
+  enumDesc(file_rerank_v1_rerank, 0);
 
 /**
  * A deployment's health.
@@ -615,7 +753,7 @@ export enum DeploymentState {
  * Describes the enum rerank.v1.DeploymentState.
  */
 export const DeploymentStateSchema: GenEnum<DeploymentState> = /*@__PURE__*/
-  enumDesc(file_rerank_v1_rerank, 0);
+  enumDesc(file_rerank_v1_rerank, 1);
 
 /**
  * RerankService ranks candidate documents by their relevance to a query.

@@ -16,6 +16,7 @@ import io.grpc.protobuf.StatusProto;
 import io.grpc.stub.StreamObserver;
 import io.rerankservice.rerank.v1.ListModelsRequest;
 import io.rerankservice.rerank.v1.ListModelsResponse;
+import io.rerankservice.rerank.v1.LongDocuments;
 import io.rerankservice.rerank.v1.RerankRequest;
 import io.rerankservice.rerank.v1.RerankResponse;
 import io.rerankservice.rerank.v1.RerankServiceGrpc;
@@ -191,6 +192,15 @@ public final class RerankClient implements AutoCloseable {
     if (o.instruct != null) {
       r.setInstruct(o.instruct);
     }
+    if (o.longDocuments != null) {
+      r.setLongDocuments(o.longDocuments);
+    }
+    if (o.maxTokensPerDoc != null) {
+      r.setMaxTokensPerDoc(o.maxTokensPerDoc);
+    }
+    if (o.chunkOverlapTokens != null) {
+      r.setChunkOverlapTokens(o.chunkOverlapTokens);
+    }
     return r.build();
   }
 
@@ -243,6 +253,9 @@ public final class RerankClient implements AutoCloseable {
     private Integer topN;
     private String instruct;
     private boolean returnDocuments;
+    private LongDocuments longDocuments;
+    private Integer maxTokensPerDoc;
+    private Integer chunkOverlapTokens;
     private Duration deadline;
 
     public static Options defaults() {
@@ -266,6 +279,27 @@ public final class RerankClient implements AutoCloseable {
 
     public Options returnDocuments(boolean returnDocuments) {
       this.returnDocuments = returnDocuments;
+      return this;
+    }
+
+    /**
+     * A document longer than the model's window: TRUNCATE, CHUNK (ranked by its best chunk,
+     * which the result's best_chunk locates) or REJECT. Unset: the route's default.
+     */
+    public Options longDocuments(LongDocuments longDocuments) {
+      this.longDocuments = longDocuments;
+      return this;
+    }
+
+    /** The window a document is cut or chunked to, in tokens. */
+    public Options maxTokensPerDoc(int maxTokensPerDoc) {
+      this.maxTokensPerDoc = maxTokensPerDoc;
+      return this;
+    }
+
+    /** Tokens neighbouring chunks share. */
+    public Options chunkOverlapTokens(int chunkOverlapTokens) {
+      this.chunkOverlapTokens = chunkOverlapTokens;
       return this;
     }
 

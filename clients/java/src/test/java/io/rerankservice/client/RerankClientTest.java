@@ -10,6 +10,7 @@ import static org.junit.jupiter.api.Assertions.fail;
 import com.google.rpc.BadRequest;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
+import io.rerankservice.rerank.v1.LongDocuments;
 import io.rerankservice.rerank.v1.ModelInfo;
 import io.rerankservice.rerank.v1.RerankError;
 import io.rerankservice.rerank.v1.RerankResponse;
@@ -69,8 +70,32 @@ class RerankClientTest {
     assertEquals(0.5, results.get(1).getRelevanceScore(), 1e-9);
     assertEquals("a red apple", results.get(0).getDocument().getText());
     assertEquals("apple pie", results.get(1).getDocument().getText());
-    assertTrue(resp.getUsage().getTotalTokens() > 0, "usage.total_tokens > 0");
+    // Another suite may have scored these pairs already: the server's cache then answers them.
+    assertTrue(resp.getUsage().getTotalTokens() + resp.getUsage().getCachedTokens() > 0,
+        "usage.total_tokens + usage.cached_tokens > 0");
     assertFalse(resp.getRequestId().isEmpty(), "request_id is empty");
+    RerankResponse again = client.rerank("red apple", DOCS,
+        RerankClient.Options.defaults().model(MODEL).topN(2).returnDocuments(true));
+    assertEquals(results, again.getOutput().getResultsList());
+    assertEquals(0, again.getUsage().getTotalTokens(), "a repeated call is answered from the cache");
+    assertTrue(again.getUsage().getCachedTokens() > 0, "usage.cached_tokens > 0");
+  }
+
+  @Test
+  void longDocumentIsChunkedAndItsBestChunkLocated() {
+    String longDocument = "pear plum grape ".repeat(300) + "red apple";
+    RerankResponse resp = client.rerank("red apple", List.of(longDocument, "a car"),
+        RerankClient.Options.defaults().model(MODEL)
+            .longDocuments(LongDocuments.LONG_DOCUMENTS_CHUNK).maxTokensPerDoc(200));
+    RerankResult best = resp.getOutput().getResults(0);
+    assertEquals(0, best.getIndex());
+    assertTrue(best.getChunks() > 1, "chunks > 1");
+    assertFalse(best.getTruncated());
+    int[] codePoints = longDocument.codePoints().toArray();
+    String chunk = new String(codePoints, best.getBestChunk().getStart(),
+        best.getBestChunk().getEnd() - best.getBestChunk().getStart());
+    assertTrue(chunk.endsWith("red apple"), "best chunk ends with the answer: " + chunk);
+    assertEquals(1, resp.getOutput().getResults(1).getChunks());
   }
 
   @Test

@@ -142,7 +142,7 @@ public enum DeploymentState
   }
   public static final com.google.protobuf.Descriptors.EnumDescriptor
       getDescriptor() {
-    return io.rerankservice.rerank.v1.RerankProto.getDescriptor().getEnumTypes().get(0);
+    return io.rerankservice.rerank.v1.RerankProto.getDescriptor().getEnumTypes().get(1);
   }
 
   private static final DeploymentState[] VALUES = values();

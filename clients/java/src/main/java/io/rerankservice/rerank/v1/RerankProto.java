@@ -36,6 +36,11 @@ public final class RerankProto {
     com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
       internal_static_rerank_v1_RerankResult_fieldAccessorTable;
   static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_rerank_v1_BestChunk_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
+      internal_static_rerank_v1_BestChunk_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
     internal_static_rerank_v1_RerankDocument_descriptor;
   static final 
     com.google.protobuf.GeneratedMessageV3.FieldAccessorTable
@@ -100,69 +105,84 @@ public final class RerankProto {
   static {
     java.lang.String[] descriptorData = {
       "\n\026rerank/v1/rerank.proto\022\trerank.v1\032\036goo" +
-      "gle/protobuf/duration.proto\"\326\001\n\rRerankRe" +
+      "gle/protobuf/duration.proto\"\260\003\n\rRerankRe" +
       "quest\022\024\n\005model\030\001 \001(\tR\005model\022\024\n\005query\030\002 \001" +
       "(\tR\005query\022\034\n\tdocuments\030\003 \003(\tR\tdocuments\022" +
       "\030\n\005top_n\030\004 \001(\005H\000R\004topN\210\001\001\022\037\n\010instruct\030\005 " +
       "\001(\tH\001R\010instruct\210\001\001\022)\n\020return_documents\030\006" +
-      " \001(\010R\017returnDocumentsB\010\n\006_top_nB\013\n\t_inst" +
-      "ruct\"\216\001\n\016RerankResponse\022\035\n\nrequest_id\030\001 " +
-      "\001(\tR\trequestId\022/\n\006output\030\002 \001(\0132\027.rerank." +
-      "v1.RerankOutputR\006output\022,\n\005usage\030\003 \001(\0132\026" +
-      ".rerank.v1.RerankUsageR\005usage\"A\n\014RerankO" +
-      "utput\0221\n\007results\030\001 \003(\0132\027.rerank.v1.Reran" +
-      "kResultR\007results\"\204\001\n\014RerankResult\022\024\n\005ind" +
-      "ex\030\001 \001(\005R\005index\022\'\n\017relevance_score\030\002 \001(\001" +
-      "R\016relevanceScore\0225\n\010document\030\003 \001(\0132\031.rer" +
-      "ank.v1.RerankDocumentR\010document\"$\n\016Reran" +
-      "kDocument\022\022\n\004text\030\001 \001(\tR\004text\"0\n\013RerankU" +
-      "sage\022!\n\014total_tokens\030\001 \001(\005R\013totalTokens\"" +
-      "Y\n\023RerankStreamRequest\022\016\n\002id\030\001 \001(\tR\002id\0222" +
-      "\n\007request\030\002 \001(\0132\030.rerank.v1.RerankReques" +
-      "tR\007request\"\231\001\n\024RerankStreamResponse\022\016\n\002i" +
-      "d\030\001 \001(\tR\002id\0227\n\010response\030\002 \001(\0132\031.rerank.v" +
-      "1.RerankResponseH\000R\010response\022.\n\005error\030\003 " +
-      "\001(\0132\026.rerank.v1.RerankErrorH\000R\005errorB\010\n\006" +
-      "result\"\311\003\n\013RerankError\022\022\n\004code\030\001 \001(\005R\004co" +
-      "de\022\030\n\007message\030\002 \001(\tR\007message\022P\n\020field_vi" +
-      "olations\030\003 \003(\0132%.rerank.v1.RerankError.F" +
-      "ieldViolationR\017fieldViolations\022:\n\013retry_" +
-      "delay\030\004 \001(\0132\031.google.protobuf.DurationR\n" +
-      "retryDelay\022\026\n\006reason\030\005 \001(\tR\006reason\022@\n\010me" +
-      "tadata\030\006 \003(\0132$.rerank.v1.RerankError.Met" +
-      "adataEntryR\010metadata\022\035\n\nrequest_id\030\007 \001(\t" +
-      "R\trequestId\032H\n\016FieldViolation\022\024\n\005field\030\001" +
-      " \001(\tR\005field\022 \n\013description\030\002 \001(\tR\013descri" +
-      "ption\032;\n\rMetadataEntry\022\020\n\003key\030\001 \001(\tR\003key" +
-      "\022\024\n\005value\030\002 \001(\tR\005value:\0028\001\"\023\n\021ListModels" +
-      "Request\"B\n\022ListModelsResponse\022,\n\006models\030" +
-      "\001 \003(\0132\024.rerank.v1.ModelInfoR\006models\"\255\002\n\t" +
-      "ModelInfo\022\022\n\004name\030\001 \001(\tR\004name\022#\n\rmax_doc" +
-      "uments\030\002 \001(\005R\014maxDocuments\022(\n\020max_query_" +
-      "tokens\030\003 \001(\005R\016maxQueryTokens\022+\n\021supports" +
-      "_instruct\030\004 \001(\010R\020supportsInstruct\022\030\n\007bac" +
-      "kend\030\005 \001(\tR\007backend\022\026\n\006format\030\006 \001(\tR\006for" +
-      "mat\022!\n\014upstream_url\030\007 \001(\tR\013upstreamUrl\022;" +
-      "\n\013deployments\030\010 \003(\0132\031.rerank.v1.Deployme" +
-      "ntInfoR\013deployments\"\337\001\n\016DeploymentInfo\022\022" +
-      "\n\004name\030\001 \001(\tR\004name\022\030\n\007backend\030\002 \001(\tR\007bac" +
-      "kend\022\026\n\006format\030\003 \001(\tR\006format\022!\n\014upstream" +
-      "_url\030\004 \001(\tR\013upstreamUrl\022\032\n\010priority\030\005 \001(" +
-      "\005R\010priority\022\026\n\006weight\030\006 \001(\005R\006weight\0220\n\005s" +
-      "tate\030\007 \001(\0162\032.rerank.v1.DeploymentStateR\005" +
-      "state*\212\001\n\017DeploymentState\022 \n\034DEPLOYMENT_" +
-      "STATE_UNSPECIFIED\020\000\022\034\n\030DEPLOYMENT_STATE_" +
-      "HEALTHY\020\001\022\034\n\030DEPLOYMENT_STATE_EJECTED\020\002\022" +
-      "\031\n\025DEPLOYMENT_STATE_DOWN\020\0032\356\001\n\rRerankSer" +
-      "vice\022=\n\006Rerank\022\030.rerank.v1.RerankRequest" +
-      "\032\031.rerank.v1.RerankResponse\022S\n\014RerankStr" +
-      "eam\022\036.rerank.v1.RerankStreamRequest\032\037.re" +
-      "rank.v1.RerankStreamResponse(\0010\001\022I\n\nList" +
-      "Models\022\034.rerank.v1.ListModelsRequest\032\035.r" +
-      "erank.v1.ListModelsResponseBs\n\032io.rerank" +
-      "service.rerank.v1B\013RerankProtoP\001ZFgithub" +
-      ".com/rerank-service/rerank-service/clien" +
-      "ts/go/rerank/v1;rerankv1b\006proto3"
+      " \001(\010R\017returnDocuments\022?\n\016long_documents\030" +
+      "\007 \001(\0162\030.rerank.v1.LongDocumentsR\rlongDoc" +
+      "uments\0220\n\022max_tokens_per_doc\030\010 \001(\005H\002R\017ma" +
+      "xTokensPerDoc\210\001\001\0225\n\024chunk_overlap_tokens" +
+      "\030\t \001(\005H\003R\022chunkOverlapTokens\210\001\001B\010\n\006_top_" +
+      "nB\013\n\t_instructB\025\n\023_max_tokens_per_docB\027\n" +
+      "\025_chunk_overlap_tokens\"\216\001\n\016RerankRespons" +
+      "e\022\035\n\nrequest_id\030\001 \001(\tR\trequestId\022/\n\006outp" +
+      "ut\030\002 \001(\0132\027.rerank.v1.RerankOutputR\006outpu" +
+      "t\022,\n\005usage\030\003 \001(\0132\026.rerank.v1.RerankUsage" +
+      "R\005usage\"A\n\014RerankOutput\0221\n\007results\030\001 \003(\013" +
+      "2\027.rerank.v1.RerankResultR\007results\"\357\001\n\014R" +
+      "erankResult\022\024\n\005index\030\001 \001(\005R\005index\022\'\n\017rel" +
+      "evance_score\030\002 \001(\001R\016relevanceScore\0225\n\010do" +
+      "cument\030\003 \001(\0132\031.rerank.v1.RerankDocumentR" +
+      "\010document\022\034\n\ttruncated\030\004 \001(\010R\ttruncated\022" +
+      "\026\n\006chunks\030\005 \001(\005R\006chunks\0223\n\nbest_chunk\030\006 " +
+      "\001(\0132\024.rerank.v1.BestChunkR\tbestChunk\"I\n\t" +
+      "BestChunk\022\024\n\005index\030\001 \001(\005R\005index\022\024\n\005start" +
+      "\030\002 \001(\005R\005start\022\020\n\003end\030\003 \001(\005R\003end\"$\n\016Reran" +
+      "kDocument\022\022\n\004text\030\001 \001(\tR\004text\"U\n\013RerankU" +
+      "sage\022!\n\014total_tokens\030\001 \001(\005R\013totalTokens\022" +
+      "#\n\rcached_tokens\030\002 \001(\005R\014cachedTokens\"Y\n\023" +
+      "RerankStreamRequest\022\016\n\002id\030\001 \001(\tR\002id\0222\n\007r" +
+      "equest\030\002 \001(\0132\030.rerank.v1.RerankRequestR\007" +
+      "request\"\231\001\n\024RerankStreamResponse\022\016\n\002id\030\001" +
+      " \001(\tR\002id\0227\n\010response\030\002 \001(\0132\031.rerank.v1.R" +
+      "erankResponseH\000R\010response\022.\n\005error\030\003 \001(\013" +
+      "2\026.rerank.v1.RerankErrorH\000R\005errorB\010\n\006res" +
+      "ult\"\311\003\n\013RerankError\022\022\n\004code\030\001 \001(\005R\004code\022" +
+      "\030\n\007message\030\002 \001(\tR\007message\022P\n\020field_viola" +
+      "tions\030\003 \003(\0132%.rerank.v1.RerankError.Fiel" +
+      "dViolationR\017fieldViolations\022:\n\013retry_del" +
+      "ay\030\004 \001(\0132\031.google.protobuf.DurationR\nret" +
+      "ryDelay\022\026\n\006reason\030\005 \001(\tR\006reason\022@\n\010metad" +
+      "ata\030\006 \003(\0132$.rerank.v1.RerankError.Metada" +
+      "taEntryR\010metadata\022\035\n\nrequest_id\030\007 \001(\tR\tr" +
+      "equestId\032H\n\016FieldViolation\022\024\n\005field\030\001 \001(" +
+      "\tR\005field\022 \n\013description\030\002 \001(\tR\013descripti" +
+      "on\032;\n\rMetadataEntry\022\020\n\003key\030\001 \001(\tR\003key\022\024\n" +
+      "\005value\030\002 \001(\tR\005value:\0028\001\"\023\n\021ListModelsReq" +
+      "uest\"B\n\022ListModelsResponse\022,\n\006models\030\001 \003" +
+      "(\0132\024.rerank.v1.ModelInfoR\006models\"\255\002\n\tMod" +
+      "elInfo\022\022\n\004name\030\001 \001(\tR\004name\022#\n\rmax_docume" +
+      "nts\030\002 \001(\005R\014maxDocuments\022(\n\020max_query_tok" +
+      "ens\030\003 \001(\005R\016maxQueryTokens\022+\n\021supports_in" +
+      "struct\030\004 \001(\010R\020supportsInstruct\022\030\n\007backen" +
+      "d\030\005 \001(\tR\007backend\022\026\n\006format\030\006 \001(\tR\006format" +
+      "\022!\n\014upstream_url\030\007 \001(\tR\013upstreamUrl\022;\n\013d" +
+      "eployments\030\010 \003(\0132\031.rerank.v1.DeploymentI" +
+      "nfoR\013deployments\"\337\001\n\016DeploymentInfo\022\022\n\004n" +
+      "ame\030\001 \001(\tR\004name\022\030\n\007backend\030\002 \001(\tR\007backen" +
+      "d\022\026\n\006format\030\003 \001(\tR\006format\022!\n\014upstream_ur" +
+      "l\030\004 \001(\tR\013upstreamUrl\022\032\n\010priority\030\005 \001(\005R\010" +
+      "priority\022\026\n\006weight\030\006 \001(\005R\006weight\0220\n\005stat" +
+      "e\030\007 \001(\0162\032.rerank.v1.DeploymentStateR\005sta" +
+      "te*\201\001\n\rLongDocuments\022\036\n\032LONG_DOCUMENTS_U" +
+      "NSPECIFIED\020\000\022\033\n\027LONG_DOCUMENTS_TRUNCATE\020" +
+      "\001\022\030\n\024LONG_DOCUMENTS_CHUNK\020\002\022\031\n\025LONG_DOCU" +
+      "MENTS_REJECT\020\003*\212\001\n\017DeploymentState\022 \n\034DE" +
+      "PLOYMENT_STATE_UNSPECIFIED\020\000\022\034\n\030DEPLOYME" +
+      "NT_STATE_HEALTHY\020\001\022\034\n\030DEPLOYMENT_STATE_E" +
+      "JECTED\020\002\022\031\n\025DEPLOYMENT_STATE_DOWN\020\0032\356\001\n\r" +
+      "RerankService\022=\n\006Rerank\022\030.rerank.v1.Rera" +
+      "nkRequest\032\031.rerank.v1.RerankResponse\022S\n\014" +
+      "RerankStream\022\036.rerank.v1.RerankStreamReq" +
+      "uest\032\037.rerank.v1.RerankStreamResponse(\0010" +
+      "\001\022I\n\nListModels\022\034.rerank.v1.ListModelsRe" +
+      "quest\032\035.rerank.v1.ListModelsResponseBs\n\032" +
+      "io.rerankservice.rerank.v1B\013RerankProtoP" +
+      "\001ZFgithub.com/rerank-service/rerank-serv" +
+      "ice/clients/go/rerank/v1;rerankv1b\006proto" +
+      "3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -174,7 +194,7 @@ public final class RerankProto {
     internal_static_rerank_v1_RerankRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_rerank_v1_RerankRequest_descriptor,
-        new java.lang.String[] { "Model", "Query", "Documents", "TopN", "Instruct", "ReturnDocuments", });
+        new java.lang.String[] { "Model", "Query", "Documents", "TopN", "Instruct", "ReturnDocuments", "LongDocuments", "MaxTokensPerDoc", "ChunkOverlapTokens", });
     internal_static_rerank_v1_RerankResponse_descriptor =
       getDescriptor().getMessageTypes().get(1);
     internal_static_rerank_v1_RerankResponse_fieldAccessorTable = new
@@ -192,33 +212,39 @@ public final class RerankProto {
     internal_static_rerank_v1_RerankResult_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_rerank_v1_RerankResult_descriptor,
-        new java.lang.String[] { "Index", "RelevanceScore", "Document", });
-    internal_static_rerank_v1_RerankDocument_descriptor =
+        new java.lang.String[] { "Index", "RelevanceScore", "Document", "Truncated", "Chunks", "BestChunk", });
+    internal_static_rerank_v1_BestChunk_descriptor =
       getDescriptor().getMessageTypes().get(4);
+    internal_static_rerank_v1_BestChunk_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
+        internal_static_rerank_v1_BestChunk_descriptor,
+        new java.lang.String[] { "Index", "Start", "End", });
+    internal_static_rerank_v1_RerankDocument_descriptor =
+      getDescriptor().getMessageTypes().get(5);
     internal_static_rerank_v1_RerankDocument_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_rerank_v1_RerankDocument_descriptor,
         new java.lang.String[] { "Text", });
     internal_static_rerank_v1_RerankUsage_descriptor =
-      getDescriptor().getMessageTypes().get(5);
+      getDescriptor().getMessageTypes().get(6);
     internal_static_rerank_v1_RerankUsage_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_rerank_v1_RerankUsage_descriptor,
-        new java.lang.String[] { "TotalTokens", });
+        new java.lang.String[] { "TotalTokens", "CachedTokens", });
     internal_static_rerank_v1_RerankStreamRequest_descriptor =
-      getDescriptor().getMessageTypes().get(6);
+      getDescriptor().getMessageTypes().get(7);
     internal_static_rerank_v1_RerankStreamRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_rerank_v1_RerankStreamRequest_descriptor,
         new java.lang.String[] { "Id", "Request", });
     internal_static_rerank_v1_RerankStreamResponse_descriptor =
-      getDescriptor().getMessageTypes().get(7);
+      getDescriptor().getMessageTypes().get(8);
     internal_static_rerank_v1_RerankStreamResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_rerank_v1_RerankStreamResponse_descriptor,
         new java.lang.String[] { "Id", "Response", "Error", "Result", });
     internal_static_rerank_v1_RerankError_descriptor =
-      getDescriptor().getMessageTypes().get(8);
+      getDescriptor().getMessageTypes().get(9);
     internal_static_rerank_v1_RerankError_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_rerank_v1_RerankError_descriptor,
@@ -236,25 +262,25 @@ public final class RerankProto {
         internal_static_rerank_v1_RerankError_MetadataEntry_descriptor,
         new java.lang.String[] { "Key", "Value", });
     internal_static_rerank_v1_ListModelsRequest_descriptor =
-      getDescriptor().getMessageTypes().get(9);
+      getDescriptor().getMessageTypes().get(10);
     internal_static_rerank_v1_ListModelsRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_rerank_v1_ListModelsRequest_descriptor,
         new java.lang.String[] { });
     internal_static_rerank_v1_ListModelsResponse_descriptor =
-      getDescriptor().getMessageTypes().get(10);
+      getDescriptor().getMessageTypes().get(11);
     internal_static_rerank_v1_ListModelsResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_rerank_v1_ListModelsResponse_descriptor,
         new java.lang.String[] { "Models", });
     internal_static_rerank_v1_ModelInfo_descriptor =
-      getDescriptor().getMessageTypes().get(11);
+      getDescriptor().getMessageTypes().get(12);
     internal_static_rerank_v1_ModelInfo_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_rerank_v1_ModelInfo_descriptor,
         new java.lang.String[] { "Name", "MaxDocuments", "MaxQueryTokens", "SupportsInstruct", "Backend", "Format", "UpstreamUrl", "Deployments", });
     internal_static_rerank_v1_DeploymentInfo_descriptor =
-      getDescriptor().getMessageTypes().get(12);
+      getDescriptor().getMessageTypes().get(13);
     internal_static_rerank_v1_DeploymentInfo_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_rerank_v1_DeploymentInfo_descriptor,

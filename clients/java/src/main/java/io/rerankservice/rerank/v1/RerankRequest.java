@@ -33,6 +33,7 @@ private static final long serialVersionUID = 0L;
     documents_ =
         com.google.protobuf.LazyStringArrayList.emptyList();
     instruct_ = "";
+    longDocuments_ = 0;
   }
 
   @java.lang.Override
@@ -329,6 +330,94 @@ private static final long serialVersionUID = 0L;
     return returnDocuments_;
   }
 
+  public static final int LONG_DOCUMENTS_FIELD_NUMBER = 7;
+  private int longDocuments_ = 0;
+  /**
+   * <pre>
+   * What to do with a document longer than the model's window (the tokens a
+   * document may have beside this query). Unset: the route's default, TRUNCATE
+   * unless its configuration says otherwise.
+   * </pre>
+   *
+   * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
+   * @return The enum numeric value on the wire for longDocuments.
+   */
+  @java.lang.Override public int getLongDocumentsValue() {
+    return longDocuments_;
+  }
+  /**
+   * <pre>
+   * What to do with a document longer than the model's window (the tokens a
+   * document may have beside this query). Unset: the route's default, TRUNCATE
+   * unless its configuration says otherwise.
+   * </pre>
+   *
+   * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
+   * @return The longDocuments.
+   */
+  @java.lang.Override public io.rerankservice.rerank.v1.LongDocuments getLongDocuments() {
+    io.rerankservice.rerank.v1.LongDocuments result = io.rerankservice.rerank.v1.LongDocuments.forNumber(longDocuments_);
+    return result == null ? io.rerankservice.rerank.v1.LongDocuments.UNRECOGNIZED : result;
+  }
+
+  public static final int MAX_TOKENS_PER_DOC_FIELD_NUMBER = 8;
+  private int maxTokensPerDoc_ = 0;
+  /**
+   * <pre>
+   * The window a document is cut or chunked to, in tokens. Unset: the
+   * deployment's window; a larger value is capped to it. Must be &gt;= 1 when set.
+   * </pre>
+   *
+   * <code>optional int32 max_tokens_per_doc = 8 [json_name = "maxTokensPerDoc"];</code>
+   * @return Whether the maxTokensPerDoc field is set.
+   */
+  @java.lang.Override
+  public boolean hasMaxTokensPerDoc() {
+    return ((bitField0_ & 0x00000004) != 0);
+  }
+  /**
+   * <pre>
+   * The window a document is cut or chunked to, in tokens. Unset: the
+   * deployment's window; a larger value is capped to it. Must be &gt;= 1 when set.
+   * </pre>
+   *
+   * <code>optional int32 max_tokens_per_doc = 8 [json_name = "maxTokensPerDoc"];</code>
+   * @return The maxTokensPerDoc.
+   */
+  @java.lang.Override
+  public int getMaxTokensPerDoc() {
+    return maxTokensPerDoc_;
+  }
+
+  public static final int CHUNK_OVERLAP_TOKENS_FIELD_NUMBER = 9;
+  private int chunkOverlapTokens_ = 0;
+  /**
+   * <pre>
+   * CHUNK: tokens two neighbouring chunks share, so a passage across a cut is
+   * whole in one of them. Unset: an eighth of the window; at most half of it.
+   * </pre>
+   *
+   * <code>optional int32 chunk_overlap_tokens = 9 [json_name = "chunkOverlapTokens"];</code>
+   * @return Whether the chunkOverlapTokens field is set.
+   */
+  @java.lang.Override
+  public boolean hasChunkOverlapTokens() {
+    return ((bitField0_ & 0x00000008) != 0);
+  }
+  /**
+   * <pre>
+   * CHUNK: tokens two neighbouring chunks share, so a passage across a cut is
+   * whole in one of them. Unset: an eighth of the window; at most half of it.
+   * </pre>
+   *
+   * <code>optional int32 chunk_overlap_tokens = 9 [json_name = "chunkOverlapTokens"];</code>
+   * @return The chunkOverlapTokens.
+   */
+  @java.lang.Override
+  public int getChunkOverlapTokens() {
+    return chunkOverlapTokens_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -360,6 +449,15 @@ private static final long serialVersionUID = 0L;
     }
     if (returnDocuments_ != false) {
       output.writeBool(6, returnDocuments_);
+    }
+    if (longDocuments_ != io.rerankservice.rerank.v1.LongDocuments.LONG_DOCUMENTS_UNSPECIFIED.getNumber()) {
+      output.writeEnum(7, longDocuments_);
+    }
+    if (((bitField0_ & 0x00000004) != 0)) {
+      output.writeInt32(8, maxTokensPerDoc_);
+    }
+    if (((bitField0_ & 0x00000008) != 0)) {
+      output.writeInt32(9, chunkOverlapTokens_);
     }
     getUnknownFields().writeTo(output);
   }
@@ -395,6 +493,18 @@ private static final long serialVersionUID = 0L;
       size += com.google.protobuf.CodedOutputStream
         .computeBoolSize(6, returnDocuments_);
     }
+    if (longDocuments_ != io.rerankservice.rerank.v1.LongDocuments.LONG_DOCUMENTS_UNSPECIFIED.getNumber()) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeEnumSize(7, longDocuments_);
+    }
+    if (((bitField0_ & 0x00000004) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt32Size(8, maxTokensPerDoc_);
+    }
+    if (((bitField0_ & 0x00000008) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt32Size(9, chunkOverlapTokens_);
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -428,6 +538,17 @@ private static final long serialVersionUID = 0L;
     }
     if (getReturnDocuments()
         != other.getReturnDocuments()) return false;
+    if (longDocuments_ != other.longDocuments_) return false;
+    if (hasMaxTokensPerDoc() != other.hasMaxTokensPerDoc()) return false;
+    if (hasMaxTokensPerDoc()) {
+      if (getMaxTokensPerDoc()
+          != other.getMaxTokensPerDoc()) return false;
+    }
+    if (hasChunkOverlapTokens() != other.hasChunkOverlapTokens()) return false;
+    if (hasChunkOverlapTokens()) {
+      if (getChunkOverlapTokens()
+          != other.getChunkOverlapTokens()) return false;
+    }
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -458,6 +579,16 @@ private static final long serialVersionUID = 0L;
     hash = (37 * hash) + RETURN_DOCUMENTS_FIELD_NUMBER;
     hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
         getReturnDocuments());
+    hash = (37 * hash) + LONG_DOCUMENTS_FIELD_NUMBER;
+    hash = (53 * hash) + longDocuments_;
+    if (hasMaxTokensPerDoc()) {
+      hash = (37 * hash) + MAX_TOKENS_PER_DOC_FIELD_NUMBER;
+      hash = (53 * hash) + getMaxTokensPerDoc();
+    }
+    if (hasChunkOverlapTokens()) {
+      hash = (37 * hash) + CHUNK_OVERLAP_TOKENS_FIELD_NUMBER;
+      hash = (53 * hash) + getChunkOverlapTokens();
+    }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -607,6 +738,9 @@ private static final long serialVersionUID = 0L;
       topN_ = 0;
       instruct_ = "";
       returnDocuments_ = false;
+      longDocuments_ = 0;
+      maxTokensPerDoc_ = 0;
+      chunkOverlapTokens_ = 0;
       return this;
     }
 
@@ -661,6 +795,17 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000020) != 0)) {
         result.returnDocuments_ = returnDocuments_;
+      }
+      if (((from_bitField0_ & 0x00000040) != 0)) {
+        result.longDocuments_ = longDocuments_;
+      }
+      if (((from_bitField0_ & 0x00000080) != 0)) {
+        result.maxTokensPerDoc_ = maxTokensPerDoc_;
+        to_bitField0_ |= 0x00000004;
+      }
+      if (((from_bitField0_ & 0x00000100) != 0)) {
+        result.chunkOverlapTokens_ = chunkOverlapTokens_;
+        to_bitField0_ |= 0x00000008;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -740,6 +885,15 @@ private static final long serialVersionUID = 0L;
       if (other.getReturnDocuments() != false) {
         setReturnDocuments(other.getReturnDocuments());
       }
+      if (other.longDocuments_ != 0) {
+        setLongDocumentsValue(other.getLongDocumentsValue());
+      }
+      if (other.hasMaxTokensPerDoc()) {
+        setMaxTokensPerDoc(other.getMaxTokensPerDoc());
+      }
+      if (other.hasChunkOverlapTokens()) {
+        setChunkOverlapTokens(other.getChunkOverlapTokens());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -797,6 +951,21 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000020;
               break;
             } // case 48
+            case 56: {
+              longDocuments_ = input.readEnum();
+              bitField0_ |= 0x00000040;
+              break;
+            } // case 56
+            case 64: {
+              maxTokensPerDoc_ = input.readInt32();
+              bitField0_ |= 0x00000080;
+              break;
+            } // case 64
+            case 72: {
+              chunkOverlapTokens_ = input.readInt32();
+              bitField0_ |= 0x00000100;
+              break;
+            } // case 72
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1398,6 +1567,209 @@ private static final long serialVersionUID = 0L;
     public Builder clearReturnDocuments() {
       bitField0_ = (bitField0_ & ~0x00000020);
       returnDocuments_ = false;
+      onChanged();
+      return this;
+    }
+
+    private int longDocuments_ = 0;
+    /**
+     * <pre>
+     * What to do with a document longer than the model's window (the tokens a
+     * document may have beside this query). Unset: the route's default, TRUNCATE
+     * unless its configuration says otherwise.
+     * </pre>
+     *
+     * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
+     * @return The enum numeric value on the wire for longDocuments.
+     */
+    @java.lang.Override public int getLongDocumentsValue() {
+      return longDocuments_;
+    }
+    /**
+     * <pre>
+     * What to do with a document longer than the model's window (the tokens a
+     * document may have beside this query). Unset: the route's default, TRUNCATE
+     * unless its configuration says otherwise.
+     * </pre>
+     *
+     * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
+     * @param value The enum numeric value on the wire for longDocuments to set.
+     * @return This builder for chaining.
+     */
+    public Builder setLongDocumentsValue(int value) {
+      longDocuments_ = value;
+      bitField0_ |= 0x00000040;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * What to do with a document longer than the model's window (the tokens a
+     * document may have beside this query). Unset: the route's default, TRUNCATE
+     * unless its configuration says otherwise.
+     * </pre>
+     *
+     * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
+     * @return The longDocuments.
+     */
+    @java.lang.Override
+    public io.rerankservice.rerank.v1.LongDocuments getLongDocuments() {
+      io.rerankservice.rerank.v1.LongDocuments result = io.rerankservice.rerank.v1.LongDocuments.forNumber(longDocuments_);
+      return result == null ? io.rerankservice.rerank.v1.LongDocuments.UNRECOGNIZED : result;
+    }
+    /**
+     * <pre>
+     * What to do with a document longer than the model's window (the tokens a
+     * document may have beside this query). Unset: the route's default, TRUNCATE
+     * unless its configuration says otherwise.
+     * </pre>
+     *
+     * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
+     * @param value The longDocuments to set.
+     * @return This builder for chaining.
+     */
+    public Builder setLongDocuments(io.rerankservice.rerank.v1.LongDocuments value) {
+      if (value == null) {
+        throw new NullPointerException();
+      }
+      bitField0_ |= 0x00000040;
+      longDocuments_ = value.getNumber();
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * What to do with a document longer than the model's window (the tokens a
+     * document may have beside this query). Unset: the route's default, TRUNCATE
+     * unless its configuration says otherwise.
+     * </pre>
+     *
+     * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearLongDocuments() {
+      bitField0_ = (bitField0_ & ~0x00000040);
+      longDocuments_ = 0;
+      onChanged();
+      return this;
+    }
+
+    private int maxTokensPerDoc_ ;
+    /**
+     * <pre>
+     * The window a document is cut or chunked to, in tokens. Unset: the
+     * deployment's window; a larger value is capped to it. Must be &gt;= 1 when set.
+     * </pre>
+     *
+     * <code>optional int32 max_tokens_per_doc = 8 [json_name = "maxTokensPerDoc"];</code>
+     * @return Whether the maxTokensPerDoc field is set.
+     */
+    @java.lang.Override
+    public boolean hasMaxTokensPerDoc() {
+      return ((bitField0_ & 0x00000080) != 0);
+    }
+    /**
+     * <pre>
+     * The window a document is cut or chunked to, in tokens. Unset: the
+     * deployment's window; a larger value is capped to it. Must be &gt;= 1 when set.
+     * </pre>
+     *
+     * <code>optional int32 max_tokens_per_doc = 8 [json_name = "maxTokensPerDoc"];</code>
+     * @return The maxTokensPerDoc.
+     */
+    @java.lang.Override
+    public int getMaxTokensPerDoc() {
+      return maxTokensPerDoc_;
+    }
+    /**
+     * <pre>
+     * The window a document is cut or chunked to, in tokens. Unset: the
+     * deployment's window; a larger value is capped to it. Must be &gt;= 1 when set.
+     * </pre>
+     *
+     * <code>optional int32 max_tokens_per_doc = 8 [json_name = "maxTokensPerDoc"];</code>
+     * @param value The maxTokensPerDoc to set.
+     * @return This builder for chaining.
+     */
+    public Builder setMaxTokensPerDoc(int value) {
+
+      maxTokensPerDoc_ = value;
+      bitField0_ |= 0x00000080;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The window a document is cut or chunked to, in tokens. Unset: the
+     * deployment's window; a larger value is capped to it. Must be &gt;= 1 when set.
+     * </pre>
+     *
+     * <code>optional int32 max_tokens_per_doc = 8 [json_name = "maxTokensPerDoc"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearMaxTokensPerDoc() {
+      bitField0_ = (bitField0_ & ~0x00000080);
+      maxTokensPerDoc_ = 0;
+      onChanged();
+      return this;
+    }
+
+    private int chunkOverlapTokens_ ;
+    /**
+     * <pre>
+     * CHUNK: tokens two neighbouring chunks share, so a passage across a cut is
+     * whole in one of them. Unset: an eighth of the window; at most half of it.
+     * </pre>
+     *
+     * <code>optional int32 chunk_overlap_tokens = 9 [json_name = "chunkOverlapTokens"];</code>
+     * @return Whether the chunkOverlapTokens field is set.
+     */
+    @java.lang.Override
+    public boolean hasChunkOverlapTokens() {
+      return ((bitField0_ & 0x00000100) != 0);
+    }
+    /**
+     * <pre>
+     * CHUNK: tokens two neighbouring chunks share, so a passage across a cut is
+     * whole in one of them. Unset: an eighth of the window; at most half of it.
+     * </pre>
+     *
+     * <code>optional int32 chunk_overlap_tokens = 9 [json_name = "chunkOverlapTokens"];</code>
+     * @return The chunkOverlapTokens.
+     */
+    @java.lang.Override
+    public int getChunkOverlapTokens() {
+      return chunkOverlapTokens_;
+    }
+    /**
+     * <pre>
+     * CHUNK: tokens two neighbouring chunks share, so a passage across a cut is
+     * whole in one of them. Unset: an eighth of the window; at most half of it.
+     * </pre>
+     *
+     * <code>optional int32 chunk_overlap_tokens = 9 [json_name = "chunkOverlapTokens"];</code>
+     * @param value The chunkOverlapTokens to set.
+     * @return This builder for chaining.
+     */
+    public Builder setChunkOverlapTokens(int value) {
+
+      chunkOverlapTokens_ = value;
+      bitField0_ |= 0x00000100;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * CHUNK: tokens two neighbouring chunks share, so a passage across a cut is
+     * whole in one of them. Unset: an eighth of the window; at most half of it.
+     * </pre>
+     *
+     * <code>optional int32 chunk_overlap_tokens = 9 [json_name = "chunkOverlapTokens"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearChunkOverlapTokens() {
+      bitField0_ = (bitField0_ & ~0x00000100);
+      chunkOverlapTokens_ = 0;
       onChanged();
       return this;
     }

@@ -171,4 +171,69 @@ public interface RerankRequestOrBuilder extends
    * @return The returnDocuments.
    */
   boolean getReturnDocuments();
+
+  /**
+   * <pre>
+   * What to do with a document longer than the model's window (the tokens a
+   * document may have beside this query). Unset: the route's default, TRUNCATE
+   * unless its configuration says otherwise.
+   * </pre>
+   *
+   * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
+   * @return The enum numeric value on the wire for longDocuments.
+   */
+  int getLongDocumentsValue();
+  /**
+   * <pre>
+   * What to do with a document longer than the model's window (the tokens a
+   * document may have beside this query). Unset: the route's default, TRUNCATE
+   * unless its configuration says otherwise.
+   * </pre>
+   *
+   * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
+   * @return The longDocuments.
+   */
+  io.rerankservice.rerank.v1.LongDocuments getLongDocuments();
+
+  /**
+   * <pre>
+   * The window a document is cut or chunked to, in tokens. Unset: the
+   * deployment's window; a larger value is capped to it. Must be &gt;= 1 when set.
+   * </pre>
+   *
+   * <code>optional int32 max_tokens_per_doc = 8 [json_name = "maxTokensPerDoc"];</code>
+   * @return Whether the maxTokensPerDoc field is set.
+   */
+  boolean hasMaxTokensPerDoc();
+  /**
+   * <pre>
+   * The window a document is cut or chunked to, in tokens. Unset: the
+   * deployment's window; a larger value is capped to it. Must be &gt;= 1 when set.
+   * </pre>
+   *
+   * <code>optional int32 max_tokens_per_doc = 8 [json_name = "maxTokensPerDoc"];</code>
+   * @return The maxTokensPerDoc.
+   */
+  int getMaxTokensPerDoc();
+
+  /**
+   * <pre>
+   * CHUNK: tokens two neighbouring chunks share, so a passage across a cut is
+   * whole in one of them. Unset: an eighth of the window; at most half of it.
+   * </pre>
+   *
+   * <code>optional int32 chunk_overlap_tokens = 9 [json_name = "chunkOverlapTokens"];</code>
+   * @return Whether the chunkOverlapTokens field is set.
+   */
+  boolean hasChunkOverlapTokens();
+  /**
+   * <pre>
+   * CHUNK: tokens two neighbouring chunks share, so a passage across a cut is
+   * whole in one of them. Unset: an eighth of the window; at most half of it.
+   * </pre>
+   *
+   * <code>optional int32 chunk_overlap_tokens = 9 [json_name = "chunkOverlapTokens"];</code>
+   * @return The chunkOverlapTokens.
+   */
+  int getChunkOverlapTokens();
 }

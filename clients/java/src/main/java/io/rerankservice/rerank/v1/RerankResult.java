@@ -114,6 +114,78 @@ private static final long serialVersionUID = 0L;
     return document_ == null ? io.rerankservice.rerank.v1.RerankDocument.getDefaultInstance() : document_;
   }
 
+  public static final int TRUNCATED_FIELD_NUMBER = 4;
+  private boolean truncated_ = false;
+  /**
+   * <pre>
+   * Whether the document was cut to fit the window (LONG_DOCUMENTS_TRUNCATE).
+   * </pre>
+   *
+   * <code>bool truncated = 4 [json_name = "truncated"];</code>
+   * @return The truncated.
+   */
+  @java.lang.Override
+  public boolean getTruncated() {
+    return truncated_;
+  }
+
+  public static final int CHUNKS_FIELD_NUMBER = 5;
+  private int chunks_ = 0;
+  /**
+   * <pre>
+   * How many chunks of the document were scored: 1 for a document within the
+   * window (0 from a server older than this field).
+   * </pre>
+   *
+   * <code>int32 chunks = 5 [json_name = "chunks"];</code>
+   * @return The chunks.
+   */
+  @java.lang.Override
+  public int getChunks() {
+    return chunks_;
+  }
+
+  public static final int BEST_CHUNK_FIELD_NUMBER = 6;
+  private io.rerankservice.rerank.v1.BestChunk bestChunk_;
+  /**
+   * <pre>
+   * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+   * score is the document's.
+   * </pre>
+   *
+   * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+   * @return Whether the bestChunk field is set.
+   */
+  @java.lang.Override
+  public boolean hasBestChunk() {
+    return ((bitField0_ & 0x00000002) != 0);
+  }
+  /**
+   * <pre>
+   * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+   * score is the document's.
+   * </pre>
+   *
+   * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+   * @return The bestChunk.
+   */
+  @java.lang.Override
+  public io.rerankservice.rerank.v1.BestChunk getBestChunk() {
+    return bestChunk_ == null ? io.rerankservice.rerank.v1.BestChunk.getDefaultInstance() : bestChunk_;
+  }
+  /**
+   * <pre>
+   * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+   * score is the document's.
+   * </pre>
+   *
+   * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+   */
+  @java.lang.Override
+  public io.rerankservice.rerank.v1.BestChunkOrBuilder getBestChunkOrBuilder() {
+    return bestChunk_ == null ? io.rerankservice.rerank.v1.BestChunk.getDefaultInstance() : bestChunk_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -137,6 +209,15 @@ private static final long serialVersionUID = 0L;
     if (((bitField0_ & 0x00000001) != 0)) {
       output.writeMessage(3, getDocument());
     }
+    if (truncated_ != false) {
+      output.writeBool(4, truncated_);
+    }
+    if (chunks_ != 0) {
+      output.writeInt32(5, chunks_);
+    }
+    if (((bitField0_ & 0x00000002) != 0)) {
+      output.writeMessage(6, getBestChunk());
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -157,6 +238,18 @@ private static final long serialVersionUID = 0L;
     if (((bitField0_ & 0x00000001) != 0)) {
       size += com.google.protobuf.CodedOutputStream
         .computeMessageSize(3, getDocument());
+    }
+    if (truncated_ != false) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeBoolSize(4, truncated_);
+    }
+    if (chunks_ != 0) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt32Size(5, chunks_);
+    }
+    if (((bitField0_ & 0x00000002) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(6, getBestChunk());
     }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
@@ -183,6 +276,15 @@ private static final long serialVersionUID = 0L;
       if (!getDocument()
           .equals(other.getDocument())) return false;
     }
+    if (getTruncated()
+        != other.getTruncated()) return false;
+    if (getChunks()
+        != other.getChunks()) return false;
+    if (hasBestChunk() != other.hasBestChunk()) return false;
+    if (hasBestChunk()) {
+      if (!getBestChunk()
+          .equals(other.getBestChunk())) return false;
+    }
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -202,6 +304,15 @@ private static final long serialVersionUID = 0L;
     if (hasDocument()) {
       hash = (37 * hash) + DOCUMENT_FIELD_NUMBER;
       hash = (53 * hash) + getDocument().hashCode();
+    }
+    hash = (37 * hash) + TRUNCATED_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
+        getTruncated());
+    hash = (37 * hash) + CHUNKS_FIELD_NUMBER;
+    hash = (53 * hash) + getChunks();
+    if (hasBestChunk()) {
+      hash = (37 * hash) + BEST_CHUNK_FIELD_NUMBER;
+      hash = (53 * hash) + getBestChunk().hashCode();
     }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
@@ -338,6 +449,7 @@ private static final long serialVersionUID = 0L;
       if (com.google.protobuf.GeneratedMessageV3
               .alwaysUseFieldBuilders) {
         getDocumentFieldBuilder();
+        getBestChunkFieldBuilder();
       }
     }
     @java.lang.Override
@@ -350,6 +462,13 @@ private static final long serialVersionUID = 0L;
       if (documentBuilder_ != null) {
         documentBuilder_.dispose();
         documentBuilder_ = null;
+      }
+      truncated_ = false;
+      chunks_ = 0;
+      bestChunk_ = null;
+      if (bestChunkBuilder_ != null) {
+        bestChunkBuilder_.dispose();
+        bestChunkBuilder_ = null;
       }
       return this;
     }
@@ -396,6 +515,18 @@ private static final long serialVersionUID = 0L;
             ? document_
             : documentBuilder_.build();
         to_bitField0_ |= 0x00000001;
+      }
+      if (((from_bitField0_ & 0x00000008) != 0)) {
+        result.truncated_ = truncated_;
+      }
+      if (((from_bitField0_ & 0x00000010) != 0)) {
+        result.chunks_ = chunks_;
+      }
+      if (((from_bitField0_ & 0x00000020) != 0)) {
+        result.bestChunk_ = bestChunkBuilder_ == null
+            ? bestChunk_
+            : bestChunkBuilder_.build();
+        to_bitField0_ |= 0x00000002;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -453,6 +584,15 @@ private static final long serialVersionUID = 0L;
       if (other.hasDocument()) {
         mergeDocument(other.getDocument());
       }
+      if (other.getTruncated() != false) {
+        setTruncated(other.getTruncated());
+      }
+      if (other.getChunks() != 0) {
+        setChunks(other.getChunks());
+      }
+      if (other.hasBestChunk()) {
+        mergeBestChunk(other.getBestChunk());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -496,6 +636,23 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000004;
               break;
             } // case 26
+            case 32: {
+              truncated_ = input.readBool();
+              bitField0_ |= 0x00000008;
+              break;
+            } // case 32
+            case 40: {
+              chunks_ = input.readInt32();
+              bitField0_ |= 0x00000010;
+              break;
+            } // case 40
+            case 50: {
+              input.readMessage(
+                  getBestChunkFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              bitField0_ |= 0x00000020;
+              break;
+            } // case 50
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -762,6 +919,263 @@ private static final long serialVersionUID = 0L;
         document_ = null;
       }
       return documentBuilder_;
+    }
+
+    private boolean truncated_ ;
+    /**
+     * <pre>
+     * Whether the document was cut to fit the window (LONG_DOCUMENTS_TRUNCATE).
+     * </pre>
+     *
+     * <code>bool truncated = 4 [json_name = "truncated"];</code>
+     * @return The truncated.
+     */
+    @java.lang.Override
+    public boolean getTruncated() {
+      return truncated_;
+    }
+    /**
+     * <pre>
+     * Whether the document was cut to fit the window (LONG_DOCUMENTS_TRUNCATE).
+     * </pre>
+     *
+     * <code>bool truncated = 4 [json_name = "truncated"];</code>
+     * @param value The truncated to set.
+     * @return This builder for chaining.
+     */
+    public Builder setTruncated(boolean value) {
+
+      truncated_ = value;
+      bitField0_ |= 0x00000008;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether the document was cut to fit the window (LONG_DOCUMENTS_TRUNCATE).
+     * </pre>
+     *
+     * <code>bool truncated = 4 [json_name = "truncated"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearTruncated() {
+      bitField0_ = (bitField0_ & ~0x00000008);
+      truncated_ = false;
+      onChanged();
+      return this;
+    }
+
+    private int chunks_ ;
+    /**
+     * <pre>
+     * How many chunks of the document were scored: 1 for a document within the
+     * window (0 from a server older than this field).
+     * </pre>
+     *
+     * <code>int32 chunks = 5 [json_name = "chunks"];</code>
+     * @return The chunks.
+     */
+    @java.lang.Override
+    public int getChunks() {
+      return chunks_;
+    }
+    /**
+     * <pre>
+     * How many chunks of the document were scored: 1 for a document within the
+     * window (0 from a server older than this field).
+     * </pre>
+     *
+     * <code>int32 chunks = 5 [json_name = "chunks"];</code>
+     * @param value The chunks to set.
+     * @return This builder for chaining.
+     */
+    public Builder setChunks(int value) {
+
+      chunks_ = value;
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * How many chunks of the document were scored: 1 for a document within the
+     * window (0 from a server older than this field).
+     * </pre>
+     *
+     * <code>int32 chunks = 5 [json_name = "chunks"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearChunks() {
+      bitField0_ = (bitField0_ & ~0x00000010);
+      chunks_ = 0;
+      onChanged();
+      return this;
+    }
+
+    private io.rerankservice.rerank.v1.BestChunk bestChunk_;
+    private com.google.protobuf.SingleFieldBuilderV3<
+        io.rerankservice.rerank.v1.BestChunk, io.rerankservice.rerank.v1.BestChunk.Builder, io.rerankservice.rerank.v1.BestChunkOrBuilder> bestChunkBuilder_;
+    /**
+     * <pre>
+     * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+     * score is the document's.
+     * </pre>
+     *
+     * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+     * @return Whether the bestChunk field is set.
+     */
+    public boolean hasBestChunk() {
+      return ((bitField0_ & 0x00000020) != 0);
+    }
+    /**
+     * <pre>
+     * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+     * score is the document's.
+     * </pre>
+     *
+     * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+     * @return The bestChunk.
+     */
+    public io.rerankservice.rerank.v1.BestChunk getBestChunk() {
+      if (bestChunkBuilder_ == null) {
+        return bestChunk_ == null ? io.rerankservice.rerank.v1.BestChunk.getDefaultInstance() : bestChunk_;
+      } else {
+        return bestChunkBuilder_.getMessage();
+      }
+    }
+    /**
+     * <pre>
+     * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+     * score is the document's.
+     * </pre>
+     *
+     * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+     */
+    public Builder setBestChunk(io.rerankservice.rerank.v1.BestChunk value) {
+      if (bestChunkBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        bestChunk_ = value;
+      } else {
+        bestChunkBuilder_.setMessage(value);
+      }
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+     * score is the document's.
+     * </pre>
+     *
+     * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+     */
+    public Builder setBestChunk(
+        io.rerankservice.rerank.v1.BestChunk.Builder builderForValue) {
+      if (bestChunkBuilder_ == null) {
+        bestChunk_ = builderForValue.build();
+      } else {
+        bestChunkBuilder_.setMessage(builderForValue.build());
+      }
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+     * score is the document's.
+     * </pre>
+     *
+     * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+     */
+    public Builder mergeBestChunk(io.rerankservice.rerank.v1.BestChunk value) {
+      if (bestChunkBuilder_ == null) {
+        if (((bitField0_ & 0x00000020) != 0) &&
+          bestChunk_ != null &&
+          bestChunk_ != io.rerankservice.rerank.v1.BestChunk.getDefaultInstance()) {
+          getBestChunkBuilder().mergeFrom(value);
+        } else {
+          bestChunk_ = value;
+        }
+      } else {
+        bestChunkBuilder_.mergeFrom(value);
+      }
+      if (bestChunk_ != null) {
+        bitField0_ |= 0x00000020;
+        onChanged();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+     * score is the document's.
+     * </pre>
+     *
+     * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+     */
+    public Builder clearBestChunk() {
+      bitField0_ = (bitField0_ & ~0x00000020);
+      bestChunk_ = null;
+      if (bestChunkBuilder_ != null) {
+        bestChunkBuilder_.dispose();
+        bestChunkBuilder_ = null;
+      }
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+     * score is the document's.
+     * </pre>
+     *
+     * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+     */
+    public io.rerankservice.rerank.v1.BestChunk.Builder getBestChunkBuilder() {
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return getBestChunkFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+     * score is the document's.
+     * </pre>
+     *
+     * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+     */
+    public io.rerankservice.rerank.v1.BestChunkOrBuilder getBestChunkOrBuilder() {
+      if (bestChunkBuilder_ != null) {
+        return bestChunkBuilder_.getMessageOrBuilder();
+      } else {
+        return bestChunk_ == null ?
+            io.rerankservice.rerank.v1.BestChunk.getDefaultInstance() : bestChunk_;
+      }
+    }
+    /**
+     * <pre>
+     * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+     * score is the document's.
+     * </pre>
+     *
+     * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+     */
+    private com.google.protobuf.SingleFieldBuilderV3<
+        io.rerankservice.rerank.v1.BestChunk, io.rerankservice.rerank.v1.BestChunk.Builder, io.rerankservice.rerank.v1.BestChunkOrBuilder> 
+        getBestChunkFieldBuilder() {
+      if (bestChunkBuilder_ == null) {
+        bestChunkBuilder_ = new com.google.protobuf.SingleFieldBuilderV3<
+            io.rerankservice.rerank.v1.BestChunk, io.rerankservice.rerank.v1.BestChunk.Builder, io.rerankservice.rerank.v1.BestChunkOrBuilder>(
+                getBestChunk(),
+                getParentForChildren(),
+                isClean());
+        bestChunk_ = null;
+      }
+      return bestChunkBuilder_;
     }
     @java.lang.Override
     public final Builder setUnknownFields(

@@ -56,4 +56,55 @@ public interface RerankResultOrBuilder extends
    * <code>.rerank.v1.RerankDocument document = 3 [json_name = "document"];</code>
    */
   io.rerankservice.rerank.v1.RerankDocumentOrBuilder getDocumentOrBuilder();
+
+  /**
+   * <pre>
+   * Whether the document was cut to fit the window (LONG_DOCUMENTS_TRUNCATE).
+   * </pre>
+   *
+   * <code>bool truncated = 4 [json_name = "truncated"];</code>
+   * @return The truncated.
+   */
+  boolean getTruncated();
+
+  /**
+   * <pre>
+   * How many chunks of the document were scored: 1 for a document within the
+   * window (0 from a server older than this field).
+   * </pre>
+   *
+   * <code>int32 chunks = 5 [json_name = "chunks"];</code>
+   * @return The chunks.
+   */
+  int getChunks();
+
+  /**
+   * <pre>
+   * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+   * score is the document's.
+   * </pre>
+   *
+   * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+   * @return Whether the bestChunk field is set.
+   */
+  boolean hasBestChunk();
+  /**
+   * <pre>
+   * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+   * score is the document's.
+   * </pre>
+   *
+   * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+   * @return The bestChunk.
+   */
+  io.rerankservice.rerank.v1.BestChunk getBestChunk();
+  /**
+   * <pre>
+   * LONG_DOCUMENTS_CHUNK, for a document of several chunks: the chunk whose
+   * score is the document's.
+   * </pre>
+   *
+   * <code>.rerank.v1.BestChunk best_chunk = 6 [json_name = "bestChunk"];</code>
+   */
+  io.rerankservice.rerank.v1.BestChunkOrBuilder getBestChunkOrBuilder();
 }

@@ -59,6 +59,23 @@ private static final long serialVersionUID = 0L;
     return totalTokens_;
   }
 
+  public static final int CACHED_TOKENS_FIELD_NUMBER = 2;
+  private int cachedTokens_ = 0;
+  /**
+   * <pre>
+   * Tokens of the documents answered from the score cache for this request: not
+   * sent to the backend, so not billed by it for this call, and not counted in
+   * total_tokens. 0 when nothing came from the cache or the cache is off.
+   * </pre>
+   *
+   * <code>int32 cached_tokens = 2 [json_name = "cachedTokens"];</code>
+   * @return The cachedTokens.
+   */
+  @java.lang.Override
+  public int getCachedTokens() {
+    return cachedTokens_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -76,6 +93,9 @@ private static final long serialVersionUID = 0L;
     if (totalTokens_ != 0) {
       output.writeInt32(1, totalTokens_);
     }
+    if (cachedTokens_ != 0) {
+      output.writeInt32(2, cachedTokens_);
+    }
     getUnknownFields().writeTo(output);
   }
 
@@ -88,6 +108,10 @@ private static final long serialVersionUID = 0L;
     if (totalTokens_ != 0) {
       size += com.google.protobuf.CodedOutputStream
         .computeInt32Size(1, totalTokens_);
+    }
+    if (cachedTokens_ != 0) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt32Size(2, cachedTokens_);
     }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
@@ -106,6 +130,8 @@ private static final long serialVersionUID = 0L;
 
     if (getTotalTokens()
         != other.getTotalTokens()) return false;
+    if (getCachedTokens()
+        != other.getCachedTokens()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -119,6 +145,8 @@ private static final long serialVersionUID = 0L;
     hash = (19 * hash) + getDescriptor().hashCode();
     hash = (37 * hash) + TOTAL_TOKENS_FIELD_NUMBER;
     hash = (53 * hash) + getTotalTokens();
+    hash = (37 * hash) + CACHED_TOKENS_FIELD_NUMBER;
+    hash = (53 * hash) + getCachedTokens();
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -255,6 +283,7 @@ private static final long serialVersionUID = 0L;
       super.clear();
       bitField0_ = 0;
       totalTokens_ = 0;
+      cachedTokens_ = 0;
       return this;
     }
 
@@ -290,6 +319,9 @@ private static final long serialVersionUID = 0L;
       int from_bitField0_ = bitField0_;
       if (((from_bitField0_ & 0x00000001) != 0)) {
         result.totalTokens_ = totalTokens_;
+      }
+      if (((from_bitField0_ & 0x00000002) != 0)) {
+        result.cachedTokens_ = cachedTokens_;
       }
     }
 
@@ -340,6 +372,9 @@ private static final long serialVersionUID = 0L;
       if (other.getTotalTokens() != 0) {
         setTotalTokens(other.getTotalTokens());
       }
+      if (other.getCachedTokens() != 0) {
+        setCachedTokens(other.getCachedTokens());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -371,6 +406,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000001;
               break;
             } // case 8
+            case 16: {
+              cachedTokens_ = input.readInt32();
+              bitField0_ |= 0x00000002;
+              break;
+            } // case 16
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -431,6 +471,56 @@ private static final long serialVersionUID = 0L;
     public Builder clearTotalTokens() {
       bitField0_ = (bitField0_ & ~0x00000001);
       totalTokens_ = 0;
+      onChanged();
+      return this;
+    }
+
+    private int cachedTokens_ ;
+    /**
+     * <pre>
+     * Tokens of the documents answered from the score cache for this request: not
+     * sent to the backend, so not billed by it for this call, and not counted in
+     * total_tokens. 0 when nothing came from the cache or the cache is off.
+     * </pre>
+     *
+     * <code>int32 cached_tokens = 2 [json_name = "cachedTokens"];</code>
+     * @return The cachedTokens.
+     */
+    @java.lang.Override
+    public int getCachedTokens() {
+      return cachedTokens_;
+    }
+    /**
+     * <pre>
+     * Tokens of the documents answered from the score cache for this request: not
+     * sent to the backend, so not billed by it for this call, and not counted in
+     * total_tokens. 0 when nothing came from the cache or the cache is off.
+     * </pre>
+     *
+     * <code>int32 cached_tokens = 2 [json_name = "cachedTokens"];</code>
+     * @param value The cachedTokens to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCachedTokens(int value) {
+
+      cachedTokens_ = value;
+      bitField0_ |= 0x00000002;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Tokens of the documents answered from the score cache for this request: not
+     * sent to the backend, so not billed by it for this call, and not counted in
+     * total_tokens. 0 when nothing came from the cache or the cache is off.
+     * </pre>
+     *
+     * <code>int32 cached_tokens = 2 [json_name = "cachedTokens"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCachedTokens() {
+      bitField0_ = (bitField0_ & ~0x00000002);
+      cachedTokens_ = 0;
       onChanged();
       return this;
     }

@@ -18,4 +18,16 @@ public interface RerankUsageOrBuilder extends
    * @return The totalTokens.
    */
   int getTotalTokens();
+
+  /**
+   * <pre>
+   * Tokens of the documents answered from the score cache for this request: not
+   * sent to the backend, so not billed by it for this call, and not counted in
+   * total_tokens. 0 when nothing came from the cache or the cache is off.
+   * </pre>
+   *
+   * <code>int32 cached_tokens = 2 [json_name = "cachedTokens"];</code>
+   * @return The cachedTokens.
+   */
+  int getCachedTokens();
 }

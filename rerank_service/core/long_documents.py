@@ -1,0 +1,298 @@
+"""Long documents: cut each to the window (TRUNCATE), score every part (CHUNK), or refuse (REJECT).
+
+The engine plans a call's documents against the deployment's window (core/token_window.py)
+before anything is scored: a document within the window is sent as it is; a longer one is
+cut at a sentence or word boundary (core/text_boundaries.py) to fit, or split into parts
+that overlap by `chunk_overlap_tokens`. The parts are scored like any other documents
+(split into backend calls, cached, batched) and a chunked document's score is its best
+part's. A call whose documents all fit pays one cheap bound check and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rerank_service.core.chunking import CallLimits, text_bytes
+from rerank_service.core.domain import (
+    BackendResult,
+    BestChunk,
+    FieldViolation,
+    LongDocuments,
+    RankedDocument,
+    RerankRequest,
+    ScoredDocument,
+    invalid_argument,
+)
+from rerank_service.core.text_boundaries import cut_before, skip_space, trim_end, word_start_from
+from rerank_service.core.token_window import (
+    COUNTED_BY_ESTIMATE,
+    MAX_CHARACTERS_PER_TOKEN,
+    Measure,
+    TokenWindow,
+)
+
+# The default overlap of neighbouring chunks: this share of the window.
+DEFAULT_OVERLAP_SHARE = 8
+# A window smaller than this leaves no room to chunk usefully (the query fills it).
+MIN_CHUNK_TOKENS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentParts:
+    """How one document is scored: its parts' [start, end) character spans."""
+
+    spans: list[tuple[int, int]]
+    truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A call's documents as parts: what the backends score, and whose part each one is."""
+
+    parts: list[str]
+    owners: list[int]  # the document each part is of
+    ordinals: list[int]  # the part's index within its document
+    spans: list[tuple[int, int]]
+    truncated: list[bool]  # per document
+    chunks: list[int]  # per document
+    # The window was estimated (no tokenizer): said in the outcome's usage_source.
+    estimated: bool
+
+    def scored_request(self, request: RerankRequest, chunked: bool) -> RerankRequest:
+        """What the backends score: the parts, every one scored when a document has several."""
+        return RerankRequest(
+            model=request.model,
+            query=request.query,
+            documents=self.parts,
+            # A document's best part needs every part's score; top_n applies to documents.
+            top_n=None if chunked else request.top_n,
+            instruct=request.instruct,
+        )
+
+    def rank(self, merged: BackendResult, request: RerankRequest) -> list[RankedDocument]:
+        """Each document scored by its best part, sorted (ties in input order), cut to top_n."""
+        best: dict[int, ScoredDocument] = {}
+        for scored in merged.scores:
+            owner = self.owners[scored.index]
+            held = best.get(owner)
+            if (
+                held is None
+                or scored.score > held.score
+                or (scored.score == held.score and scored.index < held.index)
+            ):
+                best[owner] = scored
+        ordered = sorted(best.items(), key=lambda item: (-item[1].score, item[0]))
+        if request.top_n is not None:
+            del ordered[request.top_n :]
+        ranked = []
+        for owner, scored in ordered:
+            chunks = self.chunks[owner]
+            start, end = self.spans[scored.index]
+            ranked.append(
+                RankedDocument(
+                    index=owner,
+                    score=scored.score,
+                    text=request.documents[owner] if request.return_documents else None,
+                    truncated=self.truncated[owner],
+                    chunks=chunks,
+                    best_chunk=BestChunk(self.ordinals[scored.index], start, end) if chunks > 1 else None,
+                )
+            )
+        return ranked
+
+
+def mode_of(request: RerankRequest, limits: CallLimits) -> LongDocuments:
+    return request.long_documents or limits.long_documents
+
+
+def violations(request: RerankRequest) -> list[FieldViolation]:
+    """The long-document options' own checks (the window is the deployment's to know)."""
+    found = []
+    if request.max_tokens_per_doc is not None and request.max_tokens_per_doc < 1:
+        found.append(
+            FieldViolation(
+                "max_tokens_per_doc", f"must be at least 1 when set, got {request.max_tokens_per_doc}"
+            )
+        )
+    if request.chunk_overlap_tokens is not None and request.chunk_overlap_tokens < 0:
+        found.append(
+            FieldViolation(
+                "chunk_overlap_tokens", f"must be 0 or more when set, got {request.chunk_overlap_tokens}"
+            )
+        )
+    return found
+
+
+def window_tokens(request: RerankRequest, limits: CallLimits, window: TokenWindow) -> int:
+    """Tokens a document may have in this call: the deployment's room beside the query,
+    or less where the caller or the route asks for less."""
+    room = window.room(request.query, request.instruct)
+    asked = request.max_tokens_per_doc or limits.max_tokens_per_doc
+    return max(1, room if asked is None else min(room, asked))
+
+
+def plan(request: RerankRequest, limits: CallLimits, max_chunks: int) -> Plan | None:
+    """The call's documents as parts, or None when every document fits (sent as it is).
+
+    Raises INVALID_ARGUMENT for REJECT and a document over the window, and for CHUNK when
+    the parts would be more than `max_chunks` (--max-chunks-per-call).
+    """
+    window = limits.window
+    if window is None:
+        return None
+    tokens = window_tokens(request, limits, window)
+    documents = request.documents
+    if _surely_fit(documents, tokens, window):
+        return None  # the usual case: one pass in C over the lengths
+    mode = mode_of(request, limits)
+    if mode is LongDocuments.CHUNK:
+        if tokens < MIN_CHUNK_TOKENS:
+            asked = request.max_tokens_per_doc is not None and request.max_tokens_per_doc < MIN_CHUNK_TOKENS
+            raise invalid_argument(
+                [
+                    FieldViolation(
+                        "max_tokens_per_doc" if asked else "query",
+                        f"leaves {tokens} tokens of the window for a document; chunking needs at least "
+                        f"{MIN_CHUNK_TOKENS}" + ("" if asked else ": send a shorter query"),
+                    )
+                ]
+            )
+        _refuse_many_chunks_at_once(documents, tokens, _overlap(request, tokens), max_chunks)
+    layouts: list[DocumentParts | None] = []
+    chunks_so_far = 0
+    for index, document in enumerate(documents):
+        layout = _layout(document, index, tokens, mode, request, window)
+        layouts.append(layout)
+        chunks_so_far += 1 if layout is None else len(layout.spans)
+        if chunks_so_far > max_chunks:
+            raise _too_many_chunks(f"{chunks_so_far:,} or more", max_chunks)
+    if all(layout is None for layout in layouts):
+        return None
+    return _expand(documents, layouts, window.counted_by == COUNTED_BY_ESTIMATE)
+
+
+def _surely_fit(documents: Sequence[str], tokens: int, window: TokenWindow) -> bool:
+    """Whether every document fits, from a bound on its tokens that needs no tokenizer:
+    an estimate is at most ceil(bytes / 3), a tokenizer's count at most bytes + 1 (a token
+    holds one byte or more; a sentencepiece word marker may add one), and a character is
+    4 bytes at most."""
+    longest = max(map(len, documents), default=0)
+    if window.counted_by == COUNTED_BY_ESTIMATE:
+        if -(-4 * longest // 3) <= tokens:
+            return True
+        return all(-(-text_bytes(document) // 3) <= tokens for document in documents)
+    if 4 * longest + 1 <= tokens:
+        return True
+    return all(text_bytes(document) + 1 <= tokens for document in documents)
+
+
+def _overlap(request: RerankRequest, tokens: int) -> int:
+    asked = request.chunk_overlap_tokens
+    overlap = tokens // DEFAULT_OVERLAP_SHARE if asked is None else asked
+    return min(overlap, tokens // 2)  # at most half: every part moves the start on
+
+
+def _refuse_many_chunks_at_once(documents: Sequence[str], tokens: int, overlap: int, max_chunks: int) -> None:
+    """Refuse, before any tokenizing, a call whose parts are surely too many (a 50 MB document)."""
+    step = (tokens - overlap) * MAX_CHARACTERS_PER_TOKEN  # the most characters a part moves on
+    fewest = sum(max(1, -(-len(document) // step)) for document in documents)
+    if fewest > max_chunks:
+        raise _too_many_chunks(f"at least {fewest:,}", max_chunks)
+
+
+def _too_many_chunks(count: str, max_chunks: int) -> Exception:
+    return invalid_argument(
+        [
+            FieldViolation(
+                "documents",
+                f"would be split into {count} chunks; one call may score at most {max_chunks:,} "
+                "(--max-chunks-per-call): send fewer or shorter documents, or a larger max_tokens_per_doc",
+            )
+        ]
+    )
+
+
+def _layout(
+    document: str, index: int, tokens: int, mode: LongDocuments, request: RerankRequest, window: TokenWindow
+) -> DocumentParts | None:
+    if window.counted_by == COUNTED_BY_ESTIMATE:
+        if -(-text_bytes(document) // 3) <= tokens:
+            return None
+    elif text_bytes(document) + 1 <= tokens:
+        return None
+    if mode is LongDocuments.CHUNK:
+        measure = window.measure(document)
+        if measure.tokens <= tokens:
+            return None
+        return DocumentParts(chunk_spans(document, measure, tokens, _overlap(request, tokens)))
+    # TRUNCATE and REJECT read only as far as the window: a prefix long enough to hold it.
+    prefix = document[: (tokens + 1) * MAX_CHARACTERS_PER_TOKEN]
+    measure = window.measure(prefix)
+    if measure.tokens <= tokens and len(prefix) == len(document):
+        return None
+    if measure.tokens <= tokens:  # a prefix within the window: every token over 32 characters
+        measure = window.measure(document)
+        prefix = document
+        if measure.tokens <= tokens:
+            return None
+    if mode is LongDocuments.REJECT:
+        raise invalid_argument(
+            [
+                FieldViolation(
+                    f"documents[{index}]",
+                    f"has more than {tokens} tokens, the window a document has beside this query "
+                    "(long_documents REJECT): send it shorter, or choose TRUNCATE or CHUNK",
+                )
+            ]
+        )
+    start = skip_space(document, 0)  # a part never starts with spaces, nor is blank
+    end = trim_end(document, start, cut_before(prefix, start, max(measure.fit(start, tokens), start + 1)))
+    return DocumentParts([(start, end)], truncated=True)
+
+
+def chunk_spans(text: str, measure: Measure, tokens: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) spans of the parts of `text`, each within `tokens`, neighbours sharing
+    about `overlap`; each starts and ends on a boundary (core/text_boundaries.py) and holds
+    no leading or trailing space."""
+    size = len(text)
+    spans: list[tuple[int, int]] = []
+    start = skip_space(text, 0)
+    while start < size:
+        reach = measure.fit(start, tokens)
+        if reach >= size:
+            spans.append((start, trim_end(text, start, size)))
+            break
+        cut = cut_before(text, start, max(reach, start + 1))
+        spans.append((start, trim_end(text, start, cut)))
+        following = word_start_from(text, measure.back(cut, overlap), cut) if overlap else cut
+        if following <= start:  # the overlap would not move on: start after this part
+            following = cut
+        start = skip_space(text, following)
+    return spans or [(0, size)]
+
+
+def _expand(documents: Sequence[str], layouts: list[DocumentParts | None], estimated: bool) -> Plan:
+    parts: list[str] = []
+    owners: list[int] = []
+    ordinals: list[int] = []
+    spans: list[tuple[int, int]] = []
+    truncated: list[bool] = []
+    chunks: list[int] = []
+    for owner, (document, layout) in enumerate(zip(documents, layouts, strict=True)):
+        if layout is None:
+            parts.append(document)
+            owners.append(owner)
+            ordinals.append(0)
+            spans.append((0, len(document)))
+            truncated.append(False)
+            chunks.append(1)
+            continue
+        for ordinal, (start, end) in enumerate(layout.spans):
+            parts.append(document[start:end])
+            owners.append(owner)
+            ordinals.append(ordinal)
+            spans.append((start, end))
+        truncated.append(layout.truncated)
+        chunks.append(len(layout.spans))
+    return Plan(parts, owners, ordinals, spans, truncated, chunks, estimated)
