@@ -11,7 +11,8 @@ directly. Runs, each started and stopped in turn:
 - canned: a grpc.aio servicer returning a fixed RerankResponse of the same size;
 - minimal proxy: a grpc.aio servicer doing one httpx POST, JSON parse, response build;
 - direct: the upstream called over HTTP by httpx at the same concurrency;
-- service: `rerank-service serve --backend upstream` with its defaults (access log on).
+- service: `rerank-service serve --backend upstream` with its defaults (access log on) but the score
+  cache, which ServiceProcess leaves off (the load repeats one request: bench/cache.py measures the cache).
 
 Scenarios:
 

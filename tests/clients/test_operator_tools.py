@@ -74,7 +74,8 @@ def test_grpcurl_invokes_rerank_with_the_bearer_key(live_server: LiveServer) -> 
 
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
-    assert answer["output"]["results"] == [{"relevanceScore": 1}]  # index 0 is proto3's default
+    # index 0 and truncated false are proto3's defaults (left out); one chunk: it fit the window
+    assert answer["output"]["results"] == [{"relevanceScore": 1, "chunks": 1}]
     assert "Unauthenticated" in refused.stderr
 
 
