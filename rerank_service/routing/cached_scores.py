@@ -68,7 +68,10 @@ class CachedScores:
                 top_n=None,  # every score is kept, so none may be left out
             )
             result = await score(asked, context)
-            scores = [ScoredDocument(missing[scored.index], scored.score) for scored in result.scores]
+            if hits:  # the backend's indices are into the documents it was sent
+                scores = [ScoredDocument(missing[scored.index], scored.score) for scored in result.scores]
+            else:
+                scores = result.scores
             await lookup.store(_entries(request.query, documents, scores, result.total_tokens))
             self._metrics.sync(self._cache.counts())
             scores.extend(ScoredDocument(index, hit.score) for index, hit in hits.items())
