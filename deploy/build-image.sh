@@ -48,6 +48,9 @@ started=$(date +%s)
 
 SUITE=bookworm
 PYTHON_VERSION=3.11 # bookworm's python3: the wheels are downloaded for it
+# pip download evaluates python_full_version markers against the host's Python, not
+# bookworm's 3.11.2: what a dependency needs only below the host's version is named here.
+EXTRA_WHEELS=("async-timeout>=4.0.3") # redis, on Python < 3.11.3
 PACKAGES=python3,python3-venv,python-is-python3,ca-certificates
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
@@ -154,7 +157,7 @@ for path in sys.argv[1:]:
     with open(path, "rb") as f:
         print("\n".join(tomllib.load(f)["build-system"]["requires"]))
 ' pyproject.toml clients/python/pyproject.toml | sort -u)
-wheels_key=$(cat pyproject.toml clients/python/pyproject.toml <(echo "$PYTHON_VERSION $(uname -m)") | key)
+wheels_key=$(cat pyproject.toml clients/python/pyproject.toml <(echo "$PYTHON_VERSION $(uname -m) ${EXTRA_WHEELS[*]}") | key)
 WHEELHOUSE=$CACHE/wheelhouse-$wheels_key
 [ "$REBUILD" = 1 ] && rm -rf "$WHEELHOUSE"
 if [ ! -d "$WHEELHOUSE" ]; then
@@ -162,6 +165,7 @@ if [ ! -d "$WHEELHOUSE" ]; then
     t=$(date +%s)
     rm -rf "$WHEELHOUSE.part"
     mapfile -t requires <<<"$build_requires"
+    requires+=("${EXTRA_WHEELS[@]}")
     "$PY" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
         --python-version "$PYTHON_VERSION" --dest "$WHEELHOUSE.part" ./clients/python . "${requires[@]}" \
         || die "pip download failed: the wheels come from the index the host's pip uses"
