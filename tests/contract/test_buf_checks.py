@@ -61,7 +61,9 @@ def test_adding_a_field_is_not_breaking(contract_repo: Path) -> None:
 
 def test_an_undocumented_field_fails_lint(contract_repo: Path) -> None:
     edit_contract(
-        contract_repo, "  bool return_documents = 6;\n", "  bool return_documents = 6;\n  bool explain = 99;\n"
+        contract_repo,
+        "  bool return_documents = 6;\n",
+        "  bool return_documents = 6;\n  bool explain = 99;\n",
     )
 
     result = run(str(BUF), "lint", cwd=contract_repo)
