@@ -1,14 +1,18 @@
 """The one way the service opens a Redis client (the score cache's shared tier, the
 callers' limits): redis-py's asyncio client, bounded by a short timeout and never retrying
-on its own, so a Redis that is down or slow costs a call that timeout at most."""
+on its own, so a Redis that is down or slow costs a call that timeout at most; and the one
+way its users take it for down after a failure and try it again (`RedisOutage`)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 DEFAULT_TIMEOUT = 0.05  # seconds a round trip may take
 
@@ -29,3 +33,46 @@ def redis_client(url: str, *, timeout: float = DEFAULT_TIMEOUT, ca_file: str | N
             raise ValueError("a CA file applies to a rediss:// (TLS) URL only")
         options["ssl_ca_certs"] = ca_file
     return Redis.from_url(url, **options)
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether a failed round trip failed for want of an answer in time (ours or redis-py's)."""
+    return isinstance(error, TimeoutError | RedisTimeoutError)
+
+
+class RedisOutage:
+    """Whether a Redis is taken for down, and when it is tried again: after a failure it is
+    skipped for `retry_after` seconds, then the next caller tries it (and pushes the next try
+    on, so callers meanwhile skip it). `failed` and `answered` say when the state changes,
+    so that its user logs each outage once and its end once."""
+
+    def __init__(self, retry_after: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._retry_after = retry_after
+        self._clock = clock
+        self._retry_at: float | None = None  # set while Redis is taken for down
+
+    @property
+    def up(self) -> bool:
+        return self._retry_at is None
+
+    def may_try(self) -> bool:
+        """Whether to try Redis now: it is up, or down and due for another try."""
+        if self._retry_at is None:
+            return True
+        now = self._clock()
+        if now < self._retry_at:
+            return False
+        self._retry_at = now + self._retry_after
+        return True
+
+    def failed(self) -> bool:
+        """A round trip failed: Redis is down for `retry_after`. True when it was up until now."""
+        was_up = self._retry_at is None
+        self._retry_at = self._clock() + self._retry_after
+        return was_up
+
+    def answered(self) -> bool:
+        """A round trip succeeded: Redis is up. True when it was down until now."""
+        was_down = self._retry_at is not None
+        self._retry_at = None
+        return was_down

@@ -16,11 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rerank_service.cache.entry import CachedScore, pack, unpack
 from rerank_service.observability.logging import get_logger
-from rerank_service.redis_client import DEFAULT_TIMEOUT
+from rerank_service.redis_client import DEFAULT_TIMEOUT, RedisOutage, timed_out
 from rerank_service.redis_client import redis_client as redis_client  # opened in one place
 
 _log = get_logger("rerank_service.cache")
@@ -47,10 +46,8 @@ class RedisTier:
         self._client = client
         self._ttl_ms = max(1, round(ttl * 1000))
         self.timeout = timeout
-        self._retry_after = retry_after
         self._prefix = key_prefix
-        self._clock = clock
-        self._retry_at: float | None = None  # set while Redis is taken for down
+        self._outage = RedisOutage(retry_after, clock)
         self.hits = 0
         self.misses = 0
         self.errors = 0  # failed round trips, timeouts included
@@ -59,7 +56,7 @@ class RedisTier:
 
     @property
     def up(self) -> bool:
-        return self._retry_at is None
+        return self._outage.up
 
     async def get_many(self, keys: Sequence[bytes]) -> list[CachedScore | None]:
         """Each key's entry, None for a miss; all None when Redis fails or is skipped."""
@@ -98,33 +95,24 @@ class RedisTier:
         await self._client.aclose()
 
     def _may_try(self) -> bool:
-        """Whether to try Redis now: it is up, or down and due for another try (which this
-        caller makes: the next try is pushed on, so callers meanwhile skip it)."""
-        if self._retry_at is None:
+        if self._outage.may_try():
             return True
-        now = self._clock()
-        if now < self._retry_at:
-            self.skipped += 1
-            return False
-        self._retry_at = now + self._retry_after
-        return True
+        self.skipped += 1
+        return False
 
     def _failed(self, operation: str, error: Exception) -> None:
         self.errors += 1
-        timed_out = isinstance(error, TimeoutError | RedisTimeoutError)
-        if timed_out:
+        slow = timed_out(error)
+        if slow:
             self.timeouts += 1
-        was_up = self._retry_at is None
-        self._retry_at = self._clock() + self._retry_after
-        if was_up:
+        if self._outage.failed():
             _log.warning(
                 "score cache: redis unreachable, reading it as misses until it answers",
                 operation=operation,
                 error=type(error).__name__,
-                detail=str(error)[:200] if not timed_out else f"no answer within {self.timeout:g} s",
+                detail=str(error)[:200] if not slow else f"no answer within {self.timeout:g} s",
             )
 
     def _answered(self) -> None:
-        if self._retry_at is not None:
-            self._retry_at = None
+        if self._outage.answered():
             _log.warning("score cache: redis answers again")

@@ -33,12 +33,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rerank_service.config.callers import BucketLimit, CallerLimits
 from rerank_service.observability.logging import get_logger
 from rerank_service.pipeline.buckets import CONCURRENT, CONCURRENT_RETRY_AFTER, Refusal
-from rerank_service.redis_client import DEFAULT_TIMEOUT
+from rerank_service.redis_client import DEFAULT_TIMEOUT, RedisOutage, timed_out
 
 _log = get_logger("rerank_service.limits")
 
@@ -174,13 +173,11 @@ class RedisLimits:
         self._client = client
         self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names a script by its SHA-1
         self.timeout = timeout
-        self._retry_after = retry_after
         self._flush_after = flush_after
         self._prefix = key_prefix
         self._on_error = on_error
         self._on_round_trip = on_round_trip
-        self._clock = clock
-        self._retry_at: float | None = None  # set while Redis is taken for down
+        self._outage = RedisOutage(retry_after, clock)
         self._pending: dict[str, _Settlement] = {}  # by caller
         self._flush: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
@@ -192,7 +189,7 @@ class RedisLimits:
 
     @property
     def up(self) -> bool:
-        return self._retry_at is None
+        return self._outage.up
 
     def keys(self, caller: str) -> list[str]:
         """The caller's two keys, under one hash tag (one Redis Cluster slot)."""
@@ -267,7 +264,7 @@ class RedisLimits:
     async def _run(self, operation: str, keys: list[str], args: list[str | float]) -> Any:
         """One run of the script, sent with every other run asked for in the same turn of
         the event loop: under load, many calls' checks share one round trip."""
-        if not self._may_try():
+        if not self._outage.may_try():
             raise StoreUnavailable("skipped after a failure")
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
@@ -327,32 +324,17 @@ class RedisLimits:
             return answers
         raise NoScriptError("the script could not be loaded")
 
-    def _may_try(self) -> bool:
-        """Whether to try Redis now: it is up, or down and due for another try (which this
-        caller makes: the next try is pushed on, so callers meanwhile skip it)."""
-        if self._retry_at is None:
-            return True
-        now = self._clock()
-        if now < self._retry_at:
-            return False
-        self._retry_at = now + self._retry_after
-        return True
-
     def _failed(self, operation: str, error: Exception) -> None:
         self.errors += 1
         self._on_error()
-        timed_out = isinstance(error, TimeoutError | RedisTimeoutError)
-        was_up = self._retry_at is None
-        self._retry_at = self._clock() + self._retry_after
-        if was_up:
+        if self._outage.failed():
             _log.warning(
                 "limits store: redis unreachable; limits fall back (--limits-store-failure) until it answers",
                 operation=operation,
                 error=type(error).__name__,
-                detail=f"no answer within {self.timeout:g} s" if timed_out else str(error)[:200],
+                detail=f"no answer within {self.timeout:g} s" if timed_out(error) else str(error)[:200],
             )
 
     def _answered(self) -> None:
-        if self._retry_at is not None:
-            self._retry_at = None
+        if self._outage.answered():
             _log.warning("limits store: redis answers again; limits are shared again")
