@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, InstanceOf, model_validator
 
-from rerank_service.config.secret import Secret, UnreadableKeyFile, read_key_file
+from rerank_service.config.secret import Secret, UnreadableKeyFile, read_key_file, variable_named
 
 # Names of anonymous callers (`--api-keys`, pass-through) and of a call without a key.
 ANONYMOUS = "anonymous"
@@ -213,7 +213,9 @@ def _read_keys(credential: CredentialEntry, env: Mapping[str, str], place: str) 
     if credential.key_env:
         value = env.get(credential.key_env, "").strip()
         if not value:
-            raise CallerKeyError(f"{place}.key_env names {credential.key_env}, which is not set")
+            raise CallerKeyError(
+                f"{place}.key_env names {variable_named(credential.key_env)}, which is not set"
+            )
         return (Secret(value),)
     if credential.key_file:
         try:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, InstanceOf, model_validator
 
-from rerank_service.config.secret import Secret, UnreadableKeyFile, read_key_file
+from rerank_service.config.secret import Secret, UnreadableKeyFile, read_key_file, variable_named
 
 # The formats of backends/upstream, and the in-process model.
 Format = Annotated[
@@ -197,8 +197,7 @@ def _read_key(deployment: DeploymentEntry, env: Mapping[str, str], place: str) -
     if deployment.api_key_env:
         value = env.get(deployment.api_key_env, "").strip()
         if not value:
-            # Named only when it looks like a variable's name: a key pasted here is not repeated.
-            name = deployment.api_key_env if deployment.api_key_env.isupper() else "a variable"
+            name = variable_named(deployment.api_key_env)
             raise KeySourceError(f"{place}.api_key_env", f"names {name}, which is not set")
         return Secret(value)
     if deployment.api_key_file:

@@ -84,3 +84,9 @@ def read_key_file(path: Path) -> str:
         raise UnreadableKeyFile(f"{path}: {reason}") from None
     warn_if_key_exposed(path, "key file")
     return text
+
+
+def variable_named(name: str) -> str:
+    """A key variable's name as an error may say it: only when it looks like a variable's
+    name (upper case), since a key pasted where the name goes must not be repeated."""
+    return name if name.isupper() else "a variable"

@@ -10,7 +10,13 @@ import grpc
 import pytest
 
 from rerank_service.config import ConfigError, Settings, load_settings
-from rerank_service.config.callers import caller_configs, key_digest
+from rerank_service.config.callers import (
+    CallerEntry,
+    CallerKeyError,
+    caller_configs,
+    key_digest,
+    with_caller_keys,
+)
 from rerank_service.config.reference import CALLERS_EXAMPLE
 from rerank_service.config.secret import Secret
 from rerank_service.core.domain import ServiceError
@@ -354,3 +360,14 @@ def test_a_share_of_one_caps_nobody() -> None:
         admission.enter(0, "flood")
 
     assert admission.held("flood") == 2
+
+
+def test_a_key_pasted_where_its_variable_goes_is_not_repeated_when_unset() -> None:
+    pasted = "sk_live_0123456789abcdef"  # matches a variable's pattern, but is not upper case
+    caller = CallerEntry.model_validate({"name": "team", "credentials": [{"key_env": pasted}]})
+
+    with pytest.raises(CallerKeyError) as refused:
+        with_caller_keys((caller,), env={})
+
+    assert pasted not in str(refused.value)
+    assert "names a variable, which is not set" in str(refused.value)
