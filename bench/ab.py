@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import http, perf
+from bench.http_minimal import FRONT_DOOR_PATH
 from tests.support.process import CLI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +132,7 @@ def compare_http(
     ):
         targets = []
         for name, pid in ((BASE, base_pid), (THIS, this_pid)):
-            door = f"http://127.0.0.1:{http_ports[name]}{http.FRONT_DOOR_PATH}"
+            door = f"http://127.0.0.1:{http_ports[name]}{FRONT_DOOR_PATH}"
             http.check_http(door, args.documents, {})
             targets.append(http.Target(name, pid, url=door))
         plan = http.Plan(seconds=perf.FULL.seconds, warmup=perf.FULL.warmup, rounds=args.rounds, quick=False)
@@ -178,7 +179,7 @@ def main() -> int:
             load = f"c={args.concurrency}, gRPC (ghz)"
         else:
             rounds = compare_http(args, env, url, ports, {BASE: first + 3, THIS: first + 4})
-            load = f"c={http.CONCURRENCY}, HTTP {http.FRONT_DOOR_PATH} (hey)"
+            load = f"c={http.CONCURRENCY}, HTTP {FRONT_DOOR_PATH} (hey)"
     print(f"\n{args.documents} documents, {load}, {args.rounds} alternating rounds (base {args.base})")
     print("| service | requests/s | CPU per call (µs) | each round's CPU per call |")
     print("| --- | ---: | ---: | --- |")

@@ -31,11 +31,11 @@ Server CPU per call: utime + stime of the server's processes over the measured r
 (between its bench-http markers) is rewritten; the raw ghz and hey reports, the points
 as JSON and LiteLLM's log land in bench/results/http/.
 
-The minimal servers of comparison 2 are this module too (the benchmark starts them;
-uvicorn and Starlette live in .venv-litellm, `make litellm`):
-
-    python -m bench.http serve aiohttp --port 8000 --upstream-url http://127.0.0.1:8080
-    .venv-litellm/bin/python -m bench.http serve starlette --port 8001 --upstream-url ...
+The minimal servers of comparison 2 are modules of their own, which the benchmark starts:
+`bench.http_aiohttp` in .venv, `bench.http_starlette` in .venv-litellm (`make litellm`: uvicorn
+and Starlette, apart from the service's pins), both over `bench.http_minimal`. Before any
+run the benchmark imports `bench.http_starlette` in .venv-litellm: a missing package fails
+there at once, with its import error.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import perf
+from bench.http_minimal import CANNED_PATH, FRONT_DOOR_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "http"
@@ -67,8 +68,6 @@ BEGIN, END = "<!-- bench-http:start -->", "<!-- bench-http:end -->"
 
 DOCUMENTS = (20, 500)
 CONCURRENCY = 64
-FRONT_DOOR_PATH = "/v1/rerank"  # the Cohere route of the front door; LiteLLM serves it too
-CANNED_PATH = "/canned/v1/rerank"  # the minimal servers' handler without the upstream call
 
 # Comparison names, and the runs of each (the first is the reference of its ratios).
 GRPC_HTTP, LIBRARY, LIBRARY_CANNED, LITELLM = "grpc-http", "library", "library-canned", "litellm"
@@ -81,8 +80,10 @@ RUNS = {
     LIBRARY: (AIOHTTP, STARLETTE),
     LITELLM: (FRONT_DOOR, PROXY),
 }
-# The minimal servers: the run's name -> `serve` kind (all but aiohttp run in .venv-litellm).
-MINIMAL = {AIOHTTP: "aiohttp", STARLETTE: "starlette"}
+# The minimal servers: the run's name -> the module that serves it.
+MINIMAL = {AIOHTTP: "bench.http_aiohttp", STARLETTE: "bench.http_starlette"}
+# Where each runs (module -> venv; tests/unit/test_bench_entry_points.py checks its imports there).
+ENTRY_POINTS = {"bench.http_aiohttp": ".venv", "bench.http_starlette": ".venv-litellm"}
 HTTP_GOAL = 0.8  # the issue's goal: HTTP requests/s at least this share of gRPC's
 
 
@@ -128,128 +129,6 @@ class Results:
         ]
 
 
-# --- the minimal servers of the library comparison ---------------------------------------
-
-
-def _upstream_body(body: dict[str, Any]) -> bytes:
-    """The Cohere body forwarded upstream: the fields a rerank needs, nothing checked."""
-    forwarded = {"model": body["model"], "query": body["query"], "documents": body["documents"]}
-    if body.get("top_n") is not None:
-        forwarded["top_n"] = body["top_n"]
-    return json.dumps(forwarded, ensure_ascii=False).encode()
-
-
-def _answer(upstream: dict[str, Any]) -> bytes:
-    """The Cohere answer built from the upstream's (as the front door's Cohere route answers)."""
-    answer = {
-        "id": upstream["id"],
-        "results": upstream["results"],
-        "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
-        "usage": upstream.get("usage"),
-    }
-    return json.dumps(answer).encode()
-
-
-def _canned(upstream_url: str, upstream_path: str) -> bytes:
-    """The upstream's answer, fetched once (nginx answers the same body to every call)."""
-    import httpx
-
-    reply = httpx.post(upstream_url + upstream_path, content=b"{}", timeout=30, trust_env=False)
-    reply.raise_for_status()
-    return reply.content
-
-
-def _client(upstream_url: str) -> Any:
-    """The upstream client: httpx, a pool of 1,024 connections (the service's default)."""
-    import httpx
-
-    return httpx.AsyncClient(
-        base_url=upstream_url,
-        limits=httpx.Limits(max_connections=1024, max_keepalive_connections=1024),
-        timeout=httpx.Timeout(30.0),
-        headers={"content-type": "application/json"},
-        trust_env=False,
-    )
-
-
-def serve_aiohttp(host: str, port: int, upstream_url: str, upstream_path: str) -> None:
-    """aiohttp's server, configured as the front door's (rerank_service/api/http/server.py)."""
-    from collections.abc import AsyncIterator
-
-    from aiohttp import web
-
-    client_key = web.AppKey("client", object)
-    canned = _canned(upstream_url, upstream_path)
-
-    async def rerank(request: web.Request) -> web.Response:
-        body = json.loads(await request.read())
-        client: Any = request.app[client_key]
-        reply = await client.post(upstream_path, content=_upstream_body(body))
-        return web.Response(body=_answer(json.loads(reply.content)), content_type="application/json")
-
-    async def rerank_canned(request: web.Request) -> web.Response:
-        body = json.loads(await request.read())
-        _upstream_body(body)
-        return web.Response(body=_answer(json.loads(canned)), content_type="application/json")
-
-    async def client(app: web.Application) -> AsyncIterator[None]:
-        app[client_key] = upstream = _client(upstream_url)
-        yield
-        await upstream.aclose()
-
-    app = web.Application()
-    app.router.add_post(FRONT_DOOR_PATH, rerank)
-    app.router.add_post(CANNED_PATH, rerank_canned)
-    app.cleanup_ctx.append(client)
-    web.run_app(app, host=host, port=port, access_log=None, keepalive_timeout=15.0, backlog=1024, print=None)
-
-
-def serve_starlette(host: str, port: int, upstream_url: str, upstream_path: str) -> None:
-    """Starlette on uvicorn: the stdlib asyncio loop, uvicorn's C parser (httptools), no access log."""
-    from collections.abc import AsyncIterator
-
-    import uvicorn  # type: ignore[import-not-found, unused-ignore]
-    from starlette.applications import Starlette  # type: ignore[import-not-found, unused-ignore]
-    from starlette.responses import Response  # type: ignore[import-not-found, unused-ignore]
-    from starlette.routing import Route  # type: ignore[import-not-found, unused-ignore]
-
-    state: dict[str, Any] = {}
-    canned = _canned(upstream_url, upstream_path)
-
-    async def rerank(request: Any) -> Any:
-        body = json.loads(await request.body())
-        reply = await state["client"].post(upstream_path, content=_upstream_body(body))
-        return Response(content=_answer(json.loads(reply.content)), media_type="application/json")
-
-    async def rerank_canned(request: Any) -> Any:
-        body = json.loads(await request.body())
-        _upstream_body(body)
-        return Response(content=_answer(json.loads(canned)), media_type="application/json")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
-        state["client"] = _client(upstream_url)
-        yield
-        await state["client"].aclose()
-
-    routes = [
-        Route(FRONT_DOOR_PATH, rerank, methods=["POST"]),
-        Route(CANNED_PATH, rerank_canned, methods=["POST"]),
-    ]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        loop="asyncio",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-        backlog=1024,
-        timeout_keep_alive=15,
-    )
-
-
 # --- processes ---------------------------------------------------------------------------
 
 
@@ -287,8 +166,10 @@ def front_door(
 def minimal_server(run: str, port: int, upstream_url: str) -> Iterator[int]:
     from bench.perf_payloads import COHERE_PATH
 
-    python = str(LITELLM_VENV / "bin" / "python") if run != AIOHTTP else sys.executable
-    command = [python, "-m", "bench.http", "serve", MINIMAL[run], "--port", str(port)]
+    module = MINIMAL[run]
+    venv = ENTRY_POINTS[module]
+    python = sys.executable if venv == ".venv" else str(ROOT / venv / "bin" / "python")
+    command = [python, "-m", module, "--port", str(port)]
     command += ["--upstream-url", upstream_url, "--upstream-path", COHERE_PATH]
     with perf.background(command, port, run) as process:
         yield process.pid
@@ -759,6 +640,24 @@ COMPARISONS: dict[str, Callable[[Results, Ports], None]] = {
 }
 
 
+def check_litellm_venv() -> None:
+    """Import the minimal server's module in .venv-litellm, as the run will: a package its
+    requirements lack fails here, with the import's error, not as a server that never serves."""
+    module = MINIMAL[STARLETTE]
+    found = subprocess.run(
+        [str(LITELLM_VENV / "bin" / "python"), "-c", f"import {module}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if found.returncode != 0:
+        raise SystemExit(
+            f"{module} does not import in {LITELLM_VENV.name} (bench/litellm/requirements.txt):\n"
+            + found.stderr.strip()
+        )
+
+
 def run(args: argparse.Namespace) -> None:
 
     plan = QUICK if os.environ.get("BENCH_QUICK", "") not in ("", "0") else FULL
@@ -774,6 +673,7 @@ def run(args: argparse.Namespace) -> None:
     ]
     if missing:
         raise SystemExit("missing: " + ", ".join(missing) + "; `make bench-http` installs them all")
+    check_litellm_venv()
     RESULTS.mkdir(parents=True, exist_ok=True)
     perf.RESULTS.mkdir(parents=True, exist_ok=True)  # ghz keeps its request files there
     ports = Ports(args.base_port)
@@ -794,13 +694,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command")
-    serve = commands.add_parser("serve", help="run one minimal server of the library comparison")
-    serve.add_argument("kind", choices=sorted(MINIMAL.values()))
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, required=True)
-    serve.add_argument("--upstream-url", required=True)
-    serve.add_argument("--upstream-path", default="/v1/rerank")
     parser.add_argument(
         "--base-port",
         type=int,
@@ -811,14 +704,7 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=list(COMPARISONS), action="append", help="run only these comparisons"
     )
-    args = parser.parse_args()
-    if args.command == "serve":
-        if args.kind == "aiohttp":
-            serve_aiohttp(args.host, args.port, args.upstream_url, args.upstream_path)
-        else:
-            serve_starlette(args.host, args.port, args.upstream_url, args.upstream_path)
-    else:
-        run(args)
+    run(parser.parse_args())
 
 
 if __name__ == "__main__":
