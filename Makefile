@@ -7,7 +7,7 @@ BUF := .ci/tools/node_modules/.bin/buf
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 PY_STUBS := clients/python/src
 
-.PHONY: install install-upstream install-dev infinity infinity-optimum chart-tools bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers bench-cache bench-tenants litellm serve test test-python lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
+.PHONY: install install-upstream install-dev infinity infinity-optimum chart-tools bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers bench-cache bench-tenants litellm jaeger promtool serve test test-python lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,11 +73,24 @@ $(LITELLM_VENV)/.installed: $(LITELLM_REQUIREMENTS)
 	$(LITELLM_VENV)/bin/python -m pip install --quiet -r $(LITELLM_REQUIREMENTS)
 	touch $@
 
+## jaeger: the trace backend of the tracing tests, Jaeger's all-in-one binary, built from its Go module
+## (pinned in tests/support/jaeger/go.mod) into .ci/tools/go/bin; built once (minutes), again when the pin changes
+JAEGER := .ci/tools/go/bin/jaeger
+jaeger: $(JAEGER)
+$(JAEGER): tests/support/jaeger/go.mod tests/support/jaeger/go.sum
+	bash .ci/tools/install-go-tools.sh jaeger
+
+## promtool: Prometheus's rule checker, for the alert rules (deploy/prometheus), pinned, into .ci/tools/go/bin
+PROMTOOL := .ci/tools/go/bin/promtool
+promtool: $(PROMTOOL)
+$(PROMTOOL):
+	bash .ci/tools/install-go-tools.sh promtool
+
 ## serve: install and start the server on its defaults
 serve: install
 	$(VENV)/bin/rerank-service serve
 
-## tools: pinned CLI tools: buf (npm), grpcurl and grpc_health_probe (Go module proxy)
+## tools: pinned CLI tools: buf (npm), grpcurl, grpc_health_probe, promtool and jaeger (Go module proxy)
 tools: $(BUF)
 	bash .ci/tools/install-go-tools.sh
 $(BUF): .ci/tools/package.json .ci/tools/package-lock.json
@@ -122,17 +135,18 @@ docs: install-dev
 	$(PY) -m rerank_service.api.http.openapi > docs/openapi.json
 
 ## test: install everything and run every check and test
-test: install-dev infinity redis chart-tools buf-lint buf-breaking check-generated lint typecheck
+test: install-dev infinity redis jaeger promtool chart-tools buf-lint buf-breaking check-generated lint typecheck
 	$(VENV)/bin/pytest
 
-## test-python: the Python part of `make test`, for a machine without Go, Node.js or Java: ruff, mypy and
+## test-python: the Python part of `make test`, for a machine without Node.js or Java (Go only builds the
+## tracing tests' Jaeger, once): ruff, mypy and
 ## every test except those that need other toolchains or root, which are not collected (so none is skipped):
 ## the buf checks (tests/contract), the chart and the image (tests/deploy), the Go, Node and Java client
 ## suites and grpcurl/grpc_health_probe (tests/clients/test_other_languages.py, test_operator_tools.py);
 ## PYTEST_ARGS: more pytest arguments, e.g. PYTEST_ARGS="tests/unit -x"
 NEEDS_OTHER_TOOLCHAINS := tests/contract tests/deploy tests/clients/test_other_languages.py \
 	tests/clients/test_operator_tools.py
-test-python: install-dev infinity redis lint typecheck
+test-python: install-dev infinity redis jaeger lint typecheck
 	$(VENV)/bin/pytest $(addprefix --ignore=,$(NEEDS_OTHER_TOOLCHAINS)) $(PYTEST_ARGS)
 
 ## bench-local: the local backend against the direct model, micro-batching on against off; its engines
@@ -207,8 +221,33 @@ bench-tenants: install-dev redis
 	bash bench/install-nginx.sh
 	$(PY) -m bench.tenants
 
+## bench-tracing: CPU per call with tracing off, on with every call sampled and with 1% sampled, exporting to
+## a real Jaeger, at c=64 on the fast upstream (interleaved rounds; ghz, nginx, jaeger; writes
+## docs/PERFORMANCE.md; BENCH_QUICK=1 for a smoke run)
+.PHONY: bench-tracing
+bench-tracing: install-dev jaeger
+	bash bench/install-ghz.sh
+	bash bench/install-nginx.sh
+	$(PY) -m bench.tracing
+
+## bench-transports: the upstream HTTP clients compared at c=16 and c=64 on the fast upstream: today's
+## transport, with h11 compiled (h11-mypyc), over httpx-aiohttp, aiohttp, httpx2 and httpx, client CPU per
+## call and requests/s in interleaved rounds; the clients in .venv-transports (the service and
+## bench/transports/requirements.txt; installed once, again when those change) (nginx; writes
+## docs/PERFORMANCE.md; BENCH_QUICK=1 for a smoke run)
+TRANSPORTS_VENV := .venv-transports
+TRANSPORTS_REQUIREMENTS := bench/transports/requirements.txt
+.PHONY: bench-transports
+bench-transports: install-dev $(TRANSPORTS_VENV)/.installed
+	bash bench/install-nginx.sh
+	$(PY) -m bench.transports
+$(TRANSPORTS_VENV)/.installed: $(TRANSPORTS_REQUIREMENTS) pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(TRANSPORTS_VENV)
+	$(TRANSPORTS_VENV)/bin/python -m pip install --quiet ./clients/python -e . -r $(TRANSPORTS_REQUIREMENTS)
+	touch $@
+
 ## bench: every benchmark
-bench: bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers bench-cache bench-tenants
+bench: bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers bench-cache bench-tenants bench-long-documents bench-transports bench-tracing
 
 clean:
-	rm -rf $(VENV) $(INFINITY_VENV) .venv-litellm .ci/tools/node_modules .ci/tools/kubernetes-json-schema .ci/tools/images .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(INFINITY_VENV) .venv-litellm .venv-transports .ci/tools/node_modules .ci/tools/kubernetes-json-schema .ci/tools/images .mypy_cache .pytest_cache .ruff_cache

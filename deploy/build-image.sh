@@ -167,7 +167,7 @@ if [ ! -d "$WHEELHOUSE" ]; then
     mapfile -t requires <<<"$build_requires"
     requires+=("${EXTRA_WHEELS[@]}")
     "$PY" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
-        --python-version "$PYTHON_VERSION" --dest "$WHEELHOUSE.part" ./clients/python . "${requires[@]}" \
+        --python-version "$PYTHON_VERSION" --dest "$WHEELHOUSE.part" ./clients/python '.[otel]' "${requires[@]}" \
         || die "pip download failed: the wheels come from the index the host's pip uses"
     mv "$WHEELHOUSE.part" "$WHEELHOUSE"
     elapsed "pip download" "$t"

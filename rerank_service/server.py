@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import os
 import signal
 from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
@@ -30,6 +31,7 @@ from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import Metrics
 from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
 from rerank_service.observability.process_limits import FileLimit, raise_file_limit
+from rerank_service.observability.tracing import CallTracer, tracing_wanted
 from rerank_service.pipeline.admission import Admission
 from rerank_service.pipeline.call import Pipeline
 from rerank_service.pipeline.callers import CallerDirectory
@@ -68,6 +70,7 @@ class RerankServer:
         *,
         worker: int | None = None,
         metrics: Metrics | None = None,
+        tracer: CallTracer | None = None,
     ) -> None:
         self.settings = settings
         # Where everything this server does is recorded (None: in memory, a Metrics of its own).
@@ -100,6 +103,7 @@ class RerankServer:
             self.metrics,
             limiter=build_limiter(config.callers.limits_store, self.metrics.callers),
             usage=UsageMeter(self.metrics.callers, open_usage_log(config.callers.usage_log)),
+            tracer=tracer,
         )
         self.grpc = GrpcServer(
             config.grpc,
@@ -312,7 +316,8 @@ async def serve(
     file_limit = raise_file_limit()
     # The process's one Metrics, where it keeps its values chosen here (not at import).
     metrics = Metrics(multiprocess_directory=metrics_directory)
-    server = RerankServer(settings, worker=worker, metrics=metrics)
+    tracer = start_call_tracer(settings.otlp_endpoint, metrics, worker)
+    server = RerankServer(settings, worker=worker, metrics=metrics, tracer=tracer)
     server.file_limit = file_limit
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -337,4 +342,38 @@ async def serve(
             on_serving(server.port or 0)
         await stop.wait()
         await server.stop()
+    if tracer is not None:  # the spans of the calls that drained, sent before the process goes
+        tracer.shutdown(TRACES_FLUSH_TIMEOUT)
     return 0
+
+
+# How long a stopping process waits for the collector to take its last spans.
+TRACES_FLUSH_TIMEOUT = 5.0
+
+
+def start_call_tracer(otlp_endpoint: str | None, metrics: Metrics, worker: int | None) -> CallTracer | None:
+    """The process's tracer when tracing is configured (docs/OBSERVABILITY.md#tracing), else
+    None; a ConfigError when it is configured and OpenTelemetry's SDK is not installed."""
+    if not tracing_wanted(otlp_endpoint, os.environ):
+        return None
+    try:
+        from rerank_service.observability.tracing_export import start_tracing
+    except ImportError as exc:
+        raise ConfigError(
+            "tracing is configured (otlp-endpoint or OTEL_EXPORTER_OTLP_ENDPOINT) but OpenTelemetry's "
+            f"SDK is not installed ({exc.name}): pip install 'rerank-service[otel]'"
+        ) from None
+    try:
+        tracer = start_tracing(otlp_endpoint, metrics, worker=worker)
+    except ValueError as exc:  # a protocol it does not speak
+        raise ConfigError(str(exc)) from None
+    environ = os.environ
+    _log.info(
+        "tracing on",
+        protocol=environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc",
+        sampler=environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+        sampler_arg=environ.get("OTEL_TRACES_SAMPLER_ARG"),
+    )
+    return tracer

@@ -12,6 +12,8 @@ from rerank_service.config import Settings
 from rerank_service.config.secret import Secret
 from rerank_service.observability.logging import configure_logging
 from rerank_service.testing.fake_upstream import FakeUpstream
+from tests.support.jaeger_server import MISSING as JAEGER_MISSING
+from tests.support.jaeger_server import JaegerServer, jaeger_binary
 from tests.support.logs import LogCapture
 from tests.support.redis_server import MISSING as REDIS_SERVER_MISSING
 from tests.support.redis_server import RedisServer, redis_server_binary
@@ -111,4 +113,14 @@ def redis_own() -> Iterator[RedisServer]:
     """A Redis server of this test's own, to kill, pause and restart."""
     require_redis_server()
     with RedisServer() as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def jaeger() -> Iterator[JaegerServer]:
+    """One real Jaeger (all-in-one, in memory) for the session, on free loopback ports; a machine
+    without the binary fails here, loudly (`make jaeger` builds it)."""
+    if jaeger_binary() is None:
+        pytest.fail(JAEGER_MISSING, pytrace=False)
+    with JaegerServer() as started:
         yield started

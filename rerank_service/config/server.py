@@ -146,6 +146,14 @@ class CacheConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry tracing (docs/OBSERVABILITY.md): where spans go. The rest (protocol,
+    sampler, resource) is read from the standard OTEL_* variables by the SDK itself."""
+
+    otlp_endpoint: str | None  # None: the OTEL_EXPORTER_OTLP_* variables decide
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     format: LogFormat
     level: LogLevel
@@ -171,6 +179,7 @@ class ServerConfig:
     callers: CallersConfig
     cache: CacheConfig
     logging: LoggingConfig
+    tracing: TracingConfig
     process: ProcessConfig
 
     @classmethod
@@ -228,6 +237,7 @@ class ServerConfig:
                 store_ca_file=settings.cache_store_ca_file,
             ),
             logging=LoggingConfig(format=settings.log_format, level=settings.log_level),
+            tracing=TracingConfig(otlp_endpoint=settings.otlp_endpoint),
             process=ProcessConfig(
                 workers=settings.workers,
                 metrics_port=settings.metrics_port,

@@ -249,6 +249,12 @@ RedisUrl = Annotated[
     AfterValidator(_redis_url),
     Expect("a redis:// or rediss:// URL"),
 ]
+OtlpUrl = Annotated[
+    str | None,
+    BeforeValidator(_blank_is_none),
+    AfterValidator(_http_url("http://otel-collector:4317")),
+    Expect("an http(s) URL"),
+]
 Share = Annotated[float, Field(gt=0, le=1), Expect("a share above 0, at most 1")]
 LimitsStoreFailure = Annotated[Literal["open", "closed"], BeforeValidator(_trimmed_lower)]
 UsageLog = Annotated[
@@ -621,6 +627,13 @@ class Settings:
     metrics_port: OptionalPort = Field(
         default=None,
         description="port of the Prometheus /metrics endpoint (off: no endpoint; 0 picks a free port)",
+    )
+    otlp_endpoint: OtlpUrl = Field(
+        default=None,
+        description="tracing: the OpenTelemetry collector that spans are exported to over OTLP "
+        "(http://HOST:4317 for OTLP/gRPC; OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf for http://HOST:4318); "
+        "unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing "
+        "(docs/OBSERVABILITY.md#tracing)",
     )
     workers: Workers = Field(
         default=1,

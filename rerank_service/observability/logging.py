@@ -24,13 +24,19 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from rerank_service.config.secret import Secret, redact
 from rerank_service.observability.request_id import current_request_id
+from rerank_service.observability.tracing import current as current_span
 
 
 def _add_request_id(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
-    """The request id of the call being served, unless the line names one itself."""
+    """The request id of the call being served, unless the line names one itself, and with
+    tracing on its trace and span (a log line leads to its trace, and back)."""
     request_id = current_request_id()
     if request_id is not None:
         event.setdefault("request_id", request_id)
+    span = current_span()
+    if span is not None:
+        event.setdefault("trace_id", span.trace_id)
+        event.setdefault("span_id", span.span_id)
     return event
 
 

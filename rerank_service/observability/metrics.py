@@ -17,7 +17,9 @@ Who records what:
   budgets spent;
 - the micro-batcher (backends/local/batcher.py): model batches, queue and inference time.
 - the call pipeline's usage meter (pipeline/usage.py), per caller: calls, documents,
-  tokens, refusals for a limit, and the limits store's failures (caller_metrics.py).
+  tokens, refusals for a limit, and the limits store's failures (caller_metrics.py);
+- the span exporter (observability/tracing_export.py), with tracing on: spans exported
+  and dropped.
 
 Each `Metrics` owns its registry (never prometheus-client's global one), so tests and
 several servers in one process do not collide. With `serve --workers N` each worker's
@@ -201,6 +203,20 @@ class Metrics:
             registry=registry,
         )
 
+        # --- tracing (observability/tracing_export.py) ---
+        self.trace_spans_exported = Counter(
+            "rerank_trace_spans_exported",
+            "Spans the OTLP exporter delivered to the collector.",
+            registry=registry,
+        )
+        self.trace_spans_dropped = Counter(
+            "rerank_trace_spans_dropped",
+            "Spans lost: the export queue was full (queue_full) or the collector did not take them "
+            "(export_failed).",
+            ["reason"],
+            registry=registry,
+        )
+
         # --- the score cache (routing/cached_scores.py) ---
         self.cache = CacheMetrics(registry)
 
@@ -258,6 +274,15 @@ class Metrics:
 
     def count_retry_budget_exhausted(self, route: str) -> None:
         _child(self._budgets_spent, self.route_budget_exhausted, route).inc()
+
+    # --- tracing ---
+
+    def count_trace_spans(self, *, exported: int = 0, dropped: int = 0, reason: str = "") -> None:
+        """Spans the exporter delivered, or lost for `reason` (called from its thread)."""
+        if exported:
+            self.trace_spans_exported.inc(exported)
+        if dropped:
+            self.trace_spans_dropped.labels(reason).inc(dropped)
 
     # --- local backend ---
 
@@ -344,9 +369,15 @@ class MethodMetrics:
             self._gauge.inc()
 
     def finished(
-        self, code: grpc.StatusCode | int, seconds: float, documents: int | None, tokens: int | None
+        self,
+        code: grpc.StatusCode | int,
+        seconds: float,
+        documents: int | None,
+        tokens: int | None,
+        trace_id: str | None = None,
     ) -> None:
-        """Count a call that ended (and was counted by `started`)."""
+        """Count a call that ended (and was counted by `started`); `trace_id`: its trace's,
+        the latency's exemplar (OpenMetrics: a slow bucket links to a trace)."""
         self.in_flight -= 1
         if self._gauge is not None:
             self._gauge.dec()
@@ -354,7 +385,10 @@ class MethodMetrics:
         if calls is None:
             calls = self._calls[code] = self._calls_family.labels(self.name, code_name(code))
         calls.inc()
-        self.latency.observe(seconds)
+        if trace_id is None:
+            self.latency.observe(seconds)
+        else:
+            self.latency.observe(seconds, {"trace_id": trace_id})
         if documents is not None:
             self._documents.observe(documents)
         if tokens is not None:

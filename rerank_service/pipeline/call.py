@@ -15,7 +15,11 @@ from these steps and decide nothing else; each step is written once, here:
    limits.py), then the engine; the outcome is kept as a value;
 5. `finish`: what was admitted given back (the limits settled), then one log line, the
    call's metrics and its caller's usage (usage.py), from the values gathered (the
-   outcome, or the error and its code).
+   outcome, or the error and its code), and its span ended.
+
+With tracing on, `open` also opens the call's span (observability/tracing.py) under the
+caller's trace context and makes it current: what the call does below (the route, each
+upstream attempt, a local model's queue and forward pass) hangs under it.
 
 A step every call takes (per-caller limits, a score cache, a span) is added here, once.
 """
@@ -29,18 +33,26 @@ from contextvars import Token
 import grpc
 
 from rerank_service.config.secret import Secret
-from rerank_service.core.domain import CallContext, RerankOutcome, RerankRequest, ServiceError
+from rerank_service.core.domain import CacheOutcome, CallContext, RerankOutcome, RerankRequest, ServiceError
 from rerank_service.core.engine import RerankEngine
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import MethodMetrics, Metrics
 from rerank_service.observability.request_id import bind_request_id, new_request_id, unbind_request_id
+from rerank_service.observability.tracing import CallTracer, SpanHandle
 from rerank_service.pipeline.admission import Admission
 from rerank_service.pipeline.callers import Caller, CallerDirectory
 from rerank_service.pipeline.limits import Grant, Limiter
-from rerank_service.pipeline.record import call_facts, log_call
+from rerank_service.pipeline.record import CallFacts, call_facts, log_call
 from rerank_service.pipeline.usage import MeteredCall, UsageMeter
 
 _log = get_logger("rerank_service.access")
+
+# The codes that mark a server span failed (OpenTelemetry's gRPC conventions): the
+# others are the caller's doing.
+_SERVER_ERRORS = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+})  # fmt: skip
 
 
 def internal_error(request_id: str) -> ServiceError:
@@ -68,6 +80,7 @@ class Pipeline:
         *,
         limiter: Limiter | None = None,
         usage: UsageMeter | None = None,
+        tracer: CallTracer | None = None,
     ) -> None:
         self.engine = engine
         self.admission = admission
@@ -78,6 +91,8 @@ class Pipeline:
         # The callers' limits (per process unless given a store), and what each used.
         self.limiter = limiter if limiter is not None else Limiter()
         self.usage = usage if usage is not None else UsageMeter(self.metrics.callers)
+        # Each call's span (None: tracing off, and nothing of it on the call path).
+        self.tracer = tracer
 
     def open(
         self,
@@ -88,12 +103,23 @@ class Pipeline:
         item_id: str | None = None,
         scoped: bool = True,
         caller: Caller | None = None,
+        trace: tuple[str | None, str | None] | None = None,
+        stream: Call | None = None,
     ) -> Call:
         """Start a call: its request id, bound (`scoped`: unbound again at `finish`; a
         stream or a stream item runs in a task of its own, which ends with it). `caller`:
-        known already (a stream's item: the stream's)."""
+        known already (a stream's item: the stream's). `trace`: the caller's validated
+        (traceparent, tracestate), read only when `tracer` is set; `stream`: the stream
+        this call is an item of (its span links to the stream's)."""
         call = Call(self, method, peer, measured, item_id, scoped)
         call.caller = caller
+        tracer = self.tracer
+        if tracer is not None:
+            traceparent, tracestate = (None, None) if trace is None else trace
+            call.span = tracer.open_call(
+                method, peer, traceparent, tracestate, call.started,
+                item_of=None if stream is None else stream.span,
+            )  # fmt: skip
         return call
 
     def authenticate(self, token: Secret | None, carrier: str, peer_identities: Sequence[str] = ()) -> Caller:
@@ -134,12 +160,14 @@ class Call:
         "details",
         "documents",
         "failure",
+        "http_status",
         "item_id",
         "method",
         "model",
         "outcome",
         "peer",
         "request_id",
+        "span",
         "started",
     )  # fmt: skip
 
@@ -178,6 +206,9 @@ class Call:
         self.caller: Caller | None = None
         self._grant: Grant | None = None
         self._share: str | None = None
+        # Its span (tracing on and sampled), and the HTTP status it was answered with.
+        self.span: SpanHandle | None = None
+        self.http_status: int | None = None
 
     @property
     def share_key(self) -> str | None:
@@ -226,7 +257,16 @@ class Call:
             if limiter.store is None:  # nothing to wait for: no coroutine either
                 self._grant = limiter.admit_here(caller, request)
             else:
-                self._grant = await limiter.admit(caller, request, self.request_id, context.deadline)
+                waiting = (
+                    None
+                    if self.span is None
+                    else self.span.child("rerank.limits", {"rerank.caller": caller.name})
+                )
+                try:
+                    self._grant = await limiter.admit(caller, request, self.request_id, context.deadline)
+                finally:
+                    if waiting is not None:
+                        waiting.end()
         self.outcome = await self._pipeline.engine.rerank(request, context)
         return self.outcome
 
@@ -266,13 +306,54 @@ class Call:
             self.method, self.peer, self.request_id, self.documents, self.model, self.outcome,
             self.failure, self.item_id, items, None if self.caller is None else self.caller.name,
         )  # fmt: skip
-        self._measured.finished(self.code, seconds, self.documents, facts.total_tokens)
+        span = self.span
+        self._measured.finished(
+            self.code, seconds, self.documents, facts.total_tokens, None if span is None else span.trace_id
+        )
         log_call(facts, self.code, seconds, self.details, event)
         if self.caller is not None:
             self._meter(seconds)
+        if span is not None:
+            self._end_span(span, facts)
         # The error's traceback holds the front door's frame, which may hold the request
         # (megabytes): dropped here, it goes at once, not when the cycle collector runs.
         self.failure = None
+
+    def _end_span(self, span: SpanHandle, facts: CallFacts) -> None:
+        """What the call's span says of it (never the query, documents or a key), then its
+        end: set at once (each attribute costs the exporter too, so only what a trace
+        reader needs and cannot find elsewhere)."""
+        code = self.code
+        attributes: dict[str, str | int | list[str]] = (
+            {"http.response.status_code": self.http_status}
+            if self.http_status is not None
+            else {"rpc.grpc.status_code": code.value[0]}
+        )
+        if facts.model is not None:
+            attributes["gen_ai.operation.name"] = "rerank"
+            attributes["gen_ai.request.model"] = facts.model
+        if facts.documents is not None:
+            attributes["rerank.documents"] = facts.documents
+        if facts.total_tokens is not None:
+            attributes["gen_ai.usage.input_tokens"] = facts.total_tokens
+        if facts.cache is not CacheOutcome.OFF:
+            attributes["rerank.cache"] = facts.cache.value
+            attributes["rerank.cached_tokens"] = facts.cached_tokens
+        if facts.deployments:
+            attributes["rerank.deployments"] = list(facts.deployments)
+        if facts.caller is not None:
+            attributes["rerank.caller"] = facts.caller
+        if facts.items is not None:
+            attributes["rerank.stream.items"] = facts.items
+        span.set_many(attributes)
+        if code is not grpc.StatusCode.OK:
+            failure = self.failure
+            reason = failure.reason if failure is not None and failure.reason else code.name
+            if code in _SERVER_ERRORS or (self.http_status or 0) >= 500:
+                span.fail(reason)
+            else:  # the caller's mistake: the span is not an error of this service's
+                span.set("error.type", reason)
+        span.end()
 
     def _meter(self, seconds: float) -> None:
         """Settle the caller's limits and record what the call used (pipeline/usage.py)."""

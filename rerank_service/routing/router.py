@@ -21,6 +21,7 @@ from rerank_service.core.domain import (
     BackendResult,
     CacheMode,
     CallContext,
+    DeploymentState,
     FailureKind,
     ModelInfo,
     ServiceError,
@@ -28,8 +29,10 @@ from rerank_service.core.domain import (
     model_not_found,
 )
 from rerank_service.core.readiness import Readiness
+from rerank_service.observability import tracing
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import Metrics
+from rerank_service.observability.tracing import SpanHandle
 from rerank_service.routing.deployment import Deployment
 from rerank_service.routing.route import Route
 
@@ -134,14 +137,35 @@ class Router:
             context = dataclasses.replace(context, retry_budget=route.budget)
         else:
             context = dataclasses.replace(context, retry_budget=route.budget, cache_mode=CacheMode.OFF)
+        span = tracing.child("rerank.route", {"rerank.route": route.name})
+        if span is None:
+            return await self._call(route, request, context, None)
+        span.set("rerank.candidates", [member.deployment.name for member in route.members])
+        try:
+            return await self._call(route, request, context, span)
+        except ServiceError as error:
+            span.fail(error.reason or error.code.name)
+            raise
+        finally:
+            span.end()
+
+    async def _call(
+        self, route: Route, request: BackendRequest, context: CallContext, span: SpanHandle | None
+    ) -> BackendResult:
+        """The route's deployments in its order until one answers, or a failure says stop."""
         tried: set[Deployment] = set()
         failures: list[ServiceError] = []
         while (member := route.pick(tried)) is not None:
-            if failures and not self._may_fall_back(route, failures[-1], context):
+            if failures and not self._may_fall_back(route, failures[-1], context, span):
                 break
-            tried.add(member.deployment)
+            deployment = member.deployment
+            tried.add(deployment)
+            if span is not None:
+                span.set("rerank.deployment", deployment.name)
+                if deployment.state is not DeploymentState.HEALTHY:  # healthy unless it says
+                    span.set("rerank.deployment.state", deployment.state.value)
             try:
-                result = await member.deployment.rerank(
+                result = await deployment.rerank(
                     route.name, dataclasses.replace(request, model=member.model), context
                 )
             except ServiceError as error:
@@ -150,18 +174,25 @@ class Router:
                     break
                 continue
             timings = combined([*(failure.timings for failure in failures), result.timings])
-            return dataclasses.replace(result, deployment=member.deployment.name, timings=timings)
+            return dataclasses.replace(result, deployment=deployment.name, timings=timings)
         last = failures[-1]
         raise last.with_timings(combined([failure.timings for failure in failures])) from last
 
-    def _may_fall_back(self, route: Route, failure: ServiceError, context: CallContext) -> bool:
+    def _may_fall_back(
+        self, route: Route, failure: ServiceError, context: CallContext, span: SpanHandle | None
+    ) -> bool:
         if context.deadline is not None and time.monotonic() >= context.deadline:
             return False
         if not route.budget.try_spend():
             self._metrics.count_retry_budget_exhausted(route.name)
+            if span is not None:
+                span.event("retry budget exhausted", {"rerank.deployment": failure.deployment or ""})
             return False
         self._metrics.count_fallback(route.name)
         _log.warning("fallback", route=route.name, failed=failure.deployment, reason=failure.reason)
+        if span is not None:
+            reason = failure.reason or failure.code.name
+            span.event("fallback", {"rerank.deployment": failure.deployment or "", "error.type": reason})
         return True
 
     def _follow(self, deployments: Iterable[Deployment]) -> None:

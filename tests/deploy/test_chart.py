@@ -35,6 +35,7 @@ HELM = BIN / "helm"
 KUBECONFORM = BIN / "kubeconform"
 SCHEMAS = ROOT / ".ci" / "tools" / "kubernetes-json-schema"
 LOCAL_SCHEMAS = Path(__file__).parent / "schemas"
+ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 # kubeconform's template: <version>-standalone[-strict]/<kind>-<group>-<version>.json
 K8S_SCHEMA_LOCATION = (
     f"{SCHEMAS}/{{{{ .NormalizedKubernetesVersion }}}}-standalone{{{{ .StrictSuffix }}}}"
@@ -51,7 +52,8 @@ VALUES: dict[str, list[str]] = {
     "defaults": [],
     "upstream-gateway": ["-f", str(DEPLOY / "values-upstream-gateway.yaml")],
     "local-gpu": ["-f", str(DEPLOY / "values-local-gpu.yaml")],
-    # the optional parts switched on: TLS with client certificates, keys, HTTP, ServiceMonitor
+    # the optional parts switched on: TLS with client certificates, keys, HTTP, ServiceMonitor,
+    # PrometheusRule
     "all-options": [
         "--set",
         "tls.enabled=true",
@@ -67,6 +69,8 @@ VALUES: dict[str, list[str]] = {
         "http.enabled=true",
         "--set",
         "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.prometheusRule.enabled=true",
         "--set",
         "autoscaling.enabled=true",
     ],
@@ -396,6 +400,70 @@ def test_metrics_and_http_ports(name: str) -> None:
         assert [p["targetPort"] for p in svc["spec"]["ports"] if p["name"] == "http"] == [int(http_port)]
 
 
+def test_the_prometheus_rule_is_deploy_prometheus_alerts() -> None:
+    """The chart's PrometheusRule holds the rules of deploy/prometheus/alerts.yaml, exactly (the
+    file promtool checks and tests: tests/deploy/test_alerts.py); off unless asked for."""
+    alerts = yaml.safe_load(ALERTS.read_text())
+    rule = one("all-options", "PrometheusRule")
+    assert rule["spec"] == alerts
+    assert rule["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    assert {r["alert"] for group in rule["spec"]["groups"] for r in group["rules"]} >= {
+        "RerankModelErrorRatioHigh",
+        "RerankRouteDown",
+        "RerankLatencyP99High",
+        "RerankAdmissionSaturated",
+    }
+    for name in ("defaults", "upstream-gateway", "local-gpu"):
+        assert objects(name, "PrometheusRule") == []
+
+
+def test_the_prometheus_rule_takes_the_labels_a_prometheus_selects() -> None:
+    result = _run(
+        [
+            _tool(HELM),
+            "template",
+            RELEASE,
+            CHART,
+            "--kube-version",
+            K8S_VERSION,
+            "--set",
+            "metrics.prometheusRule.enabled=true",
+            "--set",
+            "metrics.prometheusRule.labels.release=kube-prometheus",
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    (rule,) = [doc for doc in yaml.safe_load_all(result.stdout) if doc and doc["kind"] == "PrometheusRule"]
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus"
+
+
+def test_kubeconform_checks_the_prometheus_rule_against_its_crd() -> None:
+    """The PrometheusRule's schema (tests/deploy/schemas, from prometheus-operator's CRD) is
+    real: a misspelt rule field and a malformed `for` fail."""
+    text = rendered_text("all-options")
+    for broken in (
+        text.replace("      for: 1m", "      for: one minute", 1),
+        text.replace("    - alert: RerankRouteDown", "    - alarm: RerankRouteDown", 1),
+    ):
+        assert broken != text
+        result = _run(
+            [
+                _tool(KUBECONFORM),
+                "-strict",
+                "-kubernetes-version",
+                K8S_VERSION,
+                "-schema-location",
+                K8S_SCHEMA_LOCATION,
+                "-schema-location",
+                f"{LOCAL_SCHEMAS}/{{{{ .ResourceKind }}}}{{{{ .KindSuffix }}}}.json",
+                "-",
+            ],
+            input=broken,
+        )
+        assert result.returncode != 0, broken
+        assert "PrometheusRule" in result.stdout
+
+
 # --- the images ----------------------------------------------------------------------
 
 
@@ -407,7 +475,9 @@ def test_images_run_rerank_service_serve_as_a_non_root_user(dockerfile: str) -> 
     final_stage = text.rsplit("\nFROM ", 1)[1]
     assert re.search(r"^USER 10001:10001$", final_stage, re.M)
     assert "COPY --from=build /opt/rerank /opt/rerank" in final_stage
-    assert ("'.[local]'" in text) == (dockerfile == "Dockerfile.local")
+    # The local image has the local backend; both can trace (docs/OBSERVABILITY.md#tracing).
+    extras = "'.[local,otel]'" if dockerfile == "Dockerfile.local" else "'.[otel]'"
+    assert extras in text
     # the chart's pod user is the image's
     assert yaml.safe_load((CHART / "values.yaml").read_text())["podSecurityContext"]["runAsUser"] == 10001
 

@@ -120,6 +120,8 @@ def test_the_image_holds_the_service_and_no_pytorch(container: str) -> None:
         "'rerank-service': m.version('rerank-service'), 'client': m.version('rerank-service-client'),"
         "'executable': shutil.which('rerank-service'), 'prefix': sys.prefix,"
         "'present': [n for n in ('torch', 'transformers', 'onnxruntime') if u.find_spec(n)],"
+        "'tracing': [n for n in ('opentelemetry.sdk.trace', 'opentelemetry.exporter.otlp.proto.grpc',"
+        " 'opentelemetry.exporter.otlp.proto.http') if u.find_spec(n)],"
         "'sources': os.path.exists('/src'),"
         "'pycache': [d for d, _, _ in os.walk('/opt/rerank') if d.endswith('__pycache__')]}))"
     )
@@ -130,6 +132,12 @@ def test_the_image_holds_the_service_and_no_pytorch(container: str) -> None:
         "executable": "/opt/rerank/bin/rerank-service",
         "prefix": "/opt/rerank",
         "present": [],  # the upstream image: no PyTorch, no local backend
+        # Tracing works in the image: the `otel` extra (docs/OBSERVABILITY.md#tracing).
+        "tracing": [
+            "opentelemetry.sdk.trace",
+            "opentelemetry.exporter.otlp.proto.grpc",
+            "opentelemetry.exporter.otlp.proto.http",
+        ],
         "sources": False,  # the build stage stays behind
         "pycache": [],
     }

@@ -18,6 +18,7 @@ from rerank.v1 import rerank_pb2_grpc
 from rerank_service.config import Settings
 from rerank_service.core.backend import Backend
 from rerank_service.observability.metrics import Metrics
+from rerank_service.observability.tracing import CallTracer
 from rerank_service.server import RerankServer
 from tests.support.waiting import wait_until
 
@@ -28,7 +29,7 @@ class ServerThread:
     """`with ServerThread(settings) as server:` gives a started server and a stub.
 
     `metrics`: where the server records (a given `backend` records where it was told);
-    None: a Metrics of the server's own."""
+    None: a Metrics of the server's own. `tracer`: the calls' spans go to it (None: off)."""
 
     def __init__(
         self,
@@ -36,10 +37,12 @@ class ServerThread:
         backend: Backend | None = None,
         start: bool = True,
         metrics: Metrics | None = None,
+        tracer: CallTracer | None = None,
     ) -> None:
         self.settings = dataclasses.replace(settings, host="127.0.0.1", port=0)
         self._backend = backend
         self._metrics = metrics
+        self._tracer = tracer
         self._start = start
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rerank-server", daemon=True)
@@ -93,7 +96,7 @@ class ServerThread:
         self.channel = grpc.insecure_channel(self.target)
 
     async def _create(self) -> RerankServer:
-        return RerankServer(self.settings, self._backend, metrics=self._metrics)
+        return RerankServer(self.settings, self._backend, metrics=self._metrics, tracer=self._tracer)
 
     def __exit__(self, *exc: object) -> None:
         if self.channel is not None:

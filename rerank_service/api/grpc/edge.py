@@ -32,6 +32,7 @@ from rerank.v1 import rerank_pb2
 
 from rerank_service.api.grpc.status import Metadata, error_metadata
 from rerank_service.core.domain import NO_TIMINGS, CacheOutcome, RerankOutcome, ServiceError, Timings
+from rerank_service.observability.trace_context import trace_context
 from rerank_service.pipeline.admission import Admission
 from rerank_service.pipeline.auth import bearer_token
 from rerank_service.pipeline.call import Call, Pipeline, unauthenticated
@@ -219,7 +220,7 @@ class RerankServiceEdge:
             received: _Received | _Unparsed | _Undecodable, context: ServicerContext[Any, Any]
         ) -> Any:
             # The peer is read now: once a deadline has cancelled the call it is gone.
-            call = pipeline.open(path, context.peer(), measured)
+            call = pipeline.open(path, context.peer(), measured, trace=_trace(pipeline, context))
             ran = False
             try:
                 try:
@@ -270,7 +271,9 @@ class RerankServiceEdge:
         async def stream(requests: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             # Not unbound afterwards (scoped=False): the stream's task ends with the call, and
             # a generator may be finalised from another context, where reset() fails.
-            call = pipeline.open(path, context.peer(), measured, scoped=False)
+            call = pipeline.open(
+                path, context.peer(), measured, scoped=False, trace=_trace(pipeline, context)
+            )
             # A stream holds an admission slot only while items are in flight, not while it is
             # open: a stream that sends nothing holds nothing (the idle timeout ends it meanwhile).
             items = _StreamItems(requests, self._admission, self._stream_idle_timeout)
@@ -440,3 +443,9 @@ def peer_identities(context: ServicerContext[Any, Any]) -> list[str]:
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3f}"
+
+
+def _trace(pipeline: Pipeline, context: ServicerContext[Any, Any]) -> tuple[str | None, str | None] | None:
+    """The caller's trace context, read only with tracing on (the servicer reads it again
+    for the upstream, with or without)."""
+    return None if pipeline.tracer is None else trace_context(context.invocation_metadata())

@@ -71,8 +71,9 @@ class RerankServicer:
             # Each item is a call of its own in the pipeline; it runs in a task of its own,
             # so the request id bound is this item's only.
             item_call = pipeline.open(
-                STREAM_ITEM_PATH, peer, item_metrics, item_id=item.id, scoped=False, caller=call.caller
-            )
+                STREAM_ITEM_PATH, peer, item_metrics, item_id=item.id, scoped=False, caller=call.caller,
+                trace=(shared.traceparent, shared.tracestate), stream=call,
+            )  # fmt: skip
             try:
                 outcome = await item_call.rerank(to_domain(item.request), shared)
                 item_call.succeeded()

@@ -37,7 +37,7 @@ from rerank_service.observability.request_id import new_request_id
 from rerank_service.observability.trace_context import trace_context
 from rerank_service.pipeline.auth import bearer_token
 from rerank_service.pipeline.cache_control import cache_mode
-from rerank_service.pipeline.call import Pipeline
+from rerank_service.pipeline.call import Call, Pipeline
 from rerank_service.pipeline.callers import Caller, certificate_identities
 from rerank_service.pipeline.record import (
     CACHE_KEY,
@@ -106,7 +106,17 @@ class FrontDoor:
         measured = self._pipeline.metrics.for_http_route(path)
 
         async def handle(http: web.Request) -> web.Response:
-            call = self._pipeline.open(f"HTTP POST {path}", http.remote or "", measured)
+            pipeline = self._pipeline
+            trace = None if pipeline.tracer is None else trace_context(http.headers.items())
+            call = pipeline.open(f"HTTP POST {path}", http.remote or "", measured, trace=trace)
+            try:
+                response = await answer(http, call)
+                call.http_status = response.status
+                return response
+            finally:
+                call.finish()
+
+        async def answer(http: web.Request, call: Call) -> web.Response:
             try:
                 try:
                     context = self._authenticate(http, time.monotonic() + self._call_timeout)
@@ -137,8 +147,6 @@ class FrontDoor:
                 return self._json_response(
                     wire.error("InternalError", bug.message, call.request_id), 500, call.request_id
                 )
-            finally:
-                call.finish()
 
         return handle
 

@@ -31,6 +31,7 @@ from rerank_service.core.domain import (
     not_ready,
 )
 from rerank_service.core.readiness import Readiness
+from rerank_service.observability import tracing
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import Metrics
 
@@ -196,7 +197,14 @@ class LocalBackend:
         instruct = request.instruct if scorer.supports_instruct else None
         try:
             async with asyncio.timeout(_time_left(context)):
-                encoded = await asyncio.to_thread(scorer.encode, request.query, request.documents, instruct)
+                tokenizing = tracing.child("rerank.tokenize", {"rerank.documents": len(request.documents)})
+                try:
+                    encoded = await asyncio.to_thread(
+                        scorer.encode, request.query, request.documents, instruct
+                    )
+                finally:
+                    if tokenizing is not None:
+                        tokenizing.end()
                 scored = await batcher.score_timed(encoded)
         except TimeoutError:
             raise ServiceError(

@@ -38,8 +38,10 @@ import grpc
 
 from rerank_service.backends.local.scorer import Encoded, Scorer
 from rerank_service.core.domain import FailureKind, ServiceError
+from rerank_service.observability import tracing
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import Metrics
+from rerank_service.observability.tracing import SpanHandle
 
 _log = get_logger("rerank_service.batcher")
 
@@ -74,6 +76,9 @@ class _Job:
     # This request's own timing, handed back with its scores.
     queue_seconds: float = 0.0
     inference_seconds: float = 0.0
+    # The span of the call it came from (tracing on and sampled): its queue wait and the
+    # forward passes that served it are recorded under it.
+    span: SpanHandle | None = None
 
     def __post_init__(self) -> None:
         self.scores = [0.0] * len(self.items)
@@ -158,7 +163,12 @@ class MicroBatcher:
         """`score`, with the time the request waited and the time its batches ran."""
         if not items:
             return TimedScores([], 0.0, 0.0)
-        job = _Job(items, asyncio.get_running_loop().create_future(), enqueued_at=time.perf_counter())
+        job = _Job(
+            items,
+            asyncio.get_running_loop().create_future(),
+            enqueued_at=time.perf_counter(),
+            span=tracing.current(),
+        )
         self._queue.append(job)
         self._wake.set()
         scores = await job.future
@@ -235,6 +245,10 @@ class MicroBatcher:
                 self.stats.queue_seconds += waited
                 self._metrics.observe_queue(waited)
                 job.queue_seconds = waited
+                if job.span is not None:
+                    job.span.record_child(
+                        "rerank.queue", job.enqueued_at, started, {"rerank.pairs": len(job.items)}
+                    )
         loop = asyncio.get_running_loop()
         try:
             scores = await loop.run_in_executor(self._executor, self._scorer.score, [p.item for p in batch])
@@ -267,5 +281,13 @@ class MicroBatcher:
     def _ran(self, jobs: set[_Job], pairs: int, seconds: float) -> None:
         """Record a batch that ran (failed or not): the model was busy for every call in it."""
         self._metrics.observe_batch(pairs, seconds)
+        ended = time.perf_counter()
         for job in jobs:
             job.inference_seconds += seconds
+            if job.span is not None:  # each call's trace shows the forward pass that served it
+                job.span.record_child(
+                    "rerank.forward",
+                    ended - seconds,
+                    ended,
+                    {"rerank.batch.pairs": pairs, "rerank.batch.calls": len(jobs)},
+                )

@@ -43,6 +43,7 @@ from rerank_service.core.domain import (
 from rerank_service.core.health import DeploymentHealth, Outcome
 from rerank_service.core.readiness import Readiness
 from rerank_service.core.token_window import EstimatedWindow
+from rerank_service.observability import tracing
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import Metrics
 
@@ -84,9 +85,13 @@ class UpstreamBackend:
         health: DeploymentHealth,
         timeout: float,
         metrics: Metrics | None = None,
+        url: str | None = None,
     ) -> None:
         self._dialect = dialect
         self._path = path or dialect.path
+        # What each attempt's span says of where it went (OpenTelemetry's HTTP client
+        # conventions; the URL without credentials, which the settings never let in a query).
+        self._span_attributes = _span_attributes(dialect.name, url, self._path)
         self._transport_factory = transport_factory
         self._transport: UpstreamTransport | None = None
         self._models = models
@@ -180,6 +185,7 @@ class UpstreamBackend:
             ),
             timeout=connection.timeout,
             metrics=recorded,
+            url=upstream_url,
         )
 
     @property
@@ -235,7 +241,7 @@ class UpstreamBackend:
                 probe_deadline = time.monotonic() + self._health.probe_timeout
                 deadline = probe_deadline if deadline is None else min(deadline, probe_deadline)
             try:
-                answer = await self._attempt(request, body, token, context, deadline, spans)
+                answer = await self._attempt(request, body, token, context, deadline, spans, attempt)
                 outcome = Outcome.SUCCESS
                 timings = Timings(upstream_spans=tuple(spans))
                 request_id = checked_request_id(answer.request_id, self._secrets_of(token))
@@ -290,17 +296,47 @@ class UpstreamBackend:
         context: CallContext,
         deadline: float | None,
         spans: list[tuple[float, float]],
+        attempt: int,
     ) -> UpstreamAnswer:
-        """One HTTP exchange and its answer read; its time on the wire goes into `spans`."""
+        """One HTTP exchange and its answer read; its time on the wire goes into `spans`.
+        With tracing on it is a client span, whose context the upstream is sent."""
+        span = tracing.child("POST", self._span_attributes, client=True)
+        if span is None:
+            return await self._exchange(request, body, token, context, deadline, spans, context.traceparent)
+        if attempt > 1:
+            span.set("http.request.resend_count", attempt - 1)
+        try:
+            return await self._exchange(request, body, token, context, deadline, spans, span.traceparent())
+        except ServiceError as error:
+            status = error.metadata.get("upstream_status")
+            if status is not None and status.isdigit():
+                span.set("http.response.status_code", int(status))
+            span.fail(error.reason or error.code.name)
+            raise
+        finally:
+            span.end()
+
+    async def _exchange(
+        self,
+        request: BackendRequest,
+        body: dict[str, Any],
+        token: Secret | None,
+        context: CallContext,
+        deadline: float | None,
+        spans: list[tuple[float, float]],
+        traceparent: str | None,
+    ) -> UpstreamAnswer:
         assert self._transport is not None
         started = time.perf_counter()
         try:
             reply = await self._transport.post_json(
-                self._path, body, token, deadline,
-                traceparent=context.traceparent, tracestate=context.tracestate,
-            )  # fmt: skip
+                self._path, body, token, deadline, traceparent=traceparent, tracestate=context.tracestate
+            )
         finally:
             spans.append((started, time.perf_counter()))
+        span = tracing.current()
+        if span is not None:
+            span.set("http.response.status_code", reply.status)
         decoded = _decode_json(reply)
         secrets = self._secrets_of(token)
         if not 200 <= reply.status < 300:
@@ -336,6 +372,18 @@ class UpstreamBackend:
                 reason="MISSING_CREDENTIALS",
             )
         return context.bearer_token
+
+
+def _span_attributes(format_name: str, url: str | None, path: str) -> dict[str, str | int]:
+    attributes: dict[str, str | int] = {"http.request.method": "POST", "gen_ai.provider.name": format_name}
+    if url is None:
+        return attributes
+    parts = urllib.parse.urlsplit(url)
+    attributes["url.full"] = url.rstrip("/") + "/" + path.lstrip("/")
+    if parts.hostname:
+        attributes["server.address"] = parts.hostname
+    attributes["server.port"] = parts.port or (443 if parts.scheme == "https" else 80)
+    return attributes
 
 
 def _estimated_tokens(request: BackendRequest) -> int:

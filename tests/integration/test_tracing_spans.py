@@ -1,0 +1,240 @@
+"""The spans of a call, read from OpenTelemetry's SDK in the server's own process.
+
+A live server (gRPC on a loopback port, the fake upstream over HTTP) with a tracer whose
+spans go to the SDK's in-memory exporter: what each span is, whom it hangs under, what it
+says and never says, and the context the upstream is sent. tests/integration/test_tracing.py
+proves the same end to end through a real collector (Jaeger) and real processes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+from rerank_service.observability.metrics import Metrics
+from rerank_service.observability.tracing_export import OtelTracing, _BoundedProcessor, _CountingExporter
+from rerank_service.testing.fake_upstream import FakeUpstream, Fault
+from tests.conftest import UPSTREAM_KEY, upstream_settings
+from tests.support.logs import LogCapture
+from tests.support.rpc import expect_error, request
+from tests.support.server import ServerThread
+from tests.support.waiting import wait_until
+
+CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CALLER_SPAN = "b7ad6b7169203331"
+SAMPLED = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+RERANK = "rerank.v1.RerankService/Rerank"
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def traced(upstream: FakeUpstream, logs: LogCapture, spans: InMemorySpanExporter) -> Iterator[ServerThread]:
+    """A live server whose spans go to `spans`, exported as each ends."""
+    with ServerThread(upstream_settings(upstream), tracer=in_memory(spans)) as server:
+        yield server
+
+
+def in_memory(spans: InMemorySpanExporter) -> OtelTracing:
+    """The service's tracer, exporting each span to `spans` as it ends, sampling every call."""
+    return OtelTracing(SimpleSpanProcessor(spans), Resource.create(), ParentBased(ALWAYS_ON))
+
+
+def finished(spans: InMemorySpanExporter, count: int) -> list[ReadableSpan]:
+    """The spans ended so far, once there are `count` (the server span ends last, after the
+    answer is sent, so a test waits for it)."""
+    wait_until(lambda: len(spans.get_finished_spans()) >= count, timeout=10, what=f"{count} spans")
+    return list(spans.get_finished_spans())
+
+
+def named(found: list[ReadableSpan], name: str) -> list[ReadableSpan]:
+    return [span for span in found if span.name == name]
+
+
+def hex_id(value: int, digits: int) -> str:
+    return format(value, f"0{digits}x")
+
+
+def test_a_call_is_a_server_span_under_the_callers_with_its_route_and_attempt_below(
+    traced: ServerThread, upstream: FakeUpstream, spans: InMemorySpanExporter
+) -> None:
+    traced.stub.Rerank(request(), metadata=(("traceparent", SAMPLED),), timeout=10)
+
+    found = finished(spans, 3)
+    (server,) = named(found, RERANK)
+    (route,) = named(found, "rerank.route")
+    (attempt,) = named(found, "POST")
+    assert server.kind is SpanKind.SERVER
+    assert hex_id(server.context.trace_id, 32) == CALLER_TRACE
+    assert server.parent is not None
+    assert hex_id(server.parent.span_id, 16) == CALLER_SPAN
+    assert route.parent is not None
+    assert route.parent.span_id == server.context.span_id
+    assert attempt.parent is not None
+    assert attempt.parent.span_id == route.context.span_id
+    assert attempt.kind is SpanKind.CLIENT
+    attributes = dict(server.attributes or {})
+    assert attributes["rpc.system"] == "grpc"
+    assert attributes["rpc.method"] == "Rerank"
+    assert attributes["rpc.grpc.status_code"] == 0
+    assert attributes["gen_ai.request.model"] == "qwen3-rerank"
+    assert attributes["rerank.documents"] == len(request().documents)
+    assert isinstance(attributes["gen_ai.usage.input_tokens"], int)
+    assert dict(route.attributes or {})["rerank.route"] == "qwen3-rerank"
+    attempt_attributes = dict(attempt.attributes or {})
+    assert attempt_attributes["http.response.status_code"] == 200
+    (received,) = upstream.requests
+    assert attempt_attributes["url.full"] == upstream.url.rstrip("/") + received.path
+    # The upstream was sent the attempt's own context: its spans hang under the attempt.
+    assert received.headers["traceparent"] == (f"00-{CALLER_TRACE}-{hex_id(attempt.context.span_id, 16)}-01")
+
+
+def test_a_retried_attempt_is_a_second_client_span_and_the_failed_one_says_why(
+    traced: ServerThread, upstream: FakeUpstream, spans: InMemorySpanExporter
+) -> None:
+    upstream.inject(Fault(status=503, body={"code": "ServiceUnavailable", "message": "busy"}))
+    traced.stub.Rerank(request(), metadata=(("traceparent", SAMPLED),), timeout=10)
+
+    attempts = sorted(named(finished(spans, 4), "POST"), key=lambda span: span.start_time or 0)
+    assert len(attempts) == 2
+    failed, succeeded = attempts
+    assert failed.status.status_code is StatusCode.ERROR
+    assert dict(failed.attributes or {})["http.response.status_code"] == 503
+    assert "error.type" in dict(failed.attributes or {})
+    assert dict(succeeded.attributes or {})["http.request.resend_count"] == 1
+    assert succeeded.status.status_code is StatusCode.UNSET
+    # Each attempt sent its own span's context.
+    sent = [recorded.headers["traceparent"] for recorded in upstream.requests]
+    assert sent == [f"00-{CALLER_TRACE}-{hex_id(span.context.span_id, 16)}-01" for span in attempts]
+
+
+def test_a_failed_call_marks_its_span_with_the_reason_and_never_the_text_or_keys(
+    traced: ServerThread, upstream: FakeUpstream, spans: InMemorySpanExporter
+) -> None:
+    upstream.always(Fault(status=500, body={"code": "InternalError", "message": "boom"}))
+    secret_query = "the-secret-query-text"
+    expect_error(lambda: traced.stub.Rerank(request(query=secret_query), timeout=10))
+
+    found = finished(spans, 3)  # the server span, the route and the attempt (a 500 is not retried)
+    (server,) = named(found, RERANK)
+    assert server.status.status_code is StatusCode.ERROR
+    assert dict(server.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    dumped = "".join(span.to_json() for span in found)
+    assert secret_query not in dumped
+    assert "red apple" not in dumped  # nor a document
+    assert UPSTREAM_KEY not in dumped
+
+
+def test_a_caller_mistake_is_named_on_the_span_without_marking_it_failed(
+    traced: ServerThread, spans: InMemorySpanExporter
+) -> None:
+    expect_error(lambda: traced.stub.Rerank(request(query=""), timeout=10))
+
+    (server,) = named(finished(spans, 1), RERANK)
+    assert server.status.status_code is StatusCode.UNSET
+    assert dict(server.attributes or {})["error.type"]
+
+
+def test_a_trace_the_caller_did_not_sample_records_nothing_and_passes_its_context_on(
+    traced: ServerThread, upstream: FakeUpstream, spans: InMemorySpanExporter
+) -> None:
+    unsampled = f"00-{CALLER_TRACE}-{CALLER_SPAN}-00"
+    traced.stub.Rerank(request(), metadata=(("traceparent", unsampled),), timeout=10)
+
+    wait_until(lambda: len(upstream.requests) == 1, timeout=10, what="the upstream call")
+    assert upstream.requests[0].headers["traceparent"] == unsampled
+    # A sampled call after it is recorded alone: the unsampled one left nothing behind.
+    traced.stub.Rerank(request(), metadata=(("traceparent", SAMPLED),), timeout=10)
+    assert len(named(finished(spans, 3), RERANK)) == 1
+
+
+def test_stream_items_are_spans_of_their_own_linked_to_the_stream(
+    traced: ServerThread, spans: InMemorySpanExporter
+) -> None:
+    from rerank.v1 import rerank_pb2
+
+    items = [rerank_pb2.RerankStreamRequest(id=f"item-{n}", request=request()) for n in range(2)]
+    answers = list(traced.stub.RerankStream(iter(items), metadata=(("traceparent", SAMPLED),), timeout=10))
+    assert len(answers) == 2
+
+    found = finished(spans, 7)  # the stream, two items, their routes and attempts
+    (stream,) = named(found, "rerank.v1.RerankService/RerankStream")
+    item_spans = named(found, "rerank.v1.RerankService/RerankStream item")
+    assert len(item_spans) == 2
+    for item in item_spans:
+        assert [link.context.span_id for link in item.links] == [stream.context.span_id]
+        assert hex_id(item.context.trace_id, 32) == CALLER_TRACE
+    assert dict(stream.attributes or {})["rerank.stream.items"] == 2
+
+
+def test_log_lines_and_latency_exemplars_carry_the_trace(
+    upstream: FakeUpstream, logs: LogCapture, spans: InMemorySpanExporter
+) -> None:
+    metrics = Metrics()
+    with ServerThread(upstream_settings(upstream), metrics=metrics, tracer=in_memory(spans)) as server:
+        server.stub.Rerank(request(), metadata=(("traceparent", SAMPLED),), timeout=10)
+        (server_span,) = named(finished(spans, 3), RERANK)
+
+    access = logs.wait_for_calls(1)
+    assert access, logs.text
+    assert access[-1]["trace_id"] == CALLER_TRACE
+    assert access[-1]["span_id"] == hex_id(server_span.context.span_id, 16)
+    exposition = openmetrics(metrics.registry).decode()  # type: ignore[no-untyped-call]
+    assert re.search(
+        r'rerank_call_latency_seconds_bucket\{le="[^"]+",method="Rerank"\} \d+(\.\d+)? # \{trace_id="'
+        + CALLER_TRACE,
+        exposition,
+    ), exposition
+
+
+class _Refusing(SpanExporter):
+    """A collector that never takes a span."""
+
+    def export(self, spans: object) -> SpanExportResult:
+        return SpanExportResult.FAILURE
+
+
+def test_spans_a_collector_refuses_and_spans_past_the_queue_are_counted_as_dropped() -> None:
+    metrics = Metrics()
+    exporter = _CountingExporter(_Refusing(), metrics)
+    provider = TracerProvider()
+    inner = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(_BoundedProcessor(inner, exporter, 1, metrics))
+    tracer = provider.get_tracer("test")
+    for _ in range(3):
+        tracer.start_span("one").end()
+    dropped = metrics.trace_spans_dropped
+    assert dropped.labels("export_failed")._value.get() == 3
+    # The simple processor exports at once, so the queue never holds one: none dropped there.
+    assert dropped.labels("queue_full")._value.get() == 0
+
+
+def test_a_full_queue_drops_and_counts_instead_of_holding_a_call() -> None:
+    metrics = Metrics()
+    exporter = _CountingExporter(InMemorySpanExporter(), metrics)
+
+    class _Holding(SimpleSpanProcessor):
+        """A processor that keeps every span (a collector that never answers)."""
+
+        def on_end(self, span: ReadableSpan) -> None:
+            pass
+
+    provider = TracerProvider()
+    provider.add_span_processor(_BoundedProcessor(_Holding(exporter), exporter, 2, metrics))
+    tracer = provider.get_tracer("test")
+    for _ in range(5):
+        tracer.start_span("one").end()
+    assert metrics.trace_spans_dropped.labels("queue_full")._value.get() == 3
