@@ -277,7 +277,20 @@ def _resource(worker: int | None) -> Resource:
     if worker is not None:
         own["rerank.worker"] = worker
     # The SDK's own (telemetry.sdk.*), then ours, then the operator's variables over both.
-    return Resource.create().merge(Resource(own)).merge(OTELResourceDetector().detect())
+    return _ProcessResource(Resource.create().merge(Resource(own)).merge(OTELResourceDetector().detect()))
+
+
+class _ProcessResource(Resource):
+    """The process's resource, hashed once: the OTLP encoder hashes the resource of every
+    span it encodes, and Resource's hash is a JSON dump of every attribute (9 µs a span,
+    a sixth of its encoding)."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 class _CountingExporter(SpanExporter):
