@@ -5,7 +5,10 @@
 One call's path through the service, minus gRPC, HTTP and JSON: `servicer.to_domain`,
 `RerankEngine.rerank` (validate, split, the backend call, merge, rank) with an
 in-memory backend whose `rerank` is the DashScope-native dialect's `parse_answer` over
-an already decoded upstream answer, and `servicer.to_proto`. The request and the
+an already decoded upstream answer, and `servicer.to_proto`. Beside it, each call's
+bookkeeping in the call pipeline (`Pipeline.open`, admission, `Call.finish`), and its two
+largest parts: the call's metrics and its access-log line (JSON, written to /dev/null,
+as the service logs by default). The request and the
 answer are `bench.perf`'s (`bench/perf_payloads.py`): corpus documents of 20-40 words,
 every document scored, indexes shuffled, the call limits of `qwen3-rerank` (500
 documents, 120,000 tokens per upstream call).
@@ -19,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 import orjson
 from rerank.v1 import rerank_pb2
 
@@ -36,6 +41,12 @@ from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import BackendRequest, BackendResult, CallContext, ModelInfo, RerankOutcome
 from rerank_service.core.engine import RerankEngine
 from rerank_service.core.readiness import Readiness
+from rerank_service.observability.logging import configure_logging
+from rerank_service.observability.metrics import Metrics
+from rerank_service.pipeline.admission import Admission
+from rerank_service.pipeline.call import Pipeline
+from rerank_service.pipeline.callers import CallerDirectory
+from rerank_service.pipeline.record import call_facts, log_call
 
 MODEL = ModelInfo(
     "qwen3-rerank", max_documents=10_000, max_query_tokens=4000, supports_instruct=True, backend="bench"
@@ -118,12 +129,35 @@ def bench(count: int, iterations: int, rounds: int) -> dict[str, float]:
     async def proto() -> rerank_pb2.RerankResponse:
         return to_proto(outcome, "bench")
 
+    pipeline = Pipeline(engine, Admission(1_000), CallerDirectory(), Metrics())
+    method, peer = "/rerank.v1.RerankService/Rerank", "ipv4:127.0.0.1:50000"
+    measured = pipeline.metrics.for_method(method)
+
+    async def bookkeeping() -> None:
+        call = pipeline.open(method, peer, measured)
+        call.admit(message.ByteSize())
+        call.documents, call.model, call.outcome = count, request.model, outcome
+        call.succeeded()
+        call.finish()
+
+    async def metrics() -> None:
+        measured.started()
+        measured.finished(grpc.StatusCode.OK, 0.01, count, outcome.total_tokens)
+
+    facts = call_facts(method, peer, "bench", count, request.model, outcome, None)
+
+    async def log_line() -> None:
+        log_call(facts, grpc.StatusCode.OK, 0.01, None)
+
     return {
         "whole path": measure(whole, iterations, rounds),
         "to_domain": measure(domain, iterations, rounds),
         "engine.rerank (with parse_answer)": measure(engine_only, iterations, rounds),
         "  of which parse_answer": measure(parse, iterations, rounds),
         "to_proto": measure(proto, iterations, rounds),
+        "call bookkeeping (open, admit, finish)": measure(bookkeeping, iterations, rounds),
+        "  of which metrics": measure(metrics, iterations, rounds),
+        "  of which the access-log line": measure(log_line, iterations, rounds),
     }
 
 
@@ -144,6 +178,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=0, help="calls per round (default: by size)")
     parser.add_argument("--rounds", type=int, default=7, help="rounds; the best one counts")
     args = parser.parse_args()
+    # The service's default: JSON lines (here to /dev/null, so the writes cost what they do).
+    configure_logging("json", "info", stream=open(os.devnull, "w"))  # noqa: SIM115 - for the whole run
     table: dict[int, dict[str, float]] = {}
     for count in args.counts:
         iterations = args.iterations or max(200, 200_000 // count)
