@@ -91,6 +91,12 @@ def _run(cmd: list[str | Path], **kwargs: Any) -> subprocess.CompletedProcess[st
 
 
 @cache
+def helm_template(*settings: str) -> subprocess.CompletedProcess[str]:
+    """`helm template` of the chart with each of `settings` (`key=value`) given as --set."""
+    sets = [argument for setting in settings for argument in ("--set", setting)]
+    return _run([_tool(HELM), "template", RELEASE, CHART, "--kube-version", K8S_VERSION, *sets])
+
+
 def rendered_text(name: str) -> str:
     result = _run(
         [
@@ -266,20 +272,7 @@ def test_grace_period_covers_the_drain_and_the_prestop_sleep(name: str) -> None:
 
 
 def test_a_too_short_grace_period_is_refused() -> None:
-    result = _run(
-        [
-            _tool(HELM),
-            "template",
-            RELEASE,
-            CHART,
-            "--kube-version",
-            K8S_VERSION,
-            "--set",
-            "terminationGracePeriodSeconds=20",
-            "--set",
-            "shutdownGrace=30",
-        ]
-    )
+    result = helm_template("terminationGracePeriodSeconds=20", "shutdownGrace=30")
     assert result.returncode != 0
     assert "must exceed shutdownGrace + preStopSleepSeconds" in result.stderr
 
@@ -418,19 +411,8 @@ def test_the_prometheus_rule_is_deploy_prometheus_alerts() -> None:
 
 
 def test_the_prometheus_rule_takes_the_labels_a_prometheus_selects() -> None:
-    result = _run(
-        [
-            _tool(HELM),
-            "template",
-            RELEASE,
-            CHART,
-            "--kube-version",
-            K8S_VERSION,
-            "--set",
-            "metrics.prometheusRule.enabled=true",
-            "--set",
-            "metrics.prometheusRule.labels.release=kube-prometheus",
-        ]
+    result = helm_template(
+        "metrics.prometheusRule.enabled=true", "metrics.prometheusRule.labels.release=kube-prometheus"
     )
     assert result.returncode == 0, result.stderr
     (rule,) = [doc for doc in yaml.safe_load_all(result.stdout) if doc and doc["kind"] == "PrometheusRule"]
