@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from rerank_service.cache.entry import CachedScore
 from rerank_service.cache.memory import MemoryTier
@@ -27,6 +27,7 @@ from rerank_service.cache.redis_tier import RedisTier
 from rerank_service.cache.single_flight import Flight, Flights
 from rerank_service.core.domain import CacheMode, CacheOutcome
 
+_new_tuple = tuple.__new__
 DEFAULT_FLIGHT_WAIT = 10.0  # seconds a call waits at most for another call's scores
 
 
@@ -94,36 +95,49 @@ class ScoreCache:
         else is missing: a call that must compute anyway computes those too rather than
         wait. NO_READ reads nothing; OFF neither reads nor stores.
         """
+        count = len(keys)
         if mode is CacheMode.OFF or not self.enabled:
-            return self._counted(CacheLookup(self, keys, CacheMode.OFF, {}, list(range(len(keys))), None))
+            return self._counted(CacheLookup(self, keys, CacheMode.OFF, {}, list(range(count)), None))
         if mode is CacheMode.NO_READ:
-            return self._counted(CacheLookup(self, keys, mode, {}, list(range(len(keys))), None))
+            return self._counted(CacheLookup(self, keys, mode, {}, list(range(count)), None))
+        found = self._memory.get_many(keys) if self._memory is not None else [None] * count
+        flights = self._flights
+        claims = flights.claims
+        if all(found):  # every pair in memory (an entry is a non-empty tuple): nothing to claim
+            every = cast(list[CachedScore], found)
+            return self._counted(CacheLookup(self, keys, mode, dict(enumerate(every)), [], None))
         hits: dict[int, CachedScore] = {}
         # Pairs not in memory, by key (a document sent twice is one pair): own ones are
         # claimed by this call, others are another call's in flight.
-        own: dict[bytes, list[int]] = {}
+        own: dict[bytes, list[int]] | None = None
         others: dict[bytes, tuple[Flight, list[int]]] = {}
-        flights = self._flights
-        read_memory, in_flight = self._memory.get if self._memory is not None else _nothing, flights.owner
-        for index, key in enumerate(keys):
-            entry = read_memory(key)
-            if entry is not None:
-                hits[index] = entry
-            elif key in own:
-                own[key].append(index)
-            elif key in others:
-                others[key][1].append(index)
-            elif (owner := in_flight(key)) is not None:
-                others[key] = (owner, [index])
-            else:
-                own[key] = [index]
-        flight = flights.claim(own) if own else None
+        flight: Flight | None
+        distinct = set(keys)
+        if len(distinct) == count and not any(found) and claims.keys().isdisjoint(distinct):
+            flight = flights.claim(distinct)  # the usual miss: every pair this call's, in C
+        else:
+            own = {}
+            for index, (key, entry) in enumerate(zip(keys, found, strict=True)):
+                if entry is not None:
+                    hits[index] = entry
+                elif key in own:
+                    own[key].append(index)
+                elif key in others:
+                    others[key][1].append(index)
+                elif (owner := claims.get(key)) is not None:
+                    owner.waited = True
+                    others[key] = (owner, [index])
+                else:
+                    own[key] = [index]
+            flight = flights.claim(set(own)) if own else None
         try:
             if flight is not None and self._redis is not None:
+                if own is None:
+                    own = {key: [index] for index, key in enumerate(keys)}
                 await self._read_redis(own, flight, hits)
             coalesced = 0
             # A call that computes some pairs anyway computes the others' too, rather than wait.
-            if not (flight is not None and flight.pending):
+            if others and not (flight is not None and flight.pending):
                 coalesced = await self._wait_for(others, hits, self.flight_wait if wait is None else wait)
         except BaseException:
             if flight is not None:
@@ -132,19 +146,33 @@ class ScoreCache:
         if flight is not None and not flight.pending:
             flights.finish(flight)
             flight = None
-        missing = [index for index in range(len(keys)) if index not in hits]
+        missing = [index for index in range(count) if index not in hits] if hits else list(range(count))
         self._coalesced += coalesced
         return self._counted(CacheLookup(self, keys, mode, hits, missing, flight))
 
     async def store(self, entries: Mapping[bytes, CachedScore], flight: Flight | None = None) -> None:
         """Keep `entries` in memory and Redis; those `flight` claimed go to its waiters."""
-        items = list(entries.items())
+        await self.store_columns(
+            list(entries),
+            [entry.score for entry in entries.values()],
+            [e.tokens for e in entries.values()],
+            flight,
+        )
+
+    async def store_columns(
+        self,
+        keys: Sequence[bytes],
+        scores: Sequence[float],
+        tokens: Sequence[int | None],
+        flight: Flight | None = None,
+    ) -> None:
+        """`store`, with the entries as columns: `keys[i]` scored `scores[i]`, with `tokens[i]`."""
         if self._memory is not None:
-            self._memory.put_many(items)
+            self._memory.put_columns(keys, scores, tokens)
         if flight is not None:
-            self._flights.resolve(flight, items)
+            self._flights.resolve_columns(flight, keys, scores, tokens)
         if self._redis is not None:
-            await self._redis.put_many(items)
+            await self._redis.put_many(list(zip(keys, map(CachedScore, scores, tokens), strict=True)))
 
     def release(self, flight: Flight) -> None:
         self._flights.finish(flight)
@@ -172,13 +200,14 @@ class ScoreCache:
     def counts(self) -> CacheCounts:
         """What the metrics copy in after each call (`stats`, less what they count themselves)."""
         memory, redis = self._memory, self._redis
+        # Made from C: a NamedTuple's own constructor is Python, and this runs on every call.
         if memory is None:
-            sizes = (0, 0, 0, 0)
+            sizes: tuple[int, int, int, int] = (0, 0, 0, 0)
         else:
             sizes = (memory.entries, memory.bytes, memory.evictions, memory.expirations)
         if redis is None:
-            return CacheCounts(*sizes, 0, None)
-        return CacheCounts(*sizes, redis.errors, redis.up)
+            return _new_tuple(CacheCounts, (*sizes, 0, None))
+        return _new_tuple(CacheCounts, (*sizes, redis.errors, redis.up))
 
     async def aclose(self) -> None:
         if self._redis is not None:
@@ -214,7 +243,7 @@ class ScoreCache:
         try:
             async with asyncio.timeout(wait):
                 for flight in flights.values():
-                    await flight.done.wait()
+                    await flight.wait()
         except TimeoutError:
             pass  # what has not come by now, this call computes
         answered = 0
@@ -238,15 +267,11 @@ class ScoreCache:
         return lookup
 
 
-def _nothing(key: bytes) -> None:
-    """The memory tier's `get` when there is no memory tier."""
-
-
 class CacheLookup:
     """One call's view of the cache: `hits` by index, the indices `missing` (to compute), the
     `outcome`. Store the computed scores with `store`, then `release` (or use it in a `with`)."""
 
-    __slots__ = ("_cache", "_flight", "hits", "keys", "missing", "mode")
+    __slots__ = ("_cache", "_flight", "hits", "keys", "missing", "mode", "outcome")
 
     def __init__(
         self,
@@ -263,22 +288,30 @@ class CacheLookup:
         self.hits = hits
         self.missing = missing
         self._flight = flight
-
-    @property
-    def outcome(self) -> CacheOutcome:
-        if self.mode is CacheMode.OFF:
-            return CacheOutcome.OFF
-        if not self.hits:
-            return CacheOutcome.MISS
-        return CacheOutcome.PARTIAL if self.missing else CacheOutcome.HIT
+        # What the lookup found, for x-cache: hits and missing do not change after it.
+        if mode is CacheMode.OFF:
+            self.outcome = CacheOutcome.OFF
+        elif not hits:
+            self.outcome = CacheOutcome.MISS
+        else:
+            self.outcome = CacheOutcome.PARTIAL if missing else CacheOutcome.HIT
 
     async def store(self, scores: Mapping[int, CachedScore]) -> None:
         """Keep the computed scores, by document index (a chunk's as it succeeds): in the
         tiers, and for the calls waiting on them. Nothing under OFF."""
-        if self.mode is CacheMode.OFF or not scores:
+        await self.store_columns(
+            list(scores), [entry.score for entry in scores.values()], [e.tokens for e in scores.values()]
+        )
+
+    async def store_columns(
+        self, indices: Sequence[int], scores: Sequence[float], tokens: Sequence[int | None]
+    ) -> None:
+        """`store`, with the scores as columns: document `indices[i]` scored `scores[i]`, its
+        tokens `tokens[i]` (None: not counted)."""
+        if self.mode is CacheMode.OFF or not indices:
             return
-        keys = self.keys
-        await self._cache.store({keys[index]: entry for index, entry in scores.items()}, self._flight)
+        keys = list(map(self.keys.__getitem__, indices))
+        await self._cache.store_columns(keys, scores, tokens, self._flight)
 
     def release(self) -> None:
         """Done with the lookup: pairs claimed and not stored are free for their waiters to compute."""

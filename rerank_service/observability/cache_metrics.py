@@ -76,38 +76,52 @@ class CacheMetrics:
             registry=registry,
             multiprocess_mode="livemin",
         )
-        self._pairs: dict[tuple[str, str], Counter] = {}
-        self._calls: dict[tuple[str, str], Counter] = {}
+        # Each route's children, bound once: (calls by outcome, pairs hit, pairs missed).
+        self._routes: dict[str, tuple[dict[str, Counter], Counter, Counter]] = {}
         self._size_evictions = self.evictions.labels("size")
         self._expirations = self.evictions.labels("expired")
-        self._seen = (0, 0, 0)  # evictions, expirations, store errors: copied in so far
+        # What was copied in so far: entries, bytes, evictions, expirations, store errors,
+        # store up. A call that changed none of them (a hit) sets nothing.
+        self._seen: tuple[int, int, int, int, int, bool | None] = (0, 0, 0, 0, 0, None)
 
     def looked_up(self, route: str, outcome: str, hits: int, misses: int) -> None:
         """One backend call's lookup: `outcome` hit, partial or miss."""
-        self._child(self._calls, self.calls, route, outcome).inc()
+        children = self._routes.get(route)
+        if children is None:
+            children = self._routes[route] = (
+                {},
+                self.pairs.labels(route, "hit"),
+                self.pairs.labels(route, "miss"),
+            )
+        calls = children[0].get(outcome)
+        if calls is None:
+            calls = children[0][outcome] = self.calls.labels(route, outcome)
+        calls.inc()
         if hits:
-            self._child(self._pairs, self.pairs, route, "hit").inc(hits)
+            children[1].inc(hits)
         if misses:
-            self._child(self._pairs, self.pairs, route, "miss").inc(misses)
+            children[2].inc(misses)
 
     def sync(self, counts: CacheCounts) -> None:
         """Copy the cache's own counters in (they only grow; the gauges are set)."""
-        self.entries.set(counts.entries)
-        self.bytes.set(counts.bytes)
-        evictions, expirations, errors = self._seen
+        entries, size, evictions, expirations, errors, up = self._seen
+        if counts.entries != entries:
+            self.entries.set(counts.entries)
+        if counts.bytes != size:
+            self.bytes.set(counts.bytes)
         if counts.evictions > evictions:
             self._size_evictions.inc(counts.evictions - evictions)
         if counts.expirations > expirations:
             self._expirations.inc(counts.expirations - expirations)
         if counts.redis_errors > errors:
             self.store_errors.inc(counts.redis_errors - errors)
-        self._seen = (counts.evictions, counts.expirations, counts.redis_errors)
-        if counts.redis_up is not None:
+        if counts.redis_up is not None and counts.redis_up is not up:
             self.store_up.set(1 if counts.redis_up else 0)
-
-    @staticmethod
-    def _child(children: dict[tuple[str, str], Counter], family: Counter, route: str, label: str) -> Counter:
-        found = children.get((route, label))
-        if found is None:
-            found = children[(route, label)] = family.labels(route, label)
-        return found
+        self._seen = (
+            counts.entries,
+            counts.bytes,
+            counts.evictions,
+            counts.expirations,
+            counts.redis_errors,
+            counts.redis_up,
+        )

@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from itertools import accumulate, chain, count, repeat
+from operator import add, attrgetter, floordiv, itemgetter, mul, sub
 
-from rerank_service.cache import CachedScore, PairKeys, ScoreCache, deployment_fingerprint
+from rerank_service.cache import PairKeys, ScoreCache, deployment_fingerprint
 from rerank_service.config.deployments import DeploymentConfig
 from rerank_service.config.local import LocalDeploymentConfig
 from rerank_service.core.domain import (
@@ -30,6 +32,8 @@ from rerank_service.observability.cache_metrics import CacheMetrics
 
 Identity = Mapping[str, str | int | float | bool | None]
 Score = Callable[[BackendRequest, CallContext], Awaitable[BackendResult]]
+_INDEX, _SCORE = attrgetter("index"), attrgetter("score")  # of a ScoredDocument (and a CachedScore)
+_TOKENS = itemgetter(1)  # of a CachedScore: its token count, None for none
 
 
 class CachedScores:
@@ -44,40 +48,51 @@ class CachedScores:
     async def rerank(
         self, route: str, request: BackendRequest, context: CallContext, score: Score
     ) -> BackendResult:
-        if context.cache_mode is CacheMode.OFF:
+        mode = context.cache_mode
+        if mode is CacheMode.OFF:
             return await score(request, context)
         keys = self._keys_of(request.model).keys(request.instruct, request.query, request.documents)
         wait = None if context.deadline is None else max(0.0, context.deadline - time.monotonic())
-        with await self._cache.lookup(keys, context.cache_mode, wait=wait) as lookup:
+        cache, metrics = self._cache, self._metrics
+        with await cache.lookup(keys, mode, wait=wait) as lookup:
             hits, missing = lookup.hits, lookup.missing
-            self._metrics.looked_up(route, lookup.outcome.value, len(hits), len(missing))
-            cached_tokens = sum(hit.tokens or 0 for hit in hits.values())
+            metrics.looked_up(route, lookup.outcome.value, len(hits), len(missing))
+            cached_tokens = sum(filter(None, map(_TOKENS, hits.values()))) if hits else 0
             if not missing:
-                self._metrics.sync(self._cache.counts())
+                metrics.sync(cache.counts())
                 return BackendResult(
-                    scores=[ScoredDocument(index, hit.score) for index, hit in hits.items()],
+                    scores=list(map(ScoredDocument, hits, map(_SCORE, hits.values()))),
                     total_tokens=0,
                     usage_source="cache",
                     cache=CacheOutcome.HIT,
                     cached_tokens=cached_tokens,
                 )
             documents = request.documents
-            asked = dataclasses.replace(
-                request,
-                documents=documents if not hits else [documents[index] for index in missing],
-                top_n=None,  # every score is kept, so none may be left out
-            )
+            if hits:
+                asked = dataclasses.replace(
+                    request,
+                    documents=[documents[index] for index in missing],
+                    top_n=None,  # every score is kept, so none may be left out
+                )
+            elif request.top_n is not None:
+                asked = dataclasses.replace(request, top_n=None)
+            else:
+                asked = request
             result = await score(asked, context)
             if hits:  # the backend's indices are into the documents it was sent
                 scores = [ScoredDocument(missing[scored.index], scored.score) for scored in result.scores]
             else:
                 scores = result.scores
-            await lookup.store(_entries(request.query, documents, scores, result.total_tokens))
-            self._metrics.sync(self._cache.counts())
-            scores.extend(ScoredDocument(index, hit.score) for index, hit in hits.items())
-            return dataclasses.replace(
-                result, scores=scores, cache=lookup.outcome, cached_tokens=cached_tokens
+            indices = list(map(_INDEX, scores))
+            await lookup.store_columns(
+                indices,
+                list(map(_SCORE, scores)),
+                _token_shares(request.query, documents, indices, result.total_tokens),
             )
+            metrics.sync(cache.counts())
+            if hits:
+                scores.extend(map(ScoredDocument, hits, map(_SCORE, hits.values())))
+            return _with(result, scores=scores, cache=lookup.outcome, cached_tokens=cached_tokens)
 
     def _keys_of(self, model: str) -> PairKeys:
         keys = self._keys.get(model)
@@ -86,24 +101,30 @@ class CachedScores:
         return keys
 
 
-def _entries(
-    query: str, documents: list[str], scores: list[ScoredDocument], total_tokens: int
-) -> dict[int, CachedScore]:
-    """The scores to store, each with its share of the answer's tokens: backends report one
-    count per call, shared out by each pair's size (query and document, in characters), in
-    whole tokens that add up to the count (each share is the running total's floor less the
-    shares before it), so a repeat of the call reports as cached exactly what the first
-    reported as used."""
+def _token_shares(query: str, documents: list[str], indices: list[int], total_tokens: int) -> list[int]:
+    """Each scored document's share of the answer's tokens, in the order of `indices`:
+    backends report one count per call, shared out by each pair's size (query and document,
+    in characters), in whole tokens that add up to the count (each share is the running
+    total's floor less the shares before it), so a repeat of the call reports as cached
+    exactly what the first reported as used. (Written as maps: it runs on every miss.)"""
     query_size = len(query)
-    whole = sum(query_size + len(documents[scored.index]) for scored in scores) or 1
-    entries = {}
-    running = given = 0
-    for scored in scores:
-        running += query_size + len(documents[scored.index])
-        share = total_tokens * running // whole - given
-        given += share
-        entries[scored.index] = CachedScore(scored.score, share)
-    return entries
+    sizes = list(map(len, map(documents.__getitem__, indices)))
+    whole = (sum(sizes) + query_size * len(sizes)) or 1
+    running = map(add, accumulate(sizes), count(query_size, query_size))  # the pairs' sizes so far
+    floors = list(map(floordiv, map(mul, repeat(total_tokens), running), repeat(whole)))
+    return list(map(sub, floors, chain((0,), floors)))
+
+
+def _with(result: BackendResult, **changes: object) -> BackendResult:
+    """dataclasses.replace for a BackendResult, without its per-field loop in Python (it
+    runs on every miss): the fields read at once, the changes laid over them."""
+    fields = dict(zip(_RESULT_FIELDS, _read_result(result), strict=True))
+    fields.update(changes)
+    return BackendResult(**fields)
+
+
+_RESULT_FIELDS = tuple(field.name for field in dataclasses.fields(BackendResult) if field.init)
+_read_result = attrgetter(*_RESULT_FIELDS)
 
 
 def score_identity(config: DeploymentConfig, revision: Callable[[str], str]) -> Callable[[str], Identity]:

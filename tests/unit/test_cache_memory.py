@@ -7,8 +7,11 @@ import hashlib
 import os
 import time
 import tracemalloc
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rerank_service.cache.entry import CachedScore
 from rerank_service.cache.keys import PairKeys, deployment_fingerprint
@@ -149,3 +152,100 @@ def test_a_million_unique_pairs_stay_within_the_bound() -> None:
         f"RSS grew {grown / 2**20:.0f} MiB for a {bound >> 20} MiB bound"
     )
     print(f"1M unique pairs: {elapsed:.1f} s, RSS +{grown / 2**20:.1f} MiB, {tier.entries} entries")
+
+
+class SequentialTier:
+    """What the tier must hold: each entry stored one at a time, least recently used first out."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: dict[bytes, CachedScore] = {}  # in order of use, coldest first
+        self.bytes = self.evictions = 0
+
+    def cost(self, key: bytes, entry: CachedScore) -> int:
+        tokens = entry.tokens
+        size = 8 if tokens is None or tokens < 0 else 12 if tokens <= 0xFFFF_FFFF else 16
+        return entry_cost(key, b"\0" * (8 + size))
+
+    def put_batch(self, items: list[tuple[bytes, CachedScore]]) -> None:
+        """Each entry stored in turn; evictions counted as the entries the batch left out
+        (a key dropped and then stored again within the batch never left)."""
+        before = set(self.entries)
+        for key, entry in items:
+            self.put(key, entry)
+        stored = {key for key, entry in items if self.cost(key, entry) <= self.max_bytes}
+        self.evictions += len(before | stored) - len(self.entries)
+
+    def put(self, key: bytes, entry: CachedScore) -> None:
+        cost = self.cost(key, entry)
+        if cost > self.max_bytes:
+            return
+        previous = self.entries.pop(key, None)
+        if previous is not None:
+            self.bytes -= self.cost(key, previous)
+        if entry.tokens is not None and entry.tokens < 0:  # not counted: kept as none
+            entry = CachedScore(entry.score)
+        self.entries[key] = entry
+        self.bytes += cost
+        while self.bytes > self.max_bytes:
+            cold = next(iter(self.entries))
+            self.bytes -= self.cost(cold, self.entries.pop(cold))
+
+    def get(self, key: bytes) -> CachedScore | None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.entries[key] = entry
+        return entry
+
+
+keys_drawn = st.sampled_from([pair(number) for number in range(12)] + [b"short", b"k" * 40, b"x" * 64])
+tokens_drawn = st.one_of(st.none(), st.integers(-2, 50), st.just(2**40))
+batches = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.lists(st.tuples(keys_drawn, tokens_drawn), max_size=8)),
+        st.tuples(st.just("get"), st.lists(keys_drawn, max_size=8)),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 8), batches)
+def test_a_calls_pairs_at_once_leave_what_storing_them_one_by_one_leaves(
+    room: int, operations: list[tuple[str, list[Any]]]
+) -> None:
+    """put_columns and get_many take a call's pairs at once (and count room instead of
+    looking at each entry while every key is a pair key): the entries, their order of use,
+    the bytes and the evictions are those of a tier that stores and reads one at a time
+    (but an entry dropped and stored again by one batch is not counted as evicted)."""
+    bound = room * one_entry_cost() + 7
+    tier, expected = MemoryTier(bound, ttl=60), SequentialTier(bound)
+    for number, (kind, items) in enumerate(operations):
+        if kind == "put":
+            entries = [CachedScore(number + index / 10, tokens) for index, (_, tokens) in enumerate(items)]
+            keys = [key for key, _ in items]
+            tier.put_columns(keys, [entry.score for entry in entries], [entry.tokens for entry in entries])
+            expected.put_batch(list(zip(keys, entries, strict=True)))
+        else:
+            found = tier.get_many(items)
+            assert found == [expected.get(key) for key in items]
+    kept = expected.entries
+    assert list(tier._entries) == list(kept)  # the order of use, coldest first
+    assert {key: tier.get_many([key])[0] for key in kept} == kept
+    assert (tier.bytes, tier.evictions, tier.entries) == (expected.bytes, expected.evictions, len(kept))
+
+
+def test_a_whole_hit_with_an_expired_entry_drops_only_that_one() -> None:
+    clock = Clock()
+    tier = MemoryTier(1 << 20, ttl=60, clock=clock)
+    tier.put_columns([pair(1)], [0.1], [1])
+    clock.now += 30
+    tier.put_columns([pair(2), pair(3)], [0.2, 0.3], [2, 3])
+    clock.now += 31  # pair 1 expired, 2 and 3 not
+    assert tier.get_many([pair(2), pair(1), pair(3), pair(1)]) == [
+        CachedScore(0.2, 2),
+        None,
+        CachedScore(0.3, 3),
+        None,
+    ]
+    assert (tier.entries, tier.expirations, tier.bytes) == (2, 1, 2 * one_entry_cost())

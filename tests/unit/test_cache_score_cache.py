@@ -17,6 +17,7 @@ from rerank_service.cache import (
     ScoreCache,
     deployment_fingerprint,
 )
+from rerank_service.cache.single_flight import Flights
 from tests.support.waiting import wait_until_async
 
 KEYS = PairKeys(deployment_fingerprint({"model": "qwen3-rerank", "format": "dashscope"}))
@@ -234,3 +235,28 @@ async def test_a_chunk_stored_before_the_call_fails_is_kept_and_shared() -> None
     assert waited.missing == [2, 3]
     assert waited.outcome is CacheOutcome.PARTIAL
     waited.release()
+
+
+def test_a_flight_leaves_no_claim_behind_and_keeps_scores_only_for_its_waiters() -> None:
+    flights = Flights()
+    alone = flights.claim({b"a", b"b"})
+    flights.resolve_columns(alone, [b"a", b"b", b"z"], [0.1, 0.2, 0.3], [1, 2, 3])  # z: not its own
+    assert alone.ended
+    assert alone.scores == {}  # nobody waited: nothing kept
+    assert len(flights) == 0
+    waited = flights.claim({b"c", b"d"})
+    waited.waited = True
+    flights.resolve_columns(waited, [b"c"], [0.5], [None])
+    assert (waited.ended, len(flights)) == (False, 1)
+    flights.finish(waited)  # d was never stored: free for its waiters to compute
+    assert waited.ended
+    assert waited.scores == {b"c": CachedScore(0.5)}
+    assert len(flights) == 0
+
+
+async def test_calls_leave_no_pair_claimed() -> None:
+    cache, backend = memory_cache(), Backend()
+    await asyncio.gather(*(rerank(cache, backend, DOCUMENTS[: 1 + number % 4]) for number in range(8)))
+    await rerank(cache, backend, ["new", *DOCUMENTS])
+    assert cache.stats().entries == len(DOCUMENTS) + 1
+    assert len(cache._flights) == 0

@@ -4,8 +4,11 @@ cache-control asks, and how usage is shared out among the cached pairs."""
 from __future__ import annotations
 
 import dataclasses
+from random import Random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rerank_service.cache import MemoryTier, ScoreCache
 from rerank_service.config import Settings
@@ -21,7 +24,7 @@ from rerank_service.core.domain import (
 )
 from rerank_service.observability.metrics import Metrics
 from rerank_service.pipeline.cache_control import cache_mode
-from rerank_service.routing.cached_scores import CachedScores, score_identity
+from rerank_service.routing.cached_scores import CachedScores, _token_shares, _with, score_identity
 
 DOCUMENTS = ["bread and flour", "cats sleep", "rye bread recipe", "stock market"]
 
@@ -136,3 +139,39 @@ async def test_a_partly_cached_request_asks_the_backend_for_the_rest_only() -> N
     assert mixed.cache is CacheOutcome.PARTIAL
     assert off.cache is CacheOutcome.OFF
     assert sorted((s.index, s.score) for s in mixed.scores) == sorted((s.index, s.score) for s in off.scores)
+
+
+def test_the_answer_keeps_every_field_the_backend_set() -> None:
+    """The cache's part is laid over the backend's answer field by field, whatever fields
+    a BackendResult has: none is lost on the way."""
+    answer = BackendResult(
+        [ScoredDocument(0, 0.5)],
+        total_tokens=3,
+        upstream_request_id="u",
+        usage_source="estimate",
+        deployment="d",
+    )
+    changes = {"scores": [ScoredDocument(1, 0.25)], "cache": CacheOutcome.PARTIAL, "cached_tokens": 4}
+    assert _with(answer, **changes) == dataclasses.replace(answer, **changes)  # type: ignore[arg-type]
+
+
+@given(
+    st.text(max_size=30),
+    st.lists(st.text(max_size=60), max_size=25),
+    st.integers(0, 10**9),
+    st.randoms(use_true_random=False),
+)
+def test_token_shares_are_the_running_totals_floors_less_the_shares_before(
+    query: str, documents: list[str], total: int, random: Random
+) -> None:
+    indices = random.sample(range(len(documents)), len(documents))  # in the backend's order
+    whole = sum(len(query) + len(documents[index]) for index in indices) or 1
+    expected, running, given_so_far = [], 0, 0
+    for index in indices:
+        running += len(query) + len(documents[index])
+        expected.append(total * running // whole - given_so_far)
+        given_so_far += expected[-1]
+    shares = _token_shares(query, documents, indices, total)
+    assert shares == expected
+    if whole_size := sum(len(query) + len(document) for document in documents):
+        assert sum(shares) == total, whole_size  # every token shared out
