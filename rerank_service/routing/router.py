@@ -137,10 +137,14 @@ class Router:
             context = dataclasses.replace(context, retry_budget=route.budget)
         else:
             context = dataclasses.replace(context, retry_budget=route.budget, cache_mode=CacheMode.OFF)
-        span = tracing.child("rerank.route", {"rerank.route": route.name})
+        members = route.members
+        # The route's span says which deployment it chose and why it moved on: a route of one
+        # deployment has no choice to make, and the call's span names its deployment. (A span
+        # costs a call about 80 µs of CPU, most of it in the exporter's encoding.)
+        span = None if len(members) < 2 else tracing.child("rerank.route", {"rerank.route": route.name})
         if span is None:
             return await self._call(route, request, context, None)
-        span.set("rerank.candidates", [member.deployment.name for member in route.members])
+        span.set("rerank.candidates", [member.deployment.name for member in members])
         try:
             return await self._call(route, request, context, span)
         except ServiceError as error:
