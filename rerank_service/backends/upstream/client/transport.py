@@ -71,11 +71,6 @@ class UpstreamTransport:
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
 
-    @property
-    def session(self) -> aiohttp.ClientSession | None:
-        """The aiohttp session carrying the calls, once the first call has opened it."""
-        return self._session
-
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
