@@ -174,3 +174,69 @@ async def test_an_https_upstream_reuses_its_tls_connection(transports: Transport
 
         assert [await post(transport) for _ in range(3)] == [200, 200, 200]
         assert own.connections_accepted == 1
+
+
+class ClosingServer:
+    """A raw HTTP/1.1 server that answers each connection's first request and closes the
+    connection on the second without answering: an idle connection whose keep-alive ran
+    out on the server's side just as the client sent on it."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.connections = 0
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        answered = False
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests += 1
+                if answered:
+                    break  # closed without a word
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+                )
+                await writer.drain()
+                answered = True
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_reused_connection_closed_without_an_answer_is_retried_once_on_a_fresh_one(
+    transports: Transports,
+) -> None:
+    closing = ClosingServer()
+    transport = transports(1, url=await closing.start())
+    try:
+        assert await post(transport) == 200
+        assert await post(transport) == 200  # its connection failed; the retry opened another
+
+        assert (closing.requests, closing.connections) == (3, 2)
+    finally:
+        closing.server.close()
+
+
+async def test_a_fresh_connection_closed_without_an_answer_is_not_retried(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(reset=True))
+    transport = transports(1)
+
+    with pytest.raises(ServiceError) as caught:
+        await post(transport)
+
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert len(upstream.requests) == 1

@@ -4,7 +4,9 @@ Each deployment has a session of its own, so its own connection pool: at most
 `max_connections` sockets (aiohttp's TCPConnector `limit`; a call past that waits for one
 to come free, within its time budget), idle ones reused until their keep-alive expires,
 then closed. The connector drops an idle connection the upstream has closed (its socket
-saw the end of stream) before it would carry a request. Only HTTP/1.1 is spoken.
+saw the end of stream) before it would carry a request; one whose close was still on its
+way is retried once (exchange.py), for which the connector says whether the connection
+it handed out was reused. Only HTTP/1.1 is spoken.
 
 Whether calls go straight to the upstream or through a proxy (proxies.py), and which
 certificates are trusted (tls.py), is settled here once, never per call.
@@ -14,11 +16,16 @@ from __future__ import annotations
 
 import base64
 import ssl
+import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from yarl import URL
 
 from rerank_service.backends.upstream.client.proxies import proxy_for
@@ -26,6 +33,32 @@ from rerank_service.backends.upstream.client.tls import upstream_ssl_context
 
 # Seconds an idle connection is kept for reuse.
 KEEPALIVE_EXPIRY = 30.0
+
+# Set by the connector in the calling task: the connection it last handed out was reused.
+REUSED: ContextVar[bool] = ContextVar("upstream_connection_reused", default=False)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's pool, telling the calling task (REUSED) whether its connection was reused."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._seen: weakref.WeakSet[object] = weakref.WeakSet()
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        if protocol is not None:
+            if protocol in self._seen:
+                REUSED.set(True)
+            else:
+                self._seen.add(protocol)
+        return connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +105,7 @@ def open_session(
     Bodies come as they are on the wire (body.py decodes gzip within its size bound), and
     nothing is read from the environment here: proxies.py has settled the route already."""
     ssl_context.set_alpn_protocols(["http/1.1"])
-    connector = aiohttp.TCPConnector(
-        limit=max_connections, keepalive_timeout=keepalive_expiry, ssl=ssl_context
-    )
+    connector = _Connector(limit=max_connections, keepalive_timeout=keepalive_expiry, ssl=ssl_context)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,

@@ -9,7 +9,7 @@ import aiohttp
 from yarl import URL
 
 from rerank_service.backends.upstream.client.body import ResponseTooLarge, content_coding, read_body
-from rerank_service.backends.upstream.client.connections import Route
+from rerank_service.backends.upstream.client.connections import REUSED, Route
 from rerank_service.config.secret import Secret
 
 
@@ -57,9 +57,8 @@ async def exchange(
     """POST `content`; the status, headers and whole decoded body (at most `limit` bytes decoded)."""
     if route.forward_headers is not None:
         headers.update(route.forward_headers)
-    async with session.post(
-        url, data=content, headers=headers, proxy=route.proxy, proxy_headers=route.proxy_headers
-    ) as response:
+    response = await _send(session, route, url, content, headers)
+    async with response:  # gives the connection back to the pool, or closes it if unread
         coding = content_coding(response.raw_headers)
         length = response.content_length
         if coding is None and length is not None:
@@ -71,3 +70,24 @@ async def exchange(
             # Chunked, or gzip: read piece by piece so the bound holds while it arrives.
             body = await read_body(response.content.iter_any(), coding, limit)
         return UpstreamReply(response.status, response.headers, body)
+
+
+async def _send(
+    session: aiohttp.ClientSession, route: Route, url: URL, content: bytes, headers: dict[str, str]
+) -> aiohttp.ClientResponse:
+    """The request sent and the answer's head read. An idle connection the upstream closed
+    just as it was taken (its close still on the way: keep-alive timeouts cross like this)
+    fails at once without an answer: then the request is sent once more, on a connection
+    of its own. A fresh connection that fails so is the upstream's failure, not retried."""
+    REUSED.set(False)
+    try:
+        return await session.post(
+            url, data=content, headers=headers, proxy=route.proxy, proxy_headers=route.proxy_headers
+        )
+    except aiohttp.ServerDisconnectedError:
+        if not REUSED.get():
+            raise
+    REUSED.set(False)
+    return await session.post(
+        url, data=content, headers=headers, proxy=route.proxy, proxy_headers=route.proxy_headers
+    )
