@@ -240,3 +240,63 @@ async def test_a_fresh_connection_closed_without_an_answer_is_not_retried(
 
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert len(upstream.requests) == 1
+
+
+class UnaskedServer:
+    """A raw HTTP/1.1 server that, once told to, sends an answer nobody asked for on its idle
+    connection (a 408, as a server whose idle timeout ran out may) and keeps it open. A
+    connection that says "ping" gets "pong"."""
+
+    def __init__(self) -> None:
+        self.connections = 0  # HTTP ones
+        self.speak = asyncio.Event()
+        self.spoken = asyncio.Event()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"ping"):
+                writer.write(b"pong")
+                await writer.drain()
+                return
+            self.connections += 1
+            first = self.connections == 1
+            await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+            if first:
+                await self.speak.wait()
+                writer.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
+                await writer.drain()
+                self.spoken.set()
+                await reader.read()  # kept open until the client closes it
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_an_idle_connection_with_unasked_for_bytes_is_not_reused(transports: Transports) -> None:
+    unasked = UnaskedServer()
+    url = await unasked.start()
+    host, port = url.removeprefix("http://").split(":")
+    transport = transports(2, url=url)
+    ping_reader, ping_writer = await asyncio.open_connection(host, int(port))
+    try:
+        assert await post(transport) == 200
+        unasked.speak.set()
+        await unasked.spoken.wait()
+        # A round trip sent after the 408 was: by the time its answer is read, the event
+        # loop has taken in the 408 too (no sleep needed).
+        ping_writer.write(b"ping\r\n\r\n")
+        assert await ping_reader.readexactly(4) == b"pong"
+
+        assert await post(transport) == 200  # not the 408 that sat on the idle connection
+        assert unasked.connections == 2  # the first call's, then a fresh one
+    finally:
+        ping_writer.close()
+        unasked.server.close()

@@ -39,7 +39,8 @@ REUSED: ContextVar[bool] = ContextVar("upstream_connection_reused", default=Fals
 
 
 class _Connector(aiohttp.TCPConnector):
-    """aiohttp's pool, telling the calling task (REUSED) whether its connection was reused."""
+    """aiohttp's pool, telling the calling task (REUSED) whether its connection was reused,
+    and never handing out an idle connection that has unread bytes waiting."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -55,6 +56,11 @@ class _Connector(aiohttp.TCPConnector):
         protocol = connection.protocol
         if protocol is not None:
             if protocol in self._seen:
+                if protocol.should_close:
+                    # Bytes came while it was idle (a 408, say): they would be read as the
+                    # answer to the next request. Not reusable: take another.
+                    connection.close()
+                    return await self.connect(req, traces, timeout)
                 REUSED.set(True)
             else:
                 self._seen.add(protocol)
