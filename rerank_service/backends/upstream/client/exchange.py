@@ -77,8 +77,9 @@ async def _send(
 ) -> aiohttp.ClientResponse:
     """The request sent and the answer's head read. An idle connection the upstream closed
     just as it was taken (its close still on the way: keep-alive timeouts cross like this)
-    fails at once without an answer: then the request is sent once more, on a connection
-    of its own. A fresh connection that fails so is the upstream's failure, not retried."""
+    fails at once without an answer: then the request is sent once more (the pool has
+    dropped that connection). A fresh connection that fails so is the upstream's failure,
+    not retried, and neither is a second failure."""
     REUSED.set(False)
     try:
         return await session.post(
