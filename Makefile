@@ -231,7 +231,7 @@ bench-tracing: install-dev jaeger
 	$(PY) -m bench.tracing
 
 ## bench-transports: the upstream HTTP clients compared at c=16 and c=64 on the fast upstream: today's
-## transport, with h11 compiled (h11-mypyc), over httpx-aiohttp, aiohttp, httpx2 and httpx, client CPU per
+## transport (on aiohttp), httpx over httpx-aiohttp, aiohttp bare, httpx2 and httpx, client CPU per
 ## call and requests/s in interleaved rounds; the clients in .venv-transports (the service and
 ## bench/transports/requirements.txt; installed once, again when those change) (nginx; writes
 ## docs/PERFORMANCE.md; BENCH_QUICK=1 for a smoke run)

@@ -537,8 +537,8 @@ def prose_library(results: Results) -> str:
             "then takes most of the CPU (httpcore 1.0 re-examines every pooled connection, and for each idle "
             "one every connection again, each time a request starts or an answer ends), so its cost grows "
             "with the square of the connections the pool happens to hold, whichever server is in front. The "
-            "service keeps httpx but replaces that pool for this reason "
-            "(`rerank_service/backends/upstream/client/pool.py`)."
+            "service's own upstream calls ride on aiohttp's client instead "
+            "(`rerank_service/backends/upstream/client/`)."
         )
     return text
 

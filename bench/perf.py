@@ -790,15 +790,13 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("metrics (prometheus_client)", ("prometheus_client/", "rerank_service/observability/metrics.py")),
     ("upstream body: json.dumps / json.loads", ("json/",)),
     (
-        "upstream HTTP client (httpx, httpcore, h11, anyio)",
+        "upstream HTTP client (aiohttp's client, yarl)",
         (
-            "httpx/",
-            "httpcore/",
-            "h11/",
-            "anyio/",
-            "sniffio/",
-            "urllib/",
-            "rerank_service/backends/upstream/client/network.py",
+            # aiohttp's client modules only: its server side is the HTTP front door's.
+            "aiohttp/client",
+            "aiohttp/connector.py",
+            "yarl/",
+            "rerank_service/backends/upstream/client/",
         ),
     ),
     (
@@ -1054,9 +1052,8 @@ def machine() -> str:
         [nginx, "-v"] if nginx else ["true"], capture_output=True, text=True, check=False
     )
     ghz_pin = re.search(r"ghz@(v[\d.]+)", (ROOT / "bench/install-ghz.sh").read_text())
-    names = ["grpcio", "protobuf", "httpx", "httpcore"]
-    if http_library() != "httpx":
-        names.append(http_library())
+    # aiohttp: the service's upstream client; httpx (or BENCH_HTTPX): the comparison clients'.
+    names = ["grpcio", "protobuf", "aiohttp", http_library()]
     packages = ", ".join(f"{name} {version(name)}" for name in names)
     return (
         f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, "

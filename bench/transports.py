@@ -8,11 +8,9 @@ documents, serialized per call) and parses the JSON answer, to nginx answering a
 in a process of its own, at concurrency 16 and 64:
 
 - today: the service's transport (rerank_service/backends/upstream/client/transport.py) as the
-  backend calls it: httpx's transport on the service's own pool and network layer, h11 beneath;
-- today, h11 compiled: the same, with h11-mypyc (h11 compiled by mypyc) in h11's place;
-- httpx-aiohttp under today's layer: the same transport.py over httpx-aiohttp's transport
-  (aiohttp's pool and C parser beneath httpx's request and response types);
-- httpx-aiohttp, httpx's client: httpx.AsyncClient over the same transport;
+  backend calls it: post_json on aiohttp's ClientSession;
+- httpx-aiohttp, httpx's client: httpx.AsyncClient over httpx-aiohttp's transport (aiohttp's
+  pool and C parser beneath httpx's request and response types);
 - aiohttp: aiohttp's ClientSession directly;
 - httpx2: httpx2.AsyncClient (its own httpcore2 pool, h11 beneath);
 - httpx: httpx.AsyncClient on httpcore's own pool.
@@ -47,9 +45,7 @@ from bench.transports_candidates import (
     HTTPX,
     HTTPX2,
     HTTPX_AIOHTTP_CLIENT,
-    HTTPX_AIOHTTP_LAYER,
     TODAY,
-    TODAY_H11_COMPILED,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,9 +61,7 @@ DOCUMENTS = 20
 CONCURRENCY = (16, 64)
 # The candidates, in the tables' order, and how each is named there.
 NAMES = {
-    TODAY: "today: transport.py, httpx + own pool, h11",
-    TODAY_H11_COMPILED: "today, h11 compiled (h11-mypyc)",
-    HTTPX_AIOHTTP_LAYER: "transport.py over httpx-aiohttp",
+    TODAY: "today: transport.py on aiohttp",
     HTTPX_AIOHTTP_CLIENT: "httpx.AsyncClient over httpx-aiohttp",
     AIOHTTP: "aiohttp ClientSession",
     HTTPX2: "httpx2.AsyncClient",
@@ -258,7 +252,7 @@ def prose(results: Results) -> list[str]:
         found = cpu_ratio(results, candidate)
         if candidate != TODAY and found:
             lines.append(f"- {NAMES[candidate]}: {_pair(found)} today's CPU per call ({concurrencies}).")
-    httpx_api = [TODAY, TODAY_H11_COMPILED, HTTPX_AIOHTTP_LAYER, HTTPX_AIOHTTP_CLIENT, HTTPX2, HTTPX]
+    httpx_api = [HTTPX_AIOHTTP_CLIENT, HTTPX2, HTTPX]
     best = {
         concurrency: min(
             (mean([item.cpu_us for item in results.rounds(candidate, concurrency)]), candidate)
@@ -316,11 +310,8 @@ def report(results: Results) -> str:
         "server.",
         "",
         "*today* is `rerank_service/backends/upstream/client/transport.py` as the backend calls it "
-        "(`post_json`: budget, headers, attempt metric, bounded gzip-aware body); *today, h11 compiled* is "
-        "the same with h11-mypyc put in h11's place (it installs as `h11_mypyc`, beside h11, so the "
-        "benchmark aliases it in `sys.modules` before httpcore imports h11: the service could not use it "
-        "without doing the same); *transport.py over httpx-aiohttp* is the same code over "
-        "`httpx_aiohttp.AiohttpTransport`; the others are each library's client called directly.",
+        "(`post_json` on aiohttp's ClientSession: budget, headers, attempt metric, bounded gzip-aware "
+        "body); the others are each library's client called directly.",
         "",
     ]
     for concurrency in CONCURRENCY:
@@ -342,7 +333,7 @@ def check_venv() -> None:
     if not python.exists():
         raise SystemExit(f"{VENV.name} is missing: `make bench-transports` makes it")
     found = subprocess.run(
-        [str(python), "-c", f"import {CLIENT}, httpx_aiohttp, httpx2, h11_mypyc"],
+        [str(python), "-c", f"import {CLIENT}, httpx_aiohttp, httpx2"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -377,15 +368,7 @@ def main() -> None:
         perf.nginx({DOCUMENTS: args.port}),
         clients(candidates, f"http://127.0.0.1:{args.port}", body) as started_clients,
     ):
-        today = started_clients[0].ready
-        if today.get("h11") != "h11":
-            raise RuntimeError(f"today's client runs on {today.get('h11')}, not h11")
-        compiled = next(
-            (item.ready for item in started_clients if item.candidate == TODAY_H11_COMPILED), None
-        )
-        if compiled is not None and compiled.get("h11") != "h11_mypyc":
-            raise RuntimeError(f"the h11-mypyc client runs on {compiled.get('h11')}")
-        results.versions = today["versions"]
+        results.versions = started_clients[0].ready["versions"]
         perf.say(
             f"{len(candidates)} clients, c={'/'.join(map(str, CONCURRENCY))}, load average {results.load}"
         )

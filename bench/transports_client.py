@@ -30,9 +30,7 @@ from bench.transports_candidates import (
     CANDIDATES,
     HTTPX2,
     HTTPX_AIOHTTP_CLIENT,
-    HTTPX_AIOHTTP_LAYER,
     TODAY,
-    TODAY_H11_COMPILED,
 )
 
 MAX_CONNECTIONS = 1024  # the service's default --upstream-max-connections
@@ -49,25 +47,14 @@ HEADERS = {
 Call = Callable[[], Coroutine[Any, Any, Any]]
 
 
-def use_compiled_h11() -> None:
-    """h11-mypyc installs as h11_mypyc beside h11: put it in h11's place before httpcore
-    (which does `import h11`) is imported."""
-    import h11_mypyc  # type: ignore[import-not-found, unused-ignore]
-
-    sys.modules["h11"] = h11_mypyc
-    for name, module in list(sys.modules.items()):
-        if name.startswith("h11_mypyc."):
-            sys.modules["h11" + name.removeprefix("h11_mypyc")] = module
-
-
-def today(url: str, path: str, body: dict[str, Any], key: str, transport: Any = None) -> tuple[Call, Call]:
+def today(url: str, path: str, body: dict[str, Any], key: str) -> tuple[Call, Call]:
     """The service's own transport (rerank_service/backends/upstream/client/transport.py), as
     the backend calls it: post_json with the key and no caller deadline."""
     from rerank_service.backends.upstream.client.transport import UpstreamTransport
     from rerank_service.config.secret import Secret
     from rerank_service.observability.metrics import Metrics
 
-    upstream = UpstreamTransport(url, 30.0, MAX_CONNECTIONS, transport, metrics=Metrics())
+    upstream = UpstreamTransport(url, 30.0, MAX_CONNECTIONS, metrics=Metrics())
     token = Secret(key)
 
     async def call() -> Any:
@@ -137,10 +124,8 @@ def aiohttp_session(url: str, path: str, body: dict[str, Any], key: str) -> tupl
 
 def client(candidate: str, url: str, path: str, body: dict[str, Any], key: str) -> tuple[Call, Call]:
     """(one call, close) of `candidate`; built inside the running loop (aiohttp wants one)."""
-    if candidate in (TODAY, TODAY_H11_COMPILED):
+    if candidate == TODAY:
         return today(url, path, body, key)
-    if candidate == HTTPX_AIOHTTP_LAYER:
-        return today(url, path, body, key, transport=httpx_aiohttp_transport())
     if candidate == AIOHTTP:
         return aiohttp_session(url, path, body, key)
     if candidate == HTTPX2:
@@ -193,7 +178,6 @@ def versions() -> dict[str, str]:
         "httpx",
         "httpcore",
         "h11",
-        "h11-mypyc",
         "aiohttp",
         "httpx-aiohttp",
         "httpx2",
@@ -214,8 +198,6 @@ def main() -> None:
     parser.add_argument("--key", required=True, help="the bearer key sent")
     parser.add_argument("--documents", type=int, required=True, help="results each answer must hold")
     args = parser.parse_args()
-    if args.candidate == TODAY_H11_COMPILED:
-        use_compiled_h11()
     body = orjson.loads(args.body.read_bytes())
     with asyncio.Runner() as runner:
 
@@ -223,8 +205,7 @@ def main() -> None:
             return client(args.candidate, args.url, args.path, body, args.key)
 
         call, close = runner.run(build())
-        h11 = sys.modules.get("h11")
-        ready = {"ready": args.candidate, "versions": versions(), "h11": getattr(h11, "__name__", None)}
+        ready = {"ready": args.candidate, "versions": versions()}
         print(orjson.dumps(ready).decode(), flush=True)
         for line in sys.stdin:
             concurrency, seconds = line.split()

@@ -1,166 +1,302 @@
-"""The upstream connection pool against a real HTTP server: reuse, bounds, release."""
+"""The upstream transport's connection pool against a real HTTP server: reuse, bounds,
+keep-alive expiry, connections the upstream closed, release."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import httpx
+import grpc
 import pytest
 
-from rerank_service.backends.upstream.client.pool import LeanConnectionPool as LeanPool
-from rerank_service.backends.upstream.client.transport import pooled_transport
-from rerank_service.testing.fake_upstream import NATIVE_PATH, FakeUpstream, Fault
+from rerank_service.backends.upstream.client.transport import MAX_RESPONSE_BYTES, UpstreamTransport
+from rerank_service.core.domain import ServiceError
+from rerank_service.testing.fake_upstream import NATIVE_PATH, NEVER, FakeUpstream, Fault
 from tests.support.certs import CertificateAuthority
 from tests.support.waiting import wait_until_async
 
 BODY = {"model": "qwen3-rerank", "input": {"query": "a b", "documents": ["a b c", "d"]}}
 
+Transports = Callable[..., UpstreamTransport]
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
 
 @pytest.fixture
-async def client(upstream: FakeUpstream) -> AsyncIterator[httpx.AsyncClient]:
+async def transports(upstream: FakeUpstream) -> AsyncIterator[Transports]:
+    """`transports(max_connections, url=upstream.url, ...)`: a transport, closed after the test."""
     upstream.api_key = None
-    async with httpx.AsyncClient(base_url=upstream.url, transport=pooled_transport(3), timeout=5) as http:
-        yield http
+    made: list[UpstreamTransport] = []
+
+    def make(max_connections: int, url: str | None = None, **options: object) -> UpstreamTransport:
+        made.append(UpstreamTransport(url or upstream.url, 10.0, max_connections, **options))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make
+    for transport in made:
+        await transport.close()
 
 
-def pool_of(client: httpx.AsyncClient) -> LeanPool:
-    transport = client._transport
-    assert isinstance(transport, httpx.AsyncHTTPTransport)
-    return pool_of_transport(transport)
+async def post(transport: UpstreamTransport, deadline: float | None = None) -> int:
+    reply = await transport.post_json(NATIVE_PATH, BODY, None, deadline)
+    return reply.status
 
 
-def pool_of_transport(transport: httpx.AsyncHTTPTransport) -> LeanPool:
-    pool: object = transport._pool  # httpx annotates it as httpcore's own pool
-    assert isinstance(pool, LeanPool)
-    return pool
-
-
-async def post(client: httpx.AsyncClient) -> int:
-    response = await client.post(NATIVE_PATH, json=BODY)
-    return response.status_code
-
-
-async def test_sequential_calls_reuse_one_connection(
-    client: httpx.AsyncClient, upstream: FakeUpstream
-) -> None:
+async def test_sequential_calls_reuse_one_connection(transports: Transports, upstream: FakeUpstream) -> None:
+    transport = transports(3)
     before = upstream.connections_accepted
-    statuses = [await post(client) for _ in range(5)]
+
+    statuses = [await post(transport) for _ in range(5)]
 
     assert statuses == [200] * 5
-    assert pool_of(client).connections == 1
     assert upstream.connections_accepted - before == 1
 
 
-async def test_concurrent_calls_never_open_more_connections_than_allowed(
-    client: httpx.AsyncClient, upstream: FakeUpstream
+async def test_a_flood_of_calls_never_opens_more_connections_than_allowed(
+    transports: Transports, upstream: FakeUpstream
 ) -> None:
     upstream.always(Fault(delay=0.05))
+    transport = transports(3)
     before = upstream.connections_accepted
 
-    statuses = await asyncio.gather(*(post(client) for _ in range(12)))
+    statuses = await asyncio.gather(*(post(transport) for _ in range(40)))
 
-    assert statuses == [200] * 12
+    assert statuses == [200] * 40
     assert upstream.max_in_flight == 3
-    assert pool_of(client).connections == 3
     assert upstream.connections_accepted - before == 3
 
 
-async def test_a_caller_waiting_longer_than_the_pool_timeout_gets_a_pool_timeout(
-    upstream: FakeUpstream,
+async def test_a_call_waiting_for_a_connection_past_its_deadline_times_out(
+    transports: Transports, upstream: FakeUpstream
 ) -> None:
-    upstream.api_key = None
-    upstream.always(Fault(delay=0.5))
-    async with httpx.AsyncClient(base_url=upstream.url, transport=pooled_transport(1)) as client:
-        busy = asyncio.create_task(client.post(NATIVE_PATH, json=BODY, timeout=5))
-        await wait_until_async(
-            lambda: len(upstream.requests) == 1, what="the busy call holding the connection"
-        )
-        with pytest.raises(httpx.PoolTimeout):
-            await client.post(NATIVE_PATH, json=BODY, timeout=httpx.Timeout(5, pool=0.1))
-        assert (await busy).status_code == 200
+    upstream.inject(Fault(delay=NEVER))
+    transport = transports(1)
+    busy = asyncio.create_task(post(transport))
+    await wait_until_async(lambda: len(upstream.requests) == 1, what="the busy call holding the connection")
+
+    with pytest.raises(ServiceError) as caught:
+        await post(transport, deadline=time.monotonic() + 0.1)
+
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(upstream.requests) == 1  # the waiting call never reached the upstream
+    busy.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await busy
 
 
-async def test_a_response_left_unread_frees_its_slot_and_drops_its_connection(
-    upstream: FakeUpstream,
+async def test_a_body_left_unread_frees_its_slot_and_drops_its_connection(
+    transports: Transports, upstream: FakeUpstream
 ) -> None:
-    upstream.api_key = None
+    transport = transports(1)
     before = upstream.connections_accepted
-    async with httpx.AsyncClient(base_url=upstream.url, transport=pooled_transport(1), timeout=5) as client:
-        async with client.stream("POST", NATIVE_PATH, json=BODY) as response:
-            assert response.status_code == 200  # closed without reading the body
-        assert await post(client) == 200  # the only slot came back
-        assert pool_of(client).connections == 1
+    upstream.inject(Fault(pad_to=MAX_RESPONSE_BYTES + 1))  # refused on its length, never read
+    with pytest.raises(ServiceError):
+        await post(transport)
+
+    assert await asyncio.wait_for(post(transport), 5) == 200  # the only slot came back
     assert upstream.connections_accepted - before == 2  # the unread one could not be reused
 
 
-async def test_a_cancelled_call_frees_its_slot(upstream: FakeUpstream) -> None:
-    upstream.api_key = None
+async def test_a_cancelled_call_frees_its_slot(transports: Transports, upstream: FakeUpstream) -> None:
     upstream.inject(Fault(delay=5))
-    async with httpx.AsyncClient(base_url=upstream.url, transport=pooled_transport(1), timeout=10) as client:
-        slow = asyncio.create_task(post(client))
-        await wait_until_async(lambda: len(upstream.requests) == 1, what="the slow call holding the slot")
-        slow.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await slow
-        assert await asyncio.wait_for(post(client), 2) == 200
+    transport = transports(1)
+    slow = asyncio.create_task(post(transport))
+    await wait_until_async(lambda: len(upstream.requests) == 1, what="the slow call holding the slot")
+    slow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+
+    assert await asyncio.wait_for(post(transport), 2) == 200
 
 
-async def test_a_connection_the_server_closed_is_not_reused(
-    client: httpx.AsyncClient, upstream: FakeUpstream
+async def test_a_connection_the_server_said_it_closes_is_not_reused(
+    transports: Transports, upstream: FakeUpstream
 ) -> None:
     upstream.inject(Fault(headers={"connection": "close"}))
+    transport = transports(3)
     before = upstream.connections_accepted
 
-    assert [await post(client) for _ in range(3)] == [200, 200, 200]
+    assert [await post(transport) for _ in range(3)] == [200, 200, 200]
     assert upstream.connections_accepted - before == 2
 
 
-async def test_closing_the_client_closes_every_connection(upstream: FakeUpstream) -> None:
-    upstream.api_key = None
-    upstream.always(Fault(delay=0.05))
-    async with httpx.AsyncClient(base_url=upstream.url, transport=pooled_transport(4), timeout=5) as client:
-        await asyncio.gather(*(post(client) for _ in range(4)))
-        pool = pool_of(client)
-        assert pool.connections == 4
-    assert pool.connections == 0
-
-
-async def test_an_https_upstream_is_reached_through_the_tls_handshake(
-    upstream: FakeUpstream, tmp_path: Path
+async def test_an_idle_connection_the_upstream_closed_does_not_fail_the_next_call(
+    transports: Transports,
 ) -> None:
-    """The hosted API is HTTPS: the pool's asyncio network layer upgrades the connection."""
+    with FakeUpstream() as own:
+        transport = transports(2, url=own.url)
+        assert await post(transport) == 200
+        own.go_down()  # closes the idle connection under the pool
+        own.come_back()
+        await wait_until_async(lambda: own.open_connections == 0, what="the idle connection closed")
+
+        assert [await post(transport) for _ in range(2)] == [200, 200]
+        assert own.connections_accepted == 2  # one new connection, then reused
+
+
+async def test_an_idle_connection_is_closed_after_its_keep_alive(transports: Transports) -> None:
+    with FakeUpstream() as own:
+        transport = transports(2, url=own.url, keepalive_expiry=0.2)
+        assert await post(transport) == 200
+        assert own.open_connections == 1
+
+        await wait_until_async(lambda: own.open_connections == 0, what="the keep-alive expiring")
+
+
+async def test_closing_the_transport_closes_every_connection(transports: Transports) -> None:
+    with FakeUpstream() as own:
+        own.always(Fault(delay=0.05))
+        transport = transports(4, url=own.url)
+        await asyncio.gather(*(post(transport) for _ in range(4)))
+        assert own.open_connections == 4
+
+        await transport.close()
+
+        await wait_until_async(lambda: own.open_connections == 0, what="every connection closed")
+
+
+async def test_an_https_upstream_reuses_its_tls_connection(transports: Transports, tmp_path: Path) -> None:
     ca = CertificateAuthority()
     cert, key = ca.issue_server().write(tmp_path, "upstream")
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
-    client_context = ssl.create_default_context(cafile=str(ca.write(tmp_path)))
-    upstream.api_key = None
-    host, port = upstream.url.removeprefix("http://").split(":")
-    # A TLS terminator in front of the fake: decrypts and relays bytes both ways.
+    with FakeUpstream(tls=server_context) as own:
+        url = own.url.replace("http://127.0.0.1", "https://localhost")
+        transport = transports(2, url=url, ca_file=ca.write(tmp_path))
 
-    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        inner_reader, inner_writer = await asyncio.open_connection(host, int(port))
+        assert [await post(transport) for _ in range(3)] == [200, 200, 200]
+        assert own.connections_accepted == 1
 
-        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            while data := await source.read(65536):
-                sink.write(data)
-                await sink.drain()
-            sink.close()
 
-        await asyncio.gather(pump(reader, inner_writer), pump(inner_reader, writer), return_exceptions=True)
+class ClosingServer:
+    """A raw HTTP/1.1 server that answers each connection's first request and closes the
+    connection on the second without answering: an idle connection whose keep-alive ran
+    out on the server's side just as the client sent on it."""
 
-    terminator = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=server_context)
-    tls_port = terminator.sockets[0].getsockname()[1]
-    transport = pooled_transport(2, ssl_context=client_context)
+    def __init__(self) -> None:
+        self.requests = 0
+        self.connections = 0
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        answered = False
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests += 1
+                if answered:
+                    break  # closed without a word
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+                )
+                await writer.drain()
+                answered = True
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_reused_connection_closed_without_an_answer_is_retried_once_on_a_fresh_one(
+    transports: Transports,
+) -> None:
+    closing = ClosingServer()
+    transport = transports(1, url=await closing.start())
     try:
-        async with httpx.AsyncClient(base_url=f"https://localhost:{tls_port}", transport=transport) as client:
-            answers = [await client.post(NATIVE_PATH, json=BODY, timeout=5) for _ in range(3)]
-    finally:
-        terminator.close()
+        assert await post(transport) == 200
+        assert await post(transport) == 200  # its connection failed; the retry opened another
 
-    assert [answer.status_code for answer in answers] == [200, 200, 200]
-    assert answers[0].json()["output"]["results"][0]["index"] == 0
-    assert answers[0].extensions["network_stream"].get_extra_info("ssl_object") is not None
+        assert (closing.requests, closing.connections) == (3, 2)
+    finally:
+        closing.server.close()
+
+
+async def test_a_fresh_connection_closed_without_an_answer_is_not_retried(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(reset=True))
+    transport = transports(1)
+
+    with pytest.raises(ServiceError) as caught:
+        await post(transport)
+
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert len(upstream.requests) == 1
+
+
+class UnaskedServer:
+    """A raw HTTP/1.1 server that, once told to, sends an answer nobody asked for on its idle
+    connection (a 408, as a server whose idle timeout ran out may) and keeps it open. A
+    connection that says "ping" gets "pong"."""
+
+    def __init__(self) -> None:
+        self.connections = 0  # HTTP ones
+        self.speak = asyncio.Event()
+        self.spoken = asyncio.Event()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"ping"):
+                writer.write(b"pong")
+                await writer.drain()
+                return
+            self.connections += 1
+            first = self.connections == 1
+            await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+            if first:
+                await self.speak.wait()
+                writer.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
+                await writer.drain()
+                self.spoken.set()
+                await reader.read()  # kept open until the client closes it
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_an_idle_connection_with_unasked_for_bytes_is_not_reused(transports: Transports) -> None:
+    unasked = UnaskedServer()
+    url = await unasked.start()
+    host, port = url.removeprefix("http://").split(":")
+    transport = transports(2, url=url)
+    ping_reader, ping_writer = await asyncio.open_connection(host, int(port))
+    try:
+        assert await post(transport) == 200
+        unasked.speak.set()
+        await unasked.spoken.wait()
+        # A round trip sent after the 408 was: by the time its answer is read, the event
+        # loop has taken in the 408 too (no sleep needed).
+        ping_writer.write(b"ping\r\n\r\n")
+        assert await ping_reader.readexactly(4) == b"pong"
+
+        assert await post(transport) == 200  # not the 408 that sat on the idle connection
+        assert unasked.connections == 2  # the first call's, then a fresh one
+    finally:
+        ping_writer.close()
+        unasked.server.close()

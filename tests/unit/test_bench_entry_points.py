@@ -354,15 +354,15 @@ def test_an_entry_point_imports_only_what_its_venv_installs(module: str, venv: s
 
 
 def test_the_closure_follows_this_trees_imports_and_skips_what_never_runs() -> None:
-    # bench.http_starlette reaches httpx only through bench.http_minimal; the layer test's
-    # subject (rerank_service.backends.upstream.client.pool) imports httpcore's private module.
+    # bench.http_starlette reaches httpx only through bench.http_minimal; the transport reaches
+    # httpx only through the modules it imports (proxies.py imports httpx's private module).
     found = closure("bench.http_starlette")
     assert found.third_party["httpx"] == "bench.http_minimal"
     assert "bench.http_minimal" in found.modules
     assert "grpc" not in found.third_party
-    pool = closure("rerank_service.backends.upstream.client.transport")
-    assert {"httpcore", "httpx", "orjson"} <= set(pool.third_party)
-    assert "rerank_service.backends.upstream.client.pool" in pool.modules
+    transport = closure("rerank_service.backends.upstream.client.transport")
+    assert {"aiohttp", "httpx", "orjson", "yarl"} <= set(transport.third_party)
+    assert "rerank_service.backends.upstream.client.proxies" in transport.modules
 
 
 def test_a_bench_that_runs_modules_in_another_venv_declares_each() -> None:

@@ -3,14 +3,13 @@ the docs promise; log lines carry the request id of the call being served."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TextIO, cast
 
@@ -25,6 +24,7 @@ from rerank_service.observability.metrics import Metrics, code_name
 from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
 from rerank_service.observability.metrics_multiprocess import multiprocess_registry, worker_exited
 from rerank_service.observability.request_id import bind_request_id, new_request_id, unbind_request_id
+from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.support.logs import LogCapture
 from tests.unit.test_batcher import RecordingScorer, pair
 
@@ -143,16 +143,6 @@ def test_transport_failures_have_a_bounded_set_of_labels(error: httpx.HTTPError,
     assert transport_failure(error) == label
 
 
-class _Body(httpx.AsyncByteStream):
-    """A streamed body, as the real transport gives (the transport reads it raw)."""
-
-    def __init__(self, content: bytes) -> None:
-        self._content = content
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield self._content
-
-
 def test_request_ids_are_32_hex_digits_and_unique() -> None:
     ids = {new_request_id() for _ in range(1000)}
     assert len(ids) == 1000
@@ -162,38 +152,34 @@ def test_request_ids_are_32_hex_digits_and_unique() -> None:
 # --- hooks: the upstream transport and the micro-batcher ---
 
 
-async def test_the_transport_counts_each_attempt_and_sends_the_trace_headers(metrics: Metrics) -> None:
-    seen: list[httpx.Request] = []
-
-    async def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        await asyncio.sleep(0.02)  # the upstream's latency, to be timed: not synchronisation
-        return httpx.Response(503 if len(seen) == 1 else 200, stream=_Body(b"{}"))
-
-    transport = UpstreamTransport(
-        "http://upstream.test", 5.0, 4, transport=httpx.MockTransport(answer), metrics=metrics
-    )
+async def test_the_transport_counts_each_attempt_and_sends_the_trace_headers(
+    metrics: Metrics, upstream: FakeUpstream
+) -> None:
+    upstream.api_key = None
+    # The upstream's latency, to be timed: not synchronisation.
+    upstream.inject(Fault(status=503, body={}, delay=0.02))
+    upstream.inject(Fault(body={}, delay=0.02))
+    transport = UpstreamTransport(upstream.url, 5.0, 4, metrics=metrics)
 
     first = await transport.post_json("/rerank", {}, None, None, traceparent=TRACEPARENT, tracestate="a=1")
     second = await transport.post_json("/rerank", {}, None, None)
     await transport.close()
 
     assert (first.status, second.status) == (503, 200)
-    assert seen[0].headers["traceparent"] == TRACEPARENT
-    assert seen[0].headers["tracestate"] == "a=1"
-    assert "traceparent" not in seen[1].headers
+    seen = [request.headers for request in upstream.requests]
+    assert seen[0]["traceparent"] == TRACEPARENT
+    assert seen[0]["tracestate"] == "a=1"
+    assert "traceparent" not in seen[1]
     assert value(metrics, "rerank_upstream_requests_total", status="503") == 1
     assert value(metrics, "rerank_upstream_requests_total", status="200") == 1
     assert value(metrics, "rerank_upstream_latency_seconds_sum") >= 0.04
 
 
 async def test_a_transport_failure_is_counted_by_its_kind(metrics: Metrics) -> None:
-    async def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused")
-
-    transport = UpstreamTransport(
-        "http://upstream.test", 5.0, 4, transport=httpx.MockTransport(refuse), metrics=metrics
-    )
+    with socket.socket() as probe:  # a port where nothing listens: the connection is refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    transport = UpstreamTransport(f"http://127.0.0.1:{port}", 5.0, 4, metrics=metrics)
 
     with pytest.raises(Exception, match="unreachable"):
         await transport.post_json("/rerank", {}, None, None)

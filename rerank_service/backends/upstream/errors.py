@@ -93,7 +93,8 @@ def from_http_status(
 
 
 def from_transport(exc: httpx.HTTPError, upstream_timed_out_by_caller: bool) -> ServiceError:
-    """Map an httpx transport failure (no HTTP status) to a status."""
+    """Map a transport failure (no HTTP status) to a status. aiohttp's failures come here
+    named as httpx's transport errors (client/failures.py)."""
     if isinstance(exc, httpx.PoolTimeout):
         return ServiceError(
             grpc.StatusCode.UNAVAILABLE,
@@ -130,7 +131,7 @@ def from_transport(exc: httpx.HTTPError, upstream_timed_out_by_caller: bool) -> 
 def _rejected_certificate(exc: BaseException) -> str | None:
     """Why the TLS handshake refused the upstream's certificate, if that is what `exc` is.
 
-    httpx and httpcore chain their errors to the ssl error underneath (`raise ... from`).
+    The transport error is chained to the ssl error underneath (client/failures.py).
     """
     seen: BaseException | None = exc
     for _ in range(8):  # a chain is two or three deep; never walk a cycle

@@ -9,7 +9,7 @@ stream that decodes to nothing cannot run on without end either.
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterable
 
 # A rerank response is a few bytes per document; anything near this is broken.
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
@@ -29,9 +29,8 @@ class UndecodableBody(Exception):
     """A body its Content-Encoding does not describe: corrupt, cut short, or a coding not asked for."""
 
 
-def content_coding(raw_headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    """The Content-Encoding header's value, if any. A scan of the raw headers: httpx's
-    Headers.get decodes them all first, several times the cost, on every call."""
+def content_coding(raw_headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The Content-Encoding header's value, if any, from the raw (bytes) headers."""
     for name, value in raw_headers:
         if len(name) == 16 and name.lower() == b"content-encoding":
             return value

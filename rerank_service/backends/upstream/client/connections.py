@@ -1,39 +1,81 @@
-"""The httpx transport that carries the upstream calls: direct on the lean pool, or via a proxy.
+"""The aiohttp session that carries one deployment's upstream calls: its pool and route.
 
-Direct calls, the usual case and the performance path, go through httpx's transport on
-LeanConnectionPool (pool.py says why). Calls through a proxy go through httpx's own
-proxy transport, on httpcore's pool: the lean pool only opens connections straight to
-its origin, and carrying a proxy would mean re-implementing httpcore's forwarding
-(absolute-form requests, proxy authentication) and tunnelling (CONNECT, then TLS to the
-upstream inside the tunnel) on more of its private API. A proxied deployment pays a hop
-through the proxy on every call anyway; the direct path does no per-call work for this.
+Each deployment has a session of its own, so its own connection pool: at most
+`max_connections` sockets (aiohttp's TCPConnector `limit`; a call past that waits for one
+to come free, within its time budget), idle ones reused until their keep-alive expires,
+then closed. The connector drops an idle connection the upstream has closed (its socket
+saw the end of stream) before it would carry a request; one whose close was still on its
+way is retried once (exchange.py), for which the connector says whether the connection
+it handed out was reused. Only HTTP/1.1 is spoken.
+
+Whether calls go straight to the upstream or through a proxy (proxies.py), and which
+certificates are trusted (tls.py), is settled here once, never per call.
 """
 
 from __future__ import annotations
 
+import base64
 import ssl
+import weakref
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import httpx
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
+from yarl import URL
 
-from rerank_service.backends.upstream.client.network import AsyncioBackend
-from rerank_service.backends.upstream.client.pool import LeanConnectionPool
 from rerank_service.backends.upstream.client.proxies import proxy_for
 from rerank_service.backends.upstream.client.tls import upstream_ssl_context
 
 # Seconds an idle connection is kept for reuse.
 KEEPALIVE_EXPIRY = 30.0
 
+# Set by the connector in the calling task: the connection it last handed out was reused.
+REUSED: ContextVar[bool] = ContextVar("upstream_connection_reused", default=False)
 
-def open_transport(
-    url: httpx.URL, max_connections: int, *, proxy: str | None = None, ca_file: Path | None = None
-) -> httpx.AsyncHTTPTransport:
-    """The transport for calls to `url`; ConfigError for a bad CA file or proxy URL."""
-    ssl_context = upstream_ssl_context(ca_file)
-    route = proxy_for(url, proxy)
-    if route is None:
-        return pooled_transport(max_connections, ssl_context)
-    return proxied_transport(route, max_connections, ssl_context)
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's pool, telling the calling task (REUSED) whether its connection was reused,
+    and never handing out an idle connection that has unread bytes waiting."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._seen: weakref.WeakSet[object] = weakref.WeakSet()
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        if protocol is not None:
+            if protocol in self._seen:
+                if protocol.should_close:
+                    # Bytes came while it was idle (a 408, say): they would be read as the
+                    # answer to the next request. Not reusable: take another.
+                    connection.close()
+                    return await self.connect(req, traces, timeout)
+                REUSED.set(True)
+            else:
+                self._seen.add(protocol)
+        return connection
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where each request goes first: None, straight to the upstream; else this proxy."""
+
+    proxy: URL | None = None
+    # Proxy-Authorization, when the proxy URL had credentials: on the CONNECT that opens a
+    # tunnel to an https upstream; with each request forwarded to a plain http one.
+    proxy_headers: dict[str, str] | None = None
+    forward_headers: dict[str, str] | None = None
 
 
 def check_connection_settings(base_url: str, proxy: str | None, ca_file: Path | None) -> None:
@@ -42,32 +84,39 @@ def check_connection_settings(base_url: str, proxy: str | None, ca_file: Path | 
     proxy_for(httpx.URL(base_url), proxy)
 
 
-def pooled_transport(
-    max_connections: int, ssl_context: ssl.SSLContext | None = None
-) -> httpx.AsyncHTTPTransport:
-    """httpx's transport on a pool that costs O(1) a call, with a cheap liveness probe."""
-    if ssl_context is None:
-        ssl_context = upstream_ssl_context(None)
-    transport = httpx.AsyncHTTPTransport(verify=ssl_context, trust_env=False)
-    # httpx takes no pool or network backend, so the pool it built is swapped for ours
-    # (pool.py says why); tests/unit/test_httpcore_private_api.py fails if httpx renames it.
-    # httpx annotates the attribute as httpcore's pool; it only calls the interface both speak.
-    transport._pool = LeanConnectionPool(  # type: ignore[assignment]
-        max_connections=max_connections,
-        keepalive_expiry=KEEPALIVE_EXPIRY,
-        ssl_context=ssl_context,
-        network_backend=AsyncioBackend(),
-    )
-    return transport
+def route_to(base_url: str, proxy: str | None) -> Route:
+    """The route for calls to `base_url`; ConfigError for a bad proxy URL."""
+    found = proxy_for(httpx.URL(base_url), proxy)
+    if found is None:
+        return Route()
+    # httpx.Proxy has taken any user:password out of the URL (into `auth`).
+    headers = dict(found.headers)
+    if found.auth is not None:
+        user, password = found.auth
+        credentials = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        headers["Proxy-Authorization"] = f"Basic {credentials}"
+    tunnelled = URL(base_url).scheme == "https"
+    if not headers:
+        return Route(URL(str(found.url)))
+    return Route(URL(str(found.url)), headers if tunnelled else None, None if tunnelled else headers)
 
 
-def proxied_transport(
-    proxy: httpx.Proxy, max_connections: int, ssl_context: ssl.SSLContext
-) -> httpx.AsyncHTTPTransport:
-    """httpx's proxy transport: plain http upstreams in absolute form, https through CONNECT."""
-    limits = httpx.Limits(
-        max_connections=max_connections,
-        max_keepalive_connections=max_connections,
-        keepalive_expiry=KEEPALIVE_EXPIRY,
+def open_session(
+    max_connections: int,
+    ssl_context: ssl.SSLContext,
+    keepalive_expiry: float = KEEPALIVE_EXPIRY,
+) -> aiohttp.ClientSession:
+    """A session with its own pool of at most `max_connections`; must run inside the event loop.
+
+    Bodies come as they are on the wire (body.py decodes gzip within its size bound), and
+    nothing is read from the environment here: proxies.py has settled the route already."""
+    ssl_context.set_alpn_protocols(["http/1.1"])
+    connector = _Connector(limit=max_connections, keepalive_timeout=keepalive_expiry, ssl=ssl_context)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        trust_env=False,
+        # Each attempt, pool wait and connect included, is bounded by its own budget
+        # (asyncio.timeout in transport.py), not by aiohttp's five-minute default.
+        timeout=aiohttp.ClientTimeout(total=None),
     )
-    return httpx.AsyncHTTPTransport(verify=ssl_context, trust_env=False, proxy=proxy, limits=limits)

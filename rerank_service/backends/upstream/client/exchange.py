@@ -2,42 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
+from yarl import URL
 
-from rerank_service.backends.upstream.client.body import content_coding, read_body
+from rerank_service.backends.upstream.client.body import ResponseTooLarge, content_coding, read_body
+from rerank_service.backends.upstream.client.connections import REUSED, Route
 from rerank_service.config.secret import Secret
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamReply:
     status: int
-    headers: httpx.Headers
+    headers: Mapping[str, str]  # case-insensitive names (aiohttp's CIMultiDictProxy)
     content: bytes  # decoded (gzip undone)
 
 
-# Normalised once: each call copies the list instead of normalising every header again.
-_FIXED_HEADERS = httpx.Headers(
-    {
-        "content-type": "application/json",
-        "accept": "application/json",
-        # gzip is asked for: a 500-document answer is tens of KiB of JSON that gzip cuts
-        # about fourfold, which over a WAN saves round trips of TCP slow start (each worth
-        # far more than the tens of microseconds inflating costs). Without this header
-        # an upstream may send any coding (RFC 9110 12.5.3), so naming one also pins it.
-        "accept-encoding": "gzip",
-        "user-agent": "rerank-service",
-    }
-)
+# Copied for each call: aiohttp sends them as given (it adds Host and Content-Length).
+_FIXED_HEADERS = {
+    "Content-Type": "application/json",
+    "Accept": "application/json",
+    # gzip is asked for: a 500-document answer is tens of KiB of JSON that gzip cuts
+    # about fourfold, which over a WAN saves round trips of TCP slow start (each worth
+    # far more than the tens of microseconds inflating costs). Without this header
+    # an upstream may send any coding (RFC 9110 12.5.3), so naming one also pins it.
+    "Accept-Encoding": "gzip",
+    "User-Agent": "rerank-service",
+}
 
 
-def call_headers(token: Secret | None, traceparent: str | None, tracestate: str | None) -> httpx.Headers:
+def call_headers(token: Secret | None, traceparent: str | None, tracestate: str | None) -> dict[str, str]:
     """The headers of one call: the bearer key only when there is one, W3C trace context
     when the caller sent it (tracestate means nothing without traceparent)."""
-    headers = httpx.Headers(_FIXED_HEADERS)
+    headers = _FIXED_HEADERS.copy()
     if token is not None:
-        headers["authorization"] = f"Bearer {token.reveal()}"
+        headers["Authorization"] = f"Bearer {token.reveal()}"
     if traceparent is not None:
         headers["traceparent"] = traceparent
         if tracestate is not None:
@@ -45,24 +46,49 @@ def call_headers(token: Secret | None, traceparent: str | None, tracestate: str 
     return headers
 
 
-def build_request(url: httpx.URL, content: bytes, headers: httpx.Headers, seconds: float) -> httpx.Request:
-    """A JSON POST whose every phase (pool wait, connect, each write and read) fits in `seconds`."""
-    return httpx.Request(
-        "POST",
-        url,
-        content=content,
-        headers=headers,
-        extensions={"timeout": {"connect": seconds, "read": seconds, "write": seconds, "pool": seconds}},
-    )
+async def exchange(
+    session: aiohttp.ClientSession,
+    route: Route,
+    url: URL,
+    content: bytes,
+    headers: dict[str, str],
+    limit: int,
+) -> UpstreamReply:
+    """POST `content`; the status, headers and whole decoded body (at most `limit` bytes decoded)."""
+    if route.forward_headers is not None:
+        headers.update(route.forward_headers)
+    response = await _send(session, route, url, content, headers)
+    async with response:  # gives the connection back to the pool, or closes it if unread
+        coding = content_coding(response.raw_headers)
+        length = response.content_length
+        if coding is None and length is not None:
+            # The common case: a plain body of announced length, read in one go.
+            if length > limit:
+                raise ResponseTooLarge(limit)
+            body = await response.content.readexactly(length) if length else b""
+        else:
+            # Chunked, or gzip: read piece by piece so the bound holds while it arrives.
+            body = await read_body(response.content.iter_any(), coding, limit)
+        return UpstreamReply(response.status, response.headers, body)
 
 
-async def exchange(transport: httpx.AsyncBaseTransport, request: httpx.Request) -> UpstreamReply:
-    """Send `request`; the status, headers and whole decoded body (body.py bounds its size)."""
-    response = await transport.handle_async_request(request)
+async def _send(
+    session: aiohttp.ClientSession, route: Route, url: URL, content: bytes, headers: dict[str, str]
+) -> aiohttp.ClientResponse:
+    """The request sent and the answer's head read. An idle connection the upstream closed
+    just as it was taken (its close still on the way: keep-alive timeouts cross like this)
+    fails at once without an answer: then the request is sent once more (the pool has
+    dropped that connection). A fresh connection that fails so is the upstream's failure,
+    not retried, and neither is a second failure."""
+    REUSED.set(False)
     try:
-        # httpx's transport hands over the body as it came off the wire: body.py decodes it.
-        # An async transport's body is async (httpx types it as either).
-        content = await read_body(response.stream, content_coding(response.headers.raw))  # type: ignore[arg-type]
-    finally:
-        await response.aclose()
-    return UpstreamReply(response.status_code, response.headers, content)
+        return await session.post(
+            url, data=content, headers=headers, proxy=route.proxy, proxy_headers=route.proxy_headers
+        )
+    except aiohttp.ServerDisconnectedError:
+        if not REUSED.get():
+            raise
+    REUSED.set(False)
+    return await session.post(
+        url, data=content, headers=headers, proxy=route.proxy, proxy_headers=route.proxy_headers
+    )

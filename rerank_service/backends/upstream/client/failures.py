@@ -1,13 +1,17 @@
 """What a failed HTTP attempt becomes: a metrics label and the service's error.
 
 The status codes themselves are chosen in errors.py (the one place for that); this
-module only tells the exceptions of the HTTP layer apart.
+module only tells the exceptions of the HTTP layer apart. aiohttp's exceptions are first
+named in httpx's vocabulary of transport errors (ConnectError, ReadError, ...), which
+errors.py and the metric's labels are written in.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import NamedTuple
 
+import aiohttp
 import httpx
 
 from rerank_service.backends.upstream import errors
@@ -24,6 +28,8 @@ def classify(exc: Exception, by_caller_deadline: bool) -> Failure:
     """`exc` ended an attempt; `by_caller_deadline`: the caller's deadline set its time budget."""
     if isinstance(exc, TimeoutError):  # the whole exchange ran past its budget (asyncio.timeout)
         return Failure("timeout", errors.timed_out(by_caller_deadline))
+    if isinstance(exc, aiohttp.ClientError | asyncio.IncompleteReadError | OSError):
+        exc = transport_error(exc)
     if isinstance(exc, httpx.HTTPError):
         return Failure(transport_failure(exc), errors.from_transport(exc, by_caller_deadline))
     if isinstance(exc, ResponseTooLarge):
@@ -47,3 +53,31 @@ def transport_failure(exc: httpx.HTTPError) -> str:
     if isinstance(exc, httpx.RemoteProtocolError):
         return "protocol_error"  # includes a connection closed before any answer or mid-body
     return "transport_error"
+
+
+def transport_error(exc: Exception) -> httpx.TransportError:
+    """aiohttp's failure (or a bare socket error) as the httpx transport error it amounts to.
+    The original stays chained: errors.py reads a rejected certificate's reason from it."""
+    error: httpx.TransportError
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        error = httpx.ProxyError(f"the proxy refused: {exc.status} {exc.message}")
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        # Refused, unresolvable, unroutable, a failed TLS handshake: no connection at all.
+        error = httpx.ConnectError(text)
+    elif isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        # Closed before any answer, or mid-body (cut short, broken chunking).
+        error = httpx.RemoteProtocolError(text)
+    elif isinstance(exc, asyncio.IncompleteReadError):
+        error = httpx.RemoteProtocolError("the connection closed before the whole body came")
+    elif isinstance(exc, aiohttp.ClientResponseError):
+        error = httpx.RemoteProtocolError(f"not an HTTP answer: {exc.message}")  # the parser refused it
+    elif isinstance(exc, aiohttp.ClientOSError | aiohttp.ClientConnectionResetError | OSError):
+        error = httpx.ReadError(text)  # reset, broken pipe
+    else:
+        error = httpx.TransportError(text)
+    # aiohttp's certificate error poses as an ssl one without its fields: chain the real one.
+    error.__cause__ = (
+        exc.certificate_error if isinstance(exc, aiohttp.ClientConnectorCertificateError) else exc
+    )
+    return error

@@ -12,7 +12,7 @@ from __future__ import annotations
 import httpx
 
 # httpx's own reading of the environment: private, pinned with httpx (<0.29), and
-# checked by tests/unit/test_httpcore_private_api.py.
+# checked by tests/unit/test_httpx_private_api.py.
 from httpx._utils import URLPattern, get_environment_proxies
 
 from rerank_service.config import ConfigError, SettingError

@@ -3,8 +3,9 @@
 So the rules for time (never outlive the caller's deadline: budget.py), size (never
 buffer an unbounded body, gzip bombs included: body.py), failures (errors the caller
 understands: failures.py) and measurement (each attempt counted and timed: attempt.py)
-live in one place. Which connections carry the calls (direct, or through a proxy) and
-which certificates are trusted is settled once, at construction (connections.py).
+live in one place. The calls ride on aiohttp's client: its connection pool and C parser
+(connections.py says how the pool is set up); which route they take (direct, or through
+a proxy) and which certificates are trusted is settled once, at construction.
 """
 
 from __future__ import annotations
@@ -13,21 +14,22 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
+from yarl import URL
 
 from rerank_service.backends.upstream import errors
 from rerank_service.backends.upstream.client.attempt import AttemptMetric
 from rerank_service.backends.upstream.client.body import MAX_RESPONSE_BYTES
 from rerank_service.backends.upstream.client.budget import attempt_budget
-from rerank_service.backends.upstream.client.connections import open_transport, pooled_transport
-from rerank_service.backends.upstream.client.exchange import (
-    UpstreamReply,
-    build_request,
-    call_headers,
-    exchange,
+from rerank_service.backends.upstream.client.connections import (
+    KEEPALIVE_EXPIRY,
+    open_session,
+    route_to,
 )
+from rerank_service.backends.upstream.client.exchange import UpstreamReply, call_headers, exchange
 from rerank_service.backends.upstream.client.failures import classify, transport_failure
+from rerank_service.backends.upstream.client.tls import upstream_ssl_context
 from rerank_service.config.secret import Secret
 from rerank_service.observability.metrics import Metrics
 
@@ -35,7 +37,6 @@ __all__ = [
     "MAX_RESPONSE_BYTES",
     "UpstreamReply",
     "UpstreamTransport",
-    "pooled_transport",
     "transport_failure",
 ]
 
@@ -46,29 +47,34 @@ class UpstreamTransport:
         base_url: str,
         timeout: float,
         max_connections: int,
-        transport: httpx.AsyncBaseTransport | None = None,
         *,
         proxy: str | None = None,
         ca_file: Path | None = None,
         metrics: Metrics | None = None,
+        keepalive_expiry: float = KEEPALIVE_EXPIRY,
     ) -> None:
         """`proxy`: every call goes through this HTTP proxy (None: HTTPS_PROXY and the rest
         of the environment decide). `ca_file`: trust this PEM bundle for the upstream's
         certificate (None: SSL_CERT_FILE / SSL_CERT_DIR, else certifi). ConfigError if
-        either is unusable. `transport` (tests): use it instead, ignoring both. `metrics`:
-        where each attempt is counted (None: a Metrics of its own, served nowhere: tests)."""
+        either is unusable. At most `max_connections` sockets to the upstream, each idle
+        one closed after `keepalive_expiry` seconds. `metrics`: where each attempt is
+        counted (None: a Metrics of its own, served nowhere: tests)."""
         self._metrics = metrics if metrics is not None else Metrics()
         self._timeout = timeout
         self._base_url = base_url.rstrip("/")
-        # httpx's transport, driven directly: the client layer above it (URL merging,
-        # auth, redirects, cookies, event hooks) is per-call work this service never uses.
-        self._transport = transport or open_transport(
-            httpx.URL(self._base_url), max_connections, proxy=proxy, ca_file=ca_file
-        )
-        self._urls: dict[str, httpx.URL] = {}
+        self._route = route_to(self._base_url, proxy)
+        # Built now: a bad bundle stops construction, not the first call.
+        self._ssl_context = upstream_ssl_context(ca_file)
+        self._max_connections = max_connections
+        self._keepalive_expiry = keepalive_expiry
+        # Opened on the first call: aiohttp's session belongs to the running event loop.
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
 
     async def close(self) -> None:
-        await self._transport.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def post_json(
         self,
@@ -88,14 +94,21 @@ class UpstreamTransport:
         seconds, by_caller = attempt_budget(self._timeout, deadline)
         if seconds <= 0:
             raise errors.timed_out(by_caller_deadline=True)
+        session = self._session
+        if session is None:
+            session = self._session = open_session(
+                self._max_connections, self._ssl_context, self._keepalive_expiry
+            )
         headers = call_headers(token, traceparent, tracestate)
-        request = build_request(self._url(path), orjson.dumps(body), headers, seconds)
+        content = orjson.dumps(body)
         with AttemptMetric(self._metrics) as attempt:
             try:
-                # httpx timeouts apply per phase (connect, each read); asyncio.timeout
-                # bounds the whole exchange, so a trickling body cannot outlive it.
+                # One bound on the whole exchange: the wait for a free connection,
+                # connecting, sending, and the body to its last byte (a trickle included).
                 async with asyncio.timeout(seconds):
-                    reply = await exchange(self._transport, request)
+                    reply = await exchange(
+                        session, self._route, self._url(path), content, headers, MAX_RESPONSE_BYTES
+                    )
             except Exception as exc:
                 failure = classify(exc, by_caller)
                 attempt.outcome = failure.label
@@ -105,8 +118,8 @@ class UpstreamTransport:
             attempt.outcome = reply.status
             return reply
 
-    def _url(self, path: str) -> httpx.URL:
+    def _url(self, path: str) -> URL:
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = httpx.URL(self._base_url + path)
+            url = self._urls[path] = URL(self._base_url + path)
         return url
