@@ -26,6 +26,7 @@ from rerank_service.cache.memory import MemoryTier
 from rerank_service.cache.redis_tier import RedisTier
 from rerank_service.cache.single_flight import Flight, Flights
 from rerank_service.core.domain import CacheMode, CacheOutcome
+from rerank_service.observability import tracing
 
 _new_tuple = tuple.__new__
 DEFAULT_FLIGHT_WAIT = 10.0  # seconds a call waits at most for another call's scores
@@ -172,7 +173,14 @@ class ScoreCache:
         if flight is not None:
             self._flights.resolve_columns(flight, keys, scores, tokens)
         if self._redis is not None:
-            await self._redis.put_many(list(zip(keys, map(CachedScore, scores, tokens), strict=True)))
+            # A trace shows the round trips to Redis (a slow store slows the call): the memory
+            # tier's microseconds are not worth a span.
+            span = tracing.child("rerank.cache.write", {"rerank.pairs": len(keys)})
+            try:
+                await self._redis.put_many(list(zip(keys, map(CachedScore, scores, tokens), strict=True)))
+            finally:
+                if span is not None:
+                    span.end()
 
     def release(self, flight: Flight) -> None:
         self._flights.finish(flight)
@@ -218,11 +226,15 @@ class ScoreCache:
     ) -> None:
         assert self._redis is not None
         keys = list(own)
-        found = [
-            (key, entry)
-            for key, entry in zip(keys, await self._redis.get_many(keys), strict=True)
-            if entry is not None
-        ]
+        span = tracing.child("rerank.cache.read", {"rerank.pairs": len(keys)})
+        try:
+            stored = await self._redis.get_many(keys)
+            found = [(key, entry) for key, entry in zip(keys, stored, strict=True) if entry is not None]
+            if span is not None:
+                span.set("rerank.cache.found", len(found))
+        finally:
+            if span is not None:
+                span.end()
         if not found:
             return
         if self._memory is not None:
@@ -240,12 +252,16 @@ class ScoreCache:
         if not others:
             return 0
         flights = {id(flight): flight for flight, _ in others.values()}
+        span = tracing.child("rerank.cache.wait", {"rerank.pairs": len(others)})
         try:
             async with asyncio.timeout(wait):
                 for flight in flights.values():
                     await flight.wait()
         except TimeoutError:
             pass  # what has not come by now, this call computes
+        finally:
+            if span is not None:
+                span.end()
         answered = 0
         memory = self._memory
         for key, (flight, indices) in others.items():

@@ -27,6 +27,7 @@ from rerank_service.observability.tracing_export import OtelTracing, _BoundedPro
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY, upstream_settings
 from tests.support.logs import LogCapture
+from tests.support.redis_server import RedisServer
 from tests.support.rpc import expect_error, request
 from tests.support.server import ServerThread
 from tests.support.waiting import wait_until
@@ -238,3 +239,30 @@ def test_a_full_queue_drops_and_counts_instead_of_holding_a_call() -> None:
     for _ in range(5):
         tracer.start_span("one").end()
     assert metrics.trace_spans_dropped.labels("queue_full")._value.get() == 3
+
+
+def test_the_score_caches_round_trips_to_redis_are_spans_of_the_call(
+    upstream: FakeUpstream, logs: LogCapture, spans: InMemorySpanExporter, redis_empty: RedisServer
+) -> None:
+    settings = upstream_settings(upstream, cache_memory_mb=0, cache_store=redis_empty.url)
+    with ServerThread(settings, tracer=in_memory(spans)) as server:
+        server.stub.Rerank(request(), metadata=(("traceparent", SAMPLED),), timeout=10)
+        first = finished(spans, 4)  # the call, its read, its attempt, its write
+        spans.clear()
+        server.stub.Rerank(request(), metadata=(("traceparent", SAMPLED),), timeout=10)
+        second = finished(spans, 2)  # the call and its read: every pair found
+
+    documents = len(request().documents)
+    (call,) = named(first, RERANK)
+    (read,) = named(first, "rerank.cache.read")
+    (write,) = named(first, "rerank.cache.write")
+    assert [span.parent.span_id if span.parent else None for span in (read, write)] == [
+        call.context.span_id
+    ] * 2
+    assert dict(read.attributes or {}) == {"rerank.pairs": documents, "rerank.cache.found": 0}
+    assert dict(write.attributes or {}) == {"rerank.pairs": documents}
+    assert len(named(first, "POST")) == 1
+    assert named(second, "POST") == []
+    (read,) = named(second, "rerank.cache.read")
+    assert dict(read.attributes or {})["rerank.cache.found"] == documents
+    assert dict(named(second, RERANK)[0].attributes or {})["rerank.cache"] == "hit"
