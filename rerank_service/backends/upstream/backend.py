@@ -300,43 +300,34 @@ class UpstreamBackend:
     ) -> UpstreamAnswer:
         """One HTTP exchange and its answer read; its time on the wire goes into `spans`.
         With tracing on it is a client span, whose context the upstream is sent."""
-        span = tracing.child("POST", self._span_attributes, client=True)
-        if span is None:
-            return await self._exchange(request, body, token, context, deadline, spans, context.traceparent)
-        if attempt > 1:
-            span.set("http.request.resend_count", attempt - 1)
-        try:
-            return await self._exchange(request, body, token, context, deadline, spans, span.traceparent())
-        except ServiceError as error:
-            status = error.metadata.get("upstream_status")
-            if status is not None and status.isdigit():
-                span.set("http.response.status_code", int(status))
-            span.fail(error.reason or error.code.name)
-            raise
-        finally:
-            span.end()
-
-    async def _exchange(
-        self,
-        request: BackendRequest,
-        body: dict[str, Any],
-        token: Secret | None,
-        context: CallContext,
-        deadline: float | None,
-        spans: list[tuple[float, float]],
-        traceparent: str | None,
-    ) -> UpstreamAnswer:
         assert self._transport is not None
+        span = tracing.child("POST", self._span_attributes, client=True)
+        traceparent = context.traceparent
+        if span is not None:
+            traceparent = span.traceparent()
+            if attempt > 1:
+                span.set("http.request.resend_count", attempt - 1)
         started = time.perf_counter()
         try:
-            reply = await self._transport.post_json(
-                self._path, body, token, deadline, traceparent=traceparent, tracestate=context.tracestate
-            )
+            try:
+                reply = await self._transport.post_json(
+                    self._path, body, token, deadline, traceparent=traceparent, tracestate=context.tracestate
+                )
+            finally:
+                spans.append((started, time.perf_counter()))
+            if span is not None:
+                span.set("http.response.status_code", reply.status)
+            return self._answer(reply, request, token)
+        except ServiceError as error:
+            if span is not None:
+                span.fail(error.reason or error.code.name)
+            raise
         finally:
-            spans.append((started, time.perf_counter()))
-        span = tracing.current()
-        if span is not None:
-            span.set("http.response.status_code", reply.status)
+            if span is not None:
+                span.end()
+
+    def _answer(self, reply: UpstreamReply, request: BackendRequest, token: Secret | None) -> UpstreamAnswer:
+        """The upstream's answer checked and read, or the error its status or body says."""
         decoded = _decode_json(reply)
         secrets = self._secrets_of(token)
         if not 200 <= reply.status < 300:
