@@ -71,7 +71,6 @@ class _Record:
         "links",
         "name",
         "parent",
-        "span_id",
         "start",
         "status",
         "trace",
@@ -90,7 +89,6 @@ class _Record:
         self.name = name
         self.trace = trace  # the span's own context (its trace id, span id, flags, state)
         self.parent = parent
-        self.span_id = trace.span_id
         self.kind = kind
         self.attributes = attributes
         self.start = start
@@ -119,10 +117,11 @@ class OtelSpan:
 
     @property
     def span_id(self) -> str:
-        return format(self.record.span_id, "016x")
+        return format(self.record.trace.span_id, "016x")
 
     def traceparent(self) -> str:
-        return f"00-{self.record.trace.trace_id:032x}-{self.record.span_id:016x}-01"
+        trace = self.record.trace
+        return f"00-{trace.trace_id:032x}-{trace.span_id:016x}-01"
 
     def set(self, key: str, value: str | bool | int | float | Sequence[str]) -> None:
         self.record.attributes[key] = value
