@@ -103,23 +103,27 @@ class Pipeline:
         item_id: str | None = None,
         scoped: bool = True,
         caller: Caller | None = None,
-        trace: tuple[str | None, str | None] | None = None,
+        trace: tuple[str | None, str | None] = (None, None),
         stream: Call | None = None,
     ) -> Call:
         """Start a call: its request id, bound (`scoped`: unbound again at `finish`; a
         stream or a stream item runs in a task of its own, which ends with it). `caller`:
         known already (a stream's item: the stream's). `trace`: the caller's validated
-        (traceparent, tracestate), read only when `tracer` is set; `stream`: the stream
-        this call is an item of (its span links to the stream's)."""
+        (traceparent, tracestate), the span's parent and what the upstream is sent;
+        `stream`: the stream this call is an item of (its span links to the stream's)."""
         call = Call(self, method, peer, measured, item_id, scoped)
         call.caller = caller
+        call.trace = trace
         tracer = self.tracer
         if tracer is not None:
-            traceparent, tracestate = (None, None) if trace is None else trace
             call.span = tracer.open_call(
-                method, peer, traceparent, tracestate, call.started,
+                method,
+                peer,
+                trace[0],
+                trace[1],
+                call.started,
                 item_of=None if stream is None else stream.span,
-            )  # fmt: skip
+            )
         return call
 
     def authenticate(self, token: Secret | None, carrier: str, peer_identities: Sequence[str] = ()) -> Caller:
@@ -169,6 +173,7 @@ class Call:
         "request_id",
         "span",
         "started",
+        "trace",
     )  # fmt: skip
 
     def __init__(
@@ -209,6 +214,7 @@ class Call:
         # Its span (tracing on and sampled), and the HTTP status it was answered with.
         self.span: SpanHandle | None = None
         self.http_status: int | None = None
+        self.trace: tuple[str | None, str | None] = (None, None)  # the caller's, set by `open`
 
     @property
     def share_key(self) -> str | None:

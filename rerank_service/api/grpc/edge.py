@@ -220,7 +220,7 @@ class RerankServiceEdge:
             received: _Received | _Unparsed | _Undecodable, context: ServicerContext[Any, Any]
         ) -> Any:
             # The peer is read now: once a deadline has cancelled the call it is gone.
-            call = pipeline.open(path, context.peer(), measured, trace=_trace(pipeline, context))
+            call = pipeline.open(path, context.peer(), measured, trace=_trace(context))
             ran = False
             try:
                 try:
@@ -271,9 +271,7 @@ class RerankServiceEdge:
         async def stream(requests: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             # Not unbound afterwards (scoped=False): the stream's task ends with the call, and
             # a generator may be finalised from another context, where reset() fails.
-            call = pipeline.open(
-                path, context.peer(), measured, scoped=False, trace=_trace(pipeline, context)
-            )
+            call = pipeline.open(path, context.peer(), measured, scoped=False, trace=_trace(context))
             # A stream holds an admission slot only while items are in flight, not while it is
             # open: a stream that sends nothing holds nothing (the idle timeout ends it meanwhile).
             items = _StreamItems(requests, self._admission, self._stream_idle_timeout)
@@ -445,7 +443,7 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3f}"
 
 
-def _trace(pipeline: Pipeline, context: ServicerContext[Any, Any]) -> tuple[str | None, str | None] | None:
-    """The caller's trace context, read only with tracing on (the servicer reads it again
-    for the upstream, with or without)."""
-    return None if pipeline.tracer is None else trace_context(context.invocation_metadata())
+def _trace(context: ServicerContext[Any, Any]) -> tuple[str | None, str | None]:
+    """The caller's trace context, read once for the call: its span's parent, and what the
+    upstream is sent."""
+    return trace_context(context.invocation_metadata())

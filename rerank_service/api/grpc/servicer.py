@@ -29,7 +29,6 @@ from rerank_service.core.domain import (
 from rerank_service.core.stream_window import answer_concurrently
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.request_id import new_request_id
-from rerank_service.observability.trace_context import trace_context
 from rerank_service.pipeline.auth import bearer_token
 from rerank_service.pipeline.cache_control import cache_mode
 from rerank_service.pipeline.call import Call, Pipeline, internal_error
@@ -52,7 +51,7 @@ class RerankServicer:
         context: ServicerContext[rerank_pb2.RerankRequest, rerank_pb2.RerankResponse],
         call: Call,
     ) -> Answer[rerank_pb2.RerankResponse]:
-        outcome = await call.rerank(to_domain(request), call_context(context))
+        outcome = await call.rerank(to_domain(request), call_context(context, call))
         return Answer(to_proto(outcome, outcome.upstream_request_id or call.request_id), outcome)
 
     async def RerankStream(
@@ -62,7 +61,7 @@ class RerankServicer:
         call: Call,
     ) -> AsyncIterator[rerank_pb2.RerankStreamResponse]:
         # One deadline, one set of credentials and one trace context for the whole stream.
-        shared = call_context(context)
+        shared = call_context(context, call)
         peer = call.peer
         pipeline = self._pipeline
         item_metrics = pipeline.metrics.stream_items
@@ -228,11 +227,12 @@ def to_error_proto(error: ServiceError, request_id: str) -> rerank_pb2.RerankErr
     return message
 
 
-def call_context(context: ServicerContext[Any, Any]) -> CallContext:
-    """What the caller brings besides the request: deadline, credentials, trace context."""
+def call_context(context: ServicerContext[Any, Any], call: Call) -> CallContext:
+    """What the caller brings besides the request: deadline, credentials, and the trace
+    context the edge read when it opened the call."""
     remaining = context.time_remaining()
     metadata = context.invocation_metadata()
-    traceparent, tracestate = trace_context(metadata)
+    traceparent, tracestate = call.trace
     return CallContext(
         deadline=None if remaining is None else time.monotonic() + remaining,
         bearer_token=bearer_token(metadata),

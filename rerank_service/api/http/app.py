@@ -107,7 +107,7 @@ class FrontDoor:
 
         async def handle(http: web.Request) -> web.Response:
             pipeline = self._pipeline
-            trace = None if pipeline.tracer is None else trace_context(http.headers.items())
+            trace = trace_context(http.headers.items())
             call = pipeline.open(f"HTTP POST {path}", http.remote or "", measured, trace=trace)
             try:
                 response = await answer(http, call)
@@ -119,7 +119,7 @@ class FrontDoor:
         async def answer(http: web.Request, call: Call) -> web.Response:
             try:
                 try:
-                    context = self._authenticate(http, time.monotonic() + self._call_timeout)
+                    context = self._authenticate(http, time.monotonic() + self._call_timeout, call.trace)
                     call.caller = http[_CALLER]
                     self._check_body_headers(http)
                     call.admit_bytes(http.content_length or 0)
@@ -189,12 +189,18 @@ class FrontDoor:
         message = f"the body is larger than {self._max_body_bytes} bytes (--max-message-bytes)"
         return _HttpError(413, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
-    def _authenticate(self, http: web.Request, deadline: float | None = None) -> CallContext:
+    def _authenticate(
+        self,
+        http: web.Request,
+        deadline: float | None = None,
+        trace: tuple[str | None, str | None] = (None, None),
+    ) -> CallContext:
+        """The caller (kept with the request for its call) and what its call carries; `trace`:
+        the trace context read when the call opened (pipeline/call.py)."""
         headers = list(http.headers.items())
         token = bearer_token(headers)
-        # The caller, kept with the request for its call (the rerank route reads it).
         http[_CALLER] = self._pipeline.authenticate(token, KEY_CARRIER, self._peer_identities(http))
-        traceparent, tracestate = trace_context(headers)
+        traceparent, tracestate = trace
         return CallContext(
             deadline=deadline,
             bearer_token=token,
