@@ -97,6 +97,20 @@ def helm_template(*settings: str) -> subprocess.CompletedProcess[str]:
     return _run([_tool(HELM), "template", RELEASE, CHART, "--kube-version", K8S_VERSION, *sets])
 
 
+def kubeconform(manifests: str, *flags: str, crds: bool = True) -> subprocess.CompletedProcess[str]:
+    """`kubeconform -strict` of `manifests` against the Kubernetes schemas and, with `crds`,
+    the custom resources' own (tests/deploy/schemas)."""
+    locations = ["-schema-location", K8S_SCHEMA_LOCATION]
+    if crds:
+        locations += [
+            "-schema-location",
+            f"{LOCAL_SCHEMAS}/{{{{ .ResourceKind }}}}{{{{ .KindSuffix }}}}.json",
+        ]
+    command: list[str | Path] = [_tool(KUBECONFORM), "-strict", *flags, "-kubernetes-version", K8S_VERSION]
+    command += [*locations, "-"]
+    return _run(command, input=manifests)
+
+
 def rendered_text(name: str) -> str:
     result = _run(
         [
@@ -173,23 +187,7 @@ def test_helm_lint(name: str) -> None:
 def test_every_object_is_valid_kubernetes(name: str) -> None:
     if not (SCHEMAS / f"v{K8S_VERSION}-standalone-strict" / "deployment-apps-v1.json").is_file():
         pytest.fail(f"{SCHEMAS.relative_to(ROOT)} is missing: run `make chart-tools`", pytrace=False)
-    result = _run(
-        [
-            _tool(KUBECONFORM),
-            "-strict",
-            "-summary",
-            "-output",
-            "json",
-            "-kubernetes-version",
-            K8S_VERSION,
-            "-schema-location",
-            K8S_SCHEMA_LOCATION,
-            "-schema-location",
-            f"{LOCAL_SCHEMAS}/{{{{ .ResourceKind }}}}{{{{ .KindSuffix }}}}.json",
-            "-",
-        ],
-        input=rendered_text(name),
-    )
+    result = kubeconform(rendered_text(name), "-summary", "-output", "json")
     report = json.loads(result.stdout)
     summary = report["summary"]
     assert result.returncode == 0, result.stdout
@@ -203,18 +201,7 @@ def test_kubeconform_rejects_a_broken_object() -> None:
     """The validation is real: a misspelt field and a wrong type fail."""
     broken = rendered_text("defaults").replace("containerPort:", "containerPorts:", 1)
     broken = broken.replace("terminationGracePeriodSeconds: ", "terminationGracePeriodSeconds: x", 1)
-    result = _run(
-        [
-            _tool(KUBECONFORM),
-            "-strict",
-            "-kubernetes-version",
-            K8S_VERSION,
-            "-schema-location",
-            K8S_SCHEMA_LOCATION,
-            "-",
-        ],
-        input=broken,
-    )
+    result = kubeconform(broken, crds=False)
     assert result.returncode != 0
     assert "containerPorts" in result.stdout
 
@@ -428,20 +415,7 @@ def test_kubeconform_checks_the_prometheus_rule_against_its_crd() -> None:
         text.replace("    - alert: RerankRouteDown", "    - alarm: RerankRouteDown", 1),
     ):
         assert broken != text
-        result = _run(
-            [
-                _tool(KUBECONFORM),
-                "-strict",
-                "-kubernetes-version",
-                K8S_VERSION,
-                "-schema-location",
-                K8S_SCHEMA_LOCATION,
-                "-schema-location",
-                f"{LOCAL_SCHEMAS}/{{{{ .ResourceKind }}}}{{{{ .KindSuffix }}}}.json",
-                "-",
-            ],
-            input=broken,
-        )
+        result = kubeconform(broken)
         assert result.returncode != 0, broken
         assert "PrometheusRule" in result.stdout
 

@@ -89,6 +89,12 @@ def exporting_to(jaeger: JaegerServer, service_name: str, **extra: str) -> dict[
     }
 
 
+def in_front_of(upstream: FakeUpstream, flags: list[str], env: dict[str, str]) -> ServiceProcess:
+    """A server of `upstream` alone (no routes file), holding its key, with `flags` and `env`."""
+    args = ["--backend", "upstream", "--upstream-url", upstream.url, "--upstream-models", MODEL, *flags]
+    return ServiceProcess(args, env={**env, "RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY})
+
+
 def serving_line(service: ServiceProcess) -> dict[str, Any]:
     return next(event for event in service.events() if event.get("event") == "serving")
 
@@ -190,19 +196,8 @@ def test_a_collector_that_is_down_costs_calls_nothing_and_the_lost_spans_are_cou
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nobody listens there
         "OTEL_EXPORTER_OTLP_TIMEOUT": "1",  # seconds before an export gives up
         "OTEL_BSP_SCHEDULE_DELAY": "50",
-        "RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY,
     }
-    args = [
-        "--backend",
-        "upstream",
-        "--upstream-url",
-        fallback.url,
-        "--upstream-models",
-        MODEL,
-        "--metrics-port",
-        "0",
-    ]
-    with ServiceProcess(args, env=env) as service:
+    with in_front_of(fallback, ["--metrics-port", "0"], env) as service:
         stub = rerank_pb2_grpc.RerankServiceStub(grpc.insecure_channel(service.target))
         for _ in range(20):
             response = stub.Rerank(request(), timeout=10)
@@ -222,8 +217,7 @@ def test_a_draining_process_sends_its_last_spans_before_it_exits(
     parent, trace_id, _ = traceparent()
     # Spans would wait ten minutes for their batch: only the drain sends them.
     env = {**exporting_to(jaeger, "tracing-drain"), "OTEL_BSP_SCHEDULE_DELAY": "600000"}
-    args = ["--backend", "upstream", "--upstream-url", fallback.url, "--upstream-models", MODEL]
-    with ServiceProcess(args, env={**env, "RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}) as service:
+    with in_front_of(fallback, [], env) as service:
         stub = rerank_pb2_grpc.RerankServiceStub(grpc.insecure_channel(service.target))
         stub.Rerank(request(), metadata=(("traceparent", parent),), timeout=10)
         assert service.terminate(signal.SIGTERM) == 0
@@ -234,18 +228,7 @@ def test_a_draining_process_sends_its_last_spans_before_it_exits(
 
 def test_each_worker_exports_as_itself(jaeger: JaegerServer, fallback: FakeUpstream) -> None:
     service_name = f"tracing-workers-{os.getpid()}"
-    args = [
-        "--backend",
-        "upstream",
-        "--upstream-url",
-        fallback.url,
-        "--upstream-models",
-        MODEL,
-        "--workers",
-        "2",
-    ]
-    env = {**exporting_to(jaeger, service_name), "RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}
-    with ServiceProcess(args, env=env) as service:
+    with in_front_of(fallback, ["--workers", "2"], exporting_to(jaeger, service_name)) as service:
         seen: set[object] = set()
 
         def both_workers_traced() -> bool:

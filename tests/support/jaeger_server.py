@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +138,10 @@ def parse_traces(document: Mapping[str, Any]) -> list[list[JaegerSpan]]:
     return traces
 
 
+def _flat(traces: list[list[JaegerSpan]]) -> list[JaegerSpan]:
+    return [span for trace in traces for span in trace]
+
+
 def _has_spans(spans: list[JaegerSpan]) -> bool:
     return bool(spans)
 
@@ -252,19 +255,13 @@ class JaegerServer:
 
         Export is asynchronous, so a test names what it waits for (e.g. five spans); the
         timeout bounds a broken exporter, and its error shows what Jaeger had."""
-        seen: list[list[JaegerSpan]] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = self._get(f"/api/traces/{trace_id.lower()}")
-            spans = [span for trace in seen for span in trace]
-            if until(spans):
-                return spans
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"trace {trace_id} in jaeger: the condition did not hold within {timeout:g} s; "
-                    f"it had:\n{_describe(seen)}"
-                )
-            time.sleep(POLL_INTERVAL)
+        found = self._poll(
+            lambda: self._get(f"/api/traces/{trace_id.lower()}"),
+            lambda seen: until(_flat(seen)),
+            timeout,
+            f"trace {trace_id}",
+        )
+        return _flat(found)
 
     def traces(
         self,
@@ -275,18 +272,35 @@ class JaegerServer:
     ) -> list[list[JaegerSpan]]:
         """Every stored trace with a span of `service` (the query API's default lookback: two
         days), polled until `until` holds."""
+        return self._poll(
+            lambda: self._get("/api/traces", {"service": service, "limit": "10000"}),
+            until,
+            timeout,
+            f"traces of service {service!r}",
+        )
+
+    @staticmethod
+    def _poll(
+        fetch: Callable[[], list[list[JaegerSpan]]],
+        until: Callable[[list[list[JaegerSpan]]], bool],
+        timeout: float,
+        what: str,
+    ) -> list[list[JaegerSpan]]:
+        """`fetch()` again and again until `until` holds of what it gave; on the timeout, an
+        AssertionError showing what Jaeger had last."""
         seen: list[list[JaegerSpan]] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = self._get("/api/traces", {"service": service, "limit": "10000"})
-            if until(seen):
-                return seen
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"traces of service {service!r} in jaeger: the condition did not hold within "
-                    f"{timeout:g} s; it had:\n{_describe(seen)}"
-                )
-            time.sleep(POLL_INTERVAL)
+
+        def holds() -> bool:
+            nonlocal seen
+            seen = fetch()
+            return until(seen)
+
+        if not wait_until(holds, timeout, POLL_INTERVAL):
+            held = _describe(seen)
+            raise AssertionError(
+                f"{what} in jaeger: the condition did not hold within {timeout:g} s; it had:\n{held}"
+            )
+        return seen
 
     def __enter__(self) -> JaegerServer:
         try:
