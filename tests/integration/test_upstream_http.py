@@ -457,3 +457,18 @@ async def test_gzip_and_chunked_work_through_a_proxy_and_tls_together(
 
     assert results(reply) == EXPECTED
     assert len(proxy.tunnels) == 1
+
+
+async def test_a_cookie_the_upstream_sets_is_never_sent_back(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    """One session carries every caller's calls to a deployment: a cookie one answer sets
+    must not ride along on the next call, which may be another caller's."""
+    upstream.inject(Fault(headers={"set-cookie": "session=first-caller; Path=/"}))
+    # By name: aiohttp's default jar already ignores cookies of a bare IP address.
+    transport = transports(upstream.url.replace("127.0.0.1", "localhost"))
+
+    await call(transport)
+    await call(transport)
+
+    assert [request.headers.get("cookie") for request in upstream.requests] == [None, None]

@@ -116,6 +116,9 @@ def open_session(
         connector=connector,
         auto_decompress=False,
         trust_env=False,
+        # One session carries every caller's calls: a cookie an answer sets is never sent
+        # on (the next call may be another caller's), and none is parsed or kept.
+        cookie_jar=aiohttp.DummyCookieJar(),
         # Each attempt, pool wait and connect included, is bounded by its own budget
         # (asyncio.timeout in transport.py), not by aiohttp's five-minute default.
         timeout=aiohttp.ClientTimeout(total=None),
