@@ -10,6 +10,8 @@ directly. Runs, each started and stopped in turn:
 
 - canned: a grpc.aio servicer returning a fixed RerankResponse of the same size;
 - minimal proxy: a grpc.aio servicer doing one httpx POST, JSON parse, response build;
+- minimal proxy on aiohttp: the same on the service's own client (aiohttp, orjson): the
+  floor under the service, one upstream call on its stack with none of its features;
 - direct: the upstream called over HTTP by httpx at the same concurrency;
 - service: `rerank-service serve --backend upstream` with its defaults (access log on) but the score
   cache, which ServiceProcess leaves off (the load repeats one request: bench/cache.py measures the cache).
@@ -20,7 +22,11 @@ Scenarios:
 2. Slow upstream (a fake answering after 2 s), concurrency 256 and 1,024, against
    Little's-law limit (concurrency / latency).
 3. Memory: the service's RSS after 1,000 and after 100,000 calls (fast upstream).
-4. Profile: py-spy samples the service at concurrency 64; CPU time per call is read
+4. The gRPC stack at the service's rate: canned again, held by ghz (`--rps`) to the
+   requests/s the service reached at c=16 and c=64. grpc.aio's cost per call grows as its
+   rate falls (fewer completions share each wake-up of its poller thread and the event
+   loop), so this, not canned at full speed, is what the gRPC stack costs the service.
+5. Profile: py-spy samples the service at concurrency 64; CPU time per call is read
    from /proc/PID/stat (utime + stime of the whole process, every thread).
 
 The generated part of docs/PERFORMANCE.md (between its bench-perf markers) is
@@ -75,6 +81,11 @@ BEGIN, END = "<!-- bench-perf:begin -->", "<!-- bench-perf:end -->"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 DIRECT, CANNED, PROXY, SERVICE = "direct (httpx → upstream)", "canned", "minimal proxy", "service"
+AIOHTTP_PROXY = "minimal proxy on aiohttp"
+PACED = "canned at the service's req/s"
+# Concurrencies at which canned is also run at the service's rate (PACED), and issue 27's goal there.
+PACED_CONCURRENCY = (16, 64)
+CANNED_GOAL = 0.4
 SLEEPER = "canned, 2 s asyncio.sleep"
 FAST_DOCUMENTS = (20, 500)
 FAST_CONCURRENCY = (1, 16, 64)
@@ -419,9 +430,10 @@ def ghz(
     requests: int | None = None,
     timeout: float = 20,
     metadata: Mapping[str, str] | None = None,
+    rps: float | None = None,
 ) -> dict[str, Any]:
-    """One ghz run, for `seconds` or for `requests` calls, sending `metadata` with each; its
-    JSON report (also kept in `out`)."""
+    """One ghz run, for `seconds` or for `requests` calls, sending `metadata` with each, at most
+    `rps` calls a second (None: as fast as the target answers); its JSON report (also kept in `out`)."""
     request_file = RESULTS / f"request-{documents}.bin"
     if not request_file.exists():
         request_file.write_bytes(request(documents).SerializeToString())
@@ -451,6 +463,8 @@ def ghz(
     ]
     if metadata:
         command += ["--metadata", json.dumps(dict(metadata))]
+    if rps is not None:
+        command += ["--rps", str(max(1, round(rps)))]
     if seconds is not None:
         command += ["--duration", f"{seconds:g}s", "--duration-stop", "ignore"]
     else:
@@ -483,10 +497,20 @@ def from_ghz(scenario: str, documents: int, concurrency: int, run: str, report: 
 
 
 def measure_grpc(
-    scenario: str, run: str, pid: int, port: int, documents: int, concurrency: int, plan: Plan, *, slow: bool
+    scenario: str,
+    run: str,
+    pid: int,
+    port: int,
+    documents: int,
+    concurrency: int,
+    plan: Plan,
+    *,
+    slow: bool,
+    rps: float | None = None,
 ) -> Point:
-    """Warm up, then one measured ghz run with the server's CPU time and RSS around it."""
-    tag = f"{scenario}-{documents}-c{concurrency}-{run.split()[0]}"
+    """Warm up, then one measured ghz run (at most `rps` calls a second, fast runs only) with the
+    server's CPU time and RSS around it."""
+    tag = f"{scenario}-{documents}-c{concurrency}-{re.sub(r'[^a-z0-9]+', '-', run.lower()).strip('-')}"
     if slow:
         ghz(
             port,
@@ -497,7 +521,7 @@ def measure_grpc(
             timeout=SLOW_TIMEOUT,
         )
     else:
-        ghz(port, documents, concurrency, RESULTS / f"{tag}-warmup.json", seconds=plan.warmup)
+        ghz(port, documents, concurrency, RESULTS / f"{tag}-warmup.json", seconds=plan.warmup, rps=rps)
     before = cpu_seconds(pid)
     if slow:
         report = ghz(
@@ -509,7 +533,7 @@ def measure_grpc(
             timeout=SLOW_TIMEOUT,
         )
     else:
-        report = ghz(port, documents, concurrency, RESULTS / f"{tag}.json", seconds=plan.seconds)
+        report = ghz(port, documents, concurrency, RESULTS / f"{tag}.json", seconds=plan.seconds, rps=rps)
     used = cpu_seconds(pid) - before
     point = from_ghz(scenario, documents, concurrency, run, report)
     point.cpu_us = used / max(point.count + point.errors, 1) * 1e6
@@ -600,6 +624,10 @@ class Ports:
     def service(self) -> int:
         return self.base + 12
 
+    @property
+    def aiohttp_proxy(self) -> int:
+        return self.base + 9
+
     def formats(self, index: int) -> int:
         """One service per wire format, side by side."""
         return self.base + 13 + index
@@ -616,7 +644,12 @@ def fast_scenario(results: Results, ports: Ports) -> None:
                 point = measure_direct("fast", url, documents, concurrency, plan, slow=False)
                 results.points.append(point)
                 show(point)
-            targets = ((CANNED, ports.canned), (PROXY, ports.proxy), (SERVICE, ports.service))
+            targets = (
+                (CANNED, ports.canned),
+                (PROXY, ports.proxy),
+                (AIOHTTP_PROXY, ports.aiohttp_proxy),
+                (SERVICE, ports.service),
+            )
             for run, port in targets:
                 with _target(run, port, documents, url) as pid:
                     check_answer(port, documents)
@@ -626,6 +659,23 @@ def fast_scenario(results: Results, ports: Ports) -> None:
                         show(point)
                     if run == SERVICE:
                         profile(results, pid, port, documents)
+            paced_canned(results, ports, documents, url)
+
+
+def paced_canned(results: Results, ports: Ports, documents: int, url: str) -> None:
+    """Canned held to the service's requests/s at each of PACED_CONCURRENCY: the gRPC stack's
+    cost per call at the rate the service runs at."""
+    with _target(CANNED, ports.canned, documents, url) as pid:
+        for concurrency in PACED_CONCURRENCY:
+            served = results.get("fast", documents, concurrency, SERVICE)
+            if served is None:
+                continue
+            plan, port = results.plan, ports.canned
+            point = measure_grpc(
+                "fast", PACED, pid, port, documents, concurrency, plan, slow=False, rps=served.rps
+            )
+            results.points.append(point)
+            show(point)
 
 
 @contextlib.contextmanager
@@ -637,7 +687,8 @@ def _target(run: str, port: int, documents: int, url: str) -> Iterator[int]:
         with baseline("canned", port, documents, url, delay=SLOW_LATENCY) as pid:
             yield pid
     else:
-        with baseline("canned" if run == CANNED else "proxy", port, documents, url) as pid:
+        kind = {CANNED: "canned", PROXY: "proxy", AIOHTTP_PROXY: "proxy-aiohttp"}[run]
+        with baseline(kind, port, documents, url) as pid:
             yield pid
 
 
@@ -930,12 +981,12 @@ def fast_table(results: Results, documents: int) -> list[str]:
         proxy = results.get("fast", documents, concurrency, PROXY)
         canned = results.get("fast", documents, concurrency, CANNED)
         direct = results.get("fast", documents, concurrency, DIRECT)
-        for run in (DIRECT, CANNED, PROXY, SERVICE):
+        for run in (DIRECT, CANNED, PROXY, AIOHTTP_PROXY, SERVICE, PACED):
             point = results.get("fast", documents, concurrency, run)
             if point is None:
                 continue
-            vs_proxy = point.rps / proxy.rps if proxy and run != DIRECT else None
-            vs_canned = point.rps / canned.rps if canned and run != DIRECT else None
+            vs_proxy = point.rps / proxy.rps if proxy and run not in (DIRECT, PACED) else None
+            vs_canned = point.rps / canned.rps if canned and run not in (DIRECT, PACED) else None
             over = f"{(point.p50 - direct.p50) * 1e3:+.2f}" if direct and run != DIRECT else "-"
             name = f"**{run}**" if run == SERVICE else run
             errors = f" ({point.errors} errors)" if point.errors else ""
@@ -991,6 +1042,17 @@ def goals(results: Results) -> list[str]:
                 ratio >= 1.0,
                 context,
             )
+    for concurrency in PACED_CONCURRENCY:
+        service_point = results.get("fast", 20, concurrency, SERVICE)
+        canned = results.get("fast", 20, concurrency, CANNED)
+        if service_point and canned:
+            ratio = service_point.rps / canned.rps
+            row(
+                f"fast upstream, 20 documents, c={concurrency}: ≥ {CANNED_GOAL}x canned's req/s",
+                f"{ratio:.2f}x",
+                ratio >= CANNED_GOAL,
+                _floor_context(results, concurrency),
+            )
     for documents in FAST_DOCUMENTS:
         service_point = results.get("fast", documents, 1, SERVICE)
         direct = results.get("fast", documents, 1, DIRECT)
@@ -1040,6 +1102,27 @@ def goals(results: Results) -> list[str]:
     return rows
 
 
+def _floor_context(results: Results, concurrency: int) -> str:
+    """What the same run says of the canned ratio: where the floor under the service is (the
+    minimal proxy on aiohttp), and the service's CPU per call against the gRPC stack's at the
+    service's own rate."""
+    canned = results.get("fast", 20, concurrency, CANNED)
+    floor = results.get("fast", 20, concurrency, AIOHTTP_PROXY)
+    paced = results.get("fast", 20, concurrency, PACED)
+    served = results.get("fast", 20, concurrency, SERVICE)
+    parts = []
+    if canned and floor:
+        parts.append(f"minimal proxy on aiohttp {floor.rps / canned.rps:.2f}x canned")
+    if served and paced and served.cpu_us and paced.cpu_us:
+        parts.append(
+            f"service CPU per call {served.cpu_us / paced.cpu_us:.2f}x canned's at the service's req/s "
+            f"({paced.cpu_us:.0f} µs; {canned.cpu_us:.0f} µs at full speed)"
+            if canned and canned.cpu_us
+            else f"service CPU per call {served.cpu_us / paced.cpu_us:.2f}x canned's at the service's req/s"
+        )
+    return "; ".join(parts)
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     with contextlib.suppress(OSError):
@@ -1080,8 +1163,9 @@ def report(results: Results) -> str:
         f"Each fast point: {plan.warmup:g} s warm-up, then {plan.seconds:g} s measured (calls in flight "
         "at the end are ignored). ghz opens one HTTP/2 connection per 64 calls in flight. Latencies are "
         "ghz's percentiles; the direct client computes the same percentile the same way. The "
-        f"minimal proxy and the direct client use **{http_library()}** (pool of 1,024 connections, "
-        "as the service's).",
+        f"minimal proxy and the direct client use **{http_library()}**, the minimal proxy on aiohttp "
+        "uses aiohttp and orjson as the service does (each a pool of 1,024 connections, as the "
+        "service's).",
         "",
         "### Goals",
         "",
@@ -1121,13 +1205,28 @@ def report(results: Results) -> str:
         service_point = results.get("fast", documents, 64, SERVICE)
         proxy = results.get("fast", documents, 64, PROXY)
         canned = results.get("fast", documents, 64, CANNED)
+        floor = results.get("fast", documents, 64, AIOHTTP_PROXY)
+        paced = results.get("fast", documents, 64, PACED)
         if service_point and proxy and canned and service_point.cpu_us and proxy.cpu_us and canned.cpu_us:
-            cpu_lines.append(
+            line = (
                 f"- {documents} documents, c=64: canned **{canned.cpu_us:.0f}**, minimal proxy "
                 f"**{proxy.cpu_us:.0f}**, service **{service_point.cpu_us:.0f}** CPU-µs per call "
                 f"(service {service_point.cpu_us / proxy.cpu_us:.2f}x the minimal proxy; the service's own "
                 f"work over the proxy: {service_point.cpu_us - proxy.cpu_us:+.0f} µs)."
             )
+            if floor and floor.cpu_us:
+                line += (
+                    f" On the service's own client, the minimal proxy on aiohttp: **{floor.cpu_us:.0f}** µs; "
+                    f"the service's features cost {service_point.cpu_us - floor.cpu_us:+.0f} µs over it."
+                )
+            if paced and paced.cpu_us:
+                times = service_point.cpu_us / paced.cpu_us
+                line += (
+                    f" Canned held to the service's {service_point.rps:,.0f} req/s: "
+                    f"**{paced.cpu_us:.0f}** µs a call, the gRPC stack's cost at that rate "
+                    f"(service {times:.2f}x)."
+                )
+            cpu_lines.append(line)
     if cpu_lines:
         lines += [
             "### CPU time per call",

@@ -2,6 +2,7 @@
 
     python -m bench.perf_servers canned --port 50061 --documents 20
     python -m bench.perf_servers proxy --port 50062 --upstream-url http://127.0.0.1:8080
+    python -m bench.perf_servers proxy-aiohttp --port 50063 --upstream-url http://127.0.0.1:8080
 
 - canned: a `grpc.aio` servicer that answers every Rerank with one fixed
   `RerankResponse` of the same size as the service's answer, built once. The limit
@@ -12,9 +13,12 @@
   native body), parses the JSON and builds the response: nothing else (no checks,
   no logging, no auth, no deadline handling, no retries). The limit of a proxy built
   on grpc.aio and httpx.
+- proxy-aiohttp: the same proxy on the service's own parts: aiohttp's client (one
+  `ClientSession`, a pool of `--max-connections`) and orjson. The floor under the
+  service: what one upstream call costs on its stack with none of its features.
 
 Both use the default asyncio event loop and grpc.aio's defaults, as the service does.
-The proxy's HTTP client is httpx, or the httpx-compatible library BENCH_HTTPX names.
+The `proxy` kind's HTTP client is httpx, or the httpx-compatible library BENCH_HTTPX names.
 They print one line, `serving on HOST:PORT`, once they accept calls.
 """
 
@@ -26,7 +30,9 @@ import json
 import signal
 from collections.abc import AsyncIterator
 
+import aiohttp
 import grpc
+import orjson
 from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
@@ -98,7 +104,50 @@ class MinimalProxy(_RerankOnly):
         await self._client.aclose()
 
 
-async def serve(servicer: Canned | MinimalProxy, host: str, port: int) -> None:
+class MinimalAiohttpProxy(_RerankOnly):
+    def __init__(self, upstream_url: str, max_connections: int) -> None:
+        self._url = upstream_url.rstrip("/") + RERANK_PATH
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Made on the first call: a ClientSession belongs to the running event loop.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                headers={"authorization": f"Bearer {UPSTREAM_KEY}", "content-type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=30.0),
+            )
+        return self._session
+
+    async def Rerank(self, request: rerank_pb2.RerankRequest, context: Context) -> rerank_pb2.RerankResponse:
+        body = {
+            "model": request.model,
+            "input": {"query": request.query, "documents": list(request.documents)},
+            "parameters": {"return_documents": False},
+        }
+        async with self._client().post(self._url, data=orjson.dumps(body)) as reply:
+            answer = orjson.loads(await reply.read())
+        return rerank_pb2.RerankResponse(
+            request_id=answer["request_id"],
+            output=rerank_pb2.RerankOutput(
+                results=[
+                    rerank_pb2.RerankResult(index=item["index"], relevance_score=item["relevance_score"])
+                    for item in answer["output"]["results"]
+                ]
+            ),
+            usage=rerank_pb2.RerankUsage(total_tokens=answer["usage"]["total_tokens"]),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+Servicer = Canned | MinimalProxy | MinimalAiohttpProxy
+
+
+async def serve(servicer: Servicer, host: str, port: int) -> None:
     server = grpc.aio.server()
     rerank_pb2_grpc.add_RerankServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"{host}:{port}")
@@ -110,7 +159,7 @@ async def serve(servicer: Canned | MinimalProxy, host: str, port: int) -> None:
     print(f"serving on {host}:{port}", flush=True)
     await stop.wait()
     await server.stop(1)
-    if isinstance(servicer, MinimalProxy):
+    if isinstance(servicer, MinimalProxy | MinimalAiohttpProxy):
         await servicer.close()
 
 
@@ -118,21 +167,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("kind", choices=("canned", "proxy"))
+    parser.add_argument("kind", choices=("canned", "proxy", "proxy-aiohttp"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--documents", type=int, default=20, help="canned: results in the fixed answer")
     parser.add_argument("--delay", type=float, default=0.0, help="canned: seconds to wait before answering")
     parser.add_argument("--upstream-url", default="http://127.0.0.1:8080", help="proxy: the upstream")
     parser.add_argument(
-        "--max-connections", type=int, default=1024, help="proxy: httpx pool size (the service's default)"
+        "--max-connections", type=int, default=1024, help="proxies: pool size (the service's default)"
     )
     args = parser.parse_args()
-    servicer: Canned | MinimalProxy = (
-        Canned(args.documents, args.delay)
-        if args.kind == "canned"
-        else MinimalProxy(args.upstream_url, args.max_connections)
-    )
+    servicer: Servicer
+    if args.kind == "canned":
+        servicer = Canned(args.documents, args.delay)
+    elif args.kind == "proxy":
+        servicer = MinimalProxy(args.upstream_url, args.max_connections)
+    else:
+        servicer = MinimalAiohttpProxy(args.upstream_url, args.max_connections)
     asyncio.run(serve(servicer, args.host, args.port))
 
 
