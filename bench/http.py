@@ -568,9 +568,10 @@ def machine() -> str:
         [str(LITELLM_VENV / "bin" / "python"), "-c", script], capture_output=True, text=True, check=False
     )
     venv = ", ".join(found.stdout.split("\n")[:-1]) if found.returncode == 0 else "?"
+    # perf.machine() names aiohttp already.
     return (
-        f"{perf.machine()}, hey {hey_pin.group(1) if hey_pin else '?'} (`-cpus 1`), aiohttp "
-        f"{version('aiohttp')}, orjson {version('orjson')}; in .venv-litellm: {venv}"
+        f"{perf.machine()}, hey {hey_pin.group(1) if hey_pin else '?'} (`-cpus 1`), "
+        f"orjson {version('orjson')}; in .venv-litellm: {venv}"
     )
 
 
