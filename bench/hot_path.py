@@ -8,7 +8,12 @@ in-memory backend whose `rerank` is the DashScope-native dialect's `parse_answer
 an already decoded upstream answer, and `servicer.to_proto`. Beside it, each call's
 bookkeeping in the call pipeline (`Pipeline.open`, admission, `Call.finish`), and its two
 largest parts: the call's metrics and its access-log line (JSON, written to /dev/null,
-as the service logs by default). The request and the
+as the service logs by default). Then all of it at once, as grpc runs it: the gRPC
+method handler the service registers (the edge, the servicer, the pipeline; the request
+parsed from bytes and the answer serialized), called with a stand-in for grpc's
+ServicerContext, over the same backend, and over the router with the score cache in
+front of it answering every pair (a hit). Everything a call costs the service but
+grpc's C core, the event loop's own turns and the upstream's HTTP. The request and the
 answer are `bench.perf`'s (`bench/perf_payloads.py`): corpus documents of 20-40 words,
 every document scored, indexes shuffled, the call limits of `qwen3-rerank` (500
 documents, 120,000 tokens per upstream call).
@@ -24,8 +29,8 @@ import argparse
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, NoReturn
 
 import grpc
 import orjson
@@ -33,8 +38,10 @@ from rerank.v1 import rerank_pb2
 
 from bench.perf_payloads import request as perf_request
 from bench.perf_payloads import upstream_answer
-from rerank_service.api.grpc.servicer import to_domain, to_proto
+from rerank_service.api.grpc.edge import RerankServiceEdge
+from rerank_service.api.grpc.servicer import RerankServicer, to_domain, to_proto
 from rerank_service.backends.upstream.dashscope import DashScopeNative
+from rerank_service.cache import MemoryTier, ScoreCache
 from rerank_service.config import Settings
 from rerank_service.config.server import ServerConfig
 from rerank_service.core.chunking import CallLimits
@@ -46,7 +53,11 @@ from rerank_service.observability.metrics import Metrics
 from rerank_service.pipeline.admission import Admission
 from rerank_service.pipeline.call import Pipeline
 from rerank_service.pipeline.callers import CallerDirectory
-from rerank_service.pipeline.record import call_facts, log_call
+from rerank_service.pipeline.record import UPSTREAM_TIME_KEY, call_facts, log_call
+from rerank_service.routing.cached_scores import CachedScores
+from rerank_service.routing.deployment import Deployment
+from rerank_service.routing.route import Member, Route
+from rerank_service.routing.router import Router
 
 MODEL = ModelInfo(
     "qwen3-rerank", max_documents=10_000, max_query_tokens=4000, supports_instruct=True, backend="bench"
@@ -82,6 +93,64 @@ class AnswerBackend:
         answer = self._dialect.parse_answer(self._body, request)
         assert answer.total_tokens is not None  # the benchmark's answer reports usage
         return BackendResult(answer.scores, answer.total_tokens, answer.request_id)
+
+
+METHOD, PEER = "/rerank.v1.RerankService/Rerank", "ipv4:127.0.0.1:50000"
+
+
+class _Details:
+    """grpc's HandlerCallDetails of a Rerank call without metadata."""
+
+    method = METHOD
+    invocation_metadata = ()
+
+
+class _Context:
+    """What the edge and the servicer ask of grpc's ServicerContext for a unary call."""
+
+    trailing: object = None
+
+    def peer(self) -> str:
+        return PEER
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def time_remaining(self) -> None:
+        return None  # no deadline
+
+    def set_trailing_metadata(self, metadata: object) -> None:
+        self.trailing = metadata
+
+    async def abort(self, code: grpc.StatusCode, details: str, metadata: object = ()) -> NoReturn:
+        raise SystemExit(f"the handler failed the call: {code.name} {details}")
+
+
+def grpc_handler(engine: RerankEngine, metrics: Metrics) -> Callable[[bytes], Coroutine[Any, Any, bytes]]:
+    """The service's Rerank handler over `engine`, as grpc calls it: bytes in, bytes out."""
+    pipeline = Pipeline(engine, Admission(1_000), CallerDirectory(), metrics)
+    edge = RerankServiceEdge(pipeline, UPSTREAM_TIME_KEY, stream_idle_timeout=30.0)
+    handler = edge.handler(RerankServicer(pipeline, stream_concurrency=4)).service(_Details())  # type: ignore[arg-type]
+    assert handler is not None
+    parse, behave, serialize = handler.request_deserializer, handler.unary_unary, handler.response_serializer
+    assert behave is not None
+    assert parse is not None
+    assert serialize is not None
+
+    async def call(request: bytes) -> bytes:
+        return serialize(await behave(parse(request), _Context()))  # type: ignore[arg-type]
+
+    return call
+
+
+def routed_engine(backend: AnswerBackend, metrics: Metrics, *, cached: bool) -> RerankEngine:
+    """The engine over a router of one deployment, as the service builds it; `cached`: with the
+    score cache (the memory tier at its default size) in front of it."""
+    cache = ScoreCache(MemoryTier(64 * 1024 * 1024, ttl=3600.0))
+    scores = CachedScores(cache, lambda model: {"model": model}, metrics.cache) if cached else None
+    deployment = Deployment("bench", backend, None, metrics=metrics, scores=scores)
+    router = Router([Route(MODEL.name, [Member(deployment, MODEL.name)])], metrics)
+    return RerankEngine.from_config(router, ServerConfig.from_settings(Settings()).calls)
 
 
 def measure(step: Callable[[], Awaitable[object]], iterations: int, rounds: int) -> float:
@@ -130,7 +199,7 @@ def bench(count: int, iterations: int, rounds: int) -> dict[str, float]:
         return to_proto(outcome, "bench")
 
     pipeline = Pipeline(engine, Admission(1_000), CallerDirectory(), Metrics())
-    method, peer = "/rerank.v1.RerankService/Rerank", "ipv4:127.0.0.1:50000"
+    method, peer = METHOD, PEER
     measured = pipeline.metrics.for_method(method)
 
     async def bookkeeping() -> None:
@@ -149,6 +218,19 @@ def bench(count: int, iterations: int, rounds: int) -> dict[str, float]:
     async def log_line() -> None:
         log_call(facts, grpc.StatusCode.OK, 0.01, None)
 
+    request_bytes = message.SerializeToString()
+    handler_metrics, hit_metrics = Metrics(), Metrics()
+    uncached = grpc_handler(routed_engine(backend, handler_metrics, cached=False), handler_metrics)
+    cached = grpc_handler(routed_engine(backend, hit_metrics, cached=True), hit_metrics)
+    for call in (uncached, cached):
+        check(message, rerank_pb2.RerankResponse.FromString(asyncio.run(call(request_bytes))), body)
+
+    async def handler() -> bytes:
+        return await uncached(request_bytes)
+
+    async def cache_hit() -> bytes:
+        return await cached(request_bytes)
+
     return {
         "whole path": measure(whole, iterations, rounds),
         "to_domain": measure(domain, iterations, rounds),
@@ -158,6 +240,8 @@ def bench(count: int, iterations: int, rounds: int) -> dict[str, float]:
         "call bookkeeping (open, admit, finish)": measure(bookkeeping, iterations, rounds),
         "  of which metrics": measure(metrics, iterations, rounds),
         "  of which the access-log line": measure(log_line, iterations, rounds),
+        "gRPC handler, bytes to bytes, over the router (no grpc)": measure(handler, iterations, rounds),
+        "  the same, the score cache answering every pair": measure(cache_hit, iterations, rounds),
     }
 
 

@@ -16,6 +16,8 @@ PARTS = (
     "call bookkeeping (open, admit, finish)",
     "of which metrics",
     "of which the access-log line",
+    "gRPC handler, bytes to bytes, over the router (no grpc)",
+    "the same, the score cache answering every pair",
 )
 
 
