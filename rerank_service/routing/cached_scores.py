@@ -11,7 +11,6 @@ checks (a failed call stores nothing). Each chunk of a split call comes here on 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from itertools import accumulate, chain, count, repeat
@@ -27,6 +26,7 @@ from rerank_service.core.domain import (
     CacheOutcome,
     CallContext,
     ScoredDocument,
+    replaced,
 )
 from rerank_service.observability.cache_metrics import CacheMetrics
 
@@ -69,13 +69,13 @@ class CachedScores:
                 )
             documents = request.documents
             if hits:
-                asked = dataclasses.replace(
+                asked = replaced(
                     request,
                     documents=[documents[index] for index in missing],
                     top_n=None,  # every score is kept, so none may be left out
                 )
             elif request.top_n is not None:
-                asked = dataclasses.replace(request, top_n=None)
+                asked = replaced(request, top_n=None)
             else:
                 asked = request
             result = await score(asked, context)
@@ -92,7 +92,7 @@ class CachedScores:
             metrics.sync(cache.counts())
             if hits:
                 scores.extend(map(ScoredDocument, hits, map(_SCORE, hits.values())))
-            return _with(result, scores=scores, cache=lookup.outcome, cached_tokens=cached_tokens)
+            return replaced(result, scores=scores, cache=lookup.outcome, cached_tokens=cached_tokens)
 
     def _keys_of(self, model: str) -> PairKeys:
         keys = self._keys.get(model)
@@ -113,18 +113,6 @@ def _token_shares(query: str, documents: list[str], indices: list[int], total_to
     running = map(add, accumulate(sizes), count(query_size, query_size))  # the pairs' sizes so far
     floors = list(map(floordiv, map(mul, repeat(total_tokens), running), repeat(whole)))
     return list(map(sub, floors, chain((0,), floors)))
-
-
-def _with(result: BackendResult, **changes: object) -> BackendResult:
-    """dataclasses.replace for a BackendResult, without its per-field loop in Python (it
-    runs on every miss): the fields read at once, the changes laid over them."""
-    fields = dict(zip(_RESULT_FIELDS, _read_result(result), strict=True))
-    fields.update(changes)
-    return BackendResult(**fields)
-
-
-_RESULT_FIELDS = tuple(field.name for field in dataclasses.fields(BackendResult) if field.init)
-_read_result = attrgetter(*_RESULT_FIELDS)
 
 
 def score_identity(config: DeploymentConfig, revision: Callable[[str], str]) -> Callable[[str], Identity]:

@@ -11,7 +11,6 @@ would only say it again.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Iterable
 
@@ -27,6 +26,7 @@ from rerank_service.core.domain import (
     ServiceError,
     combined,
     model_not_found,
+    replaced,
 )
 from rerank_service.core.readiness import Readiness
 from rerank_service.observability import tracing
@@ -134,9 +134,9 @@ class Router:
             raise model_not_found(request.model, list(self._routes))
         route.budget.called()
         if route.cache:
-            context = dataclasses.replace(context, retry_budget=route.budget)
+            context = replaced(context, retry_budget=route.budget)
         else:
-            context = dataclasses.replace(context, retry_budget=route.budget, cache_mode=CacheMode.OFF)
+            context = replaced(context, retry_budget=route.budget, cache_mode=CacheMode.OFF)
         members = route.members
         # The route's span says which deployment it chose and why it moved on: a route of one
         # deployment has no choice to make, and the call's span names its deployment. (A span
@@ -169,16 +169,16 @@ class Router:
                 if deployment.state is not DeploymentState.HEALTHY:  # healthy unless it says
                     span.set("rerank.deployment.state", deployment.state.value)
             try:
-                result = await deployment.rerank(
-                    route.name, dataclasses.replace(request, model=member.model), context
-                )
+                # The deployment's own name for the model (most often the route's: no copy).
+                sent = request if member.model == request.model else replaced(request, model=member.model)
+                result = await deployment.rerank(route.name, sent, context)
             except ServiceError as error:
                 failures.append(error)
                 if not fails_over(error):
                     break
                 continue
             timings = combined([*(failure.timings for failure in failures), result.timings])
-            return dataclasses.replace(result, deployment=deployment.name, timings=timings)
+            return replaced(result, deployment=deployment.name, timings=timings)
         last = failures[-1]
         raise last.with_timings(combined([failure.timings for failure in failures])) from last
 

@@ -24,7 +24,7 @@ from rerank_service.core.domain import (
 )
 from rerank_service.observability.metrics import Metrics
 from rerank_service.pipeline.cache_control import cache_mode
-from rerank_service.routing.cached_scores import CachedScores, _token_shares, _with, score_identity
+from rerank_service.routing.cached_scores import CachedScores, _token_shares, score_identity
 
 DOCUMENTS = ["bread and flour", "cats sleep", "rye bread recipe", "stock market"]
 
@@ -139,20 +139,6 @@ async def test_a_partly_cached_request_asks_the_backend_for_the_rest_only() -> N
     assert mixed.cache is CacheOutcome.PARTIAL
     assert off.cache is CacheOutcome.OFF
     assert sorted((s.index, s.score) for s in mixed.scores) == sorted((s.index, s.score) for s in off.scores)
-
-
-def test_the_answer_keeps_every_field_the_backend_set() -> None:
-    """The cache's part is laid over the backend's answer field by field, whatever fields
-    a BackendResult has: none is lost on the way."""
-    answer = BackendResult(
-        [ScoredDocument(0, 0.5)],
-        total_tokens=3,
-        upstream_request_id="u",
-        usage_source="estimate",
-        deployment="d",
-    )
-    changes = {"scores": [ScoredDocument(1, 0.25)], "cache": CacheOutcome.PARTIAL, "cached_tokens": 4}
-    assert _with(answer, **changes) == dataclasses.replace(answer, **changes)  # type: ignore[arg-type]
 
 
 @given(
