@@ -33,15 +33,18 @@ def request(count: int) -> rerank_pb2.RerankRequest:
     return rerank_pb2.RerankRequest(model=MODEL, query=queries(1)[0], documents=documents(count))
 
 
-def upstream_body(count: int) -> bytes:
-    """The JSON the service sends upstream for `request(count)` (DashScope native)."""
-    message = request(count)
-    body = {
+def upstream_request(message: rerank_pb2.RerankRequest) -> dict[str, Any]:
+    """The DashScope-native body the service sends upstream for `message`."""
+    return {
         "model": message.model,
         "input": {"query": message.query, "documents": list(message.documents)},
         "parameters": {"return_documents": False},
     }
-    return json.dumps(body, ensure_ascii=False).encode()
+
+
+def upstream_body(count: int) -> bytes:
+    """The JSON the service sends upstream for `request(count)` (DashScope native)."""
+    return json.dumps(upstream_request(request(count)), ensure_ascii=False).encode()
 
 
 def _scores(count: int) -> list[tuple[int, float]]:
@@ -74,7 +77,11 @@ def cohere_answer(count: int) -> bytes:
 
 def canned_response(count: int) -> rerank_pb2.RerankResponse:
     """What the service answers for `request(count)`, built once for the canned baseline."""
-    answer = json.loads(upstream_answer(count))
+    return response_from(json.loads(upstream_answer(count)))
+
+
+def response_from(answer: dict[str, Any]) -> rerank_pb2.RerankResponse:
+    """The gRPC answer built from a decoded DashScope-native upstream answer."""
     return rerank_pb2.RerankResponse(
         request_id=answer["request_id"],
         output=rerank_pb2.RerankOutput(

@@ -36,7 +36,14 @@ import orjson
 from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
-from bench.perf_payloads import RERANK_PATH, UPSTREAM_KEY, canned_response, http_client_library
+from bench.perf_payloads import (
+    RERANK_PATH,
+    UPSTREAM_KEY,
+    canned_response,
+    http_client_library,
+    response_from,
+    upstream_request,
+)
 
 Context = ServicerContext[rerank_pb2.RerankRequest, rerank_pb2.RerankResponse]
 StreamContext = ServicerContext[rerank_pb2.RerankStreamRequest, rerank_pb2.RerankStreamResponse]
@@ -82,23 +89,10 @@ class MinimalProxy(_RerankOnly):
         )
 
     async def Rerank(self, request: rerank_pb2.RerankRequest, context: Context) -> rerank_pb2.RerankResponse:
-        body = {
-            "model": request.model,
-            "input": {"query": request.query, "documents": list(request.documents)},
-            "parameters": {"return_documents": False},
-        }
+        body = upstream_request(request)
         reply = await self._client.post(RERANK_PATH, content=json.dumps(body, ensure_ascii=False).encode())
         answer = json.loads(reply.content)
-        return rerank_pb2.RerankResponse(
-            request_id=answer["request_id"],
-            output=rerank_pb2.RerankOutput(
-                results=[
-                    rerank_pb2.RerankResult(index=item["index"], relevance_score=item["relevance_score"])
-                    for item in answer["output"]["results"]
-                ]
-            ),
-            usage=rerank_pb2.RerankUsage(total_tokens=answer["usage"]["total_tokens"]),
-        )
+        return response_from(answer)
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -121,23 +115,10 @@ class MinimalAiohttpProxy(_RerankOnly):
         return self._session
 
     async def Rerank(self, request: rerank_pb2.RerankRequest, context: Context) -> rerank_pb2.RerankResponse:
-        body = {
-            "model": request.model,
-            "input": {"query": request.query, "documents": list(request.documents)},
-            "parameters": {"return_documents": False},
-        }
+        body = upstream_request(request)
         async with self._client().post(self._url, data=orjson.dumps(body)) as reply:
             answer = orjson.loads(await reply.read())
-        return rerank_pb2.RerankResponse(
-            request_id=answer["request_id"],
-            output=rerank_pb2.RerankOutput(
-                results=[
-                    rerank_pb2.RerankResult(index=item["index"], relevance_score=item["relevance_score"])
-                    for item in answer["output"]["results"]
-                ]
-            ),
-            usage=rerank_pb2.RerankUsage(total_tokens=answer["usage"]["total_tokens"]),
-        )
+        return response_from(answer)
 
     async def close(self) -> None:
         if self._session is not None:
