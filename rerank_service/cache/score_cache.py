@@ -151,15 +151,6 @@ class ScoreCache:
         self._coalesced += coalesced
         return self._counted(CacheLookup(self, keys, mode, hits, missing, flight))
 
-    async def store(self, entries: Mapping[bytes, CachedScore], flight: Flight | None = None) -> None:
-        """Keep `entries` in memory and Redis; those `flight` claimed go to its waiters."""
-        await self.store_columns(
-            list(entries),
-            [entry.score for entry in entries.values()],
-            [e.tokens for e in entries.values()],
-            flight,
-        )
-
     async def store_columns(
         self,
         keys: Sequence[bytes],
@@ -167,7 +158,8 @@ class ScoreCache:
         tokens: Sequence[int | None],
         flight: Flight | None = None,
     ) -> None:
-        """`store`, with the entries as columns: `keys[i]` scored `scores[i]`, with `tokens[i]`."""
+        """Keep `keys[i]` scored `scores[i]`, with `tokens[i]`, in memory and Redis; those
+        `flight` claimed go to its waiters."""
         if self._memory is not None:
             self._memory.put_columns(keys, scores, tokens)
         if flight is not None:

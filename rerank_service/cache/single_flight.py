@@ -61,9 +61,6 @@ class Flights:
         """Every claimed key's flight (read it; change it through the methods)."""
         return self._claims
 
-    def owner(self, key: bytes) -> Flight | None:
-        return self._claims.get(key)
-
     def claim(self, keys: set[bytes]) -> Flight:
         """A new flight for `keys` (none of them claimed yet; the flight keeps the set)."""
         flight = Flight(keys)
