@@ -71,10 +71,10 @@ def test_the_deadline_is_honoured(live_server: LiveServer) -> None:
         RerankClient(live_server.target, api_key=live_server.api_key) as client,
         pytest.raises(grpc.RpcError) as caught,
     ):
-        client.rerank("[[delay=2]] red apple", DOCUMENTS, timeout=0.3)
+        client.rerank("[[delay=6]] red apple", DOCUMENTS, timeout=0.3)
 
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 3.0  # cut at 0.3 s, not the upstream's 6 s
 
 
 def test_stream_answers_every_item_by_id(live_server: LiveServer) -> None:

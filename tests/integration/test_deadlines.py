@@ -24,13 +24,13 @@ def test_caller_deadline_cuts_the_upstream_call_short(
     elapsed = time.monotonic() - started
 
     assert code_of(error) == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert elapsed < 2.0
+    assert elapsed < 5.0  # cut at 0.5 s, not the upstream's 10 s (a bound, not a timing)
     # The service hung up on the upstream instead of waiting out its 10 s answer.
     wait_until(lambda: len(upstream.abandoned) == 1, timeout=3.0, what="the upstream call abandoned")
-    assert upstream.abandoned[0].received_at - started < 1.0
+    assert upstream.abandoned[0].received_at - started < 5.0  # this test's call
     [call] = logs.wait_for_calls(1)
     assert call["code"] in {"DEADLINE_EXCEEDED", "CANCELLED"}
-    assert call["latency_ms"] < 2000
+    assert call["latency_ms"] < 5000
 
 
 def test_upstream_timeout_applies_when_the_caller_sets_no_deadline(
@@ -44,7 +44,7 @@ def test_upstream_timeout_applies_when_the_caller_sets_no_deadline(
 
     assert code_of(error) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "upstream timeout" in details_of(error)
-    assert 0.4 < elapsed < 2.0
+    assert 0.4 < elapsed < 5.0
     wait_until(lambda: len(upstream.abandoned) == 1, timeout=3.0, what="the upstream call abandoned")
 
 
@@ -58,7 +58,7 @@ def test_a_generous_deadline_does_not_extend_the_upstream_timeout(
         elapsed = time.monotonic() - started
 
     assert code_of(error) == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert elapsed < 2.0
+    assert elapsed < 5.0  # cut at 0.5 s, not the upstream's 10 s (a bound, not a timing)
 
 
 def test_a_slow_upstream_within_the_deadline_succeeds(server: ServerThread, upstream: FakeUpstream) -> None:

@@ -325,16 +325,13 @@ def test_a_failure_that_makes_the_upstream_down_is_not_retried_into_a_refusal(
         upstream_breaker_failures=2, upstream_breaker_cooldown=30, upstream_retry_backoff=0.5
     ) as server:
         upstream.go_down()
-        started = time.monotonic()
         error = expect_error(lambda: server.stub.Rerank(request(), timeout=10))
-        took = time.monotonic() - started
         upstream.come_back()
 
     # The 2nd refused connection in a row makes it down: the call ends there with what
     # happened, instead of waiting a backoff to be refused by its own breaker.
     assert error_info(error).reason == "UPSTREAM_UNAVAILABLE"  # type: ignore[union-attr]
-    assert [line["event"] for line in logs.events()].count("upstream retry") == 1
-    assert took < 0.5 + 0.4  # one backoff at most (0.5 s cap, full jitter), not two
+    assert [line["event"] for line in logs.events()].count("upstream retry") == 1  # one backoff, not two
 
 
 def test_retried_failures_echoing_the_key_leak_it_nowhere(
