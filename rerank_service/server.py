@@ -32,7 +32,7 @@ from rerank_service.observability.metrics import Metrics
 from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
 from rerank_service.observability.process_limits import FileLimit, raise_file_limit
 from rerank_service.observability.tracing import CallTracer, tracing_wanted
-from rerank_service.pipeline.admission import Admission
+from rerank_service.pipeline.admission import BOUNDS, Admission
 from rerank_service.pipeline.call import Pipeline
 from rerank_service.pipeline.callers import CallerDirectory
 from rerank_service.pipeline.limits import build_limiter
@@ -93,7 +93,9 @@ class RerankServer:
             limits.max_inflight_bytes,
             limits.max_open_calls,
             caller_max_share=config.callers.max_share,
+            on_refusal=self.metrics.admission.refused,
         )
+        self.metrics.admission.watch(self.admission, BOUNDS)
         local = all(model.backend == "local" for model in self.engine.models())
         # The one pipeline every call of both front doors goes through: same engine, limits, keys.
         self.pipeline = Pipeline(
@@ -133,6 +135,7 @@ class RerankServer:
                 reuse_port=worker is not None,
             )
         self._health_watch: asyncio.Task[None] | None = None
+        self._admission_publisher: asyncio.Task[None] | None = None
         self._draining = False
         self._serving = False
 
@@ -170,6 +173,10 @@ class RerankServer:
         await self.health.set("", _SERVING)
         await self._sync_health()
         self._health_watch = asyncio.create_task(self._follow_backend_readiness(), name="health-watch")
+        if self.metrics.admission.needs_publishing:  # a worker: its gauges live in files
+            self._admission_publisher = asyncio.create_task(
+                self.metrics.admission.publish_while_running(), name="admission-metrics"
+            )
         http_port = None if self.http is None else self.http.port
         _log.info(
             "serving" if self.worker is None else "worker serving",
@@ -199,6 +206,9 @@ class RerankServer:
         self.pipeline.usage.close()
         if self.cache is not None:
             await self.cache.aclose()
+        if self._admission_publisher is not None:
+            self._admission_publisher.cancel()
+            self.metrics.admission.publish()  # drained: what is held now is 0
         if self._metrics_server is not None:  # last: scrapes still answer while calls drain
             await asyncio.to_thread(stop_metrics_server, self._metrics_server)
             self._metrics_server = None

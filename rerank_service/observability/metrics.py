@@ -19,7 +19,9 @@ Who records what:
 - the call pipeline's usage meter (pipeline/usage.py), per caller: calls, documents,
   tokens, refusals for a limit, and the limits store's failures (caller_metrics.py);
 - the span exporter (observability/tracing_export.py), with tracing on: spans exported
-  and dropped.
+  and dropped;
+- admission (pipeline/admission.py, through admission_metrics.py): its bounds and what is
+  held against them, read when scraped, and its refusals by bound.
 
 Each `Metrics` owns its registry (never prometheus-client's global one), so tests and
 several servers in one process do not collide. With `serve --workers N` each worker's
@@ -41,6 +43,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from rerank_service.observability.admission_metrics import AdmissionMetrics
 from rerank_service.observability.cache_metrics import CacheMetrics
 from rerank_service.observability.caller_metrics import CallerMetrics
 from rerank_service.observability.metrics_multiprocess import use_value_storage
@@ -219,6 +222,9 @@ class Metrics:
 
         # --- the score cache (routing/cached_scores.py) ---
         self.cache = CacheMetrics(registry)
+
+        # --- admission: its bounds, what is held against them, its refusals (server.py) ---
+        self.admission = AdmissionMetrics(registry, self.multiprocess)
 
         # --- callers: what each used and was refused (pipeline/usage.py) ---
         self.callers = CallerMetrics(registry)

@@ -24,7 +24,11 @@ from collections.abc import Callable
 import grpc
 
 from rerank_service.core.domain import ServiceError
-from rerank_service.pipeline.limits import fair_share_refusal
+from rerank_service.pipeline.limits import FAIR_SHARE, fair_share_refusal
+
+# The bound a refusal names (rerank_admission_refusals_total's `bound`), FAIR_SHARE besides.
+SLOTS, BYTES, OPEN_CALLS = "slots", "bytes", "open_calls"
+BOUNDS = (SLOTS, BYTES, OPEN_CALLS, FAIR_SHARE)
 
 # What refused callers are told to wait before trying again (a hint, as RetryInfo).
 OVERLOAD_RETRY_AFTER = 0.05
@@ -44,6 +48,7 @@ class Admission:
         *,
         caller_max_share: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        on_refusal: Callable[[str], None] | None = None,
     ) -> None:
         self.max_in_flight = max_in_flight
         self.max_bytes = max_bytes
@@ -65,10 +70,13 @@ class Admission:
         self.bytes_in_flight = 0
         self.open = 0
         self._freed: asyncio.Event | None = None  # set when bytes are given back
+        # Told the bound of each refusal: SLOTS, BYTES, OPEN_CALLS or FAIR_SHARE.
+        self._on_refusal = on_refusal or _unrecorded
 
     def open_call(self) -> None:
         """Count a call open, or raise RESOURCE_EXHAUSTED; paired with `close_call`."""
         if self.max_open is not None and self.open >= self.max_open:
+            self._on_refusal(OPEN_CALLS)
             raise _overloaded(f"{self.max_open} calls open (--max-open-calls)")
         self.open += 1
 
@@ -82,10 +90,12 @@ class Admission:
         if caller is not None:
             self._seen(caller)
         if self.in_flight >= self.max_in_flight:
+            self._on_refusal(SLOTS)
             raise _overloaded(f"{self.max_in_flight} calls in flight (--max-concurrent-requests)")
         if caller is not None and self._share_cap is not None:
             held = self._held.get(caller, 0)
             if held >= self._share_cap and self._others_calling(caller):
+                self._on_refusal(FAIR_SHARE)
                 raise fair_share_refusal(caller, held, self.max_in_flight, self.caller_max_share)
         self.enter_bytes(size)
         self.in_flight += 1
@@ -100,6 +110,7 @@ class Admission:
         """Take `size` bytes and no call slot, or raise RESOURCE_EXHAUSTED: an HTTP body holds
         its bytes while it arrives, and takes its slot (`enter(0)`) only once it has."""
         if not self._fits(size):
+            self._on_refusal(BYTES)
             raise _overloaded(
                 f"{self.bytes_in_flight} bytes of requests in flight, {size} more would pass "
                 f"{self.max_bytes} (--max-inflight-bytes)"
@@ -157,6 +168,10 @@ class Admission:
             or not self.bytes_in_flight
             or self.bytes_in_flight + size <= self.max_bytes
         )
+
+
+def _unrecorded(bound: str) -> None:
+    """A refusal nobody counts (an Admission made without `on_refusal`: tests)."""
 
 
 def _overloaded(why: str) -> ServiceError:

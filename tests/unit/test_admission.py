@@ -1,14 +1,17 @@
-"""Admission: calls and bytes in flight, refused past their bounds; stream items wait for bytes."""
+"""Admission: calls and bytes in flight, refused past their bounds; stream items wait for bytes;
+refusals counted by bound, and the counts read as gauges."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 
 import grpc
 import pytest
 
 from rerank_service.core.domain import ServiceError
-from rerank_service.pipeline.admission import Admission
+from rerank_service.observability.metrics import Metrics
+from rerank_service.pipeline.admission import BOUNDS, Admission
 
 
 def test_a_call_past_the_call_bound_is_refused_overloaded() -> None:
@@ -57,3 +60,65 @@ async def test_stream_items_wait_for_bytes_then_go_in_order_of_room() -> None:
     await asyncio.wait_for(waiting, 1)
 
     assert admission.bytes_in_flight == 50
+
+
+# --- what admission reports: refusals by bound, and its counts as gauges -----------------------
+
+
+def test_each_refusal_names_the_bound_that_refused_it() -> None:
+    refusals: list[str] = []
+    admission = Admission(4, max_bytes=100, max_open=3, caller_max_share=0.5, on_refusal=refusals.append)
+    admission.enter(0, "other")  # another caller holds a slot
+    admission.enter(60, "flood")
+    admission.enter(0, "flood")  # 2 of 4: its share
+    with pytest.raises(ServiceError):
+        admission.enter(0, "flood")
+    with pytest.raises(ServiceError):
+        admission.enter(50)  # 110 bytes would pass 100
+    admission.enter(0)  # the 4th slot
+    with pytest.raises(ServiceError):
+        admission.enter(0)
+    for _ in range(3):
+        admission.open_call()
+    with pytest.raises(ServiceError):
+        admission.open_call()
+    admission.release(60, "flood")
+    admission.enter(40)  # let in: nothing counted
+
+    assert refusals == ["fair_share", "bytes", "slots", "open_calls"]
+
+
+def test_the_gauges_read_the_bounds_and_what_is_held_when_scraped() -> None:
+    metrics = Metrics()
+    admission = Admission(8, max_bytes=1000, max_open=16, on_refusal=metrics.admission.refused)
+    metrics.admission.watch(admission, BOUNDS)
+    admission.open_call()
+    admission.enter(300)
+    with pytest.raises(ServiceError):
+        admission.enter(800)
+
+    sample = metrics.registry.get_sample_value
+    assert sample("rerank_admission_slots_used") == 1
+    assert sample("rerank_admission_slots_max") == 8
+    assert sample("rerank_admission_bytes_used") == 300
+    assert sample("rerank_admission_bytes_max") == 1000
+    assert sample("rerank_admission_open_calls") == 1
+    assert sample("rerank_admission_open_calls_max") == 16
+    assert sample("rerank_admission_refusals_total", {"bound": "bytes"}) == 1
+    # Every bound's count is there from the start, at 0.
+    assert sample("rerank_admission_refusals_total", {"bound": "slots"}) == 0
+    assert sample("rerank_admission_refusals_total", {"bound": "fair_share"}) == 0
+
+    admission.release(300)
+    admission.close_call()
+    assert sample("rerank_admission_slots_used") == 0
+    assert sample("rerank_admission_bytes_used") == 0
+    assert sample("rerank_admission_open_calls") == 0
+
+
+def test_an_unbounded_budget_reads_as_infinite() -> None:
+    metrics = Metrics()
+    metrics.admission.watch(Admission(8), BOUNDS)
+
+    assert metrics.registry.get_sample_value("rerank_admission_bytes_max") == math.inf
+    assert metrics.registry.get_sample_value("rerank_admission_open_calls_max") == math.inf

@@ -1,0 +1,125 @@
+"""Admission's bounds and what is held against them, as gauges, and its refusals by bound.
+
+In memory the gauges read the Admission's counts when /metrics is scraped
+(Gauge.set_function): nothing is recorded per call. With `serve --workers N` the
+supervisor serves only what the workers wrote to their files, which a function cannot
+reach: each worker copies its counts in every PUBLISH_EVERY seconds (`publish`, from a
+task the server runs), so there the gauges lag the calls by at most that. Refusals are
+counted as they happen: they are few, and each must be seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+# Seconds between a worker's copies of its counts into the gauges (workers only).
+PUBLISH_EVERY = 1.0
+
+
+class AdmissionCounts(Protocol):
+    """pipeline.admission.Admission, as read here."""
+
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def max_in_flight(self) -> int: ...
+    @property
+    def bytes_in_flight(self) -> int: ...
+    @property
+    def max_bytes(self) -> int | None: ...
+    @property
+    def open(self) -> int: ...
+    @property
+    def max_open(self) -> int | None: ...
+
+
+def _bound(value: int | None) -> float:
+    return math.inf if value is None else float(value)
+
+
+class AdmissionMetrics:
+    def __init__(self, registry: CollectorRegistry, multiprocess: bool) -> None:
+        def gauge(name: str, documentation: str) -> Gauge:
+            # Workers: each has bounds and counts of its own, so the replica's are their sum.
+            return Gauge(name, documentation, registry=registry, multiprocess_mode="livesum")
+
+        self.slots_used = gauge(
+            "rerank_admission_slots_used",
+            "RerankService calls and stream items holding an admission slot now.",
+        )
+        self.slots_max = gauge(
+            "rerank_admission_slots_max", "Admission slots: --max-concurrent-requests (workers: summed)."
+        )
+        self.bytes_used = gauge(
+            "rerank_admission_bytes_used",
+            "Bytes of request messages being worked on now, counted against --max-inflight-bytes.",
+        )
+        self.bytes_max = gauge(
+            "rerank_admission_bytes_max",
+            "Request bytes admitted at once: --max-inflight-bytes (workers: summed).",
+        )
+        self.open_calls = gauge(
+            "rerank_admission_open_calls",
+            "RerankService calls open now, working or not (a stream that has sent nothing included).",
+        )
+        self.open_calls_max = gauge(
+            "rerank_admission_open_calls_max", "Calls open at once: --max-open-calls (workers: summed)."
+        )
+        self.refusals = Counter(
+            "rerank_admission_refusals",
+            "Calls refused with RESOURCE_EXHAUSTED by admission, by the bound that refused them: "
+            "slots (--max-concurrent-requests), bytes (--max-inflight-bytes), open_calls "
+            "(--max-open-calls), fair_share (--caller-max-share).",
+            ["bound"],
+            registry=registry,
+        )
+        self._refusals: dict[str, Counter] = {}  # children, bound on first use
+        self._multiprocess = multiprocess
+        self._readers: list[tuple[Gauge, Callable[[], float]]] = []
+
+    @property
+    def needs_publishing(self) -> bool:
+        """Whether the gauges only move when `publish`ed (a worker of `serve --workers N`)."""
+        return self._multiprocess
+
+    def watch(self, admission: AdmissionCounts, bounds: Iterable[str]) -> None:
+        """Report `admission`'s bounds and counts from now on (the server's one Admission),
+        and a refusal count for each of `bounds` from 0, so a rate reads from the start."""
+        for bound in bounds:
+            self._refusals.setdefault(bound, self.refusals.labels(bound))
+        self._readers = [
+            (self.slots_used, lambda: admission.in_flight),
+            (self.slots_max, lambda: admission.max_in_flight),
+            (self.bytes_used, lambda: admission.bytes_in_flight),
+            (self.bytes_max, lambda: _bound(admission.max_bytes)),
+            (self.open_calls, lambda: admission.open),
+            (self.open_calls_max, lambda: _bound(admission.max_open)),
+        ]
+        if self._multiprocess:
+            self.publish()
+            return
+        for gauge, read in self._readers:
+            gauge.set_function(read)
+
+    def publish(self) -> None:
+        """Copy the counts into the gauges (workers: their files, which the supervisor sums)."""
+        for gauge, read in self._readers:
+            gauge.set(read())
+
+    async def publish_while_running(self) -> None:
+        """`publish` every PUBLISH_EVERY seconds until cancelled (a worker's task)."""
+        while True:
+            self.publish()
+            await asyncio.sleep(PUBLISH_EVERY)
+
+    def refused(self, bound: str) -> None:
+        """Admission refused a call at `bound` (pipeline/admission.py names them)."""
+        child = self._refusals.get(bound)
+        if child is None:
+            child = self._refusals[bound] = self.refusals.labels(bound)
+        child.inc()
