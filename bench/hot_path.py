@@ -12,7 +12,8 @@ as the service logs by default). Then all of it at once, as grpc runs it: the gR
 method handler the service registers (the edge, the servicer, the pipeline; the request
 parsed from bytes and the answer serialized), called with a stand-in for grpc's
 ServicerContext, over the same backend, and over the router with the score cache in
-front of it answering every pair (a hit). Everything a call costs the service but
+front of it answering every pair (a hit), or full and asked only new pairs (each call a
+miss whose scores are stored, evicting as many). Everything a call costs the service but
 grpc's C core, the event loop's own turns and the upstream's HTTP. The request and the
 answer are `bench.perf`'s (`bench/perf_payloads.py`): corpus documents of 20-40 words,
 every document scored, indexes shuffled, the call limits of `qwen3-rerank` (500
@@ -29,7 +30,7 @@ import argparse
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, NoReturn
 
 import grpc
@@ -42,6 +43,7 @@ from rerank_service.api.grpc.edge import RerankServiceEdge
 from rerank_service.api.grpc.servicer import RerankServicer, to_domain, to_proto
 from rerank_service.backends.upstream.dashscope import DashScopeNative
 from rerank_service.cache import MemoryTier, ScoreCache
+from rerank_service.cache.keys import KEY_SIZE
 from rerank_service.config import Settings
 from rerank_service.config.server import ServerConfig
 from rerank_service.core.chunking import CallLimits
@@ -143,14 +145,36 @@ def grpc_handler(engine: RerankEngine, metrics: Metrics) -> Callable[[bytes], Co
     return call
 
 
-def routed_engine(backend: AnswerBackend, metrics: Metrics, *, cached: bool) -> RerankEngine:
-    """The engine over a router of one deployment, as the service builds it; `cached`: with the
-    score cache (the memory tier at its default size) in front of it."""
-    cache = ScoreCache(MemoryTier(64 * 1024 * 1024, ttl=3600.0))
-    scores = CachedScores(cache, lambda model: {"model": model}, metrics.cache) if cached else None
+def routed_engine(backend: AnswerBackend, metrics: Metrics, cache: ScoreCache | None) -> RerankEngine:
+    """The engine over a router of one deployment, as the service builds it, with `cache` in
+    front of the deployment (None: none)."""
+    scores = None if cache is None else CachedScores(cache, lambda model: {"model": model}, metrics.cache)
     deployment = Deployment("bench", backend, None, metrics=metrics, scores=scores)
     router = Router([Route(MODEL.name, [Member(deployment, MODEL.name)])], metrics)
     return RerankEngine.from_config(router, ServerConfig.from_settings(Settings()).calls)
+
+
+def default_cache() -> ScoreCache:
+    """The score cache as the service starts it: the memory tier at its default size."""
+    return ScoreCache(MemoryTier(Settings().cache_memory_mb * 1024 * 1024, ttl=Settings().cache_ttl))
+
+
+def full_cache() -> ScoreCache:
+    """The default cache, filled with other pairs: every store of a new pair evicts one."""
+    tier = MemoryTier(Settings().cache_memory_mb * 1024 * 1024, ttl=Settings().cache_ttl)
+    batch = 1000
+    while not tier.evictions:
+        tier.put_columns([os.urandom(KEY_SIZE) for _ in range(batch)], [0.5] * batch, [30] * batch)
+    return ScoreCache(tier)
+
+
+def unique_requests(message: rerank_pb2.RerankRequest, calls: int) -> Iterator[bytes]:
+    """`message` serialized `calls` times, each with a query of its own: no pair asked twice."""
+    for number in range(calls):
+        unique = rerank_pb2.RerankRequest()
+        unique.CopyFrom(message)
+        unique.query = f"{message.query} #{number}"
+        yield unique.SerializeToString()
 
 
 def measure(step: Callable[[], Awaitable[object]], iterations: int, rounds: int) -> float:
@@ -219,11 +243,17 @@ def bench(count: int, iterations: int, rounds: int) -> dict[str, float]:
         log_call(facts, grpc.StatusCode.OK, 0.01, None)
 
     request_bytes = message.SerializeToString()
-    handler_metrics, hit_metrics = Metrics(), Metrics()
-    uncached = grpc_handler(routed_engine(backend, handler_metrics, cached=False), handler_metrics)
-    cached = grpc_handler(routed_engine(backend, hit_metrics, cached=True), hit_metrics)
-    for call in (uncached, cached):
+    handler_metrics, hit_metrics, miss_metrics = Metrics(), Metrics(), Metrics()
+    uncached = grpc_handler(routed_engine(backend, handler_metrics, None), handler_metrics)
+    cached = grpc_handler(routed_engine(backend, hit_metrics, default_cache()), hit_metrics)
+    filled = full_cache()
+    missed = grpc_handler(routed_engine(backend, miss_metrics, filled), miss_metrics)
+    for call in (uncached, cached, missed):
         check(message, rerank_pb2.RerankResponse.FromString(asyncio.run(call(request_bytes))), body)
+    # Every miss is a call not seen before: fewer of them, each made up front.
+    miss_iterations = min(iterations, 2_000)
+    warm_up = max(1, miss_iterations // 10)  # as measure() warms up
+    next_request = iter(list(unique_requests(message, warm_up + miss_iterations * rounds))).__next__
 
     async def handler() -> bytes:
         return await uncached(request_bytes)
@@ -231,7 +261,10 @@ def bench(count: int, iterations: int, rounds: int) -> dict[str, float]:
     async def cache_hit() -> bytes:
         return await cached(request_bytes)
 
-    return {
+    async def cache_miss() -> bytes:
+        return await missed(next_request())
+
+    table = {
         "whole path": measure(whole, iterations, rounds),
         "to_domain": measure(domain, iterations, rounds),
         "engine.rerank (with parse_answer)": measure(engine_only, iterations, rounds),
@@ -242,7 +275,11 @@ def bench(count: int, iterations: int, rounds: int) -> dict[str, float]:
         "  of which the access-log line": measure(log_line, iterations, rounds),
         "gRPC handler, bytes to bytes, over the router (no grpc)": measure(handler, iterations, rounds),
         "  the same, the score cache answering every pair": measure(cache_hit, iterations, rounds),
+        "  the same, the score cache full, missing every pair": measure(cache_miss, miss_iterations, rounds),
     }
+    if filled.stats().hits:  # every measured call must have asked pairs never seen before
+        raise SystemExit("the cache-miss row found pairs in the cache")
+    return table
 
 
 def check(message: rerank_pb2.RerankRequest, response: rerank_pb2.RerankResponse, body: Any) -> None:

@@ -18,6 +18,7 @@ PARTS = (
     "of which the access-log line",
     "gRPC handler, bytes to bytes, over the router (no grpc)",
     "the same, the score cache answering every pair",
+    "the same, the score cache full, missing every pair",
 )
 
 
