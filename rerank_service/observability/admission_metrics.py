@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -42,34 +43,48 @@ def _bound(value: int | None) -> float:
     return math.inf if value is None else float(value)
 
 
+# Each gauge: its name, its help, and how it reads an Admission.
+_GAUGES: tuple[tuple[str, str, Callable[[AdmissionCounts], float]], ...] = (
+    (
+        "rerank_admission_slots_used",
+        "RerankService calls and stream items holding an admission slot now.",
+        lambda admission: admission.in_flight,
+    ),
+    (
+        "rerank_admission_slots_max",
+        "Admission slots: --max-concurrent-requests (workers: summed).",
+        lambda admission: admission.max_in_flight,
+    ),
+    (
+        "rerank_admission_bytes_used",
+        "Bytes of request messages being worked on now, counted against --max-inflight-bytes.",
+        lambda admission: admission.bytes_in_flight,
+    ),
+    (
+        "rerank_admission_bytes_max",
+        "Request bytes admitted at once: --max-inflight-bytes (workers: summed).",
+        lambda admission: _bound(admission.max_bytes),
+    ),
+    (
+        "rerank_admission_open_calls",
+        "RerankService calls open now, working or not (a stream that has sent nothing included).",
+        lambda admission: admission.open,
+    ),
+    (
+        "rerank_admission_open_calls_max",
+        "Calls open at once: --max-open-calls (workers: summed).",
+        lambda admission: _bound(admission.max_open),
+    ),
+)
+
+
 class AdmissionMetrics:
     def __init__(self, registry: CollectorRegistry, multiprocess: bool) -> None:
-        def gauge(name: str, documentation: str) -> Gauge:
-            # Workers: each has bounds and counts of its own, so the replica's are their sum.
-            return Gauge(name, documentation, registry=registry, multiprocess_mode="livesum")
-
-        self.slots_used = gauge(
-            "rerank_admission_slots_used",
-            "RerankService calls and stream items holding an admission slot now.",
-        )
-        self.slots_max = gauge(
-            "rerank_admission_slots_max", "Admission slots: --max-concurrent-requests (workers: summed)."
-        )
-        self.bytes_used = gauge(
-            "rerank_admission_bytes_used",
-            "Bytes of request messages being worked on now, counted against --max-inflight-bytes.",
-        )
-        self.bytes_max = gauge(
-            "rerank_admission_bytes_max",
-            "Request bytes admitted at once: --max-inflight-bytes (workers: summed).",
-        )
-        self.open_calls = gauge(
-            "rerank_admission_open_calls",
-            "RerankService calls open now, working or not (a stream that has sent nothing included).",
-        )
-        self.open_calls_max = gauge(
-            "rerank_admission_open_calls_max", "Calls open at once: --max-open-calls (workers: summed)."
-        )
+        # Workers: each has bounds and counts of its own, so the replica's are their sum.
+        self._gauges = [
+            (Gauge(name, documentation, registry=registry, multiprocess_mode="livesum"), read)
+            for name, documentation, read in _GAUGES
+        ]
         self.refusals = Counter(
             "rerank_admission_refusals",
             "Calls refused with RESOURCE_EXHAUSTED by admission, by the bound that refused them: "
@@ -80,7 +95,7 @@ class AdmissionMetrics:
         )
         self._refusals: dict[str, Counter] = {}  # children, bound on first use
         self._multiprocess = multiprocess
-        self._readers: list[tuple[Gauge, Callable[[], float]]] = []
+        self._watched: AdmissionCounts | None = None
 
     @property
     def needs_publishing(self) -> bool:
@@ -92,24 +107,20 @@ class AdmissionMetrics:
         and a refusal count for each of `bounds` from 0, so a rate reads from the start."""
         for bound in bounds:
             self._refusals.setdefault(bound, self.refusals.labels(bound))
-        self._readers = [
-            (self.slots_used, lambda: admission.in_flight),
-            (self.slots_max, lambda: admission.max_in_flight),
-            (self.bytes_used, lambda: admission.bytes_in_flight),
-            (self.bytes_max, lambda: _bound(admission.max_bytes)),
-            (self.open_calls, lambda: admission.open),
-            (self.open_calls_max, lambda: _bound(admission.max_open)),
-        ]
+        self._watched = admission
         if self._multiprocess:
             self.publish()
             return
-        for gauge, read in self._readers:
-            gauge.set_function(read)
+        for gauge, read in self._gauges:
+            gauge.set_function(partial(read, admission))
 
     def publish(self) -> None:
         """Copy the counts into the gauges (workers: their files, which the supervisor sums)."""
-        for gauge, read in self._readers:
-            gauge.set(read())
+        admission = self._watched
+        if admission is None:
+            return
+        for gauge, read in self._gauges:
+            gauge.set(read(admission))
 
     async def publish_while_running(self) -> None:
         """`publish` every PUBLISH_EVERY seconds until cancelled (a worker's task)."""
