@@ -46,6 +46,19 @@ def upstream(fake_upstream: FakeUpstream) -> Iterator[FakeUpstream]:
     fake_upstream.reset()
 
 
+# What the machine running the tests may set that would send the upstream clients elsewhere.
+_NETWORK_ENVIRONMENT = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+@pytest.fixture
+def clean_network_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy and no CA bundle from the machine running the tests: tests of the upstream
+    client talk to loopback directly, or set their own."""
+    for name in _NETWORK_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
 @pytest.fixture
 def logs() -> Iterator[LogCapture]:
     capture = LogCapture()

@@ -34,15 +34,10 @@ QUERY, DOCUMENTS = "a b", ["a b c", "d", "b"]
 BODY = {"model": "qwen3-rerank", "input": {"query": QUERY, "documents": DOCUMENTS}}
 EXPECTED = [{"index": index, "relevance_score": score} for index, score in expected_ranking(QUERY, DOCUMENTS)]
 KEY = Secret(UPSTREAM_KEY)
-_ENVIRONMENT = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No proxy and no CA bundle from the machine running the tests: each test sets its own."""
-    for name in _ENVIRONMENT:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
+# No proxy or CA bundle from the machine running the tests (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("clean_network_environment")
 
 
 Transports = Callable[..., UpstreamTransport]

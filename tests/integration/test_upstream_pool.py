@@ -23,11 +23,8 @@ BODY = {"model": "qwen3-rerank", "input": {"query": "a b", "documents": ["a b c"
 Transports = Callable[..., UpstreamTransport]
 
 
-@pytest.fixture(autouse=True)
-def no_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
+# No proxy or CA bundle from the machine running the tests (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("clean_network_environment")
 
 
 @pytest.fixture

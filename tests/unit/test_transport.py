@@ -26,12 +26,8 @@ TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 Transports = Callable[..., UpstreamTransport]
 
 
-@pytest.fixture(autouse=True)
-def no_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests talk to loopback directly, whatever proxy the machine running them names."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
+# No proxy or CA bundle from the machine running the tests (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("clean_network_environment")
 
 
 @pytest.fixture
