@@ -36,7 +36,7 @@ def test_slots_and_bytes_held_show_while_calls_wait_and_a_refusal_names_its_boun
         used = _metric(port, "rerank_admission_slots_used")
         assert used() == 0
         held = [server.stub.Rerank.future(request(), timeout=30) for _ in range(2)]
-        upstream.wait_for(lambda fake: fake.in_flight == 2, timeout=10)
+        assert upstream.wait_for(lambda fake: fake.in_flight == 2, timeout=10)
 
         samples = scrape(port)
         assert value(samples, "rerank_admission_slots_used") == 2
@@ -82,7 +82,7 @@ def test_with_workers_the_supervisor_serves_the_sum_of_what_each_holds() -> None
                     rerank_pb2_grpc.RerankServiceStub(channel).Rerank.future(request(), timeout=60)
                     for channel in channels
                 ]
-                upstream.wait_for(lambda fake: fake.in_flight == 4, timeout=20)
+                assert upstream.wait_for(lambda fake: fake.in_flight == 4, timeout=20)
                 used = _metric(port, "rerank_admission_slots_used")
                 wait_until(lambda: used() == 4, timeout=10, what="4 slots held, summed over the workers")
                 for call in held:
