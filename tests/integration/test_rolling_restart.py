@@ -21,6 +21,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import pytest
@@ -126,13 +128,14 @@ class _Load:
 
     def _run(self) -> None:
         while not self.stop.is_set():
+            began = _now()
             try:
                 self.stub.Rerank(request(), timeout=10)
                 code = "OK"
             except grpc.RpcError as exc:
                 code = exc.code().name
                 with self._lock:
-                    self.failures.append(f"{code}: {exc.details()} at {time.monotonic():.3f}")
+                    self.failures.append(f"{code}: {exc.details()} from {began} to {_now()}")
             with self._lock:
                 self.codes[code] += 1
 
@@ -146,6 +149,25 @@ class _Load:
         for thread in self._threads:
             thread.join(timeout=15)
         self.channel.close()
+
+
+def _now() -> str:
+    """Wall-clock time as the services' log lines stamp it (ISO 8601, UTC)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _quick_ok_call(event: dict[str, Any]) -> bool:
+    return event.get("event") == "call" and event.get("code") == "OK" and event.get("latency_ms", 0) < 1000
+
+
+def _what_happened(restarts: list[str], services: list[ServiceProcess]) -> str:
+    """For a failure's message: every line of each server that is not an OK call answered
+    within a second (its last 60), then when each server was stopped and started again."""
+    lines: list[str] = []
+    for service in services:
+        unusual = [json.dumps(event)[:400] for event in service.events() if not _quick_ok_call(event)]
+        lines += [f"{service.port}: {line}" for line in unusual[-60:]]
+    return "\n".join(lines + restarts)
 
 
 def _start(upstream: FakeUpstream, port: int, workers: int) -> ServiceProcess:
@@ -169,15 +191,19 @@ def test_a_rolling_restart_under_load_fails_no_call(upstream: FakeUpstream, work
     with ThreadPoolExecutor(SERVERS) as pool:
         services = list(pool.map(lambda port: _start(upstream, port, workers), ports))
     old: list[ServiceProcess] = []
+    restarts: list[str] = []  # what was done when, for a failure's message
     try:
         with _Load(ports) as load:
             started = time.monotonic()
             _eventually(lambda: all(_calls(s) > 0 for s in services), what="every server answering")
             for index, port in enumerate(ports):
                 before = services[index]
+                restarts.append(f"{_now()} SIGTERM to {port}")
                 assert before.terminate(signal.SIGTERM) == 0, before.output[-3000:]
                 old.append(before)
+                restarts.append(f"{_now()} {port} exited")
                 services[index] = _start(upstream, port, workers)
+                restarts.append(f"{_now()} {port} serving again")
                 # Serving again, and reached by the client, before the next one goes.
                 _eventually(_answering(services[index]), what=f"calls on restarted {port}")
             # The rest of the load's span: part of the scenario, not synchronisation.
@@ -190,7 +216,7 @@ def test_a_rolling_restart_under_load_fails_no_call(upstream: FakeUpstream, work
         for service in old:
             service.__exit__(None, None, None)
 
-    assert load.failures == [], (Counter(load.failures), load.codes)
+    assert load.failures == [], f"{load.failures} {load.codes}\n{_what_happened(restarts, old + services)}"
     assert load.codes["OK"] > 100, load.codes
     for port, before, after in zip(ports, old, services, strict=True):
         assert _calls(before) > 0, f"{port} answered nothing before its restart"
