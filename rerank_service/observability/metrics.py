@@ -173,6 +173,14 @@ class Metrics:
             ["deployment", "state"],
             registry=registry,
         )
+        self.route_members = Gauge(
+            "rerank_route_members",
+            "1 for each deployment of each route served now, 0 once a reload took it out of the "
+            "route: what joins a deployment's state to its routes.",
+            ["route", "deployment"],
+            registry=registry,
+            multiprocess_mode="livemax",  # workers load the same routes
+        )
         self.route_fallbacks = Counter(
             "rerank_route_fallbacks",
             "Calls moved to another deployment of their route after a failure.",
@@ -235,6 +243,7 @@ class Metrics:
         self._retries: dict[str, Counter] = {}
         self._fallbacks: dict[str, Counter] = {}
         self._budgets_spent: dict[str, Counter] = {}
+        self._members: set[tuple[str, str]] = set()  # (route, deployment) set to 1
         self.stream_items = MethodMetrics(self, STREAM_ITEM_METHOD)
 
     # --- calls ---
@@ -274,6 +283,15 @@ class Metrics:
 
     def for_deployment(self, name: str) -> DeploymentMetrics:
         return DeploymentMetrics(self, name)
+
+    def set_route_members(self, members: set[tuple[str, str]]) -> None:
+        """The (route, deployment) pairs served now: each is 1, and each served before and not
+        now is 0 (kept, not removed: with workers a value lives on in the worker's file)."""
+        for route, deployment in self._members - members:
+            self.route_members.labels(route, deployment).set(0)
+        for route, deployment in members:
+            self.route_members.labels(route, deployment).set(1)
+        self._members = set(members)
 
     def count_fallback(self, route: str) -> None:
         _child(self._fallbacks, self.route_fallbacks, route).inc()

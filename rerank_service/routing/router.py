@@ -52,6 +52,7 @@ class Router:
         self._metrics = metrics if metrics is not None else Metrics()
         self._routes = {route.name: route for route in routes}
         self._deployments = _distinct(routes)
+        self._metrics.set_route_members(_members(routes))
         self._readiness = Readiness()
         self._started = False
         self._watches: list[asyncio.Task[None]] = []
@@ -118,6 +119,7 @@ class Router:
         dropped = [deployment for deployment in self._deployments if deployment not in kept]
         self._routes = {route.name: route for route in routes}
         self._deployments = kept
+        self._metrics.set_route_members(_members(routes))
         self._models, self._limits = None, {}
         self._follow(added)
         self._update_readiness()
@@ -233,6 +235,11 @@ def _distinct(routes: Iterable[Route]) -> list[Deployment]:
             if member.deployment not in found:
                 found.append(member.deployment)
     return found
+
+
+def _members(routes: Iterable[Route]) -> set[tuple[str, str]]:
+    """Each (route, deployment) pair the routes serve (rerank_route_members)."""
+    return {(route.name, member.deployment.name) for route in routes for member in route.members}
 
 
 async def _close_when_idle(deployment: Deployment, grace: float) -> None:

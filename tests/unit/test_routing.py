@@ -659,6 +659,30 @@ async def test_replace_can_drop_a_route_and_add_another() -> None:
         assert ready(router)
 
 
+async def test_route_members_name_each_route_s_deployments_and_a_reload_sets_the_dropped_to_zero() -> None:
+    metrics = Metrics()
+
+    def member(route: str, name: str) -> float | None:
+        return metrics.registry.get_sample_value("rerank_route_members", {"route": route, "deployment": name})
+
+    old, kept, new = (
+        deployment(FakeBackend("old")),
+        deployment(FakeBackend("kept")),
+        deployment(FakeBackend("new")),
+    )
+    other = route_of(Member(kept, "bge"))
+    other.name = "bge"
+
+    async with running(Router([route_of(Member(old, ROUTE), Member(kept, ROUTE)), other], metrics)) as router:
+        assert (member(ROUTE, "old"), member(ROUTE, "kept"), member("bge", "kept")) == (1, 1, 1)
+        assert member(ROUTE, "new") is None
+
+        await router.replace([route_of(Member(kept, ROUTE), Member(new, ROUTE))], grace=1.0)
+
+        assert (member(ROUTE, "kept"), member(ROUTE, "new")) == (1, 1)
+        assert (member(ROUTE, "old"), member("bge", "kept")) == (0, 0)  # out of the routes, not gone
+
+
 class UnstartableBackend(FakeBackend):
     async def start(self) -> None:
         raise RuntimeError("no such model directory")
