@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from rerank_service.config.secret import Secret
-from rerank_service.testing.fake_upstream import FakeUpstream, Fault
+from rerank_service.testing.fake_upstream import NEVER, FakeUpstream, Fault
 from tests.conftest import CALLER_KEY, UPSTREAM_KEY, ServerFactory
 from tests.support.fault_scenarios import rss_bytes
 from tests.support.process import ServiceProcess
@@ -173,6 +173,32 @@ def test_expect_100_continue_is_not_answered_for_a_body_that_will_be_refused(
             first, _ = read_response(sock)
 
     assert first == status  # not 100
+
+
+def test_expect_100_continue_while_every_slot_is_held_is_refused_at_once_and_counted(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    """A caller waiting to send its body must not wait for a slot it will not get: 429 from
+    the headers, counted as admission's refusal for slots, like any call past the bound."""
+    upstream.always(Fault(delay=NEVER))
+    with serve(http_port=0, api_keys=(Secret(CALLER_KEY),), max_concurrent_requests=1) as server:
+        assert server.server is not None
+        port = http_port(server)
+        held = server.stub.Rerank.future(
+            request(), timeout=30, metadata=(("authorization", f"Bearer {CALLER_KEY}"),)
+        )
+        assert upstream.wait_for(lambda fake: fake.in_flight == 1, timeout=10)
+        auth = f"Authorization: Bearer {CALLER_KEY}\r\nExpect: 100-continue\r\n"
+        with closing(connect(port, timeout=5)) as sock:
+            sock.sendall(request_head(port, COHERE, len(json.dumps(GOOD)), auth))
+            first, _ = read_response(sock)
+        refusals = server.server.metrics.registry.get_sample_value(
+            "rerank_admission_refusals_total", {"bound": "slots"}
+        )
+        held.cancel()
+
+    assert first == 429  # not 100, and not a wait for a body that will not come
+    assert refusals == 1
 
 
 def test_expect_100_continue_is_answered_for_an_accepted_call(serve: ServerFactory) -> None:

@@ -61,6 +61,9 @@ JSON_TYPE = "application/json"
 KEY_CARRIER = "'Authorization: Bearer <key>' header"
 # Where a request keeps the caller it was authenticated as.
 _CALLER = web.RequestKey("caller", Caller)
+# Set on a call that sent `Expect: 100-continue` and was not told to continue: it will be
+# refused from its headers, or, if room was made meanwhile, told to continue then.
+_HELD_BACK = web.RequestKey("held_back", bool)
 
 
 class FrontDoor:
@@ -123,8 +126,13 @@ class FrontDoor:
                     call.caller = http[_CALLER]
                     self._check_body_headers(http)
                     call.admit_bytes(http.content_length or 0)
-                    raw = await self._body(http)
-                    call.admit_call()  # the slot, now that the body is here (its bytes are charged)
+                    if http.get(_HELD_BACK):  # the client waits for a word before it sends the body
+                        call.admit_call()  # refused here, with the body never sent, while no slot is free
+                        await http.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        raw = await self._body(http)
+                    else:
+                        raw = await self._body(http)
+                        call.admit_call()  # the slot, now that the body is here (its bytes are charged)
                     request = wire.parse(_json(raw))
                     outcome = await call.rerank(request, context)
                     call.succeeded()
@@ -167,6 +175,7 @@ class FrontDoor:
             except (ServiceError, _HttpError):
                 refused = True
             if refused:
+                http[_HELD_BACK] = True
                 return await handle(http)  # refuses from the headers, and logs it, as any call
             await http.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return None
