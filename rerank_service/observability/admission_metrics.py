@@ -47,7 +47,7 @@ def _bound(value: int | None) -> float:
 _GAUGES: tuple[tuple[str, str, Callable[[AdmissionCounts], float]], ...] = (
     (
         "rerank_admission_slots_used",
-        "RerankService calls and stream items holding an admission slot now.",
+        "Admission slots held now: one per unary call in flight, one per stream with an item in flight.",
         lambda admission: admission.in_flight,
     ),
     (
@@ -67,7 +67,7 @@ _GAUGES: tuple[tuple[str, str, Callable[[AdmissionCounts], float]], ...] = (
     ),
     (
         "rerank_admission_open_calls",
-        "RerankService calls open now, working or not (a stream that has sent nothing included).",
+        "RerankService gRPC calls open now, working or not (a stream that has sent nothing included).",
         lambda admission: admission.open,
     ),
     (
