@@ -18,6 +18,10 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from rerank_service.observability.logging import get_logger
+
+_log = get_logger("rerank_service.metrics")
+
 # Seconds between a worker's copies of its counts into the gauges (workers only).
 PUBLISH_EVERY = 1.0
 
@@ -123,9 +127,18 @@ class AdmissionMetrics:
             gauge.set(read(admission))
 
     async def publish_while_running(self) -> None:
-        """`publish` every PUBLISH_EVERY seconds until cancelled (a worker's task)."""
+        """`publish` every PUBLISH_EVERY seconds until cancelled (a worker's task). A copy that
+        fails (the files' disk full) is logged once and tried again: the gauges go stale, the
+        calls go on."""
+        failing = False
         while True:
-            self.publish()
+            try:
+                self.publish()
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    _log.warning("admission metrics not published", error=f"{type(exc).__name__}: {exc}")
+                failing = True
             await asyncio.sleep(PUBLISH_EVERY)
 
     def refused(self, bound: str) -> None:

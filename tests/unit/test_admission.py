@@ -8,10 +8,14 @@ import math
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
 from rerank_service.core.domain import ServiceError
+from rerank_service.observability import admission_metrics
+from rerank_service.observability.admission_metrics import AdmissionMetrics
 from rerank_service.observability.metrics import Metrics
 from rerank_service.pipeline.admission import BOUNDS, Admission
+from tests.support.logs import LogCapture
 
 
 def test_a_call_past_the_call_bound_is_refused_overloaded() -> None:
@@ -122,3 +126,32 @@ def test_an_unbounded_budget_reads_as_infinite() -> None:
 
     assert metrics.registry.get_sample_value("rerank_admission_bytes_max") == math.inf
     assert metrics.registry.get_sample_value("rerank_admission_open_calls_max") == math.inf
+
+
+async def test_a_worker_whose_publish_fails_logs_it_once_and_publishes_again_once_it_can(
+    monkeypatch: pytest.MonkeyPatch, logs: LogCapture
+) -> None:
+    monkeypatch.setattr(admission_metrics, "PUBLISH_EVERY", 0)
+    registry = CollectorRegistry()
+    metrics = AdmissionMetrics(registry, multiprocess=True)  # its gauges move when published
+    admission = Admission(4)
+    metrics.watch(admission, BOUNDS)
+    admission.enter(10)
+    publish, attempts, published = metrics.publish, [0], asyncio.Event()
+
+    def failing_three_times() -> None:
+        attempts[0] += 1
+        if attempts[0] <= 3:
+            raise OSError("No space left on device")
+        publish()
+        published.set()
+
+    monkeypatch.setattr(metrics, "publish", failing_three_times)
+    task = asyncio.create_task(metrics.publish_while_running())
+    await asyncio.wait_for(published.wait(), 10)
+    task.cancel()
+
+    warnings = [e for e in logs.events() if e["event"] == "admission metrics not published"]
+    assert len(warnings) == 1
+    assert "No space left on device" in warnings[0]["error"]
+    assert registry.get_sample_value("rerank_admission_slots_used") == 1
