@@ -173,7 +173,7 @@ class RerankServer:
         await self.health.set("", _SERVING)
         await self._sync_health()
         self._health_watch = asyncio.create_task(self._follow_backend_readiness(), name="health-watch")
-        if self.metrics.admission.needs_publishing:  # a worker: its gauges live in files
+        if self.metrics.multiprocess:  # a worker: its admission gauges live in files
             self._admission_publisher = asyncio.create_task(
                 self.metrics.admission.publish_while_running(), name="admission-metrics"
             )

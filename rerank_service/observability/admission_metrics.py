@@ -97,20 +97,15 @@ class AdmissionMetrics:
             ["bound"],
             registry=registry,
         )
-        self._refusals: dict[str, Counter] = {}  # children, bound on first use
+        self._refusals: dict[str, Counter] = {}  # by bound: see _refusal_count
         self._multiprocess = multiprocess
         self._watched: AdmissionCounts | None = None
-
-    @property
-    def needs_publishing(self) -> bool:
-        """Whether the gauges only move when `publish`ed (a worker of `serve --workers N`)."""
-        return self._multiprocess
 
     def watch(self, admission: AdmissionCounts, bounds: Iterable[str]) -> None:
         """Report `admission`'s bounds and counts from now on (the server's one Admission),
         and a refusal count for each of `bounds` from 0, so a rate reads from the start."""
         for bound in bounds:
-            self._refusals.setdefault(bound, self.refusals.labels(bound))
+            self._refusal_count(bound)
         self._watched = admission
         if self._multiprocess:
             self.publish()
@@ -143,7 +138,11 @@ class AdmissionMetrics:
 
     def refused(self, bound: str) -> None:
         """Admission refused a call at `bound` (pipeline/admission.py names them)."""
+        self._refusal_count(bound).inc()
+
+    def _refusal_count(self, bound: str) -> Counter:
+        """`bound`'s child of the refusals counter, bound once."""
         child = self._refusals.get(bound)
         if child is None:
             child = self._refusals[bound] = self.refusals.labels(bound)
-        child.inc()
+        return child
