@@ -61,9 +61,11 @@ JSON_TYPE = "application/json"
 KEY_CARRIER = "'Authorization: Bearer <key>' header"
 # Where a request keeps the caller it was authenticated as.
 _CALLER = web.RequestKey("caller", Caller)
-# Set on a call that sent `Expect: 100-continue` and was not told to continue: it will be
-# refused from its headers, or, if room was made meanwhile, told to continue then.
+# Set on a call that sent `Expect: 100-continue` and was not told to continue: the expect
+# handler found it would be refused, so it is refused from its headers.
 _HELD_BACK = web.RequestKey("held_back", bool)
+# The interim answer that tells an `Expect: 100-continue` client to send its body.
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class FrontDoor:
@@ -127,8 +129,10 @@ class FrontDoor:
                     self._check_body_headers(http)
                     call.admit_bytes(http.content_length or 0)
                     if http.get(_HELD_BACK):  # the client waits for a word before it sends the body
-                        call.admit_call()  # refused here, with the body never sent, while no slot is free
-                        await http.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        # Nothing has run since the expect handler saw no slot, so this refuses;
+                        # were it ever to admit, the client is told to go on rather than left waiting.
+                        call.admit_call()
+                        await http.writer.write(_CONTINUE)
                         raw = await self._body(http)
                     else:
                         raw = await self._body(http)
@@ -177,7 +181,7 @@ class FrontDoor:
             if refused:
                 http[_HELD_BACK] = True
                 return await handle(http)  # refuses from the headers, and logs it, as any call
-            await http.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await http.writer.write(_CONTINUE)
             return None
 
         return expect
