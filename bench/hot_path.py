@@ -43,6 +43,7 @@ from rerank_service.api.grpc.edge import RerankServiceEdge
 from rerank_service.api.grpc.servicer import RerankServicer, to_domain, to_proto
 from rerank_service.backends.upstream.dashscope import DashScopeNative
 from rerank_service.cache import MemoryTier, ScoreCache
+from rerank_service.cache.build import build_score_cache
 from rerank_service.cache.keys import KEY_SIZE
 from rerank_service.config import Settings
 from rerank_service.config.server import ServerConfig
@@ -155,13 +156,16 @@ def routed_engine(backend: AnswerBackend, metrics: Metrics, cache: ScoreCache | 
 
 
 def default_cache() -> ScoreCache:
-    """The score cache as the service starts it: the memory tier at its default size."""
-    return ScoreCache(MemoryTier(Settings().cache_memory_mb * 1024 * 1024, ttl=Settings().cache_ttl))
+    """The score cache as the service starts it with its defaults: the memory tier alone."""
+    cache = build_score_cache(ServerConfig.from_settings(Settings()).cache)
+    assert cache is not None  # the defaults keep a memory tier
+    return cache
 
 
 def full_cache() -> ScoreCache:
     """The default cache, filled with other pairs: every store of a new pair evicts one."""
-    tier = MemoryTier(Settings().cache_memory_mb * 1024 * 1024, ttl=Settings().cache_ttl)
+    config = ServerConfig.from_settings(Settings()).cache
+    tier = MemoryTier(config.memory_bytes, config.ttl)
     batch = 1000
     while not tier.evictions:
         tier.put_columns([os.urandom(KEY_SIZE) for _ in range(batch)], [0.5] * batch, [30] * batch)
