@@ -11,7 +11,7 @@ import dataclasses
 import gc
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from grpc_health.v1 import health_pb2
@@ -200,19 +200,36 @@ class RerankServer:
             # Health says NOT_SERVING already; calls are still taken while clients move away.
             _log.info("drain delay", delay_s=process.drain_delay)
             await asyncio.sleep(process.drain_delay)
-        await asyncio.gather(self.grpc.stop(grace), self.http.stop() if self.http is not None else _nothing())
-        await self.backend.close()
-        await self.pipeline.limiter.close()
-        self.pipeline.usage.close()
-        if self.cache is not None:
-            await self.cache.aclose()
+        doors = [("grpc server", self.grpc.stop(grace))]
+        if self.http is not None:
+            doors.append(("http server", self.http.stop()))
+        outcomes = await asyncio.gather(*(stop for _, stop in doors), return_exceptions=True)
+        for (step, _), outcome in zip(doors, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                _step_failed(step, outcome)
+        # Each resource is let go even when one before it fails: a backend whose close raises
+        # must not leave the usage log unclosed or pending limit settlements unsent.
+        await _each(
+            ("backend", self.backend.close),
+            ("limits store", self.pipeline.limiter.close),
+            ("usage log", self.pipeline.usage.close),
+            ("score cache", self.cache.aclose if self.cache is not None else None),
+            ("admission metrics", self._stop_admission_publisher),
+            # Last: scrapes still answer while calls drain.
+            ("metrics endpoint", self._stop_metrics_server),
+        )
+        _log.info("stopped")
+
+    async def _stop_admission_publisher(self) -> None:
         if self._admission_publisher is not None:
             self._admission_publisher.cancel()
+            self._admission_publisher = None
             self.metrics.admission.publish()  # drained: what is held now is 0
-        if self._metrics_server is not None:  # last: scrapes still answer while calls drain
+
+    async def _stop_metrics_server(self) -> None:
+        if self._metrics_server is not None:
             await asyncio.to_thread(stop_metrics_server, self._metrics_server)
             self._metrics_server = None
-        _log.info("stopped")
 
     # The settings the routes were last loaded from (None: as started), for `reload`.
     _routes_from: Settings | None = None
@@ -276,8 +293,25 @@ class RerankServer:
             _log.warning("health", status="NOT_SERVING", why="the backend is not ready")
 
 
-async def _nothing() -> None:
-    return None
+# A step of the shutdown: its name (for the log), and what to call (None: nothing to do).
+ShutdownStep = tuple[str, Callable[[], Awaitable[None] | None] | None]
+
+
+async def _each(*steps: ShutdownStep) -> None:
+    """Run every step in order; one that fails is logged, and the next ones still run."""
+    for name, step in steps:
+        if step is None:
+            continue
+        try:
+            result = step()
+            if result is not None:
+                await result
+        except Exception as exc:
+            _step_failed(name, exc)
+
+
+def _step_failed(step: str, error: BaseException) -> None:
+    _log.error("shutdown step failed", step=step, error=type(error).__name__, detail=str(error)[:200])
 
 
 def _auth_mode(callers: CallersConfig) -> str:
