@@ -55,6 +55,11 @@ class RedisOutage:
     def up(self) -> bool:
         return self._retry_at is None
 
+    @property
+    def retry_after(self) -> float:
+        """Seconds Redis is skipped after a failure."""
+        return self._retry_after
+
     def may_try(self) -> bool:
         """Whether to try Redis now: it is up, or down and due for another try."""
         if self._retry_at is None:

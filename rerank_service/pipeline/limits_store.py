@@ -17,8 +17,16 @@ gone is a full bucket.
 Redis that fails or does not answer within the timeout raises `StoreUnavailable` (the
 limiter falls back, limits.py); the store is then skipped for `retry_after` seconds, so
 an outage costs one call the timeout now and then, not every call. The outage is logged
-once when it starts and once when it ends. Settlements lost with a failed round trip are
-lost (the leases expire).
+once when it starts and once when it ends.
+
+A lease is never left behind by a call that did not get its answer: a check skipped while
+Redis is taken for down sends nothing, and the settlement it carried waits for the next
+try; a check sent and not answered in time may have run, so its lease (and the leases
+its settlement gave back) are given back on the next round trip that succeeds (giving
+back a lease twice, or one never taken, changes nothing); a check whose call was
+cancelled meanwhile is settled when its answer comes, its tokens and lease given back.
+A token correction sent with a round trip that failed may have been applied, so it is
+not sent again: it is lost.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from redis.asyncio import Redis
@@ -138,6 +147,13 @@ class _Settlement:
     correction: float = 0.0
     leases: list[str] = field(default_factory=list)
 
+    def merge(self, other: _Settlement) -> None:
+        """Add what `other` settles to this one."""
+        if other.tokens is not None and other.correction:
+            self.tokens = other.tokens
+            self.correction += other.correction
+        self.leases += other.leases
+
     def args(self) -> list[str | float]:
         tokens = self.tokens
         if tokens is None or not self.correction:
@@ -184,6 +200,7 @@ class RedisLimits:
         # Script runs asked for in this turn of the event loop, sent together (`_send`).
         self._batch: list[tuple[str, list[str], list[str | float], asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
+        self._closed = False
         self.errors = 0
         self.round_trips = 0
 
@@ -203,18 +220,72 @@ class RedisLimits:
         in flight (with a concurrent limit), or nothing: the refusal. What the caller's
         ended calls settle goes first, in the same script. StoreUnavailable when Redis does
         not answer."""
-        args = self._pending.pop(caller, _NOTHING).args()
+        settlement = self._pending.pop(caller, _NOTHING)
+        args = settlement.args()
         args.append(len(limits.buckets))
         for bucket, cost in zip(limits.buckets, costs, strict=True):
             args += [bucket.name, bucket.per_second, bucket.burst, cost]
         args += [limits.concurrent or 0, max(1, math.ceil(lease_seconds * 1000)), lease]
-        answer = await self._run("take", self.keys(caller), args)
+        try:
+            pending = self._submit("take", self.keys(caller), args)
+        except StoreUnavailable:  # skipped: nothing was sent, so nothing of it was applied
+            self._keep(caller, settlement)
+            raise
+        try:
+            # Shielded: a call cancelled while its check is out leaves the answer to come.
+            answer = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            tokens_taken = costs[-1] if limits.tokens is not None else 0.0  # the last bucket's
+            pending.add_done_callback(
+                partial(self._abandoned, caller, limits, tokens_taken, lease, settlement.leases)
+            )
+            raise
+        except StoreUnavailable:  # sent and not answered: it may have run
+            self._give_back_leases(caller, limits, lease, settlement.leases)
+            raise
         if answer[0] == 1:
             return None
         limit = answer[1].decode() if isinstance(answer[1], bytes) else str(answer[1])
         if limit == CONCURRENT:
             return Refusal(CONCURRENT, CONCURRENT_RETRY_AFTER)
         return Refusal(limit, float(answer[2]))
+
+    def _abandoned(
+        self,
+        caller: str,
+        limits: CallerLimits,
+        tokens_taken: float,
+        lease: str,
+        given_back: list[str],
+        pending: asyncio.Future[Any],
+    ) -> None:
+        """The answer to the check of a call cancelled meanwhile: what it took, given back."""
+        if pending.cancelled() or pending.exception() is not None:
+            self._give_back_leases(caller, limits, lease, given_back)
+        elif pending.result()[0] == 1:  # taken, for a call that has gone
+            self.settle(caller, limits, -tokens_taken, lease)
+
+    def _give_back_leases(self, caller: str, limits: CallerLimits, lease: str, given_back: list[str]) -> None:
+        """A check that may or may not have run: its lease, and the leases its settlement
+        gave back, are given back (again) with the next round trip."""
+        leases = [*given_back, lease] if limits.concurrent is not None else given_back
+        if leases:
+            self._keep(caller, _Settlement(leases=list(leases)))
+
+    def _keep(self, caller: str, settlement: _Settlement) -> None:
+        """Settle `settlement` with the caller's next check, or with a flush once Redis may be
+        tried again. After aclose nothing is kept: the leases expire."""
+        if self._closed or (not settlement.leases and not settlement.correction):
+            return
+        pending = self._pending.get(caller)
+        if pending is None:
+            pending = self._pending[caller] = _Settlement()
+        pending.merge(settlement)
+        self._schedule_flush(self._flush_after if self._outage.up else self._outage.retry_after)
+
+    def _schedule_flush(self, delay: float) -> None:
+        if self._flush is None and not self._closed:
+            self._flush = asyncio.get_running_loop().call_later(delay, self._start_flush)
 
     def settle(self, caller: str, limits: CallerLimits, token_correction: float, lease: str) -> None:
         """A call admitted by `take` ended: its tokens bucket is to be corrected by
@@ -232,8 +303,7 @@ class RedisLimits:
             pending.correction += token_correction
         if holds_lease:
             pending.leases.append(lease)
-        if self._flush is None:
-            self._flush = asyncio.get_running_loop().call_later(self._flush_after, self._start_flush)
+        self._schedule_flush(self._flush_after)
 
     def _start_flush(self) -> None:
         self._flush = None
@@ -242,14 +312,25 @@ class RedisLimits:
         task.add_done_callback(self._flushing.discard)
 
     async def flush(self) -> None:
-        """Send every caller's pending settlement now, together (one round trip)."""
+        """Send every caller's pending settlement now, together (one round trip). What cannot
+        be sent now is kept for later (`_keep`)."""
         pending, self._pending = self._pending, {}
-        runs = [
-            self._run("settle", self.keys(caller), [*settlement.args(), *_NO_TAKE])
-            for caller, settlement in pending.items()
-        ]
-        # A failure loses them, as a failed take's would be lost: the leases expire.
-        await asyncio.gather(*runs, return_exceptions=True)
+        sent: list[tuple[str, _Settlement, asyncio.Future[Any]]] = []
+        for caller, settlement in pending.items():
+            try:
+                sent.append(
+                    (
+                        caller,
+                        settlement,
+                        self._submit("settle", self.keys(caller), [*settlement.args(), *_NO_TAKE]),
+                    )
+                )
+            except StoreUnavailable:  # skipped: sent later
+                self._keep(caller, settlement)
+        outcomes = await asyncio.gather(*(answer for *_, answer in sent), return_exceptions=True)
+        for (caller, settlement, _), outcome in zip(sent, outcomes, strict=True):
+            if isinstance(outcome, BaseException):  # it may have run: its leases go again
+                self._keep(caller, _Settlement(leases=settlement.leases))
 
     async def aclose(self) -> None:
         """Send what is pending, then close the connections."""
@@ -257,13 +338,15 @@ class RedisLimits:
             self._flush.cancel()
             self._flush = None
         await asyncio.gather(*self._flushing, return_exceptions=True)
+        self._closed = True  # what the last flush cannot send is left to expire
         await self.flush()
         await asyncio.gather(*self._sending, return_exceptions=True)
         await self._client.aclose()
 
-    async def _run(self, operation: str, keys: list[str], args: list[str | float]) -> Any:
+    def _submit(self, operation: str, keys: list[str], args: list[str | float]) -> asyncio.Future[Any]:
         """One run of the script, sent with every other run asked for in the same turn of
-        the event loop: under load, many calls' checks share one round trip."""
+        the event loop (under load, many calls' checks share one round trip): the future of
+        its answer. StoreUnavailable at once, with nothing sent, while Redis is skipped."""
         if not self._outage.may_try():
             raise StoreUnavailable("skipped after a failure")
         loop = asyncio.get_running_loop()
@@ -271,7 +354,7 @@ class RedisLimits:
         self._batch.append((operation, keys, args, answer))
         if len(self._batch) == 1 and len(self._sending) < MAX_PIPELINES:
             loop.call_soon(self._send)
-        return await answer
+        return answer
 
     def _send(self) -> None:
         """Send the runs asked for so far in one pipeline; with MAX_PIPELINES in flight, the

@@ -223,6 +223,86 @@ async def test_a_redis_that_does_not_answer_fails_at_the_timeout_and_is_skipped_
     ]
 
 
+async def _until_taken(store: RedisLimits, caller: str, limits: CallerLimits, costs: list[float]) -> None:
+    """Poll `store` until a check of `costs` is admitted (a lease given back, tokens back)."""
+    deadline = time.monotonic() + HANG
+    while await store.take(caller, limits, costs, "next", LONG_LEASE) is not None:
+        assert time.monotonic() < deadline, "what the earlier call took was never given back"
+        await asyncio.sleep(0.01)
+
+
+LONG_LEASE = 60.0  # seconds: longer than any wait here, so no lease frees itself by expiring
+
+
+async def test_a_call_cancelled_while_its_check_is_out_gives_back_its_lease_and_tokens(
+    redis_own: RedisServer,
+) -> None:
+    limits = CallerLimits(tokens=BucketLimit(TPM, 0.001, 100), concurrent=1)
+    sent = asyncio.Event()
+    patient = RedisLimits(redis_client(redis_own.url, timeout=HANG), timeout=HANG, on_round_trip=sent.set)
+    other = store(redis_own.url)
+    try:
+        assert await patient.take("warm-up", limits, [1], "w", LONG_LEASE) is None  # script loaded
+        sent.clear()
+        redis_own.pause()  # the check goes out and waits for its answer
+        check = asyncio.create_task(patient.take("search", limits, [100], "gone", LONG_LEASE))
+        async with asyncio.timeout(HANG):
+            await sent.wait()
+        check.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await check
+        redis_own.resume()  # the check runs now, for a call that has gone
+
+        # Its lease back (concurrent 1), and its 100 tokens (the whole bucket) with it.
+        await _until_taken(other, "search", limits, [100])
+    finally:
+        await patient.aclose()
+        await other.aclose()
+
+
+async def test_a_check_answered_too_late_gives_back_the_lease_it_may_have_taken(
+    redis_own: RedisServer,
+) -> None:
+    clock = Clock()
+    limits = CallerLimits(concurrent=1)
+    late, other = store(redis_own.url, clock), store(redis_own.url)
+    try:
+        assert await late.take("warm-up", limits, [], "w", LONG_LEASE) is None  # script loaded
+        redis_own.pause()
+        with pytest.raises(StoreUnavailable):  # the timeout: the limiter falls back
+            await late.take("search", limits, [], "late", LONG_LEASE)
+        redis_own.resume()  # the check was sent: Redis runs it now, and holds its lease
+        clock.now += 1.0  # the store may be tried again
+
+        await _until_taken(other, "search", limits, [])
+    finally:
+        await late.aclose()
+        await other.aclose()
+
+
+async def test_a_lease_given_back_while_redis_is_skipped_is_sent_once_it_answers(
+    redis_own: RedisServer,
+) -> None:
+    clock = Clock()
+    limits = CallerLimits(concurrent=1)
+    first, other = store(redis_own.url, clock), store(redis_own.url)
+    try:
+        assert await first.take("search", limits, [], "a", LONG_LEASE) is None
+        redis_own.pause()
+        with pytest.raises(StoreUnavailable):  # another caller's check finds Redis gone
+            await first.take("ads", limits, [], "x", LONG_LEASE)
+        first.settle("search", limits, 0, "a")  # the call ends while Redis is skipped
+        with pytest.raises(StoreUnavailable):  # a check skipped carries the settlement, unsent
+            await first.take("search", limits, [], "b", LONG_LEASE)
+        redis_own.resume()
+        clock.now += 1.0
+
+        await _until_taken(other, "search", limits, [])
+    finally:
+        await first.aclose()
+        await other.aclose()
+
+
 def call(documents: int = 3) -> RerankRequest:
     return RerankRequest("qwen3-rerank", "what is a bucket", ["a token bucket"] * documents)
 
