@@ -138,6 +138,7 @@ class RerankServer:
         self._admission_publisher: asyncio.Task[None] | None = None
         self._draining = False
         self._serving = False
+        self._reloading = asyncio.Lock()
 
     async def start(self) -> int:
         """Open the ports (health NOT_SERVING), start the backend, then report SERVING."""
@@ -240,6 +241,14 @@ class RerankServer:
         if not isinstance(self.backend, Router):
             _log.warning("reload ignored", why="this server's backend was given, not built from settings")
             return False
+        # One at a time, each reading the file when its turn comes: a reload that overtook
+        # an earlier one still starting a deployment would be undone by it, with deployments
+        # the later one had retired back in the routes, closed.
+        async with self._reloading:
+            return await self._reload(load)
+
+    async def _reload(self, load: Callable[[], Settings]) -> bool:
+        assert isinstance(self.backend, Router)
         try:
             # Caller keys stay as started (the edge checks them): deployments must agree on
             # whether callers' tokens pass through.

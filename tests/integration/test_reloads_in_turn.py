@@ -1,0 +1,95 @@
+"""Reloads asked for while one is still under way run in turn, and the last one asked for
+is what is served.
+
+Reload A adds a deployment whose start is held back (as a local model's load is slow);
+reload B, asked for meanwhile, replaces the route's deployments with another one. Run at
+once, A would finish last and put back its routes, with the deployment B had retired in
+them, closed: the route would answer nothing until the next reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from rerank.v1 import rerank_pb2
+
+from rerank_service.backends.upstream import UpstreamBackend
+from rerank_service.config import Settings
+from rerank_service.config.sources import load_settings
+from rerank_service.config.upstream import UpstreamDeploymentConfig
+from rerank_service.observability.metrics import Metrics
+from rerank_service.routing import Router
+from rerank_service.testing.fake_upstream import FakeUpstream
+from tests.conftest import UPSTREAM_KEY
+from tests.support.server import ServerThread
+
+KEY_ENV = "RELOAD_TURN_TEST_UPSTREAM_KEY"
+HANG = 10.0  # guards against a hang only
+
+
+def _write(path: Path, deployments: list[dict[str, Any]]) -> Path:
+    document = {"models": [{"name": "search", "deployments": deployments}]}
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _deployment(name: str, url: str) -> dict[str, Any]:
+    return {"format": "dashscope", "url": url, "name": name, "model": "qwen3-rerank", "api_key_env": KEY_ENV}
+
+
+def _load(path: Path) -> Settings:
+    return load_settings({"config": str(path)}, env={KEY_ENV: UPSTREAM_KEY})
+
+
+def test_a_reload_asked_for_during_another_runs_after_it_and_wins(
+    tmp_path: Path, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deployment named by its host `localhost` (the same fake upstream) starts only
+    # once the test lets it.
+    asked_to_start, may_start = threading.Event(), threading.Event()
+    build = UpstreamBackend.from_config
+
+    def held_back(config: UpstreamDeploymentConfig, metrics: Metrics | None = None) -> UpstreamBackend:
+        backend = build(config, metrics)
+        if "//localhost:" in config.connection.url:
+            start = backend.start
+
+            async def start_when_let() -> None:
+                asked_to_start.set()
+                await asyncio.to_thread(may_start.wait, HANG)
+                await start()
+
+            backend.start = start_when_let  # type: ignore[method-assign]
+        return backend
+
+    monkeypatch.setattr(UpstreamBackend, "from_config", held_back)
+    local_url = upstream.url.replace("127.0.0.1", "localhost")
+    first = _write(tmp_path / "first.yaml", [_deployment("first", upstream.url)])
+    grown = _write(
+        tmp_path / "grown.yaml", [_deployment("first", upstream.url), _deployment("slow", local_url)]
+    )
+    replaced = _write(tmp_path / "replaced.yaml", [_deployment("second", upstream.url)])
+
+    with ServerThread(_load(first)) as server:
+        assert server.server is not None
+        reload_a = server.begin(server.server.reload(lambda: _load(grown)))
+        assert asked_to_start.wait(HANG), "reload A never started its new deployment"
+        reload_b = server.begin(server.server.reload(lambda: _load(replaced)))
+        may_start.set()
+        outcomes = (reload_a.result(HANG), reload_b.result(HANG))
+        router = server.server.backend
+        assert isinstance(router, Router)
+        served = sorted(deployment.name for deployment in router.deployments)
+        answer = server.stub.Rerank(
+            rerank_pb2.RerankRequest(model="search", query="red apple", documents=["a red apple", "a car"]),
+            timeout=30,
+        )
+
+    assert outcomes == (True, True)
+    assert served == ["second"]
+    assert len(answer.output.results) == 2
