@@ -83,16 +83,17 @@ class Admission:
     def close_call(self) -> None:
         self.open -= 1
 
-    def enter(self, size: int = 0, caller: str | None = None) -> None:
+    def enter(self, size: int = 0, caller: str | None = None, *, capped: bool = True) -> None:
         """Take a call slot and `size` bytes, or raise RESOURCE_EXHAUSTED; every `enter`
-        is paired with a `release` of the same size and caller. `caller`: the slot counts
-        against that caller's share (a caller with a concurrent limit of its own: None)."""
+        is paired with a `release` of the same size and caller. `caller` (None: not known):
+        whose slot it is, which the fair share counts as calling; `capped`: held to the share
+        itself (a caller with a concurrent limit of its own is held to that instead)."""
         if caller is not None:
             self._seen(caller)
         if self.in_flight >= self.max_in_flight:
             self._on_refusal(SLOTS)
             raise _overloaded(f"{self.max_in_flight} calls in flight (--max-concurrent-requests)")
-        if caller is not None and self._share_cap is not None:
+        if caller is not None and capped and self._share_cap is not None:
             held = self._held.get(caller, 0)
             if held >= self._share_cap and self._others_calling(caller):
                 self._on_refusal(FAIR_SHARE)

@@ -206,8 +206,7 @@ class Call:
         self._opened = self._slot = False
         self._bytes = 0
         # Who calls (set once authenticated), what its limits granted, and the name its
-        # admission slot counts against (its share: None for a caller with its own
-        # concurrent limit, or none known).
+        # admission slot counts against (None: no caller known).
         self.caller: Caller | None = None
         self._grant: Grant | None = None
         self._share: str | None = None
@@ -220,9 +219,14 @@ class Call:
     def share_key(self) -> str | None:
         """The name this call's admission slots count against for the fair share."""
         caller = self.caller
-        if caller is None or (caller.limits is not None and caller.limits.concurrent is not None):
-            return None
-        return caller.name
+        return None if caller is None else caller.name
+
+    @property
+    def share_capped(self) -> bool:
+        """Whether the caller is held to the fair share: one with a concurrent limit of its
+        own is held to that instead (its slots still count as another caller calling)."""
+        caller = self.caller
+        return caller is None or caller.limits is None or caller.limits.concurrent is None
 
     def admit_stream(self) -> None:
         """Count a stream open, or RESOURCE_EXHAUSTED; its items take slots and bytes as
@@ -234,7 +238,7 @@ class Call:
         """Count the call open, then take a slot and `size` bytes; or RESOURCE_EXHAUSTED."""
         self.admit_stream()
         self._share = self.share_key
-        self._pipeline.admission.enter(size, self._share)
+        self._pipeline.admission.enter(size, self._share, capped=self.share_capped)
         self._slot = True
         self._bytes = size
 
@@ -246,7 +250,7 @@ class Call:
     def admit_call(self) -> None:
         """Take the call's slot, its bytes taken already (`admit_bytes`)."""
         self._share = self.share_key
-        self._pipeline.admission.enter(0, self._share)
+        self._pipeline.admission.enter(0, self._share, capped=self.share_capped)
         self._slot = True
 
     async def rerank(self, request: RerankRequest, context: CallContext) -> RerankOutcome:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ from rerank_service.config import ConfigError, Settings, load_settings
 from rerank_service.config.callers import (
     CallerEntry,
     CallerKeyError,
+    CallerLimits,
     caller_configs,
     key_digest,
     with_caller_keys,
@@ -20,8 +22,10 @@ from rerank_service.config.callers import (
 from rerank_service.config.reference import CALLERS_EXAMPLE
 from rerank_service.config.secret import Secret
 from rerank_service.core.domain import ServiceError
+from rerank_service.core.engine import RerankEngine
 from rerank_service.pipeline.admission import Admission
-from rerank_service.pipeline.callers import ANONYMOUS_CALLER, CallerDirectory, certificate_identities
+from rerank_service.pipeline.call import Call, Pipeline
+from rerank_service.pipeline.callers import ANONYMOUS_CALLER, Caller, CallerDirectory, certificate_identities
 
 SEARCH_KEY = "sk-search-0123456789"
 ADS_KEY = "sk-ads-0123456789"
@@ -350,6 +354,50 @@ def test_a_caller_refused_for_a_full_admission_counts_as_calling() -> None:
 
     assert refused.value.metadata["limit"] == "fair_share"
     admission.enter(0, "polite")
+
+
+def test_a_caller_with_a_concurrent_limit_of_its_own_counts_as_another_caller() -> None:
+    """The indexer is held to its own limit, not to the share: but while it calls, the flood
+    is held to its share, as beside any other caller."""
+    admission = Admission(8, caller_max_share=0.5, clock=Clock())
+    admission.enter(0, "indexer", capped=False)
+
+    for _ in range(4):
+        admission.enter(0, "flood")
+    with pytest.raises(ServiceError) as refused:
+        admission.enter(0, "flood")  # past its share (4 of 8) while the indexer calls
+    for _ in range(2):
+        admission.release(0, "flood")
+    for _ in range(4):
+        admission.enter(0, "indexer", capped=False)  # 5 of 8, past the share: not held to it
+
+    assert refused.value.metadata == {"caller": "flood", "limit": "fair_share"}
+    assert admission.held("indexer") == 5
+
+
+def test_a_call_of_a_caller_with_a_concurrent_limit_takes_its_slot_as_that_caller() -> None:
+    """Through the call pipeline: the indexer's calls (its own concurrent limit) count as a
+    caller calling, so the flood beside them is held to its share."""
+    admission = Admission(4, caller_max_share=0.5, clock=Clock())
+    pipeline = Pipeline(cast(RerankEngine, None), admission, CallerDirectory())
+    measured = pipeline.metrics.for_method("/rerank.v1.RerankService/Rerank")
+    indexer = Caller("indexer", limits=CallerLimits(concurrent=10), configured=True)
+    flood = Caller("flood", configured=True)
+
+    def admitted(caller: Caller) -> Call:
+        call = pipeline.open("/rerank.v1.RerankService/Rerank", "peer", measured)
+        call.caller = caller
+        call.admit(0)
+        return call
+
+    admitted(indexer)
+    admitted(flood)
+    admitted(flood)
+    with pytest.raises(ServiceError) as refused:
+        admitted(flood)
+
+    assert refused.value.metadata == {"caller": "flood", "limit": "fair_share"}
+    assert admission.held("indexer") == 1
 
 
 def test_a_share_of_one_caps_nobody() -> None:

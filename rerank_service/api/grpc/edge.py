@@ -280,7 +280,8 @@ class RerankServiceEdge:
                     if refusal is not None:  # the key, checked before routing (_Routes)
                         raise refusal
                     call.caller = self._identify(context)
-                    items.share = call.share_key  # its items' slots count against the caller's share
+                    # Its items' slots count against the caller's share.
+                    items.share, items.capped = call.share_key, call.share_capped
                     call.admit_stream()
                     async for response in behavior(items, context, call):
                         items.answered(response)
@@ -345,6 +346,7 @@ class _StreamItems:
         self._idle_timeout = idle_timeout
         self._admitted = False
         self.share: str | None = None  # the caller whose share its slot counts against
+        self.capped = True  # whether that caller is held to the fair share
         self.received = 0
         self.sent = 0
         self._last_activity = time.monotonic()
@@ -379,7 +381,7 @@ class _StreamItems:
         if not isinstance(received, _Received):
             raise _undecodable()
         if not self._admitted:
-            self._admission.enter(0, self.share)
+            self._admission.enter(0, self.share, capped=self.capped)
             self._admitted = True
         await self._admission.take_bytes(received.size)
         self._held.setdefault(getattr(received.message, "id", ""), []).append(received.size)
