@@ -53,6 +53,8 @@ _SERVER_ERRORS = frozenset({
     grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
     grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
 })  # fmt: skip
+# How a call ends when time ran out or its caller gave up: its tokens' estimate stays charged.
+_ABANDONED = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 
 
 def internal_error(request_id: str) -> ServiceError:
@@ -371,7 +373,15 @@ class Call:
         assert caller is not None
         answered = outcome is not None and self.code == grpc.StatusCode.OK
         if self._grant is not None:
-            pipeline.limiter.settle(self._grant, outcome.total_tokens if answered and outcome else 0)
+            if answered and outcome is not None:
+                used = outcome.total_tokens
+            elif self.code in _ABANDONED:
+                # Given up while the backend worked (the grant came just before it): the
+                # upstream may have scored, and billed, the documents; the estimate stays.
+                used = self._grant.tokens_taken
+            else:
+                used = 0  # failed: nothing was scored
+            pipeline.limiter.settle(self._grant, used)
             self._grant = None
         model = self.model
         known = model is not None and (

@@ -3,6 +3,7 @@ pipeline identifies from it (keys by SHA-256, certificate identities, anonymous 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 from typing import cast
@@ -12,6 +13,7 @@ import pytest
 
 from rerank_service.config import ConfigError, Settings, load_settings
 from rerank_service.config.callers import (
+    BucketLimit,
     CallerEntry,
     CallerKeyError,
     CallerLimits,
@@ -21,11 +23,12 @@ from rerank_service.config.callers import (
 )
 from rerank_service.config.reference import CALLERS_EXAMPLE
 from rerank_service.config.secret import Secret
-from rerank_service.core.domain import ServiceError
+from rerank_service.core.domain import CallContext, ModelInfo, RerankOutcome, RerankRequest, ServiceError
 from rerank_service.core.engine import RerankEngine
 from rerank_service.pipeline.admission import Admission
 from rerank_service.pipeline.call import Call, Pipeline
 from rerank_service.pipeline.callers import ANONYMOUS_CALLER, Caller, CallerDirectory, certificate_identities
+from rerank_service.pipeline.limits import estimated_tokens
 
 SEARCH_KEY = "sk-search-0123456789"
 ADS_KEY = "sk-ads-0123456789"
@@ -398,6 +401,53 @@ def test_a_call_of_a_caller_with_a_concurrent_limit_takes_its_slot_as_that_calle
 
     assert refused.value.metadata == {"caller": "flood", "limit": "fair_share"}
     assert admission.held("indexer") == 1
+
+
+class _FailingEngine:
+    """An engine whose every call ends in `error` (after the limits were taken)."""
+
+    def __init__(self, error: ServiceError) -> None:
+        self.error = error
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo("qwen3-rerank", 100, 100, supports_instruct=True, backend="upstream")]
+
+    async def rerank(self, request: RerankRequest, context: CallContext) -> RerankOutcome:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("code", "charged"),
+    [
+        (grpc.StatusCode.DEADLINE_EXCEEDED, True),  # the upstream may have billed it
+        (grpc.StatusCode.CANCELLED, True),
+        (grpc.StatusCode.UNAVAILABLE, False),  # nothing was scored
+        (grpc.StatusCode.INVALID_ARGUMENT, False),
+    ],
+)
+def test_a_call_given_up_keeps_its_token_estimate_charged_and_a_failed_one_gives_it_back(
+    code: grpc.StatusCode, charged: bool
+) -> None:
+    tokens = BucketLimit("tokens_per_minute", 0.001, 1000)  # no refill within the test
+    caller = Caller("search", limits=CallerLimits(tokens=tokens), configured=True)
+    engine = _FailingEngine(ServiceError(code, "it ended so"))
+    pipeline = Pipeline(cast(RerankEngine, engine), Admission(4), CallerDirectory())
+    measured = pipeline.metrics.for_method("/rerank.v1.RerankService/Rerank")
+    request = RerankRequest("qwen3-rerank", "what is a bucket", ["a token bucket"] * 3)
+    call = pipeline.open("/rerank.v1.RerankService/Rerank", "peer", measured)
+    call.caller = caller
+    call.admit(0)
+
+    async def run() -> None:
+        with pytest.raises(ServiceError) as failed:
+            await call.rerank(request, CallContext())
+        call.failed(failed.value)
+
+    asyncio.run(run())
+    call.finish()
+
+    left = pipeline.limiter.local.level("search", tokens)
+    assert left == pytest.approx(1000 - estimated_tokens(request) if charged else 1000, abs=0.01)
 
 
 def test_a_share_of_one_caps_nobody() -> None:
