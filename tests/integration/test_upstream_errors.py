@@ -11,11 +11,14 @@ import grpc
 import pytest
 
 from rerank_service.config.secret import Secret
+from rerank_service.core.domain import DeploymentState
+from rerank_service.routing import Router
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY, ServerFactory
 from tests.support.logs import LogCapture
 from tests.support.rpc import code_of, details_of, error_info, expect_error, request, retry_delay, trailing
 from tests.support.server import ServerThread
+from tests.support.waiting import wait_until
 
 Code = grpc.StatusCode
 
@@ -316,6 +319,44 @@ def test_an_unreachable_upstream_is_refused_at_once_then_probed_back(
     assert refused_in < 0.5  # at once, without reaching the upstream
     assert [r.index for r in response.output.results] == [0, 1]
     assert len(upstream.requests) == 1  # only the probe reached it
+
+
+def test_a_probe_answered_with_a_body_it_cannot_use_ends_the_down_state(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    with serve(upstream_breaker_cooldown=1.0, upstream_retry_backoff=0.01) as server:
+        assert server.server is not None
+        router = server.server.backend
+        assert isinstance(router, Router)
+        health = router.deployments[0].health
+        assert health is not None
+        upstream.go_down()
+        for _ in range(2):  # the fifth refused connection makes it down
+            expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+        assert health.state is DeploymentState.DOWN
+        upstream.come_back()
+        upstream.always(Fault(body=b"<html>maintenance</html>", content_type="text/html"))
+        wait_until(lambda: health.probe_due, what="the cool-down's end")
+
+        probed = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+        # An answer, however unusable, proves the deployment reachable.
+        assert error_info(probed).reason == "UPSTREAM_BAD_RESPONSE"  # type: ignore[union-attr]
+        assert health.state is not DeploymentState.DOWN
+
+
+def test_an_upstream_redirect_is_not_followed_but_an_unexpected_status(
+    server: ServerThread, upstream: FakeUpstream
+) -> None:
+    with FakeUpstream() as elsewhere:
+        upstream.always(Fault(status=307, body=b"", headers={"location": elsewhere.url + "/v1/rerank"}))
+
+        error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+
+        assert code_of(error) == Code.INTERNAL
+        assert error_info(error).reason == "UPSTREAM_UNEXPECTED_STATUS"  # type: ignore[union-attr]
+        assert elsewhere.requests == []  # the query and documents stayed where they were sent
+        assert len(upstream.requests) == 1
 
 
 def test_a_failure_that_makes_the_upstream_down_is_not_retried_into_a_refusal(

@@ -9,7 +9,7 @@ import aiohttp
 from yarl import URL
 
 from rerank_service.backends.upstream.client.body import ResponseTooLarge, content_coding, read_body
-from rerank_service.backends.upstream.client.connections import REUSED, Route
+from rerank_service.backends.upstream.client.connections import PHASE, REUSED, Phase, Route
 from rerank_service.config.secret import Secret
 
 
@@ -79,16 +79,31 @@ async def _send(
     just as it was taken (its close still on the way: keep-alive timeouts cross like this)
     fails at once without an answer: then the request is sent once more (the pool has
     dropped that connection). A fresh connection that fails so is the upstream's failure,
-    not retried, and neither is a second failure."""
+    not retried, and neither is a second failure.
+
+    A redirect is never followed: that would send the caller's query and documents
+    wherever its Location says (another host, plain http), or turn the POST into a GET.
+    The 3xx comes back as it is, an unexpected status (errors.py)."""
     REUSED.set(False)
+    PHASE.set(Phase.EXCHANGE)
     try:
         return await session.post(
-            url, data=content, headers=headers, proxy=route.proxy, proxy_headers=route.proxy_headers
+            url,
+            data=content,
+            headers=headers,
+            proxy=route.proxy,
+            proxy_headers=route.proxy_headers,
+            allow_redirects=False,
         )
     except aiohttp.ServerDisconnectedError:
         if not REUSED.get():
             raise
     REUSED.set(False)
     return await session.post(
-        url, data=content, headers=headers, proxy=route.proxy, proxy_headers=route.proxy_headers
+        url,
+        data=content,
+        headers=headers,
+        proxy=route.proxy,
+        proxy_headers=route.proxy_headers,
+        allow_redirects=False,
     )
