@@ -12,6 +12,8 @@ from contextlib import asynccontextmanager
 import grpc
 import pytest
 
+from rerank_service.backends.upstream import UpstreamBackend
+from rerank_service.config.upstream import UpstreamDeploymentConfig
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import (
     BackendRequest,
@@ -32,6 +34,8 @@ from rerank_service.observability.metrics import Metrics
 from rerank_service.routing.deployment import Deployment
 from rerank_service.routing.route import Member, Route
 from rerank_service.routing.router import Router
+from rerank_service.testing.fake_upstream import NEVER, FakeUpstream, Fault
+from tests.conftest import upstream_settings
 
 ROUTE = "qwen3-rerank"
 FAILURES = 3
@@ -643,6 +647,30 @@ async def test_replace_closes_a_dropped_deployment_after_the_grace_even_with_a_c
         assert other.started == 1
         stuck.gate.set()
         await in_flight
+
+
+async def test_a_call_retrying_on_an_upstream_deployment_the_grace_closed_falls_back_as_not_ready(
+    upstream: FakeUpstream,
+) -> None:
+    metrics = Metrics()
+    settings = upstream_settings(upstream, upstream_retry_backoff=0.01)
+    remote = UpstreamBackend.from_config(UpstreamDeploymentConfig.from_settings(settings), metrics)
+    closed, kept = Deployment("remote", remote, remote.health), deployment(FakeBackend("kept"))
+    before = route_of(Member(closed, ROUTE), Member(kept, ROUTE, priority=1))
+    upstream.always(Fault(delay=NEVER))  # the attempt is on the wire when the grace runs out
+
+    async with running(Router([before])) as router:
+        in_flight = asyncio.create_task(router.rerank(request(), CallContext()))
+        await eventually(lambda: len(upstream.requests) == 1)
+        await asyncio.wait_for(router.replace([route_of(Member(kept, ROUTE))], grace=0.01), 2.0)
+
+        # Its connection closed under it, the attempt is retried on the deployment that
+        # is closed now: refused as not ready, which falls back.
+        answered = await asyncio.wait_for(in_flight, 10.0)
+
+    assert answered.deployment == "kept"
+    assert metrics.registry.get_sample_value("rerank_upstream_retries_total", {"reason": "unreachable"}) == 1
+    assert len(upstream.requests) == 1
 
 
 async def test_replace_can_drop_a_route_and_add_another() -> None:

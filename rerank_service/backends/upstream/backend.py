@@ -253,7 +253,7 @@ class UpstreamBackend:
             except ServiceError as error:
                 verdict = judge(error, context.deadline is not None and time.monotonic() >= context.deadline)
                 outcome, unreachable = verdict.outcome, error.unreachable
-                answered = "upstream_status" in error.metadata
+                answered = _answered(error)
                 self._health.record(outcome, probe, unreachable, answered)
                 recorded = True
                 wait = self._wait_before_retry(error, verdict, attempt, give_up_at, context)
@@ -300,7 +300,11 @@ class UpstreamBackend:
     ) -> UpstreamAnswer:
         """One HTTP exchange and its answer read; its time on the wire goes into `spans`.
         With tracing on it is a client span, whose context the upstream is sent."""
-        assert self._transport is not None
+        transport = self._transport
+        if transport is None:
+            # Closed while this call waited to retry (a reload's grace ran out): the call
+            # falls back, as one refused by a backend not started.
+            raise not_ready("the upstream backend was closed while the call waited to retry")
         span = tracing.child("POST", self._span_attributes, client=True)
         traceparent = context.traceparent
         if span is not None:
@@ -310,7 +314,7 @@ class UpstreamBackend:
         started = time.perf_counter()
         try:
             try:
-                reply = await self._transport.post_json(
+                reply = await transport.post_json(
                     self._path, body, token, deadline, traceparent=traceparent, tracestate=context.tracestate
                 )
             finally:
@@ -363,6 +367,12 @@ class UpstreamBackend:
                 reason="MISSING_CREDENTIALS",
             )
         return context.bearer_token
+
+
+def _answered(error: ServiceError) -> bool:
+    """An answer came back (a status, or a body it could not use): the deployment is
+    reachable, whatever it said. A timeout or a reset is no answer."""
+    return "upstream_status" in error.metadata or error.reason == errors.BAD_RESPONSE
 
 
 def _span_attributes(format_name: str, url: str | None, path: str) -> dict[str, str | int]:
