@@ -110,7 +110,7 @@ class DeploymentHealth:
         self, outcome: Outcome, probe: bool = False, unreachable: bool = False, answered: bool = False
     ) -> None:
         """What one attempt showed; `unreachable`: it never got a connection; `answered`: an
-        HTTP answer came back (a neutral 429 too: reachable, so no longer down)."""
+        HTTP answer came back (a 500 or a neutral 429 too: reachable, so no longer down)."""
         if outcome is Outcome.NEUTRAL:
             if answered and self._down_until is not None:
                 before = self.state, self.refusing
@@ -130,9 +130,11 @@ class DeploymentHealth:
             self._attempts.add(_FAILURES)
             self._failures_in_a_row += 1
             self._unreachable_in_a_row = self._unreachable_in_a_row + 1 if unreachable else 0
-            if not unreachable:
+            # Neither answered nor unreachable (a probe that hung, or was cut off) changes
+            # nothing: still down, probed again after the probe interval.
+            if answered:
                 self._down_until = None  # it answered: reachable, whatever it said
-            elif self._goes_down(probe):
+            elif unreachable and self._goes_down(probe):
                 self._down_until = self._next_probe_at = now + self._cooldown
                 self._notify_at(self._down_until)
             if self._min_failures and now >= self._ejected_until and self._failing():

@@ -13,7 +13,9 @@ import grpc
 import pytest
 
 from rerank_service.backends.upstream.client.transport import MAX_RESPONSE_BYTES, UpstreamTransport
+from rerank_service.backends.upstream.retry import judge
 from rerank_service.core.domain import ServiceError
+from rerank_service.core.health import Outcome
 from rerank_service.testing.fake_upstream import NATIVE_PATH, NEVER, FakeUpstream, Fault
 from tests.support.certs import CertificateAuthority
 from tests.support.waiting import wait_until_async
@@ -71,7 +73,7 @@ async def test_a_flood_of_calls_never_opens_more_connections_than_allowed(
     assert upstream.connections_accepted - before == 3
 
 
-async def test_a_call_waiting_for_a_connection_past_its_deadline_times_out(
+async def test_a_call_waiting_for_a_connection_past_its_deadline_is_pool_exhausted_not_a_timeout(
     transports: Transports, upstream: FakeUpstream
 ) -> None:
     upstream.inject(Fault(delay=NEVER))
@@ -82,7 +84,11 @@ async def test_a_call_waiting_for_a_connection_past_its_deadline_times_out(
     with pytest.raises(ServiceError) as caught:
         await post(transport, deadline=time.monotonic() + 0.1)
 
-    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Our own pool was full: not the upstream's slowness, and no mark against its health.
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.reason == "UPSTREAM_POOL_EXHAUSTED"
+    assert not caught.value.unreachable
+    assert judge(caught.value, caller_deadline_passed=False).outcome is Outcome.NEUTRAL
     assert len(upstream.requests) == 1  # the waiting call never reached the upstream
     busy.cancel()
     with pytest.raises(asyncio.CancelledError):

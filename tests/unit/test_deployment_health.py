@@ -45,9 +45,16 @@ def probe_due_of(health: DeploymentHealth) -> bool:
     return health.probe_due
 
 
-def fail(health: DeploymentHealth, times: int = 1, unreachable: bool = False, probe: bool = False) -> None:
+def fail(
+    health: DeploymentHealth,
+    times: int = 1,
+    unreachable: bool = False,
+    probe: bool = False,
+    answered: bool = False,
+) -> None:
+    """`answered`: a 500, a body it could not use; else a timeout, a reset (or `unreachable`)."""
     for _ in range(times):
-        health.record(Outcome.FAILURE, probe=probe, unreachable=unreachable)
+        health.record(Outcome.FAILURE, probe=probe, unreachable=unreachable, answered=answered)
 
 
 def succeed(health: DeploymentHealth, times: int = 1) -> None:
@@ -211,7 +218,7 @@ def test_an_answered_failure_between_unreachable_ones_restarts_the_count() -> No
     health = health_on(Clock())
 
     fail(health, FAILURES - 1, unreachable=True)
-    fail(health)  # a 500: it was reached
+    fail(health, answered=True)  # a 500: it was reached
     fail(health, FAILURES - 1, unreachable=True)
 
     assert state_of(health) is not DeploymentState.DOWN
@@ -285,7 +292,7 @@ def test_an_answered_failure_ends_down_because_it_proves_the_deployment_reachabl
     clock.now += COOLDOWN
     assert health.admit() is True
 
-    fail(health, probe=True)  # a 500: an answer, whatever it says
+    fail(health, probe=True, answered=True)  # a 500: an answer, whatever it says
 
     assert state_of(health) is not DeploymentState.DOWN
     assert not refusing_of(health)
@@ -297,10 +304,35 @@ def test_an_answer_from_a_call_in_flight_ends_down_even_within_the_cooldown() ->
     health = down(clock)
     clock.now += 1.0
 
-    fail(health)  # a straggler started before it went down, answered 500
+    fail(health, answered=True)  # a straggler started before it went down, answered 500
 
     assert state_of(health) is not DeploymentState.DOWN
     assert health.admit() is False
+
+
+def test_a_probe_that_connects_but_times_out_without_an_answer_leaves_it_down() -> None:
+    clock = Clock()
+    health = down(clock)
+    clock.now += COOLDOWN
+    assert health.admit() is True
+
+    fail(health, probe=True)  # connected, then no answer in time: nothing proves it back
+
+    assert state_of(health) is DeploymentState.DOWN
+    assert refusal(health).reason == "UPSTREAM_CIRCUIT_OPEN"  # until the next probe is due
+    clock.now += PROBE_INTERVAL
+    assert health.admit() is True  # the next probe
+
+
+def test_a_reset_or_timeout_from_a_call_in_flight_does_not_end_down() -> None:
+    clock = Clock()
+    health = down(clock)
+    clock.now += 1.0
+
+    fail(health)  # a straggler that connected before it went down, then got no answer
+
+    assert state_of(health) is DeploymentState.DOWN
+    assert refusing_of(health)
 
 
 def test_a_straggling_unreachable_failure_does_not_extend_the_cooldown() -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
@@ -77,6 +78,7 @@ async def test_a_call_is_cut_to_the_time_the_caller_has_left(
     assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert error.reason == "UPSTREAM_TIMEOUT"
     assert "the call's deadline" in error.message
+    assert not error.unreachable  # it connected: reachable, only slow to answer
 
 
 @pytest.mark.parametrize("deadline_in", [None, 60.0], ids=["no deadline", "a later deadline"])
@@ -159,6 +161,21 @@ async def test_the_body_goes_as_json_and_any_status_comes_back_as_a_reply(
     assert upstream.requests[0].headers["content-type"] == "application/json"
 
 
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_is_never_followed_and_comes_back_as_it_is(
+    transports: Transports, upstream: FakeUpstream, status: int
+) -> None:
+    with FakeUpstream() as elsewhere:
+        upstream.always(Fault(status=status, body=b"", headers={"location": elsewhere.url + NATIVE_PATH}))
+
+        reply = await transports().post_json(NATIVE_PATH, BODY, KEY, None)
+
+        # Followed, the caller's query and documents would go wherever Location says.
+        assert reply.status == status  # errors.py: an unexpected status
+        assert elsewhere.requests == []
+        assert len(upstream.requests) == 1
+
+
 async def test_the_bearer_key_is_sent_only_when_a_token_is_given(
     transports: Transports, upstream: FakeUpstream
 ) -> None:
@@ -212,6 +229,33 @@ async def test_an_upstream_that_refuses_connections_is_unavailable(transports: T
 
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert error.reason == "UPSTREAM_UNAVAILABLE"
+
+
+@contextlib.contextmanager
+def dropping_connections() -> Iterator[str]:
+    """The URL of a host that drops every new connection (as a firewall's DROP does, or a
+    host gone from the network): a listener whose one-place accept queue is full."""
+    with socket.socket() as listener, socket.socket() as waiting:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # room for one connection waiting to be accepted; none ever is
+        waiting.connect(listener.getsockname())
+        # Readable once that connection waits in the queue: from now on the kernel drops
+        # every connection request that comes, unanswered.
+        readable, _, _ = select.select([listener], [], [], 10.0)
+        assert readable, "the accept queue never filled"
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+async def test_a_connection_that_never_opens_is_a_timeout_of_an_unreachable_upstream(
+    transports: Transports,
+) -> None:
+    with dropping_connections() as url:
+        error = await failure_of(transports(timeout=0.3, url=url))
+
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert error.reason == "UPSTREAM_TIMEOUT"
+    # Unreachable, as a refused connection is: it counts toward the deployment being down.
+    assert error.unreachable
 
 
 @pytest.mark.parametrize(

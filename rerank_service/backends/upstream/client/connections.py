@@ -8,6 +8,13 @@ saw the end of stream) before it would carry a request; one whose close was stil
 way is retried once (exchange.py), for which the connector says whether the connection
 it handed out was reused. Only HTTP/1.1 is spoken.
 
+One time budget bounds each attempt (transport.py), so a timeout alone does not say what
+ran out: the connector marks, in the calling task (PHASE), while it waits for a pooled
+connection to come free and while it opens a new one. Our own full pool is not the
+upstream's fault; a connection that never opens is an unreachable upstream; only the
+rest is an upstream slow to answer. (aiohttp's trace signals would say the same, for
+several microseconds of every call.)
+
 Whether calls go straight to the upstream or through a proxy (proxies.py), and which
 certificates are trusted (tls.py), is settled here once, never per call.
 """
@@ -15,6 +22,7 @@ certificates are trusted (tls.py), is settled here once, never per call.
 from __future__ import annotations
 
 import base64
+import enum
 import ssl
 import weakref
 from contextvars import ContextVar
@@ -24,6 +32,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 from yarl import URL
@@ -38,9 +47,22 @@ KEEPALIVE_EXPIRY = 30.0
 REUSED: ContextVar[bool] = ContextVar("upstream_connection_reused", default=False)
 
 
+class Phase(enum.Enum):
+    """Where an attempt is: what a timeout cut short."""
+
+    POOL = "waiting for a free connection of the pool"
+    CONNECT = "opening a connection"  # TCP, TLS, a proxy's tunnel
+    EXCHANGE = "sending the request and reading the answer"
+
+
+# Set by the connector in the calling task: where the attempt is (what a timeout cut short).
+PHASE: ContextVar[Phase] = ContextVar("upstream_connection_phase", default=Phase.EXCHANGE)
+
+
 class _Connector(aiohttp.TCPConnector):
-    """aiohttp's pool, telling the calling task (REUSED) whether its connection was reused,
-    and never handing out an idle connection that has unread bytes waiting."""
+    """aiohttp's pool, telling the calling task (REUSED) whether its connection was reused
+    and (PHASE) whether it is waiting for one or opening one, and never handing out an
+    idle connection that has unread bytes waiting."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -52,7 +74,11 @@ class _Connector(aiohttp.TCPConnector):
         traces: list[Trace],
         timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
     ) -> Connection:
+        # An idle connection comes at once; else this is a wait for a free one, unless
+        # there is room to open one (_create_connection).
+        PHASE.set(Phase.POOL)
         connection = await super().connect(req, traces, timeout)
+        PHASE.set(Phase.EXCHANGE)
         protocol = connection.protocol
         if protocol is not None:
             if protocol in self._seen:
@@ -65,6 +91,17 @@ class _Connector(aiohttp.TCPConnector):
             else:
                 self._seen.add(protocol)
         return connection
+
+    async def _create_connection(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
+    ) -> ResponseHandler:
+        # aiohttp's own (private) step that opens a new connection: the socket, TLS, a
+        # proxy's tunnel. tests/unit/test_transport.py's connect timeout fails if it moves.
+        PHASE.set(Phase.CONNECT)
+        return await super()._create_connection(req, traces, timeout)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import httpx
 
 from rerank_service.backends.upstream import errors
 from rerank_service.backends.upstream.client.body import ResponseTooLarge, UndecodableBody
+from rerank_service.backends.upstream.client.connections import Phase
 from rerank_service.core.domain import ServiceError
 
 
@@ -24,10 +25,11 @@ class Failure(NamedTuple):
     error: ServiceError | None  # None: not an upstream failure (a bug): let it propagate as it is
 
 
-def classify(exc: Exception, by_caller_deadline: bool) -> Failure:
-    """`exc` ended an attempt; `by_caller_deadline`: the caller's deadline set its time budget."""
-    if isinstance(exc, TimeoutError):  # the whole exchange ran past its budget (asyncio.timeout)
-        return Failure("timeout", errors.timed_out(by_caller_deadline))
+def classify(exc: Exception, by_caller_deadline: bool, phase: Phase) -> Failure:
+    """`exc` ended an attempt; `by_caller_deadline`: the caller's deadline set its time budget;
+    `phase`: where the attempt was when it ended (connections.PHASE)."""
+    if isinstance(exc, TimeoutError):  # the attempt ran past its budget (asyncio.timeout)
+        exc = _timeout_in(phase)
     if isinstance(exc, aiohttp.ClientError | asyncio.IncompleteReadError | OSError):
         exc = transport_error(exc)
     if isinstance(exc, httpx.HTTPError):
@@ -38,6 +40,15 @@ def classify(exc: Exception, by_caller_deadline: bool) -> Failure:
         # A body that is not what its headers say: a protocol failure of the upstream.
         return Failure("protocol_error", errors.undecodable(str(exc)))
     return Failure("error", None)
+
+
+def _timeout_in(phase: Phase) -> httpx.TimeoutException:
+    """The attempt's time ran out in `phase`: what that says, in httpx's timeouts."""
+    if phase is Phase.POOL:  # every connection of our own pool stayed busy: the upstream never saw it
+        return httpx.PoolTimeout("no connection of the pool came free in time")
+    if phase is Phase.CONNECT:  # no connection in time (a host that drops what is sent to it)
+        return httpx.ConnectTimeout("no connection to the upstream in time")
+    return httpx.ReadTimeout("no whole answer in time")
 
 
 def transport_failure(exc: httpx.HTTPError) -> str:

@@ -24,6 +24,7 @@ from rerank_service.backends.upstream.client.body import MAX_RESPONSE_BYTES
 from rerank_service.backends.upstream.client.budget import attempt_budget
 from rerank_service.backends.upstream.client.connections import (
     KEEPALIVE_EXPIRY,
+    PHASE,
     open_session,
     route_to,
 )
@@ -110,7 +111,8 @@ class UpstreamTransport:
                         session, self._route, self._url(path), content, headers, MAX_RESPONSE_BYTES
                     )
             except Exception as exc:
-                failure = classify(exc, by_caller)
+                # Where it was (the pool's wait, connecting, the exchange) says what a timeout means.
+                failure = classify(exc, by_caller, PHASE.get())
                 attempt.outcome = failure.label
                 if failure.error is None:
                     raise
