@@ -239,7 +239,6 @@ def test_a_deployment_that_goes_down_loses_its_calls_to_the_other_then_gets_them
     ("status", "expected", "reason"),
     [
         (400, Code.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST"),
-        (401, Code.INTERNAL, "UPSTREAM_AUTH_FAILED"),
         (404, Code.NOT_FOUND, "UPSTREAM_NOT_FOUND"),
         (422, Code.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST"),
     ],
@@ -270,6 +269,36 @@ def test_a_4xx_is_returned_at_once_and_the_other_deployment_never_sees_the_reque
     assert len(east.requests) == 1  # not retried either
     assert west.requests == []
     assert [event for event in events if event.get("event") == "fallback"] == []
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_deployment_whose_own_key_is_refused_falls_back_to_one_with_a_key_of_its_own(
+    tmp_path: Path, east: FakeUpstream, west: FakeUpstream, status: int
+) -> None:
+    """The service's own key for east was revoked: west, with a key of its own, answers
+    (east's refusal counts against its health: tests/unit/test_retry.py)."""
+    config = write_config(
+        tmp_path / "routes.yaml",
+        {"search": [deployment(east, "east", priority=0), deployment(west, "west", priority=1)]},
+    )
+    east.always(
+        Fault(status=status, body={"code": "InvalidApiKey", "message": "revoked", "request_id": "r-k"})
+    )
+    with service(config, "--metrics-port", "0") as process, grpc.insecure_channel(process.target) as channel:
+        port = metrics_port(process)
+        named = call(stub_of(channel), "search")[1]
+        samples = scrape(port)
+        events = process.events()
+
+    assert named == "west"
+    assert len(east.requests) == 1  # not retried: the key would be refused again
+    assert len(west.requests) == 1
+    fallbacks = [event for event in events if event.get("event") == "fallback"]
+    assert [(event["failed"], event["reason"]) for event in fallbacks] == [("east", "UPSTREAM_AUTH_FAILED")]
+    assert (
+        value(samples, "rerank_deployment_calls_total", route="search", deployment="east", code="INTERNAL")
+        == 1
+    )
 
 
 # --- 4. priorities: the fallback tier serves when the first fails ------------------------------

@@ -8,12 +8,22 @@ import grpc
 import pytest
 
 from rerank_service.backends.upstream.retry import RetryPolicy, judge
-from rerank_service.core.domain import ServiceError
+from rerank_service.core.domain import FailureKind, ServiceError
 from rerank_service.core.health import Outcome
 
 
 def upstream_status(status: int) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, "x", metadata={"upstream_status": str(status)})
+
+
+def own_key_refused(status: int) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.INTERNAL,
+        "x",
+        reason="UPSTREAM_AUTH_FAILED",
+        metadata={"upstream_status": str(status)},
+        kind=FailureKind.DEPLOYMENT,
+    )
 
 
 def reason(name: str) -> ServiceError:
@@ -29,8 +39,10 @@ def reason(name: str) -> ServiceError:
         (upstream_status(504), True, Outcome.FAILURE),
         (upstream_status(500), False, Outcome.FAILURE),
         (upstream_status(400), False, Outcome.SUCCESS),
-        (upstream_status(401), False, Outcome.SUCCESS),
+        (upstream_status(401), False, Outcome.SUCCESS),  # the caller's own token (pass-through)
         (upstream_status(403), False, Outcome.SUCCESS),
+        (own_key_refused(401), False, Outcome.FAILURE),  # the deployment's key: it answers nobody
+        (own_key_refused(403), False, Outcome.FAILURE),
         (upstream_status(404), False, Outcome.SUCCESS),
         (upstream_status(408), False, Outcome.SUCCESS),
         (upstream_status(422), False, Outcome.SUCCESS),

@@ -390,10 +390,18 @@ def _every_failure() -> list[ServiceError]:
     return [*statuses, *transport, *helpers, _refused_by_a_down_deployment(), not_ready("loading")]
 
 
+def _deployments_fault(error: ServiceError) -> bool:
+    if error.reason == "UPSTREAM_AUTH_FAILED":
+        # The deployment's own key refused (INTERNAL: no caller can fix it); in pass-through
+        # mode the caller's token was, which every deployment would refuse.
+        return error.code == grpc.StatusCode.INTERNAL
+    return error.reason in _DEPLOYMENT_REASONS
+
+
 def test_a_failure_is_the_deployments_exactly_when_its_reason_says_it_cannot_answer_now() -> None:
     failures = _every_failure()
     for error in failures:
-        expected = FailureKind.DEPLOYMENT if error.reason in _DEPLOYMENT_REASONS else FailureKind.REQUEST
+        expected = FailureKind.DEPLOYMENT if _deployments_fault(error) else FailureKind.REQUEST
         assert error.kind is expected, (error.reason, error.metadata)
     assert {error.reason for error in failures} >= _DEPLOYMENT_REASONS - {"MODEL_FAILED"}
 

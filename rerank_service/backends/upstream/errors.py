@@ -66,8 +66,9 @@ def from_http_status(
         return error(grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST")
     if status in (401, 403):
         if not pass_through:
-            # The service's own key failed: the caller can do nothing about it.
-            return error(grpc.StatusCode.INTERNAL, "UPSTREAM_AUTH_FAILED")
+            # The deployment's own key failed: the caller can do nothing about it, and another
+            # deployment (its own key, maybe another provider) may answer.
+            return error(grpc.StatusCode.INTERNAL, "UPSTREAM_AUTH_FAILED", FailureKind.DEPLOYMENT)
         code = grpc.StatusCode.UNAUTHENTICATED if status == 401 else grpc.StatusCode.PERMISSION_DENIED
         return error(code, "UPSTREAM_AUTH_FAILED")
     if status == 404:

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 
 from rerank_service.backends.upstream import errors
-from rerank_service.core.domain import ServiceError
+from rerank_service.core.domain import FailureKind, ServiceError
 from rerank_service.core.health import Outcome
 
 RETRYABLE_HTTP_STATUSES = frozenset({429, 502, 503, 504})
@@ -35,6 +35,9 @@ def judge(error: ServiceError, caller_deadline_passed: bool) -> Verdict:
             return Verdict(code in RETRYABLE_HTTP_STATUSES, Outcome.FAILURE, status)
         if code == 429:
             return Verdict(True, Outcome.NEUTRAL, status)
+        if error.kind is FailureKind.DEPLOYMENT and code in (401, 403):
+            # Its own key refused: it can answer nobody until an operator fixes the key.
+            return Verdict(False, Outcome.FAILURE, status)
         # Any other answer proves the upstream is up and talking.
         return Verdict(False, Outcome.SUCCESS, status)
     reason = error.reason or "unknown"
