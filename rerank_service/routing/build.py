@@ -15,6 +15,7 @@ from rerank_service.config.deployments import (
     serving_too,
 )
 from rerank_service.config.local import LocalDeploymentConfig
+from rerank_service.config.upstream import UpstreamDeploymentConfig
 from rerank_service.core.backend import Backend
 from rerank_service.core.domain import LongDocuments
 from rerank_service.core.retry_budget import RetryBudget
@@ -55,7 +56,7 @@ def build_routes(
                 raise ConfigError(f"{_placed(exc, place)}{origin_of(settings)}") from None
             scores = (
                 None
-                if cache is None
+                if cache is None or _passes_tokens_through(config)
                 else CachedScores(cache, score_identity(config, _revision), recorded.cache)
             )
             found = existing[key] = Deployment(
@@ -97,6 +98,13 @@ def build_routes(
         )
         route.members.append(member)
     return list(routes.values())
+
+
+def _passes_tokens_through(config: DeploymentConfig) -> bool:
+    """Whether the deployment sends each caller's own token upstream (no key of its own).
+    Its scores are never cached: only the upstream can tell a good token from a bad one, so
+    a cached answer would reach a caller with no token, or a revoked one."""
+    return isinstance(config, UpstreamDeploymentConfig) and config.pass_through
 
 
 def check_local_sources(settings: Settings) -> None:

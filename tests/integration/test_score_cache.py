@@ -21,8 +21,9 @@ from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY, ServerFactory, upstream_settings
 from tests.support.process import ServiceProcess
 from tests.support.redis_server import RedisServer
-from tests.support.rpc import expect_error, request
+from tests.support.rpc import code_of, expect_error, request
 from tests.support.server import ServerThread
+from tests.support.tenants import bearer
 from tests.support.tiny_models import build_tiny_cross_encoder
 from tests.support.waiting import wait_until
 
@@ -153,6 +154,24 @@ def test_a_split_call_that_failed_caches_the_chunks_that_succeeded(
     # The first chunk's scores were kept; the rest go upstream now.
     assert sent_upstream(upstream) == [DOCUMENTS[2:4], DOCUMENTS[4:6]]
     assert meta["x-cache"] == "partial"
+
+
+def test_a_deployment_that_passes_callers_tokens_through_is_never_cached(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    """Only the upstream can tell a good token from a bad one: a cached answer would reach a
+    caller with no token, or a wrong one."""
+    with serve(upstream_api_key=None, **CACHE_ON) as server:
+        _, first = call(server.stub, metadata=bearer(UPSTREAM_KEY))
+        no_token = expect_error(lambda: call(server.stub))
+        wrong_token = expect_error(lambda: call(server.stub, metadata=bearer("not-the-key")))
+        _, again = call(server.stub, metadata=bearer(UPSTREAM_KEY))
+
+    assert code_of(no_token) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(wrong_token) == grpc.StatusCode.UNAUTHENTICATED
+    assert len(upstream.requests) == 3  # the first, the wrong token's, the repeat: none from a cache
+    assert "x-cache" not in first
+    assert "x-cache" not in again
 
 
 def test_cache_control_is_honoured_over_grpc(serve: ServerFactory, upstream: FakeUpstream) -> None:
