@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from random import Random
+from typing import cast
 
 import pytest
 from hypothesis import given
@@ -14,6 +15,7 @@ from rerank_service.cache import MemoryTier, ScoreCache
 from rerank_service.config import Settings
 from rerank_service.config.deployments import deployment_config
 from rerank_service.config.local import LocalDeploymentConfig
+from rerank_service.config.settings import Device, Dtype
 from rerank_service.core.domain import (
     BackendRequest,
     BackendResult,
@@ -80,6 +82,19 @@ def test_a_local_models_key_holds_its_files_revision_and_how_it_runs() -> None:
     assert first["source"] == "/models/m"
     assert dict(identity("m")) != first
     assert dict(score_identity(half, revisions.__getitem__)("m")) != dict(identity("m"))
+
+
+def test_a_local_models_key_holds_the_device_and_dtype_it_runs_in_not_auto() -> None:
+    """Replicas on a CPU and on a GPU machine never share scores of different precisions."""
+    auto = LocalDeploymentConfig.from_settings(Settings(backend="local", local_models=(("m", "/models/m"),)))
+    assert (auto.engine.device, auto.engine.dtype) == ("auto", "auto")
+    resolved = dict(score_identity(auto, lambda source: "r1")("m"))
+    device, dtype = cast(Device, resolved["device"]), cast(Dtype, resolved["dtype"])
+    explicit = dataclasses.replace(auto, engine=dataclasses.replace(auto.engine, device=device, dtype=dtype))
+
+    assert resolved["device"] in ("cpu", "cuda")
+    assert resolved["dtype"] in ("float32", "float16", "bfloat16")
+    assert dict(score_identity(explicit, lambda source: "r1")("m")) == resolved
 
 
 @pytest.mark.parametrize(
