@@ -91,8 +91,9 @@ class ScoreCache:
     ) -> CacheLookup:
         """What the cache knows of the pairs `keys` (one per document, in order), by index.
 
-        READ_WRITE reads memory, then Redis, then waits (at most `wait` seconds, default the
-        cache's `flight_wait`) for pairs another call is computing, but only when nothing
+        READ_WRITE reads memory, then Redis, then waits (at most `wait` seconds, the call's
+        time left, and never past the cache's `flight_wait`) for pairs another call is
+        computing, but only when nothing
         else is missing: a call that must compute anyway computes those too rather than
         wait. NO_READ reads nothing; OFF neither reads nor stores.
         """
@@ -139,7 +140,8 @@ class ScoreCache:
             coalesced = 0
             # A call that computes some pairs anyway computes the others' too, rather than wait.
             if others and not (flight is not None and flight.pending):
-                coalesced = await self._wait_for(others, hits, self.flight_wait if wait is None else wait)
+                bound = self.flight_wait if wait is None else min(wait, self.flight_wait)
+                coalesced = await self._wait_for(others, hits, bound)
         except BaseException:
             if flight is not None:
                 flights.finish(flight)

@@ -192,6 +192,22 @@ async def test_a_waiter_waits_no_longer_than_its_bound() -> None:
         await first
 
 
+async def test_a_waiter_with_a_long_deadline_still_waits_no_longer_than_the_flight_wait() -> None:
+    """A call with a minute left waits for another call's pairs at most `flight_wait`, then
+    computes them itself, with the rest of its time."""
+    cache, backend = memory_cache(flight_wait=0.01), Backend()
+    backend.gate.clear()
+    first = asyncio.create_task(rerank(cache, backend, DOCUMENTS))
+    await wait_until_async(lambda: len(backend.calls) == 1, what="the first call computing")
+    async with asyncio.timeout(10):  # guards against a hang only: the bound is 0.01 s, not 60
+        lookup = await cache.lookup(keys_of(DOCUMENTS), wait=60.0)
+    assert lookup.missing == [0, 1, 2, 3]
+    lookup.release()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
 async def test_a_cancelled_first_call_frees_its_pairs() -> None:
     cache, backend = memory_cache(), Backend()
     backend.gate.clear()
