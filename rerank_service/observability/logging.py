@@ -11,6 +11,7 @@ so a call that logs nothing pays nothing for it.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 import traceback
@@ -163,11 +164,18 @@ class _IntoStructlog(logging.Handler):
             self.handleError(record)
 
 
+# A bytes literal in an exception's message: aiohttp's HTTP parser quotes the line it could
+# not parse as it came, and a header line may hold a caller's token that no configured key
+# would mask (a key pasted with a stray CR or control byte).
+_QUOTED_BYTES = re.compile(r"""(?<!\w)b(['"])(?:\\.|(?!\1).)*\1""")
+
+
 def _exception_fields(exc_info: Any) -> dict[str, Any]:
     if not exc_info or exc_info[1] is None:
         return {}
     _, error, trace = exc_info
-    fields: dict[str, Any] = {"error": f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"}
+    text = _QUOTED_BYTES.sub("b'…'", " ".join(str(error).split()))
+    fields: dict[str, Any] = {"error": f"{type(error).__name__}: {text[:300]}"}
     frames = traceback.extract_tb(trace) if trace is not None else []
     if frames:
         fields["at"] = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}"

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TextIO, cast
+from unittest.mock import Mock
+
+from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.http_parser import HttpRequestParser
 
 from rerank_service.observability.logging import RateLimit, configure_logging
 from tests.support.logs import LogCapture
@@ -45,6 +50,25 @@ def test_a_library_traceback_becomes_one_json_line_and_repeats_are_left_out() ->
     (event,) = events
     assert event["logger_name"] == "aiohttp.server"
     assert event["event"] == "Error handling request from 127.0.0.9"
-    assert event["error"] == "ValueError: 400, message: Invalid header token: b'Bad Header'"
+    assert event["error"] == "ValueError: 400, message: Invalid header token: b'…'"
     assert event["at"].startswith("test_library_logs.py:")
     assert "Traceback" not in capture.text
+
+
+def test_a_header_line_aiohttp_could_not_parse_never_reaches_the_log() -> None:
+    """A caller's token with a stray byte after it (a key read from a CRLF file): aiohttp's
+    parser quotes the whole header line in its error, and no configured key masks it."""
+    capture = LogCapture()
+    configure_logging("json", "info", stream=cast(TextIO, capture))
+    raw = b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-CALLERSECRET123\x01\r\n\r\n"
+    loop = asyncio.new_event_loop()
+    try:
+        HttpRequestParser(Mock(), loop, 2**16, max_field_size=16384).feed_data(raw)
+    except BadHttpMessage:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s", "127.0.0.9")
+    finally:
+        loop.close()
+
+    (event,) = capture.events()
+    assert event["error"].startswith("BadHttpMessage: 400, message: Invalid header value char: b'…'")
+    assert "CALLERSECRET" not in capture.text
