@@ -3,6 +3,8 @@ W3C trace context passed upstream, and the call's request id on every log line."
 
 from __future__ import annotations
 
+import http.client
+import json
 import socket
 import threading
 import time
@@ -308,6 +310,35 @@ def test_a_valid_traceparent_reaches_the_upstream(server: ServerThread, upstream
     [sent] = upstream.requests
     assert sent.headers["traceparent"] == TRACEPARENT
     assert sent.headers["tracestate"] == "rojo=00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize("parser", ["c", "python"])
+def test_an_http_callers_trace_context_reaches_the_upstream_whatever_its_headers_case(
+    upstream: FakeUpstream, parser: str
+) -> None:
+    """Go's net/http writes `Traceparent`; HTTP header names are case-insensitive. aiohttp's
+    C parser gives that name in lower case, its Python one (no C extensions: PyPy, or
+    AIOHTTP_NO_EXTENSIONS) as it came."""
+    env = {
+        "RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY,
+        **({"AIOHTTP_NO_EXTENSIONS": "1"} if parser == "python" else {}),
+    }
+    args = ["--backend", "upstream", "--upstream-url", upstream.url, "--http-port", "0"]
+    body = json.dumps({"model": "qwen3-rerank", "query": "q", "documents": ["a", "b"]})
+    headers = {"Content-Type": "application/json", "Traceparent": TRACEPARENT, "TraceState": "rojo=1"}
+    with ServiceProcess(args, env=env) as service:
+        serving = next(event for event in service.events() if event.get("event") == "serving")
+        connection = http.client.HTTPConnection("127.0.0.1", serving["http_port"], timeout=10)
+        try:
+            connection.request("POST", "/v1/rerank", body=body, headers=headers)
+            status = connection.getresponse().status
+        finally:
+            connection.close()
+
+    assert status == 200
+    [sent] = upstream.requests
+    assert sent.headers["traceparent"] == TRACEPARENT
+    assert sent.headers["tracestate"] == "rojo=1"
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,7 @@ _CALLER = web.RequestKey("caller", Caller)
 _HELD_BACK = web.RequestKey("held_back", bool)
 # The interim answer that tells an `Expect: 100-continue` client to send its body.
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_TRACE_HEADERS = ("traceparent", "tracestate")
 
 
 class FrontDoor:
@@ -112,7 +113,7 @@ class FrontDoor:
 
         async def handle(http: web.Request) -> web.Response:
             pipeline = self._pipeline
-            trace = trace_context(http.headers.items())
+            trace = trace_context(_trace_headers(http))
             call = pipeline.open(f"HTTP POST {path}", http.remote or "", measured, trace=trace)
             try:
                 response = await answer(http, call)
@@ -371,6 +372,13 @@ async def _json_for_unrouted(
         headers = {"Allow": refused.headers["Allow"]} if "Allow" in refused.headers else None
         body = {"code": dashscope_code(refused.status), "message": message}
         return web.json_response(body, status=refused.status, headers=headers)
+
+
+def _trace_headers(http: web.Request) -> list[tuple[str, str]]:
+    """The W3C trace context headers, named in lower case whatever case the client wrote
+    (Go's net/http sends `Traceparent`), for trace_context."""
+    headers = http.headers
+    return [(name, value) for name in _TRACE_HEADERS for value in headers.getall(name, ())]
 
 
 async def _name_the_server(request: web.Request, response: web.StreamResponse) -> None:
