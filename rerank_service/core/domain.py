@@ -444,10 +444,21 @@ def not_ready(why: str) -> ServiceError:
     )
 
 
+MOST_LISTED = 10  # names a status lists: it travels in trailers, which clients bound (8 KiB)
+
+
+def listed(names: list[str], separator: str = ", ", most: int = MOST_LISTED) -> str:
+    """Names for a status's message or metadata: the first `most`, then how many more."""
+    shown = separator.join(names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
+
+
 def model_not_found(model: str, served: list[str]) -> ServiceError:
+    """NOT_FOUND for a model no route serves, naming the first served ones (ListModels
+    lists them all)."""
     return ServiceError(
         grpc.StatusCode.NOT_FOUND,
-        f"model {echo(model)!r} is not served here; served models: {', '.join(served)}",
+        f"model {echo(model)!r} is not served here; served models: {listed(served)}",
         reason="MODEL_NOT_FOUND",
-        metadata={"model": echo(model), "served_models": ",".join(served)},
+        metadata={"model": echo(model), "served_models": listed(served, ",")},
     )

@@ -21,7 +21,7 @@ import grpc
 from rerank_service.config.callers import ANONYMOUS, CallerConfig, CallerLimits, anonymous_name, key_digest
 from rerank_service.config.secret import Secret
 from rerank_service.config.server import CallersConfig
-from rerank_service.core.domain import ServiceError, echo
+from rerank_service.core.domain import ServiceError, echo, listed
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +41,7 @@ class Caller:
             raise ServiceError(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"caller {self.name!r} may not call model {echo(model)!r}; it may call: "
-                + _listed(sorted(self.models)),
+                + listed(sorted(self.models)),
                 reason="MODEL_NOT_ALLOWED",
                 metadata={"caller": self.name, "model": echo(model)},
             )
@@ -52,12 +52,6 @@ class Caller:
     @property
     def limited(self) -> bool:
         return self.limits is not None
-
-
-def _listed(names: list[str], most: int = 10) -> str:
-    """Names for a message (which travels in a trailer: bounded)."""
-    shown = ", ".join(names[:most])
-    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
 
 
 ANONYMOUS_CALLER = Caller(ANONYMOUS)

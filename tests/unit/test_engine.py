@@ -22,6 +22,7 @@ from rerank_service.core.domain import (
     RerankRequest,
     ScoredDocument,
     ServiceError,
+    model_not_found,
     not_ready,
 )
 from rerank_service.core.engine import RerankEngine, rank, usage_source
@@ -256,6 +257,17 @@ async def test_unknown_model_is_not_found_listing_served_models() -> None:
     assert "gte-rerank-v2" in error.message
     assert error.metadata == {"model": "gpt-rerank", "served_models": "qwen3-rerank,gte-rerank-v2"}
     assert backend.calls == []
+
+
+def test_a_model_not_found_names_at_most_ten_served_models() -> None:
+    """Its message and metadata travel in trailers, which gRPC clients bound (8 KiB)."""
+    served = [f"model-{number:03}-{'x' * 60}" for number in range(300)]
+
+    error = model_not_found("gpt-rerank", served)
+
+    assert error.message.endswith("and 290 more")
+    assert error.metadata["served_models"].startswith(",".join(served[:10]))
+    assert len(error.message) + len(error.metadata["served_models"]) < 2_000
 
 
 async def test_invalid_fields_win_over_unknown_model() -> None:
