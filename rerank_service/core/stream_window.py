@@ -24,6 +24,16 @@ class _ReadFailed(Generic[Answer]):
         self.error = error
 
 
+class _Answered(Generic[Item, Answer]):
+    """An item's answer, ready to send."""
+
+    __slots__ = ("answer", "item")
+
+    def __init__(self, item: Item, answer: Answer) -> None:
+        self.item = item
+        self.answer = answer
+
+
 _DONE = object()
 
 
@@ -34,12 +44,13 @@ async def answer_concurrently(
     duplicate: Callable[[Item], Answer],
     failed: Callable[[Item, Exception], Answer],
     window: int,
+    sent: Callable[[Item], None] = lambda item: None,
 ) -> AsyncGenerator[Answer, None]:
     """Answers to `items` in completion order.
 
     An item whose key is already in flight is answered with `duplicate(item)`; an item
     whose `handle` raises is answered with `failed(item, error)`: one bad item never
-    ends the stream.
+    ends the stream. `sent(item)` is told once each item's answer has been sent.
     """
     slots = asyncio.Semaphore(window)
     ready: asyncio.Queue[object] = asyncio.Queue()
@@ -53,14 +64,14 @@ async def answer_concurrently(
             answer = failed(item, error)
         finally:
             in_flight.discard(key(item))
-        await ready.put(answer)
+        await ready.put(_Answered(item, answer))
 
     async def read() -> None:
         try:
             async for item in items:
                 await slots.acquire()  # a full window pauses reading: flow control does the rest
                 if key(item) in in_flight:
-                    await ready.put(duplicate(item))
+                    await ready.put(_Answered(item, duplicate(item)))
                     continue
                 in_flight.add(key(item))
                 task = asyncio.create_task(run(item))
@@ -74,10 +85,12 @@ async def answer_concurrently(
 
     reader = asyncio.create_task(read())
     try:
-        while (answer := await ready.get()) is not _DONE:
-            if isinstance(answer, _ReadFailed):
-                raise answer.error
-            yield answer  # type: ignore[misc]
+        while (answered := await ready.get()) is not _DONE:
+            if isinstance(answered, _ReadFailed):
+                raise answered.error
+            assert isinstance(answered, _Answered)
+            yield answered.answer
+            sent(answered.item)
             slots.release()  # only once the answer is sent: unsent answers hold their slot
     finally:
         reader.cancel()

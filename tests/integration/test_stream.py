@@ -12,7 +12,7 @@ import grpc
 from rerank.v1 import rerank_pb2
 
 from rerank_service.config.secret import Secret
-from rerank_service.testing.fake_upstream import FakeUpstream, Fault, expected_ranking, total_tokens
+from rerank_service.testing.fake_upstream import NEVER, FakeUpstream, Fault, expected_ranking, total_tokens
 from tests.conftest import CALLER_KEY, ServerFactory
 from tests.support.logs import LogCapture
 from tests.support.rpc import code_of, expect_error, request
@@ -314,6 +314,60 @@ def test_streams_whose_items_are_answered_give_their_slot_back_until_their_next_
     assert len(answer.output.results) == len(request().documents)
     assert second.id == "second"
     assert rest == [[], []]
+
+
+def test_an_item_that_finds_no_slot_is_refused_alone_and_the_stream_goes_on(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    """Every slot is held by a unary call: the stream's item gets RESOURCE_EXHAUSTED as its
+    own RerankError, and once the slot is free its next item is answered."""
+    with serve(max_concurrent_requests=1) as server:
+        assert server.server is not None
+        admission = server.server.admission
+        upstream.inject(Fault(delay=NEVER))
+        held = server.stub.Rerank.future(request(), timeout=30)
+        wait_until(lambda: upstream.in_flight == 1, what="the unary call holding the only slot")
+        outbox = Outbox()
+        stream = server.stub.RerankStream(outbox.items(), timeout=30)
+        outbox.put(item("refused"))
+        refused = next(stream)
+        held.cancel()
+        wait_until(lambda: admission.in_flight == 0, what="the slot given back")
+        outbox.put(item("later"))
+        later = next(stream)
+        outbox.put(None)
+        rest = list(stream)
+
+    assert (refused.id, refused.WhichOneof("result")) == ("refused", "error")
+    assert refused.error.code == Code.RESOURCE_EXHAUSTED.value[0]
+    assert (later.id, later.WhichOneof("result")) == ("later", "response")
+    assert rest == []
+
+
+def test_items_sharing_an_id_give_back_their_own_bytes(serve: ServerFactory, upstream: FakeUpstream) -> None:
+    """A small item in flight, then a large one under the same id waiting for the window:
+    the small one's answer gives back its own bytes; the large one's stay held while it runs."""
+    with serve(stream_concurrency=1) as server:
+        assert server.server is not None
+        admission = server.server.admission
+        upstream.inject(Fault(delay=3.0))  # the small item: answered once the large one is read
+        upstream.inject(Fault(delay=NEVER))  # the large item: still running when measured
+        outbox = Outbox()
+        stream = server.stub.RerankStream(outbox.items(), timeout=60)
+        outbox.put(item("x"))
+        wait_until(lambda: upstream.in_flight == 1, what="the small item at the upstream")
+        small_bytes = admission.bytes_in_flight
+        outbox.put(item("x", documents=["a large document " * 2_000] * 20))
+        wait_until(lambda: admission.bytes_in_flight > small_bytes, what="the large item read")
+        both = admission.bytes_in_flight
+        first = next(stream)
+        wait_until(lambda: len(upstream.requests) == 2, what="the large item at the upstream")
+        while_large_runs = admission.bytes_in_flight
+        stream.cancel()
+
+    assert first.id == "x"
+    assert first.WhichOneof("result") == "response"
+    assert while_large_runs == both - small_bytes  # the large item's own bytes, still held
 
 
 def test_a_stream_idle_past_the_timeout_ends_with_stream_idle(serve: ServerFactory) -> None:

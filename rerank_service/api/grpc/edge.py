@@ -284,7 +284,6 @@ class RerankServiceEdge:
                     items.share, items.capped = call.share_key, call.share_capped
                     call.admit_stream()
                     async for response in behavior(items, context, call):
-                        items.answered(response)
                         yield response
                 except ServiceError as error:
                     call.failed(error)
@@ -328,7 +327,9 @@ class _StreamItems:
     """A RerankStream's requests as the servicer reads them, with the edge's rules:
 
     - the stream holds an admission slot while any of its items is in flight: taken with the
-      item that finds none in flight, given back when the last one in flight is answered;
+      item that finds none in flight, given back when the last one in flight is answered; an
+      item that finds no slot is answered with the refusal (RESOURCE_EXHAUSTED, its own
+      RerankError), and the stream goes on;
     - each item's bytes are taken from the byte budget until it is answered: while the
       budget has no room the next item is not read (the client waits, flow-controlled);
     - a request that does not parse ends the stream with INVALID_ARGUMENT;
@@ -350,15 +351,25 @@ class _StreamItems:
         self.received = 0
         self.sent = 0
         self._last_activity = time.monotonic()
-        # The bytes each item in flight holds, by item id (a duplicate id: a list).
-        self._held: dict[str, list[int]] = {}
+        # The bytes each item read and not yet answered holds, by the item itself (its
+        # object: two items may share an id), and the items refused a slot, each answered
+        # with its refusal (`refusal`) while the stream goes on.
+        self._held: dict[int, int] = {}
+        self._refused: dict[int, ServiceError] = {}
 
-    def answered(self, response: Any) -> None:
+    def refusal(self, item: Any) -> ServiceError | None:
+        """Why `item` may not run (admission found no slot for it), or None: it may."""
+        return self._refused.pop(id(item), None)
+
+    def answered(self, item: Any) -> None:
+        """`item`'s answer has been sent: its bytes, and the stream's slot once nothing
+        else is in flight, are given back."""
+        size = self._held.pop(id(item), 0)
+        self._refused.pop(id(item), None)  # a duplicate never asked: no entry outlives its item
         self.sent += 1
         self._last_activity = time.monotonic()
-        sizes = self._held.get(getattr(response, "id", ""))
-        if sizes:
-            self._admission.give_bytes(sizes.pop())
+        if size:
+            self._admission.give_bytes(size)
         if self._admitted and self.sent >= self.received:
             # Nothing in flight: a stream that is not working holds no slot (its next item
             # takes one again).
@@ -366,8 +377,9 @@ class _StreamItems:
             self._admission.release(0, self.share)
 
     def close(self) -> None:
-        held = sum(size for sizes in self._held.values() for size in sizes)
+        held = sum(self._held.values())
         self._held.clear()
+        self._refused.clear()
         self._admission.give_bytes(held)
         if self._admitted:
             self._admitted = False
@@ -380,14 +392,19 @@ class _StreamItems:
         received = await self._next_or_idle()
         if not isinstance(received, _Received):
             raise _undecodable()
-        if not self._admitted:
-            self._admission.enter(0, self.share, capped=self.capped)
-            self._admitted = True
-        await self._admission.take_bytes(received.size)
-        self._held.setdefault(getattr(received.message, "id", ""), []).append(received.size)
+        item = received.message
         self.received += 1
         self._last_activity = time.monotonic()
-        return received.message
+        if not self._admitted:
+            try:
+                self._admission.enter(0, self.share, capped=self.capped)
+            except ServiceError as refusal:  # no slot: this item is answered with the refusal
+                self._refused[id(item)] = refusal
+                return item
+            self._admitted = True
+        await self._admission.take_bytes(received.size)
+        self._held[id(item)] = received.size
+        return item
 
     async def _next_or_idle(self) -> Any:
         if self._requests is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc.aio import ServicerContext
@@ -38,6 +38,18 @@ STREAM_ITEM_PATH = f"/{SERVICE.full_name}/RerankStream"
 _log = get_logger("rerank_service.servicer")
 
 
+class StreamItems(Protocol):
+    """A RerankStream's items as the edge hands them over (api/grpc/edge.py's _StreamItems)."""
+
+    def __aiter__(self) -> AsyncIterator[rerank_pb2.RerankStreamRequest]: ...
+
+    def refusal(self, item: rerank_pb2.RerankStreamRequest) -> ServiceError | None:
+        """Why `item` may not run (admission had no slot for it), or None."""
+
+    def answered(self, item: rerank_pb2.RerankStreamRequest) -> None:
+        """`item`'s answer has been sent: what it held is given back."""
+
+
 class RerankServicer:
     """RerankService's methods, registered through `RerankServiceEdge.handler`."""
 
@@ -56,7 +68,7 @@ class RerankServicer:
 
     async def RerankStream(
         self,
-        request_iterator: AsyncIterator[rerank_pb2.RerankStreamRequest],
+        request_iterator: StreamItems,
         context: ServicerContext[rerank_pb2.RerankStreamRequest, rerank_pb2.RerankStreamResponse],
         call: Call,
     ) -> AsyncIterator[rerank_pb2.RerankStreamResponse]:
@@ -74,6 +86,9 @@ class RerankServicer:
                 trace=(shared.traceparent, shared.tracestate), stream=call,
             )  # fmt: skip
             try:
+                refusal = request_iterator.refusal(item)
+                if refusal is not None:  # admission had no slot for it: this item fails, not the stream
+                    raise refusal
                 outcome = await item_call.rerank(to_domain(item.request), shared)
                 item_call.succeeded()
                 reported = outcome.upstream_request_id or item_call.request_id
@@ -109,7 +124,7 @@ class RerankServicer:
 
         async for answer in answer_concurrently(
             request_iterator, handle, key=lambda item: item.id, duplicate=duplicate, failed=failed,
-            window=self._stream_concurrency,
+            window=self._stream_concurrency, sent=request_iterator.answered,
         ):  # fmt: skip
             yield answer
 
