@@ -8,12 +8,12 @@ failed, and ends with its `stopped` line.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ServerFactory
+from tests.support.jaeger_server import listening
 from tests.support.logs import LogCapture
 from tests.support.rpc import request
 
@@ -29,14 +29,6 @@ def _open_files(path: Path) -> int:
         except OSError:
             continue  # closed while listing
     return count
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 def test_a_backend_whose_close_fails_leaves_nothing_else_open(
@@ -60,12 +52,12 @@ def test_a_backend_whose_close_fails_leaves_nothing_else_open(
 
         monkeypatch.setattr(server.backend, "close", close_then_fail)
         assert _open_files(usage) == 1
-        assert _accepts(metrics_port)
+        assert listening(metrics_port)
     # Leaving the block stopped the server.
 
     failed = [event for event in logs.events() if event.get("event") == "shutdown step failed"]
     assert [(event["step"], event["error"]) for event in failed] == [("backend", "RuntimeError")]
     assert logs.events()[-1]["event"] == "stopped"
     assert _open_files(usage) == 0
-    assert not _accepts(metrics_port)
+    assert not listening(metrics_port)
     assert len(usage.read_text().splitlines()) == 1  # the call was metered before the stop

@@ -41,7 +41,8 @@ def _free_port() -> int:
         return port
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on loopback `port`."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             return True
@@ -221,7 +222,7 @@ class JaegerServer:
         if self.process.poll() is not None:
             raise RuntimeError(f"jaeger exited with code {self.process.returncode}:\n{self.log}")
         # The receivers start after the extensions (the query API): both listening means all up.
-        if not (_listening(self.otlp_grpc_port) and _listening(self.otlp_http_port)):
+        if not (listening(self.otlp_grpc_port) and listening(self.otlp_http_port)):
             return False
         try:
             return self._client.get("/api/services").status_code == 200

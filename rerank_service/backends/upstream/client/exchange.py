@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -87,19 +87,18 @@ async def _send(
     REUSED.set(False)
     PHASE.set(Phase.EXCHANGE)
     try:
-        return await session.post(
-            url,
-            data=content,
-            headers=headers,
-            proxy=route.proxy,
-            proxy_headers=route.proxy_headers,
-            allow_redirects=False,
-        )
+        return await _post(session, route, url, content, headers)
     except aiohttp.ServerDisconnectedError:
         if not REUSED.get():
             raise
     REUSED.set(False)
-    return await session.post(
+    return await _post(session, route, url, content, headers)
+
+
+def _post(
+    session: aiohttp.ClientSession, route: Route, url: URL, content: bytes, headers: dict[str, str]
+) -> Awaitable[aiohttp.ClientResponse]:
+    return session.post(
         url,
         data=content,
         headers=headers,
