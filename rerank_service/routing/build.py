@@ -57,7 +57,7 @@ def build_routes(
             scores = (
                 None
                 if cache is None or _passes_tokens_through(config)
-                else CachedScores(cache, score_identity(config, _revision), recorded.cache)
+                else CachedScores(cache, score_identity(config, _revision, _precision), recorded.cache)
             )
             found = existing[key] = Deployment(
                 name, backend, getattr(backend, "health", None), key=key, metrics=recorded, scores=scores
@@ -171,6 +171,20 @@ def build_router(
     with `cache` in front of every deployment (None: no score cache)."""
     recorded = metrics if metrics is not None else Metrics()
     return Router(build_routes(settings, metrics=recorded, cache=cache), recorded)
+
+
+def _precision(device: str, dtype: str) -> tuple[str, str]:
+    """The device type and dtype a local model runs in on this machine, for the score cache."""
+    # Asked on a local deployment's first call, once its backend has loaded torch.
+    from rerank_service.backends.local.common import ModelLoadError
+    from rerank_service.backends.local.models import select_device, select_dtype
+
+    try:
+        target = select_device(device)
+        chosen = select_dtype(dtype, target)
+    except ModelLoadError:  # settings the model could not load with: it answers nothing
+        return device, dtype
+    return target.type, str(chosen).removeprefix("torch.")
 
 
 def _revision(source: str) -> str:

@@ -115,32 +115,29 @@ def _token_shares(query: str, documents: list[str], indices: list[int], total_to
     return list(map(sub, floors, chain((0,), floors)))
 
 
-def _resolved(device: str, dtype: str) -> tuple[str, str]:
-    """The device type and dtype a local model runs in on this machine: "auto" is the GPU
-    and bfloat16 or float16 where there is one, the CPU and float32 elsewhere, so replicas
-    sharing a Redis tier on different machines never share scores of different precisions."""
-    # Asked on a local deployment's first call, once its backend has loaded torch.
-    from rerank_service.backends.local.common import ModelLoadError
-    from rerank_service.backends.local.models import select_device, select_dtype
-
-    try:
-        target = select_device(device)
-        precision = select_dtype(dtype, target)
-    except ModelLoadError:  # a setting the model could not load with: it answers nothing
-        return device, dtype
-    return target.type, str(precision).removeprefix("torch.")
+# A local deployment's device and dtype settings -> the device type and dtype it runs in.
+Precision = Callable[[str, str], tuple[str, str]]
 
 
-def score_identity(config: DeploymentConfig, revision: Callable[[str], str]) -> Callable[[str], Identity]:
+def _as_configured(device: str, dtype: str) -> tuple[str, str]:
+    return device, dtype
+
+
+def score_identity(
+    config: DeploymentConfig, revision: Callable[[str], str], precision: Precision = _as_configured
+) -> Callable[[str], Identity]:
     """What changes a score of `config`'s deployment, for a model it is sent: the cache's
-    fingerprint. `revision` names a local model source's files (a digest of them)."""
+    fingerprint. `revision` names a local model source's files (a digest of them);
+    `precision` what its device and dtype settings come to on this machine ("auto": the
+    GPU and bfloat16 or float16 where there is one), so replicas on CPU and GPU machines
+    sharing a Redis tier never share scores of different precisions."""
     if isinstance(config, LocalDeploymentConfig):
         sources = dict(config.models)
         engine = config.engine
 
         def local(model: str) -> Identity:
             source = sources.get(model, model)
-            device, dtype = _resolved(engine.device, engine.dtype)
+            device, dtype = precision(engine.device, engine.dtype)
             return {
                 "kind": "local",
                 "source": source,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 from random import Random
-from typing import cast
 
 import pytest
 from hypothesis import given
@@ -15,7 +14,6 @@ from rerank_service.cache import MemoryTier, ScoreCache
 from rerank_service.config import Settings
 from rerank_service.config.deployments import deployment_config
 from rerank_service.config.local import LocalDeploymentConfig
-from rerank_service.config.settings import Device, Dtype
 from rerank_service.core.domain import (
     BackendRequest,
     BackendResult,
@@ -26,6 +24,7 @@ from rerank_service.core.domain import (
 )
 from rerank_service.observability.metrics import Metrics
 from rerank_service.pipeline.cache_control import cache_mode
+from rerank_service.routing import build
 from rerank_service.routing.cached_scores import CachedScores, _token_shares, score_identity
 
 DOCUMENTS = ["bread and flour", "cats sleep", "rye bread recipe", "stock market"]
@@ -88,13 +87,28 @@ def test_a_local_models_key_holds_the_device_and_dtype_it_runs_in_not_auto() -> 
     """Replicas on a CPU and on a GPU machine never share scores of different precisions."""
     auto = LocalDeploymentConfig.from_settings(Settings(backend="local", local_models=(("m", "/models/m"),)))
     assert (auto.engine.device, auto.engine.dtype) == ("auto", "auto")
-    resolved = dict(score_identity(auto, lambda source: "r1")("m"))
-    device, dtype = cast(Device, resolved["device"]), cast(Dtype, resolved["dtype"])
-    explicit = dataclasses.replace(auto, engine=dataclasses.replace(auto.engine, device=device, dtype=dtype))
 
-    assert resolved["device"] in ("cpu", "cuda")
-    assert resolved["dtype"] in ("float32", "float16", "bfloat16")
-    assert dict(score_identity(explicit, lambda source: "r1")("m")) == resolved
+    def on_a_gpu(device: str, dtype: str) -> tuple[str, str]:
+        return "cuda", "bfloat16"
+
+    def on_a_cpu(device: str, dtype: str) -> tuple[str, str]:
+        return "cpu", "float32"
+
+    gpu = dict(score_identity(auto, lambda source: "r1", on_a_gpu)("m"))
+    cpu = dict(score_identity(auto, lambda source: "r1", on_a_cpu)("m"))
+
+    assert (gpu["device"], gpu["dtype"]) == ("cuda", "bfloat16")
+    assert (cpu["device"], cpu["dtype"]) == ("cpu", "float32")
+    assert gpu != cpu
+
+
+def test_auto_comes_to_a_device_type_and_a_dtype_on_this_machine() -> None:
+    """What the service hands score_identity: never `auto`."""
+    device, dtype = build._precision("auto", "auto")
+
+    assert device in ("cpu", "cuda")
+    assert dtype in ("float32", "float16", "bfloat16")
+    assert build._precision(device, dtype) == (device, dtype)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ pipeline identifies from it (keys by SHA-256, certificate identities, anonymous 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 from pathlib import Path
 from typing import cast
@@ -388,7 +389,9 @@ def test_a_call_of_a_caller_with_a_concurrent_limit_takes_its_slot_as_that_calle
     flood = Caller("flood", configured=True)
 
     def admitted(caller: Caller) -> Call:
-        call = pipeline.open("/rerank.v1.RerankService/Rerank", "peer", measured)
+        # Opened in a context of its own: a call left open leaves its request id bound there.
+        context = contextvars.copy_context()
+        call = context.run(pipeline.open, "/rerank.v1.RerankService/Rerank", "peer", measured)
         call.caller = caller
         call.admit(0)
         return call
