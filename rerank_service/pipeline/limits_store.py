@@ -290,20 +290,10 @@ class RedisLimits:
     def settle(self, caller: str, limits: CallerLimits, token_correction: float, lease: str) -> None:
         """A call admitted by `take` ended: its tokens bucket is to be corrected by
         `token_correction` (used less taken) and its lease given back, with the caller's next
-        check or within `flush_after`."""
+        check or within `flush_after` (while Redis is down, once it may be tried again)."""
         tokens = limits.tokens if token_correction else None
-        holds_lease = limits.concurrent is not None
-        if tokens is None and not holds_lease:
-            return
-        pending = self._pending.get(caller)
-        if pending is None:
-            pending = self._pending[caller] = _Settlement()
-        if tokens is not None:
-            pending.tokens = tokens
-            pending.correction += token_correction
-        if holds_lease:
-            pending.leases.append(lease)
-        self._schedule_flush(self._flush_after)
+        leases = [lease] if limits.concurrent is not None else []
+        self._keep(caller, _Settlement(tokens, token_correction if tokens is not None else 0.0, leases))
 
     def _start_flush(self) -> None:
         self._flush = None
