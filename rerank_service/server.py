@@ -221,7 +221,7 @@ class RerankServer:
         )
         _log.info("stopped")
 
-    async def _stop_admission_publisher(self) -> None:
+    def _stop_admission_publisher(self) -> None:
         if self._admission_publisher is not None:
             self._admission_publisher.cancel()
             self._admission_publisher = None

@@ -93,9 +93,9 @@ class ScoreCache:
 
         READ_WRITE reads memory, then Redis, then waits (at most `wait` seconds, the call's
         time left, and never past the cache's `flight_wait`) for pairs another call is
-        computing, but only when nothing
-        else is missing: a call that must compute anyway computes those too rather than
-        wait. NO_READ reads nothing; OFF neither reads nor stores.
+        computing, but only when nothing else is missing: a call that must compute anyway
+        computes those too rather than wait. NO_READ reads nothing; OFF neither reads nor
+        stores.
         """
         count = len(keys)
         if mode is CacheMode.OFF or not self.enabled:
