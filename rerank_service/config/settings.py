@@ -229,6 +229,21 @@ OptionalPort = Annotated[
     Expect("a port number from 0 to 65535, or off", unset="off"),
 ]
 Count = Annotated[int, Field(ge=1), Expect("an integer >= 1")]
+# Settings grpc's C core takes as a C int (counts, and seconds it takes in milliseconds):
+# past these it raises OverflowError when the server is built, so they are refused here.
+_C_INT_MAX = 2**31 - 1
+GrpcCount = Annotated[int, Field(ge=1, le=_C_INT_MAX), Expect(f"an integer from 1 to {_C_INT_MAX}")]
+_GRPC_SECONDS_MAX = 2_000_000  # about 23 days; as milliseconds, within a C int
+GrpcSeconds = Annotated[
+    float,
+    Field(gt=0, le=_GRPC_SECONDS_MAX, allow_inf_nan=False),
+    Expect(f"a finite number of seconds > 0, at most {_GRPC_SECONDS_MAX:,}"),
+]
+GrpcSecondsOrZero = Annotated[
+    float,
+    Field(ge=0, le=_GRPC_SECONDS_MAX, allow_inf_nan=False),
+    Expect(f"a finite number of seconds >= 0, at most {_GRPC_SECONDS_MAX:,}"),
+]
 Workers = Annotated[int, BeforeValidator(_auto_workers), Field(ge=1), Expect("an integer >= 1, or auto")]
 CountOrZero = Annotated[int, Field(ge=0), Expect("an integer >= 0")]
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False), Expect("a finite number of seconds > 0")]
@@ -526,14 +541,14 @@ class Settings:
         "call); past it a call gets RESOURCE_EXHAUSTED and a stream's next item waits. The process "
         "holds about 5x this at most for the work itself (docs/RELIABILITY.md)",
     )
-    max_open_calls: Count = Field(
+    max_open_calls: GrpcCount = Field(
         default=4096,
         description="RerankService calls open at once, calls not yet authenticated included; past it "
         "grpc answers RESOURCE_EXHAUSTED before the call is read. Bounds the memory of calls that hold "
         "a stream open without sending; above --max-concurrent-requests. Health and reflection calls "
         "have bounds of their own (--max-health-checks, --max-watch-streams)",
     )
-    max_connections: Count = Field(
+    max_connections: GrpcCount = Field(
         default=4096,
         description="client connections open at once; past it new connections are closed",
     )
@@ -550,23 +565,23 @@ class Settings:
         "--max-connections); past it new connections are closed at once. Lowered at start to half "
         "the process's open-file limit, so HTTP connections alone can never use up the file descriptors",
     )
-    max_streams_per_connection: Count = Field(
+    max_streams_per_connection: GrpcCount = Field(
         default=256,
         description="calls one client connection may have in flight at once (HTTP/2 "
         "MAX_CONCURRENT_STREAMS); a client queues the rest. Bounds what one connection can "
         "make the server hold",
     )
-    handshake_timeout: Seconds = Field(
+    handshake_timeout: GrpcSeconds = Field(
         default=5.0,
         description="seconds a new gRPC connection has to finish its TLS and HTTP/2 handshake (the "
         "client's preface and SETTINGS); a connection that sends nothing is closed then",
     )
-    max_health_checks: Count = Field(
+    max_health_checks: GrpcCount = Field(
         default=1024,
         description="health Check and List calls open at once, apart from --max-open-calls; each must "
         "send its request within --side-call-timeout. Past it RESOURCE_EXHAUSTED",
     )
-    max_watch_streams: Count = Field(
+    max_watch_streams: GrpcCount = Field(
         default=128,
         description="health Watch and reflection streams open at once (they take no key), apart from "
         "--max-open-calls, so they never take a slot a rerank call needs; past it RESOURCE_EXHAUSTED",
@@ -581,22 +596,22 @@ class Settings:
         description="seconds a health or reflection call may wait for its request (a reflection "
         "stream: its next request) before it ends with DEADLINE_EXCEEDED",
     )
-    max_message_bytes: Count = Field(
+    max_message_bytes: GrpcCount = Field(
         default=16 * 1024 * 1024,
         description="largest request or response message; larger ones get RESOURCE_EXHAUSTED",
     )
-    keepalive_time: Seconds = Field(
+    keepalive_time: GrpcSeconds = Field(
         default=60.0, description="seconds between the server's HTTP/2 pings on an idle connection"
     )
-    keepalive_timeout: Seconds = Field(
+    keepalive_timeout: GrpcSeconds = Field(
         default=20.0, description="seconds to wait for a ping's answer before closing the connection"
     )
-    max_connection_age: SecondsOrZero = Field(
+    max_connection_age: GrpcSecondsOrZero = Field(
         default=300.0,
         description="seconds before a client connection is asked to reconnect, so load balancers rebalance "
         "(0: never)",
     )
-    max_connection_age_grace: SecondsOrZero = Field(
+    max_connection_age_grace: GrpcSecondsOrZero = Field(
         default=30.0, description="seconds calls on an aged-out connection may take to finish"
     )
     # Paths are checked for readability when the server starts (api/grpc/tls.py), not here.
@@ -737,6 +752,12 @@ def check_consistency(settings: Settings) -> None:
         raise ConfigError(
             f"max-open-calls ({settings.max_open_calls}) must be above max-concurrent-requests "
             f"({settings.max_concurrent_requests}): refusals need room too"
+        )
+    open_calls = settings.max_open_calls + settings.max_health_checks + settings.max_watch_streams
+    if open_calls > _C_INT_MAX:
+        raise ConfigError(
+            f"max-open-calls, max-health-checks and max-watch-streams add up to {open_calls}: "
+            f"grpc's limit on open calls is at most {_C_INT_MAX}"
         )
     if settings.max_inflight_bytes < settings.max_message_bytes:
         raise ConfigError(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
@@ -611,6 +613,56 @@ def test_grpc_options_bound_messages_and_keep_connections_alive() -> None:
     assert options["grpc.keepalive_time_ms"] == 60_000
     assert options["grpc.max_connection_age_ms"] == 300_000
     assert "grpc.max_connection_age_ms" not in dict(channel_options(grpc_config(max_connection_age=0)))
+
+
+# Settings grpc's C core takes as C ints (seconds as milliseconds), at their largest.
+GRPC_BOUNDS = {
+    "RERANK_MAX_CONNECTIONS": "2147483647",
+    "RERANK_MAX_STREAMS_PER_CONNECTION": "2147483647",
+    "RERANK_MAX_MESSAGE_BYTES": "2147483647",
+    "RERANK_HANDSHAKE_TIMEOUT": "2000000",
+    "RERANK_KEEPALIVE_TIME": "2000000",
+    "RERANK_KEEPALIVE_TIMEOUT": "2000000",
+    "RERANK_MAX_CONNECTION_AGE": "2000000",
+    "RERANK_MAX_CONNECTION_AGE_GRACE": "2000000",
+}
+
+
+@pytest.mark.parametrize("variable", sorted(GRPC_BOUNDS))
+def test_a_grpc_setting_past_what_grpc_takes_is_refused_and_at_its_bound_grpc_takes_it(variable: str) -> None:
+    largest = GRPC_BOUNDS[variable]
+    past = str(int(float(largest)) + 1)
+    room = {"RERANK_MAX_INFLIGHT_BYTES": str(2**32)}  # above the largest message, as it must be
+    flag = variable.removeprefix("RERANK_").lower().replace("_", "-")
+
+    assert refusal(**{variable: past}, **room).startswith(f"{flag} must be ")
+    build_grpc_server(load(**{variable: largest}, **room))
+
+
+def build_grpc_server(settings: Settings) -> None:
+    """grpc.aio's server with `settings`' options and limit on open calls, as api/grpc/server.py
+    builds it: grpc raises OverflowError on any past a C int."""
+    config = ServerConfig.from_settings(settings).grpc
+    limits = config.side_calls
+
+    async def build() -> None:
+        grpc.aio.server(
+            options=channel_options(config),
+            maximum_concurrent_rpcs=config.max_open_calls + limits.max_health_checks + limits.max_watch_streams,
+        )
+
+    asyncio.run(build())
+
+
+def test_open_calls_up_to_grpcs_limit_are_taken_and_past_it_refused() -> None:
+    side_calls = {"RERANK_MAX_HEALTH_CHECKS": "1", "RERANK_MAX_WATCH_STREAMS": "1"}
+    build_grpc_server(load(RERANK_MAX_OPEN_CALLS="2147483645", **side_calls))
+    message = refusal(RERANK_MAX_OPEN_CALLS="2147483646", **side_calls)
+
+    assert message == (
+        "max-open-calls, max-health-checks and max-watch-streams add up to 2147483648: "
+        "grpc's limit on open calls is at most 2147483647"
+    )
 
 
 def test_workers_auto_is_one_per_usable_core_and_a_number_is_taken_as_is() -> None:
