@@ -644,12 +644,10 @@ def build_grpc_server(settings: Settings) -> None:
     builds it: grpc raises OverflowError on any past a C int."""
     config = ServerConfig.from_settings(settings).grpc
     limits = config.side_calls
+    open_calls = config.max_open_calls + limits.max_health_checks + limits.max_watch_streams
 
     async def build() -> None:
-        grpc.aio.server(
-            options=channel_options(config),
-            maximum_concurrent_rpcs=config.max_open_calls + limits.max_health_checks + limits.max_watch_streams,
-        )
+        grpc.aio.server(options=channel_options(config), maximum_concurrent_rpcs=open_calls)
 
     asyncio.run(build())
 
