@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, InstanceOf, model_validator
 
-from rerank_service.config.secret import Secret, UnreadableKeyFile, read_key_file, variable_named
+from rerank_service.config.secret import Secret, UnreadableKeyFile, file_named, read_key_file, variable_named
 
 # Names of anonymous callers (`--api-keys`, pass-through) and of a call without a key.
 ANONYMOUS = "anonymous"
@@ -225,7 +225,7 @@ def _read_keys(credential: CredentialEntry, env: Mapping[str, str], place: str) 
         lines = (line.strip() for line in text.splitlines())
         keys = tuple(Secret(line) for line in lines if line and not line.startswith("#"))
         if not keys:
-            raise CallerKeyError(f"{place}.key_file {credential.key_file} holds no key")
+            raise CallerKeyError(f"{place}.key_file {file_named(credential.key_file)} holds no key")
         return keys
     return ()
 

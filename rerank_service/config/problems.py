@@ -10,6 +10,9 @@ from pydantic_core import ErrorDetails
 
 from rerank_service.config.settings import KeySources, expectation
 
+# Places in the file where a value may be a key pasted by mistake: never repeated.
+_HOLD_KEYS = frozenset(("credentials", "api_key_env", "api_key_file", "key_env", "key_file", "key_sha256"))
+
 
 def describe(error: ErrorDetails, fields: Mapping[str, Any], origins: Mapping[str, str]) -> str:
     """`upstream-timeout must be ..., got '-3' (from RERANK_UPSTREAM_TIMEOUT)`."""
@@ -19,9 +22,10 @@ def describe(error: ErrorDetails, fields: Mapping[str, Any], origins: Mapping[st
         f"[{part}]" if isinstance(part, int) else f".{part}" for part in inner
     )
     info = fields.get(str(top))
-    # A key pasted where its variable or file is named must not be repeated.
+    # A key pasted where its variable or file is named, or where a caller's credentials go
+    # (a key written in place of the list or of an entry), must not be repeated.
     secret = (info is not None and any(isinstance(item, KeySources) for item in info.metadata)) or any(
-        part in ("api_key_env", "api_key_file", "key_env", "key_file", "key_sha256") for part in inner
+        part in _HOLD_KEYS for part in inner
     )
     kind = error["type"]
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, InstanceOf, model_validator
 
-from rerank_service.config.secret import Secret, UnreadableKeyFile, read_key_file, variable_named
+from rerank_service.config.secret import Secret, UnreadableKeyFile, file_named, read_key_file, variable_named
 
 # The formats of backends/upstream, and the in-process model.
 Format = Annotated[
@@ -206,7 +206,8 @@ def _read_key(deployment: DeploymentEntry, env: Mapping[str, str], place: str) -
         except UnreadableKeyFile as exc:
             raise KeySourceError(f"{place}.api_key_file", str(exc)) from None
         if not value:
-            raise KeySourceError(f"{place}.api_key_file", f"{deployment.api_key_file} holds no key")
+            named = file_named(deployment.api_key_file)
+            raise KeySourceError(f"{place}.api_key_file", f"{named} holds no key")
         return Secret(value)
     return None
 

@@ -71,7 +71,8 @@ def _standing_alone(value: str) -> re.Pattern[str]:
 
 
 class UnreadableKeyFile(ValueError):
-    """A key file that cannot be read; the message is `PATH: why` (never its content)."""
+    """A key file that cannot be read; the message is `PATH: why` (never its content, and
+    the path only as `file_named` shows it)."""
 
 
 def read_key_file(path: Path) -> str:
@@ -79,11 +80,25 @@ def read_key_file(path: Path) -> str:
     may read, or reached through a symlink, is used with a warning (config/file_trust.py)."""
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
-        raise UnreadableKeyFile(f"{path}: {reason}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        if isinstance(exc, OSError):
+            reason = exc.strerror or "cannot read it"
+        elif isinstance(exc, UnicodeDecodeError):
+            reason = "not UTF-8 text"
+        else:
+            reason = "not a file path (it holds a NUL byte)"
+        raise UnreadableKeyFile(f"{file_named(path)}: {reason}") from None
     warn_if_key_exposed(path, "key file")
     return text
+
+
+def file_named(path: Path | str) -> str:
+    """A key file's path as an error may say it: only when it reads as a path (absolute, or
+    starting ./ ../ ~), since a key pasted where its file goes must not be repeated."""
+    text = str(path)
+    if text.startswith(("/", "./", "../", "~")) and "\0" not in text:
+        return text
+    return "(a relative path, not repeated)"
 
 
 def variable_named(name: str) -> str:

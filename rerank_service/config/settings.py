@@ -107,6 +107,21 @@ def _off_is_none(value: object) -> object:
     return value
 
 
+def _usage_log_target(value: object) -> object:
+    """off (or blank, or YAML's false) is none; stdout in any case is stdout."""
+    value = _off_is_none(value)
+    if isinstance(value, str) and value.strip().lower() == "stdout":
+        return "stdout"
+    return value
+
+
+def _no_nul(value: object) -> object:
+    # The OS takes no path with a NUL byte: opening one raises ValueError, not OSError.
+    if value is not None and "\0" in str(value):
+        raise ValueError("must be a path without NUL bytes")
+    return value
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity where the OS has one)."""
     import os
@@ -273,7 +288,10 @@ OtlpUrl = Annotated[
 Share = Annotated[float, Field(gt=0, le=1), Expect("a share above 0, at most 1")]
 LimitsStoreFailure = Annotated[Literal["open", "closed"], BeforeValidator(_trimmed_lower)]
 UsageLog = Annotated[
-    str | None, BeforeValidator(_blank_is_none), Expect("stdout, or a file path", unset="off")
+    str | None,
+    BeforeValidator(_usage_log_target),
+    AfterValidator(_no_nul),
+    Expect("stdout, off, or a file path (./off for a file named off)", unset="off"),
 ]
 ProxyUrl = Annotated[
     str | None,
@@ -290,8 +308,12 @@ LocalModels = Annotated[
     AfterValidator(_distinct_models),
     Expect("NAME=SOURCE,... (a mapping in the file)"),
 ]
-FilePath = Annotated[Path | None, BeforeValidator(_blank_is_none), Expect("a file path")]
-DirectoryPath = Annotated[Path | None, BeforeValidator(_blank_is_none), Expect("a directory path")]
+FilePath = Annotated[
+    Path | None, BeforeValidator(_blank_is_none), AfterValidator(_no_nul), Expect("a file path")
+]
+DirectoryPath = Annotated[
+    Path | None, BeforeValidator(_blank_is_none), AfterValidator(_no_nul), Expect("a directory path")
+]
 TokenizerSource = Annotated[
     str | None, BeforeValidator(_blank_is_none), Expect("a directory, or a cached Hugging Face model id")
 ]

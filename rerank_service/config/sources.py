@@ -230,7 +230,7 @@ def _secrets(args: Mapping[str, Any], env: Mapping[str, str], file: Layer) -> La
         for origin, raw, is_file in candidates:
             if raw is None or not str(raw).strip():
                 continue
-            found = _read_keys(keys, str(raw).strip(), is_file)
+            found = _read_keys(keys, str(raw).strip(), is_file, origin)
             if not found:  # a key source that holds no key must not silently switch auth off
                 raise ConfigError(f"{origin} is set but holds no key")
             values[option.name] = tuple(found) if keys.several else found[0]
@@ -239,14 +239,15 @@ def _secrets(args: Mapping[str, Any], env: Mapping[str, str], file: Layer) -> La
     return Layer(values, origins)
 
 
-def _read_keys(keys: KeySources, raw: str, is_file: bool) -> list[Secret]:
+def _read_keys(keys: KeySources, raw: str, is_file: bool, origin: str) -> list[Secret]:
     if not is_file:
         found = raw.split(",") if keys.several else [raw]
         return [Secret(key.strip()) for key in found if key.strip()]
     try:
         text = read_key_file(Path(raw))
     except UnreadableKeyFile as exc:
-        raise ConfigError(f"{keys.file_flag.removeprefix('--')} {exc}") from None
+        named = "" if origin == keys.file_flag else f" (from {origin})"
+        raise ConfigError(f"{keys.file_flag.removeprefix('--')} {exc}{named}") from None
     if not keys.several:
         return [Secret(text.strip())] if text.strip() else []
     lines = (line.strip() for line in text.splitlines())

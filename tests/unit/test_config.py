@@ -672,3 +672,88 @@ def test_workers_auto_is_one_per_usable_core_and_a_number_is_taken_as_is() -> No
         assert refusal(RERANK_WORKERS=bad) == (
             f"workers must be an integer >= 1, or auto, got '{bad}' (from RERANK_WORKERS)"
         )
+
+
+# --- keys pasted in the wrong place, and paths the OS cannot open -------------------------------
+
+PASTED_KEY = "sk-live-9f86d081884c7d659a2f"
+CALLER_A = "callers:\n  - name: a\n  "
+
+
+@pytest.mark.parametrize(
+    ("env", "text", "expected"),
+    [
+        ({"RERANK_UPSTREAM_API_KEY_FILE": PASTED_KEY}, "", "upstream-api-key-file (a relative path"),
+        ({"RERANK_API_KEYS_FILE": PASTED_KEY}, "", "api-keys-file (a relative path"),
+        ({}, f"upstream_api_key_file: {PASTED_KEY}\n", "upstream-api-key-file (a relative path"),
+        (
+            {},
+            f"models:\n  - name: m\n    deployments:\n      - url: http://127.0.0.1:9\n"
+            f"        format: dashscope\n        api_key_file: {PASTED_KEY}\n",
+            "models[0].deployments[0].api_key_file (a relative path",
+        ),
+        ({}, f"{CALLER_A}  credentials: [{{key_file: {PASTED_KEY}}}]\n", "key_file (a relative"),
+        ({}, f"{CALLER_A}  credentials: {PASTED_KEY}\n", "callers[0].credentials must be "),
+        ({}, f"{CALLER_A}  credentials: [{PASTED_KEY}]\n", "callers[0].credentials[0] must be "),
+        ({}, f"{CALLER_A}  credentials: {{key: {PASTED_KEY}}}\n", "callers[0].credentials must be "),
+    ],
+)
+def test_a_key_pasted_where_its_file_or_the_credentials_go_is_never_repeated(
+    tmp_path: Path, env: dict[str, str], text: str, expected: str
+) -> None:
+    if text:
+        env = {**env, "RERANK_CONFIG": config_file(tmp_path, text)}
+    message = refusal(RERANK_BACKEND="upstream", RERANK_UPSTREAM_URL="http://127.0.0.1:9", **env)
+
+    assert expected in message
+    assert PASTED_KEY not in message
+
+
+def test_a_key_file_variable_that_cannot_be_read_names_the_variable(tmp_path: Path) -> None:
+    absent = tmp_path / "absent"
+
+    assert refusal(RERANK_API_KEYS_FILE=str(absent)) == (
+        f"api-keys-file {absent}: No such file or directory (from RERANK_API_KEYS_FILE)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('usage_log: "/tmp/log\\0x"\n', "usage-log must be a path without NUL bytes"),
+        ('upstream_ca_file: "/tmp/ca\\0x"\n', "upstream-ca-file must be a path without NUL bytes"),
+        ('tls_cert: "/tmp/c\\0x"\ntls_key: /tmp/k\n', "tls-cert must be a path without NUL bytes"),
+        ('upstream_api_key_file: "/tmp/k\\0x"\n', "upstream-api-key-file (a relative path, not repeated): "),
+        (
+            "models:\n  - name: m\n    deployments:\n      - url: https://127.0.0.1:9\n"
+            '        format: dashscope\n        ca_file: "/tmp/ca\\0x"\n',
+            "models[0].deployments[0].ca_file must be a path without NUL bytes",
+        ),
+        (
+            "models:\n  - name: m\n    deployments:\n      - url: http://127.0.0.1:9\n"
+            '        format: dashscope\n        api_key_file: "/tmp/k\\0x"\n',
+            "models[0].deployments[0].api_key_file (a relative path, not repeated): not a file path",
+        ),
+        (
+            'callers:\n  - name: a\n    credentials: [{key_file: "/tmp/k\\0x"}]\n',
+            "callers[0].credentials[0].key_file (a relative path, not repeated): not a file path",
+        ),
+    ],
+)
+def test_a_path_with_a_nul_byte_is_refused_naming_the_setting(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    message = refusal(
+        RERANK_CONFIG=config_file(tmp_path, text + "backend: upstream\nupstream_url: http://127.0.0.1:9\n")
+    )
+
+    assert message.startswith(expected)
+
+
+@pytest.mark.parametrize("off", ["off", "OFF", " Off "])
+def test_usage_log_off_is_no_usage_log_from_a_variable_a_flag_and_the_file(tmp_path: Path, off: str) -> None:
+    assert load(RERANK_USAGE_LOG=off).usage_log is None
+    assert load({"usage_log": off}).usage_log is None
+    assert load(RERANK_CONFIG=config_file(tmp_path, f"usage_log: {off}\n")).usage_log is None
+    assert load(RERANK_USAGE_LOG="STDOUT").usage_log == "stdout"
+    assert load(RERANK_USAGE_LOG="./off").usage_log == "./off"  # a file named off
