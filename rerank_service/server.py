@@ -27,7 +27,7 @@ from rerank_service.config.deployments import reload_refusal
 from rerank_service.config.server import CallersConfig, ServerConfig
 from rerank_service.core.backend import Backend
 from rerank_service.core.engine import RerankEngine
-from rerank_service.observability.logging import get_logger
+from rerank_service.observability.logging import get_logger, mask_also
 from rerank_service.observability.metrics import Metrics
 from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
 from rerank_service.observability.process_limits import FileLimit, raise_file_limit
@@ -253,6 +253,7 @@ class RerankServer:
             # Caller keys stay as started (the edge checks them): deployments must agree on
             # whether callers' tokens pass through.
             settings = dataclasses.replace(load(), api_keys=self.settings.api_keys)
+            mask_also(settings.secrets())  # keys this file names are masked from now on
             # A file truncated or caught mid-write must not swap every route for the demo model.
             refusal = reload_refusal(self._routes_from or self.settings, settings)
             if refusal is not None:

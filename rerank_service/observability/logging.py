@@ -15,7 +15,7 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -50,10 +50,31 @@ class _RedactSecrets:
     """
 
     def __init__(self, secrets: list[Secret]) -> None:
-        self._secrets = [s for s in secrets if s.reveal()]
+        self._secrets: list[Secret] = []
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[Secret]) -> None:
+        """Mask these too (a key already masked is not added twice)."""
+        known = {secret.reveal() for secret in self._secrets}
+        for secret in secrets:
+            value = secret.reveal()
+            if value and value not in known:
+                self._secrets.append(secret)
+                known.add(value)
 
     def __call__(self, logger: WrappedLogger, method: str, line: Any) -> Any:
         return redact(line, self._secrets) if self._secrets and isinstance(line, str) else line
+
+
+# The masking of the logging configured last: a reload adds the keys it reads (mask_also).
+_redaction: _RedactSecrets | None = None
+
+
+def mask_also(secrets: Iterable[Secret]) -> None:
+    """Mask these secrets too in every line from now on (the keys a reload read); those
+    masked so far stay masked, since lines about retired deployments may still come."""
+    if _redaction is not None:
+        _redaction.add(secrets)
 
 
 def _json_line(event: EventDict, **_: Any) -> str:
@@ -73,6 +94,8 @@ def configure_logging(
     `cache_loggers` binds each module's logger once (saves ~10 µs a line); a process
     that configures logging once (the server) wants it, tests that reconfigure do not.
     """
+    global _redaction
+    _redaction = redaction = _RedactSecrets(secrets or [])
     stream = stream or sys.stderr
     if log_format == "auto":
         log_format = "console" if stream.isatty() else "json"
@@ -88,7 +111,7 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
         renderer,
-        _RedactSecrets(secrets or []),
+        redaction,
     ]
     structlog.configure(
         processors=processors,

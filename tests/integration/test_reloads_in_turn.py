@@ -22,10 +22,12 @@ from rerank_service.backends.upstream import UpstreamBackend
 from rerank_service.config import Settings
 from rerank_service.config.sources import load_settings
 from rerank_service.config.upstream import UpstreamDeploymentConfig
+from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import Metrics
 from rerank_service.routing import Router
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.conftest import UPSTREAM_KEY
+from tests.support.logs import LogCapture
 from tests.support.server import ServerThread
 
 KEY_ENV = "RELOAD_TURN_TEST_UPSTREAM_KEY"
@@ -93,3 +95,28 @@ def test_a_reload_asked_for_during_another_runs_after_it_and_wins(
     assert outcomes == (True, True)
     assert served == ["second"]
     assert len(answer.output.results) == 2
+
+
+NEW_KEY_ENV = "RELOAD_TURN_TEST_NEW_UPSTREAM_KEY"
+NEW_KEY = "sk-reloaded-key-5f2b9c0e7d1a"
+
+
+def test_a_key_a_reload_reads_is_masked_in_every_log_line_from_then_on(
+    tmp_path: Path, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    # logging is configured with the keys of the settings served first (as serve does); the
+    # reloaded file names a deployment whose key is read from a variable only it names.
+    first = _write(tmp_path / "first.yaml", [_deployment("first", upstream.url)])
+    second = _write(
+        tmp_path / "second.yaml", [{**_deployment("second", upstream.url), "api_key_env": NEW_KEY_ENV}]
+    )
+    env = {KEY_ENV: UPSTREAM_KEY, NEW_KEY_ENV: NEW_KEY}
+
+    with ServerThread(load_settings({"config": str(first)}, env=env)) as server:
+        assert server.server is not None
+        reloaded = server.begin(server.server.reload(lambda: load_settings({"config": str(second)}, env=env)))
+        assert reloaded.result(HANG)
+        get_logger("tests.reload").error("upstream refused", detail=f"bad key {NEW_KEY}")
+
+    assert "upstream refused" in logs.text
+    assert NEW_KEY not in logs.text
