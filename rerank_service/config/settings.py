@@ -107,6 +107,20 @@ def _off_is_none(value: object) -> object:
     return value
 
 
+def _not_a_switch(value: object) -> object:
+    # YAML reads on, off, yes, no, true and false as booleans, and pydantic would take
+    # them as 1 and 0: `port: on` must not mean port 1.
+    if isinstance(value, bool):
+        raise ValueError(
+            "must be a number, not a switch (YAML reads on, off, yes, no, true and false as one)"
+        )
+    return value
+
+
+def _off_is_none_or_number(value: object) -> object:
+    return _not_a_switch(_off_is_none(value))
+
+
 def _usage_log_target(value: object) -> object:
     """off (or blank, or YAML's false) is none; stdout in any case is stdout."""
     value = _off_is_none(value)
@@ -237,34 +251,62 @@ def _distinct_models(models: tuple[tuple[str, str], ...]) -> tuple[tuple[str, st
 # --- the kinds of value; Expect says each in words -------------------------------------------
 
 Host = Annotated[str, Field(min_length=1), Expect("a host name or address")]
-Port = Annotated[int, Field(ge=0, le=65535), Expect("a port number from 0 to 65535")]
+Port = Annotated[
+    int, BeforeValidator(_not_a_switch), Field(ge=0, le=65535), Expect("a port number from 0 to 65535")
+]
 OptionalPort = Annotated[
     Annotated[int, Field(ge=0, le=65535)] | None,
-    BeforeValidator(_off_is_none),
+    BeforeValidator(_off_is_none_or_number),
     Expect("a port number from 0 to 65535, or off", unset="off"),
 ]
-Count = Annotated[int, Field(ge=1), Expect("an integer >= 1")]
+Count = Annotated[int, BeforeValidator(_not_a_switch), Field(ge=1), Expect("an integer >= 1")]
 # Settings grpc's C core takes as a C int (counts, and seconds it takes in milliseconds):
 # past these it raises OverflowError when the server is built, so they are refused here.
 _C_INT_MAX = 2**31 - 1
-GrpcCount = Annotated[int, Field(ge=1, le=_C_INT_MAX), Expect(f"an integer from 1 to {_C_INT_MAX}")]
+GrpcCount = Annotated[
+    int,
+    BeforeValidator(_not_a_switch),
+    Field(ge=1, le=_C_INT_MAX),
+    Expect(f"an integer from 1 to {_C_INT_MAX}"),
+]
 _GRPC_SECONDS_MAX = 2_000_000  # about 23 days; as milliseconds, within a C int
 GrpcSeconds = Annotated[
     float,
+    BeforeValidator(_not_a_switch),
     Field(gt=0, le=_GRPC_SECONDS_MAX, allow_inf_nan=False),
     Expect(f"a finite number of seconds > 0, at most {_GRPC_SECONDS_MAX:,}"),
 ]
 GrpcSecondsOrZero = Annotated[
     float,
+    BeforeValidator(_not_a_switch),
     Field(ge=0, le=_GRPC_SECONDS_MAX, allow_inf_nan=False),
     Expect(f"a finite number of seconds >= 0, at most {_GRPC_SECONDS_MAX:,}"),
 ]
-Workers = Annotated[int, BeforeValidator(_auto_workers), Field(ge=1), Expect("an integer >= 1, or auto")]
-CountOrZero = Annotated[int, Field(ge=0), Expect("an integer >= 0")]
-Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False), Expect("a finite number of seconds > 0")]
-SecondsOrZero = Annotated[float, Field(ge=0, allow_inf_nan=False), Expect("a finite number of seconds >= 0")]
+Workers = Annotated[
+    int,
+    BeforeValidator(_not_a_switch),
+    BeforeValidator(_auto_workers),
+    Field(ge=1),
+    Expect("an integer >= 1, or auto"),
+]
+CountOrZero = Annotated[int, BeforeValidator(_not_a_switch), Field(ge=0), Expect("an integer >= 0")]
+Seconds = Annotated[
+    float,
+    BeforeValidator(_not_a_switch),
+    Field(gt=0, allow_inf_nan=False),
+    Expect("a finite number of seconds > 0"),
+]
+SecondsOrZero = Annotated[
+    float,
+    BeforeValidator(_not_a_switch),
+    Field(ge=0, allow_inf_nan=False),
+    Expect("a finite number of seconds >= 0"),
+]
 Milliseconds = Annotated[
-    float, Field(ge=0, allow_inf_nan=False), Expect("a finite number of milliseconds >= 0")
+    float,
+    BeforeValidator(_not_a_switch),
+    Field(ge=0, allow_inf_nan=False),
+    Expect("a finite number of milliseconds >= 0"),
 ]
 Switch = Annotated[bool, Expect("on or off")]
 UpstreamUrl = Annotated[
@@ -285,7 +327,9 @@ OtlpUrl = Annotated[
     AfterValidator(_http_url("http://otel-collector:4317")),
     Expect("an http(s) URL"),
 ]
-Share = Annotated[float, Field(gt=0, le=1), Expect("a share above 0, at most 1")]
+Share = Annotated[
+    float, BeforeValidator(_not_a_switch), Field(gt=0, le=1), Expect("a share above 0, at most 1")
+]
 LimitsStoreFailure = Annotated[Literal["open", "closed"], BeforeValidator(_trimmed_lower)]
 UsageLog = Annotated[
     str | None,
@@ -334,6 +378,7 @@ UrlPath = Annotated[
 ]
 OptionalCount = Annotated[
     Annotated[int, Field(ge=1)] | None,
+    BeforeValidator(_not_a_switch),
     BeforeValidator(_blank_is_none),
     Expect("an integer >= 1", unset="the format's own limit"),
 ]
@@ -487,7 +532,9 @@ class Settings:
     upstream_breaker_probe_timeout: Seconds = Field(
         default=2.0, description="seconds a probe of a down deployment may take"
     )
-    retry_budget: Annotated[float, Field(ge=0, le=1), Expect("a share from 0 to 1")] = Field(
+    retry_budget: Annotated[
+        float, BeforeValidator(_not_a_switch), Field(ge=0, le=1), Expect("a share from 0 to 1")
+    ] = Field(
         default=0.2,
         description="retries and fallbacks of a route, as a share of its calls over the last 10 s "
         "(always at least 10)",

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -134,7 +134,7 @@ def file_layer(path: Path, known: Collection[str]) -> Layer:
     import yaml  # only when a file is given: `rerank-service rerank --help` stays fast
 
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_keys_loader(yaml))  # noqa: S506  (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -152,6 +152,27 @@ def file_layer(path: Path, known: Collection[str]) -> Layer:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"config {path}: unknown setting {key!r}{hint}")
     return Layer(dict(data), {key: f"{key} in {path}" for key in data})
+
+
+def _unique_keys_loader(yaml: Any) -> Any:
+    """yaml's SafeLoader, refusing a mapping that names a key twice: YAML would keep the
+    last one only, so a second `callers:` section would silently drop the first."""
+
+    class UniqueKeys(yaml.SafeLoader):  # type: ignore[misc]
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is written twice in one mapping", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeys
 
 
 # --- the sources -----------------------------------------------------------------------------

@@ -757,3 +757,53 @@ def test_usage_log_off_is_no_usage_log_from_a_variable_a_flag_and_the_file(tmp_p
     assert load(RERANK_CONFIG=config_file(tmp_path, f"usage_log: {off}\n")).usage_log is None
     assert load(RERANK_USAGE_LOG="STDOUT").usage_log == "stdout"
     assert load(RERANK_USAGE_LOG="./off").usage_log == "./off"  # a file named off
+
+
+@pytest.mark.parametrize(
+    ("text", "setting"),
+    [
+        ("port: on\n", "port"),
+        ("metrics_port: on\n", "metrics-port"),
+        ("http_port: yes\n", "http-port"),
+        ("max_concurrent_requests: true\n", "max-concurrent-requests"),
+        ("upstream_timeout: true\n", "upstream-timeout"),
+        ("max_message_bytes: yes\n", "max-message-bytes"),
+        ("workers: on\n", "workers"),
+    ],
+)
+def test_a_yaml_switch_where_a_number_goes_is_refused_not_read_as_1(
+    tmp_path: Path, text: str, setting: str
+) -> None:
+    message = refusal(RERANK_CONFIG=config_file(tmp_path, text))
+
+    assert message.startswith(f"{setting} must be a number, not a switch")
+
+
+def test_metrics_port_off_in_the_file_is_still_off(tmp_path: Path) -> None:
+    assert load(RERANK_CONFIG=config_file(tmp_path, "metrics_port: off\n")).metrics_port is None
+
+
+def test_a_setting_written_twice_in_the_file_is_refused_naming_its_line(tmp_path: Path) -> None:
+    path = config_file(tmp_path, "callers: []\nbackend: upstream\ncallers: []\n")
+
+    assert refusal(RERANK_CONFIG=path) == (
+        f"config {path}: not valid YAML: 'callers' is written twice in one mapping at line 3, column 1"
+    )
+
+
+def test_a_key_written_twice_inside_a_section_is_refused_and_yaml_merges_still_load(tmp_path: Path) -> None:
+    twice = config_file(tmp_path, "models:\n  - name: m\n    name: n\n", "twice.yaml")
+    merged = config_file(
+        tmp_path,
+        "backend: upstream\nmodels:\n  - name: m\n    deployments:\n"
+        "      - &first {url: 'http://127.0.0.1:9', format: dashscope, name: a}\n"
+        "      - <<: *first\n        url: 'http://127.0.0.1:10'\n        name: b\n",
+        "merged.yaml",
+    )
+
+    assert "'name' is written twice in one mapping at line 3" in refusal(RERANK_CONFIG=twice)
+    deployments = load(RERANK_CONFIG=merged).models[0].deployments
+    assert [(d.name, d.url, d.format) for d in deployments] == [
+        ("a", "http://127.0.0.1:9", "dashscope"),
+        ("b", "http://127.0.0.1:10", "dashscope"),
+    ]
