@@ -282,6 +282,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
     routes = build_routes(settings)
     check_local_sources(settings)
+    _check_start_up_files(settings)
     deployments = {id(member.deployment) for route in routes for member in route.members}
     callers = f", {len(settings.callers)} callers" if settings.callers else ""
     print(f"{args.file}: ok: {len(routes)} routes, {len(deployments)} deployments{callers}")
@@ -291,6 +292,24 @@ def _check_config(args: argparse.Namespace) -> int:
         )
         print(f"  {route.name}: {members}")
     return 0
+
+
+def _check_start_up_files(settings: Settings) -> None:
+    """What serve checks as it starts, besides the routes: the TLS files, the workers against
+    the local backend, the usage log's place (not created here), the Redis CA bundles."""
+    from rerank_service.api.grpc.tls import server_credentials
+    from rerank_service.config import readable_file
+    from rerank_service.config.server import ServerConfig
+    from rerank_service.pipeline.usage import check_usage_log
+    from rerank_service.workers import check_workers
+
+    server_credentials(ServerConfig.from_settings(settings).tls)
+    check_workers(settings)
+    check_usage_log(settings.usage_log)
+    for setting in ("cache_store_ca_file", "limits_store_ca_file"):
+        path = getattr(settings, setting)
+        if path is not None:
+            readable_file(path, setting)
 
 
 def _usage(args: argparse.Namespace) -> int:

@@ -62,6 +62,16 @@ class SettingError(ConfigError):
         return type(self), (self.setting, self.problem, self.value)
 
 
+def readable_file(path: Path, setting: str) -> str:
+    """`path`, checked now: a file the server reads later (a Redis CA bundle) that cannot be
+    read stops start-up (exit 2), not every round trip that needs it."""
+    try:
+        path.read_bytes()
+    except OSError as exc:
+        raise SettingError(setting, exc.strerror or str(exc), path) from None
+    return str(path)
+
+
 @dataclasses.dataclass(frozen=True)
 class Expect:
     """What a value must be, in words: error messages and the reference both say it."""

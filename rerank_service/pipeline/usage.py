@@ -90,6 +90,24 @@ def open_usage_log(target: str | None) -> UsageLog | None:
         raise ConfigError(f"usage-log {target}: cannot open it ({exc.strerror or exc})") from None
 
 
+def check_usage_log(target: str | None) -> None:
+    """Whether `open_usage_log` would open `target`, without creating it (check-config): a
+    ConfigError saying why not."""
+    if target is None or target == STDOUT:
+        return
+    path = os.path.abspath(target)
+    if os.path.isdir(path):
+        problem = "Is a directory"
+    elif os.path.exists(path):
+        problem = "" if os.access(path, os.W_OK) else "Permission denied"
+    elif not os.path.isdir(os.path.dirname(path)):
+        problem = "No such file or directory"
+    else:
+        problem = "" if os.access(os.path.dirname(path), os.W_OK) else "Permission denied"
+    if problem:
+        raise ConfigError(f"usage-log {target}: cannot open it ({problem})")
+
+
 class UsageMeter:
     def __init__(self, metrics: CallerMetrics, log: UsageLog | None = None) -> None:
         self.metrics = metrics

@@ -150,6 +150,56 @@ def test_serve_and_check_config_with_an_empty_config_file_exit_2_naming_it(tmp_p
     assert "listening" not in served.stderr + served.stdout
 
 
+UPSTREAM_FILE = "backend: upstream\nupstream_url: http://127.0.0.1:9\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            UPSTREAM_FILE + "tls_cert: /nonexistent/server.pem\ntls_key: /nonexistent/server.key\n",
+            "tls-cert /nonexistent/server.pem: cannot read it (No such file or directory)",
+        ),
+        ("workers: 2\nbackend: local\n", "workers 2 with the local backend on device auto: "),
+        (
+            UPSTREAM_FILE + "usage_log: /nonexistent/dir/usage.jsonl\n",
+            "usage-log /nonexistent/dir/usage.jsonl: cannot open it (No such file or directory)",
+        ),
+        (
+            UPSTREAM_FILE + "cache_store: rediss://127.0.0.1:9\ncache_store_ca_file: /nonexistent/ca.pem\n",
+            "cache-store-ca-file /nonexistent/ca.pem: No such file or directory",
+        ),
+        (
+            UPSTREAM_FILE + "limits_store: rediss://127.0.0.1:9\nlimits_store_ca_file: /nonexistent/ca.pem\n",
+            "limits-store-ca-file /nonexistent/ca.pem: No such file or directory",
+        ),
+    ],
+    ids=["tls-files", "workers-on-a-gpu", "usage-log", "cache-store-ca", "limits-store-ca"],
+)
+def test_check_config_refuses_what_serve_refuses_as_it_starts(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    config = tmp_path / "rerank.yaml"
+    config.write_text(text, encoding="utf-8")
+
+    served = run_cli("serve", "--port", "0", "--metrics-port", "off", "--config", str(config))
+    checked = run_cli("check-config", str(config))
+
+    for result in (served, checked):
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"rerank-service: configuration error: {problem}")
+    assert "serving" not in served.stderr + served.stdout
+
+
+def test_check_config_creates_no_usage_log(tmp_path: Path) -> None:
+    config = tmp_path / "rerank.yaml"
+    config.write_text(UPSTREAM_FILE + f"usage_log: {tmp_path / 'usage.jsonl'}\n", encoding="utf-8")
+
+    assert run_cli("check-config", str(config)).returncode == 0
+    assert not (tmp_path / "usage.jsonl").exists()
+
+
 SECRET_IN_URL = "sk-in-a-url-0123456789abcdef"
 
 
