@@ -10,6 +10,7 @@ part's. A call whose documents all fit pays one cheap bound check and nothing el
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ from rerank_service.core.token_window import (
 DEFAULT_OVERLAP_SHARE = 8
 # A window smaller than this leaves no room to chunk usefully (the query fills it).
 MIN_CHUNK_TOKENS = 8
+# A run of spaces (str.isspace's: re's \s on a str pattern).
+_SPACES = re.compile(r"\s+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,15 +161,16 @@ def plan(request: RerankRequest, limits: CallLimits, max_chunks: int) -> Plan | 
                     )
                 ]
             )
-        _refuse_many_chunks_at_once(documents, tokens, _overlap(request, tokens), max_chunks)
+        _refuse_many_chunks_at_once(documents, tokens, _overlap(request, tokens), max_chunks, window)
     layouts: list[DocumentParts | None] = []
     chunks_so_far = 0
     for index, document in enumerate(documents):
         layout = _layout(document, index, tokens, mode, request, window)
         layouts.append(layout)
-        chunks_so_far += 1 if layout is None else len(layout.spans)
-        if chunks_so_far > max_chunks:
-            raise _too_many_chunks(f"{chunks_so_far:,} or more", max_chunks)
+        if mode is LongDocuments.CHUNK:  # TRUNCATE and REJECT send one part a document at most
+            chunks_so_far += 1 if layout is None else len(layout.spans)
+            if chunks_so_far > max_chunks:
+                raise _too_many_chunks(f"{chunks_so_far:,} or more", max_chunks)
     if all(layout is None for layout in layouts):
         return None
     return _expand(documents, layouts, window.counted_by == COUNTED_BY_ESTIMATE)
@@ -193,12 +197,27 @@ def _overlap(request: RerankRequest, tokens: int) -> int:
     return min(overlap, tokens // 2)  # at most half: every part moves the start on
 
 
-def _refuse_many_chunks_at_once(documents: Sequence[str], tokens: int, overlap: int, max_chunks: int) -> None:
-    """Refuse, before any tokenizing, a call whose parts are surely too many (a 50 MB document)."""
+def _refuse_many_chunks_at_once(
+    documents: Sequence[str], tokens: int, overlap: int, max_chunks: int, window: TokenWindow
+) -> None:
+    """Refuse, before any tokenizing, a call whose parts are surely too many (a 50 MB document).
+
+    The estimate counts every byte, spaces too; a tokenizer may make no token of a space,
+    so where one counts only a document's other characters bound its tokens."""
     step = (tokens - overlap) * MAX_CHARACTERS_PER_TOKEN  # the most characters a part moves on
     fewest = sum(max(1, -(-len(document) // step)) for document in documents)
+    if fewest > max_chunks and window.counted_by != COUNTED_BY_ESTIMATE:
+        fewest = sum(
+            max(1, -(-_unspaced_length(document) // step)) if len(document) > step else 1
+            for document in documents
+        )
     if fewest > max_chunks:
         raise _too_many_chunks(f"at least {fewest:,}", max_chunks)
+
+
+def _unspaced_length(text: str) -> int:
+    """Characters of `text` that are not spaces (str.isspace's), counted in C."""
+    return len(_SPACES.sub("", text))
 
 
 def _too_many_chunks(count: str, max_chunks: int) -> Exception:
@@ -226,16 +245,17 @@ def _layout(
         if measure.tokens <= tokens:
             return None
         return DocumentParts(chunk_spans(document, measure, tokens, _overlap(request, tokens)))
-    # TRUNCATE and REJECT read only as far as the window: a prefix long enough to hold it.
-    prefix = document[: (tokens + 1) * MAX_CHARACTERS_PER_TOKEN]
+    # TRUNCATE and REJECT read only as far as the window: a prefix long enough to hold it
+    # from where the part starts (a part never starts with spaces, nor is blank).
+    start = skip_space(document, 0)
+    prefix = document[: start + (tokens + 1) * MAX_CHARACTERS_PER_TOKEN]
     measure = window.measure(prefix)
-    if measure.tokens <= tokens and len(prefix) == len(document):
-        return None
-    if measure.tokens <= tokens:  # a prefix within the window: every token over 32 characters
+    if len(prefix) < len(document) and measure.fit(start, tokens) >= len(prefix):
+        # The window reaches past the prefix: every token over 32 characters.
         measure = window.measure(document)
         prefix = document
-        if measure.tokens <= tokens:
-            return None
+    if measure.tokens <= tokens and len(prefix) == len(document):
+        return None
     if mode is LongDocuments.REJECT:
         raise invalid_argument(
             [
@@ -246,7 +266,6 @@ def _layout(
                 )
             ]
         )
-    start = skip_space(document, 0)  # a part never starts with spaces, nor is blank
     end = trim_end(document, start, cut_before(prefix, start, max(measure.fit(start, tokens), start + 1)))
     return DocumentParts([(start, end)], truncated=True)
 

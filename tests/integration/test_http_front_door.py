@@ -330,6 +330,15 @@ NATIVE_BAD_BODIES: list[tuple[str, Any, str]] = [
         {"model": "qwen3-rerank", "input": {"query": "q", "documents": ["a"]}, "parameters": [1]},
         "parameters",
     ),
+    # A falsy value of the wrong type is no more an object than [1] is: not read as "no options".
+    *(
+        (
+            f"parameters-{name}",
+            {"model": "qwen3-rerank", "input": {"query": "q", "documents": ["a"]}, "parameters": value},
+            "parameters: must be a JSON object",
+        )
+        for name, value in (("empty-list", []), ("false", False), ("zero", 0), ("empty-string", ""))
+    ),
     ("query-empty", {"model": "qwen3-rerank", "input": {"query": "", "documents": ["a"]}}, "query"),
 ]
 
@@ -348,6 +357,19 @@ def test_a_field_of_the_wrong_type_or_value_is_400_naming_the_field(
     error = assert_error_body(route, response, 400)
     assert field in error["message"]
     assert upstream.requests == []
+
+
+@pytest.mark.parametrize("parameters", ["absent", None], ids=["absent", "null"])
+def test_native_parameters_absent_or_null_are_no_options(
+    http_server: ServerThread, upstream: FakeUpstream, parameters: Any
+) -> None:
+    body: Json = {"model": "qwen3-rerank", "input": {"query": QUERY, "documents": DOCUMENTS}}
+    if parameters != "absent":
+        body["parameters"] = parameters
+    response = post(http_url(http_server), "native", body)
+
+    assert response.status_code == 200, response.text
+    assert len(response.json()["output"]["results"]) == len(DOCUMENTS)
 
 
 @pytest.mark.parametrize("route", ROUTES)

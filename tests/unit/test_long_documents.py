@@ -26,7 +26,12 @@ from rerank_service.core.engine import USAGE_UPSTREAM_CHUNKS_ESTIMATED, RerankEn
 from rerank_service.core.long_documents import chunk_spans, plan
 from rerank_service.core.readiness import Readiness
 from rerank_service.core.text_boundaries import safe_cut, unspaced, word_boundary
-from rerank_service.core.token_window import EstimatedWindow, EstimateMeasure, SpansMeasure
+from rerank_service.core.token_window import (
+    COUNTED_BY_TOKENIZER,
+    EstimatedWindow,
+    EstimateMeasure,
+    SpansMeasure,
+)
 
 # Words of every kind: Latin with accents, Cyrillic, CJK, kana, emoji with skin tones,
 # ZWJ families and flags, combining marks.
@@ -249,6 +254,88 @@ def test_a_50_mb_document_is_refused_without_being_read_through() -> None:
     request = RerankRequest("m", "q", ["word " * 10_000_000], long_documents=LongDocuments.CHUNK)
     with pytest.raises(ServiceError, match="at least"):
         plan(request, CallLimits(window=EstimatedWindow(512)), 1000)
+
+
+@pytest.mark.parametrize("lead", [3_232, 5_000])  # as long as the prefix read (101 x 32), and longer
+def test_truncate_sends_the_first_words_however_many_spaces_lead(lead: int) -> None:
+    words = "Paris is the capital of France. " * 50
+    request = RerankRequest("m", "q", [" " * lead + words], max_tokens_per_doc=100)
+    truncated = plan(request, CallLimits(window=EstimatedWindow(4000)), 1000)
+
+    assert truncated is not None
+    assert truncated.truncated == [True]
+    start, end = truncated.spans[0]
+    assert start == lead  # the first word's start
+    assert end > start
+    part = truncated.parts[0]
+    assert part.startswith("Paris is the capital")
+    assert words.startswith(part)
+    assert estimate_tokens(part) <= 100
+    assert part.endswith("France.")  # cut at a sentence's end, not inside a word
+
+
+# More documents than --max-chunks-per-call, one of them over the window.
+ONE_LONG_AMONG_1_200 = [f"short document number {index}" for index in range(1_200)]
+ONE_LONG_AMONG_1_200[1_100] = "red apple pie. " * 1_000
+
+
+@pytest.mark.parametrize("mode", [None, LongDocuments.TRUNCATE])  # None: the route's default
+def test_truncate_takes_more_documents_than_max_chunks_when_one_is_long(mode: LongDocuments | None) -> None:
+    request = RerankRequest("m", "q", ONE_LONG_AMONG_1_200, long_documents=mode)
+    truncated = plan(request, CallLimits(window=EstimatedWindow(4000)), 1000)
+
+    assert truncated is not None
+    assert len(truncated.parts) == 1_200
+    assert truncated.chunks == [1] * 1_200
+    assert [index for index, cut in enumerate(truncated.truncated) if cut] == [1_100]
+
+
+def test_reject_names_the_long_document_among_more_than_max_chunks() -> None:
+    request = RerankRequest("m", "q", ONE_LONG_AMONG_1_200, long_documents=LongDocuments.REJECT)
+    with pytest.raises(ServiceError) as refused:
+        plan(request, CallLimits(window=EstimatedWindow(4000)), 1000)
+    assert [v.field for v in refused.value.violations] == ["documents[1100]"]
+    assert "--max-chunks-per-call" not in refused.value.message
+
+
+def test_chunk_still_counts_every_document_against_max_chunks() -> None:
+    request = RerankRequest("m", "q", ONE_LONG_AMONG_1_200, long_documents=LongDocuments.CHUNK)
+    with pytest.raises(ServiceError, match="--max-chunks-per-call"):
+        plan(request, CallLimits(window=EstimatedWindow(4000)), 1000)
+
+
+class WordWindow:
+    """A tokenizer's window of one token per word: spaces make no token."""
+
+    counted_by = COUNTED_BY_TOKENIZER
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+
+    def room(self, query: str, instruct: str | None) -> int:
+        return self.tokens
+
+    def measure(self, text: str) -> SpansMeasure:
+        return whitespace_measure(text)
+
+
+def test_chunk_counted_by_a_tokenizer_takes_documents_long_only_in_spaces() -> None:
+    sparse = ("Paris is nice. " + " " * 2_000) * 3  # 6,045 characters, 9 tokens
+    documents = [sparse] * 8
+    request = RerankRequest("m", "q", documents, long_documents=LongDocuments.CHUNK)
+    # 8 documents, each of 9 tokens: within the window, and within 10 chunks in all.
+    assert plan(request, CallLimits(window=WordWindow(100)), 10) is None
+
+
+class UnreadableWindow(WordWindow):
+    def measure(self, text: str) -> SpansMeasure:
+        raise AssertionError("the document was read through")
+
+
+def test_a_document_of_many_words_counted_by_a_tokenizer_is_refused_without_being_read_through() -> None:
+    request = RerankRequest("m", "q", ["word " * 2_000_000], long_documents=LongDocuments.CHUNK)
+    with pytest.raises(ServiceError, match="at least"):
+        plan(request, CallLimits(window=UnreadableWindow(100)), 1000)
 
 
 def test_documents_within_the_window_are_sent_as_they_are_in_every_mode() -> None:

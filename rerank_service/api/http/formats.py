@@ -119,7 +119,9 @@ class _Fields:
 def _parse_native(body: Any) -> RerankRequest:
     top = _Fields(body)
     source = _Fields(top.body.get("input"), "input.")
-    parameters = _Fields(top.body.get("parameters") or {}, "parameters.")
+    given = top.body.get("parameters")
+    # Absent (or null) is no options; anything else but an object is refused, falsy or not.
+    parameters = _Fields({} if given is None else given, "parameters.")
     return _read_request(top, source, parameters, objects=False)
 
 
