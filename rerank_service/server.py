@@ -23,7 +23,7 @@ from rerank_service.api.http.app import FrontDoor
 from rerank_service.api.http.server import HttpServer
 from rerank_service.cache.build import build_score_cache
 from rerank_service.config import ConfigError, Settings
-from rerank_service.config.deployments import reload_refusal
+from rerank_service.config.deployments import authentication_refusal, reload_refusal
 from rerank_service.config.server import CallersConfig, ServerConfig
 from rerank_service.core.backend import Backend
 from rerank_service.core.engine import RerankEngine
@@ -260,12 +260,10 @@ class RerankServer:
                 raise ConfigError(refusal)
             # The callers: keys added or removed, limits changed; never authentication
             # switched on or off (deployments pass callers' tokens upstream without it).
+            refusal = authentication_refusal(self.settings, settings)
+            if refusal is not None:
+                raise ConfigError(refusal)
             callers = CallersConfig.from_settings(settings)
-            if bool(callers.api_keys or callers.callers) != self.pipeline.callers.enabled:
-                raise ConfigError(
-                    "a reload cannot switch callers' authentication on or off (a callers section "
-                    "added to or emptied of a service without --api-keys): restart to"
-                )
             routes = build_routes(
                 settings, reuse=self.backend.deployments, metrics=self.metrics, cache=self.cache
             )

@@ -43,6 +43,7 @@ from typing import Any
 
 from rerank_service.config import ConfigError, Settings, load_settings
 from rerank_service.config.file_trust import flush_held_warnings
+from rerank_service.config.snapshot import ConfigSnapshot
 from rerank_service.observability.logging import configure_logging, get_logger
 from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
 from rerank_service.observability.metrics_multiprocess import multiprocess_registry, worker_exited
@@ -212,6 +213,7 @@ class Supervisor:
         self._announced = False
         self._directory = ""
         self._directory_lock = -1  # held (flock) while this supervisor lives
+        self._config: ConfigSnapshot | None = None  # the file as the workers serve it
 
     def run(self) -> int:
         check_workers(self.settings)
@@ -224,6 +226,9 @@ class Supervisor:
             for stale in remove_stale_metrics_directories():
                 _log.info("stale metrics directory removed", path=stale, why="its supervisor is gone")
             self._directory, self._directory_lock = make_metrics_directory()
+            self._config = ConfigSnapshot(self.args, self._directory)
+            if self._config.taken:
+                self._config.take()
             server = None
             if self.settings.metrics_port is not None:
                 server, self.metrics_port = start_metrics_server(
@@ -309,6 +314,8 @@ class Supervisor:
             signum = self._signals.pop(0)
             alive = [w for w in self._workers if w.process is not None]
             if signum == signal.SIGHUP:
+                if not self._copy_config_for_reload():
+                    continue
                 _log.info("reload", workers=[w.index for w in alive], why="SIGHUP, forwarded to every worker")
             elif not self._stopping:
                 self._stopping = True
@@ -321,6 +328,21 @@ class Supervisor:
                 )
             for worker in alive:
                 self._signal(worker, signum)
+
+    def _copy_config_for_reload(self) -> bool:
+        """Whether the workers are to reload: the file copied for them, if it loads and
+        passes a reload's checks (else they keep serving the copy they have, and a worker
+        restarted later starts from it too)."""
+        if self._config is None or not self._config.taken:
+            return True  # no file: the workers reload the flags and variables
+        try:
+            self._config.renew()
+        except ConfigError as exc:
+            _log.error(
+                "reload refused", error=str(exc), why="the workers keep serving the configuration as it was"
+            )
+            return False
+        return True
 
     def _on_ready(self, ready: Any) -> None:
         for worker in self._workers:
@@ -401,7 +423,15 @@ class Supervisor:
         theirs, ours = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_worker_main,
-            args=(worker.index, self.args, self.port, self.http_port, self._directory, ours, os.getpid()),
+            args=(
+                worker.index,
+                self._worker_args(),
+                self.port,
+                self.http_port,
+                self._directory,
+                ours,
+                os.getpid(),
+            ),
             name=f"rerank-worker-{worker.index}",
         )
         process.start()
@@ -413,6 +443,9 @@ class Supervisor:
         worker.process, worker.ready = process, theirs
         worker.started_at, worker.restart_at = time.monotonic(), None
         _log.info("worker started", worker=worker.index, pid=process.pid, restarts=worker.restarts)
+
+    def _worker_args(self) -> dict[str, Any]:
+        return self._config.worker_args() if self._config is not None else dict(self.args)
 
     def _signal(self, worker: _Worker, signum: int) -> None:
         if worker.pid is None:

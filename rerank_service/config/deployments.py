@@ -204,6 +204,19 @@ def reload_refusal(old: Settings, new: Settings) -> str | None:
     )
 
 
+def authentication_refusal(started: Settings, new: Settings) -> str | None:
+    """Why a reload to `new` must not happen because it would switch callers'
+    authentication on or off (a callers section added to or emptied of a service started
+    without --api-keys, which stay as started): deployments pass callers' tokens upstream
+    without it, so that takes a restart. None when it would not."""
+    if bool(started.api_keys or new.callers) == bool(started.api_keys or started.callers):
+        return None
+    return (
+        "a reload cannot switch callers' authentication on or off (a callers section "
+        "added to or emptied of a service without --api-keys): restart to"
+    )
+
+
 def _flag_models(settings: Settings) -> tuple[str, ...]:
     if settings.backend == "local":
         return tuple(name for name, _ in settings.local_models)

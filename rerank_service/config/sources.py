@@ -38,6 +38,8 @@ T = TypeVar("T")
 FILE_ONLY = ("models", "allow_backend_change", "callers")
 CONFIG_FLAG = "--config"
 CONFIG_ENV = "RERANK_CONFIG"
+# An argument only the workers' supervisor passes: the copy of the config file to read.
+SNAPSHOT_ARG = "config_snapshot"
 
 
 class Layer(NamedTuple):
@@ -119,14 +121,15 @@ def build(cls: type[T], layer: Layer, **extra: Any) -> T:
         raise ConfigError("; ".join(problems)) from None
 
 
-def file_layer(path: Path, known: Collection[str]) -> Layer:
+def file_layer(path: Path, known: Collection[str], read_from: Path | None = None) -> Layer:
     """A YAML file's settings: a mapping of setting names (snake_case) to values.
 
     Values stay as YAML gives them (numbers, lists, mappings), so a nested section reaches
-    its pydantic model whole and is validated there.
+    its pydantic model whole and is validated there. `read_from`: a copy of the file to
+    read in its place (messages still name `path`).
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = (read_from or path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config {path}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
@@ -219,7 +222,9 @@ def _config_file(args: Mapping[str, Any], env: Mapping[str, str]) -> Layer:
     known = (
         [option.name for option in _plain()] + [keys.file_key for keys in secrets.values()] + list(FILE_ONLY)
     )
-    layer = file_layer(Path(path), [*known, *secrets])
+    # `serve --workers N`: the workers read the supervisor's copy of the file, named as the file.
+    snapshot = args.get(SNAPSHOT_ARG)
+    layer = file_layer(Path(path), [*known, *secrets], read_from=Path(snapshot) if snapshot else None)
     for name, keys in secrets.items():
         if name in layer.values:  # a config file is often committed: keys never go in one
             raise ConfigError(

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 import pytest
-from rerank.v1 import rerank_pb2_grpc
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.conftest import UPSTREAM_KEY
@@ -268,3 +268,76 @@ def test_the_metrics_directory_of_a_supervisor_killed_with_sigkill_is_removed_at
     assert not left.exists()
     assert own.name.startswith(f"rerank-metrics-{second.process.pid}-")  # type: ignore[union-attr]
     assert list(tmp_path.glob("rerank-metrics-*")) == []  # the clean stop removed its own
+
+
+def _route_file(path: Path, upstream: FakeUpstream, route: str) -> None:
+    deployment = {"format": "dashscope", "url": upstream.url, "model": "qwen3-rerank"}
+    path.write_text(json.dumps({"models": [{"name": route, "deployments": [deployment]}]}), encoding="utf-8")
+
+
+def _served_routes(service: ServiceProcess, connections: int = 16) -> set[tuple[str, ...]]:
+    """The routes each of `connections` new connections is served (several workers answer)."""
+    served = set()
+    for _ in range(connections):
+        with _channel(service.target) as channel:
+            listed = rerank_pb2_grpc.RerankServiceStub(channel).ListModels(
+                rerank_pb2.ListModelsRequest(), timeout=10
+            )
+            served.add(tuple(model.name for model in listed.models))
+    return served
+
+
+def _workers_ready(service: ServiceProcess, restarts: int) -> bool:
+    return {
+        e["worker"]
+        for e in service.events()
+        if e.get("event") == "worker ready" and e["restarts"] == restarts
+    } == {0, 1}
+
+
+def test_workers_serve_the_file_as_the_supervisor_read_it_until_a_sighup_it_accepts(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    config = tmp_path / "rerank.yaml"
+    _route_file(config, upstream, "first")
+    args = ["--workers", "2", "--config", str(config)]
+    with ServiceProcess(args, env=ENV) as service:
+        _eventually(lambda: _all_serving(service))
+        assert _served_routes(service) == {("first",)}
+
+        # Edited, no SIGHUP yet; then both workers die and are restarted: they serve what
+        # they served before, not the edit (each would have read the file on its own).
+        _route_file(config, upstream, "edited")
+        for pid in _pids(service).values():
+            os.kill(pid, signal.SIGKILL)
+        _eventually(lambda: _workers_ready(service, restarts=1), what="both workers restarted")
+        assert _served_routes(service) == {("first",)}
+
+        service.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        _eventually(
+            lambda: {e.get("worker") for e in service.events() if e.get("event") == "reloaded"} == {0, 1}
+        )
+        assert _served_routes(service) == {("edited",)}
+
+        # A file a reload refuses (its models section gone) is refused by the supervisor
+        # once; the workers, and one restarted after it, serve the last file it accepted.
+        config.write_text("log_level: info\n", encoding="utf-8")
+        service.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        _eventually(
+            lambda: any(e.get("event") == "reload refused" and "worker" not in e for e in service.events()),
+            what="the supervisor's refusal",
+        )
+        os.kill(_pids(service)[0], signal.SIGKILL)
+        _eventually(
+            lambda: any(
+                e.get("event") == "worker ready" and e["worker"] == 0 and e["restarts"] == 2
+                for e in service.events()
+            ),
+            what="worker 0 restarted again",
+        )
+        assert _served_routes(service) == {("edited",)}
+        refused = [e for e in service.events() if e.get("event") == "reload refused"]
+        assert [e.get("worker") for e in refused] == [None]  # the workers were never asked
+        assert "has no models: section any more" in refused[0]["error"]
+        assert str(config) in refused[0]["error"]
+        assert service.terminate() == 0, service.output[-5000:]
