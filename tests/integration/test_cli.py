@@ -140,13 +140,19 @@ def test_serve_and_check_config_with_an_empty_config_file_exit_2_naming_it(tmp_p
     config = tmp_path / "rerank.yaml"
     config.write_text(text, encoding="utf-8")
 
-    served = run_cli("serve", "--port", "0", "--config", str(config))
+    _serve_and_check_config_refuse(config, f"config {config}: is empty")
+
+
+def _serve_and_check_config_refuse(config: Path, problem: str) -> None:
+    """`serve --config` and `check-config` each exit 2 with one line starting with `problem`;
+    serve never starts serving."""
+    served = run_cli("serve", "--port", "0", "--metrics-port", "off", "--config", str(config))
     checked = run_cli("check-config", str(config))
 
     for result in (served, checked):
         assert result.returncode == 2, result.stderr
         [line] = result.stderr.strip().splitlines()
-        assert line.startswith(f"rerank-service: configuration error: config {config}: is empty")
+        assert line.startswith(f"rerank-service: configuration error: {problem}")
     assert "listening" not in served.stderr + served.stdout
 
 
@@ -182,14 +188,7 @@ def test_check_config_refuses_what_serve_refuses_as_it_starts(
     config = tmp_path / "rerank.yaml"
     config.write_text(text, encoding="utf-8")
 
-    served = run_cli("serve", "--port", "0", "--metrics-port", "off", "--config", str(config))
-    checked = run_cli("check-config", str(config))
-
-    for result in (served, checked):
-        assert result.returncode == 2, result.stderr
-        [line] = result.stderr.strip().splitlines()
-        assert line.startswith(f"rerank-service: configuration error: {problem}")
-    assert "serving" not in served.stderr + served.stdout
+    _serve_and_check_config_refuse(config, problem)
 
 
 def test_check_config_creates_no_usage_log(tmp_path: Path) -> None:
