@@ -28,6 +28,7 @@ from tests.support.process import ServiceProcess
 from tests.support.rpc import code_of, expect_error, request, trailing
 from tests.support.scrape import Samples, scrape, value
 from tests.support.server import ServerThread
+from tests.support.waiting import wait_until
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TIMING_KEYS = ("x-total-time", "x-queue-time", "x-upstream-time")
@@ -268,10 +269,14 @@ def test_a_call_that_failed_after_retries_reports_the_time_its_attempts_took(
     assert milliseconds(metadata, "x-upstream-time") >= 150  # three 50 ms attempts
 
 
-def test_list_models_carries_timing(server: ServerThread) -> None:
+def test_list_models_carries_timing_and_its_request_id(server: ServerThread, logs: LogCapture) -> None:
     _, call = server.stub.ListModels.with_call(rerank_pb2.ListModelsRequest(), timeout=5)
 
-    assert set(TIMING_KEYS) <= set(as_text(call.trailing_metadata()))
+    trailers = as_text(call.trailing_metadata())
+    assert set(TIMING_KEYS) <= set(trailers)
+    wait_until(lambda: any(e.get("event") == "call" for e in logs.events()), what="the call's log line")
+    [line] = [e for e in logs.events() if e.get("event") == "call"]
+    assert trailers["x-request-id"] == line["request_id"]
 
 
 def test_parallel_chunks_count_once_in_the_upstream_time(

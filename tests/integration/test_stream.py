@@ -246,7 +246,8 @@ def test_a_stream_without_an_accepted_key_is_unauthenticated(
 def test_each_item_and_the_stream_are_logged(
     server: ServerThread, upstream: FakeUpstream, logs: LogCapture
 ) -> None:
-    list(server.stub.RerankStream(iter([item("a"), item("b", query="")]), timeout=10))
+    stream_call = server.stub.RerankStream(iter([item("a"), item("b", query="")]), timeout=10)
+    list(stream_call)
 
     wait_until(lambda: any(e["event"] == "stream" for e in logs.events()), what="the stream's log line")
     items = {e["item_id"]: e for e in logs.events() if e["event"] == "call"}
@@ -257,6 +258,8 @@ def test_each_item_and_the_stream_are_logged(
     assert stream["code"] == "OK"
     assert stream["items"] == 2
     assert stream["method"] == "/rerank.v1.RerankService/RerankStream"
+    # The stream's own request id, as its log line names it, in its trailers.
+    assert dict(stream_call.trailing_metadata())["x-request-id"] == stream["request_id"]
 
 
 # --- streams that send nothing ---

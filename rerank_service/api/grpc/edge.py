@@ -291,6 +291,8 @@ class RerankServiceEdge:
                 except Exception:
                     bug = call.bug()
                     await context.abort(bug.code, bug.message, error_metadata(bug, call.request_id))
+                # The stream's own id, as its log line says it (each item's answer names its own).
+                context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
                 call.succeeded()
             finally:
                 items.close()
@@ -437,8 +439,8 @@ class _StreamItems:
 
 
 def _outcome_metadata(outcome: RerankOutcome | None, request_id: str) -> Metadata:
-    if outcome is None:
-        return ()
+    if outcome is None:  # a call that reranks nothing (ListModels): its own id
+        return ((REQUEST_ID_KEY, request_id),)
     reported = outcome.upstream_request_id or request_id
     metadata: Metadata = ((REQUEST_ID_KEY, reported), (USAGE_SOURCE_KEY, outcome.usage_source))
     if outcome.upstream_request_ids:
