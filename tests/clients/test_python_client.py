@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 
 import grpc
@@ -122,11 +122,13 @@ async def test_asyncio_client_reranks_streams_and_reports_errors(live_server: Li
 
 
 class FlakyServicer(rerank_pb2_grpc.RerankServiceServicer):
-    """Answers UNAVAILABLE to the first `failures` calls, then a one-result ranking."""
+    """Answers UNAVAILABLE to the first `failures` calls, then a one-result ranking; a
+    stream, after reading its items, always UNAVAILABLE."""
 
     def __init__(self, failures: int) -> None:
         self.failures = failures
         self.calls = 0
+        self.items = 0
 
     def Rerank(
         self, request: rerank_pb2.RerankRequest, context: grpc.ServicerContext
@@ -139,10 +141,37 @@ class FlakyServicer(rerank_pb2_grpc.RerankServiceServicer):
             output=rerank_pb2.RerankOutput(results=[rerank_pb2.RerankResult(index=0, relevance_score=1)]),
         )
 
+    def RerankStream(
+        self, requests: Iterator[rerank_pb2.RerankStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[rerank_pb2.RerankStreamResponse]:
+        self.calls += 1
+        self.items += sum(1 for _ in requests)  # every item read, as the service would run them
+        context.abort(grpc.StatusCode.UNAVAILABLE, "max connection age")
+        yield rerank_pb2.RerankStreamResponse()  # never reached: abort raises
+
+
+def test_a_stream_that_ends_unavailable_is_not_replayed_by_the_channel() -> None:
+    """The server may have run a stream's items before it ended UNAVAILABLE (a connection
+    aged out): replaying them would score, bill and charge each again."""
+    servicer = FlakyServicer(failures=4)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    rerank_pb2_grpc.add_RerankServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        items = [("a", build_request("q", ["d"], "m")), ("b", build_request("q", ["e"], "m"))]
+        with RerankClient(f"127.0.0.1:{port}") as client, pytest.raises(grpc.RpcError) as caught:
+            list(client.rerank_stream(items))
+    finally:
+        server.stop(0)
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (servicer.calls, servicer.items) == (1, 2)
+
 
 @pytest.mark.parametrize(("failures", "succeeds"), [(2, True), (4, False)])
 def test_unavailable_is_retried_by_the_channel_not_by_hand(failures: int, succeeds: bool) -> None:
-    servicer = FlakyServicer(failures)  # type: ignore[abstract]  # only Rerank is called
+    servicer = FlakyServicer(failures)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     rerank_pb2_grpc.add_RerankServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")

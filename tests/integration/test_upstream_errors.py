@@ -396,3 +396,23 @@ def test_retried_failures_echoing_the_key_leak_it_nowhere(
     assert UPSTREAM_KEY not in logs.text
     assert 'rerank_upstream_retries_total{reason="503"} ' in exposition
     assert UPSTREAM_KEY not in exposition
+
+
+def test_an_upstream_failure_after_the_services_own_retries_is_not_retried_by_the_callers_grpc(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    """The service tried the upstream 3 times; a client whose gRPC retries UNAVAILABLE (as
+    rerank_client's service config does, 4 attempts) must not make that 12."""
+    from rerank_client import RerankClient
+
+    upstream.always(Fault(status=503))
+    with (
+        serve(upstream_max_attempts=3, upstream_retry_backoff=0.01) as server,
+        RerankClient(server.target) as client,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        client.rerank("red apple", ["a red apple", "a car"])
+
+    assert code_of(caught.value) == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "UPSTREAM_UNAVAILABLE"
+    assert len(upstream.requests) == 3

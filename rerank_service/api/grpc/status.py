@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
@@ -25,7 +26,20 @@ def error_metadata(error: ServiceError, request_id: str) -> Metadata:
     metadata: Metadata = (*rpc_status.to_status(status).trailing_metadata, (REQUEST_ID_KEY, request_id))
     if error.deployment:
         metadata += ((DEPLOYMENT_KEY, error.deployment),)
+    if error.code is grpc.StatusCode.UNAVAILABLE and _decided(error.reason):
+        metadata += _NO_TRANSPARENT_RETRY
     return metadata
+
+
+# gRPC clients' retry policies retry UNAVAILABLE at once; an UNAVAILABLE the server
+# answered after calling the upstream (its own retries done, or the deployment down) or
+# after asking the limits store would only multiply the load on what is failing: such
+# answers tell the client's gRPC not to retry them (the caller decides, RetryInfo in hand).
+_NO_TRANSPARENT_RETRY: Metadata = (("grpc-retry-pushback-ms", "-1"),)
+
+
+def _decided(reason: str | None) -> bool:
+    return reason is not None and (reason.startswith("UPSTREAM_") or reason == "LIMITS_STORE_UNAVAILABLE")
 
 
 def _details(error: ServiceError) -> list[Message]:

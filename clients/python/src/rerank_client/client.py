@@ -1,8 +1,8 @@
 """`RerankClient` (blocking) and `AsyncRerankClient` (asyncio) for rerank.v1.RerankService.
 
 Retries of UNAVAILABLE are left to gRPC itself, through the channel's service config
-(exponential backoff, at most 4 attempts, only while the call's deadline allows), so
-no call is ever retried by hand here.
+(exponential backoff, at most 4 attempts, only while the call's deadline allows; Rerank
+and ListModels, never a stream), so no call is ever retried by hand here.
 """
 
 from __future__ import annotations
@@ -21,7 +21,12 @@ RETRY_SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [{"service": "rerank.v1.RerankService"}],
+                # The unary methods only: a stream that ends UNAVAILABLE may have had items
+                # run already, and a replay would run (and bill) each again.
+                "name": [
+                    {"service": "rerank.v1.RerankService", "method": "Rerank"},
+                    {"service": "rerank.v1.RerankService", "method": "ListModels"},
+                ],
                 "retryPolicy": {
                     "maxAttempts": 4,
                     "initialBackoff": "0.1s",
