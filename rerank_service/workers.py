@@ -192,6 +192,7 @@ class _Worker:
     backoff: float = FIRST_BACKOFF
     restart_at: float | None = None
     restarts: int = 0
+    reload_pending: bool = False  # a SIGHUP came while it was starting: sent once it serves
 
 
 class Supervisor:
@@ -317,7 +318,13 @@ class Supervisor:
                 if not self._copy_config_for_reload():
                     continue
                 _log.info("reload", workers=[w.index for w in alive], why="SIGHUP, forwarded to every worker")
-            elif not self._stopping:
+                for worker in alive:
+                    if worker.serving:
+                        self._signal(worker, signum)
+                    else:  # still starting: it may have read the file before the copy changed
+                        worker.reload_pending = True
+                continue
+            if not self._stopping:
                 self._stopping = True
                 self._stop_deadline = time.monotonic() + self._drain_seconds()
                 _log.info(
@@ -327,7 +334,9 @@ class Supervisor:
                     grace_s=self.settings.shutdown_grace,
                 )
             for worker in alive:
-                self._signal(worker, signum)
+                # One still starting holds no calls: SIGTERM ends it at any point of its
+                # start, where a SIGINT before its handlers would be a KeyboardInterrupt.
+                self._signal(worker, signum if worker.serving else signal.SIGTERM)
 
     def _copy_config_for_reload(self) -> bool:
         """Whether the workers are to reload: the file copied for them, if it loads and
@@ -363,6 +372,9 @@ class Supervisor:
             return
         worker.serving = worker.served_once = True
         _log.info("worker ready", worker=worker.index, pid=worker.pid, restarts=worker.restarts)
+        if worker.reload_pending and not self._stopping:
+            worker.reload_pending = False
+            self._signal(worker, signal.SIGHUP)
         if not self._announced:
             self._announced = True
             _log.info(
@@ -387,8 +399,9 @@ class Supervisor:
         served, worker.serving = worker.serving, False
         how = {"exit_code": code} if code is None or code >= 0 else {"signal": signal.Signals(-code).name}
         if self._stopping:
-            # Stopped while still starting (before its handlers were set): it held no calls.
-            unstarted = not served and code in (-signal.SIGTERM, -signal.SIGINT)
+            # Stopped while still starting (before its handlers were set, however it
+            # ended): it held no calls, so no drain failed.
+            unstarted = not served
             if code != 0 and not unstarted:
                 self._failed_drain = True
             (_log.info if code == 0 else _log.error)("worker stopped", worker=worker.index, pid=pid, **how)
@@ -442,6 +455,7 @@ class Supervisor:
         worker.pid = process.pid
         worker.process, worker.ready = process, theirs
         worker.started_at, worker.restart_at = time.monotonic(), None
+        worker.reload_pending = False  # it reads the file's copy as it is now
         _log.info("worker started", worker=worker.index, pid=process.pid, restarts=worker.restarts)
 
     def _worker_args(self) -> dict[str, Any]:
@@ -474,6 +488,12 @@ def _worker_main(
     """One worker: the settings loaded as serve loads them, on the supervisor's ports,
     recording its metrics into files in the supervisor's `metrics_directory`."""
     _die_with_parent(parent)
+    # Until serve sets its own handlers: a SIGHUP (a reload asked for while this worker
+    # starts, or a terminal's hangup) must not kill it, and a SIGINT (Ctrl-C reaches the
+    # whole process group) ends it as SIGTERM does, by the signal, not a KeyboardInterrupt
+    # traceback and exit code 1.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     import asyncio
 
     import structlog

@@ -341,3 +341,42 @@ def test_workers_serve_the_file_as_the_supervisor_read_it_until_a_sighup_it_acce
         assert "has no models: section any more" in refused[0]["error"]
         assert str(config) in refused[0]["error"]
         assert service.terminate() == 0, service.output[-5000:]
+
+
+def test_a_sighup_while_a_worker_starts_again_is_sent_to_it_once_it_serves(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    config = tmp_path / "rerank.yaml"
+    _route_file(config, upstream, "first")
+    with ServiceProcess(["--workers", "2", "--config", str(config)], env=ENV) as service:
+        _eventually(lambda: _all_serving(service))
+        victim = _pids(service)[0]
+        os.kill(victim, signal.SIGKILL)
+        _eventually(lambda: _pids(service)[0] != victim, what="worker 0 started again")
+        # Worker 0 is importing, loading its settings: a SIGHUP now must not kill it.
+        _route_file(config, upstream, "second")
+        service.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        _eventually(
+            lambda: {e.get("worker") for e in service.events() if e.get("event") == "reloaded"} == {0, 1},
+            what="both workers reloaded",
+        )
+        assert _served_routes(service) == {("second",)}
+        died = [e for e in service.events() if e.get("event") == "worker died"]
+        assert [(e["worker"], e.get("signal")) for e in died] == [(0, "SIGKILL")]
+        assert service.terminate() == 0, service.output[-5000:]
+
+
+def test_sigint_while_a_worker_starts_again_drains_and_exits_zero(upstream: FakeUpstream) -> None:
+    """Ctrl-C reaches every process of the group; a worker still starting ends by the
+    signal (it held no calls), not with a KeyboardInterrupt traceback and exit code 1."""
+    with ServiceProcess(_args(upstream), env=ENV) as service:
+        _eventually(lambda: _all_serving(service))
+        victim = _pids(service)[0]
+        os.kill(victim, signal.SIGKILL)
+        _eventually(lambda: _pids(service)[0] != victim, what="worker 0 started again")
+        assert service.process is not None
+        service.process.send_signal(signal.SIGINT)
+        code = service.process.wait(timeout=60)
+
+    assert code == 0, service.output[-5000:]
+    assert "KeyboardInterrupt" not in service.output
