@@ -33,7 +33,14 @@ from contextvars import Token
 import grpc
 
 from rerank_service.config.secret import Secret
-from rerank_service.core.domain import CacheOutcome, CallContext, RerankOutcome, RerankRequest, ServiceError
+from rerank_service.core.domain import (
+    CacheOutcome,
+    CallContext,
+    RerankOutcome,
+    RerankRequest,
+    ServiceError,
+    echo,
+)
 from rerank_service.core.engine import RerankEngine
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import MethodMetrics, Metrics
@@ -343,7 +350,7 @@ class Call:
         )
         if facts.model is not None:
             attributes["gen_ai.operation.name"] = "rerank"
-            attributes["gen_ai.request.model"] = facts.model
+            attributes["gen_ai.request.model"] = echo(facts.model)  # cut, as the log line cuts it
         if facts.documents is not None:
             attributes["rerank.documents"] = facts.documents
         if facts.total_tokens is not None:

@@ -103,6 +103,23 @@ def test_a_call_is_a_server_span_under_the_callers_with_its_attempt_below(
     assert received.headers["traceparent"] == (f"00-{CALLER_TRACE}-{hex_id(attempt.context.span_id, 16)}-01")
 
 
+def test_a_model_name_the_caller_sent_is_cut_in_the_span_as_in_the_log(
+    traced: ServerThread, spans: InMemorySpanExporter, logs: LogCapture
+) -> None:
+    long_name = "m" * 200_000  # no such model: NOT_FOUND, but the span still names what was asked
+    expect_error(
+        lambda: traced.stub.Rerank(request(model=long_name), metadata=(("traceparent", SAMPLED),), timeout=10)
+    )
+
+    (server,) = named(finished(spans, 1), RERANK)
+    shown = dict(server.attributes or {})["gen_ai.request.model"]
+    assert isinstance(shown, str)
+    assert len(shown) < 100
+    assert shown.startswith("mmmm")
+    wait_until(lambda: any(e.get("event") == "call" for e in logs.events()), what="the call's log line")
+    assert [e["model"] for e in logs.events() if e.get("event") == "call"] == [shown]
+
+
 def test_a_retried_attempt_is_a_second_client_span_and_the_failed_one_says_why(
     traced: ServerThread, upstream: FakeUpstream, spans: InMemorySpanExporter
 ) -> None:
