@@ -162,7 +162,8 @@ class Metrics:
         )
         self.deployment_state = Gauge(
             "rerank_deployment_state",
-            "A deployment's health: 0 healthy, 1 ejected (tried last), 2 down (refused but for probes).",
+            "A deployment's health: 0 healthy, 1 ejected (tried last), 2 down (refused but for probes); "
+            "0 once a reload took it out of every route.",
             ["deployment"],
             registry=registry,
             multiprocess_mode="livemax",  # workers: the worst state any live worker sees
@@ -329,12 +330,13 @@ def _child(children: dict[str, Counter], family: Counter, label: str) -> Counter
 class DeploymentMetrics:
     """One deployment's metric children, bound once per route and outcome."""
 
-    __slots__ = ("_calls", "_latency", "_metrics", "_state", "name")
+    __slots__ = ("_calls", "_latency", "_metrics", "_retired", "_state", "name")
 
     def __init__(self, metrics: Metrics, name: str) -> None:
         self.name = name
         self._metrics = metrics
         self._state: str | None = None
+        self._retired = False
         self._calls: dict[tuple[str, grpc.StatusCode | None], Counter] = {}
         self._latency: dict[str, Histogram] = {}
 
@@ -354,12 +356,21 @@ class DeploymentMetrics:
 
     def set_state(self, state: str, level: int) -> None:
         """The deployment is now in `state`, whose gauge value is `level` (0: healthy)."""
-        if state == self._state:
+        if state == self._state or self._retired:
             return
         if level:
             self._metrics.deployment_ejections.labels(self.name, state).inc()
         self._state = state
         self._metrics.deployment_state.labels(self.name).set(level)
+
+    def retire(self, replaced: bool) -> None:
+        """A reload took the deployment out: its state is no longer written (a deployment
+        of the same name that `replaced` it writes it now), and without a replacement it
+        reads 0, so an alert on a deployment that is down does not fire for one no route
+        serves (kept at 0, not removed: with workers a value lives on in the worker's file)."""
+        self._retired = True
+        if not replaced:
+            self._metrics.deployment_state.labels(self.name).set(0)
 
 
 class MethodMetrics:

@@ -93,6 +93,10 @@ class Deployment:
             self._idle.clear()
             await self._idle.wait()
 
+    def retire(self, replaced: bool) -> None:
+        """A reload took it out of every route (`replaced`: by a deployment of its name)."""
+        self._metrics.retire(replaced)
+
     def _state_changed(self) -> None:
         state = self.state
         self._metrics.set_state(state.value, _STATE_LEVELS[state])

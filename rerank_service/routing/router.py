@@ -123,7 +123,9 @@ class Router:
         self._models, self._limits = None, {}
         self._follow(added)
         self._update_readiness()
+        names = {deployment.name for deployment in kept}
         for deployment in dropped:
+            deployment.retire(replaced=deployment.name in names)
             retiring = asyncio.create_task(
                 _close_when_idle(deployment, grace), name=f"retire {deployment.name}"
             )

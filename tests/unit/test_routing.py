@@ -729,3 +729,30 @@ async def test_a_reload_whose_new_deployment_fails_to_start_changes_nothing() ->
     assert answered.deployment == "old"  # the old routes still serve
     assert fresh.closed == 1  # what the failed reload started is closed again
     assert old.closed == 1  # by the router's own close, not by the reload
+
+
+async def test_a_deployment_a_reload_drops_reads_0_and_one_replaced_is_written_by_its_successor() -> None:
+    metrics = Metrics()
+
+    def state(name: str) -> float | None:
+        return metrics.registry.get_sample_value("rerank_deployment_state", {"deployment": name})
+
+    gone_health, swapped_health = health_on(), health_on()
+    gone = Deployment("gone", FakeBackend("gone"), gone_health, metrics=metrics)
+    swapped = Deployment("swapped", FakeBackend("swapped"), swapped_health, metrics=metrics)
+    successor_health = health_on()
+    successor = Deployment("swapped", FakeBackend("swapped"), successor_health, metrics=metrics)
+    kept = Deployment("kept", FakeBackend("kept"), None, metrics=metrics)
+
+    async with running(
+        Router([route_of(Member(gone, ROUTE), Member(swapped, ROUTE), Member(kept, ROUTE))], metrics)
+    ) as router:
+        take_down(gone_health)
+        assert state("gone") == 2
+
+        await router.replace([route_of(Member(successor, ROUTE), Member(kept, ROUTE))], grace=1.0)
+        assert state("gone") == 0  # no route serves it: an alert on down deployments stays quiet
+        take_down(swapped_health)  # the retiring instance's health changes while it drains
+        assert state("swapped") == 0  # the successor's (healthy), not the retired one's
+        eject(successor_health)
+        assert state("swapped") == 1
