@@ -86,6 +86,13 @@ def reserve_port(host: str, port: int) -> socket.socket:
     family, kind, proto, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
+    if port:
+        # Bound first without SO_REUSEPORT: another process sharing the port with it (a
+        # second supervisor, any server that sets it) makes this fail, where the bind
+        # below would join it and split the connections.
+        with socket.socket(family, kind, proto) as alone:
+            alone.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, as a listener
+            alone.bind(address)
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

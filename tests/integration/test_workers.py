@@ -380,3 +380,18 @@ def test_sigint_while_a_worker_starts_again_drains_and_exits_zero(upstream: Fake
 
     assert code == 0, service.output[-5000:]
     assert "KeyboardInterrupt" not in service.output
+
+
+@pytest.mark.parametrize("second", [["--workers", "2"], []], ids=["workers", "one-process"])
+def test_a_port_another_service_serves_stops_start_up_rather_than_being_shared(
+    upstream: FakeUpstream, second: list[str]
+) -> None:
+    """SO_REUSEPORT would let a second service join a port a first one serves and split its
+    connections silently; neither a supervisor nor one process may join another's port."""
+    for first in (["--workers", "2"], []):
+        with ServiceProcess(_args(upstream)[:4] + first, env=ENV) as service:
+            result = run_cli("serve", *_args(upstream)[:4], *second, "--port", str(service.port), env=ENV)
+            assert result.returncode == 1, (first, second, result.stderr[-2000:])
+            assert "cannot start" in result.stderr
+            assert "in use" in result.stderr or "bind" in result.stderr.lower()
+            assert service.terminate() == 0

@@ -43,8 +43,10 @@ class GrpcServer:
         self.port: int | None = None
         edge = RerankServiceEdge(pipeline, backend_time_key, stream_idle_timeout=config.stream_idle_timeout)
         options: list[tuple[str, int]] = channel_options(config)
-        if reuse_port:  # grpc's default on Linux; said here because the workers rely on it
-            options.append(("grpc.so_reuseport", 1))
+        # A worker shares the port with its siblings (SO_REUSEPORT); one process alone must
+        # not, or a second service started on its port by mistake would silently take half
+        # its connections (grpc sets SO_REUSEPORT on Linux by default).
+        options.append(("grpc.so_reuseport", 1 if reuse_port else 0))
         # Health and reflection have bounds of their own (side_calls.py), added to grpc's
         # limit on open calls: a flood of them never takes a slot a rerank call needs.
         self.side_calls = SideCalls(SideCallLimits.from_config(config.side_calls))
