@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable
 from itertools import repeat
 from operator import attrgetter
 
@@ -36,6 +37,9 @@ from rerank_service.core.domain import (
 )
 from rerank_service.core.long_documents import Plan, plan
 from rerank_service.core.long_documents import violations as long_document_violations
+
+# What `RerankEngine.validate` found a request to ask for: its model, and the route's limits.
+Validated = tuple[ModelInfo, CallLimits]
 
 # --max-chunks-per-call's default.
 DEFAULT_MAX_CHUNKS_PER_CALL = 1000
@@ -70,8 +74,12 @@ class RerankEngine:
         # Asked each time: a local backend learns what its models can do when it loads them.
         return self._backend.models()
 
-    async def rerank(self, request: RerankRequest, context: CallContext) -> RerankOutcome:
-        model, limits = self._validate(request)
+    async def rerank(
+        self, request: RerankRequest, context: CallContext, validated: Validated | None = None
+    ) -> RerankOutcome:
+        """Rank `request`'s documents; `validated`: what `validate` said of it, when the
+        caller validated it first (else it is validated here)."""
+        model, limits = validated if validated is not None else self.validate(request)
         parts = await self._plan(request, limits)
         scored = request if parts is None else parts.scored_request(request, chunked=max(parts.chunks) > 1)
         chunks = split(scored.query, scored.documents, limits)
@@ -166,19 +174,21 @@ class RerankEngine:
                 ]
             )
 
-    def _validate(self, request: RerankRequest) -> tuple[ModelInfo, CallLimits]:
-        """Check every field, report all violations at once, then resolve the model."""
-        violations: list[FieldViolation] = []
-        if not request.model.strip():
-            violations.append(FieldViolation("model", "must not be empty"))
-        if not request.query.strip():
-            violations.append(FieldViolation("query", "must not be empty or only whitespace"))
-        if not request.documents:
-            violations.append(FieldViolation("documents", "must hold at least one document"))
-        violations.extend(_blank_documents(request.documents))
-        if request.top_n is not None and request.top_n < 1:
-            violations.append(FieldViolation("top_n", f"must be at least 1 when set, got {request.top_n}"))
-        violations.extend(long_document_violations(request))
+    def validate(self, request: RerankRequest, may_call: Callable[[str], None] | None = None) -> Validated:
+        """Check every field and report all violations at once, then resolve the model.
+
+        `may_call(model)` raises when the caller may not call the model. It is asked
+        before the model is looked up, so a caller never learns from a NOT_FOUND, or from
+        a model's limits, what it may not call; and a request whose fields are wrong is
+        INVALID_ARGUMENT whoever sends it."""
+        violations = self._field_violations(request)
+        if may_call is not None:
+            try:
+                may_call(request.model)
+            except ServiceError:
+                if violations:
+                    raise invalid_argument(violations) from None
+                raise
         served = {model.name: model for model in self._backend.models()}
         model = served.get(request.model)
         if model is not None and len(request.documents) > model.max_documents:
@@ -197,6 +207,22 @@ class RerankEngine:
         if model is None:
             raise model_not_found(request.model, list(served))
         return model, limits
+
+    @staticmethod
+    def _field_violations(request: RerankRequest) -> list[FieldViolation]:
+        """What is wrong with the request whatever model it names."""
+        violations: list[FieldViolation] = []
+        if not request.model.strip():
+            violations.append(FieldViolation("model", "must not be empty"))
+        if not request.query.strip():
+            violations.append(FieldViolation("query", "must not be empty or only whitespace"))
+        if not request.documents:
+            violations.append(FieldViolation("documents", "must hold at least one document"))
+        violations.extend(_blank_documents(request.documents))
+        if request.top_n is not None and request.top_n < 1:
+            violations.append(FieldViolation("top_n", f"must be at least 1 when set, got {request.top_n}"))
+        violations.extend(long_document_violations(request))
+        return violations
 
 
 # Each blank document is named, up to this many; the rest are counted in one violation.

@@ -267,8 +267,11 @@ class Call:
         for `finish`."""
         self.documents, self.model = len(request.documents), request.model
         caller = self.caller
-        if caller is not None and caller.models is not None:
-            caller.check_model(request.model)
+        engine = self._pipeline.engine
+        # Validated before the caller's limits are charged (a bad request costs it nothing),
+        # asking whether it may call the model before the model is looked up.
+        may_call = caller.check_model if caller is not None and caller.models is not None else None
+        validated = engine.validate(request, may_call)
         if context.deadline is not None and time.monotonic() >= context.deadline:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call ran")
         if caller is not None and caller.limits is not None:
@@ -286,7 +289,7 @@ class Call:
                 finally:
                     if waiting is not None:
                         waiting.end()
-        self.outcome = await self._pipeline.engine.rerank(request, context)
+        self.outcome = await engine.rerank(request, context, validated)
         return self.outcome
 
     def succeeded(self) -> None:

@@ -21,7 +21,7 @@ from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.conftest import UPSTREAM_KEY
 from tests.support.certs import CertificateAuthority
 from tests.support.process import run_cli
-from tests.support.rpc import _unpacked, error_info, retry_delay
+from tests.support.rpc import _unpacked, error_info, field_violations, retry_delay
 from tests.support.scrape import scrape, value
 from tests.support.tenants import (
     ADS_KEY,
@@ -29,6 +29,7 @@ from tests.support.tenants import (
     bearer,
     call,
     caller,
+    channel,
     http_call,
     rerank_request,
     service,
@@ -303,3 +304,38 @@ def test_check_config_refuses_a_bad_callers_section_in_one_line_with_exit_2(
         (line,) = completed.stderr.strip().splitlines()
         assert "callers[1].credentials[0] holds the same key as callers[0].credentials[0]" in line
         assert SEARCH_KEY not in line
+
+
+def test_a_bad_request_is_invalid_argument_whoever_sends_it_and_costs_the_caller_no_limit(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    config = write_config(
+        tmp_path / "rerank.yaml",
+        upstream,
+        [caller("search", "SEARCH_KEY", models=["qwen3-rerank"], limits={"requests_per_minute": 2})],
+    )
+    blank_model = rerank_request(model="")
+    bad_top_n = rerank_request()
+    bad_top_n.top_n = 0
+    other_model_blank_query = rerank_request(model="gte-rerank-v2")
+    other_model_blank_query.query = " "
+    with service(config) as process, channel(process.target) as opened:
+        stub = rerank_pb2_grpc.RerankServiceStub(opened)
+
+        def rerank(request: rerank_pb2.RerankRequest) -> rerank_pb2.RerankResponse | grpc.RpcError:
+            try:
+                answer: rerank_pb2.RerankResponse = stub.Rerank(
+                    request, metadata=bearer(SEARCH_KEY), timeout=10
+                )
+                return answer
+            except grpc.RpcError as error:
+                return error
+
+        refused = [rerank(bad) for bad in (blank_model, bad_top_n, bad_top_n, other_model_blank_query)]
+        served = [rerank(rerank_request()) for _ in range(2)]  # the caller's whole minute is left
+
+    for error, field in zip(refused, ("model", "top_n", "top_n", "query"), strict=True):
+        assert isinstance(error, grpc.RpcError)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert field in field_violations(error)
+    assert all(isinstance(answer, rerank_pb2.RerankResponse) for answer in served)

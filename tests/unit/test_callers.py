@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -24,8 +25,9 @@ from rerank_service.config.callers import (
 )
 from rerank_service.config.reference import CALLERS_EXAMPLE
 from rerank_service.config.secret import Secret
+from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import CallContext, ModelInfo, RerankOutcome, RerankRequest, ServiceError
-from rerank_service.core.engine import RerankEngine
+from rerank_service.core.engine import RerankEngine, Validated
 from rerank_service.pipeline.admission import Admission
 from rerank_service.pipeline.call import Call, Pipeline
 from rerank_service.pipeline.callers import ANONYMOUS_CALLER, Caller, CallerDirectory, certificate_identities
@@ -415,7 +417,12 @@ class _FailingEngine:
     def models(self) -> list[ModelInfo]:
         return [ModelInfo("qwen3-rerank", 100, 100, supports_instruct=True, backend="upstream")]
 
-    async def rerank(self, request: RerankRequest, context: CallContext) -> RerankOutcome:
+    def validate(self, request: RerankRequest, may_call: Callable[[str], None] | None = None) -> Validated:
+        return self.models()[0], CallLimits()
+
+    async def rerank(
+        self, request: RerankRequest, context: CallContext, validated: Validated | None = None
+    ) -> RerankOutcome:
         raise self.error
 
 
