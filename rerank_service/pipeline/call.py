@@ -147,14 +147,6 @@ class Pipeline:
         """Whether a route serves `model` (a name a caller sent may be anything)."""
         return any(info.name == model for info in self.engine.models())
 
-    @staticmethod
-    def refused_at_once(measured: MethodMetrics, code: grpc.StatusCode, documents: int) -> str:
-        """A call refused before it opened (a duplicate stream item id): counted, and its
-        request id to answer with."""
-        measured.started()
-        measured.finished(code, 0.0, documents, None)
-        return new_request_id()
-
 
 class Call:
     """One call going through the pipeline: what it gathered so far, as values."""

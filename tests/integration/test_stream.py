@@ -114,8 +114,8 @@ def test_an_upstream_failure_answers_that_item_with_code_and_retry_delay(
     assert answered["b"].WhichOneof("result") == "response"
 
 
-def test_a_duplicate_id_in_flight_is_an_error_for_that_item(
-    server: ServerThread, upstream: FakeUpstream
+def test_a_duplicate_id_in_flight_is_an_error_for_that_item_logged_with_its_request_id(
+    server: ServerThread, upstream: FakeUpstream, logs: LogCapture
 ) -> None:
     upstream.inject(Fault(delay=0.3))
     answered = list(server.stub.RerankStream(iter([item("same"), item("same"), item("other")]), timeout=30))
@@ -123,6 +123,12 @@ def test_a_duplicate_id_in_flight_is_an_error_for_that_item(
     errors = [r for r in answered if r.WhichOneof("result") == "error"]
     assert len(answered) == 3
     assert [(r.id, r.error.field_violations[0].field) for r in errors] == [("same", "id")]
+    # The request id the refusal names is the one its log line says, as for any item.
+    wait_until(lambda: any(e["event"] == "stream" for e in logs.events()), what="the stream's log line")
+    lines = {e["request_id"]: e for e in logs.events() if e["event"] == "call"}
+    refused = lines[errors[0].error.request_id]
+    assert (refused["item_id"], refused["code"]) == ("same", "INVALID_ARGUMENT")
+    assert len(lines) == 3
 
 
 def test_the_window_bounds_upstream_calls_in_flight_against_a_fast_client(

@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-import grpc
 from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2
 
@@ -106,13 +105,22 @@ class RerankServicer:
                 item_call.finish()
 
         def duplicate(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
-            error = invalid_argument(
-                [FieldViolation("id", f"id {echo(item.id)!r} is already in flight on this stream")]
-            )
-            request_id = Pipeline.refused_at_once(
-                item_metrics, grpc.StatusCode.INVALID_ARGUMENT, len(item.request.documents)
-            )
-            return rerank_pb2.RerankStreamResponse(id=item.id, error=to_error_proto(error, request_id))
+            # Refused at once, but a call of its own all the same: counted, and logged with
+            # the request id its answer gives (the id a caller quotes must be in the log).
+            item_call = pipeline.open(
+                STREAM_ITEM_PATH, peer, item_metrics, item_id=item.id, scoped=False, caller=call.caller,
+                trace=(shared.traceparent, shared.tracestate), stream=call,
+            )  # fmt: skip
+            try:
+                error = invalid_argument(
+                    [FieldViolation("id", f"id {echo(item.id)!r} is already in flight on this stream")]
+                )
+                item_call.failed(error)
+                return rerank_pb2.RerankStreamResponse(
+                    id=item.id, error=to_error_proto(error, item_call.request_id)
+                )
+            finally:
+                item_call.finish()
 
         def failed(item: rerank_pb2.RerankStreamRequest, exc: Exception) -> rerank_pb2.RerankStreamResponse:
             # The pipeline answers every failure of the work; this is a bug in answering it.
