@@ -414,5 +414,7 @@ def test_an_upstream_failure_after_the_services_own_retries_is_not_retried_by_th
         client.rerank("red apple", ["a red apple", "a car"])
 
     assert code_of(caught.value) == grpc.StatusCode.UNAVAILABLE
-    assert error_info(caught.value).reason == "UPSTREAM_UNAVAILABLE"
+    info = error_info(caught.value)
+    assert info is not None
+    assert info.reason == "UPSTREAM_UNAVAILABLE"
     assert len(upstream.requests) == 3
