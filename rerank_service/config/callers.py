@@ -24,6 +24,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, InstanceOf, model_validator
 
 from rerank_service.config.secret import Secret, UnreadableKeyFile, file_named, read_key_file, variable_named
+from rerank_service.config.switches import NOT_A_SWITCH
 
 # Names of anonymous callers (`--api-keys`, pass-through) and of a call without a key.
 ANONYMOUS = "anonymous"
@@ -103,8 +104,8 @@ class CredentialEntry(BaseModel):
         return self
 
 
-PerMinute = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-BurstSize = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PerMinute = Annotated[float, Field(gt=0, allow_inf_nan=False), NOT_A_SWITCH]
+BurstSize = Annotated[float, Field(gt=0, allow_inf_nan=False), NOT_A_SWITCH]
 
 
 class BurstEntry(BaseModel):
@@ -133,7 +134,7 @@ class LimitsEntry(BaseModel):
     requests_per_minute: PerMinute | None = None
     documents_per_minute: PerMinute | None = None
     tokens_per_minute: PerMinute | None = None
-    concurrent: Annotated[int, Field(ge=1)] | None = None
+    concurrent: Annotated[int, Field(ge=1), NOT_A_SWITCH] | None = None
     burst: BurstEntry | None = None
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, InstanceOf, model_validator
 
 from rerank_service.config.secret import Secret, UnreadableKeyFile, file_named, read_key_file, variable_named
+from rerank_service.config.switches import NOT_A_SWITCH
 
 # The formats of backends/upstream, and the in-process model.
 Format = Annotated[
@@ -72,22 +73,22 @@ class DeploymentEntry(BaseModel):
     model: Name | None = None  # the name sent upstream (default: the route's name)
     api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
     api_key_file: Path | None = None
-    priority: Annotated[int, Field(ge=0)] = 0  # lowest first; higher numbers are fallbacks
-    weight: Annotated[int, Field(ge=1)] = 1  # share among deployments of the same priority
+    priority: Annotated[int, Field(ge=0), NOT_A_SWITCH] = 0  # lowest first; higher numbers are fallbacks
+    weight: Annotated[int, Field(ge=1), NOT_A_SWITCH] = 1  # share among deployments of the same priority
     path: str | None = None
-    timeout: float | None = None
-    max_connections: int | None = None
-    max_attempts: int | None = None
-    retry_backoff: float | None = None
-    retry_max_backoff: float | None = None
-    breaker_failures: int | None = None
-    breaker_cooldown: float | None = None
-    breaker_window: float | None = None
-    breaker_probe_timeout: float | None = None
+    timeout: Annotated[float | None, NOT_A_SWITCH] = None
+    max_connections: Annotated[int | None, NOT_A_SWITCH] = None
+    max_attempts: Annotated[int | None, NOT_A_SWITCH] = None
+    retry_backoff: Annotated[float | None, NOT_A_SWITCH] = None
+    retry_max_backoff: Annotated[float | None, NOT_A_SWITCH] = None
+    breaker_failures: Annotated[int | None, NOT_A_SWITCH] = None
+    breaker_cooldown: Annotated[float | None, NOT_A_SWITCH] = None
+    breaker_window: Annotated[float | None, NOT_A_SWITCH] = None
+    breaker_probe_timeout: Annotated[float | None, NOT_A_SWITCH] = None
     score_transform: str | None = None
     prompt_template: str | None = None
-    documents_per_call: int | None = None
-    tokens_per_call: int | None = None
+    documents_per_call: Annotated[int | None, NOT_A_SWITCH] = None
+    tokens_per_call: Annotated[int | None, NOT_A_SWITCH] = None
     proxy: str | None = None
     ca_file: Path | None = None
     tokenizer: str | None = None

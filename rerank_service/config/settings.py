@@ -27,6 +27,7 @@ from pydantic.fields import FieldInfo
 from rerank_service.config.callers import CallerEntry, caller_secrets, distinct_callers
 from rerank_service.config.routes import FileOnly, RouteEntry, distinct_routes
 from rerank_service.config.secret import Secret
+from rerank_service.config.switches import NOT_A_SWITCH, not_a_switch
 
 DEFAULT_UPSTREAM_URL = "https://dashscope-intl.aliyuncs.com"
 # The model that ships with `pip install rerank-service[local]`: no download, no key.
@@ -117,18 +118,8 @@ def _off_is_none(value: object) -> object:
     return value
 
 
-def _not_a_switch(value: object) -> object:
-    # YAML reads on, off, yes, no, true and false as booleans, and pydantic would take
-    # them as 1 and 0: `port: on` must not mean port 1.
-    if isinstance(value, bool):
-        raise ValueError(
-            "must be a number, not a switch (YAML reads on, off, yes, no, true and false as one)"
-        )
-    return value
-
-
 def _off_is_none_or_number(value: object) -> object:
-    return _not_a_switch(_off_is_none(value))
+    return not_a_switch(_off_is_none(value))
 
 
 def _usage_log_target(value: object) -> object:
@@ -261,60 +252,58 @@ def _distinct_models(models: tuple[tuple[str, str], ...]) -> tuple[tuple[str, st
 # --- the kinds of value; Expect says each in words -------------------------------------------
 
 Host = Annotated[str, Field(min_length=1), Expect("a host name or address")]
-Port = Annotated[
-    int, BeforeValidator(_not_a_switch), Field(ge=0, le=65535), Expect("a port number from 0 to 65535")
-]
+Port = Annotated[int, NOT_A_SWITCH, Field(ge=0, le=65535), Expect("a port number from 0 to 65535")]
 OptionalPort = Annotated[
     Annotated[int, Field(ge=0, le=65535)] | None,
     BeforeValidator(_off_is_none_or_number),
     Expect("a port number from 0 to 65535, or off", unset="off"),
 ]
-Count = Annotated[int, BeforeValidator(_not_a_switch), Field(ge=1), Expect("an integer >= 1")]
+Count = Annotated[int, NOT_A_SWITCH, Field(ge=1), Expect("an integer >= 1")]
 # Settings grpc's C core takes as a C int (counts, and seconds it takes in milliseconds):
 # past these it raises OverflowError when the server is built, so they are refused here.
 _C_INT_MAX = 2**31 - 1
 GrpcCount = Annotated[
     int,
-    BeforeValidator(_not_a_switch),
+    NOT_A_SWITCH,
     Field(ge=1, le=_C_INT_MAX),
     Expect(f"an integer from 1 to {_C_INT_MAX}"),
 ]
 _GRPC_SECONDS_MAX = 2_000_000  # about 23 days; as milliseconds, within a C int
 GrpcSeconds = Annotated[
     float,
-    BeforeValidator(_not_a_switch),
+    NOT_A_SWITCH,
     Field(gt=0, le=_GRPC_SECONDS_MAX, allow_inf_nan=False),
     Expect(f"a finite number of seconds > 0, at most {_GRPC_SECONDS_MAX:,}"),
 ]
 GrpcSecondsOrZero = Annotated[
     float,
-    BeforeValidator(_not_a_switch),
+    NOT_A_SWITCH,
     Field(ge=0, le=_GRPC_SECONDS_MAX, allow_inf_nan=False),
     Expect(f"a finite number of seconds >= 0, at most {_GRPC_SECONDS_MAX:,}"),
 ]
 Workers = Annotated[
     int,
-    BeforeValidator(_not_a_switch),
+    NOT_A_SWITCH,
     BeforeValidator(_auto_workers),
     Field(ge=1),
     Expect("an integer >= 1, or auto"),
 ]
-CountOrZero = Annotated[int, BeforeValidator(_not_a_switch), Field(ge=0), Expect("an integer >= 0")]
+CountOrZero = Annotated[int, NOT_A_SWITCH, Field(ge=0), Expect("an integer >= 0")]
 Seconds = Annotated[
     float,
-    BeforeValidator(_not_a_switch),
+    NOT_A_SWITCH,
     Field(gt=0, allow_inf_nan=False),
     Expect("a finite number of seconds > 0"),
 ]
 SecondsOrZero = Annotated[
     float,
-    BeforeValidator(_not_a_switch),
+    NOT_A_SWITCH,
     Field(ge=0, allow_inf_nan=False),
     Expect("a finite number of seconds >= 0"),
 ]
 Milliseconds = Annotated[
     float,
-    BeforeValidator(_not_a_switch),
+    NOT_A_SWITCH,
     Field(ge=0, allow_inf_nan=False),
     Expect("a finite number of milliseconds >= 0"),
 ]
@@ -337,9 +326,7 @@ OtlpUrl = Annotated[
     AfterValidator(_http_url("http://otel-collector:4317")),
     Expect("an http(s) URL"),
 ]
-Share = Annotated[
-    float, BeforeValidator(_not_a_switch), Field(gt=0, le=1), Expect("a share above 0, at most 1")
-]
+Share = Annotated[float, NOT_A_SWITCH, Field(gt=0, le=1), Expect("a share above 0, at most 1")]
 LimitsStoreFailure = Annotated[Literal["open", "closed"], BeforeValidator(_trimmed_lower)]
 UsageLog = Annotated[
     str | None,
@@ -388,7 +375,7 @@ UrlPath = Annotated[
 ]
 OptionalCount = Annotated[
     Annotated[int, Field(ge=1)] | None,
-    BeforeValidator(_not_a_switch),
+    NOT_A_SWITCH,
     BeforeValidator(_blank_is_none),
     Expect("an integer >= 1", unset="the format's own limit"),
 ]
@@ -542,9 +529,7 @@ class Settings:
     upstream_breaker_probe_timeout: Seconds = Field(
         default=2.0, description="seconds a probe of a down deployment may take"
     )
-    retry_budget: Annotated[
-        float, BeforeValidator(_not_a_switch), Field(ge=0, le=1), Expect("a share from 0 to 1")
-    ] = Field(
+    retry_budget: Annotated[float, NOT_A_SWITCH, Field(ge=0, le=1), Expect("a share from 0 to 1")] = Field(
         default=0.2,
         description="retries and fallbacks of a route, as a share of its calls over the last 10 s "
         "(always at least 10)",

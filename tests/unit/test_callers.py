@@ -479,3 +479,19 @@ def test_a_key_pasted_where_its_variable_goes_is_not_repeated_when_unset() -> No
 
     assert pasted not in str(refused.value)
     assert "names a variable, which is not set" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("limits", "where"),
+    [
+        ("{requests_per_minute: on}", "callers[0].limits.requests_per_minute"),
+        ("{concurrent: yes}", "callers[0].limits.concurrent"),
+        ("{tokens_per_minute: 100, burst: {tokens: true}}", "callers[0].limits.burst.tokens"),
+    ],
+)
+def test_a_yaml_switch_where_a_limit_takes_a_number_is_refused(
+    tmp_path: Path, limits: str, where: str
+) -> None:
+    text = f"callers:\n  - name: a\n    credentials: [{{key_sha256: {SHA}}}]\n    limits: {limits}\n"
+
+    assert refusal(tmp_path, text).startswith(f"{where} must be a number, not a switch")

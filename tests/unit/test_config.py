@@ -807,3 +807,25 @@ def test_a_key_written_twice_inside_a_section_is_refused_and_yaml_merges_still_l
         ("a", "http://127.0.0.1:9", "dashscope"),
         ("b", "http://127.0.0.1:10", "dashscope"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "where"),
+    [
+        ("        timeout: true\n", "models[0].deployments[0].timeout"),
+        ("        priority: on\n", "models[0].deployments[0].priority"),
+        ("        weight: yes\n", "models[0].deployments[0].weight"),
+        ("        documents_per_call: on\n", "models[0].deployments[0].documents_per_call"),
+    ],
+)
+def test_a_yaml_switch_where_a_deployment_takes_a_number_is_refused(
+    tmp_path: Path, entry: str, where: str
+) -> None:
+    text = (
+        "backend: upstream\nmodels:\n  - name: m\n    deployments:\n"
+        "      - url: http://127.0.0.1:9\n        format: dashscope\n" + entry
+    )
+
+    assert refusal(RERANK_CONFIG=config_file(tmp_path, text)).startswith(
+        f"{where} must be a number, not a switch"
+    )
