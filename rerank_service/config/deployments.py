@@ -179,11 +179,20 @@ def backend_kinds(settings: Settings) -> frozenset[str]:
 def reload_refusal(old: Settings, new: Settings) -> str | None:
     """Why a reload from `old` to `new` must not happen, or None.
 
+    Never one that switches callers' authentication on or off (a callers section added
+    to or emptied of a service without --api-keys, which stay as started): deployments
+    pass callers' tokens upstream without it, so that takes a restart.
+
     A file truncated or caught mid-write can still be valid YAML: without its `models:`
     section it would put the flags' one deployment (the local demo model, by default) in
     place of every route. Such a change is taken only when the new file says so with
     `allow_backend_change: true`.
     """
+    if bool(old.api_keys or new.callers) != bool(old.api_keys or old.callers):
+        return (
+            "a reload cannot switch callers' authentication on or off (a callers section "
+            "added to or emptied of a service without --api-keys): restart to"
+        )
     if new.allow_backend_change:
         return None
     if old.models and not new.models:
@@ -201,19 +210,6 @@ def reload_refusal(old: Settings, new: Settings) -> str | None:
         return None
     return (
         f"the configuration {problem}; set allow_backend_change: true in {_config_file(new)} if that is meant"
-    )
-
-
-def authentication_refusal(started: Settings, new: Settings) -> str | None:
-    """Why a reload to `new` must not happen because it would switch callers'
-    authentication on or off (a callers section added to or emptied of a service started
-    without --api-keys, which stay as started): deployments pass callers' tokens upstream
-    without it, so that takes a restart. None when it would not."""
-    if bool(started.api_keys or new.callers) == bool(started.api_keys or started.callers):
-        return None
-    return (
-        "a reload cannot switch callers' authentication on or off (a callers section "
-        "added to or emptied of a service without --api-keys): restart to"
     )
 
 

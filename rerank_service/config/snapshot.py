@@ -15,25 +15,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rerank_service.config.deployments import authentication_refusal, reload_refusal
+from rerank_service.config.deployments import reload_refusal
 from rerank_service.config.settings import ConfigError, Settings
 from rerank_service.config.sources import CONFIG_ENV, SNAPSHOT_ARG, load_settings
 
 
 class ConfigSnapshot:
     """The copy in `directory` (the supervisor's own) of the file `args` or the environment
-    name; `taken` is False when they name none (then there is nothing to copy)."""
+    name; `has_file` is False when they name none (then there is nothing to copy)."""
 
     def __init__(self, args: Mapping[str, Any], directory: str) -> None:
         named = args.get("config") or os.environ.get(CONFIG_ENV, "").strip()
         self._file = Path(named) if named else None
         self._args = {key: value for key, value in args.items() if key != SNAPSHOT_ARG}
         self.path = Path(directory) / "config.yaml"
-        self._started: Settings | None = None
         self._served: Settings | None = None
 
     @property
-    def taken(self) -> bool:
+    def has_file(self) -> bool:
         return self._file is not None
 
     def worker_args(self) -> dict[str, Any]:
@@ -42,19 +41,10 @@ class ConfigSnapshot:
             return dict(self._args)
         return {**self._args, SNAPSHOT_ARG: str(self.path)}
 
-    def take(self) -> Settings:
-        """Copy the file now, as the workers will serve it from the start; a ConfigError when
-        it does not load."""
-        settings = self._copied(check=False)
-        self._started = self._served = settings
-        return settings
-
-    def renew(self) -> Settings:
-        """Copy the file again for a reload (SIGHUP), if it loads and passes the checks a
-        reload makes; a ConfigError saying why not, the copy left as it was."""
-        return self._copied(check=True)
-
-    def _copied(self, check: bool) -> Settings:
+    def copy(self) -> Settings:
+        """Copy the file for the workers and load it: the first time, as they serve it from
+        the start; later (a SIGHUP), only if a reload from what the copy held may take it.
+        A ConfigError says why not, the copy left as it was."""
         assert self._file is not None, "no config file to copy"
         try:
             data = self._file.read_bytes()
@@ -64,14 +54,9 @@ class ConfigSnapshot:
         candidate.write_bytes(data)
         try:
             settings = load_settings({**self._args, SNAPSHOT_ARG: str(candidate)})
-            if check:
-                assert self._started is not None, "take() comes first"
-                assert self._served is not None
-                refusal = reload_refusal(self._served, settings) or authentication_refusal(
-                    self._started, settings
-                )
-                if refusal is not None:
-                    raise ConfigError(refusal)
+            refusal = None if self._served is None else reload_refusal(self._served, settings)
+            if refusal is not None:
+                raise ConfigError(refusal)
         except BaseException:
             candidate.unlink(missing_ok=True)
             raise

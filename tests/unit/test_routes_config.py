@@ -569,6 +569,32 @@ def test_a_reload_that_changes_the_backend_kind_or_drops_the_models_section_need
     assert reload_refusal(old, load(allowed)) is None
 
 
+CALLERS = f"callers:\n  - name: search\n    credentials: [{{key_sha256: {'ab' * 32}}}]\n"
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [("backend: local\n", "backend: local\n" + CALLERS), ("backend: local\n" + CALLERS, "backend: local\n")],
+    ids=["callers-added", "callers-emptied"],
+)
+def test_a_reload_never_switches_callers_authentication_on_or_off_even_when_allowed(
+    tmp_path: Path, before: str, after: str
+) -> None:
+    old = load(write(tmp_path, before, "old.yaml"))
+
+    for text in (after, "allow_backend_change: true\n" + after):
+        refused = reload_refusal(old, load(write(tmp_path, text, "new.yaml")))
+        assert refused is not None
+        assert refused.startswith("a reload cannot switch callers' authentication on or off")
+
+
+def test_callers_added_beside_api_keys_switch_nothing(tmp_path: Path) -> None:
+    env = {"RERANK_API_KEYS": "caller-key-0123456789"}
+    old = load(write(tmp_path, "backend: local\n", "old.yaml"), **env)
+
+    assert reload_refusal(old, load(write(tmp_path, "backend: local\n" + CALLERS, "new.yaml"), **env)) is None
+
+
 def test_allow_backend_change_is_read_from_the_file_only(tmp_path: Path) -> None:
     """A flag or variable would allow every later reload too: only the file being loaded says so."""
     assert load(write(tmp_path, "allow_backend_change: true\n")).allow_backend_change
