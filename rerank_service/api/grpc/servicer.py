@@ -77,13 +77,16 @@ class RerankServicer:
         pipeline = self._pipeline
         item_metrics = pipeline.metrics.stream_items
 
-        async def handle(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
-            # Each item is a call of its own in the pipeline; it runs in a task of its own,
-            # so the request id bound is this item's only.
-            item_call = pipeline.open(
+        def open_item(item: rerank_pb2.RerankStreamRequest) -> Call:
+            # Each item is a call of its own in the pipeline, under the stream's caller and trace.
+            return pipeline.open(
                 STREAM_ITEM_PATH, peer, item_metrics, item_id=item.id, scoped=False, caller=call.caller,
                 trace=(shared.traceparent, shared.tracestate), stream=call,
             )  # fmt: skip
+
+        async def handle(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
+            # It runs in a task of its own, so the request id bound is this item's only.
+            item_call = open_item(item)
             try:
                 refusal = request_iterator.refusal(item)
                 if refusal is not None:  # admission had no slot for it: this item fails, not the stream
@@ -107,10 +110,7 @@ class RerankServicer:
         def duplicate(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
             # Refused at once, but a call of its own all the same: counted, and logged with
             # the request id its answer gives (the id a caller quotes must be in the log).
-            item_call = pipeline.open(
-                STREAM_ITEM_PATH, peer, item_metrics, item_id=item.id, scoped=False, caller=call.caller,
-                trace=(shared.traceparent, shared.tracestate), stream=call,
-            )  # fmt: skip
+            item_call = open_item(item)
             try:
                 error = invalid_argument(
                     [FieldViolation("id", f"id {echo(item.id)!r} is already in flight on this stream")]
