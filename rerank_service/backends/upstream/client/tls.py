@@ -37,5 +37,3 @@ def _trusting(path: Path) -> ssl.SSLContext:
         raise SettingError("upstream_ca_file", "holds no valid PEM certificate", path) from None
     except OSError as exc:
         raise SettingError("upstream_ca_file", f"cannot read it ({exc.strerror or exc})", path) from None
-    except ValueError:  # the OS takes no path with a NUL byte
-        raise SettingError("upstream_ca_file", "is not a file path (it holds a NUL byte)", path) from None
