@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import grpc
@@ -30,15 +29,12 @@ INVALID = [
 def test_invalid_request_is_invalid_argument_naming_the_field_without_calling_upstream(
     server: ServerThread, upstream: FakeUpstream, fields: dict[str, Any], field: str
 ) -> None:
-    started = time.perf_counter()
     error = expect_error(lambda: server.stub.Rerank(request(**fields), timeout=5))
-    elapsed = time.perf_counter() - started
 
     assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT
     assert field in field_violations(error)
     assert field in details_of(error)
     assert upstream.requests == []
-    assert elapsed < 1.0  # answered by the service itself, not after an upstream round trip
     assert trailing(error)["x-request-id"]
 
 
