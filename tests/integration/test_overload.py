@@ -86,8 +86,9 @@ def test_twice_the_capacity_refuses_the_excess_at_once_and_serves_the_rest(servi
     assert result.sent == round(2 * CAPACITY * SECONDS)
     # Only two outcomes: success, or refused for overload.
     assert set(result.codes) == {"OK", "RESOURCE_EXHAUSTED OVERLOADED"}, result.codes
-    # Refused at once, not after queueing.
-    assert max(result.refused_seconds) < 0.1
+    # Refused at once, not after queueing: a refusal that waited for a slot would have waited
+    # out an upstream call.
+    assert max(result.refused_seconds) < OVERLOAD_LATENCY
     # The service kept serving at about its capacity meanwhile, at the upstream's pace.
     assert result.codes["OK"] >= 0.7 * CAPACITY * SECONDS
     assert max(result.ok_seconds) < OVERLOAD_LATENCY + 0.5
@@ -96,7 +97,7 @@ def test_twice_the_capacity_refuses_the_excess_at_once_and_serves_the_rest(servi
     assert result.rss_peak - result.rss_before < RSS_GROWTH_BOUND
     # Recovered at once: the next call takes what any call takes.
     assert result.recovery_code == "OK"
-    assert result.recovery_seconds < OVERLOAD_LATENCY + 0.2
+    assert result.recovery_seconds < OVERLOAD_LATENCY + 0.5
 
 
 def test_a_message_over_max_message_bytes_is_resource_exhausted_and_the_server_goes_on(
