@@ -160,22 +160,28 @@ class MemoryTier:
     def put(self, key: bytes, entry: CachedScore) -> None:
         self.put_columns((key,), (entry.score,), (entry.tokens,))
 
-    def put_many(self, entries: Iterable[tuple[bytes, CachedScore]]) -> None:
+    def put_many(self, entries: Iterable[tuple[bytes, CachedScore]], ttl: float | None = None) -> None:
         pairs = list(entries)
         self.put_columns(
             [key for key, _ in pairs],
             [entry.score for _, entry in pairs],
             [entry.tokens for _, entry in pairs],
+            ttl,
         )
 
     def put_columns(
-        self, keys: Sequence[bytes], scores: Sequence[float], tokens: Sequence[int | None]
+        self,
+        keys: Sequence[bytes],
+        scores: Sequence[float],
+        tokens: Sequence[int | None],
+        ttl: float | None = None,
     ) -> None:
         """Store `scores[i]` (and `tokens[i]`, None for none) under `keys[i]`, as the most
-        recently used, evicting the least recently used ones for room."""
+        recently used, evicting the least recently used ones for room. They expire after
+        `ttl` seconds, at most the tier's own time to live (None: that)."""
         if not self.enabled or not keys:
             return
-        expires = self._clock() + self.ttl
+        expires = self._clock() + (self.ttl if ttl is None else min(ttl, self.ttl))
         lengths = set(map(len, keys))
         cost = _key_cost(keys[0])
         if len(lengths) != 1 or cost != USUAL_COST or cost > self.max_bytes or None in tokens:

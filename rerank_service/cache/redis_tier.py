@@ -76,6 +76,25 @@ class RedisTier:
         self.misses += len(entries) - found
         return entries
 
+    async def time_left(self, keys: Sequence[bytes]) -> list[float | None]:
+        """Each key's time to live left in Redis, in seconds (0 for one gone meanwhile; None
+        for one kept without expiry): what a copy of its entry elsewhere may keep it. One
+        round trip; all 0 when Redis fails or is skipped (a copy then is not kept)."""
+        if not keys or not self._may_try():
+            return [0.0] * len(keys)
+        try:
+            async with asyncio.timeout(self.timeout):
+                pipe = self._client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.pttl(self._prefix + key)
+                left = await pipe.execute()
+        except Exception as error:  # any failure of the tier: nothing is copied
+            self._failed("ttl", error)
+            return [0.0] * len(keys)
+        self._answered()
+        # PTTL: -2 for a key that is gone, -1 for one without expiry.
+        return [None if ms == -1 else max(0, ms) / 1000 for ms in left]
+
     async def put_many(self, entries: Sequence[tuple[bytes, CachedScore]]) -> None:
         """Store each entry with the tier's expiry; a failure loses the writes, nothing else."""
         if not entries or not self._may_try():

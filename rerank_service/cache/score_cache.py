@@ -231,12 +231,12 @@ class ScoreCache:
                 span.end()
         if not found:
             return
-        if self._memory is not None:
-            self._memory.put_many(found)  # written back: the next call finds them here
         self._flights.resolve(flight, found)
         for key, entry in found:
             for index in own[key]:
                 hits[index] = entry
+        if self._memory is not None:
+            await _write_back(self._memory, self._redis, found)
 
     async def _wait_for(
         self, others: dict[bytes, tuple[Flight, list[int]]], hits: dict[int, CachedScore], wait: float
@@ -275,6 +275,19 @@ class ScoreCache:
             self._hits += len(lookup.hits)
             self._misses += len(lookup.missing)
         return lookup
+
+
+async def _write_back(memory: MemoryTier, redis: RedisTier, found: list[tuple[bytes, CachedScore]]) -> None:
+    """Copy Redis's hits to memory, so the next call finds them there, for no longer than
+    Redis keeps them: a score is used for `--cache-ttl` from when it was computed, in either
+    tier, not that again from each replica's first read. (A second round trip, once per pair
+    and replica; the pairs found together were mostly stored together, and all are kept for
+    the shortest time any has left: one read again from Redis early costs a round trip.)"""
+    left = await redis.time_left([key for key, _ in found])
+    kept = [(pair, seconds) for pair, seconds in zip(found, left, strict=True) if seconds != 0]  # 0: gone
+    times = [seconds for _, seconds in kept if seconds is not None]  # None: Redis keeps it for good
+    if kept:
+        memory.put_many([pair for pair, _ in kept], ttl=min(times) if times else None)
 
 
 class CacheLookup:

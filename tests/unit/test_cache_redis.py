@@ -20,6 +20,7 @@ from rerank_service.cache import (
     deployment_fingerprint,
     redis_client,
 )
+from rerank_service.cache.entry import pack
 from rerank_service.cache.redis_tier import KEY_PREFIX
 from tests.support.certs import CertificateAuthority
 from tests.support.logs import LogCapture
@@ -107,6 +108,30 @@ async def test_two_caches_share_their_entries_through_redis(redis_empty: RedisSe
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_a_score_copied_from_redis_is_kept_in_memory_no_longer_than_redis_keeps_it(
+    redis_empty: RedisServer,
+) -> None:
+    """Another replica stored the scores 3,590 s ago (10 s of the hour left): this one's copy
+    expires with them, not an hour after its first read."""
+    with redis_empty.client() as client:
+        for key, entry in zip(keys(), SCORES, strict=True):
+            client.set(KEY_PREFIX + key, pack(entry), px=10_000)
+    clock = Clock()
+    memory = MemoryTier(1 << 20, ttl=3600, clock=clock)
+    reader = ScoreCache(memory, tier(redis_empty.url))
+    try:
+        lookup = await reader.lookup(keys())
+        lookup.release()
+        assert lookup.outcome is CacheOutcome.HIT
+        redis_empty.flush()  # from here on, only the memory tier answers
+        clock.now = 9.0
+        assert [memory.get(key) is not None for key in keys()] == [True] * 3
+        clock.now = 10.5
+        assert [memory.get(key) for key in keys()] == [None] * 3
+    finally:
+        await reader.aclose()
 
 
 async def test_a_killed_redis_reads_as_misses_and_the_tier_comes_back(
