@@ -49,9 +49,10 @@ type RerankServiceClient interface {
 	// processed concurrently (up to the server's stream window) and answered as
 	// they finish, so out of order: match responses to requests by `id`. A failing
 	// item is answered with its error and the stream goes on; only stream-level
-	// problems (authentication, cancellation, the stream's deadline) end it. When
-	// the client half-closes, the items in flight are finished and sent, then the
-	// server closes the stream.
+	// problems end it (authentication, cancellation, the stream's deadline, no item
+	// for the server's idle timeout, a message that is not a RerankStreamRequest),
+	// and the items in flight then are not answered. When the client half-closes,
+	// the items in flight are finished and sent, then the server closes the stream.
 	RerankStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[RerankStreamRequest, RerankStreamResponse], error)
 	// ListModels lists the model names this deployment serves, with their limits,
 	// so a client can discover what to send.
@@ -118,9 +119,10 @@ type RerankServiceServer interface {
 	// processed concurrently (up to the server's stream window) and answered as
 	// they finish, so out of order: match responses to requests by `id`. A failing
 	// item is answered with its error and the stream goes on; only stream-level
-	// problems (authentication, cancellation, the stream's deadline) end it. When
-	// the client half-closes, the items in flight are finished and sent, then the
-	// server closes the stream.
+	// problems end it (authentication, cancellation, the stream's deadline, no item
+	// for the server's idle timeout, a message that is not a RerankStreamRequest),
+	// and the items in flight then are not answered. When the client half-closes,
+	// the items in flight are finished and sent, then the server closes the stream.
 	RerankStream(grpc.BidiStreamingServer[RerankStreamRequest, RerankStreamResponse]) error
 	// ListModels lists the model names this deployment serves, with their limits,
 	// so a client can discover what to send.

@@ -81,9 +81,10 @@ class RerankServiceServicer:
         processed concurrently (up to the server's stream window) and answered as
         they finish, so out of order: match responses to requests by `id`. A failing
         item is answered with its error and the stream goes on; only stream-level
-        problems (authentication, cancellation, the stream's deadline) end it. When
-        the client half-closes, the items in flight are finished and sent, then the
-        server closes the stream.
+        problems end it (authentication, cancellation, the stream's deadline, no item
+        for the server's idle timeout, a message that is not a RerankStreamRequest),
+        and the items in flight then are not answered. When the client half-closes,
+        the items in flight are finished and sent, then the server closes the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -54,9 +54,10 @@ class RerankServiceStub:
     processed concurrently (up to the server's stream window) and answered as
     they finish, so out of order: match responses to requests by `id`. A failing
     item is answered with its error and the stream goes on; only stream-level
-    problems (authentication, cancellation, the stream's deadline) end it. When
-    the client half-closes, the items in flight are finished and sent, then the
-    server closes the stream.
+    problems end it (authentication, cancellation, the stream's deadline, no item
+    for the server's idle timeout, a message that is not a RerankStreamRequest),
+    and the items in flight then are not answered. When the client half-closes,
+    the items in flight are finished and sent, then the server closes the stream.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_rerank_pb2.ListModelsRequest, _rerank_pb2.ListModelsResponse]
     """ListModels lists the model names this deployment serves, with their limits,
@@ -84,9 +85,10 @@ class RerankServiceAsyncStub(RerankServiceStub):
     processed concurrently (up to the server's stream window) and answered as
     they finish, so out of order: match responses to requests by `id`. A failing
     item is answered with its error and the stream goes on; only stream-level
-    problems (authentication, cancellation, the stream's deadline) end it. When
-    the client half-closes, the items in flight are finished and sent, then the
-    server closes the stream.
+    problems end it (authentication, cancellation, the stream's deadline, no item
+    for the server's idle timeout, a message that is not a RerankStreamRequest),
+    and the items in flight then are not answered. When the client half-closes,
+    the items in flight are finished and sent, then the server closes the stream.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_rerank_pb2.ListModelsRequest, _rerank_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists the model names this deployment serves, with their limits,
@@ -123,9 +125,10 @@ class RerankServiceServicer(metaclass=_abc_1.ABCMeta):
         processed concurrently (up to the server's stream window) and answered as
         they finish, so out of order: match responses to requests by `id`. A failing
         item is answered with its error and the stream goes on; only stream-level
-        problems (authentication, cancellation, the stream's deadline) end it. When
-        the client half-closes, the items in flight are finished and sent, then the
-        server closes the stream.
+        problems end it (authentication, cancellation, the stream's deadline, no item
+        for the server's idle timeout, a message that is not a RerankStreamRequest),
+        and the items in flight then are not answered. When the client half-closes,
+        the items in flight are finished and sent, then the server closes the stream.
         """
 
     @_abc_1.abstractmethod
