@@ -116,3 +116,76 @@ def test_a_plain_upstream_request_id_still_names_the_answer(server: ServerThread
 
     assert response.request_id == metadata["x-request-id"] == "req-0123456789abcdef"
     assert Secret(UPSTREAM_KEY).reveal() not in response.request_id
+
+
+DEEPLY_NESTED = b"[" * 5000 + b"]" * 5000  # past any JSON parser's depth
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_json_nested_past_the_parsers_depth_is_a_body_that_is_not_json(
+    serve: ServerFactory, upstream: Any, status: int
+) -> None:
+    """UNAVAILABLE, as a body that is not JSON is (and a 5xx retried as any is): not a
+    RecursionError's INTERNAL."""
+    upstream.always(Fault(status=status, body=DEEPLY_NESTED))
+    with serve(upstream_max_attempts=2, upstream_retry_backoff=0.01) as server:
+        error = expect_error(lambda: server.stub.Rerank(request(), timeout=10))
+
+    assert code_of(error) == Code.UNAVAILABLE
+    info = error_info(error)
+    assert info is not None
+    assert info.reason == ("UPSTREAM_BAD_RESPONSE" if status == 200 else "UPSTREAM_UNAVAILABLE")
+    assert len(upstream.requests) == (1 if status == 200 else 2)
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(429, Code.RESOURCE_EXHAUSTED), (503, Code.UNAVAILABLE)], ids=["429", "503"]
+)
+@pytest.mark.parametrize(
+    "retry_after",
+    ["Mon, 01 Jan 99999999999999999999 00:00:00 GMT", "Mon, 01 Jan 2030 00:00:00 +99999999999999999999"],
+    ids=["year", "offset"],
+)
+def test_a_retry_after_date_past_any_clock_is_ignored_not_a_crash(
+    serve: ServerFactory, upstream: Any, status: int, code: grpc.StatusCode, retry_after: str
+) -> None:
+    upstream.always(Fault(status=status, headers={"Retry-After": retry_after}))
+    with serve(upstream_max_attempts=2, upstream_retry_backoff=0.01) as server:
+        error = expect_error(lambda: server.stub.Rerank(request(), timeout=10))
+
+    assert code_of(error) == code
+    assert len(upstream.requests) == 2  # retried as the status is
+
+
+def test_a_lone_surrogate_in_an_upstream_error_reaches_the_caller_as_that_error(
+    server: ServerThread, upstream: Any
+) -> None:
+    """JSON may escape a lone surrogate (\\ud800), which no gRPC status message can carry:
+    such a body reads as one that is not JSON, and the status is the upstream's own."""
+    body = b'{"code": "InvalidParameter", "message": "bad \\ud800 input", "request_id": "r-1"}'
+    upstream.inject(Fault(status=400, body=body))
+
+    error = expect_error(lambda: server.stub.Rerank(request(), timeout=10))
+
+    assert code_of(error) == Code.INVALID_ARGUMENT
+    info = error_info(error)
+    assert info is not None
+    assert info.reason == "UPSTREAM_REJECTED_REQUEST"
+
+
+def test_a_malformed_answer_quoting_a_huge_value_is_cut_like_other_upstream_text(
+    server: ServerThread, upstream: Any
+) -> None:
+    huge = int("9" * 4200)
+
+    def mutate(body: dict[str, Any]) -> dict[str, Any]:
+        results = body["output"]["results"]
+        return {**body, "output": {"results": [{**results[0], "index": huge}, *results[1:]]}}
+
+    upstream.inject(Fault(mutate=mutate))
+
+    error = expect_error(lambda: server.stub.Rerank(request(), timeout=10))
+
+    assert code_of(error) == Code.INTERNAL
+    assert "malformed" in (error.details() or "")
+    assert len(error.details() or "") <= 400  # the message's 300 characters and the request id

@@ -413,6 +413,10 @@ def _decode_json(reply: UpstreamReply) -> Any:
     try:
         # What orjson refuses but Python's json reads (NaN, Infinity): the dialect then
         # rejects such a score as a broken contract rather than as a body that is not JSON.
-        return json.loads(reply.content)
-    except (ValueError, UnicodeDecodeError):
+        value = json.loads(reply.content)
+        # Not what orjson refuses for other reasons that json lets through: a lone surrogate
+        # (`"\ud800"`), text no status message or metadata can carry.
+        json.dumps(value, ensure_ascii=False).encode()
+    except (ValueError, UnicodeError, RecursionError):  # RecursionError: nested past json's limit
         return _NOT_JSON
+    return value

@@ -165,7 +165,8 @@ def not_json(status: int, content_type: str | None, secrets: list[Secret]) -> Se
 def malformed(reason_text: str, request_id: str | None) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.INTERNAL,
-        f"upstream response is malformed: {reason_text}",
+        # Cut as other upstream text is: the reason may quote a value of the answer.
+        _clean(f"upstream response is malformed: {reason_text}", []),
         reason=BAD_RESPONSE,
         kind=FailureKind.DEPLOYMENT,
         metadata={"upstream_request_id": request_id} if request_id else {},
@@ -200,11 +201,11 @@ def parse_retry_after(value: str | None) -> float | None:
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+            if when.tzinfo is None:  # "-0000" parses as naive; HTTP dates are always GMT
+                when = when.replace(tzinfo=datetime.UTC)
+            seconds = when.timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):  # OverflowError: a year or offset past C's
             return None
-        if when.tzinfo is None:  # "-0000" parses as naive; HTTP dates are always GMT
-            when = when.replace(tzinfo=datetime.UTC)
-        seconds = when.timestamp() - time.time()
     if math.isnan(seconds):
         return None
     return min(max(0.0, seconds), MAX_RETRY_AFTER)
@@ -223,7 +224,10 @@ def _describe(status: int, body: UpstreamErrorBody, secrets: list[Secret]) -> st
 
 
 def _clean(text: str, secrets: list[Secret]) -> str:
-    text = redact(text, secrets)
+    """Upstream text as the caller may see it: no secret, at most MAX_UPSTREAM_TEXT characters,
+    and valid UTF-8 (a header's undecodable bytes arrive as lone surrogates, which neither a
+    gRPC status nor its metadata can carry)."""
+    text = redact(text, secrets).encode("utf-8", "replace").decode("utf-8")
     if len(text) > MAX_UPSTREAM_TEXT:
         text = text[: MAX_UPSTREAM_TEXT - 1] + "…"
     return text

@@ -1,6 +1,7 @@
 """Hugging Face text-embeddings-inference (TEI) /rerank.
 
 Request:  {query, texts, truncate: true, raw_scores: false, return_text: false}
+          (raw_scores true under --upstream-score-transform sigmoid: the service applies it)
 Response: [{index, score}] for every text, best first (TEI has no top_n: the service cuts)
 Errors:   {error, error_type}
 
@@ -33,8 +34,11 @@ class TextEmbeddingsInference(TemplatedDialect):
 
     def build_body(self, request: BackendRequest) -> dict[str, Any]:
         query, texts = self.strings(request)
-        # raw_scores false: TEI applies the model's activation, so scores are in [0, 1].
-        return {"query": query, "texts": texts, "truncate": True, "raw_scores": False, "return_text": False}
+        # raw_scores false: TEI applies the model's activation, so scores are in [0, 1]. TEI
+        # has no setting of its own for raw scores: they are asked for per request, so under
+        # the sigmoid transform they are, or the activation would be applied twice.
+        raw = self.options.score_transform == "sigmoid"
+        return {"query": query, "texts": texts, "truncate": True, "raw_scores": raw, "return_text": False}
 
     def parse_answer(self, body: Any, request: BackendRequest) -> UpstreamAnswer:
         if not isinstance(body, list):
