@@ -5,6 +5,7 @@ test_tenant_limits_shared.py holds them across processes in Redis)."""
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import ssl
 import urllib.request
@@ -220,6 +221,52 @@ def test_a_reload_lowers_a_limit_and_removes_a_key_without_a_restart(
     assert removed.code() == grpc.StatusCode.UNAUTHENTICATED
     reloaded = next(event for event in process.events() if event.get("event") == "reloaded")
     assert reloaded["callers"] == ["search"]
+
+
+def test_a_stream_opened_before_a_reload_has_each_later_item_identified_as_callers_are_now(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """Every item is a call: a key the reload removed is refused on the open stream's next
+    item, and a lowered limit holds there at once, as on a new call."""
+    path = tmp_path / "rerank.yaml"
+    callers = [caller("search", "SEARCH_KEY", limits={"requests_per_minute": 100}), caller("ads", "ADS_KEY")]
+    config = write_config(path, upstream, callers)
+    with service(config) as process, channel(process.target) as opened:
+        stub = rerank_pb2_grpc.RerankServiceStub(opened)
+        streams = {name: queue.Queue[rerank_pb2.RerankStreamRequest | None]() for name in ("search", "ads")}
+
+        def items(name: str) -> Iterator[rerank_pb2.RerankStreamRequest]:
+            while (item := streams[name].get()) is not None:
+                yield item
+
+        answers = {
+            name: stub.RerankStream(items(name), metadata=bearer(key), timeout=60)
+            for name, key in (("search", SEARCH_KEY), ("ads", ADS_KEY))
+        }
+
+        def send(name: str, item_id: str) -> rerank_pb2.RerankStreamResponse:
+            streams[name].put(rerank_pb2.RerankStreamRequest(id=item_id, request=rerank_request()))
+            return next(answers[name])
+
+        try:
+            before = [send("search", "s0"), send("ads", "a0")]
+            write_config(path, upstream, [caller("search", "SEARCH_KEY", limits={"requests_per_minute": 2})])
+            assert process.process is not None
+            process.process.send_signal(signal.SIGHUP)
+            wait_until(
+                lambda: any(event.get("event") == "reloaded" for event in process.events()), what="the reload"
+            )
+            after = [send("search", f"s{index}") for index in range(1, 4)]
+            removed = send("ads", "a1")
+        finally:
+            for pending in streams.values():
+                pending.put(None)
+
+    assert [answer.HasField("response") for answer in before] == [True, True]
+    # The bucket held 99; a burst of 2 now holds 2 at most.
+    assert [answer.HasField("response") for answer in after] == [True, True, False]
+    assert after[2].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert removed.error.code == grpc.StatusCode.UNAUTHENTICATED.value[0]
 
 
 def test_an_mtls_client_is_the_caller_its_certificate_names(tmp_path: Path, upstream: FakeUpstream) -> None:

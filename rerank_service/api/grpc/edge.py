@@ -280,6 +280,9 @@ class RerankServiceEdge:
                     if refusal is not None:  # the key, checked before routing (_Routes)
                         raise refusal
                     call.caller = self._identify(context)
+                    # Each item is identified again from the stream's credentials: a reload
+                    # may have removed its key or changed its models or limits since.
+                    items.identify = lambda: self._identify(context)
                     # Its items' slots count against the caller's share.
                     items.share, items.capped = call.share_key, call.share_capped
                     call.admit_stream()
@@ -325,6 +328,10 @@ class RerankServiceEdge:
         return timing
 
 
+def _unidentified() -> Caller:
+    raise RuntimeError("a stream's items are identified once the stream is")
+
+
 class _StreamItems:
     """A RerankStream's requests as the servicer reads them, with the edge's rules:
 
@@ -349,6 +356,7 @@ class _StreamItems:
         self._idle_timeout = idle_timeout
         self._admitted = False
         self.share: str | None = None  # the caller whose share its slot counts against
+        self.identify: Callable[[], Caller] = _unidentified  # an item's caller, as callers are now
         self.capped = True  # whether that caller is held to the fair share
         self.received = 0
         self.sent = 0

@@ -31,6 +31,7 @@ from rerank_service.observability.request_id import new_request_id
 from rerank_service.pipeline.auth import bearer_token
 from rerank_service.pipeline.cache_control import cache_mode
 from rerank_service.pipeline.call import Call, Pipeline, internal_error
+from rerank_service.pipeline.callers import Caller
 
 STREAM_ITEM_PATH = f"/{SERVICE.full_name}/RerankStream"
 
@@ -47,6 +48,10 @@ class StreamItems(Protocol):
 
     def answered(self, item: rerank_pb2.RerankStreamRequest) -> None:
         """`item`'s answer has been sent: what it held is given back."""
+
+    def identify(self) -> Caller:
+        """An item's caller, from the stream's credentials as the callers are now (a reload
+        may have changed them since the stream opened); UNAUTHENTICATED if none."""
 
 
 class RerankServicer:
@@ -78,9 +83,9 @@ class RerankServicer:
         item_metrics = pipeline.metrics.stream_items
 
         def open_item(item: rerank_pb2.RerankStreamRequest) -> Call:
-            # Each item is a call of its own in the pipeline, under the stream's caller and trace.
+            # Each item is a call of its own in the pipeline, under the stream's trace.
             return pipeline.open(
-                STREAM_ITEM_PATH, peer, item_metrics, item_id=item.id, scoped=False, caller=call.caller,
+                STREAM_ITEM_PATH, peer, item_metrics, item_id=item.id, scoped=False,
                 trace=(shared.traceparent, shared.tracestate), stream=call,
             )  # fmt: skip
 
@@ -88,6 +93,8 @@ class RerankServicer:
             # It runs in a task of its own, so the request id bound is this item's only.
             item_call = open_item(item)
             try:
+                # Its caller as the callers are now: a key a reload removed is refused here.
+                item_call.caller = request_iterator.identify()
                 refusal = request_iterator.refusal(item)
                 if refusal is not None:  # admission had no slot for it: this item fails, not the stream
                     raise refusal
@@ -111,6 +118,7 @@ class RerankServicer:
             # Refused at once, but a call of its own all the same: counted, and logged with
             # the request id its answer gives (the id a caller quotes must be in the log).
             item_call = open_item(item)
+            item_call.caller = call.caller  # refused before it ran: named as its stream is
             try:
                 error = invalid_argument(
                     [FieldViolation("id", f"id {echo(item.id)!r} is already in flight on this stream")]
