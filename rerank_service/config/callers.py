@@ -31,9 +31,9 @@ ANONYMOUS = "anonymous"
 KEY_NAME_PREFIX = "key-"
 ALL_MODELS = "*"
 # A caller's name is a metric label and a log field: short, no spaces or commas.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,63}$")
-_HEX_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
-_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,63}")  # matched whole (fullmatch)
+_HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def key_digest(key: str) -> bytes:
@@ -47,7 +47,7 @@ def anonymous_name(key: str) -> str:
 
 
 def _caller_name(value: str) -> str:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ValueError(
             "must be 1 to 64 letters, digits or _ . : @ / - (starting with a letter or digit): it "
             "names the caller in logs and metrics"
@@ -58,13 +58,13 @@ def _caller_name(value: str) -> str:
 
 
 def _variable(value: str) -> str:
-    if not _VARIABLE.match(value):  # the message never repeats it: a key may have been pasted here
+    if not _VARIABLE.fullmatch(value):  # the message never repeats it: a key may have been pasted here
         raise ValueError("must name an environment variable (letters, digits and _), not hold the key")
     return value
 
 
 def _sha256(value: str) -> str:
-    if not _HEX_SHA256.match(value):
+    if not _HEX_SHA256.fullmatch(value):
         raise ValueError("must be the key's SHA-256 as 64 hex digits (sha256sum of the key, no newline)")
     return value.lower()
 
@@ -223,7 +223,14 @@ def _read_keys(credential: CredentialEntry, env: Mapping[str, str], place: str) 
             text = read_key_file(credential.key_file)
         except UnreadableKeyFile as exc:
             raise CallerKeyError(f"{place}.key_file {exc}") from None
-        lines = (line.strip() for line in text.splitlines())
+        lines = [line.strip() for line in text.splitlines()]
+        for number, line in enumerate(lines, 1):
+            # A key holds no space: a comment after one would silently become part of it.
+            if line and not line.startswith("#") and len(line.split()) > 1:
+                raise CallerKeyError(
+                    f"{place}.key_file {file_named(credential.key_file)} line {number} holds a space: "
+                    "write one key a line, and a comment on a line of its own starting with #"
+                )
         keys = tuple(Secret(line) for line in lines if line and not line.startswith("#"))
         if not keys:
             raise CallerKeyError(f"{place}.key_file {file_named(credential.key_file)} holds no key")

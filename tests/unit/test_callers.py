@@ -134,6 +134,14 @@ def test_keys_from_variables_files_and_hashes_and_a_burst(tmp_path: Path) -> Non
             "callers[0].credentials[0].tls_identity needs client certificates: set tls-client-ca",
         ),
         ("  - name: key-1234\n    credentials: [{key_env: A}]\n", "callers[0].name 'key-1234' is reserved"),
+        # A name is matched whole: a trailing line break neither passes as another name nor
+        # slips a reserved one through.
+        ('  - name: "anonymous\\n"\n    credentials: [{key_env: A}]\n', "callers[0].name"),
+        (
+            '  - name: a\n    credentials: [{key_env: A}]\n  - name: "a\\n"\n    credentials: [{key_env: C}]\n',
+            "callers[1].name",
+        ),
+        ("  - name: a\n    credentials: [{key_sha256: \"" + SHA + "\\n\"}]\n", "must be the key's SHA-256"),
     ],
     ids=[
         "one-key-twice",
@@ -148,6 +156,9 @@ def test_keys_from_variables_files_and_hashes_and_a_burst(tmp_path: Path) -> Non
         "unset-variable",
         "identity-without-mtls",
         "reserved-name",
+        "reserved-name-and-a-line-break",
+        "a-name-and-a-line-break",
+        "a-sha256-and-a-line-break",
     ],
 )
 def test_a_bad_callers_section_is_one_line_naming_its_place(
@@ -158,6 +169,19 @@ def test_a_bad_callers_section_is_one_line_naming_its_place(
     assert expected in message
     assert "callers in" in message  # where it came from
     assert SEARCH_KEY not in message
+    assert ADS_KEY not in message
+
+
+def test_a_key_file_line_with_a_comment_after_the_key_is_refused_naming_the_line(tmp_path: Path) -> None:
+    """`#` starts a comment on a line of its own; after a key it would become part of the key
+    (and the key itself be refused on every call)."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"# the ads team\n{ADS_KEY}  # prod\n", encoding="utf-8")
+    keys.chmod(0o600)
+
+    message = refusal(tmp_path, f"callers:\n  - name: ads\n    credentials: [{{key_file: {keys}}}]\n")
+
+    assert "line 2 holds a space" in message
     assert ADS_KEY not in message
 
 
