@@ -195,6 +195,26 @@ def test_per_caller_metrics_and_the_usage_log_equal_the_usage_each_caller_was_to
     ]
 
 
+def test_a_request_read_but_not_valid_is_metered_for_its_caller_over_either_door(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    config = write_config(
+        tmp_path / "rerank.yaml", upstream, [caller("search", "SEARCH_KEY"), caller("ads", "ADS_KEY")]
+    )
+    with service(config) as process:
+        ports = serving(process)
+        over_grpc = call(process.target, SEARCH_KEY, documents=0)  # no documents
+        over_http = http_call(ports["http_port"], ADS_KEY, body={"model": "qwen3-rerank", "query": "q"})
+        samples = scrape(ports["metrics_port"])
+
+    assert isinstance(over_grpc, grpc.RpcError)
+    assert over_grpc.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert over_http.status == 400
+    for name in ("search", "ads"):
+        labels = {"caller": name, "model": "qwen3-rerank", "code": "INVALID_ARGUMENT"}
+        assert value(samples, "rerank_caller_calls_total", **labels) == 1, name
+
+
 def test_a_reload_lowers_a_limit_and_removes_a_key_without_a_restart(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:

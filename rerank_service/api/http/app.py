@@ -138,7 +138,14 @@ class FrontDoor:
                     else:
                         raw = await self._body(http)
                         call.admit_call()  # the slot, now that the body is here (its bytes are charged)
-                    request = wire.parse(_json(raw))
+                    body = _json(raw)
+                    try:
+                        request = wire.parse(body)
+                    except BadRequest:
+                        # Read but not valid: metered for its caller, as the gRPC door meters
+                        # a request its validation refuses.
+                        call.model = _model_named(body)
+                        raise
                     outcome = await call.rerank(request, context)
                     call.succeeded()
                     return self._answer(wire, outcome, request, call.request_id)
@@ -346,6 +353,12 @@ def quota_fields(error: ServiceError) -> Json:
     if error.retry_after is not None:
         fields["retry_after_seconds"] = round(error.retry_after, 3)
     return fields
+
+
+def _model_named(body: Any) -> str:
+    """The model a request body names, "" when it names none (as an empty proto field reads)."""
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else ""
 
 
 def _json(raw: bytes) -> Any:
