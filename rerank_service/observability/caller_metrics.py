@@ -89,11 +89,14 @@ class CallerMetrics:
         # An answered call's four children, bound once per caller, model and source.
         self._answered: dict[tuple[str, str, str], tuple[Counter, Counter, Counter, Counter]] = {}
 
-    def label(self, caller: str, configured: bool) -> str:
-        """The caller's label: its name, or `other` past MAX_KEY_CALLERS named after keys."""
+    def label(self, caller: str, configured: bool, accepted: bool = True) -> str:
+        """The caller's label: its name, or `other` past MAX_KEY_CALLERS named after keys. A
+        caller named after a key takes a label of its own only with a call that was answered
+        (`accepted`: the upstream took its token), so tokens nobody accepts, sent by the
+        hundred, never take the labels of the keys in use."""
         if configured or caller in self._key_callers:
             return caller
-        if len(self._key_callers) >= MAX_KEY_CALLERS:
+        if not accepted or len(self._key_callers) >= MAX_KEY_CALLERS:
             return OTHER
         self._key_callers.add(caller)
         return caller

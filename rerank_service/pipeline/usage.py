@@ -116,7 +116,7 @@ class UsageMeter:
     def record(self, call: MeteredCall) -> None:
         caller = call.caller
         metrics = self.metrics
-        label = metrics.label(caller.name, caller.configured)
+        label = metrics.label(caller.name, caller.configured, call.code == grpc.StatusCode.OK)
         failure = call.failure
         if failure is not None and failure.reason == CALLER_LIMITED:
             metrics.refused(label, failure.metadata.get("limit", ""))

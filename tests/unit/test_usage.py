@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 
 from rerank_service.config import ConfigError
 from rerank_service.core.domain import RerankOutcome, ServiceError
+from rerank_service.observability.caller_metrics import MAX_KEY_CALLERS
 from rerank_service.observability.metrics import Metrics
 from rerank_service.observability.usage_report import read_usage, table
 from rerank_service.pipeline.callers import Caller
@@ -88,3 +89,28 @@ def test_a_usage_log_that_cannot_be_opened_is_a_configuration_error(tmp_path: Pa
     with pytest.raises(ConfigError, match=r"usage-log .*: cannot open it"):
         open_usage_log(str(tmp_path / "missing" / "usage.jsonl"))
     assert open_usage_log(None) is None
+
+
+def test_tokens_nobody_accepted_never_take_the_labels_of_keys_in_use() -> None:
+    """Pass-through: a flood of calls with junk tokens (each refused upstream) shares `other`,
+    and a key in use still gets a label of its own with its first answered call."""
+    metrics = Metrics()
+    meter = UsageMeter(metrics.callers)
+    refusal = ServiceError(grpc.StatusCode.UNAUTHENTICATED, "upstream refused the key")
+    for number in range(MAX_KEY_CALLERS + 10):
+        junk = Caller(f"key-{number:08x}")
+        meter.record(
+            MeteredCall(junk, "qwen3-rerank", True, refusal.code, 1, None, refusal, "r", "Rerank", 0.01)
+        )
+    real = Caller("key-feedbeef")
+    outcome = RerankOutcome([], 5, ["up-1"], usage_source="upstream", deployments=["eu"])
+    meter.record(
+        MeteredCall(real, "qwen3-rerank", True, grpc.StatusCode.OK, 1, outcome, None, "r", "Rerank", 0.01)
+    )
+
+    text = exposition(metrics)
+    assert 'caller="key-feedbeef"' in text
+    assert 'caller="key-00000000"' not in text
+    assert (
+        'rerank_caller_calls_total{caller="other",code="UNAUTHENTICATED",model="qwen3-rerank"} 266.0' in text
+    )
