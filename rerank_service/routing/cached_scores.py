@@ -156,13 +156,21 @@ def score_identity(
 
         return local
 
+    # TEI's requests name no model: the server at the URL runs the one it was started with,
+    # so the URL names the model there (two TEI deployments of different models in one
+    # route, a cheaper fallback say, must not share scores).
+    server = config.connection.url if config.format == "tei" else None
+
     def upstream(model: str) -> Identity:
-        return {
+        identity: dict[str, str | int | float | bool | None] = {
             "kind": "upstream",
             "format": config.format,
             "model": model,
             "score_transform": config.score_transform,
             "prompt_template": config.prompt_template,
         }
+        if server is not None:
+            identity["server"] = server
+        return identity
 
     return upstream

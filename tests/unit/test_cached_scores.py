@@ -56,6 +56,14 @@ def test_deployments_of_one_model_share_a_key_whatever_their_url_or_limits() -> 
     assert one == other
 
 
+def test_tei_servers_at_two_urls_never_share_a_key() -> None:
+    """TEI's requests name no model: the server at each URL runs its own, maybe another."""
+    big = identity_of(upstream_dialect="tei", upstream_url="http://tei-big:8080")
+    small = identity_of(upstream_dialect="tei", upstream_url="http://tei-small:8080")
+
+    assert big != small
+
+
 @pytest.mark.parametrize(
     "change",
     [
