@@ -140,6 +140,10 @@ def score_identity(
     if isinstance(config, LocalDeploymentConfig):
         sources = dict(config.models)
         engine = config.engine
+        # Named now, as the deployment is built to load them, not at each model's first call:
+        # files replaced after the load (a new snapshot at the same place) must not have the
+        # loaded weights' scores stored under the new files' name.
+        revisions = {source: revision(source) for source in sources.values()}
 
         def local(model: str) -> Identity:
             source = sources.get(model, model)
@@ -147,7 +151,7 @@ def score_identity(
             return {
                 "kind": "local",
                 "source": source,
-                "revision": revision(source),
+                "revision": revisions[source] if source in revisions else revision(source),
                 "engine": engine.engine,
                 "quantize": engine.quantize,
                 "dtype": dtype,

@@ -81,14 +81,16 @@ def test_a_local_models_key_holds_its_files_revision_and_how_it_runs() -> None:
         Settings(backend="local", local_models=(("m", "/models/m"),))
     )
     revisions = {"/models/m": "r1"}
-    identity = score_identity(config, revisions.__getitem__)
-    first = dict(identity("m"))
-    revisions["/models/m"] = "r2"  # new files at the same place
+    identity = score_identity(config, revisions.__getitem__)  # as the deployment is built to load it
+    revisions["/models/m"] = "r2"  # new files at the same place, after the load
+    loaded = dict(identity("m"))  # the first call: the weights loaded are still r1's
+    reloaded = score_identity(config, revisions.__getitem__)  # a deployment built to load the new files
     half = dataclasses.replace(config, engine=dataclasses.replace(config.engine, dtype="float16"))
 
-    assert first["source"] == "/models/m"
-    assert dict(identity("m")) != first
-    assert dict(score_identity(half, revisions.__getitem__)("m")) != dict(identity("m"))
+    assert loaded["source"] == "/models/m"
+    assert loaded["revision"] == "r1"
+    assert dict(reloaded("m")) != loaded
+    assert dict(score_identity(half, revisions.__getitem__)("m")) != dict(reloaded("m"))
 
 
 def test_a_local_models_key_holds_the_device_and_dtype_it_runs_in_not_auto() -> None:
