@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from itertools import repeat
 from operator import attrgetter
+from typing import NamedTuple
 
 from rerank_service.config.server import CallConfig
 from rerank_service.core.backend import Backend
@@ -40,6 +41,17 @@ from rerank_service.core.long_documents import violations as long_document_viola
 
 # What `RerankEngine.validate` found a request to ask for: its model, and the route's limits.
 Validated = tuple[ModelInfo, CallLimits]
+
+
+class Prepared(NamedTuple):
+    """A call the engine has checked and split (`RerankEngine.prepare`), ready to `run`."""
+
+    request: RerankRequest  # as the caller sent it
+    model: ModelInfo
+    parts: Plan | None  # its long documents' parts (None: scored as sent)
+    scored: RerankRequest  # what the backends score
+    chunks: list[range]  # of scored's documents, one backend call each
+
 
 # --max-chunks-per-call's default.
 DEFAULT_MAX_CHUNKS_PER_CALL = 1000
@@ -77,14 +89,26 @@ class RerankEngine:
     async def rerank(
         self, request: RerankRequest, context: CallContext, validated: Validated | None = None
     ) -> RerankOutcome:
-        """Rank `request`'s documents; `validated`: what `validate` said of it, when the
-        caller validated it first (else it is validated here)."""
+        """Rank `request`'s documents (`prepare`, then `run`); `validated`: what `validate`
+        said of it, when the caller validated it first (else it is validated here)."""
+        return await self.run(await self.prepare(request, validated), context)
+
+    async def prepare(self, request: RerankRequest, validated: Validated | None = None) -> Prepared:
+        """The call as the backends will be sent it: its long documents' parts and its chunks.
+        Every refusal the engine makes by itself is made by now (a long document past its
+        parts, a split's fan-out), before anything is sent: the pipeline charges a caller's
+        limits only for a call that passed it."""
         model, limits = validated if validated is not None else self.validate(request)
         parts = await self._plan(request, limits)
         scored = request if parts is None else parts.scored_request(request, chunked=max(parts.chunks) > 1)
         chunks = split(scored.query, scored.documents, limits)
         if len(chunks) > 1:  # before any chunk goes out
             self._check_fan_out(scored, len(chunks))
+        return Prepared(request, model, parts, scored, chunks)
+
+    async def run(self, prepared: Prepared, context: CallContext) -> RerankOutcome:
+        """Score a prepared call's chunks and rank them."""
+        request, model, parts, scored, chunks = prepared
         if len(chunks) == 1:
             results = [await self._backend.rerank(_backend_request(model, scored, chunks[0]), context)]
         else:

@@ -264,6 +264,8 @@ class Call:
         # asking whether it may call the model before the model is looked up.
         may_call = caller.check_model if caller is not None and caller.models is not None else None
         validated = engine.validate(request, may_call)
+        # And every other refusal the engine makes by itself (long documents, fan-out).
+        prepared = await engine.prepare(request, validated)
         if context.deadline is not None and time.monotonic() >= context.deadline:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call ran")
         if caller is not None and caller.limits is not None:
@@ -281,7 +283,7 @@ class Call:
                 finally:
                     if waiting is not None:
                         waiting.end()
-        self.outcome = await engine.rerank(request, context, validated)
+        self.outcome = await engine.run(prepared, context)
         return self.outcome
 
     def succeeded(self) -> None:

@@ -380,8 +380,13 @@ def test_a_bad_request_is_invalid_argument_whoever_sends_it_and_costs_the_caller
         tmp_path / "rerank.yaml",
         upstream,
         [caller("search", "SEARCH_KEY", models=["qwen3-rerank"], limits={"requests_per_minute": 2})],
+        upstream_documents_per_call=2,
     )
     blank_model = rerank_request(model="")
+    # Refused by the engine once split (each of its 20 requests would carry the long query).
+    fans_out = rerank_pb2.RerankRequest(
+        model="qwen3-rerank", query="q" * 3000, documents=[f"d{index}" for index in range(40)]
+    )
     bad_top_n = rerank_request()
     bad_top_n.top_n = 0
     other_model_blank_query = rerank_request(model="gte-rerank-v2")
@@ -398,10 +403,13 @@ def test_a_bad_request_is_invalid_argument_whoever_sends_it_and_costs_the_caller
             except grpc.RpcError as error:
                 return error
 
-        refused = [rerank(bad) for bad in (blank_model, bad_top_n, bad_top_n, other_model_blank_query)]
+        refused = [
+            rerank(bad)
+            for bad in (blank_model, bad_top_n, bad_top_n, other_model_blank_query, fans_out, fans_out)
+        ]
         served = [rerank(rerank_request()) for _ in range(2)]  # the caller's whole minute is left
 
-    for error, field in zip(refused, ("model", "top_n", "top_n", "query"), strict=True):
+    for error, field in zip(refused, ("model", "top_n", "top_n", "query", "query", "query"), strict=True):
         assert isinstance(error, grpc.RpcError)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
         assert field in field_violations(error)

@@ -27,7 +27,7 @@ from rerank_service.config.reference import CALLERS_EXAMPLE
 from rerank_service.config.secret import Secret
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import CallContext, ModelInfo, RerankOutcome, RerankRequest, ServiceError
-from rerank_service.core.engine import RerankEngine, Validated
+from rerank_service.core.engine import Prepared, RerankEngine, Validated
 from rerank_service.pipeline.admission import Admission
 from rerank_service.pipeline.call import Call, Pipeline
 from rerank_service.pipeline.callers import ANONYMOUS_CALLER, Caller, CallerDirectory, certificate_identities
@@ -138,10 +138,11 @@ def test_keys_from_variables_files_and_hashes_and_a_burst(tmp_path: Path) -> Non
         # slips a reserved one through.
         ('  - name: "anonymous\\n"\n    credentials: [{key_env: A}]\n', "callers[0].name"),
         (
-            '  - name: a\n    credentials: [{key_env: A}]\n  - name: "a\\n"\n    credentials: [{key_env: C}]\n',
+            "  - name: a\n    credentials: [{key_env: A}]\n"
+            '  - name: "a\\n"\n    credentials: [{key_env: C}]\n',
             "callers[1].name",
         ),
-        ("  - name: a\n    credentials: [{key_sha256: \"" + SHA + "\\n\"}]\n", "must be the key's SHA-256"),
+        ('  - name: a\n    credentials: [{key_sha256: "' + SHA + '\\n"}]\n', "must be the key's SHA-256"),
     ],
     ids=[
         "one-key-twice",
@@ -444,9 +445,11 @@ class _FailingEngine:
     def validate(self, request: RerankRequest, may_call: Callable[[str], None] | None = None) -> Validated:
         return self.models()[0], CallLimits()
 
-    async def rerank(
-        self, request: RerankRequest, context: CallContext, validated: Validated | None = None
-    ) -> RerankOutcome:
+    async def prepare(self, request: RerankRequest, validated: Validated | None = None) -> Prepared:
+        model, _ = validated or self.validate(request)
+        return Prepared(request, model, None, request, [range(len(request.documents))])
+
+    async def run(self, prepared: Prepared, context: CallContext) -> RerankOutcome:
         raise self.error
 
 
