@@ -23,7 +23,8 @@ from rerank_service.core.retry_budget import RetryBudget
 MAX_TOKENS = 2**31 - 1
 
 # The hosted API's default task, used when a request carries no instruct.
-DEFAULT_INSTRUCT = "Given a web search query, retrieve relevant passages that answer the query."
+# Qwen3-Reranker's default instruction, as its model card writes it (no full stop).
+DEFAULT_INSTRUCT = "Given a web search query, retrieve relevant passages that answer the query"
 
 
 _Value = TypeVar("_Value")

@@ -306,6 +306,13 @@ def test_no_instruct_takes_the_default_instruction(instruct: str | None) -> None
     assert f"<Instruct>: {DEFAULT_INSTRUCT}\n" in upstream_query("q", instruct)
 
 
+def test_the_default_instruction_is_the_model_cards_to_the_character() -> None:
+    """Qwen3-Reranker's card: format_instruction's default, with no full stop (a prompt that
+    differs by a token scores differently from the reference)."""
+    card = "Given a web search query, retrieve relevant passages that answer the query"
+    assert upstream_query("q", None) == f"{VLLM_PREFIX}<Instruct>: {card}\n<Query>: q\n"
+
+
 def test_cohere_with_the_qwen3_template_writes_it_into_query_and_documents() -> None:
     body = Cohere(QWEN3).build_body(backend_request(top_n=2, instruct="find the letter"))
     assert body == {

@@ -172,7 +172,7 @@ type RerankRequest struct {
 	// A task instruction that steers the ranking, for example "Retrieve
 	// semantically similar text.". Unset uses the model's default, question-
 	// answering retrieval ("Given a web search query, retrieve relevant passages
-	// that answer the query."). Models whose ModelInfo.supports_instruct is false
+	// that answer the query"). Models whose ModelInfo.supports_instruct is false
 	// ignore it.
 	Instruct *string `protobuf:"bytes,5,opt,name=instruct,proto3,oneof" json:"instruct,omitempty"`
 	// Whether each result carries the document text. Default false, to keep

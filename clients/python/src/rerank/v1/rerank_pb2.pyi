@@ -137,7 +137,7 @@ class RerankRequest(_message.Message):
     """A task instruction that steers the ranking, for example "Retrieve
     semantically similar text.". Unset uses the model's default, question-
     answering retrieval ("Given a web search query, retrieve relevant passages
-    that answer the query."). Models whose ModelInfo.supports_instruct is false
+    that answer the query"). Models whose ModelInfo.supports_instruct is false
     ignore it.
     """
     return_documents: _builtins.bool

@@ -70,7 +70,7 @@ export type RerankRequest = Message<"rerank.v1.RerankRequest"> & {
    * A task instruction that steers the ranking, for example "Retrieve
    * semantically similar text.". Unset uses the model's default, question-
    * answering retrieval ("Given a web search query, retrieve relevant passages
-   * that answer the query."). Models whose ModelInfo.supports_instruct is false
+   * that answer the query"). Models whose ModelInfo.supports_instruct is false
    * ignore it.
    *
    * @generated from field: optional string instruct = 5;

@@ -251,7 +251,7 @@ private static final long serialVersionUID = 0L;
    * A task instruction that steers the ranking, for example "Retrieve
    * semantically similar text.". Unset uses the model's default, question-
    * answering retrieval ("Given a web search query, retrieve relevant passages
-   * that answer the query."). Models whose ModelInfo.supports_instruct is false
+   * that answer the query"). Models whose ModelInfo.supports_instruct is false
    * ignore it.
    * </pre>
    *
@@ -267,7 +267,7 @@ private static final long serialVersionUID = 0L;
    * A task instruction that steers the ranking, for example "Retrieve
    * semantically similar text.". Unset uses the model's default, question-
    * answering retrieval ("Given a web search query, retrieve relevant passages
-   * that answer the query."). Models whose ModelInfo.supports_instruct is false
+   * that answer the query"). Models whose ModelInfo.supports_instruct is false
    * ignore it.
    * </pre>
    *
@@ -292,7 +292,7 @@ private static final long serialVersionUID = 0L;
    * A task instruction that steers the ranking, for example "Retrieve
    * semantically similar text.". Unset uses the model's default, question-
    * answering retrieval ("Given a web search query, retrieve relevant passages
-   * that answer the query."). Models whose ModelInfo.supports_instruct is false
+   * that answer the query"). Models whose ModelInfo.supports_instruct is false
    * ignore it.
    * </pre>
    *
@@ -1403,7 +1403,7 @@ private static final long serialVersionUID = 0L;
      * A task instruction that steers the ranking, for example "Retrieve
      * semantically similar text.". Unset uses the model's default, question-
      * answering retrieval ("Given a web search query, retrieve relevant passages
-     * that answer the query."). Models whose ModelInfo.supports_instruct is false
+     * that answer the query"). Models whose ModelInfo.supports_instruct is false
      * ignore it.
      * </pre>
      *
@@ -1418,7 +1418,7 @@ private static final long serialVersionUID = 0L;
      * A task instruction that steers the ranking, for example "Retrieve
      * semantically similar text.". Unset uses the model's default, question-
      * answering retrieval ("Given a web search query, retrieve relevant passages
-     * that answer the query."). Models whose ModelInfo.supports_instruct is false
+     * that answer the query"). Models whose ModelInfo.supports_instruct is false
      * ignore it.
      * </pre>
      *
@@ -1442,7 +1442,7 @@ private static final long serialVersionUID = 0L;
      * A task instruction that steers the ranking, for example "Retrieve
      * semantically similar text.". Unset uses the model's default, question-
      * answering retrieval ("Given a web search query, retrieve relevant passages
-     * that answer the query."). Models whose ModelInfo.supports_instruct is false
+     * that answer the query"). Models whose ModelInfo.supports_instruct is false
      * ignore it.
      * </pre>
      *
@@ -1467,7 +1467,7 @@ private static final long serialVersionUID = 0L;
      * A task instruction that steers the ranking, for example "Retrieve
      * semantically similar text.". Unset uses the model's default, question-
      * answering retrieval ("Given a web search query, retrieve relevant passages
-     * that answer the query."). Models whose ModelInfo.supports_instruct is false
+     * that answer the query"). Models whose ModelInfo.supports_instruct is false
      * ignore it.
      * </pre>
      *
@@ -1488,7 +1488,7 @@ private static final long serialVersionUID = 0L;
      * A task instruction that steers the ranking, for example "Retrieve
      * semantically similar text.". Unset uses the model's default, question-
      * answering retrieval ("Given a web search query, retrieve relevant passages
-     * that answer the query."). Models whose ModelInfo.supports_instruct is false
+     * that answer the query"). Models whose ModelInfo.supports_instruct is false
      * ignore it.
      * </pre>
      *
@@ -1506,7 +1506,7 @@ private static final long serialVersionUID = 0L;
      * A task instruction that steers the ranking, for example "Retrieve
      * semantically similar text.". Unset uses the model's default, question-
      * answering retrieval ("Given a web search query, retrieve relevant passages
-     * that answer the query."). Models whose ModelInfo.supports_instruct is false
+     * that answer the query"). Models whose ModelInfo.supports_instruct is false
      * ignore it.
      * </pre>
      *

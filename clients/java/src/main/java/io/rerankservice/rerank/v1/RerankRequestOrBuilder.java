@@ -125,7 +125,7 @@ public interface RerankRequestOrBuilder extends
    * A task instruction that steers the ranking, for example "Retrieve
    * semantically similar text.". Unset uses the model's default, question-
    * answering retrieval ("Given a web search query, retrieve relevant passages
-   * that answer the query."). Models whose ModelInfo.supports_instruct is false
+   * that answer the query"). Models whose ModelInfo.supports_instruct is false
    * ignore it.
    * </pre>
    *
@@ -138,7 +138,7 @@ public interface RerankRequestOrBuilder extends
    * A task instruction that steers the ranking, for example "Retrieve
    * semantically similar text.". Unset uses the model's default, question-
    * answering retrieval ("Given a web search query, retrieve relevant passages
-   * that answer the query."). Models whose ModelInfo.supports_instruct is false
+   * that answer the query"). Models whose ModelInfo.supports_instruct is false
    * ignore it.
    * </pre>
    *
@@ -151,7 +151,7 @@ public interface RerankRequestOrBuilder extends
    * A task instruction that steers the ranking, for example "Retrieve
    * semantically similar text.". Unset uses the model's default, question-
    * answering retrieval ("Given a web search query, retrieve relevant passages
-   * that answer the query."). Models whose ModelInfo.supports_instruct is false
+   * that answer the query"). Models whose ModelInfo.supports_instruct is false
    * ignore it.
    * </pre>
    *
