@@ -145,7 +145,9 @@ class CallerDirectory:
 
 def certificate_identities(uris: Sequence[str], common_name: str | None) -> list[str]:
     """A client certificate's identities, in the order they are matched: its URI SANs (a
-    SPIFFE ID), or, failing those, its subject CN."""
+    SPIFFE ID), or, failing those, its subject CN. A CN written as a URI is none: a URI
+    identity is a URI SAN's alone (a CA that signs names its clients choose could
+    otherwise sign any workload's SPIFFE ID as a CN)."""
     if uris:
         return list(uris)
-    return [common_name] if common_name else []
+    return [common_name] if common_name and "://" not in common_name else []

@@ -328,6 +328,15 @@ def test_a_certificate_is_named_by_its_uri_sans_or_else_its_common_name() -> Non
     assert certificate_identities([], None) == []
 
 
+def test_a_common_name_written_as_a_uri_names_no_one() -> None:
+    """Only a URI SAN carries a URI identity: a CN-only certificate whose CN spells a SPIFFE
+    ID (any name a client CA signs) is not that workload."""
+    assert certificate_identities([], "spiffe://mesh/ns/search/sa/indexer") == []
+    assert certificate_identities(["spiffe://mesh/ns/search/sa/indexer"], "x") == [
+        "spiffe://mesh/ns/search/sa/indexer"
+    ]
+
+
 # --- the fair share of admission ------------------------------------------------------------
 
 
