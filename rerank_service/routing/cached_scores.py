@@ -78,7 +78,11 @@ class CachedScores:
                 asked = replaced(request, top_n=None)
             else:
                 asked = request
-            result = await score(asked, context)
+            try:
+                result = await score(asked, context)
+            except BaseException:
+                metrics.sync(cache.counts())  # what the lookup counted (a Redis error) is shown all the same
+                raise
             if hits:  # the backend's indices are into the documents it was sent
                 scores = [ScoredDocument(missing[scored.index], scored.score) for scored in result.scores]
             else:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 from random import Random
 
+import grpc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rerank_service.cache import MemoryTier, ScoreCache
+from rerank_service.cache import MemoryTier, RedisTier, ScoreCache, redis_client
 from rerank_service.config import Settings
 from rerank_service.config.deployments import deployment_config
 from rerank_service.config.local import LocalDeploymentConfig
@@ -21,6 +22,7 @@ from rerank_service.core.domain import (
     CacheOutcome,
     CallContext,
     ScoredDocument,
+    ServiceError,
 )
 from rerank_service.observability.metrics import Metrics
 from rerank_service.pipeline.cache_control import cache_mode
@@ -153,6 +155,27 @@ async def test_shares_of_tokens_add_up_to_what_the_backend_reported() -> None:
     assert sorted((s.index, s.score) for s in again.scores) == sorted(
         (s.index, s.score) for s in first.scores
     )
+
+
+async def test_a_redis_error_is_counted_even_when_the_backend_call_then_fails() -> None:
+    """During an outage of both, every call fails: its Redis errors are shown all the same."""
+    metrics = Metrics()
+    unreachable = RedisTier(redis_client("redis://127.0.0.1:1", timeout=0.5), ttl=60.0, timeout=0.5)
+    cached = CachedScores(ScoreCache(None, unreachable), lambda model: {"model": model}, metrics.cache)
+
+    async def failing(request: BackendRequest, context: CallContext) -> BackendResult:
+        raise ServiceError(grpc.StatusCode.UNAVAILABLE, "upstream down")
+
+    try:
+        with pytest.raises(ServiceError):
+            await cached.rerank(
+                "route", BackendRequest("m", "q", DOCUMENTS, None, None), CallContext(), failing
+            )
+    finally:
+        await unreachable.aclose()
+
+    assert unreachable.errors == 1
+    assert metrics.registry.get_sample_value("rerank_cache_store_errors_total") == 1
 
 
 async def test_a_partly_cached_request_asks_the_backend_for_the_rest_only() -> None:
