@@ -544,3 +544,22 @@ def test_the_fake_tei_answers_every_text_best_first_and_raw_scores_as_logits(
     assert status == 200
     assert [(item["index"], item["score"]) for item in answer] == expected_ranking(QUERY, DOCUMENTS)
     assert [item["score"] for item in raw] == [fake_logit(QUERY, DOCUMENTS[item["index"]]) for item in raw]
+
+
+@pytest.mark.parametrize("fmt", ["dashscope", "compatible"])
+def test_a_model_that_takes_no_instruct_is_not_sent_one(
+    fmt: str, fake: FakeUpstream, serve: Serve, logs: LogCapture
+) -> None:
+    """gte-rerank-v2 takes no instruction (ListModels: supports_instruct false): a caller's is
+    left out of the request, as the access log says."""
+    served = fake.models
+    fake.models = ("gte-rerank-v2",)
+    try:
+        with serve(upstream_models=("gte-rerank-v2",)) as server:
+            rerank(server, model="gte-rerank-v2", instruct="Find passages about ranking.")
+            [call] = logs.wait_for_calls(1)
+    finally:
+        fake.models = served
+
+    assert "Find passages" not in json.dumps(fake.requests[0].body)
+    assert call.get("instruct_ignored") is True

@@ -95,6 +95,9 @@ class UpstreamBackend:
         self._transport_factory = transport_factory
         self._transport: UpstreamTransport | None = None
         self._models = models
+        # Models that take no instruction (gte-rerank-v2): a caller's is not sent, as
+        # ListModels says (supports_instruct false) and the access log (instruct_ignored).
+        self._ignore_instruct = frozenset(model.name for model in models if not model.supports_instruct)
         self._call_limits = call_limits
         self._api_key = api_key
         self._pass_through = pass_through
@@ -222,6 +225,8 @@ class UpstreamBackend:
         if self._transport is None:
             raise not_ready("the upstream backend is not started")
         token = self._credentials(context)
+        if request.instruct is not None and request.model in self._ignore_instruct:
+            request = dataclasses.replace(request, instruct=None)
         body = self._dialect.build_body(request)
         # The waits between attempts must end before the caller's deadline (or, with
         # none, within the upstream timeout), leaving the next attempt some time.
