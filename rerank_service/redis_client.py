@@ -21,12 +21,18 @@ def redis_client(url: str, *, timeout: float = DEFAULT_TIMEOUT, ca_file: str | N
     """An asyncio client for `url` (redis://, rediss:// for TLS, unix://), with `timeout` on
     connecting and on each reply, and no retries of its own (a retry would outlast the
     timeout its user promises). `ca_file`: the CAs that sign a rediss:// server's certificate
-    (default: the system's)."""
+    (default: the system's).
+
+    A new connection sends nothing before its first command but what the URL asks for
+    (TLS, AUTH, SELECT): with redis-py's defaults it also sent HELLO 3, CLIENT SETNAME and
+    CLIENT SETINFO twice, a round trip each within the same `timeout`, so a Redis a few
+    milliseconds away never got a connection open in time."""
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
-        "client_name": "rerank-service",
+        "protocol": 2,  # no HELLO (and so no maintenance notifications, RESP3's alone)
+        "driver_info": None,  # no CLIENT SETINFO
     }
     if ca_file is not None:
         if not url.startswith("rediss://"):

@@ -82,7 +82,7 @@ class RerankServer:
         # Before anything else: a bad certificate or key stops start-up with a ConfigError.
         self._credentials = server_credentials(config.tls)
         # One score cache for the process, kept across reloads (a changed deployment's keys change).
-        self.cache = build_score_cache(config.cache)
+        self.cache = build_score_cache(config.cache, self.metrics.cache)
         self.backend = backend or build_router(settings, self.metrics, self.cache)
         self.engine = RerankEngine.from_config(self.backend, config.calls)
         self.health = health_aio.HealthServicer()

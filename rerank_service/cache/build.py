@@ -7,10 +7,12 @@ from rerank_service.cache.redis_tier import RedisTier, redis_client
 from rerank_service.cache.score_cache import ScoreCache
 from rerank_service.config import readable_file
 from rerank_service.config.server import CacheConfig
+from rerank_service.observability.cache_metrics import CacheMetrics
 
 
-def build_score_cache(config: CacheConfig) -> ScoreCache | None:
-    """The tiers the configuration asks for; None when it asks for none (no memory, no store)."""
+def build_score_cache(config: CacheConfig, metrics: CacheMetrics | None = None) -> ScoreCache | None:
+    """The tiers the configuration asks for; None when it asks for none (no memory, no store).
+    `metrics` report its state from now on, before its first call (rerank_cache_store_up)."""
     memory = MemoryTier(config.memory_bytes, config.ttl) if config.memory_bytes > 0 else None
     redis = None
     if config.store is not None:
@@ -21,4 +23,7 @@ def build_score_cache(config: CacheConfig) -> ScoreCache | None:
         redis = RedisTier(client, ttl=config.ttl, timeout=config.store_timeout)
     if memory is None and redis is None:
         return None
-    return ScoreCache(memory, redis)
+    cache = ScoreCache(memory, redis)
+    if metrics is not None:
+        metrics.sync(cache.counts())
+    return cache

@@ -130,7 +130,8 @@ class RerankEngine:
             instruct_ignored=request.instruct is not None and not model.supports_instruct,
             deployments=list(dict.fromkeys(result.deployment for result in results if result.deployment)),
             cache=cache_outcome([result.cache for result in results]),
-            cached_tokens=sum(result.cached_tokens for result in results),
+            # Capped as total_tokens is: the contract's field is an int32.
+            cached_tokens=min(sum(result.cached_tokens for result in results), MAX_TOKENS),
             backend_calls=sum(result.cache is not CacheOutcome.HIT for result in results),
         )
 

@@ -1,9 +1,9 @@
 """The score cache's metrics: what it answered, per route, and what it holds.
 
 Per-route counts are recorded as each call's lookup ends; the cache's own counters (its
-size, evictions, Redis errors) are process-wide and copied in after each call that used it
-(`sync`), so in `serve --workers N` they are written to files like every other metric
-and the supervisor sums them.
+size, evictions, Redis errors) are process-wide and copied in when the cache is built and
+after each call that used it (`sync`), so in `serve --workers N` they are written to files
+like every other metric and the supervisor sums them.
 """
 
 from __future__ import annotations
@@ -70,12 +70,11 @@ class CacheMetrics:
             "failed call).",
             registry=registry,
         )
-        self.store_up = Gauge(
-            "rerank_cache_store_up",
-            "1 while the score cache's Redis answers, 0 while it is skipped after a failure.",
-            registry=registry,
-            multiprocess_mode="livemin",
-        )
+        # Made once a cache with a Redis tier is synced (`_store_up`): an unlabelled gauge
+        # reads 0 from its making, which would say "Redis down" for a process without a
+        # Redis tier, or (livemin across --workers) for a worker that has not been synced.
+        self._registry = registry
+        self.store_up: Gauge | None = None
         # Each route's children, bound once: (calls by outcome, pairs hit, pairs missed).
         self._routes: dict[str, tuple[dict[str, Counter], Counter, Counter]] = {}
         self._size_evictions = self.evictions.labels("size")
@@ -116,7 +115,7 @@ class CacheMetrics:
         if counts.redis_errors > errors:
             self.store_errors.inc(counts.redis_errors - errors)
         if counts.redis_up is not None and counts.redis_up is not up:
-            self.store_up.set(1 if counts.redis_up else 0)
+            self._store_up().set(1 if counts.redis_up else 0)
         self._seen = (
             counts.entries,
             counts.bytes,
@@ -125,3 +124,14 @@ class CacheMetrics:
             counts.redis_errors,
             counts.redis_up,
         )
+
+    def _store_up(self) -> Gauge:
+        if self.store_up is None:
+            self.store_up = Gauge(
+                "rerank_cache_store_up",
+                "1 while the score cache's Redis answers, 0 while it is skipped after a failure "
+                "(absent without a Redis tier).",
+                registry=self._registry,
+                multiprocess_mode="livemin",
+            )
+        return self.store_up
