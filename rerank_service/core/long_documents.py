@@ -152,12 +152,13 @@ def plan(request: RerankRequest, limits: CallLimits, max_chunks: int) -> Plan | 
     if mode is LongDocuments.CHUNK:
         if tokens < MIN_CHUNK_TOKENS:
             asked = request.max_tokens_per_doc is not None and request.max_tokens_per_doc < MIN_CHUNK_TOKENS
+            field = "max_tokens_per_doc" if asked else _crowding(request, window)
             raise invalid_argument(
                 [
                     FieldViolation(
-                        "max_tokens_per_doc" if asked else "query",
+                        field,
                         f"leaves {tokens} tokens of the window for a document; chunking needs at least "
-                        f"{MIN_CHUNK_TOKENS}" + ("" if asked else ": send a shorter query"),
+                        f"{MIN_CHUNK_TOKENS}" + ("" if asked else f": send a shorter {field}"),
                     )
                 ]
             )
@@ -174,6 +175,14 @@ def plan(request: RerankRequest, limits: CallLimits, max_chunks: int) -> Plan | 
     if all(layout is None for layout in layouts):
         return None
     return _expand(documents, layouts, window.counted_by == COUNTED_BY_ESTIMATE)
+
+
+def _crowding(request: RerankRequest, window: TokenWindow) -> str:
+    """What leaves a document too little room: the instruction, where the query alone leaves
+    enough (the model reads the instruction in the same window), else the query."""
+    if request.instruct and window.room(request.query, None) >= MIN_CHUNK_TOKENS:
+        return "instruct"
+    return "query"
 
 
 def _surely_fit(documents: Sequence[str], tokens: int, window: TokenWindow) -> bool:

@@ -172,8 +172,9 @@ def test_qwen3_scores_equal_the_model_card_formula_with_the_default_instruction(
         expected_ids = card.input_ids(DEFAULT_INSTRUCT, QUERY, doc, 8192)
         assert list(item.input_ids) == expected_ids
         assert item.tokens == len(expected_ids)
-    # Random weights still spread the scores: the comparison above is not 0.5 == 0.5.
-    assert max(scores) - min(scores) > 0.01
+    # Random weights still spread the scores (by hundreds of times the comparison's
+    # tolerance): the comparison above is not 0.5 == 0.5.
+    assert max(scores) - min(scores) > 100 * TOLERANCE
 
 
 def test_qwen3_scores_equal_the_model_card_formula_with_a_custom_instruction(

@@ -13,8 +13,13 @@ from typing import TYPE_CHECKING
 import grpc
 
 from rerank_service.backends.local.batcher import BatchLimits, MicroBatcher
-from rerank_service.backends.local.scorer import Scorer
-from rerank_service.backends.local.window import ReadsDocuments, ScorerWindow
+from rerank_service.backends.local.scorer import Encoded, Scorer
+from rerank_service.backends.local.window import (
+    MIN_DOCUMENT_TOKENS,
+    ReadsDocuments,
+    ScorerWindow,
+    SharesRoomWithQuery,
+)
 from rerank_service.config import ConfigError
 from rerank_service.config.local import LocalDeploymentConfig
 from rerank_service.core.chunking import CallLimits
@@ -90,6 +95,8 @@ class LocalBackend:
         self._metrics = metrics if metrics is not None else Metrics()
         self._scorers: dict[str, Scorer] = {}
         self._batchers: dict[str, MicroBatcher] = {}
+        # The longest query each loaded model takes (max_query_tokens, or less: _query_limit).
+        self._query_limits: dict[str, int] = {}
         self._readiness = Readiness()
 
     @classmethod
@@ -131,7 +138,8 @@ class LocalBackend:
             ModelInfo(
                 name=spec.name,
                 max_documents=self._max_documents,
-                max_query_tokens=self._max_query_tokens,
+                # Known once the model is loaded: the setting, or less where the window is smaller.
+                max_query_tokens=self._query_limits.get(spec.name, self._max_query_tokens),
                 # Known once the model is loaded; until then nothing is promised.
                 supports_instruct=spec.name in self._scorers and self._scorers[spec.name].supports_instruct,
                 backend="local",
@@ -152,32 +160,41 @@ class LocalBackend:
 
     async def start(self) -> None:
         loader = self._loader or _default_loader(self._engine)
+        # Names that share a source share its model and batcher: one copy in memory, and
+        # their calls batched together.
+        by_source: dict[str, tuple[Scorer, MicroBatcher]] = {}
         for spec in self._specs:
-            started = time.perf_counter()
-            # Loading reads weights from disk and may take seconds: keep the loop free
-            # so health checks are answered (NOT_SERVING) meanwhile.
-            scorer = await asyncio.to_thread(loader, spec.source, self._device, self._dtype)
-            self._scorers[spec.name] = scorer
-            _log.info(
-                "model loaded",
-                model=spec.name,
-                source=spec.source,
-                kind=scorer.kind,
-                engine=scorer.engine,
-                device=scorer.device,
-                dtype=scorer.dtype,
-                max_length=scorer.max_length,
-                seconds=round(time.perf_counter() - started, 2),
-            )
-        for name, scorer in self._scorers.items():
-            batcher = MicroBatcher(scorer, self._limits, merge=self._merge, metrics=self._metrics)
-            batcher.start()
-            self._batchers[name] = batcher
+            if spec.source not in by_source:
+                scorer = await self._load(loader, spec)
+                batcher = MicroBatcher(scorer, self._limits, merge=self._merge, metrics=self._metrics)
+                batcher.start()
+                by_source[spec.source] = (scorer, batcher)
+            scorer, batcher = by_source[spec.source]
+            self._scorers[spec.name], self._batchers[spec.name] = scorer, batcher
+            self._query_limits[spec.name] = _query_limit(scorer, self._max_query_tokens)
         self._readiness.set(True)
+
+    async def _load(self, loader: ScorerLoader, spec: LocalModelSpec) -> Scorer:
+        started = time.perf_counter()
+        # Loading reads weights from disk and may take seconds: keep the loop free
+        # so health checks are answered (NOT_SERVING) meanwhile.
+        scorer = await asyncio.to_thread(loader, spec.source, self._device, self._dtype)
+        _log.info(
+            "model loaded",
+            model=spec.name,
+            source=spec.source,
+            kind=scorer.kind,
+            engine=scorer.engine,
+            device=scorer.device,
+            dtype=scorer.dtype,
+            max_length=scorer.max_length,
+            seconds=round(time.perf_counter() - started, 2),
+        )
+        return scorer
 
     async def close(self) -> None:
         self._readiness.set(False)
-        for batcher in self._batchers.values():
+        for batcher in {id(batcher): batcher for batcher in self._batchers.values()}.values():
             await batcher.close()
         self._batchers.clear()
 
@@ -185,26 +202,19 @@ class LocalBackend:
         if not self._readiness.ready:
             raise not_ready("the model is still loading")
         scorer, batcher = self._scorers[request.model], self._batchers[request.model]
-        query_tokens = scorer.count_tokens(request.query)
-        if query_tokens > self._max_query_tokens:
-            raise invalid_argument(
-                [
-                    FieldViolation(
-                        "query", f"has {query_tokens} tokens; at most {self._max_query_tokens} are allowed"
-                    )
-                ]
-            )
         instruct = request.instruct if scorer.supports_instruct else None
         try:
             async with asyncio.timeout(_time_left(context)):
                 tokenizing = tracing.child("rerank.tokenize", {"rerank.documents": len(request.documents)})
                 try:
-                    encoded = await asyncio.to_thread(
-                        scorer.encode, request.query, request.documents, instruct
-                    )
+                    # Counting the query waits on the tokenizer's lock, which an encode holds
+                    # for long: in the worker thread with the encode, never on the event loop.
+                    encoded = await asyncio.to_thread(self._encode, scorer, request, instruct)
                 finally:
                     if tokenizing is not None:
                         tokenizing.end()
+                if not self._readiness.ready:  # closed while tokenizing
+                    raise not_ready("the model was closed (a reload or shutdown) before it scored the call")
                 scored = await batcher.score_timed(encoded)
         except TimeoutError:
             raise ServiceError(
@@ -216,6 +226,45 @@ class LocalBackend:
             timings=Timings(queue_seconds=scored.queue_seconds, inference_seconds=scored.inference_seconds),
             usage_source="model",
         )
+
+    def _encode(self, scorer: Scorer, request: BackendRequest, instruct: str | None) -> list[Encoded]:
+        """The call's pairs, once its query and instruction are known to leave the documents room."""
+        limit = self._query_limits.get(request.model, self._max_query_tokens)
+        query_tokens = scorer.count_tokens(request.query)
+        if query_tokens > limit:
+            raise invalid_argument(
+                [FieldViolation("query", f"has {query_tokens} tokens; at most {limit} are allowed")]
+            )
+        _check_document_room(scorer, request.query, instruct)
+        return scorer.encode(request.query, request.documents, instruct)
+
+
+def _query_limit(scorer: Scorer, setting: int) -> int:
+    """The longest query the model takes: the setting, or less where query and document share a
+    window too small for it (a 512-token cross-encoder), so that a document keeps some room."""
+    if isinstance(scorer, SharesRoomWithQuery):
+        return max(0, min(setting, scorer.query_room() - MIN_DOCUMENT_TOKENS))
+    return setting
+
+
+def _check_document_room(scorer: Scorer, query: str, instruct: str | None) -> None:
+    """Refuse a pair template that leaves a document almost no room: the model would truncate
+    every document to nothing and score the query alone."""
+    if not isinstance(scorer, ReadsDocuments):
+        return
+    room = scorer.document_room(query, instruct)
+    if room >= MIN_DOCUMENT_TOKENS:
+        return
+    field = "instruct" if instruct else "query"
+    raise invalid_argument(
+        [
+            FieldViolation(
+                field,
+                f"leaves {max(room, 0)} tokens of the model's {scorer.max_length}-token window for a "
+                f"document; at least {MIN_DOCUMENT_TOKENS} are needed: send a shorter {field}",
+            )
+        ]
+    )
 
 
 def _time_left(context: CallContext) -> float | None:

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import grpc
 
 from rerank_service.backends.local.scorer import Encoded, Scorer
-from rerank_service.core.domain import FailureKind, ServiceError
+from rerank_service.core.domain import FailureKind, ServiceError, not_ready
 from rerank_service.observability import tracing
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import Metrics
@@ -136,6 +136,8 @@ class MicroBatcher:
         self._worker: asyncio.Task[None] | None = None
         # One inference thread: the model is not re-entrant, and torch parallelises inside.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-model")
+        # Set by close(): nothing queues behind a worker that is gone.
+        self._closed = False
         self.stats = BatchStats()
 
     def start(self) -> None:
@@ -143,6 +145,9 @@ class MicroBatcher:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
 
     async def close(self) -> None:
+        """Stop the worker; every caller still waiting gets BACKEND_NOT_READY, so the router
+        may fall back (a bare cancellation would reach the caller as no status at all)."""
+        self._closed = True
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -150,7 +155,7 @@ class MicroBatcher:
             self._worker = None
         for job in [*self._queue, *(pair.job for pair in self._running)]:
             if not job.future.done():
-                job.future.cancel()
+                job.future.set_exception(_closed_error())
         self._queue.clear()
         self._running = []
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -161,6 +166,8 @@ class MicroBatcher:
 
     async def score_timed(self, items: Sequence[Encoded]) -> TimedScores:
         """`score`, with the time the request waited and the time its batches ran."""
+        if self._closed:
+            raise _closed_error()
         if not items:
             return TimedScores([], 0.0, 0.0)
         job = _Job(
@@ -291,3 +298,8 @@ class MicroBatcher:
                     ended,
                     {"rerank.batch.pairs": pairs, "rerank.batch.calls": len(jobs)},
                 )
+
+
+def _closed_error() -> ServiceError:
+    # A new error per caller: one exception raised in many tasks would share its traceback.
+    return not_ready("the model was closed (a reload or shutdown) before it scored the call")

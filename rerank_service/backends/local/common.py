@@ -5,6 +5,8 @@ Everything here imports torch; load it only when the local backend is used.
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -30,19 +32,37 @@ class GuardedTokenizer:
     A fast tokenizer sets truncation and padding on its shared Rust object for every
     call, so two threads tokenizing at once can fail ("Already borrowed") or see each
     other's settings. Tokenizing is cheap next to the model, so a lock costs little.
+
+    The event loop counts tokens too (the engine plans a small call's long documents
+    there), but encoding a large call holds the lock for seconds in a worker thread. So
+    the loop counts with a copy of its own, under a lock no worker thread takes: it never
+    waits behind an encode. One copy, not one per thread: a large vocabulary is megabytes.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self._lock = threading.Lock()
+        self._loop_tokenizer = copy.deepcopy(tokenizer)
+        self._loop_lock = threading.Lock()
 
     def run(self, work: Callable[[PreTrainedTokenizerBase], T]) -> T:
         with self._lock:
             return work(self.tokenizer)
 
+    def _count_with(self, work: Callable[[PreTrainedTokenizerBase], T]) -> T:
+        """`work` on the loop's copy when called on an event loop's thread, else as `run`."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # a worker thread: it may wait
+            return self.run(work)
+        with self._loop_lock:
+            return work(self._loop_tokenizer)
+
     def count(self, text: str) -> int:
         """Tokens of `text` alone, without special tokens and without truncation."""
-        return self.run(lambda tok: len(tok(text, add_special_tokens=False, truncation=False)["input_ids"]))
+        return self._count_with(
+            lambda tok: len(tok(text, add_special_tokens=False, truncation=False)["input_ids"])
+        )
 
     def token_starts(self, text: str) -> list[int]:
         """Where each token of `text` starts (characters), without special tokens or truncation."""
@@ -54,7 +74,7 @@ class GuardedTokenizer:
             backend.no_padding()
             return [start for start, _ in backend.encode(text, add_special_tokens=False).offsets]
 
-        return self.run(starts)
+        return self._count_with(starts)
 
     @property
     def pad_token_id(self) -> int:

@@ -41,6 +41,10 @@ class CrossEncoderScorer(EncoderScorer):
         """The window less the query's tokens and the pair's special tokens."""
         return self.max_length - self.count_tokens(query) - self._pair_specials
 
+    def query_room(self) -> int:
+        """The window less the pair's special tokens: what query and document share."""
+        return self.max_length - self._pair_specials
+
     def encode(self, query: str, documents: Sequence[str], instruct: str | None) -> list[Encoded]:
         # `instruct` is ignored: a cross-encoder has no place for it.
         if not documents:

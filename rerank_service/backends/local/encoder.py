@@ -45,6 +45,9 @@ class EncoderScorer(CountsTokens):
         self.engine = forward.engine
         self.max_length = encoder_window(config, tokenizer, max_length)
         self._pad = self._tokenizer.pad_token_id
+        # Read once: document_room is asked on the event loop, which must not touch the
+        # tokenizer a worker thread may be encoding with.
+        self._single_specials: int = tokenizer.num_special_tokens_to_add(pair=False)
         self._fit(config, tokenizer)
 
     def _fit(self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -52,7 +55,7 @@ class EncoderScorer(CountsTokens):
 
     def document_room(self, query: str, instruct: str | None) -> int:
         """Tokens a document may have: a bi-encoder reads it alone, with its special tokens."""
-        return self.max_length - self._tokenizer.tokenizer.num_special_tokens_to_add(pair=False)
+        return self.max_length - self._single_specials
 
     @classmethod
     def from_pretrained(

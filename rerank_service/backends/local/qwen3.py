@@ -92,6 +92,10 @@ class Qwen3Scorer(CountsTokens):
         empty = format_pair(instruct or DEFAULT_INSTRUCT, query, "")
         return self._pair_budget - self.count_tokens(empty) - 1
 
+    def query_room(self) -> int:
+        """What query and document share beside the template and the default instruction."""
+        return self.document_room("", None)
+
     def encode(self, query: str, documents: Sequence[str], instruct: str | None) -> list[Encoded]:
         if not documents:
             return []

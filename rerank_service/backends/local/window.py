@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from rerank_service.core.long_documents import MIN_CHUNK_TOKENS
 from rerank_service.core.token_window import COUNTED_BY_MODEL, Measure, SpansMeasure
+
+# The fewest tokens a document may be left beside the query and the instruction: a call
+# with less is refused, never scored on its documents' first few tokens (or none). The
+# same bound as the engine's for chunking.
+MIN_DOCUMENT_TOKENS = MIN_CHUNK_TOKENS
 
 
 @runtime_checkable
@@ -14,6 +20,16 @@ class ReadsDocuments(Protocol):
     def document_room(self, query: str, instruct: str | None) -> int: ...
 
     def token_starts(self, text: str) -> list[int]: ...
+
+
+@runtime_checkable
+class SharesRoomWithQuery(Protocol):
+    """A scorer whose query and document share one window (Qwen3, a cross-encoder; not a
+    bi-encoder, which reads them apart)."""
+
+    def query_room(self) -> int:
+        """Tokens query and document may have together (beside the default instruction)."""
+        ...
 
 
 class ScorerWindow:

@@ -1,0 +1,329 @@
+"""The local backend around its models: closing with calls in flight, the event loop kept
+free of the tokenizer's lock, the room a query leaves a document, one model per source.
+
+Where a test holds a tokenization or a batch, the test releases it: it waits on events,
+never on the clock (a bound of 10 s only ends a broken run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rerank_service.backends.local import LocalBackend, LocalModelSpec
+from rerank_service.backends.local.batcher import BatchLimits, MicroBatcher
+from rerank_service.backends.local.models import load_scorer
+from rerank_service.backends.local.scorer import Encoded, Scorer
+from rerank_service.backends.local.window import MIN_DOCUMENT_TOKENS
+from rerank_service.core.domain import (
+    BackendRequest,
+    CallContext,
+    FailureKind,
+    LongDocuments,
+    RerankRequest,
+    ServiceError,
+)
+from rerank_service.core.engine import RerankEngine
+from rerank_service.core.long_documents import plan
+from tests.support.tiny_models import (
+    build_tiny_bi_encoder,
+    build_tiny_cross_encoder,
+    build_tiny_qwen3_reranker,
+)
+
+BOUND = 10.0  # seconds: only a broken run waits this long
+MAX_QUERY_TOKENS = 4000
+
+
+class HeldScorer:
+    """A fake model whose tokenizer is one lock, as GuardedTokenizer's, and whose encode of the
+    query "hold" (and every batch, when asked) waits until the test releases it."""
+
+    kind = "fake"
+    supports_instruct = False
+    max_length = 512
+    device = "cpu"
+    dtype = "float32"
+    engine = "torch"
+
+    def __init__(self, hold_batches: bool = False) -> None:
+        self.hold_batches = hold_batches
+        self.tokenizer = threading.Lock()
+        self.encoding = threading.Event()  # a held encode has the tokenizer
+        self.scoring = threading.Event()  # a held batch is in the model
+        self.release = threading.Event()
+        self.waited_out = False  # the test never released a held step
+
+    def _hold(self, started: threading.Event) -> None:
+        started.set()
+        if not self.release.wait(BOUND):
+            self.waited_out = True
+
+    def count_tokens(self, text: str) -> int:
+        with self.tokenizer:
+            return len(text.split())
+
+    def encode(self, query: str, documents: Sequence[str], instruct: str | None) -> list[Encoded]:
+        with self.tokenizer:
+            if query == "hold":
+                self._hold(self.encoding)
+            return [Encoded(input_ids=(1, 2), tokens=2) for _ in documents]
+
+    def score(self, batch: Sequence[Encoded]) -> list[float]:
+        if self.hold_batches:
+            self._hold(self.scoring)
+        return [0.5] * len(batch)
+
+
+def backend_of(scorer: Scorer, specs: Sequence[tuple[str, str]] = (("m", "fake"),)) -> LocalBackend:
+    return LocalBackend(
+        [LocalModelSpec(name, source) for name, source in specs],
+        device="cpu",
+        dtype="float32",
+        limits=BatchLimits(max_batch_size=1, window_batches=1, max_wait=0),
+        max_documents=100,
+        max_query_tokens=MAX_QUERY_TOKENS,
+        loader=lambda source, device, dtype: scorer,
+    )
+
+
+def call(model: str, query: str, documents: list[str], instruct: str | None = None) -> BackendRequest:
+    return BackendRequest(model, query, documents, instruct, None)
+
+
+def assert_not_ready(error: ServiceError) -> None:
+    # What the router falls back on (docs/ROUTING.md): another deployment may answer.
+    assert error.reason == "BACKEND_NOT_READY"
+    assert error.kind is FailureKind.DEPLOYMENT
+
+
+# --- closing with calls in flight ------------------------------------------------------------
+
+
+async def test_closing_the_batcher_ends_its_running_and_queued_callers_with_not_ready() -> None:
+    scorer = HeldScorer(hold_batches=True)
+    batcher = MicroBatcher(scorer, BatchLimits(max_batch_size=1, window_batches=1, max_wait=0))
+    batcher.start()
+    pairs = [Encoded(input_ids=(1, 2), tokens=2)] * 2
+    running = asyncio.ensure_future(batcher.score(pairs))
+    await asyncio.to_thread(scorer.scoring.wait, BOUND)  # its first pair is in the model
+    queued = asyncio.ensure_future(batcher.score(pairs))
+    await asyncio.sleep(0)  # score() queues its pairs before it first waits
+
+    await batcher.close()
+    scorer.release.set()
+
+    for caller in (running, queued):
+        with pytest.raises(ServiceError) as raised:
+            await asyncio.wait_for(caller, BOUND)
+        assert_not_ready(raised.value)
+
+
+async def test_a_closed_batcher_refuses_a_new_call_at_once() -> None:
+    batcher = MicroBatcher(HeldScorer())
+    batcher.start()
+    await batcher.close()
+
+    with pytest.raises(ServiceError) as raised:
+        await asyncio.wait_for(batcher.score([Encoded(input_ids=(1,), tokens=1)]), BOUND)
+    assert_not_ready(raised.value)
+
+
+async def test_a_call_tokenizing_when_the_backend_closes_gets_not_ready() -> None:
+    scorer = HeldScorer()
+    backend = backend_of(scorer)
+    await backend.start()
+    tokenizing = asyncio.ensure_future(backend.rerank(call("m", "hold", ["a", "b"]), CallContext()))
+    await asyncio.to_thread(scorer.encoding.wait, BOUND)
+
+    await backend.close()
+    scorer.release.set()
+
+    with pytest.raises(ServiceError) as raised:
+        await asyncio.wait_for(tokenizing, BOUND)  # it once queued on the closed batcher, forever
+    assert_not_ready(raised.value)
+
+
+# --- the event loop never waits on the tokenizer's lock ----------------------------------------
+
+
+async def test_another_call_is_taken_while_a_long_encode_holds_the_tokenizer() -> None:
+    scorer = HeldScorer()
+    backend = backend_of(scorer)
+    await backend.start()
+    long = asyncio.ensure_future(backend.rerank(call("m", "hold", ["a"]), CallContext()))
+    await asyncio.to_thread(scorer.encoding.wait, BOUND)
+
+    short = asyncio.ensure_future(backend.rerank(call("m", "weather", ["sunny"]), CallContext()))
+    await asyncio.sleep(0)  # its first step ran: it counts its query off the loop, or blocks it here
+    # The loop went on while the long encode still holds the tokenizer: it answers.
+    answered_while_held = not scorer.release.is_set() and not scorer.waited_out
+    models = backend.models()
+    scorer.release.set()
+    await asyncio.wait_for(asyncio.gather(long, short), BOUND)
+
+    assert answered_while_held
+    assert backend.readiness.ready
+    assert [model.name for model in models] == ["m"]
+    await backend.close()
+
+
+class HeldTokenizer:
+    """A real tokenizer whose call on a text holding "hold" waits until the test releases it:
+    the encode of a call too large to tokenize quickly."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self.waited_out = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.holding.is_set() and any("hold" in str(arg) for arg in args):  # once
+            self.holding.set()
+            self.waited_out = not self.release.wait(BOUND)
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+
+@pytest.fixture(scope="module")
+def cross_dir(tmp_path_factory: pytest.TempPathFactory, offline: None) -> Path:
+    return build_tiny_cross_encoder(tmp_path_factory.mktemp("models") / "cross")
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory: pytest.TempPathFactory, offline: None) -> Path:
+    return build_tiny_qwen3_reranker(tmp_path_factory.mktemp("models") / "qwen3")
+
+
+@pytest.fixture(scope="module")
+def bi_dir(tmp_path_factory: pytest.TempPathFactory, offline: None) -> Path:
+    return build_tiny_bi_encoder(tmp_path_factory.mktemp("models") / "bi")
+
+
+async def test_the_engine_plans_long_documents_while_an_encode_holds_the_tokenizer(cross_dir: Path) -> None:
+    scorer: Any = load_scorer(str(cross_dir), "cpu", "float32")
+    held = scorer._tokenizer.tokenizer = HeldTokenizer(scorer._tokenizer.tokenizer)
+    backend = backend_of(scorer)
+    await backend.start()
+    encoding = asyncio.ensure_future(backend.rerank(call("m", "hold", ["bread"]), CallContext()))
+    await asyncio.to_thread(held.holding.wait, BOUND)
+
+    # What the engine does on the loop for a small call: the room beside the query, the
+    # document's tokens, its cut.
+    long_document = " ".join(["bread flour water yeast oven dough"] * 30)
+    request = RerankRequest("m", "bread", [long_document], long_documents=LongDocuments.TRUNCATE)
+    planned = plan(request, backend.call_limits("m"), 100)
+    planned_while_held = not held.release.is_set() and not held.waited_out
+    held.release.set()
+    await asyncio.wait_for(encoding, BOUND)
+
+    assert planned_while_held
+    assert planned is not None
+    assert planned.truncated == [True]
+    await backend.close()
+
+
+# --- a query or instruction that leaves a document no room ---------------------------------------
+
+
+def words(count: int) -> str:
+    return " ".join(["bread"] * count)  # one token each, in every tiny tokenizer
+
+
+async def started(scorer: Scorer, specs: Sequence[tuple[str, str]] = (("m", "fake"),)) -> LocalBackend:
+    backend = backend_of(scorer, specs)
+    await backend.start()
+    return backend
+
+
+async def test_a_long_instruct_is_refused_naming_it_not_scored_without_the_documents(qwen3_dir: Path) -> None:
+    backend = await started(load_scorer(str(qwen3_dir), "cpu", "float32"))
+    documents = ["Mix flour and water, then bake.", "The stock market fell today."]
+
+    fine = await backend.rerank(call("m", "bake bread", documents, instruct="Find recipes."), CallContext())
+    with pytest.raises(ServiceError) as raised:
+        await backend.rerank(call("m", "bake bread", documents, instruct=words(600)), CallContext())
+
+    assert len(fine.scores) == 2
+    assert [violation.field for violation in raised.value.violations] == ["instruct"]
+    assert f"at least {MIN_DOCUMENT_TOKENS}" in raised.value.violations[0].description
+    await backend.close()
+
+
+async def test_chunking_under_a_long_instruct_is_refused_naming_the_instruct(qwen3_dir: Path) -> None:
+    backend = await started(load_scorer(str(qwen3_dir), "cpu", "float32"))
+    engine = RerankEngine(backend, chunk_concurrency=4, max_fanout_factor=10)
+    request = RerankRequest(
+        "m", "bake bread", ["Mix flour and water."], instruct=words(600), long_documents=LongDocuments.CHUNK
+    )
+
+    with pytest.raises(ServiceError) as raised:
+        await engine.rerank(request, CallContext())
+
+    assert [violation.field for violation in raised.value.violations] == ["instruct"]
+    await backend.close()
+
+
+@pytest.mark.parametrize("model", ["qwen3", "cross"])
+async def test_the_longest_query_advertised_leaves_a_document_room_and_one_more_token_is_refused(
+    model: str, qwen3_dir: Path, cross_dir: Path
+) -> None:
+    scorer: Any = load_scorer(str(qwen3_dir if model == "qwen3" else cross_dir), "cpu", "float32")
+    backend = await started(scorer)
+    [info] = backend.models()
+    longest = info.max_query_tokens
+
+    answered = await backend.rerank(call("m", words(longest), ["bread flour"] * 2), CallContext())
+    with pytest.raises(ServiceError) as raised:
+        await backend.rerank(call("m", words(longest + 1), ["bread flour"] * 2), CallContext())
+
+    assert longest < scorer.max_length < MAX_QUERY_TOKENS  # the window's, not the setting's 4,000
+    assert scorer.document_room(words(longest), None) >= MIN_DOCUMENT_TOKENS
+    assert len(answered.scores) == 2
+    assert [violation.field for violation in raised.value.violations] == ["query"]
+    await backend.close()
+
+
+async def test_a_bi_encoder_reads_the_query_apart_and_advertises_the_setting(bi_dir: Path) -> None:
+    backend = await started(load_scorer(str(bi_dir), "cpu", "float32"))
+
+    assert [info.max_query_tokens for info in backend.models()] == [MAX_QUERY_TOKENS]
+    await backend.close()
+
+
+# --- names that share a source share one model ---------------------------------------------------
+
+
+async def test_names_on_one_source_load_it_once_and_share_its_batcher() -> None:
+    loaded: list[str] = []
+
+    def loader(source: str, device: str, dtype: str) -> Scorer:
+        loaded.append(source)
+        return HeldScorer()
+
+    backend = LocalBackend(
+        [LocalModelSpec("a", "one"), LocalModelSpec("b", "one"), LocalModelSpec("c", "two")],
+        device="cpu",
+        dtype="float32",
+        limits=BatchLimits(),
+        max_documents=100,
+        max_query_tokens=MAX_QUERY_TOKENS,
+        loader=loader,
+    )
+    await backend.start()
+    answers = [await backend.rerank(call(name, "q", ["d"]), CallContext()) for name in "abc"]
+    batchers = [backend.batcher(name) for name in "abc"]
+    await backend.close()
+
+    assert loaded == ["one", "two"]
+    assert batchers[0] is batchers[1]
+    assert batchers[1] is not batchers[2]
+    assert all(len(answer.scores) == 1 for answer in answers)
