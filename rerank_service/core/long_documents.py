@@ -275,8 +275,18 @@ def _layout(
                 )
             ]
         )
-    end = trim_end(document, start, cut_before(prefix, start, max(measure.fit(start, tokens), start + 1)))
+    end = trim_end(document, start, _cut(prefix, measure, start, measure.fit(start, tokens), tokens))
     return DocumentParts([(start, end)], truncated=True)
+
+
+def _cut(text: str, measure: Measure, start: int, reach: int, tokens: int) -> int:
+    """cut_before, the part's last quarter and half measured in tokens, as the window is:
+    a word that is short in tokens is not cut for being long in characters (a run of
+    characters of several bytes each, before it, makes the characters' half short)."""
+    end = max(reach, start + 1)
+    quarter = max(start, measure.back(end, tokens // 4))
+    half = max(start, measure.back(end, tokens // 2))
+    return cut_before(text, start, end, quarter, half)
 
 
 def chunk_spans(text: str, measure: Measure, tokens: int, overlap: int) -> list[tuple[int, int]]:
@@ -291,7 +301,7 @@ def chunk_spans(text: str, measure: Measure, tokens: int, overlap: int) -> list[
         if reach >= size:
             spans.append((start, trim_end(text, start, size)))
             break
-        cut = cut_before(text, start, max(reach, start + 1))
+        cut = _cut(text, measure, start, reach, tokens)
         spans.append((start, trim_end(text, start, cut)))
         following = word_start_from(text, measure.back(cut, overlap), cut) if overlap else cut
         if following <= start:  # the overlap would not move on: start after this part

@@ -74,16 +74,22 @@ def _sentence_end(text: str, position: int) -> bool:
     return before in _SENTENCE_ENDS and (position >= len(text) or text[position].isspace())
 
 
-def cut_before(text: str, start: int, end: int) -> int:
+def cut_before(
+    text: str, start: int, end: int, last_quarter: int | None = None, last_half: int | None = None
+) -> int:
     """Where to end a part that starts at `start` and may reach `end` (exclusive): a place
-    in (start, end], as near `end` as the best kind of place allows."""
+    in (start, end], as near `end` as the best kind of place allows. `last_quarter` and
+    `last_half`: where the part's last quarter and half begin, in tokens (a caller that
+    measures them); by default, in characters."""
     if end >= len(text):
         return len(text)
     span = end - start
-    for position in range(end, end - span // 4, -1):  # a sentence's end in the last quarter
+    quarter = end - span // 4 if last_quarter is None else last_quarter
+    half = end - span // 2 if last_half is None else last_half
+    for position in range(end, quarter, -1):  # a sentence's end in the last quarter
         if position > start and _sentence_end(text, position):
             return position
-    for position in range(end, end - span // 2, -1):  # a word's end in the last half
+    for position in range(end, half, -1):  # a word's end in the last half
         if position > start and word_boundary(text, position):
             return position
     for position in range(end, start, -1):  # one word longer than half the window

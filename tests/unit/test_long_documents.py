@@ -8,7 +8,7 @@ import unicodedata
 
 import grpc
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from rerank_service.core.chunking import CallLimits, estimate_tokens
@@ -74,6 +74,10 @@ def spaced_texts(draw: st.DrawFn) -> str:
 
 @settings(max_examples=300, deadline=None)
 @given(text=spaced_texts(), window=st.integers(16, 80), overlap=st.integers(0, 20))
+# A word of half the window in tokens but over half the part in characters (after a run of
+# characters of several bytes each): cut inside it while the window's halves were counted
+# in characters.
+@example(text="一一一一一 👍🏽 000¡¡¡¡¡¡¡ࠀ𐀀 ", window=16, overlap=0)
 def test_chunks_of_a_spaced_text_end_between_words_fit_and_cover_every_word(
     text: str, window: int, overlap: int
 ) -> None:
