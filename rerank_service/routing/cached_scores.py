@@ -151,7 +151,11 @@ def score_identity(
 
         def local(model: str) -> Identity:
             source = sources.get(model, model)
-            device, dtype = precision(engine.device, engine.dtype)
+            # ONNX Runtime runs on the CPU in float32 (int8 weights: `quantize`) whatever the
+            # machine (it refuses cuda and half precisions); `auto` would name the GPU's.
+            device, dtype = (
+                ("cpu", "float32") if engine.engine == "onnx" else precision(engine.device, engine.dtype)
+            )
             return {
                 "kind": "local",
                 "source": source,

@@ -114,6 +114,23 @@ def test_a_local_models_key_holds_the_device_and_dtype_it_runs_in_not_auto() -> 
     assert gpu != cpu
 
 
+def test_onnx_replicas_on_cpu_and_gpu_machines_share_scores() -> None:
+    """ONNX Runtime runs on the CPU in float32 on either machine: the same scores."""
+    onnx = LocalDeploymentConfig.from_settings(
+        Settings(backend="local", local_models=(("m", "/models/m"),), local_engine="onnx")
+    )
+
+    def on_a_gpu(device: str, dtype: str) -> tuple[str, str]:
+        return "cuda", "bfloat16"
+
+    def on_a_cpu(device: str, dtype: str) -> tuple[str, str]:
+        return "cpu", "float32"
+
+    gpu = dict(score_identity(onnx, lambda source: "r1", on_a_gpu)("m"))
+    assert gpu == dict(score_identity(onnx, lambda source: "r1", on_a_cpu)("m"))
+    assert (gpu["device"], gpu["dtype"]) == ("cpu", "float32")
+
+
 def test_auto_comes_to_a_device_type_and_a_dtype_on_this_machine() -> None:
     """What the service hands score_identity: never `auto`."""
     device, dtype = build._precision("auto", "auto")
