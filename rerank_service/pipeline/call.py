@@ -375,9 +375,10 @@ class Call:
         """Settle the caller's limits and record what the call used (pipeline/usage.py)."""
         caller, outcome, pipeline = self.caller, self.outcome, self._pipeline
         assert caller is not None
-        answered = outcome is not None and self.code == grpc.StatusCode.OK
         if self._grant is not None:
-            if answered and outcome is not None:
+            if outcome is not None:
+                # The backend answered: its count, whatever became of the call after (a
+                # caller that hung up as its answer was sent was still billed it).
                 used = outcome.total_tokens
             elif self.code in _ABANDONED:
                 # Given up while the backend worked (the grant came just before it): the

@@ -496,6 +496,37 @@ def test_a_call_given_up_keeps_its_token_estimate_charged_and_a_failed_one_gives
     assert left == pytest.approx(1000 - estimated_tokens(request) if charged else 1000, abs=0.01)
 
 
+class _AnsweringEngine(_FailingEngine):
+    """An engine whose every call is answered, `tokens` used."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__(ServiceError(grpc.StatusCode.INTERNAL, "unused"))
+        self.tokens = tokens
+
+    async def run(self, prepared: Prepared, context: CallContext) -> RerankOutcome:
+        return RerankOutcome([], self.tokens, [])
+
+
+def test_a_call_answered_by_its_backend_is_charged_what_it_used_whatever_ended_it() -> None:
+    """The backend answered (600 tokens), then the caller hung up before the answer went out:
+    charged the answer's count, not the estimate, nor nothing."""
+    tokens = BucketLimit("tokens_per_minute", 0.001, 1000)  # no refill within the test
+    caller = Caller("search", limits=CallerLimits(tokens=tokens), configured=True)
+    pipeline = Pipeline(cast(RerankEngine, _AnsweringEngine(600)), Admission(4), CallerDirectory())
+    measured = pipeline.metrics.for_method("/rerank.v1.RerankService/Rerank")
+    request = RerankRequest("qwen3-rerank", "what is a bucket", ["a token bucket"] * 3)
+    call = pipeline.open("/rerank.v1.RerankService/Rerank", "peer", measured)
+    call.caller = caller
+    call.admit(0)
+
+    asyncio.run(call.rerank(request, CallContext()))
+    call.failed(ServiceError(grpc.StatusCode.CANCELLED, "the caller hung up"))
+    call.finish()
+
+    assert estimated_tokens(request) != 600
+    assert pipeline.limiter.local.level("search", tokens) == pytest.approx(1000 - 600, abs=0.01)
+
+
 def test_a_share_of_one_caps_nobody() -> None:
     admission = Admission(3, clock=Clock())
     admission.enter(0, "polite")
