@@ -41,6 +41,7 @@ from tests.support.tiny_models import (
     build_tiny_bi_encoder,
     build_tiny_cross_encoder,
     build_tiny_qwen3_reranker,
+    build_tiny_roberta_cross_encoder,
 )
 
 TOLERANCE = 1e-5
@@ -549,3 +550,21 @@ def test_encode_from_many_threads_at_once_gives_the_same_pairs(cross: Scorer) ->
         results = list(pool.map(lambda request: cross.encode(request[0], request[1], None), requests))
 
     assert results == expected
+
+
+def test_a_roberta_window_leaves_out_the_positions_before_its_padding(tmp_path: Path) -> None:
+    """RoBERTa counts positions from its padding id + 1: with no model_max_length in the
+    tokenizer to cap it, the window is what its positions hold, and a pair filling it scores
+    (a window of max_position_embeddings failed the batch in the embeddings)."""
+    path = build_tiny_roberta_cross_encoder(tmp_path / "roberta")
+    settings_file = path / "tokenizer_config.json"
+    tokenizer_config = json.loads(settings_file.read_text())
+    tokenizer_config.pop("model_max_length", None)
+    settings_file.write_text(json.dumps(tokenizer_config))
+
+    scorer = load_scorer(str(path), "cpu", "float32")
+    encoded = scorer.encode("what is the weather", ["rain " * 200], None)
+
+    assert scorer.max_length == 64
+    assert encoded[0].length == 64
+    assert 0.0 <= scorer.score(encoded)[0] <= 1.0

@@ -126,10 +126,22 @@ def accepts_argument(model: torch.nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
+# Models whose position ids start after the padding token's id (RoBERTa's embeddings): the
+# first pad_token_id + 1 of their max_position_embeddings are never a token's (514 -> 512).
+_POSITIONS_AFTER_PADDING = frozenset(
+    {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer", "data2vec-text", "ibert"}
+)
+
+
 def max_positions(config: Any) -> int | None:
-    """The model's position window from its config, when it declares one."""
+    """The model's position window from its config, when it declares one: the tokens it
+    can read (a longer input fails the whole batch in the embeddings)."""
     value = getattr(config, "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None
+    if not isinstance(value, int) or value <= 0:
+        return None
+    if getattr(config, "model_type", None) in _POSITIONS_AFTER_PADDING:
+        value -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return value if value > 0 else None
 
 
 # Encoder models (cross- and bi-encoders) are trained on short passages, and BERT-style
