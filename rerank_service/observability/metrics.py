@@ -292,6 +292,9 @@ class Metrics:
             self.route_members.labels(route, deployment).set(0)
         for route, deployment in members:
             self.route_members.labels(route, deployment).set(1)
+            # Each route's refused fallbacks are 0 from now: a series born at 1 on its first
+            # refusal would read as no increase, and the alert on it would miss that one.
+            _child(self._budgets_spent, self.route_budget_exhausted, route)
         self._members = set(members)
 
     def count_fallback(self, route: str) -> None:

@@ -711,6 +711,18 @@ async def test_route_members_name_each_route_s_deployments_and_a_reload_sets_the
         assert (member(ROUTE, "old"), member("bge", "kept")) == (0, 0)  # out of the routes, not gone
 
 
+async def test_a_routes_refused_fallbacks_are_exported_at_zero_from_its_start() -> None:
+    """The alert on them reads an increase: a series born at 1 would hide the first refusal."""
+    metrics = Metrics()
+
+    async with running(Router([route_of(Member(deployment(FakeBackend("a")), ROUTE))], metrics)):
+        exhausted = metrics.registry.get_sample_value(
+            "rerank_route_retry_budget_exhausted_total", {"route": ROUTE}
+        )
+
+    assert exhausted == 0
+
+
 class UnstartableBackend(FakeBackend):
     async def start(self) -> None:
         raise RuntimeError("no such model directory")
