@@ -16,6 +16,7 @@ from aiohttp import web
 
 from rerank_service.api.http.app import FrontDoor
 from rerank_service.config.server import HttpConfig, TlsConfig
+from rerank_service.config.tls_files import TlsFiles
 from rerank_service.observability.logging import CALLER_LOG_INTERVAL, RateLimit, get_logger
 from rerank_service.observability.process_limits import file_limit, log_accept_errors_sparingly
 
@@ -24,6 +25,10 @@ _log = get_logger("rerank_service.api.http")
 # The listen queue's length, and so the connections asyncio accepts per wake-up before any
 # of them reaches the gate: it bounds the descriptors a burst of connections holds at once.
 ACCEPT_BATCH = 128
+
+
+# How often the HTTP port looks whether its TLS files changed on disk (a renewed certificate).
+TLS_CHECK_SECONDS = 10.0
 
 
 def ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
@@ -36,6 +41,30 @@ def ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
         context.load_verify_locations(tls.client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+async def keep_renewed(context: ssl.SSLContext, tls: TlsConfig, every: float) -> None:
+    """Load the TLS files into `context` again whenever they change (checked every `every`
+    seconds): the listener keeps its context, and each new connection's handshake takes the
+    certificate loaded last. A client CA read again is added to those trusted (OpenSSL keeps
+    a context's trusted CAs until it is dropped: a removed one stays until a restart)."""
+    cert, key, client_ca = tls.cert, tls.key, tls.client_ca
+    if cert is None or key is None:
+        return
+    files = TlsFiles(tls)
+    pending = False  # checked, not loaded: changed again in between
+    while True:
+        await asyncio.sleep(every)
+        if files.renewed() is None and not pending:
+            continue
+        try:
+            context.load_cert_chain(cert, key)
+            if client_ca is not None:
+                context.load_verify_locations(client_ca)
+            pending = False
+        except (ssl.SSLError, OSError) as exc:  # the next look loads them again
+            pending = True
+            _log.warning("tls files not loaded into the http port", error=type(exc).__name__)
 
 
 class ConnectionGate:
@@ -186,6 +215,7 @@ class HttpServer:
         self._tls = tls
         self._shutdown_grace = shutdown_grace
         self._runner: web.AppRunner | None = None
+        self._renewing: asyncio.Task[None] | None = None  # keep_renewed, with TLS
         self.port: int | None = None
         self.gate: ConnectionGate | None = None
 
@@ -215,6 +245,10 @@ class HttpServer:
             reuse_port=self._reuse_port,
         )
         await site.start()
+        if tls is not None:
+            self._renewing = asyncio.get_running_loop().create_task(
+                keep_renewed(tls, self._tls, TLS_CHECK_SECONDS), name="http-tls-renewal"
+            )
         # aiohttp says where it listens only through its server's sockets (port 0 picks one).
         server = site._server
         sockets = getattr(server, "sockets", None) or ()
@@ -230,6 +264,9 @@ class HttpServer:
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish within --shutdown-grace, close."""
+        if self._renewing is not None:
+            self._renewing.cancel()
+            self._renewing = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
