@@ -13,6 +13,7 @@ harness uses), and it never reads the environment itself; only `load_settings` d
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Mapping
 from functools import cache
@@ -137,16 +138,39 @@ def _no_nul(value: object) -> object:
     return value
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS has one)."""
+def usable_cores(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one, lowered to
+    its cgroup's CPU quota where one is set (a Kubernetes CPU limit: the affinity still names
+    every core of the node)."""
     import os
 
     affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
+
+
+def cgroup_cpu_quota(root: str) -> float | None:
+    """The CPUs a cgroup's quota allows (quota / period), None without one: cgroup v2's
+    `cpu.max` ("max 100000" is none), or v1's `cpu/cpu.cfs_quota_us` (-1 is none)."""
+    try:
+        quota, period = Path(root, "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            base = Path(root, "cpu")
+            quota = base.joinpath("cpu.cfs_quota_us").read_text().strip()
+            period = base.joinpath("cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        allowed, every = int(quota), int(period)
+    except ValueError:  # "max": no quota
+        return None
+    return allowed / every if allowed > 0 and every > 0 else None
 
 
 def _auto_workers(value: object) -> object:
-    """`auto`: one worker per core this process may run on."""
+    """`auto`: one worker per core this process may use (usable_cores)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return usable_cores()
     return value
@@ -717,7 +741,8 @@ class Settings:
     workers: Workers = Field(
         default=1,
         description="server processes sharing the gRPC and HTTP ports (SO_REUSEPORT), watched by one "
-        "supervisor that also serves --metrics-port (auto: one per usable core; 1: no supervisor; "
+        "supervisor that also serves --metrics-port (auto: one per usable core, within a cgroup's CPU "
+        "limit; 1: no supervisor; "
         "docs/OPERATIONS.md#workers)",
     )
     cache_memory_mb: CountOrZero = Field(

@@ -17,6 +17,7 @@ from rerank_service.api.grpc.server import channel_options
 from rerank_service.config import ConfigError, Settings, load_settings
 from rerank_service.config.secret import Secret
 from rerank_service.config.server import GrpcConfig, ServerConfig
+from rerank_service.config.settings import usable_cores
 from rerank_service.config.sources import build, file_layer
 
 UPSTREAM_KEY = "sk-upstream-0123456789"
@@ -664,14 +665,38 @@ def test_open_calls_up_to_grpcs_limit_are_taken_and_past_it_refused() -> None:
 
 
 def test_workers_auto_is_one_per_usable_core_and_a_number_is_taken_as_is() -> None:
-    assert load({"workers": "auto"}).workers == len(os.sched_getaffinity(0))
-    assert load(RERANK_WORKERS="AUTO").workers == len(os.sched_getaffinity(0))
+    assert load({"workers": "auto"}).workers == usable_cores()
+    assert load(RERANK_WORKERS="AUTO").workers == usable_cores()
     assert load(RERANK_WORKERS="3").workers == 3
     assert load().workers == 1
     for bad in ("0", "many"):
         assert refusal(RERANK_WORKERS=bad) == (
             f"workers must be an integer >= 1, or auto, got '{bad}' (from RERANK_WORKERS)"
         )
+
+
+@pytest.mark.parametrize(
+    ("files", "cores"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # a Kubernetes limit of 1.5 CPUs
+        ({"cpu.max": "max 100000\n"}, None),  # no limit: the cores it may run on
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files (macOS)
+    ],
+    ids=["v2-limit", "v2-none", "v1-limit", "v1-none", "none"],
+)
+def test_usable_cores_are_lowered_to_the_cgroups_cpu_limit(
+    tmp_path: Path, files: dict[str, str], cores: int | None
+) -> None:
+    """`--workers auto` in a pod: the affinity names every core of the node, the limit is in
+    the cgroup."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    every_core = len(os.sched_getaffinity(0))
+
+    assert usable_cores(str(tmp_path)) == (every_core if cores is None else min(cores, every_core))
 
 
 # --- keys pasted in the wrong place, and paths the OS cannot open -------------------------------
