@@ -344,6 +344,11 @@ def test_gpu_values_ask_one_gpu_a_pod_and_no_autoscaling() -> None:
     assert one("local-gpu", "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"].endswith(
         "rerank-service-local:0.1.0"
     )
+    # An upgrade frees a GPU before it starts a pod: a surge pod would wait for a spare one.
+    assert one("local-gpu", "Deployment")["spec"]["strategy"]["rollingUpdate"] == {
+        "maxUnavailable": 1,
+        "maxSurge": 0,
+    }
     # one process a pod: a --workers flag, if any, must not share the GPU
     workers = flag(c["args"], "workers")
     assert workers in (None, "1")
