@@ -319,6 +319,19 @@ def test_every_metric_of_the_dashboard_and_the_alerts_is_exported(
     assert len(wanted) >= 30  # the check is not vacuous: the dashboard names most families
 
 
+def test_the_dashboards_job_and_instance_lists_name_a_service_that_has_served_no_call() -> None:
+    """Its variables list a metric exported from start, so a fresh replica is on the list."""
+    variables = [expr for where, expr in dashboard_exprs(_dashboard()) if where.startswith("variable")]
+    with FakeUpstream(api_key=UPSTREAM_KEY) as upstream:
+        flags = ["--backend", "upstream", "--upstream-url", upstream.url, "--metrics-port", "0"]
+        with ServiceProcess(flags, env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}) as service:
+            serving = next(event for event in service.events() if event.get("event") == "serving")
+            exported = _exported(int(serving["metrics_port"]))
+
+    assert len(variables) == 2
+    assert set(variables) <= exported, set(variables) - exported
+
+
 def test_a_name_the_service_does_not_export_is_caught(live_metrics: tuple[ServiceProcess, int]) -> None:
     _, port = live_metrics
     exported = _exported(port)
