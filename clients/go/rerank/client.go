@@ -3,7 +3,8 @@
 // github.com/rerank-service/rerank-service/clients/go/rerank/v1 (rerankv1);
 // Client.Raw gives direct access to them.
 //
-//	c, err := rerank.Dial("localhost:50051", rerank.WithAPIKey(key), rerank.WithInsecure())
+//	c, err := rerank.Dial("localhost:50051", rerank.WithAPIKey(key), rerank.WithInsecure(),
+//		rerank.WithDefaultModel("all-minilm-l6-v2")) // a model the server serves (ListModels)
 //	if err != nil { ... }
 //	defer c.Close()
 //	resp, err := c.Rerank(ctx, "red apple", []string{"a red apple", "a car"}, rerank.WithTopN(1))
@@ -25,7 +26,10 @@ import (
 	rerankv1 "github.com/rerank-service/rerank-service/clients/go/rerank/v1"
 )
 
-// DefaultModel is the model used when neither WithDefaultModel nor WithModel is given.
+// DefaultModel is the model used when neither WithDefaultModel nor WithModel is given:
+// the hosted API's model, which a server serves with the upstream backend. A server
+// on the local backend (`make serve`: all-minilm-l6-v2) answers NOT_FOUND for it, so
+// name a model the server serves (ListModels) there.
 const DefaultModel = "qwen3-rerank"
 
 // Client is a connection to a rerank-service. It is safe for concurrent use.
@@ -260,13 +264,17 @@ type FieldViolation struct {
 
 // FieldViolations returns the invalid fields an error names: the
 // google.rpc.BadRequest details of a gRPC status, or the field violations of a
-// stream *ItemError. It returns nil when there are none.
+// stream *ItemError. It returns nil when there are none, and for the nil
+// *ItemError of a successful StreamResult.
 func FieldViolations(err error) []FieldViolation {
 	if err == nil {
 		return nil
 	}
 	var item *ItemError
 	if errors.As(err, &item) {
+		if item == nil { // StreamResult.Err of a successful item, passed as an error
+			return nil
+		}
 		return item.FieldViolations
 	}
 	st, ok := status.FromError(err)
@@ -285,7 +293,10 @@ func FieldViolations(err error) []FieldViolation {
 }
 
 // ItemError is why one RerankStream item failed: the status Rerank would have
-// returned for it. The stream itself goes on.
+// returned for it. The stream itself goes on. StreamResult.Err is a nil
+// *ItemError when the item succeeded; passed where an error is expected it is a
+// non-nil error, so its methods (and FieldViolations, status.Code) accept nil and
+// read it as OK.
 type ItemError struct {
 	Code            codes.Code
 	Message         string
@@ -297,8 +308,18 @@ type ItemError struct {
 }
 
 func (e *ItemError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
 	return "rerank: " + e.Code.String() + ": " + e.Message
 }
 
-// GRPCStatus lets status.Code and status.FromError see the item's code.
-func (e *ItemError) GRPCStatus() *status.Status { return status.New(e.Code, e.Message) }
+// GRPCStatus lets status.Code and status.FromError see the item's code. A nil
+// *ItemError (a successful item) is an OK status: grpc-go's status.Code and
+// status.FromError would turn a nil *status.Status into Unknown.
+func (e *ItemError) GRPCStatus() *status.Status {
+	if e == nil {
+		return status.New(codes.OK, "")
+	}
+	return status.New(e.Code, e.Message)
+}

@@ -10,6 +10,9 @@ import java.util.List;
 /**
  * Ranks three documents against a query. Reads RERANK_TARGET (host:port, default
  * localhost:50051) and RERANK_API_KEY; set RERANK_TLS=1 to use TLS instead of plaintext.
+ * RERANK_MODEL names the model; without it the example uses the first model the server
+ * lists (all-minilm-l6-v2 under {@code make serve}), since the client's default,
+ * qwen3-rerank, is served only by the upstream backend.
  */
 public final class RerankExample {
   private RerankExample() {}
@@ -23,14 +26,19 @@ public final class RerankExample {
 
     try (RerankClient client =
         RerankClient.builder(target).apiKey(apiKey).plaintext(!tls).build()) {
-      for (ModelInfo m : client.listModels().getModelsList()) {
+      List<ModelInfo> models = client.listModels().getModelsList();
+      for (ModelInfo m : models) {
         System.out.printf("model %s (max_documents=%d)%n", m.getName(), m.getMaxDocuments());
       }
+      String served = models.isEmpty() ? RerankClient.DEFAULT_MODEL : models.get(0).getName();
+      String model = envOr("RERANK_MODEL", served);
       RerankResponse resp =
           client.rerank(
-              query, docs, RerankClient.Options.defaults().topN(2).returnDocuments(true));
-      System.out.printf("request_id=%s total_tokens=%d%n",
-          resp.getRequestId(), resp.getUsage().getTotalTokens());
+              query,
+              docs,
+              RerankClient.Options.defaults().model(model).topN(2).returnDocuments(true));
+      System.out.printf("model=%s request_id=%s total_tokens=%d%n",
+          model, resp.getRequestId(), resp.getUsage().getTotalTokens());
       for (RerankResult r : resp.getOutput().getResultsList()) {
         System.out.printf("  #%d %.4f %s%n", r.getIndex(), r.getRelevanceScore(),
             r.getDocument().getText());
