@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,6 +22,11 @@ from rerank_service.config.file_trust import flush_held_warnings
 from rerank_service.observability.logging import configure_logging
 
 EXIT_CONFIG_ERROR = 2
+# top_n is an int32 in the contract: protobuf refuses a larger one with a traceback.
+MAX_TOP_N = 2**31 - 1
+# A client command's deadline: a day is longer than any call; past that grpc's deadline
+# arithmetic misbehaves (an infinite or huge one expires at once, DEADLINE_EXCEEDED).
+MAX_TIMEOUT_S = 86_400.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,8 +50,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error in one line and exit 2, as a bad setting of serve's (docs/OPERATIONS.md);
+    the subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG_ERROR, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rerank-service", description=__doc__)
+    parser = _Parser(prog="rerank-service", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -58,19 +74,29 @@ def _parser() -> argparse.ArgumentParser:
 
     rerank = commands.add_parser("rerank", help="rank documents through a running server")
     _add_client_arguments(rerank)
-    rerank.add_argument("--model", default=None, help="model name (default: the server's first model)")
-    rerank.add_argument("--query", required=True, help="the query")
     rerank.add_argument(
-        "--document", "-d", action="append", required=True, dest="documents", help="a document (repeat)"
+        "--model", type=_text, default=None, help="model name (default: the server's first model)"
     )
-    rerank.add_argument("--top-n", type=int, default=None, help="return only the best N")
-    rerank.add_argument("--instruct", default=None, help="task instruction")
+    rerank.add_argument("--query", type=_text, required=True, help="the query")
+    rerank.add_argument(
+        "--document",
+        "-d",
+        type=_text,
+        action="append",
+        required=True,
+        dest="documents",
+        help="a document (repeat)",
+    )
+    rerank.add_argument(
+        "--top-n", type=_top_n, default=None, help=f"return only the best N (1 to {MAX_TOP_N})"
+    )
+    rerank.add_argument("--instruct", type=_text, default=None, help="task instruction")
     rerank.add_argument("--return-documents", action="store_true", help="print the document texts")
     rerank.add_argument("--json", action="store_true", help="print the response as JSON")
 
     health = commands.add_parser("health", help="ask a running server's health service")
     _add_client_arguments(health)
-    health.add_argument("--service", default="", help="service name ('' = whole server)")
+    health.add_argument("--service", type=_text, default="", help="service name ('' = whole server)")
 
     models = commands.add_parser("models", help="list the models a running server serves")
     _add_client_arguments(models)
@@ -86,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--target", default="localhost:50051", help="server address (default localhost:50051)"
+        "--target", type=_text, default="localhost:50051", help="server address (default localhost:50051)"
     )
     keys = parser.add_mutually_exclusive_group()
     keys.add_argument(
@@ -97,15 +123,50 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     )
     keys.add_argument(
         "--api-key",
+        type=_text,
         default=None,
         help="bearer key to send; it shows in `ps`: prefer RERANK_API_KEY or --api-key-file",
     )
-    parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
+    parser.add_argument(
+        "--timeout", type=_timeout, default=30.0, help="deadline in seconds (default 30, at most a day)"
+    )
     tls = parser.add_argument_group("TLS (default: plaintext)")
     tls.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA certificates")
     tls.add_argument("--tls-ca", type=Path, default=None, help="PEM CA bundle to trust (turns TLS on)")
     tls.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate, for mTLS")
     tls.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+
+
+def _text(value: str) -> str:
+    """An argument protobuf and grpc can send: the OS hands over bytes that are not UTF-8 as
+    surrogates, which neither can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text: check the shell's encoding") from None
+    return value
+
+
+def _top_n(value: str) -> int:
+    try:
+        top_n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {value!r}") from None
+    if not 1 <= top_n <= MAX_TOP_N:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_TOP_N}, not {top_n}")
+    return top_n
+
+
+def _timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_S):
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {MAX_TIMEOUT_S:.0f} seconds (a day), not {value}"
+        )
+    return seconds
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
@@ -148,7 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # found while building the backend (a missing extra, say)
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except RuntimeError as exc:  # for example: the port is taken
+    except (RuntimeError, OSError) as exc:  # a port taken: server.ListenError names its setting
         print(f"rerank-service: cannot start: {exc}", file=sys.stderr)
         return 1
 
@@ -167,26 +228,42 @@ def _supervise(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str | bytes], ...]:
-    import os
-
     if args.api_key:
         # Every user of the machine can read a process's arguments.
         print("rerank-service: warning: --api-key shows the key in `ps`; use RERANK_API_KEY "
               "or --api-key-file", file=sys.stderr)  # fmt: skip
-    key = args.api_key or _read_key_file(args.api_key_file) or os.environ.get("RERANK_API_KEY")
-    return (("authorization", f"Bearer {key}"),) if key else ()
+    key, source = _chosen_key(args)
+    if not key:
+        return ()
+    # grpc refuses any other byte in a header as INTERNAL "Invalid metadata", naming nothing.
+    if not (key.isascii() and key.isprintable()):
+        raise ConfigError(_not_a_key(source))
+    return (("authorization", f"Bearer {key}"),)
 
 
-def _read_key_file(path: Path | None) -> str | None:
-    if path is None:
-        return None
+def _chosen_key(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The key to send, and where it came from (for an error, which never shows the key)."""
+    if args.api_key:
+        return args.api_key, "api-key"
+    if args.api_key_file is not None:
+        return _read_key_file(args.api_key_file), f"api-key-file {args.api_key_file}"
+    return os.environ.get("RERANK_API_KEY"), "RERANK_API_KEY"
+
+
+def _read_key_file(path: Path) -> str:
     try:
         key = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"api-key-file {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(_not_a_key(f"api-key-file {path}")) from None
     if not key:
         raise ConfigError(f"api-key-file {path} holds no key")
     return key
+
+
+def _not_a_key(source: str) -> str:
+    return f"{source}: the key must be printable ASCII (letters, digits, punctuation)"
 
 
 def _rerank(args: argparse.Namespace) -> int:

@@ -53,6 +53,10 @@ class BackendStartError(RuntimeError):
     """The backend could not be started; the message says why."""
 
 
+class ListenError(RuntimeError):
+    """A port could not be opened; the message names its setting and why."""
+
+
 class RerankServer:
     """The whole server: the gRPC port and, with --http-port, the HTTP front door, over one
     engine and call pipeline."""
@@ -141,33 +145,15 @@ class RerankServer:
         self._reloading = asyncio.Lock()
 
     async def start(self) -> int:
-        """Open the ports (health NOT_SERVING), start the backend, then report SERVING."""
+        """Open the ports (health NOT_SERVING), start the backend, then report SERVING; a
+        ListenError or BackendStartError closes again whatever had opened."""
         for service in HEALTH_SERVICES:
             await self.health.set(service, _NOT_SERVING)
-        if self.config.process.metrics_port is not None:
-            self._metrics_server, self.metrics_port = start_metrics_server(
-                self.config.grpc.host, self.config.process.metrics_port, self.metrics.registry
-            )
-        self.port = await self.grpc.start()
-        if self.http is not None:
-            await self.http.start()
-        _log.info(
-            "listening",
-            host=self.config.grpc.host,
-            port=self.port,
-            backend="+".join(sorted({model.backend for model in self.engine.models()})),
-            auth=_auth_mode(self.config.callers),
-            tls=self.config.tls.mode,
-            models=[model.name for model in self.engine.models()],
-            **({} if self.file_limit is None else {"file_limit": self.file_limit.fields()}),
-        )
-        try:
-            await self.backend.start()
-        except Exception as exc:
-            await self.grpc.stop(0)
-            if self.http is not None:
-                await self.http.stop()
-            raise BackendStartError(f"a backend failed to start: {exc}") from exc
+        async with contextlib.AsyncExitStack() as opened:
+            self.port = port = await self._open_ports(opened)
+            self._log_listening()
+            await self._start_backend()
+            opened.pop_all()  # serving: from now on stop() closes them
         # "" is the process's liveness: up, started, not draining. The service's own
         # status also follows the backend (an open upstream circuit), so readiness probes
         # move traffic away while restarting the process would not help.
@@ -185,7 +171,48 @@ class RerankServer:
             http_port=http_port,
             metrics_port=self.metrics_port,
         )
-        return self.port
+        return port
+
+    async def _open_ports(self, opened: contextlib.AsyncExitStack) -> int:
+        """Listen on each port, the gRPC one's number returned; each one's closing goes on
+        `opened`, so that a later step's failure leaves no server half started (a grpc server
+        left running warns at exit, once the loop is closed)."""
+        grpc_config, http_config = self.config.grpc, self.config.http
+        metrics_port = self.config.process.metrics_port
+        if metrics_port is not None:
+            with _listening("metrics-port", grpc_config.host, metrics_port):
+                self._metrics_server, self.metrics_port = start_metrics_server(
+                    grpc_config.host, metrics_port, self.metrics.registry
+                )
+            opened.push_async_callback(_each, ("metrics endpoint", self._stop_metrics_server))
+        # Each closing is pushed before its start: a start that fails half way (aiohttp's
+        # runner set up, its site not) still has something to close.
+        opened.push_async_callback(_each, ("grpc server", lambda: self.grpc.stop(0)))
+        with _listening("port", grpc_config.host, grpc_config.port):
+            port = await self.grpc.start()
+        if self.http is not None and http_config.port is not None:
+            opened.push_async_callback(_each, ("http server", self.http.stop))
+            with _listening("http-port", http_config.host, http_config.port):
+                await self.http.start()
+        return port
+
+    def _log_listening(self) -> None:
+        _log.info(
+            "listening",
+            host=self.config.grpc.host,
+            port=self.port,
+            backend="+".join(sorted({model.backend for model in self.engine.models()})),
+            auth=_auth_mode(self.config.callers),
+            tls=self.config.tls.mode,
+            models=[model.name for model in self.engine.models()],
+            **({} if self.file_limit is None else {"file_limit": self.file_limit.fields()}),
+        )
+
+    async def _start_backend(self) -> None:
+        try:
+            await self.backend.start()
+        except Exception as exc:
+            raise BackendStartError(f"a backend failed to start: {exc}") from exc
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, go on taking calls for --drain-delay, then refuse new calls and
@@ -317,6 +344,24 @@ async def _each(*steps: ShutdownStep) -> None:
 
 def _step_failed(step: str, error: BaseException) -> None:
     _log.error("shutdown step failed", step=step, error=type(error).__name__, detail=str(error)[:200])
+
+
+@contextlib.contextmanager
+def _listening(setting: str, host: str, port: int) -> Iterator[None]:
+    """A port that cannot be opened (taken, or not this machine's address) as a ListenError
+    naming its setting: grpc raises RuntimeError, asyncio and the metrics server OSError."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        raise ListenError(f"{setting} {port}: cannot listen on {host}:{port} ({_why(exc)})") from exc
+
+
+def _why(error: Exception) -> str:
+    """The reason alone ("Address already in use"): asyncio's message repeats the address."""
+    errno = getattr(error, "errno", None)
+    if isinstance(errno, int) and errno > 0:  # a resolver's errors are negative: their text says more
+        return os.strerror(errno)
+    return getattr(error, "strerror", None) or str(error)
 
 
 def _auth_mode(callers: CallersConfig) -> str:
