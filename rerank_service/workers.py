@@ -103,6 +103,19 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _reserved(setting: str, host: str, port: int) -> socket.socket:
+    """reserve_port, a failure naming its setting (as one process's start does)."""
+    try:
+        return reserve_port(host, port)
+    except OSError as exc:
+        raise _taken(setting, host, port, exc) from exc
+
+
+def _taken(setting: str, host: str, port: int, error: OSError) -> OSError:
+    # An OSError still (the CLI's "cannot start"), its text naming the setting.
+    return OSError(f"{setting} {port}: cannot listen on {host}:{port} ({error.strerror or error})")
+
+
 # --- the metrics directory ---
 
 METRICS_PREFIX = "rerank-metrics-"
@@ -225,11 +238,11 @@ class Supervisor:
 
     def run(self) -> int:
         check_workers(self.settings)
-        reserved = [reserve_port(self.settings.host, self.settings.port)]
+        reserved = [_reserved("port", self.settings.host, self.settings.port)]
         try:
             self.port = reserved[0].getsockname()[1]
             if self.settings.http_port is not None:
-                reserved.append(reserve_port(self.settings.host, self.settings.http_port))
+                reserved.append(_reserved("http-port", self.settings.host, self.settings.http_port))
                 self.http_port = reserved[-1].getsockname()[1]
             for stale in remove_stale_metrics_directories():
                 _log.info("stale metrics directory removed", path=stale, why="its supervisor is gone")
@@ -239,11 +252,14 @@ class Supervisor:
                 self._config.copy()
             server = None
             if self.settings.metrics_port is not None:
-                server, self.metrics_port = start_metrics_server(
-                    self.settings.host,
-                    self.settings.metrics_port,
-                    multiprocess_registry(self._directory, self._worker_processes),
-                )
+                try:
+                    server, self.metrics_port = start_metrics_server(
+                        self.settings.host,
+                        self.settings.metrics_port,
+                        multiprocess_registry(self._directory, self._worker_processes),
+                    )
+                except OSError as exc:
+                    raise _taken("metrics-port", self.settings.host, self.settings.metrics_port, exc) from exc
             try:
                 return self._run()
             finally:
