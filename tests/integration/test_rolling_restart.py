@@ -175,7 +175,11 @@ def _start(upstream: FakeUpstream, port: int, workers: int) -> ServiceProcess:
     if workers > 1:
         args += ["--workers", str(workers)]
     service = ServiceProcess(args, env=ENV).__enter__()
-    _eventually(lambda: _ready(service, workers), what=f"{workers} workers ready on {port}")
+    try:
+        _eventually(lambda: _ready(service, workers), what=f"{workers} workers ready on {port}")
+    except BaseException:  # never ready: stopped here, as no caller holds it to stop
+        service.__exit__(None, None, None)
+        raise
     return service
 
 

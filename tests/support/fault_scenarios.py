@@ -654,10 +654,11 @@ class ShutdownResult:
 
 
 async def sigterm_in_flight(
-    service: ServiceProcess, upstream: FakeUpstream, calls: int, items: int
+    service: ServiceProcess, upstream: FakeUpstream, calls: int, items: int, grace: float = SHUTDOWN_GRACE
 ) -> ShutdownResult:
     """Start `calls` unary calls and a stream of `items`, wait until every one is at the
-    upstream, send SIGTERM, then half-close the stream and collect every answer."""
+    upstream, send SIGTERM, then half-close the stream and collect every answer. `grace`:
+    the service's --shutdown-grace."""
     assert service.process is not None
     result = ShutdownResult(calls, items)
     outbox: asyncio.Queue[rerank_pb2.RerankStreamRequest | None] = asyncio.Queue()
@@ -703,7 +704,7 @@ async def sigterm_in_flight(
         signalled = time.monotonic()
         service.process.send_signal(signal.SIGTERM)
         # Health turns NOT_SERVING, then the server stops taking calls at all.
-        while time.monotonic() - signalled < SHUTDOWN_GRACE:
+        while time.monotonic() - signalled < grace:
             try:
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
                 reading = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -718,8 +719,9 @@ async def sigterm_in_flight(
         await outbox.put(None)  # half-close: the items in flight are still answered
         result.unary.update(await asyncio.gather(*unary_calls))
         await consumer
-    result.exit_code = await asyncio.to_thread(service.process.wait, SHUTDOWN_GRACE + 5)
+    result.exit_code = await asyncio.to_thread(service.process.wait, grace + 5)
     result.exit_seconds = time.monotonic() - signalled
+    service.read_to_end()  # its last lines (`stopped`) read before anyone looks
     await asyncio.to_thread(upstream.wait_for, lambda fake: fake.in_flight == 0, 5)
     result.upstream_abandoned = len(upstream.abandoned)
     return result

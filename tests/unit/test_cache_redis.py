@@ -45,11 +45,13 @@ def keys() -> list[bytes]:
     return KEYS.keys(None, "query", DOCUMENTS)
 
 
-def tier(url: str, clock: Callable[[], float] | None = None, **options: object) -> RedisTier:
+def tier(
+    url: str, clock: Callable[[], float] | None = None, timeout: float = 0.2, **options: object
+) -> RedisTier:
     ca_file = options.pop("ca_file", None)
     assert ca_file is None or isinstance(ca_file, str)
-    client = redis_client(url, timeout=0.2, ca_file=ca_file)
-    return RedisTier(client, ttl=3600, timeout=0.2, retry_after=1.0, clock=clock or Clock())
+    client = redis_client(url, timeout=timeout, ca_file=ca_file)
+    return RedisTier(client, ttl=3600, timeout=timeout, retry_after=1.0, clock=clock or Clock())
 
 
 @pytest.fixture
@@ -205,8 +207,10 @@ async def test_rediss_with_a_ca_file(tmp_path: Path) -> None:
     ca = authority.write(tmp_path)
     with RedisServer(tls=RedisTls(cert, key, ca)) as server:
         assert server.url.startswith("rediss://")
-        trusted = tier(server.url, ca_file=str(ca))
-        untrusted = tier(server.url)  # the system's CAs do not know the test CA
+        # A TLS handshake is CPU work: on a loaded machine it alone can take 0.2 s. What is
+        # tested is the trust, not the timeout.
+        trusted = tier(server.url, timeout=HANG, ca_file=str(ca))
+        untrusted = tier(server.url, timeout=HANG)  # the system's CAs do not know the test CA
         try:
             await trusted.put_many([(keys()[0], SCORES[0])])
             assert await trusted.get_many(keys()[:1]) == [SCORES[0]]
