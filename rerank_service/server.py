@@ -30,7 +30,7 @@ from rerank_service.core.engine import RerankEngine
 from rerank_service.observability.logging import get_logger, mask_also
 from rerank_service.observability.metrics import Metrics
 from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
-from rerank_service.observability.process_limits import FileLimit, raise_file_limit
+from rerank_service.observability.process_limits import FileLimit, cannot_listen, raise_file_limit
 from rerank_service.observability.tracing import CallTracer, tracing_wanted
 from rerank_service.pipeline.admission import BOUNDS, Admission
 from rerank_service.pipeline.call import Pipeline
@@ -353,15 +353,7 @@ def _listening(setting: str, host: str, port: int) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as exc:
-        raise ListenError(f"{setting} {port}: cannot listen on {host}:{port} ({_why(exc)})") from exc
-
-
-def _why(error: Exception) -> str:
-    """The reason alone ("Address already in use"): asyncio's message repeats the address."""
-    errno = getattr(error, "errno", None)
-    if isinstance(errno, int) and errno > 0:  # a resolver's errors are negative: their text says more
-        return os.strerror(errno)
-    return getattr(error, "strerror", None) or str(error)
+        raise ListenError(cannot_listen(setting, host, port, exc)) from exc
 
 
 def _auth_mode(callers: CallersConfig) -> str:

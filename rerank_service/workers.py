@@ -47,6 +47,7 @@ from rerank_service.config.snapshot import ConfigSnapshot
 from rerank_service.observability.logging import configure_logging, get_logger
 from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
 from rerank_service.observability.metrics_multiprocess import multiprocess_registry, worker_exited
+from rerank_service.observability.process_limits import cannot_listen
 from rerank_service.observability.process_tree import WorkerProcess
 
 _log = get_logger("rerank_service.workers")
@@ -113,7 +114,7 @@ def _reserved(setting: str, host: str, port: int) -> socket.socket:
 
 def _taken(setting: str, host: str, port: int, error: OSError) -> OSError:
     # An OSError still (the CLI's "cannot start"), its text naming the setting.
-    return OSError(f"{setting} {port}: cannot listen on {host}:{port} ({error.strerror or error})")
+    return OSError(cannot_listen(setting, host, port, error))
 
 
 # --- the metrics directory ---

@@ -8,11 +8,15 @@ If descriptors still run out, asyncio's accept fails (EMFILE, ENFILE) and, by de
 reports each failure as a traceback through the loop's exception handler, up to the
 listen backlog's length per wake-up: megabytes a second. `log_accept_errors_sparingly`
 turns them into one line per interval that says how many it stands for.
+
+A port the process cannot open at all (taken, or not this machine's address) is named by
+`cannot_listen`, one way for one process and for a supervisor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
 from dataclasses import dataclass
 from typing import Any
@@ -95,3 +99,16 @@ def log_accept_errors_sparingly(
 
     handle.sparing_accept_errors = True  # type: ignore[attr-defined]
     loop.set_exception_handler(handle)
+
+
+def cannot_listen(setting: str, host: str, port: int, error: Exception) -> str:
+    """Why `setting`'s port could not be opened, in one line naming the setting."""
+    return f"{setting} {port}: cannot listen on {host}:{port} ({_reason(error)})"
+
+
+def _reason(error: Exception) -> str:
+    """The reason alone ("Address already in use"): asyncio's message repeats the address."""
+    errno = getattr(error, "errno", None)
+    if isinstance(errno, int) and errno > 0:  # a resolver's errors are negative: their text says more
+        return os.strerror(errno)
+    return getattr(error, "strerror", None) or str(error)
