@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, InstanceOf, model_validator
 
-from rerank_service.config.secret import Secret, UnreadableKeyFile, file_named, read_key_file, variable_named
+from rerank_service.config.secret import Secret, UnreadableKeyFile, file_named, read_keys, variable_named
 from rerank_service.config.switches import NOT_A_SWITCH
 
 # Names of anonymous callers (`--api-keys`, pass-through) and of a call without a key.
@@ -220,18 +220,9 @@ def _read_keys(credential: CredentialEntry, env: Mapping[str, str], place: str) 
         return (Secret(value),)
     if credential.key_file:
         try:
-            text = read_key_file(credential.key_file)
+            keys = tuple(map(Secret, read_keys(credential.key_file)))
         except UnreadableKeyFile as exc:
             raise CallerKeyError(f"{place}.key_file {exc}") from None
-        lines = [line.strip() for line in text.splitlines()]
-        for number, line in enumerate(lines, 1):
-            # A key holds no space: a comment after one would silently become part of it.
-            if line and not line.startswith("#") and len(line.split()) > 1:
-                raise CallerKeyError(
-                    f"{place}.key_file {file_named(credential.key_file)} line {number} holds a space: "
-                    "write one key a line, and a comment on a line of its own starting with #"
-                )
-        keys = tuple(Secret(line) for line in lines if line and not line.startswith("#"))
         if not keys:
             raise CallerKeyError(f"{place}.key_file {file_named(credential.key_file)} holds no key")
         return keys

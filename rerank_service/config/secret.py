@@ -92,6 +92,24 @@ def read_key_file(path: Path) -> str:
     return text
 
 
+def read_keys(path: Path) -> list[str]:
+    """The keys of a file holding several, one a line (blank lines and lines starting with #
+    left out), or UnreadableKeyFile saying why not. A key holds no space: a line that does
+    is refused, as a comment after a key would silently become part of it."""
+    keys: list[str] = []
+    for number, line in enumerate(read_key_file(path).splitlines(), 1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        if len(key.split()) > 1:
+            raise UnreadableKeyFile(
+                f"{file_named(path)}: line {number} holds a space: write one key a line, "
+                "and a comment on a line of its own starting with #"
+            )
+        keys.append(key)
+    return keys
+
+
 def file_named(path: Path | str) -> str:
     """A key file's path as an error may say it: only when it reads as a path (absolute, or
     starting ./ ../ ~), since a key pasted where its file goes must not be repeated."""

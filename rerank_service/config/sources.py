@@ -22,7 +22,7 @@ from rerank_service.config.callers import CallerKeyError, check_distinct_keys, w
 from rerank_service.config.deployments import deployment_specs
 from rerank_service.config.problems import describe
 from rerank_service.config.routes import KeySourceError, with_keys
-from rerank_service.config.secret import Secret, UnreadableKeyFile, read_key_file
+from rerank_service.config.secret import Secret, UnreadableKeyFile, read_key_file, read_keys
 from rerank_service.config.settings import (
     ConfigError,
     KeySources,
@@ -270,11 +270,10 @@ def _read_keys(keys: KeySources, raw: str, is_file: bool, origin: str) -> list[S
         found = raw.split(",") if keys.several else [raw]
         return [Secret(key.strip()) for key in found if key.strip()]
     try:
-        text = read_key_file(Path(raw))
+        if keys.several:
+            return [Secret(key) for key in read_keys(Path(raw))]
+        text = read_key_file(Path(raw)).strip()
     except UnreadableKeyFile as exc:
         named = "" if origin == keys.file_flag else f" (from {origin})"
         raise ConfigError(f"{keys.file_flag.removeprefix('--')} {exc}{named}") from None
-    if not keys.several:
-        return [Secret(text.strip())] if text.strip() else []
-    lines = (line.strip() for line in text.splitlines())
-    return [Secret(line) for line in lines if line and not line.startswith("#")]
+    return [Secret(text)] if text else []

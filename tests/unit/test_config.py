@@ -458,6 +458,16 @@ def test_a_keys_file_holds_one_key_a_line_with_comments(tmp_path: Path) -> None:
     assert settings.sources["api_keys"] == "RERANK_API_KEYS_FILE"
 
 
+def test_a_keys_file_line_with_a_comment_after_its_key_is_refused_naming_the_line(tmp_path: Path) -> None:
+    """As a caller's key_file: the comment would become part of the key, never sent."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("key-a\nkey-b  # the batch team\n", encoding="utf-8")
+
+    message = refusal(RERANK_API_KEYS_FILE=str(keys_file), RERANK_UPSTREAM_API_KEY=UPSTREAM_KEY)
+
+    assert message.startswith(f"api-keys-file {keys_file}: line 2 holds a space")
+
+
 def test_caller_keys_come_from_the_file_flag_then_the_variables_then_the_config_file(tmp_path: Path) -> None:
     for name in ("flag", "env-file", "config"):
         (tmp_path / name).write_text(f"from-{name}\n", encoding="utf-8")
