@@ -213,8 +213,7 @@ class LocalBackend:
                 finally:
                     if tokenizing is not None:
                         tokenizing.end()
-                if not self._readiness.ready:  # closed while tokenizing
-                    raise not_ready("the model was closed (a reload or shutdown) before it scored the call")
+                # Closed while tokenizing: the batcher, closed too, refuses it (not ready).
                 scored = await batcher.score_timed(encoded)
         except TimeoutError:
             raise ServiceError(
