@@ -19,6 +19,7 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from rerank_service import __version__
 from rerank_service.config import ConfigError, Settings, add_serve_arguments, load_settings
 from rerank_service.config.file_trust import flush_held_warnings
+from rerank_service.config.secret import UnreadableKeyFile, file_named, read_key_file
 from rerank_service.observability.logging import configure_logging
 
 EXIT_CONFIG_ERROR = 2
@@ -246,19 +247,19 @@ def _chosen_key(args: argparse.Namespace) -> tuple[str | None, str]:
     if args.api_key:
         return args.api_key, "api-key"
     if args.api_key_file is not None:
-        return _read_key_file(args.api_key_file), f"api-key-file {args.api_key_file}"
+        return _read_key_file(args.api_key_file), f"api-key-file {file_named(args.api_key_file)}"
     return os.environ.get("RERANK_API_KEY"), "RERANK_API_KEY"
 
 
 def _read_key_file(path: Path) -> str:
+    """The key in `path`, as the server reads a key file (secret.read_key_file: a path is
+    named only when it reads as one, so a key pasted where the file goes is not repeated)."""
     try:
-        key = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"api-key-file {path}: cannot read it ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(_not_a_key(f"api-key-file {path}")) from None
+        key = read_key_file(path).strip()
+    except UnreadableKeyFile as exc:
+        raise ConfigError(f"api-key-file {exc}") from None
     if not key:
-        raise ConfigError(f"api-key-file {path} holds no key")
+        raise ConfigError(f"api-key-file {file_named(path)} holds no key")
     return key
 
 

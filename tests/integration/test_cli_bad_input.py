@@ -71,9 +71,19 @@ def test_a_key_file_that_is_not_text_is_refused_naming_the_file(tmp_path: Path) 
 
     line = _refused(("models", *NOWHERE, "--api-key-file", str(key_file)))
 
+    assert line == f"rerank-service: configuration error: api-key-file {key_file}: not UTF-8 text"
+
+
+def test_a_key_pasted_where_the_key_file_goes_is_not_repeated() -> None:
+    """The server's rule for a key file's path (secret.file_named): shown only when it reads
+    as a path, as a key pasted in its place must not be printed to a shared terminal or CI log."""
+    key = "sk-pasted0123456789"
+
+    line = _refused(("models", *NOWHERE, "--api-key-file", key))
+
     assert line == (
-        f"rerank-service: configuration error: api-key-file {key_file}: "
-        "the key must be printable ASCII (letters, digits, punctuation)"
+        "rerank-service: configuration error: "
+        "api-key-file (a relative path, not repeated): No such file or directory"
     )
 
 
