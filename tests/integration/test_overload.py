@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from rerank.v1 import rerank_pb2_grpc
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service.config.secret import Secret
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
@@ -30,7 +30,7 @@ from tests.support.fault_scenarios import (
 )
 from tests.support.logs import LogCapture
 from tests.support.process import ServiceProcess
-from tests.support.rpc import code_of, expect_error, request, trailing
+from tests.support.rpc import code_of, error_info, expect_error, request, trailing
 
 CAPACITY = 8 / OVERLOAD_LATENCY  # calls a second
 SECONDS = 3.0
@@ -108,6 +108,37 @@ def test_a_message_over_max_message_bytes_is_resource_exhausted_and_the_server_g
 
     assert refused == "RESOURCE_EXHAUSTED"
     assert next_call == "OK"
+
+
+def _answer_over_the_bound(limit: int) -> rerank_pb2.RerankRequest:
+    """A request under `limit` bytes whose answer, with the documents' text, is over it:
+    each result holds its document, and its index and score besides."""
+    documents = [f"document {number:04d} " + "x" * 45 for number in range(1000)]
+    message = request(documents=documents, return_documents=True)
+    assert message.ByteSize() < limit
+    return message
+
+
+def test_an_answer_over_max_message_bytes_is_the_calls_own_failure_logged_as_such(
+    serve: ServerFactory, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    """grpc refuses to send it after the call was recorded as answered: the caller got
+    RESOURCE_EXHAUSTED while the log and the metering said OK."""
+    limit = 65536
+    with serve(max_message_bytes=limit) as server:
+        refused = expect_error(lambda: server.stub.Rerank(_answer_over_the_bound(limit), timeout=10))
+        answered = server.stub.Rerank(request(), timeout=10)
+
+    assert code_of(refused) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(refused)
+    assert info is not None
+    assert info.reason == "ANSWER_TOO_LARGE"
+    assert "top_n" in (refused.details() or "")
+    refused_line, answered_line = logs.wait_for_calls(2)
+    assert refused_line["code"] == "RESOURCE_EXHAUSTED"
+    assert trailing(refused)["x-request-id"] == refused_line["request_id"]
+    assert answered_line["code"] == "OK"
+    assert len(answered.output.results) == len(request().documents)
 
 
 def test_a_refused_call_carries_the_request_id_of_its_log_line(

@@ -353,6 +353,27 @@ def test_an_item_that_finds_no_slot_is_refused_alone_and_the_stream_goes_on(
     assert rest == []
 
 
+def test_an_item_whose_answer_is_over_max_message_bytes_fails_alone_and_the_stream_goes_on(
+    serve: ServerFactory, logs: LogCapture
+) -> None:
+    """grpc refuses to send such an answer, which ended the whole stream (the item logged OK)."""
+    limit = 65536
+    documents = [f"document {number:04d} " + "x" * 45 for number in range(1000)]
+    big = item("big", documents=documents, return_documents=True)
+    assert big.ByteSize() < limit
+    with serve(max_message_bytes=limit) as server:
+        answers = by_id(list(server.stub.RerankStream(iter([big, item("small")]), timeout=30)))
+
+    assert answers["big"].WhichOneof("result") == "error"
+    assert answers["big"].error.code == Code.RESOURCE_EXHAUSTED.value[0]
+    assert answers["big"].error.reason == "ANSWER_TOO_LARGE"
+    assert answers["small"].WhichOneof("result") == "response"
+    wait_until(lambda: any(e["event"] == "stream" for e in logs.events()), what="the stream's log line")
+    items = {e["item_id"]: e for e in logs.events() if e["event"] == "call"}
+    assert items["big"]["code"] == "RESOURCE_EXHAUSTED"
+    assert items["small"]["code"] == "OK"
+
+
 def test_items_sharing_an_id_give_back_their_own_bytes(serve: ServerFactory, upstream: FakeUpstream) -> None:
     """A small item in flight, then a large one under the same id waiting for the window:
     the small one's answer gives back its own bytes; the large one's stay held while it runs."""

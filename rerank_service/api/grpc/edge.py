@@ -124,6 +124,18 @@ def _undecodable() -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
 
 
+def answer_too_large(size: int, limit: int) -> ServiceError:
+    """An answer grpc would refuse to send (`--max-message-bytes` bounds both ways): said as
+    the call's own failure, so it is logged and metered as one (grpc's refusal comes after
+    the call has been recorded as answered, and ends a whole stream)."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"the answer is {size} bytes, more than --max-message-bytes ({limit}): ask for fewer "
+        "results (top_n) or without the documents' text (return_documents false)",
+        reason="ANSWER_TOO_LARGE",
+    )
+
+
 class _Routes(grpc.GenericRpcHandler):
     """RerankService's methods by path; a call without an accepted key gets the refusal
     handler of its method instead, chosen from the metadata alone. Where callers are also
@@ -164,8 +176,17 @@ _HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[
 
 
 class RerankServiceEdge:
-    def __init__(self, pipeline: Pipeline, backend_time_key: str, stream_idle_timeout: float) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        backend_time_key: str,
+        stream_idle_timeout: float,
+        max_answer_bytes: int | None = None,
+    ) -> None:
         self._pipeline = pipeline
+        # The largest unary answer grpc may send (None: no bound); a stream's items are the
+        # servicer's to bound, as an item's failure is an answer on the stream.
+        self._max_answer_bytes = max_answer_bytes
         self._admission = pipeline.admission
         self._callers = pipeline.callers
         self._stream_idle_timeout = stream_idle_timeout
@@ -184,7 +205,13 @@ class RerankServiceEdge:
             path = f"/{SERVICE.full_name}/{method.name}"
             message_class = message_factory.GetMessageClass(method.input_type)
             parse = _tolerant(message_class.FromString, None if method.client_streaming else self._admission)
-            serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+            # A unary method's answer is serialized by the edge, which checks its size (grpc
+            # sends bytes as they are); a stream's items by grpc.
+            serialize = (
+                message_factory.GetMessageClass(method.output_type).SerializeToString
+                if method.server_streaming
+                else None
+            )
             wrapped = self._stream(path, behavior) if method.server_streaming else self._unary(path, behavior)
             factory = _HANDLER_FACTORIES[method.client_streaming, method.server_streaming]
             handlers[path] = factory(wrapped, request_deserializer=parse, response_serializer=serialize)
@@ -234,6 +261,9 @@ class RerankServiceEdge:
                         raise _undecodable()
                     ran = True
                     answer = await behavior(received.message, context, call)
+                    data = answer.message.SerializeToString()
+                    if self._max_answer_bytes is not None and len(data) > self._max_answer_bytes:
+                        raise answer_too_large(len(data), self._max_answer_bytes)
                 except ServiceError as error:
                     call.failed(error)
                     metadata = error_metadata(error, error.upstream_request_id or call.request_id)
@@ -250,7 +280,7 @@ class RerankServiceEdge:
                     _outcome_metadata(outcome, call.request_id) + self._timing(call.started, timings)
                 )
                 call.succeeded()
-                return answer.message
+                return data
             finally:
                 call.finish()
                 # The error's traceback holds this frame, which holds the request: see Call.finish.

@@ -41,7 +41,12 @@ class GrpcServer:
         self.config = config
         self._credentials = credentials
         self.port: int | None = None
-        edge = RerankServiceEdge(pipeline, backend_time_key, stream_idle_timeout=config.stream_idle_timeout)
+        edge = RerankServiceEdge(
+            pipeline,
+            backend_time_key,
+            stream_idle_timeout=config.stream_idle_timeout,
+            max_answer_bytes=config.max_message_bytes,
+        )
         options: list[tuple[str, int]] = channel_options(config)
         # A worker shares the port with its siblings (SO_REUSEPORT); one process alone must
         # not, or a second service started on its port by mistake would silently take half
@@ -59,7 +64,13 @@ class GrpcServer:
         )
         self._server.add_generic_rpc_handlers(
             (
-                edge.handler(RerankServicer(pipeline, stream_concurrency=config.stream_concurrency)),
+                edge.handler(
+                    RerankServicer(
+                        pipeline,
+                        stream_concurrency=config.stream_concurrency,
+                        max_answer_bytes=config.max_message_bytes,
+                    )
+                ),
                 self.side_calls,
             )
         )

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2
 
-from rerank_service.api.grpc.edge import SERVICE, Answer
+from rerank_service.api.grpc.edge import SERVICE, Answer, answer_too_large
 from rerank_service.core.domain import (
     CallContext,
     DeploymentInfo,
@@ -57,9 +57,13 @@ class StreamItems(Protocol):
 class RerankServicer:
     """RerankService's methods, registered through `RerankServiceEdge.handler`."""
 
-    def __init__(self, pipeline: Pipeline, stream_concurrency: int) -> None:
+    def __init__(
+        self, pipeline: Pipeline, stream_concurrency: int, max_answer_bytes: int | None = None
+    ) -> None:
         self._pipeline = pipeline
         self._stream_concurrency = stream_concurrency
+        # The largest stream item grpc may send (None: no bound): one larger fails on its own.
+        self._max_answer_bytes = max_answer_bytes
 
     async def Rerank(
         self,
@@ -81,6 +85,7 @@ class RerankServicer:
         peer = call.peer
         pipeline = self._pipeline
         item_metrics = pipeline.metrics.stream_items
+        max_answer_bytes = self._max_answer_bytes
 
         def open_item(item: rerank_pb2.RerankStreamRequest) -> Call:
             # Each item is a call of its own in the pipeline, under the stream's trace.
@@ -99,9 +104,12 @@ class RerankServicer:
                 if refusal is not None:  # admission had no slot for it: this item fails, not the stream
                     raise refusal
                 outcome = await item_call.rerank(to_domain(item.request), shared)
-                item_call.succeeded()
                 reported = outcome.upstream_request_id or item_call.request_id
-                return rerank_pb2.RerankStreamResponse(id=item.id, response=to_proto(outcome, reported))
+                answer = rerank_pb2.RerankStreamResponse(id=item.id, response=to_proto(outcome, reported))
+                if max_answer_bytes is not None and (size := answer.ByteSize()) > max_answer_bytes:
+                    raise answer_too_large(size, max_answer_bytes)
+                item_call.succeeded()
+                return answer
             except ServiceError as error:
                 item_call.failed(error)
                 reported = error.upstream_request_id or item_call.request_id
