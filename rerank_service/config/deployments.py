@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from rerank_service.config.local import LocalDeploymentConfig
 from rerank_service.config.problems import describe
-from rerank_service.config.routes import DeploymentEntry, RouteEntry
+from rerank_service.config.routes import DeploymentEntry, RouteEntry, header_safe
 from rerank_service.config.settings import ConfigError, Settings, check_local_engine
 from rerank_service.config.upstream import UpstreamDeploymentConfig
 
@@ -146,7 +146,7 @@ def _named(settings: Settings, specs: list[DeploymentSpec]) -> list[DeploymentSp
                     f"{spec.place}.name {spec.name!r} names deployments of different settings: give "
                     f"each its own name (one name is one deployment, shared by routes){origin_of(settings)}"
                 )
-            spec = spec._replace(name=f"{route.name}/{spec.name}")
+            spec = spec._replace(name=header_safe(f"{route.name}/{spec.name}"))
         named.append(spec)
     return named
 

@@ -14,9 +14,17 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, InstanceOf, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    InstanceOf,
+    model_validator,
+)
 
 from rerank_service.config.secret import Secret, UnreadableKeyFile, file_named, read_key_file, variable_named
 from rerank_service.config.switches import NOT_A_SWITCH
@@ -27,6 +35,26 @@ Format = Annotated[
     BeforeValidator(lambda value: value.strip().lower() if isinstance(value, str) else value),
 ]
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\s,]+$")]
+# A deployment's name is sent in x-deployment (gRPC metadata, an HTTP header: a list joined
+# by commas), where grpc refuses any byte but printable ASCII, as INTERNAL "Invalid
+# metadata" once the call has been answered.
+_HEADER_SAFE = frozenset(map(chr, range(0x21, 0x7F))) - {","}
+
+
+def _deployment_name(value: str) -> str:
+    if not set(value) <= _HEADER_SAFE:
+        raise ValueError(
+            "must be printable ASCII without spaces or commas: it is sent in the x-deployment header"
+        )
+    return value
+
+
+def header_safe(text: str) -> str:
+    """`text` with each character x-deployment cannot carry percent-encoded (UTF-8)."""
+    return "".join(char if char in _HEADER_SAFE else quote(char, safe="") for char in text)
+
+
+DeploymentName = Annotated[Name, AfterValidator(_deployment_name)]
 
 
 def _on_off(value: object) -> object:
@@ -69,7 +97,7 @@ class DeploymentEntry(BaseModel):
     source: str | None = None  # format local: a model directory, a cached hub id or 'bundled'
     engine: Literal["torch", "onnx"] | None = None  # format local: --local-engine for this model
     quantize: Literal["none", "int8"] | None = None  # format local: --local-quantize for this model
-    name: Name | None = None  # in x-deployment, logs and metrics (default: the URL's host)
+    name: DeploymentName | None = None  # in x-deployment, logs and metrics (default: the URL's host)
     model: Name | None = None  # the name sent upstream (default: the route's name)
     api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
     api_key_file: Path | None = None
@@ -128,9 +156,9 @@ class DeploymentEntry(BaseModel):
         if self.name:
             return self.name
         if self.format == "local":
-            return f"local:{Path(str(self.source)).name or self.source}"
+            return header_safe(f"local:{Path(str(self.source)).name or self.source}")
         parts = urlsplit(str(self.url))
-        return parts.netloc.rpartition("@")[2] + parts.path.rstrip("/")
+        return header_safe(parts.netloc.rpartition("@")[2] + parts.path.rstrip("/"))
 
     def overrides(self) -> dict[str, Any]:
         """The global settings this deployment replaces, by their global names."""

@@ -15,6 +15,7 @@ from rerank_service.config.deployments import (
     serving_too,
 )
 from rerank_service.config.local import LocalDeploymentConfig
+from rerank_service.config.routes import header_safe
 from rerank_service.config.upstream import UpstreamDeploymentConfig
 from rerank_service.core.backend import Backend
 from rerank_service.core.domain import LongDocuments
@@ -161,7 +162,7 @@ def _single_name(settings: Settings) -> str:
         return "local"
     from rerank_service.backends.upstream.backend import without_credentials
 
-    return without_credentials(settings.upstream_url).split("://", 1)[-1]
+    return header_safe(without_credentials(settings.upstream_url).split("://", 1)[-1])
 
 
 def build_router(

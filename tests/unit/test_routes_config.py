@@ -19,6 +19,7 @@ from rerank_service.config.local import LocalDeploymentConfig
 from rerank_service.config.settings import options
 from rerank_service.config.sources import load_settings
 from rerank_service.config.upstream import UpstreamDeploymentConfig
+from rerank_service.routing.build import build_routes
 
 EU_KEY = "sk-eu-0123456789abcdef"
 CN_KEY = "sk-cn-fedcba9876543210"
@@ -304,6 +305,15 @@ GOOD = "format: cohere\nurl: http://a.example"
             "models names two routes 'qwen3-rerank' (models[0] and models[1])",
         ),
         ("models:\n  - name: empty\n    deployments: []\n", "models[0] has no deployments"),
+        (
+            routes(f"{GOOD}\nname: zürich-1"),
+            "models[0].deployments[0].name must be printable ASCII without spaces or commas: "
+            "it is sent in the x-deployment header",
+        ),
+        (
+            routes(f"{GOOD}\nname: eu\u20131"),  # an en dash
+            "models[0].deployments[0].name must be printable ASCII",
+        ),
     ],
 )
 def test_a_bad_models_section_is_refused_on_one_line_naming_the_place(
@@ -489,6 +499,37 @@ def test_one_url_in_two_routes_is_one_deployment_unless_their_settings_differ(tm
         "first/tei.internal:8080",  # different settings: two deployments, named apart
         "vllm.internal:8000",
         "second/tei.internal:8080",
+    ]
+
+
+def test_names_made_from_urls_sources_and_routes_are_percent_encoded_to_fit_x_deployment(
+    tmp_path: Path,
+) -> None:
+    """grpc refuses any byte but printable ASCII in metadata: an answered call became
+    INTERNAL "Invalid metadata" for a deployment named after a host or route of other letters."""
+    text = (
+        "models:\n"
+        "  - name: modèle\n    deployments:\n      - {format: cohere, url: http://bücher.example/v1}\n"
+        "      - {format: local, source: /models/mini modèle}\n"
+        "      - {format: tei, url: http://tei.internal:8080}\n"
+        "  - name: other\n    deployments:\n"
+        "      - {format: tei, url: http://tei.internal:8080, timeout: 3}\n"
+    )
+    specs = deployment_specs(load(write(tmp_path, text)))
+
+    assert [spec.name for spec in specs] == [
+        "b%C3%BCcher.example/v1",
+        "local:mini%20mod%C3%A8le",
+        "mod%C3%A8le/tei.internal:8080",
+        "other/tei.internal:8080",
+    ]
+
+
+def test_the_flags_deployment_named_after_its_url_is_percent_encoded_too() -> None:
+    routes = build_routes(Settings(backend="upstream", upstream_url="http://bücher.example/v1"))
+
+    assert [member.deployment.name for route in routes for member in route.members] == [
+        "b%C3%BCcher.example/v1"
     ]
 
 
