@@ -29,6 +29,7 @@ _log = get_logger("rerank_service.usage")
 STDOUT = "stdout"
 # The label of a model a caller named that no route serves (it must not become a label).
 UNKNOWN_MODEL = "-"
+_NEWLINE = ord("\n")
 
 
 @dataclass(slots=True)  # not frozen: made once per call, and a frozen __init__ costs more
@@ -54,6 +55,7 @@ class UsageLog:
     def __init__(self, target: str) -> None:
         self.target = target
         self.lost = 0  # lines lost since the writes started failing
+        self._torn = False  # a full disk cut the last line short: the file ends mid-line
         if target == STDOUT:
             self._fd, self._owned = 1, False
         else:
@@ -63,16 +65,36 @@ class UsageLog:
     def write(self, record: dict[str, object]) -> None:
         """Write one line; a failure (a full disk) loses it, never the call: logged when the
         writes start failing and when they work again."""
-        try:
-            os.write(self._fd, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
-        except OSError as exc:
+        line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        if self._torn:  # end the line cut short, so that it stays one bad line and this one is whole
+            line = b"\n" + line
+        written, error = self._write_all(line)
+        if written:
+            self._torn = line[written - 1] != _NEWLINE
+        if written < len(line):
             self.lost += 1
             if self.lost == 1:
-                _log.error("usage log: cannot write, lines are lost", target=self.target, error=str(exc))
+                problem = str(error) if error else f"wrote {written} of {len(line)} bytes"
+                _log.error("usage log: cannot write, lines are lost", target=self.target, error=problem)
             return
         if self.lost:
             _log.warning("usage log: writing again", target=self.target, lost=self.lost)
             self.lost = 0
+
+    def _write_all(self, data: bytes) -> tuple[int, OSError | None]:
+        """Write `data` while os.write makes progress: how much it wrote, and the error that
+        stopped it short. A disk that fills mid-line writes what fits without an error, so
+        the rest takes a second write (the only case where a line is not written at once)."""
+        written = 0
+        try:
+            while written < len(data):
+                count = os.write(self._fd, data[written:])
+                if count == 0:
+                    break
+                written += count
+        except OSError as exc:
+            return written, exc
+        return written, None
 
     def close(self) -> None:
         if self._owned:

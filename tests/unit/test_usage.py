@@ -4,6 +4,8 @@ log's lines (one write each; a failing disk loses lines, never calls)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -83,6 +85,42 @@ def test_a_usage_log_that_cannot_be_written_loses_lines_not_calls(logs: LogCaptu
     assert log.lost == 2
     errors = [event for event in logs.events() if event["event"].startswith("usage log")]
     assert len(errors) == 1  # logged once, not per line
+
+
+# Writes four lines to the usage log at argv[1] with the disk filling 100 bytes into the
+# second (RLIMIT_FSIZE, in a process of its own: os.write writes what fits and says how much,
+# the next write fails) and room again before the fourth; its last line: `lost` after each.
+FULL_DISK = """
+import os, resource, sys
+from rerank_service.pipeline.usage import UsageLog
+log, lost = UsageLog(sys.argv[1]), []
+def write(number):
+    log.write({"line": number, "pad": "p" * 200})
+    lost.append(log.lost)
+write(1)
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(sys.argv[1]) + 100, hard))
+write(2)
+write(3)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+write(4)
+print(*lost)
+"""
+
+
+def test_a_line_a_full_disk_cuts_short_is_lost_and_the_next_one_is_whole(tmp_path: Path) -> None:
+    path = tmp_path / "usage.jsonl"
+    child = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(path)], capture_output=True, text=True, check=True
+    )
+
+    lost = child.stdout.splitlines()[-1]
+    assert lost == "0 1 2 0"  # the cut line and the one refused whole are lost; counted until room again
+    first, torn, last = path.read_text().splitlines()
+    assert json.loads(first)["line"] == 1
+    assert torn.startswith('{"line":2')  # one bad line, and nothing glued on to it
+    assert not torn.endswith("}")
+    assert json.loads(last)["line"] == 4
 
 
 def test_a_usage_log_that_cannot_be_opened_is_a_configuration_error(tmp_path: Path) -> None:
