@@ -35,6 +35,7 @@ from tests.conftest import CALLER_KEY, UPSTREAM_KEY, ServerFactory
 from tests.support.logs import LogCapture
 from tests.support.process import ServiceProcess
 from tests.support.rpc import code_of, details_of, expect_error, request, retry_delay
+from tests.support.scrape import scrape, value
 from tests.support.server import ServerThread
 from tests.support.tiny_models import build_tiny_cross_encoder, build_tiny_qwen3_reranker
 from tests.support.waiting import wait_until
@@ -515,6 +516,34 @@ def test_request_id_and_deployment_headers_and_the_access_log_line(
     assert bad["code"] == "INVALID_ARGUMENT"
     assert bad["request_id"] == refused.headers["x-request-id"] == refused.json()["id"]
     assert "query" in bad["details"]
+
+
+def test_models_refused_or_answered_writes_an_access_log_line_and_is_counted_as_list_models_is(
+    serve: ServerFactory, logs: LogCapture
+) -> None:
+    """A key guessed against GET /v1/models leaves its trace, as one guessed over gRPC does."""
+    with serve(http_port=0, metrics_port=0, api_keys=(Secret(CALLER_KEY),)) as server:
+        url = http_url(server)
+        refused = httpx.get(url + "/v1/models", headers=bearer("wrong-key"), timeout=5)
+        listed = httpx.get(url + "/v1/models", headers=bearer(CALLER_KEY), timeout=5)
+        key = (("authorization", f"Bearer {CALLER_KEY}"),)
+        server.stub.ListModels(rerank_pb2.ListModelsRequest(), metadata=key, timeout=5)
+        wrong, right, grpc_line = logs.wait_for_calls(3)
+        assert server.server is not None
+        assert server.server.metrics_port is not None
+        samples = scrape(server.server.metrics_port)
+
+    assert (refused.status_code, listed.status_code) == (401, 200)
+    assert wrong["method"] == right["method"] == "HTTP GET /v1/models"
+    assert wrong["code"] == "UNAUTHENTICATED"
+    assert "caller" not in wrong  # nobody the key names
+    assert wrong["request_id"] == refused.headers["x-request-id"] == refused.json()["request_id"]
+    assert right["code"] == "OK"
+    assert grpc_line["caller"] is not None
+    assert right["caller"] == grpc_line["caller"]  # the caller, named as ListModels names it
+    assert right["request_id"] == listed.headers["x-request-id"]
+    for code in ("UNAUTHENTICATED", "OK"):
+        assert value(samples, "rerank_calls_total", method="HTTP /v1/models", code=code) == 1
 
 
 def test_readyz_follows_an_upstream_that_goes_down_and_comes_back(

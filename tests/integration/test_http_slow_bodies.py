@@ -11,6 +11,7 @@ from contextlib import ExitStack, closing
 
 import httpx
 
+from rerank_service.testing.fake_upstream import NEVER, FakeUpstream, Fault
 from tests.conftest import ServerFactory
 from tests.integration.test_http_abuse import COHERE, GOOD, connect, http_port, read_response, request_head
 from tests.support.logs import LogCapture
@@ -69,3 +70,26 @@ def test_a_client_gone_before_its_body_arrived_is_a_cancelled_call_not_an_intern
 
     assert line["code"] == "CANCELLED"
     assert not [event for event in logs.events() if event.get("event") == "unexpected error"]
+
+
+def test_a_client_that_hangs_up_while_its_call_runs_cancels_it_as_over_grpc(
+    serve: ServerFactory, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    """Its upstream call stops and its slot comes back at once, not when an answer nobody
+    reads arrives (aiohttp runs a handler to its end unless told otherwise)."""
+    upstream.always(Fault(delay=NEVER))
+    body = json.dumps(GOOD).encode()
+    with serve(http_port=0) as server:
+        port = http_port(server)
+        assert server.server is not None
+        admission = server.server.admission
+        sock = connect(port)
+        sock.sendall(request_head(port, COHERE, len(body)) + body)
+        wait_until(lambda: upstream.in_flight == 1, what="the call at the upstream")
+        sock.close()
+        wait_until(lambda: len(upstream.abandoned) == 1, what="the upstream call abandoned")
+        [line] = logs.wait_for_calls(1)
+        wait_until(lambda: admission.in_flight == 0, what="the slot given back")
+
+    assert line["code"] == "CANCELLED"
+

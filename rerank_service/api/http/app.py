@@ -33,7 +33,6 @@ from rerank_service.core.domain import (
     ServiceError,
     invalid_argument,
 )
-from rerank_service.observability.request_id import new_request_id
 from rerank_service.observability.trace_context import trace_context
 from rerank_service.pipeline.auth import bearer_token
 from rerank_service.pipeline.cache_control import cache_mode
@@ -56,6 +55,7 @@ RERANK_ROUTES: dict[str, WireFormat] = {
     "/v1/rerank": COHERE,
     "/v2/rerank": COHERE,
 }
+MODELS_PATH = "/v1/models"
 JSON_TYPE = "application/json"
 # Where an HTTP caller's key goes, as a refusal names it.
 KEY_CARRIER = "'Authorization: Bearer <key>' header"
@@ -90,6 +90,7 @@ class FrontDoor:
         # The deadline of every call (an HTTP caller sends none): the engine, the router and the
         # upstream client cut their work to it, as they do for a gRPC caller's deadline.
         self._call_timeout = call_timeout
+        self._models_measured = pipeline.metrics.for_http_route(MODELS_PATH)
 
     def application(self) -> web.Application:
         # client_max_size: aiohttp's own bound on a body read (a larger one is 413).
@@ -101,7 +102,7 @@ class FrontDoor:
         for path, wire in RERANK_ROUTES.items():
             handle = self._rerank_route(path, wire)
             app.router.add_post(path, handle, expect_handler=self._expect(handle))
-        app.router.add_get("/v1/models", self._models)
+        app.router.add_get(MODELS_PATH, self._models)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/openapi.json", self._openapi)
@@ -119,6 +120,9 @@ class FrontDoor:
                 response = await answer(http, call)
                 call.http_status = response.status
                 return response
+            except asyncio.CancelledError:  # the client hung up: logged as nginx names it
+                call.http_status = 499
+                raise
             finally:
                 call.finish()
 
@@ -299,13 +303,38 @@ class FrontDoor:
         )
 
     async def _models(self, http: web.Request) -> web.Response:
-        request_id = new_request_id()
+        # A call of the pipeline as a rerank route's is (its access-log line and metrics, as
+        # gRPC ListModels has): a key guessed here leaves a trace. It only lists, so it takes
+        # no admission slot.
+        trace = trace_context(_trace_headers(http))
+        call = self._pipeline.open(
+            f"HTTP GET {MODELS_PATH}", http.remote or "", self._models_measured, trace=trace
+        )
+        try:
+            response = self._list_models(http, call)
+            call.http_status = response.status
+            return response
+        finally:
+            call.finish()
+
+    def _list_models(self, http: web.Request, call: Call) -> web.Response:
+        request_id = call.request_id
         try:
             self._authenticate(http)
+            call.caller = http[_CALLER]
+            data = self._models_shown(call.caller)
         except ServiceError as error:
+            call.failed(error)
             return self._json_response({"message": error.message, "request_id": request_id}, 401, request_id)
-        caller = http[_CALLER]
-        data = [
+        except Exception:
+            bug = call.bug()
+            return self._json_response({"message": bug.message, "request_id": request_id}, 500, request_id)
+        call.succeeded()
+        return self._json_response({"object": "list", "data": data}, 200, request_id)
+
+    def _models_shown(self, caller: Caller) -> list[Json]:
+        """What GET /v1/models lists: the models `caller` may call, as ListModels does."""
+        return [
             {
                 "id": model.name,
                 "object": "model",
@@ -330,7 +359,6 @@ class FrontDoor:
             for model in self._pipeline.engine.models()
             if caller.may_call(model.name)  # a caller sees only what it may call
         ]
-        return self._json_response({"object": "list", "data": data}, 200, request_id)
 
     async def _healthz(self, http: web.Request) -> web.Response:
         live = self._live()

@@ -229,6 +229,9 @@ class HttpServer:
             keepalive_timeout=self._config.keepalive_timeout,
             # Bodies are read as sent: a compressed one is refused (415), never inflated.
             auto_decompress=False,
+            # A client that hangs up (its own timeout, say) cancels its call, as over gRPC: the
+            # upstream call stops and the slot is given back, not held until the answer nobody reads.
+            handler_cancellation=True,
         )
         await self._runner.setup()
         log_accept_errors_sparingly(asyncio.get_running_loop())
