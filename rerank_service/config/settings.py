@@ -818,8 +818,18 @@ class Settings:
 
     @property
     def pass_through(self) -> bool:
-        """No caller keys and no upstream key: callers' bearer tokens go upstream."""
-        return not self.api_keys and not self.callers and self.upstream_api_key is None
+        """No caller keys, and an upstream deployment without a key of its own: callers'
+        bearer tokens go upstream. A local model takes no key, so a service of local models
+        alone and no caller keys is open (each token is not a caller of its own)."""
+        if self.api_keys or self.callers or self.upstream_api_key is not None:
+            return False
+        if not self.models:
+            return self.backend == "upstream"
+        return any(
+            deployment.format != "local" and deployment.api_key is None
+            for route in self.models
+            for deployment in route.deployments
+        )
 
     def secrets(self) -> list[Secret]:
         """Every secret this configuration holds, for log redaction."""

@@ -542,10 +542,18 @@ def test_a_key_source_that_is_set_but_gives_no_key_is_refused_rather_than_switch
 
 
 def test_no_keys_anywhere_means_callers_tokens_pass_through() -> None:
-    assert load().pass_through
-    assert load(RERANK_API_KEYS="").pass_through
-    assert not load(DASHSCOPE_API_KEY=UPSTREAM_KEY).pass_through
-    assert not load(RERANK_API_KEYS=CALLER_KEY).pass_through
+    upstream = {"backend": "upstream"}
+    assert load(upstream).pass_through
+    assert load(upstream, RERANK_API_KEYS="").pass_through
+    assert not load(upstream, DASHSCOPE_API_KEY=UPSTREAM_KEY).pass_through
+    assert not load(upstream, RERANK_API_KEYS=CALLER_KEY, DASHSCOPE_API_KEY=UPSTREAM_KEY).pass_through
+
+
+def test_local_models_without_keys_are_open_not_pass_through() -> None:
+    """A local model takes no key: were tokens passed through, each token a client sent would
+    be a caller of its own (its own label, its own fair share of the slots)."""
+    assert not load().pass_through
+    assert not load({"backend": "local"}).pass_through
 
 
 def test_secrets_lists_the_caller_keys_then_the_upstream_key() -> None:

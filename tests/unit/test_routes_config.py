@@ -525,6 +525,16 @@ def test_names_made_from_urls_sources_and_routes_are_percent_encoded_to_fit_x_de
     ]
 
 
+def test_tokens_pass_through_only_where_an_upstream_deployment_has_no_key(tmp_path: Path) -> None:
+    local_only = routes("format: local\nsource: bundled")
+    keyless = routes("format: local\nsource: bundled", GOOD)
+    keyed = routes("format: local\nsource: bundled", f"{GOOD}\napi_key_env: EU_KEY")
+
+    assert not load(write(tmp_path, local_only)).pass_through
+    assert load(write(tmp_path, keyless)).pass_through
+    assert not load(write(tmp_path, keyed), EU_KEY=EU_KEY).pass_through
+
+
 def test_the_flags_deployment_named_after_its_url_is_percent_encoded_too() -> None:
     routes = build_routes(Settings(backend="upstream", upstream_url="http://bücher.example/v1"))
 
