@@ -107,6 +107,29 @@ class CallContext:
     # What the score cache may do for this call: the caller's cache-control, then the
     # route's `cache:` (the router turns it off for a route that says so).
     cache_mode: CacheMode = CacheMode.READ_WRITE
+    # Set by the engine for a split call: where all its chunks go (see CallPin).
+    pin: CallPin | None = None
+
+
+class CallPin:
+    """Where a split call's first chunk went, for every later chunk to go too (a reload
+    between chunks must not send them to other routes: another model's scores in one
+    ranking). The router fills it and holds what it chose open; the engine releases the
+    hold once the call ends."""
+
+    __slots__ = ("_releases", "route")
+
+    def __init__(self) -> None:
+        self.route: object | None = None  # the router's: core knows nothing of routes
+        self._releases: list[Callable[[], None]] = []
+
+    def on_release(self, release: Callable[[], None]) -> None:
+        self._releases.append(release)
+
+    def release(self) -> None:
+        for release in self._releases:
+            release()
+        self._releases.clear()
 
 
 @dataclass(frozen=True, slots=True)

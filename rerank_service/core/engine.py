@@ -24,6 +24,7 @@ from rerank_service.core.domain import (
     BackendResult,
     CacheOutcome,
     CallContext,
+    CallPin,
     FieldViolation,
     ModelInfo,
     RankedDocument,
@@ -35,6 +36,7 @@ from rerank_service.core.domain import (
     combined,
     invalid_argument,
     model_not_found,
+    replaced,
 )
 from rerank_service.core.long_documents import Plan, plan
 from rerank_service.core.long_documents import violations as long_document_violations
@@ -138,7 +140,18 @@ class RerankEngine:
     async def _fan_out(
         self, model: ModelInfo, request: RerankRequest, chunks: list[range], context: CallContext
     ) -> list[BackendResult]:
-        """Run every chunk, at most `chunk_concurrency` at once; the first failure fails the call."""
+        """Run every chunk, at most `chunk_concurrency` at once; the first failure fails the call.
+        Every chunk goes where the first went (`CallPin`), whatever a reload changes meanwhile."""
+        pin = CallPin()
+        context = replaced(context, pin=pin)
+        try:
+            return await self._run_chunks(model, request, chunks, context)
+        finally:
+            pin.release()
+
+    async def _run_chunks(
+        self, model: ModelInfo, request: RerankRequest, chunks: list[range], context: CallContext
+    ) -> list[BackendResult]:
         gate = asyncio.Semaphore(self._chunk_concurrency)
         doomed = False
 

@@ -41,14 +41,16 @@ class Deployment:
     # Where its calls and state are recorded (None: a Metrics of its own, served nowhere: tests).
     metrics: InitVar[Metrics | None] = None
     in_flight: int = 0
+    # Split calls pinned to a route it serves (CallPin): a reload closes it only after them.
+    _held: int = field(init=False, default=0)
     _metrics: DeploymentMetrics = field(init=False)
     _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _adopted: bool = field(init=False, default=False)  # a router serves it: its state is written
 
     def __post_init__(self, metrics: Metrics | None) -> None:
         self._metrics = (metrics if metrics is not None else Metrics()).for_deployment(self.name)
         if self.health is not None:
             self.health.on_change(self._state_changed)
-        self._state_changed()
 
     @property
     def state(self) -> DeploymentState:
@@ -88,15 +90,33 @@ class Deployment:
         return result
 
     async def idle(self) -> None:
-        """Return once no call is in flight."""
-        while self.in_flight:
+        """Return once no call is in flight, nor held between its chunks."""
+        while self.in_flight or self._held:
             self._idle.clear()
             await self._idle.wait()
+
+    def hold(self) -> None:
+        """A split call may send it more chunks: keep it open (a reload) until `release`."""
+        self._held += 1
+
+    def release(self) -> None:
+        self._held -= 1
+        if not self._held:
+            self._idle.set()
+
+    def adopt(self) -> None:
+        """A router serves it from now on: its state is written from now on. Not from when it
+        is built: a reload that is refused has built a successor of the same name, which must
+        not write over the state of the deployment still serving."""
+        self._adopted = True
+        self._state_changed()
 
     def retire(self, replaced: bool) -> None:
         """A reload took it out of every route (`replaced`: by a deployment of its name)."""
         self._metrics.retire(replaced)
 
     def _state_changed(self) -> None:
+        if not self._adopted:
+            return
         state = self.state
         self._metrics.set_state(state.value, _STATE_LEVELS[state])

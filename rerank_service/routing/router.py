@@ -85,6 +85,8 @@ class Router:
 
     async def start(self) -> None:
         await asyncio.gather(*(deployment.backend.start() for deployment in self._deployments))
+        for deployment in self._deployments:
+            deployment.adopt()
         self._started = True
         self._follow(self._deployments)
         self._update_readiness()
@@ -121,6 +123,8 @@ class Router:
         self._deployments = kept
         self._metrics.set_route_members(_members(routes))
         self._models, self._limits = None, {}
+        for deployment in added:  # its state is written from the switch on, not from its building
+            deployment.adopt()
         self._follow(added)
         self._update_readiness()
         names = {deployment.name for deployment in kept}
@@ -133,9 +137,7 @@ class Router:
             retiring.add_done_callback(self._retiring.discard)
 
     async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
-        route = self._routes.get(request.model)
-        if route is None:  # a reload removed it after the engine validated the call
-            raise model_not_found(request.model, list(self._routes))
+        route = self._route(request.model, context)
         route.budget.called()
         if route.cache:
             context = replaced(context, retry_budget=route.budget)
@@ -157,6 +159,23 @@ class Router:
         finally:
             span.end()
 
+    def _route(self, model: str, context: CallContext) -> Route:
+        """The call's route: for a split call, the one its first chunk went to, whose
+        deployments a reload keeps open until the call ends (calls in flight finish where
+        they started)."""
+        pin = context.pin
+        if pin is not None and isinstance(pin.route, Route):
+            return pin.route
+        route = self._routes.get(model)
+        if route is None:  # a reload removed it after the engine validated the call
+            raise model_not_found(model, list(self._routes))
+        if pin is not None:  # filled before any await: the call's other chunks see it
+            pin.route = route
+            for deployment in _distinct([route]):
+                deployment.hold()
+                pin.on_release(deployment.release)
+        return route
+
     async def _call(
         self, route: Route, request: BackendRequest, context: CallContext, span: SpanHandle | None
     ) -> BackendResult:
@@ -164,7 +183,11 @@ class Router:
         tried: set[Deployment] = set()
         failures: list[ServiceError] = []
         while (member := route.pick(tried)) is not None:
-            if failures and not self._may_fall_back(route, failures[-1], context, span):
+            if failures and (
+                # Only deployments that would refuse at once are left: a fallback would send
+                # nothing, and its refusal would hide the failure that ended the call.
+                member.deployment.refusing or not self._may_fall_back(route, failures[-1], context, span)
+            ):
                 break
             deployment = member.deployment
             tried.add(deployment)
@@ -183,8 +206,8 @@ class Router:
                 continue
             timings = combined([*(failure.timings for failure in failures), result.timings])
             return replaced(result, deployment=deployment.name, timings=timings)
-        last = failures[-1]
-        raise last.with_timings(combined([failure.timings for failure in failures])) from last
+        told = _told(failures)
+        raise told.with_timings(combined([failure.timings for failure in failures])) from told
 
     def _may_fall_back(
         self, route: Route, failure: ServiceError, context: CallContext, span: SpanHandle | None
@@ -228,6 +251,17 @@ class Router:
                 for route in self._routes.values()
             )
         )
+
+
+def _told(failures: list[ServiceError]) -> ServiceError:
+    """The failure the caller gets: the last, unless a fallback refused the request after a
+    deployment could not answer it. That refusal says only that the fallback cannot take what
+    the route accepted (a local model's own query limit, say): the caller gets the failure
+    that says what went wrong, UNAVAILABLE say, which a retry may get past."""
+    last = failures[-1]
+    if len(failures) > 1 and not fails_over(last):
+        return failures[-2]  # a failure that fell over: a refusal ends the call at once
+    return last
 
 
 def _distinct(routes: Iterable[Route]) -> list[Deployment]:

@@ -23,10 +23,13 @@ from rerank_service.core.domain import (
     DeploymentState,
     FailureKind,
     ModelInfo,
+    RerankRequest,
     ScoredDocument,
     ServiceError,
     Timings,
+    not_ready,
 )
+from rerank_service.core.engine import RerankEngine
 from rerank_service.core.health import DeploymentHealth, Outcome
 from rerank_service.core.readiness import Readiness
 from rerank_service.core.retry_budget import RetryBudget
@@ -401,6 +404,65 @@ async def test_when_every_deployment_fails_the_last_failure_is_raised_with_all_t
     assert error.timings.upstream_spans == ((1.0, 2.0), (3.0, 4.0))
 
 
+async def test_a_fallback_that_refuses_the_request_leaves_the_caller_the_failure_that_fell_over() -> None:
+    # A local fallback counts the query with its own tokenizer, and may take less than the
+    # route accepted: its refusal must not turn the primary's UNAVAILABLE into the caller's fault.
+    route = route_of(
+        Member(deployment(FakeBackend("a", reason="UPSTREAM_UNAVAILABLE", span=(1.0, 2.0))), ROUTE),
+        Member(
+            deployment(
+                FakeBackend(
+                    "b", code=grpc.StatusCode.INVALID_ARGUMENT, kind=FailureKind.REQUEST, span=(3.0, 4.0)
+                )
+            ),
+            ROUTE,
+            priority=1,
+        ),
+    )
+
+    error = await call_error(Router([route]))
+
+    assert (error.code, error.reason, error.deployment) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "UPSTREAM_UNAVAILABLE",
+        "a",
+    )
+    assert error.timings.upstream_spans == ((1.0, 2.0), (3.0, 4.0))
+
+
+class GuardedBackend(FakeBackend):
+    """Refuses through its health, as an upstream deployment does, before sending anything."""
+
+    def __init__(self, name: str, health: DeploymentHealth) -> None:
+        super().__init__(name)
+        self.health = health
+
+    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        self.health.admit()
+        return await super().rerank(request, context)
+
+
+async def test_no_fallback_to_a_deployment_that_would_only_refuse() -> None:
+    down_health = health_on(Clock())
+    take_down(down_health)
+    down = GuardedBackend("down", down_health)
+    route = route_of(
+        Member(deployment(FakeBackend("a", reason="UPSTREAM_UNAVAILABLE")), ROUTE),
+        Member(deployment(down, down_health), ROUTE, priority=1),
+        budget=RetryBudget(share=0, floor=1),
+    )
+    metrics = Metrics()
+
+    error = await call_error(Router([route], metrics))
+
+    # The primary's failure, not the refusal's CIRCUIT_OPEN and RetryInfo (kept for a route
+    # whose every deployment is down); no fallback counted, nor budget spent, for nothing sent.
+    assert (error.reason, error.deployment, error.retry_after) == ("UPSTREAM_UNAVAILABLE", "a", None)
+    assert down.calls == []
+    assert not metrics.registry.get_sample_value("rerank_route_fallbacks_total", {"route": ROUTE})
+    assert route.budget.try_spend()  # its one extra attempt is still there
+
+
 async def test_no_fallback_once_the_routes_retry_budget_is_spent() -> None:
     other = FakeBackend("b")
     route = route_of(
@@ -591,7 +653,7 @@ def test_a_deployments_state_is_a_gauge_the_higher_the_worse_and_each_ejection_i
         return metrics.registry.get_sample_value(name, {"deployment": "gauged", **labels}) or 0.0
 
     health = health_on(Clock())
-    Deployment("gauged", FakeBackend("gauged"), health, metrics=metrics)
+    Deployment("gauged", FakeBackend("gauged"), health, metrics=metrics).adopt()
     assert sample("rerank_deployment_state") == 0
 
     eject(health)
@@ -632,6 +694,36 @@ async def test_replace_starts_added_deployments_and_closes_dropped_ones_after_th
         assert (old.closed, kept.closed, new.closed) == (1, 0, 0)
         assert (old.started, kept.started, new.started) == (1, 1, 1)  # a kept one is not restarted
         assert ready(router)
+
+
+class ClosableBackend(FakeBackend):
+    """Refuses once closed, and answers a turn of the event loop later, as real backends do."""
+
+    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        if not self.readiness.ready:
+            raise not_ready("closed")
+        await asyncio.sleep(0)
+        return await super().rerank(request, context)
+
+
+async def test_a_split_call_in_flight_sends_every_chunk_where_it_started_whatever_a_reload_changes() -> None:
+    old = ClosableBackend("old", limits=CallLimits(max_documents=2))
+    new = FakeBackend("new")
+    old.gate = asyncio.Event()
+    split = RerankRequest(model=ROUTE, query="q", documents=[f"doc {i}" for i in range(6)])  # 3 chunks
+
+    async with running(Router([route_of(Member(deployment(old), ROUTE))])) as router:
+        engine = RerankEngine(router, chunk_concurrency=1, max_fanout_factor=100)  # a chunk at a time
+        call = asyncio.create_task(engine.rerank(split, CallContext()))
+        await eventually(lambda: len(old.calls) == 1)
+        # The route now goes to another deployment: "old" is dropped, to close once idle.
+        await router.replace([route_of(Member(deployment(new), ROUTE))], grace=10.0)
+        old.gate.set()
+        answered = await call
+
+        assert answered.deployments == ["old"]  # one ranking, of one deployment's scores
+        assert (len(old.calls), new.calls) == (3, [])
+        await eventually(lambda: old.closed == 1)  # once the call no longer holds it
 
 
 async def test_replace_closes_a_dropped_deployment_after_the_grace_even_with_a_call_in_flight() -> None:
@@ -741,6 +833,22 @@ async def test_a_reload_whose_new_deployment_fails_to_start_changes_nothing() ->
     assert answered.deployment == "old"  # the old routes still serve
     assert fresh.closed == 1  # what the failed reload started is closed again
     assert old.closed == 1  # by the router's own close, not by the reload
+
+
+async def test_a_refused_reload_leaves_the_state_of_a_deployment_it_would_have_replaced() -> None:
+    metrics = Metrics()
+    health = health_on()
+    live = Deployment("remote", FakeBackend("remote"), health, metrics=metrics)
+
+    async with running(Router([route_of(Member(live, ROUTE))], metrics)) as router:
+        take_down(health)
+        successor = Deployment("remote", FakeBackend("remote"), health_on(), metrics=metrics)
+        broken = deployment(UnstartableBackend("broken"))
+        with pytest.raises(RuntimeError):
+            await router.replace([route_of(Member(successor, ROUTE), Member(broken, ROUTE))], grace=1.0)
+
+        # Still down, and still read so: the successor that never served wrote nothing.
+        assert metrics.registry.get_sample_value("rerank_deployment_state", {"deployment": "remote"}) == 2
 
 
 async def test_a_deployment_a_reload_drops_reads_0_and_one_replaced_is_written_by_its_successor() -> None:
