@@ -127,10 +127,11 @@ def get_logger(name: str) -> Any:
     return structlog.get_logger(logger_name=name)
 
 
-# The libraries whose own lines a caller can cause: aiohttp's on each malformed HTTP
-# request, asyncio's on each failed accept or lost task. Left alone they write multi-line
-# tracebacks as text to stderr (Python's last-resort handler), one per request.
-LIBRARY_LOGGERS = ("aiohttp", "asyncio")
+# The libraries whose own lines a caller or an outage can cause: aiohttp's on each
+# malformed HTTP request, asyncio's on each failed accept or lost task, OpenTelemetry's
+# on each export retry while the trace collector is down. Left alone they write text (or
+# multi-line tracebacks) to stderr (Python's last-resort handler), among the JSON lines.
+LIBRARY_LOGGERS = ("aiohttp", "asyncio", "opentelemetry")
 # Seconds: a line a caller can cause (a library's, a refusal) is written at most once per
 # kind in each interval, and the next one says how many were left out (RateLimit).
 CALLER_LOG_INTERVAL = 10.0
@@ -206,7 +207,7 @@ def _exception_fields(exc_info: Any) -> dict[str, Any]:
 
 
 def route_library_logs(interval: float = CALLER_LOG_INTERVAL) -> None:
-    """Send aiohttp's and asyncio's log records through structlog (the chosen format,
+    """Send the LIBRARY_LOGGERS' log records through structlog (the chosen format,
     redaction), one short line each and at most one per kind of message per interval."""
     handler = _IntoStructlog(RateLimit(interval))
     for name in LIBRARY_LOGGERS:

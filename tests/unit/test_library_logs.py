@@ -7,6 +7,7 @@ import logging
 from typing import TextIO, cast
 from unittest.mock import Mock
 
+import pytest
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.http_parser import HttpRequestParser
 
@@ -53,6 +54,21 @@ def test_a_library_traceback_becomes_one_json_line_and_repeats_are_left_out() ->
     assert event["error"] == "ValueError: 400, message: Invalid header token: b'…'"
     assert event["at"].startswith("test_library_logs.py:")
     assert "Traceback" not in capture.text
+
+
+def test_opentelemetry_exporter_retries_are_json_lines_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """A trace collector that is down makes the exporter log each retry: as text on stderr,
+    among the JSON lines, it broke log pipelines that parse each line."""
+    capture = LogCapture()
+    configure_logging("json", "info", stream=cast(TextIO, capture))
+    exporter = logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter")
+    for _ in range(5):
+        exporter.warning("Transient error %s encountered while exporting traces to %s", "UNAVAILABLE", "h:1")
+
+    (event,) = capture.events()
+    assert event["event"] == "Transient error UNAVAILABLE encountered while exporting traces to h:1"
+    assert event["level"] == "warning"
+    assert capsys.readouterr().err == ""
 
 
 def test_a_header_line_aiohttp_could_not_parse_never_reaches_the_log() -> None:
