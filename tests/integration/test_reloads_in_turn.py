@@ -5,6 +5,9 @@ Reload A adds a deployment whose start is held back (as a local model's load is 
 reload B, asked for meanwhile, replaces the route's deployments with another one. Run at
 once, A would finish last and put back its routes, with the deployment B had retired in
 them, closed: the route would answer nothing until the next reload.
+
+A deployment a reload retires, once closed, gives each call still waiting for its
+connections a status.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 from rerank.v1 import rerank_pb2
@@ -25,17 +29,18 @@ from rerank_service.config.upstream import UpstreamDeploymentConfig
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import Metrics
 from rerank_service.routing import Router
-from rerank_service.testing.fake_upstream import FakeUpstream
+from rerank_service.testing.fake_upstream import NEVER, FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY
 from tests.support.logs import LogCapture
 from tests.support.server import ServerThread
+from tests.support.waiting import wait_until
 
 KEY_ENV = "RELOAD_TURN_TEST_UPSTREAM_KEY"
 HANG = 10.0  # guards against a hang only
 
 
-def _write(path: Path, deployments: list[dict[str, Any]]) -> Path:
-    document = {"models": [{"name": "search", "deployments": deployments}]}
+def _write(path: Path, deployments: list[dict[str, Any]], **settings: Any) -> Path:
+    document = {**settings, "models": [{"name": "search", "deployments": deployments}]}
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return path
 
@@ -120,3 +125,42 @@ def test_a_key_a_reload_reads_is_masked_in_every_log_line_from_then_on(
 
     assert "upstream refused" in logs.text
     assert NEW_KEY not in logs.text
+
+
+def test_calls_waiting_for_a_retired_deployments_connections_get_a_status_when_it_closes(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """A reload retires a deployment while calls wait for its (full) connection pool: when
+    the grace runs out and it is closed, each caller gets UNAVAILABLE then, not silence
+    until its own deadline."""
+    upstream.always(Fault(delay=NEVER))
+    first = _write(
+        tmp_path / "first.yaml",
+        [{**_deployment("first", upstream.url), "max_connections": 1}],
+        shutdown_grace=0.5,
+    )
+    replaced = _write(tmp_path / "replaced.yaml", [_deployment("second", upstream.url)])
+
+    def request(number: int) -> rerank_pb2.RerankRequest:
+        # Each its own query: the score cache would have the same ones wait for the first.
+        return rerank_pb2.RerankRequest(
+            model="search", query=f"apple {number}", documents=["an apple", "a car"]
+        )
+
+    with ServerThread(_load(first)) as server:
+        assert server.server is not None
+        router = server.server.backend
+        assert isinstance(router, Router)
+        [retired] = router.deployments
+        calls = [server.stub.Rerank.future(request(number), timeout=60) for number in range(3)]
+        # One call holds the only connection (its answer never comes); two wait for it.
+        wait_until(
+            lambda: retired.in_flight == 3 and len(upstream.requests) == 1,
+            what="one call on the connection, two waiting for it",
+        )
+        assert server.begin(server.server.reload(lambda: _load(replaced))).result(HANG)
+        for call in calls:
+            call.exception(HANG)  # ended within HANG, not at its own deadline
+        codes = [call.code() for call in calls]
+
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 3

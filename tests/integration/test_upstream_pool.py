@@ -4,6 +4,7 @@ keep-alive expiry, connections the upstream closed, release."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from rerank_service.backends.upstream.client.connections import PHASE, Phase
 from rerank_service.backends.upstream.client.transport import MAX_RESPONSE_BYTES, UpstreamTransport
 from rerank_service.backends.upstream.retry import judge
 from rerank_service.core.domain import ServiceError
@@ -93,6 +95,120 @@ async def test_a_call_waiting_for_a_connection_past_its_deadline_is_pool_exhaust
     busy.cancel()
     with pytest.raises(asyncio.CancelledError):
         await busy
+
+
+async def waiting_for_a_connection(transport: UpstreamTransport) -> asyncio.Task[int]:
+    """A call, started and left once it waits for a free connection of the pool: its own
+    context shows where it is (connections.PHASE)."""
+    context = contextvars.Context()
+    call = asyncio.create_task(post(transport), context=context)
+    await wait_until_async(lambda: context.get(PHASE) is Phase.POOL, what="the call waiting for a connection")
+    return call
+
+
+async def test_closing_the_transport_fails_the_calls_waiting_for_a_connection_as_unavailable(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    """A reload whose grace ran out closes the transport: each call waiting for the pool
+    gets a status (UNAVAILABLE; the backend then falls back), not a bare cancellation
+    that leaves its caller waiting out its deadline."""
+    upstream.inject(Fault(delay=NEVER))
+    transport = transports(1)
+    busy = asyncio.create_task(post(transport))
+    await wait_until_async(lambda: len(upstream.requests) == 1, what="the busy call holding the connection")
+    waiting = [await waiting_for_a_connection(transport) for _ in range(2)]
+
+    await transport.close()
+
+    for call in [busy, *waiting]:
+        with pytest.raises(ServiceError) as caught:
+            await call
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.reason == "UPSTREAM_UNAVAILABLE"
+    assert len(upstream.requests) == 1
+
+
+async def test_a_call_cancelled_as_the_transport_closes_stays_cancelled(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    upstream.inject(Fault(delay=NEVER))
+    transport = transports(1)
+    busy = asyncio.create_task(post(transport))
+    await wait_until_async(lambda: len(upstream.requests) == 1, what="the busy call holding the connection")
+    waiting = await waiting_for_a_connection(transport)
+
+    waiting.cancel()  # its caller hung up, in the same turn as the close
+    await transport.close()
+
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    with pytest.raises(ServiceError):
+        await busy
+
+
+class HeldServer:
+    """A raw HTTP/1.1 server that answers every request on a kept-alive connection, the
+    first one only once `answer_first` is set."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.connections = 0
+        self.answer_first = asyncio.Event()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+                self.requests += 1
+                if self.requests == 1:
+                    await self.answer_first.wait()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_waiter_cancelled_as_the_connection_came_free_passes_it_to_the_next(
+    transports: Transports,
+) -> None:
+    """One connection, held by a call; two calls wait for it. Given back, it wakes the
+    first waiter, which is cancelled in that same turn, before it runs (its caller hung
+    up, or its deadline fired): the second must still get the connection, not wait out
+    its budget beside an idle one (and fail, UPSTREAM_POOL_EXHAUSTED)."""
+    held = HeldServer()
+    transport = transports(1, url=await held.start())
+    waiters: list[asyncio.Task[int]] = []
+
+    async def hold_the_connection_then_cancel_the_first_waiter() -> int:
+        status = await post(transport)
+        # The connection went back as the answer was read, waking the first waiter; this
+        # runs before it does.
+        waiters[0].cancel()
+        return status
+
+    try:
+        holder = asyncio.create_task(hold_the_connection_then_cancel_the_first_waiter())
+        await wait_until_async(lambda: held.requests == 1, what="the call holding the connection")
+        waiters += [await waiting_for_a_connection(transport) for _ in range(2)]
+        held.answer_first.set()
+
+        assert await holder == 200
+        with pytest.raises(asyncio.CancelledError):
+            await waiters[0]
+        assert await waiters[1] == 200  # without the wake-up passed on: 10 s, then pool exhausted
+        assert (held.requests, held.connections) == (2, 1)
+    finally:
+        held.server.close()
 
 
 async def test_a_body_left_unread_frees_its_slot_and_drops_its_connection(

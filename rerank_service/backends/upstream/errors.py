@@ -82,14 +82,15 @@ def from_http_status(
             FailureKind.DEPLOYMENT,
             parse_retry_after(retry_after_header),
         )
-    if status >= 500:
+    if 500 <= status < 600:  # aiohttp reads any three digits: a 600-999 is no 5xx
         return error(
             grpc.StatusCode.UNAVAILABLE,
             UNAVAILABLE,
             FailureKind.DEPLOYMENT,
             parse_retry_after(retry_after_header),
         )
-    # Any other status (a 1xx, a 3xx, an unexpected 4xx): not the rerank API it should be, now.
+    # Any other status (a 1xx, a 3xx, an unexpected 4xx, 600 and up): not the rerank API it
+    # should be, now.
     return error(grpc.StatusCode.INTERNAL, "UPSTREAM_UNEXPECTED_STATUS", FailureKind.DEPLOYMENT)
 
 

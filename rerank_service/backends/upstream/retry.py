@@ -31,7 +31,7 @@ def judge(error: ServiceError, caller_deadline_passed: bool) -> Verdict:
     status = error.metadata.get("upstream_status")
     if status is not None:
         code = int(status)
-        if code >= 500:
+        if 500 <= code < 600:
             return Verdict(code in RETRYABLE_HTTP_STATUSES, Outcome.FAILURE, status)
         if code == 429:
             return Verdict(True, Outcome.NEUTRAL, status)

@@ -21,6 +21,7 @@ certificates are trusted (tls.py), is settled here once, never per call.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import enum
 import ssl
@@ -62,7 +63,8 @@ PHASE: ContextVar[Phase] = ContextVar("upstream_connection_phase", default=Phase
 class _Connector(aiohttp.TCPConnector):
     """aiohttp's pool, telling the calling task (REUSED) whether its connection was reused
     and (PHASE) whether it is waiting for one or opening one, and never handing out an
-    idle connection that has unread bytes waiting."""
+    idle connection that has unread bytes waiting. A call that gives up waiting passes a
+    free connection on; one still waiting when the pool closes fails, not cancelled."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -77,7 +79,17 @@ class _Connector(aiohttp.TCPConnector):
         # An idle connection comes at once; else this is a wait for a free one, unless
         # there is room to open one (_create_connection).
         PHASE.set(Phase.POOL)
-        connection = await super().connect(req, traces, timeout)
+        try:
+            connection = await super().connect(req, traces, timeout)
+        except BaseException as exc:
+            self._pass_on_a_free_slot()
+            if isinstance(exc, asyncio.CancelledError) and self.closed and not _cancelled():
+                # Closing the session (a reload's grace ran out) cancels the waits for a
+                # free connection, not the calls: a bare CancelledError would end each one
+                # with no status for its caller. A closed transport fails the call, as it
+                # fails the calls it cut off mid-exchange.
+                raise aiohttp.ClientConnectionError("the upstream transport was closed") from None
+            raise
         PHASE.set(Phase.EXCHANGE)
         protocol = connection.protocol
         if protocol is not None:
@@ -92,6 +104,18 @@ class _Connector(aiohttp.TCPConnector):
                 self._seen.add(protocol)
         return connection
 
+    def _pass_on_a_free_slot(self) -> None:
+        """Wake the next call waiting for a connection, if one is free: this call gives up.
+
+        aiohttp wakes one waiter per connection given back; a waiter woken and then
+        cancelled (its caller hung up, its deadline fired) before it ran takes the wake-up
+        with it, and the next waiter would wait out its whole budget beside an idle
+        connection. aiohttp offers nothing public for this: _release_waiter is what its
+        own release calls, and wakes a waiter only while a slot is free (a woken waiter
+        finding none waits again, first in line). tests/integration/test_upstream_pool.py's
+        lost wake-up test fails if it moves."""
+        self._release_waiter()
+
     async def _create_connection(
         self,
         req: aiohttp.ClientRequest,
@@ -102,6 +126,13 @@ class _Connector(aiohttp.TCPConnector):
         # proxy's tunnel. tests/unit/test_transport.py's connect timeout fails if it moves.
         PHASE.set(Phase.CONNECT)
         return await super()._create_connection(req, traces, timeout)
+
+
+def _cancelled() -> bool:
+    """Whether the running task itself is being cancelled (its caller, or its own timeout),
+    rather than a future it awaited."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 @dataclass(frozen=True, slots=True)

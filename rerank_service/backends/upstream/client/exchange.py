@@ -61,7 +61,11 @@ async def exchange(
     async with response:  # gives the connection back to the pool, or closes it if unread
         coding = content_coding(response.raw_headers)
         length = response.content_length
-        if coding is None and length is not None:
+        if _never_has_a_body(response.status):
+            # Whatever its Content-Length says (a 304 may give the length of the body it
+            # stands for): the parser reads none, so none is waited for (RFC 9112 6.3).
+            body = b""
+        elif coding is None and length is not None:
             # The common case: a plain body of announced length, read in one go.
             if length > limit:
                 raise ResponseTooLarge(limit)
@@ -70,6 +74,11 @@ async def exchange(
             # Chunked, or gzip: read piece by piece so the bound holds while it arrives.
             body = await read_body(response.content.iter_any(), coding, limit)
         return UpstreamReply(response.status, response.headers, body)
+
+
+def _never_has_a_body(status: int) -> bool:
+    """1xx, 204 and 304 answers end with their headers (RFC 9110 6.4.1)."""
+    return status < 200 or status in (204, 304)
 
 
 async def _send(
