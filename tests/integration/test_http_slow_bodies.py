@@ -92,4 +92,3 @@ def test_a_client_that_hangs_up_while_its_call_runs_cancels_it_as_over_grpc(
         wait_until(lambda: admission.in_flight == 0, what="the slot given back")
 
     assert line["code"] == "CANCELLED"
-
