@@ -180,7 +180,7 @@ class RerankEngine:
                 tasks = [group.create_task(run(chunk)) for chunk in chunks]
         except BaseExceptionGroup as failed:
             # The TaskGroup cancelled the other chunks; never present a partial ranking.
-            raise _first_error(failed) from None
+            raise _with_answered_chunks(_first_error(failed), tasks) from None
         return [task.result() for task in tasks]
 
     async def _plan(self, request: RerankRequest, limits: CallLimits) -> Plan | None:
@@ -313,11 +313,27 @@ def usage_source(results: list[BackendResult]) -> str:
     only when every chunk was answered from the score cache (nothing was counted)."""
     if len(results) == 1:
         return results[0].usage_source
-    sources = {result.usage_source for result in results}
+    sources = [result.usage_source for result in results]
     if "estimate" in sources:
         return "estimate"
-    counted = sources - {"cache"}
-    return next(iter(counted)) if counted else "cache"
+    # Chunks counted both ways (an upstream's and a local fallback's): the first chunk's,
+    # the same for every run of the call.
+    return next((source for source in sources if source != "cache"), "cache")
+
+
+def _with_answered_chunks(error: BaseException, tasks: list[asyncio.Task[BackendResult]]) -> BaseException:
+    """`error`, carrying what the chunks answered before it cost: a failed call is metered
+    for them, as the backends billed them (and the cache serves their scores for free)."""
+    answered = [
+        task.result() for task in tasks if task.done() and not task.cancelled() and task.exception() is None
+    ]
+    if not isinstance(error, ServiceError) or not answered:
+        return error
+    return dataclasses.replace(
+        error,
+        tokens_used=min(sum(result.total_tokens for result in answered), MAX_TOKENS),
+        backend_calls=sum(result.cache is not CacheOutcome.HIT for result in answered),
+    )
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

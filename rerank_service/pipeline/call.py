@@ -385,7 +385,9 @@ class Call:
                 # upstream may have scored, and billed, the documents; the estimate stays.
                 used = self._grant.tokens_taken
             else:
-                used = 0  # failed: nothing was scored
+                # Failed: nothing was scored, but the chunks of a split call answered before
+                # another failed it (billed, and their scores cached).
+                used = self.failure.tokens_used if self.failure is not None else 0
             pipeline.limiter.settle(self._grant, used)
             self._grant = None
         model = self.model

@@ -168,6 +168,8 @@ def _record(call: MeteredCall, model: str) -> dict[str, object]:
         deployment = ",".join(outcome.deployments)
     elif failure is not None:
         deployment = failure.deployment
+    # A failed split call: what the chunks answered before the failure cost (billed upstream).
+    spent_tokens, spent_calls = (failure.tokens_used, failure.backend_calls) if failure else (0, 0)
     return {
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
         "caller": call.caller.name,
@@ -178,9 +180,9 @@ def _record(call: MeteredCall, model: str) -> dict[str, object]:
         "method": call.method,
         "code": code_name(call.code),
         "documents": call.documents if answered else 0,
-        "tokens": outcome.total_tokens if answered and outcome is not None else 0,
+        "tokens": outcome.total_tokens if answered and outcome is not None else spent_tokens,
         "cached_tokens": outcome.cached_tokens if answered and outcome is not None else 0,
         "usage_source": outcome.usage_source if answered and outcome is not None else None,
-        "backend_calls": outcome.backend_calls if answered and outcome is not None else 0,
+        "backend_calls": outcome.backend_calls if answered and outcome is not None else spent_calls,
         "latency_ms": round(call.seconds * 1000, 3),
     }

@@ -18,7 +18,7 @@ import pytest
 from google.rpc import error_details_pb2
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
-from rerank_service.testing.fake_upstream import FakeUpstream
+from rerank_service.testing.fake_upstream import FakeUpstream, Fault, total_tokens
 from tests.conftest import UPSTREAM_KEY
 from tests.support.certs import CertificateAuthority
 from tests.support.process import run_cli
@@ -193,6 +193,46 @@ def test_per_caller_metrics_and_the_usage_log_equal_the_usage_each_caller_was_to
         str(told["search", "documents"]),
         str(told["search", "tokens"]),
     ]
+
+
+def test_a_split_call_failed_by_one_chunk_is_metered_for_the_chunks_answered_before(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """The upstream billed those chunks and the cache keeps their scores: metered as nothing,
+    the retry without the refused document was then answered from the cache for free."""
+    config = write_config(
+        tmp_path / "rerank.yaml",
+        upstream,
+        [caller("search", "SEARCH_KEY")],
+        upstream_documents_per_call=2,
+        chunk_concurrency=1,  # the chunks in turn: the first two are answered, the third refused
+        upstream_max_attempts=1,
+    )
+    usage_log = tmp_path / "usage.jsonl"
+    request = rerank_request(documents=6)
+    refused = Fault(status=400, body={"code": "DataInspectionFailed", "message": "inappropriate"})
+    upstream.inject(Fault(), times=2)
+    upstream.inject(refused)
+    with service(config, "--usage-log", str(usage_log), env={"RERANK_CACHE_MEMORY_MB": "16"}) as process:
+        failed = call(process.target, SEARCH_KEY, documents=6)
+        sent = [request.body["input"] for request in upstream.requests]
+        billed = sum(total_tokens(chunk["query"], chunk["documents"]) for chunk in sent[:2])
+        retried = call(process.target, SEARCH_KEY, documents=4)  # what the answered chunks held
+        wait_until(lambda: len(usage_log.read_text().splitlines()) >= 2, what="the usage lines")
+        failed_line, retried_line = (json.loads(line) for line in usage_log.read_text().splitlines())
+
+    assert isinstance(failed, grpc.RpcError)
+    assert failed.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(sent) == 3  # two chunks answered, the third refused
+    assert (failed_line["code"], failed_line["tokens"], failed_line["backend_calls"]) == (
+        "INVALID_ARGUMENT",
+        billed,
+        2,
+    )
+    assert isinstance(retried, rerank_pb2.RerankResponse)
+    assert (retried.usage.total_tokens, retried.usage.cached_tokens) == (0, billed)
+    assert (retried_line["tokens"], retried_line["cached_tokens"]) == (0, billed)
+    assert request.documents[:4] == rerank_request(documents=4).documents
 
 
 def test_a_request_read_but_not_valid_is_metered_for_its_caller_over_either_door(

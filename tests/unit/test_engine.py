@@ -433,6 +433,10 @@ async def test_a_huge_unknown_model_name_is_not_echoed_whole() -> None:
         (["cache", "upstream"], "upstream"),  # a chunk all cached counts nothing: the others say
         (["upstream", "cache", "estimate"], "estimate"),
         (["model", "model"], "model"),
+        # Counted both ways (an upstream and a local fallback): the first chunk's, whatever
+        # the process's hash seed (a set's order decided it).
+        (["cache", "upstream", "model"], "upstream"),
+        (["model", "upstream"], "model"),
     ],
 )
 def test_a_split_calls_usage_source_comes_from_the_chunks_that_counted(sources: list[str], said: str) -> None:
