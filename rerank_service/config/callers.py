@@ -36,14 +36,21 @@ _HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def _key_bytes(key: str) -> bytes:
+    """A key's bytes as sent. An HTTP header of bytes that are not UTF-8 arrives with them as
+    surrogates (aiohttp's decoding): their bytes again, so such a token hashes (and matches
+    no key) instead of failing the call as a bug."""
+    return key.encode("utf-8", "surrogateescape")
+
+
 def key_digest(key: str) -> bytes:
     """The SHA-256 of a key: how keys are looked up and compared (never the key itself)."""
-    return hashlib.sha256(key.encode()).digest()
+    return hashlib.sha256(_key_bytes(key)).digest()
 
 
 def anonymous_name(key: str) -> str:
     """The name of a caller known only by its key: `key-` and 8 hex digits of its SHA-256."""
-    return KEY_NAME_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:8]
+    return KEY_NAME_PREFIX + hashlib.sha256(_key_bytes(key)).hexdigest()[:8]
 
 
 def _caller_name(value: str) -> str:

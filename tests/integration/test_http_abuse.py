@@ -25,6 +25,7 @@ from rerank_service.config.secret import Secret
 from rerank_service.testing.fake_upstream import NEVER, FakeUpstream, Fault
 from tests.conftest import CALLER_KEY, UPSTREAM_KEY, ServerFactory
 from tests.support.fault_scenarios import rss_bytes
+from tests.support.logs import LogCapture
 from tests.support.process import ServiceProcess
 from tests.support.rpc import code_of, expect_error, request
 from tests.support.server import ServerThread
@@ -173,6 +174,28 @@ def test_expect_100_continue_is_not_answered_for_a_body_that_will_be_refused(
             first, _ = read_response(sock)
 
     assert first == status  # not 100
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["body", "expect-100-continue"])
+def test_a_bearer_token_of_bytes_that_are_not_utf8_is_a_key_not_accepted_not_a_bug(
+    serve: ServerFactory, logs: LogCapture, expect: bool
+) -> None:
+    """aiohttp hands such bytes on as surrogates, which hashing the token failed on: a 500
+    and a traceback per request, for anyone without a key to send."""
+    body = json.dumps(GOOD).encode()
+    auth = b"Authorization: Bearer \xff\xfe-not-utf8\r\n" + (b"Expect: 100-continue\r\n" if expect else b"")
+    with serve(http_port=0, api_keys=(Secret(CALLER_KEY),)) as server:
+        port = http_port(server)
+        head = request_head(port, COHERE, len(body)).removesuffix(b"\r\n") + auth + b"\r\n"
+        with closing(connect(port, timeout=5)) as sock:
+            sock.sendall(head if expect else head + body)
+            status, answer = read_response(sock)
+        [line] = logs.wait_for_calls(1)
+
+    assert status == 401
+    assert b"not accepted" in answer
+    assert line["code"] == "UNAUTHENTICATED"
+    assert not [event for event in logs.events() if event.get("event") == "unexpected error"]
 
 
 def test_expect_100_continue_while_every_slot_is_held_is_refused_at_once_and_counted(

@@ -19,6 +19,7 @@ from rerank_service.config.callers import (
     CallerEntry,
     CallerKeyError,
     CallerLimits,
+    anonymous_name,
     caller_configs,
     key_digest,
     with_caller_keys,
@@ -587,3 +588,13 @@ def test_a_yaml_switch_where_a_limit_takes_a_number_is_refused(
     text = f"callers:\n  - name: a\n    credentials: [{{key_sha256: {SHA}}}]\n    limits: {limits}\n"
 
     assert refusal(tmp_path, text).startswith(f"{where} must be a number, not a switch")
+
+
+def test_a_token_of_bytes_that_are_not_utf8_is_named_and_matches_no_key() -> None:
+    """aiohttp hands an HTTP header's non-UTF-8 bytes on as surrogates (pass-through names a
+    caller after its token; with keys, the token is looked up): no bug, no key."""
+    token = "tok\udcff\udcfe"  # b"tok\xff\xfe" as aiohttp decodes it
+    directory = CallerDirectory(api_keys=(Secret("tok"),))
+
+    assert anonymous_name(token).startswith("key-")
+    assert not directory.accepts(Secret(token))
