@@ -76,6 +76,12 @@ class ConnectionGate:
         self.open = 0
         self._by_peer: dict[str, int] = {}
         self._refusals = RateLimit(CALLER_LOG_INTERVAL)
+        self.handshakes: set[asyncio.Task[None]] = set()  # TLS handshakes of admitted connections
+
+    def close_handshakes(self) -> None:
+        """Close the connections still in their TLS handshake (the port is closing)."""
+        for handshake in list(self.handshakes):
+            handshake.cancel()
 
     def admit(self, peer: str) -> bool:
         """Count a new connection from `peer` in, or say no (and log it, sparingly)."""
@@ -98,9 +104,12 @@ class ConnectionGate:
             del self._by_peer[peer]
         self.open -= 1
 
-    def protocol_factory(self, handlers: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        """What the listener calls per accepted connection: a gate in front of aiohttp's handler."""
-        return lambda: _GatedConnection(self, handlers)
+    def protocol_factory(
+        self, handlers: Callable[[], asyncio.Protocol], tls: ssl.SSLContext | None, handshake_timeout: float
+    ) -> Callable[[], asyncio.Protocol]:
+        """What the listener calls per accepted connection: a gate in front of aiohttp's
+        handler, and of the TLS handshake (`tls`: the port's context, None for plain HTTP)."""
+        return lambda: _GatedConnection(self, handlers, tls, handshake_timeout)
 
     def _refused(self, peer: str, why: str) -> None:
         left_out = self._refusals.allow(why.partition(" ")[2])
@@ -109,16 +118,38 @@ class ConnectionGate:
 
 
 class _GatedConnection(asyncio.Protocol):
-    """One accepted connection: closed at once over a cap, else aiohttp's handler (made only
-    then) takes it, and the transport's every event goes to it."""
+    """One accepted connection: closed at once over a cap, else (over TLS, once its handshake
+    is done) aiohttp's handler, made only then, takes it, and the transport's every event
+    goes to it. A TLS connection is counted from its accept, not from the end of its
+    handshake: one that never ends its handshake holds a descriptor all the same."""
 
-    __slots__ = ("_gate", "_handler", "_handlers", "_peer")
+    __slots__ = (
+        "_early",
+        "_early_eof",
+        "_gate",
+        "_handler",
+        "_handlers",
+        "_handshake_timeout",
+        "_peer",
+        "_tls",
+    )
 
-    def __init__(self, gate: ConnectionGate, handlers: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(
+        self,
+        gate: ConnectionGate,
+        handlers: Callable[[], asyncio.Protocol],
+        tls: ssl.SSLContext | None,
+        handshake_timeout: float,
+    ) -> None:
         self._gate = gate
         self._handlers = handlers
+        self._tls = tls
+        self._handshake_timeout = handshake_timeout
         self._handler: asyncio.Protocol | None = None
         self._peer: str | None = None
+        # Over TLS, what arrives after the handshake and before the handler is made.
+        self._early: list[bytes] | None = [] if tls is not None else None
+        self._early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peername = transport.get_extra_info("peername")
@@ -127,22 +158,63 @@ class _GatedConnection(asyncio.Protocol):
             cast(asyncio.Transport, transport).abort()  # at once, unread: its descriptor is free now
             return
         self._peer = peer
-        self._handler = self._handlers()
-        self._handler.connection_made(transport)
+        if self._tls is None:
+            self._serve(transport)
+            return
+        handshake = asyncio.get_running_loop().create_task(
+            self._secure(cast(asyncio.Transport, transport), self._tls)
+        )
+        self._gate.handshakes.add(handshake)
+        handshake.add_done_callback(self._gate.handshakes.discard)
+
+    async def _secure(self, transport: asyncio.Transport, tls: ssl.SSLContext) -> None:
+        """The TLS handshake on the admitted connection, then aiohttp's handler on it; a
+        handshake that fails or runs past the timeout closes it (and it leaves the count)."""
+        try:
+            secured = await asyncio.get_running_loop().start_tls(
+                transport, self, tls, server_side=True, ssl_handshake_timeout=self._handshake_timeout
+            )
+        except (OSError, ssl.SSLError, TimeoutError, asyncio.CancelledError):
+            self._left()  # start_tls has closed the connection
+            return
+        if secured is None or self._peer is None:  # closed as the handshake ended, or since
+            self._left()
+            return
+        self._serve(secured)
+
+    def _serve(self, transport: asyncio.BaseTransport) -> None:
+        handler = self._handlers()
+        self._handler = handler
+        handler.connection_made(transport)
+        # What came between the handshake's end and this task's turn (a client sends its
+        # request at once): the handler's now, in order.
+        early, self._early = self._early or [], None
+        for data in early:
+            handler.data_received(data)
+        if self._early_eof:
+            handler.eof_received()
+
+    def _left(self) -> None:
+        if self._peer is not None:
+            self._gate.leave(self._peer)
+            self._peer = None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._peer is None or self._handler is None:
-            return
-        self._gate.leave(self._peer)
-        self._peer = None
-        self._handler.connection_lost(exc)
+        self._left()
+        if self._handler is not None:
+            self._handler.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._handler is not None:
             self._handler.data_received(data)
+        elif self._early is not None:  # the handshake ended, the handler is not made yet
+            self._early.append(data)
 
     def eof_received(self) -> bool | None:
-        return None if self._handler is None else self._handler.eof_received()
+        if self._handler is None:
+            self._early_eof = True
+            return None
+        return self._handler.eof_received()
 
     def pause_writing(self) -> None:
         if self._handler is not None:
@@ -185,15 +257,14 @@ class _GatedSite(web.BaseSite):
         handlers = self._runner.server
         assert handlers is not None
         self._server = await asyncio.get_running_loop().create_server(
-            self._gate.protocol_factory(handlers),
+            # TLS is the gate's to start, once a connection is admitted: asyncio's own would
+            # hand the gate only connections whose handshake has ended. A handshake must not
+            # take longer than an idle connection may stay (asyncio's default is 60 s).
+            self._gate.protocol_factory(handlers, self._ssl_context, self._handshake_timeout),
             self._host,
             self._port,
-            ssl=self._ssl_context,
             backlog=self._backlog,
             reuse_port=self._reuse_port or None,
-            # The caps apply once a TLS connection is up: its handshake must not take longer
-            # than an idle connection may stay (asyncio's default is 60 s).
-            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
         )
 
 
@@ -270,6 +341,8 @@ class HttpServer:
         if self._renewing is not None:
             self._renewing.cancel()
             self._renewing = None
+        if self.gate is not None:
+            self.gate.close_handshakes()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
