@@ -14,7 +14,8 @@ from collections import Counter
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
@@ -153,6 +154,25 @@ async def _until_end(call: Any) -> Any:
             yield answer
     except grpc.aio.AioRpcError:
         return
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["/grpc.health.v1.Health/Check", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"],
+)
+def test_a_side_call_whose_request_does_not_parse_is_invalid_argument_as_a_rerank_call_is(
+    server: ServerThread, method: str
+) -> None:
+    """grpc answers a deserializer's exception UNKNOWN, naming a Python class."""
+    with grpc.insecure_channel(server.target) as channel:
+        send = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+        with pytest.raises(grpc.RpcError) as refused:
+            send(b"\xff\xff\xff\xff", timeout=10)
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in (refused.value.details() or "")
+    assert health.status == health_pb2.HealthCheckResponse.SERVING  # the slot was given back
 
 
 def test_silent_connections_are_closed_after_the_handshake_timeout(serve: ServerFactory) -> None:

@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc.aio import ServicerContext
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from rerank_service.api.grpc.edge import UNDECODABLE_MESSAGE
 from rerank_service.config.server import SideCallConfig
 from rerank_service.observability.logging import CALLER_LOG_INTERVAL, RateLimit, get_logger
 
@@ -97,6 +99,29 @@ class _Expired(Exception):
     """A side call waited too long for a request."""
 
 
+class _Undecodable(Exception):
+    """A side call's request is not a valid protobuf message."""
+
+
+_NOT_A_MESSAGE = object()  # what the tolerant deserializer hands on for bytes that do not parse
+
+
+def _tolerant(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, handing bytes that do not parse on as _NOT_A_MESSAGE: grpc
+    answers a deserializer's exception UNKNOWN, naming a Python class (RerankService's
+    methods answer INVALID_ARGUMENT: edge.py)."""
+    if parse is None:
+        return None
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return _NOT_A_MESSAGE
+
+    return tolerant
+
+
 class SideCalls(grpc.GenericRpcHandler):
     """The health and reflection services, each call within its kind's bound."""
 
@@ -126,13 +151,13 @@ class SideCalls(grpc.GenericRpcHandler):
             if handler.response_streaming:
                 self._handlers[path] = grpc.stream_stream_rpc_method_handler(
                     self._streaming(path, handler),
-                    request_deserializer=handler.request_deserializer,
+                    request_deserializer=_tolerant(handler.request_deserializer),
                     response_serializer=handler.response_serializer,
                 )
             else:
                 self._handlers[path] = grpc.stream_unary_rpc_method_handler(
                     self._unary(path, handler),
-                    request_deserializer=handler.request_deserializer,
+                    request_deserializer=_tolerant(handler.request_deserializer),
                     response_serializer=handler.response_serializer,
                 )
 
@@ -175,6 +200,8 @@ class SideCalls(grpc.GenericRpcHandler):
                 )
             except _Expired:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._expired_message())
+            except _Undecodable:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
             finally:
                 self.streams.give()
 
@@ -201,9 +228,12 @@ class SideCalls(grpc.GenericRpcHandler):
         """The next request, or _Expired past --side-call-timeout (StopAsyncIteration at the end)."""
         try:
             async with asyncio.timeout(self.limits.request_timeout):
-                return await anext(requests)
+                request = await anext(requests)
         except TimeoutError:
             raise _Expired from None
+        if request is _NOT_A_MESSAGE:
+            raise _Undecodable
+        return request
 
     async def _first(self, requests: AsyncIterator[Any], context: ServicerContext[Any, Any]) -> Any:
         try:
@@ -212,6 +242,8 @@ class SideCalls(grpc.GenericRpcHandler):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._expired_message())
         except StopAsyncIteration:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request")
+        except _Undecodable:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
 
     async def _each_in_time(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         while True:
