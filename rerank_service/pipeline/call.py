@@ -69,12 +69,18 @@ def internal_error(request_id: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
 
-def unauthenticated(missing: bool, carrier: str) -> ServiceError:
+def unauthenticated(missing: bool, carrier: str, certificate: str | None = None) -> ServiceError:
     """The refusal of a call without an accepted key; `carrier` says where the key goes
-    (`'authorization: Bearer <key>' metadata`, `'Authorization: Bearer <key>' header`)."""
-    return ServiceError(
-        grpc.StatusCode.UNAUTHENTICATED, f"missing {carrier}" if missing else "the bearer key is not accepted"
-    )
+    (`'authorization: Bearer <key>' metadata`, `'Authorization: Bearer <key>' header`);
+    `certificate`: the identity of a client certificate that names no caller, where the
+    call carried no key."""
+    if certificate is not None:
+        message = (
+            f"the client certificate's identity {echo(certificate)!r} is no caller's, and no {carrier} came"
+        )
+    else:
+        message = f"missing {carrier}" if missing else "the bearer key is not accepted"
+    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, message)
 
 
 class Pipeline:
@@ -140,7 +146,8 @@ class Pipeline:
         identities; UNAUTHENTICATED when callers or keys are set and none is named."""
         caller = self.callers.identify(token, peer_identities)
         if caller is None:
-            raise unauthenticated(token is None and not peer_identities, carrier)
+            certificate = peer_identities[0] if token is None and peer_identities else None
+            raise unauthenticated(token is None and not peer_identities, carrier, certificate)
         return caller
 
     def serves(self, model: str) -> bool:

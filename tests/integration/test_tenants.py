@@ -382,6 +382,8 @@ def test_an_mtls_client_is_the_caller_its_certificate_names(tmp_path: Path, upst
     assert len(answered.output.results) == 3
     assert [model.name for model in listed.models] == ["qwen3-rerank"]
     assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Not "the bearer key is not accepted": it sent none; its certificate names nobody.
+    assert "client certificate's identity 'stranger' is no caller's" in (unknown.value.details() or "")
     assert len(by_key.output.results) == 3  # a key still works over mTLS
     assert https.returncode == 0, https.stderr
     assert [model["id"] for model in models_http["data"]] == ["qwen3-rerank"]
