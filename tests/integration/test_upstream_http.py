@@ -404,6 +404,26 @@ async def test_a_gzip_bomb_is_refused_without_inflating_it(
 
 @pytest.mark.parametrize(
     "fault",
+    [
+        Fault(status=503, gzip=True, pad_to=64 * 1024 * 1024),
+        Fault(status=503, pad_to=MAX_RESPONSE_BYTES + 1),
+        Fault(status=503, body=b"\x1f\x8b not gzip", headers={"content-encoding": "gzip"}),
+    ],
+    ids=["gzip bomb", "too large", "corrupt gzip"],
+)
+async def test_a_failures_status_comes_through_whatever_its_body(
+    transports: Transports, upstream: FakeUpstream, fault: Fault
+) -> None:
+    """A 503 is worth a retry however broken its body: it was a body error, not retried."""
+    upstream.always(fault)
+
+    reply = await call(transports(upstream.url))
+
+    assert (reply.status, reply.content) == (503, b"")
+
+
+@pytest.mark.parametrize(
+    "fault",
     [Fault(chunked=True, reset_after_bytes=20), Fault(chunked=True, gzip=True, reset_after_bytes=20)],
     ids=["chunked", "chunked gzip"],
 )

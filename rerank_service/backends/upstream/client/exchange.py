@@ -8,7 +8,12 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from rerank_service.backends.upstream.client.body import ResponseTooLarge, content_coding, read_body
+from rerank_service.backends.upstream.client.body import (
+    ResponseTooLarge,
+    UndecodableBody,
+    content_coding,
+    read_body,
+)
 from rerank_service.backends.upstream.client.connections import PHASE, REUSED, Phase, Route
 from rerank_service.config.secret import Secret
 
@@ -59,21 +64,34 @@ async def exchange(
         headers.update(route.forward_headers)
     response = await _send(session, route, url, content, headers)
     async with response:  # gives the connection back to the pool, or closes it if unread
-        coding = content_coding(response.raw_headers)
-        length = response.content_length
-        if _never_has_a_body(response.status):
+        status = response.status
+        if _never_has_a_body(status):
             # Whatever its Content-Length says (a 304 may give the length of the body it
             # stands for): the parser reads none, so none is waited for (RFC 9112 6.3).
+            return UpstreamReply(status, response.headers, b"")
+        try:
+            body = await _body(response, limit)
+        except (ResponseTooLarge, UndecodableBody):
+            if 200 <= status < 300:
+                raise
+            # A failure's status says what happened (a 503 is worth a retry) whatever its
+            # body: one too large or broken only loses the upstream's message.
             body = b""
-        elif coding is None and length is not None:
-            # The common case: a plain body of announced length, read in one go.
-            if length > limit:
-                raise ResponseTooLarge(limit)
-            body = await response.content.readexactly(length) if length else b""
-        else:
-            # Chunked, or gzip: read piece by piece so the bound holds while it arrives.
-            body = await read_body(response.content.iter_any(), coding, limit)
-        return UpstreamReply(response.status, response.headers, body)
+        return UpstreamReply(status, response.headers, body)
+
+
+async def _body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The response's whole body, decoded: ResponseTooLarge past `limit`, UndecodableBody
+    if it is not what its headers say."""
+    coding = content_coding(response.raw_headers)
+    length = response.content_length
+    if coding is None and length is not None:
+        # The common case: a plain body of announced length, read in one go.
+        if length > limit:
+            raise ResponseTooLarge(limit)
+        return await response.content.readexactly(length) if length else b""
+    # Chunked, or gzip: read piece by piece so the bound holds while it arrives.
+    return await read_body(response.content.iter_any(), coding, limit)
 
 
 def _never_has_a_body(status: int) -> bool:
