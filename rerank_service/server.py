@@ -39,7 +39,7 @@ from rerank_service.pipeline.limits import build_limiter
 from rerank_service.pipeline.record import INFERENCE_TIME_KEY, UPSTREAM_TIME_KEY
 from rerank_service.pipeline.usage import UsageMeter, open_usage_log
 from rerank_service.routing import Router
-from rerank_service.routing.build import build_router, build_routes
+from rerank_service.routing.build import build_router, build_routes, check_local_sources
 
 # "" is the whole server's status, as probes ask for it by default.
 HEALTH_SERVICES = ("", RERANK_SERVICE)
@@ -340,6 +340,20 @@ async def _each(*steps: ShutdownStep) -> None:
                 await result
         except Exception as exc:
             _step_failed(name, exc)
+
+
+def check_reload(settings: Settings) -> None:
+    """What a reload builds from `settings`, short of starting it: every route and
+    deployment (their CA files, proxies, keys), every local model's files found. The
+    supervisor of --workers asks it before it hands a file to its workers, who would
+    refuse it (config/snapshot.py). A ConfigError says what fails."""
+    try:
+        build_routes(settings)
+        check_local_sources(settings)
+    except ConfigError:
+        raise
+    except Exception as exc:  # what a worker's reload would refuse the file for
+        raise ConfigError(str(exc)) from None
 
 
 def _step_failed(step: str, error: BaseException) -> None:

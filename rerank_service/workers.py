@@ -368,8 +368,11 @@ class Supervisor:
         restarted later starts from it too)."""
         if self._config is None or not self._config.has_file:
             return True  # no file: the workers reload the flags and variables
+        # Late: the supervisor serves nothing, and builds routes (to check them) only here.
+        from rerank_service.server import check_reload
+
         try:
-            self._config.copy()
+            self._config.copy(check=check_reload)
         except ConfigError as exc:
             _log.error(
                 "reload refused", error=str(exc), why="the workers keep serving the configuration as it was"
@@ -531,7 +534,7 @@ def _worker_main(
     # Every line this worker logs says which worker, and which process, wrote it.
     structlog.contextvars.bind_contextvars(worker=index, pid=os.getpid())
     flush_held_warnings()  # a key file's, found while the settings loaded
-    from rerank_service.server import serve  # only a worker serves: the supervisor never loads it
+    from rerank_service.server import serve  # a worker serves (the supervisor checks reloads with it)
 
     def serving(port: int) -> None:
         ready.send(("serving", port))

@@ -10,8 +10,9 @@ only its copy (`SNAPSHOT_ARG`), named in messages as the file.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +42,43 @@ class ConfigSnapshot:
             return dict(self._args)
         return {**self._args, SNAPSHOT_ARG: str(self.path)}
 
-    def copy(self) -> Settings:
+    def copy(self, check: Callable[[Settings], None] | None = None) -> Settings:
         """Copy the file for the workers and load it: the first time, as they serve it from
-        the start; later (a SIGHUP), only if a reload from what the copy held may take it.
-        A ConfigError says why not, the copy left as it was."""
+        the start; later (a SIGHUP), only if a reload from what the copy held may take it
+        and `check` passes (what the workers' reload builds: a file every worker would
+        refuse must not become the copy a restarted worker starts from). A ConfigError
+        says why not, the copy left as it was."""
         assert self._file is not None, "no config file to copy"
         try:
             data = self._file.read_bytes()
         except OSError as exc:
             raise ConfigError(f"config {self._file}: cannot read it ({exc.strerror or exc})") from None
         candidate = self.path.with_name(self.path.name + ".new")
-        candidate.write_bytes(data)
+        with self._copying(candidate):
+            candidate.write_bytes(data)
         try:
             settings = load_settings({**self._args, SNAPSHOT_ARG: str(candidate)})
             refusal = None if self._served is None else reload_refusal(self._served, settings)
             if refusal is not None:
                 raise ConfigError(refusal)
+            if check is not None:
+                check(settings)
         except BaseException:
             candidate.unlink(missing_ok=True)
             raise
-        os.replace(candidate, self.path)  # whole, at once: a worker never reads half of it
+        with self._copying(candidate):
+            os.replace(candidate, self.path)  # whole, at once: a worker never reads half of it
         self._served = settings
         return settings
+
+    @contextlib.contextmanager
+    def _copying(self, candidate: Path) -> Iterator[None]:
+        """A write of the copy that fails (a full or read-only disk) is a ConfigError, as a
+        refused file is: the workers keep the copy they have, and the supervisor goes on."""
+        try:
+            yield
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # whatever is in its way, the refusal stands
+                candidate.unlink(missing_ok=True)
+            why = exc.strerror or str(exc)
+            raise ConfigError(f"config {self._file}: cannot copy it for the workers ({why})") from None

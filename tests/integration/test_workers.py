@@ -340,6 +340,35 @@ def test_workers_serve_the_file_as_the_supervisor_read_it_until_a_sighup_it_acce
         assert [e.get("worker") for e in refused] == [None]  # the workers were never asked
         assert "has no models: section any more" in refused[0]["error"]
         assert str(config) in refused[0]["error"]
+
+        # A file that loads but whose routes cannot be built (a CA file that is no PEM) is
+        # refused by the supervisor too: made the copy, every restarted worker exited 2.
+        not_pem = tmp_path / "ca.pem"
+        not_pem.write_text("not a certificate\n", encoding="utf-8")
+        deployment = {
+            "format": "dashscope",
+            "url": upstream.url,
+            "model": "qwen3-rerank",
+            "ca_file": str(not_pem),
+        }
+        config.write_text(json.dumps({"models": [{"name": "unbuilt", "deployments": [deployment]}]}), "utf-8")
+        service.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        _eventually(
+            lambda: sum(e.get("event") == "reload refused" for e in service.events()) == 2,
+            what="the supervisor's second refusal",
+        )
+        os.kill(_pids(service)[1], signal.SIGKILL)
+        _eventually(
+            lambda: any(
+                e.get("event") == "worker ready" and e["worker"] == 1 and e["restarts"] == 2
+                for e in service.events()
+            ),
+            what="worker 1 restarted again",
+        )
+        assert _served_routes(service) == {("edited",)}
+        refused = [e for e in service.events() if e.get("event") == "reload refused"]
+        assert [e.get("worker") for e in refused] == [None, None]
+        assert "ca_file" in refused[1]["error"]
         assert service.terminate() == 0, service.output[-5000:]
 
 
