@@ -523,16 +523,19 @@ def _worker_main(
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     import asyncio
 
-    import structlog
-
     try:
         settings = dataclasses.replace(load_settings(args), port=port, http_port=http_port, metrics_port=None)
     except ConfigError as exc:
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
-    configure_logging(settings.log_format, settings.log_level, settings.secrets(), cache_loggers=True)
     # Every line this worker logs says which worker, and which process, wrote it.
-    structlog.contextvars.bind_contextvars(worker=index, pid=os.getpid())
+    configure_logging(
+        settings.log_format,
+        settings.log_level,
+        settings.secrets(),
+        cache_loggers=True,
+        fields={"worker": index, "pid": os.getpid()},
+    )
     flush_held_warnings()  # a key file's, found while the settings loaded
     from rerank_service.server import serve  # a worker serves (the supervisor checks reloads with it)
 

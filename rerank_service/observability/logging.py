@@ -15,7 +15,7 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -88,11 +88,15 @@ def configure_logging(
     secrets: list[Secret] | None = None,
     stream: TextIO | None = None,
     cache_loggers: bool = False,
+    fields: Mapping[str, Any] | None = None,
 ) -> None:
     """Configure structlog for the process. `log_format` is auto, json or console.
 
     `cache_loggers` binds each module's logger once (saves ~10 µs a line); a process
     that configures logging once (the server) wants it, tests that reconfigure do not.
+    `fields` are on every line the process writes, whatever thread writes it (a worker's
+    `worker` and `pid`: grpc calls some of the service's code on threads of its own, where
+    context variables bound on the event loop's thread are not set).
     """
     global _redaction
     _redaction = redaction = _RedactSecrets(secrets or [])
@@ -105,6 +109,7 @@ def configure_logging(
         else structlog.processors.JSONRenderer(serializer=_json_line)
     )
     processors: list[Processor] = [
+        *([_with_fields(dict(fields))] if fields else []),
         structlog.contextvars.merge_contextvars,
         _add_request_id,
         structlog.processors.add_log_level,
@@ -120,6 +125,15 @@ def configure_logging(
         cache_logger_on_first_use=cache_loggers,
     )
     route_library_logs()
+
+
+def _with_fields(fields: dict[str, Any]) -> Processor:
+    def add(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for key, value in fields.items():
+            event.setdefault(key, value)
+        return event
+
+    return add
 
 
 def get_logger(name: str) -> Any:
