@@ -143,6 +143,7 @@ class RerankServer:
         self._draining = False
         self._serving = False
         self._reloading = asyncio.Lock()
+        self._backend_started = asyncio.Event()
 
     async def start(self) -> int:
         """Open the ports (health NOT_SERVING), start the backend, then report SERVING; a
@@ -153,6 +154,7 @@ class RerankServer:
             self.port = port = await self._open_ports(opened)
             self._log_listening()
             await self._start_backend()
+            self._backend_started.set()
             opened.pop_all()  # serving: from now on stop() closes them
         # "" is the process's liveness: up, started, not draining. The service's own
         # status also follows the backend (an open upstream circuit), so readiness probes
@@ -271,6 +273,9 @@ class RerankServer:
         # One at a time, each reading the file when its turn comes: a reload that overtook
         # an earlier one still starting a deployment would be undone by it, with deployments
         # the later one had retired back in the routes, closed.
+        # A SIGHUP while the deployments start waits for them: it would close one still
+        # loading its model, which then loads into a closed backend (and holds SERVING back).
+        await self._backend_started.wait()
         async with self._reloading:
             return await self._reload(load)
 
@@ -434,7 +439,11 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await server.start()
-    except BackendStartError as exc:
+    except BaseException as exc:
+        for task in reloads:  # each waits for a start that will not come
+            task.cancel()
+        if not isinstance(exc, BackendStartError):
+            raise
         _log.error("start failed", error=str(exc))
         return 1
     with _start_up_frozen():

@@ -102,6 +102,63 @@ def test_a_reload_asked_for_during_another_runs_after_it_and_wins(
     assert len(answer.output.results) == 2
 
 
+def test_a_reload_asked_for_while_the_server_starts_waits_for_its_deployments(
+    tmp_path: Path, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGHUP while a deployment starts (a local model loading for seconds) dropped it
+    mid-start: closed, then started into (a micro-batcher running for a backend no route
+    serves), SERVING held back until it had."""
+    asked_to_start, may_start = threading.Event(), threading.Event()
+    build = UpstreamBackend.from_config
+    events: list[str] = []
+
+    def held_back(config: UpstreamDeploymentConfig, metrics: Metrics | None = None) -> UpstreamBackend:
+        backend = build(config, metrics)
+        start, close = backend.start, backend.close
+        name = "slow" if "//localhost:" in config.connection.url else "second"
+
+        async def start_when_let() -> None:
+            if name == "slow":
+                asked_to_start.set()
+                await asyncio.to_thread(may_start.wait, HANG)
+            await start()
+            events.append(f"{name} started")
+
+        async def recorded_close() -> None:
+            events.append(f"{name} closed")
+            await close()
+
+        backend.start = start_when_let  # type: ignore[method-assign]
+        backend.close = recorded_close  # type: ignore[method-assign]
+        return backend
+
+    monkeypatch.setattr(UpstreamBackend, "from_config", held_back)
+    local_url = upstream.url.replace("127.0.0.1", "localhost")
+    first = _write(tmp_path / "first.yaml", [_deployment("slow", local_url)])
+    replaced = _write(tmp_path / "replaced.yaml", [_deployment("second", upstream.url)])
+
+    with ServerThread(_load(first), start=False) as server:
+        assert server.server is not None
+        starting = server.begin(server.server.start())
+        assert asked_to_start.wait(HANG), "the first deployment never started"
+        reloading = server.begin(server.server.reload(lambda: _load(replaced)))
+        server.run(asyncio.sleep(0))  # the loop has taken the reload up: it ran as far as it may
+        waited = not reloading.done()
+        may_start.set()
+        port = starting.result(HANG)
+        outcome = reloading.result(HANG)
+        router = server.server.backend
+        assert isinstance(router, Router)
+        served = [deployment.name for deployment in router.deployments]
+
+    assert port > 0
+    assert waited  # not run while the first deployment was starting
+    assert outcome is True
+    assert served == ["second"]
+    # The dropped one started whole before the reload began, and was closed after.
+    assert events[:3] == ["slow started", "second started", "slow closed"]
+
+
 NEW_KEY_ENV = "RELOAD_TURN_TEST_NEW_UPSTREAM_KEY"
 NEW_KEY = "sk-reloaded-key-5f2b9c0e7d1a"
 
