@@ -309,6 +309,9 @@ class RerankServer:
             routes={route.name: [member.deployment.name for member in route.members] for route in routes},
             callers=[caller.name for caller in callers.callers],
         )
+        kept = needs_restart(self.config, ServerConfig.from_settings(settings))
+        if kept:  # changed in the file, but served as started: said, not silently ignored
+            _log.warning("reload left settings as started", settings=kept, why="they take a restart")
         return True
 
     async def _follow_backend_readiness(self) -> None:
@@ -345,6 +348,27 @@ async def _each(*steps: ShutdownStep) -> None:
                 await result
         except Exception as exc:
             _step_failed(name, exc)
+
+
+# What a reload applies of the callers' section: the callers themselves (keys, models,
+# limits); the caller keys of --api-keys stay as started, by design (the edge checks them).
+_RELOADED_CALLERS_FIELDS = frozenset({"callers", "api_keys"})
+
+
+def needs_restart(started: ServerConfig, reloaded: ServerConfig) -> list[str]:
+    """The settings `reloaded` changes that a reload leaves as started (it applies the
+    routes and the callers only): each as `section.field` of the typed config."""
+    changed = []
+    for section in dataclasses.fields(started):
+        old, new = getattr(started, section.name), getattr(reloaded, section.name)
+        if old == new:
+            continue
+        for field in dataclasses.fields(old):
+            if section.name == "callers" and field.name in _RELOADED_CALLERS_FIELDS:
+                continue
+            if getattr(old, field.name) != getattr(new, field.name):
+                changed.append(f"{section.name}.{field.name}")
+    return changed
 
 
 def check_reload(settings: Settings) -> None:

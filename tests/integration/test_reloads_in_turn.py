@@ -13,6 +13,7 @@ connections a status.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,39 @@ def test_a_reload_asked_for_while_the_server_starts_waits_for_its_deployments(
     assert served == ["second"]
     # The dropped one started whole before the reload began, and was closed after.
     assert events[:3] == ["slow started", "second started", "slow closed"]
+
+
+def test_a_reload_says_which_changed_settings_it_left_as_started(
+    tmp_path: Path, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    """A reload applies the routes and the callers; the file's other settings take a restart,
+    and were silently ignored while the log said `reloaded`."""
+    first = _write(tmp_path / "first.yaml", [_deployment("first", upstream.url)])
+    moved = _write(tmp_path / "moved.yaml", [_deployment("moved", upstream.url)])
+    restart = _write(
+        tmp_path / "restart.yaml",
+        [_deployment("moved", upstream.url)],
+        log_level="error",
+        max_concurrent_requests=1,
+        cache_ttl=5,
+    )
+
+    def as_served(path: Path) -> Settings:  # where the harness serves, as serve's flags would stay
+        return dataclasses.replace(_load(path), host="127.0.0.1", port=0)
+
+    with ServerThread(_load(first)) as server:
+        assert server.server is not None
+        routes_only = server.run(server.server.reload(lambda: as_served(moved)))
+        quiet = [e for e in logs.events() if e["event"] == "reload left settings as started"]
+        with_restart = server.run(server.server.reload(lambda: as_served(restart)))
+        said = [e for e in logs.events() if e["event"] == "reload left settings as started"]
+
+    assert (routes_only, with_restart) == (True, True)
+    assert quiet == []
+    assert [line["settings"] for line in said] == [
+        ["admission.max_concurrent_requests", "cache.ttl", "logging.level"]
+    ]
+    assert said[0]["level"] == "warning"
 
 
 NEW_KEY_ENV = "RELOAD_TURN_TEST_NEW_UPSTREAM_KEY"
