@@ -55,7 +55,7 @@ class Router:
         self._metrics.set_route_members(_members(routes))
         self._readiness = Readiness()
         self._started = False
-        self._watches: list[asyncio.Task[None]] = []
+        self._watches: set[asyncio.Task[None]] = set()  # each ends once its deployment is dropped
         self._retiring: set[asyncio.Task[None]] = set()  # dropped by a reload, closing when idle
         # What the engine asks on every call, made once per change: a route's ListModels entry
         # (limits, its deployments' states) and its per-call limits change only when a
@@ -93,7 +93,7 @@ class Router:
 
     async def close(self) -> None:
         self._started = False
-        for watch in self._watches:
+        for watch in list(self._watches):
             watch.cancel()
         await asyncio.gather(*(deployment.backend.close() for deployment in self._deployments))
         await asyncio.gather(*self._retiring)
@@ -231,7 +231,9 @@ class Router:
         for deployment in deployments:
             if deployment.health is not None:
                 deployment.health.on_change(self._update_readiness)
-            self._watches.append(asyncio.create_task(self._watch(deployment)))
+            watch = asyncio.create_task(self._watch(deployment))
+            self._watches.add(watch)
+            watch.add_done_callback(self._watches.discard)  # not one kept per reload for good
 
     async def _watch(self, deployment: Deployment) -> None:
         # Looked at first: a change between this task's creation and its first await counts.

@@ -765,6 +765,21 @@ async def test_a_call_retrying_on_an_upstream_deployment_the_grace_closed_falls_
     assert len(upstream.requests) == 1
 
 
+async def test_reloads_leave_no_watch_behind_for_the_deployments_they_dropped() -> None:
+    """Each deployment's readiness watch ends once a reload drops it: kept for good, they
+    added one finished task per reload."""
+    async with running(Router([route_of(Member(deployment(FakeBackend("first")), ROUTE))])) as router:
+        dropped: list[FakeBackend] = []
+        for turn in range(5):
+            backend = FakeBackend(f"turn {turn}")
+            await router.replace([route_of(Member(deployment(backend), ROUTE))], grace=1.0)
+            dropped.append(backend)
+        await eventually(lambda: all(backend.closed == 1 for backend in dropped[:-1]))
+        await eventually(lambda: len(router._watches) == 1)
+
+        assert (await router.rerank(request(), CallContext())).deployment == "turn 4"
+
+
 async def test_replace_can_drop_a_route_and_add_another() -> None:
     first = route_of(Member(deployment(FakeBackend("a")), ROUTE))
     second = route_of(Member(deployment(FakeBackend("b", model="bge")), "bge"))
