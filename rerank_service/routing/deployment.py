@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import InitVar, dataclass, field
+from functools import partial
 
 from rerank_service.core.backend import Backend
 from rerank_service.core.domain import (
@@ -73,19 +74,27 @@ class Deployment:
 
     async def rerank(self, route: str, request: BackendRequest, context: CallContext) -> BackendResult:
         self.in_flight += 1
-        started = time.perf_counter()
         try:
             if self.scores is None:
-                result = await self.backend.rerank(request, context)
-            else:
-                result = await self.scores.rerank(route, request, context, self.backend.rerank)
+                return await self._measured(route, request, context)
+            # The deployment's metrics count its backend calls: a call the score cache
+            # answers whole makes none, and a partial one's time is the backend's part.
+            return await self.scores.rerank(route, request, context, partial(self._measured, route))
         except ServiceError as error:
-            self._metrics.finished(route, error.code, time.perf_counter() - started)
             raise error.at_deployment(self.name) from error
         finally:
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
+
+    async def _measured(self, route: str, request: BackendRequest, context: CallContext) -> BackendResult:
+        """One backend call, recorded in the deployment's metrics whatever its outcome."""
+        started = time.perf_counter()
+        try:
+            result = await self.backend.rerank(request, context)
+        except ServiceError as error:
+            self._metrics.finished(route, error.code, time.perf_counter() - started)
+            raise
         self._metrics.finished(route, None, time.perf_counter() - started)
         return result
 

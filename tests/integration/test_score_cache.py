@@ -89,6 +89,29 @@ def test_a_repeated_call_sends_nothing_upstream_and_answers_the_same(
     assert again_meta["x-usage-source"] == "cache"
 
 
+def test_a_call_answered_whole_from_the_cache_is_no_call_of_its_deployment(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    """The deployment's calls and latency are its backend's: counted, hits inflated its OK
+    share and drew its latency down to the cache's microseconds, hiding a slow upstream."""
+    with serve(**CACHE_ON) as server:
+        call(server.stub)
+        for _ in range(3):
+            call(server.stub)
+        assert server.server is not None
+        registry = server.server.metrics.registry
+        (deployment,) = {d.name for d in server.server.backend.deployments}  # type: ignore[attr-defined]
+        labels = {"route": "qwen3-rerank", "deployment": deployment}
+        calls = registry.get_sample_value("rerank_deployment_calls_total", {**labels, "code": "OK"})
+        timed = registry.get_sample_value("rerank_deployment_latency_seconds_count", labels)
+        hits = registry.get_sample_value(
+            "rerank_cache_calls_total", {"route": "qwen3-rerank", "outcome": "hit"}
+        )
+
+    assert len(upstream.requests) == 1
+    assert (calls, timed, hits) == (1.0, 1.0, 3.0)
+
+
 def test_a_half_cached_call_sends_exactly_the_uncached_documents(
     serve: ServerFactory, upstream: FakeUpstream
 ) -> None:
