@@ -89,12 +89,14 @@ class CallerMetrics:
         # An answered call's four children, bound once per caller, model and source.
         self._answered: dict[tuple[str, str, str], tuple[Counter, Counter, Counter, Counter]] = {}
 
-    def label(self, caller: str, configured: bool, accepted: bool = True) -> str:
-        """The caller's label: its name, or `other` past MAX_KEY_CALLERS named after keys. A
-        caller named after a key takes a label of its own only with a call that was answered
-        (`accepted`: the upstream took its token), so tokens nobody accepts, sent by the
-        hundred, never take the labels of the keys in use."""
-        if configured or caller in self._key_callers:
+    def label(self, caller: str, per_token: bool, accepted: bool = True) -> str:
+        """The caller's label: its name, or `other` past MAX_KEY_CALLERS named after tokens
+        passed through (`per_token`: any token names one). Such a caller takes a label of its
+        own only with a call that was answered (`accepted`: the upstream took its token), so
+        tokens nobody accepts, sent by the hundred, never take the labels of the keys in use.
+        Other callers (the callers: section, --api-keys, anonymous) are the configuration's,
+        a bounded set: each is always its own label."""
+        if not per_token or caller in self._key_callers:
             return caller
         if not accepted or len(self._key_callers) >= MAX_KEY_CALLERS:
             return OTHER

@@ -34,6 +34,9 @@ class Caller:
     limits: CallerLimits | None = None
     # One of the callers: section (their names are a bounded set; others are made per key).
     configured: bool = False
+    # Named after a token passed upstream (pass-through): any token makes one, so their
+    # number has no bound (--api-keys' callers and `anonymous` are the configuration's).
+    per_token: bool = False
 
     def check_model(self, model: str) -> None:
         """PERMISSION_DENIED unless this caller may call `model`."""
@@ -130,7 +133,7 @@ class CallerDirectory:
         snapshot = self._snapshot
         if not snapshot.enabled:
             if self._pass_through and token is not None:
-                return Caller(anonymous_name(token.reveal()))
+                return Caller(anonymous_name(token.reveal()), per_token=True)
             return ANONYMOUS_CALLER
         if token is not None:
             found = snapshot.by_digest.get(key_digest(token.reveal()))

@@ -138,7 +138,7 @@ class UsageMeter:
     def record(self, call: MeteredCall) -> None:
         caller = call.caller
         metrics = self.metrics
-        label = metrics.label(caller.name, caller.configured, call.code == grpc.StatusCode.OK)
+        label = metrics.label(caller.name, caller.per_token, call.code == grpc.StatusCode.OK)
         failure = call.failure
         if failure is not None and failure.reason == CALLER_LIMITED:
             metrics.refused(label, failure.metadata.get("limit", ""))

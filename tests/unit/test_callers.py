@@ -309,6 +309,8 @@ def test_without_keys_every_call_is_anonymous_or_named_after_the_token_it_passes
     passed = pass_through.identify(Secret(SEARCH_KEY))
     assert passed is not None
     assert passed.name == "key-" + hashlib.sha256(SEARCH_KEY.encode()).hexdigest()[:8]
+    assert passed.per_token  # one per token: its metric label waits for an answered call
+    assert not ANONYMOUS_CALLER.per_token
     assert pass_through.identify(None) is ANONYMOUS_CALLER
     assert not open_service.enabled
     assert not pass_through.enabled

@@ -136,11 +136,11 @@ def test_tokens_nobody_accepted_never_take_the_labels_of_keys_in_use() -> None:
     meter = UsageMeter(metrics.callers)
     refusal = ServiceError(grpc.StatusCode.UNAUTHENTICATED, "upstream refused the key")
     for number in range(MAX_KEY_CALLERS + 10):
-        junk = Caller(f"key-{number:08x}")
+        junk = Caller(f"key-{number:08x}", per_token=True)
         meter.record(
             MeteredCall(junk, "qwen3-rerank", True, refusal.code, 1, None, refusal, "r", "Rerank", 0.01)
         )
-    real = Caller("key-feedbeef")
+    real = Caller("key-feedbeef", per_token=True)
     outcome = RerankOutcome([], 5, ["up-1"], usage_source="upstream", deployments=["eu"])
     meter.record(
         MeteredCall(real, "qwen3-rerank", True, grpc.StatusCode.OK, 1, outcome, None, "r", "Rerank", 0.01)
@@ -152,3 +152,21 @@ def test_tokens_nobody_accepted_never_take_the_labels_of_keys_in_use() -> None:
     assert (
         'rerank_caller_calls_total{caller="other",code="UNAUTHENTICATED",model="qwen3-rerank"} 266.0' in text
     )
+
+
+@pytest.mark.parametrize("name", ["key-ed80cb23", "anonymous"], ids=["--api-keys", "no keys"])
+def test_a_caller_of_the_configuration_is_its_own_label_from_its_first_failed_call(name: str) -> None:
+    """--api-keys' callers and `anonymous` are a bounded set: only pass-through's callers,
+    made per token, wait for an answered call. A replica started during an upstream outage
+    counted its known callers' failures as `other`."""
+    metrics = Metrics()
+    meter = UsageMeter(metrics.callers)
+    failure = ServiceError(grpc.StatusCode.UNAVAILABLE, "upstream unavailable")
+
+    meter.record(
+        MeteredCall(Caller(name), "qwen3-rerank", True, failure.code, 1, None, failure, "r", "Rerank", 0.01)
+    )
+
+    text = exposition(metrics)
+    assert f'rerank_caller_calls_total{{caller="{name}",code="UNAVAILABLE",model="qwen3-rerank"}} 1.0' in text
+    assert 'caller="other"' not in text
