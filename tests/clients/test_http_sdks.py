@@ -353,6 +353,23 @@ def test_cohere_client_v1_rerank_documents_as_objects(front_door: FrontDoor) -> 
     assert all(r.document is None for r in response.results)
 
 
+def test_cohere_client_v1_rank_fields_other_than_text_is_its_bad_request_not_a_text_ranking(
+    front_door: FrontDoor,
+) -> None:
+    """Cohere ranks object documents on the fields `rank_fields` names: answered 200 on
+    `text` alone, the ranking was not what was asked for, and nothing said so."""
+    client = cohere.Client(api_key=CALLER_KEY, base_url=front_door.origin)
+    documents = [{"text": text, "title": f"title {index}"} for index, text in enumerate(DOCUMENTS)]
+
+    with pytest.raises(cohere.BadRequestError) as caught:
+        client.rerank(model=MODEL, query=QUERY, documents=documents, rank_fields=["title", "text"])
+    on_text = client.rerank(model=MODEL, query=QUERY, documents=documents, rank_fields=["text"])
+
+    assert caught.value.status_code == 400
+    assert "rank_fields" in message_of(caught.value)
+    assert [(r.index, r.relevance_score) for r in on_text.results] == RANKING
+
+
 def test_cohere_client_v2_rerank(front_door: FrontDoor) -> None:
     client = cohere.ClientV2(api_key=CALLER_KEY, base_url=front_door.origin)
 

@@ -93,6 +93,18 @@ class _Fields:
             self.violations.append(FieldViolation(self._prefix + name, "must be truncate, chunk or reject"))
             return None
 
+    def ranked_on_text(self, name: str) -> None:
+        """Cohere's `rank_fields`: the documents' fields to rank on. Only `text` is read of a
+        document object, so any other list is refused rather than silently ranked on `text`."""
+        value = self.body.get(name)
+        if value is not None and value != ["text"]:
+            self.violations.append(
+                FieldViolation(
+                    self._prefix + name,
+                    'only ["text"] is supported: join the fields to rank on into each document\'s text',
+                )
+            )
+
     def documents(self, name: str, objects: bool) -> list[str]:
         """A list of strings (or, with `objects`, of `{"text": ...}` too)."""
         value = self.body.get(name)
@@ -127,6 +139,8 @@ def _parse_native(body: Any) -> RerankRequest:
 
 def _parse_flat(body: Any, objects: bool) -> RerankRequest:
     fields = _Fields(body)
+    if objects:  # Cohere's: documents may be objects, ranked on the fields it names
+        fields.ranked_on_text("rank_fields")
     return _read_request(fields, fields, fields, objects=objects)
 
 

@@ -250,13 +250,14 @@ SCHEMAS: Json = {
 _ERRORS = {
     "400": "a field is missing or of the wrong type, the body is not JSON, or a request rule is broken",
     "401": "no accepted `Authorization: Bearer` key",
+    "403": "the caller may not call this model, or (pass-through) the upstream refused the caller's token",
     "404": "the model is not served here",
     "408": "the body did not arrive in time",
     "411": "no Content-Length header",
     "413": "the body is larger than the message size limit",
     "415": "the Content-Type is not application/json",
     "429": "overloaded, or the upstream's rate limit: see Retry-After",
-    "500": "a bug: the message names the request id to quote",
+    "500": "a bug (the message names the request id to quote), or an upstream failure an operator must fix",
     "503": "no deployment of the model can answer now",
     "504": "the upstream took too long",
 }
