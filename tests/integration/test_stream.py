@@ -374,6 +374,57 @@ def test_an_item_whose_answer_is_over_max_message_bytes_fails_alone_and_the_stre
     assert items["small"]["code"] == "OK"
 
 
+def test_a_stream_ended_while_its_next_item_waits_for_byte_budget_gives_every_byte_back(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    """A client that reads no answer, then cancels: the item waiting for room took the bytes
+    the stream's end had just given back, and held them for good (--max-inflight-bytes
+    shrank with each such stream, until calls were refused for room nobody held)."""
+    document = "apple " * 10_000  # 60 kB; ten of them make an item of 600 kB
+    with serve(max_message_bytes=1 << 20, max_inflight_bytes=1 << 20, stream_concurrency=4) as server:
+        assert server.server is not None
+        admission = server.server.admission
+        outbox = Outbox()
+        for index in range(4):
+            outbox.put(item(f"i{index}", documents=[document] * 10, return_documents=True))
+        stream = server.stub.RerankStream(outbox.items(), timeout=60)  # its answers never read
+        # The second item waits for room while the first's answer waits for the client.
+        waiting = wait_until(
+            lambda: admission._freed is not None and admission.bytes_in_flight > 0,
+            what="the next item waiting for byte budget",
+        )
+        stream.cancel()
+        outbox.put(None)
+        drained = wait_until(
+            lambda: admission.bytes_in_flight == 0 and admission.open == 0, what="all given back"
+        )
+        after = server.stub.Rerank(request(documents=[document] * 10), timeout=30)
+
+    assert waiting
+    assert drained
+    assert len(after.output.results) == 10
+
+
+def test_a_stream_ended_by_its_deadline_is_logged_deadline_exceeded(
+    serve: ServerFactory, logs: LogCapture
+) -> None:
+    """grpc cancels the handler at the deadline: it was logged and counted CANCELLED, as a
+    caller that hung up, while the caller was told DEADLINE_EXCEEDED."""
+    with serve() as server:
+        outbox = Outbox()  # never half-closed: the stream stays open, one item answered
+        outbox.put(item("answered"))
+        stream = server.stub.RerankStream(outbox.items(), timeout=3)
+        answered = next(stream)
+        error = expect_error(lambda: next(stream))  # nothing more comes: the deadline ends it
+        outbox.put(None)
+        wait_until(lambda: any(e["event"] == "stream" for e in logs.events()), what="the stream's log line")
+
+    [logged] = [e for e in logs.events() if e["event"] == "stream"]
+    assert answered.WhichOneof("result") == "response"
+    assert code_of(error) == Code.DEADLINE_EXCEEDED
+    assert logged["code"] == "DEADLINE_EXCEEDED"
+
+
 def test_items_sharing_an_id_give_back_their_own_bytes(serve: ServerFactory, upstream: FakeUpstream) -> None:
     """A small item in flight, then a large one under the same id waiting for the window:
     the small one's answer gives back its own bytes; the large one's stay held while it runs."""

@@ -3,6 +3,7 @@ no RPC can skip admission, auth or the access log."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -10,13 +11,14 @@ import grpc
 import pytest
 from rerank.v1 import rerank_pb2
 
-from rerank_service.api.grpc.edge import SERVICE, RerankServiceEdge
+from rerank_service.api.grpc.edge import SERVICE, RerankServiceEdge, _Received, _StreamItems
 from rerank_service.config.secret import Secret
 from rerank_service.core.engine import RerankEngine
 from rerank_service.pipeline.admission import Admission
 from rerank_service.pipeline.call import Pipeline
 from rerank_service.pipeline.callers import CallerDirectory
 from rerank_service.pipeline.record import UPSTREAM_TIME_KEY
+from tests.support.waiting import wait_until_async
 
 
 class _Details(grpc.HandlerCallDetails):
@@ -103,3 +105,24 @@ def test_a_call_without_an_accepted_key_is_routed_to_a_refusal_that_reads_nothin
     assert keyless.request_streaming
     assert wrong.request_streaming
     assert not accepted.request_streaming
+
+
+async def test_an_item_waiting_for_byte_budget_as_its_stream_closes_holds_nothing() -> None:
+    """Its bytes come free as the stream's end gives back what the stream held: taken then,
+    they were held for good, and --max-inflight-bytes shrank with each such stream."""
+    admission = Admission(4, max_bytes=100)
+    await admission.take_bytes(80)  # what the stream's earlier items hold
+
+    async def one_item() -> AsyncIterator[_Received]:
+        yield _Received(rerank_pb2.RerankStreamRequest(id="late"), 60)
+
+    items = _StreamItems(one_item(), admission, idle_timeout=60.0)
+    items._admitted = True  # its stream holds a slot: the item waits for room alone
+    waiting = asyncio.create_task(anext(items))
+    assert await wait_until_async(lambda: admission._freed is not None, what="the item waiting for room")
+    items.close()
+    admission.give_bytes(80)
+
+    with pytest.raises(StopAsyncIteration):
+        await waiting
+    assert admission.bytes_in_flight == 0

@@ -19,8 +19,9 @@ not serve yet: client streaming with one answer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -291,7 +292,7 @@ class RerankServiceEdge:
     def _stream(
         self,
         path: str,
-        behavior: Callable[[Any, ServicerContext[Any, Any], Call], AsyncIterator[Any]],
+        behavior: Callable[[Any, ServicerContext[Any, Any], Call], AsyncGenerator[Any, None]],
         refusal: ServiceError | None = None,
     ) -> Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]]:
         """The edge around one streaming method; `refusal` as for `_unary`."""
@@ -316,11 +317,17 @@ class RerankServiceEdge:
                     # Its items' slots count against the caller's share.
                     items.share, items.capped = call.share_key, call.share_capped
                     call.admit_stream()
-                    async for response in behavior(items, context, call):
-                        yield response
+                    # Closed before the items are: its reader and items in flight end first,
+                    # so none takes budget the items' close has just given back.
+                    async with contextlib.aclosing(behavior(items, context, call)) as responses:
+                        async for response in responses:
+                            yield response
                 except ServiceError as error:
                     call.failed(error)
                     await context.abort(error.code, error.message, error_metadata(error, call.request_id))
+                except asyncio.CancelledError:
+                    _ended_by_deadline(call, context)
+                    raise
                 except Exception:
                     bug = call.bug()
                     await context.abort(bug.code, bug.message, error_metadata(bug, call.request_id))
@@ -356,6 +363,18 @@ class RerankServiceEdge:
         if self._backend_time_key == INFERENCE_TIME_KEY or timings.inference_seconds:
             timing += ((INFERENCE_TIME_KEY, _ms(timings.inference_seconds)),)
         return timing
+
+
+# grpc's deadline timer may fire a moment before the deadline as Python's clock reads it.
+_DEADLINE_SLACK = 0.05
+
+
+def _ended_by_deadline(call: Call, context: ServicerContext[Any, Any]) -> None:
+    """A call grpc cancelled: at its deadline, it is recorded DEADLINE_EXCEEDED, as its
+    caller is told (else CANCELLED, the caller went away)."""
+    left = context.time_remaining()
+    if left is not None and left <= _DEADLINE_SLACK:
+        call.failed_with(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
 
 
 def _unidentified() -> Caller:
@@ -396,6 +415,7 @@ class _StreamItems:
         # with its refusal (`refusal`) while the stream goes on.
         self._held: dict[int, int] = {}
         self._refused: dict[int, ServiceError] = {}
+        self._closed = False
 
     def refusal(self, item: Any) -> ServiceError | None:
         """Why `item` may not run (admission found no slot for it), or None: it may."""
@@ -417,6 +437,7 @@ class _StreamItems:
             self._admission.release(0, self.share)
 
     def close(self) -> None:
+        self._closed = True
         held = sum(self._held.values())
         self._held.clear()
         self._refused.clear()
@@ -443,6 +464,9 @@ class _StreamItems:
                 return item
             self._admitted = True
         await self._admission.take_bytes(received.size)
+        if self._closed:  # the stream ended while this item waited for room: nothing is held
+            self._admission.give_bytes(received.size)
+            raise StopAsyncIteration
         self._held[id(item)] = received.size
         return item
 

@@ -4,6 +4,7 @@ refusing and recording calls is the pipeline's (pipeline/call.py), driven by the
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -146,11 +147,15 @@ class RerankServicer:
                 id=item.id, error=to_error_proto(internal_error(request_id), request_id)
             )
 
-        async for answer in answer_concurrently(
+        answers = answer_concurrently(
             request_iterator, handle, key=lambda item: item.id, duplicate=duplicate, failed=failed,
             window=self._stream_concurrency, sent=request_iterator.answered,
-        ):  # fmt: skip
-            yield answer
+        )  # fmt: skip
+        # Closed with this generator, not whenever the collector finds it: its reader and items
+        # in flight must end before the edge gives back what they hold.
+        async with contextlib.aclosing(answers):
+            async for answer in answers:
+                yield answer
 
     async def ListModels(
         self,
