@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from rerank_service.backends.local import LocalBackend, LocalModelSpec
+from rerank_service.backends.local.backend import ENCODE_SLICE
 from rerank_service.backends.local.batcher import BatchLimits, MicroBatcher
 from rerank_service.backends.local.models import load_scorer
 from rerank_service.backends.local.scorer import Encoded, Scorer
@@ -297,6 +299,82 @@ async def test_a_bi_encoder_reads_the_query_apart_and_advertises_the_setting(bi_
 
     assert [info.max_query_tokens for info in backend.models()] == [MAX_QUERY_TOKENS]
     await backend.close()
+
+
+# --- calls that gave up let go of the model's tokenizer ------------------------------------------
+
+
+def _soon() -> CallContext:
+    """A call whose deadline passes while the model's tokenizer is busy."""
+    return CallContext(deadline=time.monotonic() + 0.05)
+
+
+async def test_calls_that_gave_up_waiting_for_a_busy_tokenizer_never_hold_up_another_model() -> None:
+    """Each once held a thread of the loop's shared pool, waiting on the busy model's
+    tokenizer: enough of them, and calls to every other model waited too."""
+    busy, idle = HeldScorer(), HeldScorer()
+    backend = LocalBackend(
+        [LocalModelSpec("busy", "one"), LocalModelSpec("idle", "two")],
+        device="cpu",
+        dtype="float32",
+        limits=BatchLimits(),
+        max_documents=100,
+        max_query_tokens=MAX_QUERY_TOKENS,
+        loader=lambda source, device, dtype: busy if source == "one" else idle,
+    )
+    await backend.start()
+    long = asyncio.ensure_future(backend.rerank(call("busy", "hold", ["a"]), CallContext()))
+    await asyncio.to_thread(busy.encoding.wait, BOUND)
+    given_up = await asyncio.gather(
+        *(backend.rerank(call("busy", "q", ["d"]), _soon()) for _ in range(40)), return_exceptions=True
+    )
+
+    # Within half the bound the held encode waits before it gives up by itself.
+    other = await asyncio.wait_for(backend.rerank(call("idle", "q", ["d"]), CallContext()), BOUND / 2)
+    answered_while_busy = not busy.release.is_set() and not busy.waited_out
+    busy.release.set()
+    await asyncio.wait_for(long, BOUND)
+    await backend.close()
+
+    assert all(
+        isinstance(error, ServiceError) and error.code.name == "DEADLINE_EXCEEDED" for error in given_up
+    )
+    assert answered_while_busy
+    assert len(other.scores) == 1
+
+
+class SlicedScorer(HeldScorer):
+    """A fake model whose first encode waits until released, counting what it encodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoded = 0
+
+    def encode(self, query: str, documents: Sequence[str], instruct: str | None) -> list[Encoded]:
+        with self.tokenizer:
+            if not self.encoded:
+                self._hold(self.encoding)
+            self.encoded += len(documents)
+            return [Encoded(input_ids=(1, 2), tokens=2) for _ in documents]
+
+
+async def test_a_call_that_gave_up_stops_tokenizing_within_a_slice() -> None:
+    """It went on for seconds for an answer nobody would read, the calls behind it waiting."""
+    scorer = SlicedScorer()
+    backend = backend_of(scorer)
+    await backend.start()
+    documents = ["d"] * (3 * ENCODE_SLICE)
+    gave_up = asyncio.ensure_future(backend.rerank(call("m", "q", documents), _soon()))
+    await asyncio.to_thread(scorer.encoding.wait, BOUND)  # its first slice has the tokenizer
+    with pytest.raises(ServiceError) as raised:
+        await asyncio.wait_for(gave_up, BOUND)
+    scorer.release.set()
+    after = await asyncio.wait_for(backend.rerank(call("m", "q", ["d"]), CallContext()), BOUND)
+    await backend.close()
+
+    assert raised.value.code.name == "DEADLINE_EXCEEDED"
+    assert scorer.encoded == ENCODE_SLICE + 1  # its first slice, then the next call's document
+    assert len(after.scores) == 1
 
 
 # --- names that share a source share one model ---------------------------------------------------

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,6 +96,7 @@ class LocalBackend:
         # Where its batchers record (None: a Metrics of its own, served nowhere: tests).
         self._metrics = metrics if metrics is not None else Metrics()
         self._scorers: dict[str, Scorer] = {}
+        self._tokenizing: dict[str, ThreadPoolExecutor] = {}  # each model's own thread
         self._batchers: dict[str, MicroBatcher] = {}
         # The longest query each loaded model takes (max_query_tokens, or less: _query_limit).
         self._query_limits: dict[str, int] = {}
@@ -162,15 +165,21 @@ class LocalBackend:
         loader = self._loader or _default_loader(self._engine)
         # Names that share a source share its model and batcher: one copy in memory, and
         # their calls batched together.
-        by_source: dict[str, tuple[Scorer, MicroBatcher]] = {}
+        by_source: dict[str, tuple[Scorer, MicroBatcher, ThreadPoolExecutor]] = {}
         for spec in self._specs:
             if spec.source not in by_source:
                 scorer = await self._load(loader, spec)
                 batcher = MicroBatcher(scorer, self._limits, merge=self._merge, metrics=self._metrics)
                 batcher.start()
-                by_source[spec.source] = (scorer, batcher)
-            scorer, batcher = by_source[spec.source]
+                # One thread a model tokenizes in: its tokenizer takes one call at a time
+                # anyway, and calls queued behind a long encode wait here, each dropped once
+                # it gives up, instead of each holding a thread of the loop's shared pool
+                # (where they starved other models and every other to_thread).
+                tokenizing = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize {spec.name}")
+                by_source[spec.source] = (scorer, batcher, tokenizing)
+            scorer, batcher, tokenizing = by_source[spec.source]
             self._scorers[spec.name], self._batchers[spec.name] = scorer, batcher
+            self._tokenizing[spec.name] = tokenizing
             self._query_limits[spec.name] = _query_limit(scorer, self._max_query_tokens)
         self._readiness.set(True)
 
@@ -197,19 +206,29 @@ class LocalBackend:
         for batcher in {id(batcher): batcher for batcher in self._batchers.values()}.values():
             await batcher.close()
         self._batchers.clear()
+        for tokenizing in {id(pool): pool for pool in self._tokenizing.values()}.values():
+            tokenizing.shutdown(wait=False, cancel_futures=True)
+        self._tokenizing.clear()
 
     async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
         if not self._readiness.ready:
             raise not_ready("the model is still loading")
         scorer, batcher = self._scorers[request.model], self._batchers[request.model]
+        encoder = self._tokenizing[request.model]
         instruct = request.instruct if scorer.supports_instruct else None
         try:
             async with asyncio.timeout(_time_left(context)):
                 tokenizing = tracing.child("rerank.tokenize", {"rerank.documents": len(request.documents)})
+                abandoned = threading.Event()  # told to the encode once this call gives up
                 try:
                     # Counting the query waits on the tokenizer's lock, which an encode holds
                     # for long: in the worker thread with the encode, never on the event loop.
-                    encoded = await asyncio.to_thread(self._encode, scorer, request, instruct)
+                    encoded = await asyncio.get_running_loop().run_in_executor(
+                        encoder, self._encode, scorer, request, instruct, abandoned
+                    )
+                except BaseException:
+                    abandoned.set()
+                    raise
                 finally:
                     if tokenizing is not None:
                         tokenizing.end()
@@ -226,8 +245,13 @@ class LocalBackend:
             usage_source="model",
         )
 
-    def _encode(self, scorer: Scorer, request: BackendRequest, instruct: str | None) -> list[Encoded]:
-        """The call's pairs, once its query and instruction are known to leave the documents room."""
+    def _encode(
+        self, scorer: Scorer, request: BackendRequest, instruct: str | None, abandoned: threading.Event
+    ) -> list[Encoded]:
+        """The call's pairs, once its query and instruction are known to leave the documents
+        room; tokenized ENCODE_SLICE documents at a time, so that a call that gave up (its
+        deadline passed: `abandoned`) stops within a slice and frees the model's tokenizer
+        for the calls behind it, instead of holding it for seconds for an answer nobody reads."""
         limit = self._query_limits.get(request.model, self._max_query_tokens)
         query_tokens = scorer.count_tokens(request.query)
         if query_tokens > limit:
@@ -235,7 +259,22 @@ class LocalBackend:
                 [FieldViolation("query", f"has {query_tokens} tokens; at most {limit} are allowed")]
             )
         _check_document_room(scorer, request.query, instruct)
-        return scorer.encode(request.query, request.documents, instruct)
+        documents = request.documents
+        encoded: list[Encoded] = []
+        for start in range(0, len(documents), ENCODE_SLICE):
+            if abandoned.is_set():
+                raise _Abandoned  # nobody waits for it: the call has said its own error
+            encoded += scorer.encode(request.query, documents[start : start + ENCODE_SLICE], instruct)
+        return encoded
+
+
+class _Abandoned(Exception):
+    """The call an encode worked for gave up: the encode stops."""
+
+
+# Documents tokenized per hold of a model's tokenizer: large enough that a fast tokenizer
+# works in bulk, small enough that a call that gave up lets go of it within milliseconds.
+ENCODE_SLICE = 256
 
 
 def _query_limit(scorer: Scorer, setting: int) -> int:
