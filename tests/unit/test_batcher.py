@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 
 import grpc
@@ -375,3 +377,24 @@ async def test_close_ends_the_callers_of_the_window_being_run() -> None:
     with pytest.raises(ServiceError) as raised:
         await asyncio.wait_for(call, timeout=2)
     assert raised.value.reason == "BACKEND_NOT_READY"  # the router falls back on it
+
+
+class _Traced(Encoded):
+    """A pair a weak reference can follow (Encoded has slots and none)."""
+
+
+async def test_an_idle_batcher_keeps_nothing_of_the_last_call() -> None:
+    """The last batch led to its call's every tokenized pair: megabytes for a large call,
+    held until the next call came."""
+    scorer = RecordingScorer()
+    batcher = await started(scorer)
+    items = [_Traced(input_ids=(1, 2), tokens=2) for _ in range(50)]
+    references = [weakref.ref(item) for item in items]
+    await batcher.score(items)
+    scorer.batches.clear()  # the test's own record of them
+    del items
+    gc.collect()
+
+    alive = sum(reference() is not None for reference in references)
+    await batcher.close()
+    assert alive == 0

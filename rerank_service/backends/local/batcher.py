@@ -192,6 +192,9 @@ class MicroBatcher:
                 for batch in self._plan(self._running):
                     await self._run_batch(batch)
                 self._running = []
+                # Not kept while idle: the last batch leads to its call's every tokenized
+                # pair (megabytes for a large call), held until the next call otherwise.
+                batch = []
 
     def _queued_pairs(self) -> int:
         return sum(len(job.items) - job.taken for job in self._queue)
