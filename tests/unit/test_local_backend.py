@@ -294,10 +294,21 @@ async def test_the_longest_query_advertised_leaves_a_document_room_and_one_more_
     await backend.close()
 
 
-async def test_a_bi_encoder_reads_the_query_apart_and_advertises_the_setting(bi_dir: Path) -> None:
-    backend = await started(load_scorer(str(bi_dir), "cpu", "float32"))
+async def test_a_bi_encoder_takes_a_query_its_own_window_holds_and_refuses_a_longer_one(bi_dir: Path) -> None:
+    """It reads the query apart, in a window of its own: a longer query was cut to it and
+    scored on its start alone, while ListModels advertised the setting (4,000)."""
+    scorer: Any = load_scorer(str(bi_dir), "cpu", "float32")
+    backend = await started(scorer)
+    [info] = backend.models()
+    longest = info.max_query_tokens
 
-    assert [info.max_query_tokens for info in backend.models()] == [MAX_QUERY_TOKENS]
+    answered = await backend.rerank(call("m", words(longest), ["bread flour"] * 2), CallContext())
+    with pytest.raises(ServiceError) as raised:
+        await backend.rerank(call("m", words(longest + 1), ["bread flour"] * 2), CallContext())
+
+    assert longest == scorer.query_window() < scorer.max_length < MAX_QUERY_TOKENS
+    assert len(answered.scores) == 2
+    assert [violation.field for violation in raised.value.violations] == ["query"]
     await backend.close()
 
 

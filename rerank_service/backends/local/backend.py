@@ -19,6 +19,7 @@ from rerank_service.backends.local.scorer import Encoded, Scorer
 from rerank_service.backends.local.window import (
     MIN_DOCUMENT_TOKENS,
     ReadsDocuments,
+    ReadsQueryAlone,
     ScorerWindow,
     SharesRoomWithQuery,
 )
@@ -279,9 +280,12 @@ ENCODE_SLICE = 256
 
 def _query_limit(scorer: Scorer, setting: int) -> int:
     """The longest query the model takes: the setting, or less where query and document share a
-    window too small for it (a 512-token cross-encoder), so that a document keeps some room."""
+    window too small for it (a 512-token cross-encoder), so that a document keeps some room,
+    or where the query's own window is (a bi-encoder's: 254 tokens for all-MiniLM-L6-v2)."""
     if isinstance(scorer, SharesRoomWithQuery):
         return max(0, min(setting, scorer.query_room() - MIN_DOCUMENT_TOKENS))
+    if isinstance(scorer, ReadsQueryAlone):  # a bi-encoder: the query has a window of its own
+        return min(setting, scorer.query_window())
     return setting
 
 

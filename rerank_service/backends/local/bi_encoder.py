@@ -34,6 +34,11 @@ class BiEncoderScorer(EncoderScorer):
             return max_length
         return trained if max_length is None else min(max_length, trained)
 
+    def query_window(self) -> int:
+        """The window less a sequence's special tokens: a longer query would be cut, and
+        scored on its start alone, so it is refused instead (backend.py)."""
+        return self.max_length - self._single_specials
+
     def encode(self, query: str, documents: Sequence[str], instruct: str | None) -> list[Encoded]:
         # `instruct` is ignored: the embeddings were not trained with one.
         if not documents:

@@ -32,6 +32,15 @@ class SharesRoomWithQuery(Protocol):
         ...
 
 
+@runtime_checkable
+class ReadsQueryAlone(Protocol):
+    """A scorer that reads the query in a window of its own (a bi-encoder)."""
+
+    def query_window(self) -> int:
+        """Tokens of the longest query it reads whole."""
+        ...
+
+
 class ScorerWindow:
     """A `TokenWindow` over a loaded scorer's tokenizer and template."""
 
