@@ -465,6 +465,29 @@ class _FailingEngine:
         raise self.error
 
 
+_TOKENS = BucketLimit("tokens_per_minute", 0.001, 1000)  # no refill within a test
+_REQUEST = RerankRequest("qwen3-rerank", "what is a bucket", ["a token bucket"] * 3)
+
+
+def _tokens_left_after(error: ServiceError) -> float:
+    """What a caller's tokens bucket (1,000) holds once a call that ended in `error` is done."""
+    caller = Caller("search", limits=CallerLimits(tokens=_TOKENS), configured=True)
+    pipeline = Pipeline(cast(RerankEngine, _FailingEngine(error)), Admission(4), CallerDirectory())
+    measured = pipeline.metrics.for_method("/rerank.v1.RerankService/Rerank")
+    call = pipeline.open("/rerank.v1.RerankService/Rerank", "peer", measured)
+    call.caller = caller
+    call.admit(0)
+
+    async def run() -> None:
+        with pytest.raises(ServiceError) as failed:
+            await call.rerank(_REQUEST, CallContext())
+        call.failed(failed.value)
+
+    asyncio.run(run())
+    call.finish()
+    return pipeline.limiter.local.level("search", _TOKENS)
+
+
 @pytest.mark.parametrize(
     ("code", "charged"),
     [
@@ -477,51 +500,20 @@ class _FailingEngine:
 def test_a_call_given_up_keeps_its_token_estimate_charged_and_a_failed_one_gives_it_back(
     code: grpc.StatusCode, charged: bool
 ) -> None:
-    tokens = BucketLimit("tokens_per_minute", 0.001, 1000)  # no refill within the test
-    caller = Caller("search", limits=CallerLimits(tokens=tokens), configured=True)
-    engine = _FailingEngine(ServiceError(code, "it ended so"))
-    pipeline = Pipeline(cast(RerankEngine, engine), Admission(4), CallerDirectory())
-    measured = pipeline.metrics.for_method("/rerank.v1.RerankService/Rerank")
-    request = RerankRequest("qwen3-rerank", "what is a bucket", ["a token bucket"] * 3)
-    call = pipeline.open("/rerank.v1.RerankService/Rerank", "peer", measured)
-    call.caller = caller
-    call.admit(0)
+    left = _tokens_left_after(ServiceError(code, "it ended so"))
 
-    async def run() -> None:
-        with pytest.raises(ServiceError) as failed:
-            await call.rerank(request, CallContext())
-        call.failed(failed.value)
-
-    asyncio.run(run())
-    call.finish()
-
-    left = pipeline.limiter.local.level("search", tokens)
-    assert left == pytest.approx(1000 - estimated_tokens(request) if charged else 1000, abs=0.01)
+    assert left == pytest.approx(1000 - estimated_tokens(_REQUEST) if charged else 1000, abs=0.01)
 
 
 def test_a_split_call_failed_by_one_chunk_is_charged_what_its_answered_chunks_used() -> None:
     """The upstream billed them and the cache keeps their scores: giving the whole estimate
     back would leave them free for good."""
-    tokens = BucketLimit("tokens_per_minute", 0.001, 1000)  # no refill within the test
-    caller = Caller("search", limits=CallerLimits(tokens=tokens), configured=True)
     refused = ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "the last chunk was refused", tokens_used=7)
-    pipeline = Pipeline(cast(RerankEngine, _FailingEngine(refused)), Admission(4), CallerDirectory())
-    measured = pipeline.metrics.for_method("/rerank.v1.RerankService/Rerank")
-    request = RerankRequest("qwen3-rerank", "what is a bucket", ["a token bucket"] * 3)
-    call = pipeline.open("/rerank.v1.RerankService/Rerank", "peer", measured)
-    call.caller = caller
-    call.admit(0)
 
-    async def run() -> None:
-        with pytest.raises(ServiceError) as failed:
-            await call.rerank(request, CallContext())
-        call.failed(failed.value)
+    left = _tokens_left_after(refused)
 
-    asyncio.run(run())
-    call.finish()
-
-    assert estimated_tokens(request) != 7
-    assert pipeline.limiter.local.level("search", tokens) == pytest.approx(1000 - 7, abs=0.01)
+    assert estimated_tokens(_REQUEST) != 7
+    assert left == pytest.approx(1000 - 7, abs=0.01)
 
 
 class _AnsweringEngine(_FailingEngine):
