@@ -6,7 +6,6 @@ real HTTPS fake upstream, with certificates the test makes, shows which CA is tr
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import ssl
 import tracemalloc
@@ -30,6 +29,7 @@ from rerank_service.testing.fake_upstream import NATIVE_PATH, FakeUpstream, Faul
 from tests.conftest import UPSTREAM_KEY
 from tests.support.certs import CertificateAuthority
 from tests.support.proxy import ForwardProxy
+from tests.support.raw_http import RawHttpServer
 
 QUERY, DOCUMENTS = "a b", ["a b c", "d", "b"]
 BODY = {"model": "qwen3-rerank", "input": {"query": QUERY, "documents": DOCUMENTS}}
@@ -493,31 +493,17 @@ async def test_a_cookie_the_upstream_sets_is_never_sent_back(
 # --- answers without a body -----------------------------------------------------------------
 
 
-class NoBodyServer:
-    """A raw HTTP/1.1 server that answers every request on a kept-alive connection with
-    `status` and a Content-Length but, as RFC 9110 says of a 204 or 304, no body."""
+class NoBodyServer(RawHttpServer):
+    """Answers every request with `status` and a Content-Length but, as RFC 9110 says of a
+    204 or 304, no body."""
 
     def __init__(self, status: bytes) -> None:
+        super().__init__()
         self.status = status
-        self.connections = 0
 
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
-                # A 304 may give the length of the body it stands for.
-                writer.write(b"HTTP/1.1 %s\r\ncontent-length: 77\r\n\r\n" % self.status)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def answer(self, number: int) -> bytes:
+        # A 304 may give the length of the body it stands for.
+        return b"HTTP/1.1 %s\r\ncontent-length: 77\r\n\r\n" % self.status
 
 
 @pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
@@ -532,4 +518,4 @@ async def test_a_204_or_304_with_a_content_length_is_its_own_status_with_no_body
         assert [(reply.status, reply.content) for reply in replies] == [(int(status[:3]), b"")] * 2
         assert server.connections == 1  # nothing left unread: the connection was reused
     finally:
-        server.server.close()
+        server.close()

@@ -20,6 +20,7 @@ from rerank_service.core.domain import ServiceError
 from rerank_service.core.health import Outcome
 from rerank_service.testing.fake_upstream import NATIVE_PATH, NEVER, FakeUpstream, Fault
 from tests.support.certs import CertificateAuthority
+from tests.support.raw_http import RawHttpServer
 from tests.support.waiting import wait_until_async
 
 BODY = {"model": "qwen3-rerank", "input": {"query": "a b", "documents": ["a b c", "d"]}}
@@ -146,36 +147,17 @@ async def test_a_call_cancelled_as_the_transport_closes_stays_cancelled(
         await busy
 
 
-class HeldServer:
-    """A raw HTTP/1.1 server that answers every request on a kept-alive connection, the
-    first one only once `answer_first` is set."""
+class HeldServer(RawHttpServer):
+    """Answers every request, the first one only once `answer_first` is set."""
 
     def __init__(self) -> None:
-        self.requests = 0
-        self.connections = 0
+        super().__init__()
         self.answer_first = asyncio.Event()
 
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
-                self.requests += 1
-                if self.requests == 1:
-                    await self.answer_first.wait()
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def answer(self, number: int) -> bytes:
+        if number == 1:
+            await self.answer_first.wait()
+        return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 
 
 async def test_a_waiter_cancelled_as_the_connection_came_free_passes_it_to_the_next(
@@ -208,7 +190,7 @@ async def test_a_waiter_cancelled_as_the_connection_came_free_passes_it_to_the_n
         assert await waiters[1] == 200  # without the wake-up passed on: 10 s, then pool exhausted
         assert (held.requests, held.connections) == (2, 1)
     finally:
-        held.server.close()
+        held.close()
 
 
 async def test_a_body_left_unread_frees_its_slot_and_drops_its_connection(
