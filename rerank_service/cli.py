@@ -356,10 +356,9 @@ def _check_config(args: argparse.Namespace) -> int:
     """Load the file, build every route and find every local model's files as `serve --config
     FILE` would (loading no model); 0 when it would start."""
     settings = load_settings({"config": str(args.file)})
-    from rerank_service.routing.build import build_routes, check_local_sources  # late, as serve
+    from rerank_service.routing.build import checked_routes  # late, as serve
 
-    routes = build_routes(settings)
-    check_local_sources(settings)
+    routes = checked_routes(settings)
     _check_start_up_files(settings)
     deployments = {id(member.deployment) for route in routes for member in route.members}
     callers = f", {len(settings.callers)} callers" if settings.callers else ""

@@ -39,7 +39,7 @@ from rerank_service.pipeline.limits import build_limiter
 from rerank_service.pipeline.record import INFERENCE_TIME_KEY, UPSTREAM_TIME_KEY
 from rerank_service.pipeline.usage import UsageMeter, open_usage_log
 from rerank_service.routing import Router
-from rerank_service.routing.build import build_router, build_routes, check_local_sources
+from rerank_service.routing.build import build_router, build_routes, checked_routes
 
 # "" is the whole server's status, as probes ask for it by default.
 HEALTH_SERVICES = ("", RERANK_SERVICE)
@@ -377,8 +377,7 @@ def check_reload(settings: Settings) -> None:
     supervisor of --workers asks it before it hands a file to its workers, who would
     refuse it (config/snapshot.py). A ConfigError says what fails."""
     try:
-        build_routes(settings)
-        check_local_sources(settings)
+        checked_routes(settings)
     except ConfigError:
         raise
     except Exception as exc:  # what a worker's reload would refuse the file for

@@ -108,6 +108,15 @@ def _passes_tokens_through(config: DeploymentConfig) -> bool:
     return isinstance(config, UpstreamDeploymentConfig) and config.pass_through
 
 
+def checked_routes(settings: Settings) -> list[Route]:
+    """Every route the settings describe, built and not started, and every local model's
+    files found: what `check-config` checks, and a reload under --workers before its file
+    reaches the workers (server.check_reload). A ConfigError says what fails."""
+    routes = build_routes(settings)
+    check_local_sources(settings)
+    return routes
+
+
 def check_local_sources(settings: Settings) -> None:
     """Every local model's files are found (a directory, the local hub cache, the bundled
     model), none is loaded: `check-config` fails on a source that `serve` would fail on."""
