@@ -270,9 +270,21 @@ def test_the_metrics_directory_of_a_supervisor_killed_with_sigkill_is_removed_at
     assert list(tmp_path.glob("rerank-metrics-*")) == []  # the clean stop removed its own
 
 
-def _route_file(path: Path, upstream: FakeUpstream, route: str) -> None:
-    deployment = {"format": "dashscope", "url": upstream.url, "model": "qwen3-rerank"}
+def _route_file(path: Path, upstream: FakeUpstream, route: str, **deployment_fields: str) -> None:
+    deployment = {"format": "dashscope", "url": upstream.url, "model": "qwen3-rerank", **deployment_fields}
     path.write_text(json.dumps({"models": [{"name": route, "deployments": [deployment]}]}), encoding="utf-8")
+
+
+def _killed_and_restarted(service: ServiceProcess, worker: int, restarts: int) -> None:
+    """SIGKILL `worker`, then wait until it is ready again, its `restarts`th time."""
+    os.kill(_pids(service)[worker], signal.SIGKILL)
+    _eventually(
+        lambda: any(
+            e.get("event") == "worker ready" and e["worker"] == worker and e["restarts"] == restarts
+            for e in service.events()
+        ),
+        what=f"worker {worker} restarted",
+    )
 
 
 def _served_routes(service: ServiceProcess, connections: int = 16) -> set[tuple[str, ...]]:
@@ -327,14 +339,7 @@ def test_workers_serve_the_file_as_the_supervisor_read_it_until_a_sighup_it_acce
             lambda: any(e.get("event") == "reload refused" and "worker" not in e for e in service.events()),
             what="the supervisor's refusal",
         )
-        os.kill(_pids(service)[0], signal.SIGKILL)
-        _eventually(
-            lambda: any(
-                e.get("event") == "worker ready" and e["worker"] == 0 and e["restarts"] == 2
-                for e in service.events()
-            ),
-            what="worker 0 restarted again",
-        )
+        _killed_and_restarted(service, worker=0, restarts=2)
         assert _served_routes(service) == {("edited",)}
         refused = [e for e in service.events() if e.get("event") == "reload refused"]
         assert [e.get("worker") for e in refused] == [None]  # the workers were never asked
@@ -345,26 +350,13 @@ def test_workers_serve_the_file_as_the_supervisor_read_it_until_a_sighup_it_acce
         # refused by the supervisor too: made the copy, every restarted worker exited 2.
         not_pem = tmp_path / "ca.pem"
         not_pem.write_text("not a certificate\n", encoding="utf-8")
-        deployment = {
-            "format": "dashscope",
-            "url": upstream.url,
-            "model": "qwen3-rerank",
-            "ca_file": str(not_pem),
-        }
-        config.write_text(json.dumps({"models": [{"name": "unbuilt", "deployments": [deployment]}]}), "utf-8")
+        _route_file(config, upstream, "unbuilt", ca_file=str(not_pem))
         service.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
         _eventually(
             lambda: sum(e.get("event") == "reload refused" for e in service.events()) == 2,
             what="the supervisor's second refusal",
         )
-        os.kill(_pids(service)[1], signal.SIGKILL)
-        _eventually(
-            lambda: any(
-                e.get("event") == "worker ready" and e["worker"] == 1 and e["restarts"] == 2
-                for e in service.events()
-            ),
-            what="worker 1 restarted again",
-        )
+        _killed_and_restarted(service, worker=1, restarts=2)
         assert _served_routes(service) == {("edited",)}
         refused = [e for e in service.events() if e.get("event") == "reload refused"]
         assert [e.get("worker") for e in refused] == [None, None]
