@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import threading
 import time
 import weakref
@@ -28,9 +29,10 @@ class RecordingScorer:
     dtype = "float32"
     engine = "torch"
 
-    def __init__(self, delay: float = 0.0, fail_on: int | None = None) -> None:
+    def __init__(self, delay: float = 0.0, fail_on: int | None = None, nan_on: int | None = None) -> None:
         self.delay = delay
         self.fail_on = fail_on
+        self.nan_on = nan_on  # pairs whose first id is this score NaN (a float16 overflow)
         self.batches: list[list[Encoded]] = []
         self.threads: set[str] = set()
 
@@ -47,7 +49,7 @@ class RecordingScorer:
             time.sleep(self.delay)  # the model's work, not synchronisation
         if self.fail_on is not None and any(item.input_ids[0] == self.fail_on for item in batch):
             raise RuntimeError("CUDA out of memory (pretend)")
-        return [expected(item) for item in batch]
+        return [math.nan if item.input_ids[0] == self.nan_on else expected(item) for item in batch]
 
 
 def pair(length: int, first: int = 1) -> Encoded:
@@ -208,6 +210,27 @@ async def test_a_failing_batch_fails_its_requests_with_internal_and_the_next_one
     assert "out of memory" not in caught.value.message  # the exception type, not its text
 
     assert await batcher.score([pair(3)]) == [expected(pair(3))]
+    await batcher.close()
+
+
+async def test_a_nan_score_fails_its_own_request_and_not_the_others_in_its_batch() -> None:
+    scorer = RecordingScorer(delay=0.2, nan_on=13)
+    batcher = await started(scorer)
+    first = asyncio.ensure_future(batcher.score([pair(5)]))
+    await wait_until_async(lambda: bool(scorer.batches), what="the first batch running")
+    # Both queue behind the running batch, so the next one holds both.
+    overflowed = asyncio.ensure_future(batcher.score([pair(3), pair(3, first=13)]))
+    fine = asyncio.ensure_future(batcher.score([pair(4)]))
+
+    assert await first == [expected(pair(5))]
+    assert await fine == [expected(pair(4))]
+    with pytest.raises(ServiceError) as caught:
+        await overflowed
+    assert caught.value.code == grpc.StatusCode.INTERNAL
+    assert caught.value.reason == "MODEL_FAILED"
+    assert caught.value.kind is FailureKind.DEPLOYMENT
+    assert "nan" in caught.value.message
+    assert [len(batch) for batch in scorer.batches] == [1, 3]
     await batcher.close()
 
 

@@ -283,6 +283,11 @@ class MicroBatcher:
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         for pair, score in zip(batch, scores, strict=True):
             job = pair.job
+            if not 0.0 <= score <= 1.0:  # NaN too (a float16 overflow on a GPU): no score to give
+                if not job.future.done():
+                    _log.error("batch scored out of range", score=repr(score), pairs=len(batch))
+                    job.future.set_exception(_out_of_range_error(score))
+                continue
             job.scores[pair.index] = score
             job.remaining -= 1
             if job.remaining == 0 and not job.future.done():
@@ -301,6 +306,16 @@ class MicroBatcher:
                     ended,
                     {"rerank.batch.pairs": pairs, "rerank.batch.calls": len(jobs)},
                 )
+
+
+def _out_of_range_error(score: float) -> ServiceError:
+    # Never an answer, nor a cached score: a relevance is in [0, 1], and NaN sorts nowhere.
+    return ServiceError(
+        grpc.StatusCode.INTERNAL,
+        f"the model scored a pair {score!r}, outside [0, 1]",
+        reason="MODEL_FAILED",
+        kind=FailureKind.DEPLOYMENT,  # another deployment's model may well answer
+    )
 
 
 def _closed_error() -> ServiceError:
