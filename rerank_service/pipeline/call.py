@@ -277,8 +277,11 @@ class Call:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call ran")
         if caller is not None and caller.limits is not None:
             limiter = self._pipeline.limiter
+            # Tokens estimated on what will be scored (a long document's parts), documents
+            # counted as the caller sent them.
+            scored, documents = prepared.scored, self.documents
             if limiter.store is None:  # nothing to wait for: no coroutine either
-                self._grant = limiter.admit_here(caller, request)
+                self._grant = limiter.admit_here(caller, scored, documents=documents)
             else:
                 waiting = (
                     None
@@ -286,7 +289,9 @@ class Call:
                     else self.span.child("rerank.limits", {"rerank.caller": caller.name})
                 )
                 try:
-                    self._grant = await limiter.admit(caller, request, self.request_id, context.deadline)
+                    self._grant = await limiter.admit(
+                        caller, scored, self.request_id, context.deadline, documents=documents
+                    )
                 finally:
                     if waiting is not None:
                         waiting.end()

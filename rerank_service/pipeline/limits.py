@@ -68,18 +68,27 @@ class Limiter:
         self._fail_open = fail_open
 
     async def admit(
-        self, caller: Caller, request: RerankRequest, lease: str, deadline: float | None
+        self,
+        caller: Caller,
+        request: RerankRequest,
+        lease: str,
+        deadline: float | None,
+        *,
+        documents: int | None = None,
     ) -> Grant | None:
         """Take the call's costs from its caller's limits (None: the caller has none), or
-        raise RESOURCE_EXHAUSTED (UNAVAILABLE when the store is down and fails closed)."""
+        raise RESOURCE_EXHAUSTED (UNAVAILABLE when the store is down and fails closed).
+        `request` is what the backends will score (a long document's parts, truncated or
+        chunked), which its tokens are estimated from; `documents`, what the caller sent
+        (default: `request`'s), which its documents bucket counts."""
         limits = caller.limits
         if limits is None:
             return None
         store = self.store
         if store is None:
-            return self.admit_here(caller, request)
+            return self.admit_here(caller, request, documents=documents)
         tokens = estimated_tokens(request) if limits.tokens is not None else 0
-        costs = costs_of(limits, len(request.documents), tokens)
+        costs = costs_of(limits, len(request.documents) if documents is None else documents, tokens)
         refusal: Refusal | None
         if store is not None:
             remaining = MAX_LEASE_SECONDS if deadline is None else deadline - time.monotonic()
@@ -99,12 +108,13 @@ class Limiter:
             raise limited(caller.name, limits, refusal)
         return Grant(caller.name, limits, tokens, None)
 
-    def admit_here(self, caller: Caller, request: RerankRequest) -> Grant:
+    def admit_here(self, caller: Caller, request: RerankRequest, *, documents: int | None = None) -> Grant:
         """`admit` against this process's buckets: no store, nothing to wait for."""
         limits = caller.limits
         assert limits is not None
         tokens = estimated_tokens(request) if limits.tokens is not None else 0
-        refusal = self.local.take(caller.name, limits, costs_of(limits, len(request.documents), tokens))
+        counted = len(request.documents) if documents is None else documents
+        refusal = self.local.take(caller.name, limits, costs_of(limits, counted, tokens))
         if refusal is not None:
             raise limited(caller.name, limits, refusal)
         return Grant(caller.name, limits, tokens, None)

@@ -27,7 +27,14 @@ from rerank_service.config.callers import (
 from rerank_service.config.reference import CALLERS_EXAMPLE
 from rerank_service.config.secret import Secret
 from rerank_service.core.chunking import CallLimits
-from rerank_service.core.domain import CallContext, ModelInfo, RerankOutcome, RerankRequest, ServiceError
+from rerank_service.core.domain import (
+    CallContext,
+    ModelInfo,
+    RerankOutcome,
+    RerankRequest,
+    ServiceError,
+    replaced,
+)
 from rerank_service.core.engine import Prepared, RerankEngine, Validated
 from rerank_service.pipeline.admission import Admission
 from rerank_service.pipeline.call import Call, Pipeline
@@ -514,6 +521,46 @@ def test_a_split_call_failed_by_one_chunk_is_charged_what_its_answered_chunks_us
 
     assert estimated_tokens(_REQUEST) != 7
     assert left == pytest.approx(1000 - 7, abs=0.01)
+
+
+class _TruncatingEngine(_FailingEngine):
+    """An engine that scores the call's one long document cut to its start (long_documents
+    TRUNCATE), and whose every call then passes its deadline."""
+
+    async def prepare(self, request: RerankRequest, validated: Validated | None = None) -> Prepared:
+        model, _ = validated or self.validate(request)
+        scored = replaced(request, documents=[document[:30] for document in request.documents])
+        return Prepared(request, model, None, scored, [range(len(scored.documents))])
+
+
+def test_a_call_is_charged_the_tokens_of_what_is_scored_and_the_documents_it_sent() -> None:
+    """A long document truncated to its start costs the start: estimated on the whole
+    document, it was refused for tokens it would never use (or, chunked, undercharged)."""
+    tokens = BucketLimit("tokens_per_minute", 0.001, 1000)  # no refill within the test
+    documents = BucketLimit("documents_per_minute", 0.001, 10)
+    caller = Caller("search", limits=CallerLimits(tokens=tokens, documents=documents), configured=True)
+    passed = ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "it ended so")  # the estimate stays charged
+    pipeline = Pipeline(cast(RerankEngine, _TruncatingEngine(passed)), Admission(4), CallerDirectory())
+    measured = pipeline.metrics.for_method("/rerank.v1.RerankService/Rerank")
+    request = RerankRequest("qwen3-rerank", "what is a bucket", ["a token bucket " * 1000, "short"])
+    scored = replaced(request, documents=[document[:30] for document in request.documents])
+    call = pipeline.open("/rerank.v1.RerankService/Rerank", "peer", measured)
+    call.caller = caller
+    call.admit(0)
+
+    async def run() -> None:
+        with pytest.raises(ServiceError) as failed:
+            await call.rerank(request, CallContext())
+        call.failed(failed.value)
+
+    asyncio.run(run())
+    call.finish()
+
+    assert estimated_tokens(request) > 1000  # on the whole text it would have been refused
+    assert pipeline.limiter.local.level("search", tokens) == pytest.approx(
+        1000 - estimated_tokens(scored), abs=0.01
+    )
+    assert pipeline.limiter.local.level("search", documents) == pytest.approx(10 - 2, abs=0.01)
 
 
 class _AnsweringEngine(_FailingEngine):
