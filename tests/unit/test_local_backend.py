@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from rerank_service.backends.local import LocalBackend, LocalModelSpec
+from rerank_service.backends.local import backend as local_backend
 from rerank_service.backends.local.backend import ENCODE_SLICE
 from rerank_service.backends.local.batcher import BatchLimits, MicroBatcher
 from rerank_service.backends.local.models import load_scorer
@@ -102,6 +103,31 @@ def assert_not_ready(error: ServiceError) -> None:
     # What the router falls back on (docs/ROUTING.md): another deployment may answer.
     assert error.reason == "BACKEND_NOT_READY"
     assert error.kind is FailureKind.DEPLOYMENT
+
+
+async def test_the_default_loader_is_made_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Making it imports torch and transformers (seconds): on the loop, health went
+    unanswered meanwhile, at start and at a reload adding a local model."""
+    made_in: list[threading.Thread] = []
+
+    def default_loader(choice: object) -> Any:
+        made_in.append(threading.current_thread())
+        return lambda source, device, dtype: HeldScorer()
+
+    monkeypatch.setattr(local_backend, "_default_loader", default_loader)
+    backend = LocalBackend(
+        [LocalModelSpec("m", "fake")],
+        device="cpu",
+        dtype="float32",
+        limits=BatchLimits(max_batch_size=1, window_batches=1, max_wait=0),
+        max_documents=100,
+        max_query_tokens=MAX_QUERY_TOKENS,
+    )
+    await backend.start()
+    await backend.close()
+
+    assert made_in
+    assert made_in[0] is not threading.main_thread()
 
 
 # --- closing with calls in flight ------------------------------------------------------------

@@ -163,7 +163,9 @@ class LocalBackend:
         return self._batchers[model]
 
     async def start(self) -> None:
-        loader = self._loader or _default_loader(self._engine)
+        # The default loader imports torch and transformers, seconds of work: in a thread, so
+        # health is answered (NOT_SERVING) and other routes' calls go on meanwhile.
+        loader = self._loader or await asyncio.to_thread(_default_loader, self._engine)
         # Names that share a source share its model and batcher: one copy in memory, and
         # their calls batched together.
         by_source: dict[str, tuple[Scorer, MicroBatcher, ThreadPoolExecutor]] = {}
