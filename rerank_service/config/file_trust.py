@@ -38,10 +38,11 @@ def warn_if_key_exposed(path: Path, what: str) -> None:
     fields: dict[str, Any] = {"path": str(path)}
     fixes: list[str] = []
     try:
-        mode = path.stat().st_mode  # the file itself, through any link
+        info = path.stat()  # the file itself, through any link
     except OSError:
         return  # unreadable: the reader says so, in its own words
-    exposed = bool(mode & (stat.S_IRWXG | stat.S_IRWXO))
+    mode = info.st_mode
+    exposed = bool(mode & (stat.S_IRWXG | stat.S_IRWXO)) and not _read_through_its_group(info)
     if exposed:
         fields["mode"] = oct(stat.S_IMODE(mode))
         fixes.append(f"chmod 600 {path}")
@@ -52,6 +53,18 @@ def warn_if_key_exposed(path: Path, what: str) -> None:
     if fixes:
         event = f"{what} readable by others" if exposed else f"{what} behind a symlink"
         _warn(event, **fields, fix="; ".join(fixes))
+
+
+def _read_through_its_group(info: os.stat_result) -> bool:
+    """Whether this process reads the file through its group alone: someone else's, mode
+    0440 to a group the process is in. A Kubernetes secret volume with an fsGroup is so
+    (root's, the pod's group, whatever its defaultMode): 0400 would lock the process out,
+    so its group's read is no exposure that `chmod` could fix."""
+    return (
+        stat.S_IMODE(info.st_mode) & 0o077 == 0o040
+        and info.st_uid != os.getuid()
+        and (info.st_gid == os.getgid() or info.st_gid in os.getgroups())
+    )
 
 
 def _link_out_of_its_directory(path: Path) -> Path | None:

@@ -9,9 +9,10 @@ import io
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+import pytest
 import structlog
 
-from rerank_service.config import load_settings
+from rerank_service.config import file_trust, load_settings
 from rerank_service.config.file_trust import flush_held_warnings
 from rerank_service.config.secret import read_key_file
 from rerank_service.observability.logging import configure_logging
@@ -87,6 +88,33 @@ def test_a_private_key_file_and_a_kubernetes_secret_volume_say_nothing(
     read_key_file(volume / "keys")
 
     assert warnings_about(logs) == []
+
+
+def test_a_key_file_read_through_its_group_says_nothing_and_one_others_may_read_does(
+    tmp_path: Path, logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Kubernetes secret volume with an fsGroup: root's file, 0440 to the pod's group, which
+    the process reads through (it is not the owner). 0400 would lock it out, so there is
+    nothing to fix; the same file readable by others is still warned about."""
+    group_read = key_file(tmp_path / "group" / "keys", 0o440)
+    everyone = key_file(tmp_path / "everyone" / "keys", 0o444)
+    owner = group_read.stat().st_uid
+    # Files are this process's own: it pretends to be another user of their group.
+    monkeypatch.setattr(file_trust.os, "getuid", lambda: owner + 1)
+
+    read_key_file(group_read)
+    assert warnings_about(logs) == []
+
+    read_key_file(everyone)
+    assert [event["path"] for event in warnings_about(logs)] == [str(everyone)]
+
+
+def test_a_key_file_of_its_own_readable_by_its_group_is_warned_about(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    read_key_file(key_file(tmp_path / "keys", 0o440))
+
+    assert [event["event"] for event in warnings_about(logs)] == ["key file readable by others"]
 
 
 def test_api_and_upstream_key_files_are_checked_when_the_settings_load(
