@@ -368,7 +368,7 @@ class UpstreamBackend:
             raise ServiceError(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "this service passes callers' credentials to the upstream: send "
-                "'authorization: Bearer <upstream API key>' metadata",
+                "'authorization: Bearer <upstream API key>' (gRPC metadata, or the HTTP header)",
                 reason="MISSING_CREDENTIALS",
             )
         return context.bearer_token
