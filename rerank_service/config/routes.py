@@ -23,6 +23,8 @@ from pydantic import (
     ConfigDict,
     Field,
     InstanceOf,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -55,6 +57,10 @@ def header_safe(text: str) -> str:
 
 
 DeploymentName = Annotated[Name, AfterValidator(_deployment_name)]
+
+# The fewest tokens a document's window may have to be chunked (core/long_documents.py):
+# fewer leave no room for a useful chunk. A route that chunks by default must leave them.
+MIN_CHUNK_TOKENS = 8
 
 
 def _on_off(value: object) -> object:
@@ -181,6 +187,18 @@ class RouteEntry(BaseModel):
         BeforeValidator(lambda value: value.strip().lower() if isinstance(value, str) else value),
     ] = "truncate"
     max_tokens_per_doc: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("max_tokens_per_doc")
+    @classmethod
+    def _room_to_chunk(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # Refused here, not on every call with a long document (declared after long_documents:
+        # its value is known, unless it was refused itself).
+        if value is not None and value < MIN_CHUNK_TOKENS and info.data.get("long_documents") == "chunk":
+            raise ValueError(
+                f"must be at least {MIN_CHUNK_TOKENS} with long_documents chunk (the fewest tokens "
+                f"a chunk may have), got {value}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _distinct_deployment_names(self) -> RouteEntry:

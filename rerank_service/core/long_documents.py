@@ -14,6 +14,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# A window smaller than MIN_CHUNK_TOKENS leaves no room to chunk usefully: the routes'
+# configuration checks a route's own max_tokens_per_doc against it at load (re-exported).
+from rerank_service.config.routes import MIN_CHUNK_TOKENS as MIN_CHUNK_TOKENS
 from rerank_service.core.chunking import CallLimits, text_bytes
 from rerank_service.core.domain import (
     BackendResult,
@@ -35,8 +38,6 @@ from rerank_service.core.token_window import (
 
 # The default overlap of neighbouring chunks: this share of the window.
 DEFAULT_OVERLAP_SHARE = 8
-# A window smaller than this leaves no room to chunk usefully (the query fills it).
-MIN_CHUNK_TOKENS = 8
 # A run of spaces (str.isspace's: re's \s on a str pattern).
 _SPACES = re.compile(r"\s+")
 
@@ -146,22 +147,17 @@ def plan(request: RerankRequest, limits: CallLimits, max_chunks: int) -> Plan | 
         return None
     tokens = window_tokens(request, limits, window)
     documents = request.documents
+    mode = mode_of(request, limits)
+    if mode is LongDocuments.CHUNK and len(documents) > max_chunks:
+        # A document within the window is one chunk: the limit holds whether or not one is long.
+        raise _too_many_chunks(
+            f"at least {len(documents):,}", max_chunks, "send fewer documents, or choose TRUNCATE"
+        )
     if _surely_fit(documents, tokens, window):
         return None  # the usual case: one pass in C over the lengths
-    mode = mode_of(request, limits)
     if mode is LongDocuments.CHUNK:
         if tokens < MIN_CHUNK_TOKENS:
-            asked = request.max_tokens_per_doc is not None and request.max_tokens_per_doc < MIN_CHUNK_TOKENS
-            field = "max_tokens_per_doc" if asked else _crowding(request, window)
-            raise invalid_argument(
-                [
-                    FieldViolation(
-                        field,
-                        f"leaves {tokens} tokens of the window for a document; chunking needs at least "
-                        f"{MIN_CHUNK_TOKENS}" + ("" if asked else f": send a shorter {field}"),
-                    )
-                ]
-            )
+            raise _too_little_room(request, window, tokens)
         _refuse_many_chunks_at_once(documents, tokens, _overlap(request, tokens), max_chunks, window)
     layouts: list[DocumentParts | None] = []
     chunks_so_far = 0
@@ -175,6 +171,24 @@ def plan(request: RerankRequest, limits: CallLimits, max_chunks: int) -> Plan | 
     if all(layout is None for layout in layouts):
         return None
     return _expand(documents, layouts, window.counted_by == COUNTED_BY_ESTIMATE)
+
+
+def _too_little_room(request: RerankRequest, window: TokenWindow, tokens: int) -> Exception:
+    """CHUNK with under MIN_CHUNK_TOKENS for a document, naming what narrowed the window: the
+    caller's max_tokens_per_doc, else the route's where the query leaves room, else the query."""
+    asked = request.max_tokens_per_doc is not None and request.max_tokens_per_doc < MIN_CHUNK_TOKENS
+    # Where the query leaves room, the route's own max_tokens_per_doc took it: the query is not
+    # to blame (a route that chunks by default is refused one at load; a call may ask CHUNK).
+    routed = not asked and window.room(request.query, request.instruct) >= MIN_CHUNK_TOKENS
+    field = "max_tokens_per_doc" if asked or routed else _crowding(request, window)
+    problem = (
+        f"leaves {tokens} tokens of the window for a document; chunking needs at least {MIN_CHUNK_TOKENS}"
+    )
+    if routed:
+        problem = f"unset, the route's default {problem}: send {MIN_CHUNK_TOKENS} or more"
+    elif not asked:
+        problem += f": send a shorter {field}"
+    return invalid_argument([FieldViolation(field, problem)])
 
 
 def _crowding(request: RerankRequest, window: TokenWindow) -> str:
@@ -229,13 +243,17 @@ def _unspaced_length(text: str) -> int:
     return len(_SPACES.sub("", text))
 
 
-def _too_many_chunks(count: str, max_chunks: int) -> Exception:
+def _too_many_chunks(
+    count: str,
+    max_chunks: int,
+    advice: str = "send fewer or shorter documents, or a larger max_tokens_per_doc",
+) -> Exception:
     return invalid_argument(
         [
             FieldViolation(
                 "documents",
                 f"would be split into {count} chunks; one call may score at most {max_chunks:,} "
-                "(--max-chunks-per-call): send fewer or shorter documents, or a larger max_tokens_per_doc",
+                f"(--max-chunks-per-call): {advice}",
             )
         ]
     )
@@ -259,12 +277,19 @@ def _layout(
     start = skip_space(document, 0)
     prefix = document[: start + (tokens + 1) * MAX_CHARACTERS_PER_TOKEN]
     measure = window.measure(prefix)
-    if len(prefix) < len(document) and measure.fit(start, tokens) >= len(prefix):
+    reach = measure.fit(start, tokens)
+    if len(prefix) < len(document) and reach >= len(prefix):
         # The window reaches past the prefix: every token over 32 characters.
         measure = window.measure(document)
         prefix = document
+        reach = measure.fit(start, tokens)
     if measure.tokens <= tokens and len(prefix) == len(document):
         return None
+    if _only_spaces_from(document, reach):
+        # The text fits, measured from its first word: only the spaces around it, which some
+        # tokenizers make tokens of (a byte-level BPE's newlines), do not. Sent without them,
+        # neither cut nor refused, as CHUNK sends such a document as one chunk.
+        return DocumentParts([(start, trim_end(document, start, reach))])
     if mode is LongDocuments.REJECT:
         raise invalid_argument(
             [
@@ -275,8 +300,14 @@ def _layout(
                 )
             ]
         )
-    end = trim_end(document, start, _cut(prefix, measure, start, measure.fit(start, tokens), tokens))
+    end = trim_end(document, start, _cut(prefix, measure, start, reach, tokens))
     return DocumentParts([(start, end)], truncated=True)
+
+
+def _only_spaces_from(text: str, position: int) -> bool:
+    """Whether text[position:] is empty or all spaces (str.isspace's), read in C."""
+    spaces = _SPACES.match(text, position)
+    return position >= len(text) or (spaces is not None and spaces.end() == len(text))
 
 
 def _cut(text: str, measure: Measure, start: int, reach: int, tokens: int) -> int:
@@ -296,10 +327,13 @@ def chunk_spans(text: str, measure: Measure, tokens: int, overlap: int) -> list[
     size = len(text)
     spans: list[tuple[int, int]] = []
     start = skip_space(text, 0)
+    # The text's end but for its trailing spaces: a part that reaches it is the last, though
+    # the spaces after it would not fit (a byte-level BPE makes tokens of newlines).
+    last = max(start, len(text.rstrip()))
     while start < size:
         reach = measure.fit(start, tokens)
-        if reach >= size:
-            spans.append((start, trim_end(text, start, size)))
+        if reach >= last:
+            spans.append((start, last))
             break
         cut = _cut(text, measure, start, reach, tokens)
         spans.append((start, trim_end(text, start, cut)))

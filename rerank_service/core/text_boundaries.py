@@ -3,7 +3,8 @@
 A cut is a position in the string (a code point index), so it never falls inside a UTF-8
 sequence; it never falls inside a word (a run of characters between spaces, in scripts
 that write spaces), nor between a character and what joins it (a combining mark, a
-variation selector, an emoji modifier, a zero-width joiner or the second half of a flag).
+variation selector, an emoji modifier, a zero-width joiner or the second half of a flag:
+between two flags of a run of them it may).
 Only a run with no allowed place over half a window long (a URL, base64) is cut inside,
 and then still not inside a character or between a character and what joins it.
 """
@@ -46,14 +47,25 @@ def unspaced(character: str) -> bool:
     )
 
 
-def safe_cut(text: str, position: int) -> bool:
-    """Not inside a character sequence that shows as one (a grapheme, near enough)."""
+def safe_cut(text: str, position: int, floor: int = 0) -> bool:
+    """Not inside a character sequence that shows as one (a grapheme, near enough).
+
+    `floor`: a place at or before `position` known to be such a place (a part's start),
+    no further back than which a run of flags is read."""
     if position <= 0 or position >= len(text):
         return True
     before, after = text[position - 1], text[position]
     if _joins(after) or before == _ZWJ:
         return False
-    return not (_regional_indicator(before) and _regional_indicator(after))
+    if not (_regional_indicator(before) and _regional_indicator(after)):
+        return True
+    # A flag is a pair of regional indicators: a cut may fall between two flags of a run,
+    # after an even number of them, never inside one (Unicode's grapheme rules GB12, GB13).
+    # Counted from `floor` at the furthest: a run may be megabytes long.
+    preceding = 1
+    while position - preceding > floor and _regional_indicator(text[position - preceding - 1]):
+        preceding += 1
+    return preceding % 2 == 0
 
 
 def word_boundary(text: str, position: int) -> bool:
@@ -93,10 +105,10 @@ def cut_before(
         if position > start and word_boundary(text, position):
             return position
     for position in range(end, start, -1):  # one word longer than half the window
-        if safe_cut(text, position):
+        if safe_cut(text, position, start):
             return position
     position = end + 1  # a run of joined characters the whole window long: let it through
-    while not safe_cut(text, position):
+    while not safe_cut(text, position, start):
         position += 1
     return position
 

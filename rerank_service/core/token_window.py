@@ -118,6 +118,8 @@ class SpansMeasure:
         return self._size if past >= len(self._starts) else self._starts[past]
 
     def back(self, end: int, tokens: int) -> int:
+        if tokens <= 0:  # no token back is `end` itself (at the text's end, past the last start)
+            return end
         before = bisect_left(self._starts, end)
         return self._starts[before - tokens] if before > tokens else 0
 

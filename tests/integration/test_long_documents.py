@@ -28,7 +28,7 @@ from tests.conftest import UPSTREAM_KEY, ServerFactory
 from tests.support.logs import LogCapture
 from tests.support.rpc import code_of, details_of, expect_error, field_violations, request, trailing
 from tests.support.server import ServerThread
-from tests.support.tiny_models import WORDS, build_tiny_cross_encoder
+from tests.support.tiny_models import WORDS, build_tiny_cross_encoder, build_tiny_qwen3_reranker
 
 TRUNCATE, CHUNK, REJECT = (
     rerank_pb2.LONG_DOCUMENTS_TRUNCATE,
@@ -146,6 +146,35 @@ def test_a_cross_encoder_ranks_each_document_by_its_best_chunk(
     assert response.usage.total_tokens == sum(item.tokens for item in encoded)
 
 
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Its tokenizer makes a token of each newline, as Qwen's byte-level BPE does.
+    return build_tiny_qwen3_reranker(tmp_path_factory.mktemp("models") / "qwen3")
+
+
+@pytest.mark.parametrize("field", ["query", "instruct"])
+def test_a_local_qwen3_refuses_a_query_too_long_alike_whether_a_document_starts_with_a_newline(
+    qwen3: Path, logs: LogCapture, field: str
+) -> None:
+    words = [word for word in WORDS if word.isalpha()]
+    too_long = " ".join(words[index % len(words)] for index in range(600))  # the window is 512
+    asked = {"query": "bread", field: too_long}
+    settings = load_settings(
+        {"backend": "local", "local_models": f"qwen3={qwen3}", "device": "cpu", "cache_memory_mb": 0}, env={}
+    )
+    with ServerThread(settings) as server:
+
+        def refusal(documents: list[str]) -> grpc.RpcError:
+            asking = request(model="qwen3", documents=documents, **asked)
+            return expect_error(lambda: server.stub.Rerank(asking, timeout=60))
+
+        errors = [refusal(documents) for documents in (["\nbread"], ["bread"], ["\n\nbread flour", "water"])]
+
+    # The window left for a document is 1 token; the text after the newline fits it.
+    assert [code_of(error) for error in errors] == [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    assert [list(field_violations(error)) for error in errors] == [[field]] * 3
+
+
 # --- an upstream, chunked by the estimate ------------------------------------------------------
 
 LONG = " ".join(["pear plum grape"] * 400)  # 6,400 characters: about 2,134 estimated tokens
@@ -218,6 +247,22 @@ def test_the_chunks_of_a_call_are_bounded(serve: ServerFactory, upstream: FakeUp
     assert "documents" in field_violations(error)
     assert upstream.requests == []
     assert trailing(error)["x-request-id"]
+
+
+def test_documents_within_the_window_count_against_the_chunks_of_a_call(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    short = [f"pear number {index}" for index in range(11)]
+    with serve(max_chunks_per_call=10) as server:
+        error = expect_error(
+            lambda: server.stub.Rerank(request(documents=short, long_documents=CHUNK), timeout=10)
+        )
+        truncated = server.stub.Rerank(request(documents=short, long_documents=TRUNCATE), timeout=10)
+
+    assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "--max-chunks-per-call" in field_violations(error)["documents"]
+    assert len(truncated.output.results) == 11  # one part a document: not counted
+    assert sum(len(recorded.body["input"]["documents"]) for recorded in upstream.requests) == 11
 
 
 def test_a_stream_item_takes_the_same_options(serve: ServerFactory, upstream: FakeUpstream) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import re
 import unicodedata
 
 import grpc
@@ -376,7 +378,7 @@ def test_chunk_on_documents_within_the_window_pays_nothing_truncate_does_not() -
     window = CountingWindow(4000)
     for mode in LongDocuments:
         assert (
-            plan(RerankRequest("m", "q", documents, long_documents=mode), CallLimits(window=window), 10)
+            plan(RerankRequest("m", "q", documents, long_documents=mode), CallLimits(window=window), 100)
             is None
         )
     assert CountingWindow.measured == 0  # not one document tokenized, in any mode
@@ -393,3 +395,116 @@ def test_an_upstream_tokenizer_is_read_from_a_directory_and_never_downloaded() -
     assert measure.fit(0, 2) == len("Hello wörld")
     with pytest.raises(ConfigError, match="never downloaded"):
         load_tokenizer("no-such-org/no-such-model")
+
+
+# --- documents whose spaces are tokens (a byte-level BPE's newlines) --------------------------------
+
+
+def newline_measure(text: str) -> SpansMeasure:
+    """A tokenizer of one token per word and one per newline, as Qwen's byte-level BPE counts
+    a run of newlines (other spaces make no token)."""
+    return SpansMeasure(text, [match.start() for match in re.finditer(r"\n|[^\s]+", text)])
+
+
+class NewlineWindow(WordWindow):
+    def measure(self, text: str) -> SpansMeasure:
+        return newline_measure(text)
+
+
+def test_back_by_no_tokens_from_the_end_of_a_text_is_its_end() -> None:
+    measure = newline_measure("\nhello")
+    assert measure.back(len("\nhello"), 0) == len("\nhello")
+    assert measure.back(len("\nhello"), 1) == 1
+
+
+@pytest.mark.parametrize("mode", [LongDocuments.TRUNCATE, LongDocuments.REJECT])
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+@pytest.mark.parametrize("document", ["\n\n\n\nhello", "hello\n\n\n\n", "\n\nhello\n\n"])
+def test_a_document_whose_text_fits_but_for_the_newlines_around_it_is_sent_without_them(
+    mode: LongDocuments, tokens: int, document: str
+) -> None:
+    request = RerankRequest("m", "q", [document, "short"], long_documents=mode)
+    sent = plan(request, CallLimits(window=NewlineWindow(tokens)), 1000)
+
+    assert sent is not None
+    assert sent.parts == ["hello", "short"]
+    assert sent.truncated == [False, False]  # no word was cut off, none refused
+    assert sent.chunks == [1, 1]
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+def test_truncate_to_a_window_of_fewer_than_4_tokens_cuts_a_document_led_by_newlines(tokens: int) -> None:
+    words = "one two three four five"
+    request = RerankRequest("m", "q", ["\n\n" + words])
+    truncated = plan(request, CallLimits(window=NewlineWindow(tokens)), 1000)
+
+    assert truncated is not None
+    assert truncated.parts == [" ".join(words.split()[:tokens])]
+    assert truncated.truncated == [True]
+
+
+def test_a_chunk_that_reaches_the_trailing_newlines_is_the_last() -> None:
+    text = " ".join(f"w{i}" for i in range(8)) + "\n" * 6  # 8 words: one 8-token chunk, but for the newlines
+    assert chunk_spans(text, newline_measure(text), 8, 2) == [(0, len(text.rstrip()))]
+
+
+# --- --max-chunks-per-call, the route's window -----------------------------------------------------
+
+
+def test_chunk_counts_documents_within_the_window_against_max_chunks_and_reads_none() -> None:
+    documents = [f"short document number {index}" for index in range(1_500)]
+    window = CountingWindow(4000)
+    CountingWindow.measured = 0
+    request = RerankRequest("m", "q", documents, long_documents=LongDocuments.CHUNK)
+    with pytest.raises(ServiceError) as refused:
+        plan(request, CallLimits(window=window), 1000)
+
+    assert [v.field for v in refused.value.violations] == ["documents"]
+    assert "1,500" in refused.value.message
+    assert "--max-chunks-per-call" in refused.value.message
+    assert CountingWindow.measured == 0
+    for mode in (LongDocuments.TRUNCATE, LongDocuments.REJECT):  # one part a document: not counted
+        assert (
+            plan(RerankRequest("m", "q", documents, long_documents=mode), CallLimits(window=window), 1000)
+            is None
+        )
+
+
+def test_chunk_under_a_route_window_too_small_to_chunk_names_the_setting_not_the_query() -> None:
+    request = RerankRequest("m", "q", ["pear plum grape apple " * 10], long_documents=LongDocuments.CHUNK)
+    limits = CallLimits(window=EstimatedWindow(4000), max_tokens_per_doc=4)  # the route's default
+    with pytest.raises(ServiceError) as refused:
+        plan(request, limits, 1000)
+
+    [violation] = refused.value.violations
+    assert violation.field == "max_tokens_per_doc"
+    assert "route's default" in violation.description
+    assert "query" not in violation.description
+    # The caller's own value replaces the route's.
+    assert plan(dataclasses.replace(request, max_tokens_per_doc=8), limits, 1000) is not None
+
+
+# --- flags ---------------------------------------------------------------------------------------
+
+
+def test_a_run_of_flags_may_be_cut_between_two_flags_never_inside_one() -> None:
+    flags = "🇫🇷🇩🇪🇯🇵"  # three flags: six regional indicators
+    assert [safe_cut(flags, position) for position in range(len(flags) + 1)] == [
+        True, False, True, False, True, False, True,
+    ]  # fmt: skip
+    assert safe_cut("a" + flags, 3)  # the run's own count, whatever comes before it
+    assert not safe_cut("a" + flags, 2)
+    # Read back no further than a place known to be between flags.
+    assert safe_cut("🇫" + flags, 3, floor=1)
+
+
+def test_a_run_of_flags_longer_than_the_window_is_chunked_within_it_between_flags() -> None:
+    text = "🇫🇷🇩🇪" * 1500 + " end"  # 24,004 bytes: about 8,000 estimated tokens
+    spans = chunk_spans(text, EstimateMeasure(text), 4000, 500)
+
+    assert len(spans) >= 2
+    assert all(estimate_tokens(text[start:end]) <= 4000 for start, end in spans)
+    run = 6_000  # the flags' regional indicators: a cut among them falls after an even number
+    assert all(cut % 2 == 0 for span in spans for cut in span if cut <= run)
+    assert spans[0][0] == 0
+    assert spans[-1][1] == len(text)

@@ -16,6 +16,7 @@ from rerank_service.cli import main
 from rerank_service.config import ConfigError, Settings
 from rerank_service.config.deployments import deployment_specs, reload_refusal
 from rerank_service.config.local import LocalDeploymentConfig
+from rerank_service.config.routes import MIN_CHUNK_TOKENS
 from rerank_service.config.settings import options
 from rerank_service.config.sources import load_settings
 from rerank_service.config.upstream import UpstreamDeploymentConfig
@@ -314,6 +315,12 @@ GOOD = "format: cohere\nurl: http://a.example"
             routes(f"{GOOD}\nname: eu\u20131"),  # an en dash
             "models[0].deployments[0].name must be printable ASCII",
         ),
+        (
+            routes(GOOD).replace(
+                "    deployments:", "    long_documents: chunk\n    max_tokens_per_doc: 4\n    deployments:"
+            ),
+            f"models[0].max_tokens_per_doc must be at least {MIN_CHUNK_TOKENS} with long_documents chunk",
+        ),
     ],
 )
 def test_a_bad_models_section_is_refused_on_one_line_naming_the_place(
@@ -325,6 +332,20 @@ def test_a_bad_models_section_is_refused_on_one_line_naming_the_place(
 
     assert message.startswith(expected)
     assert message.endswith(f"(from models in {path})")
+
+
+@pytest.mark.parametrize(
+    ("mode", "tokens"), [("chunk", MIN_CHUNK_TOKENS), ("truncate", 4), ("reject", 1), ("chunk", None)]
+)
+def test_a_route_window_too_small_to_chunk_is_taken_where_the_route_does_not_chunk_by_default(
+    tmp_path: Path, mode: str, tokens: int | None
+) -> None:
+    window = "" if tokens is None else f"    max_tokens_per_doc: {tokens}\n"
+    text = routes(GOOD).replace("    deployments:", f"    long_documents: {mode}\n{window}    deployments:")
+
+    [route] = load(write(tmp_path, text)).models
+
+    assert (route.long_documents, route.max_tokens_per_doc) == (mode, tokens)
 
 
 def test_a_key_written_inline_is_refused_without_repeating_it(tmp_path: Path) -> None:
