@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from pathlib import Path
 from typing import Any, TextIO, cast
 
 import pytest
 import structlog
 
-from rerank_service.config import file_trust, load_settings
+from rerank_service.config import load_settings
 from rerank_service.config.file_trust import flush_held_warnings
 from rerank_service.config.secret import read_key_file
 from rerank_service.observability.logging import configure_logging
@@ -100,7 +101,7 @@ def test_a_key_file_read_through_its_group_says_nothing_and_one_others_may_read_
     everyone = key_file(tmp_path / "everyone" / "keys", 0o444)
     owner = group_read.stat().st_uid
     # Files are this process's own: it pretends to be another user of their group.
-    monkeypatch.setattr(file_trust.os, "getuid", lambda: owner + 1)
+    monkeypatch.setattr(os, "getuid", lambda: owner + 1)
 
     read_key_file(group_read)
     assert warnings_about(logs) == []

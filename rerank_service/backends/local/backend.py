@@ -165,7 +165,11 @@ class LocalBackend:
     async def start(self) -> None:
         # The default loader imports torch and transformers, seconds of work: in a thread, so
         # health is answered (NOT_SERVING) and other routes' calls go on meanwhile.
-        loader = self._loader or await asyncio.to_thread(_default_loader, self._engine)
+        loader = (
+            self._loader
+            if self._loader is not None
+            else await asyncio.to_thread(_default_loader, self._engine)
+        )
         # Names that share a source share its model and batcher: one copy in memory, and
         # their calls batched together.
         by_source: dict[str, tuple[Scorer, MicroBatcher, ThreadPoolExecutor]] = {}
