@@ -77,6 +77,57 @@ def test_the_deadline_is_honoured(live_server: LiveServer) -> None:
     assert time.monotonic() - started < 3.0  # cut at 0.3 s, not the upstream's 6 s
 
 
+def test_an_answer_over_grpcs_4_mib_default_is_received(live_server: LiveServer) -> None:
+    """The server answers up to --max-message-bytes (16 MiB): gRPC's 4 MiB receive
+    default would fail an answer that was already ranked and billed."""
+    documents = [f"doc {i} " + "lorem ipsum dolor sit amet " * 40_000 for i in range(5)]  # 5 x 1 MiB
+    with RerankClient(live_server.target, api_key=live_server.api_key) as client:
+        result = client.rerank("lorem", documents, return_documents=True)
+
+    assert sorted(r.text or "" for r in result.results) == sorted(documents)
+
+
+async def test_the_asyncio_client_receives_an_answer_over_4_mib(live_server: LiveServer) -> None:
+    documents = [f"doc {i} " + "lorem ipsum dolor sit amet " * 40_000 for i in range(5)]
+    async with AsyncRerankClient(live_server.target, api_key=live_server.api_key) as client:
+        result = await client.rerank("lorem", documents, return_documents=True)
+
+    assert sorted(r.text or "" for r in result.results) == sorted(documents)
+
+
+def test_a_zero_timeout_is_a_deadline_not_the_default(live_server: LiveServer) -> None:
+    # The upstream answers after 5 s: under the client's default (30 s) the call would succeed.
+    with (
+        RerankClient(live_server.target, api_key=live_server.api_key) as client,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        client.rerank("[[delay=5]] zero timeout, blocking", DOCUMENTS, timeout=0)
+
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_the_asyncio_client_honours_a_zero_timeout(live_server: LiveServer) -> None:
+    async with AsyncRerankClient(live_server.target, api_key=live_server.api_key) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.rerank("[[delay=5]] zero timeout, asyncio", DOCUMENTS, timeout=0)
+
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_failed_stream_item_keeps_its_error_metadata(live_server: LiveServer) -> None:
+    """RerankError.metadata (ErrorInfo's: the model asked for here, upstream_status and
+    upstream_request_id for an upstream error) reaches the caller."""
+    with RerankClient(live_server.target, api_key=live_server.api_key) as client:
+        (answer,) = client.rerank_stream(
+            [("m", build_request("red apple", DOCUMENTS, "no-such-model"))], timeout=30
+        )
+
+    assert answer.error is not None
+    assert (answer.error.code, answer.error.reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    assert answer.error.metadata["model"] == "no-such-model"
+    assert "qwen3-rerank" in answer.error.metadata["served_models"]
+
+
 def test_stream_answers_every_item_by_id(live_server: LiveServer) -> None:
     requests = [
         ("a", build_request("red apple", DOCUMENTS, "qwen3-rerank")),

@@ -14,6 +14,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"math"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -90,6 +91,11 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	if cfg.apiKey != "" {
 		dialOpts = append(dialOpts, grpc.WithPerRPCCredentials(bearer{token: cfg.apiKey, secure: !cfg.insecure}))
 	}
+	// No receive limit of the client's own: the server bounds answers (--max-message-bytes,
+	// 16 MiB by default), and grpc-go's 4 MiB default would fail an answer the server had
+	// already ranked and billed (WithReturnDocuments over large documents). A caller's
+	// WithDialOptions come after, so they can still set one.
+	dialOpts = append(dialOpts, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32)))
 	dialOpts = append(dialOpts, cfg.dialOpts...)
 	conn, err := grpc.NewClient(target, dialOpts...)
 	if err != nil {

@@ -3,9 +3,11 @@ package rerank_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"reflect"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -99,6 +101,28 @@ func TestRerank(t *testing.T) {
 	}
 	if !reflect.DeepEqual(again.Results, want) || again.TotalTokens != 0 || again.CachedTokens <= 0 {
 		t.Errorf("repeated call = %+v, want the same results from the cache (0 total, > 0 cached tokens)", again)
+	}
+}
+
+// The server answers up to --max-message-bytes (16 MiB): grpc-go's 4 MiB receive
+// default would fail an answer the server had already ranked and billed.
+func TestRerankReceivesAnAnswerOver4MiB(t *testing.T) {
+	c := dial(t)
+	docs := make([]string, 5) // 5 x 1 MiB, echoed back
+	for i := range docs {
+		docs[i] = fmt.Sprintf("doc %d ", i) + strings.Repeat("lorem ipsum dolor sit amet ", 40_000)
+	}
+	resp, err := c.Rerank(ctx(t), "lorem go", docs, rerank.WithModel("qwen3-rerank"), rerank.WithReturnDocuments())
+	if err != nil {
+		t.Fatalf("Rerank: %v", err)
+	}
+	got := make([]string, 0, len(resp.Results))
+	for _, r := range resp.Results {
+		got = append(got, r.Document)
+	}
+	sort.Strings(got)
+	if !reflect.DeepEqual(got, docs) {
+		t.Errorf("got %d documents back, want the %d sent", len(got), len(docs))
 	}
 }
 

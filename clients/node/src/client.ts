@@ -1,11 +1,16 @@
 // A small, typed wrapper over the generated rerank.v1 stubs (Connect-ES v2 over gRPC/HTTP2).
 import { create } from "@bufbuild/protobuf";
 import type { MessageInitShape } from "@bufbuild/protobuf";
+import { durationMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import type { CallOptions, Client, Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 
-import { BadRequestSchema } from "./gen/google/rpc/error_details_pb.js";
+import {
+  BadRequestSchema,
+  ErrorInfoSchema,
+  RetryInfoSchema,
+} from "./gen/google/rpc/error_details_pb.js";
 import {
   RerankErrorSchema,
   RerankRequestSchema,
@@ -216,6 +221,37 @@ export function requestIdOf(err: unknown): string | undefined {
   }
   if (err instanceof ConnectError) {
     return err.metadata.get(REQUEST_ID_KEY) ?? undefined;
+  }
+  return undefined;
+}
+
+/**
+ * The machine-readable reason of an error (docs/ERRORS.md): the google.rpc.ErrorInfo
+ * reason of a ConnectError, for example "UPSTREAM_UNAVAILABLE" or "MODEL_NOT_FOUND", or
+ * the reason of a RerankStream item's RerankError. Undefined when there is none.
+ */
+export function reasonOf(err: unknown): string | undefined {
+  if (isRerankError(err)) {
+    return err.reason || undefined;
+  }
+  if (err instanceof ConnectError) {
+    return err.findDetails(ErrorInfoSchema)[0]?.reason || undefined;
+  }
+  return undefined;
+}
+
+/**
+ * How long to wait before a retry can succeed, in milliseconds: the google.rpc.RetryInfo
+ * of a ConnectError, or the retryDelay of a RerankStream item's RerankError. Undefined
+ * when the error gives no such advice.
+ */
+export function retryDelayOf(err: unknown): number | undefined {
+  if (isRerankError(err)) {
+    return err.retryDelay ? durationMs(err.retryDelay) : undefined;
+  }
+  if (err instanceof ConnectError) {
+    const delay = err.findDetails(RetryInfoSchema)[0]?.retryDelay;
+    return delay ? durationMs(delay) : undefined;
   }
   return undefined;
 }

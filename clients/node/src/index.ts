@@ -3,6 +3,8 @@ export {
   createRerankClient,
   fieldViolations,
   requestIdOf,
+  reasonOf,
+  retryDelayOf,
   codeOf,
   rerankRequest,
   DEFAULT_MODEL,
@@ -19,8 +21,17 @@ export type {
 
 // The generated messages and service, for typed results and the raw client.
 export * from "./gen/rerank/v1/rerank_pb.js";
-export { BadRequestSchema } from "./gen/google/rpc/error_details_pb.js";
-export type { BadRequest, BadRequest_FieldViolation } from "./gen/google/rpc/error_details_pb.js";
+export {
+  BadRequestSchema,
+  ErrorInfoSchema,
+  RetryInfoSchema,
+} from "./gen/google/rpc/error_details_pb.js";
+export type {
+  BadRequest,
+  BadRequest_FieldViolation,
+  ErrorInfo,
+  RetryInfo,
+} from "./gen/google/rpc/error_details_pb.js";
 
 // Connect's error type and status codes, so callers need no direct dependency.
 export { Code, ConnectError } from "@connectrpc/connect";

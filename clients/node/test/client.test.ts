@@ -13,6 +13,7 @@ import {
   createRerankClient,
   fieldViolations,
   LongDocuments,
+  reasonOf,
   type RerankClient,
   type RerankStreamItem,
   type RerankStreamResponse,
@@ -87,6 +88,31 @@ describe("rerank-service client (live server)", () => {
     assert.deepEqual(again.output?.results, response.output?.results);
     assert.equal(again.usage?.totalTokens ?? 0, 0, "a repeated call is answered from the cache");
     assert.ok((again.usage?.cachedTokens ?? 0) > 0, "usage.cachedTokens should be > 0");
+  });
+
+  test("an answer over 4 MiB is received (the server allows 16 MiB)", async () => {
+    const docs = Array.from(
+      { length: 5 }, // 1 MiB each, echoed back
+      (_, i) => `doc ${i} ` + "lorem ipsum dolor sit amet ".repeat(40_000),
+    );
+    const response = await client().rerank("lorem node", docs, { model: MODEL, returnDocuments: true });
+    assert.deepEqual((response.output?.results ?? []).map((r) => r.document?.text).sort(), [...docs].sort());
+  });
+
+  test("reasonOf reads the ErrorInfo reason of a call and of a stream item", async () => {
+    const err = await rejectsWithCode(client().rerank("red apple", DOCS, { model: "no-such-model" }), Code.NotFound);
+    assert.equal(reasonOf(err), "MODEL_NOT_FOUND");
+    const answers: RerankStreamResponse[] = [];
+    for await (const response of client().rerankStream(
+      [{ id: "m", query: "red apple", documents: DOCS, model: "no-such-model" }],
+      { timeoutMs: 10_000 },
+    )) {
+      answers.push(response);
+    }
+    assert.equal(answers.length, 1);
+    const item = answers[0]!.result;
+    assert.equal(item.case, "error");
+    assert.equal(reasonOf(item.value), "MODEL_NOT_FOUND");
   });
 
   test("a long document is chunked and its best chunk located in the document", async () => {

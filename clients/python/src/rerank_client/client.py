@@ -38,7 +38,15 @@ RETRY_SERVICE_CONFIG = json.dumps(
         ]
     }
 )
-CHANNEL_OPTIONS = (("grpc.service_config", RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1))
+CHANNEL_OPTIONS = (
+    ("grpc.service_config", RETRY_SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    # No size limit of the client's own (-1): the server bounds both ways (--max-message-bytes,
+    # 16 MiB by default). gRPC's 4 MiB receive default would fail an answer the server had
+    # already ranked and billed (return_documents=True over large documents).
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +89,9 @@ class RerankItemError:
     retry_delay: float | None = None
     reason: str = ""
     request_id: str = ""
+    # ErrorInfo's metadata (docs/ERRORS.md): upstream_status, upstream_code and
+    # upstream_request_id of an upstream error; model and served_models of MODEL_NOT_FOUND.
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +167,7 @@ def to_answer(response: rerank_pb2.RerankStreamResponse) -> StreamAnswer:
             retry_delay=error.retry_delay.ToMilliseconds() / 1000 if error.HasField("retry_delay") else None,
             reason=error.reason,
             request_id=error.request_id,
+            metadata=dict(error.metadata),
         ),
     )
 
@@ -240,7 +252,9 @@ class RerankClient:
             max_tokens_per_doc,
             chunk_overlap_tokens,
         )
-        response = self._stub.Rerank(request, metadata=self._metadata, timeout=timeout or self._timeout)
+        response = self._stub.Rerank(
+            request, metadata=self._metadata, timeout=self._timeout if timeout is None else timeout
+        )
         return to_result(response)
 
     def rerank_stream(
@@ -313,7 +327,9 @@ class AsyncRerankClient:
             max_tokens_per_doc,
             chunk_overlap_tokens,
         )
-        response = await self._stub.Rerank(request, metadata=self._metadata, timeout=timeout or self._timeout)
+        response = await self._stub.Rerank(
+            request, metadata=self._metadata, timeout=self._timeout if timeout is None else timeout
+        )
         return to_result(response)
 
     async def rerank_stream(

@@ -11,6 +11,7 @@ import io.grpc.ManagedChannel;
 import io.grpc.ManagedChannelBuilder;
 import io.grpc.Metadata;
 import io.grpc.MethodDescriptor;
+import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
 import io.grpc.protobuf.StatusProto;
 import io.grpc.stub.StreamObserver;
@@ -62,7 +63,8 @@ public final class RerankClient implements AutoCloseable {
       this.channel = b.channel;
       this.ownsChannel = false;
     } else {
-      ManagedChannelBuilder<?> cb = ManagedChannelBuilder.forTarget(b.target);
+      ManagedChannelBuilder<?> cb =
+          ManagedChannelBuilder.forTarget(b.target).maxInboundMessageSize(Integer.MAX_VALUE);
       if (b.plaintext) {
         cb.usePlaintext();
       } else {
@@ -76,8 +78,12 @@ public final class RerankClient implements AutoCloseable {
     if (b.apiKey != null && !b.apiKey.isEmpty()) {
       ch = io.grpc.ClientInterceptors.intercept(ch, new BearerInterceptor(b.apiKey));
     }
-    this.blocking = RerankServiceGrpc.newBlockingStub(ch);
-    this.async = RerankServiceGrpc.newStub(ch);
+    // No receive limit of the client's own, on a given channel too: the server bounds
+    // answers (--max-message-bytes, 16 MiB by default), and grpc-java's 4 MiB default would
+    // fail an answer the server had already ranked and billed (returnDocuments).
+    this.blocking =
+        RerankServiceGrpc.newBlockingStub(ch).withMaxInboundMessageSize(Integer.MAX_VALUE);
+    this.async = RerankServiceGrpc.newStub(ch).withMaxInboundMessageSize(Integer.MAX_VALUE);
   }
 
   /** Starts a builder for the given target ("host:port" or any gRPC target URI). */
@@ -101,13 +107,19 @@ public final class RerankClient implements AutoCloseable {
   }
 
   /**
-   * Opens a RerankStream. Send {@link RerankStreamRequest}s on the returned observer,
-   * then call {@code onCompleted()}; responses arrive out of order on
-   * {@code responses}, to be matched by id. The client's default deadline, if any,
-   * bounds the whole stream.
+   * Opens a RerankStream without a deadline (streams are long: the client's default
+   * deadline is for unary calls). Send {@link RerankStreamRequest}s on the returned
+   * observer, then call {@code onCompleted()}; responses arrive out of order on
+   * {@code responses}, to be matched by id.
    */
   public StreamObserver<RerankStreamRequest> rerankStream(
       StreamObserver<RerankStreamResponse> responses) {
+    return rerankStream(responses, null);
+  }
+
+  /** As {@link #rerankStream(StreamObserver)}, bounded by {@code deadline} (null: none). */
+  public StreamObserver<RerankStreamRequest> rerankStream(
+      StreamObserver<RerankStreamResponse> responses, Duration deadline) {
     RerankServiceGrpc.RerankServiceStub stub = async;
     if (deadline != null) {
       stub = stub.withDeadlineAfter(deadline.toNanos(), TimeUnit.NANOSECONDS);
@@ -116,12 +128,20 @@ public final class RerankClient implements AutoCloseable {
   }
 
   /**
-   * Sends all {@code items} over one RerankStream, half-closes, and blocks until the
-   * server closes the stream; returns the responses in arrival order.
+   * Sends all {@code items} over one RerankStream (no deadline), half-closes, and blocks
+   * until the server closes the stream; returns the responses in arrival order.
    *
-   * @throws StatusRuntimeException if the stream itself fails
+   * @throws RerankStreamException if the stream itself fails (a deadline, a connection
+   *     closed, an interrupt, which cancels the stream): its {@code getAnswers()} are the
+   *     items answered before that, so only the others need resending
    */
   public List<RerankStreamResponse> rerankStream(List<RerankStreamRequest> items) {
+    return rerankStream(items, null);
+  }
+
+  /** As {@link #rerankStream(List)}, the whole stream bounded by {@code deadline} (null: none). */
+  public List<RerankStreamResponse> rerankStream(
+      List<RerankStreamRequest> items, Duration deadline) {
     List<RerankStreamResponse> out = Collections.synchronizedList(new ArrayList<>());
     java.util.concurrent.CompletableFuture<Void> done = new java.util.concurrent.CompletableFuture<>();
     StreamObserver<RerankStreamRequest> requests =
@@ -141,7 +161,8 @@ public final class RerankClient implements AutoCloseable {
               public void onCompleted() {
                 done.complete(null);
               }
-            });
+            },
+            deadline);
     try {
       for (RerankStreamRequest item : items) {
         requests.onNext(item);
@@ -154,17 +175,26 @@ public final class RerankClient implements AutoCloseable {
     try {
       done.get();
     } catch (InterruptedException e) {
+      Status cancelled = Status.CANCELLED.withDescription("interrupted").withCause(e);
+      // Cancel the call (the server stops running the items left), then wait for its end,
+      // which is prompt (the cancel is local) and uninterruptible (join): every answer
+      // delivered before it is then in `out`.
+      requests.onError(cancelled.asRuntimeException());
+      done.handle((ignored, t) -> null).join();
       Thread.currentThread().interrupt();
-      throw io.grpc.Status.CANCELLED.withCause(e).asRuntimeException();
+      throw new RerankStreamException(cancelled, null, snapshot(out));
     } catch (java.util.concurrent.ExecutionException e) {
+      // onError was the call's last event: `out` holds every answer received before it.
       Throwable c = e.getCause();
-      if (c instanceof StatusRuntimeException sre) {
-        throw sre;
-      }
-      throw io.grpc.Status.fromThrowable(c).asRuntimeException();
+      throw new RerankStreamException(
+          Status.fromThrowable(c), Status.trailersFromThrowable(c), snapshot(out));
     }
-    synchronized (out) {
-      return new ArrayList<>(out);
+    return snapshot(out);
+  }
+
+  private static List<RerankStreamResponse> snapshot(List<RerankStreamResponse> answers) {
+    synchronized (answers) {
+      return new ArrayList<>(answers);
     }
   }
 
@@ -337,7 +367,10 @@ public final class RerankClient implements AutoCloseable {
       return this;
     }
 
-    /** Default deadline for each call (a stream's whole life); null for none. Default 30 s. */
+    /**
+     * Default deadline for each unary call (rerank, listModels); null for none. Default 30 s.
+     * Streams have none unless given one ({@code rerankStream(..., deadline)}).
+     */
     public Builder deadline(Duration deadline) {
       this.deadline = deadline;
       return this;

@@ -8,6 +8,8 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 import static org.junit.jupiter.api.Assertions.fail;
 
 import com.google.rpc.BadRequest;
+import io.grpc.ManagedChannel;
+import io.grpc.ManagedChannelBuilder;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
 import io.rerankservice.rerank.v1.LongDocuments;
@@ -18,9 +20,12 @@ import io.rerankservice.rerank.v1.RerankResult;
 import io.rerankservice.rerank.v1.RerankStreamRequest;
 import io.rerankservice.rerank.v1.RerankStreamResponse;
 import java.time.Duration;
+import java.util.ArrayList;
 import java.util.HashMap;
+import java.util.HashSet;
 import java.util.List;
 import java.util.Map;
+import java.util.Set;
 import org.junit.jupiter.api.AfterAll;
 import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
@@ -79,6 +84,35 @@ class RerankClientTest {
     assertEquals(results, again.getOutput().getResultsList());
     assertEquals(0, again.getUsage().getTotalTokens(), "a repeated call is answered from the cache");
     assertTrue(again.getUsage().getCachedTokens() > 0, "usage.cached_tokens > 0");
+  }
+
+  /**
+   * The server answers up to --max-message-bytes (16 MiB): grpc-java's 4 MiB inbound default
+   * would fail an answer the server had already ranked and billed. A channel given to the
+   * builder gets no limit from the client's calls either.
+   */
+  @Test
+  void anAnswerOverFourMebibytesIsReceived() {
+    List<String> docs = new ArrayList<>();
+    for (int i = 0; i < 5; i++) {
+      docs.add("doc " + i + " " + "lorem ipsum dolor sit amet ".repeat(40_000)); // 1 MiB each
+    }
+    RerankClient.Options opts = RerankClient.Options.defaults().model(MODEL).returnDocuments(true);
+    assertEquals(Set.copyOf(docs), textsOf(client.rerank("lorem java", docs, opts)));
+
+    ManagedChannel channel = ManagedChannelBuilder.forTarget(target).usePlaintext().build();
+    try (RerankClient given = RerankClient.builder("unused").channel(channel)
+        .apiKey(System.getenv("RERANK_API_KEY")).build()) {
+      assertEquals(Set.copyOf(docs), textsOf(given.rerank("lorem java", docs, opts)));
+    } finally {
+      channel.shutdownNow();
+    }
+  }
+
+  private static Set<String> textsOf(RerankResponse resp) {
+    Set<String> texts = new HashSet<>();
+    resp.getOutput().getResultsList().forEach(r -> texts.add(r.getDocument().getText()));
+    return texts;
   }
 
   @Test
