@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from rerank_service import __version__
 from rerank_service.config import ConfigError, Settings, add_serve_arguments, load_settings
 from rerank_service.config.file_trust import flush_held_warnings
-from rerank_service.config.secret import UnreadableKeyFile, file_named, read_key_file
+from rerank_service.config.secret import UnreadableKeyFile, file_named, read_key_file, url_named
 from rerank_service.observability.logging import configure_logging
 
 EXIT_CONFIG_ERROR = 2
@@ -392,10 +393,16 @@ def _check_start_up_files(settings: Settings) -> None:
 def _usage(args: argparse.Namespace) -> int:
     from rerank_service.observability.usage_report import fetch_usage, table
 
+    shown = url_named(args.metrics)  # a user:password@ in it is never printed
+    if shown != args.metrics:
+        # urllib sends no user:password@ of a URL (it reads it as part of the host name), and
+        # its error would quote what it made of the password.
+        print(f"error: cannot read {shown}: a user or password in the URL is not supported", file=sys.stderr)
+        return 1
     try:
         usage = fetch_usage(args.metrics)
-    except (OSError, ValueError) as exc:
-        print(f"error: cannot read {args.metrics}: {exc}", file=sys.stderr)
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # InvalidURL: a port that is no number
+        print(f"error: cannot read {shown}: {exc}", file=sys.stderr)
         return 1
     if not usage.by_model and not usage.limited:
         print("no caller has called yet")

@@ -28,7 +28,14 @@ from pydantic import (
     model_validator,
 )
 
-from rerank_service.config.secret import Secret, UnreadableKeyFile, file_named, read_key_file, variable_named
+from rerank_service.config.secret import (
+    Secret,
+    UnreadableKeyFile,
+    file_named,
+    key_fault,
+    read_key_file,
+    variable_named,
+)
 from rerank_service.config.switches import NOT_A_SWITCH
 
 # The formats of backends/upstream, and the in-process model.
@@ -246,6 +253,10 @@ def _read_key(deployment: DeploymentEntry, env: Mapping[str, str], place: str) -
         if not value:
             name = variable_named(deployment.api_key_env)
             raise KeySourceError(f"{place}.api_key_env", f"names {name}, which is not set")
+        fault = key_fault(value)
+        if fault:
+            name = variable_named(deployment.api_key_env)
+            raise KeySourceError(f"{place}.api_key_env", f"names {name}, whose key {fault}")
         return Secret(value)
     if deployment.api_key_file:
         try:
@@ -255,6 +266,10 @@ def _read_key(deployment: DeploymentEntry, env: Mapping[str, str], place: str) -
         if not value:
             named = file_named(deployment.api_key_file)
             raise KeySourceError(f"{place}.api_key_file", f"{named} holds no key")
+        fault = key_fault(value)
+        if fault:
+            named = file_named(deployment.api_key_file)
+            raise KeySourceError(f"{place}.api_key_file", f"{named}: the key {fault}")
         return Secret(value)
     return None
 

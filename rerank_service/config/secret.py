@@ -7,6 +7,7 @@ import hmac
 import re
 from pathlib import Path
 from typing import Final
+from urllib.parse import unquote, urlsplit
 
 from rerank_service.config.file_trust import warn_if_key_exposed
 
@@ -79,7 +80,8 @@ def read_key_file(path: Path) -> str:
     """The text of a file holding keys, or UnreadableKeyFile saying why not; a file others
     may read, or reached through a symlink, is used with a warning (config/file_trust.py)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark some editors write would become part of the first key.
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL byte in the path
         if isinstance(exc, OSError):
             reason = exc.strerror or "cannot read it"
@@ -110,16 +112,75 @@ def read_keys(path: Path) -> list[str]:
     return keys
 
 
+def key_fault(key: str) -> str | None:
+    """What makes `key` (one key, read whole from a variable or a file) unusable as a
+    credential, or None: a line break, a space or a control character, which no HTTP client
+    sends in a header (each call would fail INTERNAL, naming nothing). The words say where it
+    is wrong, never the key."""
+    if any(char in "\r\n" for char in key):
+        return "holds more than one line: write the key alone, with no comment"
+    if any(char.isspace() for char in key):
+        return "holds a space: write the key alone, with no comment"
+    if not key.isprintable():
+        return "holds a control character"
+    return None
+
+
 def file_named(path: Path | str) -> str:
-    """A key file's path as an error may say it: only when it reads as a path (absolute, or
-    starting ./ ../ ~), since a key pasted where its file goes must not be repeated."""
+    """A key file's path as an error may say it: only when it reads as a path, since a key
+    pasted where its file goes must not be repeated. ./ ../ ~/ start no key ('.' and '~' are
+    no base64 character), but '/' starts one base64 key in 64: an absolute path is repeated
+    only when its first directory exists (/run/..., /etc/...), which a key's first part all
+    but never names."""
     text = str(path)
-    if text.startswith(("/", "./", "../", "~")) and "\0" not in text:
+    if "\0" in text:
+        return "(a relative path, not repeated)"
+    if text.startswith(("./", "../")) or (text.startswith("~") and "/" in text):
         return text
+    if text.startswith("/"):
+        return text if _first_directory_exists(text) else "(an absolute path that may be a key, not repeated)"
     return "(a relative path, not repeated)"
+
+
+def _first_directory_exists(path: str) -> bool:
+    first, slash, _ = path[1:].partition("/")
+    if not first or not slash:  # a file of / itself: no path of a key file, and a key may read so
+        return False
+    try:
+        return Path("/", first).is_dir()
+    except (OSError, ValueError):  # a name too long for the file system: a key's, not a directory's
+        return False
 
 
 def variable_named(name: str) -> str:
     """A key variable's name as an error may say it: only when it looks like a variable's
     name (upper case), since a key pasted where the name goes must not be repeated."""
     return name if name.isupper() else "a variable"
+
+
+def url_named(url: str) -> str:
+    """A URL as an error may say it: its user and password, everything between the scheme's
+    `://` (or the start) and the last `@`, masked. Read from the text, not through urlsplit:
+    an unencoded `/`, `?` or `#` in a password ends the host part there, so urlsplit finds
+    no password at all and the whole URL would be repeated."""
+    at = url.rfind("@")
+    if at < 0:
+        return url
+    scheme_end = url.find("://")
+    start = scheme_end + 3 if 0 <= scheme_end < at else 0
+    return f"{url[:start]}***{url[at:]}"
+
+
+def url_secrets(url: str | None) -> list[Secret]:
+    """The password of a URL that carries one, as written and percent-decoded, for the log's
+    masking. Not the user: a name (default, rerank-service) masked in every line would mask
+    words of the service's own lines."""
+    if not url:
+        return []
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # not a URL urlsplit reads (an unbalanced [ of an IPv6 host)
+        return []
+    if not password:
+        return []
+    return [Secret(each) for each in dict.fromkeys((password, unquote(password)))]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, InstanceOf
 from pydantic.dataclasses import dataclass
@@ -27,7 +27,7 @@ from pydantic.fields import FieldInfo
 
 from rerank_service.config.callers import CallerEntry, caller_secrets, distinct_callers
 from rerank_service.config.routes import FileOnly, RouteEntry, distinct_routes
-from rerank_service.config.secret import Secret
+from rerank_service.config.secret import Secret, url_named, url_secrets
 from rerank_service.config.switches import NOT_A_SWITCH, not_a_switch
 
 DEFAULT_UPSTREAM_URL = "https://dashscope-intl.aliyuncs.com"
@@ -181,9 +181,12 @@ def _http_url(example: str) -> Callable[[str | None], str | None]:
         if value is None:
             return None
         parts = urlsplit(value.strip())
-        # A proxy URL may carry user:password: an error never repeats the password.
-        shown = value.replace(f":{parts.password}@", ":***@") if parts.password else value
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        # A proxy URL may carry user:password: an error never repeats either.
+        shown = url_named(value)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"must be an http(s) URL such as {example}, got {shown!r}")
+        _whole_user_info(value, parts)
+        if not parts.hostname:
             raise ValueError(f"must be an http(s) URL such as {example}, got {shown!r}")
         try:
             _ = parts.port
@@ -199,11 +202,13 @@ def _redis_url(value: str | None) -> str | None:
     if value is None:
         return None
     parts = urlsplit(value.strip())
-    shown = value.replace(f":{parts.password}@", ":***@") if parts.password else value
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise ValueError(
-            f"must be a redis:// or rediss:// URL such as redis://redis.internal:6379/0, got {shown!r}"
-        )
+    shown = url_named(value)
+    example = "a redis:// or rediss:// URL such as redis://redis.internal:6379/0"
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"must be {example}, got {shown!r}")
+    _whole_user_info(value, parts)
+    if not parts.hostname:
+        raise ValueError(f"must be {example}, got {shown!r}")
     try:
         _ = parts.port
     except ValueError:
@@ -222,12 +227,23 @@ def _base_url(value: str) -> str:
         )
     if "#" in value:
         raise ValueError("must have no fragment (#...): the endpoint's path goes after the URL")
-    if "@" in urlsplit(value.strip()).netloc:
+    # Anywhere, not only in urlsplit's netloc: a '/' in a password ends the netloc before its '@'.
+    if "@" in value:
         raise ValueError(
             "must have no user or password (...@): ListModels shows the URL; a key goes in a key "
-            "file or variable"
+            "file or variable (an @ of a path is written %40)"
         )
     return value
+
+
+def _whole_user_info(value: str, parts: SplitResult) -> None:
+    """An '@' past the host part is a user or password holding an unencoded '/', '?' or '#',
+    which ended the host part early: refused, as what is left reads as another host."""
+    if "@" in value and "@" not in parts.netloc:
+        raise ValueError(
+            "has a user or password holding '/', '?' or '#', which ends the host part: "
+            f"percent-encode them (%2F, %3F, %23), got {url_named(value)!r}"
+        )
 
 
 def _names(value: object) -> object:
@@ -838,6 +854,12 @@ class Settings:
             found.append(self.upstream_api_key)
         found += [d.api_key for route in self.models for d in route.deployments if d.api_key is not None]
         found += caller_secrets(self.callers)
+        # The passwords of the stores' and proxies' URLs: a library's error may quote a URL.
+        for url in (self.cache_store, self.limits_store, self.upstream_proxy, self.otlp_endpoint):
+            found += url_secrets(url)
+        for route in self.models:
+            for deployment in route.deployments:
+                found += url_secrets(deployment.proxy)
         return found
 
 

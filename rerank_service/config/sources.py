@@ -22,7 +22,14 @@ from rerank_service.config.callers import CallerKeyError, check_distinct_keys, w
 from rerank_service.config.deployments import deployment_specs
 from rerank_service.config.problems import describe
 from rerank_service.config.routes import KeySourceError, with_keys
-from rerank_service.config.secret import Secret, UnreadableKeyFile, read_key_file, read_keys
+from rerank_service.config.secret import (
+    Secret,
+    UnreadableKeyFile,
+    file_named,
+    key_fault,
+    read_key_file,
+    read_keys,
+)
 from rerank_service.config.settings import (
     ConfigError,
     KeySources,
@@ -268,12 +275,18 @@ def _secrets(args: Mapping[str, Any], env: Mapping[str, str], file: Layer) -> La
 def _read_keys(keys: KeySources, raw: str, is_file: bool, origin: str) -> list[Secret]:
     if not is_file:
         found = raw.split(",") if keys.several else [raw]
+        if not keys.several and (fault := key_fault(raw)):
+            raise ConfigError(f"{origin}: the key {fault}")
         return [Secret(key.strip()) for key in found if key.strip()]
+    named = "" if origin == keys.file_flag else f" (from {origin})"
     try:
         if keys.several:
             return [Secret(key) for key in read_keys(Path(raw))]
         text = read_key_file(Path(raw)).strip()
     except UnreadableKeyFile as exc:
-        named = "" if origin == keys.file_flag else f" (from {origin})"
         raise ConfigError(f"{keys.file_flag.removeprefix('--')} {exc}{named}") from None
+    # One key, sent upstream in a header: a comment line after it would make every call fail.
+    if fault := key_fault(text):
+        setting = keys.file_flag.removeprefix("--")
+        raise ConfigError(f"{setting} {file_named(raw)}: the key {fault}{named}")
     return [Secret(text)] if text else []

@@ -175,6 +175,14 @@ class RateLimit:
         return self._left_out.pop(key, 0)
 
 
+# Loggers whose messages' arguments are never repeated, and what is said in their place:
+# OpenTelemetry's header parser quotes the malformed entry of the exporter's headers
+# variable, a credential as often as not ("authorization: Bearer ..." for "authorization=...").
+_ARGUMENTS_NOT_REPEATED = {
+    "opentelemetry.util.re": "OTEL_EXPORTER_OTLP_HEADERS or OTEL_EXPORTER_OTLP_TRACES_HEADERS is malformed",
+}
+
+
 class _IntoStructlog(logging.Handler):
     """A library's stdlib log record as one short structlog line: its message's first line,
     the exception's type and message and where it was raised (no traceback), rate-limited
@@ -196,7 +204,11 @@ class _IntoStructlog(logging.Handler):
             level = "error" if record.levelno >= logging.ERROR else "warning"
             if record.levelno < logging.WARNING:
                 level = "info" if record.levelno >= logging.INFO else "debug"
-            message = record.getMessage().partition("\n")[0][:300]
+            instead = _ARGUMENTS_NOT_REPEATED.get(record.name)
+            if instead is not None:
+                message = f"{template.replace('%s', '(not repeated)')} ({instead})"
+            else:
+                message = record.getMessage().partition("\n")[0][:300]
             getattr(get_logger(record.name), level)(message, **fields)
         except Exception:
             self.handleError(record)

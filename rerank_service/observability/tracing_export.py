@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from contextvars import Token
 from typing import Any
+from urllib.parse import unquote
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import (
@@ -52,6 +53,8 @@ from opentelemetry.trace import (
 )
 
 from rerank_service import __version__
+from rerank_service.config.secret import Secret, url_secrets
+from rerank_service.observability.logging import mask_also
 from rerank_service.observability.metrics import Metrics
 from rerank_service.observability.tracing import Attributes, SpanHandle, make_current, restore, wall_ns
 
@@ -241,6 +244,8 @@ def start_tracing(
     environ: Mapping[str, str] = os.environ,
 ) -> OtelTracing:
     """The tracer provider, exporting to `otlp_endpoint` (None: the OTEL_* variables')."""
+    # Before the exporter is made: it parses the headers, and the SDK's lines go to the log.
+    mask_also(exporter_secrets(environ))
     exporter = _CountingExporter(_exporter(otlp_endpoint, environ), metrics)
     queue = int(environ.get("OTEL_BSP_MAX_QUEUE_SIZE", "2048"))
     batches = BatchSpanProcessor(exporter, max_queue_size=queue)
@@ -248,6 +253,33 @@ def start_tracing(
     # The sampler as the SDK reads it from OTEL_TRACES_SAMPLER(_ARG): parent-based, always on by default.
     sampler = TracerProvider(shutdown_on_exit=False).sampler
     return OtelTracing(processor, _resource(worker), sampler)
+
+
+# Where the OTLP exporter reads its headers (a collector's credentials, as often as not).
+HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+# A header value shorter than this is no credential (x-tenant=3): masking it would mask
+# every such number or word of every line.
+_SHORTEST_MASKED = 4
+
+
+def exporter_secrets(environ: Mapping[str, str]) -> list[Secret]:
+    """The exporter's credentials, for the log's masking (an export error may quote what the
+    collector got): each header's value in HEADER_VARIABLES, as written and percent-decoded,
+    and its token alone (`Bearer TOKEN`), an entry written `name: value` included; and the
+    password of an endpoint's URL."""
+    values: list[str] = []
+    for variable in HEADER_VARIABLES:
+        for entry in environ.get(variable, "").split(","):
+            name, equals, value = entry.partition("=")
+            if not equals:  # `authorization: Bearer ...`: malformed, and as secret
+                value = name.partition(":")[2]
+            for each in (value.strip(), unquote(value).strip()):
+                values += [each, each.split(maxsplit=1)[-1] if each else ""]
+    found = [Secret(value) for value in dict.fromkeys(values) if len(value) >= _SHORTEST_MASKED]
+    for variable in ENDPOINT_VARIABLES:
+        found += url_secrets(environ.get(variable, "").strip())
+    return found
 
 
 def _exporter(otlp_endpoint: str | None, environ: Mapping[str, str]) -> SpanExporter:

@@ -95,6 +95,43 @@ def test_a_content_type_reflecting_the_key_is_masked_in_the_error(
     assert UPSTREAM_KEY not in (error.details() or "")
 
 
+def test_a_content_encoding_reflecting_the_key_is_not_repeated(server: ServerThread, upstream: Any) -> None:
+    """The error once quoted an unknown Content-Encoding lowercased: the key in it reached
+    the caller, and lowercased, escaped the log's (case-sensitive) masking."""
+    upstream.inject(Fault(headers={"content-encoding": f"Bearer {UPSTREAM_KEY}"}))
+
+    error = expect_error(lambda: server.stub.Rerank(request(), timeout=10))
+
+    assert code_of(error) == Code.UNAVAILABLE
+    assert "content-encoding" in (error.details() or "")
+    assert UPSTREAM_KEY.lower() not in (error.details() or "").lower()
+
+
+@pytest.mark.parametrize(
+    ("token", "reflected"),
+    [("pt-Mixed-Case-Token-0123456789", "Bearer {}"), ("pt-short-0123", "{}")],
+    ids=["the header", "a short token alone"],
+)
+def test_a_content_encoding_reflecting_a_pass_through_token_reaches_neither_caller_nor_log(
+    serve: ServerFactory, upstream: Any, logs: LogCapture, token: str, reflected: str
+) -> None:
+    # No configured key: the logs' masking knows nothing of the token.
+    upstream.api_key = token
+    upstream.inject(Fault(headers={"content-encoding": reflected.format(token)}))
+    with serve(upstream_api_key=None) as server:
+        error = expect_error(
+            lambda: server.stub.Rerank(
+                request(), metadata=(("authorization", f"Bearer {token}"),), timeout=10
+            )
+        )
+        [call] = logs.wait_for_calls(1)
+
+    assert code_of(error) == Code.UNAVAILABLE
+    assert "content-encoding" in call["details"]
+    assert token.lower() not in f"{error.details()} {trailing(error)}".lower()
+    assert token.lower() not in logs.text.lower()
+
+
 def test_a_short_pass_through_token_reflected_as_the_request_id_never_reaches_the_caller(
     serve: ServerFactory, upstream: Any
 ) -> None:

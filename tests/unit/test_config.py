@@ -223,10 +223,66 @@ def test_a_bad_variable_is_refused_naming_the_setting_and_the_variable(
 def test_a_bad_proxy_url_is_refused_without_repeating_its_password() -> None:
     message = refusal(RERANK_UPSTREAM_PROXY="http://user:hunter2-password@proxy.internal:99999")
 
-    assert message.startswith(
-        "upstream-proxy has an invalid port, got 'http://user:***@proxy.internal:99999'"
-    )
+    assert message.startswith("upstream-proxy has an invalid port, got 'http://***@proxy.internal:99999'")
     assert "hunter2-password" not in message
+
+
+URL_SECRET = "hunter2-Pass"
+
+
+@pytest.mark.parametrize("separator", ["/", "#", "?"])
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        ("RERANK_CACHE_STORE", "redis://default:{}@redis.internal:6379/0"),
+        ("RERANK_LIMITS_STORE", "rediss://:{}@redis.internal:6380"),
+        ("RERANK_UPSTREAM_PROXY", "http://user:{}@proxy.internal:3128"),
+        ("RERANK_OTLP_ENDPOINT", "http://user:{}@collector:4317"),
+        ("RERANK_UPSTREAM_URL", "https://user:{}@api.example"),
+    ],
+)
+def test_a_url_whose_password_holds_a_slash_hash_or_question_mark_is_refused_without_repeating_it(
+    variable: str, url: str, separator: str
+) -> None:
+    """An unencoded '/', '#' or '?' ends urlsplit's host part before the '@': it then sees no
+    password, and the error once repeated the whole URL."""
+    password = f"{URL_SECRET}{separator}XYZ"
+    message = refusal(**{variable: url.format(password)})
+
+    assert URL_SECRET not in message
+    assert "XYZ" not in message
+
+
+def test_a_deployments_url_or_proxy_whose_password_holds_a_slash_is_refused_without_repeating_it(
+    tmp_path: Path,
+) -> None:
+    deployment = "  - name: m\n    deployments:\n      - format: compatible\n        url: {url}\n"
+    for url, proxy in [
+        (f"'https://user:{URL_SECRET}/XYZ@api.example'", None),
+        ("https://api.example", f"'http://user:{URL_SECRET}#XYZ@proxy:3128'"),
+    ]:
+        text = "models:\n" + deployment.format(url=url) + (f"        proxy: {proxy}\n" if proxy else "")
+        message = refusal({"config": config_file(tmp_path, text)})
+
+        assert message.startswith("models[0].deployments[0]."), message
+        assert URL_SECRET not in message
+
+
+def test_the_passwords_of_store_and_proxy_urls_are_among_the_secrets() -> None:
+    """Masked in every log line: a Redis client's or a proxy's error may quote the URL."""
+    settings = load(
+        RERANK_CACHE_STORE="redis://:cache-Pass-1@redis:6379/0",
+        RERANK_LIMITS_STORE="redis://default:limits%2FPass@redis:6379/1",
+        RERANK_UPSTREAM_PROXY="http://user:proxy-Pass-3@proxy:3128",
+        RERANK_UPSTREAM_API_KEY=UPSTREAM_KEY,
+    )
+
+    assert set(revealed(tuple(settings.secrets()))) >= {
+        "cache-Pass-1",
+        "limits%2FPass",
+        "limits/Pass",  # as written and as it is decoded: a library may quote either
+        "proxy-Pass-3",
+    }
 
 
 QUERY_SECRET = "sk-query-0123456789abcdef"

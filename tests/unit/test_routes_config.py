@@ -406,6 +406,41 @@ def test_an_empty_key_file_is_refused(tmp_path: Path) -> None:
     )
 
 
+def test_a_key_file_holding_more_than_the_key_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """A `# comment` line, as caller key files allow: every call failed INTERNAL."""
+    key_file = tmp_path / "tei.key"
+    key_file.write_text("# rotated monthly\nsk-SECRETKEY-XYZ\n", encoding="utf-8")
+    path = write(tmp_path, routes(f"{GOOD}\napi_key_file: {key_file}"))
+
+    message = refusal(path)
+
+    assert message == (
+        f"models[0].deployments[0].api_key_file {key_file}: the key holds more than one line: write "
+        f"the key alone, with no comment (from models in {path})"
+    )
+
+
+def test_a_key_variable_holding_a_space_is_refused_naming_it_not_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, routes(GOOD, "format: tei\nurl: http://b.example\napi_key_env: TEI_KEY"))
+
+    message = refusal(path, TEI_KEY="sk-SECRETKEY-XYZ # rotated")
+
+    assert message == (
+        "models[0].deployments[1].api_key_env names TEI_KEY, whose key holds a space: write the key "
+        f"alone, with no comment (from models in {path})"
+    )
+
+
+def test_a_key_file_written_with_a_byte_order_mark_is_read_without_it(tmp_path: Path) -> None:
+    key_file = tmp_path / "tei.key"
+    key_file.write_text("\ufeffsk-key-0123456789\n", encoding="utf-8")
+    settings = load(write(tmp_path, routes(f"{GOOD}\napi_key_file: {key_file}")))
+
+    key = settings.models[0].deployments[0].api_key
+    assert key is not None
+    assert key.reveal() == "sk-key-0123456789"
+
+
 def test_caller_keys_need_a_key_for_every_upstream_deployment(tmp_path: Path) -> None:
     path = write(
         tmp_path,

@@ -47,8 +47,7 @@ async def read_body(
             return await _read_gzip(chunks, limit)
         if coding != b"identity":
             # Only gzip is advertised (exchange.py); anything else is the upstream's mistake.
-            named = coding[:40].decode("latin-1")
-            raise UndecodableBody(f"the body has content-encoding {named!r}, which was not asked for")
+            raise UndecodableBody(f"the body has {_coding_named(coding)}, which was not asked for")
     # The common path: kept as the plain loop it has always been.
     parts: list[bytes] = []
     size = 0
@@ -58,6 +57,35 @@ async def read_body(
             raise ResponseTooLarge(limit)
         parts.append(chunk)
     return b"".join(parts)
+
+
+# The content-codings IANA registers (gzip and identity are read): the only values an error
+# names, since any other could be a credential.
+_REGISTERED_CODINGS = frozenset(
+    {
+        b"aes128gcm",
+        b"br",
+        b"compress",
+        b"dcb",
+        b"dcz",
+        b"deflate",
+        b"exi",
+        b"pack200-gzip",
+        b"x-compress",
+        b"zstd",
+    }
+)
+
+
+def _coding_named(coding: bytes) -> str:
+    """An unknown Content-Encoding (lowercased) as an error may say it: quoted only when it
+    is a registered content-coding, since a reflecting upstream or proxy may put the
+    Authorization header there, and the error goes to the caller and the access log (where
+    a lowercased key escapes the masking, and a caller's pass-through token is no
+    configured key)."""
+    if coding in _REGISTERED_CODINGS:
+        return f"content-encoding {coding.decode('ascii')!r}"
+    return "a content-encoding that is no registered content-coding (not repeated)"
 
 
 async def _read_gzip(chunks: AsyncIterable[bytes], limit: int) -> bytes:
