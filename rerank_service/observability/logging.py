@@ -10,6 +10,7 @@ so a call that logs nothing pays nothing for it.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 import sys
@@ -17,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import orjson
 import structlog
@@ -103,6 +104,7 @@ def configure_logging(
     stream = stream or sys.stderr
     if log_format == "auto":
         log_format = "console" if stream.isatty() else "json"
+    lossy = _LossyStream(stream, _lost_note(log_format, fields or {}))
     renderer: Processor = (
         structlog.dev.ConsoleRenderer(colors=stream.isatty())
         if log_format == "console"
@@ -121,10 +123,72 @@ def configure_logging(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, lossy)),
         cache_logger_on_first_use=cache_loggers,
     )
     route_library_logs()
+
+
+_LOST_EVENT = "log: lines were lost, the stream could not be written"
+
+
+def _lost_note(log_format: str, fields: Mapping[str, Any]) -> Callable[[int], str]:
+    """The line that says `lost` lines were lost, as the log's renderer would write it."""
+
+    def note(lost: int) -> str:
+        event = {
+            **fields,
+            "logger_name": __name__,
+            "lost": lost,
+            "event": _LOST_EVENT,
+            "level": "warning",
+            "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
+        }
+        if log_format == "console":
+            return f"{event['timestamp']} [warning  ] {_LOST_EVENT} lost={lost}\n"
+        return _json_line(event) + "\n"
+
+    return note
+
+
+class _LossyStream:
+    """The log's stream, whose writes never raise: a line that cannot be written (a full
+    disk, a log shipper's pipe closed) is lost, never the call that logged it. structlog
+    writes on the caller's path, and an error there failed an answered call with UNKNOWN
+    and skipped what came after the line (its caller's limits settled, its usage line).
+    The lines lost are counted and said by the first line written again."""
+
+    def __init__(self, stream: TextIO, note: Callable[[int], str]) -> None:
+        self._stream = stream
+        self._note = note  # the line that says how many were lost, rendered
+        self.lost = 0
+
+    def isatty(self) -> bool:
+        try:
+            return self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def write(self, text: str) -> None:
+        try:
+            self._stream.write(text)
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            self.lost += 1
+
+    def flush(self) -> None:
+        # structlog flushes after each line: one that does not go out is counted lost here.
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            self.lost += 1
+            return
+        if self.lost:  # written again: said once, written here (structlog holds its lock)
+            lost, self.lost = self.lost, 0
+            try:
+                self._stream.write(self._note(lost))
+                self._stream.flush()
+            except (OSError, ValueError):
+                self.lost += lost
 
 
 def _with_fields(fields: dict[str, Any]) -> Processor:

@@ -338,9 +338,9 @@ class Call:
         self._measured.finished(
             self.code, seconds, self.documents, facts.total_tokens, None if span is None else span.trace_id
         )
-        log_call(facts, self.code, seconds, self.details, event)
-        if self.caller is not None:
+        if self.caller is not None:  # its limits settled before anything is written
             self._meter(seconds)
+        log_call(facts, self.code, seconds, self.details, event)
         if span is not None:
             self._end_span(span, facts)
         # The error's traceback holds the front door's frame, which may hold the request

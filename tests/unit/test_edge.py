@@ -18,6 +18,7 @@ from rerank_service.pipeline.admission import Admission
 from rerank_service.pipeline.call import Pipeline
 from rerank_service.pipeline.callers import CallerDirectory
 from rerank_service.pipeline.record import UPSTREAM_TIME_KEY
+from tests.support.logs import LogCapture
 from tests.support.waiting import wait_until_async
 
 
@@ -126,3 +127,55 @@ async def test_an_item_waiting_for_byte_budget_as_its_stream_closes_holds_nothin
     with pytest.raises(StopAsyncIteration):
         await waiting
     assert admission.bytes_in_flight == 0
+
+
+class _NeverAnswers(_EveryMethod):
+    """A servicer whose Rerank and RerankStream wait until grpc cancels them, unaware of any
+    deadline (as a call waiting on a paused Redis, or a stream writing an answer, is)."""
+
+    async def Rerank(self, request: Any, context: Any, call: Any) -> Any:
+        await asyncio.Event().wait()
+
+    async def RerankStream(self, requests: Any, context: Any, call: Any) -> AsyncIterator[Any]:
+        await asyncio.Event().wait()
+        yield rerank_pb2.RerankStreamResponse()
+
+
+async def _call_with_a_deadline(channel: grpc.aio.Channel, path: str) -> None:
+    """One call of `path` with a 0.2 s deadline, read to its end."""
+    request = rerank_pb2.RerankRequest(model="m", query="q", documents=["d"])
+    if path.endswith("/Rerank"):
+        await channel.unary_unary(path, rerank_pb2.RerankRequest.SerializeToString)(request, timeout=0.2)
+        return
+    items = iter([rerank_pb2.RerankStreamRequest(id="a", request=request)])
+    async for _ in channel.stream_stream(path, rerank_pb2.RerankStreamRequest.SerializeToString)(
+        items, timeout=0.2
+    ):
+        pass
+
+
+@pytest.mark.parametrize("method", ["Rerank", "RerankStream"])
+async def test_a_call_grpc_cancels_at_its_deadline_is_recorded_deadline_exceeded(
+    method: str, logs: LogCapture
+) -> None:
+    """As its caller is told: recorded CANCELLED, it read as callers hanging up, and the
+    alerts on DEADLINE_EXCEEDED missed an upstream slower than callers' deadlines."""
+    edge = _edge()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((edge.handler(_NeverAnswers()),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            path = f"/{SERVICE.full_name}/{method}"
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await _call_with_a_deadline(channel, path)
+            assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert await wait_until_async(
+                lambda: any(line.get("method") == path for line in logs.events()),
+                what="the call's access-log line",
+            )
+    finally:
+        await server.stop(None)
+
+    assert [line["code"] for line in logs.events() if line.get("method") == path] == ["DEADLINE_EXCEEDED"]

@@ -283,6 +283,8 @@ class RerankServiceEdge:
                 call.succeeded()
                 return data
             finally:
+                if call.code is grpc.StatusCode.CANCELLED:  # grpc cancelled it: at its deadline?
+                    _ended_by_deadline(call, context)
                 call.finish()
                 # The error's traceback holds this frame, which holds the request: see Call.finish.
                 received = None  # type: ignore[assignment]
@@ -325,9 +327,6 @@ class RerankServiceEdge:
                 except ServiceError as error:
                     call.failed(error)
                     await context.abort(error.code, error.message, error_metadata(error, call.request_id))
-                except asyncio.CancelledError:
-                    _ended_by_deadline(call, context)
-                    raise
                 except Exception:
                     bug = call.bug()
                     await context.abort(bug.code, bug.message, error_metadata(bug, call.request_id))
@@ -335,6 +334,10 @@ class RerankServiceEdge:
                 context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
                 call.succeeded()
             finally:
+                # grpc cancelled it, in the generator or while it wrote an answer (closed with
+                # GeneratorExit then): at its deadline?
+                if call.code is grpc.StatusCode.CANCELLED:
+                    _ended_by_deadline(call, context)
                 items.close()
                 call.finish(items=items.sent, event="stream")
 
