@@ -166,6 +166,10 @@ def test_an_answering_upstream_is_never_refused_an_unreachable_one_fails_fast_th
     assert [step.health for step in steps] == ["SERVING"] * 3 + ["NOT_SERVING"] * 2 + ["SERVING"] * 2
     assert [step.liveness for step in steps] == ["SERVING"] * 7
     assert [step.seen.code for step in steps] == [grpc.StatusCode.UNAVAILABLE] * 5 + [grpc.StatusCode.OK] * 2
+    # The call that made it down ends with what its last attempt met (docs/RELIABILITY.md's
+    # breaker table); the calls after it are refused.
+    assert steps[3].seen.reason == "UPSTREAM_UNAVAILABLE"
+    assert steps[3].seen.retry_delay is None
     assert steps[4].seen.reason == "UPSTREAM_CIRCUIT_OPEN"
 
 

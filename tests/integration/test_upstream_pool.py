@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from rerank_service.backends.upstream.client import budget
 from rerank_service.backends.upstream.client.connections import PHASE, Phase
 from rerank_service.backends.upstream.client.transport import MAX_RESPONSE_BYTES, UpstreamTransport
 from rerank_service.backends.upstream.retry import judge
@@ -34,12 +35,15 @@ pytestmark = pytest.mark.usefixtures("clean_network_environment")
 
 @pytest.fixture
 async def transports(upstream: FakeUpstream) -> AsyncIterator[Transports]:
-    """`transports(max_connections, url=upstream.url, ...)`: a transport, closed after the test."""
+    """`transports(max_connections, url=upstream.url, timeout=10.0, ...)`: a transport,
+    closed after the test."""
     upstream.api_key = None
     made: list[UpstreamTransport] = []
 
-    def make(max_connections: int, url: str | None = None, **options: object) -> UpstreamTransport:
-        made.append(UpstreamTransport(url or upstream.url, 10.0, max_connections, **options))  # type: ignore[arg-type]
+    def make(
+        max_connections: int, url: str | None = None, timeout: float = 10.0, **options: object
+    ) -> UpstreamTransport:
+        made.append(UpstreamTransport(url or upstream.url, timeout, max_connections, **options))  # type: ignore[arg-type]
         return made[-1]
 
     yield make
@@ -98,11 +102,13 @@ async def test_a_call_waiting_for_a_connection_past_its_deadline_is_pool_exhaust
         await busy
 
 
-async def waiting_for_a_connection(transport: UpstreamTransport) -> asyncio.Task[int]:
+async def waiting_for_a_connection(
+    transport: UpstreamTransport, deadline: float | None = None
+) -> asyncio.Task[int]:
     """A call, started and left once it waits for a free connection of the pool: its own
     context shows where it is (connections.PHASE)."""
     context = contextvars.Context()
-    call = asyncio.create_task(post(transport), context=context)
+    call = asyncio.create_task(post(transport, deadline), context=context)
     await wait_until_async(lambda: context.get(PHASE) is Phase.POOL, what="the call waiting for a connection")
     return call
 
@@ -191,6 +197,116 @@ async def test_a_waiter_cancelled_as_the_connection_came_free_passes_it_to_the_n
         assert (held.requests, held.connections) == (2, 1)
     finally:
         held.close()
+
+
+class GatedServer(RawHttpServer):
+    """Answers request n (1 for the first) once `gates[n - 1]` is set; never, unset."""
+
+    def __init__(self, requests: int) -> None:
+        super().__init__()
+        self.gates = [asyncio.Event() for _ in range(requests)]
+
+    async def answer(self, number: int) -> bytes:
+        await self.gates[number - 1].wait()
+        return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+async def held_then_waiting(
+    transport: UpstreamTransport, server: GatedServer, deadline: float | None = None
+) -> tuple[asyncio.Task[int], asyncio.Task[int]]:
+    """The pool's one connection held by a call the server has not answered, and a second
+    call (with `deadline`) waiting for it."""
+    holder = asyncio.create_task(post(transport))
+    await wait_until_async(lambda: server.requests == 1, what="the call holding the connection")
+    return holder, await waiting_for_a_connection(transport, deadline)
+
+
+async def test_a_call_that_waited_for_the_pool_gets_the_whole_upstream_timeout_for_its_exchange(
+    transports: Transports,
+) -> None:
+    """--upstream-timeout bounds the upstream's time, not the wait in our own pool: a call
+    that waited most of it for a connection is not then cut off, its request abandoned,
+    and its upstream blamed (DEADLINE_EXCEEDED, a mark against the deployment's health)."""
+    # Margins of over a second each way on a loaded machine: the wait ends half-way through
+    # the timeout, and the answer comes 0.2 s past the old bound, 1 s before the new one.
+    timeout = 2.5
+    server = GatedServer(2)
+    transport = transports(1, url=await server.start(), timeout=timeout)
+    try:
+        holder, waiting = await held_then_waiting(transport, server)
+        began = time.monotonic()  # the waiting call's time began before this
+        # The wait for our own pool takes most of the upstream timeout...
+        await wait_until_async(lambda: time.monotonic() >= began + 0.5 * timeout, what="the wait")
+        server.gates[0].set()
+        assert await holder == 200
+        await wait_until_async(lambda: server.requests == 2, what="the waiting call's request")
+        # ... and the upstream answers within the upstream timeout of its request, past
+        # the end of the one that began with the wait.
+        await wait_until_async(lambda: time.monotonic() >= began + timeout + 0.2, what="the old bound")
+        server.gates[1].set()
+
+        assert await waiting == 200  # before: UPSTREAM_TIMEOUT at `timeout`, the answer thrown away
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("by_caller", [False, True], ids=["the upstream timeout", "the caller's deadline"])
+async def test_a_call_that_waited_for_the_pool_then_got_no_answer_times_out_as_it_should(
+    transports: Transports, by_caller: bool
+) -> None:
+    """After the wait for the pool, a slow upstream is the upstream's timeout (a failure
+    for its health); the caller's own deadline ending it is the caller's (neutral)."""
+    server = GatedServer(2)  # the second request is never answered
+    transport = transports(1, url=await server.start(), timeout=10.0 if by_caller else 0.5)
+    try:
+        holder, waiting = await held_then_waiting(
+            transport, server, deadline=time.monotonic() + 0.5 if by_caller else None
+        )
+        server.gates[0].set()
+        assert await holder == 200
+
+        with pytest.raises(ServiceError) as caught:
+            await waiting
+
+        assert server.requests == 2
+        assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert caught.value.reason == "UPSTREAM_TIMEOUT"
+        assert ("the call's deadline" if by_caller else "the upstream timeout") in caught.value.message
+        verdict = judge(caught.value, caller_deadline_passed=by_caller)
+        assert verdict.outcome is (Outcome.NEUTRAL if by_caller else Outcome.FAILURE)
+    finally:
+        server.close()
+
+
+async def test_a_call_whose_wait_for_the_pool_left_it_almost_no_time_sends_nothing(
+    transports: Transports, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that comes free with (almost) nothing left of the caller's deadline
+    carries no request (it would be abandoned at once, its work wasted): the pool's wait
+    ran out, UPSTREAM_POOL_EXHAUSTED, neutral for the deployment's health. "Almost" is
+    made half a second here, so that the test need not hit a few milliseconds."""
+    monkeypatch.setattr(budget, "MIN_EXCHANGE", 0.5, raising=False)
+    server = GatedServer(2)
+    transport = transports(1, url=await server.start())
+    try:
+        deadline = time.monotonic() + 1.0
+        holder, waiting = await held_then_waiting(transport, server, deadline)
+        await wait_until_async(lambda: time.monotonic() >= deadline - 0.4, what="the deadline nearing")
+        server.gates[0].set()
+        assert await holder == 200
+        server.gates[1].set()  # answered at once, were it sent
+
+        with pytest.raises(ServiceError) as caught:
+            await waiting
+
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.reason == "UPSTREAM_POOL_EXHAUSTED"
+        assert judge(caught.value, caller_deadline_passed=False).outcome is Outcome.NEUTRAL
+        assert server.requests == 1
+        assert await post(transport) == 200  # the connection went back to the pool
+        assert server.connections == 1
+    finally:
+        server.close()
 
 
 async def test_a_body_left_unread_frees_its_slot_and_drops_its_connection(

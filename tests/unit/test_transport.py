@@ -105,6 +105,52 @@ async def test_a_deadline_already_passed_sends_nothing(
     assert upstream.requests == []
 
 
+async def test_a_deadline_with_almost_no_time_left_sends_nothing(
+    transports: Transports, upstream: FakeUpstream, metrics: Metrics
+) -> None:
+    # A millisecond: no upstream answers that fast; the request would be abandoned at once.
+    error = await failure_of(transports(), deadline=time.monotonic() + 0.001)
+
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "the call's deadline" in error.message
+    assert attempts(metrics, "timeout") == 0  # no attempt was made
+    assert upstream.requests == []
+
+
+async def test_a_probe_cut_off_by_its_own_bound_is_unavailable_not_the_callers_deadline(
+    transports: Transports, upstream: FakeUpstream
+) -> None:
+    upstream.always(Fault(delay=NEVER))
+
+    with pytest.raises(ServiceError) as caught:
+        await transports().post_json(NATIVE_PATH, BODY, KEY, time.monotonic() + 60.0, probe_timeout=0.3)
+
+    # The caller's deadline is far off: the route may still try another deployment within it.
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.reason == "UPSTREAM_UNAVAILABLE"
+    assert "--upstream-breaker-probe-timeout (0.3 s)" in caught.value.message
+    assert not caught.value.unreachable  # it connected: still down, but not unreachable
+
+
+@pytest.mark.parametrize(
+    ("upstream_timeout", "deadline_in", "said"),
+    [(0.3, 60.0, "the upstream timeout"), (30.0, 0.3, "the call's deadline")],
+    ids=["the upstream timeout first", "the caller's deadline first"],
+)
+async def test_a_probe_ended_by_another_bound_says_that_bound(
+    transports: Transports, upstream: FakeUpstream, upstream_timeout: float, deadline_in: float, said: str
+) -> None:
+    upstream.always(Fault(delay=NEVER))
+
+    with pytest.raises(ServiceError) as caught:
+        await transports(timeout=upstream_timeout).post_json(
+            NATIVE_PATH, BODY, KEY, time.monotonic() + deadline_in, probe_timeout=30.0
+        )
+
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert said in caught.value.message
+
+
 async def test_a_body_that_trickles_past_the_timeout_times_out_though_each_read_is_quick(
     transports: Transports, upstream: FakeUpstream
 ) -> None:
@@ -256,6 +302,17 @@ async def test_a_connection_that_never_opens_is_a_timeout_of_an_unreachable_upst
     assert error.reason == "UPSTREAM_TIMEOUT"
     # Unreachable, as a refused connection is: it counts toward the deployment being down.
     assert error.unreachable
+
+
+async def test_a_probe_whose_connection_never_opens_is_unavailable_and_unreachable(
+    transports: Transports,
+) -> None:
+    with dropping_connections() as url, pytest.raises(ServiceError) as caught:
+        await transports(url=url).post_json(NATIVE_PATH, BODY, KEY, None, probe_timeout=0.3)
+
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "--upstream-breaker-probe-timeout" in caught.value.message
+    assert caught.value.unreachable  # still unreachable: down again for a full cool-down
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import grpc
 import orjson
 
 from rerank_service.backends.upstream import errors
+from rerank_service.backends.upstream.client.budget import MIN_EXCHANGE
 from rerank_service.backends.upstream.client.connections import check_connection_settings
 from rerank_service.backends.upstream.client.transport import UpstreamReply, UpstreamTransport
 from rerank_service.backends.upstream.dialect import (
@@ -35,6 +36,7 @@ from rerank_service.core.domain import (
     BackendRequest,
     BackendResult,
     CallContext,
+    DeploymentState,
     ModelInfo,
     ServiceError,
     Timings,
@@ -241,12 +243,9 @@ class UpstreamBackend:
             outcome = Outcome.NEUTRAL  # if cancelled mid-attempt: says nothing about the upstream
             unreachable = answered = recorded = False
             # A probe of a down upstream gets a short time: a hanging probe holds no caller long.
-            deadline = context.deadline
-            if probe:
-                probe_deadline = time.monotonic() + self._health.probe_timeout
-                deadline = probe_deadline if deadline is None else min(deadline, probe_deadline)
+            probe_timeout = self._health.probe_timeout if probe else None
             try:
-                answer = await self._attempt(request, body, token, context, deadline, spans, attempt)
+                answer = await self._attempt(request, body, token, context, probe_timeout, spans, attempt)
                 outcome = Outcome.SUCCESS
                 timings = Timings(upstream_spans=tuple(spans))
                 request_id = checked_request_id(answer.request_id, self._secrets_of(token))
@@ -256,7 +255,11 @@ class UpstreamBackend:
                     )
                 return BackendResult(answer.scores, answer.total_tokens, request_id, timings)
             except ServiceError as error:
-                verdict = judge(error, context.deadline is not None and time.monotonic() >= context.deadline)
+                # Less than MIN_EXCHANGE left is no time: the transport sends nothing then.
+                out_of_time = (
+                    context.deadline is not None and time.monotonic() >= context.deadline - MIN_EXCHANGE
+                )
+                verdict = judge(error, out_of_time)
                 outcome, unreachable = verdict.outcome, error.unreachable
                 answered = _answered(error)
                 self._health.record(outcome, probe, unreachable, answered)
@@ -274,8 +277,13 @@ class UpstreamBackend:
         self, error: ServiceError, verdict: Verdict, attempt: int, give_up_at: float, context: CallContext
     ) -> float | None:
         """How long to wait before retrying a failed attempt, or None: give up now."""
-        # Down now (this failure may have made it so): a retry would only be refused.
-        if not verdict.retryable or attempt >= self._retry_policy.max_attempts or self._health.refusing:
+        # Down now (this failure may have made it so): a retry would only be refused, or
+        # be another probe (this one hung, say), which no caller is held for.
+        if (
+            not verdict.retryable
+            or attempt >= self._retry_policy.max_attempts
+            or self._health.state is DeploymentState.DOWN
+        ):
             return None
         wait = self._retry_policy.wait_before(attempt, error.retry_after, self._rng)
         if time.monotonic() + wait >= give_up_at:
@@ -299,11 +307,12 @@ class UpstreamBackend:
         body: dict[str, Any],
         token: Secret | None,
         context: CallContext,
-        deadline: float | None,
+        probe_timeout: float | None,
         spans: list[tuple[float, float]],
         attempt: int,
     ) -> UpstreamAnswer:
         """One HTTP exchange and its answer read; its time on the wire goes into `spans`.
+        `probe_timeout`: it probes a down deployment, cut off after this many seconds.
         With tracing on it is a client span, whose context the upstream is sent."""
         transport = self._transport
         if transport is None:
@@ -320,7 +329,13 @@ class UpstreamBackend:
         try:
             try:
                 reply = await transport.post_json(
-                    self._path, body, token, deadline, traceparent=traceparent, tracestate=context.tracestate
+                    self._path,
+                    body,
+                    token,
+                    context.deadline,
+                    probe_timeout=probe_timeout,
+                    traceparent=traceparent,
+                    tracestate=context.tracestate,
                 )
             finally:
                 spans.append((started, time.perf_counter()))

@@ -157,6 +157,20 @@ def timed_out(by_caller_deadline: bool, unreachable: bool = False) -> ServiceErr
     )
 
 
+def probe_timed_out(probe_timeout: float | None, unreachable: bool = False) -> ServiceError:
+    """A probe of a down deployment got no answer within its own bound: the deployment is
+    still down. Not DEADLINE_EXCEEDED: the caller's deadline is not spent, and the route
+    may try another deployment within it (UNAVAILABLE, as for an unreachable upstream)."""
+    bound = "" if probe_timeout is None else f" ({probe_timeout:g} s)"
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"upstream is down and did not answer its probe within --upstream-breaker-probe-timeout{bound}",
+        reason=UNAVAILABLE,
+        unreachable=unreachable,
+        kind=FailureKind.DEPLOYMENT,
+    )
+
+
 def not_json(status: int, content_type: str | None, secrets: list[Secret]) -> ServiceError:
     # The content type is the upstream's text too: a reflecting proxy may put a key in it.
     shown = _clean(content_type, secrets) if content_type else "none"

@@ -1,7 +1,8 @@
 """The upstream HTTP layer, on aiohttp's client.
 
 transport.py    `UpstreamTransport.post_json`, the one door every upstream call goes through
-budget.py       how long an attempt may take (upstream timeout vs the caller's deadline)
+budget.py       how long an attempt may take (the upstream timeout after the pool's wait,
+                the caller's deadline, a probe's bound)
 exchange.py     one HTTP exchange: the request, sending it, reading its body
 body.py         the body read whole within a size bound, gzip decoded
 failures.py     what a failed attempt becomes: a metrics label and the service's error

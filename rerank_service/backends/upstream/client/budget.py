@@ -1,16 +1,86 @@
-"""How long one upstream attempt may take: the upstream timeout, or less if the caller's
-deadline comes first (a call must never outlive its caller)."""
+"""How long one upstream attempt may take.
+
+The upstream timeout bounds the upstream's own time. An attempt first waits for a
+connection of the service's own pool, for at most the upstream timeout; once it has one
+(or room to open one), the timer is set anew, so connecting, sending and reading the
+answer get the whole upstream timeout: a wait in our own busy pool is never taken for a
+slow upstream. The caller's deadline cuts either shorter (a call must never outlive its
+caller), and so does a probe's bound (counted from the attempt's start).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import time
+from contextvars import ContextVar
 
 
-def attempt_budget(upstream_timeout: float, deadline: float | None) -> tuple[float, bool]:
-    """(seconds, by_caller): the time one attempt may take (zero or less: the deadline has
-    passed), and whether the caller's deadline rather than the upstream timeout set it.
-    `deadline` is on time.monotonic()'s clock. A plain tuple: this runs on every call."""
-    if deadline is None:
-        return upstream_timeout, False
-    remaining = deadline - time.monotonic()
-    return (remaining, True) if remaining < upstream_timeout else (upstream_timeout, False)
+class Bound(enum.Enum):
+    """What set an attempt's time: what a timeout says ran out."""
+
+    UPSTREAM = "the upstream timeout"
+    CALLER = "the call's deadline"
+    PROBE = "the probe timeout"  # a probe of a down deployment (--upstream-breaker-probe-timeout)
+
+
+# Less than this left of the caller's deadline (or of a probe's bound) is no time to send a
+# request in: no upstream answers a rerank that fast, and the request would be abandoned
+# at once, its work wasted.
+MIN_EXCHANGE = 0.005
+# A wait for the pool shorter than this leaves the attempt's timer as it is.
+_NO_WAIT = 0.001
+
+
+class AttemptBudget:
+    """One attempt's time: `seconds()` at its start, and again (`connection_had`) once
+    the wait for a connection of the pool is over. `timer` is the attempt's asyncio.timeout."""
+
+    __slots__ = ("_probe_deadline", "_restarted", "_timeout", "bound", "deadline", "probe_timeout", "timer")
+
+    def __init__(self, upstream_timeout: float, deadline: float | None, probe_timeout: float | None) -> None:
+        """`deadline`: the caller's, on time.monotonic()'s clock; `probe_timeout`: the
+        attempt is a probe of a down deployment, bounded by this many seconds from now."""
+        self._timeout = upstream_timeout
+        self.deadline = deadline
+        self.probe_timeout = probe_timeout
+        self._probe_deadline = None if probe_timeout is None else time.monotonic() + probe_timeout
+        self.bound = Bound.UPSTREAM
+        self.timer: asyncio.Timeout | None = None
+        self._restarted = False
+
+    def seconds(self) -> float:
+        """The time the attempt may take from now (zero or less: none left); sets `bound`."""
+        seconds, self.bound = self._timeout, Bound.UPSTREAM
+        if self.deadline is None and self._probe_deadline is None:
+            return seconds
+        now = time.monotonic()
+        if self.deadline is not None and self.deadline - now < seconds:
+            seconds, self.bound = self.deadline - now, Bound.CALLER
+        if self._probe_deadline is not None and self._probe_deadline - now < seconds:
+            seconds, self.bound = self._probe_deadline - now, Bound.PROBE
+        return seconds
+
+    def connection_had(self) -> None:
+        """The wait for a connection of the pool is over: the upstream's own time starts now.
+
+        TimeoutError if (almost) nothing is left of the caller's deadline or the probe's
+        bound: the request is not sent, and the pool's wait is what ran out. Only the first
+        call counts (a connection found unusable is replaced at once)."""
+        timer = self.timer
+        if self._restarted or timer is None or timer.expired():
+            return
+        self._restarted = True
+        seconds = self.seconds()
+        if seconds < MIN_EXCHANGE and self.bound is not Bound.UPSTREAM:
+            raise TimeoutError
+        when = asyncio.get_running_loop().time() + seconds
+        # Only ever later (the same deadlines, or the upstream timeout from now): not worth
+        # a new timer when there was no wait to speak of (an idle connection at once).
+        if when > (timer.when() or 0.0) + _NO_WAIT:
+            timer.reschedule(when)
+
+
+# Set by the transport in the calling task for each attempt; read by the connector, which
+# knows when the wait for a connection ends (connections.py).
+ATTEMPT: ContextVar[AttemptBudget | None] = ContextVar("upstream_attempt_budget", default=None)

@@ -8,12 +8,14 @@ saw the end of stream) before it would carry a request; one whose close was stil
 way is retried once (exchange.py), for which the connector says whether the connection
 it handed out was reused. Only HTTP/1.1 is spoken.
 
-One time budget bounds each attempt (transport.py), so a timeout alone does not say what
-ran out: the connector marks, in the calling task (PHASE), while it waits for a pooled
+One timer bounds each attempt (transport.py), so a timeout alone does not say what ran
+out: the connector marks, in the calling task (PHASE), while it waits for a pooled
 connection to come free and while it opens a new one. Our own full pool is not the
 upstream's fault; a connection that never opens is an unreachable upstream; only the
 rest is an upstream slow to answer. (aiohttp's trace signals would say the same, for
-several microseconds of every call.)
+several microseconds of every call.) Where the wait for the pool ends, the connector
+also sets the attempt's timer anew (budget.py): the upstream timeout bounds the
+upstream's own time, not the time spent queued behind other calls.
 
 Whether calls go straight to the upstream or through a proxy (proxies.py), and which
 certificates are trusted (tls.py), is settled here once, never per call.
@@ -38,6 +40,7 @@ from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 from yarl import URL
 
+from rerank_service.backends.upstream.client.budget import ATTEMPT
 from rerank_service.backends.upstream.client.proxies import proxy_for
 from rerank_service.backends.upstream.client.tls import upstream_ssl_context
 
@@ -90,6 +93,11 @@ class _Connector(aiohttp.TCPConnector):
                 # fails the calls it cut off mid-exchange.
                 raise aiohttp.ClientConnectionError("the upstream transport was closed") from None
             raise
+        try:
+            _pool_wait_over()
+        except TimeoutError:
+            connection.release()  # nothing was sent on it: the next call may have it
+            raise
         PHASE.set(Phase.EXCHANGE)
         protocol = connection.protocol
         if protocol is not None:
@@ -124,8 +132,17 @@ class _Connector(aiohttp.TCPConnector):
     ) -> ResponseHandler:
         # aiohttp's own (private) step that opens a new connection: the socket, TLS, a
         # proxy's tunnel. tests/unit/test_transport.py's connect timeout fails if it moves.
+        _pool_wait_over()  # there is room for a new connection: the wait is over
         PHASE.set(Phase.CONNECT)
         return await super()._create_connection(req, traces, timeout)
+
+
+def _pool_wait_over() -> None:
+    """The calling attempt has a connection, or room to open one: its timer is set anew
+    (budget.py); TimeoutError, still waiting for the pool (PHASE), if too little is left."""
+    budget = ATTEMPT.get()
+    if budget is not None:
+        budget.connection_had()
 
 
 def _cancelled() -> bool:

@@ -16,6 +16,7 @@ import httpx
 
 from rerank_service.backends.upstream import errors
 from rerank_service.backends.upstream.client.body import ResponseTooLarge, UndecodableBody
+from rerank_service.backends.upstream.client.budget import AttemptBudget, Bound
 from rerank_service.backends.upstream.client.connections import Phase
 from rerank_service.core.domain import ServiceError
 
@@ -25,15 +26,18 @@ class Failure(NamedTuple):
     error: ServiceError | None  # None: not an upstream failure (a bug): let it propagate as it is
 
 
-def classify(exc: Exception, by_caller_deadline: bool, phase: Phase) -> Failure:
-    """`exc` ended an attempt; `by_caller_deadline`: the caller's deadline set its time budget;
-    `phase`: where the attempt was when it ended (connections.PHASE)."""
+def classify(exc: Exception, budget: AttemptBudget, phase: Phase) -> Failure:
+    """`exc` ended an attempt; `budget`: its time, and what set it; `phase`: where the
+    attempt was when it ended (connections.PHASE)."""
     if isinstance(exc, TimeoutError):  # the attempt ran past its budget (asyncio.timeout)
+        if budget.bound is Bound.PROBE and phase is not Phase.POOL:
+            # The probe's own bound, not the caller's deadline: the deployment is still down.
+            return Failure("timeout", errors.probe_timed_out(budget.probe_timeout, phase is Phase.CONNECT))
         exc = _timeout_in(phase)
     if isinstance(exc, aiohttp.ClientError | asyncio.IncompleteReadError | OSError):
         exc = transport_error(exc)
     if isinstance(exc, httpx.HTTPError):
-        return Failure(transport_failure(exc), errors.from_transport(exc, by_caller_deadline))
+        return Failure(transport_failure(exc), errors.from_transport(exc, budget.bound is Bound.CALLER))
     if isinstance(exc, ResponseTooLarge):
         return Failure("too_large", errors.too_large(exc.limit))
     if isinstance(exc, UndecodableBody):

@@ -21,7 +21,7 @@ from yarl import URL
 from rerank_service.backends.upstream import errors
 from rerank_service.backends.upstream.client.attempt import AttemptMetric
 from rerank_service.backends.upstream.client.body import MAX_RESPONSE_BYTES
-from rerank_service.backends.upstream.client.budget import attempt_budget
+from rerank_service.backends.upstream.client.budget import ATTEMPT, MIN_EXCHANGE, AttemptBudget, Bound
 from rerank_service.backends.upstream.client.connections import (
     KEEPALIVE_EXPIRY,
     PHASE,
@@ -84,17 +84,22 @@ class UpstreamTransport:
         token: Secret | None,
         deadline: float | None,
         *,
+        probe_timeout: float | None = None,
         traceparent: str | None = None,
         tracestate: str | None = None,
     ) -> UpstreamReply:
         """POST `body` as JSON; bounded by the upstream timeout and the caller's deadline.
 
-        `traceparent`/`tracestate` (already validated) go along as W3C trace headers.
-        Any answer with a status is returned; a failure without one raises ServiceError.
+        `probe_timeout`: the call probes a down deployment, and is cut off this many
+        seconds from now, whatever the caller's deadline (then UNAVAILABLE, not the
+        caller's DEADLINE_EXCEEDED). `traceparent`/`tracestate` (already validated) go
+        along as W3C trace headers. Any answer with a status is returned; a failure
+        without one raises ServiceError.
         """
-        seconds, by_caller = attempt_budget(self._timeout, deadline)
-        if seconds <= 0:
-            raise errors.timed_out(by_caller_deadline=True)
+        budget = AttemptBudget(self._timeout, deadline, probe_timeout)
+        seconds = budget.seconds()
+        if seconds < MIN_EXCHANGE and budget.bound is Bound.CALLER:
+            raise errors.timed_out(by_caller_deadline=True)  # (almost) no time left: nothing sent
         session = self._session
         if session is None:
             session = self._session = open_session(
@@ -103,20 +108,24 @@ class UpstreamTransport:
         headers = call_headers(token, traceparent, tracestate)
         content = orjson.dumps(body)
         with AttemptMetric(self._metrics) as attempt:
+            current = ATTEMPT.set(budget)
             try:
-                # One bound on the whole exchange: the wait for a free connection,
-                # connecting, sending, and the body to its last byte (a trickle included).
-                async with asyncio.timeout(seconds):
+                # One timer: on the wait for a free connection, then, set anew once there
+                # is one (budget.py), on connecting, sending, and the body to its last byte
+                # (a trickle included).
+                async with asyncio.timeout(seconds) as budget.timer:
                     reply = await exchange(
                         session, self._route, self._url(path), content, headers, MAX_RESPONSE_BYTES
                     )
             except Exception as exc:
                 # Where it was (the pool's wait, connecting, the exchange) says what a timeout means.
-                failure = classify(exc, by_caller, PHASE.get())
+                failure = classify(exc, budget, PHASE.get())
                 attempt.outcome = failure.label
                 if failure.error is None:
                     raise
                 raise failure.error from None
+            finally:
+                ATTEMPT.reset(current)
             attempt.outcome = reply.status
             return reply
 
