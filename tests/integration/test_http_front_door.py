@@ -319,6 +319,18 @@ FLAT_BAD_BODIES: list[tuple[str, Any, str]] = [
     ("not-an-object", ["q", "a"], "body"),
 ]
 NATIVE_BAD_BODIES: list[tuple[str, Any, str]] = [
+    # An option beside input, where the flat formats put it: ignored, it changed the ranking
+    # silently (a top-level instruct).
+    (
+        "instruct-top-level",
+        {"model": "qwen3-rerank", "input": {"query": "q", "documents": ["a"]}, "instruct": "Given a query"},
+        "parameters.instruct",
+    ),
+    (
+        "top_n-top-level",
+        {"model": "qwen3-rerank", "input": {"query": "q", "documents": ["a"]}, "top_n": 1},
+        "parameters.top_n",
+    ),
     ("query-number", {"model": "qwen3-rerank", "input": {"query": 5, "documents": ["a"]}}, "input.query"),
     ("input-string", {"model": "qwen3-rerank", "input": "q"}, "input"),
     (

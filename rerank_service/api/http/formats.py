@@ -128,12 +128,25 @@ class _Fields:
         return texts
 
 
+# The options the native format reads from `parameters` (_read_request's).
+_NATIVE_OPTIONS = (
+    "top_n", "return_documents", "instruct", "long_documents", "max_tokens_per_doc", "chunk_overlap_tokens",
+)  # fmt: skip
+
+
 def _parse_native(body: Any) -> RerankRequest:
     top = _Fields(body)
     source = _Fields(top.body.get("input"), "input.")
     given = top.body.get("parameters")
     # Absent (or null) is no options; anything else but an object is refused, falsy or not.
     parameters = _Fields({} if given is None else given, "parameters.")
+    # An option beside `input` (as the flat formats put it) would be ignored, and the ranking
+    # change silently (a top-level instruct): refused, naming where it goes.
+    top.violations.extend(
+        FieldViolation(name, f"belongs in parameters in this format: parameters.{name}")
+        for name in _NATIVE_OPTIONS
+        if name in top.body
+    )
     return _read_request(top, source, parameters, objects=False)
 
 
