@@ -147,22 +147,42 @@ async def _call_with_a_deadline(channel: grpc.aio.Channel, path: str) -> None:
     if path.endswith("/Rerank"):
         await channel.unary_unary(path, rerank_pb2.RerankRequest.SerializeToString)(request, timeout=0.2)
         return
-    items = iter([rerank_pb2.RerankStreamRequest(id="a", request=request)])
+
+    async def items() -> AsyncIterator[rerank_pb2.RerankStreamRequest]:
+        yield rerank_pb2.RerankStreamRequest(id="a", request=request)
+        await asyncio.Event().wait()  # never half-closed: only the deadline ends it
+
     async for _ in channel.stream_stream(path, rerank_pb2.RerankStreamRequest.SerializeToString)(
-        items, timeout=0.2
+        items(), timeout=0.2
     ):
         pass
 
 
-@pytest.mark.parametrize("method", ["Rerank", "RerankStream"])
+class _ReadsToTheEnd(_EveryMethod):
+    """A servicer whose RerankStream reads items until there are no more, then ends: at the
+    deadline grpc ends the requests (as a client's half-close does), the stream ends as
+    answered, and only the clock says it was the deadline."""
+
+    async def RerankStream(self, requests: Any, context: Any, call: Any) -> AsyncIterator[Any]:
+        async for _ in requests:
+            pass
+        return
+        yield
+
+
+@pytest.mark.parametrize(
+    ("method", "servicer"),
+    [("Rerank", _NeverAnswers), ("RerankStream", _NeverAnswers), ("RerankStream", _ReadsToTheEnd)],
+    ids=["Rerank", "RerankStream-cancelled", "RerankStream-requests-ended"],
+)
 async def test_a_call_grpc_cancels_at_its_deadline_is_recorded_deadline_exceeded(
-    method: str, logs: LogCapture
+    method: str, servicer: type[_EveryMethod], logs: LogCapture
 ) -> None:
-    """As its caller is told: recorded CANCELLED, it read as callers hanging up, and the
-    alerts on DEADLINE_EXCEEDED missed an upstream slower than callers' deadlines."""
+    """As its caller is told: recorded CANCELLED (or OK), it read as callers hanging up, and
+    the alerts on DEADLINE_EXCEEDED missed an upstream slower than callers' deadlines."""
     edge = _edge()
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((edge.handler(_NeverAnswers()),))
+    server.add_generic_rpc_handlers((edge.handler(servicer()),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

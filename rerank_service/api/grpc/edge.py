@@ -335,8 +335,9 @@ class RerankServiceEdge:
                 call.succeeded()
             finally:
                 # grpc cancelled it, in the generator or while it wrote an answer (closed with
-                # GeneratorExit then): at its deadline?
-                if call.code is grpc.StatusCode.CANCELLED:
+                # GeneratorExit then), or ended its requests at the deadline (which reads as
+                # the client's half-close, the stream then ending as answered): the deadline?
+                if call.code is grpc.StatusCode.CANCELLED or call.code is grpc.StatusCode.OK:
                     _ended_by_deadline(call, context)
                 items.close()
                 call.finish(items=items.sent, event="stream")
@@ -373,8 +374,8 @@ _DEADLINE_SLACK = 0.05
 
 
 def _ended_by_deadline(call: Call, context: ServicerContext[Any, Any]) -> None:
-    """A call grpc cancelled: at its deadline, it is recorded DEADLINE_EXCEEDED, as its
-    caller is told (else CANCELLED, the caller went away)."""
+    """A call grpc ended: at its deadline, it is recorded DEADLINE_EXCEEDED, as its caller
+    is told (else as it was: CANCELLED, the caller went away; or answered)."""
     left = context.time_remaining()
     if left is not None and left <= _DEADLINE_SLACK:
         call.failed_with(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
