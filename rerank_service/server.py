@@ -11,7 +11,10 @@ import dataclasses
 import gc
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from grpc_health.v1 import health_pb2
@@ -47,6 +50,7 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 _log = get_logger("rerank_service.server")
+_T = TypeVar("_T")
 
 
 class BackendStartError(RuntimeError):
@@ -142,16 +146,20 @@ class RerankServer:
         self._admission_publisher: asyncio.Task[None] | None = None
         self._draining = False
         self._serving = False
+        self._started = False  # start() got to the end: health said SERVING, calls were taken
         self._reloading = asyncio.Lock()
         self._backend_started = asyncio.Event()
 
     async def start(self) -> int:
         """Open the ports (health NOT_SERVING), start the backend, then report SERVING; a
-        ListenError or BackendStartError closes again whatever had opened."""
+        ListenError or BackendStartError, or a cancellation (SIGTERM while starting), closes
+        again whatever had opened."""
         for service in HEALTH_SERVICES:
             await self.health.set(service, _NOT_SERVING)
         async with contextlib.AsyncExitStack() as opened:
-            self.port = port = await self._open_ports(opened)
+            # Cancelled half way, grpc's start leaves a server its stop fails on
+            # (InvalidStateError): the ports are opened to the end, then closed.
+            self.port = port = await _to_its_end(self._open_ports(opened))
             self._log_listening()
             await self._start_backend()
             self._backend_started.set()
@@ -167,6 +175,7 @@ class RerankServer:
                 self.metrics.admission.publish_while_running(), name="admission-metrics"
             )
         http_port = None if self.http is None else self.http.port
+        self._started = True
         _log.info(
             "serving" if self.worker is None else "worker serving",
             port=self.port,
@@ -226,13 +235,18 @@ class RerankServer:
         if self._health_watch is not None:
             self._health_watch.cancel()
         await self.health.enter_graceful_shutdown()
-        if process.drain_delay > 0:
+        # A server stopped while starting never said SERVING: no client has to move away.
+        if process.drain_delay > 0 and self._started:
             # Health says NOT_SERVING already; calls are still taken while clients move away.
             _log.info("drain delay", delay_s=process.drain_delay)
             await asyncio.sleep(process.drain_delay)
+        # grpc's stop waits for every call, a health Watch (client-side health checking) or
+        # an idle reflection stream too, which would hold the drain for the whole grace: they
+        # end now, each Watch once it has sent the NOT_SERVING above.
+        self.side_calls.end_streams()
         doors = [("grpc server", self.grpc.stop(grace))]
         if self.http is not None:
-            doors.append(("http server", self.http.stop()))
+            doors.append(("http server", self.http.stop(grace)))
         outcomes = await asyncio.gather(*(stop for _, stop in doors), return_exceptions=True)
         for (step, _), outcome in zip(doors, outcomes, strict=True):
             if isinstance(outcome, BaseException):
@@ -331,6 +345,19 @@ class RerankServer:
         await self.health.set(RERANK_SERVICE, _SERVING if ready else _NOT_SERVING)
         if ready is False:
             _log.warning("health", status="NOT_SERVING", why="the backend is not ready")
+
+
+async def _to_its_end(opening: Coroutine[Any, Any, _T]) -> _T:
+    """`opening`'s result. Cancelled meanwhile, this waits for `opening` to end before the
+    cancellation goes on (what it returned or raised is dropped)."""
+    task = asyncio.ensure_future(opening)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait((task,))
+        if not task.cancelled():
+            task.exception()  # retrieved: what goes on is the cancellation
+        raise
 
 
 # A step of the shutdown: its name (for the log), and what to call (None: nothing to do).
@@ -460,23 +487,59 @@ async def serve(
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    starting = asyncio.create_task(server.start(), name="start")
+    stopping = asyncio.create_task(stop.wait(), name="stop")
     try:
-        await server.start()
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            # SIGTERM or SIGINT while starting (a model may load for minutes): the server
+            # has said SERVING to nobody, so it stops now, not once it would be serving.
+            _log.info("stopping while starting", why="SIGTERM or SIGINT before the server was serving")
+            starting.cancel()  # start closes the ports it had opened
+            await asyncio.wait((starting,))
+        if not starting.cancelled():
+            starting.result()
     except BaseException as exc:
-        for task in reloads:  # each waits for a start that will not come
+        for task in (stopping, *reloads):  # each reload waits for a start that will not come
             task.cancel()
         if not isinstance(exc, BackendStartError):
             raise
         _log.error("start failed", error=str(exc))
         return 1
+    if starting.cancelled():
+        for task in reloads:
+            task.cancel()
+        await server.stop()  # the backend and the rest: closed as after a drain
+        if tracer is not None:
+            tracer.shutdown(TRACES_FLUSH_TIMEOUT)
+        _exit_leaving_loads(0)
+        return 0
     with _start_up_frozen():
         if on_serving is not None:
             on_serving(server.port or 0)
-        await stop.wait()
+        await stopping
         await server.stop()
     if tracer is not None:  # the spans of the calls that drained, sent before the process goes
         tracer.shutdown(TRACES_FLUSH_TIMEOUT)
     return 0
+
+
+def _exit_leaving_loads(code: int) -> None:
+    """End the process now with `code` if a thread would hold its exit; else return.
+
+    A model load runs in a thread of the loop's executor (asyncio.to_thread) that nothing
+    can interrupt: a start cut short by SIGTERM leaves it loading, and asyncio.run, then the
+    interpreter, would wait for it (minutes for a large model) before the process exits,
+    to be killed at the end of its grace instead. Such threads are not daemons; any one
+    still there (an idle one too: which one loads cannot be told) ends the process here.
+    Everything is closed by now and each log line written: os._exit loses nothing.
+    """
+    current = threading.current_thread()
+    if not any(thread is not current and not thread.daemon for thread in threading.enumerate()):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # How long a stopping process waits for the collector to take its last spans.

@@ -313,10 +313,7 @@ class Supervisor:
                 if self._stopping and not alive:
                     break
                 if self._stopping and now > self._stop_deadline:
-                    for worker in alive:
-                        _log.error("worker killed", worker=worker.index, pid=worker.pid, why="drain too long")
-                        self._signal(worker, signal.SIGKILL)
-                    self._failed_drain = True
+                    self._kill(alive)
                     self._stop_deadline = now + KILL_AFTER
                 waitables: list[Any] = [w.process.sentinel for w in alive if w.process is not None]
                 waitables += [w.ready for w in alive if w.ready is not None]
@@ -330,6 +327,16 @@ class Supervisor:
         code = 1 if self._failed_drain else 0
         _log.info("supervisor stopped", exit_code=code)
         return code
+
+    def _kill(self, workers: list[_Worker]) -> None:
+        """SIGKILL `workers`, still running past the drain's end. Only one that served can
+        have failed a drain: one still starting held no calls (_on_exit says the same)."""
+        for worker in workers:
+            why = "drain too long" if worker.serving else "start too long"
+            _log.error("worker killed", worker=worker.index, pid=worker.pid, why=why)
+            self._signal(worker, signal.SIGKILL)
+            if worker.serving:
+                self._failed_drain = True
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals.append(signum)  # handled by the loop, never inside a handler

@@ -336,16 +336,30 @@ class HttpServer:
         )
         return self.port
 
-    async def stop(self) -> None:
-        """Stop accepting, let requests in flight finish within --shutdown-grace, close."""
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let requests in flight finish within `grace` seconds (None:
+        --shutdown-grace), close."""
         if self._renewing is not None:
             self._renewing.cancel()
             self._renewing = None
         if self.gate is not None:
             self.gate.close_handshakes()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        runner = self._runner
+        if runner is None:
+            return
+        # aiohttp's cleanup waits shutdown_timeout for a request in flight, then only marks
+        # it cancelled (a handler waiting on the upstream goes on) and waits as long again:
+        # a call outlasting the grace held the drain for twice the grace. At the grace the
+        # connections still busy are closed instead, which cancels their handlers
+        # (handler_cancellation), as grpc cancels its calls at the grace; each cancelled
+        # call is logged and metered before the cleanup ends.
+        cleanup = asyncio.ensure_future(runner.cleanup())
+        done, _ = await asyncio.wait((cleanup,), timeout=self._shutdown_grace if grace is None else grace)
+        if not done and runner.server is not None:
+            for connection in runner.server.connections:
+                connection.force_close()
+        await cleanup
+        self._runner = None
 
 
 def connection_cap(config: HttpConfig) -> int:

@@ -1,0 +1,174 @@
+"""SIGTERM while the server starts (a model loading) stops it at once, exit 0.
+
+Real `rerank-service serve` processes whose local model never finishes loading: a
+`sitecustomize` module on their PYTHONPATH (a test hook, written here) replaces the model
+loader with one that blocks its thread for good, as a load nothing can interrupt does. A
+process stopped then must not wait for the load (nor be killed at the end of the drain);
+under `--workers` the supervisor exits 0, and a worker it has to kill while still starting
+(its event loop blocked) is no failed drain.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.process import CLI, NO_SCORE_CACHE, json_object
+from tests.support.waiting import wait_until
+
+# Where the hook blocks: "thread", the model load in its thread (the event loop runs on);
+# "loop", the backend's start itself, on the event loop (the process cannot handle SIGTERM).
+_HOOK = """
+import json
+import os
+import threading
+
+from rerank_service.backends.local import backend
+
+BLOCKED = "test: model load blocked"
+
+
+def _say_blocked():
+    print(json.dumps({"event": BLOCKED, "pid": os.getpid()}), flush=True)
+
+
+def _loader(choice):
+    def load(source, device, dtype):
+        _say_blocked()
+        threading.Event().wait()  # for good: a load nothing interrupts
+
+    return load
+
+
+async def _start(self):
+    _say_blocked()
+    threading.Event().wait()  # on the event loop: no signal handler ever runs
+
+
+if os.environ.get("RERANK_TEST_BLOCK") == "thread":
+    backend._default_loader = _loader
+elif os.environ.get("RERANK_TEST_BLOCK") == "loop":
+    backend.LocalBackend.start = _start
+"""
+BLOCKED = "test: model load blocked"
+
+
+class _Process:
+    """`rerank-service serve` with its JSON log lines collected (it never says `serving`)."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [*CLI, "serve", "--host", "127.0.0.1", "--port", "0", "--log-format", "json", *args],
+            env={**os.environ, **NO_SCORE_CACHE, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [event for event in map(json_object, list(self.lines)) if event is not None]
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [event for event in self.events() if event.get("event") == name]
+
+    def wait_for(self, name: str, count: int = 1, timeout: float = 60) -> None:
+        wait_until(lambda: len(self.named(name)) >= count, timeout, 0.02, what=f"{count} {name!r} line(s)")
+
+    def stop(self, timeout: float) -> int:
+        """SIGTERM, then its exit code; it failed the test if it had not exited by `timeout`."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {timeout:g} s after SIGTERM:\n" + "".join(self.lines)[-5000:])
+        self._reader.join(timeout=5)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def hook(tmp_path: Path) -> dict[str, str]:
+    """The environment that puts the blocking loader on the server's PYTHONPATH."""
+    (tmp_path / "sitecustomize.py").write_text(_HOOK, encoding="utf-8")
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture
+def processes() -> Iterator[list[_Process]]:
+    started: list[_Process] = []
+    yield started
+    for process in started:  # a test that failed leaves none behind
+        process.kill()
+
+
+def test_sigterm_while_the_model_loads_exits_zero_at_once_without_waiting_for_it(
+    hook: dict[str, str], processes: list[_Process]
+) -> None:
+    server = _Process(["--device", "cpu"], env={**hook, "RERANK_TEST_BLOCK": "thread"})
+    processes.append(server)
+    server.wait_for(BLOCKED)
+
+    code = server.stop(timeout=30)  # the load never ends: waiting for it would never exit
+
+    names = [event.get("event") for event in server.events()]
+    assert code == 0, server.lines[-20:]
+    assert "serving" not in names
+    assert names[-3:] == ["stopping while starting", "draining", "stopped"]
+    assert "Traceback" not in "".join(server.lines)
+
+
+def test_sigterm_to_workers_still_loading_exits_zero_at_once(
+    hook: dict[str, str], processes: list[_Process]
+) -> None:
+    args = ["--device", "cpu", "--workers", "2", "--shutdown-grace", "1"]
+    supervisor = _Process(args, env={**hook, "RERANK_TEST_BLOCK": "thread"})
+    processes.append(supervisor)
+    supervisor.wait_for(BLOCKED, count=2)
+
+    # Not killed at the end of the drain (11 s): each worker stops at once.
+    code = supervisor.stop(timeout=30)
+
+    stopped = supervisor.named("worker stopped")
+    assert code == 0, supervisor.lines[-20:]
+    assert sorted((event["worker"], event.get("exit_code")) for event in stopped) == [(0, 0), (1, 0)]
+    assert len(supervisor.named("stopping while starting")) == 2
+    assert supervisor.named("worker killed") == []
+
+
+def test_a_worker_killed_while_still_starting_is_no_failed_drain(
+    hook: dict[str, str], processes: list[_Process]
+) -> None:
+    args = ["--device", "cpu", "--workers", "2", "--shutdown-grace", "1"]
+    supervisor = _Process(args, env={**hook, "RERANK_TEST_BLOCK": "loop"})
+    processes.append(supervisor)
+    supervisor.wait_for(BLOCKED, count=2)
+
+    code = supervisor.stop(timeout=60)  # they cannot stop: killed after grace + 10 s
+
+    killed = supervisor.named("worker killed")
+    assert code == 0, supervisor.lines[-20:]
+    assert [event["exit_code"] for event in supervisor.named("supervisor stopped")] == [0]
+    assert sorted((event["worker"], event["why"]) for event in killed) == [
+        (0, "start too long"),
+        (1, "start too long"),
+    ]
