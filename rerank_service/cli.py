@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -54,7 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 class _Parser(argparse.ArgumentParser):
     """A usage error in one line and exit 2, as a bad setting of serve's (docs/OPERATIONS.md);
-    the subcommands' parsers are of this class too."""
+    the subcommands' parsers are of this class too.
+
+    No abbreviations: argparse would take `--api-keys X` (no such flag) as --api-keys-file X,
+    and a flag added later would change what an abbreviation means."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_CONFIG_ERROR, f"{self.prog}: error: {message}; see {self.prog} --help\n")
@@ -374,9 +381,10 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _check_start_up_files(settings: Settings) -> None:
     """What serve checks as it starts, besides the routes: the TLS files, the workers against
-    the local backend, the usage log's place (not created here), the Redis CA bundles."""
+    the local backend, the usage log's place (not created here), the Redis CA bundles, and
+    tracing's protocol (no exporter is made)."""
     from rerank_service.api.grpc.tls import server_credentials
-    from rerank_service.config import readable_file
+    from rerank_service.config import ca_bundle
     from rerank_service.config.server import ServerConfig
     from rerank_service.pipeline.usage import check_usage_log
     from rerank_service.workers import check_workers
@@ -387,7 +395,20 @@ def _check_start_up_files(settings: Settings) -> None:
     for setting in ("cache_store_ca_file", "limits_store_ca_file"):
         path = getattr(settings, setting)
         if path is not None:
-            readable_file(path, setting)
+            ca_bundle(path, setting)
+    _check_tracing(settings.otlp_endpoint)
+
+
+def _check_tracing(otlp_endpoint: str | None) -> None:
+    """The protocol serve's tracer refuses as it starts (server.start_call_tracer)."""
+    from rerank_service.observability.tracing import otlp_protocol, tracing_wanted
+
+    if not tracing_wanted(otlp_endpoint, os.environ):
+        return
+    try:
+        otlp_protocol(os.environ)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _usage(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rerank_service.cache.memory import MemoryTier
 from rerank_service.cache.redis_tier import RedisTier, redis_client
 from rerank_service.cache.score_cache import ScoreCache
-from rerank_service.config import readable_file
+from rerank_service.config import SettingError, ca_bundle
 from rerank_service.config.server import CacheConfig
 from rerank_service.observability.cache_metrics import CacheMetrics
 
@@ -18,8 +18,11 @@ def build_score_cache(config: CacheConfig, metrics: CacheMetrics | None = None) 
     if config.store is not None:
         ca_file = None
         if config.store_ca_file is not None:
-            ca_file = readable_file(config.store_ca_file, "cache_store_ca_file")
-        client = redis_client(config.store, timeout=config.store_timeout, ca_file=ca_file)
+            ca_file = ca_bundle(config.store_ca_file, "cache_store_ca_file")
+        try:
+            client = redis_client(config.store, timeout=config.store_timeout, ca_file=ca_file)
+        except ValueError as exc:  # a URL redis-py cannot read (settings.py refuses those first)
+            raise SettingError("cache_store", str(exc)) from None
         redis = RedisTier(client, ttl=config.ttl, timeout=config.store_timeout)
     if memory is None and redis is None:
         return None

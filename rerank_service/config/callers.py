@@ -111,7 +111,20 @@ class CredentialEntry(BaseModel):
         return self
 
 
-PerMinute = Annotated[float, Field(gt=0, allow_inf_nan=False), NOT_A_SWITCH]
+# The smallest limit: one in a million minutes (about two years between calls). A smaller
+# one refills too slowly for the bucket arithmetic: the wait for a call overflows to
+# infinity (1e-310), or the rate underflows to 0 (1e-323), and the call fails instead of
+# its refusal.
+MIN_PER_MINUTE = 1e-6
+
+
+def _refillable(value: float) -> float:
+    if value < MIN_PER_MINUTE:
+        raise ValueError(f"must be at least {MIN_PER_MINUTE:g} (one in a million minutes), got {value:g}")
+    return value
+
+
+PerMinute = Annotated[float, Field(gt=0, allow_inf_nan=False), NOT_A_SWITCH, AfterValidator(_refillable)]
 BurstSize = Annotated[float, Field(gt=0, allow_inf_nan=False), NOT_A_SWITCH]
 
 

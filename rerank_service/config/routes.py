@@ -65,6 +65,29 @@ def header_safe(text: str) -> str:
 
 DeploymentName = Annotated[Name, AfterValidator(_deployment_name)]
 
+# ListModels sends a deployment's priority and weight as the contract's int32: past it
+# protobuf refuses the answer (INTERNAL "Value out of range").
+INT32_MAX = 2**31 - 1
+
+
+def _blank_is_none(value: object) -> object:
+    """A blank path is unset, as a blank upstream_ca_file is (Path("") would be the directory ".")."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _not_blank(value: object) -> object:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be blank: leave the key out instead")
+    return value
+
+
+def _source(value: str) -> str:
+    """A local model's source, trimmed as --local-models trims it."""
+    if not value.strip():
+        raise ValueError("must name the model: a directory, a hub id or 'bundled'")
+    return value.strip()
+
+
 # The fewest tokens a document's window may have to be chunked (core/long_documents.py):
 # fewer leave no room for a useful chunk. A route that chunks by default must leave them.
 MIN_CHUNK_TOKENS = 8
@@ -107,15 +130,20 @@ class DeploymentEntry(BaseModel):
 
     format: Format
     url: str | None = None  # an upstream's base URL; required unless format is local
-    source: str | None = None  # format local: a model directory, a cached hub id or 'bundled'
+    # format local: a model directory, a cached hub id or 'bundled'
+    source: Annotated[str, AfterValidator(_source)] | None = None
     engine: Literal["torch", "onnx"] | None = None  # format local: --local-engine for this model
     quantize: Literal["none", "int8"] | None = None  # format local: --local-quantize for this model
     name: DeploymentName | None = None  # in x-deployment, logs and metrics (default: the URL's host)
     model: Name | None = None  # the name sent upstream (default: the route's name)
     api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
-    api_key_file: Path | None = None
-    priority: Annotated[int, Field(ge=0), NOT_A_SWITCH] = 0  # lowest first; higher numbers are fallbacks
-    weight: Annotated[int, Field(ge=1), NOT_A_SWITCH] = 1  # share among deployments of the same priority
+    # Blank is refused, not unset: a key file named by a template left empty must not leave
+    # the deployment without its key (callers' tokens would go upstream).
+    api_key_file: Annotated[Path | None, BeforeValidator(_not_blank)] = None
+    # Lowest first; higher numbers are fallbacks.
+    priority: Annotated[int, Field(ge=0, le=INT32_MAX), NOT_A_SWITCH] = 0
+    # Share among deployments of the same priority.
+    weight: Annotated[int, Field(ge=1, le=INT32_MAX), NOT_A_SWITCH] = 1
     path: str | None = None
     timeout: Annotated[float | None, NOT_A_SWITCH] = None
     max_connections: Annotated[int | None, NOT_A_SWITCH] = None
@@ -131,7 +159,7 @@ class DeploymentEntry(BaseModel):
     documents_per_call: Annotated[int | None, NOT_A_SWITCH] = None
     tokens_per_call: Annotated[int | None, NOT_A_SWITCH] = None
     proxy: str | None = None
-    ca_file: Path | None = None
+    ca_file: Annotated[Path | None, BeforeValidator(_blank_is_none)] = None
     tokenizer: str | None = None
     # Not from the file: the key read from api_key_env or api_key_file by `with_keys`.
     api_key: InstanceOf[Secret] | None = Field(default=None, exclude=True)
@@ -193,7 +221,7 @@ class RouteEntry(BaseModel):
         Literal["truncate", "chunk", "reject"],
         BeforeValidator(lambda value: value.strip().lower() if isinstance(value, str) else value),
     ] = "truncate"
-    max_tokens_per_doc: Annotated[int, Field(ge=1)] | None = None
+    max_tokens_per_doc: Annotated[Annotated[int, Field(ge=1)] | None, NOT_A_SWITCH] = None
 
     @field_validator("max_tokens_per_doc")
     @classmethod

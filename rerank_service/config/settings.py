@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import ssl
 import typing
 from collections.abc import Callable, Mapping
 from functools import cache
@@ -64,11 +66,15 @@ class SettingError(ConfigError):
         return type(self), (self.setting, self.problem, self.value)
 
 
-def readable_file(path: Path, setting: str) -> str:
-    """`path`, checked now: a file the server reads later (a Redis CA bundle) that cannot be
-    read stops start-up (exit 2), not every round trip that needs it."""
+def ca_bundle(path: Path, setting: str) -> str:
+    """`path`, checked now as a PEM CA bundle the server reads later (a Redis store's): one
+    that cannot be read, or holds no certificate, stops start-up (exit 2), rather than every
+    connection failing its TLS handshake later. Parsed as upstream-ca-file is (OpenSSL's
+    reading, as the client's will be)."""
     try:
-        path.read_bytes()
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError:  # before OSError: SSLError is one
+        raise SettingError(setting, "holds no valid PEM certificate", path) from None
     except OSError as exc:
         raise SettingError(setting, exc.strerror or str(exc), path) from None
     return str(path)
@@ -197,23 +203,39 @@ def _http_url(example: str) -> Callable[[str | None], str | None]:
     return check
 
 
-def _redis_url(value: str | None) -> str | None:
-    """A Redis server's URL (redis:// or rediss://); an error never repeats its password."""
-    if value is None:
-        return None
-    parts = urlsplit(value.strip())
-    shown = url_named(value)
-    example = "a redis:// or rediss:// URL such as redis://redis.internal:6379/0"
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"must be {example}, got {shown!r}")
-    _whole_user_info(value, parts)
-    if not parts.hostname:
-        raise ValueError(f"must be {example}, got {shown!r}")
-    try:
-        _ = parts.port
-    except ValueError:
-        raise ValueError(f"has an invalid port, got {shown!r}") from None
-    return value.strip()
+def _redis_url(store: str) -> Callable[[str | None], str | None]:
+    """A Redis server's URL (redis:// or rediss://) for the setting `store` (cache-store,
+    limits-store); an error never repeats its password."""
+
+    def check(value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        shown = url_named(value)
+        example = "a redis:// or rediss:// URL such as redis://redis.internal:6379/0"
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"must be {example}, got {shown!r}")
+        _whole_user_info(value, parts)
+        if not parts.hostname:
+            raise ValueError(f"must be {example}, got {shown!r}")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError(f"has an invalid port, got {shown!r}") from None
+        if "?" in value:  # a bare `?` too: a '?' of the password would have to be %3F
+            # redis-py takes a query's options over the client's own (redis_client.py): a
+            # socket_timeout there would replace the store's timeout, and a value it cannot
+            # read fails when the server starts. Not repeated: it may hold a password.
+            raise ValueError(
+                f"must have no query (?...): the store's timeout is {store}-timeout, its CA bundle "
+                f"{store}-ca-file, its database the URL's path (/0)"
+            )
+        if not re.fullmatch(r"/?|/\d+", parts.path):
+            # redis-py reads any other path as database 0, silently.
+            raise ValueError(f"has a path that is no database number (/0, /1, ...), got {shown!r}")
+        return value.strip()
+
+    return check
 
 
 def _base_url(value: str) -> str:
@@ -291,7 +313,12 @@ def _distinct_models(models: tuple[tuple[str, str], ...]) -> tuple[tuple[str, st
 
 # --- the kinds of value; Expect says each in words -------------------------------------------
 
-Host = Annotated[str, Field(min_length=1), Expect("a host name or address")]
+Host = Annotated[
+    str,
+    BeforeValidator(lambda value: value.strip() if isinstance(value, str) else value),
+    Field(pattern=r"^\S+$"),  # not blank, nor two words: no address to listen on
+    Expect("a host name or address"),
+]
 Port = Annotated[int, NOT_A_SWITCH, Field(ge=0, le=65535), Expect("a port number from 0 to 65535")]
 OptionalPort = Annotated[
     Annotated[int, Field(ge=0, le=65535)] | None,
@@ -308,6 +335,9 @@ GrpcCount = Annotated[
     Field(ge=1, le=_C_INT_MAX),
     Expect(f"an integer from 1 to {_C_INT_MAX}"),
 ]
+# Counts ListModels sends in the contract's int32 fields: past it protobuf refuses the
+# answer (INTERNAL "Value out of range"), so they are refused here.
+Int32Count = GrpcCount
 _GRPC_SECONDS_MAX = 2_000_000  # about 23 days; as milliseconds, within a C int
 GrpcSeconds = Annotated[
     float,
@@ -329,17 +359,29 @@ Workers = Annotated[
     Expect("an integer >= 1, or auto"),
 ]
 CountOrZero = Annotated[int, NOT_A_SWITCH, Field(ge=0), Expect("an integer >= 0")]
+# The longest any duration setting may be: a year. Far past any sensible one, and well
+# within what every clock, timer and wire format below takes (a cool-down of 1e300 s
+# overflowed the RetryInfo of a refusal).
+_SECONDS_MAX = 31_536_000
 Seconds = Annotated[
     float,
     NOT_A_SWITCH,
-    Field(gt=0, allow_inf_nan=False),
-    Expect("a finite number of seconds > 0"),
+    Field(gt=0, le=_SECONDS_MAX, allow_inf_nan=False),
+    Expect(f"a finite number of seconds > 0, at most {_SECONDS_MAX:,} (a year)"),
 ]
 SecondsOrZero = Annotated[
     float,
     NOT_A_SWITCH,
-    Field(ge=0, allow_inf_nan=False),
-    Expect("a finite number of seconds >= 0"),
+    Field(ge=0, le=_SECONDS_MAX, allow_inf_nan=False),
+    Expect(f"a finite number of seconds >= 0, at most {_SECONDS_MAX:,} (a year)"),
+]
+# The attempts that judge whether a deployment is failing now: an hour's at most.
+_WINDOW_MAX = 3600
+WindowSeconds = Annotated[
+    float,
+    NOT_A_SWITCH,
+    Field(gt=0, le=_WINDOW_MAX, allow_inf_nan=False),
+    Expect(f"a finite number of seconds > 0, at most {_WINDOW_MAX}"),
 ]
 Milliseconds = Annotated[
     float,
@@ -354,11 +396,17 @@ UpstreamUrl = Annotated[
     AfterValidator(_http_url(DEFAULT_UPSTREAM_URL)),
     Expect("an http(s) URL without a query, fragment or user:password@"),
 ]
-RedisUrl = Annotated[
+CacheStoreUrl = Annotated[
     str | None,
     BeforeValidator(_blank_is_none),
-    AfterValidator(_redis_url),
-    Expect("a redis:// or rediss:// URL"),
+    AfterValidator(_redis_url("cache-store")),
+    Expect("a redis:// or rediss:// URL without a query"),
+]
+LimitsStoreUrl = Annotated[
+    str | None,
+    BeforeValidator(_blank_is_none),
+    AfterValidator(_redis_url("limits-store")),
+    Expect("a redis:// or rediss:// URL without a query"),
 ]
 OtlpUrl = Annotated[
     str | None,
@@ -517,7 +565,11 @@ class Settings:
         default=("qwen3-rerank",), description="comma-separated model names served through the upstream"
     )
     upstream_timeout: Seconds = Field(
-        default=30.0, description="seconds an upstream call may take (the caller's deadline cuts it shorter)"
+        default=30.0,
+        description=(
+            "seconds the upstream may take to answer an attempt, counted once it has a connection "
+            "of the pool (the wait for one is bounded by it too); the caller's deadline cuts it shorter"
+        ),
     )
     upstream_max_connections: Count = Field(
         default=1024,
@@ -563,7 +615,7 @@ class Settings:
         description="seconds an ejection lasts, and a down deployment refuses calls before probes go "
         "through (one a second at most)",
     )
-    upstream_breaker_window: Seconds = Field(
+    upstream_breaker_window: WindowSeconds = Field(
         default=10.0, description="seconds of attempts that judge whether a deployment is failing"
     )
     upstream_breaker_probe_timeout: Seconds = Field(
@@ -581,7 +633,7 @@ class Settings:
         default=(),
         description="the accepted caller keys (comma-separated in a variable, one a line in a file)",
     )
-    max_documents: Count = Field(
+    max_documents: Int32Count = Field(
         default=10_000,
         description="most documents one call may carry (larger upstream calls are split into chunks)",
     )
@@ -616,7 +668,7 @@ class Settings:
         default=32,
         description="items of one RerankStream processed at once; reading pauses while the window is full",
     )
-    max_query_tokens: Count = Field(
+    max_query_tokens: Int32Count = Field(
         default=4000,
         description="most query tokens, advertised by ListModels: counted by a local model's tokenizer; "
         "for an upstream model estimated at one token per 3 bytes of UTF-8 (12,000 bytes for 4000)",
@@ -768,7 +820,7 @@ class Settings:
         "the in-process tier off",
     )
     cache_ttl: Seconds = Field(default=3600.0, description="score cache: seconds a cached score is used")
-    cache_store: RedisUrl = Field(
+    cache_store: CacheStoreUrl = Field(
         default=None,
         description="score cache: a shared tier in Redis (redis://HOST:PORT/DB, rediss:// for TLS), so "
         "workers and replicas share their scores; unset: none",
@@ -781,7 +833,7 @@ class Settings:
     cache_store_ca_file: FilePath = Field(
         default=None, description="score cache: PEM CA bundle that signs a rediss:// store's certificate"
     )
-    limits_store: RedisUrl = Field(
+    limits_store: LimitsStoreUrl = Field(
         default=None,
         description="callers' limits: the token buckets live in Redis (redis://HOST:PORT/DB, rediss:// for "
         "TLS), so workers and replicas hold each limit together; unset: each process keeps its own "
@@ -887,6 +939,7 @@ def check_consistency(settings: Settings) -> None:
         )
     if settings.cache_store_ca_file is not None and not (settings.cache_store or "").startswith("rediss://"):
         raise ConfigError("cache-store-ca-file applies to a rediss:// (TLS) cache-store only")
+    check_ports(settings)
     check_callers(settings)
     check_local_engine(settings)
     if (
@@ -909,6 +962,17 @@ def check_consistency(settings: Settings) -> None:
                         "one with api_key_env or api_key_file, or set RERANK_UPSTREAM_API_KEY for all"
                         + (f" (from {origin})" if origin else "")
                     )
+
+
+def check_ports(settings: Settings) -> None:
+    """The ports the process listens on are distinct (0 picks a free one each: never the same)."""
+    ports = {"port": settings.port, "http-port": settings.http_port, "metrics-port": settings.metrics_port}
+    named: dict[int, str] = {}
+    for name, port in ports.items():
+        if port:
+            if port in named:
+                raise ConfigError(f"{named[port]} and {name} are both {port}: each port serves one thing")
+            named[port] = name
 
 
 def check_callers(settings: Settings) -> None:

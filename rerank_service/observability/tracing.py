@@ -128,6 +128,18 @@ def restore(token: contextvars.Token[SpanHandle | None]) -> None:
         _current.reset(token)
 
 
+def otlp_protocol(environ: Mapping[str, str]) -> str:
+    """The OTLP protocol spans are exported with: grpc (the default) or http/protobuf, from
+    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or OTEL_EXPORTER_OTLP_PROTOCOL; ValueError for any
+    other (http/json: the SDK has no such exporter). Read without importing OpenTelemetry,
+    so that check-config refuses what serve would."""
+    protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    chosen = (protocol or "grpc").strip().lower()
+    if chosen not in ("grpc", "http/protobuf"):
+        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL must be grpc or http/protobuf, got {protocol!r}")
+    return chosen
+
+
 def tracing_wanted(otlp_endpoint: str | None, environ: Mapping[str, str]) -> bool:
     """Whether spans are exported: an endpoint is configured (--otlp-endpoint, or the
     standard variables) and the SDK is not switched off (OTEL_SDK_DISABLED,

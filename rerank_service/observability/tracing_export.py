@@ -56,7 +56,14 @@ from rerank_service import __version__
 from rerank_service.config.secret import Secret, url_secrets
 from rerank_service.observability.logging import mask_also
 from rerank_service.observability.metrics import Metrics
-from rerank_service.observability.tracing import Attributes, SpanHandle, make_current, restore, wall_ns
+from rerank_service.observability.tracing import (
+    Attributes,
+    SpanHandle,
+    make_current,
+    otlp_protocol,
+    restore,
+    wall_ns,
+)
 
 DEFAULT_SERVICE_NAME = "rerank-service"
 _SCOPE = "rerank_service"
@@ -283,15 +290,12 @@ def exporter_secrets(environ: Mapping[str, str]) -> list[Secret]:
 
 
 def _exporter(otlp_endpoint: str | None, environ: Mapping[str, str]) -> SpanExporter:
-    protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-    if (protocol or "grpc").strip().lower() == "http/protobuf":
+    if otlp_protocol(environ) == "http/protobuf":  # else grpc; ValueError for any other
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
         # As OTEL_EXPORTER_OTLP_ENDPOINT is read: the base URL, the signal's path added.
         endpoint = None if otlp_endpoint is None else otlp_endpoint.rstrip("/") + "/v1/traces"
         return HttpExporter(endpoint=endpoint)
-    if protocol is not None and protocol.strip().lower() != "grpc":
-        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL must be grpc or http/protobuf, got {protocol!r}")
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
     return GrpcExporter(endpoint=otlp_endpoint)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from rerank_service.config import readable_file
+from rerank_service.config import SettingError, ca_bundle
 from rerank_service.config.callers import CallerLimits
 from rerank_service.config.server import LimitsStoreConfig
 from rerank_service.core.chunking import estimate_tokens, text_bytes
@@ -139,8 +139,11 @@ def build_limiter(config: LimitsStoreConfig, metrics: CallerMetrics) -> Limiter:
     process's buckets alone."""
     if config.url is None:
         return Limiter(fail_open=config.fail_open)
-    ca_file = None if config.ca_file is None else readable_file(config.ca_file, "limits_store_ca_file")
-    client = redis_client(config.url, timeout=config.timeout, ca_file=ca_file)
+    ca_file = None if config.ca_file is None else ca_bundle(config.ca_file, "limits_store_ca_file")
+    try:
+        client = redis_client(config.url, timeout=config.timeout, ca_file=ca_file)
+    except ValueError as exc:  # a URL redis-py cannot read (settings.py refuses those first)
+        raise SettingError("limits_store", str(exc)) from None
     store = RedisLimits(
         client, timeout=config.timeout, on_error=metrics.store_error, on_round_trip=metrics.store_round_trip
     )

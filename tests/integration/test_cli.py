@@ -10,6 +10,7 @@ import pytest
 
 from rerank_service.testing.fake_upstream import FakeUpstream, expected_ranking
 from tests.conftest import CALLER_KEY, UPSTREAM_KEY
+from tests.support.certs import CertificateAuthority
 from tests.support.process import ServiceProcess, run_cli
 
 DOCUMENTS = ["apple pie recipe", "a red apple on a red table", "car engines"]
@@ -143,11 +144,11 @@ def test_serve_and_check_config_with_an_empty_config_file_exit_2_naming_it(tmp_p
     _serve_and_check_config_refuse(config, f"config {config}: is empty")
 
 
-def _serve_and_check_config_refuse(config: Path, problem: str) -> None:
+def _serve_and_check_config_refuse(config: Path, problem: str, env: dict[str, str] | None = None) -> None:
     """`serve --config` and `check-config` each exit 2 with one line starting with `problem`;
     serve never starts serving."""
-    served = run_cli("serve", "--port", "0", "--metrics-port", "off", "--config", str(config))
-    checked = run_cli("check-config", str(config))
+    served = run_cli("serve", "--port", "0", "--metrics-port", "off", "--config", str(config), env=env)
+    checked = run_cli("check-config", str(config), env=env)
 
     for result in (served, checked):
         assert result.returncode == 2, result.stderr
@@ -179,8 +180,24 @@ UPSTREAM_FILE = "backend: upstream\nupstream_url: http://127.0.0.1:9\n"
             UPSTREAM_FILE + "limits_store: rediss://127.0.0.1:9\nlimits_store_ca_file: /nonexistent/ca.pem\n",
             "limits-store-ca-file /nonexistent/ca.pem: No such file or directory",
         ),
+        (
+            UPSTREAM_FILE + "cache_store: 'redis://127.0.0.1:9/0?socket_timeout=abc'\n",
+            "cache-store must have no query (?...): the store's timeout is cache-store-timeout",
+        ),
+        (
+            UPSTREAM_FILE + "limits_store: 'redis://127.0.0.1:9/0?socket_timeout=abc'\n",
+            "limits-store must have no query (?...): the store's timeout is limits-store-timeout",
+        ),
     ],
-    ids=["tls-files", "workers-on-a-gpu", "usage-log", "cache-store-ca", "limits-store-ca"],
+    ids=[
+        "tls-files",
+        "workers-on-a-gpu",
+        "usage-log",
+        "cache-store-ca",
+        "limits-store-ca",
+        "cache-store-query",
+        "limits-store-query",
+    ],
 )
 def test_check_config_refuses_what_serve_refuses_as_it_starts(
     tmp_path: Path, text: str, problem: str
@@ -189,6 +206,48 @@ def test_check_config_refuses_what_serve_refuses_as_it_starts(
     config.write_text(text, encoding="utf-8")
 
     _serve_and_check_config_refuse(config, problem)
+
+
+@pytest.mark.parametrize("store", ["cache_store", "limits_store"])
+def test_check_config_and_serve_refuse_a_store_ca_file_holding_no_certificate(
+    tmp_path: Path, store: str
+) -> None:
+    """Only its readability was checked: a key file given as the CA was taken, and the store
+    then never connected."""
+    _, key = CertificateAuthority().issue_server().write(tmp_path, "redis")
+    config = tmp_path / "rerank.yaml"
+    text = f"{store}: rediss://127.0.0.1:9\n{store}_ca_file: {key}\n"
+    config.write_text(UPSTREAM_FILE + text, encoding="utf-8")
+
+    problem = f"{store.replace('_', '-')}-ca-file {key}: holds no valid PEM certificate"
+    _serve_and_check_config_refuse(config, problem)
+
+
+def test_serve_and_check_config_refuse_one_port_for_two_servers(tmp_path: Path) -> None:
+    """check-config said ok; serve exited 1 ("cannot start": its own gRPC server held the port)."""
+    config = tmp_path / "rerank.yaml"
+    config.write_text(UPSTREAM_FILE + "port: 50999\nhttp_port: 50999\n", encoding="utf-8")
+
+    served = run_cli("serve", "--config", str(config))  # the file's ports, not --port 0
+    checked = run_cli("check-config", str(config))
+
+    for result in (served, checked):
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            "rerank-service: configuration error: port and http-port are both 50999: each port serves "
+            "one thing"
+        ]
+
+
+def test_check_config_refuses_an_otlp_protocol_serve_refuses(tmp_path: Path) -> None:
+    config = tmp_path / "rerank.yaml"
+    config.write_text(UPSTREAM_FILE + "otlp_endpoint: http://127.0.0.1:4317\n", encoding="utf-8")
+
+    _serve_and_check_config_refuse(
+        config,
+        "OTEL_EXPORTER_OTLP_PROTOCOL must be grpc or http/protobuf, got 'http/json'",
+        env={"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+    )
 
 
 def test_check_config_creates_no_usage_log(tmp_path: Path) -> None:

@@ -121,3 +121,23 @@ def test_a_timeout_that_is_not_a_finite_deadline_up_to_a_day_is_a_usage_error(ti
     line = _refused(("health", *NOWHERE, "--timeout", timeout))
 
     assert line.startswith("rerank-service health: error: argument --timeout: must be "), line
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (("serve", "--api-keys", "k1"), "--api-keys k1"),  # once taken as --api-keys-file k1
+        (("serve", "--upstream-time", "3"), "--upstream-time 3"),
+        (("rerank", *NOWHERE, "--query", "q", "-d", "a", "--top", "2"), "--top 2"),
+        (("health", *NOWHERE, "--serv", "x"), "--serv x"),
+        (("usage", "--metrics", "http://127.0.0.1:1/metrics", "--metr", "x"), "--metr x"),
+    ],
+    ids=["serve-no-such-flag", "serve-prefix", "rerank-prefix", "health-prefix", "usage-prefix"],
+)
+def test_an_abbreviated_or_mistyped_flag_is_a_usage_error_not_another_flag(
+    args: tuple[str, ...], flag: str
+) -> None:
+    line = _refused(args)
+
+    assert line.startswith("rerank-service: error: unrecognized arguments: "), line
+    assert flag in line

@@ -10,15 +10,21 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
+from rerank.v1 import rerank_pb2
 
 from rerank_service.api.grpc.server import channel_options
+from rerank_service.cache.build import build_score_cache
 from rerank_service.config import ConfigError, Settings, load_settings
 from rerank_service.config.secret import Secret
-from rerank_service.config.server import GrpcConfig, ServerConfig
+from rerank_service.config.server import CacheConfig, GrpcConfig, LimitsStoreConfig, ServerConfig
 from rerank_service.config.settings import usable_cores
 from rerank_service.config.sources import build, file_layer
+from rerank_service.observability.caller_metrics import CallerMetrics
+from rerank_service.pipeline.limits import build_limiter
+from tests.support.certs import CertificateAuthority
 
 UPSTREAM_KEY = "sk-upstream-0123456789"
 CALLER_KEY = "caller-key-abcdefgh"
@@ -198,7 +204,7 @@ def test_the_upstream_proxy_and_ca_file_are_read_and_unset_by_default() -> None:
         ({"RERANK_UPSTREAM_TIMEOUT": "inf"}, "upstream-timeout must be a finite number"),
         ({"RERANK_UPSTREAM_TIMEOUT": "nan"}, "upstream-timeout must be a finite number"),
         ({"RERANK_UPSTREAM_TIMEOUT": "1e400"}, "upstream-timeout must be a finite number"),
-        ({"RERANK_MAX_DOCUMENTS": "0"}, "max-documents must be an integer >= 1, got '0'"),
+        ({"RERANK_MAX_DOCUMENTS": "0"}, "max-documents must be an integer from 1 to 2147483647, got '0'"),
         ({"RERANK_UPSTREAM_BREAKER_FAILURES": "-1"}, "upstream-breaker-failures must be an integer >= 0"),
         ({"RERANK_MAX_CONNECTION_AGE": "-1"}, "max-connection-age must be a finite number of seconds >= 0"),
         ({"RERANK_MICRO_BATCHING": "maybe"}, "micro-batching must be on or off"),
@@ -333,7 +339,7 @@ def test_every_bad_setting_is_named_on_the_one_line() -> None:
     [
         ("port: [1, 2]\n", "port must be a port number from 0 to 65535, got [1, 2]"),
         ("port: 80.5\n", "port must be a port number from 0 to 65535, got 80.5"),
-        ("upstream_timeout: soon\n", "upstream-timeout must be a finite number of seconds > 0, got 'soon'"),
+        ("upstream_timeout: soon\n", "upstream-timeout must be a finite number of seconds > 0, at most"),
         ("upstream_models: 5\n", "upstream-models must be comma-separated names (a list in the file), got 5"),
         ("backend: {name: upstream}\n", "backend must be one of local, upstream"),
     ],
@@ -928,3 +934,146 @@ def test_a_yaml_switch_where_a_deployment_takes_a_number_is_refused(
     assert refusal(RERANK_CONFIG=config_file(tmp_path, text)).startswith(
         f"{where} must be a number, not a switch"
     )
+
+
+# --- bounds past which a value breaks what it ends in -------------------------------------------
+
+
+@pytest.mark.parametrize("setting", ["max_documents", "max_query_tokens"])
+def test_a_count_listmodels_sends_as_int32_is_refused_past_it(setting: str) -> None:
+    """ListModels sends them in the contract's int32 fields: past it protobuf refused the answer
+    (INTERNAL "Value out of range") of a server that had started."""
+    variable = f"RERANK_{setting.upper()}"
+    largest = load(**{variable: str(2**31 - 1)})
+    rerank_pb2.ModelInfo(**{setting: getattr(largest, setting)})  # within int32
+
+    assert refusal(**{variable: str(2**31)}).startswith(
+        f"{setting.replace('_', '-')} must be an integer from 1 to 2147483647, got '2147483648'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "at_least"),
+    [
+        ("RERANK_UPSTREAM_BREAKER_COOLDOWN", "> 0"),
+        ("RERANK_UPSTREAM_TIMEOUT", "> 0"),
+        ("RERANK_CACHE_TTL", "> 0"),
+        ("RERANK_DRAIN_DELAY", ">= 0"),
+    ],
+)
+def test_seconds_past_a_year_are_refused(variable: str, at_least: str) -> None:
+    """A cool-down of 1e300 s was taken, then every refusal of the down deployment failed
+    (UNKNOWN "Value out of range") building its RetryInfo."""
+    setting = variable.removeprefix("RERANK_").lower()
+
+    assert getattr(load(**{variable: "31536000"}), setting) == 31_536_000
+    assert refusal(**{variable: "1e300"}).startswith(
+        f"{setting.replace('_', '-')} must be a finite number of seconds {at_least}, at most 31,536,000 "
+        "(a year), got '1e300'"
+    )
+
+
+def test_the_breaker_window_is_at_most_an_hour() -> None:
+    """Counted in slots (core/window.py): 1e12 s was a MemoryError at start."""
+    assert load(RERANK_UPSTREAM_BREAKER_WINDOW="3600").upstream_breaker_window == 3600
+    assert refusal(RERANK_UPSTREAM_BREAKER_WINDOW="1e12").startswith(
+        "upstream-breaker-window must be a finite number of seconds > 0, at most 3600, got '1e12'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RERANK_PORT": "7000", "RERANK_HTTP_PORT": "7000"}, "port and http-port are both 7000"),
+        ({"RERANK_PORT": "7000", "RERANK_METRICS_PORT": "7000"}, "port and metrics-port are both 7000"),
+        (
+            {"RERANK_HTTP_PORT": "7001", "RERANK_METRICS_PORT": "7001"},
+            "http-port and metrics-port are both 7001",
+        ),
+    ],
+)
+def test_two_ports_of_one_number_are_refused(env: dict[str, str], message: str) -> None:
+    """serve could listen on only one of them: it exited 1 ("cannot start") after check-config said ok."""
+    assert refusal(**env) == f"{message}: each port serves one thing"
+
+
+def test_ports_picked_by_the_system_may_all_be_0() -> None:
+    settings = load(RERANK_PORT="0", RERANK_HTTP_PORT="0", RERANK_METRICS_PORT="0")
+
+    assert (settings.port, settings.http_port, settings.metrics_port) == (0, 0, 0)
+
+
+def test_the_host_is_trimmed_and_a_blank_one_refused(tmp_path: Path) -> None:
+    assert load({"config": config_file(tmp_path, "host: ' 127.0.0.1 '\n")}).host == "127.0.0.1"
+    for text in ("host: ' '\n", "host: 'local host'\n"):
+        assert refusal({"config": config_file(tmp_path, text)}).startswith(
+            "host must be a host name or address"
+        )
+
+
+@pytest.mark.parametrize("store", ["cache_store", "limits_store"])
+@pytest.mark.parametrize(
+    "query",
+    ["?socket_timeout=abc", "?socket_timeout=5", "?ssl_cert_reqs=x", f"?password={URL_SECRET}", "?"],
+    ids=["unreadable", "overriding-the-timeout", "tls-option", "password", "bare"],
+)
+def test_a_store_url_with_a_query_is_refused_naming_the_settings_to_use(store: str, query: str) -> None:
+    """redis-py takes a query's options over the client's own (the timeout), and one it cannot
+    read failed serve with a traceback after check-config said ok. The URL is not repeated."""
+    flag = store.replace("_", "-")
+    message = refusal(**{f"RERANK_{store.upper()}": f"redis://:{URL_SECRET}@redis.internal:6379/0{query}"})
+
+    assert message.startswith(
+        f"{flag} must have no query (?...): the store's timeout is {flag}-timeout, its CA bundle "
+        f"{flag}-ca-file, its database the URL's path (/0)"
+    ), message
+    assert URL_SECRET not in message
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://redis.internal", "redis://redis.internal/", "redis://h:6379/12", "rediss://:p@h:6380/0"]
+)
+def test_a_store_url_without_a_query_is_taken(url: str) -> None:
+    assert load(RERANK_CACHE_STORE=url).cache_store == url
+
+
+def test_a_store_url_whose_path_is_no_database_number_is_refused() -> None:
+    """redis-py reads such a path as database 0, silently."""
+    assert refusal(RERANK_LIMITS_STORE="redis://redis.internal:6379/cache").startswith(
+        "limits-store has a path that is no database number (/0, /1, ...), got "
+        "'redis://redis.internal:6379/cache'"
+    )
+
+
+def build_store(store: str, url: str, ca_file: Path | None = None) -> None:
+    """The cache's or the limits' Redis store as serve builds it (its client connects later)."""
+    if store == "cache":
+        build_score_cache(CacheConfig(0, 60.0, url, 0.05, ca_file))
+    else:
+        build_limiter(LimitsStoreConfig(url, True, 0.05, ca_file), CallerMetrics(CollectorRegistry()))
+
+
+@pytest.mark.parametrize("store", ["cache", "limits"])
+def test_a_store_ca_file_holding_no_certificate_stops_the_store_being_built(
+    tmp_path: Path, store: str
+) -> None:
+    """Read only for readability, a key file given as the CA was taken: the store then never
+    connected (with limits-store-failure closed, every limited caller's call refused)."""
+    authority = CertificateAuthority()
+    ca = authority.write(tmp_path)
+    _, key = authority.issue_server().write(tmp_path, "redis")
+
+    build_store(store, "rediss://127.0.0.1:9/0", ca)
+    with pytest.raises(ConfigError) as raised:
+        build_store(store, "rediss://127.0.0.1:9/0", key)
+
+    assert str(raised.value) == f"{store}-store-ca-file {key}: holds no valid PEM certificate"
+
+
+@pytest.mark.parametrize("store", ["cache", "limits"])
+def test_a_store_url_redis_cannot_read_is_a_configuration_error_naming_the_setting(store: str) -> None:
+    """Past the settings' own check (Settings refuses a query): never a traceback from serve."""
+    with pytest.raises(ConfigError) as raised:
+        build_store(store, "redis://127.0.0.1:9/0?socket_timeout=abc")
+
+    assert str(raised.value) == f"{store}-store: Invalid value for 'socket_timeout' in connection URL."

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from rerank.v1 import rerank_pb2
 
 from rerank_service.cli import main
 from rerank_service.config import ConfigError, Settings
@@ -251,7 +252,33 @@ GOOD = "format: cohere\nurl: http://a.example"
         ),
         (
             routes(f"{GOOD}\ntimeout: -1"),
-            "models[0].deployments[0].timeout must be a finite number of seconds > 0, got -1",
+            "models[0].deployments[0].timeout must be a finite number of seconds > 0, at most 31,536,000 "
+            "(a year), got -1",
+        ),
+        (
+            routes(f"{GOOD}\nbreaker_window: 1e12"),
+            "models[0].deployments[0].breaker_window must be a finite number of seconds > 0, at most 3600, "
+            "got 1000000000000.0",
+        ),
+        (
+            routes(f"{GOOD}\nweight: 2147483648"),
+            "models[0].deployments[0].weight must be less than or equal to 2147483647, got 2147483648",
+        ),
+        (
+            routes(f"{GOOD}\npriority: 2147483648"),
+            "models[0].deployments[0].priority must be less than or equal to 2147483647, got 2147483648",
+        ),
+        (
+            routes("format: local\nsource: ' '"),
+            "models[0].deployments[0].source must name the model: a directory, a hub id or 'bundled'",
+        ),
+        (
+            routes(f"{GOOD}\napi_key_file: ''"),
+            "models[0].deployments[0].api_key_file must not be blank: leave the key out instead",
+        ),
+        (
+            routes(GOOD).replace("    deployments:", "    max_tokens_per_doc: yes\n    deployments:"),
+            "models[0].max_tokens_per_doc must be a number, not a switch",
         ),
         (
             routes(f"{GOOD}\nmax_connections: 0"),
@@ -332,6 +359,29 @@ def test_a_bad_models_section_is_refused_on_one_line_naming_the_place(
 
     assert message.startswith(expected)
     assert message.endswith(f"(from models in {path})")
+
+
+def test_the_largest_priority_and_weight_fit_the_int32_listmodels_sends(tmp_path: Path) -> None:
+    """Past 2**31-1 they were taken, then ListModels answered INTERNAL "Value out of range"."""
+    largest = 2**31 - 1
+    text = routes(f"{GOOD}\npriority: {largest}\nweight: {largest}")
+
+    [spec] = deployment_specs(load(write(tmp_path, text)))
+
+    info = rerank_pb2.DeploymentInfo(priority=spec.priority, weight=spec.weight)
+    assert (info.priority, info.weight) == (largest, largest)
+
+
+def test_a_blank_ca_file_of_a_deployment_is_unset_as_a_blank_upstream_ca_file_is(tmp_path: Path) -> None:
+    """It was the directory "." ("ca_file .: Is a directory" from check-config and serve)."""
+    text = "upstream_ca_file: /etc/global-ca.pem\n" + routes(f"{GOOD}\nca_file: ''")
+
+    settings = load(write(tmp_path, text))
+    [spec] = deployment_specs(settings)
+
+    assert settings.models[0].deployments[0].ca_file is None
+    assert isinstance(spec.config, UpstreamDeploymentConfig)
+    assert spec.config.connection.ca_file == Path("/etc/global-ca.pem")  # the global one applies
 
 
 @pytest.mark.parametrize(

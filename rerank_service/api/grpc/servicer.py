@@ -13,6 +13,7 @@ from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2
 
 from rerank_service.api.grpc.edge import SERVICE, Answer, answer_too_large
+from rerank_service.api.grpc.status import retry_delay_ms
 from rerank_service.core.domain import (
     CallContext,
     DeploymentInfo,
@@ -267,7 +268,7 @@ def to_error_proto(error: ServiceError, request_id: str) -> rerank_pb2.RerankErr
         request_id=request_id,
     )
     if error.retry_after is not None:
-        message.retry_delay.FromMilliseconds(round(error.retry_after * 1000))
+        message.retry_delay.FromMilliseconds(retry_delay_ms(error.retry_after))
     return message
 
 

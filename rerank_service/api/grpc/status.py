@@ -15,6 +15,15 @@ ERROR_DOMAIN = "rerank-service"
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
+# The longest wait a RetryInfo says: a day. A longer one (a cool-down configured at a year)
+# tells a caller nothing more, and a Duration's milliseconds must fit an int64.
+MAX_RETRY_DELAY = 86_400.0
+
+
+def retry_delay_ms(retry_after: float) -> int:
+    """`retry_after` seconds as RetryInfo's milliseconds: within [0, MAX_RETRY_DELAY]."""
+    return round(min(max(retry_after, 0.0), MAX_RETRY_DELAY) * 1000)
+
 
 def error_metadata(error: ServiceError, request_id: str) -> Metadata:
     """The status details (`grpc-status-details-bin`) and the request id, as trailing metadata."""
@@ -64,7 +73,7 @@ def _details(error: ServiceError) -> list[Message]:
         )
     if error.retry_after is not None:
         delay = duration_pb2.Duration()
-        delay.FromMilliseconds(round(error.retry_after * 1000))
+        delay.FromMilliseconds(retry_delay_ms(error.retry_after))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     if error.reason:
         details.append(

@@ -24,7 +24,12 @@ from aiohttp import web
 
 from rerank_service.api.http import openapi
 from rerank_service.api.http.formats import COHERE, COMPATIBLE, NATIVE, BadRequest, Json, WireFormat
-from rerank_service.api.http.statuses import dashscope_code, http_status, retry_after_header
+from rerank_service.api.http.statuses import (
+    dashscope_code,
+    http_status,
+    retry_after_header,
+    retry_after_seconds,
+)
 from rerank_service.core.domain import (
     CacheOutcome,
     CallContext,
@@ -378,8 +383,9 @@ def quota_fields(error: ServiceError) -> Json:
     violations = [{"subject": v.subject, "description": v.description} for v in error.quota_violations]
     fields: Json = {"quota_violations": violations}
     fields.update({key: error.metadata[key] for key in ("caller", "limit") if key in error.metadata})
-    if error.retry_after is not None:
-        fields["retry_after_seconds"] = round(error.retry_after, 3)
+    seconds = retry_after_seconds(error)
+    if seconds is not None:
+        fields["retry_after_seconds"] = round(seconds, 3)
     return fields
 
 

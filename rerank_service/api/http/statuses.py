@@ -58,8 +58,19 @@ def dashscope_code(status: int, error: ServiceError | None = None) -> str:
     return _DASHSCOPE_CODE.get(status, "InternalError")
 
 
-def retry_after_header(error: ServiceError) -> str | None:
-    """`Retry-After` in whole seconds (HTTP has no finer unit), at least 1."""
+# The longest wait a refusal says: a day, as gRPC's RetryInfo (api/grpc/status.py). A longer
+# one (a cool-down configured at a year) tells a client nothing more.
+MAX_RETRY_AFTER = 86_400.0
+
+
+def retry_after_seconds(error: ServiceError) -> float | None:
+    """The error's wait, within [0, MAX_RETRY_AFTER]; None when it gives none."""
     if error.retry_after is None:
         return None
-    return str(max(1, math.ceil(error.retry_after)))
+    return min(max(error.retry_after, 0.0), MAX_RETRY_AFTER)
+
+
+def retry_after_header(error: ServiceError) -> str | None:
+    """`Retry-After` in whole seconds (HTTP has no finer unit), at least 1, at most a day."""
+    seconds = retry_after_seconds(error)
+    return None if seconds is None else str(max(1, math.ceil(seconds)))
