@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, InstanceOf, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, InstanceOf, model_validator
 
 from rerank_service.config.secret import Secret, UnreadableKeyFile, file_named, read_keys, variable_named
 from rerank_service.config.switches import NOT_A_SWITCH
@@ -168,6 +168,17 @@ class LimitsEntry(BaseModel):
         return self
 
 
+def _one_or_more(value: object) -> object:
+    """A single model name as a list of one."""
+    return (value,) if isinstance(value, str) else value
+
+
+def _not_empty(models: tuple[str, ...]) -> tuple[str, ...]:
+    if not models:
+        raise ValueError("is empty: the caller could call no model; name them, or '*' for every model")
+    return models
+
+
 class CallerEntry(BaseModel):
     """One caller, as the file writes it."""
 
@@ -175,7 +186,13 @@ class CallerEntry(BaseModel):
 
     name: Annotated[str, AfterValidator(_caller_name)]
     credentials: tuple[CredentialEntry, ...] = ()
-    models: tuple[Annotated[str, Field(min_length=1, max_length=128)], ...] = (ALL_MODELS,)
+    # One name (`*` above all, as the docs write it) is a list of one; an empty list, a caller
+    # that may call nothing, is refused: a caller is removed, not emptied.
+    models: Annotated[
+        tuple[Annotated[str, Field(min_length=1, max_length=128)], ...],
+        BeforeValidator(_one_or_more),
+        AfterValidator(_not_empty),
+    ] = (ALL_MODELS,)
     limits: LimitsEntry | None = None
 
     @model_validator(mode="after")

@@ -284,6 +284,29 @@ def test_a_key_or_its_hash_or_a_certificate_names_its_caller(tmp_path: Path) -> 
     assert callers.identifies_peers
 
 
+@pytest.mark.parametrize(
+    ("written", "models"), [('"*"', None), ("qwen3-rerank", frozenset({"qwen3-rerank"}))]
+)
+def test_one_model_name_is_a_list_of_one(tmp_path: Path, written: str, models: frozenset[str] | None) -> None:
+    """`models: "*"`, as TENANTS.md writes the default, was refused ("a valid tuple")."""
+    text = (
+        f"callers:\n  - name: search\n    credentials: [{{key_env: SEARCH_API_KEY}}]\n    models: {written}\n"
+    )
+
+    (search,) = caller_configs(load(tmp_path, text, {"SEARCH_API_KEY": SEARCH_KEY}).callers)
+
+    assert search.models == models
+
+
+def test_a_caller_with_an_empty_model_list_is_refused(tmp_path: Path) -> None:
+    """It was taken, and every call of the caller then refused PERMISSION_DENIED."""
+    text = "callers:\n  - name: search\n    credentials: [{key_env: SEARCH_API_KEY}]\n    models: []\n"
+
+    message = refusal(tmp_path, text, {"SEARCH_API_KEY": SEARCH_KEY})
+
+    assert message.startswith("callers[0].models is empty: the caller could call no model")
+
+
 def test_a_caller_may_call_only_its_models(tmp_path: Path) -> None:
     search = directory(tmp_path).identify(Secret(SEARCH_KEY))
     assert search is not None
