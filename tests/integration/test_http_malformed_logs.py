@@ -59,3 +59,37 @@ def test_300_malformed_requests_write_a_few_json_lines(upstream: FakeUpstream) -
     assert library  # what aiohttp says of them is kept, as JSON
     assert all("\n" not in json.dumps(event["event"]) for event in library)
     assert after.status_code == 200
+
+
+def answer_to(port: int, raw: bytes) -> bytes:
+    """What the server sends back to `raw`, to its close."""
+    received = b""
+    with closing(socket.create_connection(("127.0.0.1", port), timeout=5)) as sock:
+        sock.sendall(raw)
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return received
+
+
+def test_a_malformed_request_is_answered_400_without_repeating_its_lines(upstream: FakeUpstream) -> None:
+    """aiohttp's parser quoted the offending line in its answer: the Authorization header,
+    key and all, to the sender and to any proxy that logs answers."""
+    key = "sk-live-SECRETKEY-0123456789"
+    requests = [
+        b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() + b"\x01\r\n\r\n",
+        b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nAuthorization : Bearer " + key.encode() + b"\r\n\r\n",
+    ]
+    args = ["--backend", "upstream", "--upstream-url", upstream.url, "--http-port", "0"]
+    with ServiceProcess(args, env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}) as service:
+        serving = next(event for event in service.events() if event["event"] == "serving")
+        answers = [answer_to(int(serving["http_port"]), raw) for raw in requests]
+        service.terminate()
+
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ", 2)[1] == b"400", answer[:200]
+        assert body == b"400 Bad Request"
+        assert key.encode() not in answer

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import cast
 
 from aiohttp import web
@@ -115,6 +116,41 @@ class ConnectionGate:
         left_out = self._refusals.allow(why.partition(" ")[2])
         if left_out is not None:
             _log.warning("http connection refused", peer=peer, why=why, left_out=left_out)
+
+
+class _QuietRequestHandler(web.RequestHandler):
+    """aiohttp's handler, whose answer to a request it cannot parse (a 400 before any route
+    runs) says only its status: aiohttp's own repeats the offending line, which is as
+    often as not the Authorization header with its key (its log line is cleaned on the way,
+    observability/logging.py; a body goes to the sender, and to any proxy that logs it)."""
+
+    __slots__ = ()  # nothing of its own: aiohttp's handlers become one (_quiet_handlers)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        try:
+            said = f"{status} {HTTPStatus(status).phrase}"
+        except ValueError:  # a status http.HTTPStatus does not name
+            said = str(status)
+        return super().handle_error(request, status, exc, said)
+
+
+def _quiet_handlers(server: web.Server) -> Callable[[], asyncio.Protocol]:
+    """`server`'s handler for each connection, made quiet. aiohttp makes each one itself,
+    with its own arguments (web.Server.__call__): its class is changed afterwards, which
+    the empty __slots__ above allows, rather than made here from aiohttp's private fields."""
+
+    def handler() -> asyncio.Protocol:
+        made = server()
+        made.__class__ = _QuietRequestHandler
+        return made
+
+    return handler
 
 
 class _GatedConnection(asyncio.Protocol):
@@ -254,8 +290,9 @@ class _GatedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        handlers = self._runner.server
-        assert handlers is not None
+        server = self._runner.server
+        assert server is not None
+        handlers = _quiet_handlers(server)
         self._server = await asyncio.get_running_loop().create_server(
             # TLS is the gate's to start, once a connection is admitted: asyncio's own would
             # hand the gate only connections whose handshake has ended. A handshake must not
