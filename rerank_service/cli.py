@@ -364,6 +364,9 @@ def _check_config(args: argparse.Namespace) -> int:
     """Load the file, build every route and find every local model's files as `serve --config
     FILE` would (loading no model); 0 when it would start."""
     settings = load_settings({"config": str(args.file)})
+    # What serve would warn of as it starts (a key file others may read), on stderr.
+    configure_logging(settings.log_format, settings.log_level, settings.secrets())
+    flush_held_warnings()
     from rerank_service.routing.build import checked_routes  # late, as serve
 
     routes = checked_routes(settings)

@@ -258,6 +258,24 @@ def test_check_config_creates_no_usage_log(tmp_path: Path) -> None:
     assert not (tmp_path / "usage.jsonl").exists()
 
 
+def test_check_config_warns_of_a_key_file_others_may_read_as_serve_does(tmp_path: Path) -> None:
+    """The warning was held for a log check-config never configured, so never shown."""
+    key_file = tmp_path / "upstream.key"
+    key_file.write_text("sk-readable-0123456789\n", encoding="utf-8")
+    key_file.chmod(0o644)
+    config = tmp_path / "rerank.yaml"
+    config.write_text(
+        UPSTREAM_FILE + f"upstream_api_key_file: {key_file}\nlog_format: json\n", encoding="utf-8"
+    )
+
+    result = run_cli("check-config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    warnings = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [(w["event"], w["path"]) for w in warnings] == [("key file readable by others", str(key_file))]
+    assert "sk-readable" not in result.stderr
+
+
 SECRET_IN_URL = "sk-in-a-url-0123456789abcdef"
 
 
