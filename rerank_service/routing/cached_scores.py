@@ -169,9 +169,10 @@ def score_identity(
         return local
 
     # TEI's requests name no model: the server at the URL runs the one it was started with,
-    # so the URL names the model there (two TEI deployments of different models in one
-    # route, a cheaper fallback say, must not share scores).
-    server = config.connection.url if config.format == "tei" else None
+    # so the URL and path name the model there (two TEI deployments of different models in
+    # one route, a cheaper fallback say, must not share scores; nor two behind one gateway
+    # host, a path each: https://gw/bge/rerank, https://gw/minilm/rerank).
+    server = f"{config.connection.url.rstrip('/')} {config.path or ''}" if config.format == "tei" else None
 
     def upstream(model: str) -> Identity:
         identity: dict[str, str | int | float | bool | None] = {

@@ -66,6 +66,14 @@ def test_tei_servers_at_two_urls_never_share_a_key() -> None:
     assert big != small
 
 
+def test_tei_servers_behind_one_host_at_two_paths_never_share_a_key() -> None:
+    """One gateway host, one path per model: the URL alone named them alike."""
+    bge = identity_of(upstream_dialect="tei", upstream_url="https://gw", upstream_path="/bge/rerank")
+    minilm = identity_of(upstream_dialect="tei", upstream_url="https://gw", upstream_path="/minilm/rerank")
+
+    assert bge != minilm
+
+
 @pytest.mark.parametrize(
     "change",
     [
