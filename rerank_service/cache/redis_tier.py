@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from rerank_service.cache.entry import CachedScore, pack, unpack
 from rerank_service.observability.logging import get_logger
@@ -53,6 +54,7 @@ class RedisTier:
         self.errors = 0  # failed round trips, timeouts included
         self.timeouts = 0
         self.skipped = 0  # round trips not tried while Redis was taken for down
+        self._refusals_said: set[str] = set()  # the kinds of refused writes logged
 
     @property
     def up(self) -> bool:
@@ -105,7 +107,12 @@ class RedisTier:
                 for key, entry in entries:
                     pipe.set(self._prefix + key, pack(entry), px=self._ttl_ms)
                 await pipe.execute()
-        except Exception as error:  # any failure of the tier is a lost write
+        except ResponseError as error:
+            # Redis answered, refusing the writes (OOM under maxmemory noeviction, a read-only
+            # replica after a failover): it is up, its entries are read on; only these are lost.
+            self._refused(error)
+            return
+        except Exception as error:  # any other failure of the tier is a lost write
             self._failed("put", error)
             return
         self._answered()
@@ -131,6 +138,16 @@ class RedisTier:
                 error=type(error).__name__,
                 detail=str(error)[:200] if not slow else f"no answer within {self.timeout:g} s",
             )
+
+    def _refused(self, error: ResponseError) -> None:
+        """Writes Redis refused: counted as errors, said once a kind (the error's type; its
+        text quotes the command, binary key and value)."""
+        self.errors += 1
+        self._answered()
+        kind = type(error).__name__
+        if kind not in self._refusals_said:
+            self._refusals_said.add(kind)
+            _log.warning("score cache: redis refuses writes, new scores are not shared", error=kind)
 
     def _answered(self) -> None:
         if self._outage.answered():

@@ -174,6 +174,34 @@ async def test_a_killed_redis_reads_as_misses_and_the_tier_comes_back(
     ]
 
 
+async def test_a_redis_refusing_writes_is_still_read_and_says_so_once(
+    redis_own: RedisServer, logs: LogCapture
+) -> None:
+    """Out of memory under noeviction (or a read-only replica): each refused write took the
+    whole tier for down, its reads skipped, and the log said down and up once a second."""
+    writer = tier(redis_own.url)
+    reader = tier(redis_own.url)
+    client = redis_client(redis_own.url, timeout=HANG)
+    try:
+        await writer.put_many(list(zip(keys(), SCORES, strict=True)))
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", "1")
+        others = KEYS.keys(None, "another query", DOCUMENTS)
+        for _ in range(3):
+            await reader.put_many(list(zip(others, SCORES, strict=True)))
+
+        assert reader.up
+        assert reader.errors == 3
+        assert [entry is not None for entry in await reader.get_many(keys())] == [True, True, True]
+    finally:
+        await client.config_set("maxmemory", "0")
+        await client.aclose()
+        await writer.aclose()
+        await reader.aclose()
+    lines = [(event["event"], event.get("error")) for event in logs.events() if "redis" in event["event"]]
+    assert lines == [("score cache: redis refuses writes, new scores are not shared", "OutOfMemoryError")]
+
+
 async def test_a_redis_that_does_not_answer_is_a_miss_at_the_timeout(redis_own: RedisServer) -> None:
     """A hung Redis (SIGSTOP: connections accepted, nothing answered): the lookup ends at the
     tier's timeout as a miss, counted as a timeout, and a store loses its writes quietly."""
