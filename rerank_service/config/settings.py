@@ -21,11 +21,12 @@ from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, InstanceOf
 from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
+from redis.connection import parse_url
 
 from rerank_service.config.callers import CallerEntry, caller_secrets, distinct_callers
 from rerank_service.config.routes import FileOnly, RouteEntry, distinct_routes
@@ -203,6 +204,16 @@ def _http_url(example: str) -> Callable[[str | None], str | None]:
     return check
 
 
+# The query options of a store's URL that would override what the service sets itself
+# (redis_client.py) or says elsewhere (the database: the URL's path; the password: the URL's).
+_REDIS_OWN_OPTIONS = frozenset(
+    {
+        "socket_timeout", "socket_connect_timeout", "timeout", "retry_on_timeout", "retry_on_error",
+        "protocol", "db", "password", "username",
+    }
+)  # fmt: skip
+
+
 def _redis_url(store: str) -> Callable[[str | None], str | None]:
     """A Redis server's URL (redis:// or rediss://) for the setting `store` (cache-store,
     limits-store); an error never repeats its password."""
@@ -222,14 +233,19 @@ def _redis_url(store: str) -> Callable[[str | None], str | None]:
             _ = parts.port
         except ValueError:
             raise ValueError(f"has an invalid port, got {shown!r}") from None
-        if "?" in value:  # a bare `?` too: a '?' of the password would have to be %3F
+        overriding = sorted({name for name, _ in parse_qsl(parts.query)} & _REDIS_OWN_OPTIONS)
+        if overriding:
             # redis-py takes a query's options over the client's own (redis_client.py): a
-            # socket_timeout there would replace the store's timeout, and a value it cannot
-            # read fails when the server starts. Not repeated: it may hold a password.
+            # socket_timeout there would replace the store's timeout. Not repeated: it may
+            # hold a password. Its TLS options (ssl_check_hostname...) are the URL's to say.
             raise ValueError(
-                f"must have no query (?...): the store's timeout is {store}-timeout, its CA bundle "
-                f"{store}-ca-file, its database the URL's path (/0)"
+                f"must not set {', '.join(overriding)} in its query: the store's timeout is "
+                f"{store}-timeout, its CA bundle {store}-ca-file, its database the URL's path (/0)"
             )
+        try:
+            parse_url(value.strip())  # type: ignore[no-untyped-call]  # what redis-py cannot read fails here
+        except ValueError as exc:
+            raise ValueError(f"has a query redis cannot read ({exc}), got {shown!r}") from None
         if not re.fullmatch(r"/?|/\d+", parts.path):
             # redis-py reads any other path as database 0, silently.
             raise ValueError(f"has a path that is no database number (/0, /1, ...), got {shown!r}")

@@ -1013,27 +1013,52 @@ def test_the_host_is_trimmed_and_a_blank_one_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("store", ["cache_store", "limits_store"])
 @pytest.mark.parametrize(
-    "query",
-    ["?socket_timeout=abc", "?socket_timeout=5", "?ssl_cert_reqs=x", f"?password={URL_SECRET}", "?"],
-    ids=["unreadable", "overriding-the-timeout", "tls-option", "password", "bare"],
+    ("query", "named"),
+    [
+        ("?socket_timeout=5", "socket_timeout"),
+        (f"?password={URL_SECRET}&db=2", "db, password"),
+        ("?protocol=3&ssl_check_hostname=false", "protocol"),
+    ],
+    ids=["the-timeout", "password-and-database", "protocol"],
 )
-def test_a_store_url_with_a_query_is_refused_naming_the_settings_to_use(store: str, query: str) -> None:
-    """redis-py takes a query's options over the client's own (the timeout), and one it cannot
-    read failed serve with a traceback after check-config said ok. The URL is not repeated."""
+def test_a_store_url_whose_query_overrides_the_services_options_is_refused_naming_them(
+    store: str, query: str, named: str
+) -> None:
+    """redis-py takes a query's options over the client's own: a socket_timeout there replaced
+    the store's timeout. The URL is not repeated."""
     flag = store.replace("_", "-")
     message = refusal(**{f"RERANK_{store.upper()}": f"redis://:{URL_SECRET}@redis.internal:6379/0{query}"})
 
     assert message.startswith(
-        f"{flag} must have no query (?...): the store's timeout is {flag}-timeout, its CA bundle "
-        f"{flag}-ca-file, its database the URL's path (/0)"
+        f"{flag} must not set {named} in its query: the store's timeout is {flag}-timeout, its CA "
+        f"bundle {flag}-ca-file, its database the URL's path (/0)"
     ), message
     assert URL_SECRET not in message
 
 
+def test_a_store_url_whose_query_redis_cannot_read_is_refused_at_load() -> None:
+    """It passed check-config, then failed serve with a traceback."""
+    message = refusal(RERANK_CACHE_STORE="redis://redis.internal:6379/0?health_check_interval=abc")
+
+    assert message.startswith(
+        "cache-store has a query redis cannot read (Invalid value for 'health_check_interval' in "
+        "connection URL.)"
+    ), message
+
+
 @pytest.mark.parametrize(
-    "url", ["redis://redis.internal", "redis://redis.internal/", "redis://h:6379/12", "rediss://:p@h:6380/0"]
+    "url",
+    [
+        "redis://redis.internal",
+        "redis://redis.internal/",
+        "redis://h:6379/12",
+        "rediss://:p@h:6380/0",
+        # TLS options no setting of the service says: the URL's to say.
+        "rediss://h:6380/0?ssl_check_hostname=false",
+        "rediss://h:6380/0?ssl_cert_reqs=none",
+    ],
 )
-def test_a_store_url_without_a_query_is_taken(url: str) -> None:
+def test_a_store_url_is_taken_with_its_tls_options(url: str) -> None:
     assert load(RERANK_CACHE_STORE=url).cache_store == url
 
 
