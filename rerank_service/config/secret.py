@@ -49,6 +49,10 @@ class Secret:
 # "k" of every line), while an upstream or an error that echoes a credential puts it
 # between quotes, spaces, "=" or ":", which a whole-token match catches at any length.
 WHOLE_WORD_BELOW = 8
+# A store's or proxy's password, or a collector's credential, shorter than this is masked
+# nowhere: no real secret is, and masking it would mask that number or word in every line
+# (a password "2" made `"documents": 2` a mask, and the line no JSON).
+SHORTEST_SECRET = WHOLE_WORD_BELOW
 
 
 def redact(text: str, secrets: list[Secret]) -> str:
@@ -183,4 +187,6 @@ def url_secrets(url: str | None) -> list[Secret]:
         return []
     if not password:
         return []
-    return [Secret(each) for each in dict.fromkeys((password, unquote(password)))]
+    return [
+        Secret(each) for each in dict.fromkeys((password, unquote(password))) if len(each) >= SHORTEST_SECRET
+    ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -53,7 +54,7 @@ from opentelemetry.trace import (
 )
 
 from rerank_service import __version__
-from rerank_service.config.secret import Secret, url_secrets
+from rerank_service.config.secret import SHORTEST_SECRET, Secret, url_secrets
 from rerank_service.observability.logging import mask_also
 from rerank_service.observability.metrics import Metrics
 from rerank_service.observability.tracing import (
@@ -265,9 +266,10 @@ def start_tracing(
 # Where the OTLP exporter reads its headers (a collector's credentials, as often as not).
 HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-# A header value shorter than this is no credential (x-tenant=3): masking it would mask
-# every such number or word of every line.
-_SHORTEST_MASKED = 4
+# The headers whose values are credentials, by a part of their name (authorization,
+# x-api-key, x-honeycomb-team, signoz-access-token...). Others (x-scope-orgid=rerank, a
+# tenant) are none: masked, they garbled every line holding the word.
+_CREDENTIAL_NAMES = re.compile(r"auth|key|token|secret|passw|team|signature|credential|cookie", re.IGNORECASE)
 
 
 def exporter_secrets(environ: Mapping[str, str]) -> list[Secret]:
@@ -280,10 +282,12 @@ def exporter_secrets(environ: Mapping[str, str]) -> list[Secret]:
         for entry in environ.get(variable, "").split(","):
             name, equals, value = entry.partition("=")
             if not equals:  # `authorization: Bearer ...`: malformed, and as secret
-                value = name.partition(":")[2]
+                name, _, value = name.partition(":")
+            if not _CREDENTIAL_NAMES.search(unquote(name)):
+                continue
             for each in (value.strip(), unquote(value).strip()):
                 values += [each, each.split(maxsplit=1)[-1] if each else ""]
-    found = [Secret(value) for value in dict.fromkeys(values) if len(value) >= _SHORTEST_MASKED]
+    found = [Secret(value) for value in dict.fromkeys(values) if len(value) >= SHORTEST_SECRET]
     for variable in ENDPOINT_VARIABLES:
         found += url_secrets(environ.get(variable, "").strip())
     return found

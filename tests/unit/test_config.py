@@ -291,6 +291,13 @@ def test_the_passwords_of_store_and_proxy_urls_are_among_the_secrets() -> None:
     }
 
 
+def test_a_password_too_short_to_be_a_secret_is_masked_nowhere() -> None:
+    """A password "2" masked every `"documents":2` of the log, which was then no JSON."""
+    settings = load(RERANK_CACHE_STORE="redis://:2@redis:6379/0", RERANK_UPSTREAM_API_KEY=UPSTREAM_KEY)
+
+    assert "2" not in revealed(tuple(settings.secrets()))
+
+
 QUERY_SECRET = "sk-query-0123456789abcdef"
 
 

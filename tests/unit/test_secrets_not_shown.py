@@ -163,3 +163,22 @@ def test_the_exporters_headers_are_masked_in_the_log_once_tracing_starts(
 
     assert "Failed to export traces" in capture.text
     assert OTLP_TOKEN not in capture.text
+
+
+def test_only_credential_headers_and_real_passwords_are_masked() -> None:
+    """A tenant header (x-scope-orgid=rerank) masked every line's "rerank"; a 1-character
+    Redis password made every `"documents":2` a mask, and the line no JSON."""
+    from rerank_service.observability.tracing_export import exporter_secrets
+
+    masked = {
+        secret.reveal()
+        for secret in exporter_secrets(
+            {
+                "OTEL_EXPORTER_OTLP_HEADERS": f"x-scope-orgid=rerank,x-api-key={OTLP_TOKEN}",
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "authorization=Bearer%20tok-0123456789",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://user:2@collector:4318",
+            }
+        )
+    }
+
+    assert masked == {OTLP_TOKEN, "Bearer%20tok-0123456789", "Bearer tok-0123456789", "tok-0123456789"}
