@@ -11,7 +11,7 @@ import grpc
 import pytest
 from rerank.v1 import rerank_pb2
 
-from rerank_service.api.grpc.edge import SERVICE, RerankServiceEdge, _Received, _StreamItems
+from rerank_service.api.grpc.edge import SERVICE, RerankServiceEdge, _Received, _settle_ended, _StreamItems
 from rerank_service.config.secret import Secret
 from rerank_service.core.engine import RerankEngine
 from rerank_service.pipeline.admission import Admission
@@ -200,3 +200,37 @@ async def test_a_call_grpc_cancels_at_its_deadline_is_recorded_deadline_exceeded
         await server.stop(None)
 
     assert [line["code"] for line in logs.events() if line.get("method") == path] == ["DEADLINE_EXCEEDED"]
+
+
+class _Remaining:
+    """A servicer context whose deadline is `left` seconds away."""
+
+    def __init__(self, left: float | None) -> None:
+        self.left = left
+
+    def time_remaining(self) -> float | None:
+        return self.left
+
+
+@pytest.mark.parametrize(
+    ("code", "left", "recorded"),
+    [
+        (grpc.StatusCode.CANCELLED, 0.03, grpc.StatusCode.DEADLINE_EXCEEDED),  # grpc's timer, a moment early
+        (grpc.StatusCode.CANCELLED, 5.0, grpc.StatusCode.CANCELLED),  # the caller hung up
+        (grpc.StatusCode.OK, 0.03, grpc.StatusCode.OK),  # a stream answered just inside its deadline
+        (grpc.StatusCode.OK, 0.0, grpc.StatusCode.DEADLINE_EXCEEDED),  # its requests ended by it
+        (grpc.StatusCode.OK, None, grpc.StatusCode.OK),  # no deadline
+    ],
+)
+def test_a_call_ended_near_its_deadline_is_recorded_as_its_caller_is_told(
+    code: grpc.StatusCode, left: float | None, recorded: grpc.StatusCode
+) -> None:
+    """A stream answered OK in the last 50 ms of its deadline was recorded DEADLINE_EXCEEDED;
+    only a call grpc cancelled gets the timer's slack."""
+    pipeline = Pipeline(cast(RerankEngine, None), Admission(4), CallerDirectory())
+    call = pipeline.open("/rerank.v1.RerankService/RerankStream", "peer", pipeline.metrics.for_method("m"))
+    call.code = code
+
+    _settle_ended(call, cast(Any, _Remaining(left)))
+
+    assert call.code is recorded

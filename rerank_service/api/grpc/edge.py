@@ -283,8 +283,7 @@ class RerankServiceEdge:
                 call.succeeded()
                 return data
             finally:
-                if call.code is grpc.StatusCode.CANCELLED:  # grpc cancelled it: at its deadline?
-                    _ended_by_deadline(call, context)
+                _settle_ended(call, context)
                 call.finish()
                 # The error's traceback holds this frame, which holds the request: see Call.finish.
                 received = None  # type: ignore[assignment]
@@ -336,9 +335,8 @@ class RerankServiceEdge:
             finally:
                 # grpc cancelled it, in the generator or while it wrote an answer (closed with
                 # GeneratorExit then), or ended its requests at the deadline (which reads as
-                # the client's half-close, the stream then ending as answered): the deadline?
-                if call.code is grpc.StatusCode.CANCELLED or call.code is grpc.StatusCode.OK:
-                    _ended_by_deadline(call, context)
+                # the client's half-close, the stream then ending as answered).
+                _settle_ended(call, context)
                 items.close()
                 call.finish(items=items.sent, event="stream")
 
@@ -373,11 +371,22 @@ class RerankServiceEdge:
 _DEADLINE_SLACK = 0.05
 
 
-def _ended_by_deadline(call: Call, context: ServicerContext[Any, Any]) -> None:
-    """A call grpc ended: at its deadline, it is recorded DEADLINE_EXCEEDED, as its caller
-    is told (else as it was: CANCELLED, the caller went away; or answered)."""
+def _settle_ended(call: Call, context: ServicerContext[Any, Any]) -> None:
+    """A call's code as its caller is told it: one grpc cancelled at its deadline (its timer
+    may fire a moment early) or that ended as answered past it is DEADLINE_EXCEEDED."""
+    if call.code is grpc.StatusCode.CANCELLED:
+        _ended_by_deadline(call, context)
+    elif call.code is grpc.StatusCode.OK:  # answered in time, however close to the deadline
+        _ended_by_deadline(call, context, slack=0.0)
+
+
+def _ended_by_deadline(
+    call: Call, context: ServicerContext[Any, Any], slack: float = _DEADLINE_SLACK
+) -> None:
+    """A call grpc ended: at its deadline (within `slack`), it is recorded DEADLINE_EXCEEDED,
+    as its caller is told (else as it was: CANCELLED, the caller went away; or answered)."""
     left = context.time_remaining()
-    if left is not None and left <= _DEADLINE_SLACK:
+    if left is not None and left <= slack:
         call.failed_with(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
 
 
