@@ -265,8 +265,10 @@ def _base_url(value: str) -> str:
         )
     if "#" in value:
         raise ValueError("must have no fragment (#...): the endpoint's path goes after the URL")
-    # Anywhere, not only in urlsplit's netloc: a '/' in a password ends the netloc before its '@'.
-    if "@" in value:
+    # Not only in urlsplit's netloc: a '/' in a password ends the netloc before its '@'
+    # (_whole_user_info tells that from an '@' of the path).
+    parts = urlsplit(value.strip())
+    if "@" in parts.netloc or ("@" in value and not _host_shaped(parts)):
         raise ValueError(
             "must have no user or password (...@): ListModels shows the URL; a key goes in a key "
             "file or variable (an @ of a path is written %40)"
@@ -274,10 +276,23 @@ def _base_url(value: str) -> str:
     return value
 
 
+def _host_shaped(parts: SplitResult) -> bool:
+    """Whether the URL's host reads as one (a name with a dot, localhost, an address): a
+    password holding '/' ends the host part early, leaving its first part (`user` of
+    `user:pa/ss@host`) as the host, which has no such shape."""
+    try:
+        host = parts.hostname
+    except ValueError:
+        return False
+    return bool(host) and ("." in host or ":" in host or host == "localhost")
+
+
 def _whole_user_info(value: str, parts: SplitResult) -> None:
-    """An '@' past the host part is a user or password holding an unencoded '/', '?' or '#',
-    which ended the host part early: refused, as what is left reads as another host."""
-    if "@" in value and "@" not in parts.netloc:
+    """An '@' past a host part that is no host (_host_shaped) is a user or password holding
+    an unencoded '/', '?' or '#', which ended the host part early: refused, as what is left
+    reads as another host. Past a real host (collector:4318/a@b has none; api.example.com
+    has one), the '@' is the path's."""
+    if "@" in value and "@" not in parts.netloc and not _host_shaped(parts):
         raise ValueError(
             "has a user or password holding '/', '?' or '#', which ends the host part: "
             f"percent-encode them (%2F, %3F, %23), got {url_named(value)!r}"

@@ -259,6 +259,22 @@ def test_a_url_whose_password_holds_a_slash_hash_or_question_mark_is_refused_wit
     assert "XYZ" not in message
 
 
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        ("RERANK_UPSTREAM_URL", "https://api.example.com/client/v4/ai/run/@cf/baai"),
+        ("RERANK_OTLP_ENDPOINT", "http://collector.observability:4318/tenant@a"),
+        ("RERANK_UPSTREAM_PROXY", "http://10.0.0.7:3128/@x"),
+    ],
+)
+def test_an_at_sign_in_the_path_of_a_url_with_a_host_is_taken(variable: str, url: str) -> None:
+    """Past a real host the '@' is the path's (a Workers AI model id): refused as a password
+    holding '/', it stopped URLs that had worked."""
+    settings = load(**{variable: url})
+
+    assert url in (settings.upstream_url, settings.otlp_endpoint, settings.upstream_proxy)
+
+
 def test_a_deployments_url_or_proxy_whose_password_holds_a_slash_is_refused_without_repeating_it(
     tmp_path: Path,
 ) -> None:
