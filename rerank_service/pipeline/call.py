@@ -400,7 +400,7 @@ class Call:
                 # Failed: nothing was scored, but the chunks of a split call answered before
                 # another failed it (billed, and their scores cached).
                 used = self.failure.tokens_used if self.failure is not None else 0
-            pipeline.limiter.settle(self._grant, used)
+            pipeline.limiter.settle(self._grant, used, pipeline.callers.limits_now(caller.name))
             self._grant = None
         model = self.model
         known = model is not None and (

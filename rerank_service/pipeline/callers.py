@@ -64,6 +64,7 @@ ANONYMOUS_CALLER = Caller(ANONYMOUS)
 class _Snapshot:
     by_digest: dict[bytes, Caller]
     by_identity: dict[str, Caller]
+    by_name: dict[str, Caller]
 
     @property
     def enabled(self) -> bool:
@@ -95,11 +96,19 @@ class CallerDirectory:
     def _build(self, callers: Iterable[CallerConfig]) -> _Snapshot:
         by_digest = dict(self._anonymous)
         by_identity: dict[str, Caller] = {}
+        by_name: dict[str, Caller] = {}
         for config in callers:
             caller = Caller(config.name, config.models, config.limits, configured=True)
             by_digest.update(dict.fromkeys(config.key_digests, caller))
             by_identity.update(dict.fromkeys(config.tls_identities, caller))
-        return _Snapshot(by_digest, by_identity)
+            by_name[config.name] = caller
+        return _Snapshot(by_digest, by_identity, by_name)
+
+    def limits_now(self, name: str) -> CallerLimits | None:
+        """The configured caller `name`'s limits as they are now (a reload may have changed
+        them since a call of its was admitted); None when it has none, or is gone."""
+        caller = self._snapshot.by_name.get(name)
+        return None if caller is None else caller.limits
 
     @property
     def enabled(self) -> bool:

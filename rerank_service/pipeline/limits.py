@@ -15,6 +15,7 @@ and RetryInfo (when a retry can succeed); it costs no upstream call and no model
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -119,14 +120,20 @@ class Limiter:
             raise limited(caller.name, limits, refusal)
         return Grant(caller.name, limits, tokens, None)
 
-    def settle(self, grant: Grant, tokens_used: int) -> None:
+    def settle(self, grant: Grant, tokens_used: int, limits_now: CallerLimits | None = None) -> None:
         """The call ended having used `tokens_used` input tokens: correct its tokens bucket
-        and give back its call in flight (in Redis: with the caller's next check, or soon)."""
-        correction = tokens_used - grant.tokens_taken if grant.limits.tokens is not None else 0
+        and give back its call in flight (in Redis: with the caller's next check, or soon).
+        `limits_now`: the caller's limits now, if a reload changed them since the grant: its
+        bucket is corrected at the rate and burst it has now (the grant's refilled it at an
+        old rate, or capped it at an old burst); its call in flight goes back as it was taken."""
+        limits = grant.limits
+        if limits_now is not None and limits_now.tokens != limits.tokens:
+            limits = dataclasses.replace(limits, tokens=limits_now.tokens)
+        correction = tokens_used - grant.tokens_taken if limits.tokens is not None else 0
         if grant.lease is None:
-            self.local.give_back(grant.caller, grant.limits, correction)
+            self.local.give_back(grant.caller, limits, correction)
         elif self.store is not None:
-            self.store.settle(grant.caller, grant.limits, correction, grant.lease)
+            self.store.settle(grant.caller, limits, correction, grant.lease)
 
     async def close(self) -> None:
         """Send the settlements still pending, then close the store's connections."""

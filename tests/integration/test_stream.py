@@ -6,6 +6,7 @@ import queue
 import random
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -115,10 +116,16 @@ def test_an_upstream_failure_answers_that_item_with_code_and_retry_delay(
 
 
 def test_a_duplicate_id_in_flight_is_an_error_for_that_item_logged_with_its_request_id(
-    server: ServerThread, upstream: FakeUpstream, logs: LogCapture
+    serve: ServerFactory, upstream: FakeUpstream, logs: LogCapture, tmp_path: Path
 ) -> None:
     upstream.inject(Fault(delay=0.3))
-    answered = list(server.stub.RerankStream(iter([item("same"), item("same"), item("other")]), timeout=30))
+    usage_log = tmp_path / "usage.jsonl"
+    with serve(usage_log=str(usage_log)) as server:
+        answered = list(
+            server.stub.RerankStream(iter([item("same"), item("same"), item("other")]), timeout=30)
+        )
+        # Metered too, as every item whose request was read is: it had no usage line.
+        wait_until(lambda: len(usage_log.read_text().splitlines()) == 3, what="an item's usage line each")
 
     errors = [r for r in answered if r.WhichOneof("result") == "error"]
     assert len(answered) == 3

@@ -16,6 +16,7 @@ import pytest
 from rerank_service.config import ConfigError, Settings, load_settings
 from rerank_service.config.callers import (
     BucketLimit,
+    CallerConfig,
     CallerEntry,
     CallerKeyError,
     CallerLimits,
@@ -37,6 +38,7 @@ from rerank_service.core.domain import (
 )
 from rerank_service.core.engine import Prepared, RerankEngine, Validated
 from rerank_service.pipeline.admission import Admission
+from rerank_service.pipeline.buckets import LocalBuckets
 from rerank_service.pipeline.call import Call, Pipeline
 from rerank_service.pipeline.callers import ANONYMOUS_CALLER, Caller, CallerDirectory, certificate_identities
 from rerank_service.pipeline.limits import estimated_tokens
@@ -595,6 +597,32 @@ class _AnsweringEngine(_FailingEngine):
 
     async def run(self, prepared: Prepared, context: CallContext) -> RerankOutcome:
         return RerankOutcome([], self.tokens, [])
+
+
+def test_a_call_in_flight_through_a_reload_settles_on_the_callers_limits_as_they_are_now() -> None:
+    """Settled on the limits it was admitted under, a call capped the bucket at the old
+    burst (a raised limit refused what it allows) or refilled it at the old rate."""
+    clock = Clock()
+    old = CallerLimits(tokens=BucketLimit("tokens_per_minute", 60, 1000))  # 1 a second
+    new = CallerLimits(tokens=BucketLimit("tokens_per_minute", 60_000, 60_000))  # 1,000 a second
+    digest = frozenset({key_digest(SEARCH_KEY)})
+    callers = CallerDirectory([CallerConfig("search", digest, frozenset(), None, old)])
+    request = RerankRequest("qwen3-rerank", "what is a bucket", ["a token bucket"] * 3)
+    taken = estimated_tokens(request)
+    pipeline = Pipeline(cast(RerankEngine, _AnsweringEngine(taken + 1)), Admission(4), callers)
+    pipeline.limiter.local = LocalBuckets(clock)
+    call = pipeline.open("/rerank.v1.RerankService/Rerank", "peer", pipeline.metrics.for_method("m"))
+    call.caller = callers.identify(Secret(SEARCH_KEY))
+    call.admit(0)
+    asyncio.run(call.rerank(request, CallContext()))
+    callers.update([CallerConfig("search", digest, frozenset(), None, new)])  # a SIGHUP
+    clock.now += 10.0
+    call.succeeded()
+    call.finish()
+
+    assert new.tokens is not None
+    # Refilled for 10 s at the new rate, then corrected by the one token more than taken.
+    assert pipeline.limiter.local.level("search", new.tokens) == pytest.approx(1000 - taken + 10_000 - 1)
 
 
 def test_a_call_answered_by_its_backend_is_charged_what_it_used_whatever_ended_it() -> None:

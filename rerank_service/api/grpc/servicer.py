@@ -129,6 +129,8 @@ class RerankServicer:
             # the request id its answer gives (the id a caller quotes must be in the log).
             item_call = open_item(item)
             item_call.caller = call.caller  # refused before it ran: named as its stream is
+            # Its request was read: metered as any item is (the usage log, the caller's metrics).
+            item_call.model, item_call.documents = item.request.model, len(item.request.documents)
             try:
                 error = invalid_argument(
                     [FieldViolation("id", f"id {echo(item.id)!r} is already in flight on this stream")]
