@@ -168,8 +168,15 @@ def _record(call: MeteredCall, model: str) -> dict[str, object]:
         deployment = ",".join(outcome.deployments)
     elif failure is not None:
         deployment = failure.deployment
-    # A failed split call: what the chunks answered before the failure cost (billed upstream).
-    spent_tokens, spent_calls = (failure.tokens_used, failure.backend_calls) if failure else (0, 0)
+    # Not answered, yet billed upstream: a call the backend answered that failed after (its
+    # answer too large to send, its deadline passed as it went out), or a failed split call's
+    # chunks answered before the failure. The tokens limit is charged as much (call.py).
+    if outcome is not None:
+        spent_tokens, spent_calls = outcome.total_tokens, outcome.backend_calls
+    elif failure is not None:
+        spent_tokens, spent_calls = failure.tokens_used, failure.backend_calls
+    else:
+        spent_tokens, spent_calls = 0, 0
     return {
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
         "caller": call.caller.name,

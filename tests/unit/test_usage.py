@@ -74,6 +74,25 @@ def test_the_metrics_and_the_table_add_up_what_the_calls_were_told(tmp_path: Pat
     assert lines[2]["model"] == UNKNOWN_MODEL
 
 
+def test_a_call_answered_then_failed_logs_the_tokens_its_answer_cost(tmp_path: Path) -> None:
+    """An answer too large to send (ANSWER_TOO_LARGE) was billed upstream and charged to the
+    caller's tokens limit, while its usage line said tokens 0."""
+    path = tmp_path / "usage.jsonl"
+    meter = UsageMeter(Metrics().callers, UsageLog(str(path)))
+    outcome = RerankOutcome([], 900, ["up-1", "up-2"], usage_source="upstream", backend_calls=2)
+    too_large = ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too large", reason="ANSWER_TOO_LARGE")
+
+    meter.record(
+        MeteredCall(SEARCH, "qwen3-rerank", True, too_large.code, 4, outcome, too_large, "r", "Rerank", 0.01)
+    )
+    meter.close()
+
+    (line,) = [json.loads(text) for text in path.read_text().splitlines()]
+    assert (line["code"], line["documents"], line["tokens"], line["backend_calls"]) == (
+        "RESOURCE_EXHAUSTED", 0, 900, 2,
+    )  # fmt: skip
+
+
 def test_a_usage_log_that_cannot_be_written_loses_lines_not_calls(logs: LogCapture) -> None:
     log = UsageLog("/dev/full")  # every write: no space left on the device
     meter = UsageMeter(Metrics().callers, log)
