@@ -13,9 +13,14 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-## install: the server with its stubs and the local backend (PyTorch: a large first download)
-install: $(VENV)/bin/python
+## install: the server with its stubs and the local backend (PyTorch: a large first download);
+## a stamp: installed again only when a pyproject or the client's code changes, so that
+## `make serve` needs no network once installed
+CLIENT_FILES := $(shell find clients/python -name '*.py' -o -name pyproject.toml -o -name '*.pyi')
+install: $(VENV)/.installed-local
+$(VENV)/.installed-local: pyproject.toml $(CLIENT_FILES) | $(VENV)/bin/python
 	$(PY) -m pip install --quiet ./clients/python -e '.[local]'
+	touch $@
 
 ## install-upstream: the light install, for the upstream backend only (no PyTorch)
 install-upstream: $(VENV)/bin/python

@@ -403,8 +403,10 @@ def _check_start_up_files(settings: Settings) -> None:
 
 
 def _check_tracing(otlp_endpoint: str | None) -> None:
-    """The protocol serve's tracer refuses as it starts (server.start_call_tracer)."""
+    """What serve's tracer refuses as it starts (server.start_call_tracer): a protocol it
+    does not speak, or OpenTelemetry's SDK not installed."""
     from rerank_service.observability.tracing import otlp_protocol, tracing_wanted
+    from rerank_service.server import tracing_sdk
 
     if not tracing_wanted(otlp_endpoint, os.environ):
         return
@@ -412,6 +414,7 @@ def _check_tracing(otlp_endpoint: str | None) -> None:
         otlp_protocol(os.environ)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    tracing_sdk()
 
 
 def _usage(args: argparse.Namespace) -> int:

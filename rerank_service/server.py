@@ -546,18 +546,26 @@ def _exit_leaving_loads(code: int) -> None:
 TRACES_FLUSH_TIMEOUT = 5.0
 
 
+def tracing_sdk() -> Callable[..., CallTracer]:
+    """What starts the tracer (observability/tracing_export.py), or a ConfigError when
+    tracing is configured and OpenTelemetry's SDK, an extra, is not installed."""
+    try:
+        from rerank_service.observability.tracing_export import start_tracing
+    except ImportError as exc:
+        raise ConfigError(
+            "tracing is configured (otlp-endpoint, OTEL_EXPORTER_OTLP_ENDPOINT or "
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) but OpenTelemetry's SDK is not installed "
+            f"({exc.name}): install the otel extra (pip install '.[otel]' in the repository)"
+        ) from None
+    return start_tracing
+
+
 def start_call_tracer(otlp_endpoint: str | None, metrics: Metrics, worker: int | None) -> CallTracer | None:
     """The process's tracer when tracing is configured (docs/OBSERVABILITY.md#tracing), else
     None; a ConfigError when it is configured and OpenTelemetry's SDK is not installed."""
     if not tracing_wanted(otlp_endpoint, os.environ):
         return None
-    try:
-        from rerank_service.observability.tracing_export import start_tracing
-    except ImportError as exc:
-        raise ConfigError(
-            "tracing is configured (otlp-endpoint or OTEL_EXPORTER_OTLP_ENDPOINT) but OpenTelemetry's "
-            f"SDK is not installed ({exc.name}): pip install 'rerank-service[otel]'"
-        ) from None
+    start_tracing = tracing_sdk()
     try:
         tracer = start_tracing(otlp_endpoint, metrics, worker=worker)
     except ValueError as exc:  # a protocol it does not speak

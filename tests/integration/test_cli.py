@@ -251,6 +251,22 @@ def test_check_config_refuses_an_otlp_protocol_serve_refuses(tmp_path: Path) -> 
     )
 
 
+def test_check_config_refuses_tracing_without_opentelemetrys_sdk_as_serve_does(tmp_path: Path) -> None:
+    """The SDK is an extra (otel): check-config said ok, and serve then exited 2."""
+    shadow = tmp_path / "without-otel" / "opentelemetry"  # a package hiding the installed one
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("", encoding="utf-8")
+    config = tmp_path / "rerank.yaml"
+    config.write_text(UPSTREAM_FILE + "otlp_endpoint: http://127.0.0.1:4317\n", encoding="utf-8")
+
+    _serve_and_check_config_refuse(
+        config,
+        "tracing is configured (otlp-endpoint, OTEL_EXPORTER_OTLP_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) but OpenTelemetry's SDK is not installed",
+        env={"PYTHONPATH": str(shadow.parent)},
+    )
+
+
 def test_check_config_creates_no_usage_log(tmp_path: Path) -> None:
     config = tmp_path / "rerank.yaml"
     config.write_text(UPSTREAM_FILE + f"usage_log: {tmp_path / 'usage.jsonl'}\n", encoding="utf-8")
