@@ -7,7 +7,7 @@ BUF := .ci/tools/node_modules/.bin/buf
 PROTO_FILES := $(shell find proto -name '*.proto' | sort)
 PY_STUBS := clients/python/src
 
-.PHONY: install install-upstream install-dev infinity infinity-optimum chart-tools bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers bench-cache bench-tenants litellm jaeger promtool serve test test-python lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
+.PHONY: install install-upstream install-dev infinity infinity-optimum chart-tools curl bench bench-local bench-streaming bench-reliability bench-routes bench-abuse bench-perf bench-http bench-workers bench-cache bench-tenants litellm jaeger promtool serve test test-python lint typecheck docs generate check-generated buf-lint buf-breaking tools clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ $(INFINITY_VENV)/.optimum-installed: $(INFINITY_VENV)/.installed $(INFINITY_OPTI
 .PHONY: redis
 redis:
 	bash tests/support/install-redis.sh
+
+## curl: the HTTP front door's tests drive curl itself (Debian's package, when absent)
+curl:
+	command -v curl >/dev/null 2>&1 || bash .ci/apt-install-quiet.sh curl
 
 ## chart-tools: helm and kubeconform (Go module proxy) and the Kubernetes JSON schemas (the
 ## kubernetes-validate wheel from PyPI, hash-pinned) into .ci/tools, for tests/deploy; pinned, idempotent
@@ -140,7 +144,7 @@ docs: install-dev
 	$(PY) -m rerank_service.api.http.openapi > docs/openapi.json
 
 ## test: install everything and run every check and test
-test: install-dev infinity redis jaeger promtool chart-tools buf-lint buf-breaking check-generated lint typecheck
+test: install-dev infinity redis curl jaeger promtool chart-tools buf-lint buf-breaking check-generated lint typecheck
 	$(VENV)/bin/pytest
 
 ## test-python: the Python part of `make test`, for a machine without Node.js or Java (Go only builds the
@@ -151,7 +155,7 @@ test: install-dev infinity redis jaeger promtool chart-tools buf-lint buf-breaki
 ## PYTEST_ARGS: more pytest arguments, e.g. PYTEST_ARGS="tests/unit -x"
 NEEDS_OTHER_TOOLCHAINS := tests/contract tests/deploy tests/clients/test_other_languages.py \
 	tests/clients/test_operator_tools.py
-test-python: install-dev infinity redis jaeger lint typecheck
+test-python: install-dev infinity redis curl jaeger lint typecheck
 	$(VENV)/bin/pytest $(addprefix --ignore=,$(NEEDS_OTHER_TOOLCHAINS)) $(PYTEST_ARGS)
 
 ## bench-local: the local backend against the direct model, micro-batching on against off; its engines
