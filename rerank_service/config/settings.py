@@ -209,7 +209,7 @@ def _http_url(example: str) -> Callable[[str | None], str | None]:
 _REDIS_OWN_OPTIONS = frozenset(
     {
         "socket_timeout", "socket_connect_timeout", "timeout", "retry_on_timeout", "retry_on_error",
-        "protocol", "db", "password", "username",
+        "protocol", "db", "password", "username", "ssl_ca_certs",
     }
 )  # fmt: skip
 

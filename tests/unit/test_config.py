@@ -1041,8 +1041,9 @@ def test_the_host_is_trimmed_and_a_blank_one_refused(tmp_path: Path) -> None:
         ("?socket_timeout=5", "socket_timeout"),
         (f"?password={URL_SECRET}&db=2", "db, password"),
         ("?protocol=3&ssl_check_hostname=false", "protocol"),
+        ("?ssl_ca_certs=/etc/other.pem", "ssl_ca_certs"),  # over --*-store-ca-file
     ],
-    ids=["the-timeout", "password-and-database", "protocol"],
+    ids=["the-timeout", "password-and-database", "protocol", "ca-file"],
 )
 def test_a_store_url_whose_query_overrides_the_services_options_is_refused_naming_them(
     store: str, query: str, named: str
