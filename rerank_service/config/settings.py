@@ -284,7 +284,7 @@ def _host_shaped(parts: SplitResult) -> bool:
         host = parts.hostname
     except ValueError:
         return False
-    return bool(host) and ("." in host or ":" in host or host == "localhost")
+    return host is not None and ("." in host or ":" in host or host == "localhost")
 
 
 def _whole_user_info(value: str, parts: SplitResult) -> None:

@@ -109,6 +109,20 @@ class CallContext:
     cache_mode: CacheMode = CacheMode.READ_WRITE
     # Set by the engine for a split call: where all its chunks go (see CallPin).
     pin: CallPin | None = None
+    # Given by the pipeline to a split call: what its answered chunks cost, written by the
+    # engine if the call is cancelled (its deadline, its caller gone) before it is answered.
+    spent: Spent | None = None
+
+
+class Spent:
+    """What a split call's answered chunks cost before it was cancelled: billed upstream
+    all the same, so metered (pipeline/usage.py)."""
+
+    __slots__ = ("backend_calls", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.backend_calls = 0
 
 
 class CallPin:

@@ -175,12 +175,20 @@ class RerankEngine:
                     raise
                 return dataclasses.replace(result, timings=result.timings.waited(waited))
 
+        tasks: list[asyncio.Task[BackendResult]] = []
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(run(chunk)) for chunk in chunks]
         except BaseExceptionGroup as failed:
             # The TaskGroup cancelled the other chunks; never present a partial ranking.
             raise _with_answered_chunks(_first_error(failed), tasks) from None
+        except asyncio.CancelledError:
+            # The call itself was cancelled: what its chunks answered was billed all the same.
+            if context.spent is not None:
+                answered = _answered(tasks)
+                context.spent.tokens = min(sum(result.total_tokens for result in answered), MAX_TOKENS)
+                context.spent.backend_calls = sum(result.cache is not CacheOutcome.HIT for result in answered)
+            raise
         return [task.result() for task in tasks]
 
     async def _plan(self, request: RerankRequest, limits: CallLimits) -> Plan | None:
@@ -324,9 +332,7 @@ def usage_source(results: list[BackendResult]) -> str:
 def _with_answered_chunks(error: BaseException, tasks: list[asyncio.Task[BackendResult]]) -> BaseException:
     """`error`, carrying what the chunks answered before it cost: a failed call is metered
     for them, as the backends billed them (and the cache serves their scores for free)."""
-    answered = [
-        task.result() for task in tasks if task.done() and not task.cancelled() and task.exception() is None
-    ]
+    answered = _answered(tasks)
     if not isinstance(error, ServiceError) or not answered:
         return error
     return dataclasses.replace(
@@ -334,6 +340,13 @@ def _with_answered_chunks(error: BaseException, tasks: list[asyncio.Task[Backend
         tokens_used=min(sum(result.total_tokens for result in answered), MAX_TOKENS),
         backend_calls=sum(result.cache is not CacheOutcome.HIT for result in answered),
     )
+
+
+def _answered(tasks: list[asyncio.Task[BackendResult]]) -> list[BackendResult]:
+    """What the chunks that ended answered."""
+    return [
+        task.result() for task in tasks if task.done() and not task.cancelled() and task.exception() is None
+    ]
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -39,7 +39,9 @@ from rerank_service.core.domain import (
     RerankOutcome,
     RerankRequest,
     ServiceError,
+    Spent,
     echo,
+    replaced,
 )
 from rerank_service.core.engine import RerankEngine
 from rerank_service.observability.logging import get_logger
@@ -166,6 +168,7 @@ class Call:
         "_pipeline",
         "_share",
         "_slot",
+        "_spent",
         "_token",
         "caller",
         "code",
@@ -217,6 +220,7 @@ class Call:
         # admission slot counts against (None: no caller known).
         self.caller: Caller | None = None
         self._grant: Grant | None = None
+        self._spent: Spent | None = None  # a split call's: what its chunks answered
         self._share: str | None = None
         # Its span (tracing on and sampled), and the HTTP status it was answered with.
         self.span: SpanHandle | None = None
@@ -295,6 +299,9 @@ class Call:
                 finally:
                     if waiting is not None:
                         waiting.end()
+        if len(prepared.chunks) > 1:  # what its chunks answered, should it be cancelled
+            self._spent = Spent()
+            context = replaced(context, spent=self._spent)
         self.outcome = await engine.run(prepared, context)
         return self.outcome
 
@@ -410,6 +417,6 @@ class Call:
         )
         metered = MeteredCall(
             caller, model, known, self.code, self.documents, outcome, self.failure,
-            self.request_id, self.method, seconds,
+            self.request_id, self.method, seconds, self._spent,
         )  # fmt: skip
         pipeline.usage.record(metered)

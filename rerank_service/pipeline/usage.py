@@ -17,7 +17,7 @@ import grpc
 import orjson
 
 from rerank_service.config import ConfigError
-from rerank_service.core.domain import RerankOutcome, ServiceError
+from rerank_service.core.domain import RerankOutcome, ServiceError, Spent
 from rerank_service.observability.caller_metrics import CallerMetrics
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import code_name
@@ -46,6 +46,7 @@ class MeteredCall:
     request_id: str
     method: str
     seconds: float
+    spent: Spent | None = None  # a split call cancelled: what its answered chunks cost
 
 
 class UsageLog:
@@ -175,6 +176,8 @@ def _record(call: MeteredCall, model: str) -> dict[str, object]:
         spent_tokens, spent_calls = outcome.total_tokens, outcome.backend_calls
     elif failure is not None:
         spent_tokens, spent_calls = failure.tokens_used, failure.backend_calls
+    elif call.spent is not None:
+        spent_tokens, spent_calls = call.spent.tokens, call.spent.backend_calls
     else:
         spent_tokens, spent_calls = 0, 0
     return {

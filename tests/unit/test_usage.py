@@ -3,21 +3,38 @@ log's lines (one write each; a failing disk loses lines, never calls)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
 from prometheus_client import generate_latest
 
 from rerank_service.config import ConfigError
-from rerank_service.core.domain import RerankOutcome, ServiceError
+from rerank_service.core.backend import Backend
+from rerank_service.core.chunking import CallLimits
+from rerank_service.core.domain import (
+    BackendRequest,
+    BackendResult,
+    CallContext,
+    ModelInfo,
+    RerankOutcome,
+    RerankRequest,
+    ScoredDocument,
+    ServiceError,
+)
+from rerank_service.core.engine import RerankEngine
+from rerank_service.core.readiness import Readiness
 from rerank_service.observability.caller_metrics import MAX_KEY_CALLERS
 from rerank_service.observability.metrics import Metrics
 from rerank_service.observability.usage_report import read_usage, table
-from rerank_service.pipeline.callers import Caller
+from rerank_service.pipeline.admission import Admission
+from rerank_service.pipeline.call import Pipeline
+from rerank_service.pipeline.callers import Caller, CallerDirectory
 from rerank_service.pipeline.limits import FAIR_SHARE, fair_share_refusal
 from rerank_service.pipeline.usage import UNKNOWN_MODEL, MeteredCall, UsageLog, UsageMeter, open_usage_log
 from tests.support.logs import LogCapture
@@ -189,3 +206,58 @@ def test_a_caller_of_the_configuration_is_its_own_label_from_its_first_failed_ca
     text = exposition(metrics)
     assert f'rerank_caller_calls_total{{caller="{name}",code="UNAVAILABLE",model="qwen3-rerank"}} 1.0' in text
     assert 'caller="other"' not in text
+
+
+class _SecondChunkHangs:
+    """A backend of one document a call: the first chunk answers (7 tokens), the second
+    waits until the call is cancelled."""
+
+    def __init__(self) -> None:
+        self.answered = asyncio.Event()
+
+    @property
+    def readiness(self) -> Readiness:
+        return Readiness(True)
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo("qwen3-rerank", 100, 100, supports_instruct=True, backend="upstream")]
+
+    def call_limits(self, model: str) -> CallLimits:
+        return CallLimits(max_documents=1)
+
+    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        if self.answered.is_set():
+            await asyncio.Event().wait()
+        self.answered.set()
+        return BackendResult([ScoredDocument(0, 0.5)], total_tokens=7)
+
+
+def test_a_split_call_cancelled_logs_what_its_answered_chunks_cost(tmp_path: Path) -> None:
+    """Its caller hung up (or its deadline passed) after one chunk was answered: billed
+    upstream, it was logged tokens 0."""
+    path = tmp_path / "usage.jsonl"
+    backend = _SecondChunkHangs()
+    engine = RerankEngine(cast(Backend, backend), chunk_concurrency=1, max_fanout_factor=100)
+    pipeline = Pipeline(
+        engine, Admission(4), CallerDirectory(), usage=UsageMeter(Metrics().callers, UsageLog(str(path)))
+    )
+    call = pipeline.open("/rerank.v1.RerankService/Rerank", "peer", pipeline.metrics.for_method("m"))
+    call.caller = SEARCH
+    call.admit(0)
+
+    async def cancelled_after_a_chunk() -> None:
+        running = asyncio.create_task(
+            call.rerank(RerankRequest("qwen3-rerank", "q", ["a", "b"]), CallContext())
+        )
+        await backend.answered.wait()
+        await asyncio.sleep(0)  # the second chunk starts
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+
+    asyncio.run(cancelled_after_a_chunk())
+    call.finish()
+    pipeline.usage.close()
+
+    (line,) = [json.loads(text) for text in path.read_text().splitlines()]
+    assert (line["code"], line["tokens"], line["backend_calls"]) == ("CANCELLED", 7, 1)
