@@ -91,6 +91,12 @@ class CacheOutcome(enum.StrEnum):
     OFF = "off"  # the call did not use the cache
 
 
+# Less than this left of a call's deadline is no time to send a request in: no backend
+# answers a rerank that fast, and the request would be abandoned at once, its work wasted.
+# No attempt, retry or fallback is made then (the upstream transport sends nothing).
+NO_TIME_LEFT = 0.005
+
+
 @dataclass(frozen=True, slots=True)
 class CallContext:
     """What the caller brings besides the request: deadline and credentials."""

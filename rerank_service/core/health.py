@@ -88,6 +88,13 @@ class DeploymentHealth:
         return self._down_until is not None and self._clock() < self._down_until
 
     @property
+    def refuses_now(self) -> bool:
+        """True while a call now would be refused outright: down, within its cool-down, or
+        past it with this interval's probe already sent (`admit` lets one through each)."""
+        down_until = self._down_until
+        return down_until is not None and self._clock() < max(down_until, self._next_probe_at)
+
+    @property
     def probe_due(self) -> bool:
         """Down, past its cool-down, and the next probe may go now."""
         now = self._clock()
@@ -129,7 +136,10 @@ class DeploymentHealth:
         else:
             self._attempts.add(_FAILURES)
             self._failures_in_a_row += 1
-            self._unreachable_in_a_row = self._unreachable_in_a_row + 1 if unreachable else 0
+            if unreachable:
+                self._unreachable_in_a_row += 1
+            elif answered or self._down_until is None:  # a probe that hung while down: as it was
+                self._unreachable_in_a_row = 0
             # Neither answered nor unreachable (a probe that hung, or was cut off) changes
             # nothing: still down, probed again after the probe interval.
             if answered:

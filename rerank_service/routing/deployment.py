@@ -64,8 +64,15 @@ class Deployment:
 
     @property
     def refusing(self) -> bool:
-        """A call would be refused at once (not started, or down within its cool-down)."""
+        """Refusing calls for a while (not started, or down within its cool-down): what the
+        route's readiness is judged on."""
         return not self.backend.readiness.ready or (self.health is not None and self.health.refusing)
+
+    @property
+    def refuses_now(self) -> bool:
+        """A call now would be refused at once: refusing, or down past its cool-down with this
+        interval's probe already sent. No call is sent (nor fallen back) to it."""
+        return not self.backend.readiness.ready or (self.health is not None and self.health.refuses_now)
 
     @property
     def probe_due(self) -> bool:

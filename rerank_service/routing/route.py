@@ -52,7 +52,7 @@ class Route:
             if member.deployment.probe_due:
                 return member
         healthy = [member for member in left if member.deployment.usable]
-        candidates = healthy or [member for member in left if not member.deployment.refusing] or left
+        candidates = healthy or [member for member in left if not member.deployment.refuses_now] or left
         top = min(member.priority for member in candidates)
         tier = [member for member in candidates if member.priority == top]
         if len(tier) == 1:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import (
+    NO_TIME_LEFT,
     BackendRequest,
     BackendResult,
     CacheMode,
@@ -186,7 +187,7 @@ class Router:
             if failures and (
                 # Only deployments that would refuse at once are left: a fallback would send
                 # nothing, and its refusal would hide the failure that ended the call.
-                member.deployment.refusing or not self._may_fall_back(route, failures[-1], context, span)
+                member.deployment.refuses_now or not self._may_fall_back(route, failures[-1], context, span)
             ):
                 break
             deployment = member.deployment
@@ -212,8 +213,8 @@ class Router:
     def _may_fall_back(
         self, route: Route, failure: ServiceError, context: CallContext, span: SpanHandle | None
     ) -> bool:
-        if context.deadline is not None and time.monotonic() >= context.deadline:
-            return False
+        if context.deadline is not None and time.monotonic() >= context.deadline - NO_TIME_LEFT:
+            return False  # the fallback would send nothing: the caller gets this failure
         if not route.budget.try_spend():
             self._metrics.count_retry_budget_exhausted(route.name)
             if span is not None:

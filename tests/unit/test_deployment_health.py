@@ -240,6 +240,12 @@ def test_after_the_cooldown_one_probe_goes_and_a_second_caller_within_the_interv
     assert error.reason == "UPSTREAM_CIRCUIT_OPEN"
     assert error.retry_after == pytest.approx(PROBE_INTERVAL - 0.25)
     assert state_of(health) is DeploymentState.DOWN
+    # What the router asks before it falls back to it: it would refuse at once (a fallback
+    # was made, and its refusal hid the failure that ended the call).
+    assert health.refuses_now
+    assert not refusing_of(health)  # readiness: past the cool-down, probed
+    clock.now += PROBE_INTERVAL
+    assert not health.refuses_now  # the next probe is due
 
 
 def test_a_probe_that_hangs_does_not_hold_back_the_next_one() -> None:
@@ -319,7 +325,10 @@ def test_a_probe_that_connects_but_times_out_without_an_answer_leaves_it_down() 
     fail(health, probe=True)  # connected, then no answer in time: nothing proves it back
 
     assert state_of(health) is DeploymentState.DOWN
-    assert refusal(health).reason == "UPSTREAM_CIRCUIT_OPEN"  # until the next probe is due
+    refused = refusal(health)
+    assert refused.reason == "UPSTREAM_CIRCUIT_OPEN"  # until the next probe is due
+    # The count that made it down stands ("0 times in a row" read as though it never was).
+    assert f"could not be reached {FAILURES} times in a row" in refused.message
     clock.now += PROBE_INTERVAL
     assert health.admit() is True  # the next probe
 

@@ -16,6 +16,7 @@ from rerank_service.backends.upstream import UpstreamBackend
 from rerank_service.config.upstream import UpstreamDeploymentConfig
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import (
+    NO_TIME_LEFT,
     BackendRequest,
     BackendResult,
     CallContext,
@@ -442,9 +443,14 @@ class GuardedBackend(FakeBackend):
         return await super().rerank(request, context)
 
 
-async def test_no_fallback_to_a_deployment_that_would_only_refuse() -> None:
-    down_health = health_on(Clock())
+@pytest.mark.parametrize("probed", [False, True], ids=["in-its-cool-down", "its-probe-out"])
+async def test_no_fallback_to_a_deployment_that_would_only_refuse(probed: bool) -> None:
+    clock = Clock()
+    down_health = health_on(clock)
     take_down(down_health)
+    if probed:  # past its cool-down, this interval's probe already sent: refused as well
+        clock.now += COOLDOWN
+        assert down_health.admit() is True
     down = GuardedBackend("down", down_health)
     route = route_of(
         Member(deployment(FakeBackend("a", reason="UPSTREAM_UNAVAILABLE")), ROUTE),
@@ -501,6 +507,21 @@ async def test_no_fallback_once_the_callers_deadline_has_passed() -> None:
     )
 
     error = await call_error(Router([route]), CallContext(deadline=time.monotonic() + 0.02))
+
+    assert (error.reason, error.deployment) == ("UPSTREAM_UNAVAILABLE", "a")
+    assert other.calls == []
+
+
+async def test_no_fallback_with_no_time_left_to_send_it() -> None:
+    """Under NO_TIME_LEFT of the deadline the transport sends nothing: a fallback then was
+    counted and charged, and its DEADLINE_EXCEEDED hid the failure that ended the call."""
+    other = FakeBackend("b")
+    route = route_of(
+        Member(deployment(FakeBackend("a", reason="UPSTREAM_UNAVAILABLE")), ROUTE),
+        Member(deployment(other), ROUTE, priority=1),
+    )
+
+    error = await call_error(Router([route]), CallContext(deadline=time.monotonic() + NO_TIME_LEFT * 0.8))
 
     assert (error.reason, error.deployment) == ("UPSTREAM_UNAVAILABLE", "a")
     assert other.calls == []

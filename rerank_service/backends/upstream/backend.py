@@ -286,7 +286,7 @@ class UpstreamBackend:
         ):
             return None
         wait = self._retry_policy.wait_before(attempt, error.retry_after, self._rng)
-        if time.monotonic() + wait >= give_up_at:
+        if time.monotonic() + wait >= give_up_at - MIN_EXCHANGE:  # a retry then would send nothing
             return None
         if context.retry_budget is not None and not context.retry_budget.try_spend():
             self._metrics.count_upstream_retry_refused()

@@ -15,6 +15,8 @@ import enum
 import time
 from contextvars import ContextVar
 
+from rerank_service.core.domain import NO_TIME_LEFT
+
 
 class Bound(enum.Enum):
     """What set an attempt's time: what a timeout says ran out."""
@@ -25,9 +27,8 @@ class Bound(enum.Enum):
 
 
 # Less than this left of the caller's deadline (or of a probe's bound) is no time to send a
-# request in: no upstream answers a rerank that fast, and the request would be abandoned
-# at once, its work wasted.
-MIN_EXCHANGE = 0.005
+# request in (core/domain.py: the router and retries ask the same).
+MIN_EXCHANGE = NO_TIME_LEFT
 # A wait for the pool shorter than this leaves the attempt's timer as it is.
 _NO_WAIT = 0.001
 
