@@ -176,6 +176,12 @@ class LimitsEntry(BaseModel):
         return self
 
 
+def _one_name(name: str) -> str:
+    if any(character == "," or character.isspace() for character in name):
+        raise ValueError(f"{name!r} is no model name (no spaces or commas): list several as [a, b]")
+    return name
+
+
 def _one_or_more(value: object) -> object:
     """A single model name as a list of one."""
     return (value,) if isinstance(value, str) else value
@@ -197,7 +203,8 @@ class CallerEntry(BaseModel):
     # One name (`*` above all, as the docs write it) is a list of one; an empty list, a caller
     # that may call nothing, is refused: a caller is removed, not emptied.
     models: Annotated[
-        tuple[Annotated[str, Field(min_length=1, max_length=128)], ...],
+        # A model name as a route's is (no spaces or commas: `a, b` in one string is no list).
+        tuple[Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_one_name)], ...],
         BeforeValidator(_one_or_more),
         AfterValidator(_not_empty),
     ] = (ALL_MODELS,)

@@ -26,7 +26,7 @@ from urllib.parse import SplitResult, parse_qsl, urlsplit
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, InstanceOf
 from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
-from redis.connection import parse_url
+from redis.asyncio.connection import parse_url
 
 from rerank_service.config.callers import CallerEntry, caller_secrets, distinct_callers
 from rerank_service.config.routes import FileOnly, RouteEntry, distinct_routes
@@ -204,12 +204,15 @@ def _http_url(example: str) -> Callable[[str | None], str | None]:
     return check
 
 
-# The query options of a store's URL that would override what the service sets itself
-# (redis_client.py) or says elsewhere (the database: the URL's path; the password: the URL's).
-_REDIS_OWN_OPTIONS = frozenset(
+# The query options a store's URL may hold: TLS's, which no setting of the service says.
+# Others would override what the service sets itself (redis_client.py: socket_timeout over
+# --*-store-timeout, ssl_ca_certs over --*-store-ca-file), say what it says elsewhere (the
+# database: the URL's path), break its replies (decode_responses), or are no option at all:
+# redis-py hands a name it does not know to each connection, which then never opens.
+REDIS_URL_OPTIONS = frozenset(
     {
-        "socket_timeout", "socket_connect_timeout", "timeout", "retry_on_timeout", "retry_on_error",
-        "protocol", "db", "password", "username", "ssl_ca_certs",
+        "ssl_check_hostname", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path",
+        "ssl_password", "ssl_min_version", "ssl_ciphers", "health_check_interval", "socket_keepalive",
     }
 )  # fmt: skip
 
@@ -233,17 +236,16 @@ def _redis_url(store: str) -> Callable[[str | None], str | None]:
             _ = parts.port
         except ValueError:
             raise ValueError(f"has an invalid port, got {shown!r}") from None
-        overriding = sorted({name for name, _ in parse_qsl(parts.query)} & _REDIS_OWN_OPTIONS)
-        if overriding:
-            # redis-py takes a query's options over the client's own (redis_client.py): a
-            # socket_timeout there would replace the store's timeout. Not repeated: it may
-            # hold a password. Its TLS options (ssl_check_hostname...) are the URL's to say.
+        refused = sorted({name for name, _ in parse_qsl(parts.query)} - REDIS_URL_OPTIONS)
+        if refused:  # their values are not repeated: one may be a password
             raise ValueError(
-                f"must not set {', '.join(overriding)} in its query: the store's timeout is "
-                f"{store}-timeout, its CA bundle {store}-ca-file, its database the URL's path (/0)"
+                f"must not set {', '.join(refused)} in its query, which takes redis-py's TLS "
+                f"options (ssl_...) and health_check_interval, socket_keepalive: the store's "
+                f"timeout is {store}-timeout, its CA bundle {store}-ca-file, its database the "
+                "URL's path (/0)"
             )
         try:
-            parse_url(value.strip())  # type: ignore[no-untyped-call]  # what redis-py cannot read fails here
+            parse_url(value.strip())  # what redis-py cannot read fails here, not at start
         except ValueError as exc:
             raise ValueError(f"has a query redis cannot read ({exc}), got {shown!r}") from None
         if not re.fullmatch(r"/?|/\d+", parts.path):
@@ -431,13 +433,13 @@ CacheStoreUrl = Annotated[
     str | None,
     BeforeValidator(_blank_is_none),
     AfterValidator(_redis_url("cache-store")),
-    Expect("a redis:// or rediss:// URL without a query"),
+    Expect("a redis:// or rediss:// URL whose query holds TLS options only"),
 ]
 LimitsStoreUrl = Annotated[
     str | None,
     BeforeValidator(_blank_is_none),
     AfterValidator(_redis_url("limits-store")),
-    Expect("a redis:// or rediss:// URL without a query"),
+    Expect("a redis:// or rediss:// URL whose query holds TLS options only"),
 ]
 OtlpUrl = Annotated[
     str | None,

@@ -182,8 +182,7 @@ UPSTREAM_FILE = "backend: upstream\nupstream_url: http://127.0.0.1:9\n"
         ),
         (
             UPSTREAM_FILE + "cache_store: 'redis://127.0.0.1:9/0?socket_timeout=abc'\n",
-            "cache-store must not set socket_timeout in its query: the store's timeout is "
-            "cache-store-timeout",
+            "cache-store must not set socket_timeout in its query, which takes redis-py's TLS options",
         ),
         (
             UPSTREAM_FILE + "limits_store: 'redis://127.0.0.1:9/0?health_check_interval=abc'\n",

@@ -300,6 +300,17 @@ def test_one_model_name_is_a_list_of_one(tmp_path: Path, written: str, models: f
     assert search.models == models
 
 
+def test_names_in_one_string_are_refused_not_taken_for_one_name(tmp_path: Path) -> None:
+    """`models: a, b` is one YAML string: taken as one name no route has, the caller could
+    call nothing (and a reload with the slip was applied)."""
+    text = "callers:\n  - name: search\n    credentials: [{key_env: SEARCH_API_KEY}]\n"
+    message = refusal(
+        tmp_path, text + "    models: qwen3-rerank, gte-rerank-v2\n", {"SEARCH_API_KEY": SEARCH_KEY}
+    )
+
+    assert message.startswith("callers[0].models[0] 'qwen3-rerank, gte-rerank-v2' is no model name")
+
+
 def test_a_caller_with_an_empty_model_list_is_refused(tmp_path: Path) -> None:
     """It was taken, and every call of the caller then refused PERMISSION_DENIED."""
     text = "callers:\n  - name: search\n    credentials: [{key_env: SEARCH_API_KEY}]\n    models: []\n"
