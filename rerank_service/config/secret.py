@@ -51,8 +51,9 @@ class Secret:
 WHOLE_WORD_BELOW = 8
 # A store's or proxy's password, or a collector's credential, shorter than this is masked
 # nowhere: no real secret is, and masking it would mask that number or word in every line
-# (a password "2" made `"documents": 2` a mask, and the line no JSON).
-SHORTEST_SECRET = WHOLE_WORD_BELOW
+# (a password "2" made `"documents": 2` a mask, and the line no JSON). Longer ones below
+# WHOLE_WORD_BELOW are masked where they stand alone, as short keys are.
+SHORTEST_SECRET = 4
 
 
 def redact(text: str, secrets: list[Secret]) -> str:

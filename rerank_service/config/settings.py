@@ -279,14 +279,15 @@ def _base_url(value: str) -> str:
 
 
 def _host_shaped(parts: SplitResult) -> bool:
-    """Whether the URL's host reads as one (a name with a dot, localhost, an address): a
-    password holding '/' ends the host part early, leaving its first part (`user` of
-    `user:pa/ss@host`) as the host, which has no such shape."""
+    """Whether the URL's host part reads as one: a name with a dot, localhost, an address,
+    or any name with a port (a Kubernetes service's, ai-gateway:8080). A password holding
+    '/' ends the host part early, leaving `user` of `user:pa/ss@host` as the host with `pa`
+    for a port, which has no such shape."""
     try:
-        host = parts.hostname
-    except ValueError:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is no number: the start of a password
         return False
-    return host is not None and ("." in host or ":" in host or host == "localhost")
+    return host is not None and (port is not None or "." in host or ":" in host or host == "localhost")
 
 
 def _whole_user_info(value: str, parts: SplitResult) -> None:

@@ -267,9 +267,11 @@ def start_tracing(
 HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 # The headers whose values are credentials, by a part of their name (authorization,
-# x-api-key, x-honeycomb-team, signoz-access-token...). Others (x-scope-orgid=rerank, a
+# x-api-key, x-honeycomb-team, signoz-access-token, uptrace-dsn...). Others (x-scope-orgid=rerank, a
 # tenant) are none: masked, they garbled every line holding the word.
-_CREDENTIAL_NAMES = re.compile(r"auth|key|token|secret|passw|team|signature|credential|cookie", re.IGNORECASE)
+_CREDENTIAL_NAMES = re.compile(
+    r"auth|key|token|secret|pass|team|signature|credential|cookie|dsn|api", re.IGNORECASE
+)
 
 
 def exporter_secrets(environ: Mapping[str, str]) -> list[Secret]:

@@ -265,6 +265,8 @@ def test_a_url_whose_password_holds_a_slash_hash_or_question_mark_is_refused_wit
         ("RERANK_UPSTREAM_URL", "https://api.example.com/client/v4/ai/run/@cf/baai"),
         ("RERANK_OTLP_ENDPOINT", "http://collector.observability:4318/tenant@a"),
         ("RERANK_UPSTREAM_PROXY", "http://10.0.0.7:3128/@x"),
+        ("RERANK_OTLP_ENDPOINT", "http://otel-collector:4318/tenant@a"),  # a Kubernetes service
+        ("RERANK_UPSTREAM_URL", "http://ai-gateway:8080/ai/run/@cf/baai"),
     ],
 )
 def test_an_at_sign_in_the_path_of_a_url_with_a_host_is_taken(variable: str, url: str) -> None:
@@ -310,8 +312,10 @@ def test_the_passwords_of_store_and_proxy_urls_are_among_the_secrets() -> None:
 def test_a_password_too_short_to_be_a_secret_is_masked_nowhere() -> None:
     """A password "2" masked every `"documents":2` of the log, which was then no JSON."""
     settings = load(RERANK_CACHE_STORE="redis://:2@redis:6379/0", RERANK_UPSTREAM_API_KEY=UPSTREAM_KEY)
+    shorter = load(RERANK_CACHE_STORE="redis://:hunter2@redis:6379/0", RERANK_UPSTREAM_API_KEY=UPSTREAM_KEY)
 
     assert "2" not in revealed(tuple(settings.secrets()))
+    assert "hunter2" in revealed(tuple(shorter.secrets()))  # masked where it stands alone
 
 
 QUERY_SECRET = "sk-query-0123456789abcdef"

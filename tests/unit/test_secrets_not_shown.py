@@ -174,11 +174,19 @@ def test_only_credential_headers_and_real_passwords_are_masked() -> None:
         secret.reveal()
         for secret in exporter_secrets(
             {
-                "OTEL_EXPORTER_OTLP_HEADERS": f"x-scope-orgid=rerank,x-api-key={OTLP_TOKEN}",
+                "OTEL_EXPORTER_OTLP_HEADERS": (
+                    f"x-scope-orgid=rerank,x-api-key={OTLP_TOKEN},uptrace-dsn=dsn-0123"
+                ),
                 "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "authorization=Bearer%20tok-0123456789",
                 "OTEL_EXPORTER_OTLP_ENDPOINT": "http://user:2@collector:4318",
             }
         )
     }
 
-    assert masked == {OTLP_TOKEN, "Bearer%20tok-0123456789", "Bearer tok-0123456789", "tok-0123456789"}
+    assert masked == {
+        OTLP_TOKEN,
+        "dsn-0123",
+        "Bearer%20tok-0123456789",
+        "Bearer tok-0123456789",
+        "tok-0123456789",
+    }
