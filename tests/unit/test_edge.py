@@ -234,3 +234,23 @@ def test_a_call_ended_near_its_deadline_is_recorded_as_its_caller_is_told(
     _settle_ended(call, cast(Any, _Remaining(left)))
 
     assert call.code is recorded
+
+
+@pytest.mark.parametrize(("left", "at_deadline"), [(0.007, True), (0.0, True), (5.0, False), (None, False)])
+async def test_requests_that_end_at_the_deadline_are_told_from_a_half_close(
+    left: float | None, at_deadline: bool
+) -> None:
+    """grpc ends a stream's requests at its deadline as a client's half-close would: under
+    load a few ms before it by the clock, where a stream answered OK was recorded OK while
+    its caller was told DEADLINE_EXCEEDED."""
+
+    async def none() -> AsyncIterator[_Received]:
+        nothing: tuple[_Received, ...] = ()
+        for received in nothing:
+            yield received
+
+    items = _StreamItems(none(), Admission(4), idle_timeout=60.0, time_remaining=lambda: left)
+
+    with pytest.raises(StopAsyncIteration):
+        await anext(items)
+    assert items.ended_at_deadline is at_deadline

@@ -306,7 +306,9 @@ class RerankServiceEdge:
             call = pipeline.open(path, context.peer(), measured, scoped=False, trace=_trace(context))
             # A stream holds an admission slot only while items are in flight, not while it is
             # open: a stream that sends nothing holds nothing (the idle timeout ends it meanwhile).
-            items = _StreamItems(requests, self._admission, self._stream_idle_timeout)
+            items = _StreamItems(
+                requests, self._admission, self._stream_idle_timeout, time_remaining=context.time_remaining
+            )
             try:
                 try:
                     if refusal is not None:  # the key, checked before routing (_Routes)
@@ -336,6 +338,8 @@ class RerankServiceEdge:
                 # grpc cancelled it, in the generator or while it wrote an answer (closed with
                 # GeneratorExit then), or ended its requests at the deadline (which reads as
                 # the client's half-close, the stream then ending as answered).
+                if call.code is grpc.StatusCode.OK and items.ended_at_deadline:
+                    call.failed_with(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
                 _settle_ended(call, context)
                 items.close()
                 call.finish(items=items.sent, event="stream")
@@ -409,7 +413,13 @@ class _StreamItems:
       DEADLINE_EXCEEDED `STREAM_IDLE`: an idle stream holds no slot and no task for long.
     """
 
-    def __init__(self, requests: AsyncIterable[Any], admission: Admission, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        requests: AsyncIterable[Any],
+        admission: Admission,
+        idle_timeout: float,
+        time_remaining: Callable[[], float | None] = lambda: None,
+    ) -> None:
         # Iterated only when the servicer first reads: grpc makes its receiver coroutine
         # then, and a stream refused before any read must not leave one unawaited.
         self._source = requests
@@ -429,6 +439,10 @@ class _StreamItems:
         self._held: dict[int, int] = {}
         self._refused: dict[int, ServiceError] = {}
         self._closed = False
+        # Its requests ended within _DEADLINE_SLACK of its deadline: grpc ends them there,
+        # as a client's half-close would (the stream then ends as answered).
+        self._time_remaining = time_remaining
+        self.ended_at_deadline = False
 
     def refusal(self, item: Any) -> ServiceError | None:
         """Why `item` may not run (admission found no slot for it), or None: it may."""
@@ -503,6 +517,9 @@ class _StreamItems:
                     )
                 done, _ = await asyncio.wait({read}, timeout=wait)
                 if done:
+                    if not read.cancelled() and isinstance(read.exception(), StopAsyncIteration):
+                        left = self._time_remaining()
+                        self.ended_at_deadline = left is not None and left <= _DEADLINE_SLACK
                     return read.result()  # StopAsyncIteration ends the iteration
         finally:
             if not read.done():
