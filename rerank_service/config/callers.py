@@ -177,8 +177,8 @@ class LimitsEntry(BaseModel):
 
 
 def _one_name(name: str) -> str:
-    if any(character == "," or character.isspace() for character in name):
-        raise ValueError(f"{name!r} is no model name (no spaces or commas): list several as [a, b]")
+    if "," in name:
+        raise ValueError(f"{name!r} is no model name (no commas): list several as [a, b]")
     return name
 
 
@@ -203,7 +203,7 @@ class CallerEntry(BaseModel):
     # One name (`*` above all, as the docs write it) is a list of one; an empty list, a caller
     # that may call nothing, is refused: a caller is removed, not emptied.
     models: Annotated[
-        # A model name as a route's is (no spaces or commas: `a, b` in one string is no list).
+        # A model name (no commas: `a, b` in one string is no list).
         tuple[Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_one_name)], ...],
         BeforeValidator(_one_or_more),
         AfterValidator(_not_empty),

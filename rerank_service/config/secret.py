@@ -7,7 +7,7 @@ import hmac
 import re
 from pathlib import Path
 from typing import Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from rerank_service.config.file_trust import warn_if_key_exposed
 
@@ -183,11 +183,24 @@ def url_secrets(url: str | None) -> list[Secret]:
     if not url:
         return []
     try:
-        password = urlsplit(url).password
+        parts = urlsplit(url)
+        passwords = [parts.password or ""]
     except ValueError:  # not a URL urlsplit reads (an unbalanced [ of an IPv6 host)
         return []
-    if not password:
-        return []
+    # A Redis URL's query may hold a TLS key's passphrase (ssl_password).
+    passwords += [value for name, value in parse_qsl(parts.query) if name == "ssl_password"]
     return [
-        Secret(each) for each in dict.fromkeys((password, unquote(password))) if len(each) >= SHORTEST_SECRET
+        Secret(each)
+        for password in passwords
+        for each in dict.fromkeys((password, unquote(password)))
+        if maskable(each)
     ]
+
+
+def maskable(value: str) -> bool:
+    """Whether a password or credential is masked in the log: not one shorter than
+    SHORTEST_SECRET, nor a short one that reads as a JSON number or literal (a password
+    `123456` would mask that number where it stands alone, and leave the line no JSON)."""
+    if len(value) >= WHOLE_WORD_BELOW:
+        return True
+    return len(value) >= SHORTEST_SECRET and not value.isdigit() and value not in ("true", "false", "null")

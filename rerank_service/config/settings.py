@@ -225,7 +225,8 @@ def _redis_url(store: str) -> Callable[[str | None], str | None]:
         if value is None:
             return None
         parts = urlsplit(value.strip())
-        shown = url_named(value)
+        # Its query is not repeated either: ssl_password may be in it.
+        shown = url_named(value).partition("?")[0] + ("?..." if parts.query else "")
         example = "a redis:// or rediss:// URL such as redis://redis.internal:6379/0"
         if parts.scheme not in ("redis", "rediss"):
             raise ValueError(f"must be {example}, got {shown!r}")
@@ -236,7 +237,11 @@ def _redis_url(store: str) -> Callable[[str | None], str | None]:
             _ = parts.port
         except ValueError:
             raise ValueError(f"has an invalid port, got {shown!r}") from None
-        refused = sorted({name for name, _ in parse_qsl(parts.query)} - REDIS_URL_OPTIONS)
+        given = {name for name, _ in parse_qsl(parts.query)}
+        if parts.scheme == "redis" and any(name.startswith("ssl_") for name in given):
+            # redis-py hands them to a plain connection, which then never opens.
+            raise ValueError(f"sets TLS options in its query: they need a rediss:// URL, got {shown!r}")
+        refused = sorted(given - REDIS_URL_OPTIONS)
         if refused:  # their values are not repeated: one may be a password
             raise ValueError(
                 f"must not set {', '.join(refused)} in its query, which takes redis-py's TLS "
@@ -270,7 +275,7 @@ def _base_url(value: str) -> str:
     # Not only in urlsplit's netloc: a '/' in a password ends the netloc before its '@'
     # (_whole_user_info tells that from an '@' of the path).
     parts = urlsplit(value.strip())
-    if "@" in parts.netloc or ("@" in value and not _host_shaped(parts)):
+    if "@" in parts.netloc or ("@" in value and _split_user_info(value, parts)):
         raise ValueError(
             "must have no user or password (...@): ListModels shows the URL; a key goes in a key "
             "file or variable (an @ of a path is written %40)"
@@ -290,12 +295,21 @@ def _host_shaped(parts: SplitResult) -> bool:
     return host is not None and (port is not None or "." in host or ":" in host or host == "localhost")
 
 
+def _split_user_info(value: str, parts: SplitResult) -> bool:
+    """Whether an '@' past urlsplit's host part is a password's, split from its user by an
+    unencoded '/', '?' or '#': the host part is no host (`user` of `user:pa/ss@host`), or
+    what follows the last '@' reads as one (`proxy:3128` of `user:3128/x@proxy:3128`),
+    where an '@' of a path is followed by a path's word (`@cf/baai`, `tenant@a`)."""
+    after = value.rpartition("@")[2].split("/", 1)[0]
+    return not _host_shaped(parts) or ":" in after or "." in after
+
+
 def _whole_user_info(value: str, parts: SplitResult) -> None:
     """An '@' past a host part that is no host (_host_shaped) is a user or password holding
     an unencoded '/', '?' or '#', which ended the host part early: refused, as what is left
     reads as another host. Past a real host (collector:4318/a@b has none; api.example.com
     has one), the '@' is the path's."""
-    if "@" in value and "@" not in parts.netloc and not _host_shaped(parts):
+    if "@" in value and "@" not in parts.netloc and _split_user_info(value, parts):
         raise ValueError(
             "has a user or password holding '/', '?' or '#', which ends the host part: "
             f"percent-encode them (%2F, %3F, %23), got {url_named(value)!r}"
@@ -434,13 +448,19 @@ CacheStoreUrl = Annotated[
     str | None,
     BeforeValidator(_blank_is_none),
     AfterValidator(_redis_url("cache-store")),
-    Expect("a redis:// or rediss:// URL whose query holds TLS options only"),
+    Expect(
+        "a redis:// or rediss:// URL whose query holds TLS options (rediss), health_check_interval "
+        "or socket_keepalive only"
+    ),
 ]
 LimitsStoreUrl = Annotated[
     str | None,
     BeforeValidator(_blank_is_none),
     AfterValidator(_redis_url("limits-store")),
-    Expect("a redis:// or rediss:// URL whose query holds TLS options only"),
+    Expect(
+        "a redis:// or rediss:// URL whose query holds TLS options (rediss), health_check_interval "
+        "or socket_keepalive only"
+    ),
 ]
 OtlpUrl = Annotated[
     str | None,

@@ -54,7 +54,7 @@ from opentelemetry.trace import (
 )
 
 from rerank_service import __version__
-from rerank_service.config.secret import SHORTEST_SECRET, Secret, url_secrets
+from rerank_service.config.secret import Secret, maskable, url_secrets
 from rerank_service.observability.logging import mask_also
 from rerank_service.observability.metrics import Metrics
 from rerank_service.observability.tracing import (
@@ -266,12 +266,20 @@ def start_tracing(
 # Where the OTLP exporter reads its headers (a collector's credentials, as often as not).
 HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-# The headers whose values are credentials, by a part of their name (authorization,
-# x-api-key, x-honeycomb-team, signoz-access-token, uptrace-dsn...). Others (x-scope-orgid=rerank, a
-# tenant) are none: masked, they garbled every line holding the word.
-_CREDENTIAL_NAMES = re.compile(
-    r"auth|key|token|secret|pass|team|signature|credential|cookie|dsn|api", re.IGNORECASE
-)
+# The headers whose values are credentials, by a word of their name (authorization,
+# x-api-key, x-honeycomb-team, signoz-access-token, uptrace-dsn, x-apikey...). Others
+# (x-scope-orgid=rerank, x-api-version=2026) are none: masked, they garbled every line
+# holding the word or number.
+_CREDENTIAL_WORDS = frozenset(
+    {
+        "authorization", "auth", "key", "apikey", "token", "secret", "password", "passwd",
+        "pass", "team", "signature", "credential", "credentials", "cookie", "dsn",
+    }
+)  # fmt: skip
+
+
+def _credential_header(name: str) -> bool:
+    return any(word in _CREDENTIAL_WORDS for word in re.split(r"[-_.\s]+", unquote(name).strip().lower()))
 
 
 def exporter_secrets(environ: Mapping[str, str]) -> list[Secret]:
@@ -285,11 +293,11 @@ def exporter_secrets(environ: Mapping[str, str]) -> list[Secret]:
             name, equals, value = entry.partition("=")
             if not equals:  # `authorization: Bearer ...`: malformed, and as secret
                 name, _, value = name.partition(":")
-            if not _CREDENTIAL_NAMES.search(unquote(name)):
+            if not _credential_header(name):
                 continue
             for each in (value.strip(), unquote(value).strip()):
                 values += [each, each.split(maxsplit=1)[-1] if each else ""]
-    found = [Secret(value) for value in dict.fromkeys(values) if len(value) >= SHORTEST_SECRET]
+    found = [Secret(value) for value in dict.fromkeys(values) if maskable(value)]
     for variable in ENDPOINT_VARIABLES:
         found += url_secrets(environ.get(variable, "").strip())
     return found

@@ -1059,13 +1059,20 @@ def test_a_store_url_whose_query_overrides_the_services_options_is_refused_namin
     """redis-py takes a query's options over the client's own: a socket_timeout there replaced
     the store's timeout. The URL is not repeated."""
     flag = store.replace("_", "-")
-    message = refusal(**{f"RERANK_{store.upper()}": f"redis://:{URL_SECRET}@redis.internal:6379/0{query}"})
+    message = refusal(**{f"RERANK_{store.upper()}": f"rediss://:{URL_SECRET}@redis.internal:6379/0{query}"})
 
     assert message.startswith(f"{flag} must not set {named} in its query, which takes redis-py's TLS"), (
         message
     )
     assert f"the store's timeout is {flag}-timeout, its CA bundle {flag}-ca-file" in message
     assert URL_SECRET not in message
+
+
+def test_tls_options_of_a_plain_redis_url_are_refused() -> None:
+    """redis-py hands them to a plain connection, which then never opened."""
+    assert refusal(RERANK_CACHE_STORE="redis://redis.internal:6379/0?ssl_check_hostname=false").startswith(
+        "cache-store sets TLS options in its query: they need a rediss:// URL"
+    )
 
 
 def test_a_store_url_whose_query_redis_cannot_read_is_refused_at_load() -> None:

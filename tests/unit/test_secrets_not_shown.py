@@ -11,7 +11,7 @@ import pytest
 
 from rerank_service.cli import main
 from rerank_service.config import ConfigError, load_settings
-from rerank_service.config.secret import file_named, key_fault, url_named
+from rerank_service.config.secret import file_named, key_fault, maskable, url_named
 from rerank_service.observability.logging import configure_logging, get_logger
 from rerank_service.observability.metrics import Metrics
 from tests.support.logs import LogCapture
@@ -175,7 +175,8 @@ def test_only_credential_headers_and_real_passwords_are_masked() -> None:
         for secret in exporter_secrets(
             {
                 "OTEL_EXPORTER_OTLP_HEADERS": (
-                    f"x-scope-orgid=rerank,x-api-key={OTLP_TOKEN},uptrace-dsn=dsn-0123"
+                    f"x-scope-orgid=rerank,x-api-key={OTLP_TOKEN},uptrace-dsn=dsn-0123,"
+                    "x-api-version=2026,x-bypass-cache=true"  # no credentials, by their words
                 ),
                 "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "authorization=Bearer%20tok-0123456789",
                 "OTEL_EXPORTER_OTLP_ENDPOINT": "http://user:2@collector:4318",
@@ -190,3 +191,29 @@ def test_only_credential_headers_and_real_passwords_are_masked() -> None:
         "Bearer tok-0123456789",
         "tok-0123456789",
     }
+
+
+def test_a_store_urls_tls_key_passphrase_is_masked_and_never_repeated() -> None:
+    """Its query's ssl_password was printed whole in a configuration error."""
+    url = "rediss://redis.internal:6380/0?ssl_keyfile=/etc/k.pem&ssl_password=KeyPass-0123&health_check_interval=x"
+
+    message = refusal(RERANK_CACHE_STORE=url)
+    masked = {
+        secret.reveal()
+        for secret in load_settings(
+            {},
+            {
+                "RERANK_BACKEND": "upstream",
+                "RERANK_UPSTREAM_URL": "http://127.0.0.1:9",
+                "RERANK_CACHE_STORE": url.replace("health_check_interval=x", "health_check_interval=5"),
+            },
+        ).secrets()
+    }
+
+    assert "KeyPass-0123" not in message
+    assert "KeyPass-0123" in masked
+
+
+@pytest.mark.parametrize("value", ["123456", "true", "abc"])
+def test_a_short_password_that_reads_as_json_is_masked_nowhere(value: str) -> None:
+    assert not maskable(value)
