@@ -298,7 +298,8 @@ class RerankServer:
         try:
             # Caller keys stay as started (the edge checks them): deployments must agree on
             # whether callers' tokens pass through.
-            settings = dataclasses.replace(load(), api_keys=self.settings.api_keys)
+            loaded = load()
+            settings = dataclasses.replace(loaded, api_keys=self.settings.api_keys)
             mask_also(settings.secrets())  # keys this file names are masked from now on
             # A file truncated or caught mid-write must not swap every route for the demo
             # model; the callers may change (keys added or removed, limits), but never switch
@@ -323,7 +324,8 @@ class RerankServer:
             routes={route.name: [member.deployment.name for member in route.members] for route in routes},
             callers=[caller.name for caller in callers.callers],
         )
-        kept = needs_restart(self.config, ServerConfig.from_settings(settings))
+        # The file's own caller keys (--api-keys-file), which stay as started, are named too.
+        kept = needs_restart(self.config, ServerConfig.from_settings(loaded))
         if kept:  # changed in the file, but served as started: said, not silently ignored
             _log.warning("reload left settings as started", settings=kept, why="they take a restart")
         return True
@@ -378,8 +380,9 @@ async def _each(*steps: ShutdownStep) -> None:
 
 
 # What a reload applies of the callers' section: the callers themselves (keys, models,
-# limits); the caller keys of --api-keys stay as started, by design (the edge checks them).
-_RELOADED_CALLERS_FIELDS = frozenset({"callers", "api_keys"})
+# limits); the caller keys of RERANK_API_KEYS / --api-keys-file stay as started, by design
+# (the edge checks them), and a change of them is named.
+_RELOADED_CALLERS_FIELDS = frozenset({"callers"})
 
 
 def needs_restart(started: ServerConfig, reloaded: ServerConfig) -> list[str]:

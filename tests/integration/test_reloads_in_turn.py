@@ -255,3 +255,28 @@ def test_calls_waiting_for_a_retired_deployments_connections_get_a_status_when_i
         codes = [call.code() for call in calls]
 
     assert codes == [grpc.StatusCode.UNAVAILABLE] * 3
+
+
+def test_a_reload_that_changes_the_caller_keys_of_its_file_says_they_stay_as_started(
+    tmp_path: Path, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    """They stay as started, by design (the edge checks them), and were left out silently."""
+    keys, other_keys = tmp_path / "keys", tmp_path / "other-keys"
+    keys.write_text("sk-caller-one-0123456789\n", encoding="utf-8")
+    other_keys.write_text("sk-caller-two-0123456789\n", encoding="utf-8")
+    for path in (keys, other_keys):
+        path.chmod(0o600)
+    first = _write(tmp_path / "first.yaml", [_deployment("first", upstream.url)], api_keys_file=str(keys))
+    rotated = _write(
+        tmp_path / "rotated.yaml", [_deployment("first", upstream.url)], api_keys_file=str(other_keys)
+    )
+
+    def as_served(path: Path) -> Settings:
+        return dataclasses.replace(_load(path), host="127.0.0.1", port=0)
+
+    with ServerThread(as_served(first)) as server:
+        assert server.server is not None
+        assert server.run(server.server.reload(lambda: as_served(rotated))) is True
+        said = [e for e in logs.events() if e["event"] == "reload left settings as started"]
+
+    assert [line["settings"] for line in said] == [["callers.api_keys"]]
