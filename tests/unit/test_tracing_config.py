@@ -54,7 +54,7 @@ def test_tracing_configured_without_the_extra_is_refused_naming_what_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "rerank_service.observability.tracing_export", None)
-    with pytest.raises(ConfigError, match=r"pip install 'rerank-service\[otel\]'"):
+    with pytest.raises(ConfigError, match=r"install the otel extra \(pip install '\.\[otel\]'"):
         start_call_tracer("http://127.0.0.1:4317", Metrics(), None)
 
 
