@@ -183,22 +183,29 @@ def _auto_workers(value: object) -> object:
     return value
 
 
+def _checked_url(value: str, schemes: tuple[str, ...], expected: str, shown: str) -> SplitResult:
+    """`value` split, once it is a URL of one of `schemes` with a host, no port but a number,
+    and no password an unencoded '/' split (_whole_user_info); `expected` says what it must
+    be, `shown` is the URL as an error may repeat it."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in schemes:
+        raise ValueError(f"must be {expected}, got {shown!r}")
+    _whole_user_info(value, parts)
+    if not parts.hostname:
+        raise ValueError(f"must be {expected}, got {shown!r}")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError(f"has an invalid port, got {shown!r}") from None
+    return parts
+
+
 def _http_url(example: str) -> Callable[[str | None], str | None]:
     def check(value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value.strip())
         # A proxy URL may carry user:password: an error never repeats either.
-        shown = url_named(value)
-        if parts.scheme not in ("http", "https"):
-            raise ValueError(f"must be an http(s) URL such as {example}, got {shown!r}")
-        _whole_user_info(value, parts)
-        if not parts.hostname:
-            raise ValueError(f"must be an http(s) URL such as {example}, got {shown!r}")
-        try:
-            _ = parts.port
-        except ValueError:
-            raise ValueError(f"has an invalid port, got {shown!r}") from None
+        _checked_url(value, ("http", "https"), f"an http(s) URL such as {example}", url_named(value))
         return value.strip().rstrip("/")
 
     return check
@@ -224,19 +231,10 @@ def _redis_url(store: str) -> Callable[[str | None], str | None]:
     def check(value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value.strip())
         # Its query is not repeated either: ssl_password may be in it.
-        shown = url_named(value).partition("?")[0] + ("?..." if parts.query else "")
+        shown = url_named(value).partition("?")[0] + ("?..." if "?" in value else "")
         example = "a redis:// or rediss:// URL such as redis://redis.internal:6379/0"
-        if parts.scheme not in ("redis", "rediss"):
-            raise ValueError(f"must be {example}, got {shown!r}")
-        _whole_user_info(value, parts)
-        if not parts.hostname:
-            raise ValueError(f"must be {example}, got {shown!r}")
-        try:
-            _ = parts.port
-        except ValueError:
-            raise ValueError(f"has an invalid port, got {shown!r}") from None
+        parts = _checked_url(value, ("redis", "rediss"), example, shown)
         given = {name for name, _ in parse_qsl(parts.query)}
         if parts.scheme == "redis" and any(name.startswith("ssl_") for name in given):
             # redis-py hands them to a plain connection, which then never opens.
