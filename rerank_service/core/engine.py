@@ -185,9 +185,7 @@ class RerankEngine:
         except asyncio.CancelledError:
             # The call itself was cancelled: what its chunks answered was billed all the same.
             if context.spent is not None:
-                answered = _answered(tasks)
-                context.spent.tokens = min(sum(result.total_tokens for result in answered), MAX_TOKENS)
-                context.spent.backend_calls = sum(result.cache is not CacheOutcome.HIT for result in answered)
+                context.spent.tokens, context.spent.backend_calls = _billed(_answered(tasks))
             raise
         return [task.result() for task in tasks]
 
@@ -335,11 +333,8 @@ def _with_answered_chunks(error: BaseException, tasks: list[asyncio.Task[Backend
     answered = _answered(tasks)
     if not isinstance(error, ServiceError) or not answered:
         return error
-    return dataclasses.replace(
-        error,
-        tokens_used=min(sum(result.total_tokens for result in answered), MAX_TOKENS),
-        backend_calls=sum(result.cache is not CacheOutcome.HIT for result in answered),
-    )
+    tokens, backend_calls = _billed(answered)
+    return dataclasses.replace(error, tokens_used=tokens, backend_calls=backend_calls)
 
 
 def _answered(tasks: list[asyncio.Task[BackendResult]]) -> list[BackendResult]:
@@ -347,6 +342,13 @@ def _answered(tasks: list[asyncio.Task[BackendResult]]) -> list[BackendResult]:
     return [
         task.result() for task in tasks if task.done() and not task.cancelled() and task.exception() is None
     ]
+
+
+def _billed(answered: list[BackendResult]) -> tuple[int, int]:
+    """What answered chunks cost: their tokens (capped, as the contract's int32 is) and the
+    backend calls made (a chunk the cache answered whole made none)."""
+    tokens = min(sum(result.total_tokens for result in answered), MAX_TOKENS)
+    return tokens, sum(result.cache is not CacheOutcome.HIT for result in answered)
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -265,12 +265,7 @@ class MicroBatcher:
         except Exception as exc:  # the model failed: fail every request in the batch
             self._ran(jobs, len(batch), time.perf_counter() - started)
             _log.exception("batch failed", pairs=len(batch))
-            error = ServiceError(
-                grpc.StatusCode.INTERNAL,
-                f"the model failed on a batch: {type(exc).__name__}",
-                reason="MODEL_FAILED",
-                kind=FailureKind.DEPLOYMENT,  # another deployment's model may well answer
-            )
+            error = _model_failed(f"the model failed on a batch: {type(exc).__name__}")
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(error)
@@ -310,9 +305,13 @@ class MicroBatcher:
 
 def _out_of_range_error(score: float) -> ServiceError:
     # Never an answer, nor a cached score: a relevance is in [0, 1], and NaN sorts nowhere.
+    return _model_failed(f"the model scored a pair {score!r}, outside [0, 1]")
+
+
+def _model_failed(message: str) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.INTERNAL,
-        f"the model scored a pair {score!r}, outside [0, 1]",
+        message,
         reason="MODEL_FAILED",
         kind=FailureKind.DEPLOYMENT,  # another deployment's model may well answer
     )
