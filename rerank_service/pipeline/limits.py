@@ -122,7 +122,7 @@ class Limiter:
 
     def settle(self, grant: Grant, tokens_used: int, limits_now: CallerLimits | None = None) -> None:
         """The call ended having used `tokens_used` input tokens: correct its tokens bucket
-        and give back its call in flight (in Redis: with the caller's next check, or soon).
+        and give back its call in flight (in Redis: with the caller's next check, else at once).
         `limits_now`: the caller's limits now, if a reload changed them since the grant: its
         bucket is corrected at the rate and burst it has now (the grant's refilled it at an
         old rate, or capped it at an old burst); its call in flight goes back as it was taken."""
@@ -152,7 +152,11 @@ def build_limiter(config: LimitsStoreConfig, metrics: CallerMetrics) -> Limiter:
     except ValueError as exc:  # a URL redis-py cannot read (settings.py refuses those first)
         raise SettingError("limits_store", str(exc)) from None
     store = RedisLimits(
-        client, timeout=config.timeout, on_error=metrics.store_error, on_round_trip=metrics.store_round_trip
+        client,
+        timeout=config.timeout,
+        key_prefix=config.key_prefix,
+        on_error=metrics.store_error,
+        on_round_trip=metrics.store_round_trip,
     )
     return Limiter(store, fail_open=config.fail_open)
 

@@ -4,20 +4,28 @@ A call's check is one round trip: one Lua script refills the caller's buckets fr
 Redis's own clock, takes the call's costs from all of them or from none, and takes a
 lease among its calls in flight, atomically (no read-modify-write from Python, no clock
 of ours). What a call settles when it ends (its tokens bucket corrected by what it really
-used, its lease given back) rides on the same script of its caller's next check in this
-process, so a busy caller costs one script run a call; what no check takes within
-`flush_after` is sent for every caller at once. Runs asked for in the same turn of the
-event loop, or while MAX_PIPELINES round trips are in flight, go in one pipeline: under
-load many calls' checks share one round trip. Each caller's
-state is one hash (its buckets' levels and when they were set) and one sorted set (its
-leases, scored by their expiry), under the caller's hash tag (one Redis Cluster slot),
-each expiring once its bucket would be full again or its last lease over: a key that is
-gone is a full bucket.
+used, its lease given back) rides on the same script as its caller's next check when this
+process asks for that in the same turn of the event loop. Else a lease given back is sent
+at once (the caller's next call may land on another process, which must not find it still
+held), and a token correction alone waits `flush_after` for that next check; what none
+takes is then sent for every caller at once. Runs asked for in the same turn of the event
+loop, or while MAX_PIPELINES round trips are in flight, go in one pipeline: under load
+many calls' checks share one round trip. Each caller's state is one hash (its buckets'
+levels and when they were set) and one sorted set (its leases, scored by their expiry),
+under the caller's hash tag after the key prefix (`--limits-store-prefix`), each expiring
+once its bucket would be full again or its last lease over: a key that is gone is a full
+bucket.
 
 Redis that fails or does not answer within the timeout raises `StoreUnavailable` (the
 limiter falls back, limits.py); the store is then skipped for `retry_after` seconds, so
 an outage costs one call the timeout now and then, not every call. The outage is logged
-once when it starts and once when it ends.
+once when it starts and once when it ends. A run that Redis answers with an error (a key
+of the wrong type, say) fails its own call alone, which falls back: Redis is not taken for
+down for the calls whose runs went in the same pipeline.
+
+Redis Cluster is not supported: a caller's keys share one hash tag, but the client talks
+to one node, which answers MOVED for the slots it does not hold (those callers' calls then
+fall back).
 
 A lease is never left behind by a call that did not get its answer: a check skipped while
 Redis is taken for down sends nothing, and the settlement it carried waits for the next
@@ -41,18 +49,20 @@ from functools import partial
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from rerank_service.config.callers import BucketLimit, CallerLimits
+from rerank_service.config.settings import DEFAULT_LIMITS_STORE_PREFIX
 from rerank_service.observability.logging import get_logger
 from rerank_service.pipeline.buckets import CONCURRENT, CONCURRENT_RETRY_AFTER, Refusal
 from rerank_service.redis_client import DEFAULT_TIMEOUT, RedisOutage, timed_out
 
 _log = get_logger("rerank_service.limits")
 
-KEY_PREFIX = "rerank:limits:"
+KEY_PREFIX = DEFAULT_LIMITS_STORE_PREFIX  # --limits-store-prefix
 DEFAULT_RETRY_AFTER = 1.0  # seconds the store is skipped after a failure
-DEFAULT_FLUSH_AFTER = 0.05  # seconds a settlement waits for its caller's next check
+DEFAULT_FLUSH_AFTER = 0.05  # seconds a token correction waits for its caller's next check
+RUN_ERROR_LOG_EVERY = 60.0  # seconds between two log lines of runs Redis answered with an error
 # Pipelines in flight at once: the runs asked for while they are collect into the next one,
 # so under load the round trips per call fall well below one.
 MAX_PIPELINES = 1
@@ -67,6 +77,16 @@ _SCRIPT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 
+-- Keep `key` at least `ms` milliseconds more. Capped at 2^53 ms (a bucket that refills
+-- slower is taken for full some 285,000 years on) and sent as an integer's digits: a Lua
+-- number goes as '1e+17' past 14 digits, which PEXPIRE refuses, failing the script.
+local function keep_for(key, ms)
+  ms = math.min(math.ceil(ms), 9007199254740992)
+  if ms > redis.call('PTTL', key) then
+    redis.call('PEXPIRE', key, string.format('%d', ms))
+  end
+end
+
 local settled = ARGV[1]
 if settled ~= '' then
   local correction, rate, burst = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -79,10 +99,7 @@ if settled ~= '' then
   end
   level = math.min(burst, level - correction)
   redis.call('HSET', KEYS[1], settled .. ':level', tostring(level), settled .. ':at', tostring(now))
-  local keep = math.ceil((burst - level) / rate * 1000) + 1000
-  if keep > redis.call('PTTL', KEYS[1]) then
-    redis.call('PEXPIRE', KEYS[1], keep)
-  end
+  keep_for(KEYS[1], (burst - level) / rate * 1000 + 1000)
 end
 local leases = tonumber(ARGV[5])
 for i = 1, leases do
@@ -125,15 +142,13 @@ for i = 1, n do
   local name = ARGV[o + 4 * i - 3]
   redis.call('HSET', KEYS[1], name .. ':level', tostring(left[i]), name .. ':at', tostring(now))
 end
-if n > 0 and math.ceil(keep * 1000) + 1000 > redis.call('PTTL', KEYS[1]) then
-  redis.call('PEXPIRE', KEYS[1], math.ceil(keep * 1000) + 1000)
+if n > 0 then
+  keep_for(KEYS[1], keep * 1000 + 1000)
 end
 if concurrent > 0 then
   local lease = tonumber(ARGV[c + 1]) / 1000
   redis.call('ZADD', KEYS[2], now + lease, ARGV[c + 2])
-  if math.ceil(lease * 1000) + 1000 > redis.call('PTTL', KEYS[2]) then
-    redis.call('PEXPIRE', KEYS[2], math.ceil(lease * 1000) + 1000)
-  end
+  keep_for(KEYS[2], lease * 1000 + 1000)
 end
 return {1}
 """
@@ -171,6 +186,12 @@ class StoreUnavailable(Exception):
     """Redis failed, did not answer within the timeout, or is skipped after a failure."""
 
 
+class RunFailed(StoreUnavailable):
+    """Redis answered this call's run of the script with an error (its caller's keys are at
+    fault, not Redis). The run took no lease: the lease's ZADD is the script's last write,
+    and nothing after it can fail."""
+
+
 class RedisLimits:
     """`take` and `settle` of the callers' buckets on `client`."""
 
@@ -187,6 +208,7 @@ class RedisLimits:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
+        self._clock = clock
         self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names a script by its SHA-1
         self.timeout = timeout
         self._flush_after = flush_after
@@ -201,6 +223,7 @@ class RedisLimits:
         self._batch: list[tuple[str, list[str], list[str | float], asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._run_error_logged_at: float | None = None
         self.errors = 0
         self.round_trips = 0
 
@@ -229,7 +252,7 @@ class RedisLimits:
         try:
             pending = self._submit("take", self.keys(caller), args)
         except StoreUnavailable:  # skipped: nothing was sent, so nothing of it was applied
-            self._keep(caller, settlement)
+            self._keep(caller, settlement, again=True)
             raise
         try:
             # Shielded: a call cancelled while its check is out leaves the answer to come.
@@ -240,8 +263,9 @@ class RedisLimits:
                 partial(self._abandoned, caller, limits, tokens_taken, lease, settlement.leases)
             )
             raise
-        except StoreUnavailable:  # sent and not answered: it may have run
-            self._give_back_leases(caller, limits, lease, settlement.leases)
+        except StoreUnavailable as error:  # sent and not answered: it may have run
+            taken = None if isinstance(error, RunFailed) else lease
+            self._give_back_leases(caller, limits, taken, settlement.leases)
             raise
         if answer[0] == 1:
             return None
@@ -261,36 +285,58 @@ class RedisLimits:
     ) -> None:
         """The answer to the check of a call cancelled meanwhile: what it took, given back."""
         if pending.cancelled() or pending.exception() is not None:
-            self._give_back_leases(caller, limits, lease, given_back)
+            refused = not pending.cancelled() and isinstance(pending.exception(), RunFailed)
+            taken = None if refused else lease
+            self._give_back_leases(caller, limits, taken, given_back)
         elif pending.result()[0] == 1:  # taken, for a call that has gone
             self.settle(caller, limits, -tokens_taken, lease)
 
-    def _give_back_leases(self, caller: str, limits: CallerLimits, lease: str, given_back: list[str]) -> None:
-        """A check that may or may not have run: its lease, and the leases its settlement
-        gave back, are given back (again) with the next round trip."""
-        leases = [*given_back, lease] if limits.concurrent is not None else given_back
+    def _give_back_leases(
+        self, caller: str, limits: CallerLimits, lease: str | None, given_back: list[str]
+    ) -> None:
+        """A check that may or may not have run: its lease (None: it took none), and the
+        leases its settlement gave back, are given back (again) with the next round trip."""
+        leases = list(given_back)
+        if lease is not None and limits.concurrent is not None:
+            leases.append(lease)
         if leases:
-            self._keep(caller, _Settlement(leases=list(leases)))
+            self._keep(caller, _Settlement(leases=leases), again=True)
 
-    def _keep(self, caller: str, settlement: _Settlement) -> None:
-        """Settle `settlement` with the caller's next check, or with a flush once Redis may be
-        tried again. After aclose nothing is kept: the leases expire."""
+    def _keep(self, caller: str, settlement: _Settlement, *, again: bool = False) -> None:
+        """Settle `settlement` with the caller's next check, or with a flush: at once when it
+        gives back leases (the caller's next call may be checked by another process, which
+        must find them given back), within `flush_after` when it corrects tokens alone, and
+        once Redis may be tried again while it is down or when `again` (sent again after a
+        failure: a run that failed must not be retried at once, over and over). After aclose
+        nothing is kept: the leases expire."""
         if self._closed or (not settlement.leases and not settlement.correction):
             return
         pending = self._pending.get(caller)
         if pending is None:
             pending = self._pending[caller] = _Settlement()
         pending.merge(settlement)
-        self._schedule_flush(self._flush_after if self._outage.up else self._outage.retry_after)
+        if again or not self._outage.up:
+            self._schedule_flush(self._outage.retry_after)
+        else:
+            self._schedule_flush(0.0 if settlement.leases else self._flush_after)
 
     def _schedule_flush(self, delay: float) -> None:
-        if self._flush is None and not self._closed:
-            self._flush = asyncio.get_running_loop().call_later(delay, self._start_flush)
+        """A flush in `delay` seconds, unless one is due by then already."""
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        if self._flush is not None:
+            if self._flush.when() <= loop.time() + delay:
+                return
+            self._flush.cancel()
+        # Settlements of this turn of the event loop go in one flush, so one pipeline.
+        self._flush = loop.call_later(delay, self._start_flush)
 
     def settle(self, caller: str, limits: CallerLimits, token_correction: float, lease: str) -> None:
         """A call admitted by `take` ended: its tokens bucket is to be corrected by
         `token_correction` (used less taken) and its lease given back, with the caller's next
-        check or within `flush_after` (while Redis is down, once it may be tried again)."""
+        check in this turn of the event loop, else its lease at once and its correction within
+        `flush_after` (while Redis is down, once it may be tried again)."""
         tokens = limits.tokens if token_correction else None
         leases = [lease] if limits.concurrent is not None else []
         self._keep(caller, _Settlement(tokens, token_correction if tokens is not None else 0.0, leases))
@@ -316,11 +362,11 @@ class RedisLimits:
                     )
                 )
             except StoreUnavailable:  # skipped: sent later
-                self._keep(caller, settlement)
+                self._keep(caller, settlement, again=True)
         outcomes = await asyncio.gather(*(answer for *_, answer in sent), return_exceptions=True)
         for (caller, settlement, _), outcome in zip(sent, outcomes, strict=True):
             if isinstance(outcome, BaseException):  # it may have run: its leases go again
-                self._keep(caller, _Settlement(leases=settlement.leases))
+                self._keep(caller, _Settlement(leases=settlement.leases), again=True)
 
     async def aclose(self) -> None:
         """Send what is pending, then close the connections."""
@@ -374,13 +420,21 @@ class RedisLimits:
                     answer.set_exception(StoreUnavailable(type(error).__name__))
             return
         self._answered()
-        for (*_, answer), result in zip(batch, answers, strict=True):
-            if not answer.done():  # a call cancelled meanwhile has gone
+        failed: tuple[str, ResponseError] | None = None
+        for (operation, *_, answer), result in zip(batch, answers, strict=True):
+            if isinstance(result, ResponseError):  # this run's own failure: its call alone falls back
+                failed = failed or (operation, result)
+                if not answer.done():
+                    answer.set_exception(RunFailed(type(result).__name__))
+            elif not answer.done():  # a call cancelled meanwhile has gone
                 answer.set_result(result)
+        if failed is not None:
+            self._run_failed(*failed)
 
     async def _pipelined(self, runs: list[tuple[list[str], list[str | float]]]) -> list[Any]:
         """The runs in one pipeline, by the script's SHA-1; the script is loaded first when
-        Redis does not have it (its first use, or after a restart)."""
+        Redis does not have it (its first use, or after a restart). Their answers, a run that
+        Redis answered with an error (its keys, not Redis) as that ResponseError."""
         for attempt in range(2):
             pipe = self._client.pipeline(transaction=False)
             for keys, args in runs:
@@ -391,9 +445,6 @@ class RedisLimits:
             if attempt == 0 and any(isinstance(answer, NoScriptError) for answer in answers):
                 await self._client.script_load(_SCRIPT)  # the runs failed whole: none ran
                 continue
-            failed = next((answer for answer in answers if isinstance(answer, Exception)), None)
-            if failed is not None:
-                raise failed
             return answers
         raise NoScriptError("the script could not be loaded")
 
@@ -406,6 +457,23 @@ class RedisLimits:
                 operation=operation,
                 error=type(error).__name__,
                 detail=f"no answer within {self.timeout:g} s" if timed_out(error) else str(error)[:200],
+            )
+
+    def _run_failed(self, operation: str, error: ResponseError) -> None:
+        """Redis answered some runs of a round trip with an error: counted, and logged at most
+        once every RUN_ERROR_LOG_EVERY seconds (a caller's key of the wrong type errs on each
+        of its calls)."""
+        self.errors += 1
+        self._on_error()
+        now = self._clock()
+        logged = self._run_error_logged_at
+        if logged is None or now - logged >= RUN_ERROR_LOG_EVERY:
+            self._run_error_logged_at = now
+            _log.warning(
+                "limits store: redis refused a caller's check; its limits fall back (--limits-store-failure)",
+                operation=operation,
+                error=type(error).__name__,
+                detail=str(error)[:200],
             )
 
     def _answered(self) -> None:

@@ -9,12 +9,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
+from rerank_service.config import ConfigError, load_settings
 from rerank_service.config.callers import BucketLimit, CallerLimits
+from rerank_service.config.server import CallersConfig
 from rerank_service.core.domain import RerankRequest, ServiceError
+from rerank_service.observability.caller_metrics import CallerMetrics
 from rerank_service.pipeline.buckets import CONCURRENT
 from rerank_service.pipeline.callers import Caller
-from rerank_service.pipeline.limits import Limiter, estimated_tokens
+from rerank_service.pipeline.limits import Limiter, build_limiter, estimated_tokens
 from rerank_service.pipeline.limits_store import KEY_PREFIX, RedisLimits, StoreUnavailable
 from rerank_service.redis_client import redis_client
 from tests.support.logs import LogCapture
@@ -152,8 +156,7 @@ async def test_a_busy_callers_settlements_ride_on_its_next_check(
         first.settle("search", limits, 20, f"call-{index}")  # used 30 each
 
     assert first.round_trips == 20  # one a call: no round trip of its own for a settlement
-    assert await second.take("search", limits, [1], "other", 30) is not None  # the 20th lease, held
-    await first.flush()
+    await first.flush()  # the 20th call's settlement (its lease is sent at once anyway)
     assert await second.take("search", limits, [1000 - 20 * 30 - 1], "other", 30) is None
     assert await second.take("search", limits, [2], "more", 30) is not None
 
@@ -377,3 +380,141 @@ async def test_the_script_is_loaded_again_into_a_redis_that_lost_it(
 
     assert await first.take("search", requests(5), [1], "b", 5) is None
     assert first.errors == 0
+
+
+def flushes(limits_store: RedisLimits, monkeypatch: pytest.MonkeyPatch) -> asyncio.Queue[None]:
+    """One item each time a flush `limits_store` started on its own has been answered."""
+    done: asyncio.Queue[None] = asyncio.Queue()
+    flush = limits_store.flush
+
+    async def flushed() -> None:
+        await flush()
+        done.put_nowait(None)
+
+    monkeypatch.setattr(limits_store, "flush", flushed)
+    return done
+
+
+async def test_a_lease_given_back_is_sent_at_once_for_the_callers_next_call_on_another_process(
+    redis_empty: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client calling strictly one call at a time (concurrent: 1), each call on the other
+    replica: the lease of the call before is given back as that call ends, not with its
+    process's next check of the caller (there is none) or a flush much later."""
+    limits = CallerLimits(concurrent=1)
+    # A token correction alone would wait an hour here for the caller's next check.
+    stores = [
+        RedisLimits(redis_client(redis_empty.url, timeout=TIMEOUT), timeout=TIMEOUT, flush_after=3600)
+        for _ in range(2)
+    ]
+    flushed = [flushes(limits_store, monkeypatch) for limits_store in stores]
+    try:
+        for index in range(6):
+            limits_store = stores[index % 2]
+            assert await limits_store.take("search", limits, [], f"call-{index}", LONG_LEASE) is None
+            limits_store.settle("search", limits, 0, f"call-{index}")
+            async with asyncio.timeout(HANG):  # a bound for a broken store, not a timing
+                await flushed[index % 2].get()
+    finally:
+        for limits_store in stores:
+            await limits_store.aclose()
+
+
+async def test_a_run_redis_refuses_fails_its_own_call_alone(
+    redis_empty: RedisServer, logs: LogCapture
+) -> None:
+    """A caller whose key holds something else (a cluster's MOVED is the same): its check
+    fails, and the other callers' checks and settlements sent with it in one round trip
+    are answered, with Redis not skipped after."""
+    errors: list[int] = []
+    limits_store, other = store(redis_empty.url, errors=errors), store(redis_empty.url)
+    limits = CallerLimits(requests=BucketLimit(RPM, 600, 600), concurrent=1)
+    with redis_empty.client() as client:
+        client.mset({key: "neither a hash nor a sorted set" for key in limits_store.keys("broken")})
+    try:
+        assert await limits_store.take("warm-up", limits, [1], "w", LONG_LEASE) is None  # script loaded
+        limits_store.round_trips = 0
+
+        answers = await asyncio.gather(
+            limits_store.take("broken", limits, [1], "b1", LONG_LEASE),
+            limits_store.take("search", limits, [1], "s1", LONG_LEASE),
+            return_exceptions=True,
+        )
+        assert limits_store.round_trips == 1  # the two checks, in one pipeline
+        assert isinstance(answers[0], StoreUnavailable)
+        assert answers[1] is None
+        assert limits_store.up
+        assert await limits_store.take("ads", limits, [1], "a1", LONG_LEASE) is None  # not skipped
+
+        # The settlements of a broken and a sound caller, flushed together.
+        limits_store.settle("broken", limits, 0, "b0")
+        limits_store.settle("search", limits, 0, "s1")
+        await limits_store.flush()
+        assert await other.take("search", limits, [1], "s2", LONG_LEASE) is None  # s1 given back
+    finally:
+        await limits_store.aclose()
+        await other.aclose()
+
+    assert errors  # counted (a round trip with a refused run, each)
+    lines = [event["event"] for event in logs.events() if "limits store" in event["event"]]
+    assert lines == [  # once, and never "unreachable"
+        "limits store: redis refused a caller's check; its limits fall back (--limits-store-failure)"
+    ]
+
+
+async def test_a_bucket_that_refills_over_ages_keeps_its_key_and_fails_no_one(
+    two: tuple[RedisLimits, RedisLimits], redis_empty: RedisServer
+) -> None:
+    """The documented lowest rate (tokens_per_minute 0.000001) and a call of 2M tokens: full
+    again in 2e12 minutes, past what PEXPIRE takes as a plain number. The script must still
+    run, for this caller and for another one batched with it."""
+    first, second = two
+    tiny = CallerLimits(tokens=BucketLimit(TPM, 1e-6, 1e-6))
+    answers = await asyncio.gather(
+        first.take("tiny", tiny, [2_000_000], "t1", 5),
+        first.take("other", requests(600), [1], "o1", 5),
+        return_exceptions=True,
+    )
+    first.settle("tiny", tiny, 1_000_000, "t1")  # used more: the settlement's expiry too
+    await first.flush()
+
+    assert list(answers) == [None, None]
+    assert first.errors == 0
+    assert first.up
+    assert await second.take("tiny", tiny, [1e-6], "t2", 5) is not None  # 3M tokens owed
+    with redis_empty.client() as client:
+        assert client.pttl(f"{KEY_PREFIX}{{tiny}}") > 10**15  # kept (capped), an integer
+
+
+async def test_the_limits_store_prefix_setting_names_the_keys(redis_empty: RedisServer) -> None:
+    """Two deployments on one Redis database, each with its own --limits-store-prefix: the
+    same caller name has a bucket in each."""
+    settings = load_settings(
+        {}, {"RERANK_LIMITS_STORE": redis_empty.url, "RERANK_LIMITS_STORE_PREFIX": "st:rl:"}
+    )
+    staging = build_limiter(
+        CallersConfig.from_settings(settings).limits_store, CallerMetrics(CollectorRegistry())
+    )
+    prod = Limiter(store(redis_empty.url))
+    caller = Caller("search", limits=requests(1), configured=True)
+    try:
+        assert await staging.admit(caller, call(), "a", None) is not None
+        assert await prod.admit(caller, call(), "b", None) is not None  # its own bucket: full
+        with pytest.raises(ServiceError):
+            await staging.admit(caller, call(), "c", None)
+    finally:
+        await staging.close()
+        await prod.close()
+
+    with redis_empty.client() as client:
+        assert sorted(client.keys("*")) == [b"rerank:limits:{search}", b"st:rl:{search}"]
+
+
+@pytest.mark.parametrize("prefix", ["a b", "st:{x}:", "}"])
+def test_a_limits_store_prefix_with_whitespace_or_braces_is_refused(prefix: str) -> None:
+    with pytest.raises(ConfigError, match="limits-store-prefix must be a Redis key prefix"):
+        load_settings({}, {"RERANK_LIMITS_STORE_PREFIX": prefix})
+
+
+def test_the_limits_store_prefix_is_rerank_limits_by_default() -> None:
+    assert load_settings({}, {}).limits_store_prefix == KEY_PREFIX == "rerank:limits:"
