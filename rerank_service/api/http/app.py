@@ -3,12 +3,13 @@ from the call pipeline (pipeline/call.py) that gRPC calls go through too.
 
 A rerank route takes the pipeline's steps in this order: the call opened (its request
 id); the caller's key (from the headers alone, before the body is read); the body's
-headers (its length, and no compression: a gzip body is refused, never inflated past
-what admission charged); admission of its bytes (a body that would not be admitted is
-not read); the body, bounded in size and time; the call's admission slot, taken only
-now, so a body trickling in holds bytes but never a slot a working call needs; JSON,
-then the wire format's fields; the engine; the answer or the error in the route's
-format, its status mapped once (statuses.py); the pipeline records the call once.
+headers (its length, its type, and no compression: a gzip body is refused, never
+inflated past what admission charged); admission of its bytes (a body that would not
+be admitted is not read); the body, bounded in size and time; the call's admission
+slot, taken only now, so a body trickling in holds bytes but never a slot a working
+call needs; JSON, then the wire format's fields; the engine; the answer or the error in
+the route's format, its status mapped once (statuses.py); the pipeline records the call
+once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import grpc
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from rerank_service.api.http import openapi
 from rerank_service.api.http.formats import COHERE, COMPATIBLE, NATIVE, BadRequest, Json, WireFormat
@@ -62,6 +63,9 @@ RERANK_ROUTES: dict[str, WireFormat] = {
 }
 MODELS_PATH = "/v1/models"
 JSON_TYPE = "application/json"
+# Every answer's `Server` header, the HTTP parser's 400s included (server.py): not aiohttp's
+# default, which tells every caller the exact Python and aiohttp versions.
+SERVER_NAME = "rerank-service"
 # Where an HTTP caller's key goes, as a refusal names it.
 KEY_CARRIER = "'Authorization: Bearer <key>' header"
 # Where a request keeps the caller it was authenticated as.
@@ -183,11 +187,13 @@ class FrontDoor:
         self, handle: Callable[[web.Request], Awaitable[web.Response]]
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
         """`Expect: 100-continue`: the client waits to send its body until told to. A call
-        that will be refused from its headers alone (its key, its length, admission) is
-        answered at once, so the body is never sent; the others are told to continue."""
+        that will be refused from its headers alone (its key, its length, its type,
+        admission) is answered at once, so the body is never sent; the others are told to
+        continue. An HTTP/1.0 request's expectation is ignored (RFC 9110 10.1.1): it has no
+        1xx answers, and its call goes on as one without it."""
 
         async def expect(http: web.Request) -> web.StreamResponse | None:
-            if http.headers.get("Expect", "").lower() != "100-continue":
+            if http.version < HttpVersion11 or http.headers.get("Expect", "").lower() != "100-continue":
                 return None
             try:
                 self._authenticate(http)
@@ -204,7 +210,7 @@ class FrontDoor:
         return expect
 
     def _check_body_headers(self, http: web.Request) -> None:
-        """The body's encoding and declared length, before anything is read or admitted for it."""
+        """The body's encoding, declared length and type, before anything is read or admitted for it."""
         encoding = http.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             # Admission charges the bytes sent; inflating them could hold hundreds of times more.
@@ -214,6 +220,11 @@ class FrontDoor:
             raise _HttpError(411, grpc.StatusCode.INVALID_ARGUMENT, "a Content-Length header is required")
         if http.content_length > self._max_body_bytes:
             raise self._too_large()
+        if http.content_type != JSON_TYPE:
+            got = http.content_type or "none"
+            raise _HttpError(
+                415, grpc.StatusCode.INVALID_ARGUMENT, f"Content-Type must be {JSON_TYPE}, got {got!r}"
+            )
 
     def _too_large(self) -> _HttpError:
         message = f"the body is larger than {self._max_body_bytes} bytes (--max-message-bytes)"
@@ -250,11 +261,6 @@ class FrontDoor:
         return certificate_identities(uris, names[0] if names else None)
 
     async def _body(self, http: web.Request) -> bytes:
-        if http.content_type != JSON_TYPE:
-            got = http.content_type or "none"
-            raise _HttpError(
-                415, grpc.StatusCode.INVALID_ARGUMENT, f"Content-Type must be {JSON_TYPE}, got {got!r}"
-            )
         try:
             # A client that sends its body a byte a second must not hold a slot for ever.
             async with asyncio.timeout(self._body_timeout):
@@ -429,8 +435,7 @@ def _trace_headers(http: web.Request) -> list[tuple[str, str]]:
 
 
 async def _name_the_server(request: web.Request, response: web.StreamResponse) -> None:
-    # Not aiohttp's default, which tells every caller the exact Python and aiohttp versions.
-    response.headers["Server"] = "rerank-service"
+    response.headers["Server"] = SERVER_NAME
 
 
 class _HttpError(Exception):

@@ -15,6 +15,7 @@ Three wire formats, each as its clients expect it:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -226,12 +227,26 @@ def _render_compatible(outcome: RerankOutcome, request: RerankRequest, request_i
     }
 
 
+# Cohere bills a rerank in search units: one per query with up to this many documents.
+SEARCH_UNIT_DOCUMENTS = 100
+
+
+def search_units(outcome: RerankOutcome, request: RerankRequest) -> int:
+    """The search units Cohere would bill the call: one per SEARCH_UNIT_DOCUMENTS documents
+    or part of them, however the service split it; none when the score cache answered
+    every pair and no backend was called."""
+    if outcome.backend_calls == 0:
+        return 0
+    return math.ceil(len(request.documents) / SEARCH_UNIT_DOCUMENTS)
+
+
 def _render_cohere(outcome: RerankOutcome, request: RerankRequest, request_id: str) -> Json:
     # Cohere's SDKs read `meta`; vLLM, Jina and Infinity clients read `usage`.
+    billed = {"search_units": search_units(outcome, request)}
     return {
         "id": request_id,
         "results": _results(outcome),
-        "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+        "meta": {"api_version": {"version": "2"}, "billed_units": billed},
         "usage": _usage(outcome),
     }
 

@@ -256,7 +256,7 @@ _ERRORS = {
     "411": "no Content-Length header",
     "413": "the body is larger than the message size limit",
     "415": "the Content-Type is not application/json",
-    "429": "overloaded, or the upstream's rate limit: see Retry-After",
+    "429": "overloaded, a caller over its limits, or the upstream's rate limit: see Retry-After (when known)",
     "500": "a bug (the message names the request id to quote), or an upstream failure an operator must fix",
     "503": "no deployment of the model can answer now",
     "504": "the upstream took too long",

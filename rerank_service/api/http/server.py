@@ -15,7 +15,7 @@ from typing import cast
 
 from aiohttp import web
 
-from rerank_service.api.http.app import FrontDoor
+from rerank_service.api.http.app import SERVER_NAME, FrontDoor
 from rerank_service.config.server import HttpConfig, TlsConfig
 from rerank_service.config.tls_files import TlsFiles
 from rerank_service.observability.logging import CALLER_LOG_INTERVAL, RateLimit, get_logger
@@ -122,7 +122,8 @@ class _QuietRequestHandler(web.RequestHandler):
     """aiohttp's handler, whose answer to a request it cannot parse (a 400 before any route
     runs) says only its status: aiohttp's own repeats the offending line, which is as
     often as not the Authorization header with its key (its log line is cleaned on the way,
-    observability/logging.py; a body goes to the sender, and to any proxy that logs it)."""
+    observability/logging.py; a body goes to the sender, and to any proxy that logs it).
+    It names the server as routed answers do, not by aiohttp's and Python's versions."""
 
     __slots__ = ()  # nothing of its own: aiohttp's handlers become one (_quiet_handlers)
 
@@ -137,7 +138,10 @@ class _QuietRequestHandler(web.RequestHandler):
             said = f"{status} {HTTPStatus(status).phrase}"
         except ValueError:  # a status http.HTTPStatus does not name
             said = str(status)
-        return super().handle_error(request, status, exc, said)
+        response = super().handle_error(request, status, exc, said)
+        # No route runs for it, so the application's on_response_prepare (app.py) does not.
+        response.headers["Server"] = SERVER_NAME
+        return response
 
 
 def _quiet_handlers(server: web.Server) -> Callable[[], asyncio.Protocol]:
