@@ -385,7 +385,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _check_start_up_files(settings: Settings) -> None:
     """What serve checks as it starts, besides the routes: the TLS files, the workers against
     the local backend, the usage log's place (not created here), the Redis CA bundles, and
-    tracing's protocol (no exporter is made)."""
+    tracing's OTEL_* settings (its exporter made, then shut down unused)."""
     from rerank_service.api.grpc.tls import server_credentials
     from rerank_service.config import ca_bundle
     from rerank_service.config.server import ServerConfig
@@ -404,7 +404,8 @@ def _check_start_up_files(settings: Settings) -> None:
 
 def _check_tracing(otlp_endpoint: str | None) -> None:
     """What serve's tracer refuses as it starts (server.start_call_tracer): a protocol it
-    does not speak, or OpenTelemetry's SDK not installed."""
+    does not speak, OpenTelemetry's SDK not installed, or an OTEL_* value its exporter or
+    batch processor cannot start with (the exporter made as serve makes it, then shut down)."""
     from rerank_service.observability.tracing import otlp_protocol, tracing_wanted
     from rerank_service.server import tracing_sdk
 
@@ -415,6 +416,12 @@ def _check_tracing(otlp_endpoint: str | None) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     tracing_sdk()
+    from rerank_service.observability.tracing_export import check_tracing  # installed: tracing_sdk
+
+    try:
+        check_tracing(otlp_endpoint)
+    except ValueError as exc:  # an OTEL_* value, named in the message
+        raise ConfigError(str(exc)) from None
 
 
 def _usage(args: argparse.Namespace) -> int:

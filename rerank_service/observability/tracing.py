@@ -83,10 +83,13 @@ class CallTracer(Protocol):
         tracestate: str | None,
         started: float,
         *,
-        item_of: SpanHandle | None = None,
+        item: bool = False,
+        stream: SpanHandle | None = None,
     ) -> SpanHandle | None:
-        """The call's span (a stream item's: linked to its stream's `item_of`), under the
-        caller's trace context when it sent one, made current; None when not sampled."""
+        """The call's span, under the caller's trace context when it sent one, made current;
+        None when not sampled. `item`: a RerankStream item, recorded only with its stream
+        (`stream`: the stream's span, None when the stream is not sampled): under the
+        stream's span, or under the caller's context and linked to the stream's span."""
         ...
 
     def shutdown(self, timeout: float) -> None:
@@ -116,8 +119,9 @@ def upstream_traceparent(callers: str | None) -> str | None:
     return callers if active is None else active.traceparent()
 
 
-def make_current(span: SpanHandle) -> contextvars.Token[SpanHandle | None]:
-    """Make `span` the current one (tracing_export.py, for a span it makes)."""
+def make_current(span: SpanHandle | None) -> contextvars.Token[SpanHandle | None]:
+    """Make `span` the current one (tracing_export.py, for a span it makes); None: none (a
+    call not sampled, in a context where its stream's span is current)."""
     return _current.set(span)
 
 

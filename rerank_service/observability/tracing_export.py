@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from contextvars import Token
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from opentelemetry.context import Context
@@ -187,17 +187,28 @@ class OtelTracing:
         tracestate: str | None,
         started: float,
         *,
-        item_of: SpanHandle | None = None,
+        item: bool = False,
+        stream: SpanHandle | None = None,
     ) -> SpanHandle | None:
-        name, attributes, server = call_span(method, item_of is not None)
+        name, attributes, server = call_span(method, item)
         kind = SpanKind.SERVER if server else SpanKind.INTERNAL
         links: Sequence[Link] = ()
-        if isinstance(item_of, OtelSpan):
-            links = (Link(item_of.record.trace),)
-        if traceparent is None:
-            parent, parent_context, trace_id = None, None, self._random.getrandbits(128) or 1
-        else:
+        parent: SpanContext | None = None
+        if item:
+            # Recorded with its stream or not at all: sampled apart (each a root, the caller
+            # having sent no context), an item's spans were recorded under the stream's span,
+            # or an item as a server span of its own.
+            if not isinstance(stream, OtelSpan):
+                return None
+            if traceparent is None:  # under its stream's span: the sampler follows the stream's
+                parent = stream.record.trace
+            else:
+                links = (Link(stream.record.trace),)
+        if parent is None and traceparent is not None:
             parent = remote_parent(traceparent, tracestate)
+        if parent is None:
+            parent_context, trace_id = None, self._random.getrandbits(128) or 1
+        else:
             parent_context = set_span_in_context(NonRecordingSpan(parent))
             trace_id = parent.trace_id
         decision = self._sampler.should_sample(parent_context, trace_id, name, kind, attributes, links)
@@ -251,16 +262,86 @@ def start_tracing(
     worker: int | None = None,
     environ: Mapping[str, str] = os.environ,
 ) -> OtelTracing:
-    """The tracer provider, exporting to `otlp_endpoint` (None: the OTEL_* variables')."""
-    # Before the exporter is made: it parses the headers, and the SDK's lines go to the log.
-    mask_also(exporter_secrets(environ))
-    exporter = _CountingExporter(_exporter(otlp_endpoint, environ), metrics)
-    queue = int(environ.get("OTEL_BSP_MAX_QUEUE_SIZE", "2048"))
-    batches = BatchSpanProcessor(exporter, max_queue_size=queue)
-    processor = _BoundedProcessor(batches, exporter, queue, metrics)
+    """The tracer provider, exporting to `otlp_endpoint` (None: the OTEL_* variables'); a
+    ValueError naming the OTEL_* variable the exporter or its queue cannot start with."""
+    made, batching = _export(otlp_endpoint, environ)
+    exporter = _CountingExporter(made, metrics)
+    batches = BatchSpanProcessor(
+        exporter,
+        max_queue_size=batching.queue,
+        schedule_delay_millis=batching.delay_ms,
+        max_export_batch_size=batching.batch,
+    )
+    processor = _BoundedProcessor(batches, exporter, batching.queue, metrics)
     # The sampler as the SDK reads it from OTEL_TRACES_SAMPLER(_ARG): parent-based, always on by default.
     sampler = TracerProvider(shutdown_on_exit=False).sampler
     return OtelTracing(processor, _resource(worker), sampler)
+
+
+def check_tracing(otlp_endpoint: str | None, environ: Mapping[str, str] = os.environ) -> None:
+    """What `start_tracing` refuses, for check-config: the exporter made as it makes it (no
+    connection: it is shut down unused) and its queue's settings; a ValueError."""
+    exporter, _ = _export(otlp_endpoint, environ)
+    exporter.shutdown()
+
+
+class _Batching(NamedTuple):
+    """The batch processor's settings (OTEL_BSP_*)."""
+
+    queue: int
+    batch: int
+    delay_ms: int
+
+
+def _export(otlp_endpoint: str | None, environ: Mapping[str, str]) -> tuple[SpanExporter, _Batching]:
+    """The OTLP exporter and the batch processor's settings, or a ValueError naming the
+    variable they cannot start with (the SDK's own errors name none, or none of ours)."""
+    # Before the exporter is made: it parses the headers, and the SDK's lines go to the log.
+    mask_also(exporter_secrets(environ))
+    queue = _whole(environ, "OTEL_BSP_MAX_QUEUE_SIZE") or 2048
+    batch = _whole(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
+    if batch is None:
+        batch = min(512, queue)  # the SDK's default, which it refuses above a smaller queue
+    elif batch > queue:
+        raise ValueError(
+            f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE ({batch}) must not be above OTEL_BSP_MAX_QUEUE_SIZE ({queue})"
+        )
+    batching = _Batching(queue, batch, _whole(environ, "OTEL_BSP_SCHEDULE_DELAY") or 5000)
+    # Read by the gRPC exporter with float(), whose error names no variable.
+    for variable in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
+        seconds = environ.get(variable)
+        if seconds is not None and not _number(seconds):
+            raise ValueError(f"{variable} must be a number of seconds, got {seconds!r}")
+    try:
+        protocol = otlp_protocol(environ)
+    except ValueError as exc:  # one it does not speak (named)
+        raise ValueError(str(exc)) from None
+    try:
+        return _exporter(otlp_endpoint, protocol), batching
+    except Exception as exc:  # the SDK's own checks: a compression it does not know (named)
+        raise ValueError(f"the OTLP exporter cannot start: {exc}") from None
+
+
+def _whole(environ: Mapping[str, str], variable: str) -> int | None:
+    """`variable`'s whole number of 1 or more (None: not set), or a ValueError."""
+    written = environ.get(variable, "").strip()
+    if not written:
+        return None
+    try:
+        value = int(written)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{variable} must be a whole number of 1 or more, got {written!r}")
+    return value
+
+
+def _number(written: str) -> bool:
+    try:
+        float(written)
+    except ValueError:
+        return False
+    return True
 
 
 # Where the OTLP exporter reads its headers (a collector's credentials, as often as not).
@@ -303,8 +384,8 @@ def exporter_secrets(environ: Mapping[str, str]) -> list[Secret]:
     return found
 
 
-def _exporter(otlp_endpoint: str | None, environ: Mapping[str, str]) -> SpanExporter:
-    if otlp_protocol(environ) == "http/protobuf":  # else grpc; ValueError for any other
+def _exporter(otlp_endpoint: str | None, protocol: str) -> SpanExporter:
+    if protocol == "http/protobuf":  # else grpc
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
         # As OTEL_EXPORTER_OTLP_ENDPOINT is read: the base URL, the signal's path added.
@@ -427,7 +508,7 @@ def call_span(method: str, item: bool) -> tuple[str, dict[str, str], bool]:
     """A call's span name, attributes and whether it is a server span, from the pipeline's
     method name: `/rerank.v1.RerankService/Rerank` (gRPC: the OpenTelemetry RPC
     conventions) or `HTTP POST /v1/rerank` (the HTTP conventions). A RerankStream item
-    (`item`) is an internal span of its own, linked to its stream's."""
+    (`item`) is an internal span of its own, under its stream's or linked to it."""
     known = _CALL_SPANS.get((method, item))
     if known is not None:
         return known
@@ -449,12 +530,12 @@ _PEERS: dict[str, dict[str, Any]] = {}
 
 
 def peer_attributes(peer: str) -> dict[str, Any]:
-    """`ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000` (grpc) or `127.0.0.1` (aiohttp) as the
-    network.peer.* attributes."""
+    """`ipv4:127.0.0.1:5000`, `ipv6:%5B::1%5D:5000` (grpc: a URI, its brackets
+    percent-encoded) or `127.0.0.1` (aiohttp) as the network.peer.* attributes."""
     known = _PEERS.get(peer)
     if known is not None:
         return known
-    address = peer.partition(":")[2] if peer.startswith(("ipv4:", "ipv6:")) else ""
+    address = unquote(peer.partition(":")[2]) if peer.startswith(("ipv4:", "ipv6:")) else ""
     host, colon, port = address.rpartition(":")
     if colon and port.isdigit():  # the port: a client's ephemeral one, not worth its export
         made: dict[str, Any] = {"network.peer.address": host.strip("[]")}

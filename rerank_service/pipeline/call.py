@@ -44,6 +44,7 @@ from rerank_service.core.domain import (
     replaced,
 )
 from rerank_service.core.engine import RerankEngine
+from rerank_service.observability import tracing
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import MethodMetrics, Metrics
 from rerank_service.observability.request_id import bind_request_id, new_request_id, unbind_request_id
@@ -127,20 +128,25 @@ class Pipeline:
         stream or a stream item runs in a task of its own, which ends with it). `caller`:
         known already (a stream's item: the stream's). `trace`: the caller's validated
         (traceparent, tracestate), the span's parent and what the upstream is sent;
-        `stream`: the stream this call is an item of (its span links to the stream's)."""
+        `stream`: the stream this call is an item of (recorded with it, or not at all)."""
         call = Call(self, method, peer, measured, item_id, scoped)
         call.caller = caller
         call.trace = trace
         tracer = self.tracer
         if tracer is not None:
-            call.span = tracer.open_call(
+            span = call.span = tracer.open_call(
                 method,
                 peer,
                 trace[0],
                 trace[1],
                 call.started,
-                item_of=None if stream is None else stream.span,
+                item=stream is not None,
+                stream=None if stream is None else stream.span,
             )
+            if span is None and tracing.current() is not None:
+                # Not sampled, in its stream's task (whose span is current there): none is
+                # current for it, or what it does would be recorded under the stream's span.
+                call._unspanned = tracing.make_current(None)
         return call
 
     def authenticate(self, token: Secret | None, carrier: str, peer_identities: Sequence[str] = ()) -> Caller:
@@ -170,6 +176,7 @@ class Call:
         "_slot",
         "_spent",
         "_token",
+        "_unspanned",
         "caller",
         "code",
         "details",
@@ -224,6 +231,8 @@ class Call:
         self._share: str | None = None
         # Its span (tracing on and sampled), and the HTTP status it was answered with.
         self.span: SpanHandle | None = None
+        # Set when it is not sampled inside a sampled stream: what `finish` restores.
+        self._unspanned: Token[SpanHandle | None] | None = None
         self.http_status: int | None = None
         self.trace: tuple[str | None, str | None] = (None, None)  # the caller's, set by `open`
 
@@ -350,6 +359,9 @@ class Call:
         log_call(facts, self.code, seconds, self.details, event)
         if span is not None:
             self._end_span(span, facts)
+        if self._unspanned is not None:
+            tracing.restore(self._unspanned)
+            self._unspanned = None
         # The error's traceback holds the front door's frame, which may hold the request
         # (megabytes): dropped here, it goes at once, not when the cycle collector runs.
         self.failure = None

@@ -56,9 +56,9 @@ class CachedScores:
         cache, metrics = self._cache, self._metrics
         with await cache.lookup(keys, mode, wait=wait) as lookup:
             hits, missing = lookup.hits, lookup.missing
-            metrics.looked_up(route, lookup.outcome.value, len(hits), len(missing))
             cached_tokens = sum(filter(None, map(_TOKENS, hits.values()))) if hits else 0
             if not missing:
+                metrics.looked_up(route, lookup.outcome.value, len(hits), 0)
                 metrics.sync(cache.counts())
                 return BackendResult(
                     scores=list(map(ScoredDocument, hits, map(_SCORE, hits.values()))),
@@ -83,6 +83,9 @@ class CachedScores:
             except BaseException:
                 metrics.sync(cache.counts())  # what the lookup counted (a Redis error) is shown all the same
                 raise
+            # Counted once the backend answered, for the deployment whose answer is used: one
+            # that failed falls over to the next, which looks the chunk up again.
+            metrics.looked_up(route, lookup.outcome.value, len(hits), len(missing))
             if hits:  # the backend's indices are into the documents it was sent
                 scores = [ScoredDocument(missing[scored.index], scored.score) for scored in result.scores]
             else:

@@ -250,6 +250,38 @@ def test_check_config_refuses_an_otlp_protocol_serve_refuses(tmp_path: Path) -> 
     )
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        (
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+            "zstd",
+            'the OTLP exporter cannot start: Invalid value "zstd" for compression envvar '
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+            "10s",
+            "OTEL_EXPORTER_OTLP_TIMEOUT must be a number of seconds, got '10s'",
+        ),
+        (
+            "OTEL_BSP_MAX_QUEUE_SIZE",
+            "lots",
+            "OTEL_BSP_MAX_QUEUE_SIZE must be a whole number of 1 or more, got 'lots'",
+        ),
+    ],
+)
+def test_check_config_refuses_an_otel_value_serve_refuses_naming_its_variable(
+    tmp_path: Path, variable: str, value: str, problem: str
+) -> None:
+    """check-config said ok; serve exited 2 naming no variable (1, with a traceback, for the
+    compression)."""
+    config = tmp_path / "rerank.yaml"
+    config.write_text(UPSTREAM_FILE + "otlp_endpoint: http://127.0.0.1:4317\n", encoding="utf-8")
+
+    _serve_and_check_config_refuse(config, problem, env={variable: value})
+
+
 def test_check_config_refuses_tracing_without_opentelemetrys_sdk_as_serve_does(tmp_path: Path) -> None:
     """The SDK is an extra (otel): check-config said ok, and serve then exited 2."""
     shadow = tmp_path / "without-otel" / "opentelemetry"  # a package hiding the installed one

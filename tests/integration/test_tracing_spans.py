@@ -9,17 +9,19 @@ proves the same end to end through a real collector (Jaeger) and real processes.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
 import grpc
 import pytest
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind, StatusCode, TraceState
+from opentelemetry.util.types import Attributes
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
 from rerank_service.observability.metrics import Metrics
@@ -196,6 +198,97 @@ def test_stream_items_are_spans_of_their_own_linked_to_the_stream(
         assert [link.context.span_id for link in item.links] == [stream.context.span_id]
         assert hex_id(item.context.trace_id, 32) == CALLER_TRACE
     assert dict(stream.attributes or {})["rerank.stream.items"] == 2
+
+
+STREAM = "rerank.v1.RerankService/RerankStream"
+
+
+def stream_of(server: ServerThread, count: int) -> None:
+    """A RerankStream of `count` items from a caller that sends no trace context."""
+    from rerank.v1 import rerank_pb2
+
+    items = [rerank_pb2.RerankStreamRequest(id=f"item-{n}", request=request()) for n in range(count)]
+    assert len(list(server.stub.RerankStream(iter(items), timeout=10))) == count
+
+
+class _FirstApart(Sampler):
+    """Decides the first span it is asked about (a stream's) one way and every later one (its
+    items') the other: a stream and its items sampled apart, as a ratio sampler may roots."""
+
+    def __init__(self, first: bool) -> None:
+        self._first = first
+        self._asked = 0
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        self._asked += 1
+        keep = self._first if self._asked == 1 else not self._first
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if keep else Decision.DROP)
+
+    def get_description(self) -> str:
+        return "FirstApart"
+
+
+def test_a_streams_items_without_the_callers_context_hang_under_its_span(
+    traced: ServerThread, upstream: FakeUpstream, logs: LogCapture, spans: InMemorySpanExporter
+) -> None:
+    stream_of(traced, 2)
+
+    found = finished(spans, 5)  # the stream, two items and their attempts
+    (stream,) = named(found, STREAM)
+    items = named(found, f"{STREAM} item")
+    assert [item.kind for item in items] == [SpanKind.INTERNAL] * 2
+    for item in items:  # in the stream's trace, under its span: sampled as the stream was
+        assert item.context.trace_id == stream.context.trace_id
+        assert item.parent is not None
+        assert item.parent.span_id == stream.context.span_id
+        assert list(item.links) == []
+    attempts = {attempt.parent.span_id for attempt in named(found, "POST") if attempt.parent}
+    assert attempts == {item.context.span_id for item in items}
+    # Each item's access line names its own span, not its stream's.
+    lines = logs.wait_for_calls(2)
+    assert sorted(line["span_id"] for line in lines) == sorted(hex_id(i.context.span_id, 16) for i in items)
+
+
+def test_the_items_of_a_stream_not_sampled_record_nothing_and_send_no_context(
+    upstream: FakeUpstream, logs: LogCapture, spans: InMemorySpanExporter
+) -> None:
+    tracer = OtelTracing(SimpleSpanProcessor(spans), Resource.create(), _FirstApart(first=False))
+    with ServerThread(upstream_settings(upstream), tracer=tracer) as server:
+        stream_of(server, 3)
+        wait_until(
+            lambda: any(e.get("event") == "stream" for e in logs.events()), timeout=10, what="the stream"
+        )
+
+    # A sampler that would keep the items alone: recorded with their stream or not at all.
+    assert spans.get_finished_spans() == ()
+    assert [received.headers.get("traceparent") for received in upstream.requests] == [None] * 3
+
+
+def test_an_item_not_sampled_in_a_sampled_stream_records_nothing_under_the_streams_span(
+    upstream: FakeUpstream, logs: LogCapture, spans: InMemorySpanExporter
+) -> None:
+    tracer = OtelTracing(SimpleSpanProcessor(spans), Resource.create(), _FirstApart(first=True))
+    with ServerThread(upstream_settings(upstream), tracer=tracer) as server:
+        stream_of(server, 3)
+        # It ends after its items.
+        wait_until(
+            lambda: bool(named(list(spans.get_finished_spans()), STREAM)), timeout=10, what="the stream"
+        )
+
+    assert [span.name for span in spans.get_finished_spans()] == [STREAM]
+    # Its upstream is sent the caller's context as it came (none), its lines name no trace.
+    assert [received.headers.get("traceparent") for received in upstream.requests] == [None] * 3
+    items = logs.wait_for_calls(3)
+    assert [(line.get("trace_id"), line.get("span_id")) for line in items] == [(None, None)] * 3
 
 
 def test_log_lines_and_latency_exemplars_carry_the_trace(

@@ -203,6 +203,26 @@ async def test_a_redis_error_is_counted_even_when_the_backend_call_then_fails() 
     assert metrics.registry.get_sample_value("rerank_cache_store_errors_total") == 1
 
 
+async def test_a_chunk_that_falls_over_is_counted_once_on_the_deployment_that_answered() -> None:
+    metrics = Metrics()
+    cache = ScoreCache(MemoryTier(1 << 20, 60.0))  # deployments of one model share it
+    failed, answered = (CachedScores(cache, lambda model: {"model": model}, metrics.cache) for _ in range(2))
+    request = BackendRequest("m", "q", DOCUMENTS, None, None)
+
+    async def failing(request: BackendRequest, context: CallContext) -> BackendResult:
+        raise ServiceError(grpc.StatusCode.UNAVAILABLE, "upstream down")
+
+    with pytest.raises(ServiceError):  # the router falls over to the next deployment
+        await failed.rerank("route", request, CallContext(), failing)
+    await answered.rerank("route", request, CallContext(), CountingBackend().rerank)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"route": "route", **labels})
+
+    assert sample("rerank_cache_pairs_total", result="miss") == len(DOCUMENTS)
+    assert sample("rerank_cache_calls_total", outcome="miss") == 1
+
+
 async def test_a_partly_cached_request_asks_the_backend_for_the_rest_only() -> None:
     backend = CountingBackend()
     cached = CachedScores(

@@ -11,7 +11,7 @@ import pytest
 from rerank_service.config import ConfigError
 from rerank_service.observability.metrics import Metrics
 from rerank_service.observability.tracing import tracing_wanted
-from rerank_service.observability.tracing_export import _resource, call_span, peer_attributes
+from rerank_service.observability.tracing_export import _resource, call_span, check_tracing, peer_attributes
 from rerank_service.server import start_call_tracer
 
 
@@ -64,6 +64,45 @@ def test_a_protocol_otlp_does_not_speak_is_refused(monkeypatch: pytest.MonkeyPat
         start_call_tracer("http://127.0.0.1:4317", Metrics(), None)
 
 
+def test_a_queue_smaller_than_the_sdks_default_batch_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's default batch (512) above the queue: serve refused to start."""
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "100")
+    check_tracing("http://127.0.0.1:4317")
+    tracer = start_call_tracer("http://127.0.0.1:4317", Metrics(), None)
+    assert tracer is not None
+    tracer.shutdown(1.0)
+
+
+@pytest.mark.parametrize(
+    ("environ", "problem"),
+    [
+        (
+            {"OTEL_BSP_MAX_QUEUE_SIZE": "0"},
+            "OTEL_BSP_MAX_QUEUE_SIZE must be a whole number of 1 or more, got '0'",
+        ),
+        ({"OTEL_BSP_SCHEDULE_DELAY": "0"}, "OTEL_BSP_SCHEDULE_DELAY must be a whole number of 1 or more"),
+        (
+            {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4000"},
+            r"OTEL_BSP_MAX_EXPORT_BATCH_SIZE \(4000\) must not be above OTEL_BSP_MAX_QUEUE_SIZE \(2048\)",
+        ),
+        ({"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "x"}, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT must be a number"),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "zstd"},
+            "the OTLP exporter cannot start: .*TRACES_COMPRESSION",
+        ),
+    ],
+)
+def test_an_otel_value_the_exporter_cannot_start_with_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, environ: dict[str, str], problem: str
+) -> None:
+    for variable, value in environ.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=problem):  # check-config makes it a ConfigError (cli.py)
+        check_tracing("http://127.0.0.1:4317")
+    with pytest.raises(ConfigError, match=problem):
+        start_call_tracer("http://127.0.0.1:4317", Metrics(), None)
+
+
 def test_the_resource_names_the_service_its_instance_and_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=staging")
@@ -98,6 +137,9 @@ def test_call_spans_are_named_by_the_rpc_and_http_conventions() -> None:
     [
         ("ipv4:127.0.0.1:5000", {"network.peer.address": "127.0.0.1"}),
         ("ipv6:[::1]:5000", {"network.peer.address": "::1"}),
+        # What grpc says of an IPv6 caller: a URI, its brackets percent-encoded.
+        ("ipv6:%5B::1%5D:5000", {"network.peer.address": "::1"}),
+        ("ipv6:%5B2001:db8::7%5D:41234", {"network.peer.address": "2001:db8::7"}),
         ("10.0.0.7", {"network.peer.address": "10.0.0.7"}),
         ("", {}),
     ],
