@@ -242,7 +242,8 @@ class RerankServer:
             await asyncio.sleep(process.drain_delay)
         # grpc's stop waits for every call, a health Watch (client-side health checking) or
         # an idle reflection stream too, which would hold the drain for the whole grace: they
-        # end now, each Watch once it has sent the NOT_SERVING above.
+        # end now, each Watch once it has sent the NOT_SERVING above. A RerankStream ends once
+        # its items in flight are answered (the gRPC server's stop drains them).
         self.side_calls.end_streams()
         doors = [("grpc server", self.grpc.stop(grace))]
         if self.http is not None:

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import queue
 import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
-from rerank.v1 import rerank_pb2
+import pytest
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
+from rerank_service.api.grpc import servicer
+from rerank_service.backends.upstream import UpstreamBackend
 from rerank_service.config.secret import Secret
+from rerank_service.config.upstream import UpstreamDeploymentConfig
+from rerank_service.core.domain import BackendRequest, BackendResult, CallContext
 from rerank_service.testing.fake_upstream import NEVER, FakeUpstream, Fault, expected_ranking, total_tokens
-from tests.conftest import CALLER_KEY, ServerFactory
+from tests.conftest import CALLER_KEY, ServerFactory, upstream_settings
+from tests.support.backends import GatedBackend
 from tests.support.logs import LogCapture
 from tests.support.rpc import code_of, expect_error, request
 from tests.support.server import ServerThread
@@ -479,3 +488,198 @@ def test_a_stream_whose_item_runs_longer_than_the_idle_timeout_is_not_idle(
 
     assert [answer.id for answer in answers] == ["slow"]
     assert answers[0].WhichOneof("result") == "response"
+
+
+def test_answers_never_sent_are_logged_and_metered_as_cancelled_not_answered(
+    serve: ServerFactory,
+    logs: LogCapture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that reads one answer, then cancels: each item whose answer was ready but
+    never sent was logged and metered OK, as answered (the client resends it, and was
+    billed twice). Now it is CANCELLED, 0 documents, its tokens kept as spent."""
+    usage = tmp_path / "usage.jsonl"
+    built: list[str] = []
+    to_proto = servicer.to_proto
+
+    def counted(*args: Any) -> rerank_pb2.RerankResponse:
+        built.append("answer")
+        return to_proto(*args)
+
+    # The answers are ready when they are built: nothing awaits between that and the queue.
+    monkeypatch.setattr(servicer, "to_proto", counted)
+    document = "apple " * 200_000  # 1.2 MB, each answer carrying it: few fit grpc's windows
+    count = 8
+    with serve(usage_log=str(usage), api_keys=(Secret(CALLER_KEY),), stream_concurrency=count) as server:
+        outbox = Outbox()
+        for index in range(count):
+            outbox.put(item(f"i{index}", documents=[document], return_documents=True))
+        # Without BDP probing the client's window stays small while it reads nothing.
+        with grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+            stream = rerank_pb2_grpc.RerankServiceStub(channel).RerankStream(
+                outbox.items(), timeout=60, metadata=(("authorization", f"Bearer {CALLER_KEY}"),)
+            )
+            wait_until(lambda: len(built) == count, timeout=30, what="every item's answer built")
+            received = next(stream).id  # one read, the others not
+            stream.cancel()
+            outbox.put(None)
+            wait_until(
+                lambda: any(e["event"] == "stream" for e in logs.events()), what="the stream's log line"
+            )
+        wait_until(lambda: len(usage.read_text().splitlines()) == count, what="an item's usage line each")
+
+    [stream_line] = [e for e in logs.events() if e["event"] == "stream"]
+    sent = stream_line["items"]
+    assert sent < count  # some answers were never sent: what this test is about
+    calls = logs.calls()
+    assert sorted(e["code"] for e in calls) == ["CANCELLED"] * (count - sent) + ["OK"] * sent
+    assert {e["item_id"]: e["code"] for e in calls}[received] == "OK"
+    tokens = calls[0]["total_tokens"]  # what the upstream counted (each item the same)
+    assert tokens > 0
+    metered = sorted(
+        (line["code"], line["documents"], line["tokens"])
+        for line in map(json.loads, usage.read_text().splitlines())
+    )
+    assert metered == [("CANCELLED", 0, tokens)] * (count - sent) + [("OK", 1, tokens)] * sent
+
+
+def _refuses_new_calls(target: str) -> bool:
+    """Whether the server at `target` refuses a new call (its gRPC server is stopping)."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            rerank_pb2_grpc.RerankServiceStub(channel).ListModels(rerank_pb2.ListModelsRequest(), timeout=5)
+        except grpc.RpcError as error:
+            return code_of(error) == Code.UNAVAILABLE
+    return False
+
+
+def test_a_draining_server_ends_an_idle_stream_at_once_unavailable(
+    serve: ServerFactory, logs: LogCapture
+) -> None:
+    """An open stream with nothing in flight held the drain for the whole grace, then was
+    cut ("Cancelling all calls") and logged CANCELLED."""
+    grace = 120.0  # a drain that waited for the stream would take all of it
+    with serve(shutdown_grace=grace) as server:
+        assert server.server is not None
+        outbox = Outbox()
+        stream = server.stub.RerankStream(outbox.items(), timeout=300)
+        outbox.put(item("first"))
+        first = next(stream)
+        stopping = server.begin(server.server.stop())
+        stopping.result(timeout=grace / 4)  # not held by the stream
+        server.server.port = None  # stopped: the fixture need not stop it again
+        error = expect_error(lambda: next(stream))
+        outbox.put(None)
+
+    assert first.WhichOneof("result") == "response"
+    assert code_of(error) == Code.UNAVAILABLE
+    assert "shutting down" in (error.details() or "")
+    [logged] = [e for e in logs.events() if e["event"] == "stream"]
+    assert (logged["code"], logged["items"]) == ("UNAVAILABLE", 1)
+
+
+class HeldBackend(GatedBackend):
+    """An upstream backend that holds every rerank until the test releases them."""
+
+    def __init__(self, inner: UpstreamBackend) -> None:
+        super().__init__(inner)
+        self.gate.set()  # it starts at once
+        self.release = threading.Event()
+        self.arrived = 0
+
+    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        self.arrived += 1
+        await asyncio.to_thread(self.release.wait, 60)
+        return await self.inner.rerank(request, context)
+
+
+@pytest.fixture
+def held(upstream: FakeUpstream, logs: LogCapture) -> Iterator[tuple[ServerThread, HeldBackend]]:
+    settings = upstream_settings(upstream, shutdown_grace=120.0)
+    backend = HeldBackend(UpstreamBackend.from_config(UpstreamDeploymentConfig.from_settings(settings)))
+    with ServerThread(settings, backend=backend) as running:
+        yield running, backend
+        backend.release.set()
+
+
+def test_a_draining_server_answers_the_items_in_flight_refuses_new_ones_then_ends_the_stream(
+    held: tuple[ServerThread, HeldBackend], logs: LogCapture
+) -> None:
+    """A busy stream went on taking items during the drain, starting work the grace then
+    cut; now an item read once the drain began is answered UNAVAILABLE without running,
+    the one in flight is finished and sent, and the stream then ends UNAVAILABLE."""
+    server, backend = held
+    assert server.server is not None
+    outbox = Outbox()
+    stream = server.stub.RerankStream(outbox.items(), timeout=30)  # a broken drain fails at it
+    outbox.put(item("in-flight"))
+    wait_until(lambda: backend.arrived == 1, what="the first item at the backend")
+    stopping = server.begin(server.server.stop())
+    wait_until(lambda: _refuses_new_calls(server.target), what="the server refusing new calls")
+    outbox.put(item("late"))
+    late = next(stream)  # answered while the item in flight is still held
+    backend.release.set()
+    answered = next(stream)
+    error = expect_error(lambda: next(stream))
+    outbox.put(None)
+    stopping.result(timeout=30)
+    server.server.port = None  # stopped: the fixture need not stop it again
+
+    assert (late.id, late.WhichOneof("result")) == ("late", "error")
+    assert late.error.code == Code.UNAVAILABLE.value[0]
+    assert backend.arrived == 1  # the late item never ran
+    assert (answered.id, answered.WhichOneof("result")) == ("in-flight", "response")
+    assert code_of(error) == Code.UNAVAILABLE
+    items = {e["item_id"]: e["code"] for e in logs.calls() if "item_id" in e}  # not the probes
+    assert items == {"in-flight": "OK", "late": "UNAVAILABLE"}
+    [logged] = [e for e in logs.events() if e["event"] == "stream"]
+    assert (logged["code"], logged["items"]) == ("UNAVAILABLE", 2)
+
+
+def test_a_stream_half_closed_while_the_server_drains_ends_ok_once_answered(
+    held: tuple[ServerThread, HeldBackend], logs: LogCapture
+) -> None:
+    server, backend = held
+    assert server.server is not None
+    outbox = Outbox()
+    stream = server.stub.RerankStream(outbox.items(), timeout=300)
+    outbox.put(item("in-flight"))
+    wait_until(lambda: backend.arrived == 1, what="the item at the backend")
+    stopping = server.begin(server.server.stop())
+    wait_until(lambda: _refuses_new_calls(server.target), what="the server refusing new calls")
+    outbox.put(None)  # nothing more to send
+    backend.release.set()
+    answers = list(stream)
+    stopping.result(timeout=30)
+    server.server.port = None  # stopped: the fixture need not stop it again
+
+    assert [(a.id, a.WhichOneof("result")) for a in answers] == [("in-flight", "response")]
+    assert stream.code() == Code.OK
+
+
+def test_an_item_id_over_the_bound_is_refused_alone_with_its_id_cut(
+    serve: ServerFactory, logs: LogCapture
+) -> None:
+    """An item's error answer echoed its id whole: an id near --max-message-bytes made an
+    answer grpc refused to send, and the whole stream ended RESOURCE_EXHAUSTED."""
+    limit = 65536
+    long_id = "k" * (limit - 100)
+    bad = rerank_pb2.RerankStreamRequest(id=long_id, request=request(model="no-such-model"))
+    at_bound = "b" * servicer.MAX_ITEM_ID_CHARS
+    with serve(max_message_bytes=limit) as server:
+        stream = server.stub.RerankStream(iter([item("good"), bad, item(at_bound)]), timeout=30)
+        answers = list(stream)
+
+    assert stream.code() == Code.OK
+    assert len(answers) == 3
+    answered = by_id(answers)
+    assert answered["good"].WhichOneof("result") == "response"
+    assert answered[at_bound].WhichOneof("result") == "response"
+    [refused] = [a for a in answers if a.id not in ("good", at_bound)]
+    assert long_id.startswith(refused.id.rstrip("…"))
+    assert len(refused.id) < 100
+    assert refused.error.code == Code.INVALID_ARGUMENT.value[0]
+    assert [v.field for v in refused.error.field_violations] == ["id"]
+    assert str(servicer.MAX_ITEM_ID_CHARS) in refused.error.field_violations[0].description
+    assert len([e for e in logs.calls() if e["code"] == "INVALID_ARGUMENT"]) == 1

@@ -193,6 +193,15 @@ class RerankServiceEdge:
         self._stream_idle_timeout = stream_idle_timeout
         # x-inference-time for a local backend, x-upstream-time for an upstream one.
         self._backend_time_key = backend_time_key
+        # The server's drain, as the RerankStreams open see it (`drain`).
+        self._drain = _Drain()
+
+    def drain(self) -> None:
+        """The server is shutting down: each RerankStream takes no new item (one read is
+        answered UNAVAILABLE), its items in flight are finished and sent, then it ends
+        UNAVAILABLE (OK if its client half-closed meanwhile). An idle stream ends at once:
+        none holds grpc's drain for the whole grace, or starts work the grace would cut."""
+        self._drain.begin()
 
     def handler(self, servicer: object) -> grpc.GenericRpcHandler:
         """grpc's handler for every RerankService method of `servicer`, each behind the edge."""
@@ -307,7 +316,11 @@ class RerankServiceEdge:
             # A stream holds an admission slot only while items are in flight, not while it is
             # open: a stream that sends nothing holds nothing (the idle timeout ends it meanwhile).
             items = _StreamItems(
-                requests, self._admission, self._stream_idle_timeout, time_remaining=context.time_remaining
+                requests,
+                self._admission,
+                self._stream_idle_timeout,
+                time_remaining=context.time_remaining,
+                drain=self._drain,
             )
             try:
                 try:
@@ -397,6 +410,46 @@ def _ended_by_deadline(
         call.failed_with(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
 
 
+def unsent(call: Call, context: ServicerContext[Any, Any]) -> None:
+    """A RerankStream item whose answer was never sent (the stream ended first), recorded
+    as the stream ended for it: DEADLINE_EXCEEDED at its deadline, else CANCELLED, however
+    it was answered. Its client resends it, so it is not metered as answered; what the
+    backend answered stays billed as spent, as for any call that failed after (usage.py)."""
+    call.failed_with(grpc.StatusCode.CANCELLED, "the stream ended before this item's answer was sent")
+    _ended_by_deadline(call, context)
+
+
+def _server_draining() -> ServiceError:
+    """The end of a RerankStream once the server drains with none of its items in flight:
+    UNAVAILABLE, as grpc refuses a new call then, so that the client goes elsewhere."""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "the server is shutting down: every item read on this stream was answered; "
+        "send the rest on a new stream",
+    )
+
+
+def _draining_item() -> ServiceError:
+    """An item read once the server drains: not run (the grace would cut it), answered."""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE, "the server is shutting down: send this item on a new stream"
+    )
+
+
+class _Drain:
+    """The server's drain as its RerankStreams see it: whether it has begun, and the streams
+    open, each of whose reader is woken when it begins."""
+
+    def __init__(self) -> None:
+        self.begun = False
+        self.streams: set[_StreamItems] = set()
+
+    def begin(self) -> None:
+        self.begun = True
+        for items in list(self.streams):
+            items.wake()
+
+
 def _unidentified() -> Caller:
     raise RuntimeError("a stream's items are identified once the stream is")
 
@@ -413,7 +466,10 @@ class _StreamItems:
     - a request that does not parse ends the stream with INVALID_ARGUMENT;
     - while none of its items is in flight (every item read has been answered), the
       stream must send its next item within the idle timeout, or it ends with
-      DEADLINE_EXCEEDED `STREAM_IDLE`: an idle stream holds no slot and no task for long.
+      DEADLINE_EXCEEDED `STREAM_IDLE`: an idle stream holds no slot and no task for long;
+    - once the server drains (`drain`), an item read is answered UNAVAILABLE without
+      running, and once none is in flight the stream ends UNAVAILABLE (its client's
+      half-close, read first, still ends it OK).
     """
 
     def __init__(
@@ -422,6 +478,7 @@ class _StreamItems:
         admission: Admission,
         idle_timeout: float,
         time_remaining: Callable[[], float | None] = lambda: None,
+        drain: _Drain | None = None,
     ) -> None:
         # Iterated only when the servicer first reads: grpc makes its receiver coroutine
         # then, and a stream refused before any read must not leave one unawaited.
@@ -446,6 +503,11 @@ class _StreamItems:
         # client's half-close would (the stream then ends as answered).
         self._time_remaining = time_remaining
         self.ended_at_deadline = False
+        # The server's drain, and what its reader waits on besides the next item: done when
+        # the drain begins, or (draining) when its last item in flight has been answered.
+        self._drain = drain if drain is not None else _Drain()
+        self._drain.streams.add(self)
+        self._wake: asyncio.Future[None] | None = None
 
     def refusal(self, item: Any) -> ServiceError | None:
         """Why `item` may not run (admission found no slot for it), or None: it may."""
@@ -460,14 +522,22 @@ class _StreamItems:
         self._last_activity = time.monotonic()
         if size:
             self._admission.give_bytes(size)
+        if self._drain.begun and self.sent >= self.received:
+            self.wake()  # nothing in flight: a draining stream ends now
         if self._admitted and self.sent >= self.received:
             # Nothing in flight: a stream that is not working holds no slot (its next item
             # takes one again).
             self._admitted = False
             self._admission.release(0, self.share)
 
+    def wake(self) -> None:
+        """Have the reader look again (the drain began, or its last item was answered)."""
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
     def close(self) -> None:
         self._closed = True
+        self._drain.streams.discard(self)
         held = sum(self._held.values())
         self._held.clear()
         self._refused.clear()
@@ -486,6 +556,9 @@ class _StreamItems:
         item = received.message
         self.received += 1
         self._last_activity = time.monotonic()
+        if self._drain.begun:  # answered with the refusal, holding nothing
+            self._refused[id(item)] = _draining_item()
+            return item
         if not self._admitted:
             try:
                 self._admission.enter(0, self.share, capped=self.capped)
@@ -505,11 +578,13 @@ class _StreamItems:
             self._requests = self._source.__aiter__()
         read: asyncio.Future[Any] = asyncio.ensure_future(anext(self._requests))
         try:
-            while True:
+            while not read.done():
                 # Items in flight will be answered: wait a whole timeout, then look again.
                 # None in flight: what is left of the timeout since the last item or answer.
                 idle_for = time.monotonic() - self._last_activity
                 busy = self.received > self.sent
+                if self._drain.begun and not busy:
+                    raise _server_draining()
                 wait = self._idle_timeout if busy else self._idle_timeout - idle_for
                 if wait <= 0:
                     raise ServiceError(
@@ -518,13 +593,15 @@ class _StreamItems:
                         "(--stream-idle-timeout)",
                         reason="STREAM_IDLE",
                     )
-                done, _ = await asyncio.wait({read}, timeout=wait)
-                if done:
-                    if not read.cancelled() and isinstance(read.exception(), StopAsyncIteration):
-                        left = self._time_remaining()
-                        self.ended_at_deadline = left is not None and left <= _EOF_SLACK
-                    return read.result()  # StopAsyncIteration ends the iteration
+                # A future, not a task of Event.wait(): no task more per item read.
+                woken = self._wake = asyncio.get_running_loop().create_future()
+                await asyncio.wait({read, woken}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if not read.cancelled() and isinstance(read.exception(), StopAsyncIteration):
+                left = self._time_remaining()
+                self.ended_at_deadline = left is not None and left <= _EOF_SLACK
+            return read.result()  # StopAsyncIteration ends the iteration
         finally:
+            self._wake = None
             if not read.done():
                 read.cancel()
             elif not read.cancelled():

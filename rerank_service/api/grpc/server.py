@@ -41,7 +41,7 @@ class GrpcServer:
         self.config = config
         self._credentials = credentials
         self.port: int | None = None
-        edge = RerankServiceEdge(
+        self._edge = edge = RerankServiceEdge(
             pipeline,
             backend_time_key,
             stream_idle_timeout=config.stream_idle_timeout,
@@ -89,7 +89,9 @@ class GrpcServer:
         return self.port
 
     async def stop(self, grace: float | None) -> None:
-        """Refuse new calls; calls in flight get `grace` seconds (None: as long as they take)."""
+        """Refuse new calls; calls in flight get `grace` seconds (None: as long as they take).
+        RerankStreams take no new item: each ends once its items in flight are answered."""
+        self._edge.drain()
         await self._server.stop(grace)
         if self._peer_guard is not None:
             self._peer_guard.stop()

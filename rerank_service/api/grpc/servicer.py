@@ -5,6 +5,7 @@ refusing and recording calls is the pipeline's (pipeline/call.py), driven by the
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -12,7 +13,7 @@ from typing import Any, Protocol
 from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2
 
-from rerank_service.api.grpc.edge import SERVICE, Answer, answer_too_large
+from rerank_service.api.grpc.edge import SERVICE, Answer, answer_too_large, unsent
 from rerank_service.api.grpc.status import retry_delay_ms
 from rerank_service.core.domain import (
     CallContext,
@@ -36,6 +37,9 @@ from rerank_service.pipeline.call import Call, Pipeline, internal_error
 from rerank_service.pipeline.callers import Caller
 
 STREAM_ITEM_PATH = f"/{SERVICE.full_name}/RerankStream"
+# The longest RerankStream item id taken: every answer echoes it whole, and one past
+# --max-message-bytes would end the whole stream (grpc refuses to send it).
+MAX_ITEM_ID_CHARS = 1024
 
 _log = get_logger("rerank_service.servicer")
 
@@ -88,6 +92,10 @@ class RerankServicer:
         pipeline = self._pipeline
         item_metrics = pipeline.metrics.stream_items
         max_answer_bytes = self._max_answer_bytes
+        # Each item's call, by the item (its object: two items may share an id), until its
+        # answer is sent: recorded then, not when the answer is ready (it may never be sent),
+        # in its task's context as it was opened (its request id and span current there).
+        calls: dict[int, tuple[Call, contextvars.Context]] = {}
 
         def open_item(item: rerank_pb2.RerankStreamRequest) -> Call:
             # Each item is a call of its own in the pipeline, under the stream's trace.
@@ -99,9 +107,12 @@ class RerankServicer:
         async def handle(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
             # It runs in a task of its own, so the request id bound is this item's only.
             item_call = open_item(item)
+            calls[id(item)] = (item_call, contextvars.copy_context())
             try:
                 # Its caller as the callers are now: a key a reload removed is refused here.
                 item_call.caller = request_iterator.identify()
+                if (bad_id := long_id(item.id)) is not None:
+                    raise bad_id
                 refusal = request_iterator.refusal(item)
                 if refusal is not None:  # admission had no slot for it: this item fails, not the stream
                     raise refusal
@@ -115,29 +126,31 @@ class RerankServicer:
             except ServiceError as error:
                 item_call.failed(error)
                 reported = error.upstream_request_id or item_call.request_id
-                return rerank_pb2.RerankStreamResponse(id=item.id, error=to_error_proto(error, reported))
+                return rerank_pb2.RerankStreamResponse(
+                    id=answer_id(item.id), error=to_error_proto(error, reported)
+                )
             except Exception:
                 bug = item_call.bug()
                 return rerank_pb2.RerankStreamResponse(
-                    id=item.id, error=to_error_proto(bug, item_call.request_id)
+                    id=answer_id(item.id), error=to_error_proto(bug, item_call.request_id)
                 )
-            finally:
-                item_call.finish()
 
         def duplicate(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
             # Refused at once, but a call of its own all the same: counted, and logged with
             # the request id its answer gives (the id a caller quotes must be in the log).
+            # Recorded now, in the reader's task that opened it (its span ends there): a
+            # refusal meters nothing as answered, whether its answer is sent or not.
             item_call = open_item(item)
             item_call.caller = call.caller  # refused before it ran: named as its stream is
             # Its request was read: metered as any item is (the usage log, the caller's metrics).
             item_call.model, item_call.documents = item.request.model, len(item.request.documents)
             try:
-                error = invalid_argument(
+                error = long_id(item.id) or invalid_argument(
                     [FieldViolation("id", f"id {echo(item.id)!r} is already in flight on this stream")]
                 )
                 item_call.failed(error)
                 return rerank_pb2.RerankStreamResponse(
-                    id=item.id, error=to_error_proto(error, item_call.request_id)
+                    id=answer_id(item.id), error=to_error_proto(error, item_call.request_id)
                 )
             finally:
                 item_call.finish()
@@ -147,18 +160,33 @@ class RerankServicer:
             request_id = new_request_id()
             _log.error("unexpected error", request_id=request_id, error=type(exc).__name__)
             return rerank_pb2.RerankStreamResponse(
-                id=item.id, error=to_error_proto(internal_error(request_id), request_id)
+                id=answer_id(item.id), error=to_error_proto(internal_error(request_id), request_id)
             )
+
+        def sent(item: rerank_pb2.RerankStreamRequest) -> None:
+            opened = calls.pop(id(item), None)
+            if opened is not None:
+                item_call, item_context = opened
+                item_context.run(item_call.finish)
+            request_iterator.answered(item)
 
         answers = answer_concurrently(
             request_iterator, handle, key=lambda item: item.id, duplicate=duplicate, failed=failed,
-            window=self._stream_concurrency, sent=request_iterator.answered,
+            window=self._stream_concurrency, sent=sent,
         )  # fmt: skip
-        # Closed with this generator, not whenever the collector finds it: its reader and items
-        # in flight must end before the edge gives back what they hold.
-        async with contextlib.aclosing(answers):
-            async for answer in answers:
-                yield answer
+        try:
+            # Closed with this generator, not whenever the collector finds it: its reader and
+            # items in flight must end before the edge gives back what they hold.
+            async with contextlib.aclosing(answers):
+                async for answer in answers:
+                    yield answer
+        finally:
+            # The stream ended (cancelled, its deadline, a stream-level error) before these
+            # items' answers were sent, ready or not: not answered, whatever they were.
+            for item_call, item_context in calls.values():
+                unsent(item_call, context)
+                item_context.run(item_call.finish)
+            calls.clear()
 
     async def ListModels(
         self,
@@ -184,6 +212,20 @@ class RerankServicer:
                 ]
             )
         )
+
+
+def long_id(item_id: str) -> ServiceError | None:
+    """The refusal of an item id longer than MAX_ITEM_ID_CHARS, or None."""
+    if len(item_id) <= MAX_ITEM_ID_CHARS:
+        return None
+    return invalid_argument(
+        [FieldViolation("id", f"has {len(item_id)} characters; at most {MAX_ITEM_ID_CHARS} are allowed")]
+    )
+
+
+def answer_id(item_id: str) -> str:
+    """The id an item's error answer echoes: a refused longer one is cut (`long_id`)."""
+    return item_id if len(item_id) <= MAX_ITEM_ID_CHARS else echo(item_id)
 
 
 _DEPLOYMENT_STATES = every_state(
