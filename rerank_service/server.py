@@ -28,6 +28,7 @@ from rerank_service.cache.build import build_score_cache
 from rerank_service.config import ConfigError, Settings
 from rerank_service.config.deployments import reload_refusal
 from rerank_service.config.server import CallersConfig, ServerConfig
+from rerank_service.config.settings import check_consistency
 from rerank_service.core.backend import Backend
 from rerank_service.core.engine import RerankEngine
 from rerank_service.observability.logging import get_logger, mask_also
@@ -302,6 +303,13 @@ class RerankServer:
             loaded = load()
             settings = dataclasses.replace(loaded, api_keys=self.settings.api_keys)
             mask_also(settings.secrets())  # keys this file names are masked from now on
+            # `loaded` was checked with its own caller keys: checked again as it is served, a
+            # deployment with no key while the started ones stay on is refused, as at start
+            # (it would send no key upstream, and fail every call).
+            try:
+                check_consistency(settings)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc}; the caller keys stay as started on a reload") from None
             # A file truncated or caught mid-write must not swap every route for the demo
             # model; the callers may change (keys added or removed, limits), but never switch
             # authentication on or off.
@@ -522,9 +530,17 @@ async def serve(
         if on_serving is not None:
             on_serving(server.port or 0)
         await stopping
+        # A reload still under way is dropped: its routes would be served by nothing. One
+        # starting a local model leaves the load in a thread nothing interrupts, which would
+        # hold the exit until the model is loaded (left, below, as a start's load is).
+        reloading = bool(reloads)
+        for task in reloads:
+            task.cancel()
         await server.stop()
     if tracer is not None:  # the spans of the calls that drained, sent before the process goes
         tracer.shutdown(TRACES_FLUSH_TIMEOUT)
+    if reloading:
+        _exit_leaving_loads(0)
     return 0
 
 

@@ -531,10 +531,11 @@ def _worker_main(
     import asyncio
 
     try:
-        settings = dataclasses.replace(load_settings(args), port=port, http_port=http_port, metrics_port=None)
+        started = load_settings(args)
     except ConfigError as exc:
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
+    settings = dataclasses.replace(started, port=port, http_port=http_port, metrics_port=None)
     # Every line this worker logs says which worker, and which process, wrote it.
     configure_logging(
         settings.log_format,
@@ -550,7 +551,7 @@ def _worker_main(
         ready.send(("serving", port))
 
     def reload() -> Settings:
-        return load_settings(args)
+        return as_served(load_settings(args), started, settings)
 
     try:
         code = asyncio.run(
@@ -565,6 +566,24 @@ def _worker_main(
         print(f"rerank-service: cannot start: {exc}", file=sys.stderr)
         code = 1
     sys.exit(code)
+
+
+# What a worker serves in place of what it loads: the supervisor's ports (chosen once, for
+# all of them), and no metrics port (the supervisor serves the sum of the workers' metrics).
+_SUPERVISORS = ("port", "http_port", "metrics_port")
+
+
+def as_served(loaded: Settings, started: Settings, served: Settings) -> Settings:
+    """`loaded` (a reload's) with what the worker serves in place of what it loaded at
+    start (`started`: `served`) where it loads the same again: a reload compares its settings
+    with those served, and names each that differs as left as started (it takes a restart).
+    A setting the file changes stays changed, and is named."""
+    same = {
+        name: getattr(served, name)
+        for name in _SUPERVISORS
+        if getattr(loaded, name) == getattr(started, name)
+    }
+    return dataclasses.replace(loaded, **same)
 
 
 def _die_with_parent(parent: int) -> None:

@@ -672,7 +672,7 @@ class Settings:
     upstream_breaker_cooldown: Seconds = Field(
         default=5.0,
         description="seconds an ejection lasts, and a down deployment refuses calls before probes go "
-        "through (one a second at most)",
+        "through (one a second, or one a cool-down when that is shorter)",
     )
     upstream_breaker_window: WindowSeconds = Field(
         default=10.0, description="seconds of attempts that judge whether a deployment is failing"

@@ -10,9 +10,10 @@ Two questions, answered separately from the attempts a deployment made:
   ends the ejection.
 - **Down** (unreachable that many times in a row: refused, unroutable, a failed TLS
   handshake; no request's content causes that): calls are refused at once for `cooldown`
-  seconds, then let through as probes, one every `probe_interval` (a probe that hangs does
-  not hold the next one back), each bounded by `probe_timeout`. A success ends it; an
-  answer of any kind (even a 500) proves the deployment reachable and ends it too.
+  seconds, then let through as probes, one every `cooldown` or every second, whichever is
+  shorter (a probe that hangs does not hold the next one back), each bounded by
+  `probe_timeout`. A success ends it; an answer of any kind (even a 500) proves the
+  deployment reachable and ends it too.
 
 A failure is the deployment's fault only when `retry.judge` says so: a 4xx, a 429, our own
 full pool or the caller's own deadline are neutral.
@@ -69,6 +70,8 @@ class DeploymentHealth:
         self._unreachable_in_a_row = 0
         self._down_until: float | None = None  # set while down, until a success
         self._next_probe_at = 0.0
+        # This interval's probe is taken by a call on its way (`claim_probe`), not yet admitted.
+        self._probe_claimed = False
         self._ejected_until = 0.0  # ejected while the clock is before this
 
     def on_change(self, listener: Callable[[], None]) -> None:
@@ -100,6 +103,15 @@ class DeploymentHealth:
         now = self._clock()
         return self._down_until is not None and now >= self._down_until and now >= self._next_probe_at
 
+    def claim_probe(self) -> None:
+        """A call chose this deployment and goes on to call it: if it is down with its probe
+        due, that call is the probe. Taken now, at the choice: the call may wait (a score
+        cache lookup) before it reaches `admit`, and calls choosing meanwhile must see this
+        interval's probe gone, not each be chosen for it and refused."""
+        if self._down_until is not None and self.probe_due:
+            self._next_probe_at = self._clock() + self._probe_interval
+            self._probe_claimed = True
+
     def admit(self) -> bool:
         """Let one attempt through, or raise UNAVAILABLE at once.
 
@@ -108,6 +120,9 @@ class DeploymentHealth:
         """
         if self._down_until is None:
             return False
+        if self._probe_claimed:  # the probe `claim_probe` took (this call's, most often)
+            self._probe_claimed = False
+            return True
         if self.probe_due:
             self._next_probe_at = self._clock() + self._probe_interval
             return True
@@ -146,6 +161,7 @@ class DeploymentHealth:
                 self._down_until = None  # it answered: reachable, whatever it said
             elif unreachable and self._goes_down(probe):
                 self._down_until = self._next_probe_at = now + self._cooldown
+                self._probe_claimed = False  # a claim of an earlier interval's probe is void
                 self._notify_at(self._down_until)
             if self._min_failures and now >= self._ejected_until and self._failing():
                 self._ejected_until = now + self._cooldown

@@ -7,6 +7,8 @@ import time
 from dataclasses import InitVar, dataclass, field
 from functools import partial
 
+import grpc
+
 from rerank_service.core.backend import Backend
 from rerank_service.core.domain import (
     BackendRequest,
@@ -101,6 +103,9 @@ class Deployment:
             result = await self.backend.rerank(request, context)
         except ServiceError as error:
             self._metrics.finished(route, error.code, time.perf_counter() - started)
+            raise
+        except asyncio.CancelledError:  # given up (its caller, its deadline, a split call's failure)
+            self._metrics.finished(route, grpc.StatusCode.CANCELLED, time.perf_counter() - started)
             raise
         self._metrics.finished(route, None, time.perf_counter() - started)
         return result

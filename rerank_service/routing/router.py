@@ -58,6 +58,9 @@ class Router:
         self._started = False
         self._watches: set[asyncio.Task[None]] = set()  # each ends once its deployment is dropped
         self._retiring: set[asyncio.Task[None]] = set()  # dropped by a reload, closing when idle
+        # Routes a reload replaced while calls over them were in flight (until the next reload
+        # finds them idle): a deployment a later reload drops may be one of theirs.
+        self._replaced: list[Route] = []
         # What the engine asks on every call, made once per change: a route's ListModels entry
         # (limits, its deployments' states) and its per-call limits change only when a
         # deployment's readiness or health does, or a reload does (`_changed` is told of each).
@@ -105,8 +108,9 @@ class Router:
 
         New deployments are started before the switch (if one fails to start, those
         started are closed, the error is raised and nothing changes); deployments no
-        route uses any more are closed in the background once their calls end (or after
-        `grace` seconds).
+        route uses any more are closed in the background once their calls end, and those
+        of the routes they served, which may still fall back to them (or after `grace`
+        seconds).
         """
         kept = _distinct(routes)
         added = [deployment for deployment in kept if deployment not in self._deployments]
@@ -120,6 +124,9 @@ class Router:
             )
             raise failed[0]
         dropped = [deployment for deployment in self._deployments if deployment not in kept]
+        # Routes no call can start on any more: once idle, none goes in flight again (a split
+        # call's next chunks, on the route it is pinned to, hold its deployments themselves).
+        self._replaced = [route for route in (*self._routes.values(), *self._replaced) if route.in_flight]
         self._routes = {route.name: route for route in routes}
         self._deployments = kept
         self._metrics.set_route_members(_members(routes))
@@ -131,8 +138,9 @@ class Router:
         names = {deployment.name for deployment in kept}
         for deployment in dropped:
             deployment.retire(replaced=deployment.name in names)
+            served = [route for route in self._replaced if _serves(route, deployment)]
             retiring = asyncio.create_task(
-                _close_when_idle(deployment, grace), name=f"retire {deployment.name}"
+                _close_when_idle(deployment, served, grace), name=f"retire {deployment.name}"
             )
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
@@ -149,16 +157,22 @@ class Router:
         # deployment has no choice to make, and the call's span names its deployment. (A span
         # costs a call about 80 µs of CPU, most of it in the exporter's encoding.)
         span = None if len(members) < 2 else tracing.child("rerank.route", {"rerank.route": route.name})
-        if span is None:
-            return await self._call(route, request, context, None)
-        span.set("rerank.candidates", [member.deployment.name for member in members])
+        # Counted until it ends: a reload keeps the deployments it drops open for the calls
+        # of their routes, any of which may still fall back to one (replace, below).
+        route.in_flight += 1
         try:
-            return await self._call(route, request, context, span)
-        except ServiceError as error:
-            span.fail(error.reason or error.code.name)
-            raise
+            if span is None:
+                return await self._call(route, request, context, None)
+            span.set("rerank.candidates", [member.deployment.name for member in members])
+            try:
+                return await self._call(route, request, context, span)
+            except ServiceError as error:
+                span.fail(error.reason or error.code.name)
+                raise
+            finally:
+                span.end()
         finally:
-            span.end()
+            route.call_ended()
 
     def _route(self, model: str, context: CallContext) -> Route:
         """The call's route: for a split call, the one its first chunk went to, whose
@@ -192,6 +206,10 @@ class Router:
                 break
             deployment = member.deployment
             tried.add(deployment)
+            if deployment.health is not None:
+                # Before the call's first await (its score cache lookup): a down deployment's
+                # due probe is this call's, and calls picking meanwhile go elsewhere.
+                deployment.health.claim_probe()
             if span is not None:
                 span.set("rerank.deployment", deployment.name)
                 if deployment.state is not DeploymentState.HEALTHY:  # healthy unless it says
@@ -281,9 +299,21 @@ def _members(routes: Iterable[Route]) -> set[tuple[str, str]]:
     return {(route.name, member.deployment.name) for route in routes for member in route.members}
 
 
-async def _close_when_idle(deployment: Deployment, grace: float) -> None:
+def _serves(route: Route, deployment: Deployment) -> bool:
+    return any(member.deployment is deployment for member in route.members)
+
+
+async def _close_when_idle(deployment: Deployment, routes: list[Route], grace: float) -> None:
+    """Close `deployment` once no call is in flight over `routes` (the replaced routes it
+    served: a call on another of their deployments may still fall back to it), nor on it."""
     try:
-        await asyncio.wait_for(deployment.idle(), grace)
+        await asyncio.wait_for(_idle(deployment, routes), grace)
     except TimeoutError:
         _log.warning("closing a deployment with calls in flight", deployment=deployment.name, grace_s=grace)
     await deployment.backend.close()
+
+
+async def _idle(deployment: Deployment, routes: list[Route]) -> None:
+    for route in routes:
+        await route.idle()
+    await deployment.idle()

@@ -280,3 +280,55 @@ def test_a_reload_that_changes_the_caller_keys_of_its_file_says_they_stay_as_sta
         said = [e for e in logs.events() if e["event"] == "reload left settings as started"]
 
     assert [line["settings"] for line in said] == [["callers.api_keys"]]
+
+
+def test_a_reload_that_drops_the_caller_keys_of_its_file_and_adds_a_keyless_deployment_is_refused(
+    tmp_path: Path, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    """The caller keys stay as started: a deployment with no key of its own would get no
+    key upstream (nor a caller's token to pass through) and fail every call. Start and
+    check-config refuse the file with those keys; a reload, which checked the file with its
+    own (none), served it."""
+    keys = tmp_path / "keys"
+    keys.write_text("sk-caller-one-0123456789\n", encoding="utf-8")
+    keys.chmod(0o600)
+    first = _write(tmp_path / "first.yaml", [_deployment("first", upstream.url)], api_keys_file=str(keys))
+    keyless = tmp_path / "keyless.yaml"
+    keyless.write_text(
+        yaml.safe_dump(
+            {
+                "models": [
+                    {"name": "search", "deployments": [_deployment("first", upstream.url)]},
+                    {
+                        "name": "other",
+                        "deployments": [
+                            {
+                                "format": "dashscope",
+                                "url": upstream.url,
+                                "name": "keyless",
+                                "model": "qwen3-rerank",
+                            }
+                        ],
+                    },
+                ]
+            },
+            sort_keys=False,
+        ),
+        encoding="utf-8",
+    )
+    caller = (("authorization", "Bearer sk-caller-one-0123456789"),)
+    search = rerank_pb2.RerankRequest(model="search", query="apple", documents=["an apple", "a car"])
+
+    with ServerThread(_load(first)) as server:
+        assert server.server is not None
+        router = server.server.backend
+        assert isinstance(router, Router)
+        reloaded = server.run(server.server.reload(lambda: _load(keyless)))
+        served = [model.name for model in router.models()]
+        answer = server.stub.Rerank(search, metadata=caller, timeout=HANG)  # the old routes serve on
+
+    assert reloaded is False
+    [refused] = [e for e in logs.events() if e["event"] == "reload refused"]
+    assert "models[1].deployments[0] has no key while RERANK_API_KEYS is set" in refused["error"]
+    assert served == ["search"]
+    assert len(answer.output.results) == 2

@@ -5,7 +5,8 @@ Real `rerank-service serve` processes whose local model never finishes loading: 
 loader with one that blocks its thread for good, as a load nothing can interrupt does. A
 process stopped then must not wait for the load (nor be killed at the end of the drain);
 under `--workers` the supervisor exits 0, and a worker it has to kill while still starting
-(its event loop blocked) is no failed drain.
+(its event loop blocked) is no failed drain. Nor must one stopped while a reload (SIGHUP)
+loads a model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from rerank_service.testing.fake_upstream import FakeUpstream
+from tests.conftest import UPSTREAM_KEY
 from tests.support.process import CLI, NO_SCORE_CACHE, json_object
 from tests.support.waiting import wait_until
 
@@ -172,3 +176,52 @@ def test_a_worker_killed_while_still_starting_is_no_failed_drain(
         (0, "start too long"),
         (1, "start too long"),
     ]
+
+
+KEY_ENV = "STOP_WHILE_STARTING_TEST_UPSTREAM_KEY"
+
+
+def _write(path: Path, upstream: FakeUpstream, local: bool) -> Path:
+    routes: list[dict[str, Any]] = [
+        {
+            "name": "search",
+            "deployments": [
+                {
+                    "format": "dashscope",
+                    "url": upstream.url,
+                    "name": "up",
+                    "model": "qwen3-rerank",
+                    "api_key_env": KEY_ENV,
+                }
+            ],
+        }
+    ]
+    if local:
+        routes.append({"name": "loc", "deployments": [{"format": "local", "source": "bundled"}]})
+    document = {"allow_backend_change": True, "models": routes}
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def test_sigterm_while_a_reload_loads_a_model_exits_zero_at_once_without_waiting_for_it(
+    tmp_path: Path, upstream: FakeUpstream, hook: dict[str, str], processes: list[_Process]
+) -> None:
+    """The drain ended (`stopped`), then the process waited for the reload's load thread."""
+    config = _write(tmp_path / "routes.yaml", upstream, local=False)
+    server = _Process(
+        ["--config", str(config), "--device", "cpu"],
+        env={**hook, "RERANK_TEST_BLOCK": "thread", KEY_ENV: UPSTREAM_KEY},
+    )
+    processes.append(server)
+    server.wait_for("serving")
+    _write(config, upstream, local=True)
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for(BLOCKED)  # the reload's model load, which never ends
+
+    code = server.stop(timeout=30)
+
+    names = [event.get("event") for event in server.events()]
+    assert code == 0, server.lines[-20:]
+    assert names[-2:] == ["draining", "stopped"]
+    assert "reloaded" not in names
+    assert "Traceback" not in "".join(server.lines)

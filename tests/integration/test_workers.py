@@ -116,6 +116,10 @@ def test_two_workers_answer_on_one_port_metrics_sum_both_and_sighup_reaches_each
             lambda: {e.get("worker") for e in service.events() if e.get("event") in reloads} == {0, 1}
         )
         assert service.terminate() == 0
+    # Nothing changed: the ports each worker serves (the supervisor's: chosen once, and no
+    # metrics port of its own) are not settings a reload left as started. (Read once the
+    # output is all in: each worker logs it after its `reloaded`.)
+    assert [e for e in service.events() if e.get("event") == "reload left settings as started"] == []
 
 
 def _load(target: str, stop: threading.Event, outcomes: list[tuple[float, str]]) -> None:

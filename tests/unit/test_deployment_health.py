@@ -248,6 +248,46 @@ def test_after_the_cooldown_one_probe_goes_and_a_second_caller_within_the_interv
     assert not health.refuses_now  # the next probe is due
 
 
+def test_a_probe_claimed_as_its_call_chose_the_deployment_is_that_calls_and_no_other_is_due() -> None:
+    clock = Clock()
+    health = down(clock)
+    clock.now += COOLDOWN
+
+    health.claim_probe()  # a call chose it; its first await (a cache lookup) comes before admit
+
+    assert not probe_due_of(health)  # calls choosing meanwhile go elsewhere
+    assert health.refuses_now
+    health.claim_probe()  # one of them claims nothing
+    assert health.admit() is True  # the claiming call, admitted as the probe
+    assert refusal(health).reason == "UPSTREAM_CIRCUIT_OPEN"  # no second probe this interval
+    clock.now += PROBE_INTERVAL
+    assert probe_due_of(health)
+
+
+def test_a_claim_on_a_healthy_deployment_or_within_the_cooldown_takes_nothing() -> None:
+    clock = Clock()
+    health = health_on(clock)
+    health.claim_probe()
+    assert health.admit() is False  # healthy: not a probe
+
+    fail(health, FAILURES, unreachable=True)
+    health.claim_probe()  # within the cool-down: nothing to claim
+    assert refusal(health).reason == "UPSTREAM_CIRCUIT_OPEN"
+
+
+def test_a_claimed_probe_is_void_once_the_deployment_goes_down_again() -> None:
+    clock = Clock()
+    health = down(clock)
+    clock.now += COOLDOWN
+    assert health.admit() is True  # a probe that hangs
+    clock.now += PROBE_INTERVAL
+    health.claim_probe()  # the next interval's, its call still on its way
+
+    fail(health, unreachable=True, probe=True)  # the first probe could not connect: a new cool-down
+
+    assert refusal(health).retry_after == pytest.approx(COOLDOWN)  # the claim lets no call through
+
+
 def test_a_probe_that_hangs_does_not_hold_back_the_next_one() -> None:
     clock = Clock()
     health = down(clock)

@@ -6,8 +6,9 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import cast
 
 import grpc
 import pytest
@@ -35,6 +36,7 @@ from rerank_service.core.health import DeploymentHealth, Outcome
 from rerank_service.core.readiness import Readiness
 from rerank_service.core.retry_budget import RetryBudget
 from rerank_service.observability.metrics import Metrics
+from rerank_service.routing.cached_scores import CachedScores
 from rerank_service.routing.deployment import Deployment
 from rerank_service.routing.route import Member, Route
 from rerank_service.routing.router import Router
@@ -469,6 +471,64 @@ async def test_no_fallback_to_a_deployment_that_would_only_refuse(probed: bool) 
     assert route.budget.try_spend()  # its one extra attempt is still there
 
 
+class GatedLookup:
+    """A score cache in front of a deployment whose every lookup waits for `gate` (a Redis
+    round trip), then misses every pair."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def rerank(
+        self,
+        route: str,
+        request: BackendRequest,
+        context: CallContext,
+        score: Callable[[BackendRequest, CallContext], Awaitable[BackendResult]],
+    ) -> BackendResult:
+        self.waiting += 1
+        await self.gate.wait()
+        return await score(request, context)
+
+
+def _answered_by(outcome: BackendResult | BaseException) -> str | None:
+    """The deployment that answered, or the failure's reason."""
+    if isinstance(outcome, BackendResult):
+        return outcome.deployment
+    return outcome.reason if isinstance(outcome, ServiceError) else repr(outcome)
+
+
+async def test_calls_choosing_while_a_probe_waits_on_its_cache_lookup_go_to_the_fallback_not_a_refusal() -> (
+    None
+):
+    clock = Clock()
+    health = health_on(clock)
+    take_down(health)
+    clock.now += COOLDOWN  # its probe is due
+    lookup = GatedLookup()
+    probed, fallback = GuardedBackend("down", health), FakeBackend("fallback")
+    route = route_of(
+        Member(Deployment("down", probed, health, scores=cast(CachedScores, lookup)), ROUTE),
+        Member(deployment(fallback), ROUTE, priority=1),
+        budget=RetryBudget(share=0, floor=0),  # no fallback at all: a refusal would end a call
+    )
+    metrics = Metrics()
+    router = Router([route], metrics)
+
+    probe = asyncio.create_task(router.rerank(request(), CallContext()))
+    await eventually(lambda: lookup.waiting == 1)
+    others = [asyncio.create_task(router.rerank(request(), CallContext())) for _ in range(3)]
+    await eventually(lambda: len(fallback.calls) + lookup.waiting == 4)  # each has made its choice
+    lookup.gate.set()
+    answered = await asyncio.gather(probe, *others, return_exceptions=True)
+
+    # The probe was one call's; the others, choosing while it waited, went where they could
+    # be answered, neither refused nor counted as fallbacks.
+    assert [_answered_by(outcome) for outcome in answered] == ["down"] + ["fallback"] * 3
+    assert (len(probed.calls), lookup.waiting) == (1, 1)
+    assert not metrics.registry.get_sample_value("rerank_route_fallbacks_total", {"route": ROUTE})
+
+
 async def test_no_fallback_once_the_routes_retry_budget_is_spent() -> None:
     other = FakeBackend("b")
     route = route_of(
@@ -686,6 +746,27 @@ def test_a_deployments_state_is_a_gauge_the_higher_the_worse_and_each_ejection_i
     assert sample("rerank_deployment_ejections_total", state="ejected") == 1
 
 
+async def test_a_backend_call_given_up_is_counted_cancelled_with_its_time() -> None:
+    metrics = Metrics()
+    backend = FakeBackend("slow")
+    backend.gate = asyncio.Event()  # never set: the call waits until it is cancelled
+    health = health_on(Clock())
+    given_up = asyncio.create_task(
+        Deployment("slow", backend, health, metrics=metrics).rerank(ROUTE, request(), CallContext())
+    )
+    await eventually(lambda: bool(backend.calls))
+    given_up.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await given_up
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"route": ROUTE, "deployment": "slow", **labels})
+
+    assert sample("rerank_deployment_calls_total", code="CANCELLED") == 1
+    assert sample("rerank_deployment_latency_seconds_count") == 1
+    assert health.state is DeploymentState.HEALTHY  # the caller gave up: the deployment did not fail
+
+
 # --- Router.replace: a reload ---------------------------------------------------------------------------
 
 
@@ -725,6 +806,37 @@ class ClosableBackend(FakeBackend):
             raise not_ready("closed")
         await asyncio.sleep(0)
         return await super().rerank(request, context)
+
+
+@pytest.mark.parametrize("reloads", [1, 2], ids=["one-reload", "a-reload-keeping-it-first"])
+async def test_a_call_in_flight_falls_back_to_a_deployment_a_reload_dropped_which_closes_after_it(
+    reloads: int,
+) -> None:
+    failing = ClosableBackend("a", reason="UPSTREAM_UNAVAILABLE")
+    fallback, unrelated, new = ClosableBackend("b"), FakeBackend("d"), FakeBackend("c")
+    failing.gate = asyncio.Event()
+    first, second = deployment(failing), deployment(fallback)
+    other = Route("other", [Member(deployment(unrelated), ROUTE)])
+
+    async with running(
+        Router([route_of(Member(first, ROUTE), Member(second, ROUTE, priority=1)), other])
+    ) as router:
+        call = asyncio.create_task(router.rerank(request(), CallContext()))  # not split: no pin
+        await eventually(lambda: len(failing.calls) == 1)
+        if reloads == 2:  # the same deployments in a route built anew: none dropped
+            await router.replace([route_of(Member(first, ROUTE), Member(second, ROUTE, priority=1))], 10.0)
+        # "a" and "b" dropped with the route replaced; "d" with the route removed.
+        await router.replace([route_of(Member(deployment(new), ROUTE))], grace=10.0)
+        # "d", idle, closes; a "b" closed as idle would have closed by then (its retirement
+        # takes the same steps, and started first).
+        await eventually(lambda: unrelated.closed == 1)
+        assert fallback.closed == 0  # the call on its route may still fall back to it
+
+        failing.gate.set()
+        answered = await call
+
+        assert answered.deployment == "b"
+        await eventually(lambda: (failing.closed, fallback.closed) == (1, 1))  # once the call ended
 
 
 async def test_a_split_call_in_flight_sends_every_chunk_where_it_started_whatever_a_reload_changes() -> None:
