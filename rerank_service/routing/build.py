@@ -58,7 +58,9 @@ def build_routes(
             scores = (
                 None
                 if cache is None or _passes_tokens_through(config)
-                else CachedScores(cache, score_identity(config, _revision, _precision), recorded.cache)
+                else CachedScores(
+                    cache, score_identity(config, _revision, _precision), recorded.cache, backend.readiness
+                )
             )
             found = existing[key] = Deployment(
                 name, backend, getattr(backend, "health", None), key=key, metrics=recorded, scores=scores
@@ -185,7 +187,8 @@ def build_router(
 
 def _precision(device: str, dtype: str) -> tuple[str, str]:
     """The device type and dtype a local model runs in on this machine, for the score cache."""
-    # Asked on a local deployment's first call, once its backend has loaded torch.
+    # Asked on a local deployment's first call once its backend is ready (CachedScores): its
+    # loader has imported torch by then.
     from rerank_service.backends.local.common import ModelLoadError
     from rerank_service.backends.local.models import select_device, select_dtype
 

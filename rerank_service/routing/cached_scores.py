@@ -28,6 +28,7 @@ from rerank_service.core.domain import (
     ScoredDocument,
     replaced,
 )
+from rerank_service.core.readiness import Readiness
 from rerank_service.observability.cache_metrics import CacheMetrics
 
 Identity = Mapping[str, str | int | float | bool | None]
@@ -39,17 +40,27 @@ _TOKENS = itemgetter(1)  # of a CachedScore: its token count, None for none
 class CachedScores:
     """The score cache in front of one deployment (which may serve several models)."""
 
-    def __init__(self, cache: ScoreCache, identity: Callable[[str], Identity], metrics: CacheMetrics) -> None:
+    def __init__(
+        self,
+        cache: ScoreCache,
+        identity: Callable[[str], Identity],
+        metrics: CacheMetrics,
+        readiness: Readiness | None = None,
+    ) -> None:
         self._cache = cache
         self._identity = identity
         self._metrics = metrics
+        self._readiness = readiness  # the deployment's backend's (None: always ready)
         self._keys: dict[str, PairKeys] = {}  # per model the deployment is sent
 
     async def rerank(
         self, route: str, request: BackendRequest, context: CallContext, score: Score
     ) -> BackendResult:
         mode = context.cache_mode
-        if mode is CacheMode.OFF:
+        # A backend not ready (a local model loading) refuses the call (BACKEND_NOT_READY), which
+        # the router falls back on; its key is not made meanwhile: a local model's precision
+        # imports torch, on the event loop, while the loader's thread may still be importing it.
+        if mode is CacheMode.OFF or (self._readiness is not None and not self._readiness.ready):
             return await score(request, context)
         keys = self._keys_of(request.model).keys(request.instruct, request.query, request.documents)
         wait = None if context.deadline is None else max(0.0, context.deadline - time.monotonic())

@@ -3,7 +3,10 @@ cache-control asks, and how usage is shared out among the cached pairs."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
+from collections.abc import Sequence
 from random import Random
 
 import grpc
@@ -11,6 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rerank_service.backends.local import backend as local_backend
+from rerank_service.backends.local.scorer import Encoded, Scorer
 from rerank_service.cache import MemoryTier, RedisTier, ScoreCache, redis_client
 from rerank_service.config import Settings
 from rerank_service.config.deployments import deployment_config
@@ -180,6 +185,71 @@ async def test_shares_of_tokens_add_up_to_what_the_backend_reported() -> None:
     assert sorted((s.index, s.score) for s in again.scores) == sorted(
         (s.index, s.score) for s in first.scores
     )
+
+
+class OneTokenScorer:
+    """A fake local model: one token a word, every document scored 0.5."""
+
+    kind = "fake"
+    supports_instruct = False
+    max_length = 512
+    device = "cpu"
+    dtype = "float32"
+    engine = "torch"
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def encode(self, query: str, documents: Sequence[str], instruct: str | None) -> list[Encoded]:
+        return [Encoded(input_ids=(1,), tokens=1) for _ in documents]
+
+    def score(self, batch: Sequence[Encoded]) -> list[float]:
+        return [0.5] * len(batch)
+
+
+async def test_a_call_while_a_local_model_loads_is_not_ready_and_makes_no_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The key of a local model asks its precision, which imports torch: made on the event
+    loop while the loader's thread imported it, the call failed INTERNAL (a half-imported
+    transformers) and the loop stalled. It gets BACKEND_NOT_READY, which the router falls back on."""
+    loading, loaded = threading.Event(), threading.Event()
+    asked: list[tuple[str, str]] = []
+
+    def default_loader(choice: object) -> local_backend.ScorerLoader:
+        def load(source: str, device: str, dtype: str) -> Scorer:
+            loading.set()
+            loaded.wait(10)  # released by the test; 10 s only ends a broken run
+            return OneTokenScorer()
+
+        return load
+
+    def precision(device: str, dtype: str) -> tuple[str, str]:
+        asked.append((device, dtype))
+        return "cpu", "float32"
+
+    monkeypatch.setattr(local_backend, "_default_loader", default_loader)
+    monkeypatch.setattr(build, "_precision", precision)
+    settings = Settings(backend="local", local_models=(("m", "/models/m"),))
+    [route] = build.build_routes(settings, cache=ScoreCache(MemoryTier(1 << 20, 60.0)))
+    deployment = route.members[0].deployment
+    starting = asyncio.create_task(deployment.backend.start())
+    try:
+        assert await asyncio.to_thread(loading.wait, 10)
+        with pytest.raises(ServiceError) as refused:
+            await deployment.rerank("m", BackendRequest("m", "q", DOCUMENTS, None, None), CallContext())
+        asked_while_loading = list(asked)
+    finally:
+        loaded.set()
+        await starting
+    answered = await deployment.rerank("m", BackendRequest("m", "q", DOCUMENTS, None, None), CallContext())
+    await deployment.backend.close()
+
+    assert refused.value.code is grpc.StatusCode.UNAVAILABLE
+    assert refused.value.reason == "BACKEND_NOT_READY"
+    assert asked_while_loading == []
+    assert answered.cache is CacheOutcome.MISS  # once loaded, the cache is in front of it
+    assert asked == [("auto", "auto")]
 
 
 async def test_a_redis_error_is_counted_even_when_the_backend_call_then_fails() -> None:

@@ -18,11 +18,12 @@ import pytest
 
 from rerank_service.backends.local import LocalBackend, LocalModelSpec
 from rerank_service.backends.local import backend as local_backend
-from rerank_service.backends.local.backend import ENCODE_SLICE
+from rerank_service.backends.local.backend import ENCODE_SLICE, EngineChoice
 from rerank_service.backends.local.batcher import BatchLimits, MicroBatcher
 from rerank_service.backends.local.models import load_scorer
 from rerank_service.backends.local.scorer import Encoded, Scorer
 from rerank_service.backends.local.window import MIN_DOCUMENT_TOKENS
+from rerank_service.config import ConfigError
 from rerank_service.core.domain import (
     BackendRequest,
     CallContext,
@@ -175,6 +176,47 @@ async def test_a_call_tokenizing_when_the_backend_closes_gets_not_ready() -> Non
     with pytest.raises(ServiceError) as raised:
         await asyncio.wait_for(tokenizing, BOUND)  # it once queued on the closed batcher, forever
     assert_not_ready(raised.value)
+
+
+async def test_a_call_queued_for_the_tokenizer_when_the_backend_closes_gets_not_ready() -> None:
+    """Closing drops the work queued for the model's tokenizing thread: the call waiting on
+    it once ended in a bare CancelledError (no fallback; its client waited for its deadline)."""
+    scorer = HeldScorer()
+    backend = backend_of(scorer)
+    await backend.start()
+    tokenizing = asyncio.ensure_future(backend.rerank(call("m", "hold", ["a"]), CallContext()))
+    await asyncio.to_thread(scorer.encoding.wait, BOUND)
+    queued = asyncio.ensure_future(backend.rerank(call("m", "weather", ["sunny"]), CallContext()))
+    await asyncio.sleep(0)  # one step of `queued`: it hands its encode to the busy thread
+
+    await backend.close()
+    scorer.release.set()
+    await asyncio.wait([tokenizing, queued], timeout=BOUND)
+
+    assert not queued.cancelled()
+    error = queued.exception()
+    assert isinstance(error, ServiceError)
+    assert_not_ready(error)
+    assert isinstance(tokenizing.exception(), ServiceError)
+
+
+async def test_a_call_cancelled_while_queued_for_the_tokenizer_stays_cancelled() -> None:
+    """Its own cancellation (its caller gone) is not turned into an answer, closed or not."""
+    scorer = HeldScorer()
+    backend = backend_of(scorer)
+    await backend.start()
+    tokenizing = asyncio.ensure_future(backend.rerank(call("m", "hold", ["a"]), CallContext()))
+    await asyncio.to_thread(scorer.encoding.wait, BOUND)
+    queued = asyncio.ensure_future(backend.rerank(call("m", "weather", ["sunny"]), CallContext()))
+    await asyncio.sleep(0)  # one step of `queued`: it hands its encode to the busy thread
+
+    await backend.close()
+    queued.cancel()
+    scorer.release.set()
+    await asyncio.wait([tokenizing, queued], timeout=BOUND)
+
+    assert queued.cancelled()
+    assert isinstance(tokenizing.exception(), ServiceError)
 
 
 # --- the event loop never waits on the tokenizer's lock ----------------------------------------
@@ -336,6 +378,42 @@ async def test_a_bi_encoder_takes_a_query_its_own_window_holds_and_refuses_a_lon
     assert len(answered.scores) == 2
     assert [violation.field for violation in raised.value.violations] == ["query"]
     await backend.close()
+
+
+async def test_a_bi_encoder_counts_the_query_once_a_call_however_many_slices_it_encodes(bi_dir: Path) -> None:
+    """It embeds the query once a call (docs/LOCAL_MODELS.md): counted once per slice of
+    ENCODE_SLICE documents, a call of 257 paid for it twice."""
+    scorer: Any = load_scorer(str(bi_dir), "cpu", "float32")
+    backend = await started(scorer)
+    query, documents = "bread and flour", [f"rye bread {index % 7}" for index in range(ENCODE_SLICE + 1)]
+    pairs = scorer.encode(query, documents, None)
+    expected = sum(len(pair.input_ids) for pair in pairs) + len(pairs[0].query_ids)
+
+    answered = await backend.rerank(call("m", query, documents), CallContext())
+    await backend.close()
+
+    assert answered.total_tokens == expected
+
+
+def _no_home(cls: type[Path]) -> Path:
+    raise RuntimeError("Could not determine home directory.")  # as Path.home() says it
+
+
+async def test_the_torch_engine_loads_where_no_home_directory_is_known(
+    cross_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An arbitrary UID with no passwd entry and no HOME (OpenShift's): the ONNX cache's default
+    is under the home directory, and torch has no use for it; ONNX is told to set its own."""
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(_no_home))
+
+    load = local_backend._default_loader(EngineChoice(engine="torch"))
+    scorer = load(str(cross_dir), "cpu", "float32")
+    with pytest.raises(ConfigError, match="--local-onnx-cache"):
+        local_backend._default_loader(EngineChoice(engine="onnx"))
+
+    assert scorer.engine == "torch"
 
 
 # --- calls that gave up let go of the model's tokenizer ------------------------------------------

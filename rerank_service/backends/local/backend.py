@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import threading
 import time
@@ -233,6 +234,11 @@ class LocalBackend:
                     encoded = await asyncio.get_running_loop().run_in_executor(
                         encoder, self._encode, scorer, request, instruct, abandoned
                     )
+                except asyncio.CancelledError:
+                    abandoned.set()
+                    if _closed_under(self._readiness):
+                        raise _closed_while_queued() from None
+                    raise
                 except BaseException:
                     abandoned.set()
                     raise
@@ -271,8 +277,27 @@ class LocalBackend:
         for start in range(0, len(documents), ENCODE_SLICE):
             if abandoned.is_set():
                 raise _Abandoned  # nobody waits for it: the call has said its own error
-            encoded += scorer.encode(request.query, documents[start : start + ENCODE_SLICE], instruct)
+            part = scorer.encode(request.query, documents[start : start + ENCODE_SLICE], instruct)
+            shared = part[0].query_ids if start and part else None
+            if shared is not None:
+                # A bi-encoder counts the query, embedded once a call, on the first pair it
+                # encodes (bi_encoder.py): a later slice's first pair is counted without it.
+                part[0] = dataclasses.replace(part[0], tokens=part[0].tokens - len(shared))
+            encoded += part
         return encoded
+
+
+def _closed_under(readiness: Readiness) -> bool:
+    """The backend closed, and what this task awaited was cancelled by it, not the task itself
+    (its caller, its deadline): `close` drops the work queued for a model's tokenizing thread."""
+    task = asyncio.current_task()
+    return not readiness.ready and task is not None and task.cancelling() == 0
+
+
+def _closed_while_queued() -> ServiceError:
+    # As a call the closed batcher refuses: not ready, which the router falls back on (a bare
+    # CancelledError was no answer: the client waited for its deadline).
+    return not_ready("the model was closed (a reload or shutdown) before it tokenized the call")
 
 
 class _Abandoned(Exception):
@@ -325,7 +350,20 @@ def _default_loader(choice: EngineChoice) -> ScorerLoader:
     from rerank_service.backends.local.onnx_engine import default_cache_dir
 
     threads = set_threads(choice.threads)
-    onnx = OnnxOptions(choice.quantize, threads, choice.onnx_cache or default_cache_dir())
+    # Only ONNX keeps a cache: torch runs where no home directory is known (an arbitrary UID
+    # with no passwd entry and no HOME, as OpenShift's), so its default is asked of ONNX alone.
+    onnx = None
+    if choice.engine == "onnx":
+        cache = choice.onnx_cache
+        if cache is None:
+            try:
+                cache = default_cache_dir()
+            except RuntimeError:  # Path.home(): no HOME, and no passwd entry for the user
+                raise ConfigError(
+                    "the onnx engine's cache has no default here (no home directory, no "
+                    "XDG_CACHE_HOME): set --local-onnx-cache"
+                ) from None
+        onnx = OnnxOptions(choice.quantize, threads, cache)
 
     def load(source: str, device: str, dtype: str) -> Scorer:
         return load_scorer(source, device, dtype, engine=choice.engine, onnx=onnx)

@@ -53,7 +53,8 @@ class BiEncoderScorer(EncoderScorer):
         query_ids, document_ids = self._tokenizer.run(tokenize)
         query_key = tuple(query_ids)
         return [
-            # The query is embedded once per request, so its tokens count once: on the first pair.
+            # The query is embedded once per request, so its tokens count once: on the first pair
+            # (of the call's first slice: the backend encodes ENCODE_SLICE documents at a time).
             Encoded(
                 input_ids=tuple(ids),
                 query_ids=query_key,
