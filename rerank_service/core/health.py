@@ -70,8 +70,10 @@ class DeploymentHealth:
         self._unreachable_in_a_row = 0
         self._down_until: float | None = None  # set while down, until a success
         self._next_probe_at = 0.0
-        # This interval's probe is taken by a call on its way (`claim_probe`), not yet admitted.
-        self._probe_claimed = False
+        # This interval's probe, taken by a call on its way (`claim_probe`) and not yet admitted:
+        # the claim's number, 0 for none. Numbered so that a call gives back only its own.
+        self._claim = 0
+        self._claims = 0
         self._ejected_until = 0.0  # ejected while the clock is before this
 
     def on_change(self, listener: Callable[[], None]) -> None:
@@ -103,14 +105,29 @@ class DeploymentHealth:
         now = self._clock()
         return self._down_until is not None and now >= self._down_until and now >= self._next_probe_at
 
-    def claim_probe(self) -> None:
+    def claim_probe(self) -> int:
         """A call chose this deployment and goes on to call it: if it is down with its probe
         due, that call is the probe. Taken now, at the choice: the call may wait (a score
         cache lookup) before it reaches `admit`, and calls choosing meanwhile must see this
-        interval's probe gone, not each be chosen for it and refused."""
+        interval's probe gone, not each be chosen for it and refused.
+
+        Returns the claim (0: none taken), for `unclaim` once the call ends."""
         if self._down_until is not None and self.probe_due:
             self._next_probe_at = self._clock() + self._probe_interval
-            self._probe_claimed = True
+            self._claims += 1
+            self._claim = self._claims
+            return self._claim
+        return 0
+
+    def unclaim(self, claim: int) -> None:
+        """The call that took `claim` has ended. If it never reached `admit` (the score cache
+        answered it whole; it was cancelled or failed before sending), its probe was not sent:
+        due again at once, so the next call choosing the deployment probes it, rather than
+        every call going elsewhere until the next interval (and a popular cached query taking
+        each interval's probe of a deployment that is back)."""
+        if claim and claim == self._claim:  # unconsumed, and not void (down again since)
+            self._claim = 0
+            self._next_probe_at = min(self._next_probe_at, self._clock())
 
     def admit(self) -> bool:
         """Let one attempt through, or raise UNAVAILABLE at once.
@@ -120,8 +137,8 @@ class DeploymentHealth:
         """
         if self._down_until is None:
             return False
-        if self._probe_claimed:  # the probe `claim_probe` took (this call's, most often)
-            self._probe_claimed = False
+        if self._claim:  # the probe `claim_probe` took (this call's, most often)
+            self._claim = 0
             return True
         if self.probe_due:
             self._next_probe_at = self._clock() + self._probe_interval
@@ -161,7 +178,7 @@ class DeploymentHealth:
                 self._down_until = None  # it answered: reachable, whatever it said
             elif unreachable and self._goes_down(probe):
                 self._down_until = self._next_probe_at = now + self._cooldown
-                self._probe_claimed = False  # a claim of an earlier interval's probe is void
+                self._claim = 0  # a claim of an earlier interval's probe is void
                 self._notify_at(self._down_until)
             if self._min_failures and now >= self._ejected_until and self._failing():
                 self._ejected_until = now + self._cooldown

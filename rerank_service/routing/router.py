@@ -206,10 +206,10 @@ class Router:
                 break
             deployment = member.deployment
             tried.add(deployment)
-            if deployment.health is not None:
-                # Before the call's first await (its score cache lookup): a down deployment's
-                # due probe is this call's, and calls picking meanwhile go elsewhere.
-                deployment.health.claim_probe()
+            # Before the call's first await (its score cache lookup): a down deployment's due
+            # probe is this call's, and calls picking meanwhile go elsewhere.
+            health = deployment.health
+            claim = 0 if health is None else health.claim_probe()
             if span is not None:
                 span.set("rerank.deployment", deployment.name)
                 if deployment.state is not DeploymentState.HEALTHY:  # healthy unless it says
@@ -223,6 +223,9 @@ class Router:
                 if not fails_over(error):
                     break
                 continue
+            finally:
+                if claim and health is not None:  # given back if unsent (cached, cancelled, failed first)
+                    health.unclaim(claim)
             timings = combined([*(failure.timings for failure in failures), result.timings])
             return replaced(result, deployment=deployment.name, timings=timings)
         told = _told(failures)

@@ -544,3 +544,54 @@ def test_only_unreachable_attempts_turn_a_deployment_down_among_mixed_ones() -> 
 
     assert state_of(health) is DeploymentState.EJECTED  # failing, so tried last; but not down
     assert not refusing_of(health)
+
+
+def test_a_claim_given_back_unsent_leaves_the_probe_due_for_the_next_call() -> None:
+    clock = Clock()
+    health = down(clock)
+    clock.now += COOLDOWN
+    claim = health.claim_probe()
+    assert claim
+    clock.now += 0.25
+
+    health.unclaim(claim)  # its call ended without reaching admit (answered from the cache, cancelled)
+
+    assert probe_due_of(health)  # not held back until the next interval
+    assert not health.refuses_now
+    assert health.claim_probe()  # the next call choosing it takes the probe
+    assert health.admit() is True
+    assert refusal(health).retry_after == pytest.approx(PROBE_INTERVAL)  # one probe, its interval anew
+
+
+def test_a_claim_its_call_sent_is_not_given_back() -> None:
+    clock = Clock()
+    health = down(clock)
+    clock.now += COOLDOWN
+    claim = health.claim_probe()
+    assert health.admit() is True  # the probe went out
+
+    health.unclaim(claim)
+
+    assert not probe_due_of(health)  # no second probe this interval
+    assert refusal(health).reason == "UPSTREAM_CIRCUIT_OPEN"
+    health.unclaim(health.claim_probe())  # none taken (0): none given back
+    assert not probe_due_of(health)
+
+
+def test_a_void_claim_given_back_leaves_a_later_calls_claim_alone() -> None:
+    clock = Clock()
+    health = down(clock)
+    clock.now += COOLDOWN
+    assert health.admit() is True  # a probe that hangs
+    clock.now += PROBE_INTERVAL
+    stale = health.claim_probe()  # its call still on its way
+    fail(health, unreachable=True, probe=True)  # the first probe could not connect: a new cool-down
+    clock.now += COOLDOWN
+    claim = health.claim_probe()  # the new interval's, another call's
+
+    health.unclaim(stale)  # the first call ends unsent
+
+    assert not probe_due_of(health)  # the later claim still holds this interval's probe
+    assert health.admit() is True  # and is the probe
+    health.unclaim(claim)
+    assert refusal(health).reason == "UPSTREAM_CIRCUIT_OPEN"

@@ -30,6 +30,7 @@ from rerank_service.core.domain import (
     ServiceError,
     Timings,
     not_ready,
+    replaced,
 )
 from rerank_service.core.engine import RerankEngine
 from rerank_service.core.health import DeploymentHealth, Outcome
@@ -1024,3 +1025,101 @@ async def test_a_deployment_a_reload_drops_reads_0_and_one_replaced_is_written_b
         assert state("swapped") == 0  # the successor's (healthy), not the retired one's
         eject(successor_health)
         assert state("swapped") == 1
+
+
+class CachedLookup:
+    """A score cache in front of a deployment that holds every pair of the `cached` query
+    (answered whole, nothing sent); any other query it sends on."""
+
+    def __init__(self, cached: str) -> None:
+        self.cached = cached
+        self.answered = 0
+
+    async def rerank(
+        self,
+        route: str,
+        request: BackendRequest,
+        context: CallContext,
+        score: Callable[[BackendRequest, CallContext], Awaitable[BackendResult]],
+    ) -> BackendResult:
+        if request.query != self.cached:
+            return await score(request, context)
+        self.answered += 1
+        return BackendResult([ScoredDocument(index, 0.5) for index in range(len(request.documents))], 0)
+
+
+def _probe_due(health: DeploymentHealth) -> bool:
+    """Read afresh each time (mypy would narrow a property across awaits)."""
+    return health.probe_due
+
+
+def _probed_route(
+    health: DeploymentHealth, lookup: CachedLookup | GatedLookup, fallback: FakeBackend
+) -> tuple[Route, GuardedBackend]:
+    """A down deployment with its probe due behind `lookup`, and a fallback."""
+    take_down(health)
+    probed = GuardedBackend("down", health)
+    route = route_of(
+        Member(Deployment("down", probed, health, scores=cast(CachedScores, lookup)), ROUTE),
+        Member(deployment(fallback), ROUTE, priority=1),
+    )
+    return route, probed
+
+
+async def test_a_probe_claimed_by_a_call_the_score_cache_answers_whole_goes_with_the_next_call() -> None:
+    clock = Clock()
+    health = health_on(clock)
+    lookup, fallback = CachedLookup(cached="popular"), FakeBackend("fallback")
+    route, probed = _probed_route(health, lookup, fallback)
+    router = Router([route])
+    clock.now += COOLDOWN  # its probe is due
+
+    cached = await router.rerank(replaced(request(), query="popular"), CallContext())
+    assert (cached.deployment, lookup.answered, probed.calls) == ("down", 1, [])  # nothing sent
+
+    # The cached call sent no probe: the next call choosing the deployment does, at once,
+    # rather than every call going to the fallback until the next interval.
+    assert _probe_due(health)
+    assert (await router.rerank(request(), CallContext())).deployment == "down"
+    assert (len(probed.calls), fallback.calls) == (1, [])
+
+
+async def test_a_probe_claimed_by_a_call_cancelled_during_its_cache_lookup_goes_with_the_next_call() -> None:
+    clock = Clock()
+    health = health_on(clock)
+    lookup, fallback = GatedLookup(), FakeBackend("fallback")
+    route, probed = _probed_route(health, lookup, fallback)
+    router = Router([route])
+    clock.now += COOLDOWN
+
+    claimer = asyncio.create_task(router.rerank(request(), CallContext()))
+    await eventually(lambda: lookup.waiting == 1)
+    assert not _probe_due(health)  # claimed by the call waiting on its lookup
+    claimer.cancel()  # its caller hung up (or its deadline passed) during the lookup
+    await asyncio.gather(claimer, return_exceptions=True)
+    assert claimer.cancelled()
+
+    assert _probe_due(health)  # given back
+    lookup.gate.set()
+    assert (await router.rerank(request(), CallContext())).deployment == "down"
+    assert (len(probed.calls), fallback.calls) == (1, [])
+
+
+async def test_a_probe_its_call_sent_is_that_intervals_only_probe() -> None:
+    clock = Clock()
+    health = health_on(clock)
+    lookup, fallback = GatedLookup(), FakeBackend("fallback")
+    route, probed = _probed_route(health, lookup, fallback)
+    probed.reason = "UPSTREAM_TIMEOUT"  # sent, and no answer: still down (the health records nothing here)
+    lookup.gate.set()
+    router = Router([route])
+    clock.now += COOLDOWN
+
+    first = await router.rerank(request(), CallContext())  # the probe, then its fallback
+    second = await router.rerank(request(), CallContext())
+
+    assert (first.deployment, second.deployment) == ("fallback", "fallback")
+    assert len(probed.calls) == 1  # no second probe this interval
+    assert health.refuses_now
+    clock.now += 1.0  # the next interval
+    assert _probe_due(health)
