@@ -95,7 +95,12 @@ class Limiter:
             remaining = MAX_LEASE_SECONDS if deadline is None else deadline - time.monotonic()
             try:
                 refusal = await store.take(
-                    caller.name, limits, costs, lease, min(MAX_LEASE_SECONDS, max(remaining, 1.0))
+                    caller.name,
+                    limits,
+                    costs,
+                    lease,
+                    min(MAX_LEASE_SECONDS, max(remaining, 1.0)),
+                    deadline=deadline,
                 )
             except StoreUnavailable:
                 if not self._fail_open:

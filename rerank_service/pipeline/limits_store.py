@@ -10,18 +10,21 @@ at once (the caller's next call may land on another process, which must not find
 held), and a token correction alone waits `flush_after` for that next check; what none
 takes is then sent for every caller at once. Runs asked for in the same turn of the event
 loop, or while MAX_PIPELINES round trips are in flight, go in one pipeline: under load
-many calls' checks share one round trip. Each caller's state is one hash (its buckets'
-levels and when they were set) and one sorted set (its leases, scored by their expiry),
-under the caller's hash tag after the key prefix (`--limits-store-prefix`), each expiring
-once its bucket would be full again or its last lease over: a key that is gone is a full
-bucket.
+many calls' checks share one round trip. A check refused for the caller's calls in flight
+alone is made once more after `timeout` (that caller's previous call, ended on another
+process, may have sent its lease back just now) before the refusal stands. Each caller's
+state is one hash (its buckets' levels and when they were set) and one sorted set (its
+leases, scored by their expiry), under the caller's hash tag after the key prefix
+(`--limits-store-prefix`), each expiring once its bucket would be full again or its last
+lease over: a key that is gone is a full bucket.
 
 Redis that fails or does not answer within the timeout raises `StoreUnavailable` (the
 limiter falls back, limits.py); the store is then skipped for `retry_after` seconds, so
 an outage costs one call the timeout now and then, not every call. The outage is logged
 once when it starts and once when it ends. A run that Redis answers with an error (a key
 of the wrong type, say) fails its own call alone, which falls back: Redis is not taken for
-down for the calls whose runs went in the same pipeline.
+down for the calls whose runs went in the same pipeline; what such a run settled is
+dropped (it would fail again), its leases left to expire.
 
 Redis Cluster is not supported: a caller's keys share one hash tag, but the client talks
 to one node, which answers MOVED for the slots it does not hold (those callers' calls then
@@ -30,9 +33,9 @@ fall back).
 A lease is never left behind by a call that did not get its answer: a check skipped while
 Redis is taken for down sends nothing, and the settlement it carried waits for the next
 try; a check sent and not answered in time may have run, so its lease (and the leases
-its settlement gave back) are given back on the next round trip that succeeds (giving
-back a lease twice, or one never taken, changes nothing); a check whose call was
-cancelled meanwhile is settled when its answer comes, its tokens and lease given back.
+its settlement gave back) are given back `retry_after` later (giving back a lease twice,
+or one never taken, changes nothing); a check whose call was cancelled meanwhile is
+settled when its answer comes, its tokens and lease given back.
 A token correction sent with a round trip that failed may have been applied, so it is
 not sent again: it is lost.
 """
@@ -218,6 +221,10 @@ class RedisLimits:
         self._outage = RedisOutage(retry_after, clock)
         self._pending: dict[str, _Settlement] = {}  # by caller
         self._flush: asyncio.TimerHandle | None = None
+        # Sent again after a round trip that got no answer, by caller: kept apart from
+        # `_pending` (which a caller's settle flushes at once) until `retry_after` has passed.
+        self._again: dict[str, _Settlement] = {}
+        self._retry: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
         # Script runs asked for in this turn of the event loop, sent together (`_send`).
         self._batch: list[tuple[str, list[str], list[str | float], asyncio.Future[Any]]] = []
@@ -237,12 +244,36 @@ class RedisLimits:
         return [bucket, bucket + ":calls"]
 
     async def take(
-        self, caller: str, limits: CallerLimits, costs: Sequence[float], lease: str, lease_seconds: float
+        self,
+        caller: str,
+        limits: CallerLimits,
+        costs: Sequence[float],
+        lease: str,
+        lease_seconds: float,
+        *,
+        deadline: float | None = None,
     ) -> Refusal | None:
         """Take `costs` from the caller's buckets and a lease named `lease` among its calls
         in flight (with a concurrent limit), or nothing: the refusal. What the caller's
         ended calls settle goes first, in the same script. StoreUnavailable when Redis does
-        not answer."""
+        not answer.
+
+        A check refused for the concurrent limit alone is made once more after `timeout`
+        seconds, unless `deadline` (time.monotonic()'s) comes first: the caller's previous
+        call may have ended on another process a moment ago, its lease sent back as it ended
+        but not yet applied (its answer reached the caller first). A second refusal stands."""
+        refusal = await self._check(caller, limits, costs, lease, lease_seconds)
+        if refusal is None or refusal.limit != CONCURRENT:
+            return refusal
+        if deadline is not None and time.monotonic() + self.timeout >= deadline:
+            return refusal  # no time left to check again
+        await asyncio.sleep(self.timeout)  # a cancelled call holds nothing: the check was refused
+        return await self._check(caller, limits, costs, lease, lease_seconds)
+
+    async def _check(
+        self, caller: str, limits: CallerLimits, costs: Sequence[float], lease: str, lease_seconds: float
+    ) -> Refusal | None:
+        """One check of `take`, one run of the script."""
         settlement = self._pending.pop(caller, _NOTHING)
         args = settlement.args()
         args.append(len(limits.buckets))
@@ -263,9 +294,10 @@ class RedisLimits:
                 partial(self._abandoned, caller, limits, tokens_taken, lease, settlement.leases)
             )
             raise
-        except StoreUnavailable as error:  # sent and not answered: it may have run
-            taken = None if isinstance(error, RunFailed) else lease
-            self._give_back_leases(caller, limits, taken, settlement.leases)
+        except RunFailed:  # Redis ran it and refused it: nothing taken, its settlement dropped
+            raise
+        except StoreUnavailable:  # sent and not answered: it may have run
+            self._give_back_leases(caller, limits, lease, settlement.leases)
             raise
         if answer[0] == 1:
             return None
@@ -285,20 +317,15 @@ class RedisLimits:
     ) -> None:
         """The answer to the check of a call cancelled meanwhile: what it took, given back."""
         if pending.cancelled() or pending.exception() is not None:
-            refused = not pending.cancelled() and isinstance(pending.exception(), RunFailed)
-            taken = None if refused else lease
-            self._give_back_leases(caller, limits, taken, given_back)
+            if pending.cancelled() or not isinstance(pending.exception(), RunFailed):
+                self._give_back_leases(caller, limits, lease, given_back)
         elif pending.result()[0] == 1:  # taken, for a call that has gone
             self.settle(caller, limits, -tokens_taken, lease)
 
-    def _give_back_leases(
-        self, caller: str, limits: CallerLimits, lease: str | None, given_back: list[str]
-    ) -> None:
-        """A check that may or may not have run: its lease (None: it took none), and the
-        leases its settlement gave back, are given back (again) with the next round trip."""
-        leases = list(given_back)
-        if lease is not None and limits.concurrent is not None:
-            leases.append(lease)
+    def _give_back_leases(self, caller: str, limits: CallerLimits, lease: str, given_back: list[str]) -> None:
+        """A check that may or may not have run: its lease, and the leases its settlement
+        gave back, are given back (again) once Redis may be tried again."""
+        leases = [*given_back, lease] if limits.concurrent is not None else list(given_back)
         if leases:
             self._keep(caller, _Settlement(leases=leases), again=True)
 
@@ -306,19 +333,46 @@ class RedisLimits:
         """Settle `settlement` with the caller's next check, or with a flush: at once when it
         gives back leases (the caller's next call may be checked by another process, which
         must find them given back), within `flush_after` when it corrects tokens alone, and
-        once Redis may be tried again while it is down or when `again` (sent again after a
-        failure: a run that failed must not be retried at once, over and over). After aclose
-        nothing is kept: the leases expire."""
+        once Redis may be tried again while it is down. `again`: sent again after a round
+        trip that got no answer, `retry_after` later and no sooner (kept apart: another
+        settlement's flush at once must not take it along). After aclose nothing is kept:
+        the leases expire."""
         if self._closed or (not settlement.leases and not settlement.correction):
+            return
+        if again:
+            kept = self._again.get(caller)
+            if kept is None:
+                kept = self._again[caller] = _Settlement()
+            kept.merge(settlement)
+            if self._retry is None:
+                loop = asyncio.get_running_loop()
+                self._retry = loop.call_later(self._outage.retry_after, self._retry_due)
             return
         pending = self._pending.get(caller)
         if pending is None:
             pending = self._pending[caller] = _Settlement()
         pending.merge(settlement)
-        if again or not self._outage.up:
+        if not self._outage.up:
             self._schedule_flush(self._outage.retry_after)
         else:
             self._schedule_flush(0.0 if settlement.leases else self._flush_after)
+
+    def _retry_due(self) -> None:
+        """`retry_after` has passed: what is to be sent again joins the pending settlements,
+        flushed now."""
+        self._retry = None
+        self._requeue()
+        self._schedule_flush(0.0)
+
+    def _requeue(self) -> None:
+        """What is to be sent again, moved to the pending settlements."""
+        again, self._again = self._again, {}
+        for caller, settlement in again.items():
+            pending = self._pending.get(caller)
+            if pending is None:
+                self._pending[caller] = settlement
+            else:
+                pending.merge(settlement)
 
     def _schedule_flush(self, delay: float) -> None:
         """A flush in `delay` seconds, unless one is due by then already."""
@@ -365,7 +419,10 @@ class RedisLimits:
                 self._keep(caller, settlement, again=True)
         outcomes = await asyncio.gather(*(answer for *_, answer in sent), return_exceptions=True)
         for (caller, settlement, _), outcome in zip(sent, outcomes, strict=True):
-            if isinstance(outcome, BaseException):  # it may have run: its leases go again
+            # Not answered: it may have run, its leases go again. Refused by Redis (RunFailed:
+            # the caller's keys are at fault): it would fail again, each time counted an
+            # error, so it is dropped and its leases expire in their lease time.
+            if isinstance(outcome, BaseException) and not isinstance(outcome, RunFailed):
                 self._keep(caller, _Settlement(leases=settlement.leases), again=True)
 
     async def aclose(self) -> None:
@@ -374,6 +431,10 @@ class RedisLimits:
             self._flush.cancel()
             self._flush = None
         await asyncio.gather(*self._flushing, return_exceptions=True)
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._requeue()  # the last chance to send them
         self._closed = True  # what the last flush cannot send is left to expire
         await self.flush()
         await asyncio.gather(*self._sending, return_exceptions=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from rerank_service.config.callers import BucketLimit, CallerLimits
 from rerank_service.config.server import CallersConfig
 from rerank_service.core.domain import RerankRequest, ServiceError
 from rerank_service.observability.caller_metrics import CallerMetrics
-from rerank_service.pipeline.buckets import CONCURRENT
+from rerank_service.pipeline.buckets import CONCURRENT, CONCURRENT_RETRY_AFTER, Refusal
 from rerank_service.pipeline.callers import Caller
 from rerank_service.pipeline.limits import Limiter, build_limiter, estimated_tokens
 from rerank_service.pipeline.limits_store import KEY_PREFIX, RedisLimits, StoreUnavailable
@@ -518,3 +519,201 @@ def test_a_limits_store_prefix_with_whitespace_or_braces_is_refused(prefix: str)
 
 def test_the_limits_store_prefix_is_rerank_limits_by_default() -> None:
     assert load_settings({}, {}).limits_store_prefix == KEY_PREFIX == "rerank:limits:"
+
+
+def answered(
+    limits_store: RedisLimits, monkeypatch: pytest.MonkeyPatch, after_first: Callable[[], Awaitable[None]]
+) -> list[Any]:
+    """The answers of `limits_store`'s round trips, in order (one run each here); `after_first`
+    is awaited once the first one is answered, before the next can go (MAX_PIPELINES)."""
+    answers: list[Any] = []
+    send_batch = limits_store._send_batch
+
+    async def spied(batch: list[tuple[str, list[str], list[str | float], asyncio.Future[Any]]]) -> None:
+        await send_batch(batch)
+        answers.extend(answer.result() for *_, answer in batch)
+        if len(answers) == len(batch):
+            await after_first()
+
+    monkeypatch.setattr(limits_store, "_send_batch", spied)
+    return answers
+
+
+def in_flight(redis_server: RedisServer, limits_store: RedisLimits, caller: str) -> list[bytes]:
+    with redis_server.client() as client:
+        members: list[bytes] = client.zrange(limits_store.keys(caller)[1], 0, -1)
+        return members
+
+
+REFUSED_CONCURRENT = [0, b"concurrent", b"0"]
+
+
+async def test_a_check_refused_for_calls_in_flight_is_made_once_more_after_the_timeout(
+    redis_empty: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """concurrent: 1, back to back on two processes: the call before ended on A, whose lease
+    sent back at its end reaches Redis after B's check (its answer reached the caller first).
+    B checks once more after its timeout, and takes the lease then."""
+    limits = CallerLimits(concurrent=1)
+    a = RedisLimits(redis_client(redis_empty.url, timeout=TIMEOUT), timeout=TIMEOUT, flush_after=3600)
+    b = store(redis_empty.url)
+
+    async def a_ends_its_call() -> None:  # while B waits to check again
+        a.settle("search", limits, 0, "a1")
+        await a.flush()
+
+    answers = answered(b, monkeypatch, a_ends_its_call)
+    try:
+        assert await a.take("search", limits, [], "a1", LONG_LEASE) is None
+
+        assert await b.take("search", limits, [], "b1", LONG_LEASE) is None
+
+        assert answers == [REFUSED_CONCURRENT, [1]]  # refused once, taken on the check after
+        assert in_flight(redis_empty, b, "search") == [b"b1"]
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_a_caller_at_its_concurrent_limit_is_refused_after_one_check_more(
+    redis_empty: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal for the calls in flight stands after the one check more, which takes no lease;
+    one for a bucket, or with the deadline too near to check again, stands at once."""
+    limits = CallerLimits(requests=BucketLimit(RPM, 0.001, 2), concurrent=1)
+    a, b = store(redis_empty.url), store(redis_empty.url)
+
+    async def nothing() -> None:
+        pass
+
+    answers = answered(b, monkeypatch, nothing)
+    try:
+        assert await a.take("search", limits, [1], "a1", LONG_LEASE) is None
+
+        refused = await b.take("search", limits, [1], "b1", LONG_LEASE)
+        assert refused is not None
+        assert refused.limit == CONCURRENT
+        assert answers == [REFUSED_CONCURRENT] * 2
+        assert in_flight(redis_empty, b, "search") == [b"a1"]  # neither check took one
+
+        near = time.monotonic() + TIMEOUT / 2  # the deadline would pass during the wait
+        refused = await b.take("search", limits, [1], "b2", LONG_LEASE, deadline=near)
+        assert refused is not None
+        assert refused.limit == CONCURRENT
+        assert len(answers) == 3
+
+        a.settle("search", limits, 0, "a1")
+        await a.flush()
+        assert await b.take("search", limits, [1], "b3", LONG_LEASE) is None  # the last request
+        b.settle("search", limits, 0, "b3")
+        await b.flush()
+        refused = await b.take("search", limits, [1], "b4", LONG_LEASE)
+        assert refused is not None
+        assert refused.limit == RPM
+        assert len(answers) == 6  # the settlement's round trip, and one check: no second
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_a_call_cancelled_while_it_waits_to_check_again_holds_no_lease(
+    redis_empty: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = CallerLimits(concurrent=1)
+    a = store(redis_empty.url)
+    patient = RedisLimits(redis_client(redis_empty.url, timeout=HANG), timeout=HANG)  # a long wait
+    checks: list[Refusal | None] = []
+    checked = asyncio.Event()
+    check_once = patient._check
+
+    async def spied(*args: Any) -> Refusal | None:
+        checks.append(await check_once(*args))
+        checked.set()  # take goes on to its wait before this test's task runs again
+        return checks[-1]
+
+    monkeypatch.setattr(patient, "_check", spied)
+    try:
+        assert await a.take("search", limits, [], "a1", LONG_LEASE) is None
+        call = asyncio.create_task(patient.take("search", limits, [], "p1", LONG_LEASE))
+        async with asyncio.timeout(HANG):
+            await checked.wait()
+        call.cancel()
+
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert checks == [Refusal(CONCURRENT, CONCURRENT_RETRY_AFTER)]  # not checked again
+        assert in_flight(redis_empty, a, "search") == [b"a1"]
+    finally:
+        await a.aclose()
+        await patient.aclose()
+
+
+async def test_a_settlement_redis_refuses_is_dropped_not_sent_with_every_flush(
+    redis_empty: RedisServer,
+) -> None:
+    """A caller's key of another type: its settlement fails once, counted once; the other
+    callers' settlements flushed after it do not send it again (and count it again)."""
+    errors: list[int] = []
+    limits_store = store(redis_empty.url, errors=errors)
+    limits = CallerLimits(concurrent=5)
+    try:
+        assert await limits_store.take("alice", limits, [], "alice-1", LONG_LEASE) is None
+        with redis_empty.client() as client:
+            client.delete(limits_store.keys("alice")[1])
+            client.set(limits_store.keys("alice")[1], "neither a hash nor a sorted set")
+        limits_store.settle("alice", limits, 0, "alice-1")  # its ZREM fails
+        await limits_store.flush()
+        assert len(errors) == 1
+
+        for index in range(10):  # another caller's calls, each settlement flushed
+            assert await limits_store.take("bob", limits, [], f"bob-{index}", LONG_LEASE) is None
+            limits_store.settle("bob", limits, 0, f"bob-{index}")
+            await limits_store.flush()
+
+        assert len(errors) == 1
+        assert limits_store.up
+    finally:
+        await limits_store.aclose()
+
+
+async def test_leases_sent_again_after_no_answer_wait_for_retry_after_whatever_flushes_meanwhile(
+    redis_own: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settlement whose round trip got no answer is sent again `retry_after` later, not
+    with another caller's settlement flushed at once before that."""
+    clock = Clock()
+    limits = CallerLimits(concurrent=5)
+    limits_store = store(redis_own.url, clock)
+    sent: list[list[str]] = []
+    alice = limits_store.keys("alice")
+    alice_sent = asyncio.Event()
+    pipelined = limits_store._pipelined
+
+    async def spied(runs: list[tuple[list[str], list[str | float]]]) -> list[Any]:
+        sent.extend(keys for keys, _ in runs)
+        if alice in sent:
+            alice_sent.set()
+        return await pipelined(runs)
+
+    monkeypatch.setattr(limits_store, "_pipelined", spied)
+    try:
+        assert await limits_store.take("alice", limits, [], "alice-1", LONG_LEASE) is None
+        redis_own.pause()
+        limits_store.settle("alice", limits, 0, "alice-1")
+        await limits_store.flush()  # no answer: alice-1 is to go again after retry_after (1 s)
+        redis_own.resume()
+        clock.now += 1.0  # Redis may be tried again (its outage's clock), the retry not due yet
+        sent.clear()
+        alice_sent.clear()
+        alice_sent.clear()
+
+        for index in range(3):
+            assert await limits_store.take("bob", limits, [], f"bob-{index}", LONG_LEASE) is None
+            limits_store.settle("bob", limits, 0, f"bob-{index}")
+            await limits_store.flush()
+        assert alice not in sent
+
+        async with asyncio.timeout(HANG):  # sent once retry_after has passed
+            await alice_sent.wait()
+    finally:
+        await limits_store.aclose()
