@@ -43,6 +43,8 @@ from typing import Any
 
 from rerank_service.config import ConfigError, Settings, load_settings
 from rerank_service.config.file_trust import flush_held_warnings
+from rerank_service.config.secret import Secret
+from rerank_service.config.settings import check_consistency
 from rerank_service.config.snapshot import ConfigSnapshot
 from rerank_service.observability.logging import configure_logging, get_logger
 from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
@@ -236,6 +238,8 @@ class Supervisor:
         self._directory = ""
         self._directory_lock = -1  # held (flock) while this supervisor lives
         self._config: ConfigSnapshot | None = None  # the file as the workers serve it
+        # The caller keys every worker serves, a restarted one too: a reload keeps them as started.
+        self._api_keys: tuple[Secret, ...] = settings.api_keys
 
     def run(self) -> int:
         check_workers(self.settings)
@@ -250,7 +254,7 @@ class Supervisor:
             self._directory, self._directory_lock = make_metrics_directory()
             self._config = ConfigSnapshot(self.args, self._directory)
             if self._config.has_file:
-                self._config.copy()
+                self._api_keys = self._config.copy().api_keys
             server = None
             if self.settings.metrics_port is not None:
                 try:
@@ -473,6 +477,7 @@ class Supervisor:
             args=(
                 worker.index,
                 self._worker_args(),
+                self._api_keys,  # pickled down the spawn pipe: never on a command line
                 self.port,
                 self.http_port,
                 self._directory,
@@ -513,14 +518,16 @@ def supervise(settings: Settings, args: Mapping[str, Any]) -> int:
 def _worker_main(
     index: int,
     args: dict[str, Any],
+    api_keys: tuple[Secret, ...],
     port: int,
     http_port: int | None,
     metrics_directory: str,
     ready: Connection,
     parent: int,
 ) -> None:
-    """One worker: the settings loaded as serve loads them, on the supervisor's ports,
-    recording its metrics into files in the supervisor's `metrics_directory`."""
+    """One worker: the settings loaded as serve loads them, on the supervisor's ports and
+    with its caller keys (`api_keys`), recording its metrics into files in the supervisor's
+    `metrics_directory`."""
     _die_with_parent(parent)
     # Until serve sets its own handlers: a SIGHUP (a reload asked for while this worker
     # starts, or a terminal's hangup) must not kill it, and a SIGINT (Ctrl-C reaches the
@@ -531,7 +538,11 @@ def _worker_main(
     import asyncio
 
     try:
-        started = load_settings(args)
+        # The caller keys as the supervisor started, not the copy's: a reload leaves them as
+        # started in the running workers, and one restarted after it must serve them too
+        # (not none at all, or callers' tokens passed upstream), as server.py `_reload` does.
+        started = dataclasses.replace(load_settings(args), api_keys=api_keys)
+        check_consistency(started)  # as a reload does (the supervisor copies no file that fails it)
     except ConfigError as exc:
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)

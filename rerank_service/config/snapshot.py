@@ -6,18 +6,24 @@ without the checks a reload makes (a truncated file would start the demo model t
 The supervisor reads the file instead: at start, and on each SIGHUP once the new text
 passes the checks a reload makes; workers, started or restarted, and their reloads read
 only its copy (`SNAPSHOT_ARG`), named in messages as the file.
+
+A reload keeps the caller keys as started, as a worker's does: every later copy is
+loaded, checked and compared with the first copy's keys put back (`api_keys`), which
+every worker, a restarted one too, serves whatever the copy says.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from rerank_service.config.deployments import reload_refusal
-from rerank_service.config.settings import ConfigError, Settings
+from rerank_service.config.secret import Secret
+from rerank_service.config.settings import ConfigError, Settings, check_consistency
 from rerank_service.config.sources import CONFIG_ENV, SNAPSHOT_ARG, load_settings
 
 
@@ -36,6 +42,12 @@ class ConfigSnapshot:
     def has_file(self) -> bool:
         return self._file is not None
 
+    @property
+    def api_keys(self) -> tuple[Secret, ...]:
+        """The caller keys of the first copy: those the workers serve, whatever a later copy says."""
+        assert self._served is not None, "not copied yet"
+        return self._served.api_keys
+
     def worker_args(self) -> dict[str, Any]:
         """The arguments a worker loads its settings from: the copy in place of the file."""
         if self._file is None:
@@ -46,7 +58,8 @@ class ConfigSnapshot:
         """Copy the file for the workers and load it: the first time, as they serve it from
         the start; later (a SIGHUP), only if a reload from what the copy held may take it
         and `check` passes (what the workers' reload builds: a file every worker would
-        refuse must not become the copy a restarted worker starts from). A ConfigError
+        refuse must not become the copy a restarted worker starts from); the settings
+        returned and checked then have the caller keys as started. A ConfigError
         says why not, the copy left as it was."""
         assert self._file is not None, "no config file to copy"
         try:
@@ -58,9 +71,8 @@ class ConfigSnapshot:
             candidate.write_bytes(data)
         try:
             settings = load_settings({**self._args, SNAPSHOT_ARG: str(candidate)})
-            refusal = None if self._served is None else reload_refusal(self._served, settings)
-            if refusal is not None:
-                raise ConfigError(refusal)
+            if self._served is not None:
+                settings = _as_reloaded(settings, self._served)
             if check is not None:
                 check(settings)
         except BaseException:
@@ -82,3 +94,19 @@ class ConfigSnapshot:
                 candidate.unlink(missing_ok=True)
             why = exc.strerror or str(exc)
             raise ConfigError(f"config {self._file}: cannot copy it for the workers ({why})") from None
+
+
+def _as_reloaded(loaded: Settings, served: Settings) -> Settings:
+    """`loaded` as a worker's reload takes it (server.py `_reload`): with the caller keys as
+    started, checked with them (every worker refuses a deployment with no key while they are
+    on: it would send none upstream, where a worker restarted from that copy would pass
+    callers' tokens through), and compared with what is served. A ConfigError says why not."""
+    settings = dataclasses.replace(loaded, api_keys=served.api_keys)
+    try:
+        check_consistency(settings)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; the caller keys stay as started on a reload") from None
+    refusal = reload_refusal(served, settings)
+    if refusal is not None:
+        raise ConfigError(refusal)
+    return settings

@@ -24,13 +24,14 @@ import pytest
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service.testing.fake_upstream import FakeUpstream
-from tests.conftest import UPSTREAM_KEY
+from tests.conftest import CALLER_KEY, UPSTREAM_KEY
 from tests.support.process import ServiceProcess, run_cli
 from tests.support.rpc import request
 from tests.support.scrape import scrape, value
 from tests.support.waiting import wait_until
 
 ENV = {"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY}
+KEY_ENV = "WORKERS_TEST_UPSTREAM_KEY"  # a deployment's own key (api_key_env)
 
 
 @pytest.fixture
@@ -365,6 +366,79 @@ def test_workers_serve_the_file_as_the_supervisor_read_it_until_a_sighup_it_acce
         refused = [e for e in service.events() if e.get("event") == "reload refused"]
         assert [e.get("worker") for e in refused] == [None, None]
         assert "ca_file" in refused[1]["error"]
+        assert service.terminate() == 0, service.output[-5000:]
+
+
+def _keyed_file(path: Path, upstream: FakeUpstream, keys: Path | None, *, keyless: bool = False) -> None:
+    """One route, `qwen3-rerank`: its deployment keyed by KEY_ENV (or `keyless`), and the
+    caller keys of `keys` (`api_keys_file`), if any."""
+    deployment = {"format": "dashscope", "url": upstream.url, "model": "qwen3-rerank"}
+    if not keyless:
+        deployment["api_key_env"] = KEY_ENV
+    document: dict[str, Any] = {"models": [{"name": "qwen3-rerank", "deployments": [deployment]}]}
+    if keys is not None:
+        document["api_keys_file"] = str(keys)
+    path.write_text(json.dumps(document), encoding="utf-8")
+
+
+def _codes(service: ServiceProcess, key: str | None, connections: int = 16) -> Counter[str]:
+    """The codes of one call on each of `connections` new connections (several workers answer)."""
+    metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    codes: Counter[str] = Counter()
+    for _ in range(connections):
+        with _channel(service.target) as channel:
+            try:
+                rerank_pb2_grpc.RerankServiceStub(channel).Rerank(request(), metadata=metadata, timeout=10)
+                codes["OK"] += 1
+            except grpc.RpcError as exc:
+                codes[exc.code().name] += 1
+    return codes
+
+
+def test_a_worker_restarted_after_a_reload_serves_the_caller_keys_as_started(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """A reload leaves the caller keys as started, in every worker: one restarted after it
+    loaded them from the file's copy, and served calls with no key (the file dropped its
+    api_keys_file), or passed callers' tokens upstream (it also dropped a deployment's key:
+    a file every worker refuses, made the copy all the same)."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"{CALLER_KEY}\n", encoding="utf-8")
+    keys.chmod(0o600)
+    config = tmp_path / "rerank.yaml"
+    _keyed_file(config, upstream, keys)
+    with ServiceProcess(["--workers", "2", "--config", str(config)], env={KEY_ENV: UPSTREAM_KEY}) as service:
+        _eventually(lambda: _all_serving(service))
+
+        _keyed_file(config, upstream, keys=None)  # the caller keys gone from the file
+        service.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        _eventually(
+            lambda: {e.get("worker") for e in service.events() if e.get("event") == "reloaded"} == {0, 1},
+            what="both workers reloaded",
+        )
+        _killed_and_restarted(service, worker=0, restarts=1)
+        assert _codes(service, key=None) == {"UNAUTHENTICATED": 16}
+        assert _codes(service, key=CALLER_KEY) == {"OK": 16}
+
+        # No caller keys and a deployment with no key: every worker would refuse it (their
+        # keys stay as started), so the supervisor does, and a restarted worker serves on.
+        _keyed_file(config, upstream, keys=None, keyless=True)
+        service.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        _eventually(
+            lambda: any(e.get("event") == "reload refused" and "worker" not in e for e in service.events()),
+            what="the supervisor's refusal",
+        )
+        _killed_and_restarted(service, worker=1, restarts=1)
+        seen = len(upstream.requests)
+        assert _codes(service, key=None) == {"UNAUTHENTICATED": 16}
+        assert _codes(service, key=CALLER_KEY) == {"OK": 16}
+        sent = {r.headers.get("authorization") for r in upstream.requests[seen:]}
+        assert sent == {f"Bearer {UPSTREAM_KEY}"}  # the service's key, never a caller's
+        refused = [e for e in service.events() if e.get("event") == "reload refused"]
+        assert [e.get("worker") for e in refused] == [None]  # the workers were never asked
+        assert "has no key while RERANK_API_KEYS is set" in refused[0]["error"]
+        listening = [e["auth"] for e in service.events() if e.get("event") == "listening"]
+        assert listening == ["api-keys"] * 4  # two started, two restarted
         assert service.terminate() == 0, service.output[-5000:]
 
 
