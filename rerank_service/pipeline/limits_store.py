@@ -189,6 +189,19 @@ class StoreUnavailable(Exception):
     """Redis failed, did not answer within the timeout, or is skipped after a failure."""
 
 
+# Errors Redis answers a run with because of that caller's own keys (a key of another type;
+# a cluster's node that does not hold them): every later run of that caller fails alike.
+# Any other error of a run (READONLY, MISCONF, OOM, BUSY, LOADING...) is Redis's, and passes.
+_KEYS_AT_FAULT = ("WRONGTYPE", "MOVED", "ASK", "CROSSSLOT")
+
+
+def _keys_at_fault(error: ResponseError) -> bool:
+    """Whether Redis refused a run for its caller's keys (WRONGTYPE...), not for a state of
+    its own that passes; a script's error says the command's after its own prefix."""
+    words = str(error).replace(":", " ").split()
+    return any(word in _KEYS_AT_FAULT for word in words)
+
+
 class RunFailed(StoreUnavailable):
     """Redis answered this call's run of the script with an error (its caller's keys are at
     fault, not Redis). The run took no lease: the lease's ZADD is the script's last write,
@@ -482,13 +495,24 @@ class RedisLimits:
             return
         self._answered()
         failed: tuple[str, ResponseError] | None = None
+        refusing: tuple[str, ResponseError] | None = None
         for (operation, *_, answer), result in zip(batch, answers, strict=True):
-            if isinstance(result, ResponseError):  # this run's own failure: its call alone falls back
+            if isinstance(result, ResponseError) and _keys_at_fault(result):
+                # This run's own failure: its call alone falls back, its settlement dropped.
                 failed = failed or (operation, result)
                 if not answer.done():
                     answer.set_exception(RunFailed(type(result).__name__))
+            elif isinstance(result, ResponseError):
+                # Redis refusing every write for now (a failover's READONLY, MISCONF on a
+                # full disk, OOM, BUSY...): as if it did not answer, what was to be settled
+                # goes again once it may be tried again.
+                refusing = refusing or (operation, result)
+                if not answer.done():
+                    answer.set_exception(StoreUnavailable(type(result).__name__))
             elif not answer.done():  # a call cancelled meanwhile has gone
                 answer.set_result(result)
+        if refusing is not None:
+            self._failed(*refusing)
         if failed is not None:
             self._run_failed(*failed)
 

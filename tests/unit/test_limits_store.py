@@ -717,3 +717,44 @@ async def test_leases_sent_again_after_no_answer_wait_for_retry_after_whatever_f
             await alice_sent.wait()
     finally:
         await limits_store.aclose()
+
+
+async def test_a_settlement_redis_refuses_for_a_state_that_passes_is_sent_again(
+    redis_own: RedisServer,
+) -> None:
+    """Redis refusing every write for a while (READONLY: a failover demoted it; MISCONF, OOM
+    alike) is Redis's state, not the caller's keys: the lease given back meanwhile goes
+    again once Redis takes writes, so the caller is not held at its limit until the lease
+    expires."""
+    clock = Clock()
+    limits = CallerLimits(concurrent=1)
+    first, other = store(redis_own.url, clock), store(redis_own.url)
+    try:
+        assert await first.take("search", limits, [], "a", LONG_LEASE) is None
+        with redis_own.client() as client:
+            client.execute_command("REPLICAOF", "127.0.0.1", "1")  # writes refused: READONLY
+            try:
+                first.settle("search", limits, 0, "a")
+                await first.flush()
+                assert not first.up  # taken for down, not for this caller's keys
+            finally:
+                client.execute_command("REPLICAOF", "NO", "ONE")
+        clock.now += 1.0  # Redis may be tried again
+
+        await _until_taken(other, "search", limits, [])
+    finally:
+        await first.aclose()
+        await other.aclose()
+
+
+def test_only_errors_of_a_callers_own_keys_are_its_runs_alone() -> None:
+    from redis.exceptions import ReadOnlyError, ResponseError
+
+    from rerank_service.pipeline.limits_store import _keys_at_fault
+
+    assert _keys_at_fault(ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"))
+    assert _keys_at_fault(ResponseError("Error running script (call to f_x): @user_script:64: WRONGTYPE Op"))
+    assert _keys_at_fault(ResponseError("MOVED 6958 127.0.0.1:27101"))
+    assert not _keys_at_fault(ReadOnlyError("You can't write against a read only replica."))
+    assert not _keys_at_fault(ResponseError("MISCONF Redis is configured to save RDB snapshots"))
+    assert not _keys_at_fault(ResponseError("OOM command not allowed when used memory > 'maxmemory'."))
