@@ -113,7 +113,7 @@ class CallContext:
     # What the score cache may do for this call: the caller's cache-control, then the
     # route's `cache:` (the router turns it off for a route that says so).
     cache_mode: CacheMode = CacheMode.READ_WRITE
-    # Set by the engine for a split call: where all its chunks go (see CallPin).
+    # Set by the engine for a call it pinned or a split call: where all its chunks go (CallPin).
     pin: CallPin | None = None
     # Given by the pipeline to a split call: what its answered chunks cost, written by the
     # engine if the call is cancelled (its deadline, its caller gone) before it is answered.
@@ -132,10 +132,12 @@ class Spent:
 
 
 class CallPin:
-    """Where a split call's first chunk went, for every later chunk to go too (a reload
+    """Where a call goes, every chunk of it: the route its limits were read from as the
+    engine prepared it (a reload before it is sent must not send it to a route that takes
+    fewer documents a request), or else where a split call's first chunk went (a reload
     between chunks must not send them to other routes: another model's scores in one
-    ranking). The router fills it and holds what it chose open; the engine releases the
-    hold once the call ends."""
+    ranking). The router fills it and holds what it chose open; the engine (or whoever
+    prepared the call) releases the hold once the call ends."""
 
     __slots__ = ("_releases", "route")
 

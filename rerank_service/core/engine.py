@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from itertools import repeat
 from operator import attrgetter
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from rerank_service.config.server import CallConfig
 from rerank_service.core.backend import Backend
@@ -45,14 +45,33 @@ from rerank_service.core.long_documents import violations as long_document_viola
 Validated = tuple[ModelInfo, CallLimits]
 
 
+@runtime_checkable
+class PinsCalls(Protocol):
+    """A backend that chooses where each call goes (the router, among its routes)."""
+
+    def pin_call(self, model: str, pin: CallPin) -> CallLimits:
+        """`model`'s call limits, read where the call will go: `pin` is filled with that
+        choice (held open) for every one of its chunks, whatever a reload changes
+        meanwhile, until it is released."""
+        ...
+
+
 class Prepared(NamedTuple):
-    """A call the engine has checked and split (`RerankEngine.prepare`), ready to `run`."""
+    """A call the engine has checked and split (`RerankEngine.prepare`), ready to `run`;
+    whoever prepared it calls `release` once it ends, run or not."""
 
     request: RerankRequest  # as the caller sent it
     model: ModelInfo
     parts: Plan | None  # its long documents' parts (None: scored as sent)
     scored: RerankRequest  # what the backends score
     chunks: list[range]  # of scored's documents, one backend call each
+    # Where it was split for, and so runs (a backend that pins calls: the router's route).
+    pin: CallPin | None = None
+
+    def release(self) -> None:
+        """The call ended: what it was pinned to may close (a reload dropped it)."""
+        if self.pin is not None:
+            self.pin.release()
 
 
 # --max-chunks-per-call's default.
@@ -73,6 +92,8 @@ class RerankEngine:
         max_chunks_per_call: int = DEFAULT_MAX_CHUNKS_PER_CALL,
     ) -> None:
         self._backend = backend
+        # The backend, where it pins calls: a call runs where it was split for (the route).
+        self._pins = backend if isinstance(backend, PinsCalls) else None
         # Parts of long documents one call may score (--max-chunks-per-call).
         self._max_chunks_per_call = max_chunks_per_call
         # Chunks of one split call in flight at once (--chunk-concurrency).
@@ -93,24 +114,46 @@ class RerankEngine:
     ) -> RerankOutcome:
         """Rank `request`'s documents (`prepare`, then `run`); `validated`: what `validate`
         said of it, when the caller validated it first (else it is validated here)."""
-        return await self.run(await self.prepare(request, validated), context)
+        prepared = await self.prepare(request, validated)
+        try:
+            return await self.run(prepared, context)
+        finally:
+            prepared.release()
 
     async def prepare(self, request: RerankRequest, validated: Validated | None = None) -> Prepared:
         """The call as the backends will be sent it: its long documents' parts and its chunks.
         Every refusal the engine makes by itself is made by now (a long document past its
         parts, a split's fan-out), before anything is sent: the pipeline charges a caller's
-        limits only for a call that passed it."""
+        limits only for a call that passed it.
+
+        The call is pinned to the route its limits are read from (a backend that pins calls):
+        it is split for them, and a reload before it is sent must not send its chunks to a
+        route that takes fewer. `validated` is `validate`'s answer in the same step of the
+        event loop (no await between: the limits pinned are those it validated against)."""
         model, limits = validated if validated is not None else self.validate(request)
-        parts = await self._plan(request, limits)
-        scored = request if parts is None else parts.scored_request(request, chunked=max(parts.chunks) > 1)
-        chunks = split(scored.query, scored.documents, limits)
-        if len(chunks) > 1:  # before any chunk goes out
-            self._check_fan_out(scored, len(chunks))
-        return Prepared(request, model, parts, scored, chunks)
+        pin = None
+        if self._pins is not None:
+            pin = CallPin()
+            limits = self._pins.pin_call(model.name, pin)
+        try:
+            parts = await self._plan(request, limits)
+            scored = (
+                request if parts is None else parts.scored_request(request, chunked=max(parts.chunks) > 1)
+            )
+            chunks = split(scored.query, scored.documents, limits)
+            if len(chunks) > 1:  # before any chunk goes out
+                self._check_fan_out(scored, len(chunks))
+        except BaseException:
+            if pin is not None:
+                pin.release()
+            raise
+        return Prepared(request, model, parts, scored, chunks, pin)
 
     async def run(self, prepared: Prepared, context: CallContext) -> RerankOutcome:
         """Score a prepared call's chunks and rank them."""
-        request, model, parts, scored, chunks = prepared
+        request, model, parts, scored, chunks, pin = prepared
+        if pin is not None:  # every chunk goes where the call was split for
+            context = replaced(context, pin=pin)
         if len(chunks) == 1:
             results = [await self._backend.rerank(_backend_request(model, scored, chunks[0]), context)]
         else:
@@ -142,6 +185,8 @@ class RerankEngine:
     ) -> list[BackendResult]:
         """Run every chunk, at most `chunk_concurrency` at once; the first failure fails the call.
         Every chunk goes where the first went (`CallPin`), whatever a reload changes meanwhile."""
+        if context.pin is not None:  # pinned as it was prepared: released by its caller
+            return await self._run_chunks(model, request, chunks, context)
         pin = CallPin()
         context = replaced(context, pin=pin)
         try:

@@ -284,34 +284,41 @@ class Call:
         # asking whether it may call the model before the model is looked up.
         may_call = caller.check_model if caller is not None and caller.models is not None else None
         validated = engine.validate(request, may_call)
-        # And every other refusal the engine makes by itself (long documents, fan-out).
+        # And every other refusal the engine makes by itself (long documents, fan-out), at
+        # once (no await since validating): the call is pinned to the route it was validated
+        # against, and runs there whatever a reload changes while it waits (its limits).
         prepared = await engine.prepare(request, validated)
-        if context.deadline is not None and time.monotonic() >= context.deadline:
-            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call ran")
-        if caller is not None and caller.limits is not None:
-            limiter = self._pipeline.limiter
-            # Tokens estimated on what will be scored (a long document's parts), documents
-            # counted as the caller sent them.
-            scored, documents = prepared.scored, self.documents
-            if limiter.store is None:  # nothing to wait for: no coroutine either
-                self._grant = limiter.admit_here(caller, scored, documents=documents)
-            else:
-                waiting = (
-                    None
-                    if self.span is None
-                    else self.span.child("rerank.limits", {"rerank.caller": caller.name})
+        try:
+            if context.deadline is not None and time.monotonic() >= context.deadline:
+                raise ServiceError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call ran"
                 )
-                try:
-                    self._grant = await limiter.admit(
-                        caller, scored, self.request_id, context.deadline, documents=documents
+            if caller is not None and caller.limits is not None:
+                limiter = self._pipeline.limiter
+                # Tokens estimated on what will be scored (a long document's parts), documents
+                # counted as the caller sent them.
+                scored, documents = prepared.scored, self.documents
+                if limiter.store is None:  # nothing to wait for: no coroutine either
+                    self._grant = limiter.admit_here(caller, scored, documents=documents)
+                else:
+                    waiting = (
+                        None
+                        if self.span is None
+                        else self.span.child("rerank.limits", {"rerank.caller": caller.name})
                     )
-                finally:
-                    if waiting is not None:
-                        waiting.end()
-        if len(prepared.chunks) > 1:  # what its chunks answered, should it be cancelled
-            self._spent = Spent()
-            context = replaced(context, spent=self._spent)
-        self.outcome = await engine.run(prepared, context)
+                    try:
+                        self._grant = await limiter.admit(
+                            caller, scored, self.request_id, context.deadline, documents=documents
+                        )
+                    finally:
+                        if waiting is not None:
+                            waiting.end()
+            if len(prepared.chunks) > 1:  # what its chunks answered, should it be cancelled
+                self._spent = Spent()
+                context = replaced(context, spent=self._spent)
+            self.outcome = await engine.run(prepared, context)
+        finally:
+            prepared.release()
         return self.outcome
 
     def succeeded(self) -> None:

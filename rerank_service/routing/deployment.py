@@ -44,7 +44,7 @@ class Deployment:
     # Where its calls and state are recorded (None: a Metrics of its own, served nowhere: tests).
     metrics: InitVar[Metrics | None] = None
     in_flight: int = 0
-    # Split calls pinned to a route it serves (CallPin): a reload closes it only after them.
+    # Calls pinned to a route it serves (CallPin): a reload closes it only after them.
     _held: int = field(init=False, default=0)
     _metrics: DeploymentMetrics = field(init=False)
     _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)

@@ -21,6 +21,7 @@ from rerank_service.core.domain import (
     BackendResult,
     CacheMode,
     CallContext,
+    CallPin,
     DeploymentState,
     FailureKind,
     ModelInfo,
@@ -124,8 +125,8 @@ class Router:
             )
             raise failed[0]
         dropped = [deployment for deployment in self._deployments if deployment not in kept]
-        # Routes no call can start on any more: once idle, none goes in flight again (a split
-        # call's next chunks, on the route it is pinned to, hold its deployments themselves).
+        # Routes no call can start on any more: once idle, none goes in flight again (a call
+        # pinned to one, as it was validated or as its first chunk went, holds its deployments).
         self._replaced = [route for route in (*self._routes.values(), *self._replaced) if route.in_flight]
         self._routes = {route.name: route for route in routes}
         self._deployments = kept
@@ -174,10 +175,18 @@ class Router:
         finally:
             route.call_ended()
 
+    def pin_call(self, model: str, pin: CallPin) -> CallLimits:
+        """`model`'s call limits (the engine validates and splits the call for them), and
+        `pin` filled with their route: the call runs on it whatever a reload changes before
+        it is sent (a route replaced meanwhile may take fewer documents a request)."""
+        route = self._routes[model]  # the engine found the model in `models()`, no await since
+        _pin(route, pin)
+        return self.call_limits(model)
+
     def _route(self, model: str, context: CallContext) -> Route:
-        """The call's route: for a split call, the one its first chunk went to, whose
-        deployments a reload keeps open until the call ends (calls in flight finish where
-        they started)."""
+        """The call's route: the one it was pinned to as it was validated (`pin_call`) or,
+        for a split call, as its first chunk went, whose deployments a reload keeps open
+        until the call ends (calls in flight finish where they started)."""
         pin = context.pin
         if pin is not None and isinstance(pin.route, Route):
             return pin.route
@@ -185,10 +194,7 @@ class Router:
         if route is None:  # a reload removed it after the engine validated the call
             raise model_not_found(model, list(self._routes))
         if pin is not None:  # filled before any await: the call's other chunks see it
-            pin.route = route
-            for deployment in _distinct([route]):
-                deployment.hold()
-                pin.on_release(deployment.release)
+            _pin(route, pin)
         return route
 
     async def _call(
@@ -300,6 +306,14 @@ def _distinct(routes: Iterable[Route]) -> list[Deployment]:
 def _members(routes: Iterable[Route]) -> set[tuple[str, str]]:
     """Each (route, deployment) pair the routes serve (rerank_route_members)."""
     return {(route.name, member.deployment.name) for route in routes for member in route.members}
+
+
+def _pin(route: Route, pin: CallPin) -> None:
+    """Pin a call to `route`, its deployments held open (a reload) until the pin is released."""
+    pin.route = route
+    for deployment in _distinct([route]):
+        deployment.hold()
+        pin.on_release(deployment.release)
 
 
 def _serves(route: Route, deployment: Deployment) -> bool:
