@@ -59,7 +59,10 @@ def build_routes(
                 None
                 if cache is None or _passes_tokens_through(config)
                 else CachedScores(
-                    cache, score_identity(config, _revision, _precision), recorded.cache, backend.readiness
+                    cache,
+                    score_identity(config, _revision, _precision, _runs_on_torch),
+                    recorded.cache,
+                    backend.readiness,
                 )
             )
             found = existing[key] = Deployment(
@@ -198,6 +201,18 @@ def _precision(device: str, dtype: str) -> tuple[str, str]:
     except ModelLoadError:  # settings the model could not load with: it answers nothing
         return device, dtype
     return target.type, str(chosen).removeprefix("torch.")
+
+
+def _runs_on_torch(source: str) -> bool:
+    """Whether a local model runs on torch whatever --local-engine says (Qwen3-Reranker), for
+    the score cache; asked once its backend is ready, as `_precision` is."""
+    from rerank_service.backends.local.common import ModelLoadError
+    from rerank_service.backends.local.models import runs_on_torch
+
+    try:
+        return runs_on_torch(source)
+    except ModelLoadError:  # files the model could not load from: it answers nothing
+        return False
 
 
 def _revision(source: str) -> str:

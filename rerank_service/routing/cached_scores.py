@@ -147,14 +147,22 @@ def _as_configured(device: str, dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
+def _never(source: str) -> bool:
+    return False
+
+
 def score_identity(
-    config: DeploymentConfig, revision: Callable[[str], str], precision: Precision = _as_configured
+    config: DeploymentConfig,
+    revision: Callable[[str], str],
+    precision: Precision = _as_configured,
+    runs_on_torch: Callable[[str], bool] = _never,
 ) -> Callable[[str], Identity]:
     """What changes a score of `config`'s deployment, for a model it is sent: the cache's
     fingerprint. `revision` names a local model source's files (a digest of them);
     `precision` what its device and dtype settings come to on this machine ("auto": the
     GPU and bfloat16 or float16 where there is one), so replicas on CPU and GPU machines
-    sharing a Redis tier never share scores of different precisions."""
+    sharing a Redis tier never share scores of different precisions; `runs_on_torch`
+    whether a model source runs on torch whatever the engine setting (Qwen3-Reranker)."""
     if isinstance(config, LocalDeploymentConfig):
         sources = dict(config.models)
         engine = config.engine
@@ -166,15 +174,15 @@ def score_identity(
         def local(model: str) -> Identity:
             source = sources.get(model, model)
             # ONNX Runtime runs on the CPU in float32 (int8 weights: `quantize`) whatever the
-            # machine (it refuses cuda and half precisions); `auto` would name the GPU's.
-            device, dtype = (
-                ("cpu", "float32") if engine.engine == "onnx" else precision(engine.device, engine.dtype)
-            )
+            # machine (it refuses cuda and half precisions); `auto` would name the GPU's. A
+            # Qwen3-Reranker runs on torch under either engine: its device and dtype count.
+            on_onnx = engine.engine == "onnx" and not runs_on_torch(source)
+            device, dtype = ("cpu", "float32") if on_onnx else precision(engine.device, engine.dtype)
             return {
                 "kind": "local",
                 "source": source,
                 "revision": revisions[source] if source in revisions else revision(source),
-                "engine": engine.engine,
+                "engine": "onnx" if on_onnx else "torch",  # the engine it runs on
                 "quantize": engine.quantize,
                 "dtype": dtype,
                 "device": device,

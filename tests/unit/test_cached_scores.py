@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from random import Random
 
 import grpc
@@ -338,3 +340,35 @@ def test_token_shares_are_the_running_totals_floors_less_the_shares_before(
     assert shares == expected
     if whole_size := sum(len(query) + len(document) for document in documents):
         assert sum(shares) == total, whole_size  # every token shared out
+
+
+def test_a_qwen3_model_under_the_onnx_setting_is_keyed_by_the_torch_precision_it_runs_in() -> None:
+    """Qwen3-Reranker runs on torch whatever --local-engine says: a GPU replica's scores
+    (bfloat16) and a CPU replica's (float32) of it are never shared, onnx setting or not."""
+    onnx = LocalDeploymentConfig.from_settings(
+        Settings(backend="local", local_models=(("m", "/models/m"),), local_engine="onnx")
+    )
+
+    def on_a_gpu(device: str, dtype: str) -> tuple[str, str]:
+        return "cuda", "bfloat16"
+
+    def on_a_cpu(device: str, dtype: str) -> tuple[str, str]:
+        return "cpu", "float32"
+
+    def qwen3(source: str) -> bool:
+        return True
+
+    gpu = dict(score_identity(onnx, lambda source: "r1", on_a_gpu, qwen3)("m"))
+    cpu = dict(score_identity(onnx, lambda source: "r1", on_a_cpu, qwen3)("m"))
+    assert (gpu["engine"], gpu["device"], gpu["dtype"]) == ("torch", "cuda", "bfloat16")
+    assert gpu != cpu
+
+
+def test_a_model_source_says_whether_it_runs_on_torch_whatever_the_engine(tmp_path: Path) -> None:
+    """What the service hands score_identity: read from the model's config.json."""
+    for name, architecture in (("qwen3", "Qwen3ForCausalLM"), ("cross", "BertForSequenceClassification")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+    assert build._runs_on_torch(str(tmp_path / "qwen3"))
+    assert not build._runs_on_torch(str(tmp_path / "cross"))
+    assert not build._runs_on_torch(str(tmp_path / "missing"))  # no model there: answers nothing

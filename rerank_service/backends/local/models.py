@@ -95,6 +95,12 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def runs_on_torch(source: str) -> bool:
+    """Whether the model `source` names runs on torch whatever `--local-engine` says:
+    Qwen3-Reranker does (the onnx engine runs cross- and bi-encoders only)."""
+    return detect_kind(_read_config(resolve_source(source))) == Qwen3Scorer.kind
+
+
 def detect_kind(config: dict[str, Any]) -> str:
     """ "qwen3", "cross-encoder" or "bi-encoder", from a config.json's `architectures`."""
     architectures = config.get("architectures") or []
