@@ -139,6 +139,9 @@ class DeploymentHealth:
             return False
         if self._claim:  # the probe `claim_probe` took (this call's, most often)
             self._claim = 0
+            # Sent now: the next is an interval from now, even if the claim waited past its
+            # own interval (a slow cache lookup), or another call would probe meanwhile.
+            self._next_probe_at = max(self._next_probe_at, self._clock() + self._probe_interval)
             return True
         if self.probe_due:
             self._next_probe_at = self._clock() + self._probe_interval

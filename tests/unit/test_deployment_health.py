@@ -595,3 +595,18 @@ def test_a_void_claim_given_back_leaves_a_later_calls_claim_alone() -> None:
     assert health.admit() is True  # and is the probe
     health.unclaim(claim)
     assert refusal(health).reason == "UPSTREAM_CIRCUIT_OPEN"
+
+
+def test_a_claim_sent_after_its_interval_passed_leaves_no_second_probe_due() -> None:
+    """A probe claimed, then sent a while later (its call waited on a slow cache lookup):
+    the next probe is an interval after it was sent, not due at once beside it."""
+    clock = Clock()
+    health = down(clock)
+    clock.now += COOLDOWN
+    assert health.claim_probe()
+    clock.now += 1.5 * PROBE_INTERVAL  # the claim's interval has passed meanwhile
+
+    assert health.admit() is True  # its probe goes now
+
+    assert not probe_due_of(health)
+    assert refusal(health).reason == "UPSTREAM_CIRCUIT_OPEN"
