@@ -117,7 +117,8 @@ class Deployment:
             await self._idle.wait()
 
     def hold(self) -> None:
-        """A split call may send it more chunks: keep it open (a reload) until `release`."""
+        """A call pinned to a route it serves may still send it a chunk or fall back to it:
+        keep it open (a reload) until `release`."""
         self._held += 1
 
     def release(self) -> None:

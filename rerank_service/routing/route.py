@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,22 +36,6 @@ class Route:
     long_documents: LongDocuments = LongDocuments.TRUNCATE
     max_tokens_per_doc: int | None = None
     _rng: random.Random = field(default_factory=random.Random)
-    # The router's calls over it now: a reload closes a deployment it drops only once the
-    # calls of the routes it served have ended, since any of them may still fall back to it.
-    in_flight: int = field(init=False, default=0)
-    _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
-
-    def call_ended(self) -> None:
-        """One of its calls ended (the router counts them in, in `in_flight`)."""
-        self.in_flight -= 1
-        if not self.in_flight:
-            self._idle.set()
-
-    async def idle(self) -> None:
-        """Return once none of its calls is in flight."""
-        while self.in_flight:
-            self._idle.clear()
-            await self._idle.wait()
 
     def pick(self, tried: set[Deployment]) -> Member | None:
         """The next member to call, or None when every one was tried.

@@ -59,9 +59,6 @@ class Router:
         self._started = False
         self._watches: set[asyncio.Task[None]] = set()  # each ends once its deployment is dropped
         self._retiring: set[asyncio.Task[None]] = set()  # dropped by a reload, closing when idle
-        # Routes a reload replaced while calls over them were in flight (until the next reload
-        # finds them idle): a deployment a later reload drops may be one of theirs.
-        self._replaced: list[Route] = []
         # What the engine asks on every call, made once per change: a route's ListModels entry
         # (limits, its deployments' states) and its per-call limits change only when a
         # deployment's readiness or health does, or a reload does (`_changed` is told of each).
@@ -109,9 +106,9 @@ class Router:
 
         New deployments are started before the switch (if one fails to start, those
         started are closed, the error is raised and nothing changes); deployments no
-        route uses any more are closed in the background once their calls end, and those
-        of the routes they served, which may still fall back to them (or after `grace`
-        seconds).
+        route uses any more are closed in the background once their calls end, and the
+        calls pinned to the routes they served, which may still fall back to them (or after
+        `grace` seconds).
         """
         kept = _distinct(routes)
         added = [deployment for deployment in kept if deployment not in self._deployments]
@@ -125,9 +122,6 @@ class Router:
             )
             raise failed[0]
         dropped = [deployment for deployment in self._deployments if deployment not in kept]
-        # Routes no call can start on any more: once idle, none goes in flight again (a call
-        # pinned to one, as it was validated or as its first chunk went, holds its deployments).
-        self._replaced = [route for route in (*self._routes.values(), *self._replaced) if route.in_flight]
         self._routes = {route.name: route for route in routes}
         self._deployments = kept
         self._metrics.set_route_members(_members(routes))
@@ -139,9 +133,8 @@ class Router:
         names = {deployment.name for deployment in kept}
         for deployment in dropped:
             deployment.retire(replaced=deployment.name in names)
-            served = [route for route in self._replaced if _serves(route, deployment)]
             retiring = asyncio.create_task(
-                _close_when_idle(deployment, served, grace), name=f"retire {deployment.name}"
+                _close_when_idle(deployment, grace), name=f"retire {deployment.name}"
             )
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
@@ -158,22 +151,16 @@ class Router:
         # deployment has no choice to make, and the call's span names its deployment. (A span
         # costs a call about 80 µs of CPU, most of it in the exporter's encoding.)
         span = None if len(members) < 2 else tracing.child("rerank.route", {"rerank.route": route.name})
-        # Counted until it ends: a reload keeps the deployments it drops open for the calls
-        # of their routes, any of which may still fall back to one (replace, below).
-        route.in_flight += 1
+        if span is None:
+            return await self._call(route, request, context, None)
+        span.set("rerank.candidates", [member.deployment.name for member in members])
         try:
-            if span is None:
-                return await self._call(route, request, context, None)
-            span.set("rerank.candidates", [member.deployment.name for member in members])
-            try:
-                return await self._call(route, request, context, span)
-            except ServiceError as error:
-                span.fail(error.reason or error.code.name)
-                raise
-            finally:
-                span.end()
+            return await self._call(route, request, context, span)
+        except ServiceError as error:
+            span.fail(error.reason or error.code.name)
+            raise
         finally:
-            route.call_ended()
+            span.end()
 
     def pin_call(self, model: str, pin: CallPin) -> CallLimits:
         """`model`'s call limits (the engine validates and splits the call for them), and
@@ -309,28 +296,19 @@ def _members(routes: Iterable[Route]) -> set[tuple[str, str]]:
 
 
 def _pin(route: Route, pin: CallPin) -> None:
-    """Pin a call to `route`, its deployments held open (a reload) until the pin is released."""
+    """Pin a call to `route`, every deployment of it held open (a reload) until the pin is
+    released: the call may still send a chunk to, or fall back to, any of them."""
     pin.route = route
     for deployment in _distinct([route]):
         deployment.hold()
         pin.on_release(deployment.release)
 
 
-def _serves(route: Route, deployment: Deployment) -> bool:
-    return any(member.deployment is deployment for member in route.members)
-
-
-async def _close_when_idle(deployment: Deployment, routes: list[Route], grace: float) -> None:
-    """Close `deployment` once no call is in flight over `routes` (the replaced routes it
-    served: a call on another of their deployments may still fall back to it), nor on it."""
+async def _close_when_idle(deployment: Deployment, grace: float) -> None:
+    """Close `deployment` once no call is in flight on it nor pinned to a route it served (a
+    call on another of that route's deployments may still fall back to it: `_pin`)."""
     try:
-        await asyncio.wait_for(_idle(deployment, routes), grace)
+        await asyncio.wait_for(deployment.idle(), grace)
     except TimeoutError:
         _log.warning("closing a deployment with calls in flight", deployment=deployment.name, grace_s=grace)
     await deployment.backend.close()
-
-
-async def _idle(deployment: Deployment, routes: list[Route]) -> None:
-    for route in routes:
-        await route.idle()
-    await deployment.idle()

@@ -822,7 +822,10 @@ async def test_a_call_in_flight_falls_back_to_a_deployment_a_reload_dropped_whic
     async with running(
         Router([route_of(Member(first, ROUTE), Member(second, ROUTE, priority=1)), other])
     ) as router:
-        call = asyncio.create_task(router.rerank(request(), CallContext()))  # not split: no pin
+        # Through the engine, as every call goes: pinned to its route as it is prepared.
+        engine = RerankEngine(router, chunk_concurrency=1, max_fanout_factor=100)
+        asked = RerankRequest(model=ROUTE, query="q", documents=["a", "b"])
+        call = asyncio.create_task(engine.rerank(asked, CallContext()))
         await eventually(lambda: len(failing.calls) == 1)
         if reloads == 2:  # the same deployments in a route built anew: none dropped
             await router.replace([route_of(Member(first, ROUTE), Member(second, ROUTE, priority=1))], 10.0)
@@ -836,7 +839,7 @@ async def test_a_call_in_flight_falls_back_to_a_deployment_a_reload_dropped_whic
         failing.gate.set()
         answered = await call
 
-        assert answered.deployment == "b"
+        assert answered.deployments == ["b"]
         await eventually(lambda: (failing.closed, fallback.closed) == (1, 1))  # once the call ended
 
 
