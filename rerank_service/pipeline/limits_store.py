@@ -208,6 +208,15 @@ class RunFailed(StoreUnavailable):
     and nothing after it can fail."""
 
 
+def _add(settlements: dict[str, _Settlement], caller: str, settlement: _Settlement) -> None:
+    """`settlement` added to what `settlements` holds for `caller` (a copy: a settlement passed
+    in may be another's, or the shared empty one)."""
+    kept = settlements.get(caller)
+    if kept is None:
+        kept = settlements[caller] = _Settlement()
+    kept.merge(settlement)
+
+
 class RedisLimits:
     """`take` and `settle` of the callers' buckets on `client`."""
 
@@ -353,18 +362,12 @@ class RedisLimits:
         if self._closed or (not settlement.leases and not settlement.correction):
             return
         if again:
-            kept = self._again.get(caller)
-            if kept is None:
-                kept = self._again[caller] = _Settlement()
-            kept.merge(settlement)
+            _add(self._again, caller, settlement)
             if self._retry is None:
                 loop = asyncio.get_running_loop()
                 self._retry = loop.call_later(self._outage.retry_after, self._retry_due)
             return
-        pending = self._pending.get(caller)
-        if pending is None:
-            pending = self._pending[caller] = _Settlement()
-        pending.merge(settlement)
+        _add(self._pending, caller, settlement)
         if not self._outage.up:
             self._schedule_flush(self._outage.retry_after)
         else:
@@ -381,11 +384,7 @@ class RedisLimits:
         """What is to be sent again, moved to the pending settlements."""
         again, self._again = self._again, {}
         for caller, settlement in again.items():
-            pending = self._pending.get(caller)
-            if pending is None:
-                self._pending[caller] = settlement
-            else:
-                pending.merge(settlement)
+            _add(self._pending, caller, settlement)
 
     def _schedule_flush(self, delay: float) -> None:
         """A flush in `delay` seconds, unless one is due by then already."""
