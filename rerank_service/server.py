@@ -26,9 +26,8 @@ from rerank_service.api.http.app import FrontDoor
 from rerank_service.api.http.server import HttpServer
 from rerank_service.cache.build import build_score_cache
 from rerank_service.config import ConfigError, Settings
-from rerank_service.config.deployments import reload_refusal
+from rerank_service.config.deployments import as_reloaded
 from rerank_service.config.server import CallersConfig, ServerConfig
-from rerank_service.config.settings import check_consistency
 from rerank_service.core.backend import Backend
 from rerank_service.core.engine import RerankEngine
 from rerank_service.observability.logging import get_logger, mask_also
@@ -301,21 +300,11 @@ class RerankServer:
             # Caller keys stay as started (the edge checks them): deployments must agree on
             # whether callers' tokens pass through.
             loaded = load()
-            settings = dataclasses.replace(loaded, api_keys=self.settings.api_keys)
-            mask_also(settings.secrets())  # keys this file names are masked from now on
-            # `loaded` was checked with its own caller keys: checked again as it is served, a
-            # deployment with no key while the started ones stay on is refused, as at start
-            # (it would send no key upstream, and fail every call).
-            try:
-                check_consistency(settings)
-            except ConfigError as exc:
-                raise ConfigError(f"{exc}; the caller keys stay as started on a reload") from None
-            # A file truncated or caught mid-write must not swap every route for the demo
-            # model; the callers may change (keys added or removed, limits), but never switch
-            # authentication on or off.
-            refusal = reload_refusal(self._routes_from or self.settings, settings)
-            if refusal is not None:
-                raise ConfigError(refusal)
+            mask_also(loaded.secrets())  # keys this file names are masked from now on
+            # With the caller keys as started, checked with them; a file truncated or caught
+            # mid-write must not swap every route for the demo model; the callers may change
+            # (keys added or removed, limits), but never switch authentication on or off.
+            settings = as_reloaded(loaded, self._routes_from or self.settings)
             callers = CallersConfig.from_settings(settings)
             routes = build_routes(
                 settings, reuse=self.backend.deployments, metrics=self.metrics, cache=self.cache

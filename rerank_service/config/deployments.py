@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from rerank_service.config.local import LocalDeploymentConfig
 from rerank_service.config.problems import describe
 from rerank_service.config.routes import DeploymentEntry, RouteEntry, header_safe
-from rerank_service.config.settings import ConfigError, Settings, check_local_engine
+from rerank_service.config.settings import ConfigError, Settings, check_consistency, check_local_engine
 from rerank_service.config.upstream import UpstreamDeploymentConfig
 
 # What a backend is built from: a reload keeps a deployment whose config is equal.
@@ -174,6 +174,24 @@ def backend_kinds(settings: Settings) -> frozenset[str]:
         for route in settings.models
         for deployment in route.deployments
     )
+
+
+def as_reloaded(loaded: Settings, served: Settings) -> Settings:
+    """`loaded`, a reloaded file's settings, as a reload from `served` takes them: with the
+    caller keys as started (`served`'s: a reload never changes them), checked with those
+    keys (a deployment with no key while they are on would send none upstream, and fail
+    every call: refused, as at start), and with `reload_refusal`. A ConfigError says why not.
+    Both a server's reload and `--workers`' supervisor (the copy its workers start from)
+    take a file this way."""
+    settings = dataclasses.replace(loaded, api_keys=served.api_keys)
+    try:
+        check_consistency(settings)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; the caller keys stay as started on a reload") from None
+    refusal = reload_refusal(served, settings)
+    if refusal is not None:
+        raise ConfigError(refusal)
+    return settings
 
 
 def reload_refusal(old: Settings, new: Settings) -> str | None:

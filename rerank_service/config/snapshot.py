@@ -15,15 +15,14 @@ every worker, a restarted one too, serves whatever the copy says.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from rerank_service.config.deployments import reload_refusal
+from rerank_service.config.deployments import as_reloaded
 from rerank_service.config.secret import Secret
-from rerank_service.config.settings import ConfigError, Settings, check_consistency
+from rerank_service.config.settings import ConfigError, Settings
 from rerank_service.config.sources import CONFIG_ENV, SNAPSHOT_ARG, load_settings
 
 
@@ -72,7 +71,7 @@ class ConfigSnapshot:
         try:
             settings = load_settings({**self._args, SNAPSHOT_ARG: str(candidate)})
             if self._served is not None:
-                settings = _as_reloaded(settings, self._served)
+                settings = as_reloaded(settings, self._served)
             if check is not None:
                 check(settings)
         except BaseException:
@@ -94,19 +93,3 @@ class ConfigSnapshot:
                 candidate.unlink(missing_ok=True)
             why = exc.strerror or str(exc)
             raise ConfigError(f"config {self._file}: cannot copy it for the workers ({why})") from None
-
-
-def _as_reloaded(loaded: Settings, served: Settings) -> Settings:
-    """`loaded` as a worker's reload takes it (server.py `_reload`): with the caller keys as
-    started, checked with them (every worker refuses a deployment with no key while they are
-    on: it would send none upstream, where a worker restarted from that copy would pass
-    callers' tokens through), and compared with what is served. A ConfigError says why not."""
-    settings = dataclasses.replace(loaded, api_keys=served.api_keys)
-    try:
-        check_consistency(settings)
-    except ConfigError as exc:
-        raise ConfigError(f"{exc}; the caller keys stay as started on a reload") from None
-    refusal = reload_refusal(served, settings)
-    if refusal is not None:
-        raise ConfigError(refusal)
-    return settings
