@@ -312,10 +312,7 @@ def _export(otlp_endpoint: str | None, environ: Mapping[str, str]) -> tuple[Span
         seconds = environ.get(variable)
         if seconds is not None and not _number(seconds):
             raise ValueError(f"{variable} must be a number of seconds, got {seconds!r}")
-    try:
-        protocol = otlp_protocol(environ)
-    except ValueError as exc:  # one it does not speak (named)
-        raise ValueError(str(exc)) from None
+    protocol = otlp_protocol(environ)  # a ValueError naming one it does not speak
     try:
         return _exporter(otlp_endpoint, protocol), batching
     except Exception as exc:  # the SDK's own checks: a compression it does not know (named)
