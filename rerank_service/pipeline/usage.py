@@ -139,7 +139,12 @@ class UsageMeter:
     def record(self, call: MeteredCall) -> None:
         caller = call.caller
         metrics = self.metrics
-        label = metrics.label(caller.name, caller.per_token, call.code == grpc.StatusCode.OK)
+        outcome = call.outcome
+        answered = outcome is not None and call.code == grpc.StatusCode.OK
+        # A caller named after its token takes a label only once a backend answered it (the
+        # upstream took the token): ListModels, GET /v1/models and a stream's own call end OK
+        # without the token leaving the service, so junk tokens would take the labels.
+        label = metrics.label(caller.name, caller.per_token, answered)
         failure = call.failure
         if failure is not None and failure.reason == CALLER_LIMITED:
             metrics.refused(label, failure.metadata.get("limit", ""))
@@ -147,7 +152,6 @@ class UsageMeter:
             return
         model = call.model if call.model_known else UNKNOWN_MODEL
         metrics.call(label, model, call.code)
-        outcome = call.outcome
         if outcome is not None and call.code == grpc.StatusCode.OK:
             metrics.answered(
                 label, model, call.documents or 0, outcome.total_tokens, outcome.usage_source,

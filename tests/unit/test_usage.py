@@ -190,6 +190,30 @@ def test_tokens_nobody_accepted_never_take_the_labels_of_keys_in_use() -> None:
     )
 
 
+def test_calls_no_backend_answered_never_take_the_labels_of_keys_in_use() -> None:
+    """Pass-through: ListModels, GET /v1/models and an empty stream's own call end OK without
+    the token ever reaching the upstream; junk tokens calling them took all the labels, and
+    a real key's answered calls were counted under `other`."""
+    metrics = Metrics()
+    meter = UsageMeter(metrics.callers)
+    for number in range(MAX_KEY_CALLERS + 10):
+        junk = Caller(f"key-{number:08x}", per_token=True)
+        meter.record(
+            MeteredCall(junk, None, False, grpc.StatusCode.OK, None, None, None, "r", "ListModels", 0.01)
+        )
+    real = Caller("key-feedbeef", per_token=True)
+    outcome = RerankOutcome([], 5, ["up-1"], usage_source="upstream", deployments=["eu"])
+    meter.record(
+        MeteredCall(real, "qwen3-rerank", True, grpc.StatusCode.OK, 1, outcome, None, "r", "Rerank", 0.01)
+    )
+
+    text = exposition(metrics)
+    assert (
+        'rerank_caller_tokens_total{caller="key-feedbeef",model="qwen3-rerank",source="upstream"} 5.0' in text
+    )
+    assert 'caller="key-00000000"' not in text
+
+
 @pytest.mark.parametrize("name", ["key-ed80cb23", "anonymous"], ids=["--api-keys", "no keys"])
 def test_a_caller_of_the_configuration_is_its_own_label_from_its_first_failed_call(name: str) -> None:
     """--api-keys' callers and `anonymous` are a bounded set: only pass-through's callers,

@@ -141,13 +141,19 @@ class RerankServicer:
             # Recorded now, in the reader's task that opened it (its span ends there): a
             # refusal meters nothing as answered, whether its answer is sent or not.
             item_call = open_item(item)
-            item_call.caller = call.caller  # refused before it ran: named as its stream is
-            # Its request was read: metered as any item is (the usage log, the caller's metrics).
-            item_call.model, item_call.documents = item.request.model, len(item.request.documents)
             try:
-                error = long_id(item.id) or invalid_argument(
-                    [FieldViolation("id", f"id {echo(item.id)!r} is already in flight on this stream")]
-                )
+                try:
+                    # Its caller as the callers are now, as any item's (handle): a key a reload
+                    # removed is refused as such, not billed a duplicate as the caller it was.
+                    item_call.caller = request_iterator.identify()
+                except ServiceError as refusal:
+                    error = refusal
+                else:
+                    # Its request was read: metered as any item is (the usage log, the caller's metrics).
+                    item_call.model, item_call.documents = item.request.model, len(item.request.documents)
+                    error = long_id(item.id) or invalid_argument(
+                        [FieldViolation("id", f"id {echo(item.id)!r} is already in flight on this stream")]
+                    )
                 item_call.failed(error)
                 return rerank_pb2.RerankStreamResponse(
                     id=answer_id(item.id), error=to_error_proto(error, item_call.request_id)
