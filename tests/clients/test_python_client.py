@@ -12,7 +12,14 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from rerank_client import AsyncRerankClient, RerankClient, field_violations
 from rerank_client.client import build_request
 
+from rerank_service.backends.upstream import UpstreamBackend
+from rerank_service.config.upstream import UpstreamDeploymentConfig
+from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.clients.conftest import LiveServer
+from tests.conftest import upstream_settings
+from tests.support.backends import GatedBackend
+from tests.support.logs import LogCapture
+from tests.support.server import ServerThread
 
 DOCUMENTS = ["a red apple", "a car", "apple pie"]
 
@@ -240,3 +247,23 @@ def test_unavailable_is_retried_by_the_channel_not_by_hand(failures: int, succee
         server.stop(0)
 
     assert servicer.calls == min(failures + 1, 4)  # the service config allows 4 attempts
+
+
+def test_a_request_over_grpcs_256_kib_retry_buffer_is_still_retried(
+    upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    """gRPC re-sends only as much of a call as it kept (256 KiB by default): a larger Rerank
+    must still get the policy's 4 attempts, as when a draining pod answers UNAVAILABLE."""
+    settings = upstream_settings(upstream)
+    backend = GatedBackend(UpstreamBackend.from_config(UpstreamDeploymentConfig.from_settings(settings)))
+    with ServerThread(settings, backend=backend, start=False) as harness:
+        harness.start_until_listening()  # the backend is not ready: every Rerank is UNAVAILABLE
+        try:
+            with RerankClient(harness.target, timeout=10) as client, pytest.raises(grpc.RpcError) as caught:
+                client.rerank("q", ["x" * 1000] * 300)  # about 300 KB
+        finally:
+            backend.gate.set()
+        attempts = [call for call in logs.wait_for_calls(4) if call.get("method", "").endswith("/Rerank")]
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(attempts) == 4  # the service config allows 4 attempts

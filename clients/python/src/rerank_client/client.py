@@ -46,6 +46,10 @@ CHANNEL_OPTIONS = (
     # already ranked and billed (return_documents=True over large documents).
     ("grpc.max_receive_message_length", -1),
     ("grpc.max_send_message_length", -1),
+    # gRPC keeps at most this much of a call's request for re-sending (256 KiB by default) and
+    # never retries a larger one; no limit of the client's own here either (-1 would mean none
+    # kept, so INT_MAX), or a large Rerank would get 1 attempt where the policy promises 4.
+    ("grpc.per_rpc_retry_buffer_size", 2**31 - 1),
 )
 
 
