@@ -17,7 +17,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 from rerank_service.config.server import CallConfig
 from rerank_service.core.backend import Backend
-from rerank_service.core.chunking import CallLimits, estimate_tokens, fan_out, split
+from rerank_service.core.chunking import CallLimits, estimate_tokens, fan_out, split, text_bytes
 from rerank_service.core.domain import (
     MAX_TOKENS,
     BackendRequest,
@@ -142,7 +142,7 @@ class RerankEngine:
             )
             chunks = split(scored.query, scored.documents, limits)
             if len(chunks) > 1:  # before any chunk goes out
-                self._check_fan_out(scored, len(chunks))
+                self._check_fan_out(scored, model, len(chunks))
         except BaseException:
             if pin is not None:
                 pin.release()
@@ -242,22 +242,26 @@ class RerankEngine:
         # Tokenizing megabytes takes milliseconds to seconds: off the event loop.
         return await asyncio.to_thread(plan, request, limits, self._max_chunks_per_call)
 
-    def _check_fan_out(self, request: RerankRequest, requests: int) -> None:
+    def _check_fan_out(self, request: RerankRequest, model: ModelInfo, requests: int) -> None:
         """Refuse a split whose requests would carry more than the factor times the call's text.
 
-        Every chunk carries the whole query: a long query with many short documents would
-        turn a small call into many large upstream requests.
+        Every chunk carries the whole query (and instruct, where the model takes one): a long
+        query with many short documents would turn a small call into many large upstream requests.
         """
-        sent = fan_out(request.query, request.instruct, request.documents, requests)
+        # A model that takes no instruction is not sent it (the backend drops it): not counted.
+        instruct = request.instruct if model.supports_instruct else None
+        sent = fan_out(request.query, instruct, request.documents, requests)
         factor = self._max_fanout_factor
         if sent.upstream_bytes > factor * sent.call_bytes:
+            # Name the larger of what goes with every request.
+            field = "instruct" if instruct and text_bytes(instruct) > text_bytes(request.query) else "query"
             raise invalid_argument(
                 [
                     FieldViolation(
-                        "query",
+                        field,
                         f"goes with each of the {requests} upstream requests this call is split into: "
                         f"{sent.upstream_bytes:,} bytes of text in all, over {factor}x the call's "
-                        f"{sent.call_bytes:,} (--max-fanout-factor {factor}); send a shorter query or "
+                        f"{sent.call_bytes:,} (--max-fanout-factor {factor}); send a shorter {field} or "
                         "fewer documents per call",
                     )
                 ]

@@ -159,6 +159,8 @@ def plan(request: RerankRequest, limits: CallLimits, max_chunks: int) -> Plan | 
         if tokens < MIN_CHUNK_TOKENS:
             raise _too_little_room(request, window, tokens)
         _refuse_many_chunks_at_once(documents, tokens, _overlap(request, tokens), max_chunks, window)
+    elif mode is LongDocuments.REJECT:
+        _refuse_crowded_out(request, window)
     layouts: list[DocumentParts | None] = []
     chunks_so_far = 0
     for index, document in enumerate(documents):
@@ -189,6 +191,29 @@ def _too_little_room(request: RerankRequest, window: TokenWindow, tokens: int) -
     elif not asked:
         problem += f": send a shorter {field}"
     return invalid_argument([FieldViolation(field, problem)])
+
+
+def _refuse_crowded_out(request: RerankRequest, window: TokenWindow) -> None:
+    """REJECT where the query (or instruct) leaves a document under MIN_CHUNK_TOKENS of the
+    window, and the caller's max_tokens_per_doc did not narrow it further: refused on what
+    crowds it, as a TRUNCATE call is by the local model (MIN_DOCUMENT_TOKENS), rather than on
+    a document, however short, over the 1 token left (window_tokens)."""
+    room = window.room(request.query, request.instruct)
+    asked = request.max_tokens_per_doc
+    if room >= MIN_CHUNK_TOKENS or (asked is not None and asked < room):
+        return
+    if window.room("", None) < MIN_CHUNK_TOKENS:
+        return  # the window itself is that small (an upstream's, set so): no query crowds it
+    field = _crowding(request, window)
+    raise invalid_argument(
+        [
+            FieldViolation(
+                field,
+                f"leaves {max(room, 0)} tokens of the window for a document; at least "
+                f"{MIN_CHUNK_TOKENS} are needed: send a shorter {field}",
+            )
+        ]
+    )
 
 
 def _crowding(request: RerankRequest, window: TokenWindow) -> str:

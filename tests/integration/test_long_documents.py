@@ -175,6 +175,41 @@ def test_a_local_qwen3_refuses_a_query_too_long_alike_whether_a_document_starts_
     assert [list(field_violations(error)) for error in errors] == [[field]] * 3
 
 
+@pytest.mark.parametrize(
+    ("model", "field"), [("tiny-cross", "query"), ("qwen3", "query"), ("qwen3", "instruct")]
+)
+def test_reject_refuses_a_query_or_instruct_that_fills_the_window_on_it_not_on_a_document(
+    cross_encoder: Path, qwen3: Path, logs: LogCapture, model: str, field: str
+) -> None:
+    # A 600-word query (or instruct) leaves a document no room in the 512-token window: as
+    # TRUNCATE and CHUNK are, REJECT is refused on what fills it, even for a two-word document.
+    words = [word for word in WORDS if word.isalpha()]
+    too_long = " ".join(words[index % len(words)] for index in range(600))
+    asked = {"query": "bread", field: too_long}
+    settings = load_settings(
+        {
+            "backend": "local",
+            "local_models": f"tiny-cross={cross_encoder},qwen3={qwen3}",
+            "device": "cpu",
+            "cache_memory_mb": 0,
+        },
+        env={},
+    )
+    with ServerThread(settings) as server:
+        errors = [
+            expect_error(
+                lambda documents=documents: server.stub.Rerank(  # type: ignore[misc]
+                    request(model=model, documents=documents, long_documents=REJECT, **asked), timeout=60
+                )
+            )
+            for documents in (["bread flour"], ["bread flour " * 400])
+        ]
+
+    assert [code_of(error) for error in errors] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
+    assert [list(field_violations(error)) for error in errors] == [[field]] * 2
+    assert all(f"send a shorter {field}" in details_of(error) for error in errors)
+
+
 # --- an upstream, chunked by the estimate ------------------------------------------------------
 
 LONG = " ".join(["pear plum grape"] * 400)  # 6,400 characters: about 2,134 estimated tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import grpc
@@ -172,6 +173,40 @@ async def test_a_split_sending_over_the_fan_out_factor_upstream_is_refused_befor
     assert "--max-fanout-factor 4" in error.message
     assert refusing.calls == []
     assert len(allowing.calls) == 5
+
+
+class ManyDocumentsBackend(FakeBackend):
+    """FakeBackend whose gte-rerank-v2 (no instruct) takes enough documents to be split often."""
+
+    def models(self) -> list[ModelInfo]:
+        return [dataclasses.replace(model, max_documents=10) for model in MODELS]
+
+
+async def test_the_fan_out_check_does_not_count_an_instruct_the_model_is_not_sent() -> None:
+    # gte-rerank-v2 takes no instruction: it is dropped before the upstream request, so its
+    # 10,000 bytes must not count 5 times. The query and documents alone: 15 bytes for the call's 11.
+    request = make_request(
+        model="gte-rerank-v2", query="q", documents=["d0", "d1", "d2", "d3", "d4"], instruct="i" * 10_000
+    )
+    backend = ManyDocumentsBackend(limits=CallLimits(max_documents=1))
+
+    outcome = await make_engine(backend, max_fanout_factor=2).rerank(request, CallContext())
+
+    assert len(outcome.results) == 5
+    assert len(backend.calls) == 5
+
+
+async def test_a_fan_out_refused_for_a_long_instruct_names_the_instruct() -> None:
+    # qwen3-rerank is sent the instruct with each of the 5 requests: it, not the 1-byte query,
+    # takes the split over the factor (515 bytes for the call's 111).
+    request = make_request(query="q", documents=["d0", "d1", "d2", "d3", "d4"], instruct="i" * 100)
+    backend = FakeBackend(limits=CallLimits(max_documents=1))
+
+    error = await rerank_error(make_engine(backend, max_fanout_factor=4), request)
+
+    assert fields(error) == ["instruct"]
+    assert "send a shorter instruct or fewer documents" in error.violations[0].description
+    assert backend.calls == []
 
 
 async def test_an_unsplit_call_is_never_refused_for_its_fan_out() -> None:

@@ -484,6 +484,42 @@ def test_chunk_under_a_route_window_too_small_to_chunk_names_the_setting_not_the
     assert plan(dataclasses.replace(request, max_tokens_per_doc=8), limits, 1000) is not None
 
 
+class SharedWordWindow(WordWindow):
+    """A local model's window of one token per word, shared with the query and instruct."""
+
+    def room(self, query: str, instruct: str | None) -> int:
+        return self.tokens - len(query.split()) - len((instruct or "").split())
+
+
+@pytest.mark.parametrize(
+    ("query", "instruct", "field"),
+    [("q " * 30, None, "query"), ("q " * 600, None, "query"), ("q", "i " * 30, "instruct")],
+)
+def test_reject_where_the_query_or_instruct_fills_the_window_names_it_not_a_document(
+    query: str, instruct: str | None, field: str
+) -> None:
+    # The window of 32 leaves 2 tokens beside a 30-word query (or instruct), none beside a
+    # 600-word one: too little for any document, even a two-word one.
+    limits = CallLimits(window=SharedWordWindow(32))
+    for documents in (["bread flour"], ["bread flour " * 400]):
+        request = RerankRequest("m", query, documents, instruct=instruct, long_documents=LongDocuments.REJECT)
+        with pytest.raises(ServiceError) as refused:
+            plan(request, limits, 1000)
+
+        [violation] = refused.value.violations
+        assert violation.field == field
+        assert f"send a shorter {field}" in violation.description
+
+
+def test_reject_under_the_callers_own_max_tokens_per_doc_names_the_document() -> None:
+    request = RerankRequest(
+        "m", "q " * 20, ["bread flour " * 10], max_tokens_per_doc=4, long_documents=LongDocuments.REJECT
+    )
+    with pytest.raises(ServiceError) as refused:  # the query leaves 12: the caller asked for 4
+        plan(request, CallLimits(window=SharedWordWindow(32)), 1000)
+    assert [v.field for v in refused.value.violations] == ["documents[0]"]
+
+
 # --- flags ---------------------------------------------------------------------------------------
 
 
