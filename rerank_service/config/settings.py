@@ -716,7 +716,8 @@ class Settings:
         default=10,
         description="a call split into several upstream requests may send at most this many times its "
         "own text (each request carries the whole query, and the instruct where the model takes one): "
-        "past it the call is refused with INVALID_ARGUMENT before any request goes out. A call sent in one request is never refused",
+        "past it the call is refused with INVALID_ARGUMENT before any request goes out. A call sent "
+        "in one request is never refused",
     )
     stream_idle_timeout: Seconds = Field(
         default=60.0,
