@@ -7,6 +7,7 @@ there is one, in 4 bytes, or 8 for a count that does not fit in 4.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import NamedTuple
 
@@ -37,15 +38,20 @@ def pack(entry: CachedScore) -> bytes:
 
 
 def unpack(data: bytes, offset: int = 0) -> CachedScore | None:
-    """The entry packed in `data` from `offset` to its end; None when it is not one (a foreign
-    or damaged value reads as a miss, never as a score)."""
+    """The entry packed in `data` from `offset` to its end; None when it cannot be one: a
+    value of another size, or whose score is not a finite number, reads as a miss. (Bytes
+    of an entry's size that read as a finite number cannot be told from an entry.)"""
     size = len(data) - offset
+    tokens: int | None = None
     if size == _SCORE.size:
-        return CachedScore(_SCORE.unpack_from(data, offset)[0])
-    if size == _SCORE_TOKENS32.size:
+        score = _SCORE.unpack_from(data, offset)[0]
+    elif size == _SCORE_TOKENS32.size:
         score, tokens = _SCORE_TOKENS32.unpack_from(data, offset)
-        return CachedScore(score, tokens)
-    if size == _SCORE_TOKENS64.size:
+    elif size == _SCORE_TOKENS64.size:
         score, tokens = _SCORE_TOKENS64.unpack_from(data, offset)
-        return CachedScore(score, tokens)
-    return None
+    else:
+        return None
+    # Any 8, 12 or 16 bytes unpack: a NaN or an infinity is no score a backend gave, so
+    # such bytes were written by something else. (Not held to [0, 1]: only the upstream
+    # answers are checked so; a local model's scores are stored as it gave them.)
+    return CachedScore(score, tokens) if math.isfinite(score) else None

@@ -6,6 +6,7 @@ real HTTPS fake upstream, with certificates the test makes, shows which CA is tr
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import ssl
 import tracemalloc
@@ -420,6 +421,80 @@ async def test_a_failures_status_comes_through_whatever_its_body(
     reply = await call(transports(upstream.url))
 
     assert (reply.status, reply.content) == (503, b"")
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(status=400, body={"code": "InvalidParameter", "message": "bad"}, reset_after_bytes=5),
+        Fault(
+            status=422, body={"code": "InvalidParameter", "message": "bad"}, reset_after_bytes=5, chunked=True
+        ),
+        Fault(status=503, gzip=True, chunked=True, reset_after_bytes=20),
+    ],
+    ids=["400 content-length", "422 chunked", "503 chunked gzip"],
+)
+async def test_a_failures_status_comes_through_when_the_connection_resets_mid_body(
+    transports: Transports, upstream: FakeUpstream, fault: Fault
+) -> None:
+    """ERRORS.md: for an error status, its status decides, whatever its body; a body cut
+    short is no unreachable upstream (that would be retried, and fall back)."""
+    upstream.always(fault)
+
+    reply = await call(transports(upstream.url))
+
+    assert (reply.status, reply.content) == (fault.status, b"")
+    assert len(upstream.requests) == 1
+
+
+class CutBodyServer:
+    """A raw HTTP/1.1 server that answers each request with `head` and the first bytes of
+    its body, then closes the connection (a FIN, not a reset): a body cut short."""
+
+    def __init__(self, head: bytes, sent: bytes) -> None:
+        self.answer = head + sent
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+            self.requests += 1
+            writer.write(self.answer)
+            await writer.drain()
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "sent"),
+    [
+        (
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 60\r\n\r\n",
+            b'{"co',
+        ),
+        (b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n", b'3c\r\n{"co'),
+        (b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 60\r\nretry-after: 7\r\n\r\n", b""),
+    ],
+    ids=["content-length", "chunked", "no byte of the body"],
+)
+async def test_a_failures_status_comes_through_when_the_connection_closes_mid_body(
+    transports: Transports, head: bytes, sent: bytes
+) -> None:
+    server = CutBodyServer(head, sent)
+    try:
+        reply = await call(transports(await server.start()))
+
+        assert (reply.status, reply.content) == (int(head[9:12]), b"")
+        assert server.requests == 1
+    finally:
+        assert server.server is not None
+        server.server.close()
 
 
 @pytest.mark.parametrize(

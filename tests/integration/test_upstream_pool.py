@@ -13,13 +13,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from rerank_service.backends.upstream.client import budget
+from rerank_service.backends.upstream import UpstreamBackend
+from rerank_service.backends.upstream.client import budget, exchange
 from rerank_service.backends.upstream.client.connections import PHASE, Phase
 from rerank_service.backends.upstream.client.transport import MAX_RESPONSE_BYTES, UpstreamTransport
 from rerank_service.backends.upstream.retry import judge
-from rerank_service.core.domain import ServiceError
+from rerank_service.config.upstream import UpstreamDeploymentConfig
+from rerank_service.core.domain import BackendRequest, CallContext, ServiceError
 from rerank_service.core.health import Outcome
 from rerank_service.testing.fake_upstream import NATIVE_PATH, NEVER, FakeUpstream, Fault
+from tests.conftest import upstream_settings
 from tests.support.certs import CertificateAuthority
 from tests.support.raw_http import RawHttpServer
 from tests.support.waiting import wait_until_async
@@ -396,11 +399,17 @@ async def test_an_https_upstream_reuses_its_tls_connection(transports: Transport
 class ClosingServer:
     """A raw HTTP/1.1 server that answers each connection's first request and closes the
     connection on the second without answering: an idle connection whose keep-alive ran
-    out on the server's side just as the client sent on it."""
+    out on the server's side just as the client sent on it.
 
-    def __init__(self) -> None:
+    `held`: seconds it works on a request it will not answer before closing (then it is no
+    close crossing the request: the request killed it). `answers`: how many requests it
+    answers in all, the first of each connection (None: no bound)."""
+
+    def __init__(self, held: float = 0.0, answers: int | None = None) -> None:
         self.requests = 0
         self.connections = 0
+        self.held = held
+        self.answers = answers
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -413,7 +422,8 @@ class ClosingServer:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 self.requests += 1
-                if answered:
+                if answered or self.answers == 0:
+                    await self._hold()
                     break  # closed without a word
                 length = next(
                     int(line.split(b":")[1])
@@ -426,15 +436,25 @@ class ClosingServer:
                 )
                 await writer.drain()
                 answered = True
+                if self.answers is not None:
+                    self.answers -= 1
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
 
+    async def _hold(self) -> None:
+        """Wait until more than `held` seconds passed since the request came, on the clock
+        the client reads (it sent the request before then): no margin to guess."""
+        until = time.monotonic() + self.held
+        await wait_until_async(lambda: time.monotonic() > until)
+
 
 async def test_a_reused_connection_closed_without_an_answer_is_retried_once_on_a_fresh_one(
-    transports: Transports,
+    transports: Transports, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The close comes at once; however slow this machine, it is taken for a stale connection.
+    monkeypatch.setattr(exchange, "_STALE_CLOSE_WINDOW", 60.0)
     closing = ClosingServer()
     transport = transports(1, url=await closing.start())
     try:
@@ -443,6 +463,57 @@ async def test_a_reused_connection_closed_without_an_answer_is_retried_once_on_a
 
         assert (closing.requests, closing.connections) == (3, 2)
     finally:
+        closing.server.close()
+
+
+async def test_a_reused_connection_closed_after_the_upstream_held_the_request_is_not_resent(
+    transports: Transports,
+) -> None:
+    """A close that comes later than one already on its way when the request went out is
+    the upstream's doing with the request: resent at once, uncounted, one call would reach
+    it more times than --upstream-max-attempts. The retry policy decides instead."""
+    closing = ClosingServer(held=exchange._STALE_CLOSE_WINDOW)
+    transport = transports(1, url=await closing.start())
+    try:
+        assert await post(transport) == 200
+
+        with pytest.raises(ServiceError) as caught:
+            await post(transport)
+
+        assert caught.value.reason == "UPSTREAM_UNAVAILABLE"  # which the retry policy retries
+        assert (closing.requests, closing.connections) == (2, 1)
+    finally:
+        closing.server.close()
+
+
+async def test_a_request_the_upstream_closes_on_is_sent_at_most_max_attempts_times(
+    upstream: FakeUpstream,
+) -> None:
+    """OPERATIONS.md: at most --upstream-max-attempts attempts, a kept-alive connection's
+    included: an upstream that works on a request, then closes without answering, gets it
+    three times (the first call left a kept-alive connection)."""
+    closing = ClosingServer(held=exchange._STALE_CLOSE_WINDOW, answers=1)
+    url = await closing.start()
+    settings = upstream_settings(
+        upstream, upstream_url=url, upstream_max_attempts=3, upstream_retry_backoff=0.01
+    )
+    backend = UpstreamBackend.from_config(UpstreamDeploymentConfig.from_settings(settings))
+    await backend.start()
+    request = BackendRequest(
+        model="qwen3-rerank", query="a b", documents=["a b c"], instruct=None, top_n=None
+    )
+    try:
+        with pytest.raises(ServiceError):  # the one answer is no rerank answer: never mind
+            await backend.rerank(request, CallContext())
+        assert closing.requests == 1
+
+        with pytest.raises(ServiceError) as caught:
+            await backend.rerank(request, CallContext())
+
+        assert caught.value.reason == "UPSTREAM_UNAVAILABLE"
+        assert closing.requests - 1 == 3
+    finally:
+        await backend.close()
         closing.server.close()
 
 

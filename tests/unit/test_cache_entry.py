@@ -16,7 +16,7 @@ def bits(value: float) -> bytes:
     return struct.pack("<d", value)
 
 
-@given(st.floats(allow_nan=False), st.one_of(st.none(), st.integers(0, 2**63 - 1)))
+@given(st.floats(allow_nan=False, allow_infinity=False), st.one_of(st.none(), st.integers(0, 2**63 - 1)))
 def test_a_packed_entry_reads_back_exactly(score: float, tokens: int | None) -> None:
     back = unpack(pack(CachedScore(score, tokens)))
     assert back is not None
@@ -45,6 +45,16 @@ def test_a_value_of_another_size_is_no_entry() -> None:
     assert unpack(b"") is None
     assert unpack(b"\0" * 9) is None
     assert unpack(b"not a packed score at all") is None
+
+
+@pytest.mark.parametrize("score", [math.nan, -math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("tokens", [None, 7, 2**40])
+def test_a_value_whose_score_is_not_finite_is_no_entry(score: float, tokens: int | None) -> None:
+    """Bytes of an entry's size read as a miss unless their score is a finite number: no
+    backend gives a NaN or an infinity, so such a value is foreign or damaged."""
+    packed = pack(CachedScore(score, tokens))
+    assert unpack(packed) is None
+    assert unpack(b"prefix.." + packed, 8) is None
 
 
 def test_unpack_reads_from_an_offset() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 
@@ -71,11 +73,11 @@ async def exchange(
             return UpstreamReply(status, response.headers, b"")
         try:
             body = await _body(response, limit)
-        except (ResponseTooLarge, UndecodableBody):
+        except (ResponseTooLarge, UndecodableBody, *_CUT_SHORT):
             if 200 <= status < 300:
                 raise
             # A failure's status says what happened (a 503 is worth a retry) whatever its
-            # body: one too large or broken only loses the upstream's message.
+            # body: one too large, broken or cut short only loses the upstream's message.
             body = b""
         return UpstreamReply(status, response.headers, body)
 
@@ -94,6 +96,12 @@ async def _body(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return await read_body(response.content.iter_any(), coding, limit)
 
 
+# What reading a body the connection cut short raises: readexactly's IncompleteReadError,
+# aiohttp's payload errors (a Content-Length or chunk not filled) or connection errors (a
+# reset). A timeout is none of these: it is the attempt's budget, not the body's fault.
+_CUT_SHORT = (asyncio.IncompleteReadError, aiohttp.ClientError)
+
+
 def _never_has_a_body(status: int) -> bool:
     """1xx, 204 and 304 answers end with their headers (RFC 9110 6.4.1)."""
     return status < 200 or status in (204, 304)
@@ -106,20 +114,32 @@ async def _send(
     just as it was taken (its close still on the way: keep-alive timeouts cross like this)
     fails at once without an answer: then the request is sent once more (the pool has
     dropped that connection). A fresh connection that fails so is the upstream's failure,
-    not retried, and neither is a second failure.
+    not resent here (the retry policy decides), and neither is a second failure, nor a
+    close that came too late to have been on its way already (_STALE_CLOSE_WINDOW).
 
     A redirect is never followed: that would send the caller's query and documents
     wherever its Location says (another host, plain http), or turn the POST into a GET.
     The 3xx comes back as it is, an unexpected status (errors.py)."""
     REUSED.set(False)
     PHASE.set(Phase.EXCHANGE)
+    sent = time.monotonic()
     try:
         return await _post(session, route, url, content, headers)
     except aiohttp.ServerDisconnectedError:
-        if not REUSED.get():
+        if not REUSED.get() or time.monotonic() - sent > _STALE_CLOSE_WINDOW:
             raise
     REUSED.set(False)
     return await _post(session, route, url, content, headers)
+
+
+# Seconds after sending within which a kept-alive connection closed without an answer is
+# taken for one the upstream closed while idle, before the request reached it. A close
+# already on its way when the request went out arrives within about a round trip; one
+# that comes later is most likely the upstream's own doing with the request (it worked
+# on it, then its worker died): resent at once and uncounted, one call would reach it
+# more times than --upstream-max-attempts. That failure is left to the retry policy,
+# which counts it; so is the rare stale close slower than this (a far upstream).
+_STALE_CLOSE_WINDOW = 0.25
 
 
 def _post(
