@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service import __version__
-from rerank_service.config import ConfigError, Settings, add_serve_arguments, load_settings
+from rerank_service.config import ConfigError, Settings, add_serve_arguments, ca_bundle, load_settings
 from rerank_service.config.file_trust import flush_held_warnings
 from rerank_service.config.secret import UnreadableKeyFile, file_named, read_key_file, url_named
 from rerank_service.observability.logging import configure_logging
@@ -126,7 +126,7 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     keys = parser.add_mutually_exclusive_group()
     keys.add_argument(
         "--api-key-file",
-        type=Path,
+        type=str,  # the text as given, for errors: a Path drops a leading ./ (secret.file_named)
         default=None,
         help="file holding the bearer key to send (default: env RERANK_API_KEY)",
     )
@@ -179,22 +179,32 @@ def _timeout(value: str) -> float:
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    """A channel to the server: plaintext, or TLS when any TLS flag is given."""
+    """A channel to the server: plaintext, or TLS when any TLS flag is given. The TLS files
+    are checked first as serve checks its own (config/tls_files.py): grpc would report a
+    file that is no PEM only as UNAVAILABLE after several lines of its own log, which from
+    `health` as a probe reads as a server down."""
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("tls-cert and tls-key go together: set both to send a client certificate")
     if not (args.tls or args.tls_ca or args.tls_cert):
         return grpc.insecure_channel(args.target)
+    from rerank_service.config.server import TlsConfig  # late: `rerank --help` stays fast
+    from rerank_service.config.tls_files import read_tls
+
+    root = None  # None: the system's CAs
+    if args.tls_ca is not None:
+        ca_bundle(args.tls_ca, "tls_ca")  # as serve checks its tls-client-ca; the error names tls-ca
+        root = _read_pem("tls-ca", args.tls_ca)
+    # tls-cert and tls-key, read and checked as serve's: PEM, a pair, not encrypted.
+    client = read_tls(TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=None))
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read_pem("tls-ca", args.tls_ca),  # None: the system's CAs
-        private_key=_read_pem("tls-key", args.tls_key),
-        certificate_chain=_read_pem("tls-cert", args.tls_cert),
+        root_certificates=root,
+        private_key=client.key if client else None,
+        certificate_chain=client.cert if client else None,
     )
     return grpc.secure_channel(args.target, credentials)
 
 
-def _read_pem(name: str, path: Path | None) -> bytes | None:
-    if path is None:
-        return None
+def _read_pem(name: str, path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -259,7 +269,7 @@ def _chosen_key(args: argparse.Namespace) -> tuple[str | None, str]:
     return os.environ.get("RERANK_API_KEY"), "RERANK_API_KEY"
 
 
-def _read_key_file(path: Path) -> str:
+def _read_key_file(path: str) -> str:
     """The key in `path`, as the server reads a key file (secret.read_key_file: a path is
     named only when it reads as one, so a key pasted where the file goes is not repeated)."""
     try:
@@ -324,7 +334,8 @@ def _health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as exc:
-            return _print_rpc_error(exc)
+            # The health service answers a name it does not know NOT_FOUND with no details.
+            return _print_rpc_error(exc, not_found=f"no health service named {args.service!r}")
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(status)
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
@@ -387,7 +398,6 @@ def _check_start_up_files(settings: Settings) -> None:
     the local backend, the usage log's place (not created here), the Redis CA bundles, and
     tracing's OTEL_* settings (its exporter made, then shut down unused)."""
     from rerank_service.api.grpc.tls import server_credentials
-    from rerank_service.config import ca_bundle
     from rerank_service.config.server import ServerConfig
     from rerank_service.pipeline.usage import check_usage_log
     from rerank_service.workers import check_workers
@@ -445,9 +455,12 @@ def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_rpc_error(exc: grpc.RpcError) -> int:
+def _print_rpc_error(exc: grpc.RpcError, not_found: str = "") -> int:
+    """Print the call's status in one line; `not_found`: what a NOT_FOUND without details means."""
     # Errors raised by a call are also grpc.Call objects, with a code and details.
     code = getattr(exc, "code", lambda: None)()
     details = getattr(exc, "details", lambda: str(exc))()
+    if code == grpc.StatusCode.NOT_FOUND and not details and not_found:
+        details = not_found
     print(f"error: {code.name if code else 'UNKNOWN'}: {details}", file=sys.stderr)
     return 1

@@ -81,12 +81,15 @@ class UnreadableKeyFile(ValueError):
     the path only as `file_named` shows it)."""
 
 
-def read_key_file(path: Path) -> str:
+def read_key_file(path: Path | str) -> str:
     """The text of a file holding keys, or UnreadableKeyFile saying why not; a file others
-    may read, or reached through a symlink, is used with a warning (config/file_trust.py)."""
+    may read, or reached through a symlink, is used with a warning (config/file_trust.py).
+    Give the path as the user wrote it where there is that text: an error names it by that
+    text (file_named), and a Path has already dropped a leading `./`."""
+    file = Path(path)
     try:
         # utf-8-sig: a byte-order mark some editors write would become part of the first key.
-        text = path.read_text(encoding="utf-8-sig")
+        text = file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL byte in the path
         if isinstance(exc, OSError):
             reason = exc.strerror or "cannot read it"
@@ -95,11 +98,11 @@ def read_key_file(path: Path) -> str:
         else:
             reason = "not a file path (it holds a NUL byte)"
         raise UnreadableKeyFile(f"{file_named(path)}: {reason}") from None
-    warn_if_key_exposed(path, "key file")
+    warn_if_key_exposed(file, "key file")
     return text
 
 
-def read_keys(path: Path) -> list[str]:
+def read_keys(path: Path | str) -> list[str]:
     """The keys of a file holding several, one a line (blank lines and lines starting with #
     left out), or UnreadableKeyFile saying why not. A key holds no space: a line that does
     is refused, as a comment after a key would silently become part of it."""
@@ -136,7 +139,8 @@ def file_named(path: Path | str) -> str:
     pasted where its file goes must not be repeated. ./ ../ ~/ start no key ('.' and '~' are
     no base64 character), but '/' starts one base64 key in 64: an absolute path is repeated
     only when its first directory exists (/run/..., /etc/...), which a key's first part all
-    but never names."""
+    but never names. Pass the text the user wrote: str(Path("./keys")) is "keys", which is
+    not repeated."""
     text = str(path)
     if "\0" in text:
         return "(a relative path, not repeated)"

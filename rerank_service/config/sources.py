@@ -261,9 +261,14 @@ def _secrets(args: Mapping[str, Any], env: Mapping[str, str], file: Layer) -> La
         candidates += [(name, env.get(name), name.endswith("_FILE")) for name in keys.env]
         candidates.append((file.origins.get(keys.file_key, ""), file.values.get(keys.file_key), True))
         for origin, raw, is_file in candidates:
-            if raw is None or not str(raw).strip():
+            # Only an absent or empty source is unset: one of blanks alone (a Secret's value
+            # that is just a newline) is set, and refused below, rather than auth left off.
+            if raw is None or raw == "":
                 continue
-            found = _read_keys(keys, str(raw).strip(), is_file, origin)
+            text = str(raw).strip()
+            if is_file and not text:
+                raise ConfigError(f"{origin} is set but names no file (it is blank)")
+            found = _read_keys(keys, text, is_file, origin)
             if not found:  # a key source that holds no key must not silently switch auth off
                 raise ConfigError(f"{origin} is set but holds no key")
             values[option.name] = tuple(found) if keys.several else found[0]
@@ -281,8 +286,9 @@ def _read_keys(keys: KeySources, raw: str, is_file: bool, origin: str) -> list[S
     named = "" if origin == keys.file_flag else f" (from {origin})"
     try:
         if keys.several:
-            return [Secret(key) for key in read_keys(Path(raw))]
-        text = read_key_file(Path(raw)).strip()
+            # The text as given, not a Path: an error names a `./` path (secret.file_named).
+            return [Secret(key) for key in read_keys(raw)]
+        text = read_key_file(raw).strip()
     except UnreadableKeyFile as exc:
         raise ConfigError(f"{keys.file_flag.removeprefix('--')} {exc}{named}") from None
     # One key, sent upstream in a header: a comment line after it would make every call fail.

@@ -569,7 +569,8 @@ def test_caller_keys_come_from_the_file_flag_then_the_variables_then_the_config_
     everything = {"RERANK_API_KEYS": "from-env", "RERANK_API_KEYS_FILE": str(tmp_path / "env-file")}
     assert keys({"api_keys_file": str(tmp_path / "flag")}, **everything) == ["from-flag"]
     assert keys({}, **everything) == ["from-env"]
-    assert keys({}, RERANK_API_KEYS=" ", RERANK_API_KEYS_FILE=str(tmp_path / "env-file")) == ["from-env-file"]
+    # Empty counts as unset; blanks alone do not (tests/unit/test_blank_key_sources.py).
+    assert keys({}, RERANK_API_KEYS="", RERANK_API_KEYS_FILE=str(tmp_path / "env-file")) == ["from-env-file"]
     assert keys({}) == ["from-config"]
     assert load({"config": path}, **up).sources["api_keys"] == f"api_keys_file in {path}"
 
@@ -597,7 +598,7 @@ def test_the_upstream_key_comes_from_its_variable_then_its_file_then_dashscope_a
         UPSTREAM_KEY,
         "RERANK_UPSTREAM_API_KEY_FILE",
     )
-    assert key(RERANK_UPSTREAM_API_KEY="  ", DASHSCOPE_API_KEY="sk-ds") == ("sk-ds", "DASHSCOPE_API_KEY")
+    assert key(RERANK_UPSTREAM_API_KEY="", DASHSCOPE_API_KEY="sk-ds") == ("sk-ds", "DASHSCOPE_API_KEY")
 
 
 @pytest.mark.parametrize(
