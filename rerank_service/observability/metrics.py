@@ -43,6 +43,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from rerank_service.core.domain import DeploymentState
 from rerank_service.observability.admission_metrics import AdmissionMetrics
 from rerank_service.observability.cache_metrics import CacheMetrics
 from rerank_service.observability.caller_metrics import CallerMetrics
@@ -63,6 +64,12 @@ QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 
 # The `method` label of stream items: each item is a rerank of its own, counted as a call.
 STREAM_ITEM_METHOD = "RerankStream/item"
+
+# rerank_upstream_retries_total's reasons: the labels retry.judge gives a retryable failure
+# (its RETRYABLE_HTTP_STATUSES and "unreachable"; a test checks they agree).
+UPSTREAM_RETRY_REASONS = ("429", "502", "503", "504", "unreachable")
+# rerank_deployment_ejections_total's states: those a deployment is ejected into.
+EJECTION_STATES = (DeploymentState.EJECTED.value, DeploymentState.DOWN.value)
 
 
 class Metrics:
@@ -242,6 +249,10 @@ class Metrics:
         self._methods: dict[str, MethodMetrics] = {}
         self._upstream_statuses: dict[int | str, Counter] = {}
         self._retries: dict[str, Counter] = {}
+        # Each retry reason is 0 from the start: a series born at 1 on the first retry reads
+        # as no increase, and the dashboard would miss that one (so for fallbacks and ejections).
+        for reason in UPSTREAM_RETRY_REASONS:
+            _child(self._retries, self.upstream_retries, reason)
         self._fallbacks: dict[str, Counter] = {}
         self._budgets_spent: dict[str, Counter] = {}
         self._members: set[tuple[str, str]] = set()  # (route, deployment) set to 1
@@ -295,6 +306,7 @@ class Metrics:
             # Each route's refused fallbacks are 0 from now: a series born at 1 on its first
             # refusal would read as no increase, and the alert on it would miss that one.
             _child(self._budgets_spent, self.route_budget_exhausted, route)
+            _child(self._fallbacks, self.route_fallbacks, route)
         self._members = set(members)
 
     def count_fallback(self, route: str) -> None:
@@ -333,7 +345,7 @@ def _child(children: dict[str, Counter], family: Counter, label: str) -> Counter
 class DeploymentMetrics:
     """One deployment's metric children, bound once per route and outcome."""
 
-    __slots__ = ("_calls", "_latency", "_metrics", "_retired", "_state", "name")
+    __slots__ = ("_calls", "_ejections", "_latency", "_metrics", "_retired", "_state", "name")
 
     def __init__(self, metrics: Metrics, name: str) -> None:
         self.name = name
@@ -342,6 +354,7 @@ class DeploymentMetrics:
         self._retired = False
         self._calls: dict[tuple[str, grpc.StatusCode | None], Counter] = {}
         self._latency: dict[str, Histogram] = {}
+        self._ejections: dict[str, Counter] = {}
 
     def finished(self, route: str, code: grpc.StatusCode | None, seconds: float) -> None:
         """One backend call ended: `code` None for a success."""
@@ -361,8 +374,19 @@ class DeploymentMetrics:
         """The deployment is now in `state`, whose gauge value is `level` (0: healthy)."""
         if state == self._state or self._retired:
             return
+        if not self._ejections:
+            # Its first state, written once a router serves it: each ejection series is 0
+            # from now, as a series born at 1 on the first ejection would read as no increase
+            # (the dashboard's Ejections panel would miss the one an operator looks for).
+            for ejected in EJECTION_STATES:
+                self._ejections[ejected] = self._metrics.deployment_ejections.labels(self.name, ejected)
         if level:
-            self._metrics.deployment_ejections.labels(self.name, state).inc()
+            ejections = self._ejections.get(state)
+            if ejections is None:
+                ejections = self._ejections[state] = self._metrics.deployment_ejections.labels(
+                    self.name, state
+                )
+            ejections.inc()
         self._state = state
         self._metrics.deployment_state.labels(self.name).set(level)
 

@@ -16,11 +16,15 @@ from typing import TextIO, cast
 import grpc
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from rerank_service.backends.local.batcher import MicroBatcher
+from rerank_service.backends.upstream import errors
 from rerank_service.backends.upstream.client.transport import UpstreamTransport, transport_failure
+from rerank_service.backends.upstream.retry import RETRYABLE_HTTP_STATUSES, judge
+from rerank_service.core.domain import ServiceError
 from rerank_service.observability.logging import configure_logging, get_logger
-from rerank_service.observability.metrics import Metrics, code_name
+from rerank_service.observability.metrics import UPSTREAM_RETRY_REASONS, Metrics, code_name
 from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
 from rerank_service.observability.metrics_multiprocess import multiprocess_registry, worker_exited
 from rerank_service.observability.request_id import bind_request_id, new_request_id, unbind_request_id
@@ -124,6 +128,49 @@ def test_fallbacks_and_spent_budgets_are_counted_by_route(metrics: Metrics) -> N
     metrics.count_retry_budget_exhausted("route-a")
     assert value(metrics, "rerank_route_fallbacks_total", route="route-a") == 2
     assert value(metrics, "rerank_route_retry_budget_exhausted_total", route="route-a") == 1
+
+
+def exposition(registry: CollectorRegistry) -> list[str]:
+    """The /metrics lines of `registry`, as a scrape reads them."""
+    return generate_latest(registry).decode().splitlines()
+
+
+def test_a_served_deployment_s_ejections_and_its_route_s_fallbacks_start_at_0(metrics: Metrics) -> None:
+    # A counter series born at 1 reads as no increase: the dashboard's Ejections panel and
+    # the fallbacks and retries graph would miss the first event, the one looked for.
+    metrics.set_route_members({("route-a", "dep-a")})
+    metrics.for_deployment("dep-a").set_state("healthy", 0)  # a router serves it (adopt)
+
+    lines = exposition(metrics.registry)
+    assert 'rerank_deployment_ejections_total{deployment="dep-a",state="ejected"} 0.0' in lines
+    assert 'rerank_deployment_ejections_total{deployment="dep-a",state="down"} 0.0' in lines
+    assert 'rerank_route_fallbacks_total{route="route-a"} 0.0' in lines
+    for reason in ("429", "502", "503", "504", "unreachable"):
+        assert f'rerank_upstream_retries_total{{reason="{reason}"}} 0.0' in lines
+
+
+def test_the_retry_reasons_at_0_are_those_a_retryable_failure_is_counted_under() -> None:
+    assert set(UPSTREAM_RETRY_REASONS) == {str(status) for status in RETRYABLE_HTTP_STATUSES} | {
+        judge(ServiceError(grpc.StatusCode.UNAVAILABLE, "refused", reason=errors.UNAVAILABLE), False).label
+    }
+
+
+def test_a_deployment_s_first_ejection_counts_from_0_and_a_replacement_keeps_the_count(
+    metrics: Metrics,
+) -> None:
+    first = metrics.for_deployment("dep-a")
+    first.set_state("healthy", 0)
+    assert (
+        metrics.registry.get_sample_value(
+            "rerank_deployment_ejections_total", {"deployment": "dep-a", "state": "down"}
+        )
+        == 0
+    )
+    first.set_state("down", 2)
+    first.retire(replaced=True)
+    metrics.for_deployment("dep-a").set_state("healthy", 0)  # a reload's successor of its name
+    assert value(metrics, "rerank_deployment_ejections_total", deployment="dep-a", state="down") == 1
+    assert value(metrics, "rerank_deployment_ejections_total", deployment="dep-a", state="ejected") == 0
 
 
 @pytest.mark.parametrize(
