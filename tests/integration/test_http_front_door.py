@@ -14,6 +14,7 @@ import json
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -669,6 +670,43 @@ def test_every_route_serves_local_models_as_grpc_does(
 
 
 # --- SIGTERM ---------------------------------------------------------------------------------
+
+
+def test_a_call_in_flight_when_the_drain_begins_is_answered_with_connection_close(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    """The drain closes each connection once its call is answered: the answer says so, and
+    the client opens a new connection for its next call instead of sending that POST (which
+    clients do not resend) down one about to close."""
+    release = threading.Event()
+
+    def held(answer: Json) -> Json:
+        assert release.wait(30), "the test never released the upstream"
+        return answer
+
+    with serve(http_port=0) as server, httpx.Client(base_url=http_url(server), timeout=30) as client:
+        assert server.server is not None
+        assert server.server.http is not None
+        assert server.server.http.port is not None
+        port = server.server.http.port
+        before = client.post(NATIVE, json=body_for("native"))
+        upstream.inject(Fault(mutate=held))
+        with ThreadPoolExecutor(1) as pool:
+            # On the connection the first call left open: kept alive, not closed.
+            in_flight = pool.submit(client.post, NATIVE, json=body_for("native"))
+            wait_until(lambda: upstream.in_flight == 1, what="the call waiting on the upstream")
+            stopping = server.begin(server.server.stop())
+            wait_until(lambda: refuses_connections(port), what="the HTTP listener closed as the drain starts")
+            release.set()
+            during = in_flight.result(timeout=30)
+        stopping.result(timeout=30)
+        server.server.port = None  # stopped: the fixture need not stop it again
+
+    assert before.status_code == 200
+    assert before.headers.get("connection") != "close"
+    assert during.status_code == 200, during.text
+    assert len(results_of("native", during.json())) == len(DOCUMENTS)
+    assert during.headers.get("connection") == "close"
 
 
 def test_sigterm_lets_http_calls_in_flight_finish_refuses_new_ones_and_exits_zero(

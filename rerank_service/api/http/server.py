@@ -13,7 +13,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import cast
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from rerank_service.api.http.app import SERVER_NAME, FrontDoor
 from rerank_service.config.server import HttpConfig, TlsConfig
@@ -327,14 +327,17 @@ class HttpServer:
         self._tls = tls
         self._shutdown_grace = shutdown_grace
         self._runner: web.AppRunner | None = None
+        self._draining = False
         self._renewing: asyncio.Task[None] | None = None  # keep_renewed, with TLS
         self.port: int | None = None
         self.gate: ConnectionGate | None = None
 
     async def start(self) -> int:
         assert self._config.port is not None
+        application = self._front_door.application()
+        application.on_response_prepare.append(self._close_when_draining)
         self._runner = web.AppRunner(
-            self._front_door.application(),
+            application,
             handle_signals=False,  # the gRPC server's loop owns SIGTERM and SIGINT
             access_log=None,  # the front door logs each call itself, once
             shutdown_timeout=self._shutdown_grace,
@@ -377,9 +380,20 @@ class HttpServer:
         )
         return self.port
 
+    async def _close_when_draining(self, request: web.Request, response: web.StreamResponse) -> None:
+        # Draining, the connection is closed once its call is answered: said in the answer,
+        # a client opens a new connection for its next call (elsewhere, once this process is
+        # out of the load balancer) instead of sending it down one about to close, where a
+        # POST, which clients do not resend, would fail with a broken pipe.
+        if self._draining:
+            response.force_close()
+            # aiohttp writes its Connection header before this hook runs: set here too.
+            response.headers[hdrs.CONNECTION] = "close"
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let requests in flight finish within `grace` seconds (None:
-        --shutdown-grace), close."""
+        --shutdown-grace), close. From now on every answer says `Connection: close`."""
+        self._draining = True
         if self._renewing is not None:
             self._renewing.cancel()
             self._renewing = None

@@ -341,7 +341,14 @@ class UpstreamBackend:
                 spans.append((started, time.perf_counter()))
             if span is not None:
                 span.set("http.response.status_code", reply.status)
-            return self._answer(reply, request, token)
+            content = reply.content
+            # A large body is decoded off the event loop (DECODE_IN_LOOP_BYTES); the usual one
+            # here, without an await.
+            if len(content) <= DECODE_IN_LOOP_BYTES:
+                decoded = _decode_json(content)
+            else:
+                decoded = await asyncio.to_thread(_decode_json, content)
+            return self._answer(reply, decoded, request, token)
         except ServiceError as error:
             if span is not None:
                 span.fail(error.reason or error.code.name)
@@ -350,9 +357,11 @@ class UpstreamBackend:
             if span is not None:
                 span.end()
 
-    def _answer(self, reply: UpstreamReply, request: BackendRequest, token: Secret | None) -> UpstreamAnswer:
-        """The upstream's answer checked and read, or the error its status or body says."""
-        decoded = _decode_json(reply)
+    def _answer(
+        self, reply: UpstreamReply, decoded: Any, request: BackendRequest, token: Secret | None
+    ) -> UpstreamAnswer:
+        """The upstream's answer checked and read (its body `decoded`, _NOT_JSON if not
+        JSON), or the error its status or body says."""
         secrets = self._secrets_of(token)
         if not 200 <= reply.status < 300:
             said = self._dialect.parse_error(decoded)
@@ -424,16 +433,24 @@ def without_credentials(url: str) -> str:
 
 _NOT_JSON: Any = object()
 
+# An upstream body longer than this is decoded in a thread: a body may be up to 16 MiB,
+# and one that orjson refuses is read again by json (and encoded again to check it),
+# hundreds of milliseconds during which every route's calls on the event loop would wait.
+# (Each decoder step holds the GIL, so the loop still waits on one step, not on them all.)
+# Shorter ones, the hot path (a 20-document answer is 1-2 KiB, a 500-document one tens of
+# KiB), are decoded on the loop in well under a millisecond, cheaper than the thread hop.
+DECODE_IN_LOOP_BYTES = 256 * 1024
 
-def _decode_json(reply: UpstreamReply) -> Any:
+
+def _decode_json(content: bytes) -> Any:
     try:
-        return orjson.loads(reply.content)  # several times faster than json on large answers
+        return orjson.loads(content)  # several times faster than json on large answers
     except orjson.JSONDecodeError:
         pass
     try:
         # What orjson refuses but Python's json reads (NaN, Infinity): the dialect then
         # rejects such a score as a broken contract rather than as a body that is not JSON.
-        value = json.loads(reply.content)
+        value = json.loads(content)
         # Not what orjson refuses for other reasons that json lets through: a lone surrogate
         # (`"\ud800"`), text no status message or metadata can carry.
         json.dumps(value, ensure_ascii=False).encode()
