@@ -9,7 +9,8 @@ from these steps and decide nothing else; each step is written once, here:
    (pipeline/callers.py);
 3. `admit` (or `admit_bytes` then `admit_call`, for a front door that learns the size
    before it reads the body): a slot and the request's bytes (RESOURCE_EXHAUSTED past
-   the bounds, admission.py);
+   the bounds, admission.py); where it raises SlotWait (every slot taken, the caller
+   under its fair share) the front door awaits `admitted`, the next slot released;
 4. `rerank`: the model checked against the caller's (PERMISSION_DENIED), the caller's
    deadline (DEADLINE_EXCEEDED once passed), the caller's limits (RESOURCE_EXHAUSTED,
    limits.py), then the engine; the outcome is kept as a value;
@@ -49,7 +50,7 @@ from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import MethodMetrics, Metrics
 from rerank_service.observability.request_id import bind_request_id, new_request_id, unbind_request_id
 from rerank_service.observability.tracing import CallTracer, SpanHandle
-from rerank_service.pipeline.admission import Admission
+from rerank_service.pipeline.admission import Admission, SlotWait
 from rerank_service.pipeline.callers import Caller, CallerDirectory
 from rerank_service.pipeline.limits import Grant, Limiter
 from rerank_service.pipeline.record import CallFacts, call_facts, log_call
@@ -256,10 +257,11 @@ class Call:
         self._opened = True
 
     def admit(self, size: int) -> None:
-        """Count the call open, then take a slot and `size` bytes; or RESOURCE_EXHAUSTED."""
+        """Count the call open, then take a slot and `size` bytes; or RESOURCE_EXHAUSTED, or
+        SlotWait: every slot is taken and the call may wait for the next (`admitted`)."""
         self.admit_stream()
         self._share = self.share_key
-        self._pipeline.admission.enter(size, self._share, capped=self.share_capped)
+        self._pipeline.admission.enter(size, self._share, capped=self.share_capped, may_wait=True)
         self._slot = True
         self._bytes = size
 
@@ -269,10 +271,18 @@ class Call:
         self._bytes = size
 
     def admit_call(self) -> None:
-        """Take the call's slot, its bytes taken already (`admit_bytes`)."""
+        """Take the call's slot, its bytes taken already (`admit_bytes`); or SlotWait, as `admit`."""
         self._share = self.share_key
-        self._pipeline.admission.enter(0, self._share, capped=self.share_capped)
+        self._pipeline.admission.enter(0, self._share, capped=self.share_capped, may_wait=True)
         self._slot = True
+
+    async def admitted(self, wait: SlotWait, within: float | None) -> None:
+        """The slot `admit` or `admit_call` raised SlotWait for, waited for (a caller under its
+        share, while another holds more than its: admission.py), with the bytes `admit` was to
+        take; or RESOURCE_EXHAUSTED. `within`: seconds left to the call's deadline (None: none)."""
+        await self._pipeline.admission.wait_for_slot(wait, within)
+        self._slot = True
+        self._bytes += wait.size
 
     async def rerank(self, request: RerankRequest, context: CallContext) -> RerankOutcome:
         """The caller's model and deadline, its limits, then the engine; the outcome is kept

@@ -34,7 +34,7 @@ from rerank.v1 import rerank_pb2
 from rerank_service.api.grpc.status import Metadata, error_metadata
 from rerank_service.core.domain import NO_TIMINGS, CacheOutcome, RerankOutcome, ServiceError, Timings
 from rerank_service.observability.trace_context import trace_context
-from rerank_service.pipeline.admission import Admission
+from rerank_service.pipeline.admission import Admission, SlotWait
 from rerank_service.pipeline.auth import bearer_token
 from rerank_service.pipeline.call import Call, Pipeline, unauthenticated
 from rerank_service.pipeline.callers import Caller, CallerDirectory, certificate_identities
@@ -264,7 +264,11 @@ class RerankServiceEdge:
                     if refusal is not None:  # the key, checked before routing (_Routes)
                         raise refusal
                     call.caller = self._identify(context)
-                    call.admit(received.size if isinstance(received, _Received | _Unparsed) else 0)
+                    size = received.size if isinstance(received, _Received | _Unparsed) else 0
+                    try:
+                        call.admit(size)
+                    except SlotWait as wait:  # every slot taken, some by a caller past its share
+                        await call.admitted(wait, context.time_remaining())
                     if isinstance(received, _Unparsed):  # room was made meanwhile
                         received = received.parse(received.data)
                     if not isinstance(received, _Received):
@@ -561,7 +565,13 @@ class _StreamItems:
             return item
         if not self._admitted:
             try:
-                self._admission.enter(0, self.share, capped=self.capped)
+                try:
+                    self._admission.enter(0, self.share, capped=self.capped, may_wait=True)
+                except SlotWait as wait:  # every slot taken, some by a caller past its share
+                    await self._admission.wait_for_slot(wait, self._time_remaining())
+                    if self._closed:  # the stream ended while this item waited: its slot goes back
+                        self._admission.release(0, self.share)
+                        raise StopAsyncIteration from None
             except ServiceError as refusal:  # no slot: this item is answered with the refusal
                 self._refused[id(item)] = refusal
                 return item

@@ -40,6 +40,7 @@ from rerank_service.core.domain import (
     invalid_argument,
 )
 from rerank_service.observability.trace_context import trace_context
+from rerank_service.pipeline.admission import SlotWait
 from rerank_service.pipeline.auth import bearer_token
 from rerank_service.pipeline.cache_control import cache_mode
 from rerank_service.pipeline.call import Call, Pipeline
@@ -143,14 +144,20 @@ class FrontDoor:
                     self._check_body_headers(http)
                     call.admit_bytes(http.content_length or 0)
                     if http.get(_HELD_BACK):  # the client waits for a word before it sends the body
-                        # Nothing has run since the expect handler saw no slot, so this refuses;
-                        # were it ever to admit, the client is told to go on rather than left waiting.
-                        call.admit_call()
+                        # Nothing has run since the expect handler saw no slot, so this refuses or
+                        # waits for one; once admitted, the client is told to go on.
+                        try:
+                            call.admit_call()
+                        except SlotWait as wait:  # every slot taken, some by a caller past its share
+                            await call.admitted(wait, _left(context))
                         await http.writer.write(_CONTINUE)
                         raw = await self._body(http)
                     else:
                         raw = await self._body(http)
-                        call.admit_call()  # the slot, now that the body is here (its bytes are charged)
+                        try:
+                            call.admit_call()  # the slot, now that the body is here (its bytes are charged)
+                        except SlotWait as wait:  # as above
+                            await call.admitted(wait, _left(context))
                     body = _json(raw)
                     try:
                         request = wire.parse(body)
@@ -393,6 +400,11 @@ def quota_fields(error: ServiceError) -> Json:
     if seconds is not None:
         fields["retry_after_seconds"] = round(seconds, 3)
     return fields
+
+
+def _left(context: CallContext) -> float | None:
+    """Seconds left to the call's deadline (None: none)."""
+    return None if context.deadline is None else context.deadline - time.monotonic()
 
 
 def _model_named(body: Any) -> str:
