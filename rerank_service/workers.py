@@ -42,9 +42,9 @@ from types import FrameType
 from typing import Any
 
 from rerank_service.config import ConfigError, Settings, load_settings
+from rerank_service.config.deployments import as_reloaded
 from rerank_service.config.file_trust import flush_held_warnings
-from rerank_service.config.secret import Secret
-from rerank_service.config.settings import check_consistency
+from rerank_service.config.server import ServerConfig
 from rerank_service.config.snapshot import ConfigSnapshot
 from rerank_service.observability.logging import configure_logging, get_logger
 from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
@@ -238,8 +238,12 @@ class Supervisor:
         self._directory = ""
         self._directory_lock = -1  # held (flock) while this supervisor lives
         self._config: ConfigSnapshot | None = None  # the file as the workers serve it
-        # The caller keys every worker serves, a restarted one too: a reload keeps them as started.
-        self._api_keys: tuple[Secret, ...] = settings.api_keys
+        # The settings as the workers started (the file's first copy): a worker restarted
+        # after a reload serves what a reload leaves as started from these, as its siblings do.
+        self._started = settings
+        # The copy as the supervisor last accepted it (what a worker's reload compares with).
+        self._accepted = settings
+        self._forwarded: set[int] = set()  # the stop signals forwarded to the workers
 
     def run(self) -> int:
         check_workers(self.settings)
@@ -254,7 +258,7 @@ class Supervisor:
             self._directory, self._directory_lock = make_metrics_directory()
             self._config = ConfigSnapshot(self.args, self._directory)
             if self._config.has_file:
-                self._api_keys = self._config.copy().api_keys
+                self._started = self._accepted = self._config.copy()
             server = None
             if self.settings.metrics_port is not None:
                 try:
@@ -371,7 +375,9 @@ class Supervisor:
             for worker in alive:
                 # One still starting holds no calls: SIGTERM ends it at any point of its
                 # start, where a SIGINT before its handlers would be a KeyboardInterrupt.
-                self._signal(worker, signum if worker.serving else signal.SIGTERM)
+                forwarded = signum if worker.serving else signal.SIGTERM
+                self._forwarded.add(forwarded)
+                self._signal(worker, forwarded)
 
     def _copy_config_for_reload(self) -> bool:
         """Whether the workers are to reload: the file copied for them, if it loads and
@@ -383,7 +389,7 @@ class Supervisor:
         from rerank_service.server import check_reload
 
         try:
-            self._config.copy(check=check_reload)
+            self._accepted = self._config.copy(check=check_reload)
         except ConfigError as exc:
             _log.error(
                 "reload refused", error=str(exc), why="the workers keep serving the configuration as it was"
@@ -438,11 +444,17 @@ class Supervisor:
         how = {"exit_code": code} if code is None or code >= 0 else {"signal": signal.Signals(-code).name}
         if self._stopping:
             # Stopped while still starting (before its handlers were set, however it
-            # ended): it held no calls, so no drain failed.
+            # ended): it held no calls, so no drain failed. One that served and ends by a
+            # stop signal forwarded to it had drained: serve handles SIGTERM and SIGINT
+            # until its loop closes, so only a signal past the end of its drain (a second
+            # one: the supervisor's, after the process group's own) finds them at default.
             unstarted = not served
-            if code != 0 and not unstarted:
+            drained = code is not None and -code in self._forwarded
+            if code != 0 and not unstarted and not drained:
                 self._failed_drain = True
-            (_log.info if code == 0 else _log.error)("worker stopped", worker=worker.index, pid=pid, **how)
+            (_log.info if code == 0 or drained else _log.error)(
+                "worker stopped", worker=worker.index, pid=pid, **how
+            )
             return
         if not worker.served_once:  # it never started: the others would fail alike
             _log.error("worker start failed", worker=worker.index, pid=pid, **how)
@@ -477,7 +489,9 @@ class Supervisor:
             args=(
                 worker.index,
                 self._worker_args(),
-                self._api_keys,  # pickled down the spawn pipe: never on a command line
+                # Pickled down the spawn pipe (never on a command line: they hold the caller keys).
+                self._started,
+                self._accepted,
                 self.port,
                 self.http_port,
                 self._directory,
@@ -518,16 +532,18 @@ def supervise(settings: Settings, args: Mapping[str, Any]) -> int:
 def _worker_main(
     index: int,
     args: dict[str, Any],
-    api_keys: tuple[Secret, ...],
+    started: Settings,
+    accepted: Settings,
     port: int,
     http_port: int | None,
     metrics_directory: str,
     ready: Connection,
     parent: int,
 ) -> None:
-    """One worker: the settings loaded as serve loads them, on the supervisor's ports and
-    with its caller keys (`api_keys`), recording its metrics into files in the supervisor's
-    `metrics_directory`."""
+    """One worker: the settings as the workers `started` (the file's first copy), with the
+    routes and callers of the copy now (loaded from `args` as a reload loads it, compared
+    with the copy as the supervisor last `accepted` it), on the supervisor's ports,
+    recording its metrics into files in the supervisor's `metrics_directory`."""
     _die_with_parent(parent)
     # Until serve sets its own handlers: a SIGHUP (a reload asked for while this worker
     # starts, or a terminal's hangup) must not kill it, and a SIGINT (Ctrl-C reaches the
@@ -538,15 +554,16 @@ def _worker_main(
     import asyncio
 
     try:
-        # The caller keys as the supervisor started, not the copy's: a reload leaves them as
-        # started in the running workers, and one restarted after it must serve them too
-        # (not none at all, or callers' tokens passed upstream), as server.py `_reload` does.
-        started = dataclasses.replace(load_settings(args), api_keys=api_keys)
-        check_consistency(started)  # as a reload does (the supervisor copies no file that fails it)
+        # The copy as a reload takes it (the caller keys as started, checked with them), as
+        # server.py `_reload` does: a worker restarted after a reload serves the routes and
+        # callers its siblings reloaded (the supervisor copies no file that fails this).
+        reloaded = as_reloaded(load_settings(args), accepted)
     except ConfigError as exc:
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
-    settings = dataclasses.replace(started, port=port, http_port=http_port, metrics_port=None)
+    settings = dataclasses.replace(
+        as_restarted(reloaded, started), port=port, http_port=http_port, metrics_port=None
+    )
     # Every line this worker logs says which worker, and which process, wrote it.
     configure_logging(
         settings.log_format,
@@ -570,6 +587,11 @@ def _worker_main(
                 settings, reload=reload, worker=index, on_serving=serving, metrics_directory=metrics_directory
             )
         )
+        # Drained: its loop, closed, left SIGTERM and SIGINT at their defaults. A second one
+        # (the supervisor forwards the process group's: Ctrl-C, systemd's KillMode) must not
+        # kill it now, nor a KeyboardInterrupt end it with a traceback and exit code 1.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ConfigError as exc:
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         code = 2
@@ -595,6 +617,30 @@ def as_served(loaded: Settings, started: Settings, served: Settings) -> Settings
         if getattr(loaded, name) == getattr(started, name)
     }
     return dataclasses.replace(loaded, **same)
+
+
+def as_restarted(reloaded: Settings, started: Settings) -> Settings:
+    """What a worker restarted after reloads serves: `reloaded` (the copy now, as a reload
+    takes it) where a running worker's reload applies it (the routes and the callers), and
+    `started` in each setting a reload leaves as started (`needs_restart` names it: TLS,
+    admission limits, logging, ...), as its siblings still serve them."""
+    from rerank_service.server import needs_restart  # late: the worker imports serve with it
+
+    config = ServerConfig.from_settings(started)
+    kept = {}
+    for field in dataclasses.fields(Settings):
+        new = getattr(reloaded, field.name)
+        if new == getattr(started, field.name):
+            continue
+        alone = ServerConfig.from_settings(dataclasses.replace(started, **{field.name: new}))
+        # Whether callers' tokens pass through follows the routes' keys too: a route's change
+        # is the reload's, not a setting left as started.
+        alone = dataclasses.replace(
+            alone, callers=dataclasses.replace(alone.callers, pass_through=config.callers.pass_through)
+        )
+        if needs_restart(config, alone):
+            kept[field.name] = getattr(started, field.name)
+    return dataclasses.replace(reloaded, **kept)
 
 
 def _die_with_parent(parent: int) -> None:

@@ -496,3 +496,74 @@ def test_a_port_another_service_serves_stops_start_up_rather_than_being_shared(
             assert "Address already in use" in result.stderr
             assert "Traceback" not in result.stderr
             assert service.terminate() == 0
+
+
+def _tuned_file(path: Path, upstream: FakeUpstream, route: str, slots: int, log_level: str) -> None:
+    """One route, and two settings a reload leaves as started: an admission limit, the log level."""
+    deployment = {"format": "dashscope", "url": upstream.url, "model": "qwen3-rerank"}
+    document = {
+        "models": [{"name": route, "deployments": [deployment]}],
+        "max_concurrent_requests": slots,
+        "log_level": log_level,
+    }
+    path.write_text(json.dumps(document), encoding="utf-8")
+
+
+def test_a_worker_restarted_after_a_reload_serves_its_routes_and_the_settings_left_as_started(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """A reload applies the routes and callers; a setting that takes a restart stays as
+    started in the running workers, and in one restarted after the reload too: not the
+    copy's (two workers on one port with different limits, or TLS beside plaintext)."""
+    config = tmp_path / "rerank.yaml"
+    _tuned_file(config, upstream, "first", slots=50, log_level="info")
+    args = ["--workers", "2", "--config", str(config), "--metrics-port", "0"]
+    with ServiceProcess(args, env=ENV) as service:
+        _eventually(lambda: _all_serving(service))
+        metrics_port = next(e for e in service.events() if e.get("event") == "serving")["metrics_port"]
+
+        _tuned_file(config, upstream, "second", slots=5, log_level="warning")
+        service.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        _eventually(
+            lambda: {e.get("worker") for e in service.events() if e.get("event") == "reloaded"} == {0, 1},
+            what="both workers reloaded",
+        )
+        kept = [
+            e["settings"] for e in service.events() if e.get("event") == "reload left settings as started"
+        ]
+        assert [sorted(k) for k in kept] == [["admission.max_concurrent_requests", "logging.level"]] * 2
+
+        _killed_and_restarted(service, worker=0, restarts=1)
+        assert _served_routes(service) == {("second",)}  # the reload's routes
+        restarted = _pids(service)[0]
+        # Its log level as started (info): its own `listening` line, which warning would drop.
+        assert any(e.get("event") == "listening" and e.get("pid") == restarted for e in service.events())
+        # Its admission limit as started: 50 slots in each worker, not 5 in the restarted one.
+        _eventually(
+            lambda: value(scrape(metrics_port), "rerank_admission_slots_max") == 100,
+            what="both workers' slots as started",
+        )
+        assert service.terminate() == 0, service.output[-5000:]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_stop_signal_to_the_whole_process_group_drains_and_exits_zero(
+    upstream: FakeUpstream, signum: int
+) -> None:
+    """Ctrl-C (SIGINT) and systemd's KillMode=control-group (SIGTERM) reach the supervisor
+    and every worker at once; the supervisor forwards its own, which may reach a worker
+    that has drained and is exiting: still a clean stop, exit code 0. A race: a few rounds."""
+    for _ in range(3):
+        with ServiceProcess(_args(upstream), env=ENV) as service:
+            _eventually(lambda: _all_serving(service))
+            assert service.process is not None
+            # As the kernel signals a process group: every member, the supervisor last.
+            for pid in (*_pids(service).values(), service.process.pid):
+                os.kill(pid, signum)
+            code = service.process.wait(timeout=60)
+            service.read_to_end()
+
+        assert code == 0, service.output[-5000:]
+        stopped = [e for e in service.events() if e.get("event") == "worker stopped"]
+        assert sorted((e["worker"], e["level"]) for e in stopped) == [(0, "info"), (1, "info")], stopped
+        assert "KeyboardInterrupt" not in service.output

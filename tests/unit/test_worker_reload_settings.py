@@ -4,11 +4,12 @@ the ports it serves are the supervisor's, not a change the file made."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from rerank_service.config import Settings
 from rerank_service.config.server import ServerConfig
 from rerank_service.server import needs_restart
-from rerank_service.workers import as_served
+from rerank_service.workers import as_restarted, as_served
 
 # As the file and flags say (port 0: chosen by the supervisor), and as a worker serves them.
 STARTED = Settings(port=0, http_port=0, metrics_port=9100)
@@ -33,3 +34,25 @@ def test_a_port_the_file_changes_is_named_as_left_as_started() -> None:
 
     assert sorted(_left_as_started(reloaded)) == ["grpc.port", "process.metrics_port"]
     assert reloaded.http_port == 8123  # unchanged in the file: the supervisor's
+
+
+def test_a_restarted_worker_takes_what_a_reload_applies_and_keeps_what_it_leaves_as_started() -> None:
+    """`as_restarted`: the upstream (the routes) as reloaded; the admission limit, the log
+    level and the TLS files as started, as the running workers serve them."""
+    started = Settings(backend="upstream", upstream_url="http://a.example/rerank", max_concurrent_requests=50)
+    reloaded = dataclasses.replace(
+        started,
+        upstream_url="http://b.example/rerank",
+        max_concurrent_requests=5,
+        log_level="warning",
+        tls_cert=Path("cert.pem"),
+        tls_key=Path("key.pem"),
+    )
+
+    restarted = as_restarted(reloaded, started)
+
+    assert restarted.upstream_url == "http://b.example/rerank"
+    assert (restarted.max_concurrent_requests, restarted.log_level) == (50, "info")
+    assert (restarted.tls_cert, restarted.tls_key) == (None, None)
+    # Nothing a reload would name as left as started: the config its siblings serve.
+    assert needs_restart(ServerConfig.from_settings(started), ServerConfig.from_settings(restarted)) == []
