@@ -199,7 +199,11 @@ def reload_refusal(old: Settings, new: Settings) -> str | None:
 
     Never one that switches callers' authentication on or off (a callers section added
     to or emptied of a service without --api-keys, which stay as started): deployments
-    pass callers' tokens upstream without it, so that takes a restart.
+    pass callers' tokens upstream without it, so that takes a restart. Nor one that
+    switches pass-through on or off (every upstream deployment given a key of its own, or
+    one left without) but by a change of backend kinds: a pass-through service requires
+    each caller's bearer token (the upstream checks it), an open one none; a `--workers`
+    worker restarted after such a reload would serve the other mode beside its siblings.
 
     A file truncated or caught mid-write can still be valid YAML: without its `models:`
     section it would put the flags' one deployment (the local demo model, by default) in
@@ -209,11 +213,22 @@ def reload_refusal(old: Settings, new: Settings) -> str | None:
     if bool(old.api_keys or new.callers) != bool(old.api_keys or old.callers):
         return (
             "a reload cannot switch callers' authentication on or off (a callers section "
-            "added to or emptied of a service without --api-keys): restart to"
+            "added to or emptied of a service without --api-keys): restart the service for that"
+        )
+    dropped = bool(old.models) and not new.models
+    kinds_change = dropped or backend_kinds(old) != backend_kinds(new)
+    # A change of backend kinds (to local models: open) may switch it as a consequence; that
+    # change is refused below unless the file allows it.
+    if old.pass_through != new.pass_through and not kinds_change:
+        now = "on" if new.pass_through else "off"
+        return (
+            f"a reload cannot switch pass-through of callers' bearer tokens {now} (with no caller "
+            "keys, an upstream deployment without a key of its own takes each caller's token; "
+            "with every deployment keyed, calls need none): restart the service for that"
         )
     if new.allow_backend_change:
         return None
-    if old.models and not new.models:
+    if dropped:
         names = ", ".join(_flag_models(new))
         problem = (
             f"has no models: section any more: its routes would give way to the {new.backend} "

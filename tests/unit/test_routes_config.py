@@ -845,3 +845,35 @@ def test_a_deployment_url_with_a_query_is_refused_naming_its_place_without_repea
         "rerank-service: configuration error: models[0].deployments[1].url must have no query"
     )
     assert INLINE_KEY not in err
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "now"),
+    [
+        (routes(GOOD), routes(f"{GOOD}\napi_key_env: EU_KEY"), "off"),
+        (routes(f"{GOOD}\napi_key_env: EU_KEY"), routes(GOOD), "on"),
+    ],
+    ids=["every-deployment-keyed", "a-key-dropped"],
+)
+def test_a_reload_never_switches_pass_through_on_or_off_even_when_allowed(
+    tmp_path: Path, before: str, after: str, now: str
+) -> None:
+    # Pass-through requires each caller's token (the upstream checks it); keyed deployments
+    # with no caller keys take calls without one: switching is switching authentication.
+    old = load(write(tmp_path, before, "old.yaml"), EU_KEY=EU_KEY)
+
+    for text in (after, "allow_backend_change: true\n" + after):
+        new = load(write(tmp_path, text, "new.yaml"), EU_KEY=EU_KEY)
+        assert old.pass_through != new.pass_through
+        refused = reload_refusal(old, new)
+        assert refused is not None
+        assert refused.startswith(f"a reload cannot switch pass-through of callers' bearer tokens {now}")
+
+
+def test_a_reload_that_keeps_pass_through_is_not_refused_for_it(tmp_path: Path) -> None:
+    old = load(write(tmp_path, routes(GOOD), "old.yaml"))
+    new = load(write(tmp_path, routes(GOOD, "format: tei\nurl: http://b.example"), "new.yaml"))
+
+    assert old.pass_through
+    assert new.pass_through
+    assert reload_refusal(old, new) is None
