@@ -405,11 +405,14 @@ class ClosingServer:
     close crossing the request: the request killed it). `answers`: how many requests it
     answers in all, the first of each connection (None: no bound)."""
 
-    def __init__(self, held: float = 0.0, answers: int | None = None) -> None:
+    def __init__(
+        self, held: float = 0.0, answers: int | None = None, answer_when: Callable[[], bool] | None = None
+    ) -> None:
         self.requests = 0
         self.connections = 0
         self.held = held
         self.answers = answers
+        self.answer_when = answer_when  # each answer waits for it (None: none)
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -431,6 +434,8 @@ class ClosingServer:
                     if line.lower().startswith(b"content-length:")
                 )
                 await reader.readexactly(length)
+                if self.answer_when is not None:
+                    await wait_until_async(self.answer_when)
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
                 )
@@ -482,6 +487,34 @@ async def test_a_reused_connection_closed_after_the_upstream_held_the_request_is
 
         assert caught.value.reason == "UPSTREAM_UNAVAILABLE"  # which the retry policy retries
         assert (closing.requests, closing.connections) == (2, 1)
+    finally:
+        closing.server.close()
+
+
+async def test_the_stale_close_window_starts_when_the_pool_hands_the_connection_out(
+    transports: Transports, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call that waited for the pool's one connection longer than the window, then found
+    it closed as it sent (the idle-close race), is sent again on a fresh one: the wait for
+    the pool is no time the upstream had the request."""
+    window = 1.0
+    monkeypatch.setattr(exchange, "_STALE_CLOSE_WINDOW", window)
+    second_started: list[float] = []
+    # The first answer waits until the second call has waited for the pool twice the window.
+    closing = ClosingServer(
+        answer_when=lambda: bool(second_started) and time.monotonic() > second_started[0] + 2 * window
+    )
+    transport = transports(1, url=await closing.start())
+    try:
+        first = asyncio.ensure_future(post(transport))
+        await wait_until_async(lambda: closing.requests == 1)
+        second_started.append(time.monotonic())
+        second = asyncio.ensure_future(post(transport))  # waits for the pool's one connection
+
+        assert await first == 200
+        assert await second == 200  # its connection closed as it went out: sent again on a fresh one
+
+        assert (closing.requests, closing.connections) == (3, 2)
     finally:
         closing.server.close()
 

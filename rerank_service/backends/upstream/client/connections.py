@@ -27,6 +27,7 @@ import asyncio
 import base64
 import enum
 import ssl
+import time
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -47,8 +48,9 @@ from rerank_service.backends.upstream.client.tls import upstream_ssl_context
 # Seconds an idle connection is kept for reuse.
 KEEPALIVE_EXPIRY = 30.0
 
-# Set by the connector in the calling task: the connection it last handed out was reused.
-REUSED: ContextVar[bool] = ContextVar("upstream_connection_reused", default=False)
+# Set by the connector in the calling task: when (time.monotonic) the connection it last
+# handed out was handed out, if it was a reused one; None for a new one.
+REUSED: ContextVar[float | None] = ContextVar("upstream_connection_reused", default=None)
 
 
 class Phase(enum.Enum):
@@ -107,7 +109,7 @@ class _Connector(aiohttp.TCPConnector):
                     # answer to the next request. Not reusable: take another.
                     connection.close()
                     return await self.connect(req, traces, timeout)
-                REUSED.set(True)
+                REUSED.set(time.monotonic())
             else:
                 self._seen.add(protocol)
         return connection

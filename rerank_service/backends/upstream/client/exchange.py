@@ -120,20 +120,22 @@ async def _send(
     A redirect is never followed: that would send the caller's query and documents
     wherever its Location says (another host, plain http), or turn the POST into a GET.
     The 3xx comes back as it is, an unexpected status (errors.py)."""
-    REUSED.set(False)
+    REUSED.set(None)
     PHASE.set(Phase.EXCHANGE)
-    sent = time.monotonic()
     try:
         return await _post(session, route, url, content, headers)
     except aiohttp.ServerDisconnectedError:
-        if not REUSED.get() or time.monotonic() - sent > _STALE_CLOSE_WINDOW:
+        # Timed from when the pool handed the connection out, not from before a wait for it.
+        handed_out = REUSED.get()
+        if handed_out is None or time.monotonic() - handed_out > _STALE_CLOSE_WINDOW:
             raise
-    REUSED.set(False)
+    REUSED.set(None)
     return await _post(session, route, url, content, headers)
 
 
-# Seconds after sending within which a kept-alive connection closed without an answer is
-# taken for one the upstream closed while idle, before the request reached it. A close
+# Seconds after its connection was handed out within which a kept-alive connection closed
+# without an answer is taken for one the upstream closed while idle, before the request
+# reached it (the wait for a free connection not counted: it may be long). A close
 # already on its way when the request went out arrives within about a round trip; one
 # that comes later is most likely the upstream's own doing with the request (it worked
 # on it, then its worker died): resent at once and uncounted, one call would reach it
