@@ -43,7 +43,6 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from rerank_service.core.domain import DeploymentState
 from rerank_service.observability.admission_metrics import AdmissionMetrics
 from rerank_service.observability.cache_metrics import CacheMetrics
 from rerank_service.observability.caller_metrics import CallerMetrics
@@ -69,7 +68,7 @@ STREAM_ITEM_METHOD = "RerankStream/item"
 # (its RETRYABLE_HTTP_STATUSES and "unreachable"; a test checks they agree).
 UPSTREAM_RETRY_REASONS = ("429", "502", "503", "504", "unreachable")
 # rerank_deployment_ejections_total's states: those a deployment is ejected into.
-EJECTION_STATES = (DeploymentState.EJECTED.value, DeploymentState.DOWN.value)
+EJECTION_STATES = ("ejected", "down")  # core.domain.DeploymentState's (a test keeps them so)
 
 
 class Metrics:

@@ -402,3 +402,12 @@ def test_the_endpoint_serves_another_registry(tmp_path: Path) -> None:
     finally:
         stop_metrics_server(server)
     assert 'rerank_calls_total{code="OK",method="Rerank"} 1.0' in text
+
+
+def test_the_ejection_states_are_the_deployment_states_but_healthy() -> None:
+    # observability may not import core (docs/ARCHITECTURE.md): the names are written twice.
+    from rerank_service.core.domain import DeploymentState
+    from rerank_service.observability.metrics import EJECTION_STATES
+
+    unhealthy = {state.value for state in DeploymentState} - {DeploymentState.HEALTHY.value}
+    assert set(EJECTION_STATES) == unhealthy
