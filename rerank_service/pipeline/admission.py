@@ -12,6 +12,12 @@ The share reserves nothing while one caller is alone: a flood may then take ever
 call of a caller under its share that finds them all taken while another caller holds more
 than its share waits (at most SLOT_WAIT) for the next slot released, handed to it before
 anyone else may take it (`SlotWait`, `wait_for_slot`); past SLOT_WAIT it is refused.
+Each item in flight of a RerankStream counts as one slot held by its caller for the share
+(`enter_item`), though the stream takes one slot of the bound. Two more of the bounds are
+held to the share always, whether others call or not (a flood that filled them while the
+others were quiet would keep them out for as long as its calls stay open): the calls one
+known caller has open (`open_call`), and the bytes of the HTTP bodies of one caller (or one
+client address) that are still arriving (`enter_body`).
 A unary call past the byte budget is refused; a stream stops reading its next item
 until the budget has room (its client then waits under HTTP/2 flow control).
 Only RerankService calls pass the edge (edge.py): health checks and reflection have bounds
@@ -27,8 +33,8 @@ from collections.abc import Callable
 
 import grpc
 
-from rerank_service.core.domain import ServiceError
-from rerank_service.pipeline.limits import FAIR_SHARE, fair_share_refusal
+from rerank_service.core.domain import QuotaViolation, ServiceError
+from rerank_service.pipeline.limits import CALLER_LIMITED, FAIR_SHARE, fair_share_refusal
 
 # The bound a refusal names (rerank_admission_refusals_total's `bound`), FAIR_SHARE besides.
 SLOTS, BYTES, OPEN_CALLS = "slots", "bytes", "open_calls"
@@ -79,7 +85,7 @@ class Admission:
         self._share_cap = (
             max(1, math.floor(caller_max_share * max_in_flight)) if caller_max_share < 1 else None
         )
-        self._held: dict[str, int] = {}  # slots held, by caller
+        self._held: dict[str, int] = {}  # slots held, by caller (a stream's items each count one)
         # The two callers seen last, each with when: enough to tell whether another than
         # a given caller called within OTHERS_WINDOW.
         self._last: tuple[str | None, float] = (None, float("-inf"))
@@ -88,6 +94,12 @@ class Admission:
         # Calls open, working or not (a stream that has sent nothing yet included): grpc's own
         # limit also counts health and reflection calls, which have bounds of their own.
         self.max_open = max_open
+        # The calls one caller may have open, and the bytes of one caller's (or client
+        # address's) HTTP bodies still arriving: held to the share always (None: share 1).
+        self._open_cap = _share_of(caller_max_share, max_open)
+        self._body_cap = _share_of(caller_max_share, max_bytes)
+        self._open_by: dict[str, int] = {}  # calls open, by caller (those with any only)
+        self._arriving: dict[str, int] = {}  # bytes of bodies still arriving, by whose (ditto)
         self.in_flight = 0
         self.bytes_in_flight = 0
         self.open = 0
@@ -98,15 +110,28 @@ class Admission:
         # Told the bound of each refusal: SLOTS, BYTES, OPEN_CALLS or FAIR_SHARE.
         self._on_refusal = on_refusal or _unrecorded
 
-    def open_call(self) -> None:
-        """Count a call open, or raise RESOURCE_EXHAUSTED; paired with `close_call`."""
+    def open_call(self, caller: str | None = None) -> None:
+        """Count a call open, or raise RESOURCE_EXHAUSTED; paired with `close_call(caller)`.
+        `caller` (None: not known, or known by no key of its own): held to its share of
+        --max-open-calls always, so that one caller's silent streams cannot keep every other
+        caller's calls out until the idle timeout ends them."""
         if self.max_open is not None and self.open >= self.max_open:
             self._on_refusal(OPEN_CALLS)
             raise _overloaded(f"{self.max_open} calls open (--max-open-calls)")
+        if caller is not None and self._open_cap is not None:
+            held = self._open_by.get(caller, 0)
+            if held >= self._open_cap:
+                self._on_refusal(FAIR_SHARE)
+                raise _share_refusal(
+                    caller, f"{held} of {self.max_open} calls open (--max-open-calls)", self.caller_max_share
+                )
+            self._open_by[caller] = held + 1
         self.open += 1
 
-    def close_call(self) -> None:
+    def close_call(self, caller: str | None = None) -> None:
         self.open -= 1
+        if caller is not None and self._open_cap is not None:
+            _uncount(self._open_by, caller, 1)
 
     def enter(
         self, size: int = 0, caller: str | None = None, *, capped: bool = True, may_wait: bool = False
@@ -134,6 +159,31 @@ class Admission:
         if caller is not None:
             self._held[caller] = self._held.get(caller, 0) + 1
 
+    def enter_item(self, caller: str | None, *, capped: bool = True) -> None:
+        """Count one more item in flight of a stream that holds a slot already (`enter`
+        counted its first) as a slot its caller holds, or raise the fair share refusal: a
+        stream takes one slot of the bound, but its items run at once, each an upstream
+        call. Paired with `release_item`, or with the `release` of the stream's slot."""
+        if caller is None:
+            return
+        self._seen(caller)
+        held = self._held.get(caller, 0)
+        if (
+            capped
+            and self._share_cap is not None
+            and held >= self._share_cap
+            and self._others_calling(caller)
+        ):
+            self._on_refusal(FAIR_SHARE)
+            raise fair_share_refusal(caller, held, self.max_in_flight, self.caller_max_share)
+        self._held[caller] = held + 1
+
+    def release_item(self, caller: str | None) -> None:
+        """An item counted by `enter_item` (or its stream's first) answered, its stream's
+        slot still held for the others in flight."""
+        if caller is not None:
+            _uncount(self._held, caller, 1)
+
     def has_room(self, size: int) -> bool:
         """Whether `enter(size)` would let a call in now."""
         return self.in_flight < self.max_in_flight and self._fits(size)
@@ -149,15 +199,48 @@ class Admission:
             )
         self.bytes_in_flight += size
 
+    def body_fits(self, size: int, whose: str) -> bool:
+        """Whether `enter_body(size, whose)` would take the bytes now."""
+        return self._body_share_ok(size, whose) and self._fits(size)
+
+    def enter_body(self, size: int, whose: str, caller: str) -> None:
+        """Take `size` bytes for an HTTP body about to be read (as `enter_bytes`), or raise
+        RESOURCE_EXHAUSTED. The bytes of the bodies still arriving of `whose` (its caller,
+        or its client's address) are held to its share of the budget always, so that bodies
+        that never come cannot hold it all for --http-body-timeout; one body alone is always
+        let in. Paired with `body_arrived(size, whose)` once it is in, or given up; its bytes
+        stay taken until `give_bytes`. `caller`: the caller's name, as the refusal says it."""
+        if not self._body_share_ok(size, whose):
+            self._on_refusal(FAIR_SHARE)
+            held = self._arriving[whose]
+            raise _share_refusal(
+                caller,
+                f"{held} bytes of HTTP bodies still arriving from {_whose(whose)}, {size} more would pass "
+                f"{self._body_cap} of {self.max_bytes} (--max-inflight-bytes)",
+                self.caller_max_share,
+            )
+        self.enter_bytes(size)
+        if size and self._body_cap is not None:
+            self._arriving[whose] = self._arriving.get(whose, 0) + size
+
+    def body_arrived(self, size: int, whose: str) -> None:
+        """The body `enter_body` took `size` bytes for is in (or will never be): no longer
+        counted as arriving; its bytes stay taken."""
+        if size and self._body_cap is not None:
+            _uncount(self._arriving, whose, size)
+
+    def _body_share_ok(self, size: int, whose: str) -> bool:
+        cap = self._body_cap
+        if cap is None:
+            return True
+        held = self._arriving.get(whose, 0)
+        return not held or held + size <= cap
+
     def release(self, size: int = 0, caller: str | None = None) -> None:
         self.in_flight -= 1
         self.give_bytes(size)
         if caller is not None:
-            held = self._held[caller] - 1
-            if held:
-                self._held[caller] = held
-            else:
-                del self._held[caller]  # the map holds callers with slots only
+            _uncount(self._held, caller, 1)  # the map holds callers with slots only
         if self._waiters:
             self._hand_on()
 
@@ -261,6 +344,43 @@ class Admission:
             or not self.bytes_in_flight
             or self.bytes_in_flight + size <= self.max_bytes
         )
+
+
+def _share_of(share: float, bound: int | None) -> int | None:
+    """A caller's share of `bound` (at least 1), or None: no share (1), or no bound."""
+    return None if share >= 1 or bound is None else max(1, math.floor(share * bound))
+
+
+def _uncount(counts: dict[str, int], key: str, amount: int) -> None:
+    """Take `amount` from `key`'s count, dropping the key at 0 (the maps hold only counts above 0)."""
+    left = counts[key] - amount
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+
+
+def _whose(whose: str) -> str:
+    return f"client address {whose[len(PEER_PREFIX) :]}" if whose.startswith(PEER_PREFIX) else "this caller"
+
+
+# What `enter_body`'s `whose` starts with where it is a client address, not a caller's name
+# (which starts with a letter or digit).
+PEER_PREFIX = "peer "
+
+
+def _share_refusal(caller: str, what: str, share: float) -> ServiceError:
+    """RESOURCE_EXHAUSTED for a caller at its share of a bound other than the slots
+    (`fair_share_refusal` says the slots'), refused as a limit of its own."""
+    what = f"{what}, at most {share:g} of it for one caller"
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"caller {caller!r} holds its share ({what}; --caller-max-share); retry shortly",
+        reason=CALLER_LIMITED,
+        retry_after=OVERLOAD_RETRY_AFTER,
+        metadata={"caller": caller, "limit": FAIR_SHARE},
+        quota_violations=(QuotaViolation(f"caller:{caller}", f"{FAIR_SHARE}: {what}"),),
+    )
 
 
 def _expire(handed: asyncio.Future[bool]) -> None:

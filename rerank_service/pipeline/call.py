@@ -33,6 +33,7 @@ from contextvars import Token
 
 import grpc
 
+from rerank_service.config.callers import ANONYMOUS
 from rerank_service.config.secret import Secret
 from rerank_service.core.domain import (
     CacheOutcome,
@@ -50,7 +51,7 @@ from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import MethodMetrics, Metrics
 from rerank_service.observability.request_id import bind_request_id, new_request_id, unbind_request_id
 from rerank_service.observability.tracing import CallTracer, SpanHandle
-from rerank_service.pipeline.admission import Admission, SlotWait
+from rerank_service.pipeline.admission import PEER_PREFIX, Admission, SlotWait
 from rerank_service.pipeline.callers import Caller, CallerDirectory
 from rerank_service.pipeline.limits import Grant, Limiter
 from rerank_service.pipeline.record import CallFacts, call_facts, log_call
@@ -85,6 +86,19 @@ def unauthenticated(missing: bool, carrier: str, certificate: str | None = None)
     else:
         message = f"missing {carrier}" if missing else "the bearer key is not accepted"
     return ServiceError(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+def own_name(caller: Caller | None) -> str | None:
+    """The name a caller's share of the open calls and of the bodies arriving counts
+    against: None where it is not known, or is `anonymous` (no keys: every call's)."""
+    return None if caller is None or caller.name == ANONYMOUS else caller.name
+
+
+def body_holder(caller: Caller | None, peer: str) -> str:
+    """Whose share the bytes of an HTTP body still arriving count against: its caller's,
+    known from the headers, else its client address's (`peer`)."""
+    name = own_name(caller)
+    return PEER_PREFIX + peer if name is None else name
 
 
 class Pipeline:
@@ -168,9 +182,11 @@ class Call:
     """One call going through the pipeline: what it gathered so far, as values."""
 
     __slots__ = (
+        "_arriving",
         "_bytes",
         "_grant",
         "_measured",
+        "_open_as",
         "_opened",
         "_pipeline",
         "_share",
@@ -223,7 +239,11 @@ class Call:
         self.outcome: RerankOutcome | None = None
         self.failure: ServiceError | None = None
         self._opened = self._slot = False
+        self._open_as: str | None = None  # whose share of the open calls it counts against
         self._bytes = 0
+        # Whose share its HTTP body's bytes count against while the body arrives (None: it
+        # took none, or it is in).
+        self._arriving: str | None = None
         # Who calls (set once authenticated), what its limits granted, and the name its
         # admission slot counts against (None: no caller known).
         self.caller: Caller | None = None
@@ -251,9 +271,11 @@ class Call:
         return caller is None or caller.limits is None or caller.limits.concurrent is None
 
     def admit_stream(self) -> None:
-        """Count a stream open, or RESOURCE_EXHAUSTED; its items take slots and bytes as
-        they come (api/grpc/edge.py's _StreamItems)."""
-        self._pipeline.admission.open_call()
+        """Count a stream open (its caller's share of the open calls too), or
+        RESOURCE_EXHAUSTED; its items take slots and bytes as they come (api/grpc/edge.py's
+        _StreamItems)."""
+        self._open_as = own_name(self.caller)
+        self._pipeline.admission.open_call(self._open_as)
         self._opened = True
 
     def admit(self, size: int) -> None:
@@ -266,9 +288,21 @@ class Call:
         self._bytes = size
 
     def admit_bytes(self, size: int) -> None:
-        """Take `size` bytes only (a body about to be read), or RESOURCE_EXHAUSTED."""
-        self._pipeline.admission.enter_bytes(size)
+        """Take `size` bytes only (a body about to be read, its caller known), or
+        RESOURCE_EXHAUSTED: past the budget, or past the share of it that the bodies still
+        arriving of its caller (or its client address) may hold (`arrived` ends that)."""
+        holder = body_holder(self.caller, self.peer)
+        caller = self.caller.name if self.caller is not None else ANONYMOUS
+        self._pipeline.admission.enter_body(size, holder, caller)
         self._bytes = size
+        self._arriving = holder
+
+    def arrived(self) -> None:
+        """The body `admit_bytes` took bytes for is in: they stay taken until `finish`, but no
+        longer count against its share of the bodies arriving."""
+        if self._arriving is not None:
+            self._pipeline.admission.body_arrived(self._bytes, self._arriving)
+            self._arriving = None
 
     def admit_call(self) -> None:
         """Take the call's slot, its bytes taken already (`admit_bytes`); or SlotWait, as `admit`."""
@@ -354,12 +388,14 @@ class Call:
         """Give back what was admitted, then record the call once: metrics and log line."""
         pipeline = self._pipeline
         admission = pipeline.admission
+        if self._arriving is not None:  # its body never came in
+            self.arrived()
         if self._slot:
             admission.release(self._bytes, self._share)
         elif self._bytes:
             admission.give_bytes(self._bytes)
         if self._opened:
-            admission.close_call()
+            admission.close_call(self._open_as)
         if self._token is not None:
             unbind_request_id(self._token)
         seconds = time.perf_counter() - self.started

@@ -465,6 +465,9 @@ class _StreamItems:
       item that finds none in flight, given back when the last one in flight is answered; an
       item that finds no slot is answered with the refusal (RESOURCE_EXHAUSTED, its own
       RerankError), and the stream goes on;
+    - each item in flight counts as a slot its caller holds for the fair share (each is an
+      upstream call of its own): past its share while others call, an item is answered
+      with the fair share refusal, and the stream goes on;
     - each item's bytes are taken from the byte budget until it is answered: while the
       budget has no room the next item is not read (the client waits, flow-controlled);
     - a request that does not parse ends the stream with INVALID_ARGUMENT;
@@ -491,6 +494,9 @@ class _StreamItems:
         self._admission = admission
         self._idle_timeout = idle_timeout
         self._admitted = False
+        # Its items in flight counted as slots its caller holds (`enter` counted the first,
+        # `enter_item` each other): each given back as it is answered, the last with the slot.
+        self._counted = 0
         self.share: str | None = None  # the caller whose share its slot counts against
         self.identify: Callable[[], Caller] = _unidentified  # an item's caller, as callers are now
         self.capped = True  # whether that caller is held to the fair share
@@ -520,7 +526,7 @@ class _StreamItems:
     def answered(self, item: Any) -> None:
         """`item`'s answer has been sent: its bytes, and the stream's slot once nothing
         else is in flight, are given back."""
-        size = self._held.pop(id(item), 0)
+        size = self._held.pop(id(item), None)
         self._refused.pop(id(item), None)  # a duplicate never asked: no entry outlives its item
         self.sent += 1
         self._last_activity = time.monotonic()
@@ -528,11 +534,15 @@ class _StreamItems:
             self._admission.give_bytes(size)
         if self._drain.begun and self.sent >= self.received:
             self.wake()  # nothing in flight: a draining stream ends now
-        if self._admitted and self.sent >= self.received:
-            # Nothing in flight: a stream that is not working holds no slot (its next item
-            # takes one again).
-            self._admitted = False
-            self._admission.release(0, self.share)
+        if size is not None and self._admitted:  # it ran, counted against its caller's share
+            self._counted -= 1
+            if self._counted:
+                self._admission.release_item(self.share)
+            else:
+                # Nothing else running: a stream that is not working holds no slot (its next
+                # item takes one again).
+                self._admitted = False
+                self._admission.release(0, self.share)
 
     def wake(self) -> None:
         """Have the reader look again (the drain began, or its last item was answered)."""
@@ -548,7 +558,10 @@ class _StreamItems:
         self._admission.give_bytes(held)
         if self._admitted:
             self._admitted = False
+            for _ in range(self._counted - 1):  # the items still counted, the slot's last
+                self._admission.release_item(self.share)
             self._admission.release(0, self.share)
+        self._counted = 0
 
     def __aiter__(self) -> _StreamItems:
         return self
@@ -576,6 +589,13 @@ class _StreamItems:
                 self._refused[id(item)] = refusal
                 return item
             self._admitted = True
+        else:
+            try:
+                self._admission.enter_item(self.share, capped=self.capped)
+            except ServiceError as refusal:  # its caller at its share: answered with the refusal
+                self._refused[id(item)] = refusal
+                return item
+        self._counted += 1
         await self._admission.take_bytes(received.size)
         if self._closed:  # the stream ended while this item waited for room: nothing is held
             self._admission.give_bytes(received.size)

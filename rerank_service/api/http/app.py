@@ -5,9 +5,10 @@ A rerank route takes the pipeline's steps in this order: the call opened (its re
 id); the caller's key (from the headers alone, before the body is read); the body's
 headers (its length, its type, and no compression: a gzip body is refused, never
 inflated past what admission charged); admission of its bytes (a body that would not
-be admitted is not read); the body, bounded in size and time; the call's admission
-slot, taken only now, so a body trickling in holds bytes but never a slot a working
-call needs; JSON, then the wire format's fields; the engine; the answer or the error in
+be admitted is not read; the bodies still arriving of one caller, or one client address,
+hold at most its share of the budget: admission.py); the body, bounded in size and
+time; the call's admission slot, taken only now, so a body trickling in holds bytes but
+never a slot a working call needs; JSON, then the wire format's fields; the engine; the answer or the error in
 the route's format, its status mapped once (statuses.py); the pipeline records the call
 once.
 """
@@ -43,7 +44,7 @@ from rerank_service.observability.trace_context import trace_context
 from rerank_service.pipeline.admission import SlotWait
 from rerank_service.pipeline.auth import bearer_token
 from rerank_service.pipeline.cache_control import cache_mode
-from rerank_service.pipeline.call import Call, Pipeline
+from rerank_service.pipeline.call import Call, Pipeline, body_holder
 from rerank_service.pipeline.callers import Caller, certificate_identities
 from rerank_service.pipeline.record import (
     CACHE_KEY,
@@ -152,8 +153,10 @@ class FrontDoor:
                             await call.admitted(wait, _left(context))
                         await http.writer.write(_CONTINUE)
                         raw = await self._body(http)
+                        call.arrived()
                     else:
                         raw = await self._body(http)
+                        call.arrived()  # its bytes stay charged, no longer as arriving
                         try:
                             call.admit_call()  # the slot, now that the body is here (its bytes are charged)
                         except SlotWait as wait:  # as above
@@ -205,7 +208,9 @@ class FrontDoor:
             try:
                 self._authenticate(http)
                 self._check_body_headers(http)
-                refused = not self._admission.has_room(http.content_length or 0)
+                size = http.content_length or 0
+                holder = body_holder(http[_CALLER], http.remote or "")
+                refused = not (self._admission.has_room(size) and self._admission.body_fits(size, holder))
             except (ServiceError, _HttpError):
                 refused = True
             if refused:
