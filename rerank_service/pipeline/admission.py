@@ -11,7 +11,9 @@ share of the slots (--caller-max-share), so a caller that floods leaves the othe
 The share reserves nothing while one caller is alone: a flood may then take every slot. A
 call of a caller under its share that finds them all taken while another caller holds more
 than its share waits (at most SLOT_WAIT) for the next slot released, handed to it before
-anyone else may take it (`SlotWait`, `wait_for_slot`); past SLOT_WAIT it is refused.
+anyone else may take it (`SlotWait`, `wait_for_slot`); past SLOT_WAIT it is refused. What a
+caller holds and the calls it has waiting stay within its share: it waits only while they
+are under it, and a slot is handed only to a waiter whose caller is still under it.
 Each item in flight of a RerankStream counts as one slot held by its caller for the share
 (`enter_item`), though the stream takes one slot of the bound. Two more of the bounds are
 held to the share always, whether others call or not (a flood that filled them while the
@@ -53,6 +55,11 @@ OTHERS_WINDOW = 1.0
 # the next slot released is handed to it, so a flood that filled the slots while the
 # others were quiet cannot keep them out. Past it the call is refused OVERLOADED.
 SLOT_WAIT = 1.0
+
+# Seconds before a call's deadline that its wait for a slot ends: refused then, its refusal
+# (with RetryInfo) reaches the client before grpc's deadline ends the call, rather than
+# racing it (the client would see DEADLINE_EXCEEDED while the service records a refusal).
+DEADLINE_MARGIN = 0.05
 
 
 class SlotWait(Exception):
@@ -105,8 +112,10 @@ class Admission:
         self.open = 0
         self._freed: asyncio.Event | None = None  # set when bytes are given back
         # Calls waiting for a slot (SlotWait), first come first: each a future resolved True
-        # when a released slot is handed to it, by its caller. Only while every slot is taken.
+        # when a released slot is handed to it, by its caller. Only while every slot is taken,
+        # or while a free one waits for a waiter's caller to be under its share again.
         self._waiters: dict[asyncio.Future[bool], str] = {}
+        self._waiting_by: dict[str, int] = {}  # those waiters, by caller (those with any only)
         # Told the bound of each refusal: SLOTS, BYTES, OPEN_CALLS or FAIR_SHARE.
         self._on_refusal = on_refusal or _unrecorded
 
@@ -183,6 +192,8 @@ class Admission:
         slot still held for the others in flight."""
         if caller is not None:
             _uncount(self._held, caller, 1)
+            if self._waiters and self.in_flight < self.max_in_flight:
+                self._hand_on()  # a free slot its caller's share kept from a waiter may go now
 
     def has_room(self, size: int) -> bool:
         """Whether `enter(size)` would let a call in now."""
@@ -256,14 +267,16 @@ class Admission:
     async def wait_for_slot(self, wait: SlotWait, within: float | None = None) -> None:
         """Wait for the slot `enter` found none for (`wait`), then take the call's bytes;
         RESOURCE_EXHAUSTED OVERLOADED (a slots refusal) if none comes within SLOT_WAIT or
-        `within` (seconds to the call's deadline, None: none). Cancelled, it holds nothing."""
-        timeout = SLOT_WAIT if within is None else min(SLOT_WAIT, within)
+        DEADLINE_MARGIN before `within` (seconds to the call's deadline, None: none), at once
+        if that is past. Cancelled, it holds nothing."""
+        timeout = SLOT_WAIT if within is None else min(SLOT_WAIT, within - DEADLINE_MARGIN)
         if timeout <= 0:
             self._on_refusal(SLOTS)
             raise self._slots_refusal()
         loop = asyncio.get_running_loop()
         handed: asyncio.Future[bool] = loop.create_future()
         self._waiters[handed] = wait.caller
+        self._waiting_by[wait.caller] = self._waiting_by.get(wait.caller, 0) + 1
         timer = loop.call_later(timeout, _expire, handed)
         try:
             got = await handed
@@ -274,7 +287,7 @@ class Admission:
             raise
         finally:
             timer.cancel()
-            self._waiters.pop(handed, None)
+            self._unwait(handed)
         if not got:
             self._on_refusal(SLOTS)
             raise self._slots_refusal()
@@ -286,23 +299,37 @@ class Admission:
 
     def _may_wait(self, caller: str) -> bool:
         """Whether a call of `caller` (held to the share) that finds every slot taken may
-        wait for the next one: it holds less than its share while another caller holds more
-        than its share, and the waiters are not past their bound."""
+        wait for the next one: what it holds and has waiting is less than its share while
+        another caller holds more than its share, and the waiters are not past their bound."""
         cap = self._share_cap
-        if cap is None or self._held.get(caller, 0) >= cap or len(self._waiters) >= self.max_in_flight:
+        if cap is None or len(self._waiters) >= self.max_in_flight:
             return False
+        if self._held.get(caller, 0) + self._waiting_by.get(caller, 0) >= cap:
+            return False  # its waiters would take it past its share once handed slots
         return any(held > cap for other, held in self._held.items() if other != caller)
 
     def _hand_on(self) -> None:
-        """The slot just released, handed to the first waiter: in flight again at once, as
-        its caller's, so nobody else takes it first."""
-        for handed, caller in self._waiters.items():
-            if not handed.done():  # one that timed out or was cancelled is leaving
-                del self._waiters[handed]
+        """Each free slot (the one just released), handed to the first waiter whose caller
+        holds less than its share: in flight again at once, as its caller's, so nobody else
+        takes it first. A waiter whose caller reached its share meanwhile (its stream items,
+        `enter_item`) is passed over and waits on, for a later slot or its time's end."""
+        cap = self._share_cap
+        for handed, caller in list(self._waiters.items()):
+            if self.in_flight >= self.max_in_flight:
+                return
+            if handed.done():  # one that timed out or was cancelled is leaving
+                self._unwait(handed)
+            elif cap is None or self._held.get(caller, 0) < cap:
+                self._unwait(handed)
                 self.in_flight += 1
                 self._held[caller] = self._held.get(caller, 0) + 1
                 handed.set_result(True)
-                return
+
+    def _unwait(self, handed: asyncio.Future[bool]) -> None:
+        """A waiter out of the queue (handed a slot, or leaving), once."""
+        caller = self._waiters.pop(handed, None)
+        if caller is not None:
+            _uncount(self._waiting_by, caller, 1)
 
     def _slots_refusal(self) -> ServiceError:
         return _overloaded(f"{self.max_in_flight} calls in flight (--max-concurrent-requests)")

@@ -136,3 +136,28 @@ def test_the_flood_past_its_share_is_refused_while_the_polite_call_waits(flooded
 
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert len(polite.result(timeout=30).output.results) == 3
+
+
+def test_a_polite_caller_has_no_more_calls_waiting_than_its_share_and_the_rest_are_refused(
+    flooded: Flooded,
+) -> None:
+    share = SLOTS // 2  # --caller-max-share 0.5 (the default)
+    stub = flooded.server.stub
+    polite = [
+        stub.Rerank.future(rerank_request(), metadata=bearer(ADS_KEY), timeout=30) for _ in range(share)
+    ]
+    wait_until(lambda: flooded.admission.waiting == share, what="its share of calls waiting")
+
+    past = stub.Rerank.future(rerank_request(), metadata=bearer(ADS_KEY), timeout=30)
+    wait_until(lambda: past.done() or flooded.admission.waiting > share, what="the call past its share")
+    waiting = flooded.admission.waiting
+    refused = past.exception(timeout=0) if past.done() else None
+    while flooded.held:  # the flood ends: its slots go to the waiters, no more than their share
+        flooded.release_one()
+    answers = [call.result(timeout=30) for call in polite]
+
+    assert waiting == share
+    assert isinstance(refused, grpc.RpcError)  # at once, not after a wait
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert all(len(answer.output.results) == 3 for answer in answers)
+    assert flooded.refusals("slots") == 1

@@ -9,13 +9,16 @@ then happens does not depend on when)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 import pytest
+from rerank.v1 import rerank_pb2
 
+from rerank_service.api.grpc.edge import _Drain, _Received, _StreamItems
 from rerank_service.core.domain import ServiceError
-from rerank_service.pipeline.admission import SLOTS, Admission, SlotWait
+from rerank_service.pipeline.admission import DEADLINE_MARGIN, SLOTS, Admission, SlotWait
 
 
 class Clock:
@@ -78,7 +81,7 @@ async def test_a_wait_that_runs_out_is_refused_overloaded_and_counted_as_a_slots
     admission, refusals = _flooded()
 
     with pytest.raises(ServiceError) as refused:
-        await admission.wait_for_slot(_slot_wait(admission, "polite"), within=0.005)
+        await admission.wait_for_slot(_slot_wait(admission, "polite"), within=DEADLINE_MARGIN + 0.005)
 
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert refused.value.reason == "OVERLOADED"
@@ -193,3 +196,127 @@ async def test_a_waiter_takes_its_bytes_with_the_slot_and_gives_the_slot_on_when
     assert refusals == ["bytes"]
     assert (admission.held("polite"), admission.held("other"), admission.bytes_in_flight) == (0, 1, 95)
     assert admission.in_flight == 4
+
+
+async def test_a_caller_waits_only_while_what_it_holds_and_has_waiting_is_under_its_share() -> None:
+    admission, refusals = _flooded()  # 4 slots, a share of 2
+    tasks = [
+        asyncio.create_task(admission.wait_for_slot(_slot_wait(admission, "polite"), within=30))
+        for _ in range(2)
+    ]
+    await _until(lambda: admission.waiting == 2)
+
+    with pytest.raises(ServiceError) as refused:  # two waiting already: handed slots, its share
+        admission.enter(0, "polite", may_wait=True)
+    for _ in range(4):  # the flood ends
+        admission.release(0, "flood")
+    await asyncio.gather(*tasks)
+
+    assert refused.value.reason == "OVERLOADED"
+    assert refusals == [SLOTS]
+    assert (admission.held("polite"), admission.in_flight) == (2, 2)
+    admission.enter(0, "flood")  # the rest free again, for the others
+
+
+def _polite_stream_under_a_flood() -> tuple[Admission, list[str]]:
+    """4 slots, a share of 2: "flood" holds 3 (taken alone), "polite" the last one."""
+    refusals: list[str] = []
+    admission = Admission(4, caller_max_share=0.5, clock=Clock(), on_refusal=refusals.append)
+    for _ in range(3):
+        admission.enter(0, "flood")
+    admission.enter(0, "polite")
+    return admission, refusals
+
+
+async def test_a_slot_is_not_handed_to_a_waiter_whose_caller_reached_its_share_meanwhile() -> None:
+    admission, refusals = _polite_stream_under_a_flood()
+    waiting = asyncio.create_task(admission.wait_for_slot(_slot_wait(admission, "polite"), within=30))
+    await _until(lambda: admission.waiting == 1)
+    admission.enter_item("polite")  # its stream's next item: it holds its share now
+
+    admission.release(0, "flood")
+    passed_over = admission.waiting, admission.in_flight, admission.held("polite")
+    admission.release_item("polite")  # that item answered: under its share again
+    await waiting
+
+    assert passed_over == (1, 3, 2)  # the slot stayed free, the waiter waits on
+    assert (admission.waiting, admission.in_flight, admission.held("polite")) == (0, 4, 2)
+    assert refusals == []
+
+
+async def test_a_waiter_passed_over_that_runs_out_of_time_is_refused_holding_nothing() -> None:
+    admission, refusals = _polite_stream_under_a_flood()
+    waiting = asyncio.create_task(
+        admission.wait_for_slot(_slot_wait(admission, "polite"), within=DEADLINE_MARGIN + 0.005)
+    )
+    await _until(lambda: admission.waiting == 1)
+    admission.enter_item("polite")  # its share held: passed over ...
+    admission.release(0, "flood")
+    admission.enter(0, "other")  # ... so the slot goes to whoever comes
+
+    with pytest.raises(ServiceError) as refused:
+        await waiting
+
+    assert refused.value.reason == "OVERLOADED"
+    assert refusals == [SLOTS]
+    assert (admission.waiting, admission.in_flight, admission.held("polite")) == (0, 4, 2)
+
+
+async def test_a_wait_ends_its_margin_before_the_calls_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    admission, _ = _flooded()
+    loop = asyncio.get_running_loop()
+    timers: list[float] = []
+    call_later = loop.call_later
+
+    def recorded(delay: float, callback: Callable[..., object], *args: Any) -> asyncio.TimerHandle:
+        timers.append(delay)
+        return call_later(delay, callback, *args)
+
+    monkeypatch.setattr(loop, "call_later", recorded)
+    waiting = asyncio.create_task(admission.wait_for_slot(_slot_wait(admission, "polite"), within=0.5))
+    await _until(lambda: admission.waiting == 1)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+    assert timers == [pytest.approx(0.5 - DEADLINE_MARGIN)]  # its refusal reaches the client in time
+
+
+async def test_a_call_with_no_more_than_the_margin_left_is_refused_at_once() -> None:
+    admission, refusals = _flooded()
+    waiting = admission.wait_for_slot(_slot_wait(admission, "polite"), within=DEADLINE_MARGIN)
+
+    try:
+        with pytest.raises(ServiceError) as refused:
+            waiting.send(None)  # refused before it ever waits
+    finally:
+        waiting.close()
+
+    assert refused.value.reason == "OVERLOADED"
+    assert refusals == [SLOTS]
+    assert admission.waiting == 0
+
+
+async def _one_item() -> AsyncIterator[_Received]:
+    yield _Received(rerank_pb2.RerankStreamRequest(id="0"), 10)
+
+
+async def test_a_stream_item_handed_a_slot_after_the_drain_began_is_answered_unavailable() -> None:
+    admission, _ = _flooded()
+    drain = _Drain()
+    items = _StreamItems(_one_item(), admission, idle_timeout=60.0, drain=drain)
+    items.share = "polite"
+    reading = asyncio.create_task(anext(items))
+    await _until(lambda: admission.waiting == 1)
+
+    drain.begin()  # SIGTERM while the item waits for a slot
+    admission.release(0, "flood")  # handed to it
+    item = await reading
+    refusal = items.refusal(item)
+
+    assert refusal is not None
+    assert refusal.code == grpc.StatusCode.UNAVAILABLE  # as any item read since the drain began
+    assert (admission.in_flight, admission.held("polite"), admission.held("flood")) == (3, 0, 3)
+    items.answered(item)
+    items.close()
+    assert (admission.in_flight, admission.bytes_in_flight) == (3, 0)

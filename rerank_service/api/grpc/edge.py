@@ -474,8 +474,8 @@ class _StreamItems:
     - while none of its items is in flight (every item read has been answered), the
       stream must send its next item within the idle timeout, or it ends with
       DEADLINE_EXCEEDED `STREAM_IDLE`: an idle stream holds no slot and no task for long;
-    - once the server drains (`drain`), an item read is answered UNAVAILABLE without
-      running, and once none is in flight the stream ends UNAVAILABLE (its client's
+    - once the server drains (`drain`), an item read (or handed its slot) is answered
+      UNAVAILABLE without running, and once none is in flight the stream ends UNAVAILABLE (its client's
       half-close, read first, still ends it OK).
     """
 
@@ -573,8 +573,7 @@ class _StreamItems:
         item = received.message
         self.received += 1
         self._last_activity = time.monotonic()
-        if self._drain.begun:  # answered with the refusal, holding nothing
-            self._refused[id(item)] = _draining_item()
+        if self._refused_draining(item):
             return item
         if not self._admitted:
             try:
@@ -585,6 +584,9 @@ class _StreamItems:
                     if self._closed:  # the stream ended while this item waited: its slot goes back
                         self._admission.release(0, self.share)
                         raise StopAsyncIteration from None
+                    if self._refused_draining(item):  # the drain began while it waited: its slot goes back
+                        self._admission.release(0, self.share)
+                        return item
             except ServiceError as refusal:  # no slot: this item is answered with the refusal
                 self._refused[id(item)] = refusal
                 return item
@@ -602,6 +604,13 @@ class _StreamItems:
             raise StopAsyncIteration
         self._held[id(item)] = received.size
         return item
+
+    def _refused_draining(self, item: Any) -> bool:
+        """Whether the server drains: `item` is then answered with the refusal, holding nothing."""
+        if not self._drain.begun:
+            return False
+        self._refused[id(item)] = _draining_item()
+        return True
 
     async def _next_or_idle(self) -> Any:
         if self._requests is None:
