@@ -922,8 +922,8 @@ class Settings:
         description="the share of --max-concurrent-requests one caller without its own concurrent limit "
         "may hold while other callers are calling too, each item in flight of its streams counting as a "
         "slot (1: no cap); a flood from one caller then leaves the rest of the slots to the others. "
-        "It also bounds, always, the calls one caller has open (of --max-open-calls) and the bytes of "
-        "its HTTP bodies still arriving (of --max-inflight-bytes)",
+        "It also bounds, always, the RerankStreams one caller has open (of --max-open-calls) and the "
+        "bytes of its HTTP bodies still arriving (of --max-inflight-bytes)",
     )
     usage_log: UsageLog = Field(
         default=None,

@@ -280,8 +280,12 @@ class Call:
 
     def admit(self, size: int) -> None:
         """Count the call open, then take a slot and `size` bytes; or RESOURCE_EXHAUSTED, or
-        SlotWait: every slot is taken and the call may wait for the next (`admitted`)."""
-        self.admit_stream()
+        SlotWait: every slot is taken and the call may wait for the next (`admitted`). A
+        unary call is not held to its caller's share of the open calls, as a stream is: it
+        takes a slot at once, and the slots have their own share (a caller alone may use
+        them all, however few --max-open-calls leaves it beside them)."""
+        self._pipeline.admission.open_call()
+        self._opened = True
         self._share = self.share_key
         self._pipeline.admission.enter(size, self._share, capped=self.share_capped, may_wait=True)
         self._slot = True

@@ -129,6 +129,33 @@ def test_silent_streams_of_one_caller_hold_at_most_its_share_of_the_open_calls(
     assert all("--max-open-calls" in (stream.details() or "") for stream in refused)
 
 
+def test_a_caller_alone_uses_every_slot_however_few_open_calls_that_leaves_its_share(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    # The open calls' share holds streams, which may sit silent; a unary call takes a slot
+    # at once, and a caller alone may hold every slot (TENANTS.md).
+    upstream.poison(HOLD, Fault(delay=NEVER))
+    held = rerank_request()
+    held.query = HOLD
+    with _serve(tmp_path, upstream, max_open_calls=6, max_concurrent_requests=4) as server:
+        assert server.server is not None
+        admission = server.server.admission
+        calls = [server.stub.Rerank.future(held, metadata=bearer(SEARCH_KEY), timeout=30) for _ in range(4)]
+        try:
+            wait_until(
+                lambda: admission.in_flight == 4 or any(call.done() for call in calls),
+                what="every call admitted, or one refused",
+            )
+            in_flight, ended = admission.in_flight, [call for call in calls if call.done()]
+        finally:
+            for call in calls:
+                call.cancel()
+
+    assert [call.details() for call in ended] == []
+    assert in_flight == 4
+    assert _fair_share_refusals(server) == 0
+
+
 def test_a_streams_items_run_at_most_its_callers_share_while_others_call(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
