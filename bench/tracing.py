@@ -2,7 +2,7 @@
 and on with 1% sampled, exporting to a real Jaeger.
 
     make bench-tracing                  # or: .venv/bin/python -m bench.tracing
-    BENCH_QUICK=1 make bench-tracing    # a short smoke run (writes bench/results/tracing/ only)
+    BENCH_QUICK=1 make bench-tracing    # a short smoke run (its section to bench/results/tracing/ only)
 
 Three `rerank-service serve --backend upstream` processes with their defaults (the score
 cache off, so every call goes upstream: a server span and an attempt span each; its route
@@ -20,8 +20,9 @@ alike; each figure is the mean of the rounds. CPU per call: utime + stime of the
 service's whole process (the exporter's thread included) over the measured run, divided
 by the calls. Each traced service's spans exported and dropped are read from its /metrics.
 
-The generated part of docs/PERFORMANCE.md (between its bench-tracing markers) is rewritten;
-raw ghz reports land in bench/results/tracing/.
+The generated part of docs/PERFORMANCE.md (between its bench-tracing markers) is rewritten
+(a quick run writes it to bench/results/tracing/PERFORMANCE-quick.md instead); raw ghz
+reports land beside bench/perf.py's, in bench/results/perf/tracing-20-c64-*.json.
 """
 
 from __future__ import annotations
@@ -175,8 +176,9 @@ def report(measured: dict[str, Measured], plan: perf.Plan, rounds: int, seconds:
         BEGIN,
         "## Tracing",
         "",
-        f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds / 60:.1f} minutes. "
-        f"Machine: {perf.machine()}.",
+        f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds / 60:.1f} minutes"
+        + (" — **BENCH_QUICK=1 smoke run, not a record**" if plan.quick else "")
+        + f". Machine: {perf.machine()}.",
         "",
         "`rerank-service serve --backend upstream` with its defaults and the score cache off (every call "
         "sent upstream: a server and an attempt span; a route of one deployment has no span of its own), "
@@ -214,6 +216,12 @@ def report(measured: dict[str, Measured], plan: perf.Plan, rounds: int, seconds:
     return "\n".join(lines)
 
 
+def chosen_plan() -> perf.Plan:
+    """perf.QUICK when BENCH_QUICK is set to anything but "" or "0", as the other benchmarks
+    read it (BENCH_QUICK=0 is a full run)."""
+    return perf.QUICK if os.environ.get("BENCH_QUICK", "") not in ("", "0") else perf.FULL
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds of each service")
@@ -222,7 +230,7 @@ def main() -> int:
         "--doc", type=Path, default=None, help="the document to write (default: PERFORMANCE.md)"
     )
     args = parser.parse_args()
-    plan = perf.QUICK if os.environ.get("BENCH_QUICK") else perf.FULL
+    plan = chosen_plan()
     rounds = args.rounds or (1 if plan.quick else 6)
     if not perf.GHZ.exists():
         raise SystemExit(f"missing {perf.GHZ}: bash bench/install-ghz.sh")

@@ -45,7 +45,6 @@ IMPORT_NAMES: dict[str, frozenset[str]] = {
     "starlette": frozenset({"starlette"}),
     "httptools": frozenset({"httptools"}),
     "httpx-aiohttp": frozenset({"httpx_aiohttp"}),
-    "h11-mypyc": frozenset({"h11_mypyc"}),  # a fork of h11 that installs beside it, as h11_mypyc
     "rerank-service-client": frozenset(
         path.name for path in (ROOT / "clients/python/src").iterdir() if (path / "__init__.py").exists()
     ),
