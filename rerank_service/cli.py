@@ -192,8 +192,8 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
     root = None  # None: the system's CAs
     if args.tls_ca is not None:
+        root = _read_pem("tls-ca", args.tls_ca)  # a file it cannot read: said so first
         ca_bundle(args.tls_ca, "tls_ca")  # as serve checks its tls-client-ca; the error names tls-ca
-        root = _read_pem("tls-ca", args.tls_ca)
     # tls-cert and tls-key, read and checked as serve's: PEM, a pair, not encrypted.
     client = read_tls(TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=None))
     credentials = grpc.ssl_channel_credentials(
