@@ -31,7 +31,14 @@ from pydantic import (
     model_validator,
 )
 
-from rerank_service.config.secret import Secret, UnreadableKeyFile, file_named, read_keys, variable_named
+from rerank_service.config.secret import (
+    Secret,
+    UnreadableKeyFile,
+    file_named,
+    key_fault,
+    read_keys,
+    variable_named,
+)
 from rerank_service.config.switches import NOT_A_SWITCH
 
 # Names of anonymous callers (`--api-keys`, pass-through) and of a call without a key.
@@ -269,6 +276,10 @@ def _read_keys(credential: CredentialEntry, env: Mapping[str, str], place: str) 
             raise CallerKeyError(
                 f"{place}.key_env names {variable_named(credential.key_env)}, which is not set"
             )
+        # A comment after the key ("sk-b  # search team") would become part of it, and every
+        # call with the real key be refused; the error names the variable, never the key.
+        if fault := key_fault(value):
+            raise CallerKeyError(f"{place}.key_env: {variable_named(credential.key_env)} {fault}")
         return (Secret(value),)
     if credential.key_file:
         try:

@@ -24,8 +24,11 @@ def describe(error: ErrorDetails, fields: Mapping[str, Any], origins: Mapping[st
     info = fields.get(str(top))
     # A key pasted where its variable or file is named, or where a caller's credentials go
     # (a key written in place of the list or of an entry), must not be repeated.
-    secret = (info is not None and any(isinstance(item, KeySources) for item in info.metadata)) or any(
-        part in _HOLD_KEYS for part in inner
+    secret = (
+        (info is not None and any(isinstance(item, KeySources) for item in info.metadata))
+        or any(part in _HOLD_KEYS for part in inner)
+        # `callers:` itself or one of its entries written as a bare string: a key pasted there.
+        or (str(top) == "callers" and all(isinstance(part, int) for part in inner))
     )
     kind = error["type"]
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):

@@ -279,10 +279,14 @@ def _secrets(args: Mapping[str, Any], env: Mapping[str, str], file: Layer) -> La
 
 def _read_keys(keys: KeySources, raw: str, is_file: bool, origin: str) -> list[Secret]:
     if not is_file:
-        found = raw.split(",") if keys.several else [raw]
-        if not keys.several and (fault := key_fault(raw)):
-            raise ConfigError(f"{origin}: the key {fault}")
-        return [Secret(key.strip()) for key in found if key.strip()]
+        found = [key.strip() for key in raw.split(",")] if keys.several else [raw]
+        for position, key in enumerate(found, 1):
+            # A comment after a key ("sk-a # prod") would become part of it, and every call
+            # with the real key be refused; the error says which key, never the key.
+            if fault := key_fault(key):
+                which = f"key {position} of its comma-separated list" if keys.several else "the key"
+                raise ConfigError(f"{origin}: {which} {fault}")
+        return [Secret(key) for key in found if key]
     named = "" if origin == keys.file_flag else f" (from {origin})"
     try:
         if keys.several:

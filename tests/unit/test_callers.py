@@ -701,3 +701,15 @@ def test_a_token_of_bytes_that_are_not_utf8_is_named_and_matches_no_key() -> Non
 
     assert anonymous_name(token).startswith("key-")
     assert not directory.accepts(Secret(token))
+
+
+@pytest.mark.parametrize(
+    "section",
+    [f"callers: [{SEARCH_KEY}]\n", f"callers: {SEARCH_KEY}\n", f"callers:\n  - {SEARCH_KEY}\n"],
+    ids=["flow-list", "bare-string", "block-list"],
+)
+def test_a_key_pasted_as_a_caller_is_not_repeated(tmp_path: Path, section: str) -> None:
+    message = refusal(tmp_path, section)
+
+    assert message.startswith("callers")
+    assert SEARCH_KEY not in message

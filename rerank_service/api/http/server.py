@@ -11,6 +11,7 @@ import asyncio
 import ssl
 from collections.abc import Callable
 from http import HTTPStatus
+from pathlib import Path
 from typing import cast
 
 from aiohttp import hdrs, web
@@ -39,9 +40,18 @@ def ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tls.cert, tls.key)
     if tls.client_ca is not None:
-        context.load_verify_locations(tls.client_ca)
+        _trust_client_ca(context, tls.client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _trust_client_ca(context: ssl.SSLContext, client_ca: Path) -> None:
+    """Trust the client CA file's certificates, each as the end of a chain, as gRPC does:
+    an intermediate CA given alone (cert-manager's ca.crt of a CA issuer backed by one)
+    verifies its clients. Without VERIFY_X509_PARTIAL_CHAIN, OpenSSL looks for a self-signed
+    root above it and refuses every client ("unable to get issuer certificate")."""
+    context.load_verify_locations(client_ca)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
 
 
 async def keep_renewed(context: ssl.SSLContext, tls: TlsConfig, every: float) -> None:
@@ -61,7 +71,7 @@ async def keep_renewed(context: ssl.SSLContext, tls: TlsConfig, every: float) ->
         try:
             context.load_cert_chain(cert, key)
             if client_ca is not None:
-                context.load_verify_locations(client_ca)
+                _trust_client_ca(context, client_ca)
             pending = False
         except (ssl.SSLError, OSError) as exc:  # the next look loads them again
             pending = True
