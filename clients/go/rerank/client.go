@@ -15,6 +15,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"math"
+	"strings"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -51,8 +52,26 @@ type config struct {
 // Option configures Dial.
 type Option func(*config)
 
-// WithAPIKey sends key as `authorization: Bearer <key>` on every call.
+// WithAPIKey sends key as `authorization: Bearer <key>` on every call. Surrounding
+// whitespace (the newline of a key read from a file) is dropped; Dial refuses a key
+// with any other character than printable ASCII.
 func WithAPIKey(key string) Option { return func(c *config) { c.apiKey = key } }
+
+// errBadKey never quotes the key: the error may end up in a log.
+var errBadKey = errors.New("rerank: the api key must be printable ASCII (letters, digits, punctuation; " +
+	"no spaces or control characters)")
+
+// checkKey returns key without surrounding whitespace, or errBadKey: grpc-go would
+// fail every call with such a key INTERNAL instead, long after Dial.
+func checkKey(key string) (string, error) {
+	key = strings.TrimSpace(key)
+	for i := 0; i < len(key); i++ {
+		if key[i] < 0x21 || key[i] > 0x7e {
+			return "", errBadKey
+		}
+	}
+	return key, nil
+}
 
 // WithInsecure uses plaintext instead of TLS (for local or in-cluster servers).
 // The API key, if any, is then sent in clear text.
@@ -79,6 +98,10 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	for _, o := range opts {
 		o(&cfg)
 	}
+	apiKey, err := checkKey(cfg.apiKey)
+	if err != nil {
+		return nil, err
+	}
 	var dialOpts []grpc.DialOption
 	switch {
 	case cfg.insecure:
@@ -88,8 +111,8 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	default:
 		dialOpts = append(dialOpts, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS12})))
 	}
-	if cfg.apiKey != "" {
-		dialOpts = append(dialOpts, grpc.WithPerRPCCredentials(bearer{token: cfg.apiKey, secure: !cfg.insecure}))
+	if apiKey != "" {
+		dialOpts = append(dialOpts, grpc.WithPerRPCCredentials(bearer{token: apiKey, secure: !cfg.insecure}))
 	}
 	// No receive limit of the client's own: the server bounds answers (--max-message-bytes,
 	// 16 MiB by default), and grpc-go's 4 MiB default would fail an answer the server had
@@ -132,7 +155,13 @@ func WithModel(model string) RerankOption {
 
 // WithTopN returns only the n best documents.
 func WithTopN(n int) RerankOption {
-	return func(r *rerankv1.RerankRequest) { v := int32(n); r.TopN = &v }
+	return func(r *rerankv1.RerankRequest) { v := clampInt32(n); r.TopN = &v }
+}
+
+// clampInt32 keeps an int out of int32's range at its nearest bound, so the server
+// judges the value asked for: a plain conversion wraps (1<<32 + 1 becomes 1).
+func clampInt32(n int) int32 {
+	return int32(min(max(n, math.MinInt32), math.MaxInt32))
 }
 
 // WithInstruct sets the task instruction that steers the ranking.
@@ -153,12 +182,12 @@ func WithLongDocuments(mode rerankv1.LongDocuments) RerankOption {
 
 // WithMaxTokensPerDoc sets the window a document is cut or chunked to, in tokens.
 func WithMaxTokensPerDoc(n int) RerankOption {
-	return func(r *rerankv1.RerankRequest) { v := int32(n); r.MaxTokensPerDoc = &v }
+	return func(r *rerankv1.RerankRequest) { v := clampInt32(n); r.MaxTokensPerDoc = &v }
 }
 
 // WithChunkOverlapTokens sets the tokens neighbouring chunks share.
 func WithChunkOverlapTokens(n int) RerankOption {
-	return func(r *rerankv1.RerankRequest) { v := int32(n); r.ChunkOverlapTokens = &v }
+	return func(r *rerankv1.RerankRequest) { v := clampInt32(n); r.ChunkOverlapTokens = &v }
 }
 
 // BestChunk is the chunk a chunked document's score came from.
@@ -198,9 +227,18 @@ func (c *Client) NewRequest(query string, documents []string, opts ...RerankOpti
 }
 
 // Rerank ranks documents against query. Errors are gRPC statuses: use
-// status.Code(err), and FieldViolations(err) for INVALID_ARGUMENT.
+// status.Code(err), and FieldViolations(err) for INVALID_ARGUMENT. To read the
+// x-request-id of a failed call, use RerankRequest with grpc.Trailer.
 func (c *Client) Rerank(ctx context.Context, query string, documents []string, opts ...RerankOption) (*Response, error) {
-	resp, err := c.rpc.Rerank(ctx, c.NewRequest(query, documents, opts...))
+	return c.RerankRequest(ctx, c.NewRequest(query, documents, opts...))
+}
+
+// RerankRequest sends a prepared request (NewRequest builds one) with gRPC call
+// options, for example grpc.Trailer(&md): every answer and every failed call carries
+// x-request-id in its trailing metadata, and a failed call that reached a deployment
+// x-deployment (docs/ERRORS.md).
+func (c *Client) RerankRequest(ctx context.Context, req *rerankv1.RerankRequest, opts ...grpc.CallOption) (*Response, error) {
+	resp, err := c.rpc.Rerank(ctx, req, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -216,9 +254,10 @@ type Model struct {
 	Backend          string // "upstream" or "local"
 }
 
-// ListModels lists the models the server serves.
-func (c *Client) ListModels(ctx context.Context) ([]Model, error) {
-	resp, err := c.rpc.ListModels(ctx, &rerankv1.ListModelsRequest{})
+// ListModels lists the models the server serves. opts are gRPC call options, for
+// example grpc.Trailer(&md) to read x-request-id.
+func (c *Client) ListModels(ctx context.Context, opts ...grpc.CallOption) ([]Model, error) {
+	resp, err := c.rpc.ListModels(ctx, &rerankv1.ListModelsRequest{}, opts...)
 	if err != nil {
 		return nil, err
 	}

@@ -3,7 +3,9 @@ package rerank
 import (
 	"context"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 
 	rerankv1 "github.com/rerank-service/rerank-service/clients/go/rerank/v1"
 )
@@ -24,9 +26,9 @@ type StreamResult struct {
 }
 
 // RerankStream opens a bidirectional stream for many requests. Cancelling ctx
-// ends the stream.
-func (c *Client) RerankStream(ctx context.Context) (*Stream, error) {
-	s, err := c.rpc.RerankStream(ctx)
+// ends the stream. opts are gRPC call options.
+func (c *Client) RerankStream(ctx context.Context, opts ...grpc.CallOption) (*Stream, error) {
+	s, err := c.rpc.RerankStream(ctx, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -60,6 +62,11 @@ func (s *Stream) Recv() (*StreamResult, error) {
 	}
 	return out, nil
 }
+
+// Trailer returns the stream's trailing metadata: its x-request-id, and the
+// x-deployment of a stream that failed. Call it once Recv has returned an error
+// (io.EOF included): grpc-go fills it when the stream ends.
+func (s *Stream) Trailer() metadata.MD { return s.stream.Trailer() }
 
 func itemError(e *rerankv1.RerankError) *ItemError {
 	out := &ItemError{

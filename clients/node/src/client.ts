@@ -29,12 +29,17 @@ import type {
 export const REQUEST_ID_KEY = "x-request-id";
 
 export interface RerankClientOptions {
-  /** Sent as `authorization: Bearer <apiKey>` on every call. Omit for a server without keys. */
+  /**
+   * Sent as `authorization: Bearer <apiKey>` on every call. Omit for a server without keys.
+   * Surrounding whitespace (the newline of a key read from a file) is dropped; any other
+   * character than printable ASCII makes createRerankClient throw.
+   */
   apiKey?: string;
   /**
    * Default deadline of each unary call (Rerank, ListModels), in milliseconds.
-   * Unset: no deadline. RerankStream does not use it (streams are long); pass
-   * `timeoutMs` to rerankStream() to bound a stream.
+   * Unset or 0: no deadline (unlike Python's timeout=0, a deadline already past).
+   * RerankStream does not use it (streams are long); pass `timeoutMs` to
+   * rerankStream() to bound a stream.
    */
   timeoutMs?: number;
   /**
@@ -67,7 +72,7 @@ export interface RerankOptions {
 
 /** Deadline and cancellation of one call. */
 export interface CallControl {
-  /** Overrides the client's default deadline for this call, in milliseconds. */
+  /** Overrides the client's default deadline for this call, in milliseconds (0: none). */
   timeoutMs?: number;
   /** Cancels the call when aborted. */
   signal?: AbortSignal;
@@ -98,7 +103,8 @@ export interface RerankClient {
    * Ranks many requests over one bidirectional stream. Responses arrive as items
    * finish (out of order): match them by `id`. A failing item is answered with
    * `result.case === "error"` and the stream goes on. The stream ends after the
-   * input is exhausted and every item has been answered.
+   * input is exhausted and every item has been answered. Leaving the loop over it
+   * early (break, return, a throw) cancels the stream.
    */
   rerankStream(
     items: Iterable<RerankStreamItem> | AsyncIterable<RerankStreamItem>,
@@ -140,6 +146,20 @@ function requestInit(
   };
 }
 
+/**
+ * The key without surrounding whitespace. Throws, never quoting the key, for one no
+ * header can carry: each call would fail (Code.Unknown) with an error quoting it whole.
+ */
+function checkedApiKey(apiKey: string | undefined): string | undefined {
+  const key = apiKey?.trim();
+  if (key && !/^[\x21-\x7e]+$/.test(key)) {
+    throw new TypeError(
+      "apiKey must be printable ASCII (letters, digits, punctuation; no spaces or control characters)",
+    );
+  }
+  return key || undefined;
+}
+
 /** Creates a client for the RerankService at `target` (for example "127.0.0.1:50051"). */
 export function createRerankClient(
   target: string,
@@ -147,8 +167,9 @@ export function createRerankClient(
 ): RerankClient {
   const baseUrl = baseUrlOf(target, options.tls);
   const interceptors: Interceptor[] = [];
-  if (options.apiKey) {
-    const authorization = `Bearer ${options.apiKey}`;
+  const apiKey = checkedApiKey(options.apiKey);
+  if (apiKey) {
+    const authorization = `Bearer ${apiKey}`;
     interceptors.push((next) => (req) => {
       req.header.set("authorization", authorization);
       return next(req);
@@ -174,16 +195,56 @@ export function createRerankClient(
     rerank(query, documents, callOptions = {}) {
       return raw.rerank(requestInit(query, documents, callOptions), unary(callOptions));
     },
-    rerankStream(items, control) {
+    async *rerankStream(items, control) {
+      // Connect-ES cancels a stream only through its signal: leaving the loop early
+      // (break, return, a throw) must cancel it here, or the items in flight run on
+      // (and are billed) and an open-ended `items` keeps the stream open.
+      const controller = new AbortController();
+      const cancelled = new Promise<"cancelled">((resolve) =>
+        controller.signal.addEventListener("abort", () => resolve("cancelled"), { once: true }),
+      );
       async function* requests(): AsyncIterable<MessageInitShape<typeof RerankStreamRequestSchema>> {
-        for await (const item of items) {
-          yield { id: item.id, request: requestInit(item.query, item.documents, item) };
+        // `items` is read by hand: a `for await` waiting on an open-ended producer's
+        // next() could neither stop nor close it when the stream is cancelled.
+        const iterator =
+          Symbol.asyncIterator in items ? items[Symbol.asyncIterator]() : items[Symbol.iterator]();
+        let done = false;
+        try {
+          for (;;) {
+            const next = await Promise.race([iterator.next(), cancelled]);
+            if (next === "cancelled") {
+              return;
+            }
+            if (next.done) {
+              done = true;
+              return;
+            }
+            const item = next.value;
+            yield { id: item.id, request: requestInit(item.query, item.documents, item) };
+          }
+        } finally {
+          if (!done) {
+            // Not awaited: a producer busy in next() finishes that first.
+            Promise.resolve(iterator.return?.()).catch(() => {});
+          }
         }
       }
-      return raw.rerankStream(requests(), {
-        timeoutMs: control?.timeoutMs,
-        signal: control?.signal,
-      });
+      const callerSignal = control?.signal;
+      const forward = () => controller.abort(callerSignal?.reason);
+      if (callerSignal?.aborted) {
+        forward();
+      } else {
+        callerSignal?.addEventListener("abort", forward, { once: true });
+      }
+      try {
+        yield* raw.rerankStream(requests(), {
+          timeoutMs: control?.timeoutMs,
+          signal: controller.signal,
+        });
+      } finally {
+        callerSignal?.removeEventListener("abort", forward);
+        controller.abort(); // a no-op once the stream has ended
+      }
     },
     async listModels(control) {
       const response = await raw.listModels({}, unary(control));

@@ -184,6 +184,86 @@ describe("rerank-service client (live server)", () => {
     }
   });
 
+  test("an API key is sent without its surrounding whitespace (a key file's newline)", async () => {
+    requireTarget();
+    const fromFile = createRerankClient(target, { apiKey: ` ${apiKey}\n`, timeoutMs: 10_000 });
+    try {
+      const response = await fromFile.rerank("red apple", DOCS, { model: MODEL });
+      assert.equal(response.output?.results.length, DOCS.length);
+    } finally {
+      fromFile.close();
+    }
+  });
+
+  test("an API key that is not printable ASCII is refused up front, without quoting it", () => {
+    requireTarget();
+    for (const key of ["sk-mid\nline-secret", "sk-ключ-secret", "sk-nul\u0000-secret", "sk-space secret"]) {
+      assert.throws(
+        () => createRerankClient(target, { apiKey: key }),
+        (err: unknown) => {
+          assert.ok(err instanceof TypeError, `expected a TypeError, got ${String(err)}`);
+          assert.match(err.message, /printable ASCII/);
+          assert.ok(!err.message.includes("secret"), `the error quotes the key: ${err.message}`);
+          return true;
+        },
+        `apiKey ${JSON.stringify(key)} should be refused`,
+      );
+    }
+  });
+
+  // Without the cancel, the stream stays open (its items running, and billed) until
+  // close(): `items` is never closed, so the test times out.
+  test("leaving a RerankStream loop early cancels the stream", { timeout: 20_000 }, async () => {
+    let itemsClosed!: () => void;
+    const closed = new Promise<void>((resolve) => (itemsClosed = resolve));
+    const queued: RerankStreamItem[] = [
+      { id: "fast", query: "red apple", documents: DOCS, model: MODEL },
+      { id: "slow", query: "[[delay=60]] red apple", documents: DOCS, model: MODEL },
+    ];
+    // An open-ended producer: two items, then none yet (its next() never settles).
+    const items: AsyncIterableIterator<RerankStreamItem> = {
+      [Symbol.asyncIterator]() {
+        return this;
+      },
+      next() {
+        const item = queued.shift();
+        return item ? Promise.resolve({ done: false, value: item }) : new Promise(() => {});
+      },
+      return() {
+        itemsClosed();
+        return Promise.resolve({ done: true, value: undefined });
+      },
+    };
+    const received: string[] = [];
+    for await (const response of client().rerankStream(items)) {
+      received.push(response.id);
+      break;
+    }
+    assert.deepEqual(received, ["fast"]);
+    await closed; // the cancelled stream closes `items`, though its next() never settles
+  });
+
+  test("a RerankStream that ends normally, and one cancelled by the caller's signal", async () => {
+    const done: string[] = [];
+    for await (const response of client().rerankStream(
+      [{ id: "a", query: "red apple", documents: DOCS, model: MODEL }],
+      { signal: new AbortController().signal },
+    )) {
+      done.push(response.id);
+    }
+    assert.deepEqual(done, ["a"]);
+
+    const controller = new AbortController();
+    const slow = [{ id: "s", query: "[[delay=60]] red apple", documents: DOCS, model: MODEL }];
+    const draining = (async () => {
+      for await (const response of client().rerankStream(slow, { signal: controller.signal })) {
+        assert.fail(`no answer expected, got ${response.id}`);
+      }
+    })();
+    controller.abort();
+    await rejectsWithCode(draining, Code.Canceled);
+  });
+
   test("ListModels includes qwen3-rerank", async () => {
     const models = await client().listModels();
     assert.ok(

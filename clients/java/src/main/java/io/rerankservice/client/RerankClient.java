@@ -355,10 +355,36 @@ public final class RerankClient implements AutoCloseable {
       return this;
     }
 
-    /** Sent on every call as {@code authorization: Bearer <apiKey>}; null or empty sends none. */
+    /**
+     * Sent on every call as {@code authorization: Bearer <apiKey>}; null or empty sends none.
+     * Surrounding whitespace (the newline of a key read from a file) is dropped.
+     *
+     * @throws IllegalArgumentException if the key holds any other character than printable
+     *     ASCII (the message does not quote it)
+     */
     public Builder apiKey(String apiKey) {
-      this.apiKey = apiKey;
+      this.apiKey = checkedApiKey(apiKey);
       return this;
+    }
+
+    /**
+     * The key without surrounding whitespace. grpc-java would drop a header holding any
+     * other character (the call then fails UNAUTHENTICATED), logging the whole key.
+     */
+    private static String checkedApiKey(String apiKey) {
+      if (apiKey == null) {
+        return null;
+      }
+      String key = apiKey.strip();
+      for (int i = 0; i < key.length(); i++) {
+        char c = key.charAt(i);
+        if (c < 0x21 || c > 0x7e) {
+          throw new IllegalArgumentException(
+              "api key must be printable ASCII (letters, digits, punctuation; "
+                  + "no spaces or control characters)");
+        }
+      }
+      return key;
     }
 
     /** Plaintext (no TLS); default false, i.e. TLS. */

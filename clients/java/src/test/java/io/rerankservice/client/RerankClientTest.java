@@ -153,6 +153,29 @@ class RerankClientTest {
   }
 
   @Test
+  void apiKeyIsSentWithoutItsSurroundingWhitespace() {
+    // A key read from a file as written (Files.readString) ends in a newline.
+    try (RerankClient fromFile = RerankClient.builder(target)
+        .apiKey(" " + System.getenv("RERANK_API_KEY") + "\n").plaintext(true)
+        .deadline(Duration.ofSeconds(10)).build()) {
+      RerankResponse resp =
+          fromFile.rerank("red apple", DOCS, RerankClient.Options.defaults().model(MODEL));
+      assertEquals(DOCS.size(), resp.getOutput().getResultsCount());
+    }
+  }
+
+  @Test
+  void apiKeyThatIsNotPrintableAsciiIsRefusedWithoutQuotingIt() {
+    for (String key : List.of("sk-mid\nline-secret", "sk-ключ-secret", "sk-nul\u0000-secret",
+        "sk-space secret")) {
+      IllegalArgumentException e = assertThrows(IllegalArgumentException.class,
+          () -> RerankClient.builder(target).apiKey(key), "apiKey " + key.replace("\n", "\\n").replace("\u0000", "\\0"));
+      assertTrue(e.getMessage().contains("printable ASCII"), e.getMessage());
+      assertFalse(e.getMessage().contains("secret"), "the message quotes the key: " + e.getMessage());
+    }
+  }
+
+  @Test
   void shortDeadlineIsDeadlineExceeded() {
     StatusRuntimeException e = assertThrows(StatusRuntimeException.class,
         () -> client.rerank("[[delay=2]] red apple", DOCS,
