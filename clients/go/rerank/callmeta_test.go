@@ -1,6 +1,7 @@
 package rerank_test
 
 import (
+	"context"
 	"errors"
 	"io"
 	"math"
@@ -13,7 +14,20 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/rerank-service/rerank-service/clients/go/rerank"
+	rerankv1 "github.com/rerank-service/rerank-service/clients/go/rerank/v1"
 )
+
+// *Client keeps the method signatures callers' interfaces (a common way to mock it)
+// and method values are written against; gRPC call options come through RerankRequest,
+// ListModelsWith and RerankStreamWith. This does not compile if one of them changes.
+var _ interface {
+	Close() error
+	Raw() rerankv1.RerankServiceClient
+	NewRequest(query string, documents []string, opts ...rerank.RerankOption) *rerankv1.RerankRequest
+	Rerank(ctx context.Context, query string, documents []string, opts ...rerank.RerankOption) (*rerank.Response, error)
+	ListModels(ctx context.Context) ([]rerank.Model, error)
+	RerankStream(ctx context.Context) (*rerank.Stream, error)
+} = (*rerank.Client)(nil)
 
 // A key read from a file as written ends in a newline: it is sent without it.
 func TestAPIKeyWithSurroundingWhitespaceIsTrimmed(t *testing.T) {
@@ -64,8 +78,8 @@ func TestFailedCallTrailerCarriesTheRequestID(t *testing.T) {
 func TestListModelsTrailerCarriesTheRequestID(t *testing.T) {
 	c := dial(t)
 	var trailer metadata.MD
-	if _, err := c.ListModels(ctx(t), grpc.Trailer(&trailer)); err != nil {
-		t.Fatalf("ListModels: %v", err)
+	if _, err := c.ListModelsWith(ctx(t), grpc.Trailer(&trailer)); err != nil {
+		t.Fatalf("ListModelsWith: %v", err)
 	}
 	if ids := trailer.Get("x-request-id"); len(ids) != 1 || ids[0] == "" {
 		t.Errorf("trailer x-request-id = %q, want one id (trailer %v)", ids, trailer)
@@ -74,9 +88,10 @@ func TestListModelsTrailerCarriesTheRequestID(t *testing.T) {
 
 func TestStreamTrailerCarriesTheRequestID(t *testing.T) {
 	c := dial(t)
-	s, err := c.RerankStream(ctx(t))
+	var trailer metadata.MD // RerankStreamWith passes its call options on
+	s, err := c.RerankStreamWith(ctx(t), grpc.Trailer(&trailer))
 	if err != nil {
-		t.Fatalf("RerankStream: %v", err)
+		t.Fatalf("RerankStreamWith: %v", err)
 	}
 	if err := s.Send("a", "red apple", []string{"a red apple"}); err != nil {
 		t.Fatalf("Send: %v", err)
@@ -93,6 +108,9 @@ func TestStreamTrailerCarriesTheRequestID(t *testing.T) {
 	}
 	if ids := s.Trailer().Get("x-request-id"); len(ids) != 1 || ids[0] == "" {
 		t.Errorf("stream trailer x-request-id = %q, want one id (trailer %v)", ids, s.Trailer())
+	}
+	if ids := trailer.Get("x-request-id"); len(ids) != 1 || ids[0] == "" {
+		t.Errorf("grpc.Trailer x-request-id = %q, want one id (trailer %v)", ids, trailer)
 	}
 }
 

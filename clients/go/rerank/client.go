@@ -254,9 +254,16 @@ type Model struct {
 	Backend          string // "upstream" or "local"
 }
 
-// ListModels lists the models the server serves. opts are gRPC call options, for
-// example grpc.Trailer(&md) to read x-request-id.
-func (c *Client) ListModels(ctx context.Context, opts ...grpc.CallOption) ([]Model, error) {
+// ListModels lists the models the server serves. To pass gRPC call options, use
+// ListModelsWith.
+func (c *Client) ListModels(ctx context.Context) ([]Model, error) {
+	return c.ListModelsWith(ctx)
+}
+
+// ListModelsWith is ListModels with gRPC call options, for example
+// grpc.Trailer(&md) to read x-request-id. (ListModels keeps its signature, which
+// callers' interfaces and method values are written against.)
+func (c *Client) ListModelsWith(ctx context.Context, opts ...grpc.CallOption) ([]Model, error) {
 	resp, err := c.rpc.ListModels(ctx, &rerankv1.ListModelsRequest{}, opts...)
 	if err != nil {
 		return nil, err

@@ -26,8 +26,14 @@ type StreamResult struct {
 }
 
 // RerankStream opens a bidirectional stream for many requests. Cancelling ctx
-// ends the stream. opts are gRPC call options.
-func (c *Client) RerankStream(ctx context.Context, opts ...grpc.CallOption) (*Stream, error) {
+// ends the stream. To pass gRPC call options, use RerankStreamWith.
+func (c *Client) RerankStream(ctx context.Context) (*Stream, error) {
+	return c.RerankStreamWith(ctx)
+}
+
+// RerankStreamWith is RerankStream with gRPC call options. (RerankStream keeps its
+// signature, which callers' interfaces and method values are written against.)
+func (c *Client) RerankStreamWith(ctx context.Context, opts ...grpc.CallOption) (*Stream, error) {
 	s, err := c.rpc.RerankStream(ctx, opts...)
 	if err != nil {
 		return nil, err

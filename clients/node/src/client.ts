@@ -200,9 +200,7 @@ export function createRerankClient(
       // (break, return, a throw) must cancel it here, or the items in flight run on
       // (and are billed) and an open-ended `items` keeps the stream open.
       const controller = new AbortController();
-      const cancelled = new Promise<"cancelled">((resolve) =>
-        controller.signal.addEventListener("abort", () => resolve("cancelled"), { once: true }),
-      );
+      const { signal } = controller;
       async function* requests(): AsyncIterable<MessageInitShape<typeof RerankStreamRequestSchema>> {
         // `items` is read by hand: a `for await` waiting on an open-ended producer's
         // next() could neither stop nor close it when the stream is cancelled.
@@ -211,7 +209,23 @@ export function createRerankClient(
         let done = false;
         try {
           for (;;) {
-            const next = await Promise.race([iterator.next(), cancelled]);
+            // Each pull listens for the cancel only while it waits: racing one promise
+            // that settles when the stream ends would keep every item pulled (its
+            // query and documents) until then.
+            const next = await new Promise<IteratorResult<RerankStreamItem> | "cancelled">(
+              (resolve, reject) => {
+                if (signal.aborted) {
+                  resolve("cancelled");
+                  return;
+                }
+                const onAbort = () => resolve("cancelled");
+                signal.addEventListener("abort", onAbort, { once: true });
+                // (A next() that throws rejects here too, so the listener still goes.)
+                new Promise<IteratorResult<RerankStreamItem>>((pull) => pull(iterator.next()))
+                  .then(resolve, reject)
+                  .finally(() => signal.removeEventListener("abort", onAbort));
+              },
+            );
             if (next === "cancelled") {
               return;
             }

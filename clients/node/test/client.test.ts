@@ -6,6 +6,8 @@
 // scores documents deterministically and delays queries tagged "[[delay=N]]".
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
+import { setFlagsFromString } from "node:v8";
+import { runInNewContext } from "node:vm";
 
 import {
   Code,
@@ -243,6 +245,37 @@ describe("rerank-service client (live server)", () => {
     await closed; // the cancelled stream closes `items`, though its next() never settles
   });
 
+  // A long-lived stream must not hold the items it has sent: each pull of `items` raced
+  // one promise that settled only when the stream ended, and every race kept its item.
+  test("an open RerankStream keeps no item it has sent and had answered", async () => {
+    const gc = exposedGc();
+    const N = 20;
+    const sent: WeakRef<string[]>[] = [];
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    async function* items(): AsyncGenerator<RerankStreamItem> {
+      for (let i = 0; i < N; i++) {
+        const documents = [`a red apple ${i}`, "a car"];
+        sent.push(new WeakRef(documents));
+        yield { id: String(i), query: "red apple", documents, model: MODEL };
+      }
+      await held; // the stream stays open, as an open-ended producer's does
+    }
+    let answered = 0;
+    let alive = -1;
+    for await (const response of client().rerankStream(items())) {
+      assert.equal(response.result.case, "response");
+      if (++answered === N) {
+        // The latest item may still be referenced inside Connect's request pipeline
+        // (one item, not a growth): the ones before it must be gone.
+        alive = await aliveAfterGc(sent.slice(0, -1), gc);
+        release();
+      }
+    }
+    assert.equal(answered, N);
+    assert.equal(alive, 0, `${alive} of the first ${N - 1} items sent and answered are still held by the open stream`);
+  });
+
   test("a RerankStream that ends normally, and one cancelled by the caller's signal", async () => {
     const done: string[] = [];
     for await (const response of client().rerankStream(
@@ -272,3 +305,20 @@ describe("rerank-service client (live server)", () => {
     );
   });
 });
+
+/** global.gc, without --expose-gc on node's command line (test.sh runs plain `node --test`). */
+function exposedGc(): () => void {
+  setFlagsFromString("--expose-gc");
+  return runInNewContext("gc") as () => void;
+}
+
+/** How many of refs' targets survive full collections (a WeakRef holds its target until its job ends). */
+async function aliveAfterGc(refs: WeakRef<object>[], gc: () => void): Promise<number> {
+  let alive = refs.length;
+  for (let round = 0; round < 5 && alive > 0; round++) {
+    await new Promise((resolve) => setImmediate(resolve));
+    gc();
+    alive = refs.filter((ref) => ref.deref() !== undefined).length;
+  }
+  return alive;
+}
