@@ -1,6 +1,7 @@
 """One call's steps, the same for every entry point: a gRPC unary call, each RerankStream
 item, an HTTP call. The front doors (api/grpc/, api/http/) translate their wire format to and
-from these steps and decide nothing else; each step is written once, here:
+from these steps and decide nothing else; the steps are here, in order, but for admission,
+which the front doors share (they know when a body or a stream's item arrives):
 
 1. `Pipeline.open`: the call's request id (bound, so every log line below carries it)
    and its in-flight metric;
@@ -9,20 +10,27 @@ from these steps and decide nothing else; each step is written once, here:
    (pipeline/callers.py);
 3. `admit` (or `admit_bytes` then `admit_call`, for a front door that learns the size
    before it reads the body): a slot and the request's bytes (RESOURCE_EXHAUSTED past
-   the bounds, admission.py); where it raises SlotWait (every slot taken, the caller
-   under its fair share) the front door awaits `admitted`, the next slot released;
-4. `rerank`: the model checked against the caller's (PERMISSION_DENIED), the caller's
-   deadline (DEADLINE_EXCEEDED once passed), the caller's limits (RESOURCE_EXHAUSTED,
-   limits.py), then the engine; the outcome is kept as a value;
-5. `finish`: what was admitted given back (the limits settled), then one log line, the
-   call's metrics and its caller's usage (usage.py), from the values gathered (the
+   the bounds or the caller's share, admission.py); where it raises SlotWait (every slot
+   taken, the caller under its fair share, another past its) the front door awaits
+   `admitted`, the next slot released. A RerankStream only counts itself open here
+   (`admit_stream`): the gRPC edge admits its items as they come (api/grpc/edge.py's
+   _StreamItems), and the HTTP door asks admission itself whether a call that sends
+   `Expect: 100-continue` would get in;
+4. `rerank`: the engine's validation (every field, the model checked against the
+   caller's: PERMISSION_DENIED), its preparation (long documents, chunks, the fan-out
+   bound), the caller's deadline (DEADLINE_EXCEEDED once passed), the caller's limits
+   on what will be scored (RESOURCE_EXHAUSTED, limits.py), then the engine's run; the
+   outcome is kept as a value;
+5. `finish`: what was admitted given back, the call's metrics, its limits settled and
+   its caller's usage (usage.py), then one log line, from the values gathered (the
    outcome, or the error and its code), and its span ended.
 
 With tracing on, `open` also opens the call's span (observability/tracing.py) under the
 caller's trace context and makes it current: what the call does below (the route, each
 upstream attempt, a local model's queue and forward pass) hangs under it.
 
-A step every call takes (per-caller limits, a score cache, a span) is added here, once.
+A step every call takes (per-caller limits, a span) is added here, once; the score cache
+sits below, in front of each deployment (routing/cached_scores.py).
 """
 
 from __future__ import annotations

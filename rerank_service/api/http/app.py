@@ -8,9 +8,11 @@ inflated past what admission charged); admission of its bytes (a body that would
 be admitted is not read; the bodies still arriving of one caller, or one client address,
 hold at most its share of the budget: admission.py); the body, bounded in size and
 time; the call's admission slot, taken only now, so a body trickling in holds bytes but
-never a slot a working call needs; JSON, then the wire format's fields; the engine; the answer or the error in
-the route's format, its status mapped once (statuses.py); the pipeline records the call
-once.
+never a slot a working call needs (but for a call held back at `Expect: 100-continue`, no
+room when its headers came, which is refused or waits for its slot and takes it before
+`100 Continue`, so it holds the slot while its body arrives); JSON, then the wire
+format's fields; the engine; the answer or the error in the route's format, its status
+mapped once (statuses.py); the pipeline records the call once.
 """
 
 from __future__ import annotations
