@@ -98,8 +98,11 @@ def unauthenticated(missing: bool, carrier: str, certificate: str | None = None)
 
 def own_name(caller: Caller | None) -> str | None:
     """The name a caller's share of the open calls and of the bodies arriving counts
-    against: None where it is not known, or is `anonymous` (no keys: every call's)."""
-    return None if caller is None or caller.name == ANONYMOUS else caller.name
+    against: None where it is not known, is `anonymous` (no keys: every call's), or is named
+    after its token (pass-through)."""
+    # A caller named after its token (pass-through: the upstream checks it) is no caller of
+    # its own here: junk tokens, one a connection, would each get a share.
+    return None if caller is None or caller.name == ANONYMOUS or caller.per_token else caller.name
 
 
 def body_holder(caller: Caller | None, peer: str) -> str:

@@ -20,7 +20,7 @@ from rerank.v1 import rerank_pb2
 
 from rerank_service.config.sources import load_settings
 from rerank_service.testing.fake_upstream import NEVER, FakeUpstream, Fault
-from tests.conftest import UPSTREAM_KEY
+from tests.conftest import UPSTREAM_KEY, upstream_settings
 from tests.integration.test_http_abuse import COHERE, connect, read_response
 from tests.support.server import ServerThread
 from tests.support.tenants import (
@@ -197,3 +197,39 @@ def test_a_streams_items_run_at_most_its_callers_share_while_others_call(
     assert [(answer.error.reason, answer.error.metadata["limit"]) for answer in early] == [
         ("CALLER_LIMITED", "fair_share")
     ] * 2
+
+
+def test_pass_through_tokens_share_their_client_address_s_share_of_bodies_arriving(
+    upstream: FakeUpstream,
+) -> None:
+    """With no caller keys and no upstream key, each bearer token names a caller the upstream
+    has not yet checked: junk tokens, a fresh one a connection, would each get a share of
+    the bodies arriving (and one body alone is always let in). They share their address's."""
+    size = MIB // 4  # four of them are the whole budget; two its share
+    settings = upstream_settings(
+        upstream, upstream_api_key=None, http_port=0, max_inflight_bytes=MIB, max_message_bytes=MIB
+    )
+    with ServerThread(settings) as server, ExitStack() as stack:
+        assert server.server is not None
+        assert server.server.http is not None
+        port = server.server.http.port
+        assert port is not None
+        admission = server.server.admission
+        silent = []
+        for index in range(4):  # the headers only, one junk token a connection: no body follows
+            sock = stack.enter_context(closing(connect(port)))
+            head = (
+                f"POST {COHERE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer junk-token-{index}\r\nContent-Length: {size}\r\n\r\n"
+            )
+            sock.sendall(head.encode())
+            silent.append(sock)
+        wait_until(
+            lambda: _fair_share_refusals(server) == 2 or admission.bytes_in_flight == 4 * size,
+            what="every head read",
+        )
+        held = admission.bytes_in_flight
+        refused = [read_response(sock) for sock in silent[2:]]
+
+    assert held == 2 * size
+    assert [status for status, _ in refused] == [429, 429]

@@ -9,7 +9,9 @@ set long, so the wait ends when the test releases a slot, not on a clock."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import grpc
@@ -20,6 +22,7 @@ from rerank_service.config.sources import load_settings
 from rerank_service.pipeline import admission as admission_module
 from rerank_service.testing.fake_upstream import NEVER, FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY
+from tests.integration.test_http_abuse import connect, read_response
 from tests.support.server import ServerThread
 from tests.support.tenants import (
     ADS_KEY,
@@ -161,3 +164,56 @@ def test_a_polite_caller_has_no_more_calls_waiting_than_its_share_and_the_rest_a
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert all(len(answer.output.results) == 3 for answer in answers)
     assert flooded.refusals("slots") == 1
+
+
+def test_a_polite_http_call_held_at_100_continue_is_told_to_send_its_body_before_it_waits(
+    flooded: Flooded,
+) -> None:
+    """A call that may wait for a slot takes it only once its body is in, as any HTTP call:
+    held at `Expect: 100-continue` until a slot came, a client that never sent its body
+    held a working slot for --http-body-timeout."""
+    assert flooded.server.server is not None
+    assert flooded.server.server.http is not None
+    port = flooded.server.server.http.port
+    assert port is not None
+    body = json.dumps({"model": "qwen3-rerank", "query": "which bucket", "documents": ["a bucket"]}).encode()
+    with closing(connect(port, timeout=30)) as sock:
+        sock.sendall(
+            f"POST /v1/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {ADS_KEY}\r\nExpect: 100-continue\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        interim = b""
+        while b"\r\n\r\n" not in interim:  # before any slot is released
+            interim += sock.recv(1)
+        waiting_before_body = flooded.admission.waiting
+        sock.sendall(body)
+        wait_until(lambda: flooded.admission.waiting == 1, what="the call waiting, its body in")
+        flooded.release_one()
+        status, answer = read_response(sock)
+
+    assert interim.startswith(b"HTTP/1.1 100")
+    assert waiting_before_body == 0
+    assert status == 200, answer
+    assert flooded.refusals("slots") == 0
+
+
+def test_an_http_call_refused_at_100_continue_closes_its_connection(flooded: Flooded) -> None:
+    """Refused from its headers, its body never asked for: the client may send it or not, so
+    the connection cannot go on (what it sends next could be read as the body)."""
+    assert flooded.server.server is not None
+    assert flooded.server.server.http is not None
+    port = flooded.server.server.http.port
+    assert port is not None
+    with closing(connect(port, timeout=30)) as sock:
+        sock.sendall(  # the flood, past its share: refused 429 from its headers
+            f"POST /v1/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {SEARCH_KEY}\r\nExpect: 100-continue\r\n"
+            f"Content-Length: 100\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+
+    assert head.startswith(b"HTTP/1.1 429"), head
+    assert b"\r\nconnection: close" in head.lower()

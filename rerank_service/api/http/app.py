@@ -8,9 +8,9 @@ inflated past what admission charged); admission of its bytes (a body that would
 be admitted is not read; the bodies still arriving of one caller, or one client address,
 hold at most its share of the budget: admission.py); the body, bounded in size and
 time; the call's admission slot, taken only now, so a body trickling in holds bytes but
-never a slot a working call needs (but for a call held back at `Expect: 100-continue`, no
-room when its headers came, which is refused or waits for its slot and takes it before
-`100 Continue`, so it holds the slot while its body arrives); JSON, then the wire
+never a slot a working call needs (a call held back at `Expect: 100-continue`, no room
+when its headers came, is refused, its connection closed, or takes a slot freed meanwhile;
+one that may wait for its slot sends its body first, as any call); JSON, then the wire
 format's fields; the engine; the answer or the error in the route's format, its status
 mapped once (statuses.py); the pipeline records the call once.
 """
@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 import orjson
-from aiohttp import HttpVersion11, web
+from aiohttp import HttpVersion11, hdrs, web
 
 from rerank_service.api.http import openapi
 from rerank_service.api.http.formats import COHERE, COMPATIBLE, NATIVE, BadRequest, Json, WireFormat
@@ -146,22 +146,23 @@ class FrontDoor:
                     call.caller = http[_CALLER]
                     self._check_body_headers(http)
                     call.admit_bytes(http.content_length or 0)
+                    slot_taken = False
                     if http.get(_HELD_BACK):  # the client waits for a word before it sends the body
-                        # Nothing has run since the expect handler saw no slot, so this refuses or
-                        # waits for one; once admitted, the client is told to go on.
+                        # Nothing has run since the expect handler saw no slot, so this refuses, or
+                        # takes the slot, or finds it may wait for one: then, as any call, its
+                        # body comes first (a body that never comes holds no working slot).
                         try:
                             call.admit_call()
-                        except SlotWait as wait:  # every slot taken, some by a caller past its share
-                            await call.admitted(wait, _left(context))
+                            slot_taken = True
+                        except SlotWait:
+                            pass
                         await http.writer.write(_CONTINUE)
-                        raw = await self._body(http)
-                        call.arrived()
-                    else:
-                        raw = await self._body(http)
-                        call.arrived()  # its bytes stay charged, no longer as arriving
+                    raw = await self._body(http)
+                    call.arrived()  # its bytes stay charged, no longer as arriving
+                    if not slot_taken:
                         try:
                             call.admit_call()  # the slot, now that the body is here (its bytes are charged)
-                        except SlotWait as wait:  # as above
+                        except SlotWait as wait:  # every slot taken, some by a caller past its share
                             await call.admitted(wait, _left(context))
                     body = _json(raw)
                     try:
@@ -217,7 +218,13 @@ class FrontDoor:
                 refused = True
             if refused:
                 http[_HELD_BACK] = True
-                return await handle(http)  # refuses from the headers, and logs it, as any call
+                response = await handle(http)  # refuses from the headers, and logs it, as any call
+                if response.status >= 400:
+                    # Its body was never asked for: the client may send it or not, so the
+                    # connection cannot go on (what it sends next could be read as either).
+                    response.force_close()
+                    response.headers[hdrs.CONNECTION] = "close"
+                return response
             await http.writer.write(_CONTINUE)
             return None
 
