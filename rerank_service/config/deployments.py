@@ -216,7 +216,8 @@ def reload_refusal(old: Settings, new: Settings) -> str | None:
             "added to or emptied of a service without --api-keys): restart the service for that"
         )
     dropped = bool(old.models) and not new.models
-    kinds_change = dropped or backend_kinds(old) != backend_kinds(new)
+    kinds_before, kinds_after = backend_kinds(old), backend_kinds(new)
+    kinds_change = dropped or kinds_before != kinds_after
     # A change of backend kinds (to local models: open) may switch it as a consequence; that
     # change is refused below unless the file allows it.
     if old.pass_through != new.pass_through and not kinds_change:
@@ -234,11 +235,8 @@ def reload_refusal(old: Settings, new: Settings) -> str | None:
             f"has no models: section any more: its routes would give way to the {new.backend} "
             f"backend's {names}"
         )
-    elif backend_kinds(old) != backend_kinds(new):
-        problem = (
-            f"would change the backends that serve from {_kinds(backend_kinds(old))} "
-            f"to {_kinds(backend_kinds(new))}"
-        )
+    elif kinds_before != kinds_after:
+        problem = f"would change the backends that serve from {_kinds(kinds_before)} to {_kinds(kinds_after)}"
     else:
         return None
     return (

@@ -35,8 +35,8 @@ from collections.abc import Callable
 
 import grpc
 
-from rerank_service.core.domain import QuotaViolation, ServiceError
-from rerank_service.pipeline.limits import CALLER_LIMITED, FAIR_SHARE, fair_share_refusal
+from rerank_service.core.domain import ServiceError
+from rerank_service.pipeline.limits import FAIR_SHARE, fair_share_refusal, share_refusal
 
 # The bound a refusal names (rerank_admission_refusals_total's `bound`), FAIR_SHARE besides.
 SLOTS, BYTES, OPEN_CALLS = "slots", "bytes", "open_calls"
@@ -89,9 +89,7 @@ class Admission:
         self.max_bytes = max_bytes
         # Fair share: the slots one caller may hold while others call (--caller-max-share).
         self.caller_max_share = caller_max_share
-        self._share_cap = (
-            max(1, math.floor(caller_max_share * max_in_flight)) if caller_max_share < 1 else None
-        )
+        self._share_cap = _share_of(caller_max_share, max_in_flight)
         self._held: dict[str, int] = {}  # slots held, by caller (a stream's items each count one)
         # The two callers seen last, each with when: enough to tell whether another than
         # a given caller called within OTHERS_WINDOW.
@@ -156,17 +154,12 @@ class Admission:
         if self.in_flight >= self.max_in_flight:
             if may_wait and caller is not None and capped and self._may_wait(caller):
                 raise SlotWait(size, caller)
-            self._on_refusal(SLOTS)
-            raise self._slots_refusal()
-        if caller is not None and capped and self._share_cap is not None:
-            held = self._held.get(caller, 0)
-            if held >= self._share_cap and self._others_calling(caller):
-                self._on_refusal(FAIR_SHARE)
-                raise fair_share_refusal(caller, held, self.max_in_flight, self.caller_max_share)
+            raise self._slots_refused()
+        held = self._within_share(caller, capped)
         self.enter_bytes(size)
         self.in_flight += 1
         if caller is not None:
-            self._held[caller] = self._held.get(caller, 0) + 1
+            self._held[caller] = held + 1
 
     def enter_item(self, caller: str | None, *, capped: bool = True) -> None:
         """Count one more item in flight of a stream that holds a slot already (`enter`
@@ -176,16 +169,7 @@ class Admission:
         if caller is None:
             return
         self._seen(caller)
-        held = self._held.get(caller, 0)
-        if (
-            capped
-            and self._share_cap is not None
-            and held >= self._share_cap
-            and self._others_calling(caller)
-        ):
-            self._on_refusal(FAIR_SHARE)
-            raise fair_share_refusal(caller, held, self.max_in_flight, self.caller_max_share)
-        self._held[caller] = held + 1
+        self._held[caller] = self._within_share(caller, capped) + 1
 
     def release_item(self, caller: str | None) -> None:
         """An item counted by `enter_item` (or its stream's first) answered, its stream's
@@ -271,8 +255,7 @@ class Admission:
         if that is past. Cancelled, it holds nothing."""
         timeout = SLOT_WAIT if within is None else min(SLOT_WAIT, within - DEADLINE_MARGIN)
         if timeout <= 0:
-            self._on_refusal(SLOTS)
-            raise self._slots_refusal()
+            raise self._slots_refused()
         loop = asyncio.get_running_loop()
         handed: asyncio.Future[bool] = loop.create_future()
         self._waiters[handed] = wait.caller
@@ -289,8 +272,7 @@ class Admission:
             timer.cancel()
             self._unwait(handed)
         if not got:
-            self._on_refusal(SLOTS)
-            raise self._slots_refusal()
+            raise self._slots_refused()
         try:
             self.enter_bytes(wait.size)
         except ServiceError:
@@ -331,8 +313,21 @@ class Admission:
         if caller is not None:
             _uncount(self._waiting_by, caller, 1)
 
-    def _slots_refusal(self) -> ServiceError:
+    def _slots_refused(self) -> ServiceError:
+        """The slots refusal, counted."""
+        self._on_refusal(SLOTS)
         return _overloaded(f"{self.max_in_flight} calls in flight (--max-concurrent-requests)")
+
+    def _within_share(self, caller: str | None, capped: bool) -> int:
+        """The slots `caller` holds, or the fair share refusal (counted) where one more would
+        take a caller held to the share past it while others call."""
+        if caller is None:
+            return 0
+        held, cap = self._held.get(caller, 0), self._share_cap
+        if capped and cap is not None and held >= cap and self._others_calling(caller):
+            self._on_refusal(FAIR_SHARE)
+            raise fair_share_refusal(caller, held, self.max_in_flight, self.caller_max_share)
+        return held
 
     def _seen(self, caller: str) -> None:
         now = self._clock()
@@ -398,16 +393,8 @@ PEER_PREFIX = "peer "
 
 def _share_refusal(caller: str, what: str, share: float) -> ServiceError:
     """RESOURCE_EXHAUSTED for a caller at its share of a bound other than the slots
-    (`fair_share_refusal` says the slots'), refused as a limit of its own."""
-    what = f"{what}, at most {share:g} of it for one caller"
-    return ServiceError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"caller {caller!r} holds its share ({what}; --caller-max-share); retry shortly",
-        reason=CALLER_LIMITED,
-        retry_after=OVERLOAD_RETRY_AFTER,
-        metadata={"caller": caller, "limit": FAIR_SHARE},
-        quota_violations=(QuotaViolation(f"caller:{caller}", f"{FAIR_SHARE}: {what}"),),
-    )
+    (`fair_share_refusal` says the slots')."""
+    return share_refusal(caller, "", f"{what}, at most {share:g} of it for one caller")
 
 
 def _expire(handed: asyncio.Future[bool]) -> None:

@@ -297,9 +297,7 @@ class Call:
         them all, however few --max-open-calls leaves it beside them)."""
         self._pipeline.admission.open_call()
         self._opened = True
-        self._share = self.share_key
-        self._pipeline.admission.enter(size, self._share, capped=self.share_capped, may_wait=True)
-        self._slot = True
+        self.admit_call(size)
         self._bytes = size
 
     def admit_bytes(self, size: int) -> None:
@@ -319,10 +317,11 @@ class Call:
             self._pipeline.admission.body_arrived(self._bytes, self._arriving)
             self._arriving = None
 
-    def admit_call(self) -> None:
-        """Take the call's slot, its bytes taken already (`admit_bytes`); or SlotWait, as `admit`."""
+    def admit_call(self, size: int = 0) -> None:
+        """Take the call's slot and `size` more bytes (0: taken already, `admit_bytes`); or
+        RESOURCE_EXHAUSTED, or SlotWait, as `admit`."""
         self._share = self.share_key
-        self._pipeline.admission.enter(0, self._share, capped=self.share_capped, may_wait=True)
+        self._pipeline.admission.enter(size, self._share, capped=self.share_capped, may_wait=True)
         self._slot = True
 
     async def admitted(self, wait: SlotWait, within: float | None) -> None:

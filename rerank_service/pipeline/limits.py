@@ -182,9 +182,15 @@ def limited(caller: str, limits: CallerLimits, refusal: Refusal) -> ServiceError
 def fair_share_refusal(caller: str, held: int, slots: int, share: float) -> ServiceError:
     """RESOURCE_EXHAUSTED for a caller holding its share of the admission slots while others call."""
     what = f"{held} of {slots} call slots held, at most {share:g} of them while other callers call"
+    return share_refusal(caller, " of the call slots", what)
+
+
+def share_refusal(caller: str, of: str, what: str) -> ServiceError:
+    """RESOURCE_EXHAUSTED for a caller at its share (--caller-max-share) `of` a bound, `what`
+    saying how much it holds: refused as a limit of its own (CALLER_LIMITED, fair_share)."""
     return ServiceError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"caller {caller!r} holds its share of the call slots ({what}; --caller-max-share); retry shortly",
+        f"caller {caller!r} holds its share{of} ({what}; --caller-max-share); retry shortly",
         reason=CALLER_LIMITED,
         retry_after=0.05,
         metadata={"caller": caller, "limit": FAIR_SHARE},
