@@ -9,6 +9,7 @@ that holds without it, so that the test fails on its assertions instead of waiti
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, closing, suppress
@@ -59,6 +60,34 @@ def _fair_share_refusals(server: ServerThread) -> float:
     return value or 0.0
 
 
+def _silent_bodies(stack: ExitStack, server: ServerThread, keys: list[str], size: int) -> list[socket.socket]:
+    """A connection for each of `keys` that sends the head of a `size`-byte body and no body,
+    each read by the server (its bytes taken, or its call refused for the share)."""
+    assert server.server is not None
+    assert server.server.http is not None
+    port = server.server.http.port
+    assert port is not None
+    admission = server.server.admission
+    refused_before = _fair_share_refusals(server)
+    silent = []
+    for key in keys:
+        sock = stack.enter_context(closing(connect(port)))
+        head = (
+            f"POST {COHERE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Length: {size}\r\n\r\n"
+        )
+        sock.sendall(head.encode())
+        silent.append(sock)
+    wait_until(
+        lambda: (
+            admission.bytes_in_flight + (_fair_share_refusals(server) - refused_before) * size
+            == len(keys) * size
+        ),
+        what="every head read",
+    )
+    return silent
+
+
 def test_http_bodies_one_caller_never_sends_hold_at_most_its_share_of_the_byte_budget(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
@@ -72,19 +101,7 @@ def test_http_bodies_one_caller_never_sends_hold_at_most_its_share_of_the_byte_b
         port = server.server.http.port
         assert port is not None
         admission = server.server.admission
-        silent = []
-        for _ in range(4):  # the headers only, from the flooding caller: no body follows
-            sock = stack.enter_context(closing(connect(port)))
-            head = (
-                f"POST {COHERE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"Authorization: Bearer {SEARCH_KEY}\r\nContent-Length: {size}\r\n\r\n"
-            )
-            sock.sendall(head.encode())
-            silent.append(sock)
-        wait_until(
-            lambda: _fair_share_refusals(server) == 2 or admission.bytes_in_flight == 4 * size,
-            what="every head read",
-        )
+        silent = _silent_bodies(stack, server, [SEARCH_KEY] * 4, size)  # from the flooding caller
         held = admission.bytes_in_flight
         by_http = http_call(port, ADS_KEY)
         by_grpc = server.stub.Rerank(rerank_request(), metadata=bearer(ADS_KEY), timeout=10)
@@ -215,19 +232,7 @@ def test_pass_through_tokens_share_their_client_address_s_share_of_bodies_arrivi
         port = server.server.http.port
         assert port is not None
         admission = server.server.admission
-        silent = []
-        for index in range(4):  # the headers only, one junk token a connection: no body follows
-            sock = stack.enter_context(closing(connect(port)))
-            head = (
-                f"POST {COHERE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"Authorization: Bearer junk-token-{index}\r\nContent-Length: {size}\r\n\r\n"
-            )
-            sock.sendall(head.encode())
-            silent.append(sock)
-        wait_until(
-            lambda: _fair_share_refusals(server) == 2 or admission.bytes_in_flight == 4 * size,
-            what="every head read",
-        )
+        silent = _silent_bodies(stack, server, [f"junk-token-{index}" for index in range(4)], size)
         held = admission.bytes_in_flight
         refused = [read_response(sock) for sock in silent[2:]]
 
