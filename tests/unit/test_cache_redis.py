@@ -136,6 +136,54 @@ async def test_a_score_copied_from_redis_is_kept_in_memory_no_longer_than_redis_
         await reader.aclose()
 
 
+async def test_writes_and_times_left_survive_redis_losing_the_scripts(
+    shared: RedisTier, redis_empty: RedisServer
+) -> None:
+    """The writes and the time-left reads run as Lua scripts by their SHA-1: a Redis that
+    lost them (restarted, SCRIPT FLUSH) gets them again, and nothing is lost or counted an
+    error."""
+    with redis_empty.client() as client:
+        client.set(KEY_PREFIX + keys()[2], pack(SCORES[2]))  # kept for good: no time left
+    for _ in range(2):
+        with redis_empty.client() as client:
+            client.script_flush()
+        await shared.put_many(list(zip(keys()[:2], SCORES[:2], strict=True)))
+        with redis_empty.client() as client:
+            client.script_flush()
+        left = await shared.time_left([*keys(), b"never-stored"])
+        assert [0 < seconds <= 3600 for seconds in left[:2] if seconds is not None] == [True, True]
+        assert left[2:] == [None, 0.0]
+    found = await shared.get_many(keys())
+    assert [bits(entry) for entry in found if entry is not None] == [bits(entry) for entry in SCORES]
+    assert shared.errors == 0
+
+
+async def test_a_redis_that_refuses_scripts_is_written_with_pipelines(
+    redis_own: RedisServer, logs: LogCapture
+) -> None:
+    """An ACL without @scripting (or EVAL disabled): the writes and the time-left reads go
+    as pipelines of the same commands, said once; nothing is lost or counted an error."""
+    with redis_own.client() as client:
+        client.acl_setuser(
+            "noscripts", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-@scripting"]
+        )
+    limited = tier(redis_own.url.replace("redis://", "redis://noscripts:pw@"))
+    try:
+        for _ in range(2):
+            await limited.put_many(list(zip(keys()[:2], SCORES[:2], strict=True)))
+            left = await limited.time_left(keys())
+            assert [0 < seconds <= 3600 for seconds in left[:2] if seconds is not None] == [True, True]
+            assert left[2] == 0.0
+        found = await limited.get_many(keys()[:2])
+        assert [bits(entry) for entry in found if entry is not None] == [bits(e) for e in SCORES[:2]]
+        assert (limited.errors, limited.scripts) == (0, False)
+        assert [event["event"] for event in logs.events() if "scripts" in event["event"]] == [
+            "score cache: redis refuses scripts, writing with pipelines"
+        ]
+    finally:
+        await limited.aclose()
+
+
 async def test_a_killed_redis_reads_as_misses_and_the_tier_comes_back(
     redis_own: RedisServer, logs: LogCapture
 ) -> None:

@@ -97,3 +97,20 @@ async def test_a_database_in_the_url_is_the_one_thing_sent_first(proxy: Recordin
         await client.aclose()
 
     assert [bytes(sent) for sent in proxy.sent] == [b"*2\r\n$6\r\nSELECT\r\n$1\r\n1\r\n*1\r\n$4\r\nPING\r\n"]
+
+
+async def test_replies_are_parsed_by_hiredis(redis_empty: RedisServer) -> None:
+    """The install brings hiredis (a dependency) and the client reads Redis's replies with it:
+    redis-py falls back to its Python parser without a word when hiredis is missing."""
+    from redis._parsers import _AsyncHiredisParser
+
+    client = redis_client(redis_empty.url)
+    try:
+        assert await client.ping()
+        connection = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            assert isinstance(connection._parser, _AsyncHiredisParser)
+        finally:
+            await client.connection_pool.release(connection)
+    finally:
+        await client.aclose()
