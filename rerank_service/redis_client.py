@@ -1,10 +1,12 @@
 """The one way the service opens a Redis client (the score cache's shared tier, the
 callers' limits): redis-py's asyncio client, bounded by a short timeout and never retrying
-on its own, so a Redis that is down or slow costs a call that timeout at most; and the one
-way its users take it for down after a failure and try it again (`RedisOutage`)."""
+on its own, so a Redis that is down or slow costs a call that timeout at most; the one way
+its users take it for down after a failure and try it again (`RedisOutage`); and the one
+way they find the new primary after a failover (`reconnect_if_read_only`)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 DEFAULT_TIMEOUT = 0.05  # seconds a round trip may take
@@ -44,6 +47,24 @@ def redis_client(url: str, *, timeout: float = DEFAULT_TIMEOUT, ca_file: str | N
 def timed_out(error: BaseException) -> bool:
     """Whether a failed round trip failed for want of an answer in time (ours or redis-py's)."""
     return isinstance(error, TimeoutError | RedisTimeoutError)
+
+
+async def reconnect_if_read_only(client: Redis, *answers: object) -> bool:
+    """Whether one of `answers` (errors raised, or a pipeline's answers) is Redis's READONLY:
+    the primary was demoted to a replica by a failover (REPLICAOF, FAILOVER, Sentinel's).
+    Then the client's idle connections are dropped, as redis-py's Sentinel client does, so
+    its next command connects afresh through the URL's address (a VIP or a Kubernetes
+    Service, which now leads to the new primary): Redis keeps a demoted primary's
+    connections open, and redis-py keeps a connection answered with an error in its pool,
+    so every later write would be refused on it for good. A connection another call holds
+    now is left to that call (cutting it would fail it): answered READONLY in its turn, it
+    is dropped then."""
+    if not any(isinstance(answer, ReadOnlyError) for answer in answers):
+        return False
+    # A socket that will not close cleanly is dropped all the same (redis-py forgets it first).
+    with contextlib.suppress(Exception):
+        await client.connection_pool.disconnect(inuse_connections=False)
+    return True
 
 
 class RedisOutage:

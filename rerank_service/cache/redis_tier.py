@@ -21,7 +21,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 from rerank_service.cache.entry import CachedScore, pack, unpack
 from rerank_service.observability.logging import get_logger
-from rerank_service.redis_client import DEFAULT_TIMEOUT, RedisOutage, timed_out
+from rerank_service.redis_client import DEFAULT_TIMEOUT, RedisOutage, reconnect_if_read_only, timed_out
 from rerank_service.redis_client import redis_client as redis_client  # opened in one place
 
 _log = get_logger("rerank_service.cache")
@@ -132,6 +132,8 @@ class RedisTier:
             # Redis answered, refusing the writes (OOM under maxmemory noeviction, a read-only
             # replica after a failover): it is up, its entries are read on; only these are lost.
             self._refused(error)
+            # A failover's READONLY: the next writes connect again, to the new primary.
+            await reconnect_if_read_only(self._client, error)
             return
         except Exception as error:  # any other failure of the tier is a lost write
             self._failed("put", error)

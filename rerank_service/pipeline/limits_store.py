@@ -24,7 +24,10 @@ an outage costs one call the timeout now and then, not every call. The outage is
 once when it starts and once when it ends. A run that Redis answers with an error (a key
 of the wrong type, say) fails its own call alone, which falls back: Redis is not taken for
 down for the calls whose runs went in the same pipeline; what such a run settled is
-dropped (it would fail again), its leases left to expire.
+dropped (it would fail again), its leases left to expire. An error of Redis's own state
+(READONLY, OOM, MISCONF, NOPERM...) is taken as no answer; a READONLY one (a failover
+demoted the primary, which keeps our connections open) also closes them, so the next try
+reaches the new primary through the URL's address.
 
 Redis Cluster is not supported: a caller's keys share one hash tag, but the client talks
 to one node, which answers MOVED for the slots it does not hold (those callers' calls then
@@ -58,7 +61,7 @@ from rerank_service.config.callers import BucketLimit, CallerLimits
 from rerank_service.config.settings import DEFAULT_LIMITS_STORE_PREFIX
 from rerank_service.observability.logging import get_logger
 from rerank_service.pipeline.buckets import CONCURRENT, CONCURRENT_RETRY_AFTER, Refusal
-from rerank_service.redis_client import DEFAULT_TIMEOUT, RedisOutage, timed_out
+from rerank_service.redis_client import DEFAULT_TIMEOUT, RedisOutage, reconnect_if_read_only, timed_out
 
 _log = get_logger("rerank_service.limits")
 
@@ -492,13 +495,14 @@ class RedisLimits:
                 if not answer.done():
                     answer.set_exception(StoreUnavailable(type(error).__name__))
             return
-        self._answered()
         failed: tuple[str, ResponseError] | None = None
         refusing: tuple[str, ResponseError] | None = None
+        answered = False  # a run answered for itself (taken, refused, or its keys at fault)
         for (operation, *_, answer), result in zip(batch, answers, strict=True):
             if isinstance(result, ResponseError) and _keys_at_fault(result):
                 # This run's own failure: its call alone falls back, its settlement dropped.
                 failed = failed or (operation, result)
+                answered = True
                 if not answer.done():
                     answer.set_exception(RunFailed(type(result).__name__))
             elif isinstance(result, ResponseError):
@@ -508,29 +512,48 @@ class RedisLimits:
                 refusing = refusing or (operation, result)
                 if not answer.done():
                     answer.set_exception(StoreUnavailable(type(result).__name__))
-            elif not answer.done():  # a call cancelled meanwhile has gone
-                answer.set_result(result)
+            else:
+                answered = True
+                if not answer.done():  # a call cancelled meanwhile has gone
+                    answer.set_result(result)
+        # Up again only for a real answer: a round trip whose every run Redis refused for its
+        # own state is an outage going on, not one ending (else "answers again", then
+        # "unreachable" again, would be logged at each try).
+        if answered:
+            self._answered()
         if refusing is not None:
             self._failed(*refusing)
+            # Behind one address, a demoted primary's connections lead to it for good: the
+            # next try connects again, to the new primary. Before the next pipeline goes.
+            await reconnect_if_read_only(self._client, *answers)
         if failed is not None:
             self._run_failed(*failed)
 
     async def _pipelined(self, runs: list[tuple[list[str], list[str | float]]]) -> list[Any]:
-        """The runs in one pipeline, by the script's SHA-1; the script is loaded first when
-        Redis does not have it (its first use, or after a restart). Their answers, a run that
-        Redis answered with an error (its keys, not Redis) as that ResponseError."""
-        for attempt in range(2):
-            pipe = self._client.pipeline(transaction=False)
-            for keys, args in runs:
-                pipe.evalsha(self._sha, len(keys), *keys, *args)
-            self.round_trips += 1
-            self._on_round_trip()
-            answers: list[Any] = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(answer, NoScriptError) for answer in answers):
-                await self._client.script_load(_SCRIPT)  # the runs failed whole: none ran
-                continue
-            return answers
-        raise NoScriptError("the script could not be loaded")
+        """The runs in one pipeline, by the script's SHA-1: their answers, a run that Redis
+        answered with an error as that ResponseError. The runs answered NOSCRIPT (the
+        script's first use, or after a restart or a SCRIPT FLUSH) are sent once more, after
+        the script is loaded: those alone, for a pipeline is not atomic: a SCRIPT FLUSH landing
+        while Redis works through it leaves the runs before it run, which must not run twice
+        (their costs taken, their tokens given back, twice)."""
+        answers = await self._pipeline(runs)
+        missed = [index for index, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+        if missed:
+            await self._client.script_load(_SCRIPT)
+            again = await self._pipeline([runs[index] for index in missed])
+            for index, answer in zip(missed, again, strict=True):
+                answers[index] = answer  # NOSCRIPT again: Redis's state, that run is unavailable
+        return answers
+
+    async def _pipeline(self, runs: list[tuple[list[str], list[str | float]]]) -> list[Any]:
+        """One round trip: the runs by the script's SHA-1, each answer or ResponseError."""
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args in runs:
+            pipe.evalsha(self._sha, len(keys), *keys, *args)
+        self.round_trips += 1
+        self._on_round_trip()
+        answers: list[Any] = await pipe.execute(raise_on_error=False)
+        return answers
 
     def _failed(self, operation: str, error: Exception) -> None:
         self.errors += 1

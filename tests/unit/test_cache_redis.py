@@ -24,6 +24,7 @@ from rerank_service.cache.entry import pack
 from rerank_service.cache.redis_tier import KEY_PREFIX
 from tests.support.certs import CertificateAuthority
 from tests.support.logs import LogCapture
+from tests.support.redis_proxy import RedisProxy, fail_over
 from tests.support.redis_server import RedisServer, RedisTls
 
 KEYS = PairKeys(deployment_fingerprint({"model": "qwen3-rerank"}))
@@ -248,6 +249,34 @@ async def test_a_redis_refusing_writes_is_still_read_and_says_so_once(
         await reader.aclose()
     lines = [(event["event"], event.get("error")) for event in logs.events() if "redis" in event["event"]]
     assert lines == [("score cache: redis refuses writes, new scores are not shared", "OutOfMemoryError")]
+
+
+@pytest.mark.parametrize("scripts", [True, False], ids=["script", "pipeline"])
+async def test_after_a_failover_behind_one_address_new_scores_are_shared_again(
+    redis_own: RedisServer, scripts: bool
+) -> None:
+    """Redis reached through one address (a VIP, a Kubernetes Service): a failover demotes the
+    primary, which keeps the tier's connection open and refuses its writes on it, READONLY.
+    That write is lost; the next one connects again through the address, to the new primary,
+    whether the writes go as the script or as the pipeline of a Redis refusing scripts."""
+    others = KEYS.keys(None, "another query", DOCUMENTS)
+    with RedisServer() as new_primary:
+        async with RedisProxy(redis_own.port) as proxy:
+            shared = tier(proxy.url())
+            shared.scripts = scripts
+            try:
+                await shared.put_many(list(zip(keys(), SCORES, strict=True)))
+                fail_over(proxy, redis_own, new_primary)
+                await shared.put_many(list(zip(keys(), SCORES, strict=True)))  # refused: READONLY
+                assert shared.errors == 1
+
+                await shared.put_many(list(zip(others, SCORES, strict=True)))
+                assert shared.errors == 1
+                assert shared.up
+            finally:
+                await shared.aclose()
+        with new_primary.client() as client:
+            assert client.exists(*(KEY_PREFIX + key for key in others)) == len(others)
 
 
 async def test_a_redis_that_does_not_answer_is_a_miss_at_the_timeout(redis_own: RedisServer) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
+from redis.asyncio.client import Pipeline
 
 from rerank_service.config import ConfigError, load_settings
 from rerank_service.config.callers import BucketLimit, CallerLimits
@@ -23,6 +24,7 @@ from rerank_service.pipeline.limits import Limiter, build_limiter, estimated_tok
 from rerank_service.pipeline.limits_store import KEY_PREFIX, RedisLimits, StoreUnavailable
 from rerank_service.redis_client import redis_client
 from tests.support.logs import LogCapture
+from tests.support.redis_proxy import RedisProxy, fail_over
 from tests.support.redis_server import RedisServer
 
 TIMEOUT = 0.2  # the store's, in these tests (a loaded test machine: generous)
@@ -758,3 +760,117 @@ def test_only_errors_of_a_callers_own_keys_are_its_runs_alone() -> None:
     assert not _keys_at_fault(ReadOnlyError("You can't write against a read only replica."))
     assert not _keys_at_fault(ResponseError("MISCONF Redis is configured to save RDB snapshots"))
     assert not _keys_at_fault(ResponseError("OOM command not allowed when used memory > 'maxmemory'."))
+
+
+async def test_after_a_failover_behind_one_address_checks_reach_the_new_primary(
+    redis_own: RedisServer,
+) -> None:
+    """Redis reached through one address (a VIP, a Kubernetes Service): a failover demotes the
+    primary, which keeps the store's connection open and answers READONLY on it. The store
+    is skipped for `retry_after`, then its next check connects again through the address,
+    to the new primary: limits are shared again, without a restart."""
+    clock = Clock()
+    limits = requests(600)
+    with RedisServer() as new_primary:
+        async with RedisProxy(redis_own.port) as proxy:
+            limits_store = store(proxy.url(), clock)
+            try:
+                assert await limits_store.take("search", limits, [1], "a", 5) is None
+                fail_over(proxy, redis_own, new_primary)
+                with pytest.raises(StoreUnavailable, match="ReadOnlyError"):
+                    await limits_store.take("search", limits, [1], "b", 5)
+                clock.now += 1.0  # the store may be tried again
+
+                assert await limits_store.take("search", limits, [1], "c", 5) is None
+                assert limits_store.up
+            finally:
+                await limits_store.aclose()
+        with new_primary.client() as client:
+            assert client.exists(limits_store.keys("search")[0])
+
+
+async def test_a_script_flush_landing_mid_pipeline_runs_no_check_twice(
+    redis_empty: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SCRIPT FLUSH (another client's, say) lands while Redis works through a pipeline of
+    checks: the runs before it ran, those after it are answered NOSCRIPT. Those alone go
+    again once the script is loaded: a check that ran is not run twice (its cost taken
+    twice)."""
+    limits_store = store(redis_empty.url)
+    limits = requests(0.001, burst=100)  # no refill to speak of during the test
+    assert await limits_store.take("warm-up", limits, [1], "w", 5) is None  # script loaded
+    pipeline = limits_store._client.pipeline
+    flushes = [True]  # one, in the next pipeline
+
+    def flushed_after_its_first_run(transaction: bool) -> Pipeline:
+        pipe = pipeline(transaction=transaction)
+        if not flushes:
+            return pipe
+        flushes.pop()
+        evalsha, execute = pipe.evalsha, pipe.execute
+
+        def run(*args: Any) -> Pipeline:
+            evalsha(*args)
+            if len(pipe.command_stack) == 1:
+                pipe.script_flush()  # in Redis's queue between the first run and the others
+            return pipe
+
+        async def answers(raise_on_error: bool) -> list[Any]:
+            answered: list[Any] = await execute(raise_on_error=raise_on_error)
+            del answered[1]  # SCRIPT FLUSH's own
+            return answered
+
+        monkeypatch.setattr(pipe, "evalsha", run)
+        monkeypatch.setattr(pipe, "execute", answers)
+        return pipe
+
+    monkeypatch.setattr(limits_store._client, "pipeline", flushed_after_its_first_run)
+    try:
+        answers = await asyncio.gather(
+            *(limits_store.take("search", limits, [1], f"call-{index}", 5) for index in range(3))
+        )
+        assert not flushes  # the flush landed
+        assert answers == [None] * 3
+        assert limits_store.errors == 0
+    finally:
+        await limits_store.aclose()
+
+    with redis_empty.client() as client:
+        level = client.hget(limits_store.keys("search")[0], f"{RPM}:level")
+    assert level is not None
+    assert float(level) == pytest.approx(100 - 3, abs=0.01)
+
+
+async def test_a_redis_refusing_every_check_for_its_state_is_said_down_once(
+    redis_own: RedisServer, logs: LogCapture
+) -> None:
+    """Out of memory under noeviction (READONLY, MISCONF, NOPERM alike): each try while it
+    lasts is refused, and counted, but is no answer: "unreachable" is logged once, not with
+    "answers again" at each try; "answers again" once it takes writes again."""
+    clock = Clock()
+    errors: list[int] = []
+    limits_store = store(redis_own.url, clock, errors)
+    limits = requests(600)
+    try:
+        assert await limits_store.take("search", limits, [1], "a", 5) is None
+        with redis_own.client() as client:
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", 1)
+        for index in range(3):
+            with pytest.raises(StoreUnavailable, match="OutOfMemoryError"):
+                await limits_store.take("search", limits, [1], f"refused-{index}", 5)
+            assert not limits_store.up
+            clock.now += 1.0  # the store may be tried again
+        with redis_own.client() as client:
+            client.config_set("maxmemory", 0)
+
+        assert await limits_store.take("search", limits, [1], "b", 5) is None
+    finally:
+        await limits_store.aclose()
+
+    assert len(errors) == 3
+    lines = [event["event"] for event in logs.events() if "limits store" in event["event"]]
+    assert lines == [
+        "limits store: redis unreachable; limits fall back (--limits-store-failure) until it answers",
+        "limits store: redis answers again; limits are shared again",
+    ]

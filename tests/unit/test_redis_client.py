@@ -5,79 +5,25 @@ when Redis is a few milliseconds away."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
 
-from rerank_service.redis_client import redis_client
+from rerank_service.redis_client import reconnect_if_read_only, redis_client
+from tests.support.redis_proxy import RedisProxy, fail_over
 from tests.support.redis_server import RedisServer
 
 HANG = 10.0  # guards against a hang only
 
 
-class RecordingProxy:
-    """Loopback TCP in front of Redis's `port`, keeping what each client connection sent."""
-
-    def __init__(self, port: int) -> None:
-        self._port = port
-        self.sent: list[bytearray] = []  # per connection, in the order they opened
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def url(self, db: int = 0) -> str:
-        assert self._server is not None
-        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/{db}"
-
-    async def __aenter__(self) -> RecordingProxy:
-        self._server = await asyncio.start_server(self._accepted, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def _accepted(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        sent = bytearray()
-        self.sent.append(sent)
-        task = asyncio.get_running_loop().create_task(self._serve(sent, client_reader, client_writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(
-        self, sent: bytearray, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
-    ) -> None:
-        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", self._port)
-        try:
-            await asyncio.gather(
-                _pipe(client_reader, redis_writer, sent), _pipe(redis_reader, client_writer, None)
-            )
-        finally:
-            for writer in (client_writer, redis_writer):
-                writer.close()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sent: bytearray | None) -> None:
-    with contextlib.suppress(OSError):
-        while data := await reader.read(65536):
-            if sent is not None:
-                sent += data
-            writer.write(data)
-            await writer.drain()
-    writer.close()
-
-
 @pytest.fixture
-async def proxy(redis_empty: RedisServer) -> AsyncIterator[RecordingProxy]:
-    async with RecordingProxy(redis_empty.port) as started:
+async def proxy(redis_empty: RedisServer) -> AsyncIterator[RedisProxy]:
+    async with RedisProxy(redis_empty.port) as started:
         yield started
 
 
-async def test_a_new_connection_sends_nothing_before_the_first_command(proxy: RecordingProxy) -> None:
+async def test_a_new_connection_sends_nothing_before_the_first_command(proxy: RedisProxy) -> None:
     """No HELLO, CLIENT SETNAME, CLIENT SETINFO or CLIENT MAINT_NOTIFICATIONS: each would be
     a round trip more, within the call's timeout, before the first answer of a connection."""
     client = redis_client(proxy.url(), timeout=HANG)
@@ -89,7 +35,7 @@ async def test_a_new_connection_sends_nothing_before_the_first_command(proxy: Re
     assert [bytes(sent) for sent in proxy.sent] == [b"*1\r\n$4\r\nPING\r\n"]
 
 
-async def test_a_database_in_the_url_is_the_one_thing_sent_first(proxy: RecordingProxy) -> None:
+async def test_a_database_in_the_url_is_the_one_thing_sent_first(proxy: RedisProxy) -> None:
     client = redis_client(proxy.url(db=1), timeout=HANG)
     try:
         assert await client.ping() is True
@@ -97,6 +43,32 @@ async def test_a_database_in_the_url_is_the_one_thing_sent_first(proxy: Recordin
         await client.aclose()
 
     assert [bytes(sent) for sent in proxy.sent] == [b"*2\r\n$6\r\nSELECT\r\n$1\r\n1\r\n*1\r\n$4\r\nPING\r\n"]
+
+
+async def test_a_client_answered_readonly_connects_again_through_its_address(redis_own: RedisServer) -> None:
+    """A failover behind one address (a VIP, a Kubernetes Service): the demoted primary keeps
+    the client's connection open and refuses its writes, READONLY, on it for good. Once that
+    answer is seen, the next command connects afresh, to the new primary; any other error
+    leaves the connections be."""
+    with RedisServer() as new_primary:
+        async with RedisProxy(redis_own.port) as proxy:
+            client = redis_client(proxy.url(), timeout=HANG)
+            try:
+                assert await client.set("before", 1)
+                fail_over(proxy, redis_own, new_primary)
+                with pytest.raises(ReadOnlyError) as refused:
+                    await client.set("after", 1)
+                assert not await reconnect_if_read_only(client, OutOfMemoryError("command not allowed"), [1])
+                with pytest.raises(ReadOnlyError):  # still the old primary's connection
+                    await client.set("after", 1)
+
+                assert await reconnect_if_read_only(client, [1], refused.value)
+                assert await client.set("after", 1)
+            finally:
+                await client.aclose()
+        with new_primary.client() as check:
+            assert check.get("after") == b"1"
+        assert len(proxy.sent) == 2  # one connection to each
 
 
 async def test_replies_are_parsed_by_hiredis(redis_empty: RedisServer) -> None:
