@@ -414,8 +414,9 @@ def _check_start_up_files(settings: Settings) -> None:
 
 def _check_tracing(otlp_endpoint: str | None) -> None:
     """What serve's tracer refuses as it starts (server.start_call_tracer): a protocol it
-    does not speak, OpenTelemetry's SDK not installed, or an OTEL_* value its exporter or
-    batch processor cannot start with (the exporter made as serve makes it, then shut down)."""
+    does not speak, OpenTelemetry's SDK not installed, or an OTEL_* value its exporter,
+    sampler or batch processor cannot start with (an endpoint, a TLS file, a sampler's name
+    or ratio: made as serve makes them, the exporter then shut down)."""
     from rerank_service.observability.tracing import otlp_protocol, tracing_wanted
     from rerank_service.server import tracing_sdk
 

@@ -5,9 +5,11 @@ Configured the standard way: the endpoint from --otlp-endpoint or
 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT, the protocol from
 OTEL_EXPORTER_OTLP_TRACES_PROTOCOL / OTEL_EXPORTER_OTLP_PROTOCOL (grpc unless
 http/protobuf), the sampler from OTEL_TRACES_SAMPLER(_ARG) (parent-based, always on by
-default), the resource from OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; the SDK reads
-them itself. Spans are exported in the background (a bounded queue and a thread): a slow
-or absent collector costs a call nothing, and what cannot be exported is counted.
+default), the resource from OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES. The SDK reads
+most of them itself, once `_export` has refused what it would take with a warning, then
+lose every span or sample every trace. Spans are exported in the background (a bounded
+queue and a thread): a slow or absent collector costs a call nothing, and what cannot be
+exported is counted.
 
 A span is recorded here as plain values while it is open and handed to the SDK's batch
 processor as its ReadableSpan when it ends: sampling, the resource, batching, the OTLP
@@ -17,16 +19,18 @@ context per attribute) cost a call of three spans about 345 µs of CPU; this, 85
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
 import socket
+import ssl
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import Token
-from typing import Any, NamedTuple
-from urllib.parse import unquote
+from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import unquote, urlsplit
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import (
@@ -36,10 +40,19 @@ from opentelemetry.sdk.resources import (
     OTELResourceDetector,
     Resource,
 )
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import Decision, Sampler
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    DEFAULT_OFF,
+    DEFAULT_ON,
+    Decision,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     Link,
@@ -54,7 +67,7 @@ from opentelemetry.trace import (
 )
 
 from rerank_service import __version__
-from rerank_service.config.secret import Secret, maskable, url_secrets
+from rerank_service.config.secret import Secret, maskable, url_named, url_secrets
 from rerank_service.observability.logging import mask_also
 from rerank_service.observability.metrics import Metrics
 from rerank_service.observability.tracing import (
@@ -65,6 +78,9 @@ from rerank_service.observability.tracing import (
     restore,
     wall_ns,
 )
+
+if TYPE_CHECKING:
+    import requests
 
 DEFAULT_SERVICE_NAME = "rerank-service"
 _SCOPE = "rerank_service"
@@ -264,7 +280,7 @@ def start_tracing(
 ) -> OtelTracing:
     """The tracer provider, exporting to `otlp_endpoint` (None: the OTEL_* variables'); a
     ValueError naming the OTEL_* variable the exporter or its queue cannot start with."""
-    made, batching = _export(otlp_endpoint, environ)
+    made, batching, sampler = _export(otlp_endpoint, environ)
     exporter = _CountingExporter(made, metrics)
     batches = BatchSpanProcessor(
         exporter,
@@ -273,15 +289,13 @@ def start_tracing(
         max_export_batch_size=batching.batch,
     )
     processor = _BoundedProcessor(batches, exporter, batching.queue, metrics)
-    # The sampler as the SDK reads it from OTEL_TRACES_SAMPLER(_ARG): parent-based, always on by default.
-    sampler = TracerProvider(shutdown_on_exit=False).sampler
     return OtelTracing(processor, _resource(worker), sampler)
 
 
 def check_tracing(otlp_endpoint: str | None, environ: Mapping[str, str] = os.environ) -> None:
     """What `start_tracing` refuses, for check-config: the exporter made as it makes it (no
     connection: it is shut down unused) and its queue's settings; a ValueError."""
-    exporter, _ = _export(otlp_endpoint, environ)
+    exporter, _, _ = _export(otlp_endpoint, environ)
     exporter.shutdown()
 
 
@@ -293,9 +307,10 @@ class _Batching(NamedTuple):
     delay_ms: int
 
 
-def _export(otlp_endpoint: str | None, environ: Mapping[str, str]) -> tuple[SpanExporter, _Batching]:
-    """The OTLP exporter and the batch processor's settings, or a ValueError naming the
-    variable they cannot start with (the SDK's own errors name none, or none of ours)."""
+def _export(otlp_endpoint: str | None, environ: Mapping[str, str]) -> tuple[SpanExporter, _Batching, Sampler]:
+    """The OTLP exporter, the batch processor's settings and the sampler, or a ValueError
+    naming the variable they cannot start with (the SDK's own errors name none, or none of
+    ours; for some values it logs a warning and goes on, exporting nothing or everything)."""
     # Before the exporter is made: it parses the headers, and the SDK's lines go to the log.
     mask_also(exporter_secrets(environ))
     queue = _whole(environ, "OTEL_BSP_MAX_QUEUE_SIZE") or 2048
@@ -313,8 +328,11 @@ def _export(otlp_endpoint: str | None, environ: Mapping[str, str]) -> tuple[Span
         if seconds is not None and not _number(seconds):
             raise ValueError(f"{variable} must be a number of seconds, got {seconds!r}")
     protocol = otlp_protocol(environ)  # a ValueError naming one it does not speak
+    _check_endpoint(otlp_endpoint, protocol, environ)
+    sampler = _sampler(environ)
+    files = _tls_files(environ)
     try:
-        return _exporter(otlp_endpoint, protocol), batching
+        return _exporter(otlp_endpoint, protocol, files, environ), batching, sampler
     except Exception as exc:  # the SDK's own checks: a compression it does not know (named)
         raise ValueError(f"the OTLP exporter cannot start: {exc}") from None
 
@@ -381,16 +399,185 @@ def exporter_secrets(environ: Mapping[str, str]) -> list[Secret]:
     return found
 
 
-def _exporter(otlp_endpoint: str | None, protocol: str) -> SpanExporter:
+def _check_endpoint(otlp_endpoint: str | None, protocol: str, environ: Mapping[str, str]) -> None:
+    """The endpoint the exporter sends to, found as the SDK's exporters find it (the first
+    set of --otlp-endpoint, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT),
+    checked as otlp-endpoint is (config/settings.py): an http(s) URL with a host, the port a
+    number. The SDK takes `collector:4317` or `ftp://...` and every export fails. Over gRPC
+    it holds no user or password: the gRPC exporter would dial `user:password@host:port`."""
+    found = ("otlp-endpoint", otlp_endpoint) if otlp_endpoint else _first(environ, ENDPOINT_VARIABLES[::-1])
+    if found is None:
+        return
+    source, endpoint = found
+    shown = url_named(endpoint)  # never the password
+    try:
+        parts = urlsplit(endpoint.strip())
+        _ = parts.port
+    except ValueError:  # a port that is no number, an unbalanced [ of an IPv6 host
+        raise ValueError(f"{source} has an invalid port or host, got {shown!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{source} must be an http(s) URL such as http://otel-collector:4317, got {shown!r}")
+    if protocol == "grpc" and "@" in parts.netloc:
+        raise ValueError(
+            f"{source} holds a user or password, which OTLP/gRPC cannot send: give it as a header, "
+            f"OTEL_EXPORTER_OTLP_HEADERS=authorization=Basic%20<base64 of user:password>, got {shown!r}"
+        )
+
+
+# OTEL_TRACES_SAMPLER's values: the SDK's own samplers, named as it reads them (lower-cased).
+# It takes any other name (a typo, jaeger_remote, xray), or a ratio that is no number from 0
+# to 1, for sampling every trace, with a warning; here they are refused.
+_SAMPLERS: dict[str, Sampler] = {
+    "always_on": ALWAYS_ON,
+    "always_off": ALWAYS_OFF,
+    "parentbased_always_on": DEFAULT_ON,
+    "parentbased_always_off": DEFAULT_OFF,
+}
+_RATIO_SAMPLERS: dict[str, Callable[[float], Sampler]] = {
+    "traceidratio": TraceIdRatioBased,
+    "parentbased_traceidratio": ParentBasedTraceIdRatio,
+}
+
+
+def _sampler(environ: Mapping[str, str]) -> Sampler:
+    """The sampler OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG name (parent-based, always
+    on when unset; a ratio of 1 when its argument is unset), or a ValueError naming them."""
+    written = environ.get("OTEL_TRACES_SAMPLER", "")
+    name = written.strip().lower() or "parentbased_always_on"
+    fixed = _SAMPLERS.get(name)
+    if fixed is not None:
+        return fixed
+    ratio = _RATIO_SAMPLERS.get(name)
+    if ratio is None:
+        known = ", ".join([*_SAMPLERS, *_RATIO_SAMPLERS])
+        raise ValueError(f"OTEL_TRACES_SAMPLER must be one of {known}, got {written!r}")
+    argument = environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if not argument:
+        return ratio(1.0)  # OpenTelemetry's default for a ratio sampler
+    try:
+        rate = float(argument)
+    except ValueError:
+        rate = math.nan
+    if not 0 <= rate <= 1:  # nan and inf too
+        raise ValueError(
+            f"OTEL_TRACES_SAMPLER_ARG must be a ratio from 0 to 1 for {name} (0.01: 1% of traces), "
+            f"got {argument!r}"
+        )
+    return ratio(rate)
+
+
+class _TlsFiles(NamedTuple):
+    """The exporter's TLS files, as the HTTP exporter reads them (the traces' variable first)."""
+
+    ca: str | None
+    certificate: str | None
+    key: str | None
+
+
+_CA_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE")
+_CERTIFICATE_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+)
+_KEY_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY")
+
+
+def _tls_files(environ: Mapping[str, str]) -> _TlsFiles:
+    """The exporter's CA, client certificate and key files, each one set checked now: a file
+    it cannot read, that holds no PEM certificate, or a key that does not go with its
+    certificate is a ValueError naming its variable. The SDK reads them as it exports: over
+    http/protobuf every export then fails; over gRPC it trusts the system's CAs instead."""
+    for variable in (*_CA_VARIABLES, *_CERTIFICATE_VARIABLES, *_KEY_VARIABLES):
+        path = environ.get(variable)
+        if path:
+            _check_file(variable, path, certificates=variable not in _KEY_VARIABLES)
+    ca, certificate, key = (
+        _first(environ, each) for each in (_CA_VARIABLES, _CERTIFICATE_VARIABLES, _KEY_VARIABLES)
+    )
+    if key is not None and certificate is None:
+        raise ValueError(f"{key[0]} is set without OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE")
+    if certificate is not None:
+        try:
+            # The password callback keeps OpenSSL from ever prompting on the terminal.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+                certificate[1], None if key is None else key[1], password=lambda: b""
+            )
+        except (ssl.SSLError, OSError):
+            variable, path = key or certificate
+            raise ValueError(
+                f"{variable} {path}: holds no unencrypted PEM private key of the client certificate "
+                f"({certificate[0]})"
+            ) from None
+    return _TlsFiles(*(None if found is None else found[1] for found in (ca, certificate, key)))
+
+
+def _check_file(variable: str, path: str, *, certificates: bool) -> None:
+    """`path` can be read and, for `certificates`, holds a PEM certificate; a ValueError."""
+    try:
+        if certificates:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+        else:
+            with open(path, "rb"):
+                pass
+    except ssl.SSLError:  # before OSError: SSLError is one
+        raise ValueError(f"{variable} {path}: holds no valid PEM certificate") from None
+    except OSError as exc:
+        raise ValueError(f"{variable} {path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _first(environ: Mapping[str, str], variables: Sequence[str]) -> tuple[str, str] | None:
+    """The first of `variables` set, and its value (as the SDK reads them: an empty one is unset)."""
+    return next(((variable, environ[variable]) for variable in variables if environ.get(variable)), None)
+
+
+def _exporter(
+    otlp_endpoint: str | None, protocol: str, files: _TlsFiles, environ: Mapping[str, str]
+) -> SpanExporter:
     if protocol == "http/protobuf":  # else grpc
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
         # As OTEL_EXPORTER_OTLP_ENDPOINT is read: the base URL, the signal's path added.
         endpoint = None if otlp_endpoint is None else otlp_endpoint.rstrip("/") + "/v1/traces"
-        return HttpExporter(endpoint=endpoint)
+        return HttpExporter(
+            endpoint=endpoint,
+            certificate_file=files.ca,
+            client_key_file=files.key,
+            client_certificate_file=files.certificate,
+            session=_http_session(environ),
+        )
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
     return GrpcExporter(endpoint=otlp_endpoint)
+
+
+# Where the SDK finds a requests.Session of a package's own (an entry point's name).
+_SESSION_PROVIDERS = (
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER",
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER",
+)
+
+
+def _http_session(environ: Mapping[str, str]) -> requests.Session | None:
+    """The HTTP exporter's session, whose CA file (OTEL_EXPORTER_OTLP_CERTIFICATE) the
+    environment cannot replace; None where a credential provider gives the SDK one."""
+    if any(environ.get(variable) for variable in _SESSION_PROVIDERS):
+        return None
+    import requests  # the HTTP exporter's own client: loaded with it only
+
+    class _OwnCaSession(requests.Session):
+        """requests takes REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE over a session's own CA file:
+        the configured one is kept. The environment's proxies still apply (HTTPS_PROXY,
+        NO_PROXY), as they do over gRPC."""
+
+        def merge_environment_settings(
+            self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
+        ) -> Any:  # requests' types name its own TypedDict, which exists for checkers only
+            merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if isinstance(self.verify, str):  # a CA file was configured (else True: the defaults)
+                merged["verify"] = self.verify
+            return merged
+
+    return _OwnCaSession()
 
 
 def _resource(worker: int | None) -> Resource:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 import grpc
 
 from rerank_service.core.domain import ServiceError
+from rerank_service.observability import tracing
 from rerank_service.pipeline.limits import FAIR_SHARE, fair_share_refusal, share_refusal
 
 # The bound a refusal names (rerank_admission_refusals_total's `bound`), FAIR_SHARE besides.
@@ -261,8 +262,12 @@ class Admission:
         self._waiters[handed] = wait.caller
         self._waiting_by[wait.caller] = self._waiting_by.get(wait.caller, 0) + 1
         timer = loop.call_later(timeout, _expire, handed)
+        # The wait, a span of the call's (a call let in at once never gets here: no span).
+        span = tracing.child("rerank.admission.wait", {"rerank.caller": wait.caller})
         try:
             got = await handed
+            if not got and span is not None:  # its time ran out: refused, as the call's span says
+                span.set("error.type", "OVERLOADED")
         except asyncio.CancelledError:
             # The client is gone: a slot handed to it meanwhile goes to the next waiter.
             if handed.done() and not handed.cancelled() and handed.result():
@@ -271,6 +276,8 @@ class Admission:
         finally:
             timer.cancel()
             self._unwait(handed)
+            if span is not None:
+                span.end()
         if not got:
             raise self._slots_refused()
         try:

@@ -22,7 +22,6 @@ from rerank_service.core.domain import (
     CacheMode,
     CallContext,
     CallPin,
-    DeploymentState,
     FailureKind,
     ModelInfo,
     ServiceError,
@@ -204,9 +203,9 @@ class Router:
             health = deployment.health
             claim = 0 if health is None else health.claim_probe()
             if span is not None:
+                # Both on every pick: a state left by an earlier pick would be read as this one's.
                 span.set("rerank.deployment", deployment.name)
-                if deployment.state is not DeploymentState.HEALTHY:  # healthy unless it says
-                    span.set("rerank.deployment.state", deployment.state.value)
+                span.set("rerank.deployment.state", deployment.state.value)
             try:
                 # The deployment's own name for the model (most often the route's: no copy).
                 sent = request if member.model == request.model else replaced(request, model=member.model)
