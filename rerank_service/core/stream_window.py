@@ -68,8 +68,16 @@ async def answer_concurrently(
 
     async def read() -> None:
         try:
-            async for item in items:
-                await slots.acquire()  # a full window pauses reading: flow control does the rest
+            source = aiter(items)
+            while True:
+                # The slot first, then the item: a full window pauses reading (flow control
+                # does the rest), and no item is read, holding what reading takes, beyond it.
+                await slots.acquire()
+                try:
+                    item = await anext(source)
+                except StopAsyncIteration:
+                    slots.release()
+                    break
                 if key(item) in in_flight:
                     await ready.put(_Answered(item, duplicate(item)))
                     continue

@@ -442,29 +442,30 @@ def test_a_stream_ended_by_its_deadline_is_logged_deadline_exceeded(
 
 
 def test_items_sharing_an_id_give_back_their_own_bytes(serve: ServerFactory, upstream: FakeUpstream) -> None:
-    """A small item in flight, then a large one under the same id waiting for the window:
-    the small one's answer gives back its own bytes; the large one's stay held while it runs."""
-    with serve(stream_concurrency=1) as server:
+    """A small item in flight, then a large one under the same id (answered at once, a
+    duplicate): the large one's answer gives back its own bytes, the small one's stay held
+    while it runs, and the stream's end gives those back (none is lost to the other's)."""
+    with serve(stream_concurrency=2) as server:
         assert server.server is not None
         admission = server.server.admission
-        upstream.inject(Fault(delay=3.0))  # the small item: answered once the large one is read
-        upstream.inject(Fault(delay=NEVER))  # the large item: still running when measured
+        upstream.inject(Fault(delay=NEVER))  # the small item: still running when measured
         outbox = Outbox()
         stream = server.stub.RerankStream(outbox.items(), timeout=60)
         outbox.put(item("x"))
         wait_until(lambda: upstream.in_flight == 1, what="the small item at the upstream")
         small_bytes = admission.bytes_in_flight
         outbox.put(item("x", documents=["a large document " * 2_000] * 20))
-        wait_until(lambda: admission.bytes_in_flight > small_bytes, what="the large item read")
-        both = admission.bytes_in_flight
-        first = next(stream)
-        wait_until(lambda: len(upstream.requests) == 2, what="the large item at the upstream")
-        while_large_runs = admission.bytes_in_flight
+        duplicate = next(stream)
+        after_duplicate = wait_until(lambda: admission.bytes_in_flight == small_bytes)
         stream.cancel()
+        outbox.put(None)
+        drained = wait_until(lambda: admission.bytes_in_flight == 0 and admission.open == 0)
 
-    assert first.id == "x"
-    assert first.WhichOneof("result") == "response"
-    assert while_large_runs == both - small_bytes  # the large item's own bytes, still held
+    assert small_bytes > 0
+    assert duplicate.id == "x"
+    assert [v.field for v in duplicate.error.field_violations] == ["id"]
+    assert after_duplicate  # the small item's own bytes, still held
+    assert drained
 
 
 def test_a_stream_idle_past_the_timeout_ends_with_stream_idle(serve: ServerFactory) -> None:
@@ -683,3 +684,56 @@ def test_an_item_id_over_the_bound_is_refused_alone_with_its_id_cut(
     assert [v.field for v in refused.error.field_violations] == ["id"]
     assert str(servicer.MAX_ITEM_ID_CHARS) in refused.error.field_violations[0].description
     assert len([e for e in logs.calls() if e["code"] == "INVALID_ARGUMENT"]) == 1
+
+
+def test_an_item_id_over_the_bound_is_metered_as_any_item_whose_request_was_read(
+    serve: ServerFactory, tmp_path: Path
+) -> None:
+    """It had no usage line and no rerank_caller_calls_total (refused before its model and
+    documents were known), while a duplicate id, refused the same way, had both."""
+    usage_log = tmp_path / "usage.jsonl"
+    long_id = "k" * (servicer.MAX_ITEM_ID_CHARS + 1)
+    with serve(usage_log=str(usage_log)) as server:
+        answers = list(server.stub.RerankStream(iter([item("good"), item(long_id)]), timeout=30))
+        wait_until(lambda: len(usage_log.read_text().splitlines()) == 2, what="an item's usage line each")
+
+    lines = sorted(
+        (line["code"], line["model"]) for line in map(json.loads, usage_log.read_text().splitlines())
+    )
+    assert len(answers) == 2
+    assert lines == [("INVALID_ARGUMENT", "qwen3-rerank"), ("OK", "qwen3-rerank")]
+
+
+def test_a_window_as_large_as_the_callers_share_runs_its_items_in_turn_without_refusals(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    """The item after a full window was read, and counted against its caller's fair share,
+    before a window slot was free: with a window as large as the share, it was refused
+    CALLER_LIMITED (fair_share) while another caller called, the window alone never
+    running past the share."""
+    other_key = "caller-key-other-0123"
+    with serve(
+        stream_concurrency=2, max_concurrent_requests=4, caller_max_share=0.5,
+        api_keys=(Secret(CALLER_KEY), Secret(other_key)),
+    ) as server:  # fmt: skip
+        upstream.inject(Fault(delay=NEVER))  # the other caller's call, holding its slot
+        other = server.stub.Rerank.future(
+            request(), timeout=30, metadata=(("authorization", f"Bearer {other_key}"),)
+        )
+        wait_until(lambda: upstream.in_flight == 1, what="the other caller's call at the upstream")
+        upstream.always(Fault(delay=0.3))  # the stream's items: work that takes a while
+        try:
+            answers = list(
+                server.stub.RerankStream(
+                    iter([item(f"i{number}") for number in range(3)]),
+                    timeout=30,
+                    metadata=(("authorization", f"Bearer {CALLER_KEY}"),),
+                )
+            )
+        finally:
+            other.cancel()
+
+    assert sorted((a.id, a.WhichOneof("result"), a.error.reason) for a in answers) == [
+        (f"i{number}", "response", "") for number in range(3)
+    ]
+    assert upstream.max_in_flight <= 3  # the other caller's call, and at most the window's 2

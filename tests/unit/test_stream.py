@@ -140,3 +140,35 @@ async def test_a_failure_reading_the_input_ends_the_stream_with_it() -> None:
 
     with pytest.raises(ConnectionError, match="stream reset"):
         _ = [answer async for answer in answers(Tracker(), broken(), window=8)]
+
+
+async def test_an_item_is_read_only_once_a_window_slot_is_free_for_it() -> None:
+    """The next item was read, then waited for a slot: one item past the window was read
+    while the window was full, holding what reading takes (at the edge: its bytes, and a
+    count against its caller's fair share that could refuse it)."""
+    release, both_started = asyncio.Event(), asyncio.Event()
+    started: list[str] = []
+
+    async def handle(item: Item) -> str:
+        started.append(item[0])
+        if len(started) == 2:
+            both_started.set()
+        await release.wait()
+        return f"answer:{item[0]}"
+
+    pulled: list[str] = []
+    stream = answer_concurrently(
+        items_of([("a", 0.0), ("b", 0.0), ("c", 0.0)], pulled), handle,
+        key=lambda item: item[0], duplicate=lambda item: "duplicate", failed=lambda item, error: "failed",
+        window=2,
+    )  # fmt: skip
+    first = asyncio.ensure_future(anext(stream))
+    await both_started.wait()
+    for _ in range(10):  # the loop's own steps: any a read-ahead would take (no timing)
+        await asyncio.sleep(0)
+    pulled_while_full = list(pulled)
+    release.set()
+    got = [await first, *[answer async for answer in stream]]
+
+    assert pulled_while_full == ["a", "b"]
+    assert sorted(got) == ["answer:a", "answer:b", "answer:c"]

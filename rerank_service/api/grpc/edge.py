@@ -333,9 +333,8 @@ class RerankServiceEdge:
                     call.caller = self._identify(context)
                     # Each item is identified again from the stream's credentials: a reload
                     # may have removed its key or changed its models or limits since.
+                    # Its items' slots count against that caller's share (`_StreamItems`).
                     items.identify = lambda: self._identify(context)
-                    # Its items' slots count against the caller's share.
-                    items.share, items.capped = call.share_key, call.share_capped
                     call.admit_stream()
                     # Closed before the items are: its reader and items in flight end first,
                     # so none takes budget the items' close has just given back.
@@ -467,16 +466,18 @@ class _StreamItems:
       RerankError), and the stream goes on;
     - each item in flight counts as a slot its caller holds for the fair share (each is an
       upstream call of its own): past its share while others call, an item is answered
-      with the fair share refusal, and the stream goes on;
+      with the fair share refusal, and the stream goes on. Its caller is as the callers
+      are when the item is read (`identify`: a reload may have renamed it or changed its
+      limits since the stream opened), and the item is given back under that name;
     - each item's bytes are taken from the byte budget until it is answered: while the
       budget has no room the next item is not read (the client waits, flow-controlled);
     - a request that does not parse ends the stream with INVALID_ARGUMENT;
     - while none of its items is in flight (every item read has been answered), the
       stream must send its next item within the idle timeout, or it ends with
       DEADLINE_EXCEEDED `STREAM_IDLE`: an idle stream holds no slot and no task for long;
-    - once the server drains (`drain`), an item read (or handed its slot) is answered
-      UNAVAILABLE without running, and once none is in flight the stream ends UNAVAILABLE (its client's
-      half-close, read first, still ends it OK).
+    - once the server drains (`drain`), an item read (or handed its slot, or room in the
+      byte budget) is answered UNAVAILABLE without running, and once none is in flight the
+      stream ends UNAVAILABLE (its client's half-close, read first, still ends it OK).
     """
 
     def __init__(
@@ -494,12 +495,15 @@ class _StreamItems:
         self._admission = admission
         self._idle_timeout = idle_timeout
         self._admitted = False
-        # Its items in flight counted as slots its caller holds (`enter` counted the first,
-        # `enter_item` each other): each given back as it is answered, the last with the slot.
-        self._counted = 0
-        self.share: str | None = None  # the caller whose share its slot counts against
+        # Its items in flight counted as slots their caller holds (`enter` counted the first,
+        # `enter_item` each other), by the item: the name each was counted under, given back
+        # under it as the item is answered, the last with the slot.
+        self._counted: dict[int, str | None] = {}
         self.identify: Callable[[], Caller] = _unidentified  # an item's caller, as callers are now
-        self.capped = True  # whether that caller is held to the fair share
+        # What its items count against while `identify` is unset (a stream no caller is
+        # known for); else each item's caller's name, and whether it is held to the share.
+        self.share: str | None = None
+        self.capped = True
         self.received = 0
         self.sent = 0
         self._last_activity = time.monotonic()
@@ -534,15 +538,20 @@ class _StreamItems:
             self._admission.give_bytes(size)
         if self._drain.begun and self.sent >= self.received:
             self.wake()  # nothing in flight: a draining stream ends now
-        if size is not None and self._admitted:  # it ran, counted against its caller's share
-            self._counted -= 1
-            if self._counted:
-                self._admission.release_item(self.share)
-            else:
-                # Nothing else running: a stream that is not working holds no slot (its next
-                # item takes one again).
-                self._admitted = False
-                self._admission.release(0, self.share)
+        self._uncount(item)
+
+    def _uncount(self, item: Any) -> None:
+        """`item`, if it was counted against its caller's share, is no longer in flight: its
+        count is given back under the name it was taken under, the stream's slot with the
+        last one (nothing else running: its next item takes a slot again)."""
+        if id(item) not in self._counted:
+            return
+        share = self._counted.pop(id(item))
+        if self._counted:
+            self._admission.release_item(share)
+        else:
+            self._admitted = False
+            self._admission.release(0, share)
 
     def wake(self) -> None:
         """Have the reader look again (the drain began, or its last item was answered)."""
@@ -556,12 +565,13 @@ class _StreamItems:
         self._held.clear()
         self._refused.clear()
         self._admission.give_bytes(held)
-        if self._admitted:
-            self._admitted = False
-            for _ in range(self._counted - 1):  # the items still counted, the slot's last
-                self._admission.release_item(self.share)
-            self._admission.release(0, self.share)
-        self._counted = 0
+        counted = list(self._counted.values())
+        self._counted.clear()
+        self._admitted = False
+        if counted:
+            for share in counted[1:]:  # the items still counted, the slot's last
+                self._admission.release_item(share)
+            self._admission.release(0, counted[0])
 
     def __aiter__(self) -> _StreamItems:
         return self
@@ -575,17 +585,22 @@ class _StreamItems:
         self._last_activity = time.monotonic()
         if self._refused_draining(item):
             return item
+        try:
+            share, capped = self._share_now()
+        except ServiceError as refusal:  # a reload removed its key: refused as such, holding nothing
+            self._refused[id(item)] = refusal
+            return item
         if not self._admitted:
             try:
                 try:
-                    self._admission.enter(0, self.share, capped=self.capped, may_wait=True)
+                    self._admission.enter(0, share, capped=capped, may_wait=True)
                 except SlotWait as wait:  # every slot taken, some by a caller past its share
                     await self._admission.wait_for_slot(wait, self._time_remaining())
                     if self._closed:  # the stream ended while this item waited: its slot goes back
-                        self._admission.release(0, self.share)
+                        self._admission.release(0, share)
                         raise StopAsyncIteration from None
                     if self._refused_draining(item):  # the drain began while it waited: its slot goes back
-                        self._admission.release(0, self.share)
+                        self._admission.release(0, share)
                         return item
             except ServiceError as refusal:  # no slot: this item is answered with the refusal
                 self._refused[id(item)] = refusal
@@ -593,17 +608,30 @@ class _StreamItems:
             self._admitted = True
         else:
             try:
-                self._admission.enter_item(self.share, capped=self.capped)
+                self._admission.enter_item(share, capped=capped)
             except ServiceError as refusal:  # its caller at its share: answered with the refusal
                 self._refused[id(item)] = refusal
                 return item
-        self._counted += 1
+        self._counted[id(item)] = share
         await self._admission.take_bytes(received.size)
         if self._closed:  # the stream ended while this item waited for room: nothing is held
             self._admission.give_bytes(received.size)
             raise StopAsyncIteration
+        if self._refused_draining(item):  # the drain began while it waited for room: not run
+            self._admission.give_bytes(received.size)
+            self._uncount(item)
+            return item
         self._held[id(item)] = received.size
         return item
+
+    def _share_now(self) -> tuple[str | None, bool]:
+        """The name an item's slot counts against, and whether it is held to the fair share
+        (as `Call.share_key` and `Call.share_capped` say for a call): its caller's as the
+        callers are now, or UNAUTHENTICATED where a reload removed its key."""
+        if self.identify is _unidentified:
+            return self.share, self.capped
+        caller = self.identify()
+        return caller.name, caller.limits is None or caller.limits.concurrent is None
 
     def _refused_draining(self, item: Any) -> bool:
         """Whether the server drains: `item` is then answered with the refusal, holding nothing."""

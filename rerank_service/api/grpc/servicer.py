@@ -112,6 +112,8 @@ class RerankServicer:
                 # Its caller as the callers are now: a key a reload removed is refused here.
                 item_call.caller = request_iterator.identify()
                 if (bad_id := long_id(item.id)) is not None:
+                    # Its request was read: metered as any item is (as a duplicate id is).
+                    item_call.model, item_call.documents = item.request.model, len(item.request.documents)
                     raise bad_id
                 refusal = request_iterator.refusal(item)
                 if refusal is not None:  # admission had no slot for it: this item fails, not the stream
