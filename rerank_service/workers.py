@@ -388,8 +388,13 @@ class Supervisor:
         # Late: the supervisor serves nothing, and builds routes (to check them) only here.
         from rerank_service.server import check_reload
 
+        def check(settings: Settings) -> None:
+            # What a fresh start refuses too: a worker restarted from the copy starts from it.
+            check_workers(settings)
+            check_reload(settings)
+
         try:
-            self._accepted = self._config.copy(check=check_reload)
+            self._accepted = self._config.copy(check=check)
         except ConfigError as exc:
             _log.error(
                 "reload refused", error=str(exc), why="the workers keep serving the configuration as it was"

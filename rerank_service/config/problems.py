@@ -8,10 +8,16 @@ from typing import Any
 
 from pydantic_core import ErrorDetails
 
+from rerank_service.config.secret import url_named
 from rerank_service.config.settings import KeySources, expectation
 
 # Places in the file where a value may be a key pasted by mistake: never repeated.
 _HOLD_KEYS = frozenset(("credentials", "api_key_env", "api_key_file", "key_env", "key_file", "key_sha256"))
+# Settings, and keys of a deployment, holding a URL, whose user:password@ a value of the
+# wrong type (the URL written as a list or a mapping) would repeat: it is not.
+_HOLD_URLS = frozenset(
+    ("upstream_url", "upstream_proxy", "otlp_endpoint", "cache_store", "limits_store", "url", "proxy")
+)
 
 
 def describe(error: ErrorDetails, fields: Mapping[str, Any], origins: Mapping[str, str]) -> str:
@@ -42,9 +48,21 @@ def describe(error: ErrorDetails, fields: Mapping[str, Any], origins: Mapping[st
     else:
         declared = expectation(info) if info is not None and not inner else None
         expected = declared or error["msg"].removeprefix("Input should be ")
-        problem = f"must be {expected}" + ("" if secret else f", got {_brief(error['input'])}")
+        url = str(top) in _HOLD_URLS or any(part in _HOLD_URLS for part in inner)
+        shown = _url_brief(error["input"]) if url else _brief(error["input"])
+        problem = f"must be {expected}" + ("" if secret else f", got {shown}")
     origin = origins.get(str(top))
     return f"{name} {problem}" + (f" (from {origin})" if origin else "")
+
+
+def _url_brief(value: Any) -> str:
+    """A URL setting's value as an error may say it: a string as url_named shows it, a number
+    or switch as it is, anything else (a list or mapping, which may hold the URL) by its kind."""
+    if isinstance(value, str):
+        return _brief(url_named(value))
+    if value is None or isinstance(value, bool | int | float):
+        return _brief(value)
+    return "a mapping" if isinstance(value, Mapping) else f"a {type(value).__name__}"
 
 
 def _brief(value: Any) -> str:

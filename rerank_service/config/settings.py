@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import ssl
 import typing
@@ -150,8 +151,6 @@ def usable_cores(cgroup: str = "/sys/fs/cgroup") -> int:
     """The cores this process may run on: its CPU affinity where the OS has one, lowered to
     its cgroup's CPU quota where one is set (a Kubernetes CPU limit: the affinity still names
     every core of the node)."""
-    import os
-
     affinity = getattr(os, "sched_getaffinity", None)
     cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
     quota = cgroup_cpu_quota(cgroup)
@@ -249,15 +248,88 @@ def _redis_url(store: str) -> Callable[[str | None], str | None]:
                 "URL's path (/0)"
             )
         try:
-            parse_url(value.strip())  # what redis-py cannot read fails here, not at start
+            options = parse_url(value.strip())  # what redis-py cannot read fails here, not at start
         except ValueError as exc:
             raise ValueError(f"has a query redis cannot read ({exc}), got {shown!r}") from None
+        problem = _redis_tls_problem(typing.cast(Mapping[str, Any], options))
+        if problem is not None:
+            raise ValueError(f"has a query whose {problem}, got {shown!r}")
         if not re.fullmatch(r"/?|/\d+", parts.path):
             # redis-py reads any other path as database 0, silently.
             raise ValueError(f"has a path that is no database number (/0, /1, ...), got {shown!r}")
         return value.strip()
 
     return check
+
+
+# ssl_cert_reqs as redis-py reads it (lower case only): any other value fails each connection.
+_CERT_REQS = ("none", "optional", "required")
+
+
+def _redis_tls_problem(options: Mapping[str, Any]) -> str | None:
+    """What in the TLS options of a store URL's query (as redis-py's parse_url read them)
+    would fail every connection, or None: redis-py builds its TLS context at each connect,
+    so a missing certificate file or a cipher list OpenSSL refuses passed start-up and then
+    failed every round trip. The same context is built here as redis-py builds it. The
+    problem names the option, never ssl_password."""
+    cert_reqs = options.get("ssl_cert_reqs")
+    if cert_reqs is not None and cert_reqs not in _CERT_REQS:
+        return f"ssl_cert_reqs is none of {', '.join(_CERT_REQS)}"
+    for name in ("ssl_certfile", "ssl_keyfile", "ssl_ca_path"):
+        path = options.get(name)
+        unreadable = None if path is None else _unreadable(str(path), directory=name == "ssl_ca_path")
+        if unreadable is not None:
+            return f"{name} {path} {unreadable}"
+    certfile, keyfile = options.get("ssl_certfile"), options.get("ssl_keyfile")
+    if keyfile is not None and certfile is None:
+        return "ssl_keyfile has no ssl_certfile (the client certificate its key goes with)"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if certfile is not None:
+        password = options.get("ssl_password")
+        try:
+            # A callable for no password: OpenSSL would otherwise ask for one on the terminal.
+            context.load_cert_chain(
+                certfile, keyfile, password=_no_password if password is None else password
+            )
+        except (ssl.SSLError, ValueError):  # ValueError: a password longer than OpenSSL takes
+            return (
+                "ssl_certfile and ssl_keyfile hold no PEM client certificate and its key (or "
+                "ssl_password does not open the key)"
+            )
+    ciphers = options.get("ssl_ciphers")
+    if ciphers is not None:
+        try:
+            context.set_ciphers(str(ciphers))
+        except ssl.SSLError:
+            return "ssl_ciphers selects no cipher this OpenSSL knows"
+    version = options.get("ssl_min_version")
+    if version is not None:
+        try:
+            context.minimum_version = ssl.TLSVersion(version)
+        except ValueError:
+            return "ssl_min_version is no TLS version of Python's ssl.TLSVersion (771 is TLS 1.2)"
+    return None
+
+
+def _no_password() -> bytes:
+    return b""
+
+
+def _unreadable(path: str, directory: bool) -> str | None:
+    """Why the file (or, `directory`, the directory) `path` cannot be read, or None."""
+    try:
+        if directory:
+            if not Path(path).is_dir():
+                return "is no directory"
+            os.listdir(path)
+        else:
+            with open(path, "rb"):
+                pass
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    except ValueError:  # a NUL byte (%00) in the path
+        return "holds a NUL byte"
+    return None
 
 
 def _base_url(value: str) -> str:
@@ -360,10 +432,21 @@ def _distinct_models(models: tuple[tuple[str, str], ...]) -> tuple[tuple[str, st
 
 # --- the kinds of value; Expect says each in words -------------------------------------------
 
+
+def _unbracketed(value: object) -> object:
+    """Trimmed, and an IPv6 address written as in a URL ([::1]) without its brackets: the
+    HTTP and metrics ports' listeners take the address alone (gRPC's adds them back)."""
+    if not isinstance(value, str):
+        return value
+    value = value.strip()
+    return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+
+
 Host = Annotated[
     str,
-    BeforeValidator(lambda value: value.strip() if isinstance(value, str) else value),
-    Field(pattern=r"^\S+$"),  # not blank, nor two words: no address to listen on
+    BeforeValidator(_unbracketed),
+    # Not blank, nor two words, nor a bracket left: no address to listen on.
+    Field(pattern=r"^[^\s\[\]]+$"),
     Expect("a host name or address"),
 ]
 Port = Annotated[int, NOT_A_SWITCH, Field(ge=0, le=65535), Expect("a port number from 0 to 65535")]
@@ -503,7 +586,10 @@ DirectoryPath = Annotated[
     Path | None, BeforeValidator(_blank_is_none), AfterValidator(_no_nul), Expect("a directory path")
 ]
 TokenizerSource = Annotated[
-    str | None, BeforeValidator(_blank_is_none), Expect("a directory, or a cached Hugging Face model id")
+    str | None,
+    BeforeValidator(_blank_is_none),
+    AfterValidator(_no_nul),  # a directory is looked for: the OS takes no path with a NUL byte
+    Expect("a directory, or a cached Hugging Face model id"),
 ]
 Backend = Annotated[Literal["local", "upstream"], BeforeValidator(_trimmed_lower)]
 Device = Annotated[Literal["auto", "cpu", "cuda"], BeforeValidator(_trimmed_lower)]
@@ -1050,6 +1136,16 @@ def check_callers(settings: Settings) -> None:
         raise ConfigError("limits-store-ca-file applies to a rediss:// (TLS) limits-store only")
     origin = settings.sources.get("callers")
     where = f" (from {origin})" if origin else ""
+    # Without a models section, the flags' names are served (the default model's when unset).
+    if settings.models:
+        served = {route.name for route in settings.models}
+        serving = "no route of the models section serves"
+    elif settings.backend == "local":
+        served = {name for name, _ in settings.local_models}
+        serving = f"local-models does not serve (it serves {', '.join(sorted(served))})"
+    else:
+        served = set(settings.upstream_models)
+        serving = f"upstream-models does not name (it names {', '.join(sorted(served))})"
     for c, caller in enumerate(settings.callers):
         for k, credential in enumerate(caller.credentials):
             if credential.tls_identity and settings.tls_client_ca is None:
@@ -1057,13 +1153,9 @@ def check_callers(settings: Settings) -> None:
                     f"callers[{c}].credentials[{k}].tls_identity needs client certificates: set "
                     f"tls-client-ca (mTLS){where}"
                 )
-        served = {route.name for route in settings.models}
         for m, model in enumerate(caller.models):
-            if served and model != "*" and model not in served:
-                raise ConfigError(
-                    f"callers[{c}].models[{m}] names {model!r}, which no route of the models section "
-                    f"serves{where}"
-                )
+            if model != "*" and model not in served:
+                raise ConfigError(f"callers[{c}].models[{m}] names {model!r}, which {serving}{where}")
     if not settings.callers or settings.upstream_api_key is not None:
         return
     if settings.backend == "upstream" and not settings.models:

@@ -98,6 +98,7 @@ def load_settings(args: Mapping[str, Any] | None = None, env: Mapping[str, str] 
         {key: origin for key, origin in file.origins.items() if key in plain},
     )
     merged = _merge(_flags(args), _environment(env), from_file)
+    _check_text(merged)
     secrets = _secrets(args, env, file)
     origins = {**merged.origins, **secrets.origins}
     settings = build(Settings, Layer({**merged.values, **secrets.values}, origins), sources=origins)
@@ -150,6 +151,8 @@ def file_layer(path: Path, known: Collection[str], read_from: Path | None = None
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError(f"config {path}: not valid YAML: {problem}{where}") from None
+    except RecursionError:  # yaml reads nested lists and mappings by recursion
+        raise ConfigError(f"config {path}: nests lists or mappings too deeply") from None
     if data is None:
         # A truncated file, or one read mid-write, must not mean "every default" (the demo
         # model in place of the routes it held); `{}` says "no settings" on purpose.
@@ -175,7 +178,9 @@ def _unique_keys_loader(yaml: Any) -> Any:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
                     continue
                 key = self.construct_object(key_node, deep=True)
-                if isinstance(key, Hashable) and key in seen:
+                if not isinstance(key, Hashable):  # a list or a mapping: refused by yaml below
+                    continue
+                if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"{key!r} is written twice in one mapping", key_node.start_mark
                     )
@@ -241,6 +246,35 @@ def _config_file(args: Mapping[str, Any], env: Mapping[str, str]) -> Layer:
     return layer
 
 
+def _check_text(layer: Layer) -> None:
+    """Refuse a value, or a key of a nested section, that is no UTF-8 text: a byte of another
+    encoding in a flag or variable (Python holds it as a lone surrogate) or a `\\ud800`
+    escape in the file. Every message, log line and header repeating it would fail to encode
+    (a traceback, not a configuration error); the value is not repeated."""
+    for name, value in layer.values.items():
+        pending = [value]
+        while pending:  # not recursive: a section may nest deeply
+            item = pending.pop()
+            if isinstance(item, Mapping):
+                pending += [*item.keys(), *item.values()]
+            elif isinstance(item, list | tuple):
+                pending += item
+            elif isinstance(item, str) and not _utf8(item):
+                origin = layer.origins.get(name)
+                raise ConfigError(
+                    f"{name.replace('_', '-')} holds text that is not UTF-8 (a byte of another "
+                    "encoding, or a lone surrogate such as \\ud800)" + (f" (from {origin})" if origin else "")
+                )
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _merge(*layers: Layer) -> Layer:
     """Earlier layers win."""
     values: dict[str, Any] = {}
@@ -268,6 +302,8 @@ def _secrets(args: Mapping[str, Any], env: Mapping[str, str], file: Layer) -> La
             text = str(raw).strip()
             if is_file and not text:
                 raise ConfigError(f"{origin} is set but names no file (it is blank)")
+            if is_file and not _utf8(text):  # a key itself: key_fault says so, unrepeated
+                raise ConfigError(f"{origin} names a file by text that is not UTF-8")
             found = _read_keys(keys, text, is_file, origin)
             if not found:  # a key source that holds no key must not silently switch auth off
                 raise ConfigError(f"{origin} is set but holds no key")

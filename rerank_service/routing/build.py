@@ -124,12 +124,13 @@ def checked_routes(settings: Settings) -> list[Route]:
 
 def check_local_sources(settings: Settings) -> None:
     """Every local model's files are found (a directory, the local hub cache, the bundled
-    model), none is loaded: `check-config` fails on a source that `serve` would fail on."""
-    from rerank_service.backends.local.model_files import ModelLoadError, resolve_source  # no torch
+    model) and hold a config.json and weights, none is loaded: `check-config` fails on a
+    source that `serve` would fail on, and a --workers reload on one its workers would."""
+    from rerank_service.backends.local.model_files import ModelLoadError, model_directory  # no torch
 
     for place, source, origin in _local_sources(settings):
         try:
-            resolve_source(source)
+            model_directory(source)
         except ModelLoadError as exc:
             raise ConfigError(f"{place}: {exc}{origin}") from None
 

@@ -50,7 +50,9 @@ SHA = hashlib.sha256(b"sk-hashed-key").hexdigest()
 
 def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> Settings:
     path = tmp_path / "rerank.yaml"
-    path.write_text("backend: local\n" + text, encoding="utf-8")
+    # The models the callers here name, served (a caller naming a model nothing serves is refused).
+    served = "local_models: {qwen3-rerank: bundled, gte-rerank-v2: bundled}\n"
+    path.write_text("backend: local\n" + served + text, encoding="utf-8")
     return load_settings({"config": str(path)}, env or {})
 
 

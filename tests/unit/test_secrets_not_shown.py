@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import TextIO, cast
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from rerank_service.cli import main
 from rerank_service.config import ConfigError, load_settings
 from rerank_service.config.secret import file_named, key_fault, maskable, url_named
 from rerank_service.observability.logging import configure_logging, get_logger
 from rerank_service.observability.metrics import Metrics
+from tests.support.certs import CertificateAuthority
 from tests.support.logs import LogCapture
 
 SECRET = "hunter2-Secret"
@@ -193,9 +195,22 @@ def test_only_credential_headers_and_real_passwords_are_masked() -> None:
     }
 
 
-def test_a_store_urls_tls_key_passphrase_is_masked_and_never_repeated() -> None:
+def test_a_store_urls_tls_key_passphrase_is_masked_and_never_repeated(tmp_path: Path) -> None:
     """Its query's ssl_password was printed whole in a configuration error."""
-    url = "rediss://redis.internal:6380/0?ssl_keyfile=/etc/k.pem&ssl_password=KeyPass-0123&health_check_interval=x"
+    issued = CertificateAuthority().issue_client()
+    cert, key = issued.write(tmp_path, "client")
+    loaded = serialization.load_pem_private_key(issued.key_pem, password=None)
+    key.write_bytes(  # the key encrypted with the URL's password, as ssl_password is for
+        loaded.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"KeyPass-0123"),
+        )
+    )
+    url = (
+        f"rediss://redis.internal:6380/0?ssl_certfile={cert}&ssl_keyfile={key}"
+        "&ssl_password=KeyPass-0123&health_check_interval=x"
+    )
 
     message = refusal(RERANK_CACHE_STORE=url)
     masked = {

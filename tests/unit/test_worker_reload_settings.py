@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from rerank_service.config import Settings
+from rerank_service.config import Settings, load_settings
 from rerank_service.config.server import ServerConfig
+from rerank_service.config.snapshot import ConfigSnapshot
 from rerank_service.server import needs_restart
-from rerank_service.workers import as_restarted, as_served
+from rerank_service.workers import Supervisor, as_restarted, as_served
 
 # As the file and flags say (port 0: chosen by the supervisor), and as a worker serves them.
 STARTED = Settings(port=0, http_port=0, metrics_port=9100)
@@ -56,3 +57,29 @@ def test_a_restarted_worker_takes_what_a_reload_applies_and_keeps_what_it_leaves
     assert (restarted.tls_cert, restarted.tls_key) == (None, None)
     # Nothing a reload would name as left as started: the config its siblings serve.
     assert needs_restart(ServerConfig.from_settings(started), ServerConfig.from_settings(restarted)) == []
+
+
+def _local_file(path: Path, device: str | None) -> None:
+    chosen = f"device: {device}\n" if device else ""
+    path.write_text(
+        f"workers: 2\n{chosen}models:\n  - name: demo\n"
+        "    deployments: [{format: local, source: bundled}]\n",
+        encoding="utf-8",
+    )
+
+
+def test_the_supervisor_refuses_a_reload_a_fresh_start_of_its_workers_would_refuse(tmp_path: Path) -> None:
+    """Workers sharing a local model's device (device auto) are refused at start and by
+    check-config: a reload to it was taken, and a worker restarted later started from it."""
+    config = tmp_path / "rerank.yaml"
+    _local_file(config, "cpu")
+    args = {"config": str(config)}
+    supervisor = Supervisor(load_settings(args, {}), args)
+    supervisor._config = ConfigSnapshot(args, str(tmp_path))
+    supervisor._config.copy()
+    _local_file(config, None)  # device: auto
+
+    assert not supervisor._copy_config_for_reload()
+
+    assert supervisor._accepted.device == "cpu"
+    assert "device: cpu" in supervisor._config.path.read_text(encoding="utf-8")

