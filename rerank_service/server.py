@@ -585,7 +585,6 @@ def start_call_tracer(otlp_endpoint: str | None, metrics: Metrics, worker: int |
         protocol=environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "grpc",
-        sampler=environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
-        sampler_arg=environ.get("OTEL_TRACES_SAMPLER_ARG"),
+        sampler=tracer.sampler,  # the one built, its ratio included (e.g. TraceIdRatioBased{0.01})
     )
     return tracer

@@ -489,6 +489,8 @@ Workers = Annotated[
     Expect("an integer >= 1, or auto"),
 ]
 CountOrZero = Annotated[int, NOT_A_SWITCH, Field(ge=0), Expect("an integer >= 0")]
+# A thread count: torch takes a C int, and no machine runs more than this many cores.
+Threads = Annotated[int, NOT_A_SWITCH, Field(ge=0, le=4096), Expect("an integer from 0 to 4096")]
 # The longest any duration setting may be: a year. Far past any sensible one, and well
 # within what every clock, timer and wire format below takes (a cool-down of 1e300 s
 # overflowed the RetryInfo of a refusal).
@@ -672,7 +674,7 @@ class Settings:
         description="local backend, onnx engine: int8 quantizes the weights (dynamic int8: about twice "
         "as fast on CPU, scores shift slightly); none keeps float32",
     )
-    local_threads: CountOrZero = Field(
+    local_threads: Threads = Field(
         default=0,
         description="local backend: threads of a model's forward pass, torch and onnx alike (0: "
         "torch's default, one per core)",

@@ -192,6 +192,7 @@ class OtelTracing:
         self._resource = resource
         self._sampler = sampler
         self._scope = InstrumentationScope(_SCOPE, __version__)
+        self.sampler = sampler.get_description()  # as the start's log line says it
         # Span and trace ids, random as the SDK's RandomIdGenerator makes them.
         self._random = random.Random()  # noqa: S311 - unique ids, not secrets
 

@@ -312,3 +312,15 @@ def test_a_bracketed_ipv6_host_serves_the_http_and_metrics_ports() -> None:
     args = ["--host", "[::1]", "--http-port", "0", "--metrics-port", "0"]
     with ServiceProcess(args, {"RERANK_BACKEND": "upstream", **UPSTREAM}) as service:
         assert service.terminate() == 0
+
+
+# --- numbers a backend cannot take ------------------------------------------------------------
+
+
+def test_local_threads_past_what_torch_takes_is_a_configuration_error() -> None:
+    """torch's thread count is a C int: 10**11 failed the local backend's start with
+    "Overflow when unpacking long" (exit 1)."""
+    assert "local-threads must be an integer from 0 to 4096" in refusal(
+        {"backend": "local", "local_threads": 10**11}
+    )
+    assert load_settings({"backend": "local", "local_threads": 4096}, {}).local_threads == 4096
