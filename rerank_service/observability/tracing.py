@@ -75,6 +75,8 @@ class SpanHandle(Protocol):
 class CallTracer(Protocol):
     """The process's tracer: a span per call (tracing_export.py's `OtelTracing`)."""
 
+    sampler: str  # the sampler it samples with, described (its ratio included)
+
     def open_call(
         self,
         method: str,
