@@ -1,4 +1,5 @@
-"""The HTTP front door through SDKs nobody here wrote: `dashscope` and `cohere`, from PyPI.
+"""The HTTP front door through SDKs nobody here wrote: `dashscope` and `cohere`, from PyPI
+(Infinity's client: tests/clients/test_http_infinity_client.py).
 
 Each SDK is pointed at a live `rerank-service serve --http-port 0` (upstream backend in
 front of a fake upstream, caller keys on) by its own base-URL setting, exactly as a user
@@ -23,6 +24,7 @@ from typing import Any
 import cohere
 import dashscope
 import grpc
+import httpx
 import pytest
 from cohere.core.api_error import ApiError
 from dashscope.v2 import errors as dashscope_errors
@@ -414,6 +416,26 @@ def test_cohere_invalid_request_raises_its_bad_request_error(front_door: FrontDo
     message = message_of(caught.value)
     assert message == front_door.grpc_error(documents=[]).details()
     assert "documents" in message
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_cohere_routes_answer_the_model_and_prompt_tokens_infinity_client_requires(
+    front_door: FrontDoor, version: str
+) -> None:
+    """Infinity's client (tests/clients/test_http_infinity_client.py) reads `model` and
+    `usage.prompt_tokens` as required fields, and failed with a KeyError without them."""
+    answer = httpx.post(
+        f"{front_door.origin}/{version}/rerank",
+        json={"model": MODEL, "query": QUERY, "documents": DOCUMENTS},
+        headers={"Authorization": f"Bearer {CALLER_KEY}"},
+        timeout=30,
+        trust_env=False,
+    )
+
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["model"] == MODEL
+    assert body["usage"] == {"prompt_tokens": TOKENS, "total_tokens": TOKENS}
 
 
 def cohere_client(version: str, front_door: FrontDoor, api_key: str = CALLER_KEY) -> Any:

@@ -180,7 +180,7 @@ def test_each_route_answers_in_its_format_what_grpc_answers(
         assert body["object"] == "list"
         assert body["model"] == "qwen3-rerank"
     else:
-        assert set(body) == {"id", "results", "meta", "usage"}
+        assert set(body) == {"id", "model", "results", "meta", "usage"}  # model: Infinity's client reads it
         assert set(body["meta"]) >= {"api_version", "billed_units"}
     assert results_of(route, body) == grpc_results(over_grpc)
     assert body["usage"]["total_tokens"] == over_grpc.usage.total_tokens > 0

@@ -7,7 +7,8 @@
 - every error the server answers (401, 400, 404, 411, 413, 415, 429, 503, 504) has its
   status declared for the route, and its body fits the schema declared for that status;
 - /v1/models, /healthz and /readyz answers fit theirs;
-- what the server refuses as a field error, the request schema refuses too.
+- what the server refuses as a field error, the request schema refuses too, and what it
+  answers 200 (null options, any case), the request schema accepts.
 
 Instances are checked with jsonschema (2020-12, OpenAPI 3.1's dialect), each against the
 document's own schema at its JSON pointer, so `#/components/schemas` references resolve
@@ -30,6 +31,7 @@ from referencing.jsonschema import DRAFT202012
 
 from rerank_service.api.http import openapi
 from rerank_service.api.http.app import RERANK_ROUTES
+from rerank_service.api.http.formats import NATIVE_OPTIONS
 from rerank_service.config.secret import Secret
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault, expected_ranking, total_tokens
 from tests.conftest import CALLER_KEY, ServerFactory, upstream_settings
@@ -58,6 +60,7 @@ INTEGERS = {"top_n": TOP_N, "max_tokens_per_doc": 512, "chunk_overlap_tokens": 1
 
 NATIVE = "/api/v1/services/rerank/text-rerank/text-rerank"
 COMPATIBLE = "/compatible-api/v1/reranks"
+COHERE = ("/v1/rerank", "/v2/rerank")
 ROUTES = list(RERANK_ROUTES)
 
 
@@ -150,10 +153,14 @@ def build(schema: dict[str, Any], name: str, full: bool, branch: int, text: str 
     schema = resolve(schema)
     if "const" in schema:
         return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][0]
     if "oneOf" in schema:
         options = schema["oneOf"]
         return build(options[branch % len(options)], name, full, branch, text)
     kind = schema.get("type")
+    if isinstance(kind, list):  # ["integer", "null"]: an optional field that may be null; not null here
+        (kind,) = (one for one in kind if one != "null")
     if kind == "object":
         required = set(schema.get("required", ()))
         return {
@@ -444,7 +451,42 @@ FIELD_ERRORS: dict[str, Change] = {
     "empty query": lambda path, body: with_query(path, body, ""),
     "an empty document": lambda path, body: with_documents(path, body, ["a red apple", ""]),
     "top_n past 2**31": lambda path, body: with_parameter(path, body, "top_n", 2**31),
+    "long_documents unknown": lambda path, body: with_parameter(path, body, "long_documents", "chunks"),
 }
+
+
+def option(name: str, value: Any) -> Change:
+    """The change setting the option `name` to `value`, where the route keeps its options."""
+    return lambda path, body: with_parameter(path, body, name, value)
+
+
+def beside_input(name: str) -> Change:
+    """The change setting the option `name` at the top level (where the flat formats keep it)."""
+    value = {**STRINGS, **INTEGERS, "return_documents": True}[name]  # a value the server takes
+    return lambda path, body: {**body, name: value}
+
+
+# Refused by some formats only: each case with the routes it is refused on.
+FORMAT_FIELD_ERRORS: dict[str, tuple[tuple[str, ...], Change]] = {
+    # The native format keeps every option in `parameters`: one beside `input` is refused.
+    **{f"{name} beside input": ((NATIVE,), beside_input(name)) for name in NATIVE_OPTIONS},
+    # Cohere's documents are ranked on their text alone.
+    "rank_fields other than text": (
+        COHERE,
+        lambda path, body: {
+            **body,
+            "documents": [{"text": text, "title": "t"} for text in DOCUMENTS],
+            "rank_fields": ["title"],
+        },
+    ),
+}
+
+
+def field_errors(path: str) -> dict[str, Change]:
+    return {
+        **FIELD_ERRORS,
+        **{case: change for case, (paths, change) in FORMAT_FIELD_ERRORS.items() if path in paths},
+    }
 
 
 @pytest.mark.parametrize("path", ROUTES)
@@ -453,7 +495,7 @@ def test_a_request_the_server_refuses_as_invalid_the_schema_refuses(http: httpx.
         {"$ref": f"{DOCUMENT_URI}#{request_pointer(path)}"}, registry=REGISTRY
     )
     accepted = []
-    for case, change in FIELD_ERRORS.items():
+    for case, change in field_errors(path).items():
         request = change(path, valid_request(path))
         answer = http.post(path, json=request)
         assert answer.status_code == 400, f"{case}: {answer.status_code} {answer.text}"
@@ -463,6 +505,48 @@ def test_a_request_the_server_refuses_as_invalid_the_schema_refuses(http: httpx.
     assert not accepted, (
         f"{path} refuses these requests, but the document's request schema accepts them "
         "(it should say so: minLength, maximum...):\n" + "\n".join(accepted)
+    )
+
+
+# --- what the server accepts, the schema accepts -----------------------------------------------
+
+
+# The server reads a null option as absent, and long_documents in any case (around spaces).
+ACCEPTED: dict[str, Change] = {
+    **{f"{name} null": option(name, None) for name in NATIVE_OPTIONS},
+    **{
+        f"long_documents {value!r}": option("long_documents", value)
+        for value in ("CHUNK", "Truncate", " reject\t", "chun\u212a")  # U+212A KELVIN SIGN: lowered, k
+    },
+}
+# Accepted by some formats only (the others ignore these fields, or have none).
+FORMAT_ACCEPTED: dict[str, tuple[tuple[str, ...], Change]] = {
+    "parameters null": ((NATIVE,), lambda path, body: {**body, "parameters": None}),
+    "rank_fields null": (COHERE, lambda path, body: {**body, "rank_fields": None}),
+}
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_a_request_the_server_answers_the_schema_accepts(http: httpx.Client, path: str) -> None:
+    validator = jsonschema.Draft202012Validator(
+        {"$ref": f"{DOCUMENT_URI}#{request_pointer(path)}"}, registry=REGISTRY
+    )
+    cases = {
+        **ACCEPTED,
+        **{case: change for case, (paths, change) in FORMAT_ACCEPTED.items() if path in paths},
+    }
+    refused = []
+    for case, change in cases.items():
+        request = change(path, valid_request(path, full=True))
+        answer = http.post(path, json=request)
+        assert answer.status_code == 200, f"{case}: {answer.status_code} {answer.text}"
+        check_answer(path, "post", answer)
+        if not validator.is_valid(request):
+            refused.append(f"  {case}: {json.dumps(request)[:200]}")
+
+    assert not refused, (
+        f"{path} answers these requests 200, but the document's request schema refuses them:\n"
+        + "\n".join(refused)
     )
 
 

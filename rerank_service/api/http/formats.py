@@ -9,8 +9,8 @@ Three wire formats, each as its clients expect it:
 - `compatible`: DashScope's OpenAI-compatible one (the same fields flat; `{id, object,
   results, usage}` out);
 - `cohere`: Cohere's v1/v2 rerank (`{model, query, documents, top_n, return_documents,
-  max_tokens_per_doc}` in, documents as strings or `{text}`; `{id, results, meta}` out; errors `{message}`),
-  also what vLLM, Jina and Infinity clients send.
+  max_tokens_per_doc}` in, documents as strings or `{text}`; `{id, model, results, meta, usage}` out;
+  errors `{message}`), also what vLLM, Jina and Infinity clients send.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ class _Fields:
         return texts
 
 
-# The options the native format reads from `parameters` (_read_request's).
-_NATIVE_OPTIONS = (
+# The options the native format reads from `parameters` (_read_request's; openapi.py's NativeRequest too).
+NATIVE_OPTIONS = (
     "top_n", "return_documents", "instruct", "long_documents", "max_tokens_per_doc", "chunk_overlap_tokens",
 )  # fmt: skip
 
@@ -145,7 +145,7 @@ def _parse_native(body: Any) -> RerankRequest:
     # change silently (a top-level instruct): refused, naming where it goes.
     top.violations.extend(
         FieldViolation(name, f"belongs in parameters in this format: parameters.{name}")
-        for name in _NATIVE_OPTIONS
+        for name in NATIVE_OPTIONS
         if name in top.body
     )
     return _read_request(top, source, parameters, objects=False)
@@ -241,13 +241,16 @@ def search_units(outcome: RerankOutcome, request: RerankRequest) -> int:
 
 
 def _render_cohere(outcome: RerankOutcome, request: RerankRequest, request_id: str) -> Json:
-    # Cohere's SDKs read `meta`; vLLM, Jina and Infinity clients read `usage`.
+    # Cohere's SDKs read `meta`; vLLM, Jina and Infinity clients read `usage`. Infinity's
+    # client (infinity-client) requires `model` and `usage.prompt_tokens` (its KeyError
+    # otherwise): the tokens scored, as Infinity counts them (prompt_tokens = total_tokens).
     billed = {"search_units": search_units(outcome, request)}
     return {
         "id": request_id,
+        "model": request.model,
         "results": _results(outcome),
         "meta": {"api_version": {"version": "2"}, "billed_units": billed},
-        "usage": _usage(outcome),
+        "usage": {"prompt_tokens": outcome.total_tokens, **_usage(outcome)},
     }
 
 

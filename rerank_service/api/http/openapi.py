@@ -12,12 +12,30 @@ import json
 from typing import Any
 
 from rerank_service import __version__
+from rerank_service.api.http.formats import NATIVE_OPTIONS
+from rerank_service.core.domain import LongDocuments
 
 Json = dict[str, Any]
 
 
 def _ref(name: str) -> Json:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+# What Python's str.strip() removes (str.isspace()), written out: ECMA-262's \s, which
+# OpenAPI's patterns use, is another set (it has U+FEFF, not U+001C..U+001F).
+_STRIPPED = "[\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+# Characters besides a letter's two ASCII cases that str.lower() makes the letter.
+_LOWERED_TO = {"k": "\\u212a"}  # KELVIN SIGN
+
+
+def _any_case(words: list[str]) -> str:
+    """A pattern of the strings `value.strip().lower()` makes one of `words` (ASCII letters)."""
+    alternatives = (
+        "".join(f"[{letter}{letter.upper()}{_LOWERED_TO.get(letter, '')}]" for letter in word)
+        for word in words
+    )
+    return f"^{_STRIPPED}*(?:{'|'.join(alternatives)}){_STRIPPED}*$"
 
 
 # What the engine refuses as blank: a string with no character but whitespace.
@@ -72,31 +90,42 @@ _USAGE: Json = {
             "minimum": 0,
             "description": "tokens of the pairs the score cache answered (as counted when they were scored)",
         },
+        "prompt_tokens": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "the Cohere routes: total_tokens again, as Infinity answers (its client needs it)",
+        },
     },
 }
+# The options: each may be null, which the server reads as absent (formats._Fields).
 _TOP_N = {
-    "type": "integer",
+    "type": ["integer", "null"],
     "minimum": 1,
     "maximum": 2**31 - 1,
     "description": "how many results to return (all by default)",
 }
-_INSTRUCT = {"type": "string", "description": "the ranking task, for models that take one"}
-_RETURN_DOCUMENTS = {"type": "boolean", "default": False, "description": "return each document's text"}
+_INSTRUCT = {"type": ["string", "null"], "description": "the ranking task, for models that take one"}
+_RETURN_DOCUMENTS = {
+    "type": ["boolean", "null"],
+    "default": False,
+    "description": "return each document's text",
+}
 _LONG_DOCUMENTS = {
-    "type": "string",
-    "enum": ["truncate", "chunk", "reject"],
+    "type": ["string", "null"],
+    # The server reads it in any case, around spaces (" Chunk " is chunk).
+    "pattern": _any_case([mode.value for mode in LongDocuments]),
     "description": "a document longer than the window: cut it (truncate), score every chunk and rank "
-    "it by the best (chunk), or refuse the call (reject); unset: the route's default, truncate "
-    "unless configured",
+    "it by the best (chunk), or refuse the call (reject), in any case; unset: the route's default, "
+    "truncate unless configured",
 }
 _MAX_TOKENS_PER_DOC = {
-    "type": "integer",
+    "type": ["integer", "null"],
     "minimum": 1,
     "maximum": 2**31 - 1,
     "description": "the window a document is cut or chunked to, in tokens (unset, or more: the deployment's)",
 }
 _CHUNK_OVERLAP_TOKENS = {
-    "type": "integer",
+    "type": ["integer", "null"],
     "minimum": 0,
     "maximum": 2**31 - 1,
     "description": "tokens neighbouring chunks share (unset: an eighth of the window; at most half)",
@@ -119,7 +148,7 @@ SCHEMAS: Json = {
                 "properties": {"query": _TEXT, "documents": _DOCUMENTS},
             },
             "parameters": {
-                "type": "object",
+                "type": ["object", "null"],
                 "properties": {
                     "top_n": _TOP_N,
                     "return_documents": _RETURN_DOCUMENTS,
@@ -128,6 +157,8 @@ SCHEMAS: Json = {
                 },
             },
         },
+        # An option beside `input` (where the flat formats keep it) is refused: it goes in `parameters`.
+        "not": {"anyOf": [{"required": [name]} for name in NATIVE_OPTIONS]},
     },
     "NativeResponse": {
         "type": "object",
@@ -182,6 +213,10 @@ SCHEMAS: Json = {
                     ]
                 },
             },
+            "rank_fields": {
+                "enum": [["text"], None],
+                "description": "the fields to rank documents on: only their text (another list is refused)",
+            },
             "top_n": _TOP_N,
             "return_documents": _RETURN_DOCUMENTS,
             "instruct": _INSTRUCT,
@@ -190,12 +225,13 @@ SCHEMAS: Json = {
     },
     "CohereResponse": {
         "type": "object",
-        "required": ["id", "results"],
+        "required": ["id", "model", "results", "usage"],
         "properties": {
             "id": {"type": "string"},
+            "model": {"type": "string", "description": "the request's model"},
             "results": {"type": "array", "items": _ref("Result")},
             "meta": {"type": "object"},
-            "usage": _ref("Usage"),
+            "usage": {"allOf": [_ref("Usage"), {"required": ["prompt_tokens"]}]},
         },
     },
     "Result": _RESULT,
