@@ -63,6 +63,22 @@ def test_grpcurl_describes_the_service_with_its_comments(live_server: LiveServer
         assert rpc in result.stdout
 
 
+def test_grpcurl_describes_a_method_by_its_full_name(live_server: LiveServer) -> None:
+    """protobuf's descriptor pool finds no method by its full name: reflection answered
+    NOT_FOUND (`Symbol not found`)."""
+    for method, shown in (
+        ("rerank.v1.RerankService.Rerank", "rpc Rerank ( .rerank.v1.RerankRequest )"),
+        ("grpc.health.v1.Health.Check", "rpc Check ( .grpc.health.v1.HealthCheckRequest )"),
+    ):
+        result = grpcurl(live_server.target, "describe", method)
+        assert result.returncode == 0, result.stderr
+        assert f"{method} is a method:" in result.stdout
+        assert shown in result.stdout
+    missing = grpcurl(live_server.target, "describe", "rerank.v1.RerankService.NoSuchMethod")
+    assert missing.returncode != 0
+    assert "Symbol not found" in missing.stderr
+
+
 def test_grpcurl_invokes_rerank_with_the_bearer_key(live_server: LiveServer) -> None:
     body = {"model": "qwen3-rerank", "query": "red apple", "documents": ["a red apple", "a car"], "top_n": 1}
 

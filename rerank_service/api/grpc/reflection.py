@@ -59,7 +59,19 @@ class _CommentedPool:
         return self._wrap(self._pool.FindFileByName(name))
 
     def FindFileContainingSymbol(self, symbol: str) -> Any:
-        return self._wrap(self._pool.FindFileContainingSymbol(symbol))
+        try:
+            return self._wrap(self._pool.FindFileContainingSymbol(symbol))
+        except KeyError:
+            # protobuf's pool finds no method by its full name (`grpcurl describe
+            # rerank.v1.RerankService.Rerank` asks for one): its service's file holds it.
+            service, _, method = symbol.rpartition(".")
+            try:
+                found = self._pool.FindServiceByName(service)
+            except KeyError:
+                raise KeyError(symbol) from None
+            if method not in found.methods_by_name:
+                raise
+            return self._wrap(found.file)
 
     def __getattr__(self, attribute: str) -> Any:
         return getattr(self._pool, attribute)
