@@ -76,7 +76,8 @@ class Prepared(NamedTuple):
 
 # --max-chunks-per-call's default.
 DEFAULT_MAX_CHUNKS_PER_CALL = 1000
-# A call with more characters than this plans its documents in a thread (tokenizing).
+# A call with more characters than this (documents, query and instruct) plans its
+# documents in a thread (tokenizing).
 PLAN_IN_LOOP_CHARACTERS = 200_000
 # usage_source when the upstream counted the tokens and the service cut or chunked the
 # documents by its estimate (no tokenizer named for the deployment).
@@ -236,7 +237,10 @@ class RerankEngine:
 
     async def _plan(self, request: RerankRequest, limits: CallLimits) -> Plan | None:
         """The documents as the backends will score them (long_documents), or None: as sent."""
-        size = sum(map(len, request.documents))
+        # The query and instruction count too: the window's room beside them is counted by
+        # tokenizing them (a local model's), and a call of a 10 MB query and short documents
+        # held the loop, every other call and health check, for as long as that took.
+        size = sum(map(len, request.documents)) + len(request.query) + len(request.instruct or "")
         if limits.window is None or size <= PLAN_IN_LOOP_CHARACTERS:
             return plan(request, limits, self._max_chunks_per_call)
         # Tokenizing megabytes takes milliseconds to seconds: off the event loop.

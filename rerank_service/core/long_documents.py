@@ -11,8 +11,10 @@ part's. A call whose documents all fit pays one cheap bound check and nothing el
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 # A window smaller than MIN_CHUNK_TOKENS leaves no room to chunk usefully: the routes'
 # configuration checks a route's own max_tokens_per_doc against it at load (re-exported).
@@ -227,16 +229,28 @@ def _crowding(request: RerankRequest, window: TokenWindow) -> str:
 def _surely_fit(documents: Sequence[str], tokens: int, window: TokenWindow) -> bool:
     """Whether every document fits, from a bound on its tokens that needs no tokenizer:
     an estimate is at most ceil(bytes / 3), a tokenizer's count at most bytes + 1 (a token
-    holds one byte or more; a sentencepiece word marker may add one), and a character is
-    4 bytes at most."""
+    holds one byte or more; a sentencepiece word marker may add one) where its normalizer
+    leaves the text as it is (_bytes_bound_tokens), and a character is 4 bytes at most."""
     longest = max(map(len, documents), default=0)
     if window.counted_by == COUNTED_BY_ESTIMATE:
         if -(-4 * longest // 3) <= tokens:
             return True
         return all(-(-text_bytes(document) // 3) <= tokens for document in documents)
-    if 4 * longest + 1 <= tokens:
+    if 4 * longest + 1 <= tokens and (all(map(str.isascii, documents)) or all(map(_nfkc, documents))):
         return True
-    return all(text_bytes(document) + 1 <= tokens for document in documents)
+    return all(_bytes_bound_tokens(document) and text_bytes(document) + 1 <= tokens for document in documents)
+
+
+# Whether NFKC normalization leaves a text as it is (a quick check, in C).
+_nfkc = partial(unicodedata.is_normalized, "NFKC")
+
+
+def _bytes_bound_tokens(text: str) -> bool:
+    """Whether a tokenizer's tokens of `text` are surely at most its bytes + 1: not where its
+    normalizer lengthens the text. NFKC (XLM-R's, and most sentencepiece models') turns some
+    characters into many (U+FDFA, 3 bytes, into 18 characters): such a document, counted by
+    its bytes, was sent whole where REJECT should refuse it, CHUNK chunk it, TRUNCATE say so."""
+    return text.isascii() or _nfkc(text)
 
 
 def _overlap(request: RerankRequest, tokens: int) -> int:
@@ -290,7 +304,7 @@ def _layout(
     if window.counted_by == COUNTED_BY_ESTIMATE:
         if -(-text_bytes(document) // 3) <= tokens:
             return None
-    elif text_bytes(document) + 1 <= tokens:
+    elif text_bytes(document) + 1 <= tokens and _bytes_bound_tokens(document):
         return None
     if mode is LongDocuments.CHUNK:
         measure = window.measure(document)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import threading
 from typing import Any
 
 import grpc
@@ -26,8 +28,9 @@ from rerank_service.core.domain import (
     model_not_found,
     not_ready,
 )
-from rerank_service.core.engine import RerankEngine, rank, usage_source
+from rerank_service.core.engine import PLAN_IN_LOOP_CHARACTERS, RerankEngine, rank, usage_source
 from rerank_service.core.readiness import Readiness
+from rerank_service.core.token_window import COUNTED_BY_TOKENIZER, SpansMeasure
 
 MODELS = [
     ModelInfo("qwen3-rerank", max_documents=5, max_query_tokens=4000, supports_instruct=True, backend="fake"),
@@ -214,6 +217,40 @@ async def test_an_unsplit_call_is_never_refused_for_its_fan_out() -> None:
     engine = make_engine(backend, max_fanout_factor=1)
     await engine.rerank(make_request(query="q" * 10_000), CallContext())
 
+    assert len(backend.calls) == 1
+
+
+class ThreadRecordingWindow:
+    """A tokenizer's window that records the thread each room beside a query is counted on."""
+
+    counted_by = COUNTED_BY_TOKENIZER
+
+    def __init__(self) -> None:
+        self.counted_on: list[threading.Thread] = []
+
+    def room(self, query: str, instruct: str | None) -> int:
+        self.counted_on.append(threading.current_thread())
+        return 1000
+
+    def measure(self, text: str) -> SpansMeasure:
+        return SpansMeasure(text, [match.start() for match in re.finditer(r"\S+", text)])
+
+
+@pytest.mark.parametrize("field", ["query", "instruct"])
+async def test_a_huge_query_or_instruct_with_short_documents_is_planned_off_the_event_loop(
+    field: str,
+) -> None:
+    """The room beside them is counted by tokenizing them: a 12 MB query with short documents
+    was tokenized on the loop, and every other call and health check waited seconds for it."""
+    window = ThreadRecordingWindow()
+    backend = FakeBackend(limits=CallLimits(window=window))
+    huge = "bread " * (PLAN_IN_LOOP_CHARACTERS // 6 + 1)
+    request = make_request(query=huge) if field == "query" else make_request(instruct=huge)
+
+    await make_engine(backend).rerank(request, CallContext())
+
+    assert window.counted_on  # the room was asked...
+    assert threading.current_thread() not in window.counted_on  # ...never on the loop's thread
     assert len(backend.calls) == 1
 
 

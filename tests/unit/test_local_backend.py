@@ -34,6 +34,7 @@ from rerank_service.core.domain import (
 )
 from rerank_service.core.engine import RerankEngine
 from rerank_service.core.long_documents import plan
+from rerank_service.core.token_window import MAX_CHARACTERS_PER_TOKEN
 from tests.support.tiny_models import (
     build_tiny_bi_encoder,
     build_tiny_cross_encoder,
@@ -393,6 +394,54 @@ async def test_a_bi_encoder_counts_the_query_once_a_call_however_many_slices_it_
     await backend.close()
 
     assert answered.total_tokens == expected
+
+
+class RecordingTokenizer:
+    """A real tokenizer that records, for each call, its thread and the longest text it tokenized."""
+
+    def __init__(self, tokenizer: Any, calls: list[tuple[threading.Thread, int]]) -> None:
+        self._tokenizer = tokenizer
+        self.calls = calls
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        texts = [text for arg in args for text in ([arg] if isinstance(arg, str) else arg)]
+        self.calls.append((threading.current_thread(), max(map(len, texts), default=0)))
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+
+@pytest.mark.parametrize(("model", "field"), [("qwen3", "query"), ("qwen3", "instruct"), ("cross", "query")])
+async def test_a_huge_query_or_instruct_is_refused_without_tokenizing_it_whole_or_on_the_loop(
+    model: str, field: str, qwen3_dir: Path, cross_dir: Path
+) -> None:
+    """A 12 MB query with short documents: tokenized whole on the event loop (the engine's plan),
+    then again under the model's lock, for seconds each, to be refused for its first words."""
+    scorer: Any = load_scorer(str(qwen3_dir if model == "qwen3" else cross_dir), "cpu", "float32")
+    calls: list[tuple[threading.Thread, int]] = []
+    guarded = scorer._tokenizer
+    guarded.tokenizer = RecordingTokenizer(guarded.tokenizer, calls)
+    guarded._loop_tokenizer = RecordingTokenizer(guarded._loop_tokenizer, calls)
+    backend = await started(scorer)
+    calls.clear()  # what the start counted (the room beside no query)
+    engine = RerankEngine(backend, chunk_concurrency=4, max_fanout_factor=10)
+    huge = words(2_000_000)  # 12 MB
+    request = RerankRequest(
+        "m",
+        huge if field == "query" else "bread",
+        ["flour", "oven"],
+        instruct=huge if field == "instruct" else None,
+    )
+
+    with pytest.raises(ServiceError) as raised:
+        await engine.rerank(request, CallContext())
+    await backend.close()
+
+    assert [violation.field for violation in raised.value.violations] == [field]
+    assert calls
+    assert threading.current_thread() not in {thread for thread, _ in calls}  # never on the loop
+    assert max(length for _, length in calls) <= (scorer.max_length + 1) * MAX_CHARACTERS_PER_TOKEN
 
 
 def _no_home(cls: type[Path]) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -37,6 +39,7 @@ from rerank_service.backends.local.models import (
 )
 from rerank_service.backends.local.scorer import Encoded, Scorer
 from rerank_service.core.domain import DEFAULT_INSTRUCT
+from tests.support.logs import LogCapture
 from tests.support.tiny_models import (
     build_tiny_bi_encoder,
     build_tiny_cross_encoder,
@@ -507,6 +510,25 @@ def test_loading_a_directory_without_weights_names_the_model_and_the_cause(tmp_p
     assert message.startswith(f"cannot load the bi-encoder from {tmp_path}: ")
 
 
+@pytest.mark.parametrize(
+    ("model", "what"), [("qwen3", "qwen3 reranker"), ("cross", "cross-encoder"), ("bi", "bi-encoder")]
+)
+def test_a_model_directory_without_tokenizer_files_is_a_load_error_not_a_model_of_unknown_words(
+    model: str, what: str, qwen3_dir: Path, cross_dir: Path, bi_dir: Path, tmp_path: Path
+) -> None:
+    """transformers made a tokenizer of the special tokens alone: the model loaded, logged as
+    such, and read every word as [UNK] (a Qwen3 one failed on a "yes" token it lacked)."""
+    bare = tmp_path / model
+    shutil.copytree({"qwen3": qwen3_dir, "cross": cross_dir, "bi": bi_dir}[model], bare)
+    for file in bare.iterdir():
+        if file.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            file.unlink()
+
+    message = _load_error(str(bare))
+
+    assert message.startswith(f"cannot load the {what} from {bare}: it has no tokenizer files ")
+
+
 def test_loading_a_hub_id_absent_from_the_local_cache_does_not_download(offline: None) -> None:
     message = _load_error("rerank-service-tests/no-such-model")
 
@@ -524,6 +546,33 @@ def test_auto_dtype_is_float32_on_cpu_and_explicit_dtypes_are_honoured() -> None
     assert select_dtype("auto", cpu) == torch.float32
     assert select_dtype("bfloat16", cpu) == torch.bfloat16
     assert select_dtype("float16", cpu) == torch.float16
+
+
+def test_what_transformers_says_at_load_and_on_a_long_text_is_a_json_line_or_nothing(
+    bi_dir: Path, tmp_path: Path, logs: LogCapture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Its LOAD REPORT (a checkpoint without the pooler's weights) and its warning on a
+    caller's long text went to stderr as text, among the service's JSON lines."""
+    no_pooler = tmp_path / "bi"
+    shutil.copytree(bi_dir, no_pooler)
+    weights = load_file(no_pooler / "model.safetensors")
+    kept = {name: tensor for name, tensor in weights.items() if not name.startswith("pooler.")}
+    save_file(kept, no_pooler / "model.safetensors", metadata={"format": "pt"})
+
+    load_scorer(str(no_pooler), "cpu", "float32")
+    # A tokenizer that names its maximum (64) warned of "indexing errors" on a longer text,
+    # wrongly: the service counts a text whole on purpose, and truncates what it scores.
+    roberta = load_scorer(str(build_tiny_roberta_cross_encoder(tmp_path / "roberta")), "cpu", "float32")
+    roberta.count_tokens("bread " * 100)
+
+    stderr = capfd.readouterr().err
+    assert "LOAD REPORT" not in stderr
+    assert "Token indices" not in stderr
+    [report] = [event for event in logs.events() if "LOAD REPORT" in event["event"]]
+    assert report["event"] == f"BertModel LOAD REPORT from: {no_pooler}"
+    assert report["level"] == "warning"
+    assert "pooler.dense.weight | MISSING" in report["details"]
+    assert not any("Token indices" in event["event"] for event in logs.events())
 
 
 def test_every_scorer_says_the_dtype_it_computes_in(qwen3_dir: Path, cross_dir: Path, bi_dir: Path) -> None:

@@ -448,6 +448,56 @@ def test_a_chunk_that_reaches_the_trailing_newlines_is_the_last() -> None:
     assert chunk_spans(text, newline_measure(text), 8, 2) == [(0, len(text.rstrip()))]
 
 
+# --- a tokenizer whose normalizer lengthens a text (NFKC: XLM-R's) -------------------------------
+
+
+class NfkcWindow(WordWindow):
+    """A tokenizer's window of one token per character of a text's NFKC form (spaces make none),
+    each at the character it came from: U+FDFA, 3 bytes, is 18 characters, 15 of them tokens."""
+
+    def measure(self, text: str) -> SpansMeasure:
+        starts = [
+            position
+            for position, character in enumerate(text)
+            for normalized in unicodedata.normalize("NFKC", character)
+            if not normalized.isspace()
+        ]
+        return SpansMeasure(text, starts)
+
+
+EXPANDING = "\ufdfa" * 14  # 42 bytes: 210 tokens once normalized
+
+
+@pytest.mark.parametrize("mode", list(LongDocuments))
+def test_a_document_its_normalizer_lengthens_past_the_window_is_never_taken_to_fit(
+    mode: LongDocuments,
+) -> None:
+    """Taken to fit by its 42 bytes, it was sent whole: REJECT let it through, CHUNK sent one
+    chunk, TRUNCATE said it was not cut, and the model cut it silently."""
+    request = RerankRequest("m", "q", [EXPANDING, "cat dog"], long_documents=mode)
+    limits = CallLimits(window=NfkcWindow(64))
+    if mode is LongDocuments.REJECT:
+        with pytest.raises(ServiceError) as refused:
+            plan(request, limits, 1000)
+        assert [v.field for v in refused.value.violations] == ["documents[0]"]
+        return
+    planned = plan(request, limits, 1000)
+
+    assert planned is not None
+    assert all(NfkcWindow(64).measure(part).tokens <= 64 for part in planned.parts)
+    if mode is LongDocuments.CHUNK:
+        assert planned.chunks == [4, 1]
+    else:
+        assert planned.truncated == [True, False]
+
+
+def test_documents_normalization_leaves_as_they_are_still_fit_without_being_read() -> None:
+    documents = ["naïve café", "漢字 and かな", "Привет"]
+    for mode in LongDocuments:
+        request = RerankRequest("m", "q", documents, long_documents=mode)
+        assert plan(request, CallLimits(window=UnreadableWindow(100)), 1000) is None
+
+
 # --- --max-chunks-per-call, the route's window -----------------------------------------------------
 
 

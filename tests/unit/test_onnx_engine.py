@@ -11,8 +11,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from rerank_service.backends.local import onnx_engine
+from rerank_service.backends.local import onnx_build, onnx_engine
 from rerank_service.backends.local.common import Output
 from rerank_service.backends.local.models import ModelLoadError, OnnxOptions, load_scorer
 from rerank_service.backends.local.scorer import Encoded, Scorer
@@ -35,6 +38,7 @@ from tests.support.tiny_models import (
     build_tiny_qwen3_reranker,
     build_tiny_roberta_cross_encoder,
 )
+from tests.support.waiting import wait_until
 
 # What the issue asks of float32 ONNX against torch, and of int8's ranking against float32.
 PARITY = 1e-4
@@ -557,6 +561,90 @@ def test_a_model_that_cannot_be_exported_says_so(models: dict[str, Path], tmp_pa
     with pytest.raises(ModelLoadError, match=r"cannot build an onnx graph of the model in .*: \w+Error: "):
         onnx(model_dir, tmp_path / "cache")
     assert entries(tmp_path / "cache") == []  # no half-built entry left behind
+
+
+# --- a server that ends during a build -------------------------------------------------------------
+
+# A server process that builds a graph: it says its build child's pid, then waits on the build.
+BUILDING_SERVER = """
+import subprocess, sys
+from rerank_service.backends.local import onnx_engine
+
+class Announced(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        print(self.pid, flush=True)
+
+subprocess.Popen = Announced
+onnx_engine._build("quantize", sys.argv[1], sys.argv[2])
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie nobody reaped yet has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_a_build_ends_with_the_server_that_started_it(tmp_path: Path) -> None:
+    """A SIGTERM during an export at start ends the server by os._exit: the exporter ran on,
+    orphaned, for as long as its export took. This build never ends by itself: the graph it
+    quantizes is a pipe nobody writes."""
+    assert onnx_build.PARENT_PIPE == onnx_engine.PARENT_PIPE  # spelled in each: one imports torch
+    graph = tmp_path / "model.onnx"
+    os.mkfifo(graph)
+    server = subprocess.Popen(
+        [sys.executable, "-c", BUILDING_SERVER, str(graph), str(tmp_path / "int8.onnx")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = 0
+    try:
+        assert server.stdout is not None
+        child = int(server.stdout.readline())
+        server.kill()  # no handler, no finally: as os._exit ends it
+        server.wait()
+
+        ended = wait_until(lambda: not running(child), timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        if child and running(child):
+            os.kill(child, signal.SIGKILL)
+    assert ended
+
+
+def test_a_build_a_process_left_behind_when_it_ended_is_removed_and_a_live_ones_kept(
+    models: dict[str, Path], genuine: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    cache_holding(genuine, cache)
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    here = onnx_engine._place()
+    working = {
+        f".building-{ended.pid}@{here}-k2j4h1x0": False,  # its process is gone
+        f".refused-{genuine.name}-{ended.pid}@{here}-81273": False,
+        f".building-{os.getpid()}@{here}-p9q8r7s6": True,  # a live process builds it
+        f".building-{ended.pid}@another-host-a1b2c3d4": True,  # another host's: who knows
+        f".building-{ended.pid}@old-host-e5f6g7h8": False,  # another host's, a day old
+        ".building-0a1b2c3d": True,  # an older version's, recent
+    }
+    for name in working:
+        (cache / name).mkdir()
+        (cache / name / "model.onnx").write_bytes(b"half a graph")
+    day_old = time.time() - onnx_engine.ABANDONED_AFTER - 60
+    os.utime(cache / f".building-{ended.pid}@old-host-e5f6g7h8", (day_old, day_old))
+
+    onnx(models["cross"], cache)
+
+    assert sorted(path.name for path in cache.iterdir() if path.name.startswith(".")) == sorted(
+        name for name, kept in working.items() if kept
+    )
 
 
 def test_qwen3_reranker_stays_on_torch(tmp_path: Path, offline: None) -> None:

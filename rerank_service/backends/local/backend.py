@@ -23,6 +23,7 @@ from rerank_service.backends.local.window import (
     ReadsQueryAlone,
     ScorerWindow,
     SharesRoomWithQuery,
+    count_within,
 )
 from rerank_service.config import ConfigError
 from rerank_service.config.local import LocalDeploymentConfig
@@ -266,10 +267,11 @@ class LocalBackend:
         deadline passed: `abandoned`) stops within a slice and frees the model's tokenizer
         for the calls behind it, instead of holding it for seconds for an answer nobody reads."""
         limit = self._query_limits.get(request.model, self._max_query_tokens)
-        query_tokens = scorer.count_tokens(request.query)
+        query_tokens, counted = count_within(scorer.count_tokens, request.query, limit)
         if query_tokens > limit:
+            where = "" if counted == len(request.query) else f" in its first {counted} characters alone"
             raise invalid_argument(
-                [FieldViolation("query", f"has {query_tokens} tokens; at most {limit} are allowed")]
+                [FieldViolation("query", f"has {query_tokens} tokens{where}; at most {limit} are allowed")]
             )
         _check_document_room(scorer, request.query, instruct)
         documents = request.documents

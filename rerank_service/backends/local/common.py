@@ -175,6 +175,18 @@ def load_error(what: str, path: Path, exc: BaseException) -> ModelLoadError:
     return ModelLoadError(f"cannot load the {what} from {path}: {reason.rstrip('.')}")
 
 
+def require_vocabulary(tokenizer: PreTrainedTokenizerBase, what: str, path: Path) -> None:
+    """Refuse a tokenizer that knows no word: transformers makes one of the special tokens alone
+    from a directory without tokenizer files (config.json and weights only), and the model then
+    read every word as unknown and ranked noise, its load logged as a success."""
+    words = set(tokenizer.get_vocab()) - set(tokenizer.get_added_vocab()) - set(tokenizer.all_special_tokens)
+    if not words:
+        raise ModelLoadError(
+            f"cannot load the {what} from {path}: it has no tokenizer files (tokenizer.json, "
+            "vocab.txt, sentencepiece.bpe.model or the like): every word would read as unknown"
+        )
+
+
 @contextmanager
 def loading(what: str, path: Path) -> Iterator[None]:
     """Turn anything from_pretrained() raises into a load_error; a ModelLoadError passes as it is."""

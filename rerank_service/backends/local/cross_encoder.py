@@ -15,6 +15,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from rerank_service.backends.local.common import ModelLoadError, Output, pad_batch
 from rerank_service.backends.local.encoder import EncoderScorer
 from rerank_service.backends.local.scorer import Encoded
+from rerank_service.backends.local.window import count_within
 
 
 class CrossEncoderScorer(EncoderScorer):
@@ -38,8 +39,10 @@ class CrossEncoderScorer(EncoderScorer):
         self._pair_specials = tokenizer.num_special_tokens_to_add(pair=True)
 
     def document_room(self, query: str, instruct: str | None) -> int:
-        """The window less the query's tokens and the pair's special tokens."""
-        return self.max_length - self.count_tokens(query) - self._pair_specials
+        """The window less the query's tokens and the pair's special tokens (a query over the
+        window counted no further than it: the room is negative either way)."""
+        query_tokens, _ = count_within(self.count_tokens, query, self.max_length)
+        return self.max_length - query_tokens - self._pair_specials
 
     def query_room(self) -> int:
         """The window less the pair's special tokens: what query and document share."""

@@ -8,6 +8,8 @@ Importing this module imports torch and transformers.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +23,7 @@ from rerank_service.backends.local.model_files import BUNDLED, bundled_model_pat
 from rerank_service.backends.local.onnx_engine import OnnxOptions
 from rerank_service.backends.local.qwen3 import Qwen3Scorer
 from rerank_service.backends.local.scorer import Scorer
+from rerank_service.observability.logging import CALLER_LOG_INTERVAL, RateLimit, get_logger
 
 __all__ = [
     "BUNDLED",
@@ -62,8 +65,7 @@ def load_scorer(
     `onnx`'s options; Qwen3-Reranker always runs on torch. Raises ModelLoadError with one
     sentence saying why it cannot.
     """
-    # Progress bars on stderr would break the service's one-JSON-object-a-line logs.
-    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    log_transformers_as_the_service()
     path = resolve_source(source)
     kind = detect_kind(_read_config(path))
     if kind == Qwen3Scorer.kind:
@@ -86,6 +88,54 @@ def load_scorer(
     if kind == CrossEncoderScorer.kind:
         return CrossEncoderScorer.from_pretrained(path, device=target, dtype=precision, max_length=max_length)
     return BiEncoderScorer.from_pretrained(path, device=target, dtype=precision, max_length=max_length)
+
+
+def log_transformers_as_the_service() -> None:
+    """transformers' own log records as the service's log lines (JSON where the service writes
+    JSON), not as text on stderr: its LOAD REPORT (a table of the weights a checkpoint lacks,
+    the only word that a classifier head was left random) broke the one-JSON-object-a-line
+    log. Its progress bars are turned off. Idempotent."""
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    transformers_logging.disable_default_handler()
+    library = logging.getLogger("transformers")
+    library.propagate = False  # not also as text through the root or last-resort handler
+    if not any(isinstance(handler, _AsServiceLines) for handler in library.handlers):
+        library.addHandler(_AsServiceLines(RateLimit(CALLER_LOG_INTERVAL)))
+
+
+# Terminal colours in transformers' messages (its LOAD REPORT's bold title).
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+# What a caller's long text makes the tokenizer say, once per tokenizer, wrongly here: the
+# service counts such a text without truncating it on purpose, and truncates what it scores.
+_CALLER_CAUSED = ("Token indices sequence length is longer than the specified maximum",)
+
+
+class _AsServiceLines(logging.Handler):
+    """One transformers record as one service log line: its first line the event, the rest (a
+    report's table) in `details`; at most one line per kind in each interval."""
+
+    def __init__(self, limit: RateLimit) -> None:
+        super().__init__()
+        self._limit = limit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = _COLOURS.sub("", record.getMessage()).strip()
+            if message.startswith(_CALLER_CAUSED):
+                return
+            event, _, details = message.partition("\n")
+            left_out = self._limit.allow((record.name, event[:200]))
+            if left_out is None:
+                return
+            fields: dict[str, Any] = {"details": details.strip()} if details.strip() else {}
+            if left_out:
+                fields["left_out"] = left_out
+            level = "error" if record.levelno >= logging.ERROR else "warning"
+            if record.levelno < logging.WARNING:
+                level = "info" if record.levelno >= logging.INFO else "debug"
+            getattr(get_logger(record.name), level)(event.strip(), **fields)
+        except Exception:
+            self.handleError(record)
 
 
 def set_threads(threads: int) -> int:

@@ -10,19 +10,34 @@ of a float32 one. On failure the last line on stderr says why, and the exit code
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import PreTrainedModel
+# torch, transformers and what imports them (seconds) are imported where they are used: a
+# child follows its server (end_with_parent) before, and ends at once with it.
+if TYPE_CHECKING:
+    import torch
 
-from rerank_service.backends.local.common import Output, accepts_argument, for_inference
-from rerank_service.backends.local.forward import model_class
-from rerank_service.backends.local.onnx_engine import INPUTS
+    from rerank_service.backends.local.common import Output
+
+# The variable that names the pipe whose end a build child watches (end_with_parent): the
+# same as onnx_engine.PARENT_PIPE, not imported from it (it imports torch).
+PARENT_PIPE = "RERANK_ONNX_BUILD_PARENT_PIPE"
+# The exit code of a build whose server ended before it did.
+PARENT_GONE = 3
 
 
 def export(path: Path, output: Output, target: Path) -> None:
+    import torch
+
+    from rerank_service.backends.local.common import accepts_argument, for_inference
+    from rerank_service.backends.local.forward import model_class
+    from rerank_service.backends.local.onnx_engine import INPUTS
+
     model = for_inference(
         # Eager attention (matmul, softmax, matmul): ONNX Runtime fuses and quantizes it; the
         # SDPA path exports with NaN guards (IsNaN, Where) on every attention matrix that
@@ -42,7 +57,7 @@ def export(path: Path, output: Output, target: Path) -> None:
     # The torch.export-based exporter: the TorchScript one bakes the attention mask of its
     # example batch into the graph (scores off by up to 1.6 on padded batches).
     program = torch.onnx.export(
-        _Graph(model, output),
+        _graph(model, output),
         example,
         dynamo=True,
         input_names=names,
@@ -55,25 +70,28 @@ def export(path: Path, output: Output, target: Path) -> None:
     program.save(str(target))
 
 
-class _Graph(torch.nn.Module):
+def _graph(model: torch.nn.Module, output: Output) -> torch.nn.Module:
     """The model with positional inputs and the one output the scorer reads."""
+    import torch
 
-    def __init__(self, model: PreTrainedModel, output: Output) -> None:
-        super().__init__()
-        self.model = model
-        self.output = output
+    class Graph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            inputs["token_type_ids"] = token_type_ids
-        result: torch.Tensor = getattr(self.model(**inputs), self.output)
-        return result
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            token_type_ids: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                inputs["token_type_ids"] = token_type_ids
+            result: torch.Tensor = getattr(self.model(**inputs), output)
+            return result
+
+    return Graph()
 
 
 def quantize(source: Path, target: Path) -> None:
@@ -85,7 +103,23 @@ def quantize(source: Path, target: Path) -> None:
     quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
 
 
+def end_with_parent() -> None:
+    """End this process as soon as the server that started it has ended: the server holds the
+    write end of the pipe PARENT_PIPE names, which reads EOF once nothing holds it."""
+    watched = os.environ.get(PARENT_PIPE, "")
+    if not watched.isdigit():
+        return  # run by hand: nobody to follow
+
+    def watch() -> None:
+        with open(int(watched), "rb") as pipe:
+            pipe.read()  # nothing is ever written: returns once the server is gone
+        os._exit(PARENT_GONE)  # whatever the main thread is in (an export takes minutes)
+
+    threading.Thread(target=watch, name="parent watch", daemon=True).start()
+
+
 def main(arguments: list[str]) -> int:
+    end_with_parent()
     warnings.simplefilter("ignore")
     try:
         if arguments[:1] == ["export"] and len(arguments) == 4:

@@ -30,7 +30,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -60,6 +62,12 @@ READY_GRAPHS = ("model.onnx", "onnx/model.onnx")
 _GRAPH = "model.onnx"
 _DIGEST = "model.onnx.sha256"  # the SHA-256 of each file of the graph, as sha256sum writes them
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# The variable that tells a build child (onnx_build.py) the pipe whose end it watches: it
+# ends when the server that started it ends, however that ends.
+PARENT_PIPE = "RERANK_ONNX_BUILD_PARENT_PIPE"
+# Seconds after which a leftover build directory of another host (a replica on a shared
+# volume, whose processes this one cannot see) is taken as abandoned: no export runs so long.
+ABANDONED_AFTER = 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +146,7 @@ def _graph(path: Path, ready: Path | None, output: Output, options: OnnxOptions)
         raise ModelLoadError(f"cannot write the onnx cache {options.cache_dir}: {exc.strerror}") from exc
     problem = untrusted(options.cache_dir)
     if problem is None:
+        _remove_abandoned(options.cache_dir)
         yield _cached_graph(path, ready, output, options)
         return
     _log.warning(
@@ -166,7 +175,7 @@ def _cached_graph(path: Path, ready: Path | None, output: Output, options: OnnxO
     if options.quantize == "int8" and source is None:
         source = _cached_graph(path, None, output, dataclasses.replace(options, quantize="none"))
     try:
-        building = Path(tempfile.mkdtemp(prefix=".building-", dir=options.cache_dir))
+        building = Path(tempfile.mkdtemp(prefix=f".building-{_builder()}-", dir=options.cache_dir))
     except OSError as exc:
         raise ModelLoadError(f"cannot write the onnx cache {options.cache_dir}: {exc.strerror}") from exc
     try:
@@ -314,7 +323,7 @@ def _listed_digests(digests: Path) -> dict[str, str] | None:
 def _discard(entry: Path) -> None:
     """Move a refused entry out of the way (a hidden name in the cache, then removed):
     what cannot be removed (another user's files) stays there, never loaded."""
-    aside = entry.with_name(f".refused-{entry.name}-{os.getpid()}-{time.monotonic_ns()}")
+    aside = entry.with_name(f".refused-{entry.name}-{_builder()}-{time.monotonic_ns()}")
     try:
         entry.rename(aside)  # the link itself, if it is one: never what it points to
     except FileNotFoundError:
@@ -326,6 +335,67 @@ def _discard(entry: Path) -> None:
         aside.unlink()
     else:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def _builder() -> str:
+    """Who builds (or discards) in the cache, in the name of its working directory: this
+    process's pid and where it runs (_place), so that another process can tell when it has gone."""
+    return f"{os.getpid()}@{_place()}"
+
+
+def _place() -> str:
+    """Where a pid names one process: this host and, on Linux, its PID namespace (two
+    containers sharing the host's name and a volume see different processes)."""
+    place = socket.gethostname()
+    with contextlib.suppress(OSError):
+        place += "." + os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+    return place
+
+
+# A working directory's name: .building-PID@HOST-RANDOM, .refused-ENTRY-PID@HOST-NS.
+_WORKING = re.compile(r"\.(?:building|refused)-(?:.*-)?(\d+)@(.+)-[^-]+")
+
+
+def _remove_abandoned(cache: Path) -> None:
+    """Remove the working directories (.building-*, .refused-*) that the process they name
+    left behind when it ended mid-build (a SIGTERM during an export at start): one of this
+    place (_place) whose process is gone, or one older than ABANDONED_AFTER (another host's,
+    or of a version that did not name its process). A live process's build is never touched."""
+    try:
+        names = [name for name in os.listdir(cache) if name.startswith((".building-", ".refused-"))]
+    except OSError:
+        return
+    place = _place()
+    for name in names:
+        working = cache / name
+        named = _WORKING.fullmatch(name)
+        if named is not None and named[2] == place:
+            abandoned = not _running(int(named[1]))
+        else:
+            try:
+                abandoned = time.time() - working.lstat().st_mtime > ABANDONED_AFTER
+            except OSError:
+                continue  # removed meanwhile
+        if not abandoned:
+            continue
+        if working.is_symlink():
+            with contextlib.suppress(OSError):
+                working.unlink()
+        else:
+            shutil.rmtree(working, ignore_errors=True)  # another user's stays: never loaded
+
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` runs on this host (another user's too)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # not ours to signal: it exists
+        return True
+    return True
 
 
 def _publish(building: Path, entry: Path) -> None:
@@ -362,13 +432,40 @@ def _build(*arguments: str) -> None:
     the serving process and its one-JSON-object-a-line log.
     """
     command = [sys.executable, "-m", "rerank_service.backends.local.onnx_build", *arguments]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run(  # noqa: S603 - our own module, with paths we chose
-        command, capture_output=True, text=True, env=environment, check=False
-    )
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        raise RuntimeError(lines[-1] if lines else f"{arguments[0]} exited with code {done.returncode}")
+    # The child ends with this process: it watches the read end of a pipe whose write end only
+    # this process holds, and reads its end (EOF) once this process is gone, however it ended
+    # (a SIGTERM at start ends it by os._exit: the exporter ran on, orphaned, for minutes).
+    watched, held = os.pipe()  # neither inherited by other children (PEP 446)
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        PARENT_PIPE: str(watched),
+    }
+    try:
+        with subprocess.Popen(  # noqa: S603 - our own module, with paths we chose
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+            pass_fds=(watched,),
+        ) as child:
+            os.close(watched)
+            watched = -1
+            try:
+                _, errors = child.communicate()
+            except BaseException:
+                child.kill()
+                raise
+    finally:
+        for end in (watched, held):
+            if end >= 0:
+                os.close(end)
+    if child.returncode != 0:
+        lines = [line for line in errors.strip().splitlines() if line.strip()]
+        raise RuntimeError(lines[-1] if lines else f"{arguments[0]} exited with code {child.returncode}")
 
 
 def _session(ort: Any, graph: Path, threads: int) -> Any:

@@ -24,9 +24,11 @@ from rerank_service.backends.local.common import (
     model_device,
     model_dtype,
     pad_batch,
+    require_vocabulary,
     using_as,
 )
 from rerank_service.backends.local.scorer import Encoded
+from rerank_service.backends.local.window import count_within
 from rerank_service.core.domain import DEFAULT_INSTRUCT
 from rerank_service.core.qwen3_prompt import PREFIX, SUFFIX, format_pair
 
@@ -82,15 +84,18 @@ class Qwen3Scorer(CountsTokens):
         with loading("qwen3 reranker", path):
             # Left padding keeps every pair's last token in the last column.
             tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", local_files_only=True)
+            require_vocabulary(tokenizer, "qwen3 reranker", path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         with using_as("qwen3 reranker", path):
             return cls(for_inference(model, device), tokenizer, max_length=max_length)
 
     def document_room(self, query: str, instruct: str | None) -> int:
         """The window less the template, the instruction and the query (one token spare: the
-        document's first token may merge with the template's last)."""
+        document's first token may merge with the template's last). An instruction and query
+        over the window are counted no further than it: the room is negative either way."""
         empty = format_pair(instruct or DEFAULT_INSTRUCT, query, "")
-        return self._pair_budget - self.count_tokens(empty) - 1
+        tokens, _ = count_within(self.count_tokens, empty, self._pair_budget)
+        return self._pair_budget - tokens - 1
 
     def query_room(self) -> int:
         """What query and document share beside the template and the default instruction."""

@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from rerank_service.core.long_documents import MIN_CHUNK_TOKENS
-from rerank_service.core.token_window import COUNTED_BY_MODEL, Measure, SpansMeasure
+from rerank_service.core.token_window import (
+    COUNTED_BY_MODEL,
+    MAX_CHARACTERS_PER_TOKEN,
+    Measure,
+    SpansMeasure,
+)
 
 # The fewest tokens a document may be left beside the query and the instruction: a call
 # with less is refused, never scored on its documents' first few tokens (or none). The
 # same bound as the engine's for chunking.
 MIN_DOCUMENT_TOKENS = MIN_CHUNK_TOKENS
+
+
+def count_within(count: Callable[[str], int], text: str, limit: int) -> tuple[int, int]:
+    """`count(text)`, or, for a text too long for `limit` tokens to hold, `count` of a prefix
+    of it once that prefix alone has more than `limit`: a count over the limit either way,
+    without tokenizing the rest (a caller's 12 MB query took seconds, under the model's
+    tokenizer lock, to be refused for its first few thousand words). Returns the tokens and
+    the characters they were counted in."""
+    reach = (limit + 1) * MAX_CHARACTERS_PER_TOKEN  # holds over `limit` tokens (token_window.py)
+    if len(text) > reach:
+        # Cut before a space: a word cut in two may be more tokens than the whole word.
+        space = text.rfind(" ", 0, reach)
+        head = text[: space if space > 0 else reach]
+        tokens = count(head)
+        if tokens > limit:
+            return tokens, len(head)
+    return count(text), len(text)
 
 
 @runtime_checkable
