@@ -164,13 +164,15 @@ class RerankEngine:
         source = usage_source(results)
         if parts is not None and parts.estimated and source == "upstream":
             source = USAGE_UPSTREAM_CHUNKS_ESTIMATED
+        backend_calls = sum(result.cache is not CacheOutcome.HIT for result in results)
         return RerankOutcome(
             results=rank(merged, request) if parts is None else parts.rank(merged, request),
             total_tokens=merged.total_tokens,
             upstream_request_ids=upstream_ids,
-            # One upstream call: its id names the answer. Several: the edge names the call,
-            # and every upstream id travels in x-upstream-request-ids.
-            upstream_request_id=upstream_ids[0] if len(results) == 1 and upstream_ids else None,
+            # One upstream call (the score cache answering a split call's other chunks): its
+            # id names the answer. Several: the edge names the call, and every upstream id
+            # travels in x-upstream-request-ids.
+            upstream_request_id=upstream_ids[0] if backend_calls == 1 and len(upstream_ids) == 1 else None,
             timings=combined([result.timings for result in results]),
             usage_source=source,
             instruct_ignored=request.instruct is not None and not model.supports_instruct,
@@ -178,7 +180,7 @@ class RerankEngine:
             cache=cache_outcome([result.cache for result in results]),
             # Capped as total_tokens is: the contract's field is an int32.
             cached_tokens=min(sum(result.cached_tokens for result in results), MAX_TOKENS),
-            backend_calls=sum(result.cache is not CacheOutcome.HIT for result in results),
+            backend_calls=backend_calls,
         )
 
     async def _fan_out(

@@ -18,6 +18,7 @@ from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import (
     BackendRequest,
     BackendResult,
+    CacheOutcome,
     CallContext,
     FieldViolation,
     ModelInfo,
@@ -464,6 +465,34 @@ async def test_one_upstream_call_names_the_outcome_with_its_request_id() -> None
     outcome = await make_engine(FakeBackend(request_id="upstream-42")).rerank(make_request(), CallContext())
     assert outcome.upstream_request_id == "upstream-42"
     assert outcome.upstream_request_ids == ["upstream-42"]
+
+
+class ChunksOneCached(FakeBackend):
+    """A split call's first chunk answered whole by the score cache (no upstream call, no id),
+    each other chunk by one upstream call of its own id."""
+
+    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        result = await super().rerank(request, context)
+        if len(self.calls) == 1:
+            return dataclasses.replace(result, upstream_request_id=None, cache=CacheOutcome.HIT)
+        return dataclasses.replace(result, upstream_request_id=f"upstream-{len(self.calls)}")
+
+
+async def test_a_split_call_one_upstream_call_answered_is_named_by_its_id() -> None:
+    """HTTP.md: x-request-id is the upstream's own when one upstream call answered: the
+    cache answered the other chunks (it was the service's own id)."""
+    backend = ChunksOneCached(limits=CallLimits(max_documents=2))
+    outcome = await make_engine(backend).rerank(make_request(documents=["a", "b", "c"]), CallContext())
+    assert len(backend.calls) == 2  # split: two chunks
+    assert outcome.upstream_request_ids == ["upstream-2"]
+    assert outcome.upstream_request_id == "upstream-2"
+
+
+async def test_a_split_call_two_upstream_calls_answered_leaves_the_naming_to_the_edge() -> None:
+    backend = FakeBackend(request_id="upstream-42", limits=CallLimits(max_documents=2))
+    outcome = await make_engine(backend).rerank(make_request(documents=["a", "b", "c"]), CallContext())
+    assert outcome.upstream_request_ids == ["upstream-42", "upstream-42"]
+    assert outcome.upstream_request_id is None
 
 
 @pytest.mark.parametrize("missing", [None, ""])
