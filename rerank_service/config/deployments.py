@@ -129,8 +129,10 @@ def _named(settings: Settings, specs: list[DeploymentSpec]) -> list[DeploymentSp
     """Names unique to what they name, so metrics and logs never mix two deployments.
 
     Entries of several routes with one name (given, or made from the URL) and one shape
-    are one deployment shared by those routes. Made-from-the-URL names of entries that
-    differ become `ROUTE/NAME`; a given name on entries that differ is an error.
+    are one deployment shared by those routes. Where entries with a name made from the URL
+    differ, those of the first shape in the file keep it (still shared: an entry that
+    differs renames no other), and each other one becomes `ROUTE/NAME`; a given name on
+    entries that differ is an error, and so is a name that ends up naming two shapes.
     """
     shapes: dict[str, list[DeploymentConfig]] = {}
     for spec in specs:
@@ -140,15 +142,42 @@ def _named(settings: Settings, specs: list[DeploymentSpec]) -> list[DeploymentSp
     named = []
     for (r, route), (d, deployment) in _entries(settings):
         spec = next(spec for spec in specs if spec.place == f"models[{r}].deployments[{d}]")
-        if len(shapes[spec.name]) > 1:
+        kinds = shapes[spec.name]
+        if len(kinds) > 1:
             if deployment.name:
                 raise ConfigError(
                     f"{spec.place}.name {spec.name!r} names deployments of different settings: give "
                     f"each its own name (one name is one deployment, shared by routes){origin_of(settings)}"
                 )
-            spec = spec._replace(name=header_safe(f"{route.name}/{spec.name}"))
+            if shape(spec.config) != kinds[0]:
+                spec = spec._replace(name=header_safe(f"{route.name}/{spec.name}"))
         named.append(spec)
+    _one_shape_a_name(settings, named)
     return named
+
+
+def _one_shape_a_name(settings: Settings, specs: list[DeploymentSpec]) -> None:
+    """A ConfigError where a name made `ROUTE/NAME` is also another entry's name (given, or
+    made from its URL) of other settings: the routes would share one deployment, built for
+    one of them (its URL, its key)."""
+    given = {
+        f"models[{r}].deployments[{d}]" for (r, _), (d, deployment) in _entries(settings) if deployment.name
+    }
+    first: dict[str, DeploymentSpec] = {}
+    for spec in specs:
+        earlier = first.setdefault(spec.name, spec)
+        if shape(earlier.config) == shape(spec.config):
+            continue
+        # The entry whose name the file gives is the one to rename.
+        blamed, other = (earlier, spec) if earlier.place in given else (spec, earlier)
+        if blamed.place in given:
+            problem = f"{blamed.place}.name {blamed.name!r} is also the name of {other.place}"
+        else:
+            problem = f"{blamed.place} is named {blamed.name!r}, as is {other.place}"
+        raise ConfigError(
+            f"{problem}, of different settings: give one of them another name (one name is one "
+            f"deployment, shared by routes){origin_of(settings)}"
+        )
 
 
 def _entries(settings: Settings) -> list[tuple[tuple[int, RouteEntry], tuple[int, DeploymentEntry]]]:

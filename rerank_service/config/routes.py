@@ -176,8 +176,11 @@ class DeploymentEntry(BaseModel):
         if self.format == "local":
             if self.source is None:
                 raise ValueError("format local needs source (a model directory, a hub id or 'bundled')")
+            # Set at all, not truthy: `breaker_failures: 0` or `path: ""` would be dropped unseen.
             upstream_only = [
-                key for key in ("url", "api_key_env", "api_key_file", *OVERRIDES) if getattr(self, key)
+                key
+                for key in ("url", "api_key_env", "api_key_file", *OVERRIDES)
+                if getattr(self, key) is not None
             ]
             if upstream_only:
                 raise ValueError(f"format local takes no {', '.join(upstream_only)}")

@@ -297,6 +297,11 @@ GOOD = "format: cohere\nurl: http://a.example"
             "models[0].deployments[0] format local takes no timeout",
         ),
         (
+            # Set to 0 or blank is set all the same: a local deployment takes none of them.
+            routes("format: local\nsource: bundled\nbreaker_failures: 0\nretry_backoff: 0\npath: ''"),
+            "models[0].deployments[0] format local takes no path, retry_backoff, breaker_failures",
+        ),
+        (
             routes("format: local"),
             "models[0].deployments[0] format local needs source (a model directory, a hub id or 'bundled')",
         ),
@@ -602,10 +607,82 @@ def test_one_url_in_two_routes_is_one_deployment_unless_their_settings_differ(tm
 
     assert [spec.name for spec in specs] == [
         "vllm.internal:8000",  # the same settings in both routes: one deployment, shared
-        "first/tei.internal:8080",  # different settings: two deployments, named apart
+        "tei.internal:8080",  # different settings: two deployments, the second named apart
         "vllm.internal:8000",
         "second/tei.internal:8080",
     ]
+
+
+def test_entries_of_the_same_settings_stay_one_deployment_beside_one_that_differs(tmp_path: Path) -> None:
+    """A third route's entry of another timeout split the two routes' shared deployment into
+    two renamed ones (two pools, two healths, new metric names)."""
+    text = (
+        "models:\n"
+        "  - name: first\n    deployments:\n      - {format: tei, url: http://tei.internal:8080}\n"
+        "  - name: second\n    deployments:\n      - {format: tei, url: http://tei.internal:8080}\n"
+        "  - name: third\n    deployments:\n"
+        "      - {format: tei, url: http://tei.internal:8080, timeout: 3}\n"
+    )
+    settings = load(write(tmp_path, text))
+
+    assert [spec.name for spec in deployment_specs(settings)] == [
+        "tei.internal:8080",
+        "tei.internal:8080",
+        "third/tei.internal:8080",
+    ]
+    first, second, third = (route.members[0].deployment for route in build_routes(settings))
+    assert first is second
+    assert third is not first
+
+
+@pytest.mark.parametrize(
+    ("third", "expected"),
+    [
+        (
+            "{format: tei, url: http://tei-b.internal:9090, name: second/tei.internal:8080}",
+            "models[2].deployments[0].name 'second/tei.internal:8080' is also the name of "
+            "models[1].deployments[0], of different settings: give one of them another name",
+        ),
+        (
+            "{format: tei, url: http://second/tei.internal:8080}",  # host `second`, its path
+            "models[2].deployments[0] is named 'second/tei.internal:8080', as is "
+            "models[1].deployments[0], of different settings: give one of them another name",
+        ),
+    ],
+    ids=["given", "made"],
+)
+def test_a_name_made_route_slash_host_that_another_entry_is_named_too_is_refused(
+    tmp_path: Path, third: str, expected: str
+) -> None:
+    """Both routes' calls went to the one deployment of the name, built for one of them (its
+    URL, its key): one route's calls reached the other's upstream."""
+    text = (
+        "models:\n"
+        "  - name: first\n    deployments:\n      - {format: tei, url: http://tei.internal:8080}\n"
+        "  - name: second\n    deployments:\n"
+        "      - {format: tei, url: http://tei.internal:8080, timeout: 3}\n"
+        f"  - name: third\n    deployments:\n      - {third}\n"
+    )
+
+    assert refusal(write(tmp_path, text)).startswith(expected)
+
+
+def test_an_entry_named_first_that_a_made_name_collides_with_is_the_one_named_in_the_refusal(
+    tmp_path: Path,
+) -> None:
+    text = (
+        "models:\n"
+        "  - name: zero\n    deployments:\n"
+        "      - {format: tei, url: http://tei-b.internal:9090, name: second/tei.internal:8080}\n"
+        "  - name: first\n    deployments:\n      - {format: tei, url: http://tei.internal:8080}\n"
+        "  - name: second\n    deployments:\n"
+        "      - {format: tei, url: http://tei.internal:8080, timeout: 3}\n"
+    )
+
+    assert refusal(write(tmp_path, text)).startswith(
+        "models[0].deployments[0].name 'second/tei.internal:8080' is also the name of "
+        "models[2].deployments[0]"
+    )
 
 
 def test_names_made_from_urls_sources_and_routes_are_percent_encoded_to_fit_x_deployment(
@@ -615,19 +692,19 @@ def test_names_made_from_urls_sources_and_routes_are_percent_encoded_to_fit_x_de
     INTERNAL "Invalid metadata" for a deployment named after a host or route of other letters."""
     text = (
         "models:\n"
+        "  - name: other\n    deployments:\n"
+        "      - {format: tei, url: http://tei.internal:8080, timeout: 3}\n"
         "  - name: modèle\n    deployments:\n      - {format: cohere, url: http://bücher.example/v1}\n"
         "      - {format: local, source: /models/mini modèle}\n"
         "      - {format: tei, url: http://tei.internal:8080}\n"
-        "  - name: other\n    deployments:\n"
-        "      - {format: tei, url: http://tei.internal:8080, timeout: 3}\n"
     )
     specs = deployment_specs(load(write(tmp_path, text)))
 
     assert [spec.name for spec in specs] == [
+        "tei.internal:8080",
         "b%C3%BCcher.example/v1",
         "local:mini%20mod%C3%A8le",
         "mod%C3%A8le/tei.internal:8080",
-        "other/tei.internal:8080",
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import random
 import time
 from collections import Counter
@@ -235,6 +236,62 @@ def test_of_two_drawn_the_less_loaded_one_is_picked() -> None:
     found = shares(route)
 
     assert found["busy"] == pytest.approx(0.25, abs=0.02)  # only when both draws were it
+
+
+def closed_loop_shares(
+    weights: list[int], in_flight: int, calls: int = 40_000, slow: float = 1.0
+) -> list[float]:
+    """Each deployment's share of `calls` picked as `in_flight` callers pick them, each calling
+    again as its call ends, every call taking as long (the first deployment's `slow` times as
+    long): an event queue, no clock, the route's seeded draws: the same shares on every run."""
+    members = [Member(deployment(FakeBackend(f"d{i}")), ROUTE, weight=w) for i, w in enumerate(weights)]
+    route = route_of(*members)
+    took = {member.deployment.name: 1.0 for member in members} | {"d0": slow}
+    # (when a call ends, a number that orders ties, the deployment it was on)
+    ends: list[tuple[float, int, Deployment | None]] = [(n / in_flight, n, None) for n in range(in_flight)]
+    counts: Counter[str] = Counter()
+    for number in range(calls):
+        now, _, ended = heapq.heappop(ends)
+        if ended is not None:
+            ended.in_flight -= 1
+        member = route.pick(set())
+        assert member is not None
+        member.deployment.in_flight += 1
+        counts[member.deployment.name] += 1
+        heapq.heappush(ends, (now + took[member.deployment.name], in_flight + number, member.deployment))
+    return [counts[member.deployment.name] / calls for member in members]
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3, 4, 8, 32])
+@pytest.mark.parametrize(("weights", "within"), [([19, 1], 0.012), ([99, 1], 0.004), ([3, 2, 1], 0.025)])
+def test_equally_fast_deployments_share_the_calls_by_weight_however_few_are_in_flight(
+    weights: list[int], within: float, in_flight: int
+) -> None:
+    """At a few calls in flight the heavier deployment nearly always holds one and the lighter
+    none: a lighter one that won each draw against it for that got about twice its weight.
+    (The bounds are several standard deviations of 40,000 draws wide.)"""
+    found = closed_loop_shares(weights, in_flight)
+
+    for share, weight in zip(found, weights, strict=True):
+        assert share == pytest.approx(weight / sum(weights), abs=within)
+
+
+def test_the_second_draw_takes_the_call_by_how_far_the_first_is_over_its_share() -> None:
+    heavy, light = deployment(FakeBackend("heavy")), deployment(FakeBackend("light"))
+    heavy.in_flight = 1  # its share of the one call in flight is 0.95: over it by 0.05, light under by 0.05
+    route = route_of(Member(heavy, ROUTE, weight=19), Member(light, ROUTE, weight=1))
+
+    found = shares(route, 40_000)
+
+    # Drawn first (5%), or second after heavy (95% x 5%), then taking the call 1 time in 10.
+    assert found["light"] == pytest.approx(0.05 + 0.95 * 0.05 * 0.1, abs=0.006)
+
+
+def test_a_slower_deployment_gets_fewer_calls_than_its_weight() -> None:
+    heavier_but_slow = closed_loop_shares([3, 1], in_flight=16, slow=4.0)[0]
+
+    # 0.75 by weight; two draws can take it down to 0.5625 (when both are it, 0.75 x 0.75)
+    assert heavier_but_slow < 0.65
 
 
 def test_the_lowest_priority_number_is_always_picked_while_it_is_healthy() -> None:

@@ -125,15 +125,19 @@ def _undecodable() -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
 
 
-def answer_too_large(size: int, limit: int) -> ServiceError:
+def answer_too_large(size: int, limit: int, outcome: RerankOutcome | None = None) -> ServiceError:
     """An answer grpc would refuse to send (`--max-message-bytes` bounds both ways): said as
     the call's own failure, so it is logged and metered as one (grpc's refusal comes after
-    the call has been recorded as answered, and ends a whole stream)."""
+    the call has been recorded as answered, and ends a whole stream). With the `outcome`
+    that was too large, the error names the deployments that answered and their time, as
+    any failed call that reached a deployment does."""
     return ServiceError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         f"the answer is {size} bytes, more than --max-message-bytes ({limit}): ask for fewer "
         "results (top_n) or without the documents' text (return_documents false)",
         reason="ANSWER_TOO_LARGE",
+        timings=NO_TIMINGS if outcome is None else outcome.timings,
+        deployment=",".join(outcome.deployments) if outcome is not None and outcome.deployments else None,
     )
 
 
@@ -277,7 +281,7 @@ class RerankServiceEdge:
                     answer = await behavior(received.message, context, call)
                     data = answer.message.SerializeToString()
                     if self._max_answer_bytes is not None and len(data) > self._max_answer_bytes:
-                        raise answer_too_large(len(data), self._max_answer_bytes)
+                        raise answer_too_large(len(data), self._max_answer_bytes, answer.outcome)
                 except ServiceError as error:
                     call.failed(error)
                     metadata = error_metadata(error, error.upstream_request_id or call.request_id)
