@@ -43,6 +43,7 @@ from rerank_service.pipeline.record import INFERENCE_TIME_KEY, UPSTREAM_TIME_KEY
 from rerank_service.pipeline.usage import UsageMeter, open_usage_log
 from rerank_service.routing import Router
 from rerank_service.routing.build import build_router, build_routes, checked_routes
+from rerank_service.routing.cached_scores import refresh_cache_metrics_while_running
 
 # "" is the whole server's status, as probes ask for it by default.
 HEALTH_SERVICES = ("", RERANK_SERVICE)
@@ -144,6 +145,7 @@ class RerankServer:
             )
         self._health_watch: asyncio.Task[None] | None = None
         self._admission_publisher: asyncio.Task[None] | None = None
+        self._cache_metrics: asyncio.Task[None] | None = None
         self._draining = False
         self._serving = False
         self._started = False  # start() got to the end: health said SERVING, calls were taken
@@ -153,26 +155,38 @@ class RerankServer:
     async def start(self) -> int:
         """Open the ports (health NOT_SERVING), start the backend, then report SERVING; a
         ListenError or BackendStartError, or a cancellation (SIGTERM while starting), closes
-        again whatever had opened."""
+        again whatever had opened.
+
+        A worker of `serve --workers N` starts its backend first and opens its ports once it
+        is serving: they are shared with its siblings (SO_REUSEPORT), and a worker listening
+        while its model loads would take its share of new connections only to refuse their
+        calls (the kernel hands each new connection to any listener). Until the first worker
+        listens, nothing does: a connection is refused, never accepted and dropped."""
         for service in HEALTH_SERVICES:
             await self.health.set(service, _NOT_SERVING)
         async with contextlib.AsyncExitStack() as opened:
-            # Cancelled half way, grpc's start leaves a server its stop fails on
-            # (InvalidStateError): the ports are opened to the end, then closed.
-            self.port = port = await _to_its_end(self._open_ports(opened))
-            self._log_listening()
-            await self._start_backend()
+            if self.worker is None:
+                # Cancelled half way, grpc's start leaves a server its stop fails on
+                # (InvalidStateError): the ports are opened to the end, then closed.
+                self.port = port = await _to_its_end(self._open_ports(opened))
+                self._log_listening()
+                await self._start_backend()
+                await self._report_started()
+            else:
+                await self._start_backend()
+                await self._report_started()  # its first connection is answered SERVING
+                self.port = port = await _to_its_end(self._open_ports(opened))
+                self._log_listening()
             self._backend_started.set()
             opened.pop_all()  # serving: from now on stop() closes them
-        # "" is the process's liveness: up, started, not draining. The service's own
-        # status also follows the backend (an open upstream circuit), so readiness probes
-        # move traffic away while restarting the process would not help.
-        await self.health.set("", _SERVING)
-        await self._sync_health()
         self._health_watch = asyncio.create_task(self._follow_backend_readiness(), name="health-watch")
         if self.metrics.multiprocess:  # a worker: its admission gauges live in files
             self._admission_publisher = asyncio.create_task(
                 self.metrics.admission.publish_while_running(), name="admission-metrics"
+            )
+        if self.cache is not None:  # its state as it is now, not as the last call left it
+            self._cache_metrics = asyncio.create_task(
+                refresh_cache_metrics_while_running(self.cache, self.metrics.cache), name="cache-metrics"
             )
         http_port = None if self.http is None else self.http.port
         self._started = True
@@ -183,6 +197,13 @@ class RerankServer:
             metrics_port=self.metrics_port,
         )
         return port
+
+    async def _report_started(self) -> None:
+        # "" is the process's liveness: up, started, not draining. The service's own
+        # status also follows the backend (an open upstream circuit), so readiness probes
+        # move traffic away while restarting the process would not help.
+        await self.health.set("", _SERVING)
+        await self._sync_health()
 
     async def _open_ports(self, opened: contextlib.AsyncExitStack) -> int:
         """Listen on each port, the gRPC one's number returned; each one's closing goes on
@@ -258,6 +279,7 @@ class RerankServer:
             ("backend", self.backend.close),
             ("limits store", self.pipeline.limiter.close),
             ("usage log", self.pipeline.usage.close),
+            ("score cache metrics", self._stop_cache_metrics),
             ("score cache", self.cache.aclose if self.cache is not None else None),
             ("admission metrics", self._stop_admission_publisher),
             # Last: scrapes still answer while calls drain.
@@ -270,6 +292,12 @@ class RerankServer:
             self._admission_publisher.cancel()
             self._admission_publisher = None
             self.metrics.admission.publish()  # drained: what is held now is 0
+
+    async def _stop_cache_metrics(self) -> None:
+        if self._cache_metrics is not None:
+            self._cache_metrics.cancel()
+            await asyncio.wait((self._cache_metrics,))  # its Redis round trip ended before Redis closes
+            self._cache_metrics = None
 
     async def _stop_metrics_server(self) -> None:
         if self._metrics_server is not None:
@@ -460,6 +488,7 @@ async def serve(
     worker: int | None = None,
     on_serving: Callable[[int], None] | None = None,
     metrics_directory: str | None = None,
+    watch_reloads: Callable[[Callable[[], None]], None] | None = None,
 ) -> int:
     """Run until SIGTERM or SIGINT, then drain; the process's exit code.
 
@@ -467,6 +496,8 @@ async def serve(
     process is that worker of a supervisor (workers.py), which sums the metrics each
     worker keeps in files in `metrics_directory` (None: in memory, served at
     --metrics-port); `on_serving(port)` is called once the server is serving.
+    `watch_reloads(reload_now)`, with `reload`, is called once on the server's loop with
+    what a SIGHUP calls: a worker reloads when its supervisor's message asks it to.
     """
     # Every connection holds a file descriptor: systemd's default soft limit is 1024.
     file_limit = raise_file_limit()
@@ -488,6 +519,8 @@ async def serve(
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        if watch_reloads is not None:
+            watch_reloads(on_hangup)
     starting = asyncio.create_task(server.start(), name="start")
     stopping = asyncio.create_task(stop.wait(), name="stop")
     try:

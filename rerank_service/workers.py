@@ -9,8 +9,9 @@ multiprocessing example does. The supervisor
   once and shared, and a taken port stops start-up before any worker starts;
 - starts the workers (spawned: a fresh interpreter, no grpc state forked), logs one
   `serving` line once the first is serving, and restarts one that dies, with backoff;
-- forwards SIGTERM and SIGINT (every worker drains as one server does) and SIGHUP
-  (every worker reloads), and exits 0 only when every worker drained and exited 0;
+- forwards SIGTERM and SIGINT (every worker drains as one server does), and on SIGHUP
+  loads the settings once for all (config/snapshot.py) and hands them to every worker,
+  which reloads from them; it exits 0 only when every worker drained and exited 0;
 - serves --metrics-port: the sum of the workers' metrics, which each records into files
   in a directory the supervisor creates, hands to each worker (its `Metrics` is made for
   it: prometheus-client's multiprocess mode, observability/metrics_multiprocess.py) and
@@ -27,6 +28,7 @@ import dataclasses
 import fcntl
 import multiprocessing
 import os
+import queue
 import re
 import shutil
 import signal
@@ -34,8 +36,9 @@ import socket
 import stat
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -43,10 +46,9 @@ from typing import Any
 
 from rerank_service.config import ConfigError, Settings, load_settings
 from rerank_service.config.deployments import as_reloaded
-from rerank_service.config.file_trust import flush_held_warnings
 from rerank_service.config.server import ServerConfig
 from rerank_service.config.snapshot import ConfigSnapshot
-from rerank_service.observability.logging import configure_logging, get_logger
+from rerank_service.observability.logging import configure_logging, get_logger, mask_also
 from rerank_service.observability.metrics_endpoint import start_metrics_server, stop_metrics_server
 from rerank_service.observability.metrics_multiprocess import multiprocess_registry, worker_exited
 from rerank_service.observability.process_limits import cannot_listen
@@ -203,11 +205,43 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# Put in an outbox after its last message: the connection is closed once they are sent.
+_CLOSED = object()
+
+
+class _Outbox:
+    """Messages to one worker, sent in order by a thread of their own: a send waits while
+    the pipe is full (settings with many routes or callers are more than it holds) until the
+    worker has read them, and the supervisor's loop (signals, restarts) never waits on one."""
+
+    def __init__(self, connection: Connection, name: str) -> None:
+        self._connection = connection
+        self._messages: queue.SimpleQueue[object] = queue.SimpleQueue()
+        threading.Thread(target=self._send_all, name=name, daemon=True).start()
+
+    def send(self, message: object) -> None:
+        self._messages.put(message)
+
+    def close(self) -> None:
+        """No more messages: the connection closes once those before are sent (or the worker is gone)."""
+        self._messages.put(_CLOSED)
+
+    def _send_all(self) -> None:
+        try:
+            while (message := self._messages.get()) is not _CLOSED:
+                self._connection.send(message)
+        except OSError:  # the worker is gone: its sentinel says how
+            pass
+        finally:
+            self._connection.close()
+
+
 @dataclasses.dataclass
 class _Worker:
     index: int
     process: BaseProcess | None = None
     ready: Connection | None = None  # the supervisor's end: the worker says when it serves
+    reloads: _Outbox | None = None  # what the supervisor sends it: the settings to reload from
     pid: int | None = None
     started_at: float = 0.0
     serving: bool = False
@@ -241,8 +275,12 @@ class Supervisor:
         # The settings as the workers started (the file's first copy): a worker restarted
         # after a reload serves what a reload leaves as started from these, as its siblings do.
         self._started = settings
-        # The copy as the supervisor last accepted it (what a worker's reload compares with).
-        self._accepted = settings
+        # The copy as the supervisor last accepted it (what a restarted worker serves), and
+        # as it loaded it (what a worker reloads: its own caller keys, named if changed).
+        # Workers never load settings themselves: the key files they name (a mounted Secret,
+        # updated in place) are read here, at start and on each SIGHUP accepted, so that a
+        # worker restarted in between serves its siblings' keys, not the file's of the moment.
+        self._accepted = self._loaded = settings
         self._forwarded: set[int] = set()  # the stop signals forwarded to the workers
 
     def run(self) -> int:
@@ -258,7 +296,7 @@ class Supervisor:
             self._directory, self._directory_lock = make_metrics_directory()
             self._config = ConfigSnapshot(self.args, self._directory)
             if self._config.has_file:
-                self._started = self._accepted = self._config.copy()
+                self._started = self._accepted = self._loaded = self._config.copy()
             server = None
             if self.settings.metrics_port is not None:
                 try:
@@ -356,11 +394,11 @@ class Supervisor:
             if signum == signal.SIGHUP:
                 if not self._copy_config_for_reload():
                     continue
-                _log.info("reload", workers=[w.index for w in alive], why="SIGHUP, forwarded to every worker")
+                _log.info("reload", workers=[w.index for w in alive], why="SIGHUP: every worker reloads")
                 for worker in alive:
                     if worker.serving:
-                        self._signal(worker, signum)
-                    else:  # still starting: it may have read the file before the copy changed
+                        self._send_reload(worker)
+                    else:  # still starting: it may have been handed the settings before they changed
                         worker.reload_pending = True
                 continue
             if not self._stopping:
@@ -380,11 +418,9 @@ class Supervisor:
                 self._signal(worker, forwarded)
 
     def _copy_config_for_reload(self) -> bool:
-        """Whether the workers are to reload: the file copied for them, if it loads and
-        passes a reload's checks (else they keep serving the copy they have, and a worker
-        restarted later starts from it too)."""
-        if self._config is None or not self._config.has_file:
-            return True  # no file: the workers reload the flags and variables
+        """Whether the workers are to reload: the settings loaded for them (the file copied,
+        and the key files it names read), if they pass a reload's checks (else they keep
+        serving the settings they have, and a worker restarted later starts from them too)."""
         # Late: the supervisor serves nothing, and builds routes (to check them) only here.
         from rerank_service.server import check_reload
 
@@ -394,13 +430,27 @@ class Supervisor:
             check_reload(settings)
 
         try:
-            self._accepted = self._config.copy(check=check)
+            if self._config is not None and self._config.has_file:
+                accepted = self._config.copy(check=check)
+                loaded = self._config.loaded
+                assert loaded is not None
+            else:  # no file: the flags and variables, and the key files they name
+                loaded = load_settings(self.args)
+                accepted = as_reloaded(loaded, self._accepted)
+                check(accepted)
         except ConfigError as exc:
             _log.error(
                 "reload refused", error=str(exc), why="the workers keep serving the configuration as it was"
             )
             return False
+        mask_also(loaded.secrets())  # keys it names are masked from now on, here too
+        self._accepted, self._loaded = accepted, loaded
         return True
+
+    def _send_reload(self, worker: _Worker) -> None:
+        """Ask `worker`, serving, to reload from the settings last accepted."""
+        if worker.reloads is not None:
+            worker.reloads.send(self._loaded)
 
     def _on_ready(self, ready: Any) -> None:
         for worker in self._workers:
@@ -423,7 +473,7 @@ class Supervisor:
         _log.info("worker ready", worker=worker.index, pid=worker.pid, restarts=worker.restarts)
         if worker.reload_pending and not self._stopping:
             worker.reload_pending = False
-            self._signal(worker, signal.SIGHUP)
+            self._send_reload(worker)
         if not self._announced:
             self._announced = True
             _log.info(
@@ -441,8 +491,10 @@ class Supervisor:
         pid = worker.pid
         if worker.ready is not None:
             worker.ready.close()
+        if worker.reloads is not None:
+            worker.reloads.close()
         worker.process.close()
-        worker.process, worker.ready = None, None
+        worker.process, worker.ready, worker.reloads = None, None, None
         if pid is not None:
             worker_exited(pid, self._directory)  # its calls in flight are over
         served, worker.serving = worker.serving, False
@@ -489,35 +541,36 @@ class Supervisor:
 
     def _start(self, worker: _Worker) -> None:
         theirs, ours = self._context.Pipe(duplex=False)
+        reloads, to_reload = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_worker_main,
             args=(
                 worker.index,
-                self._worker_args(),
-                # Pickled down the spawn pipe (never on a command line: they hold the caller keys).
+                # Pickled down the spawn pipe (never on a command line: they hold the keys).
                 self._started,
                 self._accepted,
+                self._loaded,
                 self.port,
                 self.http_port,
                 self._directory,
                 ours,
+                reloads,
                 os.getpid(),
             ),
             name=f"rerank-worker-{worker.index}",
         )
         process.start()
         ours.close()
+        reloads.close()
+        worker.reloads = _Outbox(to_reload, name=f"rerank-worker-{worker.index}-reloads")
         if worker.restart_at is not None:
             worker.restarts += 1
         # pid before process: /metrics (another thread) reads a worker's pid once it has a process.
         worker.pid = process.pid
         worker.process, worker.ready = process, theirs
         worker.started_at, worker.restart_at = time.monotonic(), None
-        worker.reload_pending = False  # it reads the file's copy as it is now
+        worker.reload_pending = False  # it is handed the settings as they are now
         _log.info("worker started", worker=worker.index, pid=process.pid, restarts=worker.restarts)
-
-    def _worker_args(self) -> dict[str, Any]:
-        return self._config.worker_args() if self._config is not None else dict(self.args)
 
     def _signal(self, worker: _Worker, signum: int) -> None:
         if worker.pid is None:
@@ -536,19 +589,21 @@ def supervise(settings: Settings, args: Mapping[str, Any]) -> int:
 
 def _worker_main(
     index: int,
-    args: dict[str, Any],
     started: Settings,
     accepted: Settings,
+    loaded: Settings,
     port: int,
     http_port: int | None,
     metrics_directory: str,
     ready: Connection,
+    reloads: Connection,
     parent: int,
 ) -> None:
     """One worker: the settings as the workers `started` (the file's first copy), with the
-    routes and callers of the copy now (loaded from `args` as a reload loads it, compared
-    with the copy as the supervisor last `accepted` it), on the supervisor's ports,
-    recording its metrics into files in the supervisor's `metrics_directory`."""
+    routes and callers of the copy as the supervisor last `accepted` it, on the supervisor's
+    ports, recording its metrics into files in the supervisor's `metrics_directory`. It
+    reloads from the settings the supervisor sends on `reloads` (until then, the copy as it
+    `loaded` it): it reads no configuration or key file itself."""
     _die_with_parent(parent)
     # Until serve sets its own handlers: a SIGHUP (a reload asked for while this worker
     # starts, or a terminal's hangup) must not kill it, and a SIGINT (Ctrl-C reaches the
@@ -558,16 +613,11 @@ def _worker_main(
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     import asyncio
 
-    try:
-        # The copy as a reload takes it (the caller keys as started, checked with them), as
-        # server.py `_reload` does: a worker restarted after a reload serves the routes and
-        # callers its siblings reloaded (the supervisor copies no file that fails this).
-        reloaded = as_reloaded(load_settings(args), accepted)
-    except ConfigError as exc:
-        print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    # The copy as a reload takes it (the caller keys as started, checked with them), as
+    # server.py `_reload` does: a worker restarted after a reload serves the routes and
+    # callers its siblings reloaded, with the keys the supervisor read for them.
     settings = dataclasses.replace(
-        as_restarted(reloaded, started), port=port, http_port=http_port, metrics_port=None
+        as_restarted(accepted, started), port=port, http_port=http_port, metrics_port=None
     )
     # Every line this worker logs says which worker, and which process, wrote it.
     configure_logging(
@@ -577,21 +627,31 @@ def _worker_main(
         cache_loggers=True,
         fields={"worker": index, "pid": os.getpid()},
     )
-    flush_held_warnings()  # a key file's, found while the settings loaded
     from rerank_service.server import serve  # a worker serves (the supervisor checks reloads with it)
 
     def serving(port: int) -> None:
         ready.send(("serving", port))
 
+    asked = _ReloadRequests(reloads, loaded)
+
     def reload() -> Settings:
-        return as_served(load_settings(args), started, settings)
+        return as_served(asked.settings, started, settings)
+
+    async def run() -> int:
+        try:
+            return await serve(
+                settings,
+                reload=reload,
+                worker=index,
+                on_serving=serving,
+                metrics_directory=metrics_directory,
+                watch_reloads=asked.watch,
+            )
+        finally:
+            asked.stop()
 
     try:
-        code = asyncio.run(
-            serve(
-                settings, reload=reload, worker=index, on_serving=serving, metrics_directory=metrics_directory
-            )
-        )
+        code = asyncio.run(run())
         # Drained: its loop, closed, left SIGTERM and SIGINT at their defaults. A second one
         # (the supervisor forwards the process group's: Ctrl-C, systemd's KillMode) must not
         # kill it now, nor a KeyboardInterrupt end it with a traceback and exit code 1.
@@ -604,6 +664,41 @@ def _worker_main(
         print(f"rerank-service: cannot start: {exc}", file=sys.stderr)
         code = 1
     sys.exit(code)
+
+
+class _ReloadRequests:
+    """What a worker reloads from: the settings its supervisor last sent on `connection`,
+    each with the ask to reload (a SIGHUP to the worker itself reloads them again)."""
+
+    def __init__(self, connection: Connection, loaded: Settings) -> None:
+        self.settings = loaded
+        self._connection = connection
+        self._watching = False
+
+    def watch(self, reload_now: Callable[[], None]) -> None:
+        """Call `reload_now` on each message once it is read: from the server's loop."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+
+        def received() -> None:
+            try:
+                self.settings = self._connection.recv()
+            except (EOFError, OSError):  # the supervisor is gone, and drains this worker
+                self.stop()
+                return
+            reload_now()
+
+        loop.add_reader(self._connection.fileno(), received)
+        self._watching = True
+
+    def stop(self) -> None:
+        """Read no more (the server has stopped): from the server's loop."""
+        if self._watching:
+            import asyncio
+
+            asyncio.get_running_loop().remove_reader(self._connection.fileno())
+            self._watching = False
 
 
 # What a worker serves in place of what it loads: the supervisor's ports (chosen once, for

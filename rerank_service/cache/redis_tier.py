@@ -140,6 +140,19 @@ class RedisTier:
             return
         self._answered()
 
+    async def ping(self) -> None:
+        """While a failure has the tier skipped, one PING once a try is due (as a call's
+        round trip would be): Redis answering brings the tier back up. Nothing otherwise."""
+        if self.up or not self._outage.may_try():
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._client.ping()
+        except Exception as error:  # still down: tried again after retry_after
+            self._failed("ping", error)
+            return
+        self._answered()
+
     async def aclose(self) -> None:
         await self._client.aclose()
 

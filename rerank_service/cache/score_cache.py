@@ -211,6 +211,12 @@ class ScoreCache:
             return _new_tuple(CacheCounts, (*sizes, 0, None))
         return _new_tuple(CacheCounts, (*sizes, redis.errors, redis.up))
 
+    async def check_store(self) -> None:
+        """Try Redis again, once due, if a failure has it skipped (RedisTier.ping): a process
+        that takes no call would otherwise keep it for down, and its metrics say so."""
+        if self._redis is not None:
+            await self._redis.ping()
+
     async def aclose(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()

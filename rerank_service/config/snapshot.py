@@ -1,11 +1,14 @@
-"""The config file as `serve --workers N` serves it: one copy, which every worker reads.
+"""The config file as `serve --workers N` serves it: one copy, loaded by the supervisor.
 
 Were each worker to read the file itself, a worker restarted after the file was edited
 (and no SIGHUP sent yet) would serve the new file beside siblings serving the old one,
 without the checks a reload makes (a truncated file would start the demo model there).
 The supervisor reads the file instead: at start, and on each SIGHUP once the new text
-passes the checks a reload makes; workers, started or restarted, and their reloads read
-only its copy (`SNAPSHOT_ARG`), named in messages as the file.
+passes the checks a reload makes, into its copy (`SNAPSHOT_ARG`, named in messages as the
+file), and loads it. The files the copy names for keys (callers' `key_file`, deployments'
+`api_key_file`, `api_keys_file`) are read then too, by the supervisor alone: workers,
+started or restarted, and their reloads are handed the settings so loaded (workers.py),
+and never read a file that a mounted Secret may have changed since.
 
 A reload keeps the caller keys as started, as a worker's does: every later copy is
 loaded, checked and compared with the first copy's keys put back (`api_keys`), which
@@ -36,6 +39,9 @@ class ConfigSnapshot:
         self._args = {key: value for key, value in args.items() if key != SNAPSHOT_ARG}
         self.path = Path(directory) / "config.yaml"
         self._served: Settings | None = None
+        # The copy's settings as loaded (its own caller keys): what a worker's reload compares
+        # with the settings it serves, and names each changed one that a reload leaves as started.
+        self.loaded: Settings | None = None
 
     @property
     def has_file(self) -> bool:
@@ -46,12 +52,6 @@ class ConfigSnapshot:
         """The caller keys of the first copy: those the workers serve, whatever a later copy says."""
         assert self._served is not None, "not copied yet"
         return self._served.api_keys
-
-    def worker_args(self) -> dict[str, Any]:
-        """The arguments a worker loads its settings from: the copy in place of the file."""
-        if self._file is None:
-            return dict(self._args)
-        return {**self._args, SNAPSHOT_ARG: str(self.path)}
 
     def copy(self, check: Callable[[Settings], None] | None = None) -> Settings:
         """Copy the file for the workers and load it: the first time, as they serve it from
@@ -69,17 +69,17 @@ class ConfigSnapshot:
         with self._copying(candidate):
             candidate.write_bytes(data)
         try:
-            settings = load_settings({**self._args, SNAPSHOT_ARG: str(candidate)})
+            loaded = settings = load_settings({**self._args, SNAPSHOT_ARG: str(candidate)})
             if self._served is not None:
-                settings = as_reloaded(settings, self._served)
+                settings = as_reloaded(loaded, self._served)
             if check is not None:
                 check(settings)
         except BaseException:
             candidate.unlink(missing_ok=True)
             raise
         with self._copying(candidate):
-            os.replace(candidate, self.path)  # whole, at once: a worker never reads half of it
-        self._served = settings
+            os.replace(candidate, self.path)  # whole, at once: never half of it
+        self._served, self.loaded = settings, loaded
         return settings
 
     @contextlib.contextmanager

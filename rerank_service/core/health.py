@@ -100,6 +100,15 @@ class DeploymentHealth:
         return down_until is not None and self._clock() < max(down_until, self._next_probe_at)
 
     @property
+    def refused_for(self) -> float:
+        """Seconds until a call would be let through (0: now): while down, until its
+        cool-down has ended and its next probe may go."""
+        down_until = self._down_until
+        if down_until is None:
+            return 0.0
+        return max(max(down_until, self._next_probe_at) - self._clock(), 0.0)
+
+    @property
     def probe_due(self) -> bool:
         """Down, past its cool-down, and the next probe may go now."""
         now = self._clock()
@@ -146,7 +155,7 @@ class DeploymentHealth:
         if self.probe_due:
             self._next_probe_at = self._clock() + self._probe_interval
             return True
-        raise self._refusal(max(self._down_until, self._next_probe_at) - self._clock())
+        raise self._refusal(self.refused_for)
 
     def record(
         self, outcome: Outcome, probe: bool = False, unreachable: bool = False, answered: bool = False

@@ -172,7 +172,12 @@ class Metrics:
             "0 once a reload took it out of every route.",
             ["deployment"],
             registry=registry,
-            multiprocess_mode="livemax",  # workers: the worst state any live worker sees
+            # Workers: the state last written by a live worker. Each writes it when it changes,
+            # and again after each call of the deployment (`DeploymentMetrics.finished`), so it
+            # is the one whose calls found it last: a worker that took no call since an outage
+            # keeps it down (a call would probe it), and must not hide that its siblings'
+            # calls find it back (the worst of them, livemax, would).
+            multiprocess_mode="livemostrecent",
         )
         self.deployment_ejections = Counter(
             "rerank_deployment_ejections",
@@ -344,13 +349,29 @@ def _child(children: dict[str, Counter], family: Counter, label: str) -> Counter
 class DeploymentMetrics:
     """One deployment's metric children, bound once per route and outcome."""
 
-    __slots__ = ("_calls", "_ejections", "_latency", "_metrics", "_retired", "_state", "name")
+    __slots__ = (
+        "_calls",
+        "_ejections",
+        "_latency",
+        "_level",
+        "_metrics",
+        "_retired",
+        "_rewrites",
+        "_state",
+        "_state_gauge",
+        "name",
+    )
 
     def __init__(self, metrics: Metrics, name: str) -> None:
         self.name = name
         self._metrics = metrics
         self._state: str | None = None
+        self._level = 0  # the state's gauge value, as last written
         self._retired = False
+        # A worker's (files): its state is written again after each of its calls, so that
+        # it is the most recent of the workers' (a write to its file, as each count is).
+        self._rewrites = metrics.multiprocess
+        self._state_gauge: Gauge | None = None
         self._calls: dict[tuple[str, grpc.StatusCode | None], Counter] = {}
         self._latency: dict[str, Histogram] = {}
         self._ejections: dict[str, Counter] = {}
@@ -368,6 +389,8 @@ class DeploymentMetrics:
         if latency is None:
             latency = self._latency[route] = self._metrics.deployment_latency.labels(route, self.name)
         latency.observe(seconds)
+        if self._rewrites and self._state_gauge is not None and not self._retired:
+            self._state_gauge.set(self._level)  # what this call found is the latest word on it
 
     def set_state(self, state: str, level: int) -> None:
         """The deployment is now in `state`, whose gauge value is `level` (0: healthy)."""
@@ -386,8 +409,10 @@ class DeploymentMetrics:
                     self.name, state
                 )
             ejections.inc()
-        self._state = state
-        self._metrics.deployment_state.labels(self.name).set(level)
+        self._state, self._level = state, level
+        if self._state_gauge is None:
+            self._state_gauge = self._metrics.deployment_state.labels(self.name)
+        self._state_gauge.set(level)
 
     def retire(self, replaced: bool) -> None:
         """A reload took the deployment out: its state is no longer written (a deployment

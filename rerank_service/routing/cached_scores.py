@@ -11,6 +11,7 @@ checks (a failed call stores nothing). Each chunk of a split call comes here on 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from itertools import accumulate
@@ -30,6 +31,9 @@ from rerank_service.core.domain import (
 )
 from rerank_service.core.readiness import Readiness
 from rerank_service.observability.cache_metrics import CacheMetrics
+from rerank_service.observability.logging import get_logger
+
+_log = get_logger("rerank_service.cache")
 
 Identity = Mapping[str, str | int | float | bool | None]
 Score = Callable[[BackendRequest, CallContext], Awaitable[BackendResult]]
@@ -117,6 +121,35 @@ class CachedScores:
         if keys is None:
             keys = self._keys[model] = PairKeys(deployment_fingerprint(dict(self._identity(model))))
         return keys
+
+
+# How often (seconds) a server copies the cache's counts into its metrics without a call.
+REFRESH_EVERY = 1.0
+
+
+async def refresh_cache_metrics(cache: ScoreCache, metrics: CacheMetrics) -> None:
+    """Copy the cache's counts into `metrics` without a call (`CachedScores` does after
+    each), once its Redis, if a failure has it skipped, was tried again (a PING, once due,
+    as a call's round trip would be). Otherwise a process without calls (a worker whose
+    connections are elsewhere) would say Redis is down for as long as it takes none, and
+    rerank_cache_store_up (the lowest of the workers') with it."""
+    await cache.check_store()
+    metrics.sync(cache.counts())
+
+
+async def refresh_cache_metrics_while_running(cache: ScoreCache, metrics: CacheMetrics) -> None:
+    """`refresh_cache_metrics` every REFRESH_EVERY seconds until cancelled (a server's task).
+    One that fails (a worker's metrics files on a full disk) is logged once and tried again."""
+    failing = False
+    while True:
+        await asyncio.sleep(REFRESH_EVERY)
+        try:
+            await refresh_cache_metrics(cache, metrics)
+            failing = False
+        except Exception as exc:
+            if not failing:
+                _log.warning("score cache metrics not refreshed", error=f"{type(exc).__name__}: {exc}")
+            failing = True
 
 
 def _token_shares(query: str, documents: list[str], indices: list[int], total_tokens: int) -> list[int]:

@@ -22,8 +22,8 @@ from rerank_service.core.health import DeploymentHealth
 from rerank_service.observability.metrics import DeploymentMetrics, Metrics
 from rerank_service.routing.cached_scores import CachedScores
 
-# rerank_deployment_state's value for each state: the higher, the worse (workers report the
-# worst any of them sees).
+# rerank_deployment_state's value for each state: the higher, the worse (with workers, the
+# one whose calls found it last is reported: observability/metrics.py).
 _STATE_LEVELS = every_state({DeploymentState.HEALTHY: 0, DeploymentState.EJECTED: 1, DeploymentState.DOWN: 2})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -48,7 +49,11 @@ class Route:
             if member.deployment.probe_due:
                 return member
         healthy = [member for member in left if member.deployment.usable]
-        candidates = healthy or [member for member in left if not member.deployment.refuses_now] or left
+        candidates = healthy or [member for member in left if not member.deployment.refuses_now]
+        if not candidates:
+            # Each would refuse: the one back soonest, whose refusal's RetryInfo says when the
+            # route serves again (not the longest cool-down, of the lowest priority).
+            return min(left, key=lambda member: (_back_in(member), member.priority))
         top = min(member.priority for member in candidates)
         tier = [member for member in candidates if member.priority == top]
         if len(tier) == 1:
@@ -110,6 +115,15 @@ class Route:
 
     def _first_index(self) -> int:
         return min(range(len(self.members)), key=lambda index: self.members[index].priority)
+
+
+def _back_in(member: Member) -> float:
+    """Seconds until `member`'s deployment takes a call; a local model still loading says
+    nothing of when (its refusal carries no RetryInfo): last."""
+    health = member.deployment.health
+    if not member.deployment.backend.readiness.ready or health is None:
+        return math.inf
+    return health.refused_for
 
 
 def _more_over_share(first: Member, second: Member, tier: list[Member]) -> float:

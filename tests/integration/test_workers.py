@@ -26,6 +26,7 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.conftest import CALLER_KEY, UPSTREAM_KEY
 from tests.support.process import ServiceProcess, run_cli
+from tests.support.redis_server import RedisServer
 from tests.support.rpc import request
 from tests.support.scrape import scrape, value
 from tests.support.waiting import wait_until
@@ -567,3 +568,181 @@ def test_a_stop_signal_to_the_whole_process_group_drains_and_exits_zero(
         stopped = [e for e in service.events() if e.get("event") == "worker stopped"]
         assert sorted((e["worker"], e["level"]) for e in stopped) == [(0, "info"), (1, "info")], stopped
         assert "KeyboardInterrupt" not in service.output
+
+
+def _keys_file(path: Path, upstream: FakeUpstream, caller_keys: Path, deployment_key: Path) -> None:
+    """One route, its deployment keyed by `deployment_key` (api_key_file), and one caller
+    whose keys are in `caller_keys` (key_file): files a mounted Secret updates in place."""
+    deployment = {
+        "format": "dashscope",
+        "url": upstream.url,
+        "model": "qwen3-rerank",
+        "api_key_file": str(deployment_key),
+    }
+    document = {
+        "models": [{"name": "qwen3-rerank", "deployments": [deployment]}],
+        "callers": [{"name": "search", "credentials": [{"key_file": str(caller_keys)}]}],
+    }
+    path.write_text(json.dumps(document), encoding="utf-8")
+
+
+def _secret(path: Path, key: str) -> Path:
+    path.write_text(f"{key}\n", encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def test_a_worker_restarted_after_its_key_files_changed_serves_the_keys_its_siblings_serve(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """The key files a config names are read by the supervisor, at start and on each SIGHUP
+    it accepts: a worker restarted in between is handed those keys, and does not read the
+    files (rotated, or moved away) as they are at its restart."""
+    old, new = "sk-old-caller-key-0123456789", "sk-new-caller-key-0123456789"
+    caller_keys = _secret(tmp_path / "search.keys", old)
+    deployment_key = _secret(tmp_path / "upstream.key", UPSTREAM_KEY)
+    config = tmp_path / "rerank.yaml"
+    _keys_file(config, upstream, caller_keys, deployment_key)
+    with ServiceProcess(["--workers", "2", "--config", str(config)]) as service:
+        _eventually(lambda: _all_serving(service))
+
+        # Rotated in place, no SIGHUP: a worker restarted now still takes the old caller key
+        # (not the new one), and sends the upstream the service's key (not the file's new one).
+        _secret(caller_keys, new)
+        _secret(deployment_key, "sk-upstream-key-that-is-refused-01")
+        _killed_and_restarted(service, worker=1, restarts=1)
+        assert _codes(service, key=old) == {"OK": 16}
+        assert _codes(service, key=new) == {"UNAUTHENTICATED": 16}
+
+        # Moved away: a worker restarted now starts all the same (it read no file), rather
+        # than exit 2 at each restart; a SIGHUP is refused by the supervisor alone.
+        caller_keys.rename(tmp_path / "search.keys.moved")
+        _killed_and_restarted(service, worker=0, restarts=1)
+        assert _codes(service, key=old) == {"OK": 16}
+        service.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        _eventually(
+            lambda: any(e.get("event") == "reload refused" for e in service.events()),
+            what="the supervisor's refusal",
+        )
+        refused = [e for e in service.events() if e.get("event") == "reload refused"]
+        assert [e.get("worker") for e in refused] == [None]
+        assert "key_file" in refused[0]["error"]
+
+        # Back, and a SIGHUP: every worker serves the keys the supervisor read.
+        _secret(caller_keys, new)
+        _secret(deployment_key, UPSTREAM_KEY)
+        service.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        _eventually(
+            lambda: {e.get("worker") for e in service.events() if e.get("event") == "reloaded"} == {0, 1},
+            what="both workers reloaded",
+        )
+        assert _codes(service, key=new) == {"OK": 16}
+        assert _codes(service, key=old) == {"UNAUTHENTICATED": 16}
+        died = [e for e in service.events() if e.get("event") == "worker died"]
+        assert [e.get("signal") for e in died] == ["SIGKILL", "SIGKILL"]  # none exited 2
+        assert service.terminate() == 0, service.output[-5000:]
+
+
+def _channel_to_each_worker(service: ServiceProcess, workers: int = 2) -> dict[int, grpc.Channel]:
+    """worker → a channel (one connection) the kernel gave to it: new ones are made until
+    each worker has answered one, the others closed."""
+    channels: dict[int, grpc.Channel] = {}
+    for attempt in range(200):
+        if len(channels) == workers:
+            return channels
+        channel = _channel(service.target)
+        # A query of its own: never a cached answer, so the upstream's request id says who answered.
+        answer = rerank_pb2_grpc.RerankServiceStub(channel).Rerank(
+            request(query=f"which worker {attempt}"), timeout=10
+        )
+        answered_by = answer.request_id
+        _eventually(lambda: answered_by in _worker_of_calls(service), what="the call's log line")  # noqa: B023 - used at once
+        worker = _worker_of_calls(service)[answered_by]
+        if worker in channels:
+            channel.close()
+        else:
+            channels[worker] = channel
+    raise AssertionError(f"only workers {sorted(channels)} took a connection")
+
+
+def _outcome(channel: grpc.Channel, query: str) -> str:
+    """OK, or the gRPC code and details of one call on `channel`."""
+    try:
+        rerank_pb2_grpc.RerankServiceStub(channel).Rerank(request(query=query), timeout=10)
+    except grpc.RpcError as exc:
+        return f"{exc.code().name}: {exc.details()}"
+    return "OK"
+
+
+def _refused_at_once(channel: grpc.Channel) -> Callable[[], bool]:
+    """A check that calls on `channel` until one is refused for its deployment being down."""
+    calls = iter(range(10_000))
+    return lambda: "not calling it for another" in _outcome(channel, f"down {next(calls)}")
+
+
+def _answered(channel: grpc.Channel) -> Callable[[], bool]:
+    calls = iter(range(10_000))
+    return lambda: _outcome(channel, f"back {next(calls)}") == "OK"
+
+
+def _gauge(port: int, name: str) -> float | None:
+    """The one sample of the gauge `name` (whatever its labels), None while there is none."""
+    found = [sample for (metric, _), sample in scrape(port).items() if metric == name]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def test_the_deployment_state_is_what_the_latest_calls_of_any_worker_found(upstream: FakeUpstream) -> None:
+    """A worker that takes no call keeps what its last calls found (a deployment down): its
+    siblings' later calls, which find the deployment back, are what /metrics says, not the
+    worst state of any worker (RerankRouteDown would fire for a route that answers)."""
+    breaker = ["--upstream-max-attempts", "1", "--upstream-breaker-failures", "2"]
+    args = _args(upstream, "--metrics-port", "0", *breaker, "--upstream-breaker-cooldown", "1")
+    with ServiceProcess(args, env=ENV) as service:
+        _eventually(lambda: _all_serving(service))
+        metrics_port = next(e for e in service.events() if e.get("event") == "serving")["metrics_port"]
+        channels = _channel_to_each_worker(service)
+        assert _gauge(metrics_port, "rerank_deployment_state") == 0
+
+        # Down for worker 1's calls; worker 0 takes none meanwhile.
+        upstream.go_down()
+        _eventually(_refused_at_once(channels[1]), what="worker 1 finding the deployment down")
+        _eventually(lambda: _gauge(metrics_port, "rerank_deployment_state") == 2, what="state 2")
+        # Back: worker 0's calls find it healthy (its own state never changed), worker 1 takes none.
+        upstream.come_back()
+        _eventually(_answered(channels[0]), what="worker 0 answering")
+        _eventually(lambda: _gauge(metrics_port, "rerank_deployment_state") == 0, what="state 0")
+
+        # Down for worker 0's calls this time, then back for worker 1's, whose probe finds it.
+        upstream.go_down()
+        _eventually(_refused_at_once(channels[0]), what="worker 0 finding the deployment down")
+        _eventually(lambda: _gauge(metrics_port, "rerank_deployment_state") == 2, what="state 2 again")
+        upstream.come_back()
+        _eventually(_answered(channels[1]), what="worker 1 answering")
+        _eventually(lambda: _gauge(metrics_port, "rerank_deployment_state") == 0, what="state 0 again")
+        for channel in channels.values():
+            channel.close()
+        assert service.terminate() == 0, service.output[-5000:]
+
+
+def test_a_worker_without_calls_finds_the_score_caches_redis_back(
+    upstream: FakeUpstream, redis_own: RedisServer
+) -> None:
+    """Each worker tries its Redis again once it is due, calls or none: rerank_cache_store_up
+    (the lowest of the workers') is 1 again once Redis is back, with no call made since."""
+    args = _args(upstream, "--metrics-port", "0", "--cache-store", redis_own.url)
+    with ServiceProcess(args, env=ENV, score_cache=True) as service:
+        _eventually(lambda: _all_serving(service))
+        metrics_port = next(e for e in service.events() if e.get("event") == "serving")["metrics_port"]
+        channels = _channel_to_each_worker(service)
+        assert _gauge(metrics_port, "rerank_cache_store_up") == 1
+
+        redis_own.kill()
+        for worker, channel in channels.items():  # each worker's call finds Redis gone
+            assert _outcome(channel, f"redis gone {worker}") == "OK"  # a miss, answered
+        _eventually(lambda: _gauge(metrics_port, "rerank_cache_store_up") == 0, what="store down")
+        redis_own.start()
+        _eventually(lambda: _gauge(metrics_port, "rerank_cache_store_up") == 1, what="store up again")
+        for channel in channels.values():
+            channel.close()
+        assert service.terminate() == 0, service.output[-5000:]

@@ -365,6 +365,23 @@ def test_when_every_deployment_would_refuse_one_is_still_picked_to_say_when_to_c
     assert picked(route, {down}) == "off"
 
 
+def test_when_every_deployment_would_refuse_the_one_back_soonest_is_picked() -> None:
+    """Its refusal's RetryInfo says when the route serves again: the lowest priority's, a
+    30 s cool-down, sent callers away for 30 s while the other was back after 1 s."""
+    clock = Clock()
+    slow_back, soon_back = health_on(clock, cooldown=30.0), health_on(clock, cooldown=1.0)
+    take_down(slow_back)
+    take_down(soon_back)
+    route = route_of(
+        Member(deployment(FakeBackend("eu-west"), slow_back), ROUTE, priority=0),
+        Member(deployment(FakeBackend("us-east"), soon_back), ROUTE, priority=1),
+        Member(deployment(FakeBackend("loading", ready=False)), ROUTE, priority=0),
+    )
+
+    assert picked(route) == "us-east"
+    assert soon_back.refused_for == pytest.approx(1.0)
+
+
 def test_a_down_deployment_whose_probe_is_due_is_picked_first_whatever_its_priority() -> None:
     clock = Clock()
     health = health_on(clock)

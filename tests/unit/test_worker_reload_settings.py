@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from rerank_service.config import Settings, load_settings
 from rerank_service.config.server import ServerConfig
 from rerank_service.config.snapshot import ConfigSnapshot
@@ -83,3 +85,31 @@ def test_the_supervisor_refuses_a_reload_a_fresh_start_of_its_workers_would_refu
 
     assert supervisor._accepted.device == "cpu"
     assert "device: cpu" in supervisor._config.path.read_text(encoding="utf-8")
+
+
+def test_without_a_file_the_supervisor_reads_the_key_files_a_reload_hands_its_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers read no key file: on SIGHUP the supervisor does, once, and a key file it
+    cannot read is a refusal (the workers keep the key they have), not a worker's exit."""
+    for name in ("RERANK_UPSTREAM_API_KEY", "RERANK_UPSTREAM_API_KEY_FILE", "DASHSCOPE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    key = tmp_path / "upstream.key"
+    key.write_text("sk-upstream-key-first-0123\n", encoding="utf-8")
+    key.chmod(0o600)
+    args = {
+        "backend": "upstream",
+        "upstream_url": "http://upstream.example/rerank",
+        "upstream_api_key_file": str(key),
+    }
+    supervisor = Supervisor(load_settings(args), args)
+    supervisor._config = ConfigSnapshot(args, str(tmp_path))
+    key.write_text("sk-upstream-key-rotated-0123\n", encoding="utf-8")
+
+    assert supervisor._copy_config_for_reload()
+    assert supervisor._loaded.upstream_api_key is not None
+    assert supervisor._loaded.upstream_api_key.reveal() == "sk-upstream-key-rotated-0123"
+
+    key.rename(tmp_path / "moved.key")
+    assert not supervisor._copy_config_for_reload()
+    assert supervisor._loaded.upstream_api_key.reveal() == "sk-upstream-key-rotated-0123"
