@@ -28,6 +28,7 @@ _log = get_logger("rerank_service.cache")
 
 DEFAULT_RETRY_AFTER = 1.0  # seconds the tier is skipped after a failure
 KEY_PREFIX = b"rerank:score:"
+_PROBE_KEY = b"probe"  # no pair's key: theirs are digests of cache.keys.KEY_SIZE bytes
 # A call's writes as one command, not a pipeline of SETs: redis-py builds, sends and parses
 # each pipelined command in Python: three times the client's CPU of one script's run (20 pairs).
 # KEYS: the pairs' keys; ARGV[1]: their time to live in ms; ARGV[i + 1]: KEYS[i]'s entry.
@@ -141,13 +142,15 @@ class RedisTier:
         self._answered()
 
     async def ping(self) -> None:
-        """While a failure has the tier skipped, one PING once a try is due (as a call's
-        round trip would be): Redis answering brings the tier back up. Nothing otherwise."""
+        """While a failure has the tier skipped, once a try is due, the round trip a call's
+        lookup makes (an MGET under the tier's prefix, of a key no pair has: a PING would be
+        answered by a Redis that refuses the tier's keys, an ACL's NOPERM or a cluster's
+        MOVED): its answer brings the tier back up. Nothing otherwise."""
         if self.up or not self._outage.may_try():
             return
         try:
             async with asyncio.timeout(self.timeout):
-                await self._client.ping()
+                await self._client.mget([self._prefix + _PROBE_KEY])
         except Exception as error:  # still down: tried again after retry_after
             self._failed("ping", error)
             return

@@ -230,7 +230,8 @@ def _surely_fit(documents: Sequence[str], tokens: int, window: TokenWindow) -> b
     """Whether every document fits, from a bound on its tokens that needs no tokenizer:
     an estimate is at most ceil(bytes / 3), a tokenizer's count at most bytes + 1 (a token
     holds one byte or more; a sentencepiece word marker may add one) where its normalizer
-    leaves the text as it is (_bytes_bound_tokens), and a character is 4 bytes at most."""
+    leaves the text as it is (else of its NFKC form: _token_bound), and a character is 4
+    bytes at most."""
     longest = max(map(len, documents), default=0)
     if window.counted_by == COUNTED_BY_ESTIMATE:
         if -(-4 * longest // 3) <= tokens:
@@ -238,19 +239,24 @@ def _surely_fit(documents: Sequence[str], tokens: int, window: TokenWindow) -> b
         return all(-(-text_bytes(document) // 3) <= tokens for document in documents)
     if 4 * longest + 1 <= tokens and (all(map(str.isascii, documents)) or all(map(_nfkc, documents))):
         return True
-    return all(_bytes_bound_tokens(document) and text_bytes(document) + 1 <= tokens for document in documents)
+    return all(_token_bound(document) <= tokens for document in documents)
 
 
 # Whether NFKC normalization leaves a text as it is (a quick check, in C).
 _nfkc = partial(unicodedata.is_normalized, "NFKC")
 
 
-def _bytes_bound_tokens(text: str) -> bool:
-    """Whether a tokenizer's tokens of `text` are surely at most its bytes + 1: not where its
-    normalizer lengthens the text. NFKC (XLM-R's, and most sentencepiece models') turns some
-    characters into many (U+FDFA, 3 bytes, into 18 characters): such a document, counted by
-    its bytes, was sent whole where REJECT should refuse it, CHUNK chunk it, TRUNCATE say so."""
-    return text.isascii() or _nfkc(text)
+def _token_bound(text: str) -> int:
+    """At most how many tokens a tokenizer makes of `text`: its bytes + 1, or those of its
+    NFKC form where that is longer. NFKC (XLM-R's, and most sentencepiece models')
+    lengthens some characters (U+FDFA, 3 bytes, into 18 characters): such a document,
+    bounded by its own bytes, was sent whole where REJECT should refuse it, CHUNK chunk it,
+    TRUNCATE say so. (Most text NFKC changes it shortens, as full-width punctuation: it is
+    bounded in C, never tokenized for it.)"""
+    size = text_bytes(text)
+    if text.isascii() or _nfkc(text):
+        return size + 1
+    return max(size, text_bytes(unicodedata.normalize("NFKC", text))) + 1
 
 
 def _overlap(request: RerankRequest, tokens: int) -> int:
@@ -304,7 +310,7 @@ def _layout(
     if window.counted_by == COUNTED_BY_ESTIMATE:
         if -(-text_bytes(document) // 3) <= tokens:
             return None
-    elif text_bytes(document) + 1 <= tokens and _bytes_bound_tokens(document):
+    elif _token_bound(document) <= tokens:
         return None
     if mode is LongDocuments.CHUNK:
         measure = window.measure(document)

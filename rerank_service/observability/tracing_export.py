@@ -400,17 +400,28 @@ def exporter_secrets(environ: Mapping[str, str]) -> list[Secret]:
     return found
 
 
+# gRPC's own name resolvers, whose targets are no http(s) URL (the SDK dials them as written).
+_GRPC_TARGET_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:")
+
+
 def _check_endpoint(otlp_endpoint: str | None, protocol: str, environ: Mapping[str, str]) -> None:
     """The endpoint the exporter sends to, found as the SDK's exporters find it (the first
     set of --otlp-endpoint, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT),
     checked as otlp-endpoint is (config/settings.py): an http(s) URL with a host, the port a
-    number. The SDK takes `collector:4317` or `ftp://...` and every export fails. Over gRPC
-    it holds no user or password: the gRPC exporter would dial `user:password@host:port`."""
+    number, or over gRPC a target as grpc takes it (`collector:4317`). The SDK takes
+    `ftp://...` and every export fails. Over gRPC a URL holds no user or password: the gRPC
+    exporter would dial `user:password@host:port`."""
     found = ("otlp-endpoint", otlp_endpoint) if otlp_endpoint else _first(environ, ENDPOINT_VARIABLES[::-1])
     if found is None:
         return
     source, endpoint = found
     shown = url_named(endpoint)  # never the password
+    if protocol == "grpc" and (
+        "://" not in endpoint or endpoint.strip().lower().startswith(_GRPC_TARGET_SCHEMES)
+    ):
+        # A gRPC target as grpc dials it (collector:4317, dns:///..., unix:...), the SDK keeps
+        # it as written: over TLS unless OTEL_EXPORTER_OTLP_INSECURE=true (OTel's own rule).
+        return
     try:
         parts = urlsplit(endpoint.strip())
         _ = parts.port

@@ -129,7 +129,7 @@ REFRESH_EVERY = 1.0
 
 async def refresh_cache_metrics(cache: ScoreCache, metrics: CacheMetrics) -> None:
     """Copy the cache's counts into `metrics` without a call (`CachedScores` does after
-    each), once its Redis, if a failure has it skipped, was tried again (a PING, once due,
+    each), once its Redis, if a failure has it skipped, was tried again (a lookup's round trip, once due,
     as a call's round trip would be). Otherwise a process without calls (a worker whose
     connections are elsewhere) would say Redis is down for as long as it takes none, and
     rerank_cache_store_up (the lowest of the workers') with it."""

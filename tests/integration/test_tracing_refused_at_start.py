@@ -27,11 +27,11 @@ WITH_ENDPOINT = UPSTREAM_FILE + "otlp_endpoint: http://127.0.0.1:4317\n"
             "OTEL_TRACES_SAMPLER_ARG must be a ratio from 0 to 1 for parentbased_traceidratio "
             "(0.01: 1% of traces), got '1%'",
         ),
-        (  # the same value in otlp_endpoint was refused
+        (  # the same value in otlp_endpoint was refused; over http/protobuf no exporter takes it
             UPSTREAM_FILE,
-            {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"},
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
             "OTEL_EXPORTER_OTLP_ENDPOINT must be an http(s) URL such as http://otel-collector:4317, "
-            "got 'collector:4317'",
+            "got 'collector:4318'",
         ),
         (
             UPSTREAM_FILE + "otlp_endpoint: http://tenant:S3cr3t-Pass@127.0.0.1:4317\n",

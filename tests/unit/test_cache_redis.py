@@ -185,6 +185,29 @@ async def test_a_redis_that_refuses_scripts_is_written_with_pipelines(
         await limited.aclose()
 
 
+async def test_a_redis_that_refuses_the_tiers_keys_is_not_taken_back_by_a_try_without_a_call(
+    redis_own: RedisServer,
+) -> None:
+    """An ACL user without the tier's keys: each lookup is refused (NOPERM). The try that
+    a process without calls makes (ping) must not take the tier for back up, as a PING,
+    which Redis answers, would: the metric said up, and the log flapped at every call."""
+    with redis_own.client() as client:
+        client.acl_setuser(
+            "elsewhere", enabled=True, passwords=["+pw"], keys=["~other:*"], commands=["+@all"]
+        )
+    clock = Clock()
+    refused = tier(redis_own.url.replace("redis://", "redis://elsewhere:pw@"), clock=clock)
+    try:
+        assert await refused.get_many(keys()) == [None] * 3
+        assert not refused.up
+        clock.now += 1.0  # a try is due
+        await refused.ping()
+        assert not refused.up
+        assert refused.errors == 2
+    finally:
+        await refused.aclose()
+
+
 async def test_a_killed_redis_reads_as_misses_and_the_tier_comes_back(
     redis_own: RedisServer, logs: LogCapture
 ) -> None:

@@ -492,7 +492,11 @@ def test_a_document_its_normalizer_lengthens_past_the_window_is_never_taken_to_f
 
 
 def test_documents_normalization_leaves_as_they_are_still_fit_without_being_read() -> None:
-    documents = ["naïve café", "漢字 and かな", "Привет"]
+    # NFKC changes the last three (full-width punctuation, a no-break space, an ellipsis,
+    # ½), shortening all but ½ by little: each is bounded by its NFKC form's bytes, unread
+    # (they were tokenized, on the event loop: 6x the CPU of a Chinese call).
+    full_width = "北京\uff0c中国\uff01\uff08首都\uff09"  # full-width comma, !, ( and )
+    documents = ["naïve café", "漢字 and かな", "Привет", full_width, "a\u00a0b…", "½ cup"]
     for mode in LongDocuments:
         request = RerankRequest("m", "q", documents, long_documents=mode)
         assert plan(request, CallLimits(window=UnreadableWindow(100)), 1000) is None

@@ -224,13 +224,9 @@ def test_the_tracer_samples_with_the_sampler_the_variables_name(
     ("environ", "problem"),
     [
         (
-            {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"},
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
             "OTEL_EXPORTER_OTLP_ENDPOINT must be an http(s) URL such as http://otel-collector:4317, "
-            "got 'collector:4317'",
-        ),
-        (
-            {"OTEL_EXPORTER_OTLP_ENDPOINT": "127.0.0.1:4317"},
-            "OTEL_EXPORTER_OTLP_ENDPOINT must be an http(s) URL",
+            "got 'collector:4318'",
         ),
         (
             {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "ftp://collector:4318/v1/traces"},
@@ -246,7 +242,7 @@ def test_the_tracer_samples_with_the_sampler_the_variables_name(
         ),
         (  # the traces' own is the one exported to
             {
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "collector:4317",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "ftp://collector:4317",
                 "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
             },
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT must be an http(s) URL",
@@ -265,8 +261,21 @@ def test_an_endpoint_variable_that_is_no_http_url_is_refused_as_otlp_endpoint_is
         start_call_tracer(None, Metrics(), None)
 
 
+@pytest.mark.parametrize(
+    "target", ["collector:4317", "127.0.0.1:4317", "dns:///collector:4317", "unix:/run/otel.sock"]
+)
+def test_a_grpc_target_without_a_scheme_is_taken_as_the_sdk_takes_it(
+    monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    """OTel's own rule: over gRPC an endpoint without http(s) is a target grpc dials, over
+    TLS unless OTEL_EXPORTER_OTLP_INSECURE=true (a setup that worked must keep working)."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", target)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    check_tracing(None)
+
+
 def test_an_endpoint_variable_another_one_overrides_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")  # the other signals' business
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://collector:4317")  # the other signals' business
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:4317")
     check_tracing(None)
     check_tracing("http://127.0.0.1:4317")
