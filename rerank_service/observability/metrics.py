@@ -389,8 +389,11 @@ class DeploymentMetrics:
         if latency is None:
             latency = self._latency[route] = self._metrics.deployment_latency.labels(route, self.name)
         latency.observe(seconds)
-        if self._rewrites and self._state_gauge is not None and not self._retired:
-            self._state_gauge.set(self._level)  # what this call found is the latest word on it
+        # A worker's: what this call found is the latest word on the state. A failed call is
+        # no word that the deployment is healthy (below the breaker's count it still reads
+        # so here): it would write 0 over a sibling's `down` at each failure of an outage.
+        if self._rewrites and self._state is not None and not self._retired and (code is None or self._level):
+            self._state_gauge_child().set(self._level)
 
     def set_state(self, state: str, level: int) -> None:
         """The deployment is now in `state`, whose gauge value is `level` (0: healthy)."""
@@ -409,10 +412,19 @@ class DeploymentMetrics:
                     self.name, state
                 )
             ejections.inc()
+        first = self._state is None
         self._state, self._level = state, level
+        if first and self._rewrites and not level:
+            # A worker's first word, made before any call (a restarted worker's router
+            # starting): healthy is no news, and as the most recent write it would hide that
+            # its siblings' calls find the deployment down. Its first call writes it.
+            return
+        self._state_gauge_child().set(level)
+
+    def _state_gauge_child(self) -> Gauge:
         if self._state_gauge is None:
             self._state_gauge = self._metrics.deployment_state.labels(self.name)
-        self._state_gauge.set(level)
+        return self._state_gauge
 
     def retire(self, replaced: bool) -> None:
         """A reload took the deployment out: its state is no longer written (a deployment

@@ -364,6 +364,43 @@ def test_workers_metrics_are_summed_and_a_dead_workers_counts_stay(tmp_path: Pat
     assert _summed(tmp_path, "rerank_calls_in_flight", method="Rerank") == 1
 
 
+# A worker's deployment state, written as a worker writes it (argv: directory, then steps).
+_STATE_WRITER = """
+import sys
+import grpc
+from rerank_service.observability.metrics import Metrics
+deployment = Metrics(multiprocess_directory=sys.argv[1]).for_deployment("d")
+for step in sys.argv[2:]:
+    if step == "ok":
+        deployment.finished("r", None, 0.01)
+    elif step == "failed":
+        deployment.finished("r", grpc.StatusCode.UNAVAILABLE, 0.01)
+    else:
+        state, level = step.split("=")
+        deployment.set_state(state, int(level))
+"""
+
+
+def test_workers_deployment_state_is_what_the_latest_calls_found_not_a_start_or_a_failure(
+    tmp_path: Path,
+) -> None:
+    """A worker's first word (healthy, before any call: a restarted worker) and a failed call
+    below the breaker's count are no news: written last, either read as healthy while a
+    sibling's calls found the deployment down (RerankRouteDown reset at each failure)."""
+
+    def worker(*steps: str) -> None:
+        done = _run_worker(tmp_path, _STATE_WRITER.replace("sys.argv[2:]", repr(list(steps))))
+        assert done.returncode == 0, done.stderr
+
+    worker("healthy=0", "ok", "failed", "down=2")  # its calls found it down
+    assert _summed(tmp_path, "rerank_deployment_state", deployment="d") == 2
+    worker("healthy=0")  # a sibling (re)started: no call yet
+    worker("healthy=0", "failed")  # a sibling's failed call, below its breaker's count
+    assert _summed(tmp_path, "rerank_deployment_state", deployment="d") == 2
+    worker("healthy=0", "ok")  # a sibling's call answered: the latest word
+    assert _summed(tmp_path, "rerank_deployment_state", deployment="d") == 0
+
+
 def test_in_memory_the_in_flight_gauge_is_read_at_scrape(metrics: Metrics) -> None:
     assert metrics.multiprocess is False  # tests run as one process
     measured = metrics.for_method("/rerank.v1.RerankService/Rerank")
