@@ -46,6 +46,7 @@ from typing import Any
 
 from rerank_service.config import ConfigError, Settings, load_settings
 from rerank_service.config.deployments import as_reloaded
+from rerank_service.config.file_trust import warnings_said
 from rerank_service.config.server import ServerConfig
 from rerank_service.config.snapshot import ConfigSnapshot
 from rerank_service.observability.logging import configure_logging, get_logger, mask_also
@@ -296,7 +297,8 @@ class Supervisor:
             self._directory, self._directory_lock = make_metrics_directory()
             self._config = ConfigSnapshot(self.args, self._directory)
             if self._config.has_file:
-                self._started = self._accepted = self._loaded = self._config.copy()
+                with warnings_said():  # the file and its key files, read (and warned of) to start
+                    self._started = self._accepted = self._loaded = self._config.copy()
             server = None
             if self.settings.metrics_port is not None:
                 try:

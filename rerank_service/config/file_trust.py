@@ -19,8 +19,10 @@ logging (a process that never does, a test or a library user, keeps at most _HEL
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +100,24 @@ def untrusted(path: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def warnings_said() -> Iterator[None]:
+    """Files read again that were just read (and warned about): nothing is said twice (the
+    `--workers` supervisor's first copy of the file, read once already to start)."""
+    global _muted
+    _muted = True
+    try:
+        yield
+    finally:
+        _muted = False
+
+
+_muted = False
+
+
 def _warn(event: str, **fields: Any) -> None:
+    if _muted:
+        return
     if structlog.is_configured():
         structlog.get_logger(logger_name="rerank_service.config").warning(event, **fields)
     elif len(_held) < _HELD:

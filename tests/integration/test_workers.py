@@ -396,6 +396,24 @@ def _codes(service: ServiceProcess, key: str | None, connections: int = 16) -> C
     return codes
 
 
+def test_a_key_file_others_may_read_is_warned_of_once_at_start(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """The supervisor reads the file again to copy it for its workers: its key files were
+    warned of twice (and once more by each worker before they were handed the settings)."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"{CALLER_KEY}\n", encoding="utf-8")
+    keys.chmod(0o644)
+    config = tmp_path / "rerank.yaml"
+    _keyed_file(config, upstream, keys)
+    with ServiceProcess(["--workers", "2", "--config", str(config)], env={KEY_ENV: UPSTREAM_KEY}) as service:
+        _eventually(lambda: _all_serving(service))
+        assert _codes(service, key=CALLER_KEY) == {"OK": 16}  # the workers logged what they would
+        warned = [e for e in service.events() if e.get("event") == "key file readable by others"]
+        assert [e.get("path") for e in warned] == [str(keys)]
+        assert service.terminate() == 0, service.output[-5000:]
+
+
 def test_a_worker_restarted_after_a_reload_serves_the_caller_keys_as_started(
     upstream: FakeUpstream, tmp_path: Path
 ) -> None:
