@@ -109,9 +109,17 @@ class _Details:
 
 
 class _Context:
-    """What the edge and the servicer ask of grpc's ServicerContext for a unary call."""
+    """What the edge and the servicer ask of grpc's ServicerContext for a unary call: its one
+    request, read (`read`) through the method's deserializer as grpc reads it."""
 
     trailing: object = None
+
+    def __init__(self, request: bytes, parse: Callable[[bytes], object]) -> None:
+        self._request = request
+        self._parse = parse
+
+    async def read(self) -> object:
+        return self._parse(self._request)
 
     def peer(self) -> str:
         return PEER
@@ -135,13 +143,14 @@ def grpc_handler(engine: RerankEngine, metrics: Metrics) -> Callable[[bytes], Co
     edge = RerankServiceEdge(pipeline, UPSTREAM_TIME_KEY, stream_idle_timeout=30.0)
     handler = edge.handler(RerankServicer(pipeline, stream_concurrency=4)).service(_Details())  # type: ignore[arg-type]
     assert handler is not None
-    parse, behave = handler.request_deserializer, handler.unary_unary
+    # Request-streaming: the edge reads the one request itself, from the context.
+    parse, behave = handler.request_deserializer, handler.stream_unary
     assert behave is not None
     assert parse is not None
     assert handler.response_serializer is None  # the edge answers bytes, sent as they are
 
     async def call(request: bytes) -> bytes:
-        return await behave(parse(request), _Context())  # type: ignore[arg-type,no-any-return]
+        return await behave(iter(()), _Context(request, parse))  # type: ignore[arg-type,no-any-return]
 
     return call
 

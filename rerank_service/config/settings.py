@@ -810,7 +810,8 @@ class Settings:
     stream_idle_timeout: Seconds = Field(
         default=60.0,
         description="seconds a RerankStream may go without sending an item while none of its items "
-        "is in flight; then it ends with DEADLINE_EXCEEDED (STREAM_IDLE)",
+        "is in flight, and a unary RerankService call may take to send its request; then it ends "
+        "with DEADLINE_EXCEEDED (STREAM_IDLE, REQUEST_TIMEOUT)",
     )
     stream_concurrency: Count = Field(
         default=32,
@@ -847,9 +848,10 @@ class Settings:
     )
     max_open_calls: GrpcCount = Field(
         default=4096,
-        description="RerankService calls open at once, calls not yet authenticated included; past it "
-        "grpc answers RESOURCE_EXHAUSTED before the call is read. Bounds the memory of calls that hold "
-        "a stream open without sending; above --max-concurrent-requests. Health and reflection calls "
+        description="RerankService calls open at once, each counted from its arrival, before its "
+        "request has come; past it RESOURCE_EXHAUSTED (OVERLOADED) at once. Bounds the memory of calls "
+        "that hold a stream open without sending, or whose request never finishes arriving (each up to "
+        "--max-message-bytes received); above --max-concurrent-requests. Health and reflection calls "
         "have bounds of their own (--max-health-checks, --max-watch-streams)",
     )
     max_connections: GrpcCount = Field(
@@ -1010,7 +1012,8 @@ class Settings:
         description="the share of --max-concurrent-requests one caller without its own concurrent limit "
         "may hold while other callers are calling too, each item in flight of its streams counting as a "
         "slot (1: no cap); a flood from one caller then leaves the rest of the slots to the others. "
-        "It also bounds, always, the RerankStreams one caller has open (of --max-open-calls) and the "
+        "It also bounds, always, the gRPC calls one caller has open that hold no slot (its "
+        "RerankStreams, and its unary calls whose request has not come; of --max-open-calls) and the "
         "bytes of its HTTP bodies still arriving (of --max-inflight-bytes)",
     )
     usage_log: UsageLog = Field(

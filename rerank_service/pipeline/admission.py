@@ -97,8 +97,9 @@ class Admission:
         self._last: tuple[str | None, float] = (None, float("-inf"))
         self._before: tuple[str | None, float] = (None, float("-inf"))
         self._clock = clock
-        # Calls open, working or not (a stream that has sent nothing yet included): grpc's own
-        # limit also counts health and reflection calls, which have bounds of their own.
+        # Calls open, working or not (a stream that has sent nothing yet, or a unary call whose
+        # request has not come, included): grpc's own limit also counts health and reflection
+        # calls, which have bounds of their own.
         self.max_open = max_open
         # The calls one caller may have open, and the bytes of one caller's (or client
         # address's) HTTP bodies still arriving: held to the share always (None: share 1).
@@ -121,8 +122,9 @@ class Admission:
     def open_call(self, caller: str | None = None) -> None:
         """Count a call open, or raise RESOURCE_EXHAUSTED; paired with `close_call(caller)`.
         `caller` (None: not known, or known by no key of its own): held to its share of
-        --max-open-calls always, so that one caller's silent streams cannot keep every other
-        caller's calls out until the idle timeout ends them."""
+        --max-open-calls always, so that one caller's silent calls (streams, or unary calls
+        whose request never comes) cannot keep every other caller's calls out until the
+        idle timeout ends them."""
         if self.max_open is not None and self.open >= self.max_open:
             self._on_refusal(OPEN_CALLS)
             raise _overloaded(f"{self.max_open} calls open (--max-open-calls)")
@@ -138,6 +140,13 @@ class Admission:
 
     def close_call(self, caller: str | None = None) -> None:
         self.open -= 1
+        self.release_open_share(caller)
+
+    def release_open_share(self, caller: str | None) -> None:
+        """A call `open_call(caller)` counted no longer counts against `caller`'s share of
+        the open calls, and stays open (then `close_call()`, without the caller): a unary
+        call once its request is in and it holds its slot, which the slots' own share
+        bounds (a caller alone may hold every slot, however few its share of the open calls)."""
         if caller is not None and self._open_cap is not None:
             _uncount(self._open_by, caller, 1)
 

@@ -8,12 +8,14 @@ which the front doors share (they know when a body or a stream's item arrives):
 2. `Pipeline.authenticate`: the caller, from its bearer token or its client certificate
    (UNAUTHENTICATED), which a front door checks as soon as it has the headers
    (pipeline/callers.py);
-3. `admit` (or `admit_bytes` then `admit_call`, for a front door that learns the size
-   before it reads the body): a slot and the request's bytes (RESOURCE_EXHAUSTED past
-   the bounds or the caller's share, admission.py); where it raises SlotWait (every slot
-   taken, the caller under its fair share, another past its) the front door awaits
-   `admitted`, the next slot released. A RerankStream only counts itself open here
-   (`admit_stream`): the gRPC edge admits its items as they come (api/grpc/edge.py's
+3. `admit_open` (gRPC: the call counted open as soon as it arrives, before its request
+   has, and against its caller's share of the open calls until it holds a slot), then
+   `admit_call` once the request is in (or `admit_bytes` then `admit_call`, for a front
+   door that learns the size before it reads the body): a slot and the request's bytes
+   (RESOURCE_EXHAUSTED past the bounds or the caller's share, admission.py); where it
+   raises SlotWait (every slot taken, the caller under its fair share, another past its)
+   the front door awaits `admitted`, the next slot released. A RerankStream only counts
+   itself open here: the gRPC edge admits its items as they come (api/grpc/edge.py's
    _StreamItems), and the HTTP door asks admission itself whether a call that sends
    `Expect: 100-continue` would get in;
 4. `rerank`: the engine's validation (every field, the model checked against the
@@ -281,24 +283,23 @@ class Call:
         caller = self.caller
         return caller is None or caller.limits is None or caller.limits.concurrent is None
 
-    def admit_stream(self) -> None:
-        """Count a stream open (its caller's share of the open calls too), or
-        RESOURCE_EXHAUSTED; its items take slots and bytes as they come (api/grpc/edge.py's
-        _StreamItems)."""
+    def admit_open(self) -> None:
+        """Count a gRPC call open (its caller's share of the open calls too), or
+        RESOURCE_EXHAUSTED: from its start, before its request has come, so that calls
+        whose requests are slow to come (or never do) hold at most the caller's share of
+        --max-open-calls, each with what grpc has buffered of its request. A unary call
+        then takes its slot (`admit_call`) once its request is in, and counts against that
+        share no longer (the slots have their own: a caller alone may use them all, however
+        few --max-open-calls leaves it beside them); a stream counts against it until it
+        ends, its items taking slots and bytes as they come (api/grpc/edge.py's _StreamItems)."""
         self._open_as = own_name(self.caller)
         self._pipeline.admission.open_call(self._open_as)
         self._opened = True
 
     def admit(self, size: int) -> None:
-        """Count the call open, then take a slot and `size` bytes; or RESOURCE_EXHAUSTED, or
-        SlotWait: every slot is taken and the call may wait for the next (`admitted`). A
-        unary call is not held to its caller's share of the open calls, as a stream is: it
-        takes a slot at once, and the slots have their own share (a caller alone may use
-        them all, however few --max-open-calls leaves it beside them)."""
-        self._pipeline.admission.open_call()
-        self._opened = True
+        """`admit_open`, then `admit_call(size)`: a unary call whose request is in already."""
+        self.admit_open()
         self.admit_call(size)
-        self._bytes = size
 
     def admit_bytes(self, size: int) -> None:
         """Take `size` bytes only (a body about to be read, its caller known), or
@@ -319,18 +320,28 @@ class Call:
 
     def admit_call(self, size: int = 0) -> None:
         """Take the call's slot and `size` more bytes (0: taken already, `admit_bytes`); or
-        RESOURCE_EXHAUSTED, or SlotWait, as `admit`."""
+        RESOURCE_EXHAUSTED, or SlotWait: every slot is taken and the call may wait for the
+        next (`admitted`)."""
         self._share = self.share_key
         self._pipeline.admission.enter(size, self._share, capped=self.share_capped, may_wait=True)
-        self._slot = True
+        self._in_slot()
+        self._bytes += size
 
     async def admitted(self, wait: SlotWait, within: float | None) -> None:
         """The slot `admit` or `admit_call` raised SlotWait for, waited for (a caller under its
         share, while another holds more than its: admission.py), with the bytes `admit` was to
         take; or RESOURCE_EXHAUSTED. `within`: seconds left to the call's deadline (None: none)."""
         await self._pipeline.admission.wait_for_slot(wait, within)
-        self._slot = True
+        self._in_slot()
         self._bytes += wait.size
+
+    def _in_slot(self) -> None:
+        """The call holds its slot: a unary gRPC call, open, no longer counts against its
+        caller's share of the open calls (`admit_open`)."""
+        self._slot = True
+        if self._open_as is not None:
+            self._pipeline.admission.release_open_share(self._open_as)
+            self._open_as = None
 
     async def rerank(self, request: RerankRequest, context: CallContext) -> RerankOutcome:
         """The caller's model and deadline, its limits, then the engine; the outcome is kept

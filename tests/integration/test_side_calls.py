@@ -11,7 +11,8 @@ import socket
 import threading
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -23,9 +24,9 @@ from rerank_service.config.secret import Secret
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import CALLER_KEY, ServerFactory
 from tests.support.logs import LogCapture
-from tests.support.rpc import request
+from tests.support.rpc import error_info, request
 from tests.support.server import ServerThread
-from tests.support.waiting import wait_until
+from tests.support.waiting import wait_until, wait_until_async
 
 WATCH = "/grpc.health.v1.Health/Watch"
 CHECK = "/grpc.health.v1.Health/Check"
@@ -114,6 +115,111 @@ def test_keyless_watch_and_reflection_floods_leave_every_authenticated_call_its_
     assert result["check"] == "SERVING"
     assert result["open"] == 64  # the streams' own bound, no more
     assert result["refused"] == {"RESOURCE_EXHAUSTED": 800 - 64}
+
+
+RERANK = "/rerank.v1.RerankService/Rerank"
+OTHER_KEY = "caller-key-other-012345"
+
+
+async def _silent_unary_flood(server: ServerThread, calls: int, held: int, key: str | None) -> dict[str, Any]:
+    """Open `calls` Rerank calls whose request never comes (headers only) from the caller
+    of `key` (None: no key) on one connection, wait until all but `held` of them have been
+    refused, then make a health Check and another caller's Rerank meanwhile; what each got."""
+    assert server.server is not None
+    admission = server.server.admission
+    flooder = grpc.aio.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+    caller = grpc.aio.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+    never = asyncio.Event()
+
+    async def nothing() -> AsyncIterator[bytes]:
+        await never.wait()
+        sent: tuple[bytes, ...] = ()  # an async generator that yields nothing
+        for message in sent:
+            yield message
+
+    metadata = () if key is None else (("authorization", f"Bearer {key}"),)
+    rerank: grpc.aio.StreamUnaryMultiCallable[Any, Any] = flooder.stream_unary(RERANK)
+    silent = [rerank(nothing(), metadata=metadata) for _ in range(calls)]
+    try:
+        refused_all = await wait_until_async(
+            lambda: sum(call.done() for call in silent) >= calls - held, within=30
+        )
+        assert refused_all, f"{sum(call.done() for call in silent)} of {calls} silent calls refused"
+        refused: Counter[str] = Counter()
+        for call in silent:
+            if call.done():
+                error = await _error_of(call)
+                info = error_info(cast(grpc.RpcError, error))
+                refused[f"{error.code().name} {info.reason if info is not None else ''}".strip()] += 1
+        open_now = admission.open
+        check = health_pb2.HealthCheckResponse.FromString(
+            await caller.unary_unary(CHECK, health_pb2.HealthCheckRequest.SerializeToString)(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        )
+        try:
+            await rerank_pb2_grpc.RerankServiceStub(caller).Rerank(
+                request(), metadata=(("authorization", f"Bearer {OTHER_KEY}"),), timeout=10
+            )
+            other = "OK"
+        except grpc.aio.AioRpcError as error:
+            info = error_info(cast(grpc.RpcError, error))
+            other = f"{error.code().name} {info.reason if info is not None else error.details()}"
+        for call in silent:
+            call.cancel()
+        assert await wait_until_async(lambda: admission.open == 0, what="the silent calls ended")
+        return {
+            "refused": refused,
+            "open": open_now,
+            "check": health_pb2.HealthCheckResponse.ServingStatus.Name(check.status),
+            "other": other,
+        }
+    finally:
+        never.set()
+        for channel in (flooder, caller):
+            await channel.close()
+
+
+async def _error_of(call: Any) -> grpc.aio.AioRpcError:
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error
+    raise AssertionError("a silent call was answered")
+
+
+@pytest.mark.parametrize(
+    ("keys", "held", "refused", "other"),
+    [
+        # A caller with a key holds its share of --max-open-calls (0.5 of 20), no more.
+        ((CALLER_KEY, OTHER_KEY), 10, {"RESOURCE_EXHAUSTED CALLER_LIMITED": 20}, "OK"),
+        # No keys: every call is the one anonymous caller's, held to --max-open-calls only.
+        ((), 20, {"RESOURCE_EXHAUSTED OVERLOADED": 10}, "RESOURCE_EXHAUSTED OVERLOADED"),
+    ],
+    ids=["caller-keys", "open"],
+)
+def test_unary_calls_whose_request_never_comes_leave_health_checks_their_room(
+    serve: ServerFactory, keys: tuple[str, ...], held: int, refused: dict[str, int], other: str
+) -> None:
+    """grpc held each until its request came, unseen by the edge, in one of its own open
+    calls: 30 such calls took the room kept for health checks (Check refused
+    "Concurrent RPC limit exceeded", as every other caller's call). Now the edge counts
+    each as it arrives and refuses the excess at once, with its own refusal."""
+    settings = {
+        "api_keys": tuple(Secret(key) for key in keys),
+        "max_open_calls": 20,
+        "max_concurrent_requests": 4,
+        "max_health_checks": 2,
+        "max_watch_streams": 2,
+    }
+    with serve(**settings) as server:
+        key = keys[0] if keys else None
+        result = server.run(_silent_unary_flood(server, calls=30, held=held, key=key), timeout=120)
+
+    assert result["refused"] == refused
+    assert result["open"] == held
+    assert result["check"] == "SERVING"
+    assert result["other"] == other
 
 
 def test_a_watch_ends_at_its_maximum_age_and_one_that_sends_no_request_at_the_timeout(

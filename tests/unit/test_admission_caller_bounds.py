@@ -62,6 +62,27 @@ def test_a_caller_alone_opens_at_most_its_share_of_the_open_calls_and_the_others
     assert admission.open == 8
 
 
+def test_a_unary_call_leaves_its_callers_share_of_the_open_calls_once_it_holds_its_slot() -> None:
+    """Its share holds the calls whose requests have not come (silent, or slow); one that
+    holds its slot is the slots' share's (a caller alone may use every slot), open still."""
+    admission, refusals = _admission(slots=8, max_open=6)  # a share of 3 open calls
+    for _ in range(3):
+        admission.open_call("batch")  # three unary calls, their requests still coming
+    with pytest.raises(ServiceError):
+        admission.open_call("batch")
+    for _ in range(3):  # their requests are in: each takes its slot
+        admission.enter(0, "batch")
+        admission.release_open_share("batch")
+    admission.open_call("batch")  # room in its share again
+    for _ in range(3):
+        admission.release(0, "batch")
+        admission.close_call()
+
+    assert refusals == [FAIR_SHARE]
+    assert admission.open == 1
+    assert admission.in_flight == 0
+
+
 def test_calls_of_no_known_caller_are_held_to_max_open_calls_only() -> None:
     admission, refusals = _admission(max_open=4)
     for _ in range(4):

@@ -3,13 +3,19 @@ grpc and takes each call through the pipeline (pipeline/call.py), translating it
 results to gRPC: a status with `google.rpc` details (status.py), trailing metadata.
 
 Authentication comes first, from the metadata alone, when grpc routes the call: a call
-without an accepted key goes to a refusal that never reads its request. A unary call
-then opens its pipeline call, is admitted (a request that would be refused is not even
-parsed), runs the servicer's method, which hands the engine's work to the pipeline and
-returns an `Answer`, and is answered with its status and trailing metadata; the
-pipeline records it once. A stream is one call in the pipeline (counted open; its items
-take slots and bytes while in flight: `_StreamItems`), and each of its items is a call
-of its own, opened by the servicer.
+without an accepted key goes to a refusal that never reads its request. Every method is
+registered as request-streaming, so grpc hands a call to the edge as soon as it arrives,
+not once its request has (a unary call and a client-streaming call of one message are
+the same on the wire): a unary call opens its pipeline call, is counted open (in its
+caller's share of --max-open-calls too, as a stream is, until it holds its slot), reads
+its one request within --stream-idle-timeout, is admitted (a request that would be
+refused is not even parsed), runs the servicer's method, which hands the engine's work
+to the pipeline and returns an `Answer`, and is answered with its status and trailing
+metadata; the pipeline records it once. A call whose request never comes is thus counted, bounded in
+time and logged, where grpc's own unary handling held it unseen, in one of grpc's open
+calls (the room health checks have beside RerankService's included). A stream is one
+call in the pipeline (counted open; its items take slots and bytes while in flight:
+`_StreamItems`), and each of its items is a call of its own, opened by the servicer.
 
 The methods are read from the contract's descriptor, so a new RPC is wrapped the same
 way (and start-up fails if the servicer lacks it, or if it has a shape the edge does
@@ -57,6 +63,8 @@ SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"]
 UNDECODABLE_MESSAGE = (
     "the request is not a valid protobuf message (bad encoding or invalid UTF-8 in a string)"
 )
+# A call its client half-closed before sending its one request.
+NO_REQUEST_MESSAGE = "the call ended without its request"
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,12 +179,11 @@ class _Routes(grpc.GenericRpcHandler):
         return self._refusals[handler_call_details.method, token is None]
 
 
-# (client streaming, server streaming) → grpc's handler for that shape.
-_HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
+# Server streaming → grpc's handler for that shape, request-streaming always: grpc then runs
+# the handler as soon as the call arrives (a unary one's request is read by the edge).
+_HANDLER_FACTORIES: dict[bool, Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+    False: grpc.stream_unary_rpc_method_handler,
+    True: grpc.stream_stream_rpc_method_handler,
 }
 
 
@@ -195,6 +202,8 @@ class RerankServiceEdge:
         self._admission = pipeline.admission
         self._callers = pipeline.callers
         self._stream_idle_timeout = stream_idle_timeout
+        # The unary calls reading their request, each ended past the same bound.
+        self._reads = _RequestReads(stream_idle_timeout)
         # x-inference-time for a local backend, x-upstream-time for an upstream one.
         self._backend_time_key = backend_time_key
         # The server's drain, as the RerankStreams open see it (`drain`).
@@ -227,12 +236,11 @@ class RerankServiceEdge:
                 else None
             )
             wrapped = self._stream(path, behavior) if method.server_streaming else self._unary(path, behavior)
-            factory = _HANDLER_FACTORIES[method.client_streaming, method.server_streaming]
+            factory = _HANDLER_FACTORIES[method.server_streaming]
             handlers[path] = factory(wrapped, request_deserializer=parse, response_serializer=serialize)
             # A call without an accepted key is refused before its message is read: as a
-            # client-streaming handler that never reads, grpc neither buffers nor parses
-            # the body (a 15 MB request without a key costs nothing). Logged and counted
-            # like any call.
+            # handler that never reads, grpc neither buffers nor parses the body (a 15 MB
+            # request without a key costs nothing). Logged and counted like any call.
             for missing in (True, False):
                 refusal = unauthenticated(missing, KEY_CARRIER)
                 refusing = (
@@ -240,7 +248,6 @@ class RerankServiceEdge:
                     if method.server_streaming
                     else self._unary(path, behavior, refusal)
                 )
-                factory = _HANDLER_FACTORIES[True, method.server_streaming]
                 refusals[path, missing] = factory(
                     refusing, request_deserializer=parse, response_serializer=serialize
                 )
@@ -252,14 +259,14 @@ class RerankServiceEdge:
         behavior: Callable[[Any, ServicerContext[Any, Any], Call], Awaitable[Answer[Any]]],
         refusal: ServiceError | None = None,
     ) -> Callable[[Any, ServicerContext[Any, Any]], Awaitable[Any]]:
-        """The edge around one unary method; with `refusal`, every call is refused with it,
-        logged and counted, without running the method or reading the request."""
+        """The edge around one unary method, registered as request-streaming (it reads the
+        one request itself); with `refusal`, every call is refused with it, logged and
+        counted, without running the method or reading the request."""
         pipeline = self._pipeline
         measured = pipeline.metrics.for_method(path)
+        reads = self._reads
 
-        async def unary(
-            received: _Received | _Unparsed | _Undecodable, context: ServicerContext[Any, Any]
-        ) -> Any:
+        async def unary(requests: Any, context: ServicerContext[Any, Any]) -> Any:
             # The peer is read now: once a deadline has cancelled the call it is gone.
             call = pipeline.open(path, context.peer(), measured, trace=_trace(context))
             ran = False
@@ -268,9 +275,28 @@ class RerankServiceEdge:
                     if refusal is not None:  # the key, checked before routing (_Routes)
                         raise refusal
                     call.caller = self._identify(context)
+                    # Open from its start, before its request has come (grpc buffers what has
+                    # come of it, up to --max-message-bytes): counted against --max-open-calls
+                    # and, until it holds its slot, its caller's share of them.
+                    call.admit_open()
+                    # Within --stream-idle-timeout, or the call's deadline (grpc ends the
+                    # request then, as a half-close would).
+                    reading = reads.begin()
+                    try:
+                        # As the deserializer hands it on (_Received, _Unparsed, _Undecodable:
+                        # see _tolerant), or EOF.
+                        received: Any = await context.read()
+                    except asyncio.CancelledError:
+                        if reads.expired(reading):
+                            raise _request_timeout(reads.bound) from None
+                        raise
+                    finally:
+                        reads.end(reading)
+                    if received is grpc.aio.EOF:  # half-closed first (or ended by grpc: below)
+                        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST_MESSAGE)
                     size = received.size if isinstance(received, _Received | _Unparsed) else 0
                     try:
-                        call.admit(size)
+                        call.admit_call(size)
                     except SlotWait as wait:  # every slot taken, some by a caller past its share
                         await call.admitted(wait, context.time_remaining())
                     if isinstance(received, _Unparsed):  # room was made meanwhile
@@ -288,7 +314,15 @@ class RerankServiceEdge:
                     # Timing only for a call that ran: a refusal spent nothing worth naming.
                     if ran:
                         metadata += self._timing(call.started, error.timings)
-                    await context.abort(error.code, error.message, metadata)
+                    try:
+                        await context.abort(error.code, error.message, metadata)
+                    except grpc.aio.InternalError:
+                        # grpc had ended the call itself: it refused a request over
+                        # --max-message-bytes (its own RESOURCE_EXHAUSTED), or the deadline
+                        # passed, either of which ends the request as a half-close would.
+                        # Recorded as a stream's is then: CANCELLED (or DEADLINE_EXCEEDED).
+                        call.failed_with(grpc.StatusCode.CANCELLED, "grpc ended the call before its answer")
+                        raise
                 except Exception:
                     bug = call.bug()
                     await context.abort(bug.code, bug.message, error_metadata(bug, call.request_id))
@@ -303,7 +337,7 @@ class RerankServiceEdge:
                 _settle_ended(call, context)
                 call.finish()
                 # The error's traceback holds this frame, which holds the request: see Call.finish.
-                received = None  # type: ignore[assignment]
+                received = None
 
         return unary
 
@@ -339,7 +373,7 @@ class RerankServiceEdge:
                     # may have removed its key or changed its models or limits since.
                     # Its items' slots count against that caller's share (`_StreamItems`).
                     items.identify = lambda: self._identify(context)
-                    call.admit_stream()
+                    call.admit_open()
                     # Closed before the items are: its reader and items in flight end first,
                     # so none takes budget the items' close has just given back.
                     async with contextlib.aclosing(behavior(items, context, call)) as responses:
@@ -424,6 +458,68 @@ def unsent(call: Call, context: ServicerContext[Any, Any]) -> None:
     backend answered stays billed as spent, as for any call that failed after (usage.py)."""
     call.failed_with(grpc.StatusCode.CANCELLED, "the stream ended before this item's answer was sent")
     _ended_by_deadline(call, context)
+
+
+class _RequestReads:
+    """The unary calls reading their one request, each ended (its task cancelled) once it
+    has read for `bound` seconds. One timer serves them all, set for the oldest read: a
+    call costs a dict entry, where a timer of its own (asyncio.timeout) cost the hot path
+    several µs a call. The calls are all on one loop, the server's."""
+
+    def __init__(self, bound: float) -> None:
+        self.bound = bound
+        # Each reading task, by when it began to read: oldest first, as it was added.
+        self._started: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()  # cancelled here, not yet told (`expired`)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def begin(self) -> asyncio.Task[Any]:
+        """The current task begins to read; paired with `end`."""
+        task = asyncio.current_task()
+        assert task is not None  # grpc runs each call in a task of its own
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._started[task] = now
+        if self._timer is None:
+            self._timer = loop.call_at(now + self.bound, self._expire, loop)
+        return task
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """Whether `task`'s CancelledError is its read's bound alone (then taken back, as
+        asyncio.timeout does), not grpc's cancel of the call as well."""
+        if task not in self._expired:
+            return False
+        self._expired.discard(task)
+        return task.uncancel() == 0
+
+    def end(self, task: asyncio.Task[Any]) -> None:
+        self._started.pop(task, None)
+        if self._expired:
+            self._expired.discard(task)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Cancel every read past the bound, and set the timer for the oldest one left."""
+        self._timer = None
+        now = loop.time()
+        started = self._started
+        while started:
+            task, since = next(iter(started.items()))
+            if since + self.bound > now:
+                self._timer = loop.call_at(since + self.bound, self._expire, loop)
+                return
+            del started[task]
+            self._expired.add(task)
+            task.cancel()
+
+
+def _request_timeout(seconds: float) -> ServiceError:
+    """The end of a unary call whose request has not come (whole) within `seconds`: grpc
+    holds the call, and what has come of its request, until the edge ends it."""
+    return ServiceError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"the request did not arrive within {seconds:g} s of the call's start (--stream-idle-timeout)",
+        reason="REQUEST_TIMEOUT",
+    )
 
 
 def _server_draining() -> ServiceError:

@@ -35,7 +35,7 @@ from grpc.aio import ServicerContext
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from rerank_service.api.grpc.edge import UNDECODABLE_MESSAGE
+from rerank_service.api.grpc.edge import NO_REQUEST_MESSAGE, UNDECODABLE_MESSAGE
 from rerank_service.config.server import SideCallConfig
 from rerank_service.observability.logging import CALLER_LOG_INTERVAL, RateLimit, get_logger
 
@@ -357,7 +357,7 @@ class SideCalls(grpc.GenericRpcHandler):
         except _Expired:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self._expired_message())
         except StopAsyncIteration:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST_MESSAGE)
         except _Undecodable:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
 
