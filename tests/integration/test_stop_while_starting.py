@@ -91,7 +91,12 @@ class _Process:
         return [event for event in self.events() if event.get("event") == name]
 
     def wait_for(self, name: str, count: int = 1, timeout: float = 60) -> None:
-        wait_until(lambda: len(self.named(name)) >= count, timeout, 0.02, what=f"{count} {name!r} line(s)")
+        if not wait_until(lambda: len(self.named(name)) >= count, timeout, 0.02):
+            # What it said (an exit at start, a worker that died) is what a failure needs.
+            pytest.fail(
+                f"{count} {name!r} line(s): not within {timeout:g} s; exit code {self.process.poll()}, "
+                "its output:\n" + "".join(self.lines)[-5000:]
+            )
 
     def stop(self, timeout: float) -> int:
         """SIGTERM, then its exit code; it failed the test if it had not exited by `timeout`."""
