@@ -90,7 +90,7 @@ class _Process:
     def named(self, name: str) -> list[dict[str, Any]]:
         return [event for event in self.events() if event.get("event") == name]
 
-    def wait_for(self, name: str, count: int = 1, timeout: float = 60) -> None:
+    def wait_for(self, name: str, count: int = 1, timeout: float = 120) -> None:
         if not wait_until(lambda: len(self.named(name)) >= count, timeout, 0.02):
             # What it said (an exit at start, a worker that died) is what a failure needs.
             pytest.fail(
