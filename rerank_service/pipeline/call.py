@@ -278,10 +278,10 @@ class Call:
 
     @property
     def share_capped(self) -> bool:
-        """Whether the caller is held to the fair share: one with a concurrent limit of its
-        own is held to that instead (its slots still count as another caller calling)."""
+        """Whether the caller is held to the fair share (`Caller.held_to_share`; a call no
+        caller is known for is)."""
         caller = self.caller
-        return caller is None or caller.limits is None or caller.limits.concurrent is None
+        return caller is None or caller.held_to_share
 
     def admit_open(self) -> None:
         """Count a gRPC call open (its caller's share of the open calls too), or

@@ -38,6 +38,13 @@ class Caller:
     # number has no bound (--api-keys' callers and `anonymous` are the configuration's).
     per_token: bool = False
 
+    @property
+    def held_to_share(self) -> bool:
+        """Whether its calls are held to the fair share of the slots: one with a concurrent
+        limit of its own is held to that instead (its slots still count as another caller
+        calling)."""
+        return self.limits is None or self.limits.concurrent is None
+
     def check_model(self, model: str) -> None:
         """PERMISSION_DENIED unless this caller may call `model`."""
         if self.models is not None and model not in self.models:

@@ -188,7 +188,7 @@ async def test_a_stream_runs_its_callers_share_of_items_at_once_and_answers_the_
     admission, refusals = _admission(slots=8)  # a share of 4
     admission.enter(0, "victim")  # another caller holds a slot
     items = _StreamItems(_items(6), admission, idle_timeout=60.0)
-    items.share = "flood"
+    items.identify = lambda: Caller("flood")
 
     read = [await anext(items) for _ in range(6)]
     refused = [item.id for item in read if items.refusal(item) is not None]
@@ -206,7 +206,7 @@ async def test_a_stream_runs_its_callers_share_of_items_at_once_and_answers_the_
 async def test_a_stream_closed_with_items_in_flight_gives_back_each_one() -> None:
     admission, _ = _admission(slots=8)
     items = _StreamItems(_items(3), admission, idle_timeout=60.0)
-    items.share = "flood"
+    items.identify = lambda: Caller("flood")
     read = [await anext(items) for _ in range(3)]
     items.answered(read[0])
 

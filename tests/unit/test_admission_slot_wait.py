@@ -19,6 +19,7 @@ from rerank.v1 import rerank_pb2
 from rerank_service.api.grpc.edge import _Drain, _Received, _StreamItems
 from rerank_service.core.domain import ServiceError
 from rerank_service.pipeline.admission import DEADLINE_MARGIN, SLOTS, Admission, SlotWait
+from rerank_service.pipeline.callers import Caller
 
 
 class Clock:
@@ -305,7 +306,7 @@ async def test_a_stream_item_handed_a_slot_after_the_drain_began_is_answered_una
     admission, _ = _flooded()
     drain = _Drain()
     items = _StreamItems(_one_item(), admission, idle_timeout=60.0, drain=drain)
-    items.share = "polite"
+    items.identify = lambda: Caller("polite")
     reading = asyncio.create_task(anext(items))
     await _until(lambda: admission.waiting == 1)
 

@@ -600,10 +600,6 @@ class _StreamItems:
         # under it as the item is answered, the last with the slot.
         self._counted: dict[int, str | None] = {}
         self.identify: Callable[[], Caller] = _unidentified  # an item's caller, as callers are now
-        # What its items count against while `identify` is unset (a stream no caller is
-        # known for); else each item's caller's name, and whether it is held to the share.
-        self.share: str | None = None
-        self.capped = True
         self.received = 0
         self.sent = 0
         self._last_activity = time.monotonic()
@@ -727,11 +723,12 @@ class _StreamItems:
     def _share_now(self) -> tuple[str | None, bool]:
         """The name an item's slot counts against, and whether it is held to the fair share
         (as `Call.share_key` and `Call.share_capped` say for a call): its caller's as the
-        callers are now, or UNAUTHENTICATED where a reload removed its key."""
+        callers are now, or UNAUTHENTICATED where a reload removed its key; none, held to
+        the share, for a stream no caller is known for (`identify` unset)."""
         if self.identify is _unidentified:
-            return self.share, self.capped
+            return None, True
         caller = self.identify()
-        return caller.name, caller.limits is None or caller.limits.concurrent is None
+        return caller.name, caller.held_to_share
 
     def _refused_draining(self, item: Any) -> bool:
         """Whether the server drains: `item` is then answered with the refusal, holding nothing."""
