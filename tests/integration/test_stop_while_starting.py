@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +22,7 @@ import yaml
 
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.conftest import UPSTREAM_KEY
-from tests.support.process import CLI, NO_SCORE_CACHE, json_object
-from tests.support.waiting import wait_until
+from tests.support.process import StartingProcess
 
 # Where the hook blocks: "thread", the model load in its thread (the event loop runs on);
 # "loop", the backend's start itself, on the event loop (the process cannot handle SIGTERM).
@@ -64,56 +61,6 @@ elif os.environ.get("RERANK_TEST_BLOCK") == "loop":
 BLOCKED = "test: model load blocked"
 
 
-class _Process:
-    """`rerank-service serve` with its JSON log lines collected (it never says `serving`)."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [*CLI, "serve", "--host", "127.0.0.1", "--port", "0", "--log-format", "json", *args],
-            env={**os.environ, **NO_SCORE_CACHE, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def events(self) -> list[dict[str, Any]]:
-        return [event for event in map(json_object, list(self.lines)) if event is not None]
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [event for event in self.events() if event.get("event") == name]
-
-    def wait_for(self, name: str, count: int = 1, timeout: float = 120) -> None:
-        if not wait_until(lambda: len(self.named(name)) >= count, timeout, 0.02):
-            # What it said (an exit at start, a worker that died) is what a failure needs.
-            pytest.fail(
-                f"{count} {name!r} line(s): not within {timeout:g} s; exit code {self.process.poll()}, "
-                "its output:\n" + "".join(self.lines)[-5000:]
-            )
-
-    def stop(self, timeout: float) -> int:
-        """SIGTERM, then its exit code; it failed the test if it had not exited by `timeout`."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {timeout:g} s after SIGTERM:\n" + "".join(self.lines)[-5000:])
-        self._reader.join(timeout=5)
-        return code
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
 @pytest.fixture
 def hook(tmp_path: Path) -> dict[str, str]:
     """The environment that puts the blocking loader on the server's PYTHONPATH."""
@@ -123,17 +70,17 @@ def hook(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def processes() -> Iterator[list[_Process]]:
-    started: list[_Process] = []
+def processes() -> Iterator[list[StartingProcess]]:
+    started: list[StartingProcess] = []
     yield started
     for process in started:  # a test that failed leaves none behind
         process.kill()
 
 
 def test_sigterm_while_the_model_loads_exits_zero_at_once_without_waiting_for_it(
-    hook: dict[str, str], processes: list[_Process]
+    hook: dict[str, str], processes: list[StartingProcess]
 ) -> None:
-    server = _Process(["--device", "cpu"], env={**hook, "RERANK_TEST_BLOCK": "thread"})
+    server = StartingProcess(["--device", "cpu"], env={**hook, "RERANK_TEST_BLOCK": "thread"})
     processes.append(server)
     server.wait_for(BLOCKED)
 
@@ -147,10 +94,10 @@ def test_sigterm_while_the_model_loads_exits_zero_at_once_without_waiting_for_it
 
 
 def test_sigterm_to_workers_still_loading_exits_zero_at_once(
-    hook: dict[str, str], processes: list[_Process]
+    hook: dict[str, str], processes: list[StartingProcess]
 ) -> None:
     args = ["--device", "cpu", "--workers", "2", "--shutdown-grace", "1"]
-    supervisor = _Process(args, env={**hook, "RERANK_TEST_BLOCK": "thread"})
+    supervisor = StartingProcess(args, env={**hook, "RERANK_TEST_BLOCK": "thread"})
     processes.append(supervisor)
     supervisor.wait_for(BLOCKED, count=2)
 
@@ -165,10 +112,10 @@ def test_sigterm_to_workers_still_loading_exits_zero_at_once(
 
 
 def test_a_worker_killed_while_still_starting_is_no_failed_drain(
-    hook: dict[str, str], processes: list[_Process]
+    hook: dict[str, str], processes: list[StartingProcess]
 ) -> None:
     args = ["--device", "cpu", "--workers", "2", "--shutdown-grace", "1"]
-    supervisor = _Process(args, env={**hook, "RERANK_TEST_BLOCK": "loop"})
+    supervisor = StartingProcess(args, env={**hook, "RERANK_TEST_BLOCK": "loop"})
     processes.append(supervisor)
     supervisor.wait_for(BLOCKED, count=2)
 
@@ -209,11 +156,11 @@ def _write(path: Path, upstream: FakeUpstream, local: bool) -> Path:
 
 
 def test_sigterm_while_a_reload_loads_a_model_exits_zero_at_once_without_waiting_for_it(
-    tmp_path: Path, upstream: FakeUpstream, hook: dict[str, str], processes: list[_Process]
+    tmp_path: Path, upstream: FakeUpstream, hook: dict[str, str], processes: list[StartingProcess]
 ) -> None:
     """The drain ended (`stopped`), then the process waited for the reload's load thread."""
     config = _write(tmp_path / "routes.yaml", upstream, local=False)
-    server = _Process(
+    server = StartingProcess(
         ["--config", str(config), "--device", "cpu"],
         env={**hook, "RERANK_TEST_BLOCK": "thread", KEY_ENV: UPSTREAM_KEY},
     )

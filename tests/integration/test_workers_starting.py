@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
-from tests.support.process import CLI, NO_SCORE_CACHE, ServiceProcess, json_object
+from tests.support.process import ServiceProcess, StartingProcess
 from tests.support.waiting import wait_until
 
 _HOOK = """
@@ -149,37 +147,10 @@ def test_a_worker_started_again_takes_no_connection_until_its_model_is_loaded(
         assert service.terminate() == 0, service.output[-5000:]
 
 
-class _Supervisor:
-    """`rerank-service serve --workers 2`, its JSON lines collected (not yet `serving`)."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [*CLI, "serve", "--host", "127.0.0.1", "--port", "0", "--log-format", "json", *ARGS],
-            env={**os.environ, **NO_SCORE_CACHE, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def events(self) -> list[dict[str, Any]]:
-        return [event for event in map(json_object, list(self.lines)) if event is not None]
-
-    def first(self, name: str) -> dict[str, Any]:
-        return next(e for e in self.events() if e.get("event") == name)
-
-
 @pytest.fixture
-def supervisor(env: dict[str, str], hold: Path) -> Iterator[_Supervisor]:
+def supervisor(env: dict[str, str], hold: Path) -> Iterator[StartingProcess]:
     hold.touch()  # both workers' first load waits
-    started = _Supervisor(env)
+    started = StartingProcess(ARGS, env)
     yield started
     if started.process.poll() is None:
         started.process.kill()
@@ -196,10 +167,10 @@ def _refused(port: int) -> bool:
 
 
 def test_until_the_first_worker_has_loaded_its_model_connections_are_refused_not_accepted(
-    supervisor: _Supervisor, hold: Path
+    supervisor: StartingProcess, hold: Path
 ) -> None:
     wait_until(lambda: sum(e.get("event") == HELD for e in supervisor.events()) == 2, 60, what="both loading")
-    starting = supervisor.first("supervisor starting")
+    starting = supervisor.named("supervisor starting")[0]
 
     # The supervisor's own sockets only reserve the ports: neither it nor a worker listens.
     assert _refused(starting["port"])
@@ -208,7 +179,7 @@ def test_until_the_first_worker_has_loaded_its_model_connections_are_refused_not
 
     hold.unlink()
     wait_until(lambda: any(e.get("event") == "serving" for e in supervisor.events()), 60, what="serving")
-    model = supervisor.first("listening")["models"][0]
+    model = supervisor.named("listening")[0]["models"][0]
     assert _outcomes(f"127.0.0.1:{starting['port']}", model, connections=4) == {"SERVING": 4}
     supervisor.process.send_signal(signal.SIGTERM)
     assert supervisor.process.wait(timeout=60) == 0

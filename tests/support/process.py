@@ -14,6 +14,10 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
+from tests.support.waiting import wait_until
+
 CLI = [sys.executable, "-m", "rerank_service"]
 # The harness's servers run without the score cache unless a test asks for it: the tests
 # of faults, overload and shutdown count on every call reaching the upstream.
@@ -129,3 +133,54 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+class StartingProcess:
+    """`rerank-service serve ARGS` started, its JSON log lines collected, never waited for to
+    serve (ServiceProcess does): for a server that is still starting, or never will."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [*CLI, "serve", "--host", "127.0.0.1", "--port", "0", "--log-format", "json", *args],
+            env={**os.environ, **NO_SCORE_CACHE, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [event for event in map(json_object, list(self.lines)) if event is not None]
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [event for event in self.events() if event.get("event") == name]
+
+    def wait_for(self, name: str, count: int = 1, timeout: float = 120) -> None:
+        if not wait_until(lambda: len(self.named(name)) >= count, timeout, 0.02):
+            # What it said (an exit at start, a worker that died) is what a failure needs.
+            pytest.fail(
+                f"{count} {name!r} line(s): not within {timeout:g} s; exit code {self.process.poll()}, "
+                "its output:\n" + "".join(self.lines)[-5000:]
+            )
+
+    def stop(self, timeout: float) -> int:
+        """SIGTERM, then its exit code; it failed the test if it had not exited by `timeout`."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {timeout:g} s after SIGTERM:\n" + "".join(self.lines)[-5000:])
+        self._reader.join(timeout=5)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
