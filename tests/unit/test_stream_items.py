@@ -17,25 +17,11 @@ from rerank_service.api.grpc.edge import _Drain, _Received, _StreamItems
 from rerank_service.config.callers import CallerLimits
 from rerank_service.core.domain import ServiceError
 from rerank_service.core.stream_window import answer_concurrently
-from rerank_service.pipeline.admission import Admission
 from rerank_service.pipeline.callers import Caller
 from rerank_service.pipeline.limits import FAIR_SHARE
+from tests.unit.test_admission_caller_bounds import _admission
 
 Item = rerank_pb2.RerankStreamRequest
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _admission(slots: int = 4, max_bytes: int | None = None) -> tuple[Admission, list[str]]:
-    refusals: list[str] = []
-    admission = Admission(slots, max_bytes, caller_max_share=0.5, clock=Clock(), on_refusal=refusals.append)
-    return admission, refusals
 
 
 async def _items(count: int, size: int = 10, pulled: list[str] | None = None) -> AsyncIterator[_Received]:
@@ -112,7 +98,7 @@ async def test_an_item_behind_a_full_window_holds_no_share_and_no_bytes_and_is_n
 async def test_an_item_behind_a_full_window_as_the_drain_begins_never_runs() -> None:
     """It had been read before the drain began, so it ran once the window had room, its
     backend call starting after the drain began (which the grace may then cut)."""
-    admission, _ = _admission()
+    admission, _ = _admission(slots=4)
     drain = _Drain()
     pulled: list[str] = []
     items = _StreamItems(_items(2, pulled=pulled), admission, idle_timeout=60.0, drain=drain)
