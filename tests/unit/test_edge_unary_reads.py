@@ -44,8 +44,15 @@ class _Answers:
 
 
 class _Served:
-    def __init__(self, admission: Admission, server: grpc.aio.Server, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        edge: RerankServiceEdge,
+        server: grpc.aio.Server,
+        channel: grpc.aio.Channel,
+    ) -> None:
         self.admission = admission
+        self.edge = edge
         self.server = server
         self.channel = channel
 
@@ -72,7 +79,7 @@ async def _serve(read_within: float = 60.0, max_open: int | None = None) -> _Ser
     server.add_generic_rpc_handlers((edge.handler(_Answers()),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    return _Served(admission, server, grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+    return _Served(admission, edge, server, grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
 
 
 def _lines(logs: LogCapture, path: str) -> list[dict[str, Any]]:
@@ -203,4 +210,35 @@ async def test_a_call_whose_request_has_not_come_by_its_deadline_is_recorded_dea
 
     assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _lines(logs, RERANK)[0]["code"] == "DEADLINE_EXCEEDED"
+    assert served.admission.open == 0
+
+
+async def test_a_call_whose_request_has_not_come_when_the_server_drains_ends_unavailable_at_once(
+    logs: LogCapture,
+) -> None:
+    """It held grpc's drain for --stream-idle-timeout (or the whole grace) for a call that
+    never ran; a call that comes in as the drain begins is refused the same way."""
+    never = asyncio.Event()
+    served = await _serve(read_within=600.0)
+    try:
+        call = served.silent(RERANK, never)
+        assert await wait_until_async(lambda: served.admission.open == 1, what="the silent call counted open")
+        served.edge.drain()
+        late = served.silent(RERANK, never)  # grpc still takes calls until it stops
+        stopping = asyncio.ensure_future(served.server.stop(600.0))
+        failures = []
+        for each in (call, late):
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await asyncio.wait_for(each, 60)  # a bound for a broken edge: the read's is 600 s
+            failures.append(failed.value)
+        await asyncio.wait_for(stopping, 60)  # grpc's drain, no call left in it
+        assert await wait_until_async(lambda: len(_lines(logs, RERANK)) == 2, what="the calls' log lines")
+    finally:
+        never.set()
+        await served.channel.close()
+        await served.server.stop(None)
+
+    assert [failure.code() for failure in failures] == [grpc.StatusCode.UNAVAILABLE] * 2
+    assert all("shutting down" in (failure.details() or "") for failure in failures)
+    assert [line["code"] for line in _lines(logs, RERANK)] == ["UNAVAILABLE"] * 2
     assert served.admission.open == 0

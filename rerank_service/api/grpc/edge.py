@@ -213,8 +213,10 @@ class RerankServiceEdge:
         """The server is shutting down: each RerankStream takes no new item (one read is
         answered UNAVAILABLE), its items in flight are finished and sent, then it ends
         UNAVAILABLE (OK if its client half-closed meanwhile). An idle stream ends at once:
-        none holds grpc's drain for the whole grace, or starts work the grace would cut."""
+        none holds grpc's drain for the whole grace, or starts work the grace would cut.
+        So does a unary call still waiting for its request (UNAVAILABLE: it never ran)."""
         self._drain.begin()
+        self._reads.drain()
 
     def handler(self, servicer: object) -> grpc.GenericRpcHandler:
         """grpc's handler for every RerankService method of `servicer`, each behind the edge."""
@@ -280,15 +282,16 @@ class RerankServiceEdge:
                     # and, until it holds its slot, its caller's share of them.
                     call.admit_open()
                     # Within --stream-idle-timeout, or the call's deadline (grpc ends the
-                    # request then, as a half-close would).
+                    # request then, as a half-close would), or until the server drains.
                     reading = reads.begin()
                     try:
                         # As the deserializer hands it on (_Received, _Unparsed, _Undecodable:
                         # see _tolerant), or EOF.
                         received: Any = await context.read()
                     except asyncio.CancelledError:
-                        if reads.expired(reading):
-                            raise _request_timeout(reads.bound) from None
+                        ended = reads.ended(reading)
+                        if ended is not None:
+                            raise ended from None
                         raise
                     finally:
                         reads.end(reading)
@@ -461,22 +464,27 @@ def unsent(call: Call, context: ServicerContext[Any, Any]) -> None:
 
 
 class _RequestReads:
-    """The unary calls reading their one request, each ended (its task cancelled) once it
-    has read for `bound` seconds. One timer serves them all, set for the oldest read: a
-    call costs a dict entry, where a timer of its own (asyncio.timeout) cost the hot path
-    several µs a call. The calls are all on one loop, the server's."""
+    """The unary calls reading their request, each ended (its task cancelled) once it has
+    read for `bound` seconds, or once the server drains. One timer serves them all, set for
+    the oldest read: a call costs a dict entry, where a timer of its own (asyncio.timeout)
+    cost the hot path several µs a call. The calls are all on one loop, the server's."""
 
     def __init__(self, bound: float) -> None:
         self.bound = bound
         # Each reading task, by when it began to read: oldest first, as it was added.
         self._started: dict[asyncio.Task[Any], float] = {}
-        self._expired: set[asyncio.Task[Any]] = set()  # cancelled here, not yet told (`expired`)
+        # Tasks cancelled here, not yet told (`ended`), with the error that ends each.
+        self._ended: dict[asyncio.Task[Any], ServiceError] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._draining = False
 
     def begin(self) -> asyncio.Task[Any]:
-        """The current task begins to read; paired with `end`."""
+        """The current task begins to read; paired with `end`. Once the server drains, a
+        call's read ends before it begins (raised)."""
         task = asyncio.current_task()
         assert task is not None  # grpc runs each call in a task of its own
+        if self._draining:  # came in as the drain began
+            raise _drained_before_request()
         loop = asyncio.get_running_loop()
         now = loop.time()
         self._started[task] = now
@@ -484,18 +492,31 @@ class _RequestReads:
             self._timer = loop.call_at(now + self.bound, self._expire, loop)
         return task
 
-    def expired(self, task: asyncio.Task[Any]) -> bool:
-        """Whether `task`'s CancelledError is its read's bound alone (then taken back, as
-        asyncio.timeout does), not grpc's cancel of the call as well."""
-        if task not in self._expired:
-            return False
-        self._expired.discard(task)
-        return task.uncancel() == 0
+    def ended(self, task: asyncio.Task[Any]) -> ServiceError | None:
+        """The error `task`'s CancelledError stands for when it is this bound's or the
+        drain's alone (then taken back, as asyncio.timeout does); None when grpc cancelled
+        the call as well."""
+        error = self._ended.pop(task, None)
+        if error is None:
+            return None
+        return error if task.uncancel() == 0 else None
 
     def end(self, task: asyncio.Task[Any]) -> None:
         self._started.pop(task, None)
-        if self._expired:
-            self._expired.discard(task)
+        if self._ended:
+            self._ended.pop(task, None)
+
+    def drain(self) -> None:
+        """End every read now: a call whose request has not come holds grpc's drain (up to
+        the bound, or the whole grace) for a call that never ran."""
+        self._draining = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in self._started:
+            self._ended[task] = _drained_before_request()
+            task.cancel()
+        self._started.clear()
 
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
         """Cancel every read past the bound, and set the timer for the oldest one left."""
@@ -508,7 +529,7 @@ class _RequestReads:
                 self._timer = loop.call_at(since + self.bound, self._expire, loop)
                 return
             del started[task]
-            self._expired.add(task)
+            self._ended[task] = _request_timeout(self.bound)
             task.cancel()
 
 
@@ -529,6 +550,15 @@ def _server_draining() -> ServiceError:
         grpc.StatusCode.UNAVAILABLE,
         "the server is shutting down: every item read on this stream was answered; "
         "send the rest on a new stream",
+    )
+
+
+def _drained_before_request() -> ServiceError:
+    """The end of a unary call whose request had not come when the server began to drain:
+    UNAVAILABLE (it never ran), so that its client sends it elsewhere."""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "the server is shutting down and this call's request had not arrived: send it again",
     )
 
 
