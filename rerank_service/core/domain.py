@@ -118,6 +118,19 @@ class CallContext:
     # Given by the pipeline to a split call: what its answered chunks cost, written by the
     # engine if the call is cancelled (its deadline, its caller gone) before it is answered.
     spent: Spent | None = None
+    # Given by the pipeline: the deployment the router last sent the call to, what a call
+    # cancelled there (by grpc at its deadline, its caller gone) names, as a failure does.
+    attempted: Attempted | None = None
+
+
+class Attempted:
+    """The deployment a call was last sent to, written by the router as it sends (a split
+    call's chunks: the last chunk's)."""
+
+    __slots__ = ("deployment",)
+
+    def __init__(self) -> None:
+        self.deployment: str | None = None
 
 
 class Spent:

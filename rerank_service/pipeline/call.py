@@ -46,6 +46,7 @@ import grpc
 from rerank_service.config.callers import ANONYMOUS
 from rerank_service.config.secret import Secret
 from rerank_service.core.domain import (
+    Attempted,
     CacheOutcome,
     CallContext,
     RerankOutcome,
@@ -207,6 +208,7 @@ class Call:
         "_spent",
         "_token",
         "_unspanned",
+        "attempted",
         "caller",
         "code",
         "details",
@@ -262,6 +264,7 @@ class Call:
         self.caller: Caller | None = None
         self._grant: Grant | None = None
         self._spent: Spent | None = None  # a split call's: what its chunks answered
+        self.attempted = Attempted()  # the deployment it was last sent to (the router's)
         self._share: str | None = None
         # Its span (tracing on and sampled), and the HTTP status it was answered with.
         self.span: SpanHandle | None = None
@@ -347,6 +350,8 @@ class Call:
         """The caller's model and deadline, its limits, then the engine; the outcome is kept
         for `finish`."""
         self.documents, self.model = len(request.documents), request.model
+        if context.attempted is not self.attempted:  # a stream's items share one context
+            context = replaced(context, attempted=self.attempted)
         caller = self.caller
         engine = self._pipeline.engine
         # Validated before the caller's limits are charged (a bad request costs it nothing),
@@ -427,6 +432,7 @@ class Call:
         facts = call_facts(
             self.method, self.peer, self.request_id, self.documents, self.model, self.outcome,
             self.failure, self.item_id, items, None if self.caller is None else self.caller.name,
+            self.attempted.deployment,
         )  # fmt: skip
         span = self.span
         self._measured.finished(

@@ -84,8 +84,11 @@ def call_facts(
     item_id: str | None = None,
     items: int | None = None,
     caller: str | None = None,
+    attempted: str | None = None,
 ) -> CallFacts:
-    """One call's facts, from what it asked and what came back up: an outcome or an error."""
+    """One call's facts, from what it asked and what came back up: an outcome or an error.
+    `attempted`: the deployment it was last sent to, named when nothing that came back does
+    (grpc ended it at its deadline there, its caller went away)."""
     if outcome is not None:
         return CallFacts(
             method, peer, request_id, documents, model, outcome.total_tokens,
@@ -94,13 +97,18 @@ def call_facts(
             instruct_ignored=outcome.instruct_ignored, deployments=tuple(outcome.deployments),
             cache=outcome.cache, cached_tokens=outcome.cached_tokens, caller=caller,
         )  # fmt: skip
+    named = failure.deployment if failure is not None and failure.deployment else attempted
+    deployments = (named,) if named else ()
     if failure is not None:
         upstream_ids = (failure.upstream_request_id,) if failure.upstream_request_id else ()
         return CallFacts(
             method, peer, request_id, documents, model, None, upstream_ids, failure.timings, items, item_id,
-            deployments=(failure.deployment,) if failure.deployment else (), caller=caller,
+            deployments=deployments, caller=caller,
         )  # fmt: skip
-    return CallFacts(method, peer, request_id, documents, model, items=items, item_id=item_id, caller=caller)
+    return CallFacts(
+        method, peer, request_id, documents, model, items=items, item_id=item_id, deployments=deployments,
+        caller=caller,
+    )  # fmt: skip
 
 
 def log_call(

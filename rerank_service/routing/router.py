@@ -202,6 +202,8 @@ class Router:
             # probe is this call's, and calls picking meanwhile go elsewhere.
             health = deployment.health
             claim = 0 if health is None else health.claim_probe()
+            if context.attempted is not None:
+                context.attempted.deployment = deployment.name
             if span is not None:
                 # Both on every pick: a state left by an earlier pick would be read as this one's.
                 span.set("rerank.deployment", deployment.name)

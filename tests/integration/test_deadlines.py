@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
+from urllib.parse import urlsplit
 
 import grpc
+import pytest
 
+from rerank_service.backends.upstream import UpstreamBackend
+from rerank_service.core.domain import BackendRequest, BackendResult, CallContext
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import ServerFactory
 from tests.support.logs import LogCapture
@@ -68,3 +74,27 @@ def test_a_slow_upstream_within_the_deadline_succeeds(server: ServerThread, upst
 
     assert len(response.output.results) == 2
     assert upstream.abandoned == []
+
+
+def test_a_call_grpc_ends_at_its_deadline_on_a_deployment_names_that_deployment(
+    serve: ServerFactory, upstream: FakeUpstream, logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment that does not bound the call by its deadline itself (a local model's
+    inference, a wait of its own) is left by grpc's end of the call: its log line named no
+    deployment, where the same call failed by the deployment names it."""
+    entered = threading.Event()
+
+    async def holds(backend: UpstreamBackend, request: BackendRequest, context: CallContext) -> BackendResult:
+        entered.set()
+        await asyncio.Event().wait()  # until cancelled
+        raise AssertionError("never answers")
+
+    monkeypatch.setattr(UpstreamBackend, "rerank", holds)
+    with serve() as server:
+        error = expect_error(lambda: server.stub.Rerank(request(), timeout=0.5))
+        [call] = logs.wait_for_calls(1)
+
+    assert entered.is_set()
+    assert code_of(error) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert call["code"] == "DEADLINE_EXCEEDED"
+    assert call["deployment"] == urlsplit(upstream.url).netloc  # the deployment's default name

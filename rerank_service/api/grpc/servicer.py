@@ -336,4 +336,5 @@ def call_context(context: ServicerContext[Any, Any], call: Call) -> CallContext:
         traceparent=traceparent,
         tracestate=tracestate,
         cache_mode=cache_mode(metadata),
+        attempted=call.attempted,
     )

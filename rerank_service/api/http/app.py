@@ -35,6 +35,7 @@ from rerank_service.api.http.statuses import (
     retry_after_seconds,
 )
 from rerank_service.core.domain import (
+    Attempted,
     CacheOutcome,
     CallContext,
     RerankOutcome,
@@ -142,7 +143,9 @@ class FrontDoor:
         async def answer(http: web.Request, call: Call) -> web.Response:
             try:
                 try:
-                    context = self._authenticate(http, time.monotonic() + self._call_timeout, call.trace)
+                    context = self._authenticate(
+                        http, time.monotonic() + self._call_timeout, call.trace, call.attempted
+                    )
                     call.caller = http[_CALLER]
                     self._check_body_headers(http)
                     call.admit_bytes(http.content_length or 0)
@@ -256,9 +259,11 @@ class FrontDoor:
         http: web.Request,
         deadline: float | None = None,
         trace: tuple[str | None, str | None] = (None, None),
+        attempted: Attempted | None = None,
     ) -> CallContext:
         """The caller (kept with the request for its call) and what its call carries; `trace`:
-        the trace context read when the call opened (pipeline/call.py)."""
+        the trace context read when the call opened, `attempted` its record of where it was
+        sent (pipeline/call.py)."""
         headers = list(http.headers.items())
         token = bearer_token(headers)
         http[_CALLER] = self._pipeline.authenticate(token, KEY_CARRIER, self._peer_identities(http))
@@ -269,6 +274,7 @@ class FrontDoor:
             traceparent=traceparent,
             tracestate=tracestate,
             cache_mode=cache_mode(headers),
+            attempted=attempted,
         )
 
     def _peer_identities(self, http: web.Request) -> list[str]:
