@@ -45,14 +45,20 @@ async def answer_concurrently(
     failed: Callable[[Item, Exception], Answer],
     window: int,
     sent: Callable[[Item], None] = lambda item: None,
+    widen: Callable[[Callable[[], None]], None] | None = None,
 ) -> AsyncGenerator[Answer, None]:
     """Answers to `items` in completion order.
 
     An item whose key is already in flight is answered with `duplicate(item)`; an item
     whose `handle` raises is answered with `failed(item, error)`: one bad item never
     ends the stream. `sent(item)` is told once each item's answer has been sent.
+    `widen`, where given, is handed a function that lets the reader read one item past a
+    full window: for when `items` stop running what they yield (a server's drain answers
+    them at once), and what comes next, the client's half-close included, must be read.
     """
     slots = asyncio.Semaphore(window)
+    if widen is not None:
+        widen(slots.release)
     ready: asyncio.Queue[object] = asyncio.Queue()
     in_flight: set[str] = set()
     running: set[asyncio.Task[None]] = set()

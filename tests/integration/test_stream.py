@@ -595,9 +595,12 @@ class HeldBackend(GatedBackend):
         return await self.inner.rerank(request, context)
 
 
-@pytest.fixture
-def held(upstream: FakeUpstream, logs: LogCapture) -> Iterator[tuple[ServerThread, HeldBackend]]:
-    settings = upstream_settings(upstream, shutdown_grace=120.0)
+@pytest.fixture(params=[32], ids=["window-32"])
+def held(
+    request: pytest.FixtureRequest, upstream: FakeUpstream, logs: LogCapture
+) -> Iterator[tuple[ServerThread, HeldBackend]]:
+    """A server whose backend holds every call, with a stream window of `request.param`."""
+    settings = upstream_settings(upstream, shutdown_grace=120.0, stream_concurrency=request.param)
     backend = HeldBackend(UpstreamBackend.from_config(UpstreamDeploymentConfig.from_settings(settings)))
     with ServerThread(settings, backend=backend) as running:
         yield running, backend
@@ -638,18 +641,25 @@ def test_a_draining_server_answers_the_items_in_flight_refuses_new_ones_then_end
     assert (logged["code"], logged["items"]) == ("UNAVAILABLE", 2)
 
 
+@pytest.mark.parametrize("half_closed", ["before the drain", "during the drain"])
+@pytest.mark.parametrize("held", [32, 1], ids=["window-32", "window-1"], indirect=True)
 def test_a_stream_half_closed_while_the_server_drains_ends_ok_once_answered(
-    held: tuple[ServerThread, HeldBackend], logs: LogCapture
+    held: tuple[ServerThread, HeldBackend], half_closed: str, logs: LogCapture
 ) -> None:
+    """With its window full (`--stream-concurrency 1`, one item in flight) the stream did
+    not read on at the drain, so it never saw the half-close and ended UNAVAILABLE."""
     server, backend = held
     assert server.server is not None
     outbox = Outbox()
     stream = server.stub.RerankStream(outbox.items(), timeout=300)
     outbox.put(item("in-flight"))
     wait_until(lambda: backend.arrived == 1, what="the item at the backend")
+    if half_closed == "before the drain":
+        outbox.put(None)
     stopping = server.begin(server.server.stop())
     wait_until(lambda: _refuses_new_calls(server.target), what="the server refusing new calls")
-    outbox.put(None)  # nothing more to send
+    if half_closed == "during the drain":
+        outbox.put(None)  # nothing more to send
     backend.release.set()
     answers = list(stream)
     stopping.result(timeout=30)

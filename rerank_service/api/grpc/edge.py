@@ -580,7 +580,7 @@ class _Drain:
     def begin(self) -> None:
         self.begun = True
         for items in list(self.streams):
-            items.wake()
+            items.draining()
 
 
 def _unidentified() -> Caller:
@@ -607,7 +607,8 @@ class _StreamItems:
       DEADLINE_EXCEEDED `STREAM_IDLE`: an idle stream holds no slot and no task for long;
     - once the server drains (`drain`), an item read (or handed its slot, or room in the
       byte budget) is answered UNAVAILABLE without running, and once none is in flight the
-      stream ends UNAVAILABLE (its client's half-close, read first, still ends it OK).
+      stream ends UNAVAILABLE (its client's half-close, read first, still ends it OK: the
+      servicer reads on past a full window then, `when_draining`).
     """
 
     def __init__(
@@ -648,6 +649,7 @@ class _StreamItems:
         self._drain = drain if drain is not None else _Drain()
         self._drain.streams.add(self)
         self._wake: asyncio.Future[None] | None = None
+        self._on_drain: list[Callable[[], None]] = []  # `when_draining`'s callbacks
 
     def refusal(self, item: Any) -> ServiceError | None:
         """Why `item` may not run (admission found no slot for it), or None: it may."""
@@ -678,6 +680,20 @@ class _StreamItems:
         else:
             self._admitted = False
             self._admission.release(0, share)
+
+    def when_draining(self, callback: Callable[[], None]) -> None:
+        """Have `callback` called once the server drains (at once if it does already)."""
+        if self._drain.begun:
+            callback()
+        else:
+            self._on_drain.append(callback)
+
+    def draining(self) -> None:
+        """The server's drain has begun: what waits for it is told, and the reader looks again."""
+        callbacks, self._on_drain = self._on_drain, []
+        for callback in callbacks:
+            callback()
+        self.wake()
 
     def wake(self) -> None:
         """Have the reader look again (the drain began, or its last item was answered)."""

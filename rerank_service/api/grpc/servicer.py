@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from grpc.aio import ServicerContext
@@ -58,6 +58,9 @@ class StreamItems(Protocol):
     def identify(self) -> Caller:
         """An item's caller, from the stream's credentials as the callers are now (a reload
         may have changed them since the stream opened); UNAUTHENTICATED if none."""
+
+    def when_draining(self, callback: Callable[[], None]) -> None:
+        """Have `callback` called once the server drains (at once if it does already)."""
 
 
 class RerankServicer:
@@ -181,6 +184,9 @@ class RerankServicer:
         answers = answer_concurrently(
             request_iterator, handle, key=lambda item: item.id, duplicate=duplicate, failed=failed,
             window=self._stream_concurrency, sent=sent,
+            # Draining, its items are answered without running: the window must not keep
+            # the reader from its client's half-close (else the stream ends UNAVAILABLE).
+            widen=request_iterator.when_draining,
         )  # fmt: skip
         try:
             # Closed with this generator, not whenever the collector finds it: its reader and
