@@ -223,15 +223,14 @@ async def test_a_call_whose_request_has_not_come_when_the_server_drains_ends_una
     try:
         call = served.silent(RERANK, never)
         assert await wait_until_async(lambda: served.admission.open == 1, what="the silent call counted open")
-        served.edge.drain()
-        late = served.silent(RERANK, never)  # grpc still takes calls until it stops
-        stopping = asyncio.ensure_future(served.server.stop(600.0))
+        served.edge.drain()  # as the server's stop begins it
+        late = served.silent(RERANK, never)  # grpc takes calls until it stops: the edge refuses it
         failures = []
         for each in (call, late):
             with pytest.raises(grpc.aio.AioRpcError) as failed:
                 await asyncio.wait_for(each, 60)  # a bound for a broken edge: the read's is 600 s
             failures.append(failed.value)
-        await asyncio.wait_for(stopping, 60)  # grpc's drain, no call left in it
+        await asyncio.wait_for(served.server.stop(600.0), 60)  # grpc's drain, no call left in it
         assert await wait_until_async(lambda: len(_lines(logs, RERANK)) == 2, what="the calls' log lines")
     finally:
         never.set()
