@@ -261,12 +261,16 @@ def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str | bytes], ...]:
 
 
 def _chosen_key(args: argparse.Namespace) -> tuple[str | None, str]:
-    """The key to send, and where it came from (for an error, which never shows the key)."""
-    if args.api_key:
-        return args.api_key, "api-key"
+    """The key to send, and where it came from (for an error, which never shows the key).
+
+    Each source is stripped as a key file is: an env file or secret written with `echo` ends
+    the key with a newline, which no header can carry; blank means no key."""
+    flag = (args.api_key or "").strip()
+    if flag:
+        return flag, "api-key"
     if args.api_key_file is not None:
         return _read_key_file(args.api_key_file), f"api-key-file {file_named(args.api_key_file)}"
-    return os.environ.get("RERANK_API_KEY"), "RERANK_API_KEY"
+    return (os.environ.get("RERANK_API_KEY") or "").strip() or None, "RERANK_API_KEY"
 
 
 def _read_key_file(path: str) -> str:

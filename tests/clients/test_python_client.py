@@ -72,6 +72,39 @@ def test_the_bearer_token_is_required(live_server: LiveServer) -> None:
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_a_key_read_from_a_file_is_sent_without_its_newline(live_server: LiveServer) -> None:
+    """As the Go, Node and Java clients do: grpc would fail each call INTERNAL "Invalid metadata"."""
+    with RerankClient(live_server.target, api_key=f" {live_server.api_key}\n") as client:
+        models = client.list_models()
+
+    assert "qwen3-rerank" in [model.name for model in models]
+
+
+async def test_the_asyncio_client_sends_a_key_without_its_newline(live_server: LiveServer) -> None:
+    async with AsyncRerankClient(live_server.target, api_key=f"{live_server.api_key}\n") as client:
+        result = await client.rerank("red apple", DOCUMENTS, top_n=1)
+
+    assert result.request_id
+
+
+@pytest.mark.parametrize("client_class", [RerankClient, AsyncRerankClient])
+@pytest.mark.parametrize("key", ["clé-secrète", "two words", "tab\tkey", "nul\x00key"])
+def test_a_key_no_header_can_carry_is_refused_when_the_client_is_made(
+    client_class: type[RerankClient] | type[AsyncRerankClient], key: str
+) -> None:
+    with pytest.raises(ValueError, match="api_key must be printable ASCII") as caught:
+        client_class("127.0.0.1:1", api_key=key)
+
+    assert key not in str(caught.value)  # the error may end up in a log
+
+
+def test_a_blank_key_is_no_key(live_server: LiveServer) -> None:
+    with RerankClient(live_server.target, api_key=" \n") as client, pytest.raises(grpc.RpcError) as caught:
+        client.list_models()
+
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_the_deadline_is_honoured(live_server: LiveServer) -> None:
     started = time.monotonic()
     with (

@@ -389,3 +389,26 @@ def test_a_key_from_a_file_is_sent_and_a_key_flag_is_warned_about(
     assert "warning" not in from_file.stderr
     assert from_flag.returncode == 0
     assert "--api-key shows the key in `ps`" in from_flag.stderr
+
+
+def test_a_key_from_the_environment_or_the_flag_is_sent_without_surrounding_whitespace(
+    upstream: FakeUpstream,
+) -> None:
+    """As a key file's is: an env file or secret written with `echo` ends the key with a newline."""
+    with ServiceProcess(
+        ["--backend", "upstream", "--upstream-url", upstream.url],
+        env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY, "RERANK_API_KEYS": CALLER_KEY},
+    ) as service:
+        env_newline = run_cli("models", "--target", service.target, env={"RERANK_API_KEY": f"{CALLER_KEY}\n"})
+        env_spaces = run_cli("models", "--target", service.target, env={"RERANK_API_KEY": f" {CALLER_KEY} "})
+        flag_spaces = run_cli(
+            "models", "--target", service.target, "--api-key", f" {CALLER_KEY}\n", env={"RERANK_API_KEY": ""}
+        )
+        blank = run_cli("models", "--target", service.target, env={"RERANK_API_KEY": " \n"})
+
+    assert env_newline.returncode == 0, env_newline.stderr
+    assert env_spaces.returncode == 0, env_spaces.stderr
+    assert flag_spaces.returncode == 0, flag_spaces.stderr
+    # Blank is no key: the server refuses the call, rather than the CLI a key it cannot send.
+    assert blank.returncode == 1, blank.stderr
+    assert "UNAUTHENTICATED" in blank.stderr

@@ -78,6 +78,8 @@ func checkKey(key string) (string, error) {
 func WithInsecure() Option { return func(c *config) { c.insecure = true } }
 
 // WithTransportCredentials sets the TLS credentials (default: TLS with the system roots).
+// With insecure.NewCredentials() or local.NewCredentials() (which connects only to a
+// loopback address or a Unix socket) the API key, if any, is sent as WithInsecure sends it.
 func WithTransportCredentials(creds credentials.TransportCredentials) Option {
 	return func(c *config) { c.creds = creds }
 }
@@ -112,7 +114,7 @@ func Dial(target string, opts ...Option) (*Client, error) {
 		dialOpts = append(dialOpts, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS12})))
 	}
 	if apiKey != "" {
-		dialOpts = append(dialOpts, grpc.WithPerRPCCredentials(bearer{token: apiKey, secure: !cfg.insecure}))
+		dialOpts = append(dialOpts, grpc.WithPerRPCCredentials(bearer{token: apiKey, secure: keyNeedsTLS(cfg)}))
 	}
 	// No receive limit of the client's own: the server bounds answers (--max-message-bytes,
 	// 16 MiB by default), and grpc-go's 4 MiB default would fail an answer the server had
@@ -132,6 +134,25 @@ func (c *Client) Close() error { return c.conn.Close() }
 
 // Raw returns the generated stub, for anything this wrapper does not cover.
 func (c *Client) Raw() rerankv1.RerankServiceClient { return c.rpc }
+
+// keyNeedsTLS reports whether the key may only travel over a secure transport. Not when the
+// caller chose plaintext, be it WithInsecure or the same credentials given to
+// WithTransportCredentials: grpc-go would otherwise refuse Dial ("requires transport level
+// security"). Nor over local credentials: they connect only to loopback or a Unix socket,
+// and report loopback TCP as NoSecurity, on which grpc-go would fail every call UNAVAILABLE.
+func keyNeedsTLS(cfg config) bool {
+	if cfg.insecure {
+		return false
+	}
+	if cfg.creds == nil {
+		return true // Dial's default: TLS
+	}
+	switch cfg.creds.Info().SecurityProtocol {
+	case "insecure", "local":
+		return false
+	}
+	return true
+}
 
 // bearer is the per-RPC credential that adds the API key.
 type bearer struct {

@@ -207,7 +207,15 @@ def _status_code(value: int) -> grpc.StatusCode:
 
 
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    """The bearer header for `api_key` without its surrounding whitespace (the newline of a key
+    read from a file), as the Go, Node and Java clients send it. Raises ValueError, never quoting
+    the key, for one no header can carry: grpc would fail each call INTERNAL "Invalid metadata"."""
+    key = (api_key or "").strip()
+    if any(not "\x21" <= char <= "\x7e" for char in key):
+        raise ValueError(
+            "api_key must be printable ASCII (letters, digits, punctuation; no spaces or control characters)"
+        )
+    return (("authorization", f"Bearer {key}"),) if key else ()
 
 
 class RerankClient:
@@ -221,13 +229,13 @@ class RerankClient:
         model: str = DEFAULT_MODEL,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        self._metadata = _metadata(api_key)  # first: a refused key opens no channel
         self._channel = (
             grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
             if credentials is not None
             else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         )
         self._stub = rerank_pb2_grpc.RerankServiceStub(self._channel)
-        self._metadata = _metadata(api_key)
         self._timeout = timeout
         self._model = model
 
@@ -296,13 +304,13 @@ class AsyncRerankClient:
         model: str = DEFAULT_MODEL,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        self._metadata = _metadata(api_key)  # first: a refused key opens no channel
         self._channel = (
             grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
             if credentials is not None
             else grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         )
         self._stub: Any = rerank_pb2_grpc.RerankServiceStub(self._channel)
-        self._metadata = _metadata(api_key)
         self._timeout = timeout
         self._model = model
 

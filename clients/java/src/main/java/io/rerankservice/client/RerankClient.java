@@ -53,6 +53,7 @@ public final class RerankClient implements AutoCloseable {
       Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER);
 
   private final ManagedChannel channel;
+  private final Channel authenticated;
   private final boolean ownsChannel;
   private final Duration deadline;
   private final RerankServiceGrpc.RerankServiceBlockingStub blocking;
@@ -74,10 +75,12 @@ public final class RerankClient implements AutoCloseable {
       this.ownsChannel = true;
     }
     this.deadline = b.deadline;
-    Channel ch = channel;
+    // Stubs on authenticatedChannel() get the key and no receive limit, as this client's own do.
+    Channel ch = io.grpc.ClientInterceptors.intercept(channel, new UnlimitedReceiveInterceptor());
     if (b.apiKey != null && !b.apiKey.isEmpty()) {
       ch = io.grpc.ClientInterceptors.intercept(ch, new BearerInterceptor(b.apiKey));
     }
+    this.authenticated = ch;
     // No receive limit of the client's own, on a given channel too: the server bounds
     // answers (--max-message-bytes, 16 MiB by default), and grpc-java's 4 MiB default would
     // fail an answer the server had already ranked and billed (returnDocuments).
@@ -256,9 +259,25 @@ public final class RerankClient implements AutoCloseable {
     return out;
   }
 
-  /** The underlying channel, for callers who need the generated stubs directly. */
+  /**
+   * The underlying channel, as built or given to {@link Builder#channel(ManagedChannel)}: for
+   * its state and lifecycle. A stub built on it sends no API key (the server answers
+   * UNAUTHENTICATED) and has grpc-java's 4 MiB receive limit; build generated stubs on
+   * {@link #authenticatedChannel()} instead.
+   */
   public ManagedChannel channel() {
     return channel;
+  }
+
+  /**
+   * The channel this client's own calls go through, for callers who need the generated stubs
+   * directly ({@code RerankServiceGrpc.newBlockingStub(client.authenticatedChannel())}): it
+   * sends the builder's API key, if any, as {@code authorization: Bearer <key>} on every call,
+   * and sets no receive limit of its own (the server bounds answers). It is closed with the
+   * client (when the client owns the underlying channel).
+   */
+  public Channel authenticatedChannel() {
+    return authenticated;
   }
 
   @Override
@@ -413,6 +432,18 @@ public final class RerankClient implements AutoCloseable {
         throw new IllegalArgumentException("target is required");
       }
       return new RerankClient(this);
+    }
+  }
+
+  /** Lifts grpc-java's 4 MiB receive limit from every call that sets none of its own. */
+  static final class UnlimitedReceiveInterceptor implements ClientInterceptor {
+    @Override
+    public <ReqT, RespT> ClientCall<ReqT, RespT> interceptCall(
+        MethodDescriptor<ReqT, RespT> method, CallOptions callOptions, Channel next) {
+      if (callOptions.getMaxInboundMessageSize() == null) {
+        callOptions = callOptions.withMaxInboundMessageSize(Integer.MAX_VALUE);
+      }
+      return next.newCall(method, callOptions);
     }
   }
 

@@ -12,11 +12,13 @@ import io.grpc.ManagedChannel;
 import io.grpc.ManagedChannelBuilder;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
+import io.rerankservice.rerank.v1.ListModelsRequest;
 import io.rerankservice.rerank.v1.LongDocuments;
 import io.rerankservice.rerank.v1.ModelInfo;
 import io.rerankservice.rerank.v1.RerankError;
 import io.rerankservice.rerank.v1.RerankResponse;
 import io.rerankservice.rerank.v1.RerankResult;
+import io.rerankservice.rerank.v1.RerankServiceGrpc;
 import io.rerankservice.rerank.v1.RerankStreamRequest;
 import io.rerankservice.rerank.v1.RerankStreamResponse;
 import java.time.Duration;
@@ -26,6 +28,7 @@ import java.util.HashSet;
 import java.util.List;
 import java.util.Map;
 import java.util.Set;
+import java.util.concurrent.TimeUnit;
 import org.junit.jupiter.api.AfterAll;
 import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
@@ -104,6 +107,36 @@ class RerankClientTest {
     try (RerankClient given = RerankClient.builder("unused").channel(channel)
         .apiKey(System.getenv("RERANK_API_KEY")).build()) {
       assertEquals(Set.copyOf(docs), textsOf(given.rerank("lorem java", docs, opts)));
+    } finally {
+      channel.shutdownNow();
+    }
+  }
+
+  /**
+   * Generated stubs built on authenticatedChannel() send the key, as the client's own calls do
+   * (on channel() they are UNAUTHENTICATED), and get no receive limit, on a given channel too.
+   */
+  @Test
+  void generatedStubsOnTheAuthenticatedChannelCarryTheKeyAndNoReceiveLimit() {
+    RerankServiceGrpc.RerankServiceBlockingStub raw =
+        RerankServiceGrpc.newBlockingStub(client.authenticatedChannel())
+            .withDeadlineAfter(10, TimeUnit.SECONDS);
+    List<ModelInfo> models =
+        raw.listModels(ListModelsRequest.getDefaultInstance()).getModelsList();
+    assertTrue(models.stream().anyMatch(m -> m.getName().equals(MODEL)), "models: " + models);
+
+    List<String> docs = new ArrayList<>();
+    for (int i = 0; i < 5; i++) {
+      docs.add("raw " + i + " " + "lorem ipsum dolor sit amet ".repeat(40_000)); // 1 MiB each
+    }
+    RerankClient.Options opts = RerankClient.Options.defaults().model(MODEL).returnDocuments(true);
+    ManagedChannel channel = ManagedChannelBuilder.forTarget(target).usePlaintext().build();
+    try (RerankClient given = RerankClient.builder("unused").channel(channel)
+        .apiKey(System.getenv("RERANK_API_KEY")).build()) {
+      RerankResponse resp = RerankServiceGrpc.newBlockingStub(given.authenticatedChannel())
+          .withDeadlineAfter(30, TimeUnit.SECONDS)
+          .rerank(RerankClient.buildRequest("lorem raw", docs, opts));
+      assertEquals(Set.copyOf(docs), textsOf(resp));
     } finally {
       channel.shutdownNow();
     }
