@@ -14,9 +14,10 @@ provably fits in one chunk is not counted document by document at all.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import filterfalse
+from itertools import accumulate, filterfalse
 from typing import NamedTuple
 
 from rerank_service.core.domain import LongDocuments
@@ -91,32 +92,69 @@ def _fits_one_call(query_tokens: int, documents: Sequence[str], max_tokens: int)
 def split(query: str, documents: Sequence[str], limits: CallLimits) -> list[range]:
     """Consecutive index ranges covering `documents`, each within `limits`.
 
-    Chunks are balanced (1,234 documents at 500 a call give 412 + 412 + 410, not
-    500 + 500 + 234) because the slowest chunk sets the call's latency.
+    As few chunks as fit, balanced because the slowest chunk sets the call's latency:
+    1,234 documents at 500 a call give 412 + 412 + 410, not 500 + 500 + 234; 120 documents
+    of about 1,000 tokens at 120,000 tokens a call give 60 + 60, not 119 + 1.
     """
     count = len(documents)
     max_docs = limits.max_documents or count
-    if count <= max_docs and limits.max_tokens is None:
-        return [range(count)]
+    max_tokens = limits.max_tokens
+    if max_tokens is None:
+        if count <= max_docs:
+            return [range(count)]
+        size = math.ceil(count / math.ceil(count / max_docs))
+        return [range(start, min(start + size, count)) for start in range(0, count, size)]
     query_cost = _item_tokens(query, limits.max_item_tokens)
-    if (
-        count <= max_docs
-        and limits.max_tokens is not None
-        and _fits_one_call(query_cost, documents, limits.max_tokens)
-    ):
-        return [range(count)]  # what the loop below finds, without counting each document
-    target = math.ceil(count / math.ceil(count / max_docs)) if count else 0
+    if count <= max_docs and _fits_one_call(query_cost, documents, max_tokens):
+        return [range(count)]  # what counting each document finds, without counting them
     cap = limits.max_item_tokens
+    # prefix[i]: the tokens of documents[:i], each costing the query's tokens and its own.
+    prefix = list(accumulate((query_cost + _item_tokens(document, cap) for document in documents), initial=0))
+    if count <= max_docs and prefix[count] <= max_tokens:
+        return [range(count)]
+    # The fewest chunks: each as long as the limits let it be, from the left.
+    fewest, start = 0, 0
+    while start < count:
+        fewest, start = fewest + 1, _longest_end(prefix, start, max_docs, max_tokens)
+    # lows[m]: the first index from which the documents left fit in m chunks (the same,
+    # from the right). A chunk may end anywhere from there to its longest end: what is
+    # left still fits in the chunks left (greedy is optimal, a shorter chunk still fits).
+    lows = [count]
+    for _ in range(fewest - 1):
+        lows.append(_earliest_start(prefix, lows[-1], max_docs, max_tokens))
+    # Split by the documents' count where it needs as many chunks (412 + 412 + 410), else
+    # by tokens: each chunk ends nearest an equal share of the tokens left.
+    per_chunk = math.ceil(count / fewest) if fewest == math.ceil(count / max_docs) else None
     chunks: list[range] = []
-    start, tokens = 0, 0
-    for index, document in enumerate(documents):
-        cost = query_cost + _item_tokens(document, cap)
-        size = index - start
-        over_tokens = limits.max_tokens is not None and tokens + cost > limits.max_tokens
-        if size and (size >= target or over_tokens):
-            chunks.append(range(start, index))
-            start, tokens = index, 0
-        tokens += cost
-    if start < count or not chunks:
-        chunks.append(range(start, count))
+    start = 0
+    for left in range(fewest, 1, -1):  # chunks left, this one included
+        end = start + per_chunk if per_chunk is not None else _nearest_share(prefix, start, left)
+        end = min(max(end, lows[left - 1], start + 1), _longest_end(prefix, start, max_docs, max_tokens))
+        chunks.append(range(start, end))
+        start = end
+    chunks.append(range(start, count))
     return chunks
+
+
+def _longest_end(prefix: list[int], start: int, max_docs: int, max_tokens: int) -> int:
+    """Where the longest chunk from `start` within the limits ends (one document at least)."""
+    stop = min(len(prefix) - 1, start + max_docs)
+    return max(bisect_right(prefix, prefix[start] + max_tokens, start + 1, stop + 1) - 1, start + 1)
+
+
+def _earliest_start(prefix: list[int], end: int, max_docs: int, max_tokens: int) -> int:
+    """Where the longest chunk to `end` within the limits starts (one document at least)."""
+    return min(bisect_left(prefix, prefix[end] - max_tokens, max(0, end - max_docs), end), end - 1)
+
+
+def _nearest_share(prefix: list[int], start: int, left: int) -> int:
+    """The end nearest 1/`left` of the tokens from `start` (taking a document that lands
+    it as far past that share as short of it)."""
+    count = len(prefix) - 1
+    remaining = prefix[count] - prefix[start]
+    # The first end past the share, then whether its last document is nearer in or out.
+    end = bisect_right(prefix, prefix[start] + remaining // left, start + 1)
+    if end > count:
+        return count
+    midpoint = prefix[end - 1] + prefix[end]  # twice its last document's middle
+    return end if left * midpoint <= 2 * (left * prefix[start] + remaining) else end - 1

@@ -8,6 +8,7 @@ Hypothesis drives both with the same inputs, derandomized.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -42,22 +43,46 @@ def reference_split(query: str, documents: list[str], limits: CallLimits) -> lis
 
     count = len(documents)
     max_docs = limits.max_documents or count
-    if limits.max_tokens is None and count <= max_docs:
-        return [range(count)]
-    target = math.ceil(count / math.ceil(count / max_docs)) if count else 0
+    if limits.max_tokens is None:
+        if count <= max_docs:
+            return [range(count)]
+        size = math.ceil(count / math.ceil(count / max_docs))
+        return [range(start, min(start + size, count)) for start in range(0, count, size)]
+    max_tokens = limits.max_tokens
     query_cost = min(estimate(query), limits.max_item_tokens)
+    costs = [query_cost + min(estimate(document), limits.max_item_tokens) for document in documents]
+
+    def fits(start: int, end: int) -> bool:
+        return end - start == 1 or (end - start <= max_docs and sum(costs[start:end]) <= max_tokens)
+
+    def fewest(start: int) -> int:  # chunks documents[start:] take, each filled in turn
+        chunks = 0
+        while start < count:
+            end = start + 1
+            while end < count and fits(start, end + 1):
+                end += 1
+            chunks, start = chunks + 1, end
+        return chunks
+
+    total = fewest(0)
+    if total <= 1:
+        return [range(count)]
+    per_chunk = math.ceil(count / total) if total == math.ceil(count / max_docs) else None
     chunks: list[range] = []
-    start, tokens = 0, 0
-    for index, document in enumerate(documents):
-        cost = query_cost + min(estimate(document), limits.max_item_tokens)
-        size = index - start
-        over_tokens = limits.max_tokens is not None and tokens + cost > limits.max_tokens
-        if size and (size >= target or over_tokens):
-            chunks.append(range(start, index))
-            start, tokens = index, 0
-        tokens += cost
-    if start < count or not chunks:
-        chunks.append(range(start, count))
+    start = 0
+    for left in range(total, 1, -1):
+        if per_chunk is not None:
+            aim = start + per_chunk
+        else:  # take each document whose middle is within the chunk's share of the tokens left
+            share = Fraction(sum(costs[start:]), left)
+            aim, tokens = start, 0
+            while aim < count and tokens + Fraction(costs[aim], 2) <= share:
+                aim, tokens = aim + 1, tokens + costs[aim]
+        ends = [end for end in range(start + 1, count) if fits(start, end) and fewest(end) <= left - 1]
+        end = min(max(aim, ends[0]), ends[-1])
+        chunks.append(range(start, end))
+        start = end
+    chunks.append(range(start, count))
     return chunks
 
 
