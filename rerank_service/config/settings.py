@@ -455,16 +455,14 @@ OptionalPort = Annotated[
     BeforeValidator(_off_is_none_or_number),
     Expect("a port number from 0 to 65535, or off", unset="off"),
 ]
-Count = Annotated[int, NOT_A_SWITCH, Field(ge=1), Expect("an integer >= 1")]
+# Every count has a bound, a C int: far past any sensible count, and taken by all they feed
+# (sockets, semaphores, pools, grpc). An unbounded one (10**20) passed check-config, then
+# serve died logging it: the log's JSON takes no integer past 64 bits.
+_C_INT_MAX = 2**31 - 1
+Count = Annotated[int, NOT_A_SWITCH, Field(ge=1, le=_C_INT_MAX), Expect(f"an integer from 1 to {_C_INT_MAX}")]
 # Settings grpc's C core takes as a C int (counts, and seconds it takes in milliseconds):
 # past these it raises OverflowError when the server is built, so they are refused here.
-_C_INT_MAX = 2**31 - 1
-GrpcCount = Annotated[
-    int,
-    NOT_A_SWITCH,
-    Field(ge=1, le=_C_INT_MAX),
-    Expect(f"an integer from 1 to {_C_INT_MAX}"),
-]
+GrpcCount = Count
 # Counts ListModels sends in the contract's int32 fields: past it protobuf refuses the
 # answer (INTERNAL "Value out of range"), so they are refused here.
 Int32Count = GrpcCount
@@ -481,14 +479,24 @@ GrpcSecondsOrZero = Annotated[
     Field(ge=0, le=_GRPC_SECONDS_MAX, allow_inf_nan=False),
     Expect(f"a finite number of seconds >= 0, at most {_GRPC_SECONDS_MAX:,}"),
 ]
+# Server processes: one per core makes sense, and no machine runs more cores than this (as Threads).
+_MOST_WORKERS = 4096
 Workers = Annotated[
     int,
     NOT_A_SWITCH,
     BeforeValidator(_auto_workers),
-    Field(ge=1),
-    Expect("an integer >= 1, or auto"),
+    Field(ge=1, le=_MOST_WORKERS),
+    Expect(f"an integer from 1 to {_MOST_WORKERS}, or auto"),
 ]
-CountOrZero = Annotated[int, NOT_A_SWITCH, Field(ge=0), Expect("an integer >= 0")]
+CountOrZero = Annotated[
+    int, NOT_A_SWITCH, Field(ge=0, le=_C_INT_MAX), Expect(f"an integer from 0 to {_C_INT_MAX}")
+]
+# Bytes may pass a C int (--max-inflight-bytes must hold --max-message-bytes, itself up to
+# one): a tebibyte, far past any process's memory, still within what the log's JSON takes.
+_BYTES_MAX = 2**40
+ByteCount = Annotated[
+    int, NOT_A_SWITCH, Field(ge=1, le=_BYTES_MAX), Expect(f"an integer from 1 to {_BYTES_MAX} (1 TiB)")
+]
 # A thread count: torch takes a C int, and no machine runs more than this many cores.
 Threads = Annotated[int, NOT_A_SWITCH, Field(ge=0, le=4096), Expect("an integer from 0 to 4096")]
 # The longest any duration setting may be: a year. Far past any sensible one, and well
@@ -609,10 +617,10 @@ UrlPath = Annotated[
     Expect("a path starting with /, such as /v2/rerank"),
 ]
 OptionalCount = Annotated[
-    Annotated[int, Field(ge=1)] | None,
+    Annotated[int, Field(ge=1, le=_C_INT_MAX)] | None,
     NOT_A_SWITCH,
     BeforeValidator(_blank_is_none),
-    Expect("an integer >= 1", unset="the format's own limit"),
+    Expect(f"an integer from 1 to {_C_INT_MAX}", unset="the format's own limit"),
 ]
 LogFormat = Annotated[Literal["auto", "json", "console"], BeforeValidator(_trimmed_lower)]
 LogLevel = Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_trimmed_lower)]
@@ -840,7 +848,7 @@ class Settings:
         description="RerankService calls in flight at once (a stream counts as one); past it "
         "RESOURCE_EXHAUSTED",
     )
-    max_inflight_bytes: Count = Field(
+    max_inflight_bytes: ByteCount = Field(
         default=128 * 1024 * 1024,
         description="bytes of request messages being worked on at once (a stream item counts like a "
         "call); past it a call gets RESOURCE_EXHAUSTED and a stream's next item waits. The process "

@@ -11,6 +11,7 @@ so a call that logs nothing pays nothing for it.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import re
 import sys
@@ -80,7 +81,30 @@ def mask_also(secrets: Iterable[Secret]) -> None:
 
 def _json_line(event: EventDict, **_: Any) -> str:
     # orjson: several times faster than json.dumps; default=str as JSONRenderer does.
-    return orjson.dumps(event, default=str).decode()
+    try:
+        return orjson.dumps(event, default=str).decode()
+    except TypeError:  # orjson.JSONEncodeError is one
+        return _stdlib_json_line(event)
+
+
+# A lone surrogate: what Python holds for a byte of a path or argument that is not UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _stdlib_json_line(event: EventDict) -> str:
+    """The line of an event orjson refuses: an int past 64 bits, a str holding a lone
+    surrogate (a --config path that is not UTF-8), nesting past 254 deep. A log call must
+    never raise: the line was lost, and what its caller did after it skipped (the refused
+    reload's line, an asyncio "Task exception was never retrieved" in its place)."""
+    try:
+        text = json.dumps(event, default=str, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):  # a key no str, a cycle: each field as its str
+        text = json.dumps(
+            {str(key): str(value) for key, value in event.items()}, ensure_ascii=False, separators=(",", ":")
+        )
+    # A lone surrogate is no UTF-8 (the stream would refuse it) and no strict JSON parser takes
+    # its \u escape: it is written as that escape's text instead (c\udcff.yaml).
+    return _SURROGATE.sub(lambda found: f"\\\\u{ord(found[0]):04x}", text)
 
 
 def configure_logging(

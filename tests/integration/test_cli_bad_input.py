@@ -4,11 +4,14 @@ and exit 2, before any call, never a traceback or a misleading status from the s
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support.process import run_cli
+from tests.support.process import ServiceProcess, run_cli
+from tests.support.waiting import wait_until
 
 # Nothing listens here: a command that got as far as calling would fail with exit 1.
 NOWHERE = ("--target", "127.0.0.1:1")
@@ -141,3 +144,29 @@ def test_an_abbreviated_or_mistyped_flag_is_a_usage_error_not_another_flag(
 
     assert line.startswith("rerank-service: error: unrecognized arguments: "), line
     assert flag in line
+
+
+def test_a_reload_refused_is_logged_when_the_config_path_is_not_utf8(tmp_path: Path) -> None:
+    """serve --config c<0xff>.yaml: after a bad edit and SIGHUP, the "reload refused" line
+    (naming the path) was lost, the log's JSON refusing the path's surrogate, and asyncio
+    logged "Task exception was never retrieved" in its place."""
+    path = tmp_path / f"c{NOT_UTF8}.yaml"
+    path.write_text("backend: upstream\nupstream_url: http://127.0.0.1:9\n", encoding="utf-8")
+    with ServiceProcess(["--config", str(path)], {"RERANK_UPSTREAM_API_KEY": "sk-any-0123456789"}) as service:
+
+        def refused() -> list[dict[str, Any]]:
+            return [event for event in service.events() if event.get("event") == "reload refused"]
+
+        path.write_text("backend: upstream\nbogus: 1\n", encoding="utf-8")
+        assert service.process is not None
+        service.process.send_signal(signal.SIGHUP)
+        # Either line ends the wait: the one logged, or asyncio's in its place.
+        assert wait_until(lambda: bool(refused()) or "Task exception" in service.output, timeout=60), (
+            service.output
+        )
+        assert refused(), service.output
+        assert service.terminate() == 0
+
+    [line] = refused()
+    assert "c\\udcff.yaml" in line["error"], line  # the path's byte shown, not the line lost
+    assert "Task exception" not in service.output

@@ -282,7 +282,7 @@ GOOD = "format: cohere\nurl: http://a.example"
         ),
         (
             routes(f"{GOOD}\nmax_connections: 0"),
-            "models[0].deployments[0].max_connections must be an integer >= 1, got 0",
+            "models[0].deployments[0].max_connections must be an integer from 1 to 2147483647, got 0",
         ),
         (
             routes(f"{GOOD}\nweight: 0"),

@@ -1,0 +1,42 @@
+"""Every integer setting has an upper bound: an unbounded one (10**20) passed check-config,
+then serve died logging it (`TypeError: Integer exceeds 64-bit range`, exit 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from rerank_service.config import ConfigError, load_settings
+from rerank_service.config.settings import Option, options
+
+HUGE = str(10**20)  # past 64 bits: what the log's JSON takes no more of
+INTEGERS = [option for option in options() if option.expect.startswith("an integer")]
+
+
+def test_the_integer_settings_are_found() -> None:
+    names = {option.name for option in INTEGERS}
+    assert {"max_connections_per_peer", "http_max_connections", "max_inflight_bytes", "workers"} <= names
+
+
+@pytest.mark.parametrize("option", INTEGERS, ids=lambda option: option.name)
+def test_an_integer_setting_past_its_bound_is_a_configuration_error(option: Option) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {option.env: HUGE})
+
+    assert str(raised.value).startswith(f"{option.flag.removeprefix('--')} must be an integer from "), (
+        raised.value
+    )
+
+
+def test_the_file_form_of_a_huge_count_is_refused_and_its_largest_is_logged(tmp_path: Path) -> None:
+    path = tmp_path / "rerank.yaml"
+    path.write_text(f"max_connections_per_peer: {HUGE}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="max-connections-per-peer must be an integer from 1 to 2147483647"):
+        load_settings({"config": str(path)}, {})
+
+    largest = load_settings(
+        {"http_max_connections": str(2**31 - 1), "max_connections_per_peer": 2**31 - 1}, {}
+    )
+    orjson.dumps({"per_peer": largest.max_connections_per_peer, "http": largest.http_max_connections})
