@@ -169,7 +169,7 @@ class LimitsEntry(BaseModel):
     requests_per_minute: PerMinute | None = None
     documents_per_minute: PerMinute | None = None
     tokens_per_minute: PerMinute | None = None
-    concurrent: Annotated[int, Field(ge=1), NOT_A_SWITCH] | None = None
+    concurrent: Annotated[int, Field(ge=1, le=2**31 - 1), NOT_A_SWITCH] | None = None
     burst: BurstEntry | None = None
 
     @model_validator(mode="after")

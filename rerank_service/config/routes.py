@@ -224,7 +224,7 @@ class RouteEntry(BaseModel):
         Literal["truncate", "chunk", "reject"],
         BeforeValidator(lambda value: value.strip().lower() if isinstance(value, str) else value),
     ] = "truncate"
-    max_tokens_per_doc: Annotated[Annotated[int, Field(ge=1)] | None, NOT_A_SWITCH] = None
+    max_tokens_per_doc: Annotated[Annotated[int, Field(ge=1, le=INT32_MAX)] | None, NOT_A_SWITCH] = None
 
     @field_validator("max_tokens_per_doc")
     @classmethod

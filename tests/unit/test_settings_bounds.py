@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import yaml
 import pytest
 
 from rerank_service.config import ConfigError, load_settings
@@ -40,3 +41,39 @@ def test_the_file_form_of_a_huge_count_is_refused_and_its_largest_is_logged(tmp_
         {"http_max_connections": str(2**31 - 1), "max_connections_per_peer": 2**31 - 1}, {}
     )
     orjson.dumps({"per_peer": largest.max_connections_per_peer, "http": largest.http_max_connections})
+
+
+@pytest.mark.parametrize(
+    ("document", "named"),
+    [
+        (
+            {"models": [{"name": "m", "max_tokens_per_doc": 10**20, "deployments": [{"local": "bundled"}]}]},
+            "max_tokens_per_doc",
+        ),
+        (
+            {
+                "callers": [
+                    {
+                        "name": "search",
+                        "credentials": [
+                            {"key_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}
+                        ],
+                        "limits": {"concurrent": 10**20},
+                    }
+                ]
+            },
+            "concurrent",
+        ),
+    ],
+    ids=["route max_tokens_per_doc", "caller concurrent"],
+)
+def test_a_nested_count_past_its_bound_is_a_configuration_error(
+    tmp_path: Path, document: dict[str, object], named: str
+) -> None:
+    path = tmp_path / "rerank.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"config": str(path)}, {})
+
+    assert named in str(raised.value)
+    assert "2147483647" in str(raised.value)
