@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
-import yaml
 import pytest
+import yaml
 
 from rerank_service.config import ConfigError, load_settings
 from rerank_service.config.settings import Option, options
