@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, TypeVar
@@ -115,33 +115,69 @@ class CallContext:
     cache_mode: CacheMode = CacheMode.READ_WRITE
     # Set by the engine for a call it pinned or a split call: where all its chunks go (CallPin).
     pin: CallPin | None = None
-    # Given by the pipeline to a split call: what its answered chunks cost, written by the
-    # engine if the call is cancelled (its deadline, its caller gone) before it is answered.
-    spent: Spent | None = None
     # Given by the pipeline: the deployment the router last sent the call to, what a call
-    # cancelled there (by grpc at its deadline, its caller gone) names, as a failure does.
+    # cancelled there (by grpc at its deadline, its caller gone) names, as a failure does;
+    # and what its backends answered that its outcome will not carry (`Spent`).
     attempted: Attempted | None = None
 
 
 class Attempted:
-    """The deployment a call was last sent to, written by the router as it sends (a split
-    call's chunks: the last chunk's)."""
+    """Where a call went below the pipeline, written as it goes: the deployment it was last
+    sent to, by the router as it sends (a split call's chunks: the last chunk's); and what
+    backends answered it that its outcome will not carry (None: nothing), kept as the call
+    fails or is cancelled holding them."""
 
-    __slots__ = ("deployment",)
+    __slots__ = ("deployment", "spent")
 
     def __init__(self) -> None:
         self.deployment: str | None = None
+        self.spent: Spent | None = None  # made by the first answer kept: none on a call's way
+
+    def spend(self, answers: Iterable[BackendResult]) -> Spent:
+        """Keep `answers` as spent (each once: whoever keeps one, its call never gets it)."""
+        spent = self.spent
+        if spent is None:
+            spent = self.spent = Spent()
+        spent.answers.extend(answers)
+        return spent
 
 
 class Spent:
-    """What a split call's answered chunks cost before it was cancelled: billed upstream
-    all the same, so metered (pipeline/usage.py)."""
+    """What backends answered a call that its outcome will not carry, billed upstream all the
+    same, so metered (pipeline/usage.py): a split call's chunks answered before another failed
+    it or it was cancelled (the engine keeps them), and an answer whose scores the score cache
+    was storing when the call failed or was cancelled (routing/cached_scores.py)."""
 
-    __slots__ = ("backend_calls", "tokens")
+    __slots__ = ("answers",)
 
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.backend_calls = 0
+    def __init__(self, answers: Iterable[BackendResult] = ()) -> None:
+        self.answers = list(answers)  # each with the deployment that gave it
+
+    @property
+    def tokens(self) -> int:
+        """Their tokens, capped as the contract's int32 is."""
+        return min(sum(answer.total_tokens for answer in self.answers), MAX_TOKENS)
+
+    @property
+    def backend_calls(self) -> int:
+        """The backend calls they took (a chunk the cache answered whole took none)."""
+        return sum(answer.cache is not CacheOutcome.HIT for answer in self.answers)
+
+    @property
+    def deployments(self) -> list[str]:
+        """The deployments that answered them from a backend (billed), each once."""
+        return list(
+            dict.fromkeys(
+                answer.deployment
+                for answer in self.answers
+                if answer.deployment and answer.cache is not CacheOutcome.HIT
+            )
+        )
+
+    @property
+    def upstream_request_ids(self) -> list[str]:
+        """The upstream ids they were answered under."""
+        return [answer.upstream_request_id for answer in self.answers if answer.upstream_request_id]
 
 
 class CallPin:

@@ -20,6 +20,7 @@ from rerank_service.core.backend import Backend
 from rerank_service.core.chunking import CallLimits, estimate_tokens, fan_out, split, text_bytes
 from rerank_service.core.domain import (
     MAX_TOKENS,
+    Attempted,
     BackendRequest,
     BackendResult,
     CacheOutcome,
@@ -32,6 +33,7 @@ from rerank_service.core.domain import (
     RerankRequest,
     ScoredDocument,
     ServiceError,
+    Spent,
     cache_outcome,
     combined,
     invalid_argument,
@@ -229,11 +231,11 @@ class RerankEngine:
                 tasks = [group.create_task(run(chunk)) for chunk in chunks]
         except BaseExceptionGroup as failed:
             # The TaskGroup cancelled the other chunks; never present a partial ranking.
-            raise _with_answered_chunks(_first_error(failed), tasks) from None
+            raise _with_answered_chunks(_first_error(failed), tasks, context.attempted) from None
         except asyncio.CancelledError:
             # The call itself was cancelled: what its chunks answered was billed all the same.
-            if context.spent is not None:
-                context.spent.tokens, context.spent.backend_calls = _billed(_answered(tasks))
+            if context.attempted is not None:
+                context.attempted.spend(_answered(tasks))
             raise
         return [task.result() for task in tasks]
 
@@ -382,14 +384,18 @@ def usage_source(results: list[BackendResult]) -> str:
     return next((source for source in sources if source != "cache"), "cache")
 
 
-def _with_answered_chunks(error: BaseException, tasks: list[asyncio.Task[BackendResult]]) -> BaseException:
-    """`error`, carrying what the chunks answered before it cost: a failed call is metered
-    for them, as the backends billed them (and the cache serves their scores for free)."""
+def _with_answered_chunks(
+    error: BaseException, tasks: list[asyncio.Task[BackendResult]], attempted: Attempted | None
+) -> BaseException:
+    """`error`, carrying what the call's backends answered before it cost: a failed call is
+    metered for them, as the backends billed them (and the cache serves their scores for
+    free). They are the chunks that ended answered, kept in `attempted` beside the answers
+    of chunks cancelled while the score cache stored their scores (kept there as they were)."""
     answered = _answered(tasks)
-    if not isinstance(error, ServiceError) or not answered:
+    spent = Spent(answered) if attempted is None else attempted.spend(answered)
+    if not isinstance(error, ServiceError) or not spent.answers:
         return error
-    tokens, backend_calls = _billed(answered)
-    return dataclasses.replace(error, tokens_used=tokens, backend_calls=backend_calls)
+    return dataclasses.replace(error, tokens_used=spent.tokens, backend_calls=spent.backend_calls)
 
 
 def _answered(tasks: list[asyncio.Task[BackendResult]]) -> list[BackendResult]:
@@ -397,13 +403,6 @@ def _answered(tasks: list[asyncio.Task[BackendResult]]) -> list[BackendResult]:
     return [
         task.result() for task in tasks if task.done() and not task.cancelled() and task.exception() is None
     ]
-
-
-def _billed(answered: list[BackendResult]) -> tuple[int, int]:
-    """What answered chunks cost: their tokens (capped, as the contract's int32 is) and the
-    backend calls made (a chunk the cache answered whole made none)."""
-    tokens = min(sum(result.total_tokens for result in answered), MAX_TOKENS)
-    return tokens, sum(result.cache is not CacheOutcome.HIT for result in answered)
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

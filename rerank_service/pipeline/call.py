@@ -52,7 +52,6 @@ from rerank_service.core.domain import (
     RerankOutcome,
     RerankRequest,
     ServiceError,
-    Spent,
     echo,
     replaced,
 )
@@ -205,7 +204,6 @@ class Call:
         "_pipeline",
         "_share",
         "_slot",
-        "_spent",
         "_token",
         "_unspanned",
         "attempted",
@@ -263,8 +261,9 @@ class Call:
         # admission slot counts against (None: no caller known).
         self.caller: Caller | None = None
         self._grant: Grant | None = None
-        self._spent: Spent | None = None  # a split call's: what its chunks answered
-        self.attempted = Attempted()  # the deployment it was last sent to (the router's)
+        # The deployment it was last sent to (the router's), and what backends answered it
+        # that its outcome will not carry (kept as it failed or was cancelled holding them).
+        self.attempted = Attempted()
         self._share: str | None = None
         # Its span (tracing on and sampled), and the HTTP status it was answered with.
         self.span: SpanHandle | None = None
@@ -387,9 +386,6 @@ class Call:
                     finally:
                         if waiting is not None:
                             waiting.end()
-            if len(prepared.chunks) > 1:  # what its chunks answered, should it be cancelled
-                self._spent = Spent()
-                context = replaced(context, spent=self._spent)
             self.outcome = await engine.run(prepared, context)
         finally:
             prepared.release()
@@ -435,8 +431,11 @@ class Call:
             self.attempted.deployment,
         )  # fmt: skip
         span = self.span
+        # Tokens of a successful call only: one answered that failed after (too large, never
+        # sent) is no call whose tokens a caller was told.
+        tokens = facts.total_tokens if self.code is grpc.StatusCode.OK else None
         self._measured.finished(
-            self.code, seconds, self.documents, facts.total_tokens, None if span is None else span.trace_id
+            self.code, seconds, self.documents, tokens, None if span is None else span.trace_id
         )
         if self.caller is not None:  # its limits settled before anything is written
             self._meter(seconds)
@@ -500,9 +499,13 @@ class Call:
                 # upstream may have scored, and billed, the documents; the estimate stays.
                 used = self._grant.tokens_taken
             else:
-                # Failed: nothing was scored, but the chunks of a split call answered before
-                # another failed it (billed, and their scores cached).
-                used = self.failure.tokens_used if self.failure is not None else 0
+                # Failed: nothing was scored, but what backends answered before the failure
+                # (a split call's chunks, an answer whose scores were being stored): billed.
+                spent = self.attempted.spent
+                if spent is not None:
+                    used = spent.tokens
+                else:
+                    used = self.failure.tokens_used if self.failure is not None else 0
             pipeline.limiter.settle(self._grant, used, pipeline.callers.limits_now(caller.name))
             self._grant = None
         model = self.model
@@ -513,6 +516,6 @@ class Call:
         )
         metered = MeteredCall(
             caller, model, known, self.code, self.documents, outcome, self.failure,
-            self.request_id, self.method, seconds, self._spent,
+            self.request_id, self.method, seconds, self.attempted.spent, self.attempted.deployment,
         )  # fmt: skip
         pipeline.usage.record(metered)

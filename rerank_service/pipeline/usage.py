@@ -46,7 +46,10 @@ class MeteredCall:
     request_id: str
     method: str
     seconds: float
-    spent: Spent | None = None  # a split call cancelled: what its answered chunks cost
+    # What backends answered it that its outcome does not carry (a split call's chunks answered
+    # before it failed or was cancelled, an answer whose scores were being stored then).
+    spent: Spent | None = None
+    attempted: str | None = None  # the deployment the router last sent it to
 
 
 class UsageLog:
@@ -166,31 +169,41 @@ class UsageMeter:
 
 
 def _record(call: MeteredCall, model: str) -> dict[str, object]:
-    outcome, failure = call.outcome, call.failure
+    outcome, failure, spent = call.outcome, call.failure, call.spent
     answered = outcome is not None and call.code == grpc.StatusCode.OK
-    deployment = None
-    if outcome is not None and outcome.deployments:
-        deployment = ",".join(outcome.deployments)
-    elif failure is not None:
-        deployment = failure.deployment
     # Not answered, yet billed upstream: a call the backend answered that failed after (its
-    # answer too large to send, its deadline passed as it went out), or a failed split call's
-    # chunks answered before the failure. The tokens limit is charged as much (call.py).
+    # answer too large to send, its deadline passed as it went out), or what backends answered
+    # a call that failed or was cancelled before its outcome (a split call's chunks, an answer
+    # whose scores were being stored). The tokens limit is charged as much (call.py).
     if outcome is not None:
         spent_tokens, spent_calls = outcome.total_tokens, outcome.backend_calls
+    elif spent is not None:
+        spent_tokens, spent_calls = spent.tokens, spent.backend_calls
     elif failure is not None:
         spent_tokens, spent_calls = failure.tokens_used, failure.backend_calls
-    elif call.spent is not None:
-        spent_tokens, spent_calls = call.spent.tokens, call.spent.backend_calls
     else:
         spent_tokens, spent_calls = 0, 0
+    deployment = None
+    upstream_ids: list[str] = []
+    if outcome is not None:
+        upstream_ids = list(outcome.upstream_request_ids)
+        if outcome.deployments:
+            deployment = ",".join(outcome.deployments)
+    elif spent is not None and spent_calls:
+        # What was billed is named after the deployments that answered it, not the one that
+        # failed the call (another chunk's), with the ids the upstreams billed it under.
+        deployment = ",".join(spent.deployments) or None
+        upstream_ids = spent.upstream_request_ids
+    if deployment is None:
+        # The one that failed it, else the one it was last sent to (its caller went away there).
+        deployment = failure.deployment if failure is not None and failure.deployment else call.attempted
     return {
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
         "caller": call.caller.name,
         "model": model,
         "deployment": deployment,
         "request_id": call.request_id,
-        "upstream_request_ids": list(outcome.upstream_request_ids) if outcome is not None else [],
+        "upstream_request_ids": upstream_ids,
         "method": call.method,
         "code": code_name(call.code),
         "documents": call.documents if answered else 0,

@@ -7,6 +7,8 @@ so deployments of one model share scores and a fallback to another model never r
 A call's documents the cache knows are answered from it; the others are sent to the
 deployment in one request, and their scores stored once the backend's answer passed its
 checks (a failed call stores nothing). Each chunk of a split call comes here on its own.
+An answer whose scores are being stored when the call ends (its deadline, its caller gone,
+another chunk failed) is kept as the call's spent (`Attempted.spend`): billed all the same.
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ class CachedScores:
         # imports torch, on the event loop, while the loader's thread may still be importing it.
         if mode is CacheMode.OFF or (self._readiness is not None and not self._readiness.ready):
             return await score(request, context)
+        # The deployment this is (the router names it as it sends, before this first await):
+        # what an answer kept as spent names, should the call end while its scores are stored.
+        attempted = context.attempted
+        deployment = None if attempted is None else attempted.deployment
         keys = self._keys_of(request.model).keys(request.instruct, request.query, request.documents)
         wait = None if context.deadline is None else max(0.0, context.deadline - time.monotonic())
         cache, metrics = self._cache, self._metrics
@@ -98,23 +104,31 @@ class CachedScores:
             except BaseException:
                 metrics.sync(cache.counts())  # what the lookup counted (a Redis error) is shown all the same
                 raise
-            # Counted once the backend answered, for the deployment whose answer is used: one
-            # that failed falls over to the next, which looks the chunk up again.
-            metrics.looked_up(route, lookup.outcome.value, len(hits), len(missing))
-            if hits:  # the backend's indices are into the documents it was sent
-                scores = [ScoredDocument(missing[scored.index], scored.score) for scored in result.scores]
-            else:
-                scores = result.scores
-            indices = list(map(_INDEX, scores))
-            await lookup.store_columns(
-                indices,
-                list(map(_SCORE, scores)),
-                _token_shares(request.query, documents, indices, result.total_tokens),
-            )
-            metrics.sync(cache.counts())
-            if hits:
-                scores.extend(map(ScoredDocument, hits, map(_SCORE, hits.values())))
-            return replaced(result, scores=scores, cache=lookup.outcome, cached_tokens=cached_tokens)
+            try:
+                # Counted once the backend answered, for the deployment whose answer is used: one
+                # that failed falls over to the next, which looks the chunk up again.
+                metrics.looked_up(route, lookup.outcome.value, len(hits), len(missing))
+                if hits:  # the backend's indices are into the documents it was sent
+                    scores = [ScoredDocument(missing[scored.index], scored.score) for scored in result.scores]
+                else:
+                    scores = result.scores
+                indices = list(map(_INDEX, scores))
+                await lookup.store_columns(
+                    indices,
+                    list(map(_SCORE, scores)),
+                    _token_shares(request.query, documents, indices, result.total_tokens),
+                )
+                metrics.sync(cache.counts())
+                if hits:
+                    scores.extend(map(ScoredDocument, hits, map(_SCORE, hits.values())))
+                return replaced(result, scores=scores, cache=lookup.outcome, cached_tokens=cached_tokens)
+            except BaseException:
+                # The call ended (its deadline, its caller gone, another chunk failed) while its
+                # scores were stored (a slow Redis): the backend billed the answer all the same,
+                # and the call's metering never gets it, so it is kept as spent.
+                if attempted is not None:
+                    attempted.spend((replaced(result, deployment=deployment),))
+                raise
 
     def _keys_of(self, model: str) -> PairKeys:
         keys = self._keys.get(model)

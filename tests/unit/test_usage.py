@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
@@ -14,7 +15,10 @@ import grpc
 import pytest
 from prometheus_client import generate_latest
 
+from rerank_service.cache import MemoryTier, ScoreCache
+from rerank_service.cache.single_flight import Flight
 from rerank_service.config import ConfigError
+from rerank_service.config.callers import BucketLimit, CallerLimits
 from rerank_service.core.backend import Backend
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import (
@@ -26,6 +30,7 @@ from rerank_service.core.domain import (
     RerankRequest,
     ScoredDocument,
     ServiceError,
+    replaced,
 )
 from rerank_service.core.engine import RerankEngine
 from rerank_service.core.readiness import Readiness
@@ -37,6 +42,7 @@ from rerank_service.pipeline.call import Pipeline
 from rerank_service.pipeline.callers import Caller, CallerDirectory
 from rerank_service.pipeline.limits import FAIR_SHARE, fair_share_refusal
 from rerank_service.pipeline.usage import UNKNOWN_MODEL, MeteredCall, UsageLog, UsageMeter, open_usage_log
+from rerank_service.routing.cached_scores import CachedScores
 from tests.support.logs import LogCapture
 
 SEARCH = Caller("search", configured=True)
@@ -285,3 +291,215 @@ def test_a_split_call_cancelled_logs_what_its_answered_chunks_cost(tmp_path: Pat
 
     (line,) = [json.loads(text) for text in path.read_text().splitlines()]
     assert (line["code"], line["tokens"], line["backend_calls"]) == ("CANCELLED", 7, 1)
+
+
+class _StoreHangs(ScoreCache):
+    """A score cache whose writes of new scores never end (a Redis answering them slowly,
+    within --cache-store-timeout); `storing` is set once `expected` calls are writing."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__(MemoryTier(1 << 20, 60.0))
+        self.expected = expected
+        self.writing = 0
+        self.storing = asyncio.Event()
+
+    async def store_columns(
+        self,
+        keys: Sequence[bytes],
+        scores: Sequence[float],
+        tokens: Sequence[int | None],
+        flight: Flight | None = None,
+    ) -> None:
+        await super().store_columns(keys, scores, tokens, flight)
+        self.writing += 1
+        if self.writing == self.expected:
+            self.storing.set()
+        await asyncio.Event().wait()
+
+
+class _Route:
+    """A route's deployments as the router sends them a call, one document a chunk: document
+    `d` goes to `where[d]`, named as it is sent (the router's `Attempted`), whose backend
+    answers it 7 tokens under the upstream id `up-d`, through the score cache where there is
+    one; but the document `refused` is refused by its deployment once `refuse_after` is set,
+    and every document waits for its cancellation where `hangs`."""
+
+    def __init__(
+        self,
+        where: dict[str, str],
+        cache: ScoreCache | None = None,
+        refused: str | None = None,
+        refuse_after: asyncio.Event | None = None,
+        hangs: bool = False,
+    ) -> None:
+        self.readiness = Readiness(True)
+        self.where = where
+        self.cached = None
+        if cache is not None:
+            self.cached = CachedScores(cache, lambda model: {"model": model}, Metrics().cache)
+        self.refused, self.refuse_after, self.hangs = refused, refuse_after, hangs
+        self.sent = asyncio.Event()
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo("qwen3-rerank", 100, 100, supports_instruct=True, backend="upstream")]
+
+    def call_limits(self, model: str) -> CallLimits:
+        return CallLimits(max_documents=1)
+
+    async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
+        (document,) = request.documents
+        deployment = self.where[document]
+        if context.attempted is not None:
+            context.attempted.deployment = deployment
+
+        async def score(request: BackendRequest, context: CallContext) -> BackendResult:
+            self.sent.set()
+            if document == self.refused:
+                if self.refuse_after is not None:
+                    await self.refuse_after.wait()
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "refused").at_deployment(deployment)
+            if self.hangs:
+                await asyncio.Event().wait()
+            return BackendResult([ScoredDocument(0, 0.5)], 7, upstream_request_id=f"up-{document}")
+
+        if self.cached is None:
+            result = await score(request, context)
+        else:
+            result = await self.cached.rerank("route", request, context, score)
+        return replaced(result, deployment=deployment)
+
+
+_TOKENS = BucketLimit("tokens_per_minute", 0.001, 1000)  # no refill within a test
+
+
+def _metered(
+    tmp_path: Path,
+    route: _Route,
+    documents: list[str],
+    cancel_once: asyncio.Event | None = None,
+    chunk_concurrency: int = 3,
+) -> tuple[dict[str, object], float]:
+    """The usage line of a call of `documents` to `route`, cancelled once `cancel_once` is
+    set (where given), and what its caller's tokens bucket (1,000) holds after it."""
+    path = tmp_path / "usage.jsonl"
+    engine = RerankEngine(cast(Backend, route), chunk_concurrency=chunk_concurrency, max_fanout_factor=100)
+    pipeline = Pipeline(
+        engine, Admission(4), CallerDirectory(), usage=UsageMeter(Metrics().callers, UsageLog(str(path)))
+    )
+    call = pipeline.open("/rerank.v1.RerankService/Rerank", "peer", pipeline.metrics.for_method("m"))
+    call.caller = Caller("search", limits=CallerLimits(tokens=_TOKENS), configured=True)
+    call.admit(0)
+
+    async def run() -> None:
+        running = asyncio.create_task(
+            call.rerank(RerankRequest("qwen3-rerank", "q", documents), CallContext(attempted=call.attempted))
+        )
+        if cancel_once is not None:
+            await cancel_once.wait()
+            running.cancel()
+        try:
+            await running
+        except ServiceError as error:
+            call.failed(error)
+        except asyncio.CancelledError:
+            assert cancel_once is not None
+
+    asyncio.run(run())
+    call.finish()
+    pipeline.usage.close()
+    (line,) = [json.loads(text) for text in path.read_text().splitlines()]
+    return line, pipeline.limiter.local.level("search", _TOKENS)
+
+
+def test_a_call_cancelled_while_its_scores_are_stored_logs_what_its_answer_cost(tmp_path: Path) -> None:
+    """Its deadline passed (or its caller went away) while a slow Redis took its new scores:
+    billed upstream, and its scores then served as cached_tokens, it was logged tokens 0."""
+    cache = _StoreHangs(expected=1)
+    route = _Route({"a": "eu"}, cache)
+
+    line, _ = _metered(tmp_path, route, ["a"], cancel_once=cache.storing)
+
+    assert (line["code"], line["tokens"], line["backend_calls"]) == ("CANCELLED", 7, 1)
+    assert (line["deployment"], line["upstream_request_ids"]) == ("eu", ["up-a"])
+
+
+def test_a_split_call_failed_while_its_answered_chunks_are_stored_is_metered_for_them(
+    tmp_path: Path,
+) -> None:
+    """A chunk refused while the two answered ones wrote their scores to a slow Redis: they
+    were cancelled as not answered, and the call logged tokens 0 and gave its caller's whole
+    estimate back, named after the deployment that refused it."""
+    cache = _StoreHangs(expected=2)
+    route = _Route({"a": "eu", "b": "eu", "c": "us"}, cache, refused="c", refuse_after=cache.storing)
+
+    line, left = _metered(tmp_path, route, ["a", "b", "c"])
+
+    assert (line["code"], line["tokens"], line["backend_calls"]) == ("INVALID_ARGUMENT", 14, 2)
+    assert line["deployment"] == "eu"
+    assert sorted(cast(list[str], line["upstream_request_ids"])) == ["up-a", "up-b"]
+    assert left == pytest.approx(1000 - 14, abs=0.01)
+
+
+def test_a_split_call_cancelled_while_its_chunks_are_stored_logs_what_they_cost(tmp_path: Path) -> None:
+    cache = _StoreHangs(expected=3)
+    route = _Route({"a": "eu", "b": "eu", "c": "us"}, cache)
+
+    line, _ = _metered(tmp_path, route, ["a", "b", "c"], cancel_once=cache.storing)
+
+    assert (line["code"], line["tokens"], line["backend_calls"]) == ("CANCELLED", 21, 3)
+    assert line["deployment"] == "eu,us"
+
+
+def test_a_failed_split_call_names_the_deployment_that_answered_what_it_was_billed(tmp_path: Path) -> None:
+    """One deployment answered a chunk, another refused the next: the line said the refusing
+    deployment used the tokens, and listed no upstream id to reconcile them with."""
+    route = _Route({"a": "d1", "b": "d2"}, refused="b")
+
+    line, left = _metered(tmp_path, route, ["a", "b"], chunk_concurrency=1)
+
+    assert (line["code"], line["tokens"], line["backend_calls"]) == ("INVALID_ARGUMENT", 7, 1)
+    assert (line["deployment"], line["upstream_request_ids"]) == ("d1", ["up-a"])
+    assert left == pytest.approx(1000 - 7, abs=0.01)
+
+
+def test_a_call_cancelled_on_its_deployment_names_it(tmp_path: Path) -> None:
+    """Its caller went away while the deployment worked on it: the access log named the
+    deployment, the usage line none."""
+    route = _Route({"a": "eu"}, hangs=True)
+
+    line, _ = _metered(tmp_path, route, ["a"], cancel_once=route.sent)
+
+    assert (line["code"], line["tokens"], line["deployment"]) == ("CANCELLED", 0, "eu")
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "ANSWER_TOO_LARGE"),  # over --max-message-bytes
+        (grpc.StatusCode.CANCELLED, None),  # a RerankStream item whose answer was never sent
+    ],
+)
+def test_tokens_per_call_counts_successful_calls_only(code: grpc.StatusCode, reason: str | None) -> None:
+    """A call answered by its backend that failed after observed its tokens in
+    rerank_tokens_per_call, whose help and docs say successful calls only."""
+    engine = RerankEngine(
+        cast(Backend, _Route({"a": "eu", "b": "eu"})), chunk_concurrency=1, max_fanout_factor=100
+    )
+    pipeline = Pipeline(engine, Admission(4), CallerDirectory())
+    measured = pipeline.metrics.for_method("/rerank.v1.RerankService/Rerank")
+
+    def sample(name: str) -> float | None:
+        return pipeline.metrics.registry.get_sample_value(name)
+
+    for failed in (False, True):
+        call = pipeline.open("/rerank.v1.RerankService/Rerank", "peer", measured)
+        call.admit(0)
+        asyncio.run(call.rerank(RerankRequest("qwen3-rerank", "q", ["a", "b"]), CallContext()))
+        if failed:
+            call.failed(ServiceError(code, "it failed after", reason=reason))
+        else:
+            call.succeeded()
+        call.finish()
+
+    assert (sample("rerank_tokens_per_call_count"), sample("rerank_tokens_per_call_sum")) == (1, 14)
+    assert sample("rerank_documents_per_call_count") == 2  # documents: every call let through
