@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.client
+import ipaddress
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,7 +66,30 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_CONFIG_ERROR, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        self.exit(EXIT_CONFIG_ERROR, f"{self.prog}: error: {_unrepeated(message)}; see {self.prog} --help\n")
+
+
+# A token argparse did not take that names an option (-d, --upstream-api-key), cut at '='.
+_OPTION = re.compile(r"-[A-Za-z]|--[A-Za-z][A-Za-z0-9_-]*")
+
+
+def _unrepeated(message: str) -> str:
+    """argparse's message without the values it would repeat: what it did not recognise, or
+    the word it took for the command, may be the key given to a flag that does not exist
+    (`--upstream-api-key sk-...`), and keys never appear in an error (CONFIGURATION.md#secrets).
+    The options are named, without their values."""
+    unrecognized = "unrecognized arguments: "
+    if message.startswith(unrecognized):
+        tokens = message.removeprefix(unrecognized).split()
+        options = [token.partition("=")[0] for token in tokens]
+        named = [option for option in options if _OPTION.fullmatch(option)]
+        left_out = len(named) < len(tokens) or any("=" in token for token in tokens)
+        return unrecognized + " ".join([*named, "(values not repeated)"] if left_out else named)
+    invalid_command = "argument COMMAND: invalid choice: "
+    if message.startswith(invalid_command):
+        _, _, choices = message.rpartition(" (choose from ")
+        return f"argument COMMAND: invalid choice, not repeated (choose from {choices}"
+    return message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -185,8 +210,9 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     `health` as a probe reads as a server down."""
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("tls-cert and tls-key go together: set both to send a client certificate")
+    options = _channel_options(args.target)
     if not (args.tls or args.tls_ca or args.tls_cert):
-        return grpc.insecure_channel(args.target)
+        return grpc.insecure_channel(args.target, options=options)
     from rerank_service.config.server import TlsConfig  # late: `rerank --help` stays fast
     from rerank_service.config.tls_files import read_tls
 
@@ -201,7 +227,48 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
         private_key=client.key if client else None,
         certificate_chain=client.cert if client else None,
     )
-    return grpc.secure_channel(args.target, credentials)
+    return grpc.secure_channel(args.target, credentials, options=options)
+
+
+def _channel_options(target: str) -> list[tuple[str, int]]:
+    """No receive limit of the client's own (-1), as clients/python's CHANNEL_OPTIONS: the
+    server bounds both ways (--max-message-bytes, 16 MiB by default), and grpc's 4 MiB default
+    would fail an answer the server had already ranked and billed (--return-documents over
+    large documents). No proxy for this machine's own server: grpc dials through a lowercase
+    grpc_proxy/https_proxy/http_proxy unless no_proxy names the host, so a pod given one for
+    its upstream would fail its own `health --target localhost:PORT` probe."""
+    options = [("grpc.max_receive_message_length", -1)]
+    if _loopback(target):
+        options.append(("grpc.enable_http_proxy", 0))
+    return options
+
+
+def _loopback(target: str) -> bool:
+    """Whether a grpc target (HOST:PORT, dns:, ipv4:, ipv6:, unix:) names only this machine:
+    localhost, 127.0.0.0/8, [::1] or a unix socket."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    scheme, colon, addresses = target.partition(":")
+    if not (colon and scheme in ("dns", "ipv4", "ipv6")):
+        addresses = target  # HOST:PORT, dns's by default
+    elif addresses.startswith("//"):  # dns://AUTHORITY/HOST:PORT
+        addresses = addresses[2:].partition("/")[2]
+    return all(_loopback_address(address) for address in addresses.split(","))  # ipv4:A,B
+
+
+def _loopback_address(address: str) -> bool:
+    if address.startswith("["):  # [IPv6]:PORT
+        host = address[1:].partition("]")[0]
+    elif address.count(":") == 1:
+        host = address.partition(":")[0]
+    else:  # no port, or a bare IPv6 address
+        host = address
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another name
+        return False
 
 
 def _read_pem(name: str, path: Path) -> bytes:
@@ -388,7 +455,10 @@ def _check_config(args: argparse.Namespace) -> int:
     _check_start_up_files(settings)
     deployments = {id(member.deployment) for route in routes for member in route.members}
     callers = f", {len(settings.callers)} callers" if settings.callers else ""
-    print(f"{args.file}: ok: {len(routes)} routes, {len(deployments)} deployments{callers}")
+    # A name's byte that is not UTF-8 (a surrogate here) as its escape, as on stderr and in the
+    # log: a UTF-8 stdout would refuse it, after the file had been checked.
+    named = os.fsdecode(args.file).encode("utf-8", "backslashreplace").decode("utf-8")
+    print(f"{named}: ok: {len(routes)} routes, {len(deployments)} deployments{callers}")
     for route in routes:
         members = ", ".join(
             f"{m.deployment.name} (priority {m.priority}, weight {m.weight})" for m in route.members

@@ -306,6 +306,23 @@ def test_check_config_creates_no_usage_log(tmp_path: Path) -> None:
     assert not (tmp_path / "usage.jsonl").exists()
 
 
+def test_check_config_names_a_file_whose_name_is_not_utf8_on_a_strict_utf8_stdout(tmp_path: Path) -> None:
+    """A UTF-8 locale's stdout (PYTHONIOENCODING=utf-8 here) refuses the name's byte (a
+    surrogate in Python): the last line, after the file had been checked, was a traceback."""
+    config = tmp_path / "ok\udcff.yaml"  # b"ok\xff.yaml" on disk
+    config.write_text(UPSTREAM_FILE, encoding="utf-8")
+
+    result = run_cli(
+        "check-config",
+        str(config),
+        env={"PYTHONIOENCODING": "utf-8", "RERANK_UPSTREAM_API_KEY": "sk-any-0123456789"},
+    )
+
+    assert result.returncode == 0, result.stderr
+    # The byte as its escape, as on stderr and in the log.
+    assert result.stdout.splitlines()[0] == f"{tmp_path}/ok\\udcff.yaml: ok: 1 routes, 1 deployments"
+
+
 def test_check_config_warns_of_a_key_file_others_may_read_as_serve_does(tmp_path: Path) -> None:
     """The warning was held for a log check-config never configured, so never shown."""
     key_file = tmp_path / "upstream.key"

@@ -129,11 +129,11 @@ def test_a_timeout_that_is_not_a_finite_deadline_up_to_a_day_is_a_usage_error(ti
 @pytest.mark.parametrize(
     ("args", "flag"),
     [
-        (("serve", "--api-keys", "k1"), "--api-keys k1"),  # once taken as --api-keys-file k1
-        (("serve", "--upstream-time", "3"), "--upstream-time 3"),
-        (("rerank", *NOWHERE, "--query", "q", "-d", "a", "--top", "2"), "--top 2"),
-        (("health", *NOWHERE, "--serv", "x"), "--serv x"),
-        (("usage", "--metrics", "http://127.0.0.1:1/metrics", "--metr", "x"), "--metr x"),
+        (("serve", "--api-keys", "k1"), "--api-keys"),  # once taken as --api-keys-file k1
+        (("serve", "--upstream-time", "3"), "--upstream-time"),
+        (("rerank", *NOWHERE, "--query", "q", "-d", "a", "--top", "2"), "--top"),
+        (("health", *NOWHERE, "--serv", "x"), "--serv"),
+        (("usage", "--metrics", "http://127.0.0.1:1/metrics", "--metr", "x"), "--metr"),
     ],
     ids=["serve-no-such-flag", "serve-prefix", "rerank-prefix", "health-prefix", "usage-prefix"],
 )
@@ -142,8 +142,43 @@ def test_an_abbreviated_or_mistyped_flag_is_a_usage_error_not_another_flag(
 ) -> None:
     line = _refused(args)
 
-    assert line.startswith("rerank-service: error: unrecognized arguments: "), line
-    assert flag in line
+    assert line.startswith(
+        f"rerank-service: error: unrecognized arguments: {flag} (values not repeated); "
+    ), line
+
+
+KEY = "sk-live-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (
+            ("serve", "--upstream-api-key", KEY),
+            "unrecognized arguments: --upstream-api-key (values not repeated)",
+        ),
+        (("serve", f"--api-keys={KEY}"), "unrecognized arguments: --api-keys (values not repeated)"),
+        (
+            ("rerank", *NOWHERE, "--api_key", KEY, "--query", "q", "-d", "d"),
+            "unrecognized arguments: --api_key (values not repeated)",
+        ),
+        (("serve", KEY), "unrecognized arguments: (values not repeated)"),
+        (
+            ("--upstream-api-key", KEY, "serve"),
+            "argument COMMAND: invalid choice, not repeated (choose from ",
+        ),
+        (("health", *NOWHERE, "--verbose"), "unrecognized arguments: --verbose; "),
+    ],
+    ids=["flag-then-key", "flag=key", "client-flag", "key-alone", "key-as-command", "no-value"],
+)
+def test_a_key_given_to_a_flag_that_does_not_exist_is_not_repeated(args: tuple[str, ...], named: str) -> None:
+    """Keys never appear in an error (CONFIGURATION.md#secrets), nor in the container's log:
+    argparse repeated every argument it did not recognise, and the word it took for the
+    command. The options are named, without their values."""
+    line = _refused(args)
+
+    assert line.startswith(f"rerank-service: error: {named}"), line
+    assert "0123456789abcdef" not in line
 
 
 def test_a_reload_refused_is_logged_when_the_config_path_is_not_utf8(tmp_path: Path) -> None:
