@@ -514,6 +514,9 @@ async def serve(
     if reload is not None:
 
         def on_hangup() -> None:
+            if stop.is_set():  # draining: a reload would start what the exit then waits for
+                _log.info("reload ignored", why="the server is stopping")
+                return
             task = loop.create_task(server.reload(reload), name="reload")
             reloads.add(task)
             task.add_done_callback(reloads.discard)

@@ -17,12 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
-from rerank_service.testing.fake_upstream import FakeUpstream
+from rerank_service.testing.fake_upstream import NEVER, FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY
 from tests.support.process import StartingProcess
+from tests.support.waiting import wait_until
 
 # Where the hook blocks: "thread", the model load in its thread (the event loop runs on);
 # "loop", the backend's start itself, on the event loop (the process cannot handle SIGTERM).
@@ -177,3 +180,36 @@ def test_sigterm_while_a_reload_loads_a_model_exits_zero_at_once_without_waiting
     assert names[-2:] == ["draining", "stopped"]
     assert "reloaded" not in names
     assert "Traceback" not in "".join(server.lines)
+
+
+def test_a_sighup_while_the_server_drains_is_ignored_and_the_exit_waits_for_no_load(
+    tmp_path: Path, upstream: FakeUpstream, hook: dict[str, str], processes: list[StartingProcess]
+) -> None:
+    """A SIGHUP after SIGTERM (a config reloader beside a terminating pod) still reloaded:
+    a model it began to load held the exit after `stopped`, past any grace."""
+    config = _write(tmp_path / "routes.yaml", upstream, local=False)
+    server = StartingProcess(
+        ["--config", str(config), "--device", "cpu", "--shutdown-grace", "120"],
+        env={**hook, "RERANK_TEST_BLOCK": "thread", KEY_ENV: UPSTREAM_KEY},
+    )
+    processes.append(server)
+    server.wait_for("serving")
+    port = next(event["port"] for event in server.events() if event.get("event") == "listening")
+    upstream.inject(Fault(delay=NEVER))  # a call in flight holds the drain open
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        held = rerank_pb2_grpc.RerankServiceStub(channel).Rerank.future(
+            rerank_pb2.RerankRequest(model="search", query="q", documents=["a", "b"]), timeout=120
+        )
+        wait_until(lambda: upstream.in_flight == 1, what="the call at the upstream")
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for("draining")
+        _write(config, upstream, local=True)
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for("reload ignored")
+        held.cancel()  # the drain's last call: the server stops
+        code = server.process.wait(timeout=60)
+
+    names = [event.get("event") for event in server.events()]
+    assert code == 0, server.lines[-20:]
+    assert BLOCKED not in names
+    assert names[-1] == "stopped"
