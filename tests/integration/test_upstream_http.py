@@ -23,6 +23,7 @@ from rerank_service.backends.upstream.client.transport import (
     UpstreamReply,
     UpstreamTransport,
 )
+from rerank_service.backends.upstream.retry import judge
 from rerank_service.config import ConfigError
 from rerank_service.config.secret import Secret
 from rerank_service.core.domain import ServiceError
@@ -203,6 +204,55 @@ async def test_proxy_credentials_go_to_the_proxy(
 
     assert results(await call(transports(upstream.url, proxy=with_credentials))) == EXPECTED
     assert proxy.passed[0].headers["proxy-authorization"] == "Basic c29tZW9uZTpwYTU1d29yZA=="
+
+
+class RefusingProxy:
+    """A proxy that answers every CONNECT with `status_line` (its own reason text in it)."""
+
+    def __init__(self, status_line: bytes) -> None:
+        self.status_line = status_line
+        self.connects = 0
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            self.connects += 1
+            writer.write(
+                b"HTTP/1.1 %s\r\ncontent-length: 6\r\nproxy-authenticate: Basic\r\n\r\ndenied"
+                % self.status_line
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("status", [403, 407, 502])
+async def test_a_proxy_refusing_the_tunnel_is_an_unreachable_upstream_saying_what_it_answered(
+    transports: Transports, status: int
+) -> None:
+    """No tunnel, no connection to the upstream: unreachable (the deployment goes down as for a
+    refused connection). The message has the proxy's status, never its reason text nor the
+    proxy URL's credentials."""
+    proxy = RefusingProxy(b"%d someone:pa55word is refused" % status)
+    url = (await proxy.start()).replace("http://", "http://someone:pa55word@")
+    try:
+        error = await failure_of(transports("https://upstream.test", proxy=url))
+    finally:
+        proxy.server.close()
+
+    assert proxy.connects == 1
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.reason == "UPSTREAM_UNAVAILABLE"
+    assert error.unreachable
+    phrase = {403: "Forbidden", 407: "Proxy Authentication Required", 502: "Bad Gateway"}[status]
+    assert str(error) == f"UNAVAILABLE: upstream unreachable: the proxy refused the tunnel: {status} {phrase}"
+    assert "pa55word" not in str(error)
 
 
 @pytest.mark.parametrize(
@@ -512,6 +562,60 @@ async def test_a_chunked_body_cut_short_is_unavailable_and_worth_a_retry(
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert error.reason == "UPSTREAM_UNAVAILABLE"  # the retry policy retries this reason
     assert UPSTREAM_KEY not in str(error)
+
+
+class FixedAnswerServer(RawHttpServer):
+    """Answers every request with the same bytes."""
+
+    def __init__(self, answer: bytes) -> None:
+        super().__init__()
+        self.bytes = answer
+
+    async def answer(self, number: int) -> bytes:
+        return self.bytes
+
+
+WHOLE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        (WHOLE_HEAD + b"\r\n{}stray bytes", "Bad status line"),
+        (WHOLE_HEAD + b"content-length: 2\r\n\r\n{}", "Duplicate Content-Length"),
+        (
+            WHOLE_HEAD + b"x-big: " + UPSTREAM_KEY.encode() + b"a" * 9000 + b"\r\n\r\n{}",
+            "more than 8190 bytes",
+        ),
+        (WHOLE_HEAD + b"".join(b"x-%d: 1\r\n" % n for n in range(129)) + b"\r\n{}", "Too many headers"),
+    ],
+    ids=[
+        "stray bytes after a whole answer",
+        "two content-lengths",
+        "a header over 8190 bytes",
+        "129 headers",
+    ],
+)
+async def test_an_answer_the_http_parser_refuses_is_a_bad_response_not_retried(
+    transports: Transports, answer: bytes, says: str
+) -> None:
+    """An answer came: the upstream is reachable, and no retry would parse the same
+    answer. The parser's reason is kept; the bytes it quotes (the upstream's) are not."""
+    server = FixedAnswerServer(answer)
+    try:
+        error = await failure_of(transports(await server.start()))
+    finally:
+        server.close()
+
+    assert server.requests == 1
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.reason == "UPSTREAM_BAD_RESPONSE"
+    assert not judge(error, caller_deadline_passed=False).retryable
+    assert not error.unreachable
+    assert str(error).startswith("UNAVAILABLE: upstream answer is not valid HTTP/1.1: ")
+    assert says in str(error)
+    assert UPSTREAM_KEY not in str(error)
+    assert "{}" not in str(error)
 
 
 def complete_gzip() -> bytes:

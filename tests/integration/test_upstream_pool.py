@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import socket
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 
 from rerank_service.backends.upstream import UpstreamBackend
 from rerank_service.backends.upstream.client import budget, exchange
-from rerank_service.backends.upstream.client.connections import PHASE, Phase
+from rerank_service.backends.upstream.client.connections import KEEPALIVE_EXPIRY, PHASE, Phase
 from rerank_service.backends.upstream.client.transport import MAX_RESPONSE_BYTES, UpstreamTransport
 from rerank_service.backends.upstream.retry import judge
 from rerank_service.config.upstream import UpstreamDeploymentConfig
@@ -371,6 +374,39 @@ async def test_an_idle_connection_is_closed_after_its_keep_alive(transports: Tra
         await wait_until_async(lambda: own.open_connections == 0, what="the keep-alive expiring")
 
 
+async def test_an_idle_connection_is_closed_within_the_keep_alive_expiry_whenever_the_sweep_runs(
+    transports: Transports, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OPERATIONS.md: closed by 30 s idle. aiohttp closes idle connections in sweeps, each
+    due a fixed time after the last; the worst case is a connection that went idle just
+    after one. Driven on a fake clock (aiohttp's pool reads time.monotonic as `monotonic`,
+    and sweeps in TCPConnector._cleanup, rescheduling itself as _cleanup_handle): each
+    sweep is run at once, the clock moved on by the delay aiohttp gave the next."""
+    now = [1000.0]
+    monkeypatch.setattr(aiohttp.connector, "monotonic", lambda: now[0])
+    loop = asyncio.get_running_loop()
+    with FakeUpstream() as own:
+        transport = transports(2, url=own.url)
+        assert await post(transport) == 200  # idle since 1000
+        assert transport._session is not None
+        connector = transport._session.connector
+        assert isinstance(connector, aiohttp.TCPConnector)
+
+        now[0] -= 0.001  # a sweep just before the connection went idle: it stays
+        connector._cleanup()
+        for _ in range(5):
+            if not connector._conns:
+                break
+            handle = connector._cleanup_handle
+            assert handle is not None
+            now[0] += handle.when() - loop.time()  # to when the next sweep is due
+            connector._cleanup()
+
+        assert not connector._conns
+        assert now[0] - 1000 <= KEEPALIVE_EXPIRY
+        await wait_until_async(lambda: own.open_connections == 0, what="the connection closed")
+
+
 async def test_closing_the_transport_closes_every_connection(transports: Transports) -> None:
     with FakeUpstream() as own:
         own.always(Fault(delay=0.05))
@@ -403,16 +439,25 @@ class ClosingServer:
 
     `held`: seconds it works on a request it will not answer before closing (then it is no
     close crossing the request: the request killed it). `answers`: how many requests it
-    answers in all, the first of each connection (None: no bound)."""
+    answers in all, the first of each connection (None: no bound). `begun`: bytes of an
+    answer it sends before that close (its worker died answering). `reset`: it closes with
+    a reset (RST), as a socket closed with a request unread does, not a FIN."""
 
     def __init__(
-        self, held: float = 0.0, answers: int | None = None, answer_when: Callable[[], bool] | None = None
+        self,
+        held: float = 0.0,
+        answers: int | None = None,
+        answer_when: Callable[[], bool] | None = None,
+        begun: bytes = b"",
+        reset: bool = False,
     ) -> None:
         self.requests = 0
         self.connections = 0
         self.held = held
         self.answers = answers
         self.answer_when = answer_when  # each answer waits for it (None: none)
+        self.begun = begun
+        self.reset = reset
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -427,7 +472,13 @@ class ClosingServer:
                 self.requests += 1
                 if answered or self.answers == 0:
                     await self._hold()
-                    break  # closed without a word
+                    if self.begun:
+                        writer.write(self.begun)
+                        await writer.drain()
+                    if self.reset:  # no lingering: the close is a reset
+                        sock = writer.get_extra_info("socket")
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    break  # closed without a (whole) word
                 length = next(
                     int(line.split(b":")[1])
                     for line in head.split(b"\r\n")
@@ -455,18 +506,46 @@ class ClosingServer:
         await wait_until_async(lambda: time.monotonic() > until)
 
 
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
 async def test_a_reused_connection_closed_without_an_answer_is_retried_once_on_a_fresh_one(
-    transports: Transports, monkeypatch: pytest.MonkeyPatch
+    transports: Transports, monkeypatch: pytest.MonkeyPatch, reset: bool
 ) -> None:
+    """OPERATIONS.md: the idle-close race is sent once more, within the attempt, whether
+    the upstream's close comes as a FIN or (its socket holding the request unread) a reset."""
     # The close comes at once; however slow this machine, it is taken for a stale connection.
     monkeypatch.setattr(exchange, "_STALE_CLOSE_WINDOW", 60.0)
-    closing = ClosingServer()
+    closing = ClosingServer(reset=reset)
     transport = transports(1, url=await closing.start())
     try:
         assert await post(transport) == 200
         assert await post(transport) == 200  # its connection failed; the retry opened another
 
         assert (closing.requests, closing.connections) == (3, 2)
+    finally:
+        closing.server.close()
+
+
+@pytest.mark.parametrize(
+    "begun",
+    [b"H", b"HTTP/1.1 5", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"],
+    ids=["a byte", "part of the status line", "the status line", "a header"],
+)
+async def test_a_reused_connection_closed_after_part_of_an_answer_is_not_resent(
+    transports: Transports, monkeypatch: pytest.MonkeyPatch, begun: bytes
+) -> None:
+    """An answer begun proves the upstream had the request: its close is no idle-close
+    race, and the request goes out no more times than the retry policy allows."""
+    monkeypatch.setattr(exchange, "_STALE_CLOSE_WINDOW", 60.0)  # however soon the close comes
+    closing = ClosingServer(begun=begun)
+    transport = transports(1, url=await closing.start())
+    try:
+        assert await post(transport) == 200
+
+        with pytest.raises(ServiceError) as caught:
+            await post(transport)
+
+        assert caught.value.reason == "UPSTREAM_UNAVAILABLE"  # which the retry policy retries
+        assert (closing.requests, closing.connections) == (2, 1)
     finally:
         closing.server.close()
 

@@ -119,13 +119,16 @@ def from_transport(exc: httpx.HTTPError, upstream_timed_out_by_caller: bool) -> 
             kind=FailureKind.DEPLOYMENT,
         )
     # Connect errors, resets, protocol errors: the upstream is not reachable right now.
+    # A proxy that refused the tunnel says what it answered (client/failures.py writes
+    # that text from its status alone: no credential of the proxy URL is in it).
+    what = str(exc) if isinstance(exc, httpx.ProxyError) else type(exc).__name__
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
-        f"upstream unreachable: {type(exc).__name__}",
+        f"upstream unreachable: {what}",
         reason=UNAVAILABLE,
-        # No connection at all (refused, unroutable, a failed handshake), as opposed to
-        # one that broke while a request was on it.
-        unreachable=isinstance(exc, httpx.ConnectError),
+        # No connection at all (refused, unroutable, a failed handshake, a proxy that would
+        # not open a tunnel to it), as opposed to one that broke while a request was on it.
+        unreachable=isinstance(exc, httpx.ConnectError | httpx.ProxyError),
         kind=FailureKind.DEPLOYMENT,
     )
 
@@ -192,6 +195,13 @@ def malformed(reason_text: str, request_id: str | None) -> ServiceError:
 def undecodable(why: str) -> ServiceError:
     """A body its own headers misdescribe: corrupt or cut-short gzip, a coding not asked for."""
     return _unusable_body(f"upstream response body cannot be decoded: {why}")
+
+
+def not_http(why: str) -> ServiceError:
+    """An answer whose head the HTTP/1.1 parser refused (a bad status line, a header too
+    long, one too many, a duplicate Content-Length, bytes after a whole answer): an
+    answer came, so the upstream is reachable; the same one again would be refused too."""
+    return _unusable_body(_clean(f"upstream answer is not valid HTTP/1.1: {why}", []))
 
 
 def too_large(limit: int) -> ServiceError:

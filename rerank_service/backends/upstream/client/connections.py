@@ -2,11 +2,11 @@
 
 Each deployment has a session of its own, so its own connection pool: at most
 `max_connections` sockets (aiohttp's TCPConnector `limit`; a call past that waits for one
-to come free, within its time budget), idle ones reused until their keep-alive expires,
-then closed. The connector drops an idle connection the upstream has closed (its socket
-saw the end of stream) before it would carry a request; one whose close was still on its
-way is retried once (exchange.py), for which the connector says whether the connection
-it handed out was reused. Only HTTP/1.1 is spoken.
+to come free, within its time budget), idle ones reused for a while, then closed
+(KEEPALIVE_EXPIRY). The connector drops an idle connection the upstream has closed (its
+socket saw the end of stream) before it would carry a request; one whose close was still
+on its way is retried once (exchange.py), for which the connector says whether the
+connection it handed out was reused. Only HTTP/1.1 is spoken.
 
 One timer bounds each attempt (transport.py), so a timeout alone does not say what ran
 out: the connector marks, in the calling task (PHASE), while it waits for a pooled
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import enum
+import math
 import ssl
 import time
 import weakref
@@ -45,7 +46,11 @@ from rerank_service.backends.upstream.client.budget import ATTEMPT
 from rerank_service.backends.upstream.client.proxies import proxy_for
 from rerank_service.backends.upstream.client.tls import upstream_ssl_context
 
-# Seconds an idle connection is kept for reuse.
+# Seconds within which an idle connection is closed. aiohttp sweeps the pool every
+# keepalive_timeout, closing the connections idle longer than that (and reuses none idle
+# longer): one that went idle just after a sweep stays open until the one after next,
+# almost twice as long. So aiohttp is given half of this (open_session): an idle
+# connection is reused for up to half of it, and closed by the end of it.
 KEEPALIVE_EXPIRY = 30.0
 
 # Set by the connector in the calling task: when (time.monotonic) the connection it last
@@ -193,12 +198,20 @@ def open_session(
     ssl_context: ssl.SSLContext,
     keepalive_expiry: float = KEEPALIVE_EXPIRY,
 ) -> aiohttp.ClientSession:
-    """A session with its own pool of at most `max_connections`; must run inside the event loop.
+    """A session with its own pool of at most `max_connections`, each idle one closed within
+    `keepalive_expiry` seconds; must run inside the event loop.
 
     Bodies come as they are on the wire (body.py decodes gzip within its size bound), and
     nothing is read from the environment here: proxies.py has settled the route already."""
     ssl_context.set_alpn_protocols(["http/1.1"])
-    connector = _Connector(limit=max_connections, keepalive_timeout=keepalive_expiry, ssl=ssl_context)
+    connector = _Connector(
+        limit=max_connections,
+        keepalive_timeout=keepalive_expiry / 2,  # the sweep's period: KEEPALIVE_EXPIRY says why
+        # aiohttp rounds a timer of 5 s or more up to a whole second of the loop's clock:
+        # the sweep would come up to a second past the bound.
+        timeout_ceil_threshold=math.inf,
+        ssl=ssl_context,
+    )
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
@@ -112,10 +113,12 @@ async def _send(
 ) -> aiohttp.ClientResponse:
     """The request sent and the answer's head read. An idle connection the upstream closed
     just as it was taken (its close still on the way: keep-alive timeouts cross like this)
-    fails at once without an answer: then the request is sent once more (the pool has
-    dropped that connection). A fresh connection that fails so is the upstream's failure,
-    not resent here (the retry policy decides), and neither is a second failure, nor a
-    close that came too late to have been on its way already (_STALE_CLOSE_WINDOW).
+    fails at once without a byte of an answer, closed or reset (_closed_unanswered): then
+    the request is sent once more (the pool has dropped that connection). A fresh
+    connection that fails so is the upstream's failure, not resent here (the retry policy
+    decides), and neither is a second failure, a close after part of an answer (the
+    upstream had the request), nor a close that came too late to have been on its way
+    already (_STALE_CLOSE_WINDOW).
 
     A redirect is never followed: that would send the caller's query and documents
     wherever its Location says (another host, plain http), or turn the POST into a GET.
@@ -124,18 +127,37 @@ async def _send(
     PHASE.set(Phase.EXCHANGE)
     try:
         return await _post(session, route, url, content, headers)
-    except aiohttp.ServerDisconnectedError:
+    except aiohttp.ClientConnectionError as exc:
         # Timed from when the pool handed the connection out, not from before a wait for it.
         handed_out = REUSED.get()
-        if handed_out is None or time.monotonic() - handed_out > _STALE_CLOSE_WINDOW:
+        if (
+            handed_out is None
+            or time.monotonic() - handed_out > _STALE_CLOSE_WINDOW
+            or not _closed_unanswered(exc)
+        ):
             raise
     REUSED.set(None)
     return await _post(session, route, url, content, headers)
 
 
+def _closed_unanswered(exc: aiohttp.ClientConnectionError) -> bool:
+    """Whether `exc` is the connection ending with no byte of an answer read: closed (FIN),
+    or reset or broken as the request went out or waited. An upstream that closes an idle
+    connection holding a request it has not read sends a reset, not a close (the kernel's
+    answer to unread bytes): that is the common form of the idle-close race. A reset
+    keeps nothing of what came before it: within the window, it is taken for the race."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        # aiohttp gives the head it had parsed, whole or in part, when any of an answer came
+        # (a str when none did): an answer begun proves the upstream had the request.
+        return isinstance(exc.message, str)
+    if isinstance(exc, aiohttp.ClientConnectionResetError):  # written to a transport already closing
+        return True
+    return isinstance(exc, aiohttp.ClientOSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE)
+
+
 # Seconds after its connection was handed out within which a kept-alive connection closed
-# without an answer is taken for one the upstream closed while idle, before the request
-# reached it (the wait for a free connection not counted: it may be long). A close
+# (or reset) without an answer is taken for one the upstream closed while idle, before the
+# request reached it (the wait for a free connection not counted: it may be long). A close
 # already on its way when the request went out arrives within about a round trip; one
 # that comes later is most likely the upstream's own doing with the request (it worked
 # on it, then its worker died): resent at once and uncounted, one call would reach it

@@ -9,7 +9,9 @@ errors.py and the metric's labels are written in.
 from __future__ import annotations
 
 import asyncio
-from typing import NamedTuple
+import re
+from http import HTTPStatus
+from typing import NamedTuple, TypeGuard
 
 import aiohttp
 import httpx
@@ -34,6 +36,10 @@ def classify(exc: Exception, budget: AttemptBudget, phase: Phase) -> Failure:
             # The probe's own bound, not the caller's deadline: the deployment is still down.
             return Failure("timeout", errors.probe_timed_out(budget.probe_timeout, phase is Phase.CONNECT))
         exc = _timeout_in(phase)
+    if phase is Phase.EXCHANGE and _refused_by_the_parser(exc):
+        # The upstream answered, with something that is no HTTP/1.1: not an unreachable
+        # upstream, and no retry would parse it (retry.py: a bad response is not retried).
+        return Failure("protocol_error", errors.not_http(_parser_says(exc.message)))
     if isinstance(exc, aiohttp.ClientError | asyncio.IncompleteReadError | OSError):
         exc = transport_error(exc)
     if isinstance(exc, httpx.HTTPError):
@@ -44,6 +50,20 @@ def classify(exc: Exception, budget: AttemptBudget, phase: Phase) -> Failure:
         # A body that is not what its headers say: a protocol failure of the upstream.
         return Failure("protocol_error", errors.undecodable(str(exc)))
     return Failure("error", None)
+
+
+def _refused_by_the_parser(exc: Exception) -> TypeGuard[aiohttp.ClientResponseError]:
+    """Whether aiohttp's parser refused the answer's head: ClientResponse.start raises
+    ClientResponseError for that and nothing else here (no redirect is followed, no status
+    raised for). A proxy's refusal is one too, but answers the CONNECT, not the request."""
+    return isinstance(exc, aiohttp.ClientResponseError) and not isinstance(exc, aiohttp.ClientHttpProxyError)
+
+
+def _parser_says(message: str) -> str:
+    """What the parser said of the answer it refused, without the bytes it quotes after
+    its reason (the upstream's: they may hold anything, a reflected key)."""
+    said = re.split(r"\n\n|: b?['\"]", message, maxsplit=1)[0]
+    return " ".join(said.split()).rstrip(":.") or "the parser refused it"
 
 
 def _timeout_in(phase: Phase) -> httpx.TimeoutException:
@@ -76,7 +96,10 @@ def transport_error(exc: Exception) -> httpx.TransportError:
     error: httpx.TransportError
     text = str(exc) or type(exc).__name__
     if isinstance(exc, aiohttp.ClientHttpProxyError):
-        error = httpx.ProxyError(f"the proxy refused: {exc.status} {exc.message}")
+        # The proxy answered its CONNECT with another status than 200: no tunnel, so no
+        # connection to the upstream. Its status with the standard phrase, not the proxy's
+        # own reason text (which a proxy may fill with anything, the credentials it got).
+        error = httpx.ProxyError(f"the proxy refused the tunnel: {_status_named(exc.status)}")
     elif isinstance(exc, aiohttp.ClientConnectorError):
         # Refused, unresolvable, unroutable, a failed TLS handshake: no connection at all.
         error = httpx.ConnectError(text)
@@ -86,7 +109,8 @@ def transport_error(exc: Exception) -> httpx.TransportError:
     elif isinstance(exc, asyncio.IncompleteReadError):
         error = httpx.RemoteProtocolError("the connection closed before the whole body came")
     elif isinstance(exc, aiohttp.ClientResponseError):
-        error = httpx.RemoteProtocolError(f"not an HTTP answer: {exc.message}")  # the parser refused it
+        # The parser refused the proxy's answer to the CONNECT (the upstream's: classify).
+        error = httpx.RemoteProtocolError(f"not an HTTP answer: {exc.message}")
     elif isinstance(exc, aiohttp.ClientOSError | aiohttp.ClientConnectionResetError | OSError):
         error = httpx.ReadError(text)  # reset, broken pipe
     else:
@@ -96,3 +120,11 @@ def transport_error(exc: Exception) -> httpx.TransportError:
         exc.certificate_error if isinstance(exc, aiohttp.ClientConnectorCertificateError) else exc
     )
     return error
+
+
+def _status_named(status: int) -> str:
+    """`status` with its standard phrase when it has one: "407 Proxy Authentication Required"."""
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)

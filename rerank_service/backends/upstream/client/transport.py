@@ -58,8 +58,9 @@ class UpstreamTransport:
         of the environment decide). `ca_file`: trust this PEM bundle for the upstream's
         certificate (None: SSL_CERT_FILE / SSL_CERT_DIR, else certifi). ConfigError if
         either is unusable. At most `max_connections` sockets to the upstream, each idle
-        one closed after `keepalive_expiry` seconds. `metrics`: where each attempt is
-        counted (None: a Metrics of its own, served nowhere: tests)."""
+        one closed within `keepalive_expiry` seconds (reused for up to half of it).
+        `metrics`: where each attempt is counted (None: a Metrics of its own, served
+        nowhere: tests)."""
         self._metrics = metrics if metrics is not None else Metrics()
         self._timeout = timeout
         self._base_url = base_url.rstrip("/")
