@@ -9,11 +9,11 @@ Two questions, answered separately from the attempts a deployment made:
   upstream answer 500 or garbage cannot, by that, deny service to anyone else. Any success
   ends the ejection.
 - **Down** (unreachable that many times in a row: refused, unroutable, a failed TLS
-  handshake; no request's content causes that): calls are refused at once for `cooldown`
-  seconds, then let through as probes, one every `cooldown` or every second, whichever is
-  shorter (a probe that hangs does not hold the next one back), each bounded by
-  `probe_timeout`. A success ends it; an answer of any kind (even a 500) proves the
-  deployment reachable and ends it too.
+  handshake, a proxy refusing the tunnel; no request's content causes that): calls are
+  refused at once for `cooldown` seconds, then let through as probes, one every
+  `cooldown` or every second, whichever is shorter (a probe that hangs does not hold the
+  next one back), each bounded by `probe_timeout`. A success ends it; an answer of any
+  kind (even a 500) proves the deployment reachable and ends it too.
 
 A failure is the deployment's fault only when `retry.judge` says so: a 4xx, a 429, our own
 full pool or the caller's own deadline are neutral.

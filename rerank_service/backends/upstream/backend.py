@@ -28,7 +28,7 @@ from rerank_service.backends.upstream.dialect import (
 from rerank_service.backends.upstream.dialects import build_dialect
 from rerank_service.backends.upstream.request_ids import checked_request_id
 from rerank_service.backends.upstream.retry import RetryPolicy, Verdict, judge
-from rerank_service.backends.upstream.tokenizer import TokenizerWindow, load_tokenizer
+from rerank_service.backends.upstream.tokenizer import TokenizerWindow, shared_tokenizer
 from rerank_service.config.secret import Secret, redact
 from rerank_service.config.upstream import UpstreamDeploymentConfig
 from rerank_service.core.chunking import CallLimits, estimate_tokens
@@ -125,7 +125,8 @@ class UpstreamBackend:
         connection = config.connection
         upstream_url = without_credentials(connection.url)
         models, call_limits = [], {}
-        tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else None
+        # Read here, on the event loop at a reload, unless a deployment uses it already.
+        tokenizer = shared_tokenizer(config.tokenizer) if config.tokenizer else None
         for name in config.models:
             known = known_models.get(name, configured)
             max_query_tokens = min(known.max_query_tokens, config.max_query_tokens)
@@ -217,10 +218,13 @@ class UpstreamBackend:
         self._update_readiness()
 
     async def close(self) -> None:
-        if self._transport is not None:
-            await self._transport.close()
-            self._transport = None
+        # Taken first: while aiohttp closes its session (an await), a call (a single-flight
+        # waiter woken by another's failure, a retry) must find the backend closed (not
+        # ready: it falls back), not the closing session (RuntimeError: INTERNAL).
+        transport, self._transport = self._transport, None
         self._update_readiness()
+        if transport is not None:
+            await transport.close()
 
     async def rerank(self, request: BackendRequest, context: CallContext) -> BackendResult:
         """One upstream call, repeated while the failure is retryable and time is left."""

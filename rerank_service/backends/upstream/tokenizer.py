@@ -3,12 +3,18 @@
 Loaded once, when the deployment is built, with the fast `tokenizers` library: from a
 directory holding tokenizer.json, or from a Hugging Face model already in the local cache.
 Nothing is ever downloaded: a tokenizer that is not on disk is a configuration error.
+
+Reading one holds the event loop (a 6 MB tokenizer.json: about 0.3 s), and no thread can
+take that off it: the library holds Python's lock while it parses. So a file read once is
+shared while any deployment uses it: a reload that changes a deployment's other settings,
+or adds another deployment naming the same file, reads nothing (SharedTokenizer).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +24,63 @@ from rerank_service.core.token_window import COUNTED_BY_TOKENIZER, Measure, Span
 TOKENIZER_FILE = "tokenizer.json"
 
 
+class SharedTokenizer:
+    """A tokenizer read from one file, shared by every window that counts with it (each
+    model of each deployment naming the file), with the lock that keeps them from using the
+    Rust object from two threads at once."""
+
+    __slots__ = ("__weakref__", "lock", "tokenizer")
+
+    def __init__(self, tokenizer: Any) -> None:
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self.tokenizer = tokenizer
+        self.lock = threading.Lock()
+
+
+# The tokenizers in use, by their file as it is on disk (one changed since is read again);
+# each is forgotten once no deployment holds it.
+_IN_USE: weakref.WeakValueDictionary[tuple[str, int, int, int, int], SharedTokenizer] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def shared_tokenizer(source: str) -> SharedTokenizer:
+    """The tokenizer `source` names, read unless one in use was read from its file as it is
+    now; ConfigError if there is none."""
+    file = _tokenizer_file(source)
+    try:
+        found = file.stat()
+    except OSError:  # gone since it was found: reading it says so
+        return SharedTokenizer(_read(source, file))
+    key = (str(file.resolve()), found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
+    shared = _IN_USE.get(key)
+    if shared is None:
+        shared = _IN_USE[key] = SharedTokenizer(_read(source, file))
+    return shared
+
+
 def load_tokenizer(source: str) -> Any:
     """A `tokenizers.Tokenizer` from a directory or the local hub cache; ConfigError otherwise."""
+    return _read(source, _tokenizer_file(source))
+
+
+def _read(source: str, file: Path) -> Any:
     try:
         from tokenizers import Tokenizer
     except ImportError:
         raise ConfigError(
             f"upstream-tokenizer {source}: needs the tokenizers package (pip install tokenizers)"
         ) from None
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # the library raises its own exception types
+        raise ConfigError(f"upstream-tokenizer {source}: cannot read {file}: {exc}") from None
+
+
+def _tokenizer_file(source: str) -> Path:
+    """The tokenizer.json `source` names: in a directory, a file, or in the local hub cache;
+    ConfigError if there is none."""
     path = Path(source).expanduser()
     file: Path | None
     if path.is_dir():
@@ -39,10 +94,7 @@ def load_tokenizer(source: str) -> Any:
             f"upstream-tokenizer {source}: no {TOKENIZER_FILE} there, nor in the local Hugging Face "
             "cache (it is never downloaded: fetch it first, or name a directory)"
         )
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as exc:  # the library raises its own exception types
-        raise ConfigError(f"upstream-tokenizer {source}: cannot read {file}: {exc}") from None
+    return file
 
 
 def _cached(model_id: str) -> Path | None:
@@ -69,16 +121,15 @@ class TokenizerWindow:
     counted_by = COUNTED_BY_TOKENIZER
 
     def __init__(self, tokenizer: Any, tokens: int) -> None:
-        self._tokenizer = tokenizer
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
-        self._lock = threading.Lock()  # the Rust object is not shared across threads at once
+        """`tokenizer`: a SharedTokenizer, or a `tokenizers.Tokenizer` of its own."""
+        self._shared = tokenizer if isinstance(tokenizer, SharedTokenizer) else SharedTokenizer(tokenizer)
         self.tokens = tokens
 
     def room(self, query: str, instruct: str | None) -> int:
         return self.tokens
 
     def measure(self, text: str) -> Measure:
-        with self._lock:
-            offsets = self._tokenizer.encode(text, add_special_tokens=False).offsets
+        shared = self._shared
+        with shared.lock:
+            offsets = shared.tokenizer.encode(text, add_special_tokens=False).offsets
         return SpansMeasure(text, [start for start, _ in offsets])

@@ -132,6 +132,7 @@ async def _send(
         handed_out = REUSED.get()
         if (
             handed_out is None
+            or session.closed  # cut off by our own close: nothing to resend on (RuntimeError)
             or time.monotonic() - handed_out > _STALE_CLOSE_WINDOW
             or not _closed_unanswered(exc)
         ):

@@ -32,6 +32,7 @@ from rerank_service.backends.upstream.client.exchange import UpstreamReply, call
 from rerank_service.backends.upstream.client.failures import classify, transport_failure
 from rerank_service.backends.upstream.client.tls import upstream_ssl_context
 from rerank_service.config.secret import Secret
+from rerank_service.core.domain import not_ready
 from rerank_service.observability.metrics import Metrics
 
 __all__ = [
@@ -106,6 +107,8 @@ class UpstreamTransport:
             session = self._session = open_session(
                 self._max_connections, self._ssl_context, self._keepalive_expiry
             )
+        elif session.closed:  # `close` under way: aiohttp would raise RuntimeError
+            raise not_ready("the upstream transport was closed")
         headers = call_headers(token, traceparent, tracestate)
         content = orjson.dumps(body)
         with AttemptMetric(self._metrics) as attempt:
