@@ -703,6 +703,10 @@ async def sigterm_in_flight(
         result.in_flight_at_signal = upstream.in_flight
         signalled = time.monotonic()
         service.process.send_signal(signal.SIGTERM)
+        # Half-closed at once: its items in flight are still answered. (After the health
+        # checks below, on a loaded machine, the items could be answered first: a draining
+        # stream then ends UNAVAILABLE, as its client had not said it was done.)
+        await outbox.put(None)
         # Health turns NOT_SERVING, then the server stops taking calls at all.
         while time.monotonic() - signalled < grace:
             try:
@@ -716,7 +720,6 @@ async def sigterm_in_flight(
                 break
             await asyncio.sleep(0.01)
         result.late_call = await unary()
-        await outbox.put(None)  # half-close: the items in flight are still answered
         result.unary.update(await asyncio.gather(*unary_calls))
         await consumer
     result.exit_code = await asyncio.to_thread(service.process.wait, grace + 5)
