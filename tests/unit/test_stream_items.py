@@ -195,13 +195,15 @@ async def test_a_stream_closed_after_a_rename_gives_back_each_item_under_its_own
     now = [Caller("search")]
     items = _StreamItems(_items(3), admission, idle_timeout=60.0)
     items.identify = lambda: now[0]
-    await anext(items)
+    # Kept, as the servicer keeps an item until it is answered: the edge knows an item in
+    # flight by its object's id, which a freed item's successor may be given.
+    read = [await anext(items)]
     now[0] = Caller("search-team")
-    await anext(items)
-    await anext(items)
+    read += [await anext(items), await anext(items)]
 
     items.close()
 
+    assert len(read) == 3
     assert (admission.held("search"), admission.held("search-team"), admission.in_flight) == (0, 0, 0)
 
 
