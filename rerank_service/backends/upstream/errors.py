@@ -200,8 +200,10 @@ def undecodable(why: str) -> ServiceError:
 def not_http(why: str) -> ServiceError:
     """An answer whose head the HTTP/1.1 parser refused (a bad status line, a header too
     long, one too many, a duplicate Content-Length, bytes after a whole answer): an
-    answer came, so the upstream is reachable; the same one again would be refused too."""
-    return _unusable_body(_clean(f"upstream answer is not valid HTTP/1.1: {why}", []))
+    answer came, so the upstream is reachable; the same one again would be refused too.
+    `why`: a fixed phrase (client/failures.py), never the parser's message, which quotes
+    the upstream's bytes."""
+    return _unusable_body(f"upstream answer is not valid HTTP/1.1: {why}")
 
 
 def too_large(limit: int) -> ServiceError:

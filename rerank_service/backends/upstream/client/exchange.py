@@ -17,7 +17,14 @@ from rerank_service.backends.upstream.client.body import (
     content_coding,
     read_body,
 )
-from rerank_service.backends.upstream.client.connections import PHASE, REUSED, Phase, Route
+from rerank_service.backends.upstream.client.connections import (
+    HANDED_OUT,
+    PHASE,
+    REUSED,
+    CountingHandler,
+    Phase,
+    Route,
+)
 from rerank_service.config.secret import Secret
 
 
@@ -134,26 +141,34 @@ async def _send(
             handed_out is None
             or session.closed  # cut off by our own close: nothing to resend on (RuntimeError)
             or time.monotonic() - handed_out > _STALE_CLOSE_WINDOW
-            or not _closed_unanswered(exc)
+            or not _closed_unanswered(exc, HANDED_OUT.get())
         ):
             raise
     REUSED.set(None)
     return await _post(session, route, url, content, headers)
 
 
-def _closed_unanswered(exc: aiohttp.ClientConnectionError) -> bool:
-    """Whether `exc` is the connection ending with no byte of an answer read: closed (FIN),
-    or reset or broken as the request went out or waited. An upstream that closes an idle
+def _closed_unanswered(exc: aiohttp.ClientConnectionError, connection: CountingHandler | None) -> bool:
+    """Whether `exc` is the connection ending with no byte of an answer received on it
+    (`connection`: its protocol, which counts them; None: unknown): closed (FIN), or reset
+    or broken as the request went out or waited. An upstream that closes an idle
     connection holding a request it has not read sends a reset, not a close (the kernel's
-    answer to unread bytes): that is the common form of the idle-close race. A reset
-    keeps nothing of what came before it: within the window, it is taken for the race."""
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        # aiohttp gives the head it had parsed, whole or in part, when any of an answer came
-        # (a str when none did): an answer begun proves the upstream had the request.
-        return isinstance(exc.message, str)
-    if isinstance(exc, aiohttp.ClientConnectionResetError):  # written to a transport already closing
-        return True
-    return isinstance(exc, aiohttp.ClientOSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE)
+    answer to unread bytes): that is the common form of the idle-close race."""
+    if connection is None or connection.received:
+        # An answer begun, however little of it, proves the upstream had the request. The
+        # count, not the error, says so: aiohttp reports a reset after part of an answer
+        # as it does one before any (ECONNRESET).
+        return False
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientConnectionResetError):
+        return True  # closed; or written to a transport already closing
+    # Reset: only a connection idle long enough for an upstream's idle timer to have closed
+    # it. One reused at once and reset as the request came is the upstream's doing with the
+    # request (it read it, then dropped the connection): the retry policy's, counted.
+    return (
+        isinstance(exc, aiohttp.ClientOSError)
+        and exc.errno in (errno.ECONNRESET, errno.EPIPE)
+        and connection.idle_for >= _RESET_RACE_IDLE
+    )
 
 
 # Seconds after its connection was handed out within which a kept-alive connection closed
@@ -165,6 +180,9 @@ def _closed_unanswered(exc: aiohttp.ClientConnectionError) -> bool:
 # more times than --upstream-max-attempts. That failure is left to the retry policy,
 # which counts it; so is the rare stale close slower than this (a far upstream).
 _STALE_CLOSE_WINDOW = 0.25
+# Seconds a connection must have sat idle before its reset is taken for the idle-close race:
+# no upstream's idle timeout is shorter (uvicorn's and Node's 5 s are the shortest in use).
+_RESET_RACE_IDLE = 1.0
 
 
 def _post(

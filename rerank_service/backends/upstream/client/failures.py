@@ -9,12 +9,12 @@ errors.py and the metric's labels are written in.
 from __future__ import annotations
 
 import asyncio
-import re
 from http import HTTPStatus
 from typing import NamedTuple, TypeGuard
 
 import aiohttp
 import httpx
+from aiohttp import http_exceptions
 
 from rerank_service.backends.upstream import errors
 from rerank_service.backends.upstream.client.body import ResponseTooLarge, UndecodableBody
@@ -39,7 +39,7 @@ def classify(exc: Exception, budget: AttemptBudget, phase: Phase) -> Failure:
     if phase is Phase.EXCHANGE and _refused_by_the_parser(exc):
         # The upstream answered, with something that is no HTTP/1.1: not an unreachable
         # upstream, and no retry would parse it (retry.py: a bad response is not retried).
-        return Failure("protocol_error", errors.not_http(_parser_says(exc.message)))
+        return Failure("protocol_error", errors.not_http(_parser_refused(exc)))
     if isinstance(exc, aiohttp.ClientError | asyncio.IncompleteReadError | OSError):
         exc = transport_error(exc)
     if isinstance(exc, httpx.HTTPError):
@@ -59,11 +59,33 @@ def _refused_by_the_parser(exc: Exception) -> TypeGuard[aiohttp.ClientResponseEr
     return isinstance(exc, aiohttp.ClientResponseError) and not isinstance(exc, aiohttp.ClientHttpProxyError)
 
 
-def _parser_says(message: str) -> str:
-    """What the parser said of the answer it refused, without the bytes it quotes after
-    its reason (the upstream's: they may hold anything, a reflected key)."""
-    said = re.split(r"\n\n|: b?['\"]", message, maxsplit=1)[0]
-    return " ".join(said.split()).rstrip(":.") or "the parser refused it"
+# What the parser refused, by the class of its error: its message is never shown, as it
+# quotes the upstream's bytes (they may hold anything, a reflected key) in shapes that
+# differ between aiohttp's C parser and its pure-Python one (AIOHTTP_NO_EXTENSIONS, PyPy).
+# The C parser raises the bare BadHttpMessage for most of what it refuses (a repeated
+# Content-Length, a bad chunk size): _MALFORMED.
+_REFUSALS: tuple[tuple[type[http_exceptions.HttpProcessingError], str], ...] = (
+    (http_exceptions.BadStatusLine, "bad status line"),  # bytes past an answer's end too
+    (http_exceptions.LineTooLong, "line too long"),
+    (http_exceptions.InvalidHeader, "malformed header"),
+    (http_exceptions.TransferEncodingError, "malformed chunked encoding"),
+    (http_exceptions.ContentLengthError, "body shorter than its Content-Length"),
+)
+_MALFORMED = "malformed head or framing"
+
+
+def _parser_refused(exc: BaseException) -> str:
+    """What the parser refused in the answer, a fixed phrase: aiohttp raises its
+    ClientResponseError from a copy of the parser's error, raised from the original."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # never walk a cycle
+        if seen is None:
+            break
+        for kind, phrase in _REFUSALS:
+            if isinstance(seen, kind):
+                return phrase
+        seen = seen.__cause__
+    return _MALFORMED
 
 
 def _timeout_in(phase: Phase) -> httpx.TimeoutException:
@@ -110,7 +132,7 @@ def transport_error(exc: Exception) -> httpx.TransportError:
         error = httpx.RemoteProtocolError("the connection closed before the whole body came")
     elif isinstance(exc, aiohttp.ClientResponseError):
         # The parser refused the proxy's answer to the CONNECT (the upstream's: classify).
-        error = httpx.RemoteProtocolError(f"not an HTTP answer: {exc.message}")
+        error = httpx.RemoteProtocolError(f"not an HTTP answer: {_parser_refused(exc)}")
     elif isinstance(exc, aiohttp.ClientOSError | aiohttp.ClientConnectionResetError | OSError):
         error = httpx.ReadError(text)  # reset, broken pipe
     else:
