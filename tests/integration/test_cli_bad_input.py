@@ -94,11 +94,12 @@ def test_a_key_pasted_where_the_key_file_goes_is_not_repeated() -> None:
     ("how", "source"),
     [("file", "api-key-file {file}"), ("flag", "api-key"), ("env", "RERANK_API_KEY")],
 )
+@pytest.mark.parametrize("key", ["clé-secrète", "sk-live 0123"], ids=["non-ASCII", "a space within"])
 def test_a_key_that_is_not_printable_ascii_is_refused_naming_where_it_came_from(
-    tmp_path: Path, how: str, source: str
+    tmp_path: Path, how: str, source: str, key: str
 ) -> None:
-    """grpc would refuse it as a header with INTERNAL "Invalid metadata", naming nothing."""
-    key = "clé-secrète"
+    """grpc would refuse it as a header with INTERNAL "Invalid metadata", naming nothing;
+    a space within it no server key holds (the four clients refuse it too)."""
     key_file = tmp_path / "key"
     key_file.write_text(f"{key}\n", encoding="utf-8")
     given = {
@@ -114,7 +115,7 @@ def test_a_key_that_is_not_printable_ascii_is_refused_naming_where_it_came_from(
     line = result.stderr.strip().splitlines()[-1]  # after --api-key's warning about `ps`
     assert line == (
         f"rerank-service: configuration error: {source.format(file=key_file)}: "
-        "the key must be printable ASCII (letters, digits, punctuation)"
+        "the key must be printable ASCII (letters, digits, punctuation; no spaces)"
     )
     assert key not in result.stderr
 
