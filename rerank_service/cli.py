@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -520,7 +521,9 @@ def _usage(args: argparse.Namespace) -> int:
         print(f"error: cannot read {shown}: a user or password in the URL is not supported", file=sys.stderr)
         return 1
     try:
-        usage = fetch_usage(args.metrics)
+        # This machine's own server is read past a proxy, as the gRPC commands read it.
+        host = urlsplit(args.metrics).hostname or ""
+        usage = fetch_usage(args.metrics, direct=_loopback_address(host))
     except (OSError, ValueError, http.client.HTTPException) as exc:  # InvalidURL: a port that is no number
         print(f"error: cannot read {shown}: {exc}", file=sys.stderr)
         return 1

@@ -58,8 +58,12 @@ def read_usage(metrics_text: str) -> Usage:
     return Usage(dict(by_model), dict(limited))
 
 
-def fetch_usage(url: str, timeout: float = 10.0) -> Usage:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - an operator's URL
+def fetch_usage(url: str, timeout: float = 10.0, direct: bool = False) -> Usage:
+    """The usage the /metrics at `url` shows; `direct`: past any proxy the environment
+    names (this machine's own server: urllib would take http_proxy for it too)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if direct else None
+    open_url = urllib.request.urlopen if opener is None else opener.open
+    with open_url(url, timeout=timeout) as response:
         return read_usage(response.read().decode("utf-8"))
 
 

@@ -14,6 +14,7 @@ from tests.conftest import ServerFactory
 from tests.support.certs import CertificateAuthority
 from tests.support.process import run_cli
 from tests.support.proxy import ForwardProxy
+from tests.support.rpc import request
 from tests.support.server import ServerThread
 
 # What a pod set up for an upstream behind a proxy has; no no_proxy naming localhost.
@@ -88,3 +89,27 @@ def test_a_client_command_to_another_host_still_goes_through_the_proxy() -> None
 
     assert result.returncode == 1, result.stderr
     assert "rerank.invalid:50051" in proxy.tunnels
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_usage_reads_this_machines_metrics_around_the_proxy(
+    serve: ServerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    host: str,
+) -> None:
+    """urllib takes http_proxy for a loopback URL too (unless no_proxy names it): `usage
+    --metrics` then failed through a proxy meant for the upstream, or read elsewhere."""
+    for name, value in NO_PROXY_ENV.items():
+        monkeypatch.setenv(name, value)
+    with serve(metrics_port=0) as server, ForwardProxy() as proxy:
+        monkeypatch.setenv("http_proxy", proxy.url)
+        assert server.server is not None
+        port = server.server.metrics_port
+        server.stub.Rerank(request(), timeout=30)  # a call, so there is usage to show
+        code = main(["usage", "--metrics", f"http://{host}:{port}/metrics"])
+
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "anonymous" in out
+    assert proxy.forwarded == []
