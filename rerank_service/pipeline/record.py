@@ -97,7 +97,7 @@ def call_facts(
             instruct_ignored=outcome.instruct_ignored, deployments=tuple(outcome.deployments),
             cache=outcome.cache, cached_tokens=outcome.cached_tokens, caller=caller,
         )  # fmt: skip
-    named = failure.deployment if failure is not None and failure.deployment else attempted
+    named = failed_on(failure, attempted)
     deployments = (named,) if named else ()
     if failure is not None:
         upstream_ids = (failure.upstream_request_id,) if failure.upstream_request_id else ()
@@ -109,6 +109,12 @@ def call_facts(
         method, peer, request_id, documents, model, items=items, item_id=item_id, deployments=deployments,
         caller=caller,
     )  # fmt: skip
+
+
+def failed_on(failure: ServiceError | None, attempted: str | None) -> str | None:
+    """The deployment a call without an outcome is named after: the one that failed it,
+    else the one it was last sent to (`attempted`: grpc ended it there, its caller left)."""
+    return failure.deployment if failure is not None and failure.deployment else attempted
 
 
 def log_call(

@@ -23,6 +23,7 @@ from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import code_name
 from rerank_service.pipeline.callers import Caller
 from rerank_service.pipeline.limits import CALLER_LIMITED
+from rerank_service.pipeline.record import failed_on
 
 _log = get_logger("rerank_service.usage")
 
@@ -195,8 +196,7 @@ def _record(call: MeteredCall, model: str) -> dict[str, object]:
         deployment = ",".join(spent.deployments) or None
         upstream_ids = spent.upstream_request_ids
     if deployment is None:
-        # The one that failed it, else the one it was last sent to (its caller went away there).
-        deployment = failure.deployment if failure is not None and failure.deployment else call.attempted
+        deployment = failed_on(failure, call.attempted)
     return {
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
         "caller": call.caller.name,

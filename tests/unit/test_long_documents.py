@@ -386,15 +386,15 @@ def test_chunk_on_documents_within_the_window_pays_nothing_truncate_does_not() -
 
 def test_an_upstream_tokenizer_is_read_from_a_directory_and_never_downloaded() -> None:
     from rerank_service.backends.local.model_files import bundled_model_path
-    from rerank_service.backends.upstream.tokenizer import TokenizerWindow, load_tokenizer
+    from rerank_service.backends.upstream.tokenizer import TokenizerWindow, shared_tokenizer
     from rerank_service.config import ConfigError
 
-    window = TokenizerWindow(load_tokenizer(str(bundled_model_path())), 100)
+    window = TokenizerWindow(shared_tokenizer(str(bundled_model_path())), 100)
     measure = window.measure("Hello wörld, 漢字 and more")
     assert measure.tokens == 7
     assert measure.fit(0, 2) == len("Hello wörld")
     with pytest.raises(ConfigError, match="never downloaded"):
-        load_tokenizer("no-such-org/no-such-model")
+        shared_tokenizer("no-such-org/no-such-model")
 
 
 # --- documents whose spaces are tokens (a byte-level BPE's newlines) --------------------------------

@@ -60,11 +60,6 @@ def shared_tokenizer(source: str) -> SharedTokenizer:
     return shared
 
 
-def load_tokenizer(source: str) -> Any:
-    """A `tokenizers.Tokenizer` from a directory or the local hub cache; ConfigError otherwise."""
-    return _read(source, _tokenizer_file(source))
-
-
 def _read(source: str, file: Path) -> Any:
     try:
         from tokenizers import Tokenizer
@@ -120,9 +115,8 @@ class TokenizerWindow:
 
     counted_by = COUNTED_BY_TOKENIZER
 
-    def __init__(self, tokenizer: Any, tokens: int) -> None:
-        """`tokenizer`: a SharedTokenizer, or a `tokenizers.Tokenizer` of its own."""
-        self._shared = tokenizer if isinstance(tokenizer, SharedTokenizer) else SharedTokenizer(tokenizer)
+    def __init__(self, tokenizer: SharedTokenizer, tokens: int) -> None:
+        self._shared = tokenizer
         self.tokens = tokens
 
     def room(self, query: str, instruct: str | None) -> int:
