@@ -498,10 +498,6 @@ class ServiceError(Exception):
     kind: FailureKind = FailureKind.REQUEST
     # The quotas the call went over (a caller's limits): a google.rpc.QuotaFailure.
     quota_violations: tuple[QuotaViolation, ...] = ()
-    # A split call's chunks answered before another failed it: their tokens (the backends
-    # billed them, and the score cache kept their scores) and their backend calls. Metered.
-    tokens_used: int = 0
-    backend_calls: int = 0
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"

@@ -20,7 +20,6 @@ from rerank_service.core.backend import Backend
 from rerank_service.core.chunking import CallLimits, estimate_tokens, fan_out, split, text_bytes
 from rerank_service.core.domain import (
     MAX_TOKENS,
-    Attempted,
     BackendRequest,
     BackendResult,
     CacheOutcome,
@@ -33,7 +32,6 @@ from rerank_service.core.domain import (
     RerankRequest,
     ScoredDocument,
     ServiceError,
-    Spent,
     cache_outcome,
     combined,
     invalid_argument,
@@ -229,13 +227,14 @@ class RerankEngine:
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(run(chunk)) for chunk in chunks]
-        except BaseExceptionGroup as failed:
-            # The TaskGroup cancelled the other chunks; never present a partial ranking.
-            raise _with_answered_chunks(_first_error(failed), tasks, context.attempted) from None
-        except asyncio.CancelledError:
-            # The call itself was cancelled: what its chunks answered was billed all the same.
+        except BaseException as ended:
+            # A chunk failed the call (the TaskGroup cancelled the others), or the call was
+            # cancelled: what its chunks answered before was billed all the same, so it is
+            # kept as spent (metered: pipeline/usage.py).
             if context.attempted is not None:
                 context.attempted.spend(_answered(tasks))
+            if isinstance(ended, BaseExceptionGroup):
+                raise _first_error(ended) from None  # never a partial ranking
             raise
         return [task.result() for task in tasks]
 
@@ -382,20 +381,6 @@ def usage_source(results: list[BackendResult]) -> str:
     # Chunks counted both ways (an upstream's and a local fallback's): the first chunk's,
     # the same for every run of the call.
     return next((source for source in sources if source != "cache"), "cache")
-
-
-def _with_answered_chunks(
-    error: BaseException, tasks: list[asyncio.Task[BackendResult]], attempted: Attempted | None
-) -> BaseException:
-    """`error`, carrying what the call's backends answered before it cost: a failed call is
-    metered for them, as the backends billed them (and the cache serves their scores for
-    free). They are the chunks that ended answered, kept in `attempted` beside the answers
-    of chunks cancelled while the score cache stored their scores (kept there as they were)."""
-    answered = _answered(tasks)
-    spent = Spent(answered) if attempted is None else attempted.spend(answered)
-    if not isinstance(error, ServiceError) or not spent.answers:
-        return error
-    return dataclasses.replace(error, tokens_used=spent.tokens, backend_calls=spent.backend_calls)
 
 
 def _answered(tasks: list[asyncio.Task[BackendResult]]) -> list[BackendResult]:

@@ -502,10 +502,7 @@ class Call:
                 # Failed: nothing was scored, but what backends answered before the failure
                 # (a split call's chunks, an answer whose scores were being stored): billed.
                 spent = self.attempted.spent
-                if spent is not None:
-                    used = spent.tokens
-                else:
-                    used = self.failure.tokens_used if self.failure is not None else 0
+                used = spent.tokens if spent is not None else 0
             pipeline.limiter.settle(self._grant, used, pipeline.callers.limits_now(caller.name))
             self._grant = None
         model = self.model

@@ -180,8 +180,6 @@ def _record(call: MeteredCall, model: str) -> dict[str, object]:
         spent_tokens, spent_calls = outcome.total_tokens, outcome.backend_calls
     elif spent is not None:
         spent_tokens, spent_calls = spent.tokens, spent.backend_calls
-    elif failure is not None:
-        spent_tokens, spent_calls = failure.tokens_used, failure.backend_calls
     else:
         spent_tokens, spent_calls = 0, 0
     deployment = None

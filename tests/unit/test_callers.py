@@ -29,10 +29,12 @@ from rerank_service.config.reference import CALLERS_EXAMPLE
 from rerank_service.config.secret import Secret
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import (
+    BackendResult,
     CallContext,
     ModelInfo,
     RerankOutcome,
     RerankRequest,
+    ScoredDocument,
     ServiceError,
     replaced,
 )
@@ -491,10 +493,13 @@ def test_a_call_of_a_caller_with_a_concurrent_limit_takes_its_slot_as_that_calle
 
 
 class _FailingEngine:
-    """An engine whose every call ends in `error` (after the limits were taken)."""
+    """An engine whose every call ends in `error` (after the limits were taken), having kept
+    `answered` as spent, as the engine keeps a split call's chunks answered before another
+    failed it."""
 
-    def __init__(self, error: ServiceError) -> None:
+    def __init__(self, error: ServiceError, answered: tuple[BackendResult, ...] = ()) -> None:
         self.error = error
+        self.answered = answered
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo("qwen3-rerank", 100, 100, supports_instruct=True, backend="upstream")]
@@ -507,6 +512,8 @@ class _FailingEngine:
         return Prepared(request, model, None, request, [range(len(request.documents))])
 
     async def run(self, prepared: Prepared, context: CallContext) -> RerankOutcome:
+        if self.answered and context.attempted is not None:
+            context.attempted.spend(self.answered)
         raise self.error
 
 
@@ -514,10 +521,12 @@ _TOKENS = BucketLimit("tokens_per_minute", 0.001, 1000)  # no refill within a te
 _REQUEST = RerankRequest("qwen3-rerank", "what is a bucket", ["a token bucket"] * 3)
 
 
-def _tokens_left_after(error: ServiceError) -> float:
-    """What a caller's tokens bucket (1,000) holds once a call that ended in `error` is done."""
+def _tokens_left_after(error: ServiceError, answered: tuple[BackendResult, ...] = ()) -> float:
+    """What a caller's tokens bucket (1,000) holds once a call that ended in `error` is done
+    (its engine having kept `answered` as spent)."""
     caller = Caller("search", limits=CallerLimits(tokens=_TOKENS), configured=True)
-    pipeline = Pipeline(cast(RerankEngine, _FailingEngine(error)), Admission(4), CallerDirectory())
+    engine = _FailingEngine(error, answered)
+    pipeline = Pipeline(cast(RerankEngine, engine), Admission(4), CallerDirectory())
     measured = pipeline.metrics.for_method("/rerank.v1.RerankService/Rerank")
     call = pipeline.open("/rerank.v1.RerankService/Rerank", "peer", measured)
     call.caller = caller
@@ -553,9 +562,10 @@ def test_a_call_given_up_keeps_its_token_estimate_charged_and_a_failed_one_gives
 def test_a_split_call_failed_by_one_chunk_is_charged_what_its_answered_chunks_used() -> None:
     """The upstream billed them and the cache keeps their scores: giving the whole estimate
     back would leave them free for good."""
-    refused = ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "the last chunk was refused", tokens_used=7)
+    refused = ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "the last chunk was refused")
+    answered = BackendResult([ScoredDocument(0, 0.5)], total_tokens=7)
 
-    left = _tokens_left_after(refused)
+    left = _tokens_left_after(refused, (answered,))
 
     assert estimated_tokens(_REQUEST) != 7
     assert left == pytest.approx(1000 - 7, abs=0.01)
