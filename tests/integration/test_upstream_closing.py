@@ -16,7 +16,7 @@ import pytest
 
 from rerank_service.backends.upstream import UpstreamBackend
 from rerank_service.backends.upstream.client import exchange
-from rerank_service.backends.upstream.client.connections import REUSED
+from rerank_service.backends.upstream.client.connections import HANDED_OUT, CountingHandler
 from rerank_service.backends.upstream.client.transport import UpstreamTransport
 from rerank_service.config.upstream import UpstreamDeploymentConfig
 from rerank_service.core.domain import BackendRequest, CallContext, ServiceError
@@ -111,7 +111,9 @@ async def test_a_reused_connection_cut_off_by_the_transports_close_is_not_resent
 
     async def cut_off_by_the_close(session: aiohttp.ClientSession, *_: object) -> aiohttp.ClientResponse:
         sent.append(time.monotonic())
-        REUSED.set(time.monotonic())  # a kept-alive connection, just handed out
+        kept_alive = CountingHandler(asyncio.get_running_loop())
+        kept_alive.handed_out_at = time.monotonic()
+        HANDED_OUT.set(kept_alive)  # a kept-alive connection, just handed out
         await session.close()  # the reload's grace ran out: its connection closed unanswered
         raise aiohttp.ServerDisconnectedError()
 

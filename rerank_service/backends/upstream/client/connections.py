@@ -55,17 +55,13 @@ from rerank_service.backends.upstream.client.tls import upstream_ssl_context
 # connection is reused for up to half of it, and closed by the end of it.
 KEEPALIVE_EXPIRY = 30.0
 
-# Set by the connector in the calling task: when (time.monotonic) the connection it last
-# handed out was handed out, if it was a reused one; None for a new one.
-REUSED: ContextVar[float | None] = ContextVar("upstream_connection_reused", default=None)
-
 
 class CountingHandler(ResponseHandler):
     """aiohttp's protocol of one connection, counting the bytes that came on it since the
     pool last handed it out: whether an answer had begun is all that tells a reset after
     part of one from a reset before any (aiohttp reports both as ECONNRESET)."""
 
-    __slots__ = ("idle_for", "last_received", "received")
+    __slots__ = ("handed_out_at", "idle_for", "last_received", "received")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -75,6 +71,7 @@ class CountingHandler(ResponseHandler):
         # a wait an upstream's idle timer could have ended (exchange.py).
         self.last_received = time.monotonic()
         self.idle_for = 0.0
+        self.handed_out_at = 0.0  # when the pool last handed it out kept alive (time.monotonic)
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
@@ -82,7 +79,8 @@ class CountingHandler(ResponseHandler):
         super().data_received(data)
 
 
-# Set by the connector in the calling task, with REUSED: the reused connection's protocol.
+# Set by the connector in the calling task: the protocol of the connection it last handed
+# out, if that was a kept-alive one; None for a new one.
 HANDED_OUT: ContextVar[CountingHandler | None] = ContextVar("upstream_connection_handed_out", default=None)
 
 
@@ -99,8 +97,8 @@ PHASE: ContextVar[Phase] = ContextVar("upstream_connection_phase", default=Phase
 
 
 class _Connector(aiohttp.TCPConnector):
-    """aiohttp's pool, telling the calling task (REUSED, HANDED_OUT) whether its connection
-    was reused and (PHASE) whether it is waiting for one or opening one, and never handing
+    """aiohttp's pool, telling the calling task (HANDED_OUT) whether its connection was
+    reused and (PHASE) whether it is waiting for one or opening one, and never handing
     out an idle connection that has unread bytes waiting. A call that gives up waiting
     passes a free connection on; one still waiting when the pool closes fails, not
     cancelled."""
@@ -150,12 +148,12 @@ class _Connector(aiohttp.TCPConnector):
                     # answer to the next request. Not reusable: take another.
                     connection.close()
                     return await self.connect(req, traces, timeout)
-                now = time.monotonic()
                 if isinstance(protocol, CountingHandler):
+                    now = time.monotonic()
                     protocol.received = 0
                     protocol.idle_for = now - protocol.last_received
+                    protocol.handed_out_at = now
                     HANDED_OUT.set(protocol)
-                REUSED.set(now)
             else:
                 self._seen.add(protocol)
         return connection

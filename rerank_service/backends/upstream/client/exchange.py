@@ -20,7 +20,6 @@ from rerank_service.backends.upstream.client.body import (
 from rerank_service.backends.upstream.client.connections import (
     HANDED_OUT,
     PHASE,
-    REUSED,
     CountingHandler,
     Phase,
     Route,
@@ -130,31 +129,31 @@ async def _send(
     A redirect is never followed: that would send the caller's query and documents
     wherever its Location says (another host, plain http), or turn the POST into a GET.
     The 3xx comes back as it is, an unexpected status (errors.py)."""
-    REUSED.set(None)
+    HANDED_OUT.set(None)
     PHASE.set(Phase.EXCHANGE)
     try:
         return await _post(session, route, url, content, headers)
     except aiohttp.ClientConnectionError as exc:
-        # Timed from when the pool handed the connection out, not from before a wait for it.
-        handed_out = REUSED.get()
+        connection = HANDED_OUT.get()  # the kept-alive connection it was sent on (None: a new one)
         if (
-            handed_out is None
+            connection is None
             or session.closed  # cut off by our own close: nothing to resend on (RuntimeError)
-            or time.monotonic() - handed_out > _STALE_CLOSE_WINDOW
-            or not _closed_unanswered(exc, HANDED_OUT.get())
+            # Timed from when the pool handed the connection out, not from before a wait for it.
+            or time.monotonic() - connection.handed_out_at > _STALE_CLOSE_WINDOW
+            or not _closed_unanswered(exc, connection)
         ):
             raise
-    REUSED.set(None)
+    HANDED_OUT.set(None)
     return await _post(session, route, url, content, headers)
 
 
-def _closed_unanswered(exc: aiohttp.ClientConnectionError, connection: CountingHandler | None) -> bool:
+def _closed_unanswered(exc: aiohttp.ClientConnectionError, connection: CountingHandler) -> bool:
     """Whether `exc` is the connection ending with no byte of an answer received on it
-    (`connection`: its protocol, which counts them; None: unknown): closed (FIN), or reset
+    (`connection`: its protocol, which counts them): closed (FIN), or reset
     or broken as the request went out or waited. An upstream that closes an idle
     connection holding a request it has not read sends a reset, not a close (the kernel's
     answer to unread bytes): that is the common form of the idle-close race."""
-    if connection is None or connection.received:
+    if connection.received:
         # An answer begun, however little of it, proves the upstream had the request. The
         # count, not the error, says so: aiohttp reports a reset after part of an answer
         # as it does one before any (ECONNRESET).
