@@ -30,6 +30,7 @@ from pydantic.fields import FieldInfo
 from redis.asyncio.connection import parse_url
 
 from rerank_service.config.callers import CallerEntry, caller_secrets, distinct_callers
+from rerank_service.config.pem import certificates_problem
 from rerank_service.config.routes import FileOnly, RouteEntry, distinct_routes
 from rerank_service.config.secret import Secret, url_named, url_secrets
 from rerank_service.config.switches import NOT_A_SWITCH, not_a_switch
@@ -74,12 +75,9 @@ def ca_bundle(path: Path, setting: str) -> str:
     that cannot be read, or holds no certificate, stops start-up (exit 2), rather than every
     connection failing its TLS handshake later. Parsed as upstream-ca-file is (OpenSSL's
     reading, as the client's will be)."""
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
-    except ssl.SSLError:  # before OSError: SSLError is one
-        raise SettingError(setting, "holds no valid PEM certificate", path) from None
-    except OSError as exc:
-        raise SettingError(setting, exc.strerror or str(exc), path) from None
+    problem = certificates_problem(path)
+    if problem is not None:
+        raise SettingError(setting, problem, path)
     return str(path)
 
 

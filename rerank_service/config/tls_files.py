@@ -24,6 +24,7 @@ from pathlib import Path
 import structlog
 
 from rerank_service.config.file_trust import warn_if_key_exposed
+from rerank_service.config.pem import NO_CERTIFICATE, certificates_problem
 from rerank_service.config.server import TlsConfig
 from rerank_service.config.settings import ConfigError
 
@@ -127,10 +128,8 @@ def _read(name: str, path: Path) -> bytes:
 
 def _check_certificates(name: str, path: Path) -> None:
     """At least one PEM certificate, and every one parses."""
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
-    except (ssl.SSLError, OSError):
-        raise ConfigError(f"{name} {path}: holds no valid PEM certificate") from None
+    if certificates_problem(path) is not None:
+        raise ConfigError(f"{name} {path}: {NO_CERTIFICATE}")
 
 
 def _check_key_pair(cert: Path, key: Path, key_pem: bytes) -> None:

@@ -67,6 +67,7 @@ from opentelemetry.trace import (
 )
 
 from rerank_service import __version__
+from rerank_service.config.pem import NO_CERTIFICATE, certificates_problem
 from rerank_service.config.secret import Secret, maskable, url_named, url_secrets
 from rerank_service.observability.logging import mask_also
 from rerank_service.observability.metrics import Metrics
@@ -525,14 +526,16 @@ def _tls_files(environ: Mapping[str, str]) -> _TlsFiles:
 
 def _check_file(variable: str, path: str, *, certificates: bool) -> None:
     """`path` can be read and, for `certificates`, holds a PEM certificate; a ValueError."""
+    if certificates:
+        problem = certificates_problem(path)
+        if problem == NO_CERTIFICATE:
+            raise ValueError(f"{variable} {path}: {NO_CERTIFICATE}")
+        if problem is not None:
+            raise ValueError(f"{variable} {path}: cannot read it ({problem})")
+        return
     try:
-        if certificates:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
-        else:
-            with open(path, "rb"):
-                pass
-    except ssl.SSLError:  # before OSError: SSLError is one
-        raise ValueError(f"{variable} {path}: holds no valid PEM certificate") from None
+        with open(path, "rb"):
+            pass
     except OSError as exc:
         raise ValueError(f"{variable} {path}: cannot read it ({exc.strerror or exc})") from None
 
