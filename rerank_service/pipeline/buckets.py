@@ -9,8 +9,10 @@ refill before the next call, so the rate over time holds whatever the calls' siz
 is a token bucket, not a fixed window, which would let twice the limit through around a
 window's boundary.
 
-`LocalBuckets` keeps them in this process (no store, or the store is down); the Redis
-store (limits_store.py) runs the same rule in one Lua script. Both answer a `Refusal`.
+`LocalBuckets` keeps them in this process: every call of a caller with limits is taken
+from them, with a store too (what this process itself used and holds, checked before the
+store and used while it is down: limits.py); the Redis store (limits_store.py) runs the
+same rule in one Lua script. Both answer a `Refusal`.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def shortfall(level: float, bucket: BucketLimit, cost: float) -> float:
 
 
 class LocalBuckets:
-    """Every caller's buckets and calls in flight, in this process."""
+    """Every caller's buckets and calls in flight, in this process (with a store too)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -94,6 +96,17 @@ class LocalBuckets:
             now = self._clock()
             level = self._level(caller, bucket, now)
             self._levels[caller, bucket.name] = (min(bucket.burst, level - token_correction), now)
+
+    def put_back(self, caller: str, limits: CallerLimits, costs: Sequence[float]) -> None:
+        """Undo a `take` of `costs` whose call does not run after all (the limits store
+        refused it, or it was cancelled meanwhile): its costs and its call in flight back, as
+        if never taken (the refill meanwhile is kept)."""
+        now = self._clock()
+        for bucket, cost in zip(limits.buckets, costs, strict=True):
+            level = self._level(caller, bucket, now)
+            self._levels[caller, bucket.name] = (min(bucket.burst, level + cost), now)
+        if limits.concurrent is not None:
+            self._in_flight[caller] = max(0, self._in_flight.get(caller, 0) - 1)
 
     def in_flight(self, caller: str) -> int:
         return self._in_flight.get(caller, 0)

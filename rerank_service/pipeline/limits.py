@@ -5,9 +5,12 @@ in flight.
 Tokens are estimated before the call as the upstream bills them (the query once per
 document, plus each document: one token per 3 bytes of UTF-8, as the chunker counts) and
 corrected when the call ends by what the answer says it used. The buckets live in Redis
-with `--limits-store` (limits_store.py), else in this process. While Redis does not
-answer, `--limits-store-failure open` (the default) checks this process's own buckets
-instead and `closed` refuses the calls of callers with limits.
+with `--limits-store` (limits_store.py), else in this process. With a store every call is
+taken from this process's own buckets and calls in flight too, first (no round trip): a
+call they refuse (this process alone holds the caller's `concurrent` calls, or used its
+bucket) is refused at once. While Redis does not answer, `--limits-store-failure open`
+(the default) checks this process's own buckets instead, which hold what its calls took
+through Redis too, and `closed` refuses the calls of callers with limits.
 
 A refusal is RESOURCE_EXHAUSTED with a google.rpc QuotaFailure (which limit, which caller)
 and RetryInfo (when a retry can succeed); it costs no upstream call and no model time.
@@ -90,29 +93,38 @@ class Limiter:
             return self.admit_here(caller, request, documents=documents)
         tokens = estimated_tokens(request) if limits.tokens is not None else 0
         costs = costs_of(limits, len(request.documents) if documents is None else documents, tokens)
-        refusal: Refusal | None
-        if store is not None:
-            remaining = MAX_LEASE_SECONDS if deadline is None else deadline - time.monotonic()
-            try:
-                refusal = await store.take(
-                    caller.name,
-                    limits,
-                    costs,
-                    lease,
-                    min(MAX_LEASE_SECONDS, max(remaining, 1.0)),
-                    deadline=deadline,
-                )
-            except StoreUnavailable:
-                if not self._fail_open:
-                    raise store_unavailable(caller.name) from None
-            else:
-                if refusal is not None:
-                    raise limited(caller.name, limits, refusal)
-                return Grant(caller.name, limits, tokens, lease)
-        refusal = self.local.take(caller.name, limits, costs)
+        # Taken from this process's buckets and calls in flight first, whatever Redis says:
+        # what this process's own calls (admitted, or being checked) hold is part of what all
+        # hold together, so a call it refuses is refused at once, with no round trip and no
+        # concurrent re-check holding the call's admission slot (a flood by a caller at its
+        # concurrent limit would fill them all); and if Redis stops answering, the fallback
+        # starts from what this process really holds and used, not from full buckets.
+        local = self.local
+        refusal = local.take(caller.name, limits, costs)
         if refusal is not None:
             raise limited(caller.name, limits, refusal)
-        return Grant(caller.name, limits, tokens, None)
+        remaining = MAX_LEASE_SECONDS if deadline is None else deadline - time.monotonic()
+        try:
+            refusal = await store.take(
+                caller.name,
+                limits,
+                costs,
+                lease,
+                min(MAX_LEASE_SECONDS, max(remaining, 1.0)),
+                deadline=deadline,
+            )
+        except StoreUnavailable:
+            if self._fail_open:  # taken from this process's buckets above: that is the fallback
+                return Grant(caller.name, limits, tokens, None)
+            local.put_back(caller.name, limits, costs)
+            raise store_unavailable(caller.name) from None
+        except BaseException:  # cancelled while checked: the store gives back what it took
+            local.put_back(caller.name, limits, costs)
+            raise
+        if refusal is not None:
+            local.put_back(caller.name, limits, costs)
+            raise limited(caller.name, limits, refusal)
+        return Grant(caller.name, limits, tokens, lease)
 
     def admit_here(self, caller: Caller, request: RerankRequest, *, documents: int | None = None) -> Grant:
         """`admit` against this process's buckets: no store, nothing to wait for."""
@@ -127,7 +139,8 @@ class Limiter:
 
     def settle(self, grant: Grant, tokens_used: int, limits_now: CallerLimits | None = None) -> None:
         """The call ended having used `tokens_used` input tokens: correct its tokens bucket
-        and give back its call in flight (in Redis: with the caller's next check, else at once).
+        and give back its call in flight, in this process at once and, if Redis took it, in
+        Redis (with the caller's next check, else at once).
         `limits_now`: the caller's limits now, if a reload changed them since the grant: its
         bucket is corrected at the rate and burst it has now (the grant's refilled it at an
         old rate, or capped it at an old burst); its call in flight goes back as it was taken."""
@@ -135,9 +148,8 @@ class Limiter:
         if limits_now is not None and limits_now.tokens != limits.tokens:
             limits = dataclasses.replace(limits, tokens=limits_now.tokens)
         correction = tokens_used - grant.tokens_taken if limits.tokens is not None else 0
-        if grant.lease is None:
-            self.local.give_back(grant.caller, limits, correction)
-        elif self.store is not None:
+        self.local.give_back(grant.caller, limits, correction)  # taken here whatever the lease
+        if grant.lease is not None and self.store is not None:
             self.store.settle(grant.caller, limits, correction, grant.lease)
 
     async def close(self) -> None:

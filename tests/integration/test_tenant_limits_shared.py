@@ -1,5 +1,6 @@
 """Callers' limits held together by real `serve` processes through one real Redis
-(`--limits-store`): two replicas, `--workers 2`, and Redis killed and back mid-run."""
+(`--limits-store`): two replicas, `--workers 2`, Redis killed and back mid-run, and a
+caller at its `concurrent` limit flooding one process."""
 
 from __future__ import annotations
 
@@ -10,13 +11,25 @@ from pathlib import Path
 
 import grpc
 import pytest
-from rerank.v1 import rerank_pb2
+from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
-from rerank_service.testing.fake_upstream import FakeUpstream
+from rerank_service.testing.fake_upstream import NEVER, FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY
 from tests.support.redis_server import RedisServer
+from tests.support.rpc import error_info
 from tests.support.scrape import scrape, value
-from tests.support.tenants import ADS_KEY, SEARCH_KEY, call, caller, service, serving, write_config
+from tests.support.tenants import (
+    ADS_KEY,
+    SEARCH_KEY,
+    bearer,
+    call,
+    caller,
+    channel,
+    rerank_request,
+    service,
+    serving,
+    write_config,
+)
 from tests.support.waiting import wait_until
 
 LIMIT = 10  # search's requests a minute: a burst of 10, one more every 6 s
@@ -133,6 +146,47 @@ def test_redis_killed_mid_run_costs_no_wait_falls_back_to_the_process_and_comes_
         "limits store: redis unreachable; limits fall back (--limits-store-failure) until it answers",
         "limits store: redis answers again; limits are shared again",
     ]
+
+
+def limit_refused(answer: rerank_pb2.RerankResponse | grpc.RpcError) -> str:
+    """The limit a call was refused for (CALLER_LIMITED), or how it ended otherwise."""
+    info = error_info(answer) if isinstance(answer, grpc.RpcError) else None
+    return info.metadata["limit"] if info is not None and info.reason == "CALLER_LIMITED" else outcome(answer)
+
+
+def test_a_caller_at_its_concurrent_limit_here_is_refused_at_once_with_redis_up_or_down(
+    tmp_path: Path, upstream: FakeUpstream, redis_own: RedisServer
+) -> None:
+    """Its call in flight admitted through Redis: its next calls cost no round trip (each held
+    an admission slot through two, the second 50 ms on: a flood filled them all, refusing
+    others OVERLOADED), and the process still counts that call once Redis is gone."""
+    config = limited_config(tmp_path / "rerank.yaml", upstream, concurrent=1)
+    flags = ("--limits-store", redis_own.url, "--max-concurrent-requests", "2")
+    upstream.inject(Fault(delay=NEVER))  # search's first call is held at the upstream
+    with service(config, *flags) as process, channel(process.target) as opened:
+        metrics_port = serving(process)["metrics_port"]
+        held = rerank_pb2_grpc.RerankServiceStub(opened).Rerank.future(
+            rerank_request(), metadata=bearer(SEARCH_KEY), timeout=60
+        )
+        try:
+            assert upstream.wait_for(lambda fake: fake.in_flight == 1, timeout=30)
+            round_trips = value(scrape(metrics_port), "rerank_limits_store_round_trips_total")
+            flood = [limit_refused(call(process.target, SEARCH_KEY)) for _ in range(5)]
+            after = value(scrape(metrics_port), "rerank_limits_store_round_trips_total")
+            others = outcome(call(process.target, ADS_KEY))
+            redis_own.kill()
+            while_down = limit_refused(call(process.target, SEARCH_KEY))
+        finally:
+            held.cancel()
+        wait_until(
+            lambda: outcome(call(process.target, SEARCH_KEY)) == "OK",
+            what="search served from the process's own count once its held call ended",
+        )
+
+    assert flood == ["concurrent"] * 5
+    assert after == round_trips  # refused without asking Redis
+    assert others == "OK"
+    assert while_down == "concurrent"  # not let past its limit by the fallback
 
 
 def _exists(server: RedisServer, key: str) -> bool:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from rerank_service.config.callers import BucketLimit, CallerLimits
-from rerank_service.pipeline.buckets import CONCURRENT, LocalBuckets, Refusal, costs_of
+from rerank_service.pipeline.buckets import (
+    CONCURRENT,
+    CONCURRENT_RETRY_AFTER,
+    LocalBuckets,
+    Refusal,
+    costs_of,
+)
 
 
 class Clock:
@@ -114,6 +120,26 @@ def test_calls_in_flight_are_counted_and_given_back() -> None:
     assert third.limit == CONCURRENT
     assert fourth is None
     assert buckets.in_flight("a") == 2
+
+
+def test_a_take_put_back_leaves_the_buckets_as_if_never_taken() -> None:
+    """The limits store refused the call (or it was cancelled) after this process took it."""
+    clock = Clock()
+    buckets = LocalBuckets(clock)
+    requests, tokens = per_minute(RPM, 6, burst=5), per_minute(TPM, 60, burst=100)
+    limits = CallerLimits(requests=requests, tokens=tokens, concurrent=2)
+    assert buckets.take("a", limits, [1, 60]) is None  # stays taken
+    assert buckets.take("a", limits, [1, 30]) is None
+    assert buckets.take("a", limits, [1, 5]) == Refusal(CONCURRENT, CONCURRENT_RETRY_AFTER)
+
+    clock.now += 2.0  # refilled by 0.2 requests and 2 tokens meanwhile: kept
+    buckets.put_back("a", limits, [1, 30])
+
+    assert buckets.in_flight("a") == 1
+    assert buckets.level("a", requests) == pytest.approx(5 - 1 + 0.2)
+    assert buckets.level("a", tokens) == pytest.approx(100 - 60 + 2)
+    buckets.put_back("a", limits, [1, 60])
+    assert buckets.level("a", tokens) == pytest.approx(100)  # never past the burst
 
 
 def test_callers_have_buckets_of_their_own() -> None:
