@@ -66,7 +66,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     ),
     "backends.local": frozenset({"core", "config", "observability"}),
     "config": frozenset(),
-    "observability": frozenset({"config.secret"}),
+    "observability": frozenset({"config.secret", "config.pem"}),
     "testing": frozenset(),
 }
 
