@@ -355,6 +355,22 @@ def test_cohere_client_v1_rerank_documents_as_objects(front_door: FrontDoor) -> 
     assert all(r.document is None for r in response.results)
 
 
+def test_cohere_client_v1_returns_document_objects_with_every_field_sent(front_door: FrontDoor) -> None:
+    """Cohere's v1 API keeps a document object's other fields in the answer: the SDK read
+    only `text` back, the `id` its caller matches results on lost."""
+    client = cohere.Client(api_key=CALLER_KEY, base_url=front_door.origin)
+    documents = [
+        {"text": text, "id": f"doc-{index}", "title": f"title {index}"}
+        for index, text in enumerate(DOCUMENTS)
+    ]
+
+    response = client.rerank(model=MODEL, query=QUERY, documents=documents, return_documents=True)
+
+    assert [(r.index, r.relevance_score) for r in response.results] == RANKING
+    returned = [r.document.dict() if r.document is not None else None for r in response.results]
+    assert returned == [documents[r.index] for r in response.results]
+
+
 def test_cohere_client_v1_rank_fields_other_than_text_is_its_bad_request_not_a_text_ranking(
     front_door: FrontDoor,
 ) -> None:

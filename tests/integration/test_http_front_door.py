@@ -196,6 +196,31 @@ def test_each_route_answers_in_its_format_what_grpc_answers(
     assert (INSTRUCT in http_sent) == (INSTRUCT in grpc_sent) == ("instruct" in fields)
 
 
+@pytest.mark.parametrize("route", ["cohere-v1", "cohere-v2"])
+def test_a_cohere_document_object_comes_back_as_sent_with_return_documents(
+    http_server: ServerThread, route: str
+) -> None:
+    """Cohere's v1 API: "If a document is provided the text field is required and all other
+    fields will be preserved in the response". Only its `text` came back; a string still
+    comes back as `{"text"}`."""
+    sent: list[Any] = [
+        {"text": DOCUMENTS[0], "id": "doc-7", "title": "Cars", "url": "https://example.com/7"},
+        DOCUMENTS[1],
+        {"id": "doc-9", "text": DOCUMENTS[2], "rating": 5, "tags": ["pie"]},
+        {"text": DOCUMENTS[3]},
+    ]
+    body = {"model": "qwen3-rerank", "query": QUERY, "documents": sent}
+    returned = post(http_url(http_server), route, {**body, "return_documents": True})
+    not_returned = post(http_url(http_server), route, body)
+
+    assert returned.status_code == 200, returned.text
+    results = returned.json()["results"]
+    assert sorted(result["index"] for result in results) == [0, 1, 2, 3]
+    expected = [item if isinstance(item, dict) else {"text": item} for item in sent]
+    assert {r["index"]: r["document"] for r in results} == dict(enumerate(expected))
+    assert not [r for r in not_returned.json()["results"] if "document" in r]
+
+
 @pytest.mark.parametrize("route", ROUTES)
 def test_the_same_bad_content_fails_alike_on_every_route_and_on_grpc(
     http_server: ServerThread, upstream: FakeUpstream, route: str

@@ -18,6 +18,10 @@ inside the document.
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -548,6 +552,84 @@ def test_a_request_the_server_answers_the_schema_accepts(http: httpx.Client, pat
         f"{path} answers these requests 200, but the document's request schema refuses them:\n"
         + "\n".join(refused)
     )
+
+
+# --- a blank text, as ECMA-262 reads the pattern ------------------------------------------------
+
+# Every code point ECMA-262's `\s` matches (`u` flag), and which of `codes` each pattern
+# matches, read with each set of flags: a client's validator (OpenAPI's patterns are
+# ECMA-262's) reads the pattern so, not as Python's `re` does.
+ECMA_SCRIPT = """
+const [patterns, codes] = JSON.parse(process.argv[1]);
+const space = [];
+for (let code = 0; code <= 0x10ffff; code++) {
+    if (code < 0xd800 || code > 0xdfff) {
+        if (/\\s/u.test(String.fromCodePoint(code))) space.push(code);
+    }
+}
+const matched = {};
+for (const pattern of patterns) {
+    for (const flags of ["", "u"]) {
+        const regex = new RegExp(pattern, flags);
+        matched[pattern + " /" + flags] = [...new Set([...codes, ...space])].filter(
+            (code) => regex.test(String.fromCodePoint(code))
+        );
+    }
+}
+console.log(JSON.stringify({space, matched}));
+"""
+
+
+def text_patterns(schema: Any, name: str = "") -> set[str]:
+    """The patterns of the document's text fields (model, query, documents: not long_documents)."""
+    found: set[str] = set()
+    if isinstance(schema, dict):
+        if schema.get("type") == "string" and "pattern" in schema and name != "long_documents":
+            found.add(schema["pattern"])
+        for key, sub in schema.items():
+            found |= text_patterns(sub, name if key in ("items", "oneOf") else key)
+    elif isinstance(schema, list):
+        for sub in schema:
+            found |= text_patterns(sub, name)
+    return found
+
+
+def test_the_blank_text_pattern_reads_in_ecma_262_as_the_server_checks(http: httpx.Client) -> None:
+    """The server refuses a text with no character but whitespace as str.strip() reads it. The
+    pattern was `\\S`, which ECMA-262 reads otherwise: a query of U+001C passed the schema but
+    was refused (400), one of U+FEFF failed it but was answered. Each code point either side
+    takes for whitespace (and a few that neither does) is checked with node's engine."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is needed to read the document's patterns as ECMA-262 does; install it")
+    patterns = text_patterns(DOCUMENT)
+    python_space = [code for code in range(sys.maxunicode + 1) if chr(code).isspace()]
+    others = [ord("a"), 0, 0x200B, 0x180E, 0xFFFE, 0x1F34E]  # ZWSP, MONGOLIAN VOWEL SEPARATOR, an apple
+    ran = subprocess.run(
+        [node, "-e", ECMA_SCRIPT, json.dumps([sorted(patterns), python_space + others])],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    ecma = json.loads(ran.stdout)
+    codes = sorted({*python_space, *ecma["space"], *others})
+    kept = {code for code in codes if chr(code).strip()}  # the server's rule (core/engine.py)
+    # The server does so: the code points the two sets disagree on, sent as a query.
+    disagree = sorted(set(python_space) ^ set(ecma["space"]))
+    answered = {
+        code: http.post(
+            COHERE[0], json={"model": MODEL, "query": chr(code), "documents": DOCUMENTS}
+        ).status_code
+        for code in disagree
+    }
+
+    assert len(patterns) == 1, patterns  # one rule for every text field
+    assert {0x1C, 0xFEFF} <= set(disagree)  # what the test is for: \s differs
+    assert answered == {code: 200 if code in kept else 400 for code in disagree}
+    for read_as, matched in ecma["matched"].items():
+        wrong = sorted(set(matched) ^ kept)
+        assert not wrong, f"{read_as} reads these code points otherwise: {[hex(code) for code in wrong]}"
+    for pattern in patterns:
+        python_matched = {code for code in codes if re.search(pattern, chr(code))}
+        assert python_matched == kept, sorted(python_matched ^ kept)
 
 
 # --- the other routes --------------------------------------------------------------------------

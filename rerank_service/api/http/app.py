@@ -18,6 +18,7 @@ mapped once (statuses.py); the pipeline records the call once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -159,7 +160,7 @@ class FrontDoor:
                             slot_taken = True
                         except SlotWait:
                             pass
-                        await http.writer.write(_CONTINUE)
+                        await _tell_to_continue(http)
                     raw = await self._body(http)
                     call.arrived()  # its bytes stay charged, no longer as arriving
                     if not slot_taken:
@@ -177,7 +178,7 @@ class FrontDoor:
                         raise
                     outcome = await call.rerank(request, context)
                     call.succeeded()
-                    return self._answer(wire, outcome, request, call.request_id)
+                    return self._answer(wire, outcome, request, body, call.request_id)
                 except BadRequest as bad:
                     raise invalid_argument(bad.violations) from None
             except ServiceError as error:
@@ -228,7 +229,10 @@ class FrontDoor:
                     response.force_close()
                     response.headers[hdrs.CONNECTION] = "close"
                 return response
-            await http.writer.write(_CONTINUE)
+            # A client gone already (_HttpError): its route goes on as any call's, finds so
+            # reading the body (or is cancelled), and logs it CANCELLED as any whose client left.
+            with contextlib.suppress(_HttpError):
+                await _tell_to_continue(http)
             return None
 
         return expect
@@ -305,10 +309,10 @@ class FrontDoor:
         return raw
 
     def _answer(
-        self, wire: WireFormat, outcome: RerankOutcome, request: RerankRequest, request_id: str
+        self, wire: WireFormat, outcome: RerankOutcome, request: RerankRequest, body: Any, request_id: str
     ) -> web.Response:
         reported = outcome.upstream_request_id or request_id
-        response = self._json_response(wire.render(outcome, request, reported), 200, reported)
+        response = self._json_response(wire.render(outcome, request, reported, body), 200, reported)
         response.headers[USAGE_SOURCE_KEY] = outcome.usage_source
         if outcome.deployments:
             response.headers[DEPLOYMENT_KEY] = ",".join(outcome.deployments)
@@ -420,6 +424,17 @@ def quota_fields(error: ServiceError) -> Json:
     if seconds is not None:
         fields["retry_after_seconds"] = round(seconds, 3)
     return fields
+
+
+async def _tell_to_continue(http: web.Request) -> None:
+    """Sends `100 Continue` to an `Expect: 100-continue` client. One that reset its connection
+    after its headers cannot be told (aiohttp: "Cannot write to closing transport"): it is
+    gone, as one gone while its body arrives is (`FrontDoor._body`), not a bug of ours."""
+    try:
+        await http.writer.write(_CONTINUE)
+    except ConnectionResetError:
+        message = "the client closed the connection before it was told to send its body"
+        raise _HttpError(499, grpc.StatusCode.CANCELLED, message) from None
 
 
 def _left(context: CallContext) -> float | None:

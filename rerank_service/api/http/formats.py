@@ -9,8 +9,9 @@ Three wire formats, each as its clients expect it:
 - `compatible`: DashScope's OpenAI-compatible one (the same fields flat; `{id, object,
   results, usage}` out);
 - `cohere`: Cohere's v1/v2 rerank (`{model, query, documents, top_n, return_documents,
-  max_tokens_per_doc}` in, documents as strings or `{text}`; `{id, model, results, meta, usage}` out;
-  errors `{message}`), also what vLLM, Jina and Infinity clients send.
+  max_tokens_per_doc}` in, documents as strings or `{text, ...}`; `{id, model, results, meta, usage}`
+  out, a document object returned as sent; errors `{message}`), also what vLLM, Jina and
+  Infinity clients send.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class BadRequest(ValueError):
 class WireFormat:
     name: str
     parse: Callable[[Any], RerankRequest]
-    render: Callable[[RerankOutcome, RerankRequest, str], Json]
+    # (outcome, request, request id, the body as sent, parsed) -> body
+    render: Callable[[RerankOutcome, RerankRequest, str, Any], Json]
     error: Callable[[str, str, str], Json]  # (code, message, request id) -> body
 
 
@@ -187,12 +189,15 @@ def _read_request(top: _Fields, source: _Fields, parameters: _Fields, *, objects
     )
 
 
-def _results(outcome: RerankOutcome) -> list[Json]:
+def _results(outcome: RerankOutcome, sent: list[Any] | None = None) -> list[Json]:
+    """The ranking; `sent`: the documents as sent, where one sent as an object is returned
+    as sent (Cohere's: every field besides `text` is kept), not as `{"text"}` alone."""
     results: list[Json] = []
     for ranked in outcome.results:
         result: Json = {"index": ranked.index, "relevance_score": ranked.score}
         if ranked.text is not None:
-            result["document"] = {"text": ranked.text}
+            document = None if sent is None else sent[ranked.index]
+            result["document"] = document if isinstance(document, dict) else {"text": ranked.text}
         if ranked.truncated or ranked.chunks > 1:  # a long document: what was done with it
             result["truncated"] = ranked.truncated
             result["chunks"] = ranked.chunks
@@ -209,7 +214,7 @@ def _usage(outcome: RerankOutcome) -> Json:
     return {"total_tokens": outcome.total_tokens}
 
 
-def _render_native(outcome: RerankOutcome, request: RerankRequest, request_id: str) -> Json:
+def _render_native(outcome: RerankOutcome, request: RerankRequest, request_id: str, body: Any) -> Json:
     return {
         "output": {"results": _results(outcome)},
         "usage": _usage(outcome),
@@ -217,7 +222,7 @@ def _render_native(outcome: RerankOutcome, request: RerankRequest, request_id: s
     }
 
 
-def _render_compatible(outcome: RerankOutcome, request: RerankRequest, request_id: str) -> Json:
+def _render_compatible(outcome: RerankOutcome, request: RerankRequest, request_id: str, body: Any) -> Json:
     return {
         "id": request_id,
         "object": "list",
@@ -240,7 +245,7 @@ def search_units(outcome: RerankOutcome, request: RerankRequest) -> int:
     return math.ceil(len(request.documents) / SEARCH_UNIT_DOCUMENTS)
 
 
-def _render_cohere(outcome: RerankOutcome, request: RerankRequest, request_id: str) -> Json:
+def _render_cohere(outcome: RerankOutcome, request: RerankRequest, request_id: str, body: Any) -> Json:
     # Cohere's SDKs read `meta`; vLLM, Jina and Infinity clients read `usage`. Infinity's
     # client (infinity-client) requires `model` and `usage.prompt_tokens` (its KeyError
     # otherwise): the tokens scored, as Infinity counts them (prompt_tokens = total_tokens).
@@ -248,7 +253,7 @@ def _render_cohere(outcome: RerankOutcome, request: RerankRequest, request_id: s
     return {
         "id": request_id,
         "model": request.model,
-        "results": _results(outcome),
+        "results": _results(outcome, body["documents"]),  # a body parse() took: its list
         "meta": {"api_version": {"version": "2"}, "billed_units": billed},
         "usage": {"prompt_tokens": outcome.total_tokens, **_usage(outcome)},
     }

@@ -38,8 +38,10 @@ def _any_case(words: list[str]) -> str:
     return f"^{_STRIPPED}*(?:{'|'.join(alternatives)}){_STRIPPED}*$"
 
 
-# What the engine refuses as blank: a string with no character but whitespace.
-_TEXT = {"type": "string", "pattern": "\\S"}
+# What the engine refuses as blank: a string with no character but whitespace, as
+# str.strip() reads it. So a text has one character _STRIPPED has not; not `\S`, which is
+# ECMA-262's other set there (it passed U+001C, refused U+FEFF alone).
+_TEXT = {"type": "string", "pattern": "[^" + _STRIPPED.removeprefix("[")}
 _DOCUMENTS = {"type": "array", "minItems": 1, "items": _TEXT}
 _RESULT: Json = {
     "type": "object",
@@ -51,7 +53,8 @@ _RESULT: Json = {
             "type": "object",
             "required": ["text"],
             "properties": {"text": {"type": "string"}},
-            "description": "only with return_documents",
+            "description": "only with return_documents: a document sent as an object (the Cohere routes) "
+            "comes back as sent, every field kept",
         },
         "truncated": {
             "type": "boolean",
@@ -209,7 +212,13 @@ SCHEMAS: Json = {
                 "items": {
                     "oneOf": [
                         _TEXT,
-                        {"type": "object", "required": ["text"], "properties": {"text": _TEXT}},
+                        {
+                            "type": "object",
+                            "required": ["text"],
+                            "properties": {"text": _TEXT},
+                            "description": "ranked on its text; its other fields are kept, and the "
+                            "object comes back as sent with return_documents",
+                        },
                     ]
                 },
             },
