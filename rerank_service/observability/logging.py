@@ -23,6 +23,7 @@ from typing import Any, TextIO, cast
 
 import orjson
 import structlog
+from aiohttp import http_exceptions
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from rerank_service.config.secret import Secret, redact
@@ -306,13 +307,22 @@ class _IntoStructlog(logging.Handler):
 # not parse as it came, and a header line may hold a caller's token that no configured key
 # would mask (a key pasted with a stray CR or control byte).
 _QUOTED_BYTES = re.compile(r"""(?<!\w)b(['"])(?:\\.|(?!\1).)*\1""")
+# What is said of an error of aiohttp's HTTP parser instead of its message.
+_MALFORMED_REQUEST = "malformed HTTP message (its text not repeated)"
 
 
 def _exception_fields(exc_info: Any) -> dict[str, Any]:
     if not exc_info or exc_info[1] is None:
         return {}
     _, error, trace = exc_info
-    text = _QUOTED_BYTES.sub("b'…'", " ".join(str(error).split()))
+    if isinstance(error, http_exceptions.HttpProcessingError):
+        # aiohttp's pure-Python parser (AIOHTTP_NO_EXTENSIONS, PyPy) quotes what it could not
+        # read as plain text, no bytes literal: a request target's query (a token), a body's
+        # query and documents. The class says what was wrong (as backends/upstream/client/
+        # failures.py says of an upstream's answer).
+        text = _MALFORMED_REQUEST
+    else:
+        text = _QUOTED_BYTES.sub("b'…'", " ".join(str(error).split()))
     fields: dict[str, Any] = {"error": f"{type(error).__name__}: {text[:300]}"}
     frames = traceback.extract_tb(trace) if trace is not None else []
     if frames:

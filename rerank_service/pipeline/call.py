@@ -44,7 +44,7 @@ from contextvars import Token
 import grpc
 
 from rerank_service.config.callers import ANONYMOUS
-from rerank_service.config.secret import Secret
+from rerank_service.config.secret import Secret, key_fault
 from rerank_service.core.domain import (
     Attempted,
     CacheOutcome,
@@ -181,6 +181,11 @@ class Pipeline:
         """The caller of a call with this bearer token and these client-certificate
         identities; UNAUTHENTICATED when callers or keys are set and none is named."""
         caller = self.callers.identify(token, peer_identities)
+        # A pass-through token goes upstream as a header: one holding a control character or
+        # a space (grpc takes such metadata from a raw HTTP/2 client) is no key (the key
+        # loaders' rule), and aiohttp would refuse to write it, failing the call INTERNAL.
+        if caller is not None and caller.per_token and token is not None and key_fault(token.reveal()):
+            caller = None
         if caller is None:
             certificate = peer_identities[0] if token is None and peer_identities else None
             raise unauthenticated(token is None and not peer_identities, carrier, certificate)
@@ -479,7 +484,12 @@ class Call:
         if code is not grpc.StatusCode.OK:
             failure = self.failure
             reason = failure.reason if failure is not None and failure.reason else code.name
-            if code in _SERVER_ERRORS or (self.http_status or 0) >= 500:
+            # An HTTP call by its status (OpenTelemetry's HTTP conventions leave a 4xx server
+            # span unset): a 408, a body that came too slowly, is DEADLINE_EXCEEDED, the
+            # caller's doing; a gRPC call by its code.
+            status = self.http_status
+            failed = code in _SERVER_ERRORS if status is None else status >= 500
+            if failed:
                 span.fail(reason)
             else:  # the caller's mistake: the span is not an error of this service's
                 span.set("error.type", reason)

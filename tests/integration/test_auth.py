@@ -11,10 +11,12 @@ from rerank.v1 import rerank_pb2
 from rerank_service.config.secret import Secret
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.conftest import CALLER_KEY, UPSTREAM_KEY, ServerFactory
+from tests.support import raw_h2
 from tests.support.logs import LogCapture
 from tests.support.rpc import code_of, details_of, expect_error, request
 
 OTHER_KEY = "second-caller-key"
+RERANK = "/rerank.v1.RerankService/Rerank"
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -106,3 +108,47 @@ def test_keys_never_appear_in_logs(serve: ServerFactory, upstream: FakeUpstream,
     assert CALLER_KEY not in logs.text
     assert UPSTREAM_KEY not in logs.text
     assert "wrong-key" not in logs.text
+
+
+# A token holding a byte no HTTP header carries, as a raw HTTP/2 client sends it (grpc's own
+# client refuses such metadata, grpc's server takes it).
+UNSENDABLE = [b"\x01", b"\x7f", b"\r\n", b"\x00"]
+
+
+@pytest.mark.parametrize("byte", UNSENDABLE, ids=["SOH", "DEL", "CRLF", "NUL"])
+def test_pass_through_with_a_token_no_header_carries_is_unauthenticated_before_any_upstream_call(
+    serve: ServerFactory, upstream: FakeUpstream, logs: LogCapture, byte: bytes
+) -> None:
+    """aiohttp refuses to write such a header: the call failed INTERNAL, with a traceback,
+    an upstream request counted as an error and a failure charged to the caller."""
+    token = b"sk-token-" + byte + b"-tail"
+    with serve(upstream_api_key=None) as server:
+        status = raw_h2.grpc_status(
+            server.target,
+            RERANK,
+            [(b"authorization", b"Bearer " + token)],
+            request().SerializeToString(),
+        )
+        [line] = logs.wait_for_calls(1)
+
+    assert status == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert line["code"] == "UNAUTHENTICATED"
+    assert upstream.requests == []
+    assert not [event for event in logs.events() if event.get("event") == "unexpected error"]
+    assert "sk-token-" not in logs.text
+
+
+@pytest.mark.parametrize("byte", UNSENDABLE, ids=["SOH", "DEL", "CRLF", "NUL"])
+def test_with_keys_a_token_no_header_carries_is_a_key_not_accepted(
+    serve: ServerFactory, upstream: FakeUpstream, byte: bytes
+) -> None:
+    with serve(api_keys=(Secret(CALLER_KEY),)) as server:
+        status = raw_h2.grpc_status(
+            server.target,
+            RERANK,
+            [(b"authorization", b"Bearer " + CALLER_KEY[:4].encode() + byte + CALLER_KEY[4:].encode())],
+            request().SerializeToString(),
+        )
+
+    assert status == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert upstream.requests == []

@@ -9,6 +9,7 @@ proves the same end to end through a real collector (Jaeger) and real processes.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
@@ -376,3 +377,31 @@ def test_the_score_caches_round_trips_to_redis_are_spans_of_the_call(
     (read,) = named(second, "rerank.cache.read")
     assert dict(read.attributes or {})["rerank.cache.found"] == documents
     assert dict(named(second, RERANK)[0].attributes or {})["rerank.cache"] == "hit"
+
+
+def test_an_http_body_that_came_too_slowly_is_a_408_named_on_the_span_without_marking_it_failed(
+    upstream: FakeUpstream, logs: LogCapture, spans: InMemorySpanExporter
+) -> None:
+    """A 408 is DEADLINE_EXCEEDED, a server error by gRPC's conventions; OpenTelemetry's HTTP
+    conventions leave a 4xx server span unset, as for any other mistake of the caller's."""
+    settings = upstream_settings(upstream, http_port=0, http_body_timeout=0.2)
+    with ServerThread(settings, tracer=in_memory(spans)) as server:
+        assert server.server is not None
+        assert server.server.http is not None
+        port = server.server.http.port
+        assert port is not None
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{"
+            )
+            answer = b""
+            while b"\r\n" not in answer:  # the 408, once the body timeout ran out
+                answer += sock.recv(65536) or b"\r\n"
+        (server_span,) = finished(spans, 1)
+
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    attributes = dict(server_span.attributes or {})
+    assert attributes["http.response.status_code"] == 408
+    assert attributes["error.type"] == "DEADLINE_EXCEEDED"
+    assert server_span.status.status_code is StatusCode.UNSET

@@ -9,7 +9,7 @@ from unittest.mock import Mock
 
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage
-from aiohttp.http_parser import HttpRequestParser
+from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 
 from rerank_service.observability.logging import RateLimit, configure_logging
 from tests.support.logs import LogCapture
@@ -86,5 +86,41 @@ def test_a_header_line_aiohttp_could_not_parse_never_reaches_the_log() -> None:
         loop.close()
 
     (event,) = capture.events()
-    assert event["error"].startswith("BadHttpMessage: 400, message: Invalid header value char: b'…'")
+    assert event["error"] == "BadHttpMessage: malformed HTTP message (its text not repeated)"
     assert "CALLERSECRET" not in capture.text
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # A body sent as chunked but not chunk-encoded: the parser quotes it as a chunk size.
+        b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'{"query":"patient SECRET-4711","documents":["a"]}\r\n',
+        # A request target with a control byte: the parser quotes it, its query's token too.
+        b"GET /v1/models?access_token=sk-SECRET-0123456789\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-SECRET-0123456789\x01\r\n\r\n",
+    ],
+    ids=["chunked-body", "request-target", "header-line"],
+)
+@pytest.mark.parametrize("parser", [HttpRequestParser, HttpRequestParserPy], ids=["default", "pure-python"])
+def test_no_request_text_an_aiohttp_parser_quotes_reaches_the_log(
+    parser: type[HttpRequestParserPy], raw: bytes
+) -> None:
+    """aiohttp's pure-Python parser (AIOHTTP_NO_EXTENSIONS=1, PyPy, no C wheel) quotes what
+    it could not read as plain text, not as the bytes literal the C parser writes."""
+    capture = LogCapture()
+    configure_logging("json", "info", stream=cast(TextIO, capture))
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(BadHttpMessage) as refused:
+            parser(Mock(), loop, 2**16, max_field_size=16384).feed_data(raw)
+    finally:
+        loop.close()
+    try:
+        raise refused.value
+    except BadHttpMessage:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s", "127.0.0.9")
+
+    (event,) = capture.events()
+    assert "SECRET" not in capture.text
+    assert event["error"] == f"{type(refused.value).__name__}: malformed HTTP message (its text not repeated)"
