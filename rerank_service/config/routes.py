@@ -105,6 +105,7 @@ def _on_off(value: object) -> object:
 OVERRIDES = (
     "path",
     "timeout",
+    "connect_timeout",
     "max_connections",
     "max_attempts",
     "retry_backoff",
@@ -146,6 +147,7 @@ class DeploymentEntry(BaseModel):
     weight: Annotated[int, Field(ge=1, le=INT32_MAX), NOT_A_SWITCH] = 1
     path: str | None = None
     timeout: Annotated[float | None, NOT_A_SWITCH] = None
+    connect_timeout: Annotated[float | None, NOT_A_SWITCH] = None
     max_connections: Annotated[int | None, NOT_A_SWITCH] = None
     max_attempts: Annotated[int | None, NOT_A_SWITCH] = None
     retry_backoff: Annotated[float | None, NOT_A_SWITCH] = None

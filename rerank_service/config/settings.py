@@ -724,6 +724,14 @@ class Settings:
             "of the pool (the wait for one is bounded by it too); the caller's deadline cuts it shorter"
         ),
     )
+    upstream_connect_timeout: Seconds = Field(
+        default=5.0,
+        description=(
+            "seconds an attempt may take to open a connection (TCP, TLS, a proxy's tunnel), within "
+            "--upstream-timeout; past it the upstream counts as unreachable (retried, or the call falls "
+            "over, as for a refused connection)"
+        ),
+    )
     upstream_max_connections: Count = Field(
         default=1024,
         description="size of the upstream connection pool (HTTP/1.1: one call in flight per connection)",
@@ -747,7 +755,8 @@ class Settings:
     upstream_max_attempts: Count = Field(
         default=3,
         description="attempts per upstream call, the first included; only connect errors, resets, 429 and "
-        "502/503/504 are retried (1: no retries)",
+        "502/503/504 are retried (1: no retries); a 429 is not, when another deployment of the route "
+        "could take the call",
     )
     upstream_retry_backoff: Seconds = Field(
         default=0.1,
@@ -761,7 +770,8 @@ class Settings:
         description="failed upstream attempts in a row (its fault: unreachable, 5xx, timeout, garbage) "
         "that eject a deployment when more than half of its attempts in the window failed too: it "
         "is then tried last; unreachable this many times in a row, it is down: refused at once but "
-        "for probes (0: never)",
+        "for probes; this many 429s in a row (or one with Retry-After) avoid it as an ejection does "
+        "(0: never)",
     )
     upstream_breaker_cooldown: Seconds = Field(
         default=5.0,

@@ -40,6 +40,7 @@ class ConnectionConfig:
 
     url: str
     timeout: float
+    connect_timeout: float  # opening a connection, within `timeout`
     max_connections: int
     proxy: str | None
     ca_file: Path | None
@@ -78,6 +79,7 @@ class UpstreamDeploymentConfig:
             connection=ConnectionConfig(
                 url=settings.upstream_url,
                 timeout=settings.upstream_timeout,
+                connect_timeout=settings.upstream_connect_timeout,
                 max_connections=settings.upstream_max_connections,
                 proxy=settings.upstream_proxy,
                 ca_file=settings.upstream_ca_file,

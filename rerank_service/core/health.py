@@ -9,11 +9,18 @@ Two questions, answered separately from the attempts a deployment made:
   upstream answer 500 or garbage cannot, by that, deny service to anyone else. Any success
   ends the ejection.
 - **Down** (unreachable that many times in a row: refused, unroutable, a failed TLS
-  handshake, a proxy refusing the tunnel; no request's content causes that): calls are
+  handshake, a proxy refusing the tunnel, no connection within the connect timeout or
+  one cut after a second unanswered; no request's content causes that): calls are
   refused at once for `cooldown` seconds, then let through as probes, one every
   `cooldown` or every second, whichever is shorter (a probe that hangs does not hold the
   next one back), each bounded by `probe_timeout`. A success ends it; an answer of any
   kind (even a 500) proves the deployment reachable and ends it too.
+
+- **Rate limited** (it answered 429 with a Retry-After, or 429 `--upstream-breaker-failures`
+  times in a row): avoided as an ejected deployment is (`state` EJECTED, `rate_limited`),
+  until that Retry-After (at most `cooldown` seconds) or, after the 429s in a row, for
+  `cooldown`; any success ends it. A route with another deployment sends its calls there
+  first, and a route without one still calls it.
 
 A failure is the deployment's fault only when `retry.judge` says so: a 4xx, a 429, our own
 full pool or the caller's own deadline are neutral.
@@ -75,6 +82,8 @@ class DeploymentHealth:
         self._claim = 0
         self._claims = 0
         self._ejected_until = 0.0  # ejected while the clock is before this
+        self._rate_limited_until = 0.0  # avoided for its 429s while the clock is before this
+        self._rate_limited_in_a_row = 0
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call `listener` whenever `state` or `refusing` may have changed, including when a
@@ -85,7 +94,14 @@ class DeploymentHealth:
     def state(self) -> DeploymentState:
         if self._down_until is not None:
             return DeploymentState.DOWN
-        return DeploymentState.EJECTED if self._clock() < self._ejected_until else DeploymentState.HEALTHY
+        avoided_until = max(self._ejected_until, self._rate_limited_until)
+        return DeploymentState.EJECTED if self._clock() < avoided_until else DeploymentState.HEALTHY
+
+    @property
+    def rate_limited(self) -> bool:
+        """Avoided (`state` EJECTED) for its 429s, and not for failing too."""
+        now = self._clock()
+        return self._down_until is None and now < self._rate_limited_until and now >= self._ejected_until
 
     @property
     def refusing(self) -> bool:
@@ -158,24 +174,37 @@ class DeploymentHealth:
         raise self._refusal(self.refused_for)
 
     def record(
-        self, outcome: Outcome, probe: bool = False, unreachable: bool = False, answered: bool = False
+        self,
+        outcome: Outcome,
+        probe: bool = False,
+        unreachable: bool = False,
+        answered: bool = False,
+        rate_limited: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         """What one attempt showed; `unreachable`: it never got a connection; `answered`: an
-        HTTP answer came back (a 500 or a neutral 429 too: reachable, so no longer down)."""
+        HTTP answer came back (a 500 or a neutral 429 too: reachable, so no longer down);
+        `rate_limited`: that answer was a 429, asking for `retry_after` seconds (None: not said)."""
+        if not rate_limited and (answered or outcome is not Outcome.NEUTRAL):
+            # An answer of another kind, or a failure: the 429s are no longer in a row.
+            self._rate_limited_in_a_row = 0
         if outcome is Outcome.NEUTRAL:
-            if answered and self._down_until is not None:
-                before = self.state, self.refusing
-                self._down_until = None
+            if answered:
+                before = self.state, self.refusing, self.rate_limited
+                # Reachable (a 429 is an answer): the unreachable attempts are no longer in a row.
                 self._unreachable_in_a_row = 0
-                if (self.state, self.refusing) != before:
+                self._down_until = None
+                if rate_limited:
+                    self._avoid_for_429(retry_after)
+                if (self.state, self.refusing, self.rate_limited) != before:
                     self._changed()
             return
-        before = self.state, self.refusing
+        before = self.state, self.refusing, self.rate_limited
         now = self._clock()
         if outcome is Outcome.SUCCESS:
             self._attempts.add(_SUCCESSES)
             self._failures_in_a_row = self._unreachable_in_a_row = 0
-            self._ejected_until = 0.0
+            self._ejected_until = self._rate_limited_until = 0.0
             self._down_until = None
         else:
             self._attempts.add(_FAILURES)
@@ -195,8 +224,23 @@ class DeploymentHealth:
             if self._min_failures and now >= self._ejected_until and self._failing():
                 self._ejected_until = now + self._cooldown
                 self._notify_at(self._ejected_until)
-        if (self.state, self.refusing) != before:
+        if (self.state, self.refusing, self.rate_limited) != before:
             self._changed()
+
+    def _avoid_for_429(self, retry_after: float | None) -> None:
+        """A 429: avoided until its Retry-After (at most a cool-down), and for a cool-down
+        once the 429s come `min_failures` in a row (with or without Retry-After: one of 0
+        asks for nothing, and its route would call it first again and again)."""
+        self._rate_limited_in_a_row += 1
+        if not self._min_failures:
+            return
+        now = self._clock()
+        until = now if retry_after is None else now + min(retry_after, self._cooldown)
+        if self._rate_limited_in_a_row >= self._min_failures:
+            until = now + self._cooldown
+        if until > self._rate_limited_until and until > now:
+            self._rate_limited_until = until
+            self._notify_at(until)
 
     def failure_summary(self) -> str:
         """The recent record in words, for logs."""

@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 
 from rerank_service.core.window import SlidingCounts
 
 _CALLS, _EXTRA = 0, 1
+
+# Set by the router in the task that calls a deployment: whether another deployment of the
+# route could take the call now (untried, not refusing). A deployment that answers 429 then
+# gives the call up at once, for the route to fall over to that one, rather than wait to
+# retry it where it was just refused.
+FALLBACK_READY: ContextVar[bool] = ContextVar("rerank_fallback_ready", default=False)
 
 
 class RetryBudget:

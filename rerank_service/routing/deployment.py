@@ -25,6 +25,9 @@ from rerank_service.routing.cached_scores import CachedScores
 # rerank_deployment_state's value for each state: the higher, the worse (with workers, the
 # one whose calls found it last is reported: observability/metrics.py).
 _STATE_LEVELS = every_state({DeploymentState.HEALTHY: 0, DeploymentState.EJECTED: 1, DeploymentState.DOWN: 2})
+# What an ejected deployment avoided for its 429s is called in rerank_deployment_ejections_total
+# (`state`): its gauge reads 1, as for an ejection, since the route avoids it the same way.
+RATE_LIMITED = "rate_limited"
 
 
 @dataclass(eq=False)
@@ -141,4 +144,5 @@ class Deployment:
         if not self._adopted:
             return
         state = self.state
-        self._metrics.set_state(state.value, _STATE_LEVELS[state])
+        shown = RATE_LIMITED if self.health is not None and self.health.rate_limited else state.value
+        self._metrics.set_state(shown, _STATE_LEVELS[state])

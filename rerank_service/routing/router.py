@@ -30,6 +30,7 @@ from rerank_service.core.domain import (
     replaced,
 )
 from rerank_service.core.readiness import Readiness
+from rerank_service.core.retry_budget import FALLBACK_READY
 from rerank_service.observability import tracing
 from rerank_service.observability.logging import get_logger
 from rerank_service.observability.metrics import Metrics
@@ -208,6 +209,8 @@ class Router:
                 # Both on every pick: a state left by an earlier pick would be read as this one's.
                 span.set("rerank.deployment", deployment.name)
                 span.set("rerank.deployment.state", deployment.state.value)
+            # Whether another deployment could take the call (a rate-limited one hands it over).
+            ready = FALLBACK_READY.set(_another_could_take(route, tried)) if len(route.members) > 1 else None
             try:
                 # The deployment's own name for the model (most often the route's: no copy).
                 sent = request if member.model == request.model else replaced(request, model=member.model)
@@ -218,6 +221,8 @@ class Router:
                     break
                 continue
             finally:
+                if ready is not None:
+                    FALLBACK_READY.reset(ready)
                 if claim and health is not None:  # given back if unsent (cached, cancelled, failed first)
                     health.unclaim(claim)
             timings = combined([*(failure.timings for failure in failures), result.timings])
@@ -269,6 +274,13 @@ class Router:
                 for route in self._routes.values()
             )
         )
+
+
+def _another_could_take(route: Route, tried: set[Deployment]) -> bool:
+    """Whether a deployment of `route` not yet tried for the call would take it now."""
+    return any(
+        member.deployment not in tried and not member.deployment.refuses_now for member in route.members
+    )
 
 
 def _told(failures: list[ServiceError]) -> ServiceError:

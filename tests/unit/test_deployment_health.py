@@ -225,6 +225,17 @@ def test_an_answered_failure_between_unreachable_ones_restarts_the_count() -> No
     assert health.admit() is False
 
 
+def test_a_neutral_answer_between_unreachable_ones_restarts_the_count() -> None:
+    health = health_on(Clock())
+
+    fail(health, FAILURES - 1, unreachable=True)
+    health.record(Outcome.NEUTRAL, answered=True)  # a 429: an answer, so it was reached
+    fail(health, unreachable=True)
+
+    assert state_of(health) is not DeploymentState.DOWN
+    assert health.admit() is False
+
+
 def test_after_the_cooldown_one_probe_goes_and_a_second_caller_within_the_interval_is_refused() -> None:
     clock = Clock()
     health = down(clock)
@@ -610,3 +621,66 @@ def test_a_claim_sent_after_its_interval_passed_leaves_no_second_probe_due() -> 
 
     assert not probe_due_of(health)
     assert refusal(health).reason == "UPSTREAM_CIRCUIT_OPEN"
+
+
+# --- rate limited: 429s ------------------------------------------------------------------------
+
+
+def rate_limited(health: DeploymentHealth, times: int = 1, retry_after: float | None = None) -> None:
+    for _ in range(times):
+        health.record(Outcome.NEUTRAL, answered=True, rate_limited=True, retry_after=retry_after)
+
+
+def rate_limited_of(health: DeploymentHealth) -> bool:
+    return health.rate_limited
+
+
+def test_429s_in_a_row_avoid_it_as_an_ejection_for_a_cooldown_but_never_refuse() -> None:
+    clock = Clock()
+    health = health_on(clock)
+    rate_limited(health, FAILURES - 1)
+    assert state_of(health) is DeploymentState.HEALTHY
+
+    rate_limited(health)
+
+    assert state_of(health) is DeploymentState.EJECTED  # the route calls its others first
+    assert rate_limited_of(health)
+    assert not refusing_of(health)
+    assert health.admit() is False
+    clock.now += COOLDOWN
+    assert state_of(health) is DeploymentState.HEALTHY
+
+
+def test_a_429_with_retry_after_avoids_it_that_long_at_most_a_cooldown() -> None:
+    clock = Clock()
+    health = health_on(clock)
+
+    rate_limited(health, retry_after=2.0)
+    assert state_of(health) is DeploymentState.EJECTED
+    clock.now += 2.0
+    assert state_of(health) is DeploymentState.HEALTHY
+
+    rate_limited(health, retry_after=3600.0)
+    clock.now += COOLDOWN - 0.1
+    assert state_of(health) is DeploymentState.EJECTED
+    clock.now += 0.1
+    assert state_of(health) is DeploymentState.HEALTHY
+
+
+def test_another_answer_between_429s_restarts_their_count_and_a_success_ends_the_avoidance() -> None:
+    health = health_on(Clock())
+    rate_limited(health, FAILURES - 1)
+    health.record(Outcome.SUCCESS)
+    rate_limited(health, FAILURES - 1)
+    assert state_of(health) is DeploymentState.HEALTHY
+
+    rate_limited(health, retry_after=2.0)
+    health.record(Outcome.SUCCESS)
+    assert state_of(health) is DeploymentState.HEALTHY
+    assert not rate_limited_of(health)
+
+
+def test_429s_never_avoid_it_with_min_failures_zero() -> None:
+    health = health_on(Clock(), min_failures=0)
+    rate_limited(health, 10, retry_after=2.0)
+    assert state_of(health) is DeploymentState.HEALTHY

@@ -7,6 +7,8 @@ import random
 import grpc
 import pytest
 
+from rerank_service.backends.upstream import errors
+from rerank_service.backends.upstream.dialect import UpstreamErrorBody
 from rerank_service.backends.upstream.retry import RetryPolicy, judge
 from rerank_service.core.domain import FailureKind, ServiceError
 from rerank_service.core.health import Outcome
@@ -24,6 +26,11 @@ def own_key_refused(status: int) -> ServiceError:
         metadata={"upstream_status": str(status)},
         kind=FailureKind.DEPLOYMENT,
     )
+
+
+def mapped(status: int) -> ServiceError:
+    """The error errors.py makes of an upstream answering `status`."""
+    return errors.from_http_status(status, UpstreamErrorBody(), None, False, [])
 
 
 def reason(name: str) -> ServiceError:
@@ -44,7 +51,11 @@ def reason(name: str) -> ServiceError:
         (own_key_refused(401), False, Outcome.FAILURE),  # the deployment's key: it answers nobody
         (own_key_refused(403), False, Outcome.FAILURE),
         (upstream_status(404), False, Outcome.SUCCESS),
-        (upstream_status(408), False, Outcome.SUCCESS),
+        # Answers the call falls over on (errors.py): failing, so enough in a row eject it.
+        (mapped(408), False, Outcome.FAILURE),
+        (mapped(301), False, Outcome.FAILURE),
+        (mapped(405), False, Outcome.FAILURE),
+        (mapped(404), False, Outcome.SUCCESS),  # the request's own: it is up and talking
         (upstream_status(422), False, Outcome.SUCCESS),
         (reason("UPSTREAM_UNAVAILABLE"), True, Outcome.FAILURE),  # connect error, reset
         (reason("UPSTREAM_BAD_RESPONSE"), False, Outcome.FAILURE),
@@ -63,6 +74,22 @@ def test_a_timeout_is_never_retried_and_counts_against_the_upstream_only_if_it_w
     assert judge(timeout, caller_deadline_passed=False).outcome is Outcome.FAILURE
     assert judge(timeout, caller_deadline_passed=True).outcome is Outcome.NEUTRAL
     assert not judge(timeout, caller_deadline_passed=False).retryable
+
+
+def test_a_connect_the_callers_deadline_cut_long_unanswered_counts_against_the_upstream() -> None:
+    # client/failures.py: unanswered for a second or more before the deadline cut it.
+    unanswered = errors.timed_out(by_caller_deadline=True, unreachable=True)
+    verdict = judge(unanswered, caller_deadline_passed=True)
+    assert (verdict.retryable, verdict.outcome) == (False, Outcome.FAILURE)
+    assert (
+        judge(errors.timed_out(by_caller_deadline=True), caller_deadline_passed=True).outcome
+        is Outcome.NEUTRAL
+    )
+
+
+def test_no_connection_within_the_connect_timeout_is_retried_as_unreachable() -> None:
+    verdict = judge(errors.connect_timed_out(5.0), caller_deadline_passed=False)
+    assert (verdict.retryable, verdict.outcome, verdict.label) == (True, Outcome.FAILURE, "unreachable")
 
 
 def test_backoff_is_full_jitter_under_a_doubling_cap() -> None:

@@ -12,7 +12,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import grpc
 import pytest
 
-from rerank_service.backends.upstream.client.transport import MAX_RESPONSE_BYTES, UpstreamTransport
+from rerank_service.backends.upstream.client.transport import (
+    MAX_RESPONSE_BYTES,
+    UpstreamTransport,
+    cut_while_unreachable,
+)
 from rerank_service.config.secret import Secret
 from rerank_service.core.domain import ServiceError
 from rerank_service.observability.metrics import Metrics
@@ -39,11 +43,18 @@ def metrics() -> Metrics:
 
 @pytest.fixture
 async def transports(upstream: FakeUpstream, metrics: Metrics) -> AsyncIterator[Transports]:
-    """`transports(timeout=5.0, url=upstream.url)`: a transport, closed after the test."""
+    """`transports(timeout=5.0, url=upstream.url, connect_timeout=None)`: a transport, closed
+    after the test."""
     made: list[UpstreamTransport] = []
 
-    def make(timeout: float = 5.0, url: str | None = None) -> UpstreamTransport:
-        made.append(UpstreamTransport(url or upstream.url, timeout, 4, metrics=metrics))
+    def make(
+        timeout: float = 5.0, url: str | None = None, connect_timeout: float | None = None
+    ) -> UpstreamTransport:
+        made.append(
+            UpstreamTransport(
+                url or upstream.url, timeout, 4, connect_timeout=connect_timeout, metrics=metrics
+            )
+        )
         return made[-1]
 
     yield make
@@ -302,6 +313,59 @@ async def test_a_connection_that_never_opens_is_a_timeout_of_an_unreachable_upst
     assert error.reason == "UPSTREAM_TIMEOUT"
     # Unreachable, as a refused connection is: it counts toward the deployment being down.
     assert error.unreachable
+
+
+async def test_a_connection_not_open_within_the_connect_timeout_is_unavailable_as_an_unreachable_upstream(
+    transports: Transports, metrics: Metrics
+) -> None:
+    with dropping_connections() as url:
+        # The caller's deadline and the upstream timeout are far off: the connect's own bound ends it.
+        error = await failure_of(
+            transports(timeout=30.0, url=url, connect_timeout=0.2), time.monotonic() + 30.0
+        )
+
+    # As a refused connection: retried, the call falls over, it counts toward down.
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.reason == "UPSTREAM_UNAVAILABLE"
+    assert "--upstream-connect-timeout (0.2 s)" in error.message
+    assert error.unreachable
+    assert attempts(metrics, "timeout") == 1
+
+
+@pytest.mark.parametrize(
+    ("deadline", "unreachable"),
+    [(0.3, False), (1.5, True)],
+    ids=["cut before a second: says nothing", "unanswered for a second: unreachable"],
+)
+async def test_a_connect_the_callers_deadline_cuts_is_unreachable_once_unanswered_for_a_second(
+    transports: Transports, deadline: float, unreachable: bool
+) -> None:
+    with dropping_connections() as url:
+        error = await failure_of(transports(timeout=30.0, url=url), time.monotonic() + deadline)
+
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "the call's deadline" in error.message
+    # A host that is there answers a connection request well within a second (Linux resends
+    # an unanswered one after 1 s): one unanswered that long is unreachable, whatever cut it.
+    assert error.unreachable is unreachable
+
+
+async def test_an_attempt_cancelled_while_its_connect_went_unanswered_for_a_second_says_so(
+    transports: Transports,
+) -> None:
+    with dropping_connections() as url:
+        transport = transports(timeout=30.0, url=url)
+        # Cancelled in this task (as grpc cancels a call at its deadline), not by the transport's timers.
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.5):
+                await transport.post_json(NATIVE_PATH, BODY, KEY, None)
+        assert cut_while_unreachable()
+        assert not cut_while_unreachable()  # read once
+
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await transport.post_json(NATIVE_PATH, BODY, KEY, None)
+        assert not cut_while_unreachable()
 
 
 async def test_a_probe_whose_connection_never_opens_is_unavailable_and_unreachable(

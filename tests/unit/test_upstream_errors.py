@@ -128,15 +128,15 @@ def test_other_4xx_is_internal(status: int) -> None:
 
 
 @pytest.mark.parametrize("status", [600, 799, 999])
-def test_a_status_past_599_is_unexpected_and_no_5xx_to_retry_or_count_against_health(status: int) -> None:
+def test_a_status_past_599_is_unexpected_and_no_5xx_to_retry(status: int) -> None:
     error = map_status(status, retry_after="5")  # aiohttp reads any three digits as a status
 
     verdict = judge(error, caller_deadline_passed=False)
     assert error.code == grpc.StatusCode.INTERNAL
     assert error.reason == "UPSTREAM_UNEXPECTED_STATUS"
     assert error.retry_after is None
-    # An answer, if not the rerank API's: the upstream is up and talking, as with a 3xx.
-    assert (verdict.retryable, verdict.outcome) == (False, Outcome.SUCCESS)
+    # Not the rerank API's answer: a failure, as a 3xx is (enough in a row eject it), never retried.
+    assert (verdict.retryable, verdict.outcome) == (False, Outcome.FAILURE)
 
 
 @pytest.mark.parametrize("status", [400, 404, 418])

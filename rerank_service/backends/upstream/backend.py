@@ -18,7 +18,11 @@ import orjson
 from rerank_service.backends.upstream import errors
 from rerank_service.backends.upstream.client.budget import MIN_EXCHANGE
 from rerank_service.backends.upstream.client.connections import check_connection_settings
-from rerank_service.backends.upstream.client.transport import UpstreamReply, UpstreamTransport
+from rerank_service.backends.upstream.client.transport import (
+    UpstreamReply,
+    UpstreamTransport,
+    cut_while_unreachable,
+)
 from rerank_service.backends.upstream.dialect import (
     Dialect,
     DialectOptions,
@@ -44,6 +48,7 @@ from rerank_service.core.domain import (
 )
 from rerank_service.core.health import DeploymentHealth, Outcome
 from rerank_service.core.readiness import Readiness
+from rerank_service.core.retry_budget import FALLBACK_READY
 from rerank_service.core.token_window import EstimatedWindow
 from rerank_service.observability import tracing
 from rerank_service.observability.logging import get_logger
@@ -161,6 +166,7 @@ class UpstreamBackend:
                 connection.url,
                 connection.timeout,
                 connection.max_connections,
+                connect_timeout=connection.connect_timeout,
                 proxy=connection.proxy,
                 ca_file=connection.ca_file,
                 metrics=recorded,
@@ -266,11 +272,18 @@ class UpstreamBackend:
                 verdict = judge(error, out_of_time)
                 outcome, unreachable = verdict.outcome, error.unreachable
                 answered = _answered(error)
-                self._health.record(outcome, probe, unreachable, answered)
+                rate_limited = _rate_limited(error)
+                self._health.record(outcome, probe, unreachable, answered, rate_limited, error.retry_after)
                 recorded = True
                 wait = self._wait_before_retry(error, verdict, attempt, give_up_at, context)
                 if wait is None:  # the time of every attempt goes up with the error
                     raise error.with_timings(Timings(upstream_spans=tuple(spans))) from error
+            except asyncio.CancelledError:
+                # Cut short (grpc at the caller's deadline, the caller gone) while its connect
+                # had long gone unanswered: the upstream is unreachable, as if it had timed out.
+                if cut_while_unreachable():
+                    outcome, unreachable = Outcome.FAILURE, True
+                raise
             finally:
                 if not recorded:  # a success, or cancelled mid-attempt
                     self._health.record(outcome, probe, unreachable, answered)
@@ -283,10 +296,13 @@ class UpstreamBackend:
         """How long to wait before retrying a failed attempt, or None: give up now."""
         # Down now (this failure may have made it so): a retry would only be refused, or
         # be another probe (this one hung, say), which no caller is held for.
+        # Rate limited where another deployment of the route could take the call: the route
+        # falls over to it rather than the call waiting here to be refused again.
         if (
             not verdict.retryable
             or attempt >= self._retry_policy.max_attempts
             or self._health.state is DeploymentState.DOWN
+            or (_rate_limited(error) and FALLBACK_READY.get())
         ):
             return None
         wait = self._retry_policy.wait_before(attempt, error.retry_after, self._rng)
@@ -406,6 +422,11 @@ def _answered(error: ServiceError) -> bool:
     """An answer came back (a status, or a body it could not use): the deployment is
     reachable, whatever it said. A timeout or a reset is no answer."""
     return "upstream_status" in error.metadata or error.reason == errors.BAD_RESPONSE
+
+
+def _rate_limited(error: ServiceError) -> bool:
+    """The upstream answered 429."""
+    return error.metadata.get("upstream_status") == "429"
 
 
 def _span_attributes(format_name: str, url: str | None, path: str) -> dict[str, str | int]:

@@ -160,6 +160,18 @@ def timed_out(by_caller_deadline: bool, unreachable: bool = False) -> ServiceErr
     )
 
 
+def connect_timed_out(connect_timeout: float) -> ServiceError:
+    """No connection opened within the connect timeout: unreachable, as a refused connection
+    is (retried, the call falls over, it counts toward the deployment being down)."""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"upstream unreachable: no connection within --upstream-connect-timeout ({connect_timeout:g} s)",
+        reason=UNAVAILABLE,
+        unreachable=True,
+        kind=FailureKind.DEPLOYMENT,
+    )
+
+
 def probe_timed_out(probe_timeout: float | None, unreachable: bool = False) -> ServiceError:
     """A probe of a down deployment got no answer within its own bound: the deployment is
     still down. Not DEADLINE_EXCEEDED: the caller's deadline is not spent, and the route

@@ -35,10 +35,13 @@ def judge(error: ServiceError, caller_deadline_passed: bool) -> Verdict:
             return Verdict(code in RETRYABLE_HTTP_STATUSES, Outcome.FAILURE, status)
         if code == 429:
             return Verdict(True, Outcome.NEUTRAL, status)
-        if error.kind is FailureKind.DEPLOYMENT and code in (401, 403):
-            # Its own key refused: it can answer nobody until an operator fixes the key.
+        if error.kind is FailureKind.DEPLOYMENT:
+            # An answer the call falls over on (errors.py): its own key refused (it can answer
+            # nobody until an operator fixes the key), a 408 (it gave up waiting), a status no
+            # rerank API answers. Failing: enough in a row eject it, as 5xx do, so its route's
+            # calls go to its other deployments first rather than each failing here first.
             return Verdict(False, Outcome.FAILURE, status)
-        # Any other answer proves the upstream is up and talking.
+        # Any other answer (the request's own fault) proves the upstream is up and talking.
         return Verdict(False, Outcome.SUCCESS, status)
     reason = error.reason or "unknown"
     # Without an HTTP status, this reason is a transport failure before any answer:
@@ -46,8 +49,11 @@ def judge(error: ServiceError, caller_deadline_passed: bool) -> Verdict:
     if reason == errors.UNAVAILABLE:
         return Verdict(True, Outcome.FAILURE, "unreachable")
     if reason == errors.TIMEOUT:
-        # Cut short by the caller's own deadline, a timeout says nothing about the upstream.
-        return Verdict(False, Outcome.NEUTRAL if caller_deadline_passed else Outcome.FAILURE, "timeout")
+        # Cut short by the caller's own deadline, a timeout says nothing about the upstream;
+        # unless it cut a connect pending long past any answer from a host that is there
+        # (client/failures.py): then the upstream is unreachable, however short the deadline.
+        neutral = caller_deadline_passed and not error.unreachable
+        return Verdict(False, Outcome.NEUTRAL if neutral else Outcome.FAILURE, "timeout")
     if reason == errors.BAD_RESPONSE:
         return Verdict(False, Outcome.FAILURE, "bad_response")
     # Our own pool was full, or an error that is not the upstream's.

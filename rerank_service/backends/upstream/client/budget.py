@@ -5,7 +5,9 @@ connection of the service's own pool, for at most the upstream timeout; once it 
 (or room to open one), the timer is set anew, so connecting, sending and reading the
 answer get the whole upstream timeout: a wait in our own busy pool is never taken for a
 slow upstream. The caller's deadline cuts either shorter (a call must never outlive its
-caller), and so does a probe's bound (counted from the attempt's start).
+caller), and so does a probe's bound (counted from the attempt's start). Opening a new
+connection has a bound of its own within that, the connect timeout (connections.py): a
+host that drops what is sent to it is found unreachable long before the upstream timeout.
 """
 
 from __future__ import annotations
@@ -37,14 +39,35 @@ class AttemptBudget:
     """One attempt's time: `seconds()` at its start, and again (`connection_had`) once
     the wait for a connection of the pool is over. `timer` is the attempt's asyncio.timeout."""
 
-    __slots__ = ("_probe_deadline", "_restarted", "_timeout", "bound", "deadline", "probe_timeout", "timer")
+    __slots__ = (
+        "_probe_deadline",
+        "_restarted",
+        "_timeout",
+        "bound",
+        "connect_timeout",
+        "connecting_since",
+        "deadline",
+        "probe_timeout",
+        "timer",
+    )
 
-    def __init__(self, upstream_timeout: float, deadline: float | None, probe_timeout: float | None) -> None:
+    def __init__(
+        self,
+        upstream_timeout: float,
+        deadline: float | None,
+        probe_timeout: float | None,
+        connect_timeout: float | None = None,
+    ) -> None:
         """`deadline`: the caller's, on time.monotonic()'s clock; `probe_timeout`: the
-        attempt is a probe of a down deployment, bounded by this many seconds from now."""
+        attempt is a probe of a down deployment, bounded by this many seconds from now;
+        `connect_timeout`: opening a connection may take this many seconds (None: no bound
+        of its own)."""
         self._timeout = upstream_timeout
         self.deadline = deadline
         self.probe_timeout = probe_timeout
+        self.connect_timeout = connect_timeout
+        # When the attempt began opening a connection (time.monotonic), None if it has not.
+        self.connecting_since: float | None = None
         self._probe_deadline = None if probe_timeout is None else time.monotonic() + probe_timeout
         self.bound = Bound.UPSTREAM
         self.timer: asyncio.Timeout | None = None
@@ -80,6 +103,11 @@ class AttemptBudget:
         # a new timer when there was no wait to speak of (an idle connection at once).
         if when > (timer.when() or 0.0) + _NO_WAIT:
             timer.reschedule(when)
+
+    def connecting_for(self) -> float:
+        """Seconds the attempt has spent opening a connection (0: it opened none)."""
+        since = self.connecting_since
+        return 0.0 if since is None else time.monotonic() - since
 
 
 # Set by the transport in the calling task for each attempt; read by the connector, which

@@ -16,7 +16,9 @@ upstream's fault; a connection that never opens is an unreachable upstream; only
 rest is an upstream slow to answer. (aiohttp's trace signals would say the same, for
 several microseconds of every call.) Where the wait for the pool ends, the connector
 also sets the attempt's timer anew (budget.py): the upstream timeout bounds the
-upstream's own time, not the time spent queued behind other calls.
+upstream's own time, not the time spent queued behind other calls. Opening a connection
+has a bound of its own, the connect timeout: past it, ConnectTimedOut (the upstream is
+unreachable, as when it refuses the connection), not a timeout of the attempt.
 
 Whether calls go straight to the upstream or through a proxy (proxies.py), and which
 certificates are trusted (tls.py), is settled here once, never per call.
@@ -82,6 +84,16 @@ class CountingHandler(ResponseHandler):
 # Set by the connector in the calling task: the protocol of the connection it last handed
 # out, if that was a kept-alive one; None for a new one.
 HANDED_OUT: ContextVar[CountingHandler | None] = ContextVar("upstream_connection_handed_out", default=None)
+
+
+class ConnectTimedOut(Exception):
+    """No connection opened within the attempt's connect timeout (a host gone, a firewall
+    dropping what is sent to it). Not a TimeoutError: aiohttp would take it for its own
+    connect timeout, and failures.py for the attempt's budget running out."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no connection within {seconds:g} s")
+        self.seconds = seconds
 
 
 class Phase(enum.Enum):
@@ -180,7 +192,22 @@ class _Connector(aiohttp.TCPConnector):
         # proxy's tunnel. tests/unit/test_transport.py's connect timeout fails if it moves.
         _pool_wait_over()  # there is room for a new connection: the wait is over
         PHASE.set(Phase.CONNECT)
-        return await super()._create_connection(req, traces, timeout)
+        budget = ATTEMPT.get()
+        if budget is None:
+            return await super()._create_connection(req, traces, timeout)
+        budget.connecting_since = time.monotonic()
+        if budget.connect_timeout is None:
+            return await super()._create_connection(req, traces, timeout)
+        # Within the attempt's own timer: whichever ends first cuts the connect (the
+        # attempt's, as before: a TimeoutError of the attempt).
+        connect = asyncio.timeout(budget.connect_timeout)
+        try:
+            async with connect:
+                return await super()._create_connection(req, traces, timeout)
+        except TimeoutError:
+            if connect.expired():
+                raise ConnectTimedOut(budget.connect_timeout) from None
+            raise
 
 
 def _pool_wait_over() -> None:

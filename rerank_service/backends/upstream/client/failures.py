@@ -19,8 +19,14 @@ from aiohttp import http_exceptions
 from rerank_service.backends.upstream import errors
 from rerank_service.backends.upstream.client.body import ResponseTooLarge, UndecodableBody
 from rerank_service.backends.upstream.client.budget import AttemptBudget, Bound
-from rerank_service.backends.upstream.client.connections import Phase
+from rerank_service.backends.upstream.client.connections import ConnectTimedOut, Phase
 from rerank_service.core.domain import ServiceError
+
+# Seconds a connection request may go unanswered before the upstream counts as
+# unreachable, even when the caller's deadline is what cut it: Linux resends an unanswered
+# SYN after 1 s (its initial retransmission timeout), and a host that is there answers the
+# first one in a round trip.
+UNANSWERED_CONNECT = 1.0
 
 
 class Failure(NamedTuple):
@@ -31,10 +37,18 @@ class Failure(NamedTuple):
 def classify(exc: Exception, budget: AttemptBudget, phase: Phase) -> Failure:
     """`exc` ended an attempt; `budget`: its time, and what set it; `phase`: where the
     attempt was when it ended (connections.PHASE)."""
+    if isinstance(exc, ConnectTimedOut):  # the connect timeout: unreachable, as a refused connect
+        return Failure("timeout", errors.connect_timed_out(exc.seconds))
     if isinstance(exc, TimeoutError):  # the attempt ran past its budget (asyncio.timeout)
         if budget.bound is Bound.PROBE and phase is not Phase.POOL:
             # The probe's own bound, not the caller's deadline: the deployment is still down.
             return Failure("timeout", errors.probe_timed_out(budget.probe_timeout, phase is Phase.CONNECT))
+        if budget.bound is Bound.CALLER and phase is Phase.CONNECT:
+            # The caller's deadline cut a connect short. A reachable host answers a connection
+            # request well within UNANSWERED_CONNECT (Linux's first SYN retransmission): one
+            # pending that long says the upstream is unreachable, whoever's time ran out.
+            unreachable = budget.connecting_for() >= UNANSWERED_CONNECT
+            return Failure("timeout", errors.timed_out(by_caller_deadline=True, unreachable=unreachable))
         exc = _timeout_in(phase)
     if phase is Phase.EXCHANGE and _refused_by_the_parser(exc):
         # The upstream answered, with something that is no HTTP/1.1: not an unreachable

@@ -11,6 +11,7 @@ a proxy) and which certificates are trusted is settled once, at construction.
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ from rerank_service.backends.upstream.client.budget import ATTEMPT, MIN_EXCHANGE
 from rerank_service.backends.upstream.client.connections import (
     KEEPALIVE_EXPIRY,
     PHASE,
+    Phase,
     open_session,
     route_to,
 )
 from rerank_service.backends.upstream.client.exchange import UpstreamReply, call_headers, exchange
-from rerank_service.backends.upstream.client.failures import classify, transport_failure
+from rerank_service.backends.upstream.client.failures import UNANSWERED_CONNECT, classify, transport_failure
 from rerank_service.backends.upstream.client.tls import upstream_ssl_context
 from rerank_service.config.secret import Secret
 from rerank_service.core.domain import not_ready
@@ -39,8 +41,24 @@ __all__ = [
     "MAX_RESPONSE_BYTES",
     "UpstreamReply",
     "UpstreamTransport",
+    "cut_while_unreachable",
     "transport_failure",
 ]
+
+# Set in the calling task as an attempt ends: whether it was cancelled (its caller gone,
+# grpc ending it at its deadline) while opening a connection that had gone unanswered for
+# UNANSWERED_CONNECT or more.
+_CUT_WHILE_UNREACHABLE: ContextVar[bool] = ContextVar("upstream_cut_while_unreachable", default=False)
+
+
+def cut_while_unreachable() -> bool:
+    """Whether the calling task's last attempt was cancelled while its connection request
+    had gone unanswered long enough to say the upstream is unreachable (client/failures.py):
+    the cancel cut it short, but the upstream's silence was already plain. Read once: it
+    is cleared, so no later attempt of the task finds it."""
+    cut = _CUT_WHILE_UNREACHABLE.get()
+    _CUT_WHILE_UNREACHABLE.set(False)
+    return cut
 
 
 class UpstreamTransport:
@@ -50,6 +68,7 @@ class UpstreamTransport:
         timeout: float,
         max_connections: int,
         *,
+        connect_timeout: float | None = None,
         proxy: str | None = None,
         ca_file: Path | None = None,
         metrics: Metrics | None = None,
@@ -61,9 +80,12 @@ class UpstreamTransport:
         either is unusable. At most `max_connections` sockets to the upstream, each idle
         one closed within `keepalive_expiry` seconds (reused for up to half of it).
         `metrics`: where each attempt is counted (None: a Metrics of its own, served
-        nowhere: tests)."""
+        nowhere: tests). `connect_timeout`: opening a connection (TCP, TLS, a proxy's tunnel)
+        may take this many seconds, within `timeout` (None: only `timeout` bounds it); past it
+        the upstream is unreachable."""
         self._metrics = metrics if metrics is not None else Metrics()
         self._timeout = timeout
+        self._connect_timeout = connect_timeout
         self._base_url = base_url.rstrip("/")
         self._route = route_to(self._base_url, proxy)
         # Built now: a bad bundle stops construction, not the first call.
@@ -98,7 +120,7 @@ class UpstreamTransport:
         along as W3C trace headers. Any answer with a status is returned; a failure
         without one raises ServiceError.
         """
-        budget = AttemptBudget(self._timeout, deadline, probe_timeout)
+        budget = AttemptBudget(self._timeout, deadline, probe_timeout, self._connect_timeout)
         seconds = budget.seconds()
         if seconds < MIN_EXCHANGE and budget.bound is Bound.CALLER:
             raise errors.timed_out(by_caller_deadline=True)  # (almost) no time left: nothing sent
@@ -111,6 +133,7 @@ class UpstreamTransport:
             raise not_ready("the upstream transport was closed")
         headers = call_headers(token, traceparent, tracestate)
         content = orjson.dumps(body)
+        _CUT_WHILE_UNREACHABLE.set(False)
         with AttemptMetric(self._metrics) as attempt:
             current = ATTEMPT.set(budget)
             try:
@@ -128,6 +151,10 @@ class UpstreamTransport:
                 if failure.error is None:
                     raise
                 raise failure.error from None
+            except asyncio.CancelledError:
+                if PHASE.get() is Phase.CONNECT and budget.connecting_for() >= UNANSWERED_CONNECT:
+                    _CUT_WHILE_UNREACHABLE.set(True)
+                raise
             finally:
                 ATTEMPT.reset(current)
             attempt.outcome = reply.status
