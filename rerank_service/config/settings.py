@@ -521,11 +521,14 @@ WindowSeconds = Annotated[
     Field(gt=0, le=_WINDOW_MAX, allow_inf_nan=False),
     Expect(f"a finite number of seconds > 0, at most {_WINDOW_MAX}"),
 ]
+# A wait every call of a batch may spend: past a second it is no batching window but a stall
+# (a call smaller than a batch would wait it out, or to its deadline).
+_MAX_WAIT_MS = 1000
 Milliseconds = Annotated[
     float,
     NOT_A_SWITCH,
-    Field(ge=0, allow_inf_nan=False),
-    Expect("a finite number of milliseconds >= 0"),
+    Field(ge=0, le=_MAX_WAIT_MS, allow_inf_nan=False),
+    Expect(f"a finite number of milliseconds >= 0, at most {_MAX_WAIT_MS}"),
 ]
 Switch = Annotated[bool, Expect("on or off")]
 UpstreamUrl = Annotated[

@@ -67,8 +67,10 @@ STREAM_ITEM_METHOD = "RerankStream/item"
 # rerank_upstream_retries_total's reasons: the labels retry.judge gives a retryable failure
 # (its RETRYABLE_HTTP_STATUSES and "unreachable"; a test checks they agree).
 UPSTREAM_RETRY_REASONS = ("429", "502", "503", "504", "unreachable")
-# rerank_deployment_ejections_total's states: those a deployment is ejected into.
-EJECTION_STATES = ("ejected", "down")  # core.domain.DeploymentState's (a test keeps them so)
+# rerank_deployment_ejections_total's states: those a deployment is ejected into
+# (core.domain.DeploymentState's but healthy), and `rate_limited` (routing/deployment.py's
+# name for an ejection for its 429s); a test keeps them so.
+EJECTION_STATES = ("ejected", "down", "rate_limited")
 
 
 class Metrics:

@@ -1145,3 +1145,10 @@ def test_a_store_url_redis_cannot_read_is_a_configuration_error_naming_the_setti
         build_store(store, "redis://127.0.0.1:9/0?socket_timeout=abc")
 
     assert str(raised.value) == f"{store}-store: Invalid value for 'socket_timeout' in connection URL."
+
+
+def test_a_batch_wait_past_a_second_is_refused_naming_the_setting() -> None:
+    """A wait that long is no batching window: a call smaller than a batch would sit it out,
+    or to its deadline (one without a deadline, for good)."""
+    assert load(RERANK_BATCH_WAIT_MS="1000").batch_wait_ms == 1000
+    assert refusal(RERANK_BATCH_WAIT_MS="1000000000000").startswith("batch-wait-ms must be ")

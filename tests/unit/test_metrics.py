@@ -441,10 +441,11 @@ def test_the_endpoint_serves_another_registry(tmp_path: Path) -> None:
     assert 'rerank_calls_total{code="OK",method="Rerank"} 1.0' in text
 
 
-def test_the_ejection_states_are_the_deployment_states_but_healthy() -> None:
+def test_the_ejection_states_are_the_deployment_states_but_healthy_and_rate_limited() -> None:
     # observability may not import core (docs/ARCHITECTURE.md): the names are written twice.
     from rerank_service.core.domain import DeploymentState
     from rerank_service.observability.metrics import EJECTION_STATES
+    from rerank_service.routing.deployment import RATE_LIMITED
 
     unhealthy = {state.value for state in DeploymentState} - {DeploymentState.HEALTHY.value}
-    assert set(EJECTION_STATES) == unhealthy
+    assert set(EJECTION_STATES) == unhealthy | {RATE_LIMITED}
