@@ -30,16 +30,20 @@ from rerank_service.core.domain import (
     ScoredDocument,
     invalid_argument,
 )
-from rerank_service.core.text_boundaries import cut_before, skip_space, trim_end, word_start_from
+from rerank_service.core.text_boundaries import cut_before, safe_cut, skip_space, trim_end, word_start_from
 from rerank_service.core.token_window import (
     COUNTED_BY_ESTIMATE,
     MAX_CHARACTERS_PER_TOKEN,
+    CountsEach,
     Measure,
     TokenWindow,
 )
 
 # The default overlap of neighbouring chunks: this share of the window.
 DEFAULT_OVERLAP_SHARE = 8
+# Characters a token of a long document is taken to hold where CHUNK sizes the first prefix
+# it measures (about English's): a prefix that makes too few parts grows.
+_PREFIX_CHARACTERS_PER_TOKEN = 4
 # A run of spaces (str.isspace's: re's \s on a str pattern).
 _SPACES = re.compile(r"\s+")
 
@@ -166,7 +170,9 @@ def plan(request: RerankRequest, limits: CallLimits, max_chunks: int) -> Plan | 
     layouts: list[DocumentParts | None] = []
     chunks_so_far = 0
     for index, document in enumerate(documents):
-        layout = _layout(document, index, tokens, mode, request, window)
+        # Chunks of the other documents, at least: those so far, and one for each after this one.
+        others = chunks_so_far + len(documents) - index - 1
+        layout = _layout(document, index, tokens, mode, request, window, others, max_chunks)
         layouts.append(layout)
         if mode is LongDocuments.CHUNK:  # TRUNCATE and REJECT send one part a document at most
             chunks_so_far += 1 if layout is None else len(layout.spans)
@@ -305,7 +311,14 @@ def _too_many_chunks(
 
 
 def _layout(
-    document: str, index: int, tokens: int, mode: LongDocuments, request: RerankRequest, window: TokenWindow
+    document: str,
+    index: int,
+    tokens: int,
+    mode: LongDocuments,
+    request: RerankRequest,
+    window: TokenWindow,
+    others: int,
+    max_chunks: int,
 ) -> DocumentParts | None:
     if window.counted_by == COUNTED_BY_ESTIMATE:
         if -(-text_bytes(document) // 3) <= tokens:
@@ -313,21 +326,20 @@ def _layout(
     elif _token_bound(document) <= tokens:
         return None
     if mode is LongDocuments.CHUNK:
-        measure = window.measure(document)
-        if measure.tokens <= tokens:
-            return None
-        return DocumentParts(chunk_spans(document, measure, tokens, _overlap(request, tokens)))
+        return _chunk_layout(document, tokens, _overlap(request, tokens), window, others, max_chunks)
     # TRUNCATE and REJECT read only as far as the window: a prefix long enough to hold it
     # from where the part starts (a part never starts with spaces, nor is blank).
     start = skip_space(document, 0)
-    prefix = document[: start + (tokens + 1) * MAX_CHARACTERS_PER_TOKEN]
-    measure = window.measure(prefix)
-    reach = measure.fit(start, tokens)
-    if len(prefix) < len(document) and reach >= len(prefix):
-        # The window reaches past the prefix: every token over 32 characters.
-        measure = window.measure(document)
-        prefix = document
+    size = (tokens + 1) * MAX_CHARACTERS_PER_TOKEN
+    while True:
+        prefix = document[: start + size]
+        measure = window.measure(prefix)
         reach = measure.fit(start, tokens)
+        if len(prefix) == len(document) or reach < len(prefix):
+            break
+        # The window reaches past the prefix (tokens of over 32 characters: words a tokenizer
+        # reads as one unknown token): twice as long, never the whole of a document of megabytes.
+        size *= 2
     if measure.tokens <= tokens and len(prefix) == len(document):
         return None
     if _only_spaces_from(document, reach):
@@ -347,6 +359,107 @@ def _layout(
         )
     end = trim_end(document, start, _cut(prefix, measure, start, reach, tokens))
     return DocumentParts([(start, end)], truncated=True)
+
+
+def _chunk_layout(
+    document: str, tokens: int, overlap: int, window: TokenWindow, others: int, max_chunks: int
+) -> DocumentParts | None:
+    """CHUNK's parts of `document`, or None where it fits. Measured as far as the call's
+    chunks reach, not further: a prefix that makes more parts than the call may still have
+    refuses it (a 6 MB document was tokenized whole, for seconds, to be refused)."""
+    budget = max(1, max_chunks - others)  # the parts this document may have
+    size = (budget + 2) * tokens * _PREFIX_CHARACTERS_PER_TOKEN
+    while True:
+        prefix = _prefix(document, size)
+        measure = window.measure(prefix)
+        if len(prefix) == len(document):
+            break
+        parts = len(chunk_spans(prefix, measure, tokens, overlap))
+        # The prefix's last part or two may end elsewhere in the whole document (cut short by
+        # the prefix's end, its last word tokenized apart); the others are the document's
+        # first parts, and at least one more follows them.
+        at_least = parts - 1
+        if at_least > budget:
+            raise _too_many_chunks(f"{others + at_least:,} or more", max_chunks)
+        # Long enough, by what this one held, to make more parts than the budget: twice as
+        # long at least.
+        grown = len(prefix) * (budget + 3) // max(1, at_least) * 5 // 4
+        size = max(2 * len(prefix), grown)
+    if measure.tokens <= tokens:
+        return None
+    return DocumentParts(_refit(document, chunk_spans(document, measure, tokens, overlap), tokens, window))
+
+
+def _prefix(text: str, size: int) -> str:
+    """`text` whole where `size` characters reach near its end, else its first `size` or so,
+    cut before a space (a word cut in two may be more tokens than the word) or, in a run
+    without one, between two characters (core/text_boundaries.py's safe_cut)."""
+    if size >= len(text) * 3 // 4:
+        return text
+    space = text.rfind(" ", size // 2, size)
+    end = space if space > 0 else size
+    while not safe_cut(text, end):
+        end += 1
+    return text[:end]
+
+
+def _refit(
+    text: str, spans: list[tuple[int, int]], tokens: int, window: TokenWindow
+) -> list[tuple[int, int]]:
+    """`spans`, each part over `tokens` counted alone cut shorter, the rest of it read by the next.
+
+    Parts are cut by the whole text's tokens, but each is scored alone: one that starts
+    inside a word (a run without spaces, as base64, cut within) may be more tokens alone,
+    and the model would cut its end, never reading it. Such a part ends where its own
+    tokens fill the window, and the next part starts there at the latest (a run without
+    spaces has no overlap to cover it). An estimate counts a part as its share of the
+    text: nothing to count again."""
+    if window.counted_by == COUNTED_BY_ESTIMATE:
+        return spans
+    parts = [text[start:end] for start, end in spans]
+    counts: list[int | None] = list(_count_each(window, parts))
+    spans = list(spans)
+    fitted: list[tuple[int, int]] = []
+    pending: int | None = None  # where the part before stopped short: the next starts there
+    index = 0
+    while index < len(spans):
+        start, end = spans[index]
+        count = counts[index]
+        if pending is not None and pending < start:
+            start, count = pending, None
+        pending = None
+        reach = end
+        own: Measure | None = None
+        if count is None:
+            own = window.measure(text[start:end])
+            count = own.tokens
+        # Cut again until it fits: a word cut in two may be more tokens than the whole word.
+        while count > tokens:
+            part = text[start:reach]
+            if own is None:
+                own = window.measure(part)
+            cut = _cut(part, own, 0, own.fit(0, tokens), tokens)
+            if cut >= len(part):  # one joined sequence: nowhere to cut it
+                break
+            pending = skip_space(text, start + cut, end)
+            reach = trim_end(text, start, start + cut)
+            own = window.measure(text[start:reach])
+            count = own.tokens
+        fitted.append((start, reach))
+        if pending is not None and pending >= end:
+            pending = None
+        elif pending is not None and index + 1 == len(spans):  # the last part: what it leaves is one more
+            spans.append((pending, end))
+            counts.append(None)
+        index += 1
+    return fitted
+
+
+def _count_each(window: TokenWindow, texts: list[str]) -> list[int]:
+    """Tokens of each text alone, in one batch where the window counts so."""
+    if isinstance(window, CountsEach):
+        return window.count_each(texts)
+    return [window.measure(text).tokens for text in texts]
 
 
 def _only_spaces_from(text: str, position: int) -> bool:

@@ -36,15 +36,25 @@ def _regional_indicator(character: str) -> bool:
 
 
 def unspaced(character: str) -> bool:
-    """A character of a script written without spaces between words (CJK), or CJK punctuation."""
+    """A character of a script written without spaces between words (Chinese, Japanese), or
+    CJK punctuation. Not Korean (Hangul), nor full-width Latin letters and digits: their
+    words are written with spaces, and are not cut inside while a space is in reach."""
     code = ord(character)
+    if 0x3130 <= code <= 0x318F:  # Hangul compatibility jamo
+        return False
     return (
         0x2E80 <= code <= 0x9FFF  # CJK radicals, punctuation, kana, ideographs
-        or 0xAC00 <= code <= 0xD7AF  # Hangul syllables
         or 0xF900 <= code <= 0xFAFF  # compatibility ideographs
-        or 0xFF00 <= code <= 0xFFEF  # full-width forms
+        # Full-width punctuation and half-width katakana (not half-width Hangul, U+FFA0-FFDC)
+        or (0xFF00 <= code <= 0xFF9F and not _full_width_alphanumeric(code))
+        or 0xFFE0 <= code <= 0xFFEF  # full-width signs
         or 0x20000 <= code <= 0x3FFFF  # ideographs beyond the BMP
     )
+
+
+def _full_width_alphanumeric(code: int) -> bool:
+    """Full-width Latin digits and letters (U+FF10-FF19, FF21-FF3A, FF41-FF5A)."""
+    return 0xFF10 <= code <= 0xFF19 or 0xFF21 <= code <= 0xFF3A or 0xFF41 <= code <= 0xFF5A
 
 
 def safe_cut(text: str, position: int, floor: int = 0) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 # Where a window's counts come from: a local model's tokenizer, a tokenizer an upstream
 # deployment names, or the estimate.
@@ -42,6 +42,13 @@ class Measure(Protocol):
     def back(self, end: int, tokens: int) -> int:
         """A position about `tokens` tokens before `end` (0 at the furthest)."""
         ...
+
+
+@runtime_checkable
+class CountsEach(Protocol):
+    """A window counted by a tokenizer that counts many texts' tokens at once (each alone)."""
+
+    def count_each(self, texts: Sequence[str]) -> list[int]: ...
 
 
 class TokenWindow(Protocol):
@@ -122,6 +129,19 @@ class SpansMeasure:
             return end
         before = bisect_left(self._starts, end)
         return self._starts[before - tokens] if before > tokens else 0
+
+
+def starts_by(tokenizer: Any, text: str) -> list[int]:
+    """Where each token of `text` starts, by a `tokenizers.Tokenizer` (no special tokens; its
+    truncation and padding off). encode_batch, not encode: encode holds Python's lock for the
+    whole text (a 6 MB document: seconds in which no other thread runs, the event loop and
+    its health checks included); encode_batch lets it go, and gives the same offsets."""
+    return [start for start, _ in tokenizer.encode_batch([text], add_special_tokens=False)[0].offsets]
+
+
+def counts_by(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Tokens of each text alone, by a `tokenizers.Tokenizer`, in one batch (Python's lock let go)."""
+    return [len(encoding.ids) for encoding in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
 
 class EstimatedWindow:

@@ -80,7 +80,7 @@ class RerankServicer:
         context: ServicerContext[rerank_pb2.RerankRequest, rerank_pb2.RerankResponse],
         call: Call,
     ) -> Answer[rerank_pb2.RerankResponse]:
-        outcome = await call.rerank(to_domain(request), call_context(context, call))
+        outcome = await call.rerank(read_request(request, call), call_context(context, call))
         return Answer(to_proto(outcome, outcome.upstream_request_id or call.request_id), outcome)
 
     async def RerankStream(
@@ -121,7 +121,7 @@ class RerankServicer:
                 refusal = request_iterator.refusal(item)
                 if refusal is not None:  # admission had no slot for it: this item fails, not the stream
                     raise refusal
-                outcome = await item_call.rerank(to_domain(item.request), shared)
+                outcome = await item_call.rerank(read_request(item.request, item_call), shared)
                 reported = outcome.upstream_request_id or item_call.request_id
                 answer = rerank_pb2.RerankStreamResponse(id=item.id, response=to_proto(outcome, reported))
                 if max_answer_bytes is not None and (size := answer.ByteSize()) > max_answer_bytes:
@@ -263,7 +263,31 @@ def deployment_proto(deployment: DeploymentInfo) -> rerank_pb2.DeploymentInfo:
     )
 
 
+def read_request(request: rerank_pb2.RerankRequest, call: Call) -> RerankRequest:
+    """to_domain, the call's model and documents recorded when it refuses the request (it
+    was read: metered and logged as any refused request is)."""
+    try:
+        return to_domain(request)
+    except ServiceError:
+        call.model, call.documents = request.model, len(request.documents)
+        raise
+
+
 def to_domain(request: rerank_pb2.RerankRequest) -> RerankRequest:
+    """The request as the pipeline takes it; INVALID_ARGUMENT for a `long_documents` value
+    this service does not know (a newer client's mode): HTTP refuses one too, and taken for
+    the route's default it would be answered as what the caller did not ask."""
+    mode = request.long_documents
+    if mode != rerank_pb2.LONG_DOCUMENTS_UNSPECIFIED and mode not in _LONG_DOCUMENTS:
+        raise invalid_argument(
+            [
+                FieldViolation(
+                    "long_documents",
+                    f"unknown value {mode}: must be LONG_DOCUMENTS_TRUNCATE, LONG_DOCUMENTS_CHUNK "
+                    "or LONG_DOCUMENTS_REJECT (or unset: the route's default)",
+                )
+            ]
+        )
     return RerankRequest(
         model=request.model,
         query=request.query,
@@ -279,7 +303,7 @@ def to_domain(request: rerank_pb2.RerankRequest) -> RerankRequest:
     )
 
 
-# LONG_DOCUMENTS_UNSPECIFIED (and a value from a newer client) is absent: the route's default.
+# LONG_DOCUMENTS_UNSPECIFIED is absent: the route's default (another value is refused).
 _LONG_DOCUMENTS = {
     rerank_pb2.LONG_DOCUMENTS_TRUNCATE: LongDocuments.TRUNCATE,
     rerank_pb2.LONG_DOCUMENTS_CHUNK: LongDocuments.CHUNK,

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Defined with the source resolution, which imports no torch; re-exported for the scorers.
 from rerank_service.backends.local.model_files import ModelLoadError as ModelLoadError
+from rerank_service.core.token_window import counts_by, starts_by
 
 T = TypeVar("T")
 
@@ -67,20 +68,26 @@ class GuardedTokenizer:
     def token_starts(self, text: str) -> list[int]:
         """Where each token of `text` starts (characters), without special tokens or truncation."""
 
-        def starts(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-            backend = tokenizer.backend_tokenizer
-            # transformers sets truncation and padding again before each call of its own.
-            backend.no_truncation()
-            backend.no_padding()
-            return [start for start, _ in backend.encode(text, add_special_tokens=False).offsets]
+        return self._count_with(lambda tokenizer: starts_by(_bare(tokenizer), text))
 
-        return self._count_with(starts)
+    def count_each(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text alone (as `count`), tokenized in one batch."""
+        return self._count_with(lambda tokenizer: counts_by(_bare(tokenizer), texts))
 
     @property
     def pad_token_id(self) -> int:
         # Some tokenizers have no pad token; any id works under a zero attention mask.
         pad = self.tokenizer.pad_token_id
         return pad if isinstance(pad, int) else 0
+
+
+def _bare(tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The fast tokenizer's `tokenizers` object, without truncation or padding (transformers
+    sets them again before each call of its own)."""
+    backend = tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
 
 
 class CountsTokens:
@@ -93,6 +100,9 @@ class CountsTokens:
 
     def token_starts(self, text: str) -> list[int]:
         return self._tokenizer.token_starts(text)
+
+    def count_each(self, texts: Sequence[str]) -> list[int]:
+        return self._tokenizer.count_each(texts)
 
 
 def pad_batch(
@@ -184,6 +194,17 @@ def require_vocabulary(tokenizer: PreTrainedTokenizerBase, what: str, path: Path
         raise ModelLoadError(
             f"cannot load the {what} from {path}: it has no tokenizer files (tokenizer.json, "
             "vocab.txt, sentencepiece.bpe.model or the like): every word would read as unknown"
+        )
+
+
+def require_fast(tokenizer: PreTrainedTokenizerBase, what: str, path: Path) -> None:
+    """Refuse a Python-only ("slow") tokenizer (BertJapaneseTokenizer, PhoBERT's, ByT5's): long
+    documents are measured by a `tokenizers` one's offsets, so such a model loaded and then
+    failed every call with a document over its window (INTERNAL)."""
+    if not tokenizer.is_fast:
+        raise ModelLoadError(
+            f"cannot load the {what} from {path}: it needs a fast (tokenizers) tokenizer to measure "
+            f"long documents; {type(tokenizer).__name__} has none"
         )
 
 

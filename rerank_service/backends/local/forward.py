@@ -31,6 +31,7 @@ from rerank_service.backends.local.common import (
     loading,
     model_device,
     model_dtype,
+    require_fast,
     require_vocabulary,
 )
 from rerank_service.backends.local.onnx_engine import OnnxOptions, onnx_forward
@@ -103,5 +104,6 @@ def load_encoder(
     with loading(what, path):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         require_vocabulary(tokenizer, what, path)
+        require_fast(tokenizer, what, path)
         forward, config = load_forward(path, output, device=device, dtype=dtype, onnx=onnx)
     return tokenizer, forward, config

@@ -24,6 +24,7 @@ from rerank_service.backends.local.common import (
     model_device,
     model_dtype,
     pad_batch,
+    require_fast,
     require_vocabulary,
     using_as,
 )
@@ -85,6 +86,7 @@ class Qwen3Scorer(CountsTokens):
             # Left padding keeps every pair's last token in the last column.
             tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", local_files_only=True)
             require_vocabulary(tokenizer, "qwen3 reranker", path)
+            require_fast(tokenizer, "qwen3 reranker", path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         with using_as("qwen3 reranker", path):
             return cls(for_inference(model, device), tokenizer, max_length=max_length)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from rerank_service.core.long_documents import MIN_CHUNK_TOKENS
 from rerank_service.core.token_window import (
     COUNTED_BY_MODEL,
     MAX_CHARACTERS_PER_TOKEN,
+    CountsEach,
     Measure,
     SpansMeasure,
 )
@@ -77,3 +78,8 @@ class ScorerWindow:
 
     def measure(self, text: str) -> Measure:
         return SpansMeasure(text, self._scorer.token_starts(text))
+
+    def count_each(self, texts: Sequence[str]) -> list[int]:
+        if isinstance(self._scorer, CountsEach):  # in one batch
+            return self._scorer.count_each(texts)
+        return [len(self._scorer.token_starts(text)) for text in texts]

@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rerank_service.config import ConfigError
-from rerank_service.core.token_window import COUNTED_BY_TOKENIZER, Measure, SpansMeasure
+from rerank_service.core.token_window import COUNTED_BY_TOKENIZER, Measure, SpansMeasure, counts_by, starts_by
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -125,5 +126,10 @@ class TokenizerWindow:
     def measure(self, text: str) -> Measure:
         shared = self._shared
         with shared.lock:
-            offsets = shared.tokenizer.encode(text, add_special_tokens=False).offsets
-        return SpansMeasure(text, [start for start, _ in offsets])
+            starts = starts_by(shared.tokenizer, text)
+        return SpansMeasure(text, starts)
+
+    def count_each(self, texts: Sequence[str]) -> list[int]:
+        shared = self._shared
+        with shared.lock:
+            return counts_by(shared.tokenizer, texts)
