@@ -180,7 +180,8 @@ type RerankRequest struct {
 	ReturnDocuments bool `protobuf:"varint,6,opt,name=return_documents,json=returnDocuments,proto3" json:"return_documents,omitempty"`
 	// What to do with a document longer than the model's window (the tokens a
 	// document may have beside this query). Unset: the route's default, TRUNCATE
-	// unless its configuration says otherwise.
+	// unless its configuration says otherwise. A value this service does not know
+	// (a newer client's) is refused with INVALID_ARGUMENT.
 	LongDocuments LongDocuments `protobuf:"varint,7,opt,name=long_documents,json=longDocuments,proto3,enum=rerank.v1.LongDocuments" json:"long_documents,omitempty"`
 	// The window a document is cut or chunked to, in tokens. Unset: the
 	// deployment's window; a larger value is capped to it. Must be >= 1 when set.

@@ -147,7 +147,8 @@ class RerankRequest(_message.Message):
     long_documents: Global___LongDocuments.ValueType
     """What to do with a document longer than the model's window (the tokens a
     document may have beside this query). Unset: the route's default, TRUNCATE
-    unless its configuration says otherwise.
+    unless its configuration says otherwise. A value this service does not know
+    (a newer client's) is refused with INVALID_ARGUMENT.
     """
     max_tokens_per_doc: _builtins.int
     """The window a document is cut or chunked to, in tokens. Unset: the

@@ -88,7 +88,8 @@ export type RerankRequest = Message<"rerank.v1.RerankRequest"> & {
   /**
    * What to do with a document longer than the model's window (the tokens a
    * document may have beside this query). Unset: the route's default, TRUNCATE
-   * unless its configuration says otherwise.
+   * unless its configuration says otherwise. A value this service does not know
+   * (a newer client's) is refused with INVALID_ARGUMENT.
    *
    * @generated from field: rerank.v1.LongDocuments long_documents = 7;
    */

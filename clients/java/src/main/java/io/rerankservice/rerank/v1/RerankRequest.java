@@ -336,7 +336,8 @@ private static final long serialVersionUID = 0L;
    * <pre>
    * What to do with a document longer than the model's window (the tokens a
    * document may have beside this query). Unset: the route's default, TRUNCATE
-   * unless its configuration says otherwise.
+   * unless its configuration says otherwise. A value this service does not know
+   * (a newer client's) is refused with INVALID_ARGUMENT.
    * </pre>
    *
    * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
@@ -349,7 +350,8 @@ private static final long serialVersionUID = 0L;
    * <pre>
    * What to do with a document longer than the model's window (the tokens a
    * document may have beside this query). Unset: the route's default, TRUNCATE
-   * unless its configuration says otherwise.
+   * unless its configuration says otherwise. A value this service does not know
+   * (a newer client's) is refused with INVALID_ARGUMENT.
    * </pre>
    *
    * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
@@ -1576,7 +1578,8 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * What to do with a document longer than the model's window (the tokens a
      * document may have beside this query). Unset: the route's default, TRUNCATE
-     * unless its configuration says otherwise.
+     * unless its configuration says otherwise. A value this service does not know
+     * (a newer client's) is refused with INVALID_ARGUMENT.
      * </pre>
      *
      * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
@@ -1589,7 +1592,8 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * What to do with a document longer than the model's window (the tokens a
      * document may have beside this query). Unset: the route's default, TRUNCATE
-     * unless its configuration says otherwise.
+     * unless its configuration says otherwise. A value this service does not know
+     * (a newer client's) is refused with INVALID_ARGUMENT.
      * </pre>
      *
      * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
@@ -1606,7 +1610,8 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * What to do with a document longer than the model's window (the tokens a
      * document may have beside this query). Unset: the route's default, TRUNCATE
-     * unless its configuration says otherwise.
+     * unless its configuration says otherwise. A value this service does not know
+     * (a newer client's) is refused with INVALID_ARGUMENT.
      * </pre>
      *
      * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
@@ -1621,7 +1626,8 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * What to do with a document longer than the model's window (the tokens a
      * document may have beside this query). Unset: the route's default, TRUNCATE
-     * unless its configuration says otherwise.
+     * unless its configuration says otherwise. A value this service does not know
+     * (a newer client's) is refused with INVALID_ARGUMENT.
      * </pre>
      *
      * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
@@ -1641,7 +1647,8 @@ private static final long serialVersionUID = 0L;
      * <pre>
      * What to do with a document longer than the model's window (the tokens a
      * document may have beside this query). Unset: the route's default, TRUNCATE
-     * unless its configuration says otherwise.
+     * unless its configuration says otherwise. A value this service does not know
+     * (a newer client's) is refused with INVALID_ARGUMENT.
      * </pre>
      *
      * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>

@@ -176,7 +176,8 @@ public interface RerankRequestOrBuilder extends
    * <pre>
    * What to do with a document longer than the model's window (the tokens a
    * document may have beside this query). Unset: the route's default, TRUNCATE
-   * unless its configuration says otherwise.
+   * unless its configuration says otherwise. A value this service does not know
+   * (a newer client's) is refused with INVALID_ARGUMENT.
    * </pre>
    *
    * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
@@ -187,7 +188,8 @@ public interface RerankRequestOrBuilder extends
    * <pre>
    * What to do with a document longer than the model's window (the tokens a
    * document may have beside this query). Unset: the route's default, TRUNCATE
-   * unless its configuration says otherwise.
+   * unless its configuration says otherwise. A value this service does not know
+   * (a newer client's) is refused with INVALID_ARGUMENT.
    * </pre>
    *
    * <code>.rerank.v1.LongDocuments long_documents = 7 [json_name = "longDocuments"];</code>
