@@ -27,6 +27,7 @@ import httpx
 import pytest
 from rerank.v1 import rerank_pb2
 
+from rerank_service.api.http.formats import MAX_DOCUMENT_DEPTH
 from rerank_service.api.http.statuses import dashscope_code
 from rerank_service.config import load_settings
 from rerank_service.config.secret import Secret
@@ -219,6 +220,61 @@ def test_a_cohere_document_object_comes_back_as_sent_with_return_documents(
     expected = [item if isinstance(item, dict) else {"text": item} for item in sent]
     assert {r["index"]: r["document"] for r in results} == dict(enumerate(expected))
     assert not [r for r in not_returned.json()["results"] if "document" in r]
+
+
+def nested(depth: int) -> Any:
+    """`depth` objects and arrays, alternating, one inside the other."""
+    value: Any = "leaf"
+    for level in range(depth):
+        value = [value] if level % 2 else {"next": value}
+    return value
+
+
+@pytest.mark.parametrize("route", ["cohere-v1", "cohere-v2"])
+def test_a_cohere_document_object_nested_deeper_than_the_bound_is_400_before_any_upstream_call(
+    http_server: ServerThread, upstream: FakeUpstream, logs: LogCapture, route: str
+) -> None:
+    """A document object is returned as sent, and orjson writes 254 levels at most (it reads
+    1024): one nested 300 deep was scored upstream, then its answer was a 500 with a
+    traceback. Refused before the call, naming the document; at the bound, returned as sent."""
+    url = http_url(http_server)
+    at_bound = {"text": DOCUMENTS[0], "meta": nested(MAX_DOCUMENT_DEPTH)}
+    logs.clear()
+    refused = [
+        post(
+            url,
+            route,
+            {
+                "model": "qwen3-rerank",
+                "query": QUERY,
+                "documents": [DOCUMENTS[1], {"text": DOCUMENTS[0], "meta": nested(depth)}],
+                "return_documents": True,
+            },
+        )
+        for depth in (MAX_DOCUMENT_DEPTH + 1, 300)
+    ]
+    calls = logs.wait_for_calls(len(refused))
+
+    for response in refused:
+        error = assert_error_body(route, response, 400)
+        assert "documents[1]" in error["message"]
+    assert upstream.requests == []
+    assert [call["code"] for call in calls] == ["INVALID_ARGUMENT"] * len(refused)
+    assert not [event for event in logs.events() if event.get("level") == "error"]
+
+    body = {
+        "model": "qwen3-rerank",
+        "query": QUERY,
+        "documents": [at_bound, DOCUMENTS[1]],
+        "return_documents": True,
+    }
+    answered = post(url, route, body)
+
+    assert answered.status_code == 200, answered.text
+    assert {r["index"]: r["document"] for r in answered.json()["results"]} == {
+        0: at_bound,
+        1: {"text": DOCUMENTS[1]},
+    }
 
 
 @pytest.mark.parametrize("route", ROUTES)

@@ -43,6 +43,28 @@ class WireFormat:
     error: Callable[[str, str, str], Json]  # (code, message, request id) -> body
 
 
+# How deep objects and arrays may nest inside a Cohere document object (the object itself not
+# counted). One is returned as sent, and orjson writes at most 254 levels though it reads 1024:
+# a deeper one would be scored (and billed) and then its answer could not be written.
+MAX_DOCUMENT_DEPTH = 32
+
+
+def _nests_deeper(value: Json, limit: int) -> bool:
+    """Whether objects or arrays nest more than `limit` deep inside `value`: level by level,
+    without recursion, one look at each value (a flat object: one pass over its fields)."""
+    level: list[Any] = [value]
+    for _ in range(limit + 1):
+        level = [
+            child
+            for container in level
+            for child in (container.values() if isinstance(container, dict) else container)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
+
+
 class _Fields:
     """Reads typed fields from a JSON object, collecting every violation before raising."""
 
@@ -124,6 +146,18 @@ class _Fields:
             if not isinstance(text, str):
                 expected = "a string or an object with a string 'text'" if objects else "a string"
                 self.violations.append(FieldViolation(f"{field}[{index}]", f"must be {expected}"))
+                if len(self.violations) > 20:  # enough to say what is wrong
+                    break
+                continue
+            # An object is returned as sent: one nested deeper than can be written is refused
+            # before it is scored. A string costs nothing here.
+            if isinstance(item, dict) and _nests_deeper(item, MAX_DOCUMENT_DEPTH):
+                self.violations.append(
+                    FieldViolation(
+                        f"{field}[{index}]",
+                        f"must not nest objects or arrays more than {MAX_DOCUMENT_DEPTH} deep",
+                    )
+                )
                 if len(self.violations) > 20:  # enough to say what is wrong
                     break
                 continue
