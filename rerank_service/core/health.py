@@ -10,7 +10,7 @@ Two questions, answered separately from the attempts a deployment made:
   ends the ejection.
 - **Down** (unreachable that many times in a row: refused, unroutable, a failed TLS
   handshake, a proxy refusing the tunnel, no connection within the connect timeout or
-  one cut after a second unanswered; no request's content causes that): calls are
+  a TCP connect cut after a second unanswered; no request's content causes that): calls are
   refused at once for `cooldown` seconds, then let through as probes, one every
   `cooldown` or every second, whichever is shorter (a probe that hangs does not hold the
   next one back), each bounded by `probe_timeout`. A success ends it; an answer of any
@@ -20,7 +20,9 @@ Two questions, answered separately from the attempts a deployment made:
   times in a row): avoided as an ejected deployment is (`state` EJECTED, `rate_limited`),
   until that Retry-After (at most `cooldown` seconds) or, after the 429s in a row, for
   `cooldown`; any success ends it. A route with another deployment sends its calls there
-  first, and a route without one still calls it.
+  first, and a route without one still calls it. Not in pass-through mode: a 429 to a
+  caller's own token is that caller's quota, not the deployment's (the backend records it
+  neutral, not rate limited).
 
 A failure is the deployment's fault only when `retry.judge` says so: a 4xx, a 429, our own
 full pool or the caller's own deadline are neutral.

@@ -10,6 +10,10 @@ full (tests/unit/test_transport.py's `dropping_connections`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from tests.integration.test_routes import (
     service,
     write_config,
 )
+from tests.integration.test_upstream_http import pki_for
 from tests.support.rpc import request
 from tests.support.scrape import scrape, value
 from tests.support.waiting import wait_until
@@ -156,3 +161,77 @@ async def test_a_call_cancelled_while_its_connect_went_unanswered_for_a_second_c
             assert backend.health.state is DeploymentState.DOWN
         finally:
             await backend.close()
+
+
+@contextlib.contextmanager
+def held_relay(target: tuple[str, int], released: threading.Event) -> Iterator[int]:
+    """The port of a relay to `target` that accepts every connection at once (the TCP connect
+    is answered) and passes nothing on until `released`: a TLS handshake as slow as it is."""
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def relay(client: socket.socket) -> None:
+        released.wait()
+        with client, socket.create_connection(target) as upstream:
+            forward = threading.Thread(target=pipe, args=(client, upstream), daemon=True)
+            forward.start()
+            pipe(upstream, client)
+            forward.join()
+
+    def accept(listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the listener closed: the test is over
+            while True:
+                client, _ = listener.accept()
+                threading.Thread(target=relay, args=(client,), daemon=True).start()
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        threading.Thread(target=accept, args=(listener,), daemon=True).start()
+        try:
+            yield listener.getsockname()[1]
+        finally:
+            released.set()
+
+
+def test_callers_whose_deadlines_cut_a_slow_tls_handshake_do_not_get_a_reachable_deployment_down(
+    tmp_path: Path,
+) -> None:
+    """Only the TCP connect has to be answered within a second: a deployment whose TLS handshake
+    takes longer than a short deadline is slow, not unreachable (a black hole still is: above)."""
+    pki = pki_for(tmp_path)
+    released = threading.Event()
+    with (
+        FakeUpstream(api_key=UPSTREAM_KEY, models=(UPSTREAM_MODEL,), tls=pki.server) as upstream,
+        held_relay(upstream.address, released) as port,
+    ):
+        config = write_config(
+            tmp_path / "routes.yaml",
+            {
+                "search": [
+                    black_hole(
+                        f"https://localhost:{port}",
+                        "slow",
+                        ca_file=str(pki.ca),
+                        breaker_failures=2,
+                        breaker_cooldown=60,
+                    )
+                ]
+            },
+        )
+        with service(config) as process, grpc.insecure_channel(process.target) as channel:
+            stub = rerank_pb2_grpc.RerankServiceStub(channel)
+            # Each deadline cuts its call's TLS handshake after over a second, more than
+            # breaker_failures times.
+            cut = [outcome(stub, timeout=1.5) for _ in range(3)]
+            released.set()  # the handshakes go through now
+            after = outcome(stub, timeout=30.0)
+
+    assert cut == [("DEADLINE_EXCEEDED", None)] * 3
+    assert after == ("OK", "slow")

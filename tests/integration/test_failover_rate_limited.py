@@ -12,6 +12,7 @@ import grpc
 import pytest
 from rerank.v1 import rerank_pb2_grpc
 
+from rerank_service.pipeline.record import DEPLOYMENT_KEY
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY
 from tests.integration.test_routes import (
@@ -22,6 +23,7 @@ from tests.integration.test_routes import (
     service,
     write_config,
 )
+from tests.support.process import ServiceProcess
 from tests.support.rpc import error_info, request
 from tests.support.scrape import scrape, value
 
@@ -115,3 +117,69 @@ def test_a_lone_deployment_that_answers_429_is_still_retried_there_and_its_calle
 
     assert refusals == [(grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED")] * 2
     assert len(lone.requests) == 2 * 3  # every attempt of both calls
+
+
+OWN_ACCOUNT = "own-account"  # in the query of the caller whose account the upstream refuses
+
+
+def without_key(settings: dict[str, Any]) -> dict[str, Any]:
+    """A deployment's settings without a key of its own: callers' tokens go upstream."""
+    return {name: setting for name, setting in settings.items() if name != "api_key_env"}
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(status=429, body=RATE_LIMITED, headers={"Retry-After": "30"}),
+        Fault(status=429, body=RATE_LIMITED),
+        Fault(status=402, body={"code": "Arrearage", "message": "your account is overdue"}),
+    ],
+    ids=["429 Retry-After 30", "429", "402"],
+)
+def test_in_pass_through_mode_one_callers_own_429s_or_402s_move_no_other_caller_off_the_deployment(
+    tmp_path: Path, fault: Fault
+) -> None:
+    """Each caller's own token goes upstream: a 429 (its quota) or a 402 (its unpaid account)
+    is that caller's, not the deployment's, so the others' calls stay where they were."""
+    with (
+        FakeUpstream(models=(UPSTREAM_MODEL,)) as primary,
+        FakeUpstream(models=(UPSTREAM_MODEL,)) as fallback,
+    ):
+        # The refused caller's requests, told apart by their query (the fake does not read tokens).
+        primary.poison(OWN_ACCOUNT, fault)
+        overrides: dict[str, Any] = {"breaker_failures": FAILURES, "breaker_cooldown": 60}
+        config = write_config(
+            tmp_path / "routes.yaml",
+            {
+                "search": [
+                    # No key of their own and no caller keys: pass-through.
+                    without_key(deployment(primary, "primary", **overrides)),
+                    without_key(deployment(fallback, "fallback", priority=1)),
+                ]
+            },
+        )
+        with (
+            ServiceProcess(["--config", str(config), "--metrics-port", "0"]) as process,
+            grpc.insecure_channel(process.target) as channel,
+        ):
+            stub = rerank_pb2_grpc.RerankServiceStub(channel)
+
+            def answered_by(token: str, query: str) -> str:
+                _, rpc = stub.Rerank.with_call(
+                    request(model="search", query=query),
+                    timeout=10,
+                    metadata=(("authorization", f"Bearer {token}"),),
+                )
+                return {name: str(value) for name, value in rpc.trailing_metadata() or ()}[DEPLOYMENT_KEY]
+
+            # Each falls over to the fallback (that call's own business), more than enough
+            # in a row to avoid or eject the primary were they its fault.
+            refused = [answered_by("refused", f"{OWN_ACCOUNT} red apple") for _ in range(FAILURES + 1)]
+            others = [answered_by("paying", "red apple") for _ in range(CALLS)]
+            samples = scrape(metrics_port(process))
+
+    assert refused == ["fallback"] * (FAILURES + 1)
+    assert others == ["primary"] * CALLS
+    assert value(samples, "rerank_deployment_state", deployment="primary") == 0
+    for state in ("rate_limited", "ejected"):
+        assert value(samples, "rerank_deployment_ejections_total", deployment="primary", state=state) == 0

@@ -69,6 +69,36 @@ def test_only_failures_likely_to_pass_are_retried(
     assert (verdict.retryable, verdict.outcome) == (retryable, outcome)
 
 
+def passed_through(status: int) -> ServiceError:
+    """The error errors.py makes of an upstream answering `status` to a caller's own token."""
+    return errors.from_http_status(status, UpstreamErrorBody(), None, True, [])
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable", "outcome"),
+    [
+        # The caller's own account (its quota, unpaid, no access): says nothing against the
+        # deployment the other callers share; it answered.
+        (passed_through(429), True, Outcome.NEUTRAL),
+        (passed_through(402), False, Outcome.SUCCESS),
+        (passed_through(403), False, Outcome.SUCCESS),
+        (passed_through(405), False, Outcome.SUCCESS),
+        (passed_through(431), False, Outcome.SUCCESS),
+        # The upstream's own, whoever's token it was.
+        (passed_through(408), False, Outcome.FAILURE),
+        (passed_through(301), False, Outcome.FAILURE),
+        (passed_through(503), True, Outcome.FAILURE),
+    ],
+)
+def test_in_pass_through_mode_a_4xx_other_than_408_never_counts_against_the_deployment(
+    error: ServiceError, retryable: bool, outcome: Outcome
+) -> None:
+    verdict = judge(error, caller_deadline_passed=False, pass_through=True)
+    assert (verdict.retryable, verdict.outcome) == (retryable, outcome)
+    # With the deployment's own key, a 402 fails it: enough in a row eject it.
+    assert judge(mapped(402), caller_deadline_passed=False).outcome is Outcome.FAILURE
+
+
 def test_a_timeout_is_never_retried_and_counts_against_the_upstream_only_if_it_was_its_own() -> None:
     timeout = reason("UPSTREAM_TIMEOUT")
     assert judge(timeout, caller_deadline_passed=False).outcome is Outcome.FAILURE

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
+import aiohttp
 import grpc
 import pytest
 
@@ -366,6 +367,63 @@ async def test_an_attempt_cancelled_while_its_connect_went_unanswered_for_a_seco
             async with asyncio.timeout(0.3):
                 await transport.post_json(NATIVE_PATH, BODY, KEY, None)
         assert not cut_while_unreachable()
+
+
+@contextlib.contextmanager
+def silent_after_connecting() -> Iterator[str]:
+    """The address (host:port) of a host that is there but slow to say anything: its kernel
+    completes every TCP connect (a backlog no one accepts from), and no byte ever comes back,
+    as from a TLS handshake or a proxy's CONNECT left waiting."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+async def test_a_tls_handshake_the_callers_deadline_cuts_after_a_second_is_not_unreachable(
+    transports: Transports,
+) -> None:
+    """The 1 s rule is the TCP connect's (an unanswered SYN): a handshake after a connect that
+    was answered says the host is there, however slow."""
+    with silent_after_connecting() as address:
+        transport = transports(timeout=30.0, url=f"https://{address}")
+        error = await failure_of(transport, time.monotonic() + 1.5)
+        # Cancelled in this task (as grpc cancels a call at its deadline).
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.5):
+                await transport.post_json(NATIVE_PATH, BODY, KEY, None)
+
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert not error.unreachable
+    assert not cut_while_unreachable()
+
+
+async def test_a_proxy_tunnel_the_callers_deadline_cuts_after_a_second_is_not_unreachable() -> None:
+    with silent_after_connecting() as address:
+        # The proxy answered the TCP connect and never the CONNECT.
+        transport = UpstreamTransport("https://upstream.invalid", 30.0, 4, proxy=f"http://{address}")
+        try:
+            error = await failure_of(transport, time.monotonic() + 1.5)
+        finally:
+            await transport.close()
+
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert not error.unreachable
+
+
+async def test_a_name_lookup_the_callers_deadline_cuts_after_a_second_is_not_unreachable(
+    transports: Transports, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def never_resolved(*args: object, **kwargs: object) -> list[object]:
+        await asyncio.Event().wait()
+        return []
+
+    # A resolver that never answers: no connection request is ever sent to the upstream.
+    monkeypatch.setattr(aiohttp.TCPConnector, "_resolve_host", never_resolved)
+    error = await failure_of(transports(timeout=30.0, url="http://upstream.invalid"), time.monotonic() + 1.5)
+
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert not error.unreachable
 
 
 async def test_a_probe_whose_connection_never_opens_is_unavailable_and_unreachable(

@@ -269,10 +269,12 @@ class UpstreamBackend:
                 out_of_time = (
                     context.deadline is not None and time.monotonic() >= context.deadline - MIN_EXCHANGE
                 )
-                verdict = judge(error, out_of_time)
+                verdict = judge(error, out_of_time, self._pass_through)
                 outcome, unreachable = verdict.outcome, error.unreachable
                 answered = _answered(error)
-                rate_limited = _rate_limited(error)
+                # A 429 to a caller's own token (pass-through) is its own quota: the deployment
+                # is not avoided for the others (this call may still fall over: below).
+                rate_limited = _rate_limited(error) and not self._pass_through
                 self._health.record(outcome, probe, unreachable, answered, rate_limited, error.retry_after)
                 recorded = True
                 wait = self._wait_before_retry(error, verdict, attempt, give_up_at, context)

@@ -26,8 +26,9 @@ class Verdict:
     label: str  # for logs and the retries metric: an HTTP status or a failure kind
 
 
-def judge(error: ServiceError, caller_deadline_passed: bool) -> Verdict:
-    """Classify a failed attempt (the ServiceError that errors.py mapped it to)."""
+def judge(error: ServiceError, caller_deadline_passed: bool, pass_through: bool = False) -> Verdict:
+    """Classify a failed attempt (the ServiceError that errors.py mapped it to);
+    `pass_through`: it carried the caller's own credential, not the deployment's key."""
     status = error.metadata.get("upstream_status")
     if status is not None:
         code = int(status)
@@ -35,6 +36,11 @@ def judge(error: ServiceError, caller_deadline_passed: bool) -> Verdict:
             return Verdict(code in RETRYABLE_HTTP_STATUSES, Outcome.FAILURE, status)
         if code == 429:
             return Verdict(True, Outcome.NEUTRAL, status)
+        if pass_through and 400 <= code < 500 and code != 408:
+            # A 4xx may be about the caller's own account (a 402: unpaid, a 403: no access),
+            # which other callers of the deployment do not share: it shows the deployment
+            # up and talking, as the request's own fault does. (A 408 is the upstream's.)
+            return Verdict(False, Outcome.SUCCESS, status)
         if error.kind is FailureKind.DEPLOYMENT:
             # An answer the call falls over on (errors.py): its own key refused (it can answer
             # nobody until an operator fixes the key), a 408 (it gave up waiting), a status no
@@ -50,7 +56,7 @@ def judge(error: ServiceError, caller_deadline_passed: bool) -> Verdict:
         return Verdict(True, Outcome.FAILURE, "unreachable")
     if reason == errors.TIMEOUT:
         # Cut short by the caller's own deadline, a timeout says nothing about the upstream;
-        # unless it cut a connect pending long past any answer from a host that is there
+        # unless it cut a TCP connect pending long past any answer from a host that is there
         # (client/failures.py): then the upstream is unreachable, however short the deadline.
         neutral = caller_deadline_passed and not error.unreachable
         return Verdict(False, Outcome.NEUTRAL if neutral else Outcome.FAILURE, "timeout")

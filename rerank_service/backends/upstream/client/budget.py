@@ -45,6 +45,7 @@ class AttemptBudget:
         "_timeout",
         "bound",
         "connect_timeout",
+        "connected",
         "connecting_since",
         "deadline",
         "probe_timeout",
@@ -66,8 +67,11 @@ class AttemptBudget:
         self.deadline = deadline
         self.probe_timeout = probe_timeout
         self.connect_timeout = connect_timeout
-        # When the attempt began opening a connection (time.monotonic), None if it has not.
+        # Its TCP connect (to the upstream, or to its proxy; connections.py marks both): when
+        # it began, its host's address known (time.monotonic; None: none began), and whether
+        # it is established. TLS and a proxy's tunnel come after: a slow one is no silence.
         self.connecting_since: float | None = None
+        self.connected = False
         self._probe_deadline = None if probe_timeout is None else time.monotonic() + probe_timeout
         self.bound = Bound.UPSTREAM
         self.timer: asyncio.Timeout | None = None
@@ -104,10 +108,12 @@ class AttemptBudget:
         if when > (timer.when() or 0.0) + _NO_WAIT:
             timer.reschedule(when)
 
-    def connecting_for(self) -> float:
-        """Seconds the attempt has spent opening a connection (0: it opened none)."""
+    def connect_unanswered_for(self) -> float:
+        """Seconds the attempt's TCP connect has gone unanswered (0: none is pending: none
+        began, or it is established). The name lookup before it and the TLS handshake or
+        proxy tunnel after it do not count."""
         since = self.connecting_since
-        return 0.0 if since is None else time.monotonic() - since
+        return 0.0 if since is None or self.connected else time.monotonic() - since
 
 
 # Set by the transport in the calling task for each attempt; read by the connector, which

@@ -34,6 +34,7 @@ import math
 import ssl
 import time
 import weakref
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from typing import Any, cast
 
 import aiohttp
 import httpx
+from aiohttp.abc import ResolveResult
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
@@ -120,10 +122,11 @@ class _Connector(aiohttp.TCPConnector):
         self._seen: weakref.WeakSet[object] = weakref.WeakSet()
         # aiohttp makes each connection's protocol (a TLS one in a proxy's tunnel too) with
         # this private attribute: without a CountingHandler nothing is resent, and
-        # tests/integration/test_upstream_pool.py's idle-close race test fails. (The cast:
-        # partial is invariant in what it makes.)
+        # tests/integration/test_upstream_pool.py's idle-close race test fails. Made as the
+        # TCP connect is established, it marks that for the attempt (_connected_protocol).
+        # (The cast: partial is invariant in what it makes.)
         self._factory = cast(
-            "functools.partial[ResponseHandler]", functools.partial(CountingHandler, loop=self._loop)
+            "functools.partial[ResponseHandler]", functools.partial(_connected_protocol, loop=self._loop)
         )
 
     async def connect(
@@ -193,10 +196,7 @@ class _Connector(aiohttp.TCPConnector):
         _pool_wait_over()  # there is room for a new connection: the wait is over
         PHASE.set(Phase.CONNECT)
         budget = ATTEMPT.get()
-        if budget is None:
-            return await super()._create_connection(req, traces, timeout)
-        budget.connecting_since = time.monotonic()
-        if budget.connect_timeout is None:
+        if budget is None or budget.connect_timeout is None:
             return await super()._create_connection(req, traces, timeout)
         # Within the attempt's own timer: whichever ends first cuts the connect (the
         # attempt's, as before: a TimeoutError of the attempt).
@@ -208,6 +208,29 @@ class _Connector(aiohttp.TCPConnector):
             if connect.expired():
                 raise ConnectTimedOut(budget.connect_timeout) from None
             raise
+
+    async def _resolve_host(
+        self, host: str, port: int, traces: Sequence[Trace] | None = None
+    ) -> list[ResolveResult]:
+        # aiohttp's own (private) name lookup of the upstream's host (or its proxy's), in the
+        # calling task just before the TCP connect: that connect's silence starts now
+        # (budget.py), not a slow lookup's. Without it no connect cut by a deadline would
+        # count as unreachable: tests/unit/test_transport.py's black hole tests fail if it moves.
+        hosts = await super()._resolve_host(host, port, traces)
+        budget = ATTEMPT.get()
+        if budget is not None:
+            budget.connecting_since, budget.connected = time.monotonic(), False
+        return hosts
+
+
+def _connected_protocol(loop: asyncio.AbstractEventLoop) -> CountingHandler:
+    """A new connection's protocol. asyncio makes it in the calling task as soon as the TCP
+    connect is established (before any TLS handshake, or a proxy's CONNECT on it): the
+    upstream, or its proxy, has answered (budget.py)."""
+    budget = ATTEMPT.get()
+    if budget is not None:
+        budget.connected = True
+    return CountingHandler(loop)
 
 
 def _pool_wait_over() -> None:

@@ -46,13 +46,13 @@ __all__ = [
 ]
 
 # Set in the calling task as an attempt ends: whether it was cancelled (its caller gone,
-# grpc ending it at its deadline) while opening a connection that had gone unanswered for
+# grpc ending it at its deadline) while its TCP connect had gone unanswered for
 # UNANSWERED_CONNECT or more.
 _CUT_WHILE_UNREACHABLE: ContextVar[bool] = ContextVar("upstream_cut_while_unreachable", default=False)
 
 
 def cut_while_unreachable() -> bool:
-    """Whether the calling task's last attempt was cancelled while its connection request
+    """Whether the calling task's last attempt was cancelled while its TCP connection request
     had gone unanswered long enough to say the upstream is unreachable (client/failures.py):
     the cancel cut it short, but the upstream's silence was already plain. Read once: it
     is cleared, so no later attempt of the task finds it."""
@@ -152,7 +152,7 @@ class UpstreamTransport:
                     raise
                 raise failure.error from None
             except asyncio.CancelledError:
-                if PHASE.get() is Phase.CONNECT and budget.connecting_for() >= UNANSWERED_CONNECT:
+                if PHASE.get() is Phase.CONNECT and budget.connect_unanswered_for() >= UNANSWERED_CONNECT:
                     _CUT_WHILE_UNREACHABLE.set(True)
                 raise
             finally:
