@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -394,6 +394,9 @@ class Supervisor:
             signum = self._signals.pop(0)
             alive = [w for w in self._workers if w.process is not None]
             if signum == signal.SIGHUP:
+                if self._stopping:  # as one server does: a drain is no time to reload
+                    _log.info("reload ignored", why="the server is stopping")
+                    continue
                 if not self._copy_config_for_reload():
                     continue
                 _log.info("reload", workers=[w.index for w in alive], why="SIGHUP: every worker reloads")
@@ -561,7 +564,8 @@ class Supervisor:
             ),
             name=f"rerank-worker-{worker.index}",
         )
-        process.start()
+        with _sighup_blocked():
+            process.start()
         ours.close()
         reloads.close()
         worker.reloads = _Outbox(to_reload, name=f"rerank-worker-{worker.index}-reloads")
@@ -579,6 +583,23 @@ class Supervisor:
             return
         with contextlib.suppress(ProcessLookupError):  # it just exited; its sentinel says so
             os.kill(worker.pid, signum)
+
+
+@contextlib.contextmanager
+def _sighup_blocked() -> Iterator[None]:
+    """SIGHUP blocked in this thread meanwhile, and so in a process it starts (a worker, and
+    multiprocessing's resource tracker, which the first start launches): the mask is kept
+    through fork and exec. A SIGHUP to the whole process group (`systemctl kill -s HUP`, a
+    terminal's hangup) would otherwise kill a worker in the second or so before its
+    `_worker_main` ignores it (a first start failed, or a restart's backoff doubled), and
+    kill the tracker, which unblocks only SIGINT and SIGTERM: started here, it keeps SIGHUP
+    blocked. One sent to the supervisor meanwhile is only delayed: pending until the mask
+    is set back."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def supervise(settings: Settings, args: Mapping[str, Any]) -> int:
@@ -612,6 +633,8 @@ def _worker_main(
     # whole process group) ends it as SIGTERM does, by the signal, not a KeyboardInterrupt
     # traceback and exit code 1.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Started with SIGHUP blocked (_sighup_blocked): ignored now, one that came meanwhile is dropped.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     import asyncio
 
