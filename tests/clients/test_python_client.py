@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
@@ -16,10 +17,11 @@ from rerank_service.backends.upstream import UpstreamBackend
 from rerank_service.config.upstream import UpstreamDeploymentConfig
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.clients.conftest import LiveServer
-from tests.conftest import upstream_settings
+from tests.conftest import ServerFactory, upstream_settings
 from tests.support.backends import GatedBackend
 from tests.support.logs import LogCapture
 from tests.support.server import ServerThread
+from tests.support.waiting import wait_until_async
 
 DOCUMENTS = ["a red apple", "a car", "apple pie"]
 
@@ -210,6 +212,38 @@ async def test_asyncio_client_reranks_streams_and_reports_errors(live_server: Li
     assert "documents" in answers["y"].error.field_violations
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "documents[0]" in field_violations(caught.value)
+
+
+async def test_leaving_the_asyncio_clients_stream_loop_cancels_the_stream(
+    serve: ServerFactory, upstream: FakeUpstream, logs: LogCapture
+) -> None:
+    """grpc.aio's task that sends the items kept the call open after a `break`: the client
+    went on sending every item, and the server ran (and billed) each."""
+    more = 50
+    rest = asyncio.Event()
+
+    async def requests() -> AsyncIterator[tuple[str, rerank_pb2.RerankRequest]]:
+        yield "first", build_request("red apple", DOCUMENTS, "qwen3-rerank")
+        await rest.wait()
+        for index in range(more):
+            yield f"i{index}", build_request("red apple", DOCUMENTS, "qwen3-rerank")
+
+    def stream_lines() -> list[dict[str, object]]:
+        return [event for event in logs.events() if event["event"] == "stream"]
+
+    with serve() as server:
+        async with AsyncRerankClient(server.target, timeout=30) as client:
+            async for answer in client.rerank_stream(requests(), timeout=30):
+                first = answer.id
+                break
+            rest.set()  # the items the server must not see: the caller left the loop
+            # Without the cancel, the stream ended OK once every item was run.
+            await wait_until_async(lambda: bool(stream_lines()), what="the stream's log line")
+
+    [stream_line] = stream_lines()
+    assert first == "first"
+    assert stream_line["code"] == "CANCELLED"
+    assert len(upstream.requests) < 1 + more
 
 
 class FlakyServicer(rerank_pb2_grpc.RerankServiceServicer):

@@ -650,6 +650,10 @@ class _StreamItems:
         self._drain.streams.add(self)
         self._wake: asyncio.Future[None] | None = None
         self._on_drain: list[Callable[[], None]] = []  # `when_draining`'s callbacks
+        # The reader while an item waits for admission (`_unless_draining`), and whether
+        # the drain has cut that wait short.
+        self._waiting: asyncio.Task[Any] | None = None
+        self._cut = False
 
     def refusal(self, item: Any) -> ServiceError | None:
         """Why `item` may not run (admission found no slot for it), or None: it may."""
@@ -693,6 +697,9 @@ class _StreamItems:
         callbacks, self._on_drain = self._on_drain, []
         for callback in callbacks:
             callback()
+        if self._waiting is not None and not self._cut:
+            self._cut = True
+            self._waiting.cancel()  # an item waiting for a slot or room is answered now
         self.wake()
 
     def wake(self) -> None:
@@ -737,15 +744,22 @@ class _StreamItems:
                 try:
                     self._admission.enter(0, share, capped=capped, may_wait=True)
                 except SlotWait as wait:  # every slot taken, some by a caller past its share
-                    await self._admission.wait_for_slot(wait, self._time_remaining())
+                    slot = await self._unless_draining(
+                        self._admission.wait_for_slot(wait, self._time_remaining())
+                    )
                     if self._closed:  # the stream ended while this item waited: its slot goes back
-                        self._admission.release(0, share)
+                        if slot:
+                            self._admission.release(0, share)
                         raise StopAsyncIteration from None
                     if self._refused_draining(item):  # the drain began while it waited: its slot goes back
-                        self._admission.release(0, share)
+                        if slot:
+                            self._admission.release(0, share)
                         return item
             except ServiceError as refusal:  # no slot: this item is answered with the refusal
-                self._refused[id(item)] = refusal
+                # Unless the drain began meanwhile: then UNAVAILABLE, not OVERLOADED's "retry
+                # shortly", which would send the client back to a server shutting down.
+                if not self._refused_draining(item):
+                    self._refused[id(item)] = refusal
                 return item
             self._admitted = True
         else:
@@ -755,12 +769,14 @@ class _StreamItems:
                 self._refused[id(item)] = refusal
                 return item
         self._counted[id(item)] = share
-        await self._admission.take_bytes(received.size)
+        room = await self._unless_draining(self._admission.take_bytes(received.size))
         if self._closed:  # the stream ended while this item waited for room: nothing is held
-            self._admission.give_bytes(received.size)
+            if room:
+                self._admission.give_bytes(received.size)
             raise StopAsyncIteration
         if self._refused_draining(item):  # the drain began while it waited for room: not run
-            self._admission.give_bytes(received.size)
+            if room:
+                self._admission.give_bytes(received.size)
             self._uncount(item)
             return item
         self._held[id(item)] = received.size
@@ -775,6 +791,25 @@ class _StreamItems:
             return None, True
         caller = self.identify()
         return caller.name, caller.held_to_share
+
+    async def _unless_draining(self, wait: Awaitable[None]) -> bool:
+        """Await `wait` (an admission wait: cancelled, it holds nothing), cut short when the
+        drain begins: whether it ran to its end. `draining` cancels the reader, as
+        asyncio.timeout does (in this task: a wait that took its slot or bytes is never
+        cancelled past that point); any other cancel (the stream ended) goes on as such."""
+        reader = asyncio.current_task()
+        assert reader is not None
+        self._waiting = reader
+        try:
+            await wait
+        except asyncio.CancelledError:
+            if self._cut and reader.uncancel() == 0:  # the drain's cancel alone
+                return False
+            raise
+        finally:
+            self._waiting = None
+            self._cut = False
+        return True
 
     def _refused_draining(self, item: Any) -> bool:
         """Whether the server drains: `item` is then answered with the refusal, holding nothing."""

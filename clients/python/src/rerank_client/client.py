@@ -351,8 +351,15 @@ class AsyncRerankClient:
             async for item_id, request in requests:
                 yield rerank_pb2.RerankStreamRequest(id=item_id, request=request)
 
-        async for response in self._stub.RerankStream(items(), metadata=self._metadata, timeout=timeout):
-            yield to_answer(response)
+        call = self._stub.RerankStream(items(), metadata=self._metadata, timeout=timeout)
+        try:
+            async for response in call:
+                yield to_answer(response)
+        finally:
+            # Leaving the loop early (break, aclose) must end the call: grpc.aio's task that
+            # sends the items keeps it open otherwise, and the server runs (and bills) every
+            # item still to come. A no-op once the call has ended.
+            call.cancel()
 
     async def list_models(self) -> list[rerank_pb2.ModelInfo]:
         response = await self._stub.ListModels(
