@@ -289,10 +289,17 @@ def _serve(args: argparse.Namespace) -> int:
     flush_held_warnings()  # a key file's, found while the settings loaded
     if settings.workers > 1:  # a supervisor and its workers (docs/OPERATIONS.md#workers)
         return _supervise(settings, args)
-    from rerank_service.server import serve  # imported late: `rerank --help` stays fast
+    # Imported late: `rerank --help` stays fast.
+    from rerank_service.server import ignore_sighup_to_the_end, serve
+
+    async def serving() -> int:
+        try:
+            return await serve(settings, reload=lambda: load_settings(vars(args)))
+        finally:
+            ignore_sighup_to_the_end()  # a hangup as the drained server exits must not kill it
 
     try:
-        return asyncio.run(serve(settings, reload=lambda: load_settings(vars(args))))
+        return asyncio.run(serving())
     except ConfigError as exc:  # found while building the backend (a missing extra, say)
         print(f"rerank-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -569,6 +569,20 @@ async def serve(
     return 0
 
 
+def ignore_sighup_to_the_end() -> None:
+    """From now until the process exits, SIGHUP is ignored, in every thread. The last step on
+    the loop of what runs `serve` (the CLI, a worker): the loop, closing, would put SIGHUP
+    back to its default action, which kills, and a terminal's hangup or `systemctl kill -s
+    HUP` just after a clean drain would end the process by a signal. Ignored first, then the
+    loop forgets its handler, so that its close leaves it ignored: asyncio keeps its handlers
+    in `_signal_handlers` (were that to change, the close would reset SIGHUP again, and
+    tests/integration/test_workers_hangup.py would fail)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    handlers = getattr(asyncio.get_running_loop(), "_signal_handlers", None)
+    if isinstance(handlers, dict):
+        handlers.pop(signal.SIGHUP, None)
+
+
 def _exit_leaving_loads(code: int) -> None:
     """End the process now with `code` if a thread would hold its exit; else return.
 

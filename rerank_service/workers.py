@@ -370,6 +370,9 @@ class Supervisor:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            # Exiting: a SIGHUP to the process group now (a terminal's hangup, systemd's
+            # `kill -s HUP`) must not kill the supervisor past its drain (exit by a signal).
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if self._exit_code is not None:
             return self._exit_code
         code = 1 if self._failed_drain else 0
@@ -652,7 +655,8 @@ def _worker_main(
         cache_loggers=True,
         fields={"worker": index, "pid": os.getpid()},
     )
-    from rerank_service.server import serve  # a worker serves (the supervisor checks reloads with it)
+    # A worker serves (the supervisor checks reloads with it).
+    from rerank_service.server import ignore_sighup_to_the_end, serve
 
     def serving(port: int) -> None:
         ready.send(("serving", port))
@@ -674,6 +678,9 @@ def _worker_main(
             )
         finally:
             asked.stop()
+            # A SIGHUP to the process group as the drained worker exits must not kill it
+            # (its supervisor would take that for a failed drain).
+            ignore_sighup_to_the_end()
 
     try:
         code = asyncio.run(run())

@@ -206,3 +206,56 @@ def test_a_sighup_to_the_supervisor_once_its_drain_has_begun_is_ignored(tmp_path
     assert not supervisors("reload refused"), service.output[-5000:]
     assert not [e for e in service.events() if e.get("event") in ("reloaded", "reload refused")]
     assert code == 0, service.output[-5000:]
+
+
+def test_sighups_to_the_process_group_through_a_drain_to_its_end_kill_nothing(upstream: FakeUpstream) -> None:
+    """A terminal's hangup, or a reloader's `kill -s HUP`, as the service stops: each process
+    ignores a SIGHUP from its drain to its exit, the last moments too, once its event loop
+    has closed (it put SIGHUP back to its default action, which kills). The group is sent
+    one every few milliseconds from the SIGTERM until the supervisor has exited."""
+    group = _Group(["--backend", "upstream", "--upstream-url", upstream.url, "--workers", "2"], ENV)
+    try:
+        group.wait("both workers ready", lambda: len(group.named("worker ready")) == 2)
+        group.process.send_signal(signal.SIGTERM)
+        hung_up = 0
+        while group.process.poll() is None:
+            try:
+                group.hang_up()
+            except ProcessLookupError:  # the whole group has exited
+                break
+            hung_up += 1
+            # Pacing only: what is asserted holds wherever in the exit the signals land.
+            threading.Event().wait(0.003)
+        code = group.process.wait(timeout=60)
+        group._reader.join(timeout=5)
+
+        assert hung_up > 0
+        stopped = [(e["worker"], e.get("signal"), e.get("exit_code")) for e in group.named("worker stopped")]
+        assert sorted(stopped) == [(0, None, 0), (1, None, 0)], group.output[-5000:]
+        assert code == 0, group.output[-5000:]
+    finally:
+        if group.process.poll() is None:
+            os.killpg(group.process.pid, signal.SIGKILL)
+            group.process.wait()
+
+
+def test_sighups_through_a_single_servers_drain_to_its_end_kill_nothing(upstream: FakeUpstream) -> None:
+    """The same without --workers: the server ignores SIGHUP from its drain to its exit."""
+    group = _Group(["--backend", "upstream", "--upstream-url", upstream.url], ENV)
+    try:
+        group.wait("serving", lambda: bool(group.named("serving")))
+        group.process.send_signal(signal.SIGTERM)
+        while group.process.poll() is None:
+            try:
+                group.hang_up()
+            except ProcessLookupError:  # it has exited
+                break
+            threading.Event().wait(0.003)  # pacing only, as above
+        code = group.process.wait(timeout=60)
+        group._reader.join(timeout=5)
+
+        assert code == 0, group.output[-5000:]
+    finally:
+        if group.process.poll() is None:
+            os.killpg(group.process.pid, signal.SIGKILL)
+            group.process.wait()

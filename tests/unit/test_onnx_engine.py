@@ -672,3 +672,46 @@ def test_the_onnx_engine_without_onnxruntime_says_what_to_install(monkeypatch: p
 
     with pytest.raises(ModelLoadError, match=r"needs onnxruntime: install it with pip install"):
         onnx_engine._onnxruntime()
+
+
+# The same server, with a SIGHUP handler as the service has one (a reload): said on stdout.
+RELOADING_BUILDING_SERVER = (
+    """
+import os, signal
+signal.signal(signal.SIGHUP, lambda *_: os.write(1, b"sighup\\n"))
+"""
+    + BUILDING_SERVER
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_a_sighup_to_the_servers_process_group_leaves_its_build_running(tmp_path: Path) -> None:
+    """`systemctl kill -s HUP` (a reload) or a terminal's hangup signals the server's whole
+    process group. The build child, in that group, had SIGHUP at its default (exec resets a
+    caught signal): it died, and the model's load failed (with --workers, the service
+    exited 1). It runs in a session of its own, and ends with the server all the same."""
+    graph = tmp_path / "model.onnx"
+    os.mkfifo(graph)
+    server = subprocess.Popen(
+        [sys.executable, "-c", RELOADING_BUILDING_SERVER, str(graph), str(tmp_path / "int8.onnx")],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the server leads a process group of its own, as under systemd
+    )
+    child = 0
+    try:
+        assert server.stdout is not None
+        child = int(server.stdout.readline())
+        # Not in the server's process group: a signal to the group never reaches it.
+        child_group = int(Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()[2])
+        assert child_group != os.getpgid(server.pid)
+
+        os.killpg(server.pid, signal.SIGHUP)
+        assert server.stdout.readline() == "sighup\n"  # the group's signal was delivered
+        assert running(child)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        if child:
+            wait_until(lambda: not running(child), timeout=60)  # it ends with the server

@@ -451,6 +451,10 @@ def _build(*arguments: str) -> None:
             text=True,
             env=environment,
             pass_fds=(watched,),
+            # Out of the server's process group: a SIGHUP to the group (a reload by systemd's
+            # `kill -s HUP`, a terminal's hangup) would kill it, and fail the model's load; it
+            # ends with this process anyway (PARENT_PIPE).
+            start_new_session=True,
         ) as child:
             os.close(watched)
             watched = -1
