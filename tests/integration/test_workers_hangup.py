@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from rerank.v1 import rerank_pb2_grpc
 
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.conftest import UPSTREAM_KEY
-from tests.support.process import CLI, NO_SCORE_CACHE, ServiceProcess, json_object
+from tests.support.process import ServiceProcess, StartingProcess
 from tests.support.rpc import request
 from tests.support.waiting import wait_until
 
@@ -54,35 +53,16 @@ def upstream() -> Iterator[FakeUpstream]:
         yield fake
 
 
-class _Group:
+class _Group(StartingProcess):
     """`rerank-service serve ARGS` leading a process group (a session) of its own, its JSON
     log lines collected."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [*CLI, "serve", "--host", "127.0.0.1", "--port", "0", "--log-format", "json", *args],
-            env={**os.environ, **NO_SCORE_CACHE, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
+        super().__init__(args, env, new_session=True)
 
     @property
     def output(self) -> str:
         return "".join(self.lines)
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        events = (json_object(line) for line in list(self.lines))
-        return [e for e in events if e is not None and e.get("event") == name]
 
     def wait(self, what: str, condition: Any, timeout: float = 60) -> None:
         """Until `condition()`; the test fails (with the output) if the supervisor exits first."""
@@ -92,8 +72,8 @@ class _Group:
     def hang_up(self) -> None:
         os.killpg(self.process.pid, signal.SIGHUP)
 
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
+    def ended(self) -> int:
+        """Its exit code, once it has exited by itself, and the last of its output read."""
         code = self.process.wait(timeout=60)
         self._reader.join(timeout=5)
         return code
@@ -161,7 +141,7 @@ def test_a_sighup_to_the_process_group_while_workers_start_stops_none_of_them(
         children = _children(group.process.pid)
         assert len(children) == 3, children
         assert "Z" not in children.values(), children
-        assert group.stop() == 0, group.output[-5000:]
+        assert group.stop(timeout=60) == 0, group.output[-5000:]
         assert "Traceback" not in group.output
         assert "UserWarning" not in group.output  # the resource tracker was never relaunched
     finally:
@@ -226,8 +206,7 @@ def test_sighups_to_the_process_group_through_a_drain_to_its_end_kill_nothing(up
             hung_up += 1
             # Pacing only: what is asserted holds wherever in the exit the signals land.
             threading.Event().wait(0.003)
-        code = group.process.wait(timeout=60)
-        group._reader.join(timeout=5)
+        code = group.ended()
 
         assert hung_up > 0
         stopped = [(e["worker"], e.get("signal"), e.get("exit_code")) for e in group.named("worker stopped")]
@@ -251,8 +230,7 @@ def test_sighups_through_a_single_servers_drain_to_its_end_kill_nothing(upstream
             except ProcessLookupError:  # it has exited
                 break
             threading.Event().wait(0.003)  # pacing only, as above
-        code = group.process.wait(timeout=60)
-        group._reader.join(timeout=5)
+        code = group.ended()
 
         assert code == 0, group.output[-5000:]
     finally:

@@ -137,9 +137,10 @@ def run_cli(
 
 class StartingProcess:
     """`rerank-service serve ARGS` started, its JSON log lines collected, never waited for to
-    serve (ServiceProcess does): for a server that is still starting, or never will."""
+    serve (ServiceProcess does): for a server that is still starting, or never will.
+    `new_session`: it leads a process group (a session) of its own, to be signalled whole."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], *, new_session: bool = False) -> None:
         self.lines: list[str] = []
         self.process = subprocess.Popen(
             [*CLI, "serve", "--host", "127.0.0.1", "--port", "0", "--log-format", "json", *args],
@@ -147,6 +148,7 @@ class StartingProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=new_session,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
