@@ -449,7 +449,7 @@ def test_a_split_call_cancelled_while_its_chunks_are_stored_logs_what_they_cost(
     assert (line["code"], line["tokens"], line["backend_calls"]) == ("CANCELLED", 21, 3)
     # Each once, in the order the cancelled chunks kept their answers: the TaskGroup cancels
     # its tasks in the order of a set, so that order is not the chunks'.
-    assert sorted(line["deployment"].split(",")) == ["eu", "us"]
+    assert sorted(str(line["deployment"]).split(",")) == ["eu", "us"]
 
 
 def test_a_failed_split_call_names_the_deployment_that_answered_what_it_was_billed(tmp_path: Path) -> None:
