@@ -108,13 +108,20 @@ class AttemptBudget:
         if when > (timer.when() or 0.0) + _NO_WAIT:
             timer.reschedule(when)
 
-    def connect_unanswered_for(self) -> float:
-        """Seconds the attempt's TCP connect has gone unanswered (0: none is pending: none
-        began, or it is established). The name lookup before it and the TLS handshake or
-        proxy tunnel after it do not count."""
+    def connect_went_unanswered(self) -> bool:
+        """Whether the attempt's TCP connect is pending, unanswered for UNANSWERED_CONNECT
+        or more: the upstream is unreachable, whatever cuts the attempt now. The name lookup
+        before it and the TLS handshake or proxy tunnel after it do not count."""
         since = self.connecting_since
-        return 0.0 if since is None or self.connected else time.monotonic() - since
+        return since is not None and not self.connected and time.monotonic() - since >= UNANSWERED_CONNECT
 
+
+# Seconds a TCP connection request may go unanswered before the upstream counts as
+# unreachable, even when the caller's deadline is what cut it: Linux resends an unanswered
+# SYN after 1 s (its initial retransmission timeout), and a host that is there answers the
+# first one in a round trip. Only the TCP connect (to the upstream, or to its proxy): a
+# slow name lookup, TLS handshake or proxy tunnel is no silence of an absent host.
+UNANSWERED_CONNECT = 1.0
 
 # Set by the transport in the calling task for each attempt; read by the connector, which
 # knows when the wait for a connection ends (connections.py).

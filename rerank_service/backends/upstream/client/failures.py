@@ -22,13 +22,6 @@ from rerank_service.backends.upstream.client.budget import AttemptBudget, Bound
 from rerank_service.backends.upstream.client.connections import ConnectTimedOut, Phase
 from rerank_service.core.domain import ServiceError
 
-# Seconds a TCP connection request may go unanswered before the upstream counts as
-# unreachable, even when the caller's deadline is what cut it: Linux resends an unanswered
-# SYN after 1 s (its initial retransmission timeout), and a host that is there answers the
-# first one in a round trip. Only the TCP connect (to the upstream, or to its proxy): a
-# slow name lookup, TLS handshake or proxy tunnel is no silence of an absent host.
-UNANSWERED_CONNECT = 1.0
-
 
 class Failure(NamedTuple):
     label: str  # rerank_upstream_requests_total's status label: a small, fixed set
@@ -46,10 +39,10 @@ def classify(exc: Exception, budget: AttemptBudget, phase: Phase) -> Failure:
             return Failure("timeout", errors.probe_timed_out(budget.probe_timeout, phase is Phase.CONNECT))
         if budget.bound is Bound.CALLER and phase is Phase.CONNECT:
             # The caller's deadline cut a connect short. A reachable host answers a TCP
-            # connection request well within UNANSWERED_CONNECT (Linux's first SYN
+            # connection request well within budget.UNANSWERED_CONNECT (Linux's first SYN
             # retransmission): one pending that long says the upstream is unreachable,
             # whoever's time ran out (not a TLS handshake or tunnel that slow: it answered).
-            unreachable = budget.connect_unanswered_for() >= UNANSWERED_CONNECT
+            unreachable = budget.connect_went_unanswered()
             return Failure("timeout", errors.timed_out(by_caller_deadline=True, unreachable=unreachable))
         exc = _timeout_in(phase)
     if phase is Phase.EXCHANGE and _refused_by_the_parser(exc):

@@ -31,7 +31,7 @@ from rerank_service.backends.upstream.client.connections import (
     route_to,
 )
 from rerank_service.backends.upstream.client.exchange import UpstreamReply, call_headers, exchange
-from rerank_service.backends.upstream.client.failures import UNANSWERED_CONNECT, classify, transport_failure
+from rerank_service.backends.upstream.client.failures import classify, transport_failure
 from rerank_service.backends.upstream.client.tls import upstream_ssl_context
 from rerank_service.config.secret import Secret
 from rerank_service.core.domain import not_ready
@@ -47,7 +47,7 @@ __all__ = [
 
 # Set in the calling task as an attempt ends: whether it was cancelled (its caller gone,
 # grpc ending it at its deadline) while its TCP connect had gone unanswered for
-# UNANSWERED_CONNECT or more.
+# budget.UNANSWERED_CONNECT or more.
 _CUT_WHILE_UNREACHABLE: ContextVar[bool] = ContextVar("upstream_cut_while_unreachable", default=False)
 
 
@@ -152,7 +152,7 @@ class UpstreamTransport:
                     raise
                 raise failure.error from None
             except asyncio.CancelledError:
-                if PHASE.get() is Phase.CONNECT and budget.connect_unanswered_for() >= UNANSWERED_CONNECT:
+                if PHASE.get() is Phase.CONNECT and budget.connect_went_unanswered():
                     _CUT_WHILE_UNREACHABLE.set(True)
                 raise
             finally:
