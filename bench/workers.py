@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench import perf
 from bench.perf_payloads import UPSTREAM_KEY
-from rerank_service.config.settings import usable_cores
+from rerank_service.config.cores import usable_cores
 from tests.support.process import ServiceProcess
 
 RESULTS = perf.ROOT / "bench" / "results" / "workers"

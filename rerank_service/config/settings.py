@@ -13,7 +13,6 @@ harness uses), and it never reads the environment itself; only `load_settings` d
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import ssl
@@ -30,6 +29,7 @@ from pydantic.fields import FieldInfo
 from redis.asyncio.connection import parse_url
 
 from rerank_service.config.callers import CallerEntry, caller_secrets, distinct_callers
+from rerank_service.config.cores import usable_cores
 from rerank_service.config.pem import certificates_problem
 from rerank_service.config.routes import FileOnly, RouteEntry, distinct_routes
 from rerank_service.config.secret import Secret, url_named, url_secrets
@@ -143,35 +143,6 @@ def _no_nul(value: object) -> object:
     if value is not None and "\0" in str(value):
         raise ValueError("must be a path without NUL bytes")
     return value
-
-
-def usable_cores(cgroup: str = "/sys/fs/cgroup") -> int:
-    """The cores this process may run on: its CPU affinity where the OS has one, lowered to
-    its cgroup's CPU quota where one is set (a Kubernetes CPU limit: the affinity still names
-    every core of the node)."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
-    quota = cgroup_cpu_quota(cgroup)
-    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
-
-
-def cgroup_cpu_quota(root: str) -> float | None:
-    """The CPUs a cgroup's quota allows (quota / period), None without one: cgroup v2's
-    `cpu.max` ("max 100000" is none), or v1's `cpu/cpu.cfs_quota_us` (-1 is none)."""
-    try:
-        quota, period = Path(root, "cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        try:
-            base = Path(root, "cpu")
-            quota = base.joinpath("cpu.cfs_quota_us").read_text().strip()
-            period = base.joinpath("cpu.cfs_period_us").read_text().strip()
-        except OSError:
-            return None
-    try:
-        allowed, every = int(quota), int(period)
-    except ValueError:  # "max": no quota
-        return None
-    return allowed / every if allowed > 0 and every > 0 else None
 
 
 def _auto_workers(value: object) -> object:

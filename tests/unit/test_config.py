@@ -18,9 +18,9 @@ from rerank.v1 import rerank_pb2
 from rerank_service.api.grpc.server import channel_options
 from rerank_service.cache.build import build_score_cache
 from rerank_service.config import ConfigError, Settings, load_settings
+from rerank_service.config.cores import usable_cores
 from rerank_service.config.secret import Secret
 from rerank_service.config.server import CacheConfig, GrpcConfig, LimitsStoreConfig, ServerConfig
-from rerank_service.config.settings import usable_cores
 from rerank_service.config.sources import build, file_layer
 from rerank_service.observability.caller_metrics import CallerMetrics
 from rerank_service.pipeline.limits import build_limiter
@@ -787,27 +787,58 @@ def test_workers_auto_is_one_per_usable_core_and_a_number_is_taken_as_is() -> No
 
 
 @pytest.mark.parametrize(
-    ("files", "cores"),
+    ("files", "own", "cores"),
     [
-        ({"cpu.max": "150000 100000\n"}, 2),  # a Kubernetes limit of 1.5 CPUs
-        ({"cpu.max": "max 100000\n"}, None),  # no limit: the cores it may run on
-        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
-        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-        ({}, None),  # no cgroup files (macOS)
+        ({"cpu.max": "150000 100000\n"}, "0::/\n", 2),  # a Kubernetes limit of 1.5 CPUs
+        ({"cpu.max": "max 100000\n"}, "0::/\n", None),  # no limit: the cores it may run on
+        # systemd's CPUQuota=50% on the service: its own cgroup, not the hierarchy's root
+        ({"system.slice/r.service/cpu.max": "50000 100000\n"}, "0::/system.slice/r.service\n", 1),
+        # a quota on a slice above the service, none on the service itself
+        (
+            {"a.slice/cpu.max": "100000 100000\n", "a.slice/r.service/cpu.max": "max 100000\n"},
+            "0::/a.slice/r.service\n",
+            1,
+        ),
+        # the cgroup /proc/self/cgroup names is not mounted here (a container without its own
+        # cgroup namespace): the root's quota holds
+        ({"cpu.max": "100000 100000\n"}, "0::/docker/abc\n", 1),
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, "", 1),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, "", None),
+        (
+            {"cpu/u.slice/cpu.cfs_quota_us": "100000\n", "cpu/u.slice/cpu.cfs_period_us": "100000\n"},
+            "4:cpu,cpuacct:/u.slice\n1:name=systemd:/u.slice\n",
+            1,
+        ),
+        ({}, None, None),  # no cgroup files (macOS)
     ],
-    ids=["v2-limit", "v2-none", "v1-limit", "v1-none", "none"],
+    ids=[
+        "v2-limit",
+        "v2-none",
+        "v2-systemd-service",
+        "v2-slice-above",
+        "v2-not-mounted",
+        "v1-limit",
+        "v1-none",
+        "v1-own-cgroup",
+        "none",
+    ],
 )
 def test_usable_cores_are_lowered_to_the_cgroups_cpu_limit(
-    tmp_path: Path, files: dict[str, str], cores: int | None
+    tmp_path: Path, files: dict[str, str], own: str | None, cores: int | None
 ) -> None:
-    """`--workers auto` in a pod: the affinity names every core of the node, the limit is in
-    the cgroup."""
+    """`--workers auto` in a pod or a systemd service: the affinity names every core of the
+    machine, the limit is in the process's cgroup or one above it."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
     for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    proc = tmp_path / "proc-self-cgroup"
+    if own is not None:
+        proc.write_text(own)
     every_core = len(os.sched_getaffinity(0))
 
-    assert usable_cores(str(tmp_path)) == (every_core if cores is None else min(cores, every_core))
+    assert usable_cores(str(root), str(proc)) == (every_core if cores is None else min(cores, every_core))
 
 
 # --- keys pasted in the wrong place, and paths the OS cannot open -------------------------------
