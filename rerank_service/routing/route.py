@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from rerank_service.core.chunking import CallLimits
 from rerank_service.core.domain import DeploymentInfo, LongDocuments, ModelInfo
 from rerank_service.core.retry_budget import RetryBudget
+from rerank_service.core.token_window import TokenWindow
 from rerank_service.routing.deployment import Deployment
 
 
@@ -107,14 +108,24 @@ class Route:
             max_tokens=_smallest(limit.max_tokens for limit in limits),
             max_item_tokens=min(limit.max_item_tokens for limit in limits),
             max_query_tokens=_smallest(limit.max_query_tokens for limit in limits),
-            # Documents are cut and chunked for the first deployment by priority.
-            window=limits[self._first_index()].window,
+            window=self._window(limits),
             long_documents=self.long_documents,
             max_tokens_per_doc=self.max_tokens_per_doc,
         )
 
-    def _first_index(self) -> int:
-        return min(range(len(self.members)), key=lambda index: self.members[index].priority)
+    def _window(self, limits: list[CallLimits]) -> TokenWindow | None:
+        """The window documents are cut and chunked to: that of the first member by priority
+        that is ready and reports one, else of the first that reports one; None when none does.
+
+        A local model still loading has no window yet, and its calls go to the next member:
+        they are cut for it (not sent whole). The router asks again when a readiness changes.
+        """
+        ranked = sorted(zip(self.members, limits, strict=True), key=lambda pair: pair[0].priority)
+        reported = [(member, limit.window) for member, limit in ranked if limit.window is not None]
+        for member, window in reported:
+            if member.deployment.backend.readiness.ready:
+                return window
+        return reported[0][1] if reported else None
 
 
 def _back_in(member: Member) -> float:

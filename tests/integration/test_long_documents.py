@@ -7,6 +7,7 @@ fake upstream is chunked by the service's estimate and answers with its own usag
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,10 @@ import httpx
 import pytest
 from rerank.v1 import rerank_pb2
 
+from rerank_service.backends.local import backend as local_backend
+from rerank_service.backends.local.backend import EngineChoice, ScorerLoader
 from rerank_service.backends.local.models import load_scorer
+from rerank_service.backends.local.scorer import Scorer
 from rerank_service.backends.local.window import ScorerWindow
 from rerank_service.config import load_settings
 from rerank_service.config.routes import RouteEntry
@@ -24,7 +28,7 @@ from rerank_service.core.chunking import CallLimits, estimate_tokens
 from rerank_service.core.domain import LongDocuments, RerankRequest
 from rerank_service.core.long_documents import plan
 from rerank_service.testing.fake_upstream import FakeUpstream, total_tokens
-from tests.conftest import UPSTREAM_KEY, ServerFactory
+from tests.conftest import UPSTREAM_KEY, ServerFactory, upstream_settings
 from tests.support.logs import LogCapture
 from tests.support.rpc import code_of, details_of, expect_error, field_violations, request, trailing
 from tests.support.server import ServerThread
@@ -389,3 +393,58 @@ def test_an_upstream_that_names_a_tokenizer_is_chunked_by_its_tokens(
     assert max(counts) >= 100
     assert response.output.results[0].index == 1
     assert trailing_metadata(call)["x-usage-source"] == "upstream"
+
+
+def test_while_a_routes_local_model_loads_documents_are_cut_for_the_upstream_that_serves(
+    upstream: FakeUpstream, cross_encoder: Path, logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The local model reports no window until it is loaded: its fallback got every document whole.
+    gate = threading.Event()
+    load_as_configured = local_backend._default_loader
+
+    def held(choice: EngineChoice) -> ScorerLoader:
+        load = load_as_configured(choice)
+
+        def loader(source: str, device: str, dtype: str) -> Scorer:
+            gate.wait(30)
+            return load(source, device, dtype)
+
+        return loader
+
+    monkeypatch.setattr(local_backend, "_default_loader", held)
+    upstream_route = route(upstream)
+    fallback = upstream_route.deployments[0].model_copy(update={"priority": 1})
+    primary = RouteEntry.model_validate(
+        {"name": "m", "deployments": [{"format": "local", "name": "local", "source": str(cross_encoder)}]}
+    ).deployments[0]
+    entry = upstream_route.model_copy(update={"deployments": (primary, fallback)})
+    over = f"{LONG} {LONG}"  # 12,801 characters: about 4,267 estimated tokens, over qwen3-rerank's 4,000
+    documents = ["pear", over]
+
+    with ServerThread(upstream_settings(upstream, models=(entry,)), start=False) as server:
+        starting = server.start_until_listening()
+        try:
+            error = expect_error(
+                lambda: server.stub.Rerank(request(documents=documents, long_documents=REJECT), timeout=10)
+            )
+            assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT
+            assert list(field_violations(error)) == ["documents[1]"]
+            assert upstream.requests == []
+
+            truncated = server.stub.Rerank(request(documents=documents, long_documents=TRUNCATE), timeout=10)
+            assert {r.index: r.truncated for r in truncated.output.results} == {0: False, 1: True}
+            assert all(estimate_tokens(document) <= 4000 for document in sent_documents(upstream))
+
+            upstream.reset()
+            chunked = server.stub.Rerank(request(documents=documents, long_documents=CHUNK), timeout=10)
+            assert {r.index: r.chunks for r in chunked.output.results} == {0: 1, 1: 2}
+            assert len(sent_documents(upstream)) == 3
+        finally:
+            gate.set()
+        starting.result(60)
+
+        upstream.reset()
+        loaded = server.stub.Rerank(request(documents=documents, long_documents=TRUNCATE), timeout=30)
+    # Once loaded, the local model serves, cut for its own window.
+    assert upstream.requests == []
+    assert {r.index: r.truncated for r in loaded.output.results} == {0: False, 1: True}

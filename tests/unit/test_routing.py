@@ -37,6 +37,7 @@ from rerank_service.core.engine import RerankEngine
 from rerank_service.core.health import DeploymentHealth, Outcome
 from rerank_service.core.readiness import Readiness
 from rerank_service.core.retry_budget import RetryBudget
+from rerank_service.core.token_window import EstimatedWindow
 from rerank_service.observability.metrics import Metrics
 from rerank_service.routing.cached_scores import CachedScores
 from rerank_service.routing.deployment import Deployment
@@ -752,6 +753,53 @@ def test_call_limits_are_the_smallest_of_every_member_and_none_only_when_none_ha
 
     assert router.call_limits(ROUTE) == CallLimits(max_documents=100, max_tokens=5000, max_item_tokens=2000)
     assert router.call_limits("unlimited") == CallLimits(max_documents=None, max_tokens=None)
+
+
+class LoadingBackend(FakeBackend):
+    """A local model still loading: not ready, and no window, however it is started, until `loaded`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, ready=False)
+
+    async def start(self) -> None:
+        self.started += 1
+
+    def loaded(self, window: EstimatedWindow) -> None:
+        self.limits = CallLimits(window=window)
+        self.readiness.set(True)
+
+
+async def test_documents_are_cut_for_the_first_ready_member_with_a_window_while_the_first_loads() -> None:
+    # The route's calls go to the fallback meanwhile: cut for nothing, they went to it whole.
+    loading = LoadingBackend("local")
+    upstream_window, local_window = EstimatedWindow(4000), EstimatedWindow(256)
+    route = route_of(
+        Member(deployment(loading), ROUTE),
+        Member(deployment(FakeBackend("up", limits=CallLimits(window=upstream_window))), ROUTE, priority=1),
+    )
+
+    async with running(Router([route])) as router:
+        assert router.call_limits(ROUTE).window is upstream_window
+
+        loading.loaded(local_window)
+        await eventually(lambda: router.call_limits(ROUTE).window is local_window)
+
+
+def test_before_any_member_is_ready_documents_are_cut_for_the_first_that_reports_a_window() -> None:
+    window = EstimatedWindow(4000)
+    route = route_of(
+        Member(deployment(FakeBackend("local", ready=False)), ROUTE),
+        Member(
+            deployment(FakeBackend("up", ready=False, limits=CallLimits(window=window))), ROUTE, priority=1
+        ),
+        Member(
+            deployment(FakeBackend("other", ready=False, limits=CallLimits(window=EstimatedWindow(8)))),
+            ROUTE,
+            priority=2,
+        ),
+    )
+
+    assert Router([route]).call_limits(ROUTE).window is window
 
 
 def test_the_estimated_query_limit_is_the_smallest_of_the_members_that_estimate() -> None:
