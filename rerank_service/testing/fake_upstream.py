@@ -6,7 +6,8 @@ upstream backend at it. It speaks one wire format, chosen when it starts
 
     dashscope (default)  DashScope native (NATIVE_PATH) and OpenAI-compatible (COMPATIBLE_PATH)
     cohere               COHERE_PATHS: Cohere /v1|v2/rerank, vLLM and Jina /v1/rerank,
-                         Infinity /rerank, OpenVINO Model Server /v3/rerank
+                         Infinity /rerank, OpenVINO Model Server /v3/rerank (/v2/rerank is
+                         Cohere's v2: a field it does not have gets its 422)
     tei                  TEI_PATH: Hugging Face text-embeddings-inference
     voyage               VOYAGE_PATH: Voyage AI
 
@@ -54,6 +55,12 @@ from typing import Any
 NATIVE_PATH = "/api/v1/services/rerank/text-rerank/text-rerank"
 COMPATIBLE_PATH = "/compatible-api/v1/reranks"
 COHERE_PATHS = ("/v1/rerank", "/v2/rerank", "/rerank", "/v3/rerank")
+COHERE_V2_PATH = "/v2/rerank"
+# The fields Cohere's v2 rerank request has (docs.cohere.com/reference/rerank, its SDK's
+# v2 client): Cohere refuses any other with 422 "unknown field", `return_documents` too.
+COHERE_V2_FIELDS = frozenset(
+    {"model", "query", "documents", "top_n", "max_tokens_per_doc", "relevant_spans", "priority"}
+)
 TEI_PATH = "/rerank"
 VOYAGE_PATH = "/v1/rerank"
 # The wire formats the fake speaks ("compatible" is the dashscope fake: it serves both paths).
@@ -446,6 +453,14 @@ class FakeUpstream:
             return error(401, "invalid api token")
         if not isinstance(body, dict):
             return error(400, "invalid request: the body must be a JSON object")
+        if path == COHERE_V2_PATH:
+            unknown = next((key for key in body if key not in COHERE_V2_FIELDS), None)
+            if unknown is not None:
+                return error(
+                    422,
+                    f"unknown field: parameter '{unknown}' is not a valid field. For proper usage, please "
+                    "refer to https://docs.cohere.com/reference/rerank",
+                )
         model, query, documents = body.get("model"), body.get("query"), body.get("documents")
         top_n, return_documents = body.get("top_n"), body.get("return_documents")
         if not isinstance(model, str):
@@ -496,13 +511,16 @@ class FakeUpstream:
         return 200, answer
 
     def _tei(self, path: str, headers: dict[str, str], body: Any) -> tuple[int, Any]:
-        """TEI's checks and answer: every text, best first, no usage; 413 beyond `max_batch`."""
+        """TEI's checks and answer: every text, best first, no usage; 413 beyond `max_batch`
+        (its router's statuses: Validation 413, Tokenizer 422, Empty 400, Backend 424,
+        Overloaded 429, Unhealthy 503)."""
 
         def error(status: int, message: str, kind: str = "Validation") -> tuple[int, dict[str, Any]]:
             return status, {"error": message, "error_type": kind}
 
-        def undeserializable(why: str) -> tuple[int, dict[str, Any]]:
-            return error(422, f"Failed to deserialize the JSON body into the target type: {why}")
+        def undeserializable(why: str) -> tuple[int, str]:
+            # Refused before TEI's own code runs, by its web framework (axum): 422, plain text.
+            return 422, f"Failed to deserialize the JSON body into the target type: {why}"
 
         if path != TEI_PATH:
             return error(404, f"no route {path}", "NotFound")
@@ -525,7 +543,7 @@ class FakeUpstream:
         if body.get("truncation_direction", "Right") not in ("Left", "Right"):
             return undeserializable("truncation_direction: unknown variant, expected `Left` or `Right`")
         if not texts:
-            return error(422, "`texts` cannot be empty")
+            return error(400, "`texts` cannot be empty", "Empty")
         if len(texts) > self.max_batch:
             return error(413, f"batch size {len(texts)} > maximum allowed batch size {self.max_batch}")
         query_text, documents = untemplated(query, texts)
@@ -710,6 +728,9 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             if fault.body is not None or fault.status != 200:
                 status = fault.status
                 payload = fault.body if fault.body is not None else normal
+            content_type = fault.content_type
+            if isinstance(payload, str):  # the server's own plain-text answer (TEI's axum 422)
+                payload, content_type = payload.encode(), "text/plain; charset=utf-8"
             content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             padding = max(0, fault.pad_to - len(content)) if fault.pad_to is not None else 0
             chunks = _chunks(content, padding)
@@ -720,7 +741,7 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 compressed = _gzip(chunks)
                 chunks, length = iter((compressed,)), len(compressed)
             self.send_response(status)
-            self.send_header("content-type", fault.content_type)
+            self.send_header("content-type", content_type)
             if fault.gzip:
                 self.send_header("content-encoding", "gzip")
             if fault.chunked:

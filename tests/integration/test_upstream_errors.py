@@ -5,12 +5,15 @@ from __future__ import annotations
 import socket
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 
 from rerank_service.config.secret import Secret
+from rerank_service.config.sources import load_settings
 from rerank_service.core.domain import DeploymentState
 from rerank_service.routing import Router
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
@@ -21,6 +24,8 @@ from tests.support.server import ServerThread
 from tests.support.waiting import wait_until
 
 Code = grpc.StatusCode
+# Where the routes' deployments of a config file take their key from.
+KEY_ENV = "UPSTREAM_ERRORS_TEST_KEY"
 
 
 def upstream_error(code: str, message: str = "something went wrong") -> dict[str, Any]:
@@ -31,11 +36,14 @@ def upstream_error(code: str, message: str = "something went wrong") -> dict[str
     ("status", "expected", "reason"),
     [
         (400, Code.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST"),
+        (413, Code.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST"),
         (422, Code.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST"),
+        (498, Code.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST"),  # Cohere: a deny-listed token
         (401, Code.INTERNAL, "UPSTREAM_AUTH_FAILED"),
         (403, Code.INTERNAL, "UPSTREAM_AUTH_FAILED"),
         (404, Code.NOT_FOUND, "UPSTREAM_NOT_FOUND"),
         (429, Code.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED"),
+        (424, Code.UNAVAILABLE, "UPSTREAM_UNAVAILABLE"),  # TEI: inference failed
         (500, Code.UNAVAILABLE, "UPSTREAM_UNAVAILABLE"),
         (502, Code.UNAVAILABLE, "UPSTREAM_UNAVAILABLE"),
         (503, Code.UNAVAILABLE, "UPSTREAM_UNAVAILABLE"),
@@ -61,6 +69,59 @@ def test_upstream_http_status_maps_to_grpc_code_with_upstream_details(
     assert info.metadata["upstream_status"] == str(status)
     assert info.metadata["upstream_request_id"] == "req-upstream-42"
     assert trailing(error)["x-request-id"] == "req-upstream-42"
+
+
+@pytest.mark.parametrize("pass_through", [False, True])
+@pytest.mark.parametrize(
+    ("status", "state"), [(424, DeploymentState.EJECTED), (498, DeploymentState.HEALTHY)]
+)
+def test_a_failed_inference_counts_against_the_deployment_and_a_deny_listed_token_does_not(
+    serve: ServerFactory, upstream: FakeUpstream, status: int, state: DeploymentState, pass_through: bool
+) -> None:
+    """TEI's 424 is the upstream failing (whoever's token); Cohere's 498 is the caller's content."""
+    upstream.always(Fault(status=status, body=upstream_error("SomeUpstreamCode")))
+    settings: dict[str, Any] = {"upstream_breaker_failures": 2, "upstream_breaker_cooldown": 30}
+    if pass_through:
+        settings["upstream_api_key"] = None  # the caller's own token goes upstream
+    token = (("authorization", "Bearer caller-token"),) if pass_through else ()
+    with serve(**settings) as server:
+        assert server.server is not None
+        router = server.server.backend
+        assert isinstance(router, Router)
+        health = router.deployments[0].health
+        assert health is not None
+        for _ in range(2):
+            expect_error(lambda: server.stub.Rerank(request(), metadata=token, timeout=5))
+
+        assert health.state is state
+    assert len(upstream.requests) == 2  # neither is retried
+
+
+@pytest.mark.parametrize(("status", "falls_over"), [(424, True), (498, False)])
+def test_a_failed_inference_falls_over_to_the_routes_next_deployment_and_a_deny_listed_token_does_not(
+    tmp_path: Path, upstream: FakeUpstream, status: int, falls_over: bool
+) -> None:
+    with FakeUpstream(api_key=UPSTREAM_KEY) as fallback:
+        deployments: list[dict[str, Any]] = [
+            {"format": "dashscope", "url": url, "name": name, "model": "qwen3-rerank", "api_key_env": KEY_ENV}
+            for name, url in (("first", upstream.url), ("fallback", fallback.url))
+        ]
+        deployments[0]["priority"], deployments[1]["priority"] = 0, 1  # the fallback only when it fails
+        config = tmp_path / "routes.yaml"
+        config.write_text(
+            yaml.safe_dump({"models": [{"name": "qwen3-rerank", "deployments": deployments}]}),
+            encoding="utf-8",
+        )
+        upstream.always(Fault(status=status, body=upstream_error("SomeUpstreamCode")))
+        with ServerThread(load_settings({"config": str(config)}, env={KEY_ENV: UPSTREAM_KEY})) as server:
+            if falls_over:
+                assert len(server.stub.Rerank(request(), timeout=5).output.results) == 2
+            else:
+                error = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+                assert code_of(error) == Code.INVALID_ARGUMENT
+
+        assert len(upstream.requests) == 1
+        assert len(fallback.requests) == (1 if falls_over else 0)
 
 
 def test_rate_limit_carries_retry_info_from_retry_after(server: ServerThread, upstream: FakeUpstream) -> None:

@@ -3,6 +3,7 @@ upstream that speaks that format on loopback (dashscope, compatible, cohere, tei
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import urllib.error
@@ -18,6 +19,7 @@ from rerank_service.core.chunking import estimate_tokens
 from rerank_service.core.domain import DEFAULT_INSTRUCT
 from rerank_service.core.qwen3_prompt import upstream_document, upstream_query
 from rerank_service.testing.fake_upstream import (
+    COHERE_V2_FIELDS,
     COMPATIBLE_PATH,
     NATIVE_PATH,
     TEI_PATH,
@@ -80,19 +82,31 @@ def upstream_error(fmt: str, message: str) -> tuple[int, dict[str, Any]]:
         return 400, {"code": "InvalidParameter", "message": message, "request_id": "req-upstream-42"}
     if fmt == "cohere":
         return 400, {"id": "req-upstream-42", "message": message}
-    if fmt == "tei":
-        return 422, {"error": message, "error_type": "Validation"}
+    if fmt == "tei":  # TEI's validation errors are 413s (its router's ErrorType::Validation)
+        return 413, {"error": message, "error_type": "Validation"}
     return 400, {"detail": message}
 
 
-def server_error(fmt: str, message: str) -> dict[str, Any]:
-    """A 5xx body in the format's shape."""
+def server_error(fmt: str, message: str) -> tuple[int, dict[str, Any]]:
+    """The format's answer when its model fails, and its status: a 500, but TEI's 424
+    (its router's ErrorType::Backend, "Inference failed")."""
     if fmt in ("dashscope", "compatible"):
-        return {"code": "InternalError", "message": message, "request_id": "req-upstream-42"}
+        return 500, {"code": "InternalError", "message": message, "request_id": "req-upstream-42"}
+    if fmt == "cohere":
+        return 500, {"id": "req-upstream-42", "message": message}
+    if fmt == "tei":
+        return 424, {"error": message, "error_type": "Backend"}
+    return 500, {"detail": message}
+
+
+def unavailable(fmt: str, message: str) -> dict[str, Any]:
+    """A 503 body in the format's shape (TEI's: its Unhealthy error)."""
+    if fmt in ("dashscope", "compatible"):
+        return {"code": "ServiceUnavailable", "message": message, "request_id": "req-upstream-42"}
     if fmt == "cohere":
         return {"id": "req-upstream-42", "message": message}
     if fmt == "tei":
-        return {"error": message, "error_type": "Backend"}
+        return {"error": message, "error_type": "Unhealthy"}
     return {"detail": message}
 
 
@@ -251,10 +265,12 @@ def test_an_upstream_4xx_is_invalid_argument_with_the_upstreams_message(
         assert info.metadata["upstream_request_id"] == "req-upstream-42"
 
 
-def test_an_upstream_5xx_is_unavailable_with_the_upstreams_message(
+def test_a_failed_inference_is_unavailable_with_the_upstreams_message(
     fmt: str, fake: FakeUpstream, serve: Serve
 ) -> None:
-    fake.always(Fault(status=500, body=server_error(fmt, "the model crashed")))
+    """A 500, or TEI's 424: the upstream's fault, not the request's (not retried, as a 500)."""
+    status, body = server_error(fmt, "the model crashed")
+    fake.always(Fault(status=status, body=body))
     with serve() as server:
         error = expect_error(lambda: server.stub.Rerank(request(), timeout=10))
 
@@ -263,12 +279,13 @@ def test_an_upstream_5xx_is_unavailable_with_the_upstreams_message(
     info = error_info(error)
     assert info is not None
     assert info.reason == "UPSTREAM_UNAVAILABLE"
-    assert info.metadata["upstream_status"] == "500"
+    assert info.metadata["upstream_status"] == str(status)
+    assert len(fake.requests) == 1
 
 
 def test_a_503_is_retried_and_the_next_answer_used(fmt: str, fake: FakeUpstream, serve: Serve) -> None:
-    fake.inject(Fault(status=503, body=server_error(fmt, "overloaded")))
-    fake.inject(Fault(status=503, body=server_error(fmt, "overloaded")))
+    fake.inject(Fault(status=503, body=unavailable(fmt, "overloaded")))
+    fake.inject(Fault(status=503, body=unavailable(fmt, "overloaded")))
     with serve(upstream_retry_backoff=0.01) as server:
         response, _ = rerank(server)
 
@@ -295,7 +312,7 @@ def test_an_unreachable_upstream_goes_down_and_is_refused_at_once(
 
 
 def test_an_upstream_answering_errors_is_still_called(fmt: str, fake: FakeUpstream, serve: Serve) -> None:
-    fake.always(Fault(status=503, body=server_error(fmt, "overloaded")))
+    fake.always(Fault(status=503, body=unavailable(fmt, "overloaded")))
     with serve(upstream_max_attempts=1, upstream_breaker_failures=2, upstream_breaker_cooldown=30) as server:
         for _ in range(3):
             expect_error(lambda: server.stub.Rerank(request(), timeout=10))
@@ -362,6 +379,34 @@ def test_tei_refuses_more_texts_than_its_batch_with_413_and_its_words(
 
 
 # --- --upstream-path ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["cohere"])
+@pytest.mark.parametrize(("url_path", "path"), [("", "/v2/rerank"), ("/v2", "/rerank")])
+def test_cohere_v2_is_not_sent_return_documents_which_it_would_refuse(
+    fmt: str, fake: FakeUpstream, serve: Serve, url_path: str, path: str
+) -> None:
+    """Cohere's v2 API has no such field and refuses one it does not know with 422, as the
+    fake's /v2/rerank does: every call failed. The path is --upstream-url's and --upstream-path."""
+    with serve(upstream_url=fake.url + url_path, upstream_path=path) as server:
+        response, _ = rerank(server, top_n=2)
+
+    assert ranking_of(response) == expected_ranking(QUERY, DOCUMENTS)[:2]
+    [sent] = fake.requests
+    assert sent.path == "/v2/rerank"
+    assert "return_documents" not in sent.body
+
+
+@pytest.mark.parametrize("fmt", ["cohere"])
+@pytest.mark.parametrize("path", [None, "/rerank", "/v3/rerank"])
+def test_the_other_cohere_style_servers_are_told_not_to_return_documents(
+    fmt: str, fake: FakeUpstream, serve: Serve, path: str | None
+) -> None:
+    """Jina sends each document's text back unless told not to (at its /v1/rerank, the default)."""
+    with serve(upstream_path=path) as server:
+        rerank(server)
+
+    assert fake.requests[0].body["return_documents"] is False
 
 
 def test_upstream_path_overrides_the_formats_own(fmt: str, fake: FakeUpstream, serve: Serve) -> None:
@@ -502,7 +547,10 @@ def post(url: str, body: Any) -> tuple[int, Any]:
         with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=5) as answer:  # noqa: S310
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as failed:
-        return failed.code, json.loads(failed.read())
+        content = failed.read()
+        if failed.headers.get_content_type() != "application/json":
+            return failed.code, content.decode()  # a plain-text refusal
+        return failed.code, json.loads(content)
 
 
 @pytest.mark.parametrize(
@@ -516,9 +564,8 @@ def post(url: str, body: Any) -> tuple[int, Any]:
             400,
             {"id", "message"},
         ),
-        ("tei", {"texts": ["a"]}, 422, {"error", "error_type"}),
-        ("tei", {"query": "q", "texts": []}, 422, {"error", "error_type"}),
-        ("tei", {"query": "q", "texts": ["a"], "raw_scores": "no"}, 422, {"error", "error_type"}),
+        ("tei", {"query": "q", "texts": []}, 400, {"error", "error_type"}),
+        ("tei", {"query": "q", "texts": ["a"] * 33}, 413, {"error", "error_type"}),
         ("voyage", {"model": "qwen3-rerank", "query": "q"}, 400, {"detail"}),
         ("voyage", {"model": "qwen3-rerank", "query": "q", "documents": ["a"], "top_k": 0}, 400, {"detail"}),
         ("voyage", {"model": "qwen3-rerank", "query": "q", "documents": ["a"] * 1001}, 400, {"detail"}),
@@ -531,6 +578,52 @@ def test_the_fake_refuses_a_bad_request_as_the_real_server_does(
 
     assert got_status == status
     assert set(answer) == shape
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error_type"),
+    [
+        ({"query": "q", "texts": []}, 400, "Empty"),
+        ({"query": "q", "texts": ["a"] * 33}, 413, "Validation"),
+        # Refused by TEI's web framework (axum) before its own checks: 422, in plain text.
+        ({"texts": ["a"]}, 422, None),
+        ({"query": "q", "texts": ["a"], "raw_scores": "no"}, 422, None),
+    ],
+)
+def test_the_fake_tei_refuses_with_teis_own_status_and_error_type(
+    fakes: dict[str, FakeUpstream], body: dict[str, Any], status: int, error_type: str | None
+) -> None:
+    fake = fakes["tei"]
+    got_status, answer = post(fake.url + TEI_PATH, body)
+    fake.reset()
+
+    assert got_status == status
+    if error_type is None:
+        assert answer.startswith("Failed to deserialize the JSON body into the target type: ")
+    else:
+        assert answer["error_type"] == error_type
+
+
+def test_the_fake_cohere_v2_refuses_a_field_cohere_v2_does_not_have(fakes: dict[str, FakeUpstream]) -> None:
+    """As Cohere does (422 "unknown field"); its v1 path takes return_documents."""
+    fake = fakes["cohere"]
+    body = {"model": "qwen3-rerank", "query": "q", "documents": ["a"], "top_n": 1}
+    plain, _ = post(fake.url + "/v2/rerank", body)
+    refused, answer = post(fake.url + "/v2/rerank", {**body, "return_documents": False})
+    v1, _ = post(fake.url + "/v1/rerank", {**body, "return_documents": False})
+    fake.reset()
+
+    assert (plain, refused, v1) == (200, 422, 200)
+    assert set(answer) == {"id", "message"}
+    assert answer["message"].startswith("unknown field: parameter 'return_documents' is not a valid field.")
+
+
+def test_the_fake_cohere_v2_takes_the_fields_coheres_own_sdk_sends() -> None:
+    """Cohere's v2 client (the SDK pinned in pyproject.toml) sends no other: no return_documents."""
+    from cohere.v2.raw_client import RawV2Client
+
+    sent = set(inspect.signature(RawV2Client.rerank).parameters) - {"self", "request_options"}
+    assert sent == COHERE_V2_FIELDS
 
 
 def test_the_fake_tei_answers_every_text_best_first_and_raw_scores_as_logits(

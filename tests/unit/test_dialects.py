@@ -268,6 +268,30 @@ def test_return_documents_is_always_false(fmt: Any) -> None:
         assert flag is False
 
 
+@pytest.mark.parametrize(("url_path", "path"), [("", "/v2/rerank"), ("/v2", "/rerank"), ("/v2/", "/rerank/")])
+def test_cohere_v2_is_sent_no_return_documents(url_path: str, path: str) -> None:
+    """Cohere's v2 API has no such field, and refuses any field it does not know (422)."""
+    dialect = build_dialect("cohere", DialectOptions(url_path=url_path, path=path))
+    assert dialect.build_body(backend_request(top_n=2)) == {
+        "model": "qwen3-rerank",
+        "query": "which?",
+        "documents": DOCUMENTS,
+        "top_n": 2,
+    }
+
+
+@pytest.mark.parametrize(
+    ("url_path", "path"),
+    [("", None), ("", "/v1/rerank"), ("", "/rerank"), ("", "/v3/rerank"), ("/v1", "/rerank")],
+)
+def test_the_other_cohere_style_servers_are_sent_return_documents_false(
+    url_path: str, path: str | None
+) -> None:
+    """Jina (/v1/rerank) sends each document's text back unless told not to."""
+    dialect = build_dialect("cohere", DialectOptions(url_path=url_path, path=path))
+    assert dialect.build_body(backend_request())["return_documents"] is False
+
+
 # --- the qwen3 prompt template ------------------------------------------------------------------
 
 # vLLM's example for Qwen3-Reranker behind its rerank API (examples/offline_inference/qwen3_reranker.py).

@@ -121,7 +121,9 @@ class UpstreamBackend:
 
     @classmethod
     def from_config(cls, config: UpstreamDeploymentConfig, metrics: Metrics | None = None) -> UpstreamBackend:
-        dialect = build_dialect(config.format, DialectOptions(config.score_transform, config.prompt_template))
+        url_path = urllib.parse.urlsplit(config.connection.url).path
+        options = DialectOptions(config.score_transform, config.prompt_template, url_path, config.path)
+        dialect = build_dialect(config.format, options)
         documents_per_call = config.documents_per_call or dialect.documents_per_call
         configured = _UpstreamModel(
             documents_per_call, config.tokens_per_call, config.max_query_tokens, dialect.honours_instruct

@@ -33,6 +33,10 @@ class DialectOptions:
     score_transform: Literal["none", "sigmoid"] = "none"
     # qwen3: write Qwen3-Reranker's chat template into query and documents (--upstream-prompt-template).
     prompt_template: Literal["none", "qwen3"] = "none"
+    # Where the calls go: the path of --upstream-url, and --upstream-path (None: the format's
+    # own), for a format whose servers want different bodies at different paths (cohere).
+    url_path: str = ""
+    path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,17 +363,15 @@ def flat_body(
     top_n: int | None,
     *,
     top_n_name: str = "top_n",
+    return_documents_field: bool = True,
     **fields: Any,
 ) -> dict[str, Any]:
     """The request body of the flat formats: {model, query, documents, **fields,
-    return_documents: false, top_n?}. Documents are never asked back: the engine holds their text."""
-    body: dict[str, Any] = {
-        "model": model,
-        "query": query,
-        "documents": documents,
-        **fields,
-        "return_documents": False,
-    }
+    return_documents: false, top_n?}. Documents are never asked back: the engine holds their
+    text (`return_documents_field=False`: an API that has no such field, and never sends them)."""
+    body: dict[str, Any] = {"model": model, "query": query, "documents": documents, **fields}
+    if return_documents_field:
+        body["return_documents"] = False
     if top_n is not None:
         body[top_n_name] = top_n
     return body

@@ -28,6 +28,16 @@ BAD_RESPONSE = "UPSTREAM_BAD_RESPONSE"
 MAX_UPSTREAM_TEXT = 300
 # A Retry-After beyond this is treated as this: callers should not wait for days.
 MAX_RETRY_AFTER = 3600.0
+# The request's own fault, whichever deployment it went to: 498 is Cohere's "a request or
+# response contains a deny-listed token" (the caller's content; no other API answers it).
+REJECTED_STATUSES = frozenset({400, 413, 422, 498})
+
+
+def server_fault(status: int) -> bool:
+    """The upstream failed, not the request: a 5xx, or a 424 Failed Dependency (the server's
+    own backend failed: TEI's and TGI's answer when inference fails). No rerank API answers
+    424 for a fault of the request, so it is the server's for every format."""
+    return 500 <= status < 600 or status == 424  # aiohttp reads any three digits: a 600-999 is no 5xx
 
 
 def from_http_status(
@@ -62,7 +72,7 @@ def from_http_status(
         )
 
     # The request's (or its credentials') fault: another deployment would refuse it too.
-    if status in (400, 413, 422):
+    if status in REJECTED_STATUSES:
         return error(grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST")
     if status in (401, 403):
         if not pass_through:
@@ -82,7 +92,7 @@ def from_http_status(
             FailureKind.DEPLOYMENT,
             parse_retry_after(retry_after_header),
         )
-    if 500 <= status < 600:  # aiohttp reads any three digits: a 600-999 is no 5xx
+    if server_fault(status):
         return error(
             grpc.StatusCode.UNAVAILABLE,
             UNAVAILABLE,

@@ -3,8 +3,8 @@
 Reranking is a pure function of its input, so repeating a call is always safe; what
 decides a retry is whether it is *likely to pass*: the upstream was unreachable, reset
 the connection, was briefly overloaded (502/503/504) or rate-limited us (429). A
-request it rejected (4xx), an internal error (500), a timeout (the time is spent) or a
-broken body would only fail again.
+request it rejected (4xx), an internal error (500, or TEI's 424 for a failed inference),
+a timeout (the time is spent) or a broken body would only fail again.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def judge(error: ServiceError, caller_deadline_passed: bool, pass_through: bool 
     status = error.metadata.get("upstream_status")
     if status is not None:
         code = int(status)
-        if 500 <= code < 600:
+        if errors.server_fault(code):  # a 5xx, or a 424 (TEI's failed inference: not retried, as a 500)
             return Verdict(code in RETRYABLE_HTTP_STATUSES, Outcome.FAILURE, status)
         if code == 429:
             return Verdict(True, Outcome.NEUTRAL, status)

@@ -3,7 +3,8 @@
 Request:  {query, texts, truncate: true, raw_scores: false, return_text: false}
           (raw_scores true under --upstream-score-transform sigmoid: the service applies it)
 Response: [{index, score}] for every text, best first (TEI has no top_n: the service cuts)
-Errors:   {error, error_type}
+Errors:   {error, error_type}: 413 Validation, 422 Tokenizer, 400 Empty, 429 Overloaded,
+          503 Unhealthy, and 424 Backend when inference fails (errors.py: a server fault)
 
 TEI serves one model (no `model` field) and reports no usage: the backend estimates it.
 It takes at most its --max-client-batch-size texts a call (32 unless its operator says).
