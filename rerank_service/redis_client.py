@@ -7,14 +7,17 @@ way they find the new primary after a failover (`reconnect_if_read_only`)."""
 from __future__ import annotations
 
 import contextlib
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 DEFAULT_TIMEOUT = 0.05  # seconds a round trip may take
@@ -29,7 +32,8 @@ def redis_client(url: str, *, timeout: float = DEFAULT_TIMEOUT, ca_file: str | N
     A new connection sends nothing before its first command but what the URL asks for
     (TLS, AUTH, SELECT): with redis-py's defaults it also sent HELLO 3, CLIENT SETNAME and
     CLIENT SETINFO twice, a round trip each within the same `timeout`, so a Redis a few
-    milliseconds away never got a connection open in time."""
+    milliseconds away never got a connection open in time. For rediss://, the TLS context
+    is built here, once (`_TlsConnection`), the CA file read now."""
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
@@ -41,7 +45,33 @@ def redis_client(url: str, *, timeout: float = DEFAULT_TIMEOUT, ca_file: str | N
         if not url.startswith("rediss://"):
             raise ValueError("a CA file applies to a rediss:// (TLS) URL only")
         options["ssl_ca_certs"] = ca_file
-    return Redis.from_url(url, **options)
+    tls = urlsplit(url).scheme == "rediss"  # as redis-py reads it (urlsplit lowers the scheme)
+    if tls:
+        options["connection_class"] = _TlsConnection
+    client = Redis.from_url(url, **options)
+    if tls:
+        pool = client.connection_pool
+        # Built as redis-py builds it, from the URL's TLS options too (ssl_check_hostname=...).
+        # settings.py checked the files; one changed since is said as a bad URL is.
+        try:
+            built = _TlsConnection(**pool.connection_kwargs).ssl_context.get()
+        except (OSError, RedisError) as exc:  # ssl.SSLError is an OSError
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise ValueError(f"its TLS context cannot be built ({why})") from None
+        pool.connection_kwargs["tls_context"] = built
+    return client
+
+
+class _TlsConnection(SSLConnection):
+    """A rediss:// connection on the TLS context its client built when it was made
+    (`redis_client`). redis-py builds one at a connection's first connect, inside the
+    connect's timeout: loading the CAs (the system's store and the CA file) takes 25-50 ms,
+    most of a 50 ms timeout, so the first round trip after each start failed."""
+
+    def __init__(self, *, tls_context: ssl.SSLContext | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if tls_context is not None:
+            self.ssl_context.context = tls_context
 
 
 def timed_out(error: BaseException) -> bool:

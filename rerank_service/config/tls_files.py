@@ -2,8 +2,9 @@
 
 gRPC reports a bad certificate or key late and vaguely (a handshake that fails for every
 client), so the files are read and checked here with Python's `ssl` (the same OpenSSL
-parsing), each problem a one-line ConfigError naming the setting and file. Messages never
-quote file contents: a key must not reach a log.
+parsing), each problem a one-line ConfigError naming the setting and file. gRPC's TLS is
+BoringSSL, which takes fewer kinds of key than OpenSSL: the key's kind is checked too.
+Messages never quote file contents: a key must not reach a log.
 
 Certificates are renewed on disk while the server runs (a Kubernetes Secret that
 cert-manager renews, a certbot hook): `TlsFiles` says when the files changed and hands
@@ -22,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from rerank_service.config.file_trust import warn_if_key_exposed
 from rerank_service.config.pem import NO_CERTIFICATE, certificates_problem
@@ -30,6 +34,11 @@ from rerank_service.config.settings import ConfigError
 
 # A file's identity on disk: a rewrite, a replacement or a Secret's symlink swap changes it.
 _Stamp = tuple[int, int, int] | None
+
+# The EC curves of a key gRPC serves. BoringSSL loads no other curve (brainpool, secp256k1:
+# the port does not open), and its clients (grpc in Python, C++, Ruby..., the rerank-service
+# CLI and the chart's health probe) verify no P-521 or Ed25519 signature: every handshake fails.
+_SERVED_CURVES = frozenset({"secp256r1", "secp384r1"})
 
 
 @dataclass(frozen=True)
@@ -59,8 +68,9 @@ def read_tls(tls: TlsConfig) -> TlsMaterial | None:
 class TlsFiles:
     """The TLS files as read last: `renewed` says when they changed since, and what they hold."""
 
-    def __init__(self, tls: TlsConfig) -> None:
+    def __init__(self, tls: TlsConfig, *, port: str) -> None:
         self._tls = tls
+        self._port = port  # which port reads them (each keeps its own TlsFiles), for the log
         self._paths = [path for path in (tls.cert, tls.key, tls.client_ca) if path is not None]
         self._read_at = self._stamps()
         self._refused_at: list[_Stamp] | None = None
@@ -94,12 +104,14 @@ class TlsFiles:
             if stamps != self._refused_at:
                 self._refused_at = stamps
                 _log().warning(
-                    "tls files changed but not read: still serving the ones read before", error=str(problem)
+                    "tls files changed but not read: still serving the ones read before",
+                    port=self._port,
+                    error=str(problem),
                 )
             return None
         self._read_at = stamps
         if material is not None:
-            _log().info("tls files read again: new connections get the renewed certificate")
+            _log().info("tls files read again: new connections get the renewed certificate", port=self._port)
         return material
 
     def _stamps(self) -> list[_Stamp]:
@@ -146,3 +158,23 @@ def _check_key_pair(cert: Path, key: Path, key_pem: bytes) -> None:
         raise ConfigError(f"tls-key {key}: holds no valid PEM private key") from None
     except OSError as exc:
         raise ConfigError(f"tls-key {key}: cannot read it ({exc.strerror or exc})") from None
+    kind = _unserved_kind(key_pem)
+    if kind is not None:
+        raise ConfigError(
+            f"tls-key {key}: gRPC's TLS does not take its {kind} key (the port would not open, or every "
+            "handshake would fail): give an RSA key, or an EC key on P-256 or P-384"
+        )
+
+
+def _unserved_kind(key_pem: bytes) -> str | None:
+    """The kind of a key gRPC cannot serve (`Ed25519`, `EC brainpoolP256r1`), or None for
+    one it can: RSA, or EC on a curve of `_SERVED_CURVES`. Python's OpenSSL took it already."""
+    try:
+        key = load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return "unknown"  # OpenSSL reads it, cryptography does not: BoringSSL would not either
+    if isinstance(key, rsa.RSAPrivateKey):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return None if key.curve.name in _SERVED_CURVES else f"EC {key.curve.name}"
+    return type(key).__name__.removesuffix("PrivateKey")  # Ed25519, Ed448, DSA

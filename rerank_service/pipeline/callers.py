@@ -2,10 +2,11 @@
 
 A key is looked up by its SHA-256 (the keys themselves are never kept here, and a
 `key_sha256` of the file is such a digest already); a client certificate by its URI SANs
-(a SPIFFE ID), or its subject CN when it has none. Keys of `--api-keys` are anonymous
-callers named `key-` and 8 hex digits of their SHA-256; without any key configured every
-call is `anonymous`, or, in pass-through mode, named after the token it brings so what
-each upstream key used is still told apart.
+(a SPIFFE ID), or its subject CN when it has none; a certificate whose identity holds a
+control character, or that names two callers, is refused. Keys of `--api-keys` are
+anonymous callers named `key-` and 8 hex digits of their SHA-256; without any key
+configured every call is `anonymous`, or, in pass-through mode, named after the token it
+brings so what each upstream key used is still told apart.
 
 The directory is one immutable snapshot swapped whole by `update` (a reload, SIGHUP), so
 a call in flight keeps the caller it was identified as.
@@ -13,6 +14,7 @@ a call in flight keeps the caller it was identified as.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -79,7 +81,8 @@ class _Snapshot:
 
 
 class CallerDirectory:
-    """Identifies callers; refuses nobody itself (`Pipeline.authenticate` does)."""
+    """Identifies callers; refuses nobody itself (`Pipeline.authenticate` does) but a
+    client certificate that names more than one caller."""
 
     def __init__(
         self,
@@ -145,7 +148,8 @@ class CallerDirectory:
 
     def identify(self, token: Secret | None, peer_identities: Sequence[str] = ()) -> Caller | None:
         """The caller of a call with this bearer token and these certificate identities;
-        None when callers are configured and neither names one."""
+        None when callers are configured and neither names one. An accepted key decides;
+        else the certificate, UNAUTHENTICATED when its identities name two callers."""
         snapshot = self._snapshot
         if not snapshot.enabled:
             if self._pass_through and token is not None:
@@ -155,18 +159,41 @@ class CallerDirectory:
             found = snapshot.by_digest.get(key_digest(token.reveal()))
             if found is not None:
                 return found
+        found, named_by = None, ""
         for identity in peer_identities:
-            found = snapshot.by_identity.get(identity)
+            caller = snapshot.by_identity.get(identity)
+            if caller is None or caller is found:
+                continue  # an identity of no caller's (or of the one found) is no second caller
             if found is not None:
-                return found
-        return None
+                # Taking the first SAN's caller would make the SANs' order the certificate's
+                # authority: whoever the CA let write them chooses among the callers.
+                raise ServiceError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"the client certificate names more than one caller ({echo(named_by)!r} and "
+                    f"{echo(identity)!r} are two callers' identities): a certificate must name one",
+                )
+            found, named_by = caller, identity
+        return found
+
+
+# C0, DEL and C1: no identity holds one, and a NUL is where C code (grpc's auth context)
+# cuts a string, so that `indexer\0.evil` would read as `indexer`.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def certificate_identities(uris: Sequence[str], common_name: str | None) -> list[str]:
     """A client certificate's identities, in the order they are matched: its URI SANs (a
     SPIFFE ID), or, failing those, its subject CN. A CN written as a URI is none: a URI
     identity is a URI SAN's alone (a CA that signs names its clients choose could
-    otherwise sign any workload's SPIFFE ID as a CN)."""
-    if uris:
-        return list(uris)
-    return [common_name] if common_name and "://" not in common_name else []
+    otherwise sign any workload's SPIFFE ID as a CN). UNAUTHENTICATED when one of them
+    holds a control character (the message does not repeat it)."""
+    identities: list[str] = list(uris)
+    if not uris and common_name and "://" not in common_name:
+        identities = [common_name]
+    if any(_CONTROL_CHARACTER.search(identity) for identity in identities):
+        what = "a URI SAN" if uris else "its subject CN"
+        raise ServiceError(
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"the client certificate's identity ({what}) holds a control character: it names no caller",
+        )
+    return identities

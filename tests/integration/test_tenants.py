@@ -8,6 +8,7 @@ import json
 import queue
 import signal
 import ssl
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault, total_tokens
 from tests.conftest import UPSTREAM_KEY
-from tests.support.certs import CertificateAuthority
+from tests.support.certs import CertificateAuthority, Issued
 from tests.support.process import run_cli
 from tests.support.rpc import _unpacked, error_info, field_violations, retry_delay
 from tests.support.scrape import scrape, value
@@ -389,6 +390,84 @@ def test_an_mtls_client_is_the_caller_its_certificate_names(tmp_path: Path, upst
     assert [model["id"] for model in models_http["data"]] == ["qwen3-rerank"]
     callers = Counter(event.get("caller") for event in calls if event.get("method", "").endswith("/Rerank"))
     assert callers == {"indexer": 2, "search": 1, None: 1}
+
+
+INDEXER = "spiffe://mesh/ns/search/sa/indexer"
+ADS = "spiffe://mesh/ns/ads/sa/ads"
+
+
+def test_a_certificate_whose_identity_is_cut_or_names_two_callers_is_refused_on_both_ports(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """grpc's auth context gives a certificate's URI SANs and CN as C strings, cut at a NUL:
+    `indexer\\0.evil` was taken as `indexer`, CN `batch\\0evil` as `batch` (the HTTP port
+    refused them). A certificate naming two callers was its first SAN's. Both ports now
+    refuse each the same way, and a certificate naming one caller among unknown names is
+    still that caller."""
+    ca = CertificateAuthority()
+    ca_path = ca.write(tmp_path)
+    server_cert, server_key = ca.issue_server().write(tmp_path, "server")
+    config = write_config(
+        tmp_path / "rerank.yaml",
+        upstream,
+        [
+            {"name": "indexer", "credentials": [{"tls_identity": INDEXER}], "models": ["qwen3-rerank"]},
+            {"name": "batch", "credentials": [{"tls_identity": "batch"}], "models": ["gte-rerank-v2"]},
+            {"name": "ads", "credentials": [{"tls_identity": ADS}]},
+        ],
+        tls_cert=str(server_cert),
+        tls_key=str(server_key),
+        tls_client_ca=str(ca_path),
+    )
+    certificates = {
+        "uri cut at a NUL": ca.issue_client("x", uris=[INDEXER + "\x00.evil"]),
+        "cn cut at a NUL": ca.issue_client("batch\x00evil"),
+        "two callers": ca.issue_client("x", uris=[ADS, INDEXER]),
+        "one caller, second": ca.issue_client("x", uris=["spiffe://mesh/ns/other/sa/unknown", INDEXER]),
+    }
+
+    def over_grpc(target: str, issued: Issued) -> str:
+        credentials = grpc.ssl_channel_credentials(ca.cert_pem, issued.key_pem, issued.cert_pem)
+        with grpc.secure_channel(target.replace("127.0.0.1", "localhost"), credentials) as opened:
+            try:
+                listed = rerank_pb2_grpc.RerankServiceStub(opened).ListModels(
+                    rerank_pb2.ListModelsRequest(), timeout=10
+                )
+            except grpc.RpcError as error:
+                return f"{error.code().name} {error.details()}"
+            return "OK " + ",".join(model.name for model in listed.models)
+
+    def over_http(port: int, issued: Issued, name: str) -> str:
+        context = ssl.create_default_context(cafile=str(ca_path))
+        context.load_cert_chain(*issued.write(tmp_path, name.replace(" ", "-").replace(",", "")))
+        models = urllib.request.Request(f"https://localhost:{port}/v1/models")
+        try:
+            with urllib.request.urlopen(models, context=context, timeout=10) as reply:  # noqa: S310
+                return "OK " + ",".join(model["id"] for model in json.loads(reply.read())["data"])
+        except urllib.error.HTTPError as refused:
+            return f"{refused.code} {json.loads(refused.read())['message']}"
+
+    with service(config) as process:
+        http_port = serving(process)["http_port"]
+        answers = {
+            name: (over_grpc(process.target, issued), over_http(http_port, issued, name))
+            for name, issued in certificates.items()
+        }
+
+    cut = "the client certificate's identity ({}) holds a control character: it names no caller"
+    two = (
+        f"the client certificate names more than one caller ({ADS!r} and {INDEXER!r} are two callers' "
+        "identities): a certificate must name one"
+    )
+    assert answers == {
+        "uri cut at a NUL": (f"UNAUTHENTICATED {cut.format('a URI SAN')}", f"401 {cut.format('a URI SAN')}"),
+        "cn cut at a NUL": (
+            f"UNAUTHENTICATED {cut.format('its subject CN')}",
+            f"401 {cut.format('its subject CN')}",
+        ),
+        "two callers": (f"UNAUTHENTICATED {two}", f"401 {two}"),
+        "one caller, second": ("OK qwen3-rerank", "OK qwen3-rerank"),
+    }
 
 
 def test_check_config_refuses_a_bad_callers_section_in_one_line_with_exit_2(

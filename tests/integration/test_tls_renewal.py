@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
 from rerank_service.api.http.server import keep_renewed, ssl_context
@@ -57,7 +58,9 @@ def test_the_grpc_port_serves_a_renewed_certificate_to_new_connections(
 
     assert len(before.output.results) == len(renewed.output.results) == len(request().documents)
     assert code_of(stale) == grpc.StatusCode.UNAVAILABLE  # the first CA's certificate is gone
-    assert [e for e in logs.events() if e.get("event", "").startswith("tls files read again")]
+    read = [e for e in logs.events() if e.get("event", "").startswith("tls files read again")]
+    # Each port reads the files on its own: the line says which (here the gRPC port alone runs).
+    assert [e.get("port") for e in read] == ["grpc"]
 
 
 def test_a_renewal_whose_key_does_not_match_keeps_the_certificate_served_before(
@@ -76,6 +79,25 @@ def test_a_renewal_whose_key_does_not_match_keeps_the_certificate_served_before(
     assert "does not match" in refused[0]["error"]
 
 
+def test_a_renewal_to_a_key_grpc_does_not_take_keeps_the_certificate_served_before(
+    serve: ServerFactory, tmp_path: Path, logs: LogCapture
+) -> None:
+    """Python's OpenSSL takes an Ed25519 key, but gRPC's clients verify no Ed25519 signature:
+    taken, it would have failed every new connection's handshake while the log said the
+    renewed certificate was served."""
+    first, second = CertificateAuthority("first CA"), CertificateAuthority("second CA")
+    cert, key = install(tmp_path, first.issue_server())
+    with serve(tls_cert=cert, tls_key=key) as server:
+        install(tmp_path, second.issue_server(key=ed25519.Ed25519PrivateKey.generate()))
+        answers = [rerank_trusting(server, first) for _ in range(2)]
+
+    assert all(len(answer.output.results) == len(request().documents) for answer in answers)
+    assert not [e for e in logs.events() if e.get("event", "").startswith("tls files read again")]
+    refused = [e for e in logs.events() if e.get("event", "").startswith("tls files changed but not read")]
+    assert [e.get("port") for e in refused] == ["grpc"]
+    assert "gRPC's TLS does not take its Ed25519 key" in refused[0]["error"]
+
+
 async def handshake_trusting(port: int, ca: CertificateAuthority) -> bool:
     """Whether a TLS handshake with the listener on `port` passes, trusting `ca` only."""
     client = ssl.create_default_context(cadata=ca.cert_pem.decode())
@@ -87,7 +109,9 @@ async def handshake_trusting(port: int, ca: CertificateAuthority) -> bool:
     return True
 
 
-async def test_the_http_port_loads_a_renewed_certificate_into_its_listener(tmp_path: Path) -> None:
+async def test_the_http_port_loads_a_renewed_certificate_into_its_listener(
+    tmp_path: Path, logs: LogCapture
+) -> None:
     first, second = CertificateAuthority("first CA"), CertificateAuthority("second CA")
     cert, key = install(tmp_path, first.issue_server())
     tls = TlsConfig(cert=cert, key=key, client_ca=None)
@@ -108,3 +132,5 @@ async def test_the_http_port_loads_a_renewed_certificate_into_its_listener(tmp_p
         renewing.cancel()
         listener.close()
         await listener.wait_closed()
+    read = [e for e in logs.events() if e.get("event", "").startswith("tls files read again")]
+    assert [e.get("port") for e in read] == ["http"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _VALIDITY = datetime.timedelta(days=1)
@@ -21,7 +22,7 @@ _VALIDITY = datetime.timedelta(days=1)
 _BACKDATE = datetime.timedelta(minutes=5)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: CertificateIssuerPrivateKeyTypes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -89,12 +90,17 @@ class CertificateAuthority:
         return path
 
     def issue_server(
-        self, dns_names: Sequence[str] = ("localhost",), ips: Sequence[str] = ("127.0.0.1",)
+        self,
+        dns_names: Sequence[str] = ("localhost",),
+        ips: Sequence[str] = ("127.0.0.1",),
+        key: CertificateIssuerPrivateKeyTypes | None = None,
     ) -> Issued:
-        """A server certificate for these names and addresses (subject alternative names)."""
+        """A server certificate for these names and addresses (subject alternative names);
+        `key`: its private key (a new EC P-256 key by default)."""
         names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
         names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-        return self._issue(dns_names[0] if dns_names else ips[0], names, ExtendedKeyUsageOID.SERVER_AUTH)
+        common_name = dns_names[0] if dns_names else ips[0]
+        return self._issue(common_name, names, ExtendedKeyUsageOID.SERVER_AUTH, key)
 
     def issue_client(self, common_name: str = "test client", uris: Sequence[str] = ()) -> Issued:
         """A client certificate, for mTLS; `uris`: URI subject alternative names (a SPIFFE
@@ -102,8 +108,14 @@ class CertificateAuthority:
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri) for uri in uris]
         return self._issue(common_name, names, ExtendedKeyUsageOID.CLIENT_AUTH)
 
-    def _issue(self, common_name: str, names: list[x509.GeneralName], usage: x509.ObjectIdentifier) -> Issued:
-        key = ec.generate_private_key(ec.SECP256R1())
+    def _issue(
+        self,
+        common_name: str,
+        names: list[x509.GeneralName],
+        usage: x509.ObjectIdentifier,
+        key: CertificateIssuerPrivateKeyTypes | None = None,
+    ) -> Issued:
+        key = key or ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()

@@ -387,6 +387,76 @@ def test_a_common_name_written_as_a_uri_names_no_one() -> None:
     ]
 
 
+@pytest.mark.parametrize("control", ["\x00", "\n", "\x1b", "\x7f", "\x85"])
+def test_a_certificate_identity_holding_a_control_character_is_refused_without_repeating_it(
+    control: str,
+) -> None:
+    """grpc's auth context cuts a name at a NUL: `indexer\\0.evil` read as `indexer`. Such a
+    name is no identity on either port, and the refusal does not carry the raw byte."""
+    uri = f"spiffe://mesh/ns/search/sa/indexer{control}.evil"
+
+    with pytest.raises(ServiceError) as by_uri:
+        certificate_identities(["spiffe://mesh/ns/ads/sa/ads", uri], "x")
+    with pytest.raises(ServiceError) as by_cn:
+        certificate_identities([], f"batch{control}evil")
+
+    for refused, what in ((by_uri, "a URI SAN"), (by_cn, "its subject CN")):
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert refused.value.message == (
+            f"the client certificate's identity ({what}) holds a control character: it names no caller"
+        )
+    assert certificate_identities([], "bätch") == ["bätch"]  # not a control character
+
+
+def two_callers(tmp_path: Path) -> CallerDirectory:
+    settings = load(
+        tmp_path,
+        """tls_cert: /dev/null
+tls_key: /dev/null
+tls_client_ca: /dev/null
+callers:
+  - name: indexer
+    credentials: [{tls_identity: "spiffe://mesh/ns/search/sa/indexer"}, {tls_identity: indexer-cn}]
+  - name: ads
+    credentials: [{tls_identity: "spiffe://mesh/ns/ads/sa/ads"}, {key_env: ADS}]
+""",
+        {"ADS": ADS_KEY},
+    )
+    return CallerDirectory(caller_configs(settings.callers))
+
+
+def test_a_certificate_naming_two_callers_is_refused_not_taken_for_its_first_sans(tmp_path: Path) -> None:
+    """It was the first SAN's caller: the SANs' order chose among the callers."""
+    callers = two_callers(tmp_path)
+    ads, indexer = "spiffe://mesh/ns/ads/sa/ads", "spiffe://mesh/ns/search/sa/indexer"
+
+    with pytest.raises(ServiceError) as refused:
+        callers.identify(None, [ads, indexer])
+
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert refused.value.message == (
+        f"the client certificate names more than one caller ({ads!r} and {indexer!r} are two callers' "
+        "identities): a certificate must name one"
+    )
+    with pytest.raises(ServiceError):
+        callers.identify(Secret("sk-unknown"), [indexer, ads])
+    found = callers.identify(Secret(ADS_KEY), [indexer, ads])  # an accepted key decides
+    assert found is not None
+    assert found.name == "ads"
+
+
+def test_a_certificate_naming_one_caller_among_other_names_is_that_caller(tmp_path: Path) -> None:
+    callers = two_callers(tmp_path)
+    indexer = "spiffe://mesh/ns/search/sa/indexer"
+
+    second_named = callers.identify(None, ["spiffe://mesh/ns/other/sa/unknown", indexer])
+    named_twice = callers.identify(None, [indexer, "indexer-cn"])  # two identities of one caller
+
+    assert second_named is not None
+    assert second_named.name == "indexer"
+    assert named_twice is second_named
+
+
 # --- the fair share of admission ------------------------------------------------------------
 
 

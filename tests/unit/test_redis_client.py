@@ -5,14 +5,19 @@ when Redis is a few milliseconds away."""
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.exceptions import OutOfMemoryError, ReadOnlyError
 
 from rerank_service.redis_client import reconnect_if_read_only, redis_client
+from tests.support.certs import CertificateAuthority
 from tests.support.redis_proxy import RedisProxy, fail_over
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, RedisTls
 
 HANG = 10.0  # guards against a hang only
 
@@ -86,3 +91,46 @@ async def test_replies_are_parsed_by_hiredis(redis_empty: RedisServer) -> None:
             await client.connection_pool.release(connection)
     finally:
         await client.aclose()
+
+
+async def test_a_rediss_client_builds_its_tls_context_when_made_not_in_its_first_round_trip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading the CAs (the system's store, then the CA file) takes 25-50 ms: built in the
+    first round trip, as redis-py builds it, it took most of the 50 ms timeout, and the
+    first limits check after each start was refused (`--limits-store-failure closed`).
+    Every TLS context made is counted: one, with the client, and none in its round trips,
+    on its first connection or the next."""
+    authority = CertificateAuthority()
+    cert, key = authority.issue_server().write(tmp_path, "redis")
+    ca = authority.write(tmp_path)  # its own file: no context of an earlier test is shared
+    with RedisServer(tls=RedisTls(cert, key, ca)) as server:
+        built: list[ssl.SSLContext] = []
+        create = ssl.create_default_context
+
+        def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+            built.append(context := create(*args, **kwargs))
+            return context
+
+        monkeypatch.setattr(ssl, "create_default_context", counted)
+        client = redis_client(server.url, timeout=HANG, ca_file=str(ca))
+        with_the_client = len(built)
+        try:
+            answers = await asyncio.gather(client.ping(), client.ping())  # two connections
+            opened = len(client.connection_pool._available_connections)
+        finally:
+            await client.aclose()
+
+    assert list(answers) == [True, True]
+    assert opened == 2
+    assert (with_the_client, len(built)) == (1, 1)
+
+
+def test_a_rediss_client_whose_tls_context_cannot_be_built_is_a_value_error(tmp_path: Path) -> None:
+    """Built with the client now, a TLS file the URL names that no longer loads (settings.py
+    checked it at start) is said at once, as a bad URL is, not as a traceback."""
+    garbage = tmp_path / "client.pem"
+    garbage.write_text("not PEM\n")
+
+    with pytest.raises(ValueError, match=r"^its TLS context cannot be built \("):
+        redis_client(f"rediss://127.0.0.1:1/0?ssl_certfile={garbage}")

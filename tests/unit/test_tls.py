@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from rerank_service.api.grpc.tls import server_credentials
 from rerank_service.config import ConfigError, Settings
@@ -119,6 +123,77 @@ def test_serve_with_a_mismatched_key_exits_2_with_one_clear_line(files: Files) -
         f"rerank-service: configuration error: tls-key {files.other_key} "
         f"does not match the certificate in tls-cert {files.cert}"
     ]
+
+
+KeyMaker = Callable[[], CertificateIssuerPrivateKeyTypes]
+
+
+@pytest.mark.parametrize(
+    ("kind", "make_key"),
+    [
+        ("Ed25519", ed25519.Ed25519PrivateKey.generate),
+        ("Ed448", ed448.Ed448PrivateKey.generate),
+        ("EC brainpoolP256r1", lambda: ec.generate_private_key(ec.BrainpoolP256R1())),
+        ("EC secp256k1", lambda: ec.generate_private_key(ec.SECP256K1())),
+        ("EC secp521r1", lambda: ec.generate_private_key(ec.SECP521R1())),
+    ],
+    ids=["Ed25519", "Ed448", "brainpool", "secp256k1", "P-521"],
+)
+def test_a_key_grpc_does_not_take_is_a_config_error_naming_the_file_and_its_kind(
+    tmp_path: Path, kind: str, make_key: KeyMaker
+) -> None:
+    """Python's OpenSSL takes each of these; gRPC's BoringSSL either loads none of them (the
+    port then "cannot listen") or its clients verify no signature of theirs (Ed25519,
+    P-521: every handshake fails, the service's own `health` probe's too)."""
+    cert, key = CertificateAuthority().issue_server(key=make_key()).write(tmp_path, "server")
+
+    with pytest.raises(ConfigError) as raised:
+        server_credentials(tls_settings(cert, key))
+
+    assert str(raised.value) == (
+        f"tls-key {key}: gRPC's TLS does not take its {kind} key (the port would not open, or every "
+        "handshake would fail): give an RSA key, or an EC key on P-256 or P-384"
+    )
+
+
+@pytest.mark.parametrize(
+    "make_key",
+    [
+        lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        lambda: ec.generate_private_key(ec.SECP256R1()),
+        lambda: ec.generate_private_key(ec.SECP384R1()),
+    ],
+    ids=["RSA", "P-256", "P-384"],
+)
+def test_a_key_grpc_takes_passes_and_a_grpc_client_completes_its_handshake(
+    tmp_path: Path, make_key: KeyMaker
+) -> None:
+    ca = CertificateAuthority()
+    cert, key = ca.issue_server(key=make_key()).write(tmp_path, "server")
+    credentials = server_credentials(tls_settings(cert, key))
+    assert credentials is not None
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(ca.cert_pem)) as channel:
+            grpc.channel_ready_future(channel).result(timeout=10)  # READY: the handshake passed
+    finally:
+        server.stop(None)
+
+
+def test_serve_with_a_key_grpc_does_not_take_exits_2_with_one_clear_line(tmp_path: Path) -> None:
+    brainpool = ec.generate_private_key(ec.BrainpoolP256R1())
+    cert, key = CertificateAuthority().issue_server(key=brainpool).write(tmp_path, "server")
+
+    result = run_cli(
+        "serve", "--backend", "upstream", "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key),
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"rerank-service: configuration error: tls-key {key}: gRPC's TLS does not take")
+    assert "EC brainpoolP256r1 key" in line
 
 
 def test_a_client_command_with_an_unreadable_ca_file_exits_2_with_one_clear_line(tmp_path: Path) -> None:

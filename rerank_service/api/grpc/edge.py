@@ -38,6 +38,7 @@ from grpc.aio import ServicerContext
 from rerank.v1 import rerank_pb2
 
 from rerank_service.api.grpc.status import Metadata, error_metadata
+from rerank_service.api.grpc.tls import certificate_names
 from rerank_service.core.domain import NO_TIMINGS, CacheOutcome, RerankOutcome, ServiceError, Timings
 from rerank_service.observability.trace_context import trace_context
 from rerank_service.pipeline.admission import Admission, SlotWait
@@ -870,11 +871,16 @@ def _outcome_metadata(outcome: RerankOutcome | None, request_id: str) -> Metadat
 
 
 def peer_identities(context: ServicerContext[Any, Any]) -> list[str]:
-    """The client certificate's identities (mTLS): its URI SANs, or its subject CN."""
-    auth = context.auth_context()
-    uris = [value.decode(errors="replace") for value in auth.get("peer_uri", ())]
-    name = next(iter(auth.get("x509_common_name", ())), None)
-    return certificate_identities(uris, name.decode(errors="replace") if name is not None else None)
+    """The client certificate's identities (mTLS): its URI SANs, or its subject CN, read
+    from the certificate itself (`certificate_names`); UNAUTHENTICATED for one that holds a
+    control character, or that does not parse."""
+    pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
+    if pem is None:
+        return []  # no client certificate (TLS without --tls-client-ca, or plaintext)
+    names = certificate_names(pem)
+    if names is None:
+        raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "the client certificate cannot be read")
+    return certificate_identities(*names)
 
 
 def _ms(seconds: float) -> str:

@@ -62,7 +62,7 @@ async def keep_renewed(context: ssl.SSLContext, tls: TlsConfig, every: float) ->
     cert, key, client_ca = tls.cert, tls.key, tls.client_ca
     if cert is None or key is None:
         return
-    files = TlsFiles(tls)
+    files = TlsFiles(tls, port="http")
     pending = False  # checked, not loaded: changed again in between
     while True:
         await asyncio.sleep(every)
