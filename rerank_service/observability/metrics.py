@@ -71,6 +71,8 @@ UPSTREAM_RETRY_REASONS = ("429", "502", "503", "504", "unreachable")
 # (core.domain.DeploymentState's but healthy), and `rate_limited` (routing/deployment.py's
 # name for an ejection for its 429s); a test keeps them so.
 EJECTION_STATES = ("ejected", "down", "rate_limited")
+# rerank_trace_spans_dropped_total's reasons (observability/tracing_export.py's).
+TRACE_SPANS_DROPPED_REASONS = ("queue_full", "export_failed")
 
 
 class Metrics:
@@ -178,7 +180,9 @@ class Metrics:
             # and again after each call of the deployment (`DeploymentMetrics.finished`), so it
             # is the one whose calls found it last: a worker that took no call since an outage
             # keeps it down (a call would probe it), and must not hide that its siblings'
-            # calls find it back (the worst of them, livemax, would).
+            # calls find it back (the worst of them, livemax, would). Its first word, healthy
+            # before any call, is written as the oldest (`_set_as_oldest`): the series exists
+            # from the start, and any worker's later word wins over it.
             multiprocess_mode="livemostrecent",
         )
         self.deployment_ejections = Counter(
@@ -262,6 +266,7 @@ class Metrics:
         self._fallbacks: dict[str, Counter] = {}
         self._budgets_spent: dict[str, Counter] = {}
         self._members: set[tuple[str, str]] = set()  # (route, deployment) set to 1
+        self._spans_dropped: dict[str, Counter] = {}
         self.stream_items = MethodMetrics(self, STREAM_ITEM_METHOD)
 
     # --- calls ---
@@ -323,12 +328,19 @@ class Metrics:
 
     # --- tracing ---
 
+    def tracing_started(self) -> None:
+        """Each reason spans are dropped for is 0 from now: a series born at 1 on the first
+        drop would read as no increase, and RerankTraceSpansDropped would miss it (nothing
+        while tracing is off: no exporter, nothing to drop)."""
+        for reason in TRACE_SPANS_DROPPED_REASONS:
+            _child(self._spans_dropped, self.trace_spans_dropped, reason)
+
     def count_trace_spans(self, *, exported: int = 0, dropped: int = 0, reason: str = "") -> None:
         """Spans the exporter delivered, or lost for `reason` (called from its thread)."""
         if exported:
             self.trace_spans_exported.inc(exported)
         if dropped:
-            self.trace_spans_dropped.labels(reason).inc(dropped)
+            _child(self._spans_dropped, self.trace_spans_dropped, reason).inc(dropped)
 
     # --- local backend ---
 
@@ -346,6 +358,20 @@ def _child(children: dict[str, Counter], family: Counter, label: str) -> Counter
     if found is None:
         found = children[label] = family.labels(label)
     return found
+
+
+# A `livemostrecent` gauge's value is the one written last: the supervisor compares the time
+# each worker wrote its value with. A value written at this time (a second after the epoch: 0
+# reads as never written) is older than any other, so it is read only while no worker has
+# written another.
+_OLDEST_WRITE = 1.0
+
+
+def _set_as_oldest(gauge: Gauge, value: float) -> None:
+    """Write a worker's `value` of a `livemostrecent` gauge as the oldest there is.
+    prometheus-client's `Gauge.set` stamps the time now; its value object (files, in a
+    worker) takes the time to stamp, which the public API does not expose."""
+    gauge._value.set(float(value), timestamp=_OLDEST_WRITE)
 
 
 class DeploymentMetrics:
@@ -419,7 +445,12 @@ class DeploymentMetrics:
         if first and self._rewrites and not level:
             # A worker's first word, made before any call (a restarted worker's router
             # starting): healthy is no news, and as the most recent write it would hide that
-            # its siblings' calls find the deployment down. Its first call writes it.
+            # its siblings' calls find the deployment down. It is written as the oldest word
+            # there is: the deployment has its series from the start, as in one process (a
+            # route's member without one would drop out of RerankRouteDown's join, which
+            # would then fire on the route's other members alone), and any sibling's word is
+            # newer. Its first call writes it as news.
+            _set_as_oldest(self._state_gauge_child(), level)
             return
         self._state_gauge_child().set(level)
 

@@ -283,6 +283,7 @@ def start_tracing(
     """The tracer provider, exporting to `otlp_endpoint` (None: the OTEL_* variables'); a
     ValueError naming the OTEL_* variable the exporter or its queue cannot start with."""
     made, batching, sampler = _export(otlp_endpoint, environ)
+    metrics.tracing_started()
     exporter = _CountingExporter(made, metrics)
     batches = BatchSpanProcessor(
         exporter,

@@ -152,7 +152,10 @@ class UsageMeter:
         failure = call.failure
         if failure is not None and failure.reason == CALLER_LIMITED:
             metrics.refused(label, failure.metadata.get("limit", ""))
-        if call.model is None:  # refused before its request was read: counted above only
+        if call.model is None:
+            # Refused before its request was read or parsed (admission, no model to label it
+            # with): a fair-share refusal is counted above only, so the alert on a caller's
+            # refusals adds those to its calls (deploy/prometheus/alerts.yaml).
             return
         model = call.model if call.model_known else UNKNOWN_MODEL
         metrics.call(label, model, call.code)

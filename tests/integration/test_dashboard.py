@@ -25,6 +25,8 @@ import pytest
 import yaml
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
+from rerank_service.api.http.app import MODELS_PATH, RERANK_ROUTES
+from rerank_service.observability.metrics import Metrics
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY
 from tests.support.process import ServiceProcess
@@ -128,6 +130,39 @@ def test_metric_names_are_read_from_promql() -> None:
         "rerank_calls_total",
     }
     assert metric_names("up") == {"up"}
+
+
+def test_the_docs_reranks_per_second_query_selects_every_rerank_however_it_arrives() -> None:
+    """OBSERVABILITY.md's query for reranks per second, "however they arrive", selected gRPC
+    Rerank and stream items only: the HTTP front door's reranks were left out."""
+    text = (ROOT / "docs" / "OBSERVABILITY.md").read_text(encoding="utf-8")
+    matched = re.search(
+        r"reranks per second, however they arrive.*?"
+        r'`sum\(rate\(rerank_calls_total\{method(=~|!~)"([^"]*)"\}\[5m\]\)\)`',
+        text,
+        flags=re.DOTALL,
+    )
+    assert matched, "the reranks per second query is not in docs/OBSERVABILITY.md"
+    operator, pattern = matched.groups()
+
+    def selected(method: str) -> bool:
+        return (re.fullmatch(pattern, method) is not None) == (operator == "=~")  # PromQL anchors it
+
+    metrics = Metrics()  # the method labels as the service names them
+    grpc_method = "/rerank.v1.RerankService/{}".format
+    reranks = {
+        metrics.for_method(grpc_method("Rerank")).name,
+        metrics.stream_items.name,
+        *(metrics.for_http_route(path).name for path in RERANK_ROUTES),
+    }
+    not_reranks = {
+        metrics.for_method(grpc_method("RerankStream")).name,  # the whole stream: its items count
+        metrics.for_method(grpc_method("ListModels")).name,
+        metrics.for_http_route(MODELS_PATH).name,
+    }
+    assert len(reranks) == 2 + len(RERANK_ROUTES)
+    assert {method for method in reranks if not selected(method)} == set()
+    assert {method for method in not_reranks if selected(method)} == set()
 
 
 # --- the dashboard is importable ------------------------------------------------------

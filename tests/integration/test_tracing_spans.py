@@ -26,7 +26,12 @@ from opentelemetry.util.types import Attributes
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
 from rerank_service.observability.metrics import Metrics
-from rerank_service.observability.tracing_export import OtelTracing, _BoundedProcessor, _CountingExporter
+from rerank_service.observability.tracing_export import (
+    OtelTracing,
+    _BoundedProcessor,
+    _CountingExporter,
+    start_tracing,
+)
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
 from tests.conftest import UPSTREAM_KEY, upstream_settings
 from tests.support.logs import LogCapture
@@ -350,6 +355,25 @@ def test_a_full_queue_drops_and_counts_instead_of_holding_a_call() -> None:
     for _ in range(5):
         tracer.start_span("one").end()
     assert metrics.trace_spans_dropped.labels("queue_full")._value.get() == 3
+
+
+def test_each_reason_spans_are_dropped_for_is_exported_at_0_once_tracing_starts() -> None:
+    """A series born at 1 on the first drop reads as no increase: RerankTraceSpansDropped
+    (an increase) and the dashboard would miss the first spans lost."""
+    metrics = Metrics()
+
+    def dropped() -> dict[str, float | None]:
+        return {
+            reason: metrics.registry.get_sample_value("rerank_trace_spans_dropped_total", {"reason": reason})
+            for reason in ("queue_full", "export_failed")
+        }
+
+    assert dropped() == {"queue_full": None, "export_failed": None}  # tracing off: nothing to drop
+    tracing = start_tracing("http://127.0.0.1:9", metrics)
+    try:
+        assert dropped() == {"queue_full": 0, "export_failed": 0}
+    finally:
+        tracing.shutdown(1.0)
 
 
 def test_the_score_caches_round_trips_to_redis_are_spans_of_the_call(

@@ -26,7 +26,7 @@ from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from rerank_service.testing.fake_upstream import FakeUpstream
 from tests.conftest import CALLER_KEY, UPSTREAM_KEY
 from tests.support.process import ServiceProcess, run_cli
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_port
 from tests.support.rpc import request
 from tests.support.scrape import scrape, value
 from tests.support.waiting import wait_until
@@ -763,4 +763,51 @@ def test_a_worker_without_calls_finds_the_score_caches_redis_back(
         _eventually(lambda: _gauge(metrics_port, "rerank_cache_store_up") == 1, what="store up again")
         for channel in channels.values():
             channel.close()
+        assert service.terminate() == 0, service.output[-5000:]
+
+
+def test_every_route_member_has_a_state_from_the_start_and_a_route_with_one_up_is_not_down(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Each worker exports every deployment's state before any call, as one process does: a
+    route's healthy member never called ('steady', behind 'gone') had no series, so
+    RerankRouteDown's join of members to states dropped it and fired on 'gone' alone."""
+    gone = {"format": "dashscope", "url": f"http://127.0.0.1:{free_port()}", "name": "gone",
+            "breaker_failures": 1, "max_attempts": 1}  # fmt: skip
+    steady = {"format": "dashscope", "url": upstream.url, "name": "steady", "priority": 1}
+    config = tmp_path / "rerank.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {"name": "lonely", "deployments": [gone]},
+                    {"name": "backed", "deployments": [gone, steady]},
+                ]
+            }
+        ),
+        encoding="utf-8",
+    )
+    args = ["--workers", "2", "--config", str(config), "--metrics-port", "0"]
+    with ServiceProcess(args, env=ENV) as service:
+        _eventually(lambda: _all_serving(service))
+        metrics_port = next(e for e in service.events() if e.get("event") == "serving")["metrics_port"]
+
+        def states() -> dict[str, float]:
+            return {
+                dict(labels)["deployment"]: sample
+                for (name, labels), sample in scrape(metrics_port).items()
+                if name == "rerank_deployment_state"
+            }
+
+        assert states() == {"gone": 0, "steady": 0}  # no call yet
+
+        # 'lonely' calls find 'gone' down; 'steady' is never called.
+        with _channel(service.target) as channel:
+            stub = rerank_pb2_grpc.RerankServiceStub(channel)
+            for attempt in range(2):
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Rerank(request(model="lonely", query=f"gone {attempt}"), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        _eventually(lambda: states().get("gone") == 2, what="gone down")
+        assert states() == {"gone": 2, "steady": 0}  # backed still has one up
         assert service.terminate() == 0, service.output[-5000:]

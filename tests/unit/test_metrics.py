@@ -401,6 +401,27 @@ def test_workers_deployment_state_is_what_the_latest_calls_found_not_a_start_or_
     assert _summed(tmp_path, "rerank_deployment_state", deployment="d") == 0
 
 
+def test_workers_deployment_state_is_exported_before_any_call(tmp_path: Path) -> None:
+    """Every deployment a worker serves has its state from the start, as in one process: a
+    route's healthy member never called had no series, so RerankRouteDown's join dropped it
+    and fired on the route's down members alone. That first word is the oldest of all."""
+
+    def worker(*steps: str) -> None:
+        done = _run_worker(tmp_path, _STATE_WRITER.replace("sys.argv[2:]", repr(list(steps))))
+        assert done.returncode == 0, done.stderr
+
+    def state() -> float | None:
+        return multiprocess_registry(str(tmp_path)).get_sample_value(
+            "rerank_deployment_state", {"deployment": "d"}
+        )
+
+    worker("healthy=0")  # started, no call yet
+    assert state() == 0
+    worker("healthy=0", "failed", "down=2")  # a sibling's calls found it down
+    worker("healthy=0")  # another started after: its first word is older than the sibling's
+    assert state() == 2
+
+
 def test_in_memory_the_in_flight_gauge_is_read_at_scrape(metrics: Metrics) -> None:
     assert metrics.multiprocess is False  # tests run as one process
     measured = metrics.for_method("/rerank.v1.RerankService/Rerank")
