@@ -800,8 +800,8 @@ class Settings:
     stream_idle_timeout: Seconds = Field(
         default=60.0,
         description="seconds a RerankStream may go without sending an item while none of its items "
-        "is in flight, and a unary RerankService call may take to send its request; then it ends "
-        "with DEADLINE_EXCEEDED (STREAM_IDLE, REQUEST_TIMEOUT)",
+        "is in flight, or without taking an answer, and a unary RerankService call may take to send "
+        "its request; then it ends with DEADLINE_EXCEEDED (STREAM_IDLE, STREAM_NOT_READ, REQUEST_TIMEOUT)",
     )
     stream_concurrency: Count = Field(
         default=32,

@@ -451,8 +451,11 @@ class Call:
             tracing.restore(self._unspanned)
             self._unspanned = None
         # The error's traceback holds the front door's frame, which may hold the request
-        # (megabytes): dropped here, it goes at once, not when the cycle collector runs.
+        # (megabytes): dropped here, it goes at once, not when the cycle collector runs. So
+        # does the outcome (the documents' text, where returned): grpc keeps what answered a
+        # failed call (an answer too large) until a full collection, this call with it.
         self.failure = None
+        self.outcome = None
 
     def _end_span(self, span: SpanHandle, facts: CallFacts) -> None:
         """What the call's span says of it (never the query, documents or a key), then its

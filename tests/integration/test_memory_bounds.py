@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import queue
 import time
 from collections import Counter
@@ -11,15 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
+from rerank_service.config.sources import load_settings
+from rerank_service.core.domain import RankedDocument
 from rerank_service.testing.fake_upstream import FakeUpstream, Fault
-from tests.conftest import UPSTREAM_KEY, ServerFactory
+from tests.conftest import UPSTREAM_KEY, ServerFactory, upstream_settings
 from tests.support.fault_scenarios import memory_bytes, rss_bytes
 from tests.support.process import ServiceProcess
 from tests.support.rpc import code_of, details_of, expect_error, request
 from tests.support.server import ServerThread
+from tests.support.tenants import KEYS, SEARCH_KEY, bearer, caller, write_config
 from tests.support.waiting import wait_until
 
 Code = grpc.StatusCode
@@ -198,3 +203,77 @@ def test_refused_large_calls_give_their_memory_back_at_once() -> None:
     # Two admitted calls hold 8 MB (about 40 MiB with what the work makes of them);
     # refused ones kept alive would add 4 MB each, hundreds of MiB over 3 s.
     assert peak - before < 160 * MIB, f"grew by {(peak - before) / MIB:.0f} MiB"
+
+
+# The documents of the refused calls below, each made out by the text it starts with.
+MARKED = "held by a refused call %d"
+LIMITED_KEY = bearer(SEARCH_KEY)
+
+
+def _alive_holding(first: str) -> int:
+    """Lists alive that hold a request's documents: the documents themselves (the request as
+    the engine reads it), or a ranking of them (the outcome of a call that ran)."""
+    held = 0
+    for found in gc.get_objects():
+        if type(found) is list and found:
+            head = found[0]
+            text = head.text if type(head) is RankedDocument else head
+            held += type(text) is str and text == first
+    return held
+
+
+def _refusing_server(
+    refusal: str, upstream: FakeUpstream, tmp_path: Path, request_bytes: int
+) -> ServerThread:
+    if refusal == "caller-limit":  # one call a minute
+        limited = caller("search", "SEARCH_KEY", limits={"requests_per_minute": 1})
+        config = write_config(tmp_path / "rerank.yaml", upstream, [limited])
+        return ServerThread(
+            load_settings({"config": str(config)}, env={"RERANK_UPSTREAM_API_KEY": UPSTREAM_KEY, **KEYS})
+        )
+    if refusal == "invalid":  # more documents than a call may carry
+        return ServerThread(upstream_settings(upstream, max_documents=100))
+    # The answer (every document's text, and its score) larger than a message may be; the
+    # request is not.
+    return ServerThread(upstream_settings(upstream, max_message_bytes=request_bytes + 1000))
+
+
+@pytest.mark.parametrize(
+    ("refusal", "code"),
+    [
+        ("invalid", Code.INVALID_ARGUMENT),
+        ("caller-limit", Code.RESOURCE_EXHAUSTED),
+        ("answer-too-large", Code.RESOURCE_EXHAUSTED),
+    ],
+)
+def test_a_refused_call_holds_nothing_of_its_request_once_answered(
+    refusal: str, code: grpc.StatusCode, tmp_path: Path
+) -> None:
+    """grpc keeps the AbortError that answers a failed call in the call's state, a reference
+    cycle that only a full collection frees (the server has them run rarely): raised while
+    the error was handled, it held the error, whose traceback held the frames that refused
+    the request, with its documents (30 refused 4 MB calls: 3 GiB). Collection is off here,
+    as between two full collections: nothing of a refused request may be left."""
+    first = MARKED % 0
+    marked = request(documents=[MARKED % index for index in range(200)], return_documents=True)
+    gc.collect()
+    gc.disable()
+    try:
+        # An upstream that keeps no record of the requests it gets: only the server's would count.
+        with (
+            FakeUpstream(api_key=UPSTREAM_KEY, record=False) as upstream,
+            _refusing_server(refusal, upstream, tmp_path, marked.ByteSize()) as server,
+        ):
+            server.stub.Rerank(request(), metadata=LIMITED_KEY, timeout=10)  # its one call a minute
+            codes = [
+                code_of(expect_error(lambda: server.stub.Rerank(marked, metadata=LIMITED_KEY, timeout=10)))
+                for _ in range(10)
+            ]
+            # Each call's own `finally` frees it, as its answer is sent: by now or in a moment.
+            freed = wait_until(lambda: _alive_holding(first) == 0, timeout=5, interval=0.1)
+            left = _alive_holding(first)
+    finally:
+        gc.enable()
+
+    assert codes == [code] * 10
+    assert freed, f"{left} lists of refused requests' documents alive after 10 calls"

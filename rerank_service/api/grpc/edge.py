@@ -15,7 +15,9 @@ metadata; the pipeline records it once. A call whose request never comes is thus
 time and logged, where grpc's own unary handling held it unseen, in one of grpc's open
 calls (the room health checks have beside RerankService's included). A stream is one
 call in the pipeline (counted open; its items take slots and bytes while in flight:
-`_StreamItems`), and each of its items is a call of its own, opened by the servicer.
+`_StreamItems`), and each of its items is a call of its own, opened by the servicer; the
+edge writes its answers, each within --stream-idle-timeout (a client that does not read
+ends the stream, `_write_answers`).
 
 The methods are read from the contract's descriptor, so a new RPC is wrapped the same
 way (and start-up fails if the servicer lacks it, or if it has a shape the edge does
@@ -26,10 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import message_factory
@@ -59,6 +62,7 @@ from rerank_service.pipeline.record import (
 )
 
 Response = TypeVar("Response")
+T = TypeVar("T")
 SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"]
 
 UNDECODABLE_MESSAGE = (
@@ -203,8 +207,10 @@ class RerankServiceEdge:
         self._admission = pipeline.admission
         self._callers = pipeline.callers
         self._stream_idle_timeout = stream_idle_timeout
-        # The unary calls reading their request, each ended past the same bound.
-        self._reads = _RequestReads(stream_idle_timeout)
+        # The unary calls reading their request, each ended past the same bound; and the
+        # streams writing an answer, each ended once its client has not taken it that long.
+        self._reads = _TimedWaits(stream_idle_timeout, _request_timeout)
+        self._writes = _TimedWaits(stream_idle_timeout, _answer_not_taken)
         # x-inference-time for a local backend, x-upstream-time for an upstream one.
         self._backend_time_key = backend_time_key
         # The server's drain, as the RerankStreams open see it (`drain`).
@@ -243,9 +249,11 @@ class RerankServiceEdge:
             handlers[path] = factory(wrapped, request_deserializer=parse, response_serializer=serialize)
             # A call without an accepted key is refused before its message is read: as a
             # handler that never reads, grpc neither buffers nor parses the body (a 15 MB
-            # request without a key costs nothing). Logged and counted like any call.
+            # request without a key costs nothing). Logged and counted like any call. A new
+            # error each call: one raised again and again would gather every call's frames
+            # in its traceback, and hold them (and each call's state) for good.
             for missing in (True, False):
-                refusal = unauthenticated(missing, KEY_CARRIER)
+                refusal = functools.partial(unauthenticated, missing, KEY_CARRIER)
                 refusing = (
                     self._stream(path, behavior, refusal)
                     if method.server_streaming
@@ -260,11 +268,11 @@ class RerankServiceEdge:
         self,
         path: str,
         behavior: Callable[[Any, ServicerContext[Any, Any], Call], Awaitable[Answer[Any]]],
-        refusal: ServiceError | None = None,
+        refusal: Callable[[], ServiceError] | None = None,
     ) -> Callable[[Any, ServicerContext[Any, Any]], Awaitable[Any]]:
         """The edge around one unary method, registered as request-streaming (it reads the
-        one request itself); with `refusal`, every call is refused with it, logged and
-        counted, without running the method or reading the request."""
+        one request itself); with `refusal`, every call is refused with the error it makes,
+        logged and counted, without running the method or reading the request."""
         pipeline = self._pipeline
         measured = pipeline.metrics.for_method(path)
         reads = self._reads
@@ -276,26 +284,17 @@ class RerankServiceEdge:
             try:
                 try:
                     if refusal is not None:  # the key, checked before routing (_Routes)
-                        raise refusal
+                        raise refusal()
                     call.caller = self._identify(context)
                     # Open from its start, before its request has come (grpc buffers what has
                     # come of it, up to --max-message-bytes): counted against --max-open-calls
                     # and, until it holds its slot, its caller's share of them.
                     call.admit_open()
                     # Within --stream-idle-timeout, or the call's deadline (grpc ends the
-                    # request then, as a half-close would), or until the server drains.
-                    reading = reads.begin()
-                    try:
-                        # As the deserializer hands it on (_Received, _Unparsed, _Undecodable:
-                        # see _tolerant), or EOF.
-                        received: Any = await context.read()
-                    except asyncio.CancelledError:
-                        ended = reads.ended(reading)
-                        if ended is not None:
-                            raise ended from None
-                        raise
-                    finally:
-                        reads.end(reading)
+                    # request then, as a half-close would), or until the server drains. As the
+                    # deserializer hands it on (_Received, _Unparsed, _Undecodable: see
+                    # _tolerant), or EOF.
+                    received: Any = await reads.within(context.read)
                     if received is grpc.aio.EOF:  # half-closed first (or ended by grpc: below)
                         raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST_MESSAGE)
                     size = received.size if isinstance(received, _Received | _Unparsed) else 0
@@ -311,25 +310,20 @@ class RerankServiceEdge:
                     answer = await behavior(received.message, context, call)
                     data = answer.message.SerializeToString()
                     if self._max_answer_bytes is not None and len(data) > self._max_answer_bytes:
-                        raise answer_too_large(len(data), self._max_answer_bytes, answer.outcome)
+                        too_large = answer_too_large(len(data), self._max_answer_bytes, answer.outcome)
+                        del answer, data  # not held by this frame while grpc keeps it (_abort)
+                        raise too_large
                 except ServiceError as error:
                     call.failed(error)
-                    metadata = error_metadata(error, error.upstream_request_id or call.request_id)
                     # Timing only for a call that ran: a refusal spent nothing worth naming.
-                    if ran:
-                        metadata += self._timing(call.started, error.timings)
-                    try:
-                        await context.abort(error.code, error.message, metadata)
-                    except grpc.aio.InternalError:
-                        # grpc had ended the call itself: it refused a request over
-                        # --max-message-bytes (its own RESOURCE_EXHAUSTED), or the deadline
-                        # passed, either of which ends the request as a half-close would.
-                        # Recorded as a stream's is then: CANCELLED (or DEADLINE_EXCEEDED).
-                        call.failed_with(grpc.StatusCode.CANCELLED, "grpc ended the call before its answer")
-                        raise
+                    failure: ServiceError | None = error
+                    timed = ran
                 except Exception:
-                    bug = call.bug()
-                    await context.abort(bug.code, bug.message, error_metadata(bug, call.request_id))
+                    failure, timed = call.bug(), False
+                else:
+                    failure = None
+                if failure is not None:  # answered outside the `except`: see _abort
+                    await self._abort(call, context, failure, timed)
                 outcome = answer.outcome
                 timings = NO_TIMINGS if outcome is None else outcome.timings
                 context.set_trailing_metadata(
@@ -349,13 +343,17 @@ class RerankServiceEdge:
         self,
         path: str,
         behavior: Callable[[Any, ServicerContext[Any, Any], Call], AsyncGenerator[Any, None]],
-        refusal: ServiceError | None = None,
-    ) -> Callable[[Any, ServicerContext[Any, Any]], AsyncIterator[Any]]:
-        """The edge around one streaming method; `refusal` as for `_unary`."""
+        refusal: Callable[[], ServiceError] | None = None,
+    ) -> Callable[[Any, ServicerContext[Any, Any]], Awaitable[None]]:
+        """The edge around one streaming method; `refusal` as for `_unary`. It writes each
+        answer itself, within --stream-idle-timeout (`writes`): an answer its client does not
+        take (it does not read: HTTP/2 flow control holds the write) ends the stream, which
+        then holds nothing of the server's (slots, bytes) while its client waits."""
         pipeline = self._pipeline
         measured = pipeline.metrics.for_method(path)
+        writes = self._writes
 
-        async def stream(requests: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def stream(requests: Any, context: ServicerContext[Any, Any]) -> None:
             # Not unbound afterwards (scoped=False): the stream's task ends with the call, and
             # a generator may be finalised from another context, where reset() fails.
             call = pipeline.open(path, context.peer(), measured, scoped=False, trace=_trace(context))
@@ -371,7 +369,7 @@ class RerankServiceEdge:
             try:
                 try:
                     if refusal is not None:  # the key, checked before routing (_Routes)
-                        raise refusal
+                        raise refusal()
                     call.caller = self._identify(context)
                     # Each item is identified again from the stream's credentials: a reload
                     # may have removed its key or changed its models or limits since.
@@ -381,21 +379,37 @@ class RerankServiceEdge:
                     # Closed before the items are: its reader and items in flight end first,
                     # so none takes budget the items' close has just given back.
                     async with contextlib.aclosing(behavior(items, context, call)) as responses:
-                        async for response in responses:
-                            yield response
+                        await _write_answers(responses, context, writes)
                 except ServiceError as error:
                     call.failed(error)
-                    await context.abort(error.code, error.message, error_metadata(error, call.request_id))
+                    failure: ServiceError | None = error
+                except grpc.aio.InternalError:
+                    # grpc refused an answer's write: the call had ended (its client went
+                    # away, or its deadline passed). grpc's to handle, as when it wrote them.
+                    call.failed_with(grpc.StatusCode.CANCELLED, "the stream ended before an answer was sent")
+                    raise
                 except Exception:
-                    bug = call.bug()
-                    await context.abort(bug.code, bug.message, error_metadata(bug, call.request_id))
-                # The stream's own id, as its log line says it (each item's answer names its own).
-                context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
-                call.succeeded()
+                    failure = call.bug()
+                else:
+                    failure = None
+                if failure is None:
+                    # The stream's own id, as its log line says it (each item's answer names its own).
+                    context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+                    call.succeeded()
+                else:
+                    # Its status set, not `abort`ed: grpc sends it once this returns. An abort
+                    # waits until it is sent, after an answer its client may never take (all
+                    # this stream holds held meanwhile), and grpc keeps the AbortError, with
+                    # the error and its traceback, in the call's state (see _abort). Its
+                    # traceback holds this frame, which holds it: a cycle, dropped now.
+                    failure.__traceback__ = None
+                    context.set_code(failure.code)
+                    context.set_details(failure.message)
+                    context.set_trailing_metadata(error_metadata(failure, call.request_id))
             finally:
-                # grpc cancelled it, in the generator or while it wrote an answer (closed with
-                # GeneratorExit then), or ended its requests at the deadline (which reads as
-                # the client's half-close, the stream then ending as answered).
+                # grpc cancelled it (CancelledError, wherever it waited), or ended its requests
+                # at the deadline (which reads as the client's half-close, the stream then
+                # ending as answered).
                 if call.code is grpc.StatusCode.OK and items.ended_at_deadline:
                     call.failed_with(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
                 _settle_ended(call, context)
@@ -403,6 +417,29 @@ class RerankServiceEdge:
                 call.finish(items=items.sent, event="stream")
 
         return stream
+
+    async def _abort(
+        self, call: Call, context: ServicerContext[Any, Any], error: ServiceError, timed: bool
+    ) -> NoReturn:
+        """End a unary call with `error` (`timed`: with where its time went). grpc keeps the
+        AbortError `abort` raises in the call's state, a reference cycle only a full collection
+        frees (rarely run: server.py), with what it refers to: so it is raised outside any
+        `except` (else it would hold the error as its __context__), and the error keeps no
+        traceback, whose frames hold the request (megabytes of documents) until then."""
+        error.__traceback__ = None
+        metadata = error_metadata(error, error.upstream_request_id or call.request_id)
+        if timed:
+            metadata += self._timing(call.started, error.timings)
+        try:
+            await context.abort(error.code, error.message, metadata)
+        except grpc.aio.InternalError:
+            # grpc had ended the call itself: it refused a request over --max-message-bytes
+            # (its own RESOURCE_EXHAUSTED), or the deadline passed, either of which ends the
+            # request as a half-close would. Recorded as a stream's is then: CANCELLED (or
+            # DEADLINE_EXCEEDED).
+            call.failed_with(grpc.StatusCode.CANCELLED, "grpc ended the call before its answer")
+            raise
+        raise AssertionError("abort returned")  # it always raises
 
     def _identify(self, context: ServicerContext[Any, Any]) -> Caller:
         """The call's caller, from its bearer token and its client certificate (mTLS), or
@@ -427,6 +464,21 @@ class RerankServiceEdge:
         if self._backend_time_key == INFERENCE_TIME_KEY or timings.inference_seconds:
             timing += ((INFERENCE_TIME_KEY, _ms(timings.inference_seconds)),)
         return timing
+
+
+async def _write_answers(
+    responses: AsyncIterator[Any], context: ServicerContext[Any, Any], writes: _TimedWaits
+) -> None:
+    """Write a stream's answers as they come, each within `writes`' bound. Its headers are
+    sent first, alone: grpc would send them with the first answer, and once that write is
+    cut short (its client does not read) it takes them for unsent, sends them again with
+    the status, and core refuses that batch: the call would never end."""
+    headers_sent = False
+    async for response in responses:
+        if not headers_sent:
+            await context.send_initial_metadata(())
+            headers_sent = True
+        await writes.within(functools.partial(context.write, response))
 
 
 # grpc's deadline timer may fire a moment before the deadline as Python's clock reads it.
@@ -464,23 +516,39 @@ def unsent(call: Call, context: ServicerContext[Any, Any]) -> None:
     _ended_by_deadline(call, context)
 
 
-class _RequestReads:
-    """The unary calls reading their request, each ended (its task cancelled) once it has
-    read for `bound` seconds, or once the server drains. One timer serves them all, set for
-    the oldest read: a call costs a dict entry, where a timer of its own (asyncio.timeout)
-    cost the hot path several µs a call. The calls are all on one loop, the server's."""
+class _TimedWaits:
+    """The calls waiting on grpc for one thing (a unary call reading its request, a stream
+    writing an answer), each ended (its task cancelled, `expired`'s error raised) once it
+    has waited `bound` seconds, or once the server drains (`drain`: the reads). One timer
+    serves them all, set for the oldest wait: a call costs a dict entry, where a timer of its
+    own (asyncio.timeout) cost the hot path several µs a call. The calls are all on one
+    loop, the server's."""
 
-    def __init__(self, bound: float) -> None:
+    def __init__(self, bound: float, expired: Callable[[float], ServiceError]) -> None:
         self.bound = bound
-        # Each reading task, by when it began to read: oldest first, as it was added.
+        self._expired = expired
+        # Each waiting task, by when it began to wait: oldest first, as it was added.
         self._started: dict[asyncio.Task[Any], float] = {}
         # Tasks cancelled here, not yet told (`ended`), with the error that ends each.
         self._ended: dict[asyncio.Task[Any], ServiceError] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._draining = False
 
+    async def within(self, wait: Callable[[], Awaitable[T]]) -> T:
+        """`wait()`, awaited within the bound (and until the drain): its error past either."""
+        task = self.begin()
+        try:
+            return await wait()
+        except asyncio.CancelledError:
+            ended = self.ended(task)
+            if ended is not None:
+                raise ended from None
+            raise
+        finally:
+            self.end(task)
+
     def begin(self) -> asyncio.Task[Any]:
-        """The current task begins to read; paired with `end`. Once the server drains, a
+        """The current task begins to wait; paired with `end`. Once the server drains, a
         call's read ends before it begins (raised)."""
         task = asyncio.current_task()
         assert task is not None  # grpc runs each call in a task of its own
@@ -508,8 +576,9 @@ class _RequestReads:
             self._ended.pop(task, None)
 
     def drain(self) -> None:
-        """End every read now: a call whose request has not come holds grpc's drain (up to
-        the bound, or the whole grace) for a call that never ran."""
+        """End every wait now (the server's reads are drained, its writes never): a call
+        whose request has not come holds grpc's drain (up to the bound, or the whole grace)
+        for a call that never ran."""
         self._draining = True
         if self._timer is not None:
             self._timer.cancel()
@@ -520,7 +589,7 @@ class _RequestReads:
         self._started.clear()
 
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Cancel every read past the bound, and set the timer for the oldest one left."""
+        """Cancel every wait past the bound, and set the timer for the oldest one left."""
         self._timer = None
         now = loop.time()
         started = self._started
@@ -530,7 +599,7 @@ class _RequestReads:
                 self._timer = loop.call_at(since + self.bound, self._expire, loop)
                 return
             del started[task]
-            self._ended[task] = _request_timeout(self.bound)
+            self._ended[task] = self._expired(self.bound)
             task.cancel()
 
 
@@ -541,6 +610,18 @@ def _request_timeout(seconds: float) -> ServiceError:
         grpc.StatusCode.DEADLINE_EXCEEDED,
         f"the request did not arrive within {seconds:g} s of the call's start (--stream-idle-timeout)",
         reason="REQUEST_TIMEOUT",
+    )
+
+
+def _answer_not_taken(seconds: float) -> ServiceError:
+    """The end of a RerankStream whose client has not taken an answer for `seconds`: it does
+    not read, and HTTP/2 flow control holds the write. Ended, the stream holds no slot and no
+    bytes; the status is sent after that answer, should the client ever read it."""
+    return ServiceError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"an answer could not be sent for {seconds:g} s: the client does not read the stream "
+        "(--stream-idle-timeout)",
+        reason="STREAM_NOT_READ",
     )
 
 
@@ -606,6 +687,9 @@ class _StreamItems:
     - while none of its items is in flight (every item read has been answered), the
       stream must send its next item within the idle timeout, or it ends with
       DEADLINE_EXCEEDED `STREAM_IDLE`: an idle stream holds no slot and no task for long;
+      and its client must take each answer within it, or it ends with DEADLINE_EXCEEDED
+      `STREAM_NOT_READ` (the edge's write): an item in flight, answered but not sent,
+      holds its slot that long at most;
     - once the server drains (`drain`), an item read (or handed its slot, or room in the
       byte budget) is answered UNAVAILABLE without running, and once none is in flight the
       stream ends UNAVAILABLE (its client's half-close, read first, still ends it OK: the
