@@ -151,13 +151,16 @@ class Pipeline:
         caller: Caller | None = None,
         trace: tuple[str | None, str | None] = (None, None),
         stream: Call | None = None,
+        started: float | None = None,
     ) -> Call:
         """Start a call: its request id, bound (`scoped`: unbound again at `finish`; a
         stream or a stream item runs in a task of its own, which ends with it). `caller`:
         known already (a stream's item: the stream's). `trace`: the caller's validated
         (traceparent, tracestate), the span's parent and what the upstream is sent;
-        `stream`: the stream this call is an item of (recorded with it, or not at all)."""
-        call = Call(self, method, peer, measured, item_id, scoped)
+        `stream`: the stream this call is an item of (recorded with it, or not at all);
+        `started`: when it came (perf_counter's; None: now), a stream item read before it
+        waited for a slot or room."""
+        call = Call(self, method, peer, measured, item_id, scoped, started)
         call.caller = caller
         call.trace = trace
         tracer = self.tracer
@@ -237,13 +240,14 @@ class Call:
         measured: MethodMetrics,
         item_id: str | None,
         scoped: bool,
+        started: float | None = None,
     ) -> None:
         self._pipeline = pipeline
         self.method = method
         self.peer = peer
         self._measured = measured
         self.item_id = item_id
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if started is None else started
         self.request_id = new_request_id()
         token = bind_request_id(self.request_id)
         self._token: Token[str | None] | None = token if scoped else None

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from rerank.v1 import rerank_pb2, rerank_pb2_grpc
 
-from rerank_service.api.grpc import servicer
+from rerank_service.api.grpc import edge, servicer
 from rerank_service.backends.upstream import UpstreamBackend
 from rerank_service.config.secret import Secret
 from rerank_service.config.upstream import UpstreamDeploymentConfig
@@ -282,6 +282,24 @@ def test_each_item_and_the_stream_are_logged(
     assert stream["method"] == "/rerank.v1.RerankService/RerankStream"
     # The stream's own request id, as its log line names it, in its trailers.
     assert dict(stream_call.trailing_metadata())["x-request-id"] == stream["request_id"]
+
+
+def test_an_items_logged_latency_runs_from_when_the_edge_read_it(
+    server: ServerThread, logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An item's call is timed from when the edge read it (`_StreamItems.arrived`), so its
+    waits for a slot or for room in the byte budget count: here every item reads as read
+    an hour ago, which its log line must show."""
+    hour = 3600.0
+    monkeypatch.setattr(
+        edge._StreamItems, "arrived", lambda self, item: time.perf_counter() - hour, raising=True
+    )
+    list(server.stub.RerankStream(iter([item("a")]), timeout=10))
+
+    wait_until(lambda: any(e["event"] == "stream" for e in logs.events()), what="the stream's log line")
+    [line] = [e for e in logs.events() if e["event"] == "call" and e.get("item_id") == "a"]
+    assert line["code"] == "OK"
+    assert line["latency_ms"] >= hour * 1000
 
 
 # --- streams that send nothing ---

@@ -7,6 +7,7 @@ Deterministic: a fake clock for the share's window, the loop's own steps, no sle
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -220,3 +221,25 @@ async def test_an_item_whose_key_a_reload_removed_holds_nothing() -> None:
 
     assert items.refusal(item) is removed  # the servicer answers it UNAUTHENTICATED
     assert (admission.in_flight, admission.bytes_in_flight) == (0, 0)
+
+
+async def test_an_items_time_starts_when_it_was_read_not_after_its_wait_for_room() -> None:
+    """Its call (and its latency, its span) starts from `arrived`: an item that waited for
+    the byte budget (or a slot) reports that wait in its time, as a unary call's does."""
+    admission, _ = _admission(slots=4, max_bytes=100)
+    await admission.take_bytes(80)  # another call's bytes
+    items = _StreamItems(_items(1, size=60), admission, idle_timeout=60.0)
+    items.identify = lambda: Caller("batch")
+    reading = asyncio.create_task(anext(items))
+    await _until(lambda: admission._freed is not None)  # read, and waiting for room
+    while_waiting = time.perf_counter()
+
+    admission.give_bytes(80)
+    item = await reading
+    arrived = items.arrived(item)
+
+    assert arrived is not None
+    assert arrived <= while_waiting  # read before the wait, not timed from its end
+    assert items.arrived(item) is None  # asked once: nothing kept per item after that
+    items.answered(item)
+    items.close()

@@ -724,6 +724,9 @@ class _StreamItems:
         # with its refusal (`refusal`) while the stream goes on.
         self._held: dict[int, int] = {}
         self._refused: dict[int, ServiceError] = {}
+        # When each item read and not yet opened as a call came (perf_counter's), by the
+        # item: its call's clock starts there, its waits for a slot or room included.
+        self._arrived: dict[int, float] = {}
         self._closed = False
         # Its requests ended within _EOF_SLACK of its deadline: grpc ends them there, as a
         # client's half-close would (the stream then ends as answered).
@@ -743,6 +746,10 @@ class _StreamItems:
     def refusal(self, item: Any) -> ServiceError | None:
         """Why `item` may not run (admission found no slot for it), or None: it may."""
         return self._refused.pop(id(item), None)
+
+    def arrived(self, item: Any) -> float | None:
+        """When `item` was read (perf_counter's), once: where its call's time starts."""
+        return self._arrived.pop(id(item), None)
 
     def answered(self, item: Any) -> None:
         """`item`'s answer has been sent: its bytes, and the stream's slot once nothing
@@ -798,6 +805,7 @@ class _StreamItems:
         held = sum(self._held.values())
         self._held.clear()
         self._refused.clear()
+        self._arrived.clear()
         self._admission.give_bytes(held)
         counted = list(self._counted.values())
         self._counted.clear()
@@ -815,6 +823,7 @@ class _StreamItems:
         if not isinstance(received, _Received):
             raise _undecodable()
         item = received.message
+        self._arrived[id(item)] = time.perf_counter()
         self.received += 1
         self._last_activity = time.monotonic()
         if self._refused_draining(item):

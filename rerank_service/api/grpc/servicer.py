@@ -55,6 +55,9 @@ class StreamItems(Protocol):
     def answered(self, item: rerank_pb2.RerankStreamRequest) -> None:
         """`item`'s answer has been sent: what it held is given back."""
 
+    def arrived(self, item: rerank_pb2.RerankStreamRequest) -> float | None:
+        """When `item` was read (perf_counter's; None: not known), asked once."""
+
     def identify(self) -> Caller:
         """An item's caller, from the stream's credentials as the callers are now (a reload
         may have changed them since the stream opened); UNAUTHENTICATED if none."""
@@ -102,9 +105,11 @@ class RerankServicer:
 
         def open_item(item: rerank_pb2.RerankStreamRequest) -> Call:
             # Each item is a call of its own in the pipeline, under the stream's trace.
+            # Its time runs from when it was read: its waits for a slot or room count.
             return pipeline.open(
                 STREAM_ITEM_PATH, peer, item_metrics, item_id=item.id, scoped=False,
                 trace=(shared.traceparent, shared.tracestate), stream=call,
+                started=request_iterator.arrived(item),
             )  # fmt: skip
 
         async def handle(item: rerank_pb2.RerankStreamRequest) -> rerank_pb2.RerankStreamResponse:
