@@ -542,6 +542,20 @@ def test_sigmoid_of_extreme_logits_is_zero_or_one_without_overflow(logit: float)
     assert answer.scores[1].score == 0.5
 
 
+@pytest.mark.parametrize("logit", [-30.0, -3.3, -0.7, 0.4, 12.0])
+def test_a_logit_gets_the_same_score_to_the_bit_whatever_its_neighbours(logit: float) -> None:
+    """An answer with a logit below about -709 is mapped item by item, not column-wise:
+    the other logits' scores must be the same bits either way, or equal documents rank
+    apart (and a split call ranks unlike the same call unsplit)."""
+    alone = Cohere(SIGMOID).parse_answer(
+        cohere_body(results_for((0, logit), (1, 1.0), (2, 0.0))), backend_request()
+    )
+    beside_overflow = Cohere(SIGMOID).parse_answer(
+        cohere_body(results_for((0, logit), (1, -800.0), (2, 0.0))), backend_request()
+    )
+    assert alone.scores[0].score == beside_overflow.scores[0].score == sigmoid(logit)
+
+
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 def test_sigmoid_of_a_non_finite_logit_is_malformed(bad: float) -> None:
     body = cohere_body(results_for((0, 0.3), (1, bad), (2, 1.0)))

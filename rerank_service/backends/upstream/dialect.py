@@ -204,11 +204,15 @@ def _check_each(items: list[Any], document_count: int, shape: ResultsShape) -> l
 
 
 def _sigmoid(x: float) -> float:
-    """The logistic function, without overflow for any finite x."""
-    if x >= 0.0:
+    """The logistic function, without overflow for any finite x: 1 / (1 + exp(-x)), the
+    column-wise path's form, wherever exp(-x) is a float, so that a logit gets the same
+    score to the bit whichever path its answer took (an answer with one logit below
+    about -709 takes this one: its other logits, and a split call's, must not rank apart)."""
+    try:
         return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
+    except OverflowError:  # x below about -709
+        e = math.exp(x)
+        return e / (1.0 + e)
 
 
 def parse_total_tokens(usage: Any) -> int:
