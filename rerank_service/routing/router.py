@@ -4,8 +4,8 @@ A call goes to the deployment its route picks (route.py). When that deployment f
 a way that says it cannot answer now (unreachable, timed out, 5xx, 429, a malformed
 answer, down), the call moves to the next one, same priority first, while the caller's
 deadline and the route's retry budget allow. A failure that says the request itself is
-wrong (a 4xx other than 429, a validation error) is returned at once: another deployment
-would only say it again.
+wrong (an upstream's 400, 413, 422 or 498, a validation error) is returned at once: another
+deployment would only say it again.
 """
 
 from __future__ import annotations
@@ -241,7 +241,15 @@ class Router:
                 span.event("retry budget exhausted", {"rerank.deployment": failure.deployment or ""})
             return False
         self._metrics.count_fallback(route.name)
-        _log.warning("fallback", route=route.name, failed=failure.deployment, reason=failure.reason)
+        # The failure's message too: when the fallback answers, no access-log line quotes what
+        # the failed deployment said (an upstream's 404 naming the model it does not know).
+        _log.warning(
+            "fallback",
+            route=route.name,
+            failed=failure.deployment,
+            reason=failure.reason,
+            details=failure.message,
+        )
         if span is not None:
             reason = failure.reason or failure.code.name
             span.event("fallback", {"rerank.deployment": failure.deployment or "", "error.type": reason})

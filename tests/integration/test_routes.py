@@ -240,7 +240,6 @@ def test_a_deployment_that_goes_down_loses_its_calls_to_the_other_then_gets_them
     ("status", "expected", "reason"),
     [
         (400, Code.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST"),
-        (404, Code.NOT_FOUND, "UPSTREAM_NOT_FOUND"),
         (422, Code.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST"),
     ],
 )
@@ -300,6 +299,84 @@ def test_a_deployment_whose_own_key_is_refused_falls_back_to_one_with_a_key_of_i
         value(samples, "rerank_deployment_calls_total", route="search", deployment="east", code="INTERNAL")
         == 1
     )
+
+
+def test_a_deployment_whose_upstream_answers_404_falls_back_and_is_ejected(
+    tmp_path: Path, east: FakeUpstream, west: FakeUpstream
+) -> None:
+    """East's model id is retired: the operator's config, not the caller's request (the caller
+    named a route the service serves). West answers every call, and east, 404 after 404, is
+    ejected: the route's calls stop going to it first (tests/unit/test_retry.py)."""
+    failures = 3  # breaker_failures
+    config = write_config(
+        tmp_path / "routes.yaml",
+        {
+            "search": [
+                deployment(
+                    east,
+                    "east",
+                    priority=0,
+                    model="retired-model",
+                    breaker_failures=failures,
+                    breaker_cooldown=60,
+                ),
+                deployment(west, "west", priority=1),
+            ]
+        },
+    )
+    with service(config, "--metrics-port", "0") as process, grpc.insecure_channel(process.target) as channel:
+        port = metrics_port(process)
+        stub = stub_of(channel)
+        before = Counter(call(stub, "search")[1] for _ in range(failures))
+        eventually(
+            lambda: value(scrape(port), "rerank_deployment_state", deployment="east") == 1,
+            what="east ejected",
+        )
+        after = Counter(call(stub, "search")[1] for _ in range(5))
+        samples = scrape(port)
+        events = process.events()
+
+    assert before == {"west": failures}
+    assert after == {"west": 5}  # ejected: west, healthy, is called first
+    assert answered_by(east, "retired-model") == failures  # each 404 once: not retried
+    fallbacks = [event for event in events if event.get("event") == "fallback"]
+    assert [(event["failed"], event["reason"]) for event in fallbacks] == [
+        ("east", "UPSTREAM_NOT_FOUND")
+    ] * failures
+    # No call failed, so no access-log line quotes the upstream: the fallback line does.
+    assert all("Model not exist: retired-model" in event["details"] for event in fallbacks)
+    # What RerankUpstreamNotFound (deploy/prometheus/alerts.yaml) watches.
+    assert (
+        value(samples, "rerank_deployment_calls_total", route="search", deployment="east", code="NOT_FOUND")
+        == failures
+    )
+
+
+def test_when_every_deployment_answers_404_the_caller_gets_not_found_with_the_upstreams_words(
+    tmp_path: Path, east: FakeUpstream, west: FakeUpstream
+) -> None:
+    config = write_config(
+        tmp_path / "routes.yaml",
+        {
+            "search": [
+                deployment(east, "east", priority=0, model="retired-model"),
+                deployment(west, "west", priority=1, model="misspelt-model"),
+            ]
+        },
+    )
+    with service(config) as process, grpc.insecure_channel(process.target) as channel:
+        error = expect_error(lambda: stub_of(channel).Rerank(request(model="search"), timeout=10))
+
+    # The last attempt's failure: west's, tried after east's 404.
+    assert code_of(error) == Code.NOT_FOUND
+    info = error_info(error)
+    assert info is not None
+    assert info.reason == "UPSTREAM_NOT_FOUND"
+    assert info.metadata["upstream_status"] == "404"
+    assert "Model not exist: misspelt-model" in str(error.details())
+    assert UPSTREAM_KEY not in str(error.details())
+    assert trailing(error)[DEPLOYMENT_KEY] == "west"
+    assert (answered_by(east, "retired-model"), answered_by(west, "misspelt-model")) == (1, 1)
 
 
 # --- 4. priorities: the fallback tier serves when the first fails ------------------------------

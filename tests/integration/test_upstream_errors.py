@@ -97,6 +97,34 @@ def test_a_failed_inference_counts_against_the_deployment_and_a_deny_listed_toke
     assert len(upstream.requests) == 2  # neither is retried
 
 
+@pytest.mark.parametrize(
+    ("pass_through", "state"), [(False, DeploymentState.EJECTED), (True, DeploymentState.HEALTHY)]
+)
+def test_a_404_counts_against_the_deployment_unless_the_callers_own_token_went_upstream(
+    serve: ServerFactory, upstream: FakeUpstream, pass_through: bool, state: DeploymentState
+) -> None:
+    """With the deployment's own key the model and URL it sent were the operator's: a 404 says
+    the deployment is wrong. With the caller's token it may be that caller's account alone."""
+    upstream.always(Fault(status=404, body=upstream_error("ModelNotFound", "Model not exist")))
+    settings: dict[str, Any] = {"upstream_breaker_failures": 2, "upstream_breaker_cooldown": 30}
+    if pass_through:
+        settings["upstream_api_key"] = None
+    token = (("authorization", "Bearer caller-token"),) if pass_through else ()
+    with serve(**settings) as server:
+        assert server.server is not None
+        router = server.server.backend
+        assert isinstance(router, Router)
+        health = router.deployments[0].health
+        assert health is not None
+        for _ in range(2):
+            error = expect_error(lambda: server.stub.Rerank(request(), metadata=token, timeout=5))
+            assert code_of(error) == Code.NOT_FOUND  # its only deployment: the upstream's answer
+            assert "Model not exist" in details_of(error)
+
+        assert health.state is state
+    assert len(upstream.requests) == 2  # neither is retried
+
+
 @pytest.mark.parametrize(("status", "falls_over"), [(424, True), (498, False)])
 def test_a_failed_inference_falls_over_to_the_routes_next_deployment_and_a_deny_listed_token_does_not(
     tmp_path: Path, upstream: FakeUpstream, status: int, falls_over: bool

@@ -50,12 +50,12 @@ def reason(name: str) -> ServiceError:
         (upstream_status(403), False, Outcome.SUCCESS),
         (own_key_refused(401), False, Outcome.FAILURE),  # the deployment's key: it answers nobody
         (own_key_refused(403), False, Outcome.FAILURE),
-        (upstream_status(404), False, Outcome.SUCCESS),
         # Answers the call falls over on (errors.py): failing, so enough in a row eject it.
         (mapped(408), False, Outcome.FAILURE),
         (mapped(301), False, Outcome.FAILURE),
         (mapped(405), False, Outcome.FAILURE),
-        (mapped(404), False, Outcome.SUCCESS),  # the request's own: it is up and talking
+        # The model or path the deployment was given (the operator's, not the caller's) is wrong.
+        (mapped(404), False, Outcome.FAILURE),
         (upstream_status(422), False, Outcome.SUCCESS),
         (reason("UPSTREAM_UNAVAILABLE"), True, Outcome.FAILURE),  # connect error, reset
         (reason("UPSTREAM_BAD_RESPONSE"), False, Outcome.FAILURE),
@@ -84,6 +84,7 @@ def passed_through(status: int) -> ServiceError:
         (passed_through(403), False, Outcome.SUCCESS),
         (passed_through(405), False, Outcome.SUCCESS),
         (passed_through(431), False, Outcome.SUCCESS),
+        (passed_through(404), False, Outcome.SUCCESS),
         # The upstream's own, whoever's token it was.
         (passed_through(408), False, Outcome.FAILURE),
         (passed_through(301), False, Outcome.FAILURE),

@@ -80,10 +80,19 @@ def test_403_in_pass_through_is_permission_denied() -> None:
     assert error.reason == "UPSTREAM_AUTH_FAILED"
 
 
-def test_404_is_not_found() -> None:
-    error = map_status(404)
+def test_404_is_not_found_and_the_deployments_fault_with_its_own_key() -> None:
+    error = map_status(404, pass_through=False)
     assert error.code == grpc.StatusCode.NOT_FOUND
     assert error.reason == "UPSTREAM_NOT_FOUND"
+    # The model id and URL sent were the operator's: another deployment of the route may answer.
+    assert error.kind is FailureKind.DEPLOYMENT
+
+
+def test_404_in_pass_through_is_not_found_and_the_requests_own() -> None:
+    error = map_status(404, pass_through=True)
+    assert error.code == grpc.StatusCode.NOT_FOUND
+    assert error.reason == "UPSTREAM_NOT_FOUND"
+    assert error.kind is FailureKind.REQUEST
 
 
 def test_408_is_deadline_exceeded() -> None:
@@ -377,9 +386,12 @@ def _refused_by_a_down_deployment() -> ServiceError:
     return refused.value
 
 
-def _every_failure() -> list[ServiceError]:
+def _every_failure() -> list[tuple[ServiceError, bool]]:
+    """Each failure, and whether the caller's own token went upstream (pass-through)."""
     statuses = [
-        map_status(status, pass_through=through) for status in range(100, 600) for through in (False, True)
+        (map_status(status, pass_through=through), through)
+        for status in range(100, 600)
+        for through in (False, True)
     ]
     transport = [
         from_transport(failure, upstream_timed_out_by_caller=by_caller)
@@ -400,23 +412,28 @@ def _every_failure() -> list[ServiceError]:
         errors.undecodable("x"),
         errors.too_large(1),
     ]
-    return [*statuses, *transport, *helpers, _refused_by_a_down_deployment(), not_ready("loading")]
+    others = [*transport, *helpers, _refused_by_a_down_deployment(), not_ready("loading")]
+    return [*statuses, *((error, False) for error in others)]
 
 
-def _deployments_fault(error: ServiceError) -> bool:
+def _deployments_fault(error: ServiceError, pass_through: bool) -> bool:
     if error.reason == "UPSTREAM_AUTH_FAILED":
         # The deployment's own key refused (INTERNAL: no caller can fix it); in pass-through
         # mode the caller's token was, which every deployment would refuse.
         return error.code == grpc.StatusCode.INTERNAL
+    if error.reason == "UPSTREAM_NOT_FOUND":
+        # A 404 to the model id and URL of the deployment's config, unless the caller's
+        # token went upstream (its own account, maybe).
+        return not pass_through
     return error.reason in _DEPLOYMENT_REASONS
 
 
 def test_a_failure_is_the_deployments_exactly_when_its_reason_says_it_cannot_answer_now() -> None:
     failures = _every_failure()
-    for error in failures:
-        expected = FailureKind.DEPLOYMENT if _deployments_fault(error) else FailureKind.REQUEST
-        assert error.kind is expected, (error.reason, error.metadata)
-    assert {error.reason for error in failures} >= _DEPLOYMENT_REASONS - {"MODEL_FAILED"}
+    for error, pass_through in failures:
+        expected = FailureKind.DEPLOYMENT if _deployments_fault(error, pass_through) else FailureKind.REQUEST
+        assert error.kind is expected, (error.reason, error.metadata, pass_through)
+    assert {error.reason for error, _ in failures} >= _DEPLOYMENT_REASONS - {"MODEL_FAILED"}
 
 
 def test_an_http_date_with_minus_zero_zone_is_read_as_gmt(frozen_clock: float) -> None:

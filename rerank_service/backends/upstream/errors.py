@@ -82,7 +82,13 @@ def from_http_status(
         code = grpc.StatusCode.UNAUTHENTICATED if status == 401 else grpc.StatusCode.PERMISSION_DENIED
         return error(code, "UPSTREAM_AUTH_FAILED")
     if status == 404:
-        return error(grpc.StatusCode.NOT_FOUND, "UPSTREAM_NOT_FOUND")
+        # With the deployment's own key, the model id and URL it sends are the operator's (a
+        # caller names only a route the service serves): a 404 says the deployment is wrong (its
+        # model retired or misspelt, a wrong path), so another deployment may answer. Still
+        # NOT_FOUND should none: the caller is told what the upstream said. Pass-through: it
+        # may be about the caller's own account, which another deployment would not change.
+        kind = FailureKind.REQUEST if pass_through else FailureKind.DEPLOYMENT
+        return error(grpc.StatusCode.NOT_FOUND, "UPSTREAM_NOT_FOUND", kind)
     if status == 408:
         return error(grpc.StatusCode.DEADLINE_EXCEEDED, TIMEOUT, FailureKind.DEPLOYMENT)
     if status == 429:

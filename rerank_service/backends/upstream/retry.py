@@ -43,9 +43,11 @@ def judge(error: ServiceError, caller_deadline_passed: bool, pass_through: bool 
             return Verdict(False, Outcome.SUCCESS, status)
         if error.kind is FailureKind.DEPLOYMENT:
             # An answer the call falls over on (errors.py): its own key refused (it can answer
-            # nobody until an operator fixes the key), a 408 (it gave up waiting), a status no
-            # rerank API answers. Failing: enough in a row eject it, as 5xx do, so its route's
-            # calls go to its other deployments first rather than each failing here first.
+            # nobody until an operator fixes the key), a 404 (the model or path it was given is
+            # wrong), a 408 (it gave up waiting), a status no rerank API answers. Failing:
+            # enough in a row eject it, as 5xx do, so its route's calls go to its other
+            # deployments first rather than each failing here first. Not retried: it would
+            # only answer the same.
             return Verdict(False, Outcome.FAILURE, status)
         # Any other answer (the request's own fault) proves the upstream is up and talking.
         return Verdict(False, Outcome.SUCCESS, status)
