@@ -24,6 +24,7 @@ from rerank_service.backends.upstream.retry import judge
 from rerank_service.config.upstream import UpstreamDeploymentConfig
 from rerank_service.core.domain import BackendRequest, CallContext, ServiceError
 from rerank_service.core.health import Outcome
+from rerank_service.observability.metrics import Metrics
 from rerank_service.testing.fake_upstream import NATIVE_PATH, NEVER, FakeUpstream, Fault
 from tests.conftest import upstream_settings
 from tests.support.certs import CertificateAuthority
@@ -293,7 +294,8 @@ async def test_a_call_whose_wait_for_the_pool_left_it_almost_no_time_sends_nothi
     made half a second here, so that the test need not hit a few milliseconds."""
     monkeypatch.setattr(budget, "MIN_EXCHANGE", 0.5, raising=False)
     server = GatedServer(2)
-    transport = transports(1, url=await server.start())
+    metrics = Metrics()
+    transport = transports(1, url=await server.start(), metrics=metrics)
     try:
         deadline = time.monotonic() + 1.0
         holder, waiting = await held_then_waiting(transport, server, deadline)
@@ -308,11 +310,50 @@ async def test_a_call_whose_wait_for_the_pool_left_it_almost_no_time_sends_nothi
         assert caught.value.code == grpc.StatusCode.UNAVAILABLE
         assert caught.value.reason == "UPSTREAM_POOL_EXHAUSTED"
         assert judge(caught.value, caller_deadline_passed=False).outcome is Outcome.NEUTRAL
+        assert attempts(metrics, "pool_timeout") == 1
         assert server.requests == 1
         assert await post(transport) == 200  # the connection went back to the pool
         assert server.connections == 1
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("idle", [True, False], ids=["an idle connection", "room for a new one"])
+async def test_a_call_left_almost_no_time_with_a_connection_free_at_once_is_the_callers_timeout(
+    transports: Transports, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, idle: bool
+) -> None:
+    """A connection free at once (an idle one, or room to open one) with (almost) nothing
+    left of the caller's deadline carries nothing, and no wait for the pool ran out: the
+    caller's deadline did, DEADLINE_EXCEEDED as for a call that comes with none left, not
+    UPSTREAM_POOL_EXHAUSTED (an operator would raise --upstream-max-connections for
+    nothing). "Almost" is made an hour here, so that no deadline is raced."""
+    monkeypatch.setattr(budget, "MIN_EXCHANGE", 3600.0)
+    metrics = Metrics()
+    transport = transports(4, metrics=metrics)
+    if idle:
+        assert await post(transport) == 200  # its connection stays in the pool, idle
+    requests, connections = len(upstream.requests), upstream.connections_accepted
+
+    with pytest.raises(ServiceError) as caught:
+        # Before the upstream timeout (10 s): the caller's deadline is what bounds the call.
+        await post(transport, deadline=time.monotonic() + 5.0)
+
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert caught.value.reason == "UPSTREAM_TIMEOUT"
+    assert "the call's deadline" in caught.value.message
+    assert judge(caught.value, caller_deadline_passed=True).outcome is Outcome.NEUTRAL
+    assert attempts(metrics, "timeout") == 1
+    assert attempts(metrics, "pool_timeout") == 0
+    # Nothing sent, no connection opened; an idle one went back to the pool.
+    assert (len(upstream.requests), upstream.connections_accepted) == (requests, connections)
+    monkeypatch.undo()
+    assert await post(transport) == 200
+    assert upstream.connections_accepted == connections + (0 if idle else 1)
+
+
+def attempts(metrics: Metrics, outcome: str) -> float:
+    """How many upstream attempts `metrics` counted with this outcome."""
+    return metrics.registry.get_sample_value("rerank_upstream_requests_total", {"status": outcome}) or 0.0
 
 
 async def test_a_body_left_unread_frees_its_slot_and_drops_its_connection(

@@ -114,6 +114,9 @@ def from_transport(exc: httpx.HTTPError, upstream_timed_out_by_caller: bool) -> 
     """Map a transport failure (no HTTP status) to a status. aiohttp's failures come here
     named as httpx's transport errors (client/failures.py)."""
     if isinstance(exc, httpx.PoolTimeout):
+        # Our own full pool held the call, whichever bound ended its wait (docs/ERRORS.md):
+        # the caller's deadline too. One that deadline cut with no wait for the pool is the
+        # caller's timeout instead (client/failures.py).
         return ServiceError(
             grpc.StatusCode.UNAVAILABLE,
             "no free upstream connection in time (connection pool exhausted)",

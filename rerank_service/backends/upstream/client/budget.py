@@ -48,6 +48,7 @@ class AttemptBudget:
         "connected",
         "connecting_since",
         "deadline",
+        "pool_waited",
         "probe_timeout",
         "timer",
     )
@@ -72,6 +73,10 @@ class AttemptBudget:
         # it is established. TLS and a proxy's tunnel come after: a slow one is no silence.
         self.connecting_since: float | None = None
         self.connected = False
+        # Whether it waited for a connection of the pool to come free (connections.py marks
+        # it): too little time left after that wait is our full pool's doing; with none (an
+        # idle connection, or room for a new one, at once) it is the caller's (failures.py).
+        self.pool_waited = False
         self._probe_deadline = None if probe_timeout is None else time.monotonic() + probe_timeout
         self.bound = Bound.UPSTREAM
         self.timer: asyncio.Timeout | None = None
@@ -93,8 +98,9 @@ class AttemptBudget:
         """The wait for a connection of the pool is over: the upstream's own time starts now.
 
         TimeoutError if (almost) nothing is left of the caller's deadline or the probe's
-        bound: the request is not sent, and the pool's wait is what ran out. Only the first
-        call counts (a connection found unusable is replaced at once)."""
+        bound: the request is not sent (what ran out, the pool's wait or the caller's
+        deadline, failures.py tells by `pool_waited`). Only the first call counts (a
+        connection found unusable is replaced at once)."""
         timer = self.timer
         if self._restarted or timer is None or timer.expired():
             return

@@ -44,6 +44,7 @@ import aiohttp
 import httpx
 from aiohttp.abc import ResolveResult
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 from yarl import URL
@@ -184,6 +185,17 @@ class _Connector(aiohttp.TCPConnector):
         finding none waits again, first in line). tests/integration/test_upstream_pool.py's
         lost wake-up test fails if it moves."""
         self._release_waiter()
+
+    async def _wait_for_available_connection(self, key: ConnectionKey, traces: list[Trace]) -> None:
+        # aiohttp's own (private) wait for a free slot of the pool, its only wait for one (an
+        # idle connection, or room for a new one, comes without it): marked for the attempt,
+        # as a connection had with too little time left is then our full pool's doing, else
+        # the caller's deadline (failures.py). tests/integration/test_upstream_pool.py's tests
+        # of a call left almost no time fail if it moves.
+        budget = ATTEMPT.get()
+        if budget is not None:
+            budget.pool_waited = True
+        await super()._wait_for_available_connection(key, traces)
 
     async def _create_connection(
         self,

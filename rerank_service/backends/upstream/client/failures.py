@@ -44,6 +44,11 @@ def classify(exc: Exception, budget: AttemptBudget, phase: Phase) -> Failure:
             # whoever's time ran out (not a TLS handshake or tunnel that slow: it answered).
             unreachable = budget.connect_went_unanswered()
             return Failure("timeout", errors.timed_out(by_caller_deadline=True, unreachable=unreachable))
+        if budget.bound is Bound.CALLER and phase is Phase.POOL and not budget.pool_waited:
+            # A connection (or room to open one) came at once, with too little of the caller's
+            # deadline left to send on it (budget.connection_had): the caller's deadline ran
+            # out, as for a call that comes with none left (transport.py), not our pool.
+            return Failure("timeout", errors.timed_out(by_caller_deadline=True))
         exc = _timeout_in(phase)
     if phase is Phase.EXCHANGE and _refused_by_the_parser(exc):
         # The upstream answered, with something that is no HTTP/1.1: not an unreachable
@@ -99,7 +104,7 @@ def _parser_refused(exc: BaseException) -> str:
 
 def _timeout_in(phase: Phase) -> httpx.TimeoutException:
     """The attempt's time ran out in `phase`: what that says, in httpx's timeouts."""
-    if phase is Phase.POOL:  # every connection of our own pool stayed busy: the upstream never saw it
+    if phase is Phase.POOL:  # it waited, and every connection of our own pool stayed busy: nothing sent
         return httpx.PoolTimeout("no connection of the pool came free in time")
     if phase is Phase.CONNECT:  # no connection in time (a host that drops what is sent to it)
         return httpx.ConnectTimeout("no connection to the upstream in time")
