@@ -800,8 +800,9 @@ class Settings:
     stream_idle_timeout: Seconds = Field(
         default=60.0,
         description="seconds a RerankStream may go without sending an item while none of its items "
-        "is in flight, or without taking an answer, and a unary RerankService call may take to send "
-        "its request; then it ends with DEADLINE_EXCEEDED (STREAM_IDLE, STREAM_NOT_READ, REQUEST_TIMEOUT)",
+        "is in flight, or to take an answer (a second more per 64 KiB of it), and a unary RerankService "
+        "call may take to send its request; then it ends with DEADLINE_EXCEEDED (STREAM_IDLE, "
+        "STREAM_NOT_READ, REQUEST_TIMEOUT)",
     )
     stream_concurrency: Count = Field(
         default=32,

@@ -207,10 +207,8 @@ class RerankServiceEdge:
         self._admission = pipeline.admission
         self._callers = pipeline.callers
         self._stream_idle_timeout = stream_idle_timeout
-        # The unary calls reading their request, each ended past the same bound; and the
-        # streams writing an answer, each ended once its client has not taken it that long.
+        # The unary calls reading their request, each ended past the same bound.
         self._reads = _TimedWaits(stream_idle_timeout, _request_timeout)
-        self._writes = _TimedWaits(stream_idle_timeout, _answer_not_taken)
         # x-inference-time for a local backend, x-upstream-time for an upstream one.
         self._backend_time_key = backend_time_key
         # The server's drain, as the RerankStreams open see it (`drain`).
@@ -346,12 +344,12 @@ class RerankServiceEdge:
         refusal: Callable[[], ServiceError] | None = None,
     ) -> Callable[[Any, ServicerContext[Any, Any]], Awaitable[None]]:
         """The edge around one streaming method; `refusal` as for `_unary`. It writes each
-        answer itself, within --stream-idle-timeout (`writes`): an answer its client does not
+        answer itself, within --stream-idle-timeout (`_write_answers`): an answer its client does not
         take (it does not read: HTTP/2 flow control holds the write) ends the stream, which
         then holds nothing of the server's (slots, bytes) while its client waits."""
         pipeline = self._pipeline
         measured = pipeline.metrics.for_method(path)
-        writes = self._writes
+        idle_timeout = self._stream_idle_timeout
 
         async def stream(requests: Any, context: ServicerContext[Any, Any]) -> None:
             # Not unbound afterwards (scoped=False): the stream's task ends with the call, and
@@ -379,7 +377,7 @@ class RerankServiceEdge:
                     # Closed before the items are: its reader and items in flight end first,
                     # so none takes budget the items' close has just given back.
                     async with contextlib.aclosing(behavior(items, context, call)) as responses:
-                        await _write_answers(responses, context, writes)
+                        await _write_answers(responses, context, idle_timeout)
                 except ServiceError as error:
                     call.failed(error)
                     failure: ServiceError | None = error
@@ -466,19 +464,35 @@ class RerankServiceEdge:
         return timing
 
 
+# The slowest reading a stream's client is allowed, beside --stream-idle-timeout: a write
+# completes only once flow control has let the whole answer through, so its bound grows
+# with the answer (a client taking a large answer steadily over a slow link is reading).
+MIN_READ_RATE = 64 * 1024  # bytes a second
+
+
 async def _write_answers(
-    responses: AsyncIterator[Any], context: ServicerContext[Any, Any], writes: _TimedWaits
+    responses: AsyncIterator[Any], context: ServicerContext[Any, Any], idle_timeout: float
 ) -> None:
-    """Write a stream's answers as they come, each within `writes`' bound. Its headers are
+    """Write a stream's answers as they come, each within `idle_timeout` plus a second per
+    MIN_READ_RATE bytes of it, or the stream ends (`_answer_not_taken`). Its headers are
     sent first, alone: grpc would send them with the first answer, and once that write is
     cut short (its client does not read) it takes them for unsent, sends them again with
-    the status, and core refuses that batch: the call would never end."""
+    the status, and core refuses that batch: the call would never end. (A timer per write:
+    a stream's items are not the unary calls' hot path.)"""
     headers_sent = False
     async for response in responses:
         if not headers_sent:
             await context.send_initial_metadata(())
             headers_sent = True
-        await writes.within(functools.partial(context.write, response))
+        bound = idle_timeout + response.ByteSize() / MIN_READ_RATE
+        timeout = asyncio.timeout(bound)
+        try:
+            async with timeout:
+                await context.write(response)
+        except TimeoutError:
+            if timeout.expired():
+                raise _answer_not_taken(bound) from None
+            raise
 
 
 # grpc's deadline timer may fire a moment before the deadline as Python's clock reads it.
@@ -517,9 +531,9 @@ def unsent(call: Call, context: ServicerContext[Any, Any]) -> None:
 
 
 class _TimedWaits:
-    """The calls waiting on grpc for one thing (a unary call reading its request, a stream
-    writing an answer), each ended (its task cancelled, `expired`'s error raised) once it
-    has waited `bound` seconds, or once the server drains (`drain`: the reads). One timer
+    """The calls waiting on grpc for one thing (the unary calls reading their request), each
+    ended (its task cancelled, `expired`'s error raised) once it has waited `bound` seconds,
+    or once the server drains (`drain`). One timer
     serves them all, set for the oldest wait: a call costs a dict entry, where a timer of its
     own (asyncio.timeout) cost the hot path several µs a call. The calls are all on one
     loop, the server's."""
@@ -576,9 +590,8 @@ class _TimedWaits:
             self._ended.pop(task, None)
 
     def drain(self) -> None:
-        """End every wait now (the server's reads are drained, its writes never): a call
-        whose request has not come holds grpc's drain (up to the bound, or the whole grace)
-        for a call that never ran."""
+        """End every wait now: a call whose request has not come holds grpc's drain (up to
+        the bound, or the whole grace) for a call that never ran."""
         self._draining = True
         if self._timer is not None:
             self._timer.cancel()
@@ -614,13 +627,13 @@ def _request_timeout(seconds: float) -> ServiceError:
 
 
 def _answer_not_taken(seconds: float) -> ServiceError:
-    """The end of a RerankStream whose client has not taken an answer for `seconds`: it does
+    """The end of a RerankStream whose client has not taken an answer in `seconds`: it does
     not read, and HTTP/2 flow control holds the write. Ended, the stream holds no slot and no
     bytes; the status is sent after that answer, should the client ever read it."""
     return ServiceError(
         grpc.StatusCode.DEADLINE_EXCEEDED,
-        f"an answer could not be sent for {seconds:g} s: the client does not read the stream "
-        "(--stream-idle-timeout)",
+        f"an answer could not be sent in {seconds:.1f} s: the client does not read the stream "
+        "(--stream-idle-timeout, and a second more per 64 KiB of the answer)",
         reason="STREAM_NOT_READ",
     )
 
