@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,7 +33,7 @@ def redis_client(url: str, *, timeout: float = DEFAULT_TIMEOUT, ca_file: str | N
     (TLS, AUTH, SELECT): with redis-py's defaults it also sent HELLO 3, CLIENT SETNAME and
     CLIENT SETINFO twice, a round trip each within the same `timeout`, so a Redis a few
     milliseconds away never got a connection open in time. For rediss://, the TLS context
-    is built here, once (`_TlsConnection`), the CA file read now."""
+    is built here, when the client is made (`_TlsConnection`)."""
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
@@ -63,15 +63,25 @@ def redis_client(url: str, *, timeout: float = DEFAULT_TIMEOUT, ca_file: str | N
 
 
 class _TlsConnection(SSLConnection):
-    """A rediss:// connection on the TLS context its client built when it was made
-    (`redis_client`). redis-py builds one at a connection's first connect, inside the
-    connect's timeout: loading the CAs (the system's store and the CA file) takes 25-50 ms,
-    most of a 50 ms timeout, so the first round trip after each start failed."""
+    """A rediss:// connection whose client built its TLS context when it was made
+    (`redis_client`). redis-py gets one at a connection's first connect, inside the
+    connect's timeout, from its process-wide cache of contexts (keyed on the TLS files'
+    signatures) or by building one: loading the CAs (the system's store and the CA file)
+    takes 25-50 ms, most of a 50 ms timeout, so the first round trip after each start
+    failed. Built up front and held here (`tls_context`, in every connection's keyword
+    arguments: the cache holds a context only while something does), a connect finds it in
+    the cache; a CA file or client certificate rotated on disk has a new signature, so the
+    next connect builds a context from the new files (once, within its timeout). Asked at
+    every connect, not once per connection object as redis-py does: the pool keeps its
+    connection objects for good, reconnecting them, and they would never see a rotation."""
 
     def __init__(self, *, tls_context: ssl.SSLContext | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if tls_context is not None:
-            self.ssl_context.context = tls_context
+        self._built_with_client = tls_context  # held, not used: redis-py's cache finds it
+
+    def _connection_arguments(self) -> Mapping[str, Any]:
+        self.ssl_context.context = None  # looked up again (a stat of each file when unchanged)
+        return super()._connection_arguments()
 
 
 def timed_out(error: BaseException) -> bool:

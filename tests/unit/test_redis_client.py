@@ -126,6 +126,26 @@ async def test_a_rediss_client_builds_its_tls_context_when_made_not_in_its_first
     assert (with_the_client, len(built)) == (1, 1)
 
 
+async def test_a_rediss_clients_new_connections_trust_a_ca_file_rotated_on_disk(tmp_path: Path) -> None:
+    """The context built with the client is not pinned on its connections: a CA file
+    replaced on disk (cert-manager, a rotated bundle) is read by the next new connection,
+    as redis-py does, not only after a restart."""
+    authority, other = CertificateAuthority(), CertificateAuthority()
+    cert, key = authority.issue_server().write(tmp_path, "redis")
+    ca_file = other.write(tmp_path, "trusted")  # the wrong CA at first: the server's is not trusted
+    with RedisServer(tls=RedisTls(cert, key, authority.write(tmp_path, "server-ca"))) as server:
+        client = redis_client(server.url, timeout=HANG, ca_file=str(ca_file))
+        try:
+            with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.ping()
+            ca_file.write_bytes(authority.cert_pem)  # rotated: the server's CA now
+            answered = await client.ping()  # a new connection
+        finally:
+            await client.aclose()
+
+    assert answered is True
+
+
 def test_a_rediss_client_whose_tls_context_cannot_be_built_is_a_value_error(tmp_path: Path) -> None:
     """Built with the client now, a TLS file the URL names that no longer loads (settings.py
     checked it at start) is said at once, as a bad URL is, not as a traceback."""
