@@ -301,54 +301,48 @@ def test_a_deployment_whose_own_key_is_refused_falls_back_to_one_with_a_key_of_i
     )
 
 
-def test_a_deployment_whose_upstream_answers_404_falls_back_and_is_ejected(
+def test_a_deployment_whose_upstream_answers_404_falls_back_and_stays_healthy_for_its_other_routes(
     tmp_path: Path, east: FakeUpstream, west: FakeUpstream
 ) -> None:
-    """East's model id is retired: the operator's config, not the caller's request (the caller
-    named a route the service serves). West answers every call, and east, 404 after 404, is
-    ejected: the route's calls stop going to it first (tests/unit/test_retry.py)."""
+    """Route `retired` sends east a retired model id: the operator's config, not the caller's
+    request (the caller named a route the service serves), so its calls fall over to west.
+    But east is one deployment (one health) for route `search` too, whose model it serves:
+    a 404 is about one model, and must not eject it (tests/unit/test_retry.py), or every
+    `search` call would move to west for as long as `retired`'s callers call."""
     failures = 3  # breaker_failures
+    east_of: dict[str, Any] = {"priority": 0, "breaker_failures": failures, "breaker_cooldown": 60}
     config = write_config(
         tmp_path / "routes.yaml",
         {
-            "search": [
-                deployment(
-                    east,
-                    "east",
-                    priority=0,
-                    model="retired-model",
-                    breaker_failures=failures,
-                    breaker_cooldown=60,
-                ),
+            "search": [deployment(east, "east", **east_of), deployment(west, "west", priority=1)],
+            "retired": [
+                deployment(east, "east", **east_of, model="retired-model"),
                 deployment(west, "west", priority=1),
-            ]
+            ],
         },
     )
     with service(config, "--metrics-port", "0") as process, grpc.insecure_channel(process.target) as channel:
         port = metrics_port(process)
         stub = stub_of(channel)
-        before = Counter(call(stub, "search")[1] for _ in range(failures))
-        eventually(
-            lambda: value(scrape(port), "rerank_deployment_state", deployment="east") == 1,
-            what="east ejected",
-        )
-        after = Counter(call(stub, "search")[1] for _ in range(5))
+        retired = Counter(call(stub, "retired")[1] for _ in range(2 * failures))
+        search = Counter(call(stub, "search")[1] for _ in range(3))
         samples = scrape(port)
         events = process.events()
 
-    assert before == {"west": failures}
-    assert after == {"west": 5}  # ejected: west, healthy, is called first
-    assert answered_by(east, "retired-model") == failures  # each 404 once: not retried
+    assert retired == {"west": 2 * failures}
+    assert search == {"east": 3}  # east still first for the model it serves
+    assert value(samples, "rerank_deployment_state", deployment="east") == 0
+    assert answered_by(east, "retired-model") == 2 * failures  # each 404 once: not retried
     fallbacks = [event for event in events if event.get("event") == "fallback"]
-    assert [(event["failed"], event["reason"]) for event in fallbacks] == [
-        ("east", "UPSTREAM_NOT_FOUND")
-    ] * failures
+    assert [(event["failed"], event["reason"]) for event in fallbacks] == [("east", "UPSTREAM_NOT_FOUND")] * (
+        2 * failures
+    )
     # No call failed, so no access-log line quotes the upstream: the fallback line does.
     assert all("Model not exist: retired-model" in event["details"] for event in fallbacks)
     # What RerankUpstreamNotFound (deploy/prometheus/alerts.yaml) watches.
     assert (
-        value(samples, "rerank_deployment_calls_total", route="search", deployment="east", code="NOT_FOUND")
-        == failures
+        value(samples, "rerank_deployment_calls_total", route="retired", deployment="east", code="NOT_FOUND")
+        == 2 * failures
     )
 
 

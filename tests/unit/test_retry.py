@@ -55,7 +55,7 @@ def reason(name: str) -> ServiceError:
         (mapped(301), False, Outcome.FAILURE),
         (mapped(405), False, Outcome.FAILURE),
         # The model or path the deployment was given (the operator's, not the caller's) is wrong.
-        (mapped(404), False, Outcome.FAILURE),
+        (mapped(404), False, Outcome.NEUTRAL),  # falls over, but about one model: no ejection
         (upstream_status(422), False, Outcome.SUCCESS),
         (reason("UPSTREAM_UNAVAILABLE"), True, Outcome.FAILURE),  # connect error, reset
         (reason("UPSTREAM_BAD_RESPONSE"), False, Outcome.FAILURE),

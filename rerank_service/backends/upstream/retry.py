@@ -41,10 +41,15 @@ def judge(error: ServiceError, caller_deadline_passed: bool, pass_through: bool 
             # which other callers of the deployment do not share: it shows the deployment
             # up and talking, as the request's own fault does. (A 408 is the upstream's.)
             return Verdict(False, Outcome.SUCCESS, status)
+        if code == 404 and error.kind is FailureKind.DEPLOYMENT:
+            # The call falls over (errors.py: the model or path the deployment was given is
+            # wrong), but a 404 is about one model, and a deployment may serve several (routes
+            # sharing it, --upstream-models): it neither ejects the deployment nor shows it up.
+            return Verdict(False, Outcome.NEUTRAL, status)
         if error.kind is FailureKind.DEPLOYMENT:
             # An answer the call falls over on (errors.py): its own key refused (it can answer
-            # nobody until an operator fixes the key), a 404 (the model or path it was given is
-            # wrong), a 408 (it gave up waiting), a status no rerank API answers. Failing:
+            # nobody until an operator fixes the key), a 408 (it gave up waiting), a status no
+            # rerank API answers. Failing:
             # enough in a row eject it, as 5xx do, so its route's calls go to its other
             # deployments first rather than each failing here first. Not retried: it would
             # only answer the same.
