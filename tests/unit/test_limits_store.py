@@ -27,7 +27,7 @@ from tests.support.logs import LogCapture
 from tests.support.redis_proxy import RedisProxy, fail_over
 from tests.support.redis_server import RedisServer
 
-TIMEOUT = 1.0  # the store's, in these tests: a round trip slower than this on a loaded CI machine would fail a test
+TIMEOUT = 1.0  # the store's in these tests: a slower round trip on a loaded CI machine would fail a test
 HANG = 10.0  # guards against a hang only
 RPM = "requests_per_minute"
 TPM = "tokens_per_minute"
