@@ -137,6 +137,9 @@ class Fault:
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before answering
+    # Hold the answer until this is set (then `delay`): a test releases the calls it holds
+    # once it has seen what it wanted while they were held, with no clock involved.
+    until: threading.Event | None = None
     reset: bool = False  # close the connection abruptly instead of answering
     # Edit the normal JSON answer before it is sent (wrong indexes, scores...): a dict,
     # or for TEI a list.
@@ -714,7 +717,8 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
 
         def _answer(self, recorded: RecordedRequest, headers: dict[str, str], body: Any) -> None:
             fault = fake._next_fault(body) or Fault()
-            if not self._wait(fake.latency + fault.delay + _asked_delay(body)):
+            held = fault.until is None or self._wait(0.0, fault.until)
+            if not held or not self._wait(fake.latency + fault.delay + _asked_delay(body)):
                 fake._abandon(recorded)
                 self.close_connection = True
                 return
@@ -780,11 +784,13 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(b"0\r\n\r\n")  # the last chunk: the body is complete
             return True
 
-        def _wait(self, seconds: float) -> bool:
-            """Sleep, but notice a caller that hangs up meanwhile (False then)."""
+        def _wait(self, seconds: float, until: threading.Event | None = None) -> bool:
+            """Sleep `seconds` (with `until`: until it is set), but notice a caller that hangs
+            up meanwhile (False then)."""
             end = time.monotonic() + seconds
-            while (left := end - time.monotonic()) > 0:
-                readable, _, _ = select.select([self.connection], [], [], min(left, 0.02))
+            while (left := end - time.monotonic()) > 0 if until is None else not until.is_set():
+                step = 0.02 if until is not None else min(left, 0.02)
+                readable, _, _ = select.select([self.connection], [], [], step)
                 if readable:
                     try:
                         # The raw socket's peek: an SSLSocket takes no flags (and for

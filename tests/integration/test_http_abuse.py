@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import select
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -458,21 +459,25 @@ def is_open(sock: socket.socket) -> bool:
 def test_a_flood_past_the_admission_limit_is_429_and_health_stays_200(
     serve: ServerFactory, upstream: FakeUpstream
 ) -> None:
-    # Long enough that the four admitted calls still hold their slots while the health
-    # checks and the gRPC call below run, on a slow machine too.
-    upstream.always(Fault(delay=3.0))
+    # The four admitted calls hold their slots at the upstream until the health checks and
+    # the gRPC call below have run (released then: no clock decides it).
+    held = threading.Event()
+    upstream.always(Fault(until=held))
     with serve(http_port=0, max_concurrent_requests=4) as server, ThreadPoolExecutor(64) as pool:
         port = http_port(server)
         flood = [
             pool.submit(post, port, COHERE if i % 2 else NATIVE, GOOD if i % 2 else _native(GOOD))
             for i in range(64)
         ]
-        assert upstream.wait_for(lambda fake: fake.in_flight == 4)
-        health = [
-            httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code
-            for path in ("/healthz", "/readyz")
-        ]
-        refused_grpc = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+        try:
+            assert upstream.wait_for(lambda fake: fake.in_flight == 4)
+            health = [
+                httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code
+                for path in ("/healthz", "/readyz")
+            ]
+            refused_grpc = expect_error(lambda: server.stub.Rerank(request(), timeout=5))
+        finally:
+            held.set()
         answers = [future.result(timeout=20) for future in flood]
         upstream.always(None)
         after = post(port, COHERE)
