@@ -208,7 +208,7 @@ class RerankServiceEdge:
         self._callers = pipeline.callers
         self._stream_idle_timeout = stream_idle_timeout
         # The unary calls reading their request, each ended past the same bound.
-        self._reads = _TimedWaits(stream_idle_timeout, _request_timeout)
+        self._reads = _RequestReads(stream_idle_timeout)
         # x-inference-time for a local backend, x-upstream-time for an upstream one.
         self._backend_time_key = backend_time_key
         # The server's drain, as the RerankStreams open see it (`drain`).
@@ -530,17 +530,15 @@ def unsent(call: Call, context: ServicerContext[Any, Any]) -> None:
     _ended_by_deadline(call, context)
 
 
-class _TimedWaits:
-    """The calls waiting on grpc for one thing (the unary calls reading their request), each
-    ended (its task cancelled, `expired`'s error raised) once it has waited `bound` seconds,
-    or once the server drains (`drain`). One timer
+class _RequestReads:
+    """The unary calls reading their request, each ended (its task cancelled, REQUEST_TIMEOUT
+    raised) once it has read for `bound` seconds, or once the server drains (`drain`). One timer
     serves them all, set for the oldest wait: a call costs a dict entry, where a timer of its
     own (asyncio.timeout) cost the hot path several µs a call. The calls are all on one
     loop, the server's."""
 
-    def __init__(self, bound: float, expired: Callable[[float], ServiceError]) -> None:
+    def __init__(self, bound: float) -> None:
         self.bound = bound
-        self._expired = expired
         # Each waiting task, by when it began to wait: oldest first, as it was added.
         self._started: dict[asyncio.Task[Any], float] = {}
         # Tasks cancelled here, not yet told (`ended`), with the error that ends each.
@@ -612,7 +610,7 @@ class _TimedWaits:
                 self._timer = loop.call_at(since + self.bound, self._expire, loop)
                 return
             del started[task]
-            self._ended[task] = self._expired(self.bound)
+            self._ended[task] = _request_timeout(self.bound)
             task.cancel()
 
 
